@@ -1,0 +1,1 @@
+//! One file per `mlvpt` subcommand: argument parsing and printing only; the work lives in the library.

@@ -1,0 +1,9 @@
+//! mlvpt: ML-VPT multi-label visual prompt tuning.
+//!
+//! Layout (imports point down only: cli -> train -> backend -> ops -> gpu;
+//! model, data, grouping, metrics are ground floor). See `docs/ARCHITECTURE.md`.
+
+pub mod grouping;
+pub mod io;
+pub mod metrics;
+pub mod ops;
