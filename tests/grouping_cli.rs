@@ -222,7 +222,7 @@ fn label_list_errors_are_located() {
     let (_d5, dup) = file("dup.txt", "cat\ndog\ncat\n");
     fails(&["--labels", p(&labels), "--classes", p(&dup), "-T", "1"], &["dup.txt:3", "listed twice"]);
     // Commas allow names with spaces; a line with no comma splits at spaces.
-    let (_d6, ok) = file("ok.txt", "cat,traffic light\ndog cat\n");
+    let (_d6, ok) = file("ok.txt", "cat,traffic light\ndog cat\ntraffic light\n");
     let o = mlvpt(&["--labels", p(&ok), "--classes", p(&classes), "-T", "2"]);
     assert!(o.status.success(), "{}", stderr(&o));
 }
