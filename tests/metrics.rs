@@ -123,7 +123,7 @@ fn noninterp_without_ties_is_mean_precision_at_positives() {
 
 #[test]
 fn matches_sklearn_and_voc_devkit_on_fixed_data() {
-    // Produced by /tmp/skl_expected.py (numpy default_rng(7), 15 images x 3 classes, distinct
+    // Produced by tools/peer/metrics_sklearn.py (numpy default_rng(7), 15 images x 3 classes, distinct
     // scores per column) with scikit-learn 1.9.1 average_precision_score, and voc_ap from
     // py-faster-rcnn's voc_eval.py (all-point, monotone precision) on the same ranking.
     #[rustfmt::skip]
