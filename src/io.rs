@@ -82,6 +82,8 @@ pub fn read_matrix(path: &Path, values: Values) -> Result<Matrix, InputError> {
 
 /// Parses matrix text as [`read_matrix`] does; `path` only labels errors.
 pub fn parse_matrix(path: &Path, text: &str, values: Values) -> Result<Matrix, InputError> {
+    // A byte-order mark (spreadsheet exports) would make the first row look non-numeric.
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     let mut header: Option<Vec<String>> = None;
     let mut data = Vec::new();
     let mut lines = Vec::new();
@@ -95,6 +97,20 @@ pub fn parse_matrix(path: &Path, text: &str, values: Values) -> Result<Matrix, I
         let cells = split_cells(line);
         let first_content = header.is_none() && data.is_empty();
         if first_content && cells.iter().any(|c| c.parse::<f64>().is_err()) {
+            // Class names key per-class results, so they must be present and distinct.
+            for (j, c) in cells.iter().enumerate() {
+                if c.is_empty() {
+                    return Err(InputError::new(path, Some(lineno), Some(j + 1), "empty class name in the header row"));
+                }
+                if let Some(first) = cells[..j].iter().position(|d| d == c) {
+                    return Err(InputError::new(
+                        path,
+                        Some(lineno),
+                        Some(j + 1),
+                        format!("class name {c:?} repeats column {}", first + 1),
+                    ));
+                }
+            }
             header = Some(cells.iter().map(|s| s.to_string()).collect());
             cols = Some(cells.len());
             continue;
@@ -172,7 +188,14 @@ mod tests {
         let e = parse_matrix(p(), "a,b\n0.5,x\n", Values::Probability).unwrap_err();
         assert_eq!((e.line, e.column), (Some(2), Some(2)));
         assert!(e.to_string().starts_with("t.csv:2:2: "));
+        let e = parse_matrix(p(), "cat,dog,cat\n1,0,1\n", Values::Binary).unwrap_err();
+        assert_eq!((e.line, e.column), (Some(1), Some(3)));
+        let e = parse_matrix(p(), "cat,,dog\n1,0,1\n", Values::Binary).unwrap_err();
+        assert_eq!((e.line, e.column), (Some(1), Some(2)));
         assert!(parse_matrix(p(), "", Values::Finite).is_err());
+        // A byte-order mark does not turn the first data row into a header.
+        let m = parse_matrix(p(), "\u{feff}1,0\n0,1\n", Values::Binary).unwrap();
+        assert_eq!((m.rows, m.header), (2, None));
         assert!(parse_matrix(p(), "a,b\n", Values::Finite).is_err());
     }
 }
