@@ -6,7 +6,8 @@ backbone weight; only input gradients flow through it), VPT-deep prompts [L, P, 
 prompt-augmented attention mask (a prompt query sees CLS, itself and the patches), per-token
 adapters (bottleneck r), label-aware gating over E experts for two branches (correlative and
 discriminative partitions), ASL on y+, y-, m+, m- with constant focusing weights, scaled by
-1000/(B*K), and AdamW. Times forward + backward + AdamW after warm-up and prints images/s.
+1000/(B*K), and AdamW. Times forward + backward + AdamW after warm-up, step by step, and prints images/s (median and
+best step, since a shared machine makes single timings noisy) and forward-only inference speed.
 
     python tools/peer/cpu_step.py                    # both shapes, 2 threads
     python tools/peer/cpu_step.py --shape demo --threads 2 --steps 20
@@ -19,6 +20,7 @@ import argparse
 import json
 import math
 import os
+import statistics
 import time
 
 import torch
@@ -156,21 +158,31 @@ def run(name, s, steps, warmup, seed):
 
     for _ in range(warmup):
         step()
-    t0 = time.perf_counter()
+    # Each step timed alone: on a shared machine the best step estimates the unloaded speed and
+    # the median the typical one. CPU seconds (all threads of this process) are reported too.
+    walls, cpus = [], []
     for _ in range(steps):
+        t0, c0 = time.perf_counter(), time.process_time()
         loss = step()
-    dt = (time.perf_counter() - t0) / steps
+        walls.append(time.perf_counter() - t0)
+        cpus.append(time.process_time() - c0)
     # Inference (forward only, no autograd), for the predict/eval path.
+    infer = []
     with torch.no_grad():
         model(img)
-        t0 = time.perf_counter()
         for _ in range(steps):
+            t0 = time.perf_counter()
             model(img)
-        dt_inf = (time.perf_counter() - t0) / steps
+            infer.append(time.perf_counter() - t0)
+    med = statistics.median
     n_train = sum(w.numel() for w in params)
     n_frozen = sum(w.numel() for w in model.parameters() if not w.requires_grad)
-    res = dict(shape=name, threads=torch.get_num_threads(), step_s=dt, images_per_s=B / dt,
-               infer_images_per_s=B / dt_inf, loadavg_1m=os.getloadavg()[0], cpus=os.cpu_count(),
+    res = dict(shape=name, threads=torch.get_num_threads(), steps=steps,
+               step_s_median=med(walls), step_s_best=min(walls),
+               images_per_s_median=B / med(walls), images_per_s_best=B / min(walls),
+               images_per_cpu_s=B / med(cpus),
+               infer_images_per_s_median=B / med(infer), infer_images_per_s_best=B / min(infer),
+               loadavg_1m=os.getloadavg()[0], cpus=os.cpu_count(),
                loss=loss, trainable=n_train, frozen=n_frozen, torch=torch.__version__, **s)
     print(json.dumps(res))
     return res
@@ -180,17 +192,19 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", choices=["demo", "vits", "both"], default="both")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--steps", type=int, default=0, help="timed steps (default: 20 demo, 3 vits)")
+    ap.add_argument("--steps", type=int, default=0, help="timed steps (default: 20 demo, 5 vits)")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     names = ["demo", "vits"] if a.shape == "both" else [a.shape]
     for n in names:
-        steps = a.steps or (20 if n == "demo" else 3)
+        steps = a.steps or (20 if n == "demo" else 5)
         r = run(n, SHAPES[n], steps, a.warmup, a.seed)
-        print(f"# {n}: {r['images_per_s']:.1f} images/s ({r['step_s'] * 1000:.1f} ms/step, batch {r['batch']}, "
-              f"{r['threads']} threads); inference {r['infer_images_per_s']:.1f} images/s; "
+        print(f"# {n}: train {r['images_per_s_median']:.1f} images/s median, {r['images_per_s_best']:.1f} best "
+              f"(batch {r['batch']}, {r['threads']} threads, {r['steps']} steps, "
+              f"{r['images_per_cpu_s']:.1f} images per CPU-second); inference "
+              f"{r['infer_images_per_s_median']:.1f} median, {r['infer_images_per_s_best']:.1f} best; "
               f"load average {r['loadavg_1m']:.1f} on {r['cpus']} CPUs")
 
 
