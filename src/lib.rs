@@ -3,6 +3,7 @@
 //! Layout (imports point down only: cli -> train -> backend -> ops -> gpu;
 //! model, data, grouping, metrics are ground floor). See `docs/ARCHITECTURE.md`.
 
+pub mod data;
 pub mod grouping;
 pub mod io;
 pub mod metrics;
