@@ -8,3 +8,4 @@ pub mod grouping;
 pub mod io;
 pub mod metrics;
 pub mod ops;
+pub mod train;

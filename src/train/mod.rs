@@ -1,0 +1,5 @@
+//! Training: the step (forward, loss, backward, optimizer) written once for any backend, and
+//! around it the schedule, EMA, the epoch loop and checkpoints.
+
+pub mod checkpoint;
+pub mod schedule;
