@@ -12,11 +12,22 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
-enum Command {}
+enum Command {
+    /// Train ML-VPT (with no data arguments: the embedded procedural demo).
+    Train(cli::train::TrainArgs),
+    /// Re-evaluate a checkpoint on its test split.
+    Eval(cli::eval::EvalArgs),
+    /// Per-label probabilities from a checkpoint.
+    Predict(cli::predict::PredictArgs),
+}
 
 fn main() {
     let cli = Cli::parse();
-    let result: anyhow::Result<()> = match cli.command {};
+    let result: anyhow::Result<()> = match cli.command {
+        Command::Train(args) => cli::train::run(&args),
+        Command::Eval(args) => cli::eval::run(&args),
+        Command::Predict(args) => cli::predict::run(&args),
+    };
     if let Err(e) = result {
         eprintln!("error: {e:#}");
         std::process::exit(1);

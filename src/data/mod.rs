@@ -106,6 +106,13 @@ impl Dataset {
         }
     }
 
+    /// The images `indices` (in that order) as a dataset of their own.
+    pub fn subset(&self, indices: &[usize]) -> Self {
+        let (mut images, mut targets) = (Vec::new(), Vec::new());
+        self.gather(indices, &mut images, &mut targets);
+        Self { n: indices.len(), k: self.k, channels: self.channels, image_size: self.image_size, images, targets }
+    }
+
     /// Fraction of images carrying each label.
     pub fn positive_rates(&self) -> Vec<f64> {
         let mut counts = vec![0usize; self.k];
@@ -203,5 +210,7 @@ mod tests {
         d.gather(&[2, 0], &mut x, &mut y);
         assert_eq!(x, vec![12., 10.]);
         assert_eq!(y, vec![1., 1., 1., 0.]);
+        let s = d.subset(&[1]);
+        assert_eq!((s.n, s.images.clone(), s.targets.clone()), (1, vec![11.], vec![0., 1.]));
     }
 }

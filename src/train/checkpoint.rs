@@ -191,3 +191,195 @@ mod tests {
         assert!(require_json::<u64>(&bad, "epoch", Path::new("ck")).is_err());
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// The typed layer: a whole training run's state.
+
+use crate::data::DataConfig;
+use crate::model::{params::param_specs, Method, ModelConfig, NamedTensor, Params};
+use crate::train::run::{BackboneSource, TrainConfig};
+
+/// Everything a checkpoint holds: enough to evaluate the model, and to resume training
+/// exactly where it stopped.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RunState {
+    pub model: ModelConfig,
+    pub data: DataConfig,
+    pub train: TrainConfig,
+    pub backbone: BackboneSource,
+    /// Per branch, the label indices of each group (empty for plain VPT).
+    pub partitions: Vec<Vec<Vec<usize>>>,
+    pub class_names: Vec<String>,
+    /// Completed epochs.
+    pub epoch: usize,
+    /// Completed optimizer steps.
+    pub step: u64,
+    pub params: Params,
+    pub adam_m: Params,
+    pub adam_v: Params,
+    pub adam_step: u64,
+    /// EMA weights and the number of updates behind them, when EMA is on.
+    pub ema: Option<(Params, u64)>,
+    /// The metrics records written so far (one per evaluation), so a resumed run rewrites
+    /// `metrics.jsonl` exactly.
+    pub history: Vec<serde_json::Value>,
+}
+
+impl RunState {
+    /// Label -> group table of each branch (what the model consumes).
+    pub fn branch_tables(&self) -> Vec<Vec<usize>> {
+        tables(&self.partitions, self.model.labels)
+    }
+
+    pub fn to_bytes(&self) -> anyhow::Result<Vec<u8>> {
+        let mut t = BTreeMap::new();
+        let mut put = |prefix: &str, p: &Params| {
+            for nt in &p.tensors {
+                t.insert(format!("{prefix}/{}", nt.name), RawTensor { shape: nt.shape.clone(), data: nt.data.clone() });
+            }
+        };
+        put("params", &self.params);
+        put("adam_m", &self.adam_m);
+        put("adam_v", &self.adam_v);
+        if let Some((e, _)) = &self.ema {
+            put("ema", e);
+        }
+        let mut m = BTreeMap::new();
+        m.insert("model_config".to_string(), serde_json::to_string(&self.model)?);
+        m.insert("data_config".to_string(), serde_json::to_string(&self.data)?);
+        m.insert("train_config".to_string(), serde_json::to_string(&self.train)?);
+        m.insert("backbone".to_string(), serde_json::to_string(&self.backbone)?);
+        m.insert("groups".to_string(), serde_json::to_string(&self.partitions)?);
+        m.insert("class_names".to_string(), serde_json::to_string(&self.class_names)?);
+        m.insert("epoch".to_string(), self.epoch.to_string());
+        m.insert("step".to_string(), self.step.to_string());
+        m.insert("seed".to_string(), self.train.seed.to_string());
+        m.insert("adam_step".to_string(), self.adam_step.to_string());
+        if let Some((_, n)) = &self.ema {
+            m.insert("ema_updates".to_string(), n.to_string());
+        }
+        m.insert("history".to_string(), serde_json::to_string(&self.history)?);
+        encode(&t, &m)
+    }
+
+    /// Writes the checkpoint atomically.
+    pub fn save(&self, path: &Path) -> anyhow::Result<()> {
+        write_atomic(path, &self.to_bytes()?)
+    }
+
+    /// Reads and checks a checkpoint: every config valid, groups a partition of the labels,
+    /// every tensor present with the shape the config implies, nothing extra.
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        let (mut tensors, meta) = read_file(path)?;
+        let at = path.display().to_string();
+        let model: ModelConfig = require_json(&meta, "model_config", path)?;
+        let data: DataConfig = require_json(&meta, "data_config", path)?;
+        let train: TrainConfig = require_json(&meta, "train_config", path)?;
+        let backbone: BackboneSource = require_json(&meta, "backbone", path)?;
+        let partitions: Vec<Vec<Vec<usize>>> = require_json(&meta, "groups", path)?;
+        let class_names: Vec<String> = require_json(&meta, "class_names", path)?;
+        let epoch: usize = require_json(&meta, "epoch", path)?;
+        let step: u64 = require_json(&meta, "step", path)?;
+        let adam_step: u64 = require_json(&meta, "adam_step", path)?;
+        let history: Vec<serde_json::Value> = require_json(&meta, "history", path)?;
+
+        let bad = |what: String| anyhow::anyhow!("{at}: {what}");
+        data.validate().map_err(|e| bad(format!("data config: {e:#}")))?;
+        train.validate().map_err(|e| bad(format!("train config: {e:#}")))?;
+        let branches = partitions.len();
+        model.validate(branches).map_err(|e| bad(format!("model config: {e}")))?;
+        let k = model.labels;
+        if class_names.len() != k {
+            return Err(bad(format!("{} class names for K = {k} labels", class_names.len())));
+        }
+        if data.labels() != k {
+            return Err(bad(format!("data has {} labels, model {k}", data.labels())));
+        }
+        if model.method == Method::MlVpt {
+            for (s, p) in partitions.iter().enumerate() {
+                check_partition(p, k, model.groups).map_err(|e| bad(format!("groups of branch {s}: {e}")))?;
+            }
+        }
+        if epoch > train.epochs {
+            return Err(bad(format!("epoch {epoch} is past the run's {} epochs", train.epochs)));
+        }
+
+        let mut take = |prefix: &str| -> anyhow::Result<Params> {
+            let mut out = Vec::new();
+            for (name, shape) in param_specs(&model, branches) {
+                let key = format!("{prefix}/{name}");
+                let t = tensors.remove(&key).ok_or_else(|| bad(format!("tensor {key} is missing")))?;
+                if t.shape != shape {
+                    return Err(bad(format!("tensor {key} has shape {:?}, the config implies {shape:?}", t.shape)));
+                }
+                out.push(NamedTensor { name, shape, data: t.data });
+            }
+            Ok(Params { tensors: out })
+        };
+        let params = take("params")?;
+        let adam_m = take("adam_m")?;
+        let adam_v = take("adam_v")?;
+        let ema = match train.ema {
+            Some(_) => Some((take("ema")?, require_json::<u64>(&meta, "ema_updates", path)?)),
+            None => None,
+        };
+        if let Some(extra) = tensors.keys().next() {
+            return Err(bad(format!("unexpected tensor {extra}")));
+        }
+        Ok(Self {
+            model,
+            data,
+            train,
+            backbone,
+            partitions,
+            class_names,
+            epoch,
+            step,
+            params,
+            adam_m,
+            adam_v,
+            adam_step,
+            ema,
+            history,
+        })
+    }
+}
+
+/// Label -> group tables from per-branch group lists.
+pub fn tables(partitions: &[Vec<Vec<usize>>], k: usize) -> Vec<Vec<usize>> {
+    partitions
+        .iter()
+        .map(|groups| {
+            let mut t = vec![0usize; k];
+            for (g, members) in groups.iter().enumerate() {
+                for &l in members {
+                    t[l] = g;
+                }
+            }
+            t
+        })
+        .collect()
+}
+
+/// `groups` must split 0..k into exactly `t` non-empty groups.
+fn check_partition(groups: &[Vec<usize>], k: usize, t: usize) -> Result<(), String> {
+    if groups.len() != t {
+        return Err(format!("{} groups, the config says T = {t}", groups.len()));
+    }
+    let mut seen = vec![false; k];
+    for g in groups {
+        if g.is_empty() {
+            return Err("an empty group".into());
+        }
+        for &l in g {
+            if l >= k || seen[l] {
+                return Err(format!("label {l} is out of range or in two groups"));
+            }
+            seen[l] = true;
+        }
+    }
+    if let Some(l) = seen.iter().position(|&s| !s) {
+        return Err(format!("label {l} is in no group"));
+    }
+    Ok(())
+}

@@ -2,4 +2,6 @@
 //! around it the schedule, EMA, the epoch loop and checkpoints.
 
 pub mod checkpoint;
+pub mod ema;
+pub mod run;
 pub mod schedule;
