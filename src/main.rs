@@ -13,6 +13,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// mAP, CP/CR/CF1, OP/OR/OF1 of a score file against a target file (SPEC 6).
+    Metrics(cli::metrics::MetricsArgs),
     /// Train ML-VPT (with no data arguments: the embedded procedural demo).
     Train(cli::train::TrainArgs),
     /// Re-evaluate a checkpoint on its test split.
@@ -24,6 +26,7 @@ enum Command {
 fn main() {
     let cli = Cli::parse();
     let result: anyhow::Result<()> = match cli.command {
+        Command::Metrics(a) => cli::metrics::run(&a),
         Command::Train(args) => cli::train::run(&args),
         Command::Eval(args) => cli::eval::run(&args),
         Command::Predict(args) => cli::predict::run(&args),

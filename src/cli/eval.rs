@@ -6,7 +6,6 @@ use std::path::PathBuf;
 use clap::Args;
 
 use super::Device;
-use mlvpt::metrics::Metrics;
 use mlvpt::train::run::Opened;
 
 #[derive(Args, Debug)]
@@ -48,17 +47,11 @@ pub fn run(args: &EvalArgs) -> anyhow::Result<()> {
         s.step,
         opened.test.n
     );
-    print_table("weights", &m);
+    print!("{}", m.to_table(&s.class_names));
     if let Some(e) = &ema {
-        print_table("EMA", e);
+        println!("\nEMA weights:");
+        print!("{}", e.to_table(&s.class_names));
     }
-    println!("  constant-score mAP {constant:.2}");
+    println!("\nconstant-score mAP {constant:.2} (every image the same score: the floor)");
     Ok(())
-}
-
-fn print_table(which: &str, m: &Metrics) {
-    println!(
-        "  {which:<8} mAP {:.2}  CP {:.2}  CR {:.2}  CF1 {:.2}  OP {:.2}  OR {:.2}  OF1 {:.2}",
-        m.map, m.class.precision, m.class.recall, m.class.f1, m.overall.precision, m.overall.recall, m.overall.f1
-    );
 }

@@ -461,6 +461,9 @@ fn run_from(mut state: RunState, train_data: Dataset, opts: &RunOptions, obs: &m
     })
 }
 
+/// The metrics (of `Metrics::to_json`) each `metrics.jsonl` record carries.
+pub const RECORD_KEYS: [&str; 8] = ["mAP", "mAP_noninterp", "CP", "CR", "CF1", "OP", "OR", "OF1"];
+
 /// One line of `metrics.jsonl`: epoch, step, loss, lr, then the scalar metrics (mAP, CF1, OF1,
 /// ...) and, with EMA on, the same metrics of the EMA weights prefixed `ema_`.
 pub fn metrics_record(
@@ -478,12 +481,9 @@ pub fn metrics_record(
     rec.insert("loss".into(), loss.into());
     rec.insert("lr".into(), lr.into());
     let mut put = |prefix: &str, m: &Metrics| {
-        if let serde_json::Value::Object(o) = m.to_json(class_names) {
-            for (key, v) in o {
-                if v.is_number() {
-                    rec.insert(format!("{prefix}{key}"), v);
-                }
-            }
+        let j = m.to_json(class_names);
+        for key in RECORD_KEYS {
+            rec.insert(format!("{prefix}{key}"), j[key].clone());
         }
     };
     put("", m);
