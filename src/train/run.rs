@@ -158,8 +158,8 @@ impl RunSpec {
     /// Every check that can be made before any work.
     pub fn validate(&self) -> anyhow::Result<()> {
         self.train.validate()?;
-        self.model.validate(self.train.branches())?;
         self.data.validate()?;
+        self.model.validate(self.train.branches())?;
         ensure!(
             self.model.labels == self.data.labels(),
             "the model has K = {} labels but the data has {}",
