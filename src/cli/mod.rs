@@ -1,6 +1,7 @@
 //! One file per `mlvpt` subcommand: argument parsing and printing only; the work lives in the library.
 
 pub mod eval;
+pub mod group;
 pub mod metrics;
 pub mod predict;
 pub mod train;
