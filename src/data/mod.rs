@@ -197,6 +197,15 @@ mod tests {
     }
 
     #[test]
+    fn constant_predictor_map_agrees_with_the_metrics() {
+        let c = SyntheticConfig { test: 300, ..SyntheticConfig::demo(5) };
+        let d = c.generate(Split::Test);
+        let m = crate::metrics::evaluate(&vec![0.3; d.n * d.k], &d.targets, d.n, d.k, 0.5);
+        assert!((m.map - constant_predictor_map(&d)).abs() < 1e-9, "{} vs {}", m.map, constant_predictor_map(&d));
+        assert!(m.map > 5.0 && m.map < 30.0);
+    }
+
+    #[test]
     fn gather_copies_rows_in_order() {
         let d = Dataset {
             n: 3,
