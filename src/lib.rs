@@ -7,3 +7,6 @@ pub mod grouping;
 pub mod io;
 pub mod metrics;
 pub mod ops;
+pub mod backend;
+pub mod model;
+pub mod train;
