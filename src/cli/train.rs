@@ -32,10 +32,10 @@ pub struct TrainArgs {
     /// Epochs [default: 8].
     #[arg(long, group = "settings")]
     pub epochs: Option<usize>,
-    /// Images per step [default: 32].
+    /// Images per step [default: 16].
     #[arg(long, group = "settings")]
     pub batch_size: Option<usize>,
-    /// Peak learning rate of the one-cycle schedule [default: 2e-3].
+    /// Peak learning rate of the one-cycle schedule [default: 1e-2].
     #[arg(long, group = "settings")]
     pub lr: Option<f64>,
     /// Seed of everything: data, backbone, weights, batch order, grouping [default: 0].

@@ -11,8 +11,11 @@
 //!   extra label from another scene: labels of a scene co-occur.
 //! - Scenes pair up (0 with 1, 2 with 3, ...): the extra label never comes from the partner
 //!   scene, so labels of partner scenes never appear together (planted exclusion).
-//! - Objects sit in distinct cells of a 3x3 grid (no occlusion), at a random offset and size
-//!   inside the cell, on a grey background of random level with uniform pixel noise.
+//! - Each present label's object is drawn `copies` times, each copy filling a distinct random
+//!   cell of a 4x4 grid (no occlusion), on a dark grey background of random level with uniform
+//!   pixel noise. The copies matter: a random ViT's attention is nearly uniform, so what reaches
+//!   the prompt tokens is close to an average over the patches, and a label must cover a
+//!   visible share of the image to move that average.
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -46,7 +49,7 @@ const PALETTE: [(&str, [f32; 3]); 20] = [
 const TEXTURES: [&str; 4] = ["solid", "hstripes", "vstripes", "checker"];
 const SHAPES: [&str; 4] = ["square", "disc", "diamond", "cross"];
 /// Cells per side of the placement grid.
-const GRID: usize = 3;
+const GRID: usize = 4;
 /// Distinct (colour, texture, shape) triples the appearance rule below can make.
 pub const MAX_LABELS: usize = PALETTE.len() * 16;
 /// Chance that an image shows one label from outside its scene.
@@ -64,6 +67,9 @@ pub struct SyntheticConfig {
     pub test: usize,
     /// Labels per scene (the planted co-occurrence blocks).
     pub scene_size: usize,
+    /// Copies of each present object (in distinct cells), so a label covers a share of the
+    /// image a random backbone's mostly uniform attention can see.
+    pub copies: usize,
     /// Amplitude of the uniform pixel noise, in [0, 1] pixel units.
     pub noise: f32,
     pub seed: u64,
@@ -72,7 +78,7 @@ pub struct SyntheticConfig {
 impl SyntheticConfig {
     /// The embedded demo's data: K = 20, 32x32 images.
     pub fn demo(seed: u64) -> Self {
-        Self { labels: 20, image_size: 32, train: 1024, test: 512, scene_size: 4, noise: 0.15, seed }
+        Self { labels: 20, image_size: 32, train: 1024, test: 512, scene_size: 4, copies: 3, noise: 0.05, seed }
     }
 
     pub fn validate(&self) -> anyhow::Result<()> {
@@ -89,11 +95,15 @@ impl SyntheticConfig {
         );
         anyhow::ensure!(self.train >= 1, "synthetic data: the training split needs at least 1 image, got 0");
         anyhow::ensure!(self.test >= 1, "synthetic data: the test split needs at least 1 image, got 0");
+        anyhow::ensure!(self.scene_size >= 1, "synthetic data: scene size must be at least 1, got 0");
+        anyhow::ensure!(self.copies >= 1, "synthetic data: copies must be at least 1, got 0");
         anyhow::ensure!(
-            (1..GRID * GRID).contains(&self.scene_size),
-            "synthetic data: scene size must be in 1..={}, got {}",
-            GRID * GRID - 1,
-            self.scene_size
+            (self.scene_size + 1) * self.copies <= GRID * GRID,
+            "synthetic data: up to {} objects per image ((scene size {} + 1) x {} copies) do not fit the {} cells",
+            (self.scene_size + 1) * self.copies,
+            self.scene_size,
+            self.copies,
+            GRID * GRID
         );
         anyhow::ensure!(
             self.noise.is_finite() && (0.0..=1.0).contains(&self.noise),
@@ -177,22 +187,27 @@ impl SyntheticConfig {
     fn draw_image(&self, labels: &[usize], rng: &mut ChaCha8Rng, pixels: &mut [f32]) {
         let s = self.image_size;
         let plane = s * s;
-        let background: f32 = rng.random_range(0.35..0.65);
+        // A dark background: with a level away from the normalization's centre (0.5) every
+        // background patch embeds to nearly the same direction after LayerNorm, so the objects
+        // stand out to a random backbone.
+        let background: f32 = rng.random_range(0.25..0.35);
         pixels.fill(background);
-        // Distinct cells, so no object hides another.
+        // Distinct cells, so no object hides another; each object fills its cell, so with the
+        // demo's sizes (32 px, 8 px cells, patch 4) it covers 2x2 patches of its own look
+        // wherever it lands, and the mean over patches is nearly linear in the labels.
+        let cell = s / GRID;
         let mut cells: Vec<usize> = (0..GRID * GRID).collect();
-        for (j, &label) in labels.iter().enumerate() {
+        let placed: Vec<usize> = labels.iter().flat_map(|&l| std::iter::repeat_n(l, self.copies)).collect();
+        for (j, &label) in placed.iter().enumerate() {
             let pick = rng.random_range(j..cells.len());
             cells.swap(j, pick);
-            let cell = s / GRID;
-            let size = rng.random_range((cell * 7).div_ceil(10)..=cell);
-            let x0 = (cells[j] % GRID) * cell + rng.random_range(0..=cell - size);
-            let y0 = (cells[j] / GRID) * cell + rng.random_range(0..=cell - size);
+            let x0 = (cells[j] % GRID) * cell;
+            let y0 = (cells[j] / GRID) * cell;
             let a = appearance(label);
             let colour = PALETTE[a.colour].1;
-            for dy in 0..size {
-                for dx in 0..size {
-                    if !inside(a.shape, dx, dy, size) {
+            for dy in 0..cell {
+                for dx in 0..cell {
+                    if !inside(a.shape, dx, dy, cell) {
                         continue;
                     }
                     let f = texture_factor(a.texture, dx, dy);
@@ -346,10 +361,12 @@ mod tests {
         for bad in [
             SyntheticConfig { labels: 1, ..small() },
             SyntheticConfig { labels: MAX_LABELS + 1, ..small() },
-            SyntheticConfig { image_size: 8, ..small() },
+            SyntheticConfig { image_size: 15, ..small() },
             SyntheticConfig { train: 0, ..small() },
             SyntheticConfig { test: 0, ..small() },
             SyntheticConfig { scene_size: 0, ..small() },
+            SyntheticConfig { copies: 0, ..small() },
+            SyntheticConfig { copies: 4, ..small() },
             SyntheticConfig { noise: f32::NAN, ..small() },
         ] {
             assert!(bad.validate().is_err(), "{bad:?} accepted");

@@ -10,6 +10,10 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context};
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 
+use crate::data::DataConfig;
+use crate::model::{params::param_specs, Method, ModelConfig, NamedTensor, Params};
+use crate::train::run::{BackboneSource, TrainConfig};
+
 /// Value of the `format` metadata key; a file without it is not an mlvpt checkpoint.
 pub const FORMAT: &str = "mlvpt-checkpoint";
 pub const VERSION: &str = "1";
@@ -195,9 +199,6 @@ mod tests {
 // ---------------------------------------------------------------------------------------------
 // The typed layer: a whole training run's state.
 
-use crate::data::DataConfig;
-use crate::model::{params::param_specs, Method, ModelConfig, NamedTensor, Params};
-use crate::train::run::{BackboneSource, TrainConfig};
 
 /// Everything a checkpoint holds: enough to evaluate the model, and to resume training
 /// exactly where it stopped.
@@ -220,9 +221,9 @@ pub struct RunState {
     pub adam_step: u64,
     /// EMA weights and the number of updates behind them, when EMA is on.
     pub ema: Option<(Params, u64)>,
-    /// The metrics records written so far (one per evaluation), so a resumed run rewrites
-    /// `metrics.jsonl` exactly.
-    pub history: Vec<serde_json::Value>,
+    /// The lines of `metrics.jsonl` written so far (one JSON record per evaluation), kept as
+    /// text so a resumed run rewrites the file byte for byte.
+    pub history: Vec<String>,
 }
 
 impl RunState {
@@ -281,7 +282,7 @@ impl RunState {
         let epoch: usize = require_json(&meta, "epoch", path)?;
         let step: u64 = require_json(&meta, "step", path)?;
         let adam_step: u64 = require_json(&meta, "adam_step", path)?;
-        let history: Vec<serde_json::Value> = require_json(&meta, "history", path)?;
+        let history: Vec<String> = require_json(&meta, "history", path)?;
 
         let bad = |what: String| anyhow::anyhow!("{at}: {what}");
         data.validate().map_err(|e| bad(format!("data config: {e:#}")))?;
