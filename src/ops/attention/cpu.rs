@@ -12,6 +12,24 @@ fn tasks_per_round(total: usize) -> usize {
     total.min(8 * rayon::current_num_threads().max(1))
 }
 
+/// Sum with eight accumulators (vectorizes; fixed order).
+#[inline]
+fn sum8<T: Real>(v: &[T]) -> T {
+    let mut acc = [T::zero(); 8];
+    let chunks = v.chunks_exact(8);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for l in 0..8 {
+            acc[l] = acc[l] + c[l];
+        }
+    }
+    let mut s = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+    for &x in rest {
+        s = s + x;
+    }
+    s
+}
+
 /// Masks and softmaxes the rows of `s [n, n]` (scaled scores) in place; returns nothing, writes
 /// `lse[i]`.
 fn softmax_rows<T: Real>(s: &mut [T], lse: &mut [T], sh: &AttnShape) {
@@ -25,11 +43,10 @@ fn softmax_rows<T: Real>(s: &mut [T], lse: &mut [T], sh: &AttnShape) {
             }
         }
         let mx = row.iter().copied().fold(T::neg_infinity(), T::max);
-        let mut sum = T::zero();
         for v in row.iter_mut() {
-            *v = (*v - mx).exp();
-            sum = sum + *v;
+            *v = (*v - mx).fast_exp();
         }
+        let sum = sum8(row);
         let inv = T::one() / sum;
         for v in row.iter_mut() {
             *v = *v * inv;
@@ -123,8 +140,15 @@ pub fn backward<T: Real>(
                 matmul(n, n, dh, p.as_mut_ptr(), n, 1, false, q, 3 * d, 1, k, 1, 3 * d, scale, false);
                 for (i, row) in p.chunks_exact_mut(n).enumerate() {
                     let l = lse_row[i];
-                    for (j, x) in row.iter_mut().enumerate() {
-                        *x = if sh.allowed(i, j) { (*x - l).exp() } else { T::zero() };
+                    for x in row.iter_mut() {
+                        *x = (*x - l).fast_exp();
+                    }
+                    if i >= sh.prompt_start && i < sh.prompt_end {
+                        for (j, x) in row[sh.prompt_start..sh.prompt_end].iter_mut().enumerate() {
+                            if sh.prompt_start + j != i {
+                                *x = T::zero();
+                            }
+                        }
                     }
                 }
                 // dP = dO V^T
