@@ -40,7 +40,7 @@ fn bench(c: &mut Criterion) {
     }
     // demo: B 64, N 77 (P 12), 4 heads of 24; ViT-B-like: B 4, N 227 (P 30), 12 heads of 64
     for (name, b, n, h, dh, p) in [("demo", 64, 77, 4, 24, 12), ("vitb", 4, 227, 12, 64, 30)] {
-        let sh = AttnShape { batch: b, tokens: n, heads: h, head_dim: dh, prompt_start: 1, prompt_end: 1 + p };
+        let sh = AttnShape::full(b, n, h, dh, 1, 1 + p);
         let d = h * dh;
         let qkv = rv(&mut rng, b * n * 3 * d);
         let (mut out, mut lse, mut dq) = (vec![0.0f32; b * n * d], vec![0.0f32; b * h * n], vec![0.0f32; b * n * 3 * d]);

@@ -144,7 +144,7 @@ fn naive_attention(qkv: &[f64], sh: &AttnShape) -> Vec<f64> {
 fn attention_mask_forward_and_gradient() {
     for (prompts, n) in [(0usize, 5usize), (1, 6), (3, 7), (3, 9)] {
         let mut rng = ChaCha8Rng::seed_from_u64(4 + prompts as u64);
-        let sh = AttnShape { batch: 2, tokens: n, heads: 2, head_dim: 3, prompt_start: 1, prompt_end: 1 + prompts };
+        let sh = AttnShape::full(2, n, 2, 3, 1, 1 + prompts);
         let d = sh.dim();
         let qkv = rand_vec(&mut rng, 2 * n * 3 * d, 1.5);
         let r = rand_vec(&mut rng, 2 * n * d, 1.0);
@@ -161,13 +161,37 @@ fn attention_mask_forward_and_gradient() {
         let mut scratch2 = Vec::new();
         attn::backward(&qkv, &out, &lse, &r, &mut dqkv, &sh, &mut scratch2);
         fd_check(&format!("attention dqkv (P={prompts}, N={n})"), &qkv, &dqkv, |q| dot(&fwd(q).0, &r));
+
+        // Queries restricted to the prompt rows (the last block): the same rows as the full
+        // forward, and the gradient of the full op with dout zero outside those rows.
+        if prompts > 0 {
+            let sub = AttnShape { q_start: 1, q_len: prompts, ..sh };
+            let (mut o2, mut l2, mut sc) = (vec![0.0; 2 * prompts * d], vec![0.0; 2 * 2 * prompts], Vec::new());
+            attn::forward(&qkv, &mut o2, &mut l2, &sub, &mut sc);
+            let mut r_full = vec![0.0; 2 * n * d];
+            let mut r_sub = vec![0.0; 2 * prompts * d];
+            for b in 0..2 {
+                for i in 0..prompts {
+                    for c in 0..d {
+                        assert!((o2[(b * prompts + i) * d + c] - out[(b * n + 1 + i) * d + c]).abs() < 1e-14);
+                        r_sub[(b * prompts + i) * d + c] = r[(b * n + 1 + i) * d + c];
+                        r_full[(b * n + 1 + i) * d + c] = r[(b * n + 1 + i) * d + c];
+                    }
+                }
+            }
+            let mut want = vec![0.0; 2 * n * 3 * d];
+            attn::backward(&qkv, &out, &lse, &r_full, &mut want, &sh, &mut sc);
+            let mut got = vec![f64::NAN; 2 * n * 3 * d];
+            attn::backward(&qkv, &o2, &l2, &r_sub, &mut got, &sub, &mut sc);
+            assert!(max_abs_diff(&got, &want) < 1e-12, "P={prompts}: query-subset backward differs");
+        }
     }
 }
 
 #[test]
 fn prompt_queries_ignore_other_prompt_keys() {
     let mut rng = ChaCha8Rng::seed_from_u64(9);
-    let sh = AttnShape { batch: 1, tokens: 8, heads: 2, head_dim: 2, prompt_start: 1, prompt_end: 4 };
+    let sh = AttnShape::full(1, 8, 2, 2, 1, 4);
     let d = sh.dim();
     let qkv = rand_vec(&mut rng, 8 * 3 * d, 1.0);
     let run = |qkv: &[f64]| {
