@@ -14,6 +14,9 @@ use anyhow::{bail, ensure, Context, Result};
 
 pub use crate::ops::adamw::AdamWConfig;
 
+/// Called after each block with (backend, layer, output, tokens per image in the output).
+type BlockHook<'a, B> = dyn FnMut(&mut B, usize, &<B as Backend>::Buf, usize) + 'a;
+
 /// One block's frozen weights on the device.
 struct BlockWeights<B: Backend> {
     norm1: (B::Buf, B::Buf),
@@ -511,7 +514,7 @@ impl<B: Backend> Trainer<B> {
     /// Forward for `b` images already uploaded to `acts.images`; leaves logits in
     /// `acts.logits`. `hook(backend, layer, output, tokens)` sees every block's output
     /// (`[B, tokens, D]`: all N tokens, except the last block's P prompt rows).
-    fn forward(&mut self, b: usize, hook: &mut dyn FnMut(&mut B, usize, &B::Buf, usize)) {
+    fn forward(&mut self, b: usize, hook: &mut BlockHook<B>) {
         let shape = self.attn_shape(b);
         let d = self.dims;
         let Self { be, weights: w, params, acts: a, tables, .. } = self;
