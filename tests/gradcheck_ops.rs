@@ -144,7 +144,7 @@ fn naive_attention(qkv: &[f64], sh: &AttnShape) -> Vec<f64> {
 fn attention_mask_forward_and_gradient() {
     for (prompts, n) in [(0usize, 5usize), (1, 6), (3, 7), (3, 9)] {
         let mut rng = ChaCha8Rng::seed_from_u64(4 + prompts as u64);
-        let sh = AttnShape { batch: 2, tokens: n, heads: 2, head_dim: 3, prompt_start: 1, prompt_end: 1 + prompts };
+        let sh = AttnShape::full(2, n, 2, 3, 1, 1 + prompts);
         let d = sh.dim();
         let qkv = rand_vec(&mut rng, 2 * n * 3 * d, 1.5);
         let r = rand_vec(&mut rng, 2 * n * d, 1.0);
@@ -161,13 +161,37 @@ fn attention_mask_forward_and_gradient() {
         let mut scratch2 = Vec::new();
         attn::backward(&qkv, &out, &lse, &r, &mut dqkv, &sh, &mut scratch2);
         fd_check(&format!("attention dqkv (P={prompts}, N={n})"), &qkv, &dqkv, |q| dot(&fwd(q).0, &r));
+
+        // Queries restricted to the prompt rows (the last block): the same rows as the full
+        // forward, and the gradient of the full op with dout zero outside those rows.
+        if prompts > 0 {
+            let sub = AttnShape { q_start: 1, q_len: prompts, ..sh };
+            let (mut o2, mut l2, mut sc) = (vec![0.0; 2 * prompts * d], vec![0.0; 2 * 2 * prompts], Vec::new());
+            attn::forward(&qkv, &mut o2, &mut l2, &sub, &mut sc);
+            let mut r_full = vec![0.0; 2 * n * d];
+            let mut r_sub = vec![0.0; 2 * prompts * d];
+            for b in 0..2 {
+                for i in 0..prompts {
+                    for c in 0..d {
+                        assert!((o2[(b * prompts + i) * d + c] - out[(b * n + 1 + i) * d + c]).abs() < 1e-14);
+                        r_sub[(b * prompts + i) * d + c] = r[(b * n + 1 + i) * d + c];
+                        r_full[(b * n + 1 + i) * d + c] = r[(b * n + 1 + i) * d + c];
+                    }
+                }
+            }
+            let mut want = vec![0.0; 2 * n * 3 * d];
+            attn::backward(&qkv, &out, &lse, &r_full, &mut want, &sh, &mut sc);
+            let mut got = vec![f64::NAN; 2 * n * 3 * d];
+            attn::backward(&qkv, &o2, &l2, &r_sub, &mut got, &sub, &mut sc);
+            assert!(max_abs_diff(&got, &want) < 1e-12, "P={prompts}: query-subset backward differs");
+        }
     }
 }
 
 #[test]
 fn prompt_queries_ignore_other_prompt_keys() {
     let mut rng = ChaCha8Rng::seed_from_u64(9);
-    let sh = AttnShape { batch: 1, tokens: 8, heads: 2, head_dim: 2, prompt_start: 1, prompt_end: 4 };
+    let sh = AttnShape::full(1, 8, 2, 2, 1, 4);
     let d = sh.dim();
     let qkv = rand_vec(&mut rng, 8 * 3 * d, 1.0);
     let run = |qkv: &[f64]| {
@@ -314,4 +338,22 @@ fn vpt_head_gradients() {
     fd_check("vpt dz", &z, &dz, |x| dot(&fwd(x, &w, &c).1, &r));
     fd_check("vpt dw", &w, &dw, |x| dot(&fwd(&z, x, &c).1, &r));
     fd_check("vpt dc", &c, &dc, |x| dot(&fwd(&z, &w, x).1, &r));
+}
+
+#[test]
+fn f32_erf_and_exp_are_accurate() {
+    use mlvpt::ops::real::{exp_f32, erf_f32};
+    let mut worst_erf = 0.0f64;
+    let mut worst_exp = 0.0f64;
+    for i in -200_000..=200_000 {
+        let x = i as f32 * 5e-5; // [-10, 10]
+        worst_erf = worst_erf.max((erf_f32(x) as f64 - libm::erf(x as f64)).abs());
+        let y = i as f32 * 4.3e-4; // [-86, 86]
+        let want = (y as f64).exp();
+        worst_exp = worst_exp.max(((exp_f32(y) as f64 - want) / want).abs());
+    }
+    assert!(worst_erf < 5e-7, "erf_f32 absolute error {worst_erf:e}");
+    assert!(worst_exp < 5e-7, "exp_f32 relative error {worst_exp:e}");
+    assert_eq!(exp_f32(f32::NEG_INFINITY), 0.0);
+    assert_eq!(exp_f32(-100.0), 0.0);
 }

@@ -10,10 +10,13 @@ use mlvpt::train::Trainer;
 
 #[test]
 fn a_prompt_is_invisible_to_the_other_prompts_of_its_layer() {
-    let cfg = tiny_config();
+    let mut cfg = tiny_config();
+    cfg.vit.depth = 3;
     let mut tr = trainer::<f32>(&cfg, 2, AslConfig::default(), 2, 3);
     let (images, _) = images_targets(&cfg, 2, 4);
     let base = tr.hidden_states(&images).unwrap();
+    assert_eq!(base.len(), 3);
+    assert_eq!(base[2].len(), 2 * cfg.prompts_per_layer(2) * cfg.vit.dim, "last block: prompt rows only");
     let (p, d, n) = (cfg.prompts_per_layer(2), cfg.vit.dim, cfg.tokens(2));
     let (layer, j) = (1usize, 2usize);
     let mut params = tr.params();
@@ -34,6 +37,19 @@ fn a_prompt_is_invisible_to_the_other_prompts_of_its_layer() {
         for t in std::iter::once(0).chain(1 + p..n) {
             let diff = row(&base[layer], t).iter().zip(row(&moved[layer], t)).fold(0.0f32, |m, (a, c)| m.max((a - c).abs()));
             assert!(diff > 1e-6, "token {t} did not see prompt {j}");
+        }
+    }
+    // Same at the last block (its output holds the P prompt rows), perturbing prompt j there.
+    let mut params = tr.params();
+    for (i, v) in params.tensors[0].data[(2 * p + j) * d..(2 * p + j + 1) * d].iter_mut().enumerate() {
+        *v += if i % 3 == 0 { 0.4 } else { -0.2 };
+    }
+    tr.set_params(&params).unwrap();
+    let last = tr.hidden_states(&images).unwrap();
+    for b in 0..2 {
+        for o in 0..p {
+            let (x, y) = (&moved[2][(b * p + o) * d..(b * p + o + 1) * d], &last[2][(b * p + o) * d..(b * p + o + 1) * d]);
+            assert_eq!(x == y, o != j, "last block, prompt {o}");
         }
     }
 }
