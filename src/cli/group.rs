@@ -26,13 +26,13 @@ pub struct GroupArgs {
     #[arg(long, short = 'T')]
     groups: usize,
     /// tau for both graphs (the root applied to the conditional co-occurrence).
-    #[arg(long, default_value_t = 2.0)]
+    #[arg(long, default_value_t = 2.0, allow_negative_numbers = true)]
     tau: f64,
     /// tau+ for the correlative graph (overrides --tau).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     tau_co: Option<f64>,
     /// tau- for the discriminative graph (overrides --tau).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     tau_dis: Option<f64>,
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -94,8 +94,8 @@ pub fn run(args: &GroupArgs) -> anyhow::Result<()> {
             list.join(", ")
         );
     }
-    let corr = grouping::correlative(&co, &cfg).map_err(in_file)?;
-    let disc = grouping::discriminative(&co, &cfg).map_err(in_file)?;
+    let (corr, disc) = grouping::both(&co, &cfg);
+    let (corr, disc) = (corr.map_err(in_file)?, disc.map_err(in_file)?);
 
     let ari = match &args.against {
         Some(reference) => {

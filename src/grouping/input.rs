@@ -306,7 +306,7 @@ pub fn read_classes(path: &Path) -> Result<Vec<String>, InputError> {
 
 /// Reads per-image label lists: one line per image holding class names from `classes`,
 /// separated by commas (then names may contain spaces, as COCO's "traffic light") or, on a
-/// line without commas, by spaces. A blank line is an image with no labels. Streams the file,
+/// line without commas, by spaces (a line that is exactly one class name is that one label). A blank line is an image with no labels. Streams the file,
 /// so millions of images cost memory for the K x K counts only.
 pub fn read_label_lists(path: &Path, classes: &[String]) -> Result<Cooccurrence, InputError> {
     let file = std::fs::File::open(path)
@@ -328,7 +328,10 @@ pub fn read_label_lists(path: &Path, classes: &[String]) -> Result<Cooccurrence,
         lineno += 1;
         let text = line.trim_end_matches(['\n', '\r']);
         list.clear();
-        let sep: &[char] = if text.contains(',') { &[','] } else { &[' ', '\t'] };
+        // Without commas a line splits at spaces, unless the whole line is one class name
+        // (a single label such as "traffic light").
+        let whole = !text.contains(',') && index.contains_key(text.trim());
+        let sep: &[char] = if text.contains(',') || whole { &[','] } else { &[' ', '\t'] };
         let mut offset = 0;
         for piece in text.split(sep) {
             let name = piece.trim();

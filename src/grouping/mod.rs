@@ -178,6 +178,15 @@ pub fn discriminative(co: &Cooccurrence, cfg: &GroupingConfig) -> Result<Partiti
     cluster_graph(co, &graph::discriminative_affinity(co, cfg.tau_dis), cfg)
 }
 
+/// The correlative and discriminative partitions, computed side by side (the eigensolver is
+/// the cost at large K, and the two graphs are independent).
+pub fn both(
+    co: &Cooccurrence,
+    cfg: &GroupingConfig,
+) -> (Result<Partition, GroupingError>, Result<Partition, GroupingError>) {
+    rayon::join(|| correlative(co, cfg), || discriminative(co, cfg))
+}
+
 /// A random partition of `k` labels into `t` groups of near-equal size (sizes differ by at
 /// most one), deterministic for a seed.
 pub fn random_partition(k: usize, t: usize, seed: u64) -> Result<Partition, GroupingError> {
@@ -201,7 +210,10 @@ pub fn random_partition(k: usize, t: usize, seed: u64) -> Result<Partition, Grou
 pub fn branches(co: &Cooccurrence, mode: GroupingMode, cfg: &GroupingConfig) -> Result<Vec<Partition>, GroupingError> {
     check_config(co.k, cfg)?;
     match mode {
-        GroupingMode::Both => Ok(vec![correlative(co, cfg)?, discriminative(co, cfg)?]),
+        GroupingMode::Both => {
+            let (c, d) = both(co, cfg);
+            Ok(vec![c?, d?])
+        }
         GroupingMode::Co => Ok(vec![correlative(co, cfg)?]),
         GroupingMode::Dc => Ok(vec![discriminative(co, cfg)?]),
         GroupingMode::Random => Ok(vec![
