@@ -193,3 +193,55 @@ fn nonsense_configurations_fail_before_any_work() {
     }
     fails(&["train", "--resume", dir.path().join("missing").to_str().unwrap()], "cannot read checkpoint");
 }
+
+#[test]
+fn method_switches_reach_the_model_and_the_grouping() {
+    let dir = tempfile::tempdir().unwrap();
+    for (i, (extra, branches)) in [
+        (vec!["--grouping", "co"], 1),
+        (vec!["--grouping", "dc", "--gate", "group"], 1),
+        (vec!["--grouping", "random", "--prompt-depth", "shallow"], 2),
+        (vec!["--method", "vpt"], 0),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let out = dir.path().join(format!("run{i}"));
+        // TINY with depth 2, so deep (2 prompt layers) and shallow (1) differ.
+        let mut a = vec!["train", "--quiet", "--out", out.to_str().unwrap(), "--epochs", "1"];
+        a.extend(TINY.iter().map(|&x| if x == "1" { "2" } else { x }));
+        a.extend(extra.iter().copied());
+        ok(&a);
+        let (tensors, meta) = read_file(&out.join("checkpoint.safetensors")).unwrap();
+        let groups: Vec<Vec<Vec<usize>>> = serde_json::from_str(&meta["groups"]).unwrap();
+        assert_eq!(groups.len(), branches, "{extra:?}");
+        let model: serde_json::Value = serde_json::from_str(&meta["model_config"]).unwrap();
+        let train: serde_json::Value = serde_json::from_str(&meta["train_config"]).unwrap();
+        let prompts = &tensors["params/prompts"].shape;
+        match extra[1] {
+            "dc" => {
+                assert_eq!(model["gate"], "group");
+                assert_eq!(train["grouping"], "dc");
+                // One branch of T = 2 groups, E = 2 experts: 4 prompts per layer, deep: 2 layers.
+                assert_eq!(prompts, &vec![2, 4, 16]);
+                assert_eq!(tensors["params/head0.gate"].shape, vec![2, 2, 16]);
+            }
+            "random" => {
+                assert_eq!(model["prompt_depth"], "shallow");
+                // Shallow: 1 layer of 2 branches x T 2 x E 2 prompts.
+                assert_eq!(prompts, &vec![1, 8, 16]);
+                assert_ne!(groups[0], groups[1]);
+            }
+            "vpt" => {
+                assert_eq!(model["method"], "vpt");
+                assert!(tensors.contains_key("params/head.weight"));
+            }
+            _ => assert_eq!(train["grouping"], "co"),
+        }
+        ok(&["eval", "--checkpoint", out.to_str().unwrap()]);
+    }
+    fails(
+        &["predict", "--checkpoint", dir.path().join("run0").to_str().unwrap(), "--ema"],
+        "trained without --ema",
+    );
+}

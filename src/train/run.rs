@@ -573,3 +573,52 @@ impl Opened {
         Ok((idx, p?))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn train_config_round_trips_with_grouping_names() {
+        for (mode, name) in [
+            (GroupingMode::Both, "both"),
+            (GroupingMode::Co, "co"),
+            (GroupingMode::Dc, "dc"),
+            (GroupingMode::Random, "random"),
+        ] {
+            let c = TrainConfig { grouping: mode, ema: Some(0.99), ..TrainConfig::demo(4) };
+            let j = serde_json::to_string(&c).unwrap();
+            assert!(j.contains(&format!("\"grouping\":\"{name}\"")), "{j}");
+            assert_eq!(serde_json::from_str::<TrainConfig>(&j).unwrap(), c);
+        }
+        let bad = serde_json::to_string(&TrainConfig::demo(0)).unwrap().replace("\"both\"", "\"nope\"");
+        assert!(serde_json::from_str::<TrainConfig>(&bad).unwrap_err().to_string().contains("nope"));
+    }
+
+    #[test]
+    fn validation_names_the_setting() {
+        let ok = TrainConfig::demo(0);
+        ok.validate().unwrap();
+        for (c, want) in [
+            (TrainConfig { epochs: 0, ..ok.clone() }, "epochs"),
+            (TrainConfig { batch_size: 0, ..ok.clone() }, "batch size"),
+            (TrainConfig { lr: -1.0, ..ok.clone() }, "learning rate"),
+            (TrainConfig { lr: f64::INFINITY, ..ok.clone() }, "learning rate"),
+            (TrainConfig { warmup_frac: 1.5, ..ok.clone() }, "warm-up"),
+            (TrainConfig { weight_decay: -0.1, ..ok.clone() }, "weight decay"),
+            (TrainConfig { ema: Some(1.0), ..ok.clone() }, "EMA decay"),
+            (TrainConfig { tau: 0.0, ..ok.clone() }, "tau"),
+            (TrainConfig { threshold: 1.0, ..ok.clone() }, "threshold"),
+        ] {
+            let e = c.validate().unwrap_err().to_string();
+            assert!(e.contains(want), "{e}");
+        }
+        let mut spec = RunSpec::demo(0);
+        spec.model.labels = 10;
+        assert!(spec.validate().unwrap_err().to_string().contains("K = 10"));
+        let mut spec = RunSpec::demo(0);
+        spec.model.vit.image_size = 64;
+        assert!(spec.validate().unwrap_err().to_string().contains("64 px"));
+        RunSpec::demo(0).validate().unwrap();
+    }
+}
