@@ -211,7 +211,7 @@ impl Observer for Silent {}
 pub struct Summary {
     pub epochs: usize,
     pub steps: u64,
-    /// Wall time of this process's training and evaluation, seconds.
+    /// Wall time of this process's work (data, groups, training, evaluation), seconds.
     pub seconds: f64,
     /// Training images per second of optimizer steps (evaluation excluded).
     pub images_per_s: f64,
@@ -302,6 +302,7 @@ pub fn make_groups(spec: &RunSpec, train: &Dataset) -> anyhow::Result<Vec<Vec<Ve
 /// A fresh run: validates everything, generates the data, groups the labels, initialises the
 /// weights, writes the epoch-0 checkpoint (so a failure always leaves a good one) and trains.
 pub fn train(spec: &RunSpec, opts: &RunOptions, obs: &mut dyn Observer) -> anyhow::Result<Summary> {
+    let started = Instant::now();
     spec.validate()?;
     std::fs::create_dir_all(&opts.out).with_context(|| format!("cannot create output folder {}", opts.out.display()))?;
     let train_data = spec.data.train_split()?;
@@ -323,16 +324,17 @@ pub fn train(spec: &RunSpec, opts: &RunOptions, obs: &mut dyn Observer) -> anyho
         params,
         history: Vec::new(),
     };
-    run_from(state, train_data, opts, obs)
+    run_from(state, train_data, opts, obs, started)
 }
 
 /// Continues the run saved in `path` (a checkpoint file, or a run folder holding one).
 pub fn resume(path: &Path, opts: &RunOptions, obs: &mut dyn Observer) -> anyhow::Result<Summary> {
+    let started = Instant::now();
     let file = checkpoint_path(path);
     let state = RunState::load(&file)?;
     std::fs::create_dir_all(&opts.out).with_context(|| format!("cannot create output folder {}", opts.out.display()))?;
     let train_data = state.data.train_split()?;
-    run_from(state, train_data, opts, obs)
+    run_from(state, train_data, opts, obs, started)
 }
 
 /// `path` itself if it is a file, else `path/checkpoint.safetensors`.
@@ -344,8 +346,14 @@ pub fn checkpoint_path(path: &Path) -> PathBuf {
     }
 }
 
-fn run_from(mut state: RunState, train_data: Dataset, opts: &RunOptions, obs: &mut dyn Observer) -> anyhow::Result<Summary> {
-    let started = Instant::now();
+/// The epoch loop shared by fresh and resumed runs; `started` is when the command's work began.
+fn run_from(
+    mut state: RunState,
+    train_data: Dataset,
+    opts: &RunOptions,
+    obs: &mut dyn Observer,
+    started: Instant,
+) -> anyhow::Result<Summary> {
     let test_data = state.data.test_split()?;
     let cfg = state.train.clone();
     let ck_path = opts.out.join(CHECKPOINT_FILE);
