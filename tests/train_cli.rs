@@ -135,6 +135,13 @@ fn resume_continues_bit_for_bit() {
         std::fs::read_to_string(full.join("metrics.jsonl")).unwrap(),
         std::fs::read_to_string(split.join("metrics.jsonl")).unwrap()
     );
+    // Resuming a finished run trains nothing and changes nothing.
+    let before = std::fs::read(full.join("checkpoint.safetensors")).unwrap();
+    let summary = ok(&["train", "--quiet", "--resume", full.join("checkpoint.safetensors").to_str().unwrap()]);
+    assert!(summary.contains("test mAP"), "{summary}");
+    assert_eq!(before, std::fs::read(full.join("checkpoint.safetensors")).unwrap());
+    assert_eq!(records(&full).len(), 2);
+
     // A different seed is a different run (the comparison above can fail).
     let other = dir.path().join("other");
     train(&other, &["--epochs", "1", "--seed", "4"]);

@@ -388,6 +388,7 @@ fn run_from(
     let mut train_seconds = 0.0f64;
     let mut images_done = 0usize;
     let mut final_loss = f64::NAN;
+    let mut last_eval = None;
     let result = (|| -> anyhow::Result<()> {
         for epoch in state.epoch..last_epoch {
             let order = data::epoch_order(n, cfg.seed, epoch as u64);
@@ -442,21 +443,29 @@ fn run_from(
             state.adam_v = vv;
             state.adam_step = t;
             state.ema = ema.as_ref().map(|e| (e.shadow.clone(), e.updates));
-            state.history.push(serde_json::to_string(&record)?);
+            let line = serde_json::to_string(&record)?;
+            state.history.push(line.clone());
             state.save(&ck_path)?;
-            append_log(&log_path, &record)?;
+            append_log(&log_path, &line)?;
             obs.on_eval(&record);
+            last_eval = Some((m, em));
         }
         Ok(())
     })();
     obs.on_finish();
     result?;
 
-    // A run resumed after its last epoch (or stopped at 0 epochs) still reports its metrics.
-    let metrics = evaluate(&mut trainer, &test_data, bs, cfg.threshold)?;
-    let ema_metrics = match &ema {
-        Some(e) => Some(evaluate_with(&mut trainer, &e.shadow, &test_data, bs, cfg.threshold)?),
-        None => None,
+    // A run resumed after its last epoch trained nothing here but still reports its metrics.
+    let (metrics, ema_metrics) = match last_eval {
+        Some(both) => both,
+        None => {
+            let m = evaluate(&mut trainer, &test_data, bs, cfg.threshold)?;
+            let e = match &ema {
+                Some(e) => Some(evaluate_with(&mut trainer, &e.shadow, &test_data, bs, cfg.threshold)?),
+                None => None,
+            };
+            (m, e)
+        }
     };
     if final_loss.is_nan() {
         final_loss = state
@@ -522,13 +531,13 @@ fn rewrite_log(path: &Path, history: &[String]) -> anyhow::Result<()> {
     crate::train::checkpoint::write_atomic(path, text.as_bytes())
 }
 
-fn append_log(path: &Path, record: &serde_json::Value) -> anyhow::Result<()> {
+fn append_log(path: &Path, line: &str) -> anyhow::Result<()> {
     let mut f = std::fs::OpenOptions::new()
         .append(true)
         .create(true)
         .open(path)
         .with_context(|| format!("cannot open {}", path.display()))?;
-    writeln!(f, "{}", serde_json::to_string(record)?).with_context(|| format!("cannot write {}", path.display()))?;
+    writeln!(f, "{line}").with_context(|| format!("cannot write {}", path.display()))?;
     Ok(())
 }
 
