@@ -247,3 +247,16 @@ fn wrong_input_lengths_are_errors_not_panics() {
     assert!(tr.set_params(&p).is_err());
     assert!(tr.set_params_f64(&[vec![0.0; 3]]).is_err());
 }
+
+#[test]
+fn results_do_not_depend_on_the_thread_count() {
+    let cfg = ModelConfig::demo();
+    let run = |threads: usize| {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+        pool.install(|| run_steps(&cfg, 2))
+    };
+    let (p1, l1) = run(1);
+    let (p3, l3) = run(3);
+    assert_eq!(l1, l3);
+    assert_eq!(p1, p3);
+}

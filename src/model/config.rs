@@ -223,4 +223,6 @@ pub enum ConfigError {
     BackboneTensor { name: String, problem: String },
     #[error("{0}")]
     Optimizer(String),
+    #[error("{0}")]
+    Loss(String),
 }

@@ -142,8 +142,9 @@ fn upload_new<B: Backend>(be: &mut B, data: &[f32]) -> B::Buf {
 
 impl<B: Backend> Trainer<B> {
     /// Builds a trainer: checks the configuration, the backbone, the parameters and the label
-    /// partitions (`branches[s][k]` = group of label `k` in branch `s`; ignored by VPT), puts the
-    /// weights on the backend and allocates every buffer for `max_batch` images.
+    /// partitions (`branches[s][k]` = group of label `k` in branch `s`; 1 or 2 branches; ignored
+    /// by `Method::Vpt`), puts the weights on the backend and allocates every buffer for
+    /// `max_batch` images. Errors are [`ConfigError`]s (inside `anyhow`) naming the problem.
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         mut backend: B,
@@ -166,7 +167,7 @@ impl<B: Backend> Trainer<B> {
         if backbone.config() != &cfg.vit {
             return Err(ConfigError::BackboneMismatch { expected: Box::new(cfg.vit.clone()), got: Box::new(backbone.config().clone()) }.into());
         }
-        asl.validate().map_err(ConfigError::Optimizer).context("invalid ASL settings")?;
+        asl.validate().map_err(ConfigError::Loss)?;
         opt.validate().map_err(ConfigError::Optimizer)?;
         let (k, t, e) = (cfg.labels, cfg.groups, cfg.experts);
         let mut host_tables = Vec::new();
