@@ -17,6 +17,12 @@ enum Command {
     Group(cli::group::GroupArgs),
     /// mAP, CP/CR/CF1, OP/OR/OF1 of a score file against a target file (SPEC 6).
     Metrics(cli::metrics::MetricsArgs),
+    /// Train ML-VPT (with no data arguments: the embedded procedural demo).
+    Train(cli::train::TrainArgs),
+    /// Re-evaluate a checkpoint on its test split.
+    Eval(cli::eval::EvalArgs),
+    /// Per-label probabilities from a checkpoint.
+    Predict(cli::predict::PredictArgs),
 }
 
 fn main() {
@@ -24,6 +30,9 @@ fn main() {
     let result: anyhow::Result<()> = match cli.command {
         Command::Group(args) => cli::group::run(&args),
         Command::Metrics(a) => cli::metrics::run(&a),
+        Command::Train(args) => cli::train::run(&args),
+        Command::Eval(args) => cli::eval::run(&args),
+        Command::Predict(args) => cli::predict::run(&args),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -1,0 +1,641 @@
+//! The training driver: builds data, groups, backbone and trainer from the configs, runs the
+//! epoch loop (one-cycle schedule, optional EMA), evaluates on the test split after every
+//! epoch, appends to `metrics.jsonl` and writes the checkpoint. Resuming from a checkpoint
+//! continues exactly: the batch order is a function of (seed, epoch) and every piece of state
+//! that changes during training is in the checkpoint.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, ensure, Context};
+use serde::{Deserialize, Serialize};
+
+use crate::backend::CpuBackend;
+use crate::data::{self, derive_seed, DataConfig, Dataset};
+use crate::grouping::{self, Cooccurrence, GroupingConfig, GroupingMode};
+use crate::metrics::{self, Metrics};
+use crate::model::{Backbone, Method, ModelConfig, Params};
+use crate::ops::asl::AslConfig;
+use crate::train::checkpoint::{tables, RunState};
+use crate::train::ema::Ema;
+use crate::train::schedule::OneCycle;
+use crate::train::step::{AdamWConfig, Trainer};
+
+/// File names inside a run's output folder.
+pub const CHECKPOINT_FILE: &str = "checkpoint.safetensors";
+pub const METRICS_FILE: &str = "metrics.jsonl";
+
+/// Seed streams derived from the run's seed (see `data::derive_seed`).
+const BACKBONE_STREAM: u64 = 0xB0;
+const PARAMS_STREAM: u64 = 0xB1;
+
+/// The optimisation settings of a run (stored in checkpoints).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TrainConfig {
+    pub epochs: usize,
+    pub batch_size: usize,
+    /// Peak learning rate of the one-cycle schedule.
+    pub lr: f64,
+    /// Fraction of all steps spent warming up.
+    pub warmup_frac: f64,
+    pub weight_decay: f64,
+    /// EMA decay of the trainable weights, when on.
+    pub ema: Option<f64>,
+    #[serde(with = "grouping_mode_name")]
+    pub grouping: GroupingMode,
+    /// tau for both graphs (SPEC 1.6).
+    pub tau: f64,
+    pub seed: u64,
+    /// Decision threshold for CP/CR/CF1/OP/OR/OF1.
+    pub threshold: f32,
+}
+
+impl TrainConfig {
+    /// The demo's settings. The paper's lr is 5e-4 for 40 epochs on a pretrained ViT; the demo
+    /// has a few epochs on a random backbone, whose prompt outputs vary only a few percent
+    /// between images, and needs larger and more steps (lr 1e-2, batch 16: measured best of
+    /// 3e-3, 1e-2, 2e-2, 5e-2).
+    pub fn demo(seed: u64) -> Self {
+        Self {
+            epochs: 8,
+            batch_size: 16,
+            lr: 1e-2,
+            warmup_frac: 0.2,
+            weight_decay: 1e-2,
+            ema: None,
+            grouping: GroupingMode::Both,
+            tau: 2.0,
+            seed,
+            threshold: 0.5,
+        }
+    }
+
+    pub fn validate(&self) -> anyhow::Result<()> {
+        ensure!(self.epochs >= 1, "epochs must be at least 1, got 0");
+        ensure!(self.batch_size >= 1, "batch size must be at least 1, got 0");
+        ensure!(self.lr.is_finite() && self.lr > 0.0, "learning rate must be a finite number > 0, got {}", self.lr);
+        ensure!(
+            self.warmup_frac.is_finite() && (0.0..=1.0).contains(&self.warmup_frac),
+            "warm-up fraction must be in [0, 1], got {}",
+            self.warmup_frac
+        );
+        ensure!(
+            self.weight_decay.is_finite() && self.weight_decay >= 0.0,
+            "weight decay must be a finite number >= 0, got {}",
+            self.weight_decay
+        );
+        if let Some(d) = self.ema {
+            ensure!(d.is_finite() && (0.0..1.0).contains(&d), "EMA decay must be in [0, 1), got {d}");
+        }
+        ensure!(self.tau.is_finite() && self.tau > 0.0, "tau must be a finite number > 0, got {}", self.tau);
+        ensure!(
+            self.threshold.is_finite() && self.threshold > 0.0 && self.threshold < 1.0,
+            "threshold must be in (0, 1), got {}",
+            self.threshold
+        );
+        Ok(())
+    }
+
+    /// Partitions the model gets: 2 for both/random, 1 for co/dc.
+    pub fn branches(&self) -> usize {
+        match self.grouping {
+            GroupingMode::Both | GroupingMode::Random => 2,
+            GroupingMode::Co | GroupingMode::Dc => 1,
+        }
+    }
+}
+
+/// Where the frozen backbone's weights come from.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum BackboneSource {
+    /// `Backbone::random(model.vit, seed)`.
+    Random { seed: u64 },
+}
+
+impl BackboneSource {
+    pub fn build(&self, model: &ModelConfig) -> Backbone {
+        match self {
+            BackboneSource::Random { seed } => Backbone::random(&model.vit, *seed),
+        }
+    }
+}
+
+/// Stores `GroupingMode` by its command-line name (both|co|dc|random).
+mod grouping_mode_name {
+    use crate::grouping::GroupingMode;
+    use clap::ValueEnum;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(m: &GroupingMode, s: S) -> Result<S::Ok, S::Error> {
+        let v = m.to_possible_value().expect("every grouping mode has a name");
+        s.serialize_str(v.get_name())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<GroupingMode, D::Error> {
+        let name = String::deserialize(d)?;
+        GroupingMode::from_str(&name, false).map_err(|_| serde::de::Error::custom(format!("unknown grouping mode {name:?}")))
+    }
+}
+
+/// What to run: the three configs.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RunSpec {
+    pub model: ModelConfig,
+    pub data: DataConfig,
+    pub train: TrainConfig,
+}
+
+impl RunSpec {
+    /// The embedded demo: synthetic K = 20 data, the demo ViT, demo training settings.
+    pub fn demo(seed: u64) -> Self {
+        Self {
+            model: ModelConfig::demo(),
+            data: DataConfig::Synthetic(data::SyntheticConfig::demo(seed)),
+            train: TrainConfig::demo(seed),
+        }
+    }
+
+    /// Every check that can be made before any work.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        self.train.validate()?;
+        self.data.validate()?;
+        self.model.validate(self.train.branches())?;
+        ensure!(
+            self.model.labels == self.data.labels(),
+            "the model has K = {} labels but the data has {}",
+            self.model.labels,
+            self.data.labels()
+        );
+        ensure!(
+            self.model.vit.image_size == self.data.image_size(),
+            "the backbone takes {} px images but the data has {} px",
+            self.model.vit.image_size,
+            self.data.image_size()
+        );
+        ensure!(self.model.vit.channels == 3, "the data has 3 channels, the backbone {}", self.model.vit.channels);
+        Ok(())
+    }
+}
+
+/// How to run (not part of the results).
+#[derive(Clone, Debug, Default)]
+pub struct RunOptions {
+    /// Output folder (created if missing).
+    pub out: PathBuf,
+    /// Stop after this many completed epochs, as if interrupted (the schedule stays that of
+    /// the full run, so `--resume` continues it exactly).
+    pub stop_after: Option<usize>,
+    /// Test hook: feed a NaN image at this global step to exercise the non-finite-loss stop.
+    pub nan_at_step: Option<u64>,
+}
+
+/// Hooks for progress display; all default to doing nothing.
+pub trait Observer {
+    /// Before the first step: all steps of the run, and those already done (when resuming).
+    fn on_start(&mut self, _total_steps: u64, _done_steps: u64) {}
+    fn on_step(&mut self, _step: u64, _loss: f32, _images_per_s: f64) {}
+    /// After each evaluation, with the record written to `metrics.jsonl`.
+    fn on_eval(&mut self, _record: &serde_json::Value) {}
+    /// Training finished or stopped; any display should be cleared.
+    fn on_finish(&mut self) {}
+}
+
+/// An observer that shows nothing.
+pub struct Silent;
+impl Observer for Silent {}
+
+/// What a finished run reports.
+#[derive(Clone, Debug)]
+pub struct Summary {
+    pub epochs: usize,
+    pub steps: u64,
+    /// Wall time of this process's work (data, groups, training, evaluation), seconds.
+    pub seconds: f64,
+    /// Training images per second of optimizer steps (evaluation excluded).
+    pub images_per_s: f64,
+    /// Mean training loss of the last epoch.
+    pub final_loss: f64,
+    pub metrics: Metrics,
+    pub ema_metrics: Option<Metrics>,
+    /// mAP (percent) of a constant score on the test split.
+    pub constant_map: f64,
+    pub checkpoint: PathBuf,
+    pub metrics_log: PathBuf,
+    pub class_names: Vec<String>,
+}
+
+/// The trainer for a model config, its groups, backbone and weights (CPU backend).
+pub fn build_trainer(
+    model: &ModelConfig,
+    partitions: &[Vec<Vec<usize>>],
+    backbone: &BackboneSource,
+    params: Params,
+    train: &TrainConfig,
+) -> anyhow::Result<Trainer<CpuBackend>> {
+    let backbone = backbone.build(model);
+    let opt = AdamWConfig { weight_decay: train.weight_decay, ..AdamWConfig::default() };
+    Trainer::new(
+        CpuBackend::new(),
+        model.clone(),
+        &backbone,
+        params,
+        tables(partitions, model.labels),
+        AslConfig::default(),
+        opt,
+        train.batch_size,
+    )
+}
+
+/// Sigmoid probabilities `[n, K]` of every image of `data`, in batches of at most `max_batch`.
+pub fn predict_probabilities(trainer: &mut Trainer<CpuBackend>, data: &Dataset, max_batch: usize) -> anyhow::Result<Vec<f32>> {
+    let mut out = Vec::with_capacity(data.n * data.k);
+    let l = data.image_len();
+    for start in (0..data.n).step_by(max_batch.max(1)) {
+        let end = (start + max_batch).min(data.n);
+        let logits = trainer.predict(&data.images[start * l..end * l])?;
+        out.extend(logits.iter().map(|&x| 1.0 / (1.0 + (-x).exp())));
+    }
+    Ok(out)
+}
+
+/// Metrics of the trainer's current weights on `data`.
+pub fn evaluate(trainer: &mut Trainer<CpuBackend>, data: &Dataset, max_batch: usize, threshold: f32) -> anyhow::Result<Metrics> {
+    let p = predict_probabilities(trainer, data, max_batch)?;
+    Ok(metrics::evaluate(&p, &data.targets, data.n, data.k, threshold))
+}
+
+/// Metrics of `params` (e.g. the EMA weights), leaving the trainer's own weights in place.
+pub fn evaluate_with(
+    trainer: &mut Trainer<CpuBackend>,
+    params: &Params,
+    data: &Dataset,
+    max_batch: usize,
+    threshold: f32,
+) -> anyhow::Result<Metrics> {
+    let own = trainer.params();
+    trainer.set_params(params)?;
+    let m = evaluate(trainer, data, max_batch, threshold);
+    trainer.set_params(&own)?;
+    m
+}
+
+/// Groups from the training split's co-occurrence (empty for plain VPT, which has none).
+pub fn make_groups(spec: &RunSpec, train: &Dataset) -> anyhow::Result<Vec<Vec<Vec<usize>>>> {
+    if spec.model.method == Method::Vpt {
+        return Ok(Vec::new());
+    }
+    let lists = train.label_lists();
+    let co = Cooccurrence::from_label_lists(train.k, lists.iter().map(|l| l.as_slice()));
+    let cfg = GroupingConfig {
+        groups: spec.model.groups,
+        tau_co: spec.train.tau,
+        tau_dis: spec.train.tau,
+        seed: spec.train.seed,
+        ..GroupingConfig::default()
+    };
+    let parts = grouping::branches(&co, spec.train.grouping, &cfg).context("label grouping of the training split")?;
+    Ok(parts.into_iter().map(|p| p.groups).collect())
+}
+
+/// A fresh run: validates everything, generates the data, groups the labels, initialises the
+/// weights, writes the epoch-0 checkpoint (so a failure always leaves a good one) and trains.
+pub fn train(spec: &RunSpec, opts: &RunOptions, obs: &mut dyn Observer) -> anyhow::Result<Summary> {
+    let started = Instant::now();
+    spec.validate()?;
+    std::fs::create_dir_all(&opts.out).with_context(|| format!("cannot create output folder {}", opts.out.display()))?;
+    let train_data = spec.data.train_split()?;
+    let partitions = make_groups(spec, &train_data)?;
+    let params = Params::init(&spec.model, partitions.len(), derive_seed(spec.train.seed, PARAMS_STREAM));
+    let state = RunState {
+        model: spec.model.clone(),
+        data: spec.data.clone(),
+        train: spec.train.clone(),
+        backbone: BackboneSource::Random { seed: derive_seed(spec.train.seed, BACKBONE_STREAM) },
+        partitions,
+        class_names: spec.data.class_names(),
+        epoch: 0,
+        step: 0,
+        adam_m: params.zeros_like(),
+        adam_v: params.zeros_like(),
+        adam_step: 0,
+        ema: spec.train.ema.map(|_| (params.clone(), 0)),
+        params,
+        history: Vec::new(),
+    };
+    run_from(state, train_data, opts, obs, started)
+}
+
+/// Continues the run saved in `path` (a checkpoint file, or a run folder holding one).
+pub fn resume(path: &Path, opts: &RunOptions, obs: &mut dyn Observer) -> anyhow::Result<Summary> {
+    let started = Instant::now();
+    let file = checkpoint_path(path);
+    let state = RunState::load(&file)?;
+    std::fs::create_dir_all(&opts.out).with_context(|| format!("cannot create output folder {}", opts.out.display()))?;
+    let train_data = state.data.train_split()?;
+    run_from(state, train_data, opts, obs, started)
+}
+
+/// `path` itself if it is a file, else `path/checkpoint.safetensors`.
+pub fn checkpoint_path(path: &Path) -> PathBuf {
+    if path.is_dir() {
+        path.join(CHECKPOINT_FILE)
+    } else {
+        path.to_path_buf()
+    }
+}
+
+/// The epoch loop shared by fresh and resumed runs; `started` is when the command's work began.
+fn run_from(
+    mut state: RunState,
+    train_data: Dataset,
+    opts: &RunOptions,
+    obs: &mut dyn Observer,
+    started: Instant,
+) -> anyhow::Result<Summary> {
+    let test_data = state.data.test_split()?;
+    let cfg = state.train.clone();
+    let ck_path = opts.out.join(CHECKPOINT_FILE);
+    let log_path = opts.out.join(METRICS_FILE);
+
+    let mut trainer = build_trainer(&state.model, &state.partitions, &state.backbone, state.params.clone(), &cfg)?;
+    trainer.set_optimizer_state(&state.adam_m, &state.adam_v, state.adam_step)?;
+    let mut ema = match &state.ema {
+        Some((shadow, updates)) => {
+            let mut e = Ema::new(cfg.ema.unwrap_or_default(), shadow)?;
+            e.updates = *updates;
+            Some(e)
+        }
+        None => None,
+    };
+
+    // metrics.jsonl always equals the checkpoint's history (plus what this process adds).
+    rewrite_log(&log_path, &state.history)?;
+    if state.epoch == 0 && state.step == 0 {
+        state.save(&ck_path)?;
+    }
+
+    let n = train_data.n;
+    let bs = cfg.batch_size;
+    let steps_per_epoch = n.div_ceil(bs) as u64;
+    let total_steps = steps_per_epoch * cfg.epochs as u64;
+    let schedule = OneCycle::new(cfg.lr, total_steps, cfg.warmup_frac);
+    let last_epoch = opts.stop_after.map_or(cfg.epochs, |s| s.min(cfg.epochs));
+    obs.on_start(total_steps, state.step);
+
+    let (mut images, mut targets) = (Vec::new(), Vec::new());
+    let mut train_seconds = 0.0f64;
+    let mut images_done = 0usize;
+    let mut final_loss = f64::NAN;
+    let mut last_eval = None;
+    let result = (|| -> anyhow::Result<()> {
+        for epoch in state.epoch..last_epoch {
+            let order = data::epoch_order(n, cfg.seed, epoch as u64);
+            let epoch_start = Instant::now();
+            let mut loss_sum = 0.0f64;
+            for (b, batch) in order.chunks(bs).enumerate() {
+                let step = state.step;
+                train_data.gather(batch, &mut images, &mut targets);
+                if opts.nan_at_step == Some(step) {
+                    images[0] = f32::NAN;
+                }
+                let lr = schedule.lr(step);
+                let stopped = || {
+                    format!(
+                        "training stopped at step {step} (epoch {}, batch {}); the last good checkpoint, {} \
+                         (epoch {}), is kept (a smaller --lr may help)",
+                        epoch + 1,
+                        b + 1,
+                        ck_path.display(),
+                        state.epoch
+                    )
+                };
+                // The trainer refuses a non-finite loss itself; the check below keeps the
+                // promise whatever the backend does.
+                let loss = trainer.step(&images, &targets, lr as f32).with_context(stopped)?;
+                if !loss.is_finite() {
+                    bail!("{}: the loss is {loss}", stopped());
+                }
+                if let Some(e) = ema.as_mut() {
+                    e.update(&trainer.params())?;
+                }
+                state.step += 1;
+                loss_sum += loss as f64;
+                images_done += batch.len();
+                let elapsed = train_seconds + epoch_start.elapsed().as_secs_f64();
+                obs.on_step(state.step, loss, images_done as f64 / elapsed.max(1e-9));
+            }
+            train_seconds += epoch_start.elapsed().as_secs_f64();
+            final_loss = loss_sum / order.chunks(bs).len() as f64;
+
+            let m = evaluate(&mut trainer, &test_data, bs, cfg.threshold)?;
+            let em = match &ema {
+                Some(e) => Some(evaluate_with(&mut trainer, &e.shadow, &test_data, bs, cfg.threshold)?),
+                None => None,
+            };
+            let record = metrics_record(epoch + 1, state.step, final_loss, schedule.lr(state.step - 1), &m, em.as_ref(), &state.class_names);
+
+            state.epoch = epoch + 1;
+            state.params = trainer.params();
+            let (mm, vv, t) = trainer.optimizer_state();
+            state.adam_m = mm;
+            state.adam_v = vv;
+            state.adam_step = t;
+            state.ema = ema.as_ref().map(|e| (e.shadow.clone(), e.updates));
+            let line = serde_json::to_string(&record)?;
+            state.history.push(line.clone());
+            state.save(&ck_path)?;
+            append_log(&log_path, &line)?;
+            obs.on_eval(&record);
+            last_eval = Some((m, em));
+        }
+        Ok(())
+    })();
+    obs.on_finish();
+    result?;
+
+    // A run resumed after its last epoch trained nothing here but still reports its metrics.
+    let (metrics, ema_metrics) = match last_eval {
+        Some(both) => both,
+        None => {
+            let m = evaluate(&mut trainer, &test_data, bs, cfg.threshold)?;
+            let e = match &ema {
+                Some(e) => Some(evaluate_with(&mut trainer, &e.shadow, &test_data, bs, cfg.threshold)?),
+                None => None,
+            };
+            (m, e)
+        }
+    };
+    if final_loss.is_nan() {
+        final_loss = state
+            .history
+            .last()
+            .and_then(|r| serde_json::from_str::<serde_json::Value>(r).ok())
+            .and_then(|r| r["loss"].as_f64())
+            .unwrap_or(f64::NAN);
+    }
+    Ok(Summary {
+        epochs: state.epoch,
+        steps: state.step,
+        seconds: started.elapsed().as_secs_f64(),
+        images_per_s: if train_seconds > 0.0 { images_done as f64 / train_seconds } else { 0.0 },
+        final_loss,
+        metrics,
+        ema_metrics,
+        constant_map: data::constant_predictor_map(&test_data),
+        checkpoint: ck_path,
+        metrics_log: log_path,
+        class_names: state.class_names,
+    })
+}
+
+/// The metrics (of `Metrics::to_json`) each `metrics.jsonl` record carries.
+pub const RECORD_KEYS: [&str; 8] = ["mAP", "mAP_noninterp", "CP", "CR", "CF1", "OP", "OR", "OF1"];
+
+/// One line of `metrics.jsonl`: epoch, step, loss, lr, then the scalar metrics (mAP, CF1, OF1,
+/// ...) and, with EMA on, the same metrics of the EMA weights prefixed `ema_`.
+pub fn metrics_record(
+    epoch: usize,
+    step: u64,
+    loss: f64,
+    lr: f64,
+    m: &Metrics,
+    ema: Option<&Metrics>,
+    class_names: &[String],
+) -> serde_json::Value {
+    let mut rec = serde_json::Map::new();
+    rec.insert("epoch".into(), epoch.into());
+    rec.insert("step".into(), step.into());
+    rec.insert("loss".into(), loss.into());
+    rec.insert("lr".into(), lr.into());
+    let mut put = |prefix: &str, m: &Metrics| {
+        let j = m.to_json(class_names);
+        for key in RECORD_KEYS {
+            rec.insert(format!("{prefix}{key}"), j[key].clone());
+        }
+    };
+    put("", m);
+    if let Some(e) = ema {
+        put("ema_", e);
+    }
+    serde_json::Value::Object(rec)
+}
+
+fn rewrite_log(path: &Path, history: &[String]) -> anyhow::Result<()> {
+    let mut text = String::new();
+    for r in history {
+        text.push_str(r);
+        text.push('\n');
+    }
+    crate::train::checkpoint::write_atomic(path, text.as_bytes())
+}
+
+fn append_log(path: &Path, line: &str) -> anyhow::Result<()> {
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .open(path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    writeln!(f, "{line}").with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(())
+}
+
+/// A checkpoint opened for evaluation or prediction: its state, a trainer holding its
+/// weights, and its own test split regenerated from the stored data config.
+pub struct Opened {
+    pub path: PathBuf,
+    pub state: RunState,
+    pub trainer: Trainer<CpuBackend>,
+    pub test: Dataset,
+}
+
+impl Opened {
+    pub fn open(path: &Path) -> anyhow::Result<Self> {
+        let path = checkpoint_path(path);
+        let state = RunState::load(&path)?;
+        let trainer = build_trainer(&state.model, &state.partitions, &state.backbone, state.params.clone(), &state.train)?;
+        let test = state.data.test_split()?;
+        Ok(Self { path, state, trainer, test })
+    }
+
+    /// Metrics of the weights, and of the EMA weights when the checkpoint has them.
+    pub fn evaluate(&mut self) -> anyhow::Result<(Metrics, Option<Metrics>)> {
+        let (bs, th) = (self.state.train.batch_size, self.state.train.threshold);
+        let m = evaluate(&mut self.trainer, &self.test, bs, th)?;
+        let e = match &self.state.ema {
+            Some((shadow, _)) => Some(evaluate_with(&mut self.trainer, shadow, &self.test, bs, th)?),
+            None => None,
+        };
+        Ok((m, e))
+    }
+
+    /// Probabilities `[indices.len(), K]` for test images `indices` (all when empty), from the
+    /// EMA weights when `use_ema` (an error if the checkpoint has none).
+    pub fn predict(&mut self, indices: &[usize], use_ema: bool) -> anyhow::Result<(Vec<usize>, Vec<f32>)> {
+        let n = self.test.n;
+        let idx: Vec<usize> = if indices.is_empty() { (0..n).collect() } else { indices.to_vec() };
+        if let Some(&bad) = idx.iter().find(|&&i| i >= n) {
+            bail!("index {bad} is out of range: the checkpoint's test split has {n} images (0..{})", n - 1);
+        }
+        if use_ema {
+            let (shadow, _) = self.state.ema.as_ref().context("this checkpoint was trained without --ema: it has no EMA weights")?;
+            self.trainer.set_params(shadow)?;
+        }
+        let picked = self.test.subset(&idx);
+        let p = predict_probabilities(&mut self.trainer, &picked, self.state.train.batch_size);
+        if use_ema {
+            self.trainer.set_params(&self.state.params)?;
+        }
+        Ok((idx, p?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn train_config_round_trips_with_grouping_names() {
+        for (mode, name) in [
+            (GroupingMode::Both, "both"),
+            (GroupingMode::Co, "co"),
+            (GroupingMode::Dc, "dc"),
+            (GroupingMode::Random, "random"),
+        ] {
+            let c = TrainConfig { grouping: mode, ema: Some(0.99), ..TrainConfig::demo(4) };
+            let j = serde_json::to_string(&c).unwrap();
+            assert!(j.contains(&format!("\"grouping\":\"{name}\"")), "{j}");
+            assert_eq!(serde_json::from_str::<TrainConfig>(&j).unwrap(), c);
+        }
+        let bad = serde_json::to_string(&TrainConfig::demo(0)).unwrap().replace("\"both\"", "\"nope\"");
+        assert!(serde_json::from_str::<TrainConfig>(&bad).unwrap_err().to_string().contains("nope"));
+    }
+
+    #[test]
+    fn validation_names_the_setting() {
+        let ok = TrainConfig::demo(0);
+        ok.validate().unwrap();
+        for (c, want) in [
+            (TrainConfig { epochs: 0, ..ok.clone() }, "epochs"),
+            (TrainConfig { batch_size: 0, ..ok.clone() }, "batch size"),
+            (TrainConfig { lr: -1.0, ..ok.clone() }, "learning rate"),
+            (TrainConfig { lr: f64::INFINITY, ..ok.clone() }, "learning rate"),
+            (TrainConfig { warmup_frac: 1.5, ..ok.clone() }, "warm-up"),
+            (TrainConfig { weight_decay: -0.1, ..ok.clone() }, "weight decay"),
+            (TrainConfig { ema: Some(1.0), ..ok.clone() }, "EMA decay"),
+            (TrainConfig { tau: 0.0, ..ok.clone() }, "tau"),
+            (TrainConfig { threshold: 1.0, ..ok.clone() }, "threshold"),
+        ] {
+            let e = c.validate().unwrap_err().to_string();
+            assert!(e.contains(want), "{e}");
+        }
+        let mut spec = RunSpec::demo(0);
+        spec.model.labels = 10;
+        assert!(spec.validate().unwrap_err().to_string().contains("K = 10"));
+        let mut spec = RunSpec::demo(0);
+        spec.model.vit.image_size = 64;
+        assert!(spec.validate().unwrap_err().to_string().contains("64 px"));
+        RunSpec::demo(0).validate().unwrap();
+    }
+}
