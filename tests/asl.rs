@@ -1,0 +1,206 @@
+//! ASL (SPEC 4) against an independent f64 reference written here, and its gradients against
+//! f64 central finite differences: the exact mode against FD of the full loss, the default
+//! (constant focusing weights) mode against FD of the loss with the weights frozen at the point.
+
+use mlvpt::ops::asl::{asl_forward_backward, AslConfig};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+/// The reference implementation's formula, literally: log(clamp(p, min=eps)) and
+/// log(clamp(min(1-p+clip, 1), min=eps)). In f64 with q = 1/(1+e^x) both probabilities keep full
+/// relative precision for |x| <= 30, so this is an accurate oracle there.
+fn parts(x: f64, cfg: &AslConfig) -> (f64, f64, f64, f64) {
+    let p = 1.0 / (1.0 + (-x).exp());
+    let q = 1.0 / (1.0 + x.exp());
+    let lp = p.max(cfg.eps).ln();
+    let neg = if cfg.clip > 0.0 { (q + cfg.clip).min(1.0) } else { q };
+    let ln = neg.max(cfg.eps).ln();
+    let wp = q.powf(cfg.gamma_pos);
+    let wn = (p - cfg.clip).max(0.0).powf(cfg.gamma_neg);
+    (wp, lp, wn, ln)
+}
+
+fn ref_loss(x: f64, y: f64, cfg: &AslConfig) -> f64 {
+    let (wp, lp, wn, ln) = parts(x, cfg);
+    -y * wp * lp - (1.0 - y) * wn * ln
+}
+
+/// The loss with the focusing weights frozen at `x0`, as a function of `x`.
+fn ref_loss_frozen(x: f64, x0: f64, y: f64, cfg: &AslConfig) -> f64 {
+    let (wp, _, wn, _) = parts(x0, cfg);
+    let (_, lp, _, ln) = parts(x, cfg);
+    -y * wp * lp - (1.0 - y) * wn * ln
+}
+
+fn logit(p: f64) -> f64 {
+    (p / (1.0 - p)).ln()
+}
+
+/// Points within `d` of a kink (clamp edge or the clip floor) have no derivative to check.
+fn near_kink(x: f64, cfg: &AslConfig, d: f64) -> bool {
+    let mut kinks = vec![logit(cfg.eps)];
+    if cfg.clip > 0.0 {
+        kinks.push(logit(cfg.clip));
+    } else {
+        kinks.push(logit(1.0 - cfg.eps));
+    }
+    kinks.iter().any(|k| (x - k).abs() < d)
+}
+
+fn sample(seed: u64, n: usize) -> (Vec<f64>, Vec<f64>) {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    // Fixed extremes (the stability cases) then random logits over the useful range.
+    let mut x = vec![30.0, -30.0, 29.5, -29.5, 15.0, -15.0, 0.0, 3.0, -3.0, 11.0, -11.0];
+    while x.len() < n {
+        x.push(rng.random_range(-9.0..9.0));
+    }
+    let mut y: Vec<f64> = (0..x.len()).map(|i| if i < 11 { (i % 2) as f64 } else { rng.random_range(0..2) as f64 }).collect();
+    // The extremes with both labels.
+    y[0] = 1.0;
+    y[1] = 1.0;
+    y[2] = 0.0;
+    y[3] = 0.0;
+    (x, y)
+}
+
+fn configs() -> Vec<AslConfig> {
+    let d = AslConfig::default();
+    vec![
+        d,
+        AslConfig { gamma_neg: 4.0, gamma_pos: 1.0, clip: 0.05, ..d },
+        AslConfig { gamma_neg: 1.5, gamma_pos: 0.5, clip: 0.2, ..d },
+        AslConfig { gamma_neg: 3.0, gamma_pos: 2.0, clip: 0.0, eps: 1e-8, ..d },
+        AslConfig { gamma_neg: 0.0, gamma_pos: 0.0, clip: 0.0, ..d },
+    ]
+}
+
+#[test]
+fn default_config_is_the_seed_setting() {
+    let c = AslConfig::default();
+    assert_eq!((c.gamma_neg, c.gamma_pos, c.clip, c.eps, c.exact_grad), (2.0, 0.0, 0.0, 1e-5, false));
+    assert!(c.validate().is_ok());
+    assert!(AslConfig { clip: 1.0, ..c }.validate().is_err());
+    assert!(AslConfig { gamma_neg: -1.0, ..c }.validate().is_err());
+    assert!(AslConfig { eps: 0.0, ..c }.validate().is_err());
+}
+
+#[test]
+fn hand_values_at_zero_logit() {
+    // x = 0: p = 1/2. Positive: -(1/2)^0 * ln(1/2) = ln 2. Negative (g- = 2): -(1/2)^2 ln(1/2) = ln2 / 4.
+    let c = AslConfig::default();
+    let mut g = [0.0f64; 2];
+    let l = asl_forward_backward(&[0.0, 0.0], &[1.0, 0.0], &c, Some(&mut g));
+    let ln2 = std::f64::consts::LN_2;
+    assert!((l - 1.25 * ln2).abs() < 1e-15, "{l}");
+    // Constant weights: d/dx of -ln p = -(1-p) = -1/2; of -w ln(1-p) with w = 1/4: 1/4 * p = 1/8.
+    assert!((g[0] + 0.5).abs() < 1e-15 && (g[1] - 0.125).abs() < 1e-15, "{g:?}");
+    // Exact: the negative term adds -d(p^2)/dx * ln(1-p) = -(2 p * p(1-p)) ln(1/2) = ln2 / 4.
+    let ce = AslConfig { exact_grad: true, ..c };
+    asl_forward_backward(&[0.0, 0.0], &[1.0, 0.0], &ce, Some(&mut g));
+    assert!((g[0] + 0.5).abs() < 1e-15 && (g[1] - 0.125 - ln2 / 4.0).abs() < 1e-15, "{g:?}");
+}
+
+#[test]
+fn clip_shifts_the_negative_probability() {
+    // clip 0.05, x = 0 (p = 0.5), y = 0, g- = 2: p_m = 0.45, 1 - p_m = 0.55; loss = -0.45^2 ln 0.55.
+    let c = AslConfig { clip: 0.05, ..AslConfig::default() };
+    let l = asl_forward_backward(&[0.0f64], &[0.0], &c, None);
+    assert!((l + 0.45f64.powi(2) * 0.55f64.ln()).abs() < 1e-15, "{l}");
+    // p below the clip: p_m = 0, the negative term and its gradient vanish.
+    let mut g = [1.0f64];
+    let l = asl_forward_backward(&[logit(0.04)], &[0.0], &c, Some(&mut g));
+    assert_eq!((l, g[0]), (0.0, 0.0));
+}
+
+#[test]
+fn values_match_reference() {
+    let (x, y) = sample(1, 300);
+    for cfg in configs() {
+        let l = asl_forward_backward(&x, &y, &cfg, None);
+        let r: f64 = x.iter().zip(&y).map(|(&x, &y)| ref_loss(x, y, &cfg)).sum();
+        assert!((l - r).abs() <= 1e-12 * r.abs().max(1.0), "{cfg:?}: {l} vs {r}");
+    }
+}
+
+#[test]
+fn exact_gradient_matches_finite_differences() {
+    let (x, y) = sample(2, 400);
+    let h = 1e-6;
+    for cfg in configs() {
+        let cfg = AslConfig { exact_grad: true, ..cfg };
+        let mut g = vec![0.0; x.len()];
+        asl_forward_backward(&x, &y, &cfg, Some(&mut g));
+        let mut checked = 0;
+        for i in 0..x.len() {
+            if near_kink(x[i], &cfg, 1e-3) {
+                continue;
+            }
+            let fd = (ref_loss(x[i] + h, y[i], &cfg) - ref_loss(x[i] - h, y[i], &cfg)) / (2.0 * h);
+            assert!((g[i] - fd).abs() <= 1e-6 * g[i].abs().max(1.0), "{cfg:?} x={} y={}: grad {} fd {}", x[i], y[i], g[i], fd);
+            checked += 1;
+        }
+        assert!(checked > 350);
+    }
+}
+
+#[test]
+fn constant_weight_gradient_matches_frozen_finite_differences() {
+    let (x, y) = sample(3, 400);
+    let h = 1e-6;
+    for cfg in configs() {
+        assert!(!cfg.exact_grad);
+        let mut g = vec![0.0; x.len()];
+        asl_forward_backward(&x, &y, &cfg, Some(&mut g));
+        let mut differs_from_exact = false;
+        for i in 0..x.len() {
+            if near_kink(x[i], &cfg, 1e-3) {
+                continue;
+            }
+            let fd = (ref_loss_frozen(x[i] + h, x[i], y[i], &cfg) - ref_loss_frozen(x[i] - h, x[i], y[i], &cfg)) / (2.0 * h);
+            assert!((g[i] - fd).abs() <= 1e-6 * g[i].abs().max(1.0), "{cfg:?} x={} y={}: grad {} fd {}", x[i], y[i], g[i], fd);
+            let full = (ref_loss(x[i] + h, y[i], &cfg) - ref_loss(x[i] - h, y[i], &cfg)) / (2.0 * h);
+            differs_from_exact |= (full - fd).abs() > 1e-3;
+        }
+        // With a non-zero gamma the two modes must really differ somewhere.
+        if cfg.gamma_neg > 0.0 || cfg.gamma_pos > 0.0 {
+            assert!(differs_from_exact, "{cfg:?}");
+        }
+    }
+}
+
+#[test]
+fn f32_agrees_with_f64_and_stays_finite_at_extremes() {
+    let (mut x, mut y) = sample(4, 200);
+    x.extend([100.0, -100.0, 1e4, -1e4, 88.0, -88.0, 1e30, -1e30]);
+    y.extend([1.0, 1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 0.0]);
+    let xf: Vec<f32> = x.iter().map(|&v| v as f32).collect();
+    let yf: Vec<f32> = y.iter().map(|&v| v as f32).collect();
+    for cfg in configs() {
+        for exact in [false, true] {
+            let cfg = AslConfig { exact_grad: exact, ..cfg };
+            let mut g64 = vec![0.0f64; x.len()];
+            let mut g32 = vec![0.0f32; x.len()];
+            let l64 = asl_forward_backward(&x, &y, &cfg, Some(&mut g64));
+            let l32 = asl_forward_backward(&xf, &yf, &cfg, Some(&mut g32));
+            assert!(l64.is_finite() && l32.is_finite());
+            assert!((l32 as f64 - l64).abs() <= 1e-5 * l64.abs().max(1.0), "{cfg:?}: {l32} vs {l64}");
+            for i in 0..x.len() {
+                assert!(g32[i].is_finite() && g64[i].is_finite(), "x={}", x[i]);
+                if near_kink(x[i], &cfg, 1e-3) {
+                    continue;
+                }
+                assert!((g32[i] as f64 - g64[i]).abs() <= 1e-5 * g64[i].abs().max(1.0), "{cfg:?} x={}: {} vs {}", x[i], g32[i], g64[i]);
+            }
+        }
+    }
+}
+
+#[test]
+fn clamped_logs_have_zero_gradient_and_eps_loss() {
+    // x = -30, y = 1: log p = -30 < ln 1e-5, clamped: loss = -ln 1e-5, gradient 0 (as in torch).
+    let c = AslConfig::default();
+    let mut g = [1.0f64];
+    let l = asl_forward_backward(&[-30.0], &[1.0], &c, Some(&mut g));
+    assert!((l + 1e-5f64.ln()).abs() < 1e-12);
+    assert_eq!(g[0], 0.0);
+}
