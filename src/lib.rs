@@ -7,3 +7,5 @@ pub mod grouping;
 pub mod io;
 pub mod metrics;
 pub mod ops;
+#[cfg(feature = "cuda")]
+pub mod gpu;

@@ -1,0 +1,27 @@
+//! Small helpers the typed launchers in `src/ops/<op>/cuda.rs` share: argument checks and grid
+//! sizes.
+
+use super::{DeviceSlice, GpuContext, GpuError};
+
+/// Threads per block of the elementwise and row kernels.
+pub const BLOCK: u32 = 256;
+
+/// Fails unless `buf` holds at least `need` elements.
+pub fn check_len<T>(op: &'static str, what: &str, buf: &impl DeviceSlice<T>, need: usize) -> Result<(), GpuError> {
+    if buf.len() < need {
+        return Err(GpuError::invalid(op, format!("{what} has {} elements, needs {need}", buf.len())));
+    }
+    Ok(())
+}
+
+/// Blocks for a grid-stride loop over `items` work items at `per_block` items per block per
+/// step: enough to fill the device (32 blocks per SM), never more than the work needs, at least 1.
+pub fn grid_stride_blocks(gpu: &GpuContext, items: u64, per_block: u64) -> u32 {
+    let need = items.div_ceil(per_block.max(1)).max(1);
+    need.min(gpu.sm_count().max(1) as u64 * 32) as u32
+}
+
+/// Whether a device address is a multiple of `bytes`.
+pub fn aligned(ptr: u64, bytes: u64) -> bool {
+    ptr % bytes == 0
+}
