@@ -168,9 +168,7 @@ impl GpuContext {
         cols: usize,
     ) -> Result<(), GpuError> {
         const OP: &str = "linear_forward";
-        if bias.len() < cols {
-            return Err(GpuError::invalid(OP, format!("bias has {} elements, needs {cols}", bias.len())));
-        }
+        check_len(OP, "bias", bias, cols)?;
         check_len(OP, "y", y, rows * cols)?;
         let n = (rows * cols) as u64;
         if n == 0 {

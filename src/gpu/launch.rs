@@ -7,7 +7,7 @@ use super::{DeviceSlice, GpuContext, GpuError};
 pub const BLOCK: u32 = 256;
 
 /// Fails unless `buf` holds at least `need` elements.
-pub fn check_len<T>(op: &'static str, what: &str, buf: &impl DeviceSlice<T>, need: usize) -> Result<(), GpuError> {
+pub fn check_len<T>(op: &'static str, what: &str, buf: &(impl DeviceSlice<T> + ?Sized), need: usize) -> Result<(), GpuError> {
     if buf.len() < need {
         return Err(GpuError::invalid(op, format!("{what} has {} elements, needs {need}", buf.len())));
     }

@@ -3,3 +3,4 @@
 //! launcher for `kernels/<op>.cu`.
 
 pub mod asl;
+pub mod cast;
