@@ -95,6 +95,20 @@ pub fn parse_matrix(path: &Path, text: &str, values: Values) -> Result<Matrix, I
         let cells = split_cells(line);
         let first_content = header.is_none() && data.is_empty();
         if first_content && cells.iter().any(|c| c.parse::<f64>().is_err()) {
+            // Class names key per-class results, so they must be present and distinct.
+            for (j, c) in cells.iter().enumerate() {
+                if c.is_empty() {
+                    return Err(InputError::new(path, Some(lineno), Some(j + 1), "empty class name in the header row"));
+                }
+                if let Some(first) = cells[..j].iter().position(|d| d == c) {
+                    return Err(InputError::new(
+                        path,
+                        Some(lineno),
+                        Some(j + 1),
+                        format!("class name {c:?} repeats column {}", first + 1),
+                    ));
+                }
+            }
             header = Some(cells.iter().map(|s| s.to_string()).collect());
             cols = Some(cells.len());
             continue;
@@ -172,6 +186,10 @@ mod tests {
         let e = parse_matrix(p(), "a,b\n0.5,x\n", Values::Probability).unwrap_err();
         assert_eq!((e.line, e.column), (Some(2), Some(2)));
         assert!(e.to_string().starts_with("t.csv:2:2: "));
+        let e = parse_matrix(p(), "cat,dog,cat\n1,0,1\n", Values::Binary).unwrap_err();
+        assert_eq!((e.line, e.column), (Some(1), Some(3)));
+        let e = parse_matrix(p(), "cat,,dog\n1,0,1\n", Values::Binary).unwrap_err();
+        assert_eq!((e.line, e.column), (Some(1), Some(2)));
         assert!(parse_matrix(p(), "", Values::Finite).is_err());
         assert!(parse_matrix(p(), "a,b\n", Values::Finite).is_err());
     }

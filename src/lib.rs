@@ -7,5 +7,8 @@ pub mod grouping;
 pub mod io;
 pub mod metrics;
 pub mod ops;
+pub mod backend;
+pub mod model;
+pub mod train;
 #[cfg(feature = "cuda")]
 pub mod gpu;

@@ -12,11 +12,16 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
-enum Command {}
+enum Command {
+    /// mAP, CP/CR/CF1, OP/OR/OF1 of a score file against a target file (SPEC 6).
+    Metrics(cli::metrics::MetricsArgs),
+}
 
 fn main() {
     let cli = Cli::parse();
-    let result: anyhow::Result<()> = match cli.command {};
+    let result: anyhow::Result<()> = match cli.command {
+        Command::Metrics(a) => cli::metrics::run(&a),
+    };
     if let Err(e) = result {
         eprintln!("error: {e:#}");
         std::process::exit(1);

@@ -2,5 +2,12 @@
 //! `cpu.rs` with the reference (generic over f32/f64), and later `cuda.rs` with the typed
 //! launcher for `kernels/<op>.cu`.
 
+pub mod adamw;
 pub mod asl;
+pub mod attention;
 pub mod cast;
+pub mod gelu;
+pub mod head;
+pub mod layernorm;
+pub mod linear;
+pub mod real;

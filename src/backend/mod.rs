@@ -1,0 +1,132 @@
+//! The seam between the training step and the hardware: the ops of SPEC 7 over opaque
+//! buffers. The step (`train::step`) is written once against [`Backend`]; [`CpuBackend`] is the
+//! reference (and the default), a CUDA backend implements the same trait op for op.
+//!
+//! Conventions for every op:
+//! - Buffers are opaque (`Backend::Buf`, device memory on a GPU); the step never assumes host
+//!   slices. A buffer may be longer than an op's shape needs; ops use the prefix.
+//! - Tensors are row-major; tokens are `[B, N, D]` with `N = 1 + P + Np` in the order
+//!   `[CLS, prompts, patches]`. See `docs/ARCHITECTURE.md`, "Storage layout".
+//! - "writes" overwrites the destination; "accumulates" adds to it. Input and output buffers of
+//!   one call are distinct (Rust's borrows guarantee it).
+//! - Scalars (eps, lr, scales) are passed as f64 and used in the backend's float type.
+
+pub mod cpu;
+
+pub use crate::ops::adamw::AdamWConfig;
+pub use crate::ops::asl::AslConfig;
+pub use crate::ops::attention::AttnShape;
+pub use crate::ops::head::{AdapterShape, MoeShape, VptHeadShape};
+pub use cpu::CpuBackend;
+
+/// The ops the training step needs. See the module docs for conventions.
+pub trait Backend {
+    /// A buffer of floats (the backend's precision).
+    type Buf;
+    /// A buffer of `u32` indices (gating tables).
+    type Idx;
+
+    /// A short name for logs ("cpu-f32", ...).
+    fn name(&self) -> String;
+
+    // ---- memory -------------------------------------------------------------------------
+    /// A zero-filled buffer of `len` floats.
+    fn alloc(&mut self, len: usize) -> Self::Buf;
+    /// Length of a buffer in floats.
+    fn buf_len(&self, buf: &Self::Buf) -> usize;
+    /// Writes `src` into `dst[..src.len()]` (converted to the backend's precision).
+    fn upload(&mut self, src: &[f32], dst: &mut Self::Buf);
+    /// Like [`Backend::upload`] from f64 (gradient checks run the model in f64).
+    fn upload_f64(&mut self, src: &[f64], dst: &mut Self::Buf);
+    /// Reads `src[..dst.len()]` into `dst`.
+    fn download(&self, src: &Self::Buf, dst: &mut [f32]);
+    /// Reads `src[..dst.len()]` into `dst` as f64.
+    fn download_f64(&self, src: &Self::Buf, dst: &mut [f64]);
+    /// An index buffer holding `src`.
+    fn upload_idx(&mut self, src: &[u32]) -> Self::Idx;
+    /// `buf[..len] = value`.
+    fn fill(&mut self, buf: &mut Self::Buf, len: usize, value: f64);
+    /// `dst[..len] = src[..len]`.
+    fn copy(&mut self, src: &Self::Buf, dst: &mut Self::Buf, len: usize);
+    /// `y[..len] = a * y[..len] + b * x[..len]`.
+    fn axpby(&mut self, a: f64, y: &mut Self::Buf, b: f64, x: &Self::Buf, len: usize);
+
+    // ---- tokens ---------------------------------------------------------------------------
+    /// Flattens `p x p` patches of images `[B, C, H, W]` into `out [B, Np, C*p*p]` in the order
+    /// of a conv weight `[D, C, p, p]` (c, ky, kx), patches row by row.
+    #[allow(clippy::too_many_arguments)]
+    fn patchify(&mut self, images: &Self::Buf, out: &mut Self::Buf, batch: usize, channels: usize, height: usize, width: usize, patch: usize);
+    /// Writes `x [B, N, D]`, `N = 1 + P + Np`: row 0 = `cls + pos[0]`, rows `1+P+i` =
+    /// `patches[b, i] + pos[1+i]`. Prompt rows are left alone (see [`Backend::set_prompts`]).
+    #[allow(clippy::too_many_arguments)]
+    fn embed_tokens(&mut self, patches: &Self::Buf, cls: &Self::Buf, pos: &Self::Buf, x: &mut Self::Buf, batch: usize, num_patches: usize, prompts: usize, dim: usize);
+    /// `x[b, 1+j] = prompts[layer, j]` for every image `b` and `j < P` (`prompts [L, P, D]`).
+    #[allow(clippy::too_many_arguments)]
+    fn set_prompts(&mut self, prompts: &Self::Buf, layer: usize, x: &mut Self::Buf, batch: usize, tokens: usize, count: usize, dim: usize);
+    /// `dprompts[layer, j] = sum_b dx[b, 1+j]` (images summed in order); then, if `zero_rows`,
+    /// `dx[b, 1+j] = 0` (the deep-prompt replacement cuts the gradient to the previous block).
+    #[allow(clippy::too_many_arguments)]
+    fn prompt_grad(&mut self, dx: &mut Self::Buf, dprompts: &mut Self::Buf, layer: usize, batch: usize, tokens: usize, count: usize, dim: usize, zero_rows: bool);
+    /// `dst[b, dst_start + j] = src[b, src_start + j]` for `j < count` (rows of width `dim`;
+    /// `src` has `src_tokens` rows per image, `dst` has `dst_tokens`).
+    #[allow(clippy::too_many_arguments)]
+    fn copy_tokens(&mut self, src: &Self::Buf, src_tokens: usize, src_start: usize, dst: &mut Self::Buf, dst_tokens: usize, dst_start: usize, count: usize, batch: usize, dim: usize);
+    /// Residual with optional LayerScale: `out = x + ls * f` over `[rows, dim]`.
+    fn residual(&mut self, x: &Self::Buf, f: &Self::Buf, ls: Option<&Self::Buf>, out: &mut Self::Buf, rows: usize, dim: usize);
+    /// `out = src * v` with `v [dim]` broadcast over rows (LayerScale in the backward).
+    fn mul_cols(&mut self, src: &Self::Buf, v: &Self::Buf, out: &mut Self::Buf, rows: usize, dim: usize);
+
+    // ---- dense ----------------------------------------------------------------------------
+    /// `y [rows, out] = x [rows, in] W^T + b` with `W [out, in]`.
+    #[allow(clippy::too_many_arguments)]
+    fn linear_forward(&mut self, x: &Self::Buf, w: &Self::Buf, bias: Option<&Self::Buf>, y: &mut Self::Buf, rows: usize, d_in: usize, d_out: usize);
+    /// `dx (+)= dy W` (input gradient only; the backbone is frozen).
+    #[allow(clippy::too_many_arguments)]
+    fn linear_backward_input(&mut self, dy: &Self::Buf, w: &Self::Buf, dx: &mut Self::Buf, rows: usize, d_in: usize, d_out: usize, accumulate: bool);
+    /// LayerNorm over `dim`, saving `mean, rstd [rows]`.
+    #[allow(clippy::too_many_arguments)]
+    fn layernorm_forward(&mut self, x: &Self::Buf, gamma: &Self::Buf, beta: &Self::Buf, y: &mut Self::Buf, mean: &mut Self::Buf, rstd: &mut Self::Buf, rows: usize, dim: usize, eps: f64);
+    /// LayerNorm input gradient: `dx (+)= LN'(x)^T dy`.
+    #[allow(clippy::too_many_arguments)]
+    fn layernorm_backward(&mut self, dy: &Self::Buf, x: &Self::Buf, gamma: &Self::Buf, mean: &Self::Buf, rstd: &Self::Buf, dx: &mut Self::Buf, rows: usize, dim: usize, accumulate: bool);
+    /// `y[..len] = gelu(x[..len])` (exact erf GELU).
+    fn gelu_forward(&mut self, x: &Self::Buf, y: &mut Self::Buf, len: usize);
+    /// In place `d[..len] *= gelu'(x[..len])`.
+    fn gelu_backward(&mut self, x: &Self::Buf, d: &mut Self::Buf, len: usize);
+
+    // ---- attention ------------------------------------------------------------------------
+    /// Masked attention forward from `qkv [B, N, 3, h, dh]` into `out [B, N, D]`, saving
+    /// `lse [B, h, N]` (see `ops::attention`).
+    fn attention_forward(&mut self, qkv: &Self::Buf, out: &mut Self::Buf, lse: &mut Self::Buf, shape: &AttnShape);
+    /// Masked attention backward: writes `dqkv [B, N, 3D]` from `dout [B, N, D]`.
+    fn attention_backward(&mut self, qkv: &Self::Buf, out: &Self::Buf, lse: &Self::Buf, dout: &Self::Buf, dqkv: &mut Self::Buf, shape: &AttnShape);
+
+    // ---- head -----------------------------------------------------------------------------
+    /// Adapters on the prompt tokens (see `ops::head`); saves `u [B, P, r]`.
+    #[allow(clippy::too_many_arguments)]
+    fn adapter_forward(&mut self, z: &Self::Buf, w1: &Self::Buf, b1: &Self::Buf, w2: &Self::Buf, b2: &Self::Buf, u: &mut Self::Buf, out: &mut Self::Buf, shape: &AdapterShape);
+    /// Adapter backward: accumulates `dz`, writes the four parameter gradients.
+    #[allow(clippy::too_many_arguments)]
+    fn adapter_backward(&mut self, dout: &Self::Buf, z: &Self::Buf, u: &Self::Buf, w1: &Self::Buf, w2: &Self::Buf, dz: &mut Self::Buf, dw1: &mut Self::Buf, db1: &mut Self::Buf, dw2: &mut Self::Buf, db2: &mut Self::Buf, shape: &AdapterShape);
+    /// One branch's gating, expert mixture and classifier; writes `y, m [B, K]`, saves
+    /// `q, r [B, E, K]`.
+    #[allow(clippy::too_many_arguments)]
+    fn moe_forward(&mut self, z: &Self::Buf, adapted: &Self::Buf, gate: &Self::Buf, w: &Self::Buf, c: &Self::Buf, tok: &Self::Idx, grow: &Self::Idx, y: &mut Self::Buf, m: &mut Self::Buf, q: &mut Self::Buf, r: &mut Self::Buf, shape: &MoeShape);
+    /// Backward of one branch: accumulates `dz`, `dadapted`; writes `dgate, dw, dc`.
+    #[allow(clippy::too_many_arguments)]
+    fn moe_backward(&mut self, dy: &Self::Buf, dm: &Self::Buf, z: &Self::Buf, adapted: &Self::Buf, gate: &Self::Buf, w: &Self::Buf, tok: &Self::Idx, grow: &Self::Idx, q: &Self::Buf, r: &Self::Buf, dz: &mut Self::Buf, dadapted: &mut Self::Buf, dgate: &mut Self::Buf, dw: &mut Self::Buf, dc: &mut Self::Buf, shape: &MoeShape);
+    /// Plain-VPT head: mean of the prompt outputs (saved in `zbar [B, D]`), then linear.
+    #[allow(clippy::too_many_arguments)]
+    fn vpt_head_forward(&mut self, z: &Self::Buf, w: &Self::Buf, c: &Self::Buf, zbar: &mut Self::Buf, y: &mut Self::Buf, shape: &VptHeadShape);
+    /// Plain-VPT head backward: writes `dz, dw, dc`.
+    #[allow(clippy::too_many_arguments)]
+    fn vpt_head_backward(&mut self, dy: &Self::Buf, zbar: &Self::Buf, w: &Self::Buf, dz: &mut Self::Buf, dw: &mut Self::Buf, dc: &mut Self::Buf, shape: &VptHeadShape);
+
+    // ---- loss and optimizer ---------------------------------------------------------------
+    /// `scale * sum ASL(logits[..len], targets[..len])`, returned as f64; with `grad`, writes
+    /// `scale * dASL/dlogit` there.
+    fn asl(&mut self, logits: &Self::Buf, targets: &Self::Buf, len: usize, cfg: &AslConfig, scale: f64, grad: Option<&mut Self::Buf>) -> f64;
+    /// One AdamW update (step counts from 1) of every tensor `params[i]` with `grads[i]`.
+    #[allow(clippy::too_many_arguments)]
+    fn adamw(&mut self, params: &mut [Self::Buf], grads: &[Self::Buf], m: &mut [Self::Buf], v: &mut [Self::Buf], step: u64, lr: f64, cfg: &AdamWConfig);
+}

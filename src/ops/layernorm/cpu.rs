@@ -1,0 +1,86 @@
+//! CPU reference of LayerNorm: rows in parallel, each row in a fixed order (deterministic).
+
+use crate::ops::real::{cast, Real};
+use rayon::prelude::*;
+
+/// Rows per rayon task.
+const ROWS_PER_TASK: usize = 16;
+
+/// Forward: writes `y`, `mean`, `rstd` for the first `rows` rows.
+#[allow(clippy::too_many_arguments)]
+pub fn forward<T: Real>(
+    x: &[T],
+    gamma: &[T],
+    beta: &[T],
+    y: &mut [T],
+    mean: &mut [T],
+    rstd: &mut [T],
+    rows: usize,
+    d: usize,
+    eps: f64,
+) {
+    assert!(x.len() >= rows * d && y.len() >= rows * d && mean.len() >= rows && rstd.len() >= rows);
+    assert!(gamma.len() >= d && beta.len() >= d && d > 0);
+    let eps: T = cast(eps);
+    let inv_d: T = cast(1.0 / d as f64);
+    y[..rows * d]
+        .par_chunks_mut(d * ROWS_PER_TASK)
+        .zip(mean[..rows].par_chunks_mut(ROWS_PER_TASK))
+        .zip(rstd[..rows].par_chunks_mut(ROWS_PER_TASK))
+        .enumerate()
+        .for_each(|(task, ((yc, mc), rc))| {
+            let r0 = task * ROWS_PER_TASK;
+            for (i, yr) in yc.chunks_exact_mut(d).enumerate() {
+                let xr = &x[(r0 + i) * d..(r0 + i + 1) * d];
+                let mu = xr.iter().copied().sum::<T>() * inv_d;
+                let var = xr.iter().map(|&v| (v - mu) * (v - mu)).sum::<T>() * inv_d;
+                let rs = T::one() / (var + eps).sqrt();
+                for j in 0..d {
+                    yr[j] = (xr[j] - mu) * rs * gamma[j] + beta[j];
+                }
+                mc[i] = mu;
+                rc[i] = rs;
+            }
+        });
+}
+
+/// Input gradient: `dx (+)= LN'(x)^T dy`.
+#[allow(clippy::too_many_arguments)]
+pub fn backward<T: Real>(
+    dy: &[T],
+    x: &[T],
+    gamma: &[T],
+    mean: &[T],
+    rstd: &[T],
+    dx: &mut [T],
+    rows: usize,
+    d: usize,
+    accumulate: bool,
+) {
+    assert!(dy.len() >= rows * d && x.len() >= rows * d && dx.len() >= rows * d);
+    assert!(mean.len() >= rows && rstd.len() >= rows && gamma.len() >= d);
+    let inv_d: T = cast(1.0 / d as f64);
+    dx[..rows * d].par_chunks_mut(d * ROWS_PER_TASK).enumerate().for_each(|(task, dxc)| {
+        let r0 = task * ROWS_PER_TASK;
+        for (i, dxr) in dxc.chunks_exact_mut(d).enumerate() {
+            let r = r0 + i;
+            let (mu, rs) = (mean[r], rstd[r]);
+            let xr = &x[r * d..(r + 1) * d];
+            let dyr = &dy[r * d..(r + 1) * d];
+            let mut sum_g = T::zero();
+            let mut sum_gx = T::zero();
+            for j in 0..d {
+                let g = dyr[j] * gamma[j];
+                sum_g = sum_g + g;
+                sum_gx = sum_gx + g * (xr[j] - mu) * rs;
+            }
+            let mg = sum_g * inv_d;
+            let mgx = sum_gx * inv_d;
+            for j in 0..d {
+                let xhat = (xr[j] - mu) * rs;
+                let v = rs * (dyr[j] * gamma[j] - mg - xhat * mgx);
+                dxr[j] = if accumulate { dxr[j] + v } else { v };
+            }
+        }
+    });
+}

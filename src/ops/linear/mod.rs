@@ -1,0 +1,8 @@
+//! Linear map `y = x W^T + b` over rows (PyTorch/timm convention: `W` is `[out, in]`).
+//!
+//! Shapes: `x [rows, in]`, `W [out, in]`, `b [out]`, `y [rows, out]`, row-major.
+//! Backward for frozen layers is the input gradient only: `dX = dY W` (`[rows, in]`).
+//! Trainable linear maps (adapters, heads) are small and their weight gradients live in the
+//! head op, so this op has no weight-gradient entry.
+
+pub mod cpu;

@@ -1,0 +1,6 @@
+//! Training: the step (forward, loss, backward, AdamW) written once for any backend, and
+//! (from the training driver) schedule, EMA, the epoch loop and checkpoints.
+
+pub mod step;
+
+pub use step::{AdamWConfig, Trainer};
