@@ -7,7 +7,7 @@ mod gpu_common;
 
 use gpu_common::*;
 use mlvpt::gpu::{bf16, GpuError};
-use mlvpt::ops::{asl, cast};
+use mlvpt::ops::{adamw, asl, cast, gelu, layernorm, linear};
 use rand::Rng;
 
 
@@ -159,15 +159,11 @@ fn asl_rejects_short_buffers_and_bad_config() {
 
 // ---------------------------------------------------------------- cuBLAS GEMM
 
-/// `y[m, n] = x[m, k] w[n, k]^T + b` in f64 (the oracle for the GEMM wrapper).
+/// `y[m, n] = x[m, k] w[n, k]^T + b` by the CPU twin in f64.
 fn linear_ref(x: &[f32], w: &[f32], b: Option<&[f32]>, m: usize, n: usize, k: usize) -> Vec<f64> {
     let mut y = vec![0.0; m * n];
-    for i in 0..m {
-        for j in 0..n {
-            let dot: f64 = (0..k).map(|t| x[i * k + t] as f64 * w[j * k + t] as f64).sum();
-            y[i * n + j] = dot + b.map_or(0.0, |b| b[j] as f64);
-        }
-    }
+    let b64 = b.map(to_f64);
+    linear::cpu::forward(&to_f64(x), &to_f64(w), b64.as_deref(), &mut y, m, k, n);
     y
 }
 
@@ -195,7 +191,8 @@ fn gemm_linear_shapes_match_f64_in_bf16_and_f32() {
             assert_close(&format!("f32 Y {what}"), &gpu.download(&y).unwrap(), &linear_ref(&x, &w, Some(&b), m, n, k), 1e-5, 1e-4, seed);
             let mut dx = nan_f32(&gpu, m * k);
             gpu.linear_backward_input(&dyd, &wd, &mut dx, m, n, k, false).unwrap();
-            let want_dx = linear_ref(&dy, &transpose(&w, n, k), None, m, k, n);
+            let mut want_dx = vec![0.0; m * k];
+            linear::cpu::backward_input(&to_f64(&dy), &to_f64(&w), &mut want_dx, m, k, n, false);
             assert_close(&format!("f32 dX {what}"), &gpu.download(&dx).unwrap(), &want_dx, 1e-5, 1e-4, seed);
             let mut dw = nan_f32(&gpu, n * k);
             gpu.linear_backward_weight(&dyd, &xd, &mut dw, m, n, k, false).unwrap();
@@ -222,6 +219,144 @@ fn gemm_linear_shapes_match_f64_in_bf16_and_f32() {
             let got = to_f32(&gpu.download(&y16).unwrap());
             for (i, (&g, &w)) in got.iter().zip(&want).enumerate() {
                 assert!((g as f64 - w).abs() <= 1e-4 + scale[i] * 2.0f64.powi(-8), "bf16 Y {what} [{i}]: {g} vs {w} (seed {seed})");
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------- LayerNorm
+
+#[test]
+#[ignore = "requires a CUDA device"]
+fn layernorm_forward_and_backward_match_cpu() {
+    let gpu = gpu();
+    let (mut rng, seed) = rng("layernorm");
+    let eps = layernorm::VIT_EPS;
+    for (rows, d) in [(1usize, 1usize), (3, 7), (37, 100), (129, 384), (64, 768), (17, 1000), (33, 1024), (300, 96)] {
+        let what = format!("rows={rows} d={d}");
+        let shift = rng.random_range(-3.0f32..3.0);
+        let x: Vec<f32> = uniform(&mut rng, rows * d, -2.0, 2.0).iter().map(|v| v + shift).collect();
+        let (xb, xr) = bf16_values(&x);
+        let gamma = uniform(&mut rng, d, 0.5, 1.5);
+        let beta = uniform(&mut rng, d, -0.5, 0.5);
+        let (dyb, dyr) = bf16_values(&uniform(&mut rng, rows * d, -1.0, 1.0));
+        let (prevb, prevr) = bf16_values(&uniform(&mut rng, rows * d, -1.0, 1.0));
+
+        let (mut y64, mut mean64, mut rstd64) = (vec![0.0; rows * d], vec![0.0; rows], vec![0.0; rows]);
+        layernorm::cpu::forward(&to_f64(&xr), &to_f64(&gamma), &to_f64(&beta), &mut y64, &mut mean64, &mut rstd64, rows, d, eps);
+
+        let (xd, gd, bd, dyd) = (gpu.upload(&xb).unwrap(), gpu.upload(&gamma).unwrap(), gpu.upload(&beta).unwrap(), gpu.upload(&dyb).unwrap());
+        let mut y = nan_bf16(&gpu, rows * d);
+        let (mut mean, mut rstd) = (nan_f32(&gpu, rows), nan_f32(&gpu, rows));
+        layernorm::cuda::forward(&gpu, gpu.stream(), &xd, &gd, &bd, &mut y, &mut mean, &mut rstd, rows, d, eps).unwrap();
+        assert_close(&format!("LN y {what}"), &to_f32(&gpu.download(&y).unwrap()), &y64, 1e-5, 2f64.powi(-8), seed);
+        assert_close(&format!("LN mean {what}"), &gpu.download(&mean).unwrap(), &mean64, 1e-6, 1e-5, seed);
+        assert_close(&format!("LN rstd {what}"), &gpu.download(&rstd).unwrap(), &rstd64, 0.0, 1e-4, seed);
+
+        for accumulate in [false, true] {
+            let mut dx64 = if accumulate { to_f64(&prevr) } else { vec![0.0; rows * d] };
+            layernorm::cpu::backward(&to_f64(&dyr), &to_f64(&xr), &to_f64(&gamma), &mean64, &rstd64, &mut dx64, rows, d, accumulate);
+            let mut dx = if accumulate { gpu.upload(&prevb).unwrap() } else { nan_bf16(&gpu, rows * d) };
+            layernorm::cuda::backward(&gpu, gpu.stream(), &dyd, &xd, &gd, &mean, &rstd, &mut dx, rows, d, accumulate).unwrap();
+            // The input gradient is a difference of O(rstd) terms: error relative to that scale.
+            let tol = 1e-4 * rstd64.iter().fold(1.0f64, |a, &r| a.max(r.min(1e3)));
+            assert_close(&format!("LN dx acc={accumulate} {what}"), &to_f32(&gpu.download(&dx).unwrap()), &dx64, tol, 2f64.powi(-8), seed);
+        }
+    }
+    // The scalar kernel on rows the vector kernel would take, by misaligning the views.
+    let (rows, d) = (5usize, 64usize);
+    let (xb, xr) = bf16_values(&uniform(&mut rng, rows * d + 1, -1.0, 1.0));
+    let (gamma, beta) = (vec![1.0f32; d], vec![0.0f32; d]);
+    let (mut y64, mut m64, mut r64) = (vec![0.0; rows * d], vec![0.0; rows], vec![0.0; rows]);
+    layernorm::cpu::forward(&to_f64(&xr[1..]), &to_f64(&gamma), &to_f64(&beta), &mut y64, &mut m64, &mut r64, rows, d, eps);
+    let xd = gpu.upload(&xb).unwrap();
+    let (gd, bd) = (gpu.upload(&gamma).unwrap(), gpu.upload(&beta).unwrap());
+    let mut y = nan_bf16(&gpu, rows * d + 1);
+    let (mut mean, mut rstd) = (nan_f32(&gpu, rows), nan_f32(&gpu, rows));
+    let mut ys = y.slice_mut(1..);
+    layernorm::cuda::forward(&gpu, gpu.stream(), &xd.slice(1..), &gd, &bd, &mut ys, &mut mean, &mut rstd, rows, d, eps).unwrap();
+    assert_close("LN y misaligned", &to_f32(&gpu.download(&y).unwrap())[1..], &y64, 1e-5, 2f64.powi(-8), seed);
+}
+
+#[test]
+#[ignore = "requires a CUDA device"]
+fn layernorm_rejects_rows_longer_than_1024() {
+    let gpu = gpu();
+    let d = layernorm::cuda::MAX_D + 1;
+    let x = gpu.zeros::<bf16>(d).unwrap();
+    let g = gpu.zeros::<f32>(d).unwrap();
+    let mut y = gpu.zeros::<bf16>(d).unwrap();
+    let (mut m, mut r) = (gpu.zeros::<f32>(1).unwrap(), gpu.zeros::<f32>(1).unwrap());
+    let err = layernorm::cuda::forward(&gpu, gpu.stream(), &x, &g, &g, &mut y, &mut m, &mut r, 1, d, 1e-6);
+    assert!(matches!(err, Err(GpuError::Invalid { .. })), "{err:?}");
+}
+
+// ---------------------------------------------------------------- bias + GELU
+
+#[test]
+#[ignore = "requires a CUDA device"]
+fn gelu_bias_forward_and_backward_match_cpu() {
+    let gpu = gpu();
+    let (mut rng, seed) = rng("gelu");
+    for (rows, cols, with_bias, off) in [(1usize, 1usize, true, 0usize), (3, 7, true, 0), (37, 100, false, 0), (129, 3072, true, 0),
+        (5, 1000, true, 0), (7, 384, true, 1), (64, 1536, false, 0)] {
+        let what = format!("rows={rows} cols={cols} bias={with_bias} off={off}");
+        let n = rows * cols;
+        let (xb, xr) = bf16_values(&uniform(&mut rng, n + off, -6.0, 6.0));
+        let (dyb, dyr) = bf16_values(&uniform(&mut rng, n + off, -1.0, 1.0));
+        let b = uniform(&mut rng, cols, -1.0, 1.0);
+        // The twin on h = x + b.
+        let h: Vec<f64> = (0..n).map(|i| xr[off + i] as f64 + if with_bias { b[i % cols] as f64 } else { 0.0 }).collect();
+        let mut y64 = vec![0.0; n];
+        gelu::cpu::forward(&h, &mut y64, n);
+        let mut dx64: Vec<f64> = to_f64(&dyr[off..]);
+        gelu::cpu::backward(&h, &mut dx64, n);
+
+        let (xd, dyd, bd) = (gpu.upload(&xb).unwrap(), gpu.upload(&dyb).unwrap(), gpu.upload(&b).unwrap());
+        let bias: Option<&dyn mlvpt::gpu::DevicePtr<f32>> = if with_bias { Some(&bd) } else { None };
+        let xs = xd.slice(off..);
+        let mut y = nan_bf16(&gpu, n + off);
+        gelu::cuda::forward(&gpu, gpu.stream(), &xs, bias, &mut y.slice_mut(off..), rows, cols).unwrap();
+        assert_close(&format!("gelu y {what}"), &to_f32(&gpu.download(&y).unwrap())[off..], &y64, 1e-6, 2f64.powi(-8), seed);
+
+        let mut dx = nan_bf16(&gpu, n + off);
+        gelu::cuda::backward(&gpu, gpu.stream(), &xs, bias, &dyd.slice(off..), &mut dx.slice_mut(off..), rows, cols).unwrap();
+        assert_close(&format!("gelu dx {what}"), &to_f32(&gpu.download(&dx).unwrap())[off..], &dx64, 1e-5, 2f64.powi(-8), seed);
+
+        let mut d = gpu.upload(&dyb).unwrap();
+        gelu::cuda::backward_in_place(&gpu, gpu.stream(), &xs, bias, &mut d.slice_mut(off..), rows, cols).unwrap();
+        assert_close(&format!("gelu dx in place {what}"), &to_f32(&gpu.download(&d).unwrap())[off..], &dx64, 1e-5, 2f64.powi(-8), seed);
+    }
+}
+
+// ---------------------------------------------------------------- AdamW
+
+#[test]
+#[ignore = "requires a CUDA device"]
+fn adamw_matches_cpu_over_several_steps() {
+    let gpu = gpu();
+    let (mut rng, seed) = rng("adamw");
+    let configs = [adamw::AdamWConfig::default(), adamw::AdamWConfig { beta1: 0.8, beta2: 0.99, eps: 1e-6, weight_decay: 0.05 }];
+    for cfg in configs {
+        for (n, off) in [(1usize, 0usize), (5, 0), (4099, 0), (4099, 1), (1_000_003, 0)] {
+            let what = format!("n={n} off={off} {cfg:?}");
+            let p0 = uniform(&mut rng, n + off, -1.0, 1.0);
+            let (mut p64, mut m64, mut v64) = (to_f64(&p0[off..]), vec![0.0f64; n], vec![0.0f64; n]);
+            let mut p = gpu.upload(&p0).unwrap();
+            let (mut m, mut v) = (gpu.zeros::<f32>(n + off).unwrap(), gpu.zeros::<f32>(n + off).unwrap());
+            for t in 1..=3u64 {
+                let g = uniform(&mut rng, n + off, -1.0, 1.0);
+                let lr = 5e-4 * t as f64;
+                adamw::cpu::step(&mut p64, &to_f64(&g[off..]), &mut m64, &mut v64, t, lr, &cfg);
+                let gd = gpu.upload(&g).unwrap();
+                adamw::cuda::step(&gpu, gpu.stream(), &mut p.slice_mut(off..), &gd.slice(off..), &mut m.slice_mut(off..),
+                    &mut v.slice_mut(off..), n, t, lr, &cfg).unwrap();
+            }
+            assert_close(&format!("adamw p {what}"), &gpu.download(&p).unwrap()[off..], &p64, 1e-6, 1e-5, seed);
+            assert_close(&format!("adamw m {what}"), &gpu.download(&m).unwrap()[off..], &m64, 1e-7, 1e-5, seed);
+            assert_close(&format!("adamw v {what}"), &gpu.download(&v).unwrap()[off..], &v64, 1e-9, 1e-5, seed);
+            if off == 1 {
+                assert_eq!(gpu.download(&p).unwrap()[0], p0[0], "adamw wrote before the view ({what})");
             }
         }
     }
