@@ -27,7 +27,7 @@ fn cast_inputs(rng: &mut rand_chacha::ChaCha8Rng, n: usize) -> Vec<f32> {
 fn cast_f32_to_bf16_matches_half_bit_for_bit() {
     let gpu = gpu();
     let (mut rng, seed) = rng("cast_f32_to_bf16");
-    for n in [1usize, 3, 4, 5, 1001, (1 << 20) + 3] {
+    for n in [1usize, 3, 4, 5, 1001, (1 << 22) + 3] {
         let x = cast_inputs(&mut rng, n + 1);
         let xd = gpu.upload(&x).unwrap();
         // Offset by one element: the scalar (unaligned) kernel; whole buffer: the vector one.
@@ -176,7 +176,8 @@ fn transpose(a: &[f32], rows: usize, cols: usize) -> Vec<f32> {
 fn gemm_linear_shapes_match_f64_in_bf16_and_f32() {
     let gpu = gpu();
     let (mut rng, seed) = rng("gemm");
-    for (m, n, k) in [(1usize, 1usize, 1usize), (3, 5, 7), (37, 19, 100), (227, 96, 768), (65, 2304, 768)] {
+    // (600, 2304, 64): the bias broadcast takes several grid-stride steps.
+    for (m, n, k) in [(1usize, 1usize, 1usize), (3, 5, 7), (37, 19, 100), (227, 96, 768), (65, 2304, 768), (600, 2304, 64)] {
         let x = uniform(&mut rng, m * k, -1.0, 1.0);
         let w = uniform(&mut rng, n * k, -0.1, 0.1);
         let b = uniform(&mut rng, n, -1.0, 1.0);
@@ -299,7 +300,10 @@ fn gelu_bias_forward_and_backward_match_cpu() {
     let gpu = gpu();
     let (mut rng, seed) = rng("gelu");
     for (rows, cols, with_bias, off) in [(1usize, 1usize, true, 0usize), (3, 7, true, 0), (37, 100, false, 0), (129, 3072, true, 0),
-        (5, 1000, true, 0), (7, 384, true, 1), (64, 1536, false, 0)] {
+        (5, 1000, true, 0), (7, 384, true, 1), (64, 1536, false, 0),
+        // Past one wave of threads (8 blocks x 256 per SM): the kernels' grid-stride loops and
+        // column walk take more than one step.
+        (1100, 1001, true, 0), (1000, 3072, true, 0)] {
         let what = format!("rows={rows} cols={cols} bias={with_bias} off={off}");
         let n = rows * cols;
         let (xb, xr) = bf16_values(&uniform(&mut rng, n + off, -6.0, 6.0));
@@ -338,7 +342,7 @@ fn adamw_matches_cpu_over_several_steps() {
     let (mut rng, seed) = rng("adamw");
     let configs = [adamw::AdamWConfig::default(), adamw::AdamWConfig { beta1: 0.8, beta2: 0.99, eps: 1e-6, weight_decay: 0.05 }];
     for cfg in configs {
-        for (n, off) in [(1usize, 0usize), (5, 0), (4099, 0), (4099, 1), (1_000_003, 0)] {
+        for (n, off) in [(1usize, 0usize), (5, 0), (4099, 0), (4099, 1), (2_000_003, 0), (1_200_001, 1)] {
             let what = format!("n={n} off={off} {cfg:?}");
             let p0 = uniform(&mut rng, n + off, -1.0, 1.0);
             let (mut p64, mut m64, mut v64) = (to_f64(&p0[off..]), vec![0.0f64; n], vec![0.0f64; n]);
