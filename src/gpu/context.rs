@@ -70,7 +70,14 @@ impl GpuContext {
     }
 
     fn open(ordinal: usize) -> Result<Self, GpuError> {
-        let count = CudaContext::device_count().map_err(GpuError::driver("initialising the driver (cuInit)"))?;
+        let count = match CudaContext::device_count() {
+            Ok(c) => c,
+            // A driver without a GPU fails cuInit with "no device".
+            Err(e) if e.0 == cudarc::driver::sys::CUresult::CUDA_ERROR_NO_DEVICE => {
+                return Err(GpuError::NoDevice { ordinal, count: 0 })
+            }
+            Err(e) => return Err(GpuError::driver("initialising the driver (cuInit)")(e)),
+        };
         if ordinal >= count.max(0) as usize {
             return Err(GpuError::NoDevice { ordinal, count: count.max(0) as usize });
         }
