@@ -11,3 +11,5 @@ pub mod metrics;
 pub mod model;
 pub mod ops;
 pub mod train;
+#[cfg(feature = "cuda")]
+pub mod gpu;

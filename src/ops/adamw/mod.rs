@@ -4,6 +4,8 @@
 //! `p -= lr * (mhat / (sqrt(vhat) + eps) + wd * p)`. Elementwise, so deterministic.
 
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 
 /// AdamW hyper-parameters; `Default` is SPEC 5: (0.9, 0.999), eps 1e-8, weight decay 1e-2.
 #[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]

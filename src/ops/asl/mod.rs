@@ -14,6 +14,8 @@
 //! four terms of the training loss.
 
 mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 
 pub use cpu::asl_forward_backward;
 

@@ -4,3 +4,5 @@
 //! backward needs, so the block saves it.
 
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;

@@ -6,6 +6,8 @@
 //! `dx = rstd * (g - mean(g) - xhat * mean(g * xhat))`, `g = dy * gamma`.
 
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 
 /// The ViT's LayerNorm epsilon (timm: `partial(nn.LayerNorm, eps=1e-6)`).
 pub const VIT_EPS: f64 = 1e-6;

@@ -1,0 +1,87 @@
+// Asymmetric loss (SPEC 4) fused with the sigmoid, from fp32 logits and targets, mirroring
+// src/ops/asl/cpu.rs term by term (log-sigmoid logs, eps clamp with zero slope, clip floor,
+// constant or exact focusing weights). Writes grad[i] = scale * dl/dx_i (grad may be null) and
+// loss_out[0] = scale * sum_i l_i.
+// One launch gives one loss value deterministically: each block sums its grid-stride share in
+// double in a fixed tree and writes partials[block]; the last block to finish (ticket from
+// `counter`) adds the partials in index order and resets the counter for the next launch.
+#include "common.cuh"
+
+__device__ __forceinline__ float log_sigmoid(float x) { return fminf(x, 0.0f) - log1pf(expf(-fabsf(x))); }
+__device__ __forceinline__ float sigmoid_f(float x) {
+    if (x >= 0.0f) return 1.0f / (1.0f + expf(-x));
+    const float e = expf(x);
+    return e / (1.0f + e);
+}
+
+struct Asl {
+    float gp, gn, clip, log_eps;
+    int exact;
+
+    // Loss of one element; writes d loss / dx to *d.
+    __device__ __forceinline__ float eval(float x, float y, float* d) const {
+        const float p = sigmoid_f(x);
+        const float q = sigmoid_f(-x);
+        const float lp_raw = log_sigmoid(x);
+        const bool lp_clamped = lp_raw < log_eps;
+        const float lp = lp_clamped ? log_eps : lp_raw;
+        const float wp = powf(q, gp);
+        float pm, ln_raw;
+        if (clip > 0.0f) {
+            pm = fmaxf(p - clip, 0.0f);
+            ln_raw = pm > 0.0f ? logf(q + clip) : 0.0f;
+        } else {
+            pm = p;
+            ln_raw = log_sigmoid(-x);
+        }
+        const bool ln_clamped = ln_raw < log_eps;
+        const float ln = ln_clamped ? log_eps : ln_raw;
+        const float wn = powf(pm, gn);
+        const float yn = 1.0f - y;
+        const float loss = -(y * wp * lp) - yn * wn * ln;
+
+        const float dlp = lp_clamped ? 0.0f : q;
+        const float dln = (ln_clamped || pm <= 0.0f) ? 0.0f : (clip > 0.0f ? -(p * q) / (q + clip) : -p);
+        float g = -(y * wp * dlp) - yn * wn * dln;
+        if (exact) {
+            const float dwp = -(gp * p * wp);
+            const float dwn = (pm <= 0.0f || gn == 0.0f)
+                                  ? 0.0f
+                                  : (clip > 0.0f ? gn * powf(pm, gn - 1.0f) * p * q : gn * wn * q);
+            g = g - y * dwp * lp - yn * dwn * ln;
+        }
+        *d = g;
+        return loss;
+    }
+};
+
+extern "C" __global__ void asl_fwd_bwd_f32(const float* __restrict__ logits, const float* __restrict__ targets,
+                                           float* __restrict__ grad, double* __restrict__ partials,
+                                           unsigned int* __restrict__ counter, float* __restrict__ loss_out,
+                                           uint64_t n, float gamma_pos, float gamma_neg, float clip,
+                                           float log_eps, int exact_grad, float scale) {
+    __shared__ double scratch[32];
+    __shared__ bool last;
+    const Asl asl{gamma_pos, gamma_neg, clip, log_eps, exact_grad};
+    double acc = 0.0;
+    for (uint64_t i = global_thread(); i < n; i += grid_threads()) {
+        float d;
+        acc += (double)asl.eval(logits[i], targets[i], &d);
+        if (grad) grad[i] = scale * d;
+    }
+    acc = block_sum(acc, scratch);
+    if (threadIdx.x == 0) {
+        partials[blockIdx.x] = acc;
+        __threadfence();  // the partial is visible before the ticket says so
+        last = atomicAdd(counter, 1u) == gridDim.x - 1;
+    }
+    __syncthreads();
+    if (!last) return;
+    double total = 0.0;
+    for (uint32_t b = threadIdx.x; b < gridDim.x; b += blockDim.x) total += __ldcg(partials + b);
+    total = block_sum(total, scratch);
+    if (threadIdx.x == 0) {
+        loss_out[0] = (float)(total * (double)scale);
+        *counter = 0;
+    }
+}

@@ -1,0 +1,99 @@
+// Shared device helpers for kernels/*.cu: bf16 vector loads/stores, warp and block reductions.
+// Kernels are `extern "C"` so the host finds them by plain name (src/gpu/module.rs).
+#pragma once
+#include <cuda_bf16.h>
+#include <stdint.h>
+
+typedef __nv_bfloat16 bf16;
+typedef __nv_bfloat162 bf162;
+
+#define FULL_MASK 0xffffffffu
+
+// Butterfly sums: every lane ends with the same total, in a fixed order (deterministic).
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(FULL_MASK, v, o);
+    return v;
+}
+__device__ __forceinline__ double warp_sum(double v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(FULL_MASK, v, o);
+    return v;
+}
+
+// Sum over the block (blockDim.x a multiple of 32, at most 1024), returned to every thread.
+// Fixed tree, so the result is the same on every run. `scratch` holds 32 values.
+template <typename T>
+__device__ __forceinline__ T block_sum(T v, T* scratch) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+    v = warp_sum(v);
+    __syncthreads();  // scratch may still be read by a previous call
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    v = lane < nwarps ? scratch[lane] : T(0);
+    return warp_sum(v);
+}
+
+// VEC consecutive bf16 -> float. VEC = 8 is one 16-byte load (pointer 16-byte aligned).
+template <int VEC>
+__device__ __forceinline__ void load_bf16(const bf16* p, float (&o)[VEC]) {
+    if constexpr (VEC == 8) {
+        uint4 raw = *reinterpret_cast<const uint4*>(p);
+        const bf162* h = reinterpret_cast<const bf162*>(&raw);
+#pragma unroll
+        for (int k = 0; k < 4; k++) {
+            float2 f = __bfloat1622float2(h[k]);
+            o[2 * k] = f.x;
+            o[2 * k + 1] = f.y;
+        }
+    } else {
+#pragma unroll
+        for (int k = 0; k < VEC; k++) o[k] = __bfloat162float(p[k]);
+    }
+}
+
+// float -> VEC consecutive bf16, round to nearest even.
+template <int VEC>
+__device__ __forceinline__ void store_bf16(bf16* p, const float (&v)[VEC]) {
+    if constexpr (VEC == 8) {
+        uint4 raw;
+        bf162* h = reinterpret_cast<bf162*>(&raw);
+#pragma unroll
+        for (int k = 0; k < 4; k++) h[k] = __floats2bfloat162_rn(v[2 * k], v[2 * k + 1]);
+        *reinterpret_cast<uint4*>(p) = raw;
+    } else {
+#pragma unroll
+        for (int k = 0; k < VEC; k++) p[k] = __float2bfloat16_rn(v[k]);
+    }
+}
+
+// VEC consecutive floats; VEC = 8 is two 16-byte loads (pointer 16-byte aligned).
+template <int VEC>
+__device__ __forceinline__ void load_f32(const float* p, float (&o)[VEC]) {
+    if constexpr (VEC == 8) {
+        float4 a = reinterpret_cast<const float4*>(p)[0];
+        float4 b = reinterpret_cast<const float4*>(p)[1];
+        o[0] = a.x; o[1] = a.y; o[2] = a.z; o[3] = a.w;
+        o[4] = b.x; o[5] = b.y; o[6] = b.z; o[7] = b.w;
+    } else {
+#pragma unroll
+        for (int k = 0; k < VEC; k++) o[k] = p[k];
+    }
+}
+
+__device__ __forceinline__ uint64_t global_thread() {
+    return (uint64_t)blockIdx.x * blockDim.x + threadIdx.x;
+}
+__device__ __forceinline__ uint64_t grid_threads() { return (uint64_t)gridDim.x * blockDim.x; }
+
+// The column of element `start`, `start + stride`, ... of a row-major matrix with `cols`
+// columns, without a modulo per step: the column advances by stride % cols and wraps once.
+struct ColumnWalk {
+    uint32_t c, step, cols;
+    __device__ __forceinline__ ColumnWalk(uint64_t start, uint64_t stride, uint32_t cols_)
+        : c((uint32_t)(start % cols_)), step((uint32_t)(stride % cols_)), cols(cols_) {}
+    __device__ __forceinline__ void next() {
+        c += step;
+        if (c >= cols) c -= cols;
+    }
+};

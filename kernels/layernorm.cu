@@ -1,0 +1,142 @@
+// LayerNorm over rows of length d <= 1024: bf16 in/out, fp32 gamma/beta, fp32 statistics.
+// One warp per row; the row stays in registers (32 floats per lane) between the two passes, so
+// x is read once. Sums are warp butterflies in a fixed order (deterministic).
+//   forward   y = (x - mean) rstd gamma + beta, rstd = 1/sqrt(var + eps) (biased var);
+//             saves mean, rstd per row.
+//   backward  dx (+)= rstd (g - mean(g) - xhat mean(g xhat)), g = dy gamma (input grad only:
+//             the backbone's norms are frozen). dx may alias dy.
+// VEC = 8: 16-byte loads (d % 8 == 0, aligned pointers; the launcher checks), compiled for
+// NCH = 1..4 chunks of 8 per lane (d <= 256 NCH), so a 768-wide row holds 24 floats per lane,
+// not 32: fewer registers, more resident warps. VEC = 1: any d <= 1024, 32 values per lane.
+#include "common.cuh"
+
+template <int VEC, int NCH>
+__device__ __forceinline__ void layernorm_fwd(const bf16* __restrict__ x, const float* __restrict__ gamma,
+                                              const float* __restrict__ beta, bf16* __restrict__ y,
+                                              float* __restrict__ mean, float* __restrict__ rstd,
+                                              uint32_t rows, uint32_t d, float eps) {
+    // NCH chunks of VEC elements per lane; the row has nch <= 32 * NCH chunks.
+    const int lane = threadIdx.x & 31;
+    const uint32_t warps = blockDim.x >> 5;
+    const uint32_t nch = d / VEC;
+    const float inv_d = 1.0f / (float)d;
+    for (uint32_t row = blockIdx.x * warps + (threadIdx.x >> 5); row < rows; row += gridDim.x * warps) {
+        const bf16* xr = x + (uint64_t)row * d;
+        float v[NCH][VEC];
+        float s = 0.0f;
+#pragma unroll
+        for (int i = 0; i < NCH; i++) {
+            const uint32_t c = lane + 32 * i;
+            if (c < nch) {
+                load_bf16<VEC>(xr + c * VEC, v[i]);
+#pragma unroll
+                for (int k = 0; k < VEC; k++) s += v[i][k];
+            }
+        }
+        const float mu = warp_sum(s) * inv_d;
+        float q = 0.0f;
+#pragma unroll
+        for (int i = 0; i < NCH; i++) {
+            if (lane + 32 * i < nch) {
+#pragma unroll
+                for (int k = 0; k < VEC; k++) {
+                    const float t = v[i][k] - mu;
+                    q = fmaf(t, t, q);
+                }
+            }
+        }
+        const float rs = 1.0f / sqrtf(warp_sum(q) * inv_d + eps);
+        bf16* yr = y + (uint64_t)row * d;
+#pragma unroll
+        for (int i = 0; i < NCH; i++) {
+            const uint32_t c = lane + 32 * i;
+            if (c < nch) {
+                float g[VEC], b[VEC];
+                load_f32<VEC>(gamma + c * VEC, g);
+                load_f32<VEC>(beta + c * VEC, b);
+#pragma unroll
+                for (int k = 0; k < VEC; k++) v[i][k] = fmaf((v[i][k] - mu) * rs, g[k], b[k]);
+                store_bf16<VEC>(yr + c * VEC, v[i]);
+            }
+        }
+        if (lane == 0) {
+            mean[row] = mu;
+            rstd[row] = rs;
+        }
+    }
+}
+
+template <int VEC, int NCH>
+__device__ __forceinline__ void layernorm_bwd(const bf16* dy, const bf16* __restrict__ x,
+                                              const float* __restrict__ gamma, const float* __restrict__ mean,
+                                              const float* __restrict__ rstd, bf16* dx, uint32_t rows,
+                                              uint32_t d, int accumulate) {
+    const int lane = threadIdx.x & 31;
+    const uint32_t warps = blockDim.x >> 5;
+    const uint32_t nch = d / VEC;
+    const float inv_d = 1.0f / (float)d;
+    for (uint32_t row = blockIdx.x * warps + (threadIdx.x >> 5); row < rows; row += gridDim.x * warps) {
+        const uint64_t off = (uint64_t)row * d;
+        const float mu = mean[row], rs = rstd[row];
+        float g[NCH][VEC], xh[NCH][VEC];  // g = dy * gamma, xh = xhat
+        float sg = 0.0f, sgx = 0.0f;
+#pragma unroll
+        for (int i = 0; i < NCH; i++) {
+            const uint32_t c = lane + 32 * i;
+            if (c < nch) {
+                float gm[VEC];
+                load_bf16<VEC>(dy + off + c * VEC, g[i]);
+                load_bf16<VEC>(x + off + c * VEC, xh[i]);
+                load_f32<VEC>(gamma + c * VEC, gm);
+#pragma unroll
+                for (int k = 0; k < VEC; k++) {
+                    g[i][k] *= gm[k];
+                    xh[i][k] = (xh[i][k] - mu) * rs;
+                    sg += g[i][k];
+                    sgx = fmaf(g[i][k], xh[i][k], sgx);
+                }
+            }
+        }
+        const float mg = warp_sum(sg) * inv_d;
+        const float mgx = warp_sum(sgx) * inv_d;
+#pragma unroll
+        for (int i = 0; i < NCH; i++) {
+            const uint32_t c = lane + 32 * i;
+            if (c < nch) {
+                float out[VEC];
+#pragma unroll
+                for (int k = 0; k < VEC; k++) out[k] = rs * (g[i][k] - mg - xh[i][k] * mgx);
+                if (accumulate) {
+                    float prev[VEC];
+                    load_bf16<VEC>(dx + off + c * VEC, prev);
+#pragma unroll
+                    for (int k = 0; k < VEC; k++) out[k] += prev[k];
+                }
+                store_bf16<VEC>(dx + off + c * VEC, out);
+            }
+        }
+    }
+}
+
+#define LN_FWD(NAME, VEC, NCH)                                                                     \
+    extern "C" __global__ void NAME(const bf16* x, const float* gamma, const float* beta, bf16* y,   \
+                                    float* mean, float* rstd, uint32_t rows, uint32_t d, float eps) { \
+        layernorm_fwd<VEC, NCH>(x, gamma, beta, y, mean, rstd, rows, d, eps);                        \
+    }
+#define LN_BWD(NAME, VEC, NCH)                                                                     \
+    extern "C" __global__ void NAME(const bf16* dy, const bf16* x, const float* gamma,              \
+                                    const float* mean, const float* rstd, bf16* dx, uint32_t rows,  \
+                                    uint32_t d, int accumulate) {                                   \
+        layernorm_bwd<VEC, NCH>(dy, x, gamma, mean, rstd, dx, rows, d, accumulate);                  \
+    }
+
+LN_FWD(layernorm_fwd_bf16, 1, 32)
+LN_FWD(layernorm_fwd_bf16_v8_c1, 8, 1)
+LN_FWD(layernorm_fwd_bf16_v8_c2, 8, 2)
+LN_FWD(layernorm_fwd_bf16_v8_c3, 8, 3)
+LN_FWD(layernorm_fwd_bf16_v8_c4, 8, 4)
+LN_BWD(layernorm_bwd_bf16, 1, 32)
+LN_BWD(layernorm_bwd_bf16_v8_c1, 8, 1)
+LN_BWD(layernorm_bwd_bf16_v8_c2, 8, 2)
+LN_BWD(layernorm_bwd_bf16_v8_c3, 8, 3)
+LN_BWD(layernorm_bwd_bf16_v8_c4, 8, 4)

@@ -1,0 +1,192 @@
+//! cuBLAS GEMM for row-major matrices: bf16 or f32 inputs, f32 compute, bf16 or f32 output, in
+//! the three shapes a linear layer needs (`Y = X W^T + b`, `dX = dY W`, `dW = dY^T X`).
+
+use super::launch::{check_cols, check_len, grid_stride_blocks, BLOCK};
+use super::{GpuContext, GpuError};
+use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType};
+use cudarc::cublas::CudaBlas;
+use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg};
+use std::sync::Arc;
+
+/// The cuBLAS handle of a [`GpuContext`], bound to its stream.
+pub(crate) struct Blas {
+    handle: CudaBlas,
+}
+
+impl Blas {
+    pub(crate) fn new(stream: Arc<CudaStream>) -> Result<Self, cudarc::cublas::result::CublasError> {
+        Ok(Self { handle: CudaBlas::new(stream)? })
+    }
+}
+
+/// An element type cuBLAS multiplies here (`bf16` or `f32`).
+pub trait GemmType: DeviceRepr {
+    /// cuBLAS's name for it.
+    const DATA_TYPE: cudaDataType;
+    /// Suffix of the bias kernel for this output type.
+    const BIAS_KERNEL: &'static str;
+}
+impl GemmType for half::bf16 {
+    const DATA_TYPE: cudaDataType = cudaDataType::CUDA_R_16BF;
+    const BIAS_KERNEL: &'static str = "bias_rows_bf16";
+}
+impl GemmType for f32 {
+    const DATA_TYPE: cudaDataType = cudaDataType::CUDA_R_32F;
+    const BIAS_KERNEL: &'static str = "bias_rows_f32";
+}
+
+fn dim(op: &'static str, name: &str, v: usize) -> Result<i32, GpuError> {
+    i32::try_from(v).map_err(|_| GpuError::invalid(op, format!("{name} = {v} exceeds cuBLAS's int range")))
+}
+
+impl GpuContext {
+    /// Row-major `C[m, n] = alpha op(A) op(B) + beta C` with op(A) m x k, op(B) k x n, where
+    /// `ta`/`tb` say A is stored k x m / B is stored n x k. f32 accumulation; A and B share a type.
+    ///
+    /// cuBLAS is column-major, and a row-major matrix read column-major is its transpose, so
+    /// this computes `C^T = op(B)^T op(A)^T` with the operands swapped.
+    #[allow(clippy::too_many_arguments)]
+    pub fn gemm<T: GemmType, O: GemmType>(
+        &self,
+        ta: bool,
+        tb: bool,
+        m: usize,
+        n: usize,
+        k: usize,
+        alpha: f32,
+        a: &impl DevicePtr<T>,
+        b: &impl DevicePtr<T>,
+        beta: f32,
+        c: &mut impl DevicePtrMut<O>,
+    ) -> Result<(), GpuError> {
+        const OP: &str = "gemm";
+        check_len(OP, "A", a, m * k)?;
+        check_len(OP, "B", b, k * n)?;
+        check_len(OP, "C", c, m * n)?;
+        if m == 0 || n == 0 {
+            return Ok(());
+        }
+        if k == 0 {
+            return Err(GpuError::invalid(OP, format!("inner dimension k = 0 (m={m}, n={n})")));
+        }
+        let (mi, ni, ki) = (dim(OP, "m", m)?, dim(OP, "n", n)?, dim(OP, "k", k)?);
+        let blas = self.blas()?;
+        let stream = self.stream();
+        let lda = if ta { mi } else { ki };
+        let ldb = if tb { ki } else { ni };
+        let op = |t: bool| if t { cublasOperation_t::CUBLAS_OP_T } else { cublasOperation_t::CUBLAS_OP_N };
+        let (ap, _ga) = a.device_ptr(stream);
+        let (bp, _gb) = b.device_ptr(stream);
+        let (cp, _gc) = c.device_ptr_mut(stream);
+        // SAFETY: the lengths were checked against the shapes above; the handle is bound to
+        // this context's stream, which the pointer guards synchronise with.
+        unsafe {
+            cudarc::cublas::result::gemm_ex(
+                *blas.handle.handle(),
+                op(tb),
+                op(ta),
+                ni,
+                mi,
+                ki,
+                (&alpha) as *const f32 as *const _,
+                bp as *const _,
+                T::DATA_TYPE,
+                ldb.max(1),
+                ap as *const _,
+                T::DATA_TYPE,
+                lda.max(1),
+                (&beta) as *const f32 as *const _,
+                cp as *mut _,
+                O::DATA_TYPE,
+                ni,
+                cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        }
+        .map_err(GpuError::cublas(format!("gemm m={m} n={n} k={k}")))
+    }
+
+    /// `y[m, n] = x[m, k] w[n, k]^T + bias[n]` (a linear layer; `w` row-major as PyTorch stores
+    /// it). The bias (f32) is broadcast into `y` first and the product added with beta = 1, so a
+    /// bf16 `y` sees the bias rounded to bf16 once. Without a bias, `accumulate` adds to `y`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn linear_forward<T: GemmType, O: GemmType>(
+        &self,
+        x: &impl DevicePtr<T>,
+        w: &impl DevicePtr<T>,
+        bias: Option<&dyn DevicePtr<f32>>,
+        y: &mut impl DevicePtrMut<O>,
+        m: usize,
+        n: usize,
+        k: usize,
+        accumulate: bool,
+    ) -> Result<(), GpuError> {
+        let mut beta = if accumulate { 1.0 } else { 0.0 };
+        if let Some(b) = bias {
+            if accumulate {
+                return Err(GpuError::invalid("linear_forward", "a bias and accumulate together are not supported"));
+            }
+            self.bias_rows(b, y, m, n)?;
+            beta = 1.0;
+        }
+        self.gemm(false, true, m, n, k, 1.0, x, w, beta, y)
+    }
+
+    /// `dx[m, k] (+)= dy[m, n] w[n, k]`: the input gradient of [`Self::linear_forward`].
+    #[allow(clippy::too_many_arguments)]
+    pub fn linear_backward_input<T: GemmType, O: GemmType>(
+        &self,
+        dy: &impl DevicePtr<T>,
+        w: &impl DevicePtr<T>,
+        dx: &mut impl DevicePtrMut<O>,
+        m: usize,
+        n: usize,
+        k: usize,
+        accumulate: bool,
+    ) -> Result<(), GpuError> {
+        self.gemm(false, false, m, k, n, 1.0, dy, w, if accumulate { 1.0 } else { 0.0 }, dx)
+    }
+
+    /// `dw[n, k] (+)= dy[m, n]^T x[m, k]`: the weight gradient of [`Self::linear_forward`].
+    #[allow(clippy::too_many_arguments)]
+    pub fn linear_backward_weight<T: GemmType, O: GemmType>(
+        &self,
+        dy: &impl DevicePtr<T>,
+        x: &impl DevicePtr<T>,
+        dw: &mut impl DevicePtrMut<O>,
+        m: usize,
+        n: usize,
+        k: usize,
+        accumulate: bool,
+    ) -> Result<(), GpuError> {
+        self.gemm(true, false, n, k, m, 1.0, dy, x, if accumulate { 1.0 } else { 0.0 }, dw)
+    }
+
+    /// `y[r, c] = bias[c]` for `rows` rows of `cols` (kernels/linear.cu).
+    fn bias_rows<O: GemmType>(
+        &self,
+        bias: &dyn DevicePtr<f32>,
+        y: &mut impl DevicePtrMut<O>,
+        rows: usize,
+        cols: usize,
+    ) -> Result<(), GpuError> {
+        const OP: &str = "linear_forward";
+        check_len(OP, "bias", bias, cols)?;
+        check_len(OP, "y", y, rows * cols)?;
+        let n = (rows * cols) as u64;
+        if n == 0 {
+            return Ok(());
+        }
+        let f = self.function("linear", O::BIAS_KERNEL)?;
+        let stream = self.stream();
+        let (bp, _gb) = bias.device_ptr(stream);
+        let (yp, _gy) = y.device_ptr_mut(stream);
+        let cols32 = check_cols(OP, cols)?;
+        let cfg = LaunchConfig { grid_dim: (grid_stride_blocks(self, n, BLOCK as u64), 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
+        let mut l = stream.launch_builder(&f);
+        l.arg(&bp).arg(&yp).arg(&n).arg(&cols32);
+        // SAFETY: lengths checked above; the kernel writes y[0..n) and reads bias[0..cols).
+        unsafe { l.launch(cfg) }.map_err(GpuError::driver("launching bias_rows"))?;
+        Ok(())
+    }
+}

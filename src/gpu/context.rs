@@ -1,0 +1,178 @@
+//! [`GpuContext`]: one device, one stream, the embedded kernel modules and a cuBLAS handle.
+
+use super::blas::Blas;
+use super::{GpuError, FATBINS, GENCODE};
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr, ValidAsZeroBits};
+use cudarc::nvrtc::Ptx;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+/// A CUDA device ready to run this crate's kernels: the context, one stream that every launcher
+/// and cuBLAS call of this context uses, the modules of `kernels/*.cu` (loaded once) and a
+/// cuBLAS handle (absent, with the reason kept, when libcublas is missing: kernels still run).
+///
+/// Work is ordered by that one stream; cudarc's cross-stream event tracking is off. A caller
+/// that passes another stream to a launcher must order it against this one itself.
+pub struct GpuContext {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    modules: HashMap<&'static str, Arc<CudaModule>>,
+    functions: Mutex<HashMap<(&'static str, &'static str), CudaFunction>>,
+    blas: Result<Blas, String>,
+    name: String,
+    cc: (i32, i32),
+    sm_count: u32,
+}
+
+impl std::fmt::Debug for GpuContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GpuContext")
+            .field("ordinal", &self.ctx.ordinal())
+            .field("name", &self.name)
+            .field("compute_capability", &self.cc)
+            .field("sm_count", &self.sm_count)
+            .field("cublas", &self.blas.is_ok())
+            .finish()
+    }
+}
+
+/// Runs a closure that calls into cudarc's lazily loaded libraries, turning a panic (cudarc
+/// panics when a library or symbol cannot be loaded) into an error.
+fn guarded<T>(what: &str, f: impl FnOnce() -> Result<T, GpuError>) -> Result<T, GpuError> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        Ok(r) => r,
+        Err(payload) => {
+            let msg = payload
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "unknown panic".into());
+            Err(GpuError::Init(format!("{what}: {msg}")))
+        }
+    }
+}
+
+impl GpuContext {
+    /// Opens device `ordinal`: checks that libcuda loads and the device exists, makes a stream,
+    /// loads every embedded module, and creates a cuBLAS handle if libcublas loads.
+    pub fn new(ordinal: usize) -> Result<Self, GpuError> {
+        // SAFETY: only tries to dlopen libcuda.
+        if !unsafe { cudarc::driver::sys::is_culib_present() } {
+            return Err(GpuError::NoDriver);
+        }
+        guarded("opening the CUDA device", || Self::open(ordinal))
+    }
+
+    /// Whether libcuda can be loaded here (no device needed, no panic).
+    pub fn driver_present() -> bool {
+        // SAFETY: only tries to dlopen libcuda.
+        unsafe { cudarc::driver::sys::is_culib_present() }
+    }
+
+    fn open(ordinal: usize) -> Result<Self, GpuError> {
+        let count = match CudaContext::device_count() {
+            Ok(c) => c,
+            // A driver without a GPU fails cuInit with "no device".
+            Err(e) if e.0 == cudarc::driver::sys::CUresult::CUDA_ERROR_NO_DEVICE => {
+                return Err(GpuError::NoDevice { ordinal, count: 0 })
+            }
+            Err(e) => return Err(GpuError::driver("initialising the driver (cuInit)")(e)),
+        };
+        if ordinal >= count.max(0) as usize {
+            return Err(GpuError::NoDevice { ordinal, count: count.max(0) as usize });
+        }
+        let ctx = CudaContext::new(ordinal).map_err(GpuError::driver(format!("creating a context on device {ordinal}")))?;
+        // One stream does all the work, so cudarc's per-buffer events (a record and a wait
+        // per kernel argument, for cross-stream safety) would only add launch overhead.
+        // SAFETY: no buffer exists yet; work on other streams must be synchronised by the
+        // caller (see the type's docs).
+        unsafe { ctx.disable_event_tracking() };
+        let name = ctx.name().map_err(GpuError::driver("reading the device name"))?;
+        let cc = ctx.compute_capability().map_err(GpuError::driver("reading the compute capability"))?;
+        let sm_count = ctx
+            .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .map_err(GpuError::driver("reading the multiprocessor count"))? as u32;
+        let stream = ctx.new_stream().map_err(GpuError::driver("creating a stream"))?;
+        let mut modules = HashMap::new();
+        for &(module, fatbin) in FATBINS {
+            let m = ctx.load_module(Ptx::from_binary(fatbin.to_vec())).map_err(|source| GpuError::ModuleLoad {
+                module: module.to_string(),
+                device: name.clone(),
+                cc: format!("{}.{}", cc.0, cc.1),
+                gencode: GENCODE.to_string(),
+                source,
+            })?;
+            modules.insert(module, m);
+        }
+        // SAFETY: only tries to dlopen libcublas.
+        let blas = if unsafe { cudarc::cublas::sys::is_culib_present() } {
+            Blas::new(stream.clone()).map_err(|e| e.to_string())
+        } else {
+            Err(GpuError::NoCublas.to_string())
+        };
+        Ok(Self { ctx, stream, modules, functions: Mutex::new(HashMap::new()), blas, name, cc, sm_count })
+    }
+
+    /// The cudarc context.
+    pub fn context(&self) -> &Arc<CudaContext> {
+        &self.ctx
+    }
+    /// The stream this context's work goes to.
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+    /// The device's name, e.g. "NVIDIA H100 80GB HBM3".
+    pub fn device_name(&self) -> &str {
+        &self.name
+    }
+    /// (major, minor) compute capability.
+    pub fn compute_capability(&self) -> (i32, i32) {
+        self.cc
+    }
+    /// Number of streaming multiprocessors (sizes grid-stride launches).
+    pub fn sm_count(&self) -> u32 {
+        self.sm_count
+    }
+
+    /// The cuBLAS handle, or why there is none.
+    pub(crate) fn blas(&self) -> Result<&Blas, GpuError> {
+        self.blas.as_ref().map_err(|msg| GpuError::Init(msg.clone()))
+    }
+
+    /// Kernel `function` of module `module` (the stem of `kernels/<module>.cu`), looked up once.
+    pub fn function(&self, module: &'static str, function: &'static str) -> Result<CudaFunction, GpuError> {
+        let mut cache = self.functions.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(f) = cache.get(&(module, function)) {
+            return Ok(f.clone());
+        }
+        let no_kernel = || GpuError::NoKernel { module: module.into(), function: function.into() };
+        let m = self.modules.get(module).ok_or_else(no_kernel)?;
+        let f = m.load_function(function).map_err(|_| no_kernel())?;
+        cache.insert((module, function), f.clone());
+        Ok(f)
+    }
+
+    /// Copies a host slice to a new device buffer (on this context's stream).
+    pub fn upload<T: DeviceRepr>(&self, host: &[T]) -> Result<CudaSlice<T>, GpuError> {
+        self.stream.clone_htod(host).map_err(GpuError::driver(format!("uploading {} elements", host.len())))
+    }
+    /// Copies a device buffer back to the host (waits for the stream).
+    pub fn download<T: DeviceRepr, S: DevicePtr<T>>(&self, dev: &S) -> Result<Vec<T>, GpuError> {
+        self.stream.clone_dtoh(dev).map_err(GpuError::driver(format!("downloading {} elements", dev.len())))
+    }
+    /// Copies a host slice into an existing device buffer of the same length.
+    pub fn write<T: DeviceRepr, D: DevicePtrMut<T>>(&self, host: &[T], dev: &mut D) -> Result<(), GpuError> {
+        if host.len() != dev.len() {
+            return Err(GpuError::invalid("write", format!("host has {} elements, device {}", host.len(), dev.len())));
+        }
+        self.stream.memcpy_htod(host, dev).map_err(GpuError::driver(format!("uploading {} elements", host.len())))
+    }
+    /// A zero-filled device buffer of `len` elements.
+    pub fn zeros<T: DeviceRepr + ValidAsZeroBits>(&self, len: usize) -> Result<CudaSlice<T>, GpuError> {
+        self.stream.alloc_zeros(len).map_err(GpuError::driver(format!("allocating {len} elements")))
+    }
+    /// Waits until everything queued on the stream has run (reports asynchronous kernel errors).
+    pub fn synchronize(&self) -> Result<(), GpuError> {
+        self.stream.synchronize().map_err(GpuError::driver("waiting for the stream"))
+    }
+}

@@ -1,0 +1,97 @@
+//! GPU launcher of the ASL op (`kernels/asl.cu`): loss and gradient in one launch, fused with
+//! the sigmoid, the loss summed by a deterministic two-level block reduction.
+
+use super::AslConfig;
+use crate::gpu::launch::{check_len, grid_stride_blocks, BLOCK};
+use crate::gpu::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut, GpuContext, GpuError};
+use cudarc::driver::{LaunchConfig, PushKernelArg};
+
+/// Most blocks one ASL launch uses (the size of the workspace's partial sums).
+pub const MAX_BLOCKS: u32 = 1024;
+
+/// Scratch an ASL launch needs: one partial sum per block and the counter that elects the block
+/// which adds them. The kernel resets the counter, so one workspace serves any number of
+/// launches in order on one stream (not concurrent launches on different streams).
+pub struct AslWorkspace {
+    partials: CudaSlice<f64>,
+    counter: CudaSlice<u32>,
+}
+
+impl AslWorkspace {
+    /// Allocates the workspace on `gpu`'s stream.
+    pub fn new(gpu: &GpuContext) -> Result<Self, GpuError> {
+        Ok(Self { partials: gpu.zeros(MAX_BLOCKS as usize)?, counter: gpu.zeros(1)? })
+    }
+}
+
+/// ASL over `n` logits (f32) against targets (f32, 0/1 or in [0, 1]): writes
+/// `loss[0] = scale * sum_i l_i` and, if `grad` is given, `grad[i] = scale * dl_i/dx_i`, the
+/// same function as the CPU reference [`super::asl_forward_backward`] times `scale`.
+///
+/// ```no_run
+/// use mlvpt::gpu::{GpuContext, GpuError};
+/// use mlvpt::ops::asl::{cuda, AslConfig};
+/// # fn main() -> Result<(), GpuError> {
+/// let gpu = GpuContext::new(0)?;
+/// let logits = gpu.upload(&[2.0f32, -1.0, 0.5])?;
+/// let targets = gpu.upload(&[1.0f32, 0.0, 1.0])?;
+/// let mut grad = gpu.zeros::<f32>(3)?;
+/// let mut loss = gpu.zeros::<f32>(1)?;
+/// let mut ws = cuda::AslWorkspace::new(&gpu)?;
+/// cuda::forward_backward(&gpu, gpu.stream(), &mut ws, &logits, &targets, &AslConfig::default(),
+///                        1.0, Some(&mut grad), &mut loss, 3)?;
+/// println!("loss {}", gpu.download(&loss)?[0]);
+/// # Ok(()) }
+/// ```
+#[allow(clippy::too_many_arguments)]
+pub fn forward_backward(
+    gpu: &GpuContext,
+    stream: &CudaStream,
+    ws: &mut AslWorkspace,
+    logits: &impl DevicePtr<f32>,
+    targets: &impl DevicePtr<f32>,
+    cfg: &AslConfig,
+    scale: f32,
+    grad: Option<&mut dyn DevicePtrMut<f32>>,
+    loss: &mut impl DevicePtrMut<f32>,
+    n: usize,
+) -> Result<(), GpuError> {
+    const OP: &str = "asl";
+    cfg.validate().map_err(|m| GpuError::invalid(OP, m))?;
+    check_len(OP, "logits", logits, n)?;
+    check_len(OP, "targets", targets, n)?;
+    check_len(OP, "loss", loss, 1)?;
+    if let Some(g) = grad.as_deref() {
+        check_len(OP, "grad", g, n)?;
+    }
+    let f = gpu.function("asl", "asl_fwd_bwd_f32")?;
+    let blocks = grid_stride_blocks(gpu, n as u64, BLOCK as u64).min(MAX_BLOCKS);
+    let (lp, _g1) = logits.device_ptr(stream);
+    let (tp, _g2) = targets.device_ptr(stream);
+    let (pp, _g3) = ws.partials.device_ptr_mut(stream);
+    let (cp, _g4) = ws.counter.device_ptr_mut(stream);
+    let (op, _g5) = loss.device_ptr_mut(stream);
+    let mut grad_guard = None;
+    let gp: u64 = match grad {
+        Some(g) => {
+            let (p, guard) = g.device_ptr_mut(stream);
+            grad_guard = Some(guard);
+            p
+        }
+        None => 0,
+    };
+    let n64 = n as u64;
+    let (gamma_pos, gamma_neg, clip) = (cfg.gamma_pos as f32, cfg.gamma_neg as f32, cfg.clip as f32);
+    let log_eps = cfg.eps.ln() as f32;
+    let exact = cfg.exact_grad as i32;
+    let launch = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
+    let mut l = stream.launch_builder(&f);
+    l.arg(&lp).arg(&tp).arg(&gp).arg(&pp).arg(&cp).arg(&op);
+    l.arg(&n64).arg(&gamma_pos).arg(&gamma_neg).arg(&clip).arg(&log_eps).arg(&exact).arg(&scale);
+    // SAFETY: every buffer was checked to hold what the kernel touches (n logits, targets and
+    // grads, one loss, `blocks` <= MAX_BLOCKS partials, one counter); argument types match
+    // asl_fwd_bwd_f32's signature.
+    unsafe { l.launch(launch) }.map_err(GpuError::driver("launching asl_fwd_bwd_f32"))?;
+    drop(grad_guard);
+    Ok(())
+}

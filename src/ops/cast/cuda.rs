@@ -1,0 +1,53 @@
+//! GPU launchers of the casts (`kernels/cast.cu`): four elements per step when the buffers are
+//! aligned for it, one otherwise.
+
+use crate::gpu::launch::{aligned, check_len, grid_stride_blocks, BLOCK};
+use crate::gpu::{bf16, CudaStream, DevicePtr, DevicePtrMut, GpuContext, GpuError};
+use cudarc::driver::{LaunchConfig, PushKernelArg};
+
+fn launch(gpu: &GpuContext, stream: &CudaStream, name: &'static str, xp: u64, yp: u64, n: usize, vec: bool) -> Result<(), GpuError> {
+    if n == 0 {
+        return Ok(());
+    }
+    let f = gpu.function("cast", name)?;
+    let n64 = n as u64;
+    let items = if vec { n64.div_ceil(4) } else { n64 };
+    let cfg = LaunchConfig { grid_dim: (grid_stride_blocks(gpu, items, BLOCK as u64), 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
+    let mut l = stream.launch_builder(&f);
+    l.arg(&xp).arg(&yp).arg(&n64);
+    // SAFETY: the caller checked both buffers hold n elements (and the alignment for `_v4`).
+    unsafe { l.launch(cfg) }.map_err(GpuError::driver(format!("launching {name}")))?;
+    Ok(())
+}
+
+/// `y[i] = bf16(x[i])` for `i < n`, round to nearest even (as [`super::cpu::f32_to_bf16`]).
+pub fn f32_to_bf16(
+    gpu: &GpuContext,
+    stream: &CudaStream,
+    x: &impl DevicePtr<f32>,
+    y: &mut impl DevicePtrMut<bf16>,
+    n: usize,
+) -> Result<(), GpuError> {
+    check_len("cast f32->bf16", "x", x, n)?;
+    check_len("cast f32->bf16", "y", y, n)?;
+    let (xp, _gx) = x.device_ptr(stream);
+    let (yp, _gy) = y.device_ptr_mut(stream);
+    let vec = aligned(xp, 16) && aligned(yp, 8);
+    launch(gpu, stream, if vec { "cast_f32_bf16_v4" } else { "cast_f32_bf16" }, xp, yp, n, vec)
+}
+
+/// `y[i] = f32(x[i])` for `i < n` (exact).
+pub fn bf16_to_f32(
+    gpu: &GpuContext,
+    stream: &CudaStream,
+    x: &impl DevicePtr<bf16>,
+    y: &mut impl DevicePtrMut<f32>,
+    n: usize,
+) -> Result<(), GpuError> {
+    check_len("cast bf16->f32", "x", x, n)?;
+    check_len("cast bf16->f32", "y", y, n)?;
+    let (xp, _gx) = x.device_ptr(stream);
+    let (yp, _gy) = y.device_ptr_mut(stream);
+    let vec = aligned(xp, 8) && aligned(yp, 16);
+    launch(gpu, stream, if vec { "cast_bf16_f32_v4" } else { "cast_bf16_f32" }, xp, yp, n, vec)
+}

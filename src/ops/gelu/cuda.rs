@@ -1,0 +1,143 @@
+//! GPU launchers of bias + exact GELU (`kernels/gelu.cu`) over a row-major bf16 `[rows, cols]`
+//! matrix with an optional fp32 bias per column: the fused epilogue of a linear layer.
+
+use crate::gpu::launch::{aligned, check_cols, check_len, grid_stride_blocks, BLOCK};
+use crate::gpu::{bf16, CudaStream, DevicePtr, DevicePtrMut, GpuContext, GpuError};
+use cudarc::driver::{LaunchConfig, PushKernelArg};
+
+struct Args {
+    rows: u64,
+    cols: u32,
+    vec: bool,
+}
+
+fn shape(op: &'static str, rows: usize, cols: usize, ptrs: &[u64], bias: u64) -> Result<Args, GpuError> {
+    let cols32 = check_cols(op, cols)?;
+    let vec = cols % 8 == 0 && ptrs.iter().all(|&p| aligned(p, 16)) && aligned(bias, 16);
+    Ok(Args { rows: rows as u64, cols: cols32, vec })
+}
+
+fn config(gpu: &GpuContext, a: &Args) -> LaunchConfig {
+    let n = a.rows * a.cols as u64;
+    let items = if a.vec { n / 8 } else { n };
+    LaunchConfig { grid_dim: (grid_stride_blocks(gpu, items, BLOCK as u64), 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 }
+}
+
+/// `y = gelu(x + bias[col])` (exact erf, fp32 math, bf16 result); `x` is the pre-bias input
+/// (e.g. a GEMM output), which [`backward`] needs again. The twin of
+/// [`super::cpu::forward`] applied to `x + bias`.
+#[allow(clippy::too_many_arguments)]
+pub fn forward(
+    gpu: &GpuContext,
+    stream: &CudaStream,
+    x: &impl DevicePtr<bf16>,
+    bias: Option<&dyn DevicePtr<f32>>,
+    y: &mut impl DevicePtrMut<bf16>,
+    rows: usize,
+    cols: usize,
+) -> Result<(), GpuError> {
+    const OP: &str = "gelu forward";
+    check_len(OP, "x", x, rows * cols)?;
+    check_len(OP, "y", y, rows * cols)?;
+    if let Some(b) = bias {
+        check_len(OP, "bias", b, cols)?;
+    }
+    if rows * cols == 0 {
+        return Ok(());
+    }
+    let (xp, _g1) = x.device_ptr(stream);
+    let (yp, _g2) = y.device_ptr_mut(stream);
+    let (bp, _g3) = match bias {
+        Some(b) => {
+            let (p, g) = b.device_ptr(stream);
+            (p, Some(g))
+        }
+        None => (0, None),
+    };
+    let a = shape(OP, rows, cols, &[xp, yp], bp)?;
+    let name = if a.vec { "gelu_bias_fwd_bf16_v8" } else { "gelu_bias_fwd_bf16" };
+    let f = gpu.function("gelu", name)?;
+    let cfg = config(gpu, &a);
+    let mut l = stream.launch_builder(&f);
+    l.arg(&xp).arg(&bp).arg(&yp).arg(&a.rows).arg(&a.cols);
+    // SAFETY: lengths checked above; the v8 kernel only runs on 16-byte aligned data.
+    unsafe { l.launch(cfg) }.map_err(GpuError::driver(format!("launching {name}")))?;
+    Ok(())
+}
+
+/// `dx = dy * gelu'(x + bias[col])`, the gradient with respect to the pre-bias input (and so,
+/// summed over rows, to the bias). The twin of [`super::cpu::backward`] applied to `x + bias`;
+/// [`backward_in_place`] overwrites `dy` instead, as the CPU twin does.
+#[allow(clippy::too_many_arguments)]
+pub fn backward(
+    gpu: &GpuContext,
+    stream: &CudaStream,
+    x: &impl DevicePtr<bf16>,
+    bias: Option<&dyn DevicePtr<f32>>,
+    dy: &impl DevicePtr<bf16>,
+    dx: &mut impl DevicePtrMut<bf16>,
+    rows: usize,
+    cols: usize,
+) -> Result<(), GpuError> {
+    check_len("gelu backward", "dy", dy, rows * cols)?;
+    check_len("gelu backward", "dx", dx, rows * cols)?;
+    let (dyp, _g1) = dy.device_ptr(stream);
+    let (dxp, _g2) = dx.device_ptr_mut(stream);
+    launch_backward(gpu, stream, x, bias, dyp, dxp, rows, cols)
+}
+
+/// [`backward`] overwriting `d` (dL/dy in, dL/dx out).
+pub fn backward_in_place(
+    gpu: &GpuContext,
+    stream: &CudaStream,
+    x: &impl DevicePtr<bf16>,
+    bias: Option<&dyn DevicePtr<f32>>,
+    d: &mut impl DevicePtrMut<bf16>,
+    rows: usize,
+    cols: usize,
+) -> Result<(), GpuError> {
+    check_len("gelu backward", "d", d, rows * cols)?;
+    let (dp, _g) = d.device_ptr_mut(stream);
+    // The kernel reads dy[i] before writing dx[i] in the same thread: aliasing is safe.
+    launch_backward(gpu, stream, x, bias, dp, dp, rows, cols)
+}
+
+/// Launches the backward kernel on raw `dy`/`dx` addresses whose lengths the caller checked.
+#[allow(clippy::too_many_arguments)]
+fn launch_backward(
+    gpu: &GpuContext,
+    stream: &CudaStream,
+    x: &impl DevicePtr<bf16>,
+    bias: Option<&dyn DevicePtr<f32>>,
+    dyp: u64,
+    dxp: u64,
+    rows: usize,
+    cols: usize,
+) -> Result<(), GpuError> {
+    const OP: &str = "gelu backward";
+    check_len(OP, "x", x, rows * cols)?;
+    if let Some(b) = bias {
+        check_len(OP, "bias", b, cols)?;
+    }
+    if rows * cols == 0 {
+        return Ok(());
+    }
+    let (xp, _g1) = x.device_ptr(stream);
+    let (bp, _g3) = match bias {
+        Some(b) => {
+            let (p, g) = b.device_ptr(stream);
+            (p, Some(g))
+        }
+        None => (0, None),
+    };
+    let a = shape(OP, rows, cols, &[xp, dyp, dxp], bp)?;
+    let name = if a.vec { "gelu_bias_bwd_bf16_v8" } else { "gelu_bias_bwd_bf16" };
+    let f = gpu.function("gelu", name)?;
+    let cfg = config(gpu, &a);
+    let mut l = stream.launch_builder(&f);
+    l.arg(&xp).arg(&bp).arg(&dyp).arg(&dxp).arg(&a.rows).arg(&a.cols);
+    // SAFETY: lengths checked above and by the callers; the v8 kernel only runs on 16-byte
+    // aligned data.
+    unsafe { l.launch(cfg) }.map_err(GpuError::driver(format!("launching {name}")))?;
+    Ok(())
+}

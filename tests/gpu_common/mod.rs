@@ -1,0 +1,73 @@
+//! Shared by the GPU tests: the device, fresh random inputs (seed printed, `MLVPT_TEST_SEED`
+//! replays one), NaN-poisoned outputs, and tolerance checks that name the worst element.
+#![allow(dead_code)]
+
+use mlvpt::gpu::{bf16, CudaSlice, GpuContext};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+/// Device 0, or a panic that says the test needs one (these tests are `#[ignore]`d).
+pub fn gpu() -> GpuContext {
+    GpuContext::new(0).unwrap_or_else(|e| panic!("this test requires a CUDA device: {e}"))
+}
+
+/// A fresh generator per test; its seed is printed so a failure can be replayed.
+pub fn rng(test: &str) -> (ChaCha8Rng, u64) {
+    let seed = std::env::var("MLVPT_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(1)
+    });
+    eprintln!("{test}: MLVPT_TEST_SEED={seed}");
+    (ChaCha8Rng::seed_from_u64(seed), seed)
+}
+
+pub fn uniform(rng: &mut ChaCha8Rng, n: usize, lo: f32, hi: f32) -> Vec<f32> {
+    (0..n).map(|_| rng.random_range(lo..hi)).collect()
+}
+
+/// Values rounded to bf16, as the GPU will see them (returned both ways).
+pub fn bf16_values(v: &[f32]) -> (Vec<bf16>, Vec<f32>) {
+    let b: Vec<bf16> = v.iter().map(|&x| bf16::from_f32(x)).collect();
+    let f = b.iter().map(|x| x.to_f32()).collect();
+    (b, f)
+}
+
+pub fn nan_f32(gpu: &GpuContext, n: usize) -> CudaSlice<f32> {
+    gpu.upload(&vec![f32::NAN; n]).expect("upload")
+}
+pub fn nan_bf16(gpu: &GpuContext, n: usize) -> CudaSlice<bf16> {
+    gpu.upload(&vec![bf16::NAN; n]).expect("upload")
+}
+
+pub fn to_f32(v: &[bf16]) -> Vec<f32> {
+    v.iter().map(|x| x.to_f32()).collect()
+}
+pub fn to_f64(v: &[f32]) -> Vec<f64> {
+    v.iter().map(|&x| x as f64).collect()
+}
+
+/// Fails unless every |got - want| <= atol + rtol |want| (NaN in `got`, e.g. an element the
+/// kernel never wrote over the poison, fails too), naming the worst element and the seed.
+pub fn assert_close(what: &str, got: &[f32], want: &[f64], atol: f64, rtol: f64, seed: u64) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    let mut worst: Option<(usize, f64)> = None;
+    let mut bad = 0usize;
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        let err = (g as f64 - w).abs();
+        let excess = if err.is_nan() { f64::INFINITY } else { err - (atol + rtol * w.abs()) };
+        if excess > 0.0 {
+            bad += 1;
+            if worst.is_none_or(|(_, e)| excess > e) {
+                worst = Some((i, excess));
+            }
+        }
+    }
+    if let Some((i, _)) = worst {
+        panic!(
+            "{what}: {bad} of {} elements off (atol {atol:e}, rtol {rtol:e}); worst [{i}]: got {}, want {} \
+             (MLVPT_TEST_SEED={seed})",
+            got.len(),
+            got[i],
+            want[i]
+        );
+    }
+}
