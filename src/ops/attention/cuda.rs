@@ -32,6 +32,7 @@ pub fn backward_scratch_len(sh: &AttnShape) -> usize {
 }
 
 /// The kernel arguments of a validated shape.
+#[derive(Debug)]
 struct Dims {
     n: i32,
     h: i32,
