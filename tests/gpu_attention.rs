@@ -15,6 +15,9 @@ use mlvpt::ops::attention::{cpu, cuda, AttnShape};
 /// Error bound relative to the largest reference magnitude: bf16 storage of P, dS and the
 /// outputs (2^-8 relative) with fp32 sums.
 const REL_TOL: f64 = 2e-2;
+/// Absolute floor of that bound: gradients that are zero in exact arithmetic (one token, a
+/// softmax over one key) come out as fp32 rounding noise on both sides.
+const ABS_FLOOR: f64 = 1e-4;
 /// Absolute bound on the log-sum-exp (values of a few units, fp32 math, bf16 inputs shared).
 const LSE_TOL: f64 = 1e-2;
 
@@ -45,11 +48,11 @@ fn cases() -> Vec<AttnShape> {
     v
 }
 
-/// Fails unless max |got - want| <= tol * max |want| (a NaN in `got` fails), naming the worst
-/// element.
+/// Fails unless max |got - want| <= tol * max |want| + [`ABS_FLOOR`] (a NaN in `got` fails),
+/// naming the worst element.
 fn assert_rel_max(what: &str, got: &[f32], want: &[f32], tol: f64, seed: u64) {
     assert_eq!(got.len(), want.len(), "{what}: length");
-    let scale = want.iter().fold(0.0f64, |m, &w| m.max((w as f64).abs())).max(1e-30);
+    let scale = want.iter().fold(0.0f64, |m, &w| m.max((w as f64).abs()));
     let mut worst = (0usize, -1.0f64);
     for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
         let err = (g as f64 - w as f64).abs();
@@ -60,8 +63,8 @@ fn assert_rel_max(what: &str, got: &[f32], want: &[f32], tol: f64, seed: u64) {
     }
     let (i, err) = worst;
     assert!(
-        err <= tol * scale,
-        "{what}: max error {err:e} > {tol:e} x max |ref| {scale:e} at [{i}]: got {}, want {} (MLVPT_TEST_SEED={seed})",
+        err <= tol * scale + ABS_FLOOR,
+        "{what}: max error {err:e} > {tol:e} x max |ref| {scale:e} + {ABS_FLOOR:e} at [{i}]: got {}, want {} (MLVPT_TEST_SEED={seed})",
         got[i],
         want[i]
     );
