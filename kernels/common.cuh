@@ -85,3 +85,15 @@ __device__ __forceinline__ uint64_t global_thread() {
     return (uint64_t)blockIdx.x * blockDim.x + threadIdx.x;
 }
 __device__ __forceinline__ uint64_t grid_threads() { return (uint64_t)gridDim.x * blockDim.x; }
+
+// The column of element `start`, `start + stride`, ... of a row-major matrix with `cols`
+// columns, without a modulo per step: the column advances by stride % cols and wraps once.
+struct ColumnWalk {
+    uint32_t c, step, cols;
+    __device__ __forceinline__ ColumnWalk(uint64_t start, uint64_t stride, uint32_t cols_)
+        : c((uint32_t)(start % cols_)), step((uint32_t)(stride % cols_)), cols(cols_) {}
+    __device__ __forceinline__ void next() {
+        c += step;
+        if (c >= cols) c -= cols;
+    }
+};
