@@ -1,20 +1,22 @@
 // Fused multi-head attention with the prompt-augmented mask (SPEC 2), FlashAttention-2 style:
 // bf16 Q, K, V read by strides straight from the qkv projection `qkv [B, N, 3, h, dh]`, fp32
 // online softmax and accumulation on tensor cores (mma.sync m16n8k16 bf16 -> f32), output
-// `out [B, N, h*dh]` bf16 and the per-row log-sum-exp `lse [B, h, N]` (f32, natural log of the
-// scaled scores) that the backward uses to recompute the probabilities.
+// `out [B, Nq, h*dh]` bf16 and the per-row log-sum-exp `lse [B, h, Nq]` (f32, natural log of
+// the scaled scores) that the backward uses to recompute the probabilities. Queries are the
+// tokens [qs, qs + Nq) (all N in every block but the model's last, which needs only the
+// prompts); keys and values are always all N tokens.
 //
 // Mask (structural, no tensor): tokens [ps, pe) are prompts; a prompt query does not see the
 // other prompts' keys (it sees CLS, itself and every key >= pe); other queries see all keys.
 // Keys >= N (tile padding) are -inf. Every row keeps key 0 and itself, so no row is empty.
 //
 // Kernels (host launchers in src/ops/attention/cuda.rs):
-//   attn_fwd_d{32,64}      grid (ceil(N/BR), B*h), 128 threads; 32 query rows per warp.
-//   attn_bwd_pre_d{32,64}  D_i = rowsum(dO_i * O_i) into dvec [B, h, N]; zeroes dq_acc.
+//   attn_fwd_d{32,64}      grid (ceil(Nq/BR), B*h), 128 threads; 32 query rows per warp.
+//   attn_bwd_pre_d{32,64}  D_i = rowsum(dO_i * O_i) into dvec [B, h, Nq]; zeroes dq_acc.
 //   attn_bwd_d{32,64}      grid (ceil(N/64), B*h): one block per 64 keys, loops over all query
 //                          blocks; dK, dV in registers, written once (bf16) into dqkv; dQ
-//                          partials added with fp32 atomics into dq_acc [B, N, h*dh].
-//   attn_bwd_dq_convert    dqkv[:, :, 0] = scale * dq_acc (bf16).
+//                          partials added with fp32 atomics into dq_acc [B, Nq, h*dh].
+//   attn_bwd_dq_convert    dqkv[:, :, 0] = scale * dq_acc (bf16; zero outside the queries).
 //   attn_split_heads, attn_softmax_rows_bf16, attn_softmax_bwd_rows_bf16: the unfused peer
 //                          used by benches/gpu_attention.rs (cuBLAS GEMMs around them).
 // dQ is summed by atomics in whatever order the key blocks finish, so its last bits may differ
@@ -152,7 +154,7 @@ __device__ __forceinline__ bool allowed(int i, int j, int ps, int pe) {
 // MT m-tiles of 16 query rows per warp; BR = 16 * MT * WARPS rows per block.
 template <int DH, int MT>
 __device__ __forceinline__ void fwd(const bf16* __restrict__ qkv, bf16* __restrict__ out, float* __restrict__ lse,
-                                    int N, int H, int ps, int pe, float scale) {
+                                    int N, int H, int ps, int pe, int qs, int nq, float scale) {
     constexpr int BR = 16 * MT * WARPS;
     constexpr int SROW = DH + 8;
     constexpr int KD = DH / 16;  // k-chunks over the head dim
@@ -168,12 +170,12 @@ __device__ __forceinline__ void fwd(const bf16* __restrict__ qkv, bf16* __restri
     const bf16* qg = qkv + (size_t)b * N * rs + hh * DH;
     const bf16* kg = qg + D;
     const bf16* vg = qg + 2 * D;
-    const int q0 = blockIdx.x * BR;
+    const int q0 = blockIdx.x * BR;  // first query row (of nq) of this block; token qs + q0
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int g = lane >> 2, t = lane & 3;
     const int wrow = warp * 16 * MT;  // first row of this warp inside the block
 
-    load_tile<BR, DH>(sQ, qg, rs, q0, N);
+    load_tile<BR, DH>(sQ, qg, rs, qs + q0, qs + nq);
     load_tile<BC, DH>(sK, kg, rs, 0, N);
     cp_async_commit();
     cp_async_wait_all();
@@ -198,7 +200,7 @@ __device__ __forceinline__ void fwd(const bf16* __restrict__ qkv, bf16* __restri
         l[mt][0] = l[mt][1] = 0.0f;
     }
     const float sl2 = scale * LOG2E;
-    const bool q_prompt = ps < pe && q0 < pe && q0 + BR > ps;
+    const bool q_prompt = ps < pe && qs + q0 < pe && qs + q0 + BR > ps;
     const int ntiles = (N + BC - 1) / BC;
 
     for (int j = 0; j < ntiles; j++) {
@@ -242,7 +244,7 @@ __device__ __forceinline__ void fwd(const bf16* __restrict__ qkv, bf16* __restri
                 for (int nt = 0; nt < NK; nt++)
 #pragma unroll
                     for (int e = 0; e < 4; e++) {
-                        const int qi = q0 + wrow + mt * 16 + g + (e >> 1) * 8;
+                        const int qi = qs + q0 + wrow + mt * 16 + g + (e >> 1) * 8;  // token
                         const int kj = k0 + nt * 8 + 2 * t + (e & 1);
                         if (kj >= N || !allowed(qi, kj, ps, pe)) s[mt][nt][e] = -INFINITY;
                     }
@@ -321,7 +323,7 @@ __device__ __forceinline__ void fwd(const bf16* __restrict__ qkv, bf16* __restri
                 *reinterpret_cast<uint32_t*>(sQ + row * SROW + dt * 8 + 2 * t) =
                     pack(o[mt][dt][2 * r] * inv, o[mt][dt][2 * r + 1] * inv);
             const int qi = q0 + row;
-            if (t == 0 && qi < N) lse[(size_t)bh * N + qi] = m[mt][r] * scale + logf(sum);
+            if (t == 0 && qi < nq) lse[(size_t)bh * nq + qi] = m[mt][r] * scale + logf(sum);
         }
     __syncwarp();
     constexpr int CH = DH / 8;
@@ -330,15 +332,15 @@ __device__ __forceinline__ void fwd(const bf16* __restrict__ qkv, bf16* __restri
         const int c = lane + 32 * i;
         const int r = c / CH, k = c % CH;
         const int qi = q0 + wrow + r;
-        if (qi < N)
-            *reinterpret_cast<uint4*>(out + ((size_t)b * N + qi) * D + hh * DH + k * 8) =
+        if (qi < nq)
+            *reinterpret_cast<uint4*>(out + ((size_t)b * nq + qi) * D + hh * DH + k * 8) =
                 *reinterpret_cast<const uint4*>(sQ + (wrow + r) * SROW + k * 8);
     }
 }
 
 // ------------------------------------------------------------------------------ backward
 // dvec[b, h, i] = sum_d dO[b, i, h, d] O[b, i, h, d]; zeroes dq_acc (same layout as out).
-// One thread per (b, i, h) row.
+// One thread per (b, i, h) row; N here is the number of query rows.
 template <int DH>
 __device__ __forceinline__ void bwd_pre(const bf16* __restrict__ out, const bf16* __restrict__ dout,
                                         float* __restrict__ dvec, float* __restrict__ dq_acc, int B, int N, int H) {
@@ -372,7 +374,7 @@ template <int DH>
 __device__ __forceinline__ void bwd(const bf16* __restrict__ qkv, const bf16* __restrict__ dout,
                                     const float* __restrict__ lse, const float* __restrict__ dvec,
                                     float* __restrict__ dq_acc, bf16* __restrict__ dqkv, int N, int H, int ps, int pe,
-                                    float scale) {
+                                    int qs, int nq, float scale) {
     constexpr int SROW = DH + 8;
     constexpr int PROW = BQ + 8;
     constexpr int KD = DH / 16;
@@ -391,7 +393,7 @@ __device__ __forceinline__ void bwd(const bf16* __restrict__ qkv, const bf16* __
     const bf16* qg = qkv + (size_t)b * N * rs + hh * DH;
     const bf16* kg = qg + D;
     const bf16* vg = qg + 2 * D;
-    const bf16* dog = dout + (size_t)b * N * D + hh * DH;
+    const bf16* dog = dout + (size_t)b * nq * D + hh * DH;
     const int k0 = blockIdx.x * BC;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int g = lane >> 2, t = lane & 3;
@@ -417,18 +419,18 @@ __device__ __forceinline__ void bwd(const bf16* __restrict__ qkv, const bf16* __
 
     const float sl2 = scale * LOG2E;
     const bool k_prompt = ps < pe && k0 < pe && k0 + BC > ps;
-    const int nsteps = (N + BQ - 1) / BQ;
+    const int nsteps = (nq + BQ - 1) / BQ;
 
     for (int step = 0; step < nsteps; step++) {
-        const int q0 = step * BQ;
+        const int q0 = step * BQ;  // query row (of nq); token qs + q0
         __syncthreads();  // the previous step is done with sQ, sdO, sdS, sL, sD
-        load_tile<BQ, DH>(sQ, qg, rs, q0, N);
-        load_tile<BQ, DH>(sdO, dog, D, q0, N);
+        load_tile<BQ, DH>(sQ, qg, rs, qs + q0, qs + nq);
+        load_tile<BQ, DH>(sdO, dog, D, q0, nq);
         cp_async_commit();
         if (threadIdx.x < BQ) {
             const int qi = q0 + threadIdx.x;
-            sL[threadIdx.x] = qi < N ? lse[(size_t)bh * N + qi] * LOG2E : 0.0f;
-            sD[threadIdx.x] = qi < N ? dvec[(size_t)bh * N + qi] : 0.0f;
+            sL[threadIdx.x] = qi < nq ? lse[(size_t)bh * nq + qi] * LOG2E : 0.0f;
+            sD[threadIdx.x] = qi < nq ? dvec[(size_t)bh * nq + qi] : 0.0f;
         }
         cp_async_wait_all();
         __syncthreads();
@@ -457,7 +459,7 @@ __device__ __forceinline__ void bwd(const bf16* __restrict__ qkv, const bf16* __
         }
 
         // P^T and dS^T. Element e of n-tile nt: key wk + g + (e>>1)*8, query nt*8 + 2t + (e&1).
-        const bool masked = q0 + BQ > N || k0 + BC > N || (k_prompt && q0 < pe && q0 + BQ > ps);
+        const bool masked = q0 + BQ > nq || k0 + BC > N || (k_prompt && qs + q0 < pe && qs + q0 + BQ > ps);
 #pragma unroll
         for (int nt = 0; nt < NQ; nt++) {
             const float2 lq = *reinterpret_cast<const float2*>(sL + nt * 8 + 2 * t);
@@ -468,7 +470,7 @@ __device__ __forceinline__ void bwd(const bf16* __restrict__ qkv, const bf16* __
                 if (masked) {
                     const int kj = k0 + wk + g + (e >> 1) * 8;
                     const int qi = q0 + nt * 8 + 2 * t + (e & 1);
-                    if (qi >= N || kj >= N || !allowed(qi, kj, ps, pe)) p = 0.0f;
+                    if (qi >= nq || kj >= N || !allowed(qs + qi, kj, ps, pe)) p = 0.0f;
                 }
                 s[nt][e] = p;
                 dp[nt][e] = p * (dp[nt][e] - ((e & 1) ? dq.y : dq.x));
@@ -525,8 +527,8 @@ __device__ __forceinline__ void bwd(const bf16* __restrict__ qkv, const bf16* __
 #pragma unroll
         for (int r = 0; r < 2; r++) {
             const int qi = q0 + wk + g + r * 8;
-            if (qi < N) {
-                float* dst = dq_acc + ((size_t)b * N + qi) * D + hh * DH + 2 * t;
+            if (qi < nq) {
+                float* dst = dq_acc + ((size_t)b * nq + qi) * D + hh * DH + 2 * t;
 #pragma unroll
                 for (int dt = 0; dt < ND; dt++) add2(dst + dt * 8, dqp[dt][2 * r], dqp[dt][2 * r + 1]);
             }
@@ -566,8 +568,9 @@ __device__ __forceinline__ void bwd(const bf16* __restrict__ qkv, const bf16* __
 
 #define ATTN_INSTANCES(DH, MT)                                                                                     \
     extern "C" __global__ void __launch_bounds__(attn::THREADS)                                                    \
-        attn_fwd_d##DH(const bf16* qkv, bf16* out, float* lse, int N, int H, int ps, int pe, float scale) {        \
-        attn::fwd<DH, MT>(qkv, out, lse, N, H, ps, pe, scale);                                                     \
+        attn_fwd_d##DH(const bf16* qkv, bf16* out, float* lse, int N, int H, int ps, int pe, int qs, int nq,       \
+                       float scale) {                                                                              \
+        attn::fwd<DH, MT>(qkv, out, lse, N, H, ps, pe, qs, nq, scale);                                             \
     }                                                                                                              \
     extern "C" __global__ void attn_bwd_pre_d##DH(const bf16* out, const bf16* dout, float* dvec, float* dq_acc,  \
                                                   int B, int N, int H) {                                           \
@@ -575,23 +578,31 @@ __device__ __forceinline__ void bwd(const bf16* __restrict__ qkv, const bf16* __
     }                                                                                                              \
     extern "C" __global__ void __launch_bounds__(attn::THREADS)                                                    \
         attn_bwd_d##DH(const bf16* qkv, const bf16* dout, const float* lse, const float* dvec, float* dq_acc,      \
-                       bf16* dqkv, int N, int H, int ps, int pe, float scale) {                                    \
-        attn::bwd<DH>(qkv, dout, lse, dvec, dq_acc, dqkv, N, H, ps, pe, scale);                                    \
+                       bf16* dqkv, int N, int H, int ps, int pe, int qs, int nq, float scale) {                    \
+        attn::bwd<DH>(qkv, dout, lse, dvec, dq_acc, dqkv, N, H, ps, pe, qs, nq, scale);                            \
     }
 
 ATTN_INSTANCES(32, 2)
 ATTN_INSTANCES(64, 2)
 
-// dqkv[r, 0, :] = scale * dq_acc[r, :] for the B*N token rows r (D = h*dh, D % 8 == 0).
+// dqkv[b, i, 0, :] = scale * dq_acc[b, i - qs, :] for query tokens i in [qs, qs + nq), zero for
+// the other tokens; over the B*N token rows (D = h*dh, D % 8 == 0).
 extern "C" __global__ void attn_bwd_dq_convert(const float* __restrict__ dq_acc, bf16* __restrict__ dqkv,
-                                               uint64_t rows, uint32_t D, float scale) {
+                                               uint64_t rows, uint32_t N, uint32_t qs, uint32_t nq, uint32_t D,
+                                               float scale) {
     const uint32_t ch = D / 8;
     for (uint64_t c = global_thread(); c < rows * ch; c += grid_threads()) {
         const uint64_t r = c / ch, k = c % ch;
+        const uint32_t i = (uint32_t)(r % N);
         float v[8];
-        load_f32<8>(dq_acc + r * D + k * 8, v);
+        if (i >= qs && i < qs + nq) {
+            load_f32<8>(dq_acc + ((r / N) * nq + (i - qs)) * D + k * 8, v);
 #pragma unroll
-        for (int e = 0; e < 8; e++) v[e] *= scale;
+            for (int e = 0; e < 8; e++) v[e] *= scale;
+        } else {
+#pragma unroll
+            for (int e = 0; e < 8; e++) v[e] = 0.0f;
+        }
         store_bf16<8>(dqkv + r * 3 * D + k * 8, v);
     }
 }

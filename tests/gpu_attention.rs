@@ -22,11 +22,12 @@ const ABS_FLOOR: f64 = 1e-4;
 const LSE_TOL: f64 = 1e-2;
 
 fn shape(b: usize, h: usize, n: usize, p: usize, dh: usize) -> AttnShape {
-    AttnShape { batch: b, tokens: n, heads: h, head_dim: dh, prompt_start: 1, prompt_end: 1 + p }
+    AttnShape::full(b, n, h, dh, 1, 1 + p)
 }
 
 /// The case grid: every (N, P) with 1 + P <= N at head dim 64 over 1x1, 2x3, 3x12 (the largest
-/// N only at the two small ones, to keep the run short), and a few head-dim-32 cases.
+/// N only at the two small ones, to keep the run short), a few head-dim-32 cases, and query
+/// ranges (the model's last block asks for the prompt rows only).
 fn cases() -> Vec<AttnShape> {
     let mut v = Vec::new();
     for n in [1usize, 31, 227, 257, 1025] {
@@ -44,6 +45,12 @@ fn cases() -> Vec<AttnShape> {
     }
     for (n, p) in [(1usize, 0usize), (31, 30), (227, 30), (257, 60)] {
         v.push(shape(2, 3, n, p, 32));
+    }
+    for (b, h, n, p, dh, q_start, q_len) in
+        [(2usize, 3usize, 227usize, 30usize, 64usize, 1usize, 30usize), (1, 12, 1025, 60, 64, 1, 60), (2, 3, 31, 1, 64, 1, 1),
+         (3, 2, 257, 30, 32, 1, 30), (2, 3, 257, 60, 64, 40, 200), (1, 2, 31, 0, 64, 5, 0)]
+    {
+        v.push(AttnShape { q_start, q_len, ..shape(b, h, n, p, dh) });
     }
     v
 }
@@ -85,7 +92,7 @@ struct Inputs {
 fn inputs(rng: &mut rand_chacha::ChaCha8Rng, sh: &AttnShape) -> (Inputs, Vec<bf16>, Vec<bf16>) {
     let (tok, d) = (sh.batch * sh.tokens, sh.dim());
     let (qkv_b, qkv) = bf16_values(&uniform(rng, tok * 3 * d, -2.0, 2.0));
-    let (dout_b, dout) = bf16_values(&uniform(rng, tok * d, -1.0, 1.0));
+    let (dout_b, dout) = bf16_values(&uniform(rng, sh.batch * sh.q_len * d, -1.0, 1.0));
     (Inputs { qkv, dout }, qkv_b, dout_b)
 }
 
@@ -101,16 +108,20 @@ fn run_gpu(gpu: &GpuContext, sh: &AttnShape, qkv: &[bf16], dout: &[bf16]) -> Gpu
     let (tok, d) = (sh.batch * sh.tokens, sh.dim());
     let s = gpu.stream();
     let qkv_d = gpu.upload(qkv).unwrap();
-    let dout_d = gpu.upload(dout).unwrap();
-    let mut out = nan_bf16(gpu, tok * d);
-    let mut lse = nan_f32(gpu, sh.batch * sh.heads * sh.tokens);
+    // An empty query range still gets a non-empty (unused) dout buffer to upload.
+    let dout_d = if dout.is_empty() { gpu.zeros::<bf16>(1).unwrap() } else { gpu.upload(dout).unwrap() };
+    let mut out = nan_bf16(gpu, (sh.batch * sh.q_len * d).max(1));
+    let mut lse = nan_f32(gpu, (sh.batch * sh.heads * sh.q_len).max(1));
     cuda::forward(gpu, s, &qkv_d, &mut out, &mut lse, sh).unwrap();
     let mut dqkv = nan_bf16(gpu, tok * 3 * d);
-    let mut scratch = nan_f32(gpu, cuda::backward_scratch_len(sh));
+    let mut scratch = nan_f32(gpu, cuda::backward_scratch_len(sh).max(1));
     cuda::backward(gpu, s, &qkv_d, &out, &lse, &dout_d, &mut dqkv, &mut scratch, sh).unwrap();
     let out_bits = gpu.download(&out).unwrap();
     let dqkv = to_f32(&gpu.download(&dqkv).unwrap());
-    GpuOut { out: to_f32(&out_bits), lse: gpu.download(&lse).unwrap(), dqkv, out_bits }
+    let nq = sh.batch * sh.q_len;
+    let lse = gpu.download(&lse).unwrap()[..nq * sh.heads].to_vec();
+    let out_bits = out_bits[..nq * d].to_vec();
+    GpuOut { out: to_f32(&out_bits), lse, dqkv, out_bits }
 }
 
 #[test]
@@ -122,14 +133,23 @@ fn attention_forward_and_backward_match_cpu_over_shapes() {
     for sh in cases() {
         let (x, qkv_b, dout_b) = inputs(&mut rng, &sh);
         let (tok, d) = (sh.batch * sh.tokens, sh.dim());
-        let mut out = vec![0.0f32; tok * d];
-        let mut lse = vec![0.0f32; sh.batch * sh.heads * sh.tokens];
+        let mut out = vec![0.0f32; sh.batch * sh.q_len * d];
+        let mut lse = vec![0.0f32; sh.batch * sh.heads * sh.q_len];
         cpu::forward(&x.qkv, &mut out, &mut lse, &sh, &mut scratch);
         let mut dqkv = vec![0.0f32; tok * 3 * d];
         cpu::backward(&x.qkv, &out, &lse, &x.dout, &mut dqkv, &sh, &mut scratch);
 
         let got = run_gpu(&gpu, &sh, &qkv_b, &dout_b);
-        let what = format!("B={} h={} N={} P={} dh={}", sh.batch, sh.heads, sh.tokens, sh.prompt_end - 1, sh.head_dim);
+        let what = format!(
+            "B={} h={} N={} P={} dh={} queries {}..{}",
+            sh.batch,
+            sh.heads,
+            sh.tokens,
+            sh.prompt_end - 1,
+            sh.head_dim,
+            sh.q_start,
+            sh.q_start + sh.q_len
+        );
         assert_rel_max(&format!("{what} out"), &got.out, &out, REL_TOL, seed);
         let lse64: Vec<f64> = lse.iter().map(|&v| v as f64).collect();
         assert_close(&format!("{what} lse"), &got.lse, &lse64, LSE_TOL, 0.0, seed);

@@ -53,18 +53,18 @@ def load_tile(rows, DH, X, t0, n):   # X: [n, DH] global rows; returns flat smem
         if t0 + r < n: sm[r*S:r*S+DH] = X[t0 + r]
     return sm
 
-def fwd(Q, K, V, ps, pe, scale, DH, MT):
+def fwd(Q, K, V, ps, pe, qs, nq, scale, DH, MT):
     N = Q.shape[0]; BR = 16*MT*WARPS; SROW = DH+8; KD = DH//16; ND = DH//8; NK = BC//8
-    out = np.full((N, DH), np.nan, np.float32); lse = np.full(N, np.nan, np.float32)
+    out = np.full((nq, DH), np.nan, np.float32); lse = np.full(nq, np.nan, np.float32)
     sl2 = np.float32(scale * 1.4426950408889634)
-    for qb in range((N + BR - 1)//BR):
+    for qb in range((nq + BR - 1)//BR):
         q0 = qb*BR
-        sQ = load_tile(BR, DH, Q, q0, N)
+        sQ = load_tile(BR, DH, Q, qs + q0, qs + nq)
         for warp in range(WARPS):
             wrow = warp*16*MT
             qf = [[ldsm(sQ, (wrow + mt*16 + (L & 15))*SROW + kk*16 + (L >> 4)*8) for kk in range(KD)] for mt in range(MT)]
             o = np.zeros((MT, ND, 32, 4), np.float32); m = np.full((MT, 2, 32), -np.inf, np.float32); l = np.zeros((MT, 2, 32), np.float32)
-            q_prompt = ps < pe and q0 < pe and q0 + BR > ps
+            q_prompt = ps < pe and qs + q0 < pe and qs + q0 + BR > ps
             for j in range((N + BC - 1)//BC):
                 k0 = j*BC
                 sK = load_tile(BC, DH, K, k0, N); sV = load_tile(BC, DH, V, k0, N)
@@ -79,7 +79,7 @@ def fwd(Q, K, V, ps, pe, scale, DH, MT):
                     for mt in range(MT):
                         for nt in range(NK):
                             for e in range(4):
-                                qi = q0 + wrow + mt*16 + G + (e >> 1)*8
+                                qi = qs + q0 + wrow + mt*16 + G + (e >> 1)*8
                                 kj = k0 + nt*8 + 2*T + (e & 1)
                                 bad = (kj >= N) | ~allowed(qi, kj, ps, pe)
                                 s[mt, nt, bad, e] = -np.inf
@@ -113,19 +113,19 @@ def fwd(Q, K, V, ps, pe, scale, DH, MT):
                         stage[row*SROW + dt*8 + 2*T] = pk[:, 0]; stage[row*SROW + dt*8 + 2*T + 1] = pk[:, 1]
                     qi = q0 + row
                     for ln in range(32):
-                        if T[ln] == 0 and qi[ln] < N: lse[qi[ln]] = m[mt, r, ln]*scale + np.log(ssum[ln])
+                        if T[ln] == 0 and qi[ln] < nq: lse[qi[ln]] = m[mt, r, ln]*scale + np.log(ssum[ln])
             CH = DH//8
             for i in range(16*MT*CH//32):
                 c = L + 32*i; r = c // CH; k = c % CH
                 for ln in range(32):
                     qi = q0 + wrow + r[ln]
-                    if qi < N: out[qi, k[ln]*8:k[ln]*8+8] = stage[(wrow + r[ln])*SROW + k[ln]*8:(wrow + r[ln])*SROW + k[ln]*8 + 8]
+                    if qi < nq: out[qi, k[ln]*8:k[ln]*8+8] = stage[(wrow + r[ln])*SROW + k[ln]*8:(wrow + r[ln])*SROW + k[ln]*8 + 8]
     return out, lse
 
-def bwd(Q, K, V, O, dO, lse, ps, pe, scale, DH):
+def bwd(Q, K, V, O, dO, lse, ps, pe, qs, nq, scale, DH):
     N = Q.shape[0]; SROW = DH+8; PROW = BQ+8; KD = DH//16; ND = DH//8; NQ = BQ//8
     dvec = (O.astype(np.float64) * dO).sum(1).astype(np.float32)
-    dq_acc = np.zeros((N, DH), np.float32); dK = np.full((N, DH), np.nan, np.float32); dV = dK.copy()
+    dq_acc = np.zeros((nq, DH), np.float32); dK = np.full((N, DH), np.nan, np.float32); dV = dK.copy()
     sl2 = np.float32(scale * 1.4426950408889634)
     for kb in range((N + BC - 1)//BC):
         k0 = kb*BC
@@ -136,11 +136,11 @@ def bwd(Q, K, V, O, dO, lse, ps, pe, scale, DH):
         for warp in range(WARPS):
             a_off = (warp*16 + (L & 15))*SROW + (L >> 4)*8
             kf.append([ldsm(sK, a_off + kk*16) for kk in range(KD)])
-        for step in range((N + BQ - 1)//BQ):
+        for step in range((nq + BQ - 1)//BQ):
             q0 = step*BQ
-            sQ = load_tile(BQ, DH, Q, q0, N); sdO = load_tile(BQ, DH, dO, q0, N)
-            sL = np.array([lse[q0+i]*1.4426950408889634 if q0+i < N else 0 for i in range(BQ)], np.float32)
-            sD = np.array([dvec[q0+i] if q0+i < N else 0 for i in range(BQ)], np.float32)
+            sQ = load_tile(BQ, DH, Q, qs + q0, qs + nq); sdO = load_tile(BQ, DH, dO, q0, nq)
+            sL = np.array([lse[q0+i]*1.4426950408889634 if q0+i < nq else 0 for i in range(BQ)], np.float32)
+            sD = np.array([dvec[q0+i] if q0+i < nq else 0 for i in range(BQ)], np.float32)
             sdS = np.zeros(BC*PROW, np.float32)
             for warp in range(WARPS):
                 wk = warp*16; a_off = (wk + (L & 15))*SROW + (L >> 4)*8
@@ -152,14 +152,14 @@ def bwd(Q, K, V, O, dO, lse, ps, pe, scale, DH):
                         bq = ldsm(sQ, off); bo = ldsm(sdO, off)
                         mma(s[2*np_], kf[warp][kk], bq[0], bq[1]); mma(s[2*np_+1], kf[warp][kk], bq[2], bq[3])
                         mma(dp[2*np_], vf, bo[0], bo[1]); mma(dp[2*np_+1], vf, bo[2], bo[3])
-                masked = q0 + BQ > N or k0 + BC > N or (k_prompt and q0 < pe and q0 + BQ > ps)
+                masked = q0 + BQ > nq or k0 + BC > N or (k_prompt and qs + q0 < pe and qs + q0 + BQ > ps)
                 for nt in range(NQ):
                     for e in range(4):
                         qloc = nt*8 + 2*T + (e & 1)
                         p = np.exp2(s[nt, :, e]*sl2 - sL[qloc])
                         if masked:
                             kj = k0 + wk + G + (e >> 1)*8; qi = q0 + qloc
-                            p = np.where((qi >= N) | (kj >= N) | ~allowed(qi, kj, ps, pe), 0, p)
+                            p = np.where((qi >= nq) | (kj >= N) | ~allowed(qs + qi, kj, ps, pe), 0, p)
                         s[nt, :, e] = p; dp[nt, :, e] = p*(dp[nt, :, e] - sD[qloc])
                 for kc in range(BQ//16):
                     pa = acc_to_a(s[2*kc], s[2*kc+1]); da = acc_to_a(dp[2*kc], dp[2*kc+1])
@@ -183,7 +183,7 @@ def bwd(Q, K, V, O, dO, lse, ps, pe, scale, DH):
                 for r in range(2):
                     qi = q0 + wk + G + r*8
                     for ln in range(32):
-                        if qi[ln] < N:
+                        if qi[ln] < nq:
                             for dt in range(ND):
                                 dq_acc[qi[ln], dt*8 + 2*T[ln]] += dqp[dt, ln, 2*r]; dq_acc[qi[ln], dt*8 + 2*T[ln] + 1] += dqp[dt, ln, 2*r+1]
         for warp in range(WARPS):
@@ -196,23 +196,26 @@ def bwd(Q, K, V, O, dO, lse, ps, pe, scale, DH):
                             c = dt*8 + 2*T[ln]
                             dK[kj, c:c+2] = bf(np.array([dk[warp, dt, ln, 2*r], dk[warp, dt, ln, 2*r+1]])*scale)
                             dV[kj, c:c+2] = bf(np.array([dv[warp, dt, ln, 2*r], dv[warp, dt, ln, 2*r+1]]))
-    return bf(dq_acc*scale), dK, dV
+    dQ = np.zeros((N, DH), np.float32); dQ[qs:qs + nq] = bf(dq_acc*scale)
+    return dQ, dK, dV
 
-def reference(Q, K, V, dO, ps, pe, scale):
-    N = Q.shape[0]; i = np.arange(N)[:, None]; j = np.arange(N)[None, :]
-    S = (Q.astype(np.float64) @ K.T) * scale
+def reference(Q, K, V, dO, ps, pe, qs, nq, scale):
+    N = Q.shape[0]; i = np.arange(qs, qs + nq)[:, None]; j = np.arange(N)[None, :]
+    S = (Q[qs:qs + nq].astype(np.float64) @ K.T) * scale
     S = np.where(allowed(i, j, ps, pe), S, -np.inf)
     mx = S.max(1, keepdims=True); P = np.exp(S - mx); l = P.sum(1, keepdims=True); P /= l
     O = P @ V; lse = (mx + np.log(l))[:, 0]
     dP = dO @ V.T; Dv = (dO * O).sum(1, keepdims=True); dS = P*(dP - Dv)
-    return O, lse, dS @ K * scale, dS.T @ Q * scale, P.T @ dO
+    dQ = np.zeros((N, Q.shape[1])); dQ[qs:qs + nq] = dS @ K * scale
+    return O, lse, dQ, dS.T @ Q[qs:qs + nq] * scale, P.T @ dO
 
 rng = np.random.default_rng(1)
-for (N, ps, pe, DH, MT) in [(1, 1, 1, 64, 2), (200, 1, 100, 64, 2), (130, 50, 120, 32, 2), (129, 1, 2, 64, 2)]:
-    Q, K, V = (bf(rng.uniform(-2, 2, (N, DH))) for _ in range(3)); dO = bf(rng.uniform(-1, 1, (N, DH)))
+for (N, ps, pe, qs, nq, DH, MT) in [(1, 1, 1, 0, 1, 64, 2), (200, 1, 100, 0, 200, 64, 2), (130, 50, 120, 0, 130, 32, 2),
+                                   (129, 1, 2, 0, 129, 64, 2), (150, 1, 31, 1, 30, 64, 2), (140, 1, 61, 40, 90, 32, 2)]:
+    Q, K, V = (bf(rng.uniform(-2, 2, (N, DH))) for _ in range(3)); dO = bf(rng.uniform(-1, 1, (nq, DH)))
     scale = 1/np.sqrt(DH)
-    O, lse, dQ, dK, dV = reference(Q, K, V, dO, ps, pe, scale)
-    o, l = fwd(Q, K, V, ps, pe, np.float32(scale), DH, MT)
-    gq, gk, gv = bwd(Q, K, V, o, dO, l, ps, pe, np.float32(scale), DH)
+    O, lse, dQ, dK, dV = reference(Q, K, V, dO, ps, pe, qs, nq, scale)
+    o, l = fwd(Q, K, V, ps, pe, qs, nq, np.float32(scale), DH, MT)
+    gq, gk, gv = bwd(Q, K, V, o, dO, l, ps, pe, qs, nq, np.float32(scale), DH)
     rel = lambda a, b: np.nanmax(np.abs(a - b)) / np.abs(b).max() if not np.isnan(a).any() else np.inf
-    print(f"N={N} P=[{ps},{pe}) dh={DH}: out {rel(o, O):.2e} lse {np.abs(l - lse).max():.2e} dQ {rel(gq, dQ):.2e} dK {rel(gk, dK):.2e} dV {rel(gv, dV):.2e} abs dQ {np.abs(gq-dQ).max():.1e} dK {np.abs(gk-dK).max():.1e} maxref dK {np.abs(dK).max():.2e}")
+    print(f"N={N} P=[{ps},{pe}) q=[{qs},{qs + nq}) dh={DH}: out {rel(o, O):.2e} lse {np.abs(l - lse).max():.2e} dQ {rel(gq, dQ):.2e} dK {rel(gk, dK):.2e} dV {rel(gv, dV):.2e} abs dQ {np.abs(gq-dQ).max():.1e} dK {np.abs(gk-dK).max():.1e} maxref dK {np.abs(dK).max():.2e}")

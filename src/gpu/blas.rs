@@ -130,6 +130,9 @@ impl GpuContext {
         if batch == 0 || m == 0 || n == 0 {
             return Ok(());
         }
+        if k == 0 {
+            return Err(GpuError::invalid(OP, format!("inner dimension k = 0 (m={m}, n={n})")));
+        }
         let last = batch - 1;
         check_len(OP, "A", a, last * stride_a + m * k)?;
         check_len(OP, "B", b, last * stride_b + k * n)?;
@@ -154,7 +157,7 @@ impl GpuContext {
                 op(ta),
                 ni,
                 mi,
-                ki.max(1),
+                ki,
                 (&alpha) as *const f32 as *const _,
                 bp as *const _,
                 T::DATA_TYPE,

@@ -1,7 +1,8 @@
 //! GPU launchers of fused prompt-masked attention (`kernels/attention.cu`, FlashAttention-2
 //! style on tensor cores): the twins of [`super::cpu::forward`] and [`super::cpu::backward`],
-//! in the same layout (`qkv [B, N, 3, h, dh]` read by strides, `out [B, N, h*dh]`,
-//! `lse [B, h, N]`, `dqkv` like `qkv`), bf16 storage, fp32 softmax and accumulation. No
+//! in the same layout (`qkv [B, N, 3, h, dh]` read by strides, `out [B, Nq, h*dh]`,
+//! `lse [B, h, Nq]`, `dqkv` like `qkv`) and for the same query range (`q_start .. q_start +
+//! q_len`, keys always all N tokens), bf16 storage, fp32 softmax and accumulation. No
 //! transposes or copies around the kernels; no `N x N` matrix in memory.
 //!
 //! Head dims: [`HEAD_DIMS`]. Any token count. Device pointers of the bf16 tensors and the
@@ -25,10 +26,10 @@ const FWD_ROWS: usize = 128;
 const BWD_KEYS: usize = 64;
 const THREADS: u32 = 128;
 
-/// Elements (f32) of the scratch [`backward`] needs: a dQ accumulator `[B, N, h*dh]` followed
-/// by `D_i = rowsum(dO * O)` per row, `[B, h, N]`.
+/// Elements (f32) of the scratch [`backward`] needs: a dQ accumulator `[B, Nq, h*dh]` followed
+/// by `D_i = rowsum(dO * O)` per query row, `[B, h, Nq]`.
 pub fn backward_scratch_len(sh: &AttnShape) -> usize {
-    sh.batch * sh.tokens * sh.dim() + sh.batch * sh.heads * sh.tokens
+    sh.batch * sh.q_len * sh.dim() + sh.batch * sh.heads * sh.q_len
 }
 
 /// The kernel arguments of a validated shape.
@@ -38,6 +39,8 @@ struct Dims {
     h: i32,
     ps: i32,
     pe: i32,
+    qs: i32,
+    nq: i32,
     scale: f32,
     bh: u32,
 }
@@ -50,6 +53,12 @@ fn check_shape(op: &'static str, sh: &AttnShape) -> Result<Dims, GpuError> {
         return Err(GpuError::invalid(
             op,
             format!("prompt range {}..{} not inside 0..{} tokens", sh.prompt_start, sh.prompt_end, sh.tokens),
+        ));
+    }
+    if sh.q_start + sh.q_len > sh.tokens {
+        return Err(GpuError::invalid(
+            op,
+            format!("query range {}..{} not inside 0..{} tokens", sh.q_start, sh.q_start + sh.q_len, sh.tokens),
         ));
     }
     let i32_of = |what: &str, v: usize| {
@@ -66,6 +75,8 @@ fn check_shape(op: &'static str, sh: &AttnShape) -> Result<Dims, GpuError> {
         h: i32_of("heads", sh.heads)?,
         ps: sh.prompt_start as i32,
         pe: sh.prompt_end as i32,
+        qs: sh.q_start as i32,
+        nq: sh.q_len as i32,
         scale: (1.0 / (sh.head_dim as f64).sqrt()) as f32,
         bh: bh as u32,
     })
@@ -84,9 +95,10 @@ fn blocks(items: usize, per: usize) -> u32 {
     items.div_ceil(per) as u32
 }
 
-/// `out = softmax(mask(Q K^T / sqrt(dh))) V` per image and head, and the log-sum-exp of every
-/// scaled, masked score row into `lse [B, h, N]` for [`backward`]. Reads Q, K, V by strides
-/// from `qkv [B, N, 3, h, dh]`; writes `out [B, N, h*dh]` (head `j` in columns
+/// `out = softmax(mask(Q K^T / sqrt(dh))) V` per image and head for the query tokens
+/// `sh.q_start .. sh.q_start + sh.q_len` over all `N` keys, and the log-sum-exp of every
+/// scaled, masked score row into `lse [B, h, Nq]` for [`backward`]. Reads Q, K, V by strides
+/// from `qkv [B, N, 3, h, dh]`; writes `out [B, Nq, h*dh]` (head `j` in columns
 /// `j*dh..(j+1)*dh`). Prompt queries (`sh.prompt_start..sh.prompt_end`) skip the other prompts'
 /// keys. The twin of [`super::cpu::forward`].
 ///
@@ -96,7 +108,7 @@ fn blocks(items: usize, per: usize) -> u32 {
 /// # fn main() -> Result<(), GpuError> {
 /// let gpu = GpuContext::new(0)?;
 /// // ViT-B: 12 heads of 64, CLS + 30 prompts + 196 patches.
-/// let sh = AttnShape { batch: 2, tokens: 227, heads: 12, head_dim: 64, prompt_start: 1, prompt_end: 31 };
+/// let sh = AttnShape::full(2, 227, 12, 64, 1, 31);
 /// let qkv = gpu.upload(&vec![bf16::from_f32(0.1); sh.batch * sh.tokens * 3 * sh.dim()])?;
 /// let mut out = gpu.zeros::<bf16>(sh.batch * sh.tokens * sh.dim())?;
 /// let mut lse = gpu.zeros::<f32>(sh.batch * sh.heads * sh.tokens)?;
@@ -119,11 +131,11 @@ pub fn forward(
 ) -> Result<(), GpuError> {
     const OP: &str = "attention forward";
     let d = check_shape(OP, sh)?;
-    let (b, n, dim) = (sh.batch, sh.tokens, sh.dim());
+    let (b, n, nq, dim) = (sh.batch, sh.tokens, sh.q_len, sh.dim());
     check_len(OP, "qkv", qkv, b * n * 3 * dim)?;
-    check_len(OP, "out", out, b * n * dim)?;
-    check_len(OP, "lse", lse, b * sh.heads * n)?;
-    if d.bh == 0 || n == 0 {
+    check_len(OP, "out", out, b * nq * dim)?;
+    check_len(OP, "lse", lse, b * sh.heads * nq)?;
+    if d.bh == 0 || nq == 0 {
         return Ok(());
     }
     let (qp, _g1) = qkv.device_ptr(stream);
@@ -135,17 +147,18 @@ pub fn forward(
         _ => "attn_fwd_d64",
     };
     let f = gpu.function("attention", name)?;
-    let cfg = LaunchConfig { grid_dim: (blocks(n, FWD_ROWS), d.bh, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
+    let cfg = LaunchConfig { grid_dim: (blocks(nq, FWD_ROWS), d.bh, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
     let mut l = stream.launch_builder(&f);
-    l.arg(&qp).arg(&op).arg(&lp).arg(&d.n).arg(&d.h).arg(&d.ps).arg(&d.pe).arg(&d.scale);
+    l.arg(&qp).arg(&op).arg(&lp).arg(&d.n).arg(&d.h).arg(&d.ps).arg(&d.pe).arg(&d.qs).arg(&d.nq).arg(&d.scale);
     // SAFETY: lengths and alignment checked above; the kernel reads qkv[..B*N*3D] and writes
-    // out[..B*N*D], lse[..B*h*N].
+    // out[..B*Nq*D], lse[..B*h*Nq].
     unsafe { l.launch(cfg) }.map_err(GpuError::driver(format!("launching {name}")))?;
     Ok(())
 }
 
-/// Input gradient of [`forward`]: from `dout [B, N, h*dh]` and the forward's `out` and `lse`,
-/// writes (overwrites) `dqkv [B, N, 3, h, dh]`, recomputing the probabilities from `lse`.
+/// Input gradient of [`forward`]: from `dout [B, Nq, h*dh]` and the forward's `out` and `lse`,
+/// writes (overwrites) `dqkv [B, N, 3, h, dh]` (Q rows outside the query range zero),
+/// recomputing the probabilities from `lse`.
 /// `scratch` holds at least [`backward_scratch_len`] f32 (its contents on entry do not matter;
 /// it holds the fp32 dQ sums and `rowsum(dout * out)` afterwards). Four launches: the row
 /// sums (and the zeroing of the dQ sums), the fused kernel over key blocks (dK, dV written,
@@ -165,11 +178,11 @@ pub fn backward(
 ) -> Result<(), GpuError> {
     const OP: &str = "attention backward";
     let d = check_shape(OP, sh)?;
-    let (b, n, dim) = (sh.batch, sh.tokens, sh.dim());
+    let (b, n, nq, dim) = (sh.batch, sh.tokens, sh.q_len, sh.dim());
     check_len(OP, "qkv", qkv, b * n * 3 * dim)?;
-    check_len(OP, "out", out, b * n * dim)?;
-    check_len(OP, "dout", dout, b * n * dim)?;
-    check_len(OP, "lse", lse, b * sh.heads * n)?;
+    check_len(OP, "out", out, b * nq * dim)?;
+    check_len(OP, "dout", dout, b * nq * dim)?;
+    check_len(OP, "lse", lse, b * sh.heads * nq)?;
     check_len(OP, "dqkv", dqkv, b * n * 3 * dim)?;
     check_len(OP, "scratch", scratch, backward_scratch_len(sh))?;
     if d.bh == 0 || n == 0 {
@@ -183,39 +196,40 @@ pub fn backward(
     let (sp, _g6) = scratch.device_ptr_mut(stream);
     check_aligned(OP, &[("qkv", qp), ("out", op), ("dout", dop), ("dqkv", dqp), ("scratch", sp)])?;
     let dq_acc = sp;
-    let dvec = sp + (b * n * dim * std::mem::size_of::<f32>()) as u64;
+    let dvec = sp + (b * nq * dim * std::mem::size_of::<f32>()) as u64;
     let (pre, main) = match sh.head_dim {
         32 => ("attn_bwd_pre_d32", "attn_bwd_d32"),
         _ => ("attn_bwd_pre_d64", "attn_bwd_d64"),
     };
 
-    let rows = (b * n * sh.heads) as u64;
+    let rows = (b * nq * sh.heads) as u64;
     let f = gpu.function("attention", pre)?;
     let b32 = b as i32;
     let cfg = LaunchConfig { grid_dim: (grid_stride_blocks(gpu, rows, BLOCK as u64), 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
     let mut l = stream.launch_builder(&f);
-    l.arg(&op).arg(&dop).arg(&dvec).arg(&dq_acc).arg(&b32).arg(&d.n).arg(&d.h);
-    // SAFETY: out/dout hold B*N*D, the scratch B*N*D + B*h*N floats (checked); 16-byte aligned.
+    l.arg(&op).arg(&dop).arg(&dvec).arg(&dq_acc).arg(&b32).arg(&d.nq).arg(&d.h);
+    // SAFETY: out/dout hold B*Nq*D, the scratch B*Nq*D + B*h*Nq floats (checked); 16-byte aligned.
     unsafe { l.launch(cfg) }.map_err(GpuError::driver(format!("launching {pre}")))?;
 
     let f = gpu.function("attention", main)?;
     let cfg = LaunchConfig { grid_dim: (blocks(n, BWD_KEYS), d.bh, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
     let mut l = stream.launch_builder(&f);
-    l.arg(&qp).arg(&dop).arg(&lp).arg(&dvec).arg(&dq_acc).arg(&dqp).arg(&d.n).arg(&d.h).arg(&d.ps).arg(&d.pe).arg(&d.scale);
+    l.arg(&qp).arg(&dop).arg(&lp).arg(&dvec).arg(&dq_acc).arg(&dqp);
+    l.arg(&d.n).arg(&d.h).arg(&d.ps).arg(&d.pe).arg(&d.qs).arg(&d.nq).arg(&d.scale);
     // SAFETY: as above; writes dqkv's K and V slots and adds into the dQ sums.
     unsafe { l.launch(cfg) }.map_err(GpuError::driver(format!("launching {main}")))?;
 
     let f = gpu.function("attention", "attn_bwd_dq_convert")?;
     let tok = (b * n) as u64;
-    let dim32 = dim as u32;
+    let (n32, qs32, nq32, dim32) = (n as u32, sh.q_start as u32, nq as u32, dim as u32);
     let cfg = LaunchConfig {
         grid_dim: (grid_stride_blocks(gpu, tok * (dim as u64 / 8), BLOCK as u64), 1, 1),
         block_dim: (BLOCK, 1, 1),
         shared_mem_bytes: 0,
     };
     let mut l = stream.launch_builder(&f);
-    l.arg(&dq_acc).arg(&dqp).arg(&tok).arg(&dim32).arg(&d.scale);
-    // SAFETY: reads B*N*D floats of scratch, writes dqkv's Q slot (D % 8 == 0 for these dims).
+    l.arg(&dq_acc).arg(&dqp).arg(&tok).arg(&n32).arg(&qs32).arg(&nq32).arg(&dim32).arg(&d.scale);
+    // SAFETY: reads B*Nq*D floats of scratch, writes dqkv's Q slot (D % 8 == 0 for these dims).
     unsafe { l.launch(cfg) }.map_err(GpuError::driver("launching attn_bwd_dq_convert"))?;
     Ok(())
 }
@@ -229,6 +243,13 @@ pub mod unfused {
 
     fn ew_launch(gpu: &GpuContext, items: u64) -> LaunchConfig {
         LaunchConfig { grid_dim: (grid_stride_blocks(gpu, items, BLOCK as u64), 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 }
+    }
+
+    fn check_full(op: &'static str, sh: &AttnShape) -> Result<Dims, GpuError> {
+        if sh.q_start != 0 || sh.q_len != sh.tokens {
+            return Err(GpuError::invalid(op, "the unfused path takes every token as a query"));
+        }
+        check_shape(op, sh)
     }
 
     /// `q, k, v [B, h, N, dh]` from `qkv [B, N, 3, h, dh]`.
@@ -271,7 +292,7 @@ pub mod unfused {
         o: &mut CudaSlice<bf16>,
         sh: &AttnShape,
     ) -> Result<(), GpuError> {
-        let d = check_shape("attention unfused forward", sh)?;
+        let d = check_full("attention unfused forward", sh)?;
         let (n, dh, bh) = (sh.tokens, sh.head_dim, d.bh as usize);
         gpu.gemm_strided_batched(false, true, n, n, dh, 1.0, q, n * dh, k, n * dh, 0.0, p, n * n, bh)?;
         let f = gpu.function("attention", "attn_softmax_rows_bf16")?;
@@ -304,7 +325,7 @@ pub mod unfused {
         dv: &mut CudaSlice<bf16>,
         sh: &AttnShape,
     ) -> Result<(), GpuError> {
-        let d = check_shape("attention unfused backward", sh)?;
+        let d = check_full("attention unfused backward", sh)?;
         let (n, dh, bh) = (sh.tokens, sh.head_dim, d.bh as usize);
         gpu.gemm_strided_batched(true, false, n, dh, n, 1.0, p, n * n, dout, n * dh, 0.0, dv, n * dh, bh)?;
         gpu.gemm_strided_batched(false, true, n, n, dh, 1.0, dout, n * dh, v, n * dh, 0.0, dp, n * n, bh)?;
@@ -330,7 +351,7 @@ mod tests {
     use super::*;
 
     fn shape(n: usize, dh: usize, ps: usize, pe: usize) -> AttnShape {
-        AttnShape { batch: 2, tokens: n, heads: 3, head_dim: dh, prompt_start: ps, prompt_end: pe }
+        AttnShape::full(2, n, 3, dh, ps, pe)
     }
 
     #[test]
@@ -344,6 +365,10 @@ mod tests {
         assert!(e.contains("prompt range 1..31"), "{e}");
         let e = check_shape("t", &shape(20, 64, 5, 2)).unwrap_err().to_string();
         assert!(e.contains("prompt range 5..2"), "{e}");
+        let e = check_shape("t", &AttnShape { q_start: 1, ..shape(20, 64, 1, 3) }).unwrap_err().to_string();
+        assert!(e.contains("query range 1..21"), "{e}");
+        let d = check_shape("t", &AttnShape { q_start: 1, q_len: 30, ..shape(227, 64, 1, 31) }).unwrap();
+        assert_eq!((d.qs, d.nq), (1, 30));
         let big = AttnShape { batch: 65_536, ..shape(4, 32, 0, 0) };
         assert!(check_shape("t", &big).unwrap_err().to_string().contains("65535"));
     }
@@ -352,5 +377,7 @@ mod tests {
     fn cuda_attention_scratch_holds_dq_sums_and_row_sums() {
         let sh = shape(227, 64, 1, 31);
         assert_eq!(backward_scratch_len(&sh), 2 * 227 * 192 + 2 * 3 * 227);
+        let last = AttnShape { q_start: 1, q_len: 30, ..sh };
+        assert_eq!(backward_scratch_len(&last), 2 * 30 * 192 + 2 * 3 * 30);
     }
 }
