@@ -399,9 +399,26 @@ __device__ __forceinline__ void bwd(const bf16* __restrict__ qkv, const bf16* __
     const int g = lane >> 2, t = lane & 3;
     const int wk = warp * 16;  // this warp's first key inside the block
 
+    // Query rows q0 .. q0 + BQ of step `q0 / BQ`: Q, dO by cp.async (not committed), lse and D
+    // into registers (stored into sL, sD by the caller once nobody reads them).
+    auto fetch_step = [&](int q0, float& l_next, float& d_next) {
+        load_tile<BQ, DH>(sQ, qg, rs, qs + q0, qs + nq);
+        load_tile<BQ, DH>(sdO, dog, D, q0, nq);
+        if (threadIdx.x < BQ) {
+            const int qi = q0 + threadIdx.x;
+            l_next = qi < nq ? lse[(size_t)bh * nq + qi] * LOG2E : 0.0f;
+            d_next = qi < nq ? dvec[(size_t)bh * nq + qi] : 0.0f;
+        }
+    };
+    float l_next = 0.0f, d_next = 0.0f;
     load_tile<BC, DH>(sK, kg, rs, k0, N);
     load_tile<BC, DH>(sV, vg, rs, k0, N);
+    if (nq > 0) fetch_step(0, l_next, d_next);
     cp_async_commit();
+    if (threadIdx.x < BQ) {
+        sL[threadIdx.x] = l_next;
+        sD[threadIdx.x] = d_next;
+    }
     cp_async_wait_all();
     __syncthreads();
 
@@ -421,19 +438,10 @@ __device__ __forceinline__ void bwd(const bf16* __restrict__ qkv, const bf16* __
     const bool k_prompt = ps < pe && k0 < pe && k0 + BC > ps;
     const int nsteps = (nq + BQ - 1) / BQ;
 
+    // Each step starts with its Q, dO, lse, D in shared memory and visible to all threads.
     for (int step = 0; step < nsteps; step++) {
         const int q0 = step * BQ;  // query row (of nq); token qs + q0
-        __syncthreads();  // the previous step is done with sQ, sdO, sdS, sL, sD
-        load_tile<BQ, DH>(sQ, qg, rs, qs + q0, qs + nq);
-        load_tile<BQ, DH>(sdO, dog, D, q0, nq);
-        cp_async_commit();
-        if (threadIdx.x < BQ) {
-            const int qi = q0 + threadIdx.x;
-            sL[threadIdx.x] = qi < nq ? lse[(size_t)bh * nq + qi] * LOG2E : 0.0f;
-            sD[threadIdx.x] = qi < nq ? dvec[(size_t)bh * nq + qi] : 0.0f;
-        }
-        cp_async_wait_all();
-        __syncthreads();
+        const bool next = step + 1 < nsteps;
 
         // S^T = K Q^T and dP^T = V dO^T: B operands are Q, dO stored [query][d] = [n][k].
         float s[NQ][4], dp[NQ][4];
@@ -501,7 +509,12 @@ __device__ __forceinline__ void bwd(const bf16* __restrict__ qkv, const bf16* __
             *reinterpret_cast<uint32_t*>(d0 + 8) = da[2];
             *reinterpret_cast<uint32_t*>(d0 + 8 * PROW + 8) = da[3];
         }
-        __syncthreads();  // dS^T of every warp in shared memory
+        __syncthreads();  // dS^T of every warp in shared memory; every warp done with sQ, sdO, sL, sD
+        // The next step's inputs load while dQ is computed.
+        if (next) {
+            fetch_step(q0 + BQ, l_next, d_next);
+            cp_async_commit();
+        }
 
         // dQ_part [BQ x DH] = dS [query][key] K [key][d]; warp w takes queries w*16 .. +15.
         // A = dS stored transposed ([key][query]): ldmatrix .trans; B = K stored [k][n]: .trans.
@@ -533,6 +546,12 @@ __device__ __forceinline__ void bwd(const bf16* __restrict__ qkv, const bf16* __
                 for (int dt = 0; dt < ND; dt++) add2(dst + dt * 8, dqp[dt][2 * r], dqp[dt][2 * r + 1]);
             }
         }
+        if (next && threadIdx.x < BQ) {
+            sL[threadIdx.x] = l_next;
+            sD[threadIdx.x] = d_next;
+        }
+        cp_async_wait_all();
+        __syncthreads();  // the next step's inputs visible; every warp done with sdS
     }
 
     // dK (scaled) and dV: stage this warp's 16 rows in sK / sV (after every warp's last reads
