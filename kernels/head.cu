@@ -22,8 +22,8 @@ constexpr int HEAD_MAX_CH = 1024 / 8;  // chunks of 8 columns in the widest row
 // ------------------------------------------------------------------ MoE forward
 // Block = one label k and MOE_FWD_IMAGES images; its E gate rows and classifier row sit in
 // shared memory (fp32, (E+1)*D floats) while each warp takes one image at a time: per expert,
-// two dot products over D (q with the raw Z row, r with the adapted row), then lane 0 does the
-// softmax over experts and writes y, m, q, r. The mixture f is never formed:
+// two dot products over D (q with the raw Z row, r with the adapted row), folded into an online
+// softmax over experts; lane 0 writes q, r, then y, m. The mixture f is never formed:
 // y = sum_e A_e <W[k], a(Z)> + c[k].
 // Shared rows are stored "split": columns 8c..8c+3 at float4 slot c, 8c+4..8c+7 at slot
 // D/8 + c, so a warp's two float4 reads of chunk c hit consecutive slots (no bank conflicts).
@@ -61,52 +61,43 @@ extern "C" __global__ void __launch_bounds__(256) moe_fwd(
     const uint32_t b_end = min(batch, (blockIdx.y + 1) * MOE_FWD_IMAGES);
     const float4* wrow = rows + experts * (d / 4);
     for (uint32_t b = blockIdx.y * MOE_FWD_IMAGES + (threadIdx.x >> 5); b < b_end; b += warps) {
-        float qv[HEAD_MAX_E], rv[HEAD_MAX_E];
+        // Softmax over experts online (running max, rescaled sums): no per-expert arrays.
+        float mx = -INFINITY, den = 0.0f, num_m = 0.0f, num_y = 0.0f;
+        for (uint32_t e = 0; e < experts; e++) {
+            const uint64_t off = ((uint64_t)b * tokens + tok[e * labels + k]) * d;
+            const float4* grow_e = rows + e * (d / 4);
+            float sq = 0.0f, sr = 0.0f;
 #pragma unroll
-        for (int e = 0; e < HEAD_MAX_E; e++) {
-            qv[e] = 0.0f;
-            rv[e] = 0.0f;
-            if (e < (int)experts) {
-                const uint64_t off = ((uint64_t)b * tokens + tok[e * labels + k]) * d;
-                float sq = 0.0f, sr = 0.0f;
+            for (int i = 0; i < HEAD_MAX_CH / 32; i++) {
+                const uint32_t ch = lane + 32 * i;
+                if (ch < nch) {
+                    float zv[8], av[8], gv[8], wv[8];
+                    load_bf16<8>(z + off + ch * 8, zv);
+                    load_bf16<8>(adapted + off + ch * 8, av);
+                    load_split(grow_e, nch, ch, gv);
+                    load_split(wrow, nch, ch, wv);
 #pragma unroll
-                for (int i = 0; i < HEAD_MAX_CH / 32; i++) {
-                    const uint32_t ch = lane + 32 * i;
-                    if (ch < nch) {
-                        float zv[8], av[8], gv[8], wv[8];
-                        load_bf16<8>(z + off + ch * 8, zv);
-                        load_bf16<8>(adapted + off + ch * 8, av);
-                        load_split(rows + e * (d / 4), nch, ch, gv);
-                        load_split(wrow, nch, ch, wv);
-#pragma unroll
-                        for (int j = 0; j < 8; j++) {
-                            sq = fmaf(zv[j], gv[j], sq);
-                            sr = fmaf(av[j], wv[j], sr);
-                        }
+                    for (int j = 0; j < 8; j++) {
+                        sq = fmaf(zv[j], gv[j], sq);
+                        sr = fmaf(av[j], wv[j], sr);
                     }
                 }
-                qv[e] = warp_sum(sq);
-                rv[e] = warp_sum(sr);
+            }
+            const float qe = warp_sum(sq), re = warp_sum(sr);
+            const float mx_new = fmaxf(mx, qe);
+            const float rescale = expf(mx - mx_new);  // 0 on the first expert (mx = -inf)
+            const float a = expf(qe - mx_new);
+            den = fmaf(den, rescale, a);
+            num_m = fmaf(num_m, rescale, a * qe);
+            num_y = fmaf(num_y, rescale, a * re);
+            mx = mx_new;
+            if (lane == 0) {
+                const uint64_t idx = ((uint64_t)b * experts + e) * labels + k;
+                q[idx] = qe;
+                r[idx] = re;
             }
         }
         if (lane == 0) {
-            float mx = qv[0];
-#pragma unroll
-            for (int e = 1; e < HEAD_MAX_E; e++)
-                if (e < (int)experts) mx = fmaxf(mx, qv[e]);
-            float den = 0.0f, num_m = 0.0f, num_y = 0.0f;
-#pragma unroll
-            for (int e = 0; e < HEAD_MAX_E; e++) {
-                if (e < (int)experts) {
-                    const float a = expf(qv[e] - mx);
-                    den += a;
-                    num_m = fmaf(a, qv[e], num_m);
-                    num_y = fmaf(a, rv[e], num_y);
-                    const uint64_t idx = ((uint64_t)b * experts + e) * labels + k;
-                    q[idx] = qv[e];
-                    r[idx] = rv[e];
-                }
-            }
             m[(uint64_t)b * labels + k] = num_m / den;
             y[(uint64_t)b * labels + k] = num_y / den + c[k];
         }
