@@ -539,6 +539,42 @@ extern "C" __global__ void __launch_bounds__(ROWS_WARPS * 32) adapter_bwd_params
     }
 }
 
+// ------------------------------------------------------------------ plain-VPT head
+// zbar[b, c] = (1/P) sum_t z[b, t, c] (fp32 [B, D], the GEMM's input; tokens summed in order).
+extern "C" __global__ void vpt_mean(const bf16* __restrict__ z, float* __restrict__ zbar, uint32_t batch,
+                                    uint32_t tokens, uint32_t d) {
+    const uint64_t n = (uint64_t)batch * d;
+    const float inv = 1.0f / (float)tokens;
+    for (uint64_t i = global_thread(); i < n; i += grid_threads()) {
+        const uint64_t b = i / d, c = i % d;
+        const bf16* zb = z + b * tokens * d + c;
+        float s = 0.0f;
+        for (uint32_t t = 0; t < tokens; t++) s += __bfloat162float(zb[(uint64_t)t * d]);
+        zbar[i] = s * inv;
+    }
+}
+
+// dz[b, t, c] = dzbar[b, c] / P (writes; bf16).
+extern "C" __global__ void vpt_spread(const float* __restrict__ dzbar, bf16* __restrict__ dz, uint32_t batch,
+                                      uint32_t tokens, uint32_t d) {
+    const uint64_t n = (uint64_t)batch * tokens * d;
+    const float inv = 1.0f / (float)tokens;
+    for (uint64_t i = global_thread(); i < n; i += grid_threads()) {
+        const uint64_t b = i / ((uint64_t)tokens * d), c = i % d;
+        dz[i] = __float2bfloat16_rn(dzbar[b * d + c] * inv);
+    }
+}
+
+// out[c] = sum_r x[r, c], rows in order (the classifier bias gradient: dc = sum_b dy[b]).
+extern "C" __global__ void column_sums(const float* __restrict__ x, float* __restrict__ out, uint32_t rows,
+                                       uint32_t cols) {
+    for (uint64_t c = global_thread(); c < cols; c += grid_threads()) {
+        float s = 0.0f;
+        for (uint32_t r = 0; r < rows; r++) s += x[(uint64_t)r * cols + c];
+        out[c] = s;
+    }
+}
+
 // ------------------------------------------------------------------ prediction
 // y = (y+ + y-) / 2 and its probability sigmoid(y), elementwise (SPEC 3, "prediction logits").
 extern "C" __global__ void head_predict(const float* __restrict__ y_pos, const float* __restrict__ y_neg,

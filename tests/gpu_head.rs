@@ -16,7 +16,7 @@ mod gpu_common;
 use gpu_common::*;
 use mlvpt::gpu::{bf16, CudaSlice, GpuContext};
 use mlvpt::ops::asl;
-use mlvpt::ops::head::{cpu, cuda, AdapterShape, MoeShape};
+use mlvpt::ops::head::{cpu, cuda, AdapterShape, MoeShape, VptHeadShape};
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 
@@ -187,6 +187,41 @@ fn adapter_forward_and_backward_match_cpu() {
         assert_close(&format!("{what}: db1"), &down_f32(&gpu, &db1), &wdb1, tol, 1e-3, seed);
         assert_close(&format!("{what}: dw2"), &down_f32(&gpu, &dw2), &wdw2, tol, 1e-3, seed);
         assert_close(&format!("{what}: db2"), &down_f32(&gpu, &db2), &wdb2, tol, 1e-3, seed);
+    }
+}
+
+#[test]
+#[ignore = "requires a CUDA device"]
+fn vpt_head_forward_and_backward_match_cpu() {
+    let gpu = gpu();
+    let s_ = gpu.stream();
+    let (mut rng, seed) = rng("vpt_head");
+    let mut ws = cuda::HeadWorkspace::new();
+    // (B, P, D, K); D = 100 is allowed here (no 16-byte loads).
+    for &(bn, p, d, k) in &[(1usize, 30usize, 384usize, 1usize), (64, 10, 768, 80), (256, 2, 1024, 365), (3, 7, 100, 1000)] {
+        let s = VptHeadShape { batch: bn, tokens: p, dim: d, labels: k };
+        let what = format!("B={bn} P={p} D={d} K={k}");
+        let a = 1.0 / (d as f32).sqrt();
+        let (z, z64) = bf16_input(&gpu, &mut rng, bn * p * d, -1.0, 1.0);
+        let (w, w64) = f32_input(&gpu, &mut rng, k * d, -a, a);
+        let (c, c64) = f32_input(&gpu, &mut rng, k, -a, a);
+        let (mut zbar, mut y) = (nan_f32(&gpu, bn * d), nan_f32(&gpu, bn * k));
+        cuda::vpt_forward(&gpu, s_, &z, &w, &c, &mut zbar, &mut y, &s).unwrap();
+        let (mut wzbar, mut wy) = (vec![0.0; bn * d], vec![0.0; bn * k]);
+        cpu::vpt_forward(&z64, &w64, &c64, &mut wzbar, &mut wy, &s);
+        assert_close(&format!("{what}: zbar"), &down_f32(&gpu, &zbar), &wzbar, 1e-6, 1e-5, seed);
+        assert_close(&format!("{what}: y"), &down_f32(&gpu, &y), &wy, 1e-5, 1e-4, seed);
+
+        let zbar64 = to_f64(&down_f32(&gpu, &zbar));
+        let (dy, dy64) = f32_input(&gpu, &mut rng, bn * k, -1.0, 1.0);
+        let (mut dz, mut dw, mut dc) = (nan_bf16(&gpu, bn * p * d), nan_f32(&gpu, k * d), nan_f32(&gpu, k));
+        cuda::vpt_backward(&gpu, s_, &mut ws, &dy, &zbar, &w, &mut dz, &mut dw, &mut dc, &s).unwrap();
+        let (mut wdz, mut wdw, mut wdc) = (vec![0.0; bn * p * d], vec![0.0; k * d], vec![0.0; k]);
+        let mut scratch = Vec::new();
+        cpu::vpt_backward(&dy64, &zbar64, &w64, &mut wdz, &mut wdw, &mut wdc, &s, &mut scratch);
+        assert_close(&format!("{what}: dz"), &down_bf16(&gpu, &dz), &wdz, 1e-5, BF16_RTOL, seed);
+        assert_close(&format!("{what}: dw"), &down_f32(&gpu, &dw), &wdw, 1e-5 * bn as f64, 1e-4, seed);
+        assert_close(&format!("{what}: dc"), &down_f32(&gpu, &dc), &wdc, 1e-5 * bn as f64, 1e-5, seed);
     }
 }
 

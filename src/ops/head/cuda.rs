@@ -1,6 +1,7 @@
 //! GPU launchers of the ML-VPT head (`kernels/head.cu`), the twins of [`super::cpu`] op for op:
-//! [`adapter_forward`], [`adapter_backward`], [`moe_forward`], [`moe_backward`], and the
-//! prediction [`predict`] (`y = (y+ + y-)/2`, `sigmoid(y)`). The loss terms go through
+//! [`adapter_forward`], [`adapter_backward`], [`moe_forward`], [`moe_backward`], the plain-VPT
+//! head [`vpt_forward`], [`vpt_backward`] (its GEMMs through cuBLAS), and the prediction
+//! [`predict`] (`y = (y+ + y-)/2`, `sigmoid(y)`). The loss terms go through
 //! [`crate::ops::asl::cuda::forward_backward_terms`].
 //!
 //! **Dtypes** (the GPU backend's convention: bf16 activations, fp32 master weights and
@@ -19,7 +20,7 @@
 //! inverse (per token / per gate row, the `(e, k)` pairs pointing at it), so that the backward
 //! gathers token and gate-row gradients instead of scattering them with atomics.
 
-use super::{AdapterShape, MoeShape};
+use super::{AdapterShape, MoeShape, VptHeadShape};
 use crate::gpu::launch::{aligned, check_len, grid_stride_blocks, BLOCK};
 use crate::gpu::{bf16, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, GpuContext, GpuError};
 use cudarc::driver::{LaunchConfig, PushKernelArg};
@@ -553,6 +554,126 @@ pub fn moe_backward(
         // gate_rows*D floats.
         unsafe { l.launch(cfg) }.map_err(GpuError::driver("launching moe_bwd_rows (gate)"))?;
     }
+    Ok(())
+}
+
+/// Launch config of a grid-stride elementwise kernel over `n` items.
+fn stride_launch(gpu: &GpuContext, n: usize) -> LaunchConfig {
+    LaunchConfig { grid_dim: (grid_stride_blocks(gpu, n as u64, BLOCK as u64), 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 }
+}
+
+/// The cuBLAS calls run on the context's own stream; the kernels must queue there too.
+fn check_context_stream(op: &'static str, gpu: &GpuContext, stream: &CudaStream) -> Result<(), GpuError> {
+    if !std::ptr::eq(stream, gpu.stream().as_ref()) {
+        return Err(GpuError::invalid(op, "pass gpu.stream(): the GEMMs run on the context's stream".to_string()));
+    }
+    Ok(())
+}
+
+fn check_vpt(op: &'static str, s: &VptHeadShape) -> Result<(), GpuError> {
+    for (what, v) in [("batch", s.batch), ("tokens", s.tokens), ("dim", s.dim), ("labels", s.labels)] {
+        check_u32(op, what, v)?;
+    }
+    if s.tokens == 0 {
+        return Err(GpuError::invalid(op, "no prompt tokens to average".to_string()));
+    }
+    Ok(())
+}
+
+/// Plain-VPT head: `zbar[b] = mean_t z[b, t]` (fp32 `[B, D]`, saved) and `y = zbar W^T + c`
+/// (cuBLAS, fp32) with `W [K, D]`, `c [K]`. `z` bf16 `[B, P, D]`, any `D`. `stream` must be
+/// `gpu.stream()`. The twin of [`super::cpu::vpt_forward`].
+#[allow(clippy::too_many_arguments)]
+pub fn vpt_forward(
+    gpu: &GpuContext,
+    stream: &CudaStream,
+    z: &impl DevicePtr<bf16>,
+    w: &impl DevicePtr<f32>,
+    c: &impl DevicePtr<f32>,
+    zbar: &mut (impl DevicePtrMut<f32> + DevicePtr<f32>),
+    y: &mut impl DevicePtrMut<f32>,
+    s: &VptHeadShape,
+) -> Result<(), GpuError> {
+    const OP: &str = "vpt head forward";
+    check_context_stream(OP, gpu, stream)?;
+    check_vpt(OP, s)?;
+    let (bn, p, d, k) = (s.batch, s.tokens, s.dim, s.labels);
+    check_len(OP, "z", z, bn * p * d)?;
+    check_len(OP, "w", w, k * d)?;
+    check_len(OP, "c", c, k)?;
+    check_len(OP, "zbar", zbar, bn * d)?;
+    check_len(OP, "y", y, bn * k)?;
+    if bn == 0 || k == 0 {
+        return Ok(());
+    }
+    {
+        let (zp, _g1) = z.device_ptr(stream);
+        let (zbp, _g2) = zbar.device_ptr_mut(stream);
+        let f = gpu.function("head", "vpt_mean")?;
+        let (b32, p32, d32) = (bn as u32, p as u32, d as u32);
+        let mut l = stream.launch_builder(&f);
+        l.arg(&zp).arg(&zbp).arg(&b32).arg(&p32).arg(&d32);
+        // SAFETY: z holds B*P*D, zbar B*D elements (checked).
+        unsafe { l.launch(stride_launch(gpu, bn * d)) }.map_err(GpuError::driver("launching vpt_mean"))?;
+    }
+    gpu.linear_forward::<f32, f32>(&*zbar, w, Some(c), y, bn, k, d, false)
+}
+
+/// Plain-VPT head backward: `dw = dy^T zbar`, `dc = sum_b dy` (fixed order), and writes
+/// `dz[b, t] = (dy W)[b] / P` (bf16). `dy W` goes through `ws`. `stream` must be
+/// `gpu.stream()`. The twin of [`super::cpu::vpt_backward`].
+#[allow(clippy::too_many_arguments)]
+pub fn vpt_backward(
+    gpu: &GpuContext,
+    stream: &CudaStream,
+    ws: &mut HeadWorkspace,
+    dy: &impl DevicePtr<f32>,
+    zbar: &impl DevicePtr<f32>,
+    w: &impl DevicePtr<f32>,
+    dz: &mut impl DevicePtrMut<bf16>,
+    dw: &mut impl DevicePtrMut<f32>,
+    dc: &mut impl DevicePtrMut<f32>,
+    s: &VptHeadShape,
+) -> Result<(), GpuError> {
+    const OP: &str = "vpt head backward";
+    check_context_stream(OP, gpu, stream)?;
+    check_vpt(OP, s)?;
+    let (bn, p, d, k) = (s.batch, s.tokens, s.dim, s.labels);
+    check_len(OP, "dy", dy, bn * k)?;
+    check_len(OP, "zbar", zbar, bn * d)?;
+    check_len(OP, "w", w, k * d)?;
+    check_len(OP, "dz", dz, bn * p * d)?;
+    check_len(OP, "dw", dw, k * d)?;
+    check_len(OP, "dc", dc, k)?;
+    if k > 0 {
+        // dw and dc are written even for an empty batch (zeros), as the CPU op does.
+        gpu.linear_backward_weight::<f32, f32>(dy, zbar, dw, bn, k, d, false)?;
+        let (dyp, _g1) = dy.device_ptr(stream);
+        let (dcp, _g2) = dc.device_ptr_mut(stream);
+        let f = gpu.function("head", "column_sums")?;
+        let (b32, k32) = (bn as u32, k as u32);
+        let mut l = stream.launch_builder(&f);
+        l.arg(&dyp).arg(&dcp).arg(&b32).arg(&k32);
+        // SAFETY: dy holds B*K, dc K floats (checked).
+        unsafe { l.launch(stride_launch(gpu, k)) }.map_err(GpuError::driver("launching column_sums"))?;
+    }
+    if bn == 0 {
+        return Ok(());
+    }
+    let dzbar = ws.one(gpu, bn * d)?;
+    if k == 0 {
+        gpu.stream().memset_zeros(dzbar).map_err(GpuError::driver("zeroing dzbar"))?;
+    } else {
+        gpu.linear_backward_input::<f32, f32>(dy, w, dzbar, bn, k, d, false)?;
+    }
+    let (gp, _g1) = dzbar.device_ptr(stream);
+    let (dzp, _g2) = dz.device_ptr_mut(stream);
+    let f = gpu.function("head", "vpt_spread")?;
+    let (b32, p32, d32) = (bn as u32, p as u32, d as u32);
+    let mut l = stream.launch_builder(&f);
+    l.arg(&gp).arg(&dzp).arg(&b32).arg(&p32).arg(&d32);
+    // SAFETY: dzbar holds at least B*D floats (workspace), dz B*P*D (checked).
+    unsafe { l.launch(stride_launch(gpu, bn * p * d)) }.map_err(GpuError::driver("launching vpt_spread"))?;
     Ok(())
 }
 
