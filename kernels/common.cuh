@@ -103,3 +103,15 @@ __device__ __forceinline__ float sigmoid_f(float x) {
     const float e = expf(x);
     return e / (1.0f + e);
 }
+
+// The column of element `start`, `start + stride`, ... of a row-major matrix with `cols`
+// columns, without a modulo per step: the column advances by stride % cols and wraps once.
+struct ColumnWalk {
+    uint32_t c, step, cols;
+    __device__ __forceinline__ ColumnWalk(uint64_t start, uint64_t stride, uint32_t cols_)
+        : c((uint32_t)(start % cols_)), step((uint32_t)(stride % cols_)), cols(cols_) {}
+    __device__ __forceinline__ void next() {
+        c += step;
+        if (c >= cols) c -= cols;
+    }
+};

@@ -5,17 +5,17 @@
 //             saves mean, rstd per row.
 //   backward  dx (+)= rstd (g - mean(g) - xhat mean(g xhat)), g = dy gamma (input grad only:
 //             the backbone's norms are frozen). dx may alias dy.
-// VEC = 8: 16-byte loads (d % 8 == 0, aligned pointers; the launcher checks); VEC = 1: any d.
+// VEC = 8: 16-byte loads (d % 8 == 0, aligned pointers; the launcher checks), compiled for
+// NCH = 1..4 chunks of 8 per lane (d <= 256 NCH), so a 768-wide row holds 24 floats per lane,
+// not 32: fewer registers, more resident warps. VEC = 1: any d <= 1024, 32 values per lane.
 #include "common.cuh"
 
-constexpr int LN_MAX_D = 1024;
-
-template <int VEC>
+template <int VEC, int NCH>
 __device__ __forceinline__ void layernorm_fwd(const bf16* __restrict__ x, const float* __restrict__ gamma,
                                               const float* __restrict__ beta, bf16* __restrict__ y,
                                               float* __restrict__ mean, float* __restrict__ rstd,
                                               uint32_t rows, uint32_t d, float eps) {
-    constexpr int NCH = LN_MAX_D / (32 * VEC);  // chunks of VEC elements per lane
+    // NCH chunks of VEC elements per lane; the row has nch <= 32 * NCH chunks.
     const int lane = threadIdx.x & 31;
     const uint32_t warps = blockDim.x >> 5;
     const uint32_t nch = d / VEC;
@@ -66,12 +66,11 @@ __device__ __forceinline__ void layernorm_fwd(const bf16* __restrict__ x, const 
     }
 }
 
-template <int VEC>
+template <int VEC, int NCH>
 __device__ __forceinline__ void layernorm_bwd(const bf16* dy, const bf16* __restrict__ x,
                                               const float* __restrict__ gamma, const float* __restrict__ mean,
                                               const float* __restrict__ rstd, bf16* dx, uint32_t rows,
                                               uint32_t d, int accumulate) {
-    constexpr int NCH = LN_MAX_D / (32 * VEC);
     const int lane = threadIdx.x & 31;
     const uint32_t warps = blockDim.x >> 5;
     const uint32_t nch = d / VEC;
@@ -119,21 +118,25 @@ __device__ __forceinline__ void layernorm_bwd(const bf16* dy, const bf16* __rest
     }
 }
 
-extern "C" __global__ void layernorm_fwd_bf16(const bf16* x, const float* gamma, const float* beta, bf16* y,
-                                              float* mean, float* rstd, uint32_t rows, uint32_t d, float eps) {
-    layernorm_fwd<1>(x, gamma, beta, y, mean, rstd, rows, d, eps);
-}
-extern "C" __global__ void layernorm_fwd_bf16_v8(const bf16* x, const float* gamma, const float* beta, bf16* y,
-                                                 float* mean, float* rstd, uint32_t rows, uint32_t d, float eps) {
-    layernorm_fwd<8>(x, gamma, beta, y, mean, rstd, rows, d, eps);
-}
-extern "C" __global__ void layernorm_bwd_bf16(const bf16* dy, const bf16* x, const float* gamma, const float* mean,
-                                              const float* rstd, bf16* dx, uint32_t rows, uint32_t d,
-                                              int accumulate) {
-    layernorm_bwd<1>(dy, x, gamma, mean, rstd, dx, rows, d, accumulate);
-}
-extern "C" __global__ void layernorm_bwd_bf16_v8(const bf16* dy, const bf16* x, const float* gamma,
-                                                 const float* mean, const float* rstd, bf16* dx, uint32_t rows,
-                                                 uint32_t d, int accumulate) {
-    layernorm_bwd<8>(dy, x, gamma, mean, rstd, dx, rows, d, accumulate);
-}
+#define LN_FWD(NAME, VEC, NCH)                                                                     \
+    extern "C" __global__ void NAME(const bf16* x, const float* gamma, const float* beta, bf16* y,   \
+                                    float* mean, float* rstd, uint32_t rows, uint32_t d, float eps) { \
+        layernorm_fwd<VEC, NCH>(x, gamma, beta, y, mean, rstd, rows, d, eps);                        \
+    }
+#define LN_BWD(NAME, VEC, NCH)                                                                     \
+    extern "C" __global__ void NAME(const bf16* dy, const bf16* x, const float* gamma,              \
+                                    const float* mean, const float* rstd, bf16* dx, uint32_t rows,  \
+                                    uint32_t d, int accumulate) {                                   \
+        layernorm_bwd<VEC, NCH>(dy, x, gamma, mean, rstd, dx, rows, d, accumulate);                  \
+    }
+
+LN_FWD(layernorm_fwd_bf16, 1, 32)
+LN_FWD(layernorm_fwd_bf16_v8_c1, 8, 1)
+LN_FWD(layernorm_fwd_bf16_v8_c2, 8, 2)
+LN_FWD(layernorm_fwd_bf16_v8_c3, 8, 3)
+LN_FWD(layernorm_fwd_bf16_v8_c4, 8, 4)
+LN_BWD(layernorm_bwd_bf16, 1, 32)
+LN_BWD(layernorm_bwd_bf16_v8_c1, 8, 1)
+LN_BWD(layernorm_bwd_bf16_v8_c2, 8, 2)
+LN_BWD(layernorm_bwd_bf16_v8_c3, 8, 3)
+LN_BWD(layernorm_bwd_bf16_v8_c4, 8, 4)

@@ -4,10 +4,12 @@
 
 extern "C" __global__ void bias_rows_bf16(const float* __restrict__ bias, bf16* __restrict__ y, uint64_t n,
                                           uint32_t cols) {
-    for (uint64_t i = global_thread(); i < n; i += grid_threads()) y[i] = __float2bfloat16_rn(bias[i % cols]);
+    ColumnWalk col(global_thread(), grid_threads(), cols);
+    for (uint64_t i = global_thread(); i < n; i += grid_threads(), col.next()) y[i] = __float2bfloat16_rn(bias[col.c]);
 }
 
 extern "C" __global__ void bias_rows_f32(const float* __restrict__ bias, float* __restrict__ y, uint64_t n,
                                          uint32_t cols) {
-    for (uint64_t i = global_thread(); i < n; i += grid_threads()) y[i] = bias[i % cols];
+    ColumnWalk col(global_thread(), grid_threads(), cols);
+    for (uint64_t i = global_thread(); i < n; i += grid_threads(), col.next()) y[i] = bias[col.c];
 }

@@ -82,6 +82,8 @@ pub fn read_matrix(path: &Path, values: Values) -> Result<Matrix, InputError> {
 
 /// Parses matrix text as [`read_matrix`] does; `path` only labels errors.
 pub fn parse_matrix(path: &Path, text: &str, values: Values) -> Result<Matrix, InputError> {
+    // A byte-order mark (spreadsheet exports) would make the first row look non-numeric.
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     let mut header: Option<Vec<String>> = None;
     let mut data = Vec::new();
     let mut lines = Vec::new();
@@ -191,6 +193,9 @@ mod tests {
         let e = parse_matrix(p(), "cat,,dog\n1,0,1\n", Values::Binary).unwrap_err();
         assert_eq!((e.line, e.column), (Some(1), Some(2)));
         assert!(parse_matrix(p(), "", Values::Finite).is_err());
+        // A byte-order mark does not turn the first data row into a header.
+        let m = parse_matrix(p(), "\u{feff}1,0\n0,1\n", Values::Binary).unwrap();
+        assert_eq!((m.rows, m.header), (2, None));
         assert!(parse_matrix(p(), "a,b\n", Values::Finite).is_err());
     }
 }

@@ -13,6 +13,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Split the labels into correlative and discriminative groups (SPEC 1).
+    Group(cli::group::GroupArgs),
     /// mAP, CP/CR/CF1, OP/OR/OF1 of a score file against a target file (SPEC 6).
     Metrics(cli::metrics::MetricsArgs),
 }
@@ -20,6 +22,7 @@ enum Command {
 fn main() {
     let cli = Cli::parse();
     let result: anyhow::Result<()> = match cli.command {
+        Command::Group(args) => cli::group::run(&args),
         Command::Metrics(a) => cli::metrics::run(&a),
     };
     if let Err(e) = result {

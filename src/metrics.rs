@@ -270,7 +270,8 @@ impl Metrics {
             "OP_top3": self.top3_overall.precision, "OR_top3": self.top3_overall.recall, "OF1_top3": self.top3_overall.f1,
             "AP": per_class(&self.ap),
             "AP_noninterp": per_class(&self.ap_noninterp),
-            "threshold": self.threshold,
+            // The f32's shortest decimal (0.35, not 0.3499999940395355).
+            "threshold": self.threshold.to_string().parse::<f64>().unwrap_or(self.threshold as f64),
             "n_images": self.n_images,
             "n_classes": self.n_classes,
             "classes_without_positives": names_of(&self.classes_without_positives()),

@@ -47,3 +47,10 @@ fn every_embedded_module_loads_and_cublas_is_found() {
     gpu.linear_forward(&x, &w, None, &mut y, 2, 2, 2, false).expect("cuBLAS (libcublas in LD_LIBRARY_PATH?)");
     assert_eq!(gpu.download(&y).unwrap(), vec![2.0; 4]);
 }
+
+/// A context can be shared between threads (compile-time check).
+#[test]
+fn gpu_context_is_send_and_sync() {
+    fn check<T: Send + Sync>() {}
+    check::<GpuContext>();
+}

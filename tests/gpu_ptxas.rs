@@ -34,3 +34,40 @@ fn no_kernel_spills_or_uses_local_memory() {
     }
     assert!(bad.is_empty(), "kernels using local memory:\n{}", bad.join("\n"));
 }
+
+/// Every kernel name the launchers ask for (a string literal like "layernorm_fwd_bf16_v8_c3"
+/// in src/ops/*/cuda.rs or src/gpu/*.rs) is an entry function of the embedded modules, so a
+/// typo fails here rather than on the GPU machine.
+#[test]
+fn every_kernel_a_launcher_names_was_compiled() {
+    let entries: std::collections::HashSet<String> = ptxas::parse(PTXAS_REPORT).into_iter().map(|k| k.function).collect();
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut files = Vec::new();
+    for dir in ["src/ops", "src/gpu"] {
+        for entry in std::fs::read_dir(root.join(dir)).unwrap() {
+            let p = entry.unwrap().path();
+            if p.is_dir() {
+                files.push(p.join("cuda.rs"));
+            } else if p.extension().is_some_and(|e| e == "rs") {
+                files.push(p);
+            }
+        }
+    }
+    let mut named = 0;
+    let mut missing = Vec::new();
+    for f in files.iter().filter(|f| f.exists()) {
+        let text = std::fs::read_to_string(f).unwrap();
+        for lit in text.split('"').skip(1).step_by(2) {
+            let looks_like_kernel = (lit.ends_with("_bf16") || lit.ends_with("_f32") || lit.contains("_bf16_") || lit.contains("_f32_"))
+                && lit.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+            if looks_like_kernel {
+                named += 1;
+                if !entries.contains(lit) {
+                    missing.push(format!("{} names `{lit}`", f.display()));
+                }
+            }
+        }
+    }
+    assert!(named >= 10, "found only {named} kernel names in the launchers");
+    assert!(missing.is_empty(), "kernels named but not compiled:\n{}", missing.join("\n"));
+}

@@ -81,3 +81,14 @@ fn plain_vpt_deep_and_shallow() {
         check(&cfg, 1, 40);
     }
 }
+
+#[test]
+fn single_block_and_three_blocks() {
+    for depth in [1, 3] {
+        for pd in [PromptDepth::Deep, PromptDepth::Shallow] {
+            let mut cfg = ModelConfig { prompt_depth: pd, ..tiny_config() };
+            cfg.vit.depth = depth;
+            check(&cfg, 2, 15);
+        }
+    }
+}

@@ -123,7 +123,7 @@ fn noninterp_without_ties_is_mean_precision_at_positives() {
 
 #[test]
 fn matches_sklearn_and_voc_devkit_on_fixed_data() {
-    // Produced by /tmp/skl_expected.py (numpy default_rng(7), 15 images x 3 classes, distinct
+    // Produced by tools/peer/metrics_sklearn.py (numpy default_rng(7), 15 images x 3 classes, distinct
     // scores per column) with scikit-learn 1.9.1 average_precision_score, and voc_ap from
     // py-faster-rcnn's voc_eval.py (all-point, monotone precision) on the same ranking.
     #[rustfmt::skip]
@@ -201,4 +201,15 @@ fn nan_scores_do_not_panic() {
     assert!(m.map.is_finite() && m.class.f1.is_finite());
     // NaN ranks last and is never predicted: class 0 ranks .2(-) NaN(+) -> AP 1/2.
     assert_close!(m.ap[0].unwrap(), 50.0);
+}
+
+#[test]
+fn score_equal_to_threshold_is_predicted() {
+    // score >= threshold predicts (ML-GCN's logit >= 0): class 0 at exactly 0.5 is a hit, class
+    // 1 at 0.4 is not predicted. OP = 1/1, OR = 1/1; CP = (1 + 0) / 2 (class 1 never predicted).
+    let m = evaluate(&[0.5, 0.4], &[1.0, 0.0], 1, 2, 0.5);
+    assert_close!(m.overall.precision, 100.0);
+    assert_close!(m.overall.recall, 100.0);
+    assert_close!(m.class.precision, 50.0);
+    assert_eq!(m.classes_never_predicted, vec![1]);
 }

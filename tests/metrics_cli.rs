@@ -92,6 +92,7 @@ fn threshold_changes_predictions() {
     let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert!((j["OP"].as_f64().unwrap() - 50.0).abs() < 1e-9, "{j}");
     assert!((j["OR"].as_f64().unwrap() - 75.0).abs() < 1e-9, "{j}");
+    assert_eq!(j["threshold"], 0.35);
 }
 
 #[test]

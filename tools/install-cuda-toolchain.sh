@@ -57,10 +57,16 @@ python_cmd() {
   return 1
 }
 
+host_cxx_ok() { echo 'int main(){}' | gcc -E -x c++ - >/dev/null 2>&1; }
+
+# nvcc preprocesses .cu files with `gcc -E -x c++`, which needs g++'s cc1plus (Debian's gcc
+# alone lacks it). Installed with apt when we are root on a Debian-like machine (CI).
 check_host_compiler() {
-  if ! echo 'int main(){}' | gcc -E -x c++ - >/dev/null 2>&1; then
-    die "nvcc needs a host C++ compiler: 'gcc -E -x c++' failed. Install g++ (Debian/Ubuntu: apt-get install -y g++)."
+  if ! host_cxx_ok && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "installing g++ (nvcc's host compiler) with apt-get" >&2
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq g++; } >&2 || true
   fi
+  host_cxx_ok || die "nvcc needs a host C++ compiler: 'gcc -E -x c++' failed. Install g++ (Debian/Ubuntu: apt-get install -y g++)."
 }
 
 found=""

@@ -154,21 +154,22 @@ impl<T: Real> Backend for CpuBackend<T> {
 
     fn residual(&mut self, x: &Vec<T>, f: &Vec<T>, ls: Option<&Vec<T>>, out: &mut Vec<T>, rows: usize, dim: usize) {
         let len = rows * dim;
-        out[..len].par_chunks_mut(dim * 64).enumerate().for_each(|(c, oc)| {
-            let base = c * dim * 64;
-            for (i, o) in oc.iter_mut().enumerate() {
-                let idx = base + i;
-                let s = match ls {
-                    Some(l) => l[idx % dim],
-                    None => T::one(),
-                };
-                *o = x[idx] + s * f[idx];
+        out[..len].par_chunks_mut(dim).zip(x[..len].par_chunks(dim)).zip(f[..len].par_chunks(dim)).with_min_len(16).for_each(|((o, xr), fr)| match ls {
+            Some(l) => {
+                for j in 0..dim {
+                    o[j] = xr[j] + l[j] * fr[j];
+                }
+            }
+            None => {
+                for j in 0..dim {
+                    o[j] = xr[j] + fr[j];
+                }
             }
         });
     }
 
     fn mul_cols(&mut self, src: &Vec<T>, v: &Vec<T>, out: &mut Vec<T>, rows: usize, dim: usize) {
-        out[..rows * dim].par_chunks_mut(dim).zip(src[..rows * dim].par_chunks(dim)).for_each(|(o, s)| {
+        out[..rows * dim].par_chunks_mut(dim).zip(src[..rows * dim].par_chunks(dim)).with_min_len(16).for_each(|(o, s)| {
             for j in 0..dim {
                 o[j] = s[j] * v[j];
             }

@@ -1,7 +1,7 @@
 //! cuBLAS GEMM for row-major matrices: bf16 or f32 inputs, f32 compute, bf16 or f32 output, in
 //! the three shapes a linear layer needs (`Y = X W^T + b`, `dX = dY W`, `dW = dY^T X`).
 
-use super::launch::{check_len, grid_stride_blocks, BLOCK};
+use super::launch::{check_cols, check_len, grid_stride_blocks, BLOCK};
 use super::{GpuContext, GpuError};
 use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType};
 use cudarc::cublas::CudaBlas;
@@ -66,6 +66,9 @@ impl GpuContext {
         if m == 0 || n == 0 {
             return Ok(());
         }
+        if k == 0 {
+            return Err(GpuError::invalid(OP, format!("inner dimension k = 0 (m={m}, n={n})")));
+        }
         let (mi, ni, ki) = (dim(OP, "m", m)?, dim(OP, "n", n)?, dim(OP, "k", k)?);
         let blas = self.blas()?;
         let stream = self.stream();
@@ -84,7 +87,7 @@ impl GpuContext {
                 op(ta),
                 ni,
                 mi,
-                ki.max(1),
+                ki,
                 (&alpha) as *const f32 as *const _,
                 bp as *const _,
                 T::DATA_TYPE,
@@ -178,7 +181,7 @@ impl GpuContext {
         let stream = self.stream();
         let (bp, _gb) = bias.device_ptr(stream);
         let (yp, _gy) = y.device_ptr_mut(stream);
-        let cols32 = cols as u32;
+        let cols32 = check_cols(OP, cols)?;
         let cfg = LaunchConfig { grid_dim: (grid_stride_blocks(self, n, BLOCK as u64), 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
         let mut l = stream.launch_builder(&f);
         l.arg(&bp).arg(&yp).arg(&n).arg(&cols32);

@@ -10,6 +10,9 @@ use std::sync::{Arc, Mutex};
 /// A CUDA device ready to run this crate's kernels: the context, one stream that every launcher
 /// and cuBLAS call of this context uses, the modules of `kernels/*.cu` (loaded once) and a
 /// cuBLAS handle (absent, with the reason kept, when libcublas is missing: kernels still run).
+///
+/// Work is ordered by that one stream; cudarc's cross-stream event tracking is off. A caller
+/// that passes another stream to a launcher must order it against this one itself.
 pub struct GpuContext {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
@@ -67,11 +70,23 @@ impl GpuContext {
     }
 
     fn open(ordinal: usize) -> Result<Self, GpuError> {
-        let count = CudaContext::device_count().map_err(GpuError::driver("initialising the driver (cuInit)"))?;
+        let count = match CudaContext::device_count() {
+            Ok(c) => c,
+            // A driver without a GPU fails cuInit with "no device".
+            Err(e) if e.0 == cudarc::driver::sys::CUresult::CUDA_ERROR_NO_DEVICE => {
+                return Err(GpuError::NoDevice { ordinal, count: 0 })
+            }
+            Err(e) => return Err(GpuError::driver("initialising the driver (cuInit)")(e)),
+        };
         if ordinal >= count.max(0) as usize {
             return Err(GpuError::NoDevice { ordinal, count: count.max(0) as usize });
         }
         let ctx = CudaContext::new(ordinal).map_err(GpuError::driver(format!("creating a context on device {ordinal}")))?;
+        // One stream does all the work, so cudarc's per-buffer events (a record and a wait
+        // per kernel argument, for cross-stream safety) would only add launch overhead.
+        // SAFETY: no buffer exists yet; work on other streams must be synchronised by the
+        // caller (see the type's docs).
+        unsafe { ctx.disable_event_tracking() };
         let name = ctx.name().map_err(GpuError::driver("reading the device name"))?;
         let cc = ctx.compute_capability().map_err(GpuError::driver("reading the compute capability"))?;
         let sm_count = ctx

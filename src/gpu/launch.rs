@@ -15,10 +15,19 @@ pub fn check_len<T>(op: &'static str, what: &str, buf: &(impl DeviceSlice<T> + ?
 }
 
 /// Blocks for a grid-stride loop over `items` work items at `per_block` items per block per
-/// step: enough to fill the device (32 blocks per SM), never more than the work needs, at least 1.
+/// step: one full wave (8 blocks of 256 threads per SM, 2048 resident threads), never more
+/// than the work needs, at least 1. Larger inputs loop inside the kernel.
 pub fn grid_stride_blocks(gpu: &GpuContext, items: u64, per_block: u64) -> u32 {
     let need = items.div_ceil(per_block.max(1)).max(1);
-    need.min(gpu.sm_count().max(1) as u64 * 32) as u32
+    need.min(gpu.sm_count().max(1) as u64 * 8) as u32
+}
+
+/// A column count the kernels' 32-bit column walk handles (below 2^31).
+pub fn check_cols(op: &'static str, cols: usize) -> Result<u32, GpuError> {
+    if cols >= 1 << 31 {
+        return Err(GpuError::invalid(op, format!("{cols} columns exceed the kernels' 2^31 limit")));
+    }
+    Ok(cols as u32)
 }
 
 /// Whether a device address is a multiple of `bytes`.

@@ -5,15 +5,25 @@ use num_traits::Float;
 use std::fmt::Debug;
 
 /// A float the CPU ops run in (f32 or f64).
+///
+/// f64 (the gradient-check precision) uses libm's `erf` and `std`'s `exp`. f32 (training) uses
+/// branch-free versions accurate to a few ulp that the compiler vectorizes inside loops; the
+/// tests bound their error against libm.
 pub trait Real: Float + Send + Sync + Debug + Default + std::iter::Sum + 'static {
-    /// The error function (libm: correctly rounded to about one ulp).
+    /// The error function.
     fn erf(self) -> Self;
+    /// `exp`, with `exp(-inf) = 0` exactly (masked softmax entries).
+    fn fast_exp(self) -> Self;
 }
 
 impl Real for f32 {
-    #[inline]
+    #[inline(always)]
     fn erf(self) -> f32 {
-        libm::erff(self)
+        erf_f32(self)
+    }
+    #[inline(always)]
+    fn fast_exp(self) -> f32 {
+        exp_f32(self)
     }
 }
 
@@ -21,6 +31,61 @@ impl Real for f64 {
     #[inline]
     fn erf(self) -> f64 {
         libm::erf(self)
+    }
+    #[inline]
+    fn fast_exp(self) -> f64 {
+        self.exp()
+    }
+}
+
+/// erf in f32: the rational approximation Eigen and XLA use (odd degree-13 numerator over
+/// even degree-8 denominator on [-4, 4], where erf is +-1 in f32 beyond).
+#[inline(always)]
+pub fn erf_f32(x: f32) -> f32 {
+    let x = x.clamp(-4.0, 4.0);
+    let x2 = x * x;
+    let mut p = -2.726_142_3e-10_f32;
+    p = p * x2 + 2.770_681_4e-8;
+    p = p * x2 - 2.101_024e-6;
+    p = p * x2 - 5.692_506_5e-5;
+    p = p * x2 - 7.349_906_3e-4;
+    p = p * x2 - 2.954_600_1e-3;
+    p = p * x2 - 1.609_603_3e-2;
+    p *= x;
+    let mut q = -1.456_607_2e-5_f32;
+    q = q * x2 - 2.133_740_6e-4;
+    q = q * x2 - 1.682_827e-3;
+    q = q * x2 - 7.373_329e-3;
+    q = q * x2 - 1.426_474e-2;
+    p / q
+}
+
+/// exp in f32 (Cephes' polynomial after reduction by ln 2; round to nearest by the 1.5 * 2^23
+/// trick so no rounding instruction is needed). Inputs below -87 give 0.
+#[inline(always)]
+pub fn exp_f32(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    const ROUND: f32 = 12_582_912.0;
+    let xc = x.clamp(-87.0, 88.5);
+    // t = ROUND + n exactly, so n sits in the low mantissa bits of t (no float-to-int cast,
+    // which would keep the loop from vectorizing).
+    let t = xc * LOG2E + ROUND;
+    let n = t - ROUND;
+    let r = xc - n * LN2_HI - n * LN2_LO;
+    let mut p = 1.987_569_1e-4_f32;
+    p = p * r + 1.398_199_9e-3;
+    p = p * r + 8.333_452e-3;
+    p = p * r + 4.166_579_6e-2;
+    p = p * r + 1.666_666_5e-1;
+    p = p * r + 5.000_000_1e-1;
+    let e = p * r * r + r + 1.0;
+    let scale = f32::from_bits((t.to_bits().wrapping_sub(ROUND.to_bits()).wrapping_add(127)) << 23);
+    if x < -87.0 {
+        0.0
+    } else {
+        e * scale
     }
 }
 

@@ -84,6 +84,8 @@ struct Acts<B: Backend> {
     branch_out: B::Buf,
     /// Work: GELU output, `[B, N, Dm]`.
     hidden: B::Buf,
+    /// The last block's input at the prompt rows, `[B, P, D]`.
+    xtail: B::Buf,
     /// Last hidden state at the prompts and its final norm (`Z`), `[B, P, D]`.
     zin: B::Buf,
     z: B::Buf,
@@ -330,21 +332,22 @@ impl<B: Backend> Trainer<B> {
     pub fn predict(&mut self, images: &[f32]) -> Result<Vec<f32>> {
         let b = self.batch_of(images, None)?;
         self.be.upload(images, &mut self.acts.images);
-        self.forward(b, &mut |_, _, _| {});
+        self.forward(b, &mut |_, _, _, _| {});
         let mut out = vec![0.0f32; b * self.dims.labels];
         self.be.download(&self.acts.logits, &mut out);
         Ok(out)
     }
 
-    /// The output of every block, `[B, N, D]` each (prompt rows included, before the next
-    /// layer's prompts replace them), for inspection and tests.
+    /// The output of every block (prompt rows included, before the next layer's prompts
+    /// replace them), for inspection and tests: `[B, N, D]` for every block but the last,
+    /// which is computed at its prompt rows only: `[B, P, D]`.
     pub fn hidden_states(&mut self, images: &[f32]) -> Result<Vec<Vec<f32>>> {
         let b = self.batch_of(images, None)?;
         self.be.upload(images, &mut self.acts.images);
-        let len = b * self.dims.tokens * self.dims.dim;
+        let dim = self.dims.dim;
         let mut states = Vec::new();
-        self.forward(b, &mut |be: &mut B, _l, x: &B::Buf| {
-            let mut h = vec![0.0f32; len];
+        self.forward(b, &mut |be: &mut B, _l, x: &B::Buf, tokens| {
+            let mut h = vec![0.0f32; b * tokens * dim];
             be.download(x, &mut h);
             states.push(h);
         });
@@ -408,7 +411,7 @@ impl<B: Backend> Trainer<B> {
         let b = self.batch_of(images, Some(targets))?;
         self.be.upload(images, &mut self.acts.images);
         self.be.upload(targets, &mut self.acts.targets);
-        self.forward(b, &mut |_, _, _| {});
+        self.forward(b, &mut |_, _, _, _| {});
         let loss = self.loss(b);
         if !loss.is_finite() {
             bail!("loss is not finite ({loss})");
@@ -467,6 +470,7 @@ impl<B: Backend> Acts<B> {
             normed: be.alloc(nd),
             branch_out: be.alloc(nd),
             hidden: be.alloc(rows * d.mlp),
+            xtail: be.alloc(pd),
             zin: be.alloc(pd),
             z: be.alloc(pd),
             zstats: (be.alloc(bm * d.prompts), be.alloc(bm * d.prompts)),
@@ -501,12 +505,13 @@ const fn head_index(s: usize) -> usize {
 impl<B: Backend> Trainer<B> {
     fn attn_shape(&self, b: usize) -> AttnShape {
         let d = &self.dims;
-        AttnShape { batch: b, tokens: d.tokens, heads: d.heads, head_dim: d.dim / d.heads, prompt_start: 1, prompt_end: 1 + d.prompts }
+        AttnShape::full(b, d.tokens, d.heads, d.dim / d.heads, 1, 1 + d.prompts)
     }
 
     /// Forward for `b` images already uploaded to `acts.images`; leaves logits in
-    /// `acts.logits`. `hook(backend, layer, output)` sees every block's output.
-    fn forward(&mut self, b: usize, hook: &mut dyn FnMut(&mut B, usize, &B::Buf)) {
+    /// `acts.logits`. `hook(backend, layer, output, tokens)` sees every block's output
+    /// (`[B, tokens, D]`: all N tokens, except the last block's P prompt rows).
+    fn forward(&mut self, b: usize, hook: &mut dyn FnMut(&mut B, usize, &B::Buf, usize)) {
         let shape = self.attn_shape(b);
         let d = self.dims;
         let Self { be, weights: w, params, acts: a, tables, .. } = self;
@@ -515,6 +520,7 @@ impl<B: Backend> Trainer<B> {
         be.patchify(&a.images, &mut a.patches, b, d.channels, d.image, d.image, d.patch);
         be.linear_forward(&a.patches, &w.patch.0, Some(&w.patch.1), &mut a.patch_emb, b * d.num_patches, d.patch_len, dim);
         be.embed_tokens(&a.patch_emb, &w.cls, &w.pos, &mut a.xs[0], b, d.num_patches, p, dim);
+        let tail = AttnShape { q_start: 1, q_len: p, ..shape };
         for l in 0..d.depth {
             let (lo, hi) = a.xs.split_at_mut(l + 1);
             let (x, xo) = (&mut lo[l], &mut hi[0]);
@@ -525,19 +531,36 @@ impl<B: Backend> Trainer<B> {
             let (m1, r1) = &mut a.ln1[l];
             be.layernorm_forward(x, &blk.norm1.0, &blk.norm1.1, &mut a.normed, m1, r1, rows, dim, VIT_EPS);
             be.linear_forward(&a.normed, &blk.qkv.0, Some(&blk.qkv.1), &mut a.qkv[l], rows, dim, 3 * dim);
-            be.attention_forward(&a.qkv[l], &mut a.att[l], &mut a.lse[l], &shape);
-            be.linear_forward(&a.att[l], &blk.proj.0, Some(&blk.proj.1), &mut a.branch_out, rows, dim, dim);
-            be.residual(x, &a.branch_out, blk.ls1.as_ref(), &mut a.xmid[l], rows, dim);
-            let (m2, r2) = &mut a.ln2[l];
-            be.layernorm_forward(&a.xmid[l], &blk.norm2.0, &blk.norm2.1, &mut a.normed, m2, r2, rows, dim, VIT_EPS);
-            be.linear_forward(&a.normed, &blk.fc1.0, Some(&blk.fc1.1), &mut a.pre_gelu[l], rows, dim, d.mlp);
-            be.gelu_forward(&a.pre_gelu[l], &mut a.hidden, rows * d.mlp);
-            be.linear_forward(&a.hidden, &blk.fc2.0, Some(&blk.fc2.1), &mut a.branch_out, rows, d.mlp, dim);
-            be.residual(&a.xmid[l], &a.branch_out, blk.ls2.as_ref(), xo, rows, dim);
-            hook(be, l, xo);
+            if l + 1 < d.depth {
+                be.attention_forward(&a.qkv[l], &mut a.att[l], &mut a.lse[l], &shape);
+                be.linear_forward(&a.att[l], &blk.proj.0, Some(&blk.proj.1), &mut a.branch_out, rows, dim, dim);
+                be.residual(x, &a.branch_out, blk.ls1.as_ref(), &mut a.xmid[l], rows, dim);
+                let (m2, r2) = &mut a.ln2[l];
+                be.layernorm_forward(&a.xmid[l], &blk.norm2.0, &blk.norm2.1, &mut a.normed, m2, r2, rows, dim, VIT_EPS);
+                be.linear_forward(&a.normed, &blk.fc1.0, Some(&blk.fc1.1), &mut a.pre_gelu[l], rows, dim, d.mlp);
+                be.gelu_forward(&a.pre_gelu[l], &mut a.hidden, rows * d.mlp);
+                be.linear_forward(&a.hidden, &blk.fc2.0, Some(&blk.fc2.1), &mut a.branch_out, rows, d.mlp, dim);
+                be.residual(&a.xmid[l], &a.branch_out, blk.ls2.as_ref(), xo, rows, dim);
+                hook(be, l, xo, n);
+            } else {
+                // Last block: only its prompt outputs are used (Z), so after K and V of every
+                // token the rest runs on the P prompt rows, compacted to [B, P, D]; the output
+                // is the final norm's input `zin`.
+                let pr = b * p;
+                be.attention_forward(&a.qkv[l], &mut a.att[l], &mut a.lse[l], &tail);
+                be.copy_tokens(x, n, 1, &mut a.xtail, p, 0, p, b, dim);
+                be.linear_forward(&a.att[l], &blk.proj.0, Some(&blk.proj.1), &mut a.branch_out, pr, dim, dim);
+                be.residual(&a.xtail, &a.branch_out, blk.ls1.as_ref(), &mut a.xmid[l], pr, dim);
+                let (m2, r2) = &mut a.ln2[l];
+                be.layernorm_forward(&a.xmid[l], &blk.norm2.0, &blk.norm2.1, &mut a.normed, m2, r2, pr, dim, VIT_EPS);
+                be.linear_forward(&a.normed, &blk.fc1.0, Some(&blk.fc1.1), &mut a.pre_gelu[l], pr, dim, d.mlp);
+                be.gelu_forward(&a.pre_gelu[l], &mut a.hidden, pr * d.mlp);
+                be.linear_forward(&a.hidden, &blk.fc2.0, Some(&blk.fc2.1), &mut a.branch_out, pr, d.mlp, dim);
+                be.residual(&a.xmid[l], &a.branch_out, blk.ls2.as_ref(), &mut a.zin, pr, dim);
+                hook(be, l, &a.zin, p);
+            }
         }
-        // Group tokens Z: the final norm at the prompt positions only.
-        be.copy_tokens(&a.xs[d.depth], n, 1, &mut a.zin, p, 0, p, b, dim);
+        // Group tokens Z: the final norm of the last block's prompt outputs.
         match &w.norm {
             Some((g, beta)) => be.layernorm_forward(&a.zin, g, beta, &mut a.z, &mut a.zstats.0, &mut a.zstats.1, b * p, dim, VIT_EPS),
             None => be.copy(&a.zin, &mut a.z, b * p * dim),
@@ -608,34 +631,42 @@ impl<B: Backend> Trainer<B> {
             Some((g, _)) => be.layernorm_backward(&a.dz, &a.zin, g, &a.zstats.0, &a.zstats.1, &mut a.dzin, b * p, dim, false),
             None => be.copy(&a.dz, &mut a.dzin, b * p * dim),
         }
-        be.fill(&mut a.dx, rows * dim, 0.0);
-        be.copy_tokens(&a.dzin, p, 0, &mut a.dx, n, 1, p, b, dim);
+        let tail = AttnShape { q_start: 1, q_len: p, ..shape };
         let dprompts = &mut grads[0];
         for l in (0..d.depth).rev() {
             let blk = &w.blocks[l];
+            let last = l + 1 == d.depth;
+            // The MLP and attention-output part runs on all rows, or on the P prompt rows of
+            // the last block (gradient `dzin`, compact [B, P, D]).
+            let (r, dres) = if last { (b * p, &mut a.dzin) } else { (rows, &mut a.dx) };
             // x_out = x_mid + ls2 * fc2(gelu(fc1(LN2(x_mid))))
             let src = match &blk.ls2 {
                 Some(ls) => {
-                    be.mul_cols(&a.dx, ls, &mut a.dtmp, rows, dim);
+                    be.mul_cols(dres, ls, &mut a.dtmp, r, dim);
                     &a.dtmp
                 }
-                None => &a.dx,
+                None => &*dres,
             };
-            be.linear_backward_input(src, &blk.fc2.0, &mut a.dhidden, rows, d.mlp, dim, false);
-            be.gelu_backward(&a.pre_gelu[l], &mut a.dhidden, rows * d.mlp);
-            be.linear_backward_input(&a.dhidden, &blk.fc1.0, &mut a.dtmp2, rows, dim, d.mlp, false);
-            be.layernorm_backward(&a.dtmp2, &a.xmid[l], &blk.norm2.0, &a.ln2[l].0, &a.ln2[l].1, &mut a.dx, rows, dim, true);
+            be.linear_backward_input(src, &blk.fc2.0, &mut a.dhidden, r, d.mlp, dim, false);
+            be.gelu_backward(&a.pre_gelu[l], &mut a.dhidden, r * d.mlp);
+            be.linear_backward_input(&a.dhidden, &blk.fc1.0, &mut a.dtmp2, r, dim, d.mlp, false);
+            be.layernorm_backward(&a.dtmp2, &a.xmid[l], &blk.norm2.0, &a.ln2[l].0, &a.ln2[l].1, dres, r, dim, true);
             // x_mid = x + ls1 * proj(attn(qkv(LN1(x))))
             let src = match &blk.ls1 {
                 Some(ls) => {
-                    be.mul_cols(&a.dx, ls, &mut a.dtmp, rows, dim);
+                    be.mul_cols(dres, ls, &mut a.dtmp, r, dim);
                     &a.dtmp
                 }
-                None => &a.dx,
+                None => &*dres,
             };
-            be.linear_backward_input(src, &blk.proj.0, &mut a.dtmp2, rows, dim, dim, false);
-            be.attention_backward(&a.qkv[l], &a.att[l], &a.lse[l], &a.dtmp2, &mut a.dqkv, &shape);
+            be.linear_backward_input(src, &blk.proj.0, &mut a.dtmp2, r, dim, dim, false);
+            be.attention_backward(&a.qkv[l], &a.att[l], &a.lse[l], &a.dtmp2, &mut a.dqkv, if last { &tail } else { &shape });
             be.linear_backward_input(&a.dqkv, &blk.qkv.0, &mut a.dtmp2, rows, dim, 3 * dim, false);
+            if last {
+                // Residual path of the prompt rows into the full-layout gradient.
+                be.fill(&mut a.dx, rows * dim, 0.0);
+                be.copy_tokens(&a.dzin, p, 0, &mut a.dx, n, 1, p, b, dim);
+            }
             be.layernorm_backward(&a.dtmp2, &a.xs[l], &blk.norm1.0, &a.ln1[l].0, &a.ln1[l].1, &mut a.dx, rows, dim, true);
             if d.deep {
                 // Block l's input prompts are prompts[l]; the previous block's prompt outputs

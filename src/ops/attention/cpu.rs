@@ -12,45 +12,69 @@ fn tasks_per_round(total: usize) -> usize {
     total.min(8 * rayon::current_num_threads().max(1))
 }
 
-/// Masks and softmaxes the rows of `s [n, n]` (scaled scores) in place; returns nothing, writes
-/// `lse[i]`.
-fn softmax_rows<T: Real>(s: &mut [T], lse: &mut [T], sh: &AttnShape) {
-    let n = sh.tokens;
-    for (i, row) in s.chunks_exact_mut(n).enumerate() {
-        if i >= sh.prompt_start && i < sh.prompt_end {
-            for (j, v) in row[sh.prompt_start..sh.prompt_end].iter_mut().enumerate() {
-                if sh.prompt_start + j != i {
-                    *v = T::neg_infinity();
-                }
+/// Sum with eight accumulators (vectorizes; fixed order).
+#[inline]
+fn sum8<T: Real>(v: &[T]) -> T {
+    let mut acc = [T::zero(); 8];
+    let chunks = v.chunks_exact(8);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for l in 0..8 {
+            acc[l] = acc[l] + c[l];
+        }
+    }
+    let mut s = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+    for &x in rest {
+        s = s + x;
+    }
+    s
+}
+
+/// In a row of query token `i`, sets the keys it may not see to `value`.
+#[inline]
+fn mask_row<T: Real>(row: &mut [T], i: usize, sh: &AttnShape, value: T) {
+    if i >= sh.prompt_start && i < sh.prompt_end {
+        for (j, v) in row[sh.prompt_start..sh.prompt_end].iter_mut().enumerate() {
+            if sh.prompt_start + j != i {
+                *v = value;
             }
         }
+    }
+}
+
+/// Masks and softmaxes the rows of `s [q_len, n]` (scaled scores) in place; writes `lse[r]`.
+fn softmax_rows<T: Real>(s: &mut [T], lse: &mut [T], sh: &AttnShape) {
+    let n = sh.tokens;
+    for (r, row) in s.chunks_exact_mut(n).enumerate() {
+        mask_row(row, sh.q_start + r, sh, T::neg_infinity());
         let mx = row.iter().copied().fold(T::neg_infinity(), T::max);
-        let mut sum = T::zero();
         for v in row.iter_mut() {
-            *v = (*v - mx).exp();
-            sum = sum + *v;
+            *v = (*v - mx).fast_exp();
         }
+        let sum = sum8(row);
         let inv = T::one() / sum;
         for v in row.iter_mut() {
             *v = *v * inv;
         }
-        lse[i] = mx + sum.ln();
+        lse[r] = mx + sum.ln();
     }
 }
 
-/// Forward: `out = softmax(mask(scale Q K^T)) V` per head; saves `lse [B, h, N]`.
-/// `scratch` grows once to the size the shape needs and is reused.
+/// Forward: `out = softmax(mask(scale Q K^T)) V` per head for the query range; saves
+/// `lse [B, h, Nq]`. `scratch` grows once to the size the shape needs and is reused.
 pub fn forward<T: Real>(qkv: &[T], out: &mut [T], lse: &mut [T], sh: &AttnShape, scratch: &mut Vec<T>) {
     let (b, n, h, dh) = (sh.batch, sh.tokens, sh.heads, sh.head_dim);
+    let (q0, nq) = (sh.q_start, sh.q_len);
     let d = sh.dim();
-    assert!(qkv.len() >= b * n * 3 * d && out.len() >= b * n * d && lse.len() >= b * h * n);
+    assert!(q0 + nq <= n, "query range {q0}+{nq} exceeds {n} tokens");
+    assert!(qkv.len() >= b * n * 3 * d && out.len() >= b * nq * d && lse.len() >= b * h * nq);
     let total = b * h;
-    if total == 0 || n == 0 {
+    if total == 0 || nq == 0 {
         return;
     }
     let per = tasks_per_round(total);
-    if scratch.len() < per * n * n {
-        scratch.resize(per * n * n, T::zero());
+    if scratch.len() < per * nq * n {
+        scratch.resize(per * nq * n, T::zero());
     }
     let scale: T = cast(1.0 / (dh as f64).sqrt());
     let out_p = SyncPtr(out.as_mut_ptr());
@@ -58,27 +82,29 @@ pub fn forward<T: Real>(qkv: &[T], out: &mut [T], lse: &mut [T], sh: &AttnShape,
     let mut first = 0;
     while first < total {
         let count = per.min(total - first);
-        scratch[..count * n * n].par_chunks_mut(n * n).enumerate().for_each(|(t, s)| {
+        scratch[..count * nq * n].par_chunks_mut(nq * n).enumerate().for_each(|(t, s)| {
             let task = first + t;
             let (bi, hi) = (task / h, task % h);
-            let q = qkv[bi * n * 3 * d + hi * dh..].as_ptr();
+            let base = qkv[bi * n * 3 * d + hi * dh..].as_ptr();
             // SAFETY: every index below stays inside qkv/out/lse (asserted sizes); each task
             // writes only its own head's columns of `out` and its own `lse` row.
             unsafe {
-                let k = q.add(d);
-                let v = q.add(2 * d);
-                matmul(n, n, dh, s.as_mut_ptr(), n, 1, false, q, 3 * d, 1, k, 1, 3 * d, scale, false);
-                let lse_row = std::slice::from_raw_parts_mut(lse_p.get().add(task * n), n);
+                let q = base.add(q0 * 3 * d);
+                let k = base.add(d);
+                let v = base.add(2 * d);
+                matmul(nq, n, dh, s.as_mut_ptr(), n, 1, false, q, 3 * d, 1, k, 1, 3 * d, scale, false);
+                let lse_row = std::slice::from_raw_parts_mut(lse_p.get().add(task * nq), nq);
                 softmax_rows(s, lse_row, sh);
-                let o = out_p.get().add(bi * n * d + hi * dh);
-                matmul(n, dh, n, o, d, 1, false, s.as_ptr(), n, 1, v, 3 * d, 1, T::one(), false);
+                let o = out_p.get().add(bi * nq * d + hi * dh);
+                matmul(nq, dh, n, o, d, 1, false, s.as_ptr(), n, 1, v, 3 * d, 1, T::one(), false);
             }
         });
         first += count;
     }
 }
 
-/// Backward: from `dout [B, N, D]` writes `dqkv [B, N, 3D]` (overwritten).
+/// Backward: from `dout [B, Nq, D]` writes `dqkv [B, N, 3D]` (overwritten; Q rows outside the
+/// query range are zero).
 pub fn backward<T: Real>(
     qkv: &[T],
     out: &[T],
@@ -89,48 +115,64 @@ pub fn backward<T: Real>(
     scratch: &mut Vec<T>,
 ) {
     let (b, n, h, dh) = (sh.batch, sh.tokens, sh.heads, sh.head_dim);
+    let (q0, nq) = (sh.q_start, sh.q_len);
     let d = sh.dim();
-    assert!(qkv.len() >= b * n * 3 * d && out.len() >= b * n * d && dout.len() >= b * n * d);
-    assert!(lse.len() >= b * h * n && dqkv.len() >= b * n * 3 * d);
+    assert!(q0 + nq <= n, "query range {q0}+{nq} exceeds {n} tokens");
+    assert!(qkv.len() >= b * n * 3 * d && out.len() >= b * nq * d && dout.len() >= b * nq * d);
+    assert!(lse.len() >= b * h * nq && dqkv.len() >= b * n * 3 * d);
     let total = b * h;
     if total == 0 || n == 0 {
         return;
     }
+    if nq < n {
+        // Q rows outside the query range get no gradient.
+        for row in dqkv[..b * n * 3 * d].chunks_exact_mut(3 * d).enumerate().filter(|(t, _)| t % n < q0 || t % n >= q0 + nq).map(|(_, r)| r) {
+            row[..d].fill(T::zero());
+        }
+    }
+    if nq == 0 {
+        for row in dqkv[..b * n * 3 * d].chunks_exact_mut(3 * d) {
+            row[d..].fill(T::zero());
+        }
+        return;
+    }
     let per = tasks_per_round(total);
-    if scratch.len() < 2 * per * n * n {
-        scratch.resize(2 * per * n * n, T::zero());
+    if scratch.len() < 2 * per * nq * n {
+        scratch.resize(2 * per * nq * n, T::zero());
     }
     let scale: T = cast(1.0 / (dh as f64).sqrt());
     let dqkv_p = SyncPtr(dqkv.as_mut_ptr());
     let mut first = 0;
     while first < total {
         let count = per.min(total - first);
-        scratch[..2 * count * n * n].par_chunks_mut(2 * n * n).enumerate().for_each(|(t, buf)| {
+        scratch[..2 * count * nq * n].par_chunks_mut(2 * nq * n).enumerate().for_each(|(t, buf)| {
             let task = first + t;
             let (bi, hi) = (task / h, task % h);
-            let (p, dp) = buf.split_at_mut(n * n);
+            let (p, dp) = buf.split_at_mut(nq * n);
             let base = bi * n * 3 * d + hi * dh;
-            let q = qkv[base..].as_ptr();
-            let o_off = bi * n * d + hi * dh;
-            let lse_row = &lse[task * n..(task + 1) * n];
+            let o_off = bi * nq * d + hi * dh;
+            let lse_row = &lse[task * nq..(task + 1) * nq];
             // SAFETY: indices inside the asserted sizes; each task writes only its own head's
             // Q, K, V columns of dqkv.
             unsafe {
-                let k = q.add(d);
-                let v = q.add(2 * d);
+                let all = qkv[base..].as_ptr();
+                let q = all.add(q0 * 3 * d);
+                let k = all.add(d);
+                let v = all.add(2 * d);
                 let go = dout[o_off..].as_ptr();
                 // P = exp(scale Q K^T - lse), masked entries 0.
-                matmul(n, n, dh, p.as_mut_ptr(), n, 1, false, q, 3 * d, 1, k, 1, 3 * d, scale, false);
-                for (i, row) in p.chunks_exact_mut(n).enumerate() {
-                    let l = lse_row[i];
-                    for (j, x) in row.iter_mut().enumerate() {
-                        *x = if sh.allowed(i, j) { (*x - l).exp() } else { T::zero() };
+                matmul(nq, n, dh, p.as_mut_ptr(), n, 1, false, q, 3 * d, 1, k, 1, 3 * d, scale, false);
+                for (r, row) in p.chunks_exact_mut(n).enumerate() {
+                    let l = lse_row[r];
+                    for x in row.iter_mut() {
+                        *x = (*x - l).fast_exp();
                     }
+                    mask_row(row, q0 + r, sh, T::zero());
                 }
                 // dP = dO V^T
-                matmul(n, n, dh, dp.as_mut_ptr(), n, 1, false, go, d, 1, v, 1, 3 * d, T::one(), false);
+                matmul(nq, n, dh, dp.as_mut_ptr(), n, 1, false, go, d, 1, v, 1, 3 * d, T::one(), false);
                 // dS = P * (dP - rowsum(dO * O))
-                for i in 0..n {
+                for i in 0..nq {
                     let orow = &out[o_off + i * d..o_off + i * d + dh];
                     let grow = &dout[o_off + i * d..o_off + i * d + dh];
                     let di: T = orow.iter().zip(grow).map(|(&a, &g)| a * g).sum();
@@ -139,13 +181,14 @@ pub fn backward<T: Real>(
                         *x = pv * (*x - di);
                     }
                 }
-                let dq = dqkv_p.get().add(base);
-                let dk = dq.add(d);
-                let dv = dq.add(2 * d);
+                let dall = dqkv_p.get().add(base);
+                let dq = dall.add(q0 * 3 * d);
+                let dk = dall.add(d);
+                let dv = dall.add(2 * d);
                 // dQ = scale dS K ; dK = scale dS^T Q ; dV = P^T dO
-                matmul(n, dh, n, dq, 3 * d, 1, false, dp.as_ptr(), n, 1, k, 3 * d, 1, scale, false);
-                matmul(n, dh, n, dk, 3 * d, 1, false, dp.as_ptr(), 1, n, q, 3 * d, 1, scale, false);
-                matmul(n, dh, n, dv, 3 * d, 1, false, p.as_ptr(), 1, n, go, d, 1, T::one(), false);
+                matmul(nq, dh, n, dq, 3 * d, 1, false, dp.as_ptr(), n, 1, k, 3 * d, 1, scale, false);
+                matmul(n, dh, nq, dk, 3 * d, 1, false, dp.as_ptr(), 1, n, q, 3 * d, 1, scale, false);
+                matmul(n, dh, nq, dv, 3 * d, 1, false, p.as_ptr(), 1, n, go, d, 1, T::one(), false);
             }
         });
         first += count;

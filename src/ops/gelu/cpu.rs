@@ -19,7 +19,7 @@ pub fn gelu_grad<T: Real>(x: T) -> T {
     let half: T = cast(0.5);
     let inv_sqrt2: T = cast(std::f64::consts::FRAC_1_SQRT_2);
     let inv_sqrt_2pi: T = cast(0.398_942_280_401_432_7);
-    half * (T::one() + (x * inv_sqrt2).erf()) + x * (-half * x * x).exp() * inv_sqrt_2pi
+    half * (T::one() + (x * inv_sqrt2).erf()) + x * (-half * x * x).fast_exp() * inv_sqrt_2pi
 }
 
 /// `y[i] = gelu(x[i])` for the first `len` elements.

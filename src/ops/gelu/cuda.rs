@@ -1,7 +1,7 @@
 //! GPU launchers of bias + exact GELU (`kernels/gelu.cu`) over a row-major bf16 `[rows, cols]`
 //! matrix with an optional fp32 bias per column: the fused epilogue of a linear layer.
 
-use crate::gpu::launch::{aligned, check_len, grid_stride_blocks, BLOCK};
+use crate::gpu::launch::{aligned, check_cols, check_len, grid_stride_blocks, BLOCK};
 use crate::gpu::{bf16, CudaStream, DevicePtr, DevicePtrMut, GpuContext, GpuError};
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 
@@ -12,7 +12,7 @@ struct Args {
 }
 
 fn shape(op: &'static str, rows: usize, cols: usize, ptrs: &[u64], bias: u64) -> Result<Args, GpuError> {
-    let cols32 = u32::try_from(cols).map_err(|_| GpuError::invalid(op, format!("{cols} columns exceed 32 bits")))?;
+    let cols32 = check_cols(op, cols)?;
     let vec = cols % 8 == 0 && ptrs.iter().all(|&p| aligned(p, 16)) && aligned(bias, 16);
     Ok(Args { rows: rows as u64, cols: cols32, vec })
 }

@@ -18,6 +18,19 @@ fn check_shape(op: &'static str, rows: usize, d: usize) -> Result<(), GpuError> 
     Ok(())
 }
 
+/// The kernel for a row of `d`: the vector one compiled for ceil(d / 256) chunks of 8 per lane
+/// when `vec`, else the scalar one.
+fn kernel_name(forward: bool, vec: bool, d: usize) -> &'static str {
+    const FWD: [&str; 4] = ["layernorm_fwd_bf16_v8_c1", "layernorm_fwd_bf16_v8_c2", "layernorm_fwd_bf16_v8_c3", "layernorm_fwd_bf16_v8_c4"];
+    const BWD: [&str; 4] = ["layernorm_bwd_bf16_v8_c1", "layernorm_bwd_bf16_v8_c2", "layernorm_bwd_bf16_v8_c3", "layernorm_bwd_bf16_v8_c4"];
+    match (forward, vec) {
+        (true, true) => FWD[d.div_ceil(256) - 1],
+        (false, true) => BWD[d.div_ceil(256) - 1],
+        (true, false) => "layernorm_fwd_bf16",
+        (false, false) => "layernorm_bwd_bf16",
+    }
+}
+
 /// One warp per row, BLOCK / 32 rows per block, as many blocks as rows need (capped; the
 /// kernels loop over rows).
 fn row_launch(rows: usize) -> LaunchConfig {
@@ -75,7 +88,7 @@ pub fn forward(
     let (mp, _g5) = mean.device_ptr_mut(stream);
     let (rp, _g6) = rstd.device_ptr_mut(stream);
     let vec = d % 8 == 0 && [xp, gp, bp, yp].iter().all(|&p| aligned(p, 16));
-    let name = if vec { "layernorm_fwd_bf16_v8" } else { "layernorm_fwd_bf16" };
+    let name = kernel_name(true, vec, d);
     let f = gpu.function("layernorm", name)?;
     let (rows32, d32, eps32) = (rows as u32, d as u32, eps as f32);
     let mut l = stream.launch_builder(&f);
@@ -120,7 +133,7 @@ pub fn backward(
     let (rp, _g5) = rstd.device_ptr(stream);
     let (dxp, _g6) = dx.device_ptr_mut(stream);
     let vec = d % 8 == 0 && [dyp, xp, gp, dxp].iter().all(|&p| aligned(p, 16));
-    let name = if vec { "layernorm_bwd_bf16_v8" } else { "layernorm_bwd_bf16" };
+    let name = kernel_name(false, vec, d);
     let f = gpu.function("layernorm", name)?;
     let (rows32, d32, acc) = (rows as u32, d as u32, accumulate as i32);
     let mut l = stream.launch_builder(&f);

@@ -1,0 +1,58 @@
+//! Per-op CPU benches at the demo shape and a ViT-B-like shape. Linear and attention report
+//! FLOP/s ("elem/s" = FLOP/s), LayerNorm bytes/s of input read.
+
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use mlvpt::ops::attention::{cpu as attn, AttnShape};
+use mlvpt::ops::{layernorm, linear};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use std::time::Duration;
+
+fn rv(rng: &mut ChaCha8Rng, n: usize) -> Vec<f32> {
+    (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect()
+}
+
+fn bench(c: &mut Criterion) {
+    let mut rng = ChaCha8Rng::seed_from_u64(0);
+    let mut g = c.benchmark_group("ops_cpu");
+    g.sample_size(10);
+    g.warm_up_time(Duration::from_millis(500));
+    g.measurement_time(Duration::from_secs(2));
+    // (name, rows, in, out): demo qkv (64 x 77 tokens, 96 -> 288), ViT-B-like qkv (4 x 227, 768 -> 2304)
+    for (name, rows, din, dout) in [("demo", 64 * 77, 96, 288), ("vitb", 4 * 227, 768, 2304)] {
+        let x = rv(&mut rng, rows * din);
+        let w = rv(&mut rng, dout * din);
+        let b = rv(&mut rng, dout);
+        let mut y = vec![0.0f32; rows * dout];
+        let mut dx = vec![0.0f32; rows * din];
+        g.throughput(Throughput::Elements((2 * rows * din * dout) as u64));
+        g.bench_function(format!("linear fwd {name} {rows}x{din}->{dout}"), |bch| bch.iter(|| linear::cpu::forward(&x, &w, Some(&b), &mut y, rows, din, dout)));
+        g.bench_function(format!("linear dX {name} {rows}x{din}->{dout}"), |bch| bch.iter(|| linear::cpu::backward_input(&y, &w, &mut dx, rows, din, dout, false)));
+    }
+    for (name, rows, d) in [("demo", 64 * 77, 96), ("vitb", 4 * 227, 768)] {
+        let x = rv(&mut rng, rows * d);
+        let gm = rv(&mut rng, d);
+        let bt = rv(&mut rng, d);
+        let (mut y, mut m, mut s, mut dx) = (vec![0.0f32; rows * d], vec![0.0f32; rows], vec![0.0f32; rows], vec![0.0f32; rows * d]);
+        g.throughput(Throughput::Bytes((rows * d * 4) as u64));
+        g.bench_function(format!("layernorm fwd {name} {rows}x{d}"), |bch| bch.iter(|| layernorm::cpu::forward(&x, &gm, &bt, &mut y, &mut m, &mut s, rows, d, 1e-6)));
+        g.bench_function(format!("layernorm bwd {name} {rows}x{d}"), |bch| bch.iter(|| layernorm::cpu::backward(&y, &x, &gm, &m, &s, &mut dx, rows, d, false)));
+    }
+    // demo: B 64, N 77 (P 12), 4 heads of 24; ViT-B-like: B 4, N 227 (P 30), 12 heads of 64
+    for (name, b, n, h, dh, p) in [("demo", 64, 77, 4, 24, 12), ("vitb", 4, 227, 12, 64, 30)] {
+        let sh = AttnShape::full(b, n, h, dh, 1, 1 + p);
+        let d = h * dh;
+        let qkv = rv(&mut rng, b * n * 3 * d);
+        let (mut out, mut lse, mut dq) = (vec![0.0f32; b * n * d], vec![0.0f32; b * h * n], vec![0.0f32; b * n * 3 * d]);
+        let dout = rv(&mut rng, b * n * d);
+        let mut scratch = Vec::new();
+        g.throughput(Throughput::Elements((4 * b * h * n * n * dh) as u64));
+        g.bench_function(format!("attention fwd {name} B{b} N{n} h{h}"), |bch| bch.iter(|| attn::forward(&qkv, &mut out, &mut lse, &sh, &mut scratch)));
+        g.throughput(Throughput::Elements((10 * b * h * n * n * dh) as u64));
+        g.bench_function(format!("attention bwd {name} B{b} N{n} h{h}"), |bch| bch.iter(|| attn::backward(&qkv, &out, &lse, &dout, &mut dq, &sh, &mut scratch)));
+    }
+    g.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
