@@ -12,12 +12,16 @@
 //! - Scalars (eps, lr, scales) are passed as f64 and used in the backend's float type.
 
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 
 pub use crate::ops::adamw::AdamWConfig;
 pub use crate::ops::asl::AslConfig;
 pub use crate::ops::attention::AttnShape;
 pub use crate::ops::head::{AdapterShape, MoeShape, VptHeadShape};
 pub use cpu::CpuBackend;
+#[cfg(feature = "cuda")]
+pub use cuda::CudaBackend;
 
 /// The ops the training step needs. See the module docs for conventions.
 pub trait Backend {
@@ -28,6 +32,13 @@ pub trait Backend {
 
     /// A short name for logs ("cpu-f32", ...).
     fn name(&self) -> String;
+
+    /// Reports the first failure of the ops since the last call, and waits for queued work
+    /// (a device backend's ops run asynchronously and cannot return errors inline; the
+    /// `Trainer` calls this after each phase of a step). The CPU backend never fails here.
+    fn check(&mut self) -> anyhow::Result<()> {
+        Ok(())
+    }
 
     // ---- memory -------------------------------------------------------------------------
     /// A zero-filled buffer of `len` floats.

@@ -11,3 +11,4 @@ pub mod head;
 pub mod layernorm;
 pub mod linear;
 pub mod real;
+pub mod tokens;

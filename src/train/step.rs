@@ -303,6 +303,7 @@ impl<B: Backend> Trainer<B> {
         let loss = self.compute_grads(images, targets)?;
         self.step += 1;
         self.be.adamw(&mut self.params, &self.grads, &mut self.adam_m, &mut self.adam_v, self.step, lr as f64, &self.opt);
+        self.be.check()?;
         Ok(loss as f32)
     }
 
@@ -339,6 +340,7 @@ impl<B: Backend> Trainer<B> {
         self.forward(b, &mut |_, _, _, _| {});
         let mut out = vec![0.0f32; b * self.dims.labels];
         self.be.download(&self.acts.logits, &mut out);
+        self.be.check()?;
         Ok(out)
     }
 
@@ -417,10 +419,12 @@ impl<B: Backend> Trainer<B> {
         self.be.upload(targets, &mut self.acts.targets);
         self.forward(b, &mut |_, _, _, _| {});
         let loss = self.loss(b);
+        self.be.check()?;
         if !loss.is_finite() {
             bail!("loss is not finite ({loss})");
         }
         self.backward(b);
+        self.be.check()?;
         Ok(loss)
     }
 }
