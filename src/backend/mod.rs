@@ -12,6 +12,7 @@
 //! - Scalars (eps, lr, scales) are passed as f64 and used in the backend's float type.
 
 pub mod cpu;
+pub mod device;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 
@@ -20,6 +21,7 @@ pub use crate::ops::asl::AslConfig;
 pub use crate::ops::attention::AttnShape;
 pub use crate::ops::head::{AdapterShape, MoeShape, VptHeadShape};
 pub use cpu::CpuBackend;
+pub use device::{select, Device, Selected};
 #[cfg(feature = "cuda")]
 pub use cuda::CudaBackend;
 

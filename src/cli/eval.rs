@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use clap::Args;
 
 use super::Device;
+use mlvpt::backend::{Backend, Selected};
 use mlvpt::train::run::Opened;
 
 #[derive(Args, Debug)]
@@ -16,13 +17,19 @@ pub struct EvalArgs {
     /// Print one JSON object instead of a table.
     #[arg(long)]
     pub json: bool,
-    #[arg(long, value_enum, default_value_t = Device::Cpu)]
+    #[arg(long, value_enum, default_value_t = Device::Auto)]
     pub device: Device,
 }
 
 pub fn run(args: &EvalArgs) -> anyhow::Result<()> {
-    let Device::Cpu = args.device;
-    let mut opened = Opened::open(&args.checkpoint)?;
+    match mlvpt::backend::select(args.device, &mut |line| eprintln!("{line}"))? {
+        Selected::Cpu(be) => run_on(args, Opened::open_on(be, &args.checkpoint)?),
+        #[cfg(feature = "cuda")]
+        Selected::Cuda(be) => run_on(args, Opened::open_on(*be, &args.checkpoint)?),
+    }
+}
+
+fn run_on<B: Backend>(args: &EvalArgs, mut opened: Opened<B>) -> anyhow::Result<()> {
     let (m, ema) = opened.evaluate()?;
     let s = &opened.state;
     let constant = mlvpt::data::constant_predictor_map(&opened.test);

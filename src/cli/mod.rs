@@ -6,9 +6,6 @@ pub mod metrics;
 pub mod predict;
 pub mod train;
 
-/// Where the work runs. Only the CPU reference backend exists so far; auto|cuda arrive with
-/// the CUDA backend.
-#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Device {
-    Cpu,
-}
+/// Where the work runs (`--device auto|cpu|cuda`).
+#[allow(unused_imports)]
+pub use mlvpt::backend::Device;

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use clap::Args;
 
 use super::Device;
+use mlvpt::backend::{Backend, Selected};
 use mlvpt::train::run::Opened;
 
 #[derive(Args, Debug)]
@@ -22,13 +23,19 @@ pub struct PredictArgs {
     /// Print JSON (one object per image) instead of CSV.
     #[arg(long)]
     pub json: bool,
-    #[arg(long, value_enum, default_value_t = Device::Cpu)]
+    #[arg(long, value_enum, default_value_t = Device::Auto)]
     pub device: Device,
 }
 
 pub fn run(args: &PredictArgs) -> anyhow::Result<()> {
-    let Device::Cpu = args.device;
-    let mut opened = Opened::open(&args.checkpoint)?;
+    match mlvpt::backend::select(args.device, &mut |line| eprintln!("{line}"))? {
+        Selected::Cpu(be) => run_on(args, Opened::open_on(be, &args.checkpoint)?),
+        #[cfg(feature = "cuda")]
+        Selected::Cuda(be) => run_on(args, Opened::open_on(*be, &args.checkpoint)?),
+    }
+}
+
+fn run_on<B: Backend>(args: &PredictArgs, mut opened: Opened<B>) -> anyhow::Result<()> {
     let (idx, probs) = opened.predict(&args.index, args.ema)?;
     let names = &opened.state.class_names;
     let k = names.len();

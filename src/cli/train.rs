@@ -93,7 +93,7 @@ pub struct TrainArgs {
     #[arg(long, group = "settings")]
     pub heads: Option<usize>,
 
-    #[arg(long, value_enum, default_value_t = Device::Cpu)]
+    #[arg(long, value_enum, default_value_t = Device::Auto)]
     pub device: Device,
     /// No progress bar or per-epoch lines (the final summary is still printed).
     #[arg(long)]
@@ -131,7 +131,6 @@ impl TrainArgs {
 }
 
 pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
-    let Device::Cpu = args.device;
     if let Some(0) = args.stop_after {
         anyhow::bail!("--stop-after must be at least 1, got 0");
     }
@@ -142,7 +141,7 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
                 Some(o) => o.clone(),
                 None => run::checkpoint_path(from).parent().map(PathBuf::from).unwrap_or_default(),
             };
-            let opts = RunOptions { out, stop_after: args.stop_after, nan_at_step: args.debug_nan_at_step };
+            let opts = RunOptions { out, stop_after: args.stop_after, nan_at_step: args.debug_nan_at_step, device: args.device };
             run::resume(from, &opts, &mut progress)?
         }
         None => {
@@ -150,7 +149,7 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
             // Every setting is checked before any work (data, groups, weights).
             spec.validate()?;
             let out = args.out.clone().unwrap_or_else(|| PathBuf::from("runs/demo"));
-            let opts = RunOptions { out, stop_after: args.stop_after, nan_at_step: args.debug_nan_at_step };
+            let opts = RunOptions { out, stop_after: args.stop_after, nan_at_step: args.debug_nan_at_step, device: args.device };
             run::train(&spec, &opts, &mut progress)?
         }
     };
@@ -226,6 +225,7 @@ fn print_summary(s: &Summary) {
     row("steps", s.steps.to_string());
     row("time", format!("{:.1} s", s.seconds));
     row("images/s", format!("{:.1}", s.images_per_s));
+    row("device", s.device.clone());
     row("final loss", format!("{:.4}", s.final_loss));
     let m = &s.metrics;
     row("test mAP", format!("{:.2}", m.map));

@@ -11,7 +11,7 @@ use std::time::Instant;
 use anyhow::{bail, ensure, Context};
 use serde::{Deserialize, Serialize};
 
-use crate::backend::CpuBackend;
+use crate::backend::{Backend, CpuBackend, Device, Selected};
 use crate::data::{self, derive_seed, DataConfig, Dataset};
 use crate::grouping::{self, Cooccurrence, GroupingConfig, GroupingMode};
 use crate::metrics::{self, Metrics};
@@ -189,6 +189,8 @@ pub struct RunOptions {
     pub stop_after: Option<usize>,
     /// Test hook: feed a NaN image at this global step to exercise the non-finite-loss stop.
     pub nan_at_step: Option<u64>,
+    /// Where training runs (`auto` says which on stderr).
+    pub device: Device,
 }
 
 /// Hooks for progress display; all default to doing nothing.
@@ -215,6 +217,8 @@ pub struct Summary {
     pub seconds: f64,
     /// Training images per second of optimizer steps (evaluation excluded).
     pub images_per_s: f64,
+    /// The backend that trained (`Backend::name`).
+    pub device: String,
     /// Mean training loss of the last epoch.
     pub final_loss: f64,
     pub metrics: Metrics,
@@ -227,17 +231,18 @@ pub struct Summary {
 }
 
 /// The trainer for a model config, its groups, backbone and weights (CPU backend).
-pub fn build_trainer(
+pub fn build_trainer<B: Backend>(
+    backend: B,
     model: &ModelConfig,
     partitions: &[Vec<Vec<usize>>],
     backbone: &BackboneSource,
     params: Params,
     train: &TrainConfig,
-) -> anyhow::Result<Trainer<CpuBackend>> {
+) -> anyhow::Result<Trainer<B>> {
     let backbone = backbone.build(model);
     let opt = AdamWConfig { weight_decay: train.weight_decay, ..AdamWConfig::default() };
     Trainer::new(
-        CpuBackend::new(),
+        backend,
         model.clone(),
         &backbone,
         params,
@@ -249,7 +254,7 @@ pub fn build_trainer(
 }
 
 /// Sigmoid probabilities `[n, K]` of every image of `data`, in batches of at most `max_batch`.
-pub fn predict_probabilities(trainer: &mut Trainer<CpuBackend>, data: &Dataset, max_batch: usize) -> anyhow::Result<Vec<f32>> {
+pub fn predict_probabilities<B: Backend>(trainer: &mut Trainer<B>, data: &Dataset, max_batch: usize) -> anyhow::Result<Vec<f32>> {
     let mut out = Vec::with_capacity(data.n * data.k);
     let l = data.image_len();
     for start in (0..data.n).step_by(max_batch.max(1)) {
@@ -261,14 +266,14 @@ pub fn predict_probabilities(trainer: &mut Trainer<CpuBackend>, data: &Dataset, 
 }
 
 /// Metrics of the trainer's current weights on `data`.
-pub fn evaluate(trainer: &mut Trainer<CpuBackend>, data: &Dataset, max_batch: usize, threshold: f32) -> anyhow::Result<Metrics> {
+pub fn evaluate<B: Backend>(trainer: &mut Trainer<B>, data: &Dataset, max_batch: usize, threshold: f32) -> anyhow::Result<Metrics> {
     let p = predict_probabilities(trainer, data, max_batch)?;
     Ok(metrics::evaluate(&p, &data.targets, data.n, data.k, threshold))
 }
 
 /// Metrics of `params` (e.g. the EMA weights), leaving the trainer's own weights in place.
-pub fn evaluate_with(
-    trainer: &mut Trainer<CpuBackend>,
+pub fn evaluate_with<B: Backend>(
+    trainer: &mut Trainer<B>,
     params: &Params,
     data: &Dataset,
     max_batch: usize,
@@ -347,7 +352,17 @@ pub fn checkpoint_path(path: &Path) -> PathBuf {
 }
 
 /// The epoch loop shared by fresh and resumed runs; `started` is when the command's work began.
-fn run_from(
+fn run_from(state: RunState, train_data: Dataset, opts: &RunOptions, obs: &mut dyn Observer, started: Instant) -> anyhow::Result<Summary> {
+    match crate::backend::select(opts.device, &mut |line| eprintln!("{line}"))? {
+        Selected::Cpu(be) => run_on(be, state, train_data, opts, obs, started),
+        #[cfg(feature = "cuda")]
+        Selected::Cuda(be) => run_on(*be, state, train_data, opts, obs, started),
+    }
+}
+
+/// [`run_from`] on an opened backend.
+fn run_on<B: Backend>(
+    backend: B,
     mut state: RunState,
     train_data: Dataset,
     opts: &RunOptions,
@@ -359,7 +374,7 @@ fn run_from(
     let ck_path = opts.out.join(CHECKPOINT_FILE);
     let log_path = opts.out.join(METRICS_FILE);
 
-    let mut trainer = build_trainer(&state.model, &state.partitions, &state.backbone, state.params.clone(), &cfg)?;
+    let mut trainer = build_trainer(backend, &state.model, &state.partitions, &state.backbone, state.params.clone(), &cfg)?;
     trainer.set_optimizer_state(&state.adam_m, &state.adam_v, state.adam_step)?;
     let mut ema = match &state.ema {
         Some((shadow, updates)) => {
@@ -480,6 +495,7 @@ fn run_from(
         steps: state.step,
         seconds: started.elapsed().as_secs_f64(),
         images_per_s: if train_seconds > 0.0 { images_done as f64 / train_seconds } else { 0.0 },
+        device: trainer.backend().name(),
         final_loss,
         metrics,
         ema_metrics,
@@ -543,18 +559,26 @@ fn append_log(path: &Path, line: &str) -> anyhow::Result<()> {
 
 /// A checkpoint opened for evaluation or prediction: its state, a trainer holding its
 /// weights, and its own test split regenerated from the stored data config.
-pub struct Opened {
+pub struct Opened<B: Backend = CpuBackend> {
     pub path: PathBuf,
     pub state: RunState,
-    pub trainer: Trainer<CpuBackend>,
+    pub trainer: Trainer<B>,
     pub test: Dataset,
 }
 
-impl Opened {
+impl Opened<CpuBackend> {
+    /// Opens a checkpoint on the CPU backend.
     pub fn open(path: &Path) -> anyhow::Result<Self> {
+        Self::open_on(CpuBackend::new(), path)
+    }
+}
+
+impl<B: Backend> Opened<B> {
+    /// Opens a checkpoint on `backend`.
+    pub fn open_on(backend: B, path: &Path) -> anyhow::Result<Self> {
         let path = checkpoint_path(path);
         let state = RunState::load(&path)?;
-        let trainer = build_trainer(&state.model, &state.partitions, &state.backbone, state.params.clone(), &state.train)?;
+        let trainer = build_trainer(backend, &state.model, &state.partitions, &state.backbone, state.params.clone(), &state.train)?;
         let test = state.data.test_split()?;
         Ok(Self { path, state, trainer, test })
     }
