@@ -1,0 +1,286 @@
+//! The CUDA backend against the CPU reference backend: every token op against its CPU twin
+//! (awkward sizes, outputs pre-filled with the same random values on both sides, or NaN where
+//! the op writes everything), and whole training steps (loss, logits, every parameter
+//! gradient, a few AdamW steps) on tiny, fused-attention and demo shapes at bf16-level
+//! tolerances. They need a device: `cargo test --features cuda -- --ignored` on a GPU machine
+//! (tools/gpu-runner.sh runs them).
+#![cfg(feature = "cuda")]
+
+mod common_model;
+mod gpu_common;
+
+use common_model::{images_targets, lively_backbone, tables, tiny_config};
+use gpu_common::{rng, uniform};
+use mlvpt::backend::{AslConfig, AttnShape, Backend, CpuBackend, CudaBackend};
+use mlvpt::model::{Method, ModelConfig, Params, PromptDepth, VitConfig};
+use mlvpt::train::{AdamWConfig, Trainer};
+use rand_chacha::ChaCha8Rng;
+
+fn cuda() -> CudaBackend {
+    CudaBackend::new(0).unwrap_or_else(|e| panic!("this test requires a CUDA device: {e}"))
+}
+
+/// One token op with its sizes; inputs and outputs are `bufs` (same order on both backends).
+#[derive(Clone, Copy, Debug)]
+enum Op {
+    Patchify { b: usize, c: usize, h: usize, w: usize, p: usize },
+    Embed { b: usize, np: usize, prompts: usize, d: usize },
+    SetPrompts { layer: usize, b: usize, n: usize, p: usize, d: usize },
+    PromptGrad { layer: usize, b: usize, n: usize, p: usize, d: usize, zero: bool },
+    CopyTokens { sn: usize, ss: usize, dn: usize, ds: usize, count: usize, b: usize, d: usize },
+    Residual { rows: usize, d: usize, ls: bool },
+    MulCols { rows: usize, d: usize },
+    Axpby { len: usize },
+    Fill { len: usize },
+    Copy { len: usize },
+    Attention { sh: AttnShape },
+}
+
+impl Op {
+    /// Lengths of the buffers: inputs first, then outputs; and how many are outputs.
+    fn buffers(&self) -> (Vec<usize>, usize) {
+        match *self {
+            Op::Patchify { b, c, h, w, .. } => (vec![b * c * h * w, b * c * h * w], 1),
+            Op::Embed { b, np, prompts, d } => (vec![b * np * d, d, (1 + np) * d, b * (1 + prompts + np) * d], 1),
+            Op::SetPrompts { layer, b, n, p, d } => (vec![(layer + 2) * p * d, b * n * d], 1),
+            Op::PromptGrad { layer, b, n, p, d, .. } => (vec![b * n * d, (layer + 2) * p * d], 2),
+            Op::CopyTokens { sn, dn, b, d, .. } => (vec![b * sn * d, b * dn * d], 1),
+            Op::Residual { rows, d, .. } => (vec![rows * d, rows * d, d, rows * d], 1),
+            Op::MulCols { rows, d } => (vec![rows * d, d, rows * d], 1),
+            Op::Axpby { len } => (vec![len, len], 1),
+            Op::Fill { len } => (vec![len + 3], 1),
+            Op::Copy { len } => (vec![len, len + 5], 1),
+            Op::Attention { sh } => {
+                let (b, n, d) = (sh.batch, sh.tokens, sh.dim());
+                // qkv, dout -> out, lse, dqkv
+                (vec![b * n * 3 * d, b * sh.q_len * d, b * sh.q_len * d, b * sh.heads * sh.q_len, b * n * 3 * d], 3)
+            }
+        }
+    }
+
+    /// Whether every element of the outputs is written (so NaN poison must disappear).
+    fn writes_all(&self) -> bool {
+        matches!(self, Op::Patchify { .. } | Op::Residual { .. } | Op::MulCols { .. } | Op::Axpby { .. } | Op::Attention { .. })
+    }
+}
+
+/// Runs `op` on `be` from the host values `init`, returning every buffer afterwards.
+fn run<B: Backend>(be: &mut B, op: Op, init: &[Vec<f32>]) -> Vec<Vec<f32>> {
+    let mut bufs: Vec<B::Buf> = init
+        .iter()
+        .map(|v| {
+            let mut b = be.alloc(v.len());
+            be.upload(v, &mut b);
+            b
+        })
+        .collect();
+    match op {
+        Op::Patchify { b, c, h, w, p } => {
+            let [i, o] = &mut bufs[..] else { unreachable!() };
+            be.patchify(i, o, b, c, h, w, p)
+        }
+        Op::Embed { b, np, prompts, d } => {
+            let [pa, cls, pos, x] = &mut bufs[..] else { unreachable!() };
+            be.embed_tokens(pa, cls, pos, x, b, np, prompts, d)
+        }
+        Op::SetPrompts { layer, b, n, p, d } => {
+            let [pr, x] = &mut bufs[..] else { unreachable!() };
+            be.set_prompts(pr, layer, x, b, n, p, d)
+        }
+        Op::PromptGrad { layer, b, n, p, d, zero } => {
+            let [dx, dp] = &mut bufs[..] else { unreachable!() };
+            be.prompt_grad(dx, dp, layer, b, n, p, d, zero)
+        }
+        Op::CopyTokens { sn, ss, dn, ds, count, b, d } => {
+            let [s, t] = &mut bufs[..] else { unreachable!() };
+            be.copy_tokens(s, sn, ss, t, dn, ds, count, b, d)
+        }
+        Op::Residual { rows, d, ls } => {
+            let [x, f, l, o] = &mut bufs[..] else { unreachable!() };
+            be.residual(x, f, if ls { Some(&*l) } else { None }, o, rows, d)
+        }
+        Op::MulCols { rows, d } => {
+            let [s, v, o] = &mut bufs[..] else { unreachable!() };
+            be.mul_cols(s, v, o, rows, d)
+        }
+        Op::Axpby { len } => {
+            let [x, y] = &mut bufs[..] else { unreachable!() };
+            be.axpby(0.75, y, -1.25, x, len)
+        }
+        Op::Fill { len } => be.fill(&mut bufs[0], len, 0.375),
+        Op::Copy { len } => {
+            let [s, t] = &mut bufs[..] else { unreachable!() };
+            be.copy(s, t, len)
+        }
+        Op::Attention { sh } => {
+            let [qkv, dout, out, lse, dqkv] = &mut bufs[..] else { unreachable!() };
+            be.attention_forward(qkv, out, lse, &sh);
+            be.attention_backward(qkv, out, lse, dout, dqkv, &sh);
+        }
+    }
+    be.check().expect("backend error");
+    bufs.iter()
+        .zip(init)
+        .map(|(b, v)| {
+            let mut h = vec![0.0f32; v.len()];
+            be.download(b, &mut h);
+            h
+        })
+        .collect()
+}
+
+fn compare(op: Op, rng: &mut ChaCha8Rng, seed: u64, gpu: &mut CudaBackend, atol: f32, rtol: f32) {
+    let (lens, outs) = op.buffers();
+    let first_out = lens.len() - outs;
+    let init: Vec<Vec<f32>> = lens.iter().map(|&n| uniform(rng, n, -2.0, 2.0)).collect();
+    let want = run(&mut CpuBackend::<f32>::new(), op, &init);
+    let mut gpu_init = init.clone();
+    if op.writes_all() {
+        for v in &mut gpu_init[first_out..] {
+            v.fill(f32::NAN);
+        }
+    }
+    let got = run(gpu, op, &gpu_init);
+    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+        for (j, (&a, &b)) in g.iter().zip(w).enumerate() {
+            assert!((a - b).abs() <= atol + rtol * b.abs(), "{op:?}: buffer {i} element {j}: GPU {a}, CPU {b} (MLVPT_TEST_SEED={seed})");
+        }
+    }
+}
+
+#[test]
+#[ignore = "requires a CUDA device"]
+fn token_ops_match_their_cpu_twins() {
+    let (mut r, seed) = rng("token_ops_match_their_cpu_twins");
+    let mut gpu = cuda();
+    let ops = [
+        Op::Patchify { b: 3, c: 3, h: 12, w: 20, p: 4 },
+        Op::Patchify { b: 1, c: 1, h: 14, w: 14, p: 7 },
+        Op::Embed { b: 3, np: 15, prompts: 7, d: 24 },
+        Op::Embed { b: 2, np: 4, prompts: 0, d: 5 },
+        Op::SetPrompts { layer: 1, b: 3, n: 13, p: 5, d: 9 },
+        Op::PromptGrad { layer: 1, b: 5, n: 13, p: 5, d: 9, zero: true },
+        Op::PromptGrad { layer: 0, b: 3, n: 11, p: 3, d: 17, zero: false },
+        Op::CopyTokens { sn: 13, ss: 1, dn: 5, ds: 0, count: 5, b: 3, d: 7 },
+        Op::CopyTokens { sn: 5, ss: 0, dn: 13, ds: 1, count: 5, b: 3, d: 7 },
+        Op::Residual { rows: 37, d: 19, ls: true },
+        Op::Residual { rows: 37, d: 19, ls: false },
+        Op::MulCols { rows: 29, d: 23 },
+        Op::Axpby { len: 1001 },
+        Op::Fill { len: 777 },
+        Op::Copy { len: 333 },
+    ];
+    for op in ops {
+        compare(op, &mut r, seed, &mut gpu, 1e-6, 1e-6);
+    }
+}
+
+#[test]
+#[ignore = "requires a CUDA device"]
+fn attention_paths_match_the_cpu_reference() {
+    let (mut r, seed) = rng("attention_paths_match_the_cpu_reference");
+    let mut gpu = cuda();
+    // Head dims 4 and 24 take the plain fp32 kernels (tight tolerance), 32 and 64 the fused
+    // bf16 ones (bf16 tolerance); full and prompt-row query ranges.
+    for (hd, atol, rtol) in [(4usize, 2e-5f32, 1e-4f32), (24, 2e-5, 1e-4), (32, 3e-2, 3e-2), (64, 3e-2, 3e-2)] {
+        for (q_start, q_len) in [(0usize, 23usize), (1, 6)] {
+            let sh = AttnShape { batch: 2, tokens: 23, heads: 2, head_dim: hd, prompt_start: 1, prompt_end: 7, q_start, q_len };
+            compare(Op::Attention { sh }, &mut r, seed, &mut gpu, atol, rtol);
+        }
+    }
+}
+
+fn trainer_on<B: Backend>(be: B, cfg: &ModelConfig, branches: usize, max_batch: usize, seed: u64) -> Trainer<B> {
+    let bb = lively_backbone(&cfg.vit, seed);
+    let params = Params::init(cfg, branches, seed + 1);
+    Trainer::new(be, cfg.clone(), &bb, params, tables(cfg.labels, cfg.groups, branches), AslConfig::default(), AdamWConfig::default(), max_batch).unwrap()
+}
+
+/// Relative L2 distance `|a - b| / max(|b|, floor)`.
+fn rel(a: &[f32], b: &[f32], floor: f64) -> f64 {
+    let d: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum::<f64>().sqrt();
+    let n: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum::<f64>().sqrt();
+    if d.is_nan() {
+        return f64::INFINITY;
+    }
+    d / n.max(floor)
+}
+
+/// Loss, logits and every gradient of one step, then three AdamW steps, GPU vs CPU.
+fn whole_step(name: &str, cfg: &ModelConfig, branches: usize, batch: usize) {
+    let seed = 11;
+    let mut cpu = trainer_on(CpuBackend::<f32>::new(), cfg, branches, batch, seed);
+    let mut gpu = trainer_on(cuda(), cfg, branches, batch, seed);
+    let (images, targets) = images_targets(cfg, batch, seed + 2);
+    let (lc, lg) = (cpu.predict(&images).unwrap(), gpu.predict(&images).unwrap());
+    let r = rel(&lg, &lc, 1e-3);
+    eprintln!("{name}: logits relative L2 {r:.2e}");
+    assert!(r <= 3e-2, "{name}: GPU logits differ from the CPU's by {r:.3e} (relative L2)");
+    let (loss_c, gc) = cpu.loss_and_grads(&images, &targets).unwrap();
+    let (loss_g, gg) = gpu.loss_and_grads(&images, &targets).unwrap();
+    eprintln!("{name}: loss CPU {loss_c} GPU {loss_g}");
+    assert!((loss_c - loss_g).abs() <= 2e-2 * loss_c.abs() + 1e-3, "{name}: loss CPU {loss_c} GPU {loss_g}");
+    for (c, g) in gc.tensors.iter().zip(&gg.tensors) {
+        let r = rel(&g.data, &c.data, 1e-6);
+        eprintln!("{name}: grad {} relative L2 {r:.2e}", c.name);
+        assert!(r <= 6e-2, "{name}: gradient of {} differs by {r:.3e} (relative L2)", c.name);
+    }
+    let p0 = cpu.params();
+    let mut losses = Vec::new();
+    for s in 0..3 {
+        let a = cpu.step(&images, &targets, 1e-3).unwrap();
+        let b = gpu.step(&images, &targets, 1e-3).unwrap();
+        losses.push((a, b));
+        assert!((a - b).abs() <= 3e-2 * a.abs() + 1e-3, "{name}: step {s} loss CPU {a} GPU {b}");
+    }
+    eprintln!("{name}: losses over steps {losses:?}");
+    let (pc, pg) = (cpu.params(), gpu.params());
+    for ((c, g), z) in pc.tensors.iter().zip(&pg.tensors).zip(&p0.tensors) {
+        // Distance between the two runs, against how far the CPU run moved.
+        let moved: Vec<f32> = c.data.iter().zip(&z.data).map(|(a, b)| a - b).collect();
+        let apart: Vec<f32> = c.data.iter().zip(&g.data).map(|(a, b)| a - b).collect();
+        let r = rel(&apart, &vec![0.0; apart.len()], 1.0) / rel(&moved, &vec![0.0; moved.len()], 1.0).max(1e-12);
+        eprintln!("{name}: after 3 steps {} apart/moved {r:.2e}", c.name);
+        assert!(r <= 0.25, "{name}: after 3 AdamW steps {} is {r:.3} of its movement away from the CPU's", c.name);
+    }
+}
+
+#[test]
+#[ignore = "requires a CUDA device"]
+fn tiny_training_step_matches_the_cpu() {
+    whole_step("tiny ml-vpt deep", &tiny_config(), 2, 3);
+    let vpt = ModelConfig { method: Method::Vpt, prompt_depth: PromptDepth::Shallow, ..tiny_config() };
+    whole_step("tiny vpt shallow", &vpt, 1, 3);
+}
+
+#[test]
+#[ignore = "requires a CUDA device"]
+fn fused_attention_training_step_matches_the_cpu() {
+    // Head dim 32: the fused bf16 attention kernels; D 64 for the head kernels (D % 8 == 0).
+    let vit = VitConfig { image_size: 16, patch: 4, channels: 3, dim: 64, depth: 2, heads: 2, mlp_dim: 128, layer_scale: true, final_norm: true };
+    let cfg = ModelConfig { vit, ..tiny_config() };
+    whole_step("head dim 32, layer scale", &cfg, 2, 4);
+}
+
+#[test]
+#[ignore = "requires a CUDA device"]
+fn demo_training_step_matches_the_cpu() {
+    whole_step("demo", &ModelConfig::demo(), 2, 8);
+}
+
+#[test]
+#[ignore = "requires a CUDA device"]
+fn bad_shapes_are_errors_not_panics() {
+    let mut be = cuda();
+    let mut small = be.alloc(4);
+    let big = be.alloc(100);
+    be.copy(&big, &mut small, 50);
+    let err = be.check().expect_err("copying 50 values into 4 must fail");
+    assert!(err.to_string().contains("GPU") || format!("{err:#}").contains("copy"), "{err:#}");
+    // The error is reported once; the backend works again afterwards.
+    be.fill(&mut small, 4, 2.0);
+    be.check().unwrap();
+    let mut h = [0.0f32; 4];
+    be.download(&small, &mut h);
+    assert_eq!(h, [2.0; 4]);
+}
