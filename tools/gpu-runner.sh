@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Runs the GPU bundle (tools/gpu-bundle.sh) on a machine with an NVIDIA GPU and no Rust: finds
 # libcuda and libcublas, prints the GPU, runs every bundled test binary with its ignored (GPU)
-# tests included, then the benches in a short mode, writes one log per step into $OUT (or
-# $MLVPT_GPU_LOGS, else bundle/logs), and prints a summary table last. Exits non-zero when a
+# tests included, a one-epoch `mlvpt train --device cuda` on the demo, then the benches in a
+# short mode, writes one log per step into $OUT (or $MLVPT_GPU_LOGS, else bundle/logs), and
+# prints a summary table last. Exits non-zero when a
 # test fails or a library is missing. Budget: under 8 minutes.
 #
 #   bash bundle/gpu-runner.sh                 # from the repo root, bundle/ carried
@@ -93,6 +94,31 @@ for t in "$HERE"/tests/*; do
   row "test $name" "$st" "${passed:--}" "${failed:--}" "${ignored:--}" "$secs"
 done
 
+# --- a short training run on the GPU (the embedded demo, one epoch) ------------------------------
+TRAIN_TABLE="$LOGS/train-summary.txt"
+: > "$TRAIN_TABLE"
+if [ -x "$HERE/bin/mlvpt" ]; then
+  left=$(remaining)
+  if [ "$left" -lt 30 ]; then
+    row "train --device cuda" "SKIPPED" - - - 0; status=1
+  else
+    log "mlvpt train --device cuda --epochs 1 (timeout ${left}s)"
+    run_dir=${TMPDIR:-/tmp}/mlvpt-train-cuda
+    rm -rf "$run_dir"
+    t0=$(date +%s)
+    timeout --kill-after=5 "$left" "$HERE/bin/mlvpt" train --device cuda --epochs 1 --quiet --out "$run_dir" > "$LOGS/train-cuda.log" 2>&1
+    rc=$?
+    secs=$(( $(date +%s) - t0 ))
+    tail -n 20 "$LOGS/train-cuda.log"
+    if [ "$rc" -eq 0 ]; then st=ok; elif [ "$rc" -ge 124 ]; then st=TIMEOUT; status=1; else st=FAILED; status=1; fi
+    row "train --device cuda" "$st" - - - "$secs"
+    ips=$(sed -n 's/^ *images\/s *//p' "$LOGS/train-cuda.log" | head -n 1)
+    map=$(sed -n 's/^ *test mAP *//p' "$LOGS/train-cuda.log" | head -n 1)
+    dev=$(sed -n 's/^  device  *//p' "$LOGS/train-cuda.log" | head -n 1)
+    echo "  mlvpt train --device cuda --epochs 1 (demo): ${ips:-?} images/s, test mAP ${map:-?}, ${dev:-?}" >> "$TRAIN_TABLE"
+  fi
+fi
+
 # --- benches --------------------------------------------------------------------------------
 BENCH_TABLE="$LOGS/bench-summary.txt"
 : > "$BENCH_TABLE"
@@ -128,6 +154,7 @@ fi
   echo "GPU: $gpu_name"
   printf '%-28s %-8s %6s %6s %7s %7s\n' step status passed failed ignored time
   cat "$SUMMARY"
+  [ -s "$TRAIN_TABLE" ] && cat "$TRAIN_TABLE"
   if [ -s "$BENCH_TABLE" ]; then
     echo "benchmarks (median time, median throughput):"
     cat "$BENCH_TABLE"

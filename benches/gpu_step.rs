@@ -1,0 +1,68 @@
+//! One whole training step (forward, ASL, backward, AdamW) on the CUDA backend, as images/s
+//! (criterion `Throughput::Elements(batch)`: read "elem/s" as images/s), at the demo shape
+//! (batch 64) and ViT-B/16 224 (K 80, T 5, E 3, deep prompts; batch 64 and 128). The same
+//! shapes on the CPU: benches/train_step.rs. Without a device it prints "bench skipped".
+//!
+//!     cargo bench --features cuda --bench gpu_step
+//!     cargo bench --features cuda --bench gpu_step -- demo
+
+use criterion::{criterion_group, criterion_main, Criterion, SamplingMode, Throughput};
+use mlvpt::backend::{AslConfig, CudaBackend};
+use mlvpt::model::{Backbone, ModelConfig, Params, VitConfig};
+use mlvpt::train::{AdamWConfig, Trainer};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use std::time::Duration;
+
+fn setup(be: CudaBackend, cfg: &ModelConfig, batch: usize) -> anyhow::Result<(Trainer<CudaBackend>, Vec<f32>, Vec<f32>)> {
+    let mut rng = ChaCha8Rng::seed_from_u64(0);
+    let bb = Backbone::random(&cfg.vit, 1);
+    let params = Params::init(cfg, 2, 2);
+    let tables: Vec<Vec<usize>> = (0..2).map(|s| (0..cfg.labels).map(|k| (k * (s + 1) + s) % cfg.groups).collect()).collect();
+    let tr = Trainer::new(be, cfg.clone(), &bb, params, tables, AslConfig::default(), AdamWConfig::default(), batch)?;
+    let images = (0..batch * cfg.vit.image_len()).map(|_| rng.random_range(-2.0f32..2.0)).collect();
+    let targets = (0..batch * cfg.labels).map(|_| if rng.random_bool(0.15) { 1.0 } else { 0.0 }).collect();
+    Ok((tr, images, targets))
+}
+
+fn bench(c: &mut Criterion) {
+    let name = match CudaBackend::new(0) {
+        Ok(be) => be.gpu().device_name().to_string(),
+        Err(e) => {
+            eprintln!("gpu_step bench skipped: {e}");
+            return;
+        }
+    };
+    eprintln!("# gpu_step on {name}");
+    let demo = ModelConfig::demo();
+    let vitb = ModelConfig { vit: VitConfig::vit_b16(), labels: 80, groups: 5, experts: 3, ..ModelConfig::demo() };
+    for (label, cfg, batch) in [("demo b64", &demo, 64usize), ("vit-b16-224 b64", &vitb, 64), ("vit-b16-224 b128", &vitb, 128)] {
+        // Built on first use (one trainer at a time: ViT-B at batch 128 holds ~11 GB).
+        let mut state = None;
+        let mut g = c.benchmark_group("gpu_step");
+        g.throughput(Throughput::Elements(batch as u64));
+        g.sample_size(10);
+        // Steps of 0.1 s and more: the same iteration count per sample, not 1..10x.
+        g.sampling_mode(SamplingMode::Flat);
+        g.warm_up_time(Duration::from_secs(1));
+        g.measurement_time(Duration::from_secs(3));
+        g.bench_function(label, |b| {
+            let (tr, images, targets) = state.get_or_insert_with(|| {
+                let be = CudaBackend::new(0).expect("device opened above");
+                setup(be, cfg, batch).unwrap_or_else(|e| panic!("{label}: {e:#}"))
+            });
+            b.iter(|| tr.step(images, targets, 1e-4).unwrap_or_else(|e| panic!("{label}: {e:#}")))
+        });
+        g.bench_function(format!("{label} predict"), |b| {
+            let (tr, images, _) = state.get_or_insert_with(|| {
+                let be = CudaBackend::new(0).expect("device opened above");
+                setup(be, cfg, batch).unwrap_or_else(|e| panic!("{label}: {e:#}"))
+            });
+            b.iter(|| tr.predict(images).unwrap_or_else(|e| panic!("{label}: {e:#}")))
+        });
+        g.finish();
+    }
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
