@@ -1,7 +1,8 @@
 //! The CUDA backend (feature `cuda`): the [`Backend`] ops on one device and one stream.
 //!
 //! Precision, first version: every `Buf` is fp32 device memory (activations, master weights,
-//! gradients, optimizer state). Dense projections are fp32 cuBLAS GEMMs (fp32 accumulation).
+//! gradients, optimizer state). Dense projections are cuBLAS GEMMs on fp32 buffers with TF32
+//! inputs and fp32 accumulation (tensor cores; TF32 keeps more mantissa than bf16).
 //! The kernels that exist only in bf16 storage (LayerNorm, GELU, fused attention, the head's
 //! token inputs) get their bf16 operands by a cast into backend-owned scratch and their bf16
 //! results cast back; gradients they accumulate are produced in bf16 and added in fp32, so the
@@ -66,6 +67,8 @@ impl CudaBackend {
         let gpu = GpuContext::new(ordinal)?;
         // cuBLAS is needed for every dense projection: fail now rather than at the first step.
         gpu.blas()?;
+        // Dense projections on tensor cores: TF32 inputs (finer than bf16), fp32 accumulation.
+        gpu.allow_tf32(true);
         let asl_ws = asl::cuda::AslWorkspace::new(&gpu)?;
         let loss = gpu.zeros(1)?;
         Ok(Self { gpu, asl_ws, head_ws: HeadWorkspace::new(), loss, scratch: Scratch::default(), error: RefCell::new(None) })

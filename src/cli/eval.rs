@@ -22,10 +22,12 @@ pub struct EvalArgs {
 }
 
 pub fn run(args: &EvalArgs) -> anyhow::Result<()> {
+    // The checkpoint is read first, so a bad file is reported before any device is opened.
+    let (path, state) = Opened::load(&args.checkpoint)?;
     match mlvpt::backend::select(args.device, &mut |line| eprintln!("{line}"))? {
-        Selected::Cpu(be) => run_on(args, Opened::open_on(be, &args.checkpoint)?),
+        Selected::Cpu(be) => run_on(args, Opened::on(be, path, state)?),
         #[cfg(feature = "cuda")]
-        Selected::Cuda(be) => run_on(args, Opened::open_on(*be, &args.checkpoint)?),
+        Selected::Cuda(be) => run_on(args, Opened::on(*be, path, state)?),
     }
 }
 

@@ -41,7 +41,8 @@ fn dim(op: &'static str, name: &str, v: usize) -> Result<i32, GpuError> {
 
 impl GpuContext {
     /// Row-major `C[m, n] = alpha op(A) op(B) + beta C` with op(A) m x k, op(B) k x n, where
-    /// `ta`/`tb` say A is stored k x m / B is stored n x k. f32 accumulation; A and B share a type.
+    /// `ta`/`tb` say A is stored k x m / B is stored n x k. f32 accumulation; A and B share a type
+    /// (fp32 inputs are rounded to TF32 when [`Self::allow_tf32`] is on).
     ///
     /// cuBLAS is column-major, and a row-major matrix read column-major is its transpose, so
     /// this computes `C^T = op(B)^T op(A)^T` with the operands swapped.
@@ -99,7 +100,11 @@ impl GpuContext {
                 cp as *mut _,
                 O::DATA_TYPE,
                 ni,
-                cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                if self.tf32() && T::DATA_TYPE == cudaDataType::CUDA_R_32F {
+                    cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_TF32
+                } else {
+                    cublasComputeType_t::CUBLAS_COMPUTE_32F
+                },
                 cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
             )
         }
@@ -173,7 +178,11 @@ impl GpuContext {
                 ni,
                 sc,
                 bi,
-                cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                if self.tf32() && T::DATA_TYPE == cudaDataType::CUDA_R_32F {
+                    cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_TF32
+                } else {
+                    cublasComputeType_t::CUBLAS_COMPUTE_32F
+                },
                 cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
             )
         }

@@ -19,6 +19,8 @@ pub struct GpuContext {
     modules: HashMap<&'static str, Arc<CudaModule>>,
     functions: Mutex<HashMap<(&'static str, &'static str), CudaFunction>>,
     blas: Result<Blas, String>,
+    /// fp32 GEMMs on tensor cores (TF32 inputs, fp32 accumulation); off unless asked for.
+    tf32: std::sync::atomic::AtomicBool,
     name: String,
     cc: (i32, i32),
     sm_count: u32,
@@ -110,7 +112,7 @@ impl GpuContext {
         } else {
             Err(GpuError::NoCublas.to_string())
         };
-        Ok(Self { ctx, stream, modules, functions: Mutex::new(HashMap::new()), blas, name, cc, sm_count })
+        Ok(Self { ctx, stream, modules, functions: Mutex::new(HashMap::new()), blas, tf32: Default::default(), name, cc, sm_count })
     }
 
     /// The cudarc context.
@@ -132,6 +134,16 @@ impl GpuContext {
     /// Number of streaming multiprocessors (sizes grid-stride launches).
     pub fn sm_count(&self) -> u32 {
         self.sm_count
+    }
+
+    /// Lets fp32 GEMMs round their inputs to TF32 (10-bit mantissa, still fp32 accumulation)
+    /// to run on tensor cores; bf16 GEMMs are unaffected.
+    pub fn allow_tf32(&self, on: bool) {
+        self.tf32.store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+    /// Whether [`Self::allow_tf32`] is on.
+    pub fn tf32(&self) -> bool {
+        self.tf32.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The cuBLAS handle, or why there is none.

@@ -569,15 +569,21 @@ pub struct Opened<B: Backend = CpuBackend> {
 impl Opened<CpuBackend> {
     /// Opens a checkpoint on the CPU backend.
     pub fn open(path: &Path) -> anyhow::Result<Self> {
-        Self::open_on(CpuBackend::new(), path)
+        let (path, state) = Self::load(path)?;
+        Self::on(CpuBackend::new(), path, state)
+    }
+
+    /// Reads a checkpoint (a file, or a run folder holding one): its path and state.
+    pub fn load(path: &Path) -> anyhow::Result<(PathBuf, RunState)> {
+        let path = checkpoint_path(path);
+        let state = RunState::load(&path)?;
+        Ok((path, state))
     }
 }
 
 impl<B: Backend> Opened<B> {
-    /// Opens a checkpoint on `backend`.
-    pub fn open_on(backend: B, path: &Path) -> anyhow::Result<Self> {
-        let path = checkpoint_path(path);
-        let state = RunState::load(&path)?;
+    /// Puts a checkpoint read by [`Opened::load`] on `backend`.
+    pub fn on(backend: B, path: PathBuf, state: RunState) -> anyhow::Result<Self> {
         let trainer = build_trainer(backend, &state.model, &state.partitions, &state.backbone, state.params.clone(), &state.train)?;
         let test = state.data.test_split()?;
         Ok(Self { path, state, trainer, test })

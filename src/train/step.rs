@@ -263,6 +263,8 @@ impl<B: Backend> Trainer<B> {
         let adam_v = zeros(be);
         let tables = host_tables.iter().map(|(a, b)| (be.upload_idx(a), be.upload_idx(b))).collect();
         let acts = Acts::new(be, &dims);
+        // A device backend reports allocation failures (out of memory) here.
+        backend.check().context("putting the model on the backend")?;
         Ok(Self { be: backend, cfg, dims, asl, opt, specs, weights, params: params_dev, grads, adam_m, adam_v, step: 0, tables, acts })
     }
 
