@@ -12,8 +12,8 @@
 //! Errors: the trait's ops return nothing, so the first [`GpuError`] is kept, later ops are
 //! skipped, and [`Backend::check`] (called by the `Trainer` after each phase) reports it.
 //! Scratch buffers grow to the largest size an op asks for and are then reused: no device
-//! allocation per step once the shapes are fixed. Host synchronisation in a step: one per
-//! [`Backend::asl`] call (the loss is returned as f64); downloads synchronise too.
+//! allocation per step once the shapes are fixed. Host synchronisation in a step: one, reading
+//! the loss of [`Backend::asl_terms`] (all ASL terms in one launch); downloads synchronise too.
 
 use super::{AdamWConfig, AdapterShape, AslConfig, AttnShape, Backend, MoeShape, VptHeadShape};
 use crate::gpu::{bf16, CudaSlice, DevicePtr, DevicePtrMut, GpuContext, GpuError};
@@ -408,6 +408,31 @@ impl Backend for CudaBackend {
             Ok(())
         });
         out
+    }
+    fn asl_terms(&mut self, terms: &mut [(&CudaSlice<f32>, Option<&mut CudaSlice<f32>>)], targets: &CudaSlice<f32>, len: usize, cfg: &AslConfig, scale: f64) -> f64 {
+        let mut out = 0.0;
+        self.run(|be| {
+            let g = &be.gpu;
+            // One launch per MAX_TERMS terms (the training loss has at most four), each
+            // writing `loss`, which is read back (one host synchronisation per launch).
+            for chunk in terms.chunks_mut(asl::cuda::MAX_TERMS) {
+                let mut ts: Vec<asl::cuda::AslTerm<'_>> = chunk
+                    .iter_mut()
+                    .map(|(l, gr)| asl::cuda::AslTerm { logits: *l as &dyn DevicePtr<f32>, grad: gr.as_deref_mut().map(|b| b as &mut dyn DevicePtrMut<f32>) })
+                    .collect();
+                asl::cuda::forward_backward_terms(g, g.stream(), &mut be.asl_ws, &mut ts, targets, cfg, scale as f32, &mut be.loss, len)?;
+                let mut host = [0.0f32];
+                g.stream().memcpy_dtoh(&be.loss, &mut host[..]).map_err(GpuError::driver("reading the loss"))?;
+                g.synchronize()?;
+                out += host[0] as f64;
+            }
+            Ok(())
+        });
+        if self.failed() {
+            f64::NAN
+        } else {
+            out
+        }
     }
     fn adamw(&mut self, params: &mut [CudaSlice<f32>], grads: &[CudaSlice<f32>], m: &mut [CudaSlice<f32>], v: &mut [CudaSlice<f32>], step: u64, lr: f64, cfg: &AdamWConfig) {
         self.run(|be| {

@@ -139,6 +139,17 @@ pub trait Backend {
     /// `scale * sum ASL(logits[..len], targets[..len])`, returned as f64; with `grad`, writes
     /// `scale * dASL/dlogit` there.
     fn asl(&mut self, logits: &Self::Buf, targets: &Self::Buf, len: usize, cfg: &AslConfig, scale: f64, grad: Option<&mut Self::Buf>) -> f64;
+    /// The sum of [`Backend::asl`] over several logit buffers against the same targets (the
+    /// training loss's terms), each term's gradient written where given. A device backend does
+    /// it in one launch and one host read; the default calls `asl` per term, in order.
+    #[allow(clippy::type_complexity)]
+    fn asl_terms(&mut self, terms: &mut [(&Self::Buf, Option<&mut Self::Buf>)], targets: &Self::Buf, len: usize, cfg: &AslConfig, scale: f64) -> f64 {
+        let mut total = 0.0;
+        for (logits, grad) in terms.iter_mut() {
+            total += self.asl(logits, targets, len, cfg, scale, grad.as_deref_mut());
+        }
+        total
+    }
     /// One AdamW update (step counts from 1) of every tensor `params[i]` with `grads[i]`.
     #[allow(clippy::too_many_arguments)]
     fn adamw(&mut self, params: &mut [Self::Buf], grads: &[Self::Buf], m: &mut [Self::Buf], v: &mut [Self::Buf], step: u64, lr: f64, cfg: &AdamWConfig);

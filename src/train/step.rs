@@ -599,15 +599,17 @@ impl<B: Backend> Trainer<B> {
     fn loss(&mut self, b: usize) -> f64 {
         let n = b * self.dims.labels;
         let scale = self.cfg.loss_scale / n as f64;
-        let Self { be, acts: a, asl, dims, .. } = self;
-        let mut total = 0.0;
-        for s in 0..a.y.len() {
-            total += be.asl(&a.y[s], &a.targets, n, asl, scale, Some(&mut a.dy[s]));
-            if dims.method == Method::MlVpt {
-                total += be.asl(&a.m[s], &a.targets, n, asl, scale, Some(&mut a.dm[s]));
+        let Self { be, acts: a, asl, .. } = self;
+        // Per branch ASL(y) then (ML-VPT) ASL(m); VPT has no gate logits (`m` is empty).
+        let mut terms = Vec::with_capacity(2 * a.y.len());
+        let (mut ms, mut dms) = (a.m.iter(), a.dm.iter_mut());
+        for (y, dy) in a.y.iter().zip(a.dy.iter_mut()) {
+            terms.push((y, Some(dy)));
+            if let (Some(m), Some(dm)) = (ms.next(), dms.next()) {
+                terms.push((m, Some(dm)));
             }
         }
-        total
+        be.asl_terms(&mut terms, &a.targets, n, asl, scale)
     }
 
     /// Backward of the last forward and loss: parameter gradients into `self.grads`.
