@@ -202,10 +202,11 @@ pub fn backward(
         _ => ("attn_bwd_pre_d64", "attn_bwd_d64"),
     };
 
-    let rows = (b * nq * sh.heads) as u64;
+    // One thread per 8 elements of out/dout.
+    let chunks = (b * nq * dim / 8) as u64;
     let f = gpu.function("attention", pre)?;
     let b32 = b as i32;
-    let cfg = LaunchConfig { grid_dim: (grid_stride_blocks(gpu, rows, BLOCK as u64), 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
+    let cfg = LaunchConfig { grid_dim: (grid_stride_blocks(gpu, chunks, BLOCK as u64), 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
     let mut l = stream.launch_builder(&f);
     l.arg(&op).arg(&dop).arg(&dvec).arg(&dq_acc).arg(&b32).arg(&d.nq).arg(&d.h);
     // SAFETY: out/dout hold B*Nq*D, the scratch B*Nq*D + B*h*Nq floats (checked); 16-byte aligned.
