@@ -160,7 +160,7 @@ pub fn forward(
 /// writes (overwrites) `dqkv [B, N, 3, h, dh]` (Q rows outside the query range zero),
 /// recomputing the probabilities from `lse`.
 /// `scratch` holds at least [`backward_scratch_len`] f32 (its contents on entry do not matter;
-/// it holds the fp32 dQ sums and `rowsum(dout * out)` afterwards). Four launches: the row
+/// it holds the fp32 dQ sums and `rowsum(dout * out)` afterwards). Three launches: the row
 /// sums (and the zeroing of the dQ sums), the fused kernel over key blocks (dK, dV written,
 /// dQ added with atomics), and dQ's conversion into dqkv. The twin of [`super::cpu::backward`];
 /// see [`forward`] for an example.
