@@ -18,8 +18,11 @@ need cargo "install Rust"
 need python3 "parses cargo's JSON messages"
 need strip "binutils"
 
+# The nvcc the toolchain script settles on (a suitable system one or the pinned wheels).
 nvcc_line=$(bash tools/install-cuda-toolchain.sh | tail -n 1)
 echo "$nvcc_line"
+NVCC=${nvcc_line#nvcc: }
+export NVCC
 
 # The executables cargo builds, from its JSON messages (one path per line).
 executables() {

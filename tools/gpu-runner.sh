@@ -115,7 +115,8 @@ if [ -z "${MLVPT_GPU_SKIP_BENCH:-}" ]; then
       /time:/ { t = $0; sub(/.*time: *\[/, "", t); split(t, a, " "); time = a[3] " " a[4] }
       /thrpt:/ { r = $0; sub(/.*thrpt: *\[/, "", r); split(r, a, " "); printf "  %-52s %12s %14s\n", name, time, a[3] " " a[4] }
     ' "$LOGS/bench-$name.log" >> "$BENCH_TABLE"
-    if [ "$rc" -eq 0 ]; then st=ok; elif [ "$rc" -ge 124 ]; then st=TIMEOUT; else st=FAILED; fi
+    if [ "$rc" -ge 124 ]; then st=TIMEOUT; elif [ "$rc" -ne 0 ]; then st=FAILED
+    elif grep -q 'bench skipped' "$LOGS/bench-$name.log"; then st=NO-GPU; else st=ok; fi
     row "bench $name" "$st" - - - "$secs"
   done
 fi
