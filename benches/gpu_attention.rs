@@ -63,6 +63,9 @@ fn bench_shape(c: &mut Criterion, gpu: &GpuContext, label: &str, sh: AttnShape) 
     let (mut dq, mut dk, mut dv) = (zeros_bf16(gpu, per), zeros_bf16(gpu, per), zeros_bf16(gpu, per));
 
     let mut g = c.benchmark_group(format!("attention {label}"));
+    // Milliseconds per call: 10 samples keep the short mode short (criterion's 100 would take
+    // 5050 calls per function).
+    g.sample_size(10);
     g.throughput(Throughput::Elements(fwd_flop as u64));
     g.bench_function("fused forward (flop/s)", |bn| {
         bn.iter_custom(|it| timed(gpu, it, || cuda::forward(gpu, s, &qkv, &mut out, &mut lse, &sh)))

@@ -340,29 +340,39 @@ __device__ __forceinline__ void fwd(const bf16* __restrict__ qkv, bf16* __restri
 
 // ------------------------------------------------------------------------------ backward
 // dvec[b, h, i] = sum_d dO[b, i, h, d] O[b, i, h, d]; zeroes dq_acc (same layout as out).
-// One thread per (b, i, h) row; N here is the number of query rows.
+// N here is the number of query rows. Each thread takes 8 consecutive elements (16-byte loads,
+// coalesced across the warp); the DH/8 lanes of one (b, i, h) row sum by shuffles. Whole warps
+// step together so every shuffle has all 32 lanes.
 template <int DH>
 __device__ __forceinline__ void bwd_pre(const bf16* __restrict__ out, const bf16* __restrict__ dout,
                                         float* __restrict__ dvec, float* __restrict__ dq_acc, int B, int N, int H) {
-    const uint64_t rows = (uint64_t)B * N * H;
-    for (uint64_t row = global_thread(); row < rows; row += grid_threads()) {
-        const int hh = (int)(row % H);
-        const uint64_t bi = row / H;  // b * N + i
-        const int i = (int)(bi % N);
-        const int b = (int)(bi / N);
+    constexpr int CH = DH / 8;  // lanes per row (divides 32)
+    const uint64_t total = (uint64_t)B * N * H * CH;
+    const int lane = threadIdx.x & 31;
+    for (uint64_t base = global_thread() - lane; base < total; base += grid_threads()) {
+        const uint64_t c = base + lane;
+        const bool ok = c < total;  // the same for all lanes of a row: total % CH == 0
         float acc = 0.0f;
-#pragma unroll
-        for (int k = 0; k < DH / 8; k++) {
+        if (ok) {
             float x[8], y[8];
-            load_bf16<8>(out + row * DH + k * 8, x);
-            load_bf16<8>(dout + row * DH + k * 8, y);
+            load_bf16<8>(out + c * 8, x);
+            load_bf16<8>(dout + c * 8, y);
 #pragma unroll
             for (int e = 0; e < 8; e++) acc = fmaf(x[e], y[e], acc);
+            float4* z = reinterpret_cast<float4*>(dq_acc + c * 8);
+            z[0] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+            z[1] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
         }
-        dvec[((uint64_t)b * H + hh) * N + i] = acc;
-        float4* z = reinterpret_cast<float4*>(dq_acc + row * DH);
 #pragma unroll
-        for (int k = 0; k < DH / 4; k++) z[k] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        for (int o = CH / 2; o > 0; o >>= 1) acc += __shfl_xor_sync(FULL_MASK, acc, o);
+        if (ok && lane % CH == 0) {
+            const uint64_t row = c / CH;  // (b * N + i) * H + h
+            const int hh = (int)(row % H);
+            const uint64_t bi = row / H;
+            const int i = (int)(bi % N);
+            const uint64_t b = bi / N;
+            dvec[(b * H + hh) * N + i] = acc;
+        }
     }
 }
 

@@ -233,3 +233,51 @@ fn attention_rejects_bad_shapes_and_short_buffers() {
     let e = cuda::backward(&gpu, s, &qkv, &out, &lse, &out, &mut dqkv, &mut scratch, &sh).unwrap_err();
     assert!(e.to_string().contains("scratch has"), "{e}");
 }
+
+/// The unfused peer the bench times (cuBLAS strided-batched GEMMs, bf16 score matrix) computes
+/// the same function: its output and gradients match the fused kernels' within the looser
+/// bound its bf16 scores allow.
+#[test]
+#[ignore = "requires a CUDA device"]
+fn attention_unfused_peer_matches_the_fused_kernels() {
+    let gpu = gpu();
+    let (mut rng, seed) = rng("attention_unfused_peer");
+    let sh = shape(2, 3, 227, 30, 64);
+    let (b, n, h, dh, d) = (sh.batch, sh.tokens, sh.heads, sh.head_dim, sh.dim());
+    let (_, qkv_b, dout_b) = inputs(&mut rng, &sh);
+    let fused = run_gpu(&gpu, &sh, &qkv_b, &dout_b);
+
+    // [B, N, h, dh] <-> [B, h, N, dh]
+    let to_heads = |x: &[f32]| -> Vec<f32> {
+        let mut y = vec![0.0f32; x.len()];
+        for bi in 0..b {
+            for i in 0..n {
+                for j in 0..h {
+                    for c in 0..dh {
+                        y[((bi * h + j) * n + i) * dh + c] = x[(bi * n + i) * d + j * dh + c];
+                    }
+                }
+            }
+        }
+        y
+    };
+    let per = b * h * n * dh;
+    let qkv_d = gpu.upload(&qkv_b).unwrap();
+    let (mut q, mut k, mut v) = (nan_bf16(&gpu, per), nan_bf16(&gpu, per), nan_bf16(&gpu, per));
+    cuda::unfused::split_heads(&gpu, &qkv_d, &mut q, &mut k, &mut v, &sh).unwrap();
+    let mut p = nan_bf16(&gpu, b * h * n * n);
+    let mut o = nan_bf16(&gpu, per);
+    cuda::unfused::forward(&gpu, &q, &k, &v, &mut p, &mut o, &sh).unwrap();
+    let dout_h: Vec<bf16> = to_heads(&to_f32(&dout_b)).into_iter().map(bf16::from_f32).collect();
+    let dout_d = gpu.upload(&dout_h).unwrap();
+    let mut dp = nan_bf16(&gpu, b * h * n * n);
+    let (mut dq, mut dk, mut dv) = (nan_bf16(&gpu, per), nan_bf16(&gpu, per), nan_bf16(&gpu, per));
+    cuda::unfused::backward(&gpu, &q, &k, &v, &p, &dout_d, &mut dp, &mut dq, &mut dk, &mut dv, &sh).unwrap();
+
+    let tol = 5e-2;
+    assert_rel_max("unfused out", &to_f32(&gpu.download(&o).unwrap()), &to_heads(&fused.out), tol, seed);
+    for (k_slot, (name, got)) in [("dQ", &dq), ("dK", &dk), ("dV", &dv)].into_iter().enumerate() {
+        let want = to_heads(&slot(&fused.dqkv, b * n, d, k_slot));
+        assert_rel_max(&format!("unfused {name}"), &to_f32(&gpu.download(got).unwrap()), &want, tol, seed);
+    }
+}

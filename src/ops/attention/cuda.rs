@@ -160,7 +160,7 @@ pub fn forward(
 /// writes (overwrites) `dqkv [B, N, 3, h, dh]` (Q rows outside the query range zero),
 /// recomputing the probabilities from `lse`.
 /// `scratch` holds at least [`backward_scratch_len`] f32 (its contents on entry do not matter;
-/// it holds the fp32 dQ sums and `rowsum(dout * out)` afterwards). Four launches: the row
+/// it holds the fp32 dQ sums and `rowsum(dout * out)` afterwards). Three launches: the row
 /// sums (and the zeroing of the dQ sums), the fused kernel over key blocks (dK, dV written,
 /// dQ added with atomics), and dQ's conversion into dqkv. The twin of [`super::cpu::backward`];
 /// see [`forward`] for an example.
@@ -202,10 +202,11 @@ pub fn backward(
         _ => ("attn_bwd_pre_d64", "attn_bwd_d64"),
     };
 
-    let rows = (b * nq * sh.heads) as u64;
+    // One thread per 8 elements of out/dout.
+    let chunks = (b * nq * dim / 8) as u64;
     let f = gpu.function("attention", pre)?;
     let b32 = b as i32;
-    let cfg = LaunchConfig { grid_dim: (grid_stride_blocks(gpu, rows, BLOCK as u64), 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
+    let cfg = LaunchConfig { grid_dim: (grid_stride_blocks(gpu, chunks, BLOCK as u64), 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
     let mut l = stream.launch_builder(&f);
     l.arg(&op).arg(&dop).arg(&dvec).arg(&dq_acc).arg(&b32).arg(&d.nq).arg(&d.h);
     // SAFETY: out/dout hold B*Nq*D, the scratch B*Nq*D + B*h*Nq floats (checked); 16-byte aligned.
