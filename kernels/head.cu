@@ -20,62 +20,67 @@ constexpr int HEAD_MAX_RANK = 64;
 constexpr int HEAD_MAX_CH = 1024 / 8;  // chunks of 8 columns in the widest row
 
 // ------------------------------------------------------------------ MoE forward
-// Block = one label k and MOE_FWD_IMAGES images; its E gate rows and classifier row sit in
-// shared memory (fp32, (E+1)*D floats) while each warp takes one image at a time: per expert,
-// two dot products over D (q with the raw Z row, r with the adapted row), folded into an online
-// softmax over experts; lane 0 writes q, r, then y, m. The mixture f is never formed:
-// y = sum_e A_e <W[k], a(Z)> + c[k].
-// Shared rows are stored "split": columns 8c..8c+3 at float4 slot c, 8c+4..8c+7 at slot
-// D/8 + c, so a warp's two float4 reads of chunk c hit consecutive slots (no bank conflicts).
+// Two launches; the [B, K, D] mixture is never formed (y = sum_e A_e <W[k], a(Z)> + c[k]).
+// 1. moe_fwd_scores, block = token t and MOE_FWD_IMAGES images: each warp holds one image's Z
+//    and a(Z) rows of token t in registers (packed bf16, read once) and walks the (e, k) pairs
+//    pointing at t (tok's inverse): q[b,e,k] = <G[grow], Z[b,t]>, r[b,e,k] = <W[k], a(Z)[b,t]>.
+//    Token-major, so Z is read once per image and the block's warps share each G/W row
+//    through L1, instead of re-reading Z rows once per label. Tokens no pair points at (the
+//    other branch's) exit at once.
 constexpr int MOE_FWD_IMAGES = 32;
+constexpr int MOE_MAX_CH_PER_LANE = HEAD_MAX_CH / 32;
 
-__device__ __forceinline__ void stage_split_row(float4* dst, const float* src, uint32_t d, uint32_t tid,
-                                                uint32_t nthreads) {
-    const uint32_t nch = d / 8;
-    for (uint32_t i = tid; i < 2 * nch; i += nthreads) {
-        const float4 v = reinterpret_cast<const float4*>(src)[i];
-        dst[(i & 1) * nch + (i >> 1)] = v;
+__device__ __forceinline__ void unpack_bf16x8(const uint4& raw, float (&o)[8]) {
+    const bf162* h = reinterpret_cast<const bf162*>(&raw);
+#pragma unroll
+    for (int k = 0; k < 4; k++) {
+        const float2 f = __bfloat1622float2(h[k]);
+        o[2 * k] = f.x;
+        o[2 * k + 1] = f.y;
     }
 }
-__device__ __forceinline__ void load_split(const float4* row, uint32_t nch, uint32_t c, float (&o)[8]) {
-    const float4 a = row[c], b = row[nch + c];
-    o[0] = a.x; o[1] = a.y; o[2] = a.z; o[3] = a.w;
-    o[4] = b.x; o[5] = b.y; o[6] = b.z; o[7] = b.w;
-}
 
-extern "C" __global__ void __launch_bounds__(256) moe_fwd(
+extern "C" __global__ void __launch_bounds__(256) moe_fwd_scores(
     const bf16* __restrict__ z, const bf16* __restrict__ adapted, const float* __restrict__ gate,
-    const float* __restrict__ w, const float* __restrict__ c, const uint32_t* __restrict__ tok,
-    const uint32_t* __restrict__ grow, float* __restrict__ y, float* __restrict__ m, float* __restrict__ q,
-    float* __restrict__ r, uint32_t batch, uint32_t tokens, uint32_t d, uint32_t labels, uint32_t experts) {
-    extern __shared__ float4 rows[];  // (experts + 1) split rows of d floats; the last is W[k]
-    const uint32_t k = blockIdx.x;
-    const uint32_t nch = d / 8;
-    for (uint32_t e = 0; e <= experts; e++) {
-        const float* src = e < experts ? gate + (uint64_t)grow[e * labels + k] * d : w + (uint64_t)k * d;
-        stage_split_row(rows + e * (d / 4), src, d, threadIdx.x, blockDim.x);
-    }
-    __syncthreads();
+    const float* __restrict__ w, const uint32_t* __restrict__ grow, const uint32_t* __restrict__ tok_offsets,
+    const uint32_t* __restrict__ tok_items, float* __restrict__ q, float* __restrict__ r, uint32_t batch,
+    uint32_t tokens, uint32_t d, uint32_t labels, uint32_t experts) {
+    const uint32_t t = blockIdx.x;
+    const uint32_t i0 = tok_offsets[t], i1 = tok_offsets[t + 1];
+    if (i0 == i1) return;
     const int lane = threadIdx.x & 31;
     const uint32_t warps = blockDim.x >> 5;
+    const uint32_t nch = d / 8;
+    const uint64_t stride = (uint64_t)experts * labels;
     const uint32_t b_end = min(batch, (blockIdx.y + 1) * MOE_FWD_IMAGES);
-    const float4* wrow = rows + experts * (d / 4);
     for (uint32_t b = blockIdx.y * MOE_FWD_IMAGES + (threadIdx.x >> 5); b < b_end; b += warps) {
-        // Softmax over experts online (running max, rescaled sums): no per-expert arrays.
-        float mx = -INFINITY, den = 0.0f, num_m = 0.0f, num_y = 0.0f;
-        for (uint32_t e = 0; e < experts; e++) {
-            const uint64_t off = ((uint64_t)b * tokens + tok[e * labels + k]) * d;
-            const float4* grow_e = rows + e * (d / 4);
+        const uint64_t off = ((uint64_t)b * tokens + t) * d;
+        uint4 zr[MOE_MAX_CH_PER_LANE], ar[MOE_MAX_CH_PER_LANE];
+#pragma unroll
+        for (int i = 0; i < MOE_MAX_CH_PER_LANE; i++) {
+            const uint32_t ch = lane + 32 * i;
+            if (ch < nch) {
+                zr[i] = *reinterpret_cast<const uint4*>(z + off + ch * 8);
+                ar[i] = *reinterpret_cast<const uint4*>(adapted + off + ch * 8);
+            } else {
+                zr[i] = make_uint4(0, 0, 0, 0);
+                ar[i] = make_uint4(0, 0, 0, 0);
+            }
+        }
+        for (uint32_t it = i0; it < i1; it++) {
+            const uint32_t idx = tok_items[it];
+            const float* gr = gate + (uint64_t)grow[idx] * d;
+            const float* wr = w + (uint64_t)(idx % labels) * d;
             float sq = 0.0f, sr = 0.0f;
 #pragma unroll
-            for (int i = 0; i < HEAD_MAX_CH / 32; i++) {
+            for (int i = 0; i < MOE_MAX_CH_PER_LANE; i++) {
                 const uint32_t ch = lane + 32 * i;
                 if (ch < nch) {
                     float zv[8], av[8], gv[8], wv[8];
-                    load_bf16<8>(z + off + ch * 8, zv);
-                    load_bf16<8>(adapted + off + ch * 8, av);
-                    load_split(grow_e, nch, ch, gv);
-                    load_split(wrow, nch, ch, wv);
+                    unpack_bf16x8(zr[i], zv);
+                    unpack_bf16x8(ar[i], av);
+                    load_f32<8>(gr + ch * 8, gv);
+                    load_f32<8>(wr + ch * 8, wv);
 #pragma unroll
                     for (int j = 0; j < 8; j++) {
                         sq = fmaf(zv[j], gv[j], sq);
@@ -83,24 +88,37 @@ extern "C" __global__ void __launch_bounds__(256) moe_fwd(
                     }
                 }
             }
-            const float qe = warp_sum(sq), re = warp_sum(sr);
-            const float mx_new = fmaxf(mx, qe);
-            const float rescale = expf(mx - mx_new);  // 0 on the first expert (mx = -inf)
-            const float a = expf(qe - mx_new);
-            den = fmaf(den, rescale, a);
-            num_m = fmaf(num_m, rescale, a * qe);
-            num_y = fmaf(num_y, rescale, a * re);
-            mx = mx_new;
+            sq = warp_sum(sq);
+            sr = warp_sum(sr);
             if (lane == 0) {
-                const uint64_t idx = ((uint64_t)b * experts + e) * labels + k;
-                q[idx] = qe;
-                r[idx] = re;
+                q[(uint64_t)b * stride + idx] = sq;
+                r[(uint64_t)b * stride + idx] = sr;
             }
         }
-        if (lane == 0) {
-            m[(uint64_t)b * labels + k] = num_m / den;
-            y[(uint64_t)b * labels + k] = num_y / den + c[k];
+    }
+}
+
+// 2. moe_fwd_mix, one thread per (b, k): A = softmax_e q[b,:,k], m = sum_e A q,
+//    y = sum_e A r + c[k] (the CPU op's order: max, then exp-weighted sums).
+extern "C" __global__ void moe_fwd_mix(const float* __restrict__ q, const float* __restrict__ r,
+                                       const float* __restrict__ c, float* __restrict__ y, float* __restrict__ m,
+                                       uint32_t batch, uint32_t labels, uint32_t experts) {
+    const uint64_t n = (uint64_t)batch * labels;
+    for (uint64_t i = global_thread(); i < n; i += grid_threads()) {
+        const uint64_t b = i / labels, k = i % labels;
+        const uint64_t base = b * experts * labels + k;
+        float mx = q[base];
+        for (uint32_t e = 1; e < experts; e++) mx = fmaxf(mx, q[base + (uint64_t)e * labels]);
+        float den = 0.0f, num_m = 0.0f, num_y = 0.0f;
+        for (uint32_t e = 0; e < experts; e++) {
+            const float qe = q[base + (uint64_t)e * labels];
+            const float a = expf(qe - mx);
+            den += a;
+            num_m = fmaf(a, qe, num_m);
+            num_y = fmaf(a, r[base + (uint64_t)e * labels], num_y);
         }
+        m[i] = num_m / den;
+        y[i] = num_y / den + c[k];
     }
 }
 

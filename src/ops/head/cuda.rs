@@ -32,7 +32,7 @@ pub const MAX_EXPERTS: usize = 8;
 /// Largest adapter bottleneck (`HEAD_MAX_RANK` in head.cu).
 pub const MAX_RANK: usize = 64;
 
-/// Images per block of `moe_fwd`, `moe_bwd_tokens`, and the adapter kernels (head.cu).
+/// Images per block of `moe_fwd_scores`, `moe_bwd_tokens`, and the adapter kernels (head.cu).
 const MOE_FWD_IMAGES: usize = 32;
 const TOK_IMAGES: usize = 8;
 const ADA_IMAGES: usize = 16;
@@ -370,11 +370,12 @@ fn check_moe(op: &'static str, s: &MoeShape, tok: &IndexTable, grow: &IndexTable
     Ok(())
 }
 
-/// One branch's label-aware gating, expert mixture and classifier (SPEC 3), fused: per
-/// `(b, e, k)` the gate score `q = <G[grow], z[b, tok]>` and the classifier response
-/// `r = <W[k], adapted[b, tok]>`, then `A = softmax_e q`, `m[b,k] = sum_e A q`,
-/// `y[b,k] = sum_e A r + c[k]`; the `[B, K, D]` mixture is never formed. Writes `y, m [B, K]`
-/// and saves `q, r [B, E, K]` (fp32). The twin of [`super::cpu::moe_forward`].
+/// One branch's label-aware gating, expert mixture and classifier (SPEC 3): per `(b, e, k)`
+/// the gate score `q = <G[grow], z[b, tok]>` and the classifier response
+/// `r = <W[k], adapted[b, tok]>` (one token-major launch), then `A = softmax_e q`,
+/// `m[b,k] = sum_e A q`, `y[b,k] = sum_e A r + c[k]` (a second, per-(b, k) launch); the
+/// `[B, K, D]` mixture is never formed. Writes `y, m [B, K]` and saves `q, r [B, E, K]` (fp32).
+/// The twin of [`super::cpu::moe_forward`].
 #[allow(clippy::too_many_arguments)]
 pub fn moe_forward(
     gpu: &GpuContext,
@@ -412,26 +413,31 @@ pub fn moe_forward(
     let (gp, _g3) = gate.device_ptr(stream);
     let (wp, _g4) = w.device_ptr(stream);
     let (cp, _g5) = c.device_ptr(stream);
-    let (tp, _g6) = tok.table.device_ptr(stream);
-    let (rp_, _g7) = grow.table.device_ptr(stream);
-    let (yp, _g8) = y.device_ptr_mut(stream);
-    let (mp, _g9) = m.device_ptr_mut(stream);
-    let (qp, _g10) = q.device_ptr_mut(stream);
-    let (rp, _g11) = r.device_ptr_mut(stream);
+    let (tofp, _g6) = tok.offsets.device_ptr(stream);
+    let (titp, _g7) = tok.items.device_ptr(stream);
+    let (grp, _g8) = grow.table.device_ptr(stream);
+    let (yp, _g9) = y.device_ptr_mut(stream);
+    let (mp, _g10) = m.device_ptr_mut(stream);
+    let (qp, _g11) = q.device_ptr_mut(stream);
+    let (rp, _g12) = r.device_ptr_mut(stream);
     check_aligned(OP, &[("z", zp), ("adapted", ap), ("gate", gp), ("w", wp)])?;
-    let f = gpu.function("head", "moe_fwd")?;
     let (b32, p32, d32, k32, e32) = (bn as u32, p as u32, d as u32, k as u32, e as u32);
-    let cfg = LaunchConfig {
-        grid_dim: (k as u32, grid_y(OP, bn, MOE_FWD_IMAGES)?, 1),
-        block_dim: (256, 1, 1),
-        shared_mem_bytes: ((e + 1) * d * 4) as u32,
-    };
+    let f = gpu.function("head", "moe_fwd_scores")?;
+    let cfg = LaunchConfig { grid_dim: (p as u32, grid_y(OP, bn, MOE_FWD_IMAGES)?, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
     let mut l = stream.launch_builder(&f);
-    l.arg(&zp).arg(&ap).arg(&gp).arg(&wp).arg(&cp).arg(&tp).arg(&rp_).arg(&yp).arg(&mp).arg(&qp).arg(&rp);
+    l.arg(&zp).arg(&ap).arg(&gp).arg(&wp).arg(&grp).arg(&tofp).arg(&titp).arg(&qp).arg(&rp);
     l.arg(&b32).arg(&p32).arg(&d32).arg(&k32).arg(&e32);
-    // SAFETY: lengths checked; table entries were checked against P and the gate rows when the
-    // IndexTables were built and their lengths match E*K; (E+1)*D*4 <= 36 KiB of shared memory.
-    unsafe { l.launch(cfg) }.map_err(GpuError::driver("launching moe_fwd"))?;
+    // SAFETY: lengths checked; tok's inverse has P + 1 offsets over E*K items (< E*K), and the
+    // gate rows were range-checked with grow; every (b, e, k) of q, r is written once since
+    // each (e, k) lies in exactly one token's list.
+    unsafe { l.launch(cfg) }.map_err(GpuError::driver("launching moe_fwd_scores"))?;
+    let f = gpu.function("head", "moe_fwd_mix")?;
+    let blocks = grid_stride_blocks(gpu, (bn * k) as u64, BLOCK as u64);
+    let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
+    let mut l = stream.launch_builder(&f);
+    l.arg(&qp).arg(&rp).arg(&cp).arg(&yp).arg(&mp).arg(&b32).arg(&k32).arg(&e32);
+    // SAFETY: q, r hold B*E*K, y, m B*K, c K floats (checked).
+    unsafe { l.launch(cfg) }.map_err(GpuError::driver("launching moe_fwd_mix"))?;
     Ok(())
 }
 
