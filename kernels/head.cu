@@ -224,68 +224,91 @@ extern "C" __global__ void __launch_bounds__(128) moe_bwd_tokens(
     gather_rows_into<false>(dadapted, dr, w, grow, tok_items, i0, i1, b0, batch, t, tokens, d, labels, experts, ch);
 }
 
-// 3. moe_bwd_rows, block = one output row j and 256 columns (a lane owns 8), the 8 warps
-//    split the images; then the warps' partials are added in warp order through shared memory:
-//      out[j] = sum_b sum_{idx in list(j)} coef[b, idx] X[b, tok[idx]]
-//    list(j) = CSR items (offsets != null: the gate rows, from grow's inverse, X = Z, coef = dq)
-//    or {e*K + j : e < E} (offsets == null: the classifier rows, X = a(Z), coef = dr; the block
-//    of column tile 0 also writes dc[j] = sum_b dy[b, j]). Overwrites out; one block per row
-//    and column tile, so nothing is contended and the result is the same on every run.
+// 3. Parameter gradients, token-major. moe_bwd_pairs: block = token t, a tile of PAIR_TILE of
+//    the (e, k) pairs pointing at t (tok's inverse), and 256 columns (a lane owns 8); the 8
+//    warps split the batch, each lane accumulating PAIR_TILE x 8 sums, then the warps'
+//    partials are added in warp order:  pair_rows[idx] = sum_b coef[b, idx] X[b, t].
+//    Run with (dr, a(Z)) for the classifier and (dq, Z) for the gate. X rows of a token are
+//    read once per pair tile (not once per label), and no output row is contended.
+//    moe_sum_pairs then adds pair rows into output rows in a fixed order:
+//    out[j] = sum over list(j) of pair_rows[idx], list(j) = {e*K + j : e < E} (offsets null:
+//    the classifier, dw) or grow's inverse (the gate rows, dgate; a row no pair uses is 0).
+//    Both overwrite; the same bits on every run.
 constexpr int ROWS_WARPS = 8;
+constexpr int PAIR_TILE = 8;
 
-extern "C" __global__ void __launch_bounds__(ROWS_WARPS * 32) moe_bwd_rows(
-    const float* __restrict__ coef, const bf16* __restrict__ x, const uint32_t* __restrict__ tok,
-    const uint32_t* __restrict__ offsets, const uint32_t* __restrict__ items, const float* __restrict__ dy,
-    float* __restrict__ out, float* __restrict__ dc, uint32_t batch, uint32_t tokens, uint32_t d, uint32_t labels,
-    uint32_t experts) {
-    __shared__ float part[ROWS_WARPS][257];
-    const uint32_t j = blockIdx.x;
+// Warp partials of 8 columns per lane -> shared (lane's 8 columns at 8*lane..), then thread c
+// adds column c over the warps in order and writes out_row[(col0 + c) * out_stride]. Row
+// stride 257 keeps the column reads conflict-free.
+__device__ __forceinline__ void add_warp_partials(float (*part)[257], const float (&acc)[8], float* out_row,
+                                                  uint64_t out_stride, uint32_t col0, uint32_t d) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const uint32_t ch = blockIdx.y * 32 + lane;
-    const bool live = ch < d / 8;
-    uint32_t i0, i1;
-    if (offsets) {
-        i0 = offsets[j];
-        i1 = offsets[j + 1];
-    } else {
-        i0 = 0;
-        i1 = experts;
-    }
-    const uint64_t stride = (uint64_t)experts * labels;
-    float acc[8];
-#pragma unroll
-    for (int v = 0; v < 8; v++) acc[v] = 0.0f;
-    if (live) {
-        for (uint32_t it = i0; it < i1; it++) {
-            const uint32_t idx = offsets ? items[it] : it * labels + j;
-            const uint32_t t = tok[idx];
-#pragma unroll 4
-            for (uint32_t b = warp; b < batch; b += ROWS_WARPS) {
-                const float cf = coef[(uint64_t)b * stride + idx];
-                float xv[8];
-                load_bf16<8>(x + ((uint64_t)b * tokens + t) * d + ch * 8, xv);
-#pragma unroll
-                for (int v = 0; v < 8; v++) acc[v] = fmaf(cf, xv[v], acc[v]);
-            }
-        }
-    }
-    // Warp partials -> shared (lane's 8 columns at 8*lane..), then thread c adds column c over
-    // the warps in order. Row stride 257 keeps the column reads conflict-free.
 #pragma unroll
     for (int v = 0; v < 8; v++) part[warp][lane * 8 + v] = acc[v];
     __syncthreads();
-    const uint32_t col = blockIdx.y * 256 + threadIdx.x;
+    const uint32_t col = col0 + threadIdx.x;
     if (col < d) {
         float s = 0.0f;
 #pragma unroll
         for (int wi = 0; wi < ROWS_WARPS; wi++) s += part[wi][threadIdx.x];
-        out[(uint64_t)j * d + col] = s;
+        out_row[(uint64_t)col * out_stride] = s;
     }
-    if (dc && blockIdx.y == 0 && warp == 0) {
+    __syncthreads();
+}
+
+extern "C" __global__ void __launch_bounds__(ROWS_WARPS * 32) moe_bwd_pairs(
+    const float* __restrict__ coef, const bf16* __restrict__ x, const uint32_t* __restrict__ tok_offsets,
+    const uint32_t* __restrict__ tok_items, float* __restrict__ pair_rows, uint32_t batch, uint32_t tokens,
+    uint32_t d, uint32_t labels, uint32_t experts) {
+    __shared__ float part[ROWS_WARPS][257];
+    const uint32_t t = blockIdx.x;
+    const uint32_t i0 = tok_offsets[t] + blockIdx.y * PAIR_TILE;
+    const uint32_t i1 = min(tok_offsets[t + 1], i0 + PAIR_TILE);
+    if (i0 >= i1) return;  // uniform over the block
+    const uint32_t npairs = i1 - i0;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const uint32_t ch = blockIdx.z * 32 + lane;
+    const bool live = ch < d / 8;
+    const uint64_t stride = (uint64_t)experts * labels;
+    uint32_t idx[PAIR_TILE];
+#pragma unroll
+    for (int pi = 0; pi < PAIR_TILE; pi++) idx[pi] = pi < (int)npairs ? tok_items[i0 + pi] : 0u;
+    float acc[PAIR_TILE][8];
+#pragma unroll
+    for (int pi = 0; pi < PAIR_TILE; pi++)
+#pragma unroll
+        for (int v = 0; v < 8; v++) acc[pi][v] = 0.0f;
+    if (live) {
+        for (uint32_t b = warp; b < batch; b += ROWS_WARPS) {
+            float xv[8];
+            load_bf16<8>(x + ((uint64_t)b * tokens + t) * d + ch * 8, xv);
+            const float* cb = coef + (uint64_t)b * stride;
+#pragma unroll
+            for (int pi = 0; pi < PAIR_TILE; pi++) {
+                const float cf = pi < (int)npairs ? cb[idx[pi]] : 0.0f;
+#pragma unroll
+                for (int v = 0; v < 8; v++) acc[pi][v] = fmaf(cf, xv[v], acc[pi][v]);
+            }
+        }
+    }
+#pragma unroll
+    for (int pi = 0; pi < PAIR_TILE; pi++)
+        if (pi < (int)npairs) add_warp_partials(part, acc[pi], pair_rows + (uint64_t)idx[pi] * d, 1, blockIdx.z * 256, d);
+}
+
+extern "C" __global__ void moe_sum_pairs(const float* __restrict__ pair_rows, const uint32_t* __restrict__ offsets,
+                                         const uint32_t* __restrict__ items, float* __restrict__ out, uint32_t rows,
+                                         uint32_t d, uint32_t labels, uint32_t experts) {
+    const uint64_t n = (uint64_t)rows * d;
+    for (uint64_t i = global_thread(); i < n; i += grid_threads()) {
+        const uint64_t j = i / d, c = i % d;
         float s = 0.0f;
-        for (uint32_t b = lane; b < batch; b += 32) s += dy[(uint64_t)b * labels + j];
-        s = warp_sum(s);
-        if (lane == 0) dc[j] = s;
+        if (offsets) {
+            for (uint32_t it = offsets[j]; it < offsets[j + 1]; it++) s += pair_rows[(uint64_t)items[it] * d + c];
+        } else {
+            for (uint32_t e = 0; e < experts; e++) s += pair_rows[((uint64_t)e * labels + j) * d + c];
+        }
+        out[i] = s;
     }
 }
 
@@ -479,22 +502,6 @@ extern "C" __global__ void __launch_bounds__(128) adapter_bwd_tokens(
 //   db1_t[j] = sum_b du_j (column tile 0). Ranks go ADA_JG at a time (one pass over the images
 //   each), so the accumulators stay in registers for any r.
 constexpr int ADA_JG = 4;
-
-__device__ __forceinline__ void add_warp_partials(float (*part)[257], const float (&acc)[8], float* out_row,
-                                                  uint64_t out_stride, uint32_t col0, uint32_t d) {
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-#pragma unroll
-    for (int v = 0; v < 8; v++) part[warp][lane * 8 + v] = acc[v];
-    __syncthreads();
-    const uint32_t col = col0 + threadIdx.x;
-    if (col < d) {
-        float s = 0.0f;
-#pragma unroll
-        for (int wi = 0; wi < ROWS_WARPS; wi++) s += part[wi][threadIdx.x];
-        out_row[(uint64_t)col * out_stride] = s;
-    }
-    __syncthreads();
-}
 
 extern "C" __global__ void __launch_bounds__(ROWS_WARPS * 32) adapter_bwd_params(
     const bf16* __restrict__ dout, const bf16* __restrict__ z, const float* __restrict__ u,
