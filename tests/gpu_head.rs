@@ -237,7 +237,7 @@ fn asl_terms_match_the_sum_of_single_terms_in_both_gradient_modes() {
         for (bn, k) in [(1usize, 1usize), (64, 80), (256, 365), (3, 1000)] {
             let n = bn * k;
             let scale = 1000.0 / n as f32;
-            let xs: Vec<Vec<f32>> = (0..4).map(|_| uniform(&mut rng, n, -12.0, 12.0)).collect();
+            let xs: Vec<Vec<f32>> = (0..4).map(|_| asl_logits(&mut rng, n, &cfg)).collect();
             let y: Vec<f32> = (0..n).map(|_| if rng.random::<f32>() < 0.2 { 1.0 } else { 0.0 }).collect();
             let xd: Vec<CudaSlice<f32>> = xs.iter().map(|x| gpu.upload(x).unwrap()).collect();
             let yd = gpu.upload(&y).unwrap();
