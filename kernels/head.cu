@@ -20,62 +20,67 @@ constexpr int HEAD_MAX_RANK = 64;
 constexpr int HEAD_MAX_CH = 1024 / 8;  // chunks of 8 columns in the widest row
 
 // ------------------------------------------------------------------ MoE forward
-// Block = one label k and MOE_FWD_IMAGES images; its E gate rows and classifier row sit in
-// shared memory (fp32, (E+1)*D floats) while each warp takes one image at a time: per expert,
-// two dot products over D (q with the raw Z row, r with the adapted row), folded into an online
-// softmax over experts; lane 0 writes q, r, then y, m. The mixture f is never formed:
-// y = sum_e A_e <W[k], a(Z)> + c[k].
-// Shared rows are stored "split": columns 8c..8c+3 at float4 slot c, 8c+4..8c+7 at slot
-// D/8 + c, so a warp's two float4 reads of chunk c hit consecutive slots (no bank conflicts).
+// Two launches; the [B, K, D] mixture is never formed (y = sum_e A_e <W[k], a(Z)> + c[k]).
+// 1. moe_fwd_scores, block = token t and MOE_FWD_IMAGES images: each warp holds one image's Z
+//    and a(Z) rows of token t in registers (packed bf16, read once) and walks the (e, k) pairs
+//    pointing at t (tok's inverse): q[b,e,k] = <G[grow], Z[b,t]>, r[b,e,k] = <W[k], a(Z)[b,t]>.
+//    Token-major, so Z is read once per image and the block's warps share each G/W row
+//    through L1, instead of re-reading Z rows once per label. Tokens no pair points at (the
+//    other branch's) exit at once.
 constexpr int MOE_FWD_IMAGES = 32;
+constexpr int MOE_MAX_CH_PER_LANE = HEAD_MAX_CH / 32;
 
-__device__ __forceinline__ void stage_split_row(float4* dst, const float* src, uint32_t d, uint32_t tid,
-                                                uint32_t nthreads) {
-    const uint32_t nch = d / 8;
-    for (uint32_t i = tid; i < 2 * nch; i += nthreads) {
-        const float4 v = reinterpret_cast<const float4*>(src)[i];
-        dst[(i & 1) * nch + (i >> 1)] = v;
+__device__ __forceinline__ void unpack_bf16x8(const uint4& raw, float (&o)[8]) {
+    const bf162* h = reinterpret_cast<const bf162*>(&raw);
+#pragma unroll
+    for (int k = 0; k < 4; k++) {
+        const float2 f = __bfloat1622float2(h[k]);
+        o[2 * k] = f.x;
+        o[2 * k + 1] = f.y;
     }
 }
-__device__ __forceinline__ void load_split(const float4* row, uint32_t nch, uint32_t c, float (&o)[8]) {
-    const float4 a = row[c], b = row[nch + c];
-    o[0] = a.x; o[1] = a.y; o[2] = a.z; o[3] = a.w;
-    o[4] = b.x; o[5] = b.y; o[6] = b.z; o[7] = b.w;
-}
 
-extern "C" __global__ void __launch_bounds__(256) moe_fwd(
+extern "C" __global__ void __launch_bounds__(256) moe_fwd_scores(
     const bf16* __restrict__ z, const bf16* __restrict__ adapted, const float* __restrict__ gate,
-    const float* __restrict__ w, const float* __restrict__ c, const uint32_t* __restrict__ tok,
-    const uint32_t* __restrict__ grow, float* __restrict__ y, float* __restrict__ m, float* __restrict__ q,
-    float* __restrict__ r, uint32_t batch, uint32_t tokens, uint32_t d, uint32_t labels, uint32_t experts) {
-    extern __shared__ float4 rows[];  // (experts + 1) split rows of d floats; the last is W[k]
-    const uint32_t k = blockIdx.x;
-    const uint32_t nch = d / 8;
-    for (uint32_t e = 0; e <= experts; e++) {
-        const float* src = e < experts ? gate + (uint64_t)grow[e * labels + k] * d : w + (uint64_t)k * d;
-        stage_split_row(rows + e * (d / 4), src, d, threadIdx.x, blockDim.x);
-    }
-    __syncthreads();
+    const float* __restrict__ w, const uint32_t* __restrict__ grow, const uint32_t* __restrict__ tok_offsets,
+    const uint32_t* __restrict__ tok_items, float* __restrict__ q, float* __restrict__ r, uint32_t batch,
+    uint32_t tokens, uint32_t d, uint32_t labels, uint32_t experts) {
+    const uint32_t t = blockIdx.x;
+    const uint32_t i0 = tok_offsets[t], i1 = tok_offsets[t + 1];
+    if (i0 == i1) return;
     const int lane = threadIdx.x & 31;
     const uint32_t warps = blockDim.x >> 5;
+    const uint32_t nch = d / 8;
+    const uint64_t stride = (uint64_t)experts * labels;
     const uint32_t b_end = min(batch, (blockIdx.y + 1) * MOE_FWD_IMAGES);
-    const float4* wrow = rows + experts * (d / 4);
     for (uint32_t b = blockIdx.y * MOE_FWD_IMAGES + (threadIdx.x >> 5); b < b_end; b += warps) {
-        // Softmax over experts online (running max, rescaled sums): no per-expert arrays.
-        float mx = -INFINITY, den = 0.0f, num_m = 0.0f, num_y = 0.0f;
-        for (uint32_t e = 0; e < experts; e++) {
-            const uint64_t off = ((uint64_t)b * tokens + tok[e * labels + k]) * d;
-            const float4* grow_e = rows + e * (d / 4);
+        const uint64_t off = ((uint64_t)b * tokens + t) * d;
+        uint4 zr[MOE_MAX_CH_PER_LANE], ar[MOE_MAX_CH_PER_LANE];
+#pragma unroll
+        for (int i = 0; i < MOE_MAX_CH_PER_LANE; i++) {
+            const uint32_t ch = lane + 32 * i;
+            if (ch < nch) {
+                zr[i] = *reinterpret_cast<const uint4*>(z + off + ch * 8);
+                ar[i] = *reinterpret_cast<const uint4*>(adapted + off + ch * 8);
+            } else {
+                zr[i] = make_uint4(0, 0, 0, 0);
+                ar[i] = make_uint4(0, 0, 0, 0);
+            }
+        }
+        for (uint32_t it = i0; it < i1; it++) {
+            const uint32_t idx = tok_items[it];
+            const float* gr = gate + (uint64_t)grow[idx] * d;
+            const float* wr = w + (uint64_t)(idx % labels) * d;
             float sq = 0.0f, sr = 0.0f;
 #pragma unroll
-            for (int i = 0; i < HEAD_MAX_CH / 32; i++) {
+            for (int i = 0; i < MOE_MAX_CH_PER_LANE; i++) {
                 const uint32_t ch = lane + 32 * i;
                 if (ch < nch) {
                     float zv[8], av[8], gv[8], wv[8];
-                    load_bf16<8>(z + off + ch * 8, zv);
-                    load_bf16<8>(adapted + off + ch * 8, av);
-                    load_split(grow_e, nch, ch, gv);
-                    load_split(wrow, nch, ch, wv);
+                    unpack_bf16x8(zr[i], zv);
+                    unpack_bf16x8(ar[i], av);
+                    load_f32<8>(gr + ch * 8, gv);
+                    load_f32<8>(wr + ch * 8, wv);
 #pragma unroll
                     for (int j = 0; j < 8; j++) {
                         sq = fmaf(zv[j], gv[j], sq);
@@ -83,24 +88,37 @@ extern "C" __global__ void __launch_bounds__(256) moe_fwd(
                     }
                 }
             }
-            const float qe = warp_sum(sq), re = warp_sum(sr);
-            const float mx_new = fmaxf(mx, qe);
-            const float rescale = expf(mx - mx_new);  // 0 on the first expert (mx = -inf)
-            const float a = expf(qe - mx_new);
-            den = fmaf(den, rescale, a);
-            num_m = fmaf(num_m, rescale, a * qe);
-            num_y = fmaf(num_y, rescale, a * re);
-            mx = mx_new;
+            sq = warp_sum(sq);
+            sr = warp_sum(sr);
             if (lane == 0) {
-                const uint64_t idx = ((uint64_t)b * experts + e) * labels + k;
-                q[idx] = qe;
-                r[idx] = re;
+                q[(uint64_t)b * stride + idx] = sq;
+                r[(uint64_t)b * stride + idx] = sr;
             }
         }
-        if (lane == 0) {
-            m[(uint64_t)b * labels + k] = num_m / den;
-            y[(uint64_t)b * labels + k] = num_y / den + c[k];
+    }
+}
+
+// 2. moe_fwd_mix, one thread per (b, k): A = softmax_e q[b,:,k], m = sum_e A q,
+//    y = sum_e A r + c[k] (the CPU op's order: max, then exp-weighted sums).
+extern "C" __global__ void moe_fwd_mix(const float* __restrict__ q, const float* __restrict__ r,
+                                       const float* __restrict__ c, float* __restrict__ y, float* __restrict__ m,
+                                       uint32_t batch, uint32_t labels, uint32_t experts) {
+    const uint64_t n = (uint64_t)batch * labels;
+    for (uint64_t i = global_thread(); i < n; i += grid_threads()) {
+        const uint64_t b = i / labels, k = i % labels;
+        const uint64_t base = b * experts * labels + k;
+        float mx = q[base];
+        for (uint32_t e = 1; e < experts; e++) mx = fmaxf(mx, q[base + (uint64_t)e * labels]);
+        float den = 0.0f, num_m = 0.0f, num_y = 0.0f;
+        for (uint32_t e = 0; e < experts; e++) {
+            const float qe = q[base + (uint64_t)e * labels];
+            const float a = expf(qe - mx);
+            den += a;
+            num_m = fmaf(a, qe, num_m);
+            num_y = fmaf(a, r[base + (uint64_t)e * labels], num_y);
         }
+        m[i] = num_m / den;
+        y[i] = num_y / den + c[k];
     }
 }
 
@@ -206,68 +224,91 @@ extern "C" __global__ void __launch_bounds__(128) moe_bwd_tokens(
     gather_rows_into<false>(dadapted, dr, w, grow, tok_items, i0, i1, b0, batch, t, tokens, d, labels, experts, ch);
 }
 
-// 3. moe_bwd_rows, block = one output row j and 256 columns (a lane owns 8), the 8 warps
-//    split the images; then the warps' partials are added in warp order through shared memory:
-//      out[j] = sum_b sum_{idx in list(j)} coef[b, idx] X[b, tok[idx]]
-//    list(j) = CSR items (offsets != null: the gate rows, from grow's inverse, X = Z, coef = dq)
-//    or {e*K + j : e < E} (offsets == null: the classifier rows, X = a(Z), coef = dr; the block
-//    of column tile 0 also writes dc[j] = sum_b dy[b, j]). Overwrites out; one block per row
-//    and column tile, so nothing is contended and the result is the same on every run.
+// 3. Parameter gradients, token-major. moe_bwd_pairs: block = token t, a tile of PAIR_TILE of
+//    the (e, k) pairs pointing at t (tok's inverse), and 256 columns (a lane owns 8); the 8
+//    warps split the batch, each lane accumulating PAIR_TILE x 8 sums, then the warps'
+//    partials are added in warp order:  pair_rows[idx] = sum_b coef[b, idx] X[b, t].
+//    Run with (dr, a(Z)) for the classifier and (dq, Z) for the gate. X rows of a token are
+//    read once per pair tile (not once per label), and no output row is contended.
+//    moe_sum_pairs then adds pair rows into output rows in a fixed order:
+//    out[j] = sum over list(j) of pair_rows[idx], list(j) = {e*K + j : e < E} (offsets null:
+//    the classifier, dw) or grow's inverse (the gate rows, dgate; a row no pair uses is 0).
+//    Both overwrite; the same bits on every run.
 constexpr int ROWS_WARPS = 8;
+constexpr int PAIR_TILE = 8;
 
-extern "C" __global__ void __launch_bounds__(ROWS_WARPS * 32) moe_bwd_rows(
-    const float* __restrict__ coef, const bf16* __restrict__ x, const uint32_t* __restrict__ tok,
-    const uint32_t* __restrict__ offsets, const uint32_t* __restrict__ items, const float* __restrict__ dy,
-    float* __restrict__ out, float* __restrict__ dc, uint32_t batch, uint32_t tokens, uint32_t d, uint32_t labels,
-    uint32_t experts) {
-    __shared__ float part[ROWS_WARPS][257];
-    const uint32_t j = blockIdx.x;
+// Warp partials of 8 columns per lane -> shared (lane's 8 columns at 8*lane..), then thread c
+// adds column c over the warps in order and writes out_row[(col0 + c) * out_stride]. Row
+// stride 257 keeps the column reads conflict-free.
+__device__ __forceinline__ void add_warp_partials(float (*part)[257], const float (&acc)[8], float* out_row,
+                                                  uint64_t out_stride, uint32_t col0, uint32_t d) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const uint32_t ch = blockIdx.y * 32 + lane;
-    const bool live = ch < d / 8;
-    uint32_t i0, i1;
-    if (offsets) {
-        i0 = offsets[j];
-        i1 = offsets[j + 1];
-    } else {
-        i0 = 0;
-        i1 = experts;
-    }
-    const uint64_t stride = (uint64_t)experts * labels;
-    float acc[8];
-#pragma unroll
-    for (int v = 0; v < 8; v++) acc[v] = 0.0f;
-    if (live) {
-        for (uint32_t it = i0; it < i1; it++) {
-            const uint32_t idx = offsets ? items[it] : it * labels + j;
-            const uint32_t t = tok[idx];
-#pragma unroll 4
-            for (uint32_t b = warp; b < batch; b += ROWS_WARPS) {
-                const float cf = coef[(uint64_t)b * stride + idx];
-                float xv[8];
-                load_bf16<8>(x + ((uint64_t)b * tokens + t) * d + ch * 8, xv);
-#pragma unroll
-                for (int v = 0; v < 8; v++) acc[v] = fmaf(cf, xv[v], acc[v]);
-            }
-        }
-    }
-    // Warp partials -> shared (lane's 8 columns at 8*lane..), then thread c adds column c over
-    // the warps in order. Row stride 257 keeps the column reads conflict-free.
 #pragma unroll
     for (int v = 0; v < 8; v++) part[warp][lane * 8 + v] = acc[v];
     __syncthreads();
-    const uint32_t col = blockIdx.y * 256 + threadIdx.x;
+    const uint32_t col = col0 + threadIdx.x;
     if (col < d) {
         float s = 0.0f;
 #pragma unroll
         for (int wi = 0; wi < ROWS_WARPS; wi++) s += part[wi][threadIdx.x];
-        out[(uint64_t)j * d + col] = s;
+        out_row[(uint64_t)col * out_stride] = s;
     }
-    if (dc && blockIdx.y == 0 && warp == 0) {
+    __syncthreads();
+}
+
+extern "C" __global__ void __launch_bounds__(ROWS_WARPS * 32) moe_bwd_pairs(
+    const float* __restrict__ coef, const bf16* __restrict__ x, const uint32_t* __restrict__ tok_offsets,
+    const uint32_t* __restrict__ tok_items, float* __restrict__ pair_rows, uint32_t batch, uint32_t tokens,
+    uint32_t d, uint32_t labels, uint32_t experts) {
+    __shared__ float part[ROWS_WARPS][257];
+    const uint32_t t = blockIdx.x;
+    const uint32_t i0 = tok_offsets[t] + blockIdx.y * PAIR_TILE;
+    const uint32_t i1 = min(tok_offsets[t + 1], i0 + PAIR_TILE);
+    if (i0 >= i1) return;  // uniform over the block
+    const uint32_t npairs = i1 - i0;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const uint32_t ch = blockIdx.z * 32 + lane;
+    const bool live = ch < d / 8;
+    const uint64_t stride = (uint64_t)experts * labels;
+    uint32_t idx[PAIR_TILE];
+#pragma unroll
+    for (int pi = 0; pi < PAIR_TILE; pi++) idx[pi] = pi < (int)npairs ? tok_items[i0 + pi] : 0u;
+    float acc[PAIR_TILE][8];
+#pragma unroll
+    for (int pi = 0; pi < PAIR_TILE; pi++)
+#pragma unroll
+        for (int v = 0; v < 8; v++) acc[pi][v] = 0.0f;
+    if (live) {
+        for (uint32_t b = warp; b < batch; b += ROWS_WARPS) {
+            float xv[8];
+            load_bf16<8>(x + ((uint64_t)b * tokens + t) * d + ch * 8, xv);
+            const float* cb = coef + (uint64_t)b * stride;
+#pragma unroll
+            for (int pi = 0; pi < PAIR_TILE; pi++) {
+                const float cf = pi < (int)npairs ? cb[idx[pi]] : 0.0f;
+#pragma unroll
+                for (int v = 0; v < 8; v++) acc[pi][v] = fmaf(cf, xv[v], acc[pi][v]);
+            }
+        }
+    }
+#pragma unroll
+    for (int pi = 0; pi < PAIR_TILE; pi++)
+        if (pi < (int)npairs) add_warp_partials(part, acc[pi], pair_rows + (uint64_t)idx[pi] * d, 1, blockIdx.z * 256, d);
+}
+
+extern "C" __global__ void moe_sum_pairs(const float* __restrict__ pair_rows, const uint32_t* __restrict__ offsets,
+                                         const uint32_t* __restrict__ items, float* __restrict__ out, uint32_t rows,
+                                         uint32_t d, uint32_t labels, uint32_t experts) {
+    const uint64_t n = (uint64_t)rows * d;
+    for (uint64_t i = global_thread(); i < n; i += grid_threads()) {
+        const uint64_t j = i / d, c = i % d;
         float s = 0.0f;
-        for (uint32_t b = lane; b < batch; b += 32) s += dy[(uint64_t)b * labels + j];
-        s = warp_sum(s);
-        if (lane == 0) dc[j] = s;
+        if (offsets) {
+            for (uint32_t it = offsets[j]; it < offsets[j + 1]; it++) s += pair_rows[(uint64_t)items[it] * d + c];
+        } else {
+            for (uint32_t e = 0; e < experts; e++) s += pair_rows[((uint64_t)e * labels + j) * d + c];
+        }
+        out[i] = s;
     }
 }
 
@@ -461,22 +502,6 @@ extern "C" __global__ void __launch_bounds__(128) adapter_bwd_tokens(
 //   db1_t[j] = sum_b du_j (column tile 0). Ranks go ADA_JG at a time (one pass over the images
 //   each), so the accumulators stay in registers for any r.
 constexpr int ADA_JG = 4;
-
-__device__ __forceinline__ void add_warp_partials(float (*part)[257], const float (&acc)[8], float* out_row,
-                                                  uint64_t out_stride, uint32_t col0, uint32_t d) {
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-#pragma unroll
-    for (int v = 0; v < 8; v++) part[warp][lane * 8 + v] = acc[v];
-    __syncthreads();
-    const uint32_t col = col0 + threadIdx.x;
-    if (col < d) {
-        float s = 0.0f;
-#pragma unroll
-        for (int wi = 0; wi < ROWS_WARPS; wi++) s += part[wi][threadIdx.x];
-        out_row[(uint64_t)col * out_stride] = s;
-    }
-    __syncthreads();
-}
 
 extern "C" __global__ void __launch_bounds__(ROWS_WARPS * 32) adapter_bwd_params(
     const bf16* __restrict__ dout, const bf16* __restrict__ z, const float* __restrict__ u,

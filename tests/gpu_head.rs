@@ -237,7 +237,7 @@ fn asl_terms_match_the_sum_of_single_terms_in_both_gradient_modes() {
         for (bn, k) in [(1usize, 1usize), (64, 80), (256, 365), (3, 1000)] {
             let n = bn * k;
             let scale = 1000.0 / n as f32;
-            let xs: Vec<Vec<f32>> = (0..4).map(|_| uniform(&mut rng, n, -12.0, 12.0)).collect();
+            let xs: Vec<Vec<f32>> = (0..4).map(|_| asl_logits(&mut rng, n, &cfg)).collect();
             let y: Vec<f32> = (0..n).map(|_| if rng.random::<f32>() < 0.2 { 1.0 } else { 0.0 }).collect();
             let xd: Vec<CudaSlice<f32>> = xs.iter().map(|x| gpu.upload(x).unwrap()).collect();
             let yd = gpu.upload(&y).unwrap();
@@ -332,3 +332,129 @@ fn head_launchers_reject_bad_shapes_and_tables() {
 }
 
 const MAX_RANK_PLUS_ONE: usize = cuda::MAX_RANK + 1;
+
+/// Fails unless ||got - want|| <= tol ||want|| (2-norms; robust where single elements are near
+/// zero) and every element is finite.
+fn assert_rel_l2(what: &str, got: &[f32], want: &[f64], tol: f64, seed: u64) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    assert!(got.iter().all(|v| v.is_finite()), "{what}: non-finite output (MLVPT_TEST_SEED={seed})");
+    let (mut num, mut den) = (0.0f64, 0.0f64);
+    for (&g, &w) in got.iter().zip(want) {
+        num += (g as f64 - w).powi(2);
+        den += w * w;
+    }
+    let rel = (num / den.max(f64::MIN_POSITIVE)).sqrt();
+    assert!(rel <= tol, "{what}: relative L2 error {rel:e} > {tol:e} (MLVPT_TEST_SEED={seed})");
+}
+
+/// The head of one training step composed as `train::step` composes the Backend ops (adapters,
+/// both branches' forward, the four ASL terms, dz and dadapted zeroed then accumulated by both
+/// branches' backward, then the adapters' backward), on the GPU and on the CPU in f64. The GPU
+/// rounds the adapted features and the token gradients to bf16 on the way, so the comparison
+/// is by relative 2-norm.
+#[test]
+#[ignore = "requires a CUDA device"]
+fn composed_head_step_matches_cpu() {
+    let gpu = gpu();
+    let s_ = gpu.stream();
+    let (mut rng, seed) = rng("composed_head_step");
+    let (bn, k, t, e, d, r) = (64usize, 80usize, 5usize, 3usize, 768usize, 5usize);
+    let p = 2 * t * e;
+    let ash = AdapterShape { batch: bn, tokens: p, dim: d, rank: r };
+    // Branch + with label gating on tokens 0..TE, branch - with group gating on TE..2TE.
+    let branches: Vec<(Vec<u32>, Vec<u32>, usize)> = vec![tables(&mut rng, k, t, e, 0, true), tables(&mut rng, k, t, e, t * e, false)];
+    let a = 3.0 / (d as f32).sqrt();
+    let (z, z64) = bf16_input(&gpu, &mut rng, bn * p * d, -1.0, 1.0);
+    let (w1, w164) = f32_input(&gpu, &mut rng, p * r * d, -a, a);
+    let (b1, b164) = f32_input(&gpu, &mut rng, p * r, -0.5, 0.5);
+    let (w2, w264) = f32_input(&gpu, &mut rng, p * d * r, -0.4, 0.4);
+    let (b2, b264) = f32_input(&gpu, &mut rng, p * d, -0.1, 0.1);
+    let targets: Vec<f32> = (0..bn * k).map(|_| if rng.random::<f32>() < 0.2 { 1.0 } else { 0.0 }).collect();
+    let (tg, tg64) = (gpu.upload(&targets).unwrap(), to_f64(&targets));
+    let cfg = asl::AslConfig::default();
+    let scale = 1000.0 / (bn * k) as f64;
+
+    // GPU.
+    let mut ws = cuda::HeadWorkspace::new();
+    let mut aws = asl::cuda::AslWorkspace::new(&gpu).unwrap();
+    let (mut u, mut ad) = (nan_f32(&gpu, bn * p * r), nan_bf16(&gpu, bn * p * d));
+    cuda::adapter_forward(&gpu, s_, &z, &w1, &b1, &w2, &b2, &mut u, &mut ad, &ash).unwrap();
+    let mut heads = Vec::new();
+    let mut outs = Vec::new();
+    for (tok, grow, rows) in &branches {
+        let ms = MoeShape { batch: bn, tokens: p, dim: d, labels: k, experts: e, gate_rows: *rows };
+        let (gate, gate64) = f32_input(&gpu, &mut rng, rows * d, -a, a);
+        let (w, w64) = f32_input(&gpu, &mut rng, k * d, -a, a);
+        let (c, c64) = f32_input(&gpu, &mut rng, k, -0.5, 0.5);
+        let (tok_d, grow_d) = (cuda::IndexTable::new(&gpu, tok, p).unwrap(), cuda::IndexTable::new(&gpu, grow, *rows).unwrap());
+        let (mut y, mut m, mut q, mut rr) = (nan_f32(&gpu, bn * k), nan_f32(&gpu, bn * k), nan_f32(&gpu, bn * e * k), nan_f32(&gpu, bn * e * k));
+        cuda::moe_forward(&gpu, s_, &z, &ad, &gate, &w, &c, &tok_d, &grow_d, &mut y, &mut m, &mut q, &mut rr, &ms).unwrap();
+        heads.push((ms, gate, gate64, w, w64, c64, tok_d, grow_d));
+        outs.push((y, m, q, rr));
+    }
+    let mut dys: Vec<CudaSlice<f32>> = (0..4).map(|_| nan_f32(&gpu, bn * k)).collect();
+    let mut loss = nan_f32(&gpu, 1);
+    {
+        let [g0, g1, g2, g3] = &mut dys[..] else { unreachable!() };
+        let mut terms = [
+            asl::cuda::AslTerm { logits: &outs[0].0, grad: Some(g0) },
+            asl::cuda::AslTerm { logits: &outs[1].0, grad: Some(g1) },
+            asl::cuda::AslTerm { logits: &outs[0].1, grad: Some(g2) },
+            asl::cuda::AslTerm { logits: &outs[1].1, grad: Some(g3) },
+        ];
+        asl::cuda::forward_backward_terms(&gpu, s_, &mut aws, &mut terms, &tg, &cfg, scale as f32, &mut loss, bn * k).unwrap();
+    }
+    let (mut dz, mut da) = (gpu.zeros::<bf16>(bn * p * d).unwrap(), gpu.zeros::<bf16>(bn * p * d).unwrap());
+    let mut head_grads = Vec::new();
+    for (s, (ms, gate, _, w, _, _, tok_d, grow_d)) in heads.iter().enumerate() {
+        let (mut dg, mut dw, mut dc) = (nan_f32(&gpu, ms.gate_rows * d), nan_f32(&gpu, k * d), nan_f32(&gpu, k));
+        let (_, _, q, rr) = &outs[s];
+        cuda::moe_backward(&gpu, s_, &mut ws, &dys[s], &dys[2 + s], &z, &ad, gate, w, tok_d, grow_d, q, rr, &mut dz, &mut da, &mut dg, &mut dw, &mut dc, ms).unwrap();
+        head_grads.push((dg, dw, dc));
+    }
+    let (mut dw1, mut db1, mut dw2, mut db2) = (nan_f32(&gpu, p * r * d), nan_f32(&gpu, p * r), nan_f32(&gpu, p * d * r), nan_f32(&gpu, p * d));
+    cuda::adapter_backward(&gpu, s_, &mut ws, &da, &z, &u, &w1, &w2, &mut dz, &mut dw1, &mut db1, &mut dw2, &mut db2, &ash).unwrap();
+
+    // CPU, f64, same composition.
+    let mut scratch = Vec::new();
+    let (mut cu, mut cad) = (vec![0.0; bn * p * r], vec![0.0; bn * p * d]);
+    cpu::adapter_forward(&z64, &w164, &b164, &w264, &b264, &mut cu, &mut cad, &ash, &mut scratch);
+    let mut cfwd = Vec::new();
+    for (s, (tok, grow, _)) in branches.iter().enumerate() {
+        let (ms, _, gate64, _, w64, c64, _, _) = &heads[s];
+        let (mut y, mut m, mut q, mut rr) = (vec![0.0; bn * k], vec![0.0; bn * k], vec![0.0; bn * e * k], vec![0.0; bn * e * k]);
+        cpu::moe_forward(&z64, &cad, gate64, w64, c64, tok, grow, &mut y, &mut m, &mut q, &mut rr, ms);
+        assert_rel_l2(&format!("branch {s}: y"), &down_f32(&gpu, &outs[s].0), &y, 1e-2, seed);
+        assert_rel_l2(&format!("branch {s}: m"), &down_f32(&gpu, &outs[s].1), &m, 1e-2, seed);
+        cfwd.push((y, m, q, rr));
+    }
+    let mut want_loss = 0.0;
+    let mut cdy = Vec::new();
+    for term in [&cfwd[0].0, &cfwd[1].0, &cfwd[0].1, &cfwd[1].1] {
+        let mut g = vec![0.0; bn * k];
+        want_loss += asl::asl_forward_backward(term, &tg64, &cfg, Some(&mut g)) * scale;
+        cdy.push(g.into_iter().map(|v| v * scale).collect::<Vec<f64>>());
+    }
+    assert_rel_l2("loss", &down_f32(&gpu, &loss), &[want_loss], 1e-2, seed);
+    for (i, g) in cdy.iter().enumerate() {
+        assert_rel_l2(&format!("ASL gradient of term {i}"), &down_f32(&gpu, &dys[i]), g, 2e-2, seed);
+    }
+    let (mut cdz, mut cda) = (vec![0.0; bn * p * d], vec![0.0; bn * p * d]);
+    for (s, (tok, grow, rows)) in branches.iter().enumerate() {
+        let (ms, _, gate64, _, w64, _, _, _) = &heads[s];
+        let (mut dg, mut dw, mut dc) = (vec![0.0; rows * d], vec![0.0; k * d], vec![0.0; k]);
+        let (_, _, q, rr) = &cfwd[s];
+        cpu::moe_backward(&cdy[s], &cdy[2 + s], &z64, &cad, gate64, w64, tok, grow, q, rr, &mut cdz, &mut cda, &mut dg, &mut dw, &mut dc, ms, &mut scratch);
+        let (gdg, gdw, gdc) = &head_grads[s];
+        assert_rel_l2(&format!("branch {s}: dgate"), &down_f32(&gpu, gdg), &dg, 3e-2, seed);
+        assert_rel_l2(&format!("branch {s}: dw"), &down_f32(&gpu, gdw), &dw, 3e-2, seed);
+        assert_rel_l2(&format!("branch {s}: dc"), &down_f32(&gpu, gdc), &dc, 3e-2, seed);
+    }
+    assert_rel_l2("dadapted", &down_bf16(&gpu, &da), &cda, 3e-2, seed);
+    let (mut cdw1, mut cdb1, mut cdw2, mut cdb2) = (vec![0.0; p * r * d], vec![0.0; p * r], vec![0.0; p * d * r], vec![0.0; p * d]);
+    cpu::adapter_backward(&cda, &z64, &cu, &w164, &w264, &mut cdz, &mut cdw1, &mut cdb1, &mut cdw2, &mut cdb2, &ash, &mut scratch);
+    assert_rel_l2("dz", &down_bf16(&gpu, &dz), &cdz, 3e-2, seed);
+    for (name, got, want) in [("dw1", &dw1, &cdw1), ("db1", &db1, &cdb1), ("dw2", &dw2, &cdw2), ("db2", &db2, &cdb2)] {
+        assert_rel_l2(name, &down_f32(&gpu, got), want, 3e-2, seed);
+    }
+}

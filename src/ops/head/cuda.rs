@@ -32,14 +32,16 @@ pub const MAX_EXPERTS: usize = 8;
 /// Largest adapter bottleneck (`HEAD_MAX_RANK` in head.cu).
 pub const MAX_RANK: usize = 64;
 
-/// Images per block of `moe_fwd`, `moe_bwd_tokens`, and the adapter kernels (head.cu).
+/// Images per block of `moe_fwd_scores`, `moe_bwd_tokens`, and the adapter kernels (head.cu).
 const MOE_FWD_IMAGES: usize = 32;
 const TOK_IMAGES: usize = 8;
 const ADA_IMAGES: usize = 16;
-/// Columns per block of the batch-reducing kernels (`moe_bwd_rows`, `adapter_bwd_params`):
+/// Columns per block of the batch-reducing kernels (`moe_bwd_pairs`, `adapter_bwd_params`):
 /// 32 lanes x 8 columns; the block's 8 warps split the images.
 const ROWS_COLS: usize = 256;
 const ROWS_THREADS: u32 = 256;
+/// Pairs per block of `moe_bwd_pairs` (`PAIR_TILE` in head.cu).
+const PAIR_TILE: usize = 8;
 
 /// A gating table on the device (`u32`, entries in `0..range`) with its inverse in CSR form:
 /// for each value `v`, the indices `i` with `table[i] == v`, in increasing order.
@@ -49,6 +51,8 @@ pub struct IndexTable {
     items: CudaSlice<u32>,
     len: usize,
     range: usize,
+    /// Longest inverse list (sizes the pair-tile grid of the backward).
+    max_count: usize,
 }
 
 /// The inverse of `table` over values `0..range`: `(offsets [range + 1], items [len])` with the
@@ -84,12 +88,14 @@ impl IndexTable {
         let (offsets, items) = invert_table(table, range).map_err(|m| GpuError::invalid("head index table", m))?;
         // Zero-length device buffers are not allowed everywhere: keep at least one element.
         let pad = |v: &[u32]| if v.is_empty() { vec![0u32] } else { v.to_vec() };
+        let max_count = offsets.windows(2).map(|w| (w[1] - w[0]) as usize).max().unwrap_or(0);
         Ok(Self {
             table: gpu.upload(&pad(table))?,
             offsets: gpu.upload(&offsets)?,
             items: gpu.upload(&pad(&items))?,
             len: table.len(),
             range,
+            max_count,
         })
     }
     /// The table as uploaded.
@@ -110,13 +116,15 @@ impl IndexTable {
     }
 }
 
-/// Scratch of the backward launchers (`dq, dr [B, E, K]` for [`moe_backward`], `du [B, P, r]`
-/// for [`adapter_backward`]), grown on demand and kept between calls. One workspace serves
+/// Scratch of the backward launchers (`dq, dr [B, E, K]` and the per-(e, k) gradient rows
+/// `[E*K, D]` for [`moe_backward`], `du [B, P, r]` for [`adapter_backward`], `dy W` for
+/// [`vpt_backward`]), grown on demand and kept between calls. One workspace serves
 /// launches in order on one stream.
 #[derive(Default)]
 pub struct HeadWorkspace {
     a: Option<CudaSlice<f32>>,
     b: Option<CudaSlice<f32>>,
+    c: Option<CudaSlice<f32>>,
 }
 
 fn ensure(gpu: &GpuContext, slot: &mut Option<CudaSlice<f32>>, len: usize) -> Result<(), GpuError> {
@@ -136,11 +144,19 @@ impl HeadWorkspace {
         ensure(gpu, &mut self.a, len)?;
         self.a.as_mut().ok_or_else(|| GpuError::invalid("head workspace", "allocation vanished".to_string()))
     }
-    fn two(&mut self, gpu: &GpuContext, len: usize) -> Result<(&mut CudaSlice<f32>, &mut CudaSlice<f32>), GpuError> {
+    /// Two buffers of `len` and a third of `len3` floats.
+    #[allow(clippy::type_complexity)]
+    fn three(
+        &mut self,
+        gpu: &GpuContext,
+        len: usize,
+        len3: usize,
+    ) -> Result<(&mut CudaSlice<f32>, &mut CudaSlice<f32>, &mut CudaSlice<f32>), GpuError> {
         ensure(gpu, &mut self.a, len)?;
         ensure(gpu, &mut self.b, len)?;
-        match (self.a.as_mut(), self.b.as_mut()) {
-            (Some(a), Some(b)) => Ok((a, b)),
+        ensure(gpu, &mut self.c, len3)?;
+        match (self.a.as_mut(), self.b.as_mut(), self.c.as_mut()) {
+            (Some(a), Some(b), Some(c)) => Ok((a, b, c)),
             _ => Err(GpuError::invalid("head workspace", "allocation vanished".to_string())),
         }
     }
@@ -370,11 +386,12 @@ fn check_moe(op: &'static str, s: &MoeShape, tok: &IndexTable, grow: &IndexTable
     Ok(())
 }
 
-/// One branch's label-aware gating, expert mixture and classifier (SPEC 3), fused: per
-/// `(b, e, k)` the gate score `q = <G[grow], z[b, tok]>` and the classifier response
-/// `r = <W[k], adapted[b, tok]>`, then `A = softmax_e q`, `m[b,k] = sum_e A q`,
-/// `y[b,k] = sum_e A r + c[k]`; the `[B, K, D]` mixture is never formed. Writes `y, m [B, K]`
-/// and saves `q, r [B, E, K]` (fp32). The twin of [`super::cpu::moe_forward`].
+/// One branch's label-aware gating, expert mixture and classifier (SPEC 3): per `(b, e, k)`
+/// the gate score `q = <G[grow], z[b, tok]>` and the classifier response
+/// `r = <W[k], adapted[b, tok]>` (one token-major launch), then `A = softmax_e q`,
+/// `m[b,k] = sum_e A q`, `y[b,k] = sum_e A r + c[k]` (a second, per-(b, k) launch); the
+/// `[B, K, D]` mixture is never formed. Writes `y, m [B, K]` and saves `q, r [B, E, K]` (fp32).
+/// The twin of [`super::cpu::moe_forward`].
 #[allow(clippy::too_many_arguments)]
 pub fn moe_forward(
     gpu: &GpuContext,
@@ -412,34 +429,40 @@ pub fn moe_forward(
     let (gp, _g3) = gate.device_ptr(stream);
     let (wp, _g4) = w.device_ptr(stream);
     let (cp, _g5) = c.device_ptr(stream);
-    let (tp, _g6) = tok.table.device_ptr(stream);
-    let (rp_, _g7) = grow.table.device_ptr(stream);
-    let (yp, _g8) = y.device_ptr_mut(stream);
-    let (mp, _g9) = m.device_ptr_mut(stream);
-    let (qp, _g10) = q.device_ptr_mut(stream);
-    let (rp, _g11) = r.device_ptr_mut(stream);
+    let (tofp, _g6) = tok.offsets.device_ptr(stream);
+    let (titp, _g7) = tok.items.device_ptr(stream);
+    let (grp, _g8) = grow.table.device_ptr(stream);
+    let (yp, _g9) = y.device_ptr_mut(stream);
+    let (mp, _g10) = m.device_ptr_mut(stream);
+    let (qp, _g11) = q.device_ptr_mut(stream);
+    let (rp, _g12) = r.device_ptr_mut(stream);
     check_aligned(OP, &[("z", zp), ("adapted", ap), ("gate", gp), ("w", wp)])?;
-    let f = gpu.function("head", "moe_fwd")?;
     let (b32, p32, d32, k32, e32) = (bn as u32, p as u32, d as u32, k as u32, e as u32);
-    let cfg = LaunchConfig {
-        grid_dim: (k as u32, grid_y(OP, bn, MOE_FWD_IMAGES)?, 1),
-        block_dim: (256, 1, 1),
-        shared_mem_bytes: ((e + 1) * d * 4) as u32,
-    };
+    let f = gpu.function("head", "moe_fwd_scores")?;
+    let cfg = LaunchConfig { grid_dim: (p as u32, grid_y(OP, bn, MOE_FWD_IMAGES)?, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
     let mut l = stream.launch_builder(&f);
-    l.arg(&zp).arg(&ap).arg(&gp).arg(&wp).arg(&cp).arg(&tp).arg(&rp_).arg(&yp).arg(&mp).arg(&qp).arg(&rp);
+    l.arg(&zp).arg(&ap).arg(&gp).arg(&wp).arg(&grp).arg(&tofp).arg(&titp).arg(&qp).arg(&rp);
     l.arg(&b32).arg(&p32).arg(&d32).arg(&k32).arg(&e32);
-    // SAFETY: lengths checked; table entries were checked against P and the gate rows when the
-    // IndexTables were built and their lengths match E*K; (E+1)*D*4 <= 36 KiB of shared memory.
-    unsafe { l.launch(cfg) }.map_err(GpuError::driver("launching moe_fwd"))?;
+    // SAFETY: lengths checked; tok's inverse has P + 1 offsets over E*K items (< E*K), and the
+    // gate rows were range-checked with grow; every (b, e, k) of q, r is written once since
+    // each (e, k) lies in exactly one token's list.
+    unsafe { l.launch(cfg) }.map_err(GpuError::driver("launching moe_fwd_scores"))?;
+    let f = gpu.function("head", "moe_fwd_mix")?;
+    let blocks = grid_stride_blocks(gpu, (bn * k) as u64, BLOCK as u64);
+    let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
+    let mut l = stream.launch_builder(&f);
+    l.arg(&qp).arg(&rp).arg(&cp).arg(&yp).arg(&mp).arg(&b32).arg(&k32).arg(&e32);
+    // SAFETY: q, r hold B*E*K, y, m B*K, c K floats (checked).
+    unsafe { l.launch(cfg) }.map_err(GpuError::driver("launching moe_fwd_mix"))?;
     Ok(())
 }
 
 /// Backward of [`moe_forward`] from `dy, dm [B, K]` (fp32): accumulates into `dz` and
 /// `dadapted` (bf16 `[B, P, D]`; tokens of the other branch are left untouched) and writes
 /// `dgate [rows, D]`, `dw [K, D]`, `dc [K]` (fp32). Parameter gradients are reduced over the
-/// batch by one block per output row and 256 columns, warps' partials added in order: no
-/// atomics, the same bits on every run. `dq, dr [B, E, K]` live in `ws`. The twin of
+/// batch per (e, k) pair, token by token (a block per token, 8 pairs and 256 columns, warps'
+/// partials added in order), then the pair rows are summed into classifier and gate rows in a
+/// fixed order: no atomics, the same bits on every run. `dq, dr [B, E, K]` live in `ws`. The twin of
 /// [`super::cpu::moe_backward`].
 #[allow(clippy::too_many_arguments)]
 pub fn moe_backward(
@@ -479,14 +502,13 @@ pub fn moe_backward(
     check_len(OP, "dgate", dgate, s.gate_rows * d)?;
     check_len(OP, "dw", dw, k * d)?;
     check_len(OP, "dc", dc, k)?;
-    let (dq, dr) = ws.two(gpu, bn * e * k)?;
+    let (dq, dr, pairs) = ws.three(gpu, bn * e * k, e * k * d)?;
     let (dyp, _g1) = dy.device_ptr(stream);
     let (dmp, _g2) = dm.device_ptr(stream);
     let (zp, _g3) = z.device_ptr(stream);
     let (ap, _g4) = adapted.device_ptr(stream);
     let (gp, _g5) = gate.device_ptr(stream);
     let (wp, _g6) = w.device_ptr(stream);
-    let (tp, _g7) = tok.table.device_ptr(stream);
     let (tofp, _g8) = tok.offsets.device_ptr(stream);
     let (titp, _g9) = tok.items.device_ptr(stream);
     let (grp, _g10) = grow.table.device_ptr(stream);
@@ -501,10 +523,8 @@ pub fn moe_backward(
     let (dcp, _g19) = dc.device_ptr_mut(stream);
     let (dqp, _g20) = dq.device_ptr_mut(stream);
     let (drp, _g21) = dr.device_ptr_mut(stream);
-    check_aligned(
-        OP,
-        &[("z", zp), ("adapted", ap), ("gate", gp), ("w", wp), ("dz", dzp), ("dadapted", dap), ("dgate", dgp), ("dw", dwp)],
-    )?;
+    let (prp, _g22) = pairs.device_ptr_mut(stream);
+    check_aligned(OP, &[("z", zp), ("adapted", ap), ("gate", gp), ("w", wp), ("dz", dzp), ("dadapted", dap)])?;
     let (b32, p32, d32, k32, e32) = (bn as u32, p as u32, d as u32, k as u32, e as u32);
     let null = 0u64;
     if bn > 0 {
@@ -531,29 +551,39 @@ pub fn moe_backward(
         // tables; rows and tokens were range-checked with the tables.
         unsafe { l.launch(cfg) }.map_err(GpuError::driver("launching moe_bwd_tokens"))?;
     }
-    // Classifier rows (and dc), then gate rows; each writes every element of its output.
-    let f = gpu.function("head", "moe_bwd_rows")?;
-    let tiles = d.div_ceil(ROWS_COLS) as u32;
-    let cfg = LaunchConfig { grid_dim: (k as u32, tiles, 1), block_dim: (ROWS_THREADS, 1, 1), shared_mem_bytes: 0 };
-    let mut l = stream.launch_builder(&f);
-    l.arg(&drp).arg(&ap).arg(&tp).arg(&null).arg(&null).arg(&dyp).arg(&dwp).arg(&dcp);
-    l.arg(&b32).arg(&p32).arg(&d32).arg(&k32).arg(&e32);
-    // SAFETY: without offsets the kernel's rows are labels (K blocks) with items e*K + k < E*K;
-    // dw holds K*D and dc K floats.
-    unsafe { l.launch(cfg) }.map_err(GpuError::driver("launching moe_bwd_rows (classifier)"))?;
-    if s.gate_rows > 0 {
-        let cfg = LaunchConfig {
-            grid_dim: (s.gate_rows as u32, tiles, 1),
-            block_dim: (ROWS_THREADS, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        let mut l = stream.launch_builder(&f);
-        l.arg(&dqp).arg(&zp).arg(&tp).arg(&gofp).arg(&gitp).arg(&null).arg(&dgp).arg(&null);
-        l.arg(&b32).arg(&p32).arg(&d32).arg(&k32).arg(&e32);
-        // SAFETY: grow's inverse has gate_rows + 1 offsets over E*K items; dgate holds
-        // gate_rows*D floats.
-        unsafe { l.launch(cfg) }.map_err(GpuError::driver("launching moe_bwd_rows (gate)"))?;
+    // Parameter gradients: per-(e, k) rows reduced over the batch token by token, then summed
+    // into classifier rows (with dc = sum_b dy) and gate rows. Each writes all of its output.
+    let pair_tiles = tok.max_count.div_ceil(PAIR_TILE).max(1);
+    let pairs_cfg = LaunchConfig {
+        grid_dim: (p as u32, pair_tiles as u32, d.div_ceil(ROWS_COLS) as u32),
+        block_dim: (ROWS_THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let f_pairs = gpu.function("head", "moe_bwd_pairs")?;
+    let f_sum = gpu.function("head", "moe_sum_pairs")?;
+    for (coef, x, out, offsets, items, rows, what) in
+        [(drp, ap, dwp, null, null, k, "classifier"), (dqp, zp, dgp, gofp, gitp, s.gate_rows, "gate")]
+    {
+        let mut l = stream.launch_builder(&f_pairs);
+        l.arg(&coef).arg(&x).arg(&tofp).arg(&titp).arg(&prp).arg(&b32).arg(&p32).arg(&d32).arg(&k32).arg(&e32);
+        // SAFETY: coef holds B*E*K floats (workspace), x B*P*D bf16 (checked); each pair index
+        // from tok's inverse is < E*K, and the pair-row workspace holds E*K*D floats.
+        unsafe { l.launch(pairs_cfg) }.map_err(GpuError::driver(format!("launching moe_bwd_pairs ({what})")))?;
+        if rows > 0 {
+            let rows32 = rows as u32;
+            let mut l = stream.launch_builder(&f_sum);
+            l.arg(&prp).arg(&offsets).arg(&items).arg(&out).arg(&rows32).arg(&d32).arg(&k32).arg(&e32);
+            // SAFETY: out holds rows*D floats (checked: K*D for dw, gate_rows*D for dgate);
+            // grow's inverse has gate_rows + 1 offsets over E*K items; without offsets the
+            // rows are labels, summing pairs e*K + k < E*K.
+            unsafe { l.launch(stride_launch(gpu, rows * d)) }.map_err(GpuError::driver(format!("launching moe_sum_pairs ({what})")))?;
+        }
     }
+    let f = gpu.function("head", "column_sums")?;
+    let mut l = stream.launch_builder(&f);
+    l.arg(&dyp).arg(&dcp).arg(&b32).arg(&k32);
+    // SAFETY: dy holds B*K, dc K floats (checked).
+    unsafe { l.launch(stride_launch(gpu, k)) }.map_err(GpuError::driver("launching column_sums (dc)"))?;
     Ok(())
 }
 
