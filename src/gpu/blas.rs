@@ -106,6 +106,80 @@ impl GpuContext {
         .map_err(GpuError::cublas(format!("gemm m={m} n={n} k={k}")))
     }
 
+    /// [`Self::gemm`] over `batch` independent products, operand `i` of A, B, C starting at
+    /// `i * stride_{a,b,c}` elements (cuBLAS strided-batched; e.g. per-head attention scores).
+    #[allow(clippy::too_many_arguments)]
+    pub fn gemm_strided_batched<T: GemmType, O: GemmType>(
+        &self,
+        ta: bool,
+        tb: bool,
+        m: usize,
+        n: usize,
+        k: usize,
+        alpha: f32,
+        a: &impl DevicePtr<T>,
+        stride_a: usize,
+        b: &impl DevicePtr<T>,
+        stride_b: usize,
+        beta: f32,
+        c: &mut impl DevicePtrMut<O>,
+        stride_c: usize,
+        batch: usize,
+    ) -> Result<(), GpuError> {
+        const OP: &str = "gemm_strided_batched";
+        if batch == 0 || m == 0 || n == 0 {
+            return Ok(());
+        }
+        if k == 0 {
+            return Err(GpuError::invalid(OP, format!("inner dimension k = 0 (m={m}, n={n})")));
+        }
+        let last = batch - 1;
+        check_len(OP, "A", a, last * stride_a + m * k)?;
+        check_len(OP, "B", b, last * stride_b + k * n)?;
+        check_len(OP, "C", c, last * stride_c + m * n)?;
+        let (mi, ni, ki, bi) = (dim(OP, "m", m)?, dim(OP, "n", n)?, dim(OP, "k", k)?, dim(OP, "batch", batch)?);
+        let stride = |s: usize| i64::try_from(s).map_err(|_| GpuError::invalid(OP, format!("stride {s} exceeds 64 bits")));
+        let (sa, sb, sc) = (stride(stride_a)?, stride(stride_b)?, stride(stride_c)?);
+        let blas = self.blas()?;
+        let stream = self.stream();
+        let lda = if ta { mi } else { ki };
+        let ldb = if tb { ki } else { ni };
+        let op = |t: bool| if t { cublasOperation_t::CUBLAS_OP_T } else { cublasOperation_t::CUBLAS_OP_N };
+        let (ap, _ga) = a.device_ptr(stream);
+        let (bp, _gb) = b.device_ptr(stream);
+        let (cp, _gc) = c.device_ptr_mut(stream);
+        // SAFETY: every operand's extent was checked above; the row-major to column-major swap
+        // is the one `gemm` documents.
+        unsafe {
+            cudarc::cublas::result::gemm_strided_batched_ex(
+                *blas.handle.handle(),
+                op(tb),
+                op(ta),
+                ni,
+                mi,
+                ki,
+                (&alpha) as *const f32 as *const _,
+                bp as *const _,
+                T::DATA_TYPE,
+                ldb.max(1),
+                sb,
+                ap as *const _,
+                T::DATA_TYPE,
+                lda.max(1),
+                sa,
+                (&beta) as *const f32 as *const _,
+                cp as *mut _,
+                O::DATA_TYPE,
+                ni,
+                sc,
+                bi,
+                cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        }
+        .map_err(GpuError::cublas(format!("gemm_strided_batched m={m} n={n} k={k} batch={batch}")))
+    }
+
     /// `y[m, n] = x[m, k] w[n, k]^T + bias[n]` (a linear layer; `w` row-major as PyTorch stores
     /// it). The bias (f32) is broadcast into `y` first and the product added with beta = 1, so a
     /// bf16 `y` sees the bias rounded to bf16 once. Without a bias, `accumulate` adds to `y`.

@@ -17,6 +17,8 @@
 //! other query attends to all tokens. `prompt_start == prompt_end` means no mask.
 
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 
 /// Sizes of one attention call. `scale = head_dim^-1/2`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

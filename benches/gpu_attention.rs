@@ -1,0 +1,126 @@
+//! FLOP/s of the fused attention kernels (`kernels/attention.cu`) next to the unfused path
+//! (cuBLAS strided-batched GEMMs around a materialised bf16 score matrix and row-softmax
+//! kernels, `ops::attention::cuda::unfused`), both in the same run, at the ViT-B training shape
+//! (B 128, 12 heads of 64, N 227 = CLS + 30 prompts + 196 patches) and at N 1025 (B 32).
+//! FLOPs as FlashAttention counts them: forward 4 B h N^2 dh, backward 2.5x that (criterion
+//! reports them as "elements"). The unfused path's per-head Q, K, V copies are made once,
+//! outside the timed region. Prints a message and exits cleanly when there is no device.
+//! Short run (tools/gpu-runner.sh):
+//! `cargo bench --features cuda --bench gpu_attention -- --warm-up-time 0.5 --measurement-time 1`.
+
+use criterion::{Criterion, Throughput};
+use mlvpt::gpu::{bf16, CudaSlice, GpuContext, GpuError};
+use mlvpt::ops::attention::{cuda, AttnShape};
+use std::time::{Duration, Instant};
+
+/// Times `iters` back-to-back calls of `f` and one synchronisation.
+fn timed(gpu: &GpuContext, iters: u64, mut f: impl FnMut() -> Result<(), GpuError>) -> Duration {
+    gpu.synchronize().unwrap();
+    let t = Instant::now();
+    for _ in 0..iters {
+        f().unwrap();
+    }
+    gpu.synchronize().unwrap();
+    t.elapsed()
+}
+
+/// Deterministic values in [-1, 1) (a multiplicative hash of the index).
+fn noise(gpu: &GpuContext, n: usize, amp: f32) -> CudaSlice<bf16> {
+    let v: Vec<bf16> = (0..n)
+        .map(|i| {
+            let hsh = (i as u32).wrapping_mul(2_654_435_761) >> 16;
+            bf16::from_f32(((hsh & 1023) as f32 / 512.0 - 1.0) * amp)
+        })
+        .collect();
+    gpu.upload(&v).unwrap()
+}
+
+fn zeros_bf16(gpu: &GpuContext, n: usize) -> CudaSlice<bf16> {
+    gpu.zeros::<bf16>(n).unwrap()
+}
+
+fn bench_shape(c: &mut Criterion, gpu: &GpuContext, label: &str, sh: AttnShape) {
+    let s = gpu.stream();
+    let (b, n, h, dh, d) = (sh.batch, sh.tokens, sh.heads, sh.head_dim, sh.dim());
+    let fwd_flop = 4 * b * h * n * n * dh;
+    let bwd_flop = fwd_flop * 5 / 2;
+
+    let qkv = noise(gpu, b * n * 3 * d, 2.0);
+    let dout = noise(gpu, b * n * d, 0.5);
+    let mut out = zeros_bf16(gpu, b * n * d);
+    let mut lse = gpu.zeros::<f32>(b * h * n).unwrap();
+    let mut dqkv = zeros_bf16(gpu, b * n * 3 * d);
+    let mut scratch = gpu.zeros::<f32>(cuda::backward_scratch_len(&sh)).unwrap();
+
+    // Unfused peer: per-head copies (untimed), the N x N probabilities and their gradient.
+    let per = b * h * n * dh;
+    let (mut q, mut k, mut v) = (zeros_bf16(gpu, per), zeros_bf16(gpu, per), zeros_bf16(gpu, per));
+    cuda::unfused::split_heads(gpu, &qkv, &mut q, &mut k, &mut v, &sh).unwrap();
+    let dout_h = noise(gpu, per, 0.5);
+    let mut p = zeros_bf16(gpu, b * h * n * n);
+    let mut dp = zeros_bf16(gpu, b * h * n * n);
+    let mut o = zeros_bf16(gpu, per);
+    let (mut dq, mut dk, mut dv) = (zeros_bf16(gpu, per), zeros_bf16(gpu, per), zeros_bf16(gpu, per));
+
+    let mut g = c.benchmark_group(format!("attention {label}"));
+    // Milliseconds per call: 10 samples keep the short mode short (criterion's 100 would take
+    // 5050 calls per function).
+    g.sample_size(10);
+    g.throughput(Throughput::Elements(fwd_flop as u64));
+    g.bench_function("fused forward (flop/s)", |bn| {
+        bn.iter_custom(|it| timed(gpu, it, || cuda::forward(gpu, s, &qkv, &mut out, &mut lse, &sh)))
+    });
+    g.bench_function("unfused forward (flop/s)", |bn| {
+        bn.iter_custom(|it| timed(gpu, it, || cuda::unfused::forward(gpu, &q, &k, &v, &mut p, &mut o, &sh)))
+    });
+    g.throughput(Throughput::Elements(bwd_flop as u64));
+    g.bench_function("fused backward (flop/s)", |bn| {
+        bn.iter_custom(|it| {
+            timed(gpu, it, || cuda::backward(gpu, s, &qkv, &out, &lse, &dout, &mut dqkv, &mut scratch, &sh))
+        })
+    });
+    g.bench_function("unfused backward (flop/s)", |bn| {
+        bn.iter_custom(|it| {
+            timed(gpu, it, || cuda::unfused::backward(gpu, &q, &k, &v, &p, &dout_h, &mut dp, &mut dq, &mut dk, &mut dv, &sh))
+        })
+    });
+    g.finish();
+
+    // One plain summary line per shape in TFLOP/s (10 calls each, after criterion's warm-up).
+    let tflops = |flop: usize, t: Duration| flop as f64 * 10.0 / t.as_secs_f64() / 1e12;
+    let ff = tflops(fwd_flop, timed(gpu, 10, || cuda::forward(gpu, s, &qkv, &mut out, &mut lse, &sh)));
+    let uf = tflops(fwd_flop, timed(gpu, 10, || cuda::unfused::forward(gpu, &q, &k, &v, &mut p, &mut o, &sh)));
+    let fb = tflops(bwd_flop, timed(gpu, 10, || cuda::backward(gpu, s, &qkv, &out, &lse, &dout, &mut dqkv, &mut scratch, &sh)));
+    let ub = tflops(
+        bwd_flop,
+        timed(gpu, 10, || cuda::unfused::backward(gpu, &q, &k, &v, &p, &dout_h, &mut dp, &mut dq, &mut dk, &mut dv, &sh)),
+    );
+    eprintln!(
+        "attention {label}: forward fused {ff:.1} TFLOP/s, unfused {uf:.1} ({:.2}x); backward fused {fb:.1}, unfused {ub:.1} ({:.2}x)",
+        ff / uf,
+        fb / ub
+    );
+}
+
+fn main() {
+    let gpu = match GpuContext::new(0) {
+        Ok(g) => g,
+        Err(e) => {
+            eprintln!("gpu_attention bench skipped: {e}");
+            return;
+        }
+    };
+    eprintln!(
+        "gpu_attention bench on {} (sm_{}{}, {} SMs)",
+        gpu.device_name(),
+        gpu.compute_capability().0,
+        gpu.compute_capability().1,
+        gpu.sm_count()
+    );
+    let mut c = Criterion::default().configure_from_args();
+    let vit_b = AttnShape::full(128, 227, 12, 64, 1, 31);
+    bench_shape(&mut c, &gpu, "B128 h12 N227 P30 dh64", vit_b);
+    let long = AttnShape { batch: 32, tokens: 1025, ..vit_b };
+    bench_shape(&mut c, &gpu, "B32 h12 N1025 P30 dh64", long);
+    c.final_summary();
+}

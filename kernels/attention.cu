@@ -1,0 +1,702 @@
+// Fused multi-head attention with the prompt-augmented mask (SPEC 2), FlashAttention-2 style:
+// bf16 Q, K, V read by strides straight from the qkv projection `qkv [B, N, 3, h, dh]`, fp32
+// online softmax and accumulation on tensor cores (mma.sync m16n8k16 bf16 -> f32), output
+// `out [B, Nq, h*dh]` bf16 and the per-row log-sum-exp `lse [B, h, Nq]` (f32, natural log of
+// the scaled scores) that the backward uses to recompute the probabilities. Queries are the
+// tokens [qs, qs + Nq) (all N in every block but the model's last, which needs only the
+// prompts); keys and values are always all N tokens.
+//
+// Mask (structural, no tensor): tokens [ps, pe) are prompts; a prompt query does not see the
+// other prompts' keys (it sees CLS, itself and every key >= pe); other queries see all keys.
+// Keys >= N (tile padding) are -inf. Every row keeps key 0 and itself, so no row is empty.
+//
+// Kernels (host launchers in src/ops/attention/cuda.rs):
+//   attn_fwd_d{32,64}      grid (ceil(Nq/BR), B*h), 128 threads; 32 query rows per warp.
+//   attn_bwd_pre_d{32,64}  D_i = rowsum(dO_i * O_i) into dvec [B, h, Nq]; zeroes dq_acc.
+//   attn_bwd_d{32,64}      grid (ceil(N/64), B*h): one block per 64 keys, loops over all query
+//                          blocks; dK, dV in registers, written once (bf16) into dqkv; dQ
+//                          partials added with fp32 atomics into dq_acc [B, Nq, h*dh].
+//   attn_bwd_dq_convert    dqkv[:, :, 0] = scale * dq_acc (bf16; zero outside the queries).
+//   attn_split_heads, attn_softmax_rows_bf16, attn_softmax_bwd_rows_bf16: the unfused peer
+//                          used by benches/gpu_attention.rs (cuBLAS GEMMs around them).
+// dQ is summed by atomics in whatever order the key blocks finish, so its last bits may differ
+// between runs; out, lse, dK, dV are deterministic.
+//
+// ---- Fragment layouts (PTX ISA, "Matrix Fragments for mma.m16n8k16" with .bf16) ----------
+// lane = 0..31, g = lane >> 2 (groupID), t = lane & 3 (thread in group). Each .b32 register
+// holds two bf16, the lower 16 bits being the element with the smaller column (k) index.
+//   A (16 x 16, row-major, M x K), 4 regs:
+//     a0 = A[g    ][2t, 2t+1]   a1 = A[g + 8][2t, 2t+1]
+//     a2 = A[g    ][2t+8, +9]   a3 = A[g + 8][2t+8, +9]
+//   B (16 x 8, K x N, "col"), 2 regs:
+//     b0 = B[2t, 2t+1][g]       b1 = B[2t+8, 2t+9][g]
+//   C/D (16 x 8, f32), 4 regs:
+//     c0, c1 = C[g][2t, 2t+1]   c2, c3 = C[g + 8][2t, 2t+1]
+// ldmatrix.m8n8.x4.b16: lanes 8i..8i+7 give the row addresses of 8x8 matrix i (16 bytes each);
+// register ri of lane receives matrix i's row (lane >> 2) = g, elements 2t, 2t+1. With .trans
+// it receives elements [row 2t][col g] and [row 2t+1][col g] (the transpose's row g).
+// Hence, for a 16x16 block stored row-major with rows r and columns c:
+//   A operand (rows = M):        lane address row = lane & 15, col = (lane >> 4) * 8.
+//   B operand for two n-tiles when the block is stored [n][k] (K^T of a row-major K):
+//       row (n) = (lane & 7) + (lane >> 4) * 8, col (k) = ((lane >> 3) & 1) * 8;
+//       r0, r1 = b0, b1 of n-tile 0; r2, r3 = b0, b1 of n-tile 1.
+//   B operand for two n-tiles when stored [k][n] (V row-major), with .trans:
+//       row (k) = (lane & 7) + ((lane >> 3) & 1) * 8, col (n) = (lane >> 4) * 8;
+//       r0, r1 = b0, b1 of n-tile 0; r2, r3 = b0, b1 of n-tile 1.
+//   A operand when stored transposed [k][m], with .trans (matrix i = lane >> 3):
+//       row (k) = (lane & 7) + (i >> 1) * 8, col (m) = (i & 1) * 8.
+// The f32 accumulators of two adjacent n-tiles (keys 16c..16c+15) are an A operand over those
+// keys after packing: a0 = (C0.c0, C0.c1), a1 = (C0.c2, C0.c3), a2 = (C1.c0, C1.c1),
+// a3 = (C1.c2, C1.c3).
+// Shared-memory rows are padded by 16 bytes (stride dh + 8 elements), so the 8 row addresses
+// of each ldmatrix matrix fall in 8 distinct 16-byte bank groups (no conflicts).
+#include "common.cuh"
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+#error "attention.cu needs sm_80 or newer (cp.async, bf16 mma.sync); set MLVPT_CUDA_ARCH >= 80"
+#endif
+
+namespace attn {
+
+constexpr int WARPS = 4;
+constexpr int THREADS = 32 * WARPS;
+constexpr int BC = 64;  // keys per tile (forward) / per block (backward)
+constexpr int BQ = 64;  // query rows per step of the backward
+constexpr float LOG2E = 1.4426950408889634f;
+
+__device__ __forceinline__ uint32_t smem_u32(const void* p) {
+    return (uint32_t)__cvta_generic_to_shared(p);
+}
+
+// 16-byte global -> shared copy; src_size 0 zero-fills (rows past N). `src` must be valid memory.
+__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool valid) {
+    const int n = valid ? 16 : 0;
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(n) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
+
+__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], uint32_t addr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr)
+                 : "memory");
+}
+__device__ __forceinline__ void ldsm_x4_t(uint32_t (&r)[4], uint32_t addr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr)
+                 : "memory");
+}
+
+// c += a b (m16n8k16, bf16 inputs, f32 accumulators).
+__device__ __forceinline__ void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+        "{%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// p[0] += a, p[1] += b in device memory (p 8-byte aligned): one vector reduction on sm_90.
+__device__ __forceinline__ void add2(float* p, float a, float b) {
+#if __CUDA_ARCH__ >= 900
+    atomicAdd(reinterpret_cast<float2*>(p), make_float2(a, b));
+#else
+    atomicAdd(p, a);
+    atomicAdd(p + 1, b);
+#endif
+}
+
+// Two floats -> bf16x2 (round to nearest even), `lo` in the lower half.
+__device__ __forceinline__ uint32_t pack(float lo, float hi) {
+    bf162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&v);
+}
+
+// 2^x; 2^-inf = +0.
+__device__ __forceinline__ float exp2_approx(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
+
+// Accumulator tile `a` (two n-tiles 2c, 2c+1) as an A operand.
+__device__ __forceinline__ void acc_to_a(uint32_t (&r)[4], const float (&c0)[4], const float (&c1)[4]) {
+    r[0] = pack(c0[0], c0[1]);
+    r[1] = pack(c0[2], c0[3]);
+    r[2] = pack(c1[0], c1[1]);
+    r[3] = pack(c1[2], c1[3]);
+}
+
+// ROWS rows of DH bf16 from global (row r = token t0 + r at g + token * gstride) into shared
+// memory at stride DH + 8, zero-filling tokens >= n. Issued by the whole block; not committed.
+template <int ROWS, int DH>
+__device__ __forceinline__ void load_tile(bf16* s, const bf16* g, size_t gstride, int t0, int n) {
+    constexpr int CH = DH / 8;
+    static_assert((ROWS * CH) % THREADS == 0, "tile not a multiple of the block");
+#pragma unroll
+    for (int i = 0; i < ROWS * CH / THREADS; i++) {
+        const int c = threadIdx.x + i * THREADS;
+        const int r = c / CH, k = c % CH;
+        const int tok = t0 + r;
+        const bool ok = tok < n;
+        const bf16* src = g + (size_t)(ok ? tok : 0) * gstride + k * 8;
+        cp_async16(smem_u32(s + r * (DH + 8) + k * 8), src, ok);
+    }
+}
+
+// Whether query i may see key j (both < N).
+__device__ __forceinline__ bool allowed(int i, int j, int ps, int pe) {
+    return i == j || !(i >= ps && i < pe && j >= ps && j < pe);
+}
+
+// ------------------------------------------------------------------------------ forward
+// MT m-tiles of 16 query rows per warp; BR = 16 * MT * WARPS rows per block.
+template <int DH, int MT>
+__device__ __forceinline__ void fwd(const bf16* __restrict__ qkv, bf16* __restrict__ out, float* __restrict__ lse,
+                                    int N, int H, int ps, int pe, int qs, int nq, float scale) {
+    constexpr int BR = 16 * MT * WARPS;
+    constexpr int SROW = DH + 8;
+    constexpr int KD = DH / 16;  // k-chunks over the head dim
+    constexpr int ND = DH / 8;   // n-tiles over the head dim
+    constexpr int NK = BC / 8;   // n-tiles over the keys of a tile
+    __shared__ __align__(16) bf16 sQ[BR * SROW];
+    __shared__ __align__(16) bf16 sK[BC * SROW];
+    __shared__ __align__(16) bf16 sV[BC * SROW];
+
+    const int bh = blockIdx.y, b = bh / H, hh = bh % H;
+    const int D = H * DH;
+    const size_t rs = 3 * (size_t)D;
+    const bf16* qg = qkv + (size_t)b * N * rs + hh * DH;
+    const bf16* kg = qg + D;
+    const bf16* vg = qg + 2 * D;
+    const int q0 = blockIdx.x * BR;  // first query row (of nq) of this block; token qs + q0
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int g = lane >> 2, t = lane & 3;
+    const int wrow = warp * 16 * MT;  // first row of this warp inside the block
+
+    load_tile<BR, DH>(sQ, qg, rs, qs + q0, qs + nq);
+    load_tile<BC, DH>(sK, kg, rs, 0, N);
+    cp_async_commit();
+    cp_async_wait_all();
+    __syncthreads();
+
+    uint32_t qf[MT][KD][4];
+#pragma unroll
+    for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+        for (int kk = 0; kk < KD; kk++)
+            ldsm_x4(qf[mt][kk], smem_u32(sQ + (wrow + mt * 16 + (lane & 15)) * SROW + kk * 16 + (lane >> 4) * 8));
+
+    float o[MT][ND][4];
+    float m[MT][2], l[MT][2];
+#pragma unroll
+    for (int mt = 0; mt < MT; mt++) {
+#pragma unroll
+        for (int dt = 0; dt < ND; dt++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) o[mt][dt][e] = 0.0f;
+        m[mt][0] = m[mt][1] = -INFINITY;
+        l[mt][0] = l[mt][1] = 0.0f;
+    }
+    const float sl2 = scale * LOG2E;
+    const bool q_prompt = ps < pe && qs + q0 < pe && qs + q0 + BR > ps;
+    const int ntiles = (N + BC - 1) / BC;
+
+    for (int j = 0; j < ntiles; j++) {
+        const int k0 = j * BC;
+        if (j > 0) {
+            cp_async_wait_all();  // K_j landed
+            __syncthreads();      // ... for every thread; every warp is done with V_{j-1}
+        }
+        load_tile<BC, DH>(sV, vg, rs, k0, N);
+        cp_async_commit();
+
+        // S = Q K_j^T (raw scores)
+        float s[MT][NK][4];
+#pragma unroll
+        for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+            for (int nt = 0; nt < NK; nt++)
+#pragma unroll
+                for (int e = 0; e < 4; e++) s[mt][nt][e] = 0.0f;
+#pragma unroll
+        for (int kk = 0; kk < KD; kk++) {
+#pragma unroll
+            for (int np = 0; np < NK / 2; np++) {
+                uint32_t bfr[4];
+                ldsm_x4(bfr, smem_u32(sK + (np * 16 + (lane & 7) + (lane >> 4) * 8) * SROW + kk * 16 +
+                                      ((lane >> 3) & 1) * 8));
+#pragma unroll
+                for (int mt = 0; mt < MT; mt++) {
+                    mma(s[mt][2 * np], qf[mt][kk], bfr[0], bfr[1]);
+                    mma(s[mt][2 * np + 1], qf[mt][kk], bfr[2], bfr[3]);
+                }
+            }
+        }
+
+        // Mask: only the last tile (keys past N) and tiles crossing the prompt block.
+        const bool k_prompt = k0 < pe && k0 + BC > ps;
+        if (k0 + BC > N || (q_prompt && k_prompt)) {
+#pragma unroll
+            for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+                for (int nt = 0; nt < NK; nt++)
+#pragma unroll
+                    for (int e = 0; e < 4; e++) {
+                        const int qi = qs + q0 + wrow + mt * 16 + g + (e >> 1) * 8;  // token
+                        const int kj = k0 + nt * 8 + 2 * t + (e & 1);
+                        if (kj >= N || !allowed(qi, kj, ps, pe)) s[mt][nt][e] = -INFINITY;
+                    }
+        }
+
+        // Online softmax: each row lives in the 4 lanes of a quad (2 rows per m-tile).
+#pragma unroll
+        for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+            for (int r = 0; r < 2; r++) {
+                float mx = m[mt][r];
+#pragma unroll
+                for (int nt = 0; nt < NK; nt++) mx = fmaxf(mx, fmaxf(s[mt][nt][2 * r], s[mt][nt][2 * r + 1]));
+                mx = fmaxf(mx, __shfl_xor_sync(FULL_MASK, mx, 1));
+                mx = fmaxf(mx, __shfl_xor_sync(FULL_MASK, mx, 2));
+                const float base = mx == -INFINITY ? 0.0f : mx * sl2;
+                const float alpha = exp2_approx(m[mt][r] * sl2 - base);
+                m[mt][r] = mx;
+                float sum = 0.0f;
+#pragma unroll
+                for (int nt = 0; nt < NK; nt++)
+#pragma unroll
+                    for (int c = 0; c < 2; c++) {
+                        const float p = exp2_approx(fmaf(s[mt][nt][2 * r + c], sl2, -base));
+                        s[mt][nt][2 * r + c] = p;
+                        sum += p;
+                    }
+                l[mt][r] = l[mt][r] * alpha + sum;  // per-lane partial; the quad sums at the end
+#pragma unroll
+                for (int dt = 0; dt < ND; dt++) {
+                    o[mt][dt][2 * r] *= alpha;
+                    o[mt][dt][2 * r + 1] *= alpha;
+                }
+            }
+
+        cp_async_wait_all();  // V_j landed
+        __syncthreads();      // ... for every thread; every warp is done with K_j
+        if (j + 1 < ntiles) {
+            load_tile<BC, DH>(sK, kg, rs, k0 + BC, N);
+            cp_async_commit();
+        }
+
+        // O += P V_j
+#pragma unroll
+        for (int kc = 0; kc < BC / 16; kc++) {
+            uint32_t pa[MT][4];
+#pragma unroll
+            for (int mt = 0; mt < MT; mt++) acc_to_a(pa[mt], s[mt][2 * kc], s[mt][2 * kc + 1]);
+#pragma unroll
+            for (int dp = 0; dp < ND / 2; dp++) {
+                uint32_t bfr[4];
+                ldsm_x4_t(bfr, smem_u32(sV + (kc * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * SROW + dp * 16 +
+                                        (lane >> 4) * 8));
+#pragma unroll
+                for (int mt = 0; mt < MT; mt++) {
+                    mma(o[mt][2 * dp], pa[mt], bfr[0], bfr[1]);
+                    mma(o[mt][2 * dp + 1], pa[mt], bfr[2], bfr[3]);
+                }
+            }
+        }
+    }
+
+    // Normalise, stage this warp's rows in its own part of sQ (only it read them), store
+    // 16-byte chunks of whole rows.
+#pragma unroll
+    for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+        for (int r = 0; r < 2; r++) {
+            float sum = l[mt][r];
+            sum += __shfl_xor_sync(FULL_MASK, sum, 1);
+            sum += __shfl_xor_sync(FULL_MASK, sum, 2);
+            const float inv = 1.0f / sum;
+            const int row = wrow + mt * 16 + g + r * 8;
+#pragma unroll
+            for (int dt = 0; dt < ND; dt++)
+                *reinterpret_cast<uint32_t*>(sQ + row * SROW + dt * 8 + 2 * t) =
+                    pack(o[mt][dt][2 * r] * inv, o[mt][dt][2 * r + 1] * inv);
+            const int qi = q0 + row;
+            if (t == 0 && qi < nq) lse[(size_t)bh * nq + qi] = m[mt][r] * scale + logf(sum);
+        }
+    __syncwarp();
+    constexpr int CH = DH / 8;
+#pragma unroll
+    for (int i = 0; i < 16 * MT * CH / 32; i++) {
+        const int c = lane + 32 * i;
+        const int r = c / CH, k = c % CH;
+        const int qi = q0 + wrow + r;
+        if (qi < nq)
+            *reinterpret_cast<uint4*>(out + ((size_t)b * nq + qi) * D + hh * DH + k * 8) =
+                *reinterpret_cast<const uint4*>(sQ + (wrow + r) * SROW + k * 8);
+    }
+}
+
+// ------------------------------------------------------------------------------ backward
+// dvec[b, h, i] = sum_d dO[b, i, h, d] O[b, i, h, d]; zeroes dq_acc (same layout as out).
+// N here is the number of query rows. Each thread takes 8 consecutive elements (16-byte loads,
+// coalesced across the warp); the DH/8 lanes of one (b, i, h) row sum by shuffles. Whole warps
+// step together so every shuffle has all 32 lanes.
+template <int DH>
+__device__ __forceinline__ void bwd_pre(const bf16* __restrict__ out, const bf16* __restrict__ dout,
+                                        float* __restrict__ dvec, float* __restrict__ dq_acc, int B, int N, int H) {
+    constexpr int CH = DH / 8;  // lanes per row (divides 32)
+    const uint64_t total = (uint64_t)B * N * H * CH;
+    const int lane = threadIdx.x & 31;
+    for (uint64_t base = global_thread() - lane; base < total; base += grid_threads()) {
+        const uint64_t c = base + lane;
+        const bool ok = c < total;  // the same for all lanes of a row: total % CH == 0
+        float acc = 0.0f;
+        if (ok) {
+            float x[8], y[8];
+            load_bf16<8>(out + c * 8, x);
+            load_bf16<8>(dout + c * 8, y);
+#pragma unroll
+            for (int e = 0; e < 8; e++) acc = fmaf(x[e], y[e], acc);
+            float4* z = reinterpret_cast<float4*>(dq_acc + c * 8);
+            z[0] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+            z[1] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        }
+#pragma unroll
+        for (int o = CH / 2; o > 0; o >>= 1) acc += __shfl_xor_sync(FULL_MASK, acc, o);
+        if (ok && lane % CH == 0) {
+            const uint64_t row = c / CH;  // (b * N + i) * H + h
+            const int hh = (int)(row % H);
+            const uint64_t bi = row / H;
+            const int i = (int)(bi % N);
+            const uint64_t b = bi / N;
+            dvec[(b * H + hh) * N + i] = acc;
+        }
+    }
+}
+
+// One block per BC keys of one (b, h); warp w owns keys w*16 .. w*16+15 of the block. Per
+// step over BQ queries (P^T, dP^T, dS^T are [keys x queries] in registers):
+//   S^T = K Q^T, P^T = exp(scale S^T - lse), dV += P^T dO, dP^T = V dO^T,
+//   dS^T = P^T (dP^T - D), dK += dS^T Q, dS^T -> shared, dQ_part = dS K -> atomics.
+template <int DH>
+__device__ __forceinline__ void bwd(const bf16* __restrict__ qkv, const bf16* __restrict__ dout,
+                                    const float* __restrict__ lse, const float* __restrict__ dvec,
+                                    float* __restrict__ dq_acc, bf16* __restrict__ dqkv, int N, int H, int ps, int pe,
+                                    int qs, int nq, float scale) {
+    constexpr int SROW = DH + 8;
+    constexpr int PROW = BQ + 8;
+    constexpr int KD = DH / 16;
+    constexpr int ND = DH / 8;
+    constexpr int NQ = BQ / 8;  // n-tiles over the queries of a step
+    __shared__ __align__(16) bf16 sK[BC * SROW];
+    __shared__ __align__(16) bf16 sV[BC * SROW];
+    __shared__ __align__(16) bf16 sQ[BQ * SROW];
+    __shared__ __align__(16) bf16 sdO[BQ * SROW];
+    __shared__ __align__(16) bf16 sdS[BC * PROW];  // dS^T [key][query]
+    __shared__ __align__(16) float sL[BQ], sD[BQ];  // lse * log2(e), D
+
+    const int bh = blockIdx.y, b = bh / H, hh = bh % H;
+    const int D = H * DH;
+    const size_t rs = 3 * (size_t)D;
+    const bf16* qg = qkv + (size_t)b * N * rs + hh * DH;
+    const bf16* kg = qg + D;
+    const bf16* vg = qg + 2 * D;
+    const bf16* dog = dout + (size_t)b * nq * D + hh * DH;
+    const int k0 = blockIdx.x * BC;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int g = lane >> 2, t = lane & 3;
+    const int wk = warp * 16;  // this warp's first key inside the block
+
+    // Query rows q0 .. q0 + BQ of step `q0 / BQ`: Q, dO by cp.async (not committed), lse and D
+    // into registers (stored into sL, sD by the caller once nobody reads them).
+    auto fetch_step = [&](int q0, float& l_next, float& d_next) {
+        load_tile<BQ, DH>(sQ, qg, rs, qs + q0, qs + nq);
+        load_tile<BQ, DH>(sdO, dog, D, q0, nq);
+        if (threadIdx.x < BQ) {
+            const int qi = q0 + threadIdx.x;
+            l_next = qi < nq ? lse[(size_t)bh * nq + qi] * LOG2E : 0.0f;
+            d_next = qi < nq ? dvec[(size_t)bh * nq + qi] : 0.0f;
+        }
+    };
+    float l_next = 0.0f, d_next = 0.0f;
+    load_tile<BC, DH>(sK, kg, rs, k0, N);
+    load_tile<BC, DH>(sV, vg, rs, k0, N);
+    if (nq > 0) fetch_step(0, l_next, d_next);
+    cp_async_commit();
+    if (threadIdx.x < BQ) {
+        sL[threadIdx.x] = l_next;
+        sD[threadIdx.x] = d_next;
+    }
+    cp_async_wait_all();
+    __syncthreads();
+
+    // K stays in registers for the whole block; V's fragments are re-read from shared memory
+    // each step (keeping both would spill).
+    const int a_off = (wk + (lane & 15)) * SROW + (lane >> 4) * 8;
+    uint32_t kf[KD][4];
+#pragma unroll
+    for (int kk = 0; kk < KD; kk++) ldsm_x4(kf[kk], smem_u32(sK + a_off + kk * 16));
+    float dk[ND][4], dv[ND][4];
+#pragma unroll
+    for (int dt = 0; dt < ND; dt++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) dk[dt][e] = dv[dt][e] = 0.0f;
+
+    const float sl2 = scale * LOG2E;
+    const bool k_prompt = ps < pe && k0 < pe && k0 + BC > ps;
+    const int nsteps = (nq + BQ - 1) / BQ;
+
+    // Each step starts with its Q, dO, lse, D in shared memory and visible to all threads.
+    for (int step = 0; step < nsteps; step++) {
+        const int q0 = step * BQ;  // query row (of nq); token qs + q0
+        const bool next = step + 1 < nsteps;
+
+        // S^T = K Q^T and dP^T = V dO^T: B operands are Q, dO stored [query][d] = [n][k].
+        float s[NQ][4], dp[NQ][4];
+#pragma unroll
+        for (int nt = 0; nt < NQ; nt++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) s[nt][e] = dp[nt][e] = 0.0f;
+#pragma unroll
+        for (int kk = 0; kk < KD; kk++) {
+            uint32_t vf[4];
+            ldsm_x4(vf, smem_u32(sV + a_off + kk * 16));
+#pragma unroll
+            for (int np = 0; np < NQ / 2; np++) {
+                const int off = (np * 16 + (lane & 7) + (lane >> 4) * 8) * SROW + kk * 16 + ((lane >> 3) & 1) * 8;
+                uint32_t bq[4], bo[4];
+                ldsm_x4(bq, smem_u32(sQ + off));
+                ldsm_x4(bo, smem_u32(sdO + off));
+                mma(s[2 * np], kf[kk], bq[0], bq[1]);
+                mma(s[2 * np + 1], kf[kk], bq[2], bq[3]);
+                mma(dp[2 * np], vf, bo[0], bo[1]);
+                mma(dp[2 * np + 1], vf, bo[2], bo[3]);
+            }
+        }
+
+        // P^T and dS^T. Element e of n-tile nt: key wk + g + (e>>1)*8, query nt*8 + 2t + (e&1).
+        const bool masked = q0 + BQ > nq || k0 + BC > N || (k_prompt && qs + q0 < pe && qs + q0 + BQ > ps);
+#pragma unroll
+        for (int nt = 0; nt < NQ; nt++) {
+            const float2 lq = *reinterpret_cast<const float2*>(sL + nt * 8 + 2 * t);
+            const float2 dq = *reinterpret_cast<const float2*>(sD + nt * 8 + 2 * t);
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                float p = exp2_approx(fmaf(s[nt][e], sl2, -((e & 1) ? lq.y : lq.x)));
+                if (masked) {
+                    const int kj = k0 + wk + g + (e >> 1) * 8;
+                    const int qi = q0 + nt * 8 + 2 * t + (e & 1);
+                    if (qi >= nq || kj >= N || !allowed(qs + qi, kj, ps, pe)) p = 0.0f;
+                }
+                s[nt][e] = p;
+                dp[nt][e] = p * (dp[nt][e] - ((e & 1) ? dq.y : dq.x));
+            }
+        }
+
+        // dV += P^T dO and dK += dS^T Q: B operands dO, Q stored [query][d] = [k][n] (.trans).
+#pragma unroll
+        for (int kc = 0; kc < BQ / 16; kc++) {
+            uint32_t pa[4], da[4];
+            acc_to_a(pa, s[2 * kc], s[2 * kc + 1]);
+            acc_to_a(da, dp[2 * kc], dp[2 * kc + 1]);
+#pragma unroll
+            for (int np = 0; np < ND / 2; np++) {
+                const int off = (kc * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * SROW + np * 16 + (lane >> 4) * 8;
+                uint32_t bo[4], bq[4];
+                ldsm_x4_t(bo, smem_u32(sdO + off));
+                ldsm_x4_t(bq, smem_u32(sQ + off));
+                mma(dv[2 * np], pa, bo[0], bo[1]);
+                mma(dv[2 * np + 1], pa, bo[2], bo[3]);
+                mma(dk[2 * np], da, bq[0], bq[1]);
+                mma(dk[2 * np + 1], da, bq[2], bq[3]);
+            }
+            // dS^T rows (keys) g and g+8 of this warp, queries of n-tiles 2kc, 2kc+1.
+            bf16* d0 = sdS + (wk + g) * PROW + kc * 16 + 2 * t;
+            *reinterpret_cast<uint32_t*>(d0) = da[0];
+            *reinterpret_cast<uint32_t*>(d0 + 8 * PROW) = da[1];
+            *reinterpret_cast<uint32_t*>(d0 + 8) = da[2];
+            *reinterpret_cast<uint32_t*>(d0 + 8 * PROW + 8) = da[3];
+        }
+        __syncthreads();  // dS^T of every warp in shared memory; every warp done with sQ, sdO, sL, sD
+        // The next step's inputs load while dQ is computed.
+        if (next) {
+            fetch_step(q0 + BQ, l_next, d_next);
+            cp_async_commit();
+        }
+
+        // dQ_part [BQ x DH] = dS [query][key] K [key][d]; warp w takes queries w*16 .. +15.
+        // A = dS stored transposed ([key][query]): ldmatrix .trans; B = K stored [k][n]: .trans.
+        float dqp[ND][4];
+#pragma unroll
+        for (int dt = 0; dt < ND; dt++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) dqp[dt][e] = 0.0f;
+#pragma unroll
+        for (int kc = 0; kc < BC / 16; kc++) {
+            uint32_t a[4];
+            const int mi = lane >> 3;
+            ldsm_x4_t(a, smem_u32(sdS + (kc * 16 + (lane & 7) + (mi >> 1) * 8) * PROW + wk + (mi & 1) * 8));
+#pragma unroll
+            for (int np = 0; np < ND / 2; np++) {
+                uint32_t bk[4];
+                ldsm_x4_t(bk, smem_u32(sK + (kc * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * SROW + np * 16 +
+                                       (lane >> 4) * 8));
+                mma(dqp[2 * np], a, bk[0], bk[1]);
+                mma(dqp[2 * np + 1], a, bk[2], bk[3]);
+            }
+        }
+#pragma unroll
+        for (int r = 0; r < 2; r++) {
+            const int qi = q0 + wk + g + r * 8;
+            if (qi < nq) {
+                float* dst = dq_acc + ((size_t)b * nq + qi) * D + hh * DH + 2 * t;
+#pragma unroll
+                for (int dt = 0; dt < ND; dt++) add2(dst + dt * 8, dqp[dt][2 * r], dqp[dt][2 * r + 1]);
+            }
+        }
+        if (next && threadIdx.x < BQ) {
+            sL[threadIdx.x] = l_next;
+            sD[threadIdx.x] = d_next;
+        }
+        cp_async_wait_all();
+        __syncthreads();  // the next step's inputs visible; every warp done with sdS
+    }
+
+    // dK (scaled) and dV: stage this warp's 16 rows in sK / sV (after every warp's last reads
+    // of sK), then 16-byte stores of whole rows into dqkv's K and V slots.
+    __syncthreads();
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        const int row = wk + g + r * 8;
+#pragma unroll
+        for (int dt = 0; dt < ND; dt++) {
+            *reinterpret_cast<uint32_t*>(sK + row * SROW + dt * 8 + 2 * t) =
+                pack(dk[dt][2 * r] * scale, dk[dt][2 * r + 1] * scale);
+            *reinterpret_cast<uint32_t*>(sV + row * SROW + dt * 8 + 2 * t) = pack(dv[dt][2 * r], dv[dt][2 * r + 1]);
+        }
+    }
+    __syncwarp();
+    constexpr int CH = DH / 8;
+    bf16* dkg = dqkv + (size_t)b * N * rs + D + hh * DH;
+#pragma unroll
+    for (int i = 0; i < 16 * CH / 32; i++) {
+        const int c = lane + 32 * i;
+        const int r = c / CH, k = c % CH;
+        const int kj = k0 + wk + r;
+        if (kj < N) {
+            bf16* dst = dkg + (size_t)kj * rs + k * 8;
+            *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(sK + (wk + r) * SROW + k * 8);
+            *reinterpret_cast<uint4*>(dst + D) = *reinterpret_cast<const uint4*>(sV + (wk + r) * SROW + k * 8);
+        }
+    }
+}
+
+}  // namespace attn
+
+#define ATTN_INSTANCES(DH, MT)                                                                                     \
+    extern "C" __global__ void __launch_bounds__(attn::THREADS)                                                    \
+        attn_fwd_d##DH(const bf16* qkv, bf16* out, float* lse, int N, int H, int ps, int pe, int qs, int nq,       \
+                       float scale) {                                                                              \
+        attn::fwd<DH, MT>(qkv, out, lse, N, H, ps, pe, qs, nq, scale);                                             \
+    }                                                                                                              \
+    extern "C" __global__ void attn_bwd_pre_d##DH(const bf16* out, const bf16* dout, float* dvec, float* dq_acc,  \
+                                                  int B, int N, int H) {                                           \
+        attn::bwd_pre<DH>(out, dout, dvec, dq_acc, B, N, H);                                                       \
+    }                                                                                                              \
+    extern "C" __global__ void __launch_bounds__(attn::THREADS)                                                    \
+        attn_bwd_d##DH(const bf16* qkv, const bf16* dout, const float* lse, const float* dvec, float* dq_acc,      \
+                       bf16* dqkv, int N, int H, int ps, int pe, int qs, int nq, float scale) {                    \
+        attn::bwd<DH>(qkv, dout, lse, dvec, dq_acc, dqkv, N, H, ps, pe, qs, nq, scale);                            \
+    }
+
+ATTN_INSTANCES(32, 2)
+ATTN_INSTANCES(64, 2)
+
+// dqkv[b, i, 0, :] = scale * dq_acc[b, i - qs, :] for query tokens i in [qs, qs + nq), zero for
+// the other tokens; over the B*N token rows (D = h*dh, D % 8 == 0).
+extern "C" __global__ void attn_bwd_dq_convert(const float* __restrict__ dq_acc, bf16* __restrict__ dqkv,
+                                               uint64_t rows, uint32_t N, uint32_t qs, uint32_t nq, uint32_t D,
+                                               float scale) {
+    const uint32_t ch = D / 8;
+    for (uint64_t c = global_thread(); c < rows * ch; c += grid_threads()) {
+        const uint64_t r = c / ch, k = c % ch;
+        const uint32_t i = (uint32_t)(r % N);
+        float v[8];
+        if (i >= qs && i < qs + nq) {
+            load_f32<8>(dq_acc + ((r / N) * nq + (i - qs)) * D + k * 8, v);
+#pragma unroll
+            for (int e = 0; e < 8; e++) v[e] *= scale;
+        } else {
+#pragma unroll
+            for (int e = 0; e < 8; e++) v[e] = 0.0f;
+        }
+        store_bf16<8>(dqkv + r * 3 * D + k * 8, v);
+    }
+}
+
+// ---------------------------------------------------------------- unfused peer (benchmarks)
+// q, k, v [B, h, N, dh] contiguous from qkv [B, N, 3, h, dh]; one thread per element.
+extern "C" __global__ void attn_split_heads(const bf16* __restrict__ qkv, bf16* __restrict__ q, bf16* __restrict__ k,
+                                            bf16* __restrict__ v, uint32_t B, uint32_t N, uint32_t H, uint32_t dh) {
+    const uint64_t total = (uint64_t)B * H * N * dh;
+    for (uint64_t x = global_thread(); x < total; x += grid_threads()) {
+        const uint32_t d = x % dh;
+        const uint64_t rest = x / dh;
+        const uint32_t i = rest % N;
+        const uint64_t bh = rest / N;
+        const uint32_t hh = bh % H;
+        const uint64_t b = bh / H;
+        const uint64_t src = ((b * N + i) * 3 * H + hh) * dh + d;
+        const uint64_t D = (uint64_t)H * dh;
+        q[x] = qkv[src];
+        k[x] = qkv[src + D];
+        v[x] = qkv[src + 2 * D];
+    }
+}
+
+// In place over `rows` rows of n raw scores (row r is query r % n): scale, prompt mask,
+// softmax. One warp per row, three passes over the row (it stays in L1/L2).
+extern "C" __global__ void attn_softmax_rows_bf16(bf16* __restrict__ s, uint64_t rows, uint32_t n, int ps, int pe,
+                                                  float scale) {
+    const int lane = threadIdx.x & 31;
+    const uint64_t warps = grid_threads() >> 5;
+    for (uint64_t row = global_thread() >> 5; row < rows; row += warps) {
+        bf16* x = s + row * n;
+        const int i = (int)(row % n);
+        float mx = -INFINITY;
+        for (uint32_t j = lane; j < n; j += 32)
+            if (attn::allowed(i, (int)j, ps, pe)) mx = fmaxf(mx, __bfloat162float(x[j]) * scale);
+        mx = fmaxf(mx, __shfl_xor_sync(FULL_MASK, mx, 16));
+        mx = fmaxf(mx, __shfl_xor_sync(FULL_MASK, mx, 8));
+        mx = fmaxf(mx, __shfl_xor_sync(FULL_MASK, mx, 4));
+        mx = fmaxf(mx, __shfl_xor_sync(FULL_MASK, mx, 2));
+        mx = fmaxf(mx, __shfl_xor_sync(FULL_MASK, mx, 1));
+        float sum = 0.0f;
+        for (uint32_t j = lane; j < n; j += 32)
+            if (attn::allowed(i, (int)j, ps, pe)) sum += __expf(__bfloat162float(x[j]) * scale - mx);
+        const float inv = 1.0f / warp_sum(sum);
+        for (uint32_t j = lane; j < n; j += 32) {
+            const float p = attn::allowed(i, (int)j, ps, pe) ? __expf(__bfloat162float(x[j]) * scale - mx) * inv : 0.0f;
+            x[j] = __float2bfloat16_rn(p);
+        }
+    }
+}
+
+// In place: dp <- scale * p * (dp - rowsum(p * dp)) (the softmax backward, scaled for the
+// score gradient). One warp per row.
+extern "C" __global__ void attn_softmax_bwd_rows_bf16(const bf16* __restrict__ p, bf16* __restrict__ dp,
+                                                      uint64_t rows, uint32_t n, float scale) {
+    const int lane = threadIdx.x & 31;
+    const uint64_t warps = grid_threads() >> 5;
+    for (uint64_t row = global_thread() >> 5; row < rows; row += warps) {
+        const bf16* pr = p + row * n;
+        bf16* dr = dp + row * n;
+        float acc = 0.0f;
+        for (uint32_t j = lane; j < n; j += 32) acc += __bfloat162float(pr[j]) * __bfloat162float(dr[j]);
+        const float di = warp_sum(acc);
+        for (uint32_t j = lane; j < n; j += 32)
+            dr[j] = __float2bfloat16_rn(scale * __bfloat162float(pr[j]) * (__bfloat162float(dr[j]) - di));
+    }
+}

@@ -1,0 +1,283 @@
+//! The fused attention kernels (`kernels/attention.cu`) against the CPU reference
+//! (`ops::attention::cpu`, run in f32 on the same bf16-rounded inputs) over a grid of token
+//! counts, prompt counts, batch x heads and head dims, outputs and scratch poisoned with NaN
+//! before each run; the prompt mask checked structurally (a prompt's key moves nobody but the
+//! non-prompt rows and itself). They need a device: `cargo test --features cuda --test
+//! gpu_attention -- --ignored` on a GPU machine (tools/gpu-runner.sh runs them).
+#![cfg(feature = "cuda")]
+
+mod gpu_common;
+
+use gpu_common::*;
+use mlvpt::gpu::{bf16, GpuContext};
+use mlvpt::ops::attention::{cpu, cuda, AttnShape};
+
+/// Error bound relative to the largest reference magnitude: bf16 storage of P, dS and the
+/// outputs (2^-8 relative) with fp32 sums.
+const REL_TOL: f64 = 2e-2;
+/// Absolute floor of that bound: gradients that are zero in exact arithmetic (one token, a
+/// softmax over one key) come out as fp32 rounding noise on both sides.
+const ABS_FLOOR: f64 = 1e-4;
+/// Absolute bound on the log-sum-exp (values of a few units, fp32 math, bf16 inputs shared).
+const LSE_TOL: f64 = 1e-2;
+
+fn shape(b: usize, h: usize, n: usize, p: usize, dh: usize) -> AttnShape {
+    AttnShape::full(b, n, h, dh, 1, 1 + p)
+}
+
+/// The case grid: every (N, P) with 1 + P <= N at head dim 64 over 1x1, 2x3, 3x12 (the largest
+/// N only at the two small ones, to keep the run short), a few head-dim-32 cases, and query
+/// ranges (the model's last block asks for the prompt rows only).
+fn cases() -> Vec<AttnShape> {
+    let mut v = Vec::new();
+    for n in [1usize, 31, 227, 257, 1025] {
+        for p in [0usize, 1, 30, 60] {
+            if 1 + p > n {
+                continue;
+            }
+            for (b, h) in [(1usize, 1usize), (2, 3), (3, 12)] {
+                if n == 1025 && (b, h) == (3, 12) {
+                    continue;
+                }
+                v.push(shape(b, h, n, p, 64));
+            }
+        }
+    }
+    for (n, p) in [(1usize, 0usize), (31, 30), (227, 30), (257, 60)] {
+        v.push(shape(2, 3, n, p, 32));
+    }
+    for (b, h, n, p, dh, q_start, q_len) in
+        [(2usize, 3usize, 227usize, 30usize, 64usize, 1usize, 30usize), (1, 12, 1025, 60, 64, 1, 60), (2, 3, 31, 1, 64, 1, 1),
+         (3, 2, 257, 30, 32, 1, 30), (2, 3, 257, 60, 64, 40, 200), (1, 2, 31, 0, 64, 5, 0)]
+    {
+        v.push(AttnShape { q_start, q_len, ..shape(b, h, n, p, dh) });
+    }
+    v
+}
+
+/// Fails unless max |got - want| <= tol * max |want| + [`ABS_FLOOR`] (a NaN in `got` fails),
+/// naming the worst element.
+fn assert_rel_max(what: &str, got: &[f32], want: &[f32], tol: f64, seed: u64) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    let scale = want.iter().fold(0.0f64, |m, &w| m.max((w as f64).abs()));
+    let mut worst = (0usize, -1.0f64);
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        let err = (g as f64 - w as f64).abs();
+        let err = if err.is_nan() { f64::INFINITY } else { err };
+        if err > worst.1 {
+            worst = (i, err);
+        }
+    }
+    let (i, err) = worst;
+    assert!(
+        err <= tol * scale + ABS_FLOOR,
+        "{what}: max error {err:e} > {tol:e} x max |ref| {scale:e} + {ABS_FLOOR:e} at [{i}]: got {}, want {} (MLVPT_TEST_SEED={seed})",
+        got[i],
+        want[i]
+    );
+}
+
+/// Column block `slot` (0 = Q, 1 = K, 2 = V) of a `[B*N, 3, D]` tensor, as `[B*N, D]`.
+fn slot(x: &[f32], rows: usize, d: usize, slot: usize) -> Vec<f32> {
+    (0..rows).flat_map(|r| x[(r * 3 + slot) * d..(r * 3 + slot + 1) * d].iter().copied()).collect()
+}
+
+struct Inputs {
+    qkv: Vec<f32>,
+    dout: Vec<f32>,
+}
+
+/// Q, K, V in [-2, 2) (softmax rows from flat to peaked at dh 64), dout in [-1, 1), rounded to
+/// bf16 (the f32 copies are exactly what the GPU sees).
+fn inputs(rng: &mut rand_chacha::ChaCha8Rng, sh: &AttnShape) -> (Inputs, Vec<bf16>, Vec<bf16>) {
+    let (tok, d) = (sh.batch * sh.tokens, sh.dim());
+    let (qkv_b, qkv) = bf16_values(&uniform(rng, tok * 3 * d, -2.0, 2.0));
+    let (dout_b, dout) = bf16_values(&uniform(rng, sh.batch * sh.q_len * d, -1.0, 1.0));
+    (Inputs { qkv, dout }, qkv_b, dout_b)
+}
+
+struct GpuOut {
+    out: Vec<f32>,
+    lse: Vec<f32>,
+    dqkv: Vec<f32>,
+    out_bits: Vec<bf16>,
+}
+
+/// Forward then backward on the device, every output and the scratch poisoned with NaN first.
+fn run_gpu(gpu: &GpuContext, sh: &AttnShape, qkv: &[bf16], dout: &[bf16]) -> GpuOut {
+    let (tok, d) = (sh.batch * sh.tokens, sh.dim());
+    let s = gpu.stream();
+    let qkv_d = gpu.upload(qkv).unwrap();
+    // An empty query range still gets a non-empty (unused) dout buffer to upload.
+    let dout_d = if dout.is_empty() { gpu.zeros::<bf16>(1).unwrap() } else { gpu.upload(dout).unwrap() };
+    let mut out = nan_bf16(gpu, (sh.batch * sh.q_len * d).max(1));
+    let mut lse = nan_f32(gpu, (sh.batch * sh.heads * sh.q_len).max(1));
+    cuda::forward(gpu, s, &qkv_d, &mut out, &mut lse, sh).unwrap();
+    let mut dqkv = nan_bf16(gpu, tok * 3 * d);
+    let mut scratch = nan_f32(gpu, cuda::backward_scratch_len(sh).max(1));
+    cuda::backward(gpu, s, &qkv_d, &out, &lse, &dout_d, &mut dqkv, &mut scratch, sh).unwrap();
+    let out_bits = gpu.download(&out).unwrap();
+    let dqkv = to_f32(&gpu.download(&dqkv).unwrap());
+    let nq = sh.batch * sh.q_len;
+    let lse = gpu.download(&lse).unwrap()[..nq * sh.heads].to_vec();
+    let out_bits = out_bits[..nq * d].to_vec();
+    GpuOut { out: to_f32(&out_bits), lse, dqkv, out_bits }
+}
+
+#[test]
+#[ignore = "requires a CUDA device"]
+fn attention_forward_and_backward_match_cpu_over_shapes() {
+    let gpu = gpu();
+    let (mut rng, seed) = rng("attention_vs_cpu");
+    let mut scratch = Vec::new();
+    for sh in cases() {
+        let (x, qkv_b, dout_b) = inputs(&mut rng, &sh);
+        let (tok, d) = (sh.batch * sh.tokens, sh.dim());
+        let mut out = vec![0.0f32; sh.batch * sh.q_len * d];
+        let mut lse = vec![0.0f32; sh.batch * sh.heads * sh.q_len];
+        cpu::forward(&x.qkv, &mut out, &mut lse, &sh, &mut scratch);
+        let mut dqkv = vec![0.0f32; tok * 3 * d];
+        cpu::backward(&x.qkv, &out, &lse, &x.dout, &mut dqkv, &sh, &mut scratch);
+
+        let got = run_gpu(&gpu, &sh, &qkv_b, &dout_b);
+        let what = format!(
+            "B={} h={} N={} P={} dh={} queries {}..{}",
+            sh.batch,
+            sh.heads,
+            sh.tokens,
+            sh.prompt_end - 1,
+            sh.head_dim,
+            sh.q_start,
+            sh.q_start + sh.q_len
+        );
+        assert_rel_max(&format!("{what} out"), &got.out, &out, REL_TOL, seed);
+        let lse64: Vec<f64> = lse.iter().map(|&v| v as f64).collect();
+        assert_close(&format!("{what} lse"), &got.lse, &lse64, LSE_TOL, 0.0, seed);
+        for (k, name) in ["dQ", "dK", "dV"].iter().enumerate() {
+            assert_rel_max(&format!("{what} {name}"), &slot(&got.dqkv, tok, d, k), &slot(&dqkv, tok, d, k), REL_TOL, seed);
+        }
+    }
+}
+
+/// Perturbing one prompt's key (image 0, every head) leaves the other prompts' outputs and
+/// log-sum-exps bit-identical and image 1 untouched, and moves the prompt itself and (nearly)
+/// every CLS/patch row. Also: two runs of the same inputs give the same out, lse, dK, dV bits.
+#[test]
+#[ignore = "requires a CUDA device"]
+fn attention_prompt_keys_are_invisible_to_other_prompts() {
+    let gpu = gpu();
+    let (mut rng, seed) = rng("attention_prompt_mask");
+    let sh = shape(2, 3, 227, 30, 64);
+    let (n, d, h, dh) = (sh.tokens, sh.dim(), sh.heads, sh.head_dim);
+    let (_, qkv_b, dout_b) = inputs(&mut rng, &sh);
+    let base = run_gpu(&gpu, &sh, &qkv_b, &dout_b);
+    let again = run_gpu(&gpu, &sh, &qkv_b, &dout_b);
+    assert!(base.out_bits.iter().zip(&again.out_bits).all(|(a, b)| a.to_bits() == b.to_bits()), "out differs between runs (seed {seed})");
+    assert!(base.lse.iter().zip(&again.lse).all(|(a, b)| a.to_bits() == b.to_bits()), "lse differs between runs (seed {seed})");
+    for slot_kv in [1usize, 2] {
+        let a = slot(&base.dqkv, sh.batch * n, d, slot_kv);
+        let b = slot(&again.dqkv, sh.batch * n, d, slot_kv);
+        assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()), "d{} differs between runs (seed {seed})", ["Q", "K", "V"][slot_kv]);
+    }
+
+    let victim = 2usize; // the second prompt
+    let mut qkv2 = qkv_b.clone();
+    for c in 0..d {
+        let x = &mut qkv2[(victim * 3 + 1) * d + c]; // image 0, K slot, every head
+        *x = bf16::from_f32(if c % 2 == 0 { 4.0 } else { -4.0 });
+    }
+    let pert = run_gpu(&gpu, &sh, &qkv2, &dout_b);
+    let row = |o: &GpuOut, b: usize, i: usize, j: usize| -> Vec<u16> {
+        o.out_bits[(b * n + i) * d + j * dh..(b * n + i) * d + (j + 1) * dh].iter().map(|v| v.to_bits()).collect()
+    };
+    let (mut moved, mut rows) = (0usize, 0usize);
+    for j in 0..h {
+        for i in 0..n {
+            let same = row(&base, 0, i, j) == row(&pert, 0, i, j);
+            let lse_same = base.lse[j * n + i].to_bits() == pert.lse[j * n + i].to_bits();
+            let prompt = i >= sh.prompt_start && i < sh.prompt_end;
+            if prompt && i != victim {
+                assert!(same && lse_same, "prompt {i} head {j} changed when prompt {victim}'s key moved (seed {seed})");
+            } else if i == victim {
+                assert!(!same, "prompt {victim} head {j} ignores its own key (seed {seed})");
+            } else {
+                rows += 1;
+                moved += !same as usize;
+            }
+            assert!(row(&base, 1, i, j) == row(&pert, 1, i, j), "image 1 token {i} head {j} changed (seed {seed})");
+        }
+    }
+    assert!(moved * 10 >= rows * 9, "only {moved} of {rows} CLS/patch rows moved with prompt {victim}'s key (seed {seed})");
+}
+
+#[test]
+#[ignore = "requires a CUDA device"]
+fn attention_rejects_bad_shapes_and_short_buffers() {
+    let gpu = gpu();
+    let s = gpu.stream();
+    let sh = shape(1, 2, 10, 3, 64);
+    let qkv = gpu.zeros::<bf16>(10 * 3 * 128).unwrap();
+    let mut out = gpu.zeros::<bf16>(10 * 128).unwrap();
+    let mut lse = gpu.zeros::<f32>(2 * 10).unwrap();
+    let e = cuda::forward(&gpu, s, &qkv, &mut out, &mut lse, &AttnShape { head_dim: 48, heads: 8, ..sh }).unwrap_err();
+    assert!(e.to_string().contains("head dim 48"), "{e}");
+    let mut short = gpu.zeros::<f32>(19).unwrap();
+    let e = cuda::forward(&gpu, s, &qkv, &mut out, &mut short, &sh).unwrap_err();
+    assert!(e.to_string().contains("lse has 19 elements, needs 20"), "{e}");
+    let big = gpu.zeros::<bf16>(10 * 3 * 128 + 1).unwrap();
+    let view = big.slice(1..);
+    let e = cuda::forward(&gpu, s, &view, &mut out, &mut lse, &sh).unwrap_err();
+    assert!(e.to_string().contains("not 16-byte aligned"), "{e}");
+    let mut dqkv = gpu.zeros::<bf16>(10 * 3 * 128).unwrap();
+    let mut scratch = gpu.zeros::<f32>(cuda::backward_scratch_len(&sh) - 1).unwrap();
+    let e = cuda::backward(&gpu, s, &qkv, &out, &lse, &out, &mut dqkv, &mut scratch, &sh).unwrap_err();
+    assert!(e.to_string().contains("scratch has"), "{e}");
+}
+
+/// The unfused peer the bench times (cuBLAS strided-batched GEMMs, bf16 score matrix) computes
+/// the same function: its output and gradients match the fused kernels' within the looser
+/// bound its bf16 scores allow.
+#[test]
+#[ignore = "requires a CUDA device"]
+fn attention_unfused_peer_matches_the_fused_kernels() {
+    let gpu = gpu();
+    let (mut rng, seed) = rng("attention_unfused_peer");
+    let sh = shape(2, 3, 227, 30, 64);
+    let (b, n, h, dh, d) = (sh.batch, sh.tokens, sh.heads, sh.head_dim, sh.dim());
+    let (_, qkv_b, dout_b) = inputs(&mut rng, &sh);
+    let fused = run_gpu(&gpu, &sh, &qkv_b, &dout_b);
+
+    // [B, N, h, dh] <-> [B, h, N, dh]
+    let to_heads = |x: &[f32]| -> Vec<f32> {
+        let mut y = vec![0.0f32; x.len()];
+        for bi in 0..b {
+            for i in 0..n {
+                for j in 0..h {
+                    for c in 0..dh {
+                        y[((bi * h + j) * n + i) * dh + c] = x[(bi * n + i) * d + j * dh + c];
+                    }
+                }
+            }
+        }
+        y
+    };
+    let per = b * h * n * dh;
+    let qkv_d = gpu.upload(&qkv_b).unwrap();
+    let (mut q, mut k, mut v) = (nan_bf16(&gpu, per), nan_bf16(&gpu, per), nan_bf16(&gpu, per));
+    cuda::unfused::split_heads(&gpu, &qkv_d, &mut q, &mut k, &mut v, &sh).unwrap();
+    let mut p = nan_bf16(&gpu, b * h * n * n);
+    let mut o = nan_bf16(&gpu, per);
+    cuda::unfused::forward(&gpu, &q, &k, &v, &mut p, &mut o, &sh).unwrap();
+    let dout_h: Vec<bf16> = to_heads(&to_f32(&dout_b)).into_iter().map(bf16::from_f32).collect();
+    let dout_d = gpu.upload(&dout_h).unwrap();
+    let mut dp = nan_bf16(&gpu, b * h * n * n);
+    let (mut dq, mut dk, mut dv) = (nan_bf16(&gpu, per), nan_bf16(&gpu, per), nan_bf16(&gpu, per));
+    cuda::unfused::backward(&gpu, &q, &k, &v, &p, &dout_d, &mut dp, &mut dq, &mut dk, &mut dv, &sh).unwrap();
+
+    let tol = 5e-2;
+    assert_rel_max("unfused out", &to_f32(&gpu.download(&o).unwrap()), &to_heads(&fused.out), tol, seed);
+    for (k_slot, (name, got)) in [("dQ", &dq), ("dK", &dk), ("dV", &dv)].into_iter().enumerate() {
+        let want = to_heads(&slot(&fused.dqkv, b * n, d, k_slot));
+        assert_rel_max(&format!("unfused {name}"), &to_f32(&gpu.download(got).unwrap()), &want, tol, seed);
+    }
+}
