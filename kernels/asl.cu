@@ -7,12 +7,7 @@
 // `counter`) adds the partials in index order and resets the counter for the next launch.
 #include "common.cuh"
 
-__device__ __forceinline__ float log_sigmoid(float x) { return fminf(x, 0.0f) - log1pf(expf(-fabsf(x))); }
-__device__ __forceinline__ float sigmoid_f(float x) {
-    if (x >= 0.0f) return 1.0f / (1.0f + expf(-x));
-    const float e = expf(x);
-    return e / (1.0f + e);
-}
+// log_sigmoid, sigmoid_f: common.cuh (the head's prediction uses sigmoid_f too).
 
 struct Asl {
     float gp, gn, clip, log_eps;
@@ -73,6 +68,55 @@ extern "C" __global__ void asl_fwd_bwd_f32(const float* __restrict__ logits, con
     if (threadIdx.x == 0) {
         partials[blockIdx.x] = acc;
         __threadfence();  // the partial is visible before the ticket says so
+        last = atomicAdd(counter, 1u) == gridDim.x - 1;
+    }
+    __syncthreads();
+    if (!last) return;
+    double total = 0.0;
+    for (uint32_t b = threadIdx.x; b < gridDim.x; b += blockDim.x) total += __ldcg(partials + b);
+    total = block_sum(total, scratch);
+    if (threadIdx.x == 0) {
+        loss_out[0] = (float)(total * (double)scale);
+        *counter = 0;
+    }
+}
+
+// The training loss's terms in one launch (SPEC 4: ASL(y+) + ASL(y-) + ASL(m+) + ASL(m-)):
+// up to four logit buffers of n elements against the same targets, each with its own gradient
+// buffer (null: none), one loss = scale * sum over terms and elements, in asl_fwd_bwd_f32's
+// fixed order (each thread's grid-stride share of term 0, then term 1, ...; block partials
+// added in block order by the last block).
+struct AslTerms {
+    const float* logits[4];
+    float* grad[4];
+};
+
+extern "C" __global__ void asl_terms_fwd_bwd_f32(AslTerms terms, const float* __restrict__ targets,
+                                                 double* __restrict__ partials, unsigned int* __restrict__ counter,
+                                                 float* __restrict__ loss_out, uint64_t n, uint32_t nterms,
+                                                 float gamma_pos, float gamma_neg, float clip, float log_eps,
+                                                 int exact_grad, float scale) {
+    __shared__ double scratch[32];
+    __shared__ bool last;
+    const Asl asl{gamma_pos, gamma_neg, clip, log_eps, exact_grad};
+    double acc = 0.0;
+    // Terms unrolled so the pointer arrays are indexed by constants (a run-time index would
+    // copy the parameter struct to the stack).
+#pragma unroll
+    for (int s = 0; s < 4; s++) {
+        if (s >= (int)nterms) break;
+        const float* __restrict__ lp = terms.logits[s];
+        float* __restrict__ gp = terms.grad[s];
+        for (uint64_t i = global_thread(); i < n; i += grid_threads()) {
+            float d;
+            acc += (double)asl.eval(lp[i], targets[i], &d);
+            if (gp) gp[i] = scale * d;
+        }
+    }
+    acc = block_sum(acc, scratch);
+    if (threadIdx.x == 0) {
+        partials[blockIdx.x] = acc;
+        __threadfence();
         last = atomicAdd(counter, 1u) == gridDim.x - 1;
     }
     __syncthreads();

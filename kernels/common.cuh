@@ -86,6 +86,24 @@ __device__ __forceinline__ uint64_t global_thread() {
 }
 __device__ __forceinline__ uint64_t grid_threads() { return (uint64_t)gridDim.x * blockDim.x; }
 
+// Exact (erf) GELU and its derivative, fp32 (gelu.cu; the head's adapters).
+__device__ __forceinline__ float gelu_f(float h) {
+    return 0.5f * h * (1.0f + erff(h * 0.70710678118654752f));
+}
+__device__ __forceinline__ float gelu_grad_f(float h) {
+    return 0.5f * (1.0f + erff(h * 0.70710678118654752f)) +
+           h * expf(-0.5f * h * h) * 0.39894228040143268f;
+}
+
+// log(sigmoid(x)) from the logit, stable for any |x|, and sigmoid without overflow
+// (asl.cu; the head's prediction).
+__device__ __forceinline__ float log_sigmoid(float x) { return fminf(x, 0.0f) - log1pf(expf(-fabsf(x))); }
+__device__ __forceinline__ float sigmoid_f(float x) {
+    if (x >= 0.0f) return 1.0f / (1.0f + expf(-x));
+    const float e = expf(x);
+    return e / (1.0f + e);
+}
+
 // The column of element `start`, `start + stride`, ... of a row-major matrix with `cols`
 // columns, without a modulo per step: the column advances by stride % cols and wraps once.
 struct ColumnWalk {

@@ -7,13 +7,7 @@
 // by a fixed step per grid-stride iteration, so only the first needs a (64-bit) modulo.
 #include "common.cuh"
 
-__device__ __forceinline__ float gelu_f(float h) {
-    return 0.5f * h * (1.0f + erff(h * 0.70710678118654752f));
-}
-__device__ __forceinline__ float gelu_grad_f(float h) {
-    return 0.5f * (1.0f + erff(h * 0.70710678118654752f)) +
-           h * expf(-0.5f * h * h) * 0.39894228040143268f;
-}
+// gelu_f, gelu_grad_f: common.cuh (the head's adapters use them too).
 
 extern "C" __global__ void gelu_bias_fwd_bf16(const bf16* __restrict__ x, const float* __restrict__ bias,
                                               bf16* __restrict__ y, uint64_t rows, uint32_t cols) {

@@ -71,3 +71,23 @@ pub fn assert_close(what: &str, got: &[f32], want: &[f64], atol: f64, rtol: f64,
         );
     }
 }
+
+/// Logits in [-14, 14] kept 1e-3 away from where a clamp or the clip switches on (p = eps,
+/// 1 - p = eps, p = clip): there the f32 and f64 evaluations may take different branches, and
+/// the gradient jumps.
+pub fn asl_logits(rng: &mut ChaCha8Rng, n: usize, cfg: &mlvpt::ops::asl::AslConfig) -> Vec<f32> {
+    let logit = |p: f64| (p / (1.0 - p)).ln();
+    let mut edges = vec![logit(cfg.eps), -logit(cfg.eps)];
+    if cfg.clip > 0.0 {
+        edges.push(logit(cfg.clip));
+        edges.push(logit(cfg.clip + cfg.eps));
+    }
+    (0..n)
+        .map(|_| loop {
+            let x = rng.random_range(-14.0f32..14.0);
+            if edges.iter().all(|e| (x as f64 - e).abs() > 1e-3) {
+                break x;
+            }
+        })
+        .collect()
+}

@@ -95,3 +95,89 @@ pub fn forward_backward(
     drop(grad_guard);
     Ok(())
 }
+
+/// One term of [`forward_backward_terms`]: its logits and, optionally, where its gradient goes.
+pub struct AslTerm<'a> {
+    pub logits: &'a dyn DevicePtr<f32>,
+    pub grad: Option<&'a mut dyn DevicePtrMut<f32>>,
+}
+
+/// The kernel's by-value pointer table (`struct AslTerms` in asl.cu).
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct AslTermsArg {
+    logits: [u64; 4],
+    grad: [u64; 4],
+}
+// SAFETY: plain-old-data, laid out as the kernel's struct (eight 64-bit device pointers).
+unsafe impl cudarc::driver::DeviceRepr for AslTermsArg {}
+
+/// Most terms one [`forward_backward_terms`] launch takes (the training loss has four).
+pub const MAX_TERMS: usize = 4;
+
+/// ASL of up to [`MAX_TERMS`] logit buffers (`n` each) against the same targets in one launch:
+/// `loss[0] = scale * sum over terms and elements`, and each term's `grad[i] = scale * dl/dx_i`
+/// where given. The training loss `ASL(y+) + ASL(y-) + ASL(m+) + ASL(m-)` (SPEC 4) is one call
+/// with `scale = factor / (B K)`; per term it is [`forward_backward`].
+#[allow(clippy::too_many_arguments)]
+pub fn forward_backward_terms(
+    gpu: &GpuContext,
+    stream: &CudaStream,
+    ws: &mut AslWorkspace,
+    terms: &mut [AslTerm<'_>],
+    targets: &impl DevicePtr<f32>,
+    cfg: &AslConfig,
+    scale: f32,
+    loss: &mut impl DevicePtrMut<f32>,
+    n: usize,
+) -> Result<(), GpuError> {
+    const OP: &str = "asl (terms)";
+    cfg.validate().map_err(|m| GpuError::invalid(OP, m))?;
+    if terms.is_empty() || terms.len() > MAX_TERMS {
+        return Err(GpuError::invalid(OP, format!("{} terms, expected 1..={MAX_TERMS}", terms.len())));
+    }
+    check_len(OP, "targets", targets, n)?;
+    check_len(OP, "loss", loss, 1)?;
+    for (i, t) in terms.iter().enumerate() {
+        if t.logits.len() < n {
+            return Err(GpuError::invalid(OP, format!("logits of term {i} have {} elements, need {n}", t.logits.len())));
+        }
+        if let Some(g) = t.grad.as_deref() {
+            if g.len() < n {
+                return Err(GpuError::invalid(OP, format!("grad of term {i} has {} elements, need {n}", g.len())));
+            }
+        }
+    }
+    let f = gpu.function("asl", "asl_terms_fwd_bwd_f32")?;
+    let blocks = grid_stride_blocks(gpu, (n * terms.len()) as u64, BLOCK as u64).min(MAX_BLOCKS);
+    let (n64, nterms) = (n as u64, terms.len() as u32);
+    let mut arg = AslTermsArg { logits: [0; 4], grad: [0; 4] };
+    let mut guards = Vec::with_capacity(2 * terms.len());
+    for (i, t) in terms.iter_mut().enumerate() {
+        let (p, g) = t.logits.device_ptr(stream);
+        arg.logits[i] = p;
+        guards.push(g);
+        if let Some(gr) = t.grad.as_deref_mut() {
+            let (p, g) = gr.device_ptr_mut(stream);
+            arg.grad[i] = p;
+            guards.push(g);
+        }
+    }
+    let (tp, _g2) = targets.device_ptr(stream);
+    let (pp, _g3) = ws.partials.device_ptr_mut(stream);
+    let (cp, _g4) = ws.counter.device_ptr_mut(stream);
+    let (op, _g5) = loss.device_ptr_mut(stream);
+    let (gamma_pos, gamma_neg, clip) = (cfg.gamma_pos as f32, cfg.gamma_neg as f32, cfg.clip as f32);
+    let log_eps = cfg.eps.ln() as f32;
+    let exact = cfg.exact_grad as i32;
+    let launch = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
+    let mut l = stream.launch_builder(&f);
+    l.arg(&arg).arg(&tp).arg(&pp).arg(&cp).arg(&op);
+    l.arg(&n64).arg(&nterms).arg(&gamma_pos).arg(&gamma_neg).arg(&clip).arg(&log_eps).arg(&exact).arg(&scale);
+    // SAFETY: every term's logits (and grad, where given) hold n elements, the targets n, the
+    // loss one, `blocks` <= MAX_BLOCKS partials; unused pointer slots are null and never read
+    // (nterms bounds them); argument types match asl_terms_fwd_bwd_f32's signature.
+    unsafe { l.launch(launch) }.map_err(GpuError::driver("launching asl_terms_fwd_bwd_f32"))?;
+    drop(guards);
+    Ok(())
+}

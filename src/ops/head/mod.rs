@@ -15,6 +15,8 @@
 //! gradients (`dz`, `dadapted`), since two branches feed the same tokens' gradients.
 
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 
 /// Sizes of the adapter op.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -1,0 +1,767 @@
+//! GPU launchers of the ML-VPT head (`kernels/head.cu`), the twins of [`super::cpu`] op for op:
+//! [`adapter_forward`], [`adapter_backward`], [`moe_forward`], [`moe_backward`], the plain-VPT
+//! head [`vpt_forward`], [`vpt_backward`] (its GEMMs through cuBLAS), and the prediction
+//! [`predict`] (`y = (y+ + y-)/2`, `sigmoid(y)`). The loss terms go through
+//! [`crate::ops::asl::cuda::forward_backward_terms`].
+//!
+//! **Dtypes** (the GPU backend's convention: bf16 activations, fp32 master weights and
+//! gradients): the prompt-token features `z`, the adapted features, and their gradients `dz`,
+//! `dadapted` are bf16 `[B, P, D]`; every parameter and parameter gradient (adapters `W1 [P,r,D]`,
+//! `b1 [P,r]`, `W2 [P,D,r]`, `b2 [P,D]`, gate table `G [rows, D]`, classifier `W [K, D]`,
+//! `c [K]`), the saved `u [B,P,r]`, `q, r [B,E,K]` and the logits `y, m [B,K]` are fp32. All sums
+//! run in fp32 in a fixed order: results are the same on every run (no atomics).
+//!
+//! **Limits** (checked, [`GpuError::Invalid`] otherwise): `D % 8 == 0`, `D <= 1024`,
+//! `1 <= E <=` [`MAX_EXPERTS`], `1 <= r <=` [`MAX_RANK`], every buffer 16-byte aligned (whole
+//! cudarc allocations are; a view must start on a multiple of 4 floats / 8 bf16).
+//!
+//! **Tables**: the gating tables `tok`, `grow` (`u32`, index `e*K + k`, as the CPU op) are
+//! uploaded once as [`IndexTable`]s, which check every entry against its range and also hold the
+//! inverse (per token / per gate row, the `(e, k)` pairs pointing at it), so that the backward
+//! gathers token and gate-row gradients instead of scattering them with atomics.
+
+use super::{AdapterShape, MoeShape, VptHeadShape};
+use crate::gpu::launch::{aligned, check_len, grid_stride_blocks, BLOCK};
+use crate::gpu::{bf16, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, GpuContext, GpuError};
+use cudarc::driver::{LaunchConfig, PushKernelArg};
+
+/// Widest feature dimension (a thread owns 8 columns, a block at most 128 threads).
+pub const MAX_D: usize = 1024;
+/// Most experts per label (`HEAD_MAX_E` in head.cu).
+pub const MAX_EXPERTS: usize = 8;
+/// Largest adapter bottleneck (`HEAD_MAX_RANK` in head.cu).
+pub const MAX_RANK: usize = 64;
+
+/// Images per block of `moe_fwd_scores`, `moe_bwd_tokens`, and the adapter kernels (head.cu).
+const MOE_FWD_IMAGES: usize = 32;
+const TOK_IMAGES: usize = 8;
+const ADA_IMAGES: usize = 16;
+/// Columns per block of the batch-reducing kernels (`moe_bwd_pairs`, `adapter_bwd_params`):
+/// 32 lanes x 8 columns; the block's 8 warps split the images.
+const ROWS_COLS: usize = 256;
+const ROWS_THREADS: u32 = 256;
+/// Pairs per block of `moe_bwd_pairs` (`PAIR_TILE` in head.cu).
+const PAIR_TILE: usize = 8;
+
+/// A gating table on the device (`u32`, entries in `0..range`) with its inverse in CSR form:
+/// for each value `v`, the indices `i` with `table[i] == v`, in increasing order.
+pub struct IndexTable {
+    table: CudaSlice<u32>,
+    offsets: CudaSlice<u32>,
+    items: CudaSlice<u32>,
+    len: usize,
+    range: usize,
+    /// Longest inverse list (sizes the pair-tile grid of the backward).
+    max_count: usize,
+}
+
+/// The inverse of `table` over values `0..range`: `(offsets [range + 1], items [len])` with the
+/// indices of value `v` at `items[offsets[v]..offsets[v + 1]]`, increasing. Errors name the
+/// first entry out of range.
+pub fn invert_table(table: &[u32], range: usize) -> Result<(Vec<u32>, Vec<u32>), String> {
+    if table.len() > u32::MAX as usize || range >= u32::MAX as usize {
+        return Err(format!("table of {} entries over {range} values exceeds 32-bit indices", table.len()));
+    }
+    let mut offsets = vec![0u32; range + 1];
+    for (i, &v) in table.iter().enumerate() {
+        if v as usize >= range {
+            return Err(format!("entry {i} is {v}, outside 0..{range}"));
+        }
+        offsets[v as usize + 1] += 1;
+    }
+    for v in 0..range {
+        offsets[v + 1] += offsets[v];
+    }
+    let mut fill = offsets.clone();
+    let mut items = vec![0u32; table.len()];
+    for (i, &v) in table.iter().enumerate() {
+        items[fill[v as usize] as usize] = i as u32;
+        fill[v as usize] += 1;
+    }
+    Ok((offsets, items))
+}
+
+impl IndexTable {
+    /// Checks that every entry is below `range` (the token count for `tok`, the gate rows for
+    /// `grow`), uploads the table and its inverse.
+    pub fn new(gpu: &GpuContext, table: &[u32], range: usize) -> Result<Self, GpuError> {
+        let (offsets, items) = invert_table(table, range).map_err(|m| GpuError::invalid("head index table", m))?;
+        // Zero-length device buffers are not allowed everywhere: keep at least one element.
+        let pad = |v: &[u32]| if v.is_empty() { vec![0u32] } else { v.to_vec() };
+        let max_count = offsets.windows(2).map(|w| (w[1] - w[0]) as usize).max().unwrap_or(0);
+        Ok(Self {
+            table: gpu.upload(&pad(table))?,
+            offsets: gpu.upload(&offsets)?,
+            items: gpu.upload(&pad(&items))?,
+            len: table.len(),
+            range,
+            max_count,
+        })
+    }
+    /// The table as uploaded.
+    pub fn table(&self) -> &CudaSlice<u32> {
+        &self.table
+    }
+    /// Number of entries.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    /// Whether the table has no entries.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    /// Entries lie in `0..range`.
+    pub fn range(&self) -> usize {
+        self.range
+    }
+}
+
+/// Scratch of the backward launchers (`dq, dr [B, E, K]` and the per-(e, k) gradient rows
+/// `[E*K, D]` for [`moe_backward`], `du [B, P, r]` for [`adapter_backward`], `dy W` for
+/// [`vpt_backward`]), grown on demand and kept between calls. One workspace serves
+/// launches in order on one stream.
+#[derive(Default)]
+pub struct HeadWorkspace {
+    a: Option<CudaSlice<f32>>,
+    b: Option<CudaSlice<f32>>,
+    c: Option<CudaSlice<f32>>,
+}
+
+fn ensure(gpu: &GpuContext, slot: &mut Option<CudaSlice<f32>>, len: usize) -> Result<(), GpuError> {
+    let len = len.max(1);
+    if slot.as_ref().is_none_or(|s| s.len() < len) {
+        *slot = Some(gpu.zeros(len)?);
+    }
+    Ok(())
+}
+
+impl HeadWorkspace {
+    /// An empty workspace (allocates on first use).
+    pub fn new() -> Self {
+        Self::default()
+    }
+    fn one(&mut self, gpu: &GpuContext, len: usize) -> Result<&mut CudaSlice<f32>, GpuError> {
+        ensure(gpu, &mut self.a, len)?;
+        self.a.as_mut().ok_or_else(|| GpuError::invalid("head workspace", "allocation vanished".to_string()))
+    }
+    /// Two buffers of `len` and a third of `len3` floats.
+    #[allow(clippy::type_complexity)]
+    fn three(
+        &mut self,
+        gpu: &GpuContext,
+        len: usize,
+        len3: usize,
+    ) -> Result<(&mut CudaSlice<f32>, &mut CudaSlice<f32>, &mut CudaSlice<f32>), GpuError> {
+        ensure(gpu, &mut self.a, len)?;
+        ensure(gpu, &mut self.b, len)?;
+        ensure(gpu, &mut self.c, len3)?;
+        match (self.a.as_mut(), self.b.as_mut(), self.c.as_mut()) {
+            (Some(a), Some(b), Some(c)) => Ok((a, b, c)),
+            _ => Err(GpuError::invalid("head workspace", "allocation vanished".to_string())),
+        }
+    }
+}
+
+fn check_dim(op: &'static str, d: usize) -> Result<(), GpuError> {
+    if d == 0 || d % 8 != 0 || d > MAX_D {
+        return Err(GpuError::invalid(op, format!("feature dimension {d} must be a multiple of 8 in 8..={MAX_D}")));
+    }
+    Ok(())
+}
+
+fn check_u32(op: &'static str, what: &str, v: usize) -> Result<(), GpuError> {
+    if v > i32::MAX as usize {
+        return Err(GpuError::invalid(op, format!("{what} = {v} exceeds the kernels' 31-bit sizes")));
+    }
+    Ok(())
+}
+
+fn check_aligned(op: &'static str, ptrs: &[(&str, u64)]) -> Result<(), GpuError> {
+    for &(what, p) in ptrs {
+        if !aligned(p, 16) {
+            return Err(GpuError::invalid(op, format!("{what} is not 16-byte aligned (the head kernels load 16 bytes at a time)")));
+        }
+    }
+    Ok(())
+}
+
+/// Threads for a kernel where a thread owns 8 columns: D/8 rounded up to a warp.
+fn column_threads(d: usize) -> u32 {
+    ((d / 8).div_ceil(32) * 32) as u32
+}
+
+fn grid_y(op: &'static str, batch: usize, per_block: usize) -> Result<u32, GpuError> {
+    let n = batch.div_ceil(per_block);
+    if n > 65_535 {
+        return Err(GpuError::invalid(op, format!("batch {batch} needs {n} blocks in y, more than 65535")));
+    }
+    Ok(n as u32)
+}
+
+fn check_adapter(op: &'static str, s: &AdapterShape) -> Result<(), GpuError> {
+    check_dim(op, s.dim)?;
+    if s.rank == 0 || s.rank > MAX_RANK {
+        return Err(GpuError::invalid(op, format!("adapter rank {} outside 1..={MAX_RANK}", s.rank)));
+    }
+    check_u32(op, "tokens", s.tokens)?;
+    check_u32(op, "batch", s.batch)?;
+    grid_y(op, s.batch, TOK_IMAGES)?;
+    Ok(())
+}
+
+/// Adapters on the prompt tokens: `out[b,t] = z + W2_t gelu(u) + b2_t` with the pre-GELU
+/// `u[b,t] = W1_t z[b,t] + b1_t` saved for the backward. The twin of
+/// [`super::cpu::adapter_forward`]. `z`, `out` bf16 `[B, P, D]`; `W1 [P, r, D]`, `b1 [P, r]`,
+/// `W2 [P, D, r]`, `b2 [P, D]`, `u [B, P, r]` fp32.
+///
+/// ```no_run
+/// use mlvpt::gpu::{bf16, GpuContext, GpuError};
+/// use mlvpt::ops::head::{cuda, AdapterShape};
+/// # fn main() -> Result<(), GpuError> {
+/// let gpu = GpuContext::new(0)?;
+/// let s = AdapterShape { batch: 2, tokens: 30, dim: 768, rank: 5 };
+/// let (p, d, r) = (s.tokens, s.dim, s.rank);
+/// let z = gpu.upload(&vec![bf16::from_f32(0.25); s.batch * p * d])?;
+/// let (w1, b1) = (gpu.upload(&vec![0.01f32; p * r * d])?, gpu.zeros::<f32>(p * r)?);
+/// let (w2, b2) = (gpu.upload(&vec![0.01f32; p * d * r])?, gpu.zeros::<f32>(p * d)?);
+/// let mut u = gpu.zeros::<f32>(s.batch * p * r)?;
+/// let mut out = gpu.zeros::<bf16>(s.batch * p * d)?;
+/// cuda::adapter_forward(&gpu, gpu.stream(), &z, &w1, &b1, &w2, &b2, &mut u, &mut out, &s)?;
+/// # Ok(()) }
+/// ```
+#[allow(clippy::too_many_arguments)]
+pub fn adapter_forward(
+    gpu: &GpuContext,
+    stream: &CudaStream,
+    z: &impl DevicePtr<bf16>,
+    w1: &impl DevicePtr<f32>,
+    b1: &impl DevicePtr<f32>,
+    w2: &impl DevicePtr<f32>,
+    b2: &impl DevicePtr<f32>,
+    u: &mut impl DevicePtrMut<f32>,
+    out: &mut impl DevicePtrMut<bf16>,
+    s: &AdapterShape,
+) -> Result<(), GpuError> {
+    const OP: &str = "adapter forward";
+    check_adapter(OP, s)?;
+    let (bn, p, d, r) = (s.batch, s.tokens, s.dim, s.rank);
+    check_len(OP, "z", z, bn * p * d)?;
+    check_len(OP, "out", out, bn * p * d)?;
+    check_len(OP, "u", u, bn * p * r)?;
+    check_len(OP, "w1", w1, p * r * d)?;
+    check_len(OP, "b1", b1, p * r)?;
+    check_len(OP, "w2", w2, p * d * r)?;
+    check_len(OP, "b2", b2, p * d)?;
+    if bn == 0 || p == 0 {
+        return Ok(());
+    }
+    let (zp, _g1) = z.device_ptr(stream);
+    let (w1p, _g2) = w1.device_ptr(stream);
+    let (b1p, _g3) = b1.device_ptr(stream);
+    let (w2p, _g4) = w2.device_ptr(stream);
+    let (b2p, _g5) = b2.device_ptr(stream);
+    let (up, _g6) = u.device_ptr_mut(stream);
+    let (op, _g7) = out.device_ptr_mut(stream);
+    check_aligned(OP, &[("z", zp), ("w1", w1p), ("b2", b2p), ("out", op)])?;
+    let f = gpu.function("head", "adapter_fwd")?;
+    let (b32, p32, d32, r32) = (bn as u32, p as u32, d as u32, r as u32);
+    let cfg = LaunchConfig {
+        grid_dim: (p as u32, grid_y(OP, bn, ADA_IMAGES)?, 1),
+        block_dim: (column_threads(d), 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let mut l = stream.launch_builder(&f);
+    l.arg(&zp).arg(&w1p).arg(&b1p).arg(&w2p).arg(&b2p).arg(&up).arg(&op);
+    l.arg(&b32).arg(&p32).arg(&d32).arg(&r32);
+    // SAFETY: every buffer holds what the shape needs (checked), rows are 16-byte aligned,
+    // D % 8 == 0 and D <= 1024 so the block's D/8 threads fit, r <= HEAD_MAX_RANK.
+    unsafe { l.launch(cfg) }.map_err(GpuError::driver("launching adapter_fwd"))?;
+    Ok(())
+}
+
+/// Adapter backward from `dout [B, P, D]` (bf16): accumulates `dz += dout + W1^T du` (bf16)
+/// and writes `dW1, db1, dW2, db2` (fp32, summed over the batch in a fixed order), with
+/// `du = (W2^T dout) gelu'(u)` kept in `ws`. The twin of [`super::cpu::adapter_backward`].
+#[allow(clippy::too_many_arguments)]
+pub fn adapter_backward(
+    gpu: &GpuContext,
+    stream: &CudaStream,
+    ws: &mut HeadWorkspace,
+    dout: &impl DevicePtr<bf16>,
+    z: &impl DevicePtr<bf16>,
+    u: &impl DevicePtr<f32>,
+    w1: &impl DevicePtr<f32>,
+    w2: &impl DevicePtr<f32>,
+    dz: &mut impl DevicePtrMut<bf16>,
+    dw1: &mut impl DevicePtrMut<f32>,
+    db1: &mut impl DevicePtrMut<f32>,
+    dw2: &mut impl DevicePtrMut<f32>,
+    db2: &mut impl DevicePtrMut<f32>,
+    s: &AdapterShape,
+) -> Result<(), GpuError> {
+    const OP: &str = "adapter backward";
+    check_adapter(OP, s)?;
+    let (bn, p, d, r) = (s.batch, s.tokens, s.dim, s.rank);
+    check_len(OP, "dout", dout, bn * p * d)?;
+    check_len(OP, "z", z, bn * p * d)?;
+    check_len(OP, "dz", dz, bn * p * d)?;
+    check_len(OP, "u", u, bn * p * r)?;
+    check_len(OP, "w1", w1, p * r * d)?;
+    check_len(OP, "w2", w2, p * d * r)?;
+    check_len(OP, "dw1", dw1, p * r * d)?;
+    check_len(OP, "db1", db1, p * r)?;
+    check_len(OP, "dw2", dw2, p * d * r)?;
+    check_len(OP, "db2", db2, p * d)?;
+    if p == 0 {
+        return Ok(());
+    }
+    let du = ws.one(gpu, bn * p * r)?;
+    let (gp, _g1) = dout.device_ptr(stream);
+    let (zp, _g2) = z.device_ptr(stream);
+    let (up, _g3) = u.device_ptr(stream);
+    let (w1p, _g4) = w1.device_ptr(stream);
+    let (w2p, _g5) = w2.device_ptr(stream);
+    let (dzp, _g6) = dz.device_ptr_mut(stream);
+    let (dw1p, _g7) = dw1.device_ptr_mut(stream);
+    let (db1p, _g8) = db1.device_ptr_mut(stream);
+    let (dw2p, _g9) = dw2.device_ptr_mut(stream);
+    let (db2p, _g10) = db2.device_ptr_mut(stream);
+    let (dup, _g11) = du.device_ptr_mut(stream);
+    check_aligned(OP, &[("dout", gp), ("z", zp), ("w1", w1p), ("dz", dzp), ("dw1", dw1p), ("db2", db2p)])?;
+    let (b32, p32, d32, r32) = (bn as u32, p as u32, d as u32, r as u32);
+    if bn > 0 {
+        let f = gpu.function("head", "adapter_bwd_tokens")?;
+        let cfg = LaunchConfig {
+            grid_dim: (p as u32, grid_y(OP, bn, ADA_IMAGES)?, 1),
+            block_dim: (column_threads(d), 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut l = stream.launch_builder(&f);
+        l.arg(&gp).arg(&up).arg(&w1p).arg(&w2p).arg(&dup).arg(&dzp);
+        l.arg(&b32).arg(&p32).arg(&d32).arg(&r32);
+        // SAFETY: as adapter_fwd; du holds B*P*r floats (workspace sized above).
+        unsafe { l.launch(cfg) }.map_err(GpuError::driver("launching adapter_bwd_tokens"))?;
+    }
+    let f = gpu.function("head", "adapter_bwd_params")?;
+    let cfg = LaunchConfig {
+        grid_dim: (p as u32, d.div_ceil(ROWS_COLS) as u32, 1),
+        block_dim: (ROWS_THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let mut l = stream.launch_builder(&f);
+    l.arg(&gp).arg(&zp).arg(&up).arg(&dup).arg(&dw1p).arg(&db1p).arg(&dw2p).arg(&db2p);
+    l.arg(&b32).arg(&p32).arg(&d32).arg(&r32);
+    // SAFETY: parameter gradients hold P*r*D, P*r, P*D*r, P*D floats (checked); the kernel
+    // writes each element once (batch 0 writes zeros).
+    unsafe { l.launch(cfg) }.map_err(GpuError::driver("launching adapter_bwd_params"))?;
+    Ok(())
+}
+
+fn check_moe(op: &'static str, s: &MoeShape, tok: &IndexTable, grow: &IndexTable) -> Result<(), GpuError> {
+    check_dim(op, s.dim)?;
+    if s.experts == 0 || s.experts > MAX_EXPERTS {
+        return Err(GpuError::invalid(op, format!("{} experts outside 1..={MAX_EXPERTS}", s.experts)));
+    }
+    if s.labels == 0 {
+        return Err(GpuError::invalid(op, "no labels".to_string()));
+    }
+    for (what, v) in [("batch", s.batch), ("tokens", s.tokens), ("labels", s.labels), ("gate rows", s.gate_rows)] {
+        check_u32(op, what, v)?;
+    }
+    check_u32(op, "experts x labels", s.experts * s.labels)?;
+    let ek = s.experts * s.labels;
+    if tok.len() != ek || tok.range() != s.tokens {
+        return Err(GpuError::invalid(
+            op,
+            format!("tok table has {} entries over 0..{}, the shape needs {ek} over 0..{}", tok.len(), tok.range(), s.tokens),
+        ));
+    }
+    if grow.len() != ek || grow.range() != s.gate_rows {
+        return Err(GpuError::invalid(
+            op,
+            format!("grow table has {} entries over 0..{}, the shape needs {ek} over 0..{}", grow.len(), grow.range(), s.gate_rows),
+        ));
+    }
+    grid_y(op, s.batch, TOK_IMAGES)?;
+    Ok(())
+}
+
+/// One branch's label-aware gating, expert mixture and classifier (SPEC 3): per `(b, e, k)`
+/// the gate score `q = <G[grow], z[b, tok]>` and the classifier response
+/// `r = <W[k], adapted[b, tok]>` (one token-major launch), then `A = softmax_e q`,
+/// `m[b,k] = sum_e A q`, `y[b,k] = sum_e A r + c[k]` (a second, per-(b, k) launch); the
+/// `[B, K, D]` mixture is never formed. Writes `y, m [B, K]` and saves `q, r [B, E, K]` (fp32).
+/// The twin of [`super::cpu::moe_forward`].
+#[allow(clippy::too_many_arguments)]
+pub fn moe_forward(
+    gpu: &GpuContext,
+    stream: &CudaStream,
+    z: &impl DevicePtr<bf16>,
+    adapted: &impl DevicePtr<bf16>,
+    gate: &impl DevicePtr<f32>,
+    w: &impl DevicePtr<f32>,
+    c: &impl DevicePtr<f32>,
+    tok: &IndexTable,
+    grow: &IndexTable,
+    y: &mut impl DevicePtrMut<f32>,
+    m: &mut impl DevicePtrMut<f32>,
+    q: &mut impl DevicePtrMut<f32>,
+    r: &mut impl DevicePtrMut<f32>,
+    s: &MoeShape,
+) -> Result<(), GpuError> {
+    const OP: &str = "moe forward";
+    check_moe(OP, s, tok, grow)?;
+    let (bn, p, d, k, e) = (s.batch, s.tokens, s.dim, s.labels, s.experts);
+    check_len(OP, "z", z, bn * p * d)?;
+    check_len(OP, "adapted", adapted, bn * p * d)?;
+    check_len(OP, "gate", gate, s.gate_rows * d)?;
+    check_len(OP, "w", w, k * d)?;
+    check_len(OP, "c", c, k)?;
+    check_len(OP, "y", y, bn * k)?;
+    check_len(OP, "m", m, bn * k)?;
+    check_len(OP, "q", q, bn * e * k)?;
+    check_len(OP, "r", r, bn * e * k)?;
+    if bn == 0 {
+        return Ok(());
+    }
+    let (zp, _g1) = z.device_ptr(stream);
+    let (ap, _g2) = adapted.device_ptr(stream);
+    let (gp, _g3) = gate.device_ptr(stream);
+    let (wp, _g4) = w.device_ptr(stream);
+    let (cp, _g5) = c.device_ptr(stream);
+    let (tofp, _g6) = tok.offsets.device_ptr(stream);
+    let (titp, _g7) = tok.items.device_ptr(stream);
+    let (grp, _g8) = grow.table.device_ptr(stream);
+    let (yp, _g9) = y.device_ptr_mut(stream);
+    let (mp, _g10) = m.device_ptr_mut(stream);
+    let (qp, _g11) = q.device_ptr_mut(stream);
+    let (rp, _g12) = r.device_ptr_mut(stream);
+    check_aligned(OP, &[("z", zp), ("adapted", ap), ("gate", gp), ("w", wp)])?;
+    let (b32, p32, d32, k32, e32) = (bn as u32, p as u32, d as u32, k as u32, e as u32);
+    let f = gpu.function("head", "moe_fwd_scores")?;
+    let cfg = LaunchConfig { grid_dim: (p as u32, grid_y(OP, bn, MOE_FWD_IMAGES)?, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+    let mut l = stream.launch_builder(&f);
+    l.arg(&zp).arg(&ap).arg(&gp).arg(&wp).arg(&grp).arg(&tofp).arg(&titp).arg(&qp).arg(&rp);
+    l.arg(&b32).arg(&p32).arg(&d32).arg(&k32).arg(&e32);
+    // SAFETY: lengths checked; tok's inverse has P + 1 offsets over E*K items (< E*K), and the
+    // gate rows were range-checked with grow; every (b, e, k) of q, r is written once since
+    // each (e, k) lies in exactly one token's list.
+    unsafe { l.launch(cfg) }.map_err(GpuError::driver("launching moe_fwd_scores"))?;
+    let f = gpu.function("head", "moe_fwd_mix")?;
+    let blocks = grid_stride_blocks(gpu, (bn * k) as u64, BLOCK as u64);
+    let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
+    let mut l = stream.launch_builder(&f);
+    l.arg(&qp).arg(&rp).arg(&cp).arg(&yp).arg(&mp).arg(&b32).arg(&k32).arg(&e32);
+    // SAFETY: q, r hold B*E*K, y, m B*K, c K floats (checked).
+    unsafe { l.launch(cfg) }.map_err(GpuError::driver("launching moe_fwd_mix"))?;
+    Ok(())
+}
+
+/// Backward of [`moe_forward`] from `dy, dm [B, K]` (fp32): accumulates into `dz` and
+/// `dadapted` (bf16 `[B, P, D]`; tokens of the other branch are left untouched) and writes
+/// `dgate [rows, D]`, `dw [K, D]`, `dc [K]` (fp32). Parameter gradients are reduced over the
+/// batch per (e, k) pair, token by token (a block per token, 8 pairs and 256 columns, warps'
+/// partials added in order), then the pair rows are summed into classifier and gate rows in a
+/// fixed order: no atomics, the same bits on every run. `dq, dr [B, E, K]` live in `ws`. The twin of
+/// [`super::cpu::moe_backward`].
+#[allow(clippy::too_many_arguments)]
+pub fn moe_backward(
+    gpu: &GpuContext,
+    stream: &CudaStream,
+    ws: &mut HeadWorkspace,
+    dy: &impl DevicePtr<f32>,
+    dm: &impl DevicePtr<f32>,
+    z: &impl DevicePtr<bf16>,
+    adapted: &impl DevicePtr<bf16>,
+    gate: &impl DevicePtr<f32>,
+    w: &impl DevicePtr<f32>,
+    tok: &IndexTable,
+    grow: &IndexTable,
+    q: &impl DevicePtr<f32>,
+    r: &impl DevicePtr<f32>,
+    dz: &mut impl DevicePtrMut<bf16>,
+    dadapted: &mut impl DevicePtrMut<bf16>,
+    dgate: &mut impl DevicePtrMut<f32>,
+    dw: &mut impl DevicePtrMut<f32>,
+    dc: &mut impl DevicePtrMut<f32>,
+    s: &MoeShape,
+) -> Result<(), GpuError> {
+    const OP: &str = "moe backward";
+    check_moe(OP, s, tok, grow)?;
+    let (bn, p, d, k, e) = (s.batch, s.tokens, s.dim, s.labels, s.experts);
+    check_len(OP, "dy", dy, bn * k)?;
+    check_len(OP, "dm", dm, bn * k)?;
+    check_len(OP, "z", z, bn * p * d)?;
+    check_len(OP, "adapted", adapted, bn * p * d)?;
+    check_len(OP, "gate", gate, s.gate_rows * d)?;
+    check_len(OP, "w", w, k * d)?;
+    check_len(OP, "q", q, bn * e * k)?;
+    check_len(OP, "r", r, bn * e * k)?;
+    check_len(OP, "dz", dz, bn * p * d)?;
+    check_len(OP, "dadapted", dadapted, bn * p * d)?;
+    check_len(OP, "dgate", dgate, s.gate_rows * d)?;
+    check_len(OP, "dw", dw, k * d)?;
+    check_len(OP, "dc", dc, k)?;
+    let (dq, dr, pairs) = ws.three(gpu, bn * e * k, e * k * d)?;
+    let (dyp, _g1) = dy.device_ptr(stream);
+    let (dmp, _g2) = dm.device_ptr(stream);
+    let (zp, _g3) = z.device_ptr(stream);
+    let (ap, _g4) = adapted.device_ptr(stream);
+    let (gp, _g5) = gate.device_ptr(stream);
+    let (wp, _g6) = w.device_ptr(stream);
+    let (tofp, _g8) = tok.offsets.device_ptr(stream);
+    let (titp, _g9) = tok.items.device_ptr(stream);
+    let (grp, _g10) = grow.table.device_ptr(stream);
+    let (gofp, _g11) = grow.offsets.device_ptr(stream);
+    let (gitp, _g12) = grow.items.device_ptr(stream);
+    let (qp, _g13) = q.device_ptr(stream);
+    let (rp, _g14) = r.device_ptr(stream);
+    let (dzp, _g15) = dz.device_ptr_mut(stream);
+    let (dap, _g16) = dadapted.device_ptr_mut(stream);
+    let (dgp, _g17) = dgate.device_ptr_mut(stream);
+    let (dwp, _g18) = dw.device_ptr_mut(stream);
+    let (dcp, _g19) = dc.device_ptr_mut(stream);
+    let (dqp, _g20) = dq.device_ptr_mut(stream);
+    let (drp, _g21) = dr.device_ptr_mut(stream);
+    let (prp, _g22) = pairs.device_ptr_mut(stream);
+    check_aligned(OP, &[("z", zp), ("adapted", ap), ("gate", gp), ("w", wp), ("dz", dzp), ("dadapted", dap)])?;
+    let (b32, p32, d32, k32, e32) = (bn as u32, p as u32, d as u32, k as u32, e as u32);
+    let null = 0u64;
+    if bn > 0 {
+        // dq, dr per (b, k).
+        let f = gpu.function("head", "moe_bwd_coef")?;
+        let blocks = grid_stride_blocks(gpu, (bn * k) as u64, BLOCK as u64);
+        let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
+        let mut l = stream.launch_builder(&f);
+        l.arg(&dyp).arg(&dmp).arg(&qp).arg(&rp).arg(&dqp).arg(&drp).arg(&b32).arg(&k32).arg(&e32);
+        // SAFETY: dy, dm hold B*K, q, r and the workspace B*E*K floats; E <= HEAD_MAX_E.
+        unsafe { l.launch(cfg) }.map_err(GpuError::driver("launching moe_bwd_coef"))?;
+
+        // Token gradients, gathered per token through tok's inverse.
+        let f = gpu.function("head", "moe_bwd_tokens")?;
+        let cfg = LaunchConfig {
+            grid_dim: (p as u32, grid_y(OP, bn, TOK_IMAGES)?, 1),
+            block_dim: (column_threads(d), 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut l = stream.launch_builder(&f);
+        l.arg(&dqp).arg(&drp).arg(&gp).arg(&wp).arg(&grp).arg(&tofp).arg(&titp).arg(&dzp).arg(&dap);
+        l.arg(&b32).arg(&p32).arg(&d32).arg(&k32).arg(&e32);
+        // SAFETY: the inverse has P + 1 offsets and E*K items, each an index into the E*K
+        // tables; rows and tokens were range-checked with the tables.
+        unsafe { l.launch(cfg) }.map_err(GpuError::driver("launching moe_bwd_tokens"))?;
+    }
+    // Parameter gradients: per-(e, k) rows reduced over the batch token by token, then summed
+    // into classifier rows (with dc = sum_b dy) and gate rows. Each writes all of its output.
+    let pair_tiles = tok.max_count.div_ceil(PAIR_TILE).max(1);
+    let pairs_cfg = LaunchConfig {
+        grid_dim: (p as u32, pair_tiles as u32, d.div_ceil(ROWS_COLS) as u32),
+        block_dim: (ROWS_THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let f_pairs = gpu.function("head", "moe_bwd_pairs")?;
+    let f_sum = gpu.function("head", "moe_sum_pairs")?;
+    for (coef, x, out, offsets, items, rows, what) in
+        [(drp, ap, dwp, null, null, k, "classifier"), (dqp, zp, dgp, gofp, gitp, s.gate_rows, "gate")]
+    {
+        let mut l = stream.launch_builder(&f_pairs);
+        l.arg(&coef).arg(&x).arg(&tofp).arg(&titp).arg(&prp).arg(&b32).arg(&p32).arg(&d32).arg(&k32).arg(&e32);
+        // SAFETY: coef holds B*E*K floats (workspace), x B*P*D bf16 (checked); each pair index
+        // from tok's inverse is < E*K, and the pair-row workspace holds E*K*D floats.
+        unsafe { l.launch(pairs_cfg) }.map_err(GpuError::driver(format!("launching moe_bwd_pairs ({what})")))?;
+        if rows > 0 {
+            let rows32 = rows as u32;
+            let mut l = stream.launch_builder(&f_sum);
+            l.arg(&prp).arg(&offsets).arg(&items).arg(&out).arg(&rows32).arg(&d32).arg(&k32).arg(&e32);
+            // SAFETY: out holds rows*D floats (checked: K*D for dw, gate_rows*D for dgate);
+            // grow's inverse has gate_rows + 1 offsets over E*K items; without offsets the
+            // rows are labels, summing pairs e*K + k < E*K.
+            unsafe { l.launch(stride_launch(gpu, rows * d)) }.map_err(GpuError::driver(format!("launching moe_sum_pairs ({what})")))?;
+        }
+    }
+    let f = gpu.function("head", "column_sums")?;
+    let mut l = stream.launch_builder(&f);
+    l.arg(&dyp).arg(&dcp).arg(&b32).arg(&k32);
+    // SAFETY: dy holds B*K, dc K floats (checked).
+    unsafe { l.launch(stride_launch(gpu, k)) }.map_err(GpuError::driver("launching column_sums (dc)"))?;
+    Ok(())
+}
+
+/// Launch config of a grid-stride elementwise kernel over `n` items.
+fn stride_launch(gpu: &GpuContext, n: usize) -> LaunchConfig {
+    LaunchConfig { grid_dim: (grid_stride_blocks(gpu, n as u64, BLOCK as u64), 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 }
+}
+
+/// The cuBLAS calls run on the context's own stream; the kernels must queue there too.
+fn check_context_stream(op: &'static str, gpu: &GpuContext, stream: &CudaStream) -> Result<(), GpuError> {
+    if !std::ptr::eq(stream, gpu.stream().as_ref()) {
+        return Err(GpuError::invalid(op, "pass gpu.stream(): the GEMMs run on the context's stream".to_string()));
+    }
+    Ok(())
+}
+
+fn check_vpt(op: &'static str, s: &VptHeadShape) -> Result<(), GpuError> {
+    for (what, v) in [("batch", s.batch), ("tokens", s.tokens), ("dim", s.dim), ("labels", s.labels)] {
+        check_u32(op, what, v)?;
+    }
+    if s.tokens == 0 {
+        return Err(GpuError::invalid(op, "no prompt tokens to average".to_string()));
+    }
+    Ok(())
+}
+
+/// Plain-VPT head: `zbar[b] = mean_t z[b, t]` (fp32 `[B, D]`, saved) and `y = zbar W^T + c`
+/// (cuBLAS, fp32) with `W [K, D]`, `c [K]`. `z` bf16 `[B, P, D]`, any `D`. `stream` must be
+/// `gpu.stream()`. The twin of [`super::cpu::vpt_forward`].
+#[allow(clippy::too_many_arguments)]
+pub fn vpt_forward(
+    gpu: &GpuContext,
+    stream: &CudaStream,
+    z: &impl DevicePtr<bf16>,
+    w: &impl DevicePtr<f32>,
+    c: &impl DevicePtr<f32>,
+    zbar: &mut (impl DevicePtrMut<f32> + DevicePtr<f32>),
+    y: &mut impl DevicePtrMut<f32>,
+    s: &VptHeadShape,
+) -> Result<(), GpuError> {
+    const OP: &str = "vpt head forward";
+    check_context_stream(OP, gpu, stream)?;
+    check_vpt(OP, s)?;
+    let (bn, p, d, k) = (s.batch, s.tokens, s.dim, s.labels);
+    check_len(OP, "z", z, bn * p * d)?;
+    check_len(OP, "w", w, k * d)?;
+    check_len(OP, "c", c, k)?;
+    check_len(OP, "zbar", zbar, bn * d)?;
+    check_len(OP, "y", y, bn * k)?;
+    if bn == 0 || k == 0 {
+        return Ok(());
+    }
+    {
+        let (zp, _g1) = z.device_ptr(stream);
+        let (zbp, _g2) = zbar.device_ptr_mut(stream);
+        let f = gpu.function("head", "vpt_mean")?;
+        let (b32, p32, d32) = (bn as u32, p as u32, d as u32);
+        let mut l = stream.launch_builder(&f);
+        l.arg(&zp).arg(&zbp).arg(&b32).arg(&p32).arg(&d32);
+        // SAFETY: z holds B*P*D, zbar B*D elements (checked).
+        unsafe { l.launch(stride_launch(gpu, bn * d)) }.map_err(GpuError::driver("launching vpt_mean"))?;
+    }
+    gpu.linear_forward::<f32, f32>(&*zbar, w, Some(c), y, bn, k, d, false)
+}
+
+/// Plain-VPT head backward: `dw = dy^T zbar`, `dc = sum_b dy` (fixed order), and writes
+/// `dz[b, t] = (dy W)[b] / P` (bf16). `dy W` goes through `ws`. `stream` must be
+/// `gpu.stream()`. The twin of [`super::cpu::vpt_backward`].
+#[allow(clippy::too_many_arguments)]
+pub fn vpt_backward(
+    gpu: &GpuContext,
+    stream: &CudaStream,
+    ws: &mut HeadWorkspace,
+    dy: &impl DevicePtr<f32>,
+    zbar: &impl DevicePtr<f32>,
+    w: &impl DevicePtr<f32>,
+    dz: &mut impl DevicePtrMut<bf16>,
+    dw: &mut impl DevicePtrMut<f32>,
+    dc: &mut impl DevicePtrMut<f32>,
+    s: &VptHeadShape,
+) -> Result<(), GpuError> {
+    const OP: &str = "vpt head backward";
+    check_context_stream(OP, gpu, stream)?;
+    check_vpt(OP, s)?;
+    let (bn, p, d, k) = (s.batch, s.tokens, s.dim, s.labels);
+    check_len(OP, "dy", dy, bn * k)?;
+    check_len(OP, "zbar", zbar, bn * d)?;
+    check_len(OP, "w", w, k * d)?;
+    check_len(OP, "dz", dz, bn * p * d)?;
+    check_len(OP, "dw", dw, k * d)?;
+    check_len(OP, "dc", dc, k)?;
+    if k > 0 {
+        // dw and dc are written even for an empty batch (zeros), as the CPU op does.
+        gpu.linear_backward_weight::<f32, f32>(dy, zbar, dw, bn, k, d, false)?;
+        let (dyp, _g1) = dy.device_ptr(stream);
+        let (dcp, _g2) = dc.device_ptr_mut(stream);
+        let f = gpu.function("head", "column_sums")?;
+        let (b32, k32) = (bn as u32, k as u32);
+        let mut l = stream.launch_builder(&f);
+        l.arg(&dyp).arg(&dcp).arg(&b32).arg(&k32);
+        // SAFETY: dy holds B*K, dc K floats (checked).
+        unsafe { l.launch(stride_launch(gpu, k)) }.map_err(GpuError::driver("launching column_sums"))?;
+    }
+    if bn == 0 {
+        return Ok(());
+    }
+    let dzbar = ws.one(gpu, bn * d)?;
+    if k == 0 {
+        gpu.stream().memset_zeros(dzbar).map_err(GpuError::driver("zeroing dzbar"))?;
+    } else {
+        gpu.linear_backward_input::<f32, f32>(dy, w, dzbar, bn, k, d, false)?;
+    }
+    let (gp, _g1) = dzbar.device_ptr(stream);
+    let (dzp, _g2) = dz.device_ptr_mut(stream);
+    let f = gpu.function("head", "vpt_spread")?;
+    let (b32, p32, d32) = (bn as u32, p as u32, d as u32);
+    let mut l = stream.launch_builder(&f);
+    l.arg(&gp).arg(&dzp).arg(&b32).arg(&p32).arg(&d32);
+    // SAFETY: dzbar holds at least B*D floats (workspace), dz B*P*D (checked).
+    unsafe { l.launch(stride_launch(gpu, bn * p * d)) }.map_err(GpuError::driver("launching vpt_spread"))?;
+    Ok(())
+}
+
+/// Prediction: `y = (y_pos + y_neg) / 2` and `prob = sigmoid(y)` over `n` logits (fp32).
+#[allow(clippy::too_many_arguments)]
+pub fn predict(
+    gpu: &GpuContext,
+    stream: &CudaStream,
+    y_pos: &impl DevicePtr<f32>,
+    y_neg: &impl DevicePtr<f32>,
+    y: &mut impl DevicePtrMut<f32>,
+    prob: &mut impl DevicePtrMut<f32>,
+    n: usize,
+) -> Result<(), GpuError> {
+    const OP: &str = "head predict";
+    check_len(OP, "y_pos", y_pos, n)?;
+    check_len(OP, "y_neg", y_neg, n)?;
+    check_len(OP, "y", y, n)?;
+    check_len(OP, "prob", prob, n)?;
+    if n == 0 {
+        return Ok(());
+    }
+    let (ap, _g1) = y_pos.device_ptr(stream);
+    let (bp, _g2) = y_neg.device_ptr(stream);
+    let (yp, _g3) = y.device_ptr_mut(stream);
+    let (pp, _g4) = prob.device_ptr_mut(stream);
+    let f = gpu.function("head", "head_predict")?;
+    let n64 = n as u64;
+    let blocks = grid_stride_blocks(gpu, n64, BLOCK as u64);
+    let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
+    let mut l = stream.launch_builder(&f);
+    l.arg(&ap).arg(&bp).arg(&yp).arg(&pp).arg(&n64);
+    // SAFETY: all four buffers hold n floats (checked).
+    unsafe { l.launch(cfg) }.map_err(GpuError::driver("launching head_predict"))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::invert_table;
+
+    #[test]
+    fn inverse_lists_each_value_in_increasing_order() {
+        let table = [2u32, 0, 2, 1, 2, 0];
+        let (off, items) = invert_table(&table, 4).unwrap();
+        assert_eq!(off, vec![0, 2, 3, 6, 6]);
+        assert_eq!(items, vec![1, 5, 3, 0, 2, 4]);
+        for v in 0..4 {
+            for &i in &items[off[v] as usize..off[v + 1] as usize] {
+                assert_eq!(table[i as usize] as usize, v);
+            }
+        }
+    }
+
+    #[test]
+    fn inverse_rejects_entries_out_of_range() {
+        let err = invert_table(&[0, 3, 1], 3).unwrap_err();
+        assert!(err.contains("entry 1 is 3"), "{err}");
+        assert_eq!(invert_table(&[], 0).unwrap(), (vec![0], vec![]));
+    }
+}

@@ -1,0 +1,460 @@
+//! The head kernels (`kernels/head.cu`, `src/ops/head/cuda.rs`) and the multi-term ASL launch
+//! against the CPU reference (`src/ops/head/cpu.rs`, `ops::asl`) in f64 on the same
+//! bf16-rounded inputs: fresh random inputs (seed printed), written outputs poisoned with NaN,
+//! accumulated outputs pre-filled with random values. Shapes cover K in {1, 20, 80, 365, 1000},
+//! E in {1, 3, 8}, T in {1, 5, K}, D in {384, 768, 1024}, B in {1, 64, 256}, label and group
+//! gating (a subset, not the product: the whole GPU run has a few minutes). They need a device:
+//! `cargo test --release --features cuda --test gpu_head -- --ignored`.
+//!
+//! Tolerances: fp32 outputs (logits, q, r, parameter gradients) within 1e-4..1e-3 relative of
+//! the f64 reference (fp32 sums over up to B*E*K/T terms); bf16 outputs within 1/128 relative
+//! (one bf16 rounding of an fp32 result) plus a small absolute slack.
+#![cfg(feature = "cuda")]
+
+mod gpu_common;
+
+use gpu_common::*;
+use mlvpt::gpu::{bf16, CudaSlice, GpuContext};
+use mlvpt::ops::asl;
+use mlvpt::ops::head::{cpu, cuda, AdapterShape, MoeShape, VptHeadShape};
+use rand::Rng;
+use rand_chacha::ChaCha8Rng;
+
+const BF16_RTOL: f64 = 1.0 / 128.0;
+
+/// Random label grouping of one branch: `T` groups (each non-empty), label `k` in group g(k),
+/// `tok[e*K + k] = offset + g(k)*E + e` (the branch's tokens start at `offset`), and the gate
+/// rows: label gating `e*K + k` (E*K rows) or group gating `e*T + g(k)` (E*T rows).
+fn tables(rng: &mut ChaCha8Rng, k: usize, t: usize, e: usize, offset: usize, label_gating: bool) -> (Vec<u32>, Vec<u32>, usize) {
+    let mut group: Vec<usize> = (0..k).map(|ki| if ki < t { ki } else { rng.random_range(0..t) }).collect();
+    // Shuffle so group ids are not sorted by label.
+    for i in (1..k).rev() {
+        let j = rng.random_range(0..=i);
+        group.swap(i, j);
+    }
+    let mut tok = vec![0u32; e * k];
+    let mut grow = vec![0u32; e * k];
+    for ei in 0..e {
+        for ki in 0..k {
+            tok[ei * k + ki] = (offset + group[ki] * e + ei) as u32;
+            grow[ei * k + ki] = if label_gating { (ei * k + ki) as u32 } else { (ei * t + group[ki]) as u32 };
+        }
+    }
+    (tok, grow, if label_gating { e * k } else { e * t })
+}
+
+fn bf16_input(gpu: &GpuContext, rng: &mut ChaCha8Rng, n: usize, lo: f32, hi: f32) -> (CudaSlice<bf16>, Vec<f64>) {
+    let (b, f) = bf16_values(&uniform(rng, n, lo, hi));
+    (gpu.upload(&b).unwrap(), to_f64(&f))
+}
+fn f32_input(gpu: &GpuContext, rng: &mut ChaCha8Rng, n: usize, lo: f32, hi: f32) -> (CudaSlice<f32>, Vec<f64>) {
+    let v = uniform(rng, n, lo, hi);
+    (gpu.upload(&v).unwrap(), to_f64(&v))
+}
+fn down_f32(gpu: &GpuContext, x: &CudaSlice<f32>) -> Vec<f32> {
+    gpu.download(x).unwrap()
+}
+fn down_bf16(gpu: &GpuContext, x: &CudaSlice<bf16>) -> Vec<f32> {
+    to_f32(&gpu.download(x).unwrap())
+}
+
+/// (K, E, T, D, B, label gating)
+const MOE_CASES: &[(usize, usize, usize, usize, usize, bool)] = &[
+    (1, 1, 1, 384, 1, true),
+    (20, 8, 20, 768, 64, false),
+    (80, 3, 5, 768, 256, true),
+    (80, 3, 5, 768, 64, false),
+    (365, 3, 5, 1024, 64, false),
+    (365, 1, 5, 768, 256, true),
+    (1000, 8, 1, 384, 1, true),
+    (1000, 3, 1000, 1024, 1, false),
+];
+
+#[test]
+#[ignore = "requires a CUDA device"]
+fn moe_forward_and_backward_match_cpu() {
+    let gpu = gpu();
+    let s_ = gpu.stream();
+    let (mut rng, seed) = rng("moe");
+    let mut ws = cuda::HeadWorkspace::new();
+    for &(k, e, t, d, bn, label_gating) in MOE_CASES {
+        let p = 2 * t * e;
+        // Branch "-" of the pair: its tokens are the second half, so the first half of dz must
+        // stay as it was.
+        let (tok, grow, rows) = tables(&mut rng, k, t, e, t * e, label_gating);
+        let s = MoeShape { batch: bn, tokens: p, dim: d, labels: k, experts: e, gate_rows: rows };
+        let what = format!("K={k} E={e} T={t} D={d} B={bn} {}", if label_gating { "label" } else { "group" });
+        let a = 3.0 / (d as f32).sqrt();
+        let (z, z64) = bf16_input(&gpu, &mut rng, bn * p * d, -1.0, 1.0);
+        let (ad, ad64) = bf16_input(&gpu, &mut rng, bn * p * d, -1.0, 1.0);
+        let (gate, gate64) = f32_input(&gpu, &mut rng, rows * d, -a, a);
+        let (w, w64) = f32_input(&gpu, &mut rng, k * d, -a, a);
+        let (c, c64) = f32_input(&gpu, &mut rng, k, -0.5, 0.5);
+        let tok_d = cuda::IndexTable::new(&gpu, &tok, p).unwrap();
+        let grow_d = cuda::IndexTable::new(&gpu, &grow, rows).unwrap();
+
+        let (mut y, mut m) = (nan_f32(&gpu, bn * k), nan_f32(&gpu, bn * k));
+        let (mut q, mut r) = (nan_f32(&gpu, bn * e * k), nan_f32(&gpu, bn * e * k));
+        cuda::moe_forward(&gpu, s_, &z, &ad, &gate, &w, &c, &tok_d, &grow_d, &mut y, &mut m, &mut q, &mut r, &s).unwrap();
+        let (mut wy, mut wm) = (vec![0.0; bn * k], vec![0.0; bn * k]);
+        let (mut wq, mut wr) = (vec![0.0; bn * e * k], vec![0.0; bn * e * k]);
+        cpu::moe_forward(&z64, &ad64, &gate64, &w64, &c64, &tok, &grow, &mut wy, &mut wm, &mut wq, &mut wr, &s);
+        assert_close(&format!("{what}: q"), &down_f32(&gpu, &q), &wq, 1e-4, 1e-4, seed);
+        assert_close(&format!("{what}: r"), &down_f32(&gpu, &r), &wr, 1e-4, 1e-4, seed);
+        assert_close(&format!("{what}: y"), &down_f32(&gpu, &y), &wy, 1e-4, 1e-4, seed);
+        assert_close(&format!("{what}: m"), &down_f32(&gpu, &m), &wm, 1e-4, 1e-4, seed);
+
+        // Backward from the GPU's saved q, r (the CPU reads the same values).
+        let (q64, r64) = (to_f64(&down_f32(&gpu, &q)), to_f64(&down_f32(&gpu, &r)));
+        let (dy, dy64) = f32_input(&gpu, &mut rng, bn * k, -1.0, 1.0);
+        let (dm, dm64) = f32_input(&gpu, &mut rng, bn * k, -1.0, 1.0);
+        let (mut dz, dz0) = bf16_input(&gpu, &mut rng, bn * p * d, -0.5, 0.5);
+        let (mut da, da0) = bf16_input(&gpu, &mut rng, bn * p * d, -0.5, 0.5);
+        let (mut dgate, mut dw, mut dc) = (nan_f32(&gpu, rows * d), nan_f32(&gpu, k * d), nan_f32(&gpu, k));
+        cuda::moe_backward(&gpu, s_, &mut ws, &dy, &dm, &z, &ad, &gate, &w, &tok_d, &grow_d, &q, &r, &mut dz, &mut da, &mut dgate, &mut dw, &mut dc, &s)
+            .unwrap();
+        let (mut wdz, mut wda) = (dz0.clone(), da0.clone());
+        let (mut wdg, mut wdw, mut wdc) = (vec![0.0; rows * d], vec![0.0; k * d], vec![0.0; k]);
+        let mut scratch = Vec::new();
+        cpu::moe_backward(&dy64, &dm64, &z64, &ad64, &gate64, &w64, &tok, &grow, &q64, &r64, &mut wdz, &mut wda, &mut wdg, &mut wdw, &mut wdc, &s, &mut scratch);
+        assert_close(&format!("{what}: dz"), &down_bf16(&gpu, &dz), &wdz, 1e-3, BF16_RTOL, seed);
+        assert_close(&format!("{what}: dadapted"), &down_bf16(&gpu, &da), &wda, 1e-3, BF16_RTOL, seed);
+        // Tokens of the other branch are untouched, bit for bit.
+        let got_dz = gpu.download(&dz).unwrap();
+        for b in 0..bn {
+            for i in 0..t * e * d {
+                let idx = b * p * d + i;
+                assert_eq!(got_dz[idx].to_f32() as f64, dz0[idx], "{what}: dz of the other branch changed at [{idx}] (seed {seed})");
+            }
+        }
+        let gscale = (bn * e) as f64;
+        assert_close(&format!("{what}: dgate"), &down_f32(&gpu, &dgate), &wdg, 1e-5 * gscale, 1e-3, seed);
+        assert_close(&format!("{what}: dw"), &down_f32(&gpu, &dw), &wdw, 1e-5 * gscale, 1e-3, seed);
+        assert_close(&format!("{what}: dc"), &down_f32(&gpu, &dc), &wdc, 1e-5 * bn as f64, 1e-4, seed);
+
+        // Same inputs, same bits: the batch reductions have a fixed order.
+        let (mut dz2, mut da2) = (gpu.upload(&vec![bf16::ZERO; bn * p * d]).unwrap(), gpu.upload(&vec![bf16::ZERO; bn * p * d]).unwrap());
+        let (mut dgate2, mut dw2, mut dc2) = (nan_f32(&gpu, rows * d), nan_f32(&gpu, k * d), nan_f32(&gpu, k));
+        cuda::moe_backward(&gpu, s_, &mut ws, &dy, &dm, &z, &ad, &gate, &w, &tok_d, &grow_d, &q, &r, &mut dz2, &mut da2, &mut dgate2, &mut dw2, &mut dc2, &s)
+            .unwrap();
+        let bits = |v: Vec<f32>| v.into_iter().map(f32::to_bits).collect::<Vec<_>>();
+        assert_eq!(bits(down_f32(&gpu, &dgate)), bits(down_f32(&gpu, &dgate2)), "{what}: dgate differs between runs");
+        assert_eq!(bits(down_f32(&gpu, &dw)), bits(down_f32(&gpu, &dw2)), "{what}: dw differs between runs");
+    }
+}
+
+/// (B, P, D, r)
+const ADAPTER_CASES: &[(usize, usize, usize, usize)] =
+    &[(1, 2, 384, 5), (64, 30, 768, 5), (256, 30, 768, 5), (64, 6, 1024, 1), (3, 7, 768, 13), (17, 3, 384, 64)];
+
+#[test]
+#[ignore = "requires a CUDA device"]
+fn adapter_forward_and_backward_match_cpu() {
+    let gpu = gpu();
+    let s_ = gpu.stream();
+    let (mut rng, seed) = rng("adapter");
+    let mut ws = cuda::HeadWorkspace::new();
+    for &(bn, p, d, r) in ADAPTER_CASES {
+        let s = AdapterShape { batch: bn, tokens: p, dim: d, rank: r };
+        let what = format!("B={bn} P={p} D={d} r={r}");
+        let a1 = 2.0 / (d as f32).sqrt();
+        let a2 = 1.0 / (r as f32).sqrt();
+        let (z, z64) = bf16_input(&gpu, &mut rng, bn * p * d, -1.0, 1.0);
+        let (w1, w164) = f32_input(&gpu, &mut rng, p * r * d, -a1, a1);
+        let (b1, b164) = f32_input(&gpu, &mut rng, p * r, -0.5, 0.5);
+        let (w2, w264) = f32_input(&gpu, &mut rng, p * d * r, -a2, a2);
+        let (b2, b264) = f32_input(&gpu, &mut rng, p * d, -0.1, 0.1);
+        let (mut u, mut out) = (nan_f32(&gpu, bn * p * r), nan_bf16(&gpu, bn * p * d));
+        cuda::adapter_forward(&gpu, s_, &z, &w1, &b1, &w2, &b2, &mut u, &mut out, &s).unwrap();
+        let (mut wu, mut wout) = (vec![0.0; bn * p * r], vec![0.0; bn * p * d]);
+        let mut scratch = Vec::new();
+        cpu::adapter_forward(&z64, &w164, &b164, &w264, &b264, &mut wu, &mut wout, &s, &mut scratch);
+        assert_close(&format!("{what}: u"), &down_f32(&gpu, &u), &wu, 1e-4, 1e-4, seed);
+        assert_close(&format!("{what}: out"), &down_bf16(&gpu, &out), &wout, 1e-3, BF16_RTOL, seed);
+
+        let u64_ = to_f64(&down_f32(&gpu, &u));
+        let (dout, dout64) = bf16_input(&gpu, &mut rng, bn * p * d, -1.0, 1.0);
+        let (mut dz, dz0) = bf16_input(&gpu, &mut rng, bn * p * d, -0.5, 0.5);
+        let (mut dw1, mut db1) = (nan_f32(&gpu, p * r * d), nan_f32(&gpu, p * r));
+        let (mut dw2, mut db2) = (nan_f32(&gpu, p * d * r), nan_f32(&gpu, p * d));
+        cuda::adapter_backward(&gpu, s_, &mut ws, &dout, &z, &u, &w1, &w2, &mut dz, &mut dw1, &mut db1, &mut dw2, &mut db2, &s).unwrap();
+        let mut wdz = dz0.clone();
+        let (mut wdw1, mut wdb1, mut wdw2, mut wdb2) = (vec![0.0; p * r * d], vec![0.0; p * r], vec![0.0; p * d * r], vec![0.0; p * d]);
+        cpu::adapter_backward(&dout64, &z64, &u64_, &w164, &w264, &mut wdz, &mut wdw1, &mut wdb1, &mut wdw2, &mut wdb2, &s, &mut scratch);
+        let tol = 1e-5 * bn as f64;
+        assert_close(&format!("{what}: dz"), &down_bf16(&gpu, &dz), &wdz, 1e-3, BF16_RTOL, seed);
+        assert_close(&format!("{what}: dw1"), &down_f32(&gpu, &dw1), &wdw1, tol, 1e-3, seed);
+        assert_close(&format!("{what}: db1"), &down_f32(&gpu, &db1), &wdb1, tol, 1e-3, seed);
+        assert_close(&format!("{what}: dw2"), &down_f32(&gpu, &dw2), &wdw2, tol, 1e-3, seed);
+        assert_close(&format!("{what}: db2"), &down_f32(&gpu, &db2), &wdb2, tol, 1e-3, seed);
+    }
+}
+
+#[test]
+#[ignore = "requires a CUDA device"]
+fn vpt_head_forward_and_backward_match_cpu() {
+    let gpu = gpu();
+    let s_ = gpu.stream();
+    let (mut rng, seed) = rng("vpt_head");
+    let mut ws = cuda::HeadWorkspace::new();
+    // (B, P, D, K); D = 100 is allowed here (no 16-byte loads).
+    for &(bn, p, d, k) in &[(1usize, 30usize, 384usize, 1usize), (64, 10, 768, 80), (256, 2, 1024, 365), (3, 7, 100, 1000)] {
+        let s = VptHeadShape { batch: bn, tokens: p, dim: d, labels: k };
+        let what = format!("B={bn} P={p} D={d} K={k}");
+        let a = 1.0 / (d as f32).sqrt();
+        let (z, z64) = bf16_input(&gpu, &mut rng, bn * p * d, -1.0, 1.0);
+        let (w, w64) = f32_input(&gpu, &mut rng, k * d, -a, a);
+        let (c, c64) = f32_input(&gpu, &mut rng, k, -a, a);
+        let (mut zbar, mut y) = (nan_f32(&gpu, bn * d), nan_f32(&gpu, bn * k));
+        cuda::vpt_forward(&gpu, s_, &z, &w, &c, &mut zbar, &mut y, &s).unwrap();
+        let (mut wzbar, mut wy) = (vec![0.0; bn * d], vec![0.0; bn * k]);
+        cpu::vpt_forward(&z64, &w64, &c64, &mut wzbar, &mut wy, &s);
+        assert_close(&format!("{what}: zbar"), &down_f32(&gpu, &zbar), &wzbar, 1e-6, 1e-5, seed);
+        assert_close(&format!("{what}: y"), &down_f32(&gpu, &y), &wy, 1e-5, 1e-4, seed);
+
+        let zbar64 = to_f64(&down_f32(&gpu, &zbar));
+        let (dy, dy64) = f32_input(&gpu, &mut rng, bn * k, -1.0, 1.0);
+        let (mut dz, mut dw, mut dc) = (nan_bf16(&gpu, bn * p * d), nan_f32(&gpu, k * d), nan_f32(&gpu, k));
+        cuda::vpt_backward(&gpu, s_, &mut ws, &dy, &zbar, &w, &mut dz, &mut dw, &mut dc, &s).unwrap();
+        let (mut wdz, mut wdw, mut wdc) = (vec![0.0; bn * p * d], vec![0.0; k * d], vec![0.0; k]);
+        let mut scratch = Vec::new();
+        cpu::vpt_backward(&dy64, &zbar64, &w64, &mut wdz, &mut wdw, &mut wdc, &s, &mut scratch);
+        assert_close(&format!("{what}: dz"), &down_bf16(&gpu, &dz), &wdz, 1e-5, BF16_RTOL, seed);
+        assert_close(&format!("{what}: dw"), &down_f32(&gpu, &dw), &wdw, 1e-5 * bn as f64, 1e-4, seed);
+        assert_close(&format!("{what}: dc"), &down_f32(&gpu, &dc), &wdc, 1e-5 * bn as f64, 1e-5, seed);
+    }
+}
+
+#[test]
+#[ignore = "requires a CUDA device"]
+fn asl_terms_match_the_sum_of_single_terms_in_both_gradient_modes() {
+    let gpu = gpu();
+    let s_ = gpu.stream();
+    let (mut rng, seed) = rng("asl_terms");
+    let mut ws = asl::cuda::AslWorkspace::new(&gpu).unwrap();
+    let base = asl::AslConfig::default();
+    for cfg in [base, asl::AslConfig { exact_grad: true, ..base }, asl::AslConfig { gamma_pos: 1.0, clip: 0.05, exact_grad: true, ..base }] {
+        for (bn, k) in [(1usize, 1usize), (64, 80), (256, 365), (3, 1000)] {
+            let n = bn * k;
+            let scale = 1000.0 / n as f32;
+            let xs: Vec<Vec<f32>> = (0..4).map(|_| asl_logits(&mut rng, n, &cfg)).collect();
+            let y: Vec<f32> = (0..n).map(|_| if rng.random::<f32>() < 0.2 { 1.0 } else { 0.0 }).collect();
+            let xd: Vec<CudaSlice<f32>> = xs.iter().map(|x| gpu.upload(x).unwrap()).collect();
+            let yd = gpu.upload(&y).unwrap();
+            let mut grads: Vec<CudaSlice<f32>> = (0..3).map(|_| nan_f32(&gpu, n)).collect();
+            let mut loss = nan_f32(&gpu, 1);
+            {
+                let (g0, rest) = grads.split_at_mut(1);
+                let (g1, g2) = rest.split_at_mut(1);
+                let mut terms = [
+                    asl::cuda::AslTerm { logits: &xd[0], grad: Some(&mut g0[0]) },
+                    asl::cuda::AslTerm { logits: &xd[1], grad: Some(&mut g1[0]) },
+                    asl::cuda::AslTerm { logits: &xd[2], grad: Some(&mut g2[0]) },
+                    asl::cuda::AslTerm { logits: &xd[3], grad: None },
+                ];
+                asl::cuda::forward_backward_terms(&gpu, s_, &mut ws, &mut terms, &yd, &cfg, scale, &mut loss, n).unwrap();
+            }
+            let y64 = to_f64(&y);
+            let mut want = 0.0;
+            for (i, x) in xs.iter().enumerate() {
+                let mut g = vec![0.0f64; n];
+                want += asl::asl_forward_backward(&to_f64(x), &y64, &cfg, Some(&mut g));
+                if i < 3 {
+                    let g: Vec<f64> = g.iter().map(|v| v * scale as f64).collect();
+                    assert_close(&format!("asl term {i} grad n={n} {cfg:?}"), &down_f32(&gpu, &grads[i]), &g, 1e-6, 1e-4, seed);
+                }
+            }
+            want *= scale as f64;
+            assert_close(&format!("asl terms loss n={n} {cfg:?}"), &down_f32(&gpu, &loss), &[want], 1e-5, 1e-4, seed);
+            // The term without a gradient buffer, alone through the single-term launcher.
+            let (mut loss1, mut g3) = (nan_f32(&gpu, 1), nan_f32(&gpu, n));
+            asl::cuda::forward_backward(&gpu, s_, &mut ws, &xd[3], &yd, &cfg, scale, Some(&mut g3), &mut loss1, n).unwrap();
+            let mut want_g3 = vec![0.0f64; n];
+            let w3 = asl::asl_forward_backward(&to_f64(&xs[3]), &y64, &cfg, Some(&mut want_g3)) * scale as f64;
+            let want_g3: Vec<f64> = want_g3.iter().map(|v| v * scale as f64).collect();
+            assert_close("asl single term grad", &down_f32(&gpu, &g3), &want_g3, 1e-6, 1e-4, seed);
+            assert_close("asl single term loss", &down_f32(&gpu, &loss1), &[w3], 1e-5, 1e-4, seed);
+        }
+    }
+    // Bad term counts are errors, not launches.
+    let x = gpu.upload(&[0.0f32; 4]).unwrap();
+    let mut loss = nan_f32(&gpu, 1);
+    let err = asl::cuda::forward_backward_terms(&gpu, s_, &mut ws, &mut [], &x, &base, 1.0, &mut loss, 4).unwrap_err();
+    assert!(err.to_string().contains("terms"), "{err}");
+}
+
+#[test]
+#[ignore = "requires a CUDA device"]
+fn predict_averages_branches_and_applies_sigmoid() {
+    let gpu = gpu();
+    let (mut rng, seed) = rng("predict");
+    for n in [1usize, 80, 256 * 365 + 3] {
+        let (a, b) = (uniform(&mut rng, n, -30.0, 30.0), uniform(&mut rng, n, -30.0, 30.0));
+        let (ad, bd) = (gpu.upload(&a).unwrap(), gpu.upload(&b).unwrap());
+        let (mut y, mut p) = (nan_f32(&gpu, n), nan_f32(&gpu, n));
+        cuda::predict(&gpu, gpu.stream(), &ad, &bd, &mut y, &mut p, n).unwrap();
+        let wy: Vec<f64> = a.iter().zip(&b).map(|(&x, &z)| 0.5 * (x as f64 + z as f64)).collect();
+        let wp: Vec<f64> = wy.iter().map(|&v| 1.0 / (1.0 + (-v).exp())).collect();
+        assert_close("predict y", &down_f32(&gpu, &y), &wy, 1e-6, 1e-6, seed);
+        assert_close("predict prob", &down_f32(&gpu, &p), &wp, 1e-7, 1e-5, seed);
+    }
+}
+
+#[test]
+#[ignore = "requires a CUDA device"]
+fn head_launchers_reject_bad_shapes_and_tables() {
+    let gpu = gpu();
+    let s_ = gpu.stream();
+    // A table entry out of range.
+    let err = cuda::IndexTable::new(&gpu, &[0, 5], 4).err().expect("out-of-range entry");
+    assert!(err.to_string().contains("entry 1 is 5"), "{err}");
+    let (k, e, p, d, bn) = (4usize, 2usize, 4usize, 100usize, 2usize);
+    let tok = cuda::IndexTable::new(&gpu, &[0, 1, 0, 1, 2, 3, 2, 3], p).unwrap();
+    let grow = cuda::IndexTable::new(&gpu, &(0..8).collect::<Vec<u32>>(), 8).unwrap();
+    let z = gpu.zeros::<bf16>(bn * p * 1024).unwrap();
+    let f = gpu.zeros::<f32>(8 * 1024).unwrap();
+    let (mut y, mut m, mut q, mut r) =
+        (gpu.zeros::<f32>(64).unwrap(), gpu.zeros::<f32>(64).unwrap(), gpu.zeros::<f32>(64).unwrap(), gpu.zeros::<f32>(64).unwrap());
+    let mut run = |dim: usize, experts: usize, rows: usize| {
+        let s = MoeShape { batch: bn, tokens: p, dim, labels: k, experts, gate_rows: rows };
+        cuda::moe_forward(&gpu, s_, &z, &z, &f, &f, &f, &tok, &grow, &mut y, &mut m, &mut q, &mut r, &s).err().map(|e| e.to_string())
+    };
+    assert!(run(d, e, 8).expect("D = 100").contains("multiple of 8"));
+    assert!(run(1032, e, 8).expect("D > 1024").contains("multiple of 8"));
+    assert!(run(64, 9, 8).expect("E = 9").contains("experts"));
+    assert!(run(64, e, 6).expect("gate rows mismatch").contains("grow table"));
+    assert!(run(64, e, 8).is_none(), "a valid shape must launch");
+    let s = AdapterShape { batch: bn, tokens: p, dim: 64, rank: MAX_RANK_PLUS_ONE };
+    let (mut u, mut out) = (gpu.zeros::<f32>(bn * p * 65).unwrap(), gpu.zeros::<bf16>(bn * p * 64).unwrap());
+    let err = cuda::adapter_forward(&gpu, s_, &z, &f, &f, &f, &f, &mut u, &mut out, &s).unwrap_err();
+    assert!(err.to_string().contains("rank"), "{err}");
+    gpu.synchronize().unwrap();
+}
+
+const MAX_RANK_PLUS_ONE: usize = cuda::MAX_RANK + 1;
+
+/// Fails unless ||got - want|| <= tol ||want|| (2-norms; robust where single elements are near
+/// zero) and every element is finite.
+fn assert_rel_l2(what: &str, got: &[f32], want: &[f64], tol: f64, seed: u64) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    assert!(got.iter().all(|v| v.is_finite()), "{what}: non-finite output (MLVPT_TEST_SEED={seed})");
+    let (mut num, mut den) = (0.0f64, 0.0f64);
+    for (&g, &w) in got.iter().zip(want) {
+        num += (g as f64 - w).powi(2);
+        den += w * w;
+    }
+    let rel = (num / den.max(f64::MIN_POSITIVE)).sqrt();
+    assert!(rel <= tol, "{what}: relative L2 error {rel:e} > {tol:e} (MLVPT_TEST_SEED={seed})");
+}
+
+/// The head of one training step composed as `train::step` composes the Backend ops (adapters,
+/// both branches' forward, the four ASL terms, dz and dadapted zeroed then accumulated by both
+/// branches' backward, then the adapters' backward), on the GPU and on the CPU in f64. The GPU
+/// rounds the adapted features and the token gradients to bf16 on the way, so the comparison
+/// is by relative 2-norm.
+#[test]
+#[ignore = "requires a CUDA device"]
+fn composed_head_step_matches_cpu() {
+    let gpu = gpu();
+    let s_ = gpu.stream();
+    let (mut rng, seed) = rng("composed_head_step");
+    let (bn, k, t, e, d, r) = (64usize, 80usize, 5usize, 3usize, 768usize, 5usize);
+    let p = 2 * t * e;
+    let ash = AdapterShape { batch: bn, tokens: p, dim: d, rank: r };
+    // Branch + with label gating on tokens 0..TE, branch - with group gating on TE..2TE.
+    let branches: Vec<(Vec<u32>, Vec<u32>, usize)> = vec![tables(&mut rng, k, t, e, 0, true), tables(&mut rng, k, t, e, t * e, false)];
+    let a = 3.0 / (d as f32).sqrt();
+    let (z, z64) = bf16_input(&gpu, &mut rng, bn * p * d, -1.0, 1.0);
+    let (w1, w164) = f32_input(&gpu, &mut rng, p * r * d, -a, a);
+    let (b1, b164) = f32_input(&gpu, &mut rng, p * r, -0.5, 0.5);
+    let (w2, w264) = f32_input(&gpu, &mut rng, p * d * r, -0.4, 0.4);
+    let (b2, b264) = f32_input(&gpu, &mut rng, p * d, -0.1, 0.1);
+    let targets: Vec<f32> = (0..bn * k).map(|_| if rng.random::<f32>() < 0.2 { 1.0 } else { 0.0 }).collect();
+    let (tg, tg64) = (gpu.upload(&targets).unwrap(), to_f64(&targets));
+    let cfg = asl::AslConfig::default();
+    let scale = 1000.0 / (bn * k) as f64;
+
+    // GPU.
+    let mut ws = cuda::HeadWorkspace::new();
+    let mut aws = asl::cuda::AslWorkspace::new(&gpu).unwrap();
+    let (mut u, mut ad) = (nan_f32(&gpu, bn * p * r), nan_bf16(&gpu, bn * p * d));
+    cuda::adapter_forward(&gpu, s_, &z, &w1, &b1, &w2, &b2, &mut u, &mut ad, &ash).unwrap();
+    let mut heads = Vec::new();
+    let mut outs = Vec::new();
+    for (tok, grow, rows) in &branches {
+        let ms = MoeShape { batch: bn, tokens: p, dim: d, labels: k, experts: e, gate_rows: *rows };
+        let (gate, gate64) = f32_input(&gpu, &mut rng, rows * d, -a, a);
+        let (w, w64) = f32_input(&gpu, &mut rng, k * d, -a, a);
+        let (c, c64) = f32_input(&gpu, &mut rng, k, -0.5, 0.5);
+        let (tok_d, grow_d) = (cuda::IndexTable::new(&gpu, tok, p).unwrap(), cuda::IndexTable::new(&gpu, grow, *rows).unwrap());
+        let (mut y, mut m, mut q, mut rr) = (nan_f32(&gpu, bn * k), nan_f32(&gpu, bn * k), nan_f32(&gpu, bn * e * k), nan_f32(&gpu, bn * e * k));
+        cuda::moe_forward(&gpu, s_, &z, &ad, &gate, &w, &c, &tok_d, &grow_d, &mut y, &mut m, &mut q, &mut rr, &ms).unwrap();
+        heads.push((ms, gate, gate64, w, w64, c64, tok_d, grow_d));
+        outs.push((y, m, q, rr));
+    }
+    let mut dys: Vec<CudaSlice<f32>> = (0..4).map(|_| nan_f32(&gpu, bn * k)).collect();
+    let mut loss = nan_f32(&gpu, 1);
+    {
+        let [g0, g1, g2, g3] = &mut dys[..] else { unreachable!() };
+        let mut terms = [
+            asl::cuda::AslTerm { logits: &outs[0].0, grad: Some(g0) },
+            asl::cuda::AslTerm { logits: &outs[1].0, grad: Some(g1) },
+            asl::cuda::AslTerm { logits: &outs[0].1, grad: Some(g2) },
+            asl::cuda::AslTerm { logits: &outs[1].1, grad: Some(g3) },
+        ];
+        asl::cuda::forward_backward_terms(&gpu, s_, &mut aws, &mut terms, &tg, &cfg, scale as f32, &mut loss, bn * k).unwrap();
+    }
+    let (mut dz, mut da) = (gpu.zeros::<bf16>(bn * p * d).unwrap(), gpu.zeros::<bf16>(bn * p * d).unwrap());
+    let mut head_grads = Vec::new();
+    for (s, (ms, gate, _, w, _, _, tok_d, grow_d)) in heads.iter().enumerate() {
+        let (mut dg, mut dw, mut dc) = (nan_f32(&gpu, ms.gate_rows * d), nan_f32(&gpu, k * d), nan_f32(&gpu, k));
+        let (_, _, q, rr) = &outs[s];
+        cuda::moe_backward(&gpu, s_, &mut ws, &dys[s], &dys[2 + s], &z, &ad, gate, w, tok_d, grow_d, q, rr, &mut dz, &mut da, &mut dg, &mut dw, &mut dc, ms).unwrap();
+        head_grads.push((dg, dw, dc));
+    }
+    let (mut dw1, mut db1, mut dw2, mut db2) = (nan_f32(&gpu, p * r * d), nan_f32(&gpu, p * r), nan_f32(&gpu, p * d * r), nan_f32(&gpu, p * d));
+    cuda::adapter_backward(&gpu, s_, &mut ws, &da, &z, &u, &w1, &w2, &mut dz, &mut dw1, &mut db1, &mut dw2, &mut db2, &ash).unwrap();
+
+    // CPU, f64, same composition.
+    let mut scratch = Vec::new();
+    let (mut cu, mut cad) = (vec![0.0; bn * p * r], vec![0.0; bn * p * d]);
+    cpu::adapter_forward(&z64, &w164, &b164, &w264, &b264, &mut cu, &mut cad, &ash, &mut scratch);
+    let mut cfwd = Vec::new();
+    for (s, (tok, grow, _)) in branches.iter().enumerate() {
+        let (ms, _, gate64, _, w64, c64, _, _) = &heads[s];
+        let (mut y, mut m, mut q, mut rr) = (vec![0.0; bn * k], vec![0.0; bn * k], vec![0.0; bn * e * k], vec![0.0; bn * e * k]);
+        cpu::moe_forward(&z64, &cad, gate64, w64, c64, tok, grow, &mut y, &mut m, &mut q, &mut rr, ms);
+        assert_rel_l2(&format!("branch {s}: y"), &down_f32(&gpu, &outs[s].0), &y, 1e-2, seed);
+        assert_rel_l2(&format!("branch {s}: m"), &down_f32(&gpu, &outs[s].1), &m, 1e-2, seed);
+        cfwd.push((y, m, q, rr));
+    }
+    let mut want_loss = 0.0;
+    let mut cdy = Vec::new();
+    for term in [&cfwd[0].0, &cfwd[1].0, &cfwd[0].1, &cfwd[1].1] {
+        let mut g = vec![0.0; bn * k];
+        want_loss += asl::asl_forward_backward(term, &tg64, &cfg, Some(&mut g)) * scale;
+        cdy.push(g.into_iter().map(|v| v * scale).collect::<Vec<f64>>());
+    }
+    assert_rel_l2("loss", &down_f32(&gpu, &loss), &[want_loss], 1e-2, seed);
+    for (i, g) in cdy.iter().enumerate() {
+        assert_rel_l2(&format!("ASL gradient of term {i}"), &down_f32(&gpu, &dys[i]), g, 2e-2, seed);
+    }
+    let (mut cdz, mut cda) = (vec![0.0; bn * p * d], vec![0.0; bn * p * d]);
+    for (s, (tok, grow, rows)) in branches.iter().enumerate() {
+        let (ms, _, gate64, _, w64, _, _, _) = &heads[s];
+        let (mut dg, mut dw, mut dc) = (vec![0.0; rows * d], vec![0.0; k * d], vec![0.0; k]);
+        let (_, _, q, rr) = &cfwd[s];
+        cpu::moe_backward(&cdy[s], &cdy[2 + s], &z64, &cad, gate64, w64, tok, grow, q, rr, &mut cdz, &mut cda, &mut dg, &mut dw, &mut dc, ms, &mut scratch);
+        let (gdg, gdw, gdc) = &head_grads[s];
+        assert_rel_l2(&format!("branch {s}: dgate"), &down_f32(&gpu, gdg), &dg, 3e-2, seed);
+        assert_rel_l2(&format!("branch {s}: dw"), &down_f32(&gpu, gdw), &dw, 3e-2, seed);
+        assert_rel_l2(&format!("branch {s}: dc"), &down_f32(&gpu, gdc), &dc, 3e-2, seed);
+    }
+    assert_rel_l2("dadapted", &down_bf16(&gpu, &da), &cda, 3e-2, seed);
+    let (mut cdw1, mut cdb1, mut cdw2, mut cdb2) = (vec![0.0; p * r * d], vec![0.0; p * r], vec![0.0; p * d * r], vec![0.0; p * d]);
+    cpu::adapter_backward(&cda, &z64, &cu, &w164, &w264, &mut cdz, &mut cdw1, &mut cdb1, &mut cdw2, &mut cdb2, &ash, &mut scratch);
+    assert_rel_l2("dz", &down_bf16(&gpu, &dz), &cdz, 3e-2, seed);
+    for (name, got, want) in [("dw1", &dw1, &cdw1), ("db1", &db1, &cdb1), ("dw2", &dw2, &cdw2), ("db2", &db2, &cdb2)] {
+        assert_rel_l2(name, &down_f32(&gpu, got), want, 3e-2, seed);
+    }
+}

@@ -1,0 +1,164 @@
+//! The head kernels' CUDA source (`kernels/head.cu`) run on the CPU, no GPU needed: the C++
+//! driver `tests/cuda_emu/head_driver.cpp` compiles head.cu against a small CUDA emulation
+//! (`tests/cuda_emu/cuda_bf16.h`: one std::thread per CUDA thread, barriers for
+//! `__syncthreads` and warp shuffles), launches every head kernel with the grids of
+//! `src/ops/head/cuda.rs` on random inputs, and dumps inputs and outputs; this test compares
+//! them with the CPU reference (`ops::head::cpu`, f64). It checks the kernels' indexing,
+//! bounds, tiling edges and barrier structure, not GPU timing or the memory model (the GPU
+//! tests in tests/gpu_head.rs do that on a device). Needs a C++20 compiler (`CXX`, else g++
+//! or c++); without one it says so and passes.
+
+use mlvpt::ops::head::{cpu, AdapterShape, MoeShape, VptHeadShape};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn compiler() -> Option<String> {
+    let candidates = std::env::var("CXX").ok().into_iter().chain(["g++".to_string(), "c++".to_string()]);
+    candidates.into_iter().find(|c| Command::new(c).arg("--version").output().map(|o| o.status.success()).unwrap_or(false))
+}
+
+fn read_f64(dir: &Path, name: &str) -> Vec<f64> {
+    let b = std::fs::read(dir.join(name)).unwrap_or_else(|e| panic!("{}: {e}", dir.join(name).display()));
+    b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f64).collect()
+}
+fn read_u32(dir: &Path, name: &str) -> Vec<u32> {
+    let b = std::fs::read(dir.join(name)).unwrap_or_else(|e| panic!("{}: {e}", dir.join(name).display()));
+    b.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+}
+
+/// Fails unless every |got - want| <= atol + rtol |want| (NaN fails), naming the worst.
+fn close(what: &str, got: &[f64], want: &[f64], atol: f64, rtol: f64) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    let mut worst: Option<(usize, f64)> = None;
+    let mut bad = 0;
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        let err = (g - w).abs();
+        let excess = if err.is_nan() { f64::INFINITY } else { err - atol - rtol * w.abs() };
+        if excess > 0.0 {
+            bad += 1;
+            if worst.is_none_or(|(_, e)| excess > e) {
+                worst = Some((i, excess));
+            }
+        }
+    }
+    if let Some((i, _)) = worst {
+        panic!("{what}: {bad} of {} off; worst [{i}]: got {}, want {}", got.len(), got[i], want[i]);
+    }
+}
+
+const BF16_RTOL: f64 = 1.0 / 128.0;
+
+/// Compares one dump with the CPU reference.
+fn check(dir: &Path, what: &str) {
+    let sh: Vec<usize> = std::fs::read_to_string(dir.join("shape")).unwrap().split_whitespace().map(|s| s.parse().unwrap()).collect();
+    let (bn, t, e, k, d, r, rows) = (sh[0], sh[1], sh[2], sh[3], sh[4], sh[5], sh[7]);
+    let p = 2 * t * e;
+    let g = |n: &str| read_f64(dir, n);
+    let tok = read_u32(dir, "tok");
+    let grow = read_u32(dir, "grow");
+    #[cfg(feature = "cuda")]
+    {
+        // The driver's inverse table is the one the launcher uploads.
+        let (off, items) = mlvpt::ops::head::cuda::invert_table(&tok, p).unwrap();
+        assert_eq!((off, items), (read_u32(dir, "tok_offsets"), read_u32(dir, "tok_items")), "{what}: inverse table");
+    }
+    let mut scratch = Vec::new();
+
+    let ash = AdapterShape { batch: bn, tokens: p, dim: d, rank: r };
+    let (mut u, mut ad) = (vec![0.0; bn * p * r], vec![0.0; bn * p * d]);
+    cpu::adapter_forward(&g("z"), &g("w1"), &g("b1"), &g("w2"), &g("b2"), &mut u, &mut ad, &ash, &mut scratch);
+    close(&format!("{what}: u"), &g("u"), &u, 1e-5, 1e-5);
+    close(&format!("{what}: adapted"), &g("adapted"), &ad, 1e-3, BF16_RTOL);
+
+    let ms = MoeShape { batch: bn, tokens: p, dim: d, labels: k, experts: e, gate_rows: rows };
+    let (mut y, mut m, mut q, mut rr) = (vec![0.0; bn * k], vec![0.0; bn * k], vec![0.0; bn * e * k], vec![0.0; bn * e * k]);
+    cpu::moe_forward(&g("z"), &g("adapted"), &g("gate"), &g("w"), &g("c"), &tok, &grow, &mut y, &mut m, &mut q, &mut rr, &ms);
+    for (name, want) in [("q", &q), ("r", &rr), ("y", &y), ("m", &m)] {
+        close(&format!("{what}: {name}"), &g(name), want, 1e-5, 1e-5);
+    }
+    let (mut dz, mut da) = (g("dz0"), g("da0"));
+    let (mut dg, mut dw, mut dc) = (vec![0.0; rows * d], vec![0.0; k * d], vec![0.0; k]);
+    cpu::moe_backward(&g("dy"), &g("dm"), &g("z"), &g("adapted"), &g("gate"), &g("w"), &tok, &grow, &g("q"), &g("r"), &mut dz, &mut da, &mut dg, &mut dw, &mut dc, &ms, &mut scratch);
+    close(&format!("{what}: dz"), &g("dz"), &dz, 1e-3, BF16_RTOL);
+    close(&format!("{what}: dadapted"), &g("da"), &da, 1e-3, BF16_RTOL);
+    close(&format!("{what}: dgate"), &g("dgate"), &dg, 1e-4, 1e-4);
+    close(&format!("{what}: dw"), &g("dw"), &dw, 1e-4, 1e-4);
+    close(&format!("{what}: dc"), &g("dc"), &dc, 1e-5, 1e-5);
+
+    let mut dz2 = g("dz2_0");
+    let (mut dw1, mut db1, mut dw2, mut db2) = (vec![0.0; p * r * d], vec![0.0; p * r], vec![0.0; p * d * r], vec![0.0; p * d]);
+    cpu::adapter_backward(&g("dout"), &g("z"), &g("u"), &g("w1"), &g("w2"), &mut dz2, &mut dw1, &mut db1, &mut dw2, &mut db2, &ash, &mut scratch);
+    close(&format!("{what}: adapter dz"), &g("dz2"), &dz2, 1e-3, BF16_RTOL);
+    for (name, want) in [("dw1", &dw1), ("db1", &db1), ("dw2", &dw2), ("db2", &db2)] {
+        close(&format!("{what}: {name}"), &g(name), want, 1e-4, 1e-4);
+    }
+
+    let vs = VptHeadShape { batch: bn, tokens: p, dim: d, labels: k };
+    let (mut zbar, mut yv) = (vec![0.0; bn * d], vec![0.0; bn * k]);
+    cpu::vpt_forward(&g("z"), &g("w"), &g("c"), &mut zbar, &mut yv, &vs);
+    close(&format!("{what}: zbar"), &g("zbar"), &zbar, 1e-6, 1e-5);
+    let dy = g("dy");
+    let sums: Vec<f64> = (0..k).map(|ki| (0..bn).map(|b| dy[b * k + ki]).sum()).collect();
+    close(&format!("{what}: column sums"), &g("csum"), &sums, 1e-5, 1e-5);
+    let zb = g("zbar");
+    let spread: Vec<f64> = (0..bn * p * d).map(|i| zb[(i / (p * d)) * d + i % d] / p as f64).collect();
+    close(&format!("{what}: spread"), &g("spread"), &spread, 1e-6, BF16_RTOL);
+    let (ys, mss) = (g("y"), g("m"));
+    let pred: Vec<f64> = ys.iter().zip(&mss).map(|(a, b)| 0.5 * (a + b)).collect();
+    close(&format!("{what}: predict y"), &g("pred"), &pred, 1e-6, 1e-6);
+    let prob: Vec<f64> = pred.iter().map(|v| 1.0 / (1.0 + (-v).exp())).collect();
+    close(&format!("{what}: predict prob"), &g("prob"), &prob, 1e-6, 1e-5);
+}
+
+#[test]
+fn head_kernels_run_on_the_cpu_emulator_and_match_the_reference() {
+    let Some(cxx) = compiler() else {
+        eprintln!("head_emulated: no C++ compiler (CXX, g++, c++) found; skipped");
+        return;
+    };
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let exe = tmp.path().join("head_driver");
+    let out = Command::new(&cxx)
+        .args(["-std=c++20", "-O1", "-fno-strict-aliasing", "-pthread", "-w"])
+        .arg("-I")
+        .arg(root.join("tests/cuda_emu"))
+        .arg("-I")
+        .arg(root.join("kernels"))
+        .arg("-o")
+        .arg(&exe)
+        .arg(root.join("tests/cuda_emu/head_driver.cpp"))
+        .output()
+        .expect("running the C++ compiler");
+    if !out.status.success() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        // An old compiler without C++20's <barrier> is an environment limit, not a kernel bug.
+        if err.contains("barrier") && (err.contains("No such file") || err.contains("not a member")) {
+            eprintln!("head_emulated: {cxx} lacks C++20 <barrier>; skipped");
+            return;
+        }
+        panic!("compiling the emulated head kernels with {cxx} failed:\n{err}");
+    }
+    let seed: u32 = std::env::var("MLVPT_TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(1));
+    eprintln!("head_emulated: MLVPT_TEST_SEED={seed}");
+    // (B, T, E, K, D, r, label gating): partial image tiles (37 = 32 + 5) with a lane owning
+    // one chunk of a short row (D = 72); two chunks per lane (D = 264), rank groups of 4 with a
+    // remainder (r = 13), several and partial pair tiles (K/T = 20) under group gating; the
+    // widest row (D = 1024) with E = 8.
+    let cases = [(37, 2, 3, 7, 72, 5, true), (17, 2, 3, 40, 264, 13, false), (9, 1, 8, 5, 1024, 1, true)];
+    for (i, &(bn, t, e, k, d, r, label)) in cases.iter().enumerate() {
+        let dir = tmp.path().join(format!("case{i}"));
+        let what = format!("B={bn} T={t} E={e} K={k} D={d} r={r} {} (seed {seed})", if label { "label" } else { "group" });
+        let run = Command::new(&exe)
+            .arg(&dir)
+            .args([bn, t, e, k, d, r, label as usize].map(|v| v.to_string()))
+            .arg((seed.wrapping_add(i as u32)).to_string())
+            .output()
+            .expect("running the emulated kernels");
+        assert!(run.status.success(), "{what}: driver failed: {}", String::from_utf8_lossy(&run.stderr));
+        check(&dir, &what);
+    }
+}
