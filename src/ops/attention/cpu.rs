@@ -13,7 +13,7 @@ fn tasks_per_round(total: usize) -> usize {
 }
 
 /// Sum with eight accumulators (vectorizes; fixed order).
-#[inline]
+#[inline(always)]
 fn sum8<T: Real>(v: &[T]) -> T {
     let mut acc = [T::zero(); 8];
     let chunks = v.chunks_exact(8);
@@ -30,8 +30,26 @@ fn sum8<T: Real>(v: &[T]) -> T {
     s
 }
 
+/// Maximum with eight lanes (vectorizes; the order of a max does not change the result).
+#[inline(always)]
+fn max8<T: Real>(v: &[T]) -> T {
+    let mut acc = [T::neg_infinity(); 8];
+    let chunks = v.chunks_exact(8);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for l in 0..8 {
+            acc[l] = if c[l] > acc[l] { c[l] } else { acc[l] };
+        }
+    }
+    let mut m = acc.iter().copied().fold(T::neg_infinity(), T::max);
+    for &x in rest {
+        m = m.max(x);
+    }
+    m
+}
+
 /// In a row of query token `i`, sets the keys it may not see to `value`.
-#[inline]
+#[inline(always)]
 fn mask_row<T: Real>(row: &mut [T], i: usize, sh: &AttnShape, value: T) {
     if i >= sh.prompt_start && i < sh.prompt_end {
         for (j, v) in row[sh.prompt_start..sh.prompt_end].iter_mut().enumerate() {
@@ -43,11 +61,12 @@ fn mask_row<T: Real>(row: &mut [T], i: usize, sh: &AttnShape, value: T) {
 }
 
 /// Masks and softmaxes the rows of `s [q_len, n]` (scaled scores) in place; writes `lse[r]`.
+#[inline(always)]
 fn softmax_rows<T: Real>(s: &mut [T], lse: &mut [T], sh: &AttnShape) {
     let n = sh.tokens;
     for (r, row) in s.chunks_exact_mut(n).enumerate() {
         mask_row(row, sh.q_start + r, sh, T::neg_infinity());
-        let mx = row.iter().copied().fold(T::neg_infinity(), T::max);
+        let mx = max8(row);
         for v in row.iter_mut() {
             *v = (*v - mx).fast_exp();
         }

@@ -8,7 +8,7 @@ use crate::ops::real::{cast, simd, Real, SyncPtr};
 use rayon::prelude::*;
 
 /// Dot product with eight independent accumulators (lets the compiler vectorize; fixed order).
-#[inline]
+#[inline(always)]
 pub(crate) fn dot<T: Real>(a: &[T], b: &[T]) -> T {
     let n = a.len().min(b.len());
     let mut acc = [T::zero(); 8];
@@ -26,7 +26,7 @@ pub(crate) fn dot<T: Real>(a: &[T], b: &[T]) -> T {
 }
 
 /// `y += alpha * x`.
-#[inline]
+#[inline(always)]
 fn axpy<T: Real>(alpha: T, x: &[T], y: &mut [T]) {
     for (o, &v) in y.iter_mut().zip(x) {
         *o = *o + alpha * v;
