@@ -96,13 +96,13 @@ impl VitConfig {
                 });
             }
         }
-        if self.image_size % self.patch != 0 {
+        if !self.image_size.is_multiple_of(self.patch) {
             return Err(ConfigError::PatchDoesNotDivide {
                 image_size: self.image_size,
                 patch: self.patch,
             });
         }
-        if self.dim % self.heads != 0 {
+        if !self.dim.is_multiple_of(self.heads) {
             return Err(ConfigError::HeadsDoNotDivide {
                 dim: self.dim,
                 heads: self.heads,

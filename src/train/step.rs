@@ -351,7 +351,7 @@ impl<B: Backend> Trainer<B> {
     fn batch_of(&self, images: &[f32], targets: Option<&[f32]>) -> Result<usize> {
         let il = self.dims.image_len;
         ensure!(
-            !images.is_empty() && images.len() % il == 0,
+            !images.is_empty() && images.len().is_multiple_of(il),
             "images: got {} values, expected a positive multiple of C*H*W = {il}",
             images.len()
         );
