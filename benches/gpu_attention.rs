@@ -120,7 +120,7 @@ fn main() {
     let mut c = Criterion::default().configure_from_args();
     let vit_b = AttnShape::full(128, 227, 12, 64, 1, 31);
     bench_shape(&mut c, &gpu, "B128 h12 N227 P30 dh64", vit_b);
-    let long = AttnShape { batch: 32, tokens: 1025, ..vit_b };
+    let long = AttnShape::full(32, 1025, 12, 64, 1, 31);
     bench_shape(&mut c, &gpu, "B32 h12 N1025 P30 dh64", long);
     c.final_summary();
 }

@@ -3,7 +3,7 @@
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use mlvpt::ops::attention::{cpu as attn, AttnShape};
-use mlvpt::ops::{layernorm, linear};
+use mlvpt::ops::{gelu, layernorm, linear};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::time::Duration;
@@ -26,30 +26,71 @@ fn bench(c: &mut Criterion) {
         let mut y = vec![0.0f32; rows * dout];
         let mut dx = vec![0.0f32; rows * din];
         g.throughput(Throughput::Elements((2 * rows * din * dout) as u64));
-        g.bench_function(format!("linear fwd {name} {rows}x{din}->{dout}"), |bch| bch.iter(|| linear::cpu::forward(&x, &w, Some(&b), &mut y, rows, din, dout)));
-        g.bench_function(format!("linear dX {name} {rows}x{din}->{dout}"), |bch| bch.iter(|| linear::cpu::backward_input(&y, &w, &mut dx, rows, din, dout, false)));
+        g.bench_function(format!("linear fwd {name} {rows}x{din}->{dout}"), |bch| {
+            bch.iter(|| linear::cpu::forward(&x, &w, Some(&b), &mut y, rows, din, dout))
+        });
+        g.bench_function(format!("linear dX {name} {rows}x{din}->{dout}"), |bch| {
+            bch.iter(|| linear::cpu::backward_input(&y, &w, &mut dx, rows, din, dout, false))
+        });
     }
     for (name, rows, d) in [("demo", 64 * 77, 96), ("vitb", 4 * 227, 768)] {
         let x = rv(&mut rng, rows * d);
         let gm = rv(&mut rng, d);
         let bt = rv(&mut rng, d);
-        let (mut y, mut m, mut s, mut dx) = (vec![0.0f32; rows * d], vec![0.0f32; rows], vec![0.0f32; rows], vec![0.0f32; rows * d]);
+        let (mut y, mut m, mut s, mut dx) = (
+            vec![0.0f32; rows * d],
+            vec![0.0f32; rows],
+            vec![0.0f32; rows],
+            vec![0.0f32; rows * d],
+        );
         g.throughput(Throughput::Bytes((rows * d * 4) as u64));
-        g.bench_function(format!("layernorm fwd {name} {rows}x{d}"), |bch| bch.iter(|| layernorm::cpu::forward(&x, &gm, &bt, &mut y, &mut m, &mut s, rows, d, 1e-6)));
-        g.bench_function(format!("layernorm bwd {name} {rows}x{d}"), |bch| bch.iter(|| layernorm::cpu::backward(&y, &x, &gm, &m, &s, &mut dx, rows, d, false)));
+        g.bench_function(format!("layernorm fwd {name} {rows}x{d}"), |bch| {
+            bch.iter(|| {
+                layernorm::cpu::forward(&x, &gm, &bt, &mut y, &mut m, &mut s, rows, d, 1e-6)
+            })
+        });
+        g.bench_function(format!("layernorm bwd {name} {rows}x{d}"), |bch| {
+            bch.iter(|| layernorm::cpu::backward(&y, &x, &gm, &m, &s, &mut dx, rows, d, false))
+        });
+    }
+    // GELU over the demo MLP activations (64 x 77 x 384), bytes/s of input read.
+    {
+        let n = 64 * 77 * 384;
+        let x = rv(&mut rng, n);
+        let d0 = rv(&mut rng, n);
+        let (mut y, mut d) = (vec![0.0f32; n], d0.clone());
+        g.throughput(Throughput::Bytes((n * 4) as u64));
+        g.bench_function("gelu fwd demo 64x77x384", |bch| {
+            bch.iter(|| gelu::cpu::forward(&x, &mut y, n))
+        });
+        g.bench_function("gelu bwd demo 64x77x384", |bch| {
+            bch.iter(|| {
+                // fresh gradient each time (repeated in-place products would decay to denormals)
+                d.copy_from_slice(&d0);
+                gelu::cpu::backward(&x, &mut d, n)
+            })
+        });
     }
     // demo: B 64, N 77 (P 12), 4 heads of 24; ViT-B-like: B 4, N 227 (P 30), 12 heads of 64
     for (name, b, n, h, dh, p) in [("demo", 64, 77, 4, 24, 12), ("vitb", 4, 227, 12, 64, 30)] {
         let sh = AttnShape::full(b, n, h, dh, 1, 1 + p);
         let d = h * dh;
         let qkv = rv(&mut rng, b * n * 3 * d);
-        let (mut out, mut lse, mut dq) = (vec![0.0f32; b * n * d], vec![0.0f32; b * h * n], vec![0.0f32; b * n * 3 * d]);
+        let (mut out, mut lse, mut dq) = (
+            vec![0.0f32; b * n * d],
+            vec![0.0f32; b * h * n],
+            vec![0.0f32; b * n * 3 * d],
+        );
         let dout = rv(&mut rng, b * n * d);
         let mut scratch = Vec::new();
         g.throughput(Throughput::Elements((4 * b * h * n * n * dh) as u64));
-        g.bench_function(format!("attention fwd {name} B{b} N{n} h{h}"), |bch| bch.iter(|| attn::forward(&qkv, &mut out, &mut lse, &sh, &mut scratch)));
+        g.bench_function(format!("attention fwd {name} B{b} N{n} h{h}"), |bch| {
+            bch.iter(|| attn::forward(&qkv, &mut out, &mut lse, &sh, &mut scratch))
+        });
         g.throughput(Throughput::Elements((10 * b * h * n * n * dh) as u64));
-        g.bench_function(format!("attention bwd {name} B{b} N{n} h{h}"), |bch| bch.iter(|| attn::backward(&qkv, &out, &lse, &dout, &mut dq, &sh, &mut scratch)));
+        g.bench_function(format!("attention bwd {name} B{b} N{n} h{h}"), |bch| {
+            bch.iter(|| attn::backward(&qkv, &out, &lse, &dout, &mut dq, &sh, &mut scratch))
+        });
     }
     g.finish();
 }

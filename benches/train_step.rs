@@ -21,10 +21,30 @@ fn setup(cfg: &ModelConfig, batch: usize) -> (Trainer<CpuBackend<f32>>, Vec<f32>
     let mut rng = ChaCha8Rng::seed_from_u64(0);
     let bb = Backbone::random(&cfg.vit, 1);
     let params = Params::init(cfg, 2, 2);
-    let tables: Vec<Vec<usize>> = (0..2).map(|s| (0..cfg.labels).map(|k| (k * (s + 1) + s) % cfg.groups).collect()).collect();
-    let tr = Trainer::new(CpuBackend::<f32>::new(), cfg.clone(), &bb, params, tables, AslConfig::default(), AdamWConfig::default(), batch).unwrap();
-    let images = (0..batch * cfg.vit.image_len()).map(|_| rng.random_range(-2.0f32..2.0)).collect();
-    let targets = (0..batch * cfg.labels).map(|_| if rng.random_bool(0.15) { 1.0 } else { 0.0 }).collect();
+    let tables: Vec<Vec<usize>> = (0..2)
+        .map(|s| {
+            (0..cfg.labels)
+                .map(|k| (k * (s + 1) + s) % cfg.groups)
+                .collect()
+        })
+        .collect();
+    let tr = Trainer::new(
+        CpuBackend::<f32>::new(),
+        cfg.clone(),
+        &bb,
+        params,
+        tables,
+        AslConfig::default(),
+        AdamWConfig::default(),
+        batch,
+    )
+    .unwrap();
+    let images = (0..batch * cfg.vit.image_len())
+        .map(|_| rng.random_range(-2.0f32..2.0))
+        .collect();
+    let targets = (0..batch * cfg.labels)
+        .map(|_| if rng.random_bool(0.15) { 1.0 } else { 0.0 })
+        .collect();
     (tr, images, targets)
 }
 
@@ -54,7 +74,14 @@ fn time_calls(steps: usize, mut f: impl FnMut()) -> (f64, f64, Option<f64>) {
 }
 
 /// Prints the peer-style summary of `steps` single training steps and predicts.
-fn summary(name: &str, tr: &mut Trainer<CpuBackend<f32>>, images: &[f32], targets: &[f32], batch: usize, steps: usize) {
+fn summary(
+    name: &str,
+    tr: &mut Trainer<CpuBackend<f32>>,
+    images: &[f32],
+    targets: &[f32],
+    batch: usize,
+    steps: usize,
+) {
     let b = batch as f64;
     let (med, best, cpu) = time_calls(steps, || {
         tr.step(images, targets, 1e-4).unwrap();
@@ -76,8 +103,17 @@ fn summary(name: &str, tr: &mut Trainer<CpuBackend<f32>>, images: &[f32], target
 
 fn bench(c: &mut Criterion) {
     let demo = ModelConfig::demo();
-    let vits = ModelConfig { vit: VitConfig::vit_s16(), labels: 80, groups: 5, experts: 3, ..ModelConfig::demo() };
-    for (name, cfg, batch, secs, steps) in [("demo b64", demo, 64usize, 8u64, 30usize), ("vit-s16-224 b8", vits, 8, 20, 8)] {
+    let vits = ModelConfig {
+        vit: VitConfig::vit_s16(),
+        labels: 80,
+        groups: 5,
+        experts: 3,
+        ..ModelConfig::demo()
+    };
+    for (name, cfg, batch, secs, steps) in [
+        ("demo b64", demo, 64usize, 8u64, 30usize),
+        ("vit-s16-224 b8", vits, 8, 20, 8),
+    ] {
         // Built on first use, so a filtered run does not pay for the other shape's setup.
         let mut state = None;
         let mut g = c.benchmark_group("train_step");

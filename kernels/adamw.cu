@@ -10,10 +10,12 @@ struct AdamW {
     float step_size;     // lr / bc1
     float inv_sqrt_bc2;  // 1 / sqrt(bc2)
     float beta1, beta2, eps;
+    // 1 - beta from the host in f64: in f32, 1 - 0.999f is 1.3e-5 off (0.999 is not exact).
+    float one_minus_beta1, one_minus_beta2;
 
     __device__ __forceinline__ void update(float& p, float g, float& m, float& v) const {
-        m = fmaf(beta1, m, (1.0f - beta1) * g);
-        v = fmaf(beta2, v, (1.0f - beta2) * g * g);
+        m = fmaf(beta1, m, one_minus_beta1 * g);
+        v = fmaf(beta2, v, one_minus_beta2 * g * g);
         const float denom = sqrtf(v) * inv_sqrt_bc2 + eps;
         p = p * decay - step_size * (m / denom);
     }
@@ -34,8 +36,9 @@ extern "C" __global__ void adamw_f32(float* __restrict__ p, const float* __restr
 extern "C" __global__ void adamw_f32_v4(float* __restrict__ p, const float* __restrict__ g,
                                         float* __restrict__ m, float* __restrict__ v, uint64_t n,
                                         float decay, float step_size, float inv_sqrt_bc2,
-                                        float beta1, float beta2, float eps) {
-    const AdamW a{decay, step_size, inv_sqrt_bc2, beta1, beta2, eps};
+                                        float beta1, float beta2, float eps,
+                                     float one_minus_beta1, float one_minus_beta2) {
+    const AdamW a{decay, step_size, inv_sqrt_bc2, beta1, beta2, eps, one_minus_beta1, one_minus_beta2};
     const uint64_t n4 = n / 4;
     for (uint64_t i = global_thread(); i < n4; i += grid_threads()) {
         float4 P = reinterpret_cast<float4*>(p)[i];

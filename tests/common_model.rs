@@ -11,7 +11,17 @@ use rand_chacha::ChaCha8Rng;
 /// image 8, patch 4, D 8, 2 heads, 2 layers, MLP 16, K 5, T 2, E 2, r 3.
 pub fn tiny_config() -> ModelConfig {
     ModelConfig {
-        vit: VitConfig { image_size: 8, patch: 4, channels: 3, dim: 8, depth: 2, heads: 2, mlp_dim: 16, layer_scale: false, final_norm: true },
+        vit: VitConfig {
+            image_size: 8,
+            patch: 4,
+            channels: 3,
+            dim: 8,
+            depth: 2,
+            heads: 2,
+            mlp_dim: 16,
+            layer_scale: false,
+            final_norm: true,
+        },
         labels: 5,
         groups: 2,
         experts: 2,
@@ -50,21 +60,43 @@ pub fn lively_backbone(cfg: &VitConfig, seed: u64) -> Backbone {
 
 /// Label-to-group tables for `branches` branches (each group non-empty).
 pub fn tables(k: usize, t: usize, branches: usize) -> Vec<Vec<usize>> {
-    (0..branches).map(|s| (0..k).map(|i| (i * (s + 1) + s) % t).collect()).collect()
+    (0..branches)
+        .map(|s| (0..k).map(|i| (i * (s + 1) + s) % t).collect())
+        .collect()
 }
 
 pub fn images_targets(cfg: &ModelConfig, batch: usize, seed: u64) -> (Vec<f32>, Vec<f32>) {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let images = (0..batch * cfg.vit.image_len()).map(|_| rng.random_range(-1.0f32..1.0)).collect();
-    let targets = (0..batch * cfg.labels).map(|_| if rng.random_bool(0.4) { 1.0 } else { 0.0 }).collect();
+    let images = (0..batch * cfg.vit.image_len())
+        .map(|_| rng.random_range(-1.0f32..1.0))
+        .collect();
+    let targets = (0..batch * cfg.labels)
+        .map(|_| if rng.random_bool(0.4) { 1.0 } else { 0.0 })
+        .collect();
     (images, targets)
 }
 
-pub fn trainer<T: Real>(cfg: &ModelConfig, branches: usize, asl: AslConfig, max_batch: usize, seed: u64) -> Trainer<CpuBackend<T>>
+pub fn trainer<T: Real>(
+    cfg: &ModelConfig,
+    branches: usize,
+    asl: AslConfig,
+    max_batch: usize,
+    seed: u64,
+) -> Trainer<CpuBackend<T>>
 where
     CpuBackend<T>: Backend,
 {
     let bb = lively_backbone(&cfg.vit, seed);
     let params = Params::init(cfg, branches, seed + 1);
-    Trainer::new(CpuBackend::<T>::new(), cfg.clone(), &bb, params, tables(cfg.labels, cfg.groups, branches), asl, AdamWConfig::default(), max_batch).unwrap()
+    Trainer::new(
+        CpuBackend::<T>::new(),
+        cfg.clone(),
+        &bb,
+        params,
+        tables(cfg.labels, cfg.groups, branches),
+        asl,
+        AdamWConfig::default(),
+        max_batch,
+    )
+    .unwrap()
 }

@@ -198,11 +198,13 @@ fn gemm_linear_shapes_match_f64_in_bf16_and_f32() {
             assert_close(&format!("bf16->f32 Y {what}"), &gpu.download(&y32).unwrap(), &want, atol(k, 1.0, 0.1), 1e-5, seed);
             let mut y16 = nan_bf16(&gpu, m * n);
             gpu.linear_forward(&xd, &wd, Some(&bd), &mut y16, m, n, k, false).unwrap();
-            // bias rounded to bf16 once, the result once: two half-ulps of bf16.
+            // bias rounded to bf16 once, the result once, and cuBLAS may pick a split-K
+            // algorithm whose partial sums are rounded to the output type (seen on an H100:
+            // 1.2 bf16 ulps off). The f32-out path above is checked tightly; here allow 3 ulps.
             let scale: Vec<f64> = want.iter().zip(&b.repeat(m)).map(|(y, b)| y.abs() + (*b as f64).abs()).collect();
             let got = to_f32(&gpu.download(&y16).unwrap());
             for (i, (&g, &w)) in got.iter().zip(&want).enumerate() {
-                assert!((g as f64 - w).abs() <= atol(k, 1.0, 0.1) + scale[i] * 2.0f64.powi(-8), "bf16 Y {what} [{i}]: {g} vs {w} (seed {seed})");
+                assert!((g as f64 - w).abs() <= atol(k, 1.0, 0.1) + scale[i] * 3.0 * 2.0f64.powi(-8), "bf16 Y {what} [{i}]: {g} vs {w} (seed {seed})");
             }
         }
     }

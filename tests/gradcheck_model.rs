@@ -8,10 +8,18 @@ use mlvpt::model::{GateMode, Method, ModelConfig, PromptDepth};
 
 /// Checks up to `per_tensor` entries of every tensor; returns the worst relative error.
 fn check(cfg: &ModelConfig, branches: usize, per_tensor: usize) -> f64 {
-    let asl = AslConfig { exact_grad: true, ..AslConfig::default() };
+    let asl = AslConfig {
+        exact_grad: true,
+        ..AslConfig::default()
+    };
     let mut tr = trainer::<f64>(cfg, branches, asl, 2, 7);
     let (images, targets) = images_targets(cfg, 2, 11);
-    let base: Vec<Vec<f64>> = tr.params().tensors.iter().map(|t| t.data.iter().map(|&v| v as f64).collect()).collect();
+    let base: Vec<Vec<f64>> = tr
+        .params()
+        .tensors
+        .iter()
+        .map(|t| t.data.iter().map(|&v| v as f64).collect())
+        .collect();
     tr.set_params_f64(&base).unwrap();
     let (_, grads) = tr.loss_and_grads_f64(&images, &targets).unwrap();
     let specs = tr.param_specs().to_vec();
@@ -35,7 +43,10 @@ fn check(cfg: &ModelConfig, branches: usize, per_tensor: usize) -> f64 {
             // Relative to the entry, floored at 1e-3 of the tensor's largest gradient so that
             // entries that are zero up to rounding do not divide by ~0.
             let rel = (an - fd).abs() / an.abs().max(fd.abs()).max(1e-3 * gmax);
-            assert!(rel <= 1e-6, "{name}[{i}]: analytic {an:e}, finite difference {fd:e}, relative error {rel:e}");
+            assert!(
+                rel <= 1e-6,
+                "{name}[{i}]: analytic {an:e}, finite difference {fd:e}, relative error {rel:e}"
+            );
             worst = worst.max(rel);
         }
     }
@@ -55,13 +66,20 @@ fn deep_label_gate_one_branch() {
 
 #[test]
 fn shallow_group_gate() {
-    let cfg = ModelConfig { prompt_depth: PromptDepth::Shallow, gate: GateMode::Group, ..tiny_config() };
+    let cfg = ModelConfig {
+        prompt_depth: PromptDepth::Shallow,
+        gate: GateMode::Group,
+        ..tiny_config()
+    };
     check(&cfg, 2, 40);
 }
 
 #[test]
 fn deep_group_gate_layer_scale_no_final_norm() {
-    let mut cfg = ModelConfig { gate: GateMode::Group, ..tiny_config() };
+    let mut cfg = ModelConfig {
+        gate: GateMode::Group,
+        ..tiny_config()
+    };
     cfg.vit.layer_scale = true;
     cfg.vit.final_norm = false;
     check(&cfg, 2, 40);
@@ -69,7 +87,10 @@ fn deep_group_gate_layer_scale_no_final_norm() {
 
 #[test]
 fn layer_scale_label_gate_three_experts() {
-    let mut cfg = ModelConfig { experts: 3, ..tiny_config() };
+    let mut cfg = ModelConfig {
+        experts: 3,
+        ..tiny_config()
+    };
     cfg.vit.layer_scale = true;
     check(&cfg, 2, 30);
 }
@@ -77,7 +98,11 @@ fn layer_scale_label_gate_three_experts() {
 #[test]
 fn plain_vpt_deep_and_shallow() {
     for depth in [PromptDepth::Deep, PromptDepth::Shallow] {
-        let cfg = ModelConfig { method: Method::Vpt, prompt_depth: depth, ..tiny_config() };
+        let cfg = ModelConfig {
+            method: Method::Vpt,
+            prompt_depth: depth,
+            ..tiny_config()
+        };
         check(&cfg, 1, 40);
     }
 }
@@ -86,7 +111,10 @@ fn plain_vpt_deep_and_shallow() {
 fn single_block_and_three_blocks() {
     for depth in [1, 3] {
         for pd in [PromptDepth::Deep, PromptDepth::Shallow] {
-            let mut cfg = ModelConfig { prompt_depth: pd, ..tiny_config() };
+            let mut cfg = ModelConfig {
+                prompt_depth: pd,
+                ..tiny_config()
+            };
             cfg.vit.depth = depth;
             check(&cfg, 2, 15);
         }

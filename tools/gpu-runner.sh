@@ -161,4 +161,7 @@ fi
   fi
   echo "total $(( $(date +%s) - START ))s; logs in $LOGS; exit $status"
 } | tee "$LOGS/summary-final.txt"
+# The device tool brings back at most 8 files: pack the per-step logs into one archive.
+( cd "$LOGS" && tar czf logs.tar.gz --exclude=logs.tar.gz --exclude=summary-final.txt . &&
+  find . -maxdepth 1 -type f ! -name logs.tar.gz ! -name summary-final.txt -delete ) || true
 exit $status

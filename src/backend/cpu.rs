@@ -2,7 +2,7 @@
 //! float type (`CpuBackend<f32>` trains, `CpuBackend<f64>` runs the gradient checks).
 
 use super::{AdamWConfig, AdapterShape, AslConfig, AttnShape, Backend, MoeShape, VptHeadShape};
-use crate::ops::real::{cast, Real};
+use crate::ops::real::{cast, simd, Real};
 use crate::ops::{adamw, attention, gelu, head, layernorm, linear};
 use rayon::prelude::*;
 
@@ -15,7 +15,9 @@ pub struct CpuBackend<T: Real = f32> {
 
 impl<T: Real> CpuBackend<T> {
     pub fn new() -> Self {
-        Self { scratch: Vec::new() }
+        Self {
+            scratch: Vec::new(),
+        }
     }
 }
 
@@ -71,49 +73,89 @@ impl<T: Real> Backend for CpuBackend<T> {
         }
     }
 
-    fn patchify(&mut self, images: &Vec<T>, out: &mut Vec<T>, batch: usize, channels: usize, height: usize, width: usize, patch: usize) {
+    fn patchify(
+        &mut self,
+        images: &Vec<T>,
+        out: &mut Vec<T>,
+        batch: usize,
+        channels: usize,
+        height: usize,
+        width: usize,
+        patch: usize,
+    ) {
         let (gh, gw) = (height / patch, width / patch);
         let np = gh * gw;
         let row = channels * patch * patch;
         let img = channels * height * width;
         assert!(images.len() >= batch * img && out.len() >= batch * np * row);
-        out[..batch * np * row].par_chunks_mut(np * row).enumerate().for_each(|(b, ob)| {
-            let ib = &images[b * img..(b + 1) * img];
-            for py in 0..gh {
-                for px in 0..gw {
-                    let o = &mut ob[(py * gw + px) * row..(py * gw + px + 1) * row];
-                    for c in 0..channels {
-                        for ky in 0..patch {
-                            let src = c * height * width + (py * patch + ky) * width + px * patch;
-                            let dst = (c * patch + ky) * patch;
-                            o[dst..dst + patch].copy_from_slice(&ib[src..src + patch]);
+        out[..batch * np * row]
+            .par_chunks_mut(np * row)
+            .enumerate()
+            .for_each(|(b, ob)| {
+                simd(|| {
+                    let ib = &images[b * img..(b + 1) * img];
+                    for py in 0..gh {
+                        for px in 0..gw {
+                            let o = &mut ob[(py * gw + px) * row..(py * gw + px + 1) * row];
+                            for c in 0..channels {
+                                for ky in 0..patch {
+                                    let src =
+                                        c * height * width + (py * patch + ky) * width + px * patch;
+                                    let dst = (c * patch + ky) * patch;
+                                    o[dst..dst + patch].copy_from_slice(&ib[src..src + patch]);
+                                }
+                            }
                         }
                     }
-                }
-            }
-        });
+                });
+            });
     }
 
-    fn embed_tokens(&mut self, patches: &Vec<T>, cls: &Vec<T>, pos: &Vec<T>, x: &mut Vec<T>, batch: usize, num_patches: usize, prompts: usize, dim: usize) {
+    fn embed_tokens(
+        &mut self,
+        patches: &Vec<T>,
+        cls: &Vec<T>,
+        pos: &Vec<T>,
+        x: &mut Vec<T>,
+        batch: usize,
+        num_patches: usize,
+        prompts: usize,
+        dim: usize,
+    ) {
         let n = 1 + prompts + num_patches;
         assert!(patches.len() >= batch * num_patches * dim && x.len() >= batch * n * dim);
         assert!(cls.len() >= dim && pos.len() >= (1 + num_patches) * dim);
-        x[..batch * n * dim].par_chunks_mut(n * dim).enumerate().for_each(|(b, xb)| {
-            for j in 0..dim {
-                xb[j] = cls[j] + pos[j];
-            }
-            for i in 0..num_patches {
-                let dst = &mut xb[(1 + prompts + i) * dim..(2 + prompts + i) * dim];
-                let src = &patches[(b * num_patches + i) * dim..(b * num_patches + i + 1) * dim];
-                let pe = &pos[(1 + i) * dim..(2 + i) * dim];
-                for j in 0..dim {
-                    dst[j] = src[j] + pe[j];
-                }
-            }
-        });
+        x[..batch * n * dim]
+            .par_chunks_mut(n * dim)
+            .enumerate()
+            .for_each(|(b, xb)| {
+                simd(|| {
+                    for j in 0..dim {
+                        xb[j] = cls[j] + pos[j];
+                    }
+                    for i in 0..num_patches {
+                        let dst = &mut xb[(1 + prompts + i) * dim..(2 + prompts + i) * dim];
+                        let src =
+                            &patches[(b * num_patches + i) * dim..(b * num_patches + i + 1) * dim];
+                        let pe = &pos[(1 + i) * dim..(2 + i) * dim];
+                        for j in 0..dim {
+                            dst[j] = src[j] + pe[j];
+                        }
+                    }
+                });
+            });
     }
 
-    fn set_prompts(&mut self, prompts: &Vec<T>, layer: usize, x: &mut Vec<T>, batch: usize, tokens: usize, count: usize, dim: usize) {
+    fn set_prompts(
+        &mut self,
+        prompts: &Vec<T>,
+        layer: usize,
+        x: &mut Vec<T>,
+        batch: usize,
+        tokens: usize,
+        count: usize,
+        dim: usize,
+    ) {
         let src = &prompts[layer * count * dim..(layer + 1) * count * dim];
         assert!(x.len() >= batch * tokens * dim && count < tokens);
         for b in 0..batch {
@@ -122,18 +164,30 @@ impl<T: Real> Backend for CpuBackend<T> {
         }
     }
 
-    fn prompt_grad(&mut self, dx: &mut Vec<T>, dprompts: &mut Vec<T>, layer: usize, batch: usize, tokens: usize, count: usize, dim: usize, zero_rows: bool) {
+    fn prompt_grad(
+        &mut self,
+        dx: &mut Vec<T>,
+        dprompts: &mut Vec<T>,
+        layer: usize,
+        batch: usize,
+        tokens: usize,
+        count: usize,
+        dim: usize,
+        zero_rows: bool,
+    ) {
         assert!(dx.len() >= batch * tokens * dim && count < tokens);
         let dst = &mut dprompts[layer * count * dim..(layer + 1) * count * dim];
         // Parallel over prompt elements, images summed in order inside (deterministic).
         dst.par_chunks_mut(dim).enumerate().for_each(|(j, row)| {
-            row.fill(T::zero());
-            for b in 0..batch {
-                let o = (b * tokens + 1 + j) * dim;
-                for (r, &g) in row.iter_mut().zip(&dx[o..o + dim]) {
-                    *r = *r + g;
+            simd(|| {
+                row.fill(T::zero());
+                for b in 0..batch {
+                    let o = (b * tokens + 1 + j) * dim;
+                    for (r, &g) in row.iter_mut().zip(&dx[o..o + dim]) {
+                        *r = *r + g;
+                    }
                 }
-            }
+            });
         });
         if zero_rows {
             for b in 0..batch {
@@ -143,7 +197,18 @@ impl<T: Real> Backend for CpuBackend<T> {
         }
     }
 
-    fn copy_tokens(&mut self, src: &Vec<T>, src_tokens: usize, src_start: usize, dst: &mut Vec<T>, dst_tokens: usize, dst_start: usize, count: usize, batch: usize, dim: usize) {
+    fn copy_tokens(
+        &mut self,
+        src: &Vec<T>,
+        src_tokens: usize,
+        src_start: usize,
+        dst: &mut Vec<T>,
+        dst_tokens: usize,
+        dst_start: usize,
+        count: usize,
+        batch: usize,
+        dim: usize,
+    ) {
         assert!(src_start + count <= src_tokens && dst_start + count <= dst_tokens);
         for b in 0..batch {
             let s = (b * src_tokens + src_start) * dim;
@@ -152,40 +217,101 @@ impl<T: Real> Backend for CpuBackend<T> {
         }
     }
 
-    fn residual(&mut self, x: &Vec<T>, f: &Vec<T>, ls: Option<&Vec<T>>, out: &mut Vec<T>, rows: usize, dim: usize) {
+    fn residual(
+        &mut self,
+        x: &Vec<T>,
+        f: &Vec<T>,
+        ls: Option<&Vec<T>>,
+        out: &mut Vec<T>,
+        rows: usize,
+        dim: usize,
+    ) {
         let len = rows * dim;
-        out[..len].par_chunks_mut(dim).zip(x[..len].par_chunks(dim)).zip(f[..len].par_chunks(dim)).with_min_len(16).for_each(|((o, xr), fr)| match ls {
-            Some(l) => {
-                for j in 0..dim {
-                    o[j] = xr[j] + l[j] * fr[j];
-                }
-            }
-            None => {
-                for j in 0..dim {
-                    o[j] = xr[j] + fr[j];
-                }
-            }
-        });
+        out[..len]
+            .par_chunks_mut(dim)
+            .zip(x[..len].par_chunks(dim))
+            .zip(f[..len].par_chunks(dim))
+            .with_min_len(16)
+            .for_each(|((o, xr), fr)| {
+                simd(|| match ls {
+                    Some(l) => {
+                        for j in 0..dim {
+                            o[j] = xr[j] + l[j] * fr[j];
+                        }
+                    }
+                    None => {
+                        for j in 0..dim {
+                            o[j] = xr[j] + fr[j];
+                        }
+                    }
+                })
+            });
     }
 
     fn mul_cols(&mut self, src: &Vec<T>, v: &Vec<T>, out: &mut Vec<T>, rows: usize, dim: usize) {
-        out[..rows * dim].par_chunks_mut(dim).zip(src[..rows * dim].par_chunks(dim)).with_min_len(16).for_each(|(o, s)| {
-            for j in 0..dim {
-                o[j] = s[j] * v[j];
-            }
-        });
+        out[..rows * dim]
+            .par_chunks_mut(dim)
+            .zip(src[..rows * dim].par_chunks(dim))
+            .with_min_len(16)
+            .for_each(|(o, s)| {
+                simd(|| {
+                    for j in 0..dim {
+                        o[j] = s[j] * v[j];
+                    }
+                });
+            });
     }
 
-    fn linear_forward(&mut self, x: &Vec<T>, w: &Vec<T>, bias: Option<&Vec<T>>, y: &mut Vec<T>, rows: usize, d_in: usize, d_out: usize) {
+    fn linear_forward(
+        &mut self,
+        x: &Vec<T>,
+        w: &Vec<T>,
+        bias: Option<&Vec<T>>,
+        y: &mut Vec<T>,
+        rows: usize,
+        d_in: usize,
+        d_out: usize,
+    ) {
         linear::cpu::forward(x, w, bias.map(|b| b.as_slice()), y, rows, d_in, d_out);
     }
-    fn linear_backward_input(&mut self, dy: &Vec<T>, w: &Vec<T>, dx: &mut Vec<T>, rows: usize, d_in: usize, d_out: usize, accumulate: bool) {
+    fn linear_backward_input(
+        &mut self,
+        dy: &Vec<T>,
+        w: &Vec<T>,
+        dx: &mut Vec<T>,
+        rows: usize,
+        d_in: usize,
+        d_out: usize,
+        accumulate: bool,
+    ) {
         linear::cpu::backward_input(dy, w, dx, rows, d_in, d_out, accumulate);
     }
-    fn layernorm_forward(&mut self, x: &Vec<T>, gamma: &Vec<T>, beta: &Vec<T>, y: &mut Vec<T>, mean: &mut Vec<T>, rstd: &mut Vec<T>, rows: usize, dim: usize, eps: f64) {
+    fn layernorm_forward(
+        &mut self,
+        x: &Vec<T>,
+        gamma: &Vec<T>,
+        beta: &Vec<T>,
+        y: &mut Vec<T>,
+        mean: &mut Vec<T>,
+        rstd: &mut Vec<T>,
+        rows: usize,
+        dim: usize,
+        eps: f64,
+    ) {
         layernorm::cpu::forward(x, gamma, beta, y, mean, rstd, rows, dim, eps);
     }
-    fn layernorm_backward(&mut self, dy: &Vec<T>, x: &Vec<T>, gamma: &Vec<T>, mean: &Vec<T>, rstd: &Vec<T>, dx: &mut Vec<T>, rows: usize, dim: usize, accumulate: bool) {
+    fn layernorm_backward(
+        &mut self,
+        dy: &Vec<T>,
+        x: &Vec<T>,
+        gamma: &Vec<T>,
+        mean: &Vec<T>,
+        rstd: &Vec<T>,
+        dx: &mut Vec<T>,
+        rows: usize,
+        dim: usize,
+        accumulate: bool,
+    ) {
         layernorm::cpu::backward(dy, x, gamma, mean, rstd, dx, rows, dim, accumulate);
     }
     fn gelu_forward(&mut self, x: &Vec<T>, y: &mut Vec<T>, len: usize) {
@@ -194,48 +320,197 @@ impl<T: Real> Backend for CpuBackend<T> {
     fn gelu_backward(&mut self, x: &Vec<T>, d: &mut Vec<T>, len: usize) {
         gelu::cpu::backward(x, d, len);
     }
-    fn attention_forward(&mut self, qkv: &Vec<T>, out: &mut Vec<T>, lse: &mut Vec<T>, shape: &AttnShape) {
+    fn attention_forward(
+        &mut self,
+        qkv: &Vec<T>,
+        out: &mut Vec<T>,
+        lse: &mut Vec<T>,
+        shape: &AttnShape,
+    ) {
         attention::cpu::forward(qkv, out, lse, shape, &mut self.scratch);
     }
-    fn attention_backward(&mut self, qkv: &Vec<T>, out: &Vec<T>, lse: &Vec<T>, dout: &Vec<T>, dqkv: &mut Vec<T>, shape: &AttnShape) {
+    fn attention_backward(
+        &mut self,
+        qkv: &Vec<T>,
+        out: &Vec<T>,
+        lse: &Vec<T>,
+        dout: &Vec<T>,
+        dqkv: &mut Vec<T>,
+        shape: &AttnShape,
+    ) {
         attention::cpu::backward(qkv, out, lse, dout, dqkv, shape, &mut self.scratch);
     }
-    fn adapter_forward(&mut self, z: &Vec<T>, w1: &Vec<T>, b1: &Vec<T>, w2: &Vec<T>, b2: &Vec<T>, u: &mut Vec<T>, out: &mut Vec<T>, shape: &AdapterShape) {
+    fn adapter_forward(
+        &mut self,
+        z: &Vec<T>,
+        w1: &Vec<T>,
+        b1: &Vec<T>,
+        w2: &Vec<T>,
+        b2: &Vec<T>,
+        u: &mut Vec<T>,
+        out: &mut Vec<T>,
+        shape: &AdapterShape,
+    ) {
         head::cpu::adapter_forward(z, w1, b1, w2, b2, u, out, shape, &mut self.scratch);
     }
-    fn adapter_backward(&mut self, dout: &Vec<T>, z: &Vec<T>, u: &Vec<T>, w1: &Vec<T>, w2: &Vec<T>, dz: &mut Vec<T>, dw1: &mut Vec<T>, db1: &mut Vec<T>, dw2: &mut Vec<T>, db2: &mut Vec<T>, shape: &AdapterShape) {
-        head::cpu::adapter_backward(dout, z, u, w1, w2, dz, dw1, db1, dw2, db2, shape, &mut self.scratch);
+    fn adapter_backward(
+        &mut self,
+        dout: &Vec<T>,
+        z: &Vec<T>,
+        u: &Vec<T>,
+        w1: &Vec<T>,
+        w2: &Vec<T>,
+        dz: &mut Vec<T>,
+        dw1: &mut Vec<T>,
+        db1: &mut Vec<T>,
+        dw2: &mut Vec<T>,
+        db2: &mut Vec<T>,
+        shape: &AdapterShape,
+    ) {
+        head::cpu::adapter_backward(
+            dout,
+            z,
+            u,
+            w1,
+            w2,
+            dz,
+            dw1,
+            db1,
+            dw2,
+            db2,
+            shape,
+            &mut self.scratch,
+        );
     }
-    fn moe_forward(&mut self, z: &Vec<T>, adapted: &Vec<T>, gate: &Vec<T>, w: &Vec<T>, c: &Vec<T>, tok: &Vec<u32>, grow: &Vec<u32>, y: &mut Vec<T>, m: &mut Vec<T>, q: &mut Vec<T>, r: &mut Vec<T>, shape: &MoeShape) {
+    fn moe_forward(
+        &mut self,
+        z: &Vec<T>,
+        adapted: &Vec<T>,
+        gate: &Vec<T>,
+        w: &Vec<T>,
+        c: &Vec<T>,
+        tok: &Vec<u32>,
+        grow: &Vec<u32>,
+        y: &mut Vec<T>,
+        m: &mut Vec<T>,
+        q: &mut Vec<T>,
+        r: &mut Vec<T>,
+        shape: &MoeShape,
+    ) {
         head::cpu::moe_forward(z, adapted, gate, w, c, tok, grow, y, m, q, r, shape);
     }
-    fn moe_backward(&mut self, dy: &Vec<T>, dm: &Vec<T>, z: &Vec<T>, adapted: &Vec<T>, gate: &Vec<T>, w: &Vec<T>, tok: &Vec<u32>, grow: &Vec<u32>, q: &Vec<T>, r: &Vec<T>, dz: &mut Vec<T>, dadapted: &mut Vec<T>, dgate: &mut Vec<T>, dw: &mut Vec<T>, dc: &mut Vec<T>, shape: &MoeShape) {
-        head::cpu::moe_backward(dy, dm, z, adapted, gate, w, tok, grow, q, r, dz, dadapted, dgate, dw, dc, shape, &mut self.scratch);
+    fn moe_backward(
+        &mut self,
+        dy: &Vec<T>,
+        dm: &Vec<T>,
+        z: &Vec<T>,
+        adapted: &Vec<T>,
+        gate: &Vec<T>,
+        w: &Vec<T>,
+        tok: &Vec<u32>,
+        grow: &Vec<u32>,
+        q: &Vec<T>,
+        r: &Vec<T>,
+        dz: &mut Vec<T>,
+        dadapted: &mut Vec<T>,
+        dgate: &mut Vec<T>,
+        dw: &mut Vec<T>,
+        dc: &mut Vec<T>,
+        shape: &MoeShape,
+    ) {
+        head::cpu::moe_backward(
+            dy,
+            dm,
+            z,
+            adapted,
+            gate,
+            w,
+            tok,
+            grow,
+            q,
+            r,
+            dz,
+            dadapted,
+            dgate,
+            dw,
+            dc,
+            shape,
+            &mut self.scratch,
+        );
     }
-    fn vpt_head_forward(&mut self, z: &Vec<T>, w: &Vec<T>, c: &Vec<T>, zbar: &mut Vec<T>, y: &mut Vec<T>, shape: &VptHeadShape) {
+    fn vpt_head_forward(
+        &mut self,
+        z: &Vec<T>,
+        w: &Vec<T>,
+        c: &Vec<T>,
+        zbar: &mut Vec<T>,
+        y: &mut Vec<T>,
+        shape: &VptHeadShape,
+    ) {
         head::cpu::vpt_forward(z, w, c, zbar, y, shape);
     }
-    fn vpt_head_backward(&mut self, dy: &Vec<T>, zbar: &Vec<T>, w: &Vec<T>, dz: &mut Vec<T>, dw: &mut Vec<T>, dc: &mut Vec<T>, shape: &VptHeadShape) {
+    fn vpt_head_backward(
+        &mut self,
+        dy: &Vec<T>,
+        zbar: &Vec<T>,
+        w: &Vec<T>,
+        dz: &mut Vec<T>,
+        dw: &mut Vec<T>,
+        dc: &mut Vec<T>,
+        shape: &VptHeadShape,
+    ) {
         head::cpu::vpt_backward(dy, zbar, w, dz, dw, dc, shape, &mut self.scratch);
     }
-    fn asl(&mut self, logits: &Vec<T>, targets: &Vec<T>, len: usize, cfg: &AslConfig, scale: f64, grad: Option<&mut Vec<T>>) -> f64 {
+    fn asl(
+        &mut self,
+        logits: &Vec<T>,
+        targets: &Vec<T>,
+        len: usize,
+        cfg: &AslConfig,
+        scale: f64,
+        grad: Option<&mut Vec<T>>,
+    ) -> f64 {
         let s: T = cast(scale);
         let loss = match grad {
             Some(g) => {
-                let l = crate::ops::asl::asl_forward_backward(&logits[..len], &targets[..len], cfg, Some(&mut g[..len]));
+                let l = crate::ops::asl::asl_forward_backward(
+                    &logits[..len],
+                    &targets[..len],
+                    cfg,
+                    Some(&mut g[..len]),
+                );
                 for v in g[..len].iter_mut() {
                     *v = *v * s;
                 }
                 l
             }
-            None => crate::ops::asl::asl_forward_backward(&logits[..len], &targets[..len], cfg, None),
+            None => {
+                crate::ops::asl::asl_forward_backward(&logits[..len], &targets[..len], cfg, None)
+            }
         };
         loss.to_f64().unwrap_or(f64::NAN) * scale
     }
-    fn adamw(&mut self, params: &mut [Vec<T>], grads: &[Vec<T>], m: &mut [Vec<T>], v: &mut [Vec<T>], step: u64, lr: f64, cfg: &AdamWConfig) {
+    fn adamw(
+        &mut self,
+        params: &mut [Vec<T>],
+        grads: &[Vec<T>],
+        m: &mut [Vec<T>],
+        v: &mut [Vec<T>],
+        step: u64,
+        lr: f64,
+        cfg: &AdamWConfig,
+    ) {
         assert!(grads.len() == params.len() && m.len() == params.len() && v.len() == params.len());
         for i in 0..params.len() {
-            adamw::cpu::step(&mut params[i], &grads[i], &mut m[i], &mut v[i], step, lr, cfg);
+            adamw::cpu::step(
+                &mut params[i],
+                &grads[i],
+                &mut m[i],
+                &mut v[i],
+                step,
+                lr,
+                cfg,
+            );
         }
     }
 }

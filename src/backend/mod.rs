@@ -108,10 +108,12 @@ pub trait Backend {
     fn gelu_backward(&mut self, x: &Self::Buf, d: &mut Self::Buf, len: usize);
 
     // ---- attention ------------------------------------------------------------------------
-    /// Masked attention forward from `qkv [B, N, 3, h, dh]` into `out [B, N, D]`, saving
-    /// `lse [B, h, N]` (see `ops::attention`).
+    /// Masked attention forward from `qkv [B, N, 3, h, dh]` into `out [B, Nq, D]` for the
+    /// query range `shape.q_start .. + shape.q_len` (`Nq`; all N tokens except in the model's last
+    /// block, which uses the prompts `[1, 1+P)`), saving `lse [B, h, Nq]` (see `ops::attention`).
     fn attention_forward(&mut self, qkv: &Self::Buf, out: &mut Self::Buf, lse: &mut Self::Buf, shape: &AttnShape);
-    /// Masked attention backward: writes `dqkv [B, N, 3D]` from `dout [B, N, D]`.
+    /// Masked attention backward: writes `dqkv [B, N, 3D]` from `dout [B, Nq, D]` (Q rows
+    /// outside the query range are written as zero).
     fn attention_backward(&mut self, qkv: &Self::Buf, out: &Self::Buf, lse: &Self::Buf, dout: &Self::Buf, dqkv: &mut Self::Buf, shape: &AttnShape);
 
     // ---- head -----------------------------------------------------------------------------

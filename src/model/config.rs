@@ -21,15 +21,45 @@ pub struct VitConfig {
 impl VitConfig {
     /// The demo backbone: 32 px, patch 4, D 96, 4 layers, 4 heads, MLP 384.
     pub fn demo() -> Self {
-        Self { image_size: 32, patch: 4, channels: 3, dim: 96, depth: 4, heads: 4, mlp_dim: 384, layer_scale: false, final_norm: true }
+        Self {
+            image_size: 32,
+            patch: 4,
+            channels: 3,
+            dim: 96,
+            depth: 4,
+            heads: 4,
+            mlp_dim: 384,
+            layer_scale: false,
+            final_norm: true,
+        }
     }
     /// ViT-S/16 at 224.
     pub fn vit_s16() -> Self {
-        Self { image_size: 224, patch: 16, channels: 3, dim: 384, depth: 12, heads: 6, mlp_dim: 1536, layer_scale: false, final_norm: true }
+        Self {
+            image_size: 224,
+            patch: 16,
+            channels: 3,
+            dim: 384,
+            depth: 12,
+            heads: 6,
+            mlp_dim: 1536,
+            layer_scale: false,
+            final_norm: true,
+        }
     }
     /// ViT-B/16 at 224.
     pub fn vit_b16() -> Self {
-        Self { image_size: 224, patch: 16, channels: 3, dim: 768, depth: 12, heads: 12, mlp_dim: 3072, layer_scale: false, final_norm: true }
+        Self {
+            image_size: 224,
+            patch: 16,
+            channels: 3,
+            dim: 768,
+            depth: 12,
+            heads: 12,
+            mlp_dim: 3072,
+            layer_scale: false,
+            final_norm: true,
+        }
     }
     /// Patch tokens per image, `(H/p)^2`.
     pub fn num_patches(&self) -> usize {
@@ -61,14 +91,22 @@ impl VitConfig {
             ("mlp_dim", self.mlp_dim),
         ] {
             if v == 0 {
-                return Err(ConfigError::Zero { name: format!("vit.{name}") });
+                return Err(ConfigError::Zero {
+                    name: format!("vit.{name}"),
+                });
             }
         }
-        if self.image_size % self.patch != 0 {
-            return Err(ConfigError::PatchDoesNotDivide { image_size: self.image_size, patch: self.patch });
+        if !self.image_size.is_multiple_of(self.patch) {
+            return Err(ConfigError::PatchDoesNotDivide {
+                image_size: self.image_size,
+                patch: self.patch,
+            });
         }
-        if self.dim % self.heads != 0 {
-            return Err(ConfigError::HeadsDoNotDivide { dim: self.dim, heads: self.heads });
+        if !self.dim.is_multiple_of(self.heads) {
+            return Err(ConfigError::HeadsDoNotDivide {
+                dim: self.dim,
+                heads: self.heads,
+            });
         }
         Ok(())
     }
@@ -163,7 +201,9 @@ impl ModelConfig {
     pub fn validate(&self, branches: usize) -> Result<(), ConfigError> {
         self.vit.validate()?;
         if self.labels == 0 {
-            return Err(ConfigError::Zero { name: "labels".into() });
+            return Err(ConfigError::Zero {
+                name: "labels".into(),
+            });
         }
         if !(self.loss_scale.is_finite() && self.loss_scale > 0.0) {
             return Err(ConfigError::LossScale(self.loss_scale));
@@ -171,16 +211,25 @@ impl ModelConfig {
         match self.method {
             Method::MlVpt => {
                 if self.groups < 1 {
-                    return Err(ConfigError::Zero { name: "groups (T)".into() });
+                    return Err(ConfigError::Zero {
+                        name: "groups (T)".into(),
+                    });
                 }
                 if self.groups > self.labels {
-                    return Err(ConfigError::MoreGroupsThanLabels { groups: self.groups, labels: self.labels });
+                    return Err(ConfigError::MoreGroupsThanLabels {
+                        groups: self.groups,
+                        labels: self.labels,
+                    });
                 }
                 if self.experts < 1 {
-                    return Err(ConfigError::Zero { name: "experts (E)".into() });
+                    return Err(ConfigError::Zero {
+                        name: "experts (E)".into(),
+                    });
                 }
                 if self.adapter_rank < 1 {
-                    return Err(ConfigError::Zero { name: "adapter_rank".into() });
+                    return Err(ConfigError::Zero {
+                        name: "adapter_rank".into(),
+                    });
                 }
                 if !(1..=2).contains(&branches) {
                     return Err(ConfigError::Branches(branches));
@@ -188,7 +237,9 @@ impl ModelConfig {
             }
             Method::Vpt => {
                 if self.vpt_prompts < 1 {
-                    return Err(ConfigError::Zero { name: "vpt_prompts".into() });
+                    return Err(ConfigError::Zero {
+                        name: "vpt_prompts".into(),
+                    });
                 }
             }
         }
@@ -214,11 +265,23 @@ pub enum ConfigError {
     #[error("batch size must be at least 1, got 0")]
     ZeroBatch,
     #[error("branch {branch}: label-to-group table has {got} entries, expected K = {labels}")]
-    BranchLength { branch: usize, got: usize, labels: usize },
+    BranchLength {
+        branch: usize,
+        got: usize,
+        labels: usize,
+    },
     #[error("branch {branch}: label {label} is in group {group}, but there are only T = {groups} groups")]
-    GroupOutOfRange { branch: usize, label: usize, group: usize, groups: usize },
+    GroupOutOfRange {
+        branch: usize,
+        label: usize,
+        group: usize,
+        groups: usize,
+    },
     #[error("backbone is {got:?}, but the model config says {expected:?}")]
-    BackboneMismatch { expected: Box<VitConfig>, got: Box<VitConfig> },
+    BackboneMismatch {
+        expected: Box<VitConfig>,
+        got: Box<VitConfig>,
+    },
     #[error("backbone tensor {name}: {problem}")]
     BackboneTensor { name: String, problem: String },
     #[error("{0}")]

@@ -72,7 +72,9 @@ impl Params {
                     _ => 1.0 / d.sqrt(),
                 };
                 let n: usize = shape.iter().product();
-                let data = (0..n).map(|_| rng.random_range(-bound..bound) as f32).collect();
+                let data = (0..n)
+                    .map(|_| rng.random_range(-bound..bound) as f32)
+                    .collect();
                 NamedTensor { name, shape, data }
             })
             .collect();
@@ -85,7 +87,11 @@ impl Params {
             tensors: self
                 .tensors
                 .iter()
-                .map(|t| NamedTensor { name: t.name.clone(), shape: t.shape.clone(), data: vec![0.0; t.data.len()] })
+                .map(|t| NamedTensor {
+                    name: t.name.clone(),
+                    shape: t.shape.clone(),
+                    data: vec![0.0; t.data.len()],
+                })
                 .collect(),
         }
     }

@@ -165,7 +165,11 @@ impl<B: Backend> Trainer<B> {
             return Err(ConfigError::ZeroBatch.into());
         }
         if backbone.config() != &cfg.vit {
-            return Err(ConfigError::BackboneMismatch { expected: Box::new(cfg.vit.clone()), got: Box::new(backbone.config().clone()) }.into());
+            return Err(ConfigError::BackboneMismatch {
+                expected: Box::new(cfg.vit.clone()),
+                got: Box::new(backbone.config().clone()),
+            }
+            .into());
         }
         asl.validate().map_err(ConfigError::Loss)?;
         opt.validate().map_err(ConfigError::Optimizer)?;
@@ -174,10 +178,21 @@ impl<B: Backend> Trainer<B> {
         if cfg.method == Method::MlVpt {
             for (s, table) in branches.iter().enumerate() {
                 if table.len() != k {
-                    return Err(ConfigError::BranchLength { branch: s, got: table.len(), labels: k }.into());
+                    return Err(ConfigError::BranchLength {
+                        branch: s,
+                        got: table.len(),
+                        labels: k,
+                    }
+                    .into());
                 }
                 if let Some((label, &group)) = table.iter().enumerate().find(|(_, &g)| g >= t) {
-                    return Err(ConfigError::GroupOutOfRange { branch: s, label, group, groups: t }.into());
+                    return Err(ConfigError::GroupOutOfRange {
+                        branch: s,
+                        label,
+                        group,
+                        groups: t,
+                    }
+                    .into());
                 }
                 let mut tok = vec![0u32; e * k];
                 let mut grow = vec![0u32; e * k];
@@ -225,12 +240,22 @@ impl<B: Backend> Trainer<B> {
         };
 
         let get = |name: &str| -> Result<&[f32]> {
-            Ok(backbone.get(name).with_context(|| format!("backbone has no tensor {name}"))?.data.as_slice())
+            Ok(backbone
+                .get(name)
+                .with_context(|| format!("backbone has no tensor {name}"))?
+                .data
+                .as_slice())
         };
         let be = &mut backend;
-        let mut pair = |w: &str, b: &str| -> Result<(B::Buf, B::Buf)> { Ok((upload_new(be, get(w)?), upload_new(be, get(b)?))) };
+        let mut pair = |w: &str, b: &str| -> Result<(B::Buf, B::Buf)> {
+            Ok((upload_new(be, get(w)?), upload_new(be, get(b)?)))
+        };
         let patch = pair("patch_embed.proj.weight", "patch_embed.proj.bias")?;
-        let norm = if v.final_norm { Some(pair("norm.weight", "norm.bias")?) } else { None };
+        let norm = if v.final_norm {
+            Some(pair("norm.weight", "norm.bias")?)
+        } else {
+            None
+        };
         let mut blocks = Vec::new();
         for i in 0..v.depth {
             let p = |s: &str| format!("blocks.{i}.{s}");
@@ -247,25 +272,64 @@ impl<B: Backend> Trainer<B> {
         }
         if v.layer_scale {
             for (i, blk) in blocks.iter_mut().enumerate() {
-                blk.ls1 = Some(upload_new(&mut backend, get(&format!("blocks.{i}.ls1.gamma"))?));
-                blk.ls2 = Some(upload_new(&mut backend, get(&format!("blocks.{i}.ls2.gamma"))?));
+                blk.ls1 = Some(upload_new(
+                    &mut backend,
+                    get(&format!("blocks.{i}.ls1.gamma"))?,
+                ));
+                blk.ls2 = Some(upload_new(
+                    &mut backend,
+                    get(&format!("blocks.{i}.ls2.gamma"))?,
+                ));
             }
         }
         let cls = upload_new(&mut backend, get("cls_token")?);
         let pos = upload_new(&mut backend, get("pos_embed")?);
-        let weights = Weights { patch, cls, pos, blocks, norm };
+        let weights = Weights {
+            patch,
+            cls,
+            pos,
+            blocks,
+            norm,
+        };
 
         let be = &mut backend;
-        let params_dev: Vec<B::Buf> = params.tensors.iter().map(|t| upload_new(be, &t.data)).collect();
-        let zeros = |be: &mut B| -> Vec<B::Buf> { specs.iter().map(|(_, s)| be.alloc(s.iter().product())).collect() };
+        let params_dev: Vec<B::Buf> = params
+            .tensors
+            .iter()
+            .map(|t| upload_new(be, &t.data))
+            .collect();
+        let zeros = |be: &mut B| -> Vec<B::Buf> {
+            specs
+                .iter()
+                .map(|(_, s)| be.alloc(s.iter().product()))
+                .collect()
+        };
         let grads = zeros(be);
         let adam_m = zeros(be);
         let adam_v = zeros(be);
-        let tables = host_tables.iter().map(|(a, b)| (be.upload_idx(a), be.upload_idx(b))).collect();
+        let tables = host_tables
+            .iter()
+            .map(|(a, b)| (be.upload_idx(a), be.upload_idx(b)))
+            .collect();
         let acts = Acts::new(be, &dims);
         // A device backend reports allocation failures (out of memory) here.
         backend.check().context("putting the model on the backend")?;
-        Ok(Self { be: backend, cfg, dims, asl, opt, specs, weights, params: params_dev, grads, adam_m, adam_v, step: 0, tables, acts })
+        Ok(Self {
+            be: backend,
+            cfg,
+            dims,
+            asl,
+            opt,
+            specs,
+            weights,
+            params: params_dev,
+            grads,
+            adam_m,
+            adam_v,
+            step: 0,
+            tables,
+            acts,
+        })
     }
 
     /// The model configuration.
@@ -288,12 +352,25 @@ impl<B: Backend> Trainer<B> {
     /// Batch size from the input lengths, with clear errors.
     fn batch_of(&self, images: &[f32], targets: Option<&[f32]>) -> Result<usize> {
         let il = self.dims.image_len;
-        ensure!(!images.is_empty() && images.len() % il == 0, "images: got {} values, expected a positive multiple of C*H*W = {il}", images.len());
+        ensure!(
+            !images.is_empty() && images.len().is_multiple_of(il),
+            "images: got {} values, expected a positive multiple of C*H*W = {il}",
+            images.len()
+        );
         let b = images.len() / il;
-        ensure!(b <= self.dims.max_batch, "batch of {b} images exceeds max_batch {}", self.dims.max_batch);
+        ensure!(
+            b <= self.dims.max_batch,
+            "batch of {b} images exceeds max_batch {}",
+            self.dims.max_batch
+        );
         if let Some(t) = targets {
             let k = self.dims.labels;
-            ensure!(t.len() == b * k, "targets: got {} values for {b} images, expected B*K = {}", t.len(), b * k);
+            ensure!(
+                t.len() == b * k,
+                "targets: got {} values for {b} images, expected B*K = {}",
+                t.len(),
+                b * k
+            );
         }
         Ok(b)
     }
@@ -301,10 +378,21 @@ impl<B: Backend> Trainer<B> {
     /// Forward, loss, backward, AdamW at learning rate `lr`; returns the loss.
     /// Batch = `targets.len() / K`; `images` must hold that many `[C, H, W]` images.
     pub fn step(&mut self, images: &[f32], targets: &[f32], lr: f32) -> Result<f32> {
-        ensure!(lr.is_finite() && lr >= 0.0, "learning rate must be a finite number >= 0, got {lr}");
+        ensure!(
+            lr.is_finite() && lr >= 0.0,
+            "learning rate must be a finite number >= 0, got {lr}"
+        );
         let loss = self.compute_grads(images, targets)?;
         self.step += 1;
-        self.be.adamw(&mut self.params, &self.grads, &mut self.adam_m, &mut self.adam_v, self.step, lr as f64, &self.opt);
+        self.be.adamw(
+            &mut self.params,
+            &self.grads,
+            &mut self.adam_m,
+            &mut self.adam_v,
+            self.step,
+            lr as f64,
+            &self.opt,
+        );
         self.be.check()?;
         Ok(loss as f32)
     }
@@ -317,14 +405,22 @@ impl<B: Backend> Trainer<B> {
         for (i, (name, shape)) in self.specs.iter().enumerate() {
             let mut data = vec![0.0f32; shape.iter().product()];
             self.be.download(&self.grads[i], &mut data);
-            out.push(NamedTensor { name: name.clone(), shape: shape.clone(), data });
+            out.push(NamedTensor {
+                name: name.clone(),
+                shape: shape.clone(),
+                data,
+            });
         }
         Ok((loss as f32, Params { tensors: out }))
     }
 
     /// Like [`Trainer::loss_and_grads`] in the backend's own precision, as f64 (for the
     /// finite-difference checks on `CpuBackend<f64>`).
-    pub fn loss_and_grads_f64(&mut self, images: &[f32], targets: &[f32]) -> Result<(f64, Vec<Vec<f64>>)> {
+    pub fn loss_and_grads_f64(
+        &mut self,
+        images: &[f32],
+        targets: &[f32],
+    ) -> Result<(f64, Vec<Vec<f64>>)> {
         let loss = self.compute_grads(images, targets)?;
         let mut out = Vec::with_capacity(self.specs.len());
         for (i, (_, shape)) in self.specs.iter().enumerate() {
@@ -378,7 +474,12 @@ impl<B: Backend> Trainer<B> {
 
     /// Replaces the trainable parameters from f64 values in [`Params`] order (gradient checks).
     pub fn set_params_f64(&mut self, values: &[Vec<f64>]) -> Result<()> {
-        ensure!(values.len() == self.specs.len(), "got {} tensors, expected {}", values.len(), self.specs.len());
+        ensure!(
+            values.len() == self.specs.len(),
+            "got {} tensors, expected {}",
+            values.len(),
+            self.specs.len()
+        );
         for ((buf, v), (name, shape)) in self.params.iter_mut().zip(values).zip(&self.specs) {
             let n: usize = shape.iter().product();
             ensure!(v.len() == n, "{name}: got {} values, expected {n}", v.len());
@@ -389,7 +490,11 @@ impl<B: Backend> Trainer<B> {
 
     /// AdamW moments and the number of steps taken.
     pub fn optimizer_state(&self) -> (Params, Params, u64) {
-        (self.download_set(&self.adam_m), self.download_set(&self.adam_v), self.step)
+        (
+            self.download_set(&self.adam_m),
+            self.download_set(&self.adam_v),
+            self.step,
+        )
     }
 
     /// Restores AdamW moments and the step count (e.g. from a checkpoint).
@@ -409,7 +514,11 @@ impl<B: Backend> Trainer<B> {
         for (i, (name, shape)) in self.specs.iter().enumerate() {
             let mut data = vec![0.0f32; shape.iter().product()];
             self.be.download(&bufs[i], &mut data);
-            tensors.push(NamedTensor { name: name.clone(), shape: shape.clone(), data });
+            tensors.push(NamedTensor {
+                name: name.clone(),
+                shape: shape.clone(),
+                data,
+            });
         }
         Params { tensors }
     }
@@ -433,12 +542,29 @@ impl<B: Backend> Trainer<B> {
 
 /// Names and shapes of `p` must be `specs`, in order.
 fn check_params(specs: &[(String, Vec<usize>)], p: &Params) -> Result<()> {
-    ensure!(p.tensors.len() == specs.len(), "parameters: got {} tensors, expected {} ({})", p.tensors.len(), specs.len(),
-        specs.iter().map(|s| s.0.as_str()).collect::<Vec<_>>().join(", "));
+    ensure!(
+        p.tensors.len() == specs.len(),
+        "parameters: got {} tensors, expected {} ({})",
+        p.tensors.len(),
+        specs.len(),
+        specs
+            .iter()
+            .map(|s| s.0.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
     for (t, (name, shape)) in p.tensors.iter().zip(specs) {
-        ensure!(&t.name == name, "parameters: got tensor {} where {name} was expected", t.name);
-        ensure!(&t.shape == shape && t.data.len() == shape.iter().product::<usize>(),
-            "parameter {name}: shape {:?} with {} values, expected {shape:?}", t.shape, t.data.len());
+        ensure!(
+            &t.name == name,
+            "parameters: got tensor {} where {name} was expected",
+            t.name
+        );
+        ensure!(
+            &t.shape == shape && t.data.len() == shape.iter().product::<usize>(),
+            "parameter {name}: shape {:?} with {} values, expected {shape:?}",
+            t.shape,
+            t.data.len()
+        );
     }
     Ok(())
 }
@@ -455,16 +581,24 @@ impl<B: Backend> Acts<B> {
             Method::Vpt => (false, 1),
         };
         let bek = if mlvpt { bm * d.experts * d.labels } else { 0 };
-        let per_layer = |be: &mut B, len: usize| -> Vec<B::Buf> { (0..d.depth).map(|_| be.alloc(len)).collect() };
+        let per_layer = |be: &mut B, len: usize| -> Vec<B::Buf> {
+            (0..d.depth).map(|_| be.alloc(len)).collect()
+        };
         let xs = (0..=d.depth).map(|_| be.alloc(nd)).collect();
         let xmid = per_layer(be, nd);
-        let ln1 = (0..d.depth).map(|_| (be.alloc(rows), be.alloc(rows))).collect();
-        let ln2 = (0..d.depth).map(|_| (be.alloc(rows), be.alloc(rows))).collect();
+        let ln1 = (0..d.depth)
+            .map(|_| (be.alloc(rows), be.alloc(rows)))
+            .collect();
+        let ln2 = (0..d.depth)
+            .map(|_| (be.alloc(rows), be.alloc(rows)))
+            .collect();
         let qkv = per_layer(be, 3 * nd);
         let att = per_layer(be, nd);
         let lse = per_layer(be, bm * d.heads * d.tokens);
         let pre_gelu = per_layer(be, rows * d.mlp);
-        let many = |be: &mut B, count: usize, len: usize| -> Vec<B::Buf> { (0..count).map(|_| be.alloc(len)).collect() };
+        let many = |be: &mut B, count: usize, len: usize| -> Vec<B::Buf> {
+            (0..count).map(|_| be.alloc(len)).collect()
+        };
         Self {
             images: be.alloc(bm * d.image_len),
             patches: be.alloc(bm * d.num_patches * d.patch_len),
@@ -524,13 +658,49 @@ impl<B: Backend> Trainer<B> {
     fn forward(&mut self, b: usize, hook: &mut BlockHook<B>) {
         let shape = self.attn_shape(b);
         let d = self.dims;
-        let Self { be, weights: w, params, acts: a, tables, .. } = self;
+        let Self {
+            be,
+            weights: w,
+            params,
+            acts: a,
+            tables,
+            ..
+        } = self;
         let (n, dim, p, k) = (d.tokens, d.dim, d.prompts, d.labels);
         let rows = b * n;
-        be.patchify(&a.images, &mut a.patches, b, d.channels, d.image, d.image, d.patch);
-        be.linear_forward(&a.patches, &w.patch.0, Some(&w.patch.1), &mut a.patch_emb, b * d.num_patches, d.patch_len, dim);
-        be.embed_tokens(&a.patch_emb, &w.cls, &w.pos, &mut a.xs[0], b, d.num_patches, p, dim);
-        let tail = AttnShape { q_start: 1, q_len: p, ..shape };
+        be.patchify(
+            &a.images,
+            &mut a.patches,
+            b,
+            d.channels,
+            d.image,
+            d.image,
+            d.patch,
+        );
+        be.linear_forward(
+            &a.patches,
+            &w.patch.0,
+            Some(&w.patch.1),
+            &mut a.patch_emb,
+            b * d.num_patches,
+            d.patch_len,
+            dim,
+        );
+        be.embed_tokens(
+            &a.patch_emb,
+            &w.cls,
+            &w.pos,
+            &mut a.xs[0],
+            b,
+            d.num_patches,
+            p,
+            dim,
+        );
+        let tail = AttnShape {
+            q_start: 1,
+            q_len: p,
+            ..shape
+        };
         for l in 0..d.depth {
             let (lo, hi) = a.xs.split_at_mut(l + 1);
             let (x, xo) = (&mut lo[l], &mut hi[0]);
@@ -539,17 +709,76 @@ impl<B: Backend> Trainer<B> {
             }
             let blk = &w.blocks[l];
             let (m1, r1) = &mut a.ln1[l];
-            be.layernorm_forward(x, &blk.norm1.0, &blk.norm1.1, &mut a.normed, m1, r1, rows, dim, VIT_EPS);
-            be.linear_forward(&a.normed, &blk.qkv.0, Some(&blk.qkv.1), &mut a.qkv[l], rows, dim, 3 * dim);
+            be.layernorm_forward(
+                x,
+                &blk.norm1.0,
+                &blk.norm1.1,
+                &mut a.normed,
+                m1,
+                r1,
+                rows,
+                dim,
+                VIT_EPS,
+            );
+            be.linear_forward(
+                &a.normed,
+                &blk.qkv.0,
+                Some(&blk.qkv.1),
+                &mut a.qkv[l],
+                rows,
+                dim,
+                3 * dim,
+            );
             if l + 1 < d.depth {
                 be.attention_forward(&a.qkv[l], &mut a.att[l], &mut a.lse[l], &shape);
-                be.linear_forward(&a.att[l], &blk.proj.0, Some(&blk.proj.1), &mut a.branch_out, rows, dim, dim);
-                be.residual(x, &a.branch_out, blk.ls1.as_ref(), &mut a.xmid[l], rows, dim);
+                be.linear_forward(
+                    &a.att[l],
+                    &blk.proj.0,
+                    Some(&blk.proj.1),
+                    &mut a.branch_out,
+                    rows,
+                    dim,
+                    dim,
+                );
+                be.residual(
+                    x,
+                    &a.branch_out,
+                    blk.ls1.as_ref(),
+                    &mut a.xmid[l],
+                    rows,
+                    dim,
+                );
                 let (m2, r2) = &mut a.ln2[l];
-                be.layernorm_forward(&a.xmid[l], &blk.norm2.0, &blk.norm2.1, &mut a.normed, m2, r2, rows, dim, VIT_EPS);
-                be.linear_forward(&a.normed, &blk.fc1.0, Some(&blk.fc1.1), &mut a.pre_gelu[l], rows, dim, d.mlp);
+                be.layernorm_forward(
+                    &a.xmid[l],
+                    &blk.norm2.0,
+                    &blk.norm2.1,
+                    &mut a.normed,
+                    m2,
+                    r2,
+                    rows,
+                    dim,
+                    VIT_EPS,
+                );
+                be.linear_forward(
+                    &a.normed,
+                    &blk.fc1.0,
+                    Some(&blk.fc1.1),
+                    &mut a.pre_gelu[l],
+                    rows,
+                    dim,
+                    d.mlp,
+                );
                 be.gelu_forward(&a.pre_gelu[l], &mut a.hidden, rows * d.mlp);
-                be.linear_forward(&a.hidden, &blk.fc2.0, Some(&blk.fc2.1), &mut a.branch_out, rows, d.mlp, dim);
+                be.linear_forward(
+                    &a.hidden,
+                    &blk.fc2.0,
+                    Some(&blk.fc2.1),
+                    &mut a.branch_out,
+                    rows,
+                    d.mlp,
+                    dim,
+                );
                 be.residual(&a.xmid[l], &a.branch_out, blk.ls2.as_ref(), xo, rows, dim);
                 hook(be, l, xo, n);
             } else {
@@ -559,36 +788,133 @@ impl<B: Backend> Trainer<B> {
                 let pr = b * p;
                 be.attention_forward(&a.qkv[l], &mut a.att[l], &mut a.lse[l], &tail);
                 be.copy_tokens(x, n, 1, &mut a.xtail, p, 0, p, b, dim);
-                be.linear_forward(&a.att[l], &blk.proj.0, Some(&blk.proj.1), &mut a.branch_out, pr, dim, dim);
-                be.residual(&a.xtail, &a.branch_out, blk.ls1.as_ref(), &mut a.xmid[l], pr, dim);
+                be.linear_forward(
+                    &a.att[l],
+                    &blk.proj.0,
+                    Some(&blk.proj.1),
+                    &mut a.branch_out,
+                    pr,
+                    dim,
+                    dim,
+                );
+                be.residual(
+                    &a.xtail,
+                    &a.branch_out,
+                    blk.ls1.as_ref(),
+                    &mut a.xmid[l],
+                    pr,
+                    dim,
+                );
                 let (m2, r2) = &mut a.ln2[l];
-                be.layernorm_forward(&a.xmid[l], &blk.norm2.0, &blk.norm2.1, &mut a.normed, m2, r2, pr, dim, VIT_EPS);
-                be.linear_forward(&a.normed, &blk.fc1.0, Some(&blk.fc1.1), &mut a.pre_gelu[l], pr, dim, d.mlp);
+                be.layernorm_forward(
+                    &a.xmid[l],
+                    &blk.norm2.0,
+                    &blk.norm2.1,
+                    &mut a.normed,
+                    m2,
+                    r2,
+                    pr,
+                    dim,
+                    VIT_EPS,
+                );
+                be.linear_forward(
+                    &a.normed,
+                    &blk.fc1.0,
+                    Some(&blk.fc1.1),
+                    &mut a.pre_gelu[l],
+                    pr,
+                    dim,
+                    d.mlp,
+                );
                 be.gelu_forward(&a.pre_gelu[l], &mut a.hidden, pr * d.mlp);
-                be.linear_forward(&a.hidden, &blk.fc2.0, Some(&blk.fc2.1), &mut a.branch_out, pr, d.mlp, dim);
-                be.residual(&a.xmid[l], &a.branch_out, blk.ls2.as_ref(), &mut a.zin, pr, dim);
+                be.linear_forward(
+                    &a.hidden,
+                    &blk.fc2.0,
+                    Some(&blk.fc2.1),
+                    &mut a.branch_out,
+                    pr,
+                    d.mlp,
+                    dim,
+                );
+                be.residual(
+                    &a.xmid[l],
+                    &a.branch_out,
+                    blk.ls2.as_ref(),
+                    &mut a.zin,
+                    pr,
+                    dim,
+                );
                 hook(be, l, &a.zin, p);
             }
         }
         // Group tokens Z: the final norm of the last block's prompt outputs.
         match &w.norm {
-            Some((g, beta)) => be.layernorm_forward(&a.zin, g, beta, &mut a.z, &mut a.zstats.0, &mut a.zstats.1, b * p, dim, VIT_EPS),
+            Some((g, beta)) => be.layernorm_forward(
+                &a.zin,
+                g,
+                beta,
+                &mut a.z,
+                &mut a.zstats.0,
+                &mut a.zstats.1,
+                b * p,
+                dim,
+                VIT_EPS,
+            ),
             None => be.copy(&a.zin, &mut a.z, b * p * dim),
         }
         match d.method {
             Method::MlVpt => {
-                let ash = AdapterShape { batch: b, tokens: p, dim, rank: d.rank };
-                be.adapter_forward(&a.z, &params[1], &params[2], &params[3], &params[4], &mut a.adapter_u, &mut a.adapted, &ash);
-                let msh = MoeShape { batch: b, tokens: p, dim, labels: k, experts: d.experts, gate_rows: d.gate_rows };
+                let ash = AdapterShape {
+                    batch: b,
+                    tokens: p,
+                    dim,
+                    rank: d.rank,
+                };
+                be.adapter_forward(
+                    &a.z,
+                    &params[1],
+                    &params[2],
+                    &params[3],
+                    &params[4],
+                    &mut a.adapter_u,
+                    &mut a.adapted,
+                    &ash,
+                );
+                let msh = MoeShape {
+                    batch: b,
+                    tokens: p,
+                    dim,
+                    labels: k,
+                    experts: d.experts,
+                    gate_rows: d.gate_rows,
+                };
                 be.fill(&mut a.logits, b * k, 0.0);
                 for (s, (tok, grow)) in tables.iter().enumerate() {
                     let h = head_index(s);
-                    be.moe_forward(&a.z, &a.adapted, &params[h], &params[h + 1], &params[h + 2], tok, grow, &mut a.y[s], &mut a.m[s], &mut a.q[s], &mut a.r[s], &msh);
+                    be.moe_forward(
+                        &a.z,
+                        &a.adapted,
+                        &params[h],
+                        &params[h + 1],
+                        &params[h + 2],
+                        tok,
+                        grow,
+                        &mut a.y[s],
+                        &mut a.m[s],
+                        &mut a.q[s],
+                        &mut a.r[s],
+                        &msh,
+                    );
                     be.axpby(1.0, &mut a.logits, 1.0 / d.branches as f64, &a.y[s], b * k);
                 }
             }
             Method::Vpt => {
-                let vsh = VptHeadShape { batch: b, tokens: p, dim, labels: k };
+                let vsh = VptHeadShape {
+                    batch: b,
+                    tokens: p,
+                    dim,
+                    labels: k,
+                };
                 be.vpt_head_forward(&a.z, &params[1], &params[2], &mut a.zbar, &mut a.y[0], &vsh);
                 be.copy(&a.y[0], &mut a.logits, b * k);
             }
@@ -616,41 +942,119 @@ impl<B: Backend> Trainer<B> {
     fn backward(&mut self, b: usize) {
         let shape = self.attn_shape(b);
         let d = self.dims;
-        let Self { be, weights: w, params, grads, acts: a, tables, .. } = self;
+        let Self {
+            be,
+            weights: w,
+            params,
+            grads,
+            acts: a,
+            tables,
+            ..
+        } = self;
         let (n, dim, p, k) = (d.tokens, d.dim, d.prompts, d.labels);
         let rows = b * n;
         match d.method {
             Method::MlVpt => {
                 be.fill(&mut a.dz, b * p * dim, 0.0);
                 be.fill(&mut a.dadapted, b * p * dim, 0.0);
-                let msh = MoeShape { batch: b, tokens: p, dim, labels: k, experts: d.experts, gate_rows: d.gate_rows };
+                let msh = MoeShape {
+                    batch: b,
+                    tokens: p,
+                    dim,
+                    labels: k,
+                    experts: d.experts,
+                    gate_rows: d.gate_rows,
+                };
                 for (s, (tok, grow)) in tables.iter().enumerate() {
                     let h = head_index(s);
-                    let [dg, dw, dc] = &mut grads[h..h + 3] else { unreachable!("three head tensors per branch") };
-                    be.moe_backward(&a.dy[s], &a.dm[s], &a.z, &a.adapted, &params[h], &params[h + 1], tok, grow, &a.q[s], &a.r[s], &mut a.dz, &mut a.dadapted, dg, dw, dc, &msh);
+                    let [dg, dw, dc] = &mut grads[h..h + 3] else {
+                        unreachable!("three head tensors per branch")
+                    };
+                    be.moe_backward(
+                        &a.dy[s],
+                        &a.dm[s],
+                        &a.z,
+                        &a.adapted,
+                        &params[h],
+                        &params[h + 1],
+                        tok,
+                        grow,
+                        &a.q[s],
+                        &a.r[s],
+                        &mut a.dz,
+                        &mut a.dadapted,
+                        dg,
+                        dw,
+                        dc,
+                        &msh,
+                    );
                 }
-                let ash = AdapterShape { batch: b, tokens: p, dim, rank: d.rank };
-                let [dw1, db1, dw2, db2] = &mut grads[1..5] else { unreachable!("four adapter tensors") };
-                be.adapter_backward(&a.dadapted, &a.z, &a.adapter_u, &params[1], &params[3], &mut a.dz, dw1, db1, dw2, db2, &ash);
+                let ash = AdapterShape {
+                    batch: b,
+                    tokens: p,
+                    dim,
+                    rank: d.rank,
+                };
+                let [dw1, db1, dw2, db2] = &mut grads[1..5] else {
+                    unreachable!("four adapter tensors")
+                };
+                be.adapter_backward(
+                    &a.dadapted,
+                    &a.z,
+                    &a.adapter_u,
+                    &params[1],
+                    &params[3],
+                    &mut a.dz,
+                    dw1,
+                    db1,
+                    dw2,
+                    db2,
+                    &ash,
+                );
             }
             Method::Vpt => {
-                let vsh = VptHeadShape { batch: b, tokens: p, dim, labels: k };
-                let [_, dw, dc] = &mut grads[..] else { unreachable!("VPT has three tensors") };
+                let vsh = VptHeadShape {
+                    batch: b,
+                    tokens: p,
+                    dim,
+                    labels: k,
+                };
+                let [_, dw, dc] = &mut grads[..] else {
+                    unreachable!("VPT has three tensors")
+                };
                 be.vpt_head_backward(&a.dy[0], &a.zbar, &params[1], &mut a.dz, dw, dc, &vsh);
             }
         }
         match &w.norm {
-            Some((g, _)) => be.layernorm_backward(&a.dz, &a.zin, g, &a.zstats.0, &a.zstats.1, &mut a.dzin, b * p, dim, false),
+            Some((g, _)) => be.layernorm_backward(
+                &a.dz,
+                &a.zin,
+                g,
+                &a.zstats.0,
+                &a.zstats.1,
+                &mut a.dzin,
+                b * p,
+                dim,
+                false,
+            ),
             None => be.copy(&a.dz, &mut a.dzin, b * p * dim),
         }
-        let tail = AttnShape { q_start: 1, q_len: p, ..shape };
+        let tail = AttnShape {
+            q_start: 1,
+            q_len: p,
+            ..shape
+        };
         let dprompts = &mut grads[0];
         for l in (0..d.depth).rev() {
             let blk = &w.blocks[l];
             let last = l + 1 == d.depth;
             // The MLP and attention-output part runs on all rows, or on the P prompt rows of
             // the last block (gradient `dzin`, compact [B, P, D]).
-            let (r, dres) = if last { (b * p, &mut a.dzin) } else { (rows, &mut a.dx) };
+            let (r, dres) = if last {
+                (b * p, &mut a.dzin)
+            } else {
+                (rows, &mut a.dx)
+            };
             // x_out = x_mid + ls2 * fc2(gelu(fc1(LN2(x_mid))))
             let src = match &blk.ls2 {
                 Some(ls) => {
@@ -662,7 +1066,17 @@ impl<B: Backend> Trainer<B> {
             be.linear_backward_input(src, &blk.fc2.0, &mut a.dhidden, r, d.mlp, dim, false);
             be.gelu_backward(&a.pre_gelu[l], &mut a.dhidden, r * d.mlp);
             be.linear_backward_input(&a.dhidden, &blk.fc1.0, &mut a.dtmp2, r, dim, d.mlp, false);
-            be.layernorm_backward(&a.dtmp2, &a.xmid[l], &blk.norm2.0, &a.ln2[l].0, &a.ln2[l].1, dres, r, dim, true);
+            be.layernorm_backward(
+                &a.dtmp2,
+                &a.xmid[l],
+                &blk.norm2.0,
+                &a.ln2[l].0,
+                &a.ln2[l].1,
+                dres,
+                r,
+                dim,
+                true,
+            );
             // x_mid = x + ls1 * proj(attn(qkv(LN1(x))))
             let src = match &blk.ls1 {
                 Some(ls) => {
@@ -672,14 +1086,31 @@ impl<B: Backend> Trainer<B> {
                 None => &*dres,
             };
             be.linear_backward_input(src, &blk.proj.0, &mut a.dtmp2, r, dim, dim, false);
-            be.attention_backward(&a.qkv[l], &a.att[l], &a.lse[l], &a.dtmp2, &mut a.dqkv, if last { &tail } else { &shape });
+            be.attention_backward(
+                &a.qkv[l],
+                &a.att[l],
+                &a.lse[l],
+                &a.dtmp2,
+                &mut a.dqkv,
+                if last { &tail } else { &shape },
+            );
             be.linear_backward_input(&a.dqkv, &blk.qkv.0, &mut a.dtmp2, rows, dim, 3 * dim, false);
             if last {
                 // Residual path of the prompt rows into the full-layout gradient.
                 be.fill(&mut a.dx, rows * dim, 0.0);
                 be.copy_tokens(&a.dzin, p, 0, &mut a.dx, n, 1, p, b, dim);
             }
-            be.layernorm_backward(&a.dtmp2, &a.xs[l], &blk.norm1.0, &a.ln1[l].0, &a.ln1[l].1, &mut a.dx, rows, dim, true);
+            be.layernorm_backward(
+                &a.dtmp2,
+                &a.xs[l],
+                &blk.norm1.0,
+                &a.ln1[l].0,
+                &a.ln1[l].1,
+                &mut a.dx,
+                rows,
+                dim,
+                true,
+            );
             if d.deep {
                 // Block l's input prompts are prompts[l]; the previous block's prompt outputs
                 // were discarded, so their gradient is cut.

@@ -1,13 +1,21 @@
 //! CPU reference of AdamW (one tensor; the backend loops over tensors in order).
 
 use super::AdamWConfig;
-use crate::ops::real::{cast, Real};
+use crate::ops::real::{cast, simd, Real};
 use rayon::prelude::*;
 
 const CHUNK: usize = 4096;
 
 /// One AdamW update of `p` with gradient `g` at step `step` (1-based) and learning rate `lr`.
-pub fn step<T: Real>(p: &mut [T], g: &[T], m: &mut [T], v: &mut [T], step: u64, lr: f64, cfg: &AdamWConfig) {
+pub fn step<T: Real>(
+    p: &mut [T],
+    g: &[T],
+    m: &mut [T],
+    v: &mut [T],
+    step: u64,
+    lr: f64,
+    cfg: &AdamWConfig,
+) {
     assert!(step >= 1, "AdamW steps count from 1");
     let n = p.len();
     assert!(g.len() >= n && m.len() >= n && v.len() >= n);
@@ -23,13 +31,15 @@ pub fn step<T: Real>(p: &mut [T], g: &[T], m: &mut [T], v: &mut [T], step: u64, 
         .zip(v[..n].par_chunks_mut(CHUNK))
         .zip(g[..n].par_chunks(CHUNK))
         .for_each(|(((pc, mc), vc), gc)| {
-            for i in 0..pc.len() {
-                let gi = gc[i];
-                mc[i] = b1 * mc[i] + (T::one() - b1) * gi;
-                vc[i] = b2 * vc[i] + (T::one() - b2) * gi * gi;
-                let mhat = mc[i] * c1;
-                let vhat = vc[i] * c2;
-                pc[i] = pc[i] - lr * (mhat / (vhat.sqrt() + eps) + wd * pc[i]);
-            }
+            simd(|| {
+                for i in 0..pc.len() {
+                    let gi = gc[i];
+                    mc[i] = b1 * mc[i] + (T::one() - b1) * gi;
+                    vc[i] = b2 * vc[i] + (T::one() - b2) * gi * gi;
+                    let mhat = mc[i] * c1;
+                    let vhat = vc[i] * c2;
+                    pc[i] = pc[i] - lr * (mhat / (vhat.sqrt() + eps) + wd * pc[i]);
+                }
+            });
         });
 }

@@ -39,6 +39,7 @@ pub fn step(
     let step_size = (lr / bc1) as f32;
     let inv_sqrt_bc2 = (1.0 / bc2.sqrt()) as f32;
     let (b1, b2, eps) = (cfg.beta1 as f32, cfg.beta2 as f32, cfg.eps as f32);
+    let (omb1, omb2) = ((1.0 - cfg.beta1) as f32, (1.0 - cfg.beta2) as f32);
     let (pp, _g1) = params.device_ptr_mut(stream);
     let (gp, _g2) = grads.device_ptr(stream);
     let (mp, _g3) = m.device_ptr_mut(stream);
@@ -51,7 +52,7 @@ pub fn step(
     let cfg = LaunchConfig { grid_dim: (grid_stride_blocks(gpu, items, BLOCK as u64), 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
     let mut l = stream.launch_builder(&f);
     l.arg(&pp).arg(&gp).arg(&mp).arg(&vp).arg(&n64);
-    l.arg(&decay).arg(&step_size).arg(&inv_sqrt_bc2).arg(&b1).arg(&b2).arg(&eps);
+    l.arg(&decay).arg(&step_size).arg(&inv_sqrt_bc2).arg(&b1).arg(&b2).arg(&eps).arg(&omb1).arg(&omb2);
     // SAFETY: all four buffers hold n elements; `_v4` only runs on 16-byte aligned buffers.
     unsafe { l.launch(cfg) }.map_err(GpuError::driver(format!("launching {name}")))?;
     Ok(())

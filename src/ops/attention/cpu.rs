@@ -3,7 +3,7 @@
 
 use super::AttnShape;
 use crate::ops::linear::cpu::matmul;
-use crate::ops::real::{cast, Real, SyncPtr};
+use crate::ops::real::{cast, simd, Real, SyncPtr};
 use rayon::prelude::*;
 
 /// How many (image, head) tasks share the scratch at once: enough to keep every thread busy,
@@ -13,7 +13,7 @@ fn tasks_per_round(total: usize) -> usize {
 }
 
 /// Sum with eight accumulators (vectorizes; fixed order).
-#[inline]
+#[inline(always)]
 fn sum8<T: Real>(v: &[T]) -> T {
     let mut acc = [T::zero(); 8];
     let chunks = v.chunks_exact(8);
@@ -30,8 +30,26 @@ fn sum8<T: Real>(v: &[T]) -> T {
     s
 }
 
+/// Maximum with eight lanes (vectorizes; the order of a max does not change the result).
+#[inline(always)]
+fn max8<T: Real>(v: &[T]) -> T {
+    let mut acc = [T::neg_infinity(); 8];
+    let chunks = v.chunks_exact(8);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for l in 0..8 {
+            acc[l] = if c[l] > acc[l] { c[l] } else { acc[l] };
+        }
+    }
+    let mut m = acc.iter().copied().fold(T::neg_infinity(), T::max);
+    for &x in rest {
+        m = m.max(x);
+    }
+    m
+}
+
 /// In a row of query token `i`, sets the keys it may not see to `value`.
-#[inline]
+#[inline(always)]
 fn mask_row<T: Real>(row: &mut [T], i: usize, sh: &AttnShape, value: T) {
     if i >= sh.prompt_start && i < sh.prompt_end {
         for (j, v) in row[sh.prompt_start..sh.prompt_end].iter_mut().enumerate() {
@@ -43,11 +61,12 @@ fn mask_row<T: Real>(row: &mut [T], i: usize, sh: &AttnShape, value: T) {
 }
 
 /// Masks and softmaxes the rows of `s [q_len, n]` (scaled scores) in place; writes `lse[r]`.
+#[inline(always)]
 fn softmax_rows<T: Real>(s: &mut [T], lse: &mut [T], sh: &AttnShape) {
     let n = sh.tokens;
     for (r, row) in s.chunks_exact_mut(n).enumerate() {
         mask_row(row, sh.q_start + r, sh, T::neg_infinity());
-        let mx = row.iter().copied().fold(T::neg_infinity(), T::max);
+        let mx = max8(row);
         for v in row.iter_mut() {
             *v = (*v - mx).fast_exp();
         }
@@ -62,7 +81,13 @@ fn softmax_rows<T: Real>(s: &mut [T], lse: &mut [T], sh: &AttnShape) {
 
 /// Forward: `out = softmax(mask(scale Q K^T)) V` per head for the query range; saves
 /// `lse [B, h, Nq]`. `scratch` grows once to the size the shape needs and is reused.
-pub fn forward<T: Real>(qkv: &[T], out: &mut [T], lse: &mut [T], sh: &AttnShape, scratch: &mut Vec<T>) {
+pub fn forward<T: Real>(
+    qkv: &[T],
+    out: &mut [T],
+    lse: &mut [T],
+    sh: &AttnShape,
+    scratch: &mut Vec<T>,
+) {
     let (b, n, h, dh) = (sh.batch, sh.tokens, sh.heads, sh.head_dim);
     let (q0, nq) = (sh.q_start, sh.q_len);
     let d = sh.dim();
@@ -82,23 +107,61 @@ pub fn forward<T: Real>(qkv: &[T], out: &mut [T], lse: &mut [T], sh: &AttnShape,
     let mut first = 0;
     while first < total {
         let count = per.min(total - first);
-        scratch[..count * nq * n].par_chunks_mut(nq * n).enumerate().for_each(|(t, s)| {
-            let task = first + t;
-            let (bi, hi) = (task / h, task % h);
-            let base = qkv[bi * n * 3 * d + hi * dh..].as_ptr();
-            // SAFETY: every index below stays inside qkv/out/lse (asserted sizes); each task
-            // writes only its own head's columns of `out` and its own `lse` row.
-            unsafe {
-                let q = base.add(q0 * 3 * d);
-                let k = base.add(d);
-                let v = base.add(2 * d);
-                matmul(nq, n, dh, s.as_mut_ptr(), n, 1, false, q, 3 * d, 1, k, 1, 3 * d, scale, false);
-                let lse_row = std::slice::from_raw_parts_mut(lse_p.get().add(task * nq), nq);
-                softmax_rows(s, lse_row, sh);
-                let o = out_p.get().add(bi * nq * d + hi * dh);
-                matmul(nq, dh, n, o, d, 1, false, s.as_ptr(), n, 1, v, 3 * d, 1, T::one(), false);
-            }
-        });
+        scratch[..count * nq * n]
+            .par_chunks_mut(nq * n)
+            .enumerate()
+            .for_each(|(t, s)| {
+                simd(|| {
+                    let task = first + t;
+                    let (bi, hi) = (task / h, task % h);
+                    let base = qkv[bi * n * 3 * d + hi * dh..].as_ptr();
+                    // SAFETY: every index below stays inside qkv/out/lse (asserted sizes); each task
+                    // writes only its own head's columns of `out` and its own `lse` row.
+                    unsafe {
+                        let q = base.add(q0 * 3 * d);
+                        let k = base.add(d);
+                        let v = base.add(2 * d);
+                        matmul(
+                            nq,
+                            n,
+                            dh,
+                            s.as_mut_ptr(),
+                            n,
+                            1,
+                            false,
+                            q,
+                            3 * d,
+                            1,
+                            k,
+                            1,
+                            3 * d,
+                            scale,
+                            false,
+                        );
+                        let lse_row =
+                            std::slice::from_raw_parts_mut(lse_p.get().add(task * nq), nq);
+                        softmax_rows(s, lse_row, sh);
+                        let o = out_p.get().add(bi * nq * d + hi * dh);
+                        matmul(
+                            nq,
+                            dh,
+                            n,
+                            o,
+                            d,
+                            1,
+                            false,
+                            s.as_ptr(),
+                            n,
+                            1,
+                            v,
+                            3 * d,
+                            1,
+                            T::one(),
+                            false,
+                        );
+                    }
+                });
+            });
         first += count;
     }
 }
@@ -126,7 +189,12 @@ pub fn backward<T: Real>(
     }
     if nq < n {
         // Q rows outside the query range get no gradient.
-        for row in dqkv[..b * n * 3 * d].chunks_exact_mut(3 * d).enumerate().filter(|(t, _)| t % n < q0 || t % n >= q0 + nq).map(|(_, r)| r) {
+        for row in dqkv[..b * n * 3 * d]
+            .chunks_exact_mut(3 * d)
+            .enumerate()
+            .filter(|(t, _)| t % n < q0 || t % n >= q0 + nq)
+            .map(|(_, r)| r)
+        {
             row[..d].fill(T::zero());
         }
     }
@@ -145,52 +213,137 @@ pub fn backward<T: Real>(
     let mut first = 0;
     while first < total {
         let count = per.min(total - first);
-        scratch[..2 * count * nq * n].par_chunks_mut(2 * nq * n).enumerate().for_each(|(t, buf)| {
-            let task = first + t;
-            let (bi, hi) = (task / h, task % h);
-            let (p, dp) = buf.split_at_mut(nq * n);
-            let base = bi * n * 3 * d + hi * dh;
-            let o_off = bi * nq * d + hi * dh;
-            let lse_row = &lse[task * nq..(task + 1) * nq];
-            // SAFETY: indices inside the asserted sizes; each task writes only its own head's
-            // Q, K, V columns of dqkv.
-            unsafe {
-                let all = qkv[base..].as_ptr();
-                let q = all.add(q0 * 3 * d);
-                let k = all.add(d);
-                let v = all.add(2 * d);
-                let go = dout[o_off..].as_ptr();
-                // P = exp(scale Q K^T - lse), masked entries 0.
-                matmul(nq, n, dh, p.as_mut_ptr(), n, 1, false, q, 3 * d, 1, k, 1, 3 * d, scale, false);
-                for (r, row) in p.chunks_exact_mut(n).enumerate() {
-                    let l = lse_row[r];
-                    for x in row.iter_mut() {
-                        *x = (*x - l).fast_exp();
+        scratch[..2 * count * nq * n]
+            .par_chunks_mut(2 * nq * n)
+            .enumerate()
+            .for_each(|(t, buf)| {
+                simd(|| {
+                    let task = first + t;
+                    let (bi, hi) = (task / h, task % h);
+                    let (p, dp) = buf.split_at_mut(nq * n);
+                    let base = bi * n * 3 * d + hi * dh;
+                    let o_off = bi * nq * d + hi * dh;
+                    let lse_row = &lse[task * nq..(task + 1) * nq];
+                    // SAFETY: indices inside the asserted sizes; each task writes only its own head's
+                    // Q, K, V columns of dqkv.
+                    unsafe {
+                        let all = qkv[base..].as_ptr();
+                        let q = all.add(q0 * 3 * d);
+                        let k = all.add(d);
+                        let v = all.add(2 * d);
+                        let go = dout[o_off..].as_ptr();
+                        // P = exp(scale Q K^T - lse), masked entries 0.
+                        matmul(
+                            nq,
+                            n,
+                            dh,
+                            p.as_mut_ptr(),
+                            n,
+                            1,
+                            false,
+                            q,
+                            3 * d,
+                            1,
+                            k,
+                            1,
+                            3 * d,
+                            scale,
+                            false,
+                        );
+                        for (r, row) in p.chunks_exact_mut(n).enumerate() {
+                            let l = lse_row[r];
+                            for x in row.iter_mut() {
+                                *x = (*x - l).fast_exp();
+                            }
+                            mask_row(row, q0 + r, sh, T::zero());
+                        }
+                        // dP = dO V^T
+                        matmul(
+                            nq,
+                            n,
+                            dh,
+                            dp.as_mut_ptr(),
+                            n,
+                            1,
+                            false,
+                            go,
+                            d,
+                            1,
+                            v,
+                            1,
+                            3 * d,
+                            T::one(),
+                            false,
+                        );
+                        // dS = P * (dP - rowsum(dO * O))
+                        for i in 0..nq {
+                            let orow = &out[o_off + i * d..o_off + i * d + dh];
+                            let grow = &dout[o_off + i * d..o_off + i * d + dh];
+                            let di: T = orow.iter().zip(grow).map(|(&a, &g)| a * g).sum();
+                            let pr = &p[i * n..(i + 1) * n];
+                            for (x, &pv) in dp[i * n..(i + 1) * n].iter_mut().zip(pr) {
+                                *x = pv * (*x - di);
+                            }
+                        }
+                        let dall = dqkv_p.get().add(base);
+                        let dq = dall.add(q0 * 3 * d);
+                        let dk = dall.add(d);
+                        let dv = dall.add(2 * d);
+                        // dQ = scale dS K ; dK = scale dS^T Q ; dV = P^T dO
+                        matmul(
+                            nq,
+                            dh,
+                            n,
+                            dq,
+                            3 * d,
+                            1,
+                            false,
+                            dp.as_ptr(),
+                            n,
+                            1,
+                            k,
+                            3 * d,
+                            1,
+                            scale,
+                            false,
+                        );
+                        matmul(
+                            n,
+                            dh,
+                            nq,
+                            dk,
+                            3 * d,
+                            1,
+                            false,
+                            dp.as_ptr(),
+                            1,
+                            n,
+                            q,
+                            3 * d,
+                            1,
+                            scale,
+                            false,
+                        );
+                        matmul(
+                            n,
+                            dh,
+                            nq,
+                            dv,
+                            3 * d,
+                            1,
+                            false,
+                            p.as_ptr(),
+                            1,
+                            n,
+                            go,
+                            d,
+                            1,
+                            T::one(),
+                            false,
+                        );
                     }
-                    mask_row(row, q0 + r, sh, T::zero());
-                }
-                // dP = dO V^T
-                matmul(nq, n, dh, dp.as_mut_ptr(), n, 1, false, go, d, 1, v, 1, 3 * d, T::one(), false);
-                // dS = P * (dP - rowsum(dO * O))
-                for i in 0..nq {
-                    let orow = &out[o_off + i * d..o_off + i * d + dh];
-                    let grow = &dout[o_off + i * d..o_off + i * d + dh];
-                    let di: T = orow.iter().zip(grow).map(|(&a, &g)| a * g).sum();
-                    let pr = &p[i * n..(i + 1) * n];
-                    for (x, &pv) in dp[i * n..(i + 1) * n].iter_mut().zip(pr) {
-                        *x = pv * (*x - di);
-                    }
-                }
-                let dall = dqkv_p.get().add(base);
-                let dq = dall.add(q0 * 3 * d);
-                let dk = dall.add(d);
-                let dv = dall.add(2 * d);
-                // dQ = scale dS K ; dK = scale dS^T Q ; dV = P^T dO
-                matmul(nq, dh, n, dq, 3 * d, 1, false, dp.as_ptr(), n, 1, k, 3 * d, 1, scale, false);
-                matmul(n, dh, nq, dk, 3 * d, 1, false, dp.as_ptr(), 1, n, q, 3 * d, 1, scale, false);
-                matmul(n, dh, nq, dv, 3 * d, 1, false, p.as_ptr(), 1, n, go, d, 1, T::one(), false);
-            }
-        });
+                });
+            });
         first += count;
     }
 }

@@ -1,6 +1,6 @@
 //! CPU reference of LayerNorm: rows in parallel, each row in a fixed order (deterministic).
 
-use crate::ops::real::{cast, Real};
+use crate::ops::real::{cast, simd, Real};
 use rayon::prelude::*;
 
 /// Rows per rayon task.
@@ -29,18 +29,20 @@ pub fn forward<T: Real>(
         .zip(rstd[..rows].par_chunks_mut(ROWS_PER_TASK))
         .enumerate()
         .for_each(|(task, ((yc, mc), rc))| {
-            let r0 = task * ROWS_PER_TASK;
-            for (i, yr) in yc.chunks_exact_mut(d).enumerate() {
-                let xr = &x[(r0 + i) * d..(r0 + i + 1) * d];
-                let mu = xr.iter().copied().sum::<T>() * inv_d;
-                let var = xr.iter().map(|&v| (v - mu) * (v - mu)).sum::<T>() * inv_d;
-                let rs = T::one() / (var + eps).sqrt();
-                for j in 0..d {
-                    yr[j] = (xr[j] - mu) * rs * gamma[j] + beta[j];
+            simd(|| {
+                let r0 = task * ROWS_PER_TASK;
+                for (i, yr) in yc.chunks_exact_mut(d).enumerate() {
+                    let xr = &x[(r0 + i) * d..(r0 + i + 1) * d];
+                    let mu = xr.iter().copied().sum::<T>() * inv_d;
+                    let var = xr.iter().map(|&v| (v - mu) * (v - mu)).sum::<T>() * inv_d;
+                    let rs = T::one() / (var + eps).sqrt();
+                    for j in 0..d {
+                        yr[j] = (xr[j] - mu) * rs * gamma[j] + beta[j];
+                    }
+                    mc[i] = mu;
+                    rc[i] = rs;
                 }
-                mc[i] = mu;
-                rc[i] = rs;
-            }
+            });
         });
 }
 
@@ -60,27 +62,32 @@ pub fn backward<T: Real>(
     assert!(dy.len() >= rows * d && x.len() >= rows * d && dx.len() >= rows * d);
     assert!(mean.len() >= rows && rstd.len() >= rows && gamma.len() >= d);
     let inv_d: T = cast(1.0 / d as f64);
-    dx[..rows * d].par_chunks_mut(d * ROWS_PER_TASK).enumerate().for_each(|(task, dxc)| {
-        let r0 = task * ROWS_PER_TASK;
-        for (i, dxr) in dxc.chunks_exact_mut(d).enumerate() {
-            let r = r0 + i;
-            let (mu, rs) = (mean[r], rstd[r]);
-            let xr = &x[r * d..(r + 1) * d];
-            let dyr = &dy[r * d..(r + 1) * d];
-            let mut sum_g = T::zero();
-            let mut sum_gx = T::zero();
-            for j in 0..d {
-                let g = dyr[j] * gamma[j];
-                sum_g = sum_g + g;
-                sum_gx = sum_gx + g * (xr[j] - mu) * rs;
-            }
-            let mg = sum_g * inv_d;
-            let mgx = sum_gx * inv_d;
-            for j in 0..d {
-                let xhat = (xr[j] - mu) * rs;
-                let v = rs * (dyr[j] * gamma[j] - mg - xhat * mgx);
-                dxr[j] = if accumulate { dxr[j] + v } else { v };
-            }
-        }
-    });
+    dx[..rows * d]
+        .par_chunks_mut(d * ROWS_PER_TASK)
+        .enumerate()
+        .for_each(|(task, dxc)| {
+            simd(|| {
+                let r0 = task * ROWS_PER_TASK;
+                for (i, dxr) in dxc.chunks_exact_mut(d).enumerate() {
+                    let r = r0 + i;
+                    let (mu, rs) = (mean[r], rstd[r]);
+                    let xr = &x[r * d..(r + 1) * d];
+                    let dyr = &dy[r * d..(r + 1) * d];
+                    let mut sum_g = T::zero();
+                    let mut sum_gx = T::zero();
+                    for j in 0..d {
+                        let g = dyr[j] * gamma[j];
+                        sum_g = sum_g + g;
+                        sum_gx = sum_gx + g * (xr[j] - mu) * rs;
+                    }
+                    let mg = sum_g * inv_d;
+                    let mgx = sum_gx * inv_d;
+                    for j in 0..d {
+                        let xhat = (xr[j] - mu) * rs;
+                        let v = rs * (dyr[j] * gamma[j] - mg - xhat * mgx);
+                        dxr[j] = if accumulate { dxr[j] + v } else { v };
+                    }
+                }
+            });
+        });
 }
