@@ -124,7 +124,10 @@ BENCH_TABLE="$LOGS/bench-summary.txt"
 : > "$BENCH_TABLE"
 if [ -z "${MLVPT_GPU_SKIP_BENCH:-}" ]; then
   export CRITERION_HOME=${TMPDIR:-/tmp}/mlvpt-criterion
-  for b in "$HERE"/benches/*; do
+  # The whole training step first (the headline number), then the per-op benches.
+  benches=("$HERE"/benches/gpu_step)
+  for b in "$HERE"/benches/*; do [ "$(basename "$b")" = gpu_step ] || benches+=("$b"); done
+  for b in "${benches[@]}"; do
     [ -x "$b" ] || continue
     name=$(basename "$b")
     left=$(remaining)
