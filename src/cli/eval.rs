@@ -16,13 +16,16 @@ pub struct EvalArgs {
     /// Print one JSON object instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// Use the backbone file even if its SHA-256 differs from the one trained with.
+    #[arg(long)]
+    pub allow_backbone_mismatch: bool,
     #[arg(long, value_enum, default_value_t = Device::Cpu)]
     pub device: Device,
 }
 
 pub fn run(args: &EvalArgs) -> anyhow::Result<()> {
     let Device::Cpu = args.device;
-    let mut opened = Opened::open(&args.checkpoint)?;
+    let mut opened = Opened::open_with(&args.checkpoint, args.allow_backbone_mismatch)?;
     let (m, ema) = opened.evaluate()?;
     let s = &opened.state;
     let constant = mlvpt::data::constant_predictor_map(&opened.test);

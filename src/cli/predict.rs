@@ -22,13 +22,16 @@ pub struct PredictArgs {
     /// Print JSON (one object per image) instead of CSV.
     #[arg(long)]
     pub json: bool,
+    /// Use the backbone file even if its SHA-256 differs from the one trained with.
+    #[arg(long)]
+    pub allow_backbone_mismatch: bool,
     #[arg(long, value_enum, default_value_t = Device::Cpu)]
     pub device: Device,
 }
 
 pub fn run(args: &PredictArgs) -> anyhow::Result<()> {
     let Device::Cpu = args.device;
-    let mut opened = Opened::open(&args.checkpoint)?;
+    let mut opened = Opened::open_with(&args.checkpoint, args.allow_backbone_mismatch)?;
     let (idx, probs) = opened.predict(&args.index, args.ema)?;
     let names = &opened.state.class_names;
     let k = names.len();

@@ -25,6 +25,8 @@ use crate::train::step::{AdamWConfig, Trainer};
 /// File names inside a run's output folder.
 pub const CHECKPOINT_FILE: &str = "checkpoint.safetensors";
 pub const METRICS_FILE: &str = "metrics.jsonl";
+/// Images skipped (unreadable) or noticed (no labels) while loading real data.
+pub const DATA_REPORT_FILE: &str = "data_report.txt";
 
 /// Seed streams derived from the run's seed (see `data::derive_seed`).
 const BACKBONE_STREAM: u64 = 0xB0;
@@ -112,12 +114,46 @@ impl TrainConfig {
 pub enum BackboneSource {
     /// `Backbone::random(model.vit, seed)`.
     Random { seed: u64 },
+    /// A timm-format safetensors file, identified by its SHA-256 (`model.vit.image_size` may
+    /// differ from the file's own: the position embeddings are resampled).
+    File { path: PathBuf, sha256: String },
 }
 
 impl BackboneSource {
-    pub fn build(&self, model: &ModelConfig) -> Backbone {
+    /// A timm-format file as the backbone: its config (heads from `heads` or the width,
+    /// image size `image_size` or the file's own), the source with its SHA-256, and notes.
+    pub fn from_file(
+        path: &Path,
+        heads: Option<usize>,
+        image_size: Option<usize>,
+    ) -> anyhow::Result<(crate::model::VitConfig, Self, crate::model::timm::TimmInfo)> {
+        let (b, info) = crate::model::timm::load_timm(path, heads, image_size)?;
+        let sha256 = crate::model::timm::sha256_file(path)?;
+        let path = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+        Ok((b.config().clone(), BackboneSource::File { path, sha256 }, info))
+    }
+
+    /// The backbone's weights; a file must still have the recorded SHA-256 and shape.
+    pub fn build(&self, model: &ModelConfig) -> anyhow::Result<Backbone> {
         match self {
-            BackboneSource::Random { seed } => Backbone::random(&model.vit, *seed),
+            BackboneSource::Random { seed } => Ok(Backbone::random(&model.vit, *seed)),
+            BackboneSource::File { path, sha256 } => {
+                let actual = crate::model::timm::sha256_file(path)?;
+                ensure!(
+                    &actual == sha256,
+                    "backbone file {} has SHA-256 {actual}, but the checkpoint was trained with {sha256} \
+                     (--allow-backbone-mismatch uses it anyway)",
+                    path.display()
+                );
+                let (b, _) = crate::model::timm::load_timm(path, Some(model.vit.heads), Some(model.vit.image_size))?;
+                ensure!(
+                    b.config() == &model.vit,
+                    "backbone file {}: {}",
+                    path.display(),
+                    crate::model::ConfigError::BackboneMismatch { expected: Box::new(model.vit.clone()), got: Box::new(b.config().clone()) }
+                );
+                Ok(b)
+            }
         }
     }
 }
@@ -145,6 +181,8 @@ pub struct RunSpec {
     pub model: ModelConfig,
     pub data: DataConfig,
     pub train: TrainConfig,
+    /// The frozen backbone; `None`: random, seeded from the run's seed.
+    pub backbone: Option<BackboneSource>,
 }
 
 impl RunSpec {
@@ -154,6 +192,7 @@ impl RunSpec {
             model: ModelConfig::demo(),
             data: DataConfig::Synthetic(data::SyntheticConfig::demo(seed)),
             train: TrainConfig::demo(seed),
+            backbone: None,
         }
     }
 
@@ -234,7 +273,7 @@ pub fn build_trainer(
     params: Params,
     train: &TrainConfig,
 ) -> anyhow::Result<Trainer<CpuBackend>> {
-    let backbone = backbone.build(model);
+    let backbone = backbone.build(model)?;
     let opt = AdamWConfig { weight_decay: train.weight_decay, ..AdamWConfig::default() };
     Trainer::new(
         CpuBackend::new(),
@@ -305,14 +344,14 @@ pub fn train(spec: &RunSpec, opts: &RunOptions, obs: &mut dyn Observer) -> anyho
     let started = Instant::now();
     spec.validate()?;
     std::fs::create_dir_all(&opts.out).with_context(|| format!("cannot create output folder {}", opts.out.display()))?;
-    let train_data = spec.data.train_split()?;
+    let train_data = load_train(&spec.data, &opts.out)?;
     let partitions = make_groups(spec, &train_data)?;
     let params = Params::init(&spec.model, partitions.len(), derive_seed(spec.train.seed, PARAMS_STREAM));
     let state = RunState {
         model: spec.model.clone(),
         data: spec.data.clone(),
         train: spec.train.clone(),
-        backbone: BackboneSource::Random { seed: derive_seed(spec.train.seed, BACKBONE_STREAM) },
+        backbone: spec.backbone.clone().unwrap_or(BackboneSource::Random { seed: derive_seed(spec.train.seed, BACKBONE_STREAM) }),
         partitions,
         class_names: spec.data.class_names(),
         epoch: 0,
@@ -333,8 +372,35 @@ pub fn resume(path: &Path, opts: &RunOptions, obs: &mut dyn Observer) -> anyhow:
     let file = checkpoint_path(path);
     let state = RunState::load(&file)?;
     std::fs::create_dir_all(&opts.out).with_context(|| format!("cannot create output folder {}", opts.out.display()))?;
-    let train_data = state.data.train_split()?;
+    let train_data = load_train(&state.data, &opts.out)?;
     run_from(state, train_data, opts, obs, started)
+}
+
+/// The training split; for image files the load report starts `out/data_report.txt`.
+fn load_train(data: &DataConfig, out: &Path) -> anyhow::Result<Dataset> {
+    std::fs::create_dir_all(out).with_context(|| format!("cannot create output folder {}", out.display()))?;
+    let (d, report) = data.split_with_report(data::Split::Train)?;
+    if let Some(r) = report {
+        write_report(out, &r, false)?;
+    }
+    Ok(d)
+}
+
+/// Writes (or appends) a split's load report and warns on stderr when images were skipped.
+fn write_report(out: &Path, r: &data::LoadReport, append: bool) -> anyhow::Result<()> {
+    let path = out.join(DATA_REPORT_FILE);
+    if !r.skipped.is_empty() {
+        eprintln!("warning: {} of {} {} images are unreadable and skipped (listed in {})", r.skipped.len(), r.listed, r.split, path.display());
+    }
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .append(append)
+        .truncate(!append)
+        .open(&path)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    f.write_all(r.to_text().as_bytes()).with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(())
 }
 
 /// `path` itself if it is a file, else `path/checkpoint.safetensors`.
@@ -354,7 +420,10 @@ fn run_from(
     obs: &mut dyn Observer,
     started: Instant,
 ) -> anyhow::Result<Summary> {
-    let test_data = state.data.test_split()?;
+    let (test_data, report) = state.data.split_with_report(data::Split::Test)?;
+    if let Some(r) = report {
+        write_report(&opts.out, &r, true)?;
+    }
     let cfg = state.train.clone();
     let ck_path = opts.out.join(CHECKPOINT_FILE);
     let log_path = opts.out.join(METRICS_FILE);
@@ -552,8 +621,21 @@ pub struct Opened {
 
 impl Opened {
     pub fn open(path: &Path) -> anyhow::Result<Self> {
+        Self::open_with(path, false)
+    }
+
+    /// [`Opened::open`]; with `allow_backbone_mismatch` a backbone file whose SHA-256 differs
+    /// from the recorded one is used anyway (with a warning); its shape must still match.
+    pub fn open_with(path: &Path, allow_backbone_mismatch: bool) -> anyhow::Result<Self> {
         let path = checkpoint_path(path);
-        let state = RunState::load(&path)?;
+        let mut state = RunState::load(&path)?;
+        if let (true, BackboneSource::File { path: file, sha256 }) = (allow_backbone_mismatch, &mut state.backbone) {
+            let actual = crate::model::timm::sha256_file(file)?;
+            if &actual != sha256 {
+                eprintln!("warning: backbone file {} differs from the one this checkpoint was trained with (SHA-256 {actual}, recorded {sha256})", file.display());
+                *sha256 = actual;
+            }
+        }
         let trainer = build_trainer(&state.model, &state.partitions, &state.backbone, state.params.clone(), &state.train)?;
         let test = state.data.test_split()?;
         Ok(Self { path, state, trainer, test })

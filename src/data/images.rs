@@ -1,0 +1,97 @@
+//! Image files to normalized tensors: decode (JPEG, PNG; grey, 16-bit and CMYK become RGB8),
+//! resize, normalize, in parallel. Unreadable files are reported, never fatal.
+
+use std::path::{Path, PathBuf};
+
+use image::imageops::FilterType;
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use super::Dataset;
+
+/// Per-channel normalization constants.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Norm {
+    /// mean (0.485, 0.456, 0.406), std (0.229, 0.224, 0.225).
+    #[default]
+    Imagenet,
+    /// OpenAI CLIP: mean (0.4815, 0.4578, 0.4082), std (0.2686, 0.2613, 0.2758).
+    Clip,
+    /// mean 0.5, std 0.5 (Inception, many timm ViTs such as augreg).
+    Inception,
+}
+
+impl Norm {
+    pub fn mean_std(self) -> ([f32; 3], [f32; 3]) {
+        match self {
+            Norm::Imagenet => ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
+            Norm::Clip => ([0.481_454_66, 0.457_827_5, 0.408_210_73], [0.268_629_54, 0.261_302_58, 0.275_777_11]),
+            Norm::Inception => ([0.5; 3], [0.5; 3]),
+        }
+    }
+}
+
+/// An image that could not be used, and why.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Skipped {
+    pub path: PathBuf,
+    pub reason: String,
+}
+
+/// Decodes `path` and resizes it to `size x size` RGB8 (bilinear; the aspect ratio is not
+/// kept, as the paper's test transform `Resize((S, S))`).
+pub fn load_rgb(path: &Path, size: u32) -> Result<image::RgbImage, String> {
+    let reader = image::ImageReader::open(path).map_err(|e| format!("cannot open: {e}"))?;
+    let reader = reader.with_guessed_format().map_err(|e| format!("cannot read: {e}"))?;
+    let img = reader.decode().map_err(|e| format!("cannot decode: {e}"))?;
+    // to_rgb8 converts grey, grey+alpha, RGBA and 16-bit images (alpha dropped, 16 bits scaled).
+    let rgb = img.to_rgb8();
+    if rgb.width() == size && rgb.height() == size {
+        return Ok(rgb);
+    }
+    Ok(image::imageops::resize(&rgb, size, size, FilterType::Triangle))
+}
+
+/// Writes an RGB8 image as normalized CHW f32 into `out` (`3 * w * h` values).
+pub fn normalize_into(img: &image::RgbImage, norm: Norm, out: &mut [f32]) {
+    let (mean, std) = norm.mean_std();
+    let plane = (img.width() * img.height()) as usize;
+    for (i, p) in img.pixels().enumerate() {
+        for c in 0..3 {
+            out[c * plane + i] = (p[c] as f32 / 255.0 - mean[c]) / std[c];
+        }
+    }
+}
+
+/// Loads every `(path, labels)` item (labels as indices < `k`) into a dataset, in parallel,
+/// keeping the input order. Items whose file cannot be decoded are left out and returned.
+pub fn load_items(items: &[(PathBuf, Vec<usize>)], k: usize, size: usize, norm: Norm) -> (Dataset, Vec<Skipped>) {
+    let len = 3 * size * size;
+    let decoded: Vec<Result<Vec<f32>, String>> = items
+        .par_iter()
+        .map(|(path, _)| {
+            let img = load_rgb(path, size as u32)?;
+            let mut v = vec![0f32; len];
+            normalize_into(&img, norm, &mut v);
+            Ok(v)
+        })
+        .collect();
+    let mut d = Dataset { n: 0, k, channels: 3, image_size: size, images: Vec::new(), targets: Vec::new() };
+    let mut skipped = Vec::new();
+    for ((path, labels), r) in items.iter().zip(decoded) {
+        match r {
+            Ok(v) => {
+                d.images.extend_from_slice(&v);
+                let mut row = vec![0f32; k];
+                for &l in labels {
+                    row[l] = 1.0;
+                }
+                d.targets.extend_from_slice(&row);
+                d.n += 1;
+            }
+            Err(reason) => skipped.push(Skipped { path: path.clone(), reason }),
+        }
+    }
+    (d, skipped)
+}
