@@ -228,6 +228,31 @@ mod tests {
     }
 
     #[test]
+    fn resampling_matches_torch_bicubic() {
+        // Golden from PyTorch 2 (f64): g = sin(arange(18)).reshape(1, 2, 3, 3);
+        // F.interpolate(g, size=(5, 5), mode="bicubic", align_corners=False, antialias=False)[0, :, 1, :].
+        let want = [
+            [0.08171968532104525, 0.10385349997973821, 0.11954805975303258, 0.07589017472740735, 0.036912953630175736],
+            [-0.03398705393278042, -0.07379313738195598, -0.11893504412415463, -0.10502885208818066, -0.08403726346205265],
+        ];
+        let (d, g) = (2, 3);
+        // Our layout is [1 + g*g, D] with the class row first; torch's is [D, g, g].
+        let mut pe = vec![0f32; (1 + g * g) * d];
+        for c in 0..d {
+            for i in 0..g * g {
+                pe[d + i * d + c] = ((c * g * g + i) as f64).sin() as f32;
+            }
+        }
+        let r = resample_pos_embed(&pe, d, g, 5);
+        for (c, row) in want.iter().enumerate() {
+            for (x, &w) in row.iter().enumerate() {
+                let got = r[d + (5 + x) * d + c] as f64;
+                assert!((got - w).abs() < 1e-6, "channel {c}, x {x}: {got} vs {w}");
+            }
+        }
+    }
+
+    #[test]
     fn resampling_keeps_constants_and_linear_ramps_inside() {
         // Cubic weights sum to 1, so a constant grid stays constant; the class row is kept.
         let (d, g) = (2, 3);
