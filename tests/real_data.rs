@@ -239,7 +239,8 @@ fn train_eval_on_voc_and_manifest_with_a_timm_backbone() {
     let s = ok(&a);
     assert!(s.contains("test mAP"), "{s}");
     let report = std::fs::read_to_string(out.join("data_report.txt")).unwrap();
-    assert!(report.contains("000003.jpg") && report.contains("1 skipped"), "{report}");
+    // The corrupt training image is found while streaming, reported once.
+    assert_eq!(report.matches("000003.jpg").count(), 1, "{report}");
     let ev = ok(&["eval", "--checkpoint", out.to_str().unwrap(), "--json"]);
     assert!(ev.contains("mAP"), "{ev}");
 
@@ -268,4 +269,55 @@ fn train_eval_on_voc_and_manifest_with_a_timm_backbone() {
     assert!(report.contains("train: 8 images listed, 0 skipped") && report.contains("test: 2 images listed"), "{report}");
     fails(&["train", "--data", "manifest:/no/such.csv", "--out", p.join("x").to_str().unwrap()], "/no/such.csv");
     fails(&["train", "--weights", "/no/such.safetensors", "--out", p.join("x").to_str().unwrap()], "/no/such.safetensors");
+}
+
+#[test]
+fn cache_prepare_resume_corruption_and_training() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path();
+    voc_tree(p);
+    let data = format!("voc2007:{}", p.join("VOCdevkit").display());
+    let cache = p.join("voc.cache");
+    let out = ok(&["prepare", "--data", &data, "--out", cache.to_str().unwrap(), "--image-size", "16", "--quiet"]);
+    assert!(out.contains("10 images (0 kept from an earlier run, 9 written, 1 unreadable"), "{out}");
+    assert!(std::fs::read_to_string(format!("{}.report.txt", cache.display())).unwrap().contains("000003.jpg"));
+
+    // The cache gives the same test pixels as decoding the files.
+    let from_files = ImageDataConfig::parse(&data, 16, Norm::Imagenet).unwrap().load(Split::Test).unwrap().0;
+    let c = ImageDataConfig::parse(&format!("cache:{}", cache.display()), 16, Norm::Imagenet).unwrap();
+    assert_eq!(c.classes.len(), 20);
+    let (from_cache, r) = c.load(Split::Test).unwrap();
+    assert_eq!(r.listed, 4);
+    assert_eq!(from_cache, from_files);
+    let (loader, r) = c.train_loader(9).unwrap();
+    assert_eq!((loader.len(), r.listed), (5, 6));
+    // Augmentation is a function of (seed, epoch, index) only.
+    let b1 = loader.batch(&[0, 2, 4], 1);
+    assert_eq!(b1.n, 3);
+    assert_eq!(b1.images, loader.batch(&[0, 2, 4], 1).images);
+    assert_ne!(b1.images, loader.batch(&[0, 2, 4], 2).images);
+
+    // A damaged record is detected and redone by a second prepare; nothing else is.
+    let mut bytes = std::fs::read(&cache).unwrap();
+    let n = bytes.len();
+    bytes[n - 10] ^= 0xff; // inside the last record's pixels
+    std::fs::write(&cache, &bytes).unwrap();
+    let e = ImageDataConfig::parse(&format!("cache:{}", cache.display()), 16, Norm::Imagenet).unwrap().load(Split::Test).unwrap().1;
+    assert!(e.skipped.iter().any(|s| s.reason.contains("CRC")), "{e:?}");
+    let out = ok(&["prepare", "--data", &data, "--out", cache.to_str().unwrap(), "--image-size", "16", "--quiet"]);
+    assert!(out.contains("(9 kept from an earlier run, 1 written, 0 unreadable"), "{out}");
+    // Other settings on an existing cache are refused.
+    fails(&["prepare", "--data", &data, "--out", cache.to_str().unwrap(), "--image-size", "8"], "remove it");
+
+    // Training reads it.
+    let run = p.join("run_cache");
+    let cache_spec = format!("cache:{}", cache.display());
+    let mut a = vec!["train", "--out", run.to_str().unwrap(), "--data", &cache_spec, "--image-size", "16", "--patch", "4", "--dim", "8", "--depth", "1"];
+    a.extend_from_slice(TINY);
+    assert!(ok(&a).contains("test mAP"));
+
+    // A truncated cache is an error naming it.
+    let bytes = std::fs::read(&cache).unwrap();
+    std::fs::write(&cache, &bytes[..bytes.len() - 100]).unwrap();
+    fails(&["train", "--data", &cache_spec, "--out", run.to_str().unwrap()], "truncated");
 }

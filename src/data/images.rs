@@ -3,11 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use image::imageops::FilterType;
-use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
-
-use super::Dataset;
 
 /// Per-channel normalization constants.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -41,18 +37,20 @@ pub struct Skipped {
     pub reason: String,
 }
 
-/// Decodes `path` and resizes it to `size x size` RGB8 (bilinear; the aspect ratio is not
-/// kept, as the paper's test transform `Resize((S, S))`).
-pub fn load_rgb(path: &Path, size: u32) -> Result<image::RgbImage, String> {
+/// Decodes `path` (format guessed from the content) to RGB8 at its own size. Grey,
+/// grey+alpha, RGBA and 16-bit images are converted (alpha dropped, 16 bits scaled); the JPEG
+/// decoder turns CMYK into RGB itself.
+pub fn load_rgb_full(path: &Path) -> Result<image::RgbImage, String> {
     let reader = image::ImageReader::open(path).map_err(|e| format!("cannot open: {e}"))?;
     let reader = reader.with_guessed_format().map_err(|e| format!("cannot read: {e}"))?;
     let img = reader.decode().map_err(|e| format!("cannot decode: {e}"))?;
-    // to_rgb8 converts grey, grey+alpha, RGBA and 16-bit images (alpha dropped, 16 bits scaled).
-    let rgb = img.to_rgb8();
-    if rgb.width() == size && rgb.height() == size {
-        return Ok(rgb);
-    }
-    Ok(image::imageops::resize(&rgb, size, size, FilterType::Triangle))
+    Ok(img.to_rgb8())
+}
+
+/// [`load_rgb_full`] resized to `size x size` (bilinear; the aspect ratio is not kept, as the
+/// paper's test transform `Resize((S, S))`).
+pub fn load_rgb(path: &Path, size: u32) -> Result<image::RgbImage, String> {
+    Ok(super::augment::test_transform(&load_rgb_full(path)?, size))
 }
 
 /// Writes an RGB8 image as normalized CHW f32 into `out` (`3 * w * h` values).
@@ -64,36 +62,4 @@ pub fn normalize_into(img: &image::RgbImage, norm: Norm, out: &mut [f32]) {
             out[c * plane + i] = (p[c] as f32 / 255.0 - mean[c]) / std[c];
         }
     }
-}
-
-/// Loads every `(path, labels)` item (labels as indices < `k`) into a dataset, in parallel,
-/// keeping the input order. Items whose file cannot be decoded are left out and returned.
-pub fn load_items(items: &[(PathBuf, Vec<usize>)], k: usize, size: usize, norm: Norm) -> (Dataset, Vec<Skipped>) {
-    let len = 3 * size * size;
-    let decoded: Vec<Result<Vec<f32>, String>> = items
-        .par_iter()
-        .map(|(path, _)| {
-            let img = load_rgb(path, size as u32)?;
-            let mut v = vec![0f32; len];
-            normalize_into(&img, norm, &mut v);
-            Ok(v)
-        })
-        .collect();
-    let mut d = Dataset { n: 0, k, channels: 3, image_size: size, images: Vec::new(), targets: Vec::new() };
-    let mut skipped = Vec::new();
-    for ((path, labels), r) in items.iter().zip(decoded) {
-        match r {
-            Ok(v) => {
-                d.images.extend_from_slice(&v);
-                let mut row = vec![0f32; k];
-                for &l in labels {
-                    row[l] = 1.0;
-                }
-                d.targets.extend_from_slice(&row);
-                d.n += 1;
-            }
-            Err(reason) => skipped.push(Skipped { path: path.clone(), reason }),
-        }
-    }
-    (d, skipped)
 }

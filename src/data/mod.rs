@@ -3,7 +3,10 @@
 //!
 //! Images are f32 NCHW, already normalized; targets are f32 0/1, `n x K` row-major.
 
+pub mod augment;
+pub mod cache;
 pub mod images;
+pub mod loader;
 pub mod sources;
 pub mod synthetic;
 

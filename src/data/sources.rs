@@ -7,7 +7,14 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, ensure, Context};
 use serde::{Deserialize, Serialize};
 
-use super::images::{self, Norm, Skipped};
+use std::sync::Arc;
+
+use rayon::prelude::*;
+
+use super::augment::test_transform;
+use super::cache::Cache;
+use super::images::{normalize_into, Norm, Skipped};
+use super::loader::{ImageStore, TrainLoader};
 use super::{Dataset, Split};
 
 /// The 20 VOC classes in the standard order.
@@ -26,6 +33,8 @@ pub enum Source {
     Coco2014 { root: PathBuf },
     /// Manifest files for each split (the test one defaults to every 5th training line).
     Manifest { train: PathBuf, test: Option<PathBuf>, classes: Option<PathBuf> },
+    /// A file made by `mlvpt prepare` (both splits, already resized).
+    Cache { file: PathBuf },
 }
 
 /// A real dataset: its files, classes, and how images are prepared.
@@ -82,10 +91,11 @@ impl ImageDataConfig {
     pub fn parse(spec: &str, image_size: usize, norm: Norm) -> anyhow::Result<Self> {
         let (kind, rest) = spec
             .split_once(':')
-            .with_context(|| format!("data {spec:?}: expected voc2007:PATH, coco2014:PATH or manifest:FILE[,classes=FILE][,test=FILE]"))?;
+            .with_context(|| format!("data {spec:?}: expected voc2007:PATH, coco2014:PATH, manifest:FILE[,classes=FILE][,test=FILE] or cache:FILE"))?;
         let source = match kind {
             "voc2007" => Source::Voc2007 { root: voc_root(Path::new(rest))? },
             "coco2014" => Source::Coco2014 { root: PathBuf::from(rest) },
+            "cache" => Source::Cache { file: PathBuf::from(rest) },
             "manifest" => {
                 let mut parts = rest.split(',');
                 let train = PathBuf::from(parts.next().unwrap_or_default());
@@ -99,11 +109,12 @@ impl ImageDataConfig {
                 }
                 Source::Manifest { train, test, classes }
             }
-            _ => bail!("data {spec:?}: unknown dataset kind {kind:?} (voc2007, coco2014 or manifest)"),
+            _ => bail!("data {spec:?}: unknown dataset kind {kind:?} (voc2007, coco2014, manifest or cache)"),
         };
         let classes = match &source {
             Source::Voc2007 { .. } => VOC_CLASSES.iter().map(|s| s.to_string()).collect(),
             Source::Coco2014 { root } => coco_classes(&read_coco(root, "val2014")?)?,
+            Source::Cache { file } => Cache::open(file)?.header().classes.clone(),
             Source::Manifest { train, classes: Some(f), .. } => {
                 ensure!(train.is_file(), "manifest {} does not exist", train.display());
                 read_classes(f)?
@@ -129,9 +140,10 @@ impl ImageDataConfig {
         Ok(())
     }
 
-    /// The files and labels of one split.
+    /// The files and labels of one split (not for a cache, which has no files).
     pub fn listing(&self, split: Split) -> anyhow::Result<Listing> {
         match &self.source {
+            Source::Cache { file } => bail!("{}: a prepared cache has no image files to list", file.display()),
             Source::Voc2007 { root } => voc_listing(root, if split == Split::Train { "trainval" } else { "test" }),
             Source::Coco2014 { root } => {
                 let name = if split == Split::Train { "train2014" } else { "val2014" };
@@ -162,18 +174,104 @@ impl ImageDataConfig {
         }
     }
 
-    /// Decodes one split into memory; unreadable images are skipped and reported.
-    pub fn load(&self, split: Split) -> anyhow::Result<(Dataset, LoadReport)> {
-        let listing = self.listing(split)?;
-        let (d, skipped) = images::load_items(&listing.items, self.classes.len(), self.image_size, self.norm);
-        let report = LoadReport {
-            split: format!("{split:?}").to_lowercase(),
-            listed: listing.items.len(),
-            unlabelled: listing.unlabelled(),
-            skipped,
+    /// Where a split's images are, their 0/1 targets `n x K`, and the load report so far
+    /// (listed, unlabelled, and for a cache the images found unreadable when it was made).
+    pub fn store(&self, split: Split) -> anyhow::Result<(ImageStore, Vec<f32>, LoadReport)> {
+        let k = self.classes.len();
+        let mut report = LoadReport { split: format!("{split:?}").to_lowercase(), ..Default::default() };
+        let (store, targets) = match &self.source {
+            Source::Cache { file } => {
+                let cache = Arc::new(Cache::open(file)?);
+                ensure!(cache.header().classes == self.classes, "{}: the cache's classes differ from the run's", file.display());
+                let records = cache.records(split);
+                let mut targets = Vec::with_capacity(records.len() * k);
+                for &r in &records {
+                    targets.extend(cache.labels(r).iter().map(|&b| b as f32));
+                }
+                let unreadable = cache.unreadable(split);
+                report.listed = records.len() + unreadable;
+                if unreadable > 0 {
+                    report.skipped.push(Skipped {
+                        path: file.clone(),
+                        reason: format!("{unreadable} source images were unreadable when the cache was made (see {}.report.txt)", file.display()),
+                    });
+                }
+                (ImageStore::Cache { cache, records }, targets)
+            }
+            _ => {
+                let listing = self.listing(split)?;
+                report.listed = listing.items.len();
+                let mut targets = vec![0f32; listing.items.len() * k];
+                for (row, (_, labels)) in targets.chunks_exact_mut(k).zip(&listing.items) {
+                    for &l in labels {
+                        row[l] = 1.0;
+                    }
+                }
+                (ImageStore::Files(listing.items.into_iter().map(|(p, _)| p).collect()), targets)
+            }
         };
+        report.unlabelled = targets.chunks_exact(k).filter(|r| r.iter().all(|&t| t < 0.5)).count();
+        ensure!(!store.is_empty(), "the {} split of {} has no images", report.split, self.describe());
+        Ok((store, targets, report))
+    }
+
+    /// Writes (or finishes) the cache `out` of both splits of `spec` at `image_size`.
+    pub fn prepare_cache(
+        spec: &str,
+        out: &Path,
+        image_size: usize,
+        progress: impl FnMut(usize, usize),
+    ) -> anyhow::Result<super::cache::PrepareSummary> {
+        let c = Self::parse(spec, image_size, Norm::default())?;
+        ensure!(!matches!(c.source, Source::Cache { .. }), "{spec}: already a cache");
+        let train = c.listing(Split::Train)?.items;
+        let test = c.listing(Split::Test)?.items;
+        super::cache::prepare(out, spec, &c.classes, image_size, &train, &test, progress)
+    }
+
+    /// A short name of the data for messages.
+    pub fn describe(&self) -> String {
+        match &self.source {
+            Source::Voc2007 { root } | Source::Coco2014 { root } => root.display().to_string(),
+            Source::Manifest { train, .. } => train.display().to_string(),
+            Source::Cache { file } => file.display().to_string(),
+        }
+    }
+
+    /// Decodes one split into memory with the test transform (resize); unreadable images are
+    /// skipped and reported.
+    pub fn load(&self, split: Split) -> anyhow::Result<(Dataset, LoadReport)> {
+        let (store, targets, mut report) = self.store(split)?;
+        let (k, size) = (self.classes.len(), self.image_size);
+        let len = 3 * size * size;
+        let decoded: Vec<Result<Vec<f32>, String>> = (0..store.len())
+            .into_par_iter()
+            .map(|i| {
+                let img = test_transform(&store.rgb(i)?, size as u32);
+                let mut v = vec![0f32; len];
+                normalize_into(&img, self.norm, &mut v);
+                Ok(v)
+            })
+            .collect();
+        let mut d = Dataset { n: 0, k, channels: 3, image_size: size, images: Vec::new(), targets: Vec::new() };
+        for (i, r) in decoded.into_iter().enumerate() {
+            match r {
+                Ok(v) => {
+                    d.images.extend_from_slice(&v);
+                    d.targets.extend_from_slice(&targets[i * k..(i + 1) * k]);
+                    d.n += 1;
+                }
+                Err(reason) => report.skipped.push(Skipped { path: PathBuf::from(store.describe(i)), reason }),
+            }
+        }
         ensure!(d.n > 0, "the {} split has no usable images ({} listed, all unreadable)", report.split, report.listed);
         Ok((d, report))
+    }
+
+    /// The training split as a streaming loader with augmentation (nothing decoded yet).
+    pub fn train_loader(&self, seed: u64) -> anyhow::Result<(TrainLoader, LoadReport)> {
+        let (store, targets, report) = self.store(Split::Train)?;
+        Ok((TrainLoader { store, targets, k: self.classes.len(), size: self.image_size, norm: self.norm, seed }, report))
     }
 }
 

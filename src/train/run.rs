@@ -12,6 +12,9 @@ use anyhow::{bail, ensure, Context};
 use serde::{Deserialize, Serialize};
 
 use crate::backend::CpuBackend;
+use std::sync::Arc;
+
+use crate::data::loader::TrainLoader;
 use crate::data::{self, derive_seed, DataConfig, Dataset};
 use crate::grouping::{self, Cooccurrence, GroupingConfig, GroupingMode};
 use crate::metrics::{self, Metrics};
@@ -31,6 +34,7 @@ pub const DATA_REPORT_FILE: &str = "data_report.txt";
 /// Seed streams derived from the run's seed (see `data::derive_seed`).
 const BACKBONE_STREAM: u64 = 0xB0;
 const PARAMS_STREAM: u64 = 0xB1;
+const AUGMENT_STREAM: u64 = 0xB2;
 
 /// The optimisation settings of a run (stored in checkpoints).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -321,12 +325,11 @@ pub fn evaluate_with(
 }
 
 /// Groups from the training split's co-occurrence (empty for plain VPT, which has none).
-pub fn make_groups(spec: &RunSpec, train: &Dataset) -> anyhow::Result<Vec<Vec<Vec<usize>>>> {
+pub fn make_groups(spec: &RunSpec, lists: &[Vec<usize>]) -> anyhow::Result<Vec<Vec<Vec<usize>>>> {
     if spec.model.method == Method::Vpt {
         return Ok(Vec::new());
     }
-    let lists = train.label_lists();
-    let co = Cooccurrence::from_label_lists(train.k, lists.iter().map(|l| l.as_slice()));
+    let co = Cooccurrence::from_label_lists(spec.model.labels, lists.iter().map(|l| l.as_slice()));
     let cfg = GroupingConfig {
         groups: spec.model.groups,
         tau_co: spec.train.tau,
@@ -344,8 +347,8 @@ pub fn train(spec: &RunSpec, opts: &RunOptions, obs: &mut dyn Observer) -> anyho
     let started = Instant::now();
     spec.validate()?;
     std::fs::create_dir_all(&opts.out).with_context(|| format!("cannot create output folder {}", opts.out.display()))?;
-    let train_data = load_train(&spec.data, &opts.out)?;
-    let partitions = make_groups(spec, &train_data)?;
+    let train_data = load_train(&spec.data, spec.train.seed, &opts.out)?;
+    let partitions = make_groups(spec, &train_data.label_lists())?;
     let params = Params::init(&spec.model, partitions.len(), derive_seed(spec.train.seed, PARAMS_STREAM));
     let state = RunState {
         model: spec.model.clone(),
@@ -372,18 +375,46 @@ pub fn resume(path: &Path, opts: &RunOptions, obs: &mut dyn Observer) -> anyhow:
     let file = checkpoint_path(path);
     let state = RunState::load(&file)?;
     std::fs::create_dir_all(&opts.out).with_context(|| format!("cannot create output folder {}", opts.out.display()))?;
-    let train_data = load_train(&state.data, &opts.out)?;
+    let train_data = load_train(&state.data, state.train.seed, &opts.out)?;
     run_from(state, train_data, opts, obs, started)
 }
 
-/// The training split; for image files the load report starts `out/data_report.txt`.
-fn load_train(data: &DataConfig, out: &Path) -> anyhow::Result<Dataset> {
-    std::fs::create_dir_all(out).with_context(|| format!("cannot create output folder {}", out.display()))?;
-    let (d, report) = data.split_with_report(data::Split::Train)?;
-    if let Some(r) = report {
-        write_report(out, &r, false)?;
+/// The training split: in memory (synthetic data) or streamed from image files or a cache
+/// with augmentation, batch by batch.
+pub enum TrainData {
+    Memory(Dataset),
+    Stream(Arc<TrainLoader>),
+}
+
+impl TrainData {
+    pub fn len(&self) -> usize {
+        match self {
+            TrainData::Memory(d) => d.n,
+            TrainData::Stream(l) => l.len(),
+        }
     }
-    Ok(d)
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    pub fn label_lists(&self) -> Vec<Vec<usize>> {
+        match self {
+            TrainData::Memory(d) => d.label_lists(),
+            TrainData::Stream(l) => l.label_lists(),
+        }
+    }
+}
+
+/// The training split; for image files the load report starts `out/data_report.txt`.
+fn load_train(data: &DataConfig, seed: u64, out: &Path) -> anyhow::Result<TrainData> {
+    std::fs::create_dir_all(out).with_context(|| format!("cannot create output folder {}", out.display()))?;
+    match data {
+        DataConfig::Images(c) => {
+            let (loader, report) = c.train_loader(derive_seed(seed, AUGMENT_STREAM))?;
+            write_report(out, &report, false)?;
+            Ok(TrainData::Stream(Arc::new(loader)))
+        }
+        _ => Ok(TrainData::Memory(data.train_split()?)),
+    }
 }
 
 /// Writes (or appends) a split's load report and warns on stderr when images were skipped.
@@ -415,7 +446,7 @@ pub fn checkpoint_path(path: &Path) -> PathBuf {
 /// The epoch loop shared by fresh and resumed runs; `started` is when the command's work began.
 fn run_from(
     mut state: RunState,
-    train_data: Dataset,
+    train_data: TrainData,
     opts: &RunOptions,
     obs: &mut dyn Observer,
     started: Instant,
@@ -445,8 +476,10 @@ fn run_from(
         state.save(&ck_path)?;
     }
 
-    let n = train_data.n;
+    let n = train_data.len();
     let bs = cfg.batch_size;
+    // Streamed images that could not be read, each reported once.
+    let mut reported: std::collections::HashSet<String> = Default::default();
     let steps_per_epoch = n.div_ceil(bs) as u64;
     let total_steps = steps_per_epoch * cfg.epochs as u64;
     let schedule = OneCycle::new(cfg.lr, total_steps, cfg.warmup_frac);
@@ -463,9 +496,33 @@ fn run_from(
             let order = data::epoch_order(n, cfg.seed, epoch as u64);
             let epoch_start = Instant::now();
             let mut loss_sum = 0.0f64;
+            let stream = match &train_data {
+                TrainData::Stream(l) => Some(l.epoch(order.chunks(bs).map(<[usize]>::to_vec).collect(), epoch as u64)),
+                TrainData::Memory(_) => None,
+            };
             for (b, batch) in order.chunks(bs).enumerate() {
                 let step = state.step;
-                train_data.gather(batch, &mut images, &mut targets);
+                let mut batch_n = batch.len();
+                match (&train_data, &stream) {
+                    (TrainData::Stream(_), Some(rx)) => {
+                        let got = rx.recv().context("the image loader thread stopped")?;
+                        for (name, why) in got.skipped {
+                            if reported.insert(name.clone()) {
+                                append_log(&opts.out.join(DATA_REPORT_FILE), &format!("  skipped (train) {name}: {why}"))?;
+                                eprintln!("warning: skipped unreadable training image {name}: {why}");
+                            }
+                        }
+                        (images, targets, batch_n) = (got.images, got.targets, got.n);
+                        if batch_n == 0 {
+                            // Every image of this batch is unreadable: the step is skipped
+                            // but counted, so the schedule and resumption stay aligned.
+                            state.step += 1;
+                            continue;
+                        }
+                    }
+                    (TrainData::Memory(d), _) => d.gather(batch, &mut images, &mut targets),
+                    (TrainData::Stream(_), None) => unreachable!("a streamed split always has a loader"),
+                }
                 if opts.nan_at_step == Some(step) {
                     images[0] = f32::NAN;
                 }
@@ -491,7 +548,7 @@ fn run_from(
                 }
                 state.step += 1;
                 loss_sum += loss as f64;
-                images_done += batch.len();
+                images_done += batch_n;
                 let elapsed = train_seconds + epoch_start.elapsed().as_secs_f64();
                 obs.on_step(state.step, loss, images_done as f64 / elapsed.max(1e-9));
             }
