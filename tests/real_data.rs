@@ -249,6 +249,22 @@ fn train_eval_on_voc_and_manifest_with_a_timm_backbone() {
     fails(&["eval", "--checkpoint", out.to_str().unwrap()], "--allow-backbone-mismatch");
     ok(&["eval", "--checkpoint", out.to_str().unwrap(), "--allow-backbone-mismatch"]);
 
+    // Predict on a folder (the corrupt image is skipped with a warning) and a single file.
+    let jpegs = p.join("VOCdevkit/VOC2007/JPEGImages");
+    let o = mlvpt(&["predict", "--checkpoint", out.to_str().unwrap(), "--allow-backbone-mismatch", jpegs.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let table = String::from_utf8(o.stdout).unwrap();
+    assert!(table.starts_with("image,labels,aeroplane,bicycle"), "{table}");
+    assert_eq!(table.lines().count(), 1 + 9, "{table}");
+    assert!(String::from_utf8_lossy(&o.stderr).contains("000003.jpg"));
+    let one = jpegs.join("000007.jpg");
+    let j = ok(&["predict", "--checkpoint", out.to_str().unwrap(), "--allow-backbone-mismatch", "--json", one.to_str().unwrap()]);
+    let v: serde_json::Value = serde_json::from_str(j.trim()).unwrap();
+    assert_eq!(v["probabilities"].as_object().unwrap().len(), 20);
+    let p7 = v["probabilities"]["aeroplane"].as_f64().unwrap();
+    assert!(p7 > 0.0 && p7 < 1.0);
+    fails(&["predict", "--checkpoint", out.to_str().unwrap(), "/no/such.jpg"], "/no/such.jpg");
+
     // A manifest with no classes file, random backbone.
     let imgs = p.join("m");
     std::fs::create_dir_all(&imgs).unwrap();

@@ -12,6 +12,7 @@ use super::Device;
 use mlvpt::data::{DataConfig, ImageDataConfig, Norm};
 use mlvpt::grouping::GroupingMode;
 use mlvpt::model::{GateMode, Method, PromptDepth};
+use mlvpt::train::preset::{Preset, PRESET_IMAGE_SIZE};
 use mlvpt::train::run::{self, BackboneSource, Observer, RunOptions, RunSpec, Summary};
 
 #[derive(Args, Debug)]
@@ -101,6 +102,10 @@ pub struct TrainArgs {
     /// from --heads or the width; --image-size resamples the position embeddings).
     #[arg(long, value_name = "FILE", group = "settings")]
     pub weights: Option<PathBuf>,
+    /// The paper's settings for a dataset (T, E, lr, batch 64, 40 epochs, image 224 with
+    /// --weights); other options override them.
+    #[arg(long, value_enum, group = "settings")]
+    pub preset: Option<Preset>,
     /// Normalization constants of the images [default: imagenet].
     #[arg(long, value_enum, group = "settings")]
     pub norm: Option<Norm>,
@@ -120,6 +125,9 @@ impl TrainArgs {
     pub fn spec(&self) -> RunSpec {
         let seed = self.seed.unwrap_or(0);
         let mut spec = RunSpec::demo(seed);
+        if let Some(p) = self.preset {
+            p.apply(&mut spec);
+        }
         let (m, t) = (&mut spec.model, &mut spec.train);
         macro_rules! set {
             ($($field:expr => $opt:expr),* $(,)?) => { $( if let Some(v) = $opt { $field = v; } )* };
@@ -148,7 +156,8 @@ impl TrainArgs {
     pub fn full_spec(&self) -> anyhow::Result<RunSpec> {
         let mut spec = self.spec();
         if let Some(w) = &self.weights {
-            let (vit, source, info) = BackboneSource::from_file(w, self.heads, self.image_size)?;
+            let size = self.image_size.or(self.preset.map(|_| PRESET_IMAGE_SIZE));
+            let (vit, source, info) = BackboneSource::from_file(w, self.heads, size)?;
             for note in &info.ignored {
                 eprintln!("note: {}: ignoring tensor {note}", w.display());
             }

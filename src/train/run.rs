@@ -684,6 +684,13 @@ impl Opened {
     /// [`Opened::open`]; with `allow_backbone_mismatch` a backbone file whose SHA-256 differs
     /// from the recorded one is used anyway (with a warning); its shape must still match.
     pub fn open_with(path: &Path, allow_backbone_mismatch: bool) -> anyhow::Result<Self> {
+        let mut o = Self::open_model(path, allow_backbone_mismatch)?;
+        o.test = o.state.data.test_split()?;
+        Ok(o)
+    }
+
+    /// The checkpoint's model only: `test` is left empty (n = 0), for scoring image files.
+    pub fn open_model(path: &Path, allow_backbone_mismatch: bool) -> anyhow::Result<Self> {
         let path = checkpoint_path(path);
         let mut state = RunState::load(&path)?;
         if let (true, BackboneSource::File { path: file, sha256 }) = (allow_backbone_mismatch, &mut state.backbone) {
@@ -694,8 +701,54 @@ impl Opened {
             }
         }
         let trainer = build_trainer(&state.model, &state.partitions, &state.backbone, state.params.clone(), &state.train)?;
-        let test = state.data.test_split()?;
+        let (k, size) = (state.model.labels, state.model.vit.image_size);
+        let test = Dataset { n: 0, k, channels: 3, image_size: size, images: Vec::new(), targets: Vec::new() };
         Ok(Self { path, state, trainer, test })
+    }
+
+    /// Probabilities `[n, K]` of image files, prepared as the checkpoint's test images
+    /// (resize, its normalization); unreadable files are returned apart, with why.
+    pub fn predict_files(
+        &mut self,
+        files: &[PathBuf],
+        use_ema: bool,
+    ) -> anyhow::Result<(Vec<PathBuf>, Vec<f32>, Vec<data::images::Skipped>)> {
+        let DataConfig::Images(c) = &self.state.data else {
+            bail!("this checkpoint was trained on the procedural demo data, not on images: it cannot score image files");
+        };
+        let (size, norm) = (c.image_size, c.norm);
+        use rayon::prelude::*;
+        let loaded: Vec<Result<Vec<f32>, String>> = files
+            .par_iter()
+            .map(|f| {
+                let img = data::images::load_rgb(f, size as u32)?;
+                let mut v = vec![0f32; 3 * size * size];
+                data::images::normalize_into(&img, norm, &mut v);
+                Ok(v)
+            })
+            .collect();
+        let (mut ok, mut skipped) = (Vec::new(), Vec::new());
+        let mut d = Dataset { n: 0, k: self.state.model.labels, channels: 3, image_size: size, images: Vec::new(), targets: Vec::new() };
+        for (f, r) in files.iter().zip(loaded) {
+            match r {
+                Ok(v) => {
+                    d.images.extend_from_slice(&v);
+                    d.n += 1;
+                    ok.push(f.clone());
+                }
+                Err(reason) => skipped.push(data::images::Skipped { path: f.clone(), reason }),
+            }
+        }
+        d.targets = vec![0.0; d.n * d.k];
+        if use_ema {
+            let (shadow, _) = self.state.ema.as_ref().context("this checkpoint was trained without --ema: it has no EMA weights")?;
+            self.trainer.set_params(shadow)?;
+        }
+        let p = predict_probabilities(&mut self.trainer, &d, self.state.train.batch_size);
+        if use_ema {
+            self.trainer.set_params(&self.state.params)?;
+        }
+        Ok((ok, p?, skipped))
     }
 
     /// Metrics of the weights, and of the EMA weights when the checkpoint has them.
