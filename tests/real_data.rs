@@ -265,6 +265,12 @@ fn train_eval_on_voc_and_manifest_with_a_timm_backbone() {
     assert!(p7 > 0.0 && p7 < 1.0);
     fails(&["predict", "--checkpoint", out.to_str().unwrap(), "/no/such.jpg"], "/no/such.jpg");
 
+    // A backbone file of another architecture is refused even when allowed to differ.
+    let other = VitConfig { depth: 1, ..tiny_vit() };
+    write_timm(&w, &Backbone::random(&other, 6), Dtype::BF16, &[], &[]);
+    fails(&["eval", "--checkpoint", out.to_str().unwrap(), "--allow-backbone-mismatch"], "depth: 1");
+    fails(&["train", "--weights", w.to_str().unwrap(), "--patch", "8"], "cannot be used with");
+
     // A manifest with no classes file, random backbone.
     let imgs = p.join("m");
     std::fs::create_dir_all(&imgs).unwrap();
@@ -282,6 +288,17 @@ fn train_eval_on_voc_and_manifest_with_a_timm_backbone() {
     a.extend_from_slice(TINY);
     ok(&a);
     let report = std::fs::read_to_string(out2.join("data_report.txt")).unwrap();
+    // Interrupted after 1 epoch and resumed gives the same weights as an uninterrupted run
+    // (augmentation draws depend on seed, epoch and image only).
+    let out3 = p.join("run_m_resumed");
+    let mut a = vec!["train", "--out", out3.to_str().unwrap(), "--data", &data, "--image-size", "8", "--patch", "4", "--dim", "8", "--depth", "1", "--stop-after", "1"];
+    a.extend_from_slice(TINY);
+    ok(&a);
+    ok(&["train", "--resume", out3.to_str().unwrap(), "--quiet"]);
+    let whole = mlvpt::train::checkpoint::read_file(&out2.join("checkpoint.safetensors")).unwrap().0;
+    let resumed = mlvpt::train::checkpoint::read_file(&out3.join("checkpoint.safetensors")).unwrap().0;
+    assert!(whole.keys().any(|k| k.starts_with("params/")));
+    assert_eq!(whole, resumed);
     assert!(report.contains("train: 8 images listed, 0 skipped") && report.contains("test: 2 images listed"), "{report}");
     fails(&["train", "--data", "manifest:/no/such.csv", "--out", p.join("x").to_str().unwrap()], "/no/such.csv");
     fails(&["train", "--weights", "/no/such.safetensors", "--out", p.join("x").to_str().unwrap()], "/no/such.safetensors");

@@ -100,7 +100,7 @@ pub struct TrainArgs {
     pub data: Option<String>,
     /// Frozen backbone from a timm-format .safetensors file (shape inferred from it; heads
     /// from --heads or the width; --image-size resamples the position embeddings).
-    #[arg(long, value_name = "FILE", group = "settings")]
+    #[arg(long, value_name = "FILE", group = "settings", conflicts_with_all = ["patch", "dim", "depth"])]
     pub weights: Option<PathBuf>,
     /// The paper's settings for a dataset (T, E, lr, batch 64, 40 epochs, image 224 with
     /// --weights); other options override them.
