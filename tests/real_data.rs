@@ -203,7 +203,7 @@ fn timm_checkpoints_load_in_f32_and_bf16_with_resampling() {
     assert_eq!(got.config().image_size, 24);
     let pe = got.get("pos_embed").unwrap();
     assert_eq!(pe.shape, vec![1, 37, 16]);
-    assert_eq!(pe.data, resample_pos_embed(&b.get("pos_embed").unwrap().data, 16, 4, 6));
+    assert_eq!(pe.data, resample_pos_embed(&b.get("pos_embed").unwrap().data, 16, 4, 6, true));
 
     // Bad files name the tensor.
     let miss = dir.path().join("miss.safetensors");

@@ -140,7 +140,7 @@ pub fn from_bytes(bytes: &[u8], heads: Option<usize>, image_size: Option<usize>)
             t = NamedTensor {
                 name: name.clone(),
                 shape: want.clone(),
-                data: resample_pos_embed(&t.data, dim, grid, g_new),
+                data: resample_pos_embed(&t.data, dim, grid, g_new, true),
             };
             resampled = true;
         }
@@ -175,25 +175,63 @@ fn cubic_weights(t: f64) -> [f64; 4] {
     [far(t + 1.0), near(t), near(1.0 - t), far(2.0 - t)]
 }
 
-/// Resamples `[1, 1 + g_old^2, D]` position embeddings to `[1, 1 + g_new^2, D]`: the class
-/// token's row is kept, the patch grid is interpolated bicubically (align_corners=False, no
-/// antialias, border indices clamped), matching `F.interpolate(mode="bicubic")` as timm's
-/// `resample_abs_pos_embed` calls it.
-pub fn resample_pos_embed(pe: &[f32], d: usize, g_old: usize, g_new: usize) -> Vec<f32> {
-    let mut out = Vec::with_capacity((1 + g_new * g_new) * d);
-    out.extend_from_slice(&pe[..d]);
-    let grid = &pe[d..];
+/// The 4 clamped source indices and weights of each output coordinate, as PyTorch's bicubic
+/// `F.interpolate` without antialias (A = -0.75, align_corners=False).
+fn taps_plain(g_old: usize, g_new: usize) -> Vec<(Vec<usize>, Vec<f64>)> {
     let scale = g_old as f64 / g_new as f64;
-    // Per output coordinate: the 4 clamped source indices and their weights.
-    let taps: Vec<([usize; 4], [f64; 4])> = (0..g_new)
+    (0..g_new)
         .map(|o| {
             let src = (o as f64 + 0.5) * scale - 0.5;
             let f = src.floor();
             let w = cubic_weights(src - f);
             let idx = [-1i64, 0, 1, 2].map(|k| (f as i64 + k).clamp(0, g_old as i64 - 1) as usize);
+            (idx.to_vec(), w.to_vec())
+        })
+        .collect()
+}
+
+/// The same with `antialias=True` (PyTorch's separable AA path, PIL's bicubic with a = -0.5:
+/// the filter is widened by the scale when downsampling, taps outside the grid are dropped and
+/// the rest renormalized). This is timm's default in `resample_abs_pos_embed`.
+fn taps_antialias(g_old: usize, g_new: usize) -> Vec<(Vec<usize>, Vec<f64>)> {
+    fn filter(x: f64) -> f64 {
+        const A: f64 = -0.5;
+        let x = x.abs();
+        if x < 1.0 {
+            ((A + 2.0) * x - (A + 3.0)) * x * x + 1.0
+        } else if x < 2.0 {
+            (((x - 5.0) * x + 8.0) * x - 4.0) * A
+        } else {
+            0.0
+        }
+    }
+    let scale = g_old as f64 / g_new as f64;
+    let (support, invscale) = if scale >= 1.0 { (2.0 * scale, 1.0 / scale) } else { (2.0, 1.0) };
+    (0..g_new)
+        .map(|o| {
+            let center = scale * (o as f64 + 0.5);
+            let xmin = ((center - support + 0.5) as i64).max(0) as usize;
+            let xmax = ((center + support + 0.5) as i64).min(g_old as i64) as usize;
+            let idx: Vec<usize> = (xmin..xmax).collect();
+            let mut w: Vec<f64> = idx.iter().map(|&j| filter((j as f64 - center + 0.5) * invscale)).collect();
+            let total: f64 = w.iter().sum();
+            if total != 0.0 {
+                w.iter_mut().for_each(|v| *v /= total);
+            }
             (idx, w)
         })
-        .collect();
+        .collect()
+}
+
+/// Resamples `[1, 1 + g_old^2, D]` position embeddings to `[1, 1 + g_new^2, D]`: the class
+/// token's row is kept, the patch grid is interpolated bicubically (align_corners=False),
+/// matching `F.interpolate(mode="bicubic", antialias=antialias)`. timm's
+/// `resample_abs_pos_embed` (and so its checkpoint loading) uses `antialias=True`.
+pub fn resample_pos_embed(pe: &[f32], d: usize, g_old: usize, g_new: usize, antialias: bool) -> Vec<f32> {
+    let mut out = Vec::with_capacity((1 + g_new * g_new) * d);
+    out.extend_from_slice(&pe[..d]);
+    let grid = &pe[d..];
+    let taps = if antialias { taps_antialias(g_old, g_new) } else { taps_plain(g_old, g_new) };
     let mut acc = vec![0f64; d];
     for (yi, yw) in &taps {
         for (xi, xw) in &taps {
@@ -221,9 +259,11 @@ mod tests {
     fn resampling_to_the_same_grid_is_the_identity() {
         let (d, g) = (3, 4);
         let pe: Vec<f32> = (0..(1 + g * g) * d).map(|i| (i as f32 * 0.37).sin()).collect();
-        let r = resample_pos_embed(&pe, d, g, g);
+        for aa in [false, true] {
+        let r = resample_pos_embed(&pe, d, g, g, aa);
         for (a, b) in pe.iter().zip(&r) {
             assert!((a - b).abs() < 1e-6);
+        }
         }
     }
 
@@ -243,7 +283,7 @@ mod tests {
                 pe[d + i * d + c] = ((c * g * g + i) as f64).sin() as f32;
             }
         }
-        let r = resample_pos_embed(&pe, d, g, 5);
+        let r = resample_pos_embed(&pe, d, g, 5, false);
         for (c, row) in want.iter().enumerate() {
             for (x, &w) in row.iter().enumerate() {
                 let got = r[d + (5 + x) * d + c] as f64;
@@ -258,10 +298,12 @@ mod tests {
         let (d, g) = (2, 3);
         let mut pe = vec![7.0f32; (1 + g * g) * d];
         pe[0] = -1.0;
-        let r = resample_pos_embed(&pe, d, g, 5);
-        assert_eq!(r.len(), (1 + 25) * d);
-        assert_eq!(r[0], -1.0);
-        assert!(r[d..].iter().all(|&v| (v - 7.0).abs() < 1e-5));
+        for (aa, g_new) in [(false, 5), (true, 5), (true, 2)] {
+            let r = resample_pos_embed(&pe, d, g, g_new, aa);
+            assert_eq!(r.len(), (1 + g_new * g_new) * d);
+            assert_eq!(r[0], -1.0);
+            assert!(r[d..].iter().all(|&v| (v - 7.0).abs() < 1e-5));
+        }
         // Upsampling 2x: output index 1 sits at source 0.25 (weights of t = 0.25).
         let w = cubic_weights(0.25);
         assert!((w.iter().sum::<f64>() - 1.0).abs() < 1e-12);
