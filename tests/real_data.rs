@@ -354,3 +354,15 @@ fn cache_prepare_resume_corruption_and_training() {
     std::fs::write(&cache, &bytes[..bytes.len() - 100]).unwrap();
     fails(&["train", "--data", &cache_spec, "--out", run.to_str().unwrap()], "truncated");
 }
+
+#[test]
+fn cmyk_jpeg_decodes_to_rgb() {
+    // tests/data/cmyk.jpg: 8x6, RGB (200, 40, 10) converted to CMYK and saved by Pillow
+    // (Adobe-style inverted CMYK, as Photoshop writes it).
+    let img = mlvpt::data::images::load_rgb_full(Path::new("tests/data/cmyk.jpg")).unwrap();
+    assert_eq!(img.dimensions(), (8, 6));
+    let p = img.get_pixel(3, 3);
+    for (got, want) in p.0.iter().zip([200u8, 40, 10]) {
+        assert!((*got as i32 - want as i32).abs() <= 6, "{:?} vs (200, 40, 10)", p.0);
+    }
+}
