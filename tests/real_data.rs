@@ -339,6 +339,17 @@ fn cache_prepare_resume_corruption_and_training() {
     assert!(e.skipped.iter().any(|s| s.reason.contains("CRC")), "{e:?}");
     let out = ok(&["prepare", "--data", &data, "--out", cache.to_str().unwrap(), "--image-size", "16", "--quiet"]);
     assert!(out.contains("(9 kept from an earlier run, 1 written, 0 unreadable"), "{out}");
+    // An interrupted prepare (a record never written) is incomplete until prepare finishes it.
+    let mut bytes = std::fs::read(&cache).unwrap();
+    let h = mlvpt::data::cache::Cache::open(&cache).unwrap().header().clone();
+    let start = bytes.len() - h.n() * h.record_len();
+    bytes[start + 2 * h.record_len()] = 0; // record 2's state: not written
+    std::fs::write(&cache, &bytes).unwrap();
+    let e = mlvpt::data::cache::Cache::open(&cache).err().unwrap().to_string();
+    assert!(e.contains("incomplete (1 of 10"), "{e}");
+    let out = ok(&["prepare", "--data", &data, "--out", cache.to_str().unwrap(), "--image-size", "16", "--quiet"]);
+    assert!(out.contains("(9 kept from an earlier run, 1 written, 0 unreadable"), "{out}");
+    mlvpt::data::cache::Cache::open(&cache).unwrap();
     // Other settings on an existing cache are refused.
     fails(&["prepare", "--data", &data, "--out", cache.to_str().unwrap(), "--image-size", "8"], "remove it");
 

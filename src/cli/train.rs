@@ -96,7 +96,7 @@ pub struct TrainArgs {
 
     /// Real data: voc2007:PATH, coco2014:PATH or manifest:FILE[,classes=FILE][,test=FILE]
     /// (the image size is the backbone's; K comes from the classes).
-    #[arg(long, value_name = "SPEC", group = "settings")]
+    #[arg(long, value_name = "SPEC", group = "settings", conflicts_with_all = ["labels", "train_images", "test_images"])]
     pub data: Option<String>,
     /// Frozen backbone from a timm-format .safetensors file (shape inferred from it; heads
     /// from --heads or the width; --image-size resamples the position embeddings).

@@ -92,18 +92,22 @@ impl ImageDataConfig {
         let (kind, rest) = spec
             .split_once(':')
             .with_context(|| format!("data {spec:?}: expected voc2007:PATH, coco2014:PATH, manifest:FILE[,classes=FILE][,test=FILE] or cache:FILE"))?;
+        // Absolute paths, so a checkpoint's data config works from any folder.
+        let abs = |p: &str| -> anyhow::Result<PathBuf> {
+            std::fs::canonicalize(p).with_context(|| format!("data {spec:?}: {p} does not exist"))
+        };
         let source = match kind {
-            "voc2007" => Source::Voc2007 { root: voc_root(Path::new(rest))? },
-            "coco2014" => Source::Coco2014 { root: PathBuf::from(rest) },
-            "cache" => Source::Cache { file: PathBuf::from(rest) },
+            "voc2007" => Source::Voc2007 { root: abs(voc_root(Path::new(rest))?.to_str().unwrap_or(rest))? },
+            "coco2014" => Source::Coco2014 { root: abs(rest)? },
+            "cache" => Source::Cache { file: abs(rest)? },
             "manifest" => {
                 let mut parts = rest.split(',');
-                let train = PathBuf::from(parts.next().unwrap_or_default());
+                let train = abs(parts.next().unwrap_or_default())?;
                 let (mut test, mut classes) = (None, None);
                 for p in parts {
                     match p.split_once('=') {
-                        Some(("classes", f)) => classes = Some(PathBuf::from(f)),
-                        Some(("test", f)) => test = Some(PathBuf::from(f)),
+                        Some(("classes", f)) => classes = Some(abs(f)?),
+                        Some(("test", f)) => test = Some(abs(f)?),
                         _ => bail!("data {spec:?}: unknown manifest option {p:?} (expected classes=FILE or test=FILE)"),
                     }
                 }
