@@ -23,6 +23,8 @@ enum Command {
     Eval(cli::eval::EvalArgs),
     /// Per-label probabilities from a checkpoint.
     Predict(cli::predict::PredictArgs),
+    /// Decode and resize a dataset once into a cache file for `train --data cache:FILE`.
+    Prepare(cli::prepare::PrepareArgs),
 }
 
 fn main() {
@@ -33,6 +35,7 @@ fn main() {
         Command::Train(args) => cli::train::run(&args),
         Command::Eval(args) => cli::eval::run(&args),
         Command::Predict(args) => cli::predict::run(&args),
+        Command::Prepare(args) => cli::prepare::run(&args),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -17,13 +17,16 @@ pub struct EvalArgs {
     /// Print one JSON object instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// Use the backbone file even if its SHA-256 differs from the one trained with.
+    #[arg(long)]
+    pub allow_backbone_mismatch: bool,
     #[arg(long, value_enum, default_value_t = Device::Auto)]
     pub device: Device,
 }
 
 pub fn run(args: &EvalArgs) -> anyhow::Result<()> {
     // The checkpoint is read first, so a bad file is reported before any device is opened.
-    let (path, state) = Opened::load(&args.checkpoint)?;
+    let (path, state) = Opened::load(&args.checkpoint, args.allow_backbone_mismatch)?;
     match mlvpt::backend::select(args.device, &mut |line| eprintln!("{line}"))? {
         Selected::Cpu(be) => run_on(args, Opened::on(be, path, state)?),
         #[cfg(feature = "cuda")]

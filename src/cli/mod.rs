@@ -4,6 +4,7 @@ pub mod eval;
 pub mod group;
 pub mod metrics;
 pub mod predict;
+pub mod prepare;
 pub mod train;
 
 /// Where the work runs (`--device auto|cpu|cuda`).

@@ -1,8 +1,9 @@
-//! `mlvpt predict`: per-label probabilities from a checkpoint. For now the inputs are images
-//! of the checkpoint's own test split, by index; image files arrive with a later issue.
+//! `mlvpt predict`: per-label probabilities from a checkpoint, for image files or folders, or
+//! for images of the checkpoint's own test split by index.
 
 use std::path::PathBuf;
 
+use anyhow::Context;
 use clap::Args;
 
 use super::Device;
@@ -14,6 +15,9 @@ pub struct PredictArgs {
     /// A checkpoint file, or a run folder holding checkpoint.safetensors.
     #[arg(long, value_name = "FILE")]
     pub checkpoint: PathBuf,
+    /// Image files or folders (their .jpg/.jpeg/.png files) to score.
+    #[arg(value_name = "IMAGE_OR_FOLDER", conflicts_with = "index")]
+    pub inputs: Vec<PathBuf>,
     /// Test-split images to score [default: all].
     #[arg(long, value_name = "I", num_args = 1..)]
     pub index: Vec<usize>,
@@ -23,15 +27,28 @@ pub struct PredictArgs {
     /// Print JSON (one object per image) instead of CSV.
     #[arg(long)]
     pub json: bool,
+    /// Use the backbone file even if its SHA-256 differs from the one trained with.
+    #[arg(long)]
+    pub allow_backbone_mismatch: bool,
     #[arg(long, value_enum, default_value_t = Device::Auto)]
     pub device: Device,
 }
 
 pub fn run(args: &PredictArgs) -> anyhow::Result<()> {
-    // The checkpoint is read first, so a bad file is reported before any device is opened.
-    let (path, state) = Opened::load(&args.checkpoint)?;
+    // Inputs, then the checkpoint, are checked before any device is opened.
+    let files = if args.inputs.is_empty() {
+        None
+    } else {
+        let files = expand(&args.inputs)?;
+        anyhow::ensure!(!files.is_empty(), "no .jpg/.jpeg/.png images in {:?}", args.inputs);
+        Some(files)
+    };
+    let (path, state) = Opened::load(&args.checkpoint, args.allow_backbone_mismatch)?;
     match mlvpt::backend::select(args.device, &mut |line| eprintln!("{line}"))? {
+        Selected::Cpu(be) if files.is_some() => predict_files(args, &files.unwrap_or_default(), Opened::model_on(be, path, state)?),
         Selected::Cpu(be) => run_on(args, Opened::on(be, path, state)?),
+        #[cfg(feature = "cuda")]
+        Selected::Cuda(be) if files.is_some() => predict_files(args, &files.unwrap_or_default(), Opened::model_on(*be, path, state)?),
         #[cfg(feature = "cuda")]
         Selected::Cuda(be) => run_on(args, Opened::on(*be, path, state)?),
     }
@@ -62,5 +79,56 @@ fn run_on<B: Backend>(args: &PredictArgs, mut opened: Opened<B>) -> anyhow::Resu
         let cells: Vec<String> = p.iter().map(|v| format!("{v:.4}")).collect();
         println!("{i},{}", cells.join(","));
     }
+    Ok(())
+}
+
+/// Image files named directly or found (sorted) in the named folders.
+fn expand(inputs: &[PathBuf]) -> anyhow::Result<Vec<PathBuf>> {
+    let mut files = Vec::new();
+    for p in inputs {
+        if p.is_dir() {
+            let mut found: Vec<PathBuf> = std::fs::read_dir(p)
+                .with_context(|| format!("cannot list {}", p.display()))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|f| {
+                    f.extension().and_then(|e| e.to_str()).is_some_and(|e| matches!(e.to_ascii_lowercase().as_str(), "jpg" | "jpeg" | "png"))
+                })
+                .collect();
+            found.sort();
+            files.extend(found);
+        } else if p.is_file() {
+            files.push(p.clone());
+        } else {
+            anyhow::bail!("{} does not exist", p.display());
+        }
+    }
+    Ok(files)
+}
+
+/// Scores image files: a table (image, labels over the threshold, one column per class) or
+/// JSON lines.
+fn predict_files<B: Backend>(args: &PredictArgs, files: &[PathBuf], mut opened: Opened<B>) -> anyhow::Result<()> {
+    let (ok, probs, skipped) = opened.predict_files(files, args.ema)?;
+    let names = &opened.state.class_names;
+    let th = opened.state.train.threshold;
+    for s in &skipped {
+        eprintln!("warning: skipped {}: {}", s.path.display(), s.reason);
+    }
+    if !args.json {
+        println!("image,labels,{}", names.join(","));
+    }
+    for (f, p) in ok.iter().zip(probs.chunks_exact(names.len())) {
+        let labels: Vec<&String> = names.iter().zip(p).filter(|(_, &v)| v > th).map(|(n, _)| n).collect();
+        if args.json {
+            let probabilities: serde_json::Map<String, serde_json::Value> =
+                names.iter().zip(p).map(|(n, &v)| (n.clone(), serde_json::json!(v))).collect();
+            println!("{}", serde_json::json!({ "image": f.display().to_string(), "labels": labels, "probabilities": probabilities }));
+        } else {
+            let cells: Vec<String> = p.iter().map(|v| format!("{v:.4}")).collect();
+            let l: Vec<&str> = labels.iter().map(|s| s.as_str()).collect();
+            println!("{},{},{}", f.display(), l.join(";"), cells.join(","));
+        }
+    }
+    anyhow::ensure!(!ok.is_empty(), "none of the {} images could be read", files.len());
     Ok(())
 }

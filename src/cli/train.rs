@@ -9,10 +9,11 @@ use clap::{ArgGroup, Args};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use super::Device;
-use mlvpt::data::DataConfig;
+use mlvpt::data::{DataConfig, ImageDataConfig, Norm};
 use mlvpt::grouping::GroupingMode;
 use mlvpt::model::{GateMode, Method, PromptDepth};
-use mlvpt::train::run::{self, Observer, RunOptions, RunSpec, Summary};
+use mlvpt::train::preset::{Preset, PRESET_IMAGE_SIZE};
+use mlvpt::train::run::{self, BackboneSource, Observer, RunOptions, RunSpec, Summary};
 
 #[derive(Args, Debug)]
 #[command(group(ArgGroup::new("settings").multiple(true)))]
@@ -93,6 +94,22 @@ pub struct TrainArgs {
     #[arg(long, group = "settings")]
     pub heads: Option<usize>,
 
+    /// Real data: voc2007:PATH, coco2014:PATH or manifest:FILE[,classes=FILE][,test=FILE]
+    /// (the image size is the backbone's; K comes from the classes).
+    #[arg(long, value_name = "SPEC", group = "settings", conflicts_with_all = ["labels", "train_images", "test_images"])]
+    pub data: Option<String>,
+    /// Frozen backbone from a timm-format .safetensors file (shape inferred from it; heads
+    /// from --heads or the width; --image-size resamples the position embeddings).
+    #[arg(long, value_name = "FILE", group = "settings", conflicts_with_all = ["patch", "dim", "depth"])]
+    pub weights: Option<PathBuf>,
+    /// The paper's settings for a dataset (T, E, lr, batch 64, 40 epochs, image 224 with
+    /// --weights); other options override them.
+    #[arg(long, value_enum, group = "settings")]
+    pub preset: Option<Preset>,
+    /// Normalization constants of the images [default: imagenet].
+    #[arg(long, value_enum, group = "settings")]
+    pub norm: Option<Norm>,
+
     #[arg(long, value_enum, default_value_t = Device::Auto)]
     pub device: Device,
     /// No progress bar or per-epoch lines (the final summary is still printed).
@@ -108,18 +125,23 @@ impl TrainArgs {
     pub fn spec(&self) -> RunSpec {
         let seed = self.seed.unwrap_or(0);
         let mut spec = RunSpec::demo(seed);
+        if let Some(p) = self.preset {
+            p.apply(&mut spec);
+        }
         let (m, t) = (&mut spec.model, &mut spec.train);
-        let DataConfig::Synthetic(d) = &mut spec.data;
         macro_rules! set {
             ($($field:expr => $opt:expr),* $(,)?) => { $( if let Some(v) = $opt { $field = v; } )* };
+        }
+        if let DataConfig::Synthetic(d) = &mut spec.data {
+            set!(d.labels => self.labels, d.train => self.train_images, d.test => self.test_images,
+                 d.image_size => self.image_size);
         }
         set!(t.epochs => self.epochs, t.batch_size => self.batch_size, t.lr => self.lr,
              t.grouping => self.grouping, t.tau => self.tau,
              m.method => self.method, m.gate => self.gate, m.experts => self.experts,
              m.groups => self.groups, m.prompt_depth => self.prompt_depth,
-             m.labels => self.labels, d.labels => self.labels,
-             d.train => self.train_images, d.test => self.test_images,
-             m.vit.image_size => self.image_size, d.image_size => self.image_size,
+             m.labels => self.labels,
+             m.vit.image_size => self.image_size,
              m.vit.patch => self.patch, m.vit.depth => self.depth, m.vit.heads => self.heads);
         if let Some(dim) = self.dim {
             m.vit.dim = dim;
@@ -127,6 +149,31 @@ impl TrainArgs {
         }
         t.ema = self.ema;
         spec
+    }
+
+    /// [`TrainArgs::spec`] with `--weights` (the backbone's shape comes from the file) and
+    /// `--data` (real images; K from its classes) applied.
+    pub fn full_spec(&self) -> anyhow::Result<RunSpec> {
+        let mut spec = self.spec();
+        if let Some(w) = &self.weights {
+            let size = self.image_size.or(self.preset.map(|_| PRESET_IMAGE_SIZE));
+            let (vit, source, info) = BackboneSource::from_file(w, self.heads, size)?;
+            for note in &info.ignored {
+                eprintln!("note: {}: ignoring tensor {note}", w.display());
+            }
+            if info.resampled {
+                eprintln!("note: position embeddings resampled from {} px to {} px (bicubic)", info.native_image_size, vit.image_size);
+            }
+            spec.model.vit = vit;
+            spec.backbone = Some(source);
+        }
+        if let Some(d) = &self.data {
+            let size = spec.model.vit.image_size;
+            let c = ImageDataConfig::parse(d, size, self.norm.unwrap_or_default())?;
+            spec.model.labels = c.classes.len();
+            spec.data = DataConfig::Images(c);
+        }
+        Ok(spec)
     }
 }
 
@@ -145,7 +192,7 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
             run::resume(from, &opts, &mut progress)?
         }
         None => {
-            let spec = args.spec();
+            let spec = args.full_spec()?;
             // Every setting is checked before any work (data, groups, weights).
             spec.validate()?;
             let out = args.out.clone().unwrap_or_else(|| PathBuf::from("runs/demo"));

@@ -1,8 +1,13 @@
-//! Datasets for training and evaluation. For now only the procedural default
-//! (`synthetic`); real datasets (VOC, COCO, manifests) arrive with a later issue.
+//! Datasets for training and evaluation: the procedural default (`synthetic`) and real image
+//! datasets (`sources`: VOC 2007, COCO 2014, manifests; `images`: decoding).
 //!
 //! Images are f32 NCHW, already normalized; targets are f32 0/1, `n x K` row-major.
 
+pub mod augment;
+pub mod cache;
+pub mod images;
+pub mod loader;
+pub mod sources;
 pub mod synthetic;
 
 use rand::seq::SliceRandom;
@@ -10,6 +15,8 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
+pub use images::Norm;
+pub use sources::{ImageDataConfig, LoadReport};
 pub use synthetic::SyntheticConfig;
 
 /// Where a run's data comes from. Stored in checkpoints (as JSON) so `eval` and `predict`
@@ -18,12 +25,15 @@ pub use synthetic::SyntheticConfig;
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum DataConfig {
     Synthetic(SyntheticConfig),
+    /// Image files (VOC, COCO, manifest), decoded into memory.
+    Images(ImageDataConfig),
 }
 
 impl DataConfig {
     pub fn validate(&self) -> anyhow::Result<()> {
         match self {
             DataConfig::Synthetic(c) => c.validate(),
+            DataConfig::Images(c) => c.validate(),
         }
     }
 
@@ -31,30 +41,40 @@ impl DataConfig {
     pub fn image_size(&self) -> usize {
         match self {
             DataConfig::Synthetic(c) => c.image_size,
+            DataConfig::Images(c) => c.image_size,
         }
     }
 
     pub fn labels(&self) -> usize {
         match self {
             DataConfig::Synthetic(c) => c.labels,
+            DataConfig::Images(c) => c.classes.len(),
         }
     }
 
     pub fn class_names(&self) -> Vec<String> {
         match self {
             DataConfig::Synthetic(c) => c.class_names(),
+            DataConfig::Images(c) => c.classes.clone(),
         }
     }
 
     pub fn train_split(&self) -> anyhow::Result<Dataset> {
-        match self {
-            DataConfig::Synthetic(c) => Ok(c.generate(Split::Train)),
-        }
+        Ok(self.split_with_report(Split::Train)?.0)
     }
 
     pub fn test_split(&self) -> anyhow::Result<Dataset> {
+        Ok(self.split_with_report(Split::Test)?.0)
+    }
+
+    /// A split and, for image files, what was skipped or noticed while loading it.
+    pub fn split_with_report(&self, split: Split) -> anyhow::Result<(Dataset, Option<LoadReport>)> {
         match self {
-            DataConfig::Synthetic(c) => Ok(c.generate(Split::Test)),
+            DataConfig::Synthetic(c) => Ok((c.generate(split), None)),
+            DataConfig::Images(c) => {
+                let (d, r) = c.load(split)?;
+                Ok((d, Some(r)))
+            }
         }
     }
 }

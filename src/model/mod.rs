@@ -5,6 +5,7 @@
 pub mod backbone;
 pub mod config;
 pub mod params;
+pub mod timm;
 
 pub use backbone::Backbone;
 pub use config::{ConfigError, GateMode, Method, ModelConfig, PromptDepth, VitConfig};

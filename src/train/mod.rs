@@ -3,6 +3,7 @@
 
 pub mod checkpoint;
 pub mod ema;
+pub mod preset;
 pub mod run;
 pub mod schedule;
 pub mod step;

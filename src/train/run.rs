@@ -12,6 +12,9 @@ use anyhow::{bail, ensure, Context};
 use serde::{Deserialize, Serialize};
 
 use crate::backend::{Backend, CpuBackend, Device, Selected};
+use std::sync::Arc;
+
+use crate::data::loader::TrainLoader;
 use crate::data::{self, derive_seed, DataConfig, Dataset};
 use crate::grouping::{self, Cooccurrence, GroupingConfig, GroupingMode};
 use crate::metrics::{self, Metrics};
@@ -25,10 +28,13 @@ use crate::train::step::{AdamWConfig, Trainer};
 /// File names inside a run's output folder.
 pub const CHECKPOINT_FILE: &str = "checkpoint.safetensors";
 pub const METRICS_FILE: &str = "metrics.jsonl";
+/// Images skipped (unreadable) or noticed (no labels) while loading real data.
+pub const DATA_REPORT_FILE: &str = "data_report.txt";
 
 /// Seed streams derived from the run's seed (see `data::derive_seed`).
 const BACKBONE_STREAM: u64 = 0xB0;
 const PARAMS_STREAM: u64 = 0xB1;
+const AUGMENT_STREAM: u64 = 0xB2;
 
 /// The optimisation settings of a run (stored in checkpoints).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -112,12 +118,46 @@ impl TrainConfig {
 pub enum BackboneSource {
     /// `Backbone::random(model.vit, seed)`.
     Random { seed: u64 },
+    /// A timm-format safetensors file, identified by its SHA-256 (`model.vit.image_size` may
+    /// differ from the file's own: the position embeddings are resampled).
+    File { path: PathBuf, sha256: String },
 }
 
 impl BackboneSource {
-    pub fn build(&self, model: &ModelConfig) -> Backbone {
+    /// A timm-format file as the backbone: its config (heads from `heads` or the width,
+    /// image size `image_size` or the file's own), the source with its SHA-256, and notes.
+    pub fn from_file(
+        path: &Path,
+        heads: Option<usize>,
+        image_size: Option<usize>,
+    ) -> anyhow::Result<(crate::model::VitConfig, Self, crate::model::timm::TimmInfo)> {
+        let (b, info) = crate::model::timm::load_timm(path, heads, image_size)?;
+        let sha256 = crate::model::timm::sha256_file(path)?;
+        let path = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+        Ok((b.config().clone(), BackboneSource::File { path, sha256 }, info))
+    }
+
+    /// The backbone's weights; a file must still have the recorded SHA-256 and shape.
+    pub fn build(&self, model: &ModelConfig) -> anyhow::Result<Backbone> {
         match self {
-            BackboneSource::Random { seed } => Backbone::random(&model.vit, *seed),
+            BackboneSource::Random { seed } => Ok(Backbone::random(&model.vit, *seed)),
+            BackboneSource::File { path, sha256 } => {
+                let actual = crate::model::timm::sha256_file(path)?;
+                ensure!(
+                    &actual == sha256,
+                    "backbone file {} has SHA-256 {actual}, but the checkpoint was trained with {sha256} \
+                     (--allow-backbone-mismatch uses it anyway)",
+                    path.display()
+                );
+                let (b, _) = crate::model::timm::load_timm(path, Some(model.vit.heads), Some(model.vit.image_size))?;
+                ensure!(
+                    b.config() == &model.vit,
+                    "backbone file {}: {}",
+                    path.display(),
+                    crate::model::ConfigError::BackboneMismatch { expected: Box::new(model.vit.clone()), got: Box::new(b.config().clone()) }
+                );
+                Ok(b)
+            }
         }
     }
 }
@@ -145,6 +185,8 @@ pub struct RunSpec {
     pub model: ModelConfig,
     pub data: DataConfig,
     pub train: TrainConfig,
+    /// The frozen backbone; `None`: random, seeded from the run's seed.
+    pub backbone: Option<BackboneSource>,
 }
 
 impl RunSpec {
@@ -154,6 +196,7 @@ impl RunSpec {
             model: ModelConfig::demo(),
             data: DataConfig::Synthetic(data::SyntheticConfig::demo(seed)),
             train: TrainConfig::demo(seed),
+            backbone: None,
         }
     }
 
@@ -239,7 +282,7 @@ pub fn build_trainer<B: Backend>(
     params: Params,
     train: &TrainConfig,
 ) -> anyhow::Result<Trainer<B>> {
-    let backbone = backbone.build(model);
+    let backbone = backbone.build(model)?;
     let opt = AdamWConfig { weight_decay: train.weight_decay, ..AdamWConfig::default() };
     Trainer::new(
         backend,
@@ -287,12 +330,11 @@ pub fn evaluate_with<B: Backend>(
 }
 
 /// Groups from the training split's co-occurrence (empty for plain VPT, which has none).
-pub fn make_groups(spec: &RunSpec, train: &Dataset) -> anyhow::Result<Vec<Vec<Vec<usize>>>> {
+pub fn make_groups(spec: &RunSpec, lists: &[Vec<usize>]) -> anyhow::Result<Vec<Vec<Vec<usize>>>> {
     if spec.model.method == Method::Vpt {
         return Ok(Vec::new());
     }
-    let lists = train.label_lists();
-    let co = Cooccurrence::from_label_lists(train.k, lists.iter().map(|l| l.as_slice()));
+    let co = Cooccurrence::from_label_lists(spec.model.labels, lists.iter().map(|l| l.as_slice()));
     let cfg = GroupingConfig {
         groups: spec.model.groups,
         tau_co: spec.train.tau,
@@ -310,14 +352,14 @@ pub fn train(spec: &RunSpec, opts: &RunOptions, obs: &mut dyn Observer) -> anyho
     let started = Instant::now();
     spec.validate()?;
     std::fs::create_dir_all(&opts.out).with_context(|| format!("cannot create output folder {}", opts.out.display()))?;
-    let train_data = spec.data.train_split()?;
-    let partitions = make_groups(spec, &train_data)?;
+    let train_data = load_train(&spec.data, spec.train.seed, &opts.out)?;
+    let partitions = make_groups(spec, &train_data.label_lists())?;
     let params = Params::init(&spec.model, partitions.len(), derive_seed(spec.train.seed, PARAMS_STREAM));
     let state = RunState {
         model: spec.model.clone(),
         data: spec.data.clone(),
         train: spec.train.clone(),
-        backbone: BackboneSource::Random { seed: derive_seed(spec.train.seed, BACKBONE_STREAM) },
+        backbone: spec.backbone.clone().unwrap_or(BackboneSource::Random { seed: derive_seed(spec.train.seed, BACKBONE_STREAM) }),
         partitions,
         class_names: spec.data.class_names(),
         epoch: 0,
@@ -338,8 +380,63 @@ pub fn resume(path: &Path, opts: &RunOptions, obs: &mut dyn Observer) -> anyhow:
     let file = checkpoint_path(path);
     let state = RunState::load(&file)?;
     std::fs::create_dir_all(&opts.out).with_context(|| format!("cannot create output folder {}", opts.out.display()))?;
-    let train_data = state.data.train_split()?;
+    let train_data = load_train(&state.data, state.train.seed, &opts.out)?;
     run_from(state, train_data, opts, obs, started)
+}
+
+/// The training split: in memory (synthetic data) or streamed from image files or a cache
+/// with augmentation, batch by batch.
+pub enum TrainData {
+    Memory(Dataset),
+    Stream(Arc<TrainLoader>),
+}
+
+impl TrainData {
+    pub fn len(&self) -> usize {
+        match self {
+            TrainData::Memory(d) => d.n,
+            TrainData::Stream(l) => l.len(),
+        }
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    pub fn label_lists(&self) -> Vec<Vec<usize>> {
+        match self {
+            TrainData::Memory(d) => d.label_lists(),
+            TrainData::Stream(l) => l.label_lists(),
+        }
+    }
+}
+
+/// The training split; for image files the load report starts `out/data_report.txt`.
+fn load_train(data: &DataConfig, seed: u64, out: &Path) -> anyhow::Result<TrainData> {
+    std::fs::create_dir_all(out).with_context(|| format!("cannot create output folder {}", out.display()))?;
+    match data {
+        DataConfig::Images(c) => {
+            let (loader, report) = c.train_loader(derive_seed(seed, AUGMENT_STREAM))?;
+            write_report(out, &report, false)?;
+            Ok(TrainData::Stream(Arc::new(loader)))
+        }
+        _ => Ok(TrainData::Memory(data.train_split()?)),
+    }
+}
+
+/// Writes (or appends) a split's load report and warns on stderr when images were skipped.
+fn write_report(out: &Path, r: &data::LoadReport, append: bool) -> anyhow::Result<()> {
+    let path = out.join(DATA_REPORT_FILE);
+    if !r.skipped.is_empty() {
+        eprintln!("warning: {} of {} {} images are unreadable and skipped (listed in {})", r.skipped.len(), r.listed, r.split, path.display());
+    }
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .append(append)
+        .truncate(!append)
+        .open(&path)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    f.write_all(r.to_text().as_bytes()).with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(())
 }
 
 /// `path` itself if it is a file, else `path/checkpoint.safetensors`.
@@ -352,7 +449,7 @@ pub fn checkpoint_path(path: &Path) -> PathBuf {
 }
 
 /// The epoch loop shared by fresh and resumed runs; `started` is when the command's work began.
-fn run_from(state: RunState, train_data: Dataset, opts: &RunOptions, obs: &mut dyn Observer, started: Instant) -> anyhow::Result<Summary> {
+fn run_from(state: RunState, train_data: TrainData, opts: &RunOptions, obs: &mut dyn Observer, started: Instant) -> anyhow::Result<Summary> {
     match crate::backend::select(opts.device, &mut |line| eprintln!("{line}"))? {
         Selected::Cpu(be) => run_on(be, state, train_data, opts, obs, started),
         #[cfg(feature = "cuda")]
@@ -364,12 +461,15 @@ fn run_from(state: RunState, train_data: Dataset, opts: &RunOptions, obs: &mut d
 fn run_on<B: Backend>(
     backend: B,
     mut state: RunState,
-    train_data: Dataset,
+    train_data: TrainData,
     opts: &RunOptions,
     obs: &mut dyn Observer,
     started: Instant,
 ) -> anyhow::Result<Summary> {
-    let test_data = state.data.test_split()?;
+    let (test_data, report) = state.data.split_with_report(data::Split::Test)?;
+    if let Some(r) = report {
+        write_report(&opts.out, &r, true)?;
+    }
     let cfg = state.train.clone();
     let ck_path = opts.out.join(CHECKPOINT_FILE);
     let log_path = opts.out.join(METRICS_FILE);
@@ -391,8 +491,10 @@ fn run_on<B: Backend>(
         state.save(&ck_path)?;
     }
 
-    let n = train_data.n;
+    let n = train_data.len();
     let bs = cfg.batch_size;
+    // Streamed images that could not be read, each reported once.
+    let mut reported: std::collections::HashSet<String> = Default::default();
     let steps_per_epoch = n.div_ceil(bs) as u64;
     let total_steps = steps_per_epoch * cfg.epochs as u64;
     let schedule = OneCycle::new(cfg.lr, total_steps, cfg.warmup_frac);
@@ -409,9 +511,33 @@ fn run_on<B: Backend>(
             let order = data::epoch_order(n, cfg.seed, epoch as u64);
             let epoch_start = Instant::now();
             let mut loss_sum = 0.0f64;
+            let stream = match &train_data {
+                TrainData::Stream(l) => Some(l.epoch(order.chunks(bs).map(<[usize]>::to_vec).collect(), epoch as u64)),
+                TrainData::Memory(_) => None,
+            };
             for (b, batch) in order.chunks(bs).enumerate() {
                 let step = state.step;
-                train_data.gather(batch, &mut images, &mut targets);
+                let mut batch_n = batch.len();
+                match (&train_data, &stream) {
+                    (TrainData::Stream(_), Some(rx)) => {
+                        let got = rx.recv().context("the image loader thread stopped")?;
+                        for (name, why) in got.skipped {
+                            if reported.insert(name.clone()) {
+                                append_log(&opts.out.join(DATA_REPORT_FILE), &format!("  skipped (train) {name}: {why}"))?;
+                                eprintln!("warning: skipped unreadable training image {name}: {why}");
+                            }
+                        }
+                        (images, targets, batch_n) = (got.images, got.targets, got.n);
+                        if batch_n == 0 {
+                            // Every image of this batch is unreadable: the step is skipped
+                            // but counted, so the schedule and resumption stay aligned.
+                            state.step += 1;
+                            continue;
+                        }
+                    }
+                    (TrainData::Memory(d), _) => d.gather(batch, &mut images, &mut targets),
+                    (TrainData::Stream(_), None) => unreachable!("a streamed split always has a loader"),
+                }
                 if opts.nan_at_step == Some(step) {
                     images[0] = f32::NAN;
                 }
@@ -437,7 +563,7 @@ fn run_on<B: Backend>(
                 }
                 state.step += 1;
                 loss_sum += loss as f64;
-                images_done += batch.len();
+                images_done += batch_n;
                 let elapsed = train_seconds + epoch_start.elapsed().as_secs_f64();
                 obs.on_step(state.step, loss, images_done as f64 / elapsed.max(1e-9));
             }
@@ -569,24 +695,93 @@ pub struct Opened<B: Backend = CpuBackend> {
 impl Opened<CpuBackend> {
     /// Opens a checkpoint on the CPU backend.
     pub fn open(path: &Path) -> anyhow::Result<Self> {
-        let (path, state) = Self::load(path)?;
+        Self::open_with(path, false)
+    }
+
+    /// [`Opened::open`]; with `allow_backbone_mismatch` a backbone file whose SHA-256 differs
+    /// from the recorded one is used anyway (with a warning); its shape must still match.
+    pub fn open_with(path: &Path, allow_backbone_mismatch: bool) -> anyhow::Result<Self> {
+        let (path, state) = Self::load(path, allow_backbone_mismatch)?;
         Self::on(CpuBackend::new(), path, state)
     }
 
-    /// Reads a checkpoint (a file, or a run folder holding one): its path and state.
-    pub fn load(path: &Path) -> anyhow::Result<(PathBuf, RunState)> {
+    /// Reads a checkpoint (a file, or a run folder holding one): its path and state. With
+    /// `allow_backbone_mismatch` a backbone file whose SHA-256 differs from the recorded one is
+    /// accepted (with a warning); its shape must still match.
+    pub fn load(path: &Path, allow_backbone_mismatch: bool) -> anyhow::Result<(PathBuf, RunState)> {
         let path = checkpoint_path(path);
-        let state = RunState::load(&path)?;
+        let mut state = RunState::load(&path)?;
+        if let (true, BackboneSource::File { path: file, sha256 }) = (allow_backbone_mismatch, &mut state.backbone) {
+            let actual = crate::model::timm::sha256_file(file)?;
+            if &actual != sha256 {
+                eprintln!("warning: backbone file {} differs from the one this checkpoint was trained with (SHA-256 {actual}, recorded {sha256})", file.display());
+                *sha256 = actual;
+            }
+        }
         Ok((path, state))
     }
 }
 
 impl<B: Backend> Opened<B> {
-    /// Puts a checkpoint read by [`Opened::load`] on `backend`.
+    /// Puts a checkpoint read by [`Opened::load`] on `backend`, with its test split.
     pub fn on(backend: B, path: PathBuf, state: RunState) -> anyhow::Result<Self> {
+        let mut o = Self::model_on(backend, path, state)?;
+        o.test = o.state.data.test_split()?;
+        Ok(o)
+    }
+
+    /// The checkpoint's model only on `backend`: `test` is left empty (n = 0), for scoring
+    /// image files.
+    pub fn model_on(backend: B, path: PathBuf, state: RunState) -> anyhow::Result<Self> {
         let trainer = build_trainer(backend, &state.model, &state.partitions, &state.backbone, state.params.clone(), &state.train)?;
-        let test = state.data.test_split()?;
+        let (k, size) = (state.model.labels, state.model.vit.image_size);
+        let test = Dataset { n: 0, k, channels: 3, image_size: size, images: Vec::new(), targets: Vec::new() };
         Ok(Self { path, state, trainer, test })
+    }
+
+    /// Probabilities `[n, K]` of image files, prepared as the checkpoint's test images
+    /// (resize, its normalization); unreadable files are returned apart, with why.
+    pub fn predict_files(
+        &mut self,
+        files: &[PathBuf],
+        use_ema: bool,
+    ) -> anyhow::Result<(Vec<PathBuf>, Vec<f32>, Vec<data::images::Skipped>)> {
+        let DataConfig::Images(c) = &self.state.data else {
+            bail!("this checkpoint was trained on the procedural demo data, not on images: it cannot score image files");
+        };
+        let (size, norm) = (c.image_size, c.norm);
+        use rayon::prelude::*;
+        let loaded: Vec<Result<Vec<f32>, String>> = files
+            .par_iter()
+            .map(|f| {
+                let img = data::images::load_rgb(f, size as u32)?;
+                let mut v = vec![0f32; 3 * size * size];
+                data::images::normalize_into(&img, norm, &mut v);
+                Ok(v)
+            })
+            .collect();
+        let (mut ok, mut skipped) = (Vec::new(), Vec::new());
+        let mut d = Dataset { n: 0, k: self.state.model.labels, channels: 3, image_size: size, images: Vec::new(), targets: Vec::new() };
+        for (f, r) in files.iter().zip(loaded) {
+            match r {
+                Ok(v) => {
+                    d.images.extend_from_slice(&v);
+                    d.n += 1;
+                    ok.push(f.clone());
+                }
+                Err(reason) => skipped.push(data::images::Skipped { path: f.clone(), reason }),
+            }
+        }
+        d.targets = vec![0.0; d.n * d.k];
+        if use_ema {
+            let (shadow, _) = self.state.ema.as_ref().context("this checkpoint was trained without --ema: it has no EMA weights")?;
+            self.trainer.set_params(shadow)?;
+        }
+        let p = predict_probabilities(&mut self.trainer, &d, self.state.train.batch_size);
+        if use_ema {
+            self.trainer.set_params(&self.state.params)?;
+        }
+        Ok((ok, p?, skipped))
     }
 
     /// Metrics of the weights, and of the EMA weights when the checkpoint has them.
