@@ -4,6 +4,11 @@
 // head dims the fused kernels (attention.cu) do not cover.
 #include "common.cuh"
 
+// Dynamic shared memory of a block (the CPU emulator, tests/cuda_emu, defines its own).
+#ifndef DYNAMIC_SMEM
+#define DYNAMIC_SMEM(name) extern __shared__ float name[]
+#endif
+
 // out[b, p, (c*P + ky)*P + kx] = img[b, c, py*P + ky, px*P + kx], p = py*gw + px.
 extern "C" __global__ void tok_patchify(const float* __restrict__ img, float* __restrict__ out, uint64_t n,
                                         uint32_t c, uint32_t h, uint32_t w, uint32_t p) {
@@ -136,7 +141,7 @@ __device__ float block_sum_f(float v, float* scratch) {
 extern "C" __global__ void attn_simple_fwd(const float* __restrict__ qkv, float* __restrict__ out,
                                            float* __restrict__ lse, int n, int h, int dh, int ps, int pe, int q0,
                                            int nq, float scale) {
-    extern __shared__ float s[];  // [n] scores, then 32 reduction slots
+    DYNAMIC_SMEM(s);  // [n] scores, then 32 reduction slots
     float* red = s + n;
     const int qi = blockIdx.x, bh = blockIdx.y, b = bh / h, hd = bh % h, d = h * dh, i = q0 + qi;
     const float* base = qkv + (uint64_t)b * n * 3 * d + hd * dh;
@@ -176,7 +181,7 @@ extern "C" __global__ void attn_simple_bwd(const float* __restrict__ qkv, const 
                                            const float* __restrict__ lse, const float* __restrict__ dout,
                                            float* __restrict__ dqkv, int n, int h, int dh, int ps, int pe, int q0,
                                            int nq, float scale) {
-    extern __shared__ float s[];  // [n] probabilities, [n] dS, 32 reduction slots
+    DYNAMIC_SMEM(s);  // [n] probabilities, [n] dS, 32 reduction slots
     float* ds = s + n;
     float* red = ds + n;
     const int qi = blockIdx.x, bh = blockIdx.y, b = bh / h, hd = bh % h, d = h * dh, i = q0 + qi;

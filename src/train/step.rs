@@ -411,6 +411,7 @@ impl<B: Backend> Trainer<B> {
                 data,
             });
         }
+        self.be.check()?;
         Ok((loss as f32, Params { tensors: out }))
     }
 
@@ -428,6 +429,7 @@ impl<B: Backend> Trainer<B> {
             self.be.download_f64(&self.grads[i], &mut data);
             out.push(data);
         }
+        self.be.check()?;
         Ok((loss, out))
     }
 
@@ -455,6 +457,7 @@ impl<B: Backend> Trainer<B> {
             be.download(x, &mut h);
             states.push(h);
         });
+        self.be.check()?;
         Ok(states)
     }
 
@@ -534,8 +537,9 @@ impl<B: Backend> Trainer<B> {
         if !loss.is_finite() {
             bail!("loss is not finite ({loss})");
         }
+        // Device errors of the backward surface at the caller's next check (after AdamW, or
+        // after the gradients are read), so a step synchronises only there and at the loss.
         self.backward(b);
-        self.be.check()?;
         Ok(loss)
     }
 }
