@@ -733,123 +733,26 @@ impl<B: Backend> Trainer<B> {
                 dim,
                 3 * dim,
             );
-            if l + 1 < d.depth {
-                be.attention_forward(&a.qkv[l], &mut a.att[l], &mut a.lse[l], &shape);
-                be.linear_forward(
-                    &a.att[l],
-                    &blk.proj.0,
-                    Some(&blk.proj.1),
-                    &mut a.branch_out,
-                    rows,
-                    dim,
-                    dim,
-                );
-                be.residual(
-                    x,
-                    &a.branch_out,
-                    blk.ls1.as_ref(),
-                    &mut a.xmid[l],
-                    rows,
-                    dim,
-                );
-                let (m2, r2) = &mut a.ln2[l];
-                be.layernorm_forward(
-                    &a.xmid[l],
-                    &blk.norm2.0,
-                    &blk.norm2.1,
-                    &mut a.normed,
-                    m2,
-                    r2,
-                    rows,
-                    dim,
-                    VIT_EPS,
-                );
-                be.linear_forward(
-                    &a.normed,
-                    &blk.fc1.0,
-                    Some(&blk.fc1.1),
-                    &mut a.pre_gelu[l],
-                    rows,
-                    dim,
-                    d.mlp,
-                );
-                be.gelu_forward(&a.pre_gelu[l], &mut a.hidden, rows * d.mlp);
-                be.linear_forward(
-                    &a.hidden,
-                    &blk.fc2.0,
-                    Some(&blk.fc2.1),
-                    &mut a.branch_out,
-                    rows,
-                    d.mlp,
-                    dim,
-                );
-                be.residual(&a.xmid[l], &a.branch_out, blk.ls2.as_ref(), xo, rows, dim);
-                hook(be, l, xo, n);
-            } else {
-                // Last block: only its prompt outputs are used (Z), so after K and V of every
-                // token the rest runs on the P prompt rows, compacted to [B, P, D]; the output
-                // is the final norm's input `zin`.
-                let pr = b * p;
-                be.attention_forward(&a.qkv[l], &mut a.att[l], &mut a.lse[l], &tail);
+            // The last block's outputs are used only at the prompt rows (Z): after K and V of
+            // every token, the rest of it runs on the P prompt rows, compacted to [B, P, D],
+            // and its output is the final norm's input `zin`.
+            let last = l + 1 == d.depth;
+            let r = if last { b * p } else { rows };
+            be.attention_forward(&a.qkv[l], &mut a.att[l], &mut a.lse[l], if last { &tail } else { &shape });
+            if last {
                 be.copy_tokens(x, n, 1, &mut a.xtail, p, 0, p, b, dim);
-                be.linear_forward(
-                    &a.att[l],
-                    &blk.proj.0,
-                    Some(&blk.proj.1),
-                    &mut a.branch_out,
-                    pr,
-                    dim,
-                    dim,
-                );
-                be.residual(
-                    &a.xtail,
-                    &a.branch_out,
-                    blk.ls1.as_ref(),
-                    &mut a.xmid[l],
-                    pr,
-                    dim,
-                );
-                let (m2, r2) = &mut a.ln2[l];
-                be.layernorm_forward(
-                    &a.xmid[l],
-                    &blk.norm2.0,
-                    &blk.norm2.1,
-                    &mut a.normed,
-                    m2,
-                    r2,
-                    pr,
-                    dim,
-                    VIT_EPS,
-                );
-                be.linear_forward(
-                    &a.normed,
-                    &blk.fc1.0,
-                    Some(&blk.fc1.1),
-                    &mut a.pre_gelu[l],
-                    pr,
-                    dim,
-                    d.mlp,
-                );
-                be.gelu_forward(&a.pre_gelu[l], &mut a.hidden, pr * d.mlp);
-                be.linear_forward(
-                    &a.hidden,
-                    &blk.fc2.0,
-                    Some(&blk.fc2.1),
-                    &mut a.branch_out,
-                    pr,
-                    d.mlp,
-                    dim,
-                );
-                be.residual(
-                    &a.xmid[l],
-                    &a.branch_out,
-                    blk.ls2.as_ref(),
-                    &mut a.zin,
-                    pr,
-                    dim,
-                );
-                hook(be, l, &a.zin, p);
             }
+            let resid_in: &B::Buf = if last { &a.xtail } else { x };
+            be.linear_forward(&a.att[l], &blk.proj.0, Some(&blk.proj.1), &mut a.branch_out, r, dim, dim);
+            be.residual(resid_in, &a.branch_out, blk.ls1.as_ref(), &mut a.xmid[l], r, dim);
+            let (m2, r2) = &mut a.ln2[l];
+            be.layernorm_forward(&a.xmid[l], &blk.norm2.0, &blk.norm2.1, &mut a.normed, m2, r2, r, dim, VIT_EPS);
+            be.linear_forward(&a.normed, &blk.fc1.0, Some(&blk.fc1.1), &mut a.pre_gelu[l], r, dim, d.mlp);
+            be.gelu_forward(&a.pre_gelu[l], &mut a.hidden, r * d.mlp);
+            be.linear_forward(&a.hidden, &blk.fc2.0, Some(&blk.fc2.1), &mut a.branch_out, r, d.mlp, dim);
+            let (out, out_tokens) = if last { (&mut a.zin, p) } else { (xo, n) };
+            be.residual(&a.xmid[l], &a.branch_out, blk.ls2.as_ref(), out, r, dim);
+            hook(be, l, out, out_tokens);
         }
         // Group tokens Z: the final norm of the last block's prompt outputs.
         match &w.norm {
