@@ -313,7 +313,9 @@ impl<B: Backend> Trainer<B> {
             .collect();
         let acts = Acts::new(be, &dims);
         // A device backend reports allocation failures (out of memory) here.
-        backend.check().context("putting the model on the backend")?;
+        backend
+            .check()
+            .context("putting the model on the backend")?;
         Ok(Self {
             be: backend,
             cfg,
@@ -738,18 +740,64 @@ impl<B: Backend> Trainer<B> {
             // and its output is the final norm's input `zin`.
             let last = l + 1 == d.depth;
             let r = if last { b * p } else { rows };
-            be.attention_forward(&a.qkv[l], &mut a.att[l], &mut a.lse[l], if last { &tail } else { &shape });
+            be.attention_forward(
+                &a.qkv[l],
+                &mut a.att[l],
+                &mut a.lse[l],
+                if last { &tail } else { &shape },
+            );
             if last {
                 be.copy_tokens(x, n, 1, &mut a.xtail, p, 0, p, b, dim);
             }
             let resid_in: &B::Buf = if last { &a.xtail } else { x };
-            be.linear_forward(&a.att[l], &blk.proj.0, Some(&blk.proj.1), &mut a.branch_out, r, dim, dim);
-            be.residual(resid_in, &a.branch_out, blk.ls1.as_ref(), &mut a.xmid[l], r, dim);
+            be.linear_forward(
+                &a.att[l],
+                &blk.proj.0,
+                Some(&blk.proj.1),
+                &mut a.branch_out,
+                r,
+                dim,
+                dim,
+            );
+            be.residual(
+                resid_in,
+                &a.branch_out,
+                blk.ls1.as_ref(),
+                &mut a.xmid[l],
+                r,
+                dim,
+            );
             let (m2, r2) = &mut a.ln2[l];
-            be.layernorm_forward(&a.xmid[l], &blk.norm2.0, &blk.norm2.1, &mut a.normed, m2, r2, r, dim, VIT_EPS);
-            be.linear_forward(&a.normed, &blk.fc1.0, Some(&blk.fc1.1), &mut a.pre_gelu[l], r, dim, d.mlp);
+            be.layernorm_forward(
+                &a.xmid[l],
+                &blk.norm2.0,
+                &blk.norm2.1,
+                &mut a.normed,
+                m2,
+                r2,
+                r,
+                dim,
+                VIT_EPS,
+            );
+            be.linear_forward(
+                &a.normed,
+                &blk.fc1.0,
+                Some(&blk.fc1.1),
+                &mut a.pre_gelu[l],
+                r,
+                dim,
+                d.mlp,
+            );
             be.gelu_forward(&a.pre_gelu[l], &mut a.hidden, r * d.mlp);
-            be.linear_forward(&a.hidden, &blk.fc2.0, Some(&blk.fc2.1), &mut a.branch_out, r, d.mlp, dim);
+            be.linear_forward(
+                &a.hidden,
+                &blk.fc2.0,
+                Some(&blk.fc2.1),
+                &mut a.branch_out,
+                r,
+                d.mlp,
+                dim,
+            );
             let (out, out_tokens) = if last { (&mut a.zin, p) } else { (xo, n) };
             be.residual(&a.xmid[l], &a.branch_out, blk.ls2.as_ref(), out, r, dim);
             hook(be, l, out, out_tokens);
@@ -832,7 +880,9 @@ impl<B: Backend> Trainer<B> {
     fn loss(&mut self, b: usize) -> f64 {
         let n = b * self.dims.labels;
         let scale = self.cfg.loss_scale / n as f64;
-        let Self { be, acts: a, asl, .. } = self;
+        let Self {
+            be, acts: a, asl, ..
+        } = self;
         // Per branch ASL(y) then (ML-VPT) ASL(m); VPT has no gate logits (`m` is empty).
         let mut terms = Vec::with_capacity(2 * a.y.len());
         let (mut ms, mut dms) = (a.m.iter(), a.dm.iter_mut());
