@@ -377,3 +377,81 @@ fn cmyk_jpeg_decodes_to_rgb() {
         assert!((*got as i32 - want as i32).abs() <= 6, "{:?} vs (200, 40, 10)", p.0);
     }
 }
+
+/// Evaluation streams the test split batch by batch; its metrics, probabilities and report
+/// must be exactly those of the old path that decoded the whole split into memory first.
+#[test]
+fn streamed_evaluation_equals_the_whole_split_in_memory() {
+    use mlvpt::data::DataConfig;
+    use mlvpt::train::run::Opened;
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path();
+    let (mut train, mut test) = (String::from("path,labels\n"), String::from("path,labels\n"));
+    let labels = ["a;b", "b", "c", "", "a|c", "b;c"];
+    for i in 0..24u32 {
+        let name = format!("{i}.png");
+        rgb(i, 10 + i % 5, 9 + i % 3).save(p.join(&name)).unwrap();
+        let row = format!("{name},{}\n", labels[i as usize % labels.len()]);
+        if i < 10 { train += &row } else { test += &row }
+    }
+    // Test image 5 (15.png) is corrupt: it is left out, so the batches of 4 straddle it.
+    std::fs::write(p.join("15.png"), b"not a png").unwrap();
+    std::fs::write(p.join("train.csv"), train).unwrap();
+    std::fs::write(p.join("test.csv"), test).unwrap();
+    std::fs::write(p.join("classes.txt"), "a\nb\nc\n").unwrap();
+    let data = format!(
+        "manifest:{},test={},classes={}",
+        p.join("train.csv").display(),
+        p.join("test.csv").display(),
+        p.join("classes.txt").display()
+    );
+    let out = p.join("run");
+    let mut a = vec!["train", "--out", out.to_str().unwrap(), "--data", &data, "--image-size", "8", "--patch", "4", "--dim", "8", "--depth", "1", "--ema", "0.9"];
+    a.extend_from_slice(TINY);
+    ok(&a);
+    let report = std::fs::read_to_string(out.join("data_report.txt")).unwrap();
+    assert!(report.contains("test: 14 images listed, 1 skipped") && report.contains("15.png"), "{report}");
+
+    let mut o = Opened::open(&out).unwrap();
+    let DataConfig::Images(c) = o.state.data.clone() else { panic!("not an image run") };
+    let (d, r) = c.load(Split::Test).unwrap();
+    assert_eq!(c.test_loader().unwrap().1, r);
+    assert_eq!((o.test.len(), d.n), (13, 13));
+    assert_eq!(o.test.targets(), &d.targets[..]);
+    assert_eq!(o.test.constant_map(), mlvpt::data::constant_predictor_map(&d));
+
+    // The old path: probabilities of the decoded split in consecutive batches.
+    let bs = o.state.train.batch_size;
+    let sigmoid = |x: &f32| 1.0 / (1.0 + (-x).exp());
+    let old = |o: &mut Opened, images: &[f32]| -> Vec<f32> {
+        images.chunks(bs * d.image_len()).flat_map(|x| o.trainer.predict(x).unwrap().iter().map(sigmoid).collect::<Vec<f32>>()).collect()
+    };
+    let th = o.state.train.threshold;
+    let (m, e) = o.evaluate().unwrap();
+    let want = mlvpt::metrics::evaluate(&old(&mut o, &d.images), &d.targets, d.n, d.k, th);
+    assert_eq!(format!("{m:?}"), format!("{want:?}"));
+    let shadow = o.state.ema.clone().unwrap().0;
+    o.trainer.set_params(&shadow).unwrap();
+    let old_ema = old(&mut o, &d.images);
+    let want_ema = mlvpt::metrics::evaluate(&old_ema, &d.targets, d.n, d.k, th);
+    o.trainer.set_params(&o.state.params.clone()).unwrap();
+    assert_eq!(format!("{:?}", e.unwrap()), format!("{want_ema:?}"));
+    // Both sets of weights are scored in one pass; the trainer keeps its own.
+    let all: Vec<usize> = (0..d.n).collect();
+    let (pr, pe) = mlvpt::train::run::test_probabilities(&mut o.trainer, &o.test, &all, bs, Some(&shadow)).unwrap();
+    assert_eq!(pe.unwrap(), old_ema);
+    assert_ne!(pr, old_ema, "the EMA weights should score differently");
+    assert_eq!(pr, old(&mut o, &d.images));
+
+    // predict --index picks readable test images by position, as before.
+    let pick = [12, 0, 6, 5, 7];
+    let (idx, probs) = o.predict(&pick, false).unwrap();
+    assert_eq!(idx, pick);
+    assert_eq!(probs, old(&mut o, &d.subset(&pick).images));
+    assert!(o.predict(&[13], false).unwrap_err().to_string().contains("13 images"));
+
+    // The CLI reports the same.
+    let j: serde_json::Value = serde_json::from_str(&ok(&["eval", "--checkpoint", out.to_str().unwrap(), "--json"])).unwrap();
+    assert_eq!(j["images"], 13);
+    assert_eq!(j["metrics"]["mAP"].as_f64().unwrap(), m.map);
+}

@@ -37,14 +37,14 @@ pub fn run(args: &EvalArgs) -> anyhow::Result<()> {
 fn run_on<B: Backend>(args: &EvalArgs, mut opened: Opened<B>) -> anyhow::Result<()> {
     let (m, ema) = opened.evaluate()?;
     let s = &opened.state;
-    let constant = mlvpt::data::constant_predictor_map(&opened.test);
+    let constant = opened.test.constant_map();
     if args.json {
         let out = serde_json::json!({
             "checkpoint": opened.path.display().to_string(),
             "epoch": s.epoch,
             "step": s.step,
             "split": "test",
-            "images": opened.test.n,
+            "images": opened.test.len(),
             "metrics": m.to_json(&s.class_names),
             "ema": ema.as_ref().map(|e| e.to_json(&s.class_names)),
             "constant_mAP": constant,
@@ -57,7 +57,7 @@ fn run_on<B: Backend>(args: &EvalArgs, mut opened: Opened<B>) -> anyhow::Result<
         opened.path.display(),
         s.epoch,
         s.step,
-        opened.test.n
+        opened.test.len()
     );
     print!("{}", m.to_table(&s.class_names));
     if let Some(e) = &ema {

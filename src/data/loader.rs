@@ -1,7 +1,8 @@
 //! Training batches streamed from image files or a prepared cache: each batch is decoded,
 //! augmented and normalized in parallel (rayon), and the next batch is prepared on a worker
 //! thread while the current one trains. Augmentation draws are a function of (seed, epoch,
-//! image index), so results do not depend on threads or on resuming.
+//! image index), so results do not depend on threads or on resuming. Test batches stream the
+//! same way ([`TestLoader`]), with the test transform, so evaluation holds O(batch) images.
 
 use std::path::PathBuf;
 use std::sync::mpsc::{sync_channel, Receiver};
@@ -12,9 +13,9 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 
-use super::augment::train_transform;
+use super::augment::{test_transform, train_transform};
 use super::cache::Cache;
-use super::images::{load_rgb_full, normalize_into, Norm};
+use super::images::{load_rgb_full, normalize_into, Norm, Skipped};
 use super::derive_seed;
 
 /// Seed stream of the augmentation draws.
@@ -124,6 +125,82 @@ impl TrainLoader {
             for idx in batches {
                 // The receiver hung up (training stopped): stop preparing.
                 if tx.send(me.batch(&idx, epoch)).is_err() {
+                    break;
+                }
+            }
+        });
+        rx
+    }
+}
+
+/// Image `i` of `store` with the test transform (resize to `size`, normalize), or why it
+/// cannot be read.
+pub fn test_image(store: &ImageStore, i: usize, size: usize, norm: Norm) -> Result<Vec<f32>, String> {
+    let img = test_transform(&store.rgb(i)?, size as u32);
+    let mut v = vec![0f32; 3 * size * size];
+    normalize_into(&img, norm, &mut v);
+    Ok(v)
+}
+
+/// A test split that streams: its readable images (found once, when it is opened), their
+/// targets, and how to prepare them. Images are decoded only when a batch asks for them.
+pub struct TestLoader {
+    pub store: ImageStore,
+    /// Store indices of the readable images, in order: test image `i` is `store` image `readable[i]`.
+    pub readable: Vec<usize>,
+    /// 0/1 targets of the readable images, `len() x k`.
+    pub targets: Vec<f32>,
+    pub k: usize,
+    pub size: usize,
+    pub norm: Norm,
+}
+
+impl TestLoader {
+    /// Decodes every image of `store` once (in parallel, keeping none) to find the unreadable
+    /// ones, which are returned apart with why; `targets` are the store's, `store.len() x k`.
+    pub fn open(store: ImageStore, targets: &[f32], k: usize, size: usize, norm: Norm) -> (Self, Vec<Skipped>) {
+        let errors: Vec<Option<String>> = (0..store.len()).into_par_iter().map(|i| store.rgb(i).err()).collect();
+        let (mut readable, mut skipped, mut kept) = (Vec::new(), Vec::new(), Vec::new());
+        for (i, e) in errors.into_iter().enumerate() {
+            match e {
+                None => {
+                    readable.push(i);
+                    kept.extend_from_slice(&targets[i * k..(i + 1) * k]);
+                }
+                Some(reason) => skipped.push(Skipped { path: PathBuf::from(store.describe(i)), reason }),
+            }
+        }
+        (Self { store, readable, targets: kept, k, size, norm }, skipped)
+    }
+
+    pub fn len(&self) -> usize {
+        self.readable.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.readable.is_empty()
+    }
+
+    /// Test images `indices` (in that order), decoded in parallel, `indices.len() x 3 x size x size`.
+    /// An image that was readable when the split was opened and no longer is, is an error.
+    pub fn batch(&self, indices: &[usize]) -> anyhow::Result<Vec<f32>> {
+        let decoded: Vec<Result<Vec<f32>, String>> =
+            indices.par_iter().map(|&i| test_image(&self.store, self.readable[i], self.size, self.norm)).collect();
+        let mut out = Vec::with_capacity(indices.len() * 3 * self.size * self.size);
+        for (&i, r) in indices.iter().zip(decoded) {
+            let v = r.map_err(|why| anyhow::anyhow!("test image {} became unreadable: {why}", self.store.describe(self.readable[i])))?;
+            out.extend_from_slice(&v);
+        }
+        Ok(out)
+    }
+
+    /// The batches `batches` of test images, each decoded on a worker thread one batch ahead.
+    pub fn batches(self: &Arc<Self>, batches: Vec<Vec<usize>>) -> Receiver<anyhow::Result<Vec<f32>>> {
+        let (tx, rx) = sync_channel(1);
+        let me = Arc::clone(self);
+        std::thread::spawn(move || {
+            for idx in batches {
+                // The receiver hung up (evaluation stopped): stop decoding.
+                if tx.send(me.batch(&idx)).is_err() {
                     break;
                 }
             }

@@ -25,7 +25,7 @@ pub use synthetic::SyntheticConfig;
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum DataConfig {
     Synthetic(SyntheticConfig),
-    /// Image files (VOC, COCO, manifest), decoded into memory.
+    /// Image files (VOC, COCO, manifest) or a prepared cache, decoded batch by batch.
     Images(ImageDataConfig),
 }
 
@@ -135,15 +135,7 @@ impl Dataset {
 
     /// Fraction of images carrying each label.
     pub fn positive_rates(&self) -> Vec<f64> {
-        let mut counts = vec![0usize; self.k];
-        for row in self.targets.chunks_exact(self.k) {
-            for (c, &t) in counts.iter_mut().zip(row) {
-                if t > 0.5 {
-                    *c += 1;
-                }
-            }
-        }
-        counts.iter().map(|&c| c as f64 / self.n.max(1) as f64).collect()
+        positive_rates(&self.targets, self.k)
     }
 
     /// Label indices of each image (for co-occurrence counting).
@@ -159,11 +151,31 @@ impl Dataset {
 /// a class's AP is its positive rate, so this is the mean positive rate over classes that have
 /// positives. The reference line a trained model must beat.
 pub fn constant_predictor_map(d: &Dataset) -> f64 {
-    let rates: Vec<f64> = d.positive_rates().into_iter().filter(|&r| r > 0.0).collect();
+    constant_map(&d.targets, d.k)
+}
+
+/// [`constant_predictor_map`] from 0/1 targets `n x k` alone (a streamed split has no images
+/// in memory).
+pub fn constant_map(targets: &[f32], k: usize) -> f64 {
+    let rates: Vec<f64> = positive_rates(targets, k).into_iter().filter(|&r| r > 0.0).collect();
     if rates.is_empty() {
         return 0.0;
     }
     100.0 * rates.iter().sum::<f64>() / rates.len() as f64
+}
+
+/// Fraction of the rows of 0/1 targets `n x k` carrying each label.
+pub fn positive_rates(targets: &[f32], k: usize) -> Vec<f64> {
+    let mut counts = vec![0usize; k];
+    for row in targets.chunks_exact(k) {
+        for (c, &t) in counts.iter_mut().zip(row) {
+            if t > 0.5 {
+                *c += 1;
+            }
+        }
+    }
+    let n = targets.len() / k.max(1);
+    counts.iter().map(|&c| c as f64 / n.max(1) as f64).collect()
 }
 
 /// SplitMix64 finalizer: turns (seed, stream) into a well-mixed seed, so every random

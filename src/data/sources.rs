@@ -11,10 +11,9 @@ use std::sync::Arc;
 
 use rayon::prelude::*;
 
-use super::augment::test_transform;
 use super::cache::Cache;
-use super::images::{normalize_into, Norm, Skipped};
-use super::loader::{ImageStore, TrainLoader};
+use super::images::{Norm, Skipped};
+use super::loader::{test_image, ImageStore, TestLoader, TrainLoader};
 use super::{Dataset, Split};
 
 /// The 20 VOC classes in the standard order.
@@ -243,20 +242,12 @@ impl ImageDataConfig {
     }
 
     /// Decodes one split into memory with the test transform (resize); unreadable images are
-    /// skipped and reported.
+    /// skipped and reported. Evaluation streams instead ([`ImageDataConfig::test_loader`]).
     pub fn load(&self, split: Split) -> anyhow::Result<(Dataset, LoadReport)> {
         let (store, targets, mut report) = self.store(split)?;
         let (k, size) = (self.classes.len(), self.image_size);
-        let len = 3 * size * size;
-        let decoded: Vec<Result<Vec<f32>, String>> = (0..store.len())
-            .into_par_iter()
-            .map(|i| {
-                let img = test_transform(&store.rgb(i)?, size as u32);
-                let mut v = vec![0f32; len];
-                normalize_into(&img, self.norm, &mut v);
-                Ok(v)
-            })
-            .collect();
+        let decoded: Vec<Result<Vec<f32>, String>> =
+            (0..store.len()).into_par_iter().map(|i| test_image(&store, i, size, self.norm)).collect();
         let mut d = Dataset { n: 0, k, channels: 3, image_size: size, images: Vec::new(), targets: Vec::new() };
         for (i, r) in decoded.into_iter().enumerate() {
             match r {
@@ -270,6 +261,16 @@ impl ImageDataConfig {
         }
         ensure!(d.n > 0, "the {} split has no usable images ({} listed, all unreadable)", report.split, report.listed);
         Ok((d, report))
+    }
+
+    /// The test split as a streaming loader (test transform, batch by batch): every image is
+    /// decoded once here to find the unreadable ones (reported), none is kept in memory.
+    pub fn test_loader(&self) -> anyhow::Result<(TestLoader, LoadReport)> {
+        let (store, targets, mut report) = self.store(Split::Test)?;
+        let (loader, skipped) = TestLoader::open(store, &targets, self.classes.len(), self.image_size, self.norm);
+        report.skipped.extend(skipped);
+        ensure!(!loader.is_empty(), "the {} split has no usable images ({} listed, all unreadable)", report.split, report.listed);
+        Ok((loader, report))
     }
 
     /// The training split as a streaming loader with augmentation (nothing decoded yet).

@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use crate::backend::{Backend, CpuBackend, Device, Selected};
 use std::sync::Arc;
 
-use crate::data::loader::TrainLoader;
+use crate::data::loader::{TestLoader, TrainLoader};
 use crate::data::{self, derive_seed, DataConfig, Dataset};
 use crate::grouping::{self, Cooccurrence, GroupingConfig, GroupingMode};
 use crate::metrics::{self, Metrics};
@@ -308,25 +308,46 @@ pub fn predict_probabilities<B: Backend>(trainer: &mut Trainer<B>, data: &Datase
     Ok(out)
 }
 
-/// Metrics of the trainer's current weights on `data`.
-pub fn evaluate<B: Backend>(trainer: &mut Trainer<B>, data: &Dataset, max_batch: usize, threshold: f32) -> anyhow::Result<Metrics> {
-    let p = predict_probabilities(trainer, data, max_batch)?;
-    Ok(metrics::evaluate(&p, &data.targets, data.n, data.k, threshold))
+/// Sigmoid probabilities `[indices.len(), K]` of test images `indices` under the trainer's
+/// weights and, with `ema`, under those weights too (the trainer's own are put back), from
+/// one decoding pass, in batches of at most `max_batch`.
+pub fn test_probabilities<B: Backend>(
+    trainer: &mut Trainer<B>,
+    test: &TestData,
+    indices: &[usize],
+    max_batch: usize,
+    ema: Option<&Params>,
+) -> anyhow::Result<(Vec<f32>, Option<Vec<f32>>)> {
+    let own = ema.map(|_| trainer.params());
+    let sigmoid = |x: &f32| 1.0 / (1.0 + (-x).exp());
+    let (mut p, mut pe) = (Vec::with_capacity(indices.len() * test.k()), Vec::new());
+    test.for_each_batch(indices, max_batch, |x| {
+        p.extend(trainer.predict(x)?.iter().map(sigmoid));
+        if let (Some(shadow), Some(own)) = (ema, &own) {
+            trainer.set_params(shadow)?;
+            let logits = trainer.predict(x);
+            trainer.set_params(own)?;
+            pe.extend(logits?.iter().map(sigmoid));
+        }
+        Ok(())
+    })?;
+    Ok((p, ema.map(|_| pe)))
 }
 
-/// Metrics of `params` (e.g. the EMA weights), leaving the trainer's own weights in place.
-pub fn evaluate_with<B: Backend>(
+/// Metrics of the trainer's current weights on the test split and, with `ema`, of those
+/// weights (the trainer's own are kept).
+pub fn evaluate<B: Backend>(
     trainer: &mut Trainer<B>,
-    params: &Params,
-    data: &Dataset,
+    test: &TestData,
+    ema: Option<&Params>,
     max_batch: usize,
     threshold: f32,
-) -> anyhow::Result<Metrics> {
-    let own = trainer.params();
-    trainer.set_params(params)?;
-    let m = evaluate(trainer, data, max_batch, threshold);
-    trainer.set_params(&own)?;
-    m
+) -> anyhow::Result<(Metrics, Option<Metrics>)> {
+    let all: Vec<usize> = (0..test.len()).collect();
+    let (p, pe) = test_probabilities(trainer, test, &all, max_batch, ema)?;
+    let (n, k) = (test.len(), test.k());
+    let m = metrics::evaluate(&p, test.targets(), n, k, threshold);
+    Ok((m, pe.map(|pe| metrics::evaluate(&pe, test.targets(), n, k, threshold))))
 }
 
 /// Groups from the training split's co-occurrence (empty for plain VPT, which has none).
@@ -409,6 +430,85 @@ impl TrainData {
     }
 }
 
+/// The test split: in memory (synthetic data) or streamed from image files or a cache with
+/// the test transform, batch by batch, so evaluating holds a couple of batches of images,
+/// never the whole split.
+pub enum TestData {
+    Memory(Dataset),
+    Stream(Arc<TestLoader>),
+}
+
+impl TestData {
+    /// The test split of `data` and, for image files, its load report (unreadable images
+    /// are found here and left out).
+    pub fn open(data: &DataConfig) -> anyhow::Result<(Self, Option<data::LoadReport>)> {
+        match data {
+            DataConfig::Images(c) => {
+                let (loader, report) = c.test_loader()?;
+                Ok((TestData::Stream(Arc::new(loader)), Some(report)))
+            }
+            _ => Ok((TestData::Memory(data.test_split()?), None)),
+        }
+    }
+    pub fn len(&self) -> usize {
+        match self {
+            TestData::Memory(d) => d.n,
+            TestData::Stream(l) => l.len(),
+        }
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    pub fn k(&self) -> usize {
+        match self {
+            TestData::Memory(d) => d.k,
+            TestData::Stream(l) => l.k,
+        }
+    }
+    /// 0/1 targets `len() x k()`.
+    pub fn targets(&self) -> &[f32] {
+        match self {
+            TestData::Memory(d) => &d.targets,
+            TestData::Stream(l) => &l.targets,
+        }
+    }
+    pub fn target(&self, i: usize) -> &[f32] {
+        &self.targets()[i * self.k()..(i + 1) * self.k()]
+    }
+    /// mAP of a constant score (see [`data::constant_predictor_map`]).
+    pub fn constant_map(&self) -> f64 {
+        data::constant_map(self.targets(), self.k())
+    }
+
+    /// Calls `f` on the images of `indices` (in that order) in batches of at most
+    /// `max_batch`; a streamed split decodes the next batch while `f` works on this one.
+    pub fn for_each_batch(
+        &self,
+        indices: &[usize],
+        max_batch: usize,
+        mut f: impl FnMut(&[f32]) -> anyhow::Result<()>,
+    ) -> anyhow::Result<()> {
+        let chunks = indices.chunks(max_batch.max(1));
+        match self {
+            TestData::Memory(d) => {
+                let (mut x, mut y) = (Vec::new(), Vec::new());
+                for c in chunks {
+                    d.gather(c, &mut x, &mut y);
+                    f(&x)?;
+                }
+            }
+            TestData::Stream(l) => {
+                let count = chunks.len();
+                let rx = l.batches(chunks.map(<[usize]>::to_vec).collect());
+                for _ in 0..count {
+                    f(&rx.recv().context("the test image loader thread stopped")??)?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 /// The training split; for image files the load report starts `out/data_report.txt`.
 fn load_train(data: &DataConfig, seed: u64, out: &Path) -> anyhow::Result<TrainData> {
     std::fs::create_dir_all(out).with_context(|| format!("cannot create output folder {}", out.display()))?;
@@ -466,7 +566,7 @@ fn run_on<B: Backend>(
     obs: &mut dyn Observer,
     started: Instant,
 ) -> anyhow::Result<Summary> {
-    let (test_data, report) = state.data.split_with_report(data::Split::Test)?;
+    let (test_data, report) = TestData::open(&state.data)?;
     if let Some(r) = report {
         write_report(&opts.out, &r, true)?;
     }
@@ -570,11 +670,7 @@ fn run_on<B: Backend>(
             train_seconds += epoch_start.elapsed().as_secs_f64();
             final_loss = loss_sum / order.chunks(bs).len() as f64;
 
-            let m = evaluate(&mut trainer, &test_data, bs, cfg.threshold)?;
-            let em = match &ema {
-                Some(e) => Some(evaluate_with(&mut trainer, &e.shadow, &test_data, bs, cfg.threshold)?),
-                None => None,
-            };
+            let (m, em) = evaluate(&mut trainer, &test_data, ema.as_ref().map(|e| &e.shadow), bs, cfg.threshold)?;
             let record = metrics_record(epoch + 1, state.step, final_loss, schedule.lr(state.step - 1), &m, em.as_ref(), &state.class_names);
 
             state.epoch = epoch + 1;
@@ -599,14 +695,7 @@ fn run_on<B: Backend>(
     // A run resumed after its last epoch trained nothing here but still reports its metrics.
     let (metrics, ema_metrics) = match last_eval {
         Some(both) => both,
-        None => {
-            let m = evaluate(&mut trainer, &test_data, bs, cfg.threshold)?;
-            let e = match &ema {
-                Some(e) => Some(evaluate_with(&mut trainer, &e.shadow, &test_data, bs, cfg.threshold)?),
-                None => None,
-            };
-            (m, e)
-        }
+        None => evaluate(&mut trainer, &test_data, ema.as_ref().map(|e| &e.shadow), bs, cfg.threshold)?,
     };
     if final_loss.is_nan() {
         final_loss = state
@@ -625,7 +714,7 @@ fn run_on<B: Backend>(
         final_loss,
         metrics,
         ema_metrics,
-        constant_map: data::constant_predictor_map(&test_data),
+        constant_map: test_data.constant_map(),
         checkpoint: ck_path,
         metrics_log: log_path,
         class_names: state.class_names,
@@ -684,12 +773,13 @@ fn append_log(path: &Path, line: &str) -> anyhow::Result<()> {
 }
 
 /// A checkpoint opened for evaluation or prediction: its state, a trainer holding its
-/// weights, and its own test split regenerated from the stored data config.
+/// weights, and its own test split regenerated from the stored data config (streamed for
+/// image files).
 pub struct Opened<B: Backend = CpuBackend> {
     pub path: PathBuf,
     pub state: RunState,
     pub trainer: Trainer<B>,
-    pub test: Dataset,
+    pub test: TestData,
 }
 
 impl Opened<CpuBackend> {
@@ -726,7 +816,7 @@ impl<B: Backend> Opened<B> {
     /// Puts a checkpoint read by [`Opened::load`] on `backend`, with its test split.
     pub fn on(backend: B, path: PathBuf, state: RunState) -> anyhow::Result<Self> {
         let mut o = Self::model_on(backend, path, state)?;
-        o.test = o.state.data.test_split()?;
+        o.test = TestData::open(&o.state.data)?.0;
         Ok(o)
     }
 
@@ -735,7 +825,7 @@ impl<B: Backend> Opened<B> {
     pub fn model_on(backend: B, path: PathBuf, state: RunState) -> anyhow::Result<Self> {
         let trainer = build_trainer(backend, &state.model, &state.partitions, &state.backbone, state.params.clone(), &state.train)?;
         let (k, size) = (state.model.labels, state.model.vit.image_size);
-        let test = Dataset { n: 0, k, channels: 3, image_size: size, images: Vec::new(), targets: Vec::new() };
+        let test = TestData::Memory(Dataset { n: 0, k, channels: 3, image_size: size, images: Vec::new(), targets: Vec::new() });
         Ok(Self { path, state, trainer, test })
     }
 
@@ -787,18 +877,13 @@ impl<B: Backend> Opened<B> {
     /// Metrics of the weights, and of the EMA weights when the checkpoint has them.
     pub fn evaluate(&mut self) -> anyhow::Result<(Metrics, Option<Metrics>)> {
         let (bs, th) = (self.state.train.batch_size, self.state.train.threshold);
-        let m = evaluate(&mut self.trainer, &self.test, bs, th)?;
-        let e = match &self.state.ema {
-            Some((shadow, _)) => Some(evaluate_with(&mut self.trainer, shadow, &self.test, bs, th)?),
-            None => None,
-        };
-        Ok((m, e))
+        evaluate(&mut self.trainer, &self.test, self.state.ema.as_ref().map(|(shadow, _)| shadow), bs, th)
     }
 
     /// Probabilities `[indices.len(), K]` for test images `indices` (all when empty), from the
     /// EMA weights when `use_ema` (an error if the checkpoint has none).
     pub fn predict(&mut self, indices: &[usize], use_ema: bool) -> anyhow::Result<(Vec<usize>, Vec<f32>)> {
-        let n = self.test.n;
+        let n = self.test.len();
         let idx: Vec<usize> = if indices.is_empty() { (0..n).collect() } else { indices.to_vec() };
         if let Some(&bad) = idx.iter().find(|&&i| i >= n) {
             bail!("index {bad} is out of range: the checkpoint's test split has {n} images (0..{})", n - 1);
@@ -807,12 +892,11 @@ impl<B: Backend> Opened<B> {
             let (shadow, _) = self.state.ema.as_ref().context("this checkpoint was trained without --ema: it has no EMA weights")?;
             self.trainer.set_params(shadow)?;
         }
-        let picked = self.test.subset(&idx);
-        let p = predict_probabilities(&mut self.trainer, &picked, self.state.train.batch_size);
+        let p = test_probabilities(&mut self.trainer, &self.test, &idx, self.state.train.batch_size, None);
         if use_ema {
             self.trainer.set_params(&self.state.params)?;
         }
-        Ok((idx, p?))
+        Ok((idx, p?.0))
     }
 }
 
