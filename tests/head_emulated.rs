@@ -9,21 +9,14 @@
 //! or c++); without one it says so and passes.
 
 use mlvpt::ops::head::{cpu, AdapterShape, MoeShape, VptHeadShape};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
-fn compiler() -> Option<String> {
-    let candidates = std::env::var("CXX").ok().into_iter().chain(["g++".to_string(), "c++".to_string()]);
-    candidates.into_iter().find(|c| Command::new(c).arg("--version").output().map(|o| o.status.success()).unwrap_or(false))
-}
+mod cuda_emu;
+use cuda_emu::read_u32;
 
 fn read_f64(dir: &Path, name: &str) -> Vec<f64> {
-    let b = std::fs::read(dir.join(name)).unwrap_or_else(|e| panic!("{}: {e}", dir.join(name).display()));
-    b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f64).collect()
-}
-fn read_u32(dir: &Path, name: &str) -> Vec<u32> {
-    let b = std::fs::read(dir.join(name)).unwrap_or_else(|e| panic!("{}: {e}", dir.join(name).display()));
-    b.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+    cuda_emu::read_f32(dir, name).into_iter().map(f64::from).collect()
 }
 
 /// Fails unless every |got - want| <= atol + rtol |want| (NaN fails), naming the worst.
@@ -112,38 +105,9 @@ fn check(dir: &Path, what: &str) {
 
 #[test]
 fn head_kernels_run_on_the_cpu_emulator_and_match_the_reference() {
-    let Some(cxx) = compiler() else {
-        eprintln!("head_emulated: no C++ compiler (CXX, g++, c++) found; skipped");
+    let Some(cuda_emu::Driver { tmp, exe, seed }) = cuda_emu::build("head_emulated", "head_driver") else {
         return;
     };
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let tmp = tempfile::tempdir().expect("temp dir");
-    let exe = tmp.path().join("head_driver");
-    let out = Command::new(&cxx)
-        .args(["-std=c++20", "-O1", "-fno-strict-aliasing", "-pthread", "-w"])
-        .arg("-I")
-        .arg(root.join("tests/cuda_emu"))
-        .arg("-I")
-        .arg(root.join("kernels"))
-        .arg("-o")
-        .arg(&exe)
-        .arg(root.join("tests/cuda_emu/head_driver.cpp"))
-        .output()
-        .expect("running the C++ compiler");
-    if !out.status.success() {
-        let err = String::from_utf8_lossy(&out.stderr);
-        // An old compiler without C++20's <barrier> is an environment limit, not a kernel bug.
-        if err.contains("barrier") && (err.contains("No such file") || err.contains("not a member")) {
-            eprintln!("head_emulated: {cxx} lacks C++20 <barrier>; skipped");
-            return;
-        }
-        panic!("compiling the emulated head kernels with {cxx} failed:\n{err}");
-    }
-    let seed: u32 = std::env::var("MLVPT_TEST_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(1));
-    eprintln!("head_emulated: MLVPT_TEST_SEED={seed}");
     // (B, T, E, K, D, r, label gating): partial image tiles (37 = 32 + 5) with a lane owning
     // one chunk of a short row (D = 72); two chunks per lane (D = 264), rank groups of 4 with a
     // remainder (r = 13), several and partial pair tiles (K/T = 20) under group gating; the

@@ -8,18 +8,11 @@
 //! and passes.
 
 use mlvpt::backend::{AttnShape, Backend, CpuBackend};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
-fn compiler() -> Option<String> {
-    let candidates = std::env::var("CXX").ok().into_iter().chain(["g++".to_string(), "c++".to_string()]);
-    candidates.into_iter().find(|c| Command::new(c).arg("--version").output().map(|o| o.status.success()).unwrap_or(false))
-}
-
-fn read(dir: &Path, name: &str) -> Vec<f32> {
-    let b = std::fs::read(dir.join(name)).unwrap_or_else(|e| panic!("{}: {e}", dir.join(name).display()));
-    b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
-}
+mod cuda_emu;
+use cuda_emu::read_f32 as read;
 
 /// Fails unless every |got - want| <= atol + rtol |want| (NaN fails), naming the element.
 fn close(what: &str, got: &[f32], want: &[f32], atol: f32, rtol: f32) {
@@ -93,37 +86,9 @@ fn check(dir: &Path, what: &str) {
 
 #[test]
 fn token_kernels_run_on_the_cpu_emulator_and_match_the_cpu_backend() {
-    let Some(cxx) = compiler() else {
-        eprintln!("tokens_emulated: no C++ compiler (CXX, g++, c++) found; skipped");
+    let Some(cuda_emu::Driver { tmp, exe, seed }) = cuda_emu::build("tokens_emulated", "tokens_driver") else {
         return;
     };
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let tmp = tempfile::tempdir().expect("temp dir");
-    let exe = tmp.path().join("tokens_driver");
-    let out = Command::new(&cxx)
-        .args(["-std=c++20", "-O1", "-fno-strict-aliasing", "-pthread", "-w"])
-        .arg("-I")
-        .arg(root.join("tests/cuda_emu"))
-        .arg("-I")
-        .arg(root.join("kernels"))
-        .arg("-o")
-        .arg(&exe)
-        .arg(root.join("tests/cuda_emu/tokens_driver.cpp"))
-        .output()
-        .expect("running the C++ compiler");
-    if !out.status.success() {
-        let err = String::from_utf8_lossy(&out.stderr);
-        if err.contains("barrier") && (err.contains("No such file") || err.contains("not a member")) {
-            eprintln!("tokens_emulated: {cxx} lacks C++20 <barrier>; skipped");
-            return;
-        }
-        panic!("compiling the emulated token kernels with {cxx} failed:\n{err}");
-    }
-    let seed: u32 = std::env::var("MLVPT_TEST_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(1));
-    eprintln!("tokens_emulated: MLVPT_TEST_SEED={seed}");
     let dir = tmp.path().join("run");
     let run = Command::new(&exe).arg(&dir).arg(seed.to_string()).output().expect("running the emulated kernels");
     assert!(run.status.success(), "driver failed: {}", String::from_utf8_lossy(&run.stderr));
