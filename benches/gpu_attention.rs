@@ -9,20 +9,12 @@
 //! `cargo bench --features cuda --bench gpu_attention -- --warm-up-time 0.5 --measurement-time 1`.
 
 use criterion::{Criterion, Throughput};
-use mlvpt::gpu::{bf16, CudaSlice, GpuContext, GpuError};
+use mlvpt::gpu::{bf16, CudaSlice, GpuContext};
 use mlvpt::ops::attention::{cuda, AttnShape};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-/// Times `iters` back-to-back calls of `f` and one synchronisation.
-fn timed(gpu: &GpuContext, iters: u64, mut f: impl FnMut() -> Result<(), GpuError>) -> Duration {
-    gpu.synchronize().unwrap();
-    let t = Instant::now();
-    for _ in 0..iters {
-        f().unwrap();
-    }
-    gpu.synchronize().unwrap();
-    t.elapsed()
-}
+mod gpu_common;
+use gpu_common::timed;
 
 /// Deterministic values in [-1, 1) (a multiplicative hash of the index).
 fn noise(gpu: &GpuContext, n: usize, amp: f32) -> CudaSlice<bf16> {
@@ -103,20 +95,9 @@ fn bench_shape(c: &mut Criterion, gpu: &GpuContext, label: &str, sh: AttnShape) 
 }
 
 fn main() {
-    let gpu = match GpuContext::new(0) {
-        Ok(g) => g,
-        Err(e) => {
-            eprintln!("gpu_attention bench skipped: {e}");
-            return;
-        }
+    let Some(gpu) = gpu_common::open("gpu_attention") else {
+        return;
     };
-    eprintln!(
-        "gpu_attention bench on {} (sm_{}{}, {} SMs)",
-        gpu.device_name(),
-        gpu.compute_capability().0,
-        gpu.compute_capability().1,
-        gpu.sm_count()
-    );
     let mut c = Criterion::default().configure_from_args();
     let vit_b = AttnShape::full(128, 227, 12, 64, 1, 31);
     bench_shape(&mut c, &gpu, "B128 h12 N227 P30 dh64", vit_b);

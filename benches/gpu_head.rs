@@ -9,10 +9,9 @@
 //! --measurement-time 1`.
 
 use criterion::{Criterion, Throughput};
-use mlvpt::gpu::{bf16, CudaSlice, GpuContext, GpuError};
+use mlvpt::gpu::{bf16, CudaSlice, GpuContext};
 use mlvpt::ops::asl::{self, cuda::AslTerm};
 use mlvpt::ops::head::{cuda, AdapterShape, MoeShape};
-use std::time::{Duration, Instant};
 
 const B: usize = 256;
 const D: usize = 768;
@@ -21,15 +20,8 @@ const E: usize = 3;
 const P: usize = 2 * T * E;
 const R: usize = 5;
 
-fn timed(gpu: &GpuContext, iters: u64, mut f: impl FnMut() -> Result<(), GpuError>) -> Duration {
-    gpu.synchronize().unwrap();
-    let t = Instant::now();
-    for _ in 0..iters {
-        f().unwrap();
-    }
-    gpu.synchronize().unwrap();
-    t.elapsed()
-}
+mod gpu_common;
+use gpu_common::timed;
 
 /// Deterministic values in [-1, 1) times `scale`.
 fn ramp(n: usize, scale: f32) -> Vec<f32> {
@@ -201,14 +193,9 @@ fn bench_labels(c: &mut Criterion, gpu: &GpuContext, k: usize, name: &str) {
 }
 
 fn main() {
-    let gpu = match GpuContext::new(0) {
-        Ok(g) => g,
-        Err(e) => {
-            eprintln!("gpu_head bench skipped: {e}");
-            return;
-        }
+    let Some(gpu) = gpu_common::open("gpu_head") else {
+        return;
     };
-    eprintln!("gpu_head bench on {} (sm_{}{}, {} SMs)", gpu.device_name(), gpu.compute_capability().0, gpu.compute_capability().1, gpu.sm_count());
     let mut c = Criterion::default().configure_from_args();
     bench_labels(&mut c, &gpu, 80, "COCO K80");
     bench_labels(&mut c, &gpu, 365, "Objects365 K365");

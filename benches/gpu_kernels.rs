@@ -7,24 +7,15 @@
 //! a training step sees it.
 
 use criterion::{Criterion, Throughput};
-use mlvpt::gpu::{bf16, CudaSlice, GpuContext, GpuError};
+use mlvpt::gpu::{bf16, CudaSlice, GpuContext};
 use mlvpt::ops::{adamw, asl, cast, gelu, layernorm};
-use std::time::{Duration, Instant};
 
 const ROWS: usize = 64 * 227;
 const D: usize = 768;
 const MLP: usize = 3072;
 
-/// Times `iters` back-to-back launches of `f` and one synchronisation.
-fn timed(gpu: &GpuContext, iters: u64, mut f: impl FnMut() -> Result<(), GpuError>) -> Duration {
-    gpu.synchronize().unwrap();
-    let t = Instant::now();
-    for _ in 0..iters {
-        f().unwrap();
-    }
-    gpu.synchronize().unwrap();
-    t.elapsed()
-}
+mod gpu_common;
+use gpu_common::timed;
 
 fn filled<T: cudarc::driver::DeviceRepr + Copy>(gpu: &GpuContext, n: usize, v: T) -> CudaSlice<T> {
     gpu.upload(&vec![v; n]).unwrap()
@@ -121,14 +112,9 @@ fn bench_all(c: &mut Criterion, gpu: &GpuContext) {
 }
 
 fn main() {
-    let gpu = match GpuContext::new(0) {
-        Ok(g) => g,
-        Err(e) => {
-            eprintln!("gpu_kernels bench skipped: {e}");
-            return;
-        }
+    let Some(gpu) = gpu_common::open("gpu_kernels") else {
+        return;
     };
-    eprintln!("gpu_kernels bench on {} (sm_{}{}, {} SMs)", gpu.device_name(), gpu.compute_capability().0, gpu.compute_capability().1, gpu.sm_count());
     let mut c = Criterion::default().configure_from_args();
     bench_all(&mut c, &gpu);
     c.final_summary();
