@@ -321,6 +321,22 @@ constexpr int ADA_GROUP = 4;
 constexpr int ADA_WARPS = HEAD_MAX_CH / 32;
 
 // red[w][nb*r + j] <- warp w's partial; after the barrier, red_out[nb*r + j] = sum over warps.
+// Columns ch*8 .. ch*8+7 of token t for images b0 .. b0+ADA_GROUP-1 of x [B, tokens, d]
+// (zero past b_end or for an idle thread): the adapters' per-group input tile.
+__device__ __forceinline__ void load_image_group(const bf16* __restrict__ x, uint32_t b0, uint32_t b_end,
+                                                 uint32_t tokens, uint32_t t, uint32_t d, uint32_t ch,
+                                                 bool live, float out[ADA_GROUP][8]) {
+#pragma unroll
+    for (int nb = 0; nb < ADA_GROUP; nb++) {
+        if (live && b0 + nb < b_end) {
+            load_bf16<8>(x + ((uint64_t)(b0 + nb) * tokens + t) * d + ch * 8, out[nb]);
+        } else {
+#pragma unroll
+            for (int v = 0; v < 8; v++) out[nb][v] = 0.0f;
+        }
+    }
+}
+
 __device__ __forceinline__ void block_reduce_rank(float (*red)[ADA_GROUP * HEAD_MAX_RANK], float* red_out,
                                                   uint32_t count, uint32_t nwarps) {
     __syncthreads();
@@ -349,15 +365,7 @@ extern "C" __global__ void __launch_bounds__(128) adapter_fwd(
     const uint32_t b_end = min(batch, (blockIdx.y + 1) * ADA_IMAGES);
     for (uint32_t b0 = blockIdx.y * ADA_IMAGES; b0 < b_end; b0 += ADA_GROUP) {
         float zv[ADA_GROUP][8];
-#pragma unroll
-        for (int nb = 0; nb < ADA_GROUP; nb++) {
-            if (live && b0 + nb < b_end) {
-                load_bf16<8>(z + ((uint64_t)(b0 + nb) * tokens + t) * d + ch * 8, zv[nb]);
-            } else {
-#pragma unroll
-                for (int v = 0; v < 8; v++) zv[nb][v] = 0.0f;
-            }
-        }
+        load_image_group(z, b0, b_end, tokens, t, d, ch, live, zv);
         for (uint32_t j = 0; j < rank; j++) {
             float wv[8];
             if (live) {
@@ -429,15 +437,7 @@ extern "C" __global__ void __launch_bounds__(128) adapter_bwd_tokens(
     const uint32_t b_end = min(batch, (blockIdx.y + 1) * ADA_IMAGES);
     for (uint32_t b0 = blockIdx.y * ADA_IMAGES; b0 < b_end; b0 += ADA_GROUP) {
         float gv[ADA_GROUP][8];
-#pragma unroll
-        for (int nb = 0; nb < ADA_GROUP; nb++) {
-            if (live && b0 + nb < b_end) {
-                load_bf16<8>(dout + ((uint64_t)(b0 + nb) * tokens + t) * d + ch * 8, gv[nb]);
-            } else {
-#pragma unroll
-                for (int v = 0; v < 8; v++) gv[nb][v] = 0.0f;
-            }
-        }
+        load_image_group(dout, b0, b_end, tokens, t, d, ch, live, gv);
         for (uint32_t j = 0; j < rank; j++) {
             float wv[8];
 #pragma unroll
