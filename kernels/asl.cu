@@ -1,7 +1,8 @@
 // Asymmetric loss (SPEC 4) fused with the sigmoid, from fp32 logits and targets, mirroring
 // src/ops/asl/cpu.rs term by term (log-sigmoid logs, eps clamp with zero slope, clip floor,
 // constant or exact focusing weights). Writes grad[i] = scale * dl/dx_i (grad may be null) and
-// loss_out[0] = scale * sum_i l_i.
+// loss_out[0] = scale * sum_i l_i. One kernel serves one term and the training loss's four
+// (the single-term launcher passes nterms = 1).
 // One launch gives one loss value deterministically: each block sums its grid-stride share in
 // double in a fixed tree and writes partials[block]; the last block to finish (ticket from
 // `counter`) adds the partials in index order and resets the counter for the next launch.
@@ -50,42 +51,11 @@ struct Asl {
     }
 };
 
-extern "C" __global__ void asl_fwd_bwd_f32(const float* __restrict__ logits, const float* __restrict__ targets,
-                                           float* __restrict__ grad, double* __restrict__ partials,
-                                           unsigned int* __restrict__ counter, float* __restrict__ loss_out,
-                                           uint64_t n, float gamma_pos, float gamma_neg, float clip,
-                                           float log_eps, int exact_grad, float scale) {
-    __shared__ double scratch[32];
-    __shared__ bool last;
-    const Asl asl{gamma_pos, gamma_neg, clip, log_eps, exact_grad};
-    double acc = 0.0;
-    for (uint64_t i = global_thread(); i < n; i += grid_threads()) {
-        float d;
-        acc += (double)asl.eval(logits[i], targets[i], &d);
-        if (grad) grad[i] = scale * d;
-    }
-    acc = block_sum(acc, scratch);
-    if (threadIdx.x == 0) {
-        partials[blockIdx.x] = acc;
-        __threadfence();  // the partial is visible before the ticket says so
-        last = atomicAdd(counter, 1u) == gridDim.x - 1;
-    }
-    __syncthreads();
-    if (!last) return;
-    double total = 0.0;
-    for (uint32_t b = threadIdx.x; b < gridDim.x; b += blockDim.x) total += __ldcg(partials + b);
-    total = block_sum(total, scratch);
-    if (threadIdx.x == 0) {
-        loss_out[0] = (float)(total * (double)scale);
-        *counter = 0;
-    }
-}
-
 // The training loss's terms in one launch (SPEC 4: ASL(y+) + ASL(y-) + ASL(m+) + ASL(m-)):
 // up to four logit buffers of n elements against the same targets, each with its own gradient
-// buffer (null: none), one loss = scale * sum over terms and elements, in asl_fwd_bwd_f32's
-// fixed order (each thread's grid-stride share of term 0, then term 1, ...; block partials
-// added in block order by the last block).
+// buffer (null: none), one loss = scale * sum over terms and elements, in a fixed order (each
+// thread's grid-stride share of term 0, then term 1, ...; block partials added in block order
+// by the last block).
 struct AslTerms {
     const float* logits[4];
     float* grad[4];

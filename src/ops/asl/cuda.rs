@@ -44,56 +44,21 @@ impl AslWorkspace {
 /// # Ok(()) }
 /// ```
 #[allow(clippy::too_many_arguments)]
-pub fn forward_backward(
+pub fn forward_backward<'a>(
     gpu: &GpuContext,
     stream: &CudaStream,
     ws: &mut AslWorkspace,
-    logits: &impl DevicePtr<f32>,
+    logits: &'a impl DevicePtr<f32>,
     targets: &impl DevicePtr<f32>,
     cfg: &AslConfig,
     scale: f32,
-    grad: Option<&mut dyn DevicePtrMut<f32>>,
+    grad: Option<&'a mut dyn DevicePtrMut<f32>>,
     loss: &mut impl DevicePtrMut<f32>,
     n: usize,
 ) -> Result<(), GpuError> {
-    const OP: &str = "asl";
-    cfg.validate().map_err(|m| GpuError::invalid(OP, m))?;
-    check_len(OP, "logits", logits, n)?;
-    check_len(OP, "targets", targets, n)?;
-    check_len(OP, "loss", loss, 1)?;
-    if let Some(g) = grad.as_deref() {
-        check_len(OP, "grad", g, n)?;
-    }
-    let f = gpu.function("asl", "asl_fwd_bwd_f32")?;
-    let blocks = grid_stride_blocks(gpu, n as u64, BLOCK as u64).min(MAX_BLOCKS);
-    let (lp, _g1) = logits.device_ptr(stream);
-    let (tp, _g2) = targets.device_ptr(stream);
-    let (pp, _g3) = ws.partials.device_ptr_mut(stream);
-    let (cp, _g4) = ws.counter.device_ptr_mut(stream);
-    let (op, _g5) = loss.device_ptr_mut(stream);
-    let mut grad_guard = None;
-    let gp: u64 = match grad {
-        Some(g) => {
-            let (p, guard) = g.device_ptr_mut(stream);
-            grad_guard = Some(guard);
-            p
-        }
-        None => 0,
-    };
-    let n64 = n as u64;
-    let (gamma_pos, gamma_neg, clip) = (cfg.gamma_pos as f32, cfg.gamma_neg as f32, cfg.clip as f32);
-    let log_eps = cfg.eps.ln() as f32;
-    let exact = cfg.exact_grad as i32;
-    let launch = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
-    let mut l = stream.launch_builder(&f);
-    l.arg(&lp).arg(&tp).arg(&gp).arg(&pp).arg(&cp).arg(&op);
-    l.arg(&n64).arg(&gamma_pos).arg(&gamma_neg).arg(&clip).arg(&log_eps).arg(&exact).arg(&scale);
-    // SAFETY: every buffer was checked to hold what the kernel touches (n logits, targets and
-    // grads, one loss, `blocks` <= MAX_BLOCKS partials, one counter); argument types match
-    // asl_fwd_bwd_f32's signature.
-    unsafe { l.launch(launch) }.map_err(GpuError::driver("launching asl_fwd_bwd_f32"))?;
-    drop(grad_guard);
-    Ok(())
+    // One term of the multi-term kernel: the same launch shape and summation order.
+    let mut terms = [AslTerm { logits, grad }];
+    forward_backward_terms(gpu, stream, ws, &mut terms, targets, cfg, scale, loss, n)
 }
 
 /// One term of [`forward_backward_terms`]: its logits and, optionally, where its gradient goes.
