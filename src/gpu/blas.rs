@@ -39,7 +39,39 @@ fn dim(op: &'static str, name: &str, v: usize) -> Result<i32, GpuError> {
     i32::try_from(v).map_err(|_| GpuError::invalid(op, format!("{name} = {v} exceeds cuBLAS's int range")))
 }
 
+/// What `gemm` and `gemm_strided_batched` both pass cuBLAS for a row-major product: the sizes
+/// as ints and the swapped operand order's transposes and leading dimensions (see [`GpuContext::gemm`]).
+struct ColMajor {
+    m: i32,
+    n: i32,
+    k: i32,
+    lda: i32,
+    ldb: i32,
+    op_a: cublasOperation_t,
+    op_b: cublasOperation_t,
+}
+
+impl ColMajor {
+    fn new(op: &'static str, ta: bool, tb: bool, m: usize, n: usize, k: usize) -> Result<Self, GpuError> {
+        if k == 0 {
+            return Err(GpuError::invalid(op, format!("inner dimension k = 0 (m={m}, n={n})")));
+        }
+        let (mi, ni, ki) = (dim(op, "m", m)?, dim(op, "n", n)?, dim(op, "k", k)?);
+        let t = |t: bool| if t { cublasOperation_t::CUBLAS_OP_T } else { cublasOperation_t::CUBLAS_OP_N };
+        Ok(Self { m: mi, n: ni, k: ki, lda: if ta { mi } else { ki }.max(1), ldb: if tb { ki } else { ni }.max(1), op_a: t(ta), op_b: t(tb) })
+    }
+}
+
 impl GpuContext {
+    /// f32 accumulation, TF32 inputs for f32 operands when [`Self::allow_tf32`] is on.
+    fn compute_type<T: GemmType>(&self) -> cublasComputeType_t {
+        if self.tf32() && T::DATA_TYPE == cudaDataType::CUDA_R_32F {
+            cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_TF32
+        } else {
+            cublasComputeType_t::CUBLAS_COMPUTE_32F
+        }
+    }
+
     /// Row-major `C[m, n] = alpha op(A) op(B) + beta C` with op(A) m x k, op(B) k x n, where
     /// `ta`/`tb` say A is stored k x m / B is stored n x k. f32 accumulation; A and B share a type
     /// (fp32 inputs are rounded to TF32 when [`Self::allow_tf32`] is on).
@@ -67,15 +99,9 @@ impl GpuContext {
         if m == 0 || n == 0 {
             return Ok(());
         }
-        if k == 0 {
-            return Err(GpuError::invalid(OP, format!("inner dimension k = 0 (m={m}, n={n})")));
-        }
-        let (mi, ni, ki) = (dim(OP, "m", m)?, dim(OP, "n", n)?, dim(OP, "k", k)?);
+        let d = ColMajor::new(OP, ta, tb, m, n, k)?;
         let blas = self.blas()?;
         let stream = self.stream();
-        let lda = if ta { mi } else { ki };
-        let ldb = if tb { ki } else { ni };
-        let op = |t: bool| if t { cublasOperation_t::CUBLAS_OP_T } else { cublasOperation_t::CUBLAS_OP_N };
         let (ap, _ga) = a.device_ptr(stream);
         let (bp, _gb) = b.device_ptr(stream);
         let (cp, _gc) = c.device_ptr_mut(stream);
@@ -84,27 +110,23 @@ impl GpuContext {
         unsafe {
             cudarc::cublas::result::gemm_ex(
                 *blas.handle.handle(),
-                op(tb),
-                op(ta),
-                ni,
-                mi,
-                ki,
+                d.op_b,
+                d.op_a,
+                d.n,
+                d.m,
+                d.k,
                 (&alpha) as *const f32 as *const _,
                 bp as *const _,
                 T::DATA_TYPE,
-                ldb.max(1),
+                d.ldb,
                 ap as *const _,
                 T::DATA_TYPE,
-                lda.max(1),
+                d.lda,
                 (&beta) as *const f32 as *const _,
                 cp as *mut _,
                 O::DATA_TYPE,
-                ni,
-                if self.tf32() && T::DATA_TYPE == cudaDataType::CUDA_R_32F {
-                    cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_TF32
-                } else {
-                    cublasComputeType_t::CUBLAS_COMPUTE_32F
-                },
+                d.n,
+                self.compute_type::<T>(),
                 cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
             )
         }
@@ -135,21 +157,16 @@ impl GpuContext {
         if batch == 0 || m == 0 || n == 0 {
             return Ok(());
         }
-        if k == 0 {
-            return Err(GpuError::invalid(OP, format!("inner dimension k = 0 (m={m}, n={n})")));
-        }
+        let d = ColMajor::new(OP, ta, tb, m, n, k)?;
         let last = batch - 1;
         check_len(OP, "A", a, last * stride_a + m * k)?;
         check_len(OP, "B", b, last * stride_b + k * n)?;
         check_len(OP, "C", c, last * stride_c + m * n)?;
-        let (mi, ni, ki, bi) = (dim(OP, "m", m)?, dim(OP, "n", n)?, dim(OP, "k", k)?, dim(OP, "batch", batch)?);
+        let bi = dim(OP, "batch", batch)?;
         let stride = |s: usize| i64::try_from(s).map_err(|_| GpuError::invalid(OP, format!("stride {s} exceeds 64 bits")));
         let (sa, sb, sc) = (stride(stride_a)?, stride(stride_b)?, stride(stride_c)?);
         let blas = self.blas()?;
         let stream = self.stream();
-        let lda = if ta { mi } else { ki };
-        let ldb = if tb { ki } else { ni };
-        let op = |t: bool| if t { cublasOperation_t::CUBLAS_OP_T } else { cublasOperation_t::CUBLAS_OP_N };
         let (ap, _ga) = a.device_ptr(stream);
         let (bp, _gb) = b.device_ptr(stream);
         let (cp, _gc) = c.device_ptr_mut(stream);
@@ -158,31 +175,27 @@ impl GpuContext {
         unsafe {
             cudarc::cublas::result::gemm_strided_batched_ex(
                 *blas.handle.handle(),
-                op(tb),
-                op(ta),
-                ni,
-                mi,
-                ki,
+                d.op_b,
+                d.op_a,
+                d.n,
+                d.m,
+                d.k,
                 (&alpha) as *const f32 as *const _,
                 bp as *const _,
                 T::DATA_TYPE,
-                ldb.max(1),
+                d.ldb,
                 sb,
                 ap as *const _,
                 T::DATA_TYPE,
-                lda.max(1),
+                d.lda,
                 sa,
                 (&beta) as *const f32 as *const _,
                 cp as *mut _,
                 O::DATA_TYPE,
-                ni,
+                d.n,
                 sc,
                 bi,
-                if self.tf32() && T::DATA_TYPE == cudaDataType::CUDA_R_32F {
-                    cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_TF32
-                } else {
-                    cublasComputeType_t::CUBLAS_COMPUTE_32F
-                },
+                self.compute_type::<T>(),
                 cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
             )
         }
