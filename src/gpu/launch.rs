@@ -32,5 +32,5 @@ pub fn check_cols(op: &'static str, cols: usize) -> Result<u32, GpuError> {
 
 /// Whether a device address is a multiple of `bytes`.
 pub fn aligned(ptr: u64, bytes: u64) -> bool {
-    ptr % bytes == 0
+    ptr.is_multiple_of(bytes)
 }

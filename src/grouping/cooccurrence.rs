@@ -39,7 +39,7 @@ impl Cooccurrence {
     /// # Panics
     /// If `k == 0` or `labels.len()` is not a multiple of `k`.
     pub fn from_dense(k: usize, labels: &[f32]) -> Self {
-        assert!(k > 0 && labels.len() % k == 0, "dense labels: length {} is not n * {k}", labels.len());
+        assert!(k > 0 && labels.len().is_multiple_of(k), "dense labels: length {} is not n * {k}", labels.len());
         let mut co = Self::empty(k);
         let mut list = Vec::new();
         let mut scratch = Vec::new();

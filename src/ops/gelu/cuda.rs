@@ -13,7 +13,7 @@ struct Args {
 
 fn shape(op: &'static str, rows: usize, cols: usize, ptrs: &[u64], bias: u64) -> Result<Args, GpuError> {
     let cols32 = check_cols(op, cols)?;
-    let vec = cols % 8 == 0 && ptrs.iter().all(|&p| aligned(p, 16)) && aligned(bias, 16);
+    let vec = cols.is_multiple_of(8) && ptrs.iter().all(|&p| aligned(p, 16)) && aligned(bias, 16);
     Ok(Args { rows: rows as u64, cols: cols32, vec })
 }
 

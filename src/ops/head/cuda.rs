@@ -163,7 +163,7 @@ impl HeadWorkspace {
 }
 
 fn check_dim(op: &'static str, d: usize) -> Result<(), GpuError> {
-    if d == 0 || d % 8 != 0 || d > MAX_D {
+    if d == 0 || !d.is_multiple_of(8) || d > MAX_D {
         return Err(GpuError::invalid(op, format!("feature dimension {d} must be a multiple of 8 in 8..={MAX_D}")));
     }
     Ok(())

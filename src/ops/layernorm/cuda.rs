@@ -87,7 +87,7 @@ pub fn forward(
     let (yp, _g4) = y.device_ptr_mut(stream);
     let (mp, _g5) = mean.device_ptr_mut(stream);
     let (rp, _g6) = rstd.device_ptr_mut(stream);
-    let vec = d % 8 == 0 && [xp, gp, bp, yp].iter().all(|&p| aligned(p, 16));
+    let vec = d.is_multiple_of(8) && [xp, gp, bp, yp].iter().all(|&p| aligned(p, 16));
     let name = kernel_name(true, vec, d);
     let f = gpu.function("layernorm", name)?;
     let (rows32, d32, eps32) = (rows as u32, d as u32, eps as f32);
@@ -132,7 +132,7 @@ pub fn backward(
     let (mp, _g4) = mean.device_ptr(stream);
     let (rp, _g5) = rstd.device_ptr(stream);
     let (dxp, _g6) = dx.device_ptr_mut(stream);
-    let vec = d % 8 == 0 && [dyp, xp, gp, dxp].iter().all(|&p| aligned(p, 16));
+    let vec = d.is_multiple_of(8) && [dyp, xp, gp, dxp].iter().all(|&p| aligned(p, 16));
     let name = kernel_name(false, vec, d);
     let f = gpu.function("layernorm", name)?;
     let (rows32, d32, acc) = (rows as u32, d as u32, accumulate as i32);
