@@ -1,0 +1,148 @@
+#!/usr/bin/env python3
+"""Training-step throughput of the PyTorch peer (tools/peer/mlvpt_torch.py): ML-VPT on a timm ViT
+with random weights (no downloads), one full step = forward, ASL loss, backward, AdamW on the
+trainable tensors only (prompts, adapters, gates, classifiers; the backbone is frozen with
+requires_grad False), under bf16 autocast. Modes: `eager`, and `compile` (the forward and loss
+through torch.compile, backward by AOTAutograd; the optimizer step stays eager).
+
+    python tools/peer/step_bench.py --model vit_base_patch16_224 --batch 128 --warmup 3 --steps 10 \\
+        --mode both --device cuda --json
+
+With --json: exactly one JSON line per mode on stdout,
+  {"impl": "torch-eager-bf16" | "torch-compile-bf16", "model", "batch", "images_per_s",
+   "ms_per_step", "device", "torch", "timm", ...}
+(further keys give the head's sizes and the step counts); a mode that fails prints its line with
+"error" and null timings instead of stopping the other mode (exit status 1 only when every mode
+failed).
+
+The frozen backbone is stored in bf16 by default (--frozen-dtype bf16: no fp32 master is needed
+for weights that never change, and autocast would otherwise cast every weight on every step);
+trainable tensors are fp32 masters, the loss is computed in fp32. AdamW is PyTorch's fused one on
+CUDA (foreach on the CPU), lr 5e-4, betas (0.9, 0.999), eps 1e-8, weight decay 1e-2.
+"""
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import timm
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from mlvpt_torch import AslConfig, HeadConfig, MlVpt, random_partition  # noqa: E402
+
+
+def build(a, device):
+    torch.manual_seed(a.seed)
+    vit = timm.create_model(a.model, pretrained=False, num_classes=0, img_size=a.image_size) if a.image_size \
+        else timm.create_model(a.model, pretrained=False, num_classes=0)
+    gen = torch.Generator().manual_seed(a.seed)
+    head = HeadConfig(labels=a.labels, groups=a.groups, experts=a.experts, adapter_rank=a.rank,
+                      prompt_depth=a.prompt_depth)
+    branches = [random_partition(a.labels, a.groups, gen) for _ in range(2)]
+    model = MlVpt(vit, head, branches).to(device)
+    if a.frozen_dtype == "bf16":
+        model.vit.to(torch.bfloat16)
+    model.train()
+    return model
+
+
+def run_mode(mode, a, device):
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda: no CUDA device visible to torch")
+    model = build(a, device)
+    trainable = list(model.trainable().values())
+    opt = torch.optim.AdamW(trainable, lr=5e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
+                            **({"fused": True} if device.type == "cuda" else {"foreach": True}))
+    size = model.vit.patch_embed.img_size
+    gen = torch.Generator(device=device).manual_seed(a.seed + 1)
+    images = torch.randn(a.batch, 3, size[0], size[1], device=device, generator=gen)
+    targets = (torch.rand(a.batch, a.labels, device=device, generator=gen) < 3.0 / a.labels).float()
+    asl = AslConfig()
+
+    def forward_loss(x, y):
+        return model.loss(x, y, asl)[0]
+
+    fwd = torch.compile(forward_loss, mode=a.compile_mode) if mode == "compile" else forward_loss
+
+    def step():
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
+            loss = fwd(images, targets)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return loss
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    for _ in range(a.warmup):
+        loss = step()
+    sync()
+    if a.warmup and not torch.isfinite(loss).item():
+        raise RuntimeError(f"loss is {loss.item()} after warm-up")
+    t0 = time.perf_counter()
+    for _ in range(a.steps):
+        step()
+    sync()
+    dt = (time.perf_counter() - t0) / a.steps
+    return {"images_per_s": a.batch / dt, "ms_per_step": 1e3 * dt}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="vit_base_patch16_224", help="timm model name (random weights)")
+    ap.add_argument("--image-size", type=int, default=0, help="image side (default: the model's)")
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--mode", choices=["eager", "compile", "both"], default="both")
+    ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    ap.add_argument("--labels", type=int, default=80, help="K")
+    ap.add_argument("--groups", type=int, default=5, help="T per branch (two branches)")
+    ap.add_argument("--experts", type=int, default=3, help="E")
+    ap.add_argument("--rank", type=int, default=5, help="adapter bottleneck r")
+    ap.add_argument("--prompt-depth", choices=["deep", "shallow"], default="deep")
+    ap.add_argument("--frozen-dtype", choices=["bf16", "fp32"], default="bf16")
+    ap.add_argument("--compile-mode", default="default", help="torch.compile mode")
+    ap.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", action="store_true", help="one JSON line per mode")
+    a = ap.parse_args()
+    if a.batch < 1 or a.steps < 1 or a.warmup < 0:
+        ap.error("need --batch >= 1, --steps >= 1, --warmup >= 0")
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    device = torch.device(a.device)
+    cuda_ok = device.type == "cuda" and torch.cuda.is_available()
+    name = torch.cuda.get_device_name(device) if cuda_ok else "cpu" if device.type == "cpu" else "none"
+    modes = ["eager", "compile"] if a.mode == "both" else [a.mode]
+    failures = 0
+    for mode in modes:
+        row = {"impl": f"torch-{mode}-bf16", "model": a.model, "batch": a.batch, "images_per_s": None,
+               "ms_per_step": None, "device": name, "torch": torch.__version__, "timm": timm.__version__}
+        try:
+            row.update(run_mode(mode, a, device))
+        except Exception as e:  # report and go on with the other mode
+            failures += 1
+            row["error"] = f"{type(e).__name__}: {e}".strip()[:2000]
+        finally:
+            if cuda_ok:
+                torch.cuda.empty_cache()
+        row.update(labels=a.labels, groups=a.groups, experts=a.experts, prompt_depth=a.prompt_depth,
+                   frozen_dtype=a.frozen_dtype, warmup=a.warmup, steps=a.steps)
+        if a.json:
+            print(json.dumps(row), flush=True)
+        elif "error" in row:
+            print(f"{row['impl']}: {a.model}, batch {a.batch} on {name}: error: {row['error']}", flush=True)
+        else:
+            print(f"{row['impl']}: {a.model}, batch {a.batch} on {name}: {row['images_per_s']:.1f} images/s, "
+                  f"{row['ms_per_step']:.2f} ms/step (torch {torch.__version__}, timm {timm.__version__})", flush=True)
+    # Non-zero only when no mode ran, so a runner under `set -e` still gets the other rows.
+    sys.exit(1 if failures == len(modes) else 0)
+
+
+if __name__ == "__main__":
+    main()
