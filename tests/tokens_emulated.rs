@@ -1,8 +1,9 @@
 //! The token and plain-attention kernels' CUDA source (`kernels/tokens.cu`) run on the CPU, no
 //! GPU needed: `tests/cuda_emu/tokens_driver.cpp` compiles tokens.cu against the small CUDA
 //! emulation of `tests/cuda_emu/cuda_bf16.h` (one std::thread per CUDA thread, barriers for
-//! `__syncthreads` and shuffles), launches every kernel on random inputs and dumps inputs and
-//! outputs; this test compares them with the `CpuBackend` ops they implement. It checks
+//! `__syncthreads` and shuffles), launches every kernel (the `_f32` and the `_bf16`
+//! instantiations) on random inputs and dumps inputs and outputs; this test compares them with
+//! the `CpuBackend` ops they implement. It checks
 //! indexing, bounds and barrier structure, not the GPU memory model (tests/gpu_backend.rs does
 //! that on a device). Needs a C++20 compiler (`CXX`, else g++ or c++); without one it says so
 //! and passes.
