@@ -56,7 +56,7 @@ macro_rules! launch {
 #[allow(clippy::too_many_arguments)]
 pub fn patchify<T: Storage>(gpu: &GpuContext, stream: &CudaStream, images: &impl DevicePtr<T>, out: &mut impl DevicePtrMut<T>, batch: usize, channels: usize, height: usize, width: usize, patch: usize) -> Result<(), GpuError> {
     const OP: &str = "patchify";
-    if patch == 0 || height % patch != 0 || width % patch != 0 {
+    if patch == 0 || !height.is_multiple_of(patch) || !width.is_multiple_of(patch) {
         return Err(GpuError::invalid(OP, format!("image {height}x{width} is not a multiple of patch {patch}")));
     }
     let n = batch * channels * height * width;
