@@ -8,13 +8,14 @@
 #![cfg(feature = "cuda")]
 
 mod common_model;
+mod common_step;
 mod gpu_common;
 
-use common_model::{images_targets, lively_backbone, tables, tiny_config};
+use common_model::tiny_config;
+use common_step::{step_metrics, Bf16Emu};
 use gpu_common::{bf16_values, rng, uniform};
-use mlvpt::backend::{AslConfig, AttnShape, Backend, BufRole, CpuBackend, CudaBackend, DevBuf, Precision};
-use mlvpt::model::{Method, ModelConfig, Params, PromptDepth, VitConfig};
-use mlvpt::train::{AdamWConfig, Trainer};
+use mlvpt::backend::{AttnShape, Backend, BufRole, CpuBackend, CudaBackend, DevBuf, Precision};
+use mlvpt::model::{Method, ModelConfig, PromptDepth, VitConfig};
 use rand_chacha::ChaCha8Rng;
 
 /// The backend as `mlvpt train --device cuda` opens it (bf16 precision).
@@ -252,74 +253,53 @@ fn attention_paths_match_the_cpu_reference() {
     }
 }
 
-fn trainer_on<B: Backend>(be: B, cfg: &ModelConfig, branches: usize, max_batch: usize, seed: u64) -> Trainer<B> {
-    let bb = lively_backbone(&cfg.vit, seed);
-    let params = Params::init(cfg, branches, seed + 1);
-    Trainer::new(be, cfg.clone(), &bb, params, tables(cfg.labels, cfg.groups, branches), AslConfig::default(), AdamWConfig::default(), max_batch).unwrap()
-}
-
-/// Relative L2 distance `|a - b| / max(|b|, floor)`.
-fn rel(a: &[f32], b: &[f32], floor: f64) -> f64 {
-    let d: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum::<f64>().sqrt();
-    let n: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum::<f64>().sqrt();
-    if d.is_nan() {
-        return f64::INFINITY;
+/// Fixed bounds on the distances of [`common_step::StepMetrics`]: (logits, loss, gradient, step loss,
+/// parameters apart/moved after three AdamW steps).
+fn floors(p: Precision) -> [f64; 5] {
+    match p {
+        // bf16 storage: each gradient tensor within 3e-2 (relative L2).
+        Precision::Bf16 => [3e-2, 2e-2, 3e-2, 3e-2, 0.5],
+        // fp32 storage: the bounds from before bf16 storage (its LayerNorm, GELU, fused
+        // attention and head kernels still read bf16 casts).
+        Precision::F32 => [3e-2, 2e-2, 6e-2, 3e-2, 0.5],
     }
-    d / n.max(floor)
 }
 
 /// Loss, logits and every gradient of one step, then three AdamW steps, GPU vs CPU, in both
-/// precisions.
+/// precisions. Each distance must be within the larger of its fixed floor ([`floors`]) and 3x
+/// the distance the same precision's roundings emulated on the CPU ([`Bf16Emu`], which leaves
+/// out the kernels' internal roundings) give: a well-conditioned shape is held to the floor,
+/// an ill-conditioned one (the demo with the test's large backbone weights, whose prompt
+/// gradient bf16 storage alone moves by ~20%) to what bf16 does to it.
 fn whole_step(name: &str, cfg: &ModelConfig, branches: usize, batch: usize) {
     for p in [Precision::Bf16, Precision::F32] {
-        whole_step_in(&format!("{name} ({})", p.as_str()), cfg, branches, batch, p);
-    }
-}
-
-/// [`whole_step`] in one precision. Bounds on the relative L2 distance of each tensor: bf16
-/// storage 3e-2 per gradient tensor; f32 storage keeps the bounds it had before bf16 storage
-/// existed (its LayerNorm, GELU, fused attention and head kernels still read bf16 casts).
-fn whole_step_in(name: &str, cfg: &ModelConfig, branches: usize, batch: usize, precision: Precision) {
-    let grad_bound = match precision {
-        Precision::Bf16 => 3e-2,
-        Precision::F32 => 6e-2,
-    };
-    let seed = 11;
-    let mut cpu = trainer_on(CpuBackend::<f32>::new(), cfg, branches, batch, seed);
-    let mut gpu = trainer_on(cuda_in(precision), cfg, branches, batch, seed);
-    let (images, targets) = images_targets(cfg, batch, seed + 2);
-    let (lc, lg) = (cpu.predict(&images).unwrap(), gpu.predict(&images).unwrap());
-    let r = rel(&lg, &lc, 1e-3);
-    eprintln!("{name}: logits relative L2 {r:.2e}");
-    assert!(r <= 3e-2, "{name}: GPU logits differ from the CPU's by {r:.3e} (relative L2)");
-    let (loss_c, gc) = cpu.loss_and_grads(&images, &targets).unwrap();
-    let (loss_g, gg) = gpu.loss_and_grads(&images, &targets).unwrap();
-    eprintln!("{name}: loss CPU {loss_c} GPU {loss_g}");
-    assert!((loss_c - loss_g).abs() <= 2e-2 * loss_c.abs() + 1e-3, "{name}: loss CPU {loss_c} GPU {loss_g}");
-    for (c, g) in gc.tensors.iter().zip(&gg.tensors) {
-        let r = rel(&g.data, &c.data, 1e-6);
-        eprintln!("{name}: grad {} relative L2 {r:.2e}", c.name);
-        assert!(r <= grad_bound, "{name}: gradient of {} differs by {r:.3e} (relative L2)", c.name);
-    }
-    let p0 = cpu.params();
-    let mut losses = Vec::new();
-    for s in 0..3 {
-        let a = cpu.step(&images, &targets, 1e-3).unwrap();
-        let b = gpu.step(&images, &targets, 1e-3).unwrap();
-        losses.push((a, b));
-        assert!((a - b).abs() <= 3e-2 * a.abs() + 1e-3, "{name}: step {s} loss CPU {a} GPU {b}");
-    }
-    eprintln!("{name}: losses over steps {losses:?}");
-    let (pc, pg) = (cpu.params(), gpu.params());
-    for ((c, g), z) in pc.tensors.iter().zip(&pg.tensors).zip(&p0.tensors) {
-        // Distance between the two runs, against how far the CPU run moved.
-        let moved: Vec<f32> = c.data.iter().zip(&z.data).map(|(a, b)| a - b).collect();
-        let apart: Vec<f32> = c.data.iter().zip(&g.data).map(|(a, b)| a - b).collect();
-        let r = rel(&apart, &vec![0.0; apart.len()], 1.0) / rel(&moved, &vec![0.0; moved.len()], 1.0).max(1e-12);
-        eprintln!("{name}: after 3 steps {} apart/moved {r:.2e}", c.name);
+        let name = format!("{name} ({})", p.as_str());
+        let emu = match p {
+            Precision::Bf16 => Bf16Emu::bf16_storage(),
+            Precision::F32 => Bf16Emu::casts_only(),
+        };
+        let want = step_metrics(emu, cfg, branches, batch);
+        let got = step_metrics(cuda_in(p), cfg, branches, batch);
+        eprintln!("{name}: GPU {got:#?}\nCPU emulation {want:#?}");
+        let [fl, fo, fg, fs, fa] = floors(p);
+        let bound = |floor: f64, emulated: f64| floor.max(3.0 * emulated);
+        let within = |what: &str, g: f64, e: f64, floor: f64| {
+            let b = bound(floor, e);
+            assert!(g <= b, "{name}: {what} differs from the CPU's by {g:.3e}, above {b:.3e} (emulated bf16 roundings: {e:.3e})");
+        };
+        within("logits (relative L2)", got.logits, want.logits, fl);
+        within("loss (relative)", got.loss, want.loss, fo);
+        for ((t, g), (_, e)) in got.grads.iter().zip(&want.grads) {
+            within(&format!("gradient of {t} (relative L2)"), *g, *e, fg);
+        }
+        for (s, (g, e)) in got.step_losses.iter().zip(&want.step_losses).enumerate() {
+            within(&format!("loss of AdamW step {s}"), *g, *e, fs);
+        }
         // AdamW's first steps move each element by about lr * sign(g), so elements whose
-        // gradient is within bf16 noise of zero may move the other way: allow a few percent.
-        assert!(r <= 0.5, "{name}: after 3 AdamW steps {} is {r:.3} of its movement away from the CPU's", c.name);
+        // gradient is within bf16 noise of zero may move the other way.
+        for ((t, g), (_, e)) in got.params_apart.iter().zip(&want.params_apart) {
+            within(&format!("{t} after 3 AdamW steps (apart/moved)"), *g, *e, fa);
+        }
     }
 }
 
