@@ -18,7 +18,8 @@ enum Command {
     /// mAP, CP/CR/CF1, OP/OR/OF1 of a score file against a target file (SPEC 6).
     Metrics(cli::metrics::MetricsArgs),
     /// Train ML-VPT (with no data arguments: the embedded procedural demo).
-    Train(cli::train::TrainArgs),
+    // Boxed: its many options make it far larger than the other variants.
+    Train(Box<cli::train::TrainArgs>),
     /// Re-evaluate a checkpoint on its test split.
     Eval(cli::eval::EvalArgs),
     /// Per-label probabilities from a checkpoint.

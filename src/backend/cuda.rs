@@ -1,25 +1,73 @@
 //! The CUDA backend (feature `cuda`): the [`Backend`] ops on one device and one stream.
 //!
-//! Precision, first version: every `Buf` is fp32 device memory (activations, master weights,
-//! gradients, optimizer state). Dense projections are cuBLAS GEMMs on fp32 buffers with TF32
-//! inputs and fp32 accumulation (tensor cores; TF32 keeps more mantissa than bf16).
-//! The kernels that exist only in bf16 storage (LayerNorm, GELU, fused attention, the head's
-//! token inputs) get their bf16 operands by a cast into backend-owned scratch and their bf16
-//! results cast back; gradients they accumulate are produced in bf16 and added in fp32, so the
-//! residual-stream gradient is never rounded to bf16 as a whole. Head dims the fused attention
-//! kernels do not cover run a plain fp32 attention (`ops::tokens::cuda`).
+//! **Precision.** A buffer ([`DevBuf`]) is fp32 or bf16 device memory, chosen when it is
+//! allocated ([`Backend::alloc_as`]) from its [`BufRole`] and the backend's [`Precision`]:
+//! - [`Precision::Bf16`] (the default, [`CudaBackend::new`]): activations
+//!   ([`BufRole::Activation`]: normalised tokens, qkv, attention outputs, MLP hidden states,
+//!   projection outputs and their gradients) and the frozen weight matrices
+//!   ([`BufRole::Frozen`]; no fp32 master, they never change) are bf16. Trainable parameters,
+//!   gradients, AdamW moments, logits, loss terms, LayerNorm statistics, attention
+//!   log-sum-exps, the head's small internals and the residual stream with its gradient stay
+//!   fp32 ([`BufRole::State`]), as PyTorch autocast keeps them. Dense projections are cuBLAS
+//!   GEMMs with bf16 operands and fp32 compute, writing bf16 or fp32 as the destination is
+//!   stored; every kernel accumulates in fp32.
+//! - [`Precision::F32`] ([`CudaBackend::with_precision`], for comparisons and debugging): every
+//!   buffer fp32, GEMMs with TF32 inputs and fp32 accumulation.
 //!
-//! Errors: the trait's ops return nothing, so the first [`GpuError`] is kept, later ops are
+//! Every op accepts its operands in whatever type they are stored: a kernel reads an operand
+//! of its own type directly and otherwise a cast of it in backend-owned scratch ([`Slot`]), and
+//! writes its destination directly when the types agree, else into scratch that is then cast
+//! (or, for gradients the op accumulates, added in fp32) into the destination. In bf16 mode the
+//! remaining casts in a step are the fp32 residual stream read by the bf16-only LayerNorm
+//! kernels, the fp32 residual gradient fed to a GEMM (blocks without LayerScale) and the bf16
+//! results added into fp32 gradient sums (LayerNorm backward, the head's `dz`). The token
+//! kernels (`kernels/tokens.cu`) have fp32 and bf16 instantiations. Head dims the fused
+//! attention kernels do not cover run a plain fp32 attention (`ops::tokens::cuda`) on fp32
+//! casts.
+//!
+//! **Errors**: the trait's ops return nothing, so the first [`GpuError`] is kept, later ops are
 //! skipped, and [`Backend::check`] (called by the `Trainer` after each phase) reports it.
 //! Scratch buffers grow to the largest size an op asks for and are then reused: no device
 //! allocation per step once the shapes are fixed. Host synchronisation in a step: one, reading
 //! the loss of [`Backend::asl_terms`] (all ASL terms in one launch); downloads synchronise too.
 
-use super::{AdamWConfig, AdapterShape, AslConfig, AttnShape, Backend, MoeShape, VptHeadShape};
-use crate::gpu::{bf16, CudaSlice, DevicePtr, DevicePtrMut, GpuContext, GpuError};
+use super::{AdamWConfig, AdapterShape, AslConfig, AttnShape, Backend, BufRole, MoeShape, Precision, VptHeadShape};
+use crate::gpu::{bf16, CudaSlice, DevicePtr, DevicePtrMut, GemmType, GpuContext, GpuError};
 use crate::ops::head::cuda::{HeadWorkspace, IndexTable};
+use crate::ops::tokens::cuda::Storage;
 use crate::ops::{adamw, asl, attention, cast, gelu, head, layernorm, tokens};
+use cudarc::driver::{DeviceRepr, ValidAsZeroBits};
 use std::cell::RefCell;
+
+/// A buffer of the CUDA backend: fp32 or bf16 device memory (see the module docs).
+pub enum DevBuf {
+    F32(CudaSlice<f32>),
+    Bf16(CudaSlice<bf16>),
+}
+
+impl DevBuf {
+    /// Number of elements.
+    pub fn len(&self) -> usize {
+        match self {
+            DevBuf::F32(s) => s.len(),
+            DevBuf::Bf16(s) => s.len(),
+        }
+    }
+    /// Whether it holds no elements.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Whether it is stored in bf16.
+    pub fn is_bf16(&self) -> bool {
+        matches!(self, DevBuf::Bf16(_))
+    }
+}
+
+impl std::fmt::Debug for DevBuf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "DevBuf::{}({} elements)", if self.is_bf16() { "Bf16" } else { "F32" }, self.len())
+    }
+}
 
 /// A `u32` table on the device: the host copy, and the head's inverted [`IndexTable`] built
 /// on first use for the value range the op's shape gives.
@@ -28,14 +76,19 @@ pub struct CudaIdx {
     table: RefCell<Option<IndexTable>>,
 }
 
-/// Scratch slots: bf16 casts of up to five operands, and two fp32 buffers.
+/// One scratch slot: room for one operand's cast (or a kernel's temporary) of either type,
+/// allocated on first use and grown on demand.
 #[derive(Default)]
-struct Scratch {
-    bf: [Option<CudaSlice<bf16>>; 5],
-    f: [Option<CudaSlice<f32>>; 2],
+struct Slot {
+    f: Option<CudaSlice<f32>>,
+    b: Option<CudaSlice<bf16>>,
 }
 
-fn grow<'a, T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(gpu: &GpuContext, slot: &'a mut Option<CudaSlice<T>>, len: usize) -> Result<&'a mut CudaSlice<T>, GpuError> {
+/// Scratch slots: as many as the op with the most operands has (moe backward).
+const SLOTS: usize = 14;
+
+/// `slot` holding at least `len` elements (at least 1).
+fn grow<'a, T: DeviceRepr + ValidAsZeroBits>(gpu: &GpuContext, slot: &'a mut Option<CudaSlice<T>>, len: usize) -> Result<&'a mut CudaSlice<T>, GpuError> {
     let len = len.max(1);
     if slot.as_ref().is_none_or(|s| s.len() < len) {
         *slot = None; // free first: the old buffer is too small anyway
@@ -44,39 +97,222 @@ fn grow<'a, T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(gpu
     slot.as_mut().ok_or_else(|| GpuError::invalid("scratch", "allocation vanished"))
 }
 
+/// `dst[..len] = src[..len]` on the device.
+fn dtod<T: DeviceRepr>(gpu: &GpuContext, src: &CudaSlice<T>, dst: &mut CudaSlice<T>, len: usize) -> Result<(), GpuError> {
+    if len == 0 {
+        return Ok(());
+    }
+    if len > src.len() || len > dst.len() {
+        return Err(GpuError::invalid("copy", format!("{len} values between buffers of {} and {}", src.len(), dst.len())));
+    }
+    gpu.stream().memcpy_dtod(&src.slice(0..len), &mut dst.slice_mut(0..len)).map_err(GpuError::driver("copying on the device"))
+}
+
+/// A storage type of [`DevBuf`]: how to find it in a buffer or a [`Slot`], and how to convert
+/// from and to the other type.
+trait Elem: GemmType + Storage + ValidAsZeroBits + Sized {
+    fn of(buf: &DevBuf) -> Option<&CudaSlice<Self>>;
+    /// The buffer's slice when it holds `Self`, else the buffer back.
+    fn of_mut(buf: &mut DevBuf) -> Result<&mut CudaSlice<Self>, &mut DevBuf>;
+    fn slot(slot: &mut Slot) -> &mut Option<CudaSlice<Self>>;
+    /// `dst[..len] = src[..len]`, converted.
+    fn cast_from(gpu: &GpuContext, src: &DevBuf, dst: &mut CudaSlice<Self>, len: usize) -> Result<(), GpuError>;
+    /// `dst[..len] = src[..len]`, converted.
+    fn cast_to(gpu: &GpuContext, src: &CudaSlice<Self>, dst: &mut DevBuf, len: usize) -> Result<(), GpuError>;
+}
+
+impl Elem for f32 {
+    fn of(buf: &DevBuf) -> Option<&CudaSlice<f32>> {
+        match buf {
+            DevBuf::F32(s) => Some(s),
+            DevBuf::Bf16(_) => None,
+        }
+    }
+    fn of_mut(buf: &mut DevBuf) -> Result<&mut CudaSlice<f32>, &mut DevBuf> {
+        match buf {
+            DevBuf::F32(s) => Ok(s),
+            other => Err(other),
+        }
+    }
+    fn slot(slot: &mut Slot) -> &mut Option<CudaSlice<f32>> {
+        &mut slot.f
+    }
+    fn cast_from(gpu: &GpuContext, src: &DevBuf, dst: &mut CudaSlice<f32>, len: usize) -> Result<(), GpuError> {
+        match src {
+            DevBuf::F32(s) => dtod(gpu, s, dst, len),
+            DevBuf::Bf16(s) => cast::cuda::bf16_to_f32(gpu, gpu.stream(), s, dst, len),
+        }
+    }
+    fn cast_to(gpu: &GpuContext, src: &CudaSlice<f32>, dst: &mut DevBuf, len: usize) -> Result<(), GpuError> {
+        match dst {
+            DevBuf::F32(d) => dtod(gpu, src, d, len),
+            DevBuf::Bf16(d) => cast::cuda::f32_to_bf16(gpu, gpu.stream(), src, d, len),
+        }
+    }
+}
+
+impl Elem for bf16 {
+    fn of(buf: &DevBuf) -> Option<&CudaSlice<bf16>> {
+        match buf {
+            DevBuf::Bf16(s) => Some(s),
+            DevBuf::F32(_) => None,
+        }
+    }
+    fn of_mut(buf: &mut DevBuf) -> Result<&mut CudaSlice<bf16>, &mut DevBuf> {
+        match buf {
+            DevBuf::Bf16(s) => Ok(s),
+            other => Err(other),
+        }
+    }
+    fn slot(slot: &mut Slot) -> &mut Option<CudaSlice<bf16>> {
+        &mut slot.b
+    }
+    fn cast_from(gpu: &GpuContext, src: &DevBuf, dst: &mut CudaSlice<bf16>, len: usize) -> Result<(), GpuError> {
+        match src {
+            DevBuf::Bf16(s) => dtod(gpu, s, dst, len),
+            DevBuf::F32(s) => cast::cuda::f32_to_bf16(gpu, gpu.stream(), s, dst, len),
+        }
+    }
+    fn cast_to(gpu: &GpuContext, src: &CudaSlice<bf16>, dst: &mut DevBuf, len: usize) -> Result<(), GpuError> {
+        match dst {
+            DevBuf::Bf16(d) => dtod(gpu, src, d, len),
+            DevBuf::F32(d) => cast::cuda::bf16_to_f32(gpu, gpu.stream(), src, d, len),
+        }
+    }
+}
+
+/// Runs `$body` with `$t` the element type of `$buf` (`f32` or `bf16`): one source for both
+/// instantiations of an op.
+macro_rules! with_type {
+    ($buf:expr, $t:ident => $body:expr) => {
+        if $buf.is_bf16() {
+            type $t = bf16;
+            $body
+        } else {
+            type $t = f32;
+            $body
+        }
+    };
+}
+
+/// `buf` as a `T` operand of `len` elements: the buffer itself when it holds `T`, else its
+/// cast into `slot`.
+fn input<'a, T: Elem>(gpu: &GpuContext, buf: &'a DevBuf, slot: &'a mut Slot, len: usize) -> Result<&'a CudaSlice<T>, GpuError> {
+    match T::of(buf) {
+        Some(s) => Ok(s),
+        None => {
+            let s = grow(gpu, T::slot(slot), len)?;
+            T::cast_from(gpu, buf, s, len)?;
+            Ok(s)
+        }
+    }
+}
+
+/// How a kernel treats its destination, for when it must go through scratch.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// The kernel writes every element used; the scratch is cast into the destination.
+    Write,
+    /// The kernel reads and writes (in place, or only some elements): the scratch starts as a
+    /// cast of the destination and is cast back.
+    Update,
+    /// `dst += result`: the kernel writes the scratch without accumulating (see
+    /// [`Out::direct`]) and it is added into the destination in fp32.
+    Add,
+    /// As `Add` for kernels that always accumulate: the scratch starts at zero.
+    AddZeroed,
+}
+
+/// A kernel's `T` destination: the buffer itself, or scratch that [`Out::done`] puts into it.
+struct Out<'a, T: Elem> {
+    buf: &'a mut CudaSlice<T>,
+    back: Option<(&'a mut DevBuf, Mode)>,
+    len: usize,
+}
+
+impl<T: Elem> Out<'_, T> {
+    /// Whether the kernel writes the destination itself (so it may accumulate there).
+    fn direct(&self) -> bool {
+        self.back.is_none()
+    }
+    /// Moves a scratch result into the destination.
+    fn done(self, gpu: &GpuContext) -> Result<(), GpuError> {
+        let Some((dst, mode)) = self.back else {
+            return Ok(());
+        };
+        match mode {
+            Mode::Write | Mode::Update => T::cast_to(gpu, self.buf, dst, self.len),
+            Mode::Add | Mode::AddZeroed => with_type!(dst, D => {
+                let d = D::of_mut(dst).map_err(|_| GpuError::invalid("scratch", "destination type changed"))?;
+                tokens::cuda::axpby::<D, T>(gpu, gpu.stream(), 1.0, d, 1.0, &*self.buf, self.len)
+            }),
+        }
+    }
+}
+
+/// `buf` as a `T` destination of `len` elements (see [`Mode`]).
+fn output<'a, T: Elem>(gpu: &GpuContext, buf: &'a mut DevBuf, slot: &'a mut Slot, len: usize, mode: Mode) -> Result<Out<'a, T>, GpuError> {
+    match T::of_mut(buf) {
+        Ok(b) => Ok(Out { buf: b, back: None, len }),
+        Err(dst) => {
+            if len > dst.len() {
+                return Err(GpuError::invalid("output", format!("{len} values into a buffer of {}", dst.len())));
+            }
+            let s = grow(gpu, T::slot(slot), len)?;
+            match mode {
+                Mode::Update => T::cast_from(gpu, dst, s, len)?,
+                Mode::AddZeroed if len > 0 => gpu.stream().memset_zeros(&mut s.slice_mut(0..len)).map_err(GpuError::driver("zeroing scratch"))?,
+                _ => {}
+            }
+            Ok(Out { buf: s, back: Some((dst, mode)), len })
+        }
+    }
+}
+
 /// The CUDA backend. See the module docs.
 pub struct CudaBackend {
     gpu: GpuContext,
+    precision: Precision,
     asl_ws: asl::cuda::AslWorkspace,
     head_ws: HeadWorkspace,
     loss: CudaSlice<f32>,
-    scratch: Scratch,
+    scratch: [Slot; SLOTS],
     error: RefCell<Option<GpuError>>,
 }
 
 impl std::fmt::Debug for CudaBackend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("CudaBackend").field("gpu", &self.gpu).finish()
+        f.debug_struct("CudaBackend").field("gpu", &self.gpu).field("precision", &self.precision).finish()
     }
 }
 
 impl CudaBackend {
-    /// Opens device `ordinal`. Errors say what is missing (driver, device, cuBLAS, a kernel
-    /// module that does not load on this GPU).
+    /// Opens device `ordinal` in the default precision, [`Precision::Bf16`]. Errors say what is
+    /// missing (driver, device, cuBLAS, a kernel module that does not load on this GPU).
     pub fn new(ordinal: usize) -> Result<Self, GpuError> {
+        Self::with_precision(ordinal, Precision::Bf16)
+    }
+
+    /// Opens device `ordinal` with activations and frozen weights stored in `precision`.
+    pub fn with_precision(ordinal: usize, precision: Precision) -> Result<Self, GpuError> {
         let gpu = GpuContext::new(ordinal)?;
         // cuBLAS is needed for every dense projection: fail now rather than at the first step.
         gpu.blas()?;
-        // Dense projections on tensor cores: TF32 inputs (finer than bf16), fp32 accumulation.
+        // fp32 GEMMs (all of them in F32 mode) on tensor cores: TF32 inputs, fp32 accumulation.
         gpu.allow_tf32(true);
         let asl_ws = asl::cuda::AslWorkspace::new(&gpu)?;
         let loss = gpu.zeros(1)?;
-        Ok(Self { gpu, asl_ws, head_ws: HeadWorkspace::new(), loss, scratch: Scratch::default(), error: RefCell::new(None) })
+        Ok(Self { gpu, precision, asl_ws, head_ws: HeadWorkspace::new(), loss, scratch: Default::default(), error: RefCell::new(None) })
     }
 
     /// The device context.
     pub fn gpu(&self) -> &GpuContext {
         &self.gpu
+    }
+
+    /// The storage precision of activations and frozen weights.
+    pub fn precision(&self) -> Precision {
+        self.precision
     }
 
     fn failed(&self) -> bool {
@@ -100,31 +336,12 @@ impl CudaBackend {
             self.record(r);
         }
     }
-}
 
-/// `dst (+)= src` in fp32, where `src` is a bf16 result: cast into `tmp`, then add or copy.
-fn add_bf16(gpu: &GpuContext, src: &CudaSlice<bf16>, tmp: &mut Option<CudaSlice<f32>>, dst: &mut CudaSlice<f32>, len: usize, accumulate: bool) -> Result<(), GpuError> {
-    let s = gpu.stream();
-    if !accumulate {
-        return cast::cuda::bf16_to_f32(gpu, s, src, dst, len);
+    /// A zeroed buffer of `len` elements stored as `bf16` or fp32.
+    fn zeros(&self, len: usize, bf16: bool) -> Result<DevBuf, GpuError> {
+        let len = len.max(1);
+        Ok(if bf16 { DevBuf::Bf16(self.gpu.zeros(len)?) } else { DevBuf::F32(self.gpu.zeros(len)?) })
     }
-    let t = grow(gpu, tmp, len)?;
-    cast::cuda::bf16_to_f32(gpu, s, src, t, len)?;
-    tokens::cuda::axpby(gpu, s, 1.0, dst, 1.0, t, len)
-}
-
-/// A bf16 copy of `src[..len]` in `slot`.
-fn to_bf16<'a>(gpu: &GpuContext, slot: &'a mut Option<CudaSlice<bf16>>, src: &CudaSlice<f32>, len: usize) -> Result<&'a mut CudaSlice<bf16>, GpuError> {
-    let b = grow(gpu, slot, len)?;
-    cast::cuda::f32_to_bf16(gpu, gpu.stream(), src, b, len)?;
-    Ok(b)
-}
-
-/// A zeroed bf16 scratch of `len`.
-fn zeroed_bf16<'a>(gpu: &GpuContext, slot: &'a mut Option<CudaSlice<bf16>>, len: usize) -> Result<&'a mut CudaSlice<bf16>, GpuError> {
-    let b = grow(gpu, slot, len)?;
-    gpu.stream().memset_zeros(&mut b.slice_mut(0..len.max(1))).map_err(GpuError::driver("zeroing scratch"))?;
-    Ok(b)
 }
 
 impl CudaIdx {
@@ -137,12 +354,39 @@ impl CudaIdx {
     }
 }
 
+/// `y [rows, d_out] = x W^T + b` with `T` operands (cast where stored otherwise), `y` written
+/// in its own type.
+#[allow(clippy::too_many_arguments)]
+fn gemm_forward<T: Elem>(g: &GpuContext, s: &mut [Slot; SLOTS], x: &DevBuf, w: &DevBuf, bias: Option<&DevBuf>, y: &mut DevBuf, rows: usize, d_in: usize, d_out: usize) -> Result<(), GpuError> {
+    let [s0, s1, s2, ..] = s;
+    let xv = input::<T>(g, x, s0, rows * d_in)?;
+    let wv = input::<T>(g, w, s1, d_out * d_in)?;
+    let bv = bias.map(|b| input::<f32>(g, b, s2, d_out)).transpose()?;
+    let bv = bv.map(|b| b as &dyn DevicePtr<f32>);
+    match y {
+        DevBuf::F32(o) => g.linear_forward::<T, f32>(xv, wv, bv, o, rows, d_out, d_in, false),
+        DevBuf::Bf16(o) => g.linear_forward::<T, bf16>(xv, wv, bv, o, rows, d_out, d_in, false),
+    }
+}
+
+/// `dx (+)= dy W` with `T` operands, `dx` written in its own type.
+#[allow(clippy::too_many_arguments)]
+fn gemm_backward_input<T: Elem>(g: &GpuContext, s: &mut [Slot; SLOTS], dy: &DevBuf, w: &DevBuf, dx: &mut DevBuf, rows: usize, d_in: usize, d_out: usize, accumulate: bool) -> Result<(), GpuError> {
+    let [s0, s1, ..] = s;
+    let dyv = input::<T>(g, dy, s0, rows * d_out)?;
+    let wv = input::<T>(g, w, s1, d_out * d_in)?;
+    match dx {
+        DevBuf::F32(o) => g.linear_backward_input::<T, f32>(dyv, wv, o, rows, d_out, d_in, accumulate),
+        DevBuf::Bf16(o) => g.linear_backward_input::<T, bf16>(dyv, wv, o, rows, d_out, d_in, accumulate),
+    }
+}
+
 impl Backend for CudaBackend {
-    type Buf = CudaSlice<f32>;
+    type Buf = DevBuf;
     type Idx = CudaIdx;
 
     fn name(&self) -> String {
-        format!("cuda-f32+bf16 ({})", self.gpu.device_name())
+        format!("cuda-{} ({})", self.precision.as_str(), self.gpu.device_name())
     }
 
     fn check(&mut self) -> anyhow::Result<()> {
@@ -154,36 +398,51 @@ impl Backend for CudaBackend {
         Ok(())
     }
 
-    fn alloc(&mut self, len: usize) -> CudaSlice<f32> {
-        match self.gpu.zeros(len.max(1)) {
+    fn alloc(&mut self, len: usize) -> DevBuf {
+        self.alloc_as(len, BufRole::State)
+    }
+    fn alloc_as(&mut self, len: usize, role: BufRole) -> DevBuf {
+        let bf16 = self.precision == Precision::Bf16 && role != BufRole::State;
+        match self.zeros(len, bf16) {
             Ok(b) => b,
             Err(e) => {
                 self.record(Err(e));
                 // A one-element placeholder: later ops fail their length checks or are skipped;
                 // `check` reports the allocation error.
-                self.gpu.zeros(1).unwrap_or_else(|_| panic!("CUDA device unusable: {}", self.error.borrow().as_ref().map(|e| e.to_string()).unwrap_or_default()))
+                self.zeros(1, bf16).unwrap_or_else(|_| panic!("CUDA device unusable: {}", self.error.borrow().as_ref().map(|e| e.to_string()).unwrap_or_default()))
             }
         }
     }
-    fn buf_len(&self, buf: &CudaSlice<f32>) -> usize {
+    fn buf_len(&self, buf: &DevBuf) -> usize {
         buf.len()
     }
-    fn upload(&mut self, src: &[f32], dst: &mut CudaSlice<f32>) {
+    fn upload(&mut self, src: &[f32], dst: &mut DevBuf) {
         self.run(|be| {
-            if src.len() > dst.len() {
-                return Err(GpuError::invalid("upload", format!("{} values into a buffer of {}", src.len(), dst.len())));
+            let n = src.len();
+            if n > dst.len() {
+                return Err(GpuError::invalid("upload", format!("{n} values into a buffer of {}", dst.len())));
             }
-            if src.is_empty() {
+            if n == 0 {
                 return Ok(());
             }
-            be.gpu.stream().memcpy_htod(src, &mut dst.slice_mut(0..src.len())).map_err(GpuError::driver(format!("uploading {} values", src.len())))
+            let s = be.gpu.stream();
+            let what = || format!("uploading {n} values");
+            match dst {
+                DevBuf::F32(d) => s.memcpy_htod(src, &mut d.slice_mut(0..n)).map_err(GpuError::driver(what())),
+                DevBuf::Bf16(d) => {
+                    // Rounded on the host (half's converter): half the bytes cross the bus.
+                    let mut h = vec![bf16::ZERO; n];
+                    half::slice::HalfFloatSliceExt::convert_from_f32_slice(&mut h[..], src);
+                    s.memcpy_htod(&h, &mut d.slice_mut(0..n)).map_err(GpuError::driver(what()))
+                }
+            }
         });
     }
-    fn upload_f64(&mut self, src: &[f64], dst: &mut CudaSlice<f32>) {
+    fn upload_f64(&mut self, src: &[f64], dst: &mut DevBuf) {
         let v: Vec<f32> = src.iter().map(|&x| x as f32).collect();
         self.upload(&v, dst);
     }
-    fn download(&self, src: &CudaSlice<f32>, dst: &mut [f32]) {
+    fn download(&self, src: &DevBuf, dst: &mut [f32]) {
         if self.failed() {
             dst.fill(f32::NAN);
             return;
@@ -197,7 +456,15 @@ impl Backend for CudaBackend {
                 return Ok(());
             }
             let s = self.gpu.stream();
-            s.memcpy_dtoh(&src.slice(0..n), dst).map_err(GpuError::driver(format!("downloading {n} values")))?;
+            let what = || format!("downloading {n} values");
+            match src {
+                DevBuf::F32(b) => s.memcpy_dtoh(&b.slice(0..n), dst).map_err(GpuError::driver(what()))?,
+                DevBuf::Bf16(b) => {
+                    let mut h = vec![bf16::ZERO; n];
+                    s.memcpy_dtoh(&b.slice(0..n), &mut h[..]).map_err(GpuError::driver(what()))?;
+                    half::slice::HalfFloatSliceExt::convert_to_f32_slice(&h[..], dst);
+                }
+            }
             self.gpu.synchronize()
         })();
         if r.is_err() {
@@ -205,7 +472,7 @@ impl Backend for CudaBackend {
         }
         self.record(r);
     }
-    fn download_f64(&self, src: &CudaSlice<f32>, dst: &mut [f64]) {
+    fn download_f64(&self, src: &DevBuf, dst: &mut [f64]) {
         let mut v = vec![0.0f32; dst.len()];
         self.download(src, &mut v);
         for (d, s) in dst.iter_mut().zip(v) {
@@ -215,192 +482,357 @@ impl Backend for CudaBackend {
     fn upload_idx(&mut self, src: &[u32]) -> CudaIdx {
         CudaIdx { host: src.to_vec(), table: RefCell::new(None) }
     }
-    fn fill(&mut self, buf: &mut CudaSlice<f32>, len: usize, value: f64) {
-        self.run(|be| tokens::cuda::fill(&be.gpu, be.gpu.stream(), buf, len, value as f32));
-    }
-    fn copy(&mut self, src: &CudaSlice<f32>, dst: &mut CudaSlice<f32>, len: usize) {
+    fn fill(&mut self, buf: &mut DevBuf, len: usize, value: f64) {
         self.run(|be| {
-            if len == 0 {
-                return Ok(());
-            }
+            let g = &be.gpu;
+            with_type!(buf, T => {
+                let o = output::<T>(g, buf, &mut be.scratch[0], len, Mode::Write)?;
+                tokens::cuda::fill::<T>(g, g.stream(), o.buf, len, value as f32)
+            })
+        });
+    }
+    fn copy(&mut self, src: &DevBuf, dst: &mut DevBuf, len: usize) {
+        self.run(|be| {
             if len > src.len() || len > dst.len() {
                 return Err(GpuError::invalid("copy", format!("{len} values between buffers of {} and {}", src.len(), dst.len())));
             }
-            be.gpu.stream().memcpy_dtod(&src.slice(0..len), &mut dst.slice_mut(0..len)).map_err(GpuError::driver("copying on the device"))
-        });
-    }
-    fn axpby(&mut self, a: f64, y: &mut CudaSlice<f32>, b: f64, x: &CudaSlice<f32>, len: usize) {
-        self.run(|be| tokens::cuda::axpby(&be.gpu, be.gpu.stream(), a as f32, y, b as f32, x, len));
-    }
-
-    fn patchify(&mut self, images: &CudaSlice<f32>, out: &mut CudaSlice<f32>, batch: usize, channels: usize, height: usize, width: usize, patch: usize) {
-        self.run(|be| tokens::cuda::patchify(&be.gpu, be.gpu.stream(), images, out, batch, channels, height, width, patch));
-    }
-    fn embed_tokens(&mut self, patches: &CudaSlice<f32>, cls: &CudaSlice<f32>, pos: &CudaSlice<f32>, x: &mut CudaSlice<f32>, batch: usize, num_patches: usize, prompts: usize, dim: usize) {
-        self.run(|be| tokens::cuda::embed_tokens(&be.gpu, be.gpu.stream(), patches, cls, pos, x, batch, num_patches, prompts, dim));
-    }
-    fn set_prompts(&mut self, prompts: &CudaSlice<f32>, layer: usize, x: &mut CudaSlice<f32>, batch: usize, tokens: usize, count: usize, dim: usize) {
-        self.run(|be| tokens::cuda::set_prompts(&be.gpu, be.gpu.stream(), prompts, layer, x, batch, tokens, count, dim));
-    }
-    fn prompt_grad(&mut self, dx: &mut CudaSlice<f32>, dprompts: &mut CudaSlice<f32>, layer: usize, batch: usize, tokens: usize, count: usize, dim: usize, zero_rows: bool) {
-        self.run(|be| tokens::cuda::prompt_grad(&be.gpu, be.gpu.stream(), dx, dprompts, layer, batch, tokens, count, dim, zero_rows));
-    }
-    fn copy_tokens(&mut self, src: &CudaSlice<f32>, src_tokens: usize, src_start: usize, dst: &mut CudaSlice<f32>, dst_tokens: usize, dst_start: usize, count: usize, batch: usize, dim: usize) {
-        self.run(|be| tokens::cuda::copy_tokens(&be.gpu, be.gpu.stream(), src, src_tokens, src_start, dst, dst_tokens, dst_start, count, batch, dim));
-    }
-    fn residual(&mut self, x: &CudaSlice<f32>, f: &CudaSlice<f32>, ls: Option<&CudaSlice<f32>>, out: &mut CudaSlice<f32>, rows: usize, dim: usize) {
-        self.run(|be| tokens::cuda::residual(&be.gpu, be.gpu.stream(), x, f, ls.map(|l| l as &dyn DevicePtr<f32>), out, rows, dim));
-    }
-    fn mul_cols(&mut self, src: &CudaSlice<f32>, v: &CudaSlice<f32>, out: &mut CudaSlice<f32>, rows: usize, dim: usize) {
-        self.run(|be| tokens::cuda::mul_cols(&be.gpu, be.gpu.stream(), src, v, out, rows, dim));
-    }
-
-    fn linear_forward(&mut self, x: &CudaSlice<f32>, w: &CudaSlice<f32>, bias: Option<&CudaSlice<f32>>, y: &mut CudaSlice<f32>, rows: usize, d_in: usize, d_out: usize) {
-        self.run(|be| be.gpu.linear_forward::<f32, f32>(x, w, bias.map(|b| b as &dyn DevicePtr<f32>), y, rows, d_out, d_in, false));
-    }
-    fn linear_backward_input(&mut self, dy: &CudaSlice<f32>, w: &CudaSlice<f32>, dx: &mut CudaSlice<f32>, rows: usize, d_in: usize, d_out: usize, accumulate: bool) {
-        self.run(|be| be.gpu.linear_backward_input::<f32, f32>(dy, w, dx, rows, d_out, d_in, accumulate));
-    }
-    fn layernorm_forward(&mut self, x: &CudaSlice<f32>, gamma: &CudaSlice<f32>, beta: &CudaSlice<f32>, y: &mut CudaSlice<f32>, mean: &mut CudaSlice<f32>, rstd: &mut CudaSlice<f32>, rows: usize, dim: usize, eps: f64) {
-        self.run(|be| {
-            let (g, [a, b, ..]) = (&be.gpu, &mut be.scratch.bf);
-            let n = rows * dim;
-            let xb = to_bf16(g, a, x, n)?;
-            let yb = grow(g, b, n)?;
-            layernorm::cuda::forward(g, g.stream(), xb, gamma, beta, yb, mean, rstd, rows, dim, eps)?;
-            cast::cuda::bf16_to_f32(g, g.stream(), yb, y, n)
-        });
-    }
-    fn layernorm_backward(&mut self, dy: &CudaSlice<f32>, x: &CudaSlice<f32>, gamma: &CudaSlice<f32>, mean: &CudaSlice<f32>, rstd: &CudaSlice<f32>, dx: &mut CudaSlice<f32>, rows: usize, dim: usize, accumulate: bool) {
-        self.run(|be| {
-            let (g, [a, b, c, ..], [t, ..]) = (&be.gpu, &mut be.scratch.bf, &mut be.scratch.f);
-            let n = rows * dim;
-            let dyb = to_bf16(g, a, dy, n)?;
-            let xb = to_bf16(g, b, x, n)?;
-            let dxb = grow(g, c, n)?;
-            layernorm::cuda::backward(g, g.stream(), dyb, xb, gamma, mean, rstd, dxb, rows, dim, false)?;
-            add_bf16(g, dxb, t, dx, n, accumulate)
-        });
-    }
-    fn gelu_forward(&mut self, x: &CudaSlice<f32>, y: &mut CudaSlice<f32>, len: usize) {
-        self.run(|be| {
-            let (g, [a, b, ..]) = (&be.gpu, &mut be.scratch.bf);
-            let xb = to_bf16(g, a, x, len)?;
-            let yb = grow(g, b, len)?;
-            gelu::cuda::forward(g, g.stream(), xb, None, yb, 1, len)?;
-            cast::cuda::bf16_to_f32(g, g.stream(), yb, y, len)
-        });
-    }
-    fn gelu_backward(&mut self, x: &CudaSlice<f32>, d: &mut CudaSlice<f32>, len: usize) {
-        self.run(|be| {
-            let (g, [a, b, ..]) = (&be.gpu, &mut be.scratch.bf);
-            let xb = to_bf16(g, a, x, len)?;
-            let db = to_bf16(g, b, d, len)?;
-            gelu::cuda::backward_in_place(g, g.stream(), xb, None, db, 1, len)?;
-            cast::cuda::bf16_to_f32(g, g.stream(), db, d, len)
-        });
-    }
-
-    fn attention_forward(&mut self, qkv: &CudaSlice<f32>, out: &mut CudaSlice<f32>, lse: &mut CudaSlice<f32>, shape: &AttnShape) {
-        self.run(|be| {
-            let g = &be.gpu;
-            if !attention::cuda::HEAD_DIMS.contains(&shape.head_dim) {
-                return tokens::cuda::attention_forward(g, g.stream(), qkv, out, lse, shape);
+            // Same types: a device copy; else a cast.
+            match src {
+                DevBuf::F32(s) => f32::cast_to(&be.gpu, s, dst, len),
+                DevBuf::Bf16(s) => bf16::cast_to(&be.gpu, s, dst, len),
             }
-            let [a, b, ..] = &mut be.scratch.bf;
-            let nq = shape.batch * shape.q_len * shape.dim();
-            let qb = to_bf16(g, a, qkv, shape.batch * shape.tokens * 3 * shape.dim())?;
-            let ob = grow(g, b, nq)?;
-            attention::cuda::forward(g, g.stream(), qb, ob, lse, shape)?;
-            cast::cuda::bf16_to_f32(g, g.stream(), ob, out, nq)
         });
     }
-    fn attention_backward(&mut self, qkv: &CudaSlice<f32>, out: &CudaSlice<f32>, lse: &CudaSlice<f32>, dout: &CudaSlice<f32>, dqkv: &mut CudaSlice<f32>, shape: &AttnShape) {
+    fn axpby(&mut self, a: f64, y: &mut DevBuf, b: f64, x: &DevBuf, len: usize) {
         self.run(|be| {
-            let g = &be.gpu;
-            if !attention::cuda::HEAD_DIMS.contains(&shape.head_dim) {
-                return tokens::cuda::attention_backward(g, g.stream(), qkv, out, lse, dout, dqkv, shape);
+            let (g, [s0, s1, ..]) = (&be.gpu, &mut be.scratch);
+            // Both types native (tok_axpby_<Y>_<X>): no casts.
+            with_type!(y, Y => with_type!(x, X => {
+                let o = output::<Y>(g, y, s0, len, Mode::Update)?;
+                let xv = input::<X>(g, x, s1, len)?;
+                tokens::cuda::axpby::<Y, X>(g, g.stream(), a as f32, o.buf, b as f32, xv, len)
+            }))
+        });
+    }
+
+    fn patchify(&mut self, images: &DevBuf, out: &mut DevBuf, batch: usize, channels: usize, height: usize, width: usize, patch: usize) {
+        self.run(|be| {
+            let (g, [s0, s1, ..]) = (&be.gpu, &mut be.scratch);
+            let n = batch * channels * height * width;
+            // The kernel is a permutation: run it in the output's type.
+            with_type!(out, T => {
+                let i = input::<T>(g, images, s0, n)?;
+                let o = output::<T>(g, out, s1, n, Mode::Write)?;
+                tokens::cuda::patchify::<T>(g, g.stream(), i, o.buf, batch, channels, height, width, patch)
+            })
+        });
+    }
+    fn embed_tokens(&mut self, patches: &DevBuf, cls: &DevBuf, pos: &DevBuf, x: &mut DevBuf, batch: usize, num_patches: usize, prompts: usize, dim: usize) {
+        self.run(|be| {
+            let (g, [s0, s1, s2, ..]) = (&be.gpu, &mut be.scratch);
+            let c = input::<f32>(g, cls, s0, dim)?;
+            let p = input::<f32>(g, pos, s1, (1 + num_patches) * dim)?;
+            let o = output::<f32>(g, x, s2, batch * (1 + prompts + num_patches) * dim, Mode::Update)?;
+            with_type!(patches, T => {
+                let pa = T::of(patches).ok_or_else(|| GpuError::invalid("embed_tokens", "patch type"))?;
+                tokens::cuda::embed_tokens::<T>(g, g.stream(), pa, c, p, &mut *o.buf, batch, num_patches, prompts, dim)
+            })?;
+            o.done(g)
+        });
+    }
+    fn set_prompts(&mut self, prompts: &DevBuf, layer: usize, x: &mut DevBuf, batch: usize, tokens: usize, count: usize, dim: usize) {
+        self.run(|be| {
+            let (g, [s0, s1, ..]) = (&be.gpu, &mut be.scratch);
+            let p = input::<f32>(g, prompts, s0, prompts.len())?;
+            let o = output::<f32>(g, x, s1, batch * tokens * dim, Mode::Update)?;
+            tokens::cuda::set_prompts(g, g.stream(), p, layer, &mut *o.buf, batch, tokens, count, dim)?;
+            o.done(g)
+        });
+    }
+    fn prompt_grad(&mut self, dx: &mut DevBuf, dprompts: &mut DevBuf, layer: usize, batch: usize, tokens: usize, count: usize, dim: usize, zero_rows: bool) {
+        self.run(|be| {
+            let (g, [s0, s1, ..]) = (&be.gpu, &mut be.scratch);
+            let x = output::<f32>(g, dx, s0, batch * tokens * dim, Mode::Update)?;
+            let len = dprompts.len();
+            let p = output::<f32>(g, dprompts, s1, len, Mode::Update)?;
+            tokens::cuda::prompt_grad(g, g.stream(), &mut *x.buf, &mut *p.buf, layer, batch, tokens, count, dim, zero_rows)?;
+            x.done(g)?;
+            p.done(g)
+        });
+    }
+    fn copy_tokens(&mut self, src: &DevBuf, src_tokens: usize, src_start: usize, dst: &mut DevBuf, dst_tokens: usize, dst_start: usize, count: usize, batch: usize, dim: usize) {
+        self.run(|be| {
+            let (g, [s0, s1, ..]) = (&be.gpu, &mut be.scratch);
+            with_type!(dst, T => {
+                let sv = input::<T>(g, src, s0, batch * src_tokens * dim)?;
+                let o = output::<T>(g, dst, s1, batch * dst_tokens * dim, Mode::Update)?;
+                tokens::cuda::copy_tokens::<T>(g, g.stream(), sv, src_tokens, src_start, o.buf, dst_tokens, dst_start, count, batch, dim)
+            })
+        });
+    }
+    fn residual(&mut self, x: &DevBuf, f: &DevBuf, ls: Option<&DevBuf>, out: &mut DevBuf, rows: usize, dim: usize) {
+        self.run(|be| {
+            let (g, [s0, s1, s2, ..]) = (&be.gpu, &mut be.scratch);
+            let n = rows * dim;
+            let xv = input::<f32>(g, x, s0, n)?;
+            let lv = ls.map(|l| input::<f32>(g, l, s1, dim)).transpose()?;
+            let o = output::<f32>(g, out, s2, n, Mode::Write)?;
+            with_type!(f, T => {
+                let fv = T::of(f).ok_or_else(|| GpuError::invalid("residual", "branch type"))?;
+                tokens::cuda::residual::<T>(g, g.stream(), xv, fv, lv.map(|l| l as &dyn DevicePtr<f32>), &mut *o.buf, rows, dim)
+            })?;
+            o.done(g)
+        });
+    }
+    fn mul_cols(&mut self, src: &DevBuf, v: &DevBuf, out: &mut DevBuf, rows: usize, dim: usize) {
+        self.run(|be| {
+            let (g, [s0, s1, ..]) = (&be.gpu, &mut be.scratch);
+            let sv = input::<f32>(g, src, s0, rows * dim)?;
+            let vv = input::<f32>(g, v, s1, dim)?;
+            with_type!(out, T => {
+                let o = T::of_mut(out).map_err(|_| GpuError::invalid("mul_cols", "output type"))?;
+                tokens::cuda::mul_cols::<T>(g, g.stream(), sv, vv, o, rows, dim)
+            })
+        });
+    }
+
+    fn linear_forward(&mut self, x: &DevBuf, w: &DevBuf, bias: Option<&DevBuf>, y: &mut DevBuf, rows: usize, d_in: usize, d_out: usize) {
+        self.run(|be| {
+            // One operand type for both: bf16 (tensor-core bf16 GEMM) when either is stored in
+            // bf16, else fp32 (TF32).
+            if x.is_bf16() || w.is_bf16() {
+                gemm_forward::<bf16>(&be.gpu, &mut be.scratch, x, w, bias, y, rows, d_in, d_out)
+            } else {
+                gemm_forward::<f32>(&be.gpu, &mut be.scratch, x, w, bias, y, rows, d_in, d_out)
             }
-            let ([a, b, c, d, _], [t, ..]) = (&mut be.scratch.bf, &mut be.scratch.f);
+        });
+    }
+    fn linear_backward_input(&mut self, dy: &DevBuf, w: &DevBuf, dx: &mut DevBuf, rows: usize, d_in: usize, d_out: usize, accumulate: bool) {
+        self.run(|be| {
+            if dy.is_bf16() || w.is_bf16() {
+                gemm_backward_input::<bf16>(&be.gpu, &mut be.scratch, dy, w, dx, rows, d_in, d_out, accumulate)
+            } else {
+                gemm_backward_input::<f32>(&be.gpu, &mut be.scratch, dy, w, dx, rows, d_in, d_out, accumulate)
+            }
+        });
+    }
+    fn layernorm_forward(&mut self, x: &DevBuf, gamma: &DevBuf, beta: &DevBuf, y: &mut DevBuf, mean: &mut DevBuf, rstd: &mut DevBuf, rows: usize, dim: usize, eps: f64) {
+        self.run(|be| {
+            let (g, [s0, s1, s2, s3, s4, s5, ..]) = (&be.gpu, &mut be.scratch);
+            let n = rows * dim;
+            let xb = input::<bf16>(g, x, s0, n)?;
+            let (gm, bt) = (input::<f32>(g, gamma, s1, dim)?, input::<f32>(g, beta, s2, dim)?);
+            let yb = output::<bf16>(g, y, s3, n, Mode::Write)?;
+            let m = output::<f32>(g, mean, s4, rows, Mode::Write)?;
+            let r = output::<f32>(g, rstd, s5, rows, Mode::Write)?;
+            layernorm::cuda::forward(g, g.stream(), xb, gm, bt, &mut *yb.buf, &mut *m.buf, &mut *r.buf, rows, dim, eps)?;
+            yb.done(g)?;
+            m.done(g)?;
+            r.done(g)
+        });
+    }
+    fn layernorm_backward(&mut self, dy: &DevBuf, x: &DevBuf, gamma: &DevBuf, mean: &DevBuf, rstd: &DevBuf, dx: &mut DevBuf, rows: usize, dim: usize, accumulate: bool) {
+        self.run(|be| {
+            let (g, [s0, s1, s2, s3, s4, s5, ..]) = (&be.gpu, &mut be.scratch);
+            let n = rows * dim;
+            let dyb = input::<bf16>(g, dy, s0, n)?;
+            let xb = input::<bf16>(g, x, s1, n)?;
+            let gm = input::<f32>(g, gamma, s2, dim)?;
+            let (m, r) = (input::<f32>(g, mean, s3, rows)?, input::<f32>(g, rstd, s4, rows)?);
+            // An fp32 dx (the residual stream's gradient) gets the bf16 result added in fp32.
+            let o = output::<bf16>(g, dx, s5, n, if accumulate { Mode::Add } else { Mode::Write })?;
+            let acc = accumulate && o.direct();
+            layernorm::cuda::backward(g, g.stream(), dyb, xb, gm, m, r, &mut *o.buf, rows, dim, acc)?;
+            o.done(g)
+        });
+    }
+    fn gelu_forward(&mut self, x: &DevBuf, y: &mut DevBuf, len: usize) {
+        self.run(|be| {
+            let (g, [s0, s1, ..]) = (&be.gpu, &mut be.scratch);
+            let xb = input::<bf16>(g, x, s0, len)?;
+            let o = output::<bf16>(g, y, s1, len, Mode::Write)?;
+            gelu::cuda::forward(g, g.stream(), xb, None, &mut *o.buf, 1, len)?;
+            o.done(g)
+        });
+    }
+    fn gelu_backward(&mut self, x: &DevBuf, d: &mut DevBuf, len: usize) {
+        self.run(|be| {
+            let (g, [s0, s1, ..]) = (&be.gpu, &mut be.scratch);
+            let xb = input::<bf16>(g, x, s0, len)?;
+            let o = output::<bf16>(g, d, s1, len, Mode::Update)?;
+            gelu::cuda::backward_in_place(g, g.stream(), xb, None, &mut *o.buf, 1, len)?;
+            o.done(g)
+        });
+    }
+
+    fn attention_forward(&mut self, qkv: &DevBuf, out: &mut DevBuf, lse: &mut DevBuf, shape: &AttnShape) {
+        self.run(|be| {
+            let (g, [s0, s1, s2, ..]) = (&be.gpu, &mut be.scratch);
             let full = shape.batch * shape.tokens * 3 * shape.dim();
             let nq = shape.batch * shape.q_len * shape.dim();
-            let qb = to_bf16(g, a, qkv, full)?;
-            let ob = to_bf16(g, b, out, nq)?;
-            let gb = to_bf16(g, c, dout, nq)?;
-            let db = grow(g, d, full)?;
-            let sc = grow(g, t, attention::cuda::backward_scratch_len(shape))?;
-            attention::cuda::backward(g, g.stream(), qb, ob, lse, gb, db, sc, shape)?;
-            cast::cuda::bf16_to_f32(g, g.stream(), db, dqkv, full)
+            let l = output::<f32>(g, lse, s2, shape.batch * shape.heads * shape.q_len, Mode::Write)?;
+            if attention::cuda::HEAD_DIMS.contains(&shape.head_dim) {
+                let q = input::<bf16>(g, qkv, s0, full)?;
+                let o = output::<bf16>(g, out, s1, nq, Mode::Write)?;
+                attention::cuda::forward(g, g.stream(), q, &mut *o.buf, &mut *l.buf, shape)?;
+                o.done(g)?;
+            } else {
+                let q = input::<f32>(g, qkv, s0, full)?;
+                let o = output::<f32>(g, out, s1, nq, Mode::Write)?;
+                tokens::cuda::attention_forward(g, g.stream(), q, &mut *o.buf, &mut *l.buf, shape)?;
+                o.done(g)?;
+            }
+            l.done(g)
+        });
+    }
+    fn attention_backward(&mut self, qkv: &DevBuf, out: &DevBuf, lse: &DevBuf, dout: &DevBuf, dqkv: &mut DevBuf, shape: &AttnShape) {
+        self.run(|be| {
+            let (g, [s0, s1, s2, s3, s4, s5, ..]) = (&be.gpu, &mut be.scratch);
+            let full = shape.batch * shape.tokens * 3 * shape.dim();
+            let nq = shape.batch * shape.q_len * shape.dim();
+            let l = input::<f32>(g, lse, s2, shape.batch * shape.heads * shape.q_len)?;
+            if attention::cuda::HEAD_DIMS.contains(&shape.head_dim) {
+                let q = input::<bf16>(g, qkv, s0, full)?;
+                let o = input::<bf16>(g, out, s1, nq)?;
+                let go = input::<bf16>(g, dout, s3, nq)?;
+                let d = output::<bf16>(g, dqkv, s4, full, Mode::Write)?;
+                let sc = grow(g, &mut s5.f, attention::cuda::backward_scratch_len(shape))?;
+                attention::cuda::backward(g, g.stream(), q, o, l, go, &mut *d.buf, sc, shape)?;
+                d.done(g)
+            } else {
+                let q = input::<f32>(g, qkv, s0, full)?;
+                let o = input::<f32>(g, out, s1, nq)?;
+                let go = input::<f32>(g, dout, s3, nq)?;
+                let d = output::<f32>(g, dqkv, s4, full, Mode::Write)?;
+                tokens::cuda::attention_backward(g, g.stream(), q, o, l, go, &mut *d.buf, shape)?;
+                d.done(g)
+            }
         });
     }
 
-    fn adapter_forward(&mut self, z: &CudaSlice<f32>, w1: &CudaSlice<f32>, b1: &CudaSlice<f32>, w2: &CudaSlice<f32>, b2: &CudaSlice<f32>, u: &mut CudaSlice<f32>, out: &mut CudaSlice<f32>, shape: &AdapterShape) {
+    fn adapter_forward(&mut self, z: &DevBuf, w1: &DevBuf, b1: &DevBuf, w2: &DevBuf, b2: &DevBuf, u: &mut DevBuf, out: &mut DevBuf, shape: &AdapterShape) {
         self.run(|be| {
-            let (g, [a, b, ..]) = (&be.gpu, &mut be.scratch.bf);
-            let n = shape.batch * shape.tokens * shape.dim;
-            let zb = to_bf16(g, a, z, n)?;
-            let ob = grow(g, b, n)?;
-            head::cuda::adapter_forward(g, g.stream(), zb, w1, b1, w2, b2, u, ob, shape)?;
-            cast::cuda::bf16_to_f32(g, g.stream(), ob, out, n)
+            let (g, [s0, s1, s2, s3, s4, s5, s6, ..]) = (&be.gpu, &mut be.scratch);
+            let (p, d, r) = (shape.tokens, shape.dim, shape.rank);
+            let n = shape.batch * p * d;
+            let zb = input::<bf16>(g, z, s0, n)?;
+            let (w1v, b1v) = (input::<f32>(g, w1, s1, p * r * d)?, input::<f32>(g, b1, s2, p * r)?);
+            let (w2v, b2v) = (input::<f32>(g, w2, s3, p * d * r)?, input::<f32>(g, b2, s4, p * d)?);
+            let uo = output::<f32>(g, u, s5, shape.batch * p * r, Mode::Write)?;
+            let o = output::<bf16>(g, out, s6, n, Mode::Write)?;
+            head::cuda::adapter_forward(g, g.stream(), zb, w1v, b1v, w2v, b2v, &mut *uo.buf, &mut *o.buf, shape)?;
+            uo.done(g)?;
+            o.done(g)
         });
     }
-    fn adapter_backward(&mut self, dout: &CudaSlice<f32>, z: &CudaSlice<f32>, u: &CudaSlice<f32>, w1: &CudaSlice<f32>, w2: &CudaSlice<f32>, dz: &mut CudaSlice<f32>, dw1: &mut CudaSlice<f32>, db1: &mut CudaSlice<f32>, dw2: &mut CudaSlice<f32>, db2: &mut CudaSlice<f32>, shape: &AdapterShape) {
+    fn adapter_backward(&mut self, dout: &DevBuf, z: &DevBuf, u: &DevBuf, w1: &DevBuf, w2: &DevBuf, dz: &mut DevBuf, dw1: &mut DevBuf, db1: &mut DevBuf, dw2: &mut DevBuf, db2: &mut DevBuf, shape: &AdapterShape) {
         self.run(|be| {
-            let (g, [a, b, c, ..], [t, ..], ws) = (&be.gpu, &mut be.scratch.bf, &mut be.scratch.f, &mut be.head_ws);
-            let n = shape.batch * shape.tokens * shape.dim;
-            let gb = to_bf16(g, a, dout, n)?;
-            let zb = to_bf16(g, b, z, n)?;
-            let dzb = zeroed_bf16(g, c, n)?;
-            head::cuda::adapter_backward(g, g.stream(), ws, gb, zb, u, w1, w2, dzb, dw1, db1, dw2, db2, shape)?;
-            add_bf16(g, dzb, t, dz, n, true)
+            let (g, [s0, s1, s2, s3, s4, s5, s6, s7, s8, s9, ..], ws) = (&be.gpu, &mut be.scratch, &mut be.head_ws);
+            let (p, d, r) = (shape.tokens, shape.dim, shape.rank);
+            let n = shape.batch * p * d;
+            let gb = input::<bf16>(g, dout, s0, n)?;
+            let zb = input::<bf16>(g, z, s1, n)?;
+            let uv = input::<f32>(g, u, s2, shape.batch * p * r)?;
+            let (w1v, w2v) = (input::<f32>(g, w1, s3, p * r * d)?, input::<f32>(g, w2, s4, p * d * r)?);
+            // The kernel accumulates dz (bf16); an fp32 dz gets it added in fp32.
+            let dzo = output::<bf16>(g, dz, s5, n, Mode::AddZeroed)?;
+            let o1 = output::<f32>(g, dw1, s6, p * r * d, Mode::Write)?;
+            let o2 = output::<f32>(g, db1, s7, p * r, Mode::Write)?;
+            let o3 = output::<f32>(g, dw2, s8, p * d * r, Mode::Write)?;
+            let o4 = output::<f32>(g, db2, s9, p * d, Mode::Write)?;
+            head::cuda::adapter_backward(g, g.stream(), ws, gb, zb, uv, w1v, w2v, &mut *dzo.buf, &mut *o1.buf, &mut *o2.buf, &mut *o3.buf, &mut *o4.buf, shape)?;
+            for o in [o1, o2, o3, o4] {
+                o.done(g)?;
+            }
+            dzo.done(g)
         });
     }
-    fn moe_forward(&mut self, z: &CudaSlice<f32>, adapted: &CudaSlice<f32>, gate: &CudaSlice<f32>, w: &CudaSlice<f32>, c: &CudaSlice<f32>, tok: &CudaIdx, grow_: &CudaIdx, y: &mut CudaSlice<f32>, m: &mut CudaSlice<f32>, q: &mut CudaSlice<f32>, r: &mut CudaSlice<f32>, shape: &MoeShape) {
+    fn moe_forward(&mut self, z: &DevBuf, adapted: &DevBuf, gate: &DevBuf, w: &DevBuf, c: &DevBuf, tok: &CudaIdx, grow_: &CudaIdx, y: &mut DevBuf, m: &mut DevBuf, q: &mut DevBuf, r: &mut DevBuf, shape: &MoeShape) {
         self.run(|be| {
-            let (g, [a, b, ..]) = (&be.gpu, &mut be.scratch.bf);
-            let n = shape.batch * shape.tokens * shape.dim;
-            let zb = to_bf16(g, a, z, n)?;
-            let ab = to_bf16(g, b, adapted, n)?;
+            let (g, [s0, s1, s2, s3, s4, s5, s6, s7, s8, ..]) = (&be.gpu, &mut be.scratch);
+            let (n, d, k) = (shape.batch * shape.tokens * shape.dim, shape.dim, shape.labels);
+            let (bk, bek) = (shape.batch * k, shape.batch * shape.experts * k);
+            let zb = input::<bf16>(g, z, s0, n)?;
+            let ab = input::<bf16>(g, adapted, s1, n)?;
+            let gv = input::<f32>(g, gate, s2, shape.gate_rows * d)?;
+            let (wv, cv) = (input::<f32>(g, w, s3, k * d)?, input::<f32>(g, c, s4, k)?);
+            let (yo, mo) = (output::<f32>(g, y, s5, bk, Mode::Write)?, output::<f32>(g, m, s6, bk, Mode::Write)?);
+            let (qo, ro) = (output::<f32>(g, q, s7, bek, Mode::Write)?, output::<f32>(g, r, s8, bek, Mode::Write)?);
             let (tt, gt) = (tok.table(g, shape.tokens)?, grow_.table(g, shape.gate_rows)?);
-            head::cuda::moe_forward(g, g.stream(), zb, ab, gate, w, c, &tt, &gt, y, m, q, r, shape)
+            head::cuda::moe_forward(g, g.stream(), zb, ab, gv, wv, cv, &tt, &gt, &mut *yo.buf, &mut *mo.buf, &mut *qo.buf, &mut *ro.buf, shape)?;
+            for o in [yo, mo, qo, ro] {
+                o.done(g)?;
+            }
+            Ok(())
         });
     }
-    fn moe_backward(&mut self, dy: &CudaSlice<f32>, dm: &CudaSlice<f32>, z: &CudaSlice<f32>, adapted: &CudaSlice<f32>, gate: &CudaSlice<f32>, w: &CudaSlice<f32>, tok: &CudaIdx, grow_: &CudaIdx, q: &CudaSlice<f32>, r: &CudaSlice<f32>, dz: &mut CudaSlice<f32>, dadapted: &mut CudaSlice<f32>, dgate: &mut CudaSlice<f32>, dw: &mut CudaSlice<f32>, dc: &mut CudaSlice<f32>, shape: &MoeShape) {
+    fn moe_backward(&mut self, dy: &DevBuf, dm: &DevBuf, z: &DevBuf, adapted: &DevBuf, gate: &DevBuf, w: &DevBuf, tok: &CudaIdx, grow_: &CudaIdx, q: &DevBuf, r: &DevBuf, dz: &mut DevBuf, dadapted: &mut DevBuf, dgate: &mut DevBuf, dw: &mut DevBuf, dc: &mut DevBuf, shape: &MoeShape) {
         self.run(|be| {
-            let (g, [a, b, c, d, _], [t, ..], ws) = (&be.gpu, &mut be.scratch.bf, &mut be.scratch.f, &mut be.head_ws);
-            let n = shape.batch * shape.tokens * shape.dim;
-            let zb = to_bf16(g, a, z, n)?;
-            let ab = to_bf16(g, b, adapted, n)?;
-            let dzb = zeroed_bf16(g, c, n)?;
-            let dab = zeroed_bf16(g, d, n)?;
+            let (g, [s0, s1, s2, s3, s4, s5, s6, s7, s8, s9, s10, s11, s12, ..], ws) = (&be.gpu, &mut be.scratch, &mut be.head_ws);
+            let (n, d, k) = (shape.batch * shape.tokens * shape.dim, shape.dim, shape.labels);
+            let (bk, bek) = (shape.batch * k, shape.batch * shape.experts * k);
+            let (dyv, dmv) = (input::<f32>(g, dy, s0, bk)?, input::<f32>(g, dm, s1, bk)?);
+            let zb = input::<bf16>(g, z, s2, n)?;
+            let ab = input::<bf16>(g, adapted, s3, n)?;
+            let (gv, wv) = (input::<f32>(g, gate, s4, shape.gate_rows * d)?, input::<f32>(g, w, s5, k * d)?);
+            let (qv, rv) = (input::<f32>(g, q, s6, bek)?, input::<f32>(g, r, s7, bek)?);
+            // The kernel accumulates dz and dadapted (bf16); fp32 ones get them added in fp32.
+            let dzo = output::<bf16>(g, dz, s8, n, Mode::AddZeroed)?;
+            let dao = output::<bf16>(g, dadapted, s9, n, Mode::AddZeroed)?;
+            let go = output::<f32>(g, dgate, s10, shape.gate_rows * d, Mode::Write)?;
+            let wo = output::<f32>(g, dw, s11, k * d, Mode::Write)?;
+            let co = output::<f32>(g, dc, s12, k, Mode::Write)?;
             let (tt, gt) = (tok.table(g, shape.tokens)?, grow_.table(g, shape.gate_rows)?);
-            head::cuda::moe_backward(g, g.stream(), ws, dy, dm, zb, ab, gate, w, &tt, &gt, q, r, dzb, dab, dgate, dw, dc, shape)?;
-            add_bf16(g, dzb, t, dz, n, true)?;
-            add_bf16(g, dab, t, dadapted, n, true)
+            head::cuda::moe_backward(g, g.stream(), ws, dyv, dmv, zb, ab, gv, wv, &tt, &gt, qv, rv, &mut *dzo.buf, &mut *dao.buf, &mut *go.buf, &mut *wo.buf, &mut *co.buf, shape)?;
+            for o in [dzo, dao] {
+                o.done(g)?;
+            }
+            for o in [go, wo, co] {
+                o.done(g)?;
+            }
+            Ok(())
         });
     }
-    fn vpt_head_forward(&mut self, z: &CudaSlice<f32>, w: &CudaSlice<f32>, c: &CudaSlice<f32>, zbar: &mut CudaSlice<f32>, y: &mut CudaSlice<f32>, shape: &VptHeadShape) {
+    fn vpt_head_forward(&mut self, z: &DevBuf, w: &DevBuf, c: &DevBuf, zbar: &mut DevBuf, y: &mut DevBuf, shape: &VptHeadShape) {
         self.run(|be| {
-            let (g, [a, ..]) = (&be.gpu, &mut be.scratch.bf);
-            let zb = to_bf16(g, a, z, shape.batch * shape.tokens * shape.dim)?;
-            head::cuda::vpt_forward(g, g.stream(), zb, w, c, zbar, y, shape)
+            let (g, [s0, s1, s2, s3, s4, ..]) = (&be.gpu, &mut be.scratch);
+            let (d, k) = (shape.dim, shape.labels);
+            let zb = input::<bf16>(g, z, s0, shape.batch * shape.tokens * d)?;
+            let (wv, cv) = (input::<f32>(g, w, s1, k * d)?, input::<f32>(g, c, s2, k)?);
+            let zo = output::<f32>(g, zbar, s3, shape.batch * d, Mode::Write)?;
+            let yo = output::<f32>(g, y, s4, shape.batch * k, Mode::Write)?;
+            head::cuda::vpt_forward(g, g.stream(), zb, wv, cv, &mut *zo.buf, &mut *yo.buf, shape)?;
+            zo.done(g)?;
+            yo.done(g)
         });
     }
-    fn vpt_head_backward(&mut self, dy: &CudaSlice<f32>, zbar: &CudaSlice<f32>, w: &CudaSlice<f32>, dz: &mut CudaSlice<f32>, dw: &mut CudaSlice<f32>, dc: &mut CudaSlice<f32>, shape: &VptHeadShape) {
+    fn vpt_head_backward(&mut self, dy: &DevBuf, zbar: &DevBuf, w: &DevBuf, dz: &mut DevBuf, dw: &mut DevBuf, dc: &mut DevBuf, shape: &VptHeadShape) {
         self.run(|be| {
-            let (g, [a, ..], ws) = (&be.gpu, &mut be.scratch.bf, &mut be.head_ws);
-            let n = shape.batch * shape.tokens * shape.dim;
-            let dzb = grow(g, a, n)?;
-            head::cuda::vpt_backward(g, g.stream(), ws, dy, zbar, w, dzb, dw, dc, shape)?;
-            cast::cuda::bf16_to_f32(g, g.stream(), dzb, dz, n)
+            let (g, [s0, s1, s2, s3, s4, s5, ..], ws) = (&be.gpu, &mut be.scratch, &mut be.head_ws);
+            let (d, k) = (shape.dim, shape.labels);
+            let dyv = input::<f32>(g, dy, s0, shape.batch * k)?;
+            let zv = input::<f32>(g, zbar, s1, shape.batch * d)?;
+            let wv = input::<f32>(g, w, s2, k * d)?;
+            let dzo = output::<bf16>(g, dz, s3, shape.batch * shape.tokens * d, Mode::Write)?;
+            let (wo, co) = (output::<f32>(g, dw, s4, k * d, Mode::Write)?, output::<f32>(g, dc, s5, k, Mode::Write)?);
+            head::cuda::vpt_backward(g, g.stream(), ws, dyv, zv, wv, &mut *dzo.buf, &mut *wo.buf, &mut *co.buf, shape)?;
+            dzo.done(g)?;
+            wo.done(g)?;
+            co.done(g)
         });
     }
 
-    fn asl(&mut self, logits: &CudaSlice<f32>, targets: &CudaSlice<f32>, len: usize, cfg: &AslConfig, scale: f64, grad: Option<&mut CudaSlice<f32>>) -> f64 {
+    fn asl(&mut self, logits: &DevBuf, targets: &DevBuf, len: usize, cfg: &AslConfig, scale: f64, grad: Option<&mut DevBuf>) -> f64 {
         let mut out = f64::NAN;
         self.run(|be| {
-            let g = &be.gpu;
-            asl::cuda::forward_backward(g, g.stream(), &mut be.asl_ws, logits, targets, cfg, scale as f32, grad.map(|b| b as &mut dyn DevicePtrMut<f32>), &mut be.loss, len)?;
+            let (g, [s0, s1, s2, ..]) = (&be.gpu, &mut be.scratch);
+            let (l, t) = (input::<f32>(g, logits, s0, len)?, input::<f32>(g, targets, s1, len)?);
+            let mut go = grad.map(|b| output::<f32>(g, b, s2, len, Mode::Write)).transpose()?;
+            let gd = go.as_mut().map(|o| &mut *o.buf as &mut dyn DevicePtrMut<f32>);
+            asl::cuda::forward_backward(g, g.stream(), &mut be.asl_ws, l, t, cfg, scale as f32, gd, &mut be.loss, len)?;
+            if let Some(o) = go {
+                o.done(g)?;
+            }
             let mut host = [0.0f32];
             g.stream().memcpy_dtoh(&be.loss, &mut host[..]).map_err(GpuError::driver("reading the loss"))?;
             g.synchronize()?;
@@ -409,18 +841,33 @@ impl Backend for CudaBackend {
         });
         out
     }
-    fn asl_terms(&mut self, terms: &mut [(&CudaSlice<f32>, Option<&mut CudaSlice<f32>>)], targets: &CudaSlice<f32>, len: usize, cfg: &AslConfig, scale: f64) -> f64 {
+    fn asl_terms(&mut self, terms: &mut [(&DevBuf, Option<&mut DevBuf>)], targets: &DevBuf, len: usize, cfg: &AslConfig, scale: f64) -> f64 {
+        let all_f32 = !targets.is_bf16() && terms.iter().all(|(l, gr)| !l.is_bf16() && gr.as_ref().is_none_or(|b| !b.is_bf16()));
+        if !all_f32 {
+            // Casts per term (not a training step's layout: logits and loss terms are fp32 State).
+            let mut total = 0.0;
+            for (logits, grad) in terms.iter_mut() {
+                total += self.asl(logits, targets, len, cfg, scale, grad.as_deref_mut());
+            }
+            return total;
+        }
         let mut out = 0.0;
         self.run(|be| {
             let g = &be.gpu;
+            let t = f32::of(targets).ok_or_else(|| GpuError::invalid("asl", "targets type"))?;
             // One launch per MAX_TERMS terms (the training loss has at most four), each
             // writing `loss`, which is read back (one host synchronisation per launch).
             for chunk in terms.chunks_mut(asl::cuda::MAX_TERMS) {
-                let mut ts: Vec<asl::cuda::AslTerm<'_>> = chunk
-                    .iter_mut()
-                    .map(|(l, gr)| asl::cuda::AslTerm { logits: *l as &dyn DevicePtr<f32>, grad: gr.as_deref_mut().map(|b| b as &mut dyn DevicePtrMut<f32>) })
-                    .collect();
-                asl::cuda::forward_backward_terms(g, g.stream(), &mut be.asl_ws, &mut ts, targets, cfg, scale as f32, &mut be.loss, len)?;
+                let mut ts = Vec::with_capacity(chunk.len());
+                for (l, gr) in chunk.iter_mut() {
+                    let logits = f32::of(l).ok_or_else(|| GpuError::invalid("asl", "logits type"))?;
+                    let grad = match gr.as_deref_mut() {
+                        Some(b) => Some(f32::of_mut(b).map_err(|_| GpuError::invalid("asl", "gradient type"))? as &mut dyn DevicePtrMut<f32>),
+                        None => None,
+                    };
+                    ts.push(asl::cuda::AslTerm { logits: logits as &dyn DevicePtr<f32>, grad });
+                }
+                asl::cuda::forward_backward_terms(g, g.stream(), &mut be.asl_ws, &mut ts, t, cfg, scale as f32, &mut be.loss, len)?;
                 let mut host = [0.0f32];
                 g.stream().memcpy_dtoh(&be.loss, &mut host[..]).map_err(GpuError::driver("reading the loss"))?;
                 g.synchronize()?;
@@ -434,15 +881,22 @@ impl Backend for CudaBackend {
             out
         }
     }
-    fn adamw(&mut self, params: &mut [CudaSlice<f32>], grads: &[CudaSlice<f32>], m: &mut [CudaSlice<f32>], v: &mut [CudaSlice<f32>], step: u64, lr: f64, cfg: &AdamWConfig) {
+    fn adamw(&mut self, params: &mut [DevBuf], grads: &[DevBuf], m: &mut [DevBuf], v: &mut [DevBuf], step: u64, lr: f64, cfg: &AdamWConfig) {
         self.run(|be| {
             let g = &be.gpu;
             if grads.len() != params.len() || m.len() != params.len() || v.len() != params.len() {
                 return Err(GpuError::invalid("adamw", "params, grads and moments differ in count"));
             }
-            for i in 0..params.len() {
-                let n = params[i].len();
-                adamw::cuda::step(g, g.stream(), &mut params[i], &grads[i], &mut m[i], &mut v[i], n, step, lr, cfg)?;
+            for (((p, gr), mi), vi) in params.iter_mut().zip(grads).zip(m.iter_mut()).zip(v.iter_mut()) {
+                let [s0, s1, s2, s3, ..] = &mut be.scratch;
+                let n = p.len();
+                let po = output::<f32>(g, p, s0, n, Mode::Update)?;
+                let gv = input::<f32>(g, gr, s1, n)?;
+                let (mo, vo) = (output::<f32>(g, mi, s2, n, Mode::Update)?, output::<f32>(g, vi, s3, n, Mode::Update)?);
+                adamw::cuda::step(g, g.stream(), &mut *po.buf, gv, &mut *mo.buf, &mut *vo.buf, n, step, lr, cfg)?;
+                for o in [po, mo, vo] {
+                    o.done(g)?;
+                }
             }
             Ok(())
         });

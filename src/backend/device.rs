@@ -14,6 +14,28 @@ pub enum Device {
     Cuda,
 }
 
+/// Storage precision of the CUDA backend (`--precision`). The CPU backend computes in f32
+/// whatever is asked.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Precision {
+    /// bf16 activations and frozen weight matrices (bf16 GEMMs on tensor cores), fp32
+    /// accumulation, fp32 parameters, gradients, optimizer state and residual stream.
+    #[default]
+    Bf16,
+    /// Every buffer fp32; dense projections in TF32 (for comparisons and debugging).
+    F32,
+}
+
+impl Precision {
+    /// "bf16" or "f32".
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Precision::Bf16 => "bf16",
+            Precision::F32 => "f32",
+        }
+    }
+}
+
 /// An opened backend.
 pub enum Selected {
     Cpu(CpuBackend),
@@ -27,42 +49,56 @@ impl Selected {
         match self {
             Selected::Cpu(_) => "cpu".into(),
             #[cfg(feature = "cuda")]
-            Selected::Cuda(b) => format!("cuda ({})", b.gpu().device_name()),
+            Selected::Cuda(b) => format!("cuda ({}, {})", b.gpu().device_name(), b.precision().as_str()),
         }
     }
 }
 
-/// Opens the backend for `device`. `note` receives one line saying which was chosen and, for
-/// `auto` falling back to the CPU, why. `cuda` without the feature or a usable device is an
-/// error saying what is missing.
+/// Opens the backend for `device` (the CUDA backend in its default precision, bf16). `note`
+/// receives one line saying which was chosen and, for `auto` falling back to the CPU, why.
+/// `cuda` without the feature or a usable device is an error saying what is missing.
 pub fn select(device: Device, note: &mut dyn FnMut(&str)) -> anyhow::Result<Selected> {
+    select_with(device, None, note)
+}
+
+/// [`select`] with a storage precision for the CUDA backend (`None`: its default, bf16). The
+/// CPU backend computes in f32 whatever is asked: an explicit precision is then noted as
+/// ignored, not an error, so `--device auto` works on machines with and without a GPU.
+pub fn select_with(device: Device, precision: Option<Precision>, note: &mut dyn FnMut(&str)) -> anyhow::Result<Selected> {
+    let p = precision.unwrap_or_default();
+    let cpu = |note: &mut dyn FnMut(&str)| {
+        if let Some(p) = precision {
+            note(&format!("precision: --precision {} ignored (the CPU backend computes in f32)", p.as_str()));
+        }
+        Selected::Cpu(CpuBackend::new())
+    };
     match device {
-        Device::Cpu => Ok(Selected::Cpu(CpuBackend::new())),
+        Device::Cpu => Ok(cpu(note)),
         Device::Cuda => {
-            let s = open_cuda()?;
+            let s = open_cuda(p)?;
             note(&format!("device: {}", s.describe()));
             Ok(s)
         }
-        Device::Auto => match open_cuda() {
+        Device::Auto => match open_cuda(p) {
             Ok(s) => {
                 note(&format!("device: {} (auto)", s.describe()));
                 Ok(s)
             }
             Err(e) => {
                 note(&format!("device: cpu (auto: {e:#})"));
-                Ok(Selected::Cpu(CpuBackend::new()))
+                Ok(cpu(note))
             }
         },
     }
 }
 
 #[cfg(feature = "cuda")]
-fn open_cuda() -> anyhow::Result<Selected> {
-    let be = super::CudaBackend::new(0).map_err(|e| anyhow::anyhow!("CUDA device unavailable: {e}"))?;
+fn open_cuda(precision: Precision) -> anyhow::Result<Selected> {
+    let be = super::CudaBackend::with_precision(0, precision).map_err(|e| anyhow::anyhow!("CUDA device unavailable: {e}"))?;
     Ok(Selected::Cuda(Box::new(be)))
 }
 
 #[cfg(not(feature = "cuda"))]
-fn open_cuda() -> anyhow::Result<Selected> {
+fn open_cuda(_precision: Precision) -> anyhow::Result<Selected> {
     anyhow::bail!("this mlvpt was built without CUDA support (rebuild with `cargo build --release --features cuda`)")
 }

@@ -10,6 +10,10 @@
 //! - "writes" overwrites the destination; "accumulates" adds to it. Input and output buffers of
 //!   one call are distinct (Rust's borrows guarantee it).
 //! - Scalars (eps, lr, scales) are passed as f64 and used in the backend's float type.
+//! - Buffers are allocated with a [`BufRole`] ([`Backend::alloc_as`]); a backend may store
+//!   activations and frozen weights in a narrower type (the CUDA backend's bf16) and keeps
+//!   every other buffer at full precision. Ops accept any mix of storage types and compute
+//!   in at least fp32.
 
 pub mod cpu;
 pub mod device;
@@ -21,9 +25,29 @@ pub use crate::ops::asl::AslConfig;
 pub use crate::ops::attention::AttnShape;
 pub use crate::ops::head::{AdapterShape, MoeShape, VptHeadShape};
 pub use cpu::CpuBackend;
-pub use device::{select, Device, Selected};
+pub use device::{select, select_with, Device, Precision, Selected};
 #[cfg(feature = "cuda")]
-pub use cuda::CudaBackend;
+pub use cuda::{CudaBackend, DevBuf};
+
+/// What a buffer holds, so that a backend can choose its storage ([`Backend::alloc_as`]).
+/// What stays at full precision follows PyTorch autocast: reductions, sums of many terms and
+/// optimizer state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum BufRole {
+    /// Full precision always: trainable parameters, their gradients and AdamW moments,
+    /// targets, logits and loss terms, LayerNorm statistics, attention log-sum-exps, the
+    /// head's small internals and gradient sums, the frozen vectors kernels read in fp32
+    /// (biases, norm weights, LayerScale, class token, position embeddings), and the residual
+    /// stream and its gradient (sums of many terms).
+    State,
+    /// Frozen weight matrices (GEMM operands). They never change, so a reduced-precision copy
+    /// is all the step reads; no full-precision master is kept.
+    Frozen,
+    /// The large per-token tensors that are GEMM, attention or GELU operands or results, and
+    /// their gradients: normalised tokens, qkv, attention outputs, MLP hidden states,
+    /// projection outputs, dqkv, dhidden, ...
+    Activation,
+}
 
 /// The ops the training step needs. See the module docs for conventions.
 pub trait Backend {
@@ -43,11 +67,17 @@ pub trait Backend {
     }
 
     // ---- memory -------------------------------------------------------------------------
-    /// A zero-filled buffer of `len` floats.
+    /// A zero-filled buffer of `len` floats at full precision (a [`BufRole::State`] buffer).
     fn alloc(&mut self, len: usize) -> Self::Buf;
+    /// A zero-filled buffer of `len` floats whose storage suits `role`; a backend with one
+    /// precision ignores the role.
+    fn alloc_as(&mut self, len: usize, role: BufRole) -> Self::Buf {
+        let _ = role;
+        self.alloc(len)
+    }
     /// Length of a buffer in floats.
     fn buf_len(&self, buf: &Self::Buf) -> usize;
-    /// Writes `src` into `dst[..src.len()]` (converted to the backend's precision).
+    /// Writes `src` into `dst[..src.len()]` (converted to the buffer's storage type).
     fn upload(&mut self, src: &[f32], dst: &mut Self::Buf);
     /// Like [`Backend::upload`] from f64 (gradient checks run the model in f64).
     fn upload_f64(&mut self, src: &[f64], dst: &mut Self::Buf);

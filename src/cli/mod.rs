@@ -9,4 +9,4 @@ pub mod train;
 
 /// Where the work runs (`--device auto|cpu|cuda`).
 #[allow(unused_imports)]
-pub use mlvpt::backend::Device;
+pub use mlvpt::backend::{Device, Precision};

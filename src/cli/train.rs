@@ -8,7 +8,7 @@ use std::time::Duration;
 use clap::{ArgGroup, Args};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-use super::Device;
+use super::{Device, Precision};
 use mlvpt::data::{DataConfig, ImageDataConfig, Norm};
 use mlvpt::grouping::GroupingMode;
 use mlvpt::model::{GateMode, Method, PromptDepth};
@@ -112,6 +112,12 @@ pub struct TrainArgs {
 
     #[arg(long, value_enum, default_value_t = Device::Auto)]
     pub device: Device,
+    /// Storage precision on CUDA [default: bf16]: bf16 activations and frozen weights with
+    /// fp32 accumulation, parameters, gradients and optimizer state; or f32 everywhere (TF32
+    /// GEMMs, for comparisons). The CPU backend always computes in f32: there the option is
+    /// ignored with a note.
+    #[arg(long, value_enum)]
+    pub precision: Option<Precision>,
     /// No progress bar or per-epoch lines (the final summary is still printed).
     #[arg(long)]
     pub quiet: bool,
@@ -188,7 +194,7 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
                 Some(o) => o.clone(),
                 None => run::checkpoint_path(from).parent().map(PathBuf::from).unwrap_or_default(),
             };
-            let opts = RunOptions { out, stop_after: args.stop_after, nan_at_step: args.debug_nan_at_step, device: args.device };
+            let opts = RunOptions { out, stop_after: args.stop_after, nan_at_step: args.debug_nan_at_step, device: args.device, precision: args.precision };
             run::resume(from, &opts, &mut progress)?
         }
         None => {
@@ -196,7 +202,7 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
             // Every setting is checked before any work (data, groups, weights).
             spec.validate()?;
             let out = args.out.clone().unwrap_or_else(|| PathBuf::from("runs/demo"));
-            let opts = RunOptions { out, stop_after: args.stop_after, nan_at_step: args.debug_nan_at_step, device: args.device };
+            let opts = RunOptions { out, stop_after: args.stop_after, nan_at_step: args.debug_nan_at_step, device: args.device, precision: args.precision };
             run::train(&spec, &opts, &mut progress)?
         }
     };

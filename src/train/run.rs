@@ -11,7 +11,7 @@ use std::time::Instant;
 use anyhow::{bail, ensure, Context};
 use serde::{Deserialize, Serialize};
 
-use crate::backend::{Backend, CpuBackend, Device, Selected};
+use crate::backend::{Backend, CpuBackend, Device, Precision, Selected};
 use std::sync::Arc;
 
 use crate::data::loader::{TestLoader, TrainLoader};
@@ -234,6 +234,8 @@ pub struct RunOptions {
     pub nan_at_step: Option<u64>,
     /// Where training runs (`auto` says which on stderr).
     pub device: Device,
+    /// Storage precision of the CUDA backend (`None`: bf16); the CPU ignores it.
+    pub precision: Option<Precision>,
 }
 
 /// Hooks for progress display; all default to doing nothing.
@@ -550,7 +552,7 @@ pub fn checkpoint_path(path: &Path) -> PathBuf {
 
 /// The epoch loop shared by fresh and resumed runs; `started` is when the command's work began.
 fn run_from(state: RunState, train_data: TrainData, opts: &RunOptions, obs: &mut dyn Observer, started: Instant) -> anyhow::Result<Summary> {
-    match crate::backend::select(opts.device, &mut |line| eprintln!("{line}"))? {
+    match crate::backend::select_with(opts.device, opts.precision, &mut |line| eprintln!("{line}"))? {
         Selected::Cpu(be) => run_on(be, state, train_data, opts, obs, started),
         #[cfg(feature = "cuda")]
         Selected::Cuda(be) => run_on(*be, state, train_data, opts, obs, started),

@@ -5,7 +5,7 @@
 //! Activation buffers are allocated once for `max_batch` images in [`Trainer::new`]; a step
 //! with any batch `B <= max_batch` uses their prefixes.
 
-use crate::backend::{AdapterShape, AslConfig, AttnShape, Backend, MoeShape, VptHeadShape};
+use crate::backend::{AdapterShape, AslConfig, AttnShape, Backend, BufRole, MoeShape, VptHeadShape};
 use crate::model::backbone::Backbone;
 use crate::model::config::{ConfigError, GateMode, Method, ModelConfig, PromptDepth};
 use crate::model::params::{param_specs, NamedTensor, Params};
@@ -65,7 +65,11 @@ struct Dims {
     method: Method,
 }
 
-/// Saved activations and work buffers, sized for `max_batch`.
+/// Saved activations and work buffers, sized for `max_batch`. Storage roles ([`BufRole`]):
+/// the per-token GEMM/attention/GELU operands and results and their gradients are
+/// `Activation`s; the residual stream (`xs`, `xmid`, `xtail`, `zin`) and its gradient (`dx`,
+/// `dzin`), statistics, the head's small tensors and gradient sums (`dz`, `dadapted`) are
+/// `State`.
 struct Acts<B: Backend> {
     images: B::Buf,
     patches: B::Buf,
@@ -134,8 +138,8 @@ pub struct Trainer<B: Backend> {
     acts: Acts<B>,
 }
 
-fn upload_new<B: Backend>(be: &mut B, data: &[f32]) -> B::Buf {
-    let mut b = be.alloc(data.len());
+fn upload_new<B: Backend>(be: &mut B, data: &[f32], role: BufRole) -> B::Buf {
+    let mut b = be.alloc_as(data.len(), role);
     be.upload(data, &mut b);
     b
 }
@@ -247,12 +251,13 @@ impl<B: Backend> Trainer<B> {
                 .as_slice())
         };
         let be = &mut backend;
-        let mut pair = |w: &str, b: &str| -> Result<(B::Buf, B::Buf)> {
-            Ok((upload_new(be, get(w)?), upload_new(be, get(b)?)))
+        // GEMM weight matrices are `Frozen`; vectors kernels read (biases, norms) `State`.
+        let mut pair = |w: &str, b: &str, role: BufRole| -> Result<(B::Buf, B::Buf)> {
+            Ok((upload_new(be, get(w)?, role), upload_new(be, get(b)?, BufRole::State)))
         };
-        let patch = pair("patch_embed.proj.weight", "patch_embed.proj.bias")?;
+        let patch = pair("patch_embed.proj.weight", "patch_embed.proj.bias", BufRole::Frozen)?;
         let norm = if v.final_norm {
-            Some(pair("norm.weight", "norm.bias")?)
+            Some(pair("norm.weight", "norm.bias", BufRole::State)?)
         } else {
             None
         };
@@ -260,13 +265,13 @@ impl<B: Backend> Trainer<B> {
         for i in 0..v.depth {
             let p = |s: &str| format!("blocks.{i}.{s}");
             blocks.push(BlockWeights {
-                norm1: pair(&p("norm1.weight"), &p("norm1.bias"))?,
-                qkv: pair(&p("attn.qkv.weight"), &p("attn.qkv.bias"))?,
-                proj: pair(&p("attn.proj.weight"), &p("attn.proj.bias"))?,
+                norm1: pair(&p("norm1.weight"), &p("norm1.bias"), BufRole::State)?,
+                qkv: pair(&p("attn.qkv.weight"), &p("attn.qkv.bias"), BufRole::Frozen)?,
+                proj: pair(&p("attn.proj.weight"), &p("attn.proj.bias"), BufRole::Frozen)?,
                 ls1: None,
-                norm2: pair(&p("norm2.weight"), &p("norm2.bias"))?,
-                fc1: pair(&p("mlp.fc1.weight"), &p("mlp.fc1.bias"))?,
-                fc2: pair(&p("mlp.fc2.weight"), &p("mlp.fc2.bias"))?,
+                norm2: pair(&p("norm2.weight"), &p("norm2.bias"), BufRole::State)?,
+                fc1: pair(&p("mlp.fc1.weight"), &p("mlp.fc1.bias"), BufRole::Frozen)?,
+                fc2: pair(&p("mlp.fc2.weight"), &p("mlp.fc2.bias"), BufRole::Frozen)?,
                 ls2: None,
             });
         }
@@ -275,15 +280,17 @@ impl<B: Backend> Trainer<B> {
                 blk.ls1 = Some(upload_new(
                     &mut backend,
                     get(&format!("blocks.{i}.ls1.gamma"))?,
+                    BufRole::State,
                 ));
                 blk.ls2 = Some(upload_new(
                     &mut backend,
                     get(&format!("blocks.{i}.ls2.gamma"))?,
+                    BufRole::State,
                 ));
             }
         }
-        let cls = upload_new(&mut backend, get("cls_token")?);
-        let pos = upload_new(&mut backend, get("pos_embed")?);
+        let cls = upload_new(&mut backend, get("cls_token")?, BufRole::State);
+        let pos = upload_new(&mut backend, get("pos_embed")?, BufRole::State);
         let weights = Weights {
             patch,
             cls,
@@ -296,7 +303,7 @@ impl<B: Backend> Trainer<B> {
         let params_dev: Vec<B::Buf> = params
             .tensors
             .iter()
-            .map(|t| upload_new(be, &t.data))
+            .map(|t| upload_new(be, &t.data, BufRole::State))
             .collect();
         let zeros = |be: &mut B| -> Vec<B::Buf> {
             specs
@@ -587,28 +594,29 @@ impl<B: Backend> Acts<B> {
             Method::Vpt => (false, 1),
         };
         let bek = if mlvpt { bm * d.experts * d.labels } else { 0 };
-        let per_layer = |be: &mut B, len: usize| -> Vec<B::Buf> {
-            (0..d.depth).map(|_| be.alloc(len)).collect()
+        let per_layer = |be: &mut B, len: usize, role: BufRole| -> Vec<B::Buf> {
+            (0..d.depth).map(|_| be.alloc_as(len, role)).collect()
         };
+        let act = |be: &mut B, len: usize| be.alloc_as(len, BufRole::Activation);
         let xs = (0..=d.depth).map(|_| be.alloc(nd)).collect();
-        let xmid = per_layer(be, nd);
+        let xmid = per_layer(be, nd, BufRole::State);
         let ln1 = (0..d.depth)
             .map(|_| (be.alloc(rows), be.alloc(rows)))
             .collect();
         let ln2 = (0..d.depth)
             .map(|_| (be.alloc(rows), be.alloc(rows)))
             .collect();
-        let qkv = per_layer(be, 3 * nd);
-        let att = per_layer(be, nd);
-        let lse = per_layer(be, bm * d.heads * d.tokens);
-        let pre_gelu = per_layer(be, rows * d.mlp);
+        let qkv = per_layer(be, 3 * nd, BufRole::Activation);
+        let att = per_layer(be, nd, BufRole::Activation);
+        let lse = per_layer(be, bm * d.heads * d.tokens, BufRole::State);
+        let pre_gelu = per_layer(be, rows * d.mlp, BufRole::Activation);
         let many = |be: &mut B, count: usize, len: usize| -> Vec<B::Buf> {
             (0..count).map(|_| be.alloc(len)).collect()
         };
         Self {
-            images: be.alloc(bm * d.image_len),
-            patches: be.alloc(bm * d.num_patches * d.patch_len),
-            patch_emb: be.alloc(bm * d.num_patches * d.dim),
+            images: act(be, bm * d.image_len),
+            patches: act(be, bm * d.num_patches * d.patch_len),
+            patch_emb: act(be, bm * d.num_patches * d.dim),
             xs,
             xmid,
             ln1,
@@ -617,15 +625,15 @@ impl<B: Backend> Acts<B> {
             att,
             lse,
             pre_gelu,
-            normed: be.alloc(nd),
-            branch_out: be.alloc(nd),
-            hidden: be.alloc(rows * d.mlp),
+            normed: act(be, nd),
+            branch_out: act(be, nd),
+            hidden: act(be, rows * d.mlp),
             xtail: be.alloc(pd),
             zin: be.alloc(pd),
-            z: be.alloc(pd),
+            z: act(be, pd),
             zstats: (be.alloc(bm * d.prompts), be.alloc(bm * d.prompts)),
             adapter_u: be.alloc(if mlvpt { bm * d.prompts * d.rank } else { 0 }),
-            adapted: be.alloc(if mlvpt { pd } else { 0 }),
+            adapted: act(be, if mlvpt { pd } else { 0 }),
             y: many(be, nb, bk),
             m: many(be, if mlvpt { nb } else { 0 }, bk),
             q: many(be, if mlvpt { nb } else { 0 }, bek),
@@ -639,10 +647,10 @@ impl<B: Backend> Acts<B> {
             dadapted: be.alloc(if mlvpt { pd } else { 0 }),
             dzin: be.alloc(pd),
             dx: be.alloc(nd),
-            dtmp: be.alloc(nd),
-            dtmp2: be.alloc(nd),
-            dhidden: be.alloc(rows * d.mlp),
-            dqkv: be.alloc(3 * nd),
+            dtmp: act(be, nd),
+            dtmp2: act(be, nd),
+            dhidden: act(be, rows * d.mlp),
+            dqkv: act(be, 3 * nd),
         }
     }
 }

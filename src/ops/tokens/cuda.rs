@@ -1,11 +1,32 @@
-//! Launchers of `kernels/tokens.cu` (fp32): the token-assembly ops of the CUDA backend, and a
-//! plain fp32 attention for head dims the fused kernels do not cover. Each checks buffer
-//! lengths against its shape and returns a [`GpuError`] instead of launching out of bounds.
+//! Launchers of `kernels/tokens.cu`: the token-assembly ops of the CUDA backend, and a plain
+//! fp32 attention for head dims the fused kernels do not cover. Each checks buffer lengths
+//! against its shape and returns a [`GpuError`] instead of launching out of bounds.
+//!
+//! The activation operands of most kernels may be stored in fp32 or bf16 ([`Storage`]; the
+//! math is fp32 either way): a launcher generic over `T: Storage` picks the kernel's `_f32` or
+//! `_bf16` instantiation. Parameters, the residual stream and its gradient are fp32.
 
 use crate::gpu::launch::{check_len, grid_stride_blocks, BLOCK};
-use crate::gpu::{CudaStream, DevicePtr, DevicePtrMut, GpuContext, GpuError};
+use crate::gpu::{bf16, CudaStream, DevicePtr, DevicePtrMut, GpuContext, GpuError};
 use crate::ops::attention::AttnShape;
-use cudarc::driver::{LaunchConfig, PushKernelArg};
+use cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
+
+/// An element type the token kernels store: `f32` or `bf16` (instantiations `<kernel>_f32`,
+/// `<kernel>_bf16`).
+pub trait Storage: DeviceRepr {
+    /// 0 for f32, 1 for bf16: the index into a kernel's `[f32 name, bf16 name]`.
+    const INDEX: usize;
+    /// This type's instantiation of a kernel, from its two names.
+    fn pick(names: [&'static str; 2]) -> &'static str {
+        names[Self::INDEX]
+    }
+}
+impl Storage for f32 {
+    const INDEX: usize = 0;
+}
+impl Storage for bf16 {
+    const INDEX: usize = 1;
+}
 
 fn u32_of(op: &'static str, what: &str, v: usize) -> Result<u32, GpuError> {
     u32::try_from(v).map_err(|_| GpuError::invalid(op, format!("{what} = {v} exceeds 32 bits")))
@@ -31,9 +52,9 @@ macro_rules! launch {
     }};
 }
 
-/// Twin of `CpuBackend::patchify`: images `[B, C, H, W]` into `out [B, Np, C*p*p]`.
+/// Twin of `CpuBackend::patchify`: images `[B, C, H, W]` into `out [B, Np, C*p*p]` (both `T`).
 #[allow(clippy::too_many_arguments)]
-pub fn patchify(gpu: &GpuContext, stream: &CudaStream, images: &impl DevicePtr<f32>, out: &mut impl DevicePtrMut<f32>, batch: usize, channels: usize, height: usize, width: usize, patch: usize) -> Result<(), GpuError> {
+pub fn patchify<T: Storage>(gpu: &GpuContext, stream: &CudaStream, images: &impl DevicePtr<T>, out: &mut impl DevicePtrMut<T>, batch: usize, channels: usize, height: usize, width: usize, patch: usize) -> Result<(), GpuError> {
     const OP: &str = "patchify";
     if patch == 0 || !height.is_multiple_of(patch) || !width.is_multiple_of(patch) {
         return Err(GpuError::invalid(OP, format!("image {height}x{width} is not a multiple of patch {patch}")));
@@ -45,12 +66,12 @@ pub fn patchify(gpu: &GpuContext, stream: &CudaStream, images: &impl DevicePtr<f
     let (ip, _g1) = images.device_ptr(stream);
     let (op, _g2) = out.device_ptr_mut(stream);
     let n = n as u64;
-    launch!(gpu, stream, "tok_patchify", n, &ip, &op, &n, &c, &h, &w, &p)
+    launch!(gpu, stream, T::pick(["tok_patchify_f32", "tok_patchify_bf16"]), n, &ip, &op, &n, &c, &h, &w, &p)
 }
 
-/// Twin of `CpuBackend::embed_tokens`.
+/// Twin of `CpuBackend::embed_tokens` (`patches` stored as `T`, the rest fp32).
 #[allow(clippy::too_many_arguments)]
-pub fn embed_tokens(gpu: &GpuContext, stream: &CudaStream, patches: &impl DevicePtr<f32>, cls: &impl DevicePtr<f32>, pos: &impl DevicePtr<f32>, x: &mut impl DevicePtrMut<f32>, batch: usize, num_patches: usize, prompts: usize, dim: usize) -> Result<(), GpuError> {
+pub fn embed_tokens<T: Storage>(gpu: &GpuContext, stream: &CudaStream, patches: &impl DevicePtr<T>, cls: &impl DevicePtr<f32>, pos: &impl DevicePtr<f32>, x: &mut impl DevicePtrMut<f32>, batch: usize, num_patches: usize, prompts: usize, dim: usize) -> Result<(), GpuError> {
     const OP: &str = "embed_tokens";
     check_len(OP, "patches", patches, batch * num_patches * dim)?;
     check_len(OP, "cls", cls, dim)?;
@@ -62,7 +83,7 @@ pub fn embed_tokens(gpu: &GpuContext, stream: &CudaStream, patches: &impl Device
     let (qp, _g3) = pos.device_ptr(stream);
     let (xp, _g4) = x.device_ptr_mut(stream);
     let n = (batch * (1 + num_patches) * dim) as u64;
-    launch!(gpu, stream, "tok_embed", n, &pp, &cp, &qp, &xp, &n, &np, &pr, &d)
+    launch!(gpu, stream, T::pick(["tok_embed_f32", "tok_embed_bf16"]), n, &pp, &cp, &qp, &xp, &n, &np, &pr, &d)
 }
 
 /// Twin of `CpuBackend::set_prompts` (`prompts [L, P, D]`, row block `layer`).
@@ -105,9 +126,9 @@ pub fn prompt_grad(gpu: &GpuContext, stream: &CudaStream, dx: &mut impl DevicePt
     Ok(())
 }
 
-/// Twin of `CpuBackend::copy_tokens`.
+/// Twin of `CpuBackend::copy_tokens` (`src` and `dst` both `T`).
 #[allow(clippy::too_many_arguments)]
-pub fn copy_tokens(gpu: &GpuContext, stream: &CudaStream, src: &impl DevicePtr<f32>, src_tokens: usize, src_start: usize, dst: &mut impl DevicePtrMut<f32>, dst_tokens: usize, dst_start: usize, count: usize, batch: usize, dim: usize) -> Result<(), GpuError> {
+pub fn copy_tokens<T: Storage>(gpu: &GpuContext, stream: &CudaStream, src: &impl DevicePtr<T>, src_tokens: usize, src_start: usize, dst: &mut impl DevicePtrMut<T>, dst_tokens: usize, dst_start: usize, count: usize, batch: usize, dim: usize) -> Result<(), GpuError> {
     const OP: &str = "copy_tokens";
     if src_start + count > src_tokens || dst_start + count > dst_tokens {
         return Err(GpuError::invalid(OP, format!("rows {src_start}+{count} of {src_tokens} into {dst_start}+{count} of {dst_tokens}")));
@@ -119,12 +140,13 @@ pub fn copy_tokens(gpu: &GpuContext, stream: &CudaStream, src: &impl DevicePtr<f
     let (sp, _g1) = src.device_ptr(stream);
     let (dp, _g2) = dst.device_ptr_mut(stream);
     let n = (batch * count * dim) as u64;
-    launch!(gpu, stream, "tok_copy_tokens", n, &sp, &dp, &n, &a[0], &a[1], &a[2], &a[3], &a[4], &a[5])
+    launch!(gpu, stream, T::pick(["tok_copy_tokens_f32", "tok_copy_tokens_bf16"]), n, &sp, &dp, &n, &a[0], &a[1], &a[2], &a[3], &a[4], &a[5])
 }
 
-/// Twin of `CpuBackend::residual`: `out = x + ls * f` over `[rows, dim]`.
+/// Twin of `CpuBackend::residual`: `out = x + ls * f` over `[rows, dim]` (`f` stored as `T`;
+/// `x`, `out` and `ls` fp32).
 #[allow(clippy::too_many_arguments)]
-pub fn residual(gpu: &GpuContext, stream: &CudaStream, x: &impl DevicePtr<f32>, f: &impl DevicePtr<f32>, ls: Option<&dyn DevicePtr<f32>>, out: &mut impl DevicePtrMut<f32>, rows: usize, dim: usize) -> Result<(), GpuError> {
+pub fn residual<T: Storage>(gpu: &GpuContext, stream: &CudaStream, x: &impl DevicePtr<f32>, f: &impl DevicePtr<T>, ls: Option<&dyn DevicePtr<f32>>, out: &mut impl DevicePtrMut<f32>, rows: usize, dim: usize) -> Result<(), GpuError> {
     const OP: &str = "residual";
     let n = rows * dim;
     check_len(OP, "x", x, n)?;
@@ -140,11 +162,12 @@ pub fn residual(gpu: &GpuContext, stream: &CudaStream, x: &impl DevicePtr<f32>, 
     let lp: u64 = lsg.as_ref().map_or(0, |g| g.0);
     let (op, _g4) = out.device_ptr_mut(stream);
     let n = n as u64;
-    launch!(gpu, stream, "tok_residual", n, &xp, &fp, &lp, &op, &n, &d)
+    launch!(gpu, stream, T::pick(["tok_residual_f32", "tok_residual_bf16"]), n, &xp, &fp, &lp, &op, &n, &d)
 }
 
-/// Twin of `CpuBackend::mul_cols`: `out = src * v` (`v [dim]` per row).
-pub fn mul_cols(gpu: &GpuContext, stream: &CudaStream, src: &impl DevicePtr<f32>, v: &impl DevicePtr<f32>, out: &mut impl DevicePtrMut<f32>, rows: usize, dim: usize) -> Result<(), GpuError> {
+/// Twin of `CpuBackend::mul_cols`: `out = src * v` (`v [dim]` per row; `out` stored as `T`,
+/// `src` and `v` fp32).
+pub fn mul_cols<T: Storage>(gpu: &GpuContext, stream: &CudaStream, src: &impl DevicePtr<f32>, v: &impl DevicePtr<f32>, out: &mut impl DevicePtrMut<T>, rows: usize, dim: usize) -> Result<(), GpuError> {
     const OP: &str = "mul_cols";
     let n = rows * dim;
     check_len(OP, "src", src, n)?;
@@ -155,25 +178,27 @@ pub fn mul_cols(gpu: &GpuContext, stream: &CudaStream, src: &impl DevicePtr<f32>
     let (vp, _g2) = v.device_ptr(stream);
     let (op, _g3) = out.device_ptr_mut(stream);
     let n = n as u64;
-    launch!(gpu, stream, "tok_mul_cols", n, &sp, &vp, &op, &n, &d)
+    launch!(gpu, stream, T::pick(["tok_mul_cols_f32", "tok_mul_cols_bf16"]), n, &sp, &vp, &op, &n, &d)
 }
 
-/// Twin of `CpuBackend::axpby`: `y = a y + b x` over `len`.
-pub fn axpby(gpu: &GpuContext, stream: &CudaStream, a: f32, y: &mut impl DevicePtrMut<f32>, b: f32, x: &impl DevicePtr<f32>, len: usize) -> Result<(), GpuError> {
+/// Twin of `CpuBackend::axpby`: `y = a y + b x` over `len`, in fp32 whatever `y` (`Y`) and
+/// `x` (`X`) store.
+pub fn axpby<Y: Storage, X: Storage>(gpu: &GpuContext, stream: &CudaStream, a: f32, y: &mut impl DevicePtrMut<Y>, b: f32, x: &impl DevicePtr<X>, len: usize) -> Result<(), GpuError> {
     check_len("axpby", "y", y, len)?;
     check_len("axpby", "x", x, len)?;
     let (yp, _g1) = y.device_ptr_mut(stream);
     let (xp, _g2) = x.device_ptr(stream);
     let n = len as u64;
-    launch!(gpu, stream, "tok_axpby", n, &a, &yp, &b, &xp, &n)
+    const NAMES: [[&str; 2]; 2] = [["tok_axpby_f32_f32", "tok_axpby_f32_bf16"], ["tok_axpby_bf16_f32", "tok_axpby_bf16_bf16"]];
+    launch!(gpu, stream, NAMES[Y::INDEX][X::INDEX], n, &a, &yp, &b, &xp, &n)
 }
 
-/// Twin of `CpuBackend::fill`: `y[..len] = value`.
-pub fn fill(gpu: &GpuContext, stream: &CudaStream, y: &mut impl DevicePtrMut<f32>, len: usize, value: f32) -> Result<(), GpuError> {
+/// Twin of `CpuBackend::fill`: `y[..len] = value` (rounded to `T`).
+pub fn fill<T: Storage>(gpu: &GpuContext, stream: &CudaStream, y: &mut impl DevicePtrMut<T>, len: usize, value: f32) -> Result<(), GpuError> {
     check_len("fill", "y", y, len)?;
     let (yp, _g1) = y.device_ptr_mut(stream);
     let n = len as u64;
-    launch!(gpu, stream, "tok_fill", n, &yp, &value, &n)
+    launch!(gpu, stream, T::pick(["tok_fill_f32", "tok_fill_bf16"]), n, &yp, &value, &n)
 }
 
 fn attn_dims(op: &'static str, sh: &AttnShape) -> Result<[i32; 7], GpuError> {
@@ -230,7 +255,7 @@ pub fn attention_backward(gpu: &GpuContext, stream: &CudaStream, qkv: &impl Devi
     check_len(OP, "dout", dout, sh.batch * sh.q_len * sh.dim())?;
     check_len(OP, "lse", lse, sh.batch * sh.heads * sh.q_len)?;
     check_len(OP, "dqkv", dqkv, total)?;
-    fill(gpu, stream, dqkv, total, 0.0)?;
+    fill::<f32>(gpu, stream, dqkv, total, 0.0)?;
     if sh.batch * sh.heads * sh.q_len == 0 {
         return Ok(());
     }
