@@ -81,6 +81,29 @@ __device__ __forceinline__ void load_f32(const float* p, float (&o)[VEC]) {
     }
 }
 
+// VEC consecutive floats from fp32; VEC = 8 is two 16-byte stores (pointer 16-byte aligned).
+template <int VEC>
+__device__ __forceinline__ void store_f32(float* p, const float (&v)[VEC]) {
+    if constexpr (VEC == 8) {
+        reinterpret_cast<float4*>(p)[0] = make_float4(v[0], v[1], v[2], v[3]);
+        reinterpret_cast<float4*>(p)[1] = make_float4(v[4], v[5], v[6], v[7]);
+    } else {
+#pragma unroll
+        for (int k = 0; k < VEC; k++) p[k] = v[k];
+    }
+}
+
+// The loads and stores above by storage type, for kernels templated over it (fp32 math
+// over bf16 or fp32 storage).
+template <int VEC>
+__device__ __forceinline__ void load_vec(const bf16* p, float (&o)[VEC]) { load_bf16<VEC>(p, o); }
+template <int VEC>
+__device__ __forceinline__ void load_vec(const float* p, float (&o)[VEC]) { load_f32<VEC>(p, o); }
+template <int VEC>
+__device__ __forceinline__ void store_vec(bf16* p, const float (&v)[VEC]) { store_bf16<VEC>(p, v); }
+template <int VEC>
+__device__ __forceinline__ void store_vec(float* p, const float (&v)[VEC]) { store_f32<VEC>(p, v); }
+
 __device__ __forceinline__ uint64_t global_thread() {
     return (uint64_t)blockIdx.x * blockDim.x + threadIdx.x;
 }

@@ -1,17 +1,22 @@
-// LayerNorm over rows of length d <= 1024: bf16 in/out, fp32 gamma/beta, fp32 statistics.
+// LayerNorm over rows of length d <= 1024: input x of storage type S (bf16, or fp32 for a
+// residual stream kept in fp32: read directly, no cast pass), output y bf16, fp32 gamma/beta,
+// fp32 statistics; the backward writes dx in x's type S (an fp32 residual gradient is
+// accumulated in fp32, never rounded to bf16).
 // One warp per row; the row stays in registers (32 floats per lane) between the two passes, so
 // x is read once. Sums are warp butterflies in a fixed order (deterministic).
 //   forward   y = (x - mean) rstd gamma + beta, rstd = 1/sqrt(var + eps) (biased var);
 //             saves mean, rstd per row.
 //   backward  dx (+)= rstd (g - mean(g) - xhat mean(g xhat)), g = dy gamma (input grad only:
-//             the backbone's norms are frozen). dx may alias dy.
+//             the backbone's norms are frozen). dx may alias dy when S is bf16.
 // VEC = 8: 16-byte loads (d % 8 == 0, aligned pointers; the launcher checks), compiled for
 // NCH = 1..4 chunks of 8 per lane (d <= 256 NCH), so a 768-wide row holds 24 floats per lane,
 // not 32: fewer registers, more resident warps. VEC = 1: any d <= 1024, 32 values per lane.
+// Kernel names: layernorm_{fwd,bwd}_bf16[_v8_cN] (S = bf16) and layernorm_{fwd,bwd}_f32x[_v8_cN]
+// (S = fp32).
 #include "common.cuh"
 
-template <int VEC, int NCH>
-__device__ __forceinline__ void layernorm_fwd(const bf16* __restrict__ x, const float* __restrict__ gamma,
+template <int VEC, int NCH, typename S>
+__device__ __forceinline__ void layernorm_fwd(const S* __restrict__ x, const float* __restrict__ gamma,
                                               const float* __restrict__ beta, bf16* __restrict__ y,
                                               float* __restrict__ mean, float* __restrict__ rstd,
                                               uint32_t rows, uint32_t d, float eps) {
@@ -21,14 +26,14 @@ __device__ __forceinline__ void layernorm_fwd(const bf16* __restrict__ x, const 
     const uint32_t nch = d / VEC;
     const float inv_d = 1.0f / (float)d;
     for (uint32_t row = blockIdx.x * warps + (threadIdx.x >> 5); row < rows; row += gridDim.x * warps) {
-        const bf16* xr = x + (uint64_t)row * d;
+        const S* xr = x + (uint64_t)row * d;
         float v[NCH][VEC];
         float s = 0.0f;
 #pragma unroll
         for (int i = 0; i < NCH; i++) {
             const uint32_t c = lane + 32 * i;
             if (c < nch) {
-                load_bf16<VEC>(xr + c * VEC, v[i]);
+                load_vec<VEC>(xr + c * VEC, v[i]);
 #pragma unroll
                 for (int k = 0; k < VEC; k++) s += v[i][k];
             }
@@ -66,10 +71,10 @@ __device__ __forceinline__ void layernorm_fwd(const bf16* __restrict__ x, const 
     }
 }
 
-template <int VEC, int NCH>
-__device__ __forceinline__ void layernorm_bwd(const bf16* dy, const bf16* __restrict__ x,
+template <int VEC, int NCH, typename S>
+__device__ __forceinline__ void layernorm_bwd(const bf16* dy, const S* __restrict__ x,
                                               const float* __restrict__ gamma, const float* __restrict__ mean,
-                                              const float* __restrict__ rstd, bf16* dx, uint32_t rows,
+                                              const float* __restrict__ rstd, S* dx, uint32_t rows,
                                               uint32_t d, int accumulate) {
     const int lane = threadIdx.x & 31;
     const uint32_t warps = blockDim.x >> 5;
@@ -86,7 +91,7 @@ __device__ __forceinline__ void layernorm_bwd(const bf16* dy, const bf16* __rest
             if (c < nch) {
                 float gm[VEC];
                 load_bf16<VEC>(dy + off + c * VEC, g[i]);
-                load_bf16<VEC>(x + off + c * VEC, xh[i]);
+                load_vec<VEC>(x + off + c * VEC, xh[i]);
                 load_f32<VEC>(gamma + c * VEC, gm);
 #pragma unroll
                 for (int k = 0; k < VEC; k++) {
@@ -108,35 +113,39 @@ __device__ __forceinline__ void layernorm_bwd(const bf16* dy, const bf16* __rest
                 for (int k = 0; k < VEC; k++) out[k] = rs * (g[i][k] - mg - xh[i][k] * mgx);
                 if (accumulate) {
                     float prev[VEC];
-                    load_bf16<VEC>(dx + off + c * VEC, prev);
+                    load_vec<VEC>(dx + off + c * VEC, prev);
 #pragma unroll
                     for (int k = 0; k < VEC; k++) out[k] += prev[k];
                 }
-                store_bf16<VEC>(dx + off + c * VEC, out);
+                store_vec<VEC>(dx + off + c * VEC, out);
             }
         }
     }
 }
 
-#define LN_FWD(NAME, VEC, NCH)                                                                     \
-    extern "C" __global__ void NAME(const bf16* x, const float* gamma, const float* beta, bf16* y,   \
+#define LN_FWD(NAME, VEC, NCH, S)                                                                  \
+    extern "C" __global__ void NAME(const S* x, const float* gamma, const float* beta, bf16* y,      \
                                     float* mean, float* rstd, uint32_t rows, uint32_t d, float eps) { \
-        layernorm_fwd<VEC, NCH>(x, gamma, beta, y, mean, rstd, rows, d, eps);                        \
+        layernorm_fwd<VEC, NCH, S>(x, gamma, beta, y, mean, rstd, rows, d, eps);                     \
     }
-#define LN_BWD(NAME, VEC, NCH)                                                                     \
-    extern "C" __global__ void NAME(const bf16* dy, const bf16* x, const float* gamma,              \
-                                    const float* mean, const float* rstd, bf16* dx, uint32_t rows,  \
+#define LN_BWD(NAME, VEC, NCH, S)                                                                  \
+    extern "C" __global__ void NAME(const bf16* dy, const S* x, const float* gamma,                 \
+                                    const float* mean, const float* rstd, S* dx, uint32_t rows,     \
                                     uint32_t d, int accumulate) {                                   \
-        layernorm_bwd<VEC, NCH>(dy, x, gamma, mean, rstd, dx, rows, d, accumulate);                  \
+        layernorm_bwd<VEC, NCH, S>(dy, x, gamma, mean, rstd, dx, rows, d, accumulate);               \
     }
+// Every kernel of one storage type S, named layernorm_{fwd,bwd}_SUFFIX[_v8_cN].
+#define LN_ALL(SUFFIX, S)                                     \
+    LN_FWD(layernorm_fwd_##SUFFIX, 1, 32, S)                  \
+    LN_FWD(layernorm_fwd_##SUFFIX##_v8_c1, 8, 1, S)           \
+    LN_FWD(layernorm_fwd_##SUFFIX##_v8_c2, 8, 2, S)           \
+    LN_FWD(layernorm_fwd_##SUFFIX##_v8_c3, 8, 3, S)           \
+    LN_FWD(layernorm_fwd_##SUFFIX##_v8_c4, 8, 4, S)           \
+    LN_BWD(layernorm_bwd_##SUFFIX, 1, 32, S)                  \
+    LN_BWD(layernorm_bwd_##SUFFIX##_v8_c1, 8, 1, S)           \
+    LN_BWD(layernorm_bwd_##SUFFIX##_v8_c2, 8, 2, S)           \
+    LN_BWD(layernorm_bwd_##SUFFIX##_v8_c3, 8, 3, S)           \
+    LN_BWD(layernorm_bwd_##SUFFIX##_v8_c4, 8, 4, S)
 
-LN_FWD(layernorm_fwd_bf16, 1, 32)
-LN_FWD(layernorm_fwd_bf16_v8_c1, 8, 1)
-LN_FWD(layernorm_fwd_bf16_v8_c2, 8, 2)
-LN_FWD(layernorm_fwd_bf16_v8_c3, 8, 3)
-LN_FWD(layernorm_fwd_bf16_v8_c4, 8, 4)
-LN_BWD(layernorm_bwd_bf16, 1, 32)
-LN_BWD(layernorm_bwd_bf16_v8_c1, 8, 1)
-LN_BWD(layernorm_bwd_bf16_v8_c2, 8, 2)
-LN_BWD(layernorm_bwd_bf16_v8_c3, 8, 3)
-LN_BWD(layernorm_bwd_bf16_v8_c4, 8, 4)
+LN_ALL(bf16, bf16)
+LN_ALL(f32x, float)

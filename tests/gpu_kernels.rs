@@ -264,6 +264,43 @@ fn layernorm_forward_and_backward_match_cpu() {
     assert_close("LN y misaligned", &to_f32(&gpu.download(&y).unwrap())[1..], &y64, 1e-5, 2f64.powi(-8), seed);
 }
 
+/// The fp32-storage kernels (`layernorm_*_f32x*`: the CUDA backend's residual stream and its
+/// gradient are fp32): x read and dx written/accumulated in fp32, y still bf16.
+#[test]
+#[ignore = "requires a CUDA device"]
+fn layernorm_on_fp32_storage_matches_cpu() {
+    let gpu = gpu();
+    let (mut rng, seed) = rng("layernorm f32");
+    let eps = layernorm::VIT_EPS;
+    for (rows, d) in [(1usize, 1usize), (3, 7), (37, 100), (129, 384), (64, 768), (17, 1000), (33, 1024)] {
+        let what = format!("f32 storage rows={rows} d={d}");
+        let shift = rng.random_range(-3.0f32..3.0);
+        let x: Vec<f32> = uniform(&mut rng, rows * d, -2.0, 2.0).iter().map(|v| v + shift).collect();
+        let (gamma, beta) = (uniform(&mut rng, d, 0.5, 1.5), uniform(&mut rng, d, -0.5, 0.5));
+        let (dyb, dyr) = bf16_values(&uniform(&mut rng, rows * d, -1.0, 1.0));
+        let prev = uniform(&mut rng, rows * d, -1.0, 1.0);
+        let (mut y64, mut mean64, mut rstd64) = (vec![0.0; rows * d], vec![0.0; rows], vec![0.0; rows]);
+        layernorm::cpu::forward(&to_f64(&x), &to_f64(&gamma), &to_f64(&beta), &mut y64, &mut mean64, &mut rstd64, rows, d, eps);
+
+        let (xd, gd, bd, dyd) = (gpu.upload(&x).unwrap(), gpu.upload(&gamma).unwrap(), gpu.upload(&beta).unwrap(), gpu.upload(&dyb).unwrap());
+        let mut y = nan_bf16(&gpu, rows * d);
+        let (mut mean, mut rstd) = (nan_f32(&gpu, rows), nan_f32(&gpu, rows));
+        layernorm::cuda::forward::<f32>(&gpu, gpu.stream(), &xd, &gd, &bd, &mut y, &mut mean, &mut rstd, rows, d, eps).unwrap();
+        assert_close(&format!("LN y {what}"), &to_f32(&gpu.download(&y).unwrap()), &y64, 1e-5, 2f64.powi(-8), seed);
+        assert_close(&format!("LN mean {what}"), &gpu.download(&mean).unwrap(), &mean64, 1e-6, 1e-5, seed);
+        assert_close(&format!("LN rstd {what}"), &gpu.download(&rstd).unwrap(), &rstd64, 0.0, 1e-4, seed);
+        for accumulate in [false, true] {
+            let mut dx64 = if accumulate { to_f64(&prev) } else { vec![0.0; rows * d] };
+            layernorm::cpu::backward(&to_f64(&dyr), &to_f64(&x), &to_f64(&gamma), &mean64, &rstd64, &mut dx64, rows, d, accumulate);
+            let mut dx = if accumulate { gpu.upload(&prev).unwrap() } else { nan_f32(&gpu, rows * d) };
+            layernorm::cuda::backward::<f32>(&gpu, gpu.stream(), &dyd, &xd, &gd, &mean, &rstd, &mut dx, rows, d, accumulate).unwrap();
+            // fp32 storage: only the kernel's fp32 arithmetic separates it from the f64 twin.
+            let tol = 1e-5 * rstd64.iter().fold(1.0f64, |a, &r| a.max(r.min(1e3)));
+            assert_close(&format!("LN dx acc={accumulate} {what}"), &gpu.download(&dx).unwrap(), &dx64, tol, 1e-5, seed);
+        }
+    }
+}
+
 #[test]
 #[ignore = "requires a CUDA device"]
 fn layernorm_rejects_rows_longer_than_1024() {

@@ -620,12 +620,15 @@ impl Backend for CudaBackend {
         self.run(|be| {
             let (g, [s0, s1, s2, s3, s4, s5, ..]) = (&be.gpu, &mut be.scratch);
             let n = rows * dim;
-            let xb = input::<bf16>(g, x, s0, n)?;
             let (gm, bt) = (input::<f32>(g, gamma, s1, dim)?, input::<f32>(g, beta, s2, dim)?);
             let yb = output::<bf16>(g, y, s3, n, Mode::Write)?;
             let m = output::<f32>(g, mean, s4, rows, Mode::Write)?;
             let r = output::<f32>(g, rstd, s5, rows, Mode::Write)?;
-            layernorm::cuda::forward(g, g.stream(), xb, gm, bt, &mut *yb.buf, &mut *m.buf, &mut *r.buf, rows, dim, eps)?;
+            // x in its own storage (the fp32 residual stream is read directly, no cast pass).
+            with_type!(x, S => {
+                let xv = input::<S>(g, x, s0, n)?;
+                layernorm::cuda::forward::<S>(g, g.stream(), xv, gm, bt, &mut *yb.buf, &mut *m.buf, &mut *r.buf, rows, dim, eps)
+            })?;
             yb.done(g)?;
             m.done(g)?;
             r.done(g)
@@ -636,14 +639,17 @@ impl Backend for CudaBackend {
             let (g, [s0, s1, s2, s3, s4, s5, ..]) = (&be.gpu, &mut be.scratch);
             let n = rows * dim;
             let dyb = input::<bf16>(g, dy, s0, n)?;
-            let xb = input::<bf16>(g, x, s1, n)?;
             let gm = input::<f32>(g, gamma, s2, dim)?;
             let (m, r) = (input::<f32>(g, mean, s3, rows)?, input::<f32>(g, rstd, s4, rows)?);
-            // An fp32 dx (the residual stream's gradient) gets the bf16 result added in fp32.
-            let o = output::<bf16>(g, dx, s5, n, if accumulate { Mode::Add } else { Mode::Write })?;
-            let acc = accumulate && o.direct();
-            layernorm::cuda::backward(g, g.stream(), dyb, xb, gm, m, r, &mut *o.buf, rows, dim, acc)?;
-            o.done(g)
+            // The kernel's x and dx share dx's storage: an fp32 dx (the residual stream's
+            // gradient) is written and accumulated in fp32 by the kernel itself.
+            with_type!(dx, S => {
+                let xv = input::<S>(g, x, s1, n)?;
+                let o = output::<S>(g, dx, s5, n, if accumulate { Mode::Add } else { Mode::Write })?;
+                let acc = accumulate && o.direct();
+                layernorm::cuda::backward::<S>(g, g.stream(), dyb, xv, gm, m, r, &mut *o.buf, rows, dim, acc)?;
+                o.done(g)
+            })
         });
     }
     fn gelu_forward(&mut self, x: &DevBuf, y: &mut DevBuf, len: usize) {

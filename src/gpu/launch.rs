@@ -1,7 +1,26 @@
 //! Small helpers the typed launchers in `src/ops/<op>/cuda.rs` share: argument checks and grid
 //! sizes.
 
-use super::{DeviceSlice, GpuContext, GpuError};
+use super::{bf16, DeviceSlice, GpuContext, GpuError};
+use cudarc::driver::DeviceRepr;
+
+/// An element type activations are stored in: `f32` or `bf16` (the math is fp32 either way).
+/// Kernels with such operands are compiled once per type; a launcher generic over `T: Storage`
+/// picks its instantiation (`<kernel>_f32` / `<kernel>_bf16` in kernels/tokens.cu).
+pub trait Storage: DeviceRepr {
+    /// 0 for f32, 1 for bf16: the index into a kernel's `[f32 name, bf16 name]`.
+    const INDEX: usize;
+    /// This type's instantiation of a kernel, from its two names.
+    fn pick(names: [&'static str; 2]) -> &'static str {
+        names[Self::INDEX]
+    }
+}
+impl Storage for f32 {
+    const INDEX: usize = 0;
+}
+impl Storage for bf16 {
+    const INDEX: usize = 1;
+}
 
 /// Threads per block of the elementwise and row kernels.
 pub const BLOCK: u32 = 256;

@@ -1,7 +1,8 @@
-//! GPU launchers of LayerNorm (`kernels/layernorm.cu`): bf16 rows of length d <= 1024, fp32
-//! gamma/beta and statistics, one warp per row.
+//! GPU launchers of LayerNorm (`kernels/layernorm.cu`): rows of length d <= 1024 stored in
+//! bf16 or fp32 (`S`: an fp32 residual stream is read as it is, no cast pass), bf16 output,
+//! fp32 gamma/beta and statistics, one warp per row. The backward writes `dx` in `S`.
 
-use crate::gpu::launch::{aligned, check_len, BLOCK};
+use crate::gpu::launch::{aligned, check_len, Storage, BLOCK};
 use crate::gpu::{bf16, CudaStream, DevicePtr, DevicePtrMut, GpuContext, GpuError};
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 
@@ -18,17 +19,20 @@ fn check_shape(op: &'static str, rows: usize, d: usize) -> Result<(), GpuError> 
     Ok(())
 }
 
-/// The kernel for a row of `d`: the vector one compiled for ceil(d / 256) chunks of 8 per lane
-/// when `vec`, else the scalar one.
-fn kernel_name(forward: bool, vec: bool, d: usize) -> &'static str {
-    const FWD: [&str; 4] = ["layernorm_fwd_bf16_v8_c1", "layernorm_fwd_bf16_v8_c2", "layernorm_fwd_bf16_v8_c3", "layernorm_fwd_bf16_v8_c4"];
-    const BWD: [&str; 4] = ["layernorm_bwd_bf16_v8_c1", "layernorm_bwd_bf16_v8_c2", "layernorm_bwd_bf16_v8_c3", "layernorm_bwd_bf16_v8_c4"];
-    match (forward, vec) {
-        (true, true) => FWD[d.div_ceil(256) - 1],
-        (false, true) => BWD[d.div_ceil(256) - 1],
-        (true, false) => "layernorm_fwd_bf16",
-        (false, false) => "layernorm_bwd_bf16",
-    }
+/// The kernel for a row of `d` over storage `S`: the vector one compiled for ceil(d / 256)
+/// chunks of 8 per lane when `vec`, else the scalar one.
+fn kernel_name<S: Storage>(forward: bool, vec: bool, d: usize) -> &'static str {
+    // [S = f32 ("f32x"), S = bf16] x [scalar, v8_c1 .. v8_c4]
+    const FWD: [[&str; 5]; 2] = [
+        ["layernorm_fwd_f32x", "layernorm_fwd_f32x_v8_c1", "layernorm_fwd_f32x_v8_c2", "layernorm_fwd_f32x_v8_c3", "layernorm_fwd_f32x_v8_c4"],
+        ["layernorm_fwd_bf16", "layernorm_fwd_bf16_v8_c1", "layernorm_fwd_bf16_v8_c2", "layernorm_fwd_bf16_v8_c3", "layernorm_fwd_bf16_v8_c4"],
+    ];
+    const BWD: [[&str; 5]; 2] = [
+        ["layernorm_bwd_f32x", "layernorm_bwd_f32x_v8_c1", "layernorm_bwd_f32x_v8_c2", "layernorm_bwd_f32x_v8_c3", "layernorm_bwd_f32x_v8_c4"],
+        ["layernorm_bwd_bf16", "layernorm_bwd_bf16_v8_c1", "layernorm_bwd_bf16_v8_c2", "layernorm_bwd_bf16_v8_c3", "layernorm_bwd_bf16_v8_c4"],
+    ];
+    let names = if forward { &FWD[S::INDEX] } else { &BWD[S::INDEX] };
+    names[if vec { d.div_ceil(256) } else { 0 }]
 }
 
 /// One warp per row, BLOCK / 32 rows per block, as many blocks as rows need (capped; the
@@ -57,10 +61,10 @@ fn row_launch(rows: usize) -> LaunchConfig {
 /// # Ok(()) }
 /// ```
 #[allow(clippy::too_many_arguments)]
-pub fn forward(
+pub fn forward<S: Storage>(
     gpu: &GpuContext,
     stream: &CudaStream,
-    x: &impl DevicePtr<bf16>,
+    x: &impl DevicePtr<S>,
     gamma: &impl DevicePtr<f32>,
     beta: &impl DevicePtr<f32>,
     y: &mut impl DevicePtrMut<bf16>,
@@ -88,7 +92,7 @@ pub fn forward(
     let (mp, _g5) = mean.device_ptr_mut(stream);
     let (rp, _g6) = rstd.device_ptr_mut(stream);
     let vec = d.is_multiple_of(8) && [xp, gp, bp, yp].iter().all(|&p| aligned(p, 16));
-    let name = kernel_name(true, vec, d);
+    let name = kernel_name::<S>(true, vec, d);
     let f = gpu.function("layernorm", name)?;
     let (rows32, d32, eps32) = (rows as u32, d as u32, eps as f32);
     let mut l = stream.launch_builder(&f);
@@ -102,15 +106,15 @@ pub fn forward(
 /// forward's saved `mean`/`rstd`; `accumulate` adds onto `dx` (a residual stream's gradient).
 /// The twin of [`super::cpu::backward`].
 #[allow(clippy::too_many_arguments)]
-pub fn backward(
+pub fn backward<S: Storage>(
     gpu: &GpuContext,
     stream: &CudaStream,
     dy: &impl DevicePtr<bf16>,
-    x: &impl DevicePtr<bf16>,
+    x: &impl DevicePtr<S>,
     gamma: &impl DevicePtr<f32>,
     mean: &impl DevicePtr<f32>,
     rstd: &impl DevicePtr<f32>,
-    dx: &mut impl DevicePtrMut<bf16>,
+    dx: &mut impl DevicePtrMut<S>,
     rows: usize,
     d: usize,
     accumulate: bool,
@@ -133,7 +137,7 @@ pub fn backward(
     let (rp, _g5) = rstd.device_ptr(stream);
     let (dxp, _g6) = dx.device_ptr_mut(stream);
     let vec = d.is_multiple_of(8) && [dyp, xp, gp, dxp].iter().all(|&p| aligned(p, 16));
-    let name = kernel_name(false, vec, d);
+    let name = kernel_name::<S>(false, vec, d);
     let f = gpu.function("layernorm", name)?;
     let (rows32, d32, acc) = (rows as u32, d as u32, accumulate as i32);
     let mut l = stream.launch_builder(&f);

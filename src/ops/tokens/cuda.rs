@@ -7,26 +7,11 @@
 //! `_bf16` instantiation. Parameters, the residual stream and its gradient are fp32.
 
 use crate::gpu::launch::{check_len, grid_stride_blocks, BLOCK};
-use crate::gpu::{bf16, CudaStream, DevicePtr, DevicePtrMut, GpuContext, GpuError};
+use crate::gpu::{CudaStream, DevicePtr, DevicePtrMut, GpuContext, GpuError};
 use crate::ops::attention::AttnShape;
-use cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
+use cudarc::driver::{LaunchConfig, PushKernelArg};
 
-/// An element type the token kernels store: `f32` or `bf16` (instantiations `<kernel>_f32`,
-/// `<kernel>_bf16`).
-pub trait Storage: DeviceRepr {
-    /// 0 for f32, 1 for bf16: the index into a kernel's `[f32 name, bf16 name]`.
-    const INDEX: usize;
-    /// This type's instantiation of a kernel, from its two names.
-    fn pick(names: [&'static str; 2]) -> &'static str {
-        names[Self::INDEX]
-    }
-}
-impl Storage for f32 {
-    const INDEX: usize = 0;
-}
-impl Storage for bf16 {
-    const INDEX: usize = 1;
-}
+pub use crate::gpu::launch::Storage;
 
 fn u32_of(op: &'static str, what: &str, v: usize) -> Result<u32, GpuError> {
     u32::try_from(v).map_err(|_| GpuError::invalid(op, format!("{what} = {v} exceeds 32 bits")))
