@@ -18,10 +18,10 @@
 //! of its own type directly and otherwise a cast of it in backend-owned scratch ([`Slot`]), and
 //! writes its destination directly when the types agree, else into scratch that is then cast
 //! (or, for gradients the op accumulates, added in fp32) into the destination. In bf16 mode the
-//! remaining casts in a step are the fp32 residual stream read by the bf16-only LayerNorm
-//! kernels, the fp32 residual gradient fed to a GEMM (blocks without LayerScale) and the bf16
-//! results added into fp32 gradient sums (LayerNorm backward, the head's `dz`). The token
-//! kernels (`kernels/tokens.cu`) have fp32 and bf16 instantiations. Head dims the fused
+//! remaining casts in a step are the fp32 residual gradient fed to a GEMM (blocks without
+//! LayerScale) and the bf16 results added into fp32 gradient sums (the head's `dz`). LayerNorm
+//! reads the fp32 residual stream and writes its gradient in fp32 itself (kernels for either
+//! storage), and the token kernels (`kernels/tokens.cu`) have fp32 and bf16 instantiations. Head dims the fused
 //! attention kernels do not cover run a plain fp32 attention (`ops::tokens::cuda`) on fp32
 //! casts.
 //!

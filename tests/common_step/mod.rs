@@ -6,9 +6,9 @@
 //! [`Bf16Emu`] wraps `CpuBackend<f32>`. With `storage` (as [`Precision::Bf16`]) every buffer
 //! allocated as [`BufRole::Frozen`] or [`BufRole::Activation`] holds bf16 values (rounded after
 //! every write, as the GPU's bf16 buffers do); in both modes the fp32 operands that the GPU's
-//! bf16-only kernels read through a cast (LayerNorm's input and gradient, a GEMM's fp32
-//! gradient operand, the adapter backward's inputs) are rounded (without `storage`, as
-//! [`Precision::F32`]). It leaves out the kernels' internal roundings (e.g. the fused
+//! bf16-only kernels read through a cast (LayerNorm's output gradient, a GEMM's fp32
+//! gradient operand, the adapter backward's inputs) are rounded, and so is LayerNorm's output,
+//! which its kernels always write in bf16 (without `storage`, as [`Precision::F32`]). It leaves out the kernels' internal roundings (e.g. the fused
 //! attention's bf16 probabilities), so it under-estimates the GPU's error, by a small factor.
 //!
 //! [`Precision::Bf16`]: mlvpt::backend::Precision::Bf16
@@ -149,15 +149,14 @@ impl Backend for Bf16Emu {
         dx.round();
     }
     fn layernorm_forward(&mut self, x: &Buf, gamma: &Buf, beta: &Buf, y: &mut Buf, mean: &mut Buf, rstd: &mut Buf, rows: usize, dim: usize, eps: f64) {
-        let x = self.cast(&x.v);
-        self.inner.layernorm_forward(&x, &gamma.v, &beta.v, &mut y.v, &mut mean.v, &mut rstd.v, rows, dim, eps);
-        y.round();
-        mean.round();
-        rstd.round();
+        // The kernels read x in its own storage and always write y in bf16.
+        self.inner.layernorm_forward(&x.v, &gamma.v, &beta.v, &mut y.v, &mut mean.v, &mut rstd.v, rows, dim, eps);
+        round_all(&mut y.v);
     }
     fn layernorm_backward(&mut self, dy: &Buf, x: &Buf, gamma: &Buf, mean: &Buf, rstd: &Buf, dx: &mut Buf, rows: usize, dim: usize, accumulate: bool) {
+        // dy is read in bf16; x is read in dx's storage, and dx written in it.
         let dy = self.cast(&dy.v);
-        let x = self.cast(&x.v);
+        let x = if dx.bf16 { self.cast(&x.v) } else { x.v.clone() };
         self.inner.layernorm_backward(&dy, &x, &gamma.v, &mean.v, &rstd.v, &mut dx.v, rows, dim, accumulate);
         dx.round();
     }
