@@ -16,7 +16,8 @@ use mlvpt::train::bench::{self, RandomProblem, StepTimes, BRANCHES};
 use mlvpt::train::flops::{self, StepFlops};
 
 /// Model sizes `--model` accepts, and their backbones (random weights).
-const MODELS: &[(&str, fn() -> VitConfig)] = &[
+type Backbone = fn() -> VitConfig;
+const MODELS: &[(&str, Backbone)] = &[
     ("tiny", VitConfig::demo),
     ("vit-s16", VitConfig::vit_s16),
     ("vit-b16", VitConfig::vit_b16),
