@@ -45,7 +45,7 @@ fn errors_show_in_place_and_ratios_become_na() {
     let out = table(concat!(
         r#"{"impl": "mlvpt", "error": "TIMEOUT: no line"}"#, "\n",
         r#"{"impl": "torch-eager-bf16", "model": "vit_base_patch16_224", "batch": 128, "images_per_s": 900.0, "ms_per_step": 142.2}"#, "\n",
-        r#"{"impl": "torch-compile-bf16", "batch": 128, "error": "inductor failed: \"triton\" missing"}"#, "\n",
+        r#"{"impl": "torch-compile-bf16", "model": "vit_base_patch16_224", "batch": 128, "images_per_s": null, "ms_per_step": null, "error": "inductor failed: \"triton\" missing"}"#, "\n",
     ));
     assert!(line_of(&out, "mlvpt").contains("error: TIMEOUT: no line"), "{out}");
     assert!(line_of(&out, "torch-compile-bf16").contains(r#"error: inductor failed: "triton" missing"#), "{out}");

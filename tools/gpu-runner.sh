@@ -38,7 +38,8 @@ compare_table() {
     ms=$(json_field "$line" ms_per_step); tf=$(json_field "$line" tflops); err=$(json_field "$line" error)
     model=$(json_field "$line" model); batch=$(json_field "$line" batch)
     if [ -n "$err" ] || [ -z "$ips" ]; then
-      printf '  %-34s %s\n' "${impl:-?}" "error: ${err:-no images_per_s}"
+      # The first 150 characters (the log has the rest).
+      printf '  %-34s %s\n' "${impl:-?}" "error: $(cut -c1-150 <<< "${err:-no images_per_s}")"
       continue
     fi
     printf '  %-34s %10.1f %10.2f %8s   (%s, batch %s)\n' "$impl" "$ips" "${ms:-0}" "${tf:+$(printf '%.1f' "$tf")}" "${model:-?}" "${batch:-?}"

@@ -1,15 +1,14 @@
-//! Throughput of the token kernels of `kernels/tokens.cu` (launchers `ops::tokens::cuda`), in
-//! bytes moved per second, and of the plain fp32 fallback attention there, in FLOP/s (criterion
-//! "elements"), at the ViT-B/16 training shape of the CUDA backend: batch 128, N 227 tokens
-//! (CLS + 30 prompts + 196 patches), D 768, images 3 x 224 x 224, fp32 buffers. Bytes count
-//! each buffer read or written once (small vectors such as the position embeddings or a
-//! LayerScale row once, not per image). Attention FLOPs: 2 per multiply-add over the
-//! (query, key) pairs the prompt mask allows (`train::flops::attention_pairs`), 2 products
-//! forward, 5 backward (as `train::flops` counts a step). Prints a message and exits cleanly
-//! when there is no device. Short run (tools/gpu-runner.sh):
-//! `cargo bench --features cuda --bench gpu_tokens -- --warm-up-time 0.5 --measurement-time 1`.
-//!
-//! Each sample queues `iters` launches and waits once (`gpu_common::timed`).
+//! Part of the `gpu_kernels` bench (one binary: each bench binary embeds every fatbin, and the
+//! GPU bundle must stay under 64 MiB). Throughput of the token kernels of `kernels/tokens.cu`
+//! (launchers `ops::tokens::cuda`), in bytes moved per second, and of the plain fp32 fallback
+//! attention there, in FLOP/s (criterion "elements"), at the ViT-B/16 training shape of the CUDA
+//! backend: batch 128, N 227 tokens (CLS + 30 prompts + 196 patches), D 768, images 3 x 224 x
+//! 224, fp32 buffers. Bytes count each buffer read or written once (small vectors such as the
+//! position embeddings or a LayerScale row once, not per image). Attention FLOPs: 2 per
+//! multiply-add over the (query, key) pairs the prompt mask allows
+//! (`train::flops::attention_pairs`), 2 products forward, 5 backward (as `train::flops` counts
+//! a step). Filter: `cargo bench --features cuda --bench gpu_kernels -- tokens` (or `attention
+//! plain`).
 
 use criterion::{Criterion, Throughput};
 use mlvpt::gpu::{CudaSlice, GpuContext};
@@ -17,8 +16,7 @@ use mlvpt::ops::attention::AttnShape;
 use mlvpt::ops::tokens::cuda as tok;
 use mlvpt::train::flops::attention_pairs;
 
-mod gpu_common;
-use gpu_common::timed;
+use super::gpu_common::timed;
 
 const B: usize = 128;
 const D: usize = 768;
@@ -147,12 +145,8 @@ fn bench_attention(c: &mut Criterion, gpu: &GpuContext) {
     g.finish();
 }
 
-fn main() {
-    let Some(gpu) = gpu_common::open("gpu_tokens") else {
-        return;
-    };
-    let mut c = Criterion::default().configure_from_args();
-    bench_tokens(&mut c, &gpu);
-    bench_attention(&mut c, &gpu);
-    c.final_summary();
+/// Every bench of this module.
+pub fn bench(c: &mut Criterion, gpu: &GpuContext) {
+    bench_tokens(c, gpu);
+    bench_attention(c, gpu);
 }
