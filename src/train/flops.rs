@@ -5,11 +5,12 @@
 //! layers (patch embedding, QKV, output projection, MLP, the head's adapters, gates and
 //! classifiers) and the two attention products (scores `Q K^T` and `P V`). Elementwise work
 //! (LayerNorm, GELU, softmax exponentials, residuals, the ASL loss, AdamW) is not counted, as in
-//! fvcore and torchvision; at ViT-B it is under 1% of the products. Note that fvcore, timm and
-//! torchvision report *multiply-adds* under the name FLOPs: torchvision's `_ops` of `vit_b_16`
-//! is 17.564 "GFLOPS" (`torchvision/models/vision_transformer.py`, `ViT_B_16_Weights`), which
-//! is 17.564 G multiply-adds = 35.13 GFLOP here (fvcore: "one fused multiply-add counts as one
-//! flop"; the tests check our count against it).
+//! fvcore and torchvision; at ViT-B it is roughly 1% of the products (mostly GELU's erf and the
+//! softmax exponentials). Note that fvcore, timm and torchvision report *multiply-adds* under
+//! the name FLOPs: torchvision's `_ops` of `vit_b_16` is 17.564 "GFLOPS"
+//! (`torchvision/models/vision_transformer.py`, `ViT_B_16_Weights`), which is 17.564 G
+//! multiply-adds = 35.13 GFLOP here (fvcore counts one fused multiply-add as one flop); the tests
+//! check our count against it.
 //!
 //! What one step of [`crate::train::Trainer`] does (`src/train/step.rs`), per image:
 //! - forward through the frozen backbone: patch embedding, then blocks `0..L-1` on all
