@@ -1,5 +1,6 @@
 //! Throughput of each CUDA kernel (bytes moved per second; GEMM in flop/s as "elements") at
-//! ViT-B/16 training sizes: batch 64 x 227 tokens, D 768, MLP 3072, 1000 labels. Prints a
+//! ViT-B/16 training sizes: batch 64 x 227 tokens, D 768, MLP 3072, 1000 labels; the token
+//! kernels and the plain fp32 attention at batch 128 (`gpu_kernels/tokens.rs`). Prints a
 //! message and exits cleanly when there is no device. Short run (tools/gpu-runner.sh):
 //! `cargo bench --features cuda --bench gpu_kernels -- --warm-up-time 0.5 --measurement-time 1`.
 //!
@@ -16,6 +17,9 @@ const MLP: usize = 3072;
 
 mod gpu_common;
 use gpu_common::timed;
+// A crate root looks for `benches/tokens.rs`, which cargo would take for a bench of its own.
+#[path = "gpu_kernels/tokens.rs"]
+mod tokens;
 
 fn filled<T: cudarc::driver::DeviceRepr + Copy>(gpu: &GpuContext, n: usize, v: T) -> CudaSlice<T> {
     gpu.upload(&vec![v; n]).unwrap()
@@ -117,5 +121,6 @@ fn main() {
     };
     let mut c = Criterion::default().configure_from_args();
     bench_all(&mut c, &gpu);
+    tokens::bench(&mut c, &gpu);
     c.final_summary();
 }

@@ -10,42 +10,15 @@
 //! same for predict (forward only).
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use mlvpt::backend::{AslConfig, CpuBackend};
-use mlvpt::model::{Backbone, ModelConfig, Params, VitConfig};
-use mlvpt::train::{AdamWConfig, Trainer};
-use rand::{Rng, SeedableRng};
-use rand_chacha::ChaCha8Rng;
+use mlvpt::backend::CpuBackend;
+use mlvpt::model::{ModelConfig, VitConfig};
+use mlvpt::train::bench::RandomProblem;
+use mlvpt::train::Trainer;
 use std::time::Duration;
 
 fn setup(cfg: &ModelConfig, batch: usize) -> (Trainer<CpuBackend<f32>>, Vec<f32>, Vec<f32>) {
-    let mut rng = ChaCha8Rng::seed_from_u64(0);
-    let bb = Backbone::random(&cfg.vit, 1);
-    let params = Params::init(cfg, 2, 2);
-    let tables: Vec<Vec<usize>> = (0..2)
-        .map(|s| {
-            (0..cfg.labels)
-                .map(|k| (k * (s + 1) + s) % cfg.groups)
-                .collect()
-        })
-        .collect();
-    let tr = Trainer::new(
-        CpuBackend::<f32>::new(),
-        cfg.clone(),
-        &bb,
-        params,
-        tables,
-        AslConfig::default(),
-        AdamWConfig::default(),
-        batch,
-    )
-    .unwrap();
-    let images = (0..batch * cfg.vit.image_len())
-        .map(|_| rng.random_range(-2.0f32..2.0))
-        .collect();
-    let targets = (0..batch * cfg.labels)
-        .map(|_| if rng.random_bool(0.15) { 1.0 } else { 0.0 })
-        .collect();
-    (tr, images, targets)
+    let p = RandomProblem::new(cfg, batch, 0);
+    (p.trainer(CpuBackend::<f32>::new(), cfg).unwrap(), p.images, p.targets)
 }
 
 /// User + system CPU seconds of this process so far (Linux; None elsewhere).

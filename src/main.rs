@@ -26,6 +26,8 @@ enum Command {
     Predict(cli::predict::PredictArgs),
     /// Decode and resize a dataset once into a cache file for `train --data cache:FILE`.
     Prepare(cli::prepare::PrepareArgs),
+    /// Time training steps on random weights and inputs: images/s and effective TFLOP/s.
+    BenchStep(cli::bench_step::BenchStepArgs),
 }
 
 fn main() {
@@ -37,6 +39,7 @@ fn main() {
         Command::Eval(args) => cli::eval::run(&args),
         Command::Predict(args) => cli::predict::run(&args),
         Command::Prepare(args) => cli::prepare::run(&args),
+        Command::BenchStep(args) => cli::bench_step::run(&args),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

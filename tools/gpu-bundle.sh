@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds, here (no GPU needed), what the GPU machine runs: the release test binaries that hold
-# GPU tests (tests/gpu_*.rs and the library's unit tests), the GPU benches, and `mlvpt`, all
-# with `--features cuda`, stripped, plus tools/gpu-runner.sh, in the git-ignored folder bundle/
+# GPU tests (tests/gpu_*.rs and the library's unit tests), the GPU benches (benches/gpu_*.rs), and
+# `mlvpt`, all with `--features cuda`, stripped, plus tools/gpu-runner.sh and the PyTorch peer's
+# scripts (tools/peer/*.py, for the step comparison), in the git-ignored folder bundle/
 # (under 64 MiB, the most a device call carries). See docs/GPU.md.
 #
 #   bash tools/gpu-bundle.sh           # then, on the GPU machine from the repo root:
@@ -62,8 +63,14 @@ while IFS=$'\t' read -r kind name exe; do
 done <<< "$benches"
 [ -n "$(ls "$BUNDLE/tests")" ] || { echo "error: no GPU test binaries were built" >&2; exit 1; }
 
-strip --strip-debug "$BUNDLE"/bin/* "$BUNDLE"/tests/* "$BUNDLE"/benches/*
+# Symbols too, not only debug info: every binary embeds all fatbins (~4 MiB), and with the
+# symbol tables the bundle reached the 64 MiB limit; panics still print their messages.
+strip --strip-all "$BUNDLE"/bin/* "$BUNDLE"/tests/* "$BUNDLE"/benches/*
 cp tools/gpu-runner.sh "$BUNDLE/gpu-runner.sh"
+# The peer (PyTorch + timm on the GPU machine): its step timing and the modules it imports.
+mkdir -p "$BUNDLE/peer"
+cp tools/peer/*.py "$BUNDLE/peer/"
+[ -f "$BUNDLE/peer/step_bench.py" ] || echo "note: tools/peer/step_bench.py is missing: the runner's comparison will time ours only" >&2
 
 # The newest glibc symbol version any binary needs (the GPU machine's glibc must be >= it).
 glibc=$(for f in "$BUNDLE"/bin/* "$BUNDLE"/tests/* "$BUNDLE"/benches/*; do

@@ -1,14 +1,65 @@
 #!/usr/bin/env bash
 # Runs the GPU bundle (tools/gpu-bundle.sh) on a machine with an NVIDIA GPU and no Rust: finds
 # libcuda and libcublas, prints the GPU, runs every bundled test binary with its ignored (GPU)
-# tests included, a one-epoch `mlvpt train --device cuda` on the demo, then the benches in a
-# short mode, writes one log per step into $OUT (or $MLVPT_GPU_LOGS, else bundle/logs), and
-# prints a summary table last. Exits non-zero when a
-# test fails or a library is missing. Budget: under 8 minutes.
+# tests included, a one-epoch `mlvpt train --device cuda` on the demo, the training-step
+# comparison with the PyTorch/timm peer on the same card (`mlvpt bench-step` against
+# peer/step_bench.py, eager and torch.compile), then the benches in a short mode, writes one log
+# per step into $OUT (or $MLVPT_GPU_LOGS, else bundle/logs), and prints a summary table last.
+# Exits non-zero when a test fails, our step benchmark fails or a library is missing.
+# Budget: under 8 minutes (MLVPT_GPU_BUDGET_S, default 450 s).
 #
 #   bash bundle/gpu-runner.sh                 # from the repo root, bundle/ carried
 #   MLVPT_GPU_SKIP_BENCH=1 bash bundle/gpu-runner.sh
+#   MLVPT_GPU_SKIP_PEER=1 bash bundle/gpu-runner.sh     # ours only in the step comparison
+#   bash tools/gpu-runner.sh --compare-table FILE       # the comparison table of JSON lines, only
 set -uo pipefail
+
+# --- the step comparison table ------------------------------------------------------------------
+# One field of a flat one-line JSON object (serde's `"k":v` or Python's `"k": v`); strings
+# unquoted, empty when absent.
+json_field() {
+  local s
+  s=$(sed -n 's/.*"'"$2"'": *"\(\([^"\\]\|\\.\)*\)".*/\1/p' <<< "$1" | head -n 1)
+  [ -n "$s" ] || s=$(sed -n 's/.*"'"$2"'": *\([-+0-9.eE][-+0-9.eE]*\).*/\1/p' <<< "$1" | head -n 1)
+  sed 's/\\\(.\)/\1/g' <<< "$s"
+}
+
+# Prints the comparison of the JSON lines in FILE (ours: impl mlvpt-*, the peer's:
+# torch-eager-*, torch-compile-*; a line with an "error" key shows the error): images/s,
+# ms/step and TFLOP/s (ours: against the FLOPs our step needs) per implementation, then the
+# ratios ours/eager and ours/compile of images per second.
+compare_table() {
+  local file=$1 line impl ips ms tf err model batch ours="" eager="" compiled=""
+  echo "training step, same card (images/s; ratio = ours / peer):"
+  printf '  %-34s %10s %10s %8s\n' impl images/s ms/step TFLOP/s
+  while IFS= read -r line; do
+    case "$line" in "{"*) ;; *) continue ;; esac
+    impl=$(json_field "$line" impl); ips=$(json_field "$line" images_per_s)
+    ms=$(json_field "$line" ms_per_step); tf=$(json_field "$line" tflops); err=$(json_field "$line" error)
+    model=$(json_field "$line" model); batch=$(json_field "$line" batch)
+    if [ -n "$err" ] || [ -z "$ips" ]; then
+      # The first 150 characters (the log has the rest).
+      printf '  %-34s %s\n' "${impl:-?}" "error: $(cut -c1-150 <<< "${err:-no images_per_s}")"
+      continue
+    fi
+    printf '  %-34s %10.1f %10.2f %8s   (%s, batch %s)\n' "$impl" "$ips" "${ms:-0}" "${tf:+$(printf '%.1f' "$tf")}" "${model:-?}" "${batch:-?}"
+    case "$impl" in
+      mlvpt-*) ours=$ips ;;
+      torch-eager*) eager=$ips ;;
+      torch-compile*) compiled=$ips ;;
+    esac
+  done < "$file"
+  ratio() { if [ -n "$1" ] && [ -n "$2" ]; then awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2fx", a / b; else print "n/a" }'; else echo n/a; fi; }
+  printf '  %-34s %10s\n' "ours / torch eager (target 1.5x)" "$(ratio "$ours" "$eager")"
+  printf '  %-34s %10s\n' "ours / torch.compile (target >1x)" "$(ratio "$ours" "$compiled")"
+}
+
+if [ "${1:-}" = --compare-table ]; then
+  [ -r "${2:-}" ] || { echo "usage: $0 --compare-table FILE_OF_JSON_LINES" >&2; exit 2; }
+  compare_table "$2"
+  exit 0
+fi
+
 HERE=$(cd "$(dirname "$0")" && pwd)
 LOGS=${MLVPT_GPU_LOGS:-${OUT:-$HERE/logs}}
 mkdir -p "$LOGS"
@@ -53,6 +104,8 @@ fi
 cublas_dir=$(find_lib "libcublas.so.13" $(for s in $py_sites; do echo "$s/nvidia"; done) "${cuda_roots[@]}") ||
   cublas_dir=$(find_lib "libcublas.so.12 libcublas.so" $(for s in $py_sites; do echo "$s/nvidia"; done) "${cuda_roots[@]}") ||
   cublas_dir=""
+# The peer (PyTorch) keeps the library path it was given: it brings its own CUDA libraries.
+PEER_LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-}
 export LD_LIBRARY_PATH="${cublas_dir:+$cublas_dir:}${libcuda_dir:+$libcuda_dir:}${LD_LIBRARY_PATH:-}"
 log "libcuda: ${libcuda_dir:-NOT FOUND}"
 log "libcublas: ${cublas_dir:-NOT FOUND}"
@@ -70,12 +123,17 @@ fi
 log "GPU: $gpu_name"
 
 remaining() { echo $((DEADLINE - $(date +%s))); }
+# Tests and the training run leave this much of the budget to the step comparison, the
+# headline number (ours ~30 s, the peer's eager ~60 s and compiled ~150 s on an H100).
+COMPARE_RESERVE=${MLVPT_GPU_COMPARE_RESERVE_S:-180}
+[ -x "$HERE/bin/mlvpt" ] || COMPARE_RESERVE=0
+before_compare() { local l=$(( $(remaining) - COMPARE_RESERVE )); echo $(( l < 0 ? 0 : l )); }
 
 # --- tests ----------------------------------------------------------------------------------
 for t in "$HERE"/tests/*; do
   [ -x "$t" ] || continue
   name=$(basename "$t")
-  left=$(remaining)
+  left=$(before_compare)
   if [ "$left" -lt 20 ]; then row "test $name" "SKIPPED" - - - 0; status=1; continue; fi
   # The library's unit tests are mostly CPU tests (CI runs them): only its GPU/CUDA ones here.
   args=(--include-ignored)
@@ -98,7 +156,7 @@ done
 TRAIN_TABLE="$LOGS/train-summary.txt"
 : > "$TRAIN_TABLE"
 if [ -x "$HERE/bin/mlvpt" ]; then
-  left=$(remaining)
+  left=$(before_compare)
   if [ "$left" -lt 30 ]; then
     row "train --device cuda" "SKIPPED" - - - 0; status=1
   else
@@ -117,6 +175,71 @@ if [ -x "$HERE/bin/mlvpt" ]; then
     dev=$(sed -n 's/^  device  *//p' "$LOGS/train-cuda.log" | head -n 1)
     echo "  mlvpt train --device cuda --epochs 1 (demo): ${ips:-?} images/s, test mAP ${map:-?}, ${dev:-?}" >> "$TRAIN_TABLE"
   fi
+fi
+
+# --- the training step against the PyTorch/timm peer on this card -------------------------------
+# Ours (`mlvpt bench-step`) and the peer (tools/peer/step_bench.py: timm ViT-B/16 with the same
+# prompts and head, bf16 autocast, eager and torch.compile) at ViT-B/16 224, batch 128, 3
+# warm-up and 10 timed steps, one after the other; each capped in time. JSON lines to
+# $LOGS/step-compare.jsonl, the table into the summary.
+COMPARE_JSON="$LOGS/step-compare.jsonl"
+COMPARE_TABLE="$LOGS/compare-summary.txt"
+: > "$COMPARE_JSON"; : > "$COMPARE_TABLE"
+STEP_ARGS=(--batch "${MLVPT_COMPARE_BATCH:-128}" --warmup 3 --steps 10 --json)
+# Runs "$@" with a time cap of min($1, what is left), appending its JSON lines; sets rc, secs.
+capped_json() {
+  local cap=$1 log=$2; shift 2
+  local left; left=$(remaining)
+  [ "$left" -lt "$cap" ] && cap=$left
+  if [ "$cap" -lt 15 ]; then rc=125; secs=0; echo "skipped: ${left}s left" > "$log"; return; fi
+  log "$* (timeout ${cap}s)"
+  local t0; t0=$(date +%s)
+  timeout --kill-after=5 "$cap" "$@" > "$log" 2>&1
+  rc=$?
+  secs=$(( $(date +%s) - t0 ))
+  tail -n 5 "$log"
+  grep '^{' "$log" >> "$COMPARE_JSON"
+}
+step_status() { if [ "$rc" -eq 0 ]; then echo ok; elif [ "$rc" -eq 125 ]; then echo SKIPPED; elif [ "$rc" -ge 124 ]; then echo TIMEOUT; else echo FAILED; fi; }
+if [ -x "$HERE/bin/mlvpt" ]; then
+  capped_json "${MLVPT_COMPARE_OURS_S:-120}" "$LOGS/bench-step-ours.log" \
+    "$HERE/bin/mlvpt" bench-step --device cuda --model vit-b16 "${STEP_ARGS[@]}"
+  st=$(step_status); [ "$st" = ok ] || status=1
+  row "bench-step (ours)" "$st" - - - "$secs"
+  grep -q '^{' "$LOGS/bench-step-ours.log" ||
+    echo "{\"impl\": \"mlvpt\", \"error\": \"$st: $(grep -m1 '^error' "$LOGS/bench-step-ours.log" | tr -d '"\\')\"}" >> "$COMPARE_JSON"
+
+  # The peer: its script in the bundle (else the repository's), a python that imports torch.
+  peer=""
+  for f in "$HERE/peer/step_bench.py" "$HERE/../tools/peer/step_bench.py"; do [ -f "$f" ] && { peer=$f; break; }; done
+  py=""
+  for c in "${MLVPT_PEER_PYTHON:-}" /opt/torch/.venv/bin/python $(command -v python3 python 2>/dev/null); do
+    [ -n "$c" ] && [ -x "$c" ] || continue
+    if LD_LIBRARY_PATH=$PEER_LD_LIBRARY_PATH timeout 60 "$c" -c 'import torch' > /dev/null 2>&1; then py=$c; break; fi
+  done
+  if [ -n "${MLVPT_GPU_SKIP_PEER:-}" ]; then
+    row "peer step" "SKIPPED" - - - 0
+  elif [ -z "$peer" ] || [ -z "$py" ]; then
+    log "peer: ${peer:-no step_bench.py}, ${py:-no python with torch}"
+    row "peer step" "MISSING" - - - 0
+    echo "{\"impl\": \"torch\", \"error\": \"peer not run: ${peer:-no peer/step_bench.py} ${py:-no python with torch}\"}" >> "$COMPARE_JSON"
+  else
+    log "peer: $py $peer ($(LD_LIBRARY_PATH=$PEER_LD_LIBRARY_PATH "$py" -c 'import torch; print("torch", torch.__version__)' 2>&1 | tail -n 1))"
+    # One process per mode, so a slow compile cannot take the eager figure with it.
+    for mode in eager compile; do
+      if [ "$mode" = eager ]; then cap=${MLVPT_COMPARE_EAGER_S:-120}; else cap=${MLVPT_COMPARE_COMPILE_S:-240}; fi
+      LD_LIBRARY_PATH=$PEER_LD_LIBRARY_PATH HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 \
+        TORCHINDUCTOR_CACHE_DIR=${TMPDIR:-/tmp}/mlvpt-inductor \
+        capped_json "$cap" "$LOGS/peer-$mode.log" \
+        "$py" "$peer" --model vit_base_patch16_224 --device cuda --mode "$mode" "${STEP_ARGS[@]}"
+      st=$(step_status)
+      row "peer step $mode" "$st" - - - "$secs"
+      grep -q '^{' "$LOGS/peer-$mode.log" ||
+        echo "{\"impl\": \"torch-$mode\", \"error\": \"$st (log peer-$mode.log)\"}" >> "$COMPARE_JSON"
+    done
+  fi
+  compare_table "$COMPARE_JSON" > "$COMPARE_TABLE"
+  cat "$COMPARE_TABLE"
 fi
 
 # --- benches --------------------------------------------------------------------------------
@@ -158,6 +281,7 @@ fi
   printf '%-28s %-8s %6s %6s %7s %7s\n' step status passed failed ignored time
   cat "$SUMMARY"
   [ -s "$TRAIN_TABLE" ] && cat "$TRAIN_TABLE"
+  [ -s "$COMPARE_TABLE" ] && cat "$COMPARE_TABLE"
   if [ -s "$BENCH_TABLE" ]; then
     echo "benchmarks (median time, median throughput):"
     cat "$BENCH_TABLE"

@@ -1,5 +1,6 @@
 //! One file per `mlvpt` subcommand: argument parsing and printing only; the work lives in the library.
 
+pub mod bench_step;
 pub mod eval;
 pub mod group;
 pub mod metrics;

@@ -61,6 +61,16 @@ impl VitConfig {
             final_norm: true,
         }
     }
+    /// ViT-L/16 at 224.
+    pub fn vit_l16() -> Self {
+        Self {
+            dim: 1024,
+            depth: 24,
+            heads: 16,
+            mlp_dim: 4096,
+            ..Self::vit_b16()
+        }
+    }
     /// Patch tokens per image, `(H/p)^2`.
     pub fn num_patches(&self) -> usize {
         let g = self.image_size / self.patch.max(1);

@@ -1,8 +1,10 @@
 //! Training: the step (forward, loss, backward, AdamW) written once for any backend, and
 //! (from the training driver) schedule, EMA, the epoch loop and checkpoints.
 
+pub mod bench;
 pub mod checkpoint;
 pub mod ema;
+pub mod flops;
 pub mod preset;
 pub mod run;
 pub mod schedule;

@@ -1,0 +1,242 @@
+//! `mlvpt bench-step`: times training steps (forward, ASL, backward, AdamW) on random weights
+//! and inputs at a model size and batch, and prints images/s and the effective TFLOP/s against
+//! the FLOPs a step needs (`mlvpt::train::flops`).
+
+use std::io::IsTerminal;
+use std::time::Duration;
+
+use anyhow::{bail, Result};
+use clap::Args;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+use super::Device;
+use mlvpt::backend::{Backend, Selected};
+use mlvpt::model::{Method, ModelConfig, VitConfig};
+use mlvpt::train::bench::{self, RandomProblem, StepTimes, BRANCHES};
+use mlvpt::train::flops::{self, StepFlops};
+
+/// Model sizes `--model` accepts, and their backbones (random weights).
+type Backbone = fn() -> VitConfig;
+const MODELS: &[(&str, Backbone)] = &[
+    ("tiny", VitConfig::demo),
+    ("vit-s16", VitConfig::vit_s16),
+    ("vit-b16", VitConfig::vit_b16),
+    ("vit-l16", VitConfig::vit_l16),
+];
+
+/// Default batch on a GPU (issue 8's comparison point) and on the CPU (a step of ViT-B/16 at 8
+/// images takes seconds there).
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+pub const DEFAULT_BATCH_CUDA: usize = 128;
+pub const DEFAULT_BATCH_CPU: usize = 8;
+
+#[derive(Args, Debug)]
+pub struct BenchStepArgs {
+    /// Backbone size: tiny (the demo's: 32 px, patch 4, D 96, 4 blocks), vit-s16, vit-b16 (the
+    /// paper's setting) or vit-l16; random frozen weights.
+    #[arg(long, value_name = "tiny|vit-s16|vit-b16|vit-l16", default_value = "vit-b16")]
+    pub model: String,
+    /// Image side in pixels [default: the model's, 224; tiny 32].
+    #[arg(long, value_name = "PX")]
+    pub image_size: Option<usize>,
+    /// Images per step [default: 128 on CUDA, 8 on the CPU].
+    #[arg(long, value_name = "N")]
+    pub batch: Option<usize>,
+    /// Labels K.
+    #[arg(long, value_name = "K", default_value_t = 80)]
+    pub classes: usize,
+    /// Groups per label partition, T.
+    #[arg(long, value_name = "T", default_value_t = 5)]
+    pub groups: usize,
+    /// Experts (prompt tokens) per group, E.
+    #[arg(long, value_name = "E", default_value_t = 3)]
+    pub experts: usize,
+    /// ML-VPT (two partitions: P = 2 T E prompts per layer) or plain VPT (10 prompts).
+    #[arg(long, value_enum, default_value_t = Method::MlVpt)]
+    pub method: Method,
+    /// Untimed steps first (allocation, kernel loading, clocks).
+    #[arg(long, value_name = "N", default_value_t = 3)]
+    pub warmup: usize,
+    /// Timed steps.
+    #[arg(long, value_name = "N", default_value_t = 10)]
+    pub steps: usize,
+    /// Seed of the random weights and inputs.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Where the steps run (as for `mlvpt train`).
+    #[arg(long, value_enum, default_value_t = Device::Auto)]
+    pub device: Device,
+    /// Print one JSON line instead of the table: impl, model, batch, images_per_s, ms_per_step,
+    /// tflops, flops_per_step, device, and more.
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl BenchStepArgs {
+    /// The model configuration, checked (before any device is opened).
+    pub fn config(&self) -> Result<ModelConfig> {
+        let Some((_, vit)) = MODELS.iter().find(|(name, ..)| *name == self.model) else {
+            let names: Vec<&str> = MODELS.iter().map(|m| m.0).collect();
+            bail!("unknown model '{}' (expected one of {})", self.model, names.join(", "));
+        };
+        if self.batch == Some(0) {
+            bail!("--batch must be at least 1, got 0");
+        }
+        if self.steps == 0 {
+            bail!("--steps must be at least 1, got 0");
+        }
+        let mut vit = vit();
+        if let Some(s) = self.image_size {
+            vit.image_size = s;
+        }
+        let cfg = ModelConfig { vit, labels: self.classes, groups: self.groups, experts: self.experts, method: self.method, ..ModelConfig::demo() };
+        cfg.validate(BRANCHES).map_err(|e| anyhow::anyhow!("{e}"))?;
+        Ok(cfg)
+    }
+}
+
+pub fn run(args: &BenchStepArgs) -> Result<()> {
+    let cfg = args.config()?;
+    let selected = mlvpt::backend::select(args.device, &mut |line| eprintln!("{line}"))?;
+    let device = selected.describe();
+    match selected {
+        Selected::Cpu(be) => run_on(be, device, args.batch.unwrap_or(DEFAULT_BATCH_CPU), args, &cfg),
+        #[cfg(feature = "cuda")]
+        Selected::Cuda(be) => run_on(*be, device, args.batch.unwrap_or(DEFAULT_BATCH_CUDA), args, &cfg),
+    }
+}
+
+fn run_on<B: Backend>(be: B, device: String, batch: usize, args: &BenchStepArgs, cfg: &ModelConfig) -> Result<()> {
+    let backend = be.name();
+    let tokens = cfg.tokens(BRANCHES);
+    eprintln!(
+        "bench-step: {} at {} px ({tokens} tokens), batch {batch}, {} warm-up + {} timed steps on {device}",
+        args.model, cfg.vit.image_size, args.warmup, args.steps
+    );
+    let problem = RandomProblem::new(cfg, batch, args.seed);
+    let mut tr = problem.trainer(be, cfg)?;
+    let bar = progress_bar((args.warmup + args.steps) as u64);
+    let times = bench::time_steps(&mut tr, &problem, args.warmup, args.steps, &mut |done, _| {
+        if let Some(b) = &bar {
+            b.set_position(done as u64);
+        }
+    });
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    let times = times?;
+    let fl = flops::step_flops(cfg, BRANCHES, batch);
+    // "cuda-f32+bf16 (NVIDIA H100 ...)": the device is reported on its own.
+    let backend_short = backend.split(" (").next().unwrap_or(&backend).to_string();
+    let r = Report { model: &args.model, cfg, batch, tokens, device, backend: backend_short, times, flops: fl, warmup: args.warmup };
+    if args.json {
+        println!("{}", r.json());
+    } else {
+        r.print();
+    }
+    Ok(())
+}
+
+/// An indicatif bar on stderr when it is a terminal (hidden in logs and pipes).
+fn progress_bar(total: u64) -> Option<ProgressBar> {
+    if !std::io::stderr().is_terminal() {
+        return None;
+    }
+    let bar = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
+    bar.set_style(
+        ProgressStyle::with_template("{bar:30.cyan/blue} {pos}/{len} steps  [{elapsed_precise} < {eta}]")
+            .expect("static template")
+            .progress_chars("=> "),
+    );
+    bar.enable_steady_tick(Duration::from_millis(200));
+    Some(bar)
+}
+
+struct Report<'a> {
+    model: &'a str,
+    cfg: &'a ModelConfig,
+    batch: usize,
+    tokens: usize,
+    device: String,
+    backend: String,
+    times: StepTimes,
+    flops: StepFlops,
+    warmup: usize,
+}
+
+impl Report<'_> {
+    fn tflops(&self) -> f64 {
+        self.flops.total() as f64 / self.times.mean() / 1e12
+    }
+
+    fn json(&self) -> serde_json::Value {
+        let t = &self.times;
+        serde_json::json!({
+            "impl": format!("mlvpt-{}", self.backend),
+            "model": self.model,
+            "batch": self.batch,
+            "images_per_s": t.images_per_s(),
+            "ms_per_step": 1e3 * t.mean(),
+            "tflops": self.tflops(),
+            "flops_per_step": self.flops.total(),
+            "device": self.device,
+            "image_size": self.cfg.vit.image_size,
+            "tokens": self.tokens,
+            "method": self.cfg.method,
+            "classes": self.cfg.labels,
+            "groups": self.cfg.groups,
+            "experts": self.cfg.experts,
+            "warmup": self.warmup,
+            "steps": t.seconds.len(),
+            "ms_per_step_median": 1e3 * t.median(),
+            "ms_per_step_min": 1e3 * t.min(),
+            "flops": self.flops,
+            "loss": t.last_loss,
+        })
+    }
+
+    fn print(&self) {
+        let (t, c, f) = (&self.times, self.cfg, &self.flops);
+        let row = |k: &str, v: String| println!("  {k:<22}{v}");
+        let tera = |x: u64| match x as f64 {
+            v if v >= 1e12 => format!("{:.3} TFLOP", v / 1e12),
+            v => format!("{:.3} GFLOP", v / 1e9),
+        };
+        println!("bench-step");
+        let method = match c.method {
+            Method::MlVpt => "ML-VPT",
+            Method::Vpt => "VPT",
+        };
+        row(
+            "model",
+            format!(
+                "{} {} px, {} tokens ({} prompts), K {}, T {}, E {}, {method}",
+                self.model,
+                c.vit.image_size,
+                self.tokens,
+                c.prompts_per_layer(BRANCHES),
+                c.labels,
+                c.groups,
+                c.experts
+            ),
+        );
+        row("device", self.device.clone());
+        row("backend", self.backend.clone());
+        row("batch", self.batch.to_string());
+        row("steps", format!("{} timed after {} warm-up", t.seconds.len(), self.warmup));
+        row("ms/step", format!("{:.2} mean, {:.2} median, {:.2} min", 1e3 * t.mean(), 1e3 * t.median(), 1e3 * t.min()));
+        row("images/s", format!("{:.1}", t.images_per_s()));
+        row(
+            "FLOP/step",
+            format!(
+                "{} (backbone forward {}, backward {}, head {})",
+                tera(f.total()),
+                tera(f.backbone_forward),
+                tera(f.backbone_backward),
+                tera(f.head_forward + f.head_backward)
+            ),
+        );
+        row("effective TFLOP/s", format!("{:.2}", self.tflops()));
+        row("last loss", format!("{:.4}", t.last_loss));
+    }
+}
