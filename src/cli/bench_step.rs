@@ -9,7 +9,7 @@ use anyhow::{bail, Result};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-use super::Device;
+use super::{Device, Precision};
 use mlvpt::backend::{Backend, Selected};
 use mlvpt::model::{Method, ModelConfig, VitConfig};
 use mlvpt::train::bench::{self, RandomProblem, StepTimes, BRANCHES};
@@ -66,6 +66,10 @@ pub struct BenchStepArgs {
     /// Where the steps run (as for `mlvpt train`).
     #[arg(long, value_enum, default_value_t = Device::Auto)]
     pub device: Device,
+    /// Storage precision on CUDA [default: bf16] (as for `mlvpt train`; ignored on the CPU
+    /// with a note).
+    #[arg(long, value_enum)]
+    pub precision: Option<Precision>,
     /// Print one JSON line instead of the table: impl, model, batch, images_per_s, ms_per_step,
     /// tflops, flops_per_step, device, and more.
     #[arg(long)]
@@ -97,7 +101,7 @@ impl BenchStepArgs {
 
 pub fn run(args: &BenchStepArgs) -> Result<()> {
     let cfg = args.config()?;
-    let selected = mlvpt::backend::select(args.device, &mut |line| eprintln!("{line}"))?;
+    let selected = mlvpt::backend::select_with(args.device, args.precision, &mut |line| eprintln!("{line}"))?;
     let device = selected.describe();
     match selected {
         Selected::Cpu(be) => run_on(be, device, args.batch.unwrap_or(DEFAULT_BATCH_CPU), args, &cfg),
