@@ -10,7 +10,6 @@
 
 use mlvpt::ops::head::{cpu, AdapterShape, MoeShape, VptHeadShape};
 use std::path::Path;
-use std::process::Command;
 
 mod cuda_emu;
 use cuda_emu::read_u32;
@@ -105,24 +104,20 @@ fn check(dir: &Path, what: &str) {
 
 #[test]
 fn head_kernels_run_on_the_cpu_emulator_and_match_the_reference() {
-    let Some(cuda_emu::Driver { tmp, exe, seed }) = cuda_emu::build("head_emulated", "head_driver") else {
+    let Some(driver) = cuda_emu::build("head_emulated", "head_driver") else {
         return;
     };
+    let seed = driver.seed;
     // (B, T, E, K, D, r, label gating): partial image tiles (37 = 32 + 5) with a lane owning
     // one chunk of a short row (D = 72); two chunks per lane (D = 264), rank groups of 4 with a
     // remainder (r = 13), several and partial pair tiles (K/T = 20) under group gating; the
     // widest row (D = 1024) with E = 8.
     let cases = [(37, 2, 3, 7, 72, 5, true), (17, 2, 3, 40, 264, 13, false), (9, 1, 8, 5, 1024, 1, true)];
     for (i, &(bn, t, e, k, d, r, label)) in cases.iter().enumerate() {
-        let dir = tmp.path().join(format!("case{i}"));
         let what = format!("B={bn} T={t} E={e} K={k} D={d} r={r} {} (seed {seed})", if label { "label" } else { "group" });
-        let run = Command::new(&exe)
-            .arg(&dir)
-            .args([bn, t, e, k, d, r, label as usize].map(|v| v.to_string()))
-            .arg((seed.wrapping_add(i as u32)).to_string())
-            .output()
-            .expect("running the emulated kernels");
-        assert!(run.status.success(), "{what}: driver failed: {}", String::from_utf8_lossy(&run.stderr));
+        let mut args: Vec<String> = [bn, t, e, k, d, r, label as usize].iter().map(|v| v.to_string()).collect();
+        args.push(seed.wrapping_add(i as u32).to_string());
+        let dir = driver.run(&format!("case{i}"), &args);
         check(&dir, &what);
     }
 }

@@ -9,7 +9,6 @@
 
 use mlvpt::ops::layernorm::cpu;
 use std::path::Path;
-use std::process::Command;
 
 mod cuda_emu;
 use cuda_emu::read_f32 as read;
@@ -59,12 +58,11 @@ fn check(dir: &Path, seed: u32, storage: &str, d: usize) {
 
 #[test]
 fn layernorm_kernels_run_on_the_cpu_emulator_and_match_the_cpu_reference() {
-    let Some(cuda_emu::Driver { tmp, exe, seed }) = cuda_emu::build("layernorm_emulated", "layernorm_driver") else {
+    let Some(driver) = cuda_emu::build("layernorm_emulated", "layernorm_driver") else {
         return;
     };
-    let dir = tmp.path().join("run");
-    let run = Command::new(&exe).arg(&dir).arg(seed.to_string()).output().expect("running the emulated kernels");
-    assert!(run.status.success(), "driver failed: {}", String::from_utf8_lossy(&run.stderr));
+    let seed = driver.seed;
+    let dir = driver.run("run", &[seed.to_string()]);
     // The driver's cases: storage x row length (scalar kernel at 13, vector at 40 and 520).
     for storage in ["f32", "bf16"] {
         for d in [13, 40, 520] {

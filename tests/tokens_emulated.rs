@@ -10,7 +10,6 @@
 
 use mlvpt::backend::{AttnShape, Backend, CpuBackend};
 use std::path::Path;
-use std::process::Command;
 
 mod cuda_emu;
 use cuda_emu::read_f32 as read;
@@ -139,11 +138,9 @@ fn check_bf16(dir: &Path, what: &str) {
 
 #[test]
 fn token_kernels_run_on_the_cpu_emulator_and_match_the_cpu_backend() {
-    let Some(cuda_emu::Driver { tmp, exe, seed }) = cuda_emu::build("tokens_emulated", "tokens_driver") else {
+    let Some(driver) = cuda_emu::build("tokens_emulated", "tokens_driver") else {
         return;
     };
-    let dir = tmp.path().join("run");
-    let run = Command::new(&exe).arg(&dir).arg(seed.to_string()).output().expect("running the emulated kernels");
-    assert!(run.status.success(), "driver failed: {}", String::from_utf8_lossy(&run.stderr));
-    check(&dir, &format!("seed {seed}"));
+    let dir = driver.run("run", &[driver.seed.to_string()]);
+    check(&dir, &format!("seed {}", driver.seed));
 }

@@ -12,6 +12,17 @@ pub struct Driver {
     pub seed: u32,
 }
 
+impl Driver {
+    /// Runs the driver with `args` after a fresh dump folder `name` (inside the temporary
+    /// folder), which it returns; fails the test, with the driver's stderr, if the driver fails.
+    pub fn run(&self, name: &str, args: &[String]) -> PathBuf {
+        let dir = self.tmp.path().join(name);
+        let out = Command::new(&self.exe).arg(&dir).args(args).output().expect("running the emulated kernels");
+        assert!(out.status.success(), "{name}: driver failed: {}", String::from_utf8_lossy(&out.stderr));
+        dir
+    }
+}
+
 fn compiler() -> Option<String> {
     let candidates = std::env::var("CXX").ok().into_iter().chain(["g++".to_string(), "c++".to_string()]);
     candidates.into_iter().find(|c| Command::new(c).arg("--version").output().map(|o| o.status.success()).unwrap_or(false))
