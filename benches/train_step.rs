@@ -6,8 +6,8 @@
 //!
 //! The machine is shared, so before criterion's samples each shape also prints a summary of
 //! single steps: median and best wall time per step (as `mlvpt bench-step` and the PyTorch peer
-//! tools/peer/step_bench.py report them), images per CPU-second (process CPU time from /proc/self/stat), and the
-//! same for predict (forward only).
+//! tools/peer/step_bench.py report them), images per CPU-second (process CPU time from
+//! /proc/self/stat), and the same for predict (forward only).
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use mlvpt::backend::CpuBackend;
