@@ -5,9 +5,9 @@
 //!     cargo bench --bench train_step -- demo      # one shape
 //!
 //! The machine is shared, so before criterion's samples each shape also prints a summary of
-//! single steps in the form of the PyTorch peer (tools/peer/cpu_step.py): median and best
-//! wall time per step, images per CPU-second (process CPU time from /proc/self/stat), and the
-//! same for predict (forward only).
+//! single steps: median and best wall time per step (as `mlvpt bench-step` and the PyTorch peer
+//! tools/peer/step_bench.py report them), images per CPU-second (process CPU time from
+//! /proc/self/stat), and the same for predict (forward only).
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use mlvpt::backend::CpuBackend;
