@@ -1,9 +1,22 @@
-// AdamW (decoupled weight decay, PyTorch's formulation) over one flat fp32 buffer holding every
-// trainable tensor:
+// AdamW (decoupled weight decay, PyTorch's formulation) over every trainable tensor in one
+// launch (a multi-tensor apply): fp32 parameters, gradients and moments, tensor t at its own
+// pointers, elements numbered consecutively over the tensors (start[t] .. start[t+1]).
 //   p <- p (1 - lr wd);  m <- b1 m + (1-b1) g;  v <- b2 v + (1-b2) g^2
 //   p <- p - (lr / bc1) m / (sqrt(v) / sqrt(bc2) + eps),   bc_i = 1 - b_i^t (host computes).
-// Grid-stride; `_v4` moves four elements per step (16-byte aligned buffers, scalar tail).
+// `guard` (may be null): the update is skipped, nothing written, unless guard[0] is finite. The
+// training step passes its loss, still on the device, so a non-finite loss leaves the weights
+// and moments as they were without the host waiting for the loss before the update.
 #include "common.cuh"
+
+#define ADAMW_MAX_TENSORS 32
+
+struct AdamWTensors {
+    float* p[ADAMW_MAX_TENSORS];
+    const float* g[ADAMW_MAX_TENSORS];
+    float* m[ADAMW_MAX_TENSORS];
+    float* v[ADAMW_MAX_TENSORS];
+    uint64_t start[ADAMW_MAX_TENSORS + 1];  // start[count] = total elements
+};
 
 struct AdamW {
     float decay;         // 1 - lr * wd
@@ -21,42 +34,39 @@ struct AdamW {
     }
 };
 
-extern "C" __global__ void adamw_f32(float* __restrict__ p, const float* __restrict__ g,
-                                     float* __restrict__ m, float* __restrict__ v, uint64_t n,
-                                     float decay, float step_size, float inv_sqrt_bc2, float beta1,
-                                     float beta2, float eps) {
-    const AdamW a{decay, step_size, inv_sqrt_bc2, beta1, beta2, eps};
-    for (uint64_t i = global_thread(); i < n; i += grid_threads()) {
-        float pi = p[i], mi = m[i], vi = v[i];
-        a.update(pi, g[i], mi, vi);
-        p[i] = pi; m[i] = mi; v[i] = vi;
+extern "C" __global__ void adamw_multi_f32(AdamWTensors ts, uint32_t count, const float* __restrict__ guard,
+                                           float decay, float step_size, float inv_sqrt_bc2, float beta1,
+                                           float beta2, float eps, float one_minus_beta1, float one_minus_beta2) {
+    if (guard != nullptr && !isfinite(guard[0])) return;
+    // The table in shared memory: indexing the parameter struct with a run-time tensor index
+    // would copy it to the stack (local memory).
+    __shared__ float* sp[ADAMW_MAX_TENSORS];
+    __shared__ const float* sg[ADAMW_MAX_TENSORS];
+    __shared__ float* sm[ADAMW_MAX_TENSORS];
+    __shared__ float* sv[ADAMW_MAX_TENSORS];
+    __shared__ uint64_t ss[ADAMW_MAX_TENSORS + 1];
+#pragma unroll
+    for (int t = 0; t < ADAMW_MAX_TENSORS; t++) {
+        if (threadIdx.x == 0) {
+            sp[t] = ts.p[t];
+            sg[t] = ts.g[t];
+            sm[t] = ts.m[t];
+            sv[t] = ts.v[t];
+            ss[t] = ts.start[t];
+        }
     }
-}
-
-extern "C" __global__ void adamw_f32_v4(float* __restrict__ p, const float* __restrict__ g,
-                                        float* __restrict__ m, float* __restrict__ v, uint64_t n,
-                                        float decay, float step_size, float inv_sqrt_bc2,
-                                        float beta1, float beta2, float eps,
-                                     float one_minus_beta1, float one_minus_beta2) {
+    if (threadIdx.x == 0) ss[ADAMW_MAX_TENSORS] = ts.start[ADAMW_MAX_TENSORS];
+    __syncthreads();
     const AdamW a{decay, step_size, inv_sqrt_bc2, beta1, beta2, eps, one_minus_beta1, one_minus_beta2};
-    const uint64_t n4 = n / 4;
-    for (uint64_t i = global_thread(); i < n4; i += grid_threads()) {
-        float4 P = reinterpret_cast<float4*>(p)[i];
-        float4 G = reinterpret_cast<const float4*>(g)[i];
-        float4 M = reinterpret_cast<float4*>(m)[i];
-        float4 V = reinterpret_cast<float4*>(v)[i];
-        a.update(P.x, G.x, M.x, V.x);
-        a.update(P.y, G.y, M.y, V.y);
-        a.update(P.z, G.z, M.z, V.z);
-        a.update(P.w, G.w, M.w, V.w);
-        reinterpret_cast<float4*>(p)[i] = P;
-        reinterpret_cast<float4*>(m)[i] = M;
-        reinterpret_cast<float4*>(v)[i] = V;
-    }
-    const uint64_t t = 4 * n4 + global_thread();
-    if (t < n) {
-        float pi = p[t], mi = m[t], vi = v[t];
-        a.update(pi, g[t], mi, vi);
-        p[t] = pi; m[t] = mi; v[t] = vi;
+    const uint64_t total = ss[count];
+    uint32_t t = 0;  // this thread's tensor; its indices only grow, so the cursor only advances
+    for (uint64_t i = global_thread(); i < total; i += grid_threads()) {
+        while (i >= ss[t + 1]) t++;
+        const uint64_t j = i - ss[t];
+        float pi = sp[t][j], mi = sm[t][j], vi = sv[t][j];
+        a.update(pi, sg[t][j], mi, vi);
+        sp[t][j] = pi;
+        sm[t][j] = mi;
+        sv[t][j] = vi;
     }
 }

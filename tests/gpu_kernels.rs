@@ -387,3 +387,43 @@ fn adamw_matches_cpu_over_several_steps() {
         }
     }
 }
+
+/// Several tensors in one launch (`step_many`), with the loss guard: a finite guard updates
+/// every tensor as the CPU does, a NaN guard changes nothing.
+#[test]
+#[ignore = "requires a CUDA device"]
+fn adamw_many_tensors_in_one_launch_with_a_guard() {
+    let gpu = gpu();
+    let (mut rng, seed) = rng("adamw many");
+    let cfg = adamw::AdamWConfig { weight_decay: 0.05, ..Default::default() };
+    let sizes = [1usize, 0, 4099, 37, 300_001];
+    let p0: Vec<Vec<f32>> = sizes.iter().map(|&n| uniform(&mut rng, n, -1.0, 1.0)).collect();
+    let g0: Vec<Vec<f32>> = sizes.iter().map(|&n| uniform(&mut rng, n, -1.0, 1.0)).collect();
+    for (guard, applies) in [(1.5f32, true), (f32::NAN, false), (f32::INFINITY, false)] {
+        let mut p: Vec<_> = p0.iter().map(|x| gpu.upload(x).unwrap()).collect();
+        let g: Vec<_> = g0.iter().map(|x| gpu.upload(x).unwrap()).collect();
+        let mut m: Vec<_> = sizes.iter().map(|&n| gpu.zeros::<f32>(n.max(1)).unwrap()).collect();
+        let mut v: Vec<_> = sizes.iter().map(|&n| gpu.zeros::<f32>(n.max(1)).unwrap()).collect();
+        let gd = gpu.upload(&[guard]).unwrap();
+        {
+            let mut ts: Vec<adamw::cuda::AdamWTensor> = p
+                .iter_mut()
+                .zip(&g)
+                .zip(m.iter_mut().zip(v.iter_mut()))
+                .zip(sizes)
+                .map(|(((p, g), (m, v)), n)| adamw::cuda::AdamWTensor { params: p, grads: g, m, v, n })
+                .collect();
+            adamw::cuda::step_many(&gpu, gpu.stream(), &mut ts, 2, 1e-3, &cfg, Some(&gd)).unwrap();
+        }
+        for (i, &n) in sizes.iter().enumerate() {
+            let what = format!("tensor {i} (n={n}) guard {guard}");
+            let (mut p64, mut m64, mut v64) = (to_f64(&p0[i]), vec![0.0f64; n], vec![0.0f64; n]);
+            if applies {
+                adamw::cpu::step(&mut p64, &to_f64(&g0[i]), &mut m64, &mut v64, 2, 1e-3, &cfg);
+            }
+            assert_close(&format!("adamw many p {what}"), &gpu.download(&p[i]).unwrap()[..n], &p64, 1e-6, 1e-5, seed);
+            assert_close(&format!("adamw many m {what}"), &gpu.download(&m[i]).unwrap()[..n], &m64, 1e-7, 1e-5, seed);
+            assert_close(&format!("adamw many v {what}"), &gpu.download(&v[i]).unwrap()[..n], &v64, 1e-9, 1e-5, seed);
+        }
+    }
+}

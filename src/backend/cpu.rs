@@ -499,8 +499,12 @@ impl<T: Real> Backend for CpuBackend<T> {
         step: u64,
         lr: f64,
         cfg: &AdamWConfig,
+        guard: Option<&Vec<T>>,
     ) {
         assert!(grads.len() == params.len() && m.len() == params.len() && v.len() == params.len());
+        if guard.is_some_and(|g| !g[0].is_finite()) {
+            return;
+        }
         for i in 0..params.len() {
             adamw::cpu::step(
                 &mut params[i],

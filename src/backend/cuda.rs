@@ -26,10 +26,13 @@
 //! casts.
 //!
 //! **Errors**: the trait's ops return nothing, so the first [`GpuError`] is kept, later ops are
-//! skipped, and [`Backend::check`] (called by the `Trainer` after each phase) reports it.
+//! skipped, and [`Backend::check`] (called by the `Trainer` when it reads results) reports it.
 //! Scratch buffers grow to the largest size an op asks for and are then reused: no device
-//! allocation per step once the shapes are fixed. Host synchronisation in a step: one, reading
-//! the loss of [`Backend::asl_terms`] (all ASL terms in one launch); downloads synchronise too.
+//! allocation per step once the shapes are fixed. **Synchronisation**: none inside a training
+//! step. [`Backend::asl_terms_into`] leaves the loss on the device (every ASL term in one
+//! launch), AdamW updates every trainable tensor in one launch guarded by that loss (a
+//! non-finite loss changes nothing), and the `Trainer` reads the loss once, after the update is
+//! queued; downloads synchronise too.
 
 use super::{AdamWConfig, AdapterShape, AslConfig, AttnShape, Backend, BufRole, MoeShape, Precision, VptHeadShape};
 use crate::gpu::{bf16, CudaSlice, DevicePtr, DevicePtrMut, GemmType, GpuContext, GpuError};
@@ -862,7 +865,8 @@ impl Backend for CudaBackend {
             let g = &be.gpu;
             let t = f32::of(targets).ok_or_else(|| GpuError::invalid("asl", "targets type"))?;
             // One launch per MAX_TERMS terms (the training loss has at most four), each
-            // writing `loss`, which is read back (one host synchronisation per launch).
+            // writing `loss`, which is read back (one host synchronisation per launch; the
+            // training step uses `asl_terms_into`, which does not wait).
             for chunk in terms.chunks_mut(asl::cuda::MAX_TERMS) {
                 let mut ts = Vec::with_capacity(chunk.len());
                 for (l, gr) in chunk.iter_mut() {
@@ -887,24 +891,53 @@ impl Backend for CudaBackend {
             out
         }
     }
-    fn adamw(&mut self, params: &mut [DevBuf], grads: &[DevBuf], m: &mut [DevBuf], v: &mut [DevBuf], step: u64, lr: f64, cfg: &AdamWConfig) {
+    fn asl_terms_into(&mut self, terms: &mut [(&DevBuf, Option<&mut DevBuf>)], targets: &DevBuf, len: usize, cfg: &AslConfig, scale: f64, loss: &mut DevBuf) {
+        let all_f32 = !targets.is_bf16() && !loss.is_bf16() && terms.iter().all(|(l, gr)| !l.is_bf16() && gr.as_ref().is_none_or(|b| !b.is_bf16()));
+        if !all_f32 || terms.len() > asl::cuda::MAX_TERMS {
+            // Not a training step's layout (its logits, gradients and loss are fp32 State, at
+            // most four terms): computed now, with a host read.
+            let total = self.asl_terms(terms, targets, len, cfg, scale);
+            self.upload_f64(&[total], loss);
+            return;
+        }
         self.run(|be| {
             let g = &be.gpu;
+            let t = f32::of(targets).ok_or_else(|| GpuError::invalid("asl", "targets type"))?;
+            let mut ts = Vec::with_capacity(terms.len());
+            for (l, gr) in terms.iter_mut() {
+                let logits = f32::of(l).ok_or_else(|| GpuError::invalid("asl", "logits type"))?;
+                let grad = match gr.as_deref_mut() {
+                    Some(b) => Some(f32::of_mut(b).map_err(|_| GpuError::invalid("asl", "gradient type"))? as &mut dyn DevicePtrMut<f32>),
+                    None => None,
+                };
+                ts.push(asl::cuda::AslTerm { logits: logits as &dyn DevicePtr<f32>, grad });
+            }
+            let out = f32::of_mut(loss).map_err(|_| GpuError::invalid("asl", "loss type"))?;
+            // One launch; the loss stays on the device (no synchronisation).
+            asl::cuda::forward_backward_terms(g, g.stream(), &mut be.asl_ws, &mut ts, t, cfg, scale as f32, out, len)
+        });
+    }
+    fn adamw(&mut self, params: &mut [DevBuf], grads: &[DevBuf], m: &mut [DevBuf], v: &mut [DevBuf], step: u64, lr: f64, cfg: &AdamWConfig, guard: Option<&DevBuf>) {
+        self.run(|be| {
+            const OP: &str = "adamw";
             if grads.len() != params.len() || m.len() != params.len() || v.len() != params.len() {
-                return Err(GpuError::invalid("adamw", "params, grads and moments differ in count"));
+                return Err(GpuError::invalid(OP, "params, grads and moments differ in count"));
             }
+            // Parameters, gradients and moments are State, fp32 in both precisions: every
+            // tensor in one launch (adamw_multi_f32).
+            let gd = match guard {
+                Some(b) => Some(f32::of(b).ok_or_else(|| GpuError::invalid(OP, "the guard must be fp32"))? as &dyn DevicePtr<f32>),
+                None => None,
+            };
+            let mut ts = Vec::with_capacity(params.len());
             for (((p, gr), mi), vi) in params.iter_mut().zip(grads).zip(m.iter_mut()).zip(v.iter_mut()) {
-                let [s0, s1, s2, s3, ..] = &mut be.scratch;
                 let n = p.len();
-                let po = output::<f32>(g, p, s0, n, Mode::Update)?;
-                let gv = input::<f32>(g, gr, s1, n)?;
-                let (mo, vo) = (output::<f32>(g, mi, s2, n, Mode::Update)?, output::<f32>(g, vi, s3, n, Mode::Update)?);
-                adamw::cuda::step(g, g.stream(), &mut *po.buf, gv, &mut *mo.buf, &mut *vo.buf, n, step, lr, cfg)?;
-                for o in [po, mo, vo] {
-                    o.done(g)?;
-                }
+                let (DevBuf::F32(p), DevBuf::F32(gr), DevBuf::F32(mi), DevBuf::F32(vi)) = (p, gr, mi, vi) else {
+                    return Err(GpuError::invalid(OP, "parameters, gradients and moments must be stored in fp32"));
+                };
+                ts.push(adamw::cuda::AdamWTensor { params: p, grads: gr, m: mi, v: vi, n });
             }
-            Ok(())
+            adamw::cuda::step_many(&be.gpu, be.gpu.stream(), &mut ts, step, lr, cfg, gd)
         });
     }
 }

@@ -182,7 +182,17 @@ pub trait Backend {
         }
         total
     }
-    /// One AdamW update (step counts from 1) of every tensor `params[i]` with `grads[i]`.
+    /// [`Backend::asl_terms`] with the total written into `loss[0]` instead of returned: a
+    /// device backend launches it and does not wait, so a training step reads its loss once,
+    /// at its end. The default computes it now.
+    #[allow(clippy::type_complexity)]
+    fn asl_terms_into(&mut self, terms: &mut [(&Self::Buf, Option<&mut Self::Buf>)], targets: &Self::Buf, len: usize, cfg: &AslConfig, scale: f64, loss: &mut Self::Buf) {
+        let total = self.asl_terms(terms, targets, len, cfg, scale);
+        self.upload_f64(&[total], loss);
+    }
+    /// One AdamW update (step counts from 1) of every tensor `params[i]` with `grads[i]`. With
+    /// `guard`, nothing changes unless `guard[0]` is finite (the step's loss: a non-finite one
+    /// leaves weights and moments as they were, decided where the loss is, without a host read).
     #[allow(clippy::too_many_arguments)]
-    fn adamw(&mut self, params: &mut [Self::Buf], grads: &[Self::Buf], m: &mut [Self::Buf], v: &mut [Self::Buf], step: u64, lr: f64, cfg: &AdamWConfig);
+    fn adamw(&mut self, params: &mut [Self::Buf], grads: &[Self::Buf], m: &mut [Self::Buf], v: &mut [Self::Buf], step: u64, lr: f64, cfg: &AdamWConfig, guard: Option<&Self::Buf>);
 }

@@ -107,6 +107,8 @@ struct Acts<B: Backend> {
     zbar: B::Buf,
     logits: B::Buf,
     targets: B::Buf,
+    /// The training loss, `[1]` (left on the device until the step's end).
+    loss: B::Buf,
     dy: Vec<B::Buf>,
     dm: Vec<B::Buf>,
     dz: B::Buf,
@@ -391,25 +393,30 @@ impl<B: Backend> Trainer<B> {
             lr.is_finite() && lr >= 0.0,
             "learning rate must be a finite number >= 0, got {lr}"
         );
-        let loss = self.compute_grads(images, targets)?;
-        self.step += 1;
+        self.compute_grads(images, targets)?;
+        // AdamW runs unless the loss, still on the device, is non-finite (the kernel reads it),
+        // so the host waits once per step: for the loss, after the update is queued.
+        let step = self.step + 1;
         self.be.adamw(
             &mut self.params,
             &self.grads,
             &mut self.adam_m,
             &mut self.adam_v,
-            self.step,
+            step,
             lr as f64,
             &self.opt,
+            Some(&self.acts.loss),
         );
-        self.be.check()?;
+        let loss = self.read_loss()?;
+        self.step = step;
         Ok(loss as f32)
     }
 
     /// Loss and the gradient of every trainable tensor (same names and shapes as the params),
     /// without an update.
     pub fn loss_and_grads(&mut self, images: &[f32], targets: &[f32]) -> Result<(f32, Params)> {
-        let loss = self.compute_grads(images, targets)?;
+        self.compute_grads(images, targets)?;
+        let loss = self.read_loss()?;
         let mut out = Vec::with_capacity(self.specs.len());
         for (i, (name, shape)) in self.specs.iter().enumerate() {
             let mut data = vec![0.0f32; shape.iter().product()];
@@ -431,7 +438,8 @@ impl<B: Backend> Trainer<B> {
         images: &[f32],
         targets: &[f32],
     ) -> Result<(f64, Vec<Vec<f64>>)> {
-        let loss = self.compute_grads(images, targets)?;
+        self.compute_grads(images, targets)?;
+        let loss = self.read_loss()?;
         let mut out = Vec::with_capacity(self.specs.len());
         for (i, (_, shape)) in self.specs.iter().enumerate() {
             let mut data = vec![0.0f64; shape.iter().product()];
@@ -535,20 +543,29 @@ impl<B: Backend> Trainer<B> {
         Params { tensors }
     }
 
-    /// Forward + loss + backward for one batch; leaves the gradients in `self.grads`.
-    fn compute_grads(&mut self, images: &[f32], targets: &[f32]) -> Result<f64> {
+    /// Forward + loss + backward for one batch; leaves the gradients in `self.grads` and the
+    /// loss in `acts.loss` (read by [`Self::read_loss`]). Nothing here
+    /// waits for the device: its errors surface at the next check.
+    fn compute_grads(&mut self, images: &[f32], targets: &[f32]) -> Result<()> {
         let b = self.batch_of(images, Some(targets))?;
         self.be.upload(images, &mut self.acts.images);
         self.be.upload(targets, &mut self.acts.targets);
         self.forward(b, &mut |_, _, _, _| {});
-        let loss = self.loss(b);
+        self.loss(b);
+        self.backward(b);
+        Ok(())
+    }
+
+    /// The loss of the last [`Self::compute_grads`], after any device error is reported; an
+    /// error if it is not finite (the step then left the weights as they were).
+    fn read_loss(&mut self) -> Result<f64> {
+        let mut loss = [0.0f64];
+        self.be.download_f64(&self.acts.loss, &mut loss);
         self.be.check()?;
+        let loss = loss[0];
         if !loss.is_finite() {
             bail!("loss is not finite ({loss})");
         }
-        // Device errors of the backward surface at the caller's next check (after AdamW, or
-        // after the gradients are read), so a step synchronises only there and at the loss.
-        self.backward(b);
         Ok(loss)
     }
 }
@@ -641,6 +658,7 @@ impl<B: Backend> Acts<B> {
             zbar: be.alloc(if mlvpt { 0 } else { bm * d.dim }),
             logits: be.alloc(bk),
             targets: be.alloc(bk),
+            loss: be.alloc(1),
             dy: many(be, nb, bk),
             dm: many(be, if mlvpt { nb } else { 0 }, bk),
             dz: be.alloc(pd),
@@ -884,8 +902,9 @@ impl<B: Backend> Trainer<B> {
         }
     }
 
-    /// Training loss of the last forward (`acts.targets` uploaded); writes `dy`, `dm`.
-    fn loss(&mut self, b: usize) -> f64 {
+    /// Training loss of the last forward (`acts.targets` uploaded) into `acts.loss`; writes
+    /// `dy`, `dm`.
+    fn loss(&mut self, b: usize) {
         let n = b * self.dims.labels;
         let scale = self.cfg.loss_scale / n as f64;
         let Self {
@@ -900,7 +919,7 @@ impl<B: Backend> Trainer<B> {
                 terms.push((m, Some(dm)));
             }
         }
-        be.asl_terms(&mut terms, &a.targets, n, asl, scale)
+        be.asl_terms_into(&mut terms, &a.targets, n, asl, scale, &mut a.loss);
     }
 
     /// Backward of the last forward and loss: parameter gradients into `self.grads`.

@@ -226,11 +226,11 @@ impl Backend for Bf16Emu {
         r
     }
 
-    fn adamw(&mut self, params: &mut [Buf], grads: &[Buf], m: &mut [Buf], v: &mut [Buf], step: u64, lr: f64, cfg: &AdamWConfig) {
+    fn adamw(&mut self, params: &mut [Buf], grads: &[Buf], m: &mut [Buf], v: &mut [Buf], step: u64, lr: f64, cfg: &AdamWConfig, guard: Option<&Buf>) {
         let take = |b: &mut [Buf]| -> Vec<Vec<f32>> { b.iter_mut().map(|x| std::mem::take(&mut x.v)).collect() };
         let (mut p, mut mm, mut vv) = (take(params), take(m), take(v));
         let g: Vec<Vec<f32>> = grads.iter().map(|x| x.v.clone()).collect();
-        self.inner.adamw(&mut p, &g, &mut mm, &mut vv, step, lr, cfg);
+        self.inner.adamw(&mut p, &g, &mut mm, &mut vv, step, lr, cfg, guard.map(|b| &b.v));
         for (bufs, vals) in [(params, p), (m, mm), (v, vv)] {
             for (b, x) in bufs.iter_mut().zip(vals) {
                 b.v = x;

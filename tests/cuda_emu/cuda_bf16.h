@@ -6,6 +6,7 @@
 #pragma once
 #include <cstdint>
 #include <cmath>
+using std::isfinite;
 #include <cstring>
 #include <atomic>
 #include <barrier>

@@ -1,13 +1,128 @@
-//! GPU launcher of AdamW (`kernels/adamw.cu`) over one flat fp32 buffer holding every
-//! trainable tensor (parameters, gradients and both moments laid out alike).
+//! GPU launcher of AdamW (`kernels/adamw.cu`): every trainable tensor in one launch (a
+//! multi-tensor apply over up to [`MAX_TENSORS`] fp32 tensors, each with its own parameter,
+//! gradient and moment buffers), optionally guarded by a device scalar (the loss) so a
+//! non-finite loss skips the update without the host reading the loss first.
 
 use super::AdamWConfig;
-use crate::gpu::launch::{aligned, check_len, grid_stride_blocks, BLOCK};
+use crate::gpu::launch::{grid_stride_blocks, BLOCK};
 use crate::gpu::{CudaStream, DevicePtr, DevicePtrMut, GpuContext, GpuError};
-use cudarc::driver::{LaunchConfig, PushKernelArg};
+use cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
 
-/// One AdamW update of the first `n` elements at step `step` (1-based) and learning rate `lr`:
-/// the twin of [`super::cpu::step`]. Bias corrections are computed here in f64.
+/// Most tensors one launch takes (`ADAMW_MAX_TENSORS` in adamw.cu); more take several launches.
+pub const MAX_TENSORS: usize = 32;
+
+/// One tensor of [`step_many`]: its first `n` elements are updated.
+pub struct AdamWTensor<'a> {
+    pub params: &'a mut dyn DevicePtrMut<f32>,
+    pub grads: &'a dyn DevicePtr<f32>,
+    pub m: &'a mut dyn DevicePtrMut<f32>,
+    pub v: &'a mut dyn DevicePtrMut<f32>,
+    pub n: usize,
+}
+
+/// The kernel's by-value pointer table (`struct AdamWTensors` in adamw.cu).
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct TableArg {
+    p: [u64; MAX_TENSORS],
+    g: [u64; MAX_TENSORS],
+    m: [u64; MAX_TENSORS],
+    v: [u64; MAX_TENSORS],
+    start: [u64; MAX_TENSORS + 1],
+}
+// SAFETY: plain-old-data laid out as the kernel's struct (64-bit pointers and offsets).
+unsafe impl DeviceRepr for TableArg {}
+
+/// One AdamW update at step `step` (1-based) and learning rate `lr` of every tensor in
+/// `tensors`, in one launch per [`MAX_TENSORS`]: the twin of [`super::cpu::step`] on each.
+/// With `guard`, nothing is written unless `guard[0]` is finite (checked on the device). Bias
+/// corrections and `1 - beta` are computed here in f64.
+///
+/// ```no_run
+/// use mlvpt::gpu::{GpuContext, GpuError};
+/// use mlvpt::ops::adamw::{cuda, AdamWConfig};
+/// # fn main() -> Result<(), GpuError> {
+/// let gpu = GpuContext::new(0)?;
+/// let (mut p, g) = (gpu.upload(&[1.0f32, 2.0, 3.0])?, gpu.upload(&[0.1f32, -0.2, 0.3])?);
+/// let (mut m, mut v) = (gpu.zeros::<f32>(3)?, gpu.zeros::<f32>(3)?);
+/// let mut ts = [cuda::AdamWTensor { params: &mut p, grads: &g, m: &mut m, v: &mut v, n: 3 }];
+/// cuda::step_many(&gpu, gpu.stream(), &mut ts, 1, 1e-3, &AdamWConfig::default(), None)?;
+/// # Ok(()) }
+/// ```
+#[allow(clippy::too_many_arguments)]
+pub fn step_many(
+    gpu: &GpuContext,
+    stream: &CudaStream,
+    tensors: &mut [AdamWTensor<'_>],
+    step: u64,
+    lr: f64,
+    cfg: &AdamWConfig,
+    guard: Option<&dyn DevicePtr<f32>>,
+) -> Result<(), GpuError> {
+    const OP: &str = "adamw";
+    cfg.validate().map_err(|e| GpuError::invalid(OP, e))?;
+    if step == 0 {
+        return Err(GpuError::invalid(OP, "steps count from 1"));
+    }
+    if !(lr.is_finite() && lr >= 0.0) {
+        return Err(GpuError::invalid(OP, format!("learning rate {lr}")));
+    }
+    for (i, t) in tensors.iter().enumerate() {
+        for (what, len) in [("params", t.params.len()), ("grads", t.grads.len()), ("m", t.m.len()), ("v", t.v.len())] {
+            if len < t.n {
+                return Err(GpuError::invalid(OP, format!("{what} of tensor {i} has {len} elements, needs {}", t.n)));
+            }
+        }
+    }
+    if guard.is_some_and(|g| g.len() == 0) {
+        return Err(GpuError::invalid(OP, "the guard buffer is empty"));
+    }
+    let [decay, step_size, inv_sqrt_bc2, b1, b2, eps, omb1, omb2] = super::kernel_scalars(step, lr, cfg);
+    let f = gpu.function("adamw", "adamw_multi_f32")?;
+    let (gp, _gg) = match guard {
+        Some(g) => {
+            let (p, guard) = g.device_ptr(stream);
+            (p, Some(guard))
+        }
+        None => (0, None),
+    };
+    for chunk in tensors.chunks_mut(MAX_TENSORS) {
+        let mut table = TableArg { p: [0; MAX_TENSORS], g: [0; MAX_TENSORS], m: [0; MAX_TENSORS], v: [0; MAX_TENSORS], start: [0; MAX_TENSORS + 1] };
+        let count = chunk.len();
+        let mut guards = Vec::with_capacity(4 * count);
+        let mut total = 0u64;
+        for (i, t) in chunk.iter_mut().enumerate() {
+            let (p, g1) = t.params.device_ptr_mut(stream);
+            let (g, g2) = t.grads.device_ptr(stream);
+            let (m, g3) = t.m.device_ptr_mut(stream);
+            let (v, g4) = t.v.device_ptr_mut(stream);
+            (table.p[i], table.g[i], table.m[i], table.v[i]) = (p, g, m, v);
+            guards.extend([g1, g2, g3, g4]);
+            table.start[i] = total;
+            total += t.n as u64;
+        }
+        // Unused entries are empty tensors at the end (start = total), never selected.
+        for s in &mut table.start[count..] {
+            *s = total;
+        }
+        if total == 0 {
+            continue;
+        }
+        let count = count as u32;
+        let launch = LaunchConfig { grid_dim: (grid_stride_blocks(gpu, total, BLOCK as u64), 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
+        let mut l = stream.launch_builder(&f);
+        l.arg(&table).arg(&count).arg(&gp);
+        l.arg(&decay).arg(&step_size).arg(&inv_sqrt_bc2).arg(&b1).arg(&b2).arg(&eps).arg(&omb1).arg(&omb2);
+        // SAFETY: tensor i's four buffers hold at least n_i elements (checked above) and the
+        // kernel touches elements start[i]..start[i+1] - start[i] of them; the guard is null or
+        // holds one element; argument types match adamw_multi_f32's signature.
+        unsafe { l.launch(launch) }.map_err(GpuError::driver("launching adamw_multi_f32"))?;
+        drop(guards);
+    }
+    Ok(())
+}
+
+/// [`step_many`] on one tensor of `n` elements, without a guard.
 #[allow(clippy::too_many_arguments)]
 pub fn step(
     gpu: &GpuContext,
@@ -21,39 +136,6 @@ pub fn step(
     lr: f64,
     cfg: &AdamWConfig,
 ) -> Result<(), GpuError> {
-    const OP: &str = "adamw";
-    cfg.validate().map_err(|e| GpuError::invalid(OP, e))?;
-    if step == 0 {
-        return Err(GpuError::invalid(OP, "steps count from 1"));
-    }
-    check_len(OP, "params", params, n)?;
-    check_len(OP, "grads", grads, n)?;
-    check_len(OP, "m", m, n)?;
-    check_len(OP, "v", v, n)?;
-    if n == 0 {
-        return Ok(());
-    }
-    let bc1 = 1.0 - cfg.beta1.powf(step as f64);
-    let bc2 = 1.0 - cfg.beta2.powf(step as f64);
-    let decay = (1.0 - lr * cfg.weight_decay) as f32;
-    let step_size = (lr / bc1) as f32;
-    let inv_sqrt_bc2 = (1.0 / bc2.sqrt()) as f32;
-    let (b1, b2, eps) = (cfg.beta1 as f32, cfg.beta2 as f32, cfg.eps as f32);
-    let (omb1, omb2) = ((1.0 - cfg.beta1) as f32, (1.0 - cfg.beta2) as f32);
-    let (pp, _g1) = params.device_ptr_mut(stream);
-    let (gp, _g2) = grads.device_ptr(stream);
-    let (mp, _g3) = m.device_ptr_mut(stream);
-    let (vp, _g4) = v.device_ptr_mut(stream);
-    let vec = [pp, gp, mp, vp].iter().all(|&p| aligned(p, 16));
-    let name = if vec { "adamw_f32_v4" } else { "adamw_f32" };
-    let f = gpu.function("adamw", name)?;
-    let n64 = n as u64;
-    let items = if vec { n64.div_ceil(4) } else { n64 };
-    let cfg = LaunchConfig { grid_dim: (grid_stride_blocks(gpu, items, BLOCK as u64), 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
-    let mut l = stream.launch_builder(&f);
-    l.arg(&pp).arg(&gp).arg(&mp).arg(&vp).arg(&n64);
-    l.arg(&decay).arg(&step_size).arg(&inv_sqrt_bc2).arg(&b1).arg(&b2).arg(&eps).arg(&omb1).arg(&omb2);
-    // SAFETY: all four buffers hold n elements; `_v4` only runs on 16-byte aligned buffers.
-    unsafe { l.launch(cfg) }.map_err(GpuError::driver(format!("launching {name}")))?;
-    Ok(())
+    let mut ts = [AdamWTensor { params, grads, m, v, n }];
+    step_many(gpu, stream, &mut ts, step, lr, cfg, None)
 }

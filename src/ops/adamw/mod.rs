@@ -39,3 +39,22 @@ impl AdamWConfig {
         Ok(())
     }
 }
+
+/// The scalars the AdamW kernel (`kernels/adamw.cu`, struct `AdamW`) takes for one step, in its
+/// argument order: `1 - lr wd`, `lr / bc1`, `1 / sqrt(bc2)`, beta1, beta2, eps, `1 - beta1`,
+/// `1 - beta2`, with `bc_i = 1 - beta_i^step`; computed in f64, then rounded to f32 (in f32,
+/// `1 - 0.999` is 1.3e-5 off). Shared by the launcher and the CPU-emulated kernel test.
+pub fn kernel_scalars(step: u64, lr: f64, cfg: &AdamWConfig) -> [f32; 8] {
+    let bc1 = 1.0 - cfg.beta1.powf(step as f64);
+    let bc2 = 1.0 - cfg.beta2.powf(step as f64);
+    [
+        (1.0 - lr * cfg.weight_decay) as f32,
+        (lr / bc1) as f32,
+        (1.0 / bc2.sqrt()) as f32,
+        cfg.beta1 as f32,
+        cfg.beta2 as f32,
+        cfg.eps as f32,
+        (1.0 - cfg.beta1) as f32,
+        (1.0 - cfg.beta2) as f32,
+    ]
+}
