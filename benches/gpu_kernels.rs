@@ -73,6 +73,33 @@ fn bench_all(c: &mut Criterion, gpu: &GpuContext) {
             timed(gpu, it, || layernorm::cuda::backward(gpu, s, &y, &x, &gamma, &mean, &rstd, &mut dx, ROWS, D, false))
         })
     });
+    // The CUDA backend's case: the fp32 residual stream read directly (bytes: x f32, y bf16).
+    let xf = filled(gpu, ROWS * D, 0.5f32);
+    g.throughput(Throughput::Bytes((ROWS * D * 6) as u64));
+    g.bench_function("forward fp32 stream 14528x768", |b| {
+        b.iter_custom(|it| {
+            timed(gpu, it, || layernorm::cuda::forward::<f32>(gpu, s, &xf, &gamma, &beta, &mut y, &mut mean, &mut rstd, ROWS, D, 1e-6))
+        })
+    });
+    // Accumulating into the fp32 residual gradient (dy bf16, x f32, dx f32 read and written).
+    let mut dxf = filled(gpu, ROWS * D, 0.0f32);
+    g.throughput(Throughput::Bytes((ROWS * D * 14) as u64));
+    g.bench_function("backward fp32 stream 14528x768", |b| {
+        b.iter_custom(|it| {
+            timed(gpu, it, || layernorm::cuda::backward::<f32>(gpu, s, &y, &xf, &gamma, &mean, &rstd, &mut dxf, ROWS, D, true))
+        })
+    });
+    // The residual add fused in (x f32, f bf16, ls f32 [D], out f32, y bf16).
+    let (fb, ls) = (ramp_bf16(gpu, ROWS * D), filled(gpu, D, 0.1f32));
+    let mut out = filled(gpu, ROWS * D, 0.0f32);
+    g.throughput(Throughput::Bytes((ROWS * D * 12) as u64));
+    g.bench_function("residual + forward 14528x768", |b| {
+        b.iter_custom(|it| {
+            timed(gpu, it, || {
+                layernorm::cuda::residual_forward::<bf16>(gpu, s, &xf, &fb, Some(&ls), &mut out, &gamma, &beta, &mut y, &mut mean, &mut rstd, ROWS, D, 1e-6)
+            })
+        })
+    });
     g.finish();
 
     let mut g = c.benchmark_group("gelu");

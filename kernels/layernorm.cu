@@ -13,6 +13,8 @@
 // not 32: fewer registers, more resident warps. VEC = 1: any d <= 1024, 32 values per lane.
 // Kernel names: layernorm_{fwd,bwd}_bf16[_v8_cN] (S = bf16) and layernorm_{fwd,bwd}_f32x[_v8_cN]
 // (S = fp32).
+// layernorm_res_fwd_{f32,bf16}[_v8_cN]: the residual add out = x + ls * f fused into the forward
+// (fp32 x and out, f stored as named), one pass instead of two.
 #include "common.cuh"
 
 template <int VEC, int NCH, typename S>
@@ -62,6 +64,77 @@ __device__ __forceinline__ void layernorm_fwd(const S* __restrict__ x, const flo
 #pragma unroll
                 for (int k = 0; k < VEC; k++) v[i][k] = fmaf((v[i][k] - mu) * rs, g[k], b[k]);
                 store_bf16<VEC>(yr + c * VEC, v[i]);
+            }
+        }
+        if (lane == 0) {
+            mean[row] = mu;
+            rstd[row] = rs;
+        }
+    }
+}
+
+// Residual add fused into the forward: out = x + ls * f (ls [d] or null: out = x + f), then
+// LayerNorm of out, in one pass (out is written and normalised from registers, not read back).
+// x and out are the fp32 residual stream; F is the branch output's storage (bf16 or fp32).
+// The sum is the CPU twin's `x + l * f` (CpuBackend::residual), then layernorm_fwd's math.
+template <int VEC, int NCH, typename F>
+__device__ __forceinline__ void layernorm_res_fwd(const float* __restrict__ x, const F* __restrict__ f,
+                                                  const float* __restrict__ ls, float* __restrict__ out,
+                                                  const float* __restrict__ gamma, const float* __restrict__ beta,
+                                                  bf16* __restrict__ y, float* __restrict__ mean,
+                                                  float* __restrict__ rstd, uint32_t rows, uint32_t d, float eps) {
+    const int lane = threadIdx.x & 31;
+    const uint32_t warps = blockDim.x >> 5;
+    const uint32_t nch = d / VEC;
+    const float inv_d = 1.0f / (float)d;
+    for (uint32_t row = blockIdx.x * warps + (threadIdx.x >> 5); row < rows; row += gridDim.x * warps) {
+        const uint64_t off = (uint64_t)row * d;
+        float v[NCH][VEC];
+        float s = 0.0f;
+#pragma unroll
+        for (int i = 0; i < NCH; i++) {
+            const uint32_t c = lane + 32 * i;
+            if (c < nch) {
+                float fv[VEC];
+                load_vec<VEC>(x + off + c * VEC, v[i]);
+                load_vec<VEC>(f + off + c * VEC, fv);
+                if (ls) {
+                    float l[VEC];
+                    load_f32<VEC>(ls + c * VEC, l);
+#pragma unroll
+                    for (int k = 0; k < VEC; k++) v[i][k] = v[i][k] + l[k] * fv[k];
+                } else {
+#pragma unroll
+                    for (int k = 0; k < VEC; k++) v[i][k] = v[i][k] + fv[k];
+                }
+                store_f32<VEC>(out + off + c * VEC, v[i]);
+#pragma unroll
+                for (int k = 0; k < VEC; k++) s += v[i][k];
+            }
+        }
+        const float mu = warp_sum(s) * inv_d;
+        float q = 0.0f;
+#pragma unroll
+        for (int i = 0; i < NCH; i++) {
+            if (lane + 32 * i < nch) {
+#pragma unroll
+                for (int k = 0; k < VEC; k++) {
+                    const float t = v[i][k] - mu;
+                    q = fmaf(t, t, q);
+                }
+            }
+        }
+        const float rs = 1.0f / sqrtf(warp_sum(q) * inv_d + eps);
+#pragma unroll
+        for (int i = 0; i < NCH; i++) {
+            const uint32_t c = lane + 32 * i;
+            if (c < nch) {
+                float g[VEC], b[VEC];
+                load_f32<VEC>(gamma + c * VEC, g);
+                load_f32<VEC>(beta + c * VEC, b);
+#pragma unroll
+                for (int k = 0; k < VEC; k++) v[i][k] = fmaf((v[i][k] - mu) * rs, g[k], b[k]);
+                store_bf16<VEC>(y + off + c * VEC, v[i]);
             }
         }
         if (lane == 0) {
@@ -149,3 +222,20 @@ __device__ __forceinline__ void layernorm_bwd(const bf16* dy, const S* __restric
 
 LN_ALL(bf16, bf16)
 LN_ALL(f32x, float)
+
+#define LN_RES_FWD(NAME, VEC, NCH, F)                                                                        \
+    extern "C" __global__ void NAME(const float* x, const F* f, const float* ls, float* out, const float* gamma, \
+                                    const float* beta, bf16* y, float* mean, float* rstd, uint32_t rows,        \
+                                    uint32_t d, float eps) {                                                    \
+        layernorm_res_fwd<VEC, NCH, F>(x, f, ls, out, gamma, beta, y, mean, rstd, rows, d, eps);                \
+    }
+// layernorm_res_fwd_SUFFIX[_v8_cN]: the branch output f stored as F.
+#define LN_RES_ALL(SUFFIX, F)                                   \
+    LN_RES_FWD(layernorm_res_fwd_##SUFFIX, 1, 32, F)            \
+    LN_RES_FWD(layernorm_res_fwd_##SUFFIX##_v8_c1, 8, 1, F)     \
+    LN_RES_FWD(layernorm_res_fwd_##SUFFIX##_v8_c2, 8, 2, F)     \
+    LN_RES_FWD(layernorm_res_fwd_##SUFFIX##_v8_c3, 8, 3, F)     \
+    LN_RES_FWD(layernorm_res_fwd_##SUFFIX##_v8_c4, 8, 4, F)
+
+LN_RES_ALL(f32, float)
+LN_RES_ALL(bf16, bf16)

@@ -301,6 +301,46 @@ fn layernorm_on_fp32_storage_matches_cpu() {
     }
 }
 
+/// The residual add fused into the forward (`residual_forward`): `out` and the LayerNorm of it
+/// against the CPU, with and without LayerScale, branch output in bf16 and in fp32.
+#[test]
+#[ignore = "requires a CUDA device"]
+fn residual_layernorm_forward_matches_cpu() {
+    let gpu = gpu();
+    let (mut rng, seed) = rng("residual layernorm");
+    let eps = layernorm::VIT_EPS;
+    for (rows, d, with_ls) in [(1usize, 1usize, true), (3, 7, false), (37, 100, true), (129, 384, false), (64, 768, true), (33, 1024, true)] {
+        let what = format!("rows={rows} d={d} ls={with_ls}");
+        let x = uniform(&mut rng, rows * d, 1.0, 4.0);
+        let (fb, fr) = bf16_values(&uniform(&mut rng, rows * d, -2.0, 2.0));
+        let ls = uniform(&mut rng, d, 0.1, 1.0);
+        let (gamma, beta) = (uniform(&mut rng, d, 0.5, 1.5), uniform(&mut rng, d, -0.5, 0.5));
+        let out64: Vec<f64> = (0..rows * d).map(|i| x[i] as f64 + if with_ls { ls[i % d] as f64 } else { 1.0 } * fr[i] as f64).collect();
+        let (xd, ld, gd, bd) = (gpu.upload(&x).unwrap(), gpu.upload(&ls).unwrap(), gpu.upload(&gamma).unwrap(), gpu.upload(&beta).unwrap());
+        let lsd: Option<&dyn mlvpt::gpu::DevicePtr<f32>> = if with_ls { Some(&ld) } else { None };
+        let fdb = gpu.upload(&fb).unwrap();
+        let fdf = gpu.upload(&fr).unwrap();
+        for branch_bf16 in [true, false] {
+            let mut out = nan_f32(&gpu, rows * d);
+            let mut y = nan_bf16(&gpu, rows * d);
+            let (mut mean, mut rstd) = (nan_f32(&gpu, rows), nan_f32(&gpu, rows));
+            if branch_bf16 {
+                layernorm::cuda::residual_forward::<bf16>(&gpu, gpu.stream(), &xd, &fdb, lsd, &mut out, &gd, &bd, &mut y, &mut mean, &mut rstd, rows, d, eps).unwrap();
+            } else {
+                layernorm::cuda::residual_forward::<f32>(&gpu, gpu.stream(), &xd, &fdf, lsd, &mut out, &gd, &bd, &mut y, &mut mean, &mut rstd, rows, d, eps).unwrap();
+            }
+            let what = format!("{what} branch bf16={branch_bf16}");
+            let got_out = gpu.download(&out).unwrap();
+            assert_close(&format!("residual out {what}"), &got_out, &out64, 1e-6, 1e-6, seed);
+            let (mut y64, mut m64, mut r64) = (vec![0.0; rows * d], vec![0.0; rows], vec![0.0; rows]);
+            layernorm::cpu::forward(&to_f64(&got_out), &to_f64(&gamma), &to_f64(&beta), &mut y64, &mut m64, &mut r64, rows, d, eps);
+            assert_close(&format!("residual LN y {what}"), &to_f32(&gpu.download(&y).unwrap()), &y64, 1e-5, 2f64.powi(-8), seed);
+            assert_close(&format!("residual LN mean {what}"), &gpu.download(&mean).unwrap(), &m64, 1e-6, 1e-5, seed);
+            assert_close(&format!("residual LN rstd {what}"), &gpu.download(&rstd).unwrap(), &r64, 0.0, 1e-4, seed);
+        }
+    }
+}
+
 #[test]
 #[ignore = "requires a CUDA device"]
 fn layernorm_rejects_rows_longer_than_1024() {

@@ -619,6 +619,29 @@ impl Backend for CudaBackend {
             }
         });
     }
+    fn residual_layernorm_forward(&mut self, x: &DevBuf, f: &DevBuf, ls: Option<&DevBuf>, out: &mut DevBuf, gamma: &DevBuf, beta: &DevBuf, y: &mut DevBuf, mean: &mut DevBuf, rstd: &mut DevBuf, rows: usize, dim: usize, eps: f64) {
+        self.run(|be| {
+            let (g, [s0, s1, s2, s3, s4, s5, s6, s7, ..]) = (&be.gpu, &mut be.scratch);
+            let n = rows * dim;
+            // One pass: the residual stream (fp32) read and written, the branch output in its
+            // own storage, y always bf16.
+            let xv = input::<f32>(g, x, s0, n)?;
+            let lv = ls.map(|l| input::<f32>(g, l, s1, dim)).transpose()?;
+            let (gm, bt) = (input::<f32>(g, gamma, s2, dim)?, input::<f32>(g, beta, s3, dim)?);
+            let o = output::<f32>(g, out, s4, n, Mode::Write)?;
+            let yb = output::<bf16>(g, y, s5, n, Mode::Write)?;
+            let m = output::<f32>(g, mean, s6, rows, Mode::Write)?;
+            let r = output::<f32>(g, rstd, s7, rows, Mode::Write)?;
+            with_type!(f, F => {
+                let fv = F::of(f).ok_or_else(|| GpuError::invalid("residual + layernorm", "branch type"))?;
+                layernorm::cuda::residual_forward::<F>(g, g.stream(), xv, fv, lv.map(|l| l as &dyn DevicePtr<f32>), &mut *o.buf, gm, bt, &mut *yb.buf, &mut *m.buf, &mut *r.buf, rows, dim, eps)
+            })?;
+            o.done(g)?;
+            yb.done(g)?;
+            m.done(g)?;
+            r.done(g)
+        });
+    }
     fn layernorm_forward(&mut self, x: &DevBuf, gamma: &DevBuf, beta: &DevBuf, y: &mut DevBuf, mean: &mut DevBuf, rstd: &mut DevBuf, rows: usize, dim: usize, eps: f64) {
         self.run(|be| {
             let (g, [s0, s1, s2, s3, s4, s5, ..]) = (&be.gpu, &mut be.scratch);

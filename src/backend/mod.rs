@@ -116,6 +116,13 @@ pub trait Backend {
     fn copy_tokens(&mut self, src: &Self::Buf, src_tokens: usize, src_start: usize, dst: &mut Self::Buf, dst_tokens: usize, dst_start: usize, count: usize, batch: usize, dim: usize);
     /// Residual with optional LayerScale: `out = x + ls * f` over `[rows, dim]`.
     fn residual(&mut self, x: &Self::Buf, f: &Self::Buf, ls: Option<&Self::Buf>, out: &mut Self::Buf, rows: usize, dim: usize);
+    /// [`Backend::residual`] into `out`, then [`Backend::layernorm_forward`] of `out` into `y`
+    /// (saving `mean, rstd`): a device backend does both in one pass over the rows.
+    #[allow(clippy::too_many_arguments)]
+    fn residual_layernorm_forward(&mut self, x: &Self::Buf, f: &Self::Buf, ls: Option<&Self::Buf>, out: &mut Self::Buf, gamma: &Self::Buf, beta: &Self::Buf, y: &mut Self::Buf, mean: &mut Self::Buf, rstd: &mut Self::Buf, rows: usize, dim: usize, eps: f64) {
+        self.residual(x, f, ls, out, rows, dim);
+        self.layernorm_forward(out, gamma, beta, y, mean, rstd, rows, dim, eps);
+    }
     /// `out = src * v` with `v [dim]` broadcast over rows (LayerScale in the backward).
     fn mul_cols(&mut self, src: &Self::Buf, v: &Self::Buf, out: &mut Self::Buf, rows: usize, dim: usize);
 

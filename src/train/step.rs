@@ -785,17 +785,12 @@ impl<B: Backend> Trainer<B> {
                 dim,
                 dim,
             );
-            be.residual(
+            let (m2, r2) = &mut a.ln2[l];
+            be.residual_layernorm_forward(
                 resid_in,
                 &a.branch_out,
                 blk.ls1.as_ref(),
                 &mut a.xmid[l],
-                r,
-                dim,
-            );
-            let (m2, r2) = &mut a.ln2[l];
-            be.layernorm_forward(
-                &a.xmid[l],
                 &blk.norm2.0,
                 &blk.norm2.1,
                 &mut a.normed,
@@ -825,23 +820,29 @@ impl<B: Backend> Trainer<B> {
                 dim,
             );
             let (out, out_tokens) = if last { (&mut a.zin, p) } else { (xo, n) };
-            be.residual(&a.xmid[l], &a.branch_out, blk.ls2.as_ref(), out, r, dim);
+            match (&w.norm, last) {
+                // Group tokens Z: the final norm of the last block's prompt outputs, fused
+                // with the residual that makes them.
+                (Some((g, beta)), true) => be.residual_layernorm_forward(
+                    &a.xmid[l],
+                    &a.branch_out,
+                    blk.ls2.as_ref(),
+                    out,
+                    g,
+                    beta,
+                    &mut a.z,
+                    &mut a.zstats.0,
+                    &mut a.zstats.1,
+                    r,
+                    dim,
+                    VIT_EPS,
+                ),
+                _ => be.residual(&a.xmid[l], &a.branch_out, blk.ls2.as_ref(), out, r, dim),
+            }
             hook(be, l, out, out_tokens);
         }
-        // Group tokens Z: the final norm of the last block's prompt outputs.
-        match &w.norm {
-            Some((g, beta)) => be.layernorm_forward(
-                &a.zin,
-                g,
-                beta,
-                &mut a.z,
-                &mut a.zstats.0,
-                &mut a.zstats.1,
-                b * p,
-                dim,
-                VIT_EPS,
-            ),
-            None => be.copy(&a.zin, &mut a.z, b * p * dim),
+        if w.norm.is_none() {
+            be.copy(&a.zin, &mut a.z, b * p * dim);
         }
         match d.method {
             Method::MlVpt => {

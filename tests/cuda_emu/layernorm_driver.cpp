@@ -44,6 +44,23 @@ void run(const std::string& tag, uint32_t d) {
     dump(tag + "_dy", wide(dy)); dump(tag + "_dx0", wide(dx0)); dump(tag + "_dx", wide(dx)); dump(tag + "_dxw", wide(dxw));
 }
 
+// The fused residual + forward: out = x + ls * f (ls present or not), then LayerNorm of out.
+template <class F, int VEC, int NCH>
+void run_res(const std::string& tag, uint32_t d, bool with_ls) {
+    const uint32_t rows = 5;
+    const size_t n = (size_t)rows * d;
+    auto x = uni(n, 1.0f, 4.0f);
+    auto f = store<F>(uni(n, -2.0f, 2.0f));
+    auto ls = uni(d, 0.1f, 1.0f);
+    auto gamma = uni(d, 0.5f, 1.5f), beta = uni(d, -1.0f, 1.0f);
+    std::vector<float> out(n, NAN), mean(rows, NAN), rstd(rows, NAN);
+    std::vector<bf16> y(n);
+    emu_launch({2, 1, 1}, 64, [&] { layernorm_res_fwd<VEC, NCH, F>(x.data(), f.data(), with_ls ? ls.data() : nullptr, out.data(), gamma.data(), beta.data(), y.data(), mean.data(), rstd.data(), rows, d, 1e-6f); });
+    dump(tag + "_x", x); dump(tag + "_f", wide(f)); dump(tag + "_ls", with_ls ? ls : std::vector<float>());
+    dump(tag + "_gamma", gamma); dump(tag + "_beta", beta);
+    dump(tag + "_out", out); dump(tag + "_y", wide(y)); dump(tag + "_mean", mean); dump(tag + "_rstd", rstd);
+}
+
 int main(int argc, char** argv) {
     if (argc != 3) { fprintf(stderr, "usage: layernorm_driver DIR SEED\n"); return 2; }
     dir = argv[1];
@@ -56,5 +73,10 @@ int main(int argc, char** argv) {
     run<bf16, 1, 32>("bf16_13", 13);
     run<bf16, 8, 1>("bf16_40", 40);
     run<bf16, 8, 3>("bf16_520", 520);
+    // Tags: res, branch storage, d, ls or not.
+    run_res<float, 1, 32>("res_f32_13_ls", 13, true);
+    run_res<float, 8, 1>("res_f32_40_nols", 40, false);
+    run_res<bf16, 8, 3>("res_bf16_520_ls", 520, true);
+    run_res<bf16, 1, 32>("res_bf16_13_nols", 13, false);
     printf("ok %s\n", dir.c_str());
 }

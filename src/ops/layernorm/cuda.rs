@@ -146,3 +146,74 @@ pub fn backward<S: Storage>(
     unsafe { l.launch(row_launch(rows)) }.map_err(GpuError::driver(format!("launching {name}")))?;
     Ok(())
 }
+
+/// The residual add fused into [`forward`]: `out = x + ls * f` (`ls [d]`, or `out = x + f`
+/// without it; `x`, `out` the fp32 residual stream, `f` a branch output stored as `F`), then
+/// LayerNorm of `out` into `y` (bf16) with `mean`/`rstd` saved: one pass over the rows instead
+/// of a residual kernel and a LayerNorm reading its output back. The twin of
+/// `CpuBackend::residual` followed by [`super::cpu::forward`].
+#[allow(clippy::too_many_arguments)]
+pub fn residual_forward<F: Storage>(
+    gpu: &GpuContext,
+    stream: &CudaStream,
+    x: &impl DevicePtr<f32>,
+    f: &impl DevicePtr<F>,
+    ls: Option<&dyn DevicePtr<f32>>,
+    out: &mut impl DevicePtrMut<f32>,
+    gamma: &impl DevicePtr<f32>,
+    beta: &impl DevicePtr<f32>,
+    y: &mut impl DevicePtrMut<bf16>,
+    mean: &mut impl DevicePtrMut<f32>,
+    rstd: &mut impl DevicePtrMut<f32>,
+    rows: usize,
+    d: usize,
+    eps: f64,
+) -> Result<(), GpuError> {
+    const OP: &str = "residual + layernorm forward";
+    check_shape(OP, rows, d)?;
+    for (what, len) in [("x", x.len()), ("f", f.len()), ("out", out.len()), ("y", y.len())] {
+        if len < rows * d {
+            return Err(GpuError::invalid(OP, format!("{what} has {len} elements, needs {}", rows * d)));
+        }
+    }
+    check_len(OP, "gamma", gamma, d)?;
+    check_len(OP, "beta", beta, d)?;
+    check_len(OP, "mean", mean, rows)?;
+    check_len(OP, "rstd", rstd, rows)?;
+    if let Some(l) = ls {
+        check_len(OP, "ls", l, d)?;
+    }
+    if rows == 0 {
+        return Ok(());
+    }
+    let (xp, _g1) = x.device_ptr(stream);
+    let (fp, _g2) = f.device_ptr(stream);
+    let (lp, _g3) = match ls {
+        Some(l) => {
+            let (p, g) = l.device_ptr(stream);
+            (p, Some(g))
+        }
+        None => (0, None),
+    };
+    let (op, _g4) = out.device_ptr_mut(stream);
+    let (gp, _g5) = gamma.device_ptr(stream);
+    let (bp, _g6) = beta.device_ptr(stream);
+    let (yp, _g7) = y.device_ptr_mut(stream);
+    let (mp, _g8) = mean.device_ptr_mut(stream);
+    let (rp, _g9) = rstd.device_ptr_mut(stream);
+    let vec = d.is_multiple_of(8) && [xp, fp, op, gp, bp, yp].iter().chain(ls.map(|_| &lp)).all(|&p| aligned(p, 16));
+    // [F = f32, F = bf16] x [scalar, v8_c1 .. v8_c4]
+    const NAMES: [[&str; 5]; 2] = [
+        ["layernorm_res_fwd_f32", "layernorm_res_fwd_f32_v8_c1", "layernorm_res_fwd_f32_v8_c2", "layernorm_res_fwd_f32_v8_c3", "layernorm_res_fwd_f32_v8_c4"],
+        ["layernorm_res_fwd_bf16", "layernorm_res_fwd_bf16_v8_c1", "layernorm_res_fwd_bf16_v8_c2", "layernorm_res_fwd_bf16_v8_c3", "layernorm_res_fwd_bf16_v8_c4"],
+    ];
+    let name = NAMES[F::INDEX][if vec { d.div_ceil(256) } else { 0 }];
+    let func = gpu.function("layernorm", name)?;
+    let (rows32, d32, eps32) = (rows as u32, d as u32, eps as f32);
+    let mut l = stream.launch_builder(&func);
+    l.arg(&xp).arg(&fp).arg(&lp).arg(&op).arg(&gp).arg(&bp).arg(&yp).arg(&mp).arg(&rp).arg(&rows32).arg(&d32).arg(&eps32);
+    // SAFETY: lengths checked above (ls null or d long); the v8 kernel only runs on 16-byte
+    // aligned rows; argument types match layernorm_res_fwd's signature.
+    unsafe { l.launch(row_launch(rows)) }.map_err(GpuError::driver(format!("launching {name}")))?;
+    Ok(())
+}
