@@ -17,72 +17,16 @@
 // (fp32 x and out, f stored as named), one pass instead of two.
 #include "common.cuh"
 
-template <int VEC, int NCH, typename S>
-__device__ __forceinline__ void layernorm_fwd(const S* __restrict__ x, const float* __restrict__ gamma,
-                                              const float* __restrict__ beta, bf16* __restrict__ y,
-                                              float* __restrict__ mean, float* __restrict__ rstd,
-                                              uint32_t rows, uint32_t d, float eps) {
+// The forward over rows, one warp per row: `load(off, c, v)` fills chunk c (VEC values) of the
+// row that starts at element `off` into registers; the rest normalises them (two passes over
+// the registers: mean, then variance) into y and saves mean, rstd. The kernels below differ
+// only in what they load.
+template <int VEC, int NCH, typename Load>
+__device__ __forceinline__ void layernorm_fwd_rows(Load load, const float* __restrict__ gamma,
+                                                   const float* __restrict__ beta, bf16* __restrict__ y,
+                                                   float* __restrict__ mean, float* __restrict__ rstd,
+                                                   uint32_t rows, uint32_t d, float eps) {
     // NCH chunks of VEC elements per lane; the row has nch <= 32 * NCH chunks.
-    const int lane = threadIdx.x & 31;
-    const uint32_t warps = blockDim.x >> 5;
-    const uint32_t nch = d / VEC;
-    const float inv_d = 1.0f / (float)d;
-    for (uint32_t row = blockIdx.x * warps + (threadIdx.x >> 5); row < rows; row += gridDim.x * warps) {
-        const S* xr = x + (uint64_t)row * d;
-        float v[NCH][VEC];
-        float s = 0.0f;
-#pragma unroll
-        for (int i = 0; i < NCH; i++) {
-            const uint32_t c = lane + 32 * i;
-            if (c < nch) {
-                load_vec<VEC>(xr + c * VEC, v[i]);
-#pragma unroll
-                for (int k = 0; k < VEC; k++) s += v[i][k];
-            }
-        }
-        const float mu = warp_sum(s) * inv_d;
-        float q = 0.0f;
-#pragma unroll
-        for (int i = 0; i < NCH; i++) {
-            if (lane + 32 * i < nch) {
-#pragma unroll
-                for (int k = 0; k < VEC; k++) {
-                    const float t = v[i][k] - mu;
-                    q = fmaf(t, t, q);
-                }
-            }
-        }
-        const float rs = 1.0f / sqrtf(warp_sum(q) * inv_d + eps);
-        bf16* yr = y + (uint64_t)row * d;
-#pragma unroll
-        for (int i = 0; i < NCH; i++) {
-            const uint32_t c = lane + 32 * i;
-            if (c < nch) {
-                float g[VEC], b[VEC];
-                load_f32<VEC>(gamma + c * VEC, g);
-                load_f32<VEC>(beta + c * VEC, b);
-#pragma unroll
-                for (int k = 0; k < VEC; k++) v[i][k] = fmaf((v[i][k] - mu) * rs, g[k], b[k]);
-                store_bf16<VEC>(yr + c * VEC, v[i]);
-            }
-        }
-        if (lane == 0) {
-            mean[row] = mu;
-            rstd[row] = rs;
-        }
-    }
-}
-
-// Residual add fused into the forward: out = x + ls * f (ls [d] or null: out = x + f), then
-// LayerNorm of out, in one pass (out is written and normalised from registers, not read back).
-// x and out are the fp32 residual stream; F is the branch output's storage (bf16 or fp32).
-// The sum is the CPU twin's `x + l * f` (CpuBackend::residual), then layernorm_fwd's math.
-template <int VEC, int NCH, typename F>
-__device__ __forceinline__ void layernorm_res_fwd(const float* __restrict__ x, const F* __restrict__ f,
-                                                  const float* __restrict__ ls, float* __restrict__ out,
-                                                  const float* __restrict__ gamma, const float* __restrict__ beta,
-                                                  bf16* __restrict__ y, float* __restrict__ mean,
-                                                  float* __restrict__ rstd, uint32_t rows, uint32_t d, float eps) {
     const int lane = threadIdx.x & 31;
     const uint32_t warps = blockDim.x >> 5;
     const uint32_t nch = d / VEC;
@@ -95,19 +39,7 @@ __device__ __forceinline__ void layernorm_res_fwd(const float* __restrict__ x, c
         for (int i = 0; i < NCH; i++) {
             const uint32_t c = lane + 32 * i;
             if (c < nch) {
-                float fv[VEC];
-                load_vec<VEC>(x + off + c * VEC, v[i]);
-                load_vec<VEC>(f + off + c * VEC, fv);
-                if (ls) {
-                    float l[VEC];
-                    load_f32<VEC>(ls + c * VEC, l);
-#pragma unroll
-                    for (int k = 0; k < VEC; k++) v[i][k] = v[i][k] + l[k] * fv[k];
-                } else {
-#pragma unroll
-                    for (int k = 0; k < VEC; k++) v[i][k] = v[i][k] + fv[k];
-                }
-                store_f32<VEC>(out + off + c * VEC, v[i]);
+                load(off, c, v[i]);
 #pragma unroll
                 for (int k = 0; k < VEC; k++) s += v[i][k];
             }
@@ -142,6 +74,43 @@ __device__ __forceinline__ void layernorm_res_fwd(const float* __restrict__ x, c
             rstd[row] = rs;
         }
     }
+}
+
+template <int VEC, int NCH, typename S>
+__device__ __forceinline__ void layernorm_fwd(const S* __restrict__ x, const float* __restrict__ gamma,
+                                              const float* __restrict__ beta, bf16* __restrict__ y,
+                                              float* __restrict__ mean, float* __restrict__ rstd,
+                                              uint32_t rows, uint32_t d, float eps) {
+    auto load = [=](uint64_t off, uint32_t c, float (&v)[VEC]) { load_vec<VEC>(x + off + c * VEC, v); };
+    layernorm_fwd_rows<VEC, NCH>(load, gamma, beta, y, mean, rstd, rows, d, eps);
+}
+
+// Residual add fused into the forward: out = x + ls * f (ls [d] or null: out = x + f), then
+// LayerNorm of out, in one pass (out is written and normalised from registers, not read back).
+// x and out are the fp32 residual stream; F is the branch output's storage (bf16 or fp32).
+// The sum is the CPU twin's `x + l * f` (CpuBackend::residual).
+template <int VEC, int NCH, typename F>
+__device__ __forceinline__ void layernorm_res_fwd(const float* __restrict__ x, const F* __restrict__ f,
+                                                  const float* __restrict__ ls, float* __restrict__ out,
+                                                  const float* __restrict__ gamma, const float* __restrict__ beta,
+                                                  bf16* __restrict__ y, float* __restrict__ mean,
+                                                  float* __restrict__ rstd, uint32_t rows, uint32_t d, float eps) {
+    auto load = [=](uint64_t off, uint32_t c, float (&v)[VEC]) {
+        float fv[VEC];
+        load_f32<VEC>(x + off + c * VEC, v);
+        load_vec<VEC>(f + off + c * VEC, fv);
+        if (ls) {
+            float l[VEC];
+            load_f32<VEC>(ls + c * VEC, l);
+#pragma unroll
+            for (int k = 0; k < VEC; k++) v[k] = v[k] + l[k] * fv[k];
+        } else {
+#pragma unroll
+            for (int k = 0; k < VEC; k++) v[k] = v[k] + fv[k];
+        }
+        store_f32<VEC>(out + off + c * VEC, v);
+    };
+    layernorm_fwd_rows<VEC, NCH>(load, gamma, beta, y, mean, rstd, rows, d, eps);
 }
 
 template <int VEC, int NCH, typename S>

@@ -2,7 +2,7 @@
 //! bf16 or fp32 (`S`: an fp32 residual stream is read as it is, no cast pass), bf16 output,
 //! fp32 gamma/beta and statistics, one warp per row. The backward writes `dx` in `S`.
 
-use crate::gpu::launch::{aligned, check_len, Storage, BLOCK};
+use crate::gpu::launch::{aligned, Storage, BLOCK};
 use crate::gpu::{bf16, CudaStream, DevicePtr, DevicePtrMut, GpuContext, GpuError};
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 
@@ -19,21 +19,33 @@ fn check_shape(op: &'static str, rows: usize, d: usize) -> Result<(), GpuError> 
     Ok(())
 }
 
-/// The kernel for a row of `d` over storage `S`: the vector one compiled for ceil(d / 256)
+/// Fails unless each `(what, has, needs)` holds what it needs.
+fn check_lens(op: &'static str, lens: &[(&str, usize, usize)]) -> Result<(), GpuError> {
+    match lens.iter().find(|(_, has, needs)| has < needs) {
+        Some((what, has, needs)) => Err(GpuError::invalid(op, format!("{what} has {has} elements, needs {needs}"))),
+        None => Ok(()),
+    }
+}
+
+/// Of a kernel family `[scalar, v8_c1 .. v8_c4]`, the vector kernel compiled for ceil(d / 256)
 /// chunks of 8 per lane when `vec`, else the scalar one.
-fn kernel_name<S: Storage>(forward: bool, vec: bool, d: usize) -> &'static str {
-    // [S = f32 ("f32x"), S = bf16] x [scalar, v8_c1 .. v8_c4]
-    const FWD: [[&str; 5]; 2] = [
-        ["layernorm_fwd_f32x", "layernorm_fwd_f32x_v8_c1", "layernorm_fwd_f32x_v8_c2", "layernorm_fwd_f32x_v8_c3", "layernorm_fwd_f32x_v8_c4"],
-        ["layernorm_fwd_bf16", "layernorm_fwd_bf16_v8_c1", "layernorm_fwd_bf16_v8_c2", "layernorm_fwd_bf16_v8_c3", "layernorm_fwd_bf16_v8_c4"],
-    ];
-    const BWD: [[&str; 5]; 2] = [
-        ["layernorm_bwd_f32x", "layernorm_bwd_f32x_v8_c1", "layernorm_bwd_f32x_v8_c2", "layernorm_bwd_f32x_v8_c3", "layernorm_bwd_f32x_v8_c4"],
-        ["layernorm_bwd_bf16", "layernorm_bwd_bf16_v8_c1", "layernorm_bwd_bf16_v8_c2", "layernorm_bwd_bf16_v8_c3", "layernorm_bwd_bf16_v8_c4"],
-    ];
-    let names = if forward { &FWD[S::INDEX] } else { &BWD[S::INDEX] };
+fn variant(names: &[&'static str; 5], vec: bool, d: usize) -> &'static str {
     names[if vec { d.div_ceil(256) } else { 0 }]
 }
+
+// Kernel families by storage: [S = f32 ("f32x") or F = f32, S/F = bf16] x [scalar, v8_c1 .. v8_c4].
+const FWD: [[&str; 5]; 2] = [
+    ["layernorm_fwd_f32x", "layernorm_fwd_f32x_v8_c1", "layernorm_fwd_f32x_v8_c2", "layernorm_fwd_f32x_v8_c3", "layernorm_fwd_f32x_v8_c4"],
+    ["layernorm_fwd_bf16", "layernorm_fwd_bf16_v8_c1", "layernorm_fwd_bf16_v8_c2", "layernorm_fwd_bf16_v8_c3", "layernorm_fwd_bf16_v8_c4"],
+];
+const BWD: [[&str; 5]; 2] = [
+    ["layernorm_bwd_f32x", "layernorm_bwd_f32x_v8_c1", "layernorm_bwd_f32x_v8_c2", "layernorm_bwd_f32x_v8_c3", "layernorm_bwd_f32x_v8_c4"],
+    ["layernorm_bwd_bf16", "layernorm_bwd_bf16_v8_c1", "layernorm_bwd_bf16_v8_c2", "layernorm_bwd_bf16_v8_c3", "layernorm_bwd_bf16_v8_c4"],
+];
+const RES_FWD: [[&str; 5]; 2] = [
+    ["layernorm_res_fwd_f32", "layernorm_res_fwd_f32_v8_c1", "layernorm_res_fwd_f32_v8_c2", "layernorm_res_fwd_f32_v8_c3", "layernorm_res_fwd_f32_v8_c4"],
+    ["layernorm_res_fwd_bf16", "layernorm_res_fwd_bf16_v8_c1", "layernorm_res_fwd_bf16_v8_c2", "layernorm_res_fwd_bf16_v8_c3", "layernorm_res_fwd_bf16_v8_c4"],
+];
 
 /// One warp per row, BLOCK / 32 rows per block, as many blocks as rows need (capped; the
 /// kernels loop over rows).
@@ -76,12 +88,8 @@ pub fn forward<S: Storage>(
 ) -> Result<(), GpuError> {
     const OP: &str = "layernorm forward";
     check_shape(OP, rows, d)?;
-    check_len(OP, "x", x, rows * d)?;
-    check_len(OP, "y", y, rows * d)?;
-    check_len(OP, "gamma", gamma, d)?;
-    check_len(OP, "beta", beta, d)?;
-    check_len(OP, "mean", mean, rows)?;
-    check_len(OP, "rstd", rstd, rows)?;
+    let n = rows * d;
+    check_lens(OP, &[("x", x.len(), n), ("y", y.len(), n), ("gamma", gamma.len(), d), ("beta", beta.len(), d), ("mean", mean.len(), rows), ("rstd", rstd.len(), rows)])?;
     if rows == 0 {
         return Ok(());
     }
@@ -92,7 +100,7 @@ pub fn forward<S: Storage>(
     let (mp, _g5) = mean.device_ptr_mut(stream);
     let (rp, _g6) = rstd.device_ptr_mut(stream);
     let vec = d.is_multiple_of(8) && [xp, gp, bp, yp].iter().all(|&p| aligned(p, 16));
-    let name = kernel_name::<S>(true, vec, d);
+    let name = variant(&FWD[S::INDEX], vec, d);
     let f = gpu.function("layernorm", name)?;
     let (rows32, d32, eps32) = (rows as u32, d as u32, eps as f32);
     let mut l = stream.launch_builder(&f);
@@ -121,12 +129,8 @@ pub fn backward<S: Storage>(
 ) -> Result<(), GpuError> {
     const OP: &str = "layernorm backward";
     check_shape(OP, rows, d)?;
-    check_len(OP, "dy", dy, rows * d)?;
-    check_len(OP, "x", x, rows * d)?;
-    check_len(OP, "dx", dx, rows * d)?;
-    check_len(OP, "gamma", gamma, d)?;
-    check_len(OP, "mean", mean, rows)?;
-    check_len(OP, "rstd", rstd, rows)?;
+    let n = rows * d;
+    check_lens(OP, &[("dy", dy.len(), n), ("x", x.len(), n), ("dx", dx.len(), n), ("gamma", gamma.len(), d), ("mean", mean.len(), rows), ("rstd", rstd.len(), rows)])?;
     if rows == 0 {
         return Ok(());
     }
@@ -137,7 +141,7 @@ pub fn backward<S: Storage>(
     let (rp, _g5) = rstd.device_ptr(stream);
     let (dxp, _g6) = dx.device_ptr_mut(stream);
     let vec = d.is_multiple_of(8) && [dyp, xp, gp, dxp].iter().all(|&p| aligned(p, 16));
-    let name = kernel_name::<S>(false, vec, d);
+    let name = variant(&BWD[S::INDEX], vec, d);
     let f = gpu.function("layernorm", name)?;
     let (rows32, d32, acc) = (rows as u32, d as u32, accumulate as i32);
     let mut l = stream.launch_builder(&f);
@@ -171,18 +175,10 @@ pub fn residual_forward<F: Storage>(
 ) -> Result<(), GpuError> {
     const OP: &str = "residual + layernorm forward";
     check_shape(OP, rows, d)?;
-    for (what, len) in [("x", x.len()), ("f", f.len()), ("out", out.len()), ("y", y.len())] {
-        if len < rows * d {
-            return Err(GpuError::invalid(OP, format!("{what} has {len} elements, needs {}", rows * d)));
-        }
-    }
-    check_len(OP, "gamma", gamma, d)?;
-    check_len(OP, "beta", beta, d)?;
-    check_len(OP, "mean", mean, rows)?;
-    check_len(OP, "rstd", rstd, rows)?;
-    if let Some(l) = ls {
-        check_len(OP, "ls", l, d)?;
-    }
+    let n = rows * d;
+    let ls_len = ls.map_or(d, |l| l.len());
+    check_lens(OP, &[("x", x.len(), n), ("f", f.len(), n), ("out", out.len(), n), ("y", y.len(), n), ("ls", ls_len, d)])?;
+    check_lens(OP, &[("gamma", gamma.len(), d), ("beta", beta.len(), d), ("mean", mean.len(), rows), ("rstd", rstd.len(), rows)])?;
     if rows == 0 {
         return Ok(());
     }
@@ -202,12 +198,7 @@ pub fn residual_forward<F: Storage>(
     let (mp, _g8) = mean.device_ptr_mut(stream);
     let (rp, _g9) = rstd.device_ptr_mut(stream);
     let vec = d.is_multiple_of(8) && [xp, fp, op, gp, bp, yp].iter().chain(ls.map(|_| &lp)).all(|&p| aligned(p, 16));
-    // [F = f32, F = bf16] x [scalar, v8_c1 .. v8_c4]
-    const NAMES: [[&str; 5]; 2] = [
-        ["layernorm_res_fwd_f32", "layernorm_res_fwd_f32_v8_c1", "layernorm_res_fwd_f32_v8_c2", "layernorm_res_fwd_f32_v8_c3", "layernorm_res_fwd_f32_v8_c4"],
-        ["layernorm_res_fwd_bf16", "layernorm_res_fwd_bf16_v8_c1", "layernorm_res_fwd_bf16_v8_c2", "layernorm_res_fwd_bf16_v8_c3", "layernorm_res_fwd_bf16_v8_c4"],
-    ];
-    let name = NAMES[F::INDEX][if vec { d.div_ceil(256) } else { 0 }];
+    let name = variant(&RES_FWD[F::INDEX], vec, d);
     let func = gpu.function("layernorm", name)?;
     let (rows32, d32, eps32) = (rows as u32, d as u32, eps as f32);
     let mut l = stream.launch_builder(&func);
