@@ -7,8 +7,11 @@
 #
 #   bash tools/gpu-bundle.sh           # then, on the GPU machine from the repo root:
 #                                      #   bash bundle/gpu-runner.sh
-# Env: MLVPT_CUDA_ARCH=90 builds SASS for one arch only (smaller; default: sm_80/86/89/90 + PTX).
+# Env: MLVPT_CUDA_ARCH (default 90: the device machines lent here are H100/H200, and SASS for
+# one arch keeps the bundle under 64 MiB; every binary embeds all fatbins, and with the four
+# archs + PTX of a normal build it is about 67 MiB). MLVPT_CUDA_ARCH= (empty) builds all archs.
 set -euo pipefail
+export MLVPT_CUDA_ARCH=${MLVPT_CUDA_ARCH-90}
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 BUNDLE="$ROOT/bundle"
