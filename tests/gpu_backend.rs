@@ -65,9 +65,10 @@ impl Op {
         }
     }
 
-    /// Whether every element of the outputs is written (so NaN poison must disappear).
+    /// Whether every element of the outputs is written without being read (so NaN poison
+    /// must disappear). Not `Axpby`: it reads `y` (`y = a y + b x`), so poison would stay.
     fn writes_all(&self) -> bool {
-        matches!(self, Op::Patchify { .. } | Op::Residual { .. } | Op::MulCols { .. } | Op::Axpby { .. } | Op::Attention { .. })
+        matches!(self, Op::Patchify { .. } | Op::Residual { .. } | Op::MulCols { .. } | Op::Attention { .. })
     }
 }
 
@@ -170,28 +171,31 @@ fn compare(op: Op, rng: &mut ChaCha8Rng, seed: u64, gpu: &mut CudaBackend, atol:
     }
 }
 
+/// The token ops [`token_ops_match_their_cpu_twins`] runs, at awkward sizes.
+const TOKEN_OPS: [Op; 15] = [
+    Op::Patchify { b: 3, c: 3, h: 12, w: 20, p: 4 },
+    Op::Patchify { b: 1, c: 1, h: 14, w: 14, p: 7 },
+    Op::Embed { b: 3, np: 15, prompts: 7, d: 24 },
+    Op::Embed { b: 2, np: 4, prompts: 0, d: 5 },
+    Op::SetPrompts { layer: 1, b: 3, n: 13, p: 5, d: 9 },
+    Op::PromptGrad { layer: 1, b: 5, n: 13, p: 5, d: 9, zero: true },
+    Op::PromptGrad { layer: 0, b: 3, n: 11, p: 3, d: 17, zero: false },
+    Op::CopyTokens { sn: 13, ss: 1, dn: 5, ds: 0, count: 5, b: 3, d: 7 },
+    Op::CopyTokens { sn: 5, ss: 0, dn: 13, ds: 1, count: 5, b: 3, d: 7 },
+    Op::Residual { rows: 37, d: 19, ls: true },
+    Op::Residual { rows: 37, d: 19, ls: false },
+    Op::MulCols { rows: 29, d: 23 },
+    Op::Axpby { len: 1001 },
+    Op::Fill { len: 777 },
+    Op::Copy { len: 333 },
+];
+
 #[test]
 #[ignore = "requires a CUDA device"]
 fn token_ops_match_their_cpu_twins() {
     let (mut r, seed) = rng("token_ops_match_their_cpu_twins");
     let mut gpu = cuda();
-    let ops = [
-        Op::Patchify { b: 3, c: 3, h: 12, w: 20, p: 4 },
-        Op::Patchify { b: 1, c: 1, h: 14, w: 14, p: 7 },
-        Op::Embed { b: 3, np: 15, prompts: 7, d: 24 },
-        Op::Embed { b: 2, np: 4, prompts: 0, d: 5 },
-        Op::SetPrompts { layer: 1, b: 3, n: 13, p: 5, d: 9 },
-        Op::PromptGrad { layer: 1, b: 5, n: 13, p: 5, d: 9, zero: true },
-        Op::PromptGrad { layer: 0, b: 3, n: 11, p: 3, d: 17, zero: false },
-        Op::CopyTokens { sn: 13, ss: 1, dn: 5, ds: 0, count: 5, b: 3, d: 7 },
-        Op::CopyTokens { sn: 5, ss: 0, dn: 13, ds: 1, count: 5, b: 3, d: 7 },
-        Op::Residual { rows: 37, d: 19, ls: true },
-        Op::Residual { rows: 37, d: 19, ls: false },
-        Op::MulCols { rows: 29, d: 23 },
-        Op::Axpby { len: 1001 },
-        Op::Fill { len: 777 },
-        Op::Copy { len: 333 },
-    ];
+    let ops = TOKEN_OPS;
     for op in ops {
         compare(op, &mut r, seed, &mut gpu, 1e-6, 1e-6, false, BufRole::State);
     }
@@ -201,6 +205,26 @@ fn token_ops_match_their_cpu_twins() {
     let mut bf = cuda_in(Precision::Bf16);
     for op in ops {
         compare(op, &mut r, seed, &mut bf, 1e-2, 1e-2, true, BufRole::Activation);
+    }
+}
+
+/// The harness's NaN poisoning is only sound for ops whose result does not depend on the
+/// outputs' old values: checked here on the CPU backend (no device needed), so a GPU run does
+/// not fail on a poisoned buffer the op reads.
+#[test]
+fn poisoned_outputs_are_only_those_an_op_overwrites() {
+    let (mut r, _) = rng("poisoned_outputs_are_only_those_an_op_overwrites");
+    let attn = AttnShape { batch: 2, tokens: 9, heads: 2, head_dim: 4, prompt_start: 1, prompt_end: 4, q_start: 1, q_len: 3 };
+    for op in TOKEN_OPS.into_iter().chain([Op::Attention { sh: attn }]).filter(Op::writes_all) {
+        let (lens, outs) = op.buffers();
+        let init: Vec<Vec<f32>> = lens.iter().map(|&n| uniform(&mut r, n, -2.0, 2.0)).collect();
+        let mut poisoned = init.clone();
+        for v in &mut poisoned[lens.len() - outs..] {
+            v.fill(f32::NAN);
+        }
+        let want = run(&mut CpuBackend::<f32>::new(), op, &init, BufRole::State);
+        let got = run(&mut CpuBackend::<f32>::new(), op, &poisoned, BufRole::State);
+        assert!(got == want, "{op:?}: the result depends on the outputs' old values");
     }
 }
 
