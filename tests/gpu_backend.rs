@@ -262,6 +262,48 @@ fn storage_follows_the_role_and_the_precision() {
     assert_ne!(rounded, v, "the test values must not all be bf16-exact");
 }
 
+/// `buf` of `v` on `be`, stored in bf16 (an `Activation` on a bf16 backend) or fp32.
+fn upload_as(be: &mut CudaBackend, v: &[f32], bf16: bool) -> DevBuf {
+    let mut d = be.alloc_as(v.len(), if bf16 { BufRole::Activation } else { BufRole::State });
+    be.upload(v, &mut d);
+    d
+}
+
+/// `linear_forward` and `linear_backward_input` (accumulating) for every mix of fp32 and bf16
+/// storage of the operands and the result, against the CPU on bf16-exact inputs. The step
+/// uses only some mixes; fp32 operands with a bf16 result go through fp32 scratch (cuBLAS has
+/// no such GEMM).
+#[test]
+#[ignore = "requires a CUDA device"]
+fn linear_ops_accept_every_storage_mix() {
+    let (mut r, seed) = rng("linear_ops_accept_every_storage_mix");
+    let mut gpu = cuda_in(Precision::Bf16);
+    let (rows, d_in, d_out) = (37, 48, 20);
+    let mut vals = |n: usize| bf16_values(&uniform(&mut r, n, -1.0, 1.0)).1;
+    let (x, w, b, dy, dx0) = (vals(rows * d_in), vals(d_out * d_in), vals(d_out), vals(rows * d_out), vals(rows * d_in));
+    let mut cpu = CpuBackend::<f32>::new();
+    let (mut want_y, mut want_dx) = (vec![0.0f32; rows * d_out], dx0.clone());
+    cpu.linear_forward(&x, &w, Some(&b), &mut want_y, rows, d_in, d_out);
+    cpu.linear_backward_input(&dy, &w, &mut want_dx, rows, d_in, d_out, true);
+    for mask in 0..8u32 {
+        let (xb, wb, ob) = (mask & 1 != 0, mask & 2 != 0, mask & 4 != 0);
+        let (xd, wd, bd) = (upload_as(&mut gpu, &x, xb), upload_as(&mut gpu, &w, wb), upload_as(&mut gpu, &b, false));
+        let dyd = upload_as(&mut gpu, &dy, xb);
+        let mut yd = upload_as(&mut gpu, &vec![f32::NAN; rows * d_out], ob);
+        let mut dxd = upload_as(&mut gpu, &dx0, ob);
+        gpu.linear_forward(&xd, &wd, Some(&bd), &mut yd, rows, d_in, d_out);
+        gpu.linear_backward_input(&dyd, &wd, &mut dxd, rows, d_in, d_out, true);
+        gpu.check().unwrap_or_else(|e| panic!("x bf16 {xb}, w bf16 {wb}, out bf16 {ob}: {e:#}"));
+        for (what, d, want) in [("y", &yd, &want_y), ("dx", &dxd, &want_dx)] {
+            let mut got = vec![0.0f32; want.len()];
+            gpu.download(d, &mut got);
+            for (i, (&g, &e)) in got.iter().zip(want.iter()).enumerate() {
+                assert!((g - e).abs() <= 1e-2 + 1e-2 * e.abs(), "{what} (x bf16 {xb}, w bf16 {wb}, out bf16 {ob}) [{i}]: GPU {g}, CPU {e} (MLVPT_TEST_SEED={seed})");
+            }
+        }
+    }
+}
+
 #[test]
 #[ignore = "requires a CUDA device"]
 fn attention_paths_match_the_cpu_reference() {
