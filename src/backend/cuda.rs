@@ -929,9 +929,10 @@ impl Backend for CudaBackend {
     }
     fn asl_terms_into(&mut self, terms: &mut [(&DevBuf, Option<&mut DevBuf>)], targets: &DevBuf, len: usize, cfg: &AslConfig, scale: f64, loss: &mut DevBuf) {
         let all_f32 = !targets.is_bf16() && !loss.is_bf16() && terms.iter().all(|(l, gr)| !l.is_bf16() && gr.as_ref().is_none_or(|b| !b.is_bf16()));
-        if !all_f32 || terms.len() > asl::cuda::MAX_TERMS {
-            // Not a training step's layout (its logits, gradients and loss are fp32 State, at
-            // most four terms): computed now, with a host read.
+        if !all_f32 || terms.is_empty() || terms.len() > asl::cuda::MAX_TERMS {
+            // Not a training step's layout (its logits, gradients and loss are fp32 State, one
+            // to four terms): computed now, with a host read (no terms: a loss of 0, as the
+            // trait's default writes; the kernel launcher rejects an empty term list).
             let total = self.asl_terms(terms, targets, len, cfg, scale);
             self.upload_f64(&[total], loss);
             return;
