@@ -65,9 +65,10 @@ impl Op {
         }
     }
 
-    /// Whether every element of the outputs is written (so NaN poison must disappear).
+    /// Whether every element of the outputs is written without being read (so NaN poison
+    /// must disappear). Not `Axpby`: it reads `y` (`y = a y + b x`), so poison would stay.
     fn writes_all(&self) -> bool {
-        matches!(self, Op::Patchify { .. } | Op::Residual { .. } | Op::MulCols { .. } | Op::Axpby { .. } | Op::Attention { .. })
+        matches!(self, Op::Patchify { .. } | Op::Residual { .. } | Op::MulCols { .. } | Op::Attention { .. })
     }
 }
 
@@ -170,28 +171,31 @@ fn compare(op: Op, rng: &mut ChaCha8Rng, seed: u64, gpu: &mut CudaBackend, atol:
     }
 }
 
+/// The token ops [`token_ops_match_their_cpu_twins`] runs, at awkward sizes.
+const TOKEN_OPS: [Op; 15] = [
+    Op::Patchify { b: 3, c: 3, h: 12, w: 20, p: 4 },
+    Op::Patchify { b: 1, c: 1, h: 14, w: 14, p: 7 },
+    Op::Embed { b: 3, np: 15, prompts: 7, d: 24 },
+    Op::Embed { b: 2, np: 4, prompts: 0, d: 5 },
+    Op::SetPrompts { layer: 1, b: 3, n: 13, p: 5, d: 9 },
+    Op::PromptGrad { layer: 1, b: 5, n: 13, p: 5, d: 9, zero: true },
+    Op::PromptGrad { layer: 0, b: 3, n: 11, p: 3, d: 17, zero: false },
+    Op::CopyTokens { sn: 13, ss: 1, dn: 5, ds: 0, count: 5, b: 3, d: 7 },
+    Op::CopyTokens { sn: 5, ss: 0, dn: 13, ds: 1, count: 5, b: 3, d: 7 },
+    Op::Residual { rows: 37, d: 19, ls: true },
+    Op::Residual { rows: 37, d: 19, ls: false },
+    Op::MulCols { rows: 29, d: 23 },
+    Op::Axpby { len: 1001 },
+    Op::Fill { len: 777 },
+    Op::Copy { len: 333 },
+];
+
 #[test]
 #[ignore = "requires a CUDA device"]
 fn token_ops_match_their_cpu_twins() {
     let (mut r, seed) = rng("token_ops_match_their_cpu_twins");
     let mut gpu = cuda();
-    let ops = [
-        Op::Patchify { b: 3, c: 3, h: 12, w: 20, p: 4 },
-        Op::Patchify { b: 1, c: 1, h: 14, w: 14, p: 7 },
-        Op::Embed { b: 3, np: 15, prompts: 7, d: 24 },
-        Op::Embed { b: 2, np: 4, prompts: 0, d: 5 },
-        Op::SetPrompts { layer: 1, b: 3, n: 13, p: 5, d: 9 },
-        Op::PromptGrad { layer: 1, b: 5, n: 13, p: 5, d: 9, zero: true },
-        Op::PromptGrad { layer: 0, b: 3, n: 11, p: 3, d: 17, zero: false },
-        Op::CopyTokens { sn: 13, ss: 1, dn: 5, ds: 0, count: 5, b: 3, d: 7 },
-        Op::CopyTokens { sn: 5, ss: 0, dn: 13, ds: 1, count: 5, b: 3, d: 7 },
-        Op::Residual { rows: 37, d: 19, ls: true },
-        Op::Residual { rows: 37, d: 19, ls: false },
-        Op::MulCols { rows: 29, d: 23 },
-        Op::Axpby { len: 1001 },
-        Op::Fill { len: 777 },
-        Op::Copy { len: 333 },
-    ];
+    let ops = TOKEN_OPS;
     for op in ops {
         compare(op, &mut r, seed, &mut gpu, 1e-6, 1e-6, false, BufRole::State);
     }
@@ -201,6 +205,26 @@ fn token_ops_match_their_cpu_twins() {
     let mut bf = cuda_in(Precision::Bf16);
     for op in ops {
         compare(op, &mut r, seed, &mut bf, 1e-2, 1e-2, true, BufRole::Activation);
+    }
+}
+
+/// The harness's NaN poisoning is only sound for ops whose result does not depend on the
+/// outputs' old values: checked here on the CPU backend (no device needed), so a GPU run does
+/// not fail on a poisoned buffer the op reads.
+#[test]
+fn poisoned_outputs_are_only_those_an_op_overwrites() {
+    let (mut r, _) = rng("poisoned_outputs_are_only_those_an_op_overwrites");
+    let attn = AttnShape { batch: 2, tokens: 9, heads: 2, head_dim: 4, prompt_start: 1, prompt_end: 4, q_start: 1, q_len: 3 };
+    for op in TOKEN_OPS.into_iter().chain([Op::Attention { sh: attn }]).filter(Op::writes_all) {
+        let (lens, outs) = op.buffers();
+        let init: Vec<Vec<f32>> = lens.iter().map(|&n| uniform(&mut r, n, -2.0, 2.0)).collect();
+        let mut poisoned = init.clone();
+        for v in &mut poisoned[lens.len() - outs..] {
+            v.fill(f32::NAN);
+        }
+        let want = run(&mut CpuBackend::<f32>::new(), op, &init, BufRole::State);
+        let got = run(&mut CpuBackend::<f32>::new(), op, &poisoned, BufRole::State);
+        assert!(got == want, "{op:?}: the result depends on the outputs' old values");
     }
 }
 
@@ -236,6 +260,48 @@ fn storage_follows_the_role_and_the_precision() {
     assert_eq!(h1, rounded);
     assert_eq!(h2, rounded);
     assert_ne!(rounded, v, "the test values must not all be bf16-exact");
+}
+
+/// `buf` of `v` on `be`, stored in bf16 (an `Activation` on a bf16 backend) or fp32.
+fn upload_as(be: &mut CudaBackend, v: &[f32], bf16: bool) -> DevBuf {
+    let mut d = be.alloc_as(v.len(), if bf16 { BufRole::Activation } else { BufRole::State });
+    be.upload(v, &mut d);
+    d
+}
+
+/// `linear_forward` and `linear_backward_input` (accumulating) for every mix of fp32 and bf16
+/// storage of the operands and the result, against the CPU on bf16-exact inputs. The step
+/// uses only some mixes; fp32 operands with a bf16 result go through fp32 scratch (cuBLAS has
+/// no such GEMM).
+#[test]
+#[ignore = "requires a CUDA device"]
+fn linear_ops_accept_every_storage_mix() {
+    let (mut r, seed) = rng("linear_ops_accept_every_storage_mix");
+    let mut gpu = cuda_in(Precision::Bf16);
+    let (rows, d_in, d_out) = (37, 48, 20);
+    let mut vals = |n: usize| bf16_values(&uniform(&mut r, n, -1.0, 1.0)).1;
+    let (x, w, b, dy, dx0) = (vals(rows * d_in), vals(d_out * d_in), vals(d_out), vals(rows * d_out), vals(rows * d_in));
+    let mut cpu = CpuBackend::<f32>::new();
+    let (mut want_y, mut want_dx) = (vec![0.0f32; rows * d_out], dx0.clone());
+    cpu.linear_forward(&x, &w, Some(&b), &mut want_y, rows, d_in, d_out);
+    cpu.linear_backward_input(&dy, &w, &mut want_dx, rows, d_in, d_out, true);
+    for mask in 0..8u32 {
+        let (xb, wb, ob) = (mask & 1 != 0, mask & 2 != 0, mask & 4 != 0);
+        let (xd, wd, bd) = (upload_as(&mut gpu, &x, xb), upload_as(&mut gpu, &w, wb), upload_as(&mut gpu, &b, false));
+        let dyd = upload_as(&mut gpu, &dy, xb);
+        let mut yd = upload_as(&mut gpu, &vec![f32::NAN; rows * d_out], ob);
+        let mut dxd = upload_as(&mut gpu, &dx0, ob);
+        gpu.linear_forward(&xd, &wd, Some(&bd), &mut yd, rows, d_in, d_out);
+        gpu.linear_backward_input(&dyd, &wd, &mut dxd, rows, d_in, d_out, true);
+        gpu.check().unwrap_or_else(|e| panic!("x bf16 {xb}, w bf16 {wb}, out bf16 {ob}: {e:#}"));
+        for (what, d, want) in [("y", &yd, &want_y), ("dx", &dxd, &want_dx)] {
+            let mut got = vec![0.0f32; want.len()];
+            gpu.download(d, &mut got);
+            for (i, (&g, &e)) in got.iter().zip(want.iter()).enumerate() {
+                assert!((g - e).abs() <= 1e-2 + 1e-2 * e.abs(), "{what} (x bf16 {xb}, w bf16 {wb}, out bf16 {ob}) [{i}]: GPU {g}, CPU {e} (MLVPT_TEST_SEED={seed})");
+            }
+        }
+    }
 }
 
 #[test]

@@ -223,6 +223,14 @@ fn vpt_head_forward_and_backward_match_cpu() {
         assert_close(&format!("{what}: dw"), &down_f32(&gpu, &dw), &wdw, 1e-5 * bn as f64, 1e-4, seed);
         assert_close(&format!("{what}: dc"), &down_f32(&gpu, &dc), &wdc, 1e-5 * bn as f64, 1e-5, seed);
     }
+    // An empty batch writes zero parameter gradients (the GEMM has inner length 0).
+    let (p, d, k) = (3usize, 16usize, 5usize);
+    let s = VptHeadShape { batch: 0, tokens: p, dim: d, labels: k };
+    let (w, _) = f32_input(&gpu, &mut rng, k * d, -1.0, 1.0);
+    let (dy, zbar) = (nan_f32(&gpu, 1), nan_f32(&gpu, 1));
+    let (mut dz, mut dw, mut dc) = (nan_bf16(&gpu, 1), nan_f32(&gpu, k * d), nan_f32(&gpu, k));
+    cuda::vpt_backward(&gpu, s_, &mut ws, &dy, &zbar, &w, &mut dz, &mut dw, &mut dc, &s).unwrap();
+    assert!(down_f32(&gpu, &dw).iter().chain(&down_f32(&gpu, &dc)).all(|&v| v == 0.0), "empty batch: dw, dc not zero (seed {seed})");
 }
 
 #[test]

@@ -71,3 +71,55 @@ fn every_kernel_a_launcher_names_was_compiled() {
     assert!(named >= 10, "found only {named} kernel names in the launchers");
     assert!(missing.is_empty(), "kernels named but not compiled:\n{}", missing.join("\n"));
 }
+
+/// Stricter than [`every_kernel_a_launcher_names_was_compiled`], which only sees names with an
+/// `_f32`/`_bf16` part: every identifier-like string literal with an underscore in a launcher
+/// file (src/ops/*/cuda.rs, src/gpu/blas.rs) is a kernel of a module that file loads from
+/// (`gpu.function("<module>", ..)` = kernels/<module>.cu), unless it is one of the few
+/// literals listed here that are not kernel names. Catches a typo in `attn_bwd_dq_convert`,
+/// `moe_fwd_scores` or `layernorm_fwd_f32x_v8_c3`, or a kernel asked of the wrong module.
+#[test]
+fn every_launcher_literal_is_a_kernel_of_its_own_module() {
+    // Literals that are op or buffer names in messages, not kernels.
+    const NOT_KERNELS: &[&str] = &[
+        "y_pos",
+        "y_neg",
+        "set_prompts",
+        "prompt_grad",
+        "copy_tokens",
+        "embed_tokens",
+        "mul_cols",
+        "linear_forward",
+        "gemm_strided_batched",
+    ];
+    let report = ptxas::parse(PTXAS_REPORT);
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut files = vec![root.join("src/gpu/blas.rs")];
+    for entry in std::fs::read_dir(root.join("src/ops")).unwrap() {
+        let p = entry.unwrap().path().join("cuda.rs");
+        if p.exists() {
+            files.push(p);
+        }
+    }
+    let mut checked = 0;
+    let mut bad = Vec::new();
+    for f in &files {
+        let text = std::fs::read_to_string(f).unwrap();
+        let lits: Vec<&str> = text.split('"').skip(1).step_by(2).collect();
+        let mut modules: Vec<String> = text.split("function(\"").skip(1).filter_map(|s| s.split('"').next()).map(|m| format!("{m}.cu")).collect();
+        modules.sort();
+        modules.dedup();
+        for lit in lits {
+            let ident = lit.contains('_') && lit.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+            if !ident || NOT_KERNELS.contains(&lit) {
+                continue;
+            }
+            checked += 1;
+            if !report.iter().any(|k| k.function == lit && modules.contains(&k.file)) {
+                bad.push(format!("{} names `{lit}`, not a kernel of {modules:?}", f.display()));
+            }
+        }
+    }
+    assert!(checked >= 80, "found only {checked} kernel names in the launchers");
+    assert!(bad.is_empty(), "launcher literals that are not kernels of the module asked:\n{}", bad.join("\n"));
+}

@@ -361,11 +361,18 @@ impl CudaIdx {
 /// in its own type.
 #[allow(clippy::too_many_arguments)]
 fn gemm_forward<T: Elem>(g: &GpuContext, s: &mut [Slot; SLOTS], x: &DevBuf, w: &DevBuf, bias: Option<&DevBuf>, y: &mut DevBuf, rows: usize, d_in: usize, d_out: usize) -> Result<(), GpuError> {
-    let [s0, s1, s2, ..] = s;
+    let [s0, s1, s2, s3, ..] = s;
     let xv = input::<T>(g, x, s0, rows * d_in)?;
     let wv = input::<T>(g, w, s1, d_out * d_in)?;
     let bv = bias.map(|b| input::<f32>(g, b, s2, d_out)).transpose()?;
     let bv = bv.map(|b| b as &dyn DevicePtr<f32>);
+    if T::INDEX == f32::INDEX && y.is_bf16() {
+        // cuBLAS has no fp32-operand GEMM with a bf16 result (CUBLAS_STATUS_NOT_SUPPORTED):
+        // an fp32 result in scratch, cast.
+        let o = output::<f32>(g, y, s3, rows * d_out, Mode::Write)?;
+        g.linear_forward::<T, f32>(xv, wv, bv, &mut *o.buf, rows, d_out, d_in, false)?;
+        return o.done(g);
+    }
     match y {
         DevBuf::F32(o) => g.linear_forward::<T, f32>(xv, wv, bv, o, rows, d_out, d_in, false),
         DevBuf::Bf16(o) => g.linear_forward::<T, bf16>(xv, wv, bv, o, rows, d_out, d_in, false),
@@ -375,9 +382,15 @@ fn gemm_forward<T: Elem>(g: &GpuContext, s: &mut [Slot; SLOTS], x: &DevBuf, w: &
 /// `dx (+)= dy W` with `T` operands, `dx` written in its own type.
 #[allow(clippy::too_many_arguments)]
 fn gemm_backward_input<T: Elem>(g: &GpuContext, s: &mut [Slot; SLOTS], dy: &DevBuf, w: &DevBuf, dx: &mut DevBuf, rows: usize, d_in: usize, d_out: usize, accumulate: bool) -> Result<(), GpuError> {
-    let [s0, s1, ..] = s;
+    let [s0, s1, s2, ..] = s;
     let dyv = input::<T>(g, dy, s0, rows * d_out)?;
     let wv = input::<T>(g, w, s1, d_out * d_in)?;
+    if T::INDEX == f32::INDEX && dx.is_bf16() {
+        // As in `gemm_forward`: fp32 scratch (holding dx first when accumulating), cast back.
+        let o = output::<f32>(g, dx, s2, rows * d_in, if accumulate { Mode::Update } else { Mode::Write })?;
+        g.linear_backward_input::<T, f32>(dyv, wv, &mut *o.buf, rows, d_out, d_in, accumulate)?;
+        return o.done(g);
+    }
     match dx {
         DevBuf::F32(o) => g.linear_backward_input::<T, f32>(dyv, wv, o, rows, d_out, d_in, accumulate),
         DevBuf::Bf16(o) => g.linear_backward_input::<T, bf16>(dyv, wv, o, rows, d_out, d_in, accumulate),
@@ -916,9 +929,10 @@ impl Backend for CudaBackend {
     }
     fn asl_terms_into(&mut self, terms: &mut [(&DevBuf, Option<&mut DevBuf>)], targets: &DevBuf, len: usize, cfg: &AslConfig, scale: f64, loss: &mut DevBuf) {
         let all_f32 = !targets.is_bf16() && !loss.is_bf16() && terms.iter().all(|(l, gr)| !l.is_bf16() && gr.as_ref().is_none_or(|b| !b.is_bf16()));
-        if !all_f32 || terms.len() > asl::cuda::MAX_TERMS {
-            // Not a training step's layout (its logits, gradients and loss are fp32 State, at
-            // most four terms): computed now, with a host read.
+        if !all_f32 || terms.is_empty() || terms.len() > asl::cuda::MAX_TERMS {
+            // Not a training step's layout (its logits, gradients and loss are fp32 State, one
+            // to four terms): computed now, with a host read (no terms: a loss of 0, as the
+            // trait's default writes; the kernel launcher rejects an empty term list).
             let total = self.asl_terms(terms, targets, len, cfg, scale);
             self.upload_f64(&[total], loss);
             return;

@@ -676,8 +676,13 @@ pub fn vpt_backward(
     check_len(OP, "dw", dw, k * d)?;
     check_len(OP, "dc", dc, k)?;
     if k > 0 {
-        // dw and dc are written even for an empty batch (zeros), as the CPU op does.
-        gpu.linear_backward_weight::<f32, f32>(dy, zbar, dw, bn, k, d, false)?;
+        // dw and dc are written even for an empty batch (zeros), as the CPU op does; cuBLAS
+        // rejects the GEMM's inner length 0, so that dw is a fill.
+        if bn == 0 {
+            crate::ops::tokens::cuda::fill::<f32>(gpu, stream, dw, k * d, 0.0)?;
+        } else {
+            gpu.linear_backward_weight::<f32, f32>(dy, zbar, dw, bn, k, d, false)?;
+        }
         let (dyp, _g1) = dy.device_ptr(stream);
         let (dcp, _g2) = dc.device_ptr_mut(stream);
         let f = gpu.function("head", "column_sums")?;
