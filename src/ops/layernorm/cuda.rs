@@ -4,7 +4,7 @@
 
 use crate::gpu::launch::{aligned, Storage, BLOCK};
 use crate::gpu::{bf16, CudaStream, DevicePtr, DevicePtrMut, GpuContext, GpuError};
-use cudarc::driver::{LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaFunction, LaunchConfig, PushKernelArg};
 
 /// Longest row the kernels hold in registers.
 pub const MAX_D: usize = 1024;
@@ -27,10 +27,14 @@ fn check_lens(op: &'static str, lens: &[(&str, usize, usize)]) -> Result<(), Gpu
     }
 }
 
-/// Of a kernel family `[scalar, v8_c1 .. v8_c4]`, the vector kernel compiled for ceil(d / 256)
-/// chunks of 8 per lane when `vec`, else the scalar one.
-fn variant(names: &[&'static str; 5], vec: bool, d: usize) -> &'static str {
-    names[if vec { d.div_ceil(256) } else { 0 }]
+/// Of a kernel family `[scalar, v8_c1 .. v8_c4]`, the one for rows of `d` over the row
+/// buffers at device addresses `ptrs`: the vector kernel compiled for ceil(d / 256) chunks of 8
+/// per lane when `d % 8 == 0` and every row buffer is 16-byte aligned (its 16-byte loads need
+/// both), else the scalar one; with its loaded function.
+fn variant(gpu: &GpuContext, names: &[&'static str; 5], d: usize, ptrs: &[u64]) -> Result<(&'static str, CudaFunction), GpuError> {
+    let vec = d.is_multiple_of(8) && ptrs.iter().all(|&p| aligned(p, 16));
+    let name = names[if vec { d.div_ceil(256) } else { 0 }];
+    Ok((name, gpu.function("layernorm", name)?))
 }
 
 // Kernel families by storage: [S = f32 ("f32x") or F = f32, S/F = bf16] x [scalar, v8_c1 .. v8_c4].
@@ -99,9 +103,7 @@ pub fn forward<S: Storage>(
     let (yp, _g4) = y.device_ptr_mut(stream);
     let (mp, _g5) = mean.device_ptr_mut(stream);
     let (rp, _g6) = rstd.device_ptr_mut(stream);
-    let vec = d.is_multiple_of(8) && [xp, gp, bp, yp].iter().all(|&p| aligned(p, 16));
-    let name = variant(&FWD[S::INDEX], vec, d);
-    let f = gpu.function("layernorm", name)?;
+    let (name, f) = variant(gpu, &FWD[S::INDEX], d, &[xp, gp, bp, yp])?;
     let (rows32, d32, eps32) = (rows as u32, d as u32, eps as f32);
     let mut l = stream.launch_builder(&f);
     l.arg(&xp).arg(&gp).arg(&bp).arg(&yp).arg(&mp).arg(&rp).arg(&rows32).arg(&d32).arg(&eps32);
@@ -140,9 +142,7 @@ pub fn backward<S: Storage>(
     let (mp, _g4) = mean.device_ptr(stream);
     let (rp, _g5) = rstd.device_ptr(stream);
     let (dxp, _g6) = dx.device_ptr_mut(stream);
-    let vec = d.is_multiple_of(8) && [dyp, xp, gp, dxp].iter().all(|&p| aligned(p, 16));
-    let name = variant(&BWD[S::INDEX], vec, d);
-    let f = gpu.function("layernorm", name)?;
+    let (name, f) = variant(gpu, &BWD[S::INDEX], d, &[dyp, xp, gp, dxp])?;
     let (rows32, d32, acc) = (rows as u32, d as u32, accumulate as i32);
     let mut l = stream.launch_builder(&f);
     l.arg(&dyp).arg(&xp).arg(&gp).arg(&mp).arg(&rp).arg(&dxp).arg(&rows32).arg(&d32).arg(&acc);
@@ -197,9 +197,8 @@ pub fn residual_forward<F: Storage>(
     let (yp, _g7) = y.device_ptr_mut(stream);
     let (mp, _g8) = mean.device_ptr_mut(stream);
     let (rp, _g9) = rstd.device_ptr_mut(stream);
-    let vec = d.is_multiple_of(8) && [xp, fp, op, gp, bp, yp].iter().chain(ls.map(|_| &lp)).all(|&p| aligned(p, 16));
-    let name = variant(&RES_FWD[F::INDEX], vec, d);
-    let func = gpu.function("layernorm", name)?;
+    // A null ls (0) counts as aligned.
+    let (name, func) = variant(gpu, &RES_FWD[F::INDEX], d, &[xp, fp, op, gp, bp, yp, lp])?;
     let (rows32, d32, eps32) = (rows as u32, d as u32, eps as f32);
     let mut l = stream.launch_builder(&func);
     l.arg(&xp).arg(&fp).arg(&lp).arg(&op).arg(&gp).arg(&bp).arg(&yp).arg(&mp).arg(&rp).arg(&rows32).arg(&d32).arg(&eps32);
