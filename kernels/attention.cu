@@ -64,6 +64,13 @@ constexpr int BC = 64;  // keys per tile (forward) / per block (backward)
 constexpr int BQ = 64;  // query rows per step of the backward
 constexpr float LOG2E = 1.4426950408889634f;
 
+// The PTX wrappers. Under the CPU emulator (tests/cuda_emu) emu_ptx.h provides the same
+// functions, emulating each instruction lane by lane, so the kernels below run unchanged there.
+#ifdef MLVPT_CPU_EMULATION
+}  // namespace attn
+#include "emu_ptx.h"
+namespace attn {
+#else
 __device__ __forceinline__ uint32_t smem_u32(const void* p) {
     return (uint32_t)__cvta_generic_to_shared(p);
 }
@@ -97,6 +104,20 @@ __device__ __forceinline__ void mma(float (&c)[4], const uint32_t (&a)[4], uint3
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
+// 2^x; 2^-inf = +0.
+__device__ __forceinline__ float exp2_approx(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
+
+// Dynamic shared memory (sized by the launcher from the same tile constants).
+__device__ __forceinline__ unsigned char* dyn_smem() {
+    extern __shared__ __align__(16) unsigned char smem[];
+    return smem;
+}
+#endif  // MLVPT_CPU_EMULATION
+
 // p[0] += a, p[1] += b in device memory (p 8-byte aligned): one vector reduction on sm_90.
 __device__ __forceinline__ void add2(float* p, float a, float b) {
 #if __CUDA_ARCH__ >= 900
@@ -111,13 +132,6 @@ __device__ __forceinline__ void add2(float* p, float a, float b) {
 __device__ __forceinline__ uint32_t pack(float lo, float hi) {
     bf162 v = __floats2bfloat162_rn(lo, hi);
     return *reinterpret_cast<uint32_t*>(&v);
-}
-
-// 2^x; 2^-inf = +0.
-__device__ __forceinline__ float exp2_approx(float x) {
-    float y;
-    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-    return y;
 }
 
 // Accumulator tile `a` (two n-tiles 2c, 2c+1) as an A operand.
@@ -613,6 +627,16 @@ __device__ __forceinline__ void bwd(const bf16* __restrict__ qkv, const bf16* __
 
 ATTN_INSTANCES(32, 2)
 ATTN_INSTANCES(64, 2)
+// The compiled head dims, and per head dim the launch geometry the host needs (the emulator
+// driver in tests/cuda_emu reads it; the kernels use static shared memory, so no dynamic bytes).
+#define ATTN_HEAD_DIMS(X) X(32) X(64)
+namespace attn {
+template <int DH> struct Tiles {
+    static constexpr unsigned FWD_ROWS = 128, BWD_KEYS = 64;
+    static constexpr size_t fwd_smem() { return 0; }
+    static constexpr size_t bwd_smem() { return 0; }
+};
+}
 
 // dqkv[b, i, 0, :] = scale * dq_acc[b, i - qs, :] for query tokens i in [qs, qs + nq), zero for
 // the other tokens; over the B*N token rows (D = h*dh, D % 8 == 0).

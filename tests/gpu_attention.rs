@@ -6,20 +6,14 @@
 //! gpu_attention -- --ignored` on a GPU machine (tools/gpu-runner.sh runs them).
 #![cfg(feature = "cuda")]
 
+mod attention_common;
 mod gpu_common;
+
+use attention_common::{assert_rel_max, check_against_cpu, slot, KernelOut};
 
 use gpu_common::*;
 use mlvpt::gpu::{bf16, GpuContext};
-use mlvpt::ops::attention::{cpu, cuda, AttnShape};
-
-/// Error bound relative to the largest reference magnitude: bf16 storage of P, dS and the
-/// outputs (2^-8 relative) with fp32 sums.
-const REL_TOL: f64 = 2e-2;
-/// Absolute floor of that bound: gradients that are zero in exact arithmetic (one token, a
-/// softmax over one key) come out as fp32 rounding noise on both sides.
-const ABS_FLOOR: f64 = 1e-4;
-/// Absolute bound on the log-sum-exp (values of a few units, fp32 math, bf16 inputs shared).
-const LSE_TOL: f64 = 1e-2;
+use mlvpt::ops::attention::{cuda, AttnShape};
 
 fn shape(b: usize, h: usize, n: usize, p: usize, dh: usize) -> AttnShape {
     AttnShape::full(b, n, h, dh, 1, 1 + p)
@@ -53,33 +47,6 @@ fn cases() -> Vec<AttnShape> {
         v.push(AttnShape { q_start, q_len, ..shape(b, h, n, p, dh) });
     }
     v
-}
-
-/// Fails unless max |got - want| <= tol * max |want| + [`ABS_FLOOR`] (a NaN in `got` fails),
-/// naming the worst element.
-fn assert_rel_max(what: &str, got: &[f32], want: &[f32], tol: f64, seed: u64) {
-    assert_eq!(got.len(), want.len(), "{what}: length");
-    let scale = want.iter().fold(0.0f64, |m, &w| m.max((w as f64).abs()));
-    let mut worst = (0usize, -1.0f64);
-    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
-        let err = (g as f64 - w as f64).abs();
-        let err = if err.is_nan() { f64::INFINITY } else { err };
-        if err > worst.1 {
-            worst = (i, err);
-        }
-    }
-    let (i, err) = worst;
-    assert!(
-        err <= tol * scale + ABS_FLOOR,
-        "{what}: max error {err:e} > {tol:e} x max |ref| {scale:e} + {ABS_FLOOR:e} at [{i}]: got {}, want {} (MLVPT_TEST_SEED={seed})",
-        got[i],
-        want[i]
-    );
-}
-
-/// Column block `slot` (0 = Q, 1 = K, 2 = V) of a `[B*N, 3, D]` tensor, as `[B*N, D]`.
-fn slot(x: &[f32], rows: usize, d: usize, slot: usize) -> Vec<f32> {
-    (0..rows).flat_map(|r| x[(r * 3 + slot) * d..(r * 3 + slot + 1) * d].iter().copied()).collect()
 }
 
 struct Inputs {
@@ -129,33 +96,10 @@ fn run_gpu(gpu: &GpuContext, sh: &AttnShape, qkv: &[bf16], dout: &[bf16]) -> Gpu
 fn attention_forward_and_backward_match_cpu_over_shapes() {
     let gpu = gpu();
     let (mut rng, seed) = rng("attention_vs_cpu");
-    let mut scratch = Vec::new();
     for sh in cases() {
         let (x, qkv_b, dout_b) = inputs(&mut rng, &sh);
-        let (tok, d) = (sh.batch * sh.tokens, sh.dim());
-        let mut out = vec![0.0f32; sh.batch * sh.q_len * d];
-        let mut lse = vec![0.0f32; sh.batch * sh.heads * sh.q_len];
-        cpu::forward(&x.qkv, &mut out, &mut lse, &sh, &mut scratch);
-        let mut dqkv = vec![0.0f32; tok * 3 * d];
-        cpu::backward(&x.qkv, &out, &lse, &x.dout, &mut dqkv, &sh, &mut scratch);
-
         let got = run_gpu(&gpu, &sh, &qkv_b, &dout_b);
-        let what = format!(
-            "B={} h={} N={} P={} dh={} queries {}..{}",
-            sh.batch,
-            sh.heads,
-            sh.tokens,
-            sh.prompt_end - 1,
-            sh.head_dim,
-            sh.q_start,
-            sh.q_start + sh.q_len
-        );
-        assert_rel_max(&format!("{what} out"), &got.out, &out, REL_TOL, seed);
-        let lse64: Vec<f64> = lse.iter().map(|&v| v as f64).collect();
-        assert_close(&format!("{what} lse"), &got.lse, &lse64, LSE_TOL, 0.0, seed);
-        for (k, name) in ["dQ", "dK", "dV"].iter().enumerate() {
-            assert_rel_max(&format!("{what} {name}"), &slot(&got.dqkv, tok, d, k), &slot(&dqkv, tok, d, k), REL_TOL, seed);
-        }
+        check_against_cpu(&sh, &x.qkv, &x.dout, &KernelOut { out: &got.out, lse: &got.lse, dqkv: &got.dqkv }, seed);
     }
 }
 

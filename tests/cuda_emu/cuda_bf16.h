@@ -16,6 +16,9 @@ using std::isfinite;
 #define __forceinline__ inline
 #define __restrict__ __restrict
 #define __launch_bounds__(...)
+#define __align__(n) __attribute__((aligned(n)))
+// Kernels that use inline PTX (attention.cu) include tests/cuda_emu/emu_ptx.h instead.
+#define MLVPT_CPU_EMULATION 1
 // Blocks run one at a time, so a function-static array is the block's shared memory.
 #define __shared__ static
 struct U3 { unsigned x = 0, y = 0, z = 0; };
@@ -35,7 +38,10 @@ template <class T> T __shfl_xor_sync(unsigned, T v, int o) {
     emu_warp_bar->arrive_and_wait();
     return r;
 }
+inline float __expf(float x) { return expf(x); }
+inline void __syncwarp() { emu_warp_bar->arrive_and_wait(); }
 inline unsigned atomicAdd(unsigned* p, unsigned v) { return std::atomic_ref<unsigned>(*p).fetch_add(v); }
+inline float atomicAdd(float* p, float v) { return std::atomic_ref<float>(*p).fetch_add(v); }
 template <class T> T __ldcg(const T* p) { return *p; }
 template <class A, class B> auto min(A a, B b) { return a < b ? a : b; }
 struct float2 { float x, y; };

@@ -53,3 +53,7 @@ impl AttnShape {
         i == j || !(p(i) && p(j))
     }
 }
+
+/// Head dims the fused kernels (`kernels/attention.cu`) are compiled for; the CUDA backend
+/// runs any other head dim through a plain fp32 attention.
+pub const FUSED_HEAD_DIMS: &[usize] = &[32, 64];
