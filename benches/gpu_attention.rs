@@ -1,7 +1,8 @@
 //! FLOP/s of the fused attention kernels (`kernels/attention.cu`) next to the unfused path
 //! (cuBLAS strided-batched GEMMs around a materialised bf16 score matrix and row-softmax
 //! kernels, `ops::attention::cuda::unfused`), both in the same run, at the ViT-B training shape
-//! (B 128, 12 heads of 64, N 227 = CLS + 30 prompts + 196 patches) and at N 1025 (B 32).
+//! (B 128, 12 heads of 64, N 227 = CLS + 30 prompts + 196 patches), at N 1025 (B 32) and at
+//! ViT-H/14 (B 64, 16 heads of 80, N 287).
 //! FLOPs as FlashAttention counts them: forward 4 B h N^2 dh, backward 2.5x that (criterion
 //! reports them as "elements"). The unfused path's per-head Q, K, V copies are made once,
 //! outside the timed region. Prints a message and exits cleanly when there is no device.
@@ -103,5 +104,8 @@ fn main() {
     bench_shape(&mut c, &gpu, "B128 h12 N227 P30 dh64", vit_b);
     let long = AttnShape::full(32, 1025, 12, 64, 1, 31);
     bench_shape(&mut c, &gpu, "B32 h12 N1025 P30 dh64", long);
+    // ViT-H/14 at 224 (16 heads of 80): the smaller tiles of the wider head dims.
+    let vit_h = AttnShape::full(64, 287, 16, 80, 1, 31);
+    bench_shape(&mut c, &gpu, "B64 h16 N287 P30 dh80", vit_h);
     c.final_summary();
 }

@@ -10,15 +10,19 @@
 // other prompts' keys (it sees CLS, itself and every key >= pe); other queries see all keys.
 // Keys >= N (tile padding) are -inf. Every row keeps key 0 and itself, so no row is empty.
 //
-// Kernels (host launchers in src/ops/attention/cuda.rs):
-//   attn_fwd_d{32,64}      grid (ceil(Nq/BR), B*h), 128 threads; 32 query rows per warp.
-//   attn_bwd_pre_d{32,64}  D_i = rowsum(dO_i * O_i) into dvec [B, h, Nq]; zeroes dq_acc.
-//   attn_bwd_d{32,64}      grid (ceil(N/64), B*h): one block per 64 keys, loops over all query
-//                          blocks; dK, dV in registers, written once (bf16) into dqkv; dQ
-//                          partials added with fp32 atomics into dq_acc [B, Nq, h*dh].
+// Kernels (host launchers in src/ops/attention/cuda.rs), per head dim DH in {32, 64, 80, 128}
+// (ATTN_HEAD_DIMS; tile sizes in Tiles<DH>, dynamic shared memory sized by the launcher):
+//   attn_fwd_dDH       grid (ceil(Nq/BR), B*h), 128 threads; 16*MT query rows per warp (BR =
+//                      128 rows per block at dh 32, 64; 64 at 80, 128).
+//   attn_bwd_pre_dDH   D_i = rowsum(dO_i * O_i) into dvec [B, h, Nq]; zeroes dq_acc.
+//   attn_bwd_dDH       grid (ceil(N/64), B*h): one block per 64 keys, loops over the queries BQ
+//                      at a time; dK, dV in registers, written once (bf16) into dqkv; dQ
+//                      partials added with fp32 atomics into dq_acc [B, Nq, h*dh].
 //   attn_bwd_dq_convert    dqkv[:, :, 0] = scale * dq_acc (bf16; zero outside the queries).
 //   attn_split_heads, attn_softmax_rows_bf16, attn_softmax_bwd_rows_bf16: the unfused peer
 //                          used by benches/gpu_attention.rs (cuBLAS GEMMs around them).
+// Under the CPU emulator (tests/cuda_emu, MLVPT_CPU_EMULATION) the PTX wrappers come from
+// emu_ptx.h and tests/attention_emulated.rs checks every kernel here against the CPU reference.
 // dQ is summed by atomics in whatever order the key blocks finish, so its last bits may differ
 // between runs; out, lse, dK, dV are deterministic.
 //
@@ -61,8 +65,30 @@ namespace attn {
 constexpr int WARPS = 4;
 constexpr int THREADS = 32 * WARPS;
 constexpr int BC = 64;  // keys per tile (forward) / per block (backward)
-constexpr int BQ = 64;  // query rows per step of the backward
 constexpr float LOG2E = 1.4426950408889634f;
+
+// Tile shape per head dim, sized so that the accumulators fit the 255 registers of a thread
+// without spilling: MT m-tiles of 16 query rows per warp in the forward (BR = 16 MT WARPS rows
+// per block), BQ query rows per step of the backward. Shared memory is dynamic (rows padded
+// to DH + 8 elements): at head dims 80 and 128 it exceeds the 48 KB a static array may take.
+// src/ops/attention/mod.rs (FusedTiles) holds the same figures for the launcher; the emulator
+// test checks that they agree.
+template <int DH_, int MT_, int BQ_>
+struct TileCfg {
+    static constexpr int DH = DH_, MT = MT_, BQ = BQ_, SROW = DH + 8;
+    static constexpr unsigned FWD_ROWS = 16 * MT * WARPS, BWD_KEYS = BC;
+    // sQ [BR], sK [BC], sV [BC] rows.
+    static constexpr size_t fwd_smem() { return (size_t)(FWD_ROWS + 2 * BC) * SROW * 2; }
+    // sK, sV [BC], sQ, sdO [BQ] rows; dS^T [BC][BQ + 8]; lse and D [BQ] floats.
+    static constexpr size_t bwd_smem() {
+        return (size_t)(2 * BC + 2 * BQ) * SROW * 2 + (size_t)BC * (BQ + 8) * 2 + 2 * (size_t)BQ * 4;
+    }
+};
+template <int DH> struct Tiles;
+template <> struct Tiles<32> : TileCfg<32, 2, 64> {};
+template <> struct Tiles<64> : TileCfg<64, 2, 64> {};
+template <> struct Tiles<80> : TileCfg<80, 1, 32> {};
+template <> struct Tiles<128> : TileCfg<128, 1, 16> {};
 
 // The PTX wrappers. Under the CPU emulator (tests/cuda_emu) emu_ptx.h provides the same
 // functions, emulating each instruction lane by lane, so the kernels below run unchanged there.
@@ -147,10 +173,10 @@ __device__ __forceinline__ void acc_to_a(uint32_t (&r)[4], const float (&c0)[4],
 template <int ROWS, int DH>
 __device__ __forceinline__ void load_tile(bf16* s, const bf16* g, size_t gstride, int t0, int n) {
     constexpr int CH = DH / 8;
-    static_assert((ROWS * CH) % THREADS == 0, "tile not a multiple of the block");
 #pragma unroll
-    for (int i = 0; i < ROWS * CH / THREADS; i++) {
+    for (int i = 0; i < (ROWS * CH + THREADS - 1) / THREADS; i++) {
         const int c = threadIdx.x + i * THREADS;
+        if ((ROWS * CH) % THREADS != 0 && c >= ROWS * CH) break;
         const int r = c / CH, k = c % CH;
         const int tok = t0 + r;
         const bool ok = tok < n;
@@ -165,18 +191,19 @@ __device__ __forceinline__ bool allowed(int i, int j, int ps, int pe) {
 }
 
 // ------------------------------------------------------------------------------ forward
-// MT m-tiles of 16 query rows per warp; BR = 16 * MT * WARPS rows per block.
-template <int DH, int MT>
+// Tiles<DH>::MT m-tiles of 16 query rows per warp; BR = 16 * MT * WARPS rows per block.
+template <int DH>
 __device__ __forceinline__ void fwd(const bf16* __restrict__ qkv, bf16* __restrict__ out, float* __restrict__ lse,
                                     int N, int H, int ps, int pe, int qs, int nq, float scale) {
+    constexpr int MT = Tiles<DH>::MT;
     constexpr int BR = 16 * MT * WARPS;
     constexpr int SROW = DH + 8;
     constexpr int KD = DH / 16;  // k-chunks over the head dim
     constexpr int ND = DH / 8;   // n-tiles over the head dim
     constexpr int NK = BC / 8;   // n-tiles over the keys of a tile
-    __shared__ __align__(16) bf16 sQ[BR * SROW];
-    __shared__ __align__(16) bf16 sK[BC * SROW];
-    __shared__ __align__(16) bf16 sV[BC * SROW];
+    bf16* sQ = reinterpret_cast<bf16*>(dyn_smem());  // [BR][SROW]
+    bf16* sK = sQ + BR * SROW;                        // [BC][SROW]
+    bf16* sV = sK + BC * SROW;                        // [BC][SROW]
 
     const int bh = blockIdx.y, b = bh / H, hh = bh % H;
     const int D = H * DH;
@@ -184,6 +211,8 @@ __device__ __forceinline__ void fwd(const bf16* __restrict__ qkv, bf16* __restri
     const bf16* qg = qkv + (size_t)b * N * rs + hh * DH;
     const bf16* kg = qg + D;
     const bf16* vg = qg + 2 * D;
+    // This block's head in its image's output rows; the epilogue adds row * D.
+    bf16* og = out + (size_t)b * nq * D + hh * DH;
     const int q0 = blockIdx.x * BR;  // first query row (of nq) of this block; token qs + q0
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int g = lane >> 2, t = lane & 3;
@@ -347,40 +376,48 @@ __device__ __forceinline__ void fwd(const bf16* __restrict__ qkv, bf16* __restri
         const int r = c / CH, k = c % CH;
         const int qi = q0 + wrow + r;
         if (qi < nq)
-            *reinterpret_cast<uint4*>(out + ((size_t)b * nq + qi) * D + hh * DH + k * 8) =
+            *reinterpret_cast<uint4*>(og + (size_t)qi * D + k * 8) =
                 *reinterpret_cast<const uint4*>(sQ + (wrow + r) * SROW + k * 8);
     }
 }
 
 // ------------------------------------------------------------------------------ backward
 // dvec[b, h, i] = sum_d dO[b, i, h, d] O[b, i, h, d]; zeroes dq_acc (same layout as out).
-// N here is the number of query rows. Each thread takes 8 consecutive elements (16-byte loads,
-// coalesced across the warp); the DH/8 lanes of one (b, i, h) row sum by shuffles. Whole warps
-// step together so every shuffle has all 32 lanes.
+// N here is the number of query rows. Each thread takes 16-byte chunks of 8 elements; the G
+// lanes of one (b, i, h) row (G the largest power of two dividing DH/8: 4 at dh 32, 8 at 64,
+// 2 at 80, 16 at 128) take its chunks in turn, so a warp reads 32 consecutive chunks at a time,
+// and sum by shuffles. Whole warps step together so every shuffle has all 32 lanes.
 template <int DH>
 __device__ __forceinline__ void bwd_pre(const bf16* __restrict__ out, const bf16* __restrict__ dout,
                                         float* __restrict__ dvec, float* __restrict__ dq_acc, int B, int N, int H) {
-    constexpr int CH = DH / 8;  // lanes per row (divides 32)
-    const uint64_t total = (uint64_t)B * N * H * CH;
+    constexpr int CH = DH / 8;     // chunks per row
+    constexpr int G = CH & -CH;    // lanes per row
+    constexpr int PER = CH / G;    // chunks per lane
+    static_assert(G <= 32 && 32 % G == 0, "lanes per row must divide the warp");
+    const uint64_t total = (uint64_t)B * N * H * G;
     const int lane = threadIdx.x & 31;
     for (uint64_t base = global_thread() - lane; base < total; base += grid_threads()) {
         const uint64_t c = base + lane;
-        const bool ok = c < total;  // the same for all lanes of a row: total % CH == 0
+        const bool ok = c < total;  // the same for all lanes of a row: total % G == 0
+        const uint64_t row = c / G;  // (b * N + i) * H + h
         float acc = 0.0f;
         if (ok) {
-            float x[8], y[8];
-            load_bf16<8>(out + c * 8, x);
-            load_bf16<8>(dout + c * 8, y);
 #pragma unroll
-            for (int e = 0; e < 8; e++) acc = fmaf(x[e], y[e], acc);
-            float4* z = reinterpret_cast<float4*>(dq_acc + c * 8);
-            z[0] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-            z[1] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+            for (int j = 0; j < PER; j++) {
+                const uint64_t chunk = row * CH + (c % G) + (uint64_t)j * G;
+                float x[8], y[8];
+                load_bf16<8>(out + chunk * 8, x);
+                load_bf16<8>(dout + chunk * 8, y);
+#pragma unroll
+                for (int e = 0; e < 8; e++) acc = fmaf(x[e], y[e], acc);
+                float4* z = reinterpret_cast<float4*>(dq_acc + chunk * 8);
+                z[0] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+                z[1] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+            }
         }
 #pragma unroll
-        for (int o = CH / 2; o > 0; o >>= 1) acc += __shfl_xor_sync(FULL_MASK, acc, o);
-        if (ok && lane % CH == 0) {
-            const uint64_t row = c / CH;  // (b * N + i) * H + h
+        for (int o = G / 2; o > 0; o >>= 1) acc += __shfl_xor_sync(FULL_MASK, acc, o);
+        if (ok && lane % G == 0) {
             const int hh = (int)(row % H);
             const uint64_t bi = row / H;
             const int i = (int)(bi % N);
@@ -399,17 +436,23 @@ __device__ __forceinline__ void bwd(const bf16* __restrict__ qkv, const bf16* __
                                     const float* __restrict__ lse, const float* __restrict__ dvec,
                                     float* __restrict__ dq_acc, bf16* __restrict__ dqkv, int N, int H, int ps, int pe,
                                     int qs, int nq, float scale) {
+    constexpr int BQ = Tiles<DH>::BQ;  // query rows per step
     constexpr int SROW = DH + 8;
     constexpr int PROW = BQ + 8;
     constexpr int KD = DH / 16;
     constexpr int ND = DH / 8;
     constexpr int NQ = BQ / 8;  // n-tiles over the queries of a step
-    __shared__ __align__(16) bf16 sK[BC * SROW];
-    __shared__ __align__(16) bf16 sV[BC * SROW];
-    __shared__ __align__(16) bf16 sQ[BQ * SROW];
-    __shared__ __align__(16) bf16 sdO[BQ * SROW];
-    __shared__ __align__(16) bf16 sdS[BC * PROW];  // dS^T [key][query]
-    __shared__ __align__(16) float sL[BQ], sD[BQ];  // lse * log2(e), D
+    // dQ_part [BQ x DH] of a step: MQ m-tiles of 16 queries, each shared by WPM warps that
+    // take its ND / 2 pairs of head-dim n-tiles in turn (at most NPAIR each).
+    constexpr int MQ = BQ / 16, WPM = WARPS / MQ, NPAIR = (ND / 2 + WPM - 1) / WPM;
+    static_assert(WARPS % MQ == 0, "dQ m-tiles do not split over the warps");
+    bf16* sK = reinterpret_cast<bf16*>(dyn_smem());  // [BC][SROW]
+    bf16* sV = sK + BC * SROW;                        // [BC][SROW]
+    bf16* sQ = sV + BC * SROW;                        // [BQ][SROW]
+    bf16* sdO = sQ + BQ * SROW;                       // [BQ][SROW]
+    bf16* sdS = sdO + BQ * SROW;                      // dS^T [key][query], [BC][PROW]
+    float* sL = reinterpret_cast<float*>(sdS + BC * PROW);  // lse * log2(e), [BQ]
+    float* sD = sL + BQ;                                     // D, [BQ]
 
     const int bh = blockIdx.y, b = bh / H, hh = bh % H;
     const int D = H * DH;
@@ -540,34 +583,44 @@ __device__ __forceinline__ void bwd(const bf16* __restrict__ qkv, const bf16* __
             cp_async_commit();
         }
 
-        // dQ_part [BQ x DH] = dS [query][key] K [key][d]; warp w takes queries w*16 .. +15.
+        // dQ_part [BQ x DH] = dS [query][key] K [key][d]; warp w takes m-tile mq (queries
+        // mq*16 .. +15) and the head-dim n-tile pairs part, part + WPM, ... (< ND / 2).
         // A = dS stored transposed ([key][query]): ldmatrix .trans; B = K stored [k][n]: .trans.
-        float dqp[ND][4];
+        const int mq = warp % MQ, part = warp / MQ;
+        auto pair_of = [&](int np) { return part + np * WPM; };
+        auto has_pair = [&](int np) { return (ND / 2) % WPM == 0 || pair_of(np) < ND / 2; };  // warp-uniform
+        float dqp[2 * NPAIR][4];
 #pragma unroll
-        for (int dt = 0; dt < ND; dt++)
+        for (int dt = 0; dt < 2 * NPAIR; dt++)
 #pragma unroll
             for (int e = 0; e < 4; e++) dqp[dt][e] = 0.0f;
 #pragma unroll
         for (int kc = 0; kc < BC / 16; kc++) {
             uint32_t a[4];
             const int mi = lane >> 3;
-            ldsm_x4_t(a, smem_u32(sdS + (kc * 16 + (lane & 7) + (mi >> 1) * 8) * PROW + wk + (mi & 1) * 8));
+            ldsm_x4_t(a, smem_u32(sdS + (kc * 16 + (lane & 7) + (mi >> 1) * 8) * PROW + mq * 16 + (mi & 1) * 8));
 #pragma unroll
-            for (int np = 0; np < ND / 2; np++) {
+            for (int np = 0; np < NPAIR; np++) {
+                if (!has_pair(np)) break;
                 uint32_t bk[4];
-                ldsm_x4_t(bk, smem_u32(sK + (kc * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * SROW + np * 16 +
-                                       (lane >> 4) * 8));
+                ldsm_x4_t(bk, smem_u32(sK + (kc * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * SROW +
+                                       pair_of(np) * 16 + (lane >> 4) * 8));
                 mma(dqp[2 * np], a, bk[0], bk[1]);
                 mma(dqp[2 * np + 1], a, bk[2], bk[3]);
             }
         }
 #pragma unroll
         for (int r = 0; r < 2; r++) {
-            const int qi = q0 + wk + g + r * 8;
+            const int qi = q0 + mq * 16 + g + r * 8;
             if (qi < nq) {
                 float* dst = dq_acc + ((size_t)b * nq + qi) * D + hh * DH + 2 * t;
 #pragma unroll
-                for (int dt = 0; dt < ND; dt++) add2(dst + dt * 8, dqp[dt][2 * r], dqp[dt][2 * r + 1]);
+                for (int np = 0; np < NPAIR; np++) {
+                    if (!has_pair(np)) break;
+#pragma unroll
+                    for (int c = 0; c < 2; c++)
+                        add2(dst + (pair_of(np) * 2 + c) * 8, dqp[2 * np + c][2 * r], dqp[2 * np + c][2 * r + 1]);
+                }
             }
         }
         if (next && threadIdx.x < BQ) {
@@ -609,11 +662,13 @@ __device__ __forceinline__ void bwd(const bf16* __restrict__ qkv, const bf16* __
 
 }  // namespace attn
 
-#define ATTN_INSTANCES(DH, MT)                                                                                     \
+// One set of kernels per head dim; ATTN_HEAD_DIMS lists them (the emulator driver iterates it).
+#define ATTN_HEAD_DIMS(X) X(32) X(64) X(80) X(128)
+#define ATTN_INSTANCES(DH)                                                                                         \
     extern "C" __global__ void __launch_bounds__(attn::THREADS)                                                    \
         attn_fwd_d##DH(const bf16* qkv, bf16* out, float* lse, int N, int H, int ps, int pe, int qs, int nq,       \
                        float scale) {                                                                              \
-        attn::fwd<DH, MT>(qkv, out, lse, N, H, ps, pe, qs, nq, scale);                                             \
+        attn::fwd<DH>(qkv, out, lse, N, H, ps, pe, qs, nq, scale);                                                 \
     }                                                                                                              \
     extern "C" __global__ void attn_bwd_pre_d##DH(const bf16* out, const bf16* dout, float* dvec, float* dq_acc,  \
                                                   int B, int N, int H) {                                           \
@@ -624,19 +679,7 @@ __device__ __forceinline__ void bwd(const bf16* __restrict__ qkv, const bf16* __
                        bf16* dqkv, int N, int H, int ps, int pe, int qs, int nq, float scale) {                    \
         attn::bwd<DH>(qkv, dout, lse, dvec, dq_acc, dqkv, N, H, ps, pe, qs, nq, scale);                            \
     }
-
-ATTN_INSTANCES(32, 2)
-ATTN_INSTANCES(64, 2)
-// The compiled head dims, and per head dim the launch geometry the host needs (the emulator
-// driver in tests/cuda_emu reads it; the kernels use static shared memory, so no dynamic bytes).
-#define ATTN_HEAD_DIMS(X) X(32) X(64)
-namespace attn {
-template <int DH> struct Tiles {
-    static constexpr unsigned FWD_ROWS = 128, BWD_KEYS = 64;
-    static constexpr size_t fwd_smem() { return 0; }
-    static constexpr size_t bwd_smem() { return 0; }
-};
-}
+ATTN_HEAD_DIMS(ATTN_INSTANCES)
 
 // dqkv[b, i, 0, :] = scale * dq_acc[b, i - qs, :] for query tokens i in [qs, qs + nq), zero for
 // the other tokens; over the B*N token rows (D = h*dh, D % 8 == 0).

@@ -9,7 +9,7 @@
 //! the kernels' indexing, fragment layouts, masking and barriers, not GPU timing or the memory
 //! model. Needs a C++20 compiler; without one it says so and passes.
 
-use mlvpt::ops::attention::AttnShape;
+use mlvpt::ops::attention::{AttnShape, FusedTiles, FUSED_HEAD_DIMS};
 
 mod attention_common;
 mod cuda_emu;
@@ -30,7 +30,7 @@ fn cases() -> Vec<AttnShape> {
         AttnShape { q_start: 1, q_len: 30, ..full(64, 2, 1, 90, 30) },
         AttnShape { q_start: 40, q_len: 50, ..full(32, 1, 2, 100, 60) },
     ];
-    for &dh in mlvpt::ops::attention::FUSED_HEAD_DIMS {
+    for &dh in FUSED_HEAD_DIMS {
         if dh != 32 && dh != 64 {
             v.push(full(dh, 1, 2, 75, 10));
             v.push(AttnShape { q_start: 1, q_len: 10, ..full(dh, 1, 1, 75, 10) });
@@ -53,10 +53,26 @@ fn emulated_attention_kernels_match_the_cpu_reference() {
         ));
     }
     let dir = driver.run("run", &args);
+    check_tiles(&dir);
     for (i, sh) in cases.iter().enumerate() {
         let g = |name: &str| read(&dir, &format!("c{i}_{name}"));
         let (qkv, dout) = (g("qkv"), g("dout"));
         let (out, lse, dqkv) = (g("out"), g("lse"), g("dqkv"));
         check_against_cpu(sh, &qkv, &dout, &KernelOut { out: &out, lse: &lse, dqkv: &dqkv }, driver.seed as u64);
     }
+}
+
+/// The launcher's geometry (`FusedTiles`, which sizes grids and dynamic shared memory) is the
+/// kernel source's own (`attn::Tiles<DH>`), for every compiled head dim and no other.
+fn check_tiles(dir: &std::path::Path) {
+    let text = std::fs::read_to_string(dir.join("tiles")).expect("the driver's tiles file");
+    let mut dims = Vec::new();
+    for line in text.lines() {
+        let v: Vec<usize> = line.split_whitespace().map(|x| x.parse().expect("a number")).collect();
+        let t = FusedTiles::of(v[0]).unwrap_or_else(|| panic!("kernels for head dim {} but no FusedTiles", v[0]));
+        let host = [t.head_dim, t.fwd_rows, t.bwd_keys, t.bwd_rows, t.fwd_smem_bytes(), t.bwd_smem_bytes()];
+        assert_eq!(v, host, "head dim {}: kernel (dh, fwd rows, bwd keys, bwd rows, fwd smem, bwd smem) vs FusedTiles", v[0]);
+        dims.push(v[0]);
+    }
+    assert_eq!(dims, FUSED_HEAD_DIMS, "head dims compiled in attention.cu vs FUSED_HEAD_DIMS");
 }

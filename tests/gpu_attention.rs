@@ -20,8 +20,9 @@ fn shape(b: usize, h: usize, n: usize, p: usize, dh: usize) -> AttnShape {
 }
 
 /// The case grid: every (N, P) with 1 + P <= N at head dim 64 over 1x1, 2x3, 3x12 (the largest
-/// N only at the two small ones, to keep the run short), a few head-dim-32 cases, and query
-/// ranges (the model's last block asks for the prompt rows only).
+/// N only at the two small ones, to keep the run short), a few cases at each other head dim
+/// (32, 80 for ViT-H, 128), and query ranges (the model's last block asks for the prompt rows
+/// only).
 fn cases() -> Vec<AttnShape> {
     let mut v = Vec::new();
     for n in [1usize, 31, 227, 257, 1025] {
@@ -37,12 +38,15 @@ fn cases() -> Vec<AttnShape> {
             }
         }
     }
-    for (n, p) in [(1usize, 0usize), (31, 30), (227, 30), (257, 60)] {
-        v.push(shape(2, 3, n, p, 32));
+    for dh in [32usize, 80, 128] {
+        for (n, p) in [(1usize, 0usize), (31, 30), (227, 30), (257, 60)] {
+            v.push(shape(2, 3, n, p, dh));
+        }
     }
     for (b, h, n, p, dh, q_start, q_len) in
         [(2usize, 3usize, 227usize, 30usize, 64usize, 1usize, 30usize), (1, 12, 1025, 60, 64, 1, 60), (2, 3, 31, 1, 64, 1, 1),
-         (3, 2, 257, 30, 32, 1, 30), (2, 3, 257, 60, 64, 40, 200), (1, 2, 31, 0, 64, 5, 0)]
+         (3, 2, 257, 30, 32, 1, 30), (2, 3, 257, 60, 64, 40, 200), (1, 2, 31, 0, 64, 5, 0), (2, 16, 287, 30, 80, 1, 30),
+         (1, 8, 1025, 60, 128, 1, 60)]
     {
         v.push(AttnShape { q_start, q_len, ..shape(b, h, n, p, dh) });
     }

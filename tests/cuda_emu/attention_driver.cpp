@@ -4,8 +4,9 @@
 // as little-endian f32 for tests/attention_emulated.rs, which compares them with the CPU
 // reference (src/ops/attention/cpu.rs).
 //   attention_driver DIR SEED CASE...   CASE = tag:dh:B:h:N:ps:pe:qs:nq
-// Also writes DIR/smem: per head dim, the dynamic shared memory of the forward and the
-// backward kernel as the kernel source computes it (the test checks the launcher's figures).
+// Also writes DIR/tiles: per head dim, the forward's query rows per block, the backward's keys
+// per block and query rows per step, and the dynamic shared memory of both, as the kernel
+// source computes them (the test checks the launcher's figures, FusedTiles).
 #include "cuda_bf16.h"
 #include "attention.cu"
 #include <cstdio>
@@ -104,9 +105,11 @@ int main(int argc, char** argv) {
     dir = argv[1];
     rng.seed(strtoul(argv[2], nullptr, 10));
     mkdir(dir.c_str(), 0755);
-    FILE* f = fopen((dir + "/smem").c_str(), "w");
-#define SMEM(DH) fprintf(f, "%d %zu %zu\n", DH, kernels_of<DH>().fwd_smem, kernels_of<DH>().bwd_smem);
-    ATTN_HEAD_DIMS(SMEM)
+    FILE* f = fopen((dir + "/tiles").c_str(), "w");
+#define TILES(DH)                                                                                          \
+    fprintf(f, "%d %u %u %d %zu %zu\n", DH, attn::Tiles<DH>::FWD_ROWS, attn::Tiles<DH>::BWD_KEYS,          \
+            attn::Tiles<DH>::BQ, attn::Tiles<DH>::fwd_smem(), attn::Tiles<DH>::bwd_smem());
+    ATTN_HEAD_DIMS(TILES)
     fclose(f);
     for (int i = 3; i < argc; i++) run(argv[i]);
     printf("ok %s\n", dir.c_str());

@@ -13,18 +13,38 @@
 //! [`unfused`] is the textbook path (cuBLAS strided-batched GEMMs and a softmax kernel over a
 //! materialised score matrix) that benches/gpu_attention.rs measures the fused kernels against.
 
-use super::AttnShape;
+use super::{AttnShape, FusedTiles};
 use crate::gpu::launch::{aligned, check_len, grid_stride_blocks, BLOCK};
 use crate::gpu::{bf16, CudaStream, DevicePtr, DevicePtrMut, GpuContext, GpuError};
-use cudarc::driver::{LaunchConfig, PushKernelArg};
+use cudarc::driver::sys::CUfunction_attribute;
+use cudarc::driver::{CudaFunction, LaunchConfig, PushKernelArg};
 
 /// Head dims the fused kernels are compiled for.
-pub const HEAD_DIMS: &[usize] = &[32, 64];
+pub const HEAD_DIMS: &[usize] = super::FUSED_HEAD_DIMS;
 
-/// Query rows per forward block and keys per backward block (kernels/attention.cu).
-const FWD_ROWS: usize = 128;
-const BWD_KEYS: usize = 64;
-const THREADS: u32 = 128;
+const THREADS: u32 = FusedTiles::THREADS as u32;
+/// Dynamic shared memory a kernel may take without opting in.
+const SMEM_DEFAULT_MAX: usize = 48 * 1024;
+
+/// Kernel names per head dim: (forward, backward row sums, backward).
+fn kernel_names(head_dim: usize) -> (&'static str, &'static str, &'static str) {
+    match head_dim {
+        32 => ("attn_fwd_d32", "attn_bwd_pre_d32", "attn_bwd_d32"),
+        64 => ("attn_fwd_d64", "attn_bwd_pre_d64", "attn_bwd_d64"),
+        80 => ("attn_fwd_d80", "attn_bwd_pre_d80", "attn_bwd_d80"),
+        _ => ("attn_fwd_d128", "attn_bwd_pre_d128", "attn_bwd_d128"),
+    }
+}
+
+/// `name` with `bytes` of dynamic shared memory allowed (above 48 KB a kernel must opt in).
+fn function_with_smem(gpu: &GpuContext, name: &'static str, bytes: usize) -> Result<CudaFunction, GpuError> {
+    let f = gpu.function("attention", name)?;
+    if bytes > SMEM_DEFAULT_MAX {
+        f.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, bytes as i32)
+            .map_err(GpuError::driver(format!("allowing {name} {bytes} bytes of shared memory")))?;
+    }
+    Ok(f)
+}
 
 /// Elements (f32) of the scratch [`backward`] needs: a dQ accumulator `[B, Nq, h*dh]` followed
 /// by `D_i = rowsum(dO * O)` per query row, `[B, h, Nq]`.
@@ -43,12 +63,13 @@ struct Dims {
     nq: i32,
     scale: f32,
     bh: u32,
+    tiles: FusedTiles,
 }
 
 fn check_shape(op: &'static str, sh: &AttnShape) -> Result<Dims, GpuError> {
-    if !HEAD_DIMS.contains(&sh.head_dim) {
+    let Some(tiles) = FusedTiles::of(sh.head_dim) else {
         return Err(GpuError::invalid(op, format!("head dim {} not supported (kernels for {HEAD_DIMS:?})", sh.head_dim)));
-    }
+    };
     if sh.prompt_start > sh.prompt_end || sh.prompt_end > sh.tokens {
         return Err(GpuError::invalid(
             op,
@@ -79,6 +100,7 @@ fn check_shape(op: &'static str, sh: &AttnShape) -> Result<Dims, GpuError> {
         nq: sh.q_len as i32,
         scale: (1.0 / (sh.head_dim as f64).sqrt()) as f32,
         bh: bh as u32,
+        tiles,
     })
 }
 
@@ -142,12 +164,14 @@ pub fn forward(
     let (op, _g2) = out.device_ptr_mut(stream);
     let (lp, _g3) = lse.device_ptr_mut(stream);
     check_aligned(OP, &[("qkv", qp), ("out", op)])?;
-    let name = match sh.head_dim {
-        32 => "attn_fwd_d32",
-        _ => "attn_fwd_d64",
+    let name = kernel_names(sh.head_dim).0;
+    let smem = d.tiles.fwd_smem_bytes();
+    let f = function_with_smem(gpu, name, smem)?;
+    let cfg = LaunchConfig {
+        grid_dim: (blocks(nq, d.tiles.fwd_rows), d.bh, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: smem as u32,
     };
-    let f = gpu.function("attention", name)?;
-    let cfg = LaunchConfig { grid_dim: (blocks(nq, FWD_ROWS), d.bh, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
     let mut l = stream.launch_builder(&f);
     l.arg(&qp).arg(&op).arg(&lp).arg(&d.n).arg(&d.h).arg(&d.ps).arg(&d.pe).arg(&d.qs).arg(&d.nq).arg(&d.scale);
     // SAFETY: lengths and alignment checked above; the kernel reads qkv[..B*N*3D] and writes
@@ -197,12 +221,9 @@ pub fn backward(
     check_aligned(OP, &[("qkv", qp), ("out", op), ("dout", dop), ("dqkv", dqp), ("scratch", sp)])?;
     let dq_acc = sp;
     let dvec = sp + (b * nq * dim * std::mem::size_of::<f32>()) as u64;
-    let (pre, main) = match sh.head_dim {
-        32 => ("attn_bwd_pre_d32", "attn_bwd_d32"),
-        _ => ("attn_bwd_pre_d64", "attn_bwd_d64"),
-    };
+    let (_, pre, main) = kernel_names(sh.head_dim);
 
-    // One thread per 8 elements of out/dout.
+    // Grid-stride over the rows' lanes; one thread per 8 elements of out/dout bounds the grid.
     let chunks = (b * nq * dim / 8) as u64;
     let f = gpu.function("attention", pre)?;
     let b32 = b as i32;
@@ -212,8 +233,13 @@ pub fn backward(
     // SAFETY: out/dout hold B*Nq*D, the scratch B*Nq*D + B*h*Nq floats (checked); 16-byte aligned.
     unsafe { l.launch(cfg) }.map_err(GpuError::driver(format!("launching {pre}")))?;
 
-    let f = gpu.function("attention", main)?;
-    let cfg = LaunchConfig { grid_dim: (blocks(n, BWD_KEYS), d.bh, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
+    let smem = d.tiles.bwd_smem_bytes();
+    let f = function_with_smem(gpu, main, smem)?;
+    let cfg = LaunchConfig {
+        grid_dim: (blocks(n, d.tiles.bwd_keys), d.bh, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: smem as u32,
+    };
     let mut l = stream.launch_builder(&f);
     l.arg(&qp).arg(&dop).arg(&lp).arg(&dvec).arg(&dq_acc).arg(&dqp);
     l.arg(&d.n).arg(&d.h).arg(&d.ps).arg(&d.pe).arg(&d.qs).arg(&d.nq).arg(&d.scale);
