@@ -245,6 +245,26 @@ fi
 # --- benches --------------------------------------------------------------------------------
 BENCH_TABLE="$LOGS/bench-summary.txt"
 : > "$BENCH_TABLE"
+# Right after our attention bench: PyTorch's attention kernels (FlashAttention-2, the
+# memory-efficient kernel with the prompt mask, cuDNN) at the same shapes on the same card
+# (peer/attention_bench.py), one line each into the bench table.
+attention_peer() {
+  local apeer="" f
+  for f in "$HERE/peer/attention_bench.py" "$HERE/../tools/peer/attention_bench.py"; do [ -f "$f" ] && { apeer=$f; break; }; done
+  if [ -n "${MLVPT_GPU_SKIP_PEER:-}" ]; then row "peer attention" "SKIPPED" - - - 0; return; fi
+  if [ -z "${py:-}" ] || [ -z "$apeer" ]; then row "peer attention" "MISSING" - - - 0; return; fi
+  local cap=${MLVPT_ATTENTION_PEER_S:-60} left; left=$(remaining)
+  [ "$left" -lt "$cap" ] && cap=$left
+  if [ "$cap" -lt 15 ]; then row "peer attention" "SKIPPED" - - - 0; return; fi
+  log "peer attention: $py $apeer (timeout ${cap}s)"
+  local t0; t0=$(date +%s)
+  LD_LIBRARY_PATH=$PEER_LD_LIBRARY_PATH PYTHONUNBUFFERED=1 timeout --kill-after=5 "$cap" \
+    "$py" "$apeer" --device cuda > "$LOGS/attention-peer.log" 2>&1
+  local rc=$? st
+  sed -n 's/^torch-sdpa/  torch-sdpa/p' "$LOGS/attention-peer.log" | tee -a "$BENCH_TABLE"
+  if [ "$rc" -eq 0 ]; then st=ok; elif [ "$rc" -ge 124 ]; then st=TIMEOUT; else st=FAILED; fi
+  row "peer attention" "$st" - - - "$(( $(date +%s) - t0 ))"
+}
 if [ -z "${MLVPT_GPU_SKIP_BENCH:-}" ]; then
   export CRITERION_HOME=${TMPDIR:-/tmp}/mlvpt-criterion
   # The whole training step first (the headline number), then the per-op benches.
@@ -270,6 +290,7 @@ if [ -z "${MLVPT_GPU_SKIP_BENCH:-}" ]; then
     if [ "$rc" -ge 124 ]; then st=TIMEOUT; elif [ "$rc" -ne 0 ]; then st=FAILED
     elif grep -q 'bench skipped' "$LOGS/bench-$name.log"; then st=NO-GPU; else st=ok; fi
     row "bench $name" "$st" - - - "$secs"
+    [ "$name" = gpu_attention ] && attention_peer
   done
 fi
 
