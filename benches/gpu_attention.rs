@@ -2,7 +2,8 @@
 //! (cuBLAS strided-batched GEMMs around a materialised bf16 score matrix and row-softmax
 //! kernels, `ops::attention::cuda::unfused`), both in the same run, at the ViT-B training shape
 //! (B 128, 12 heads of 64, N 227 = CLS + 30 prompts + 196 patches), at N 1025 (B 32) and at
-//! ViT-H/14 (B 64, 16 heads of 80, N 287).
+//! ViT-H/14 (B 64, 16 heads of 80, N 287). Every compiled tile shape of the head dim
+//! (`FWD_TILES`, `BWD_TILES`) is measured, the alternatives against the launcher's default.
 //! FLOPs as FlashAttention counts them: forward 4 B h N^2 dh, backward 2.5x that (criterion
 //! reports them as "elements"). The unfused path's per-head Q, K, V copies are made once,
 //! outside the timed region. Prints a message and exits cleanly when there is no device.
@@ -11,7 +12,7 @@
 
 use criterion::{Criterion, Throughput};
 use mlvpt::gpu::{bf16, CudaSlice, GpuContext};
-use mlvpt::ops::attention::{cuda, AttnShape};
+use mlvpt::ops::attention::{cuda, AttnShape, BWD_TILES, FWD_TILES};
 use std::time::Duration;
 
 mod gpu_common;
@@ -77,6 +78,24 @@ fn bench_shape(c: &mut Criterion, gpu: &GpuContext, label: &str, sh: AttnShape) 
             timed(gpu, it, || cuda::unfused::backward(gpu, &q, &k, &v, &p, &dout_h, &mut dp, &mut dq, &mut dk, &mut dv, &sh))
         })
     });
+    // The alternative tile shapes of this head dim (the first of each list is the default,
+    // measured above as "fused").
+    let alt_fwd: Vec<_> = FWD_TILES.iter().filter(|t| t.head_dim == dh).skip(1).collect();
+    let alt_bwd: Vec<_> = BWD_TILES.iter().filter(|t| t.head_dim == dh).skip(1).collect();
+    g.throughput(Throughput::Elements(fwd_flop as u64));
+    for t in &alt_fwd {
+        g.bench_function(format!("fused forward {} (flop/s)", t.kernel), |bn| {
+            bn.iter_custom(|it| timed(gpu, it, || cuda::forward_with(gpu, s, &qkv, &mut out, &mut lse, &sh, t)))
+        });
+    }
+    g.throughput(Throughput::Elements(bwd_flop as u64));
+    for t in &alt_bwd {
+        g.bench_function(format!("fused backward {} (flop/s)", t.kernel), |bn| {
+            bn.iter_custom(|it| {
+                timed(gpu, it, || cuda::backward_with(gpu, s, &qkv, &out, &lse, &dout, &mut dqkv, &mut scratch, &sh, t))
+            })
+        });
+    }
     g.finish();
 
     // One plain summary line per shape in TFLOP/s (10 calls each, after criterion's warm-up).
@@ -93,6 +112,17 @@ fn bench_shape(c: &mut Criterion, gpu: &GpuContext, label: &str, sh: AttnShape) 
         ff / uf,
         fb / ub
     );
+    for t in &alt_fwd {
+        let v = tflops(fwd_flop, timed(gpu, 10, || cuda::forward_with(gpu, s, &qkv, &mut out, &mut lse, &sh, t)));
+        eprintln!("attention {label}: forward {} {v:.1} TFLOP/s ({:.2}x the default)", t.kernel, v / ff);
+    }
+    for t in &alt_bwd {
+        let v = tflops(
+            bwd_flop,
+            timed(gpu, 10, || cuda::backward_with(gpu, s, &qkv, &out, &lse, &dout, &mut dqkv, &mut scratch, &sh, t)),
+        );
+        eprintln!("attention {label}: backward {} {v:.1} TFLOP/s ({:.2}x the default)", t.kernel, v / fb);
+    }
 }
 
 fn main() {

@@ -11,9 +11,10 @@
 // Keys >= N (tile padding) are -inf. Every row keeps key 0 and itself, so no row is empty.
 //
 // Kernels (host launchers in src/ops/attention/cuda.rs), per head dim DH in {32, 64, 80, 128}
-// (ATTN_HEAD_DIMS; tile sizes in Tiles<DH>, dynamic shared memory sized by the launcher):
+// (ATTN_HEAD_DIMS; tile shapes in ATTN_FWD_CONFIGS / ATTN_BWD_CONFIGS at the end, dynamic
+// shared memory sized by the launcher):
 //   attn_fwd_dDH       grid (ceil(Nq/BR), B*h), 128 threads; 16*MT query rows per warp (BR =
-//                      128 rows per block at dh 32, 64; 64 at 80, 128).
+//                      128 rows per block at dh 32, 64; 64 at 80, 128; attn_fwd_d64_r64: 64).
 //   attn_bwd_pre_dDH   D_i = rowsum(dO_i * O_i) into dvec [B, h, Nq]; zeroes dq_acc.
 //   attn_bwd_dDH       grid (ceil(N/64), B*h): one block per 64 keys, loops over the queries BQ
 //                      at a time; dK, dV in registers, written once (bf16) into dqkv; dQ
@@ -67,28 +68,19 @@ constexpr int THREADS = 32 * WARPS;
 constexpr int BC = 64;  // keys per tile (forward) / per block (backward)
 constexpr float LOG2E = 1.4426950408889634f;
 
-// Tile shape per head dim, sized so that the accumulators fit the 255 registers of a thread
-// without spilling: MT m-tiles of 16 query rows per warp in the forward (BR = 16 MT WARPS rows
-// per block), BQ query rows per step of the backward. Shared memory is dynamic (rows padded
-// to DH + 8 elements): at head dims 80 and 128 it exceeds the 48 KB a static array may take.
-// src/ops/attention/mod.rs (FusedTiles) holds the same figures for the launcher; the emulator
-// test checks that they agree.
-template <int DH_, int MT_, int BQ_>
-struct TileCfg {
-    static constexpr int DH = DH_, MT = MT_, BQ = BQ_, SROW = DH + 8;
-    static constexpr unsigned FWD_ROWS = 16 * MT * WARPS, BWD_KEYS = BC;
-    // sQ [BR], sK [BC], sV [BC] rows.
-    static constexpr size_t fwd_smem() { return (size_t)(FWD_ROWS + 2 * BC) * SROW * 2; }
-    // sK, sV [BC], sQ, sdO [BQ] rows; dS^T [BC][BQ + 8]; lse and D [BQ] floats.
-    static constexpr size_t bwd_smem() {
-        return (size_t)(2 * BC + 2 * BQ) * SROW * 2 + (size_t)BC * (BQ + 8) * 2 + 2 * (size_t)BQ * 4;
-    }
-};
-template <int DH> struct Tiles;
-template <> struct Tiles<32> : TileCfg<32, 2, 64> {};
-template <> struct Tiles<64> : TileCfg<64, 2, 64> {};
-template <> struct Tiles<80> : TileCfg<80, 1, 32> {};
-template <> struct Tiles<128> : TileCfg<128, 1, 16> {};
+// Tile shapes: MT m-tiles of 16 query rows per warp in the forward (BR = 16 MT WARPS rows per
+// block), BQ query rows per step of the backward; sized per head dim so that the accumulators
+// fit the 255 registers of a thread without spilling (ATTN_FWD_CONFIGS, ATTN_BWD_CONFIGS below
+// list the compiled ones). Shared memory is dynamic (rows padded to DH + 8 elements): at head
+// dims 80 and 128 it can exceed the 48 KB a static array may take.
+// src/ops/attention/mod.rs (FWD_TILES, BWD_TILES) holds the same figures for the launcher; the
+// emulator test checks that they agree.
+// Forward: sQ [BR], sK [BC], sV [BC] rows.
+constexpr size_t fwd_smem(int DH, int MT) { return (size_t)(16 * MT * WARPS + 2 * BC) * (DH + 8) * 2; }
+// Backward: sK, sV [BC], sQ, sdO [BQ] rows; dS^T [BC][BQ + 8]; lse and D [BQ] floats.
+constexpr size_t bwd_smem(int DH, int BQ) {
+    return (size_t)(2 * BC + 2 * BQ) * (DH + 8) * 2 + (size_t)BC * (BQ + 8) * 2 + 2 * (size_t)BQ * 4;
+}
 
 // The PTX wrappers. Under the CPU emulator (tests/cuda_emu) emu_ptx.h provides the same
 // functions, emulating each instruction lane by lane, so the kernels below run unchanged there.
@@ -191,11 +183,10 @@ __device__ __forceinline__ bool allowed(int i, int j, int ps, int pe) {
 }
 
 // ------------------------------------------------------------------------------ forward
-// Tiles<DH>::MT m-tiles of 16 query rows per warp; BR = 16 * MT * WARPS rows per block.
-template <int DH>
+// MT m-tiles of 16 query rows per warp; BR = 16 * MT * WARPS rows per block.
+template <int DH, int MT>
 __device__ __forceinline__ void fwd(const bf16* __restrict__ qkv, bf16* __restrict__ out, float* __restrict__ lse,
                                     int N, int H, int ps, int pe, int qs, int nq, float scale) {
-    constexpr int MT = Tiles<DH>::MT;
     constexpr int BR = 16 * MT * WARPS;
     constexpr int SROW = DH + 8;
     constexpr int KD = DH / 16;  // k-chunks over the head dim
@@ -431,12 +422,11 @@ __device__ __forceinline__ void bwd_pre(const bf16* __restrict__ out, const bf16
 // step over BQ queries (P^T, dP^T, dS^T are [keys x queries] in registers):
 //   S^T = K Q^T, P^T = exp(scale S^T - lse), dV += P^T dO, dP^T = V dO^T,
 //   dS^T = P^T (dP^T - D), dK += dS^T Q, dS^T -> shared, dQ_part = dS K -> atomics.
-template <int DH>
+template <int DH, int BQ>
 __device__ __forceinline__ void bwd(const bf16* __restrict__ qkv, const bf16* __restrict__ dout,
                                     const float* __restrict__ lse, const float* __restrict__ dvec,
                                     float* __restrict__ dq_acc, bf16* __restrict__ dqkv, int N, int H, int ps, int pe,
                                     int qs, int nq, float scale) {
-    constexpr int BQ = Tiles<DH>::BQ;  // query rows per step
     constexpr int SROW = DH + 8;
     constexpr int PROW = BQ + 8;
     constexpr int KD = DH / 16;
@@ -662,24 +652,36 @@ __device__ __forceinline__ void bwd(const bf16* __restrict__ qkv, const bf16* __
 
 }  // namespace attn
 
-// One set of kernels per head dim; ATTN_HEAD_DIMS lists them (the emulator driver iterates it).
+// The compiled kernels: per head dim the row sums (ATTN_HEAD_DIMS) and one or more tile shapes
+// of the forward (head dim, MT, name) and the backward (head dim, BQ, name); the first of a
+// head dim is the launcher's default, the others are alternatives benches/gpu_attention.rs
+// measures against it. The emulator driver iterates these lists.
 #define ATTN_HEAD_DIMS(X) X(32) X(64) X(80) X(128)
-#define ATTN_INSTANCES(DH)                                                                                         \
-    extern "C" __global__ void __launch_bounds__(attn::THREADS)                                                    \
-        attn_fwd_d##DH(const bf16* qkv, bf16* out, float* lse, int N, int H, int ps, int pe, int qs, int nq,       \
-                       float scale) {                                                                              \
-        attn::fwd<DH>(qkv, out, lse, N, H, ps, pe, qs, nq, scale);                                                 \
-    }                                                                                                              \
-    extern "C" __global__ void attn_bwd_pre_d##DH(const bf16* out, const bf16* dout, float* dvec, float* dq_acc,  \
-                                                  int B, int N, int H) {                                           \
-        attn::bwd_pre<DH>(out, dout, dvec, dq_acc, B, N, H);                                                       \
-    }                                                                                                              \
-    extern "C" __global__ void __launch_bounds__(attn::THREADS)                                                    \
-        attn_bwd_d##DH(const bf16* qkv, const bf16* dout, const float* lse, const float* dvec, float* dq_acc,      \
-                       bf16* dqkv, int N, int H, int ps, int pe, int qs, int nq, float scale) {                    \
-        attn::bwd<DH>(qkv, dout, lse, dvec, dq_acc, dqkv, N, H, ps, pe, qs, nq, scale);                            \
+#define ATTN_FWD_CONFIGS(X) \
+    X(32, 2, attn_fwd_d32) X(64, 2, attn_fwd_d64) X(64, 1, attn_fwd_d64_r64) X(80, 1, attn_fwd_d80) X(128, 1, attn_fwd_d128)
+#define ATTN_BWD_CONFIGS(X)                                                                                  \
+    X(32, 64, attn_bwd_d32) X(64, 64, attn_bwd_d64) X(64, 32, attn_bwd_d64_q32) X(80, 32, attn_bwd_d80) \
+        X(128, 16, attn_bwd_d128)
+
+#define ATTN_FWD_KERNEL(DH, MT, NAME)                                                                        \
+    extern "C" __global__ void __launch_bounds__(attn::THREADS)                                              \
+        NAME(const bf16* qkv, bf16* out, float* lse, int N, int H, int ps, int pe, int qs, int nq, float scale) { \
+        attn::fwd<DH, MT>(qkv, out, lse, N, H, ps, pe, qs, nq, scale);                                       \
     }
-ATTN_HEAD_DIMS(ATTN_INSTANCES)
+#define ATTN_PRE_KERNEL(DH)                                                                                       \
+    extern "C" __global__ void attn_bwd_pre_d##DH(const bf16* out, const bf16* dout, float* dvec, float* dq_acc, \
+                                                  int B, int N, int H) {                                          \
+        attn::bwd_pre<DH>(out, dout, dvec, dq_acc, B, N, H);                                                      \
+    }
+#define ATTN_BWD_KERNEL(DH, BQ, NAME)                                                                       \
+    extern "C" __global__ void __launch_bounds__(attn::THREADS)                                             \
+        NAME(const bf16* qkv, const bf16* dout, const float* lse, const float* dvec, float* dq_acc, bf16* dqkv, \
+             int N, int H, int ps, int pe, int qs, int nq, float scale) {                                   \
+        attn::bwd<DH, BQ>(qkv, dout, lse, dvec, dq_acc, dqkv, N, H, ps, pe, qs, nq, scale);                 \
+    }
+ATTN_HEAD_DIMS(ATTN_PRE_KERNEL)
+ATTN_FWD_CONFIGS(ATTN_FWD_KERNEL)
+ATTN_BWD_CONFIGS(ATTN_BWD_KERNEL)
 
 // dqkv[b, i, 0, :] = scale * dq_acc[b, i - qs, :] for query tokens i in [qs, qs + nq), zero for
 // the other tokens; over the B*N token rows (D = h*dh, D % 8 == 0).

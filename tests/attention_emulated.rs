@@ -9,7 +9,7 @@
 //! the kernels' indexing, fragment layouts, masking and barriers, not GPU timing or the memory
 //! model. Needs a C++20 compiler; without one it says so and passes.
 
-use mlvpt::ops::attention::{AttnShape, FusedTiles, FUSED_HEAD_DIMS};
+use mlvpt::ops::attention::{AttnShape, BWD_TILES, FUSED_HEAD_DIMS, FWD_TILES, KEY_TILE};
 
 mod attention_common;
 mod cuda_emu;
@@ -18,10 +18,12 @@ use cuda_emu::read_f32 as read;
 
 /// Shapes small enough for the emulator (each mma is two barriers of 32 threads), awkward
 /// enough to exercise every path: one token; N below, across and past a 64-key tile; prompts
-/// crossing tile edges; several images and heads; query sub-ranges.
-fn cases() -> Vec<AttnShape> {
+/// crossing tile edges; several images and heads; query sub-ranges. Each with the default
+/// kernels (variant 0 of its head dim); the alternative tile shapes (variant 1, 2, ...: see
+/// FWD_TILES, BWD_TILES) run on the head-dim-64 cases.
+fn cases() -> Vec<(AttnShape, usize, usize)> {
     let full = |dh: usize, b: usize, h: usize, n: usize, p: usize| AttnShape::full(b, n, h, dh, 1, 1 + p);
-    let mut v = vec![
+    let mut shapes = vec![
         full(64, 1, 1, 1, 0),
         full(64, 2, 1, 31, 30),
         full(64, 1, 2, 97, 1),
@@ -32,8 +34,16 @@ fn cases() -> Vec<AttnShape> {
     ];
     for &dh in FUSED_HEAD_DIMS {
         if dh != 32 && dh != 64 {
-            v.push(full(dh, 1, 2, 75, 10));
-            v.push(AttnShape { q_start: 1, q_len: 10, ..full(dh, 1, 1, 75, 10) });
+            shapes.push(full(dh, 1, 2, 75, 10));
+            shapes.push(AttnShape { q_start: 1, q_len: 10, ..full(dh, 1, 1, 75, 10) });
+        }
+    }
+    let (nf, nb) = (FWD_TILES.iter().filter(|t| t.head_dim == 64).count(), BWD_TILES.iter().filter(|t| t.head_dim == 64).count());
+    let mut v = Vec::new();
+    for sh in shapes {
+        v.push((sh, 0, 0));
+        if sh.head_dim == 64 && sh.tokens > 1 {
+            v.extend((1..nf.max(nb)).map(|k| (sh, k.min(nf - 1), k.min(nb - 1))));
         }
     }
     v
@@ -46,15 +56,15 @@ fn emulated_attention_kernels_match_the_cpu_reference() {
     };
     let cases = cases();
     let mut args = vec![driver.seed.to_string()];
-    for (i, sh) in cases.iter().enumerate() {
+    for (i, (sh, fv, bv)) in cases.iter().enumerate() {
         args.push(format!(
-            "c{i}:{}:{}:{}:{}:{}:{}:{}:{}",
+            "c{i}:{}:{}:{}:{}:{}:{}:{}:{}:{fv}:{bv}",
             sh.head_dim, sh.batch, sh.heads, sh.tokens, sh.prompt_start, sh.prompt_end, sh.q_start, sh.q_len
         ));
     }
     let dir = driver.run("run", &args);
     check_tiles(&dir);
-    for (i, sh) in cases.iter().enumerate() {
+    for (i, (sh, _, _)) in cases.iter().enumerate() {
         let g = |name: &str| read(&dir, &format!("c{i}_{name}"));
         let (qkv, dout) = (g("qkv"), g("dout"));
         let (out, lse, dqkv) = (g("out"), g("lse"), g("dqkv"));
@@ -62,17 +72,28 @@ fn emulated_attention_kernels_match_the_cpu_reference() {
     }
 }
 
-/// The launcher's geometry (`FusedTiles`, which sizes grids and dynamic shared memory) is the
-/// kernel source's own (`attn::Tiles<DH>`), for every compiled head dim and no other.
+/// The launcher's tables (`FWD_TILES`, `BWD_TILES`: kernel names, grid and dynamic shared
+/// memory sizes, in order, so the defaults agree too) are the kernel source's own
+/// (`ATTN_FWD_CONFIGS`, `ATTN_BWD_CONFIGS`), and so are the head dims.
 fn check_tiles(dir: &std::path::Path) {
     let text = std::fs::read_to_string(dir.join("tiles")).expect("the driver's tiles file");
-    let mut dims = Vec::new();
+    let (mut fwd, mut bwd, mut dims) = (Vec::new(), Vec::new(), Vec::new());
     for line in text.lines() {
-        let v: Vec<usize> = line.split_whitespace().map(|x| x.parse().expect("a number")).collect();
-        let t = FusedTiles::of(v[0]).unwrap_or_else(|| panic!("kernels for head dim {} but no FusedTiles", v[0]));
-        let host = [t.head_dim, t.fwd_rows, t.bwd_keys, t.bwd_rows, t.fwd_smem_bytes(), t.bwd_smem_bytes()];
-        assert_eq!(v, host, "head dim {}: kernel (dh, fwd rows, bwd keys, bwd rows, fwd smem, bwd smem) vs FusedTiles", v[0]);
-        dims.push(v[0]);
+        let w: Vec<&str> = line.split_whitespace().collect();
+        let num = |i: usize| -> usize { w[i].parse().expect("a number") };
+        match w[0] {
+            "fwd" => fwd.push(format!("{} dh {} rows {} smem {}", w[1], num(2), num(3), num(4))),
+            "bwd" => bwd.push(format!("{} dh {} keys {} rows {} smem {}", w[1], num(2), num(3), num(4), num(5))),
+            _ => dims.push(num(1)),
+        }
     }
+    let host_fwd: Vec<String> =
+        FWD_TILES.iter().map(|t| format!("{} dh {} rows {} smem {}", t.kernel, t.head_dim, t.rows, t.smem_bytes())).collect();
+    let host_bwd: Vec<String> = BWD_TILES
+        .iter()
+        .map(|t| format!("{} dh {} keys {} rows {} smem {}", t.kernel, t.head_dim, KEY_TILE, t.rows, t.smem_bytes()))
+        .collect();
+    assert_eq!(fwd, host_fwd, "forward kernels: attention.cu vs FWD_TILES");
+    assert_eq!(bwd, host_bwd, "backward kernels: attention.cu vs BWD_TILES");
     assert_eq!(dims, FUSED_HEAD_DIMS, "head dims compiled in attention.cu vs FUSED_HEAD_DIMS");
 }

@@ -13,7 +13,7 @@ use attention_common::{assert_rel_max, check_against_cpu, slot, KernelOut};
 
 use gpu_common::*;
 use mlvpt::gpu::{bf16, GpuContext};
-use mlvpt::ops::attention::{cuda, AttnShape};
+use mlvpt::ops::attention::{self, cuda, AttnShape, BwdTiles, FwdTiles, BWD_TILES, FWD_TILES};
 
 fn shape(b: usize, h: usize, n: usize, p: usize, dh: usize) -> AttnShape {
     AttnShape::full(b, n, h, dh, 1, 1 + p)
@@ -74,8 +74,16 @@ struct GpuOut {
     out_bits: Vec<bf16>,
 }
 
-/// Forward then backward on the device, every output and the scratch poisoned with NaN first.
+/// Forward then backward on the device with the default kernels, every output and the
+/// scratch poisoned with NaN first.
 fn run_gpu(gpu: &GpuContext, sh: &AttnShape, qkv: &[bf16], dout: &[bf16]) -> GpuOut {
+    let fwd = attention::fwd_tiles(sh.head_dim).unwrap();
+    let bwd = attention::bwd_tiles(sh.head_dim).unwrap();
+    run_gpu_with(gpu, sh, qkv, dout, &fwd, &bwd)
+}
+
+/// [`run_gpu`] with the given tile shapes.
+fn run_gpu_with(gpu: &GpuContext, sh: &AttnShape, qkv: &[bf16], dout: &[bf16], fwd: &FwdTiles, bwd: &BwdTiles) -> GpuOut {
     let (tok, d) = (sh.batch * sh.tokens, sh.dim());
     let s = gpu.stream();
     let qkv_d = gpu.upload(qkv).unwrap();
@@ -83,10 +91,10 @@ fn run_gpu(gpu: &GpuContext, sh: &AttnShape, qkv: &[bf16], dout: &[bf16]) -> Gpu
     let dout_d = if dout.is_empty() { gpu.zeros::<bf16>(1).unwrap() } else { gpu.upload(dout).unwrap() };
     let mut out = nan_bf16(gpu, (sh.batch * sh.q_len * d).max(1));
     let mut lse = nan_f32(gpu, (sh.batch * sh.heads * sh.q_len).max(1));
-    cuda::forward(gpu, s, &qkv_d, &mut out, &mut lse, sh).unwrap();
+    cuda::forward_with(gpu, s, &qkv_d, &mut out, &mut lse, sh, fwd).unwrap();
     let mut dqkv = nan_bf16(gpu, tok * 3 * d);
     let mut scratch = nan_f32(gpu, cuda::backward_scratch_len(sh).max(1));
-    cuda::backward(gpu, s, &qkv_d, &out, &lse, &dout_d, &mut dqkv, &mut scratch, sh).unwrap();
+    cuda::backward_with(gpu, s, &qkv_d, &out, &lse, &dout_d, &mut dqkv, &mut scratch, sh, bwd).unwrap();
     let out_bits = gpu.download(&out).unwrap();
     let dqkv = to_f32(&gpu.download(&dqkv).unwrap());
     let nq = sh.batch * sh.q_len;
@@ -104,6 +112,27 @@ fn attention_forward_and_backward_match_cpu_over_shapes() {
         let (x, qkv_b, dout_b) = inputs(&mut rng, &sh);
         let got = run_gpu(&gpu, &sh, &qkv_b, &dout_b);
         check_against_cpu(&sh, &x.qkv, &x.dout, &KernelOut { out: &got.out, lse: &got.lse, dqkv: &got.dqkv }, seed);
+    }
+}
+
+/// Every alternative tile shape (FWD_TILES, BWD_TILES past the first of a head dim; the
+/// benchmark compares them with the default) against the CPU on a few awkward shapes.
+#[test]
+#[ignore = "requires a CUDA device"]
+fn attention_alternative_tiles_match_cpu() {
+    let gpu = gpu();
+    let (mut rng, seed) = rng("attention_alt_tiles");
+    for &dh in attention::FUSED_HEAD_DIMS {
+        let fwds: Vec<FwdTiles> = FWD_TILES.iter().copied().filter(|t| t.head_dim == dh).collect();
+        let bwds: Vec<BwdTiles> = BWD_TILES.iter().copied().filter(|t| t.head_dim == dh).collect();
+        for k in 1..fwds.len().max(bwds.len()) {
+            let (f, b) = (&fwds[k.min(fwds.len() - 1)], &bwds[k.min(bwds.len() - 1)]);
+            for sh in [shape(2, 3, 227, 30, dh), shape(1, 2, 257, 60, dh), AttnShape { q_start: 1, q_len: 30, ..shape(2, 3, 227, 30, dh) }] {
+                let (x, qkv_b, dout_b) = inputs(&mut rng, &sh);
+                let got = run_gpu_with(&gpu, &sh, &qkv_b, &dout_b, f, b);
+                check_against_cpu(&sh, &x.qkv, &x.dout, &KernelOut { out: &got.out, lse: &got.lse, dqkv: &got.dqkv }, seed);
+            }
+        }
     }
 }
 

@@ -123,3 +123,17 @@ fn every_launcher_literal_is_a_kernel_of_its_own_module() {
     assert!(checked >= 80, "found only {checked} kernel names in the launchers");
     assert!(bad.is_empty(), "launcher literals that are not kernels of the module asked:\n{}", bad.join("\n"));
 }
+
+/// The fused attention's tile tables (`ops::attention::FWD_TILES`, `BWD_TILES`, which hold
+/// the kernel names the launcher asks for) name entry functions of kernels/attention.cu. (The
+/// emulator test checks the same tables against the kernel source's lists, sizes included.)
+#[test]
+fn attention_tile_tables_name_compiled_kernels() {
+    use mlvpt::ops::attention::{BWD_TILES, FUSED_HEAD_DIMS, FWD_TILES};
+    let report = ptxas::parse(PTXAS_REPORT);
+    let names: Vec<&str> = FWD_TILES.iter().map(|t| t.kernel).chain(BWD_TILES.iter().map(|t| t.kernel)).collect();
+    for name in &names {
+        assert!(report.iter().any(|k| k.function == *name && k.file == "attention.cu"), "`{name}` is not a kernel of attention.cu");
+    }
+    assert!(names.len() >= 2 * FUSED_HEAD_DIMS.len(), "a forward and a backward per head dim");
+}

@@ -3,10 +3,12 @@
 // inputs, every output and the scratch poisoned with NaN first, and dumps inputs and outputs
 // as little-endian f32 for tests/attention_emulated.rs, which compares them with the CPU
 // reference (src/ops/attention/cpu.rs).
-//   attention_driver DIR SEED CASE...   CASE = tag:dh:B:h:N:ps:pe:qs:nq
-// Also writes DIR/tiles: per head dim, the forward's query rows per block, the backward's keys
-// per block and query rows per step, and the dynamic shared memory of both, as the kernel
-// source computes them (the test checks the launcher's figures, FusedTiles).
+//   attention_driver DIR SEED CASE...   CASE = tag:dh:B:h:N:ps:pe:qs:nq:fwd_variant:bwd_variant
+// (variant v = the v-th tile shape of that head dim in ATTN_FWD_CONFIGS / ATTN_BWD_CONFIGS).
+// Also writes DIR/tiles: every compiled forward (name, head dim, query rows per block, dynamic
+// shared memory) and backward (name, head dim, keys per block, query rows per step, shared
+// memory) as the kernel source computes them, and the head dims; the test checks the
+// launcher's figures (FWD_TILES, BWD_TILES) against them.
 #include "cuda_bf16.h"
 #include "attention.cu"
 #include <cstdio>
@@ -33,42 +35,48 @@ static std::vector<float> wide(const std::vector<bf16>& v) {
 }
 static unsigned cdiv(unsigned a, unsigned b) { return (a + b - 1) / b; }
 
-struct Kernels {
-    void (*fwd)(const bf16*, bf16*, float*, int, int, int, int, int, int, float);
-    void (*pre)(const bf16*, const bf16*, float*, float*, int, int, int);
-    void (*bwd)(const bf16*, const bf16*, const float*, const float*, float*, bf16*, int, int, int, int, int, int, float);
-    unsigned fwd_rows, bwd_keys;
-    size_t fwd_smem, bwd_smem;
-};
+using FwdFn = void (*)(const bf16*, bf16*, float*, int, int, int, int, int, int, float);
+using PreFn = void (*)(const bf16*, const bf16*, float*, float*, int, int, int);
+using BwdFn = void (*)(const bf16*, const bf16*, const float*, const float*, float*, bf16*, int, int, int, int, int,
+                       int, float);
+// Every compiled tile shape, in the kernel source's order (the first per head dim is the default).
+struct FwdCfg { int dh, mt; const char* name; FwdFn fn; unsigned rows; size_t smem; };
+struct BwdCfg { int dh, bq; const char* name; BwdFn fn; size_t smem; };
+#define FWD_CFG(DH, MT, NAME) {DH, MT, #NAME, NAME, 16u * MT * attn::WARPS, attn::fwd_smem(DH, MT)},
+#define BWD_CFG(DH, BQ, NAME) {DH, BQ, #NAME, NAME, attn::bwd_smem(DH, BQ)},
+static const std::vector<FwdCfg> FWD = {ATTN_FWD_CONFIGS(FWD_CFG)};
+static const std::vector<BwdCfg> BWD = {ATTN_BWD_CONFIGS(BWD_CFG)};
 
-template <int DH>
-static Kernels kernels_of();
-#define KERNELS(DH)                                                                                              \
-    template <>                                                                                                  \
-    Kernels kernels_of<DH>() {                                                                                   \
-        using T = attn::Tiles<DH>;                                                                               \
-        return {attn_fwd_d##DH, attn_bwd_pre_d##DH, attn_bwd_d##DH, T::FWD_ROWS, T::BWD_KEYS, T::fwd_smem(),      \
-                T::bwd_smem()};                                                                                  \
-    }
-ATTN_HEAD_DIMS(KERNELS)
-
-static Kernels kernels(int dh) {
+static PreFn pre_of(int dh) {
     switch (dh) {
-#define CASE(DH) \
-    case DH: return kernels_of<DH>();
-        ATTN_HEAD_DIMS(CASE)
+#define PRE_CASE(DH) \
+    case DH: return attn_bwd_pre_d##DH;
+        ATTN_HEAD_DIMS(PRE_CASE)
         default: fprintf(stderr, "no kernels for head dim %d\n", dh); exit(2);
     }
 }
 
+// The `variant`-th configuration of head dim `dh` in `list`.
+template <class C>
+static const C& config(const std::vector<C>& list, int dh, int variant) {
+    int seen = 0;
+    for (const C& c : list)
+        if (c.dh == dh && seen++ == variant) return c;
+    fprintf(stderr, "no variant %d at head dim %d\n", variant, dh);
+    exit(2);
+}
+
 static void run(const std::string& spec) {
     char tag[64];
-    int dh, B, H, N, ps, pe, qs, nq;
-    if (sscanf(spec.c_str(), "%63[^:]:%d:%d:%d:%d:%d:%d:%d:%d", tag, &dh, &B, &H, &N, &ps, &pe, &qs, &nq) != 9) {
+    int dh, B, H, N, ps, pe, qs, nq, fv, bv;
+    if (sscanf(spec.c_str(), "%63[^:]:%d:%d:%d:%d:%d:%d:%d:%d:%d:%d", tag, &dh, &B, &H, &N, &ps, &pe, &qs, &nq, &fv,
+               &bv) != 11) {
         fprintf(stderr, "bad case %s\n", spec.c_str());
         exit(2);
     }
-    const Kernels k = kernels(dh);
+    const FwdCfg& f = config(FWD, dh, fv);
+    const BwdCfg& bw = config(BWD, dh, bv);
+    const PreFn pre = pre_of(dh);
     const int D = H * dh;
     const float scale = 1.0f / sqrtf((float)dh);
     auto qkv = uni_bf16((size_t)B * N * 3 * D, -2.0f, 2.0f);
@@ -81,11 +89,11 @@ static void run(const std::string& spec) {
     float* dvec = scratch.data() + (size_t)B * nq * D;
     const unsigned bh = B * H;
     if (nq > 0)
-        emu_launch({cdiv(nq, k.fwd_rows), bh, 1}, attn::THREADS,
-                   [&] { k.fwd(qkv.data(), out.data(), lse.data(), N, H, ps, pe, qs, nq, scale); });
-    emu_launch({3, 1, 1}, 128, [&] { k.pre(out.data(), dout.data(), dvec, dq_acc, B, nq, H); });
-    emu_launch({cdiv(N, k.bwd_keys), bh, 1}, attn::THREADS, [&] {
-        k.bwd(qkv.data(), dout.data(), lse.data(), dvec, dq_acc, dqkv.data(), N, H, ps, pe, qs, nq, scale);
+        emu_launch({cdiv(nq, f.rows), bh, 1}, attn::THREADS,
+                   [&] { f.fn(qkv.data(), out.data(), lse.data(), N, H, ps, pe, qs, nq, scale); });
+    emu_launch({3, 1, 1}, 128, [&] { pre(out.data(), dout.data(), dvec, dq_acc, B, nq, H); });
+    emu_launch({cdiv(N, attn::BC), bh, 1}, attn::THREADS, [&] {
+        bw.fn(qkv.data(), dout.data(), lse.data(), dvec, dq_acc, dqkv.data(), N, H, ps, pe, qs, nq, scale);
     });
     emu_launch({3, 1, 1}, 128,
                [&] { attn_bwd_dq_convert(dq_acc, dqkv.data(), (uint64_t)B * N, N, qs, nq, D, scale); });
@@ -106,10 +114,10 @@ int main(int argc, char** argv) {
     rng.seed(strtoul(argv[2], nullptr, 10));
     mkdir(dir.c_str(), 0755);
     FILE* f = fopen((dir + "/tiles").c_str(), "w");
-#define TILES(DH)                                                                                          \
-    fprintf(f, "%d %u %u %d %zu %zu\n", DH, attn::Tiles<DH>::FWD_ROWS, attn::Tiles<DH>::BWD_KEYS,          \
-            attn::Tiles<DH>::BQ, attn::Tiles<DH>::fwd_smem(), attn::Tiles<DH>::bwd_smem());
-    ATTN_HEAD_DIMS(TILES)
+    for (const FwdCfg& c : FWD) fprintf(f, "fwd %s %d %u %zu\n", c.name, c.dh, c.rows, c.smem);
+    for (const BwdCfg& c : BWD) fprintf(f, "bwd %s %d %d %d %zu\n", c.name, c.dh, attn::BC, c.bq, c.smem);
+#define HEAD_DIM_LINE(DH) fprintf(f, "dh %d\n", DH);
+    ATTN_HEAD_DIMS(HEAD_DIM_LINE)
     fclose(f);
     for (int i = 3; i < argc; i++) run(argv[i]);
     printf("ok %s\n", dir.c_str());

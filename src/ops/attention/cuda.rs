@@ -13,7 +13,7 @@
 //! [`unfused`] is the textbook path (cuBLAS strided-batched GEMMs and a softmax kernel over a
 //! materialised score matrix) that benches/gpu_attention.rs measures the fused kernels against.
 
-use super::{AttnShape, FusedTiles};
+use super::{bwd_tiles, fwd_tiles, AttnShape, BwdTiles, FwdTiles, FUSED_THREADS, KEY_TILE};
 use crate::gpu::launch::{aligned, check_len, grid_stride_blocks, BLOCK};
 use crate::gpu::{bf16, CudaStream, DevicePtr, DevicePtrMut, GpuContext, GpuError};
 use cudarc::driver::sys::CUfunction_attribute;
@@ -22,17 +22,17 @@ use cudarc::driver::{CudaFunction, LaunchConfig, PushKernelArg};
 /// Head dims the fused kernels are compiled for.
 pub const HEAD_DIMS: &[usize] = super::FUSED_HEAD_DIMS;
 
-const THREADS: u32 = FusedTiles::THREADS as u32;
+const THREADS: u32 = FUSED_THREADS as u32;
 /// Dynamic shared memory a kernel may take without opting in.
 const SMEM_DEFAULT_MAX: usize = 48 * 1024;
 
-/// Kernel names per head dim: (forward, backward row sums, backward).
-fn kernel_names(head_dim: usize) -> (&'static str, &'static str, &'static str) {
+/// The backward's row-sum kernel of a head dim.
+fn pre_kernel(head_dim: usize) -> &'static str {
     match head_dim {
-        32 => ("attn_fwd_d32", "attn_bwd_pre_d32", "attn_bwd_d32"),
-        64 => ("attn_fwd_d64", "attn_bwd_pre_d64", "attn_bwd_d64"),
-        80 => ("attn_fwd_d80", "attn_bwd_pre_d80", "attn_bwd_d80"),
-        _ => ("attn_fwd_d128", "attn_bwd_pre_d128", "attn_bwd_d128"),
+        32 => "attn_bwd_pre_d32",
+        64 => "attn_bwd_pre_d64",
+        80 => "attn_bwd_pre_d80",
+        _ => "attn_bwd_pre_d128",
     }
 }
 
@@ -63,13 +63,12 @@ struct Dims {
     nq: i32,
     scale: f32,
     bh: u32,
-    tiles: FusedTiles,
 }
 
 fn check_shape(op: &'static str, sh: &AttnShape) -> Result<Dims, GpuError> {
-    let Some(tiles) = FusedTiles::of(sh.head_dim) else {
-        return Err(GpuError::invalid(op, format!("head dim {} not supported (kernels for {HEAD_DIMS:?})", sh.head_dim)));
-    };
+    if !HEAD_DIMS.contains(&sh.head_dim) {
+        return Err(unsupported(op, sh.head_dim));
+    }
     if sh.prompt_start > sh.prompt_end || sh.prompt_end > sh.tokens {
         return Err(GpuError::invalid(
             op,
@@ -100,8 +99,19 @@ fn check_shape(op: &'static str, sh: &AttnShape) -> Result<Dims, GpuError> {
         nq: sh.q_len as i32,
         scale: (1.0 / (sh.head_dim as f64).sqrt()) as f32,
         bh: bh as u32,
-        tiles,
     })
+}
+
+fn unsupported(op: &'static str, head_dim: usize) -> GpuError {
+    GpuError::invalid(op, format!("head dim {head_dim} not supported (kernels for {HEAD_DIMS:?})"))
+}
+
+/// A tile shape for this shape's head dim, and one the kernels were compiled with.
+fn check_tiles(op: &'static str, sh: &AttnShape, head_dim: usize, compiled: bool) -> Result<(), GpuError> {
+    if head_dim != sh.head_dim || !compiled {
+        return Err(GpuError::invalid(op, format!("tiles for head dim {head_dim} are not a compiled shape of head dim {}", sh.head_dim)));
+    }
+    Ok(())
 }
 
 fn check_aligned(op: &'static str, ptrs: &[(&str, u64)]) -> Result<(), GpuError> {
@@ -151,8 +161,24 @@ pub fn forward(
     lse: &mut impl DevicePtrMut<f32>,
     sh: &AttnShape,
 ) -> Result<(), GpuError> {
+    let tiles = fwd_tiles(sh.head_dim).ok_or_else(|| unsupported("attention forward", sh.head_dim))?;
+    forward_with(gpu, stream, qkv, out, lse, sh, &tiles)
+}
+
+/// [`forward`] with one of the compiled tile shapes of `sh.head_dim` ([`super::FWD_TILES`]),
+/// for benchmarks and tuning; [`forward`] takes the first.
+pub fn forward_with(
+    gpu: &GpuContext,
+    stream: &CudaStream,
+    qkv: &impl DevicePtr<bf16>,
+    out: &mut impl DevicePtrMut<bf16>,
+    lse: &mut impl DevicePtrMut<f32>,
+    sh: &AttnShape,
+    tiles: &FwdTiles,
+) -> Result<(), GpuError> {
     const OP: &str = "attention forward";
     let d = check_shape(OP, sh)?;
+    check_tiles(OP, sh, tiles.head_dim, super::FWD_TILES.iter().any(|t| t == tiles))?;
     let (b, n, nq, dim) = (sh.batch, sh.tokens, sh.q_len, sh.dim());
     check_len(OP, "qkv", qkv, b * n * 3 * dim)?;
     check_len(OP, "out", out, b * nq * dim)?;
@@ -164,11 +190,11 @@ pub fn forward(
     let (op, _g2) = out.device_ptr_mut(stream);
     let (lp, _g3) = lse.device_ptr_mut(stream);
     check_aligned(OP, &[("qkv", qp), ("out", op)])?;
-    let name = kernel_names(sh.head_dim).0;
-    let smem = d.tiles.fwd_smem_bytes();
+    let name = tiles.kernel;
+    let smem = tiles.smem_bytes();
     let f = function_with_smem(gpu, name, smem)?;
     let cfg = LaunchConfig {
-        grid_dim: (blocks(nq, d.tiles.fwd_rows), d.bh, 1),
+        grid_dim: (blocks(nq, tiles.rows), d.bh, 1),
         block_dim: (THREADS, 1, 1),
         shared_mem_bytes: smem as u32,
     };
@@ -200,8 +226,28 @@ pub fn backward(
     scratch: &mut impl DevicePtrMut<f32>,
     sh: &AttnShape,
 ) -> Result<(), GpuError> {
+    let tiles = bwd_tiles(sh.head_dim).ok_or_else(|| unsupported("attention backward", sh.head_dim))?;
+    backward_with(gpu, stream, qkv, out, lse, dout, dqkv, scratch, sh, &tiles)
+}
+
+/// [`backward`] with one of the compiled tile shapes of `sh.head_dim` ([`super::BWD_TILES`]),
+/// for benchmarks and tuning; [`backward`] takes the first.
+#[allow(clippy::too_many_arguments)]
+pub fn backward_with(
+    gpu: &GpuContext,
+    stream: &CudaStream,
+    qkv: &impl DevicePtr<bf16>,
+    out: &impl DevicePtr<bf16>,
+    lse: &impl DevicePtr<f32>,
+    dout: &impl DevicePtr<bf16>,
+    dqkv: &mut impl DevicePtrMut<bf16>,
+    scratch: &mut impl DevicePtrMut<f32>,
+    sh: &AttnShape,
+    tiles: &BwdTiles,
+) -> Result<(), GpuError> {
     const OP: &str = "attention backward";
     let d = check_shape(OP, sh)?;
+    check_tiles(OP, sh, tiles.head_dim, super::BWD_TILES.iter().any(|t| t == tiles))?;
     let (b, n, nq, dim) = (sh.batch, sh.tokens, sh.q_len, sh.dim());
     check_len(OP, "qkv", qkv, b * n * 3 * dim)?;
     check_len(OP, "out", out, b * nq * dim)?;
@@ -221,7 +267,7 @@ pub fn backward(
     check_aligned(OP, &[("qkv", qp), ("out", op), ("dout", dop), ("dqkv", dqp), ("scratch", sp)])?;
     let dq_acc = sp;
     let dvec = sp + (b * nq * dim * std::mem::size_of::<f32>()) as u64;
-    let (_, pre, main) = kernel_names(sh.head_dim);
+    let (pre, main) = (pre_kernel(sh.head_dim), tiles.kernel);
 
     // Grid-stride over the rows' lanes; one thread per 8 elements of out/dout bounds the grid.
     let chunks = (b * nq * dim / 8) as u64;
@@ -233,10 +279,10 @@ pub fn backward(
     // SAFETY: out/dout hold B*Nq*D, the scratch B*Nq*D + B*h*Nq floats (checked); 16-byte aligned.
     unsafe { l.launch(cfg) }.map_err(GpuError::driver(format!("launching {pre}")))?;
 
-    let smem = d.tiles.bwd_smem_bytes();
+    let smem = tiles.smem_bytes();
     let f = function_with_smem(gpu, main, smem)?;
     let cfg = LaunchConfig {
-        grid_dim: (blocks(n, d.tiles.bwd_keys), d.bh, 1),
+        grid_dim: (blocks(n, KEY_TILE), d.bh, 1),
         block_dim: (THREADS, 1, 1),
         shared_mem_bytes: smem as u32,
     };

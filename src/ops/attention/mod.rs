@@ -54,55 +54,84 @@ impl AttnShape {
     }
 }
 
-/// Launch geometry of the fused kernels (`kernels/attention.cu`, `attn::Tiles<DH>`) for one
-/// head dim: the forward takes `fwd_rows` query rows per block, the backward `bwd_keys` keys
-/// per block and steps over the queries `bwd_rows` at a time; keys come in tiles of
-/// [`FusedTiles::KEY_TILE`]. Shared memory is dynamic and sized from these figures (the emulator
-/// test checks them against the kernel source's own).
+/// Keys per forward tile and per backward block of the fused kernels (`kernels/attention.cu`).
+pub const KEY_TILE: usize = 64;
+/// Threads per block of the fused forward and backward.
+pub const FUSED_THREADS: usize = 128;
+
+/// Bytes of a shared-memory row of the fused kernels: `head_dim` bf16 padded by 16 bytes (the
+/// padding keeps `ldmatrix` free of bank conflicts).
+fn smem_row_bytes(head_dim: usize) -> usize {
+    (head_dim + 8) * 2
+}
+
+/// One compiled tile shape of the fused forward (`ATTN_FWD_CONFIGS` in kernels/attention.cu):
+/// `rows` query rows per block of 4 warps, keys in tiles of [`KEY_TILE`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct FusedTiles {
+pub struct FwdTiles {
     pub head_dim: usize,
-    pub fwd_rows: usize,
-    pub bwd_keys: usize,
-    pub bwd_rows: usize,
+    pub rows: usize,
+    pub kernel: &'static str,
 }
 
-impl FusedTiles {
-    /// Keys per forward tile and per backward block.
-    pub const KEY_TILE: usize = 64;
-    /// Threads per block of the forward and the backward.
-    pub const THREADS: usize = 128;
-
-    /// The tiles of head dim `head_dim`, if the fused kernels are compiled for it.
-    pub fn of(head_dim: usize) -> Option<Self> {
-        FUSED_TILES.iter().copied().find(|t| t.head_dim == head_dim)
-    }
-    /// Bytes of a shared-memory row: `head_dim` bf16 padded by 16 bytes (no bank conflicts).
-    fn row_bytes(&self) -> usize {
-        (self.head_dim + 8) * 2
-    }
-    /// Dynamic shared memory of the forward: Q rows, a K tile and a V tile.
-    pub fn fwd_smem_bytes(&self) -> usize {
-        (self.fwd_rows + 2 * Self::KEY_TILE) * self.row_bytes()
-    }
-    /// Dynamic shared memory of the backward: K, V of the block's keys, Q and dO of a step,
-    /// dS^T `[keys][bwd_rows + 8]` bf16, and the step's log-sum-exps and row sums (f32).
-    pub fn bwd_smem_bytes(&self) -> usize {
-        (2 * self.bwd_keys + 2 * self.bwd_rows) * self.row_bytes() + self.bwd_keys * (self.bwd_rows + 8) * 2 + 2 * self.bwd_rows * 4
+impl FwdTiles {
+    /// Dynamic shared memory: Q rows, a K tile and a V tile.
+    pub fn smem_bytes(&self) -> usize {
+        (self.rows + 2 * KEY_TILE) * smem_row_bytes(self.head_dim)
     }
 }
 
-const fn tiles(head_dim: usize, fwd_rows: usize, bwd_rows: usize) -> FusedTiles {
-    FusedTiles { head_dim, fwd_rows, bwd_keys: FusedTiles::KEY_TILE, bwd_rows }
+/// One compiled tile shape of the fused backward (`ATTN_BWD_CONFIGS`): [`KEY_TILE`] keys per
+/// block, the queries `rows` at a time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BwdTiles {
+    pub head_dim: usize,
+    pub rows: usize,
+    pub kernel: &'static str,
 }
 
-/// Every head dim the fused kernels are compiled for (ViT-S/B/L: 64; ViT-H: 80; 32 and 128
-/// for narrow and wide heads). The smaller tiles at 80 and 128 keep the accumulators in
-/// registers without spilling.
-pub const FUSED_TILES: &[FusedTiles] = &[tiles(32, 128, 64), tiles(64, 128, 64), tiles(80, 64, 32), tiles(128, 64, 16)];
+impl BwdTiles {
+    /// Dynamic shared memory: K, V of the block's keys, Q and dO of a step, dS^T
+    /// `[keys][rows + 8]` bf16, and the step's log-sum-exps and row sums (f32).
+    pub fn smem_bytes(&self) -> usize {
+        (2 * KEY_TILE + 2 * self.rows) * smem_row_bytes(self.head_dim) + KEY_TILE * (self.rows + 8) * 2 + 2 * self.rows * 4
+    }
+}
 
-/// Head dims the fused kernels are compiled for (those of [`FUSED_TILES`]); the CUDA backend
-/// runs any other head dim through a plain fp32 attention.
+/// Every compiled forward, in the kernel source's order: the first of a head dim is the
+/// launcher's default, the others are alternatives `benches/gpu_attention.rs` measures
+/// against it (ViT-S/B/L: 64; ViT-H: 80; 32 and 128 for narrow and wide heads). Head dims 80
+/// and 128 take 64 rows so the accumulators fit in registers without spilling.
+pub const FWD_TILES: &[FwdTiles] = &[
+    FwdTiles { head_dim: 32, rows: 128, kernel: "attn_fwd_d32" },
+    FwdTiles { head_dim: 64, rows: 128, kernel: "attn_fwd_d64" },
+    FwdTiles { head_dim: 64, rows: 64, kernel: "attn_fwd_d64_r64" },
+    FwdTiles { head_dim: 80, rows: 64, kernel: "attn_fwd_d80" },
+    FwdTiles { head_dim: 128, rows: 64, kernel: "attn_fwd_d128" },
+];
+
+/// Every compiled backward, as [`FWD_TILES`]; steps of 32 and 16 queries at head dims 80 and
+/// 128 keep dK, dV and the step's scores in registers.
+pub const BWD_TILES: &[BwdTiles] = &[
+    BwdTiles { head_dim: 32, rows: 64, kernel: "attn_bwd_d32" },
+    BwdTiles { head_dim: 64, rows: 64, kernel: "attn_bwd_d64" },
+    BwdTiles { head_dim: 64, rows: 32, kernel: "attn_bwd_d64_q32" },
+    BwdTiles { head_dim: 80, rows: 32, kernel: "attn_bwd_d80" },
+    BwdTiles { head_dim: 128, rows: 16, kernel: "attn_bwd_d128" },
+];
+
+/// The launcher's forward for `head_dim` (the first compiled one), if any.
+pub fn fwd_tiles(head_dim: usize) -> Option<FwdTiles> {
+    FWD_TILES.iter().copied().find(|t| t.head_dim == head_dim)
+}
+
+/// The launcher's backward for `head_dim` (the first compiled one), if any.
+pub fn bwd_tiles(head_dim: usize) -> Option<BwdTiles> {
+    BWD_TILES.iter().copied().find(|t| t.head_dim == head_dim)
+}
+
+/// Head dims the fused kernels are compiled for; the CUDA backend runs any other head dim
+/// through a plain fp32 attention.
 pub const FUSED_HEAD_DIMS: &[usize] = &[32, 64, 80, 128];
 
 #[cfg(test)]
@@ -110,13 +139,18 @@ mod tests {
     use super::*;
 
     #[test]
-    fn fused_head_dims_are_the_tiled_ones() {
-        let dims: Vec<usize> = FUSED_TILES.iter().map(|t| t.head_dim).collect();
-        assert_eq!(dims, FUSED_HEAD_DIMS);
-        // The ViT-B backward fits the 48 KB a kernel gets without opting in; head dim 128's
+    fn every_fused_head_dim_has_a_forward_and_a_backward() {
+        for &dh in FUSED_HEAD_DIMS {
+            assert_eq!(fwd_tiles(dh).map(|t| t.head_dim), Some(dh));
+            assert_eq!(bwd_tiles(dh).map(|t| t.head_dim), Some(dh));
+        }
+        assert!(FWD_TILES.iter().all(|t| FUSED_HEAD_DIMS.contains(&t.head_dim)));
+        assert!(BWD_TILES.iter().all(|t| FUSED_HEAD_DIMS.contains(&t.head_dim)));
+        assert_eq!(fwd_tiles(48), None);
+        // The ViT-B kernels fit the 48 KB a kernel gets without opting in; head dim 128's
         // forward does not.
-        assert!(FusedTiles::of(64).unwrap().bwd_smem_bytes() <= 48 * 1024);
-        assert!(FusedTiles::of(128).unwrap().fwd_smem_bytes() > 48 * 1024);
-        assert_eq!(FusedTiles::of(48), None);
+        assert!(fwd_tiles(64).unwrap().smem_bytes() <= 48 * 1024);
+        assert!(bwd_tiles(64).unwrap().smem_bytes() <= 48 * 1024);
+        assert!(fwd_tiles(128).unwrap().smem_bytes() > 48 * 1024);
     }
 }
