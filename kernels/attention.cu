@@ -77,9 +77,10 @@ constexpr float LOG2E = 1.4426950408889634f;
 // emulator test checks that they agree.
 // Forward: sQ [BR], sK [BC], sV [BC] rows.
 constexpr size_t fwd_smem(int DH, int MT) { return (size_t)(16 * MT * WARPS + 2 * BC) * (DH + 8) * 2; }
-// Backward: sK, sV [BC], sQ, sdO [BQ] rows; dS^T [BC][BQ + 8]; lse and D [BQ] floats.
-constexpr size_t bwd_smem(int DH, int BQ) {
-    return (size_t)(2 * BC + 2 * BQ) * (DH + 8) * 2 + (size_t)BC * (BQ + 8) * 2 + 2 * (size_t)BQ * 4;
+// Backward with KW warps (BK = 16 KW keys per block): sK, sV [BK], sQ, sdO [BQ] rows;
+// dS^T [BK][BQ + 8]; lse and D [BQ] floats.
+constexpr size_t bwd_smem(int DH, int BQ, int KW) {
+    return (size_t)(2 * 16 * KW + 2 * BQ) * (DH + 8) * 2 + (size_t)16 * KW * (BQ + 8) * 2 + 2 * (size_t)BQ * 4;
 }
 
 // The PTX wrappers. Under the CPU emulator (tests/cuda_emu) emu_ptx.h provides the same
@@ -162,13 +163,13 @@ __device__ __forceinline__ void acc_to_a(uint32_t (&r)[4], const float (&c0)[4],
 
 // ROWS rows of DH bf16 from global (row r = token t0 + r at g + token * gstride) into shared
 // memory at stride DH + 8, zero-filling tokens >= n. Issued by the whole block; not committed.
-template <int ROWS, int DH>
+template <int ROWS, int DH, int NT = THREADS>
 __device__ __forceinline__ void load_tile(bf16* s, const bf16* g, size_t gstride, int t0, int n) {
     constexpr int CH = DH / 8;
 #pragma unroll
-    for (int i = 0; i < (ROWS * CH + THREADS - 1) / THREADS; i++) {
-        const int c = threadIdx.x + i * THREADS;
-        if ((ROWS * CH) % THREADS != 0 && c >= ROWS * CH) break;
+    for (int i = 0; i < (ROWS * CH + NT - 1) / NT; i++) {
+        const int c = threadIdx.x + i * NT;
+        if ((ROWS * CH) % NT != 0 && c >= ROWS * CH) break;
         const int r = c / CH, k = c % CH;
         const int tok = t0 + r;
         const bool ok = tok < n;
@@ -418,15 +419,16 @@ __device__ __forceinline__ void bwd_pre(const bf16* __restrict__ out, const bf16
     }
 }
 
-// One block per BC keys of one (b, h); warp w owns keys w*16 .. w*16+15 of the block. Per
+// One block of KW warps per BC = 16 KW keys of one (b, h); warp w owns keys w*16 .. w*16+15 of the block. Per
 // step over BQ queries (P^T, dP^T, dS^T are [keys x queries] in registers):
 //   S^T = K Q^T, P^T = exp(scale S^T - lse), dV += P^T dO, dP^T = V dO^T,
 //   dS^T = P^T (dP^T - D), dK += dS^T Q, dS^T -> shared, dQ_part = dS K -> atomics.
-template <int DH, int BQ>
+template <int DH, int BQ, int KW>
 __device__ __forceinline__ void bwd(const bf16* __restrict__ qkv, const bf16* __restrict__ dout,
                                     const float* __restrict__ lse, const float* __restrict__ dvec,
                                     float* __restrict__ dq_acc, bf16* __restrict__ dqkv, int N, int H, int ps, int pe,
                                     int qs, int nq, float scale) {
+    constexpr int BC = 16 * KW, NT = 32 * KW;  // keys and threads per block (KW warps)
     constexpr int SROW = DH + 8;
     constexpr int PROW = BQ + 8;
     constexpr int KD = DH / 16;
@@ -434,8 +436,8 @@ __device__ __forceinline__ void bwd(const bf16* __restrict__ qkv, const bf16* __
     constexpr int NQ = BQ / 8;  // n-tiles over the queries of a step
     // dQ_part [BQ x DH] of a step: MQ m-tiles of 16 queries, each shared by WPM warps that
     // take its ND / 2 pairs of head-dim n-tiles in turn (at most NPAIR each).
-    constexpr int MQ = BQ / 16, WPM = WARPS / MQ, NPAIR = (ND / 2 + WPM - 1) / WPM;
-    static_assert(WARPS % MQ == 0, "dQ m-tiles do not split over the warps");
+    constexpr int MQ = BQ / 16, WPM = KW / MQ, NPAIR = (ND / 2 + WPM - 1) / WPM;
+    static_assert(KW % MQ == 0, "dQ m-tiles do not split over the warps");
     bf16* sK = reinterpret_cast<bf16*>(dyn_smem());  // [BC][SROW]
     bf16* sV = sK + BC * SROW;                        // [BC][SROW]
     bf16* sQ = sV + BC * SROW;                        // [BQ][SROW]
@@ -459,8 +461,8 @@ __device__ __forceinline__ void bwd(const bf16* __restrict__ qkv, const bf16* __
     // Query rows q0 .. q0 + BQ of step `q0 / BQ`: Q, dO by cp.async (not committed), lse and D
     // into registers (stored into sL, sD by the caller once nobody reads them).
     auto fetch_step = [&](int q0, float& l_next, float& d_next) {
-        load_tile<BQ, DH>(sQ, qg, rs, qs + q0, qs + nq);
-        load_tile<BQ, DH>(sdO, dog, D, q0, nq);
+        load_tile<BQ, DH, NT>(sQ, qg, rs, qs + q0, qs + nq);
+        load_tile<BQ, DH, NT>(sdO, dog, D, q0, nq);
         if (threadIdx.x < BQ) {
             const int qi = q0 + threadIdx.x;
             l_next = qi < nq ? lse[(size_t)bh * nq + qi] * LOG2E : 0.0f;
@@ -468,8 +470,8 @@ __device__ __forceinline__ void bwd(const bf16* __restrict__ qkv, const bf16* __
         }
     };
     float l_next = 0.0f, d_next = 0.0f;
-    load_tile<BC, DH>(sK, kg, rs, k0, N);
-    load_tile<BC, DH>(sV, vg, rs, k0, N);
+    load_tile<BC, DH, NT>(sK, kg, rs, k0, N);
+    load_tile<BC, DH, NT>(sV, vg, rs, k0, N);
     if (nq > 0) fetch_step(0, l_next, d_next);
     cp_async_commit();
     if (threadIdx.x < BQ) {
@@ -653,15 +655,15 @@ __device__ __forceinline__ void bwd(const bf16* __restrict__ qkv, const bf16* __
 }  // namespace attn
 
 // The compiled kernels: per head dim the row sums (ATTN_HEAD_DIMS) and one or more tile shapes
-// of the forward (head dim, MT, name) and the backward (head dim, BQ, name); the first of a
+// of the forward (head dim, MT, name) and the backward (head dim, BQ, warps, name); the first of a
 // head dim is the launcher's default, the others are alternatives benches/gpu_attention.rs
 // measures against it. The emulator driver iterates these lists.
 #define ATTN_HEAD_DIMS(X) X(32) X(64) X(80) X(128)
 #define ATTN_FWD_CONFIGS(X) \
     X(32, 2, attn_fwd_d32) X(64, 2, attn_fwd_d64) X(64, 1, attn_fwd_d64_r64) X(80, 1, attn_fwd_d80) X(128, 1, attn_fwd_d128)
-#define ATTN_BWD_CONFIGS(X)                                                                                  \
-    X(32, 64, attn_bwd_d32) X(64, 64, attn_bwd_d64) X(64, 32, attn_bwd_d64_q32) X(80, 32, attn_bwd_d80) \
-        X(128, 16, attn_bwd_d128)
+#define ATTN_BWD_CONFIGS(X)                                                                              \
+    X(32, 64, 4, attn_bwd_d32) X(64, 64, 4, attn_bwd_d64) X(64, 32, 4, attn_bwd_d64_q32)                   \
+        X(64, 64, 8, attn_bwd_d64_k128) X(80, 32, 4, attn_bwd_d80) X(128, 16, 4, attn_bwd_d128)
 
 #define ATTN_FWD_KERNEL(DH, MT, NAME)                                                                        \
     extern "C" __global__ void __launch_bounds__(attn::THREADS)                                              \
@@ -673,11 +675,11 @@ __device__ __forceinline__ void bwd(const bf16* __restrict__ qkv, const bf16* __
                                                   int B, int N, int H) {                                          \
         attn::bwd_pre<DH>(out, dout, dvec, dq_acc, B, N, H);                                                      \
     }
-#define ATTN_BWD_KERNEL(DH, BQ, NAME)                                                                       \
-    extern "C" __global__ void __launch_bounds__(attn::THREADS)                                             \
+#define ATTN_BWD_KERNEL(DH, BQ, KW, NAME)                                                                   \
+    extern "C" __global__ void __launch_bounds__(32 * KW)                                                   \
         NAME(const bf16* qkv, const bf16* dout, const float* lse, const float* dvec, float* dq_acc, bf16* dqkv, \
              int N, int H, int ps, int pe, int qs, int nq, float scale) {                                   \
-        attn::bwd<DH, BQ>(qkv, dout, lse, dvec, dq_acc, dqkv, N, H, ps, pe, qs, nq, scale);                 \
+        attn::bwd<DH, BQ, KW>(qkv, dout, lse, dvec, dq_acc, dqkv, N, H, ps, pe, qs, nq, scale);             \
     }
 ATTN_HEAD_DIMS(ATTN_PRE_KERNEL)
 ATTN_FWD_CONFIGS(ATTN_FWD_KERNEL)

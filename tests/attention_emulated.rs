@@ -9,7 +9,7 @@
 //! the kernels' indexing, fragment layouts, masking and barriers, not GPU timing or the memory
 //! model. Needs a C++20 compiler; without one it says so and passes.
 
-use mlvpt::ops::attention::{AttnShape, BWD_TILES, FUSED_HEAD_DIMS, FWD_TILES, KEY_TILE};
+use mlvpt::ops::attention::{AttnShape, BWD_TILES, FUSED_HEAD_DIMS, FWD_TILES};
 
 mod attention_common;
 mod cuda_emu;
@@ -91,7 +91,7 @@ fn check_tiles(dir: &std::path::Path) {
         FWD_TILES.iter().map(|t| format!("{} dh {} rows {} smem {}", t.kernel, t.head_dim, t.rows, t.smem_bytes())).collect();
     let host_bwd: Vec<String> = BWD_TILES
         .iter()
-        .map(|t| format!("{} dh {} keys {} rows {} smem {}", t.kernel, t.head_dim, KEY_TILE, t.rows, t.smem_bytes()))
+        .map(|t| format!("{} dh {} keys {} rows {} smem {}", t.kernel, t.head_dim, t.keys, t.rows, t.smem_bytes()))
         .collect();
     assert_eq!(fwd, host_fwd, "forward kernels: attention.cu vs FWD_TILES");
     assert_eq!(bwd, host_bwd, "backward kernels: attention.cu vs BWD_TILES");

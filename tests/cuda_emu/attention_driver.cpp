@@ -41,9 +41,9 @@ using BwdFn = void (*)(const bf16*, const bf16*, const float*, const float*, flo
                        int, float);
 // Every compiled tile shape, in the kernel source's order (the first per head dim is the default).
 struct FwdCfg { int dh, mt; const char* name; FwdFn fn; unsigned rows; size_t smem; };
-struct BwdCfg { int dh, bq; const char* name; BwdFn fn; size_t smem; };
+struct BwdCfg { int dh, bq, kw; const char* name; BwdFn fn; size_t smem; };
 #define FWD_CFG(DH, MT, NAME) {DH, MT, #NAME, NAME, 16u * MT * attn::WARPS, attn::fwd_smem(DH, MT)},
-#define BWD_CFG(DH, BQ, NAME) {DH, BQ, #NAME, NAME, attn::bwd_smem(DH, BQ)},
+#define BWD_CFG(DH, BQ, KW, NAME) {DH, BQ, KW, #NAME, NAME, attn::bwd_smem(DH, BQ, KW)},
 static const std::vector<FwdCfg> FWD = {ATTN_FWD_CONFIGS(FWD_CFG)};
 static const std::vector<BwdCfg> BWD = {ATTN_BWD_CONFIGS(BWD_CFG)};
 
@@ -92,7 +92,7 @@ static void run(const std::string& spec) {
         emu_launch({cdiv(nq, f.rows), bh, 1}, attn::THREADS,
                    [&] { f.fn(qkv.data(), out.data(), lse.data(), N, H, ps, pe, qs, nq, scale); });
     emu_launch({3, 1, 1}, 128, [&] { pre(out.data(), dout.data(), dvec, dq_acc, B, nq, H); });
-    emu_launch({cdiv(N, attn::BC), bh, 1}, attn::THREADS, [&] {
+    emu_launch({cdiv(N, 16 * bw.kw), bh, 1}, 32 * bw.kw, [&] {
         bw.fn(qkv.data(), dout.data(), lse.data(), dvec, dq_acc, dqkv.data(), N, H, ps, pe, qs, nq, scale);
     });
     emu_launch({3, 1, 1}, 128,
@@ -115,7 +115,7 @@ int main(int argc, char** argv) {
     mkdir(dir.c_str(), 0755);
     FILE* f = fopen((dir + "/tiles").c_str(), "w");
     for (const FwdCfg& c : FWD) fprintf(f, "fwd %s %d %u %zu\n", c.name, c.dh, c.rows, c.smem);
-    for (const BwdCfg& c : BWD) fprintf(f, "bwd %s %d %d %d %zu\n", c.name, c.dh, attn::BC, c.bq, c.smem);
+    for (const BwdCfg& c : BWD) fprintf(f, "bwd %s %d %d %d %zu\n", c.name, c.dh, 16 * c.kw, c.bq, c.smem);
 #define HEAD_DIM_LINE(DH) fprintf(f, "dh %d\n", DH);
     ATTN_HEAD_DIMS(HEAD_DIM_LINE)
     fclose(f);

@@ -13,7 +13,7 @@
 //! [`unfused`] is the textbook path (cuBLAS strided-batched GEMMs and a softmax kernel over a
 //! materialised score matrix) that benches/gpu_attention.rs measures the fused kernels against.
 
-use super::{bwd_tiles, fwd_tiles, AttnShape, BwdTiles, FwdTiles, FUSED_THREADS, KEY_TILE};
+use super::{bwd_tiles, fwd_tiles, AttnShape, BwdTiles, FwdTiles, FUSED_THREADS};
 use crate::gpu::launch::{aligned, check_len, grid_stride_blocks, BLOCK};
 use crate::gpu::{bf16, CudaStream, DevicePtr, DevicePtrMut, GpuContext, GpuError};
 use cudarc::driver::sys::CUfunction_attribute;
@@ -282,8 +282,8 @@ pub fn backward_with(
     let smem = tiles.smem_bytes();
     let f = function_with_smem(gpu, main, smem)?;
     let cfg = LaunchConfig {
-        grid_dim: (blocks(n, KEY_TILE), d.bh, 1),
-        block_dim: (THREADS, 1, 1),
+        grid_dim: (blocks(n, tiles.keys), d.bh, 1),
+        block_dim: (tiles.threads() as u32, 1, 1),
         shared_mem_bytes: smem as u32,
     };
     let mut l = stream.launch_builder(&f);

@@ -54,9 +54,9 @@ impl AttnShape {
     }
 }
 
-/// Keys per forward tile and per backward block of the fused kernels (`kernels/attention.cu`).
+/// Keys per tile of the fused forward (`kernels/attention.cu`).
 pub const KEY_TILE: usize = 64;
-/// Threads per block of the fused forward and backward.
+/// Threads per block of the fused forward.
 pub const FUSED_THREADS: usize = 128;
 
 /// Bytes of a shared-memory row of the fused kernels: `head_dim` bf16 padded by 16 bytes (the
@@ -81,20 +81,25 @@ impl FwdTiles {
     }
 }
 
-/// One compiled tile shape of the fused backward (`ATTN_BWD_CONFIGS`): [`KEY_TILE`] keys per
-/// block, the queries `rows` at a time.
+/// One compiled tile shape of the fused backward (`ATTN_BWD_CONFIGS`): `keys` keys per block
+/// (16 per warp), the queries `rows` at a time.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BwdTiles {
     pub head_dim: usize,
+    pub keys: usize,
     pub rows: usize,
     pub kernel: &'static str,
 }
 
 impl BwdTiles {
+    /// Threads per block: a warp per 16 keys.
+    pub fn threads(&self) -> usize {
+        self.keys * 2
+    }
     /// Dynamic shared memory: K, V of the block's keys, Q and dO of a step, dS^T
     /// `[keys][rows + 8]` bf16, and the step's log-sum-exps and row sums (f32).
     pub fn smem_bytes(&self) -> usize {
-        (2 * KEY_TILE + 2 * self.rows) * smem_row_bytes(self.head_dim) + KEY_TILE * (self.rows + 8) * 2 + 2 * self.rows * 4
+        (2 * self.keys + 2 * self.rows) * smem_row_bytes(self.head_dim) + self.keys * (self.rows + 8) * 2 + 2 * self.rows * 4
     }
 }
 
@@ -111,13 +116,15 @@ pub const FWD_TILES: &[FwdTiles] = &[
 ];
 
 /// Every compiled backward, as [`FWD_TILES`]; steps of 32 and 16 queries at head dims 80 and
-/// 128 keep dK, dV and the step's scores in registers.
+/// 128 keep dK, dV and the step's scores in registers. `attn_bwd_d64_k128` (8 warps, 128 keys
+/// per block) halves the dQ atomics and the Q, dO reloads of the 64-key blocks.
 pub const BWD_TILES: &[BwdTiles] = &[
-    BwdTiles { head_dim: 32, rows: 64, kernel: "attn_bwd_d32" },
-    BwdTiles { head_dim: 64, rows: 64, kernel: "attn_bwd_d64" },
-    BwdTiles { head_dim: 64, rows: 32, kernel: "attn_bwd_d64_q32" },
-    BwdTiles { head_dim: 80, rows: 32, kernel: "attn_bwd_d80" },
-    BwdTiles { head_dim: 128, rows: 16, kernel: "attn_bwd_d128" },
+    BwdTiles { head_dim: 32, keys: 64, rows: 64, kernel: "attn_bwd_d32" },
+    BwdTiles { head_dim: 64, keys: 64, rows: 64, kernel: "attn_bwd_d64" },
+    BwdTiles { head_dim: 64, keys: 64, rows: 32, kernel: "attn_bwd_d64_q32" },
+    BwdTiles { head_dim: 64, keys: 128, rows: 64, kernel: "attn_bwd_d64_k128" },
+    BwdTiles { head_dim: 80, keys: 64, rows: 32, kernel: "attn_bwd_d80" },
+    BwdTiles { head_dim: 128, keys: 64, rows: 16, kernel: "attn_bwd_d128" },
 ];
 
 /// The launcher's forward for `head_dim` (the first compiled one), if any.
