@@ -75,8 +75,10 @@ constexpr float LOG2E = 1.4426950408889634f;
 // dims 80 and 128 it can exceed the 48 KB a static array may take.
 // src/ops/attention/mod.rs (FWD_TILES, BWD_TILES) holds the same figures for the launcher; the
 // emulator test checks that they agree.
-// Forward: sQ [BR], sK [BC], sV [BC] rows.
-constexpr size_t fwd_smem(int DH, int MT) { return (size_t)(16 * MT * WARPS + 2 * BC) * (DH + 8) * 2; }
+// Forward: sQ [BR] rows, sK and sV [BC] rows each, twice when software-pipelined.
+constexpr size_t fwd_smem(int DH, int MT, bool PIPE) {
+    return (size_t)(16 * MT * WARPS + (PIPE ? 4 : 2) * BC) * (DH + 8) * 2;
+}
 // Backward with KW warps (BK = 16 KW keys per block): sK, sV [BK], sQ, sdO [BQ] rows;
 // dS^T [BK][BQ + 8]; lse and D [BQ] floats.
 constexpr size_t bwd_smem(int DH, int BQ, int KW) {
@@ -127,6 +129,14 @@ __device__ __forceinline__ void mma(float (&c)[4], const uint32_t (&a)[4], uint3
 __device__ __forceinline__ float exp2_approx(float x) {
     float y;
     asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
+
+// blockIdx.y, read again: the compiler may not reuse an earlier read (so a value derived from
+// it is recomputed where needed instead of being kept live, or spilled, across a kernel).
+__device__ __forceinline__ int block_y_again() {
+    int y;
+    asm volatile("mov.u32 %0, %%ctaid.y;" : "=r"(y));
     return y;
 }
 
@@ -184,8 +194,121 @@ __device__ __forceinline__ bool allowed(int i, int j, int ps, int pe) {
 }
 
 // ------------------------------------------------------------------------------ forward
-// MT m-tiles of 16 query rows per warp; BR = 16 * MT * WARPS rows per block.
+// The forward's pieces, per warp: MT m-tiles of 16 query rows against a tile of BC keys.
+
+// s = Q K^T for one key tile in shared memory (rows at stride DH + 8).
 template <int DH, int MT>
+__device__ __forceinline__ void qk_tile(float (&s)[MT][BC / 8][4], const uint32_t (&qf)[MT][DH / 16][4],
+                                        const bf16* sK, int lane) {
+    constexpr int SROW = DH + 8, KD = DH / 16, NK = BC / 8;
+#pragma unroll
+    for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+        for (int nt = 0; nt < NK; nt++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) s[mt][nt][e] = 0.0f;
+#pragma unroll
+    for (int kk = 0; kk < KD; kk++) {
+#pragma unroll
+        for (int np = 0; np < NK / 2; np++) {
+            uint32_t bfr[4];
+            ldsm_x4(bfr, smem_u32(sK + (np * 16 + (lane & 7) + (lane >> 4) * 8) * SROW + kk * 16 + ((lane >> 3) & 1) * 8));
+#pragma unroll
+            for (int mt = 0; mt < MT; mt++) {
+                mma(s[mt][2 * np], qf[mt][kk], bfr[0], bfr[1]);
+                mma(s[mt][2 * np + 1], qf[mt][kk], bfr[2], bfr[3]);
+            }
+        }
+    }
+}
+
+// Masks the scores of keys k0 .. k0 + BC: -inf past N and where a prompt query meets another
+// prompt's key. `qi0` is the token of the warp's first row. Called only for tiles that cross N
+// or meet the prompt block (the others need no mask).
+template <int MT>
+__device__ __forceinline__ void mask_tile(float (&s)[MT][BC / 8][4], int qi0, int k0, int N, int ps, int pe, int lane) {
+    const int g = lane >> 2, t = lane & 3;
+#pragma unroll
+    for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+        for (int nt = 0; nt < BC / 8; nt++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const int qi = qi0 + mt * 16 + g + (e >> 1) * 8;
+                const int kj = k0 + nt * 8 + 2 * t + (e & 1);
+                if (kj >= N || !allowed(qi, kj, ps, pe)) s[mt][nt][e] = -INFINITY;
+            }
+}
+
+// Online softmax over one tile: scores s become probabilities (relative to the new running
+// max m), the running sums l and the accumulators o are rescaled. Each row lives in the 4
+// lanes of a quad (2 rows per m-tile); l stays a per-lane partial until the end.
+template <int DH, int MT>
+__device__ __forceinline__ void softmax_tile(float (&s)[MT][BC / 8][4], float (&m)[MT][2], float (&l)[MT][2],
+                                             float (&o)[MT][DH / 8][4], float sl2) {
+    constexpr int NK = BC / 8, ND = DH / 8;
+#pragma unroll
+    for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+        for (int r = 0; r < 2; r++) {
+            float mx = m[mt][r];
+#pragma unroll
+            for (int nt = 0; nt < NK; nt++) mx = fmaxf(mx, fmaxf(s[mt][nt][2 * r], s[mt][nt][2 * r + 1]));
+            mx = fmaxf(mx, __shfl_xor_sync(FULL_MASK, mx, 1));
+            mx = fmaxf(mx, __shfl_xor_sync(FULL_MASK, mx, 2));
+            const float base = mx == -INFINITY ? 0.0f : mx * sl2;
+            const float alpha = exp2_approx(m[mt][r] * sl2 - base);
+            m[mt][r] = mx;
+            float sum = 0.0f;
+#pragma unroll
+            for (int nt = 0; nt < NK; nt++)
+#pragma unroll
+                for (int c = 0; c < 2; c++) {
+                    const float p = exp2_approx(fmaf(s[mt][nt][2 * r + c], sl2, -base));
+                    s[mt][nt][2 * r + c] = p;
+                    sum += p;
+                }
+            l[mt][r] = l[mt][r] * alpha + sum;
+#pragma unroll
+            for (int dt = 0; dt < ND; dt++) {
+                o[mt][dt][2 * r] *= alpha;
+                o[mt][dt][2 * r + 1] *= alpha;
+            }
+        }
+}
+
+// o += P V for one key tile of V in shared memory.
+template <int DH, int MT>
+__device__ __forceinline__ void pv_tile(float (&o)[MT][DH / 8][4], const float (&p)[MT][BC / 8][4], const bf16* sV,
+                                        int lane) {
+    constexpr int SROW = DH + 8, ND = DH / 8;
+#pragma unroll
+    for (int kc = 0; kc < BC / 16; kc++) {
+        uint32_t pa[MT][4];
+#pragma unroll
+        for (int mt = 0; mt < MT; mt++) acc_to_a(pa[mt], p[mt][2 * kc], p[mt][2 * kc + 1]);
+#pragma unroll
+        for (int dp = 0; dp < ND / 2; dp++) {
+            uint32_t bfr[4];
+            ldsm_x4_t(bfr, smem_u32(sV + (kc * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * SROW + dp * 16 + (lane >> 4) * 8));
+#pragma unroll
+            for (int mt = 0; mt < MT; mt++) {
+                mma(o[mt][2 * dp], pa[mt], bfr[0], bfr[1]);
+                mma(o[mt][2 * dp + 1], pa[mt], bfr[2], bfr[3]);
+            }
+        }
+    }
+}
+
+// MT m-tiles of 16 query rows per warp; BR = 16 * MT * WARPS rows per block. Two schedules:
+//   PIPE false: per key tile j, S_j = Q K_j^T, softmax, O += P V_j; K_{j+1} loads during the
+//     P V product and V_j during Q K^T (one buffer each, two barriers per tile).
+//   PIPE true: software-pipelined (FlashAttention-3's overlap, on mma.sync): iteration j
+//     issues S_{j+1} = Q K_{j+1}^T, then the softmax of S_j, then O += P_j V_j, so the
+//     tensor-core products of the next tile are independent of the exps of this one and the
+//     scheduler can interleave them; K and V are double-buffered and the loads for the next
+//     iteration have a whole iteration to land (one barrier per tile).
+template <int DH, int MT, bool PIPE>
 __device__ __forceinline__ void fwd(const bf16* __restrict__ qkv, bf16* __restrict__ out, float* __restrict__ lse,
                                     int N, int H, int ps, int pe, int qs, int nq, float scale) {
     constexpr int BR = 16 * MT * WARPS;
@@ -193,9 +316,10 @@ __device__ __forceinline__ void fwd(const bf16* __restrict__ qkv, bf16* __restri
     constexpr int KD = DH / 16;  // k-chunks over the head dim
     constexpr int ND = DH / 8;   // n-tiles over the head dim
     constexpr int NK = BC / 8;   // n-tiles over the keys of a tile
+    constexpr int NBUF = PIPE ? 2 : 1;
     bf16* sQ = reinterpret_cast<bf16*>(dyn_smem());  // [BR][SROW]
-    bf16* sK = sQ + BR * SROW;                        // [BC][SROW]
-    bf16* sV = sK + BC * SROW;                        // [BC][SROW]
+    bf16* sK = sQ + BR * SROW;                        // NBUF x [BC][SROW]
+    bf16* sV = sK + NBUF * BC * SROW;                 // NBUF x [BC][SROW]
 
     const int bh = blockIdx.y, b = bh / H, hh = bh % H;
     const int D = H * DH;
@@ -203,8 +327,6 @@ __device__ __forceinline__ void fwd(const bf16* __restrict__ qkv, bf16* __restri
     const bf16* qg = qkv + (size_t)b * N * rs + hh * DH;
     const bf16* kg = qg + D;
     const bf16* vg = qg + 2 * D;
-    // This block's head in its image's output rows; the epilogue adds row * D.
-    bf16* og = out + (size_t)b * nq * D + hh * DH;
     const int q0 = blockIdx.x * BR;  // first query row (of nq) of this block; token qs + q0
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int g = lane >> 2, t = lane & 3;
@@ -237,109 +359,69 @@ __device__ __forceinline__ void fwd(const bf16* __restrict__ qkv, bf16* __restri
     const float sl2 = scale * LOG2E;
     const bool q_prompt = ps < pe && qs + q0 < pe && qs + q0 + BR > ps;
     const int ntiles = (N + BC - 1) / BC;
+    // Whether key tile k0 needs the mask (crosses N, or meets the prompt block of a block
+    // holding prompt queries).
+    auto needs_mask = [&](int k0) { return k0 + BC > N || (q_prompt && k0 < pe && k0 + BC > ps); };
 
-    for (int j = 0; j < ntiles; j++) {
-        const int k0 = j * BC;
-        if (j > 0) {
-            cp_async_wait_all();  // K_j landed
-            __syncthreads();      // ... for every thread; every warp is done with V_{j-1}
-        }
-        load_tile<BC, DH>(sV, vg, rs, k0, N);
-        cp_async_commit();
-
-        // S = Q K_j^T (raw scores)
-        float s[MT][NK][4];
-#pragma unroll
-        for (int mt = 0; mt < MT; mt++)
-#pragma unroll
-            for (int nt = 0; nt < NK; nt++)
-#pragma unroll
-                for (int e = 0; e < 4; e++) s[mt][nt][e] = 0.0f;
-#pragma unroll
-        for (int kk = 0; kk < KD; kk++) {
-#pragma unroll
-            for (int np = 0; np < NK / 2; np++) {
-                uint32_t bfr[4];
-                ldsm_x4(bfr, smem_u32(sK + (np * 16 + (lane & 7) + (lane >> 4) * 8) * SROW + kk * 16 +
-                                      ((lane >> 3) & 1) * 8));
-#pragma unroll
-                for (int mt = 0; mt < MT; mt++) {
-                    mma(s[mt][2 * np], qf[mt][kk], bfr[0], bfr[1]);
-                    mma(s[mt][2 * np + 1], qf[mt][kk], bfr[2], bfr[3]);
-                }
+    if constexpr (!PIPE) {
+        for (int j = 0; j < ntiles; j++) {
+            const int k0 = j * BC;
+            if (j > 0) {
+                cp_async_wait_all();  // K_j landed
+                __syncthreads();      // ... for every thread; every warp is done with V_{j-1}
             }
-        }
+            load_tile<BC, DH>(sV, vg, rs, k0, N);
+            cp_async_commit();
 
-        // Mask: only the last tile (keys past N) and tiles crossing the prompt block.
-        const bool k_prompt = k0 < pe && k0 + BC > ps;
-        if (k0 + BC > N || (q_prompt && k_prompt)) {
+            float s[MT][NK][4];
+            qk_tile<DH, MT>(s, qf, sK, lane);
+            if (needs_mask(k0)) mask_tile<MT>(s, qs + q0 + wrow, k0, N, ps, pe, lane);
+            softmax_tile<DH, MT>(s, m, l, o, sl2);
+
+            cp_async_wait_all();  // V_j landed
+            __syncthreads();      // ... for every thread; every warp is done with K_j
+            if (j + 1 < ntiles) {
+                load_tile<BC, DH>(sK, kg, rs, k0 + BC, N);
+                cp_async_commit();
+            }
+            pv_tile<DH, MT>(o, s, sV, lane);
+        }
+    } else {
+        // K_j and V_j in buffer j % 2. On entry K_0 (and Q) are in shared memory. The last
+        // tile is peeled off, so the body of the loop is one basic block from the product of
+        // the next tile to P V: no branch keeps the scheduler from interleaving them.
+        auto kbuf = [&](int j) { return sK + (j & 1) * BC * SROW; };
+        auto vbuf = [&](int j) { return sV + (j & 1) * BC * SROW; };
+        load_tile<BC, DH>(vbuf(0), vg, rs, 0, N);
+        if (ntiles > 1) load_tile<BC, DH>(kbuf(1), kg, rs, BC, N);
+        cp_async_commit();
+        float s[MT][NK][4];  // S_j: raw scores, then probabilities
+        qk_tile<DH, MT>(s, qf, kbuf(0), lane);
+        for (int j = 0; j + 1 < ntiles; j++) {
+            const int k0 = j * BC;
+            if (needs_mask(k0)) mask_tile<MT>(s, qs + q0 + wrow, k0, N, ps, pe, lane);
+            cp_async_wait_all();  // K_{j+1}, V_j landed
+            __syncthreads();      // ... for every thread; every warp is done with K_j, V_{j-1}
+            load_tile<BC, DH>(vbuf(j + 1), vg, rs, k0 + BC, N);
+            if (j + 2 < ntiles) load_tile<BC, DH>(kbuf(j + 2), kg, rs, k0 + 2 * BC, N);
+            cp_async_commit();
+            float sn[MT][NK][4];  // S_{j+1}
+            qk_tile<DH, MT>(sn, qf, kbuf(j + 1), lane);
+            softmax_tile<DH, MT>(s, m, l, o, sl2);
+            pv_tile<DH, MT>(o, s, vbuf(j), lane);
 #pragma unroll
             for (int mt = 0; mt < MT; mt++)
 #pragma unroll
                 for (int nt = 0; nt < NK; nt++)
 #pragma unroll
-                    for (int e = 0; e < 4; e++) {
-                        const int qi = qs + q0 + wrow + mt * 16 + g + (e >> 1) * 8;  // token
-                        const int kj = k0 + nt * 8 + 2 * t + (e & 1);
-                        if (kj >= N || !allowed(qi, kj, ps, pe)) s[mt][nt][e] = -INFINITY;
-                    }
+                    for (int e = 0; e < 4; e++) s[mt][nt][e] = sn[mt][nt][e];
         }
-
-        // Online softmax: each row lives in the 4 lanes of a quad (2 rows per m-tile).
-#pragma unroll
-        for (int mt = 0; mt < MT; mt++)
-#pragma unroll
-            for (int r = 0; r < 2; r++) {
-                float mx = m[mt][r];
-#pragma unroll
-                for (int nt = 0; nt < NK; nt++) mx = fmaxf(mx, fmaxf(s[mt][nt][2 * r], s[mt][nt][2 * r + 1]));
-                mx = fmaxf(mx, __shfl_xor_sync(FULL_MASK, mx, 1));
-                mx = fmaxf(mx, __shfl_xor_sync(FULL_MASK, mx, 2));
-                const float base = mx == -INFINITY ? 0.0f : mx * sl2;
-                const float alpha = exp2_approx(m[mt][r] * sl2 - base);
-                m[mt][r] = mx;
-                float sum = 0.0f;
-#pragma unroll
-                for (int nt = 0; nt < NK; nt++)
-#pragma unroll
-                    for (int c = 0; c < 2; c++) {
-                        const float p = exp2_approx(fmaf(s[mt][nt][2 * r + c], sl2, -base));
-                        s[mt][nt][2 * r + c] = p;
-                        sum += p;
-                    }
-                l[mt][r] = l[mt][r] * alpha + sum;  // per-lane partial; the quad sums at the end
-#pragma unroll
-                for (int dt = 0; dt < ND; dt++) {
-                    o[mt][dt][2 * r] *= alpha;
-                    o[mt][dt][2 * r + 1] *= alpha;
-                }
-            }
-
-        cp_async_wait_all();  // V_j landed
-        __syncthreads();      // ... for every thread; every warp is done with K_j
-        if (j + 1 < ntiles) {
-            load_tile<BC, DH>(sK, kg, rs, k0 + BC, N);
-            cp_async_commit();
-        }
-
-        // O += P V_j
-#pragma unroll
-        for (int kc = 0; kc < BC / 16; kc++) {
-            uint32_t pa[MT][4];
-#pragma unroll
-            for (int mt = 0; mt < MT; mt++) acc_to_a(pa[mt], s[mt][2 * kc], s[mt][2 * kc + 1]);
-#pragma unroll
-            for (int dp = 0; dp < ND / 2; dp++) {
-                uint32_t bfr[4];
-                ldsm_x4_t(bfr, smem_u32(sV + (kc * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * SROW + dp * 16 +
-                                        (lane >> 4) * 8));
-#pragma unroll
-                for (int mt = 0; mt < MT; mt++) {
-                    mma(o[mt][2 * dp], pa[mt], bfr[0], bfr[1]);
-                    mma(o[mt][2 * dp + 1], pa[mt], bfr[2], bfr[3]);
-                }
-            }
-        }
+        const int jl = ntiles - 1, kl = jl * BC;
+        if (needs_mask(kl)) mask_tile<MT>(s, qs + q0 + wrow, kl, N, ps, pe, lane);
+        cp_async_wait_all();  // V_last landed
+        __syncthreads();
+        softmax_tile<DH, MT>(s, m, l, o, sl2);
+        pv_tile<DH, MT>(o, s, vbuf(jl), lane);
     }
 
     // Normalise, stage this warp's rows in its own part of sQ (only it read them), store
@@ -361,6 +443,10 @@ __device__ __forceinline__ void fwd(const bf16* __restrict__ qkv, bf16* __restri
             if (t == 0 && qi < nq) lse[(size_t)bh * nq + qi] = m[mt][r] * scale + logf(sum);
         }
     __syncwarp();
+    // This block's head in its image's output rows, from a fresh read of the block index:
+    // keeping the image index live through the loop cost registers that ptxas spilled.
+    const int bh_again = block_y_again();
+    bf16* og = out + (size_t)(bh_again / H) * nq * D + (bh_again % H) * DH;
     constexpr int CH = DH / 8;
 #pragma unroll
     for (int i = 0; i < 16 * MT * CH / 32; i++) {
@@ -655,20 +741,22 @@ __device__ __forceinline__ void bwd(const bf16* __restrict__ qkv, const bf16* __
 }  // namespace attn
 
 // The compiled kernels: per head dim the row sums (ATTN_HEAD_DIMS) and one or more tile shapes
-// of the forward (head dim, MT, name) and the backward (head dim, BQ, warps, name); the first of a
-// head dim is the launcher's default, the others are alternatives benches/gpu_attention.rs
-// measures against it. The emulator driver iterates these lists.
+// of the forward (head dim, MT, software-pipelined, minimum blocks per SM, name) and the
+// backward (head dim, BQ, warps, name); the first of a head dim is the launcher's default, the others are alternatives
+// benches/gpu_attention.rs measures against it. The emulator driver iterates these lists.
 #define ATTN_HEAD_DIMS(X) X(32) X(64) X(80) X(128)
-#define ATTN_FWD_CONFIGS(X) \
-    X(32, 2, attn_fwd_d32) X(64, 2, attn_fwd_d64) X(64, 1, attn_fwd_d64_r64) X(80, 1, attn_fwd_d80) X(128, 1, attn_fwd_d128)
+#define ATTN_FWD_CONFIGS(X)                                                                                   \
+    X(32, 2, false, 1, attn_fwd_d32) X(64, 2, false, 1, attn_fwd_d64) X(64, 1, false, 3, attn_fwd_d64_r64)     \
+        X(64, 1, true, 3, attn_fwd_d64_r64p) X(80, 1, false, 3, attn_fwd_d80) X(128, 1, false, 1, attn_fwd_d128)
 #define ATTN_BWD_CONFIGS(X)                                                                              \
     X(32, 64, 4, attn_bwd_d32) X(64, 64, 4, attn_bwd_d64) X(64, 32, 4, attn_bwd_d64_q32)                   \
         X(64, 64, 8, attn_bwd_d64_k128) X(80, 32, 4, attn_bwd_d80) X(128, 16, 4, attn_bwd_d128)
 
-#define ATTN_FWD_KERNEL(DH, MT, NAME)                                                                        \
-    extern "C" __global__ void __launch_bounds__(attn::THREADS)                                              \
+// MINB: blocks per SM to ask ptxas to fit (3 at <= 168 registers where that costs no spill).
+#define ATTN_FWD_KERNEL(DH, MT, PIPE, MINB, NAME)                                                            \
+    extern "C" __global__ void __launch_bounds__(attn::THREADS, MINB)                                        \
         NAME(const bf16* qkv, bf16* out, float* lse, int N, int H, int ps, int pe, int qs, int nq, float scale) { \
-        attn::fwd<DH, MT>(qkv, out, lse, N, H, ps, pe, qs, nq, scale);                                       \
+        attn::fwd<DH, MT, PIPE>(qkv, out, lse, N, H, ps, pe, qs, nq, scale);                                 \
     }
 #define ATTN_PRE_KERNEL(DH)                                                                                       \
     extern "C" __global__ void attn_bwd_pre_d##DH(const bf16* out, const bf16* dout, float* dvec, float* dq_acc, \

@@ -40,9 +40,9 @@ using PreFn = void (*)(const bf16*, const bf16*, float*, float*, int, int, int);
 using BwdFn = void (*)(const bf16*, const bf16*, const float*, const float*, float*, bf16*, int, int, int, int, int,
                        int, float);
 // Every compiled tile shape, in the kernel source's order (the first per head dim is the default).
-struct FwdCfg { int dh, mt; const char* name; FwdFn fn; unsigned rows; size_t smem; };
+struct FwdCfg { int dh, mt; bool pipe; const char* name; FwdFn fn; unsigned rows; size_t smem; };
 struct BwdCfg { int dh, bq, kw; const char* name; BwdFn fn; size_t smem; };
-#define FWD_CFG(DH, MT, NAME) {DH, MT, #NAME, NAME, 16u * MT * attn::WARPS, attn::fwd_smem(DH, MT)},
+#define FWD_CFG(DH, MT, PIPE, MINB, NAME) {DH, MT, PIPE, #NAME, NAME, 16u * MT * attn::WARPS, attn::fwd_smem(DH, MT, PIPE)},
 #define BWD_CFG(DH, BQ, KW, NAME) {DH, BQ, KW, #NAME, NAME, attn::bwd_smem(DH, BQ, KW)},
 static const std::vector<FwdCfg> FWD = {ATTN_FWD_CONFIGS(FWD_CFG)};
 static const std::vector<BwdCfg> BWD = {ATTN_BWD_CONFIGS(BWD_CFG)};

@@ -97,6 +97,8 @@ inline float exp2_approx(float x) {
     return y < FLT_MIN ? 0.0f : y;
 }
 
+inline int block_y_again() { return (int)blockIdx.y; }
+
 // Dynamic shared memory: blocks run one at a time, so one static area serves every launch.
 inline unsigned char* dyn_smem() {
     alignas(16) static unsigned char s[232448];

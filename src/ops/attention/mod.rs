@@ -66,18 +66,22 @@ fn smem_row_bytes(head_dim: usize) -> usize {
 }
 
 /// One compiled tile shape of the fused forward (`ATTN_FWD_CONFIGS` in kernels/attention.cu):
-/// `rows` query rows per block of 4 warps, keys in tiles of [`KEY_TILE`].
+/// `rows` query rows per block of 4 warps, keys in tiles of [`KEY_TILE`]; `pipelined`: the
+/// software-pipelined schedule (the next tile's Q K^T issued before this tile's softmax, K and
+/// V double-buffered).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FwdTiles {
     pub head_dim: usize,
     pub rows: usize,
+    pub pipelined: bool,
     pub kernel: &'static str,
 }
 
 impl FwdTiles {
-    /// Dynamic shared memory: Q rows, a K tile and a V tile.
+    /// Dynamic shared memory: Q rows, a K tile and a V tile (two each when pipelined).
     pub fn smem_bytes(&self) -> usize {
-        (self.rows + 2 * KEY_TILE) * smem_row_bytes(self.head_dim)
+        let kv_tiles = if self.pipelined { 4 } else { 2 };
+        (self.rows + kv_tiles * KEY_TILE) * smem_row_bytes(self.head_dim)
     }
 }
 
@@ -108,11 +112,12 @@ impl BwdTiles {
 /// against it (ViT-S/B/L: 64; ViT-H: 80; 32 and 128 for narrow and wide heads). Head dims 80
 /// and 128 take 64 rows so the accumulators fit in registers without spilling.
 pub const FWD_TILES: &[FwdTiles] = &[
-    FwdTiles { head_dim: 32, rows: 128, kernel: "attn_fwd_d32" },
-    FwdTiles { head_dim: 64, rows: 128, kernel: "attn_fwd_d64" },
-    FwdTiles { head_dim: 64, rows: 64, kernel: "attn_fwd_d64_r64" },
-    FwdTiles { head_dim: 80, rows: 64, kernel: "attn_fwd_d80" },
-    FwdTiles { head_dim: 128, rows: 64, kernel: "attn_fwd_d128" },
+    FwdTiles { head_dim: 32, rows: 128, pipelined: false, kernel: "attn_fwd_d32" },
+    FwdTiles { head_dim: 64, rows: 128, pipelined: false, kernel: "attn_fwd_d64" },
+    FwdTiles { head_dim: 64, rows: 64, pipelined: false, kernel: "attn_fwd_d64_r64" },
+    FwdTiles { head_dim: 64, rows: 64, pipelined: true, kernel: "attn_fwd_d64_r64p" },
+    FwdTiles { head_dim: 80, rows: 64, pipelined: false, kernel: "attn_fwd_d80" },
+    FwdTiles { head_dim: 128, rows: 64, pipelined: false, kernel: "attn_fwd_d128" },
 ];
 
 /// Every compiled backward, as [`FWD_TILES`]; steps of 32 and 16 queries at head dims 80 and
