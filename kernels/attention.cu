@@ -193,6 +193,15 @@ __device__ __forceinline__ bool allowed(int i, int j, int ps, int pe) {
     return i == j || !(i >= ps && i < pe && j >= ps && j < pe);
 }
 
+// Whether query token i sees key token j < n: allowed() and j < n, with bitwise operators
+// only, so an unrolled mask loop compiles to predicated selects, not branches (the backward's;
+// in the forward the extra live predicates cost registers the 168-register kernels lack).
+__device__ __forceinline__ bool visible(int i, int j, int n, int ps, int pe) {
+    const unsigned np = (unsigned)(pe - ps);
+    const bool ip = (unsigned)(i - ps) < np, jp = (unsigned)(j - ps) < np;
+    return (j < n) & ((i == j) | !(ip & jp));
+}
+
 // ------------------------------------------------------------------------------ forward
 // The forward's pieces, per warp: MT m-tiles of 16 query rows against a tile of BC keys.
 
@@ -623,7 +632,7 @@ __device__ __forceinline__ void bwd(const bf16* __restrict__ qkv, const bf16* __
                 if (masked) {
                     const int kj = k0 + wk + g + (e >> 1) * 8;
                     const int qi = q0 + nt * 8 + 2 * t + (e & 1);
-                    if (qi >= nq || kj >= N || !allowed(qs + qi, kj, ps, pe)) p = 0.0f;
+                    p = (qi < nq) & visible(qs + qi, kj, N, ps, pe) ? p : 0.0f;
                 }
                 s[nt][e] = p;
                 dp[nt][e] = p * (dp[nt][e] - ((e & 1) ? dq.y : dq.x));
