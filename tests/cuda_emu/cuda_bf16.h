@@ -65,6 +65,16 @@ inline __nv_bfloat162 __floats2bfloat162_rn(float a, float b) { return {__float2
 #include <thread>
 #include <vector>
 #include <memory>
+// Dynamic shared memory (`extern __shared__`): one area for every launch (blocks run one at a
+// time), as large as a Hopper block may take. emu_launch fills it with 0xff bytes (NaN as f32
+// and as bf16) before each block, so a kernel that reads what it never wrote, or what an
+// earlier block left, computes NaN.
+constexpr size_t EMU_DYN_SMEM_BYTES = 232448;
+inline unsigned char* emu_dynamic_smem() {
+    alignas(16) static unsigned char s[EMU_DYN_SMEM_BYTES];
+    return s;
+}
+inline void emu_poison_dynamic_smem() { memset(emu_dynamic_smem(), 0xff, EMU_DYN_SMEM_BYTES); }
 // Runs `kernel` (a closure calling the kernel function) on a grid of blocks of `threads`. The
 // threads are made once per launch and walk the blocks in order; each block has its own
 // barriers (a thread that returns early drops out of its block's barriers), and a launch-wide
@@ -78,7 +88,9 @@ inline void emu_launch(U3 grid, unsigned threads, const std::function<void()>& k
         block_bars.emplace_back(new std::barrier<>(threads));
         for (unsigned w = 0; w < nwarps; w++) warp_bars.emplace_back(new std::barrier<>(32));
     }
-    std::barrier<> next_block(threads);
+    emu_poison_dynamic_smem();
+    auto poison = []() noexcept { emu_poison_dynamic_smem(); };
+    std::barrier<decltype(poison)> next_block(threads, poison);
     std::vector<std::thread> ts;
     for (unsigned t = 0; t < threads; t++)
         ts.emplace_back([&, t] {

@@ -99,8 +99,5 @@ inline float exp2_approx(float x) {
 
 inline int block_y_again() { return (int)blockIdx.y; }
 
-// Dynamic shared memory: blocks run one at a time, so one static area serves every launch.
-inline unsigned char* dyn_smem() {
-    alignas(16) static unsigned char s[232448];
-    return s;
-}
+// Dynamic shared memory: the emulator's poisoned area (cuda_bf16.h).
+inline unsigned char* dyn_smem() { return emu_dynamic_smem(); }

@@ -4,10 +4,7 @@
 // small grid, so every thread loops; attention one 128-thread block per query row).
 //   tokens_driver DIR SEED
 #include "cuda_bf16.h"
-inline float emu_dyn_smem[1 << 14];
-#define DYNAMIC_SMEM(name) float* name = emu_dyn_smem
-inline float __expf(float x) { return expf(x); }
-inline float atomicAdd(float* p, float v) { return std::atomic_ref<float>(*p).fetch_add(v); }
+#define DYNAMIC_SMEM(name) float* name = reinterpret_cast<float*>(emu_dynamic_smem())
 #include "tokens.cu"
 #include <cstdio>
 #include <random>
