@@ -14,9 +14,11 @@
 // (ATTN_HEAD_DIMS; tile shapes in ATTN_FWD_CONFIGS / ATTN_BWD_CONFIGS at the end, dynamic
 // shared memory sized by the launcher):
 //   attn_fwd_dDH       grid (ceil(Nq/BR), B*h), 128 threads; 16*MT query rows per warp (BR =
-//                      128 rows per block at dh 32, 64; 64 at 80, 128; attn_fwd_d64_r64: 64).
+//                      128 rows per block at dh 32, 64; 64 at 80, 128 and in the alternatives
+//                      attn_fwd_d64_r64 and attn_fwd_d64_r64p, the software-pipelined one).
 //   attn_bwd_pre_dDH   D_i = rowsum(dO_i * O_i) into dvec [B, h, Nq]; zeroes dq_acc.
-//   attn_bwd_dDH       grid (ceil(N/64), B*h): one block per 64 keys, loops over the queries BQ
+//   attn_bwd_dDH       grid (ceil(N/BK), B*h), a warp per 16 keys: one block per BK = 64 keys
+//                      (128 in the alternative attn_bwd_d64_k128), loops over the queries BQ
 //                      at a time; dK, dV in registers, written once (bf16) into dqkv; dQ
 //                      partials added with fp32 atomics into dq_acc [B, Nq, h*dh].
 //   attn_bwd_dq_convert    dqkv[:, :, 0] = scale * dq_acc (bf16; zero outside the queries).
@@ -65,7 +67,7 @@ namespace attn {
 
 constexpr int WARPS = 4;
 constexpr int THREADS = 32 * WARPS;
-constexpr int BC = 64;  // keys per tile (forward) / per block (backward)
+constexpr int BC = 64;  // keys per tile of the forward (the backward has its own, 16 per warp)
 constexpr float LOG2E = 1.4426950408889634f;
 
 // Tile shapes: MT m-tiles of 16 query rows per warp in the forward (BR = 16 MT WARPS rows per

@@ -116,7 +116,9 @@ fn attention_forward_and_backward_match_cpu_over_shapes() {
 }
 
 /// Every alternative tile shape (FWD_TILES, BWD_TILES past the first of a head dim; the
-/// benchmark compares them with the default) against the CPU on a few awkward shapes.
+/// benchmark compares them with the default) against the CPU on a few awkward shapes (one key
+/// tile, tiles crossing N and the prompt block, a query range), and bit-identical over two runs
+/// (out, lse, dK, dV; dQ is summed by atomics).
 #[test]
 #[ignore = "requires a CUDA device"]
 fn attention_alternative_tiles_match_cpu() {
@@ -127,11 +129,52 @@ fn attention_alternative_tiles_match_cpu() {
         let bwds: Vec<BwdTiles> = BWD_TILES.iter().copied().filter(|t| t.head_dim == dh).collect();
         for k in 1..fwds.len().max(bwds.len()) {
             let (f, b) = (&fwds[k.min(fwds.len() - 1)], &bwds[k.min(bwds.len() - 1)]);
-            for sh in [shape(2, 3, 227, 30, dh), shape(1, 2, 257, 60, dh), AttnShape { q_start: 1, q_len: 30, ..shape(2, 3, 227, 30, dh) }] {
+            let shapes = [
+                shape(2, 3, 31, 30, dh),
+                shape(2, 3, 227, 30, dh),
+                shape(1, 2, 257, 60, dh),
+                AttnShape { q_start: 1, q_len: 30, ..shape(2, 3, 227, 30, dh) },
+            ];
+            for sh in shapes {
                 let (x, qkv_b, dout_b) = inputs(&mut rng, &sh);
                 let got = run_gpu_with(&gpu, &sh, &qkv_b, &dout_b, f, b);
                 check_against_cpu(&sh, &x.qkv, &x.dout, &KernelOut { out: &got.out, lse: &got.lse, dqkv: &got.dqkv }, seed);
+                let again = run_gpu_with(&gpu, &sh, &qkv_b, &dout_b, f, b);
+                let what = format!("{} + {} at N {} (seed {seed})", f.kernel, b.kernel, sh.tokens);
+                assert_bits_equal(&got, &again, &sh, &what);
             }
+        }
+    }
+}
+
+/// out, lse, dK and dV of two runs are bit-identical.
+fn assert_bits_equal(a: &GpuOut, b: &GpuOut, sh: &AttnShape, what: &str) {
+    assert!(a.out_bits.iter().zip(&b.out_bits).all(|(x, y)| x.to_bits() == y.to_bits()), "{what}: out differs between runs");
+    assert!(a.lse.iter().zip(&b.lse).all(|(x, y)| x.to_bits() == y.to_bits()), "{what}: lse differs between runs");
+    for k in [1usize, 2] {
+        let (x, y) = (slot(&a.dqkv, sh.batch * sh.tokens, sh.dim(), k), slot(&b.dqkv, sh.batch * sh.tokens, sh.dim(), k));
+        assert!(x.iter().zip(&y).all(|(p, q)| p.to_bits() == q.to_bits()), "{what}: d{} differs between runs", ["Q", "K", "V"][k]);
+    }
+}
+
+/// Every compiled kernel (each forward and each backward tile shape of every head dim) once on
+/// one small shape: a key tile past N, a prompt block across tiles. Small so that
+/// `compute-sanitizer --tool racecheck` and `memcheck` can run it in seconds
+/// (tools/gpu-runner.sh does).
+#[test]
+#[ignore = "requires a CUDA device"]
+fn attention_every_kernel_small() {
+    let gpu = gpu();
+    let (mut rng, seed) = rng("attention_every_kernel_small");
+    for &dh in attention::FUSED_HEAD_DIMS {
+        let fwds: Vec<FwdTiles> = FWD_TILES.iter().copied().filter(|t| t.head_dim == dh).collect();
+        let bwds: Vec<BwdTiles> = BWD_TILES.iter().copied().filter(|t| t.head_dim == dh).collect();
+        for k in 0..fwds.len().max(bwds.len()) {
+            let (f, b) = (&fwds[k.min(fwds.len() - 1)], &bwds[k.min(bwds.len() - 1)]);
+            let sh = shape(1, 2, 131, 30, dh);
+            let (x, qkv_b, dout_b) = inputs(&mut rng, &sh);
+            let got = run_gpu_with(&gpu, &sh, &qkv_b, &dout_b, f, b);
+            check_against_cpu(&sh, &x.qkv, &x.dout, &KernelOut { out: &got.out, lse: &got.lse, dqkv: &got.dqkv }, seed);
         }
     }
 }
@@ -149,13 +192,7 @@ fn attention_prompt_keys_are_invisible_to_other_prompts() {
     let (_, qkv_b, dout_b) = inputs(&mut rng, &sh);
     let base = run_gpu(&gpu, &sh, &qkv_b, &dout_b);
     let again = run_gpu(&gpu, &sh, &qkv_b, &dout_b);
-    assert!(base.out_bits.iter().zip(&again.out_bits).all(|(a, b)| a.to_bits() == b.to_bits()), "out differs between runs (seed {seed})");
-    assert!(base.lse.iter().zip(&again.lse).all(|(a, b)| a.to_bits() == b.to_bits()), "lse differs between runs (seed {seed})");
-    for slot_kv in [1usize, 2] {
-        let a = slot(&base.dqkv, sh.batch * n, d, slot_kv);
-        let b = slot(&again.dqkv, sh.batch * n, d, slot_kv);
-        assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()), "d{} differs between runs (seed {seed})", ["Q", "K", "V"][slot_kv]);
-    }
+    assert_bits_equal(&base, &again, &sh, &format!("default kernels (seed {seed})"));
 
     let victim = 2usize; // the second prompt
     let mut qkv2 = qkv_b.clone();

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs the GPU bundle (tools/gpu-bundle.sh) on a machine with an NVIDIA GPU and no Rust: finds
 # libcuda and libcublas, prints the GPU, runs every bundled test binary with its ignored (GPU)
-# tests included, a one-epoch `mlvpt train --device cuda` on the demo, the training-step
+# tests included, compute-sanitizer's racecheck and memcheck over every attention kernel, a
+# one-epoch `mlvpt train --device cuda` on the demo, the training-step
 # comparison with the PyTorch/timm peer on the same card (`mlvpt bench-step` against
 # peer/step_bench.py, eager and torch.compile), then the benches in a short mode, writes one log
 # per step into $OUT (or $MLVPT_GPU_LOGS, else bundle/logs), and prints a summary table last.
@@ -11,6 +12,7 @@
 #   bash bundle/gpu-runner.sh                 # from the repo root, bundle/ carried
 #   MLVPT_GPU_SKIP_BENCH=1 bash bundle/gpu-runner.sh
 #   MLVPT_GPU_SKIP_PEER=1 bash bundle/gpu-runner.sh     # ours only in the step comparison
+#   MLVPT_GPU_SKIP_SANITIZER=1 bash bundle/gpu-runner.sh  # no compute-sanitizer pass
 #   bash tools/gpu-runner.sh --compare-table FILE       # the comparison table of JSON lines, only
 set -uo pipefail
 
@@ -151,6 +153,29 @@ for t in "$HERE"/tests/*; do
   if [ "$rc" -eq 0 ]; then st=ok; elif [ "$rc" -ge 124 ]; then st=TIMEOUT; status=1; else st=FAILED; status=1; fi
   row "test $name" "$st" "${passed:--}" "${failed:--}" "${ignored:--}" "$secs"
 done
+
+# --- compute-sanitizer on the fused attention (shared-memory races, out-of-bounds accesses) -----
+# The CPU emulator runs cp.async synchronously and cannot see a missing barrier; racecheck
+# can. One small test launches every compiled attention kernel once.
+sanitizer=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -n 1 || true)
+if [ -n "${MLVPT_GPU_SKIP_SANITIZER:-}" ]; then
+  row "sanitizer attention" "SKIPPED" - - - 0
+elif [ -z "$sanitizer" ] || [ ! -x "$HERE/tests/gpu_attention" ]; then
+  row "sanitizer attention" "MISSING" - - - 0
+else
+  for tool in racecheck memcheck; do
+    left=$(before_compare); cap=${MLVPT_GPU_SANITIZER_S:-90}; [ "$left" -lt "$cap" ] && cap=$left
+    if [ "$cap" -lt 20 ]; then row "sanitizer $tool" "SKIPPED" - - - 0; continue; fi
+    log "$sanitizer --tool $tool gpu_attention attention_every_kernel_small (timeout ${cap}s)"
+    t0=$(date +%s)
+    timeout --kill-after=5 "$cap" "$sanitizer" --tool "$tool" --error-exitcode 3 \
+      "$HERE/tests/gpu_attention" --include-ignored --exact attention_every_kernel_small > "$LOGS/sanitizer-$tool.log" 2>&1
+    rc=$?
+    tail -n 8 "$LOGS/sanitizer-$tool.log"
+    if [ "$rc" -eq 0 ]; then st=ok; elif [ "$rc" -ge 124 ]; then st=TIMEOUT; status=1; else st=FAILED; status=1; fi
+    row "sanitizer $tool" "$st" - - - "$(( $(date +%s) - t0 ))"
+  done
+fi
 
 # --- a short training run on the GPU (the embedded demo, one epoch) ------------------------------
 TRAIN_TABLE="$LOGS/train-summary.txt"
