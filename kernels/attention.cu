@@ -82,10 +82,13 @@ constexpr size_t fwd_smem(int DH, int MT, bool PIPE) {
     return (size_t)(16 * MT * WARPS + (PIPE ? 4 : 2) * BC) * (DH + 8) * 2;
 }
 // Backward with KW warps (BK = 16 KW keys per block): sK, sV [BK], sQ, sdO [BQ] rows;
-// dS^T [BK][BQ + 8]; lse and D [BQ] floats.
-constexpr size_t bwd_smem(int DH, int BQ, int KW) {
-    return (size_t)(2 * 16 * KW + 2 * BQ) * (DH + 8) * 2 + (size_t)16 * KW * (BQ + 8) * 2 + 2 * (size_t)BQ * 4;
+// dS^T [BK][BQ + 8]; lse and D [BQ] floats. SPLIT: no dS^T, the rest twice.
+constexpr size_t bwd_smem(int DH, int BQ, int KW, bool SPLIT) {
+    return SPLIT ? (size_t)(2 * 16 * KW + 4 * BQ) * (DH + 8) * 2 + 4 * (size_t)BQ * 4
+                 : (size_t)(2 * 16 * KW + 2 * BQ) * (DH + 8) * 2 + (size_t)16 * KW * (BQ + 8) * 2 + 2 * (size_t)BQ * 4;
 }
+// The split backward's dQ pass: sQ, sdO [BR] rows; K and V [BC] rows, twice each.
+constexpr size_t bwd_dq_smem(int DH, int MT) { return (size_t)(2 * 16 * MT * WARPS + 4 * BC) * (DH + 8) * 2; }
 
 // The PTX wrappers. Under the CPU emulator (tests/cuda_emu) emu_ptx.h provides the same
 // functions, emulating each instruction lane by lane, so the kernels below run unchanged there.
@@ -471,7 +474,8 @@ __device__ __forceinline__ void fwd(const bf16* __restrict__ qkv, bf16* __restri
 }
 
 // ------------------------------------------------------------------------------ backward
-// dvec[b, h, i] = sum_d dO[b, i, h, d] O[b, i, h, d]; zeroes dq_acc (same layout as out).
+// dvec[b, h, i] = sum_d dO[b, i, h, d] O[b, i, h, d]; zeroes dq_acc (same layout as out)
+// unless it is null.
 // N here is the number of query rows. Each thread takes 16-byte chunks of 8 elements; the G
 // lanes of one (b, i, h) row (G the largest power of two dividing DH/8: 4 at dh 32, 8 at 64,
 // 2 at 80, 16 at 128) take its chunks in turn, so a warp reads 32 consecutive chunks at a time,
@@ -499,9 +503,11 @@ __device__ __forceinline__ void bwd_pre(const bf16* __restrict__ out, const bf16
                 load_bf16<8>(dout + chunk * 8, y);
 #pragma unroll
                 for (int e = 0; e < 8; e++) acc = fmaf(x[e], y[e], acc);
-                float4* z = reinterpret_cast<float4*>(dq_acc + chunk * 8);
-                z[0] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-                z[1] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+                if (dq_acc != nullptr) {  // null for the split backward (no dQ sums)
+                    float4* z = reinterpret_cast<float4*>(dq_acc + chunk * 8);
+                    z[0] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+                    z[1] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+                }
             }
         }
 #pragma unroll
@@ -516,11 +522,14 @@ __device__ __forceinline__ void bwd_pre(const bf16* __restrict__ out, const bf16
     }
 }
 
-// One block of KW warps per BC = 16 KW keys of one (b, h); warp w owns keys w*16 .. w*16+15 of the block. Per
-// step over BQ queries (P^T, dP^T, dS^T are [keys x queries] in registers):
+// One block of KW warps per BC = 16 KW keys of one (b, h); warp w owns keys w*16 .. w*16+15
+// of the block. Per step over BQ queries (P^T, dP^T, dS^T are [keys x queries] in registers):
 //   S^T = K Q^T, P^T = exp(scale S^T - lse), dV += P^T dO, dP^T = V dO^T,
 //   dS^T = P^T (dP^T - D), dK += dS^T Q, dS^T -> shared, dQ_part = dS K -> atomics.
-template <int DH, int BQ, int KW>
+// SPLIT: dK and dV only (no dS^T, no dQ, no atomics; bwd_dq computes dQ in its own pass), Q
+// and dO double-buffered so the next step's load has a whole step to land, one barrier per
+// step; the block also writes the zero dQ rows of its keys outside the query range.
+template <int DH, int BQ, int KW, bool SPLIT>
 __device__ __forceinline__ void bwd(const bf16* __restrict__ qkv, const bf16* __restrict__ dout,
                                     const float* __restrict__ lse, const float* __restrict__ dvec,
                                     float* __restrict__ dq_acc, bf16* __restrict__ dqkv, int N, int H, int ps, int pe,
@@ -535,13 +544,14 @@ __device__ __forceinline__ void bwd(const bf16* __restrict__ qkv, const bf16* __
     // take its ND / 2 pairs of head-dim n-tiles in turn (at most NPAIR each).
     constexpr int MQ = BQ / 16, WPM = KW / MQ, NPAIR = (ND / 2 + WPM - 1) / WPM;
     static_assert(KW % MQ == 0, "dQ m-tiles do not split over the warps");
+    constexpr int NB = SPLIT ? 2 : 1;  // buffers of a step's inputs
     bf16* sK = reinterpret_cast<bf16*>(dyn_smem());  // [BC][SROW]
     bf16* sV = sK + BC * SROW;                        // [BC][SROW]
-    bf16* sQ = sV + BC * SROW;                        // [BQ][SROW]
-    bf16* sdO = sQ + BQ * SROW;                       // [BQ][SROW]
-    bf16* sdS = sdO + BQ * SROW;                      // dS^T [key][query], [BC][PROW]
-    float* sL = reinterpret_cast<float*>(sdS + BC * PROW);  // lse * log2(e), [BQ]
-    float* sD = sL + BQ;                                     // D, [BQ]
+    bf16* sQb = sV + BC * SROW;                       // NB x [BQ][SROW]
+    bf16* sdOb = sQb + NB * BQ * SROW;                // NB x [BQ][SROW]
+    bf16* sdS = sdOb + NB * BQ * SROW;                // dS^T [key][query], [BC][PROW] (not SPLIT)
+    float* sLb = reinterpret_cast<float*>(sdS + (SPLIT ? 0 : BC * PROW));  // lse * log2(e), NB x [BQ]
+    float* sDb = sLb + NB * BQ;                                             // D, NB x [BQ]
 
     const int bh = blockIdx.y, b = bh / H, hh = bh % H;
     const int D = H * DH;
@@ -558,8 +568,9 @@ __device__ __forceinline__ void bwd(const bf16* __restrict__ qkv, const bf16* __
     // Query rows q0 .. q0 + BQ of step `q0 / BQ`: Q, dO by cp.async (not committed), lse and D
     // into registers (stored into sL, sD by the caller once nobody reads them).
     auto fetch_step = [&](int q0, float& l_next, float& d_next) {
-        load_tile<BQ, DH, NT>(sQ, qg, rs, qs + q0, qs + nq);
-        load_tile<BQ, DH, NT>(sdO, dog, D, q0, nq);
+        const int buf = (q0 / BQ) % NB;
+        load_tile<BQ, DH, NT>(sQb + buf * BQ * SROW, qg, rs, qs + q0, qs + nq);
+        load_tile<BQ, DH, NT>(sdOb + buf * BQ * SROW, dog, D, q0, nq);
         if (threadIdx.x < BQ) {
             const int qi = q0 + threadIdx.x;
             l_next = qi < nq ? lse[(size_t)bh * nq + qi] * LOG2E : 0.0f;
@@ -572,8 +583,8 @@ __device__ __forceinline__ void bwd(const bf16* __restrict__ qkv, const bf16* __
     if (nq > 0) fetch_step(0, l_next, d_next);
     cp_async_commit();
     if (threadIdx.x < BQ) {
-        sL[threadIdx.x] = l_next;
-        sD[threadIdx.x] = d_next;
+        sLb[threadIdx.x] = l_next;
+        sDb[threadIdx.x] = d_next;
     }
     cp_async_wait_all();
     __syncthreads();
@@ -598,6 +609,18 @@ __device__ __forceinline__ void bwd(const bf16* __restrict__ qkv, const bf16* __
     for (int step = 0; step < nsteps; step++) {
         const int q0 = step * BQ;  // query row (of nq); token qs + q0
         const bool next = step + 1 < nsteps;
+        const int buf = step % NB;
+        const bf16* sQ = sQb + buf * BQ * SROW;
+        const bf16* sdO = sdOb + buf * BQ * SROW;
+        const float* sL = sLb + buf * BQ;
+        const float* sD = sDb + buf * BQ;
+        if constexpr (SPLIT) {
+            // The other buffers were last read in the previous step, before its final barrier.
+            if (next) {
+                fetch_step(q0 + BQ, l_next, d_next);
+                cp_async_commit();
+            }
+        }
 
         // S^T = K Q^T and dP^T = V dO^T: B operands are Q, dO stored [query][d] = [n][k].
         float s[NQ][4], dp[NQ][4];
@@ -658,12 +681,23 @@ __device__ __forceinline__ void bwd(const bf16* __restrict__ qkv, const bf16* __
                 mma(dk[2 * np], da, bq[0], bq[1]);
                 mma(dk[2 * np + 1], da, bq[2], bq[3]);
             }
-            // dS^T rows (keys) g and g+8 of this warp, queries of n-tiles 2kc, 2kc+1.
-            bf16* d0 = sdS + (wk + g) * PROW + kc * 16 + 2 * t;
-            *reinterpret_cast<uint32_t*>(d0) = da[0];
-            *reinterpret_cast<uint32_t*>(d0 + 8 * PROW) = da[1];
-            *reinterpret_cast<uint32_t*>(d0 + 8) = da[2];
-            *reinterpret_cast<uint32_t*>(d0 + 8 * PROW + 8) = da[3];
+            if constexpr (!SPLIT) {
+                // dS^T rows (keys) g and g+8 of this warp, queries of n-tiles 2kc, 2kc+1.
+                bf16* d0 = sdS + (wk + g) * PROW + kc * 16 + 2 * t;
+                *reinterpret_cast<uint32_t*>(d0) = da[0];
+                *reinterpret_cast<uint32_t*>(d0 + 8 * PROW) = da[1];
+                *reinterpret_cast<uint32_t*>(d0 + 8) = da[2];
+                *reinterpret_cast<uint32_t*>(d0 + 8 * PROW + 8) = da[3];
+            }
+        }
+        if constexpr (SPLIT) {
+            if (next && threadIdx.x < BQ) {
+                sLb[(buf ^ 1) * BQ + threadIdx.x] = l_next;
+                sDb[(buf ^ 1) * BQ + threadIdx.x] = d_next;
+            }
+            cp_async_wait_all();
+            __syncthreads();  // the next step's inputs visible; every warp done with this step's
+            continue;
         }
         __syncthreads();  // dS^T of every warp in shared memory; every warp done with sQ, sdO, sL, sD
         // The next step's inputs load while dQ is computed.
@@ -713,8 +747,8 @@ __device__ __forceinline__ void bwd(const bf16* __restrict__ qkv, const bf16* __
             }
         }
         if (next && threadIdx.x < BQ) {
-            sL[threadIdx.x] = l_next;
-            sD[threadIdx.x] = d_next;
+            sLb[threadIdx.x] = l_next;
+            sDb[threadIdx.x] = d_next;
         }
         cp_async_wait_all();
         __syncthreads();  // the next step's inputs visible; every warp done with sdS
@@ -745,7 +779,134 @@ __device__ __forceinline__ void bwd(const bf16* __restrict__ qkv, const bf16* __
             bf16* dst = dkg + (size_t)kj * rs + k * 8;
             *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(sK + (wk + r) * SROW + k * 8);
             *reinterpret_cast<uint4*>(dst + D) = *reinterpret_cast<const uint4*>(sV + (wk + r) * SROW + k * 8);
+            // SPLIT: the dQ rows of keys outside the query range are zero (bwd_dq writes the rest).
+            if (SPLIT && (kj < qs || kj >= qs + nq)) *reinterpret_cast<uint4*>(dst - D) = make_uint4(0, 0, 0, 0);
         }
+    }
+}
+
+// dQ of the split backward, query-stationary like the forward: a block per BR = 16 MT WARPS
+// query rows of one (b, h), the key tiles streamed through double buffers (the next tile loads
+// during this one, one barrier per tile). Per tile: S = Q K^T, dP = dO V^T (Q, dO fragments in
+// registers), P = exp(scale S - lse), dS = P (dP - D), dQ += dS K; dQ (scaled) written once, in
+// bf16, into dqkv's Q slot. Two more products than dQ by atomics in bwd, and no fp32
+// scratch, atomics or conversion pass: deterministic.
+template <int DH, int MT>
+__device__ __forceinline__ void bwd_dq(const bf16* __restrict__ qkv, const bf16* __restrict__ dout,
+                                       const float* __restrict__ lse, const float* __restrict__ dvec,
+                                       bf16* __restrict__ dqkv, int N, int H, int ps, int pe, int qs, int nq,
+                                       float scale) {
+    constexpr int BR = 16 * MT * WARPS;
+    constexpr int SROW = DH + 8, KD = DH / 16, ND = DH / 8, NK = BC / 8;
+    bf16* sQ = reinterpret_cast<bf16*>(dyn_smem());  // [BR][SROW]
+    bf16* sdO = sQ + BR * SROW;                       // [BR][SROW]
+    bf16* sK = sdO + BR * SROW;                       // 2 x [BC][SROW]
+    bf16* sV = sK + 2 * BC * SROW;                    // 2 x [BC][SROW]
+    auto kbuf = [&](int j) { return sK + (j & 1) * BC * SROW; };
+    auto vbuf = [&](int j) { return sV + (j & 1) * BC * SROW; };
+
+    const int bh = blockIdx.y, b = bh / H, hh = bh % H;
+    const int D = H * DH;
+    const size_t rs = 3 * (size_t)D;
+    const bf16* qg = qkv + (size_t)b * N * rs + hh * DH;
+    const bf16* kg = qg + D;
+    const bf16* vg = qg + 2 * D;
+    const bf16* dog = dout + (size_t)b * nq * D + hh * DH;
+    const int q0 = blockIdx.x * BR;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int g = lane >> 2, t = lane & 3;
+    const int wrow = warp * 16 * MT;
+
+    load_tile<BR, DH>(sQ, qg, rs, qs + q0, qs + nq);
+    load_tile<BR, DH>(sdO, dog, D, q0, nq);
+    load_tile<BC, DH>(kbuf(0), kg, rs, 0, N);
+    load_tile<BC, DH>(vbuf(0), vg, rs, 0, N);
+    cp_async_commit();
+
+    // lse (log2 units) and D of this lane's rows: g and g + 8 of each m-tile (0 past nq, where
+    // Q and dO are zero, so those rows' dS is 0).
+    float l2[MT][2], dd[MT][2];
+#pragma unroll
+    for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+        for (int r = 0; r < 2; r++) {
+            const int qi = q0 + wrow + mt * 16 + g + r * 8;
+            l2[mt][r] = qi < nq ? lse[(size_t)bh * nq + qi] * LOG2E : 0.0f;
+            dd[mt][r] = qi < nq ? dvec[(size_t)bh * nq + qi] : 0.0f;
+        }
+    cp_async_wait_all();
+    __syncthreads();
+
+    uint32_t qf[MT][KD][4], dof[MT][KD][4];
+#pragma unroll
+    for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+        for (int kk = 0; kk < KD; kk++) {
+            const int off = (wrow + mt * 16 + (lane & 15)) * SROW + kk * 16 + (lane >> 4) * 8;
+            ldsm_x4(qf[mt][kk], smem_u32(sQ + off));
+            ldsm_x4(dof[mt][kk], smem_u32(sdO + off));
+        }
+    float dq[MT][ND][4];
+#pragma unroll
+    for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+        for (int dt = 0; dt < ND; dt++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) dq[mt][dt][e] = 0.0f;
+
+    const float sl2 = scale * LOG2E;
+    const bool q_prompt = ps < pe && qs + q0 < pe && qs + q0 + BR > ps;
+    const int ntiles = (N + BC - 1) / BC;
+    for (int j = 0; j < ntiles; j++) {
+        const int k0 = j * BC;
+        if (j > 0) {
+            cp_async_wait_all();  // K_j, V_j landed
+            __syncthreads();      // ... for every thread; every warp is done with tile j - 1
+        }
+        if (j + 1 < ntiles) {
+            load_tile<BC, DH>(kbuf(j + 1), kg, rs, k0 + BC, N);
+            load_tile<BC, DH>(vbuf(j + 1), vg, rs, k0 + BC, N);
+            cp_async_commit();
+        }
+        float s[MT][NK][4], dp[MT][NK][4];
+        qk_tile<DH, MT>(s, qf, kbuf(j), lane);
+        qk_tile<DH, MT>(dp, dof, vbuf(j), lane);
+        if (k0 + BC > N || (q_prompt && k0 < pe && k0 + BC > ps)) mask_tile<MT>(s, qs + q0 + wrow, k0, N, ps, pe, lane);
+#pragma unroll
+        for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+            for (int nt = 0; nt < NK; nt++)
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    const int r = e >> 1;
+                    const float p = exp2_approx(fmaf(s[mt][nt][e], sl2, -l2[mt][r]));
+                    s[mt][nt][e] = p * (dp[mt][nt][e] - dd[mt][r]);  // dS
+                }
+        pv_tile<DH, MT>(dq, s, kbuf(j), lane);  // dQ += dS K (K stored [key][d], as V)
+    }
+
+    // Scale, stage this warp's rows in its own part of sQ (only it read them), 16-byte stores.
+#pragma unroll
+    for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+        for (int r = 0; r < 2; r++) {
+            const int row = wrow + mt * 16 + g + r * 8;
+#pragma unroll
+            for (int dt = 0; dt < ND; dt++)
+                *reinterpret_cast<uint32_t*>(sQ + row * SROW + dt * 8 + 2 * t) =
+                    pack(dq[mt][dt][2 * r] * scale, dq[mt][dt][2 * r + 1] * scale);
+        }
+    __syncwarp();
+    bf16* dqg = dqkv + (size_t)(block_y_again() / H) * N * rs + hh * DH;
+    constexpr int CH = DH / 8;
+#pragma unroll
+    for (int i = 0; i < 16 * MT * CH / 32; i++) {
+        const int c = lane + 32 * i;
+        const int r = c / CH, kq = c % CH;
+        const int qi = q0 + wrow + r;
+        if (qi < nq)
+            *reinterpret_cast<uint4*>(dqg + (size_t)(qs + qi) * rs + kq * 8) =
+                *reinterpret_cast<const uint4*>(sQ + (wrow + r) * SROW + kq * 8);
     }
 }
 
@@ -753,15 +914,18 @@ __device__ __forceinline__ void bwd(const bf16* __restrict__ qkv, const bf16* __
 
 // The compiled kernels: per head dim the row sums (ATTN_HEAD_DIMS) and one or more tile shapes
 // of the forward (head dim, MT, software-pipelined, minimum blocks per SM, name) and the
-// backward (head dim, BQ, warps, name); the first of a head dim is the launcher's default, the others are alternatives
+// backward (head dim, BQ, warps, split: dK and dV only, name); the first of a head dim is the launcher's default, the others are alternatives
 // benches/gpu_attention.rs measures against it. The emulator driver iterates these lists.
 #define ATTN_HEAD_DIMS(X) X(32) X(64) X(80) X(128)
 #define ATTN_FWD_CONFIGS(X)                                                                                   \
     X(32, 2, false, 1, attn_fwd_d32) X(64, 2, false, 1, attn_fwd_d64) X(64, 1, false, 3, attn_fwd_d64_r64)     \
         X(64, 1, true, 3, attn_fwd_d64_r64p) X(80, 1, false, 3, attn_fwd_d80) X(128, 1, false, 1, attn_fwd_d128)
-#define ATTN_BWD_CONFIGS(X)                                                                              \
-    X(32, 64, 4, attn_bwd_d32) X(64, 64, 4, attn_bwd_d64) X(64, 32, 4, attn_bwd_d64_q32)                   \
-        X(64, 64, 8, attn_bwd_d64_k128) X(80, 32, 4, attn_bwd_d80) X(128, 16, 4, attn_bwd_d128)
+#define ATTN_BWD_CONFIGS(X)                                                                               \
+    X(32, 64, 4, false, attn_bwd_d32) X(64, 64, 4, false, attn_bwd_d64) X(64, 32, 4, false, attn_bwd_d64_q32) \
+        X(64, 64, 8, false, attn_bwd_d64_k128) X(64, 64, 4, true, attn_bwd_d64_split)                        \
+            X(80, 32, 4, false, attn_bwd_d80) X(128, 16, 4, false, attn_bwd_d128)
+// The dQ passes of the split backwards (head dim, MT, name): NAME_dq beside NAME above.
+#define ATTN_BWD_DQ_CONFIGS(X) X(64, 1, attn_bwd_d64_split_dq)
 
 // MINB: blocks per SM to ask ptxas to fit (3 at <= 168 registers where that costs no spill).
 #define ATTN_FWD_KERNEL(DH, MT, PIPE, MINB, NAME)                                                            \
@@ -774,15 +938,22 @@ __device__ __forceinline__ void bwd(const bf16* __restrict__ qkv, const bf16* __
                                                   int B, int N, int H) {                                          \
         attn::bwd_pre<DH>(out, dout, dvec, dq_acc, B, N, H);                                                      \
     }
-#define ATTN_BWD_KERNEL(DH, BQ, KW, NAME)                                                                   \
+#define ATTN_BWD_KERNEL(DH, BQ, KW, SPLIT, NAME)                                                            \
     extern "C" __global__ void __launch_bounds__(32 * KW)                                                   \
         NAME(const bf16* qkv, const bf16* dout, const float* lse, const float* dvec, float* dq_acc, bf16* dqkv, \
              int N, int H, int ps, int pe, int qs, int nq, float scale) {                                   \
-        attn::bwd<DH, BQ, KW>(qkv, dout, lse, dvec, dq_acc, dqkv, N, H, ps, pe, qs, nq, scale);             \
+        attn::bwd<DH, BQ, KW, SPLIT>(qkv, dout, lse, dvec, dq_acc, dqkv, N, H, ps, pe, qs, nq, scale);      \
+    }
+#define ATTN_BWD_DQ_KERNEL(DH, MT, NAME)                                                                    \
+    extern "C" __global__ void __launch_bounds__(attn::THREADS)                                             \
+        NAME(const bf16* qkv, const bf16* dout, const float* lse, const float* dvec, bf16* dqkv, int N, int H, \
+             int ps, int pe, int qs, int nq, float scale) {                                                 \
+        attn::bwd_dq<DH, MT>(qkv, dout, lse, dvec, dqkv, N, H, ps, pe, qs, nq, scale);                      \
     }
 ATTN_HEAD_DIMS(ATTN_PRE_KERNEL)
 ATTN_FWD_CONFIGS(ATTN_FWD_KERNEL)
 ATTN_BWD_CONFIGS(ATTN_BWD_KERNEL)
+ATTN_BWD_DQ_CONFIGS(ATTN_BWD_DQ_KERNEL)
 
 // dqkv[b, i, 0, :] = scale * dq_acc[b, i - qs, :] for query tokens i in [qs, qs + nq), zero for
 // the other tokens; over the B*N token rows (D = h*dh, D % 8 == 0).

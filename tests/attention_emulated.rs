@@ -9,7 +9,7 @@
 //! the kernels' indexing, fragment layouts, masking and barriers, not GPU timing or the memory
 //! model. Needs a C++20 compiler; without one it says so and passes.
 
-use mlvpt::ops::attention::{AttnShape, BWD_TILES, FUSED_HEAD_DIMS, FWD_TILES};
+use mlvpt::ops::attention::{AttnShape, BwdTiles, BWD_TILES, FUSED_HEAD_DIMS, FWD_TILES};
 
 mod attention_common;
 mod cuda_emu;
@@ -77,13 +77,14 @@ fn emulated_attention_kernels_match_the_cpu_reference() {
 /// (`ATTN_FWD_CONFIGS`, `ATTN_BWD_CONFIGS`), and so are the head dims.
 fn check_tiles(dir: &std::path::Path) {
     let text = std::fs::read_to_string(dir.join("tiles")).expect("the driver's tiles file");
-    let (mut fwd, mut bwd, mut dims) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut fwd, mut bwd, mut dq, mut dims) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for line in text.lines() {
         let w: Vec<&str> = line.split_whitespace().collect();
         let num = |i: usize| -> usize { w[i].parse().expect("a number") };
         match w[0] {
             "fwd" => fwd.push(format!("{} dh {} rows {} smem {}", w[1], num(2), num(3), num(4))),
             "bwd" => bwd.push(format!("{} dh {} keys {} rows {} smem {}", w[1], num(2), num(3), num(4), num(5))),
+            "dq" => dq.push(format!("{} dh {} rows {} smem {}", w[1], num(2), num(3), num(4))),
             _ => dims.push(num(1)),
         }
     }
@@ -93,7 +94,12 @@ fn check_tiles(dir: &std::path::Path) {
         .iter()
         .map(|t| format!("{} dh {} keys {} rows {} smem {}", t.kernel, t.head_dim, t.keys, t.rows, t.smem_bytes()))
         .collect();
+    let host_dq: Vec<String> = BWD_TILES
+        .iter()
+        .filter_map(|t| t.dq_kernel.map(|k| format!("{k} dh {} rows {} smem {}", t.head_dim, BwdTiles::DQ_ROWS, t.dq_smem_bytes())))
+        .collect();
     assert_eq!(fwd, host_fwd, "forward kernels: attention.cu vs FWD_TILES");
+    assert_eq!(dq, host_dq, "dQ passes of the split backwards: attention.cu vs BWD_TILES");
     assert_eq!(bwd, host_bwd, "backward kernels: attention.cu vs BWD_TILES");
     assert_eq!(dims, FUSED_HEAD_DIMS, "head dims compiled in attention.cu vs FUSED_HEAD_DIMS");
 }

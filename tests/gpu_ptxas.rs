@@ -131,7 +131,12 @@ fn every_launcher_literal_is_a_kernel_of_its_own_module() {
 fn attention_tile_tables_name_compiled_kernels() {
     use mlvpt::ops::attention::{BWD_TILES, FUSED_HEAD_DIMS, FWD_TILES};
     let report = ptxas::parse(PTXAS_REPORT);
-    let names: Vec<&str> = FWD_TILES.iter().map(|t| t.kernel).chain(BWD_TILES.iter().map(|t| t.kernel)).collect();
+    let names: Vec<&str> = FWD_TILES
+        .iter()
+        .map(|t| t.kernel)
+        .chain(BWD_TILES.iter().map(|t| t.kernel))
+        .chain(BWD_TILES.iter().filter_map(|t| t.dq_kernel))
+        .collect();
     for name in &names {
         assert!(report.iter().any(|k| k.function == *name && k.file == "attention.cu"), "`{name}` is not a kernel of attention.cu");
     }

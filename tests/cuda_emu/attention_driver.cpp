@@ -41,11 +41,23 @@ using BwdFn = void (*)(const bf16*, const bf16*, const float*, const float*, flo
                        int, float);
 // Every compiled tile shape, in the kernel source's order (the first per head dim is the default).
 struct FwdCfg { int dh, mt; bool pipe; const char* name; FwdFn fn; unsigned rows; size_t smem; };
-struct BwdCfg { int dh, bq, kw; const char* name; BwdFn fn; size_t smem; };
+using DqFn = void (*)(const bf16*, const bf16*, const float*, const float*, bf16*, int, int, int, int, int, int, float);
+struct BwdCfg { int dh, bq, kw; bool split; const char* name; BwdFn fn; size_t smem; };
+struct DqCfg { int dh, mt; const char* name; DqFn fn; unsigned rows; size_t smem; };
 #define FWD_CFG(DH, MT, PIPE, MINB, NAME) {DH, MT, PIPE, #NAME, NAME, 16u * MT * attn::WARPS, attn::fwd_smem(DH, MT, PIPE)},
-#define BWD_CFG(DH, BQ, KW, NAME) {DH, BQ, KW, #NAME, NAME, attn::bwd_smem(DH, BQ, KW)},
+#define BWD_CFG(DH, BQ, KW, SPLIT, NAME) {DH, BQ, KW, SPLIT, #NAME, NAME, attn::bwd_smem(DH, BQ, KW, SPLIT)},
+#define DQ_CFG(DH, MT, NAME) {DH, MT, #NAME, NAME, 16u * MT * attn::WARPS, attn::bwd_dq_smem(DH, MT)},
 static const std::vector<FwdCfg> FWD = {ATTN_FWD_CONFIGS(FWD_CFG)};
 static const std::vector<BwdCfg> BWD = {ATTN_BWD_CONFIGS(BWD_CFG)};
+static const std::vector<DqCfg> DQ = {ATTN_BWD_DQ_CONFIGS(DQ_CFG)};
+
+// The dQ pass of split backward `name` (`name`_dq).
+static const DqCfg& dq_of(const char* name) {
+    for (const DqCfg& c : DQ)
+        if (std::string(c.name) == std::string(name) + "_dq") return c;
+    fprintf(stderr, "no dQ pass for %s\n", name);
+    exit(2);
+}
 
 static PreFn pre_of(int dh) {
     switch (dh) {
@@ -91,12 +103,20 @@ static void run(const std::string& spec) {
     if (nq > 0)
         emu_launch({cdiv(nq, f.rows), bh, 1}, attn::THREADS,
                    [&] { f.fn(qkv.data(), out.data(), lse.data(), N, H, ps, pe, qs, nq, scale); });
-    emu_launch({3, 1, 1}, 128, [&] { pre(out.data(), dout.data(), dvec, dq_acc, B, nq, H); });
+    emu_launch({3, 1, 1}, 128, [&] { pre(out.data(), dout.data(), dvec, bw.split ? nullptr : dq_acc, B, nq, H); });
     emu_launch({cdiv(N, 16 * bw.kw), bh, 1}, 32 * bw.kw, [&] {
         bw.fn(qkv.data(), dout.data(), lse.data(), dvec, dq_acc, dqkv.data(), N, H, ps, pe, qs, nq, scale);
     });
-    emu_launch({3, 1, 1}, 128,
-               [&] { attn_bwd_dq_convert(dq_acc, dqkv.data(), (uint64_t)B * N, N, qs, nq, D, scale); });
+    if (bw.split) {
+        const DqCfg& dq = dq_of(bw.name);
+        if (nq > 0)
+            emu_launch({cdiv(nq, dq.rows), bh, 1}, attn::THREADS, [&] {
+                dq.fn(qkv.data(), dout.data(), lse.data(), dvec, dqkv.data(), N, H, ps, pe, qs, nq, scale);
+            });
+    } else {
+        emu_launch({3, 1, 1}, 128,
+                   [&] { attn_bwd_dq_convert(dq_acc, dqkv.data(), (uint64_t)B * N, N, qs, nq, D, scale); });
+    }
     const std::string t = tag;
     dump(t + "_qkv", wide(qkv));
     dump(t + "_dout", wide(dout));
@@ -116,6 +136,7 @@ int main(int argc, char** argv) {
     FILE* f = fopen((dir + "/tiles").c_str(), "w");
     for (const FwdCfg& c : FWD) fprintf(f, "fwd %s %d %u %zu\n", c.name, c.dh, c.rows, c.smem);
     for (const BwdCfg& c : BWD) fprintf(f, "bwd %s %d %d %d %zu\n", c.name, c.dh, 16 * c.kw, c.bq, c.smem);
+    for (const DqCfg& c : DQ) fprintf(f, "dq %s %d %u %zu\n", c.name, c.dh, c.rows, c.smem);
 #define HEAD_DIM_LINE(DH) fprintf(f, "dh %d\n", DH);
     ATTN_HEAD_DIMS(HEAD_DIM_LINE)
     fclose(f);

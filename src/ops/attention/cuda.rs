@@ -273,9 +273,11 @@ pub fn backward_with(
     let chunks = (b * nq * dim / 8) as u64;
     let f = gpu.function("attention", pre)?;
     let b32 = b as i32;
+    // A split backward keeps no dQ sums: a null pointer tells the kernel not to zero them.
+    let dq_sums: u64 = if tiles.dq_kernel.is_some() { 0 } else { dq_acc };
     let cfg = LaunchConfig { grid_dim: (grid_stride_blocks(gpu, chunks, BLOCK as u64), 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
     let mut l = stream.launch_builder(&f);
-    l.arg(&op).arg(&dop).arg(&dvec).arg(&dq_acc).arg(&b32).arg(&d.nq).arg(&d.h);
+    l.arg(&op).arg(&dop).arg(&dvec).arg(&dq_sums).arg(&b32).arg(&d.nq).arg(&d.h);
     // SAFETY: out/dout hold B*Nq*D, the scratch B*Nq*D + B*h*Nq floats (checked); 16-byte aligned.
     unsafe { l.launch(cfg) }.map_err(GpuError::driver(format!("launching {pre}")))?;
 
@@ -289,8 +291,28 @@ pub fn backward_with(
     let mut l = stream.launch_builder(&f);
     l.arg(&qp).arg(&dop).arg(&lp).arg(&dvec).arg(&dq_acc).arg(&dqp);
     l.arg(&d.n).arg(&d.h).arg(&d.ps).arg(&d.pe).arg(&d.qs).arg(&d.nq).arg(&d.scale);
-    // SAFETY: as above; writes dqkv's K and V slots and adds into the dQ sums.
+    // SAFETY: as above; writes dqkv's K and V slots and adds into the dQ sums (a split
+    // backward: the zero Q-slot rows of its keys outside the query range instead).
     unsafe { l.launch(cfg) }.map_err(GpuError::driver(format!("launching {main}")))?;
+
+    if let Some(dq_name) = tiles.dq_kernel {
+        if nq == 0 {
+            return Ok(());
+        }
+        let smem = tiles.dq_smem_bytes();
+        let f = function_with_smem(gpu, dq_name, smem)?;
+        let cfg = LaunchConfig {
+            grid_dim: (blocks(nq, BwdTiles::DQ_ROWS), d.bh, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: smem as u32,
+        };
+        let mut l = stream.launch_builder(&f);
+        l.arg(&qp).arg(&dop).arg(&lp).arg(&dvec).arg(&dqp);
+        l.arg(&d.n).arg(&d.h).arg(&d.ps).arg(&d.pe).arg(&d.qs).arg(&d.nq).arg(&d.scale);
+        // SAFETY: as above; writes dqkv's Q slot of the query tokens.
+        unsafe { l.launch(cfg) }.map_err(GpuError::driver(format!("launching {dq_name}")))?;
+        return Ok(());
+    }
 
     let f = gpu.function("attention", "attn_bwd_dq_convert")?;
     let tok = (b * n) as u64;

@@ -86,24 +86,40 @@ impl FwdTiles {
 }
 
 /// One compiled tile shape of the fused backward (`ATTN_BWD_CONFIGS`): `keys` keys per block
-/// (16 per warp), the queries `rows` at a time.
+/// (16 per warp), the queries `rows` at a time. With `dq_kernel` (a split backward) `kernel`
+/// computes dK and dV only and `dq_kernel` computes dQ in a query-stationary pass of
+/// [`BwdTiles::DQ_ROWS`] rows per block, without fp32 atomics.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BwdTiles {
     pub head_dim: usize,
     pub keys: usize,
     pub rows: usize,
     pub kernel: &'static str,
+    pub dq_kernel: Option<&'static str>,
 }
 
 impl BwdTiles {
+    /// Query rows per block of a split backward's dQ pass (4 warps of 16 rows).
+    pub const DQ_ROWS: usize = 64;
+
     /// Threads per block: a warp per 16 keys.
     pub fn threads(&self) -> usize {
         self.keys * 2
     }
     /// Dynamic shared memory: K, V of the block's keys, Q and dO of a step, dS^T
-    /// `[keys][rows + 8]` bf16, and the step's log-sum-exps and row sums (f32).
+    /// `[keys][rows + 8]` bf16, and the step's log-sum-exps and row sums (f32); a split
+    /// backward has no dS^T and two of everything else of a step.
     pub fn smem_bytes(&self) -> usize {
-        (2 * self.keys + 2 * self.rows) * smem_row_bytes(self.head_dim) + self.keys * (self.rows + 8) * 2 + 2 * self.rows * 4
+        let row = smem_row_bytes(self.head_dim);
+        if self.dq_kernel.is_some() {
+            (2 * self.keys + 4 * self.rows) * row + 4 * self.rows * 4
+        } else {
+            (2 * self.keys + 2 * self.rows) * row + self.keys * (self.rows + 8) * 2 + 2 * self.rows * 4
+        }
+    }
+    /// Dynamic shared memory of the dQ pass: Q and dO rows, K and V tiles twice each.
+    pub fn dq_smem_bytes(&self) -> usize {
+        (2 * Self::DQ_ROWS + 4 * KEY_TILE) * smem_row_bytes(self.head_dim)
     }
 }
 
@@ -122,15 +138,22 @@ pub const FWD_TILES: &[FwdTiles] = &[
 
 /// Every compiled backward, as [`FWD_TILES`]; steps of 32 and 16 queries at head dims 80 and
 /// 128 keep dK, dV and the step's scores in registers. `attn_bwd_d64_k128` (8 warps, 128 keys
-/// per block) halves the dQ atomics and the Q, dO reloads of the 64-key blocks.
+/// per block) halves the dQ atomics and the Q, dO reloads of the 64-key blocks;
+/// `attn_bwd_d64_split` computes dQ in a pass of its own (two more matrix products, no
+/// atomics, no fp32 scratch: deterministic).
 pub const BWD_TILES: &[BwdTiles] = &[
-    BwdTiles { head_dim: 32, keys: 64, rows: 64, kernel: "attn_bwd_d32" },
-    BwdTiles { head_dim: 64, keys: 64, rows: 64, kernel: "attn_bwd_d64" },
-    BwdTiles { head_dim: 64, keys: 64, rows: 32, kernel: "attn_bwd_d64_q32" },
-    BwdTiles { head_dim: 64, keys: 128, rows: 64, kernel: "attn_bwd_d64_k128" },
-    BwdTiles { head_dim: 80, keys: 64, rows: 32, kernel: "attn_bwd_d80" },
-    BwdTiles { head_dim: 128, keys: 64, rows: 16, kernel: "attn_bwd_d128" },
+    bwd(32, 64, 64, "attn_bwd_d32", None),
+    bwd(64, 64, 64, "attn_bwd_d64", None),
+    bwd(64, 64, 32, "attn_bwd_d64_q32", None),
+    bwd(64, 128, 64, "attn_bwd_d64_k128", None),
+    bwd(64, 64, 64, "attn_bwd_d64_split", Some("attn_bwd_d64_split_dq")),
+    bwd(80, 64, 32, "attn_bwd_d80", None),
+    bwd(128, 64, 16, "attn_bwd_d128", None),
 ];
+
+const fn bwd(head_dim: usize, keys: usize, rows: usize, kernel: &'static str, dq_kernel: Option<&'static str>) -> BwdTiles {
+    BwdTiles { head_dim, keys, rows, kernel, dq_kernel }
+}
 
 /// The launcher's forward for `head_dim` (the first compiled one), if any.
 pub fn fwd_tiles(head_dim: usize) -> Option<FwdTiles> {
