@@ -78,6 +78,21 @@ fn bad_input_is_one_error_line() {
     fails_with(&["--model", "tiny", "--experts", "0"], "experts (E) must be at least 1");
     // Checked before the (large) random ViT-B is built.
     fails_with(&["--classes", "0"], "labels must be at least 1");
+    fails_with(&["--attention-kernels", "attn_fwd_d64"], "expects FWD,BWD");
+    fails_with(&["--attention-kernels", "attn_fwd_d64,attn_bwd_d80"], "no backward 'attn_bwd_d80' for head dim 64");
+    fails_with(&["--attention-kernels", "attn_fwd_x,attn_bwd_d64"], "no forward 'attn_fwd_x' for head dim 64 (compiled: attn_fwd_d64");
+    fails_with(&["--model", "tiny", "--attention-kernels", "attn_fwd_d64,attn_bwd_d64"], "head dim 24 has no fused attention kernels");
+}
+
+/// The report names the fused attention kernels ("default" without --attention-kernels).
+#[test]
+fn attention_kernels_are_reported() {
+    let mut args = TINY.to_vec();
+    args.extend(["--json"]);
+    let (o, stdout, stderr) = bench_step(&args);
+    assert!(o.status.success(), "{stderr}");
+    let v: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("{e}: {stdout}"));
+    assert_eq!(v["attention_kernels"], "default", "{v}");
 }
 
 #[test]

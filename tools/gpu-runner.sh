@@ -2,10 +2,12 @@
 # Runs the GPU bundle (tools/gpu-bundle.sh) on a machine with an NVIDIA GPU and no Rust: finds
 # libcuda and libcublas, prints the GPU, runs every bundled test binary with its ignored (GPU)
 # tests included, compute-sanitizer's racecheck and memcheck over every attention kernel, a
-# one-epoch `mlvpt train --device cuda` on the demo, the training-step
-# comparison with the PyTorch/timm peer on the same card (`mlvpt bench-step` against
-# peer/step_bench.py, eager and torch.compile), then the benches in a short mode, writes one log
-# per step into $OUT (or $MLVPT_GPU_LOGS, else bundle/logs), and prints a summary table last.
+# one-epoch `mlvpt train --device cuda` on the demo, the training-step comparison with the
+# PyTorch/timm peer on the same card (`mlvpt bench-step` against peer/step_bench.py, eager and
+# torch.compile), then the benches in a short mode (PyTorch's attention kernels right after
+# ours), and, while time is left, the step again with each alternative pair of attention
+# kernels. Writes one log per step into $OUT (or $MLVPT_GPU_LOGS, else bundle/logs) and prints
+# a summary table last.
 # Exits non-zero when a test fails, our step benchmark fails or a library is missing.
 # Budget: under 8 minutes (MLVPT_GPU_BUDGET_S, default 450 s).
 #
@@ -319,6 +321,33 @@ if [ -z "${MLVPT_GPU_SKIP_BENCH:-}" ]; then
   done
 fi
 
+# --- the training step with the alternative fused attention kernels -----------------------------
+# The step of `bench-step (ours)` again with each alternative pair of attention kernels
+# (`mlvpt bench-step --attention-kernels FWD,BWD`), while time is left: which pair the
+# launcher's defaults should be (src/ops/attention/mod.rs, FWD_TILES and BWD_TILES).
+VARIANTS_TABLE="$LOGS/attention-step-summary.txt"
+: > "$VARIANTS_TABLE"
+if [ -x "$HERE/bin/mlvpt" ] && [ -z "${MLVPT_GPU_SKIP_BENCH:-}" ]; then
+  ours_ips=$(json_field "$(grep -m1 '^{' "$LOGS/bench-step-ours.log" 2>/dev/null)" images_per_s)
+  echo "training step by fused attention kernels (vit-b16, images/s):" >> "$VARIANTS_TABLE"
+  printf '  %-44s %10s\n' "default (attn_fwd_d64, attn_bwd_d64)" "${ours_ips:-?}" >> "$VARIANTS_TABLE"
+  i=0
+  for pair in ${MLVPT_GPU_ATTENTION_VARIANTS:-attn_fwd_d64_r64,attn_bwd_d64_q32 attn_fwd_d64_r64p,attn_bwd_d64_k128 attn_fwd_d64_r64p,attn_bwd_d64_split}; do
+    i=$((i + 1))
+    left=$(remaining); cap=${MLVPT_COMPARE_OURS_S:-120}; [ "$left" -lt "$cap" ] && cap=$left
+    if [ "$cap" -lt 20 ]; then row "step attention variant $i" "SKIPPED" - - - 0; continue; fi
+    log "mlvpt bench-step --attention-kernels $pair (timeout ${cap}s)"
+    t0=$(date +%s)
+    timeout --kill-after=5 "$cap" "$HERE/bin/mlvpt" bench-step --device cuda --model vit-b16 "${STEP_ARGS[@]}" \
+      --attention-kernels "$pair" > "$LOGS/bench-step-attention-$i.log" 2>&1
+    rc=$?
+    ips=$(json_field "$(grep -m1 '^{' "$LOGS/bench-step-attention-$i.log")" images_per_s)
+    printf '  %-44s %10s\n' "$pair" "${ips:-error (log bench-step-attention-$i.log)}" >> "$VARIANTS_TABLE"
+    if [ "$rc" -eq 0 ]; then st=ok; elif [ "$rc" -ge 124 ]; then st=TIMEOUT; else st=FAILED; fi
+    row "step attention variant $i" "$st" - - - "$(( $(date +%s) - t0 ))"
+  done
+fi
+
 # --- summary (last) -------------------------------------------------------------------------
 {
   echo
@@ -328,6 +357,7 @@ fi
   cat "$SUMMARY"
   [ -s "$TRAIN_TABLE" ] && cat "$TRAIN_TABLE"
   [ -s "$COMPARE_TABLE" ] && cat "$COMPARE_TABLE"
+  [ -s "$VARIANTS_TABLE" ] && cat "$VARIANTS_TABLE"
   if [ -s "$BENCH_TABLE" ]; then
     echo "benchmarks (median time, median throughput):"
     cat "$BENCH_TABLE"

@@ -281,6 +281,9 @@ pub struct CudaBackend {
     loss: CudaSlice<f32>,
     scratch: [Slot; SLOTS],
     error: RefCell<Option<GpuError>>,
+    /// Fused attention kernels chosen instead of the defaults (for their head dim).
+    attn_fwd: Option<attention::FwdTiles>,
+    attn_bwd: Option<attention::BwdTiles>,
 }
 
 impl std::fmt::Debug for CudaBackend {
@@ -305,7 +308,26 @@ impl CudaBackend {
         gpu.allow_tf32(true);
         let asl_ws = asl::cuda::AslWorkspace::new(&gpu)?;
         let loss = gpu.zeros(1)?;
-        Ok(Self { gpu, precision, asl_ws, head_ws: HeadWorkspace::new(), loss, scratch: Default::default(), error: RefCell::new(None) })
+        Ok(Self {
+            gpu,
+            precision,
+            asl_ws,
+            head_ws: HeadWorkspace::new(),
+            loss,
+            scratch: Default::default(),
+            error: RefCell::new(None),
+            attn_fwd: None,
+            attn_bwd: None,
+        })
+    }
+
+    /// Runs the fused attention of `fwd.head_dim` / `bwd.head_dim` with these compiled tile
+    /// shapes (`attention::FWD_TILES`, `BWD_TILES`) instead of the defaults; `None` keeps the
+    /// default. For measuring the alternatives in a whole step (`mlvpt bench-step
+    /// --attention-kernels`).
+    pub fn set_attention_tiles(&mut self, fwd: Option<attention::FwdTiles>, bwd: Option<attention::BwdTiles>) {
+        self.attn_fwd = fwd;
+        self.attn_bwd = bwd;
     }
 
     /// The device context.
@@ -719,7 +741,9 @@ impl Backend for CudaBackend {
             if attention::cuda::HEAD_DIMS.contains(&shape.head_dim) {
                 let q = input::<bf16>(g, qkv, s0, full)?;
                 let o = output::<bf16>(g, out, s1, nq, Mode::Write)?;
-                attention::cuda::forward(g, g.stream(), q, &mut *o.buf, &mut *l.buf, shape)?;
+                let tiles = be.attn_fwd.filter(|t| t.head_dim == shape.head_dim).or_else(|| attention::fwd_tiles(shape.head_dim));
+                let tiles = tiles.expect("a fused head dim has a forward");
+                attention::cuda::forward_with(g, g.stream(), q, &mut *o.buf, &mut *l.buf, shape, &tiles)?;
                 o.done(g)?;
             } else {
                 let q = input::<f32>(g, qkv, s0, full)?;
@@ -742,7 +766,9 @@ impl Backend for CudaBackend {
                 let go = input::<bf16>(g, dout, s3, nq)?;
                 let d = output::<bf16>(g, dqkv, s4, full, Mode::Write)?;
                 let sc = grow(g, &mut s5.f, attention::cuda::backward_scratch_len(shape))?;
-                attention::cuda::backward(g, g.stream(), q, o, l, go, &mut *d.buf, sc, shape)?;
+                let tiles = be.attn_bwd.filter(|t| t.head_dim == shape.head_dim).or_else(|| attention::bwd_tiles(shape.head_dim));
+                let tiles = tiles.expect("a fused head dim has a backward");
+                attention::cuda::backward_with(g, g.stream(), q, o, l, go, &mut *d.buf, sc, shape, &tiles)?;
                 d.done(g)
             } else {
                 let q = input::<f32>(g, qkv, s0, full)?;

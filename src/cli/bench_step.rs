@@ -12,6 +12,7 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use super::{Device, Precision};
 use mlvpt::backend::{Backend, Selected};
 use mlvpt::model::{Method, ModelConfig, VitConfig};
+use mlvpt::ops::attention::{BwdTiles, FwdTiles, BWD_TILES, FUSED_HEAD_DIMS, FWD_TILES};
 use mlvpt::train::bench::{self, RandomProblem, StepTimes, BRANCHES};
 use mlvpt::train::flops::{self, StepFlops};
 
@@ -70,10 +71,44 @@ pub struct BenchStepArgs {
     /// with a note).
     #[arg(long, value_enum)]
     pub precision: Option<Precision>,
+    /// Fused attention kernels to use instead of the defaults on CUDA: a forward and a backward
+    /// of `ops::attention::FWD_TILES` / `BWD_TILES` for the model's head dim, comma-separated
+    /// (e.g. `attn_fwd_d64_r64p,attn_bwd_d64_split`), to measure the alternatives in a whole step.
+    #[arg(long, value_name = "FWD,BWD")]
+    pub attention_kernels: Option<String>,
     /// Print one JSON line instead of the table: impl, model, batch, images_per_s, ms_per_step,
     /// tflops, flops_per_step, device, and more.
     #[arg(long)]
     pub json: bool,
+}
+
+/// The forward and backward kernels `--attention-kernels` names, checked against the compiled
+/// ones and the model's head dim.
+fn attention_tiles(spec: &str, head_dim: usize) -> Result<(FwdTiles, BwdTiles)> {
+    let Some((f, b)) = spec.split_once(',') else {
+        bail!("--attention-kernels expects FWD,BWD (two kernel names), got '{spec}'");
+    };
+    if !FUSED_HEAD_DIMS.contains(&head_dim) {
+        bail!("--attention-kernels: the model's head dim {head_dim} has no fused attention kernels (they cover {FUSED_HEAD_DIMS:?})");
+    }
+    let names = |it: &mut dyn Iterator<Item = (&'static str, usize)>| {
+        it.filter(|&(_, dh)| dh == head_dim).map(|(k, _)| k).collect::<Vec<_>>().join(", ")
+    };
+    let fwd = FWD_TILES.iter().find(|t| t.kernel == f.trim() && t.head_dim == head_dim).copied().ok_or_else(|| {
+        anyhow::anyhow!(
+            "--attention-kernels: no forward '{}' for head dim {head_dim} (compiled: {})",
+            f.trim(),
+            names(&mut FWD_TILES.iter().map(|t| (t.kernel, t.head_dim)))
+        )
+    })?;
+    let bwd = BWD_TILES.iter().find(|t| t.kernel == b.trim() && t.head_dim == head_dim).copied().ok_or_else(|| {
+        anyhow::anyhow!(
+            "--attention-kernels: no backward '{}' for head dim {head_dim} (compiled: {})",
+            b.trim(),
+            names(&mut BWD_TILES.iter().map(|t| (t.kernel, t.head_dim)))
+        )
+    })?;
+    Ok((fwd, bwd))
 }
 
 impl BenchStepArgs {
@@ -95,6 +130,9 @@ impl BenchStepArgs {
         }
         let cfg = ModelConfig { vit, labels: self.classes, groups: self.groups, experts: self.experts, method: self.method, ..ModelConfig::demo() };
         cfg.validate(BRANCHES).map_err(|e| anyhow::anyhow!("{e}"))?;
+        if let Some(spec) = &self.attention_kernels {
+            attention_tiles(spec, cfg.vit.dim / cfg.vit.heads)?;
+        }
         Ok(cfg)
     }
 }
@@ -104,9 +142,20 @@ pub fn run(args: &BenchStepArgs) -> Result<()> {
     let selected = mlvpt::backend::select_with(args.device, args.precision, &mut |line| eprintln!("{line}"))?;
     let device = selected.describe();
     match selected {
-        Selected::Cpu(be) => run_on(be, device, args.batch.unwrap_or(DEFAULT_BATCH_CPU), args, &cfg),
+        Selected::Cpu(be) => {
+            if args.attention_kernels.is_some() {
+                eprintln!("note: --attention-kernels applies to CUDA only; the CPU backend ignores it");
+            }
+            run_on(be, device, args.batch.unwrap_or(DEFAULT_BATCH_CPU), args, &cfg)
+        }
         #[cfg(feature = "cuda")]
-        Selected::Cuda(be) => run_on(*be, device, args.batch.unwrap_or(DEFAULT_BATCH_CUDA), args, &cfg),
+        Selected::Cuda(mut be) => {
+            if let Some(spec) = &args.attention_kernels {
+                let (f, b) = attention_tiles(spec, cfg.vit.dim / cfg.vit.heads)?;
+                be.set_attention_tiles(Some(f), Some(b));
+            }
+            run_on(*be, device, args.batch.unwrap_or(DEFAULT_BATCH_CUDA), args, &cfg)
+        }
     }
 }
 
@@ -132,7 +181,8 @@ fn run_on<B: Backend>(be: B, device: String, batch: usize, args: &BenchStepArgs,
     let fl = flops::step_flops(cfg, BRANCHES, batch);
     // "cuda-f32+bf16 (NVIDIA H100 ...)": the device is reported on its own.
     let backend_short = backend.split(" (").next().unwrap_or(&backend).to_string();
-    let r = Report { model: &args.model, cfg, batch, tokens, device, backend: backend_short, times, flops: fl, warmup: args.warmup };
+    let attention = args.attention_kernels.as_deref().unwrap_or("default");
+    let r = Report { model: &args.model, cfg, batch, tokens, device, backend: backend_short, times, flops: fl, warmup: args.warmup, attention };
     if args.json {
         println!("{}", r.json());
     } else {
@@ -166,6 +216,8 @@ struct Report<'a> {
     times: StepTimes,
     flops: StepFlops,
     warmup: usize,
+    /// `--attention-kernels` as given, else "default".
+    attention: &'a str,
 }
 
 impl Report<'_> {
@@ -196,6 +248,7 @@ impl Report<'_> {
             "ms_per_step_min": 1e3 * t.min(),
             "flops": self.flops,
             "loss": t.last_loss,
+            "attention_kernels": self.attention,
         })
     }
 
@@ -227,6 +280,7 @@ impl Report<'_> {
         row("device", self.device.clone());
         row("backend", self.backend.clone());
         row("batch", self.batch.to_string());
+        row("attention kernels", self.attention.to_string());
         row("steps", format!("{} timed after {} warm-up", t.seconds.len(), self.warmup));
         row("ms/step", format!("{:.2} mean, {:.2} median, {:.2} min", 1e3 * t.mean(), 1e3 * t.median(), 1e3 * t.min()));
         row("images/s", format!("{:.1}", t.images_per_s()));
