@@ -16,6 +16,7 @@ use common_step::{step_metrics, Bf16Emu};
 use gpu_common::{bf16_values, rng, uniform};
 use mlvpt::backend::{AttnShape, Backend, BufRole, CpuBackend, CudaBackend, DevBuf, Precision};
 use mlvpt::model::{Method, ModelConfig, PromptDepth, VitConfig};
+use mlvpt::ops::attention;
 use rand_chacha::ChaCha8Rng;
 
 /// The backend as `mlvpt train --device cuda` opens it (bf16 precision).
@@ -338,6 +339,11 @@ fn floors(p: Precision) -> [f64; 5] {
 /// an ill-conditioned one (the demo with the test's large backbone weights, whose prompt
 /// gradient bf16 storage alone moves by ~20%) to what bf16 does to it.
 fn whole_step(name: &str, cfg: &ModelConfig, branches: usize, batch: usize) {
+    whole_step_on(name, cfg, branches, batch, &cuda_in);
+}
+
+/// [`whole_step`] on the backends `make` opens per precision.
+fn whole_step_on(name: &str, cfg: &ModelConfig, branches: usize, batch: usize, make: &dyn Fn(Precision) -> CudaBackend) {
     for p in [Precision::Bf16, Precision::F32] {
         let name = format!("{name} ({})", p.as_str());
         let emu = match p {
@@ -345,7 +351,7 @@ fn whole_step(name: &str, cfg: &ModelConfig, branches: usize, batch: usize) {
             Precision::F32 => Bf16Emu::casts_only(),
         };
         let want = step_metrics(emu, cfg, branches, batch);
-        let got = step_metrics(cuda_in(p), cfg, branches, batch);
+        let got = step_metrics(make(p), cfg, branches, batch);
         eprintln!("{name}: GPU {got:#?}\nCPU emulation {want:#?}");
         let [fl, fo, fg, fs, fa] = floors(p);
         let bound = |floor: f64, emulated: f64| floor.max(3.0 * emulated);
@@ -384,6 +390,26 @@ fn fused_attention_training_step_matches_the_cpu() {
     let vit = VitConfig { image_size: 16, patch: 4, channels: 3, dim: 64, depth: 2, heads: 2, mlp_dim: 128, layer_scale: true, final_norm: true };
     let cfg = ModelConfig { vit, ..tiny_config() };
     whole_step("head dim 32, layer scale", &cfg, 2, 4);
+}
+
+#[test]
+#[ignore = "requires a CUDA device"]
+fn alternative_attention_kernels_in_a_training_step_match_the_cpu() {
+    // Head dim 64 (D 128, 2 heads): every alternative pair of FWD_TILES/BWD_TILES through
+    // CudaBackend::set_attention_tiles, as `mlvpt bench-step --attention-kernels` uses them.
+    let vit = VitConfig { image_size: 16, patch: 4, channels: 3, dim: 128, depth: 2, heads: 2, mlp_dim: 256, layer_scale: false, final_norm: true };
+    let cfg = ModelConfig { vit, ..tiny_config() };
+    let fwds: Vec<_> = attention::FWD_TILES.iter().copied().filter(|t| t.head_dim == 64).collect();
+    let bwds: Vec<_> = attention::BWD_TILES.iter().copied().filter(|t| t.head_dim == 64).collect();
+    for k in 1..fwds.len().max(bwds.len()) {
+        let (f, b) = (fwds[k.min(fwds.len() - 1)], bwds[k.min(bwds.len() - 1)]);
+        let make = |p: Precision| {
+            let mut be = cuda_in(p);
+            be.set_attention_tiles(Some(f), Some(b));
+            be
+        };
+        whole_step_on(&format!("head dim 64, {} + {}", f.kernel, b.kernel), &cfg, 2, 4, &make);
+    }
 }
 
 #[test]
