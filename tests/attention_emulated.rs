@@ -40,6 +40,10 @@ fn cases() -> Vec<(AttnShape, usize, usize)> {
     }
     let (nf, nb) = (FWD_TILES.iter().filter(|t| t.head_dim == 64).count(), BWD_TILES.iter().filter(|t| t.head_dim == 64).count());
     let mut v = Vec::new();
+    // The ViT-B shapes (227 = CLS + 30 prompts + 196 patches; 257 with 60 prompts),
+    // default kernels only: the emulator needs a few seconds for each.
+    v.push((full(64, 1, 1, 227, 30), 0, 0));
+    v.push((full(64, 1, 1, 257, 60), 0, 0));
     for sh in shapes {
         v.push((sh, 0, 0));
         if sh.head_dim == 64 && sh.tokens > 1 {
