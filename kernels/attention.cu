@@ -22,6 +22,9 @@
 //                      at a time; dK, dV in registers, written once (bf16) into dqkv; dQ
 //                      partials added with fp32 atomics into dq_acc [B, Nq, h*dh].
 //   attn_bwd_dq_convert    dqkv[:, :, 0] = scale * dq_acc (bf16; zero outside the queries).
+//   attn_bwd_d64_split, attn_bwd_d64_split_dq: the alternative split backward: dK, dV (and the
+//                      zero dQ rows outside the queries) key-stationary, then dQ in a
+//                      query-stationary pass like the forward; no dq_acc, no atomics.
 //   attn_split_heads, attn_softmax_rows_bf16, attn_softmax_bwd_rows_bf16: the unfused peer
 //                          used by benches/gpu_attention.rs (cuBLAS GEMMs around them).
 // Under the CPU emulator (tests/cuda_emu, MLVPT_CPU_EMULATION) the PTX wrappers come from

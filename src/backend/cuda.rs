@@ -15,7 +15,7 @@
 //!   buffer fp32, GEMMs with TF32 inputs and fp32 accumulation.
 //!
 //! Every op accepts its operands in whatever type they are stored: a kernel reads an operand
-//! of its own type directly and otherwise a cast of it in backend-owned scratch ([`Slot`]), and
+//! of its own type directly and otherwise a cast of it in backend-owned scratch (`Slot`), and
 //! writes its destination directly when the types agree, else into scratch that is then cast
 //! (or, for gradients the op accumulates, added in fp32) into the destination. In bf16 mode the
 //! remaining casts in a step are the fp32 residual gradient fed to a GEMM (blocks without

@@ -8,7 +8,9 @@
 //! Head dims: [`HEAD_DIMS`]. Any token count. Device pointers of the bf16 tensors and the
 //! backward scratch must be 16-byte aligned (any `CudaSlice` is; a view must start on a
 //! multiple of 8 elements). The forward and dK, dV are deterministic; dQ is summed with fp32
-//! atomics, so its last bits may vary between runs.
+//! atomics, so its last bits may vary between runs (except with a split backward of
+//! [`super::BWD_TILES`], which computes dQ in a pass of its own and leaves the dQ part of the
+//! scratch unused).
 //!
 //! [`unfused`] is the textbook path (cuBLAS strided-batched GEMMs and a softmax kernel over a
 //! materialised score matrix) that benches/gpu_attention.rs measures the fused kernels against.
