@@ -210,6 +210,27 @@ __device__ __forceinline__ bool visible(int i, int j, int n, int ps, int pe) {
     return (j < n) & ((i == j) | !(ip & jp));
 }
 
+// One (image, head) of qkv [B, N, 3, h, dh]: its Q, K, V columns (token rows at stride rs =
+// 3 D) and, for dout/out [B, Nq, D], the head's column offset. blockIdx.y = b * H + hh.
+struct HeadView {
+    int bh, b, hh, D;
+    size_t rs;
+    const bf16 *q, *k, *v;
+};
+template <int DH>
+__device__ __forceinline__ HeadView head_view(const bf16* qkv, int N, int H) {
+    HeadView h;
+    h.bh = blockIdx.y;
+    h.b = h.bh / H;
+    h.hh = h.bh % H;
+    h.D = H * DH;
+    h.rs = 3 * (size_t)h.D;
+    h.q = qkv + (size_t)h.b * N * h.rs + h.hh * DH;
+    h.k = h.q + h.D;
+    h.v = h.q + 2 * h.D;
+    return h;
+}
+
 // ------------------------------------------------------------------------------ forward
 // The forward's pieces, per warp: MT m-tiles of 16 query rows against a tile of BC keys.
 
@@ -338,12 +359,10 @@ __device__ __forceinline__ void fwd(const bf16* __restrict__ qkv, bf16* __restri
     bf16* sK = sQ + BR * SROW;                        // NBUF x [BC][SROW]
     bf16* sV = sK + NBUF * BC * SROW;                 // NBUF x [BC][SROW]
 
-    const int bh = blockIdx.y, b = bh / H, hh = bh % H;
-    const int D = H * DH;
-    const size_t rs = 3 * (size_t)D;
-    const bf16* qg = qkv + (size_t)b * N * rs + hh * DH;
-    const bf16* kg = qg + D;
-    const bf16* vg = qg + 2 * D;
+    const HeadView hv = head_view<DH>(qkv, N, H);
+    const int bh = hv.bh, D = hv.D;
+    const size_t rs = hv.rs;
+    const bf16 *qg = hv.q, *kg = hv.k, *vg = hv.v;
     const int q0 = blockIdx.x * BR;  // first query row (of nq) of this block; token qs + q0
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int g = lane >> 2, t = lane & 3;
@@ -556,12 +575,10 @@ __device__ __forceinline__ void bwd(const bf16* __restrict__ qkv, const bf16* __
     float* sLb = reinterpret_cast<float*>(sdS + (SPLIT ? 0 : BC * PROW));  // lse * log2(e), NB x [BQ]
     float* sDb = sLb + NB * BQ;                                             // D, NB x [BQ]
 
-    const int bh = blockIdx.y, b = bh / H, hh = bh % H;
-    const int D = H * DH;
-    const size_t rs = 3 * (size_t)D;
-    const bf16* qg = qkv + (size_t)b * N * rs + hh * DH;
-    const bf16* kg = qg + D;
-    const bf16* vg = qg + 2 * D;
+    const HeadView hv = head_view<DH>(qkv, N, H);
+    const int bh = hv.bh, b = hv.b, hh = hv.hh, D = hv.D;
+    const size_t rs = hv.rs;
+    const bf16 *qg = hv.q, *kg = hv.k, *vg = hv.v;
     const bf16* dog = dout + (size_t)b * nq * D + hh * DH;
     const int k0 = blockIdx.x * BC;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -808,12 +825,10 @@ __device__ __forceinline__ void bwd_dq(const bf16* __restrict__ qkv, const bf16*
     auto kbuf = [&](int j) { return sK + (j & 1) * BC * SROW; };
     auto vbuf = [&](int j) { return sV + (j & 1) * BC * SROW; };
 
-    const int bh = blockIdx.y, b = bh / H, hh = bh % H;
-    const int D = H * DH;
-    const size_t rs = 3 * (size_t)D;
-    const bf16* qg = qkv + (size_t)b * N * rs + hh * DH;
-    const bf16* kg = qg + D;
-    const bf16* vg = qg + 2 * D;
+    const HeadView hv = head_view<DH>(qkv, N, H);
+    const int bh = hv.bh, b = hv.b, hh = hv.hh, D = hv.D;
+    const size_t rs = hv.rs;
+    const bf16 *qg = hv.q, *kg = hv.k, *vg = hv.v;
     const bf16* dog = dout + (size_t)b * nq * D + hh * DH;
     const int q0 = blockIdx.x * BR;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
