@@ -273,8 +273,9 @@ fi
 BENCH_TABLE="$LOGS/bench-summary.txt"
 : > "$BENCH_TABLE"
 # Right after our attention bench: PyTorch's attention kernels (FlashAttention-2, the
-# memory-efficient kernel with the prompt mask, cuDNN) at the same shapes on the same card
-# (peer/attention_bench.py), one line each into the bench table.
+# memory-efficient kernel with the prompt mask, cuDNN, then the compiled FlexAttention with the
+# prompt mask) at the same shapes on the same card (peer/attention_bench.py), one line each
+# into the bench table.
 attention_peer() {
   local apeer="" f
   for f in "$HERE/peer/attention_bench.py" "$HERE/../tools/peer/attention_bench.py"; do [ -f "$f" ] && { apeer=$f; break; }; done

@@ -11,6 +11,9 @@ Backends, each its own JSON line:
              (what timm runs for ML-VPT).
   math       the composite of matrix products and softmax, with the mask (the CPU smoke test).
   cudnn      cuDNN's fused attention, no mask.
+  flex       FlexAttention (torch.compile'd) with the prompt mask as a block mask: PyTorch's
+             answer to a structured mask, the fairest peer of the masked kernels. Compiles
+             first (tens of seconds), so it runs last.
 FLOPs as FlashAttention (and the bench) count them: forward 4 B h N^2 dh, backward 2.5x that.
 
     python tools/peer/attention_bench.py --device cuda --json
@@ -22,6 +25,7 @@ P30 dh64", "fwd_us", "bwd_us", "fwd_tflops", "bwd_tflops", "torch", "device"}, o
 failed). On the CPU only the math backend runs (a smoke test; timings mean nothing).
 """
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -76,12 +80,25 @@ def run(shape, backend, iters, device):
         qkv = (torch.rand(b, n, 3, h, dh, device=device, generator=g, dtype=torch.float32) * 4 - 2).to(dtype)
         qkv.requires_grad_(True)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # [B, h, N, dh] views, as timm's Attention
-        mask = prompt_mask(n, device) if backend in ("efficient", "math") else None
-        kind = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
-                "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}[backend]
         dout = torch.rand(b, h, n, dh, device=device, generator=g, dtype=torch.float32).to(dtype)
-        with sdpa_kernel(kind):
+        if backend == "flex":
+            from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+            def visible(b_, h_, qi, kj):  # the prompt mask: a prompt query skips the other prompts
+                prompt = lambda t: (t >= 1) & (t < 1 + PROMPTS)  # noqa: E731
+                return ~(prompt(qi) & prompt(kj) & (qi != kj))
+
+            block_mask = create_block_mask(visible, B=None, H=None, Q_LEN=n, KV_LEN=n, device=device)
+            flex = torch.compile(flex_attention)
+            fwd = lambda: flex(q, k, v, block_mask=block_mask)  # noqa: E731
+            ctx = contextlib.nullcontext()
+        else:
+            mask = prompt_mask(n, device) if backend in ("efficient", "math") else None
+            kind = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+                    "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}[backend]
             fwd = lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # noqa: E731
+            ctx = sdpa_kernel(kind)
+        with ctx:
             fwd_us = timed(fwd, iters, device)
             out = fwd()
             # Gradients of the q, k, v views themselves: no stacking pass into qkv's layout.
@@ -99,27 +116,28 @@ def main():
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--shape", action="append", help="B,N,h,dh (repeatable; default: the bench's shapes)")
-    ap.add_argument("--backend", action="append", choices=["flash", "efficient", "cudnn", "math"],
-                    help="repeatable; default flash, efficient, cudnn (math on the CPU)")
+    ap.add_argument("--backend", action="append", choices=["flash", "efficient", "cudnn", "flex", "math"],
+                    help="repeatable; default flash, efficient, cudnn, flex (math on the CPU)")
     ap.add_argument("--json", action="store_true", help="JSON lines only")
     args = ap.parse_args()
     shapes = [tuple(int(x) for x in s.split(",")) for s in args.shape] if args.shape else SHAPES
     for s in shapes:
         if len(s) != 4 or min(s) < 1:
             ap.error(f"--shape {s}: expected B,N,h,dh")
-    backends = args.backend or (["flash", "efficient", "cudnn"] if args.device == "cuda" else ["math"])
+    backends = args.backend or (["flash", "efficient", "cudnn", "flex"] if args.device == "cuda" else ["math"])
     ok = 0
-    for s in shapes:
-        for be in backends:
-            line = run(s, be, args.iters, args.device)
-            ok += "error" not in line
-            if args.json:
-                print(json.dumps(line), flush=True)
-            elif "error" in line:
-                print(f"{line['impl']:<22} {line['shape']:<24} error: {line['error']}", flush=True)
-            else:
-                print(f"{line['impl']:<22} {line['shape']:<24} fwd {line['fwd_us']:>9.1f} us {line['fwd_tflops']:>6.1f} TFLOP/s"
-                      f"   bwd {line['bwd_us']:>9.1f} us {line['bwd_tflops']:>6.1f} TFLOP/s", flush=True)
+    # flex compiles per shape: after every other backend at every shape.
+    order = [(s, be) for s in shapes for be in backends if be != "flex"] + [(s, "flex") for s in shapes if "flex" in backends]
+    for s, be in order:
+        line = run(s, be, args.iters, args.device)
+        ok += "error" not in line
+        if args.json:
+            print(json.dumps(line), flush=True)
+        elif "error" in line:
+            print(f"{line['impl']:<22} {line['shape']:<24} error: {line['error']}", flush=True)
+        else:
+            print(f"{line['impl']:<22} {line['shape']:<24} fwd {line['fwd_us']:>9.1f} us {line['fwd_tflops']:>6.1f} TFLOP/s"
+                  f"   bwd {line['bwd_us']:>9.1f} us {line['bwd_tflops']:>6.1f} TFLOP/s", flush=True)
     sys.exit(0 if ok else 1)
 
 
