@@ -15,6 +15,7 @@
 #   MLVPT_GPU_SKIP_BENCH=1 bash bundle/gpu-runner.sh
 #   MLVPT_GPU_SKIP_PEER=1 bash bundle/gpu-runner.sh     # ours only in the step comparison
 #   MLVPT_GPU_SKIP_SANITIZER=1 bash bundle/gpu-runner.sh  # no compute-sanitizer pass
+#   MLVPT_GPU_FOCUS=attention bash bundle/gpu-runner.sh   # only what tunes the fused attention
 #   bash tools/gpu-runner.sh --compare-table FILE       # the comparison table of JSON lines, only
 set -uo pipefail
 
@@ -63,6 +64,9 @@ if [ "${1:-}" = --compare-table ]; then
   compare_table "$2"
   exit 0
 fi
+
+FOCUS=${MLVPT_GPU_FOCUS:-}
+case "$FOCUS" in ""|attention) ;; *) echo "MLVPT_GPU_FOCUS: unknown '$FOCUS' (expected attention)" >&2; exit 2 ;; esac
 
 HERE=$(cd "$(dirname "$0")" && pwd)
 LOGS=${MLVPT_GPU_LOGS:-${OUT:-$HERE/logs}}
@@ -127,6 +131,10 @@ fi
 log "GPU: $gpu_name"
 
 remaining() { echo $((DEADLINE - $(date +%s))); }
+# MLVPT_GPU_FOCUS=attention: only what decides the fused attention's defaults (its tests and
+# sanitizer pass, our step, the attention bench with PyTorch's kernels, the step per
+# alternative pair), for a short device session.
+focus_skips() { [ "$FOCUS" = attention ] && [ "$1" != gpu_attention ]; }
 # Tests and the training run leave this much of the budget to the step comparison, the
 # headline number (ours ~30 s, the peer's eager ~60 s and compiled ~150 s on an H100).
 COMPARE_RESERVE=${MLVPT_GPU_COMPARE_RESERVE_S:-180}
@@ -137,6 +145,7 @@ before_compare() { local l=$(( $(remaining) - COMPARE_RESERVE )); echo $(( l < 0
 for t in "$HERE"/tests/*; do
   [ -x "$t" ] || continue
   name=$(basename "$t")
+  focus_skips "$name" && continue
   left=$(before_compare)
   if [ "$left" -lt 20 ]; then row "test $name" "SKIPPED" - - - 0; status=1; continue; fi
   # The library's unit tests are mostly CPU tests (CI runs them): only its GPU/CUDA ones here.
@@ -182,7 +191,7 @@ fi
 # --- a short training run on the GPU (the embedded demo, one epoch) ------------------------------
 TRAIN_TABLE="$LOGS/train-summary.txt"
 : > "$TRAIN_TABLE"
-if [ -x "$HERE/bin/mlvpt" ]; then
+if [ -x "$HERE/bin/mlvpt" ] && [ -z "$FOCUS" ]; then
   left=$(before_compare)
   if [ "$left" -lt 30 ]; then
     row "train --device cuda" "SKIPPED" - - - 0; status=1
@@ -244,7 +253,7 @@ if [ -x "$HERE/bin/mlvpt" ]; then
     [ -n "$c" ] && [ -x "$c" ] || continue
     if LD_LIBRARY_PATH=$PEER_LD_LIBRARY_PATH timeout 60 "$c" -c 'import torch' > /dev/null 2>&1; then py=$c; break; fi
   done
-  if [ -n "${MLVPT_GPU_SKIP_PEER:-}" ]; then
+  if [ -n "${MLVPT_GPU_SKIP_PEER:-}" ] || [ -n "$FOCUS" ]; then
     row "peer step" "SKIPPED" - - - 0
   elif [ -z "$peer" ] || [ -z "$py" ]; then
     log "peer: ${peer:-no step_bench.py}, ${py:-no python with torch}"
@@ -301,6 +310,7 @@ if [ -z "${MLVPT_GPU_SKIP_BENCH:-}" ]; then
   for b in "${benches[@]}"; do
     [ -x "$b" ] || continue
     name=$(basename "$b")
+    focus_skips "$name" && continue
     left=$(remaining)
     if [ "$left" -lt 30 ]; then row "bench $name" "SKIPPED" - - - 0; continue; fi
     log "bench $name (timeout ${left}s)"
