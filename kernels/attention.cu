@@ -85,7 +85,7 @@ constexpr size_t fwd_smem(int DH, int MT, bool PIPE) {
     return (size_t)(16 * MT * WARPS + (PIPE ? 4 : 2) * BC) * (DH + 8) * 2;
 }
 // Backward with KW warps (BK = 16 KW keys per block): sK, sV [BK], sQ, sdO [BQ] rows;
-// dS^T [BK][BQ + 8]; lse and D [BQ] floats. SPLIT: no dS^T, the rest twice.
+// dS^T [BK][BQ + 8]; lse and D [BQ] floats. SPLIT: no dS^T; sQ, sdO, lse and D twice.
 constexpr size_t bwd_smem(int DH, int BQ, int KW, bool SPLIT) {
     return SPLIT ? (size_t)(2 * 16 * KW + 4 * BQ) * (DH + 8) * 2 + 4 * (size_t)BQ * 4
                  : (size_t)(2 * 16 * KW + 2 * BQ) * (DH + 8) * 2 + (size_t)16 * KW * (BQ + 8) * 2 + 2 * (size_t)BQ * 4;
