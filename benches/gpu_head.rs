@@ -97,39 +97,41 @@ fn bench_labels(c: &mut Criterion, gpu: &GpuContext, k: usize, name: &str) {
     g.throughput(Throughput::Bytes(4 * tokens_all + (B * P * R * 4) as u64 + 2 * adapter_params));
     g.bench_function(format!("adapter backward B{B} P{P} D{D} r{R}"), |bch| {
         bch.iter_custom(|it| {
-            timed(gpu, it, || {
-                cuda::adapter_backward(gpu, s, &mut hws, &dad, &z, &u, &w1, &w2, &mut dz, &mut dw1, &mut db1, &mut dw2, &mut db2, &ash)
-            })
+            timed(gpu, it, || cuda::adapter_backward(gpu, s, &mut hws, &dad, &z, &u, &w1, &w2, &mut dz, &mut dw1, &mut db1, &mut dw2, &mut db2, &ash))
         })
     });
-    g.throughput(Throughput::Bytes(2 * tokens_branch + head_params + 2 * bk + 2 * bek));
-    g.bench_function(format!("moe forward (one branch) B{B} K{k} E{E}"), |bch| {
-        bch.iter_custom(|it| {
-            timed(gpu, it, || {
-                let [y0, _] = &mut ys;
-                let [m0, _] = &mut ms;
-                let [q0, _] = &mut qs;
-                let [r0, _] = &mut rs;
-                let (tok, grow) = &branches[0];
-                cuda::moe_forward(gpu, s, &z, &adapted, &gates[0], &ws_[0], &cs[0], tok, grow, y0, m0, q0, r0, &msh)
+    // Both MoE kernel sets (tensor cores, the default; fp32 CUDA cores), same inputs.
+    for kernels in cuda::MoeKernels::ALL {
+        let kn = kernels.name();
+        g.throughput(Throughput::Bytes(2 * tokens_branch + head_params + 2 * bk + 2 * bek));
+        g.bench_function(format!("moe forward (one branch, {kn}) B{B} K{k} E{E}"), |bch| {
+            bch.iter_custom(|it| {
+                timed(gpu, it, || {
+                    let [y0, _] = &mut ys;
+                    let [m0, _] = &mut ms;
+                    let [q0, _] = &mut qs;
+                    let [r0, _] = &mut rs;
+                    let (tok, grow) = &branches[0];
+                    cuda::moe_forward(gpu, s, &z, &adapted, &gates[0], &ws_[0], &cs[0], tok, grow, y0, m0, q0, r0, &msh, kernels)
+                })
             })
-        })
-    });
-    g.throughput(Throughput::Bytes(2 * bk + 2 * bek + 2 * tokens_branch + 4 * tokens_branch + 2 * head_params));
-    g.bench_function(format!("moe backward (one branch) B{B} K{k} E{E}"), |bch| {
-        bch.iter_custom(|it| {
-            timed(gpu, it, || {
-                let (tok, grow) = &branches[0];
-                let [dg0, _] = &mut dgates;
-                let [dw0, _] = &mut dws;
-                let [dc0, _] = &mut dcs;
-                cuda::moe_backward(
-                    gpu, s, &mut hws, &dys[0], &dms[0], &z, &adapted, &gates[0], &ws_[0], tok, grow, &qs[0], &rs[0], &mut dz, &mut dad, dg0,
-                    dw0, dc0, &msh,
-                )
+        });
+        g.throughput(Throughput::Bytes(2 * bk + 2 * bek + 2 * tokens_branch + 4 * tokens_branch + 2 * head_params));
+        g.bench_function(format!("moe backward (one branch, {kn}) B{B} K{k} E{E}"), |bch| {
+            bch.iter_custom(|it| {
+                timed(gpu, it, || {
+                    let (tok, grow) = &branches[0];
+                    let [dg0, _] = &mut dgates;
+                    let [dw0, _] = &mut dws;
+                    let [dc0, _] = &mut dcs;
+                    cuda::moe_backward(
+                        gpu, s, &mut hws, &dys[0], &dms[0], &z, &adapted, &gates[0], &ws_[0], tok, grow, &qs[0], &rs[0], &mut dz, &mut dad, dg0, dw0, dc0,
+                        &msh, kernels,
+                    )
+                })
             })
-        })
-    });
+        });
+    }
     g.throughput(Throughput::Bytes(4 * 2 * bk + bk));
     g.bench_function(format!("asl 4 terms fwd+bwd B{B} K{k}"), |bch| {
         bch.iter_custom(|it| {
@@ -152,43 +154,65 @@ fn bench_labels(c: &mut Criterion, gpu: &GpuContext, k: usize, name: &str) {
     });
 
     // The whole head of one training step, forward and backward, both branches.
-    g.throughput(Throughput::Bytes(
-        (2 * tokens_all + adapter_params)
-            + 2 * (2 * tokens_branch + head_params + 2 * bk + 2 * bek)
-            + 9 * bk
-            + 2 * (2 * bk + 2 * bek + 6 * tokens_branch + 2 * head_params)
-            + (4 * tokens_all + 2 * adapter_params),
-    ));
-    g.bench_function(format!("step fwd+bwd B{B} K{k}"), |bch| {
-        bch.iter_custom(|it| {
-            timed(gpu, it, || {
-                cuda::adapter_forward(gpu, s, &z, &w1, &b1, &w2, &b2, &mut u, &mut adapted, &ash)?;
-                for i in 0..2 {
-                    let (tok, grow) = &branches[i];
-                    cuda::moe_forward(gpu, s, &z, &adapted, &gates[i], &ws_[i], &cs[i], tok, grow, &mut ys[i], &mut ms[i], &mut qs[i], &mut rs[i], &msh)?;
-                }
-                {
-                    let [dy0, dy1] = &mut dys;
-                    let [dm0, dm1] = &mut dms;
-                    let mut terms = [
-                        AslTerm { logits: &ys[0], grad: Some(dy0) },
-                        AslTerm { logits: &ys[1], grad: Some(dy1) },
-                        AslTerm { logits: &ms[0], grad: Some(dm0) },
-                        AslTerm { logits: &ms[1], grad: Some(dm1) },
-                    ];
-                    asl::cuda::forward_backward_terms(gpu, s, &mut aws, &mut terms, &targets, &acfg, scale, &mut loss, B * k)?;
-                }
-                for i in 0..2 {
-                    let (tok, grow) = &branches[i];
-                    cuda::moe_backward(
-                        gpu, s, &mut hws, &dys[i], &dms[i], &z, &adapted, &gates[i], &ws_[i], tok, grow, &qs[i], &rs[i], &mut dz, &mut dad,
-                        &mut dgates[i], &mut dws[i], &mut dcs[i], &msh,
-                    )?;
-                }
-                cuda::adapter_backward(gpu, s, &mut hws, &dad, &z, &u, &w1, &w2, &mut dz, &mut dw1, &mut db1, &mut dw2, &mut db2, &ash)
+    for kernels in cuda::MoeKernels::ALL {
+        g.throughput(Throughput::Bytes(
+            (2 * tokens_all + adapter_params)
+                + 2 * (2 * tokens_branch + head_params + 2 * bk + 2 * bek)
+                + 9 * bk
+                + 2 * (2 * bk + 2 * bek + 6 * tokens_branch + 2 * head_params)
+                + (4 * tokens_all + 2 * adapter_params),
+        ));
+        g.bench_function(format!("step fwd+bwd ({} MoE kernels) B{B} K{k}", kernels.name()), |bch| {
+            bch.iter_custom(|it| {
+                timed(gpu, it, || {
+                    cuda::adapter_forward(gpu, s, &z, &w1, &b1, &w2, &b2, &mut u, &mut adapted, &ash)?;
+                    for i in 0..2 {
+                        let (tok, grow) = &branches[i];
+                        cuda::moe_forward(
+                            gpu, s, &z, &adapted, &gates[i], &ws_[i], &cs[i], tok, grow, &mut ys[i], &mut ms[i], &mut qs[i], &mut rs[i], &msh, kernels,
+                        )?;
+                    }
+                    {
+                        let [dy0, dy1] = &mut dys;
+                        let [dm0, dm1] = &mut dms;
+                        let mut terms = [
+                            AslTerm { logits: &ys[0], grad: Some(dy0) },
+                            AslTerm { logits: &ys[1], grad: Some(dy1) },
+                            AslTerm { logits: &ms[0], grad: Some(dm0) },
+                            AslTerm { logits: &ms[1], grad: Some(dm1) },
+                        ];
+                        asl::cuda::forward_backward_terms(gpu, s, &mut aws, &mut terms, &targets, &acfg, scale, &mut loss, B * k)?;
+                    }
+                    for i in 0..2 {
+                        let (tok, grow) = &branches[i];
+                        cuda::moe_backward(
+                            gpu,
+                            s,
+                            &mut hws,
+                            &dys[i],
+                            &dms[i],
+                            &z,
+                            &adapted,
+                            &gates[i],
+                            &ws_[i],
+                            tok,
+                            grow,
+                            &qs[i],
+                            &rs[i],
+                            &mut dz,
+                            &mut dad,
+                            &mut dgates[i],
+                            &mut dws[i],
+                            &mut dcs[i],
+                            &msh,
+                            kernels,
+                        )?;
+                    }
+                    cuda::adapter_backward(gpu, s, &mut hws, &dad, &z, &u, &w1, &w2, &mut dz, &mut dw1, &mut db1, &mut dw2, &mut db2, &ash)
+                })
             })
-        })
-    });
+        });
+    }
     g.finish();
 }
 

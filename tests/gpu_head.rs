@@ -1,5 +1,6 @@
 //! The head kernels (`kernels/head.cu`, `src/ops/head/cuda.rs`) and the multi-term ASL launch
-//! against the CPU reference (`src/ops/head/cpu.rs`, `ops::asl`) in f64 on the same
+//! (and the tensor-core MoE kernels of `kernels/moe_mma.cu`, each MoE case run on both kernel
+//! sets) against the CPU reference (`src/ops/head/cpu.rs`, `ops::asl`) in f64 on the same
 //! bf16-rounded inputs: fresh random inputs (seed printed), written outputs poisoned with NaN,
 //! accumulated outputs pre-filled with random values. Shapes cover K in {1, 20, 80, 365, 1000},
 //! E in {1, 3, 8}, T in {1, 5, K}, D in {384, 768, 1024}, B in {1, 64, 256}, label and group
@@ -77,13 +78,13 @@ fn moe_forward_and_backward_match_cpu() {
     let s_ = gpu.stream();
     let (mut rng, seed) = rng("moe");
     let mut ws = cuda::HeadWorkspace::new();
-    for &(k, e, t, d, bn, label_gating) in MOE_CASES {
+    for (kernels, &(k, e, t, d, bn, label_gating)) in cuda::MoeKernels::ALL.into_iter().flat_map(|kn| MOE_CASES.iter().map(move |c| (kn, c))) {
         let p = 2 * t * e;
         // Branch "-" of the pair: its tokens are the second half, so the first half of dz must
         // stay as it was.
         let (tok, grow, rows) = tables(&mut rng, k, t, e, t * e, label_gating);
         let s = MoeShape { batch: bn, tokens: p, dim: d, labels: k, experts: e, gate_rows: rows };
-        let what = format!("K={k} E={e} T={t} D={d} B={bn} {}", if label_gating { "label" } else { "group" });
+        let what = format!("{} kernels, K={k} E={e} T={t} D={d} B={bn} {}", kernels.name(), if label_gating { "label" } else { "group" });
         let a = 3.0 / (d as f32).sqrt();
         let (z, z64) = bf16_input(&gpu, &mut rng, bn * p * d, -1.0, 1.0);
         let (ad, ad64) = bf16_input(&gpu, &mut rng, bn * p * d, -1.0, 1.0);
@@ -95,7 +96,7 @@ fn moe_forward_and_backward_match_cpu() {
 
         let (mut y, mut m) = (nan_f32(&gpu, bn * k), nan_f32(&gpu, bn * k));
         let (mut q, mut r) = (nan_f32(&gpu, bn * e * k), nan_f32(&gpu, bn * e * k));
-        cuda::moe_forward(&gpu, s_, &z, &ad, &gate, &w, &c, &tok_d, &grow_d, &mut y, &mut m, &mut q, &mut r, &s).unwrap();
+        cuda::moe_forward(&gpu, s_, &z, &ad, &gate, &w, &c, &tok_d, &grow_d, &mut y, &mut m, &mut q, &mut r, &s, kernels).unwrap();
         let (mut wy, mut wm) = (vec![0.0; bn * k], vec![0.0; bn * k]);
         let (mut wq, mut wr) = (vec![0.0; bn * e * k], vec![0.0; bn * e * k]);
         cpu::moe_forward(&z64, &ad64, &gate64, &w64, &c64, &tok, &grow, &mut wy, &mut wm, &mut wq, &mut wr, &s);
@@ -111,7 +112,7 @@ fn moe_forward_and_backward_match_cpu() {
         let (mut dz, dz0) = bf16_input(&gpu, &mut rng, bn * p * d, -0.5, 0.5);
         let (mut da, da0) = bf16_input(&gpu, &mut rng, bn * p * d, -0.5, 0.5);
         let (mut dgate, mut dw, mut dc) = (nan_f32(&gpu, rows * d), nan_f32(&gpu, k * d), nan_f32(&gpu, k));
-        cuda::moe_backward(&gpu, s_, &mut ws, &dy, &dm, &z, &ad, &gate, &w, &tok_d, &grow_d, &q, &r, &mut dz, &mut da, &mut dgate, &mut dw, &mut dc, &s)
+        cuda::moe_backward(&gpu, s_, &mut ws, &dy, &dm, &z, &ad, &gate, &w, &tok_d, &grow_d, &q, &r, &mut dz, &mut da, &mut dgate, &mut dw, &mut dc, &s, kernels)
             .unwrap();
         let (mut wdz, mut wda) = (dz0.clone(), da0.clone());
         let (mut wdg, mut wdw, mut wdc) = (vec![0.0; rows * d], vec![0.0; k * d], vec![0.0; k]);
@@ -135,7 +136,7 @@ fn moe_forward_and_backward_match_cpu() {
         // Same inputs, same bits: the batch reductions have a fixed order.
         let (mut dz2, mut da2) = (gpu.upload(&vec![bf16::ZERO; bn * p * d]).unwrap(), gpu.upload(&vec![bf16::ZERO; bn * p * d]).unwrap());
         let (mut dgate2, mut dw2, mut dc2) = (nan_f32(&gpu, rows * d), nan_f32(&gpu, k * d), nan_f32(&gpu, k));
-        cuda::moe_backward(&gpu, s_, &mut ws, &dy, &dm, &z, &ad, &gate, &w, &tok_d, &grow_d, &q, &r, &mut dz2, &mut da2, &mut dgate2, &mut dw2, &mut dc2, &s)
+        cuda::moe_backward(&gpu, s_, &mut ws, &dy, &dm, &z, &ad, &gate, &w, &tok_d, &grow_d, &q, &r, &mut dz2, &mut da2, &mut dgate2, &mut dw2, &mut dc2, &s, kernels)
             .unwrap();
         let bits = |v: Vec<f32>| v.into_iter().map(f32::to_bits).collect::<Vec<_>>();
         assert_eq!(bits(down_f32(&gpu, &dgate)), bits(down_f32(&gpu, &dgate2)), "{what}: dgate differs between runs");
@@ -325,7 +326,7 @@ fn head_launchers_reject_bad_shapes_and_tables() {
         (gpu.zeros::<f32>(64).unwrap(), gpu.zeros::<f32>(64).unwrap(), gpu.zeros::<f32>(64).unwrap(), gpu.zeros::<f32>(64).unwrap());
     let mut run = |dim: usize, experts: usize, rows: usize| {
         let s = MoeShape { batch: bn, tokens: p, dim, labels: k, experts, gate_rows: rows };
-        cuda::moe_forward(&gpu, s_, &z, &z, &f, &f, &f, &tok, &grow, &mut y, &mut m, &mut q, &mut r, &s).err().map(|e| e.to_string())
+        cuda::moe_forward(&gpu, s_, &z, &z, &f, &f, &f, &tok, &grow, &mut y, &mut m, &mut q, &mut r, &s, cuda::MoeKernels::default()).err().map(|e| e.to_string())
     };
     assert!(run(d, e, 8).expect("D = 100").contains("multiple of 8"));
     assert!(run(1032, e, 8).expect("D > 1024").contains("multiple of 8"));
@@ -396,7 +397,7 @@ fn composed_head_step_matches_cpu() {
         let (c, c64) = f32_input(&gpu, &mut rng, k, -0.5, 0.5);
         let (tok_d, grow_d) = (cuda::IndexTable::new(&gpu, tok, p).unwrap(), cuda::IndexTable::new(&gpu, grow, *rows).unwrap());
         let (mut y, mut m, mut q, mut rr) = (nan_f32(&gpu, bn * k), nan_f32(&gpu, bn * k), nan_f32(&gpu, bn * e * k), nan_f32(&gpu, bn * e * k));
-        cuda::moe_forward(&gpu, s_, &z, &ad, &gate, &w, &c, &tok_d, &grow_d, &mut y, &mut m, &mut q, &mut rr, &ms).unwrap();
+        cuda::moe_forward(&gpu, s_, &z, &ad, &gate, &w, &c, &tok_d, &grow_d, &mut y, &mut m, &mut q, &mut rr, &ms, cuda::MoeKernels::default()).unwrap();
         heads.push((ms, gate, gate64, w, w64, c64, tok_d, grow_d));
         outs.push((y, m, q, rr));
     }
@@ -417,7 +418,7 @@ fn composed_head_step_matches_cpu() {
     for (s, (ms, gate, _, w, _, _, tok_d, grow_d)) in heads.iter().enumerate() {
         let (mut dg, mut dw, mut dc) = (nan_f32(&gpu, ms.gate_rows * d), nan_f32(&gpu, k * d), nan_f32(&gpu, k));
         let (_, _, q, rr) = &outs[s];
-        cuda::moe_backward(&gpu, s_, &mut ws, &dys[s], &dys[2 + s], &z, &ad, gate, w, tok_d, grow_d, q, rr, &mut dz, &mut da, &mut dg, &mut dw, &mut dc, ms).unwrap();
+        cuda::moe_backward(&gpu, s_, &mut ws, &dys[s], &dys[2 + s], &z, &ad, gate, w, tok_d, grow_d, q, rr, &mut dz, &mut da, &mut dg, &mut dw, &mut dc, ms, cuda::MoeKernels::default()).unwrap();
         head_grads.push((dg, dw, dc));
     }
     let (mut dw1, mut db1, mut dw2, mut db2) = (nan_f32(&gpu, p * r * d), nan_f32(&gpu, p * r), nan_f32(&gpu, p * d * r), nan_f32(&gpu, p * d));

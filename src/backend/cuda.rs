@@ -284,6 +284,8 @@ pub struct CudaBackend {
     /// Fused attention kernels chosen instead of the defaults (for their head dim).
     attn_fwd: Option<attention::FwdTiles>,
     attn_bwd: Option<attention::BwdTiles>,
+    /// The MoE head's contraction kernels.
+    moe_kernels: head::cuda::MoeKernels,
 }
 
 impl std::fmt::Debug for CudaBackend {
@@ -318,6 +320,7 @@ impl CudaBackend {
             error: RefCell::new(None),
             attn_fwd: None,
             attn_bwd: None,
+            moe_kernels: head::cuda::MoeKernels::default(),
         })
     }
 
@@ -328,6 +331,13 @@ impl CudaBackend {
     pub fn set_attention_tiles(&mut self, fwd: Option<attention::FwdTiles>, bwd: Option<attention::BwdTiles>) {
         self.attn_fwd = fwd;
         self.attn_bwd = bwd;
+    }
+
+    /// Runs the MoE head's contractions on these kernels instead of the default
+    /// ([`head::cuda::MoeKernels::Mma`]). For measuring them in a whole step (`mlvpt bench-step
+    /// --moe-kernels`), or for fp32 sums.
+    pub fn set_moe_kernels(&mut self, kernels: head::cuda::MoeKernels) {
+        self.moe_kernels = kernels;
     }
 
     /// The device context.
@@ -830,7 +840,7 @@ impl Backend for CudaBackend {
             let (yo, mo) = (output::<f32>(g, y, s5, bk, Mode::Write)?, output::<f32>(g, m, s6, bk, Mode::Write)?);
             let (qo, ro) = (output::<f32>(g, q, s7, bek, Mode::Write)?, output::<f32>(g, r, s8, bek, Mode::Write)?);
             let (tt, gt) = (tok.table(g, shape.tokens)?, grow_.table(g, shape.gate_rows)?);
-            head::cuda::moe_forward(g, g.stream(), zb, ab, gv, wv, cv, &tt, &gt, &mut *yo.buf, &mut *mo.buf, &mut *qo.buf, &mut *ro.buf, shape)?;
+            head::cuda::moe_forward(g, g.stream(), zb, ab, gv, wv, cv, &tt, &gt, &mut *yo.buf, &mut *mo.buf, &mut *qo.buf, &mut *ro.buf, shape, be.moe_kernels)?;
             for o in [yo, mo, qo, ro] {
                 o.done(g)?;
             }
@@ -854,7 +864,7 @@ impl Backend for CudaBackend {
             let wo = output::<f32>(g, dw, s11, k * d, Mode::Write)?;
             let co = output::<f32>(g, dc, s12, k, Mode::Write)?;
             let (tt, gt) = (tok.table(g, shape.tokens)?, grow_.table(g, shape.gate_rows)?);
-            head::cuda::moe_backward(g, g.stream(), ws, dyv, dmv, zb, ab, gv, wv, &tt, &gt, qv, rv, &mut *dzo.buf, &mut *dao.buf, &mut *go.buf, &mut *wo.buf, &mut *co.buf, shape)?;
+            head::cuda::moe_backward(g, g.stream(), ws, dyv, dmv, zb, ab, gv, wv, &tt, &gt, qv, rv, &mut *dzo.buf, &mut *dao.buf, &mut *go.buf, &mut *wo.buf, &mut *co.buf, shape, be.moe_kernels)?;
             for o in [dzo, dao] {
                 o.done(g)?;
             }

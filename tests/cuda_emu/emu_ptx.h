@@ -1,7 +1,7 @@
-// CPU emulation of the PTX instructions kernels/attention.cu issues through inline asm
-// (cp.async, ldmatrix, mma.sync m16n8k16 bf16, ex2.approx) and of dynamic shared memory, for
-// the emulator of cuda_bf16.h. attention.cu includes this file instead of its asm wrappers when
-// MLVPT_CPU_EMULATION is defined. The warp-collective instructions follow the PTX ISA's fragment
+// CPU emulation of the PTX instructions the tensor-core kernels (attention.cu, moe_mma.cu) issue
+// through inline asm (cp.async, ldmatrix, mma.sync m16n8k16 bf16, ex2.approx) and of dynamic
+// shared memory, for the emulator of cuda_bf16.h. kernels/ptx.cuh includes this file instead of
+// its asm wrappers when MLVPT_CPU_EMULATION is defined. The warp-collective instructions follow the PTX ISA's fragment
 // layouts ("Matrix Fragments for mma.m16n8k16", "ldmatrix"): every lane publishes its operands
 // in a per-warp exchange area, the warp meets at a barrier, each lane computes what the
 // hardware would hand it, and the warp meets again before the area is reused. So a wrong

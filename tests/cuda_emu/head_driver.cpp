@@ -1,9 +1,11 @@
 // Runs kernels/head.cu under the CPU emulator (cuda_bf16.h) on random inputs and dumps inputs and
 // outputs as raw little-endian f32/u32 files for tests/head_emulated.rs, which compares them
-// with the CPU reference. The launch shapes mirror src/ops/head/cuda.rs.
-//   head_driver DIR B T E K D r LABEL_GATING SEED
+// with the CPU reference. The launch shapes mirror src/ops/head/cuda.rs. MOE picks the MoE
+// contraction kernels: fp32 (head.cu) or mma (moe_mma.cu, tensor cores).
+//   head_driver DIR B T E K D r LABEL_GATING SEED MOE
 #include "cuda_bf16.h"
 #include "head.cu"
+#include "moe_mma.cu"
 #include <cstdio>
 #include <random>
 #include <string>
@@ -26,7 +28,8 @@ void inv(const std::vector<uint32_t>& t, size_t range, std::vector<uint32_t>& of
 // Threads of a column-per-thread kernel: D/8 rounded up to a warp.
 unsigned ru32(unsigned x) { return (x + 31) / 32 * 32; }
 int main(int argc, char** argv) {
-    if (argc != 10) { fprintf(stderr, "usage: head_driver DIR B T E K D r LABEL_GATING SEED\n"); return 2; }
+    if (argc != 11) { fprintf(stderr, "usage: head_driver DIR B T E K D r LABEL_GATING SEED fp32|mma\n"); return 2; }
+    const bool mma = std::string(argv[10]) == "mma";
     dir = argv[1];
     unsigned B = atoi(argv[2]), T = atoi(argv[3]), E = atoi(argv[4]), K = atoi(argv[5]), D = atoi(argv[6]), R = atoi(argv[7]);
     bool label = atoi(argv[8]);
@@ -37,6 +40,9 @@ int main(int argc, char** argv) {
     for (unsigned k = 0; k < K; k++) group[k] = k < T ? k : rng() % T;
     for (unsigned e = 0; e < E; e++) for (unsigned k = 0; k < K; k++) { tok[e * K + k] = T * E + group[k] * E + e; grow[e * K + k] = label ? e * K + k : e * T + group[k]; }
     std::vector<uint32_t> toff, tit, goff, git; inv(tok, P, toff, tit); inv(grow, rows, goff, git);
+    size_t maxc = 0;
+    for (unsigned t = 0; t < P; t++) maxc = std::max<size_t>(maxc, toff[t + 1] - toff[t]);
+    const unsigned mma_pair_tiles = std::max<size_t>(1, (maxc + 63) / 64), mma_col_tiles = (D + 63) / 64;
     float a = 3.0f / sqrtf(D);
     auto z = tobf(uni(B * P * D, -1, 1));
     auto w1 = uni(P * R * D, -2.0f / sqrtf(D), 2.0f / sqrtf(D)), b1 = uni(P * R, -0.5, 0.5), w2 = uni(P * D * R, -0.5, 0.5), b2 = uni(P * D, -0.1, 0.1);
@@ -44,22 +50,27 @@ int main(int argc, char** argv) {
     emu_launch({P, (B + 15) / 16, 1}, ru32(D / 8), [&] { adapter_fwd(z.data(), w1.data(), b1.data(), w2.data(), b2.data(), u.data(), ad.data(), B, P, D, R); });
     auto gate = uni(rows * D, -a, a), w = uni(K * D, -a, a), c = uni(K, -0.5, 0.5);
     std::vector<float> y(B * K, NAN), m(B * K, NAN), q(B * E * K, NAN), r(B * E * K, NAN);
-    emu_launch({P, (B + 31) / 32, 1}, 256, [&] { moe_fwd_scores(z.data(), ad.data(), gate.data(), w.data(), grow.data(), toff.data(), tit.data(), q.data(), r.data(), B, P, D, K, E); });
+    if (mma) emu_launch({P, (B + 63) / 64, 2 * mma_pair_tiles}, 128, [&] { moe_fwd_scores_mma(z.data(), ad.data(), gate.data(), w.data(), grow.data(), toff.data(), tit.data(), q.data(), r.data(), B, P, D, K, E); });
+    else emu_launch({P, (B + 31) / 32, 1}, 256, [&] { moe_fwd_scores(z.data(), ad.data(), gate.data(), w.data(), grow.data(), toff.data(), tit.data(), q.data(), r.data(), B, P, D, K, E); });
     emu_launch({2, 1, 1}, 256, [&] { moe_fwd_mix(q.data(), r.data(), c.data(), y.data(), m.data(), B, K, E); });
     auto dy = uni(B * K, -1, 1), dm = uni(B * K, -1, 1);
     auto dz0 = tobf(uni(B * P * D, -0.5, 0.5)), da0 = tobf(uni(B * P * D, -0.5, 0.5));
     auto dz = dz0, da = da0;
     std::vector<float> dq(B * E * K, NAN), dr(B * E * K, NAN), dgate(rows * D, NAN), dw(K * D, NAN), dc(K, NAN);
     emu_launch({2, 1, 1}, 256, [&] { moe_bwd_coef(dy.data(), dm.data(), q.data(), r.data(), dq.data(), dr.data(), B, K, E); });
-    emu_launch({P, (B + 7) / 8, 1}, ru32(D / 8), [&] { moe_bwd_tokens(dq.data(), dr.data(), gate.data(), w.data(), grow.data(), toff.data(), tit.data(), dz.data(), da.data(), B, P, D, K, E); });
+    if (mma) emu_launch({P, (B + 63) / 64, 2 * mma_col_tiles}, 128, [&] { moe_bwd_tokens_mma(dq.data(), dr.data(), gate.data(), w.data(), grow.data(), toff.data(), tit.data(), dz.data(), da.data(), B, P, D, K, E); });
+    else emu_launch({P, (B + 7) / 8, 1}, ru32(D / 8), [&] { moe_bwd_tokens(dq.data(), dr.data(), gate.data(), w.data(), grow.data(), toff.data(), tit.data(), dz.data(), da.data(), B, P, D, K, E); });
     {
-        size_t maxc = 0;
-        for (unsigned t = 0; t < P; t++) maxc = std::max<size_t>(maxc, toff[t + 1] - toff[t]);
         unsigned tiles_y = std::max<size_t>(1, (maxc + 7) / 8), tiles_z = (D + 255) / 256;
         std::vector<float> pr(E * K * D, NAN);
-        emu_launch({P, tiles_y, tiles_z}, 256, [&] { moe_bwd_pairs(dr.data(), ad.data(), toff.data(), tit.data(), pr.data(), B, P, D, K, E); });
+        auto pairs = [&](const float* coef, const bf* x) {
+            if (mma) emu_launch({P, mma_pair_tiles, mma_col_tiles}, 128, [&] { moe_bwd_pairs_mma(coef, x, toff.data(), tit.data(), pr.data(), B, P, D, K, E); });
+            else emu_launch({P, tiles_y, tiles_z}, 256, [&] { moe_bwd_pairs(coef, x, toff.data(), tit.data(), pr.data(), B, P, D, K, E); });
+        };
+        pairs(dr.data(), ad.data());
         emu_launch({2, 1, 1}, 256, [&] { moe_sum_pairs(pr.data(), nullptr, nullptr, dw.data(), K, D, K, E); });
-        emu_launch({P, tiles_y, tiles_z}, 256, [&] { moe_bwd_pairs(dq.data(), z.data(), toff.data(), tit.data(), pr.data(), B, P, D, K, E); });
+        pr.assign(pr.size(), NAN);  // every pair row must be rewritten
+        pairs(dq.data(), z.data());
         emu_launch({3, 1, 1}, 256, [&] { moe_sum_pairs(pr.data(), goff.data(), git.data(), dgate.data(), rows, D, K, E); });
         emu_launch({1, 1, 1}, 256, [&] { column_sums(dy.data(), dc.data(), B, K); });
     }

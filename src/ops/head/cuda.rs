@@ -20,6 +20,7 @@
 //! inverse (per token / per gate row, the `(e, k)` pairs pointing at it), so that the backward
 //! gathers token and gate-row gradients instead of scattering them with atomics.
 
+pub use super::MoeKernels;
 use super::{AdapterShape, MoeShape, VptHeadShape};
 use crate::gpu::launch::{aligned, check_len, grid_stride_blocks, BLOCK};
 use crate::gpu::{bf16, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, GpuContext, GpuError};
@@ -42,6 +43,10 @@ const ROWS_COLS: usize = 256;
 const ROWS_THREADS: u32 = 256;
 /// Pairs per block of `moe_bwd_pairs` (`PAIR_TILE` in head.cu).
 const PAIR_TILE: usize = 8;
+/// Tile edge of the tensor-core MoE kernels (`BM = BN` in moe_mma.cu): 64 images, pairs or
+/// columns per block, 128 threads.
+const MMA_TILE: usize = 64;
+const MMA_THREADS: u32 = 128;
 
 /// A gating table on the device (`u32`, entries in `0..range`) with its inverse in CSR form:
 /// for each value `v`, the indices `i` with `table[i] == v`, in increasing order.
@@ -383,6 +388,11 @@ fn check_moe(op: &'static str, s: &MoeShape, tok: &IndexTable, grow: &IndexTable
         ));
     }
     grid_y(op, s.batch, TOK_IMAGES)?;
+    // Pair tiles go in a grid dimension (at most 65535): 8 pairs per block in head.cu, 64 (and
+    // two products) in moe_mma.cu.
+    if ek.div_ceil(PAIR_TILE) > 65_535 {
+        return Err(GpuError::invalid(op, format!("{ek} (expert, label) pairs, more than the kernels' grid takes ({})", 65_535 * PAIR_TILE)));
+    }
     Ok(())
 }
 
@@ -391,7 +401,7 @@ fn check_moe(op: &'static str, s: &MoeShape, tok: &IndexTable, grow: &IndexTable
 /// `r = <W[k], adapted[b, tok]>` (one token-major launch), then `A = softmax_e q`,
 /// `m[b,k] = sum_e A q`, `y[b,k] = sum_e A r + c[k]` (a second, per-(b, k) launch); the
 /// `[B, K, D]` mixture is never formed. Writes `y, m [B, K]` and saves `q, r [B, E, K]` (fp32).
-/// The twin of [`super::cpu::moe_forward`].
+/// `kernels` picks the scores kernel ([`MoeKernels`]). The twin of [`super::cpu::moe_forward`].
 #[allow(clippy::too_many_arguments)]
 pub fn moe_forward(
     gpu: &GpuContext,
@@ -408,6 +418,7 @@ pub fn moe_forward(
     q: &mut impl DevicePtrMut<f32>,
     r: &mut impl DevicePtrMut<f32>,
     s: &MoeShape,
+    kernels: MoeKernels,
 ) -> Result<(), GpuError> {
     const OP: &str = "moe forward";
     check_moe(OP, s, tok, grow)?;
@@ -438,15 +449,23 @@ pub fn moe_forward(
     let (rp, _g12) = r.device_ptr_mut(stream);
     check_aligned(OP, &[("z", zp), ("adapted", ap), ("gate", gp), ("w", wp)])?;
     let (b32, p32, d32, k32, e32) = (bn as u32, p as u32, d as u32, k as u32, e as u32);
-    let f = gpu.function("head", "moe_fwd_scores")?;
-    let cfg = LaunchConfig { grid_dim: (p as u32, grid_y(OP, bn, MOE_FWD_IMAGES)?, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+    let (f, cfg) = match kernels {
+        MoeKernels::Mma => (
+            gpu.function("moe_mma", "moe_fwd_scores_mma")?,
+            mma_config(p, grid_y(OP, bn, MMA_TILE)?, 2 * mma_pair_tiles(tok)),
+        ),
+        MoeKernels::Fp32 => (
+            gpu.function("head", "moe_fwd_scores")?,
+            LaunchConfig { grid_dim: (p as u32, grid_y(OP, bn, MOE_FWD_IMAGES)?, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 },
+        ),
+    };
     let mut l = stream.launch_builder(&f);
     l.arg(&zp).arg(&ap).arg(&gp).arg(&wp).arg(&grp).arg(&tofp).arg(&titp).arg(&qp).arg(&rp);
     l.arg(&b32).arg(&p32).arg(&d32).arg(&k32).arg(&e32);
     // SAFETY: lengths checked; tok's inverse has P + 1 offsets over E*K items (< E*K), and the
     // gate rows were range-checked with grow; every (b, e, k) of q, r is written once since
     // each (e, k) lies in exactly one token's list.
-    unsafe { l.launch(cfg) }.map_err(GpuError::driver("launching moe_fwd_scores"))?;
+    unsafe { l.launch(cfg) }.map_err(GpuError::driver(format!("launching the moe scores kernel ({})", kernels.name())))?;
     let f = gpu.function("head", "moe_fwd_mix")?;
     let blocks = grid_stride_blocks(gpu, (bn * k) as u64, BLOCK as u64);
     let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
@@ -462,7 +481,8 @@ pub fn moe_forward(
 /// `dgate [rows, D]`, `dw [K, D]`, `dc [K]` (fp32). Parameter gradients are reduced over the
 /// batch per (e, k) pair, token by token (a block per token, 8 pairs and 256 columns, warps'
 /// partials added in order), then the pair rows are summed into classifier and gate rows in a
-/// fixed order: no atomics, the same bits on every run. `dq, dr [B, E, K]` live in `ws`. The twin of
+/// fixed order: no atomics, the same bits on every run. `dq, dr [B, E, K]` live in `ws`.
+/// `kernels` picks the token-gradient and pair-row kernels ([`MoeKernels`]). The twin of
 /// [`super::cpu::moe_backward`].
 #[allow(clippy::too_many_arguments)]
 pub fn moe_backward(
@@ -485,6 +505,7 @@ pub fn moe_backward(
     dw: &mut impl DevicePtrMut<f32>,
     dc: &mut impl DevicePtrMut<f32>,
     s: &MoeShape,
+    kernels: MoeKernels,
 ) -> Result<(), GpuError> {
     const OP: &str = "moe backward";
     check_moe(OP, s, tok, grow)?;
@@ -538,28 +559,35 @@ pub fn moe_backward(
         unsafe { l.launch(cfg) }.map_err(GpuError::driver("launching moe_bwd_coef"))?;
 
         // Token gradients, gathered per token through tok's inverse.
-        let f = gpu.function("head", "moe_bwd_tokens")?;
-        let cfg = LaunchConfig {
-            grid_dim: (p as u32, grid_y(OP, bn, TOK_IMAGES)?, 1),
-            block_dim: (column_threads(d), 1, 1),
-            shared_mem_bytes: 0,
+        let (f, cfg) = match kernels {
+            MoeKernels::Mma => {
+                (gpu.function("moe_mma", "moe_bwd_tokens_mma")?, mma_config(p, grid_y(OP, bn, MMA_TILE)?, 2 * d.div_ceil(MMA_TILE)))
+            }
+            MoeKernels::Fp32 => (
+                gpu.function("head", "moe_bwd_tokens")?,
+                LaunchConfig { grid_dim: (p as u32, grid_y(OP, bn, TOK_IMAGES)?, 1), block_dim: (column_threads(d), 1, 1), shared_mem_bytes: 0 },
+            ),
         };
         let mut l = stream.launch_builder(&f);
         l.arg(&dqp).arg(&drp).arg(&gp).arg(&wp).arg(&grp).arg(&tofp).arg(&titp).arg(&dzp).arg(&dap);
         l.arg(&b32).arg(&p32).arg(&d32).arg(&k32).arg(&e32);
         // SAFETY: the inverse has P + 1 offsets and E*K items, each an index into the E*K
         // tables; rows and tokens were range-checked with the tables.
-        unsafe { l.launch(cfg) }.map_err(GpuError::driver("launching moe_bwd_tokens"))?;
+        unsafe { l.launch(cfg) }.map_err(GpuError::driver(format!("launching the moe token-gradient kernel ({})", kernels.name())))?;
     }
     // Parameter gradients: per-(e, k) rows reduced over the batch token by token, then summed
     // into classifier rows (with dc = sum_b dy) and gate rows. Each writes all of its output.
-    let pair_tiles = tok.max_count.div_ceil(PAIR_TILE).max(1);
-    let pairs_cfg = LaunchConfig {
-        grid_dim: (p as u32, pair_tiles as u32, d.div_ceil(ROWS_COLS) as u32),
-        block_dim: (ROWS_THREADS, 1, 1),
-        shared_mem_bytes: 0,
+    let (f_pairs, pairs_cfg) = match kernels {
+        MoeKernels::Mma => (gpu.function("moe_mma", "moe_bwd_pairs_mma")?, mma_config(p, mma_pair_tiles(tok) as u32, d.div_ceil(MMA_TILE))),
+        MoeKernels::Fp32 => (
+            gpu.function("head", "moe_bwd_pairs")?,
+            LaunchConfig {
+                grid_dim: (p as u32, tok.max_count.div_ceil(PAIR_TILE).max(1) as u32, d.div_ceil(ROWS_COLS) as u32),
+                block_dim: (ROWS_THREADS, 1, 1),
+                shared_mem_bytes: 0,
+            },
+        ),
     };
-    let f_pairs = gpu.function("head", "moe_bwd_pairs")?;
     let f_sum = gpu.function("head", "moe_sum_pairs")?;
     for (coef, x, out, offsets, items, rows, what) in
         [(drp, ap, dwp, null, null, k, "classifier"), (dqp, zp, dgp, gofp, gitp, s.gate_rows, "gate")]
@@ -568,7 +596,7 @@ pub fn moe_backward(
         l.arg(&coef).arg(&x).arg(&tofp).arg(&titp).arg(&prp).arg(&b32).arg(&p32).arg(&d32).arg(&k32).arg(&e32);
         // SAFETY: coef holds B*E*K floats (workspace), x B*P*D bf16 (checked); each pair index
         // from tok's inverse is < E*K, and the pair-row workspace holds E*K*D floats.
-        unsafe { l.launch(pairs_cfg) }.map_err(GpuError::driver(format!("launching moe_bwd_pairs ({what})")))?;
+        unsafe { l.launch(pairs_cfg) }.map_err(GpuError::driver(format!("launching the moe pair-row kernel ({what}, {})", kernels.name())))?;
         if rows > 0 {
             let rows32 = rows as u32;
             let mut l = stream.launch_builder(&f_sum);
@@ -585,6 +613,17 @@ pub fn moe_backward(
     // SAFETY: dy holds B*K, dc K floats (checked).
     unsafe { l.launch(stride_launch(gpu, k)) }.map_err(GpuError::driver("launching column_sums (dc)"))?;
     Ok(())
+}
+
+/// Launch config of a tensor-core MoE kernel (moe_mma.cu): grid (tokens, y, z), 128 threads
+/// (`check_moe` keeps the pair tiles within the grid's 65535).
+fn mma_config(tokens: usize, y: u32, z: usize) -> LaunchConfig {
+    LaunchConfig { grid_dim: (tokens as u32, y, z as u32), block_dim: (MMA_THREADS, 1, 1), shared_mem_bytes: 0 }
+}
+
+/// Pair tiles of the tensor-core kernels: the longest per-token pair list over 64, at least 1.
+fn mma_pair_tiles(tok: &IndexTable) -> usize {
+    tok.max_count.div_ceil(MMA_TILE).max(1)
 }
 
 /// Launch config of a grid-stride elementwise kernel over `n` items.

@@ -48,3 +48,51 @@ pub struct VptHeadShape {
     pub dim: usize,
     pub labels: usize,
 }
+
+/// Which kernels do the MoE head's three contractions (gate scores and classifier responses;
+/// token gradients; per-pair parameter-gradient rows). Both compute the same functions with
+/// the same launch arguments; the softmax/mixture, coefficient and summing kernels are shared.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum MoeKernels {
+    /// `kernels/moe_mma.cu`: block GEMMs on `mma.sync` bf16 tensor cores, the fp32 operands
+    /// split into two bf16 (about 2^-17 relative each, so a dot product may differ from an
+    /// fp32 one by ~2^-17 of the sum of its terms' magnitudes). The default: at Objects365's
+    /// shape each contraction is 215 M multiply-adds (two in the forward, four in the
+    /// backward), more than fp32 FMA can do in the head's time budget (docs/PERF.md).
+    #[default]
+    Mma,
+    /// `kernels/head.cu`: fp32 CUDA cores, token-major, fp32 sums.
+    Fp32,
+}
+
+impl MoeKernels {
+    /// Both, default first (tests and benches run each).
+    pub const ALL: [MoeKernels; 2] = [MoeKernels::Mma, MoeKernels::Fp32];
+
+    /// The name `mlvpt bench-step --moe-kernels` takes and reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            MoeKernels::Mma => "mma",
+            MoeKernels::Fp32 => "fp32",
+        }
+    }
+
+    /// The kernels called `name` (`mma` or `fp32`).
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.name() == name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::MoeKernels;
+
+    #[test]
+    fn moe_kernel_names_round_trip() {
+        for k in MoeKernels::ALL {
+            assert_eq!(MoeKernels::from_name(k.name()), Some(k));
+        }
+        assert_eq!(MoeKernels::ALL[0], MoeKernels::default());
+        assert_eq!(MoeKernels::from_name("tf32"), None);
+    }
+}
