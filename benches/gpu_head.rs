@@ -4,12 +4,15 @@
 //! at least (every input read once, every output written once; an accumulated output read and
 //! written), so it compares with the device-to-device copy bandwidth (docs/PERF.md, "Head").
 //! "step" times the whole head of a training step: adapters, both branches' gating and
-//! classifiers, the loss, and their backward. Prints a message and exits cleanly when there is
+//! classifiers, the loss, and their backward; the MoE ops and the step run once per MoE kernel
+//! set (`MoeKernels`: tensor cores, fp32). The peer, measured in the same run: a 64 MiB
+//! device-to-device copy (`cuMemcpyDtoD`, counted as read + write), the bandwidth the 70% target
+//! is taken of. Prints a message and exits cleanly when there is
 //! no device. Short run: `cargo bench --features cuda --bench gpu_head -- --warm-up-time 0.5
 //! --measurement-time 1`.
 
 use criterion::{Criterion, Throughput};
-use mlvpt::gpu::{bf16, CudaSlice, GpuContext};
+use mlvpt::gpu::{bf16, CudaSlice, GpuContext, GpuError};
 use mlvpt::ops::asl::{self, cuda::AslTerm};
 use mlvpt::ops::head::{cuda, AdapterShape, MoeShape};
 
@@ -216,11 +219,25 @@ fn bench_labels(c: &mut Criterion, gpu: &GpuContext, k: usize, name: &str) {
     g.finish();
 }
 
+/// The copy peer: 64 MiB device to device, bytes read + written per second.
+fn bench_copy(c: &mut Criterion, gpu: &GpuContext) {
+    const N: usize = 16 << 20;
+    let src = gpu.zeros::<f32>(N).unwrap();
+    let mut dst = gpu.zeros::<f32>(N).unwrap();
+    let mut g = c.benchmark_group("copy");
+    g.throughput(Throughput::Bytes(2 * 4 * N as u64));
+    g.bench_function("device-to-device 64 MiB", |bch| {
+        bch.iter_custom(|it| timed(gpu, it, || gpu.stream().memcpy_dtod(&src, &mut dst).map_err(GpuError::driver("copying"))))
+    });
+    g.finish();
+}
+
 fn main() {
     let Some(gpu) = gpu_common::open("gpu_head") else {
         return;
     };
     let mut c = Criterion::default().configure_from_args();
+    bench_copy(&mut c, &gpu);
     bench_labels(&mut c, &gpu, 80, "COCO K80");
     bench_labels(&mut c, &gpu, 365, "Objects365 K365");
     c.final_summary();

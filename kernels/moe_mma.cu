@@ -19,7 +19,7 @@
 // fixed order: deterministic, no atomics.
 //
 // Blocking (all three): a block of 4 warps computes a 64 x 64 tile of C = A B, a warp 32 x 32
-// (2 x 4 mma tiles of 16 x 8), stepping 32 along the contraction. Each step's operands are
+// (2 x 4 mma tiles of 16 x 8), stepping 64 (forward, along D) or 32 along the contraction. Each step's operands are
 // fetched from global memory into registers one step ahead (so their latency overlaps the
 // previous step's products), then converted (split) into shared memory. A is stored [m][k],
 // B either [n][k] (read with ldmatrix) or [k][n] (ldmatrix .trans); rows padded by 16 bytes so
@@ -37,10 +37,12 @@
 
 namespace moe_mma {
 
-constexpr int BM = 64, BN = 64, BK = 32;
+constexpr int BM = 64, BN = 64;
 constexpr int WARPS = 4, THREADS = 32 * WARPS;
-constexpr int SK = BK + 8;  // row stride (bf16) of a [rows][BK] stage: 80 bytes
-constexpr int SN = BN + 8;  // row stride of a [BK][BN] stage: 144 bytes
+// Row stride (bf16) of a [rows][BK] stage: SK = BK + 8 (80 bytes at BK 32, 144 at 64), and of a
+// [BK][BN] stage: BN + 8 (144 bytes). Odd multiples of 16 bytes: ldmatrix's 8 row addresses
+// fall in 8 distinct 16-byte bank groups.
+constexpr int SN = BN + 8;
 constexpr uint32_t NO_ROW = 0xffffffffu;
 
 // x = hi + lo (both bf16), four at a time into 8-byte-aligned shared memory.
@@ -64,12 +66,13 @@ __device__ __forceinline__ void split1(float x, bf16* hi, bf16* lo) {
     *lo = __float2bfloat16_rn(x - __bfloat162float(h));
 }
 
-// acc += A B over one BK step staged in shared memory. Warp w owns rows 32 (w >> 1) .. + 32 and
+// acc += A B over one step of BK staged in shared memory. Warp w owns rows 32 (w >> 1) .. + 32 and
 // columns 32 (w & 1) .. + 32 of the tile: acc[mt][nt][e] is row 32 (w >> 1) + 16 mt + g + 8 (e >> 1),
 // column 32 (w & 1) + 8 nt + 2 t + (e & 1). Terms: hi*hi, then hi*lo (B_LO), then lo*hi (A_LO).
-template <bool A_LO, bool B_LO, bool B_KN>
+template <int BK, bool A_LO, bool B_LO, bool B_KN>
 __device__ __forceinline__ void step_mma(float (&acc)[2][4][4], const bf16* a_hi, const bf16* a_lo, const bf16* b_hi,
                                          const bf16* b_lo, int lane, int warp) {
+    constexpr int SK = BK + 8;
     const int wm = warp >> 1, wn = warp & 1;
 #pragma unroll
     for (int kk = 0; kk < BK / 16; kk++) {
@@ -105,10 +108,11 @@ __device__ __forceinline__ void step_mma(float (&acc)[2][4][4], const bf16* a_hi
     }
 }
 
-// The block's GEMM over a contraction of length `kdim`: the loader L fetches step k0's operands
-// into its registers (fetch) and writes them, split, into the stages (store).
+// The block's GEMM over a contraction of length `kdim` in steps of L::BK: the loader L fetches
+// step k0's operands into its registers (fetch) and writes them, split, into the stages (store).
 template <bool A_LO, bool B_LO, bool B_KN, class L>
 __device__ __forceinline__ void block_gemm(L& ld, uint32_t kdim, float (&acc)[2][4][4]) {
+    constexpr int BK = L::BK, SK = BK + 8;
     constexpr int BROWS = B_KN ? BK : BN, BSTRIDE = B_KN ? SN : SK;
     __shared__ __align__(16) bf16 sa[A_LO ? 2 : 1][BM * SK];
     __shared__ __align__(16) bf16 sb[B_LO ? 2 : 1][BROWS * BSTRIDE];
@@ -126,7 +130,7 @@ __device__ __forceinline__ void block_gemm(L& ld, uint32_t kdim, float (&acc)[2]
         ld.store(sa[0], a_lo, sb[0], b_lo);
         __syncthreads();
         if (k0 + BK < kdim) ld.fetch(k0 + BK);
-        step_mma<A_LO, B_LO, B_KN>(acc, sa[0], a_lo, sb[0], b_lo, lane, warp);
+        step_mma<BK, A_LO, B_LO, B_KN>(acc, sa[0], a_lo, sb[0], b_lo, lane, warp);
         __syncthreads();  // the stages are rewritten by the next step
     }
 }
@@ -148,25 +152,30 @@ __device__ __forceinline__ void for_acc_pairs(const float (&acc)[2][4][4], F f) 
 }
 
 // ---- forward: A = X [image][d] (bf16), B = table rows [pair][d] (fp32, split) ---------------
+// Steps of 64 along D (the longest contraction: 12 steps at D 768), so each block has twice the
+// bytes in flight per step of the 32-wide kernels below and half the steps' latencies in series.
 struct FwdLoad {
+    static constexpr int BK = 64, SK = BK + 8;
+    static constexpr int CA = BK / 8, NA = BM * CA / THREADS;  // 16-byte chunks of X per thread
+    static constexpr int CB = BK / 4, NB = BN * CB / THREADS;  // float4 chunks of the table
     const bf16* x;           // row of image b: x + (b * tokens + t) * d
     const float* table;      // gate or classifier rows
     const uint32_t* row;     // shared: table row of the tile's pair n, NO_ROW past the last
     uint32_t b0, batch, tokens, t, d;
-    uint4 xa[2];
-    float4 tb[4];
+    uint4 xa[NA];
+    float4 tb[NB];
     __device__ __forceinline__ void fetch(uint32_t k0) {
 #pragma unroll
-        for (int i = 0; i < 2; i++) {  // 64 images x 4 chunks of 8
-            const int c = threadIdx.x + i * THREADS, m = c >> 2;
-            const uint32_t k = k0 + (c & 3) * 8;
+        for (int i = 0; i < NA; i++) {
+            const int c = threadIdx.x + i * THREADS, m = c / CA;
+            const uint32_t k = k0 + (c % CA) * 8;
             xa[i] = b0 + m < batch && k < d ? *reinterpret_cast<const uint4*>(x + ((uint64_t)(b0 + m) * tokens + t) * d + k)
                                             : make_uint4(0, 0, 0, 0);
         }
 #pragma unroll
-        for (int i = 0; i < 4; i++) {  // 64 pairs x 8 chunks of 4
-            const int c = threadIdx.x + i * THREADS, n = c >> 3;
-            const uint32_t k = k0 + (c & 7) * 4;
+        for (int i = 0; i < NB; i++) {
+            const int c = threadIdx.x + i * THREADS, n = c / CB;
+            const uint32_t k = k0 + (c % CB) * 4;
             const uint32_t rw = row[n];
             tb[i] = rw != NO_ROW && k < d ? *reinterpret_cast<const float4*>(table + (uint64_t)rw * d + k)
                                           : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
@@ -174,13 +183,13 @@ struct FwdLoad {
     }
     __device__ __forceinline__ void store(bf16* a_hi, bf16*, bf16* b_hi, bf16* b_lo) const {
 #pragma unroll
-        for (int i = 0; i < 2; i++) {
+        for (int i = 0; i < NA; i++) {
             const int c = threadIdx.x + i * THREADS;
-            *reinterpret_cast<uint4*>(a_hi + (c >> 2) * SK + (c & 3) * 8) = xa[i];
+            *reinterpret_cast<uint4*>(a_hi + (c / CA) * SK + (c % CA) * 8) = xa[i];
         }
 #pragma unroll
-        for (int i = 0; i < 4; i++) {
-            const int c = threadIdx.x + i * THREADS, off = (c >> 3) * SK + (c & 7) * 4;
+        for (int i = 0; i < NB; i++) {
+            const int c = threadIdx.x + i * THREADS, off = (c / CB) * SK + (c % CB) * 4;
             split4(tb[i], b_hi + off, b_lo + off);
         }
     }
@@ -226,6 +235,7 @@ namespace moe_mma {
 // ---- token gradients: A = coef [image][pair] (fp32, split), B = table rows [pair][d] (fp32,
 // split; stored [k][n]) ------------------------------------------------------------------------
 struct TokLoad {
+    static constexpr int BK = 32, SK = BK + 8;
     const float* coef;       // [B, E*K]
     const float* table;
     const uint32_t* grow;    // null: the classifier (row k = idx % labels)
@@ -303,6 +313,7 @@ namespace moe_mma {
 
 // ---- pair rows: A = coef^T [pair][image] (fp32, split), B = X [image][d] (bf16, [k][n]) ------
 struct PairLoad {
+    static constexpr int BK = 32, SK = BK + 8;
     const float* coef;
     const bf16* x;
     const uint32_t* item;    // shared: the tile's pair indices

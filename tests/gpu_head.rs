@@ -75,73 +75,102 @@ const MOE_CASES: &[(usize, usize, usize, usize, usize, bool)] = &[
 #[ignore = "requires a CUDA device"]
 fn moe_forward_and_backward_match_cpu() {
     let gpu = gpu();
-    let s_ = gpu.stream();
     let (mut rng, seed) = rng("moe");
     let mut ws = cuda::HeadWorkspace::new();
-    for (kernels, &(k, e, t, d, bn, label_gating)) in cuda::MoeKernels::ALL.into_iter().flat_map(|kn| MOE_CASES.iter().map(move |c| (kn, c))) {
-        let p = 2 * t * e;
-        // Branch "-" of the pair: its tokens are the second half, so the first half of dz must
-        // stay as it was.
-        let (tok, grow, rows) = tables(&mut rng, k, t, e, t * e, label_gating);
-        let s = MoeShape { batch: bn, tokens: p, dim: d, labels: k, experts: e, gate_rows: rows };
-        let what = format!("{} kernels, K={k} E={e} T={t} D={d} B={bn} {}", kernels.name(), if label_gating { "label" } else { "group" });
-        let a = 3.0 / (d as f32).sqrt();
-        let (z, z64) = bf16_input(&gpu, &mut rng, bn * p * d, -1.0, 1.0);
-        let (ad, ad64) = bf16_input(&gpu, &mut rng, bn * p * d, -1.0, 1.0);
-        let (gate, gate64) = f32_input(&gpu, &mut rng, rows * d, -a, a);
-        let (w, w64) = f32_input(&gpu, &mut rng, k * d, -a, a);
-        let (c, c64) = f32_input(&gpu, &mut rng, k, -0.5, 0.5);
-        let tok_d = cuda::IndexTable::new(&gpu, &tok, p).unwrap();
-        let grow_d = cuda::IndexTable::new(&gpu, &grow, rows).unwrap();
-
-        let (mut y, mut m) = (nan_f32(&gpu, bn * k), nan_f32(&gpu, bn * k));
-        let (mut q, mut r) = (nan_f32(&gpu, bn * e * k), nan_f32(&gpu, bn * e * k));
-        cuda::moe_forward(&gpu, s_, &z, &ad, &gate, &w, &c, &tok_d, &grow_d, &mut y, &mut m, &mut q, &mut r, &s, kernels).unwrap();
-        let (mut wy, mut wm) = (vec![0.0; bn * k], vec![0.0; bn * k]);
-        let (mut wq, mut wr) = (vec![0.0; bn * e * k], vec![0.0; bn * e * k]);
-        cpu::moe_forward(&z64, &ad64, &gate64, &w64, &c64, &tok, &grow, &mut wy, &mut wm, &mut wq, &mut wr, &s);
-        assert_close(&format!("{what}: q"), &down_f32(&gpu, &q), &wq, 1e-4, 1e-4, seed);
-        assert_close(&format!("{what}: r"), &down_f32(&gpu, &r), &wr, 1e-4, 1e-4, seed);
-        assert_close(&format!("{what}: y"), &down_f32(&gpu, &y), &wy, 1e-4, 1e-4, seed);
-        assert_close(&format!("{what}: m"), &down_f32(&gpu, &m), &wm, 1e-4, 1e-4, seed);
-
-        // Backward from the GPU's saved q, r (the CPU reads the same values).
-        let (q64, r64) = (to_f64(&down_f32(&gpu, &q)), to_f64(&down_f32(&gpu, &r)));
-        let (dy, dy64) = f32_input(&gpu, &mut rng, bn * k, -1.0, 1.0);
-        let (dm, dm64) = f32_input(&gpu, &mut rng, bn * k, -1.0, 1.0);
-        let (mut dz, dz0) = bf16_input(&gpu, &mut rng, bn * p * d, -0.5, 0.5);
-        let (mut da, da0) = bf16_input(&gpu, &mut rng, bn * p * d, -0.5, 0.5);
-        let (mut dgate, mut dw, mut dc) = (nan_f32(&gpu, rows * d), nan_f32(&gpu, k * d), nan_f32(&gpu, k));
-        cuda::moe_backward(&gpu, s_, &mut ws, &dy, &dm, &z, &ad, &gate, &w, &tok_d, &grow_d, &q, &r, &mut dz, &mut da, &mut dgate, &mut dw, &mut dc, &s, kernels)
-            .unwrap();
-        let (mut wdz, mut wda) = (dz0.clone(), da0.clone());
-        let (mut wdg, mut wdw, mut wdc) = (vec![0.0; rows * d], vec![0.0; k * d], vec![0.0; k]);
-        let mut scratch = Vec::new();
-        cpu::moe_backward(&dy64, &dm64, &z64, &ad64, &gate64, &w64, &tok, &grow, &q64, &r64, &mut wdz, &mut wda, &mut wdg, &mut wdw, &mut wdc, &s, &mut scratch);
-        assert_close(&format!("{what}: dz"), &down_bf16(&gpu, &dz), &wdz, 1e-3, BF16_RTOL, seed);
-        assert_close(&format!("{what}: dadapted"), &down_bf16(&gpu, &da), &wda, 1e-3, BF16_RTOL, seed);
-        // Tokens of the other branch are untouched, bit for bit.
-        let got_dz = gpu.download(&dz).unwrap();
-        for b in 0..bn {
-            for i in 0..t * e * d {
-                let idx = b * p * d + i;
-                assert_eq!(got_dz[idx].to_f32() as f64, dz0[idx], "{what}: dz of the other branch changed at [{idx}] (seed {seed})");
-            }
+    for kernels in cuda::MoeKernels::ALL {
+        for &case in MOE_CASES {
+            check_moe_case(&gpu, &mut rng, seed, &mut ws, kernels, case);
         }
-        let gscale = (bn * e) as f64;
-        assert_close(&format!("{what}: dgate"), &down_f32(&gpu, &dgate), &wdg, 1e-5 * gscale, 1e-3, seed);
-        assert_close(&format!("{what}: dw"), &down_f32(&gpu, &dw), &wdw, 1e-5 * gscale, 1e-3, seed);
-        assert_close(&format!("{what}: dc"), &down_f32(&gpu, &dc), &wdc, 1e-5 * bn as f64, 1e-4, seed);
-
-        // Same inputs, same bits: the batch reductions have a fixed order.
-        let (mut dz2, mut da2) = (gpu.upload(&vec![bf16::ZERO; bn * p * d]).unwrap(), gpu.upload(&vec![bf16::ZERO; bn * p * d]).unwrap());
-        let (mut dgate2, mut dw2, mut dc2) = (nan_f32(&gpu, rows * d), nan_f32(&gpu, k * d), nan_f32(&gpu, k));
-        cuda::moe_backward(&gpu, s_, &mut ws, &dy, &dm, &z, &ad, &gate, &w, &tok_d, &grow_d, &q, &r, &mut dz2, &mut da2, &mut dgate2, &mut dw2, &mut dc2, &s, kernels)
-            .unwrap();
-        let bits = |v: Vec<f32>| v.into_iter().map(f32::to_bits).collect::<Vec<_>>();
-        assert_eq!(bits(down_f32(&gpu, &dgate)), bits(down_f32(&gpu, &dgate2)), "{what}: dgate differs between runs");
-        assert_eq!(bits(down_f32(&gpu, &dw)), bits(down_f32(&gpu, &dw2)), "{what}: dw differs between runs");
     }
+}
+
+/// One small case per MoE kernel set, with the tensor-core kernels' tile edges (two image
+/// tiles, the second partial; over 64 pairs per token; a partial column tile and a row of two
+/// 32-wide steps + 8): quick, for compute-sanitizer in the GPU runner.
+#[test]
+#[ignore = "requires a CUDA device"]
+fn moe_every_kernel_small() {
+    let gpu = gpu();
+    let (mut rng, seed) = rng("moe small");
+    let mut ws = cuda::HeadWorkspace::new();
+    for kernels in cuda::MoeKernels::ALL {
+        check_moe_case(&gpu, &mut rng, seed, &mut ws, kernels, (150, 3, 2, 72, 70, false));
+    }
+}
+
+/// The forward and backward of one MoE case (K, E, T, D, B, label gating) on `kernels` against
+/// the CPU reference, plus untouched tokens of the other branch and bit-identical reruns.
+fn check_moe_case(
+    gpu: &GpuContext,
+    rng: &mut ChaCha8Rng,
+    seed: u64,
+    ws: &mut cuda::HeadWorkspace,
+    kernels: cuda::MoeKernels,
+    (k, e, t, d, bn, label_gating): (usize, usize, usize, usize, usize, bool),
+) {
+    let s_ = gpu.stream();
+    let p = 2 * t * e;
+    // Branch "-" of the pair: its tokens are the second half, so the first half of dz must
+    // stay as it was.
+    let (tok, grow, rows) = tables(rng, k, t, e, t * e, label_gating);
+    let s = MoeShape { batch: bn, tokens: p, dim: d, labels: k, experts: e, gate_rows: rows };
+    let what = format!("{} kernels, K={k} E={e} T={t} D={d} B={bn} {}", kernels.name(), if label_gating { "label" } else { "group" });
+    let a = 3.0 / (d as f32).sqrt();
+    let (z, z64) = bf16_input(gpu, rng, bn * p * d, -1.0, 1.0);
+    let (ad, ad64) = bf16_input(gpu, rng, bn * p * d, -1.0, 1.0);
+    let (gate, gate64) = f32_input(gpu, rng, rows * d, -a, a);
+    let (w, w64) = f32_input(gpu, rng, k * d, -a, a);
+    let (c, c64) = f32_input(gpu, rng, k, -0.5, 0.5);
+    let tok_d = cuda::IndexTable::new(gpu, &tok, p).unwrap();
+    let grow_d = cuda::IndexTable::new(gpu, &grow, rows).unwrap();
+
+    let (mut y, mut m) = (nan_f32(gpu, bn * k), nan_f32(gpu, bn * k));
+    let (mut q, mut r) = (nan_f32(gpu, bn * e * k), nan_f32(gpu, bn * e * k));
+    cuda::moe_forward(gpu, s_, &z, &ad, &gate, &w, &c, &tok_d, &grow_d, &mut y, &mut m, &mut q, &mut r, &s, kernels).unwrap();
+    let (mut wy, mut wm) = (vec![0.0; bn * k], vec![0.0; bn * k]);
+    let (mut wq, mut wr) = (vec![0.0; bn * e * k], vec![0.0; bn * e * k]);
+    cpu::moe_forward(&z64, &ad64, &gate64, &w64, &c64, &tok, &grow, &mut wy, &mut wm, &mut wq, &mut wr, &s);
+    assert_close(&format!("{what}: q"), &down_f32(gpu, &q), &wq, 1e-4, 1e-4, seed);
+    assert_close(&format!("{what}: r"), &down_f32(gpu, &r), &wr, 1e-4, 1e-4, seed);
+    assert_close(&format!("{what}: y"), &down_f32(gpu, &y), &wy, 1e-4, 1e-4, seed);
+    assert_close(&format!("{what}: m"), &down_f32(gpu, &m), &wm, 1e-4, 1e-4, seed);
+
+    // Backward from the GPU's saved q, r (the CPU reads the same values).
+    let (q64, r64) = (to_f64(&down_f32(gpu, &q)), to_f64(&down_f32(gpu, &r)));
+    let (dy, dy64) = f32_input(gpu, rng, bn * k, -1.0, 1.0);
+    let (dm, dm64) = f32_input(gpu, rng, bn * k, -1.0, 1.0);
+    let (mut dz, dz0) = bf16_input(gpu, rng, bn * p * d, -0.5, 0.5);
+    let (mut da, da0) = bf16_input(gpu, rng, bn * p * d, -0.5, 0.5);
+    let (mut dgate, mut dw, mut dc) = (nan_f32(gpu, rows * d), nan_f32(gpu, k * d), nan_f32(gpu, k));
+    cuda::moe_backward(gpu, s_, ws, &dy, &dm, &z, &ad, &gate, &w, &tok_d, &grow_d, &q, &r, &mut dz, &mut da, &mut dgate, &mut dw, &mut dc, &s, kernels)
+        .unwrap();
+    let (mut wdz, mut wda) = (dz0.clone(), da0.clone());
+    let (mut wdg, mut wdw, mut wdc) = (vec![0.0; rows * d], vec![0.0; k * d], vec![0.0; k]);
+    let mut scratch = Vec::new();
+    cpu::moe_backward(&dy64, &dm64, &z64, &ad64, &gate64, &w64, &tok, &grow, &q64, &r64, &mut wdz, &mut wda, &mut wdg, &mut wdw, &mut wdc, &s, &mut scratch);
+    assert_close(&format!("{what}: dz"), &down_bf16(gpu, &dz), &wdz, 1e-3, BF16_RTOL, seed);
+    assert_close(&format!("{what}: dadapted"), &down_bf16(gpu, &da), &wda, 1e-3, BF16_RTOL, seed);
+    // Tokens of the other branch are untouched, bit for bit.
+    let got_dz = gpu.download(&dz).unwrap();
+    for b in 0..bn {
+        for i in 0..t * e * d {
+            let idx = b * p * d + i;
+            assert_eq!(got_dz[idx].to_f32() as f64, dz0[idx], "{what}: dz of the other branch changed at [{idx}] (seed {seed})");
+        }
+    }
+    let gscale = (bn * e) as f64;
+    assert_close(&format!("{what}: dgate"), &down_f32(gpu, &dgate), &wdg, 1e-5 * gscale, 1e-3, seed);
+    assert_close(&format!("{what}: dw"), &down_f32(gpu, &dw), &wdw, 1e-5 * gscale, 1e-3, seed);
+    assert_close(&format!("{what}: dc"), &down_f32(gpu, &dc), &wdc, 1e-5 * bn as f64, 1e-4, seed);
+
+    // Same inputs, same bits: the batch reductions have a fixed order.
+    let (mut dz2, mut da2) = (gpu.upload(&vec![bf16::ZERO; bn * p * d]).unwrap(), gpu.upload(&vec![bf16::ZERO; bn * p * d]).unwrap());
+    let (mut dgate2, mut dw2, mut dc2) = (nan_f32(gpu, rows * d), nan_f32(gpu, k * d), nan_f32(gpu, k));
+    cuda::moe_backward(gpu, s_, ws, &dy, &dm, &z, &ad, &gate, &w, &tok_d, &grow_d, &q, &r, &mut dz2, &mut da2, &mut dgate2, &mut dw2, &mut dc2, &s, kernels)
+        .unwrap();
+    let bits = |v: Vec<f32>| v.into_iter().map(f32::to_bits).collect::<Vec<_>>();
+    assert_eq!(bits(down_f32(gpu, &dgate)), bits(down_f32(gpu, &dgate2)), "{what}: dgate differs between runs");
+    assert_eq!(bits(down_f32(gpu, &dw)), bits(down_f32(gpu, &dw2)), "{what}: dw differs between runs");
 }
 
 /// (B, P, D, r)

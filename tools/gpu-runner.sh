@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Runs the GPU bundle (tools/gpu-bundle.sh) on a machine with an NVIDIA GPU and no Rust: finds
 # libcuda and libcublas, prints the GPU, runs every bundled test binary with its ignored (GPU)
-# tests included, compute-sanitizer's racecheck and memcheck over every attention kernel, a
+# tests included, compute-sanitizer's racecheck and memcheck over every attention kernel and
+# every MoE head kernel, a
 # one-epoch `mlvpt train --device cuda` on the demo, the training-step comparison with the
 # PyTorch/timm peer on the same card (`mlvpt bench-step` against peer/step_bench.py, eager and
 # torch.compile), then the benches in a short mode (PyTorch's attention kernels right after
 # ours), and, while time is left, the step again with each alternative pair of attention
-# kernels. Writes one log per step into $OUT (or $MLVPT_GPU_LOGS, else bundle/logs) and prints
+# kernels and with the fp32 MoE head kernels. Writes one log per step into $OUT (or $MLVPT_GPU_LOGS, else bundle/logs) and prints
 # a summary table last.
 # Exits non-zero when a test fails, our step benchmark fails or a library is missing.
 # Budget: under 8 minutes (MLVPT_GPU_BUDGET_S, default 450 s).
@@ -16,6 +17,7 @@
 #   MLVPT_GPU_SKIP_PEER=1 bash bundle/gpu-runner.sh     # ours only in the step comparison
 #   MLVPT_GPU_SKIP_SANITIZER=1 bash bundle/gpu-runner.sh  # no compute-sanitizer pass
 #   MLVPT_GPU_FOCUS=attention bash bundle/gpu-runner.sh   # only what tunes the fused attention
+#   MLVPT_GPU_FOCUS=head bash bundle/gpu-runner.sh        # only what measures the head kernels
 #   bash tools/gpu-runner.sh --compare-table FILE       # the comparison table of JSON lines, only
 set -uo pipefail
 
@@ -66,7 +68,7 @@ if [ "${1:-}" = --compare-table ]; then
 fi
 
 FOCUS=${MLVPT_GPU_FOCUS:-}
-case "$FOCUS" in ""|attention) ;; *) echo "MLVPT_GPU_FOCUS: unknown '$FOCUS' (expected attention)" >&2; exit 2 ;; esac
+case "$FOCUS" in ""|attention|head) ;; *) echo "MLVPT_GPU_FOCUS: unknown '$FOCUS' (expected attention or head)" >&2; exit 2 ;; esac
 
 HERE=$(cd "$(dirname "$0")" && pwd)
 LOGS=${MLVPT_GPU_LOGS:-${OUT:-$HERE/logs}}
@@ -133,8 +135,16 @@ log "GPU: $gpu_name"
 remaining() { echo $((DEADLINE - $(date +%s))); }
 # MLVPT_GPU_FOCUS=attention: only what decides the fused attention's defaults (its tests and
 # sanitizer pass, our step, the attention bench with PyTorch's kernels, the step per
-# alternative pair), for a short device session.
-focus_skips() { [ "$FOCUS" = attention ] && [ "$1" != gpu_attention ]; }
+# alternative pair), for a short device session. MLVPT_GPU_FOCUS=head: the head's tests and
+# sanitizer pass, our step, the head bench (with its copy peer), the step per MoE kernel set.
+# focus_skips NAME: true when the focus leaves out the test or bench binary NAME.
+focus_skips() {
+  case "$FOCUS" in
+    attention) [ "$1" != gpu_attention ] ;;
+    head) [ "$1" != gpu_head ] ;;
+    *) return 1 ;;
+  esac
+}
 # Tests and the training run leave this much of the budget to the step comparison, the
 # headline number (ours ~30 s, the peer's eager ~60 s and compiled ~150 s on an H100).
 COMPARE_RESERVE=${MLVPT_GPU_COMPARE_RESERVE_S:-180}
@@ -165,28 +175,31 @@ for t in "$HERE"/tests/*; do
   row "test $name" "$st" "${passed:--}" "${failed:--}" "${ignored:--}" "$secs"
 done
 
-# --- compute-sanitizer on the fused attention (shared-memory races, out-of-bounds accesses) -----
+# --- compute-sanitizer on the tensor-core kernels (shared-memory races, out-of-bounds accesses) --
 # The CPU emulator runs cp.async synchronously and cannot see a missing barrier; racecheck
-# can. One small test launches every compiled attention kernel once.
+# can. One small test per binary launches every compiled attention kernel, every MoE kernel.
 sanitizer=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -n 1 || true)
-if [ -n "${MLVPT_GPU_SKIP_SANITIZER:-}" ]; then
-  row "sanitizer attention" "SKIPPED" - - - 0
-elif [ -z "$sanitizer" ] || [ ! -x "$HERE/tests/gpu_attention" ]; then
-  row "sanitizer attention" "MISSING" - - - 0
-else
+for target in gpu_attention:attention_every_kernel_small gpu_head:moe_every_kernel_small; do
+  bin=${target%%:*}; test=${target#*:}; what=${bin#gpu_}
+  focus_skips "$bin" && continue
+  if [ -n "${MLVPT_GPU_SKIP_SANITIZER:-}" ]; then
+    row "sanitizer $what" "SKIPPED" - - - 0; continue
+  elif [ -z "$sanitizer" ] || [ ! -x "$HERE/tests/$bin" ]; then
+    row "sanitizer $what" "MISSING" - - - 0; continue
+  fi
   for tool in racecheck memcheck; do
     left=$(before_compare); cap=${MLVPT_GPU_SANITIZER_S:-90}; [ "$left" -lt "$cap" ] && cap=$left
-    if [ "$cap" -lt 20 ]; then row "sanitizer $tool" "SKIPPED" - - - 0; continue; fi
-    log "$sanitizer --tool $tool gpu_attention attention_every_kernel_small (timeout ${cap}s)"
+    if [ "$cap" -lt 20 ]; then row "sanitizer $tool $what" "SKIPPED" - - - 0; continue; fi
+    log "$sanitizer --tool $tool $bin $test (timeout ${cap}s)"
     t0=$(date +%s)
     timeout --kill-after=5 "$cap" "$sanitizer" --tool "$tool" --error-exitcode 3 \
-      "$HERE/tests/gpu_attention" --include-ignored --exact attention_every_kernel_small > "$LOGS/sanitizer-$tool.log" 2>&1
+      "$HERE/tests/$bin" --include-ignored --exact "$test" > "$LOGS/sanitizer-$tool-$what.log" 2>&1
     rc=$?
-    tail -n 8 "$LOGS/sanitizer-$tool.log"
+    tail -n 8 "$LOGS/sanitizer-$tool-$what.log"
     if [ "$rc" -eq 0 ]; then st=ok; elif [ "$rc" -ge 124 ]; then st=TIMEOUT; status=1; else st=FAILED; status=1; fi
-    row "sanitizer $tool" "$st" - - - "$(( $(date +%s) - t0 ))"
+    row "sanitizer $tool $what" "$st" - - - "$(( $(date +%s) - t0 ))"
   done
-fi
+done
 
 # --- a short training run on the GPU (the embedded demo, one epoch) ------------------------------
 TRAIN_TABLE="$LOGS/train-summary.txt"
@@ -338,7 +351,7 @@ fi
 # launcher's defaults should be (src/ops/attention/mod.rs, FWD_TILES and BWD_TILES).
 VARIANTS_TABLE="$LOGS/attention-step-summary.txt"
 : > "$VARIANTS_TABLE"
-if [ -x "$HERE/bin/mlvpt" ] && [ -z "${MLVPT_GPU_SKIP_BENCH:-}" ]; then
+if [ -x "$HERE/bin/mlvpt" ] && [ -z "${MLVPT_GPU_SKIP_BENCH:-}" ] && [ "$FOCUS" != head ]; then
   ours_ips=$(json_field "$(grep -m1 '^{' "$LOGS/bench-step-ours.log" 2>/dev/null)" images_per_s)
   echo "training step by fused attention kernels (vit-b16, images/s):" >> "$VARIANTS_TABLE"
   printf '  %-44s %10s\n' "default (attn_fwd_d64, attn_bwd_d64)" "${ours_ips:-?}" >> "$VARIANTS_TABLE"
@@ -359,6 +372,31 @@ if [ -x "$HERE/bin/mlvpt" ] && [ -z "${MLVPT_GPU_SKIP_BENCH:-}" ]; then
   done
 fi
 
+# --- the training step with the fp32 MoE head kernels ---------------------------------------------
+# The step of `bench-step (ours)` (tensor-core MoE kernels, the default) again with the fp32
+# CUDA-core ones (`--moe-kernels fp32`): whether the default should stay (MoeKernels).
+MOE_TABLE="$LOGS/moe-step-summary.txt"
+: > "$MOE_TABLE"
+if [ -x "$HERE/bin/mlvpt" ] && [ -z "${MLVPT_GPU_SKIP_BENCH:-}" ] && [ "$FOCUS" != attention ]; then
+  ours_ips=$(json_field "$(grep -m1 '^{' "$LOGS/bench-step-ours.log" 2>/dev/null)" images_per_s)
+  echo "training step by MoE head kernels (vit-b16, images/s):" >> "$MOE_TABLE"
+  printf '  %-44s %10s\n' "default (mma)" "${ours_ips:-?}" >> "$MOE_TABLE"
+  left=$(remaining); cap=${MLVPT_COMPARE_OURS_S:-120}; [ "$left" -lt "$cap" ] && cap=$left
+  if [ "$cap" -lt 20 ]; then
+    row "step moe fp32" "SKIPPED" - - - 0
+  else
+    log "mlvpt bench-step --moe-kernels fp32 (timeout ${cap}s)"
+    t0=$(date +%s)
+    timeout --kill-after=5 "$cap" "$HERE/bin/mlvpt" bench-step --device cuda --model vit-b16 "${STEP_ARGS[@]}" \
+      --moe-kernels fp32 > "$LOGS/bench-step-moe-fp32.log" 2>&1
+    rc=$?
+    ips=$(json_field "$(grep -m1 '^{' "$LOGS/bench-step-moe-fp32.log")" images_per_s)
+    printf '  %-44s %10s\n' "fp32" "${ips:-error (log bench-step-moe-fp32.log)}" >> "$MOE_TABLE"
+    if [ "$rc" -eq 0 ]; then st=ok; elif [ "$rc" -ge 124 ]; then st=TIMEOUT; else st=FAILED; fi
+    row "step moe fp32" "$st" - - - "$(( $(date +%s) - t0 ))"
+  fi
+fi
+
 # --- summary (last) -------------------------------------------------------------------------
 {
   echo
@@ -369,6 +407,7 @@ fi
   [ -s "$TRAIN_TABLE" ] && cat "$TRAIN_TABLE"
   [ -s "$COMPARE_TABLE" ] && cat "$COMPARE_TABLE"
   [ -s "$VARIANTS_TABLE" ] && cat "$VARIANTS_TABLE"
+  [ -s "$MOE_TABLE" ] && cat "$MOE_TABLE"
   if [ -s "$BENCH_TABLE" ]; then
     echo "benchmarks (median time, median throughput):"
     cat "$BENCH_TABLE"
@@ -376,6 +415,8 @@ fi
   echo "total $(( $(date +%s) - START ))s; logs in $LOGS; exit $status"
 } | tee "$LOGS/summary-final.txt"
 # The device tool brings back at most 8 files: pack the per-step logs into one archive.
-( cd "$LOGS" && tar czf logs.tar.gz --exclude=logs.tar.gz --exclude=summary-final.txt . &&
+# (Written elsewhere first: tar complains when the folder it reads changes under it.)
+tmp_tar=${TMPDIR:-/tmp}/mlvpt-logs.$$.tar.gz
+( cd "$LOGS" && tar czf "$tmp_tar" --exclude=logs.tar.gz --exclude=summary-final.txt . && mv "$tmp_tar" logs.tar.gz &&
   find . -maxdepth 1 -type f ! -name logs.tar.gz ! -name summary-final.txt -delete ) || true
 exit $status
