@@ -4,8 +4,8 @@
 //! at least (every input read once, every output written once; an accumulated output read and
 //! written), so it compares with the device-to-device copy bandwidth (docs/PERF.md, "Head").
 //! "step" times the whole head of a training step: adapters, both branches' gating and
-//! classifiers, the loss, and their backward; the MoE ops and the step run once per MoE kernel
-//! set (`MoeKernels`: tensor cores, fp32). The peer, measured in the same run: a 64 MiB
+//! classifiers, the loss, and their backward; the adapters, the MoE ops and the step run once
+//! per kernel set (`HeadKernels`: tensor cores, fp32). The peer, measured in the same run: a 64 MiB
 //! device-to-device copy (`cuMemcpyDtoD`, counted as read + write), the bandwidth the 70% target
 //! is taken of. Prints a message and exits cleanly when there is
 //! no device. Short run: `cargo bench --features cuda --bench gpu_head -- --warm-up-time 0.5
@@ -82,7 +82,7 @@ fn bench_labels(c: &mut Criterion, gpu: &GpuContext, k: usize, name: &str) {
     let mut aws = asl::cuda::AslWorkspace::new(gpu).unwrap();
     let acfg = asl::AslConfig::default();
     let scale = 1000.0 / (B * k) as f32;
-    cuda::adapter_forward(gpu, s, &z, &w1, &b1, &w2, &b2, &mut u, &mut adapted, &ash).unwrap();
+    cuda::adapter_forward(gpu, s, &z, &w1, &b1, &w2, &b2, &mut u, &mut adapted, &ash, cuda::HeadKernels::default()).unwrap();
 
     // Minimum bytes per op (bf16 tokens: 2 bytes, everything else fp32).
     let tokens_all = (B * P * D * 2) as u64;
@@ -93,19 +93,21 @@ fn bench_labels(c: &mut Criterion, gpu: &GpuContext, k: usize, name: &str) {
     let head_params = ((E * k + k) * D * 4 + k * 4) as u64;
 
     let mut g = c.benchmark_group(format!("head {name}"));
-    g.throughput(Throughput::Bytes(2 * tokens_all + (B * P * R * 4) as u64 + adapter_params));
-    g.bench_function(format!("adapter forward B{B} P{P} D{D} r{R}"), |bch| {
-        bch.iter_custom(|it| timed(gpu, it, || cuda::adapter_forward(gpu, s, &z, &w1, &b1, &w2, &b2, &mut u, &mut adapted, &ash)))
-    });
-    g.throughput(Throughput::Bytes(4 * tokens_all + (B * P * R * 4) as u64 + 2 * adapter_params));
-    g.bench_function(format!("adapter backward B{B} P{P} D{D} r{R}"), |bch| {
-        bch.iter_custom(|it| {
-            timed(gpu, it, || cuda::adapter_backward(gpu, s, &mut hws, &dad, &z, &u, &w1, &w2, &mut dz, &mut dw1, &mut db1, &mut dw2, &mut db2, &ash))
-        })
-    });
-    // Both MoE kernel sets (tensor cores, the default; fp32 CUDA cores), same inputs.
-    for kernels in cuda::MoeKernels::ALL {
+    // Both kernel sets (tensor cores, the default; fp32 CUDA cores), same inputs.
+    for kernels in cuda::HeadKernels::ALL {
         let kn = kernels.name();
+        g.throughput(Throughput::Bytes(2 * tokens_all + (B * P * R * 4) as u64 + adapter_params));
+        g.bench_function(format!("adapter forward ({kn}) B{B} P{P} D{D} r{R}"), |bch| {
+            bch.iter_custom(|it| timed(gpu, it, || cuda::adapter_forward(gpu, s, &z, &w1, &b1, &w2, &b2, &mut u, &mut adapted, &ash, kernels)))
+        });
+        g.throughput(Throughput::Bytes(4 * tokens_all + (B * P * R * 4) as u64 + 2 * adapter_params));
+        g.bench_function(format!("adapter backward ({kn}) B{B} P{P} D{D} r{R}"), |bch| {
+            bch.iter_custom(|it| {
+                timed(gpu, it, || {
+                    cuda::adapter_backward(gpu, s, &mut hws, &dad, &z, &u, &w1, &w2, &mut dz, &mut dw1, &mut db1, &mut dw2, &mut db2, &ash, kernels)
+                })
+            })
+        });
         g.throughput(Throughput::Bytes(2 * tokens_branch + head_params + 2 * bk + 2 * bek));
         g.bench_function(format!("moe forward (one branch, {kn}) B{B} K{k} E{E}"), |bch| {
             bch.iter_custom(|it| {
@@ -157,7 +159,7 @@ fn bench_labels(c: &mut Criterion, gpu: &GpuContext, k: usize, name: &str) {
     });
 
     // The whole head of one training step, forward and backward, both branches.
-    for kernels in cuda::MoeKernels::ALL {
+    for kernels in cuda::HeadKernels::ALL {
         g.throughput(Throughput::Bytes(
             (2 * tokens_all + adapter_params)
                 + 2 * (2 * tokens_branch + head_params + 2 * bk + 2 * bek)
@@ -165,10 +167,10 @@ fn bench_labels(c: &mut Criterion, gpu: &GpuContext, k: usize, name: &str) {
                 + 2 * (2 * bk + 2 * bek + 6 * tokens_branch + 2 * head_params)
                 + (4 * tokens_all + 2 * adapter_params),
         ));
-        g.bench_function(format!("step fwd+bwd ({} MoE kernels) B{B} K{k}", kernels.name()), |bch| {
+        g.bench_function(format!("step fwd+bwd ({} head kernels) B{B} K{k}", kernels.name()), |bch| {
             bch.iter_custom(|it| {
                 timed(gpu, it, || {
-                    cuda::adapter_forward(gpu, s, &z, &w1, &b1, &w2, &b2, &mut u, &mut adapted, &ash)?;
+                    cuda::adapter_forward(gpu, s, &z, &w1, &b1, &w2, &b2, &mut u, &mut adapted, &ash, kernels)?;
                     for i in 0..2 {
                         let (tok, grow) = &branches[i];
                         cuda::moe_forward(
@@ -211,7 +213,7 @@ fn bench_labels(c: &mut Criterion, gpu: &GpuContext, k: usize, name: &str) {
                             kernels,
                         )?;
                     }
-                    cuda::adapter_backward(gpu, s, &mut hws, &dad, &z, &u, &w1, &w2, &mut dz, &mut dw1, &mut db1, &mut dw2, &mut db2, &ash)
+                    cuda::adapter_backward(gpu, s, &mut hws, &dad, &z, &u, &w1, &w2, &mut dz, &mut dw1, &mut db1, &mut dw2, &mut db2, &ash, kernels)
                 })
             })
         });

@@ -25,7 +25,7 @@
 // B either [n][k] (read with ldmatrix) or [k][n] (ldmatrix .trans); rows padded by 16 bytes so
 // ldmatrix is conflict-free. Fragment layouts: see attention.cu.
 //
-// Launch shapes (src/ops/head/cuda.rs, MoeKernels::Mma): 128 threads, grids
+// Launch shapes (src/ops/head/cuda.rs, HeadKernels::Mma): 128 threads, grids
 //   moe_fwd_scores_mma  (tokens, ceil(B/64), 2 ceil(max_pairs/64)): z = pair tile * 2 + product
 //                       (0: q from Z and G, 1: r from a(Z) and W).
 //   moe_bwd_tokens_mma  (tokens, ceil(B/64), 2 ceil(D/64)): z = column tile * 2 + product
@@ -45,18 +45,11 @@ constexpr int WARPS = 4, THREADS = 32 * WARPS;
 constexpr int SN = BN + 8;
 constexpr uint32_t NO_ROW = 0xffffffffu;
 
-// x = hi + lo (both bf16), four at a time into 8-byte-aligned shared memory.
+// x = hi + lo (both bf16, split_bf16x2), four at a time into 8-byte-aligned shared memory.
 __device__ __forceinline__ void split4(const float4& v, bf16* hi, bf16* lo) {
-    const float x[4] = {v.x, v.y, v.z, v.w};
     uint32_t h[2], l[2];
-#pragma unroll
-    for (int i = 0; i < 2; i++) {
-        const bf162 hv = __floats2bfloat162_rn(x[2 * i], x[2 * i + 1]);
-        const float2 hf = __bfloat1622float2(hv);
-        const bf162 lv = __floats2bfloat162_rn(x[2 * i] - hf.x, x[2 * i + 1] - hf.y);
-        h[i] = *reinterpret_cast<const uint32_t*>(&hv);
-        l[i] = *reinterpret_cast<const uint32_t*>(&lv);
-    }
+    split_bf16x2(v.x, v.y, h[0], l[0]);
+    split_bf16x2(v.z, v.w, h[1], l[1]);
     *reinterpret_cast<uint2*>(hi) = make_uint2(h[0], h[1]);
     *reinterpret_cast<uint2*>(lo) = make_uint2(l[0], l[1]);
 }

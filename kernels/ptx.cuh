@@ -67,3 +67,15 @@ __device__ __forceinline__ unsigned char* dyn_smem() {
     return smem;
 }
 #endif  // MLVPT_CPU_EMULATION
+
+// An mma operand register (two bf16, `x0` in the lower half) of two fp32 values as hi + lo:
+// hi = bf16(x), lo = bf16(x - hi), so hi + lo keeps about 16 bits of x (relative error
+// <= 2^-17). The tensor-core kernels of the head multiply fp32 operands as hi*hi + hi*lo +
+// lo*hi in fp32 accumulators.
+__device__ __forceinline__ void split_bf16x2(float x0, float x1, uint32_t& hi, uint32_t& lo) {
+    const bf162 h = __floats2bfloat162_rn(x0, x1);
+    const float2 hf = __bfloat1622float2(h);
+    const bf162 l = __floats2bfloat162_rn(x0 - hf.x, x1 - hf.y);
+    hi = *reinterpret_cast<const uint32_t*>(&h);
+    lo = *reinterpret_cast<const uint32_t*>(&l);
+}

@@ -82,11 +82,11 @@ fn bad_input_is_one_error_line() {
     fails_with(&["--attention-kernels", "attn_fwd_d64,attn_bwd_d80"], "no backward 'attn_bwd_d80' for head dim 64");
     fails_with(&["--attention-kernels", "attn_fwd_x,attn_bwd_d64"], "no forward 'attn_fwd_x' for head dim 64 (compiled: attn_fwd_d64");
     fails_with(&["--model", "tiny", "--attention-kernels", "attn_fwd_d64,attn_bwd_d64"], "head dim 24 has no fused attention kernels");
-    fails_with(&["--moe-kernels", "tf32"], "--moe-kernels: unknown 'tf32' (expected one of mma, fp32)");
+    fails_with(&["--head-kernels", "tf32"], "--head-kernels: unknown 'tf32' (expected one of mma, fp32)");
 }
 
-/// The report names the fused attention and MoE kernels ("default" without the flags; on the
-/// CPU a given --moe-kernels is noted as ignored and still reported).
+/// The report names the fused attention and head kernels ("default" without the flags; on the
+/// CPU a given --head-kernels is noted as ignored and still reported).
 #[test]
 fn attention_kernels_are_reported() {
     let mut args = TINY.to_vec();
@@ -95,13 +95,13 @@ fn attention_kernels_are_reported() {
     assert!(o.status.success(), "{stderr}");
     let v: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("{e}: {stdout}"));
     assert_eq!(v["attention_kernels"], "default", "{v}");
-    assert_eq!(v["moe_kernels"], "default", "{v}");
-    args.extend(["--moe-kernels", "fp32"]);
+    assert_eq!(v["head_kernels"], "default", "{v}");
+    args.extend(["--head-kernels", "fp32"]);
     let (o, stdout, stderr) = bench_step(&args);
     assert!(o.status.success(), "{stderr}");
-    assert!(stderr.contains("--moe-kernels applies to CUDA only"), "{stderr}");
+    assert!(stderr.contains("--head-kernels applies to CUDA only"), "{stderr}");
     let v: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("{e}: {stdout}"));
-    assert_eq!(v["moe_kernels"], "fp32", "{v}");
+    assert_eq!(v["head_kernels"], "fp32", "{v}");
 }
 
 #[test]

@@ -414,15 +414,15 @@ fn alternative_attention_kernels_in_a_training_step_match_the_cpu() {
 
 #[test]
 #[ignore = "requires a CUDA device"]
-fn fp32_moe_kernels_in_a_training_step_match_the_cpu() {
-    // The demo model with the MoE head's fp32 CUDA-core kernels (the default is tensor cores),
-    // as `mlvpt bench-step --moe-kernels fp32` uses them.
+fn fp32_head_kernels_in_a_training_step_match_the_cpu() {
+    // The demo model with the head's fp32 CUDA-core kernels (the default is tensor cores),
+    // as `mlvpt bench-step --head-kernels fp32` uses them.
     let make = |p: Precision| {
         let mut be = cuda_in(p);
-        be.set_moe_kernels(mlvpt::ops::head::MoeKernels::Fp32);
+        be.set_head_kernels(mlvpt::ops::head::HeadKernels::Fp32);
         be
     };
-    whole_step_on("demo, fp32 MoE kernels", &ModelConfig::demo(), 2, 8, &make);
+    whole_step_on("demo, fp32 head kernels", &ModelConfig::demo(), 2, 8, &make);
 }
 
 #[test]

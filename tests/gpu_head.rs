@@ -1,6 +1,6 @@
 //! The head kernels (`kernels/head.cu`, `src/ops/head/cuda.rs`) and the multi-term ASL launch
-//! (and the tensor-core MoE kernels of `kernels/moe_mma.cu`, each MoE case run on both kernel
-//! sets) against the CPU reference (`src/ops/head/cpu.rs`, `ops::asl`) in f64 on the same
+//! (and the tensor-core kernels of `kernels/moe_mma.cu` and `kernels/adapter_mma.cu`: each MoE
+//! and adapter case runs on both kernel sets, `HeadKernels`) against the CPU reference (`src/ops/head/cpu.rs`, `ops::asl`) in f64 on the same
 //! bf16-rounded inputs: fresh random inputs (seed printed), written outputs poisoned with NaN,
 //! accumulated outputs pre-filled with random values. Shapes cover K in {1, 20, 80, 365, 1000},
 //! E in {1, 3, 8}, T in {1, 5, K}, D in {384, 768, 1024}, B in {1, 64, 256}, label and group
@@ -77,24 +77,26 @@ fn moe_forward_and_backward_match_cpu() {
     let gpu = gpu();
     let (mut rng, seed) = rng("moe");
     let mut ws = cuda::HeadWorkspace::new();
-    for kernels in cuda::MoeKernels::ALL {
+    for kernels in cuda::HeadKernels::ALL {
         for &case in MOE_CASES {
             check_moe_case(&gpu, &mut rng, seed, &mut ws, kernels, case);
         }
     }
 }
 
-/// One small case per MoE kernel set, with the tensor-core kernels' tile edges (two image
-/// tiles, the second partial; over 64 pairs per token; a partial column tile and a row of two
-/// 32-wide steps + 8): quick, for compute-sanitizer in the GPU runner.
+/// One small MoE case and one small adapter case per kernel set, with the tensor-core
+/// kernels' tile edges (two image tiles, the second partial; over 64 pairs per token; a partial
+/// column tile, a row of two 32-wide steps + 8, half a 16-column chunk; r = 37): quick, for
+/// compute-sanitizer in the GPU runner.
 #[test]
 #[ignore = "requires a CUDA device"]
-fn moe_every_kernel_small() {
+fn head_every_kernel_small() {
     let gpu = gpu();
-    let (mut rng, seed) = rng("moe small");
+    let (mut rng, seed) = rng("head small");
     let mut ws = cuda::HeadWorkspace::new();
-    for kernels in cuda::MoeKernels::ALL {
+    for kernels in cuda::HeadKernels::ALL {
         check_moe_case(&gpu, &mut rng, seed, &mut ws, kernels, (150, 3, 2, 72, 70, false));
+        check_adapter_case(&gpu, &mut rng, seed, &mut ws, kernels, (37, 3, 72, 37));
     }
 }
 
@@ -105,7 +107,7 @@ fn check_moe_case(
     rng: &mut ChaCha8Rng,
     seed: u64,
     ws: &mut cuda::HeadWorkspace,
-    kernels: cuda::MoeKernels,
+    kernels: cuda::HeadKernels,
     (k, e, t, d, bn, label_gating): (usize, usize, usize, usize, usize, bool),
 ) {
     let s_ = gpu.stream();
@@ -181,43 +183,58 @@ const ADAPTER_CASES: &[(usize, usize, usize, usize)] =
 #[ignore = "requires a CUDA device"]
 fn adapter_forward_and_backward_match_cpu() {
     let gpu = gpu();
-    let s_ = gpu.stream();
     let (mut rng, seed) = rng("adapter");
     let mut ws = cuda::HeadWorkspace::new();
-    for &(bn, p, d, r) in ADAPTER_CASES {
-        let s = AdapterShape { batch: bn, tokens: p, dim: d, rank: r };
-        let what = format!("B={bn} P={p} D={d} r={r}");
-        let a1 = 2.0 / (d as f32).sqrt();
-        let a2 = 1.0 / (r as f32).sqrt();
-        let (z, z64) = bf16_input(&gpu, &mut rng, bn * p * d, -1.0, 1.0);
-        let (w1, w164) = f32_input(&gpu, &mut rng, p * r * d, -a1, a1);
-        let (b1, b164) = f32_input(&gpu, &mut rng, p * r, -0.5, 0.5);
-        let (w2, w264) = f32_input(&gpu, &mut rng, p * d * r, -a2, a2);
-        let (b2, b264) = f32_input(&gpu, &mut rng, p * d, -0.1, 0.1);
-        let (mut u, mut out) = (nan_f32(&gpu, bn * p * r), nan_bf16(&gpu, bn * p * d));
-        cuda::adapter_forward(&gpu, s_, &z, &w1, &b1, &w2, &b2, &mut u, &mut out, &s).unwrap();
-        let (mut wu, mut wout) = (vec![0.0; bn * p * r], vec![0.0; bn * p * d]);
-        let mut scratch = Vec::new();
-        cpu::adapter_forward(&z64, &w164, &b164, &w264, &b264, &mut wu, &mut wout, &s, &mut scratch);
-        assert_close(&format!("{what}: u"), &down_f32(&gpu, &u), &wu, 1e-4, 1e-4, seed);
-        assert_close(&format!("{what}: out"), &down_bf16(&gpu, &out), &wout, 1e-3, BF16_RTOL, seed);
-
-        let u64_ = to_f64(&down_f32(&gpu, &u));
-        let (dout, dout64) = bf16_input(&gpu, &mut rng, bn * p * d, -1.0, 1.0);
-        let (mut dz, dz0) = bf16_input(&gpu, &mut rng, bn * p * d, -0.5, 0.5);
-        let (mut dw1, mut db1) = (nan_f32(&gpu, p * r * d), nan_f32(&gpu, p * r));
-        let (mut dw2, mut db2) = (nan_f32(&gpu, p * d * r), nan_f32(&gpu, p * d));
-        cuda::adapter_backward(&gpu, s_, &mut ws, &dout, &z, &u, &w1, &w2, &mut dz, &mut dw1, &mut db1, &mut dw2, &mut db2, &s).unwrap();
-        let mut wdz = dz0.clone();
-        let (mut wdw1, mut wdb1, mut wdw2, mut wdb2) = (vec![0.0; p * r * d], vec![0.0; p * r], vec![0.0; p * d * r], vec![0.0; p * d]);
-        cpu::adapter_backward(&dout64, &z64, &u64_, &w164, &w264, &mut wdz, &mut wdw1, &mut wdb1, &mut wdw2, &mut wdb2, &s, &mut scratch);
-        let tol = 1e-5 * bn as f64;
-        assert_close(&format!("{what}: dz"), &down_bf16(&gpu, &dz), &wdz, 1e-3, BF16_RTOL, seed);
-        assert_close(&format!("{what}: dw1"), &down_f32(&gpu, &dw1), &wdw1, tol, 1e-3, seed);
-        assert_close(&format!("{what}: db1"), &down_f32(&gpu, &db1), &wdb1, tol, 1e-3, seed);
-        assert_close(&format!("{what}: dw2"), &down_f32(&gpu, &dw2), &wdw2, tol, 1e-3, seed);
-        assert_close(&format!("{what}: db2"), &down_f32(&gpu, &db2), &wdb2, tol, 1e-3, seed);
+    for kernels in cuda::HeadKernels::ALL {
+        for &case in ADAPTER_CASES {
+            check_adapter_case(&gpu, &mut rng, seed, &mut ws, kernels, case);
+        }
     }
+}
+
+/// The adapter forward and backward of one case (B, P, D, r) on `kernels` against the CPU
+/// reference.
+fn check_adapter_case(
+    gpu: &GpuContext,
+    rng: &mut ChaCha8Rng,
+    seed: u64,
+    ws: &mut cuda::HeadWorkspace,
+    kernels: cuda::HeadKernels,
+    (bn, p, d, r): (usize, usize, usize, usize),
+) {
+    let s_ = gpu.stream();
+    let s = AdapterShape { batch: bn, tokens: p, dim: d, rank: r };
+    let what = format!("{} kernels, B={bn} P={p} D={d} r={r}", kernels.name());
+    let a1 = 2.0 / (d as f32).sqrt();
+    let a2 = 1.0 / (r as f32).sqrt();
+    let (z, z64) = bf16_input(gpu, rng, bn * p * d, -1.0, 1.0);
+    let (w1, w164) = f32_input(gpu, rng, p * r * d, -a1, a1);
+    let (b1, b164) = f32_input(gpu, rng, p * r, -0.5, 0.5);
+    let (w2, w264) = f32_input(gpu, rng, p * d * r, -a2, a2);
+    let (b2, b264) = f32_input(gpu, rng, p * d, -0.1, 0.1);
+    let (mut u, mut out) = (nan_f32(gpu, bn * p * r), nan_bf16(gpu, bn * p * d));
+    cuda::adapter_forward(gpu, s_, &z, &w1, &b1, &w2, &b2, &mut u, &mut out, &s, kernels).unwrap();
+    let (mut wu, mut wout) = (vec![0.0; bn * p * r], vec![0.0; bn * p * d]);
+    let mut scratch = Vec::new();
+    cpu::adapter_forward(&z64, &w164, &b164, &w264, &b264, &mut wu, &mut wout, &s, &mut scratch);
+    assert_close(&format!("{what}: u"), &down_f32(gpu, &u), &wu, 1e-4, 1e-4, seed);
+    assert_close(&format!("{what}: out"), &down_bf16(gpu, &out), &wout, 1e-3, BF16_RTOL, seed);
+
+    let u64_ = to_f64(&down_f32(gpu, &u));
+    let (dout, dout64) = bf16_input(gpu, rng, bn * p * d, -1.0, 1.0);
+    let (mut dz, dz0) = bf16_input(gpu, rng, bn * p * d, -0.5, 0.5);
+    let (mut dw1, mut db1) = (nan_f32(gpu, p * r * d), nan_f32(gpu, p * r));
+    let (mut dw2, mut db2) = (nan_f32(gpu, p * d * r), nan_f32(gpu, p * d));
+    cuda::adapter_backward(gpu, s_, ws, &dout, &z, &u, &w1, &w2, &mut dz, &mut dw1, &mut db1, &mut dw2, &mut db2, &s, kernels).unwrap();
+    let mut wdz = dz0.clone();
+    let (mut wdw1, mut wdb1, mut wdw2, mut wdb2) = (vec![0.0; p * r * d], vec![0.0; p * r], vec![0.0; p * d * r], vec![0.0; p * d]);
+    cpu::adapter_backward(&dout64, &z64, &u64_, &w164, &w264, &mut wdz, &mut wdw1, &mut wdb1, &mut wdw2, &mut wdb2, &s, &mut scratch);
+    let tol = 1e-5 * bn as f64;
+    assert_close(&format!("{what}: dz"), &down_bf16(gpu, &dz), &wdz, 1e-3, BF16_RTOL, seed);
+    assert_close(&format!("{what}: dw1"), &down_f32(gpu, &dw1), &wdw1, tol, 1e-3, seed);
+    assert_close(&format!("{what}: db1"), &down_f32(gpu, &db1), &wdb1, tol, 1e-3, seed);
+    assert_close(&format!("{what}: dw2"), &down_f32(gpu, &dw2), &wdw2, tol, 1e-3, seed);
+    assert_close(&format!("{what}: db2"), &down_f32(gpu, &db2), &wdb2, tol, 1e-3, seed);
 }
 
 #[test]
@@ -355,7 +372,7 @@ fn head_launchers_reject_bad_shapes_and_tables() {
         (gpu.zeros::<f32>(64).unwrap(), gpu.zeros::<f32>(64).unwrap(), gpu.zeros::<f32>(64).unwrap(), gpu.zeros::<f32>(64).unwrap());
     let mut run = |dim: usize, experts: usize, rows: usize| {
         let s = MoeShape { batch: bn, tokens: p, dim, labels: k, experts, gate_rows: rows };
-        cuda::moe_forward(&gpu, s_, &z, &z, &f, &f, &f, &tok, &grow, &mut y, &mut m, &mut q, &mut r, &s, cuda::MoeKernels::default()).err().map(|e| e.to_string())
+        cuda::moe_forward(&gpu, s_, &z, &z, &f, &f, &f, &tok, &grow, &mut y, &mut m, &mut q, &mut r, &s, cuda::HeadKernels::default()).err().map(|e| e.to_string())
     };
     assert!(run(d, e, 8).expect("D = 100").contains("multiple of 8"));
     assert!(run(1032, e, 8).expect("D > 1024").contains("multiple of 8"));
@@ -364,7 +381,7 @@ fn head_launchers_reject_bad_shapes_and_tables() {
     assert!(run(64, e, 8).is_none(), "a valid shape must launch");
     let s = AdapterShape { batch: bn, tokens: p, dim: 64, rank: MAX_RANK_PLUS_ONE };
     let (mut u, mut out) = (gpu.zeros::<f32>(bn * p * 65).unwrap(), gpu.zeros::<bf16>(bn * p * 64).unwrap());
-    let err = cuda::adapter_forward(&gpu, s_, &z, &f, &f, &f, &f, &mut u, &mut out, &s).unwrap_err();
+    let err = cuda::adapter_forward(&gpu, s_, &z, &f, &f, &f, &f, &mut u, &mut out, &s, cuda::HeadKernels::default()).unwrap_err();
     assert!(err.to_string().contains("rank"), "{err}");
     gpu.synchronize().unwrap();
 }
@@ -416,7 +433,7 @@ fn composed_head_step_matches_cpu() {
     let mut ws = cuda::HeadWorkspace::new();
     let mut aws = asl::cuda::AslWorkspace::new(&gpu).unwrap();
     let (mut u, mut ad) = (nan_f32(&gpu, bn * p * r), nan_bf16(&gpu, bn * p * d));
-    cuda::adapter_forward(&gpu, s_, &z, &w1, &b1, &w2, &b2, &mut u, &mut ad, &ash).unwrap();
+    cuda::adapter_forward(&gpu, s_, &z, &w1, &b1, &w2, &b2, &mut u, &mut ad, &ash, cuda::HeadKernels::default()).unwrap();
     let mut heads = Vec::new();
     let mut outs = Vec::new();
     for (tok, grow, rows) in &branches {
@@ -426,7 +443,7 @@ fn composed_head_step_matches_cpu() {
         let (c, c64) = f32_input(&gpu, &mut rng, k, -0.5, 0.5);
         let (tok_d, grow_d) = (cuda::IndexTable::new(&gpu, tok, p).unwrap(), cuda::IndexTable::new(&gpu, grow, *rows).unwrap());
         let (mut y, mut m, mut q, mut rr) = (nan_f32(&gpu, bn * k), nan_f32(&gpu, bn * k), nan_f32(&gpu, bn * e * k), nan_f32(&gpu, bn * e * k));
-        cuda::moe_forward(&gpu, s_, &z, &ad, &gate, &w, &c, &tok_d, &grow_d, &mut y, &mut m, &mut q, &mut rr, &ms, cuda::MoeKernels::default()).unwrap();
+        cuda::moe_forward(&gpu, s_, &z, &ad, &gate, &w, &c, &tok_d, &grow_d, &mut y, &mut m, &mut q, &mut rr, &ms, cuda::HeadKernels::default()).unwrap();
         heads.push((ms, gate, gate64, w, w64, c64, tok_d, grow_d));
         outs.push((y, m, q, rr));
     }
@@ -447,11 +464,11 @@ fn composed_head_step_matches_cpu() {
     for (s, (ms, gate, _, w, _, _, tok_d, grow_d)) in heads.iter().enumerate() {
         let (mut dg, mut dw, mut dc) = (nan_f32(&gpu, ms.gate_rows * d), nan_f32(&gpu, k * d), nan_f32(&gpu, k));
         let (_, _, q, rr) = &outs[s];
-        cuda::moe_backward(&gpu, s_, &mut ws, &dys[s], &dys[2 + s], &z, &ad, gate, w, tok_d, grow_d, q, rr, &mut dz, &mut da, &mut dg, &mut dw, &mut dc, ms, cuda::MoeKernels::default()).unwrap();
+        cuda::moe_backward(&gpu, s_, &mut ws, &dys[s], &dys[2 + s], &z, &ad, gate, w, tok_d, grow_d, q, rr, &mut dz, &mut da, &mut dg, &mut dw, &mut dc, ms, cuda::HeadKernels::default()).unwrap();
         head_grads.push((dg, dw, dc));
     }
     let (mut dw1, mut db1, mut dw2, mut db2) = (nan_f32(&gpu, p * r * d), nan_f32(&gpu, p * r), nan_f32(&gpu, p * d * r), nan_f32(&gpu, p * d));
-    cuda::adapter_backward(&gpu, s_, &mut ws, &da, &z, &u, &w1, &w2, &mut dz, &mut dw1, &mut db1, &mut dw2, &mut db2, &ash).unwrap();
+    cuda::adapter_backward(&gpu, s_, &mut ws, &da, &z, &u, &w1, &w2, &mut dz, &mut dw1, &mut db1, &mut dw2, &mut db2, &ash, cuda::HeadKernels::default()).unwrap();
 
     // CPU, f64, same composition.
     let mut scratch = Vec::new();

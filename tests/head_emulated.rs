@@ -1,8 +1,9 @@
 //! The head kernels' CUDA source (`kernels/head.cu`) run on the CPU, no GPU needed: the C++
 //! driver `tests/cuda_emu/head_driver.cpp` compiles head.cu against a small CUDA emulation
 //! (`tests/cuda_emu/cuda_bf16.h`: one std::thread per CUDA thread, barriers for
-//! `__syncthreads` and warp shuffles; `emu_ptx.h` for the tensor-core MoE kernels of
-//! `kernels/moe_mma.cu`), launches every head kernel with the grids of
+//! `__syncthreads` and warp shuffles; `emu_ptx.h` for the tensor-core kernels of
+//! `kernels/moe_mma.cu` and `kernels/adapter_mma.cu`), launches every head kernel, both
+//! sets (fp32 and tensor-core), with the grids of
 //! `src/ops/head/cuda.rs` on random inputs, and dumps inputs and outputs; this test compares
 //! them with the CPU reference (`ops::head::cpu`, f64). It checks the kernels' indexing,
 //! bounds, tiling edges and barrier structure, not GPU timing or the memory model (the GPU
@@ -41,11 +42,12 @@ fn close(what: &str, got: &[f64], want: &[f64], atol: f64, rtol: f64) {
 
 const BF16_RTOL: f64 = 1.0 / 128.0;
 
-/// Compares one dump with the CPU reference. `moe_tol` bounds q, r, y, m (absolute and
-/// relative): fp32 sums for head.cu's kernels; the tensor-core kernels (moe_mma.cu) carry the
-/// fp32 weights as two bf16 (about 2^-17 relative each), so their dot products may be off by
-/// ~2^-17 of the sum of |terms|, which exceeds an fp32 tolerance where the terms cancel.
-fn check(dir: &Path, what: &str, moe_tol: f64) {
+/// Compares one dump with the CPU reference. `dot_tol` bounds the fp32 dot products u, q, r
+/// and y, m (absolute and relative): fp32 sums for head.cu's kernels; the tensor-core kernels
+/// (moe_mma.cu, adapter_mma.cu) carry fp32 operands as two bf16 (about 2^-17 relative each), so
+/// their dot products may be off by ~2^-17 of the sum of |terms|, which exceeds an fp32
+/// tolerance where the terms cancel.
+fn check(dir: &Path, what: &str, dot_tol: f64) {
     let sh: Vec<usize> = std::fs::read_to_string(dir.join("shape")).unwrap().split_whitespace().map(|s| s.parse().unwrap()).collect();
     let (bn, t, e, k, d, r, rows) = (sh[0], sh[1], sh[2], sh[3], sh[4], sh[5], sh[7]);
     let p = 2 * t * e;
@@ -63,14 +65,14 @@ fn check(dir: &Path, what: &str, moe_tol: f64) {
     let ash = AdapterShape { batch: bn, tokens: p, dim: d, rank: r };
     let (mut u, mut ad) = (vec![0.0; bn * p * r], vec![0.0; bn * p * d]);
     cpu::adapter_forward(&g("z"), &g("w1"), &g("b1"), &g("w2"), &g("b2"), &mut u, &mut ad, &ash, &mut scratch);
-    close(&format!("{what}: u"), &g("u"), &u, 1e-5, 1e-5);
+    close(&format!("{what}: u"), &g("u"), &u, dot_tol, dot_tol);
     close(&format!("{what}: adapted"), &g("adapted"), &ad, 1e-3, BF16_RTOL);
 
     let ms = MoeShape { batch: bn, tokens: p, dim: d, labels: k, experts: e, gate_rows: rows };
     let (mut y, mut m, mut q, mut rr) = (vec![0.0; bn * k], vec![0.0; bn * k], vec![0.0; bn * e * k], vec![0.0; bn * e * k]);
     cpu::moe_forward(&g("z"), &g("adapted"), &g("gate"), &g("w"), &g("c"), &tok, &grow, &mut y, &mut m, &mut q, &mut rr, &ms);
     for (name, want) in [("q", &q), ("r", &rr), ("y", &y), ("m", &m)] {
-        close(&format!("{what}: {name}"), &g(name), want, moe_tol, moe_tol);
+        close(&format!("{what}: {name}"), &g(name), want, dot_tol, dot_tol);
     }
     let (mut dz, mut da) = (g("dz0"), g("da0"));
     let (mut dg, mut dw, mut dc) = (vec![0.0; rows * d], vec![0.0; k * d], vec![0.0; k]);
@@ -117,22 +119,25 @@ fn head_kernels_run_on_the_cpu_emulator_and_match_the_reference() {
     // remainder (r = 13), several and partial pair tiles (K/T = 20) under group gating; the
     // widest row (D = 1024) with E = 8. For the tensor-core kernels (64 x 64 tiles, steps of 32):
     // two image tiles, the second partial, and a batch of 2 steps + 6 (B = 70); over 64 pairs
-    // per token (K/T = 75); a row of 2 steps + 8 and a partial column tile (D = 72, 264).
+    // per token (K/T = 75); a row of 2 steps + 8 and a partial column tile (D = 72, 264); for
+    // the tensor-core adapters (16 images a block, 16-column chunks a warp): half a chunk at the
+    // end of a row (D = 72, 264), 16 chunks a warp (D = 1024), and r = 37 (5 rank tiles, 3
+    // steps of the up-projection).
     let cases = [
         (37, 2, 3, 7, 72, 5, true),
         (17, 2, 3, 40, 264, 13, false),
         (9, 1, 8, 5, 1024, 1, true),
-        (70, 2, 3, 150, 72, 5, false),
+        (70, 2, 3, 150, 72, 37, false),
     ];
-    for (moe, moe_tol) in [("fp32", 1e-5), ("mma", 1e-4)] {
+    for (kernels, dot_tol) in [("fp32", 1e-5), ("mma", 1e-4)] {
         for (i, &(bn, t, e, k, d, r, label)) in cases.iter().enumerate() {
             let gating = if label { "label" } else { "group" };
-            let what = format!("{moe} MoE kernels, B={bn} T={t} E={e} K={k} D={d} r={r} {gating} (seed {seed})");
+            let what = format!("{kernels} kernels, B={bn} T={t} E={e} K={k} D={d} r={r} {gating} (seed {seed})");
             let mut args: Vec<String> = [bn, t, e, k, d, r, label as usize].iter().map(|v| v.to_string()).collect();
             args.push(seed.wrapping_add(i as u32).to_string());
-            args.push(moe.to_string());
-            let dir = driver.run(&format!("{moe}{i}"), &args);
-            check(&dir, &what, moe_tol);
+            args.push(kernels.to_string());
+            let dir = driver.run(&format!("{kernels}{i}"), &args);
+            check(&dir, &what, dot_tol);
         }
     }
 }

@@ -2,12 +2,12 @@
 # Runs the GPU bundle (tools/gpu-bundle.sh) on a machine with an NVIDIA GPU and no Rust: finds
 # libcuda and libcublas, prints the GPU, runs every bundled test binary with its ignored (GPU)
 # tests included, compute-sanitizer's racecheck and memcheck over every attention kernel and
-# every MoE head kernel, a
+# every head kernel, a
 # one-epoch `mlvpt train --device cuda` on the demo, the training-step comparison with the
 # PyTorch/timm peer on the same card (`mlvpt bench-step` against peer/step_bench.py, eager and
 # torch.compile), then the benches in a short mode (PyTorch's attention kernels right after
 # ours), and, while time is left, the step again with each alternative pair of attention
-# kernels and with the fp32 MoE head kernels. Writes one log per step into $OUT (or $MLVPT_GPU_LOGS, else bundle/logs) and prints
+# kernels and with the fp32 head kernels. Writes one log per step into $OUT (or $MLVPT_GPU_LOGS, else bundle/logs) and prints
 # a summary table last.
 # Exits non-zero when a test fails, our step benchmark fails or a library is missing.
 # Budget: under 8 minutes (MLVPT_GPU_BUDGET_S, default 450 s).
@@ -136,7 +136,7 @@ remaining() { echo $((DEADLINE - $(date +%s))); }
 # MLVPT_GPU_FOCUS=attention: only what decides the fused attention's defaults (its tests and
 # sanitizer pass, our step, the attention bench with PyTorch's kernels, the step per
 # alternative pair), for a short device session. MLVPT_GPU_FOCUS=head: the head's tests and
-# sanitizer pass, our step, the head bench (with its copy peer), the step per MoE kernel set.
+# sanitizer pass, our step, the head bench (with its copy peer), the step per head kernel set.
 # focus_skips NAME: true when the focus leaves out the test or bench binary NAME.
 focus_skips() {
   case "$FOCUS" in
@@ -177,9 +177,9 @@ done
 
 # --- compute-sanitizer on the tensor-core kernels (shared-memory races, out-of-bounds accesses) --
 # The CPU emulator runs cp.async synchronously and cannot see a missing barrier; racecheck
-# can. One small test per binary launches every compiled attention kernel, every MoE kernel.
+# can. One small test per binary launches every compiled attention kernel, every head kernel of both sets.
 sanitizer=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -n 1 || true)
-for target in gpu_attention:attention_every_kernel_small gpu_head:moe_every_kernel_small; do
+for target in gpu_attention:attention_every_kernel_small gpu_head:head_every_kernel_small; do
   bin=${target%%:*}; test=${target#*:}; what=${bin#gpu_}
   focus_skips "$bin" && continue
   if [ -n "${MLVPT_GPU_SKIP_SANITIZER:-}" ]; then
@@ -372,28 +372,28 @@ if [ -x "$HERE/bin/mlvpt" ] && [ -z "${MLVPT_GPU_SKIP_BENCH:-}" ] && [ "$FOCUS" 
   done
 fi
 
-# --- the training step with the fp32 MoE head kernels ---------------------------------------------
-# The step of `bench-step (ours)` (tensor-core MoE kernels, the default) again with the fp32
-# CUDA-core ones (`--moe-kernels fp32`): whether the default should stay (MoeKernels).
-MOE_TABLE="$LOGS/moe-step-summary.txt"
-: > "$MOE_TABLE"
+# --- the training step with the fp32 head kernels -------------------------------------------------
+# The step of `bench-step (ours)` (tensor-core adapter and MoE kernels, the default) again with
+# the fp32 CUDA-core ones (`--head-kernels fp32`): whether the default should stay (HeadKernels).
+HEAD_TABLE="$LOGS/head-step-summary.txt"
+: > "$HEAD_TABLE"
 if [ -x "$HERE/bin/mlvpt" ] && [ -z "${MLVPT_GPU_SKIP_BENCH:-}" ] && [ "$FOCUS" != attention ]; then
   ours_ips=$(json_field "$(grep -m1 '^{' "$LOGS/bench-step-ours.log" 2>/dev/null)" images_per_s)
-  echo "training step by MoE head kernels (vit-b16, images/s):" >> "$MOE_TABLE"
-  printf '  %-44s %10s\n' "default (mma)" "${ours_ips:-?}" >> "$MOE_TABLE"
+  echo "training step by head kernels (vit-b16, images/s):" >> "$HEAD_TABLE"
+  printf '  %-44s %10s\n' "default (mma)" "${ours_ips:-?}" >> "$HEAD_TABLE"
   left=$(remaining); cap=${MLVPT_COMPARE_OURS_S:-120}; [ "$left" -lt "$cap" ] && cap=$left
   if [ "$cap" -lt 20 ]; then
-    row "step moe fp32" "SKIPPED" - - - 0
+    row "step head fp32" "SKIPPED" - - - 0
   else
-    log "mlvpt bench-step --moe-kernels fp32 (timeout ${cap}s)"
+    log "mlvpt bench-step --head-kernels fp32 (timeout ${cap}s)"
     t0=$(date +%s)
     timeout --kill-after=5 "$cap" "$HERE/bin/mlvpt" bench-step --device cuda --model vit-b16 "${STEP_ARGS[@]}" \
-      --moe-kernels fp32 > "$LOGS/bench-step-moe-fp32.log" 2>&1
+      --head-kernels fp32 > "$LOGS/bench-step-head-fp32.log" 2>&1
     rc=$?
-    ips=$(json_field "$(grep -m1 '^{' "$LOGS/bench-step-moe-fp32.log")" images_per_s)
-    printf '  %-44s %10s\n' "fp32" "${ips:-error (log bench-step-moe-fp32.log)}" >> "$MOE_TABLE"
+    ips=$(json_field "$(grep -m1 '^{' "$LOGS/bench-step-head-fp32.log")" images_per_s)
+    printf '  %-44s %10s\n' "fp32" "${ips:-error (log bench-step-head-fp32.log)}" >> "$HEAD_TABLE"
     if [ "$rc" -eq 0 ]; then st=ok; elif [ "$rc" -ge 124 ]; then st=TIMEOUT; else st=FAILED; fi
-    row "step moe fp32" "$st" - - - "$(( $(date +%s) - t0 ))"
+    row "step head fp32" "$st" - - - "$(( $(date +%s) - t0 ))"
   fi
 fi
 
@@ -407,7 +407,7 @@ fi
   [ -s "$TRAIN_TABLE" ] && cat "$TRAIN_TABLE"
   [ -s "$COMPARE_TABLE" ] && cat "$COMPARE_TABLE"
   [ -s "$VARIANTS_TABLE" ] && cat "$VARIANTS_TABLE"
-  [ -s "$MOE_TABLE" ] && cat "$MOE_TABLE"
+  [ -s "$HEAD_TABLE" ] && cat "$HEAD_TABLE"
   if [ -s "$BENCH_TABLE" ]; then
     echo "benchmarks (median time, median throughput):"
     cat "$BENCH_TABLE"

@@ -284,8 +284,8 @@ pub struct CudaBackend {
     /// Fused attention kernels chosen instead of the defaults (for their head dim).
     attn_fwd: Option<attention::FwdTiles>,
     attn_bwd: Option<attention::BwdTiles>,
-    /// The MoE head's contraction kernels.
-    moe_kernels: head::cuda::MoeKernels,
+    /// The head's contraction kernels (adapters, MoE).
+    head_kernels: head::cuda::HeadKernels,
 }
 
 impl std::fmt::Debug for CudaBackend {
@@ -320,7 +320,7 @@ impl CudaBackend {
             error: RefCell::new(None),
             attn_fwd: None,
             attn_bwd: None,
-            moe_kernels: head::cuda::MoeKernels::default(),
+            head_kernels: head::cuda::HeadKernels::default(),
         })
     }
 
@@ -333,11 +333,11 @@ impl CudaBackend {
         self.attn_bwd = bwd;
     }
 
-    /// Runs the MoE head's contractions on these kernels instead of the default
-    /// ([`head::cuda::MoeKernels::Mma`]). For measuring them in a whole step (`mlvpt bench-step
-    /// --moe-kernels`), or for fp32 sums.
-    pub fn set_moe_kernels(&mut self, kernels: head::cuda::MoeKernels) {
-        self.moe_kernels = kernels;
+    /// Runs the head's contractions (adapters, MoE) on these kernels instead of the default
+    /// ([`head::cuda::HeadKernels::Mma`]). For measuring them in a whole step (`mlvpt bench-step
+    /// --head-kernels`), or for fp32 sums.
+    pub fn set_head_kernels(&mut self, kernels: head::cuda::HeadKernels) {
+        self.head_kernels = kernels;
     }
 
     /// The device context.
@@ -801,7 +801,7 @@ impl Backend for CudaBackend {
             let (w2v, b2v) = (input::<f32>(g, w2, s3, p * d * r)?, input::<f32>(g, b2, s4, p * d)?);
             let uo = output::<f32>(g, u, s5, shape.batch * p * r, Mode::Write)?;
             let o = output::<bf16>(g, out, s6, n, Mode::Write)?;
-            head::cuda::adapter_forward(g, g.stream(), zb, w1v, b1v, w2v, b2v, &mut *uo.buf, &mut *o.buf, shape)?;
+            head::cuda::adapter_forward(g, g.stream(), zb, w1v, b1v, w2v, b2v, &mut *uo.buf, &mut *o.buf, shape, be.head_kernels)?;
             uo.done(g)?;
             o.done(g)
         });
@@ -821,7 +821,7 @@ impl Backend for CudaBackend {
             let o2 = output::<f32>(g, db1, s7, p * r, Mode::Write)?;
             let o3 = output::<f32>(g, dw2, s8, p * d * r, Mode::Write)?;
             let o4 = output::<f32>(g, db2, s9, p * d, Mode::Write)?;
-            head::cuda::adapter_backward(g, g.stream(), ws, gb, zb, uv, w1v, w2v, &mut *dzo.buf, &mut *o1.buf, &mut *o2.buf, &mut *o3.buf, &mut *o4.buf, shape)?;
+            head::cuda::adapter_backward(g, g.stream(), ws, gb, zb, uv, w1v, w2v, &mut *dzo.buf, &mut *o1.buf, &mut *o2.buf, &mut *o3.buf, &mut *o4.buf, shape, be.head_kernels)?;
             for o in [o1, o2, o3, o4] {
                 o.done(g)?;
             }
@@ -840,7 +840,7 @@ impl Backend for CudaBackend {
             let (yo, mo) = (output::<f32>(g, y, s5, bk, Mode::Write)?, output::<f32>(g, m, s6, bk, Mode::Write)?);
             let (qo, ro) = (output::<f32>(g, q, s7, bek, Mode::Write)?, output::<f32>(g, r, s8, bek, Mode::Write)?);
             let (tt, gt) = (tok.table(g, shape.tokens)?, grow_.table(g, shape.gate_rows)?);
-            head::cuda::moe_forward(g, g.stream(), zb, ab, gv, wv, cv, &tt, &gt, &mut *yo.buf, &mut *mo.buf, &mut *qo.buf, &mut *ro.buf, shape, be.moe_kernels)?;
+            head::cuda::moe_forward(g, g.stream(), zb, ab, gv, wv, cv, &tt, &gt, &mut *yo.buf, &mut *mo.buf, &mut *qo.buf, &mut *ro.buf, shape, be.head_kernels)?;
             for o in [yo, mo, qo, ro] {
                 o.done(g)?;
             }
@@ -864,7 +864,7 @@ impl Backend for CudaBackend {
             let wo = output::<f32>(g, dw, s11, k * d, Mode::Write)?;
             let co = output::<f32>(g, dc, s12, k, Mode::Write)?;
             let (tt, gt) = (tok.table(g, shape.tokens)?, grow_.table(g, shape.gate_rows)?);
-            head::cuda::moe_backward(g, g.stream(), ws, dyv, dmv, zb, ab, gv, wv, &tt, &gt, qv, rv, &mut *dzo.buf, &mut *dao.buf, &mut *go.buf, &mut *wo.buf, &mut *co.buf, shape, be.moe_kernels)?;
+            head::cuda::moe_backward(g, g.stream(), ws, dyv, dmv, zb, ab, gv, wv, &tt, &gt, qv, rv, &mut *dzo.buf, &mut *dao.buf, &mut *go.buf, &mut *wo.buf, &mut *co.buf, shape, be.head_kernels)?;
             for o in [dzo, dao] {
                 o.done(g)?;
             }

@@ -13,7 +13,7 @@ use super::{Device, Precision};
 use mlvpt::backend::{Backend, Selected};
 use mlvpt::model::{Method, ModelConfig, VitConfig};
 use mlvpt::ops::attention::{BwdTiles, FwdTiles, BWD_TILES, FUSED_HEAD_DIMS, FWD_TILES};
-use mlvpt::ops::head::MoeKernels;
+use mlvpt::ops::head::HeadKernels;
 use mlvpt::train::bench::{self, RandomProblem, StepTimes, BRANCHES};
 use mlvpt::train::flops::{self, StepFlops};
 
@@ -77,21 +77,21 @@ pub struct BenchStepArgs {
     /// (e.g. `attn_fwd_d64_r64p,attn_bwd_d64_split`), to measure the alternatives in a whole step.
     #[arg(long, value_name = "FWD,BWD")]
     pub attention_kernels: Option<String>,
-    /// The MoE head's contraction kernels on CUDA: `mma` (tensor cores, the default) or `fp32`
-    /// (CUDA cores), to measure both in a whole step.
+    /// The head's contraction kernels (adapters, MoE) on CUDA: `mma` (tensor cores, the
+    /// default) or `fp32` (CUDA cores), to measure both in a whole step.
     #[arg(long, value_name = "mma|fp32")]
-    pub moe_kernels: Option<String>,
+    pub head_kernels: Option<String>,
     /// Print one JSON line instead of the table: impl, model, batch, images_per_s, ms_per_step,
     /// tflops, flops_per_step, device, and more.
     #[arg(long)]
     pub json: bool,
 }
 
-/// The kernels `--moe-kernels` names.
-fn moe_kernels(name: &str) -> Result<MoeKernels> {
-    MoeKernels::from_name(name.trim()).ok_or_else(|| {
-        let names: Vec<&str> = MoeKernels::ALL.iter().map(|k| k.name()).collect();
-        anyhow::anyhow!("--moe-kernels: unknown '{name}' (expected one of {})", names.join(", "))
+/// The kernels `--head-kernels` names.
+fn head_kernels(name: &str) -> Result<HeadKernels> {
+    HeadKernels::from_name(name.trim()).ok_or_else(|| {
+        let names: Vec<&str> = HeadKernels::ALL.iter().map(|k| k.name()).collect();
+        anyhow::anyhow!("--head-kernels: unknown '{name}' (expected one of {})", names.join(", "))
     })
 }
 
@@ -146,8 +146,8 @@ impl BenchStepArgs {
         if let Some(spec) = &self.attention_kernels {
             attention_tiles(spec, cfg.vit.dim / cfg.vit.heads)?;
         }
-        if let Some(name) = &self.moe_kernels {
-            moe_kernels(name)?;
+        if let Some(name) = &self.head_kernels {
+            head_kernels(name)?;
         }
         Ok(cfg)
     }
@@ -162,8 +162,8 @@ pub fn run(args: &BenchStepArgs) -> Result<()> {
             if args.attention_kernels.is_some() {
                 eprintln!("note: --attention-kernels applies to CUDA only; the CPU backend ignores it");
             }
-            if args.moe_kernels.is_some() {
-                eprintln!("note: --moe-kernels applies to CUDA only; the CPU backend ignores it");
+            if args.head_kernels.is_some() {
+                eprintln!("note: --head-kernels applies to CUDA only; the CPU backend ignores it");
             }
             run_on(be, device, args.batch.unwrap_or(DEFAULT_BATCH_CPU), args, &cfg)
         }
@@ -173,8 +173,8 @@ pub fn run(args: &BenchStepArgs) -> Result<()> {
                 let (f, b) = attention_tiles(spec, cfg.vit.dim / cfg.vit.heads)?;
                 be.set_attention_tiles(Some(f), Some(b));
             }
-            if let Some(name) = &args.moe_kernels {
-                be.set_moe_kernels(moe_kernels(name)?);
+            if let Some(name) = &args.head_kernels {
+                be.set_head_kernels(head_kernels(name)?);
             }
             run_on(*be, device, args.batch.unwrap_or(DEFAULT_BATCH_CUDA), args, &cfg)
         }
@@ -204,8 +204,8 @@ fn run_on<B: Backend>(be: B, device: String, batch: usize, args: &BenchStepArgs,
     // "cuda-f32+bf16 (NVIDIA H100 ...)": the device is reported on its own.
     let backend_short = backend.split(" (").next().unwrap_or(&backend).to_string();
     let attention = args.attention_kernels.as_deref().unwrap_or("default");
-    let moe = args.moe_kernels.as_deref().map(str::trim).unwrap_or("default");
-    let r = Report { model: &args.model, cfg, batch, tokens, device, backend: backend_short, times, flops: fl, warmup: args.warmup, attention, moe };
+    let head = args.head_kernels.as_deref().map(str::trim).unwrap_or("default");
+    let r = Report { model: &args.model, cfg, batch, tokens, device, backend: backend_short, times, flops: fl, warmup: args.warmup, attention, head };
     if args.json {
         println!("{}", r.json());
     } else {
@@ -241,8 +241,8 @@ struct Report<'a> {
     warmup: usize,
     /// `--attention-kernels` as given, else "default".
     attention: &'a str,
-    /// `--moe-kernels` as given, else "default".
-    moe: &'a str,
+    /// `--head-kernels` as given, else "default".
+    head: &'a str,
 }
 
 impl Report<'_> {
@@ -274,7 +274,7 @@ impl Report<'_> {
             "flops": self.flops,
             "loss": t.last_loss,
             "attention_kernels": self.attention,
-            "moe_kernels": self.moe,
+            "head_kernels": self.head,
         })
     }
 

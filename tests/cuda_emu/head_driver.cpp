@@ -1,11 +1,13 @@
 // Runs kernels/head.cu under the CPU emulator (cuda_bf16.h) on random inputs and dumps inputs and
 // outputs as raw little-endian f32/u32 files for tests/head_emulated.rs, which compares them
-// with the CPU reference. The launch shapes mirror src/ops/head/cuda.rs. MOE picks the MoE
-// contraction kernels: fp32 (head.cu) or mma (moe_mma.cu, tensor cores).
-//   head_driver DIR B T E K D r LABEL_GATING SEED MOE
+// with the CPU reference. The launch shapes mirror src/ops/head/cuda.rs. KERNELS picks the
+// contraction kernels of the MoE ops and the adapters: fp32 (head.cu) or mma (moe_mma.cu and
+// adapter_mma.cu, tensor cores).
+//   head_driver DIR B T E K D r LABEL_GATING SEED KERNELS
 #include "cuda_bf16.h"
 #include "head.cu"
 #include "moe_mma.cu"
+#include "adapter_mma.cu"
 #include <cstdio>
 #include <random>
 #include <string>
@@ -47,7 +49,8 @@ int main(int argc, char** argv) {
     auto z = tobf(uni(B * P * D, -1, 1));
     auto w1 = uni(P * R * D, -2.0f / sqrtf(D), 2.0f / sqrtf(D)), b1 = uni(P * R, -0.5, 0.5), w2 = uni(P * D * R, -0.5, 0.5), b2 = uni(P * D, -0.1, 0.1);
     std::vector<float> u(B * P * R, NAN); std::vector<bf> ad(B * P * D, __float2bfloat16_rn(NAN));
-    emu_launch({P, (B + 15) / 16, 1}, ru32(D / 8), [&] { adapter_fwd(z.data(), w1.data(), b1.data(), w2.data(), b2.data(), u.data(), ad.data(), B, P, D, R); });
+    if (mma) emu_launch({P, (B + 15) / 16, 1}, 128, [&] { adapter_fwd_mma(z.data(), w1.data(), b1.data(), w2.data(), b2.data(), u.data(), ad.data(), B, P, D, R); });
+    else emu_launch({P, (B + 15) / 16, 1}, ru32(D / 8), [&] { adapter_fwd(z.data(), w1.data(), b1.data(), w2.data(), b2.data(), u.data(), ad.data(), B, P, D, R); });
     auto gate = uni(rows * D, -a, a), w = uni(K * D, -a, a), c = uni(K, -0.5, 0.5);
     std::vector<float> y(B * K, NAN), m(B * K, NAN), q(B * E * K, NAN), r(B * E * K, NAN);
     if (mma) emu_launch({P, (B + 63) / 64, 2 * mma_pair_tiles}, 128, [&] { moe_fwd_scores_mma(z.data(), ad.data(), gate.data(), w.data(), grow.data(), toff.data(), tit.data(), q.data(), r.data(), B, P, D, K, E); });
@@ -77,7 +80,8 @@ int main(int argc, char** argv) {
     auto dout = tobf(uni(B * P * D, -1, 1));
     auto dz2_0 = tobf(uni(B * P * D, -0.5, 0.5)); auto dz2 = dz2_0;
     std::vector<float> du(B * P * R, NAN), dw1(P * R * D, NAN), db1(P * R, NAN), dw2(P * D * R, NAN), db2(P * D, NAN);
-    emu_launch({P, (B + 15) / 16, 1}, ru32(D / 8), [&] { adapter_bwd_tokens(dout.data(), u.data(), w1.data(), w2.data(), du.data(), dz2.data(), B, P, D, R); });
+    if (mma) emu_launch({P, (B + 15) / 16, 1}, 128, [&] { adapter_bwd_tokens_mma(dout.data(), u.data(), w1.data(), w2.data(), du.data(), dz2.data(), B, P, D, R); });
+    else emu_launch({P, (B + 15) / 16, 1}, ru32(D / 8), [&] { adapter_bwd_tokens(dout.data(), u.data(), w1.data(), w2.data(), du.data(), dz2.data(), B, P, D, R); });
     emu_launch({P, (D + 255) / 256, 1}, 256, [&] { adapter_bwd_params(dout.data(), z.data(), u.data(), du.data(), dw1.data(), db1.data(), dw2.data(), db2.data(), B, P, D, R); });
     std::vector<float> zbar(B * D, NAN), csum(K, NAN), pred(B * K, NAN), prob(B * K, NAN);
     emu_launch({2, 1, 1}, 256, [&] { vpt_mean(z.data(), zbar.data(), B, P, D); });

@@ -20,7 +20,7 @@
 //! inverse (per token / per gate row, the `(e, k)` pairs pointing at it), so that the backward
 //! gathers token and gate-row gradients instead of scattering them with atomics.
 
-pub use super::MoeKernels;
+pub use super::HeadKernels;
 use super::{AdapterShape, MoeShape, VptHeadShape};
 use crate::gpu::launch::{aligned, check_len, grid_stride_blocks, BLOCK};
 use crate::gpu::{bf16, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, GpuContext, GpuError};
@@ -33,7 +33,8 @@ pub const MAX_EXPERTS: usize = 8;
 /// Largest adapter bottleneck (`HEAD_MAX_RANK` in head.cu).
 pub const MAX_RANK: usize = 64;
 
-/// Images per block of `moe_fwd_scores`, `moe_bwd_tokens`, and the adapter kernels (head.cu).
+/// Images per block of `moe_fwd_scores`, `moe_bwd_tokens`, and the adapter kernels (head.cu,
+/// adapter_mma.cu).
 const MOE_FWD_IMAGES: usize = 32;
 const TOK_IMAGES: usize = 8;
 const ADA_IMAGES: usize = 16;
@@ -246,6 +247,7 @@ pub fn adapter_forward(
     u: &mut impl DevicePtrMut<f32>,
     out: &mut impl DevicePtrMut<bf16>,
     s: &AdapterShape,
+    kernels: HeadKernels,
 ) -> Result<(), GpuError> {
     const OP: &str = "adapter forward";
     check_adapter(OP, s)?;
@@ -268,20 +270,34 @@ pub fn adapter_forward(
     let (up, _g6) = u.device_ptr_mut(stream);
     let (op, _g7) = out.device_ptr_mut(stream);
     check_aligned(OP, &[("z", zp), ("w1", w1p), ("b2", b2p), ("out", op)])?;
-    let f = gpu.function("head", "adapter_fwd")?;
     let (b32, p32, d32, r32) = (bn as u32, p as u32, d as u32, r as u32);
-    let cfg = LaunchConfig {
-        grid_dim: (p as u32, grid_y(OP, bn, ADA_IMAGES)?, 1),
-        block_dim: (column_threads(d), 1, 1),
-        shared_mem_bytes: 0,
-    };
+    let (f, cfg) = adapter_tokens_kernel(gpu, OP, ("adapter_fwd", "adapter_fwd_mma"), s, kernels)?;
     let mut l = stream.launch_builder(&f);
     l.arg(&zp).arg(&w1p).arg(&b1p).arg(&w2p).arg(&b2p).arg(&up).arg(&op);
     l.arg(&b32).arg(&p32).arg(&d32).arg(&r32);
     // SAFETY: every buffer holds what the shape needs (checked), rows are 16-byte aligned,
     // D % 8 == 0 and D <= 1024 so the block's D/8 threads fit, r <= HEAD_MAX_RANK.
-    unsafe { l.launch(cfg) }.map_err(GpuError::driver("launching adapter_fwd"))?;
+    unsafe { l.launch(cfg) }.map_err(GpuError::driver(format!("launching the adapter forward ({})", kernels.name())))?;
     Ok(())
+}
+
+/// A per-image adapter kernel of `kernels`, named `(head.cu's, adapter_mma.cu's)`, and its
+/// launch: a block per token and 16 images, D/8 threads (head.cu) or 128 (adapter_mma.cu).
+fn adapter_tokens_kernel(
+    gpu: &GpuContext,
+    op: &'static str,
+    names: (&'static str, &'static str),
+    s: &AdapterShape,
+    kernels: HeadKernels,
+) -> Result<(cudarc::driver::CudaFunction, LaunchConfig), GpuError> {
+    let y = grid_y(op, s.batch, ADA_IMAGES)?;
+    Ok(match kernels {
+        HeadKernels::Mma => (gpu.function("adapter_mma", names.1)?, mma_config(s.tokens, y, 1)),
+        HeadKernels::Fp32 => (
+            gpu.function("head", names.0)?,
+            LaunchConfig { grid_dim: (s.tokens as u32, y, 1), block_dim: (column_threads(s.dim), 1, 1), shared_mem_bytes: 0 },
+        ),
+    })
 }
 
 /// Adapter backward from `dout [B, P, D]` (bf16): accumulates `dz += dout + W1^T du` (bf16)
@@ -303,6 +319,7 @@ pub fn adapter_backward(
     dw2: &mut impl DevicePtrMut<f32>,
     db2: &mut impl DevicePtrMut<f32>,
     s: &AdapterShape,
+    kernels: HeadKernels,
 ) -> Result<(), GpuError> {
     const OP: &str = "adapter backward";
     check_adapter(OP, s)?;
@@ -335,17 +352,12 @@ pub fn adapter_backward(
     check_aligned(OP, &[("dout", gp), ("z", zp), ("w1", w1p), ("dz", dzp), ("dw1", dw1p), ("db2", db2p)])?;
     let (b32, p32, d32, r32) = (bn as u32, p as u32, d as u32, r as u32);
     if bn > 0 {
-        let f = gpu.function("head", "adapter_bwd_tokens")?;
-        let cfg = LaunchConfig {
-            grid_dim: (p as u32, grid_y(OP, bn, ADA_IMAGES)?, 1),
-            block_dim: (column_threads(d), 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let (f, cfg) = adapter_tokens_kernel(gpu, OP, ("adapter_bwd_tokens", "adapter_bwd_tokens_mma"), s, kernels)?;
         let mut l = stream.launch_builder(&f);
         l.arg(&gp).arg(&up).arg(&w1p).arg(&w2p).arg(&dup).arg(&dzp);
         l.arg(&b32).arg(&p32).arg(&d32).arg(&r32);
         // SAFETY: as adapter_fwd; du holds B*P*r floats (workspace sized above).
-        unsafe { l.launch(cfg) }.map_err(GpuError::driver("launching adapter_bwd_tokens"))?;
+        unsafe { l.launch(cfg) }.map_err(GpuError::driver(format!("launching the adapter token gradients ({})", kernels.name())))?;
     }
     let f = gpu.function("head", "adapter_bwd_params")?;
     let cfg = LaunchConfig {
@@ -401,7 +413,7 @@ fn check_moe(op: &'static str, s: &MoeShape, tok: &IndexTable, grow: &IndexTable
 /// `r = <W[k], adapted[b, tok]>` (one token-major launch), then `A = softmax_e q`,
 /// `m[b,k] = sum_e A q`, `y[b,k] = sum_e A r + c[k]` (a second, per-(b, k) launch); the
 /// `[B, K, D]` mixture is never formed. Writes `y, m [B, K]` and saves `q, r [B, E, K]` (fp32).
-/// `kernels` picks the scores kernel ([`MoeKernels`]). The twin of [`super::cpu::moe_forward`].
+/// `kernels` picks the scores kernel ([`HeadKernels`]). The twin of [`super::cpu::moe_forward`].
 #[allow(clippy::too_many_arguments)]
 pub fn moe_forward(
     gpu: &GpuContext,
@@ -418,7 +430,7 @@ pub fn moe_forward(
     q: &mut impl DevicePtrMut<f32>,
     r: &mut impl DevicePtrMut<f32>,
     s: &MoeShape,
-    kernels: MoeKernels,
+    kernels: HeadKernels,
 ) -> Result<(), GpuError> {
     const OP: &str = "moe forward";
     check_moe(OP, s, tok, grow)?;
@@ -450,11 +462,11 @@ pub fn moe_forward(
     check_aligned(OP, &[("z", zp), ("adapted", ap), ("gate", gp), ("w", wp)])?;
     let (b32, p32, d32, k32, e32) = (bn as u32, p as u32, d as u32, k as u32, e as u32);
     let (f, cfg) = match kernels {
-        MoeKernels::Mma => (
+        HeadKernels::Mma => (
             gpu.function("moe_mma", "moe_fwd_scores_mma")?,
             mma_config(p, grid_y(OP, bn, MMA_TILE)?, 2 * mma_pair_tiles(tok)),
         ),
-        MoeKernels::Fp32 => (
+        HeadKernels::Fp32 => (
             gpu.function("head", "moe_fwd_scores")?,
             LaunchConfig { grid_dim: (p as u32, grid_y(OP, bn, MOE_FWD_IMAGES)?, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 },
         ),
@@ -482,7 +494,7 @@ pub fn moe_forward(
 /// batch per (e, k) pair, token by token (a block per token, 8 pairs and 256 columns, warps'
 /// partials added in order), then the pair rows are summed into classifier and gate rows in a
 /// fixed order: no atomics, the same bits on every run. `dq, dr [B, E, K]` live in `ws`.
-/// `kernels` picks the token-gradient and pair-row kernels ([`MoeKernels`]). The twin of
+/// `kernels` picks the token-gradient and pair-row kernels ([`HeadKernels`]). The twin of
 /// [`super::cpu::moe_backward`].
 #[allow(clippy::too_many_arguments)]
 pub fn moe_backward(
@@ -505,7 +517,7 @@ pub fn moe_backward(
     dw: &mut impl DevicePtrMut<f32>,
     dc: &mut impl DevicePtrMut<f32>,
     s: &MoeShape,
-    kernels: MoeKernels,
+    kernels: HeadKernels,
 ) -> Result<(), GpuError> {
     const OP: &str = "moe backward";
     check_moe(OP, s, tok, grow)?;
@@ -560,10 +572,10 @@ pub fn moe_backward(
 
         // Token gradients, gathered per token through tok's inverse.
         let (f, cfg) = match kernels {
-            MoeKernels::Mma => {
+            HeadKernels::Mma => {
                 (gpu.function("moe_mma", "moe_bwd_tokens_mma")?, mma_config(p, grid_y(OP, bn, MMA_TILE)?, 2 * d.div_ceil(MMA_TILE)))
             }
-            MoeKernels::Fp32 => (
+            HeadKernels::Fp32 => (
                 gpu.function("head", "moe_bwd_tokens")?,
                 LaunchConfig { grid_dim: (p as u32, grid_y(OP, bn, TOK_IMAGES)?, 1), block_dim: (column_threads(d), 1, 1), shared_mem_bytes: 0 },
             ),
@@ -578,8 +590,8 @@ pub fn moe_backward(
     // Parameter gradients: per-(e, k) rows reduced over the batch token by token, then summed
     // into classifier rows (with dc = sum_b dy) and gate rows. Each writes all of its output.
     let (f_pairs, pairs_cfg) = match kernels {
-        MoeKernels::Mma => (gpu.function("moe_mma", "moe_bwd_pairs_mma")?, mma_config(p, mma_pair_tiles(tok) as u32, d.div_ceil(MMA_TILE))),
-        MoeKernels::Fp32 => (
+        HeadKernels::Mma => (gpu.function("moe_mma", "moe_bwd_pairs_mma")?, mma_config(p, mma_pair_tiles(tok) as u32, d.div_ceil(MMA_TILE))),
+        HeadKernels::Fp32 => (
             gpu.function("head", "moe_bwd_pairs")?,
             LaunchConfig {
                 grid_dim: (p as u32, tok.max_count.div_ceil(PAIR_TILE).max(1) as u32, d.div_ceil(ROWS_COLS) as u32),
@@ -615,7 +627,7 @@ pub fn moe_backward(
     Ok(())
 }
 
-/// Launch config of a tensor-core MoE kernel (moe_mma.cu): grid (tokens, y, z), 128 threads
+/// Launch config of a tensor-core kernel (moe_mma.cu, adapter_mma.cu): grid (tokens, y, z), 128 threads
 /// (`check_moe` keeps the pair tiles within the grid's 65535).
 fn mma_config(tokens: usize, y: u32, z: usize) -> LaunchConfig {
     LaunchConfig { grid_dim: (tokens as u32, y, z as u32), block_dim: (MMA_THREADS, 1, 1), shared_mem_bytes: 0 }

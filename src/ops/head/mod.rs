@@ -49,31 +49,34 @@ pub struct VptHeadShape {
     pub labels: usize,
 }
 
-/// Which kernels do the MoE head's three contractions (gate scores and classifier responses;
-/// token gradients; per-pair parameter-gradient rows). Both compute the same functions with
-/// the same launch arguments; the softmax/mixture, coefficient and summing kernels are shared.
+/// Which kernels do the head's matrix contractions: the adapters' two rank-r projections
+/// (forward and token gradients) and the MoE ops' three (gate scores and classifier responses;
+/// token gradients; per-pair parameter-gradient rows). Both sets compute the same functions
+/// with the same launch arguments; the softmax/mixture, coefficient, summing and
+/// parameter-gradient kernels of the adapters are shared.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum MoeKernels {
-    /// `kernels/moe_mma.cu`: block GEMMs on `mma.sync` bf16 tensor cores, the fp32 operands
-    /// split into two bf16 (about 2^-17 relative each, so a dot product may differ from an
-    /// fp32 one by ~2^-17 of the sum of its terms' magnitudes). The default: at Objects365's
-    /// shape each contraction is 215 M multiply-adds (two in the forward, four in the
-    /// backward), more than fp32 FMA can do in the head's time budget (docs/PERF.md).
+pub enum HeadKernels {
+    /// `kernels/moe_mma.cu` and `kernels/adapter_mma.cu`: `mma.sync` bf16 tensor cores, the
+    /// fp32 operands split into two bf16 (about 2^-17 relative each, so a dot product may
+    /// differ from an fp32 one by ~2^-17 of the sum of its terms' magnitudes). The default: at
+    /// Objects365's shape each MoE contraction is 215 M multiply-adds (two in the forward, four
+    /// in the backward), more than fp32 FMA can do in the head's time budget, and the adapters'
+    /// reductions over D need no shuffles or per-image-group barriers (docs/PERF.md).
     #[default]
     Mma,
-    /// `kernels/head.cu`: fp32 CUDA cores, token-major, fp32 sums.
+    /// `kernels/head.cu`: fp32 CUDA cores, fp32 sums.
     Fp32,
 }
 
-impl MoeKernels {
+impl HeadKernels {
     /// Both, default first (tests and benches run each).
-    pub const ALL: [MoeKernels; 2] = [MoeKernels::Mma, MoeKernels::Fp32];
+    pub const ALL: [HeadKernels; 2] = [HeadKernels::Mma, HeadKernels::Fp32];
 
-    /// The name `mlvpt bench-step --moe-kernels` takes and reports.
+    /// The name `mlvpt bench-step --head-kernels` takes and reports.
     pub fn name(self) -> &'static str {
         match self {
-            MoeKernels::Mma => "mma",
-            MoeKernels::Fp32 => "fp32",
+            HeadKernels::Mma => "mma",
+            HeadKernels::Fp32 => "fp32",
         }
     }
 
@@ -85,14 +88,14 @@ impl MoeKernels {
 
 #[cfg(test)]
 mod tests {
-    use super::MoeKernels;
+    use super::HeadKernels;
 
     #[test]
-    fn moe_kernel_names_round_trip() {
-        for k in MoeKernels::ALL {
-            assert_eq!(MoeKernels::from_name(k.name()), Some(k));
+    fn head_kernel_names_round_trip() {
+        for k in HeadKernels::ALL {
+            assert_eq!(HeadKernels::from_name(k.name()), Some(k));
         }
-        assert_eq!(MoeKernels::ALL[0], MoeKernels::default());
-        assert_eq!(MoeKernels::from_name("tf32"), None);
+        assert_eq!(HeadKernels::ALL[0], HeadKernels::default());
+        assert_eq!(HeadKernels::from_name("tf32"), None);
     }
 }
