@@ -1,6 +1,6 @@
-// The per-image adapter kernels of the head (head.cu's adapter_fwd and adapter_bwd_tokens, SPEC
-// 3) with their two rank-r projections on tensor cores. Same arguments, outputs and launch
-// grid's meaning as those two:
+// The adapter kernels of the head (head.cu's adapter_fwd, adapter_bwd_tokens and
+// adapter_bwd_params, SPEC 3) with their rank-r products on tensor cores. Same arguments and
+// outputs as those three (the parameter gradients: see adapter_bwd_params_mma below):
 //   adapter_fwd_mma:         u = W1_t z + b1_t (saved, fp32 [B, P, r]),
 //                            out[b,t] = z + b2_t + W2_t gelu(u)                     (bf16)
 //   adapter_bwd_tokens_mma:  du = (dout W2_t) * gelu'(u) (saved, fp32 [B, P, r]),
@@ -18,7 +18,8 @@
 // ~2^-17 of the sum of |terms| of fp32 dot products, and out, dz are rounded to bf16 once as
 // head.cu's are. Deterministic: fixed chunk order per warp, warps added in order.
 //
-// Launch (src/ops/head/cuda.rs, HeadKernels::Mma): grid (P, ceil(B/16)), 128 threads, for
+// Launch (src/ops/head/cuda.rs, HeadKernels::Mma): grid (P, ceil(B/16)) for the first two,
+// (P, ceil(D/64)) for the parameter gradients, 128 threads, for
 // D % 8 == 0, D <= 1024, r <= HEAD_MAX_RANK (64), 16-byte-aligned pointers.
 #include "common.cuh"
 #include "ptx.cuh"
@@ -259,6 +260,122 @@ extern "C" __global__ void __launch_bounds__(ada_mma::THREADS) adapter_bwd_token
                 const float2 prev = __bfloat1622float2(*o);
                 *o = __floats2bfloat162_rn(prev.x + (gv.x + c[2 * r2]), prev.y + (gv.y + c[2 * r2 + 1]));
             }
+        }
+    }
+}
+
+// Parameter gradients of token t's adapter, batch-reduced as matrix products (K = the batch):
+//   dW1_t = du^T z  [r, D],   dW2_t^T = gelu(u)^T dout  [r, D] (written transposed into
+//   dW2 [P, D, r]),   db2_t = sum_b dout (column sums of the staged dout tile),
+//   db1_t = sum_b du (column tile 0).
+// Block = token t and 64 columns, 128 threads; warp w owns columns 16 w .. 16 w + 15 and every
+// rank row (ceil(r/16) m-tiles). Steps of 32 images: du and gelu(u) [r][32] split hi/lo into
+// shared memory (A, [m][k]), z and dout [32][64] bf16 (B, [k][n], ldmatrix .trans). Fixed
+// order over the images: deterministic. Grid (P, ceil(D/64)): 360 blocks at P 30, D 768, where
+// head.cu's adapter_bwd_params has 90 and reads z and dout once per 4 ranks.
+namespace ada_mma {
+constexpr int PK = 32;            // images per step
+constexpr int PSK = PK + 8;       // row stride (bf16) of the [rank][image] stages
+constexpr int PN = 64;            // columns per block
+constexpr int PSN = PN + 8;       // row stride of the [image][column] stages
+}  // namespace ada_mma
+
+extern "C" __global__ void __launch_bounds__(ada_mma::THREADS) adapter_bwd_params_mma(
+    const bf16* __restrict__ dout, const bf16* __restrict__ z, const float* __restrict__ u,
+    const float* __restrict__ du, float* __restrict__ dw1, float* __restrict__ db1, float* __restrict__ dw2,
+    float* __restrict__ db2, uint32_t batch, uint32_t tokens, uint32_t d, uint32_t rank) {
+    using namespace ada_mma;
+    __shared__ __align__(16) bf16 sa[4][MAX_RANK * PSK];  // du hi, du lo, gelu(u) hi, gelu(u) lo
+    __shared__ __align__(16) bf16 sb[2][PK * PSN];        // z, dout
+    const uint32_t t = blockIdx.x, c0 = blockIdx.y * PN;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int g = lane >> 2, tq = lane & 3;
+    const uint32_t mts = (rank + 15) / 16, rows = mts * 16;
+    float acc[2][RK][2][4];  // [product][m-tile][n-tile][e]
+#pragma unroll
+    for (int pr = 0; pr < 2; pr++)
+#pragma unroll
+        for (int mt = 0; mt < RK; mt++)
+#pragma unroll
+            for (int h = 0; h < 2; h++)
+#pragma unroll
+                for (int e = 0; e < 4; e++) acc[pr][mt][h][e] = 0.0f;
+    float colsum = 0.0f;  // db2 of column c0 + threadIdx.x (threads < 64)
+    for (uint32_t b0 = 0; b0 < batch; b0 += PK) {
+        for (uint32_t i = threadIdx.x; i < rows * PK; i += THREADS) {
+            const uint32_t j = i / PK, bb = i % PK, b = b0 + bb;
+            float dv = 0.0f, gv = 0.0f;
+            if (j < rank && b < batch) {
+                const uint64_t ui = ((uint64_t)b * tokens + t) * rank + j;
+                dv = du[ui];
+                gv = gelu_f(u[ui]);
+            }
+            const uint32_t off = j * PSK + bb;
+            const bf16 dh = __float2bfloat16_rn(dv), gh = __float2bfloat16_rn(gv);
+            sa[0][off] = dh;
+            sa[1][off] = __float2bfloat16_rn(dv - __bfloat162float(dh));
+            sa[2][off] = gh;
+            sa[3][off] = __float2bfloat16_rn(gv - __bfloat162float(gh));
+        }
+#pragma unroll
+        for (int i = 0; i < PK * PN / 8 / THREADS; i++) {
+            const int c = threadIdx.x + i * THREADS, bb = c / (PN / 8), ch = c % (PN / 8);
+            const uint32_t b = b0 + bb, col = c0 + ch * 8;
+            const bool ok = b < batch && col < d;
+            const uint64_t off = ((uint64_t)b * tokens + t) * d + col;
+            *reinterpret_cast<uint4*>(&sb[0][bb * PSN + ch * 8]) = ok ? *reinterpret_cast<const uint4*>(z + off) : make_uint4(0, 0, 0, 0);
+            *reinterpret_cast<uint4*>(&sb[1][bb * PSN + ch * 8]) = ok ? *reinterpret_cast<const uint4*>(dout + off) : make_uint4(0, 0, 0, 0);
+        }
+        __syncthreads();
+        if (threadIdx.x < PN)
+            for (int bb = 0; bb < PK; bb++) colsum += __bfloat162float(sb[1][bb * PSN + threadIdx.x]);
+#pragma unroll
+        for (int kk = 0; kk < PK / 16; kk++) {
+            uint32_t bz[4], bd[4];
+            const int boff = (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * PSN + warp * 16 + (lane >> 4) * 8;
+            ldsm_x4_t(bz, smem_u32(&sb[0][boff]));
+            ldsm_x4_t(bd, smem_u32(&sb[1][boff]));
+#pragma unroll
+            for (int mt = 0; mt < RK; mt++) {
+                if (mt >= (int)mts) break;
+                const int aoff = (mt * 16 + (lane & 15)) * PSK + kk * 16 + (lane >> 4) * 8;
+                uint32_t a[4][4];
+#pragma unroll
+                for (int q = 0; q < 4; q++) ldsm_x4(a[q], smem_u32(&sa[q][aoff]));
+#pragma unroll
+                for (int h = 0; h < 2; h++) {
+                    mma(acc[0][mt][h], a[0], bz[2 * h], bz[2 * h + 1]);
+                    mma(acc[0][mt][h], a[1], bz[2 * h], bz[2 * h + 1]);
+                    mma(acc[1][mt][h], a[2], bd[2 * h], bd[2 * h + 1]);
+                    mma(acc[1][mt][h], a[3], bd[2 * h], bd[2 * h + 1]);
+                }
+            }
+        }
+        __syncthreads();  // the stages are rewritten by the next step
+    }
+    float* dw1t = dw1 + (uint64_t)t * rank * d;
+    float* dw2t = dw2 + (uint64_t)t * d * rank;
+#pragma unroll
+    for (int mt = 0; mt < RK; mt++) {
+        if (mt >= (int)mts) break;
+#pragma unroll
+        for (int h = 0; h < 2; h++)
+#pragma unroll
+            for (int r2 = 0; r2 < 2; r2++) {
+                const uint32_t j = mt * 16 + g + 8 * r2, col = c0 + warp * 16 + h * 8 + 2 * tq;
+                if (j >= rank || col >= d) continue;  // d even: col + 1 < d too
+                *reinterpret_cast<float2*>(dw1t + (uint64_t)j * d + col) = make_float2(acc[0][mt][h][2 * r2], acc[0][mt][h][2 * r2 + 1]);
+                dw2t[(uint64_t)col * rank + j] = acc[1][mt][h][2 * r2];
+                dw2t[(uint64_t)(col + 1) * rank + j] = acc[1][mt][h][2 * r2 + 1];
+            }
+    }
+    if (threadIdx.x < PN && c0 + threadIdx.x < d) db2[(uint64_t)t * d + c0 + threadIdx.x] = colsum;
+    if (blockIdx.y == 0 && warp == 0) {
+        for (uint32_t j = 0; j < rank; j++) {
+            float s = 0.0f;
+            for (uint32_t b = lane; b < batch; b += 32) s += du[((uint64_t)b * tokens + t) * rank + j];
+            s = warp_sum(s);
+            if (lane == 0) db1[(uint64_t)t * rank + j] = s;
         }
     }
 }

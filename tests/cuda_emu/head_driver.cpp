@@ -82,7 +82,8 @@ int main(int argc, char** argv) {
     std::vector<float> du(B * P * R, NAN), dw1(P * R * D, NAN), db1(P * R, NAN), dw2(P * D * R, NAN), db2(P * D, NAN);
     if (mma) emu_launch({P, (B + 15) / 16, 1}, 128, [&] { adapter_bwd_tokens_mma(dout.data(), u.data(), w1.data(), w2.data(), du.data(), dz2.data(), B, P, D, R); });
     else emu_launch({P, (B + 15) / 16, 1}, ru32(D / 8), [&] { adapter_bwd_tokens(dout.data(), u.data(), w1.data(), w2.data(), du.data(), dz2.data(), B, P, D, R); });
-    emu_launch({P, (D + 255) / 256, 1}, 256, [&] { adapter_bwd_params(dout.data(), z.data(), u.data(), du.data(), dw1.data(), db1.data(), dw2.data(), db2.data(), B, P, D, R); });
+    if (mma) emu_launch({P, (D + 63) / 64, 1}, 128, [&] { adapter_bwd_params_mma(dout.data(), z.data(), u.data(), du.data(), dw1.data(), db1.data(), dw2.data(), db2.data(), B, P, D, R); });
+    else emu_launch({P, (D + 255) / 256, 1}, 256, [&] { adapter_bwd_params(dout.data(), z.data(), u.data(), du.data(), dw1.data(), db1.data(), dw2.data(), db2.data(), B, P, D, R); });
     std::vector<float> zbar(B * D, NAN), csum(K, NAN), pred(B * K, NAN), prob(B * K, NAN);
     emu_launch({2, 1, 1}, 256, [&] { vpt_mean(z.data(), zbar.data(), B, P, D); });
     emu_launch({2, 1, 1}, 256, [&] { column_sums(dy.data(), csum.data(), B, K); });

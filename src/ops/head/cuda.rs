@@ -359,18 +359,19 @@ pub fn adapter_backward(
         // SAFETY: as adapter_fwd; du holds B*P*r floats (workspace sized above).
         unsafe { l.launch(cfg) }.map_err(GpuError::driver(format!("launching the adapter token gradients ({})", kernels.name())))?;
     }
-    let f = gpu.function("head", "adapter_bwd_params")?;
-    let cfg = LaunchConfig {
-        grid_dim: (p as u32, d.div_ceil(ROWS_COLS) as u32, 1),
-        block_dim: (ROWS_THREADS, 1, 1),
-        shared_mem_bytes: 0,
+    let (f, cfg) = match kernels {
+        HeadKernels::Mma => (gpu.function("adapter_mma", "adapter_bwd_params_mma")?, mma_config(p, d.div_ceil(MMA_TILE) as u32, 1)),
+        HeadKernels::Fp32 => (
+            gpu.function("head", "adapter_bwd_params")?,
+            LaunchConfig { grid_dim: (p as u32, d.div_ceil(ROWS_COLS) as u32, 1), block_dim: (ROWS_THREADS, 1, 1), shared_mem_bytes: 0 },
+        ),
     };
     let mut l = stream.launch_builder(&f);
     l.arg(&gp).arg(&zp).arg(&up).arg(&dup).arg(&dw1p).arg(&db1p).arg(&dw2p).arg(&db2p);
     l.arg(&b32).arg(&p32).arg(&d32).arg(&r32);
     // SAFETY: parameter gradients hold P*r*D, P*r, P*D*r, P*D floats (checked); the kernel
     // writes each element once (batch 0 writes zeros).
-    unsafe { l.launch(cfg) }.map_err(GpuError::driver("launching adapter_bwd_params"))?;
+    unsafe { l.launch(cfg) }.map_err(GpuError::driver(format!("launching the adapter parameter gradients ({})", kernels.name())))?;
     Ok(())
 }
 
