@@ -159,6 +159,26 @@ __device__ __forceinline__ void down_projection(float* red, const bf16* x, uint3
     __syncthreads();
 }
 
+// The up-projection over this warp's columns (the halves of its 16-column chunks, which its
+// down-projection read): for each 8-column tile, c = A B (up_tile), then epilogue(col, c) with
+// col = the lane's first column (rows g and g + 8 of the block's images; col + 1 < D).
+template <class W, class F>
+__device__ __forceinline__ void up_projection(const uint32_t (&ah)[RK][4], const uint32_t (&al)[RK][4], uint32_t d,
+                                              uint32_t rank, W at, F epilogue) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const uint32_t tiles = (d + 7) / 8;
+    for (uint32_t nt = 2 * warp; nt < tiles; nt += 2 * WARPS) {
+#pragma unroll
+        for (int half = 0; half < 2; half++) {
+            const uint32_t n0 = (nt + half) * 8;
+            if (n0 >= d) break;
+            float c[4];
+            up_tile(c, ah, al, n0, d, rank, lane, at);
+            epilogue(n0 + 2 * (lane & 3), c);
+        }
+    }
+}
+
 }  // namespace ada_mma
 
 extern "C" __global__ void __launch_bounds__(ada_mma::THREADS) adapter_fwd_mma(
@@ -169,7 +189,7 @@ extern "C" __global__ void __launch_bounds__(ada_mma::THREADS) adapter_fwd_mma(
     __shared__ float red[WARPS * ROWS * RS];
     __shared__ float h[ROWS * RS];
     const uint32_t t = blockIdx.x, b0 = blockIdx.y * ROWS;
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int lane = threadIdx.x & 31;
     const float* w1t = w1 + (uint64_t)t * rank * d;  // [r][D]
     const float* w2t = w2 + (uint64_t)t * d * rank;  // [D][r]
     down_projection(red, z, b0, batch, tokens, t, d, rank, [&](uint32_t c, uint32_t j) { return w1t[(uint64_t)j * d + c]; });
@@ -187,29 +207,21 @@ extern "C" __global__ void __launch_bounds__(ada_mma::THREADS) adapter_fwd_mma(
     __syncthreads();
     uint32_t ah[RK][4], al[RK][4];
     load_up_a(ah, al, h, rank, lane);
-    // out = z + b2 + W2 h, 8 columns at a time: the two halves of the warp's chunks.
-    const int g = lane >> 2, tq = lane & 3;
-    const uint32_t tiles = (d + 7) / 8;
-    for (uint32_t nt = 2 * warp; nt < tiles; nt += 2 * WARPS) {
+    // out = z + b2 + W2 h, 8 columns at a time.
+    const int g = lane >> 2;
+    up_projection(ah, al, d, rank, [&](uint32_t j, uint32_t col) { return w2t[(uint64_t)col * rank + j]; },
+                  [&](uint32_t col, const float (&c)[4]) {
+                      const float2 bias = *reinterpret_cast<const float2*>(b2 + (uint64_t)t * d + col);
 #pragma unroll
-        for (int half = 0; half < 2; half++) {
-            const uint32_t n0 = (nt + half) * 8;
-            if (n0 >= d) break;
-            float c[4];
-            up_tile(c, ah, al, n0, d, rank, lane, [&](uint32_t j, uint32_t col) { return w2t[(uint64_t)col * rank + j]; });
-            const uint32_t col = n0 + 2 * tq;  // col + 1 < d: d % 8 == 0
-            const float2 bias = *reinterpret_cast<const float2*>(b2 + (uint64_t)t * d + col);
-#pragma unroll
-            for (int r2 = 0; r2 < 2; r2++) {
-                const uint32_t b = b0 + g + r2 * 8;
-                if (b >= batch) continue;
-                const uint64_t off = ((uint64_t)b * tokens + t) * d + col;
-                const float2 zv = __bfloat1622float2(*reinterpret_cast<const bf162*>(z + off));
-                *reinterpret_cast<bf162*>(out + off) =
-                    __floats2bfloat162_rn(zv.x + bias.x + c[2 * r2], zv.y + bias.y + c[2 * r2 + 1]);
-            }
-        }
-    }
+                      for (int r2 = 0; r2 < 2; r2++) {
+                          const uint32_t b = b0 + g + r2 * 8;
+                          if (b >= batch) continue;
+                          const uint64_t off = ((uint64_t)b * tokens + t) * d + col;
+                          const float2 zv = __bfloat1622float2(*reinterpret_cast<const bf162*>(z + off));
+                          *reinterpret_cast<bf162*>(out + off) =
+                              __floats2bfloat162_rn(zv.x + bias.x + c[2 * r2], zv.y + bias.y + c[2 * r2 + 1]);
+                      }
+                  });
 }
 
 extern "C" __global__ void __launch_bounds__(ada_mma::THREADS) adapter_bwd_tokens_mma(
@@ -220,7 +232,7 @@ extern "C" __global__ void __launch_bounds__(ada_mma::THREADS) adapter_bwd_token
     __shared__ float red[WARPS * ROWS * RS];
     __shared__ float h[ROWS * RS];
     const uint32_t t = blockIdx.x, b0 = blockIdx.y * ROWS;
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int lane = threadIdx.x & 31;
     const float* w1t = w1 + (uint64_t)t * rank * d;
     const float* w2t = w2 + (uint64_t)t * d * rank;
     // s = dout W2 (the down-projection with B[col][j] = W2[col][j]).
@@ -240,28 +252,20 @@ extern "C" __global__ void __launch_bounds__(ada_mma::THREADS) adapter_bwd_token
     uint32_t ah[RK][4], al[RK][4];
     load_up_a(ah, al, h, rank, lane);
     // dz += dout + du W1, 8 columns at a time.
-    const int g = lane >> 2, tq = lane & 3;
-    const uint32_t tiles = (d + 7) / 8;
-    for (uint32_t nt = 2 * warp; nt < tiles; nt += 2 * WARPS) {
+    const int g = lane >> 2;
+    up_projection(ah, al, d, rank, [&](uint32_t j, uint32_t col) { return w1t[(uint64_t)j * d + col]; },
+                  [&](uint32_t col, const float (&c)[4]) {
 #pragma unroll
-        for (int half = 0; half < 2; half++) {
-            const uint32_t n0 = (nt + half) * 8;
-            if (n0 >= d) break;
-            float c[4];
-            up_tile(c, ah, al, n0, d, rank, lane, [&](uint32_t j, uint32_t col) { return w1t[(uint64_t)j * d + col]; });
-            const uint32_t col = n0 + 2 * tq;
-#pragma unroll
-            for (int r2 = 0; r2 < 2; r2++) {
-                const uint32_t b = b0 + g + r2 * 8;
-                if (b >= batch) continue;
-                const uint64_t off = ((uint64_t)b * tokens + t) * d + col;
-                const float2 gv = __bfloat1622float2(*reinterpret_cast<const bf162*>(dout + off));
-                bf162* o = reinterpret_cast<bf162*>(dz + off);
-                const float2 prev = __bfloat1622float2(*o);
-                *o = __floats2bfloat162_rn(prev.x + (gv.x + c[2 * r2]), prev.y + (gv.y + c[2 * r2 + 1]));
-            }
-        }
-    }
+                      for (int r2 = 0; r2 < 2; r2++) {
+                          const uint32_t b = b0 + g + r2 * 8;
+                          if (b >= batch) continue;
+                          const uint64_t off = ((uint64_t)b * tokens + t) * d + col;
+                          const float2 gv = __bfloat1622float2(*reinterpret_cast<const bf162*>(dout + off));
+                          bf162* o = reinterpret_cast<bf162*>(dz + off);
+                          const float2 prev = __bfloat1622float2(*o);
+                          *o = __floats2bfloat162_rn(prev.x + (gv.x + c[2 * r2]), prev.y + (gv.y + c[2 * r2 + 1]));
+                      }
+                  });
 }
 
 // Parameter gradients of token t's adapter, batch-reduced as matrix products (K = the batch):
@@ -370,12 +374,5 @@ extern "C" __global__ void __launch_bounds__(ada_mma::THREADS) adapter_bwd_param
             }
     }
     if (threadIdx.x < PN && c0 + threadIdx.x < d) db2[(uint64_t)t * d + c0 + threadIdx.x] = colsum;
-    if (blockIdx.y == 0 && warp == 0) {
-        for (uint32_t j = 0; j < rank; j++) {
-            float s = 0.0f;
-            for (uint32_t b = lane; b < batch; b += 32) s += du[((uint64_t)b * tokens + t) * rank + j];
-            s = warp_sum(s);
-            if (lane == 0) db1[(uint64_t)t * rank + j] = s;
-        }
-    }
+    if (blockIdx.y == 0 && warp == 0) warp_column_sums(du + (uint64_t)t * rank, (uint64_t)tokens * rank, batch, rank, db1 + (uint64_t)t * rank);
 }

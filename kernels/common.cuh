@@ -34,6 +34,20 @@ __device__ __forceinline__ T block_sum(T v, T* scratch) {
     return warp_sum(v);
 }
 
+// out[j] = sum over rows i < rows of x[i * stride + j], j < cols, by one warp (lanes split the
+// rows; each sum's lane partials added by warp_sum, the same order every run). For the
+// adapters' db1 = sum_b du[b, t, :].
+__device__ __forceinline__ void warp_column_sums(const float* x, uint64_t stride, uint32_t rows, uint32_t cols,
+                                                 float* out) {
+    const int lane = threadIdx.x & 31;
+    for (uint32_t j = 0; j < cols; j++) {
+        float s = 0.0f;
+        for (uint32_t i = lane; i < rows; i += 32) s += x[(uint64_t)i * stride + j];
+        s = warp_sum(s);
+        if (lane == 0) out[j] = s;
+    }
+}
+
 // VEC consecutive bf16 -> float. VEC = 8 is one 16-byte load (pointer 16-byte aligned).
 template <int VEC>
 __device__ __forceinline__ void load_bf16(const bf16* p, float (&o)[VEC]) {

@@ -554,14 +554,7 @@ extern "C" __global__ void __launch_bounds__(ROWS_WARPS * 32) adapter_bwd_params
             }
         }
     }
-    if (blockIdx.y == 0 && warp == 0) {
-        for (uint32_t j = 0; j < rank; j++) {
-            float s = 0.0f;
-            for (uint32_t b = lane; b < batch; b += 32) s += du[((uint64_t)b * tokens + t) * rank + j];
-            s = warp_sum(s);
-            if (lane == 0) db1[(uint64_t)t * rank + j] = s;
-        }
-    }
+    if (blockIdx.y == 0 && warp == 0) warp_column_sums(du + (uint64_t)t * rank, (uint64_t)tokens * rank, batch, rank, db1 + (uint64_t)t * rank);
 }
 
 // ------------------------------------------------------------------ plain-VPT head

@@ -345,6 +345,23 @@ if [ -z "${MLVPT_GPU_SKIP_BENCH:-}" ]; then
   done
 fi
 
+# step_variant ROW LOG LABEL TABLE FLAG...: our step (`bench-step (ours)`) again with FLAG...,
+# capped in time; its images/s under LABEL in TABLE, its status as ROW of the summary.
+step_variant() {
+  local row_name=$1 logf=$2 label=$3 table=$4; shift 4
+  local left cap t0 rc ips st
+  left=$(remaining); cap=${MLVPT_COMPARE_OURS_S:-120}; [ "$left" -lt "$cap" ] && cap=$left
+  if [ "$cap" -lt 20 ]; then row "$row_name" "SKIPPED" - - - 0; return; fi
+  log "mlvpt bench-step $* (timeout ${cap}s)"
+  t0=$(date +%s)
+  timeout --kill-after=5 "$cap" "$HERE/bin/mlvpt" bench-step --device cuda --model vit-b16 "${STEP_ARGS[@]}" "$@" > "$LOGS/$logf" 2>&1
+  rc=$?
+  ips=$(json_field "$(grep -m1 '^{' "$LOGS/$logf")" images_per_s)
+  printf '  %-44s %10s\n' "$label" "${ips:-error (log $logf)}" >> "$table"
+  if [ "$rc" -eq 0 ]; then st=ok; elif [ "$rc" -ge 124 ]; then st=TIMEOUT; else st=FAILED; fi
+  row "$row_name" "$st" - - - "$(( $(date +%s) - t0 ))"
+}
+
 # --- the training step with the alternative fused attention kernels -----------------------------
 # The step of `bench-step (ours)` again with each alternative pair of attention kernels
 # (`mlvpt bench-step --attention-kernels FWD,BWD`), while time is left: which pair the
@@ -358,17 +375,7 @@ if [ -x "$HERE/bin/mlvpt" ] && [ -z "${MLVPT_GPU_SKIP_BENCH:-}" ] && [ "$FOCUS" 
   i=0
   for pair in ${MLVPT_GPU_ATTENTION_VARIANTS:-attn_fwd_d64_r64,attn_bwd_d64_q32 attn_fwd_d64_r64p,attn_bwd_d64_k128 attn_fwd_d64_r64p,attn_bwd_d64_split}; do
     i=$((i + 1))
-    left=$(remaining); cap=${MLVPT_COMPARE_OURS_S:-120}; [ "$left" -lt "$cap" ] && cap=$left
-    if [ "$cap" -lt 20 ]; then row "step attention variant $i" "SKIPPED" - - - 0; continue; fi
-    log "mlvpt bench-step --attention-kernels $pair (timeout ${cap}s)"
-    t0=$(date +%s)
-    timeout --kill-after=5 "$cap" "$HERE/bin/mlvpt" bench-step --device cuda --model vit-b16 "${STEP_ARGS[@]}" \
-      --attention-kernels "$pair" > "$LOGS/bench-step-attention-$i.log" 2>&1
-    rc=$?
-    ips=$(json_field "$(grep -m1 '^{' "$LOGS/bench-step-attention-$i.log")" images_per_s)
-    printf '  %-44s %10s\n' "$pair" "${ips:-error (log bench-step-attention-$i.log)}" >> "$VARIANTS_TABLE"
-    if [ "$rc" -eq 0 ]; then st=ok; elif [ "$rc" -ge 124 ]; then st=TIMEOUT; else st=FAILED; fi
-    row "step attention variant $i" "$st" - - - "$(( $(date +%s) - t0 ))"
+    step_variant "step attention variant $i" "bench-step-attention-$i.log" "$pair" "$VARIANTS_TABLE" --attention-kernels "$pair"
   done
 fi
 
@@ -381,20 +388,7 @@ if [ -x "$HERE/bin/mlvpt" ] && [ -z "${MLVPT_GPU_SKIP_BENCH:-}" ] && [ "$FOCUS" 
   ours_ips=$(json_field "$(grep -m1 '^{' "$LOGS/bench-step-ours.log" 2>/dev/null)" images_per_s)
   echo "training step by head kernels (vit-b16, images/s):" >> "$HEAD_TABLE"
   printf '  %-44s %10s\n' "default (mma)" "${ours_ips:-?}" >> "$HEAD_TABLE"
-  left=$(remaining); cap=${MLVPT_COMPARE_OURS_S:-120}; [ "$left" -lt "$cap" ] && cap=$left
-  if [ "$cap" -lt 20 ]; then
-    row "step head fp32" "SKIPPED" - - - 0
-  else
-    log "mlvpt bench-step --head-kernels fp32 (timeout ${cap}s)"
-    t0=$(date +%s)
-    timeout --kill-after=5 "$cap" "$HERE/bin/mlvpt" bench-step --device cuda --model vit-b16 "${STEP_ARGS[@]}" \
-      --head-kernels fp32 > "$LOGS/bench-step-head-fp32.log" 2>&1
-    rc=$?
-    ips=$(json_field "$(grep -m1 '^{' "$LOGS/bench-step-head-fp32.log")" images_per_s)
-    printf '  %-44s %10s\n' "fp32" "${ips:-error (log bench-step-head-fp32.log)}" >> "$HEAD_TABLE"
-    if [ "$rc" -eq 0 ]; then st=ok; elif [ "$rc" -ge 124 ]; then st=TIMEOUT; else st=FAILED; fi
-    row "step head fp32" "$st" - - - "$(( $(date +%s) - t0 ))"
-  fi
+  step_variant "step head fp32" "bench-step-head-fp32.log" "fp32" "$HEAD_TABLE" --head-kernels fp32
 fi
 
 # --- summary (last) -------------------------------------------------------------------------

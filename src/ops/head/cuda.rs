@@ -218,11 +218,12 @@ fn check_adapter(op: &'static str, s: &AdapterShape) -> Result<(), GpuError> {
 /// Adapters on the prompt tokens: `out[b,t] = z + W2_t gelu(u) + b2_t` with the pre-GELU
 /// `u[b,t] = W1_t z[b,t] + b1_t` saved for the backward. The twin of
 /// [`super::cpu::adapter_forward`]. `z`, `out` bf16 `[B, P, D]`; `W1 [P, r, D]`, `b1 [P, r]`,
-/// `W2 [P, D, r]`, `b2 [P, D]`, `u [B, P, r]` fp32.
+/// `W2 [P, D, r]`, `b2 [P, D]`, `u [B, P, r]` fp32. `kernels` picks the tensor-core or the fp32
+/// kernels ([`HeadKernels`]).
 ///
 /// ```no_run
 /// use mlvpt::gpu::{bf16, GpuContext, GpuError};
-/// use mlvpt::ops::head::{cuda, AdapterShape};
+/// use mlvpt::ops::head::{cuda, AdapterShape, HeadKernels};
 /// # fn main() -> Result<(), GpuError> {
 /// let gpu = GpuContext::new(0)?;
 /// let s = AdapterShape { batch: 2, tokens: 30, dim: 768, rank: 5 };
@@ -232,7 +233,7 @@ fn check_adapter(op: &'static str, s: &AdapterShape) -> Result<(), GpuError> {
 /// let (w2, b2) = (gpu.upload(&vec![0.01f32; p * d * r])?, gpu.zeros::<f32>(p * d)?);
 /// let mut u = gpu.zeros::<f32>(s.batch * p * r)?;
 /// let mut out = gpu.zeros::<bf16>(s.batch * p * d)?;
-/// cuda::adapter_forward(&gpu, gpu.stream(), &z, &w1, &b1, &w2, &b2, &mut u, &mut out, &s)?;
+/// cuda::adapter_forward(&gpu, gpu.stream(), &z, &w1, &b1, &w2, &b2, &mut u, &mut out, &s, HeadKernels::Mma)?;
 /// # Ok(()) }
 /// ```
 #[allow(clippy::too_many_arguments)]
@@ -302,7 +303,8 @@ fn adapter_tokens_kernel(
 
 /// Adapter backward from `dout [B, P, D]` (bf16): accumulates `dz += dout + W1^T du` (bf16)
 /// and writes `dW1, db1, dW2, db2` (fp32, summed over the batch in a fixed order), with
-/// `du = (W2^T dout) gelu'(u)` kept in `ws`. The twin of [`super::cpu::adapter_backward`].
+/// `du = (W2^T dout) gelu'(u)` kept in `ws`; `kernels` as for [`adapter_forward`]. The twin of
+/// [`super::cpu::adapter_backward`].
 #[allow(clippy::too_many_arguments)]
 pub fn adapter_backward(
     gpu: &GpuContext,
