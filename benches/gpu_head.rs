@@ -44,6 +44,31 @@ fn tables(k: usize, offset: usize) -> (Vec<u32>, Vec<u32>) {
     (tok, grow)
 }
 
+/// The four ASL terms of a step (both branches' y and m) in one launch, writing their gradients.
+#[allow(clippy::too_many_arguments)]
+fn asl_four_terms(
+    gpu: &GpuContext,
+    aws: &mut asl::cuda::AslWorkspace,
+    ys: &[CudaSlice<f32>; 2],
+    ms: &[CudaSlice<f32>; 2],
+    dys: &mut [CudaSlice<f32>; 2],
+    dms: &mut [CudaSlice<f32>; 2],
+    targets: &CudaSlice<f32>,
+    acfg: &asl::AslConfig,
+    scale: f32,
+    loss: &mut CudaSlice<f32>,
+) -> Result<(), GpuError> {
+    let [dy0, dy1] = dys;
+    let [dm0, dm1] = dms;
+    let mut terms = [
+        AslTerm { logits: &ys[0], grad: Some(dy0) },
+        AslTerm { logits: &ys[1], grad: Some(dy1) },
+        AslTerm { logits: &ms[0], grad: Some(dm0) },
+        AslTerm { logits: &ms[1], grad: Some(dm1) },
+    ];
+    asl::cuda::forward_backward_terms(gpu, gpu.stream(), aws, &mut terms, targets, acfg, scale, loss, ys[0].len())
+}
+
 fn bench_labels(c: &mut Criterion, gpu: &GpuContext, k: usize, name: &str) {
     let s = gpu.stream();
     let ash = AdapterShape { batch: B, tokens: P, dim: D, rank: R };
@@ -140,17 +165,7 @@ fn bench_labels(c: &mut Criterion, gpu: &GpuContext, k: usize, name: &str) {
     g.throughput(Throughput::Bytes(4 * 2 * bk + bk));
     g.bench_function(format!("asl 4 terms fwd+bwd B{B} K{k}"), |bch| {
         bch.iter_custom(|it| {
-            timed(gpu, it, || {
-                let [dy0, dy1] = &mut dys;
-                let [dm0, dm1] = &mut dms;
-                let mut terms = [
-                    AslTerm { logits: &ys[0], grad: Some(dy0) },
-                    AslTerm { logits: &ys[1], grad: Some(dy1) },
-                    AslTerm { logits: &ms[0], grad: Some(dm0) },
-                    AslTerm { logits: &ms[1], grad: Some(dm1) },
-                ];
-                asl::cuda::forward_backward_terms(gpu, s, &mut aws, &mut terms, &targets, &acfg, scale, &mut loss, B * k)
-            })
+            timed(gpu, it, || asl_four_terms(gpu, &mut aws, &ys, &ms, &mut dys, &mut dms, &targets, &acfg, scale, &mut loss))
         })
     });
     g.throughput(Throughput::Bytes(4 * bk));
@@ -177,17 +192,7 @@ fn bench_labels(c: &mut Criterion, gpu: &GpuContext, k: usize, name: &str) {
                             gpu, s, &z, &adapted, &gates[i], &ws_[i], &cs[i], tok, grow, &mut ys[i], &mut ms[i], &mut qs[i], &mut rs[i], &msh, kernels,
                         )?;
                     }
-                    {
-                        let [dy0, dy1] = &mut dys;
-                        let [dm0, dm1] = &mut dms;
-                        let mut terms = [
-                            AslTerm { logits: &ys[0], grad: Some(dy0) },
-                            AslTerm { logits: &ys[1], grad: Some(dy1) },
-                            AslTerm { logits: &ms[0], grad: Some(dm0) },
-                            AslTerm { logits: &ms[1], grad: Some(dm1) },
-                        ];
-                        asl::cuda::forward_backward_terms(gpu, s, &mut aws, &mut terms, &targets, &acfg, scale, &mut loss, B * k)?;
-                    }
+                    asl_four_terms(gpu, &mut aws, &ys, &ms, &mut dys, &mut dms, &targets, &acfg, scale, &mut loss)?;
                     for i in 0..2 {
                         let (tok, grow) = &branches[i];
                         cuda::moe_backward(

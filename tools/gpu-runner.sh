@@ -362,6 +362,14 @@ step_variant() {
   row "$row_name" "$st" - - - "$(( $(date +%s) - t0 ))"
 }
 
+# variant_table TABLE WHAT LABEL: starts TABLE with our default step's images/s under LABEL.
+variant_table() {
+  local ours_ips
+  ours_ips=$(json_field "$(grep -m1 '^{' "$LOGS/bench-step-ours.log" 2>/dev/null)" images_per_s)
+  echo "training step by $2 (vit-b16, images/s):" >> "$1"
+  printf '  %-44s %10s\n' "$3" "${ours_ips:-?}" >> "$1"
+}
+
 # --- the training step with the alternative fused attention kernels -----------------------------
 # The step of `bench-step (ours)` again with each alternative pair of attention kernels
 # (`mlvpt bench-step --attention-kernels FWD,BWD`), while time is left: which pair the
@@ -369,9 +377,7 @@ step_variant() {
 VARIANTS_TABLE="$LOGS/attention-step-summary.txt"
 : > "$VARIANTS_TABLE"
 if [ -x "$HERE/bin/mlvpt" ] && [ -z "${MLVPT_GPU_SKIP_BENCH:-}" ] && [ "$FOCUS" != head ]; then
-  ours_ips=$(json_field "$(grep -m1 '^{' "$LOGS/bench-step-ours.log" 2>/dev/null)" images_per_s)
-  echo "training step by fused attention kernels (vit-b16, images/s):" >> "$VARIANTS_TABLE"
-  printf '  %-44s %10s\n' "default (attn_fwd_d64, attn_bwd_d64)" "${ours_ips:-?}" >> "$VARIANTS_TABLE"
+  variant_table "$VARIANTS_TABLE" "fused attention kernels" "default (attn_fwd_d64, attn_bwd_d64)"
   i=0
   for pair in ${MLVPT_GPU_ATTENTION_VARIANTS:-attn_fwd_d64_r64,attn_bwd_d64_q32 attn_fwd_d64_r64p,attn_bwd_d64_k128 attn_fwd_d64_r64p,attn_bwd_d64_split}; do
     i=$((i + 1))
@@ -385,9 +391,7 @@ fi
 HEAD_TABLE="$LOGS/head-step-summary.txt"
 : > "$HEAD_TABLE"
 if [ -x "$HERE/bin/mlvpt" ] && [ -z "${MLVPT_GPU_SKIP_BENCH:-}" ] && [ "$FOCUS" != attention ]; then
-  ours_ips=$(json_field "$(grep -m1 '^{' "$LOGS/bench-step-ours.log" 2>/dev/null)" images_per_s)
-  echo "training step by head kernels (vit-b16, images/s):" >> "$HEAD_TABLE"
-  printf '  %-44s %10s\n' "default (mma)" "${ours_ips:-?}" >> "$HEAD_TABLE"
+  variant_table "$HEAD_TABLE" "head kernels" "default (mma)"
   step_variant "step head fp32" "bench-step-head-fp32.log" "fp32" "$HEAD_TABLE" --head-kernels fp32
 fi
 
