@@ -14,9 +14,9 @@
 // 8 columns with K = r (padded to 16), written straight from the accumulators.
 //
 // Precision: z and dout are bf16 (exact operands); W1, W2, gelu(u) and du are fp32 split into
-// hi + lo bf16 (split_bf16x2: hi*hi + hi*lo + lo*hi, fp32 accumulation), so u and du are within
-// ~2^-17 of the sum of |terms| of fp32 dot products, and out, dz are rounded to bf16 once as
-// head.cu's are. Deterministic: fixed chunk order per warp, warps added in order.
+// hi + lo bf16 (split_bf16x2: hi*hi + hi*lo + lo*hi, fp32 tensor-core accumulation, whose
+// adds truncate), so u and du are within ~2^-16 of the sum of |terms| of fp32 dot products (as
+// in moe_mma.cu), and out, dz are rounded to bf16 once as head.cu's are. Deterministic: fixed chunk order per warp, warps added in order.
 //
 // Launch (src/ops/head/cuda.rs, HeadKernels::Mma): grid (P, ceil(B/16)) for the first two,
 // (P, ceil(D/64)) for the parameter gradients, 128 threads, for
@@ -306,8 +306,9 @@ extern "C" __global__ void __launch_bounds__(ada_mma::THREADS) adapter_bwd_param
                 for (int e = 0; e < 4; e++) acc[pr][mt][h][e] = 0.0f;
     float colsum = 0.0f;  // db2 of column c0 + threadIdx.x (threads < 64)
     for (uint32_t b0 = 0; b0 < batch; b0 += PK) {
+        // Rank-fastest across threads: each image's u, du row (r floats) is read contiguously.
         for (uint32_t i = threadIdx.x; i < rows * PK; i += THREADS) {
-            const uint32_t j = i / PK, bb = i % PK, b = b0 + bb;
+            const uint32_t j = i % rows, bb = i / rows, b = b0 + bb;
             float dv = 0.0f, gv = 0.0f;
             if (j < rank && b < batch) {
                 const uint64_t ui = ((uint64_t)b * tokens + t) * rank + j;

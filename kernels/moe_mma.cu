@@ -14,9 +14,11 @@
 // Precision: Z, a(Z) and X are bf16 already (exact as mma operands). The fp32 operands (G, W,
 // dq, dr) are split x = hi + lo, both bf16 (hi = bf16(x), lo = bf16(x - hi)), which keeps about
 // 16 bits of x (relative error <= 2^-17); a product takes hi*hi + hi*lo + lo*hi (the lo*lo term,
-// <= 2^-18, is dropped), accumulated in fp32. So the results are within a few fp32 roundings of
-// head.cu's, not bf16-rounded. Every output element belongs to one block and is summed in a
-// fixed order: deterministic, no atomics.
+// <= 2^-18, is dropped), accumulated in fp32 by the tensor cores (whose adds truncate, with
+// few alignment bits: over D = 768, 48 k-steps of 2-3 mmas, expect up to ~2^-16 of the partial
+// sums' magnitude). So a result is within ~2^-16 of the sum of |terms| of head.cu's fp32 dot
+// product, not bf16-rounded; tests/gpu_head.rs allows 1e-4. Every output element belongs to one
+// block and is summed in a fixed order: deterministic, no atomics.
 //
 // Blocking (all three): a block of 4 warps computes a 64 x 64 tile of C = A B, a warp 32 x 32
 // (2 x 4 mma tiles of 16 x 8), stepping 64 (forward, along D) or 32 along the contraction. Each step's operands are

@@ -48,6 +48,8 @@ const PAIR_TILE: usize = 8;
 /// columns per block, 128 threads.
 const MMA_TILE: usize = 64;
 const MMA_THREADS: u32 = 128;
+/// Columns per block of `adapter_bwd_params_mma` (`PN` in adapter_mma.cu).
+const ADA_PARAM_COLS: usize = 64;
 
 /// A gating table on the device (`u32`, entries in `0..range`) with its inverse in CSR form:
 /// for each value `v`, the indices `i` with `table[i] == v`, in increasing order.
@@ -362,7 +364,7 @@ pub fn adapter_backward(
         unsafe { l.launch(cfg) }.map_err(GpuError::driver(format!("launching the adapter token gradients ({})", kernels.name())))?;
     }
     let (f, cfg) = match kernels {
-        HeadKernels::Mma => (gpu.function("adapter_mma", "adapter_bwd_params_mma")?, mma_config(p, d.div_ceil(MMA_TILE) as u32, 1)),
+        HeadKernels::Mma => (gpu.function("adapter_mma", "adapter_bwd_params_mma")?, mma_config(p, d.div_ceil(ADA_PARAM_COLS) as u32, 1)),
         HeadKernels::Fp32 => (
             gpu.function("head", "adapter_bwd_params")?,
             LaunchConfig { grid_dim: (p as u32, d.div_ceil(ROWS_COLS) as u32, 1), block_dim: (ROWS_THREADS, 1, 1), shared_mem_bytes: 0 },

@@ -57,8 +57,9 @@ pub struct VptHeadShape {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum HeadKernels {
     /// `kernels/moe_mma.cu` and `kernels/adapter_mma.cu`: `mma.sync` bf16 tensor cores, the
-    /// fp32 operands split into two bf16 (about 2^-17 relative each, so a dot product may
-    /// differ from an fp32 one by ~2^-17 of the sum of its terms' magnitudes). The default: at
+    /// fp32 operands split into two bf16 (about 2^-17 relative each; with the tensor cores'
+    /// truncating fp32 adds a dot product may differ from an fp32 one by ~2^-16 of the sum of
+    /// its terms' magnitudes). The default: at
     /// Objects365's shape each MoE contraction is 215 M multiply-adds (two in the forward, four
     /// in the backward), more than fp32 FMA can do in the head's time budget, and the adapters'
     /// reductions over D need no shuffles or per-image-group barriers (docs/PERF.md).
