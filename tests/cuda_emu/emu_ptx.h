@@ -9,12 +9,25 @@
 #pragma once
 #include "cuda_bf16.h"
 #include <cfloat>
+#include <cstdio>
+#include <cstdlib>
 
 // Shared-memory "addresses" are host pointers here (the kernel only passes them through).
 inline uintptr_t smem_u32(const void* p) { return (uintptr_t)p; }
 
+// ldmatrix row addresses and cp.async's 16-byte copies must be 16-byte aligned on the GPU (a
+// misaligned one is an error there): the emulator stops with a message instead of going on.
+inline void emu_check_align16(const char* what, uintptr_t addr) {
+    if (addr % 16 != 0) {
+        fprintf(stderr, "%s: address %#lx is not 16-byte aligned\n", what, (unsigned long)addr);
+        abort();
+    }
+}
+
 // cp.async is synchronous here; commit and wait have nothing to order.
 inline void cp_async16(uintptr_t dst, const void* src, bool valid) {
+    emu_check_align16("cp.async (shared)", dst);
+    emu_check_align16("cp.async (global)", (uintptr_t)src);
     if (valid) memcpy((void*)dst, src, 16);
     else memset((void*)dst, 0, 16);
 }
@@ -36,6 +49,7 @@ inline uint32_t emu_ld32(uintptr_t p) { uint32_t v; memcpy(&v, (const void*)p, 4
 // With .trans it receives elements g of rows 2t and 2t+1.
 inline void emu_ldmatrix_x4(uint32_t (&r)[4], uintptr_t addr, bool trans) {
     const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    emu_check_align16("ldmatrix", addr);
     EmuWarpExchange& x = emu_xchg[emu_warp];
     x.addr[lane] = addr;
     emu_warp_bar->arrive_and_wait();
