@@ -25,6 +25,54 @@ const R: usize = 5;
 
 mod gpu_common;
 use gpu_common::timed;
+use std::cell::RefCell;
+use std::time::Duration;
+
+/// Every criterion sample of an op, summed (name, minimum bytes, calls, time), for the plain
+/// summary lines after a group: mean time per call, GiB/s and % of the copy peer's rate.
+#[derive(Default)]
+struct Record(RefCell<Vec<(String, u64, u64, Duration)>>);
+
+impl Record {
+    /// `timed`, remembering the calls and time under `name`; the first sample of an op (which
+    /// may load its kernel module) is left out.
+    fn timed(&self, gpu: &GpuContext, name: &str, bytes: u64, iters: u64, f: impl FnMut() -> Result<(), GpuError>) -> Duration {
+        let d = timed(gpu, iters, f);
+        let mut rows = self.0.borrow_mut();
+        match rows.iter_mut().find(|r| r.0 == name) {
+            Some(r) => {
+                r.2 += iters;
+                r.3 += d;
+            }
+            None => rows.push((name.to_string(), bytes, 0, Duration::ZERO)),
+        }
+        d
+    }
+
+    /// Mean seconds per call of `name`.
+    fn secs(&self, name: &str) -> Option<f64> {
+        self.0.borrow().iter().find(|r| r.0 == name).map(|r| r.3.as_secs_f64() / r.2 as f64)
+    }
+
+    /// One line per op: "head LABEL: NAME: T us, R GiB/s, P% of the copy", and for a
+    /// tensor-core op its speed-up over the fp32 one ("x the fp32 kernels").
+    fn print(&self, label: &str, copy_bytes_per_s: f64) {
+        for (name, bytes, _, _) in self.0.borrow().iter() {
+            let t = self.secs(name).unwrap_or(f64::NAN);
+            let rate = *bytes as f64 / t;
+            let vs = match self.secs(&name.replace("mma", "fp32")) {
+                Some(f) if name.contains("mma") => format!(", {:.2}x the fp32 kernels", f / t),
+                _ => String::new(),
+            };
+            eprintln!(
+                "head {label}: {name}: {:.1} us, {:.0} GiB/s, {:.0}% of the copy{vs}",
+                t * 1e6,
+                rate / (1u64 << 30) as f64,
+                100.0 * rate / copy_bytes_per_s
+            );
+        }
+    }
+}
 
 /// Deterministic values in [-1, 1) times `scale`.
 fn ramp(n: usize, scale: f32) -> Vec<f32> {
@@ -69,7 +117,8 @@ fn asl_four_terms(
     asl::cuda::forward_backward_terms(gpu, gpu.stream(), aws, &mut terms, targets, acfg, scale, loss, ys[0].len())
 }
 
-fn bench_labels(c: &mut Criterion, gpu: &GpuContext, k: usize, name: &str) {
+fn bench_labels(c: &mut Criterion, gpu: &GpuContext, k: usize, name: &str, copy_bytes_per_s: f64) {
+    let rec = Record::default();
     let s = gpu.stream();
     let ash = AdapterShape { batch: B, tokens: P, dim: D, rank: R };
     let msh = MoeShape { batch: B, tokens: P, dim: D, labels: k, experts: E, gate_rows: E * k };
@@ -121,22 +170,25 @@ fn bench_labels(c: &mut Criterion, gpu: &GpuContext, k: usize, name: &str) {
     // Both kernel sets (tensor cores, the default; fp32 CUDA cores), same inputs.
     for kernels in cuda::HeadKernels::ALL {
         let kn = kernels.name();
-        g.throughput(Throughput::Bytes(2 * tokens_all + (B * P * R * 4) as u64 + adapter_params));
-        g.bench_function(format!("adapter forward ({kn}) B{B} P{P} D{D} r{R}"), |bch| {
-            bch.iter_custom(|it| timed(gpu, it, || cuda::adapter_forward(gpu, s, &z, &w1, &b1, &w2, &b2, &mut u, &mut adapted, &ash, kernels)))
+        let (op, bytes) = (format!("adapter forward ({kn}) B{B} P{P} D{D} r{R}"), 2 * tokens_all + (B * P * R * 4) as u64 + adapter_params);
+        g.throughput(Throughput::Bytes(bytes));
+        g.bench_function(&op, |bch| {
+            bch.iter_custom(|it| rec.timed(gpu, &op, bytes, it, || cuda::adapter_forward(gpu, s, &z, &w1, &b1, &w2, &b2, &mut u, &mut adapted, &ash, kernels)))
         });
-        g.throughput(Throughput::Bytes(4 * tokens_all + (B * P * R * 4) as u64 + 2 * adapter_params));
-        g.bench_function(format!("adapter backward ({kn}) B{B} P{P} D{D} r{R}"), |bch| {
+        let (op, bytes) = (format!("adapter backward ({kn}) B{B} P{P} D{D} r{R}"), 4 * tokens_all + (B * P * R * 4) as u64 + 2 * adapter_params);
+        g.throughput(Throughput::Bytes(bytes));
+        g.bench_function(&op, |bch| {
             bch.iter_custom(|it| {
-                timed(gpu, it, || {
+                rec.timed(gpu, &op, bytes, it, || {
                     cuda::adapter_backward(gpu, s, &mut hws, &dad, &z, &u, &w1, &w2, &mut dz, &mut dw1, &mut db1, &mut dw2, &mut db2, &ash, kernels)
                 })
             })
         });
-        g.throughput(Throughput::Bytes(2 * tokens_branch + head_params + 2 * bk + 2 * bek));
-        g.bench_function(format!("moe forward (one branch, {kn}) B{B} K{k} E{E}"), |bch| {
+        let (op, bytes) = (format!("moe forward (one branch, {kn}) B{B} K{k} E{E}"), 2 * tokens_branch + head_params + 2 * bk + 2 * bek);
+        g.throughput(Throughput::Bytes(bytes));
+        g.bench_function(&op, |bch| {
             bch.iter_custom(|it| {
-                timed(gpu, it, || {
+                rec.timed(gpu, &op, bytes, it, || {
                     let [y0, _] = &mut ys;
                     let [m0, _] = &mut ms;
                     let [q0, _] = &mut qs;
@@ -146,10 +198,12 @@ fn bench_labels(c: &mut Criterion, gpu: &GpuContext, k: usize, name: &str) {
                 })
             })
         });
-        g.throughput(Throughput::Bytes(2 * bk + 2 * bek + 2 * tokens_branch + 4 * tokens_branch + 2 * head_params));
-        g.bench_function(format!("moe backward (one branch, {kn}) B{B} K{k} E{E}"), |bch| {
+        let (op, bytes) =
+            (format!("moe backward (one branch, {kn}) B{B} K{k} E{E}"), 2 * bk + 2 * bek + 2 * tokens_branch + 4 * tokens_branch + 2 * head_params);
+        g.throughput(Throughput::Bytes(bytes));
+        g.bench_function(&op, |bch| {
             bch.iter_custom(|it| {
-                timed(gpu, it, || {
+                rec.timed(gpu, &op, bytes, it, || {
                     let (tok, grow) = &branches[0];
                     let [dg0, _] = &mut dgates;
                     let [dw0, _] = &mut dws;
@@ -164,9 +218,7 @@ fn bench_labels(c: &mut Criterion, gpu: &GpuContext, k: usize, name: &str) {
     }
     g.throughput(Throughput::Bytes(4 * 2 * bk + bk));
     g.bench_function(format!("asl 4 terms fwd+bwd B{B} K{k}"), |bch| {
-        bch.iter_custom(|it| {
-            timed(gpu, it, || asl_four_terms(gpu, &mut aws, &ys, &ms, &mut dys, &mut dms, &targets, &acfg, scale, &mut loss))
-        })
+        bch.iter_custom(|it| timed(gpu, it, || asl_four_terms(gpu, &mut aws, &ys, &ms, &mut dys, &mut dms, &targets, &acfg, scale, &mut loss)))
     });
     g.throughput(Throughput::Bytes(4 * bk));
     g.bench_function(format!("predict B{B} K{k}"), |bch| {
@@ -175,16 +227,16 @@ fn bench_labels(c: &mut Criterion, gpu: &GpuContext, k: usize, name: &str) {
 
     // The whole head of one training step, forward and backward, both branches.
     for kernels in cuda::HeadKernels::ALL {
-        g.throughput(Throughput::Bytes(
-            (2 * tokens_all + adapter_params)
-                + 2 * (2 * tokens_branch + head_params + 2 * bk + 2 * bek)
-                + 9 * bk
-                + 2 * (2 * bk + 2 * bek + 6 * tokens_branch + 2 * head_params)
-                + (4 * tokens_all + 2 * adapter_params),
-        ));
-        g.bench_function(format!("step fwd+bwd ({} head kernels) B{B} K{k}", kernels.name()), |bch| {
+        let bytes = (2 * tokens_all + adapter_params)
+            + 2 * (2 * tokens_branch + head_params + 2 * bk + 2 * bek)
+            + 9 * bk
+            + 2 * (2 * bk + 2 * bek + 6 * tokens_branch + 2 * head_params)
+            + (4 * tokens_all + 2 * adapter_params);
+        let op = format!("step fwd+bwd ({} head kernels) B{B} K{k}", kernels.name());
+        g.throughput(Throughput::Bytes(bytes));
+        g.bench_function(&op, |bch| {
             bch.iter_custom(|it| {
-                timed(gpu, it, || {
+                rec.timed(gpu, &op, bytes, it, || {
                     cuda::adapter_forward(gpu, s, &z, &w1, &b1, &w2, &b2, &mut u, &mut adapted, &ash, kernels)?;
                     for i in 0..2 {
                         let (tok, grow) = &branches[i];
@@ -224,19 +276,25 @@ fn bench_labels(c: &mut Criterion, gpu: &GpuContext, k: usize, name: &str) {
         });
     }
     g.finish();
+    rec.print(name, copy_bytes_per_s);
 }
 
-/// The copy peer: 64 MiB device to device, bytes read + written per second.
-fn bench_copy(c: &mut Criterion, gpu: &GpuContext) {
+/// The copy peer: 64 MiB device to device; returns its rate, bytes read + written per second.
+fn bench_copy(c: &mut Criterion, gpu: &GpuContext) -> f64 {
+    let rec = Record::default();
     const N: usize = 16 << 20;
     let src = gpu.zeros::<f32>(N).unwrap();
     let mut dst = gpu.zeros::<f32>(N).unwrap();
     let mut g = c.benchmark_group("copy");
-    g.throughput(Throughput::Bytes(2 * 4 * N as u64));
-    g.bench_function("device-to-device 64 MiB", |bch| {
-        bch.iter_custom(|it| timed(gpu, it, || gpu.stream().memcpy_dtod(&src, &mut dst).map_err(GpuError::driver("copying"))))
+    let (op, bytes) = ("device-to-device 64 MiB", 2 * 4 * N as u64);
+    g.throughput(Throughput::Bytes(bytes));
+    g.bench_function(op, |bch| {
+        bch.iter_custom(|it| rec.timed(gpu, op, bytes, it, || gpu.stream().memcpy_dtod(&src, &mut dst).map_err(GpuError::driver("copying"))))
     });
     g.finish();
+    let rate = bytes as f64 / rec.secs(op).unwrap_or(f64::NAN);
+    eprintln!("head copy peer: {op}: {:.0} GiB/s (read + write); 70% of it is {:.0} GiB/s", rate / (1u64 << 30) as f64, 0.7 * rate / (1u64 << 30) as f64);
+    rate
 }
 
 fn main() {
@@ -244,8 +302,8 @@ fn main() {
         return;
     };
     let mut c = Criterion::default().configure_from_args();
-    bench_copy(&mut c, &gpu);
-    bench_labels(&mut c, &gpu, 80, "COCO K80");
-    bench_labels(&mut c, &gpu, 365, "Objects365 K365");
+    let copy = bench_copy(&mut c, &gpu);
+    bench_labels(&mut c, &gpu, 80, "COCO K80", copy);
+    bench_labels(&mut c, &gpu, 365, "Objects365 K365", copy);
     c.final_summary();
 }

@@ -338,6 +338,9 @@ if [ -z "${MLVPT_GPU_SKIP_BENCH:-}" ]; then
       /time:/ { t = $0; sub(/.*time: *\[/, "", t); split(t, a, " "); time = a[3] " " a[4] }
       /thrpt:/ { r = $0; sub(/.*thrpt: *\[/, "", r); split(r, a, " "); printf "  %-52s %12s %14s\n", name, time, a[3] " " a[4] }
     ' "$LOGS/bench-$name.log" >> "$BENCH_TABLE"
+    # The benches' own summary lines (attention: TFLOP/s and "x the default"; head: GiB/s, % of
+    # the copy peer, "x the fp32 kernels").
+    grep -E '^(attention|head) ' "$LOGS/bench-$name.log" | sed 's/^/  /' >> "$BENCH_TABLE"
     if [ "$rc" -ge 124 ]; then st=TIMEOUT; elif [ "$rc" -ne 0 ]; then st=FAILED
     elif grep -q 'bench skipped' "$LOGS/bench-$name.log"; then st=NO-GPU; else st=ok; fi
     row "bench $name" "$st" - - - "$secs"
