@@ -340,7 +340,8 @@ if [ -z "${MLVPT_GPU_SKIP_BENCH:-}" ]; then
     ' "$LOGS/bench-$name.log" >> "$BENCH_TABLE"
     # The benches' own summary lines (attention: TFLOP/s and "x the default"; head: GiB/s, % of
     # the copy peer, "x the fp32 kernels").
-    grep -E '^(attention|head) ' "$LOGS/bench-$name.log" | sed 's/^/  /' >> "$BENCH_TABLE"
+    # (Criterion's own result lines start with the group name too: match the summaries' words.)
+    grep -E '^attention .*TFLOP/s|^head .*% of the copy|^head copy peer:' "$LOGS/bench-$name.log" | sed 's/^/  /' >> "$BENCH_TABLE"
     if [ "$rc" -ge 124 ]; then st=TIMEOUT; elif [ "$rc" -ne 0 ]; then st=FAILED
     elif grep -q 'bench skipped' "$LOGS/bench-$name.log"; then st=NO-GPU; else st=ok; fi
     row "bench $name" "$st" - - - "$secs"
