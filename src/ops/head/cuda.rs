@@ -1,4 +1,6 @@
-//! GPU launchers of the ML-VPT head (`kernels/head.cu`), the twins of [`super::cpu`] op for op:
+//! GPU launchers of the ML-VPT head (`kernels/head.cu`; the adapters' and MoE ops' contractions
+//! also on tensor cores, `kernels/adapter_mma.cu` and `kernels/moe_mma.cu`, chosen by
+//! [`HeadKernels`], tensor cores by default), the twins of [`super::cpu`] op for op:
 //! [`adapter_forward`], [`adapter_backward`], [`moe_forward`], [`moe_backward`], the plain-VPT
 //! head [`vpt_forward`], [`vpt_backward`] (its GEMMs through cuBLAS), and the prediction
 //! [`predict`] (`y = (y+ + y-)/2`, `sigmoid(y)`). The loss terms go through
@@ -9,7 +11,8 @@
 //! `dadapted` are bf16 `[B, P, D]`; every parameter and parameter gradient (adapters `W1 [P,r,D]`,
 //! `b1 [P,r]`, `W2 [P,D,r]`, `b2 [P,D]`, gate table `G [rows, D]`, classifier `W [K, D]`,
 //! `c [K]`), the saved `u [B,P,r]`, `q, r [B,E,K]` and the logits `y, m [B,K]` are fp32. All sums
-//! run in fp32 in a fixed order: results are the same on every run (no atomics).
+//! run in fp32 in a fixed order: results are the same on every run (no atomics). The tensor-core
+//! kernels multiply fp32 operands as two bf16 each (see [`HeadKernels`]).
 //!
 //! **Limits** (checked, [`GpuError::Invalid`] otherwise): `D % 8 == 0`, `D <= 1024`,
 //! `1 <= E <=` [`MAX_EXPERTS`], `1 <= r <=` [`MAX_RANK`], every buffer 16-byte aligned (whole
