@@ -1,5 +1,6 @@
-// Inline-PTX wrappers shared by the tensor-core kernels (attention.cu, head.cu): cp.async,
-// ldmatrix, mma.sync m16n8k16 bf16, ex2.approx, and dynamic shared memory. Fragment layouts are
+// Inline-PTX wrappers shared by the tensor-core kernels (attention.cu, moe_mma.cu,
+// adapter_mma.cu): cp.async, ldmatrix, mma.sync m16n8k16 bf16, ex2.approx, dynamic shared
+// memory, and the hi + lo bf16 split of fp32 mma operands. Fragment layouts are
 // documented at the top of attention.cu. Under the CPU emulator (tests/cuda_emu,
 // MLVPT_CPU_EMULATION) emu_ptx.h provides the same functions, emulating each instruction lane by
 // lane, so the kernels run unchanged there.
