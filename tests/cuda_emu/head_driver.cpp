@@ -95,7 +95,7 @@ int main(int argc, char** argv) {
     dump("z", z); dump("w1", w1); dump("b1", b1); dump("w2", w2); dump("b2", b2); dump("u", u); dump("adapted", ad);
     dump("gate", gate); dump("w", w); dump("c", c); dump("y", y); dump("m", m); dump("q", q); dump("r", r);
     dump("dy", dy); dump("dm", dm); dump("dz0", dz0); dump("da0", da0); dump("dz", dz); dump("da", da); dump("dgate", dgate); dump("dw", dw); dump("dc", dc);
-    dump("dout", dout); dump("dz2_0", dz2_0); dump("dz2", dz2); dump("dw1", dw1); dump("db1", db1); dump("dw2", dw2); dump("db2", db2);
+    dump("dout", dout); dump("dz2_0", dz2_0); dump("dz2", dz2); dump("du", du); dump("dw1", dw1); dump("db1", db1); dump("dw2", dw2); dump("db2", db2);
     dump("zbar", zbar); dump("csum", csum); dump("spread", spread); dump("pred", pred); dump("prob", prob);
     printf("ok %s\n", dir.c_str());
 }
