@@ -10,12 +10,13 @@
 //! tests in tests/gpu_head.rs do that on a device). Needs a C++20 compiler (`CXX`, else g++
 //! or c++); without one it says so and passes.
 
-use mlvpt::ops::gelu::cpu::{gelu, gelu_grad};
 use mlvpt::ops::head::{cpu, AdapterShape, MoeShape, VptHeadShape};
 use std::path::Path;
 
 mod cuda_emu;
+mod head_common;
 use cuda_emu::read_u32;
+use head_common::{adapter_terms, moe_param_terms, SumBound};
 
 fn read_f64(dir: &Path, name: &str) -> Vec<f64> {
     cuda_emu::read_f32(dir, name).into_iter().map(f64::from).collect()
@@ -46,19 +47,9 @@ fn within(what: &str, got: &[f64], want: &[f64], bound: impl Fn(usize) -> f64) {
     }
 }
 
-/// Rounding of a sum of products in the kernels, as a fraction of the sum of |terms|: the
-/// tensor-core kernels carry fp32 operands as two bf16 (hi + lo, about 2^-17 relative each,
-/// the lo x lo product dropped) and accumulate in fp32; head.cu's kernels sum fp32 products.
-/// 2^-15 bounds both with room. A fixed 1e-4 does not: where a parameter gradient's batch sum
-/// cancels (terms of +-6 summing to 0.02), 2^-17 of its terms is above 1e-4, and CI drew such
-/// a seed (438692994, dW1).
-const SUM_EPS: f64 = 1.0 / 32768.0;
-
-/// Fails unless every |got - want| <= atol + rtol |want| + [`SUM_EPS`] terms[i] + carried[i]:
-/// `terms` is the sum of |terms| of each output's sum, `carried` what an input the kernel
-/// computed itself (checked on its own) brings in from its own error.
-fn close_sum(what: &str, got: &[f64], want: &[f64], terms: &[f64], carried: &[f64], atol: f64, rtol: f64) {
-    within(what, got, want, |i| atol + rtol * want[i].abs() + SUM_EPS * terms[i] + carried[i]);
+/// [`close`] with the bound of a sum ([`head_common::SumBound`]) added.
+fn close_sum(what: &str, got: &[f64], want: &[f64], bound: SumBound, atol: f64, rtol: f64) {
+    within(what, got, want, |i| bound.at(i, want[i], atol, rtol));
 }
 
 const BF16_RTOL: f64 = 1.0 / 128.0;
@@ -100,70 +91,27 @@ fn check(dir: &Path, what: &str, dot_tol: f64) {
     cpu::moe_backward(&g("dy"), &g("dm"), &g("z"), &g("adapted"), &g("gate"), &g("w"), &tok, &grow, &g("q"), &g("r"), &mut dz, &mut da, &mut dg, &mut dw, &mut dc, &ms, &mut scratch);
     close(&format!("{what}: dz"), &g("dz"), &dz, 1e-3, BF16_RTOL);
     close(&format!("{what}: dadapted"), &g("da"), &da, 1e-3, BF16_RTOL);
-    // dgate and dw are sums over images (and pairs) of dq z and dr adapted; their |terms|
-    // from the reference's dq, dr (scratch, as moe_backward documents).
+    // dgate and dw: sums over images and pairs of dq z and dr adapted (dq, dr from the
+    // reference's scratch, as moe_backward documents).
     let (dq, dr) = (&scratch[..bn * e * k], &scratch[bn * e * k..2 * bn * e * k]);
-    let (z, adapted) = (g("z"), g("adapted"));
-    let (mut tg, mut tw) = (vec![0.0; rows * d], vec![0.0; k * d]);
-    for b in 0..bn {
-        for idx in 0..e * k {
-            let (t, row, ki) = (tok[idx] as usize, grow[idx] as usize, idx % k);
-            for col in 0..d {
-                tg[row * d + col] += (dq[b * e * k + idx] * z[(b * p + t) * d + col]).abs();
-                tw[ki * d + col] += (dr[b * e * k + idx] * adapted[(b * p + t) * d + col]).abs();
-            }
-        }
-    }
-    let none = vec![0.0; rows.max(k) * d];
-    close_sum(&format!("{what}: dgate"), &g("dgate"), &dg, &tg, &none, 1e-4, 1e-4);
-    close_sum(&format!("{what}: dw"), &g("dw"), &dw, &tw, &none, 1e-4, 1e-4);
+    let (tg, tw) = moe_param_terms(dq, dr, &g("z"), &g("adapted"), &tok, &grow, &ms);
+    close_sum(&format!("{what}: dgate"), &g("dgate"), &dg, SumBound::of(&tg), 1e-4, 1e-4);
+    close_sum(&format!("{what}: dw"), &g("dw"), &dw, SumBound::of(&tw), 1e-4, 1e-4);
     close(&format!("{what}: dc"), &g("dc"), &dc, 1e-5, 1e-5);
 
     let mut dz2 = g("dz2_0");
     let (mut dw1, mut db1, mut dw2, mut db2) = (vec![0.0; p * r * d], vec![0.0; p * r], vec![0.0; p * d * r], vec![0.0; p * d]);
     cpu::adapter_backward(&g("dout"), &g("z"), &g("u"), &g("w1"), &g("w2"), &mut dz2, &mut dw1, &mut db1, &mut dw2, &mut db2, &ash, &mut scratch);
     close(&format!("{what}: adapter dz"), &g("dz2"), &dz2, 1e-3, BF16_RTOL);
-    // The kernels' du = gelu'(u) (dout W2) (a sum over D), then the parameter gradients, sums
-    // over images: dW1 = du^T z, db1 = sum du, dW2 = dout^T gelu(u), db2 = sum dout.
-    let (dout, w2, u, duk) = (g("dout"), g("w2"), g("u"), g("du"));
-    let (mut du, mut tdu) = (vec![0.0; bn * p * r], vec![0.0; bn * p * r]);
-    for b in 0..bn {
-        for t in 0..p {
-            for j in 0..r {
-                let prods = (0..d).map(|col| dout[(b * p + t) * d + col] * w2[(t * d + col) * r + j]);
-                let (sum, abs) = prods.fold((0.0, 0.0), |(s, a), v: f64| (s + v, a + v.abs()));
-                let gg = gelu_grad(u[(b * p + t) * r + j]);
-                du[(b * p + t) * r + j] = sum * gg;
-                tdu[(b * p + t) * r + j] = abs * gg.abs();
-            }
-        }
-    }
-    close_sum(&format!("{what}: du"), &duk, &du, &tdu, &vec![0.0; du.len()], 1e-5, 1e-5);
-    let (mut t1, mut c1, mut tb1, mut cb1) = (vec![0.0; p * r * d], vec![0.0; p * r * d], vec![0.0; p * r], vec![0.0; p * r]);
-    let (mut t2, mut tb2) = (vec![0.0; p * d * r], vec![0.0; p * d]);
-    for b in 0..bn {
-        for t in 0..p {
-            for j in 0..r {
-                let i = (b * p + t) * r + j;
-                let (dv, off, gu) = (duk[i], (du[i] - duk[i]).abs(), gelu(u[i]));
-                tb1[t * r + j] += dv.abs();
-                cb1[t * r + j] += off;
-                for col in 0..d {
-                    let x = (b * p + t) * d + col;
-                    t1[(t * r + j) * d + col] += (dv * z[x]).abs();
-                    c1[(t * r + j) * d + col] += off * z[x].abs();
-                    t2[(t * d + col) * r + j] += (dout[x] * gu).abs();
-                }
-            }
-            for col in 0..d {
-                tb2[t * d + col] += dout[(b * p + t) * d + col].abs();
-            }
-        }
-    }
-    close_sum(&format!("{what}: dw1"), &g("dw1"), &dw1, &t1, &c1, 1e-4, 1e-4);
-    close_sum(&format!("{what}: db1"), &g("db1"), &db1, &tb1, &cb1, 1e-4, 1e-4);
-    close_sum(&format!("{what}: dw2"), &g("dw2"), &dw2, &t2, &vec![0.0; t2.len()], 1e-4, 1e-4);
-    close_sum(&format!("{what}: db2"), &g("db2"), &db2, &tb2, &vec![0.0; tb2.len()], 1e-4, 1e-4);
+    // The kernel's du (a sum over D) on its own, then the parameter gradients (sums over
+    // images), with what du's error carries into dW1 and db1.
+    let duk = g("du");
+    let at = adapter_terms(&g("dout"), &g("z"), &g("u"), &g("w2"), Some(&duk), &ash);
+    close_sum(&format!("{what}: du"), &duk, &at.du, SumBound::of(&at.du_terms), 1e-5, 1e-5);
+    close_sum(&format!("{what}: dw1"), &g("dw1"), &dw1, SumBound::with(&at.dw1), 1e-4, 1e-4);
+    close_sum(&format!("{what}: db1"), &g("db1"), &db1, SumBound::with(&at.db1), 1e-4, 1e-4);
+    close_sum(&format!("{what}: dw2"), &g("dw2"), &dw2, SumBound::of(&at.dw2), 1e-4, 1e-4);
+    close_sum(&format!("{what}: db2"), &g("db2"), &db2, SumBound::of(&at.db2), 1e-4, 1e-4);
 
     let vs = VptHeadShape { batch: bn, tokens: p, dim: d, labels: k };
     let (mut zbar, mut yv) = (vec![0.0; bn * d], vec![0.0; bn * k]);

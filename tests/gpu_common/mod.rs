@@ -48,12 +48,18 @@ pub fn to_f64(v: &[f32]) -> Vec<f64> {
 /// Fails unless every |got - want| <= atol + rtol |want| (NaN in `got`, e.g. an element the
 /// kernel never wrote over the poison, fails too), naming the worst element and the seed.
 pub fn assert_close(what: &str, got: &[f32], want: &[f64], atol: f64, rtol: f64, seed: u64) {
+    assert_within(&format!("{what} (atol {atol:e}, rtol {rtol:e})"), got, want, |i| atol + rtol * want[i].abs(), seed);
+}
+
+/// Fails unless every |got[i] - want[i]| <= bound(i) (NaN in `got` fails), naming the worst
+/// element, its bound and the seed.
+pub fn assert_within(what: &str, got: &[f32], want: &[f64], bound: impl Fn(usize) -> f64, seed: u64) {
     assert_eq!(got.len(), want.len(), "{what}: length");
     let mut worst: Option<(usize, f64)> = None;
     let mut bad = 0usize;
     for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
         let err = (g as f64 - w).abs();
-        let excess = if err.is_nan() { f64::INFINITY } else { err - (atol + rtol * w.abs()) };
+        let excess = if err.is_nan() { f64::INFINITY } else { err - bound(i) };
         if excess > 0.0 {
             bad += 1;
             if worst.is_none_or(|(_, e)| excess > e) {
@@ -63,11 +69,11 @@ pub fn assert_close(what: &str, got: &[f32], want: &[f64], atol: f64, rtol: f64,
     }
     if let Some((i, _)) = worst {
         panic!(
-            "{what}: {bad} of {} elements off (atol {atol:e}, rtol {rtol:e}); worst [{i}]: got {}, want {} \
-             (MLVPT_TEST_SEED={seed})",
+            "{what}: {bad} of {} elements off; worst [{i}]: got {}, want {}, bound {} (MLVPT_TEST_SEED={seed})",
             got.len(),
             got[i],
-            want[i]
+            want[i],
+            bound(i)
         );
     }
 }
