@@ -1,0 +1,15 @@
+//! A virtual CUDA device: the CUDA driver API and the cuBLAS calls mlvpt makes, implemented on
+//! the CPU. Kernels run by interpreting the PTX that nvcc emitted, under checks modelled on
+//! compute-sanitizer (memcheck, racecheck, initcheck, synccheck) and launch checks. It proves
+//! behaviour, never speed: nothing it runs is a GPU performance figure.
+//!
+//! Built as `libvgpu.so`; `install.sh` links it as `libcuda.so` and `libcublas.so` so that
+//! cudarc (dynamic loading) finds it through `LD_LIBRARY_PATH`. See docs/GPU.md.
+
+pub mod device;
+pub mod driver;
+pub mod exec;
+pub mod fatbin;
+pub mod mem;
+pub mod ptx;
+pub mod cublas;
