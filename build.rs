@@ -67,6 +67,8 @@ fn build_kernels() -> Result<(), String> {
                 let mut cmd = Command::new(&nvcc);
                 cmd.arg("-fatbin")
                     .args(["-std=c++17", "-O3", "-Xptxas", "-v"])
+                    // Keep the PTX uncompressed: the virtual device in tools/vgpu reads the fatbin's PTX.
+                    .arg("-no-compress")
                     .arg("-I")
                     .arg(&kdir)
                     .args(&gencode)

@@ -106,7 +106,10 @@ pub struct LaunchConfig {
     pub device: i32,
 }
 
+pub mod check;
+pub mod counters;
 pub mod run;
+pub mod tensor;
 
 /// Runs one launch to completion. `params` is cuLaunchKernel's `kernelParams`: one pointer
 /// per `.param` of the entry, each to a value of that parameter's size.
