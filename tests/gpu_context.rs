@@ -54,3 +54,16 @@ fn gpu_context_is_send_and_sync() {
     fn check<T: Send + Sync>() {}
     check::<GpuContext>();
 }
+
+/// CUDA cannot allocate 0 bytes (cuMemAlloc returns CUDA_ERROR_INVALID_VALUE); an empty upload
+/// or a 0-element buffer is a clear error naming the operation, not a driver error.
+#[test]
+#[ignore = "requires a CUDA device"]
+fn empty_uploads_and_zero_length_buffers_are_clear_errors() {
+    let gpu = mlvpt::gpu::GpuContext::new(0).expect("a device");
+    let e = gpu.upload::<f32>(&[]).unwrap_err().to_string();
+    assert!(e.contains("upload") && e.contains("0 bytes"), "{e}");
+    let e = gpu.zeros::<f32>(0).unwrap_err().to_string();
+    assert!(e.contains("zeros") && e.contains("0 bytes"), "{e}");
+    assert_eq!(gpu.download(&gpu.upload(&[1.5f32]).unwrap()).unwrap(), [1.5]);
+}

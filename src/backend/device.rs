@@ -44,6 +44,15 @@ pub enum Selected {
 }
 
 impl Selected {
+    /// Whether this is the CUDA backend on the project's virtual device (tools/vgpu).
+    pub fn is_virtual(&self) -> bool {
+        match self {
+            Selected::Cpu(_) => false,
+            #[cfg(feature = "cuda")]
+            Selected::Cuda(b) => b.gpu().is_virtual(),
+        }
+    }
+
     /// A short description for logs ("cpu", "cuda (NVIDIA H100 ...)").
     pub fn describe(&self) -> String {
         match self {
@@ -80,6 +89,12 @@ pub fn select_with(device: Device, precision: Option<Precision>, note: &mut dyn 
             Ok(s)
         }
         Device::Auto => match open_cuda(p) {
+            Ok(s) if s.is_virtual() => {
+                // The virtual device (tools/vgpu) interprets PTX on the CPU: far slower than
+                // the CPU backend, so `auto` only uses it when asked by name.
+                note("device: cpu (auto: the CUDA device is the virtual one, which checks kernels but is slow; --device cuda runs on it)");
+                Ok(cpu(note))
+            }
             Ok(s) => {
                 note(&format!("device: {} (auto)", s.describe()));
                 Ok(s)

@@ -127,6 +127,11 @@ impl GpuContext {
     pub fn device_name(&self) -> &str {
         &self.name
     }
+    /// Whether this is the project's virtual CUDA device (tools/vgpu: PTX interpreted on the
+    /// CPU, whose name starts with "vGPU"): its results prove behaviour, never speed.
+    pub fn is_virtual(&self) -> bool {
+        self.name.starts_with("vGPU")
+    }
     /// (major, minor) compute capability.
     pub fn compute_capability(&self) -> (i32, i32) {
         self.cc
@@ -164,8 +169,12 @@ impl GpuContext {
         Ok(f)
     }
 
-    /// Copies a host slice to a new device buffer (on this context's stream).
+    /// Copies a host slice to a new device buffer (on this context's stream). An empty slice
+    /// is an error: CUDA cannot allocate 0 bytes (cuMemAlloc returns CUDA_ERROR_INVALID_VALUE).
     pub fn upload<T: DeviceRepr>(&self, host: &[T]) -> Result<CudaSlice<T>, GpuError> {
+        if host.is_empty() {
+            return Err(GpuError::invalid("upload", "an empty slice: CUDA cannot allocate 0 bytes; allocate at least one element".to_string()));
+        }
         self.stream.clone_htod(host).map_err(GpuError::driver(format!("uploading {} elements", host.len())))
     }
     /// Copies a device buffer back to the host (waits for the stream).
@@ -179,8 +188,11 @@ impl GpuContext {
         }
         self.stream.memcpy_htod(host, dev).map_err(GpuError::driver(format!("uploading {} elements", host.len())))
     }
-    /// A zero-filled device buffer of `len` elements.
+    /// A zero-filled device buffer of `len` elements (`len` 0 is an error, as in [`Self::upload`]).
     pub fn zeros<T: DeviceRepr + ValidAsZeroBits>(&self, len: usize) -> Result<CudaSlice<T>, GpuError> {
+        if len == 0 {
+            return Err(GpuError::invalid("zeros", "0 elements: CUDA cannot allocate 0 bytes; allocate at least one element".to_string()));
+        }
         self.stream.alloc_zeros(len).map_err(GpuError::driver(format!("allocating {len} elements")))
     }
     /// Waits until everything queued on the stream has run (reports asynchronous kernel errors).

@@ -11,6 +11,12 @@ pub fn gpu() -> GpuContext {
     GpuContext::new(0).unwrap_or_else(|e| panic!("this test requires a CUDA device: {e}"))
 }
 
+/// Whether the tests run on the virtual CUDA device (tools/vgpu), which interprets PTX on the
+/// CPU: case grids shrink there to what CI's two cores can run, keeping the awkward sizes.
+pub fn on_virtual_device() -> bool {
+    GpuContext::new(0).map(|g| g.is_virtual()).unwrap_or(false)
+}
+
 /// A fresh generator per test; its seed is printed so a failure can be replayed.
 pub fn rng(test: &str) -> (ChaCha8Rng, u64) {
     let seed = std::env::var("MLVPT_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {

@@ -12,6 +12,8 @@ use super::run::{Block, Runner};
 const NONE: u16 = 0;
 const MANY: u16 = u16::MAX;
 const MIXED_WARPS: u16 = u16::MAX;
+/// `Rec::init` bit: the last reads were by a warp-collective instruction of warp `rw`.
+const COLLECTIVE: u8 = 2;
 
 /// Per-byte record (16 bytes).
 #[derive(Clone, Copy, Default)]
@@ -105,6 +107,21 @@ impl SharedShadow {
         pw == w && t < self.last_warp_bar[w as usize]
     }
 
+    /// A read by a warp-collective `.sync.aligned` instruction (ldmatrix) on behalf of
+    /// thread `tid`: every lane of the warp waits for the instruction, whose loads complete
+    /// before it returns data to them, so later writes by lanes of this warp are ordered after
+    /// it (other warps still need a barrier).
+    pub fn read_collective(&mut self, off: usize, n: usize, tid: u32) -> Result<(), Finding> {
+        self.read(off, n, tid)?;
+        for i in off..off + n {
+            let rec = &mut self.recs[i];
+            if rec.rw == (tid / 32) as u16 {
+                rec.init |= COLLECTIVE;
+            }
+        }
+        Ok(())
+    }
+
     pub fn read(&mut self, off: usize, n: usize, tid: u32) -> Result<(), Finding> {
         let me = (tid + 1) as u16;
         let warp = (tid / 32) as u16;
@@ -113,7 +130,7 @@ impl SharedShadow {
             if r.pend > 0 {
                 return Err(Finding::InFlight { off: i, write: false });
             }
-            if r.init == 0 && self.uninit.is_none() {
+            if r.init & 1 == 0 && self.uninit.is_none() {
                 // Reported at the end of the launch unless a sharper finding (a race with the
                 // write that comes later) fails it first.
                 self.uninit = Some(i);
@@ -122,6 +139,7 @@ impl SharedShadow {
                 return Err(Finding::Race { off: i, kind: "read-after-write", other: Some(r.w as u32 - 1) });
             }
             let rec = &mut self.recs[i];
+            rec.init &= !COLLECTIVE;
             if rec.r == NONE || rec.r == me || (rec.r != MANY && rec.rt < self.last_block_bar) {
                 rec.r = me;
                 rec.rw = warp;
@@ -140,6 +158,9 @@ impl SharedShadow {
         let r = self.recs[i];
         if r.w != NONE && !self.ordered(r.w, r.wt, tid) {
             return Err(Finding::Race { off: i, kind: "write-after-write", other: Some(r.w as u32 - 1) });
+        }
+        if r.init & COLLECTIVE != 0 && r.rw == (tid / 32) as u16 {
+            return Ok(());
         }
         if r.r == MANY {
             let same_warp_synced = r.rw == (tid / 32) as u16 && r.rt < self.last_warp_bar[(tid / 32) as usize];

@@ -19,6 +19,7 @@ pub struct Counters {
     pub s_wavefronts: u64,
     pub s_ideal: u64,
     pub barriers: u64,
+    pub barrier_arrivals: u64,
     pub atomics: u64,
     pub cp_async_bytes: u64,
 }
@@ -94,6 +95,7 @@ impl Counters {
         self.s_wavefronts += o.s_wavefronts;
         self.s_ideal += o.s_ideal;
         self.barriers += o.barriers;
+        self.barrier_arrivals += o.barrier_arrivals;
         self.atomics += o.atomics;
         self.cp_async_bytes += o.cp_async_bytes;
     }

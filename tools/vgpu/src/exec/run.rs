@@ -450,27 +450,93 @@ impl<'l, 'a> Runner<'l, 'a> {
         r
     }
 
+    /// Which lanes must execute `op` together (a warp-synchronous instruction), or None.
+    /// `first` is a lane of the arriving group (member masks are read from it).
+    fn sync_set(&self, b: &Block, w: &Warp, op: &Op, first: usize) -> Option<u32> {
+        let active = w.live & !w.exited;
+        match op {
+            Op::Bar { .. } => Some(active),
+            Op::MmaBf16 { .. } | Op::Ldmatrix { .. } => Some(w.live),
+            Op::Shfl { mask, .. } | Op::Vote { mask, .. } | Op::BarWarp { mask } => Some(self.rd(b, w, *mask, first) as u32 & w.live),
+            _ => None,
+        }
+    }
+
+    /// Runs the warp for up to `budget` instructions. The lanes at the lowest PC step together;
+    /// lanes that reach a warp-synchronous instruction (bar.sync, mma/ldmatrix .aligned,
+    /// shfl/vote.sync, bar.warp.sync) wait there until every lane it needs has arrived, as
+    /// threads do on sm_70 and later, so lanes whose paths the compiler laid out in any order
+    /// meet again. Lanes that can never meet are a synccheck finding.
     fn run_warp_inner(&mut self, b: &mut Block, w: &mut Warp, budget: u32) -> R<Stop> {
         let insts = &self.l.k.body.insts;
+        let mut waiting = 0u32;
+        // Fast path: while every runnable lane is at one PC (`conv`), the per-lane PCs are not
+        // consulted; they are written back before any decision that reads them.
+        let mut conv: Option<(u32, u32)> = None;
+        macro_rules! sync_pcs {
+            () => {
+                if let Some((cpc, cg)) = conv.take() {
+                    let mut g = cg;
+                    while g != 0 {
+                        let l = g.trailing_zeros() as usize;
+                        g &= g - 1;
+                        w.pc[l] = cpc;
+                    }
+                }
+            };
+        }
         for _ in 0..budget {
             let active = w.live & !w.exited;
-            if active == 0 {
-                return Ok(Stop::Exited);
-            }
-            // The lanes at the lowest PC step together.
-            let mut pc = u32::MAX;
-            for l in 0..32 {
-                if active >> l & 1 == 1 && w.pc[l] < pc {
-                    pc = w.pc[l];
+            let (pc, group) = if let Some((cpc, cg)) = conv.filter(|&(_, cg)| waiting == 0 && cg == active && cg != 0) {
+                (cpc, cg)
+            } else {
+                sync_pcs!();
+                if active == 0 {
+                    return Ok(Stop::Exited);
                 }
-            }
-            let mut group = 0u32;
-            for l in 0..32 {
-                if active >> l & 1 == 1 && w.pc[l] == pc {
-                    group |= 1 << l;
+                let runnable = active & !waiting;
+                if runnable == 0 {
+                    // Every lane waits at a warp-synchronous instruction, and not all at one.
+                    let l = waiting.trailing_zeros() as usize;
+                    let pc = w.pc[l];
+                    let at = (0..32).filter(|&x| waiting >> x & 1 == 1 && w.pc[x] == pc).fold(0u32, |m, x| m | 1 << x);
+                    let need = self.sync_set(b, w, &insts[pc as usize].op, l).unwrap_or(active);
+                    let elsewhere = active & !at;
+                    let msg = format!(
+                        "lanes {at:#010x} wait at a warp-synchronous instruction that needs lanes {need:#010x}, but lanes {elsewhere:#010x} wait at another one: the warp can never reconverge there (divergent __syncthreads/__syncwarp/shfl/mma)"
+                    );
+                    return Err(self.fault(FaultKind::LaunchFailed, "synccheck", &msg, b, w, Some(elsewhere.trailing_zeros().min(31)), pc, ""));
                 }
-            }
+                let mut pc = u32::MAX;
+                for l in 0..32 {
+                    if runnable >> l & 1 == 1 && w.pc[l] < pc {
+                        pc = w.pc[l];
+                    }
+                }
+                let mut group = 0u32;
+                for l in 0..32 {
+                    if active >> l & 1 == 1 && w.pc[l] == pc {
+                        group |= 1 << l;
+                    }
+                }
+                (pc, group)
+            };
             let inst = &insts[pc as usize];
+            if let Some(need) = self.sync_set(b, w, &inst.op, group.trailing_zeros() as usize) {
+                if need & !active != 0 {
+                    sync_pcs!();
+                    let gone = need & !active;
+                    let msg = format!("a warp-synchronous instruction needs lanes {need:#010x}, but lanes {gone:#010x} have exited");
+                    return Err(self.fault(FaultKind::LaunchFailed, "synccheck", &msg, b, w, Some(group.trailing_zeros()), pc, ""));
+                }
+                if need & !group != 0 {
+                    // Wait here for the others.
+                    sync_pcs!();
+                    waiting |= group;
+                    continue;
+                }
+                waiting &= !group;
+            }
             let mut exec = group;
             if let Some((p, neg)) = inst.guard {
                 let mut m = 0u32;
@@ -489,6 +555,11 @@ impl<'l, 'a> Runner<'l, 'a> {
             }
             match &inst.op {
                 Op::Bra { target, .. } => {
+                    if exec == group || exec == 0 {
+                        conv = Some((if exec == 0 { pc + 1 } else { *target }, group));
+                        continue;
+                    }
+                    sync_pcs!();
                     let mut g = group;
                     while g != 0 {
                         let l = g.trailing_zeros() as usize;
@@ -498,6 +569,27 @@ impl<'l, 'a> Runner<'l, 'a> {
                     continue;
                 }
                 Op::Ret => {
+                    conv = None;
+                    let mut g = group;
+                    while g != 0 {
+                        let l = g.trailing_zeros() as usize;
+                        g &= g - 1;
+                        w.pc[l] = pc;
+                    }
+                    if exec != 0 && waiting != 0 {
+                        // Lanes leave while others of the warp wait to meet them.
+                        let l = waiting.trailing_zeros() as usize;
+                        let wpc = w.pc[l];
+                        if let Some(need) = self.sync_set(b, w, &insts[wpc as usize].op, l) {
+                            if need & exec != 0 {
+                                let msg = format!(
+                                    "lanes {exec:#010x} exit while lanes {waiting:#010x} of their warp wait for them at a barrier or warp-synchronous instruction (PTX line {}): a __syncthreads()/__syncwarp() in divergent code",
+                                    insts[wpc as usize].line
+                                );
+                                return Err(self.fault(FaultKind::LaunchFailed, "synccheck", &msg, b, w, Some(exec.trailing_zeros()), pc, ""));
+                            }
+                        }
+                    }
                     w.exited |= exec;
                     let mut g = group & !exec;
                     while g != 0 {
@@ -507,39 +599,37 @@ impl<'l, 'a> Runner<'l, 'a> {
                     }
                     continue;
                 }
-                Op::Bar { aligned, .. } => {
+                Op::Bar { .. } => {
                     if exec != 0 {
-                        if *aligned && exec != active {
+                        if exec != active {
+                            sync_pcs!();
                             let missing = active & !exec;
-                            let msg = format!(
-                                "barrier reached by lanes {exec:#010x} of the warp while lanes {missing:#010x} (not exited) are elsewhere: a __syncthreads() in divergent code"
-                            );
+                            let msg = format!("barrier executed by lanes {exec:#010x} while lanes {missing:#010x} of the warp are predicated off");
                             return Err(self.fault(FaultKind::LaunchFailed, "synccheck", &msg, b, w, Some(missing.trailing_zeros()), pc, ""));
                         }
-                        w.at_bar = true;
                         // The PC advances when the barrier releases.
-                        let mut g = group & !exec;
-                        while g != 0 {
-                            let l = g.trailing_zeros() as usize;
-                            g &= g - 1;
-                            w.pc[l] += 1;
+                        conv = Some((pc, group));
+                        sync_pcs!();
+                        w.at_bar = true;
+                        if let Some(c) = self.counters.as_mut() {
+                            c.barrier_arrivals += 1;
                         }
                         return Ok(Stop::Barrier);
                     }
                 }
                 op => {
                     if exec != 0 {
-                        self.exec(b, w, op, exec, group, pc)?;
+                        if let Err(e) = self.exec(b, w, op, exec, group, pc) {
+                            conv = Some((pc, group));
+                            sync_pcs!();
+                            return Err(e);
+                        }
                     }
                 }
             }
-            let mut g = group;
-            while g != 0 {
-                let l = g.trailing_zeros() as usize;
-                g &= g - 1;
-                w.pc[l] += 1;
-            }
+            conv = Some((pc + 1, group));
         }
+        sync_pcs!();
         Ok(Stop::Slice)
     }
 
@@ -1164,7 +1254,9 @@ impl<'l, 'a> Runner<'l, 'a> {
                         let x = self.rd(b, w, *ai, l);
                         let c = cmpv.map(|s| self.rd(b, w, s, l));
                         let el = ea + (i as u32 * es) as u64;
-                        let old = self.atomic(b, w, *space, *op, *ty, el, x, c, es, a.len() as u32 * es, l, pc)?;
+                        // A vector atomic's address is aligned to the whole vector.
+                        let align = if i == 0 { a.len() as u32 * es } else { es };
+                        let old = self.atomic(b, w, *space, *op, *ty, el, x, c, es, align, l, pc)?;
                         if let Some(Some(di)) = d.get(i) {
                             Self::wr(w, *di, l, old);
                         }
@@ -1292,7 +1384,18 @@ impl<'l, 'a> Runner<'l, 'a> {
                     if sp != Space::Shared {
                         return Err(self.fault(FaultKind::IllegalAddress, "memcheck", "ldmatrix from a generic address outside shared memory", b, w, Some(l as u32), pc, &format!("address {ea:#x}")));
                     }
-                    let v = self.load(b, w, Space::Shared, off, 16, 16, l, pc)?;
+                    self.check_shared(b, w, off, 16, 16, false, l, pc)?;
+                    let tid = w.id * 32 + l as u32;
+                    if let Err(f) = b.shadow.read_collective(off as usize, 16, tid) {
+                        return Err(self.shadow_report(f, b, w, l, pc));
+                    }
+                    if let Some(uoff) = b.shadow.uninit.take() {
+                        let f = self.shadow_report(Finding::Uninit { off: uoff }, b, w, l, pc);
+                        self.l.soft(f);
+                    }
+                    let mut bytes = [0u8; 16];
+                    bytes.copy_from_slice(&b.smem[off as usize..off as usize + 16]);
+                    let v = u128::from_le_bytes(bytes);
                     for (e, x) in row.iter_mut().enumerate() {
                         *x = (v >> (16 * e)) as u16;
                     }
