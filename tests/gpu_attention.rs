@@ -182,6 +182,48 @@ fn attention_every_kernel_small() {
     }
 }
 
+/// Small awkward shapes on the default kernels and, at head dim 64, on every alternative tile
+/// shape: one token; N below, across and past a 64-key tile (31, 67, 97, 131); a prompt block
+/// across a key tile's edge (70 prompts, keys 1..71); several images and heads; query ranges
+/// starting inside the prompt block (queries 40..90 of 60 prompts at head dim 32) and the
+/// prompt rows only; head dims 80 and 128 at N 75. Plus the ViT-B shapes (N 227 with 30
+/// prompts, 257 with 60: not tile multiples) on one image and head, default kernels.
+#[test]
+#[ignore = "requires a CUDA device"]
+fn attention_awkward_small_shapes_match_cpu_on_every_tile_shape() {
+    let gpu = gpu();
+    let (mut rng, seed) = rng("attention_awkward_small_shapes");
+    let mut shapes = vec![
+        shape(1, 1, 1, 0, 64),
+        shape(2, 1, 31, 30, 64),
+        shape(1, 2, 97, 1, 64),
+        shape(1, 1, 131, 70, 64),
+        shape(2, 3, 67, 10, 32),
+        AttnShape { q_start: 1, q_len: 30, ..shape(2, 1, 90, 30, 64) },
+        AttnShape { q_start: 40, q_len: 50, ..shape(1, 2, 100, 60, 32) },
+    ];
+    for &dh in attention::FUSED_HEAD_DIMS.iter().filter(|&&dh| dh != 32 && dh != 64) {
+        shapes.push(shape(1, 2, 75, 10, dh));
+        shapes.push(AttnShape { q_start: 1, q_len: 10, ..shape(1, 1, 75, 10, dh) });
+    }
+    let fwds: Vec<FwdTiles> = FWD_TILES.iter().copied().filter(|t| t.head_dim == 64).collect();
+    let bwds: Vec<BwdTiles> = BWD_TILES.iter().copied().filter(|t| t.head_dim == 64).collect();
+    let mut runs: Vec<(AttnShape, FwdTiles, BwdTiles)> = Vec::new();
+    for sh in [shape(1, 1, 227, 30, 64), shape(1, 1, 257, 60, 64)].into_iter().chain(shapes.iter().copied()) {
+        runs.push((sh, attention::fwd_tiles(sh.head_dim).unwrap(), attention::bwd_tiles(sh.head_dim).unwrap()));
+    }
+    for sh in shapes.iter().filter(|s| s.head_dim == 64 && s.tokens > 1) {
+        for k in 1..fwds.len().max(bwds.len()) {
+            runs.push((*sh, fwds[k.min(fwds.len() - 1)], bwds[k.min(bwds.len() - 1)]));
+        }
+    }
+    for (sh, f, b) in runs {
+        let (x, qkv_b, dout_b) = inputs(&mut rng, &sh);
+        let got = run_gpu_with(&gpu, &sh, &qkv_b, &dout_b, &f, &b);
+        check_against_cpu(&sh, &x.qkv, &x.dout, &KernelOut { out: &got.out, lse: &got.lse, dqkv: &got.dqkv }, seed);
+    }
+}
+
 /// Perturbing one prompt's key (image 0, every head) leaves the other prompts' outputs and
 /// log-sum-exps bit-identical and image 1 untouched, and moves the prompt itself and (nearly)
 /// every CLS/patch row. Also: two runs of the same inputs give the same out, lse, dK, dV bits.

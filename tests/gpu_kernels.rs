@@ -218,7 +218,8 @@ fn layernorm_forward_and_backward_match_cpu() {
     let gpu = gpu();
     let (mut rng, seed) = rng("layernorm");
     let eps = layernorm::VIT_EPS;
-    for (rows, d) in [(1usize, 1usize), (3, 7), (37, 100), (129, 384), (64, 768), (17, 1000), (33, 1024), (300, 96)] {
+    // 520: the three-chunk vector kernel with one lane of its last chunk busy.
+    for (rows, d) in [(1usize, 1usize), (3, 7), (37, 100), (129, 384), (64, 768), (17, 1000), (33, 1024), (300, 96), (5, 520)] {
         let what = format!("rows={rows} d={d}");
         let shift = rng.random_range(-3.0f32..3.0);
         let x: Vec<f32> = uniform(&mut rng, rows * d, -2.0, 2.0).iter().map(|v| v + shift).collect();
@@ -272,7 +273,8 @@ fn layernorm_on_fp32_storage_matches_cpu() {
     let gpu = gpu();
     let (mut rng, seed) = rng("layernorm f32");
     let eps = layernorm::VIT_EPS;
-    for (rows, d) in [(1usize, 1usize), (3, 7), (37, 100), (129, 384), (64, 768), (17, 1000), (33, 1024)] {
+    // 40: the one-chunk vector kernel; 520: three chunks, the last nearly empty.
+    for (rows, d) in [(1usize, 1usize), (3, 7), (5, 40), (37, 100), (129, 384), (5, 520), (64, 768), (17, 1000), (33, 1024)] {
         let what = format!("f32 storage rows={rows} d={d}");
         let shift = rng.random_range(-3.0f32..3.0);
         let x: Vec<f32> = uniform(&mut rng, rows * d, -2.0, 2.0).iter().map(|v| v + shift).collect();
@@ -309,7 +311,8 @@ fn residual_layernorm_forward_matches_cpu() {
     let gpu = gpu();
     let (mut rng, seed) = rng("residual layernorm");
     let eps = layernorm::VIT_EPS;
-    for (rows, d, with_ls) in [(1usize, 1usize, true), (3, 7, false), (37, 100, true), (129, 384, false), (64, 768, true), (33, 1024, true)] {
+    // 40 and 520: the one-chunk and a nearly empty third chunk of the vector kernels.
+    for (rows, d, with_ls) in [(1usize, 1usize, true), (3, 7, false), (5, 40, false), (37, 100, true), (129, 384, false), (5, 520, true), (64, 768, true), (33, 1024, true)] {
         let what = format!("rows={rows} d={d} ls={with_ls}");
         let x = uniform(&mut rng, rows * d, 1.0, 4.0);
         let (fb, fr) = bf16_values(&uniform(&mut rng, rows * d, -2.0, 2.0));
@@ -428,8 +431,9 @@ fn adamw_matches_cpu_over_several_steps() {
     }
 }
 
-/// Several tensors in one launch (`step_many`), with the loss guard: a finite guard updates
-/// every tensor as the CPU does, a NaN guard changes nothing.
+/// Several tensors in one launch (`step_many`), from non-zero moments, without a guard and
+/// with the loss guard: no guard or a finite one updates every tensor as the CPU does, a NaN or
+/// infinite guard changes nothing (parameters and moments).
 #[test]
 #[ignore = "requires a CUDA device"]
 fn adamw_many_tensors_in_one_launch_with_a_guard() {
@@ -439,15 +443,19 @@ fn adamw_many_tensors_in_one_launch_with_a_guard() {
     let sizes = [1usize, 0, 4099, 37, 300_001];
     let p0: Vec<Vec<f32>> = sizes.iter().map(|&n| uniform(&mut rng, n, -1.0, 1.0)).collect();
     let g0: Vec<Vec<f32>> = sizes.iter().map(|&n| uniform(&mut rng, n, -1.0, 1.0)).collect();
-    for (guard, applies) in [(1.5f32, true), (f32::NAN, false), (f32::INFINITY, false)] {
+    // Moments as a few earlier steps leave them (the first step's zeros hide a mix-up of m and v).
+    let m0: Vec<Vec<f32>> = sizes.iter().map(|&n| uniform(&mut rng, n, -0.1, 0.1)).collect();
+    let v0: Vec<Vec<f32>> = sizes.iter().map(|&n| uniform(&mut rng, n, 0.0, 0.01)).collect();
+    for guard in [None, Some(1.5f32), Some(f32::NAN), Some(f32::INFINITY)] {
+        let applies = guard.is_none_or(f32::is_finite);
         // CUDA cannot allocate 0 bytes, so the empty tensor gets a one-element buffer the
         // kernel must leave alone (n says how much of each buffer is the tensor).
         let pad = |x: &Vec<f32>| if x.is_empty() { vec![7.0f32] } else { x.clone() };
         let mut p: Vec<_> = p0.iter().map(|x| gpu.upload(&pad(x)).unwrap()).collect();
         let g: Vec<_> = g0.iter().map(|x| gpu.upload(&pad(x)).unwrap()).collect();
-        let mut m: Vec<_> = sizes.iter().map(|&n| gpu.zeros::<f32>(n.max(1)).unwrap()).collect();
-        let mut v: Vec<_> = sizes.iter().map(|&n| gpu.zeros::<f32>(n.max(1)).unwrap()).collect();
-        let gd = gpu.upload(&[guard]).unwrap();
+        let mut m: Vec<_> = m0.iter().map(|x| gpu.upload(&pad(x)).unwrap()).collect();
+        let mut v: Vec<_> = v0.iter().map(|x| gpu.upload(&pad(x)).unwrap()).collect();
+        let gd = guard.map(|x| gpu.upload(&[x]).unwrap());
         {
             let mut ts: Vec<adamw::cuda::AdamWTensor> = p
                 .iter_mut()
@@ -456,21 +464,27 @@ fn adamw_many_tensors_in_one_launch_with_a_guard() {
                 .zip(sizes)
                 .map(|(((p, g), (m, v)), n)| adamw::cuda::AdamWTensor { params: p, grads: g, m, v, n })
                 .collect();
-            adamw::cuda::step_many(&gpu, gpu.stream(), &mut ts, 2, 1e-3, &cfg, Some(&gd)).unwrap();
+            let gp = gd.as_ref().map(|x| x as &dyn mlvpt::gpu::DevicePtr<f32>);
+            adamw::cuda::step_many(&gpu, gpu.stream(), &mut ts, 3, 1e-3, &cfg, gp).unwrap();
         }
         for (i, &n) in sizes.iter().enumerate() {
-            let what = format!("tensor {i} (n={n}) guard {guard}");
-            let (mut p64, mut m64, mut v64) = (to_f64(&p0[i]), vec![0.0f64; n], vec![0.0f64; n]);
+            let what = format!("tensor {i} (n={n}) guard {guard:?}");
+            let (mut p64, mut m64, mut v64) = (to_f64(&p0[i]), to_f64(&m0[i]), to_f64(&v0[i]));
             if applies {
-                adamw::cpu::step(&mut p64, &to_f64(&g0[i]), &mut m64, &mut v64, 2, 1e-3, &cfg);
+                adamw::cpu::step(&mut p64, &to_f64(&g0[i]), &mut m64, &mut v64, 3, 1e-3, &cfg);
             }
-            let pd = gpu.download(&p[i]).unwrap();
-            assert_close(&format!("adamw many p {what}"), &pd[..n], &p64, 1e-6, 1e-5, seed);
+            let (pd, md, vd) = (gpu.download(&p[i]).unwrap(), gpu.download(&m[i]).unwrap(), gpu.download(&v[i]).unwrap());
             if n == 0 {
-                assert_eq!(pd, [7.0], "the empty tensor's padding element was written");
+                assert_eq!((pd, md, vd), (vec![7.0], vec![7.0], vec![7.0]), "the empty tensor's padding element was written");
+                continue;
             }
-            assert_close(&format!("adamw many m {what}"), &gpu.download(&m[i]).unwrap()[..n], &m64, 1e-7, 1e-5, seed);
-            assert_close(&format!("adamw many v {what}"), &gpu.download(&v[i]).unwrap()[..n], &v64, 1e-9, 1e-5, seed);
+            if !applies {
+                // Unchanged.
+                assert!(pd == p0[i] && md == m0[i] && vd == v0[i], "adamw many {what}: a non-finite guard changed something (seed {seed})");
+            }
+            assert_close(&format!("adamw many p {what}"), &pd[..n], &p64, 1e-6, 1e-5, seed);
+            assert_close(&format!("adamw many m {what}"), &md[..n], &m64, 1e-7, 1e-5, seed);
+            assert_close(&format!("adamw many v {what}"), &vd[..n], &v64, 1e-9, 1e-5, seed);
         }
     }
 }

@@ -126,8 +126,8 @@ fn every_launcher_literal_is_a_kernel_of_its_own_module() {
 }
 
 /// The fused attention's tile tables (`ops::attention::FWD_TILES`, `BWD_TILES`, which hold
-/// the kernel names the launcher asks for) name entry functions of kernels/attention.cu. (The
-/// emulator test checks the same tables against the kernel source's lists, sizes included.)
+/// the kernel names the launcher asks for) name entry functions of kernels/attention.cu.
+/// ([`attention_tile_tables_are_the_kernel_sources_lists`] checks the tiles and order too.)
 #[test]
 fn attention_tile_tables_name_compiled_kernels() {
     use mlvpt::ops::attention::{BWD_TILES, FUSED_HEAD_DIMS, FWD_TILES};
@@ -142,4 +142,72 @@ fn attention_tile_tables_name_compiled_kernels() {
         assert!(report.iter().any(|k| k.function == *name && k.file == "attention.cu"), "`{name}` is not a kernel of attention.cu");
     }
     assert!(names.len() >= 2 * FUSED_HEAD_DIMS.len(), "a forward and a backward per head dim");
+}
+
+/// The body of `#define NAME(X) ...` in `src` (continuation lines joined), as the argument
+/// lists of its `X(...)` entries.
+fn macro_entries(src: &str, name: &str) -> Vec<Vec<String>> {
+    let head = format!("#define {name}(X)");
+    let start = src.find(&head).unwrap_or_else(|| panic!("no `{head}` in kernels/attention.cu"));
+    let mut body = String::new();
+    for line in src[start + head.len()..].lines() {
+        let more = line.trim_end().ends_with('\\');
+        body.push_str(line.trim_end().trim_end_matches('\\'));
+        body.push(' ');
+        if !more {
+            break;
+        }
+    }
+    body.split("X(")
+        .skip(1)
+        .map(|e| e.split(')').next().unwrap().split(',').map(|a| a.trim().to_string()).collect())
+        .collect()
+}
+
+/// The launcher's tile tables are the kernel source's own lists (`ATTN_FWD_CONFIGS`,
+/// `ATTN_BWD_CONFIGS`, `ATTN_BWD_DQ_CONFIGS`, `ATTN_HEAD_DIMS` in kernels/attention.cu) in
+/// order, so the defaults (the first of a head dim) agree too: names, head dims, query rows
+/// per block (16 MT WARPS), keys per block (16 per warp), steps of queries, the pipelined
+/// forwards and the split backwards with their dQ passes. The dynamic shared memory the
+/// launcher computes from these is checked from below by the virtual device's memcheck
+/// (shared memory there is exactly what the launch asked for).
+#[test]
+fn attention_tile_tables_are_the_kernel_sources_lists() {
+    use mlvpt::ops::attention::{BwdTiles, BWD_TILES, FUSED_HEAD_DIMS, FWD_TILES};
+    let src = std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("kernels/attention.cu")).unwrap();
+    let warps: usize = src
+        .split("constexpr int WARPS = ")
+        .nth(1)
+        .and_then(|r| r.split(';').next())
+        .and_then(|n| n.trim().parse().ok())
+        .expect("`constexpr int WARPS = N;` in kernels/attention.cu");
+    let num = |a: &str| -> usize { a.parse().unwrap_or_else(|_| panic!("`{a}` is not a number")) };
+    let fwd: Vec<String> = macro_entries(&src, "ATTN_FWD_CONFIGS")
+        .iter()
+        .map(|a| format!("{} dh {} rows {} pipelined {}", a[4], num(&a[0]), 16 * num(&a[1]) * warps, a[2]))
+        .collect();
+    let dq_src = macro_entries(&src, "ATTN_BWD_DQ_CONFIGS");
+    let dq: Vec<String> = dq_src.iter().map(|a| format!("{} dh {} rows {}", a[2], num(&a[0]), 16 * num(&a[1]) * warps)).collect();
+    let bwd: Vec<String> = macro_entries(&src, "ATTN_BWD_CONFIGS")
+        .iter()
+        .map(|a| {
+            let dq = if a[3] == "true" { format!("{}_dq", a[4]) } else { "-".to_string() };
+            format!("{} dh {} keys {} rows {} dq {dq}", a[4], num(&a[0]), 16 * num(&a[2]), num(&a[1]))
+        })
+        .collect();
+    let dims: Vec<usize> = macro_entries(&src, "ATTN_HEAD_DIMS").iter().map(|a| num(&a[0])).collect();
+
+    let host_fwd: Vec<String> =
+        FWD_TILES.iter().map(|t| format!("{} dh {} rows {} pipelined {}", t.kernel, t.head_dim, t.rows, t.pipelined)).collect();
+    let host_bwd: Vec<String> = BWD_TILES
+        .iter()
+        .map(|t| format!("{} dh {} keys {} rows {} dq {}", t.kernel, t.head_dim, t.keys, t.rows, t.dq_kernel.unwrap_or("-")))
+        .collect();
+    let host_dq: Vec<String> =
+        BWD_TILES.iter().filter_map(|t| t.dq_kernel.map(|k| format!("{k} dh {} rows {}", t.head_dim, BwdTiles::DQ_ROWS))).collect();
+    assert!(!fwd.is_empty() && !bwd.is_empty() && !dims.is_empty(), "empty lists parsed from kernels/attention.cu");
+    assert_eq!(fwd, host_fwd, "forward kernels: attention.cu vs FWD_TILES");
+    assert_eq!(bwd, host_bwd, "backward kernels: attention.cu vs BWD_TILES");
+    assert_eq!(dq, host_dq, "dQ passes of the split backwards: attention.cu vs BWD_TILES");
+    assert_eq!(dims, FUSED_HEAD_DIMS, "head dims compiled in attention.cu vs FUSED_HEAD_DIMS");
 }

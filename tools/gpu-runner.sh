@@ -176,8 +176,8 @@ for t in "$HERE"/tests/*; do
 done
 
 # --- compute-sanitizer on the tensor-core kernels (shared-memory races, out-of-bounds accesses) --
-# The CPU emulator runs cp.async synchronously and cannot see a missing barrier; racecheck
-# can. One small test per binary launches every compiled attention kernel, every head kernel of both sets.
+# The real hardware's own checks, beside the models of them the virtual device (tools/vgpu) runs
+# on the CPU. One small test per binary launches every compiled attention kernel, every head kernel of both sets.
 sanitizer=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -n 1 || true)
 for target in gpu_attention:attention_every_kernel_small gpu_head:head_every_kernel_small; do
   bin=${target%%:*}; test=${target#*:}; what=${bin#gpu_}

@@ -1,6 +1,5 @@
-//! Shared by the fused attention tests on a GPU (tests/gpu_attention.rs) and under the CPU
-//! emulator (tests/attention_emulated.rs): the CPU reference run on the same bf16-rounded
-//! inputs and the error bounds the kernels' outputs must meet against it.
+//! For the fused attention tests (tests/gpu_attention.rs): the CPU reference run on the same
+//! bf16-rounded inputs and the error bounds the kernels' outputs must meet against it.
 
 use mlvpt::ops::attention::{cpu, AttnShape};
 
