@@ -27,7 +27,7 @@ fn main() {
 }
 
 fn build_kernels() -> Result<(), String> {
-    for var in ["NVCC", "CUDA_HOME", "CUDA_PATH", "MLVPT_CUDA_ARCH"] {
+    for var in ["NVCC", "CUDA_HOME", "CUDA_PATH", "MLVPT_CUDA_ARCH", "MLVPT_COMPRESS_FATBIN"] {
         println!("cargo:rerun-if-env-changed={var}");
     }
     let manifest = PathBuf::from(env::var("CARGO_MANIFEST_DIR").map_err(|e| e.to_string())?);
@@ -55,6 +55,7 @@ fn build_kernels() -> Result<(), String> {
     }
 
     let nvcc = find_nvcc(&manifest)?;
+    let compress = env::var("MLVPT_COMPRESS_FATBIN").is_ok_and(|v| v == "1");
     let gencode = gencode_flags()?;
 
     // One nvcc per file, in parallel: each compiles 5 targets and CI has 2 cores.
@@ -65,11 +66,13 @@ fn build_kernels() -> Result<(), String> {
                 let stem = src.file_stem().unwrap().to_string_lossy().into_owned();
                 let fatbin = out.join(format!("{stem}.fatbin"));
                 let mut cmd = Command::new(&nvcc);
-                cmd.arg("-fatbin")
-                    .args(["-std=c++17", "-O3", "-Xptxas", "-v"])
-                    // Keep the PTX uncompressed: the virtual device in tools/vgpu reads the fatbin's PTX.
-                    .arg("-no-compress")
-                    .arg("-I")
+                cmd.arg("-fatbin").args(["-std=c++17", "-O3", "-Xptxas", "-v"]);
+                // Keep the PTX uncompressed: the virtual device in tools/vgpu reads the fatbin's
+                // PTX. MLVPT_COMPRESS_FATBIN=1 (the GPU bundle, which must stay small) compresses.
+                if !compress {
+                    cmd.arg("-no-compress");
+                }
+                cmd.arg("-I")
                     .arg(&kdir)
                     .args(&gencode)
                     .arg("-o")

@@ -20,6 +20,10 @@ fn setup(be: CudaBackend, cfg: &ModelConfig, batch: usize) -> anyhow::Result<(Tr
 
 fn bench(c: &mut Criterion) {
     let name = match CudaBackend::new(0) {
+        Ok(be) if be.gpu().is_virtual() => {
+            eprintln!("gpu_step bench skipped: {} is the virtual CUDA device (tools/vgpu), which has no performance meaning", be.gpu().device_name());
+            return;
+        }
         Ok(be) => be.gpu().device_name().to_string(),
         Err(e) => {
             eprintln!("gpu_step bench skipped: {e}");

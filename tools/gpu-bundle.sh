@@ -12,6 +12,9 @@
 # archs + PTX of a normal build it is about 67 MiB). MLVPT_CUDA_ARCH= (empty) builds all archs.
 set -euo pipefail
 export MLVPT_CUDA_ARCH=${MLVPT_CUDA_ARCH-90}
+# A real GPU needs no readable PTX (only the virtual device does): compressed fatbins keep the
+# bundle small.
+export MLVPT_COMPRESS_FATBIN=1
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 BUNDLE="$ROOT/bundle"

@@ -1,15 +1,38 @@
 #!/usr/bin/env bash
 # The project's test command (README.md names it; .ci/run calls it). Installs what it needs.
-# Without a GPU (CI) the `cuda` feature still builds: every kernel compiles with nvcc and the
-# ptxas spill check runs; the GPU tests are #[ignore]d (tools/gpu-bundle.sh runs them on a GPU).
+# Without a GPU (CI) the CUDA path still runs: every kernel compiles with nvcc (ptxas spill
+# check included), and the virtual CUDA device of tools/vgpu (libcuda.so/libcublas.so that
+# interpret the kernels' PTX on the CPU under sanitizer checks) runs every GPU test
+# (`#[ignore = "requires a CUDA device"]`), the GPU doc examples, examples/ and a short
+# `mlvpt train --device cuda` against the CPU run. On a GPU, tools/gpu-bundle.sh runs the same
+# tests on the card.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+step() { printf '\n== %s (%s)\n' "$1" "$(date -u +%T)"; }
 # nvcc for the `cuda` feature: a suitable system one, or the pinned CUDA 13.0 wheels in .toolchain/.
 NVCC=$(bash tools/install-cuda-toolchain.sh | sed -n 's/^nvcc: //p')
 export NVCC
-# The default build (no CUDA) must keep working.
+
+step "default build (no CUDA)"
 cargo build --release --bins
-cargo test --release --all-features --lib --bins --tests --examples
-# --all-features: the CUDA launchers' doc examples compile too (they are no_run).
+
+step "the virtual CUDA device: build and its own tests (PTX, driver, cuBLAS, each check on broken kernels)"
+VGPU_LIB=$(bash tools/vgpu/install.sh | sed -n 's/^vgpu: //p')
+cargo test --release -p vgpu
+
+# From here on cudarc finds the virtual device's libcuda.so/libcublas.so.
+export LD_LIBRARY_PATH="$VGPU_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+
+step "every test, GPU tests included (on the virtual device)"
+cargo test --release --all-features --lib --bins --tests --examples -- --include-ignored
+
+step "doc tests (the CUDA launchers' examples run on the virtual device)"
 cargo test --release --doc --all-features
+
+step "examples on the virtual device"
+for ex in examples/*.rs; do
+  cargo run --release --all-features --example "$(basename "$ex" .rs)"
+done
+
+step "benches compile"
 cargo bench --no-run --all-features

@@ -8,6 +8,11 @@ use std::time::{Duration, Instant};
 /// device can be opened (the GPU runner reads that line as NO-GPU).
 pub fn open(name: &str) -> Option<GpuContext> {
     match GpuContext::new(0) {
+        Ok(gpu) if gpu.is_virtual() => {
+            // Timings there would measure the PTX interpreter on the CPU, never a GPU.
+            eprintln!("{name} bench skipped: {} is the virtual CUDA device (tools/vgpu), which has no performance meaning", gpu.device_name());
+            None
+        }
         Ok(gpu) => {
             let (major, minor) = gpu.compute_capability();
             eprintln!("{name} bench on {} (sm_{major}{minor}, {} SMs)", gpu.device_name(), gpu.sm_count());

@@ -157,6 +157,11 @@ pub fn run(args: &BenchStepArgs) -> Result<()> {
     let cfg = args.config()?;
     let selected = mlvpt::backend::select_with(args.device, args.precision, &mut |line| eprintln!("{line}"))?;
     let device = selected.describe();
+    if selected.is_virtual() {
+        eprintln!(
+            "warning: {device} is the virtual CUDA device (tools/vgpu): these times measure its PTX interpreter on the CPU and say nothing about GPU speed"
+        );
+    }
     match selected {
         Selected::Cpu(be) => {
             if args.attention_kernels.is_some() {

@@ -38,10 +38,11 @@ unsafe impl DeviceRepr for TableArg {}
 /// With `guard`, nothing is written unless `guard[0]` is finite (checked on the device). Bias
 /// corrections and `1 - beta` are computed here in f64.
 ///
-/// ```no_run
+/// ```
 /// use mlvpt::gpu::{GpuContext, GpuError};
 /// use mlvpt::ops::adamw::{cuda, AdamWConfig};
 /// # fn main() -> Result<(), GpuError> {
+/// # if !mlvpt::gpu::GpuContext::driver_present() { return Ok(()); } // needs a device (a GPU or tools/vgpu)
 /// let gpu = GpuContext::new(0)?;
 /// let (mut p, g) = (gpu.upload(&[1.0f32, 2.0, 3.0])?, gpu.upload(&[0.1f32, -0.2, 0.3])?);
 /// let (mut m, mut v) = (gpu.zeros::<f32>(3)?, gpu.zeros::<f32>(3)?);

@@ -28,10 +28,11 @@ impl AslWorkspace {
 /// `loss[0] = scale * sum_i l_i` and, if `grad` is given, `grad[i] = scale * dl_i/dx_i`, the
 /// same function as the CPU reference [`super::asl_forward_backward`] times `scale`.
 ///
-/// ```no_run
+/// ```
 /// use mlvpt::gpu::{GpuContext, GpuError};
 /// use mlvpt::ops::asl::{cuda, AslConfig};
 /// # fn main() -> Result<(), GpuError> {
+/// # if !mlvpt::gpu::GpuContext::driver_present() { return Ok(()); } // needs a device (a GPU or tools/vgpu)
 /// let gpu = GpuContext::new(0)?;
 /// let logits = gpu.upload(&[2.0f32, -1.0, 0.5])?;
 /// let targets = gpu.upload(&[1.0f32, 0.0, 1.0])?;

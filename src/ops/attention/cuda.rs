@@ -136,10 +136,11 @@ fn blocks(items: usize, per: usize) -> u32 {
 /// `j*dh..(j+1)*dh`). Prompt queries (`sh.prompt_start..sh.prompt_end`) skip the other prompts'
 /// keys. The twin of [`super::cpu::forward`].
 ///
-/// ```no_run
+/// ```
 /// use mlvpt::gpu::{bf16, GpuContext, GpuError};
 /// use mlvpt::ops::attention::{cuda, AttnShape};
 /// # fn main() -> Result<(), GpuError> {
+/// # if !mlvpt::gpu::GpuContext::driver_present() { return Ok(()); } // needs a device (a GPU or tools/vgpu)
 /// let gpu = GpuContext::new(0)?;
 /// // ViT-B: 12 heads of 64, CLS + 30 prompts + 196 patches.
 /// let sh = AttnShape::full(2, 227, 12, 64, 1, 31);

@@ -226,10 +226,11 @@ fn check_adapter(op: &'static str, s: &AdapterShape) -> Result<(), GpuError> {
 /// `W2 [P, D, r]`, `b2 [P, D]`, `u [B, P, r]` fp32. `kernels` picks the tensor-core or the fp32
 /// kernels ([`HeadKernels`]).
 ///
-/// ```no_run
+/// ```
 /// use mlvpt::gpu::{bf16, GpuContext, GpuError};
 /// use mlvpt::ops::head::{cuda, AdapterShape, HeadKernels};
 /// # fn main() -> Result<(), GpuError> {
+/// # if !mlvpt::gpu::GpuContext::driver_present() { return Ok(()); } // needs a device (a GPU or tools/vgpu)
 /// let gpu = GpuContext::new(0)?;
 /// let s = AdapterShape { batch: 2, tokens: 30, dim: 768, rank: 5 };
 /// let (p, d, r) = (s.tokens, s.dim, s.rank);

@@ -12,13 +12,15 @@ use super::run::{Block, Runner};
 const NONE: u16 = 0;
 const MANY: u16 = u16::MAX;
 const MIXED_WARPS: u16 = u16::MAX;
-/// `Rec::init` bit: the last reads were by a warp-collective instruction of warp `rw`.
+/// `Rec::flags` bit: the last reads were by a warp-collective instruction of warp `rw`.
 const COLLECTIVE: u8 = 2;
 
-/// Per-byte record (16 bytes).
+/// Per-byte record (20 bytes). Times are the block clock; a record older than the running
+/// block's start (`base`) is from an earlier block on this worker and means nothing now, so
+/// the shadow is reused across blocks without clearing it.
 #[derive(Clone, Copy, Default)]
 struct Rec {
-    /// Last writer's thread index + 1 (0: none since the block started).
+    /// Last writer's thread index + 1 (0: none).
     w: u16,
     /// Last reader's thread index + 1, or MANY.
     r: u16,
@@ -26,10 +28,12 @@ struct Rec {
     rw: u16,
     /// cp.async copies in flight to this byte.
     pend: u8,
-    /// Written at least once (initcheck).
-    init: u8,
+    /// COLLECTIVE.
+    flags: u8,
     wt: u32,
     rt: u32,
+    /// When the byte was last written (initcheck: written by this block iff it >= base).
+    it: u32,
 }
 
 /// A finding of the shadow checks.
@@ -73,8 +77,10 @@ impl Finding {
 
 pub struct SharedShadow {
     recs: Vec<Rec>,
-    /// Clock: ticks at every barrier.
+    /// Clock: ticks at every barrier and block start.
     now: u32,
+    /// The running block's start.
+    base: u32,
     last_block_bar: u32,
     last_warp_bar: Vec<u32>,
     /// First byte read before any write (initcheck), not yet reported.
@@ -83,7 +89,30 @@ pub struct SharedShadow {
 
 impl SharedShadow {
     pub fn new(size: usize) -> Self {
-        SharedShadow { recs: vec![Rec::default(); size], now: 1, last_block_bar: 0, last_warp_bar: vec![0; 32], uninit: None }
+        let mut s = SharedShadow { recs: vec![Rec::default(); size], now: 0, base: 0, last_block_bar: 0, last_warp_bar: vec![0; 32], uninit: None };
+        s.start_block();
+        s
+    }
+
+    /// A new block starts on this shadow: everything recorded before is void.
+    pub fn start_block(&mut self) {
+        if self.now > u32::MAX - (1 << 24) {
+            // The clock would wrap: clear instead.
+            self.recs.iter_mut().for_each(|r| *r = Rec::default());
+            self.now = 0;
+        }
+        self.now += 2;
+        self.base = self.now;
+        self.last_block_bar = self.now;
+        self.last_warp_bar.iter_mut().for_each(|t| *t = 0);
+        self.uninit = None;
+    }
+
+    /// Copies that never landed (the block ended without waiting for them).
+    pub fn drop_async(&mut self, off: usize, n: usize) {
+        for i in off..off + n {
+            self.recs[i].pend = self.recs[i].pend.saturating_sub(1);
+        }
     }
 
     pub fn block_barrier(&mut self) {
@@ -116,7 +145,7 @@ impl SharedShadow {
         for i in off..off + n {
             let rec = &mut self.recs[i];
             if rec.rw == (tid / 32) as u16 {
-                rec.init |= COLLECTIVE;
+                rec.flags |= COLLECTIVE;
             }
         }
         Ok(())
@@ -130,7 +159,7 @@ impl SharedShadow {
             if r.pend > 0 {
                 return Err(Finding::InFlight { off: i, write: false });
             }
-            if r.init & 1 == 0 && self.uninit.is_none() {
+            if r.it < self.base && self.uninit.is_none() {
                 // Reported at the end of the launch unless a sharper finding (a race with the
                 // write that comes later) fails it first.
                 self.uninit = Some(i);
@@ -139,8 +168,8 @@ impl SharedShadow {
                 return Err(Finding::Race { off: i, kind: "read-after-write", other: Some(r.w as u32 - 1) });
             }
             let rec = &mut self.recs[i];
-            rec.init &= !COLLECTIVE;
-            if rec.r == NONE || rec.r == me || (rec.r != MANY && rec.rt < self.last_block_bar) {
+            rec.flags &= !COLLECTIVE;
+            if rec.r == NONE || rec.r == me || rec.rt < self.last_block_bar {
                 rec.r = me;
                 rec.rw = warp;
             } else {
@@ -159,7 +188,7 @@ impl SharedShadow {
         if r.w != NONE && !self.ordered(r.w, r.wt, tid) {
             return Err(Finding::Race { off: i, kind: "write-after-write", other: Some(r.w as u32 - 1) });
         }
-        if r.init & COLLECTIVE != 0 && r.rw == (tid / 32) as u16 {
+        if r.flags & COLLECTIVE != 0 && r.rt >= self.base && r.rw == (tid / 32) as u16 {
             return Ok(());
         }
         if r.r == MANY {
@@ -177,7 +206,8 @@ impl SharedShadow {
         let rec = &mut self.recs[i];
         rec.w = (tid + 1) as u16;
         rec.wt = self.now;
-        rec.init = 1;
+        rec.it = self.now;
+        rec.flags = 0;
         // Reads before this write are now ordered through it for later checks.
         rec.r = NONE;
     }
@@ -196,7 +226,7 @@ impl SharedShadow {
     /// A shared atomic: ordered with other atomics, initialises the bytes.
     pub fn atomic(&mut self, off: usize, n: usize) {
         for i in off..off + n {
-            self.recs[i].init = 1;
+            self.recs[i].it = self.now;
         }
     }
 

@@ -247,6 +247,8 @@ pub(crate) struct Runner<'l, 'a> {
     pub l: &'l Launch<'a>,
     pub counters: Option<Counters>,
     rng: u64,
+    /// Finished blocks whose buffers the next blocks reuse.
+    spare: Vec<Block>,
 }
 
 /// Why a warp stopped running.
@@ -261,7 +263,7 @@ type R<T> = Result<T, Fault>;
 impl<'l, 'a> Runner<'l, 'a> {
     pub fn new(l: &'l Launch<'a>, worker: u64) -> Self {
         let counters = l.counters.as_ref().map(|_| Counters::new(&l.k.body.classes));
-        Runner { l, counters, rng: l.seed ^ (worker.wrapping_mul(0x9E37_79B9_7F4A_7C15)) | 1 }
+        Runner { l, counters, rng: l.seed ^ (worker.wrapping_mul(0x9E37_79B9_7F4A_7C15)) | 1, spare: Vec::new() }
     }
 
     fn next_rand(&mut self) -> u64 {
@@ -274,10 +276,28 @@ impl<'l, 'a> Runner<'l, 'a> {
         x
     }
 
-    pub fn new_block(&self, linear: u64) -> Block {
+    pub fn new_block(&mut self, linear: u64) -> Block {
         let cfg = self.l.cfg;
         let g = cfg.grid;
         let id = [(linear % g[0] as u64) as u32, ((linear / g[0] as u64) % g[1] as u64) as u32, (linear / (g[0] as u64 * g[1] as u64)) as u32];
+        if let Some(mut b) = self.spare.pop() {
+            // Reuse a finished block's buffers: registers and shared memory keep stale values
+            // (reading them before writing is a kernel bug the checks see), the shadow
+            // restarts its clock instead of clearing.
+            b.id = id;
+            b.linear = linear;
+            b.done = false;
+            b.shadow.start_block();
+            for w in &mut b.warps {
+                w.pc = [0; 32];
+                w.exited = !w.live;
+                w.at_bar = false;
+                w.copies.clear();
+                w.committed = [0; 32];
+                w.cache = (0, 0);
+            }
+            return b;
+        }
         let nthreads = self.l.threads;
         let nwarps = nthreads.div_ceil(32);
         let nregs = self.l.k.body.nregs as usize;
@@ -329,7 +349,13 @@ impl<'l, 'a> Runner<'l, 'a> {
                 return;
             }
             if blocks[cursor].done {
-                blocks.swap_remove(cursor);
+                let mut b = blocks.swap_remove(cursor);
+                for w in &mut b.warps {
+                    for cp in w.copies.drain(..) {
+                        b.shadow.drop_async(cp.dst as usize, cp.len as usize);
+                    }
+                }
+                self.spare.push(b);
             }
         }
     }

@@ -1,0 +1,58 @@
+//! `mlvpt train --device cuda` on the embedded demo (a short run) against the same run on the
+//! CPU: the per-epoch loss and test mAP stay close. Needs a CUDA device: a GPU, or in CI the
+//! virtual device of tools/vgpu (`LD_LIBRARY_PATH=<vgpu-lib> cargo test --features cuda --
+//! --ignored`).
+//!
+//! Bounds, and why: the CUDA backend keeps activations and frozen weights in bf16 (8-bit
+//! mantissa, relative rounding up to 2^-9) with fp32 accumulation, parameters and optimizer
+//! state, so each step's gradients differ from the CPU's f32 ones by a fraction of a percent and
+//! the two runs' parameters drift apart slowly over the 8 steps. The batch-mean loss averages
+//! those differences: it must agree within 0.5% per epoch (measured: about 3e-5). mAP over 64
+//! test images and 20 labels is coarse (one image moving in one label's ranking can move that
+//! label's AP by several points): it must agree within 3 points (measured: 0.1-0.6).
+
+use std::path::Path;
+use std::process::Command;
+
+const RUN: &[&str] = &["--train-images", "64", "--test-images", "64", "--epochs", "2", "--quiet"];
+
+fn train(device: &str, out: &Path) -> (String, String) {
+    let mut args = vec!["train", "--device", device, "--out", out.to_str().unwrap()];
+    args.extend_from_slice(RUN);
+    let o = Command::new(env!("CARGO_BIN_EXE_mlvpt")).args(&args).output().expect("run mlvpt");
+    let (so, se) = (String::from_utf8_lossy(&o.stdout).into_owned(), String::from_utf8_lossy(&o.stderr).into_owned());
+    assert!(o.status.success(), "mlvpt train --device {device} failed:\n{se}");
+    (so, se)
+}
+
+/// (loss, mAP) per epoch from metrics.jsonl.
+fn epochs(dir: &Path) -> Vec<(f64, f64)> {
+    let text = std::fs::read_to_string(dir.join("metrics.jsonl")).expect("metrics.jsonl");
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).expect("a JSON line");
+            (v["loss"].as_f64().expect("loss"), v["mAP"].as_f64().expect("mAP"))
+        })
+        .collect()
+}
+
+#[test]
+#[ignore = "requires a CUDA device"]
+fn demo_training_on_cuda_tracks_the_cpu_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cpu_dir, cuda_dir) = (dir.path().join("cpu"), dir.path().join("cuda"));
+    train("cpu", &cpu_dir);
+    let (stdout, stderr) = train("cuda", &cuda_dir);
+    assert!(stderr.lines().any(|l| l.starts_with("device: cuda")), "did not run on the CUDA backend:\n{stderr}");
+    assert!(stdout.contains("cuda"), "the summary should name the CUDA device:\n{stdout}");
+    let (cpu, cuda) = (epochs(&cpu_dir), epochs(&cuda_dir));
+    assert_eq!(cpu.len(), 2, "two epochs on the CPU");
+    assert_eq!(cuda.len(), 2, "two epochs on CUDA");
+    for (e, ((lc, mc), (lg, mg))) in cpu.iter().zip(&cuda).enumerate() {
+        eprintln!("epoch {}: loss cpu {lc:.4} cuda {lg:.4}; mAP cpu {mc:.2} cuda {mg:.2}", e + 1);
+        assert!(lg.is_finite() && mg.is_finite(), "epoch {}: non-finite CUDA metrics", e + 1);
+        assert!((lg - lc).abs() <= 5e-3 * lc.abs(), "epoch {}: loss {lg} on CUDA, {lc} on the CPU (bound 0.5%)", e + 1);
+        assert!((mg - mc).abs() <= 3.0, "epoch {}: mAP {mg} on CUDA, {mc} on the CPU (bound 3 points)", e + 1);
+    }
+}
