@@ -18,12 +18,7 @@
 //! ([`crate::mem::find`]); otherwise the call reports on stderr and returns
 //! `CUBLAS_STATUS_EXECUTION_FAILED`. Work runs synchronously on the calling thread (split over
 //! two threads for products of at least 1e7 flops).
-#![allow(
-    non_snake_case,
-    non_camel_case_types,
-    clippy::missing_safety_doc,
-    clippy::too_many_arguments
-)]
+#![allow(non_snake_case, non_camel_case_types, clippy::missing_safety_doc, clippy::too_many_arguments)]
 
 use std::collections::HashMap;
 use std::ffi::{c_char, c_int, c_void};
@@ -87,10 +82,7 @@ fn handle_state(h: cublasHandle_t) -> Result<HandleState, cublasStatus_t> {
     if h.is_null() {
         return Err(CUBLAS_STATUS_NOT_INITIALIZED);
     }
-    handles()
-        .get(&(h as usize))
-        .copied()
-        .ok_or(CUBLAS_STATUS_NOT_INITIALIZED)
+    handles().get(&(h as usize)).copied().ok_or(CUBLAS_STATUS_NOT_INITIALIZED)
 }
 
 macro_rules! tri {
@@ -135,10 +127,7 @@ pub unsafe extern "C" fn cublasDestroy_v2(handle: cublasHandle_t) -> cublasStatu
     CUBLAS_STATUS_SUCCESS
 }
 
-fn update(
-    handle: cublasHandle_t,
-    f: impl FnOnce(&mut HandleState) -> Result<(), cublasStatus_t>,
-) -> cublasStatus_t {
+fn update(handle: cublasHandle_t, f: impl FnOnce(&mut HandleState) -> Result<(), cublasStatus_t>) -> cublasStatus_t {
     if handle.is_null() {
         return CUBLAS_STATUS_NOT_INITIALIZED;
     }
@@ -152,10 +141,7 @@ fn update(
 }
 
 #[no_mangle]
-pub unsafe extern "C" fn cublasSetStream_v2(
-    handle: cublasHandle_t,
-    stream: *mut c_void,
-) -> cublasStatus_t {
+pub unsafe extern "C" fn cublasSetStream_v2(handle: cublasHandle_t, stream: *mut c_void) -> cublasStatus_t {
     update(handle, |s| {
         s.stream = stream as usize;
         Ok(())
@@ -163,10 +149,7 @@ pub unsafe extern "C" fn cublasSetStream_v2(
 }
 
 #[no_mangle]
-pub unsafe extern "C" fn cublasGetStream_v2(
-    handle: cublasHandle_t,
-    stream: *mut *mut c_void,
-) -> cublasStatus_t {
+pub unsafe extern "C" fn cublasGetStream_v2(handle: cublasHandle_t, stream: *mut *mut c_void) -> cublasStatus_t {
     let s = tri!(handle_state(handle));
     if stream.is_null() {
         return CUBLAS_STATUS_INVALID_VALUE;
@@ -190,10 +173,7 @@ pub unsafe extern "C" fn cublasSetMathMode(handle: cublasHandle_t, mode: i32) ->
 }
 
 #[no_mangle]
-pub unsafe extern "C" fn cublasGetMathMode(
-    handle: cublasHandle_t,
-    mode: *mut i32,
-) -> cublasStatus_t {
+pub unsafe extern "C" fn cublasGetMathMode(handle: cublasHandle_t, mode: *mut i32) -> cublasStatus_t {
     let s = tri!(handle_state(handle));
     if mode.is_null() {
         return CUBLAS_STATUS_INVALID_VALUE;
@@ -204,10 +184,7 @@ pub unsafe extern "C" fn cublasGetMathMode(
 }
 
 #[no_mangle]
-pub unsafe extern "C" fn cublasSetPointerMode_v2(
-    handle: cublasHandle_t,
-    mode: i32,
-) -> cublasStatus_t {
+pub unsafe extern "C" fn cublasSetPointerMode_v2(handle: cublasHandle_t, mode: i32) -> cublasStatus_t {
     update(handle, |s| {
         if mode != CUBLAS_POINTER_MODE_HOST && mode != CUBLAS_POINTER_MODE_DEVICE {
             return Err(CUBLAS_STATUS_INVALID_VALUE);
@@ -218,10 +195,7 @@ pub unsafe extern "C" fn cublasSetPointerMode_v2(
 }
 
 #[no_mangle]
-pub unsafe extern "C" fn cublasGetPointerMode_v2(
-    handle: cublasHandle_t,
-    mode: *mut i32,
-) -> cublasStatus_t {
+pub unsafe extern "C" fn cublasGetPointerMode_v2(handle: cublasHandle_t, mode: *mut i32) -> cublasStatus_t {
     let s = tri!(handle_state(handle));
     if mode.is_null() {
         return CUBLAS_STATUS_INVALID_VALUE;
@@ -233,19 +207,12 @@ pub unsafe extern "C" fn cublasGetPointerMode_v2(
 
 /// The workspace is not needed (everything runs on the host); accepted and ignored.
 #[no_mangle]
-pub unsafe extern "C" fn cublasSetWorkspace_v2(
-    handle: cublasHandle_t,
-    _ws: *mut c_void,
-    _bytes: usize,
-) -> cublasStatus_t {
+pub unsafe extern "C" fn cublasSetWorkspace_v2(handle: cublasHandle_t, _ws: *mut c_void, _bytes: usize) -> cublasStatus_t {
     update(handle, |_| Ok(()))
 }
 
 #[no_mangle]
-pub unsafe extern "C" fn cublasGetVersion_v2(
-    handle: cublasHandle_t,
-    version: *mut c_int,
-) -> cublasStatus_t {
+pub unsafe extern "C" fn cublasGetVersion_v2(handle: cublasHandle_t, version: *mut c_int) -> cublasStatus_t {
     tri!(handle_state(handle));
     if version.is_null() {
         return CUBLAS_STATUS_INVALID_VALUE;
@@ -258,14 +225,8 @@ pub unsafe extern "C" fn cublasGetVersion_v2(
 fn status_name_string(s: cublasStatus_t) -> (&'static [u8], &'static [u8]) {
     match s {
         0 => (b"CUBLAS_STATUS_SUCCESS\0", b"success\0"),
-        1 => (
-            b"CUBLAS_STATUS_NOT_INITIALIZED\0",
-            b"the library was not initialized\0",
-        ),
-        3 => (
-            b"CUBLAS_STATUS_ALLOC_FAILED\0",
-            b"the resource allocation failed\0",
-        ),
+        1 => (b"CUBLAS_STATUS_NOT_INITIALIZED\0", b"the library was not initialized\0"),
+        3 => (b"CUBLAS_STATUS_ALLOC_FAILED\0", b"the resource allocation failed\0"),
         7 => (
             b"CUBLAS_STATUS_INVALID_VALUE\0",
             b"an invalid numeric value was used as an argument\0",
@@ -274,26 +235,11 @@ fn status_name_string(s: cublasStatus_t) -> (&'static [u8], &'static [u8]) {
             b"CUBLAS_STATUS_ARCH_MISMATCH\0",
             b"an absent device architectural feature is required\0",
         ),
-        11 => (
-            b"CUBLAS_STATUS_MAPPING_ERROR\0",
-            b"an access to GPU memory space failed\0",
-        ),
-        13 => (
-            b"CUBLAS_STATUS_EXECUTION_FAILED\0",
-            b"the GPU program failed to execute\0",
-        ),
-        14 => (
-            b"CUBLAS_STATUS_INTERNAL_ERROR\0",
-            b"an internal operation failed\0",
-        ),
-        15 => (
-            b"CUBLAS_STATUS_NOT_SUPPORTED\0",
-            b"the functionality requested is not supported\0",
-        ),
-        16 => (
-            b"CUBLAS_STATUS_LICENSE_ERROR\0",
-            b"error detected trying to check the license\0",
-        ),
+        11 => (b"CUBLAS_STATUS_MAPPING_ERROR\0", b"an access to GPU memory space failed\0"),
+        13 => (b"CUBLAS_STATUS_EXECUTION_FAILED\0", b"the GPU program failed to execute\0"),
+        14 => (b"CUBLAS_STATUS_INTERNAL_ERROR\0", b"an internal operation failed\0"),
+        15 => (b"CUBLAS_STATUS_NOT_SUPPORTED\0", b"the functionality requested is not supported\0"),
+        16 => (b"CUBLAS_STATUS_LICENSE_ERROR\0", b"error detected trying to check the license\0"),
         _ => (b"CUBLAS_STATUS_UNKNOWN\0", b"unknown error\0"),
     }
 }
@@ -482,10 +428,7 @@ fn reduce(l: &[f32; LANES]) -> f32 {
 fn dot1(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; LANES];
     let full = a.len() / LANES * LANES;
-    for (ca, cb) in a[..full]
-        .chunks_exact(LANES)
-        .zip(b[..full].chunks_exact(LANES))
-    {
+    for (ca, cb) in a[..full].chunks_exact(LANES).zip(b[..full].chunks_exact(LANES)) {
         for l in 0..LANES {
             acc[l] += ca[l] * cb[l];
         }
@@ -518,12 +461,7 @@ fn dot4(a: [&[f32]; 4], b: &[f32]) -> [f32; 4] {
             acc[r][p % LANES] += a[r][p] * b[p];
         }
     }
-    [
-        reduce(&acc[0]),
-        reduce(&acc[1]),
-        reduce(&acc[2]),
-        reduce(&acc[3]),
-    ]
+    [reduce(&acc[0]), reduce(&acc[1]), reduce(&acc[2]), reduce(&acc[3])]
 }
 
 /// `out[jj*m + i] = dot(at row i, bt row j0+jj)` for the columns of `out`.
@@ -623,11 +561,7 @@ impl Gemm {
                 for i in 0..m {
                     let idx = i + j * self.ldc;
                     let v = self.alpha * prod[i + j * m];
-                    let v = if self.beta == 0.0 {
-                        v
-                    } else {
-                        v + self.beta * self.c.load(c, idx)
-                    };
+                    let v = if self.beta == 0.0 { v } else { v + self.beta * self.c.load(c, idx) };
                     self.c.store(c, idx, v);
                 }
             }
@@ -644,16 +578,8 @@ impl Gemm {
             }
         };
         let reads_ab = self.m > 0 && self.n > 0 && self.k > 0 && self.alpha != 0.0;
-        let (ar, ac) = if self.ta {
-            (self.k, self.m)
-        } else {
-            (self.m, self.k)
-        };
-        let (br, bc) = if self.tb {
-            (self.n, self.k)
-        } else {
-            (self.k, self.n)
-        };
+        let (ar, ac) = if self.ta { (self.k, self.m) } else { (self.m, self.k) };
+        let (br, bc) = if self.tb { (self.n, self.k) } else { (self.k, self.n) };
         let a = if reads_ab { span(ar, ac, self.lda) } else { 0 };
         let b = if reads_ab { span(br, bc, self.ldb) } else { 0 };
         (a, b, span(self.m, self.n, self.ldc))
@@ -664,13 +590,9 @@ fn check_range(what: &str, base: u64, elems: usize, size: usize) -> Result<(), c
     if elems == 0 {
         return Ok(());
     }
-    let bytes = (elems as u64)
-        .checked_mul(size as u64)
-        .ok_or(CUBLAS_STATUS_INVALID_VALUE)?;
+    let bytes = (elems as u64).checked_mul(size as u64).ok_or(CUBLAS_STATUS_INVALID_VALUE)?;
     if crate::mem::find(base, bytes).is_none() {
-        eprintln!(
-            "vgpu: cuBLAS gemm: operand {what} [{base:#x}, +{bytes} bytes) is not inside a live device allocation"
-        );
+        eprintln!("vgpu: cuBLAS gemm: operand {what} [{base:#x}, +{bytes} bytes) is not inside a live device allocation");
         return Err(CUBLAS_STATUS_EXECUTION_FAILED);
     }
     Ok(())
@@ -736,10 +658,7 @@ unsafe fn gemm_common(
     let (mu, nu, ku) = (m as usize, n as usize, k as usize);
     let a_rows = if ta { ku } else { mu };
     let b_rows = if tb { nu } else { ku };
-    if (lda as i64) < a_rows.max(1) as i64
-        || (ldb as i64) < b_rows.max(1) as i64
-        || (ldc as i64) < mu.max(1) as i64
-    {
+    if (lda as i64) < a_rows.max(1) as i64 || (ldb as i64) < b_rows.max(1) as i64 || (ldc as i64) < mu.max(1) as i64 {
         return CUBLAS_STATUS_INVALID_VALUE;
     }
     let (Some(ab), Some(ct), Some(bt)) = (Ty::from(atype), Ty::from(ctype), Ty::from(btype)) else {
@@ -766,9 +685,7 @@ unsafe fn gemm_common(
             }
             InRound::None
         }
-        CUBLAS_COMPUTE_32F_FAST_TF32
-        | CUBLAS_COMPUTE_32F_FAST_16BF
-        | CUBLAS_COMPUTE_32F_FAST_16F => {
+        CUBLAS_COMPUTE_32F_FAST_TF32 | CUBLAS_COMPUTE_32F_FAST_16BF | CUBLAS_COMPUTE_32F_FAST_16F => {
             if ab != Ty::F32 || ct != Ty::F32 {
                 return CUBLAS_STATUS_NOT_SUPPORTED;
             }
@@ -811,24 +728,9 @@ unsafe fn gemm_common(
         if ea > 0 && a.is_null() || eb > 0 && b.is_null() || c.is_null() {
             return CUBLAS_STATUS_INVALID_VALUE;
         }
-        tri!(check_range(
-            "A",
-            at(a, stride_a, i, ab.size()),
-            ea,
-            ab.size()
-        ));
-        tri!(check_range(
-            "B",
-            at(b, stride_b, i, ab.size()),
-            eb,
-            ab.size()
-        ));
-        tri!(check_range(
-            "C",
-            at(c, stride_c, i, ct.size()),
-            ec,
-            ct.size()
-        ));
+        tri!(check_range("A", at(a, stride_a, i, ab.size()), ea, ab.size()));
+        tri!(check_range("B", at(b, stride_b, i, ab.size()), eb, ab.size()));
+        tri!(check_range("C", at(c, stride_c, i, ct.size()), ec, ct.size()));
     }
     for i in 0..batch as i64 {
         // SAFETY: each operand's extent was checked inside a live allocation above.
@@ -868,8 +770,7 @@ pub unsafe extern "C" fn cublasGemmEx(
     // SAFETY: the cuBLAS contract for the scalar pointers; device operands validated inside.
     unsafe {
         gemm_common(
-            handle, transa, transb, m, n, k, alpha, a, atype, lda, 0, b, btype, ldb, 0, beta, c,
-            ctype, ldc, 0, 1, compute,
+            handle, transa, transb, m, n, k, alpha, a, atype, lda, 0, b, btype, ldb, 0, beta, c, ctype, ldc, 0, 1, compute,
         )
     }
 }
@@ -903,8 +804,8 @@ pub unsafe extern "C" fn cublasGemmStridedBatchedEx(
     // SAFETY: as cublasGemmEx.
     unsafe {
         gemm_common(
-            handle, transa, transb, m, n, k, alpha, a, atype, lda, stride_a, b, btype, ldb,
-            stride_b, beta, c, ctype, ldc, stride_c, batch, compute,
+            handle, transa, transb, m, n, k, alpha, a, atype, lda, stride_a, b, btype, ldb, stride_b, beta, c, ctype, ldc, stride_c, batch,
+            compute,
         )
     }
 }

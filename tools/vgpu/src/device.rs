@@ -68,13 +68,19 @@ pub const A100: Profile = Profile {
 /// The profile chosen by `VGPU_PROFILE` (h100, the default, or a100).
 pub fn profile() -> &'static Profile {
     static P: std::sync::OnceLock<&'static Profile> = std::sync::OnceLock::new();
-    P.get_or_init(|| match std::env::var("VGPU_PROFILE").unwrap_or_default().to_ascii_lowercase().as_str() {
-        "a100" => &A100,
-        _ => &H100,
-    })
+    P.get_or_init(
+        || match std::env::var("VGPU_PROFILE").unwrap_or_default().to_ascii_lowercase().as_str() {
+            "a100" => &A100,
+            _ => &H100,
+        },
+    )
 }
 
 /// Number of devices (`VGPU_DEVICE_COUNT`, default 1, at most 16).
 pub fn device_count() -> i32 {
-    std::env::var("VGPU_DEVICE_COUNT").ok().and_then(|v| v.trim().parse::<i32>().ok()).unwrap_or(1).clamp(0, 16)
+    std::env::var("VGPU_DEVICE_COUNT")
+        .ok()
+        .and_then(|v| v.trim().parse::<i32>().ok())
+        .unwrap_or(1)
+        .clamp(0, 16)
 }

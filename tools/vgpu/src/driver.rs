@@ -294,32 +294,17 @@ fn stream_ctx(st: &State, s: CUstream) -> Result<usize, CUresult> {
 
 /// Destroys every object of context `c` and frees its allocations (destroy / reset).
 fn teardown(st: &mut State, c: usize) {
-    let streams: Vec<usize> = st
-        .streams
-        .iter()
-        .filter(|(_, s)| s.ctx == c)
-        .map(|(h, _)| *h)
-        .collect();
+    let streams: Vec<usize> = st.streams.iter().filter(|(_, s)| s.ctx == c).map(|(h, _)| *h).collect();
     for h in streams {
         st.streams.remove(&h);
         drop_handle(h);
     }
-    let events: Vec<usize> = st
-        .events
-        .iter()
-        .filter(|(_, s)| s.ctx == c)
-        .map(|(h, _)| *h)
-        .collect();
+    let events: Vec<usize> = st.events.iter().filter(|(_, s)| s.ctx == c).map(|(h, _)| *h).collect();
     for h in events {
         st.events.remove(&h);
         drop_handle(h);
     }
-    let mods: Vec<usize> = st
-        .modules
-        .iter()
-        .filter(|(_, s)| s.ctx == c)
-        .map(|(h, _)| *h)
-        .collect();
+    let mods: Vec<usize> = st.modules.iter().filter(|(_, s)| s.ctx == c).map(|(h, _)| *h).collect();
     for h in mods {
         unload(st, h);
     }
@@ -386,45 +371,27 @@ fn error_name_string(e: CUresult) -> Option<(&'static [u8], &'static [u8])> {
         2 => (b"CUDA_ERROR_OUT_OF_MEMORY\0", b"out of memory\0"),
         3 => (b"CUDA_ERROR_NOT_INITIALIZED\0", b"initialization error\0"),
         4 => (b"CUDA_ERROR_DEINITIALIZED\0", b"driver shutting down\0"),
-        100 => (
-            b"CUDA_ERROR_NO_DEVICE\0",
-            b"no CUDA-capable device is detected\0",
-        ),
+        100 => (b"CUDA_ERROR_NO_DEVICE\0", b"no CUDA-capable device is detected\0"),
         101 => (b"CUDA_ERROR_INVALID_DEVICE\0", b"invalid device ordinal\0"),
-        200 => (
-            b"CUDA_ERROR_INVALID_IMAGE\0",
-            b"device kernel image is invalid\0",
-        ),
+        200 => (b"CUDA_ERROR_INVALID_IMAGE\0", b"device kernel image is invalid\0"),
         201 => (b"CUDA_ERROR_INVALID_CONTEXT\0", b"invalid device context\0"),
         209 => (
             b"CUDA_ERROR_NO_BINARY_FOR_GPU\0",
             b"no kernel image is available for execution on the device\0",
         ),
-        218 => (
-            b"CUDA_ERROR_INVALID_PTX\0",
-            b"a PTX JIT compilation failed\0",
-        ),
+        218 => (b"CUDA_ERROR_INVALID_PTX\0", b"a PTX JIT compilation failed\0"),
         301 => (b"CUDA_ERROR_FILE_NOT_FOUND\0", b"file not found\0"),
         400 => (b"CUDA_ERROR_INVALID_HANDLE\0", b"invalid resource handle\0"),
         500 => (b"CUDA_ERROR_NOT_FOUND\0", b"named symbol not found\0"),
         600 => (b"CUDA_ERROR_NOT_READY\0", b"device not ready\0"),
-        700 => (
-            b"CUDA_ERROR_ILLEGAL_ADDRESS\0",
-            b"an illegal memory access was encountered\0",
-        ),
+        700 => (b"CUDA_ERROR_ILLEGAL_ADDRESS\0", b"an illegal memory access was encountered\0"),
         701 => (
             b"CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES\0",
             b"too many resources requested for launch\0",
         ),
-        715 => (
-            b"CUDA_ERROR_ILLEGAL_INSTRUCTION\0",
-            b"an illegal instruction was encountered\0",
-        ),
+        715 => (b"CUDA_ERROR_ILLEGAL_INSTRUCTION\0", b"an illegal instruction was encountered\0"),
         716 => (b"CUDA_ERROR_MISALIGNED_ADDRESS\0", b"misaligned address\0"),
-        719 => (
-            b"CUDA_ERROR_LAUNCH_FAILED\0",
-            b"unspecified launch failure\0",
-        ),
+        719 => (b"CUDA_ERROR_LAUNCH_FAILED\0", b"unspecified launch failure\0"),
         800 => (b"CUDA_ERROR_NOT_PERMITTED\0", b"operation not permitted\0"),
         801 => (b"CUDA_ERROR_NOT_SUPPORTED\0", b"operation not supported\0"),
         900 => (
@@ -549,11 +516,7 @@ pub unsafe extern "C" fn cuDeviceTotalMem_v2(bytes: *mut usize, dev: CUdevice) -
 }
 
 #[no_mangle]
-pub unsafe extern "C" fn cuDeviceComputeCapability(
-    major: *mut c_int,
-    minor: *mut c_int,
-    dev: CUdevice,
-) -> CUresult {
+pub unsafe extern "C" fn cuDeviceComputeCapability(major: *mut c_int, minor: *mut c_int, dev: CUdevice) -> CUresult {
     tri!(check_device(dev));
     tri!(nonnull(major));
     tri!(nonnull(minor));
@@ -623,11 +586,7 @@ pub fn device_attribute(a: i32, dev: CUdevice) -> i32 {
 }
 
 #[no_mangle]
-pub unsafe extern "C" fn cuDeviceGetAttribute(
-    pi: *mut c_int,
-    attrib: c_int,
-    dev: CUdevice,
-) -> CUresult {
+pub unsafe extern "C" fn cuDeviceGetAttribute(pi: *mut c_int, attrib: c_int, dev: CUdevice) -> CUresult {
     tri!(check_device(dev));
     tri!(nonnull(pi));
     if !(1..200).contains(&attrib) {
@@ -715,11 +674,7 @@ pub unsafe extern "C" fn cuDevicePrimaryCtxReset(dev: CUdevice) -> CUresult {
 }
 
 #[no_mangle]
-pub unsafe extern "C" fn cuDevicePrimaryCtxGetState(
-    dev: CUdevice,
-    flags: *mut c_uint,
-    active: *mut c_int,
-) -> CUresult {
+pub unsafe extern "C" fn cuDevicePrimaryCtxGetState(dev: CUdevice, flags: *mut c_uint, active: *mut c_int) -> CUresult {
     tri!(check_device(dev));
     tri!(nonnull(flags));
     tri!(nonnull(active));
@@ -740,12 +695,7 @@ pub unsafe extern "C" fn cuDevicePrimaryCtxGetState(
 pub unsafe extern "C" fn cuDevicePrimaryCtxSetFlags_v2(dev: CUdevice, flags: c_uint) -> CUresult {
     tri!(check_device(dev));
     let mut st = state();
-    if let Some(cs) = st
-        .primary
-        .get(&dev)
-        .copied()
-        .and_then(|h| st.ctxs.get_mut(&h))
-    {
+    if let Some(cs) = st.primary.get(&dev).copied().and_then(|h| st.ctxs.get_mut(&h)) {
         cs.flags = flags;
     }
     CUDA_SUCCESS
@@ -773,11 +723,7 @@ fn create_ctx(pctx: *mut CUcontext, flags: c_uint, dev: CUdevice) -> CUresult {
 }
 
 #[no_mangle]
-pub unsafe extern "C" fn cuCtxCreate_v2(
-    pctx: *mut CUcontext,
-    flags: c_uint,
-    dev: CUdevice,
-) -> CUresult {
+pub unsafe extern "C" fn cuCtxCreate_v2(pctx: *mut CUcontext, flags: c_uint, dev: CUdevice) -> CUresult {
     create_ctx(pctx, flags, dev)
 }
 
@@ -793,12 +739,7 @@ pub unsafe extern "C" fn cuCtxCreate_v3(
 }
 
 #[no_mangle]
-pub unsafe extern "C" fn cuCtxCreate_v4(
-    pctx: *mut CUcontext,
-    _params: *mut c_void,
-    flags: c_uint,
-    dev: CUdevice,
-) -> CUresult {
+pub unsafe extern "C" fn cuCtxCreate_v4(pctx: *mut CUcontext, _params: *mut c_void, flags: c_uint, dev: CUdevice) -> CUresult {
     create_ctx(pctx, flags, dev)
 }
 
@@ -908,11 +849,7 @@ pub unsafe extern "C" fn cuCtxSetFlags(flags: c_uint) -> CUresult {
 pub unsafe extern "C" fn cuCtxGetApiVersion(ctx: CUcontext, version: *mut c_uint) -> CUresult {
     tri!(check_init());
     tri!(nonnull(version));
-    let h = if ctx.is_null() {
-        current().unwrap_or(0)
-    } else {
-        ctx as usize
-    };
+    let h = if ctx.is_null() { current().unwrap_or(0) } else { ctx as usize };
     if !state().ctxs.contains_key(&h) {
         return CUDA_ERROR_INVALID_CONTEXT;
     }
@@ -969,10 +906,7 @@ pub unsafe extern "C" fn cuCtxSetCacheConfig(_config: c_int) -> CUresult {
 }
 
 #[no_mangle]
-pub unsafe extern "C" fn cuCtxGetStreamPriorityRange(
-    least: *mut c_int,
-    greatest: *mut c_int,
-) -> CUresult {
+pub unsafe extern "C" fn cuCtxGetStreamPriorityRange(least: *mut c_int, greatest: *mut c_int) -> CUresult {
     let st = state();
     tri!(need_ctx(&st));
     // SAFETY: each written only if non-null (both optional in the real API).
@@ -1023,11 +957,7 @@ fn mem_free(dptr: CUdeviceptr, stream: Option<CUstream>) -> CUresult {
     };
     if dptr == 0 {
         // cuMemFree(0) is an error; cuMemFreeAsync of a zero-byte allocation's null is fine.
-        return if stream.is_some() {
-            CUDA_SUCCESS
-        } else {
-            CUDA_ERROR_INVALID_VALUE
-        };
+        return if stream.is_some() { CUDA_SUCCESS } else { CUDA_ERROR_INVALID_VALUE };
     }
     if !crate::mem::free(dptr) {
         eprintln!("vgpu: cuMemFree of {dptr:#x}, which is not the start of a live allocation");
@@ -1045,11 +975,7 @@ pub unsafe extern "C" fn cuMemAlloc_v2(dptr: *mut CUdeviceptr, bytes: usize) -> 
 }
 
 #[no_mangle]
-pub unsafe extern "C" fn cuMemAllocAsync(
-    dptr: *mut CUdeviceptr,
-    bytes: usize,
-    stream: CUstream,
-) -> CUresult {
+pub unsafe extern "C" fn cuMemAllocAsync(dptr: *mut CUdeviceptr, bytes: usize, stream: CUstream) -> CUresult {
     mem_alloc(dptr, bytes, Some(stream))
 }
 
@@ -1079,11 +1005,7 @@ pub unsafe extern "C" fn cuMemGetInfo_v2(free: *mut usize, total: *mut usize) ->
 }
 
 #[no_mangle]
-pub unsafe extern "C" fn cuMemGetAddressRange_v2(
-    pbase: *mut CUdeviceptr,
-    psize: *mut usize,
-    dptr: CUdeviceptr,
-) -> CUresult {
+pub unsafe extern "C" fn cuMemGetAddressRange_v2(pbase: *mut CUdeviceptr, psize: *mut usize, dptr: CUdeviceptr) -> CUresult {
     let st = state();
     tri!(need_ctx(&st));
     let Some(a) = crate::mem::find(dptr, 0).or_else(|| crate::mem::find(dptr, 1)) else {
@@ -1120,11 +1042,7 @@ fn host_alloc(pp: *mut *mut c_void, bytes: usize) -> CUresult {
 }
 
 #[no_mangle]
-pub unsafe extern "C" fn cuMemHostAlloc(
-    pp: *mut *mut c_void,
-    bytes: usize,
-    _flags: c_uint,
-) -> CUresult {
+pub unsafe extern "C" fn cuMemHostAlloc(pp: *mut *mut c_void, bytes: usize, _flags: c_uint) -> CUresult {
     host_alloc(pp, bytes)
 }
 
@@ -1147,11 +1065,7 @@ pub unsafe extern "C" fn cuMemFreeHost(p: *mut c_void) -> CUresult {
 }
 
 #[no_mangle]
-pub unsafe extern "C" fn cuMemHostGetDevicePointer_v2(
-    pdptr: *mut CUdeviceptr,
-    p: *mut c_void,
-    _flags: c_uint,
-) -> CUresult {
+pub unsafe extern "C" fn cuMemHostGetDevicePointer_v2(pdptr: *mut CUdeviceptr, p: *mut c_void, _flags: c_uint) -> CUresult {
     tri!(nonnull(pdptr));
     let st = state();
     tri!(need_ctx(&st));
@@ -1202,59 +1116,32 @@ fn memcpy(dst: u64, src: u64, bytes: usize, dir: Dir, stream: Option<CUstream>) 
 }
 
 #[no_mangle]
-pub unsafe extern "C" fn cuMemcpyHtoD_v2(
-    dst: CUdeviceptr,
-    src: *const c_void,
-    bytes: usize,
-) -> CUresult {
+pub unsafe extern "C" fn cuMemcpyHtoD_v2(dst: CUdeviceptr, src: *const c_void, bytes: usize) -> CUresult {
     memcpy(dst, src as u64, bytes, Dir::HtoD, None)
 }
 
 #[no_mangle]
-pub unsafe extern "C" fn cuMemcpyDtoH_v2(
-    dst: *mut c_void,
-    src: CUdeviceptr,
-    bytes: usize,
-) -> CUresult {
+pub unsafe extern "C" fn cuMemcpyDtoH_v2(dst: *mut c_void, src: CUdeviceptr, bytes: usize) -> CUresult {
     memcpy(dst as u64, src, bytes, Dir::DtoH, None)
 }
 
 #[no_mangle]
-pub unsafe extern "C" fn cuMemcpyDtoD_v2(
-    dst: CUdeviceptr,
-    src: CUdeviceptr,
-    bytes: usize,
-) -> CUresult {
+pub unsafe extern "C" fn cuMemcpyDtoD_v2(dst: CUdeviceptr, src: CUdeviceptr, bytes: usize) -> CUresult {
     memcpy(dst, src, bytes, Dir::DtoD, None)
 }
 
 #[no_mangle]
-pub unsafe extern "C" fn cuMemcpyHtoDAsync_v2(
-    dst: CUdeviceptr,
-    src: *const c_void,
-    bytes: usize,
-    s: CUstream,
-) -> CUresult {
+pub unsafe extern "C" fn cuMemcpyHtoDAsync_v2(dst: CUdeviceptr, src: *const c_void, bytes: usize, s: CUstream) -> CUresult {
     memcpy(dst, src as u64, bytes, Dir::HtoD, Some(s))
 }
 
 #[no_mangle]
-pub unsafe extern "C" fn cuMemcpyDtoHAsync_v2(
-    dst: *mut c_void,
-    src: CUdeviceptr,
-    bytes: usize,
-    s: CUstream,
-) -> CUresult {
+pub unsafe extern "C" fn cuMemcpyDtoHAsync_v2(dst: *mut c_void, src: CUdeviceptr, bytes: usize, s: CUstream) -> CUresult {
     memcpy(dst as u64, src, bytes, Dir::DtoH, Some(s))
 }
 
 #[no_mangle]
-pub unsafe extern "C" fn cuMemcpyDtoDAsync_v2(
-    dst: CUdeviceptr,
-    src: CUdeviceptr,
-    bytes: usize,
-    s: CUstream,
-) -> CUresult {
+pub unsafe extern "C" fn cuMemcpyDtoDAsync_v2(dst: CUdeviceptr, src: CUdeviceptr, bytes: usize, s: CUstream) -> CUresult {
     memcpy(dst, src, bytes, Dir::DtoD, Some(s))
 }
 
@@ -1265,23 +1152,12 @@ pub unsafe extern "C" fn cuMemcpy(dst: CUdeviceptr, src: CUdeviceptr, bytes: usi
 }
 
 #[no_mangle]
-pub unsafe extern "C" fn cuMemcpyAsync(
-    dst: CUdeviceptr,
-    src: CUdeviceptr,
-    bytes: usize,
-    s: CUstream,
-) -> CUresult {
+pub unsafe extern "C" fn cuMemcpyAsync(dst: CUdeviceptr, src: CUdeviceptr, bytes: usize, s: CUstream) -> CUresult {
     memcpy(dst, src, bytes, Dir::DtoD, Some(s))
 }
 
 #[no_mangle]
-pub unsafe extern "C" fn cuMemcpyPeer(
-    dst: CUdeviceptr,
-    _dc: CUcontext,
-    src: CUdeviceptr,
-    _sc: CUcontext,
-    bytes: usize,
-) -> CUresult {
+pub unsafe extern "C" fn cuMemcpyPeer(dst: CUdeviceptr, _dc: CUcontext, src: CUdeviceptr, _sc: CUcontext, bytes: usize) -> CUresult {
     memcpy(dst, src, bytes, Dir::DtoD, None)
 }
 
@@ -1342,32 +1218,17 @@ pub unsafe extern "C" fn cuMemsetD32_v2(dst: CUdeviceptr, ui: c_uint, n: usize) 
 }
 
 #[no_mangle]
-pub unsafe extern "C" fn cuMemsetD8Async(
-    dst: CUdeviceptr,
-    uc: u8,
-    n: usize,
-    s: CUstream,
-) -> CUresult {
+pub unsafe extern "C" fn cuMemsetD8Async(dst: CUdeviceptr, uc: u8, n: usize, s: CUstream) -> CUresult {
     memset(dst, uc as u32, 1, n, Some(s))
 }
 
 #[no_mangle]
-pub unsafe extern "C" fn cuMemsetD16Async(
-    dst: CUdeviceptr,
-    us: u16,
-    n: usize,
-    s: CUstream,
-) -> CUresult {
+pub unsafe extern "C" fn cuMemsetD16Async(dst: CUdeviceptr, us: u16, n: usize, s: CUstream) -> CUresult {
     memset(dst, us as u32, 2, n, Some(s))
 }
 
 #[no_mangle]
-pub unsafe extern "C" fn cuMemsetD32Async(
-    dst: CUdeviceptr,
-    ui: c_uint,
-    n: usize,
-    s: CUstream,
-) -> CUresult {
+pub unsafe extern "C" fn cuMemsetD32Async(dst: CUdeviceptr, ui: c_uint, n: usize, s: CUstream) -> CUresult {
     memset(dst, ui, 4, n, Some(s))
 }
 
@@ -1392,11 +1253,7 @@ pub unsafe extern "C" fn cuStreamCreate(ph: *mut CUstream, _flags: c_uint) -> CU
 }
 
 #[no_mangle]
-pub unsafe extern "C" fn cuStreamCreateWithPriority(
-    ph: *mut CUstream,
-    _flags: c_uint,
-    _priority: c_int,
-) -> CUresult {
+pub unsafe extern "C" fn cuStreamCreateWithPriority(ph: *mut CUstream, _flags: c_uint, _priority: c_int) -> CUresult {
     stream_create(ph)
 }
 
@@ -1475,11 +1332,7 @@ pub unsafe extern "C" fn cuStreamEndCapture(_s: CUstream, _graph: *mut *mut c_vo
 
 /// Runs `f(user_data)` at once: all earlier work on the stream has already completed.
 #[no_mangle]
-pub unsafe extern "C" fn cuLaunchHostFunc(
-    s: CUstream,
-    f: CUhostFn,
-    user_data: *mut c_void,
-) -> CUresult {
+pub unsafe extern "C" fn cuLaunchHostFunc(s: CUstream, f: CUhostFn, user_data: *mut c_void) -> CUresult {
     let Some(f) = f else {
         return CUDA_ERROR_INVALID_VALUE;
     };
@@ -1544,11 +1397,7 @@ pub unsafe extern "C" fn cuEventRecord(e: CUevent, s: CUstream) -> CUresult {
 }
 
 #[no_mangle]
-pub unsafe extern "C" fn cuEventRecordWithFlags(
-    e: CUevent,
-    s: CUstream,
-    _flags: c_uint,
-) -> CUresult {
+pub unsafe extern "C" fn cuEventRecordWithFlags(e: CUevent, s: CUstream, _flags: c_uint) -> CUresult {
     // SAFETY: same contract.
     unsafe { cuEventRecord(e, s) }
 }
@@ -1575,18 +1424,11 @@ pub unsafe extern "C" fn cuEventQuery(e: CUevent) -> CUresult {
 
 /// Host-clock milliseconds between two records: meaningless for GPU performance.
 #[no_mangle]
-pub unsafe extern "C" fn cuEventElapsedTime_v2(
-    ms: *mut f32,
-    start: CUevent,
-    end: CUevent,
-) -> CUresult {
+pub unsafe extern "C" fn cuEventElapsedTime_v2(ms: *mut f32, start: CUevent, end: CUevent) -> CUresult {
     tri!(check_init());
     tri!(nonnull(ms));
     let st = state();
-    let (Some(a), Some(b)) = (
-        st.events.get(&(start as usize)),
-        st.events.get(&(end as usize)),
-    ) else {
+    let (Some(a), Some(b)) = (st.events.get(&(start as usize)), st.events.get(&(end as usize))) else {
         return CUDA_ERROR_INVALID_HANDLE;
     };
     tri!(ctx_ok(&st, a.ctx));
@@ -1607,11 +1449,7 @@ pub unsafe extern "C" fn cuEventElapsedTime_v2(
 }
 
 #[no_mangle]
-pub unsafe extern "C" fn cuEventElapsedTime(
-    ms: *mut f32,
-    start: CUevent,
-    end: CUevent,
-) -> CUresult {
+pub unsafe extern "C" fn cuEventElapsedTime(ms: *mut f32, start: CUevent, end: CUevent) -> CUresult {
     // SAFETY: same contract.
     unsafe { cuEventElapsedTime_v2(ms, start, end) }
 }
@@ -1714,10 +1552,7 @@ pub unsafe extern "C" fn cuModuleLoadDataEx(
 }
 
 #[no_mangle]
-pub unsafe extern "C" fn cuModuleLoadFatBinary(
-    module: *mut CUmodule,
-    image: *const c_void,
-) -> CUresult {
+pub unsafe extern "C" fn cuModuleLoadFatBinary(module: *mut CUmodule, image: *const c_void) -> CUresult {
     // SAFETY: same contract.
     unsafe { cuModuleLoadData(module, image) }
 }
@@ -1728,9 +1563,7 @@ pub unsafe extern "C" fn cuModuleLoad(module: *mut CUmodule, fname: *const c_cha
     tri!(nonnull(module));
     tri!(nonnull(fname));
     // SAFETY: checked non-null; a C string per the API.
-    let path = unsafe { std::ffi::CStr::from_ptr(fname) }
-        .to_string_lossy()
-        .into_owned();
+    let path = unsafe { std::ffi::CStr::from_ptr(fname) }.to_string_lossy().into_owned();
     let Ok(bytes) = std::fs::read(&path) else {
         return CUDA_ERROR_FILE_NOT_FOUND;
     };
@@ -1750,18 +1583,12 @@ pub unsafe extern "C" fn cuModuleUnload(m: CUmodule) -> CUresult {
 }
 
 #[no_mangle]
-pub unsafe extern "C" fn cuModuleGetFunction(
-    pf: *mut CUfunction,
-    m: CUmodule,
-    name: *const c_char,
-) -> CUresult {
+pub unsafe extern "C" fn cuModuleGetFunction(pf: *mut CUfunction, m: CUmodule, name: *const c_char) -> CUresult {
     tri!(check_init());
     tri!(nonnull(pf));
     tri!(nonnull(name));
     // SAFETY: checked non-null; a C string per the API.
-    let name = unsafe { std::ffi::CStr::from_ptr(name) }
-        .to_string_lossy()
-        .into_owned();
+    let name = unsafe { std::ffi::CStr::from_ptr(name) }.to_string_lossy().into_owned();
     let mut st = state();
     let mh = m as usize;
     let Some(ms) = st.modules.get(&mh) else {
@@ -1784,11 +1611,7 @@ pub unsafe extern "C" fn cuModuleGetFunction(
                 max_dyn_smem: 0,
             },
         );
-        st.modules
-            .get_mut(&mh)
-            .expect("module")
-            .functions
-            .insert(name, h);
+        st.modules.get_mut(&mh).expect("module").functions.insert(name, h);
         h
     };
     // SAFETY: checked non-null.
@@ -1798,12 +1621,7 @@ pub unsafe extern "C" fn cuModuleGetFunction(
 
 /// Module globals are not exposed by the interpreter's API: always NOT_FOUND.
 #[no_mangle]
-pub unsafe extern "C" fn cuModuleGetGlobal_v2(
-    _dptr: *mut CUdeviceptr,
-    _bytes: *mut usize,
-    m: CUmodule,
-    name: *const c_char,
-) -> CUresult {
+pub unsafe extern "C" fn cuModuleGetGlobal_v2(_dptr: *mut CUdeviceptr, _bytes: *mut usize, m: CUmodule, name: *const c_char) -> CUresult {
     tri!(check_init());
     tri!(nonnull(name));
     if !state().modules.contains_key(&(m as usize)) {
@@ -1812,17 +1630,10 @@ pub unsafe extern "C" fn cuModuleGetGlobal_v2(
     CUDA_ERROR_NOT_FOUND
 }
 
-fn with_func<T>(
-    f: CUfunction,
-    g: impl FnOnce(&mut FuncState) -> Result<T, CUresult>,
-) -> Result<T, CUresult> {
+fn with_func<T>(f: CUfunction, g: impl FnOnce(&mut FuncState) -> Result<T, CUresult>) -> Result<T, CUresult> {
     check_init()?;
     let mut st = state();
-    let ctx = st
-        .funcs
-        .get(&(f as usize))
-        .ok_or(CUDA_ERROR_INVALID_HANDLE)?
-        .ctx;
+    let ctx = st.funcs.get(&(f as usize)).ok_or(CUDA_ERROR_INVALID_HANDLE)?.ctx;
     ctx_ok(&st, ctx)?;
     g(st.funcs.get_mut(&(f as usize)).expect("func"))
 }
@@ -1833,21 +1644,13 @@ fn ptx_version() -> i32 {
 }
 
 #[no_mangle]
-pub unsafe extern "C" fn cuFuncGetAttribute(
-    pi: *mut c_int,
-    attrib: c_int,
-    f: CUfunction,
-) -> CUresult {
+pub unsafe extern "C" fn cuFuncGetAttribute(pi: *mut c_int, attrib: c_int, f: CUfunction) -> CUresult {
     tri!(nonnull(pi));
     let p = crate::device::profile();
     let v = tri!(with_func(f, |fs| {
         let k = &fs.kernel;
         Ok(match attrib {
-            CU_FUNC_ATTRIBUTE_MAX_THREADS_PER_BLOCK => {
-                k.max_threads
-                    .unwrap_or(p.max_threads_per_block)
-                    .min(p.max_threads_per_block) as i32
-            }
+            CU_FUNC_ATTRIBUTE_MAX_THREADS_PER_BLOCK => k.max_threads.unwrap_or(p.max_threads_per_block).min(p.max_threads_per_block) as i32,
             CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES => k.static_smem as i32,
             CU_FUNC_ATTRIBUTE_CONST_SIZE_BYTES => 0,
             CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES => k.local_bytes as i32,
@@ -1872,18 +1675,12 @@ pub unsafe extern "C" fn cuFuncGetAttribute(
 }
 
 #[no_mangle]
-pub unsafe extern "C" fn cuFuncSetAttribute(
-    f: CUfunction,
-    attrib: c_int,
-    value: c_int,
-) -> CUresult {
+pub unsafe extern "C" fn cuFuncSetAttribute(f: CUfunction, attrib: c_int, value: c_int) -> CUresult {
     let p = crate::device::profile();
     tri!(with_func(f, |fs| {
         match attrib {
             CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES => {
-                if value < 0
-                    || value as u64 + fs.kernel.static_smem as u64 > p.smem_per_block_optin as u64
-                {
+                if value < 0 || value as u64 + fs.kernel.static_smem as u64 > p.smem_per_block_optin as u64 {
                     return Err(CUDA_ERROR_INVALID_VALUE);
                 }
                 fs.max_dyn_smem = value as u32;
@@ -1947,11 +1744,7 @@ pub unsafe extern "C" fn cuLaunchKernel(
         let grid = [gx, gy, gz];
         let block = [bx, by, bz];
         for d in 0..3 {
-            if grid[d] == 0
-                || grid[d] > p.max_grid_dim[d]
-                || block[d] == 0
-                || block[d] > p.max_block_dim[d]
-            {
+            if grid[d] == 0 || grid[d] > p.max_grid_dim[d] || block[d] == 0 || block[d] > p.max_block_dim[d] {
                 return CUDA_ERROR_INVALID_VALUE;
             }
         }
@@ -2009,21 +1802,7 @@ pub unsafe extern "C" fn cuLaunchCooperativeKernel(
     params: *mut *mut c_void,
 ) -> CUresult {
     // SAFETY: same contract.
-    unsafe {
-        cuLaunchKernel(
-            f,
-            gx,
-            gy,
-            gz,
-            bx,
-            by,
-            bz,
-            shared_bytes,
-            s,
-            params,
-            std::ptr::null_mut(),
-        )
-    }
+    unsafe { cuLaunchKernel(f, gx, gy, gz, bx, by, bz, shared_bytes, s, params, std::ptr::null_mut()) }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -2032,12 +1811,7 @@ pub unsafe extern "C" fn cuLaunchCooperativeKernel(
 
 fn blocks_per_sm(k: &Kernel, block: u32, dyn_smem: usize) -> i32 {
     let p = crate::device::profile();
-    if block == 0
-        || block
-            > k.max_threads
-                .unwrap_or(p.max_threads_per_block)
-                .min(p.max_threads_per_block)
-    {
+    if block == 0 || block > k.max_threads.unwrap_or(p.max_threads_per_block).min(p.max_threads_per_block) {
         return 0;
     }
     let warps = block.div_ceil(32);
@@ -2096,10 +1870,7 @@ pub unsafe extern "C" fn cuOccupancyMaxPotentialBlockSizeWithFlags(
     tri!(nonnull(block_size));
     let k = tri!(func_kernel(f));
     let p = crate::device::profile();
-    let mut max = k
-        .max_threads
-        .unwrap_or(p.max_threads_per_block)
-        .min(p.max_threads_per_block);
+    let mut max = k.max_threads.unwrap_or(p.max_threads_per_block).min(p.max_threads_per_block);
     if limit > 0 {
         max = max.min(limit as u32);
     }
@@ -2140,11 +1911,7 @@ pub unsafe extern "C" fn cuOccupancyMaxPotentialBlockSize(
     limit: c_int,
 ) -> CUresult {
     // SAFETY: same contract.
-    unsafe {
-        cuOccupancyMaxPotentialBlockSizeWithFlags(
-            min_grid, block_size, f, b2smem, dyn_smem, limit, 0,
-        )
-    }
+    unsafe { cuOccupancyMaxPotentialBlockSizeWithFlags(min_grid, block_size, f, b2smem, dyn_smem, limit, 0) }
 }
 
 #[no_mangle]

@@ -30,21 +30,16 @@ pub fn ptx_texts(image: &[u8]) -> Result<Vec<String>, String> {
         match u32le(image, 0) {
             FATBIN_MAGIC => return fatbin_ptx(image),
             WRAPPER_MAGIC => {
-                return Err(
-                    "a __fatBinC_Wrapper_t, not a fatbin: pass the fatbin it points to".into(),
-                );
+                return Err("a __fatBinC_Wrapper_t, not a fatbin: pass the fatbin it points to".into());
             }
             _ => {}
         }
     }
     let end = image.iter().position(|&b| b == 0).unwrap_or(image.len());
-    let text = std::str::from_utf8(&image[..end])
-        .map_err(|e| format!("neither a fatbin nor PTX text (not UTF-8: {e})"))?;
+    let text = std::str::from_utf8(&image[..end]).map_err(|e| format!("neither a fatbin nor PTX text (not UTF-8: {e})"))?;
     if !looks_like_ptx(text) {
         let head: String = text.chars().take(40).collect();
-        return Err(format!(
-            "neither a fatbin (magic 0xBA55ED50) nor PTX text (starts {head:?})"
-        ));
+        return Err(format!("neither a fatbin (magic 0xBA55ED50) nor PTX text (starts {head:?})"));
     }
     Ok(vec![text.to_string()])
 }
@@ -82,9 +77,7 @@ fn fatbin_ptx(image: &[u8]) -> Result<Vec<String>, String> {
     while pos + 16 <= image.len() && u32le(image, pos) == FATBIN_MAGIC {
         let hsize = u16le(image, pos + 6) as usize;
         let fsize = u64le(image, pos + 8);
-        let end = (pos as u64)
-            .saturating_add(hsize as u64)
-            .saturating_add(fsize);
+        let end = (pos as u64).saturating_add(hsize as u64).saturating_add(fsize);
         if hsize < 16 || end > image.len() as u64 {
             return Err(format!(
                 "truncated fatbin: its header at byte {pos} says {} bytes, the image has {}",
@@ -108,9 +101,7 @@ fn fatbin_ptx(image: &[u8]) -> Result<Vec<String>, String> {
             let payload = &image[e + ehsize..e + ehsize + psize as usize];
             seen.push((kind, arch));
             if kind == KIND_PTX {
-                let compressed = flags & FLAG_COMPRESSED != 0
-                    || u32le(image, e + 16) != 0
-                    || payload.starts_with(ZSTD_MAGIC);
+                let compressed = flags & FLAG_COMPRESSED != 0 || u32le(image, e + 16) != 0 || payload.starts_with(ZSTD_MAGIC);
                 let text = payload.split(|&b| b == 0).next().unwrap_or(&[]);
                 match std::str::from_utf8(text) {
                     Ok(t) if !compressed && looks_like_ptx(t) => ptx.push((arch, t.to_string())),
@@ -206,27 +197,16 @@ mod tests {
 
     #[test]
     fn fatbin_errors() {
-        let img = fatbin(&[
-            entry(2, 80, 0x11, b"\x7fELF"),
-            entry(2, 90, 0x11, b"\x7fELF"),
-        ]);
+        let img = fatbin(&[entry(2, 80, 0x11, b"\x7fELF"), entry(2, 90, 0x11, b"\x7fELF")]);
         let e = ptx_texts(&img).unwrap_err();
-        assert!(
-            e.contains("no PTX") && e.contains("ELF sm_80, ELF sm_90"),
-            "{e}"
-        );
+        assert!(e.contains("no PTX") && e.contains("ELF sm_80, ELF sm_90"), "{e}");
         let img = fatbin(&[entry(1, 90, 0x8011, b"\x28\xb5\x2f\xfd\x60\x55")]);
         let e = ptx_texts(&img).unwrap_err();
-        assert!(
-            e.contains("compressed") && e.contains("-no-compress"),
-            "{e}"
-        );
+        assert!(e.contains("compressed") && e.contains("-no-compress"), "{e}");
         let mut img = fatbin(&[entry(1, 90, 0x11, PTX.as_bytes())]);
         img.truncate(img.len() - 8);
         assert!(ptx_texts(&img).unwrap_err().contains("truncated"));
-        assert!(ptx_texts(&0x4662_43B1u32.to_le_bytes())
-            .unwrap_err()
-            .contains("Wrapper"));
+        assert!(ptx_texts(&0x4662_43B1u32.to_le_bytes()).unwrap_err().contains("Wrapper"));
     }
 
     /// A fatbin made the way build.rs makes one (with and without `-no-compress`).
@@ -234,8 +214,7 @@ mod tests {
     fn fatbin_from_nvcc() {
         let nvcc = match std::env::var_os("NVCC") {
             Some(p) => std::path::PathBuf::from(p),
-            None => std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-                .join("../../.toolchain/cuda/nvidia/cu13/bin/nvcc"),
+            None => std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.toolchain/cuda/nvidia/cu13/bin/nvcc"),
         };
         if !nvcc.is_file() {
             eprintln!("skipped: no nvcc (set NVCC or run tools/install-cuda-toolchain.sh)");
@@ -249,10 +228,7 @@ mod tests {
             let st = std::process::Command::new(&nvcc)
                 .args(["-fatbin", "-std=c++17", "-O3", "-I"])
                 .arg(root.join("kernels"))
-                .args([
-                    "-gencode=arch=compute_80,code=sm_80",
-                    "-gencode=arch=compute_90,code=compute_90",
-                ])
+                .args(["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=compute_90"])
                 .args(extra)
                 .arg("-o")
                 .arg(&out)

@@ -6,10 +6,10 @@
 //! Built as `libvgpu.so`; `install.sh` links it as `libcuda.so` and `libcublas.so` so that
 //! cudarc (dynamic loading) finds it through `LD_LIBRARY_PATH`. See docs/GPU.md.
 
+pub mod cublas;
 pub mod device;
 pub mod driver;
 pub mod exec;
 pub mod fatbin;
 pub mod mem;
 pub mod ptx;
-pub mod cublas;

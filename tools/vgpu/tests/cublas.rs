@@ -53,14 +53,10 @@ fn handle() -> cublasHandle_t {
 
 /// Deterministic pseudo-random values in [-1, 1).
 fn rnd(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed
-        .wrapping_mul(6364136223846793005)
-        .wrapping_add(1442695040888963407);
+    let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
     (0..n)
         .map(|_| {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
+            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
             ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
         })
         .collect()
@@ -91,11 +87,7 @@ fn reference(
                 let bv = if tb { b[j + p * ldb] } else { b[p + j * ldb] } as f64;
                 s += av * bv;
             }
-            let old = if beta == 0.0 {
-                0.0
-            } else {
-                beta * c[i + j * ldc] as f64
-            };
+            let old = if beta == 0.0 { 0.0 } else { beta * c[i + j * ldc] as f64 };
             out[i + j * ldc] = alpha * s + old;
         }
     }
@@ -151,21 +143,7 @@ fn sgemm_all_transposes_odd_sizes() {
                 )
             };
             assert_eq!(r, CUBLAS_STATUS_SUCCESS);
-            let want = reference(
-                ta,
-                tb,
-                m,
-                n,
-                k,
-                alpha as f64,
-                &a,
-                lda,
-                &b,
-                ldb,
-                beta as f64,
-                &c0,
-                ldc,
-            );
+            let want = reference(ta, tb, m, n, k, alpha as f64, &a, lda, &b, ldb, beta as f64, &c0, ldc);
             let got = dc.f32s(ldc * n);
             for j in 0..n {
                 for i in 0..ldc {
@@ -217,11 +195,7 @@ fn beta_zero_ignores_nan_c() {
     let (m, n, k) = (4usize, 3usize, 6usize);
     let a = rnd(m * k, 4);
     let b = rnd(k * n, 5);
-    let (da, db, dc) = (
-        Dev::from_f32(&a),
-        Dev::from_f32(&b),
-        Dev::from_f32(&vec![f32::NAN; m * n]),
-    );
+    let (da, db, dc) = (Dev::from_f32(&a), Dev::from_f32(&b), Dev::from_f32(&vec![f32::NAN; m * n]));
     let (alpha, beta) = (1f32, 0f32);
     // SAFETY: live device allocations.
     let r = unsafe {
@@ -248,21 +222,7 @@ fn beta_zero_ignores_nan_c() {
         )
     };
     assert_eq!(r, CUBLAS_STATUS_SUCCESS);
-    let want = reference(
-        false,
-        false,
-        m,
-        n,
-        k,
-        1.0,
-        &a,
-        m,
-        &b,
-        k,
-        0.0,
-        &vec![0.0; m * n],
-        m,
-    );
+    let want = reference(false, false, m, n, k, 1.0, &a, m, &b, k, 0.0, &vec![0.0; m * n], m);
     for (g, w) in dc.f32s(m * n).iter().zip(&want) {
         assert!(!g.is_nan() && (*g as f64 - w).abs() < 1e-5);
     }
@@ -337,27 +297,10 @@ fn bf16_in_bf16_and_f32_out() {
         )
     };
     assert_eq!(r, CUBLAS_STATUS_SUCCESS);
-    let want = reference(
-        true,
-        false,
-        m,
-        n,
-        k,
-        alpha as f64,
-        &a,
-        k,
-        &b,
-        k,
-        beta as f64,
-        &c0r,
-        m,
-    );
+    let want = reference(true, false, m, n, k, alpha as f64, &a, k, &b, k, beta as f64, &c0r, m);
     for (g, w) in dc.u16s(m * n).iter().zip(&want) {
         let g = bf16_to_f32(*g) as f64;
-        assert!(
-            (g - w).abs() <= w.abs() * (1.0 / 128.0) + 1e-5,
-            "{g} vs {w}"
-        );
+        assert!((g - w).abs() <= w.abs() * (1.0 / 128.0) + 1e-5, "{g} vs {w}");
     }
     // f32 out.
     let dc = Dev::from_f32(&c0);
@@ -386,21 +329,7 @@ fn bf16_in_bf16_and_f32_out() {
         )
     };
     assert_eq!(r, CUBLAS_STATUS_SUCCESS);
-    let want = reference(
-        true,
-        false,
-        m,
-        n,
-        k,
-        alpha as f64,
-        &a,
-        k,
-        &b,
-        k,
-        beta as f64,
-        &c0,
-        m,
-    );
+    let want = reference(true, false, m, n, k, alpha as f64, &a, k, &b, k, beta as f64, &c0, m);
     for (g, w) in dc.f32s(m * n).iter().zip(&want) {
         assert!((*g as f64 - w).abs() < 1e-5, "{g} vs {w}");
     }
@@ -519,11 +448,7 @@ fn strided_batched() {
         for (g, w) in got[i * sc..i * sc + m * n].iter().zip(&want) {
             assert!((*g as f64 - w).abs() < 1e-5);
         }
-        assert_eq!(
-            got[i * sc + m * n..(i + 1) * sc],
-            c0[i * sc + m * n..(i + 1) * sc],
-            "gap untouched"
-        );
+        assert_eq!(got[i * sc + m * n..(i + 1) * sc], c0[i * sc + m * n..(i + 1) * sc], "gap untouched");
     }
     // The legacy cublasSgemmStridedBatched agrees bit for bit.
     let dc2 = Dev::from_f32(&c0);
@@ -608,79 +533,40 @@ fn validation() {
                 comp: i32,
                 p: *mut c_void| {
         // SAFETY: device ranges are validated by the call itself.
-        unsafe {
-            cublasGemmEx(
-                h, ta, tb, m, n, k, o, p, at, lda, p, at, ldb, o, p, ct, ldc, comp, -1,
-            )
-        }
+        unsafe { cublasGemmEx(h, ta, tb, m, n, k, o, p, at, lda, p, at, ldb, o, p, ct, ldc, comp, -1) }
     };
     let (N, T, F, B) = (CUBLAS_OP_N, CUBLAS_OP_T, CUDA_R_32F, CUDA_R_16BF);
     let C = CUBLAS_COMPUTE_32F;
     let p = d.p();
-    assert_eq!(
-        call(null_mut(), N, N, 4, 4, 4, 4, 4, 4, F, F, C, p),
-        CUBLAS_STATUS_NOT_INITIALIZED
-    );
+    assert_eq!(call(null_mut(), N, N, 4, 4, 4, 4, 4, 4, F, F, C, p), CUBLAS_STATUS_NOT_INITIALIZED);
     assert_eq!(
         call(0x1234 as cublasHandle_t, N, N, 4, 4, 4, 4, 4, 4, F, F, C, p),
         CUBLAS_STATUS_NOT_INITIALIZED
     );
-    assert_eq!(
-        call(h, N, N, 4, 4, 4, 4, 4, 4, F, F, C, p),
-        CUBLAS_STATUS_SUCCESS
-    );
-    assert_eq!(
-        call(h, N, N, -1, 4, 4, 4, 4, 4, F, F, C, p),
-        CUBLAS_STATUS_INVALID_VALUE
-    );
-    assert_eq!(
-        call(h, N, N, 4, -1, 4, 4, 4, 4, F, F, C, p),
-        CUBLAS_STATUS_INVALID_VALUE
-    );
-    assert_eq!(
-        call(h, N, N, 4, 4, -1, 4, 4, 4, F, F, C, p),
-        CUBLAS_STATUS_INVALID_VALUE
-    );
-    assert_eq!(
-        call(h, N, N, 4, 4, 4, 3, 4, 4, F, F, C, p),
-        CUBLAS_STATUS_INVALID_VALUE,
-        "lda < m"
-    );
+    assert_eq!(call(h, N, N, 4, 4, 4, 4, 4, 4, F, F, C, p), CUBLAS_STATUS_SUCCESS);
+    assert_eq!(call(h, N, N, -1, 4, 4, 4, 4, 4, F, F, C, p), CUBLAS_STATUS_INVALID_VALUE);
+    assert_eq!(call(h, N, N, 4, -1, 4, 4, 4, 4, F, F, C, p), CUBLAS_STATUS_INVALID_VALUE);
+    assert_eq!(call(h, N, N, 4, 4, -1, 4, 4, 4, F, F, C, p), CUBLAS_STATUS_INVALID_VALUE);
+    assert_eq!(call(h, N, N, 4, 4, 4, 3, 4, 4, F, F, C, p), CUBLAS_STATUS_INVALID_VALUE, "lda < m");
     assert_eq!(
         call(h, T, N, 4, 4, 5, 4, 5, 4, F, F, C, p),
         CUBLAS_STATUS_INVALID_VALUE,
         "lda < k for op T"
     );
-    assert_eq!(
-        call(h, N, N, 4, 4, 5, 4, 4, 4, F, F, C, p),
-        CUBLAS_STATUS_INVALID_VALUE,
-        "ldb < k"
-    );
+    assert_eq!(call(h, N, N, 4, 4, 5, 4, 4, 4, F, F, C, p), CUBLAS_STATUS_INVALID_VALUE, "ldb < k");
     assert_eq!(
         call(h, N, T, 4, 6, 4, 4, 5, 4, F, F, C, p),
         CUBLAS_STATUS_INVALID_VALUE,
         "ldb < n for op T"
     );
-    assert_eq!(
-        call(h, N, N, 4, 4, 4, 4, 4, 3, F, F, C, p),
-        CUBLAS_STATUS_INVALID_VALUE,
-        "ldc < m"
-    );
-    assert_eq!(
-        call(h, N, N, 0, 4, 4, 1, 4, 0, F, F, C, p),
-        CUBLAS_STATUS_INVALID_VALUE,
-        "ldc < 1"
-    );
+    assert_eq!(call(h, N, N, 4, 4, 4, 4, 4, 3, F, F, C, p), CUBLAS_STATUS_INVALID_VALUE, "ldc < m");
+    assert_eq!(call(h, N, N, 0, 4, 4, 1, 4, 0, F, F, C, p), CUBLAS_STATUS_INVALID_VALUE, "ldc < 1");
     assert_eq!(
         call(h, N, N, 0, 4, 4, 1, 4, 1, F, F, C, p),
         CUBLAS_STATUS_SUCCESS,
         "m == 0 quick return"
     );
-    assert_eq!(
-        call(h, 7, N, 4, 4, 4, 4, 4, 4, F, F, C, p),
-        CUBLAS_STATUS_INVALID_VALUE,
-        "bad op"
-    );
+    assert_eq!(call(h, 7, N, 4, 4, 4, 4, 4, 4, F, F, C, p), CUBLAS_STATUS_INVALID_VALUE, "bad op");
     assert_eq!(
         call(h, N, N, 4, 4, 4, 4, 4, 4, 3, F, C, p),
         CUBLAS_STATUS_NOT_SUPPORTED,
@@ -717,16 +603,10 @@ fn validation() {
         let mut mode = -1;
         assert_eq!(cublasGetMathMode(h, &mut mode), CUBLAS_STATUS_SUCCESS);
         assert_eq!(mode, CUBLAS_DEFAULT_MATH);
-        assert_eq!(
-            cublasSetMathMode(h, CUBLAS_TF32_TENSOR_OP_MATH),
-            CUBLAS_STATUS_SUCCESS
-        );
+        assert_eq!(cublasSetMathMode(h, CUBLAS_TF32_TENSOR_OP_MATH), CUBLAS_STATUS_SUCCESS);
         assert_eq!(cublasGetMathMode(h, &mut mode), CUBLAS_STATUS_SUCCESS);
         assert_eq!(mode, CUBLAS_TF32_TENSOR_OP_MATH);
-        assert_eq!(
-            cublasSetStream_v2(h, 0x40 as *mut c_void),
-            CUBLAS_STATUS_SUCCESS
-        );
+        assert_eq!(cublasSetStream_v2(h, 0x40 as *mut c_void), CUBLAS_STATUS_SUCCESS);
         let mut s = null_mut();
         assert_eq!(cublasGetStream_v2(h, &mut s), CUBLAS_STATUS_SUCCESS);
         assert_eq!(s as usize, 0x40);
@@ -735,10 +615,7 @@ fn validation() {
         assert_eq!(name.to_str().unwrap(), "CUBLAS_STATUS_EXECUTION_FAILED");
         assert_eq!(cublasDestroy_v2(h), CUBLAS_STATUS_SUCCESS);
         assert_eq!(cublasDestroy_v2(h), CUBLAS_STATUS_NOT_INITIALIZED);
-        assert_eq!(
-            cublasSetStream_v2(h, null_mut()),
-            CUBLAS_STATUS_NOT_INITIALIZED
-        );
+        assert_eq!(cublasSetStream_v2(h, null_mut()), CUBLAS_STATUS_NOT_INITIALIZED);
     }
 }
 
@@ -779,10 +656,7 @@ fn tf32_rounds_inputs() {
         assert_eq!(r, CUBLAS_STATUS_SUCCESS);
         dc.f32s(1)[0]
     };
-    assert_eq!(
-        run(CUBLAS_COMPUTE_32F),
-        2.0 + 2f32.powi(-12) + 2f32.powi(-10)
-    );
+    assert_eq!(run(CUBLAS_COMPUTE_32F), 2.0 + 2f32.powi(-12) + 2f32.powi(-10));
     assert_eq!(run(CUBLAS_COMPUTE_32F_FAST_TF32), 2.0 + 2f32.powi(-10));
     assert!(round_tf32(f32::NAN).is_nan());
     // SAFETY: handle from cublasCreate_v2.
@@ -792,16 +666,8 @@ fn tf32_rounds_inputs() {
 #[test]
 fn conversions() {
     assert_eq!(f32_to_bf16(1.0), 0x3f80);
-    assert_eq!(
-        f32_to_bf16(f32::from_bits(0x3f80_8000)),
-        0x3f80,
-        "tie to even (down)"
-    );
-    assert_eq!(
-        f32_to_bf16(f32::from_bits(0x3f81_8000)),
-        0x3f82,
-        "tie to even (up)"
-    );
+    assert_eq!(f32_to_bf16(f32::from_bits(0x3f80_8000)), 0x3f80, "tie to even (down)");
+    assert_eq!(f32_to_bf16(f32::from_bits(0x3f81_8000)), 0x3f82, "tie to even (up)");
     assert_eq!(f32_to_bf16(f32::from_bits(0x3f80_8001)), 0x3f81);
     assert!(bf16_to_f32(f32_to_bf16(f32::NAN)).is_nan());
     assert_eq!(f32_to_bf16(f32::INFINITY), 0x7f80);
@@ -855,21 +721,7 @@ fn large_product_is_threaded_and_reproducible() {
     };
     let x = run();
     assert_eq!(x, run());
-    let want = reference(
-        false,
-        false,
-        m,
-        n,
-        k,
-        1.0,
-        &a,
-        m,
-        &b,
-        k,
-        0.0,
-        &vec![0.0; m * n],
-        m,
-    );
+    let want = reference(false, false, m, n, k, 1.0, &a, m, &b, k, 0.0, &vec![0.0; m * n], m);
     for (g, w) in x.iter().zip(&want) {
         assert!((*g as f64 - w).abs() < 1e-4);
     }

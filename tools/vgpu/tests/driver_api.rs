@@ -37,10 +37,7 @@ fn before_init_everything_fails() {
             let mut d = 0;
             assert_eq!(cuDeviceGet(&mut d, 0), CUDA_ERROR_NOT_INITIALIZED);
             let mut c = null_mut();
-            assert_eq!(
-                cuDevicePrimaryCtxRetain(&mut c, 0),
-                CUDA_ERROR_NOT_INITIALIZED
-            );
+            assert_eq!(cuDevicePrimaryCtxRetain(&mut c, 0), CUDA_ERROR_NOT_INITIALIZED);
             let mut p = 0u64;
             assert_eq!(cuMemAlloc_v2(&mut p, 16), CUDA_ERROR_NOT_INITIALIZED);
             assert_eq!(cuCtxGetCurrent(&mut c), CUDA_ERROR_NOT_INITIALIZED);
@@ -57,20 +54,12 @@ fn before_init_everything_fails() {
     }
     let exe = std::env::current_exe().unwrap();
     let out = std::process::Command::new(exe)
-        .args([
-            "--exact",
-            "before_init_everything_fails",
-            "--test-threads=1",
-        ])
+        .args(["--exact", "before_init_everything_fails", "--test-threads=1"])
         .env("VGPU_DRIVER_TEST_CHILD", "1")
         .env_remove("VGPU_DEVICE_COUNT")
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "child failed: {}",
-        String::from_utf8_lossy(&out.stdout)
-    );
+    assert!(out.status.success(), "child failed: {}", String::from_utf8_lossy(&out.stdout));
     assert!(String::from_utf8_lossy(&out.stdout).contains("1 passed"));
     // With no devices cuInit answers NO_DEVICE, as the real driver without a GPU.
     let exe = std::env::current_exe().unwrap();
@@ -80,11 +69,7 @@ fn before_init_everything_fails() {
         .env("VGPU_DEVICE_COUNT", "0")
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "child failed: {}",
-        String::from_utf8_lossy(&out.stdout)
-    );
+    assert!(out.status.success(), "child failed: {}", String::from_utf8_lossy(&out.stdout));
     assert!(String::from_utf8_lossy(&out.stdout).contains("1 passed"));
 }
 
@@ -125,10 +110,7 @@ fn device_queries() {
         assert_eq!(get(attr::WARP_SIZE), 32);
         assert_eq!(get(attr::MAX_THREADS_PER_BLOCK), 1024);
         assert_eq!(get(attr::MAX_SHARED_MEMORY_PER_BLOCK), 48 * 1024);
-        assert_eq!(
-            get(attr::MAX_SHARED_MEMORY_PER_BLOCK_OPTIN),
-            p.smem_per_block_optin as i32
-        );
+        assert_eq!(get(attr::MAX_SHARED_MEMORY_PER_BLOCK_OPTIN), p.smem_per_block_optin as i32);
         assert_eq!(get(attr::MAX_GRID_DIM_X), i32::MAX);
         assert_eq!(get(attr::MAX_BLOCK_DIM_Z), 64);
         assert_eq!(get(attr::UNIFIED_ADDRESSING), 1);
@@ -136,14 +118,8 @@ fn device_queries() {
         assert_eq!(get(attr::CONCURRENT_KERNELS), 1);
         assert_eq!(get(100), 0, "unmodelled attributes read 0");
         let mut v = 0;
-        assert_eq!(
-            cuDeviceGetAttribute(&mut v, 1, 5),
-            CUDA_ERROR_INVALID_DEVICE
-        );
-        assert_eq!(
-            cuDeviceGetAttribute(null_mut(), 1, 0),
-            CUDA_ERROR_INVALID_VALUE
-        );
+        assert_eq!(cuDeviceGetAttribute(&mut v, 1, 5), CUDA_ERROR_INVALID_DEVICE);
+        assert_eq!(cuDeviceGetAttribute(null_mut(), 1, 0), CUDA_ERROR_INVALID_VALUE);
         let mut name = [0i8; 256];
         ok(cuDeviceGetName(name.as_mut_ptr(), 256, 0));
         let s = CStr::from_ptr(name.as_ptr()).to_str().unwrap();
@@ -169,10 +145,7 @@ fn error_strings() {
     unsafe {
         let mut s = std::ptr::null();
         ok(cuGetErrorName(CUDA_ERROR_ILLEGAL_ADDRESS, &mut s));
-        assert_eq!(
-            CStr::from_ptr(s).to_str().unwrap(),
-            "CUDA_ERROR_ILLEGAL_ADDRESS"
-        );
+        assert_eq!(CStr::from_ptr(s).to_str().unwrap(), "CUDA_ERROR_ILLEGAL_ADDRESS");
         ok(cuGetErrorString(CUDA_ERROR_OUT_OF_MEMORY, &mut s));
         assert_eq!(CStr::from_ptr(s).to_str().unwrap(), "out of memory");
         assert_eq!(cuGetErrorName(12345, &mut s), CUDA_ERROR_INVALID_VALUE);
@@ -240,10 +213,7 @@ fn context_rules() {
         assert!(cur.is_null());
         assert_eq!(cuCtxDestroy_v2(c3), CUDA_ERROR_INVALID_CONTEXT);
         assert_eq!(cuCtxSetCurrent(c3), CUDA_ERROR_INVALID_CONTEXT);
-        assert_eq!(
-            cuCtxPushCurrent_v2(0x1234 as CUcontext),
-            CUDA_ERROR_INVALID_CONTEXT
-        );
+        assert_eq!(cuCtxPushCurrent_v2(0x1234 as CUcontext), CUDA_ERROR_INVALID_CONTEXT);
         assert_eq!(
             cuCtxDestroy_v2(c1),
             CUDA_ERROR_INVALID_CONTEXT,
@@ -279,12 +249,7 @@ fn alloc_copy_memset_roundtrip() {
         ok(cuMemsetD8Async(d2, 0xEE, 16, s));
         ok(cuMemsetD32Async(d2 + 16, 0x01020304, 4, s));
         let mut back2 = vec![0u8; 1024];
-        ok(cuMemcpyDtoHAsync_v2(
-            back2.as_mut_ptr() as *mut c_void,
-            d2,
-            1024,
-            s,
-        ));
+        ok(cuMemcpyDtoHAsync_v2(back2.as_mut_ptr() as *mut c_void, d2, 1024, s));
         ok(cuStreamSynchronize(s));
         ok(cuStreamQuery(s));
         assert!(back2[..16].iter().all(|&b| b == 0xEE));
@@ -300,11 +265,7 @@ fn alloc_copy_memset_roundtrip() {
             &back[..16],
             &[0, 0, 0xCD, 0xAB, 0xCD, 0xAB, 0xCD, 0xAB, 255, 255, 255, 255, 255, 255, 255, 255]
         );
-        assert_eq!(
-            cuMemsetD32_v2(d + 2, 0, 1),
-            CUDA_ERROR_INVALID_VALUE,
-            "misaligned D32 memset"
-        );
+        assert_eq!(cuMemsetD32_v2(d + 2, 0, 1), CUDA_ERROR_INVALID_VALUE, "misaligned D32 memset");
 
         // Out-of-range copies are rejected and touch nothing.
         assert_eq!(
@@ -317,14 +278,8 @@ fn alloc_copy_memset_roundtrip() {
         );
         assert_eq!(cuMemcpyDtoD_v2(d2, d + 512, 1024), CUDA_ERROR_INVALID_VALUE);
         assert_eq!(cuMemsetD8_v2(d, 0, 1025), CUDA_ERROR_INVALID_VALUE);
-        assert_eq!(
-            cuMemcpyHtoD_v2(0x10, src.as_ptr() as *const c_void, 4),
-            CUDA_ERROR_INVALID_VALUE
-        );
-        assert_eq!(
-            cuMemcpyHtoD_v2(d, std::ptr::null(), 4),
-            CUDA_ERROR_INVALID_VALUE
-        );
+        assert_eq!(cuMemcpyHtoD_v2(0x10, src.as_ptr() as *const c_void, 4), CUDA_ERROR_INVALID_VALUE);
+        assert_eq!(cuMemcpyHtoD_v2(d, std::ptr::null(), 4), CUDA_ERROR_INVALID_VALUE);
         ok(cuMemcpyHtoD_v2(d, std::ptr::null(), 0));
 
         // Memory info reflects allocations.
@@ -381,11 +336,7 @@ fn events_and_streams() {
         let mut s = null_mut();
         ok(cuStreamCreateWithPriority(&mut s, 1, -1));
         let mut ms = -1f32;
-        assert_eq!(
-            cuEventElapsedTime_v2(&mut ms, a, b),
-            CUDA_ERROR_INVALID_HANDLE,
-            "not recorded yet"
-        );
+        assert_eq!(cuEventElapsedTime_v2(&mut ms, a, b), CUDA_ERROR_INVALID_HANDLE, "not recorded yet");
         ok(cuEventQuery(a));
         ok(cuEventRecord(a, s));
         std::thread::sleep(std::time::Duration::from_millis(5));
@@ -397,10 +348,7 @@ fn events_and_streams() {
         assert!(ms >= 4.0, "{ms}");
         ok(cuEventElapsedTime(&mut ms, a, b));
         ok(cuEventRecord(nt, s));
-        assert_eq!(
-            cuEventElapsedTime_v2(&mut ms, a, nt),
-            CUDA_ERROR_INVALID_HANDLE
-        );
+        assert_eq!(cuEventElapsedTime_v2(&mut ms, a, nt), CUDA_ERROR_INVALID_HANDLE);
         let mut cap = 7;
         ok(cuStreamIsCapturing(s, &mut cap));
         assert_eq!(cap, 0);
@@ -414,11 +362,7 @@ fn events_and_streams() {
             unsafe { *(p as *mut u32) += 1 };
         }
         let mut hits = 0u32;
-        ok(cuLaunchHostFunc(
-            s,
-            Some(bump),
-            &mut hits as *mut u32 as *mut c_void,
-        ));
+        ok(cuLaunchHostFunc(s, Some(bump), &mut hits as *mut u32 as *mut c_void));
         assert_eq!(hits, 1);
 
         ok(cuEventDestroy_v2(a));
@@ -442,15 +386,10 @@ fn module_load_rejects_garbage() {
             cuModuleLoadData(null_mut(), c"x".as_ptr() as *const c_void),
             CUDA_ERROR_INVALID_VALUE
         );
-        assert_eq!(
-            cuModuleLoadData(&mut m, std::ptr::null()),
-            CUDA_ERROR_INVALID_VALUE
-        );
+        assert_eq!(cuModuleLoadData(&mut m, std::ptr::null()), CUDA_ERROR_INVALID_VALUE);
         let r = cuModuleLoadData(&mut m, c"this is not ptx".as_ptr() as *const c_void);
         assert!(
-            r == CUDA_ERROR_INVALID_IMAGE
-                || r == CUDA_ERROR_INVALID_PTX
-                || r == CUDA_ERROR_NO_BINARY_FOR_GPU,
+            r == CUDA_ERROR_INVALID_IMAGE || r == CUDA_ERROR_INVALID_PTX || r == CUDA_ERROR_NO_BINARY_FOR_GPU,
             "{r}"
         );
         assert_eq!(cuModuleUnload(0x99 as CUmodule), CUDA_ERROR_INVALID_HANDLE);
@@ -460,19 +399,7 @@ fn module_load_rejects_garbage() {
             CUDA_ERROR_INVALID_HANDLE
         );
         assert_eq!(
-            cuLaunchKernel(
-                0x99 as CUfunction,
-                1,
-                1,
-                1,
-                1,
-                1,
-                1,
-                0,
-                null_mut(),
-                null_mut(),
-                null_mut()
-            ),
+            cuLaunchKernel(0x99 as CUfunction, 1, 1, 1, 1, 1, 1, 0, null_mut(), null_mut(), null_mut()),
             CUDA_ERROR_INVALID_HANDLE
         );
     }
@@ -528,110 +455,42 @@ fn module_load_and_launch() {
             return;
         }
         let mut f = null_mut();
-        assert_eq!(
-            cuModuleGetFunction(&mut f, m, c"nope".as_ptr()),
-            CUDA_ERROR_NOT_FOUND
-        );
+        assert_eq!(cuModuleGetFunction(&mut f, m, c"nope".as_ptr()), CUDA_ERROR_NOT_FOUND);
         ok(cuModuleGetFunction(&mut f, m, c"add_one".as_ptr()));
         let mut v = 0;
-        ok(cuFuncGetAttribute(
-            &mut v,
-            CU_FUNC_ATTRIBUTE_MAX_THREADS_PER_BLOCK,
-            f,
-        ));
+        ok(cuFuncGetAttribute(&mut v, CU_FUNC_ATTRIBUTE_MAX_THREADS_PER_BLOCK, f));
         assert_eq!(v, 1024);
-        ok(cuFuncGetAttribute(
-            &mut v,
-            CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES,
-            f,
-        ));
+        ok(cuFuncGetAttribute(&mut v, CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES, f));
         assert_eq!(v, 0);
         let optin = vgpu::device::profile().smem_per_block_optin as i32;
-        ok(cuFuncSetAttribute(
-            f,
-            CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-            100 * 1024,
-        ));
-        ok(cuFuncGetAttribute(
-            &mut v,
-            CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-            f,
-        ));
+        ok(cuFuncSetAttribute(f, CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, 100 * 1024));
+        ok(cuFuncGetAttribute(&mut v, CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, f));
         assert_eq!(v, 100 * 1024);
         assert_eq!(
-            cuFuncSetAttribute(
-                f,
-                CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                optin + 1
-            ),
+            cuFuncSetAttribute(f, CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, optin + 1),
             CUDA_ERROR_INVALID_VALUE
         );
         let (mut grid, mut block) = (0, 0);
-        ok(cuOccupancyMaxPotentialBlockSize(
-            &mut grid, &mut block, f, None, 0, 0,
-        ));
+        ok(cuOccupancyMaxPotentialBlockSize(&mut grid, &mut block, f, None, 0, 0));
         assert!((32..=1024).contains(&block) && grid >= 1);
 
         let n = 1000u32;
         let mut d = 0u64;
         ok(cuMemAlloc_v2(&mut d, n as usize * 4));
         let host: Vec<f32> = (0..n).map(|i| i as f32).collect();
-        ok(cuMemcpyHtoD_v2(
-            d,
-            host.as_ptr() as *const c_void,
-            n as usize * 4,
-        ));
-        let mut args: [*mut c_void; 2] = [
-            &mut d as *mut u64 as *mut c_void,
-            &n as *const u32 as *mut c_void,
-        ];
+        ok(cuMemcpyHtoD_v2(d, host.as_ptr() as *const c_void, n as usize * 4));
+        let mut args: [*mut c_void; 2] = [&mut d as *mut u64 as *mut c_void, &n as *const u32 as *mut c_void];
         // Bad configurations are refused before running.
         assert_eq!(
-            cuLaunchKernel(
-                f,
-                0,
-                1,
-                1,
-                128,
-                1,
-                1,
-                0,
-                null_mut(),
-                args.as_mut_ptr(),
-                null_mut()
-            ),
+            cuLaunchKernel(f, 0, 1, 1, 128, 1, 1, 0, null_mut(), args.as_mut_ptr(), null_mut()),
             CUDA_ERROR_INVALID_VALUE
         );
         assert_eq!(
-            cuLaunchKernel(
-                f,
-                1,
-                1,
-                1,
-                2048,
-                1,
-                1,
-                0,
-                null_mut(),
-                args.as_mut_ptr(),
-                null_mut()
-            ),
+            cuLaunchKernel(f, 1, 1, 1, 2048, 1, 1, 0, null_mut(), args.as_mut_ptr(), null_mut()),
             CUDA_ERROR_INVALID_VALUE
         );
         assert_eq!(
-            cuLaunchKernel(
-                f,
-                1,
-                1,
-                1,
-                32,
-                32,
-                2,
-                0,
-                null_mut(),
-                args.as_mut_ptr(),
-                null_mut()
-            ),
+            cuLaunchKernel(f, 1, 1, 1, 32, 32, 2, 0, null_mut(), args.as_mut_ptr(), null_mut()),
             CUDA_ERROR_INVALID_VALUE
         );
         assert_eq!(
@@ -639,71 +498,24 @@ fn module_load_and_launch() {
             CUDA_ERROR_INVALID_VALUE
         );
         assert_eq!(
-            cuLaunchKernel(
-                f,
-                1,
-                1,
-                1,
-                128,
-                1,
-                1,
-                0,
-                null_mut(),
-                null_mut(),
-                args.as_mut_ptr()
-            ),
+            cuLaunchKernel(f, 1, 1, 1, 128, 1, 1, 0, null_mut(), null_mut(), args.as_mut_ptr()),
             CUDA_ERROR_NOT_SUPPORTED
         );
-        let r = cuLaunchKernel(
-            f,
-            n.div_ceil(128),
-            1,
-            1,
-            128,
-            1,
-            1,
-            0,
-            null_mut(),
-            args.as_mut_ptr(),
-            null_mut(),
-        );
+        let r = cuLaunchKernel(f, n.div_ceil(128), 1, 1, 128, 1, 1, 0, null_mut(), args.as_mut_ptr(), null_mut());
         if r == CUDA_SUCCESS {
             let mut back = vec![0f32; n as usize];
-            ok(cuMemcpyDtoH_v2(
-                back.as_mut_ptr() as *mut c_void,
-                d,
-                n as usize * 4,
-            ));
+            ok(cuMemcpyDtoH_v2(back.as_mut_ptr() as *mut c_void, d, n as usize * 4));
             for (i, v) in back.iter().enumerate() {
                 assert_eq!(*v, i as f32 + 1.0);
             }
             // An out-of-bounds launch (n larger than the buffer) faults and breaks the context.
             let big = n + 4096;
-            let mut args2: [*mut c_void; 2] = [
-                &mut d as *mut u64 as *mut c_void,
-                &big as *const u32 as *mut c_void,
-            ];
-            let r = cuLaunchKernel(
-                f,
-                big.div_ceil(128),
-                1,
-                1,
-                128,
-                1,
-                1,
-                0,
-                null_mut(),
-                args2.as_mut_ptr(),
-                null_mut(),
-            );
+            let mut args2: [*mut c_void; 2] = [&mut d as *mut u64 as *mut c_void, &big as *const u32 as *mut c_void];
+            let r = cuLaunchKernel(f, big.div_ceil(128), 1, 1, 128, 1, 1, 0, null_mut(), args2.as_mut_ptr(), null_mut());
             assert_eq!(r, CUDA_ERROR_ILLEGAL_ADDRESS);
             assert_eq!(cuCtxSynchronize(), CUDA_ERROR_ILLEGAL_ADDRESS, "sticky");
             let mut d2 = 0u64;
-            assert_eq!(
-                cuMemAlloc_v2(&mut d2, 16),
-                CUDA_ERROR_ILLEGAL_ADDRESS,
-                "sticky"
-            );
+            assert_eq!(cuMemAlloc_v2(&mut d2, 16), CUDA_ERROR_ILLEGAL_ADDRESS, "sticky");
         } else {
             eprintln!("module_load_and_launch: launch returned {r} (interpreter not ready); launch checks only");
             ok(cuModuleUnload(m));

@@ -6,134 +6,10 @@
 //! The kernels are compiled to PTX with nvcc at test time (`NVCC`, else the repository's
 //! `.toolchain/cuda/nvidia/cu13/bin/nvcc`), once per file per test run.
 
-use std::collections::HashMap;
-use std::ffi::c_void;
-use std::path::PathBuf;
-use std::process::Command;
-use std::sync::{Arc, Mutex};
+mod common;
 
-use vgpu::exec::{launch, Fault, FaultKind, Kernel, LaunchConfig, Program};
-
-// ---------------------------------------------------------------------------------------------
-// Compiling and loading.
-
-fn nvcc() -> PathBuf {
-    if let Some(p) = std::env::var_os("NVCC") {
-        return PathBuf::from(p);
-    }
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../.toolchain/cuda/nvidia/cu13/bin/nvcc")
-}
-
-/// The PTX of `tests/kernels/<file>`, compiled once per test binary run.
-fn ptx(file: &str) -> String {
-    static CACHE: Mutex<Option<HashMap<String, String>>> = Mutex::new(None);
-    let mut cache = CACHE.lock().unwrap_or_else(|e| e.into_inner());
-    let cache = cache.get_or_insert_with(HashMap::new);
-    if let Some(text) = cache.get(file) {
-        return text.clone();
-    }
-    let src = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/kernels")
-        .join(file);
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
-        .join(format!("vgpu-sanitizer-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("create the PTX temp dir");
-    let out = dir.join(file.replace(".cu", ".ptx"));
-    let nvcc = nvcc();
-    let result = Command::new(&nvcc)
-        .args(["-ptx", "-std=c++17", "-O3", "-arch=compute_90", "-o"])
-        .arg(&out)
-        .arg(&src)
-        .output();
-    let output = match result {
-        Ok(o) => o,
-        Err(e) => panic!(
-            "cannot run nvcc at {} ({e}); set NVCC to an nvcc (CUDA 12.x/13.x) to compile tests/kernels/*.cu",
-            nvcc.display()
-        ),
-    };
-    assert!(
-        output.status.success(),
-        "nvcc failed on {}:\n{}",
-        src.display(),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let text = std::fs::read_to_string(&out).expect("read the PTX nvcc wrote");
-    cache.insert(file.to_string(), text.clone());
-    text
-}
-
-fn kernel(file: &str, name: &str) -> Arc<Kernel> {
-    let program =
-        Program::load(&ptx(file)).unwrap_or_else(|e| panic!("Program::load({file}): {e}"));
-    program
-        .kernel(name)
-        .unwrap_or_else(|| panic!("{file} has no kernel {name}"))
-}
-
-// ---------------------------------------------------------------------------------------------
-// Device memory.
-
-/// A device allocation, freed on drop.
-struct Buf {
-    ptr: u64,
-    bytes: usize,
-}
-
-impl Buf {
-    fn new(bytes: usize) -> Buf {
-        let ptr = vgpu::mem::alloc(bytes as u64, 0).expect("device allocation");
-        Buf { ptr, bytes }
-    }
-    fn upload<T: Copy>(data: &[T]) -> Buf {
-        let b = Buf::new(std::mem::size_of_val(data));
-        b.write(data);
-        b
-    }
-    fn write<T: Copy>(&self, data: &[T]) {
-        assert!(std::mem::size_of_val(data) <= self.bytes);
-        // SAFETY: the allocation holds `bytes` writable bytes, aligned to 256.
-        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), self.ptr as *mut T, data.len()) };
-    }
-    fn read<T: Copy + Default>(&self) -> Vec<T> {
-        let mut v = vec![T::default(); self.bytes / std::mem::size_of::<T>()];
-        // SAFETY: as in `write`; the launch that wrote it has returned.
-        unsafe { std::ptr::copy_nonoverlapping(self.ptr as *const T, v.as_mut_ptr(), v.len()) };
-        v
-    }
-}
-
-impl Drop for Buf {
-    fn drop(&mut self) {
-        vgpu::mem::free(self.ptr);
-    }
-}
-
-/// A pointer to a kernel argument's value, for `kernelParams`.
-fn arg<T>(v: &T) -> *const c_void {
-    v as *const T as *const c_void
-}
-
-fn run(
-    k: &Kernel,
-    grid: [u32; 3],
-    block: [u32; 3],
-    smem: u32,
-    smem_attr: u32,
-    args: &[*const c_void],
-) -> Result<(), Fault> {
-    assert_eq!(args.len(), k.params.len(), "argument count of {}", k.name);
-    let cfg = LaunchConfig {
-        grid,
-        block,
-        dynamic_smem: smem,
-        max_dynamic_smem_attr: smem_attr,
-        device: 0,
-    };
-    // SAFETY: one pointer per parameter, each to a live value of the parameter's size (u64
-    // pointers and i32 scalars, as the kernels declare).
-    unsafe { launch(k, &cfg, args.as_ptr()) }
-}
+use common::*;
+use vgpu::exec::{Fault, FaultKind};
 
 // ---------------------------------------------------------------------------------------------
 // Reports.
@@ -150,11 +26,7 @@ struct Expect<'a> {
 
 fn expect_fault(result: Result<(), Fault>, kinds: &[FaultKind], e: &Expect) -> Fault {
     let fault = match result {
-        Ok(()) => panic!(
-            "{}: the launch passed; expected a {} finding",
-            e.kernel,
-            e.checks.join(" or ")
-        ),
+        Ok(()) => panic!("{}: the launch passed; expected a {} finding", e.kernel, e.checks.join(" or ")),
         Err(f) => f,
     };
     let report = fault.report.replace(", ", ",");
@@ -167,9 +39,7 @@ fn expect_fault(result: Result<(), Fault>, kinds: &[FaultKind], e: &Expect) -> F
     );
     let first = report.lines().next().unwrap_or("");
     assert!(
-        e.checks
-            .iter()
-            .any(|c| first.starts_with(&format!("========= vgpu {c}:"))),
+        e.checks.iter().any(|c| first.starts_with(&format!("========= vgpu {c}:"))),
         "{}: first line should be `========= vgpu <{}>: ...`; report:\n{}",
         e.kernel,
         e.checks.join("|"),
@@ -197,11 +67,7 @@ fn expect_fault(result: Result<(), Fault>, kinds: &[FaultKind], e: &Expect) -> F
     }
     if let Some(want) = e.address {
         let named = addresses(&report);
-        assert!(
-            !named.is_empty(),
-            "report names no address:\n{}",
-            fault.report
-        );
+        assert!(!named.is_empty(), "report names no address:\n{}", fault.report);
         if let Some(a) = want {
             assert!(
                 named.contains(&a),
@@ -210,11 +76,7 @@ fn expect_fault(result: Result<(), Fault>, kinds: &[FaultKind], e: &Expect) -> F
             );
         }
     }
-    assert!(
-        report.contains("line "),
-        "report does not name the PTX line:\n{}",
-        fault.report
-    );
+    assert!(report.contains("line "), "report does not name the PTX line:\n{}", fault.report);
     fault
 }
 
@@ -224,10 +86,7 @@ fn addresses(report: &str) -> Vec<u64> {
     lower
         .match_indices("address 0x")
         .filter_map(|(i, m)| {
-            let hex: String = lower[i + m.len()..]
-                .chars()
-                .take_while(|c| c.is_ascii_hexdigit())
-                .collect();
+            let hex: String = lower[i + m.len()..].chars().take_while(|c| c.is_ascii_hexdigit()).collect();
             u64::from_str_radix(&hex, 16).ok()
         })
         .collect()
@@ -241,10 +100,7 @@ const LAUNCH: [FaultKind; 2] = [FaultKind::InvalidValue, FaultKind::OutOfResourc
 
 fn ok(result: Result<(), Fault>, what: &str) {
     if let Err(f) = result {
-        panic!(
-            "{what}: expected the launch to pass, got {:?}:\n{}",
-            f.kind, f.report
-        );
+        panic!("{what}: expected the launch to pass, got {:?}:\n{}", f.kind, f.report);
     }
 }
 
@@ -341,14 +197,7 @@ fn missing_syncthreads_is_a_race() {
     let k = kernel("race_missing_sync.cu", "race_missing_sync");
     let input: Vec<f32> = (0..64).map(|i| i as f32).collect();
     let (inp, out) = (Buf::upload(&input), Buf::new(64 * 4));
-    let r = run(
-        &k,
-        [1, 1, 1],
-        [64, 1, 1],
-        0,
-        0,
-        &[arg(&inp.ptr), arg(&out.ptr)],
-    );
+    let r = run(&k, [1, 1, 1], [64, 1, 1], 0, 0, &[arg(&inp.ptr), arg(&out.ptr)]);
     let e = Expect {
         checks: &["racecheck"],
         kernel: "race_missing_sync",
@@ -365,14 +214,7 @@ fn cp_async_without_wait_group_is_caught() {
     let tiles = 4i32;
     let input: Vec<f32> = (0..128 * tiles).map(|i| i as f32).collect();
     let (inp, out) = (Buf::upload(&input), Buf::new(input.len() * 4));
-    let r = run(
-        &k,
-        [1, 1, 1],
-        [32, 1, 1],
-        0,
-        0,
-        &[arg(&inp.ptr), arg(&out.ptr), arg(&tiles)],
-    );
+    let r = run(&k, [1, 1, 1], [32, 1, 1], 0, 0, &[arg(&inp.ptr), arg(&out.ptr), arg(&tiles)]);
     // The first read of a buffer finds it unwritten (initcheck); a device that lands the copy
     // while a read of it is pending reports a race instead.
     let e = Expect {
@@ -393,14 +235,7 @@ fn cp_async_pipeline_with_wait_group_is_correct() {
     let input: Vec<f32> = (0..128 * tiles).map(|_| rng.uniform()).collect();
     let (inp, out) = (Buf::upload(&input), Buf::new(input.len() * 4));
     ok(
-        run(
-            &k,
-            [1, 1, 1],
-            [32, 1, 1],
-            0,
-            0,
-            &[arg(&inp.ptr), arg(&out.ptr), arg(&tiles)],
-        ),
+        run(&k, [1, 1, 1], [32, 1, 1], 0, 0, &[arg(&inp.ptr), arg(&out.ptr), arg(&tiles)]),
         "pipe_wait",
     );
     let got: Vec<f32> = out.read();
@@ -409,11 +244,7 @@ fn cp_async_pipeline_with_wait_group_is_correct() {
             for e in 0..4 {
                 let want = input[t * 128 + ((lane + 1) % 32) * 4 + e];
                 let i = t * 128 + lane * 4 + e;
-                assert_eq!(
-                    got[i].to_bits(),
-                    want.to_bits(),
-                    "out[{i}] (tile {t}, lane {lane})"
-                );
+                assert_eq!(got[i].to_bits(), want.to_bits(), "out[{i}] (tile {t}, lane {lane})");
             }
         }
     }
@@ -453,14 +284,7 @@ fn reading_unwritten_shared_memory_is_an_initcheck_finding() {
 fn ldmatrix_by_half_a_warp_is_a_sync_error() {
     let k = kernel("mma_tile.cu", "mma_tile_half_warp_ldmatrix");
     let (a, b, c) = mma_tile_inputs(3);
-    let r = run(
-        &k,
-        [1, 1, 1],
-        [32, 1, 1],
-        0,
-        0,
-        &[arg(&a.ptr), arg(&b.ptr), arg(&c.ptr)],
-    );
+    let r = run(&k, [1, 1, 1], [32, 1, 1], 0, 0, &[arg(&a.ptr), arg(&b.ptr), arg(&c.ptr)]);
     let e = Expect {
         checks: &["synccheck"],
         kernel: "mma_tile_half_warp_ldmatrix",
@@ -495,14 +319,7 @@ fn global_store_one_past_the_end_is_an_illegal_address() {
 fn misaligned_float4_load_is_a_misaligned_address() {
     let k = kernel("misaligned_float4.cu", "misaligned_float4");
     let (p, out) = (Buf::upload(&[1.0f32; 16]), Buf::new(4));
-    let r = run(
-        &k,
-        [1, 1, 1],
-        [1, 1, 1],
-        0,
-        0,
-        &[arg(&p.ptr), arg(&out.ptr)],
-    );
+    let r = run(&k, [1, 1, 1], [1, 1, 1], 0, 0, &[arg(&p.ptr), arg(&out.ptr)]);
     let e = Expect {
         checks: &["memcheck"],
         kernel: "misaligned_float4",
@@ -516,10 +333,7 @@ fn misaligned_float4_load_is_a_misaligned_address() {
 #[test]
 fn static_shared_array_overrun_is_an_illegal_address() {
     let k = kernel("shared_overrun.cu", "static_smem_overrun");
-    assert_eq!(
-        k.static_smem, 256,
-        "__shared__ float s[64] is 256 bytes of static shared memory"
-    );
+    assert_eq!(k.static_smem, 256, "__shared__ float s[64] is 256 bytes of static shared memory");
     let out = Buf::new(65 * 4);
     let r = run(&k, [1, 1, 1], [65, 1, 1], 0, 0, &[arg(&out.ptr)]);
     let e = Expect {
@@ -569,42 +383,17 @@ fn mma_tile_inputs(seed: u64) -> (Buf, Buf, Buf) {
     let mut rng = Rng(0xD1B5_4A32_D192_ED03 ^ seed);
     let a: Vec<u16> = (0..256).map(|_| bf16(rng.uniform())).collect();
     let b: Vec<u16> = (0..128).map(|_| bf16(rng.uniform())).collect();
-    (
-        Buf::upload(&a),
-        Buf::upload(&b),
-        Buf::upload(&[f32::NAN; 128]),
-    )
+    (Buf::upload(&a), Buf::upload(&b), Buf::upload(&[f32::NAN; 128]))
 }
 
 /// Runs one mma_tile variant; the worst |C - C_f64| / bound over the tile (<= 1 is right).
 fn mma_tile_ratio(name: &str) -> f64 {
     let k = kernel("mma_tile.cu", name);
     let (a, b, c) = mma_tile_inputs(1);
-    ok(
-        run(
-            &k,
-            [1, 1, 1],
-            [32, 1, 1],
-            0,
-            0,
-            &[arg(&a.ptr), arg(&b.ptr), arg(&c.ptr)],
-        ),
-        name,
-    );
+    ok(run(&k, [1, 1, 1], [32, 1, 1], 0, 0, &[arg(&a.ptr), arg(&b.ptr), arg(&c.ptr)]), name);
     let (av, bv, got): (Vec<u16>, Vec<u16>, Vec<f32>) = (a.read(), b.read(), c.read());
-    let (ratio, at) = worst_ratio(
-        &got,
-        16,
-        8,
-        16,
-        |i, l| bf16_f64(av[i * 16 + l]),
-        |l, j| bf16_f64(bv[j * 16 + l]),
-    );
-    eprintln!(
-        "{name}: worst error / bound {ratio:.3e} at C[{}][{}]",
-        at / 8,
-        at % 8
-    );
+    let (ratio, at) = worst_ratio(&got, 16, 8, 16, |i, l| bf16_f64(av[i * 16 + l]), |l, j| bf16_f64(bv[j * 16 + l]));
+    eprintln!("{name}: worst error / bound {ratio:.3e} at C[{}][{}]", at / 8, at % 8);
     ratio
 }
 
@@ -627,24 +416,14 @@ fn ldmatrix_wrong_row_address_gives_a_wrong_product() {
 #[test]
 fn mma_with_transposed_b_gives_a_wrong_product() {
     let r = mma_tile_ratio("mma_tile_trans_b");
-    assert!(
-        r > 100.0,
-        "mma_tile_trans_b: worst error only {r} x the bound; the bug went unseen"
-    );
+    assert!(r > 100.0, "mma_tile_trans_b: worst error only {r} x the bound; the bug went unseen");
 }
 
 #[test]
 fn misaligned_ldmatrix_row_address_is_a_misaligned_address() {
     let k = kernel("mma_tile.cu", "mma_tile_misaligned_ldmatrix");
     let (a, b, c) = mma_tile_inputs(2);
-    let r = run(
-        &k,
-        [1, 1, 1],
-        [32, 1, 1],
-        0,
-        0,
-        &[arg(&a.ptr), arg(&b.ptr), arg(&c.ptr)],
-    );
+    let r = run(&k, [1, 1, 1], [32, 1, 1], 0, 0, &[arg(&a.ptr), arg(&b.ptr), arg(&c.ptr)]);
     let e = Expect {
         checks: &["memcheck"],
         kernel: "mma_tile_misaligned_ldmatrix",
@@ -668,11 +447,7 @@ fn gemm_bf16_cp_async_ldmatrix_mma_matches_f64_on_awkward_sizes() {
     let mut rng = Rng(0x0123_4567_89AB_CDEF);
     let av = bf16_matrix(&mut rng, m, kk, lda);
     let bv = bf16_matrix(&mut rng, kk, n, ldb);
-    let (a, b, c) = (
-        Buf::upload(&av),
-        Buf::upload(&bv),
-        Buf::upload(&vec![f32::NAN; m * n]),
-    );
+    let (a, b, c) = (Buf::upload(&av), Buf::upload(&bv), Buf::upload(&vec![f32::NAN; m * n]));
     let (mi, ni, ki, ldai, ldbi) = (m as i32, n as i32, kk as i32, lda as i32, ldb as i32);
     let grid = [n.div_ceil(16) as u32, m.div_ceil(32) as u32, 1];
     let args = [
@@ -687,14 +462,7 @@ fn gemm_bf16_cp_async_ldmatrix_mma_matches_f64_on_awkward_sizes() {
     ];
     ok(run(&k, grid, [64, 1, 1], 0, 0, &args), "gemm_bf16");
     let got: Vec<f32> = c.read();
-    let (ratio, at) = worst_ratio(
-        &got,
-        m,
-        n,
-        kk,
-        |i, l| bf16_f64(av[i * lda + l]),
-        |l, j| bf16_f64(bv[l * ldb + j]),
-    );
+    let (ratio, at) = worst_ratio(&got, m, n, kk, |i, l| bf16_f64(av[i * lda + l]), |l, j| bf16_f64(bv[l * ldb + j]));
     eprintln!(
         "gemm_bf16 {m}x{n}x{kk}: worst error / bound {ratio:.3e} at C[{}][{}]",
         at / n,
@@ -715,21 +483,14 @@ fn gemm_bf16_cp_async_ldmatrix_mma_matches_f64_on_awkward_sizes() {
 #[test]
 fn block_above_launch_bounds_is_refused() {
     let k = kernel("launch_checks.cu", "bounded_128");
-    assert_eq!(
-        k.max_threads,
-        Some(128),
-        "__launch_bounds__(128) is .maxntid 128"
-    );
+    assert_eq!(k.max_threads, Some(128), "__launch_bounds__(128) is .maxntid 128");
     let out = Buf::new(256 * 4);
     ok(
         run(&k, [2, 1, 1], [128, 1, 1], 0, 0, &[arg(&out.ptr)]),
         "bounded_128 with 128 threads",
     );
     assert!(out.read::<f32>().iter().all(|&x| x == 1.0));
-    launch_refused(
-        run(&k, [1, 1, 1], [256, 1, 1], 0, 0, &[arg(&out.ptr)]),
-        "bounded_128",
-    );
+    launch_refused(run(&k, [1, 1, 1], [256, 1, 1], 0, 0, &[arg(&out.ptr)]), "bounded_128");
 }
 
 #[test]
@@ -737,20 +498,10 @@ fn dynamic_shared_memory_above_48k_needs_the_opt_in() {
     let k = kernel("launch_checks.cu", "dyn_smem_user");
     let out = Buf::new(64 * 4);
     // 64 KB without CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES: refused.
-    launch_refused(
-        run(&k, [1, 1, 1], [64, 1, 1], 64 << 10, 0, &[arg(&out.ptr)]),
-        "dyn_smem_user",
-    );
+    launch_refused(run(&k, [1, 1, 1], [64, 1, 1], 64 << 10, 0, &[arg(&out.ptr)]), "dyn_smem_user");
     // With the attribute: runs.
     ok(
-        run(
-            &k,
-            [1, 1, 1],
-            [64, 1, 1],
-            64 << 10,
-            64 << 10,
-            &[arg(&out.ptr)],
-        ),
+        run(&k, [1, 1, 1], [64, 1, 1], 64 << 10, 64 << 10, &[arg(&out.ptr)]),
         "dyn_smem_user with 64 KB opted in",
     );
     let want: Vec<f32> = (0..64).map(|t| (t ^ 1) as f32).collect();
@@ -758,14 +509,7 @@ fn dynamic_shared_memory_above_48k_needs_the_opt_in() {
     // Above the 227 KB a block may have at all: refused even with the attribute.
     let too_much = (227 << 10) + 1024;
     launch_refused(
-        run(
-            &k,
-            [1, 1, 1],
-            [64, 1, 1],
-            too_much,
-            too_much,
-            &[arg(&out.ptr)],
-        ),
+        run(&k, [1, 1, 1], [64, 1, 1], too_much, too_much, &[arg(&out.ptr)]),
         "dyn_smem_user",
     );
 }
@@ -792,5 +536,22 @@ fn launch_refused(r: Result<(), Fault>, kernel: &str) {
         fault.report.contains(&format!("kernel {kernel}")),
         "report does not name kernel {kernel}:\n{}",
         fault.report
+    );
+}
+
+#[test]
+fn vector_atomics_add_and_need_the_vector_alignment() {
+    let k = kernel("vector_atomic.cu", "add_pair");
+    let p = Buf::upload(&[0.0f32; 4]);
+    let off = 2i32;
+    run(&k, [3, 1, 1], [64, 1, 1], 0, 0, &[arg(&p.ptr), arg(&off)]).expect("aligned float2 atomics");
+    assert_eq!(p.read::<f32>(), [0.0, 0.0, 192.0, 384.0], "192 threads added (1, 2)");
+    let off = 1i32;
+    let f = run(&k, [1, 1, 1], [32, 1, 1], 0, 0, &[arg(&p.ptr), arg(&off)]).expect_err("misaligned float2 atomic");
+    assert_eq!(f.kind, FaultKind::MisalignedAddress, "{}", f.report);
+    assert!(
+        f.report.contains("memcheck") && f.report.contains(&format!("{:#x}", p.ptr + 4)),
+        "{}",
+        f.report
     );
 }

@@ -43,7 +43,11 @@ pub enum Finding {
     Uninit { off: usize },
     /// `kind` is "read-after-write", "write-after-read" or "write-after-write"; `other` is
     /// the other thread's index (None: several readers).
-    Race { off: usize, kind: &'static str, other: Option<u32> },
+    Race {
+        off: usize,
+        kind: &'static str,
+        other: Option<u32>,
+    },
     /// Access to a byte whose cp.async copy has not landed (no wait_group covers it yet).
     InFlight { off: usize, write: bool },
 }
@@ -60,7 +64,11 @@ impl Finding {
             None => "several threads".to_string(),
         };
         match *self {
-            Finding::Uninit { off } => ("initcheck", "uninitialized __shared__ memory read".into(), format!("address {off:#x} (shared) was never written by this block")),
+            Finding::Uninit { off } => (
+                "initcheck",
+                "uninitialized __shared__ memory read".into(),
+                format!("address {off:#x} (shared) was never written by this block"),
+            ),
             Finding::Race { off, kind, other } => (
                 "racecheck",
                 format!("shared memory {kind} hazard with {} and no barrier between", who(other)),
@@ -68,7 +76,10 @@ impl Finding {
             ),
             Finding::InFlight { off, write } => (
                 "racecheck",
-                format!("shared memory {} while a cp.async copy to it is in flight (no cp.async.wait_group covers it yet)", if write { "write" } else { "read" }),
+                format!(
+                    "shared memory {} while a cp.async copy to it is in flight (no cp.async.wait_group covers it yet)",
+                    if write { "write" } else { "read" }
+                ),
                 format!("address {off:#x} (shared)"),
             ),
         }
@@ -89,7 +100,14 @@ pub struct SharedShadow {
 
 impl SharedShadow {
     pub fn new(size: usize) -> Self {
-        let mut s = SharedShadow { recs: vec![Rec::default(); size], now: 0, base: 0, last_block_bar: 0, last_warp_bar: vec![0; 32], uninit: None };
+        let mut s = SharedShadow {
+            recs: vec![Rec::default(); size],
+            now: 0,
+            base: 0,
+            last_block_bar: 0,
+            last_warp_bar: vec![0; 32],
+            uninit: None,
+        };
         s.start_block();
         s
     }
@@ -165,7 +183,11 @@ impl SharedShadow {
                 self.uninit = Some(i);
             }
             if r.w != NONE && !self.ordered(r.w, r.wt, tid) {
-                return Err(Finding::Race { off: i, kind: "read-after-write", other: Some(r.w as u32 - 1) });
+                return Err(Finding::Race {
+                    off: i,
+                    kind: "read-after-write",
+                    other: Some(r.w as u32 - 1),
+                });
             }
             let rec = &mut self.recs[i];
             rec.flags &= !COLLECTIVE;
@@ -186,7 +208,11 @@ impl SharedShadow {
     fn check_write(&self, i: usize, tid: u32) -> Result<(), Finding> {
         let r = self.recs[i];
         if r.w != NONE && !self.ordered(r.w, r.wt, tid) {
-            return Err(Finding::Race { off: i, kind: "write-after-write", other: Some(r.w as u32 - 1) });
+            return Err(Finding::Race {
+                off: i,
+                kind: "write-after-write",
+                other: Some(r.w as u32 - 1),
+            });
         }
         if r.flags & COLLECTIVE != 0 && r.rt >= self.base && r.rw == (tid / 32) as u16 {
             return Ok(());
@@ -194,10 +220,18 @@ impl SharedShadow {
         if r.r == MANY {
             let same_warp_synced = r.rw == (tid / 32) as u16 && r.rt < self.last_warp_bar[(tid / 32) as usize];
             if r.rt >= self.last_block_bar && !same_warp_synced {
-                return Err(Finding::Race { off: i, kind: "write-after-read", other: None });
+                return Err(Finding::Race {
+                    off: i,
+                    kind: "write-after-read",
+                    other: None,
+                });
             }
         } else if r.r != NONE && !self.ordered(r.r, r.rt, tid) {
-            return Err(Finding::Race { off: i, kind: "write-after-read", other: Some(r.r as u32 - 1) });
+            return Err(Finding::Race {
+                off: i,
+                kind: "write-after-read",
+                other: Some(r.r as u32 - 1),
+            });
         }
         Ok(())
     }

@@ -26,7 +26,12 @@ pub struct Counters {
 
 impl Counters {
     pub fn new(classes: &[String]) -> Self {
-        Counters { classes: classes.to_vec(), warp_insts: vec![0; classes.len()], lane_insts: vec![0; classes.len()], ..Default::default() }
+        Counters {
+            classes: classes.to_vec(),
+            warp_insts: vec![0; classes.len()],
+            lane_insts: vec![0; classes.len()],
+            ..Default::default()
+        }
     }
 
     #[inline(always)]
@@ -108,8 +113,14 @@ impl Counters {
             "vgpu counters (interpreter proxy, not GPU performance): {kernel} grid ({},{},{}) block ({},{},{})\n",
             grid[0], grid[1], grid[2], block[0], block[1], block[2]
         );
-        s.push_str(&format!("  warp instructions {total}, thread instructions {lanes} (lane utilisation {:.1}%)\n", 100.0 * lanes as f64 / (32 * total.max(1)) as f64));
-        s.push_str(&format!("  mma.m16n8k16 {}, barriers {}, global atomics {}\n", self.mma, self.barriers, self.atomics));
+        s.push_str(&format!(
+            "  warp instructions {total}, thread instructions {lanes} (lane utilisation {:.1}%)\n",
+            100.0 * lanes as f64 / (32 * total.max(1)) as f64
+        ));
+        s.push_str(&format!(
+            "  mma.m16n8k16 {}, barriers {}, global atomics {}\n",
+            self.mma, self.barriers, self.atomics
+        ));
         s.push_str(&format!(
             "  global: {} B loaded, {} B stored, {} requests, {:.2} sectors/request; cp.async {} B\n",
             self.gld_bytes,
@@ -129,7 +140,12 @@ impl Counters {
         rows.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
         s.push_str("  by class (warp instructions):\n");
         for (i, n) in rows {
-            s.push_str(&format!("    {:<32} {:>12}  {:5.1}%\n", self.classes[i], n, 100.0 * n as f64 / total.max(1) as f64));
+            s.push_str(&format!(
+                "    {:<32} {:>12}  {:5.1}%\n",
+                self.classes[i],
+                n,
+                100.0 * n as f64 / total.max(1) as f64
+            ));
         }
         s
     }

@@ -301,53 +301,219 @@ pub enum VoteMode {
 /// A decoded instruction's operation.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Op {
-    Mov { d: u32, a: Src, ty: Ty },
+    Mov {
+        d: u32,
+        a: Src,
+        ty: Ty,
+    },
     /// `mov.b32 {lo, hi}, a` / `mov.b64 {a, b}, x`: split into `parts` pieces of `bits`.
-    Unpack { d: Vec<Dst>, a: Src, bits: u32 },
+    Unpack {
+        d: Vec<Dst>,
+        a: Src,
+        bits: u32,
+    },
     /// `mov.b64 d, {a, b}`: join.
-    Pack { d: u32, a: Vec<Src>, bits: u32 },
+    Pack {
+        d: u32,
+        a: Vec<Src>,
+        bits: u32,
+    },
     /// Integer binary op on type `ty` (`MulWide` reads `ty` and writes twice its width).
-    Int { op: IntBin, ty: Ty, d: u32, a: Src, b: Src },
+    Int {
+        op: IntBin,
+        ty: Ty,
+        d: u32,
+        a: Src,
+        b: Src,
+    },
     /// `mad.lo/hi/wide`: d = a * b + c.
-    Mad { hi: bool, wide: bool, ty: Ty, d: u32, a: Src, b: Src, c: Src },
+    Mad {
+        hi: bool,
+        wide: bool,
+        ty: Ty,
+        d: u32,
+        a: Src,
+        b: Src,
+        c: Src,
+    },
     /// Integer unary: neg, not, abs, popc, clz, brev.
-    IntUn { op: &'static str, ty: Ty, d: u32, a: Src },
-    Bfi { ty: Ty, d: u32, a: Src, b: Src, pos: Src, len: Src },
-    Bfe { ty: Ty, d: u32, a: Src, pos: Src, len: Src },
+    IntUn {
+        op: &'static str,
+        ty: Ty,
+        d: u32,
+        a: Src,
+    },
+    Bfi {
+        ty: Ty,
+        d: u32,
+        a: Src,
+        b: Src,
+        pos: Src,
+        len: Src,
+    },
+    Bfe {
+        ty: Ty,
+        d: u32,
+        a: Src,
+        pos: Src,
+        len: Src,
+    },
     /// Float binary op (f32 or f64).
-    F { op: FBin, ty: Ty, rnd: Rnd, ftz: bool, sat: bool, d: u32, a: Src, b: Src },
-    Fma { ty: Ty, rnd: Rnd, ftz: bool, sat: bool, d: u32, a: Src, b: Src, c: Src },
-    FUnary { op: FUn, ty: Ty, ftz: bool, approx: bool, d: u32, a: Src },
-    Setp { cmp: Cmp, ty: Ty, p: Dst, q: Dst, a: Src, b: Src, comb: Option<(BoolOp, Src)> },
-    Selp { ty: Ty, d: u32, a: Src, b: Src, c: Src },
+    F {
+        op: FBin,
+        ty: Ty,
+        rnd: Rnd,
+        ftz: bool,
+        sat: bool,
+        d: u32,
+        a: Src,
+        b: Src,
+    },
+    Fma {
+        ty: Ty,
+        rnd: Rnd,
+        ftz: bool,
+        sat: bool,
+        d: u32,
+        a: Src,
+        b: Src,
+        c: Src,
+    },
+    FUnary {
+        op: FUn,
+        ty: Ty,
+        ftz: bool,
+        approx: bool,
+        d: u32,
+        a: Src,
+    },
+    Setp {
+        cmp: Cmp,
+        ty: Ty,
+        p: Dst,
+        q: Dst,
+        a: Src,
+        b: Src,
+        comb: Option<(BoolOp, Src)>,
+    },
+    Selp {
+        ty: Ty,
+        d: u32,
+        a: Src,
+        b: Src,
+        c: Src,
+    },
     /// Predicate logic: and/or/xor (b given) or not (b None).
-    PredOp { op: Option<BoolOp>, d: u32, a: Src, b: Option<Src> },
+    PredOp {
+        op: Option<BoolOp>,
+        d: u32,
+        a: Src,
+        b: Option<Src>,
+    },
     /// Bitwise logic on a non-predicate type.
-    Cvt { dt: Ty, st: Ty, rnd: Option<Rnd>, rint: bool, ftz: bool, sat: bool, d: u32, a: Src },
+    Cvt {
+        dt: Ty,
+        st: Ty,
+        rnd: Option<Rnd>,
+        rint: bool,
+        ftz: bool,
+        sat: bool,
+        d: u32,
+        a: Src,
+    },
     /// `cvt.rn.bf16x2.f32 d, a, b`: d.hi = bf16(a), d.lo = bf16(b).
-    CvtPack { d: u32, a: Src, b: Src, relu: bool },
+    CvtPack {
+        d: u32,
+        a: Src,
+        b: Src,
+        relu: bool,
+    },
     /// `cvta[.to].space`: `to` converts a generic address to the space's, else the reverse.
-    Cvta { to: bool, space: Space, d: u32, a: Src },
-    Ld { space: Space, ty: Ty, d: Vec<Dst>, addr: Addr },
-    St { space: Space, ty: Ty, addr: Addr, a: Vec<Src> },
-    Atom { space: Space, op: AtomOp, ty: Ty, d: Vec<Dst>, addr: Addr, a: Vec<Src>, b: Option<Src> },
-    Bra { target: u32, uni: bool },
+    Cvta {
+        to: bool,
+        space: Space,
+        d: u32,
+        a: Src,
+    },
+    Ld {
+        space: Space,
+        ty: Ty,
+        d: Vec<Dst>,
+        addr: Addr,
+    },
+    St {
+        space: Space,
+        ty: Ty,
+        addr: Addr,
+        a: Vec<Src>,
+    },
+    Atom {
+        space: Space,
+        op: AtomOp,
+        ty: Ty,
+        d: Vec<Dst>,
+        addr: Addr,
+        a: Vec<Src>,
+        b: Option<Src>,
+    },
+    Bra {
+        target: u32,
+        uni: bool,
+    },
     Ret,
     /// `bar.sync` / `barrier.sync` (id, optional thread count).
-    Bar { id: Src, count: Option<Src>, aligned: bool },
-    BarWarp { mask: Src },
+    Bar {
+        id: Src,
+        count: Option<Src>,
+        aligned: bool,
+    },
+    BarWarp {
+        mask: Src,
+    },
     Membar,
-    Shfl { mode: ShflMode, d: u32, p: Dst, a: Src, b: Src, c: Src, mask: Src },
-    Vote { mode: VoteMode, d: u32, a: Src, mask: Src },
+    Shfl {
+        mode: ShflMode,
+        d: u32,
+        p: Dst,
+        a: Src,
+        b: Src,
+        c: Src,
+        mask: Src,
+    },
+    Vote {
+        mode: VoteMode,
+        d: u32,
+        a: Src,
+        mask: Src,
+    },
     /// `mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32`.
-    MmaBf16 { d: [Dst; 4], a: [Src; 4], b: [Src; 2], c: [Src; 4] },
+    MmaBf16 {
+        d: [Dst; 4],
+        a: [Src; 4],
+        b: [Src; 2],
+        c: [Src; 4],
+    },
     /// `ldmatrix.sync.aligned.m8n8.x{1,2,4}[.trans].shared.b16`.
-    Ldmatrix { num: u32, trans: bool, d: Vec<Dst>, addr: Addr, space: Space },
+    Ldmatrix {
+        num: u32,
+        trans: bool,
+        d: Vec<Dst>,
+        addr: Addr,
+        space: Space,
+    },
     /// `cp.async.{ca,cg}.shared.global [dst], [src], size[, src_size]`.
-    CpAsync { size: u32, dst: Addr, src: Addr, src_size: Option<Src> },
+    CpAsync {
+        size: u32,
+        dst: Addr,
+        src: Addr,
+        src_size: Option<Src>,
+    },
     CpAsyncCommit,
     /// `cp.async.wait_group n` (`wait_all`: commit, then n = 0).
-    CpAsyncWait { n: u32, all: bool },
+    CpAsyncWait {
+        n: u32,
+        all: bool,
+    },
     Nop,
     /// An instruction this interpreter does not know: its text.
     Unsupported(String),
@@ -440,9 +606,15 @@ impl Ctx<'_> {
             Operand::Addr { base: None, offset } => Ok(Addr { base: None, off: *offset }),
             Operand::Addr { base: Some(b), offset } => {
                 if b.starts_with('%') {
-                    Ok(Addr { base: Some(self.reg(b)?), off: *offset })
+                    Ok(Addr {
+                        base: Some(self.reg(b)?),
+                        off: *offset,
+                    })
                 } else {
-                    Ok(Addr { base: None, off: self.symbol(b)? as i64 + *offset })
+                    Ok(Addr {
+                        base: None,
+                        off: self.symbol(b)? as i64 + *offset,
+                    })
                 }
             }
             other => Err(format!("operand {other:?} where an address was expected")),
@@ -563,7 +735,13 @@ pub fn decode_entry(m: &Module, e: &Entry) -> Result<Kernel, String> {
             Stmt::Inst(_) => idx += 1,
         }
     }
-    let ctx = Ctx { regs, labels, params, shared: &shared, locals };
+    let ctx = Ctx {
+        regs,
+        labels,
+        params,
+        shared: &shared,
+        locals,
+    };
     let mut classes: Vec<String> = Vec::new();
     let mut class_ix: HashMap<String, u16> = HashMap::new();
     let mut insts = Vec::new();
@@ -584,9 +762,19 @@ pub fn decode_entry(m: &Module, e: &Entry) -> Result<Kernel, String> {
             (classes.len() - 1) as u16
         });
         text.push(inst_text(i));
-        insts.push(DInst { op, guard, line: i.line, class });
+        insts.push(DInst {
+            op,
+            guard,
+            line: i.line,
+            class,
+        });
     }
-    insts.push(DInst { op: Op::Ret, guard: None, line: e.line, class: 0 });
+    insts.push(DInst {
+        op: Op::Ret,
+        guard: None,
+        line: e.line,
+        class: 0,
+    });
     text.push("(end of kernel)".into());
     if classes.is_empty() {
         classes.push("ret".into());
@@ -614,7 +802,12 @@ pub fn decode_entry(m: &Module, e: &Entry) -> Result<Kernel, String> {
 /// The counters' class of an instruction: its opcode with the modifiers that change its cost
 /// class (space, vector width), e.g. `ld.global.v4`, `mma`, `fma`.
 fn class_name(i: &Inst) -> String {
-    let keep = |m: &str| matches!(m, "global" | "shared" | "local" | "param" | "v2" | "v4" | "sync" | "async" | "trans");
+    let keep = |m: &str| {
+        matches!(
+            m,
+            "global" | "shared" | "local" | "param" | "v2" | "v4" | "sync" | "async" | "trans"
+        )
+    };
     let mut s = i.opcode.clone();
     for m in &i.mods {
         if keep(m) {
@@ -717,13 +910,25 @@ fn decode_inst(c: &Ctx, i: &Inst) -> Result<Op, String> {
             match (&o[0], &o[1]) {
                 (Operand::Vector(d), a) => {
                     let bits = ty.bytes() * 8 / d.len() as u32;
-                    Op::Unpack { d: d.iter().map(|x| c.dst(x)).collect::<Result<_, _>>()?, a: c.src(a)?, bits }
+                    Op::Unpack {
+                        d: d.iter().map(|x| c.dst(x)).collect::<Result<_, _>>()?,
+                        a: c.src(a)?,
+                        bits,
+                    }
                 }
                 (d, Operand::Vector(a)) => {
                     let bits = ty.bytes() * 8 / a.len() as u32;
-                    Op::Pack { d: c.d(d)?, a: a.iter().map(|x| c.src(x)).collect::<Result<_, _>>()?, bits }
+                    Op::Pack {
+                        d: c.d(d)?,
+                        a: a.iter().map(|x| c.src(x)).collect::<Result<_, _>>()?,
+                        bits,
+                    }
                 }
-                (d, a) => Op::Mov { d: c.d(d)?, a: c.src(a)?, ty },
+                (d, a) => Op::Mov {
+                    d: c.d(d)?,
+                    a: c.src(a)?,
+                    ty,
+                },
             }
         }
         "add" | "sub" | "mul" | "div" | "rem" | "min" | "max" | "and" | "or" | "xor" | "shl" | "shr" | "copysign" => {
@@ -736,7 +941,12 @@ fn decode_inst(c: &Ctx, i: &Inst) -> Result<Op, String> {
                     "xor" => BoolOp::Xor,
                     _ => return Ok(unsupported(i)),
                 };
-                return Ok(Op::PredOp { op: Some(bop), d: c.d(&o[0])?, a: c.src(&o[1])?, b: Some(c.src(&o[2])?) });
+                return Ok(Op::PredOp {
+                    op: Some(bop),
+                    d: c.d(&o[0])?,
+                    a: c.src(&o[1])?,
+                    b: Some(c.src(&o[2])?),
+                });
             }
             nops(i, 3)?;
             let (d, a, b) = (c.d(&o[0])?, c.src(&o[1])?, c.src(&o[2])?);
@@ -754,7 +964,16 @@ fn decode_inst(c: &Ctx, i: &Inst) -> Result<Op, String> {
                 if has(i, "NaN") || has(i, "xorsign") {
                     return Ok(unsupported(i));
                 }
-                Op::F { op: fop, ty, rnd: rnd_of(i).unwrap_or(Rnd::Rn), ftz: has(i, "ftz"), sat: has(i, "sat"), d, a, b }
+                Op::F {
+                    op: fop,
+                    ty,
+                    rnd: rnd_of(i).unwrap_or(Rnd::Rn),
+                    ftz: has(i, "ftz"),
+                    sat: has(i, "sat"),
+                    d,
+                    a,
+                    b,
+                }
             } else if ty.is_float() || matches!(ty, Ty::Bf16x2 | Ty::F16x2) {
                 unsupported(i)
             } else {
@@ -786,11 +1005,28 @@ fn decode_inst(c: &Ctx, i: &Inst) -> Result<Op, String> {
             let ty = ty.ok_or("no type")?;
             let (d, a, b, cc) = (c.d(&o[0])?, c.src(&o[1])?, c.src(&o[2])?, c.src(&o[3])?);
             if matches!(ty, Ty::F32 | Ty::F64) {
-                Op::Fma { ty, rnd: rnd_of(i).unwrap_or(Rnd::Rn), ftz: has(i, "ftz"), sat: has(i, "sat"), d, a, b, c: cc }
+                Op::Fma {
+                    ty,
+                    rnd: rnd_of(i).unwrap_or(Rnd::Rn),
+                    ftz: has(i, "ftz"),
+                    sat: has(i, "sat"),
+                    d,
+                    a,
+                    b,
+                    c: cc,
+                }
             } else if ty.is_float() || op == "fma" || has(i, "cc") || has(i, "sat") {
                 unsupported(i)
             } else {
-                Op::Mad { hi: has(i, "hi"), wide: has(i, "wide"), ty, d, a, b, c: cc }
+                Op::Mad {
+                    hi: has(i, "hi"),
+                    wide: has(i, "wide"),
+                    ty,
+                    d,
+                    a,
+                    b,
+                    c: cc,
+                }
             }
         }
         "neg" | "abs" | "not" | "popc" | "clz" | "brev" | "rcp" | "sqrt" | "rsqrt" | "ex2" | "lg2" | "sin" | "cos" | "tanh" => {
@@ -820,7 +1056,14 @@ fn decode_inst(c: &Ctx, i: &Inst) -> Result<Op, String> {
                 if matches!(fop, FUn::Rcp | FUn::Sqrt) && !has(i, "approx") && rnd_of(i).is_some_and(|r| r != Rnd::Rn) {
                     return Ok(unsupported(i));
                 }
-                Op::FUnary { op: fop, ty, ftz: has(i, "ftz"), approx: has(i, "approx"), d, a }
+                Op::FUnary {
+                    op: fop,
+                    ty,
+                    ftz: has(i, "ftz"),
+                    approx: has(i, "approx"),
+                    d,
+                    a,
+                }
             } else if ty.is_float() {
                 unsupported(i)
             } else {
@@ -838,11 +1081,24 @@ fn decode_inst(c: &Ctx, i: &Inst) -> Result<Op, String> {
         }
         "bfi" => {
             nops(i, 5)?;
-            Op::Bfi { ty: ty.ok_or("no type")?, d: c.d(&o[0])?, a: c.src(&o[1])?, b: c.src(&o[2])?, pos: c.src(&o[3])?, len: c.src(&o[4])? }
+            Op::Bfi {
+                ty: ty.ok_or("no type")?,
+                d: c.d(&o[0])?,
+                a: c.src(&o[1])?,
+                b: c.src(&o[2])?,
+                pos: c.src(&o[3])?,
+                len: c.src(&o[4])?,
+            }
         }
         "bfe" => {
             nops(i, 4)?;
-            Op::Bfe { ty: ty.ok_or("no type")?, d: c.d(&o[0])?, a: c.src(&o[1])?, pos: c.src(&o[2])?, len: c.src(&o[3])? }
+            Op::Bfe {
+                ty: ty.ok_or("no type")?,
+                d: c.d(&o[0])?,
+                a: c.src(&o[1])?,
+                pos: c.src(&o[2])?,
+                len: c.src(&o[3])?,
+            }
         }
         "setp" => {
             let ty = ty.ok_or("no type")?;
@@ -892,11 +1148,25 @@ fn decode_inst(c: &Ctx, i: &Inst) -> Result<Op, String> {
             if !matches!(ty, Ty::F32 | Ty::F64) && ty.is_float() {
                 return Ok(unsupported(i));
             }
-            Op::Setp { cmp, ty, p, q, a: c.src(&o[1])?, b: c.src(&o[2])?, comb }
+            Op::Setp {
+                cmp,
+                ty,
+                p,
+                q,
+                a: c.src(&o[1])?,
+                b: c.src(&o[2])?,
+                comb,
+            }
         }
         "selp" => {
             nops(i, 4)?;
-            Op::Selp { ty: ty.ok_or("no type")?, d: c.d(&o[0])?, a: c.src(&o[1])?, b: c.src(&o[2])?, c: c.src(&o[3])? }
+            Op::Selp {
+                ty: ty.ok_or("no type")?,
+                d: c.d(&o[0])?,
+                a: c.src(&o[1])?,
+                b: c.src(&o[2])?,
+                c: c.src(&o[3])?,
+            }
         }
         "cvt" => {
             let types: Vec<Ty> = i.mods.iter().filter_map(|m| Ty::parse(m)).collect();
@@ -909,14 +1179,28 @@ fn decode_inst(c: &Ctx, i: &Inst) -> Result<Op, String> {
                 if rnd_of(i) != Some(Rnd::Rn) || has(i, "satfinite") {
                     return Ok(unsupported(i));
                 }
-                return Ok(Op::CvtPack { d: c.d(&o[0])?, a: c.src(&o[1])?, b: c.src(&o[2])?, relu: has(i, "relu") });
+                return Ok(Op::CvtPack {
+                    d: c.d(&o[0])?,
+                    a: c.src(&o[1])?,
+                    b: c.src(&o[2])?,
+                    relu: has(i, "relu"),
+                });
             }
             nops(i, 2)?;
             if matches!(dt, Ty::Bf16x2 | Ty::F16x2 | Ty::Pred) || matches!(st, Ty::Bf16x2 | Ty::F16x2 | Ty::Pred) {
                 return Ok(unsupported(i));
             }
             let rint = i.mods.iter().any(|m| matches!(m.as_str(), "rni" | "rzi" | "rmi" | "rpi"));
-            Op::Cvt { dt, st, rnd: rnd_of(i), rint, ftz: has(i, "ftz"), sat: has(i, "sat"), d: c.d(&o[0])?, a: c.src(&o[1])? }
+            Op::Cvt {
+                dt,
+                st,
+                rnd: rnd_of(i),
+                rint,
+                ftz: has(i, "ftz"),
+                sat: has(i, "sat"),
+                d: c.d(&o[0])?,
+                a: c.src(&o[1])?,
+            }
         }
         "cvta" => {
             nops(i, 2)?;
@@ -924,27 +1208,41 @@ fn decode_inst(c: &Ctx, i: &Inst) -> Result<Op, String> {
             if !matches!(space, Space::Global | Space::Shared | Space::Local) {
                 return Ok(unsupported(i));
             }
-            Op::Cvta { to: has(i, "to"), space, d: c.d(&o[0])?, a: c.src(&o[1])? }
+            Op::Cvta {
+                to: has(i, "to"),
+                space,
+                d: c.d(&o[0])?,
+                a: c.src(&o[1])?,
+            }
         }
         "ld" | "st" => {
             nops(i, 2)?;
             let ty = ty.ok_or("no type")?;
             let space = space_of(i);
-            if has(i, "v8") || i.mods.iter().any(|m| m.starts_with("L2") || m == "unified") && false {
+            // Cache hints (.nc, .cg, .L2::..) and orderings (.volatile, .relaxed) need nothing
+            // here: every access is performed at once, in order.
+            if has(i, "v8") {
                 return Ok(unsupported(i));
             }
             if op == "ld" {
-                Op::Ld { space, ty, d: c.dsts(&o[0])?, addr: c.addr(&o[1])? }
+                Op::Ld {
+                    space,
+                    ty,
+                    d: c.dsts(&o[0])?,
+                    addr: c.addr(&o[1])?,
+                }
             } else {
-                Op::St { space, ty, addr: c.addr(&o[0])?, a: c.srcs(&o[1])? }
+                Op::St {
+                    space,
+                    ty,
+                    addr: c.addr(&o[0])?,
+                    a: c.srcs(&o[1])?,
+                }
             }
         }
         "atom" | "red" => {
             let ty = ty.ok_or("no type")?;
-            let space = match space_of(i) {
-                Space::Generic => Space::Generic,
-                s => s,
-            };
+            let space = space_of(i);
             let aop = i
                 .mods
                 .iter()
@@ -972,7 +1270,15 @@ fn decode_inst(c: &Ctx, i: &Inst) -> Result<Op, String> {
             }
             if op == "red" {
                 nops(i, 2)?;
-                Op::Atom { space, op: aop, ty, d: vec![], addr: c.addr(&o[0])?, a: c.srcs(&o[1])?, b: None }
+                Op::Atom {
+                    space,
+                    op: aop,
+                    ty,
+                    d: vec![],
+                    addr: c.addr(&o[0])?,
+                    a: c.srcs(&o[1])?,
+                    b: None,
+                }
             } else {
                 let b = if aop == AtomOp::Cas {
                     nops(i, 4)?;
@@ -981,14 +1287,27 @@ fn decode_inst(c: &Ctx, i: &Inst) -> Result<Op, String> {
                     nops(i, 3)?;
                     None
                 };
-                Op::Atom { space, op: aop, ty, d: c.dsts(&o[0])?, addr: c.addr(&o[1])?, a: c.srcs(&o[2])?, b }
+                Op::Atom {
+                    space,
+                    op: aop,
+                    ty,
+                    d: c.dsts(&o[0])?,
+                    addr: c.addr(&o[1])?,
+                    a: c.srcs(&o[2])?,
+                    b,
+                }
             }
         }
         "bra" => {
             nops(i, 1)?;
-            let Operand::Symbol(l) = &o[0] else { return Err("bra needs a label".into()) };
+            let Operand::Symbol(l) = &o[0] else {
+                return Err("bra needs a label".into());
+            };
             let target = *c.labels.get(l).ok_or_else(|| format!("unknown label {l}"))?;
-            Op::Bra { target, uni: has(i, "uni") }
+            Op::Bra {
+                target,
+                uni: has(i, "uni"),
+            }
         }
         "ret" | "exit" => Op::Ret,
         "bar" | "barrier" => {
@@ -1003,7 +1322,11 @@ fn decode_inst(c: &Ctx, i: &Inst) -> Result<Op, String> {
             let id = if o.is_empty() { Src::Imm(0) } else { c.src(&o[0])? };
             let count = if o.len() > 1 { Some(c.src(&o[1])?) } else { None };
             // `bar.sync` is `barrier.sync.aligned`.
-            Op::Bar { id, count, aligned: op == "bar" || has(i, "aligned") }
+            Op::Bar {
+                id,
+                count,
+                aligned: op == "bar" || has(i, "aligned"),
+            }
         }
         "membar" | "fence" => Op::Membar,
         "shfl" => {
@@ -1026,7 +1349,15 @@ fn decode_inst(c: &Ctx, i: &Inst) -> Result<Op, String> {
                 Operand::PredPair(a, b) => (c.reg(a)?, Some(c.reg(b)?)),
                 x => (c.d(x)?, None),
             };
-            Op::Shfl { mode, d, p, a: c.src(&o[1])?, b: c.src(&o[2])?, c: c.src(&o[3])?, mask: c.src(&o[4])? }
+            Op::Shfl {
+                mode,
+                d,
+                p,
+                a: c.src(&o[1])?,
+                b: c.src(&o[2])?,
+                c: c.src(&o[3])?,
+                mask: c.src(&o[4])?,
+            }
         }
         "vote" => {
             nops(i, 3)?;
@@ -1044,7 +1375,12 @@ fn decode_inst(c: &Ctx, i: &Inst) -> Result<Op, String> {
             if !has(i, "sync") {
                 return Ok(unsupported(i));
             }
-            Op::Vote { mode, d: c.d(&o[0])?, a: c.src(&o[1])?, mask: c.src(&o[2])? }
+            Op::Vote {
+                mode,
+                d: c.d(&o[0])?,
+                a: c.src(&o[1])?,
+                mask: c.src(&o[2])?,
+            }
         }
         "mma" => {
             let want = ["sync", "aligned", "m16n8k16", "row", "col", "f32", "bf16", "bf16", "f32"];
@@ -1059,7 +1395,12 @@ fn decode_inst(c: &Ctx, i: &Inst) -> Result<Op, String> {
             if d.len() != 4 || a.len() != 4 || b.len() != 2 || cc.len() != 4 {
                 return Err("mma.m16n8k16 needs 4, 4, 2 and 4 registers".into());
             }
-            Op::MmaBf16 { d: [d[0], d[1], d[2], d[3]], a: [a[0], a[1], a[2], a[3]], b: [b[0], b[1]], c: [cc[0], cc[1], cc[2], cc[3]] }
+            Op::MmaBf16 {
+                d: [d[0], d[1], d[2], d[3]],
+                a: [a[0], a[1], a[2], a[3]],
+                b: [b[0], b[1]],
+                c: [cc[0], cc[1], cc[2], cc[3]],
+            }
         }
         "ldmatrix" => {
             nops(i, 2)?;
@@ -1083,7 +1424,13 @@ fn decode_inst(c: &Ctx, i: &Inst) -> Result<Op, String> {
             if !matches!(space, Space::Shared | Space::Generic) {
                 return Ok(unsupported(i));
             }
-            Op::Ldmatrix { num, trans: has(i, "trans"), d, addr: c.addr(&o[1])?, space }
+            Op::Ldmatrix {
+                num,
+                trans: has(i, "trans"),
+                d,
+                addr: c.addr(&o[1])?,
+                space,
+            }
         }
         "cp" => {
             if !has(i, "async") {
@@ -1094,7 +1441,9 @@ fn decode_inst(c: &Ctx, i: &Inst) -> Result<Op, String> {
             }
             if has(i, "wait_group") {
                 nops(i, 1)?;
-                let Src::Imm(n) = c.src(&o[0])? else { return Err("wait_group needs a constant".into()) };
+                let Src::Imm(n) = c.src(&o[0])? else {
+                    return Err("wait_group needs a constant".into());
+                };
                 return Ok(Op::CpAsyncWait { n: n as u32, all: false });
             }
             if has(i, "wait_all") {
@@ -1106,7 +1455,9 @@ fn decode_inst(c: &Ctx, i: &Inst) -> Result<Op, String> {
             if o.len() < 3 || o.len() > 4 {
                 return Err("cp.async needs 3 or 4 operands".into());
             }
-            let Src::Imm(size) = c.src(&o[2])? else { return Err("cp.async size must be a constant".into()) };
+            let Src::Imm(size) = c.src(&o[2])? else {
+                return Err("cp.async size must be a constant".into());
+            };
             if !matches!(size, 4 | 8 | 16) || (has(i, "cg") && size != 16) {
                 return Err(format!("cp.async copy size {size} is not allowed"));
             }
@@ -1119,7 +1470,12 @@ fn decode_inst(c: &Ctx, i: &Inst) -> Result<Op, String> {
             } else {
                 None
             };
-            Op::CpAsync { size: size as u32, dst: c.addr(&o[0])?, src: c.addr(&o[1])?, src_size }
+            Op::CpAsync {
+                size: size as u32,
+                dst: c.addr(&o[0])?,
+                src: c.addr(&o[1])?,
+                src_size,
+            }
         }
         "pragma" | "prefetch" | "prefetchu" => Op::Nop,
         _ => unsupported(i),

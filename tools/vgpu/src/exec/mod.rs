@@ -111,6 +111,9 @@ pub mod counters;
 pub mod run;
 pub mod tensor;
 
+pub use counters::Counters;
+pub use run::{set_counters, take_last_counters};
+
 /// Runs one launch to completion. `params` is cuLaunchKernel's `kernelParams`: one pointer
 /// per `.param` of the entry, each to a value of that parameter's size.
 ///

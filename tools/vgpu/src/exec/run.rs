@@ -3,6 +3,8 @@
 //! SIMT fashion (the lanes at the lowest PC step together, so diverged lanes reconverge where
 //! their paths meet). Every memory access is checked (see `check.rs`).
 
+#![allow(clippy::too_many_arguments)]
+
 use super::check::{Finding, SharedShadow};
 use super::counters::Counters;
 use super::decode::*;
@@ -263,7 +265,12 @@ type R<T> = Result<T, Fault>;
 impl<'l, 'a> Runner<'l, 'a> {
     pub fn new(l: &'l Launch<'a>, worker: u64) -> Self {
         let counters = l.counters.as_ref().map(|_| Counters::new(&l.k.body.classes));
-        Runner { l, counters, rng: l.seed ^ (worker.wrapping_mul(0x9E37_79B9_7F4A_7C15)) | 1, spare: Vec::new() }
+        Runner {
+            l,
+            counters,
+            rng: l.seed ^ (worker.wrapping_mul(0x9E37_79B9_7F4A_7C15)) | 1,
+            spare: Vec::new(),
+        }
     }
 
     fn next_rand(&mut self) -> u64 {
@@ -279,7 +286,11 @@ impl<'l, 'a> Runner<'l, 'a> {
     pub fn new_block(&mut self, linear: u64) -> Block {
         let cfg = self.l.cfg;
         let g = cfg.grid;
-        let id = [(linear % g[0] as u64) as u32, ((linear / g[0] as u64) % g[1] as u64) as u32, (linear / (g[0] as u64 * g[1] as u64)) as u32];
+        let id = [
+            (linear % g[0] as u64) as u32,
+            ((linear / g[0] as u64) % g[1] as u64) as u32,
+            (linear / (g[0] as u64 * g[1] as u64)) as u32,
+        ];
         if let Some(mut b) = self.spare.pop() {
             // Reuse a finished block's buffers: registers and shared memory keep stale values
             // (reading them before writing is a kernel bug the checks see), the shadow
@@ -320,7 +331,14 @@ impl<'l, 'a> Runner<'l, 'a> {
             })
             .collect();
         let size = self.l.smem_size as usize;
-        Block { id, linear, warps, smem: vec![0xA5; size], shadow: SharedShadow::new(size), done: false }
+        Block {
+            id,
+            linear,
+            warps,
+            smem: vec![0xA5; size],
+            shadow: SharedShadow::new(size),
+            done: false,
+        }
     }
 
     /// Runs the launch's blocks `first, first + step, ...` with `resident` of them interleaved.
@@ -405,7 +423,10 @@ impl<'l, 'a> Runner<'l, 'a> {
         let k = self.l.k;
         let inst = &k.body.insts[pc as usize];
         let mut r = format!("========= vgpu {check}: {msg}\n");
-        r.push_str(&format!("=========     kernel {}, block ({},{},{})", k.name, b.id[0], b.id[1], b.id[2]));
+        r.push_str(&format!(
+            "=========     kernel {}, block ({},{},{})",
+            k.name, b.id[0], b.id[1], b.id[2]
+        ));
         if let Some(l) = lane {
             let t = self.tid(w.id * 32 + l);
             r.push_str(&format!(", thread ({},{},{}) (warp {}, lane {})", t[0], t[1], t[2], w.id, l));
@@ -449,9 +470,10 @@ impl<'l, 'a> Runner<'l, 'a> {
             Sreg::SmId => b.linear % crate::device::profile().sm_count as u64,
             Sreg::NSmId => crate::device::profile().sm_count as u64,
             Sreg::GridId => 1,
-            Sreg::Clock | Sreg::Clock64 | Sreg::GlobalTimer => {
-                std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
-            }
+            Sreg::Clock | Sreg::Clock64 | Sreg::GlobalTimer => std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(0),
             Sreg::LaneMaskEq => 1 << l,
             Sreg::LaneMaskLt => (1u64 << l) - 1,
             Sreg::LaneMaskLe => (1u64 << (l + 1)) - 1,
@@ -525,13 +547,24 @@ impl<'l, 'a> Runner<'l, 'a> {
                     // Every lane waits at a warp-synchronous instruction, and not all at one.
                     let l = waiting.trailing_zeros() as usize;
                     let pc = w.pc[l];
-                    let at = (0..32).filter(|&x| waiting >> x & 1 == 1 && w.pc[x] == pc).fold(0u32, |m, x| m | 1 << x);
+                    let at = (0..32)
+                        .filter(|&x| waiting >> x & 1 == 1 && w.pc[x] == pc)
+                        .fold(0u32, |m, x| m | 1 << x);
                     let need = self.sync_set(b, w, &insts[pc as usize].op, l).unwrap_or(active);
                     let elsewhere = active & !at;
                     let msg = format!(
                         "lanes {at:#010x} wait at a warp-synchronous instruction that needs lanes {need:#010x}, but lanes {elsewhere:#010x} wait at another one: the warp can never reconverge there (divergent __syncthreads/__syncwarp/shfl/mma)"
                     );
-                    return Err(self.fault(FaultKind::LaunchFailed, "synccheck", &msg, b, w, Some(elsewhere.trailing_zeros().min(31)), pc, ""));
+                    return Err(self.fault(
+                        FaultKind::LaunchFailed,
+                        "synccheck",
+                        &msg,
+                        b,
+                        w,
+                        Some(elsewhere.trailing_zeros().min(31)),
+                        pc,
+                        "",
+                    ));
                 }
                 let mut pc = u32::MAX;
                 for l in 0..32 {
@@ -553,7 +586,16 @@ impl<'l, 'a> Runner<'l, 'a> {
                     sync_pcs!();
                     let gone = need & !active;
                     let msg = format!("a warp-synchronous instruction needs lanes {need:#010x}, but lanes {gone:#010x} have exited");
-                    return Err(self.fault(FaultKind::LaunchFailed, "synccheck", &msg, b, w, Some(group.trailing_zeros()), pc, ""));
+                    return Err(self.fault(
+                        FaultKind::LaunchFailed,
+                        "synccheck",
+                        &msg,
+                        b,
+                        w,
+                        Some(group.trailing_zeros()),
+                        pc,
+                        "",
+                    ));
                 }
                 if need & !group != 0 {
                     // Wait here for the others.
@@ -612,7 +654,16 @@ impl<'l, 'a> Runner<'l, 'a> {
                                     "lanes {exec:#010x} exit while lanes {waiting:#010x} of their warp wait for them at a barrier or warp-synchronous instruction (PTX line {}): a __syncthreads()/__syncwarp() in divergent code",
                                     insts[wpc as usize].line
                                 );
-                                return Err(self.fault(FaultKind::LaunchFailed, "synccheck", &msg, b, w, Some(exec.trailing_zeros()), pc, ""));
+                                return Err(self.fault(
+                                    FaultKind::LaunchFailed,
+                                    "synccheck",
+                                    &msg,
+                                    b,
+                                    w,
+                                    Some(exec.trailing_zeros()),
+                                    pc,
+                                    "",
+                                ));
                             }
                         }
                     }
@@ -630,8 +681,19 @@ impl<'l, 'a> Runner<'l, 'a> {
                         if exec != active {
                             sync_pcs!();
                             let missing = active & !exec;
-                            let msg = format!("barrier executed by lanes {exec:#010x} while lanes {missing:#010x} of the warp are predicated off");
-                            return Err(self.fault(FaultKind::LaunchFailed, "synccheck", &msg, b, w, Some(missing.trailing_zeros()), pc, ""));
+                            let msg = format!(
+                                "barrier executed by lanes {exec:#010x} while lanes {missing:#010x} of the warp are predicated off"
+                            );
+                            return Err(self.fault(
+                                FaultKind::LaunchFailed,
+                                "synccheck",
+                                &msg,
+                                b,
+                                w,
+                                Some(missing.trailing_zeros()),
+                                pc,
+                                "",
+                            ));
                         }
                         // The PC advances when the barrier releases.
                         conv = Some((pc, group));
@@ -683,9 +745,18 @@ impl<'l, 'a> Runner<'l, 'a> {
 
     /// memcheck for a global access of `len` bytes at `addr` by lane `l`.
     fn check_global(&self, b: &Block, w: &mut Warp, addr: u64, len: u64, align: u64, write: bool, l: usize, pc: u32) -> R<()> {
-        if addr % align != 0 {
+        if !addr.is_multiple_of(align) {
             let msg = format!("misaligned global {} of {len} bytes", if write { "write" } else { "read" });
-            return Err(self.fault(FaultKind::MisalignedAddress, "memcheck", &msg, b, w, Some(l as u32), pc, &format!("address {addr:#x} is not {align}-byte aligned")));
+            return Err(self.fault(
+                FaultKind::MisalignedAddress,
+                "memcheck",
+                &msg,
+                b,
+                w,
+                Some(l as u32),
+                pc,
+                &format!("address {addr:#x} is not {align}-byte aligned"),
+            ));
         }
         if addr >= w.cache.0 && addr + len <= w.cache.1 {
             return Ok(());
@@ -701,22 +772,48 @@ impl<'l, 'a> Runner<'l, 'a> {
         }
         let near = if i > 0 {
             let a = &allocs[i - 1];
-            format!("; nearest allocation below: {:#x} of {} bytes (ends {} bytes before)", a.base, a.size, (addr as i128 - (a.base + a.size) as i128))
+            format!(
+                "; nearest allocation below: {:#x} of {} bytes (ends {} bytes before)",
+                a.base,
+                a.size,
+                (addr as i128 - (a.base + a.size) as i128)
+            )
         } else {
             String::new()
         };
         let msg = format!("invalid global {} of size {len}", if write { "write" } else { "read" });
-        Err(self.fault(FaultKind::IllegalAddress, "memcheck", &msg, b, w, Some(l as u32), pc, &format!("address {addr:#x} is outside every live allocation{near}")))
+        Err(self.fault(
+            FaultKind::IllegalAddress,
+            "memcheck",
+            &msg,
+            b,
+            w,
+            Some(l as u32),
+            pc,
+            &format!("address {addr:#x} is outside every live allocation{near}"),
+        ))
     }
 
     fn check_shared(&self, b: &Block, w: &Warp, off: u64, len: u64, align: u64, write: bool, l: usize, pc: u32) -> R<()> {
-        if off % align != 0 {
+        if !off.is_multiple_of(align) {
             let msg = format!("misaligned shared {} of {len} bytes", if write { "write" } else { "read" });
-            return Err(self.fault(FaultKind::MisalignedAddress, "memcheck", &msg, b, w, Some(l as u32), pc, &format!("address {off:#x} (shared) is not {align}-byte aligned")));
+            return Err(self.fault(
+                FaultKind::MisalignedAddress,
+                "memcheck",
+                &msg,
+                b,
+                w,
+                Some(l as u32),
+                pc,
+                &format!("address {off:#x} (shared) is not {align}-byte aligned"),
+            ));
         }
         if off + len > b.smem.len() as u64 {
             let msg = format!("invalid shared {} of size {len}", if write { "write" } else { "read" });
-            let extra = format!("address {off:#x} (shared) is past the block's {} bytes of shared memory", b.smem.len());
+            let extra = format!(
+                "address {off:#x} (shared) is past the block's {} bytes of shared memory",
+                b.smem.len()
+            );
             return Err(self.fault(FaultKind::IllegalAddress, "memcheck", &msg, b, w, Some(l as u32), pc, &extra));
         }
         Ok(())
@@ -729,7 +826,11 @@ impl<'l, 'a> Runner<'l, 'a> {
 
     /// Loads `len` bytes for lane `l` from `space` at `addr`.
     fn load(&mut self, b: &mut Block, w: &mut Warp, space: Space, addr: u64, len: u32, align: u32, l: usize, pc: u32) -> R<u128> {
-        let (space, addr) = if space == Space::Generic { Self::generic(addr) } else { (space, addr) };
+        let (space, addr) = if space == Space::Generic {
+            Self::generic(addr)
+        } else {
+            (space, addr)
+        };
         let mut buf = [0u8; 16];
         let n = len as usize;
         match space {
@@ -757,14 +858,32 @@ impl<'l, 'a> Runner<'l, 'a> {
                 let lb = self.l.k.local_bytes as u64;
                 if addr + len as u64 > lb {
                     let extra = format!("address {addr:#x} (local) is past the thread's {lb} bytes of local memory");
-                    return Err(self.fault(FaultKind::IllegalAddress, "memcheck", "invalid local read", b, w, Some(l as u32), pc, &extra));
+                    return Err(self.fault(
+                        FaultKind::IllegalAddress,
+                        "memcheck",
+                        "invalid local read",
+                        b,
+                        w,
+                        Some(l as u32),
+                        pc,
+                        &extra,
+                    ));
                 }
                 let o = l * lb as usize + addr as usize;
                 buf[..n].copy_from_slice(&w.local[o..o + n]);
             }
             Space::Param => {
                 if addr + len as u64 > self.l.params.len() as u64 {
-                    return Err(self.fault(FaultKind::IllegalAddress, "memcheck", "parameter read past the parameter buffer", b, w, Some(l as u32), pc, &format!("offset {addr}")));
+                    return Err(self.fault(
+                        FaultKind::IllegalAddress,
+                        "memcheck",
+                        "parameter read past the parameter buffer",
+                        b,
+                        w,
+                        Some(l as u32),
+                        pc,
+                        &format!("offset {addr}"),
+                    ));
                 }
                 buf[..n].copy_from_slice(&self.l.params[addr as usize..addr as usize + n]);
             }
@@ -774,7 +893,11 @@ impl<'l, 'a> Runner<'l, 'a> {
     }
 
     fn store(&mut self, b: &mut Block, w: &mut Warp, space: Space, addr: u64, len: u32, align: u32, v: u128, l: usize, pc: u32) -> R<()> {
-        let (space, addr) = if space == Space::Generic { Self::generic(addr) } else { (space, addr) };
+        let (space, addr) = if space == Space::Generic {
+            Self::generic(addr)
+        } else {
+            (space, addr)
+        };
         let bytes = v.to_le_bytes();
         let n = len as usize;
         match space {
@@ -798,13 +921,31 @@ impl<'l, 'a> Runner<'l, 'a> {
                 let lb = self.l.k.local_bytes as u64;
                 if addr + len as u64 > lb {
                     let extra = format!("address {addr:#x} (local) is past the thread's {lb} bytes of local memory");
-                    return Err(self.fault(FaultKind::IllegalAddress, "memcheck", "invalid local write", b, w, Some(l as u32), pc, &extra));
+                    return Err(self.fault(
+                        FaultKind::IllegalAddress,
+                        "memcheck",
+                        "invalid local write",
+                        b,
+                        w,
+                        Some(l as u32),
+                        pc,
+                        &extra,
+                    ));
                 }
                 let o = l * lb as usize + addr as usize;
                 w.local[o..o + n].copy_from_slice(&bytes[..n]);
             }
             Space::Param | Space::Const => {
-                return Err(self.fault(FaultKind::IllegalInstruction, "memcheck", "store to a read-only state space", b, w, Some(l as u32), pc, ""));
+                return Err(self.fault(
+                    FaultKind::IllegalInstruction,
+                    "memcheck",
+                    "store to a read-only state space",
+                    b,
+                    w,
+                    Some(l as u32),
+                    pc,
+                    "",
+                ));
             }
             Space::Generic => unreachable!(),
         }
@@ -866,7 +1007,11 @@ impl<'l, 'a> Runner<'l, 'a> {
                         IntBin::MulLo => x.wrapping_mul(ty.extend(y)),
                         IntBin::MulWide => {
                             let y = ty.extend(y);
-                            let p = if signed { (x as i64).wrapping_mul(y as i64) as u64 } else { x.wrapping_mul(y) };
+                            let p = if signed {
+                                (x as i64).wrapping_mul(y as i64) as u64
+                            } else {
+                                x.wrapping_mul(y)
+                            };
                             Self::wr(w, *d, l, p & width_mask(nb * 2));
                             continue;
                         }
@@ -930,7 +1075,15 @@ impl<'l, 'a> Runner<'l, 'a> {
                     Self::wr(w, *d, l, v & mask)
                 })
             }
-            Op::Mad { hi, wide, ty, d, a, b: bb, c } => {
+            Op::Mad {
+                hi,
+                wide,
+                ty,
+                d,
+                a,
+                b: bb,
+                c,
+            } => {
                 let ty = *ty;
                 let nb = ty.bytes();
                 let signed = ty.signed();
@@ -939,10 +1092,18 @@ impl<'l, 'a> Runner<'l, 'a> {
                     let y = ty.extend(self.rd(b, w, *bb, l));
                     let z = self.rd(b, w, *c, l);
                     let v = if *wide {
-                        let p = if signed { (x as i64).wrapping_mul(y as i64) as u64 } else { x.wrapping_mul(y) };
+                        let p = if signed {
+                            (x as i64).wrapping_mul(y as i64) as u64
+                        } else {
+                            x.wrapping_mul(y)
+                        };
                         p.wrapping_add(z) & width_mask(nb * 2)
                     } else if *hi {
-                        let h = if signed { (((x as i64 as i128) * (y as i64 as i128)) >> (nb * 8)) as u64 } else { (((x as u128) * (y as u128)) >> (nb * 8)) as u64 };
+                        let h = if signed {
+                            (((x as i64 as i128) * (y as i64 as i128)) >> (nb * 8)) as u64
+                        } else {
+                            (((x as u128) * (y as u128)) >> (nb * 8)) as u64
+                        };
                         h.wrapping_add(z) & width_mask(nb)
                     } else {
                         x.wrapping_mul(y).wrapping_add(z) & width_mask(nb)
@@ -1001,7 +1162,16 @@ impl<'l, 'a> Runner<'l, 'a> {
                     Self::wr(w, *d, l, v)
                 })
             }
-            Op::F { op, ty, rnd, ftz, sat, d, a, b: bb } => {
+            Op::F {
+                op,
+                ty,
+                rnd,
+                ftz,
+                sat,
+                d,
+                a,
+                b: bb,
+            } => {
                 if *ty == Ty::F64 {
                     lanes!(|l| {
                         let x = dbits(self.rd(b, w, *a, l));
@@ -1057,7 +1227,16 @@ impl<'l, 'a> Runner<'l, 'a> {
                     })
                 }
             }
-            Op::Fma { ty, rnd, ftz, sat, d, a, b: bb, c } => {
+            Op::Fma {
+                ty,
+                rnd,
+                ftz,
+                sat,
+                d,
+                a,
+                b: bb,
+                c,
+            } => {
                 if *ty == Ty::F64 {
                     lanes!(|l| {
                         let x = dbits(self.rd(b, w, *a, l));
@@ -1134,7 +1313,15 @@ impl<'l, 'a> Runner<'l, 'a> {
                     })
                 }
             }
-            Op::Setp { cmp, ty, p, q, a, b: bb, comb } => {
+            Op::Setp {
+                cmp,
+                ty,
+                p,
+                q,
+                a,
+                b: bb,
+                comb,
+            } => {
                 let ty = *ty;
                 lanes!(|l| {
                     let x = self.rd(b, w, *a, l);
@@ -1168,7 +1355,11 @@ impl<'l, 'a> Runner<'l, 'a> {
             Op::Selp { ty, d, a, b: bb, c } => {
                 let mask = width_mask(ty.bytes());
                 lanes!(|l| {
-                    let v = if self.rd(b, w, *c, l) != 0 { self.rd(b, w, *a, l) } else { self.rd(b, w, *bb, l) };
+                    let v = if self.rd(b, w, *c, l) != 0 {
+                        self.rd(b, w, *a, l)
+                    } else {
+                        self.rd(b, w, *bb, l)
+                    };
                     Self::wr(w, *d, l, v & mask)
                 })
             }
@@ -1188,7 +1379,16 @@ impl<'l, 'a> Runner<'l, 'a> {
                 };
                 Self::wr(w, *d, l, v as u64)
             }),
-            Op::Cvt { dt, st, rnd, rint, ftz, sat, d, a } => {
+            Op::Cvt {
+                dt,
+                st,
+                rnd,
+                rint,
+                ftz,
+                sat,
+                d,
+                a,
+            } => {
                 let (dt, st) = (*dt, *st);
                 lanes!(|l| {
                     let x = self.rd(b, w, *a, l);
@@ -1197,7 +1397,16 @@ impl<'l, 'a> Runner<'l, 'a> {
                         Some(v) => Self::wr(w, *d, l, v),
                         None => {
                             let msg = format!("cvt.{dt:?}.{st:?} with these modifiers is not implemented");
-                            return Err(self.fault(FaultKind::LaunchFailed, "unsupported instruction", &msg, b, w, Some(l as u32), pc, ""));
+                            return Err(self.fault(
+                                FaultKind::LaunchFailed,
+                                "unsupported instruction",
+                                &msg,
+                                b,
+                                w,
+                                Some(l as u32),
+                                pc,
+                                "",
+                            ));
                         }
                     }
                 })
@@ -1219,7 +1428,11 @@ impl<'l, 'a> Runner<'l, 'a> {
                     Space::Local => LOCAL_WINDOW,
                     _ => 0,
                 };
-                let v = if *to { x.wrapping_sub(base) & if base != 0 { WINDOW_SIZE - 1 } else { u64::MAX } } else { x.wrapping_add(base) };
+                let v = if *to {
+                    x.wrapping_sub(base) & if base != 0 { WINDOW_SIZE - 1 } else { u64::MAX }
+                } else {
+                    x.wrapping_add(base)
+                };
                 Self::wr(w, *d, l, v)
             }),
             Op::Ld { space, ty, d, addr } => {
@@ -1237,14 +1450,23 @@ impl<'l, 'a> Runner<'l, 'a> {
                     for (i, di) in d.iter().enumerate() {
                         if let Some(di) = di {
                             let e = (v >> (i as u32 * es * 8)) as u64 & width_mask(es);
-                            Self::wr(w, *di, l, ty.extend(e) & if es < 8 && !ty.signed() { width_mask(es) } else { u64::MAX });
+                            Self::wr(
+                                w,
+                                *di,
+                                l,
+                                ty.extend(e) & if es < 8 && !ty.signed() { width_mask(es) } else { u64::MAX },
+                            );
                         }
                     }
                     reqs[nreq] = (ea, total);
                     nreq += 1;
                 }
                 if self.counters.is_some() {
-                    let sp = if *space == Space::Generic { Self::generic(reqs[0].0).0 } else { *space };
+                    let sp = if *space == Space::Generic {
+                        Self::generic(reqs[0].0).0
+                    } else {
+                        *space
+                    };
                     self.count_request(sp, &reqs[..nreq]);
                 }
             }
@@ -1268,11 +1490,23 @@ impl<'l, 'a> Runner<'l, 'a> {
                     nreq += 1;
                 }
                 if self.counters.is_some() {
-                    let sp = if *space == Space::Generic { Self::generic(reqs[0].0).0 } else { *space };
+                    let sp = if *space == Space::Generic {
+                        Self::generic(reqs[0].0).0
+                    } else {
+                        *space
+                    };
                     self.count_request(sp, &reqs[..nreq]);
                 }
             }
-            Op::Atom { space, op, ty, d, addr, a, b: cmpv } => {
+            Op::Atom {
+                space,
+                op,
+                ty,
+                d,
+                addr,
+                a,
+                b: cmpv,
+            } => {
                 let es = ty.bytes();
                 lanes!(|l| {
                     let ea = self.ea(b, w, addr, l);
@@ -1293,12 +1527,29 @@ impl<'l, 'a> Runner<'l, 'a> {
                 let m = self.rd(b, w, *mask, exec.trailing_zeros() as usize) as u32 & w.live;
                 if m & !group != 0 || exec & !m != 0 {
                     let msg = format!("__syncwarp({m:#010x}) executed by lanes {exec:#010x}: every lane of the mask must reach it together, and only they");
-                    return Err(self.fault(FaultKind::LaunchFailed, "synccheck", &msg, b, w, Some((m & !group).trailing_zeros().min(31)), pc, ""));
+                    return Err(self.fault(
+                        FaultKind::LaunchFailed,
+                        "synccheck",
+                        &msg,
+                        b,
+                        w,
+                        Some((m & !group).trailing_zeros().min(31)),
+                        pc,
+                        "",
+                    ));
                 }
                 b.shadow.warp_barrier(w.id);
             }
             Op::Membar | Op::Nop => {}
-            Op::Shfl { mode, d, p, a, b: bb, c, mask } => {
+            Op::Shfl {
+                mode,
+                d,
+                p,
+                a,
+                b: bb,
+                c,
+                mask,
+            } => {
                 let mut vals = [0u64; 32];
                 for (l, v) in vals.iter_mut().enumerate() {
                     if group >> l & 1 == 1 {
@@ -1399,16 +1650,35 @@ impl<'l, 'a> Runner<'l, 'a> {
                     cn.mma += 1;
                 }
             }
-            Op::Ldmatrix { num, trans, d, addr, space } => {
+            Op::Ldmatrix {
+                num,
+                trans,
+                d,
+                addr,
+                space,
+            } => {
                 self.need_full_warp(b, w, exec, group, pc, "ldmatrix.sync.aligned")?;
                 // Rows: lane 8i + r gives the address of row r of matrix i (16 bytes each).
                 let mut rows = [[0u16; 8]; 32];
                 let mut reqs = [(0u64, 16u32); 32];
                 for (l, row) in rows.iter_mut().enumerate().take(*num as usize * 8) {
                     let ea = self.ea(b, w, addr, l);
-                    let (sp, off) = if *space == Space::Generic { Self::generic(ea) } else { (Space::Shared, ea) };
+                    let (sp, off) = if *space == Space::Generic {
+                        Self::generic(ea)
+                    } else {
+                        (Space::Shared, ea)
+                    };
                     if sp != Space::Shared {
-                        return Err(self.fault(FaultKind::IllegalAddress, "memcheck", "ldmatrix from a generic address outside shared memory", b, w, Some(l as u32), pc, &format!("address {ea:#x}")));
+                        return Err(self.fault(
+                            FaultKind::IllegalAddress,
+                            "memcheck",
+                            "ldmatrix from a generic address outside shared memory",
+                            b,
+                            w,
+                            Some(l as u32),
+                            pc,
+                            &format!("address {ea:#x}"),
+                        ));
                     }
                     self.check_shared(b, w, off, 16, 16, false, l, pc)?;
                     let tid = w.id * 32 + l as u32;
@@ -1453,11 +1723,29 @@ impl<'l, 'a> Runner<'l, 'a> {
                 }
                 let (sp, soff) = Self::generic(se);
                 if sp != Space::Global {
-                    return Err(self.fault(FaultKind::IllegalAddress, "memcheck", "cp.async source is not a global address", b, w, Some(l as u32), pc, &format!("address {se:#x}")));
+                    return Err(self.fault(
+                        FaultKind::IllegalAddress,
+                        "memcheck",
+                        "cp.async source is not a global address",
+                        b,
+                        w,
+                        Some(l as u32),
+                        pc,
+                        &format!("address {se:#x}"),
+                    ));
                 }
                 // The source must be aligned to the copy size even when src-size is 0.
-                if se % n as u64 != 0 {
-                    return Err(self.fault(FaultKind::MisalignedAddress, "memcheck", &format!("misaligned cp.async global read of {n} bytes"), b, w, Some(l as u32), pc, &format!("address {se:#x} is not {n}-byte aligned")));
+                if !se.is_multiple_of(n as u64) {
+                    return Err(self.fault(
+                        FaultKind::MisalignedAddress,
+                        "memcheck",
+                        &format!("misaligned cp.async global read of {n} bytes"),
+                        b,
+                        w,
+                        Some(l as u32),
+                        pc,
+                        &format!("address {se:#x} is not {n}-byte aligned"),
+                    ));
                 }
                 let mut data = [0u8; 16];
                 if rs > 0 {
@@ -1467,7 +1755,14 @@ impl<'l, 'a> Runner<'l, 'a> {
                 }
                 self.check_shared(b, w, de, n as u64, n as u64, true, l, pc)?;
                 b.shadow.issue_async(de as usize, n as usize);
-                w.copies.push(Copy { lane: l as u8, group: u32::MAX, dst: de as u32, len: n as u8, data, line: pc });
+                w.copies.push(Copy {
+                    lane: l as u8,
+                    group: u32::MAX,
+                    dst: de as u32,
+                    len: n as u8,
+                    data,
+                    line: pc,
+                });
                 if let Some(c) = self.counters.as_mut() {
                     c.gld_bytes += rs as u64;
                     c.cp_async_bytes += n as u64;
@@ -1499,7 +1794,9 @@ impl<'l, 'a> Runner<'l, 'a> {
                         if let Err(f) = b.shadow.land_async(cp.dst as usize, cp.len as usize, tid) {
                             let issued = self.l.k.body.insts[cp.line as usize].line;
                             let mut fault = self.shadow_report(f, b, w, l, pc);
-                            fault.report.push_str(&format!("=========     (the cp.async was issued at PTX line {issued})\n"));
+                            fault
+                                .report
+                                .push_str(&format!("=========     (the cp.async was issued at PTX line {issued})\n"));
                             return Err(fault);
                         }
                         b.smem[cp.dst as usize..cp.dst as usize + cp.len as usize].copy_from_slice(&cp.data[..cp.len as usize]);
@@ -1522,14 +1819,41 @@ impl<'l, 'a> Runner<'l, 'a> {
         if exec != u32::MAX {
             let missing = !exec;
             let msg = format!("{what} executed by lanes {exec:#010x} only: every lane of the warp must execute it together (lanes {missing:#010x} are exited, diverged or predicated off)");
-            return Err(self.fault(FaultKind::IllegalInstruction, "synccheck", &msg, b, w, Some(missing.trailing_zeros()), pc, ""));
+            return Err(self.fault(
+                FaultKind::IllegalInstruction,
+                "synccheck",
+                &msg,
+                b,
+                w,
+                Some(missing.trailing_zeros()),
+                pc,
+                "",
+            ));
         }
         Ok(())
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn atomic(&mut self, b: &mut Block, w: &mut Warp, space: Space, op: AtomOp, ty: Ty, addr: u64, x: u64, c: Option<u64>, es: u32, align: u32, l: usize, pc: u32) -> R<u64> {
-        let (space, addr) = if space == Space::Generic { Self::generic(addr) } else { (space, addr) };
+    fn atomic(
+        &mut self,
+        b: &mut Block,
+        w: &mut Warp,
+        space: Space,
+        op: AtomOp,
+        ty: Ty,
+        addr: u64,
+        x: u64,
+        c: Option<u64>,
+        es: u32,
+        align: u32,
+        l: usize,
+        pc: u32,
+    ) -> R<u64> {
+        let (space, addr) = if space == Space::Generic {
+            Self::generic(addr)
+        } else {
+            (space, addr)
+        };
         let apply = |old: u64| -> u64 {
             match ty {
                 Ty::F32 => match op {
@@ -1621,7 +1945,16 @@ impl<'l, 'a> Runner<'l, 'a> {
                                 }
                             }
                         }
-                        _ => Err(self.fault(FaultKind::LaunchFailed, "unsupported instruction", "atomic of this width is not implemented", b, w, Some(l as u32), pc, "")),
+                        _ => Err(self.fault(
+                            FaultKind::LaunchFailed,
+                            "unsupported instruction",
+                            "atomic of this width is not implemented",
+                            b,
+                            w,
+                            Some(l as u32),
+                            pc,
+                            "",
+                        )),
                     }
                 }
             }
@@ -1636,14 +1969,34 @@ impl<'l, 'a> Runner<'l, 'a> {
                 b.shadow.atomic(o, es as usize);
                 Ok(old)
             }
-            _ => Err(self.fault(FaultKind::LaunchFailed, "unsupported instruction", "atomic in this state space is not implemented", b, w, Some(l as u32), pc, "")),
+            _ => Err(self.fault(
+                FaultKind::LaunchFailed,
+                "unsupported instruction",
+                "atomic in this state space is not implemented",
+                b,
+                w,
+                Some(l as u32),
+                pc,
+                "",
+            )),
         }
     }
 }
 
 impl Warp {
     fn empty() -> Warp {
-        Warp { id: 0, regs: Vec::new(), pc: [0; 32], live: 0, exited: u32::MAX, at_bar: false, copies: Vec::new(), committed: [0; 32], local: Vec::new(), cache: (0, 0) }
+        Warp {
+            id: 0,
+            regs: Vec::new(),
+            pc: [0; 32],
+            live: 0,
+            exited: u32::MAX,
+            at_bar: false,
+            copies: Vec::new(),
+            committed: [0; 32],
+            local: Vec::new(),
+            cache: (0, 0),
+        }
     }
 }
 
@@ -1683,7 +2036,11 @@ fn cvt(dt: Ty, st: Ty, rnd: Option<Rnd>, rint: bool, ftz: bool, sat: bool, x: u6
             let v = st.extend(x);
             if sat {
                 let nb = dt.bytes();
-                let (lo, hi): (i128, i128) = if dt.signed() { (-(1i128 << (nb * 8 - 1)), (1i128 << (nb * 8 - 1)) - 1) } else { (0, (1i128 << (nb * 8)) - 1) };
+                let (lo, hi): (i128, i128) = if dt.signed() {
+                    (-(1i128 << (nb * 8 - 1)), (1i128 << (nb * 8 - 1)) - 1)
+                } else {
+                    (0, (1i128 << (nb * 8)) - 1)
+                };
                 let vi: i128 = if st.signed() { v as i64 as i128 } else { v as i128 };
                 (vi.clamp(lo, hi) as u64) & width_mask(nb)
             } else {
@@ -1692,11 +2049,19 @@ fn cvt(dt: Ty, st: Ty, rnd: Option<Rnd>, rint: bool, ftz: bool, sat: bool, x: u6
         }
         (false, true) => int_dst(src_f(x)?),
         (true, false) => {
-            let v = if st.signed() { st.extend(x) as i64 as f64 } else { st.extend(x) as f64 };
+            let v = if st.signed() {
+                st.extend(x) as i64 as f64
+            } else {
+                st.extend(x) as f64
+            };
             // 64-bit integers may not be exact in f64; the project converts 32-bit ones.
             match dt {
                 Ty::F32 => {
-                    let exact = if st.signed() { st.extend(x) as i64 as i128 } else { st.extend(x) as i128 };
+                    let exact = if st.signed() {
+                        st.extend(x) as i64 as i128
+                    } else {
+                        st.extend(x) as i128
+                    };
                     let lo = (exact - v as i128) as f64;
                     let mut f = round_f32(v, lo, rnd.unwrap_or(Rnd::Rn));
                     if sat {
@@ -1751,8 +2116,24 @@ fn cvt(dt: Ty, st: Ty, rnd: Option<Rnd>, rint: bool, ftz: bool, sat: bool, x: u6
     })
 }
 
+static COUNTERS_ON: AtomicBool = AtomicBool::new(false);
+static LAST_COUNTERS: Mutex<Option<Counters>> = Mutex::new(None);
+
+/// Turns the per-launch counters on or off for this process (as `VGPU_COUNTERS=1` does).
+pub fn set_counters(on: bool) {
+    COUNTERS_ON.store(on, Ordering::Relaxed);
+}
+
+/// The counters of the last launch that had them on (any thread), taken.
+pub fn take_last_counters() -> Option<Counters> {
+    LAST_COUNTERS.lock().unwrap_or_else(|e| e.into_inner()).take()
+}
+
 fn launch_check(kind: FaultKind, k: &Kernel, msg: String) -> Fault {
-    Fault { kind, report: format!("========= vgpu launch check: {msg}\n=========     kernel {}\n", k.name) }
+    Fault {
+        kind,
+        report: format!("========= vgpu launch check: {msg}\n=========     kernel {}\n", k.name),
+    }
 }
 
 /// Checks the launch as the driver would, then runs it.
@@ -1764,32 +2145,63 @@ pub unsafe fn launch(k: &Kernel, cfg: &LaunchConfig, params: *const *const std::
     let threads: u64 = cfg.block.iter().map(|&x| x as u64).product();
     for d in 0..3 {
         if cfg.block[d] == 0 || cfg.block[d] > p.max_block_dim[d] {
-            return Err(launch_check(FaultKind::InvalidValue, k, format!("block dimension {d} is {} (allowed 1..={})", cfg.block[d], p.max_block_dim[d])));
+            return Err(launch_check(
+                FaultKind::InvalidValue,
+                k,
+                format!("block dimension {d} is {} (allowed 1..={})", cfg.block[d], p.max_block_dim[d]),
+            ));
         }
         if cfg.grid[d] == 0 || cfg.grid[d] > p.max_grid_dim[d] {
-            return Err(launch_check(FaultKind::InvalidValue, k, format!("grid dimension {d} is {} (allowed 1..={})", cfg.grid[d], p.max_grid_dim[d])));
+            return Err(launch_check(
+                FaultKind::InvalidValue,
+                k,
+                format!("grid dimension {d} is {} (allowed 1..={})", cfg.grid[d], p.max_grid_dim[d]),
+            ));
         }
     }
     if threads > p.max_threads_per_block as u64 {
-        return Err(launch_check(FaultKind::InvalidValue, k, format!("{threads} threads per block exceed the device's {}", p.max_threads_per_block)));
+        return Err(launch_check(
+            FaultKind::InvalidValue,
+            k,
+            format!("{threads} threads per block exceed the device's {}", p.max_threads_per_block),
+        ));
     }
     if let Some(m) = k.max_threads {
         if threads > m as u64 {
-            return Err(launch_check(FaultKind::OutOfResources, k, format!("{threads} threads per block exceed the kernel's .maxntid/__launch_bounds__ of {m}")));
+            return Err(launch_check(
+                FaultKind::OutOfResources,
+                k,
+                format!("{threads} threads per block exceed the kernel's .maxntid/__launch_bounds__ of {m}"),
+            ));
         }
     }
     let stat = k.static_smem;
-    let limit = if cfg.max_dynamic_smem_attr > 0 { cfg.max_dynamic_smem_attr } else { p.smem_per_block.saturating_sub(stat) };
+    let limit = if cfg.max_dynamic_smem_attr > 0 {
+        cfg.max_dynamic_smem_attr
+    } else {
+        p.smem_per_block.saturating_sub(stat)
+    };
     if cfg.dynamic_smem > limit {
         let why = if cfg.max_dynamic_smem_attr > 0 {
             format!("above the {limit} bytes set with CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES")
         } else {
             format!("above the default {limit} bytes (48 KB less {stat} static) without the CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES opt-in")
         };
-        return Err(launch_check(FaultKind::InvalidValue, k, format!("{} bytes of dynamic shared memory requested, {why}", cfg.dynamic_smem)));
+        return Err(launch_check(
+            FaultKind::InvalidValue,
+            k,
+            format!("{} bytes of dynamic shared memory requested, {why}", cfg.dynamic_smem),
+        ));
     }
     if stat as u64 + cfg.dynamic_smem as u64 > p.smem_per_block_optin as u64 {
-        return Err(launch_check(FaultKind::InvalidValue, k, format!("{} static + {} dynamic bytes of shared memory exceed the device's {} per block", stat, cfg.dynamic_smem, p.smem_per_block_optin)));
+        return Err(launch_check(
+            FaultKind::InvalidValue,
+            k,
+            format!(
+                "{} static + {} dynamic bytes of shared memory exceed the device's {} per block",
+                stat, cfg.dynamic_smem, p.smem_per_block_optin
+            ),
+        ));
     }
     for (i, inst) in k.body.insts.iter().enumerate() {
         if let Op::Unsupported(t) = &inst.op {
@@ -1806,7 +2218,11 @@ pub unsafe fn launch(k: &Kernel, cfg: &LaunchConfig, params: *const *const std::
     // Parameters, as the entry's .param list lays them out.
     let mut buf = vec![0u8; k.body.param_bytes as usize];
     if !k.params.is_empty() && params.is_null() {
-        return Err(launch_check(FaultKind::InvalidValue, k, format!("kernelParams is null but the kernel takes {} parameters", k.params.len())));
+        return Err(launch_check(
+            FaultKind::InvalidValue,
+            k,
+            format!("kernelParams is null but the kernel takes {} parameters", k.params.len()),
+        ));
     }
     for (i, &(size, _)) in k.params.iter().enumerate() {
         // SAFETY: the caller promises one pointer per parameter.
@@ -1818,11 +2234,19 @@ pub unsafe fn launch(k: &Kernel, cfg: &LaunchConfig, params: *const *const std::
         // SAFETY: the caller promises `size` readable bytes behind it.
         unsafe { std::ptr::copy_nonoverlapping(ptr as *const u8, buf[off..].as_mut_ptr(), size as usize) };
     }
-    let smem_size = if cfg.dynamic_smem > 0 { k.body.dyn_smem_offset + cfg.dynamic_smem } else { stat.max(k.body.dyn_smem_offset.min(stat)) };
+    let smem_size = if cfg.dynamic_smem > 0 {
+        k.body.dyn_smem_offset + cfg.dynamic_smem
+    } else {
+        stat.max(k.body.dyn_smem_offset.min(stat))
+    };
     static LAUNCHES: AtomicU64 = AtomicU64::new(0);
     let n = LAUNCHES.fetch_add(1, Ordering::Relaxed);
-    let seed = std::env::var("VGPU_SEED").ok().and_then(|s| s.parse::<u64>().ok()).unwrap_or(0x5EED) ^ n.wrapping_mul(0xD134_2543_DE82_EF95);
-    let want_counters = std::env::var_os("VGPU_COUNTERS").is_some_and(|v| !v.is_empty() && v != "0");
+    let seed = std::env::var("VGPU_SEED")
+        .ok()
+        .and_then(|s| s.parse::<u64>().ok())
+        .unwrap_or(0x5EED)
+        ^ n.wrapping_mul(0xD134_2543_DE82_EF95);
+    let want_counters = COUNTERS_ON.load(Ordering::Relaxed) || std::env::var_os("VGPU_COUNTERS").is_some_and(|v| !v.is_empty() && v != "0");
     let launch = Launch {
         k,
         cfg,
@@ -1843,7 +2267,11 @@ pub unsafe fn launch(k: &Kernel, cfg: &LaunchConfig, params: *const *const std::
         .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2))
         .clamp(1, 64)
         .min(total as usize);
-    let resident = std::env::var("VGPU_RESIDENT").ok().and_then(|s| s.parse::<usize>().ok()).unwrap_or(2).clamp(1, 32);
+    let resident = std::env::var("VGPU_RESIDENT")
+        .ok()
+        .and_then(|s| s.parse::<usize>().ok())
+        .unwrap_or(2)
+        .clamp(1, 32);
     let next = AtomicU64::new(0);
     let work = |wk: u64| {
         let mut r = Runner::new(&launch, wk);
@@ -1866,6 +2294,7 @@ pub unsafe fn launch(k: &Kernel, cfg: &LaunchConfig, params: *const *const std::
     if let Some(c) = launch.counters.as_ref() {
         let c = c.lock().unwrap_or_else(|e| e.into_inner());
         eprint!("{}", c.table(&k.name, cfg.grid, cfg.block));
+        *LAST_COUNTERS.lock().unwrap_or_else(|e| e.into_inner()) = Some(c.clone());
     }
     let hard = launch.fault.into_inner().unwrap_or_else(|e| e.into_inner());
     let soft = launch.soft.into_inner().unwrap_or_else(|e| e.into_inner());

@@ -58,7 +58,12 @@ pub fn mma_bf16(a: &[[u32; 4]; 32], b: &[[u32; 2]; 32], c: &[[u32; 4]; 32]) -> [
     let mut d = [[0u32; 4]; 32];
     for (l, dl) in d.iter_mut().enumerate() {
         let (g, t) = (l >> 2, l & 3);
-        *dl = [dm[g][2 * t].to_bits(), dm[g][2 * t + 1].to_bits(), dm[g + 8][2 * t].to_bits(), dm[g + 8][2 * t + 1].to_bits()];
+        *dl = [
+            dm[g][2 * t].to_bits(),
+            dm[g][2 * t + 1].to_bits(),
+            dm[g + 8][2 * t].to_bits(),
+            dm[g + 8][2 * t + 1].to_bits(),
+        ];
     }
     d
 }
@@ -70,7 +75,11 @@ pub fn ldmatrix(rows: &[[u16; 8]; 32], num: u32, trans: bool) -> [[u32; 4]; 32] 
         let (g, t) = (l >> 2, l & 3);
         for i in 0..num as usize {
             let m = &rows[8 * i..8 * i + 8];
-            let (lo, hi) = if trans { (m[2 * t][g], m[2 * t + 1][g]) } else { (m[g][2 * t], m[g][2 * t + 1]) };
+            let (lo, hi) = if trans {
+                (m[2 * t][g], m[2 * t + 1][g])
+            } else {
+                (m[g][2 * t], m[g][2 * t + 1])
+            };
             dl[i] = lo as u32 | (hi as u32) << 16;
         }
     }
@@ -78,6 +87,7 @@ pub fn ldmatrix(rows: &[[u16; 8]; 32], num: u32, trans: bool) -> [[u32; 4]; 32] 
 }
 
 #[cfg(test)]
+#[allow(clippy::needless_range_loop)]
 mod tests {
     use super::*;
 
@@ -106,7 +116,10 @@ mod tests {
         let d = mma_bf16(&fa, &fb, &fc);
         for l in 0..32 {
             let (g, t) = (l >> 2, l & 3);
-            for (r, (i, j)) in [(g, 2 * t), (g, 2 * t + 1), (g + 8, 2 * t), (g + 8, 2 * t + 1)].into_iter().enumerate() {
+            for (r, (i, j)) in [(g, 2 * t), (g, 2 * t + 1), (g + 8, 2 * t), (g + 8, 2 * t + 1)]
+                .into_iter()
+                .enumerate()
+            {
                 let want: f32 = 1.0 + (0..16).map(|k| a(i, k) * b(k, j)).sum::<f32>();
                 assert_eq!(f32::from_bits(d[l][r]), want, "D[{i}][{j}]");
             }

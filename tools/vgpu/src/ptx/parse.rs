@@ -67,9 +67,7 @@ impl<'a> Lexer<'a> {
                 }
                 b'/' if s.get(self.pos + 1) == Some(&b'*') => {
                     self.pos += 2;
-                    while self.pos < s.len()
-                        && !(s[self.pos] == b'*' && s.get(self.pos + 1) == Some(&b'/'))
-                    {
+                    while self.pos < s.len() && !(s[self.pos] == b'*' && s.get(self.pos + 1) == Some(&b'/')) {
                         self.line += (s[self.pos] == b'\n') as u32;
                         self.pos += 1;
                     }
@@ -154,12 +152,7 @@ fn type_size(ty: &str) -> Option<u32> {
 
 impl<'a> Parser<'a> {
     fn err(&self, line: u32, msg: impl std::fmt::Display) -> String {
-        let src = self
-            .text
-            .lines()
-            .nth(line.saturating_sub(1) as usize)
-            .unwrap_or("")
-            .trim();
+        let src = self.text.lines().nth(line.saturating_sub(1) as usize).unwrap_or("").trim();
         format!("PTX line {line}: {msg}: `{src}`")
     }
 
@@ -170,9 +163,7 @@ impl<'a> Parser<'a> {
     fn expect(&mut self, c: u8) -> Result<(), String> {
         match self.next() {
             (Tok::Punct(p), _) if p == c => Ok(()),
-            (t, line) => {
-                Err(self.err(line, format!("expected `{}`, found {}", c as char, show(t))))
-            }
+            (t, line) => Err(self.err(line, format!("expected `{}`, found {}", c as char, show(t)))),
         }
     }
 
@@ -209,9 +200,7 @@ impl<'a> Parser<'a> {
                 (Tok::Punct(b'{'), _) => depth += 1,
                 (Tok::Punct(b'}'), _) => depth -= 1,
                 (Tok::Punct(b';'), _) if depth <= 0 => return Ok(()),
-                (Tok::Eof, line) => {
-                    return Err(self.err(line, "unexpected end of text (missing `;`)"))
-                }
+                (Tok::Eof, line) => return Err(self.err(line, "unexpected end of text (missing `;`)")),
                 _ => {}
             }
         }
@@ -258,7 +247,10 @@ impl<'a> Parser<'a> {
                     let name = self.lx.peek();
                     return Err(self.err(
                         line,
-                        format!("device function {} (`.func`): not supported, only kernels (`.entry`) whose calls nvcc inlined", show(name)),
+                        format!(
+                            "device function {} (`.func`): not supported, only kernels (`.entry`) whose calls nvcc inlined",
+                            show(name)
+                        ),
                     ));
                 }
                 ".shared" => m.shared.push(self.var(line, is_extern)?),
@@ -281,17 +273,11 @@ impl<'a> Parser<'a> {
             match w {
                 ".align" => align = Some(self.uint("an alignment")?),
                 ".v2" | ".v4" | ".v8" => vec = w[2..].parse().unwrap_or(1),
-                _ if w.starts_with('.') => {
-                    elem = Some(
-                        type_size(&w[1..])
-                            .ok_or_else(|| self.err(wl, format!("unknown type `{w}`")))?,
-                    )
-                }
+                _ if w.starts_with('.') => elem = Some(type_size(&w[1..]).ok_or_else(|| self.err(wl, format!("unknown type `{w}`")))?),
                 _ => break w,
             }
         };
-        let elem =
-            elem.ok_or_else(|| self.err(line, format!("variable `{name}` has no type")))? * vec;
+        let elem = elem.ok_or_else(|| self.err(line, format!("variable `{name}` has no type")))? * vec;
         let mut size = elem as u64;
         if self.eat(b'[') {
             if self.eat(b']') {
@@ -302,10 +288,7 @@ impl<'a> Parser<'a> {
             }
         }
         if self.eat(b'=') {
-            return Err(self.err(
-                line,
-                format!("initialised variable `{name}`: not supported in this state space"),
-            ));
+            return Err(self.err(line, format!("initialised variable `{name}`: not supported in this state space")));
         }
         self.expect(b';')?;
         Ok(SharedVar {
@@ -337,15 +320,7 @@ impl<'a> Parser<'a> {
                 match self.next() {
                     (Tok::Punct(b','), _) => {}
                     (Tok::Punct(b')'), _) => break,
-                    (t, l) => {
-                        return Err(self.err(
-                            l,
-                            format!(
-                                "expected `,` or `)` in the parameter list, found {}",
-                                show(t)
-                            ),
-                        ))
-                    }
+                    (t, l) => return Err(self.err(l, format!("expected `,` or `)` in the parameter list, found {}", show(t)))),
                 }
             }
         }
@@ -365,15 +340,7 @@ impl<'a> Parser<'a> {
                 }
                 Tok::Word(".noreturn" | ".explicitcluster") => {}
                 Tok::Word(".pragma") => self.skip_stmt()?,
-                t => {
-                    return Err(self.err(
-                        l,
-                        format!(
-                            "expected a performance directive or `{{`, found {}",
-                            show(t)
-                        ),
-                    ))
-                }
+                t => return Err(self.err(l, format!("expected a performance directive or `{{`, found {}", show(t)))),
             }
         }
         self.body(&mut e)?;
@@ -399,15 +366,13 @@ impl<'a> Parser<'a> {
                 ".ptr" => align = align.or(Some(0)),
                 ".global" | ".shared" | ".const" | ".local" => {}
                 _ if w.starts_with('.') => {
-                    let size = type_size(&w[1..])
-                        .ok_or_else(|| self.err(wl, format!("unknown parameter type `{w}`")))?;
+                    let size = type_size(&w[1..]).ok_or_else(|| self.err(wl, format!("unknown parameter type `{w}`")))?;
                     ty = Some((&w[1..], size));
                 }
                 _ => break w,
             }
         };
-        let (ty, elem) =
-            ty.ok_or_else(|| self.err(line, format!("parameter `{name}` has no type")))?;
+        let (ty, elem) = ty.ok_or_else(|| self.err(line, format!("parameter `{name}` has no type")))?;
         let mut size = elem;
         if self.eat(b'[') {
             size *= self.uint("an array length")?;
@@ -478,12 +443,7 @@ impl<'a> Parser<'a> {
                 }
                 Tok::Word(".pragma") => self.skip_stmt()?,
                 Tok::Word(".loc" | ".file") => self.lx.skip_line(),
-                Tok::Word(w) if w.starts_with('.') => {
-                    return Err(self.err(
-                        line,
-                        format!("unsupported directive `{w}` in an entry body"),
-                    ))
-                }
+                Tok::Word(w) if w.starts_with('.') => return Err(self.err(line, format!("unsupported directive `{w}` in an entry body"))),
                 Tok::Word(w) => {
                     if self.eat(b':') {
                         e.body.push(Stmt::Label(w.to_string()));
@@ -491,11 +451,7 @@ impl<'a> Parser<'a> {
                         e.body.push(Stmt::Inst(self.inst(w, line, None, &scopes)?));
                     }
                 }
-                Tok::Eof => {
-                    return Err(
-                        self.err(line, format!("end of text inside the body of `{}`", e.name))
-                    )
-                }
+                Tok::Eof => return Err(self.err(line, format!("end of text inside the body of `{}`", e.name))),
                 t => return Err(self.err(line, format!("unexpected {}", show(t)))),
             }
         }
@@ -524,9 +480,7 @@ impl<'a> Parser<'a> {
             match self.next() {
                 (Tok::Punct(b','), _) => {}
                 (Tok::Punct(b';'), _) => break,
-                (t, l) => {
-                    return Err(self.err(l, format!("expected `,` or `;`, found {}", show(t))))
-                }
+                (t, l) => return Err(self.err(l, format!("expected `,` or `;`, found {}", show(t)))),
             }
         }
         let ty = ty.unwrap_or("b32").to_string();
@@ -569,13 +523,7 @@ impl<'a> Parser<'a> {
     }
 
     /// An instruction after its opcode word, through its `;`.
-    fn inst(
-        &mut self,
-        op: &'a str,
-        line: u32,
-        guard: Option<(String, bool)>,
-        scopes: &[Scope],
-    ) -> Result<Inst, String> {
+    fn inst(&mut self, op: &'a str, line: u32, guard: Option<(String, bool)>, scopes: &[Scope]) -> Result<Inst, String> {
         let mut parts = op.split('.');
         let opcode = parts.next().unwrap_or("").to_string();
         if opcode.is_empty() || opcode.as_bytes()[0].is_ascii_digit() || opcode.starts_with('%') {
@@ -589,12 +537,7 @@ impl<'a> Parser<'a> {
                 match self.next() {
                     (Tok::Punct(b','), _) => {}
                     (Tok::Punct(b';'), _) => break,
-                    (t, l) => {
-                        return Err(self.err(
-                            l,
-                            format!("expected `,` or `;` after an operand, found {}", show(t)),
-                        ))
-                    }
+                    (t, l) => return Err(self.err(l, format!("expected `,` or `;` after an operand, found {}", show(t)))),
                 }
             }
         }
@@ -616,11 +559,7 @@ impl<'a> Parser<'a> {
                 if w.as_bytes()[0].is_ascii_digit() {
                     offset = self.int(w, wl)?;
                 } else {
-                    base = Some(if w.starts_with('%') {
-                        rename(scopes, w)
-                    } else {
-                        w.to_string()
-                    });
+                    base = Some(if w.starts_with('%') { rename(scopes, w) } else { w.to_string() });
                     if self.eat(b'+') {
                         let neg = self.eat(b'-');
                         let (n, nl) = self.word("an offset")?;
@@ -643,12 +582,7 @@ impl<'a> Parser<'a> {
                     match self.next() {
                         (Tok::Punct(b','), _) => {}
                         (Tok::Punct(b'}'), _) => break,
-                        (t, l) => {
-                            return Err(self.err(
-                                l,
-                                format!("expected `,` or `}}` in a vector, found {}", show(t)),
-                            ))
-                        }
+                        (t, l) => return Err(self.err(l, format!("expected `,` or `}}` in a vector, found {}", show(t)))),
                     }
                 }
                 Operand::Vector(v)
@@ -702,11 +636,8 @@ fn scoped(scopes: &[Scope], name: &str) -> Option<String> {
     for s in scopes.iter().rev() {
         let ranged = || {
             s.ranges.iter().any(|(p, n)| {
-                name.strip_prefix(p.as_str()).is_some_and(|d| {
-                    !d.is_empty()
-                        && d.bytes().all(|c| c.is_ascii_digit())
-                        && d.parse::<u32>().is_ok_and(|i| i < *n)
-                })
+                name.strip_prefix(p.as_str())
+                    .is_some_and(|d| !d.is_empty() && d.bytes().all(|c| c.is_ascii_digit()) && d.parse::<u32>().is_ok_and(|i| i < *n))
             })
         };
         if s.singles.iter().any(|x| x == name) || ranged() {
@@ -723,39 +654,25 @@ fn parse_number(w: &str) -> Option<Operand> {
     let b = w.as_bytes();
     if b.len() > 2 && b[0] == b'0' {
         match b[1] {
-            b'f' | b'F' if b.len() == 10 => {
-                return u32::from_str_radix(&w[2..], 16).ok().map(Operand::F32)
-            }
-            b'd' | b'D' if b.len() == 18 => {
-                return u64::from_str_radix(&w[2..], 16).ok().map(Operand::F64)
-            }
+            b'f' | b'F' if b.len() == 10 => return u32::from_str_radix(&w[2..], 16).ok().map(Operand::F32),
+            b'd' | b'D' if b.len() == 18 => return u64::from_str_radix(&w[2..], 16).ok().map(Operand::F64),
             _ => {}
         }
     }
-    if w.contains('.')
-        || ((w.contains('e') || w.contains('E')) && !w.starts_with("0x") && !w.starts_with("0X"))
-    {
+    if w.contains('.') || ((w.contains('e') || w.contains('E')) && !w.starts_with("0x") && !w.starts_with("0X")) {
         return w.parse::<f64>().ok().map(|f| Operand::F64(f.to_bits()));
     }
     let digits = w.strip_suffix(['U', 'u']).unwrap_or(w);
-    let (radix, d) = if let Some(h) = digits
-        .strip_prefix("0x")
-        .or_else(|| digits.strip_prefix("0X"))
-    {
+    let (radix, d) = if let Some(h) = digits.strip_prefix("0x").or_else(|| digits.strip_prefix("0X")) {
         (16, h)
-    } else if let Some(bin) = digits
-        .strip_prefix("0b")
-        .or_else(|| digits.strip_prefix("0B"))
-    {
+    } else if let Some(bin) = digits.strip_prefix("0b").or_else(|| digits.strip_prefix("0B")) {
         (2, bin)
     } else if digits.len() > 1 && digits.starts_with('0') {
         (8, &digits[1..])
     } else {
         (10, digits)
     };
-    u64::from_str_radix(d, radix)
-        .ok()
-        .map(|v| Operand::Int(v as i64))
+    u64::from_str_radix(d, radix).ok().map(|v| Operand::Int(v as i64))
 }
 
 fn show(t: Tok) -> String {
@@ -857,11 +774,7 @@ $L__BB0_2:
         assert_eq!(m.version, (9, 0));
         assert_eq!(m.target, "sm_90");
         assert_eq!(m.entries.len(), 2);
-        let sh: Vec<_> = m
-            .shared
-            .iter()
-            .map(|s| (s.name.as_str(), s.align, s.size, s.is_extern))
-            .collect();
+        let sh: Vec<_> = m.shared.iter().map(|s| (s.name.as_str(), s.align, s.size, s.is_extern)).collect();
         assert_eq!(
             sh,
             [
@@ -873,11 +786,7 @@ $L__BB0_2:
         );
         let e = &m.entries[0];
         assert_eq!((e.name.as_str(), e.line), ("k1", 16));
-        let ps: Vec<_> = e
-            .params
-            .iter()
-            .map(|p| (p.name.as_str(), p.ty.as_str(), p.size, p.align))
-            .collect();
+        let ps: Vec<_> = e.params.iter().map(|p| (p.name.as_str(), p.ty.as_str(), p.size, p.align)).collect();
         assert_eq!(
             ps,
             [
@@ -891,27 +800,15 @@ $L__BB0_2:
         assert_eq!(e.reqntid, None);
         assert_eq!(e.locals.len(), 1);
         assert_eq!(
-            (
-                e.locals[0].name.as_str(),
-                e.locals[0].align,
-                e.locals[0].size
-            ),
+            (e.locals[0].name.as_str(), e.locals[0].align, e.locals[0].size),
             ("__local_depot0", 4, 32)
         );
         assert_eq!(
-            (
-                e.regs[0].ty.as_str(),
-                e.regs[0].prefix.as_str(),
-                e.regs[0].count
-            ),
+            (e.regs[0].ty.as_str(), e.regs[0].prefix.as_str(), e.regs[0].count),
             ("pred", "%p", Some(21))
         );
         assert_eq!(
-            (
-                e.regs[2].ty.as_str(),
-                e.regs[2].prefix.as_str(),
-                e.regs[2].count
-            ),
+            (e.regs[2].ty.as_str(), e.regs[2].prefix.as_str(), e.regs[2].count),
             ("b32", "%r", Some(77))
         );
         let k2 = &m.entries[1];
@@ -939,8 +836,7 @@ $L__BB0_2:
         let m = parse(SAMPLE).unwrap();
         let e = &m.entries[0];
         let i = insts(e);
-        let find =
-            |op: &str, line: u32| *i.iter().find(|x| x.opcode == op && x.line == line).unwrap();
+        let find = |op: &str, line: u32| *i.iter().find(|x| x.opcode == op && x.line == line).unwrap();
         let ld = find("ld", 32);
         assert_eq!(ld.mods, ["param", "u64"]);
         assert_eq!(
@@ -967,19 +863,13 @@ $L__BB0_2:
         let bra = find("bra", 38);
         assert_eq!(
             (bra.guard.clone(), bra.operands.clone()),
-            (
-                Some(("%p1".into(), false)),
-                vec![Symbol("$L__BB0_2".into())]
-            )
+            (Some(("%p1".into(), false)), vec![Symbol("$L__BB0_2".into())])
         );
         assert!(matches!(&e.body[7], Stmt::Label(l) if l == "$L__BB0_2"));
         let ldv = find("ld", 40);
         assert_eq!(ldv.guard, Some(("%p1".into(), true)));
         assert_eq!(ldv.mods, ["global", "nc", "v4", "f32"]);
-        assert_eq!(
-            ldv.operands[0],
-            Vector(vec![reg("%f1"), reg("%f2"), reg("%f3"), reg("%f4")])
-        );
+        assert_eq!(ldv.operands[0], Vector(vec![reg("%f1"), reg("%f2"), reg("%f3"), reg("%f4")]));
         assert_eq!(
             ldv.operands[1],
             Addr {
@@ -998,17 +888,11 @@ $L__BB0_2:
         assert_eq!(find("mov", 43).operands[1], F64(1f64.to_bits()));
         assert_eq!(find("add", 44).operands[2], Int(-1));
         let mma = find("mma", 45);
-        assert_eq!(
-            mma.mods.join("."),
-            "sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32"
-        );
+        assert_eq!(mma.mods.join("."), "sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32");
         assert_eq!(mma.operands.len(), 4);
         assert_eq!(mma.operands[2], Vector(vec![reg("%r5"), reg("%r6")]));
         let cvt = find("cvt", 46);
-        assert_eq!(
-            (cvt.mods.join("."), cvt.operands.len()),
-            ("rn.bf16x2.f32".into(), 3)
-        );
+        assert_eq!((cvt.mods.join("."), cvt.operands.len()), ("rn.bf16x2.f32".into(), 3));
         assert_eq!(
             find("ldmatrix", 47).mods,
             ["sync", "aligned", "m8n8", "x4", "trans", "shared", "b16"]
@@ -1034,22 +918,13 @@ $L__BB0_2:
             (find("cp", 49).mods.clone(), find("cp", 49).operands.clone()),
             (vec!["async".into(), "wait_group".into()], vec![Int(1)])
         );
-        assert_eq!(
-            find("shfl", 50).operands[0],
-            PredPair("%r6".into(), "%p2".into())
-        );
+        assert_eq!(find("shfl", 50).operands[0], PredPair("%r6".into(), "%p2".into()));
         assert_eq!(find("shfl", 50).operands[4], Int(-1));
         assert_eq!(find("shfl", 51).operands[0], reg("%r8"));
         let atom = find("atom", 52);
         assert_eq!(atom.operands[2], Vector(vec![reg("%f3"), reg("%f4")]));
-        assert_eq!(
-            find("mov", 53).operands[0],
-            Vector(vec![reg("%rs1"), reg("%rs2")])
-        );
-        assert_eq!(
-            find("mov", 54).operands[0],
-            Vector(vec![reg("%r1"), reg("%r2")])
-        );
+        assert_eq!(find("mov", 53).operands[0], Vector(vec![reg("%rs1"), reg("%rs2")]));
+        assert_eq!(find("mov", 54).operands[0], Vector(vec![reg("%r1"), reg("%r2")]));
         assert_eq!(
             find("ld", 55).operands[1],
             Addr {
@@ -1068,15 +943,9 @@ $L__BB0_2:
         let m = parse(SAMPLE).unwrap();
         let e = &m.entries[0];
         let i = insts(e);
-        let find =
-            |op: &str, line: u32| *i.iter().find(|x| x.opcode == op && x.line == line).unwrap();
+        let find = |op: &str, line: u32| *i.iter().find(|x| x.opcode == op && x.line == line).unwrap();
         // Block 1 is the one-line `{ cvt ... }`, block 2 declares registers.
-        let names: Vec<_> = e
-            .regs
-            .iter()
-            .skip(6)
-            .map(|r| (r.ty.as_str(), r.prefix.as_str(), r.count))
-            .collect();
+        let names: Vec<_> = e.regs.iter().skip(6).map(|r| (r.ty.as_str(), r.prefix.as_str(), r.count)).collect();
         assert_eq!(
             names,
             [
@@ -1086,10 +955,7 @@ $L__BB0_2:
                 ("b32", "%r1$s2", None)
             ]
         );
-        assert_eq!(
-            find("mov", 64).operands,
-            [Vector(vec![reg("%tmp$s2"), reg("%rs1")]), reg("%r1$s2")]
-        );
+        assert_eq!(find("mov", 64).operands, [Vector(vec![reg("%tmp$s2"), reg("%rs1")]), reg("%r1$s2")]);
         assert_eq!(find("setp", 65).operands[0], reg("p$s2"));
         let add = find("add", 66);
         assert_eq!(add.guard, Some(("p$s2".into(), false)));
@@ -1114,10 +980,7 @@ $L__BB0_2:
     fn ptx_errors_name_line_and_text() {
         let bad = ".version 9.0\n.target sm_90\n.address_size 64\n.visible .entry k()\n{\n\tadd.s32 %r1, %r2 %r3;\n}\n";
         let e = parse(bad).unwrap_err();
-        assert!(
-            e.contains("line 6") && e.contains("add.s32 %r1, %r2 %r3;"),
-            "{e}"
-        );
+        assert!(e.contains("line 6") && e.contains("add.s32 %r1, %r2 %r3;"), "{e}");
         let e = parse(".version 9.0\n.entry k(\n.param .q32 x\n)\n{\n}\n").unwrap_err();
         assert!(e.contains("line 3") && e.contains(".q32"), "{e}");
         let e = parse(".version 9.0\n.entry k()\n{\n\tret;\n").unwrap_err();
@@ -1131,8 +994,7 @@ $L__BB0_2:
         if let Some(p) = std::env::var_os("NVCC") {
             return Some(p.into());
         }
-        let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../../.toolchain/cuda/nvidia/cu13/bin/nvcc");
+        let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.toolchain/cuda/nvidia/cu13/bin/nvcc");
         p.is_file().then_some(p)
     }
 
@@ -1185,23 +1047,13 @@ $L__BB0_2:
         for ((stem, n), (_, text)) in expect.iter().zip(&texts) {
             let t0 = std::time::Instant::now();
             let m = parse(text).unwrap_or_else(|e| panic!("{stem}.ptx: {e}"));
-            eprintln!(
-                "{stem}.ptx: {} bytes parsed in {:?}",
-                text.len(),
-                t0.elapsed()
-            );
+            eprintln!("{stem}.ptx: {} bytes parsed in {:?}", text.len(), t0.elapsed());
             assert_eq!(m.entries.len(), *n, "{stem}.ptx entries");
             assert_eq!(m.target, "sm_90");
             for e in &m.entries {
+                assert!(!e.body.is_empty() && !e.regs.is_empty(), "{stem}: {}", e.name);
                 assert!(
-                    !e.body.is_empty() && !e.regs.is_empty(),
-                    "{stem}: {}",
-                    e.name
-                );
-                assert!(
-                    e.body
-                        .iter()
-                        .any(|s| matches!(s, Stmt::Inst(i) if i.opcode == "ret")),
+                    e.body.iter().any(|s| matches!(s, Stmt::Inst(i) if i.opcode == "ret")),
                     "{stem}: {} has a ret",
                     e.name
                 );
@@ -1217,31 +1069,26 @@ $L__BB0_2:
             }
             if *stem == "adamw" {
                 let e = &m.entries[0];
-                assert_eq!(
-                    (e.params[0].size, e.params[0].align, e.params.len()),
-                    (1288, 8, 11)
-                );
+                assert_eq!((e.params[0].size, e.params[0].align, e.params.len()), (1288, 8, 11));
                 // nvcc declares a kernel's `__shared__` arrays inside its body.
-                assert!(e.shared.iter().any(|s| s.name == "_ZZ15adamw_multi_f32E2ss"
-                    && s.size == 264
-                    && s.align == 8));
+                assert!(e
+                    .shared
+                    .iter()
+                    .any(|s| s.name == "_ZZ15adamw_multi_f32E2ss" && s.size == 264 && s.align == 8));
             }
             if *stem == "attention" {
                 // Shapes that nvcc writes, as the interpreter will see them.
                 let all: Vec<&Inst> = m.entries.iter().flat_map(insts).collect();
                 let has = |f: &dyn Fn(&Inst) -> bool| all.iter().any(|i| f(i));
                 assert!(has(&|i| i.opcode == "mma" && i.operands.len() == 4));
-                assert!(has(&|i| i.opcode == "ldmatrix"
-                    && matches!(&i.operands[0], Operand::Vector(v) if v.len() == 4)));
+                assert!(has(
+                    &|i| i.opcode == "ldmatrix" && matches!(&i.operands[0], Operand::Vector(v) if v.len() == 4)
+                ));
                 assert!(has(&|i| i.opcode == "cp"
                     && i.mods == ["async", "cg", "shared", "global"]
                     && i.operands.len() == 4));
-                assert!(has(
-                    &|i| i.opcode == "shfl" && matches!(i.operands[0], Operand::PredPair(..))
-                ));
-                assert!(has(
-                    &|i| i.opcode == "cvt" && i.mods == ["rn", "bf16x2", "f32"]
-                ));
+                assert!(has(&|i| i.opcode == "shfl" && matches!(i.operands[0], Operand::PredPair(..))));
+                assert!(has(&|i| i.opcode == "cvt" && i.mods == ["rn", "bf16x2", "f32"]));
                 assert!(m.shared.iter().any(|s| s.is_extern && s.size == 0));
                 assert!(m.entries.iter().any(|e| e.maxntid == Some([128, 1, 1])));
             }
@@ -1251,11 +1098,7 @@ $L__BB0_2:
     fn collect_regs<'a>(ops: &'a [Operand], out: &mut Vec<&'a str>) {
         for o in ops {
             match o {
-                Operand::Reg(r) | Operand::NotReg(r)
-                    if !r.contains('.') && !matches!(r.as_str(), "%laneid" | "%warpid") =>
-                {
-                    out.push(r)
-                }
+                Operand::Reg(r) | Operand::NotReg(r) if !r.contains('.') && !matches!(r.as_str(), "%laneid" | "%warpid") => out.push(r),
                 Operand::PredPair(a, b) => out.extend([a.as_str(), b.as_str()]),
                 Operand::Addr { base: Some(b), .. } if b.starts_with('%') => out.push(b),
                 Operand::Vector(v) => collect_regs(v, out),
