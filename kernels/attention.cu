@@ -27,9 +27,8 @@
 //                      query-stationary pass like the forward; no dq_acc, no atomics.
 //   attn_split_heads, attn_softmax_rows_bf16, attn_softmax_bwd_rows_bf16: the unfused peer
 //                          used by benches/gpu_attention.rs (cuBLAS GEMMs around them).
-// The PTX wrappers are in ptx.cuh; under the CPU emulator (tests/cuda_emu, MLVPT_CPU_EMULATION)
-// they come from emu_ptx.h, and tests/attention_emulated.rs checks every kernel here against
-// the CPU reference.
+// The PTX wrappers are in ptx.cuh. tests/gpu_attention.rs checks every kernel here against the
+// CPU reference (in CI on the virtual CUDA device of tools/vgpu, under its sanitizer checks).
 // dQ is summed by atomics in whatever order the key blocks finish, so its last bits may differ
 // between runs; out, lse, dK, dV are deterministic.
 //
@@ -76,8 +75,9 @@ constexpr float LOG2E = 1.4426950408889634f;
 // fit the 255 registers of a thread without spilling (ATTN_FWD_CONFIGS, ATTN_BWD_CONFIGS below
 // list the compiled ones). Shared memory is dynamic (rows padded to DH + 8 elements): at head
 // dims 80 and 128 it can exceed the 48 KB a static array may take.
-// src/ops/attention/mod.rs (FWD_TILES, BWD_TILES) holds the same figures for the launcher; the
-// emulator test checks that they agree.
+// src/ops/attention/mod.rs (FWD_TILES, BWD_TILES) holds the same figures for the launcher:
+// tests/gpu_ptxas.rs checks its tiles against the lists at the end of this file, and the
+// virtual device's memcheck (tools/vgpu) fails a launch given less shared memory than used.
 // Forward: sQ [BR] rows, sK and sV [BC] rows each, twice when software-pipelined.
 constexpr size_t fwd_smem(int DH, int MT, bool PIPE) {
     return (size_t)(16 * MT * WARPS + (PIPE ? 4 : 2) * BC) * (DH + 8) * 2;
@@ -870,7 +870,7 @@ __device__ __forceinline__ void bwd_dq(const bf16* __restrict__ qkv, const bf16*
 // The compiled kernels: per head dim the row sums (ATTN_HEAD_DIMS) and one or more tile shapes
 // of the forward (head dim, MT, software-pipelined, minimum blocks per SM, name) and the
 // backward (head dim, BQ, warps, split: dK and dV only, name); the first of a head dim is the launcher's default, the others are alternatives
-// benches/gpu_attention.rs measures against it. The emulator driver iterates these lists.
+// benches/gpu_attention.rs measures against it. tests/gpu_ptxas.rs reads these lists.
 #define ATTN_HEAD_DIMS(X) X(32) X(64) X(80) X(128)
 #define ATTN_FWD_CONFIGS(X)                                                                                   \
     X(32, 2, false, 1, attn_fwd_d32) X(64, 2, false, 1, attn_fwd_d64) X(64, 1, false, 3, attn_fwd_d64_r64)     \

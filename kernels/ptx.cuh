@@ -1,9 +1,7 @@
 // Inline-PTX wrappers shared by the tensor-core kernels (attention.cu, moe_mma.cu,
 // adapter_mma.cu): cp.async, ldmatrix, mma.sync m16n8k16 bf16, ex2.approx, dynamic shared
 // memory, and the hi + lo bf16 split of fp32 mma operands. Fragment layouts are
-// documented at the top of attention.cu. Under the CPU emulator (tests/cuda_emu,
-// MLVPT_CPU_EMULATION) emu_ptx.h provides the same functions, emulating each instruction lane by
-// lane, so the kernels run unchanged there.
+// documented at the top of attention.cu.
 #pragma once
 #include "common.cuh"
 
@@ -11,9 +9,6 @@
 #error "the tensor-core kernels need sm_80 or newer (cp.async, bf16 mma.sync); set MLVPT_CUDA_ARCH >= 80"
 #endif
 
-#ifdef MLVPT_CPU_EMULATION
-#include "emu_ptx.h"
-#else
 __device__ __forceinline__ uint32_t smem_u32(const void* p) {
     return (uint32_t)__cvta_generic_to_shared(p);
 }
@@ -67,7 +62,6 @@ __device__ __forceinline__ unsigned char* dyn_smem() {
     extern __shared__ __align__(16) unsigned char smem[];
     return smem;
 }
-#endif  // MLVPT_CPU_EMULATION
 
 // An mma operand register (two bf16, `x0` in the lower half) of two fp32 values as hi + lo:
 // hi = bf16(x), lo = bf16(x - hi), so hi + lo keeps about 16 bits of x (relative error

@@ -4,7 +4,7 @@
 // Also a plain fp32 attention used for head dims the fused kernels (attention.cu) do not cover.
 #include "common.cuh"
 
-// Dynamic shared memory of a block (the CPU emulator, tests/cuda_emu, defines its own).
+// Dynamic shared memory of a block.
 #ifndef DYNAMIC_SMEM
 #define DYNAMIC_SMEM(name) extern __shared__ float name[]
 #endif

@@ -1,5 +1,5 @@
-//! Shared by the whole-step tests of the CUDA backend's precisions (tests/gpu_backend.rs on a
-//! device, tests/bf16_storage_emulated.rs on the CPU): [`Bf16Emu`], the CUDA backend's bf16
+//! Shared by the whole-step tests of the CUDA backend's precisions (tests/gpu_backend.rs: on a
+//! device, and the bf16-storage checks that run on the CPU): [`Bf16Emu`], the CUDA backend's bf16
 //! roundings emulated on the CPU, and [`step_metrics`], how far a backend's training step is
 //! from `CpuBackend<f32>`'s.
 //!

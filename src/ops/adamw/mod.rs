@@ -43,7 +43,7 @@ impl AdamWConfig {
 /// The scalars the AdamW kernel (`kernels/adamw.cu`, struct `AdamW`) takes for one step, in its
 /// argument order: `1 - lr wd`, `lr / bc1`, `1 / sqrt(bc2)`, beta1, beta2, eps, `1 - beta1`,
 /// `1 - beta2`, with `bc_i = 1 - beta_i^step`; computed in f64, then rounded to f32 (in f32,
-/// `1 - 0.999` is 1.3e-5 off). Shared by the launcher and the CPU-emulated kernel test.
+/// `1 - 0.999` is 1.3e-5 off). Used by the launcher (`cuda.rs`).
 pub fn kernel_scalars(step: u64, lr: f64, cfg: &AdamWConfig) -> [f32; 8] {
     let bc1 = 1.0 - cfg.beta1.powf(step as f64);
     let bc2 = 1.0 - cfg.beta2.powf(step as f64);
