@@ -71,6 +71,8 @@ FOCUS=${MLVPT_GPU_FOCUS:-}
 case "$FOCUS" in ""|attention|head) ;; *) echo "MLVPT_GPU_FOCUS: unknown '$FOCUS' (expected attention or head)" >&2; exit 2 ;; esac
 
 HERE=$(cd "$(dirname "$0")" && pwd)
+# tests/gpu_train_cli.rs runs the bundle's mlvpt.
+export MLVPT_BIN="$HERE/bin/mlvpt"
 LOGS=${MLVPT_GPU_LOGS:-${OUT:-$HERE/logs}}
 mkdir -p "$LOGS"
 START=$(date +%s)

@@ -19,7 +19,9 @@ const RUN: &[&str] = &["--train-images", "64", "--test-images", "64", "--epochs"
 fn train(device: &str, out: &Path) -> (String, String) {
     let mut args = vec!["train", "--device", device, "--out", out.to_str().unwrap()];
     args.extend_from_slice(RUN);
-    let o = Command::new(env!("CARGO_BIN_EXE_mlvpt")).args(&args).output().expect("run mlvpt");
+    // MLVPT_BIN: the GPU bundle's copy of mlvpt (tools/gpu-runner.sh sets it on the GPU machine).
+    let bin = std::env::var("MLVPT_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_mlvpt").to_string());
+    let o = Command::new(&bin).args(&args).output().unwrap_or_else(|e| panic!("run {bin}: {e}"));
     let (so, se) = (String::from_utf8_lossy(&o.stdout).into_owned(), String::from_utf8_lossy(&o.stderr).into_owned());
     assert!(o.status.success(), "mlvpt train --device {device} failed:\n{se}");
     (so, se)
