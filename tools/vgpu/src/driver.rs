@@ -1752,8 +1752,37 @@ pub unsafe extern "C" fn cuLaunchKernel(
             return CUDA_ERROR_INVALID_VALUE;
         }
         if !extra.is_null() {
-            eprintln!("vgpu: cuLaunchKernel: the `extra` argument form is not supported");
-            return CUDA_ERROR_NOT_SUPPORTED;
+            if !params.is_null() {
+                eprintln!("========= vgpu launch check: cuLaunchKernel got both kernelParams and extra");
+                return CUDA_ERROR_INVALID_VALUE;
+            }
+            // SAFETY: `extra` is a CU_LAUNCH_PARAM_END-terminated list per the CUDA contract.
+            return match unsafe { packed_params(&fs.kernel, extra) } {
+                Ok(buf) => {
+                    let ptrs: Vec<*const c_void> = fs
+                        .kernel
+                        .body
+                        .param_offsets
+                        .iter()
+                        .map(|&o| buf[o as usize..].as_ptr() as *const c_void)
+                        .collect();
+                    let cfg = LaunchConfig {
+                        grid,
+                        block,
+                        dynamic_smem: shared_bytes,
+                        max_dynamic_smem_attr: fs.max_dyn_smem,
+                        device: st.ctxs[&ctx].device,
+                    };
+                    let kernel = fs.kernel.clone();
+                    drop(st);
+                    // SAFETY: one pointer per parameter into `buf`, whose size matched the entry's.
+                    finish_launch(ctx, unsafe { crate::exec::launch(&kernel, &cfg, ptrs.as_ptr()) })
+                }
+                Err(msg) => {
+                    eprintln!("========= vgpu launch check: {msg}\n=========     kernel {}", fs.kernel.name);
+                    CUDA_ERROR_INVALID_VALUE
+                }
+            };
         }
         if params.is_null() && !fs.kernel.params.is_empty() {
             return CUDA_ERROR_INVALID_VALUE;
@@ -1769,7 +1798,11 @@ pub unsafe extern "C" fn cuLaunchKernel(
     };
     // SAFETY: `params` holds one pointer per parameter per the CUDA contract (checked non-null
     // when the kernel has parameters). The state lock is not held while the kernel runs.
-    let r = unsafe { crate::exec::launch(&kernel, &cfg, params as *const *const c_void) };
+    finish_launch(ctx, unsafe { crate::exec::launch(&kernel, &cfg, params as *const *const c_void) })
+}
+
+/// The launch's result as a CUresult; a sticky fault breaks the context, as on a GPU.
+fn finish_launch(ctx: usize, r: Result<(), crate::exec::Fault>) -> CUresult {
     match r {
         Ok(()) => CUDA_SUCCESS,
         Err(fault) => {
@@ -1785,6 +1818,52 @@ pub unsafe extern "C" fn cuLaunchKernel(
             code
         }
     }
+}
+
+/// The parameter buffer of cuLaunchKernel's `extra` form (CU_LAUNCH_PARAM_BUFFER_POINTER and
+/// CU_LAUNCH_PARAM_BUFFER_SIZE up to CU_LAUNCH_PARAM_END), copied, after checking its size
+/// against the entry's `.param` list.
+///
+/// # Safety
+/// `extra` must be a CU_LAUNCH_PARAM_END-terminated list of (key, value) pointers.
+unsafe fn packed_params(k: &crate::exec::Kernel, extra: *mut *mut c_void) -> Result<Vec<u8>, String> {
+    const END: usize = 0;
+    const BUFFER_POINTER: usize = 1;
+    const BUFFER_SIZE: usize = 2;
+    let (mut ptr, mut size): (*const u8, Option<usize>) = (std::ptr::null(), None);
+    for i in (0..64).step_by(2) {
+        // SAFETY: per the contract, entries up to END are readable.
+        let key = unsafe { *extra.add(i) } as usize;
+        if key == END {
+            break;
+        }
+        // SAFETY: every key but END has a value after it.
+        let val = unsafe { *extra.add(i + 1) };
+        match key {
+            BUFFER_POINTER => ptr = val as *const u8,
+            // SAFETY: the value of BUFFER_SIZE points to a size_t.
+            BUFFER_SIZE if !val.is_null() => size = Some(unsafe { *(val as *const usize) }),
+            _ => return Err(format!("cuLaunchKernel extra: unknown or null entry {key:#x}")),
+        }
+    }
+    let want = k.body.param_bytes as usize;
+    let Some(size) = size else {
+        return Err("cuLaunchKernel extra: no CU_LAUNCH_PARAM_BUFFER_SIZE".into());
+    };
+    if size != want {
+        return Err(format!(
+            "the parameter buffer holds {size} bytes but the kernel's .param list takes {want}"
+        ));
+    }
+    if ptr.is_null() && want > 0 {
+        return Err("cuLaunchKernel extra: no CU_LAUNCH_PARAM_BUFFER_POINTER".into());
+    }
+    let mut buf = vec![0u8; want.max(1)];
+    if want > 0 {
+        // SAFETY: the caller's buffer holds `size` == `want` bytes.
+        unsafe { std::ptr::copy_nonoverlapping(ptr, buf.as_mut_ptr(), want) };
+    }
+    Ok(buf)
 }
 
 #[allow(clippy::too_many_arguments)]

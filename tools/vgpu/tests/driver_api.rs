@@ -497,9 +497,14 @@ fn module_load_and_launch() {
             cuLaunchKernel(f, 1, 1, 1, 128, 1, 1, 0, null_mut(), null_mut(), null_mut()),
             CUDA_ERROR_INVALID_VALUE
         );
+        // `extra` must be a CU_LAUNCH_PARAM list (these are not), and not beside kernelParams.
         assert_eq!(
             cuLaunchKernel(f, 1, 1, 1, 128, 1, 1, 0, null_mut(), null_mut(), args.as_mut_ptr()),
-            CUDA_ERROR_NOT_SUPPORTED
+            CUDA_ERROR_INVALID_VALUE
+        );
+        assert_eq!(
+            cuLaunchKernel(f, 1, 1, 1, 128, 1, 1, 0, null_mut(), args.as_mut_ptr(), args.as_mut_ptr()),
+            CUDA_ERROR_INVALID_VALUE
         );
         let r = cuLaunchKernel(f, n.div_ceil(128), 1, 1, 128, 1, 1, 0, null_mut(), args.as_mut_ptr(), null_mut());
         if r == CUDA_SUCCESS {
@@ -507,6 +512,25 @@ fn module_load_and_launch() {
             ok(cuMemcpyDtoH_v2(back.as_mut_ptr() as *mut c_void, d, n as usize * 4));
             for (i, v) in back.iter().enumerate() {
                 assert_eq!(*v, i as f32 + 1.0);
+            }
+            // The packed-buffer form: the .param list is a u64 at 0 and a u32 at 8 (12 bytes).
+            let mut packed = [0u8; 16];
+            packed[..8].copy_from_slice(&d.to_le_bytes());
+            packed[8..12].copy_from_slice(&n.to_le_bytes());
+            for (size, want) in [(16usize, CUDA_ERROR_INVALID_VALUE), (12, CUDA_SUCCESS)] {
+                let mut extra: [*mut c_void; 5] = [
+                    1 as *mut c_void,
+                    packed.as_mut_ptr() as *mut c_void,
+                    2 as *mut c_void,
+                    &size as *const usize as *mut c_void,
+                    null_mut(),
+                ];
+                let r = cuLaunchKernel(f, n.div_ceil(128), 1, 1, 128, 1, 1, 0, null_mut(), null_mut(), extra.as_mut_ptr());
+                assert_eq!(r, want, "extra with a {size}-byte parameter buffer");
+            }
+            ok(cuMemcpyDtoH_v2(back.as_mut_ptr() as *mut c_void, d, n as usize * 4));
+            for (i, v) in back.iter().enumerate() {
+                assert_eq!(*v, i as f32 + 2.0, "the packed-buffer launch ran once");
             }
             // An out-of-bounds launch (n larger than the buffer) faults and breaks the context.
             let big = n + 4096;
