@@ -519,9 +519,9 @@ fn module_load_and_launch() {
             packed[8..12].copy_from_slice(&n.to_le_bytes());
             for (size, want) in [(16usize, CUDA_ERROR_INVALID_VALUE), (12, CUDA_SUCCESS)] {
                 let mut extra: [*mut c_void; 5] = [
-                    1 as *mut c_void,
+                    std::ptr::without_provenance_mut::<c_void>(1), // CU_LAUNCH_PARAM_BUFFER_POINTER
                     packed.as_mut_ptr() as *mut c_void,
-                    2 as *mut c_void,
+                    std::ptr::without_provenance_mut::<c_void>(2), // CU_LAUNCH_PARAM_BUFFER_SIZE
                     &size as *const usize as *mut c_void,
                     null_mut(),
                 ];
