@@ -1321,6 +1321,11 @@ fn decode_inst(c: &Ctx, i: &Inst) -> Result<Op, String> {
             }
             let id = if o.is_empty() { Src::Imm(0) } else { c.src(&o[0])? };
             let count = if o.len() > 1 { Some(c.src(&o[1])?) } else { None };
+            // Named barriers (another id, or a thread count) would need per-barrier arrival
+            // sets; the project uses barrier 0 of the whole block only.
+            if id != Src::Imm(0) || count.is_some() {
+                return Ok(unsupported(i));
+            }
             // `bar.sync` is `barrier.sync.aligned`.
             Op::Bar {
                 id,

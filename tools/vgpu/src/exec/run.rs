@@ -68,6 +68,8 @@ pub(crate) struct Warp {
     committed: [u32; 32],
     local: Vec<u8>,
     cache: (u64, u64),
+    /// Lanes waiting at a warp-synchronous instruction for the rest of their warp.
+    waiting: u32,
 }
 
 pub(crate) struct Block {
@@ -306,6 +308,7 @@ impl<'l, 'a> Runner<'l, 'a> {
                 w.copies.clear();
                 w.committed = [0; 32];
                 w.cache = (0, 0);
+                w.waiting = 0;
             }
             return b;
         }
@@ -327,6 +330,7 @@ impl<'l, 'a> Runner<'l, 'a> {
                     committed: [0; 32],
                     local: vec![0; self.l.k.local_bytes as usize * 32],
                     cache: (0, 0),
+                    waiting: 0,
                 }
             })
             .collect();
@@ -517,7 +521,9 @@ impl<'l, 'a> Runner<'l, 'a> {
     /// meet again. Lanes that can never meet are a synccheck finding.
     fn run_warp_inner(&mut self, b: &mut Block, w: &mut Warp, budget: u32) -> R<Stop> {
         let insts = &self.l.k.body.insts;
-        let mut waiting = 0u32;
+        // Lanes waiting at a warp-synchronous instruction stay marked across slices, so lanes
+        // that exit while others wait for them are seen whatever the slice boundaries.
+        let mut waiting = w.waiting;
         // Fast path: while every runnable lane is at one PC (`conv`), the per-lane PCs are not
         // consulted; they are written back before any decision that reads them.
         let mut conv: Option<(u32, u32)> = None;
@@ -540,6 +546,7 @@ impl<'l, 'a> Runner<'l, 'a> {
             } else {
                 sync_pcs!();
                 if active == 0 {
+                    w.waiting = 0;
                     return Ok(Stop::Exited);
                 }
                 let runnable = active & !waiting;
@@ -566,15 +573,25 @@ impl<'l, 'a> Runner<'l, 'a> {
                         "",
                     ));
                 }
-                let mut pc = u32::MAX;
-                for l in 0..32 {
-                    if runnable >> l & 1 == 1 && w.pc[l] < pc {
-                        pc = w.pc[l];
+                // One pass over the runnable lanes: the lowest PC and who is there.
+                let (mut pc, mut group) = (u32::MAX, 0u32);
+                let mut m = runnable;
+                while m != 0 {
+                    let l = m.trailing_zeros() as usize;
+                    m &= m - 1;
+                    let p = w.pc[l];
+                    if p < pc {
+                        (pc, group) = (p, 1 << l);
+                    } else if p == pc {
+                        group |= 1 << l;
                     }
                 }
-                let mut group = 0u32;
-                for l in 0..32 {
-                    if active >> l & 1 == 1 && w.pc[l] == pc {
+                // Lanes already waiting there join them.
+                let mut m = waiting;
+                while m != 0 {
+                    let l = m.trailing_zeros() as usize;
+                    m &= m - 1;
+                    if w.pc[l] == pc {
                         group |= 1 << l;
                     }
                 }
@@ -699,6 +716,7 @@ impl<'l, 'a> Runner<'l, 'a> {
                         conv = Some((pc, group));
                         sync_pcs!();
                         w.at_bar = true;
+                        w.waiting = 0;
                         if let Some(c) = self.counters.as_mut() {
                             c.barrier_arrivals += 1;
                         }
@@ -718,6 +736,7 @@ impl<'l, 'a> Runner<'l, 'a> {
             conv = Some((pc + 1, group));
         }
         sync_pcs!();
+        w.waiting = waiting;
         Ok(Stop::Slice)
     }
 
@@ -2208,6 +2227,7 @@ impl Warp {
             committed: [0; 32],
             local: Vec::new(),
             cache: (0, 0),
+            waiting: 0,
         }
     }
 }
