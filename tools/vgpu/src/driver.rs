@@ -294,6 +294,8 @@ fn stream_ctx(st: &State, s: CUstream) -> Result<usize, CUresult> {
 
 /// Destroys every object of context `c` and frees its allocations (destroy / reset).
 fn teardown(st: &mut State, c: usize) {
+    // VGPU_COUNTERS=summary: the per-kernel totals, once the work of a context is over.
+    crate::exec::print_counter_summary();
     let streams: Vec<usize> = st.streams.iter().filter(|(_, s)| s.ctx == c).map(|(h, _)| *h).collect();
     for h in streams {
         st.streams.remove(&h);

@@ -1,12 +1,12 @@
 //! The counters (`VGPU_COUNTERS=1`, or `vgpu::exec::set_counters`) count what the kernel did:
-//! bank conflicts of a known access pattern, requests, barriers; and an instruction the
-//! device does not implement fails the launch naming it. (Own test binary: the counters are
-//! process-wide.)
+//! bank conflicts of a known access pattern, requests, barriers; an instruction the device does
+//! not implement fails the launch naming it; the watchdog ends an endless kernel. (Own test
+//! binary: counters and watchdog are process-wide settings.)
 
 mod common;
 
 use common::*;
-use vgpu::exec::{set_counters, take_last_counters, FaultKind};
+use vgpu::exec::{set_counters, set_timeout, take_last_counters, FaultKind};
 
 #[test]
 fn counters_see_a_32_way_bank_conflict_and_a_conflict_free_read() {
@@ -50,4 +50,21 @@ fn an_instruction_the_device_does_not_know_stops_the_launch_with_its_name() {
         f.report
     );
     assert_eq!(out.read::<u32>(), [1, 2, 3], "nothing ran");
+}
+
+#[test]
+fn the_watchdog_ends_a_kernel_that_never_finishes() {
+    let k = kernel("counters_unknown.cu", "spin_forever");
+    let flag = Buf::upload(&[0i32]);
+    set_timeout(Some(std::time::Duration::from_millis(300)));
+    let r = run(&k, [2, 1, 1], [64, 1, 1], 0, 0, &[arg(&flag.ptr)]);
+    set_timeout(None);
+    let f = r.expect_err("an endless loop");
+    assert_eq!(f.kind, FaultKind::Timeout);
+    assert_eq!(f.kind.cu_result(), 702, "CUDA_ERROR_LAUNCH_TIMEOUT");
+    assert!(
+        f.report.starts_with("========= vgpu watchdog:") && f.report.contains("kernel spin_forever"),
+        "{}",
+        f.report
+    );
 }

@@ -31,6 +31,8 @@ pub enum FaultKind {
     /// Illegal instruction semantics (e.g. `.aligned` warp op by part of a warp):
     /// CUDA_ERROR_ILLEGAL_INSTRUCTION (715).
     IllegalInstruction,
+    /// The watchdog (`VGPU_TIMEOUT_S`): CUDA_ERROR_LAUNCH_TIMEOUT (702).
+    Timeout,
 }
 
 impl FaultKind {
@@ -43,6 +45,7 @@ impl FaultKind {
             FaultKind::MisalignedAddress => 716,
             FaultKind::LaunchFailed => 719,
             FaultKind::IllegalInstruction => 715,
+            FaultKind::Timeout => 702,
         }
     }
     /// Whether the error is sticky (the context is unusable afterwards, as on a GPU).
@@ -112,7 +115,7 @@ pub mod run;
 pub mod tensor;
 
 pub use counters::Counters;
-pub use run::{set_counters, take_last_counters};
+pub use run::{print_counter_summary, set_counters, set_timeout, take_last_counters};
 
 /// Runs one launch to completion. `params` is cuLaunchKernel's `kernelParams`: one pointer
 /// per `.param` of the entry, each to a value of that parameter's size.

@@ -26,6 +26,8 @@ pub(crate) struct Launch<'a> {
     pub soft: Mutex<Option<Fault>>,
     pub counters: Option<Mutex<Counters>>,
     pub seed: u64,
+    pub started: std::time::Instant,
+    pub timeout: std::time::Duration,
 }
 
 impl Launch<'_> {
@@ -349,8 +351,22 @@ impl<'l, 'a> Runner<'l, 'a> {
     pub fn run_blocks(&mut self, next: &AtomicU64, total: u64, resident: usize) {
         let mut blocks: Vec<Block> = Vec::new();
         let mut cursor = 0usize;
+        let mut turns = 0u32;
         loop {
             if self.l.abort.load(Ordering::Relaxed) {
+                return;
+            }
+            turns = turns.wrapping_add(1);
+            if turns.is_multiple_of(1024) && self.l.started.elapsed() > self.l.timeout {
+                let report = format!(
+                    "========= vgpu watchdog: the launch ran past {} s (VGPU_TIMEOUT_S): an endless loop, or a block waiting for one that is not running\n=========     kernel {}\n",
+                    self.l.timeout.as_secs(),
+                    self.l.k.name
+                );
+                self.l.fail(Fault {
+                    kind: FaultKind::Timeout,
+                    report,
+                });
                 return;
             }
             while blocks.len() < resident {
@@ -2351,6 +2367,41 @@ fn cvt(dt: Ty, st: Ty, rnd: Option<Rnd>, rint: bool, ftz: bool, sat: bool, x: u6
 static COUNTERS_ON: AtomicBool = AtomicBool::new(false);
 static LAST_COUNTERS: Mutex<Option<Counters>> = Mutex::new(None);
 
+/// `VGPU_COUNTERS=summary`: each kernel's launches and summed counters, printed by
+/// [`print_counter_summary`].
+static SUMMARY: Mutex<std::collections::BTreeMap<String, (u64, Counters)>> = Mutex::new(std::collections::BTreeMap::new());
+
+/// Prints (stderr) and clears the per-kernel totals that `VGPU_COUNTERS=summary` collected,
+/// most warp instructions first. The driver calls it when a context is torn down.
+pub fn print_counter_summary() {
+    let totals = std::mem::take(&mut *SUMMARY.lock().unwrap_or_else(|e| e.into_inner()));
+    if totals.is_empty() {
+        return;
+    }
+    let mut rows: Vec<_> = totals.into_iter().collect();
+    rows.sort_by_key(|(_, (_, c))| std::cmp::Reverse(c.warp_insts.iter().sum::<u64>()));
+    let all: u64 = rows.iter().map(|(_, (_, c))| c.warp_insts.iter().sum::<u64>()).sum();
+    eprintln!(
+        "vgpu counters summary (interpreter proxy, not GPU performance): {} kernels, {all} warp instructions",
+        rows.len()
+    );
+    for (name, (launches, c)) in &rows {
+        let n: u64 = c.warp_insts.iter().sum();
+        eprintln!("  {:5.1}%  {launches} launches of {name}", 100.0 * n as f64 / all.max(1) as f64);
+        for line in c.table(name, [0; 3], [0; 3]).lines().skip(1) {
+            eprintln!("    {line}");
+        }
+    }
+}
+
+static TIMEOUT_MS: AtomicU64 = AtomicU64::new(0);
+
+/// The watchdog's limit for this process's launches (as `VGPU_TIMEOUT_S`, default 900 s);
+/// `None` goes back to the environment's.
+pub fn set_timeout(limit: Option<std::time::Duration>) {
+    TIMEOUT_MS.store(limit.map_or(0, |d| (d.as_millis() as u64).max(1)), Ordering::Relaxed);
+}
+
 /// Turns the per-launch counters on or off for this process (as `VGPU_COUNTERS=1` does).
 pub fn set_counters(on: bool) {
     COUNTERS_ON.store(on, Ordering::Relaxed);
@@ -2478,7 +2529,9 @@ pub unsafe fn launch(k: &Kernel, cfg: &LaunchConfig, params: *const *const std::
         .and_then(|s| s.parse::<u64>().ok())
         .unwrap_or(0x5EED)
         ^ n.wrapping_mul(0xD134_2543_DE82_EF95);
-    let want_counters = COUNTERS_ON.load(Ordering::Relaxed) || std::env::var_os("VGPU_COUNTERS").is_some_and(|v| !v.is_empty() && v != "0");
+    let mode = std::env::var("VGPU_COUNTERS").unwrap_or_default();
+    let summary = mode == "summary";
+    let want_counters = COUNTERS_ON.load(Ordering::Relaxed) || summary || (!mode.is_empty() && mode != "0");
     let launch = Launch {
         k,
         cfg,
@@ -2491,6 +2544,11 @@ pub unsafe fn launch(k: &Kernel, cfg: &LaunchConfig, params: *const *const std::
         soft: Mutex::new(None),
         counters: want_counters.then(|| Mutex::new(Counters::new(&k.body.classes))),
         seed,
+        started: std::time::Instant::now(),
+        timeout: match TIMEOUT_MS.load(Ordering::Relaxed) {
+            0 => std::time::Duration::from_secs(std::env::var("VGPU_TIMEOUT_S").ok().and_then(|s| s.parse().ok()).unwrap_or(900)),
+            ms => std::time::Duration::from_millis(ms),
+        },
     };
     let total: u64 = cfg.grid.iter().map(|&x| x as u64).product();
     let workers = std::env::var("VGPU_THREADS")
@@ -2525,7 +2583,14 @@ pub unsafe fn launch(k: &Kernel, cfg: &LaunchConfig, params: *const *const std::
     }
     if let Some(c) = launch.counters.as_ref() {
         let c = c.lock().unwrap_or_else(|e| e.into_inner());
-        eprint!("{}", c.table(&k.name, cfg.grid, cfg.block));
+        if summary {
+            let mut totals = SUMMARY.lock().unwrap_or_else(|e| e.into_inner());
+            let entry = totals.entry(k.name.clone()).or_insert_with(|| (0, Counters::new(&k.body.classes)));
+            entry.0 += 1;
+            entry.1.merge(&c);
+        } else {
+            eprint!("{}", c.table(&k.name, cfg.grid, cfg.block));
+        }
         *LAST_COUNTERS.lock().unwrap_or_else(|e| e.into_inner()) = Some(c.clone());
     }
     let hard = launch.fault.into_inner().unwrap_or_else(|e| e.into_inner());

@@ -18,3 +18,9 @@ extern "C" __global__ void unknown_instruction(unsigned* out) {
     asm volatile("prmt.b32 %0, %1, %2, 0x3210;" : "=r"(r) : "r"(out[0]), "r"(out[1]));
     out[2] = r;
 }
+
+// Waits for a flag nobody sets: only the watchdog ends it.
+extern "C" __global__ void spin_forever(const volatile int* flag) {
+    while (*flag == 0) {
+    }
+}
