@@ -1778,7 +1778,7 @@ pub unsafe extern "C" fn cuLaunchKernel(
                     let kernel = fs.kernel.clone();
                     drop(st);
                     // SAFETY: one pointer per parameter into `buf`, whose size matched the entry's.
-                    finish_launch(ctx, unsafe { crate::exec::launch(&kernel, &cfg, ptrs.as_ptr()) })
+                    finish_launch(ctx, guarded_launch(&kernel, &cfg, ptrs.as_ptr()))
                 }
                 Err(msg) => {
                     eprintln!("========= vgpu launch check: {msg}\n=========     kernel {}", fs.kernel.name);
@@ -1800,7 +1800,28 @@ pub unsafe extern "C" fn cuLaunchKernel(
     };
     // SAFETY: `params` holds one pointer per parameter per the CUDA contract (checked non-null
     // when the kernel has parameters). The state lock is not held while the kernel runs.
-    finish_launch(ctx, unsafe { crate::exec::launch(&kernel, &cfg, params as *const *const c_void) })
+    finish_launch(ctx, guarded_launch(&kernel, &cfg, params as *const *const c_void))
+}
+
+/// Runs a launch; a panic inside the interpreter (a bug of the device, not of the kernel) becomes
+/// a failed launch with its message instead of unwinding into the caller's C frames.
+fn guarded_launch(kernel: &crate::exec::Kernel, cfg: &LaunchConfig, params: *const *const c_void) -> Result<(), crate::exec::Fault> {
+    // SAFETY: `params` follows the CUDA contract, checked by the callers as far as they can.
+    let run = std::panic::AssertUnwindSafe(|| unsafe { crate::exec::launch(kernel, cfg, params) });
+    std::panic::catch_unwind(run).unwrap_or_else(|payload| {
+        let msg = payload
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_default();
+        Err(crate::exec::Fault {
+            kind: crate::exec::FaultKind::LaunchFailed,
+            report: format!(
+                "========= vgpu internal error: the interpreter panicked ({msg})\n=========     kernel {}\n",
+                kernel.name
+            ),
+        })
+    })
 }
 
 /// The launch's result as a CUresult; a sticky fault breaks the context, as on a GPU.
