@@ -391,6 +391,7 @@ fn error_name_string(e: CUresult) -> Option<(&'static [u8], &'static [u8])> {
             b"CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES\0",
             b"too many resources requested for launch\0",
         ),
+        702 => (b"CUDA_ERROR_LAUNCH_TIMEOUT\0", b"the launch timed out and was terminated\0"),
         715 => (b"CUDA_ERROR_ILLEGAL_INSTRUCTION\0", b"an illegal instruction was encountered\0"),
         716 => (b"CUDA_ERROR_MISALIGNED_ADDRESS\0", b"misaligned address\0"),
         719 => (b"CUDA_ERROR_LAUNCH_FAILED\0", b"unspecified launch failure\0"),

@@ -151,6 +151,21 @@ fn error_strings() {
         assert_eq!(cuGetErrorName(12345, &mut s), CUDA_ERROR_INVALID_VALUE);
         assert!(s.is_null());
         assert_eq!(cuGetErrorName(0, null_mut()), CUDA_ERROR_INVALID_VALUE);
+        // Every error a launch can return has a name and a string.
+        use vgpu::exec::FaultKind::*;
+        for kind in [
+            InvalidValue,
+            OutOfResources,
+            IllegalAddress,
+            MisalignedAddress,
+            LaunchFailed,
+            IllegalInstruction,
+            Timeout,
+        ] {
+            ok(cuGetErrorName(kind.cu_result(), &mut s));
+            assert!(CStr::from_ptr(s).to_str().unwrap().starts_with("CUDA_ERROR_"), "{kind:?}");
+            ok(cuGetErrorString(kind.cu_result(), &mut s));
+        }
     }
 }
 
