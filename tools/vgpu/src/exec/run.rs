@@ -1217,13 +1217,6 @@ impl<'l, 'a> Runner<'l, 'a> {
             }};
         }
         match op {
-            Op::Mov { d, a, ty } => {
-                let mask = width_mask(ty.bytes());
-                lanes!(|l| {
-                    let v = self.rd(b, w, *a, l) & if *ty == Ty::Pred { 1 } else { mask };
-                    Self::wr(w, *d, l, v)
-                })
-            }
             Op::Unpack { d, a, bits } => lanes!(|l| {
                 let v = self.rd(b, w, *a, l);
                 for (i, di) in d.iter().enumerate() {
@@ -1597,17 +1590,6 @@ impl<'l, 'a> Runner<'l, 'a> {
                     if let Some(q) = q {
                         Self::wr(w, *q, l, rn as u64);
                     }
-                })
-            }
-            Op::Selp { ty, d, a, b: bb, c } => {
-                let mask = width_mask(ty.bytes());
-                lanes!(|l| {
-                    let v = if self.rd(b, w, *c, l) != 0 {
-                        self.rd(b, w, *a, l)
-                    } else {
-                        self.rd(b, w, *bb, l)
-                    };
-                    Self::wr(w, *d, l, v & mask)
                 })
             }
             Op::PredOp { op, d, a, b: bb } => lanes!(|l| {
@@ -2056,7 +2038,9 @@ impl<'l, 'a> Runner<'l, 'a> {
                 let msg = format!("instruction `{t}` is not implemented by the virtual device");
                 return Err(self.fault(FaultKind::LaunchFailed, "unsupported instruction", &msg, b, w, None, pc, ""));
             }
-            Op::Bra { .. } | Op::Ret | Op::Bar { .. } => unreachable!(),
+            // Branches, exits and barriers are the scheduler's; moves and selects always take
+            // the warp-wide path.
+            Op::Bra { .. } | Op::Ret | Op::Bar { .. } | Op::Mov { .. } | Op::Selp { .. } => unreachable!(),
         }
         Ok(())
     }
