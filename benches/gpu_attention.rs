@@ -12,7 +12,7 @@
 
 use criterion::{Criterion, Throughput};
 use mlvpt::gpu::{bf16, CudaSlice, GpuContext};
-use mlvpt::ops::attention::{cuda, AttnShape, BWD_TILES, FWD_TILES};
+use mlvpt::ops::attention::{self, cuda, AttnShape, BWD_TILES, FWD_TILES};
 use std::time::Duration;
 
 mod gpu_common;
@@ -45,6 +45,8 @@ fn bench_shape(c: &mut Criterion, gpu: &GpuContext, label: &str, sh: AttnShape) 
     let mut lse = gpu.zeros::<f32>(b * h * n).unwrap();
     let mut dqkv = zeros_bf16(gpu, b * n * 3 * d);
     let mut scratch = gpu.zeros::<f32>(cuda::backward_scratch_len(&sh)).unwrap();
+    let fwd_default = attention::fwd_tiles(dh).expect("a compiled head dim");
+    let bwd_default = attention::bwd_tiles(dh).expect("a compiled head dim");
 
     // Unfused peer: per-head copies (untimed), the N x N probabilities and their gradient.
     let per = b * h * n * dh;
@@ -62,7 +64,7 @@ fn bench_shape(c: &mut Criterion, gpu: &GpuContext, label: &str, sh: AttnShape) 
     g.sample_size(10);
     g.throughput(Throughput::Elements(fwd_flop as u64));
     g.bench_function("fused forward (flop/s)", |bn| {
-        bn.iter_custom(|it| timed(gpu, it, || cuda::forward(gpu, s, &qkv, &mut out, &mut lse, &sh)))
+        bn.iter_custom(|it| timed(gpu, it, || cuda::forward_with(gpu, s, &qkv, &mut out, &mut lse, &sh, &fwd_default)))
     });
     g.bench_function("unfused forward (flop/s)", |bn| {
         bn.iter_custom(|it| timed(gpu, it, || cuda::unfused::forward(gpu, &q, &k, &v, &mut p, &mut o, &sh)))
@@ -70,7 +72,7 @@ fn bench_shape(c: &mut Criterion, gpu: &GpuContext, label: &str, sh: AttnShape) 
     g.throughput(Throughput::Elements(bwd_flop as u64));
     g.bench_function("fused backward (flop/s)", |bn| {
         bn.iter_custom(|it| {
-            timed(gpu, it, || cuda::backward(gpu, s, &qkv, &out, &lse, &dout, &mut dqkv, &mut scratch, &sh))
+            timed(gpu, it, || cuda::backward_with(gpu, s, &qkv, &out, &lse, &dout, &mut dqkv, &mut scratch, &sh, &bwd_default))
         })
     });
     g.bench_function("unfused backward (flop/s)", |bn| {
@@ -100,9 +102,9 @@ fn bench_shape(c: &mut Criterion, gpu: &GpuContext, label: &str, sh: AttnShape) 
 
     // One plain summary line per shape in TFLOP/s (10 calls each, after criterion's warm-up).
     let tflops = |flop: usize, t: Duration| flop as f64 * 10.0 / t.as_secs_f64() / 1e12;
-    let ff = tflops(fwd_flop, timed(gpu, 10, || cuda::forward(gpu, s, &qkv, &mut out, &mut lse, &sh)));
+    let ff = tflops(fwd_flop, timed(gpu, 10, || cuda::forward_with(gpu, s, &qkv, &mut out, &mut lse, &sh, &fwd_default)));
     let uf = tflops(fwd_flop, timed(gpu, 10, || cuda::unfused::forward(gpu, &q, &k, &v, &mut p, &mut o, &sh)));
-    let fb = tflops(bwd_flop, timed(gpu, 10, || cuda::backward(gpu, s, &qkv, &out, &lse, &dout, &mut dqkv, &mut scratch, &sh)));
+    let fb = tflops(bwd_flop, timed(gpu, 10, || cuda::backward_with(gpu, s, &qkv, &out, &lse, &dout, &mut dqkv, &mut scratch, &sh, &bwd_default)));
     let ub = tflops(
         bwd_flop,
         timed(gpu, 10, || cuda::unfused::backward(gpu, &q, &k, &v, &p, &dout_h, &mut dp, &mut dq, &mut dk, &mut dv, &sh)),

@@ -8,15 +8,7 @@
 // and moments as they were without the host waiting for the loss before the update.
 #include "common.cuh"
 
-#define ADAMW_MAX_TENSORS 32
-
-struct AdamWTensors {
-    float* p[ADAMW_MAX_TENSORS];
-    const float* g[ADAMW_MAX_TENSORS];
-    float* m[ADAMW_MAX_TENSORS];
-    float* v[ADAMW_MAX_TENSORS];
-    uint64_t start[ADAMW_MAX_TENSORS + 1];  // start[count] = total elements
-};
+// AdamWParams (the tensors' pointers and the coefficients) and ADAMW_MAX_TENSORS: src/contract.rs.
 
 struct AdamW {
     float decay;         // 1 - lr * wd
@@ -34,10 +26,8 @@ struct AdamW {
     }
 };
 
-extern "C" __global__ void adamw_multi_f32(AdamWTensors ts, uint32_t count, const float* __restrict__ guard,
-                                           float decay, float step_size, float inv_sqrt_bc2, float beta1,
-                                           float beta2, float eps, float one_minus_beta1, float one_minus_beta2) {
-    if (guard != nullptr && !isfinite(guard[0])) return;
+extern "C" __global__ void adamw_multi_f32(const AdamWParams ts) {
+    if (ts.guard != nullptr && !isfinite(ts.guard[0])) return;
     // The table in shared memory: indexing the parameter struct with a run-time tensor index
     // would copy it to the stack (local memory).
     __shared__ float* sp[ADAMW_MAX_TENSORS];
@@ -57,8 +47,8 @@ extern "C" __global__ void adamw_multi_f32(AdamWTensors ts, uint32_t count, cons
     }
     if (threadIdx.x == 0) ss[ADAMW_MAX_TENSORS] = ts.start[ADAMW_MAX_TENSORS];
     __syncthreads();
-    const AdamW a{decay, step_size, inv_sqrt_bc2, beta1, beta2, eps, one_minus_beta1, one_minus_beta2};
-    const uint64_t total = ss[count];
+    const AdamW a{ts.decay, ts.step_size, ts.inv_sqrt_bc2, ts.beta1, ts.beta2, ts.eps, ts.one_minus_beta1, ts.one_minus_beta2};
+    const uint64_t total = ss[ts.count];
     uint32_t t = 0;  // this thread's tensor; its indices only grow, so the cursor only advances
     for (uint64_t i = global_thread(); i < total; i += grid_threads()) {
         while (i >= ss[t + 1]) t++;

@@ -26,9 +26,10 @@
 
 namespace ada_mma {
 
-constexpr int ROWS = 16;  // images per block (the m16 tile)
-constexpr int WARPS = 4, THREADS = 32 * WARPS;
-constexpr int MAX_RANK = 64;
+constexpr int ROWS = ADA_IMAGES;  // images per block (the m16 tile)
+static_assert(ROWS == 16, "a block's images are one m16 tile");
+constexpr int WARPS = MMA_WARPS, THREADS = 32 * WARPS;
+constexpr int MAX_RANK = HEAD_MAX_RANK;
 constexpr int RT = MAX_RANK / 8;   // rank n-tiles of the down-projection
 constexpr int RK = MAX_RANK / 16;  // rank k-steps of the up-projection
 constexpr int RS = MAX_RANK + 8;   // row stride (floats) of the shared [16][r] tiles
@@ -280,7 +281,7 @@ extern "C" __global__ void __launch_bounds__(ada_mma::THREADS) adapter_bwd_token
 namespace ada_mma {
 constexpr int PK = 32;            // images per step
 constexpr int PSK = PK + 8;       // row stride (bf16) of the [rank][image] stages
-constexpr int PN = 64;            // columns per block
+constexpr int PN = ADA_PARAM_COLS;  // columns per block
 constexpr int PSN = PN + 8;       // row stride of the [image][column] stages
 }  // namespace ada_mma
 

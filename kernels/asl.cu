@@ -55,28 +55,22 @@ struct Asl {
 // up to four logit buffers of n elements against the same targets, each with its own gradient
 // buffer (null: none), one loss = scale * sum over terms and elements, in a fixed order (each
 // thread's grid-stride share of term 0, then term 1, ...; block partials added in block order
-// by the last block).
-struct AslTerms {
-    const float* logits[4];
-    float* grad[4];
-};
-
-extern "C" __global__ void asl_terms_fwd_bwd_f32(AslTerms terms, const float* __restrict__ targets,
-                                                 double* __restrict__ partials, unsigned int* __restrict__ counter,
-                                                 float* __restrict__ loss_out, uint64_t n, uint32_t nterms,
-                                                 float gamma_pos, float gamma_neg, float clip, float log_eps,
-                                                 int exact_grad, float scale) {
+// by the last block). AslParams: src/contract.rs.
+extern "C" __global__ void asl_terms_fwd_bwd_f32(const AslParams p) {
     __shared__ double scratch[32];
     __shared__ bool last;
-    const Asl asl{gamma_pos, gamma_neg, clip, log_eps, exact_grad};
+    const Asl asl{p.gamma_pos, p.gamma_neg, p.clip, p.log_eps, p.exact_grad};
+    const float* __restrict__ targets = p.targets;
+    const uint64_t n = p.n;
+    const float scale = p.scale;
     double acc = 0.0;
     // Terms unrolled so the pointer arrays are indexed by constants (a run-time index would
     // copy the parameter struct to the stack).
 #pragma unroll
-    for (int s = 0; s < 4; s++) {
-        if (s >= (int)nterms) break;
-        const float* __restrict__ lp = terms.logits[s];
-        float* __restrict__ gp = terms.grad[s];
+    for (int s = 0; s < ASL_MAX_TERMS; s++) {
+        if (s >= (int)p.nterms) break;
+        const float* __restrict__ lp = p.logits[s];
+        float* __restrict__ gp = p.grad[s];
         for (uint64_t i = global_thread(); i < n; i += grid_threads()) {
             float d;
             acc += (double)asl.eval(lp[i], targets[i], &d);
@@ -85,17 +79,17 @@ extern "C" __global__ void asl_terms_fwd_bwd_f32(AslTerms terms, const float* __
     }
     acc = block_sum(acc, scratch);
     if (threadIdx.x == 0) {
-        partials[blockIdx.x] = acc;
+        p.partials[blockIdx.x] = acc;
         __threadfence();
-        last = atomicAdd(counter, 1u) == gridDim.x - 1;
+        last = atomicAdd(p.counter, 1u) == gridDim.x - 1;
     }
     __syncthreads();
     if (!last) return;
     double total = 0.0;
-    for (uint32_t b = threadIdx.x; b < gridDim.x; b += blockDim.x) total += __ldcg(partials + b);
+    for (uint32_t b = threadIdx.x; b < gridDim.x; b += blockDim.x) total += __ldcg(p.partials + b);
     total = block_sum(total, scratch);
     if (threadIdx.x == 0) {
-        loss_out[0] = (float)(total * (double)scale);
-        *counter = 0;
+        p.loss_out[0] = (float)(total * (double)scale);
+        *p.counter = 0;
     }
 }

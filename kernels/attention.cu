@@ -1,7 +1,8 @@
 // Fused multi-head attention with the prompt-augmented mask (SPEC 2), FlashAttention-2 style:
-// bf16 Q, K, V read by strides straight from the qkv projection `qkv [B, N, 3, h, dh]`, fp32
-// online softmax and accumulation on tensor cores (mma.sync m16n8k16 bf16 -> f32), output
-// `out [B, Nq, h*dh]` bf16 and the per-row log-sum-exp `lse [B, h, Nq]` (f32, natural log of
+// bf16 Q, K, V `[B, N, h, dh]` read by strides (AttnParams, src/contract.rs: straight from the
+// qkv projection `qkv [B, N, 3, h, dh]`, or separate tensors), fp32 online softmax and
+// accumulation on tensor cores (mma.sync m16n8k16 bf16 -> f32), output `out [B, Nq, h, dh]`
+// (strided) bf16 and the per-row log-sum-exp `lse [B, h, Nq]` (f32, natural log of
 // the scaled scores) that the backward uses to recompute the probabilities. Queries are the
 // tokens [qs, qs + Nq) (all N in every block but the model's last, which needs only the
 // prompts); keys and values are always all N tokens.
@@ -10,9 +11,10 @@
 // other prompts' keys (it sees CLS, itself and every key >= pe); other queries see all keys.
 // Keys >= N (tile padding) are -inf. Every row keeps key 0 and itself, so no row is empty.
 //
-// Kernels (host launchers in src/ops/attention/cuda.rs), per head dim DH in {32, 64, 80, 128}
-// (ATTN_HEAD_DIMS; tile shapes in ATTN_FWD_CONFIGS / ATTN_BWD_CONFIGS at the end, dynamic
-// shared memory sized by the launcher):
+// Kernels (host launchers in src/ops/attention/cuda.rs), each taking one AttnParams, per head
+// dim DH in {32, 64, 80, 128} (ATTN_HEAD_DIMS; tile shapes in ATTN_FWD_CONFIGS /
+// ATTN_BWD_CONFIGS, generated from src/contract.rs into contract.cuh, instantiated at the end;
+// dynamic shared memory sized by the launcher from the same tables):
 //   attn_fwd_dDH       grid (ceil(Nq/BR), B*h), 128 threads; 16*MT query rows per warp (BR =
 //                      128 rows per block at dh 32, 64; 64 at 80, 128 and in the alternatives
 //                      attn_fwd_d64_r64 and attn_fwd_d64_r64p, the software-pipelined one).
@@ -21,7 +23,7 @@
 //                      (128 in the alternative attn_bwd_d64_k128), loops over the queries BQ
 //                      at a time; dK, dV in registers, written once (bf16) into dqkv; dQ
 //                      partials added with fp32 atomics into dq_acc [B, Nq, h*dh].
-//   attn_bwd_dq_convert    dqkv[:, :, 0] = scale * dq_acc (bf16; zero outside the queries).
+//   attn_bwd_dq_convert    dq = scale * dq_acc (bf16; zero outside the queries).
 //   attn_bwd_d64_split, attn_bwd_d64_split_dq: the alternative split backward: dK, dV (and the
 //                      zero dQ rows outside the queries) key-stationary, then dQ in a
 //                      query-stationary pass like the forward; no dq_acc, no atomics.
@@ -65,32 +67,18 @@
 
 namespace attn {
 
-constexpr int WARPS = 4;
+constexpr int WARPS = ATTN_WARPS;
 constexpr int THREADS = 32 * WARPS;
-constexpr int BC = 64;  // keys per tile of the forward (the backward has its own, 16 per warp)
+constexpr int BC = ATTN_KEY_TILE;  // keys per tile of the forward (the backward has its own, 16 per warp)
 constexpr float LOG2E = 1.4426950408889634f;
+static_assert(ATTN_SMEM_PAD == 8, "shared rows are padded by 16 bytes (the ldmatrix addressing below)");
 
 // Tile shapes: MT m-tiles of 16 query rows per warp in the forward (BR = 16 MT WARPS rows per
 // block), BQ query rows per step of the backward; sized per head dim so that the accumulators
-// fit the 255 registers of a thread without spilling (ATTN_FWD_CONFIGS, ATTN_BWD_CONFIGS below
-// list the compiled ones). Shared memory is dynamic (rows padded to DH + 8 elements): at head
-// dims 80 and 128 it can exceed the 48 KB a static array may take.
-// src/ops/attention/mod.rs (FWD_TILES, BWD_TILES) holds the same figures for the launcher:
-// tests/gpu_ptxas.rs checks its tiles against the lists at the end of this file, and the
+// fit the 255 registers of a thread without spilling. The compiled ones and their dynamic shared
+// memory (rows padded to DH + 8 elements; at head dims 80 and 128 more than the 48 KB a static
+// array may take) come from src/contract.rs, the one place the launcher reads them too; the
 // virtual device's memcheck (tools/vgpu) fails a launch given less shared memory than used.
-// Forward: sQ [BR] rows, sK and sV [BC] rows each, twice when software-pipelined.
-constexpr size_t fwd_smem(int DH, int MT, bool PIPE) {
-    return (size_t)(16 * MT * WARPS + (PIPE ? 4 : 2) * BC) * (DH + 8) * 2;
-}
-// Backward with KW warps (BK = 16 KW keys per block): sK, sV [BK], sQ, sdO [BQ] rows;
-// dS^T [BK][BQ + 8]; lse and D [BQ] floats. SPLIT: no dS^T; sQ, sdO, lse and D twice.
-constexpr size_t bwd_smem(int DH, int BQ, int KW, bool SPLIT) {
-    return SPLIT ? (size_t)(2 * 16 * KW + 4 * BQ) * (DH + 8) * 2 + 4 * (size_t)BQ * 4
-                 : (size_t)(2 * 16 * KW + 2 * BQ) * (DH + 8) * 2 + (size_t)16 * KW * (BQ + 8) * 2 + 2 * (size_t)BQ * 4;
-}
-// The split backward's dQ pass: sQ, sdO [BR] rows; K and V [BC] rows, twice each.
-constexpr size_t bwd_dq_smem(int DH, int MT) { return (size_t)(2 * 16 * MT * WARPS + 4 * BC) * (DH + 8) * 2; }
-
 
 // p[0] += a, p[1] += b in device memory (p 8-byte aligned): one vector reduction on sm_90.
 __device__ __forceinline__ void add2(float* p, float a, float b) {
@@ -147,24 +135,19 @@ __device__ __forceinline__ bool visible(int i, int j, int n, int ps, int pe) {
     return (j < n) & ((i == j) | !(ip & jp));
 }
 
-// One (image, head) of qkv [B, N, 3, h, dh]: its Q, K, V columns (token rows at stride rs =
-// 3 D) and, for dout/out [B, Nq, D], the head's column offset. blockIdx.y = b * H + hh.
+// One (image, head) of the block (blockIdx.y = b * H + hh): where its Q, K, V rows start.
 struct HeadView {
-    int bh, b, hh, D;
-    size_t rs;
+    int bh, b, hh;
     const bf16 *q, *k, *v;
 };
-template <int DH>
-__device__ __forceinline__ HeadView head_view(const bf16* qkv, int N, int H) {
+__device__ __forceinline__ HeadView head_view(const AttnParams& p) {
     HeadView h;
     h.bh = blockIdx.y;
-    h.b = h.bh / H;
-    h.hh = h.bh % H;
-    h.D = H * DH;
-    h.rs = 3 * (size_t)h.D;
-    h.q = qkv + (size_t)h.b * N * h.rs + h.hh * DH;
-    h.k = h.q + h.D;
-    h.v = h.q + 2 * h.D;
+    h.b = h.bh / p.h;
+    h.hh = h.bh % p.h;
+    h.q = p.q + h.b * p.q_batch_stride + h.hh * p.q_head_stride;
+    h.k = p.k + h.b * p.k_batch_stride + h.hh * p.k_head_stride;
+    h.v = p.v + h.b * p.v_batch_stride + h.hh * p.v_head_stride;
     return h;
 }
 
@@ -284,8 +267,10 @@ __device__ __forceinline__ void pv_tile(float (&o)[MT][DH / 8][4], const float (
 //     scheduler can interleave them; K and V are double-buffered and the loads for the next
 //     iteration have a whole iteration to land (one barrier per tile).
 template <int DH, int MT, bool PIPE>
-__device__ __forceinline__ void fwd(const bf16* __restrict__ qkv, bf16* __restrict__ out, float* __restrict__ lse,
-                                    int N, int H, int ps, int pe, int qs, int nq, float scale) {
+__device__ __forceinline__ void fwd(const AttnParams& p) {
+    const int N = p.n, ps = p.ps, pe = p.pe, qs = p.qs, nq = p.nq;
+    const float scale = p.scale;
+    float* __restrict__ lse = p.lse;
     constexpr int BR = 16 * MT * WARPS;
     constexpr int SROW = DH + 8;
     constexpr int KD = DH / 16;  // k-chunks over the head dim
@@ -296,17 +281,17 @@ __device__ __forceinline__ void fwd(const bf16* __restrict__ qkv, bf16* __restri
     bf16* sK = sQ + BR * SROW;                        // NBUF x [BC][SROW]
     bf16* sV = sK + NBUF * BC * SROW;                 // NBUF x [BC][SROW]
 
-    const HeadView hv = head_view<DH>(qkv, N, H);
-    const int bh = hv.bh, D = hv.D;
-    const size_t rs = hv.rs;
+    const HeadView hv = head_view(p);
+    const int bh = hv.bh;
+    const size_t qrs = p.q_row_stride, krs = p.k_row_stride, vrs = p.v_row_stride;
     const bf16 *qg = hv.q, *kg = hv.k, *vg = hv.v;
     const int q0 = blockIdx.x * BR;  // first query row (of nq) of this block; token qs + q0
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int g = lane >> 2, t = lane & 3;
     const int wrow = warp * 16 * MT;  // first row of this warp inside the block
 
-    load_tile<BR, DH>(sQ, qg, rs, qs + q0, qs + nq);
-    load_tile<BC, DH>(sK, kg, rs, 0, N);
+    load_tile<BR, DH>(sQ, qg, qrs, qs + q0, qs + nq);
+    load_tile<BC, DH>(sK, kg, krs, 0, N);
     cp_async_commit();
     cp_async_wait_all();
     __syncthreads();
@@ -343,7 +328,7 @@ __device__ __forceinline__ void fwd(const bf16* __restrict__ qkv, bf16* __restri
                 cp_async_wait_all();  // K_j landed
                 __syncthreads();      // ... for every thread; every warp is done with V_{j-1}
             }
-            load_tile<BC, DH>(sV, vg, rs, k0, N);
+            load_tile<BC, DH>(sV, vg, vrs, k0, N);
             cp_async_commit();
 
             float s[MT][NK][4];
@@ -354,7 +339,7 @@ __device__ __forceinline__ void fwd(const bf16* __restrict__ qkv, bf16* __restri
             cp_async_wait_all();  // V_j landed
             __syncthreads();      // ... for every thread; every warp is done with K_j
             if (j + 1 < ntiles) {
-                load_tile<BC, DH>(sK, kg, rs, k0 + BC, N);
+                load_tile<BC, DH>(sK, kg, krs, k0 + BC, N);
                 cp_async_commit();
             }
             pv_tile<DH, MT>(o, s, sV, lane);
@@ -365,8 +350,8 @@ __device__ __forceinline__ void fwd(const bf16* __restrict__ qkv, bf16* __restri
         // the next tile to P V: no branch keeps the scheduler from interleaving them.
         auto kbuf = [&](int j) { return sK + (j & 1) * BC * SROW; };
         auto vbuf = [&](int j) { return sV + (j & 1) * BC * SROW; };
-        load_tile<BC, DH>(vbuf(0), vg, rs, 0, N);
-        if (ntiles > 1) load_tile<BC, DH>(kbuf(1), kg, rs, BC, N);
+        load_tile<BC, DH>(vbuf(0), vg, vrs, 0, N);
+        if (ntiles > 1) load_tile<BC, DH>(kbuf(1), kg, krs, BC, N);
         cp_async_commit();
         float s[MT][NK][4];  // S_j: raw scores, then probabilities
         qk_tile<DH, MT>(s, qf, kbuf(0), lane);
@@ -375,8 +360,8 @@ __device__ __forceinline__ void fwd(const bf16* __restrict__ qkv, bf16* __restri
             if (needs_mask(k0)) mask_tile<MT>(s, qs + q0 + wrow, k0, N, ps, pe, lane);
             cp_async_wait_all();  // K_{j+1}, V_j landed
             __syncthreads();      // ... for every thread; every warp is done with K_j, V_{j-1}
-            load_tile<BC, DH>(vbuf(j + 1), vg, rs, k0 + BC, N);
-            if (j + 2 < ntiles) load_tile<BC, DH>(kbuf(j + 2), kg, rs, k0 + 2 * BC, N);
+            load_tile<BC, DH>(vbuf(j + 1), vg, vrs, k0 + BC, N);
+            if (j + 2 < ntiles) load_tile<BC, DH>(kbuf(j + 2), kg, krs, k0 + 2 * BC, N);
             cp_async_commit();
             float sn[MT][NK][4];  // S_{j+1}
             qk_tile<DH, MT>(sn, qf, kbuf(j + 1), lane);
@@ -419,7 +404,8 @@ __device__ __forceinline__ void fwd(const bf16* __restrict__ qkv, bf16* __restri
     // This block's head in its image's output rows, from a fresh read of the block index:
     // keeping the image index live through the loop cost registers that ptxas spilled.
     const int bh_again = block_y_again();
-    bf16* og = out + (size_t)(bh_again / H) * nq * D + (bh_again % H) * DH;
+    bf16* og = p.o + (bh_again / p.h) * p.o_batch_stride + (bh_again % p.h) * p.o_head_stride;
+    const size_t ors = p.o_row_stride;
     constexpr int CH = DH / 8;
 #pragma unroll
     for (int i = 0; i < 16 * MT * CH / 32; i++) {
@@ -427,39 +413,46 @@ __device__ __forceinline__ void fwd(const bf16* __restrict__ qkv, bf16* __restri
         const int r = c / CH, k = c % CH;
         const int qi = q0 + wrow + r;
         if (qi < nq)
-            *reinterpret_cast<uint4*>(og + (size_t)qi * D + k * 8) =
+            *reinterpret_cast<uint4*>(og + (size_t)qi * ors + k * 8) =
                 *reinterpret_cast<const uint4*>(sQ + (wrow + r) * SROW + k * 8);
     }
 }
 
 // ------------------------------------------------------------------------------ backward
-// dvec[b, h, i] = sum_d dO[b, i, h, d] O[b, i, h, d]; zeroes dq_acc (same layout as out)
-// unless it is null.
-// N here is the number of query rows. Each thread takes 16-byte chunks of 8 elements; the G
+// dvec[b, h, i] = sum_d dO[b, i, h, d] O[b, i, h, d] over the nq query rows; zeroes dq_acc
+// ([B, nq, h*dh] contiguous) unless it is null. Each thread takes 16-byte chunks of 8 elements; the G
 // lanes of one (b, i, h) row (G the largest power of two dividing DH/8: 4 at dh 32, 8 at 64,
 // 2 at 80, 16 at 128) take its chunks in turn, so a warp reads 32 consecutive chunks at a time,
 // and sum by shuffles. Whole warps step together so every shuffle has all 32 lanes.
 template <int DH>
-__device__ __forceinline__ void bwd_pre(const bf16* __restrict__ out, const bf16* __restrict__ dout,
-                                        float* __restrict__ dvec, float* __restrict__ dq_acc, int B, int N, int H) {
+__device__ __forceinline__ void bwd_pre(const AttnParams& p) {
+    const int N = p.nq, H = p.h;
+    float* __restrict__ dq_acc = p.dq_acc;
     constexpr int CH = DH / 8;     // chunks per row
     constexpr int G = CH & -CH;    // lanes per row
     constexpr int PER = CH / G;    // chunks per lane
     static_assert(G <= 32 && 32 % G == 0, "lanes per row must divide the warp");
-    const uint64_t total = (uint64_t)B * N * H * G;
+    const uint64_t total = (uint64_t)p.b * N * H * G;
     const int lane = threadIdx.x & 31;
     for (uint64_t base = global_thread() - lane; base < total; base += grid_threads()) {
         const uint64_t c = base + lane;
         const bool ok = c < total;  // the same for all lanes of a row: total % G == 0
         const uint64_t row = c / G;  // (b * N + i) * H + h
+        const int hh = (int)(row % H);
+        const uint64_t bi = row / H;
+        const int i = (int)(bi % N);
+        const int64_t b = (int64_t)(bi / N);
         float acc = 0.0f;
         if (ok) {
+            const bf16* o = p.o + b * p.o_batch_stride + i * p.o_row_stride + hh * p.o_head_stride;
+            const bf16* dout = p.dout + b * p.do_batch_stride + i * p.do_row_stride + hh * p.do_head_stride;
 #pragma unroll
             for (int j = 0; j < PER; j++) {
-                const uint64_t chunk = row * CH + (c % G) + (uint64_t)j * G;
+                const int kc = (int)(c % G) + j * G;  // chunk of the row
+                const uint64_t chunk = row * CH + kc;
                 float x[8], y[8];
-                load_bf16<8>(out + chunk * 8, x);
-                load_bf16<8>(dout + chunk * 8, y);
+                load_bf16<8>(o + kc * 8, x);
+                load_bf16<8>(dout + kc * 8, y);
 #pragma unroll
                 for (int e = 0; e < 8; e++) acc = fmaf(x[e], y[e], acc);
                 if (dq_acc != nullptr) {  // null for the split backward (no dQ sums)
@@ -471,13 +464,7 @@ __device__ __forceinline__ void bwd_pre(const bf16* __restrict__ out, const bf16
         }
 #pragma unroll
         for (int o = G / 2; o > 0; o >>= 1) acc += __shfl_xor_sync(FULL_MASK, acc, o);
-        if (ok && lane % G == 0) {
-            const int hh = (int)(row % H);
-            const uint64_t bi = row / H;
-            const int i = (int)(bi % N);
-            const uint64_t b = bi / N;
-            dvec[(b * H + hh) * N + i] = acc;
-        }
+        if (ok && lane % G == 0) p.dvec[(b * H + hh) * N + i] = acc;
     }
 }
 
@@ -489,10 +476,12 @@ __device__ __forceinline__ void bwd_pre(const bf16* __restrict__ out, const bf16
 // and dO double-buffered so the next step's load has a whole step to land, one barrier per
 // step; the block also writes the zero dQ rows of its keys outside the query range.
 template <int DH, int BQ, int KW, bool SPLIT>
-__device__ __forceinline__ void bwd(const bf16* __restrict__ qkv, const bf16* __restrict__ dout,
-                                    const float* __restrict__ lse, const float* __restrict__ dvec,
-                                    float* __restrict__ dq_acc, bf16* __restrict__ dqkv, int N, int H, int ps, int pe,
-                                    int qs, int nq, float scale) {
+__device__ __forceinline__ void bwd(const AttnParams& p) {
+    const int N = p.n, ps = p.ps, pe = p.pe, qs = p.qs, nq = p.nq;
+    const float scale = p.scale;
+    const float* __restrict__ lse = p.lse;
+    const float* __restrict__ dvec = p.dvec;
+    float* __restrict__ dq_acc = p.dq_acc;
     constexpr int BC = 16 * KW, NT = 32 * KW;  // keys and threads per block (KW warps)
     constexpr int SROW = DH + 8;
     constexpr int PROW = BQ + 8;
@@ -512,11 +501,11 @@ __device__ __forceinline__ void bwd(const bf16* __restrict__ qkv, const bf16* __
     float* sLb = reinterpret_cast<float*>(sdS + (SPLIT ? 0 : BC * PROW));  // lse * log2(e), NB x [BQ]
     float* sDb = sLb + NB * BQ;                                             // D, NB x [BQ]
 
-    const HeadView hv = head_view<DH>(qkv, N, H);
-    const int bh = hv.bh, b = hv.b, hh = hv.hh, D = hv.D;
-    const size_t rs = hv.rs;
+    const HeadView hv = head_view(p);
+    const int bh = hv.bh, b = hv.b, hh = hv.hh, D = p.h * DH;
+    const size_t qrs = p.q_row_stride, krs = p.k_row_stride, vrs = p.v_row_stride, dors = p.do_row_stride;
     const bf16 *qg = hv.q, *kg = hv.k, *vg = hv.v;
-    const bf16* dog = dout + (size_t)b * nq * D + hh * DH;
+    const bf16* dog = p.dout + b * p.do_batch_stride + hh * p.do_head_stride;
     const int k0 = blockIdx.x * BC;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int g = lane >> 2, t = lane & 3;
@@ -526,8 +515,8 @@ __device__ __forceinline__ void bwd(const bf16* __restrict__ qkv, const bf16* __
     // into registers (stored into sL, sD by the caller once nobody reads them).
     auto fetch_step = [&](int q0, float& l_next, float& d_next) {
         const int buf = (q0 / BQ) % NB;
-        load_tile<BQ, DH, NT>(sQb + buf * BQ * SROW, qg, rs, qs + q0, qs + nq);
-        load_tile<BQ, DH, NT>(sdOb + buf * BQ * SROW, dog, D, q0, nq);
+        load_tile<BQ, DH, NT>(sQb + buf * BQ * SROW, qg, qrs, qs + q0, qs + nq);
+        load_tile<BQ, DH, NT>(sdOb + buf * BQ * SROW, dog, dors, q0, nq);
         if (threadIdx.x < BQ) {
             const int qi = q0 + threadIdx.x;
             l_next = qi < nq ? lse[(size_t)bh * nq + qi] * LOG2E : 0.0f;
@@ -535,8 +524,8 @@ __device__ __forceinline__ void bwd(const bf16* __restrict__ qkv, const bf16* __
         }
     };
     float l_next = 0.0f, d_next = 0.0f;
-    load_tile<BC, DH, NT>(sK, kg, rs, k0, N);
-    load_tile<BC, DH, NT>(sV, vg, rs, k0, N);
+    load_tile<BC, DH, NT>(sK, kg, krs, k0, N);
+    load_tile<BC, DH, NT>(sV, vg, vrs, k0, N);
     if (nq > 0) fetch_step(0, l_next, d_next);
     cp_async_commit();
     if (threadIdx.x < BQ) {
@@ -726,18 +715,22 @@ __device__ __forceinline__ void bwd(const bf16* __restrict__ qkv, const bf16* __
     }
     __syncwarp();
     constexpr int CH = DH / 8;
-    bf16* dkg = dqkv + (size_t)b * N * rs + D + hh * DH;
+    bf16* dkg = p.dk + b * p.dk_batch_stride + hh * p.dk_head_stride;
+    bf16* dvg = p.dv + b * p.dv_batch_stride + hh * p.dv_head_stride;
 #pragma unroll
     for (int i = 0; i < 16 * CH / 32; i++) {
         const int c = lane + 32 * i;
         const int r = c / CH, k = c % CH;
         const int kj = k0 + wk + r;
         if (kj < N) {
-            bf16* dst = dkg + (size_t)kj * rs + k * 8;
-            *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(sK + (wk + r) * SROW + k * 8);
-            *reinterpret_cast<uint4*>(dst + D) = *reinterpret_cast<const uint4*>(sV + (wk + r) * SROW + k * 8);
+            *reinterpret_cast<uint4*>(dkg + kj * p.dk_row_stride + k * 8) =
+                *reinterpret_cast<const uint4*>(sK + (wk + r) * SROW + k * 8);
+            *reinterpret_cast<uint4*>(dvg + kj * p.dv_row_stride + k * 8) =
+                *reinterpret_cast<const uint4*>(sV + (wk + r) * SROW + k * 8);
             // SPLIT: the dQ rows of keys outside the query range are zero (bwd_dq writes the rest).
-            if (SPLIT && (kj < qs || kj >= qs + nq)) *reinterpret_cast<uint4*>(dst - D) = make_uint4(0, 0, 0, 0);
+            if (SPLIT && (kj < qs || kj >= qs + nq))
+                *reinterpret_cast<uint4*>(p.dq + b * p.dq_batch_stride + kj * p.dq_row_stride + hh * p.dq_head_stride + k * 8) =
+                    make_uint4(0, 0, 0, 0);
         }
     }
 }
@@ -749,10 +742,11 @@ __device__ __forceinline__ void bwd(const bf16* __restrict__ qkv, const bf16* __
 // bf16, into dqkv's Q slot. Two more products than dQ by atomics in bwd, and no fp32
 // scratch, atomics or conversion pass: deterministic.
 template <int DH, int MT>
-__device__ __forceinline__ void bwd_dq(const bf16* __restrict__ qkv, const bf16* __restrict__ dout,
-                                       const float* __restrict__ lse, const float* __restrict__ dvec,
-                                       bf16* __restrict__ dqkv, int N, int H, int ps, int pe, int qs, int nq,
-                                       float scale) {
+__device__ __forceinline__ void bwd_dq(const AttnParams& p) {
+    const int N = p.n, ps = p.ps, pe = p.pe, qs = p.qs, nq = p.nq;
+    const float scale = p.scale;
+    const float* __restrict__ lse = p.lse;
+    const float* __restrict__ dvec = p.dvec;
     constexpr int BR = 16 * MT * WARPS;
     constexpr int SROW = DH + 8, KD = DH / 16, ND = DH / 8, NK = BC / 8;
     bf16* sQ = reinterpret_cast<bf16*>(dyn_smem());  // [BR][SROW]
@@ -762,20 +756,20 @@ __device__ __forceinline__ void bwd_dq(const bf16* __restrict__ qkv, const bf16*
     auto kbuf = [&](int j) { return sK + (j & 1) * BC * SROW; };
     auto vbuf = [&](int j) { return sV + (j & 1) * BC * SROW; };
 
-    const HeadView hv = head_view<DH>(qkv, N, H);
-    const int bh = hv.bh, b = hv.b, hh = hv.hh, D = hv.D;
-    const size_t rs = hv.rs;
+    const HeadView hv = head_view(p);
+    const int bh = hv.bh, b = hv.b, hh = hv.hh;
+    const size_t qrs = p.q_row_stride, krs = p.k_row_stride, vrs = p.v_row_stride;
     const bf16 *qg = hv.q, *kg = hv.k, *vg = hv.v;
-    const bf16* dog = dout + (size_t)b * nq * D + hh * DH;
+    const bf16* dog = p.dout + b * p.do_batch_stride + hh * p.do_head_stride;
     const int q0 = blockIdx.x * BR;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int g = lane >> 2, t = lane & 3;
     const int wrow = warp * 16 * MT;
 
-    load_tile<BR, DH>(sQ, qg, rs, qs + q0, qs + nq);
-    load_tile<BR, DH>(sdO, dog, D, q0, nq);
-    load_tile<BC, DH>(kbuf(0), kg, rs, 0, N);
-    load_tile<BC, DH>(vbuf(0), vg, rs, 0, N);
+    load_tile<BR, DH>(sQ, qg, qrs, qs + q0, qs + nq);
+    load_tile<BR, DH>(sdO, dog, p.do_row_stride, q0, nq);
+    load_tile<BC, DH>(kbuf(0), kg, krs, 0, N);
+    load_tile<BC, DH>(vbuf(0), vg, vrs, 0, N);
     cp_async_commit();
 
     // lse (log2 units) and D of this lane's rows: g and g + 8 of each m-tile (0 past nq, where
@@ -819,8 +813,8 @@ __device__ __forceinline__ void bwd_dq(const bf16* __restrict__ qkv, const bf16*
             __syncthreads();      // ... for every thread; every warp is done with tile j - 1
         }
         if (j + 1 < ntiles) {
-            load_tile<BC, DH>(kbuf(j + 1), kg, rs, k0 + BC, N);
-            load_tile<BC, DH>(vbuf(j + 1), vg, rs, k0 + BC, N);
+            load_tile<BC, DH>(kbuf(j + 1), kg, krs, k0 + BC, N);
+            load_tile<BC, DH>(vbuf(j + 1), vg, vrs, k0 + BC, N);
             cp_async_commit();
         }
         float s[MT][NK][4], dp[MT][NK][4];
@@ -852,7 +846,8 @@ __device__ __forceinline__ void bwd_dq(const bf16* __restrict__ qkv, const bf16*
                     pack(dq[mt][dt][2 * r] * scale, dq[mt][dt][2 * r + 1] * scale);
         }
     __syncwarp();
-    bf16* dqg = dqkv + (size_t)(block_y_again() / H) * N * rs + hh * DH;
+    const int bh_again = block_y_again();
+    bf16* dqg = p.dq + (bh_again / p.h) * p.dq_batch_stride + (bh_again % p.h) * p.dq_head_stride;
     constexpr int CH = DH / 8;
 #pragma unroll
     for (int i = 0; i < 16 * MT * CH / 32; i++) {
@@ -860,75 +855,51 @@ __device__ __forceinline__ void bwd_dq(const bf16* __restrict__ qkv, const bf16*
         const int r = c / CH, kq = c % CH;
         const int qi = q0 + wrow + r;
         if (qi < nq)
-            *reinterpret_cast<uint4*>(dqg + (size_t)(qs + qi) * rs + kq * 8) =
+            *reinterpret_cast<uint4*>(dqg + (size_t)(qs + qi) * p.dq_row_stride + kq * 8) =
                 *reinterpret_cast<const uint4*>(sQ + (wrow + r) * SROW + kq * 8);
     }
 }
 
 }  // namespace attn
 
-// The compiled kernels: per head dim the row sums (ATTN_HEAD_DIMS) and one or more tile shapes
-// of the forward (head dim, MT, software-pipelined, minimum blocks per SM, name) and the
-// backward (head dim, BQ, warps, split: dK and dV only, name); the first of a head dim is the launcher's default, the others are alternatives
-// benches/gpu_attention.rs measures against it. tests/gpu_ptxas.rs reads these lists.
-#define ATTN_HEAD_DIMS(X) X(32) X(64) X(80) X(128)
-#define ATTN_FWD_CONFIGS(X)                                                                                   \
-    X(32, 2, false, 1, attn_fwd_d32) X(64, 2, false, 1, attn_fwd_d64) X(64, 1, false, 3, attn_fwd_d64_r64)     \
-        X(64, 1, true, 3, attn_fwd_d64_r64p) X(80, 1, false, 3, attn_fwd_d80) X(128, 1, false, 1, attn_fwd_d128)
-#define ATTN_BWD_CONFIGS(X)                                                                               \
-    X(32, 64, 4, false, attn_bwd_d32) X(64, 64, 4, false, attn_bwd_d64) X(64, 32, 4, false, attn_bwd_d64_q32) \
-        X(64, 64, 8, false, attn_bwd_d64_k128) X(64, 64, 4, true, attn_bwd_d64_split)                        \
-            X(80, 32, 4, false, attn_bwd_d80) X(128, 16, 4, false, attn_bwd_d128)
-// The dQ passes of the split backwards (head dim, MT, name): NAME_dq beside NAME above.
-#define ATTN_BWD_DQ_CONFIGS(X) X(64, 1, attn_bwd_d64_split_dq)
-
-// MINB: blocks per SM to ask ptxas to fit (3 at <= 168 registers where that costs no spill).
-#define ATTN_FWD_KERNEL(DH, MT, PIPE, MINB, NAME)                                                            \
-    extern "C" __global__ void __launch_bounds__(attn::THREADS, MINB)                                        \
-        NAME(const bf16* qkv, bf16* out, float* lse, int N, int H, int ps, int pe, int qs, int nq, float scale) { \
-        attn::fwd<DH, MT, PIPE>(qkv, out, lse, N, H, ps, pe, qs, nq, scale);                                 \
-    }
-#define ATTN_PRE_KERNEL(DH)                                                                                       \
-    extern "C" __global__ void attn_bwd_pre_d##DH(const bf16* out, const bf16* dout, float* dvec, float* dq_acc, \
-                                                  int B, int N, int H) {                                          \
-        attn::bwd_pre<DH>(out, dout, dvec, dq_acc, B, N, H);                                                      \
-    }
-#define ATTN_BWD_KERNEL(DH, BQ, KW, SPLIT, NAME)                                                            \
-    extern "C" __global__ void __launch_bounds__(32 * KW)                                                   \
-        NAME(const bf16* qkv, const bf16* dout, const float* lse, const float* dvec, float* dq_acc, bf16* dqkv, \
-             int N, int H, int ps, int pe, int qs, int nq, float scale) {                                   \
-        attn::bwd<DH, BQ, KW, SPLIT>(qkv, dout, lse, dvec, dq_acc, dqkv, N, H, ps, pe, qs, nq, scale);      \
-    }
-#define ATTN_BWD_DQ_KERNEL(DH, MT, NAME)                                                                    \
-    extern "C" __global__ void __launch_bounds__(attn::THREADS)                                             \
-        NAME(const bf16* qkv, const bf16* dout, const float* lse, const float* dvec, bf16* dqkv, int N, int H, \
-             int ps, int pe, int qs, int nq, float scale) {                                                 \
-        attn::bwd_dq<DH, MT>(qkv, dout, lse, dvec, dqkv, N, H, ps, pe, qs, nq, scale);                      \
-    }
+// The compiled kernels, from the tile tables of src/contract.rs (contract.cuh's X-macros): per
+// head dim the row sums (ATTN_HEAD_DIMS), one or more tile shapes of the forward (head dim, MT,
+// software-pipelined, minimum blocks per SM, name, shared memory) and of the backward (head dim,
+// BQ, warps, split: dK and dV only, name, shared memory), and the split backwards' dQ passes.
+#define ATTN_FWD_KERNEL(DH, MT, PIPE, MINB, NAME, SMEM) \
+    extern "C" __global__ void __launch_bounds__(attn::THREADS, MINB) NAME(const AttnParams p) { attn::fwd<DH, MT, PIPE>(p); }
+#define ATTN_PRE_KERNEL(DH) \
+    extern "C" __global__ void attn_bwd_pre_d##DH(const AttnParams p) { attn::bwd_pre<DH>(p); }
+#define ATTN_BWD_KERNEL(DH, BQ, KW, SPLIT, NAME, SMEM) \
+    extern "C" __global__ void __launch_bounds__(32 * KW) NAME(const AttnParams p) { attn::bwd<DH, BQ, KW, SPLIT>(p); }
+#define ATTN_BWD_DQ_KERNEL(DH, MT, NAME, SMEM) \
+    extern "C" __global__ void __launch_bounds__(attn::THREADS) NAME(const AttnParams p) { attn::bwd_dq<DH, MT>(p); }
 ATTN_HEAD_DIMS(ATTN_PRE_KERNEL)
 ATTN_FWD_CONFIGS(ATTN_FWD_KERNEL)
 ATTN_BWD_CONFIGS(ATTN_BWD_KERNEL)
 ATTN_BWD_DQ_CONFIGS(ATTN_BWD_DQ_KERNEL)
 
-// dqkv[b, i, 0, :] = scale * dq_acc[b, i - qs, :] for query tokens i in [qs, qs + nq), zero for
-// the other tokens; over the B*N token rows (D = h*dh, D % 8 == 0).
-extern "C" __global__ void attn_bwd_dq_convert(const float* __restrict__ dq_acc, bf16* __restrict__ dqkv,
-                                               uint64_t rows, uint32_t N, uint32_t qs, uint32_t nq, uint32_t D,
-                                               float scale) {
+// dq[b, i, h, :] = scale * dq_acc[b, i - qs, h*dh:] for query tokens i in [qs, qs + nq), zero
+// for the other tokens; over the B*N token rows in chunks of 8 (dh % 8 == 0).
+extern "C" __global__ void attn_bwd_dq_convert(const AttnParams p) {
+    const uint32_t N = p.n, qs = p.qs, nq = p.nq, D = p.h * p.dh;
     const uint32_t ch = D / 8;
+    const uint64_t rows = (uint64_t)p.b * N;
     for (uint64_t c = global_thread(); c < rows * ch; c += grid_threads()) {
         const uint64_t r = c / ch, k = c % ch;
         const uint32_t i = (uint32_t)(r % N);
+        const int64_t b = (int64_t)(r / N);
         float v[8];
         if (i >= qs && i < qs + nq) {
-            load_f32<8>(dq_acc + ((r / N) * nq + (i - qs)) * D + k * 8, v);
+            load_f32<8>(p.dq_acc + ((r / N) * nq + (i - qs)) * D + k * 8, v);
 #pragma unroll
-            for (int e = 0; e < 8; e++) v[e] *= scale;
+            for (int e = 0; e < 8; e++) v[e] *= p.scale;
         } else {
 #pragma unroll
             for (int e = 0; e < 8; e++) v[e] = 0.0f;
         }
-        store_bf16<8>(dqkv + r * 3 * D + k * 8, v);
+        const uint32_t col = (uint32_t)k * 8, hh = col / p.dh;
+        store_bf16<8>(p.dq + b * p.dq_batch_stride + i * p.dq_row_stride + hh * p.dq_head_stride + (col - hh * p.dh), v);
     }
 }
 

@@ -15,9 +15,9 @@
 // and gate-row gradients are gathers, not contended scatters.
 #include "common.cuh"
 
-constexpr int HEAD_MAX_E = 8;
-constexpr int HEAD_MAX_RANK = 64;
-constexpr int HEAD_MAX_CH = 1024 / 8;  // chunks of 8 columns in the widest row
+// HEAD_MAX_D, HEAD_MAX_E, HEAD_MAX_RANK and the block shapes below (MOE_FWD_IMAGES, TOK_IMAGES,
+// ROWS_WARPS, PAIR_TILE, ADA_IMAGES): src/contract.rs, which the launcher reads too.
+constexpr int HEAD_MAX_CH = HEAD_MAX_D / 8;  // chunks of 8 columns in the widest row
 
 // ------------------------------------------------------------------ MoE forward
 // Two launches; the [B, K, D] mixture is never formed (y = sum_e A_e <W[k], a(Z)> + c[k]).
@@ -27,7 +27,6 @@ constexpr int HEAD_MAX_CH = 1024 / 8;  // chunks of 8 columns in the widest row
 //    Token-major, so Z is read once per image and the block's warps share each G/W row
 //    through L1, instead of re-reading Z rows once per label. Tokens no pair points at (the
 //    other branch's) exit at once.
-constexpr int MOE_FWD_IMAGES = 32;
 constexpr int MOE_MAX_CH_PER_LANE = HEAD_MAX_CH / 32;
 
 __device__ __forceinline__ void unpack_bf16x8(const uint4& raw, float (&o)[8]) {
@@ -171,7 +170,6 @@ extern "C" __global__ void moe_bwd_coef(const float* __restrict__ dy, const floa
 //    dz[b,t] += sum_{(e,k) -> t} dq[b,e,k] G[grow(e,k)], dadapted[b,t] += sum dr[b,e,k] W[k],
 //    the (e, k) pairs from tok's inverse in increasing order. A token no pair points at (the
 //    other branch's) is left untouched. The G/W rows are re-read per image group from L1.
-constexpr int TOK_IMAGES = 8;
 
 template <bool ROWS_BY_GATE>
 __device__ __forceinline__ void gather_rows_into(bf16* __restrict__ out, const float* __restrict__ coef,
@@ -234,8 +232,6 @@ extern "C" __global__ void __launch_bounds__(128) moe_bwd_tokens(
 //    out[j] = sum over list(j) of pair_rows[idx], list(j) = {e*K + j : e < E} (offsets null:
 //    the classifier, dw) or grow's inverse (the gate rows, dgate; a row no pair uses is 0).
 //    Both overwrite; the same bits on every run.
-constexpr int ROWS_WARPS = 8;
-constexpr int PAIR_TILE = 8;
 
 // Warp partials of 8 columns per lane -> shared (lane's 8 columns at 8*lane..), then thread c
 // adds column c over the warps in order and writes out_row[(col0 + c) * out_stride]. Row
@@ -316,7 +312,6 @@ extern "C" __global__ void moe_sum_pairs(const float* __restrict__ pair_rows, co
 // Block = token t and ADA_IMAGES images (processed ADA_GROUP at a time), thread = 8 columns
 // (blockDim = D/8 rounded up to a warp, <= 128). The rank-r projections are reductions over D:
 // per (image, j) a warp sum, then the block's warps added in order through shared memory.
-constexpr int ADA_IMAGES = 16;
 constexpr int ADA_GROUP = 4;
 constexpr int ADA_WARPS = HEAD_MAX_CH / 32;
 

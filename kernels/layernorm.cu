@@ -177,6 +177,9 @@ __device__ __forceinline__ void layernorm_bwd(const bf16* dy, const S* __restric
         layernorm_bwd<VEC, NCH, S>(dy, x, gamma, mean, rstd, dx, rows, d, accumulate);               \
     }
 // Every kernel of one storage type S, named layernorm_{fwd,bwd}_SUFFIX[_v8_cN].
+// The v8 families come in 1..4 chunks of 256 columns a row (32 lanes x 8) and VEC = 1 holds 32
+// values a lane: both reach the launcher's LN_MAX_D (src/contract.rs), no further.
+static_assert(LN_MAX_D == 4 * 32 * 8, "LN_MAX_D must match the widest v8 family (c4) and VEC = 1's 32 values a lane");
 #define LN_ALL(SUFFIX, S)                                     \
     LN_FWD(layernorm_fwd_##SUFFIX, 1, 32, S)                  \
     LN_FWD(layernorm_fwd_##SUFFIX##_v8_c1, 8, 1, S)           \

@@ -39,8 +39,8 @@
 
 namespace moe_mma {
 
-constexpr int BM = 64, BN = 64;
-constexpr int WARPS = 4, THREADS = 32 * WARPS;
+constexpr int BM = MMA_TILE, BN = MMA_TILE;
+constexpr int WARPS = MMA_WARPS, THREADS = 32 * WARPS;
 // Row stride (bf16) of a [rows][BK] stage: SK = BK + 8 (80 bytes at BK 32, 144 at 64), and of a
 // [BK][BN] stage: BN + 8 (144 bytes). Odd multiples of 16 bytes: ldmatrix's 8 row addresses
 // fall in 8 distinct 16-byte bank groups.

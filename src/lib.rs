@@ -4,6 +4,7 @@
 //! model, data, grouping, metrics are ground floor). See `docs/ARCHITECTURE.md`.
 
 pub mod backend;
+pub mod contract;
 pub mod data;
 pub mod grouping;
 pub mod io;

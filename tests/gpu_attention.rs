@@ -275,22 +275,129 @@ fn attention_rejects_bad_shapes_and_short_buffers() {
     let gpu = gpu();
     let s = gpu.stream();
     let sh = shape(1, 2, 10, 3, 64);
+    let (fwd, bwd) = (attention::fwd_tiles(64).unwrap(), attention::bwd_tiles(64).unwrap());
     let qkv = gpu.zeros::<bf16>(10 * 3 * 128).unwrap();
     let mut out = gpu.zeros::<bf16>(10 * 128).unwrap();
     let mut lse = gpu.zeros::<f32>(2 * 10).unwrap();
-    let e = cuda::forward(&gpu, s, &qkv, &mut out, &mut lse, &AttnShape { head_dim: 48, heads: 8, ..sh }).unwrap_err();
+    let e = cuda::forward_with(&gpu, s, &qkv, &mut out, &mut lse, &AttnShape { head_dim: 48, heads: 8, ..sh }, &fwd).unwrap_err();
     assert!(e.to_string().contains("head dim 48"), "{e}");
     let mut short = gpu.zeros::<f32>(19).unwrap();
-    let e = cuda::forward(&gpu, s, &qkv, &mut out, &mut short, &sh).unwrap_err();
+    let e = cuda::forward_with(&gpu, s, &qkv, &mut out, &mut short, &sh, &fwd).unwrap_err();
     assert!(e.to_string().contains("lse has 19 elements, needs 20"), "{e}");
     let big = gpu.zeros::<bf16>(10 * 3 * 128 + 1).unwrap();
     let view = big.slice(1..);
-    let e = cuda::forward(&gpu, s, &view, &mut out, &mut lse, &sh).unwrap_err();
+    let e = cuda::forward_with(&gpu, s, &view, &mut out, &mut lse, &sh, &fwd).unwrap_err();
     assert!(e.to_string().contains("not 16-byte aligned"), "{e}");
     let mut dqkv = gpu.zeros::<bf16>(10 * 3 * 128).unwrap();
     let mut scratch = gpu.zeros::<f32>(cuda::backward_scratch_len(&sh) - 1).unwrap();
-    let e = cuda::backward(&gpu, s, &qkv, &out, &lse, &out, &mut dqkv, &mut scratch, &sh).unwrap_err();
+    let e = cuda::backward_with(&gpu, s, &qkv, &out, &lse, &out, &mut dqkv, &mut scratch, &sh, &bwd).unwrap_err();
     assert!(e.to_string().contains("scratch has"), "{e}");
+}
+
+/// The typed one-call API names the offending argument: mismatched shapes, a view past its
+/// buffer, a non-contiguous head dim, a row stride that breaks 16-byte alignment, a wrong
+/// output shape, a bad query range.
+#[test]
+#[ignore = "requires a CUDA device"]
+fn attention_typed_calls_name_the_bad_argument() {
+    use cuda::{AttnOptions, Qkv};
+    use mlvpt::gpu::{Tensor, TensorMut};
+    let gpu = gpu();
+    let (b, n, h, dh) = (2, 10, 2, 32);
+    let buf = gpu.zeros::<bf16>(b * n * h * dh + 64).unwrap();
+    let t = |shape: [usize; 4]| Tensor::new(&buf, shape);
+    let opts = AttnOptions::default();
+    let err = |q: Tensor<'_, bf16, 4>, k, v, o: &AttnOptions| cuda::forward(&gpu, &Qkv::new(q, k, v), o).unwrap_err().to_string();
+    let e = err(t([b, n, h, dh]), t([b, n - 1, h, dh]), t([b, n, h, dh]), &opts);
+    assert!(e.contains("k has shape [2, 9, 2, 32]"), "{e}");
+    let e = err(t([b, n, h, dh]), t([b, n, h, dh]), Tensor::strided(&buf, 72, [b, n, h, dh], [n * h * dh, h * dh, dh, 1]), &opts);
+    assert!(e.contains("v: ") && e.contains("past the buffer"), "{e}");
+    let e = err(Tensor::strided(&buf, 0, [b, n, h, dh], [n * h * dh, h * dh, 1, h]), t([b, n, h, dh]), t([b, n, h, dh]), &opts);
+    assert!(e.contains("q: the last dimension must be contiguous"), "{e}");
+    let odd = Tensor::strided(&buf, 0, [b, n, h, dh], [n * h * dh, h * dh + 4, dh, 1]);
+    let e = err(t([b, n, h, dh]), t([b, n, h, dh]), odd, &opts);
+    assert!(e.contains("v: ") && e.contains("not a multiple of 8 elements"), "{e}");
+    let e = err(t([b, n, h, dh]), t([b, n, h, dh]), t([b, n, h, dh]), &AttnOptions { prompts: None, queries: Some(3..12) });
+    assert!(e.contains("query range 3..12"), "{e}");
+    let e = err(t([b, n, 1, 48]), t([b, n, 1, 48]), t([b, n, 1, 48]), &opts);
+    assert!(e.contains("head dim 48"), "{e}");
+    let (mut o, mut l) = (gpu.zeros::<bf16>(b * n * h * dh).unwrap(), gpu.zeros::<f32>(b * h * n).unwrap());
+    let qkv = Qkv::new(t([b, n, h, dh]), t([b, n, h, dh]), t([b, n, h, dh]));
+    let e = cuda::forward_into(&gpu, &qkv, &mut TensorMut::new(&mut o, [b, n - 1, h, dh]), &mut TensorMut::new(&mut l, [b, h, n]), &opts).unwrap_err();
+    assert!(e.to_string().contains("out has shape [2, 9, 2, 32], needs [2, 10, 2, 32]"), "{e}");
+}
+
+/// Separate Q, K, V in another layout (`[B, h, N, dh]` storage, read through strides) and
+/// separate gradients give what the packed `qkv [B, N, 3, h, dh]` path gives: out, lse, dK and
+/// dV bit for bit (same kernels, same order of sums), dQ to fp32-atomics rounding; and a query
+/// range with the prompt mask through the one-call API matches the CPU twin.
+#[test]
+#[ignore = "requires a CUDA device"]
+fn attention_typed_views_separate_and_strided_match_the_packed_path() {
+    use cuda::{AttnOptions, Qkv, QkvGrads};
+    use mlvpt::gpu::{Tensor, TensorMut};
+    let gpu = gpu();
+    let (mut rng, seed) = rng("attention_typed_views");
+    for (sh, dh) in [(shape(2, 3, 75, 10, 64), 64), (AttnShape { q_start: 1, q_len: 10, ..shape(1, 2, 40, 10, 32) }, 32)] {
+        let (b, n, h, d) = (sh.batch, sh.tokens, sh.heads, sh.dim());
+        let (x, qkv_b, dout_b) = inputs(&mut rng, &sh);
+        let packed = run_gpu(&gpu, &sh, &qkv_b, &dout_b);
+        // [B, N, 3, h, dh] -> three [B, h, N, dh] buffers.
+        let heads_major = |slot: usize| -> Vec<bf16> {
+            let mut y = vec![bf16::ZERO; b * h * n * dh];
+            for bi in 0..b {
+                for i in 0..n {
+                    for j in 0..h {
+                        for c in 0..dh {
+                            y[((bi * h + j) * n + i) * dh + c] = qkv_b[((bi * n + i) * 3 + slot) * d + j * dh + c];
+                        }
+                    }
+                }
+            }
+            y
+        };
+        let bufs: Vec<_> = (0..3).map(|s| gpu.upload(&heads_major(s)).unwrap()).collect();
+        let st = [h * n * dh, dh, n * dh, 1]; // [B, N, h, dh] strides of [B, h, N, dh] storage
+        let view = |i: usize| Tensor::strided(&bufs[i], 0, [b, n, h, dh], st);
+        let qkv = Qkv::new(view(0), view(1), view(2));
+        let opts = AttnOptions { prompts: Some(sh.prompt_start..sh.prompt_end), queries: Some(sh.q_start..sh.q_start + sh.q_len) };
+        let fwd = cuda::forward(&gpu, &qkv, &opts).unwrap();
+        assert_eq!(fwd.shape, [b, sh.q_len, h, dh]);
+        assert_eq!(gpu.download(&fwd.out).unwrap(), packed.out_bits, "out, seed {seed}");
+        assert_eq!(gpu.download(&fwd.lse).unwrap(), packed.lse, "lse, seed {seed}");
+        let dout = gpu.upload(&dout_b).unwrap();
+        let mut g: Vec<_> = (0..3).map(|_| nan_bf16(&gpu, b * h * n * dh)).collect();
+        let [g0, g1, g2] = &mut g[..] else { unreachable!() };
+        let grads = QkvGrads::Separate {
+            dq: TensorMut::strided(g0, 0, [b, n, h, dh], st),
+            dk: TensorMut::strided(g1, 0, [b, n, h, dh], st),
+            dv: TensorMut::strided(g2, 0, [b, n, h, dh], st),
+        };
+        cuda::backward(&gpu, &qkv, &fwd.out(), &fwd.lse(), &Tensor::new(&dout, fwd.shape), grads, &opts).unwrap();
+        for (k_slot, (name, buf)) in [("dQ", &g[0]), ("dK", &g[1]), ("dV", &g[2])].into_iter().enumerate() {
+            let got = to_f32(&gpu.download(buf).unwrap());
+            let want = slot(&packed.dqkv, b * n, d, k_slot);
+            let got_tokens: Vec<f32> = (0..b * n * d)
+                .map(|e| {
+                    let (bi, i, j, c) = (e / (n * d), (e / d) % n, (e % d) / dh, e % dh);
+                    got[((bi * h + j) * n + i) * dh + c]
+                })
+                .collect();
+            if k_slot == 0 {
+                assert_rel_max(name, &got_tokens, &want, 1e-2, seed);
+            } else {
+                assert!(got_tokens == want, "{name} differs from the packed path (seed {seed})");
+            }
+        }
+        // And the packed one-call API against the CPU twin.
+        let qkv_d = gpu.upload(&qkv_b).unwrap();
+        let fwd = cuda::forward(&gpu, &Qkv::packed(&qkv_d, b, n, h, dh), &opts).unwrap();
+        let mut dqkv = nan_bf16(&gpu, b * n * 3 * d);
+        cuda::backward(&gpu, &Qkv::packed(&qkv_d, b, n, h, dh), &fwd.out(), &fwd.lse(), &Tensor::new(&dout, fwd.shape), QkvGrads::Packed(&mut dqkv), &opts).unwrap();
+        let out = to_f32(&gpu.download(&fwd.out).unwrap());
+        let lse = gpu.download(&fwd.lse).unwrap();
+        check_against_cpu(&sh, &x.qkv, &x.dout, &KernelOut { out: &out, lse: &lse, dqkv: &to_f32(&gpu.download(&dqkv).unwrap()) }, seed);
+    }
 }
 
 /// The unfused peer the bench times (cuBLAS strided-batched GEMMs, bf16 score matrix) computes

@@ -37,10 +37,10 @@ fn a_device_ordinal_past_the_last_is_an_error() {
 fn every_embedded_module_loads_and_cublas_is_found() {
     let gpu = GpuContext::new(0).unwrap_or_else(|e| panic!("this test requires a CUDA device: {e}"));
     eprintln!("{gpu:?}");
-    for name in ["cast_f32_bf16", "cast_bf16_f32_v4"] {
-        gpu.function("cast", name).unwrap();
+    gpu.load_all().unwrap();
+    for k in [mlvpt::gpu::kernels::cast::CAST_F32_BF16, mlvpt::gpu::kernels::attention::ATTN_BWD_DQ_CONVERT] {
+        gpu.kernel(k).unwrap();
     }
-    assert!(matches!(gpu.function("cast", "no_such_kernel"), Err(GpuError::NoKernel { .. })));
     let x = gpu.upload(&[1.0f32; 4]).unwrap();
     let w = gpu.upload(&[1.0f32; 4]).unwrap();
     let mut y = gpu.zeros::<f32>(4).unwrap();
@@ -66,4 +66,30 @@ fn empty_uploads_and_zero_length_buffers_are_clear_errors() {
     let e = gpu.zeros::<f32>(0).unwrap_err().to_string();
     assert!(e.contains("zeros") && e.contains("0 bytes"), "{e}");
     assert_eq!(gpu.download(&gpu.upload(&[1.5f32]).unwrap()).unwrap(), [1.5]);
+}
+
+/// A context loads a kernel module the first time one of its kernels runs and makes its cuBLAS
+/// handle on the first GEMM; one adopted from a caller's cudarc stream runs on that stream,
+/// on the caller's buffers.
+#[test]
+#[ignore = "requires a CUDA device"]
+fn modules_and_cublas_load_on_first_use_and_a_caller_stream_is_adopted() {
+    use mlvpt::gpu::{bf16, cudarc::driver::CudaContext};
+    let ctx = CudaContext::new(0).expect("a device");
+    let stream = ctx.new_stream().unwrap();
+    let gpu = GpuContext::from_stream(stream.clone()).unwrap();
+    assert!(std::sync::Arc::ptr_eq(gpu.stream(), &stream) && std::sync::Arc::ptr_eq(gpu.context(), &ctx));
+    assert!(gpu.loaded_modules().is_empty() && !gpu.cublas_ready(), "{gpu:?}");
+    let x = stream.clone_htod(&[1.5f32, -2.0, 3.25]).unwrap();
+    let mut y = stream.alloc_zeros::<bf16>(3).unwrap();
+    mlvpt::ops::cast::cuda::f32_to_bf16(&gpu, gpu.stream(), &x, &mut y, 3).unwrap();
+    assert_eq!(stream.clone_dtoh(&y).unwrap().iter().map(|v| v.to_f32()).collect::<Vec<_>>(), [1.5, -2.0, 3.25]);
+    assert_eq!(gpu.loaded_modules(), ["cast"]);
+    assert!(!gpu.cublas_ready());
+    let w = stream.clone_htod(&[1.0f32; 4]).unwrap();
+    let a = stream.clone_htod(&[1.0f32, 2.0, 3.0, 4.0]).unwrap();
+    let mut out = stream.alloc_zeros::<f32>(4).unwrap();
+    gpu.linear_forward(&a, &w, None, &mut out, 2, 2, 2, false).unwrap();
+    assert!(gpu.cublas_ready());
+    assert_eq!(stream.clone_dtoh(&out).unwrap(), [3.0, 3.0, 7.0, 7.0]);
 }

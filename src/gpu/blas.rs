@@ -1,6 +1,7 @@
 //! cuBLAS GEMM for row-major matrices: bf16 or f32 inputs, f32 compute, bf16 or f32 output, in
 //! the three shapes a linear layer needs (`Y = X W^T + b`, `dX = dY W`, `dW = dY^T X`).
 
+use super::kernels::linear;
 use super::launch::{check_cols, check_len, grid_stride_blocks, BLOCK};
 use super::{GpuContext, GpuError};
 use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType};
@@ -24,15 +25,15 @@ pub trait GemmType: DeviceRepr {
     /// cuBLAS's name for it.
     const DATA_TYPE: cudaDataType;
     /// Suffix of the bias kernel for this output type.
-    const BIAS_KERNEL: &'static str;
+    const BIAS_KERNEL: super::Kernel;
 }
 impl GemmType for half::bf16 {
     const DATA_TYPE: cudaDataType = cudaDataType::CUDA_R_16BF;
-    const BIAS_KERNEL: &'static str = "bias_rows_bf16";
+    const BIAS_KERNEL: super::Kernel = linear::BIAS_ROWS_BF16;
 }
 impl GemmType for f32 {
     const DATA_TYPE: cudaDataType = cudaDataType::CUDA_R_32F;
-    const BIAS_KERNEL: &'static str = "bias_rows_f32";
+    const BIAS_KERNEL: super::Kernel = linear::BIAS_ROWS_F32;
 }
 
 fn dim(op: &'static str, name: &str, v: usize) -> Result<i32, GpuError> {
@@ -273,7 +274,7 @@ impl GpuContext {
         if n == 0 {
             return Ok(());
         }
-        let f = self.function("linear", O::BIAS_KERNEL)?;
+        let f = self.kernel(O::BIAS_KERNEL)?;
         let stream = self.stream();
         let (bp, _gb) = bias.device_ptr(stream);
         let (yp, _gy) = y.device_ptr_mut(stream);

@@ -1,24 +1,28 @@
-//! [`GpuContext`]: one device, one stream, the embedded kernel modules and a cuBLAS handle.
+//! [`GpuContext`]: one device, one stream, the embedded kernel modules (each loaded on first
+//! use) and a cuBLAS handle (made on the first GEMM).
 
 use super::blas::Blas;
-use super::{GpuError, FATBINS, GENCODE};
+use super::{GpuError, Kernel, FATBINS, GENCODE};
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr, ValidAsZeroBits};
 use cudarc::nvrtc::Ptx;
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 /// A CUDA device ready to run this crate's kernels: the context, one stream that every launcher
-/// and cuBLAS call of this context uses, the modules of `kernels/*.cu` (loaded once) and a
-/// cuBLAS handle (absent, with the reason kept, when libcublas is missing: kernels still run).
+/// and cuBLAS call of this context uses, the modules of `kernels/*.cu` (each loaded the first
+/// time one of its kernels runs) and a cuBLAS handle (made on the first GEMM; when libcublas is
+/// missing only the GEMMs fail, kernels still run).
 ///
-/// Work is ordered by that one stream; cudarc's cross-stream event tracking is off. A caller
-/// that passes another stream to a launcher must order it against this one itself.
+/// [`GpuContext::new`] opens a device of its own, with cudarc's cross-stream event tracking
+/// off (all work is ordered by the one stream). [`GpuContext::from_stream`] adopts a caller's
+/// cudarc context and stream as they are. A caller that passes another stream to a launcher
+/// must order it against this one itself.
 pub struct GpuContext {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
-    modules: HashMap<&'static str, Arc<CudaModule>>,
-    functions: Mutex<HashMap<(&'static str, &'static str), CudaFunction>>,
-    blas: Result<Blas, String>,
+    modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
+    functions: Mutex<HashMap<Kernel, CudaFunction>>,
+    blas: OnceLock<Result<Blas, String>>,
     /// fp32 GEMMs on tensor cores (TF32 inputs, fp32 accumulation); off unless asked for.
     tf32: std::sync::atomic::AtomicBool,
     name: String,
@@ -33,7 +37,7 @@ impl std::fmt::Debug for GpuContext {
             .field("name", &self.name)
             .field("compute_capability", &self.cc)
             .field("sm_count", &self.sm_count)
-            .field("cublas", &self.blas.is_ok())
+            .field("cublas", &self.blas.get().map(|b| b.is_ok()))
             .finish()
     }
 }
@@ -55,8 +59,8 @@ fn guarded<T>(what: &str, f: impl FnOnce() -> Result<T, GpuError>) -> Result<T, 
 }
 
 impl GpuContext {
-    /// Opens device `ordinal`: checks that libcuda loads and the device exists, makes a stream,
-    /// loads every embedded module, and creates a cuBLAS handle if libcublas loads.
+    /// Opens device `ordinal`: checks that libcuda loads and the device exists and makes a
+    /// stream. Kernel modules load on first use, cuBLAS on the first GEMM.
     pub fn new(ordinal: usize) -> Result<Self, GpuError> {
         // SAFETY: only tries to dlopen libcuda.
         if !unsafe { cudarc::driver::sys::is_culib_present() } {
@@ -95,24 +99,52 @@ impl GpuContext {
             .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
             .map_err(GpuError::driver("reading the multiprocessor count"))? as u32;
         let stream = ctx.new_stream().map_err(GpuError::driver("creating a stream"))?;
-        let mut modules = HashMap::new();
-        for &(module, fatbin) in FATBINS {
-            let m = ctx.load_module(Ptx::from_binary(fatbin.to_vec())).map_err(|source| GpuError::ModuleLoad {
-                module: module.to_string(),
-                device: name.clone(),
-                cc: format!("{}.{}", cc.0, cc.1),
-                gencode: GENCODE.to_string(),
-                source,
-            })?;
-            modules.insert(module, m);
+        Ok(Self::with(ctx, stream, name, cc, sm_count))
+    }
+
+    /// Adopts a caller's cudarc stream (and its context): every launcher and GEMM of this
+    /// context then runs on that stream, ordered with the caller's own work on it, with the
+    /// context's event tracking left as the caller set it. Kernel modules load on first use,
+    /// cuBLAS on the first GEMM.
+    ///
+    /// ```
+    /// use mlvpt::gpu::cudarc::driver::CudaContext;
+    /// use mlvpt::gpu::{GpuContext, GpuError};
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # if !GpuContext::driver_present() { return Ok(()); } // needs a device (a GPU or tools/vgpu)
+    /// let ctx = CudaContext::new(0)?; // the caller's own cudarc context
+    /// let stream = ctx.new_stream()?;
+    /// let gpu = GpuContext::from_stream(stream.clone())?;
+    /// let x = stream.clone_htod(&[1.0f32, 2.0])?; // the caller's buffer, used by mlvpt's kernels as it is
+    /// let mut y = stream.alloc_zeros::<mlvpt::gpu::bf16>(2)?;
+    /// mlvpt::ops::cast::cuda::f32_to_bf16(&gpu, gpu.stream(), &x, &mut y, 2)?;
+    /// assert_eq!(stream.clone_dtoh(&y)?[1].to_f32(), 2.0);
+    /// # Ok(()) }
+    /// ```
+    pub fn from_stream(stream: Arc<CudaStream>) -> Result<Self, GpuError> {
+        guarded("adopting a CUDA stream", || {
+            let ctx = stream.context().clone();
+            let name = ctx.name().map_err(GpuError::driver("reading the device name"))?;
+            let cc = ctx.compute_capability().map_err(GpuError::driver("reading the compute capability"))?;
+            let sm_count = ctx
+                .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+                .map_err(GpuError::driver("reading the multiprocessor count"))? as u32;
+            Ok(Self::with(ctx, stream, name, cc, sm_count))
+        })
+    }
+
+    fn with(ctx: Arc<CudaContext>, stream: Arc<CudaStream>, name: String, cc: (i32, i32), sm_count: u32) -> Self {
+        Self {
+            ctx,
+            stream,
+            modules: Mutex::new(HashMap::new()),
+            functions: Mutex::new(HashMap::new()),
+            blas: OnceLock::new(),
+            tf32: Default::default(),
+            name,
+            cc,
+            sm_count,
         }
-        // SAFETY: only tries to dlopen libcublas.
-        let blas = if unsafe { cudarc::cublas::sys::is_culib_present() } {
-            Blas::new(stream.clone()).map_err(|e| e.to_string())
-        } else {
-            Err(GpuError::NoCublas.to_string())
-        };
-        Ok(Self { ctx, stream, modules, functions: Mutex::new(HashMap::new()), blas, tf32: Default::default(), name, cc, sm_count })
     }
 
     /// The cudarc context.
@@ -151,22 +183,74 @@ impl GpuContext {
         self.tf32.load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// The cuBLAS handle, or why there is none.
+    /// The cuBLAS handle (made on first use, on this context's stream), or why there is none.
     pub(crate) fn blas(&self) -> Result<&Blas, GpuError> {
-        self.blas.as_ref().map_err(|msg| GpuError::Init(msg.clone()))
+        let blas = self.blas.get_or_init(|| {
+            // SAFETY: only tries to dlopen libcublas.
+            if !unsafe { cudarc::cublas::sys::is_culib_present() } {
+                return Err(GpuError::NoCublas.to_string());
+            }
+            guarded("creating a cuBLAS handle", || Blas::new(self.stream.clone()).map_err(GpuError::cublas("creating a handle")))
+                .map_err(|e| e.to_string())
+        });
+        blas.as_ref().map_err(|msg| GpuError::Init(msg.clone()))
     }
 
-    /// Kernel `function` of module `module` (the stem of `kernels/<module>.cu`), looked up once.
-    pub fn function(&self, module: &'static str, function: &'static str) -> Result<CudaFunction, GpuError> {
+    /// The loaded function of a kernel ([`super::kernels`] names every compiled one), loading
+    /// its module the first time.
+    pub fn kernel(&self, kernel: Kernel) -> Result<CudaFunction, GpuError> {
         let mut cache = self.functions.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(f) = cache.get(&(module, function)) {
+        if let Some(f) = cache.get(&kernel) {
             return Ok(f.clone());
         }
-        let no_kernel = || GpuError::NoKernel { module: module.into(), function: function.into() };
-        let m = self.modules.get(module).ok_or_else(no_kernel)?;
-        let f = m.load_function(function).map_err(|_| no_kernel())?;
-        cache.insert((module, function), f.clone());
+        let module = self.module(kernel.module)?;
+        let f = module
+            .load_function(kernel.name)
+            .map_err(|_| GpuError::NoKernel { module: kernel.module.into(), function: kernel.name.into() })?;
+        cache.insert(kernel, f.clone());
         Ok(f)
+    }
+
+    /// Embedded module `name` (the stem of `kernels/<name>.cu`), loaded on first use.
+    fn module(&self, name: &'static str) -> Result<Arc<CudaModule>, GpuError> {
+        let mut modules = self.modules.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(m) = modules.get(name) {
+            return Ok(m.clone());
+        }
+        let fatbin = FATBINS
+            .iter()
+            .find(|(m, _)| *m == name)
+            .map(|(_, f)| *f)
+            .ok_or_else(|| GpuError::NoKernel { module: name.into(), function: "(module not embedded)".into() })?;
+        let m = self.ctx.load_module(Ptx::from_binary(fatbin.to_vec())).map_err(|source| GpuError::ModuleLoad {
+            module: name.to_string(),
+            device: self.name.clone(),
+            cc: format!("{}.{}", self.cc.0, self.cc.1),
+            gencode: GENCODE.to_string(),
+            source,
+        })?;
+        modules.insert(name, m.clone());
+        Ok(m)
+    }
+
+    /// The modules loaded so far (each loads with the first launch of one of its kernels).
+    pub fn loaded_modules(&self) -> Vec<&'static str> {
+        let mut v: Vec<_> = self.modules.lock().unwrap_or_else(|e| e.into_inner()).keys().copied().collect();
+        v.sort();
+        v
+    }
+    /// Whether a cuBLAS handle exists yet (one is made on the first GEMM).
+    pub fn cublas_ready(&self) -> bool {
+        self.blas.get().is_some_and(|b| b.is_ok())
+    }
+
+    /// Loads every embedded module now (a cold start's cost up front, or a check that the
+    /// fatbins load on this device).
+    pub fn load_all(&self) -> Result<(), GpuError> {
+        for (name, _) in FATBINS {
+            self.module(name)?;
+        }
+        Ok(())
     }
 
     /// Copies a host slice to a new device buffer (on this context's stream). An empty slice

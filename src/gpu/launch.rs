@@ -8,11 +8,11 @@ use cudarc::driver::DeviceRepr;
 /// Kernels with such operands are compiled once per type; a launcher generic over `T: Storage`
 /// picks its instantiation (`<kernel>_f32` / `<kernel>_bf16` in kernels/tokens.cu).
 pub trait Storage: DeviceRepr {
-    /// 0 for f32, 1 for bf16: the index into a kernel's `[f32 name, bf16 name]`.
+    /// 0 for f32, 1 for bf16: the index into a kernel's `[f32 kernel, bf16 kernel]`.
     const INDEX: usize;
-    /// This type's instantiation of a kernel, from its two names.
-    fn pick(names: [&'static str; 2]) -> &'static str {
-        names[Self::INDEX]
+    /// This type's instantiation of a kernel, from its two.
+    fn pick<K: Copy>(kernels: [K; 2]) -> K {
+        kernels[Self::INDEX]
     }
 }
 impl Storage for f32 {
@@ -22,7 +22,8 @@ impl Storage for bf16 {
     const INDEX: usize = 1;
 }
 
-/// Threads per block of the elementwise and row kernels.
+/// Threads per block of the elementwise and row kernels (they read `blockDim`, so this is the
+/// launchers' choice alone).
 pub const BLOCK: u32 = 256;
 
 /// Fails unless `buf` holds at least `need` elements.

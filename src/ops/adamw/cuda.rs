@@ -3,13 +3,15 @@
 //! gradient and moment buffers), optionally guarded by a device scalar (the loss) so a
 //! non-finite loss skips the update without the host reading the loss first.
 
+use crate::gpu::kernels::adamw;
 use super::AdamWConfig;
 use crate::gpu::launch::{grid_stride_blocks, BLOCK};
 use crate::gpu::{CudaStream, DevicePtr, DevicePtrMut, GpuContext, GpuError};
-use cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
+use crate::contract::adamw::AdamWParams;
+use cudarc::driver::{LaunchConfig, PushKernelArg};
 
-/// Most tensors one launch takes (`ADAMW_MAX_TENSORS` in adamw.cu); more take several launches.
-pub const MAX_TENSORS: usize = 32;
+/// Most tensors one launch takes; more take several launches.
+pub const MAX_TENSORS: usize = crate::contract::adamw::ADAMW_MAX_TENSORS;
 
 /// One tensor of [`step_many`]: its first `n` elements are updated.
 pub struct AdamWTensor<'a> {
@@ -19,19 +21,6 @@ pub struct AdamWTensor<'a> {
     pub v: &'a mut dyn DevicePtrMut<f32>,
     pub n: usize,
 }
-
-/// The kernel's by-value pointer table (`struct AdamWTensors` in adamw.cu).
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct TableArg {
-    p: [u64; MAX_TENSORS],
-    g: [u64; MAX_TENSORS],
-    m: [u64; MAX_TENSORS],
-    v: [u64; MAX_TENSORS],
-    start: [u64; MAX_TENSORS + 1],
-}
-// SAFETY: plain-old-data laid out as the kernel's struct (64-bit pointers and offsets).
-unsafe impl DeviceRepr for TableArg {}
 
 /// One AdamW update at step `step` (1-based) and learning rate `lr` of every tensor in
 /// `tensors`, in one launch per [`MAX_TENSORS`]: the twin of [`super::cpu::step`] on each.
@@ -78,8 +67,8 @@ pub fn step_many(
     if guard.is_some_and(|g| g.len() == 0) {
         return Err(GpuError::invalid(OP, "the guard buffer is empty"));
     }
-    let [decay, step_size, inv_sqrt_bc2, b1, b2, eps, omb1, omb2] = super::kernel_scalars(step, lr, cfg);
-    let f = gpu.function("adamw", "adamw_multi_f32")?;
+    let [decay, step_size, inv_sqrt_bc2, beta1, beta2, eps, one_minus_beta1, one_minus_beta2] = super::kernel_scalars(step, lr, cfg);
+    let f = gpu.kernel(adamw::ADAMW_MULTI_F32)?;
     let (gp, _gg) = match guard {
         Some(g) => {
             let (p, guard) = g.device_ptr(stream);
@@ -88,7 +77,7 @@ pub fn step_many(
         None => (0, None),
     };
     for chunk in tensors.chunks_mut(MAX_TENSORS) {
-        let mut table = TableArg { p: [0; MAX_TENSORS], g: [0; MAX_TENSORS], m: [0; MAX_TENSORS], v: [0; MAX_TENSORS], start: [0; MAX_TENSORS + 1] };
+        let mut table = AdamWParams { guard: gp, decay, step_size, inv_sqrt_bc2, beta1, beta2, eps, one_minus_beta1, one_minus_beta2, ..Default::default() };
         let count = chunk.len();
         let mut guards = Vec::with_capacity(4 * count);
         let mut total = 0u64;
@@ -109,14 +98,13 @@ pub fn step_many(
         if total == 0 {
             continue;
         }
-        let count = count as u32;
+        table.count = count as u32;
         let launch = LaunchConfig { grid_dim: (grid_stride_blocks(gpu, total, BLOCK as u64), 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
         let mut l = stream.launch_builder(&f);
-        l.arg(&table).arg(&count).arg(&gp);
-        l.arg(&decay).arg(&step_size).arg(&inv_sqrt_bc2).arg(&b1).arg(&b2).arg(&eps).arg(&omb1).arg(&omb2);
+        l.arg(&table);
         // SAFETY: tensor i's four buffers hold at least n_i elements (checked above) and the
         // kernel touches elements start[i]..start[i+1] - start[i] of them; the guard is null or
-        // holds one element; argument types match adamw_multi_f32's signature.
+        // holds one element; AdamWParams is the kernel's one argument (src/contract.rs).
         unsafe { l.launch(launch) }.map_err(GpuError::driver("launching adamw_multi_f32"))?;
         drop(guards);
     }

@@ -1,9 +1,11 @@
 //! GPU launcher of the ASL op (`kernels/asl.cu`): loss and gradient in one launch, fused with
 //! the sigmoid, the loss summed by a deterministic two-level block reduction.
 
+use crate::gpu::kernels::asl;
 use super::AslConfig;
 use crate::gpu::launch::{check_len, grid_stride_blocks, BLOCK};
-use crate::gpu::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut, GpuContext, GpuError};
+use crate::gpu::view::check_dense;
+use crate::gpu::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut, GpuContext, GpuError, Tensor};
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 
 /// Most blocks one ASL launch uses (the size of the workspace's partial sums).
@@ -68,18 +70,8 @@ pub struct AslTerm<'a> {
     pub grad: Option<&'a mut dyn DevicePtrMut<f32>>,
 }
 
-/// The kernel's by-value pointer table (`struct AslTerms` in asl.cu).
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct AslTermsArg {
-    logits: [u64; 4],
-    grad: [u64; 4],
-}
-// SAFETY: plain-old-data, laid out as the kernel's struct (eight 64-bit device pointers).
-unsafe impl cudarc::driver::DeviceRepr for AslTermsArg {}
-
 /// Most terms one [`forward_backward_terms`] launch takes (the training loss has four).
-pub const MAX_TERMS: usize = 4;
+pub const MAX_TERMS: usize = crate::contract::asl::ASL_MAX_TERMS;
 
 /// ASL of up to [`MAX_TERMS`] logit buffers (`n` each) against the same targets in one launch:
 /// `loss[0] = scale * sum over terms and elements`, and each term's `grad[i] = scale * dl/dx_i`
@@ -114,10 +106,9 @@ pub fn forward_backward_terms(
             }
         }
     }
-    let f = gpu.function("asl", "asl_terms_fwd_bwd_f32")?;
+    let f = gpu.kernel(asl::ASL_TERMS_FWD_BWD_F32)?;
     let blocks = grid_stride_blocks(gpu, (n * terms.len()) as u64, BLOCK as u64).min(MAX_BLOCKS);
-    let (n64, nterms) = (n as u64, terms.len() as u32);
-    let mut arg = AslTermsArg { logits: [0; 4], grad: [0; 4] };
+    let mut arg = crate::contract::asl::AslParams { n: n as u64, nterms: terms.len() as u32, scale, ..Default::default() };
     let mut guards = Vec::with_capacity(2 * terms.len());
     for (i, t) in terms.iter_mut().enumerate() {
         let (p, g) = t.logits.device_ptr(stream);
@@ -133,17 +124,59 @@ pub fn forward_backward_terms(
     let (pp, _g3) = ws.partials.device_ptr_mut(stream);
     let (cp, _g4) = ws.counter.device_ptr_mut(stream);
     let (op, _g5) = loss.device_ptr_mut(stream);
-    let (gamma_pos, gamma_neg, clip) = (cfg.gamma_pos as f32, cfg.gamma_neg as f32, cfg.clip as f32);
-    let log_eps = cfg.eps.ln() as f32;
-    let exact = cfg.exact_grad as i32;
+    (arg.targets, arg.partials, arg.counter, arg.loss_out) = (tp, pp, cp, op);
+    (arg.gamma_pos, arg.gamma_neg, arg.clip) = (cfg.gamma_pos as f32, cfg.gamma_neg as f32, cfg.clip as f32);
+    arg.log_eps = cfg.eps.ln() as f32;
+    arg.exact_grad = cfg.exact_grad as i32;
     let launch = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
     let mut l = stream.launch_builder(&f);
-    l.arg(&arg).arg(&tp).arg(&pp).arg(&cp).arg(&op);
-    l.arg(&n64).arg(&nterms).arg(&gamma_pos).arg(&gamma_neg).arg(&clip).arg(&log_eps).arg(&exact).arg(&scale);
+    l.arg(&arg);
     // SAFETY: every term's logits (and grad, where given) hold n elements, the targets n, the
     // loss one, `blocks` <= MAX_BLOCKS partials; unused pointer slots are null and never read
-    // (nterms bounds them); argument types match asl_terms_fwd_bwd_f32's signature.
+    // (nterms bounds them); AslParams is the kernel's one argument (src/contract.rs).
     unsafe { l.launch(launch) }.map_err(GpuError::driver("launching asl_terms_fwd_bwd_f32"))?;
     drop(guards);
     Ok(())
+}
+
+/// What [`loss`] returns: the summed loss (one f32 on the device, `scale * sum`) and its
+/// gradient with respect to the logits (`scale * dl/dx`, the logits' shape, dense).
+#[derive(Debug)]
+pub struct AslOutput {
+    pub loss: CudaSlice<f32>,
+    pub grad: CudaSlice<f32>,
+}
+
+/// The asymmetric loss of a batch in one call: logits and targets `[B, K]` (f32, dense; targets
+/// 0/1 or in [0, 1]), the loss `scale * sum_i l_i` and its gradient allocated and returned
+/// (for the mean over the batch's labels, `scale = 1 / (B K)`). The twin of
+/// [`super::asl_forward_backward`] times `scale`.
+///
+/// ```
+/// use mlvpt::gpu::{GpuContext, Tensor};
+/// use mlvpt::ops::asl::{asl_forward_backward, cuda, AslConfig};
+/// # fn main() -> Result<(), mlvpt::gpu::GpuError> {
+/// # if !GpuContext::driver_present() { return Ok(()); } // needs a device (a GPU or tools/vgpu)
+/// let gpu = GpuContext::new(0)?;
+/// let (x, t) = ([2.0f32, -1.0, 0.5, 3.0, -2.0, 0.0], [1.0f32, 0.0, 1.0, 0.0, 0.0, 1.0]);
+/// let (logits, targets) = (gpu.upload(&x)?, gpu.upload(&t)?);
+/// let cfg = AslConfig::default();
+/// let out = cuda::loss(&gpu, &Tensor::new(&logits, [2, 3]), &Tensor::new(&targets, [2, 3]), &cfg, 1.0)?;
+/// let want = asl_forward_backward(&x, &t, &cfg, None);
+/// assert!((gpu.download(&out.loss)?[0] - want).abs() < 1e-4 * want.abs().max(1.0));
+/// # Ok(()) }
+/// ```
+pub fn loss(gpu: &GpuContext, logits: &Tensor<f32, 2>, targets: &Tensor<f32, 2>, cfg: &AslConfig, scale: f32) -> Result<AslOutput, GpuError> {
+    const OP: &str = "asl";
+    let shape = logits.shape();
+    check_dense(OP, "logits", logits.layout(), shape, "[B, K]")?;
+    check_dense(OP, "targets", targets.layout(), shape, "[B, K], as logits")?;
+    let n = shape[0] * shape[1];
+    if n == 0 {
+        return Err(GpuError::invalid(OP, "no logits: the loss of an empty batch is undefined"));
+    }
+    let mut out = AslOutput { loss: gpu.zeros(1)?, grad: gpu.zeros(n)? };
+    let mut ws = AslWorkspace::new(gpu)?;
+    forward_backward(gpu, gpu.stream(), &mut ws, logits, targets, cfg, scale, Some(&mut out.grad), &mut out.loss, n)?;
+    Ok(out)
 }

@@ -1,25 +1,31 @@
 //! GPU launchers of fused prompt-masked attention (`kernels/attention.cu`, FlashAttention-2
-//! style on tensor cores): the twins of [`super::cpu::forward`] and [`super::cpu::backward`],
-//! in the same layout (`qkv [B, N, 3, h, dh]` read by strides, `out [B, Nq, h*dh]`,
-//! `lse [B, h, Nq]`, `dqkv` like `qkv`) and for the same query range (`q_start .. q_start +
-//! q_len`, keys always all N tokens), bf16 storage, fp32 softmax and accumulation. No
-//! transposes or copies around the kernels; no `N x N` matrix in memory.
+//! style on tensor cores), the twins of [`super::cpu::forward`] and [`super::cpu::backward`]:
+//! bf16 storage, fp32 softmax and accumulation, no `N x N` matrix in memory.
 //!
-//! Head dims: [`HEAD_DIMS`]. Any token count. Device pointers of the bf16 tensors and the
-//! backward scratch must be 16-byte aligned (any `CudaSlice` is; a view must start on a
-//! multiple of 8 elements). The forward and dK, dV are deterministic; dQ is summed with fp32
-//! atomics, so its last bits may vary between runs (except with a split backward of
-//! [`super::BWD_TILES`], which computes dQ in a pass of its own and leaves the dQ part of the
-//! scratch unused).
+//! **One call each**: [`forward`] and [`backward`] take Q, K, V as typed views ([`Qkv`]: the
+//! packed `qkv [B, N, 3, h, dh]` of a timm `qkv` projection, or three separate `[B, N, h, dh]`
+//! tensors, any element strides with the head dim contiguous), the prompt mask and query range
+//! as [`AttnOptions`], and size their outputs from the input shape. [`forward_with`] and
+//! [`backward_with`] are the packed-layout calls with a chosen tile shape and caller-held
+//! buffers (the training step's and the benchmarks').
+//!
+//! Head dims: [`HEAD_DIMS`]. Any token count. Every row of every bf16 view must start on a
+//! 16-byte boundary (strides multiples of 8 elements; any `CudaSlice` is aligned). The forward
+//! and dK, dV are deterministic; dQ is summed with fp32 atomics, so its last bits may vary
+//! between runs (except with a split backward of [`super::BWD_TILES`], which computes dQ in a
+//! pass of its own).
 //!
 //! [`unfused`] is the textbook path (cuBLAS strided-batched GEMMs and a softmax kernel over a
 //! materialised score matrix) that benches/gpu_attention.rs measures the fused kernels against.
 
 use super::{bwd_tiles, fwd_tiles, AttnShape, BwdTiles, FwdTiles, FUSED_THREADS};
-use crate::gpu::launch::{aligned, check_len, grid_stride_blocks, BLOCK};
-use crate::gpu::{bf16, CudaStream, DevicePtr, DevicePtrMut, GpuContext, GpuError};
+use crate::contract::attention::AttnParams;
+use crate::gpu::kernels::attention;
+use crate::gpu::launch::{check_len, grid_stride_blocks, BLOCK};
+use crate::gpu::{bf16, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, GpuContext, GpuError, Kernel, Layout, Tensor, TensorMut};
 use cudarc::driver::sys::CUfunction_attribute;
 use cudarc::driver::{CudaFunction, LaunchConfig, PushKernelArg};
+use std::ops::Range;
 
 /// Head dims the fused kernels are compiled for.
 pub const HEAD_DIMS: &[usize] = super::FUSED_HEAD_DIMS;
@@ -29,27 +35,27 @@ const THREADS: u32 = FUSED_THREADS as u32;
 const SMEM_DEFAULT_MAX: usize = 48 * 1024;
 
 /// The backward's row-sum kernel of a head dim.
-fn pre_kernel(head_dim: usize) -> &'static str {
+fn pre_kernel(head_dim: usize) -> Kernel {
     match head_dim {
-        32 => "attn_bwd_pre_d32",
-        64 => "attn_bwd_pre_d64",
-        80 => "attn_bwd_pre_d80",
-        _ => "attn_bwd_pre_d128",
+        32 => attention::ATTN_BWD_PRE_D32,
+        64 => attention::ATTN_BWD_PRE_D64,
+        80 => attention::ATTN_BWD_PRE_D80,
+        _ => attention::ATTN_BWD_PRE_D128,
     }
 }
 
-/// `name` with `bytes` of dynamic shared memory allowed (above 48 KB a kernel must opt in).
-fn function_with_smem(gpu: &GpuContext, name: &'static str, bytes: usize) -> Result<CudaFunction, GpuError> {
-    let f = gpu.function("attention", name)?;
+/// `kernel` with `bytes` of dynamic shared memory allowed (above 48 KB a kernel must opt in).
+fn function_with_smem(gpu: &GpuContext, kernel: Kernel, bytes: usize) -> Result<CudaFunction, GpuError> {
+    let f = gpu.kernel(kernel)?;
     if bytes > SMEM_DEFAULT_MAX {
         f.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, bytes as i32)
-            .map_err(GpuError::driver(format!("allowing {name} {bytes} bytes of shared memory")))?;
+            .map_err(GpuError::driver(format!("allowing {kernel} {bytes} bytes of shared memory")))?;
     }
     Ok(f)
 }
 
-/// Elements (f32) of the scratch [`backward`] needs: a dQ accumulator `[B, Nq, h*dh]` followed
-/// by `D_i = rowsum(dO * O)` per query row, `[B, h, Nq]`.
+/// Elements (f32) of the scratch [`backward_with`] needs: a dQ accumulator `[B, Nq, h*dh]`
+/// followed by `D_i = rowsum(dO * O)` per query row, `[B, h, Nq]`.
 pub fn backward_scratch_len(sh: &AttnShape) -> usize {
     sh.batch * sh.q_len * sh.dim() + sh.batch * sh.heads * sh.q_len
 }
@@ -90,7 +96,7 @@ fn check_shape(op: &'static str, sh: &AttnShape) -> Result<Dims, GpuError> {
     if bh > 65_535 {
         return Err(GpuError::invalid(op, format!("batch x heads = {bh} exceeds the 65535 blocks of grid.y")));
     }
-    // Token indices and per-image offsets in elements are 32-bit inside the kernels.
+    // Token indices are 32-bit inside the kernels; offsets within an image too.
     i32_of("tokens x 3 x dim", sh.tokens * 3 * sh.dim())?;
     Ok(Dims {
         n: i32_of("tokens", sh.tokens)?,
@@ -116,60 +122,382 @@ fn check_tiles(op: &'static str, sh: &AttnShape, head_dim: usize, compiled: bool
     Ok(())
 }
 
-fn check_aligned(op: &'static str, ptrs: &[(&str, u64)]) -> Result<(), GpuError> {
-    for &(what, p) in ptrs {
-        if !aligned(p, 16) {
-            return Err(GpuError::invalid(op, format!("{what} is not 16-byte aligned (address {p:#x})")));
-        }
-    }
-    Ok(())
-}
-
 fn blocks(items: usize, per: usize) -> u32 {
     items.div_ceil(per) as u32
 }
 
-/// `out = softmax(mask(Q K^T / sqrt(dh))) V` per image and head for the query tokens
-/// `sh.q_start .. sh.q_start + sh.q_len` over all `N` keys, and the log-sum-exp of every
-/// scaled, masked score row into `lse [B, h, Nq]` for [`backward`]. Reads Q, K, V by strides
-/// from `qkv [B, N, 3, h, dh]`; writes `out [B, Nq, h*dh]` (head `j` in columns
-/// `j*dh..(j+1)*dh`). Prompt queries (`sh.prompt_start..sh.prompt_end`) skip the other prompts'
-/// keys. The twin of [`super::cpu::forward`].
+/// Parameters of a shape with every pointer null and every stride zero.
+fn params_of(d: &Dims, sh: &AttnShape) -> AttnParams {
+    AttnParams {
+        b: sh.batch as i32,
+        n: d.n,
+        h: d.h,
+        dh: sh.head_dim as i32,
+        ps: d.ps,
+        pe: d.pe,
+        qs: d.qs,
+        nq: d.nq,
+        scale: d.scale,
+        ..AttnParams::default()
+    }
+}
+
+/// (batch, row, head) element strides of a `[B, rows, h, dh]` layout.
+fn bth(l: &Layout<4>) -> (i64, i64, i64) {
+    (l.strides[0] as i64, l.strides[1] as i64, l.strides[2] as i64)
+}
+
+/// The layouts of Q, K, V inside a packed `qkv [B, N, 3, h, dh]`.
+fn packed_layouts(b: usize, n: usize, h: usize, dh: usize) -> [Layout<4>; 3] {
+    let d = h * dh;
+    let strides = [n * 3 * d, 3 * d, dh, 1];
+    [0, 1, 2].map(|i| Layout { offset: i * d, shape: [b, n, h, dh], strides })
+}
+
+/// Sets Q, K, V (pointers and strides) in `p`.
+fn set_qkv(p: &mut AttnParams, ptrs: [u64; 3], l: &[Layout<4>; 3]) {
+    (p.q, p.k, p.v) = (ptrs[0], ptrs[1], ptrs[2]);
+    (p.q_batch_stride, p.q_row_stride, p.q_head_stride) = bth(&l[0]);
+    (p.k_batch_stride, p.k_row_stride, p.k_head_stride) = bth(&l[1]);
+    (p.v_batch_stride, p.v_row_stride, p.v_head_stride) = bth(&l[2]);
+}
+
+/// Sets dQ, dK, dV in `p`.
+fn set_dqkv(p: &mut AttnParams, ptrs: [u64; 3], l: &[Layout<4>; 3]) {
+    (p.dq, p.dk, p.dv) = (ptrs[0], ptrs[1], ptrs[2]);
+    (p.dq_batch_stride, p.dq_row_stride, p.dq_head_stride) = bth(&l[0]);
+    (p.dk_batch_stride, p.dk_row_stride, p.dk_head_stride) = bth(&l[1]);
+    (p.dv_batch_stride, p.dv_row_stride, p.dv_head_stride) = bth(&l[2]);
+}
+
+/// The forward launch of filled-in parameters.
+fn launch_forward(gpu: &GpuContext, stream: &CudaStream, p: &AttnParams, tiles: &FwdTiles) -> Result<(), GpuError> {
+    let smem = tiles.smem_bytes();
+    let kernel = Kernel::new("attention", tiles.kernel);
+    let f = function_with_smem(gpu, kernel, smem)?;
+    let cfg = LaunchConfig {
+        grid_dim: (blocks(p.nq as usize, tiles.rows), (p.b * p.h) as u32, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: smem as u32,
+    };
+    let mut l = stream.launch_builder(&f);
+    l.arg(p);
+    // SAFETY: the callers checked every view's extent and alignment against the shape in `p`;
+    // AttnParams is the kernel's one argument (src/contract.rs).
+    unsafe { l.launch(cfg) }.map_err(GpuError::driver(format!("launching {kernel}")))?;
+    Ok(())
+}
+
+/// The backward's launches of filled-in parameters (`dq_acc`, `dvec` set from the scratch at
+/// `scratch`, which holds [`backward_scratch_len`] floats).
+fn launch_backward(gpu: &GpuContext, stream: &CudaStream, p: &mut AttnParams, scratch: u64, tiles: &BwdTiles) -> Result<(), GpuError> {
+    let (b, n, nq, dim) = (p.b as usize, p.n as usize, p.nq as usize, (p.h * p.dh) as usize);
+    let dq_acc = scratch;
+    p.dvec = scratch + (b * nq * dim * std::mem::size_of::<f32>()) as u64;
+    // A split backward keeps no dQ sums: a null pointer tells the kernels so.
+    p.dq_acc = if tiles.dq_kernel.is_some() { 0 } else { dq_acc };
+    let bh = (p.b * p.h) as u32;
+
+    // Grid-stride over the rows' lanes; one thread per 8 elements of out/dout bounds the grid.
+    let pre = pre_kernel(p.dh as usize);
+    let f = gpu.kernel(pre)?;
+    let chunks = (b * nq * dim / 8) as u64;
+    let cfg = LaunchConfig { grid_dim: (grid_stride_blocks(gpu, chunks, BLOCK as u64), 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
+    let mut l = stream.launch_builder(&f);
+    l.arg(&*p);
+    // SAFETY: as in launch_forward; the scratch holds B*Nq*D + B*h*Nq floats.
+    unsafe { l.launch(cfg) }.map_err(GpuError::driver(format!("launching {pre}")))?;
+
+    let smem = tiles.smem_bytes();
+    let main = Kernel::new("attention", tiles.kernel);
+    let f = function_with_smem(gpu, main, smem)?;
+    let cfg = LaunchConfig { grid_dim: (blocks(n, tiles.keys), bh, 1), block_dim: (tiles.threads() as u32, 1, 1), shared_mem_bytes: smem as u32 };
+    let mut l = stream.launch_builder(&f);
+    l.arg(&*p);
+    // SAFETY: as above; writes dK, dV and adds into the dQ sums (a split backward: the zero dQ
+    // rows of its keys outside the query range instead).
+    unsafe { l.launch(cfg) }.map_err(GpuError::driver(format!("launching {main}")))?;
+
+    if let Some(dq_name) = tiles.dq_kernel {
+        if nq == 0 {
+            return Ok(());
+        }
+        let smem = tiles.dq_smem_bytes();
+        let dq_kernel = Kernel::new("attention", dq_name);
+        let f = function_with_smem(gpu, dq_kernel, smem)?;
+        let cfg = LaunchConfig { grid_dim: (blocks(nq, BwdTiles::DQ_ROWS), bh, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: smem as u32 };
+        let mut l = stream.launch_builder(&f);
+        l.arg(&*p);
+        // SAFETY: as above; writes dQ of the query tokens.
+        unsafe { l.launch(cfg) }.map_err(GpuError::driver(format!("launching {dq_kernel}")))?;
+        return Ok(());
+    }
+
+    let f = gpu.kernel(attention::ATTN_BWD_DQ_CONVERT)?;
+    let tok = (b * n) as u64;
+    let cfg = LaunchConfig { grid_dim: (grid_stride_blocks(gpu, tok * (dim as u64 / 8), BLOCK as u64), 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
+    let mut l = stream.launch_builder(&f);
+    l.arg(&*p);
+    // SAFETY: reads B*Nq*D floats of scratch, writes dQ (head dims are multiples of 8).
+    unsafe { l.launch(cfg) }.map_err(GpuError::driver("launching attn_bwd_dq_convert"))?;
+    Ok(())
+}
+
+/// Q, K and V of one attention call: three `[B, N, h, dh]` views (head dim contiguous, any
+/// other strides), packed or separate.
+pub struct Qkv<'a> {
+    pub q: Tensor<'a, bf16, 4>,
+    pub k: Tensor<'a, bf16, 4>,
+    pub v: Tensor<'a, bf16, 4>,
+}
+
+impl<'a> Qkv<'a> {
+    /// The packed output of a timm `qkv` projection, `[B, N, 3, h, dh]` (`[B, N, 3D]`), read in
+    /// place by strides.
+    ///
+    /// ```
+    /// use mlvpt::gpu::{bf16, GpuContext};
+    /// use mlvpt::ops::attention::cuda::Qkv;
+    /// # fn main() -> Result<(), mlvpt::gpu::GpuError> {
+    /// # if !GpuContext::driver_present() { return Ok(()); } // needs a device (a GPU or tools/vgpu)
+    /// let gpu = GpuContext::new(0)?;
+    /// let qkv = gpu.upload(&vec![bf16::ZERO; 2 * 10 * 3 * 64])?; // B=2, N=10, D=64
+    /// let v = Qkv::packed(&qkv, 2, 10, 2, 32);
+    /// assert_eq!(v.k.strides(), [10 * 192, 192, 32, 1]);
+    /// # Ok(()) }
+    /// ```
+    pub fn packed(qkv: &'a impl DevicePtr<bf16>, batch: usize, tokens: usize, heads: usize, head_dim: usize) -> Self {
+        let [lq, lk, lv] = packed_layouts(batch, tokens, heads, head_dim);
+        let view = |l: Layout<4>| Tensor::strided(qkv, l.offset, l.shape, l.strides);
+        Self { q: view(lq), k: view(lk), v: view(lv) }
+    }
+    /// Three views (each `[B, N, h, dh]`, of one shape).
+    pub fn new(q: Tensor<'a, bf16, 4>, k: Tensor<'a, bf16, 4>, v: Tensor<'a, bf16, 4>) -> Self {
+        Self { q, k, v }
+    }
+    /// `[B, N, h, dh]`, after checking the three views agree.
+    fn shape(&self, op: &'static str) -> Result<[usize; 4], GpuError> {
+        let s = self.q.shape();
+        for (name, t) in [("k", &self.k), ("v", &self.v)] {
+            if t.shape() != s {
+                return Err(GpuError::invalid(op, format!("{name} has shape {:?}, q has {s:?} (each [B, N, h, dh])", t.shape())));
+            }
+        }
+        Ok(s)
+    }
+}
+
+/// Where [`backward`] writes dQ, dK and dV (overwritten; dQ rows of tokens outside the query
+/// range are zero).
+#[allow(clippy::large_enum_variant)] // built for one call: boxing the views would only allocate
+pub enum QkvGrads<'a> {
+    /// One buffer `dqkv [B, N, 3, h, dh]`, the layout of [`Qkv::packed`].
+    Packed(&'a mut dyn DevicePtrMut<bf16>),
+    /// Three `[B, N, h, dh]` views, each in a buffer of its own.
+    Separate { dq: TensorMut<'a, bf16, 4>, dk: TensorMut<'a, bf16, 4>, dv: TensorMut<'a, bf16, 4> },
+}
+
+/// The prompt mask and the query range of an attention call.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AttnOptions {
+    /// Tokens that are prompts: a prompt query does not attend to the other prompts' keys
+    /// (ML-VPT: `1..1 + P`). `None`: no mask.
+    pub prompts: Option<Range<usize>>,
+    /// Tokens that are queries (keys are always all tokens). `None`: every token.
+    pub queries: Option<Range<usize>>,
+}
+
+impl AttnOptions {
+    fn shape(&self, op: &'static str, [b, n, h, dh]: [usize; 4]) -> Result<AttnShape, GpuError> {
+        let p = self.prompts.clone().unwrap_or(0..0);
+        let q = self.queries.clone().unwrap_or(0..n);
+        if q.start > q.end {
+            return Err(GpuError::invalid(op, format!("query range {}..{} is reversed", q.start, q.end)));
+        }
+        Ok(AttnShape { batch: b, tokens: n, heads: h, head_dim: dh, prompt_start: p.start, prompt_end: p.end, q_start: q.start, q_len: q.end - q.start })
+    }
+}
+
+/// The forward's results: `out [B, Nq, h, dh]` (bf16, contiguous: `[B, Nq, h*dh]`, the input of
+/// the output projection) and `lse [B, h, Nq]` (f32), which [`backward`] takes back.
+#[derive(Debug)]
+pub struct AttnOutput {
+    pub out: CudaSlice<bf16>,
+    pub lse: CudaSlice<f32>,
+    /// `[B, Nq, h, dh]`.
+    pub shape: [usize; 4],
+}
+
+impl AttnOutput {
+    /// `out` as a view.
+    pub fn out(&self) -> Tensor<'_, bf16, 4> {
+        Tensor::new(&self.out, self.shape)
+    }
+    /// `lse` as a view, `[B, h, Nq]`.
+    pub fn lse(&self) -> Tensor<'_, f32, 3> {
+        let [b, nq, h, _] = self.shape;
+        Tensor::new(&self.lse, [b, h, nq])
+    }
+}
+
+/// `[B, N, h, dh]` of checked Q, K, V views.
+fn check_qkv(op: &'static str, stream: &CudaStream, qkv: &Qkv) -> Result<[usize; 4], GpuError> {
+    for (name, t) in [("q", &qkv.q), ("k", &qkv.k), ("v", &qkv.v)] {
+        t.check(op, name, stream, true)?;
+    }
+    qkv.shape(op)
+}
+
+/// Fused attention forward on a device: `out = softmax(mask(Q K^T / sqrt(dh))) V` for each
+/// image and head over the query tokens of `opts` (all by default), every key; a prompt query
+/// (in `opts.prompts`) skips the other prompts' keys. Allocates and returns `out [B, Nq, h, dh]`
+/// and the log-sum-exps `lse [B, h, Nq]` the backward needs. The twin of
+/// [`super::cpu::forward`].
 ///
 /// ```
 /// use mlvpt::gpu::{bf16, GpuContext, GpuError};
-/// use mlvpt::ops::attention::{cuda, AttnShape};
+/// use mlvpt::ops::attention::cuda::{self, AttnOptions, Qkv};
 /// # fn main() -> Result<(), GpuError> {
-/// # if !mlvpt::gpu::GpuContext::driver_present() { return Ok(()); } // needs a device (a GPU or tools/vgpu)
+/// # if !GpuContext::driver_present() { return Ok(()); } // needs a device (a GPU or tools/vgpu)
 /// let gpu = GpuContext::new(0)?;
-/// // ViT-B: 12 heads of 64, CLS + 30 prompts + 196 patches.
-/// let sh = AttnShape::full(2, 227, 12, 64, 1, 31);
-/// let qkv = gpu.upload(&vec![bf16::from_f32(0.1); sh.batch * sh.tokens * 3 * sh.dim()])?;
-/// let mut out = gpu.zeros::<bf16>(sh.batch * sh.tokens * sh.dim())?;
-/// let mut lse = gpu.zeros::<f32>(sh.batch * sh.heads * sh.tokens)?;
-/// cuda::forward(&gpu, gpu.stream(), &qkv, &mut out, &mut lse, &sh)?;
+/// // ViT-B heads (12 x 64) of CLS + 10 prompts + 49 patches, packed as timm's qkv projection.
+/// let (b, n, h, dh) = (1, 60, 12, 64);
+/// let qkv = gpu.upload(&vec![bf16::from_f32(0.1); b * n * 3 * h * dh])?;
+/// let opts = AttnOptions { prompts: Some(1..11), queries: None };
+/// let fwd = cuda::forward(&gpu, &Qkv::packed(&qkv, b, n, h, dh), &opts)?;
+/// assert_eq!(fwd.shape, [b, n, h, dh]);
 ///
-/// // Backward from dL/dout, with a scratch buffer of backward_scratch_len(&sh) floats.
-/// let dout = gpu.upload(&vec![bf16::from_f32(0.01); sh.batch * sh.tokens * sh.dim()])?;
-/// let mut dqkv = gpu.zeros::<bf16>(sh.batch * sh.tokens * 3 * sh.dim())?;
-/// let mut scratch = gpu.zeros::<f32>(cuda::backward_scratch_len(&sh))?;
-/// cuda::backward(&gpu, gpu.stream(), &qkv, &out, &lse, &dout, &mut dqkv, &mut scratch, &sh)?;
+/// // Backward from dL/dout into a packed dqkv.
+/// let dout = gpu.upload(&vec![bf16::from_f32(0.01); b * n * h * dh])?;
+/// let mut dqkv = gpu.zeros::<bf16>(b * n * 3 * h * dh)?;
+/// let dout_view = mlvpt::gpu::Tensor::new(&dout, fwd.shape);
+/// cuda::backward(&gpu, &Qkv::packed(&qkv, b, n, h, dh), &fwd.out(), &fwd.lse(), &dout_view, cuda::QkvGrads::Packed(&mut dqkv), &opts)?;
 /// # Ok(()) }
 /// ```
-pub fn forward(
-    gpu: &GpuContext,
-    stream: &CudaStream,
-    qkv: &impl DevicePtr<bf16>,
-    out: &mut impl DevicePtrMut<bf16>,
-    lse: &mut impl DevicePtrMut<f32>,
-    sh: &AttnShape,
-) -> Result<(), GpuError> {
-    let tiles = fwd_tiles(sh.head_dim).ok_or_else(|| unsupported("attention forward", sh.head_dim))?;
-    forward_with(gpu, stream, qkv, out, lse, sh, &tiles)
+pub fn forward(gpu: &GpuContext, qkv: &Qkv, opts: &AttnOptions) -> Result<AttnOutput, GpuError> {
+    const OP: &str = "attention forward";
+    let stream = gpu.stream();
+    let sh = opts.shape(OP, check_qkv(OP, stream, qkv)?)?;
+    check_shape(OP, &sh)?;
+    let shape = [sh.batch, sh.q_len, sh.heads, sh.head_dim];
+    let out_len = (sh.batch * sh.q_len * sh.dim()).max(1);
+    let mut out = gpu.zeros::<bf16>(out_len)?;
+    let mut lse = gpu.zeros::<f32>((sh.batch * sh.heads * sh.q_len).max(1))?;
+    forward_into(gpu, qkv, &mut TensorMut::new(&mut out, shape), &mut TensorMut::new(&mut lse, [sh.batch, sh.heads, sh.q_len]), opts)?;
+    Ok(AttnOutput { out, lse, shape })
 }
 
-/// [`forward`] with one of the compiled tile shapes of `sh.head_dim` ([`super::FWD_TILES`]),
-/// for benchmarks and tuning; [`forward`] takes the first.
+/// [`forward`] into caller-held views: `out [B, Nq, h, dh]` (any strides, head dim
+/// contiguous) and `lse [B, h, Nq]` (contiguous).
+pub fn forward_into(gpu: &GpuContext, qkv: &Qkv, out: &mut TensorMut<bf16, 4>, lse: &mut TensorMut<f32, 3>, opts: &AttnOptions) -> Result<(), GpuError> {
+    const OP: &str = "attention forward";
+    let stream = gpu.stream();
+    let sh = opts.shape(OP, check_qkv(OP, stream, qkv)?)?;
+    let d = check_shape(OP, &sh)?;
+    let tiles = fwd_tiles(sh.head_dim).ok_or_else(|| unsupported(OP, sh.head_dim))?;
+    let want_out = [sh.batch, sh.q_len, sh.heads, sh.head_dim];
+    if out.shape() != want_out {
+        return Err(GpuError::invalid(OP, format!("out has shape {:?}, needs {want_out:?} ([B, queries, h, dh])", out.shape())));
+    }
+    let want_lse = [sh.batch, sh.heads, sh.q_len];
+    if lse.shape() != want_lse || !lse.layout().is_contiguous() {
+        return Err(GpuError::invalid(OP, format!("lse must be a contiguous {want_lse:?} ([B, h, queries]), is {:?}", lse.layout())));
+    }
+    out.check(OP, "out", stream, true)?;
+    lse.check(OP, "lse", stream, false)?;
+    if d.bh == 0 || sh.q_len == 0 {
+        return Ok(());
+    }
+    let mut p = params_of(&d, &sh);
+    let (qp, _g1) = qkv.q.ptr(stream);
+    let (kp, _g2) = qkv.k.ptr(stream);
+    let (vp, _g3) = qkv.v.ptr(stream);
+    set_qkv(&mut p, [qp, kp, vp], &[*qkv.q.layout(), *qkv.k.layout(), *qkv.v.layout()]);
+    let out_layout = *out.layout();
+    let (op, _g4) = out.ptr_mut(stream);
+    let (lp, _g5) = lse.ptr_mut(stream);
+    (p.o, p.lse) = (op, lp);
+    (p.o_batch_stride, p.o_row_stride, p.o_head_stride) = bth(&out_layout);
+    launch_forward(gpu, stream, &p, &tiles)
+}
+
+/// Fused attention backward on a device: from `dout [B, Nq, h, dh]` and [`forward`]'s `out`
+/// and `lse`, writes dQ, dK, dV into `grads` (recomputing the probabilities from `lse`; dQ
+/// rows of non-query tokens zero). Allocates its fp32 scratch. The twin of
+/// [`super::cpu::backward`]; see [`forward`] for an example.
+pub fn backward(
+    gpu: &GpuContext,
+    qkv: &Qkv,
+    out: &Tensor<bf16, 4>,
+    lse: &Tensor<f32, 3>,
+    dout: &Tensor<bf16, 4>,
+    grads: QkvGrads,
+    opts: &AttnOptions,
+) -> Result<(), GpuError> {
+    const OP: &str = "attention backward";
+    let stream = gpu.stream();
+    let sh = opts.shape(OP, check_qkv(OP, stream, qkv)?)?;
+    let d = check_shape(OP, &sh)?;
+    let tiles = bwd_tiles(sh.head_dim).ok_or_else(|| unsupported(OP, sh.head_dim))?;
+    let want = [sh.batch, sh.q_len, sh.heads, sh.head_dim];
+    for (name, t) in [("out", out), ("dout", dout)] {
+        if t.shape() != want {
+            return Err(GpuError::invalid(OP, format!("{name} has shape {:?}, needs {want:?} ([B, queries, h, dh])", t.shape())));
+        }
+        t.check(OP, name, stream, true)?;
+    }
+    let want_lse = [sh.batch, sh.heads, sh.q_len];
+    if lse.shape() != want_lse || !lse.layout().is_contiguous() {
+        return Err(GpuError::invalid(OP, format!("lse must be a contiguous {want_lse:?} ([B, h, queries]), is {:?}", lse.layout())));
+    }
+    lse.check(OP, "lse", stream, false)?;
+    if d.bh == 0 || sh.tokens == 0 {
+        return Ok(());
+    }
+    let mut scratch = gpu.zeros::<f32>(backward_scratch_len(&sh).max(1))?;
+    let mut p = params_of(&d, &sh);
+    let (qp, _g1) = qkv.q.ptr(stream);
+    let (kp, _g2) = qkv.k.ptr(stream);
+    let (vp, _g3) = qkv.v.ptr(stream);
+    set_qkv(&mut p, [qp, kp, vp], &[*qkv.q.layout(), *qkv.k.layout(), *qkv.v.layout()]);
+    let (op, _g4) = out.ptr(stream);
+    let (lp, _g5) = lse.ptr(stream);
+    let (dop, _g6) = dout.ptr(stream);
+    (p.o, p.lse, p.dout) = (op, lp, dop);
+    (p.o_batch_stride, p.o_row_stride, p.o_head_stride) = bth(out.layout());
+    (p.do_batch_stride, p.do_row_stride, p.do_head_stride) = bth(dout.layout());
+    let (sp, _g7) = scratch.device_ptr_mut(stream);
+    let want_grad = [sh.batch, sh.tokens, sh.heads, sh.head_dim];
+    match grads {
+        QkvGrads::Packed(buf) => {
+            let layouts = packed_layouts(sh.batch, sh.tokens, sh.heads, sh.head_dim);
+            let len = buf.len();
+            let (base, _g8) = buf.device_ptr_mut(stream);
+            layouts[2].check(OP, "dqkv", len, base, 2, true)?;
+            set_dqkv(&mut p, layouts.map(|l| base + (l.offset * 2) as u64), &layouts);
+            launch_backward(gpu, stream, &mut p, sp, &tiles)
+        }
+        QkvGrads::Separate { mut dq, mut dk, mut dv } => {
+            for (name, t) in [("dq", &mut dq), ("dk", &mut dk), ("dv", &mut dv)] {
+                if t.shape() != want_grad {
+                    return Err(GpuError::invalid(OP, format!("{name} has shape {:?}, needs {want_grad:?} ([B, N, h, dh])", t.shape())));
+                }
+                t.check(OP, name, stream, true)?;
+            }
+            let layouts = [*dq.layout(), *dk.layout(), *dv.layout()];
+            let (dqp, _g8) = dq.ptr_mut(stream);
+            let (dkp, _g9) = dk.ptr_mut(stream);
+            let (dvp, _g10) = dv.ptr_mut(stream);
+            set_dqkv(&mut p, [dqp, dkp, dvp], &layouts);
+            launch_backward(gpu, stream, &mut p, sp, &tiles)
+        }
+    }
+}
+
+/// The packed-layout forward with a chosen compiled tile shape of `sh.head_dim`
+/// ([`super::FWD_TILES`]) and caller-held buffers: reads `qkv [B, N, 3, h, dh]`, writes
+/// `out [B, Nq, h*dh]` and `lse [B, h, Nq]` for the query tokens `sh.q_start ..
+/// sh.q_start + sh.q_len`. The training step's call, and the benchmarks'.
 pub fn forward_with(
     gpu: &GpuContext,
     stream: &CudaStream,
@@ -193,48 +521,29 @@ pub fn forward_with(
     let (op, _g2) = out.device_ptr_mut(stream);
     let (lp, _g3) = lse.device_ptr_mut(stream);
     check_aligned(OP, &[("qkv", qp), ("out", op)])?;
-    let name = tiles.kernel;
-    let smem = tiles.smem_bytes();
-    let f = function_with_smem(gpu, name, smem)?;
-    let cfg = LaunchConfig {
-        grid_dim: (blocks(nq, tiles.rows), d.bh, 1),
-        block_dim: (THREADS, 1, 1),
-        shared_mem_bytes: smem as u32,
-    };
-    let mut l = stream.launch_builder(&f);
-    l.arg(&qp).arg(&op).arg(&lp).arg(&d.n).arg(&d.h).arg(&d.ps).arg(&d.pe).arg(&d.qs).arg(&d.nq).arg(&d.scale);
-    // SAFETY: lengths and alignment checked above; the kernel reads qkv[..B*N*3D] and writes
-    // out[..B*Nq*D], lse[..B*h*Nq].
-    unsafe { l.launch(cfg) }.map_err(GpuError::driver(format!("launching {name}")))?;
+    let layouts = packed_layouts(b, n, sh.heads, sh.head_dim);
+    let mut p = params_of(&d, sh);
+    set_qkv(&mut p, layouts.map(|l| qp + (l.offset * 2) as u64), &layouts);
+    (p.o, p.lse) = (op, lp);
+    (p.o_batch_stride, p.o_row_stride, p.o_head_stride) = ((nq * dim) as i64, dim as i64, sh.head_dim as i64);
+    launch_forward(gpu, stream, &p, tiles)
+}
+
+fn check_aligned(op: &'static str, ptrs: &[(&str, u64)]) -> Result<(), GpuError> {
+    for &(what, p) in ptrs {
+        if !p.is_multiple_of(16) {
+            return Err(GpuError::invalid(op, format!("{what} is not 16-byte aligned (address {p:#x})")));
+        }
+    }
     Ok(())
 }
 
-/// Input gradient of [`forward`]: from `dout [B, Nq, h*dh]` and the forward's `out` and `lse`,
-/// writes (overwrites) `dqkv [B, N, 3, h, dh]` (Q rows outside the query range zero),
-/// recomputing the probabilities from `lse`.
-/// `scratch` holds at least [`backward_scratch_len`] f32 (its contents on entry do not matter;
-/// it holds the fp32 dQ sums and `rowsum(dout * out)` afterwards). Three launches: the row
-/// sums (and the zeroing of the dQ sums), the fused kernel over key blocks (dK, dV written,
-/// dQ added with atomics), and dQ's conversion into dqkv. The twin of [`super::cpu::backward`];
-/// see [`forward`] for an example.
-#[allow(clippy::too_many_arguments)]
-pub fn backward(
-    gpu: &GpuContext,
-    stream: &CudaStream,
-    qkv: &impl DevicePtr<bf16>,
-    out: &impl DevicePtr<bf16>,
-    lse: &impl DevicePtr<f32>,
-    dout: &impl DevicePtr<bf16>,
-    dqkv: &mut impl DevicePtrMut<bf16>,
-    scratch: &mut impl DevicePtrMut<f32>,
-    sh: &AttnShape,
-) -> Result<(), GpuError> {
-    let tiles = bwd_tiles(sh.head_dim).ok_or_else(|| unsupported("attention backward", sh.head_dim))?;
-    backward_with(gpu, stream, qkv, out, lse, dout, dqkv, scratch, sh, &tiles)
-}
-
-/// [`backward`] with one of the compiled tile shapes of `sh.head_dim` ([`super::BWD_TILES`]),
-/// for benchmarks and tuning; [`backward`] takes the first.
+/// The packed-layout backward with a chosen compiled tile shape ([`super::BWD_TILES`]) and
+/// caller-held buffers: from `dout [B, Nq, h*dh]` and the forward's `out` and `lse`, writes
+/// (overwrites) `dqkv [B, N, 3, h, dh]` (Q rows outside the query range zero). `scratch` holds
+/// at least [`backward_scratch_len`] f32 (its contents on entry do not matter). Three launches:
+/// the row sums (and the zeroing of the dQ sums), the fused kernel over key blocks (dK, dV
+/// written, dQ added with atomics), and dQ's conversion.
 #[allow(clippy::too_many_arguments)]
 pub fn backward_with(
     gpu: &GpuContext,
@@ -268,69 +577,17 @@ pub fn backward_with(
     let (dqp, _g5) = dqkv.device_ptr_mut(stream);
     let (sp, _g6) = scratch.device_ptr_mut(stream);
     check_aligned(OP, &[("qkv", qp), ("out", op), ("dout", dop), ("dqkv", dqp), ("scratch", sp)])?;
-    let dq_acc = sp;
-    let dvec = sp + (b * nq * dim * std::mem::size_of::<f32>()) as u64;
-    let (pre, main) = (pre_kernel(sh.head_dim), tiles.kernel);
-
-    // Grid-stride over the rows' lanes; one thread per 8 elements of out/dout bounds the grid.
-    let chunks = (b * nq * dim / 8) as u64;
-    let f = gpu.function("attention", pre)?;
-    let b32 = b as i32;
-    // A split backward keeps no dQ sums: a null pointer tells the kernel not to zero them.
-    let dq_sums: u64 = if tiles.dq_kernel.is_some() { 0 } else { dq_acc };
-    let cfg = LaunchConfig { grid_dim: (grid_stride_blocks(gpu, chunks, BLOCK as u64), 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
-    let mut l = stream.launch_builder(&f);
-    l.arg(&op).arg(&dop).arg(&dvec).arg(&dq_sums).arg(&b32).arg(&d.nq).arg(&d.h);
-    // SAFETY: out/dout hold B*Nq*D, the scratch B*Nq*D + B*h*Nq floats (checked); 16-byte aligned.
-    unsafe { l.launch(cfg) }.map_err(GpuError::driver(format!("launching {pre}")))?;
-
-    let smem = tiles.smem_bytes();
-    let f = function_with_smem(gpu, main, smem)?;
-    let cfg = LaunchConfig {
-        grid_dim: (blocks(n, tiles.keys), d.bh, 1),
-        block_dim: (tiles.threads() as u32, 1, 1),
-        shared_mem_bytes: smem as u32,
-    };
-    let mut l = stream.launch_builder(&f);
-    l.arg(&qp).arg(&dop).arg(&lp).arg(&dvec).arg(&dq_acc).arg(&dqp);
-    l.arg(&d.n).arg(&d.h).arg(&d.ps).arg(&d.pe).arg(&d.qs).arg(&d.nq).arg(&d.scale);
-    // SAFETY: as above; writes dqkv's K and V slots and adds into the dQ sums (a split
-    // backward: the zero Q-slot rows of its keys outside the query range instead).
-    unsafe { l.launch(cfg) }.map_err(GpuError::driver(format!("launching {main}")))?;
-
-    if let Some(dq_name) = tiles.dq_kernel {
-        if nq == 0 {
-            return Ok(());
-        }
-        let smem = tiles.dq_smem_bytes();
-        let f = function_with_smem(gpu, dq_name, smem)?;
-        let cfg = LaunchConfig {
-            grid_dim: (blocks(nq, BwdTiles::DQ_ROWS), d.bh, 1),
-            block_dim: (THREADS, 1, 1),
-            shared_mem_bytes: smem as u32,
-        };
-        let mut l = stream.launch_builder(&f);
-        l.arg(&qp).arg(&dop).arg(&lp).arg(&dvec).arg(&dqp);
-        l.arg(&d.n).arg(&d.h).arg(&d.ps).arg(&d.pe).arg(&d.qs).arg(&d.nq).arg(&d.scale);
-        // SAFETY: as above; writes dqkv's Q slot of the query tokens.
-        unsafe { l.launch(cfg) }.map_err(GpuError::driver(format!("launching {dq_name}")))?;
-        return Ok(());
-    }
-
-    let f = gpu.function("attention", "attn_bwd_dq_convert")?;
-    let tok = (b * n) as u64;
-    let (n32, qs32, nq32, dim32) = (n as u32, sh.q_start as u32, nq as u32, dim as u32);
-    let cfg = LaunchConfig {
-        grid_dim: (grid_stride_blocks(gpu, tok * (dim as u64 / 8), BLOCK as u64), 1, 1),
-        block_dim: (BLOCK, 1, 1),
-        shared_mem_bytes: 0,
-    };
-    let mut l = stream.launch_builder(&f);
-    l.arg(&dq_acc).arg(&dqp).arg(&tok).arg(&n32).arg(&qs32).arg(&nq32).arg(&dim32).arg(&d.scale);
-    // SAFETY: reads B*Nq*D floats of scratch, writes dqkv's Q slot (D % 8 == 0 for these dims).
-    unsafe { l.launch(cfg) }.map_err(GpuError::driver("launching attn_bwd_dq_convert"))?;
-    Ok(())
+    let layouts = packed_layouts(b, n, sh.heads, sh.head_dim);
+    let mut p = params_of(&d, sh);
+    set_qkv(&mut p, layouts.map(|l| qp + (l.offset * 2) as u64), &layouts);
+    set_dqkv(&mut p, layouts.map(|l| dqp + (l.offset * 2) as u64), &layouts);
+    (p.o, p.lse, p.dout) = (op, lp, dop);
+    let rows = ((nq * dim) as i64, dim as i64, sh.head_dim as i64);
+    (p.o_batch_stride, p.o_row_stride, p.o_head_stride) = rows;
+    (p.do_batch_stride, p.do_row_stride, p.do_head_stride) = rows;
+    launch_backward(gpu, stream, &mut p, sp, tiles)
 }
+
 
 /// The unfused attention path the benchmark compares against: per-head contiguous Q, K, V
 /// (`[B, h, N, dh]`, made once by [`unfused::split_heads`]), the full score matrix `[B, h, N, N]`
@@ -371,7 +628,7 @@ pub mod unfused {
         let (kp, _g3) = k.device_ptr_mut(s);
         let (vp, _g4) = v.device_ptr_mut(s);
         let dims = [sh.batch as u32, sh.tokens as u32, sh.heads as u32, sh.head_dim as u32];
-        let f = gpu.function("attention", "attn_split_heads")?;
+        let f = gpu.kernel(attention::ATTN_SPLIT_HEADS)?;
         let mut l = s.launch_builder(&f);
         l.arg(&qkvp).arg(&qp).arg(&kp).arg(&vp).arg(&dims[0]).arg(&dims[1]).arg(&dims[2]).arg(&dims[3]);
         // SAFETY: lengths checked above.
@@ -393,7 +650,7 @@ pub mod unfused {
         let d = check_full("attention unfused forward", sh)?;
         let (n, dh, bh) = (sh.tokens, sh.head_dim, d.bh as usize);
         gpu.gemm_strided_batched(false, true, n, n, dh, 1.0, q, n * dh, k, n * dh, 0.0, p, n * n, bh)?;
-        let f = gpu.function("attention", "attn_softmax_rows_bf16")?;
+        let f = gpu.kernel(attention::ATTN_SOFTMAX_ROWS_BF16)?;
         let rows = (bh * n) as u64;
         let n32 = n as u32;
         {
@@ -427,7 +684,7 @@ pub mod unfused {
         let (n, dh, bh) = (sh.tokens, sh.head_dim, d.bh as usize);
         gpu.gemm_strided_batched(true, false, n, dh, n, 1.0, p, n * n, dout, n * dh, 0.0, dv, n * dh, bh)?;
         gpu.gemm_strided_batched(false, true, n, n, dh, 1.0, dout, n * dh, v, n * dh, 0.0, dp, n * n, bh)?;
-        let f = gpu.function("attention", "attn_softmax_bwd_rows_bf16")?;
+        let f = gpu.kernel(attention::ATTN_SOFTMAX_BWD_ROWS_BF16)?;
         let rows = (bh * n) as u64;
         let n32 = n as u32;
         {

@@ -1,6 +1,7 @@
 //! GPU launchers of bias + exact GELU (`kernels/gelu.cu`) over a row-major bf16 `[rows, cols]`
 //! matrix with an optional fp32 bias per column: the fused epilogue of a linear layer.
 
+use crate::gpu::kernels::gelu;
 use crate::gpu::launch::{aligned, check_cols, check_len, grid_stride_blocks, BLOCK};
 use crate::gpu::{bf16, CudaStream, DevicePtr, DevicePtrMut, GpuContext, GpuError};
 use cudarc::driver::{LaunchConfig, PushKernelArg};
@@ -55,8 +56,8 @@ pub fn forward(
         None => (0, None),
     };
     let a = shape(OP, rows, cols, &[xp, yp], bp)?;
-    let name = if a.vec { "gelu_bias_fwd_bf16_v8" } else { "gelu_bias_fwd_bf16" };
-    let f = gpu.function("gelu", name)?;
+    let name = if a.vec { gelu::GELU_BIAS_FWD_BF16_V8 } else { gelu::GELU_BIAS_FWD_BF16 };
+    let f = gpu.kernel(name)?;
     let cfg = config(gpu, &a);
     let mut l = stream.launch_builder(&f);
     l.arg(&xp).arg(&bp).arg(&yp).arg(&a.rows).arg(&a.cols);
@@ -131,8 +132,8 @@ fn launch_backward(
         None => (0, None),
     };
     let a = shape(OP, rows, cols, &[xp, dyp, dxp], bp)?;
-    let name = if a.vec { "gelu_bias_bwd_bf16_v8" } else { "gelu_bias_bwd_bf16" };
-    let f = gpu.function("gelu", name)?;
+    let name = if a.vec { gelu::GELU_BIAS_BWD_BF16_V8 } else { gelu::GELU_BIAS_BWD_BF16 };
+    let f = gpu.kernel(name)?;
     let cfg = config(gpu, &a);
     let mut l = stream.launch_builder(&f);
     l.arg(&xp).arg(&bp).arg(&dyp).arg(&dxp).arg(&a.rows).arg(&a.cols);

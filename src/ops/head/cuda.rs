@@ -24,35 +24,26 @@
 //! gathers token and gate-row gradients instead of scattering them with atomics.
 
 pub use super::HeadKernels;
+use crate::gpu::kernels::{adapter_mma, head, moe_mma};
 use super::{AdapterShape, MoeShape, VptHeadShape};
 use crate::gpu::launch::{aligned, check_len, grid_stride_blocks, BLOCK};
-use crate::gpu::{bf16, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, GpuContext, GpuError};
+use crate::gpu::view::check_dense;
+use crate::gpu::{bf16, CudaSlice, Kernel, Tensor, TensorMut, CudaStream, DevicePtr, DevicePtrMut, GpuContext, GpuError};
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 
-/// Widest feature dimension (a thread owns 8 columns, a block at most 128 threads).
-pub const MAX_D: usize = 1024;
-/// Most experts per label (`HEAD_MAX_E` in head.cu).
-pub const MAX_EXPERTS: usize = 8;
-/// Largest adapter bottleneck (`HEAD_MAX_RANK` in head.cu).
-pub const MAX_RANK: usize = 64;
+// Block shapes shared with the kernels (src/contract.rs, the one definition).
+use crate::contract::head::{ADA_IMAGES, ADA_PARAM_COLS, MMA_TILE, MMA_WARPS, MOE_FWD_IMAGES, PAIR_TILE, ROWS_COLS, ROWS_WARPS, TOK_IMAGES};
 
-/// Images per block of `moe_fwd_scores`, `moe_bwd_tokens`, and the adapter kernels (head.cu,
-/// adapter_mma.cu).
-const MOE_FWD_IMAGES: usize = 32;
-const TOK_IMAGES: usize = 8;
-const ADA_IMAGES: usize = 16;
-/// Columns per block of the batch-reducing kernels (`moe_bwd_pairs`, `adapter_bwd_params`):
-/// 32 lanes x 8 columns; the block's 8 warps split the images.
-const ROWS_COLS: usize = 256;
-const ROWS_THREADS: u32 = 256;
-/// Pairs per block of `moe_bwd_pairs` (`PAIR_TILE` in head.cu).
-const PAIR_TILE: usize = 8;
-/// Tile edge of the tensor-core MoE kernels (`BM = BN` in moe_mma.cu): 64 images, pairs or
-/// columns per block, 128 threads.
-const MMA_TILE: usize = 64;
-const MMA_THREADS: u32 = 128;
-/// Columns per block of `adapter_bwd_params_mma` (`PN` in adapter_mma.cu).
-const ADA_PARAM_COLS: usize = 64;
+/// Widest feature dimension (a thread owns 8 columns, a block at most 128 threads).
+pub const MAX_D: usize = crate::contract::head::HEAD_MAX_D;
+/// Most experts per label.
+pub const MAX_EXPERTS: usize = crate::contract::head::HEAD_MAX_E;
+/// Largest adapter bottleneck.
+pub const MAX_RANK: usize = crate::contract::head::HEAD_MAX_RANK;
+/// Threads per block of the batch-reducing kernels.
+const ROWS_THREADS: u32 = (ROWS_WARPS * 32) as u32;
+/// Threads per block of the tensor-core kernels.
+const MMA_THREADS: u32 = (MMA_WARPS * 32) as u32;
 
 /// A gating table on the device (`u32`, entries in `0..range`) with its inverse in CSR form:
 /// for each value `v`, the indices `i` with `table[i] == v`, in increasing order.
@@ -278,7 +269,7 @@ pub fn adapter_forward(
     let (op, _g7) = out.device_ptr_mut(stream);
     check_aligned(OP, &[("z", zp), ("w1", w1p), ("b2", b2p), ("out", op)])?;
     let (b32, p32, d32, r32) = (bn as u32, p as u32, d as u32, r as u32);
-    let (f, cfg) = adapter_tokens_kernel(gpu, OP, ("adapter_fwd", "adapter_fwd_mma"), s, kernels)?;
+    let (f, cfg) = adapter_tokens_kernel(gpu, OP, (head::ADAPTER_FWD, adapter_mma::ADAPTER_FWD_MMA), s, kernels)?;
     let mut l = stream.launch_builder(&f);
     l.arg(&zp).arg(&w1p).arg(&b1p).arg(&w2p).arg(&b2p).arg(&up).arg(&op);
     l.arg(&b32).arg(&p32).arg(&d32).arg(&r32);
@@ -293,15 +284,15 @@ pub fn adapter_forward(
 fn adapter_tokens_kernel(
     gpu: &GpuContext,
     op: &'static str,
-    names: (&'static str, &'static str),
+    names: (Kernel, Kernel),
     s: &AdapterShape,
     kernels: HeadKernels,
 ) -> Result<(cudarc::driver::CudaFunction, LaunchConfig), GpuError> {
     let y = grid_y(op, s.batch, ADA_IMAGES)?;
     Ok(match kernels {
-        HeadKernels::Mma => (gpu.function("adapter_mma", names.1)?, mma_config(s.tokens, y, 1)),
+        HeadKernels::Mma => (gpu.kernel(names.1)?, mma_config(s.tokens, y, 1)),
         HeadKernels::Fp32 => (
-            gpu.function("head", names.0)?,
+            gpu.kernel(names.0)?,
             LaunchConfig { grid_dim: (s.tokens as u32, y, 1), block_dim: (column_threads(s.dim), 1, 1), shared_mem_bytes: 0 },
         ),
     })
@@ -360,7 +351,7 @@ pub fn adapter_backward(
     check_aligned(OP, &[("dout", gp), ("z", zp), ("w1", w1p), ("dz", dzp), ("dw1", dw1p), ("db2", db2p)])?;
     let (b32, p32, d32, r32) = (bn as u32, p as u32, d as u32, r as u32);
     if bn > 0 {
-        let (f, cfg) = adapter_tokens_kernel(gpu, OP, ("adapter_bwd_tokens", "adapter_bwd_tokens_mma"), s, kernels)?;
+        let (f, cfg) = adapter_tokens_kernel(gpu, OP, (head::ADAPTER_BWD_TOKENS, adapter_mma::ADAPTER_BWD_TOKENS_MMA), s, kernels)?;
         let mut l = stream.launch_builder(&f);
         l.arg(&gp).arg(&up).arg(&w1p).arg(&w2p).arg(&dup).arg(&dzp);
         l.arg(&b32).arg(&p32).arg(&d32).arg(&r32);
@@ -368,9 +359,9 @@ pub fn adapter_backward(
         unsafe { l.launch(cfg) }.map_err(GpuError::driver(format!("launching the adapter token gradients ({})", kernels.name())))?;
     }
     let (f, cfg) = match kernels {
-        HeadKernels::Mma => (gpu.function("adapter_mma", "adapter_bwd_params_mma")?, mma_config(p, d.div_ceil(ADA_PARAM_COLS) as u32, 1)),
+        HeadKernels::Mma => (gpu.kernel(adapter_mma::ADAPTER_BWD_PARAMS_MMA)?, mma_config(p, d.div_ceil(ADA_PARAM_COLS) as u32, 1)),
         HeadKernels::Fp32 => (
-            gpu.function("head", "adapter_bwd_params")?,
+            gpu.kernel(head::ADAPTER_BWD_PARAMS)?,
             LaunchConfig { grid_dim: (p as u32, d.div_ceil(ROWS_COLS) as u32, 1), block_dim: (ROWS_THREADS, 1, 1), shared_mem_bytes: 0 },
         ),
     };
@@ -472,11 +463,11 @@ pub fn moe_forward(
     let (b32, p32, d32, k32, e32) = (bn as u32, p as u32, d as u32, k as u32, e as u32);
     let (f, cfg) = match kernels {
         HeadKernels::Mma => (
-            gpu.function("moe_mma", "moe_fwd_scores_mma")?,
+            gpu.kernel(moe_mma::MOE_FWD_SCORES_MMA)?,
             mma_config(p, grid_y(OP, bn, MMA_TILE)?, 2 * mma_pair_tiles(tok)),
         ),
         HeadKernels::Fp32 => (
-            gpu.function("head", "moe_fwd_scores")?,
+            gpu.kernel(head::MOE_FWD_SCORES)?,
             LaunchConfig { grid_dim: (p as u32, grid_y(OP, bn, MOE_FWD_IMAGES)?, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 },
         ),
     };
@@ -487,7 +478,7 @@ pub fn moe_forward(
     // gate rows were range-checked with grow; every (b, e, k) of q, r is written once since
     // each (e, k) lies in exactly one token's list.
     unsafe { l.launch(cfg) }.map_err(GpuError::driver(format!("launching the moe scores kernel ({})", kernels.name())))?;
-    let f = gpu.function("head", "moe_fwd_mix")?;
+    let f = gpu.kernel(head::MOE_FWD_MIX)?;
     let blocks = grid_stride_blocks(gpu, (bn * k) as u64, BLOCK as u64);
     let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
     let mut l = stream.launch_builder(&f);
@@ -571,7 +562,7 @@ pub fn moe_backward(
     let null = 0u64;
     if bn > 0 {
         // dq, dr per (b, k).
-        let f = gpu.function("head", "moe_bwd_coef")?;
+        let f = gpu.kernel(head::MOE_BWD_COEF)?;
         let blocks = grid_stride_blocks(gpu, (bn * k) as u64, BLOCK as u64);
         let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
         let mut l = stream.launch_builder(&f);
@@ -582,10 +573,10 @@ pub fn moe_backward(
         // Token gradients, gathered per token through tok's inverse.
         let (f, cfg) = match kernels {
             HeadKernels::Mma => {
-                (gpu.function("moe_mma", "moe_bwd_tokens_mma")?, mma_config(p, grid_y(OP, bn, MMA_TILE)?, 2 * d.div_ceil(MMA_TILE)))
+                (gpu.kernel(moe_mma::MOE_BWD_TOKENS_MMA)?, mma_config(p, grid_y(OP, bn, MMA_TILE)?, 2 * d.div_ceil(MMA_TILE)))
             }
             HeadKernels::Fp32 => (
-                gpu.function("head", "moe_bwd_tokens")?,
+                gpu.kernel(head::MOE_BWD_TOKENS)?,
                 LaunchConfig { grid_dim: (p as u32, grid_y(OP, bn, TOK_IMAGES)?, 1), block_dim: (column_threads(d), 1, 1), shared_mem_bytes: 0 },
             ),
         };
@@ -599,9 +590,9 @@ pub fn moe_backward(
     // Parameter gradients: per-(e, k) rows reduced over the batch token by token, then summed
     // into classifier rows (with dc = sum_b dy) and gate rows. Each writes all of its output.
     let (f_pairs, pairs_cfg) = match kernels {
-        HeadKernels::Mma => (gpu.function("moe_mma", "moe_bwd_pairs_mma")?, mma_config(p, mma_pair_tiles(tok) as u32, d.div_ceil(MMA_TILE))),
+        HeadKernels::Mma => (gpu.kernel(moe_mma::MOE_BWD_PAIRS_MMA)?, mma_config(p, mma_pair_tiles(tok) as u32, d.div_ceil(MMA_TILE))),
         HeadKernels::Fp32 => (
-            gpu.function("head", "moe_bwd_pairs")?,
+            gpu.kernel(head::MOE_BWD_PAIRS)?,
             LaunchConfig {
                 grid_dim: (p as u32, tok.max_count.div_ceil(PAIR_TILE).max(1) as u32, d.div_ceil(ROWS_COLS) as u32),
                 block_dim: (ROWS_THREADS, 1, 1),
@@ -609,7 +600,7 @@ pub fn moe_backward(
             },
         ),
     };
-    let f_sum = gpu.function("head", "moe_sum_pairs")?;
+    let f_sum = gpu.kernel(head::MOE_SUM_PAIRS)?;
     for (coef, x, out, offsets, items, rows, what) in
         [(drp, ap, dwp, null, null, k, "classifier"), (dqp, zp, dgp, gofp, gitp, s.gate_rows, "gate")]
     {
@@ -628,7 +619,7 @@ pub fn moe_backward(
             unsafe { l.launch(stride_launch(gpu, rows * d)) }.map_err(GpuError::driver(format!("launching moe_sum_pairs ({what})")))?;
         }
     }
-    let f = gpu.function("head", "column_sums")?;
+    let f = gpu.kernel(head::COLUMN_SUMS)?;
     let mut l = stream.launch_builder(&f);
     l.arg(&dyp).arg(&dcp).arg(&b32).arg(&k32);
     // SAFETY: dy holds B*K, dc K floats (checked).
@@ -699,7 +690,7 @@ pub fn vpt_forward(
     {
         let (zp, _g1) = z.device_ptr(stream);
         let (zbp, _g2) = zbar.device_ptr_mut(stream);
-        let f = gpu.function("head", "vpt_mean")?;
+        let f = gpu.kernel(head::VPT_MEAN)?;
         let (b32, p32, d32) = (bn as u32, p as u32, d as u32);
         let mut l = stream.launch_builder(&f);
         l.arg(&zp).arg(&zbp).arg(&b32).arg(&p32).arg(&d32);
@@ -745,7 +736,7 @@ pub fn vpt_backward(
         }
         let (dyp, _g1) = dy.device_ptr(stream);
         let (dcp, _g2) = dc.device_ptr_mut(stream);
-        let f = gpu.function("head", "column_sums")?;
+        let f = gpu.kernel(head::COLUMN_SUMS)?;
         let (b32, k32) = (bn as u32, k as u32);
         let mut l = stream.launch_builder(&f);
         l.arg(&dyp).arg(&dcp).arg(&b32).arg(&k32);
@@ -763,7 +754,7 @@ pub fn vpt_backward(
     }
     let (gp, _g1) = dzbar.device_ptr(stream);
     let (dzp, _g2) = dz.device_ptr_mut(stream);
-    let f = gpu.function("head", "vpt_spread")?;
+    let f = gpu.kernel(head::VPT_SPREAD)?;
     let (b32, p32, d32) = (bn as u32, p as u32, d as u32);
     let mut l = stream.launch_builder(&f);
     l.arg(&gp).arg(&dzp).arg(&b32).arg(&p32).arg(&d32);
@@ -795,7 +786,7 @@ pub fn predict(
     let (bp, _g2) = y_neg.device_ptr(stream);
     let (yp, _g3) = y.device_ptr_mut(stream);
     let (pp, _g4) = prob.device_ptr_mut(stream);
-    let f = gpu.function("head", "head_predict")?;
+    let f = gpu.kernel(head::HEAD_PREDICT)?;
     let n64 = n as u64;
     let blocks = grid_stride_blocks(gpu, n64, BLOCK as u64);
     let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
@@ -829,4 +820,140 @@ mod tests {
         assert!(err.contains("entry 1 is 3"), "{err}");
         assert_eq!(invert_table(&[], 0).unwrap(), (vec![0], vec![]));
     }
+}
+
+// ---------------------------------------------------------------- one-call API on typed views
+
+/// One branch's label-gated head on a device, as [`gated_forward`] and [`gated_backward`] take
+/// it: the gate table `gate [rows, D]`, the classifier `w [K, D]` and `c [K]` (fp32, dense
+/// views), the gating tables (`tok`, `grow`, index `e*K + k`, uploaded once as
+/// [`IndexTable`]s) and the experts per label `E`.
+pub struct GatedHead<'a> {
+    pub gate: Tensor<'a, f32, 2>,
+    pub w: Tensor<'a, f32, 2>,
+    pub c: Tensor<'a, f32, 1>,
+    pub tok: &'a IndexTable,
+    pub grow: &'a IndexTable,
+    pub experts: usize,
+}
+
+/// What [`gated_forward`] returns: the logits `y [B, K]`, the gate-score mixture `m [B, K]`
+/// and the saved `q, r [B, E, K]` the backward takes back (fp32, dense).
+#[derive(Debug)]
+pub struct GatedOutput {
+    pub y: CudaSlice<f32>,
+    pub m: CudaSlice<f32>,
+    pub q: CudaSlice<f32>,
+    pub r: CudaSlice<f32>,
+    /// The call's sizes.
+    pub shape: MoeShape,
+}
+
+/// The parameter gradients [`gated_backward`] returns: `dgate [rows, D]`, `dw [K, D]`,
+/// `dc [K]` (fp32).
+#[derive(Debug)]
+pub struct GatedGrads {
+    pub dgate: CudaSlice<f32>,
+    pub dw: CudaSlice<f32>,
+    pub dc: CudaSlice<f32>,
+}
+
+impl GatedHead<'_> {
+    /// The sizes of a call on `z [B, P, D]`, each view checked against them by name.
+    fn shape(&self, op: &'static str, z: &Tensor<bf16, 3>, adapted: &Tensor<bf16, 3>) -> Result<MoeShape, GpuError> {
+        let [batch, tokens, dim] = z.shape();
+        let [gate_rows, _] = self.gate.shape();
+        let [labels, _] = self.w.shape();
+        check_dense(op, "z", z.layout(), [batch, tokens, dim], "[B, P, D]")?;
+        check_dense(op, "adapted", adapted.layout(), [batch, tokens, dim], "[B, P, D], as z")?;
+        check_dense(op, "gate", self.gate.layout(), [gate_rows, dim], "[rows, D], D as z")?;
+        check_dense(op, "w", self.w.layout(), [labels, dim], "[K, D], D as z")?;
+        check_dense(op, "c", self.c.layout(), [labels], "[K], K as w")?;
+        Ok(MoeShape { batch, tokens, dim, labels, experts: self.experts, gate_rows })
+    }
+}
+
+/// One branch's gating, expert mixture and classifier on a device, in one call: from the prompt
+/// tokens `z [B, P, D]` and their adapted features `adapted [B, P, D]` (bf16, dense), returns
+/// `y, m [B, K]` and the saved `q, r [B, E, K]` (see [`moe_forward`], which this checks and
+/// calls with the default [`HeadKernels`]). The twin of [`super::cpu::moe_forward`].
+///
+/// ```
+/// use mlvpt::gpu::{bf16, GpuContext, Tensor};
+/// use mlvpt::ops::head::cuda::{gated_forward, GatedHead, IndexTable};
+/// # fn main() -> Result<(), mlvpt::gpu::GpuError> {
+/// # if !GpuContext::driver_present() { return Ok(()); } // needs a device (a GPU or tools/vgpu)
+/// let gpu = GpuContext::new(0)?;
+/// let (b, p, d, k, e) = (2, 3, 16, 4, 2); // 3 prompt tokens, 4 labels, 2 experts each
+/// let z = gpu.upload(&vec![bf16::from_f32(0.5); b * p * d])?;
+/// let (gate, w, c) = (gpu.upload(&vec![0.1f32; e * k * d])?, gpu.upload(&vec![0.2f32; k * d])?, gpu.upload(&vec![0.0f32; k])?);
+/// // Expert e of label k is token (e + k) % p and gate row e*K + k (label gating).
+/// let tok: Vec<u32> = (0..e * k).map(|i| ((i / k + i % k) % p) as u32).collect();
+/// let grow: Vec<u32> = (0..(e * k) as u32).collect();
+/// let (tok, grow) = (IndexTable::new(&gpu, &tok, p)?, IndexTable::new(&gpu, &grow, e * k)?);
+/// let head = GatedHead { gate: Tensor::new(&gate, [e * k, d]), w: Tensor::new(&w, [k, d]), c: Tensor::new(&c, [k]), tok: &tok, grow: &grow, experts: e };
+/// let out = gated_forward(&gpu, &head, &Tensor::new(&z, [b, p, d]), &Tensor::new(&z, [b, p, d]))?;
+/// let y = gpu.download(&out.y)?; // 16 * 0.5 * 0.2 = 1.6 for every (b, k)
+/// assert!(y.iter().all(|&v| (v - 1.6).abs() < 1e-2), "{y:?}");
+/// # Ok(()) }
+/// ```
+pub fn gated_forward(gpu: &GpuContext, head: &GatedHead, z: &Tensor<bf16, 3>, adapted: &Tensor<bf16, 3>) -> Result<GatedOutput, GpuError> {
+    const OP: &str = "gated head forward";
+    let s = head.shape(OP, z, adapted)?;
+    let (bk, bek) = ((s.batch * s.labels).max(1), (s.batch * s.experts * s.labels).max(1));
+    let (mut y, mut m, mut q, mut r) = (gpu.zeros(bk)?, gpu.zeros(bk)?, gpu.zeros(bek)?, gpu.zeros(bek)?);
+    moe_forward(gpu, gpu.stream(), z, adapted, &head.gate, &head.w, &head.c, head.tok, head.grow, &mut y, &mut m, &mut q, &mut r, &s, HeadKernels::default())?;
+    Ok(GatedOutput { y, m, q, r, shape: s })
+}
+
+/// Backward of [`gated_forward`] in one call: from `dy, dm [B, K]` (fp32, dense) and the
+/// forward's output, adds the token gradients into `dz` and `dadapted` (bf16 `[B, P, D]`,
+/// dense; tokens no expert uses are left as they are) and returns the parameter gradients.
+/// The twin of [`super::cpu::moe_backward`]; the `embed_head` example runs both.
+#[allow(clippy::too_many_arguments)]
+pub fn gated_backward(
+    gpu: &GpuContext,
+    head: &GatedHead,
+    z: &Tensor<bf16, 3>,
+    adapted: &Tensor<bf16, 3>,
+    fwd: &GatedOutput,
+    dy: &Tensor<f32, 2>,
+    dm: &Tensor<f32, 2>,
+    dz: &mut TensorMut<bf16, 3>,
+    dadapted: &mut TensorMut<bf16, 3>,
+) -> Result<GatedGrads, GpuError> {
+    const OP: &str = "gated head backward";
+    let s = head.shape(OP, z, adapted)?;
+    if s != fwd.shape {
+        return Err(GpuError::invalid(OP, format!("the forward output is of {:?}, this call of {s:?}", fwd.shape)));
+    }
+    check_dense(OP, "dy", dy.layout(), [s.batch, s.labels], "[B, K]")?;
+    check_dense(OP, "dm", dm.layout(), [s.batch, s.labels], "[B, K]")?;
+    check_dense(OP, "dz", dz.layout(), [s.batch, s.tokens, s.dim], "[B, P, D], as z")?;
+    check_dense(OP, "dadapted", dadapted.layout(), [s.batch, s.tokens, s.dim], "[B, P, D], as z")?;
+    let mut g = GatedGrads { dgate: gpu.zeros((s.gate_rows * s.dim).max(1))?, dw: gpu.zeros((s.labels * s.dim).max(1))?, dc: gpu.zeros(s.labels.max(1))? };
+    let mut ws = HeadWorkspace::new();
+    moe_backward(
+        gpu,
+        gpu.stream(),
+        &mut ws,
+        dy,
+        dm,
+        z,
+        adapted,
+        &head.gate,
+        &head.w,
+        head.tok,
+        head.grow,
+        &fwd.q,
+        &fwd.r,
+        dz,
+        dadapted,
+        &mut g.dgate,
+        &mut g.dw,
+        &mut g.dc,
+        &s,
+        HeadKernels::default(),
+    )?;
+    Ok(g)
 }

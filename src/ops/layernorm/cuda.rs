@@ -2,12 +2,13 @@
 //! bf16 or fp32 (`S`: an fp32 residual stream is read as it is, no cast pass), bf16 output,
 //! fp32 gamma/beta and statistics, one warp per row. The backward writes `dx` in `S`.
 
+use crate::gpu::kernels::layernorm;
 use crate::gpu::launch::{aligned, Storage, BLOCK};
-use crate::gpu::{bf16, CudaStream, DevicePtr, DevicePtrMut, GpuContext, GpuError};
+use crate::gpu::{bf16, Kernel, CudaStream, DevicePtr, DevicePtrMut, GpuContext, GpuError};
 use cudarc::driver::{CudaFunction, LaunchConfig, PushKernelArg};
 
 /// Longest row the kernels hold in registers.
-pub const MAX_D: usize = 1024;
+pub const MAX_D: usize = crate::contract::layernorm::LN_MAX_D;
 
 fn check_shape(op: &'static str, rows: usize, d: usize) -> Result<(), GpuError> {
     if d == 0 || d > MAX_D {
@@ -31,24 +32,24 @@ fn check_lens(op: &'static str, lens: &[(&str, usize, usize)]) -> Result<(), Gpu
 /// buffers at device addresses `ptrs`: the vector kernel compiled for ceil(d / 256) chunks of 8
 /// per lane when `d % 8 == 0` and every row buffer is 16-byte aligned (its 16-byte loads need
 /// both), else the scalar one; with its loaded function.
-fn variant(gpu: &GpuContext, names: &[&'static str; 5], d: usize, ptrs: &[u64]) -> Result<(&'static str, CudaFunction), GpuError> {
+fn variant(gpu: &GpuContext, names: &[Kernel; 5], d: usize, ptrs: &[u64]) -> Result<(Kernel, CudaFunction), GpuError> {
     let vec = d.is_multiple_of(8) && ptrs.iter().all(|&p| aligned(p, 16));
     let name = names[if vec { d.div_ceil(256) } else { 0 }];
-    Ok((name, gpu.function("layernorm", name)?))
+    Ok((name, gpu.kernel(name)?))
 }
 
 // Kernel families by storage: [S = f32 ("f32x") or F = f32, S/F = bf16] x [scalar, v8_c1 .. v8_c4].
-const FWD: [[&str; 5]; 2] = [
-    ["layernorm_fwd_f32x", "layernorm_fwd_f32x_v8_c1", "layernorm_fwd_f32x_v8_c2", "layernorm_fwd_f32x_v8_c3", "layernorm_fwd_f32x_v8_c4"],
-    ["layernorm_fwd_bf16", "layernorm_fwd_bf16_v8_c1", "layernorm_fwd_bf16_v8_c2", "layernorm_fwd_bf16_v8_c3", "layernorm_fwd_bf16_v8_c4"],
+const FWD: [[Kernel; 5]; 2] = [
+    [layernorm::LAYERNORM_FWD_F32X, layernorm::LAYERNORM_FWD_F32X_V8_C1, layernorm::LAYERNORM_FWD_F32X_V8_C2, layernorm::LAYERNORM_FWD_F32X_V8_C3, layernorm::LAYERNORM_FWD_F32X_V8_C4],
+    [layernorm::LAYERNORM_FWD_BF16, layernorm::LAYERNORM_FWD_BF16_V8_C1, layernorm::LAYERNORM_FWD_BF16_V8_C2, layernorm::LAYERNORM_FWD_BF16_V8_C3, layernorm::LAYERNORM_FWD_BF16_V8_C4],
 ];
-const BWD: [[&str; 5]; 2] = [
-    ["layernorm_bwd_f32x", "layernorm_bwd_f32x_v8_c1", "layernorm_bwd_f32x_v8_c2", "layernorm_bwd_f32x_v8_c3", "layernorm_bwd_f32x_v8_c4"],
-    ["layernorm_bwd_bf16", "layernorm_bwd_bf16_v8_c1", "layernorm_bwd_bf16_v8_c2", "layernorm_bwd_bf16_v8_c3", "layernorm_bwd_bf16_v8_c4"],
+const BWD: [[Kernel; 5]; 2] = [
+    [layernorm::LAYERNORM_BWD_F32X, layernorm::LAYERNORM_BWD_F32X_V8_C1, layernorm::LAYERNORM_BWD_F32X_V8_C2, layernorm::LAYERNORM_BWD_F32X_V8_C3, layernorm::LAYERNORM_BWD_F32X_V8_C4],
+    [layernorm::LAYERNORM_BWD_BF16, layernorm::LAYERNORM_BWD_BF16_V8_C1, layernorm::LAYERNORM_BWD_BF16_V8_C2, layernorm::LAYERNORM_BWD_BF16_V8_C3, layernorm::LAYERNORM_BWD_BF16_V8_C4],
 ];
-const RES_FWD: [[&str; 5]; 2] = [
-    ["layernorm_res_fwd_f32", "layernorm_res_fwd_f32_v8_c1", "layernorm_res_fwd_f32_v8_c2", "layernorm_res_fwd_f32_v8_c3", "layernorm_res_fwd_f32_v8_c4"],
-    ["layernorm_res_fwd_bf16", "layernorm_res_fwd_bf16_v8_c1", "layernorm_res_fwd_bf16_v8_c2", "layernorm_res_fwd_bf16_v8_c3", "layernorm_res_fwd_bf16_v8_c4"],
+const RES_FWD: [[Kernel; 5]; 2] = [
+    [layernorm::LAYERNORM_RES_FWD_F32, layernorm::LAYERNORM_RES_FWD_F32_V8_C1, layernorm::LAYERNORM_RES_FWD_F32_V8_C2, layernorm::LAYERNORM_RES_FWD_F32_V8_C3, layernorm::LAYERNORM_RES_FWD_F32_V8_C4],
+    [layernorm::LAYERNORM_RES_FWD_BF16, layernorm::LAYERNORM_RES_FWD_BF16_V8_C1, layernorm::LAYERNORM_RES_FWD_BF16_V8_C2, layernorm::LAYERNORM_RES_FWD_BF16_V8_C3, layernorm::LAYERNORM_RES_FWD_BF16_V8_C4],
 ];
 
 /// One warp per row, BLOCK / 32 rows per block, as many blocks as rows need (capped; the

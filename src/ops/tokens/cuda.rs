@@ -6,6 +6,7 @@
 //! math is fp32 either way): a launcher generic over `T: Storage` picks the kernel's `_f32` or
 //! `_bf16` instantiation. Parameters, the residual stream and its gradient are fp32.
 
+use crate::gpu::kernels::tokens;
 use crate::gpu::launch::{check_len, grid_stride_blocks, BLOCK};
 use crate::gpu::{CudaStream, DevicePtr, DevicePtrMut, GpuContext, GpuError};
 use crate::ops::attention::AttnShape;
@@ -28,7 +29,7 @@ macro_rules! launch {
         if $n == 0 {
             Ok(())
         } else {
-            let f = $gpu.function("tokens", $name)?;
+            let f = $gpu.kernel($name)?;
             let mut l = $stream.launch_builder(&f);
             $(l.arg($arg);)*
             // SAFETY: every caller checked the buffers against the shape before launching.
@@ -51,7 +52,7 @@ pub fn patchify<T: Storage>(gpu: &GpuContext, stream: &CudaStream, images: &impl
     let (ip, _g1) = images.device_ptr(stream);
     let (op, _g2) = out.device_ptr_mut(stream);
     let n = n as u64;
-    launch!(gpu, stream, T::pick(["tok_patchify_f32", "tok_patchify_bf16"]), n, &ip, &op, &n, &c, &h, &w, &p)
+    launch!(gpu, stream, T::pick([tokens::TOK_PATCHIFY_F32, tokens::TOK_PATCHIFY_BF16]), n, &ip, &op, &n, &c, &h, &w, &p)
 }
 
 /// Twin of `CpuBackend::embed_tokens` (`patches` stored as `T`, the rest fp32).
@@ -68,7 +69,7 @@ pub fn embed_tokens<T: Storage>(gpu: &GpuContext, stream: &CudaStream, patches: 
     let (qp, _g3) = pos.device_ptr(stream);
     let (xp, _g4) = x.device_ptr_mut(stream);
     let n = (batch * (1 + num_patches) * dim) as u64;
-    launch!(gpu, stream, T::pick(["tok_embed_f32", "tok_embed_bf16"]), n, &pp, &cp, &qp, &xp, &n, &np, &pr, &d)
+    launch!(gpu, stream, T::pick([tokens::TOK_EMBED_F32, tokens::TOK_EMBED_BF16]), n, &pp, &cp, &qp, &xp, &n, &np, &pr, &d)
 }
 
 /// Twin of `CpuBackend::set_prompts` (`prompts [L, P, D]`, row block `layer`).
@@ -85,7 +86,7 @@ pub fn set_prompts(gpu: &GpuContext, stream: &CudaStream, prompts: &impl DeviceP
     let pp = pp + (layer * count * dim * 4) as u64;
     let (xp, _g2) = x.device_ptr_mut(stream);
     let n = (batch * count * dim) as u64;
-    launch!(gpu, stream, "tok_set_prompts", n, &pp, &xp, &n, &t, &c, &d)
+    launch!(gpu, stream, tokens::TOK_SET_PROMPTS, n, &pp, &xp, &n, &t, &c, &d)
 }
 
 /// Twin of `CpuBackend::prompt_grad`: `dprompts[layer] = sum_b dx[b, 1..1+P]` (image order),
@@ -103,10 +104,10 @@ pub fn prompt_grad(gpu: &GpuContext, stream: &CudaStream, dx: &mut impl DevicePt
     let (pp, _g2) = dprompts.device_ptr_mut(stream);
     let pp = pp + (layer * count * dim * 4) as u64;
     let n = (count * dim) as u64;
-    launch!(gpu, stream, "tok_prompt_grad", n, &xp, &pp, &n, &bt, &t, &d)?;
+    launch!(gpu, stream, tokens::TOK_PROMPT_GRAD, n, &xp, &pp, &n, &bt, &t, &d)?;
     if zero_rows {
         let n = (batch * count * dim) as u64;
-        launch!(gpu, stream, "tok_zero_prompts", n, &xp, &n, &t, &c, &d)?;
+        launch!(gpu, stream, tokens::TOK_ZERO_PROMPTS, n, &xp, &n, &t, &c, &d)?;
     }
     Ok(())
 }
@@ -125,7 +126,7 @@ pub fn copy_tokens<T: Storage>(gpu: &GpuContext, stream: &CudaStream, src: &impl
     let (sp, _g1) = src.device_ptr(stream);
     let (dp, _g2) = dst.device_ptr_mut(stream);
     let n = (batch * count * dim) as u64;
-    launch!(gpu, stream, T::pick(["tok_copy_tokens_f32", "tok_copy_tokens_bf16"]), n, &sp, &dp, &n, &a[0], &a[1], &a[2], &a[3], &a[4], &a[5])
+    launch!(gpu, stream, T::pick([tokens::TOK_COPY_TOKENS_F32, tokens::TOK_COPY_TOKENS_BF16]), n, &sp, &dp, &n, &a[0], &a[1], &a[2], &a[3], &a[4], &a[5])
 }
 
 /// Twin of `CpuBackend::residual`: `out = x + ls * f` over `[rows, dim]` (`f` stored as `T`;
@@ -147,7 +148,7 @@ pub fn residual<T: Storage>(gpu: &GpuContext, stream: &CudaStream, x: &impl Devi
     let lp: u64 = lsg.as_ref().map_or(0, |g| g.0);
     let (op, _g4) = out.device_ptr_mut(stream);
     let n = n as u64;
-    launch!(gpu, stream, T::pick(["tok_residual_f32", "tok_residual_bf16"]), n, &xp, &fp, &lp, &op, &n, &d)
+    launch!(gpu, stream, T::pick([tokens::TOK_RESIDUAL_F32, tokens::TOK_RESIDUAL_BF16]), n, &xp, &fp, &lp, &op, &n, &d)
 }
 
 /// Twin of `CpuBackend::mul_cols`: `out = src * v` (`v [dim]` per row; `out` stored as `T`,
@@ -163,7 +164,7 @@ pub fn mul_cols<T: Storage>(gpu: &GpuContext, stream: &CudaStream, src: &impl De
     let (vp, _g2) = v.device_ptr(stream);
     let (op, _g3) = out.device_ptr_mut(stream);
     let n = n as u64;
-    launch!(gpu, stream, T::pick(["tok_mul_cols_f32", "tok_mul_cols_bf16"]), n, &sp, &vp, &op, &n, &d)
+    launch!(gpu, stream, T::pick([tokens::TOK_MUL_COLS_F32, tokens::TOK_MUL_COLS_BF16]), n, &sp, &vp, &op, &n, &d)
 }
 
 /// Twin of `CpuBackend::axpby`: `y = a y + b x` over `len`, in fp32 whatever `y` (`Y`) and
@@ -174,7 +175,7 @@ pub fn axpby<Y: Storage, X: Storage>(gpu: &GpuContext, stream: &CudaStream, a: f
     let (yp, _g1) = y.device_ptr_mut(stream);
     let (xp, _g2) = x.device_ptr(stream);
     let n = len as u64;
-    const NAMES: [[&str; 2]; 2] = [["tok_axpby_f32_f32", "tok_axpby_f32_bf16"], ["tok_axpby_bf16_f32", "tok_axpby_bf16_bf16"]];
+    const NAMES: [[crate::gpu::Kernel; 2]; 2] = [[tokens::TOK_AXPBY_F32_F32, tokens::TOK_AXPBY_F32_BF16], [tokens::TOK_AXPBY_BF16_F32, tokens::TOK_AXPBY_BF16_BF16]];
     launch!(gpu, stream, NAMES[Y::INDEX][X::INDEX], n, &a, &yp, &b, &xp, &n)
 }
 
@@ -183,7 +184,7 @@ pub fn fill<T: Storage>(gpu: &GpuContext, stream: &CudaStream, y: &mut impl Devi
     check_len("fill", "y", y, len)?;
     let (yp, _g1) = y.device_ptr_mut(stream);
     let n = len as u64;
-    launch!(gpu, stream, T::pick(["tok_fill_f32", "tok_fill_bf16"]), n, &yp, &value, &n)
+    launch!(gpu, stream, T::pick([tokens::TOK_FILL_F32, tokens::TOK_FILL_BF16]), n, &yp, &value, &n)
 }
 
 fn attn_dims(op: &'static str, sh: &AttnShape) -> Result<[i32; 7], GpuError> {
@@ -213,7 +214,7 @@ pub fn attention_forward(gpu: &GpuContext, stream: &CudaStream, qkv: &impl Devic
         return Ok(());
     }
     let scale = 1.0 / (sh.head_dim as f32).sqrt();
-    let f = gpu.function("tokens", "attn_simple_fwd")?;
+    let f = gpu.kernel(tokens::ATTN_SIMPLE_FWD)?;
     let (qp, _g1) = qkv.device_ptr(stream);
     let (op, _g2) = out.device_ptr_mut(stream);
     let (lp, _g3) = lse.device_ptr_mut(stream);
@@ -245,7 +246,7 @@ pub fn attention_backward(gpu: &GpuContext, stream: &CudaStream, qkv: &impl Devi
         return Ok(());
     }
     let scale = 1.0 / (sh.head_dim as f32).sqrt();
-    let f = gpu.function("tokens", "attn_simple_bwd")?;
+    let f = gpu.kernel(tokens::ATTN_SIMPLE_BWD)?;
     let (qp, _g1) = qkv.device_ptr(stream);
     let (op, _g2) = out.device_ptr(stream);
     let (lp, _g3) = lse.device_ptr(stream);

@@ -1,0 +1,419 @@
+//! The contract between the host launchers (`src/ops/<op>/cuda.rs`) and the kernels
+//! (`kernels/*.cu`), written once: every constant, tile table, shared-memory size and kernel
+//! parameter struct both sides use.
+//!
+//! build.rs `include!`s this file and writes `contract.cuh` into `OUT_DIR` (nvcc gets it on
+//! its include path; `kernels/common.cuh` includes it): each constant as a `constexpr`, the tile
+//! tables as X-macros the kernel files instantiate, and each parameter struct as a C struct with
+//! a `static_assert` on its size and on every field's offset, taken from this file's
+//! `#[repr(C)]` layout. A change here changes both sides; a C struct that drifts from this file
+//! fails to compile. So this file has no dependencies (build.rs compiles it too) and holds data,
+//! not launch logic.
+
+// build.rs compiles this file too (and allows its unused parts there).
+
+/// Declares integer constants shared with the kernels: each is a Rust `pub const` here and a
+/// `constexpr` of the same name in `contract.cuh`; `$table` lists them for build.rs.
+macro_rules! shared_consts {
+    ($table:ident; $($(#[$m:meta])* $name:ident: $ty:ty = $val:expr;)*) => {
+        $($(#[$m])* pub const $name: $ty = $val;)*
+        /// (name, value) of each constant of this module, written into `contract.cuh` by build.rs.
+        #[doc(hidden)]
+        pub const $table: &[(&str, i64)] = &[$((stringify!($name), $val as i64)),*];
+    };
+}
+
+/// Declares a kernel parameter struct: a `#[repr(C)]` Rust struct, passed by value to its
+/// kernels, and the same struct in `contract.cuh`. Each field names its C declaration, with
+/// `{}` where the field's name goes (`"const float* {}[4]"`). Pointer fields are device
+/// addresses (`u64`, 0 for null).
+macro_rules! kernel_params {
+    ($(#[$m:meta])* pub struct $name:ident { $($(#[$fm:meta])* pub $f:ident: $ty:ty => $cty:literal,)* }) => {
+        $(#[$m])*
+        #[repr(C)]
+        #[derive(Clone, Copy, Debug, PartialEq)]
+        pub struct $name {
+            $($(#[$fm])* pub $f: $ty,)*
+        }
+        /// Every pointer null, every number zero.
+        impl Default for $name {
+            fn default() -> Self {
+                Self { $($f: <$ty as $crate::contract::Zero>::ZERO,)* }
+            }
+        }
+        impl $name {
+            /// (field, C declaration, byte offset) of each field, for build.rs.
+            #[doc(hidden)]
+            pub fn c_fields() -> $crate::contract::CFields {
+                vec![$((stringify!($f), $cty, core::mem::offset_of!($name, $f))),*]
+            }
+        }
+    };
+}
+
+/// The zero of a parameter field's type (arrays of any length included, which `Default` lacks).
+pub(crate) trait Zero {
+    const ZERO: Self;
+}
+impl Zero for u64 {
+    const ZERO: Self = 0;
+}
+impl Zero for i64 {
+    const ZERO: Self = 0;
+}
+impl Zero for u32 {
+    const ZERO: Self = 0;
+}
+impl Zero for i32 {
+    const ZERO: Self = 0;
+}
+impl Zero for f32 {
+    const ZERO: Self = 0.0;
+}
+impl<T: Zero + Copy, const N: usize> Zero for [T; N] {
+    const ZERO: Self = [T::ZERO; N];
+}
+
+/// LayerNorm (`kernels/layernorm.cu`).
+pub mod layernorm {
+    shared_consts! { CONSTS;
+        /// Longest row the kernels hold in registers (a warp per row, 8 columns a lane, up to
+        /// 4 chunks).
+        LN_MAX_D: usize = 1024;
+    }
+}
+
+/// The ML-VPT head (`kernels/head.cu`, `kernels/moe_mma.cu`, `kernels/adapter_mma.cu`).
+pub mod head {
+    shared_consts! { CONSTS;
+        /// Widest feature dimension (a thread owns 8 columns, a block at most 128 threads).
+        HEAD_MAX_D: usize = 1024;
+        /// Most experts per label.
+        HEAD_MAX_E: usize = 8;
+        /// Largest adapter bottleneck.
+        HEAD_MAX_RANK: usize = 64;
+        /// Images per block of `moe_fwd_scores`.
+        MOE_FWD_IMAGES: usize = 32;
+        /// Images per block of `moe_bwd_tokens` and `adapter_bwd_tokens`.
+        TOK_IMAGES: usize = 8;
+        /// Images per block of `adapter_fwd` and the tensor-core adapter kernels (one m16 tile).
+        ADA_IMAGES: usize = 16;
+        /// Warps per block of the batch-reducing kernels (`moe_bwd_pairs`, `adapter_bwd_params`):
+        /// 32 lanes x 8 columns = 256 columns a block; the warps split the images.
+        ROWS_WARPS: usize = 8;
+        /// Pairs per block of `moe_bwd_pairs`.
+        PAIR_TILE: usize = 8;
+        /// Tile edge of the tensor-core MoE kernels (`moe_mma.cu`): 64 images, pairs or columns a
+        /// block.
+        MMA_TILE: usize = 64;
+        /// Warps per block of the tensor-core head kernels.
+        MMA_WARPS: usize = 4;
+        /// Columns per block of `adapter_bwd_params_mma`.
+        ADA_PARAM_COLS: usize = 64;
+    }
+    /// Columns per block of the batch-reducing kernels: 32 lanes of 8 columns.
+    pub const ROWS_COLS: usize = 32 * 8;
+}
+
+/// AdamW (`kernels/adamw.cu`).
+pub mod adamw {
+    shared_consts! { CONSTS;
+        /// Most tensors one launch takes; more take several launches.
+        ADAMW_MAX_TENSORS: usize = 32;
+    }
+
+    kernel_params! {
+        /// `adamw_multi_f32`: up to [`ADAMW_MAX_TENSORS`] fp32 tensors, tensor `t` with its own
+        /// parameter, gradient and moment pointers, elements numbered consecutively over the
+        /// tensors (`start[t] .. start[t + 1]`), and the update's coefficients (computed on the
+        /// host in f64).
+        pub struct AdamWParams {
+            pub p: [u64; ADAMW_MAX_TENSORS] => "float* {}[ADAMW_MAX_TENSORS]",
+            pub g: [u64; ADAMW_MAX_TENSORS] => "const float* {}[ADAMW_MAX_TENSORS]",
+            pub m: [u64; ADAMW_MAX_TENSORS] => "float* {}[ADAMW_MAX_TENSORS]",
+            pub v: [u64; ADAMW_MAX_TENSORS] => "float* {}[ADAMW_MAX_TENSORS]",
+            /// `start[count]` = total elements.
+            pub start: [u64; ADAMW_MAX_TENSORS + 1] => "uint64_t {}[ADAMW_MAX_TENSORS + 1]",
+            /// The update is skipped unless `guard[0]` is finite (null: never skipped).
+            pub guard: u64 => "const float* {}",
+            pub count: u32 => "uint32_t {}",
+            /// `1 - lr * wd`.
+            pub decay: f32 => "float {}",
+            /// `lr / (1 - beta1^t)`.
+            pub step_size: f32 => "float {}",
+            /// `1 / sqrt(1 - beta2^t)`.
+            pub inv_sqrt_bc2: f32 => "float {}",
+            pub beta1: f32 => "float {}",
+            pub beta2: f32 => "float {}",
+            pub eps: f32 => "float {}",
+            /// `1 - beta` from the host in f64: in f32, `1 - 0.999f` is 1.3e-5 off.
+            pub one_minus_beta1: f32 => "float {}",
+            pub one_minus_beta2: f32 => "float {}",
+        }
+    }
+}
+
+/// The asymmetric loss (`kernels/asl.cu`).
+pub mod asl {
+    shared_consts! { CONSTS;
+        /// Most logit buffers (loss terms) one launch takes.
+        ASL_MAX_TERMS: usize = 4;
+    }
+
+    kernel_params! {
+        /// `asl_terms_fwd_bwd_f32`: ASL of up to [`ASL_MAX_TERMS`] logit buffers of `n`
+        /// elements against the same targets, one gradient buffer each (null: none), the loss
+        /// `scale * sum` written to `loss_out[0]`; `partials` (one f64 per block) and
+        /// `counter` (zero between launches) are the deterministic reduction's scratch.
+        pub struct AslParams {
+            pub logits: [u64; ASL_MAX_TERMS] => "const float* {}[ASL_MAX_TERMS]",
+            pub grad: [u64; ASL_MAX_TERMS] => "float* {}[ASL_MAX_TERMS]",
+            pub targets: u64 => "const float* {}",
+            pub partials: u64 => "double* {}",
+            pub counter: u64 => "unsigned int* {}",
+            pub loss_out: u64 => "float* {}",
+            pub n: u64 => "uint64_t {}",
+            pub nterms: u32 => "uint32_t {}",
+            pub gamma_pos: f32 => "float {}",
+            pub gamma_neg: f32 => "float {}",
+            pub clip: f32 => "float {}",
+            /// `ln(eps)` of the probability clamp.
+            pub log_eps: f32 => "float {}",
+            /// 1: the exact gradient through the focusing weights; 0: constant weights.
+            pub exact_grad: i32 => "int {}",
+            pub scale: f32 => "float {}",
+        }
+    }
+}
+
+/// Fused prompt-masked attention (`kernels/attention.cu`).
+pub mod attention {
+    shared_consts! { CONSTS;
+        /// Warps per block of the forward and of the split backward's dQ pass.
+        ATTN_WARPS: usize = 4;
+        /// Keys per tile of the forward and the dQ pass (the backward has 16 per warp).
+        ATTN_KEY_TILE: usize = 64;
+        /// Padding (bf16 elements) of each shared-memory row, keeping `ldmatrix` free of bank
+        /// conflicts.
+        ATTN_SMEM_PAD: usize = 8;
+    }
+
+    /// Threads per block of the forward and the dQ pass.
+    pub const ATTN_THREADS: usize = 32 * ATTN_WARPS;
+
+    /// Bytes of a shared-memory row of the fused kernels: `head_dim` bf16 plus the padding.
+    pub const fn smem_row_bytes(head_dim: usize) -> usize {
+        (head_dim + ATTN_SMEM_PAD) * 2
+    }
+
+    /// One compiled tile shape of the fused forward: `rows` query rows per block of
+    /// [`ATTN_WARPS`] warps (16 x MT per warp), keys in tiles of [`ATTN_KEY_TILE`];
+    /// `pipelined`: the software-pipelined schedule (the next tile's Q K^T issued before this
+    /// tile's softmax, K and V double-buffered); `min_blocks`: blocks per SM ptxas must fit
+    /// (`__launch_bounds__`).
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub struct FwdTiles {
+        pub head_dim: usize,
+        pub rows: usize,
+        pub pipelined: bool,
+        pub min_blocks: usize,
+        pub kernel: &'static str,
+    }
+
+    impl FwdTiles {
+        /// m16 tiles of query rows per warp.
+        pub const fn m_tiles(&self) -> usize {
+            self.rows / (16 * ATTN_WARPS)
+        }
+        /// Dynamic shared memory: Q rows, a K tile and a V tile (two each when pipelined).
+        pub const fn smem_bytes(&self) -> usize {
+            let kv_tiles = if self.pipelined { 4 } else { 2 };
+            (self.rows + kv_tiles * ATTN_KEY_TILE) * smem_row_bytes(self.head_dim)
+        }
+    }
+
+    /// One compiled tile shape of the fused backward: `keys` keys per block (a warp per 16),
+    /// the queries `rows` at a time. With `dq_kernel` (a split backward) `kernel` computes dK
+    /// and dV only and `dq_kernel` computes dQ in a query-stationary pass of
+    /// [`BwdTiles::DQ_ROWS`] rows per block, without fp32 atomics.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub struct BwdTiles {
+        pub head_dim: usize,
+        pub keys: usize,
+        pub rows: usize,
+        pub kernel: &'static str,
+        pub dq_kernel: Option<&'static str>,
+    }
+
+    impl BwdTiles {
+        /// Query rows per block of a split backward's dQ pass (one m16 tile per warp).
+        pub const DQ_ROWS: usize = 16 * ATTN_WARPS;
+
+        /// Warps per block: one per 16 keys.
+        pub const fn warps(&self) -> usize {
+            self.keys / 16
+        }
+        /// Threads per block.
+        pub const fn threads(&self) -> usize {
+            32 * self.warps()
+        }
+        /// Dynamic shared memory: K, V of the block's keys, Q and dO of a step, dS^T
+        /// `[keys][rows + 8]` bf16, and the step's log-sum-exps and row sums (f32); a split
+        /// backward has no dS^T and two of everything else of a step.
+        pub const fn smem_bytes(&self) -> usize {
+            let row = smem_row_bytes(self.head_dim);
+            if self.dq_kernel.is_some() {
+                (2 * self.keys + 4 * self.rows) * row + 4 * self.rows * 4
+            } else {
+                (2 * self.keys + 2 * self.rows) * row + self.keys * (self.rows + ATTN_SMEM_PAD) * 2 + 2 * self.rows * 4
+            }
+        }
+        /// Dynamic shared memory of the dQ pass: Q and dO rows, K and V tiles twice each.
+        pub const fn dq_smem_bytes(&self) -> usize {
+            (2 * Self::DQ_ROWS + 4 * ATTN_KEY_TILE) * smem_row_bytes(self.head_dim)
+        }
+    }
+
+    /// Head dims the fused kernels are compiled for (each has a row-sum kernel
+    /// `attn_bwd_pre_d<dh>`).
+    pub const FUSED_HEAD_DIMS: &[usize] = &[32, 64, 80, 128];
+
+    const fn fwd(head_dim: usize, rows: usize, pipelined: bool, min_blocks: usize, kernel: &'static str) -> FwdTiles {
+        FwdTiles {
+            head_dim,
+            rows,
+            pipelined,
+            min_blocks,
+            kernel,
+        }
+    }
+    const fn bwd(head_dim: usize, keys: usize, rows: usize, kernel: &'static str, dq_kernel: Option<&'static str>) -> BwdTiles {
+        BwdTiles {
+            head_dim,
+            keys,
+            rows,
+            kernel,
+            dq_kernel,
+        }
+    }
+
+    /// Every compiled forward; the first of a head dim is the launcher's default, the others
+    /// are alternatives `benches/gpu_attention.rs` measures against it (ViT-S/B/L: 64; ViT-H:
+    /// 80; 32 and 128 for narrow and wide heads). Head dims 80 and 128 take 64 rows so the
+    /// accumulators fit in registers without spilling; 3 blocks per SM (at most 168 registers)
+    /// where that costs no spill.
+    pub const FWD_TILES: &[FwdTiles] = &[
+        fwd(32, 128, false, 1, "attn_fwd_d32"),
+        fwd(64, 128, false, 1, "attn_fwd_d64"),
+        fwd(64, 64, false, 3, "attn_fwd_d64_r64"),
+        fwd(64, 64, true, 3, "attn_fwd_d64_r64p"),
+        fwd(80, 64, false, 3, "attn_fwd_d80"),
+        fwd(128, 64, false, 1, "attn_fwd_d128"),
+    ];
+
+    /// Every compiled backward, as [`FWD_TILES`]; steps of 32 and 16 queries at head dims 80 and
+    /// 128 keep dK, dV and the step's scores in registers. `attn_bwd_d64_k128` (8 warps, 128
+    /// keys per block) halves the dQ atomics and the Q, dO reloads of the 64-key blocks;
+    /// `attn_bwd_d64_split` computes dQ in a pass of its own (two more matrix products, no
+    /// atomics, no fp32 scratch: deterministic).
+    pub const BWD_TILES: &[BwdTiles] = &[
+        bwd(32, 64, 64, "attn_bwd_d32", None),
+        bwd(64, 64, 64, "attn_bwd_d64", None),
+        bwd(64, 64, 32, "attn_bwd_d64_q32", None),
+        bwd(64, 128, 64, "attn_bwd_d64_k128", None),
+        bwd(64, 64, 64, "attn_bwd_d64_split", Some("attn_bwd_d64_split_dq")),
+        bwd(80, 64, 32, "attn_bwd_d80", None),
+        bwd(128, 64, 16, "attn_bwd_d128", None),
+    ];
+
+    kernel_params! {
+        /// Every fused attention kernel's arguments (as flash-attention's `Flash_fwd_params`):
+        /// Q, K, V and their gradients `[B, N, h, dh]`, the output and its gradient
+        /// `[B, Nq, h, dh]`, each at its own pointer with element strides per image, token and
+        /// head (the head dim contiguous), so packed `qkv [B, N, 3, h, dh]` and separate tensors
+        /// are the same call; `lse [B, h, Nq]` and the backward's scratch are contiguous.
+        /// Queries are the tokens `qs .. qs + nq`, keys all `n`; tokens `ps .. pe` are prompts
+        /// (a prompt query skips the other prompts' keys; `ps == pe`: no mask).
+        pub struct AttnParams {
+            pub q: u64 => "const __nv_bfloat16* {}",
+            pub k: u64 => "const __nv_bfloat16* {}",
+            pub v: u64 => "const __nv_bfloat16* {}",
+            /// Written by the forward, read by the backward.
+            pub o: u64 => "__nv_bfloat16* {}",
+            /// Natural-log log-sum-exp of each scaled, masked score row, `[B, h, Nq]`.
+            pub lse: u64 => "float* {}",
+            pub dout: u64 => "const __nv_bfloat16* {}",
+            pub dq: u64 => "__nv_bfloat16* {}",
+            pub dk: u64 => "__nv_bfloat16* {}",
+            pub dv: u64 => "__nv_bfloat16* {}",
+            /// fp32 dQ sums `[B, Nq, h*dh]` (null for a split backward).
+            pub dq_acc: u64 => "float* {}",
+            /// `rowsum(dO * O)` per query row, `[B, h, Nq]`.
+            pub dvec: u64 => "float* {}",
+            pub q_batch_stride: i64 => "int64_t {}",
+            pub q_row_stride: i64 => "int64_t {}",
+            pub q_head_stride: i64 => "int64_t {}",
+            pub k_batch_stride: i64 => "int64_t {}",
+            pub k_row_stride: i64 => "int64_t {}",
+            pub k_head_stride: i64 => "int64_t {}",
+            pub v_batch_stride: i64 => "int64_t {}",
+            pub v_row_stride: i64 => "int64_t {}",
+            pub v_head_stride: i64 => "int64_t {}",
+            pub o_batch_stride: i64 => "int64_t {}",
+            pub o_row_stride: i64 => "int64_t {}",
+            pub o_head_stride: i64 => "int64_t {}",
+            pub do_batch_stride: i64 => "int64_t {}",
+            pub do_row_stride: i64 => "int64_t {}",
+            pub do_head_stride: i64 => "int64_t {}",
+            pub dq_batch_stride: i64 => "int64_t {}",
+            pub dq_row_stride: i64 => "int64_t {}",
+            pub dq_head_stride: i64 => "int64_t {}",
+            pub dk_batch_stride: i64 => "int64_t {}",
+            pub dk_row_stride: i64 => "int64_t {}",
+            pub dk_head_stride: i64 => "int64_t {}",
+            pub dv_batch_stride: i64 => "int64_t {}",
+            pub dv_row_stride: i64 => "int64_t {}",
+            pub dv_head_stride: i64 => "int64_t {}",
+            /// Images.
+            pub b: i32 => "int {}",
+            /// Tokens (keys).
+            pub n: i32 => "int {}",
+            /// Heads.
+            pub h: i32 => "int {}",
+            /// Head dim.
+            pub dh: i32 => "int {}",
+            pub ps: i32 => "int {}",
+            pub pe: i32 => "int {}",
+            pub qs: i32 => "int {}",
+            pub nq: i32 => "int {}",
+            /// `dh^-1/2`.
+            pub scale: f32 => "float {}",
+        }
+    }
+}
+
+/// (field, C declaration, byte offset) of each field of a parameter struct.
+#[doc(hidden)]
+pub type CFields = Vec<(&'static str, &'static str, usize)>;
+
+/// The parameter structs build.rs writes into `contract.cuh`: (C name, size, fields).
+#[doc(hidden)]
+pub fn param_structs() -> Vec<(&'static str, usize, CFields)> {
+    vec![
+        (
+            "AdamWParams",
+            core::mem::size_of::<adamw::AdamWParams>(),
+            adamw::AdamWParams::c_fields(),
+        ),
+        ("AslParams", core::mem::size_of::<asl::AslParams>(), asl::AslParams::c_fields()),
+        (
+            "AttnParams",
+            core::mem::size_of::<attention::AttnParams>(),
+            attention::AttnParams::c_fields(),
+        ),
+    ]
+}
+
+/// Every shared constant, for build.rs.
+#[doc(hidden)]
+pub const ALL_CONSTS: &[&[(&str, i64)]] = &[layernorm::CONSTS, head::CONSTS, adamw::CONSTS, asl::CONSTS, attention::CONSTS];
