@@ -40,10 +40,17 @@ __device__ __forceinline__ void unpack_bf16x8(const uint4& raw, float (&o)[8]) {
 }
 
 extern "C" __global__ void __launch_bounds__(256) moe_fwd_scores(
-    const bf16* __restrict__ z, const bf16* __restrict__ adapted, const float* __restrict__ gate,
-    const float* __restrict__ w, const uint32_t* __restrict__ grow, const uint32_t* __restrict__ tok_offsets,
-    const uint32_t* __restrict__ tok_items, float* __restrict__ q, float* __restrict__ r, uint32_t batch,
-    uint32_t tokens, uint32_t d, uint32_t labels, uint32_t experts) {
+const MoeParams p) {
+    const bf16* __restrict__ z = p.z;
+    const bf16* __restrict__ adapted = p.adapted;
+    const float* __restrict__ gate = p.gate;
+    const float* __restrict__ w = p.w;
+    const uint32_t* __restrict__ grow = p.grow;
+    const uint32_t* __restrict__ tok_offsets = p.tok_offsets;
+    const uint32_t* __restrict__ tok_items = p.tok_items;
+    float* __restrict__ q = p.q;
+    float* __restrict__ r = p.r;
+    const uint32_t batch = p.batch, tokens = p.tokens, d = p.d, labels = p.labels, experts = p.experts;
     const uint32_t t = blockIdx.x;
     const uint32_t i0 = tok_offsets[t], i1 = tok_offsets[t + 1];
     if (i0 == i1) return;
@@ -209,10 +216,17 @@ __device__ __forceinline__ void gather_rows_into(bf16* __restrict__ out, const f
 }
 
 extern "C" __global__ void __launch_bounds__(128) moe_bwd_tokens(
-    const float* __restrict__ dq, const float* __restrict__ dr, const float* __restrict__ gate,
-    const float* __restrict__ w, const uint32_t* __restrict__ grow, const uint32_t* __restrict__ tok_offsets,
-    const uint32_t* __restrict__ tok_items, bf16* __restrict__ dz, bf16* __restrict__ dadapted, uint32_t batch,
-    uint32_t tokens, uint32_t d, uint32_t labels, uint32_t experts) {
+const MoeParams p) {
+    const float* __restrict__ dq = p.dq;
+    const float* __restrict__ dr = p.dr;
+    const float* __restrict__ gate = p.gate;
+    const float* __restrict__ w = p.w;
+    const uint32_t* __restrict__ grow = p.grow;
+    const uint32_t* __restrict__ tok_offsets = p.tok_offsets;
+    const uint32_t* __restrict__ tok_items = p.tok_items;
+    bf16* __restrict__ dz = p.dz;
+    bf16* __restrict__ dadapted = p.dadapted;
+    const uint32_t batch = p.batch, tokens = p.tokens, d = p.d, labels = p.labels, experts = p.experts;
     const uint32_t t = blockIdx.x;
     const uint32_t i0 = tok_offsets[t], i1 = tok_offsets[t + 1];
     const uint32_t ch = threadIdx.x;
@@ -253,9 +267,13 @@ __device__ __forceinline__ void add_warp_partials(float (*part)[257], const floa
 }
 
 extern "C" __global__ void __launch_bounds__(ROWS_WARPS * 32) moe_bwd_pairs(
-    const float* __restrict__ coef, const bf16* __restrict__ x, const uint32_t* __restrict__ tok_offsets,
-    const uint32_t* __restrict__ tok_items, float* __restrict__ pair_rows, uint32_t batch, uint32_t tokens,
-    uint32_t d, uint32_t labels, uint32_t experts) {
+const MoeParams p) {
+    const float* __restrict__ coef = p.coef;
+    const bf16* __restrict__ x = p.x;
+    const uint32_t* __restrict__ tok_offsets = p.tok_offsets;
+    const uint32_t* __restrict__ tok_items = p.tok_items;
+    float* __restrict__ pair_rows = p.pair_rows;
+    const uint32_t batch = p.batch, tokens = p.tokens, d = p.d, labels = p.labels, experts = p.experts;
     __shared__ float part[ROWS_WARPS][257];
     const uint32_t t = blockIdx.x;
     const uint32_t i0 = tok_offsets[t] + blockIdx.y * PAIR_TILE;

@@ -194,10 +194,13 @@ __device__ float block_sum_f(float v, float* scratch) {
     return r;
 }
 
-// qkv [B, N, 3, h, dh]; out [B, Nq, D]; lse [B, h, Nq].
-extern "C" __global__ void attn_simple_fwd(const float* __restrict__ qkv, float* __restrict__ out,
-                                           float* __restrict__ lse, int n, int h, int dh, int ps, int pe, int q0,
-                                           int nq, float scale) {
+// qkv [B, N, 3, h, dh]; out [B, Nq, D]; lse [B, h, Nq] (PlainAttnParams: src/contract.rs).
+extern "C" __global__ void attn_simple_fwd(const PlainAttnParams p) {
+    const float* __restrict__ qkv = p.qkv;
+    float* __restrict__ out = p.out;
+    float* __restrict__ lse = p.lse;
+    const int n = p.n, h = p.h, dh = p.dh, ps = p.ps, pe = p.pe, q0 = p.q0, nq = p.nq;
+    const float scale = p.scale;
     DYNAMIC_SMEM(s);  // [n] scores, then 32 reduction slots
     float* red = s + n;
     const int qi = blockIdx.x, bh = blockIdx.y, b = bh / h, hd = bh % h, d = h * dh, i = q0 + qi;
@@ -234,10 +237,14 @@ extern "C" __global__ void attn_simple_fwd(const float* __restrict__ qkv, float*
 }
 
 // dqkv must be zero on entry (dK, dV are accumulated with atomics across queries).
-extern "C" __global__ void attn_simple_bwd(const float* __restrict__ qkv, const float* __restrict__ out,
-                                           const float* __restrict__ lse, const float* __restrict__ dout,
-                                           float* __restrict__ dqkv, int n, int h, int dh, int ps, int pe, int q0,
-                                           int nq, float scale) {
+extern "C" __global__ void attn_simple_bwd(const PlainAttnParams p) {
+    const float* __restrict__ qkv = p.qkv;
+    const float* __restrict__ out = p.out;
+    const float* __restrict__ lse = p.lse;
+    const float* __restrict__ dout = p.dout;
+    float* __restrict__ dqkv = p.dqkv;
+    const int n = p.n, h = p.h, dh = p.dh, ps = p.ps, pe = p.pe, q0 = p.q0, nq = p.nq;
+    const float scale = p.scale;
     DYNAMIC_SMEM(s);  // [n] probabilities, [n] dS, 32 reduction slots
     float* ds = s + n;
     float* red = ds + n;

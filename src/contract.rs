@@ -113,6 +113,48 @@ pub mod head {
     }
     /// Columns per block of the batch-reducing kernels: 32 lanes of 8 columns.
     pub const ROWS_COLS: usize = 32 * 8;
+
+    kernel_params! {
+        /// The MoE kernels' arguments, the same struct for their fp32 (`head.cu`) and tensor-core
+        /// (`moe_mma.cu`) versions: the scores kernels read `z`, `adapted`, `gate`, `w`, `grow`
+        /// and `tok`'s inverse and write `q`, `r`; the token-gradient kernels read `dq`, `dr`,
+        /// `gate`, `w`, `grow`, `tok`'s inverse and add into `dz`, `dadapted`; the pair-row
+        /// kernels reduce `coef [B, E, K]` times `x [B, P, D]` over the batch into
+        /// `pair_rows [E*K, D]`. Unused pointers are null.
+        pub struct MoeParams {
+            /// Prompt-token features `[B, P, D]`.
+            pub z: u64 => "const __nv_bfloat16* {}",
+            /// Adapted features `[B, P, D]`.
+            pub adapted: u64 => "const __nv_bfloat16* {}",
+            /// Gate table `[rows, D]`.
+            pub gate: u64 => "const float* {}",
+            /// Classifier `[K, D]`.
+            pub w: u64 => "const float* {}",
+            /// Gate row of each (e, k), `[E*K]`.
+            pub grow: u64 => "const uint32_t* {}",
+            /// `tok`'s inverse: per token, the (e, k) pairs using it (CSR offsets `[P + 1]`, items `[E*K]`).
+            pub tok_offsets: u64 => "const uint32_t* {}",
+            pub tok_items: u64 => "const uint32_t* {}",
+            /// Gate scores and classifier responses `[B, E, K]`.
+            pub q: u64 => "float* {}",
+            pub r: u64 => "float* {}",
+            /// Their gradients `[B, E, K]`.
+            pub dq: u64 => "const float* {}",
+            pub dr: u64 => "const float* {}",
+            /// Token gradients `[B, P, D]` (accumulated).
+            pub dz: u64 => "__nv_bfloat16* {}",
+            pub dadapted: u64 => "__nv_bfloat16* {}",
+            /// The pair-row kernels' coefficient `[B, E, K]`, operand `[B, P, D]` and output `[E*K, D]`.
+            pub coef: u64 => "const float* {}",
+            pub x: u64 => "const __nv_bfloat16* {}",
+            pub pair_rows: u64 => "float* {}",
+            pub batch: u32 => "uint32_t {}",
+            pub tokens: u32 => "uint32_t {}",
+            pub d: u32 => "uint32_t {}",
+            pub labels: u32 => "uint32_t {}",
+            pub experts: u32 => "uint32_t {}",
+        }
+    }
 }
 
 /// AdamW (`kernels/adamw.cu`).
@@ -181,6 +223,32 @@ pub mod asl {
             pub log_eps: f32 => "float {}",
             /// 1: the exact gradient through the focusing weights; 0: constant weights.
             pub exact_grad: i32 => "int {}",
+            pub scale: f32 => "float {}",
+        }
+    }
+}
+
+/// The token kernels (`kernels/tokens.cu`).
+pub mod tokens {
+    kernel_params! {
+        /// `attn_simple_fwd` / `attn_simple_bwd`, the plain fp32 attention for head dims the
+        /// fused kernels lack: `qkv [B, N, 3, h, dh]`, `out` and `dout [B, Nq, h*dh]`,
+        /// `lse [B, h, Nq]`, `dqkv` like `qkv`; queries `q0 .. q0 + nq`, prompts `ps .. pe`.
+        pub struct PlainAttnParams {
+            pub qkv: u64 => "const float* {}",
+            /// Written by the forward, read by the backward.
+            pub out: u64 => "float* {}",
+            pub lse: u64 => "float* {}",
+            pub dout: u64 => "const float* {}",
+            /// Zero on entry to the backward (dK, dV are added with atomics).
+            pub dqkv: u64 => "float* {}",
+            pub n: i32 => "int {}",
+            pub h: i32 => "int {}",
+            pub dh: i32 => "int {}",
+            pub ps: i32 => "int {}",
+            pub pe: i32 => "int {}",
+            pub q0: i32 => "int {}",
+            pub nq: i32 => "int {}",
             pub scale: f32 => "float {}",
         }
     }
@@ -399,19 +467,10 @@ pub type CFields = Vec<(&'static str, &'static str, usize)>;
 /// The parameter structs build.rs writes into `contract.cuh`: (C name, size, fields).
 #[doc(hidden)]
 pub fn param_structs() -> Vec<(&'static str, usize, CFields)> {
-    vec![
-        (
-            "AdamWParams",
-            core::mem::size_of::<adamw::AdamWParams>(),
-            adamw::AdamWParams::c_fields(),
-        ),
-        ("AslParams", core::mem::size_of::<asl::AslParams>(), asl::AslParams::c_fields()),
-        (
-            "AttnParams",
-            core::mem::size_of::<attention::AttnParams>(),
-            attention::AttnParams::c_fields(),
-        ),
-    ]
+    macro_rules! structs {
+        ($($m:ident::$t:ident),*) => { vec![$((stringify!($t), core::mem::size_of::<$m::$t>(), $m::$t::c_fields())),*] };
+    }
+    structs![adamw::AdamWParams, asl::AslParams, head::MoeParams, tokens::PlainAttnParams, attention::AttnParams]
 }
 
 /// Every shared constant, for build.rs.

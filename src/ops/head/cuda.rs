@@ -32,7 +32,7 @@ use crate::gpu::{bf16, CudaSlice, Kernel, Tensor, TensorMut, CudaStream, DeviceP
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 
 // Block shapes shared with the kernels (src/contract.rs, the one definition).
-use crate::contract::head::{ADA_IMAGES, ADA_PARAM_COLS, MMA_TILE, MMA_WARPS, MOE_FWD_IMAGES, PAIR_TILE, ROWS_COLS, ROWS_WARPS, TOK_IMAGES};
+use crate::contract::head::{MoeParams, ADA_IMAGES, ADA_PARAM_COLS, MMA_TILE, MMA_WARPS, MOE_FWD_IMAGES, PAIR_TILE, ROWS_COLS, ROWS_WARPS, TOK_IMAGES};
 
 /// Widest feature dimension (a thread owns 8 columns, a block at most 128 threads).
 pub const MAX_D: usize = crate::contract::head::HEAD_MAX_D;
@@ -460,7 +460,8 @@ pub fn moe_forward(
     let (qp, _g11) = q.device_ptr_mut(stream);
     let (rp, _g12) = r.device_ptr_mut(stream);
     check_aligned(OP, &[("z", zp), ("adapted", ap), ("gate", gp), ("w", wp)])?;
-    let (b32, p32, d32, k32, e32) = (bn as u32, p as u32, d as u32, k as u32, e as u32);
+    let (b32, k32, e32) = (bn as u32, k as u32, e as u32);
+    let params = MoeParams { z: zp, adapted: ap, gate: gp, w: wp, grow: grp, tok_offsets: tofp, tok_items: titp, q: qp, r: rp, ..moe_sizes(s) };
     let (f, cfg) = match kernels {
         HeadKernels::Mma => (
             gpu.kernel(moe_mma::MOE_FWD_SCORES_MMA)?,
@@ -472,8 +473,7 @@ pub fn moe_forward(
         ),
     };
     let mut l = stream.launch_builder(&f);
-    l.arg(&zp).arg(&ap).arg(&gp).arg(&wp).arg(&grp).arg(&tofp).arg(&titp).arg(&qp).arg(&rp);
-    l.arg(&b32).arg(&p32).arg(&d32).arg(&k32).arg(&e32);
+    l.arg(&params);
     // SAFETY: lengths checked; tok's inverse has P + 1 offsets over E*K items (< E*K), and the
     // gate rows were range-checked with grow; every (b, e, k) of q, r is written once since
     // each (e, k) lies in exactly one token's list.
@@ -558,8 +558,9 @@ pub fn moe_backward(
     let (drp, _g21) = dr.device_ptr_mut(stream);
     let (prp, _g22) = pairs.device_ptr_mut(stream);
     check_aligned(OP, &[("z", zp), ("adapted", ap), ("gate", gp), ("w", wp), ("dz", dzp), ("dadapted", dap)])?;
-    let (b32, p32, d32, k32, e32) = (bn as u32, p as u32, d as u32, k as u32, e as u32);
+    let (b32, d32, k32, e32) = (bn as u32, d as u32, k as u32, e as u32);
     let null = 0u64;
+    let sizes = moe_sizes(s);
     if bn > 0 {
         // dq, dr per (b, k).
         let f = gpu.kernel(head::MOE_BWD_COEF)?;
@@ -580,9 +581,9 @@ pub fn moe_backward(
                 LaunchConfig { grid_dim: (p as u32, grid_y(OP, bn, TOK_IMAGES)?, 1), block_dim: (column_threads(d), 1, 1), shared_mem_bytes: 0 },
             ),
         };
+        let params = MoeParams { dq: dqp, dr: drp, gate: gp, w: wp, grow: grp, tok_offsets: tofp, tok_items: titp, dz: dzp, dadapted: dap, ..sizes };
         let mut l = stream.launch_builder(&f);
-        l.arg(&dqp).arg(&drp).arg(&gp).arg(&wp).arg(&grp).arg(&tofp).arg(&titp).arg(&dzp).arg(&dap);
-        l.arg(&b32).arg(&p32).arg(&d32).arg(&k32).arg(&e32);
+        l.arg(&params);
         // SAFETY: the inverse has P + 1 offsets and E*K items, each an index into the E*K
         // tables; rows and tokens were range-checked with the tables.
         unsafe { l.launch(cfg) }.map_err(GpuError::driver(format!("launching the moe token-gradient kernel ({})", kernels.name())))?;
@@ -604,8 +605,9 @@ pub fn moe_backward(
     for (coef, x, out, offsets, items, rows, what) in
         [(drp, ap, dwp, null, null, k, "classifier"), (dqp, zp, dgp, gofp, gitp, s.gate_rows, "gate")]
     {
+        let params = MoeParams { coef, x, tok_offsets: tofp, tok_items: titp, pair_rows: prp, ..sizes };
         let mut l = stream.launch_builder(&f_pairs);
-        l.arg(&coef).arg(&x).arg(&tofp).arg(&titp).arg(&prp).arg(&b32).arg(&p32).arg(&d32).arg(&k32).arg(&e32);
+        l.arg(&params);
         // SAFETY: coef holds B*E*K floats (workspace), x B*P*D bf16 (checked); each pair index
         // from tok's inverse is < E*K, and the pair-row workspace holds E*K*D floats.
         unsafe { l.launch(pairs_cfg) }.map_err(GpuError::driver(format!("launching the moe pair-row kernel ({what}, {})", kernels.name())))?;
@@ -625,6 +627,12 @@ pub fn moe_backward(
     // SAFETY: dy holds B*K, dc K floats (checked).
     unsafe { l.launch(stride_launch(gpu, k)) }.map_err(GpuError::driver("launching column_sums (dc)"))?;
     Ok(())
+}
+
+/// [`MoeParams`] with the sizes of `s` and every pointer null.
+fn moe_sizes(s: &MoeShape) -> MoeParams {
+    let [batch, tokens, d, labels, experts] = [s.batch, s.tokens, s.dim, s.labels, s.experts].map(|v| v as u32);
+    MoeParams { batch, tokens, d, labels, experts, ..MoeParams::default() }
 }
 
 /// Launch config of a tensor-core kernel (moe_mma.cu, adapter_mma.cu): grid (tokens, y, z), 128 threads

@@ -6,6 +6,7 @@
 //! math is fp32 either way): a launcher generic over `T: Storage` picks the kernel's `_f32` or
 //! `_bf16` instantiation. Parameters, the residual stream and its gradient are fp32.
 
+use crate::contract::tokens::PlainAttnParams;
 use crate::gpu::kernels::tokens;
 use crate::gpu::launch::{check_len, grid_stride_blocks, BLOCK};
 use crate::gpu::{CudaStream, DevicePtr, DevicePtrMut, GpuContext, GpuError};
@@ -187,14 +188,15 @@ pub fn fill<T: Storage>(gpu: &GpuContext, stream: &CudaStream, y: &mut impl Devi
     launch!(gpu, stream, T::pick([tokens::TOK_FILL_F32, tokens::TOK_FILL_BF16]), n, &yp, &value, &n)
 }
 
-fn attn_dims(op: &'static str, sh: &AttnShape) -> Result<[i32; 7], GpuError> {
+fn attn_dims(op: &'static str, sh: &AttnShape) -> Result<PlainAttnParams, GpuError> {
     if sh.q_start + sh.q_len > sh.tokens || sh.prompt_start > sh.prompt_end || sh.prompt_end > sh.tokens {
         return Err(GpuError::invalid(op, format!("{sh:?} is not a valid attention shape")));
     }
     if sh.batch * sh.heads > 65_535 || sh.q_len > i32::MAX as usize || sh.tokens * 3 * sh.dim() > i32::MAX as usize {
         return Err(GpuError::invalid(op, format!("{sh:?} exceeds the plain kernels' grid")));
     }
-    Ok([sh.tokens, sh.heads, sh.head_dim, sh.prompt_start, sh.prompt_end, sh.q_start, sh.q_len].map(|v| v as i32))
+    let [n, h, dh, ps, pe, q0, nq] = [sh.tokens, sh.heads, sh.head_dim, sh.prompt_start, sh.prompt_end, sh.q_start, sh.q_len].map(|v| v as i32);
+    Ok(PlainAttnParams { n, h, dh, ps, pe, q0, nq, scale: 1.0 / (sh.head_dim as f32).sqrt(), ..PlainAttnParams::default() })
 }
 
 fn attn_cfg(sh: &AttnShape, floats: usize) -> LaunchConfig {
@@ -206,24 +208,20 @@ fn attn_cfg(sh: &AttnShape, floats: usize) -> LaunchConfig {
 /// `ops::attention::cpu::forward`.
 pub fn attention_forward(gpu: &GpuContext, stream: &CudaStream, qkv: &impl DevicePtr<f32>, out: &mut impl DevicePtrMut<f32>, lse: &mut impl DevicePtrMut<f32>, sh: &AttnShape) -> Result<(), GpuError> {
     const OP: &str = "attention forward (plain)";
-    let a = attn_dims(OP, sh)?;
+    let mut a = attn_dims(OP, sh)?;
     check_len(OP, "qkv", qkv, sh.batch * sh.tokens * 3 * sh.dim())?;
     check_len(OP, "out", out, sh.batch * sh.q_len * sh.dim())?;
     check_len(OP, "lse", lse, sh.batch * sh.heads * sh.q_len)?;
     if sh.batch * sh.heads * sh.q_len == 0 {
         return Ok(());
     }
-    let scale = 1.0 / (sh.head_dim as f32).sqrt();
     let f = gpu.kernel(tokens::ATTN_SIMPLE_FWD)?;
     let (qp, _g1) = qkv.device_ptr(stream);
     let (op, _g2) = out.device_ptr_mut(stream);
     let (lp, _g3) = lse.device_ptr_mut(stream);
+    (a.qkv, a.out, a.lse) = (qp, op, lp);
     let mut l = stream.launch_builder(&f);
-    l.arg(&qp).arg(&op).arg(&lp);
-    for v in &a {
-        l.arg(v);
-    }
-    l.arg(&scale);
+    l.arg(&a);
     // SAFETY: lengths checked above; shared memory holds N scores and 32 reduction slots.
     unsafe { l.launch(attn_cfg(sh, sh.tokens)) }.map_err(GpuError::driver("launching attn_simple_fwd"))?;
     Ok(())
@@ -234,7 +232,7 @@ pub fn attention_forward(gpu: &GpuContext, stream: &CudaStream, qkv: &impl Devic
 #[allow(clippy::too_many_arguments)]
 pub fn attention_backward(gpu: &GpuContext, stream: &CudaStream, qkv: &impl DevicePtr<f32>, out: &impl DevicePtr<f32>, lse: &impl DevicePtr<f32>, dout: &impl DevicePtr<f32>, dqkv: &mut impl DevicePtrMut<f32>, sh: &AttnShape) -> Result<(), GpuError> {
     const OP: &str = "attention backward (plain)";
-    let a = attn_dims(OP, sh)?;
+    let mut a = attn_dims(OP, sh)?;
     let total = sh.batch * sh.tokens * 3 * sh.dim();
     check_len(OP, "qkv", qkv, total)?;
     check_len(OP, "out", out, sh.batch * sh.q_len * sh.dim())?;
@@ -245,19 +243,15 @@ pub fn attention_backward(gpu: &GpuContext, stream: &CudaStream, qkv: &impl Devi
     if sh.batch * sh.heads * sh.q_len == 0 {
         return Ok(());
     }
-    let scale = 1.0 / (sh.head_dim as f32).sqrt();
     let f = gpu.kernel(tokens::ATTN_SIMPLE_BWD)?;
     let (qp, _g1) = qkv.device_ptr(stream);
     let (op, _g2) = out.device_ptr(stream);
     let (lp, _g3) = lse.device_ptr(stream);
     let (gp, _g4) = dout.device_ptr(stream);
     let (dp, _g5) = dqkv.device_ptr_mut(stream);
+    (a.qkv, a.out, a.lse, a.dout, a.dqkv) = (qp, op, lp, gp, dp);
     let mut l = stream.launch_builder(&f);
-    l.arg(&qp).arg(&op).arg(&lp).arg(&gp).arg(&dp);
-    for v in &a {
-        l.arg(v);
-    }
-    l.arg(&scale);
+    l.arg(&a);
     // SAFETY: lengths checked above; shared memory holds 2N floats and 32 reduction slots.
     unsafe { l.launch(attn_cfg(sh, 2 * sh.tokens)) }.map_err(GpuError::driver("launching attn_simple_bwd"))?;
     Ok(())
