@@ -2,14 +2,26 @@
 //!
 //! Layout (imports point down only: cli -> train -> backend -> ops -> gpu;
 //! model, data, grouping, metrics are ground floor). See `docs/ARCHITECTURE.md`.
+//!
+//! Features: `train` (default) is the application: model, training, data, grouping, metrics
+//! and the CLI's pieces. Without it the crate is [`ops`] (each op's contract and CPU twin) and,
+//! with `cuda`, [`gpu`] and the ops' CUDA launchers, for other projects to embed (README.md,
+//! "Embedding the kernels").
 
+#[cfg(feature = "train")]
 pub mod backend;
+#[cfg(feature = "train")]
 pub mod data;
+#[cfg(feature = "train")]
 pub mod grouping;
+#[cfg(feature = "train")]
 pub mod io;
+#[cfg(feature = "train")]
 pub mod metrics;
+#[cfg(feature = "train")]
 pub mod model;
 pub mod ops;
+#[cfg(feature = "train")]
 pub mod train;
 #[cfg(feature = "cuda")]
 pub mod gpu;

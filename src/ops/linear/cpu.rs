@@ -224,3 +224,80 @@ pub fn backward_input<T: Real>(
         );
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::matmul;
+
+    /// `matmul` (gemm with `fast-cpu`, the plain loop without) against the definition, on
+    /// every combination of operand layouts (row- or column-major, so both of the plain loop's
+    /// orders run), storing and accumulating, with an odd `alpha`.
+    #[test]
+    fn matmul_matches_the_definition_for_any_strides() {
+        let (m, n, k) = (7usize, 5usize, 9usize);
+        let lhs: Vec<f64> = (0..m * k)
+            .map(|i| ((i * 37 % 11) as f64 - 5.0) / 3.0)
+            .collect();
+        let rhs: Vec<f64> = (0..k * n)
+            .map(|i| ((i * 23 % 13) as f64 - 6.0) / 7.0)
+            .collect();
+        let dst0: Vec<f64> = (0..m * n).map(|i| (i % 4) as f64 - 1.5).collect();
+        let alpha = 0.75;
+        // (row stride, column stride) of a rows x cols matrix stored row- or column-major.
+        let layout = |rows: usize, cols: usize, row_major: bool| {
+            if row_major {
+                (cols, 1)
+            } else {
+                (1, rows)
+            }
+        };
+        for mask in 0..8 {
+            let (ls, rs, ds) = (
+                layout(m, k, mask & 1 == 0),
+                layout(k, n, mask & 2 == 0),
+                layout(m, n, mask & 4 == 0),
+            );
+            for accumulate in [false, true] {
+                let mut dst = dst0.clone();
+                // SAFETY: every operand holds rows x cols elements under its layout.
+                unsafe {
+                    matmul(
+                        m,
+                        n,
+                        k,
+                        dst.as_mut_ptr(),
+                        ds.0,
+                        ds.1,
+                        accumulate,
+                        lhs.as_ptr(),
+                        ls.0,
+                        ls.1,
+                        rhs.as_ptr(),
+                        rs.0,
+                        rs.1,
+                        alpha,
+                        true,
+                    );
+                }
+                for i in 0..m {
+                    for j in 0..n {
+                        let sum: f64 = (0..k)
+                            .map(|p| lhs[i * ls.0 + p * ls.1] * rhs[p * rs.0 + j * rs.1])
+                            .sum();
+                        let at = i * ds.0 + j * ds.1;
+                        let want = if accumulate {
+                            dst0[at] + alpha * sum
+                        } else {
+                            alpha * sum
+                        };
+                        assert!(
+                            (dst[at] - want).abs() <= 1e-12,
+                            "layouts {mask:03b}, accumulate {accumulate}, ({i}, {j}): {} vs {want}",
+                            dst[at]
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
