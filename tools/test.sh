@@ -34,5 +34,11 @@ for ex in examples/*.rs; do
   cargo run --release --all-features --example "$(basename "$ex" .rs)"
 done
 
+step "the kernels as a library: a crate with default-features = false, features = [\"cuda\"] (tools/check-embed.sh)"
+bash tools/check-embed.sh
+# Its CPU twins without rayon and the gemm crate (sequential, the plain matmul) against finite
+# differences and the definition.
+cargo test --release --no-default-features --lib --test gradcheck_ops --test asl
+
 step "benches compile"
 cargo bench --no-run --all-features
