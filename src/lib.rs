@@ -5,8 +5,11 @@
 //!
 //! Features: `train` (default) is the application: model, training, data, grouping, metrics
 //! and the CLI's pieces. Without it the crate is [`ops`] (each op's contract and CPU twin) and,
-//! with `cuda`, [`gpu`] and the ops' CUDA launchers, for other projects to embed (README.md,
+//! with `cuda`, `gpu` and the ops' CUDA launchers, for other projects to embed (README.md,
 //! "Embedding the kernels").
+
+// docs.rs (Cargo.toml's `rustdoc-args`): each item shows the features it needs.
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 #[cfg(feature = "train")]
 pub mod backend;

@@ -40,5 +40,8 @@ bash tools/check-embed.sh
 # differences and the definition.
 cargo test --release --no-default-features --lib --test gradcheck_ops --test asl
 
+step "the published crate: packs, fits crates.io, type-checks alone with default features and cuda (tools/check-package.sh)"
+bash tools/check-package.sh
+
 step "benches compile"
 cargo bench --no-run --all-features
