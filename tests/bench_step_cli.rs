@@ -1,6 +1,7 @@
 //! `mlvpt bench-step` through the built binary on the CPU with the tiny model: it runs, prints
 //! one JSON line (or the table) with positive numbers and the FLOP count of the library, and
 //! bad input is one `error:` line with exit status 1, never a panic. No timing assertions.
+#![cfg(feature = "train")]
 
 use mlvpt::model::{Method, ModelConfig, VitConfig};
 use mlvpt::train::flops::step_flops;

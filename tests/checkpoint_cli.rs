@@ -1,5 +1,6 @@
 //! Broken checkpoints give errors, never panics: `eval`, `predict` and `train --resume` on
 //! random bytes, truncated files, foreign safetensors, missing tensors or metadata, wrong shapes.
+#![cfg(feature = "train")]
 
 use std::path::Path;
 use std::process::Command;

@@ -1,4 +1,5 @@
 //! Shared fixtures for the model tests (tiny shapes).
+#![cfg(feature = "train")]
 #![allow(dead_code)]
 
 use mlvpt::backend::{AslConfig, Backend, CpuBackend};

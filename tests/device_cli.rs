@@ -1,6 +1,7 @@
 //! `--device`: `cuda` without the feature or a device is a clear error (not a panic), `auto`
 //! falls back to the CPU and says so on stderr. On a machine with a GPU and a `cuda` build
 //! both run on the GPU instead, and the tests check that the summary says so.
+#![cfg(feature = "train")]
 
 use std::process::{Command, Output};
 

@@ -7,7 +7,7 @@
 //! and demo shapes in both precisions ([`Precision::Bf16`], the default, and `F32`). They need a device: `cargo test --features cuda -- --ignored` on a GPU machine
 //! (tools/gpu-runner.sh runs them). Three tests run without one: the NaN poisoning's soundness
 //! and the whole-step yardstick's own bounds (bf16 storage emulated on the CPU).
-#![cfg(feature = "cuda")]
+#![cfg(all(feature = "cuda", feature = "train"))]
 
 mod common_model;
 mod common_step;

@@ -13,6 +13,7 @@
 //! to run on CUDA (the demo's head dim, 24, takes the unfused attention, whose backward adds dK
 //! and dV with float atomics). One image moving in one label's ranking moves that label's AP by
 //! several points: mAP must agree within 5 points (measured: 0.1-0.6).
+#![cfg(feature = "train")]
 
 use std::path::Path;
 use std::process::Command;

@@ -1,5 +1,6 @@
 //! Whole-model gradients against central finite differences in f64 (every trainable tensor;
 //! deep and shallow prompts, both gate modes, LayerScale, one and two branches, plain VPT).
+#![cfg(feature = "train")]
 
 mod common_model;
 use common_model::*;

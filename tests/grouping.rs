@@ -1,5 +1,6 @@
 //! Spectral label grouping (SPEC 1): known structures, hand-derived spectra, determinism,
 //! sparse vs dense counting, and the official ML-VPT groups.
+#![cfg(feature = "train")]
 
 use std::collections::BTreeSet;
 use std::path::Path;

@@ -1,5 +1,6 @@
 //! `mlvpt group` end to end: output formats, and one clear located error (never a panic) for
 //! each kind of bad input.
+#![cfg(feature = "train")]
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

@@ -1,5 +1,6 @@
 //! `mlvpt metrics` through the built binary: output, and one clear located error (never a
 //! panic) for every kind of bad input.
+#![cfg(feature = "train")]
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

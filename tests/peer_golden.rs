@@ -11,6 +11,7 @@
 //!   at 1e-6 (they come back through f32).
 //!
 //! Regenerate (tools/peer/README.md): /work/venv-torch/bin/python tools/peer/export_goldens.py
+#![cfg(feature = "train")]
 
 use std::collections::HashMap;
 use std::path::PathBuf;

@@ -1,5 +1,6 @@
 //! Real data and real backbones end to end: tiny VOC / COCO / manifest trees and timm-format
 //! checkpoints written here, loaded by the library and trained on by the `mlvpt` binary.
+#![cfg(feature = "train")]
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

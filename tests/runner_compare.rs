@@ -3,6 +3,7 @@
 //! tools/peer/step_bench.py (Python's `json.dumps`, `": "`) print: the figures, the ratios ours
 //! over eager and over compile, and errors shown in place of a figure. The GPU run uses the
 //! same function.
+#![cfg(feature = "train")]
 
 use std::io::Write;
 use std::process::Command;

@@ -1,5 +1,6 @@
 //! The training step: prompt isolation, f32/f64 agreement, determinism, AdamW against a
 //! scalar reference, resuming from optimizer state, and clear errors on bad input.
+#![cfg(feature = "train")]
 
 mod common_model;
 use common_model::*;

@@ -4,6 +4,7 @@
 //! `load_timm` and run by the CPU backend. Also timm's `resample_abs_pos_embed` (antialiased bicubic) to 24 and 8 px.
 //!
 //! Regenerate: /work/venv-torch/bin/python tools/peer/timm_golden.py tests/data/timm_tiny
+#![cfg(feature = "train")]
 
 use std::path::Path;
 

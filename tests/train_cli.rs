@@ -1,4 +1,5 @@
 //! `mlvpt train / eval / predict` end to end through the built binary, on tiny configs.
+#![cfg(feature = "train")]
 
 use std::path::Path;
 use std::process::{Command, Output};

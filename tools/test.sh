@@ -34,5 +34,14 @@ for ex in examples/*.rs; do
   cargo run --release --all-features --example "$(basename "$ex" .rs)"
 done
 
+step "the kernels as a library: a crate with default-features = false, features = [\"cuda\"] (tools/check-embed.sh)"
+bash tools/check-embed.sh
+# Its CPU twins without rayon and the gemm crate (sequential, the plain matmul) against finite
+# differences and the definition.
+cargo test --release --no-default-features --lib --test gradcheck_ops --test asl
+
+step "the published crate: packs, fits crates.io, type-checks alone with default features and cuda (tools/check-package.sh)"
+bash tools/check-package.sh
+
 step "benches compile"
 cargo bench --no-run --all-features

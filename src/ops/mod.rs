@@ -10,5 +10,6 @@ pub mod gelu;
 pub mod head;
 pub mod layernorm;
 pub mod linear;
+mod par;
 pub mod real;
 pub mod tokens;

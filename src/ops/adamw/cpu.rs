@@ -1,8 +1,8 @@
 //! CPU reference of AdamW (one tensor; the backend loops over tensors in order).
 
 use super::AdamWConfig;
+use crate::ops::par::*;
 use crate::ops::real::{cast, simd, Real};
-use rayon::prelude::*;
 
 const CHUNK: usize = 4096;
 

@@ -8,7 +8,8 @@ pub mod cpu;
 pub mod cuda;
 
 /// AdamW hyper-parameters; `Default` is SPEC 5: (0.9, 0.999), eps 1e-8, weight decay 1e-2.
-#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct AdamWConfig {
     pub beta1: f64,
     pub beta2: f64,

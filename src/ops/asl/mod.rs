@@ -21,7 +21,8 @@ pub use cpu::asl_forward_backward;
 
 /// ASL hyper-parameters. `Default` is the seed's setting: g- = 2, g+ = 0, clip 0, eps 1e-5,
 /// constant focusing weights in the gradient.
-#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct AslConfig {
     /// Focusing exponent on negatives (g-).
     pub gamma_neg: f64,

@@ -3,13 +3,13 @@
 
 use super::AttnShape;
 use crate::ops::linear::cpu::matmul;
+use crate::ops::par::*;
 use crate::ops::real::{cast, simd, Real, SyncPtr};
-use rayon::prelude::*;
 
 /// How many (image, head) tasks share the scratch at once: enough to keep every thread busy,
 /// few enough that the `N x N` scratch stays small at large batch.
 fn tasks_per_round(total: usize) -> usize {
-    total.min(8 * rayon::current_num_threads().max(1))
+    total.min(8 * current_num_threads().max(1))
 }
 
 /// Sum with eight accumulators (vectorizes; fixed order).

@@ -1,7 +1,7 @@
 //! CPU reference of the exact GELU, elementwise in parallel chunks.
 
+use crate::ops::par::*;
 use crate::ops::real::{cast, simd, Real};
-use rayon::prelude::*;
 
 const CHUNK: usize = 4096;
 

@@ -4,8 +4,8 @@
 use super::{AdapterShape, MoeShape, VptHeadShape};
 use crate::ops::gelu::cpu::{gelu, gelu_grad};
 use crate::ops::linear::cpu::matmul;
+use crate::ops::par::*;
 use crate::ops::real::{cast, simd, Real, SyncPtr};
-use rayon::prelude::*;
 
 /// Dot product with eight independent accumulators (lets the compiler vectorize; fixed order).
 #[inline(always)]

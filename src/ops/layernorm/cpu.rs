@@ -1,7 +1,7 @@
 //! CPU reference of LayerNorm: rows in parallel, each row in a fixed order (deterministic).
 
+use crate::ops::par::*;
 use crate::ops::real::{cast, simd, Real};
-use rayon::prelude::*;
 
 /// Rows per rayon task.
 const ROWS_PER_TASK: usize = 16;

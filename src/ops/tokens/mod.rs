@@ -1,6 +1,6 @@
 //! Token assembly and small elementwise ops (patchify, token embedding, prompts, residuals) on
-//! the GPU. Their CPU twins are the [`crate::backend::CpuBackend`] ops of the same names; the
-//! contract of each is the [`crate::backend::Backend`] method it implements.
+//! the GPU. Their CPU twins are the `backend::CpuBackend` ops of the same names; the contract
+//! of each is the `backend::Backend` method it implements (both need the `train` feature).
 
 #[cfg(feature = "cuda")]
 pub mod cuda;
