@@ -14,6 +14,7 @@
 // the (e, k) pairs pointing at it in increasing order), built once on the host, so that token
 // and gate-row gradients are gathers, not contended scatters.
 #include "common.cuh"
+#include "moe_params.cuh"
 
 // HEAD_MAX_D, HEAD_MAX_E, HEAD_MAX_RANK and the block shapes below (MOE_FWD_IMAGES, TOK_IMAGES,
 // ROWS_WARPS, PAIR_TILE, ADA_IMAGES): src/contract.rs, which the launcher reads too.
@@ -41,16 +42,7 @@ __device__ __forceinline__ void unpack_bf16x8(const uint4& raw, float (&o)[8]) {
 
 extern "C" __global__ void __launch_bounds__(256) moe_fwd_scores(
 const MoeParams p) {
-    const bf16* __restrict__ z = p.z;
-    const bf16* __restrict__ adapted = p.adapted;
-    const float* __restrict__ gate = p.gate;
-    const float* __restrict__ w = p.w;
-    const uint32_t* __restrict__ grow = p.grow;
-    const uint32_t* __restrict__ tok_offsets = p.tok_offsets;
-    const uint32_t* __restrict__ tok_items = p.tok_items;
-    float* __restrict__ q = p.q;
-    float* __restrict__ r = p.r;
-    const uint32_t batch = p.batch, tokens = p.tokens, d = p.d, labels = p.labels, experts = p.experts;
+    MOE_SCORES_ARGS(p);
     const uint32_t t = blockIdx.x;
     const uint32_t i0 = tok_offsets[t], i1 = tok_offsets[t + 1];
     if (i0 == i1) return;
@@ -217,16 +209,7 @@ __device__ __forceinline__ void gather_rows_into(bf16* __restrict__ out, const f
 
 extern "C" __global__ void __launch_bounds__(128) moe_bwd_tokens(
 const MoeParams p) {
-    const float* __restrict__ dq = p.dq;
-    const float* __restrict__ dr = p.dr;
-    const float* __restrict__ gate = p.gate;
-    const float* __restrict__ w = p.w;
-    const uint32_t* __restrict__ grow = p.grow;
-    const uint32_t* __restrict__ tok_offsets = p.tok_offsets;
-    const uint32_t* __restrict__ tok_items = p.tok_items;
-    bf16* __restrict__ dz = p.dz;
-    bf16* __restrict__ dadapted = p.dadapted;
-    const uint32_t batch = p.batch, tokens = p.tokens, d = p.d, labels = p.labels, experts = p.experts;
+    MOE_TOKENS_ARGS(p);
     const uint32_t t = blockIdx.x;
     const uint32_t i0 = tok_offsets[t], i1 = tok_offsets[t + 1];
     const uint32_t ch = threadIdx.x;
@@ -268,12 +251,7 @@ __device__ __forceinline__ void add_warp_partials(float (*part)[257], const floa
 
 extern "C" __global__ void __launch_bounds__(ROWS_WARPS * 32) moe_bwd_pairs(
 const MoeParams p) {
-    const float* __restrict__ coef = p.coef;
-    const bf16* __restrict__ x = p.x;
-    const uint32_t* __restrict__ tok_offsets = p.tok_offsets;
-    const uint32_t* __restrict__ tok_items = p.tok_items;
-    float* __restrict__ pair_rows = p.pair_rows;
-    const uint32_t batch = p.batch, tokens = p.tokens, d = p.d, labels = p.labels, experts = p.experts;
+    MOE_PAIRS_ARGS(p);
     __shared__ float part[ROWS_WARPS][257];
     const uint32_t t = blockIdx.x;
     const uint32_t i0 = tok_offsets[t] + blockIdx.y * PAIR_TILE;

@@ -35,6 +35,7 @@
 //   moe_bwd_pairs_mma   (tokens, ceil(max_pairs/64), ceil(D/64)).
 // Shapes the launcher guarantees: D % 8 == 0, pointers 16-byte aligned, table entries in range.
 #include "common.cuh"
+#include "moe_params.cuh"
 #include "ptx.cuh"
 
 namespace moe_mma {
@@ -194,16 +195,7 @@ struct FwdLoad {
 
 extern "C" __global__ void __launch_bounds__(moe_mma::THREADS) moe_fwd_scores_mma(
 const MoeParams p) {
-    const bf16* __restrict__ z = p.z;
-    const bf16* __restrict__ adapted = p.adapted;
-    const float* __restrict__ gate = p.gate;
-    const float* __restrict__ w = p.w;
-    const uint32_t* __restrict__ grow = p.grow;
-    const uint32_t* __restrict__ tok_offsets = p.tok_offsets;
-    const uint32_t* __restrict__ tok_items = p.tok_items;
-    float* __restrict__ q = p.q;
-    float* __restrict__ r = p.r;
-    const uint32_t batch = p.batch, tokens = p.tokens, d = p.d, labels = p.labels, experts = p.experts;
+    MOE_SCORES_ARGS(p);
     using namespace moe_mma;
     __shared__ uint32_t s_item[BN], s_row[BN];
     const uint32_t t = blockIdx.x, product = blockIdx.z & 1, j0 = (blockIdx.z >> 1) * BN;
@@ -289,16 +281,7 @@ struct TokLoad {
 
 extern "C" __global__ void __launch_bounds__(moe_mma::THREADS) moe_bwd_tokens_mma(
 const MoeParams p) {
-    const float* __restrict__ dq = p.dq;
-    const float* __restrict__ dr = p.dr;
-    const float* __restrict__ gate = p.gate;
-    const float* __restrict__ w = p.w;
-    const uint32_t* __restrict__ grow = p.grow;
-    const uint32_t* __restrict__ tok_offsets = p.tok_offsets;
-    const uint32_t* __restrict__ tok_items = p.tok_items;
-    bf16* __restrict__ dz = p.dz;
-    bf16* __restrict__ dadapted = p.dadapted;
-    const uint32_t batch = p.batch, tokens = p.tokens, d = p.d, labels = p.labels, experts = p.experts;
+    MOE_TOKENS_ARGS(p);
     using namespace moe_mma;
     const uint32_t t = blockIdx.x, product = blockIdx.z & 1, c0 = (blockIdx.z >> 1) * BN;
     const uint32_t i0 = tok_offsets[t], np = tok_offsets[t + 1] - i0;
@@ -368,12 +351,7 @@ struct PairLoad {
 
 extern "C" __global__ void __launch_bounds__(moe_mma::THREADS) moe_bwd_pairs_mma(
 const MoeParams p) {
-    const float* __restrict__ coef = p.coef;
-    const bf16* __restrict__ x = p.x;
-    const uint32_t* __restrict__ tok_offsets = p.tok_offsets;
-    const uint32_t* __restrict__ tok_items = p.tok_items;
-    float* __restrict__ pair_rows = p.pair_rows;
-    const uint32_t batch = p.batch, tokens = p.tokens, d = p.d, labels = p.labels, experts = p.experts;
+    MOE_PAIRS_ARGS(p);
     using namespace moe_mma;
     __shared__ uint32_t s_item[BM];
     const uint32_t t = blockIdx.x, j0 = blockIdx.y * BM, c0 = blockIdx.z * BN;

@@ -54,3 +54,12 @@ pub fn check_cols(op: &'static str, cols: usize) -> Result<u32, GpuError> {
 pub fn aligned(ptr: u64, bytes: u64) -> bool {
     ptr.is_multiple_of(bytes)
 }
+
+/// Fails, naming the first offender, unless every `(name, device address)` is 16-byte aligned
+/// (the kernels that move 16 bytes per load or store need it).
+pub fn check_aligned(op: &'static str, ptrs: &[(&str, u64)]) -> Result<(), GpuError> {
+    match ptrs.iter().find(|&&(_, p)| !aligned(p, 16)) {
+        Some(&(what, p)) => Err(GpuError::invalid(op, format!("{what} is not 16-byte aligned (address {p:#x}; the kernels load 16 bytes at a time)"))),
+        None => Ok(()),
+    }
+}

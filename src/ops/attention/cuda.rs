@@ -21,7 +21,7 @@
 use super::{bwd_tiles, fwd_tiles, AttnShape, BwdTiles, FwdTiles, FUSED_THREADS};
 use crate::contract::attention::AttnParams;
 use crate::gpu::kernels::attention;
-use crate::gpu::launch::{check_len, grid_stride_blocks, BLOCK};
+use crate::gpu::launch::{check_aligned, check_len, grid_stride_blocks, BLOCK};
 use crate::gpu::{bf16, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, GpuContext, GpuError, Kernel, Layout, Tensor, TensorMut};
 use cudarc::driver::sys::CUfunction_attribute;
 use cudarc::driver::{CudaFunction, LaunchConfig, PushKernelArg};
@@ -529,14 +529,6 @@ pub fn forward_with(
     launch_forward(gpu, stream, &p, tiles)
 }
 
-fn check_aligned(op: &'static str, ptrs: &[(&str, u64)]) -> Result<(), GpuError> {
-    for &(what, p) in ptrs {
-        if !p.is_multiple_of(16) {
-            return Err(GpuError::invalid(op, format!("{what} is not 16-byte aligned (address {p:#x})")));
-        }
-    }
-    Ok(())
-}
 
 /// The packed-layout backward with a chosen compiled tile shape ([`super::BWD_TILES`]) and
 /// caller-held buffers: from `dout [B, Nq, h*dh]` and the forward's `out` and `lse`, writes

@@ -26,7 +26,7 @@
 pub use super::HeadKernels;
 use crate::gpu::kernels::{adapter_mma, head, moe_mma};
 use super::{AdapterShape, MoeShape, VptHeadShape};
-use crate::gpu::launch::{aligned, check_len, grid_stride_blocks, BLOCK};
+use crate::gpu::launch::{check_aligned, check_len, grid_stride_blocks, BLOCK};
 use crate::gpu::view::check_dense;
 use crate::gpu::{bf16, CudaSlice, Kernel, Tensor, TensorMut, CudaStream, DevicePtr, DevicePtrMut, GpuContext, GpuError};
 use cudarc::driver::{LaunchConfig, PushKernelArg};
@@ -178,14 +178,6 @@ fn check_u32(op: &'static str, what: &str, v: usize) -> Result<(), GpuError> {
     Ok(())
 }
 
-fn check_aligned(op: &'static str, ptrs: &[(&str, u64)]) -> Result<(), GpuError> {
-    for &(what, p) in ptrs {
-        if !aligned(p, 16) {
-            return Err(GpuError::invalid(op, format!("{what} is not 16-byte aligned (the head kernels load 16 bytes at a time)")));
-        }
-    }
-    Ok(())
-}
 
 /// Threads for a kernel where a thread owns 8 columns: D/8 rounded up to a warp.
 fn column_threads(d: usize) -> u32 {
