@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The crate as `cargo publish` would upload it (Cargo.toml's `include`): packs it, fails if it is
-# over crates.io's 10 MiB, then type-checks the unpacked crate on its own, outside this
-# repository, with its default features and `cuda` (kernels for one GPU arch), so a file the
-# build needs but `include` leaves out shows up here. tools/test.sh runs it. The full build
+# over crates.io's 10 MiB, then builds the unpacked crate on its own, outside this repository,
+# with its default features and `cuda` (kernels for one GPU arch): library, binary and examples,
+# so a file the build needs but `include` leaves out shows up here. tools/test.sh runs it. The full build
 # (`cargo package --allow-dirty --features cuda`, every arch) takes about 3 minutes on 2 cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -30,4 +30,4 @@ fi
 unpacked=$(mktemp -d)
 trap 'rm -rf "$unpacked"' EXIT
 tar xzf "$crate" -C "$unpacked"
-cargo check --offline --locked --manifest-path "$unpacked/mlvpt-$version/Cargo.toml" --features cuda --all-targets
+cargo build --release --offline --locked --manifest-path "$unpacked/mlvpt-$version/Cargo.toml" --features cuda --lib --bins --examples

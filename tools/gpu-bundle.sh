@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds, here (no GPU needed), what the GPU machine runs: the release test binaries that hold
-# GPU tests (tests/gpu_*.rs and the library's unit tests), the GPU benches (benches/gpu_*.rs), and
-# `mlvpt`, all with `--features cuda`, stripped, plus tools/gpu-runner.sh and the PyTorch peer's
+# GPU tests (tests/gpu_*.rs and the library's unit tests), the GPU benches (benches/gpu_*.rs), the
+# embedding examples (examples/embed_*.rs) and `mlvpt`, all with `--features cuda`, stripped, plus tools/gpu-runner.sh and the PyTorch peer's
 # scripts (tools/peer/*.py, for the step comparison), in the git-ignored folder bundle/
 # (under 64 MiB, the most a device call carries). See docs/GPU.md.
 #
@@ -50,9 +50,10 @@ echo "building (release, --features cuda) ..."
 cargo build --release --features cuda --bin mlvpt
 tests=$(cargo test --release --features cuda --no-run --lib --tests --message-format=json | executables)
 benches=$(cargo bench --features cuda --no-run --message-format=json | executables)
+examples=$(cargo build --release --features cuda --examples --message-format=json | executables)
 
 rm -rf "$BUNDLE"
-mkdir -p "$BUNDLE/tests" "$BUNDLE/benches" "$BUNDLE/bin"
+mkdir -p "$BUNDLE/tests" "$BUNDLE/benches" "$BUNDLE/bin" "$BUNDLE/examples"
 target_dir=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
 cp "$target_dir/release/mlvpt" "$BUNDLE/bin/mlvpt"
 while IFS=$'\t' read -r kind name exe; do
@@ -67,11 +68,16 @@ while IFS=$'\t' read -r kind name exe; do
   [ -n "$exe" ] || continue
   case "$name" in gpu_*) cp "$exe" "$BUNDLE/benches/$name" ;; esac
 done <<< "$benches"
+# The embedding examples (each checks its results against the CPU twins and fails if they differ).
+while IFS=$'\t' read -r kind name exe; do
+  [ -n "$exe" ] || continue
+  case "$kind:$name" in example:embed_*) cp "$exe" "$BUNDLE/examples/$name" ;; esac
+done <<< "$examples"
 [ -n "$(ls "$BUNDLE/tests")" ] || { echo "error: no GPU test binaries were built" >&2; exit 1; }
 
 # Symbols too, not only debug info: every binary embeds all fatbins (~4 MiB), and with the
 # symbol tables the bundle reached the 64 MiB limit; panics still print their messages.
-strip --strip-all "$BUNDLE"/bin/* "$BUNDLE"/tests/* "$BUNDLE"/benches/*
+strip --strip-all "$BUNDLE"/bin/* "$BUNDLE"/tests/* "$BUNDLE"/benches/* "$BUNDLE"/examples/*
 cp tools/gpu-runner.sh "$BUNDLE/gpu-runner.sh"
 # The peer (PyTorch + timm on the GPU machine): its step timing and the modules it imports.
 mkdir -p "$BUNDLE/peer"
@@ -79,7 +85,7 @@ cp tools/peer/*.py "$BUNDLE/peer/"
 [ -f "$BUNDLE/peer/step_bench.py" ] || echo "note: tools/peer/step_bench.py is missing: the runner's comparison will time ours only" >&2
 
 # The newest glibc symbol version any binary needs (the GPU machine's glibc must be >= it).
-glibc=$(for f in "$BUNDLE"/bin/* "$BUNDLE"/tests/* "$BUNDLE"/benches/*; do
+glibc=$(for f in "$BUNDLE"/bin/* "$BUNDLE"/tests/* "$BUNDLE"/benches/* "$BUNDLE"/examples/*; do
           objdump -T "$f" 2>/dev/null | grep -o 'GLIBC_[0-9.]*'; done | sort -t. -k2,2n -k3,3n -u | tail -n 1)
 
 {

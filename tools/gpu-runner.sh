@@ -177,6 +177,22 @@ for t in "$HERE"/tests/*; do
   row "test $name" "$st" "${passed:--}" "${failed:--}" "${ignored:--}" "$secs"
 done
 
+# --- the embedding examples (another program's use of the kernels, checked against the CPU) ----
+for ex in "$HERE"/examples/*; do
+  [ -x "$ex" ] || continue
+  name=$(basename "$ex")
+  [ -n "$FOCUS" ] && continue
+  left=$(before_compare); cap=60; [ "$left" -lt "$cap" ] && cap=$left
+  if [ "$cap" -lt 10 ]; then row "example $name" "SKIPPED" - - - 0; status=1; continue; fi
+  log "example $name (timeout ${cap}s)"
+  t0=$(date +%s)
+  timeout --kill-after=5 "$cap" "$ex" > "$LOGS/example-$name.log" 2>&1
+  rc=$?
+  tail -n 12 "$LOGS/example-$name.log"
+  if [ "$rc" -eq 0 ]; then st=ok; elif [ "$rc" -ge 124 ]; then st=TIMEOUT; status=1; else st=FAILED; status=1; fi
+  row "example $name" "$st" - - - "$(( $(date +%s) - t0 ))"
+done
+
 # --- compute-sanitizer on the tensor-core kernels (shared-memory races, out-of-bounds accesses) --
 # The real hardware's own checks, beside the models of them the virtual device (tools/vgpu) runs
 # on the CPU. One small test per binary launches every compiled attention kernel, every head kernel of both sets.
