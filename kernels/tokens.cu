@@ -99,22 +99,22 @@ extern "C" __global__ void tok_zero_prompts(float* __restrict__ dx, uint64_t n, 
     }
 }
 
-// dst[b, ds + j] = src[b, ss + j] for rows of D, n = B*count*D. T: src and dst.
+// dst[b, ds + j] = src[b, ss + j] for rows of D, n = B*count*D. T: src and dst
+// (CopyTokensParams: src/contract.rs).
 template <typename T>
-__device__ __forceinline__ void tok_copy_tokens_t(const T* __restrict__ src, T* __restrict__ dst, uint64_t n,
-                                                  uint32_t src_tokens, uint32_t src_start, uint32_t dst_tokens,
-                                                  uint32_t dst_start, uint32_t count, uint32_t d) {
-    const uint64_t per = (uint64_t)count * d;
+__device__ __forceinline__ void tok_copy_tokens_t(const CopyTokensParams& p) {
+    const T* __restrict__ src = static_cast<const T*>(p.src);
+    T* __restrict__ dst = static_cast<T*>(p.dst);
+    const uint64_t n = p.n;
+    const uint32_t src_tokens = p.src_tokens, src_start = p.src_start, dst_tokens = p.dst_tokens,
+                   dst_start = p.dst_start, d = p.d;
+    const uint64_t per = (uint64_t)p.count * d;
     for (uint64_t i = global_thread(); i < n; i += grid_threads()) {
         uint64_t b = i / per, r = i % per;
         dst[(b * dst_tokens + dst_start) * d + r] = src[(b * src_tokens + src_start) * d + r];
     }
 }
-#define COPY_TOKENS_PARAMS(T)                                                                                  \
-    (const T* __restrict__ src, T* __restrict__ dst, uint64_t n, uint32_t src_tokens, uint32_t src_start,    \
-     uint32_t dst_tokens, uint32_t dst_start, uint32_t count, uint32_t d)
-TOK_BOTH(tok_copy_tokens, COPY_TOKENS_PARAMS(float), COPY_TOKENS_PARAMS(bf16),
-         (src, dst, n, src_tokens, src_start, dst_tokens, dst_start, count, d))
+TOK_BOTH(tok_copy_tokens, (const CopyTokensParams p), (const CopyTokensParams p), (p))
 
 // out = x + ls * f (ls [D] broadcast over rows, or none). T: f (a projection's output); x and
 // out are the fp32 residual stream.

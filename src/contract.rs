@@ -231,6 +231,23 @@ pub mod asl {
 /// The token kernels (`kernels/tokens.cu`).
 pub mod tokens {
     kernel_params! {
+        /// `tok_copy_tokens_{f32,bf16}`: `dst[b, dst_start + j] = src[b, src_start + j]` for
+        /// `j < count` token rows of `d`, `src [B, src_tokens, d]`, `dst [B, dst_tokens, d]`
+        /// (both of the kernel's storage type), `n = B * count * d` elements.
+        pub struct CopyTokensParams {
+            pub src: u64 => "const void* {}",
+            pub dst: u64 => "void* {}",
+            pub n: u64 => "uint64_t {}",
+            pub src_tokens: u32 => "uint32_t {}",
+            pub src_start: u32 => "uint32_t {}",
+            pub dst_tokens: u32 => "uint32_t {}",
+            pub dst_start: u32 => "uint32_t {}",
+            pub count: u32 => "uint32_t {}",
+            pub d: u32 => "uint32_t {}",
+        }
+    }
+
+    kernel_params! {
         /// `attn_simple_fwd` / `attn_simple_bwd`, the plain fp32 attention for head dims the
         /// fused kernels lack: `qkv [B, N, 3, h, dh]`, `out` and `dout [B, Nq, h*dh]`,
         /// `lse [B, h, Nq]`, `dqkv` like `qkv`; queries `q0 .. q0 + nq`, prompts `ps .. pe`.
@@ -470,7 +487,7 @@ pub fn param_structs() -> Vec<(&'static str, usize, CFields)> {
     macro_rules! structs {
         ($($m:ident::$t:ident),*) => { vec![$((stringify!($t), core::mem::size_of::<$m::$t>(), $m::$t::c_fields())),*] };
     }
-    structs![adamw::AdamWParams, asl::AslParams, head::MoeParams, tokens::PlainAttnParams, attention::AttnParams]
+    structs![adamw::AdamWParams, asl::AslParams, head::MoeParams, tokens::CopyTokensParams, tokens::PlainAttnParams, attention::AttnParams]
 }
 
 /// Every shared constant, for build.rs.

@@ -6,7 +6,7 @@
 //! math is fp32 either way): a launcher generic over `T: Storage` picks the kernel's `_f32` or
 //! `_bf16` instantiation. Parameters, the residual stream and its gradient are fp32.
 
-use crate::contract::tokens::PlainAttnParams;
+use crate::contract::tokens::{CopyTokensParams, PlainAttnParams};
 use crate::gpu::kernels::tokens;
 use crate::gpu::launch::{check_len, grid_stride_blocks, BLOCK};
 use crate::gpu::{CudaStream, DevicePtr, DevicePtrMut, GpuContext, GpuError};
@@ -122,12 +122,13 @@ pub fn copy_tokens<T: Storage>(gpu: &GpuContext, stream: &CudaStream, src: &impl
     }
     check_len(OP, "src", src, batch * src_tokens * dim)?;
     check_len(OP, "dst", dst, batch * dst_tokens * dim)?;
-    let a = [src_tokens, src_start, dst_tokens, dst_start, count, dim].map(|v| v as u32);
     u32_of(OP, "rows", batch * src_tokens.max(dst_tokens))?;
+    let [src_tokens, src_start, dst_tokens, dst_start, count, d] = [src_tokens, src_start, dst_tokens, dst_start, count, dim].map(|v| v as u32);
     let (sp, _g1) = src.device_ptr(stream);
     let (dp, _g2) = dst.device_ptr_mut(stream);
-    let n = (batch * count * dim) as u64;
-    launch!(gpu, stream, T::pick([tokens::TOK_COPY_TOKENS_F32, tokens::TOK_COPY_TOKENS_BF16]), n, &sp, &dp, &n, &a[0], &a[1], &a[2], &a[3], &a[4], &a[5])
+    let n = batch as u64 * count as u64 * d as u64;
+    let p = CopyTokensParams { src: sp, dst: dp, n, src_tokens, src_start, dst_tokens, dst_start, count, d };
+    launch!(gpu, stream, T::pick([tokens::TOK_COPY_TOKENS_F32, tokens::TOK_COPY_TOKENS_BF16]), n, &p)
 }
 
 /// Twin of `CpuBackend::residual`: `out = x + ls * f` over `[rows, dim]` (`f` stored as `T`;
