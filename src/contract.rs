@@ -197,9 +197,9 @@ pub mod head {
 /// AdamW (`kernels/adamw.cu`).
 ///
 /// ```
-/// use mlvpt::contract::adamw::{AdamWParams, ADAMW_MAX_TENSORS};
-/// let p = AdamWParams::default();
-/// assert_eq!(p.p.len(), ADAMW_MAX_TENSORS);
+/// use mlvpt::contract::adamw;
+/// let p = adamw::AdamWParams::default();
+/// assert_eq!(p.p.len(), adamw::ADAMW_MAX_TENSORS);
 /// ```
 pub mod adamw {
     shared_consts! { CONSTS;
@@ -260,8 +260,8 @@ pub mod adamw {
 /// The asymmetric loss (`kernels/asl.cu`).
 ///
 /// ```
-/// use mlvpt::contract::asl::{AslParams, ASL_MAX_TERMS};
-/// assert_eq!(AslParams::default().logits.len(), ASL_MAX_TERMS);
+/// use mlvpt::contract::asl;
+/// assert_eq!(asl::AslParams::default().logits.len(), asl::ASL_MAX_TERMS);
 /// ```
 pub mod asl {
     shared_consts! { CONSTS;
@@ -317,10 +317,10 @@ pub mod asl {
 /// Fused prompt-masked attention (`kernels/attention.cu`).
 ///
 /// ```
-/// use mlvpt::contract::attention::{FUSED_HEAD_DIMS, FWD_TILES};
+/// use mlvpt::contract::attention;
 /// // Every head dim has a forward whose shared memory fits an H100's 227 KB.
-/// for dh in FUSED_HEAD_DIMS {
-///     let t = FWD_TILES.iter().find(|t| t.head_dim == *dh).unwrap();
+/// for dh in attention::FUSED_HEAD_DIMS {
+///     let t = attention::FWD_TILES.iter().find(|t| t.head_dim == *dh).unwrap();
 ///     assert!(t.smem_bytes() <= 227 * 1024, "{}", t.kernel);
 /// }
 /// ```

@@ -32,10 +32,11 @@ pub use view::{Layout, Tensor, TensorMut};
 /// # Ok(()) }
 /// ```
 pub use cudarc;
-/// cudarc's device buffers and the traits the launchers take them by: a launcher's input is any
-/// `&impl DevicePtr<T>` and its output any `&mut impl DevicePtrMut<T>`, so a whole
-/// [`CudaSlice`], a [`CudaView`] or [`CudaViewMut`] of part of one, or a [`Tensor`] all go in
-/// ([`DeviceSlice`] gives their length; [`CudaStream`] is what the work is queued on).
+/// cudarc's device buffers and the traits the launchers take them by, re-exported.
+///
+/// A launcher's input is any `&impl DevicePtr<T>` and its output any `&mut impl DevicePtrMut<T>`,
+/// so a whole [`CudaSlice`], a [`CudaView`] or [`CudaViewMut`] of part of one, or a [`Tensor`]
+/// all go in ([`DeviceSlice`] gives their length; [`CudaStream`] is what the work is queued on).
 ///
 /// ```
 /// use mlvpt::gpu::{CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, DeviceSlice, GpuContext, GpuError};
