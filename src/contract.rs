@@ -75,43 +75,122 @@ impl<T: Zero + Copy, const N: usize> Zero for [T; N] {
 }
 
 /// LayerNorm (`kernels/layernorm.cu`).
+///
+/// ```
+/// use mlvpt::contract::layernorm;
+/// assert_eq!(layernorm::LN_MAX_D, 1024); // 32 lanes x 8 columns x 4 chunks
+/// ```
 pub mod layernorm {
     shared_consts! { CONSTS;
         /// Longest row the kernels hold in registers (a warp per row, 8 columns a lane, up to
         /// 4 chunks).
+        ///
+        /// ```
+        /// use mlvpt::contract::layernorm::LN_MAX_D;
+        /// assert_eq!(LN_MAX_D, 32 * 8 * 4);
+        /// ```
         LN_MAX_D: usize = 1024;
     }
 }
 
 /// The ML-VPT head (`kernels/head.cu`, `kernels/moe_mma.cu`, `kernels/adapter_mma.cu`).
+///
+/// ```
+/// use mlvpt::contract::head;
+/// // A block of the column kernels has at most 128 threads of 8 columns.
+/// assert_eq!(head::HEAD_MAX_D, 128 * 8);
+/// assert_eq!(head::ROWS_COLS, 32 * 8);
+/// ```
 pub mod head {
     shared_consts! { CONSTS;
         /// Widest feature dimension (a thread owns 8 columns, a block at most 128 threads).
+        ///
+        /// ```
+        /// use mlvpt::contract::head::HEAD_MAX_D;
+        /// assert_eq!(HEAD_MAX_D, 1024); // ViT-L's width fits
+        /// ```
         HEAD_MAX_D: usize = 1024;
         /// Most experts per label.
+        ///
+        /// ```
+        /// use mlvpt::contract::head::HEAD_MAX_E;
+        /// assert_eq!(HEAD_MAX_E, 8);
+        /// ```
         HEAD_MAX_E: usize = 8;
         /// Largest adapter bottleneck.
+        ///
+        /// ```
+        /// use mlvpt::contract::head::HEAD_MAX_RANK;
+        /// assert_eq!(HEAD_MAX_RANK, 64);
+        /// ```
         HEAD_MAX_RANK: usize = 64;
         /// Images per block of `moe_fwd_scores`.
+        ///
+        /// ```
+        /// use mlvpt::contract::head::MOE_FWD_IMAGES;
+        /// assert_eq!(227usize.div_ceil(MOE_FWD_IMAGES), 8); // blocks in y for a batch of 227
+        /// ```
         MOE_FWD_IMAGES: usize = 32;
         /// Images per block of `moe_bwd_tokens` and `adapter_bwd_tokens`.
+        ///
+        /// ```
+        /// use mlvpt::contract::head::TOK_IMAGES;
+        /// assert_eq!(TOK_IMAGES, 8);
+        /// ```
         TOK_IMAGES: usize = 8;
         /// Images per block of `adapter_fwd` and the tensor-core adapter kernels (one m16 tile).
+        ///
+        /// ```
+        /// use mlvpt::contract::head::ADA_IMAGES;
+        /// assert_eq!(ADA_IMAGES, 16); // the M of an m16n8k16 tile
+        /// ```
         ADA_IMAGES: usize = 16;
         /// Warps per block of the batch-reducing kernels (`moe_bwd_pairs`, `adapter_bwd_params`):
         /// 32 lanes x 8 columns = 256 columns a block; the warps split the images.
+        ///
+        /// ```
+        /// use mlvpt::contract::head::{ROWS_COLS, ROWS_WARPS};
+        /// assert_eq!(ROWS_WARPS * 32, 256); // threads per block
+        /// assert_eq!(768usize.div_ceil(ROWS_COLS), 3); // blocks over ViT-B's columns
+        /// ```
         ROWS_WARPS: usize = 8;
         /// Pairs per block of `moe_bwd_pairs`.
+        ///
+        /// ```
+        /// use mlvpt::contract::head::PAIR_TILE;
+        /// assert_eq!((3 * 80usize).div_ceil(PAIR_TILE), 30); // pair tiles of E = 3, K = 80
+        /// ```
         PAIR_TILE: usize = 8;
         /// Tile edge of the tensor-core MoE kernels (`moe_mma.cu`): 64 images, pairs or columns a
         /// block.
+        ///
+        /// ```
+        /// use mlvpt::contract::head::MMA_TILE;
+        /// assert_eq!(MMA_TILE % 16, 0); // whole m16 tiles
+        /// ```
         MMA_TILE: usize = 64;
         /// Warps per block of the tensor-core head kernels.
+        ///
+        /// ```
+        /// use mlvpt::contract::head::MMA_WARPS;
+        /// assert_eq!(MMA_WARPS * 32, 128); // threads per block
+        /// ```
         MMA_WARPS: usize = 4;
         /// Columns per block of `adapter_bwd_params_mma`.
+        ///
+        /// ```
+        /// use mlvpt::contract::head::ADA_PARAM_COLS;
+        /// assert_eq!(768usize.div_ceil(ADA_PARAM_COLS), 12); // blocks over ViT-B's columns
+        /// ```
         ADA_PARAM_COLS: usize = 64;
     }
     /// Columns per block of the batch-reducing kernels: 32 lanes of 8 columns.
+    ///
+    /// ```
+    /// use mlvpt::contract::head::{ROWS_COLS, ROWS_WARPS};
+    /// assert_eq!(ROWS_COLS, 256);
+    /// assert_eq!(ROWS_COLS, ROWS_WARPS * 32); // a lane per 8 columns, as many lanes as threads
+    /// ```
     pub const ROWS_COLS: usize = 32 * 8;
 
     kernel_params! {
@@ -158,9 +237,21 @@ pub mod head {
 }
 
 /// AdamW (`kernels/adamw.cu`).
+///
+/// ```
+/// use mlvpt::contract::adamw;
+/// let p = adamw::AdamWParams::default();
+/// assert_eq!(p.p.len(), adamw::ADAMW_MAX_TENSORS);
+/// ```
 pub mod adamw {
     shared_consts! { CONSTS;
         /// Most tensors one launch takes; more take several launches.
+        ///
+        /// ```
+        /// use mlvpt::contract::adamw::ADAMW_MAX_TENSORS;
+        /// assert_eq!(ADAMW_MAX_TENSORS, 32);
+        /// assert_eq!(70usize.div_ceil(ADAMW_MAX_TENSORS), 3); // launches for 70 tensors
+        /// ```
         ADAMW_MAX_TENSORS: usize = 32;
     }
 
@@ -169,6 +260,19 @@ pub mod adamw {
         /// parameter, gradient and moment pointers, elements numbered consecutively over the
         /// tensors (`start[t] .. start[t + 1]`), and the update's coefficients (computed on the
         /// host in f64).
+        ///
+        /// ```
+        /// use mlvpt::contract::adamw::{AdamWParams, ADAMW_MAX_TENSORS};
+        /// // Two tensors of 10 and 6 elements (device addresses as u64), lr 1e-3 at step 1.
+        /// let (lr, wd, b1, b2) = (1e-3f64, 1e-2f64, 0.9f64, 0.999f64);
+        /// let mut p = AdamWParams { count: 2, beta1: b1 as f32, beta2: b2 as f32, eps: 1e-8, ..Default::default() };
+        /// p.start[..3].copy_from_slice(&[0, 10, 16]);
+        /// p.start[3..].fill(16); // unused entries: empty tensors at the end
+        /// (p.decay, p.step_size, p.inv_sqrt_bc2) = ((1.0 - lr * wd) as f32, (lr / (1.0 - b1)) as f32, (1.0 / (1.0 - b2).sqrt()) as f32);
+        /// (p.one_minus_beta1, p.one_minus_beta2) = ((1.0 - b1) as f32, (1.0 - b2) as f32);
+        /// assert_eq!(p.start[ADAMW_MAX_TENSORS], 16);
+        /// assert_eq!(p.guard, 0); // no guard: never skipped
+        /// ```
         pub struct AdamWParams {
             pub p: [u64; ADAMW_MAX_TENSORS] => "float* {}[ADAMW_MAX_TENSORS]",
             pub g: [u64; ADAMW_MAX_TENSORS] => "const float* {}[ADAMW_MAX_TENSORS]",
@@ -196,9 +300,19 @@ pub mod adamw {
 }
 
 /// The asymmetric loss (`kernels/asl.cu`).
+///
+/// ```
+/// use mlvpt::contract::asl;
+/// assert_eq!(asl::AslParams::default().logits.len(), asl::ASL_MAX_TERMS);
+/// ```
 pub mod asl {
     shared_consts! { CONSTS;
         /// Most logit buffers (loss terms) one launch takes.
+        ///
+        /// ```
+        /// use mlvpt::contract::asl::ASL_MAX_TERMS;
+        /// assert_eq!(ASL_MAX_TERMS, 4); // ASL(y+) + ASL(y-) + ASL(m+) + ASL(m-)
+        /// ```
         ASL_MAX_TERMS: usize = 4;
     }
 
@@ -207,6 +321,20 @@ pub mod asl {
         /// elements against the same targets, one gradient buffer each (null: none), the loss
         /// `scale * sum` written to `loss_out[0]`; `partials` (one f64 per block) and
         /// `counter` (zero between launches) are the deterministic reduction's scratch.
+        ///
+        /// ```
+        /// use mlvpt::contract::asl::AslParams;
+        /// // Two terms of 80 logits (addresses as u64; 0 is null), the default ASL.
+        /// let p = AslParams {
+        ///     n: 80,
+        ///     nterms: 2,
+        ///     gamma_neg: 2.0,
+        ///     log_eps: 1e-5f64.ln() as f32,
+        ///     scale: 1.0 / 80.0,
+        ///     ..Default::default()
+        /// };
+        /// assert_eq!((p.grad, p.exact_grad), ([0; 4], 0)); // no gradients, constant focusing weights
+        /// ```
         pub struct AslParams {
             pub logits: [u64; ASL_MAX_TERMS] => "const float* {}[ASL_MAX_TERMS]",
             pub grad: [u64; ASL_MAX_TERMS] => "float* {}[ASL_MAX_TERMS]",
@@ -272,21 +400,56 @@ pub mod tokens {
 }
 
 /// Fused prompt-masked attention (`kernels/attention.cu`).
+///
+/// ```
+/// use mlvpt::contract::attention;
+/// // Every head dim has a forward whose shared memory fits an H100's 227 KB.
+/// for dh in attention::FUSED_HEAD_DIMS {
+///     let t = attention::FWD_TILES.iter().find(|t| t.head_dim == *dh).unwrap();
+///     assert!(t.smem_bytes() <= 227 * 1024, "{}", t.kernel);
+/// }
+/// ```
 pub mod attention {
     shared_consts! { CONSTS;
         /// Warps per block of the forward and of the split backward's dQ pass.
+        ///
+        /// ```
+        /// use mlvpt::contract::attention::{ATTN_THREADS, ATTN_WARPS};
+        /// assert_eq!(ATTN_WARPS * 32, ATTN_THREADS);
+        /// ```
         ATTN_WARPS: usize = 4;
         /// Keys per tile of the forward and the dQ pass (the backward has 16 per warp).
+        ///
+        /// ```
+        /// use mlvpt::contract::attention::ATTN_KEY_TILE;
+        /// assert_eq!(227usize.div_ceil(ATTN_KEY_TILE), 4); // key tiles of a ViT-B/16 row with 30 prompts
+        /// ```
         ATTN_KEY_TILE: usize = 64;
         /// Padding (bf16 elements) of each shared-memory row, keeping `ldmatrix` free of bank
         /// conflicts.
+        ///
+        /// ```
+        /// use mlvpt::contract::attention::{smem_row_bytes, ATTN_SMEM_PAD};
+        /// assert_eq!(smem_row_bytes(64), (64 + ATTN_SMEM_PAD) * 2); // 16 bytes of padding a row
+        /// ```
         ATTN_SMEM_PAD: usize = 8;
     }
 
     /// Threads per block of the forward and the dQ pass.
+    ///
+    /// ```
+    /// use mlvpt::contract::attention::ATTN_THREADS;
+    /// assert_eq!(ATTN_THREADS, 128);
+    /// ```
     pub const ATTN_THREADS: usize = 32 * ATTN_WARPS;
 
     /// Bytes of a shared-memory row of the fused kernels: `head_dim` bf16 plus the padding.
+    ///
+    /// ```
+    /// use mlvpt::contract::attention::smem_row_bytes;
+    /// assert_eq!(smem_row_bytes(64), 144);
+    /// assert_eq!(smem_row_bytes(64) % 16, 0); // rows stay 16-byte aligned for ldmatrix
+    /// ```
     pub const fn smem_row_bytes(head_dim: usize) -> usize {
         (head_dim + ATTN_SMEM_PAD) * 2
     }
@@ -296,6 +459,12 @@ pub mod attention {
     /// `pipelined`: the software-pipelined schedule (the next tile's Q K^T issued before this
     /// tile's softmax, K and V double-buffered); `min_blocks`: blocks per SM ptxas must fit
     /// (`__launch_bounds__`).
+    ///
+    /// ```
+    /// use mlvpt::contract::attention::{FwdTiles, FWD_TILES};
+    /// let default64: &FwdTiles = FWD_TILES.iter().find(|t| t.head_dim == 64).unwrap();
+    /// assert_eq!((default64.kernel, default64.rows, default64.pipelined), ("attn_fwd_d64", 128, false));
+    /// ```
     #[derive(Clone, Copy, Debug, PartialEq, Eq)]
     pub struct FwdTiles {
         pub head_dim: usize,
@@ -307,10 +476,24 @@ pub mod attention {
 
     impl FwdTiles {
         /// m16 tiles of query rows per warp.
+        ///
+        /// ```
+        /// use mlvpt::contract::attention::FWD_TILES;
+        /// let t = FWD_TILES.iter().find(|t| t.kernel == "attn_fwd_d64").unwrap();
+        /// assert_eq!(t.m_tiles(), 2); // 128 rows over 4 warps of m16 tiles
+        /// ```
         pub const fn m_tiles(&self) -> usize {
             self.rows / (16 * ATTN_WARPS)
         }
         /// Dynamic shared memory: Q rows, a K tile and a V tile (two each when pipelined).
+        ///
+        /// ```
+        /// use mlvpt::contract::attention::FWD_TILES;
+        /// let plain = FWD_TILES.iter().find(|t| t.kernel == "attn_fwd_d64_r64").unwrap();
+        /// let piped = FWD_TILES.iter().find(|t| t.kernel == "attn_fwd_d64_r64p").unwrap();
+        /// assert_eq!(plain.smem_bytes(), (64 + 2 * 64) * 144);
+        /// assert_eq!(piped.smem_bytes(), (64 + 4 * 64) * 144); // K and V double-buffered
+        /// ```
         pub const fn smem_bytes(&self) -> usize {
             let kv_tiles = if self.pipelined { 4 } else { 2 };
             (self.rows + kv_tiles * ATTN_KEY_TILE) * smem_row_bytes(self.head_dim)
@@ -321,6 +504,13 @@ pub mod attention {
     /// the queries `rows` at a time. With `dq_kernel` (a split backward) `kernel` computes dK
     /// and dV only and `dq_kernel` computes dQ in a query-stationary pass of
     /// [`BwdTiles::DQ_ROWS`] rows per block, without fp32 atomics.
+    ///
+    /// ```
+    /// use mlvpt::contract::attention::{BwdTiles, BWD_TILES};
+    /// let split: &BwdTiles = BWD_TILES.iter().find(|t| t.dq_kernel.is_some()).unwrap();
+    /// assert_eq!((split.kernel, split.dq_kernel), ("attn_bwd_d64_split", Some("attn_bwd_d64_split_dq")));
+    /// assert_eq!(split.threads(), 128);
+    /// ```
     #[derive(Clone, Copy, Debug, PartialEq, Eq)]
     pub struct BwdTiles {
         pub head_dim: usize,
@@ -332,19 +522,44 @@ pub mod attention {
 
     impl BwdTiles {
         /// Query rows per block of a split backward's dQ pass (one m16 tile per warp).
+        ///
+        /// ```
+        /// use mlvpt::contract::attention::BwdTiles;
+        /// assert_eq!(BwdTiles::DQ_ROWS, 64);
+        /// assert_eq!(227usize.div_ceil(BwdTiles::DQ_ROWS), 4); // dQ blocks of a 227-token image
+        /// ```
         pub const DQ_ROWS: usize = 16 * ATTN_WARPS;
 
         /// Warps per block: one per 16 keys.
+        ///
+        /// ```
+        /// use mlvpt::contract::attention::BWD_TILES;
+        /// let wide = BWD_TILES.iter().find(|t| t.kernel == "attn_bwd_d64_k128").unwrap();
+        /// assert_eq!(wide.warps(), 8); // a warp per 16 of its 128 keys
+        /// ```
         pub const fn warps(&self) -> usize {
             self.keys / 16
         }
         /// Threads per block.
+        ///
+        /// ```
+        /// use mlvpt::contract::attention::BWD_TILES;
+        /// assert!(BWD_TILES.iter().all(|t| t.threads() == 32 * t.keys / 16));
+        /// ```
         pub const fn threads(&self) -> usize {
             32 * self.warps()
         }
         /// Dynamic shared memory: K, V of the block's keys, Q and dO of a step, dS^T
         /// `[keys][rows + 8]` bf16, and the step's log-sum-exps and row sums (f32); a split
         /// backward has no dS^T and two of everything else of a step.
+        ///
+        /// ```
+        /// use mlvpt::contract::attention::{smem_row_bytes, BWD_TILES};
+        /// let t = BWD_TILES.iter().find(|t| t.kernel == "attn_bwd_d64").unwrap();
+        /// let row = smem_row_bytes(64);
+        /// assert_eq!(t.smem_bytes(), (2 * 64 + 2 * 64) * row + 64 * (64 + 8) * 2 + 2 * 64 * 4);
+        /// assert!(t.smem_bytes() <= 48 * 1024); // no opt-in needed
+        /// ```
         pub const fn smem_bytes(&self) -> usize {
             let row = smem_row_bytes(self.head_dim);
             if self.dq_kernel.is_some() {
@@ -354,6 +569,12 @@ pub mod attention {
             }
         }
         /// Dynamic shared memory of the dQ pass: Q and dO rows, K and V tiles twice each.
+        ///
+        /// ```
+        /// use mlvpt::contract::attention::{BwdTiles, BWD_TILES};
+        /// let split = BWD_TILES.iter().find(|t| t.dq_kernel.is_some()).unwrap();
+        /// assert_eq!(split.dq_smem_bytes(), (2 * BwdTiles::DQ_ROWS + 4 * 64) * 144);
+        /// ```
         pub const fn dq_smem_bytes(&self) -> usize {
             (2 * Self::DQ_ROWS + 4 * ATTN_KEY_TILE) * smem_row_bytes(self.head_dim)
         }
@@ -361,6 +582,12 @@ pub mod attention {
 
     /// Head dims the fused kernels are compiled for (each has a row-sum kernel
     /// `attn_bwd_pre_d<dh>`).
+    ///
+    /// ```
+    /// use mlvpt::contract::attention::FUSED_HEAD_DIMS;
+    /// assert_eq!(FUSED_HEAD_DIMS, [32, 64, 80, 128]);
+    /// assert!(!FUSED_HEAD_DIMS.contains(&24)); // the demo's heads take the plain kernels
+    /// ```
     pub const FUSED_HEAD_DIMS: &[usize] = &[32, 64, 80, 128];
 
     const fn fwd(head_dim: usize, rows: usize, pipelined: bool, min_blocks: usize, kernel: &'static str) -> FwdTiles {
@@ -387,6 +614,15 @@ pub mod attention {
     /// 80; 32 and 128 for narrow and wide heads). Head dims 80 and 128 take 64 rows so the
     /// accumulators fit in registers without spilling; 3 blocks per SM (at most 168 registers)
     /// where that costs no spill.
+    ///
+    /// ```
+    /// use mlvpt::contract::attention::{FUSED_HEAD_DIMS, FWD_TILES};
+    /// for dh in FUSED_HEAD_DIMS {
+    ///     let first = FWD_TILES.iter().find(|t| t.head_dim == *dh).unwrap(); // the default
+    ///     println!("head dim {dh}: {} ({} rows, {} B shared)", first.kernel, first.rows, first.smem_bytes());
+    /// }
+    /// assert!(FWD_TILES.iter().all(|t| t.rows % 64 == 0));
+    /// ```
     pub const FWD_TILES: &[FwdTiles] = &[
         fwd(32, 128, false, 1, "attn_fwd_d32"),
         fwd(64, 128, false, 1, "attn_fwd_d64"),
@@ -401,6 +637,15 @@ pub mod attention {
     /// keys per block) halves the dQ atomics and the Q, dO reloads of the 64-key blocks;
     /// `attn_bwd_d64_split` computes dQ in a pass of its own (two more matrix products, no
     /// atomics, no fp32 scratch: deterministic).
+    ///
+    /// ```
+    /// use mlvpt::contract::attention::{FUSED_HEAD_DIMS, BWD_TILES};
+    /// for dh in FUSED_HEAD_DIMS {
+    ///     assert!(BWD_TILES.iter().any(|t| t.head_dim == *dh), "no backward for {dh}");
+    /// }
+    /// let names: Vec<_> = BWD_TILES.iter().filter(|t| t.head_dim == 64).map(|t| t.kernel).collect();
+    /// assert_eq!(names[0], "attn_bwd_d64"); // the default comes first
+    /// ```
     pub const BWD_TILES: &[BwdTiles] = &[
         bwd(32, 64, 64, "attn_bwd_d32", None),
         bwd(64, 64, 64, "attn_bwd_d64", None),
@@ -419,6 +664,28 @@ pub mod attention {
         /// are the same call; `lse [B, h, Nq]` and the backward's scratch are contiguous.
         /// Queries are the tokens `qs .. qs + nq`, keys all `n`; tokens `ps .. pe` are prompts
         /// (a prompt query skips the other prompts' keys; `ps == pe`: no mask).
+        ///
+        /// ```
+        /// use mlvpt::contract::attention::AttnParams;
+        /// // Packed qkv [B=2, N=10, 3, h=2, dh=32] at address `base`: Q, K, V by strides.
+        /// let (b, n, h, dh) = (2i64, 10i64, 2i64, 32i64);
+        /// let (base, d) = (0x7f00_0000_0000u64, h * dh);
+        /// let (tok, img) = (3 * d, n * 3 * d);
+        /// let p = AttnParams {
+        ///     q: base,
+        ///     k: base + 2 * d as u64, // bf16: 2 bytes an element
+        ///     v: base + 4 * d as u64,
+        ///     q_batch_stride: img, q_row_stride: tok, q_head_stride: dh,
+        ///     k_batch_stride: img, k_row_stride: tok, k_head_stride: dh,
+        ///     v_batch_stride: img, v_row_stride: tok, v_head_stride: dh,
+        ///     b: b as i32, n: n as i32, h: h as i32, dh: dh as i32,
+        ///     ps: 1, pe: 4, // tokens 1..4 are prompts
+        ///     qs: 0, nq: n as i32, // every token a query
+        ///     scale: 1.0 / (dh as f32).sqrt(),
+        ///     ..Default::default()
+        /// };
+        /// assert_eq!(p.dq_acc, 0); // null: set by the backward
+        /// ```
         pub struct AttnParams {
             pub q: u64 => "const __nv_bfloat16* {}",
             pub k: u64 => "const __nv_bfloat16* {}",

@@ -29,6 +29,9 @@ cargo test --release --all-features --lib --bins --tests --examples -- --include
 step "doc tests (the CUDA launchers' examples run on the virtual device)"
 cargo test --release --doc --all-features
 
+step "rustdoc builds warning-free (broken intra-doc links and the like fail)"
+RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --all-features
+
 step "examples on the virtual device"
 for ex in examples/*.rs; do
   cargo run --release --all-features --example "$(basename "$ex" .rs)"

@@ -21,6 +21,26 @@ impl Blas {
 }
 
 /// An element type cuBLAS multiplies here (`bf16` or `f32`).
+///
+/// ```
+/// use mlvpt::gpu::{bf16, CudaSlice, GemmType, GpuContext, GpuError};
+/// // One helper for both input types: y [m, n] = x [m, k] w [n, k]^T in f32.
+/// fn project<T: GemmType>(gpu: &GpuContext, x: &CudaSlice<T>, w: &CudaSlice<T>, m: usize, n: usize, k: usize) -> Result<Vec<f32>, GpuError> {
+///     let mut y = gpu.zeros::<f32>(m * n)?;
+///     gpu.linear_forward::<T, f32>(x, w, None, &mut y, m, n, k, false)?;
+///     gpu.download(&y)
+/// }
+/// # fn main() -> Result<(), mlvpt::gpu::GpuError> {
+/// # if !mlvpt::gpu::GpuContext::driver_present() { return Ok(()); } // needs a device (a GPU or tools/vgpu)
+/// let gpu = GpuContext::new(0)?;
+/// let (x, w) = ([1.0f32, 2.0, 3.0, 4.0], [1.0f32, 0.5]); // x [2, 2], w [1, 2]
+/// let y32 = project(&gpu, &gpu.upload(&x)?, &gpu.upload(&w)?, 2, 1, 2)?;
+/// let to_bf16 = |v: &[f32]| v.iter().map(|&f| bf16::from_f32(f)).collect::<Vec<_>>();
+/// let y16 = project(&gpu, &gpu.upload(&to_bf16(&x))?, &gpu.upload(&to_bf16(&w))?, 2, 1, 2)?;
+/// assert_eq!(y32, [2.0, 5.0]);
+/// assert_eq!(y16, y32); // these values are exact in bf16
+/// # Ok(()) }
+/// ```
 pub trait GemmType: DeviceRepr {
     /// cuBLAS's name for it.
     const DATA_TYPE: cudaDataType;
@@ -79,6 +99,23 @@ impl GpuContext {
     ///
     /// cuBLAS is column-major, and a row-major matrix read column-major is its transpose, so
     /// this computes `C^T = op(B)^T op(A)^T` with the operands swapped.
+    ///
+    /// ```
+    /// use mlvpt::gpu::GpuContext;
+    /// # fn main() -> Result<(), mlvpt::gpu::GpuError> {
+    /// # if !mlvpt::gpu::GpuContext::driver_present() { return Ok(()); } // needs a device (a GPU or tools/vgpu)
+    /// let gpu = GpuContext::new(0)?;
+    /// // C [2, 2] = A [2, 3] B [3, 2], all row-major.
+    /// let a = gpu.upload(&[1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0])?;
+    /// let b = gpu.upload(&[7.0f32, 8.0, 9.0, 10.0, 11.0, 12.0])?;
+    /// let mut c = gpu.upload(&[1.0f32; 4])?;
+    /// gpu.gemm::<f32, f32>(false, false, 2, 2, 3, 1.0, &a, &b, 0.0, &mut c)?;
+    /// assert_eq!(gpu.download(&c)?, [58.0, 64.0, 139.0, 154.0]);
+    /// // C = 2 b^T b + C: with `ta` the first operand (here b, stored [3, 2]) is read transposed.
+    /// gpu.gemm::<f32, f32>(true, false, 2, 2, 3, 2.0, &b, &b, 1.0, &mut c)?;
+    /// assert_eq!(gpu.download(&c)?, [2.0 * 251.0 + 58.0, 2.0 * 278.0 + 64.0, 2.0 * 278.0 + 139.0, 2.0 * 308.0 + 154.0]);
+    /// # Ok(()) }
+    /// ```
     #[allow(clippy::too_many_arguments)]
     pub fn gemm<T: GemmType, O: GemmType>(
         &self,
@@ -136,6 +173,20 @@ impl GpuContext {
 
     /// [`Self::gemm`] over `batch` independent products, operand `i` of A, B, C starting at
     /// `i * stride_{a,b,c}` elements (cuBLAS strided-batched; e.g. per-head attention scores).
+    ///
+    /// ```
+    /// use mlvpt::gpu::GpuContext;
+    /// # fn main() -> Result<(), mlvpt::gpu::GpuError> {
+    /// # if !mlvpt::gpu::GpuContext::driver_present() { return Ok(()); } // needs a device (a GPU or tools/vgpu)
+    /// let gpu = GpuContext::new(0)?;
+    /// // Two independent dot products, [1, 2] x [2, 1] each: c[i] = a_i . b_i.
+    /// let a = gpu.upload(&[1.0f32, 2.0, 3.0, 4.0])?;
+    /// let b = gpu.upload(&[5.0f32, 6.0, 7.0, 8.0])?;
+    /// let mut c = gpu.zeros::<f32>(2)?;
+    /// gpu.gemm_strided_batched::<f32, f32>(false, false, 1, 1, 2, 1.0, &a, 2, &b, 2, 0.0, &mut c, 1, 2)?;
+    /// assert_eq!(gpu.download(&c)?, [17.0, 53.0]);
+    /// # Ok(()) }
+    /// ```
     #[allow(clippy::too_many_arguments)]
     pub fn gemm_strided_batched<T: GemmType, O: GemmType>(
         &self,
@@ -206,6 +257,26 @@ impl GpuContext {
     /// `y[m, n] = x[m, k] w[n, k]^T + bias[n]` (a linear layer; `w` row-major as PyTorch stores
     /// it). The bias (f32) is broadcast into `y` first and the product added with beta = 1, so a
     /// bf16 `y` sees the bias rounded to bf16 once. Without a bias, `accumulate` adds to `y`.
+    ///
+    /// ```
+    /// use mlvpt::gpu::GpuContext;
+    /// use mlvpt::ops::linear;
+    /// # fn main() -> Result<(), mlvpt::gpu::GpuError> {
+    /// # if !mlvpt::gpu::GpuContext::driver_present() { return Ok(()); } // needs a device (a GPU or tools/vgpu)
+    /// let gpu = GpuContext::new(0)?;
+    /// let (m, n, k) = (3, 2, 4);
+    /// let x: Vec<f32> = (0..m * k).map(|i| i as f32 * 0.25 - 1.0).collect();
+    /// let w: Vec<f32> = (0..n * k).map(|i| 0.5 - i as f32 * 0.125).collect();
+    /// let b = [0.1f32, -0.2];
+    /// let mut y = gpu.zeros::<f32>(m * n)?;
+    /// gpu.linear_forward::<f32, f32>(&gpu.upload(&x)?, &gpu.upload(&w)?, Some(&gpu.upload(&b)?), &mut y, m, n, k, false)?;
+    /// let mut want = vec![0.0f32; m * n];
+    /// linear::cpu::forward(&x, &w, Some(&b[..]), &mut want, m, k, n); // the CPU twin
+    /// for (g, c) in gpu.download(&y)?.iter().zip(&want) {
+    ///     assert!((g - c).abs() < 1e-5, "{g} vs {c}");
+    /// }
+    /// # Ok(()) }
+    /// ```
     #[allow(clippy::too_many_arguments)]
     pub fn linear_forward<T: GemmType, O: GemmType>(
         &self,
@@ -230,6 +301,25 @@ impl GpuContext {
     }
 
     /// `dx[m, k] (+)= dy[m, n] w[n, k]`: the input gradient of [`Self::linear_forward`].
+    ///
+    /// ```
+    /// use mlvpt::gpu::GpuContext;
+    /// use mlvpt::ops::linear;
+    /// # fn main() -> Result<(), mlvpt::gpu::GpuError> {
+    /// # if !mlvpt::gpu::GpuContext::driver_present() { return Ok(()); } // needs a device (a GPU or tools/vgpu)
+    /// let gpu = GpuContext::new(0)?;
+    /// let (m, n, k) = (3, 2, 4);
+    /// let dy: Vec<f32> = (0..m * n).map(|i| i as f32 - 2.0).collect();
+    /// let w: Vec<f32> = (0..n * k).map(|i| 0.5 - i as f32 * 0.125).collect();
+    /// let mut dx = gpu.zeros::<f32>(m * k)?;
+    /// gpu.linear_backward_input::<f32, f32>(&gpu.upload(&dy)?, &gpu.upload(&w)?, &mut dx, m, n, k, false)?;
+    /// let mut want = vec![0.0f32; m * k];
+    /// linear::cpu::backward_input(&dy, &w, &mut want, m, k, n, false); // the CPU twin
+    /// for (g, c) in gpu.download(&dx)?.iter().zip(&want) {
+    ///     assert!((g - c).abs() < 1e-5, "{g} vs {c}");
+    /// }
+    /// # Ok(()) }
+    /// ```
     #[allow(clippy::too_many_arguments)]
     pub fn linear_backward_input<T: GemmType, O: GemmType>(
         &self,
@@ -245,6 +335,21 @@ impl GpuContext {
     }
 
     /// `dw[n, k] (+)= dy[m, n]^T x[m, k]`: the weight gradient of [`Self::linear_forward`].
+    ///
+    /// ```
+    /// use mlvpt::gpu::GpuContext;
+    /// # fn main() -> Result<(), mlvpt::gpu::GpuError> {
+    /// # if !mlvpt::gpu::GpuContext::driver_present() { return Ok(()); } // needs a device (a GPU or tools/vgpu)
+    /// let gpu = GpuContext::new(0)?;
+    /// // dw [n=1, k=2] = dy [m=2, 1]^T x [2, 2]
+    /// let (dy, x) = (gpu.upload(&[1.0f32, -2.0])?, gpu.upload(&[3.0f32, 4.0, 5.0, 6.0])?);
+    /// let mut dw = gpu.upload(&[100.0f32, 200.0])?;
+    /// gpu.linear_backward_weight::<f32, f32>(&dy, &x, &mut dw, 2, 1, 2, false)?;
+    /// assert_eq!(gpu.download(&dw)?, [1.0 * 3.0 - 2.0 * 5.0, 1.0 * 4.0 - 2.0 * 6.0]);
+    /// gpu.linear_backward_weight::<f32, f32>(&dy, &x, &mut dw, 2, 1, 2, true)?; // accumulate: twice
+    /// assert_eq!(gpu.download(&dw)?, [-14.0, -16.0]);
+    /// # Ok(()) }
+    /// ```
     #[allow(clippy::too_many_arguments)]
     pub fn linear_backward_weight<T: GemmType, O: GemmType>(
         &self,

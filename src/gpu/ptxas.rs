@@ -1,7 +1,28 @@
 //! Parses ptxas's `-v` report (`PTXAS_REPORT`) into one entry per function and architecture, so
 //! a test can insist that no kernel spills registers or keeps a stack frame in local memory.
+//!
+//! ```
+//! use mlvpt::gpu::{ptxas, PTXAS_REPORT};
+//! let kernels = ptxas::parse(PTXAS_REPORT);
+//! let ln = kernels.iter().find(|k| k.function == "layernorm_fwd_bf16").expect("compiled");
+//! assert_eq!(ln.file, "layernorm.cu");
+//! println!("{} on {}: {} registers, {} bytes spilled", ln.function, ln.arch, ln.registers, ln.spill_store_bytes);
+//! ```
 
 /// Resource use of one function compiled for one architecture.
+///
+/// ```
+/// use mlvpt::gpu::ptxas::{parse, KernelResources};
+/// let report = "## asl.cu\n\
+///     ptxas info    : Compiling entry function 'asl_fwd' for 'sm_90'\n\
+///     ptxas info    : Function properties for asl_fwd\n\
+///     \x20   16 bytes stack frame, 8 bytes spill stores, 8 bytes spill loads\n\
+///     ptxas info    : Used 40 registers, used 1 barriers, 2048 bytes smem\n";
+/// let k: &KernelResources = &parse(report)[0];
+/// assert_eq!((k.file.as_str(), k.function.as_str(), k.arch.as_str()), ("asl.cu", "asl_fwd", "sm_90"));
+/// assert_eq!((k.registers, k.shared_bytes), (40, 2048));
+/// assert_eq!((k.stack_frame_bytes, k.spill_store_bytes, k.spill_load_bytes), (16, 8, 8));
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KernelResources {
     /// The `.cu` file the report section came from.
@@ -28,6 +49,18 @@ fn quoted(line: &str, nth: usize) -> Option<String> {
 /// Every function the report describes. A function's properties line follows
 /// `Compiling entry function 'f' for 'sm_xx'` (entries) or stands alone (device functions that
 /// were not inlined, whose arch is the last entry's).
+///
+/// ```
+/// use mlvpt::gpu::{ptxas, PTXAS_REPORT};
+/// // Every kernel of every architecture the build compiled, e.g. those that spill:
+/// let spilling: Vec<_> = ptxas::parse(PTXAS_REPORT)
+///     .into_iter()
+///     .filter(|k| k.spill_store_bytes + k.spill_load_bytes > 0)
+///     .map(|k| format!("{} ({})", k.function, k.arch))
+///     .collect();
+/// println!("spilling kernels: {spilling:?}");
+/// assert!(ptxas::parse("").is_empty());
+/// ```
 pub fn parse(report: &str) -> Vec<KernelResources> {
     let mut out: Vec<KernelResources> = Vec::new();
     let (mut file, mut arch) = (String::new(), String::new());

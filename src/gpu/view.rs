@@ -8,6 +8,16 @@ use super::{CudaStream, DevicePtr, DevicePtrMut, GpuError};
 use cudarc::driver::SyncOnDrop;
 
 /// Where a view's elements are: `offset + sum(index[i] * strides[i])` of the buffer.
+///
+/// ```
+/// use mlvpt::gpu::Layout;
+/// // K of a packed qkv [B=2, N=5, 3, h=4, dh=8]: [B, N, h, dh] at offset h*dh.
+/// let k = Layout { offset: 32, shape: [2, 5, 4, 8], strides: [5 * 96, 96, 8, 1] };
+/// assert_eq!(k.numel(), 320);
+/// assert_eq!(k.extent(), 928); // within the 960 elements of the qkv buffer
+/// assert!(!k.is_contiguous());
+/// assert_eq!(Layout::contiguous([2, 5, 4, 8]).strides, [160, 32, 8, 1]);
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Layout<const R: usize> {
     pub offset: usize,
@@ -17,6 +27,12 @@ pub struct Layout<const R: usize> {
 
 impl<const R: usize> Layout<R> {
     /// Row-major and dense.
+    ///
+    /// ```
+    /// use mlvpt::gpu::Layout;
+    /// let l = Layout::contiguous([2, 3, 4]);
+    /// assert_eq!((l.offset, l.strides), (0, [12, 4, 1]));
+    /// ```
     pub fn contiguous(shape: [usize; R]) -> Self {
         let mut strides = [0; R];
         let mut s = 1;
@@ -27,10 +43,25 @@ impl<const R: usize> Layout<R> {
         Self { offset: 0, shape, strides }
     }
     /// Number of elements the view addresses.
+    ///
+    /// ```
+    /// use mlvpt::gpu::Layout;
+    /// assert_eq!(Layout::contiguous([2, 3, 4]).numel(), 24);
+    /// assert_eq!(Layout::contiguous([2, 0, 4]).numel(), 0);
+    /// ```
     pub fn numel(&self) -> usize {
         self.shape.iter().product()
     }
     /// One past the last buffer element the view addresses (its offset when it is empty).
+    ///
+    /// ```
+    /// use mlvpt::gpu::Layout;
+    /// assert_eq!(Layout::contiguous([2, 3]).extent(), 6);
+    /// // Every other row of a [4, 3] matrix, from row 1: rows 1 and 3 end at element 12.
+    /// let odd_rows = Layout { offset: 3, shape: [2, 3], strides: [6, 1] };
+    /// assert_eq!(odd_rows.extent(), 12);
+    /// assert_eq!(Layout { offset: 5, shape: [0, 3], strides: [3, 1] }.extent(), 5); // empty
+    /// ```
     pub fn extent(&self) -> usize {
         if self.numel() == 0 {
             return self.offset;
@@ -38,6 +69,13 @@ impl<const R: usize> Layout<R> {
         self.offset + self.shape.iter().zip(&self.strides).map(|(n, s)| (n - 1) * s).sum::<usize>() + 1
     }
     /// Whether the layout is row-major and dense.
+    ///
+    /// ```
+    /// use mlvpt::gpu::Layout;
+    /// assert!(Layout::contiguous([4, 3]).is_contiguous());
+    /// assert!(Layout { offset: 6, ..Layout::contiguous([2, 3]) }.is_contiguous()); // any offset
+    /// assert!(!Layout { offset: 0, shape: [2, 3], strides: [6, 1] }.is_contiguous());
+    /// ```
     pub fn is_contiguous(&self) -> bool {
         Self {
             offset: self.offset,
@@ -113,6 +151,17 @@ pub struct Tensor<'a, T, const R: usize> {
 
 impl<'a, T, const R: usize> Tensor<'a, T, R> {
     /// A dense row-major view of the start of `buf`.
+    ///
+    /// ```
+    /// use mlvpt::gpu::{GpuContext, Tensor};
+    /// # fn main() -> Result<(), mlvpt::gpu::GpuError> {
+    /// # if !mlvpt::gpu::GpuContext::driver_present() { return Ok(()); } // needs a device (a GPU or tools/vgpu)
+    /// let gpu = GpuContext::new(0)?;
+    /// let buf = gpu.zeros::<f32>(2 * 3)?;
+    /// let t = Tensor::new(&buf, [2, 3]);
+    /// assert_eq!((t.shape(), t.strides()), ([2, 3], [3, 1]));
+    /// # Ok(()) }
+    /// ```
     pub fn new(buf: &'a impl DevicePtr<T>, shape: [usize; R]) -> Self {
         Self {
             buf,
@@ -120,6 +169,17 @@ impl<'a, T, const R: usize> Tensor<'a, T, R> {
         }
     }
     /// A view at element `offset` of `buf` with element `strides`.
+    ///
+    /// ```
+    /// use mlvpt::gpu::{GpuContext, Tensor};
+    /// # fn main() -> Result<(), mlvpt::gpu::GpuError> {
+    /// # if !mlvpt::gpu::GpuContext::driver_present() { return Ok(()); } // needs a device (a GPU or tools/vgpu)
+    /// let gpu = GpuContext::new(0)?;
+    /// let buf = gpu.upload(&[0.0f32, 1.0, 2.0, 3.0, 4.0, 5.0])?; // [3, 2]
+    /// let col1 = Tensor::strided(&buf, 1, [3], [2]); // its second column
+    /// assert_eq!(col1.layout().extent(), 6);
+    /// # Ok(()) }
+    /// ```
     pub fn strided(buf: &'a impl DevicePtr<T>, offset: usize, shape: [usize; R], strides: [usize; R]) -> Self {
         Self {
             buf,
@@ -127,18 +187,61 @@ impl<'a, T, const R: usize> Tensor<'a, T, R> {
         }
     }
     /// The view's layout.
+    ///
+    /// ```
+    /// use mlvpt::gpu::{GpuContext, Layout, Tensor};
+    /// # fn main() -> Result<(), mlvpt::gpu::GpuError> {
+    /// # if !mlvpt::gpu::GpuContext::driver_present() { return Ok(()); } // needs a device (a GPU or tools/vgpu)
+    /// let gpu = GpuContext::new(0)?;
+    /// let buf = gpu.zeros::<f32>(12)?;
+    /// let t = Tensor::strided(&buf, 4, [2, 4], [4, 1]);
+    /// assert_eq!(*t.layout(), Layout { offset: 4, shape: [2, 4], strides: [4, 1] });
+    /// assert!(t.layout().is_contiguous());
+    /// # Ok(()) }
+    /// ```
     pub fn layout(&self) -> &Layout<R> {
         &self.layout
     }
     /// The view's shape.
+    ///
+    /// ```
+    /// use mlvpt::gpu::{GpuContext, Tensor};
+    /// # fn main() -> Result<(), mlvpt::gpu::GpuError> {
+    /// # if !mlvpt::gpu::GpuContext::driver_present() { return Ok(()); } // needs a device (a GPU or tools/vgpu)
+    /// let gpu = GpuContext::new(0)?;
+    /// let buf = gpu.zeros::<f32>(24)?;
+    /// assert_eq!(Tensor::new(&buf, [2, 3, 4]).shape(), [2, 3, 4]);
+    /// # Ok(()) }
+    /// ```
     pub fn shape(&self) -> [usize; R] {
         self.layout.shape
     }
     /// The view's element strides.
+    ///
+    /// ```
+    /// use mlvpt::gpu::{GpuContext, Tensor};
+    /// # fn main() -> Result<(), mlvpt::gpu::GpuError> {
+    /// # if !mlvpt::gpu::GpuContext::driver_present() { return Ok(()); } // needs a device (a GPU or tools/vgpu)
+    /// let gpu = GpuContext::new(0)?;
+    /// let buf = gpu.zeros::<f32>(24)?;
+    /// assert_eq!(Tensor::new(&buf, [2, 3, 4]).strides(), [12, 4, 1]);
+    /// # Ok(()) }
+    /// ```
     pub fn strides(&self) -> [usize; R] {
         self.layout.strides
     }
     /// Number of elements of the underlying buffer.
+    ///
+    /// ```
+    /// use mlvpt::gpu::{GpuContext, Tensor};
+    /// # fn main() -> Result<(), mlvpt::gpu::GpuError> {
+    /// # if !mlvpt::gpu::GpuContext::driver_present() { return Ok(()); } // needs a device (a GPU or tools/vgpu)
+    /// let gpu = GpuContext::new(0)?;
+    /// let buf = gpu.zeros::<f32>(100)?;
+    /// let t = Tensor::strided(&buf, 10, [2, 5], [5, 1]);
+    /// assert_eq!(t.buffer_len(), 100); // the whole buffer, not the view
+    /// # Ok(()) }
+    /// ```
     pub fn buffer_len(&self) -> usize {
         self.buf.len()
     }
@@ -155,6 +258,24 @@ impl<'a, T, const R: usize> Tensor<'a, T, R> {
 }
 
 /// A writable view of a device tensor of `T` with `R` dimensions.
+///
+/// ```
+/// use mlvpt::gpu::{GpuContext, TensorMut};
+/// use mlvpt::ops::tokens;
+/// # fn main() -> Result<(), mlvpt::gpu::GpuError> {
+/// # if !mlvpt::gpu::GpuContext::driver_present() { return Ok(()); } // needs a device (a GPU or tools/vgpu)
+/// let gpu = GpuContext::new(0)?;
+/// let mut buf = gpu.zeros::<f32>(8)?;
+/// {
+///     // Rows 1..3 of a [4, 2] matrix. A view also goes wherever a cudarc buffer does,
+///     // starting at its first element.
+///     let mut rows = TensorMut::strided(&mut buf, 2, [2, 2], [2, 1]);
+///     assert_eq!(rows.shape(), [2, 2]);
+///     tokens::cuda::fill::<f32>(&gpu, gpu.stream(), &mut rows, 4, 1.0)?;
+/// }
+/// assert_eq!(gpu.download(&buf)?, [0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 0.0, 0.0]);
+/// # Ok(()) }
+/// ```
 pub struct TensorMut<'a, T, const R: usize> {
     buf: &'a mut dyn DevicePtrMut<T>,
     layout: Layout<R>,
@@ -162,6 +283,17 @@ pub struct TensorMut<'a, T, const R: usize> {
 
 impl<'a, T, const R: usize> TensorMut<'a, T, R> {
     /// A dense row-major view of the start of `buf`.
+    ///
+    /// ```
+    /// use mlvpt::gpu::{GpuContext, TensorMut};
+    /// # fn main() -> Result<(), mlvpt::gpu::GpuError> {
+    /// # if !mlvpt::gpu::GpuContext::driver_present() { return Ok(()); } // needs a device (a GPU or tools/vgpu)
+    /// let gpu = GpuContext::new(0)?;
+    /// let mut buf = gpu.zeros::<f32>(6)?;
+    /// let t = TensorMut::new(&mut buf, [2, 3]);
+    /// assert!(t.layout().is_contiguous());
+    /// # Ok(()) }
+    /// ```
     pub fn new(buf: &'a mut impl DevicePtrMut<T>, shape: [usize; R]) -> Self {
         Self {
             buf,
@@ -169,6 +301,17 @@ impl<'a, T, const R: usize> TensorMut<'a, T, R> {
         }
     }
     /// A view at element `offset` of `buf` with element `strides`.
+    ///
+    /// ```
+    /// use mlvpt::gpu::{GpuContext, TensorMut};
+    /// # fn main() -> Result<(), mlvpt::gpu::GpuError> {
+    /// # if !mlvpt::gpu::GpuContext::driver_present() { return Ok(()); } // needs a device (a GPU or tools/vgpu)
+    /// let gpu = GpuContext::new(0)?;
+    /// let mut buf = gpu.zeros::<f32>(6)?;
+    /// let col0 = TensorMut::strided(&mut buf, 0, [3], [2]); // the first column of a [3, 2]
+    /// assert_eq!(col0.layout().extent(), 5);
+    /// # Ok(()) }
+    /// ```
     pub fn strided(buf: &'a mut impl DevicePtrMut<T>, offset: usize, shape: [usize; R], strides: [usize; R]) -> Self {
         Self {
             buf,
@@ -176,10 +319,31 @@ impl<'a, T, const R: usize> TensorMut<'a, T, R> {
         }
     }
     /// The view's layout.
+    ///
+    /// ```
+    /// use mlvpt::gpu::{GpuContext, Layout, TensorMut};
+    /// # fn main() -> Result<(), mlvpt::gpu::GpuError> {
+    /// # if !mlvpt::gpu::GpuContext::driver_present() { return Ok(()); } // needs a device (a GPU or tools/vgpu)
+    /// let gpu = GpuContext::new(0)?;
+    /// let mut buf = gpu.zeros::<f32>(12)?;
+    /// let t = TensorMut::strided(&mut buf, 6, [2, 3], [3, 1]);
+    /// assert_eq!(*t.layout(), Layout { offset: 6, ..Layout::contiguous([2, 3]) });
+    /// # Ok(()) }
+    /// ```
     pub fn layout(&self) -> &Layout<R> {
         &self.layout
     }
     /// The view's shape.
+    ///
+    /// ```
+    /// use mlvpt::gpu::{GpuContext, TensorMut};
+    /// # fn main() -> Result<(), mlvpt::gpu::GpuError> {
+    /// # if !mlvpt::gpu::GpuContext::driver_present() { return Ok(()); } // needs a device (a GPU or tools/vgpu)
+    /// let gpu = GpuContext::new(0)?;
+    /// let mut buf = gpu.zeros::<f32>(24)?;
+    /// assert_eq!(TensorMut::new(&mut buf, [2, 3, 4]).shape(), [2, 3, 4]);
+    /// # Ok(()) }
+    /// ```
     pub fn shape(&self) -> [usize; R] {
         self.layout.shape
     }

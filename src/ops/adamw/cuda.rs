@@ -11,9 +11,38 @@ use crate::contract::adamw::AdamWParams;
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 
 /// Most tensors one launch takes; more take several launches.
+///
+/// ```
+/// use mlvpt::ops::adamw::cuda::MAX_TENSORS;
+/// assert_eq!(MAX_TENSORS, 32);
+/// assert_eq!(100usize.div_ceil(MAX_TENSORS), 4); // launches of one step_many over 100 tensors
+/// ```
 pub const MAX_TENSORS: usize = crate::contract::adamw::ADAMW_MAX_TENSORS;
 
 /// One tensor of [`step_many`]: its first `n` elements are updated.
+///
+/// ```
+/// use mlvpt::gpu::GpuContext;
+/// use mlvpt::ops::adamw::{self, cuda::AdamWTensor, AdamWConfig};
+/// # fn main() -> Result<(), mlvpt::gpu::GpuError> {
+/// # if !mlvpt::gpu::GpuContext::driver_present() { return Ok(()); } // needs a device (a GPU or tools/vgpu)
+/// let gpu = GpuContext::new(0)?;
+/// let cfg = AdamWConfig::default();
+/// // Two tensors with their own buffers; only the first 2 elements of the second are updated.
+/// let (mut p1, g1, mut m1, mut v1) = (gpu.upload(&[1.0f32, -1.0])?, gpu.upload(&[0.5f32, 0.5])?, gpu.zeros::<f32>(2)?, gpu.zeros::<f32>(2)?);
+/// let (mut p2, g2, mut m2, mut v2) = (gpu.upload(&[2.0f32, 3.0, 4.0])?, gpu.upload(&[-1.0f32; 3])?, gpu.zeros::<f32>(3)?, gpu.zeros::<f32>(3)?);
+/// let mut ts = [
+///     AdamWTensor { params: &mut p1, grads: &g1, m: &mut m1, v: &mut v1, n: 2 },
+///     AdamWTensor { params: &mut p2, grads: &g2, m: &mut m2, v: &mut v2, n: 2 },
+/// ];
+/// adamw::cuda::step_many(&gpu, gpu.stream(), &mut ts, 1, 0.1, &cfg, None)?;
+/// let (mut p, mut m, mut v) = ([2.0f32, 3.0], [0.0f32; 2], [0.0f32; 2]);
+/// adamw::cpu::step(&mut p, &[-1.0, -1.0], &mut m, &mut v, 1, 0.1, &cfg); // the CPU twin
+/// let got = gpu.download(&p2)?;
+/// assert!((got[0] - p[0]).abs() < 1e-5 * p[0].abs() && (got[1] - p[1]).abs() < 1e-5 * p[1].abs());
+/// assert_eq!(got[2], 4.0); // past n: untouched
+/// # Ok(()) }
+/// ```
 pub struct AdamWTensor<'a> {
     pub params: &'a mut dyn DevicePtrMut<f32>,
     pub grads: &'a dyn DevicePtr<f32>,
@@ -112,6 +141,27 @@ pub fn step_many(
 }
 
 /// [`step_many`] on one tensor of `n` elements, without a guard.
+///
+/// ```
+/// use mlvpt::gpu::GpuContext;
+/// use mlvpt::ops::adamw::{self, AdamWConfig};
+/// # fn main() -> Result<(), mlvpt::gpu::GpuError> {
+/// # if !mlvpt::gpu::GpuContext::driver_present() { return Ok(()); } // needs a device (a GPU or tools/vgpu)
+/// let gpu = GpuContext::new(0)?;
+/// let cfg = AdamWConfig::default();
+/// let (p0, g) = ([0.5f32, -0.25, 1.0, 2.0], [0.1f32, 0.2, -0.3, 0.0]);
+/// let (mut p, gd) = (gpu.upload(&p0)?, gpu.upload(&g)?);
+/// let (mut m, mut v) = (gpu.zeros::<f32>(4)?, gpu.zeros::<f32>(4)?);
+/// let (mut pc, mut mc, mut vc) = (p0, [0.0f32; 4], [0.0f32; 4]);
+/// for t in 1..=3 {
+///     adamw::cuda::step(&gpu, gpu.stream(), &mut p, &gd, &mut m, &mut v, 4, t, 1e-2, &cfg)?;
+///     adamw::cpu::step(&mut pc, &g, &mut mc, &mut vc, t, 1e-2, &cfg); // the CPU twin
+/// }
+/// for (got, want) in gpu.download(&p)?.iter().zip(&pc) {
+///     assert!((got - want).abs() < 1e-5 * want.abs().max(1.0), "{got} vs {want}");
+/// }
+/// # Ok(()) }
+/// ```
 #[allow(clippy::too_many_arguments)]
 pub fn step(
     gpu: &GpuContext,

@@ -9,11 +9,34 @@ use crate::gpu::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut, GpuContext, Gpu
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 
 /// Most blocks one ASL launch uses (the size of the workspace's partial sums).
+///
+/// ```
+/// use mlvpt::ops::asl::cuda::MAX_BLOCKS;
+/// assert_eq!(MAX_BLOCKS, 1024); // partial sums in an AslWorkspace
+/// ```
 pub const MAX_BLOCKS: u32 = 1024;
 
 /// Scratch an ASL launch needs: one partial sum per block and the counter that elects the block
 /// which adds them. The kernel resets the counter, so one workspace serves any number of
 /// launches in order on one stream (not concurrent launches on different streams).
+///
+/// ```
+/// use mlvpt::gpu::GpuContext;
+/// use mlvpt::ops::asl::{asl_forward_backward, cuda, AslConfig};
+/// # fn main() -> Result<(), mlvpt::gpu::GpuError> {
+/// # if !mlvpt::gpu::GpuContext::driver_present() { return Ok(()); } // needs a device (a GPU or tools/vgpu)
+/// let gpu = GpuContext::new(0)?;
+/// let cfg = AslConfig::default();
+/// let mut ws = cuda::AslWorkspace::new(&gpu)?; // made once, used by every launch in order
+/// let targets = gpu.upload(&[1.0f32, 0.0, 0.0, 1.0])?;
+/// let mut loss = gpu.zeros::<f32>(1)?;
+/// for logits in [[0.5f32, -1.0, 2.0, 0.0], [3.0, -3.0, 0.5, 1.5]] {
+///     cuda::forward_backward(&gpu, gpu.stream(), &mut ws, &gpu.upload(&logits)?, &targets, &cfg, 1.0, None, &mut loss, 4)?;
+///     let want = asl_forward_backward(&logits, &[1.0, 0.0, 0.0, 1.0], &cfg, None);
+///     assert!((gpu.download(&loss)?[0] - want).abs() <= 1e-5 * want.abs(), "{want}");
+/// }
+/// # Ok(()) }
+/// ```
 pub struct AslWorkspace {
     partials: CudaSlice<f64>,
     counter: CudaSlice<u32>,
@@ -21,6 +44,17 @@ pub struct AslWorkspace {
 
 impl AslWorkspace {
     /// Allocates the workspace on `gpu`'s stream.
+    ///
+    /// ```
+    /// use mlvpt::gpu::GpuContext;
+    /// use mlvpt::ops::asl::cuda::AslWorkspace;
+    /// # fn main() -> Result<(), mlvpt::gpu::GpuError> {
+    /// # if !mlvpt::gpu::GpuContext::driver_present() { return Ok(()); } // needs a device (a GPU or tools/vgpu)
+    /// let gpu = GpuContext::new(0)?;
+    /// let ws = AslWorkspace::new(&gpu)?; // about 8 KB of device memory
+    /// # drop(ws);
+    /// # Ok(()) }
+    /// ```
     pub fn new(gpu: &GpuContext) -> Result<Self, GpuError> {
         Ok(Self { partials: gpu.zeros(MAX_BLOCKS as usize)?, counter: gpu.zeros(1)? })
     }
@@ -65,18 +99,70 @@ pub fn forward_backward<'a>(
 }
 
 /// One term of [`forward_backward_terms`]: its logits and, optionally, where its gradient goes.
+///
+/// ```
+/// use mlvpt::gpu::{DevicePtrMut, GpuContext};
+/// use mlvpt::ops::asl::{cuda, AslConfig};
+/// # fn main() -> Result<(), mlvpt::gpu::GpuError> {
+/// # if !mlvpt::gpu::GpuContext::driver_present() { return Ok(()); } // needs a device (a GPU or tools/vgpu)
+/// let gpu = GpuContext::new(0)?;
+/// let (pos, neg) = (gpu.upload(&[1.0f32, -2.0])?, gpu.upload(&[0.5f32, 0.25])?);
+/// let mut dpos = gpu.zeros::<f32>(2)?;
+/// // Two logit buffers against the same targets; a gradient for the first only.
+/// let mut terms = [
+///     cuda::AslTerm { logits: &pos, grad: Some(&mut dpos as &mut dyn DevicePtrMut<f32>) },
+///     cuda::AslTerm { logits: &neg, grad: None },
+/// ];
+/// let (targets, mut loss) = (gpu.upload(&[1.0f32, 0.0])?, gpu.zeros::<f32>(1)?);
+/// let mut ws = cuda::AslWorkspace::new(&gpu)?;
+/// cuda::forward_backward_terms(&gpu, gpu.stream(), &mut ws, &mut terms, &targets, &AslConfig::default(), 1.0, &mut loss, 2)?;
+/// assert!(gpu.download(&loss)?[0] > 0.0);
+/// # Ok(()) }
+/// ```
 pub struct AslTerm<'a> {
     pub logits: &'a dyn DevicePtr<f32>,
     pub grad: Option<&'a mut dyn DevicePtrMut<f32>>,
 }
 
 /// Most terms one [`forward_backward_terms`] launch takes (the training loss has four).
+///
+/// ```
+/// use mlvpt::ops::asl::cuda::MAX_TERMS;
+/// assert_eq!(MAX_TERMS, 4); // the training loss's four terms in one launch
+/// ```
 pub const MAX_TERMS: usize = crate::contract::asl::ASL_MAX_TERMS;
 
 /// ASL of up to [`MAX_TERMS`] logit buffers (`n` each) against the same targets in one launch:
 /// `loss[0] = scale * sum over terms and elements`, and each term's `grad[i] = scale * dl/dx_i`
 /// where given. The training loss `ASL(y+) + ASL(y-) + ASL(m+) + ASL(m-)` (SPEC 4) is one call
 /// with `scale = factor / (B K)`; per term it is [`forward_backward`].
+///
+/// ```
+/// use mlvpt::gpu::{DevicePtrMut, GpuContext};
+/// use mlvpt::ops::asl::{asl_forward_backward, cuda, AslConfig};
+/// # fn main() -> Result<(), mlvpt::gpu::GpuError> {
+/// # if !mlvpt::gpu::GpuContext::driver_present() { return Ok(()); } // needs a device (a GPU or tools/vgpu)
+/// let gpu = GpuContext::new(0)?;
+/// let cfg = AslConfig::default();
+/// let (y, m, t) = ([2.0f32, -1.0, 0.5], [0.0f32, 1.0, -3.0], [1.0f32, 0.0, 1.0]);
+/// let (yd, md, td) = (gpu.upload(&y)?, gpu.upload(&m)?, gpu.upload(&t)?);
+/// let (mut dy, mut dm, mut loss) = (gpu.zeros::<f32>(3)?, gpu.zeros::<f32>(3)?, gpu.zeros::<f32>(1)?);
+/// let scale = 0.5;
+/// let mut terms = [
+///     cuda::AslTerm { logits: &yd, grad: Some(&mut dy as &mut dyn DevicePtrMut<f32>) },
+///     cuda::AslTerm { logits: &md, grad: Some(&mut dm as &mut dyn DevicePtrMut<f32>) },
+/// ];
+/// let mut ws = cuda::AslWorkspace::new(&gpu)?;
+/// cuda::forward_backward_terms(&gpu, gpu.stream(), &mut ws, &mut terms, &td, &cfg, scale, &mut loss, 3)?;
+/// // The CPU twin per term: the loss is the scaled sum of both, each gradient scaled.
+/// let (mut gy, mut gm) = ([0.0f32; 3], [0.0f32; 3]);
+/// let want = scale * (asl_forward_backward(&y, &t, &cfg, Some(&mut gy[..])) + asl_forward_backward(&m, &t, &cfg, Some(&mut gm[..])));
+/// assert!((gpu.download(&loss)?[0] - want).abs() <= 1e-5 * want.abs());
+/// for (got, want) in gpu.download(&dm)?.iter().zip(gm) {
+///     assert!((got - scale * want).abs() <= 1e-5 * (1.0 + want.abs()), "{got} vs {want}");
+/// }
+/// # Ok(()) }
+/// ```
 #[allow(clippy::too_many_arguments)]
 pub fn forward_backward_terms(
     gpu: &GpuContext,
@@ -141,6 +227,20 @@ pub fn forward_backward_terms(
 
 /// What [`loss`] returns: the summed loss (one f32 on the device, `scale * sum`) and its
 /// gradient with respect to the logits (`scale * dl/dx`, the logits' shape, dense).
+///
+/// ```
+/// use mlvpt::gpu::{GpuContext, Tensor};
+/// use mlvpt::ops::asl::{cuda, AslConfig};
+/// # fn main() -> Result<(), mlvpt::gpu::GpuError> {
+/// # if !mlvpt::gpu::GpuContext::driver_present() { return Ok(()); } // needs a device (a GPU or tools/vgpu)
+/// let gpu = GpuContext::new(0)?;
+/// let (logits, targets) = (gpu.upload(&[0.0f32; 4])?, gpu.upload(&[1.0f32, 0.0, 0.0, 1.0])?);
+/// let out: cuda::AslOutput = cuda::loss(&gpu, &Tensor::new(&logits, [2, 2]), &Tensor::new(&targets, [2, 2]), &AslConfig::default(), 0.25)?;
+/// assert_eq!((out.loss.len(), out.grad.len()), (1, 4));
+/// let grad = gpu.download(&out.grad)?; // at p = 1/2: positives pull up, negatives down
+/// assert!(grad[0] < 0.0 && grad[1] > 0.0);
+/// # Ok(()) }
+/// ```
 #[derive(Debug)]
 pub struct AslOutput {
     pub loss: CudaSlice<f32>,

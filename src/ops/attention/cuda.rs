@@ -28,6 +28,12 @@ use cudarc::driver::{CudaFunction, LaunchConfig, PushKernelArg};
 use std::ops::Range;
 
 /// Head dims the fused kernels are compiled for.
+///
+/// ```
+/// use mlvpt::ops::attention::cuda::HEAD_DIMS;
+/// assert_eq!(HEAD_DIMS, [32, 64, 80, 128]);
+/// assert!(HEAD_DIMS.contains(&(768 / 12))); // ViT-B
+/// ```
 pub const HEAD_DIMS: &[usize] = super::FUSED_HEAD_DIMS;
 
 const THREADS: u32 = FUSED_THREADS as u32;
@@ -56,6 +62,12 @@ fn function_with_smem(gpu: &GpuContext, kernel: Kernel, bytes: usize) -> Result<
 
 /// Elements (f32) of the scratch [`backward_with`] needs: a dQ accumulator `[B, Nq, h*dh]`
 /// followed by `D_i = rowsum(dO * O)` per query row, `[B, h, Nq]`.
+///
+/// ```
+/// use mlvpt::ops::attention::{cuda::backward_scratch_len, AttnShape};
+/// let sh = AttnShape::full(2, 10, 3, 32, 1, 4); // B 2, N 10, 3 heads of 32
+/// assert_eq!(backward_scratch_len(&sh), 2 * 10 * 96 + 2 * 3 * 10); // dQ sums, then row sums
+/// ```
 pub fn backward_scratch_len(sh: &AttnShape) -> usize {
     sh.batch * sh.q_len * sh.dim() + sh.batch * sh.heads * sh.q_len
 }
@@ -245,6 +257,31 @@ fn launch_backward(gpu: &GpuContext, stream: &CudaStream, p: &mut AttnParams, sc
 
 /// Q, K and V of one attention call: three `[B, N, h, dh]` views (head dim contiguous, any
 /// other strides), packed or separate.
+///
+/// ```
+/// use mlvpt::gpu::{bf16, GpuContext, Tensor};
+/// use mlvpt::ops::attention::{self, cuda::{self, AttnOptions, Qkv}, AttnShape};
+/// # fn main() -> Result<(), mlvpt::gpu::GpuError> {
+/// # if !mlvpt::gpu::GpuContext::driver_present() { return Ok(()); } // needs a device (a GPU or tools/vgpu)
+/// let gpu = GpuContext::new(0)?;
+/// let (b, n, h, dh) = (1, 8, 2, 32);
+/// let d = h * dh;
+/// // Packed [B, N, 3, h, dh] values (exact in bf16), and Q, K, V as three tensors of their own.
+/// let x: Vec<f32> = (0..b * n * 3 * d).map(|i| bf16::from_f32(((i * 37) % 101) as f32 / 50.0 - 1.0).to_f32()).collect();
+/// let part = |s: usize| (0..b * n).flat_map(|r| &x[(r * 3 + s) * d..(r * 3 + s + 1) * d]).map(|&v| bf16::from_f32(v)).collect::<Vec<_>>();
+/// let (q, k, v) = (gpu.upload(&part(0))?, gpu.upload(&part(1))?, gpu.upload(&part(2))?);
+/// let shape = [b, n, h, dh];
+/// let qkv = Qkv { q: Tensor::new(&q, shape), k: Tensor::new(&k, shape), v: Tensor::new(&v, shape) };
+/// let fwd = cuda::forward(&gpu, &qkv, &AttnOptions::default())?;
+/// // The CPU twin (packed layout).
+/// let (mut out, mut lse) = (vec![0.0f32; b * n * d], vec![0.0f32; b * h * n]);
+/// attention::cpu::forward(&x, &mut out, &mut lse, &AttnShape::full(b, n, h, dh, 0, 0), &mut Vec::new());
+/// let big = out.iter().fold(0.0f32, |m, w| m.max(w.abs()));
+/// for (g, w) in gpu.download(&fwd.out)?.iter().zip(&out) {
+///     assert!((g.to_f32() - w).abs() <= 2e-2 * big + 1e-4, "{g} vs {w}"); // bf16 P and output
+/// }
+/// # Ok(()) }
+/// ```
 pub struct Qkv<'a> {
     pub q: Tensor<'a, bf16, 4>,
     pub k: Tensor<'a, bf16, 4>,
@@ -272,6 +309,22 @@ impl<'a> Qkv<'a> {
         Self { q: view(lq), k: view(lk), v: view(lv) }
     }
     /// Three views (each `[B, N, h, dh]`, of one shape).
+    ///
+    /// ```
+    /// use mlvpt::gpu::{bf16, GpuContext, Tensor};
+    /// use mlvpt::ops::attention::cuda::{self, AttnOptions, Qkv};
+    /// # fn main() -> Result<(), mlvpt::gpu::GpuError> {
+    /// # if !mlvpt::gpu::GpuContext::driver_present() { return Ok(()); } // needs a device (a GPU or tools/vgpu)
+    /// let gpu = GpuContext::new(0)?;
+    /// let shape = [2, 5, 1, 32]; // B 2, N 5, one head of 32
+    /// let q = gpu.upload(&vec![bf16::from_f32(0.5); 2 * 5 * 32])?;
+    /// let kv = gpu.upload(&vec![bf16::from_f32(0.25); 2 * 5 * 32])?;
+    /// // K and V may be the same tensor.
+    /// let qkv = Qkv::new(Tensor::new(&q, shape), Tensor::new(&kv, shape), Tensor::new(&kv, shape));
+    /// let fwd = cuda::forward(&gpu, &qkv, &AttnOptions::default())?;
+    /// assert!(gpu.download(&fwd.out)?.iter().all(|o| o.to_f32() == 0.25)); // a mean of equal values
+    /// # Ok(()) }
+    /// ```
     pub fn new(q: Tensor<'a, bf16, 4>, k: Tensor<'a, bf16, 4>, v: Tensor<'a, bf16, 4>) -> Self {
         Self { q, k, v }
     }
@@ -289,6 +342,34 @@ impl<'a> Qkv<'a> {
 
 /// Where [`backward`] writes dQ, dK and dV (overwritten; dQ rows of tokens outside the query
 /// range are zero).
+///
+/// ```
+/// use mlvpt::gpu::{bf16, GpuContext, Tensor, TensorMut};
+/// use mlvpt::ops::attention::cuda::{self, AttnOptions, Qkv, QkvGrads};
+/// # fn main() -> Result<(), mlvpt::gpu::GpuError> {
+/// # if !mlvpt::gpu::GpuContext::driver_present() { return Ok(()); } // needs a device (a GPU or tools/vgpu)
+/// let gpu = GpuContext::new(0)?;
+/// let (b, n, h, dh) = (1, 6, 2, 32);
+/// let d = h * dh;
+/// let x: Vec<bf16> = (0..b * n * 3 * d).map(|i| bf16::from_f32(((i * 37) % 101) as f32 / 50.0 - 1.0)).collect();
+/// let qkv_buf = gpu.upload(&x)?;
+/// let qkv = Qkv::packed(&qkv_buf, b, n, h, dh);
+/// let opts = AttnOptions::default();
+/// let fwd = cuda::forward(&gpu, &qkv, &opts)?;
+/// let dout = gpu.upload(&vec![bf16::from_f32(0.5); b * n * d])?;
+/// let shape = [b, n, h, dh];
+/// // Into three tensors...
+/// let (mut dq, mut dk, mut dv) = (gpu.zeros::<bf16>(b * n * d)?, gpu.zeros::<bf16>(b * n * d)?, gpu.zeros::<bf16>(b * n * d)?);
+/// let separate = QkvGrads::Separate { dq: TensorMut::new(&mut dq, shape), dk: TensorMut::new(&mut dk, shape), dv: TensorMut::new(&mut dv, shape) };
+/// cuda::backward(&gpu, &qkv, &fwd.out(), &fwd.lse(), &Tensor::new(&dout, shape), separate, &opts)?;
+/// // ... or into one packed dqkv [B, N, 3, h, dh], the layout of qkv.
+/// let mut dqkv = gpu.zeros::<bf16>(b * n * 3 * d)?;
+/// cuda::backward(&gpu, &qkv, &fwd.out(), &fwd.lse(), &Tensor::new(&dout, shape), QkvGrads::Packed(&mut dqkv), &opts)?;
+/// let packed = gpu.download(&dqkv)?;
+/// let packed_dv: Vec<bf16> = (0..b * n).flat_map(|r| packed[(r * 3 + 2) * d..(r * 3 + 3) * d].to_vec()).collect();
+/// assert_eq!(gpu.download(&dv)?, packed_dv); // dK and dV are deterministic
+/// # Ok(()) }
+/// ```
 #[allow(clippy::large_enum_variant)] // built for one call: boxing the views would only allocate
 pub enum QkvGrads<'a> {
     /// One buffer `dqkv [B, N, 3, h, dh]`, the layout of [`Qkv::packed`].
@@ -298,6 +379,28 @@ pub enum QkvGrads<'a> {
 }
 
 /// The prompt mask and the query range of an attention call.
+///
+/// ```
+/// use mlvpt::gpu::{bf16, GpuContext};
+/// use mlvpt::ops::attention::{self, cuda::{self, AttnOptions, Qkv}, AttnShape};
+/// # fn main() -> Result<(), mlvpt::gpu::GpuError> {
+/// # if !mlvpt::gpu::GpuContext::driver_present() { return Ok(()); } // needs a device (a GPU or tools/vgpu)
+/// let gpu = GpuContext::new(0)?;
+/// let (b, n, h, dh) = (2, 7, 1, 32);
+/// let x: Vec<f32> = (0..b * n * 3 * dh).map(|i| bf16::from_f32(((i * 29) % 97) as f32 / 40.0 - 1.2).to_f32()).collect();
+/// let qkv = gpu.upload(&x.iter().map(|&v| bf16::from_f32(v)).collect::<Vec<_>>())?;
+/// // ML-VPT's last block: CLS, prompts 1..3 masked from each other, and only the prompts' outputs.
+/// let opts = AttnOptions { prompts: Some(1..3), queries: Some(1..3) };
+/// let fwd = cuda::forward(&gpu, &Qkv::packed(&qkv, b, n, h, dh), &opts)?;
+/// assert_eq!(fwd.shape, [b, 2, h, dh]); // [B, queries, h, dh]
+/// let sh = AttnShape { q_start: 1, q_len: 2, ..AttnShape::full(b, n, h, dh, 1, 3) };
+/// let (mut out, mut lse) = (vec![0.0f32; b * 2 * dh], vec![0.0f32; b * h * 2]);
+/// attention::cpu::forward(&x, &mut out, &mut lse, &sh, &mut Vec::new()); // the CPU twin
+/// for (g, w) in gpu.download(&fwd.lse)?.iter().zip(&lse) {
+///     assert!((g - w).abs() < 1e-2, "{g} vs {w}");
+/// }
+/// # Ok(()) }
+/// ```
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct AttnOptions {
     /// Tokens that are prompts: a prompt query does not attend to the other prompts' keys
@@ -320,6 +423,22 @@ impl AttnOptions {
 
 /// The forward's results: `out [B, Nq, h, dh]` (bf16, contiguous: `[B, Nq, h*dh]`, the input of
 /// the output projection) and `lse [B, h, Nq]` (f32), which [`backward`] takes back.
+///
+/// ```
+/// use mlvpt::gpu::{bf16, GpuContext};
+/// use mlvpt::ops::attention::cuda::{self, AttnOptions, AttnOutput, Qkv};
+/// # fn main() -> Result<(), mlvpt::gpu::GpuError> {
+/// # if !mlvpt::gpu::GpuContext::driver_present() { return Ok(()); } // needs a device (a GPU or tools/vgpu)
+/// let gpu = GpuContext::new(0)?;
+/// let (b, n, h, dh) = (1, 4, 2, 32);
+/// let qkv = gpu.upload(&vec![bf16::ZERO; b * n * 3 * h * dh])?;
+/// let fwd: AttnOutput = cuda::forward(&gpu, &Qkv::packed(&qkv, b, n, h, dh), &AttnOptions::default())?;
+/// assert_eq!(fwd.shape, [b, n, h, dh]);
+/// assert_eq!((fwd.out.len(), fwd.lse.len()), (b * n * h * dh, b * h * n));
+/// // Zero scores: a uniform softmax over 4 keys, lse = ln 4.
+/// assert!(gpu.download(&fwd.lse)?.iter().all(|l| (l - 4f32.ln()).abs() < 1e-6));
+/// # Ok(()) }
+/// ```
 #[derive(Debug)]
 pub struct AttnOutput {
     pub out: CudaSlice<bf16>,
@@ -330,10 +449,36 @@ pub struct AttnOutput {
 
 impl AttnOutput {
     /// `out` as a view.
+    ///
+    /// ```
+    /// use mlvpt::gpu::{bf16, GpuContext};
+    /// use mlvpt::ops::attention::cuda::{self, AttnOptions, Qkv};
+    /// # fn main() -> Result<(), mlvpt::gpu::GpuError> {
+    /// # if !mlvpt::gpu::GpuContext::driver_present() { return Ok(()); } // needs a device (a GPU or tools/vgpu)
+    /// let gpu = GpuContext::new(0)?;
+    /// let qkv = gpu.upload(&vec![bf16::ONE; 3 * 3 * 32])?; // B 1, N 3, one head of 32
+    /// let fwd = cuda::forward(&gpu, &Qkv::packed(&qkv, 1, 3, 1, 32), &AttnOptions::default())?;
+    /// let out = fwd.out(); // what the backward takes back
+    /// assert_eq!((out.shape(), out.strides()), ([1, 3, 1, 32], [96, 32, 32, 1]));
+    /// # Ok(()) }
+    /// ```
     pub fn out(&self) -> Tensor<'_, bf16, 4> {
         Tensor::new(&self.out, self.shape)
     }
     /// `lse` as a view, `[B, h, Nq]`.
+    ///
+    /// ```
+    /// use mlvpt::gpu::{bf16, GpuContext};
+    /// use mlvpt::ops::attention::cuda::{self, AttnOptions, Qkv};
+    /// # fn main() -> Result<(), mlvpt::gpu::GpuError> {
+    /// # if !mlvpt::gpu::GpuContext::driver_present() { return Ok(()); } // needs a device (a GPU or tools/vgpu)
+    /// let gpu = GpuContext::new(0)?;
+    /// let qkv = gpu.upload(&vec![bf16::ONE; 2 * 3 * 3 * 64])?; // B 2, N 3, two heads of 32
+    /// let opts = AttnOptions { prompts: None, queries: Some(0..1) }; // CLS only
+    /// let fwd = cuda::forward(&gpu, &Qkv::packed(&qkv, 2, 3, 2, 32), &opts)?;
+    /// assert_eq!(fwd.lse().shape(), [2, 2, 1]); // [B, h, queries]
+    /// # Ok(()) }
+    /// ```
     pub fn lse(&self) -> Tensor<'_, f32, 3> {
         let [b, nq, h, _] = self.shape;
         Tensor::new(&self.lse, [b, h, nq])
@@ -389,6 +534,33 @@ pub fn forward(gpu: &GpuContext, qkv: &Qkv, opts: &AttnOptions) -> Result<AttnOu
 
 /// [`forward`] into caller-held views: `out [B, Nq, h, dh]` (any strides, head dim
 /// contiguous) and `lse [B, h, Nq]` (contiguous).
+///
+/// ```
+/// use mlvpt::gpu::{bf16, GpuContext, TensorMut};
+/// use mlvpt::ops::attention::cuda::{self, AttnOptions, Qkv};
+/// # fn main() -> Result<(), mlvpt::gpu::GpuError> {
+/// # if !mlvpt::gpu::GpuContext::driver_present() { return Ok(()); } // needs a device (a GPU or tools/vgpu)
+/// let gpu = GpuContext::new(0)?;
+/// let (b, n, h, dh) = (1, 5, 2, 32);
+/// let d = h * dh;
+/// let x: Vec<bf16> = (0..b * n * 3 * d).map(|i| bf16::from_f32(((i * 37) % 101) as f32 / 50.0 - 1.0)).collect();
+/// let qkv_buf = gpu.upload(&x)?;
+/// let qkv = Qkv::packed(&qkv_buf, b, n, h, dh);
+/// // Write each token's output into the first half of a row of 2D (e.g. beside a residual).
+/// let mut wide = gpu.zeros::<bf16>(b * n * 2 * d)?;
+/// let mut lse = gpu.zeros::<f32>(b * h * n)?;
+/// {
+///     let mut out = TensorMut::strided(&mut wide, 0, [b, n, h, dh], [n * 2 * d, 2 * d, dh, 1]);
+///     cuda::forward_into(&gpu, &qkv, &mut out, &mut TensorMut::new(&mut lse, [b, h, n]), &AttnOptions::default())?;
+/// }
+/// let dense = cuda::forward(&gpu, &qkv, &AttnOptions::default())?; // the same values, dense
+/// let (wide, dense) = (gpu.download(&wide)?, gpu.download(&dense.out)?);
+/// for t in 0..b * n {
+///     assert_eq!(wide[t * 2 * d..t * 2 * d + d], dense[t * d..(t + 1) * d]);
+///     assert!(wide[t * 2 * d + d..(t + 1) * 2 * d].iter().all(|v| *v == bf16::ZERO)); // untouched
+/// }
+/// # Ok(()) }
+/// ```
 pub fn forward_into(gpu: &GpuContext, qkv: &Qkv, out: &mut TensorMut<bf16, 4>, lse: &mut TensorMut<f32, 3>, opts: &AttnOptions) -> Result<(), GpuError> {
     const OP: &str = "attention forward";
     let stream = gpu.stream();
@@ -425,6 +597,36 @@ pub fn forward_into(gpu: &GpuContext, qkv: &Qkv, out: &mut TensorMut<bf16, 4>, l
 /// and `lse`, writes dQ, dK, dV into `grads` (recomputing the probabilities from `lse`; dQ
 /// rows of non-query tokens zero). Allocates its fp32 scratch. The twin of
 /// [`super::cpu::backward`]; see [`forward`] for an example.
+///
+/// ```
+/// use mlvpt::gpu::{bf16, GpuContext, Tensor};
+/// use mlvpt::ops::attention::{self, cuda::{self, AttnOptions, Qkv, QkvGrads}, AttnShape};
+/// # fn main() -> Result<(), mlvpt::gpu::GpuError> {
+/// # if !mlvpt::gpu::GpuContext::driver_present() { return Ok(()); } // needs a device (a GPU or tools/vgpu)
+/// let gpu = GpuContext::new(0)?;
+/// let (b, n, h, dh) = (2, 6, 2, 32);
+/// let d = h * dh;
+/// let x: Vec<f32> = (0..b * n * 3 * d).map(|i| bf16::from_f32(((i * 37) % 101) as f32 / 50.0 - 1.0).to_f32()).collect();
+/// let g: Vec<f32> = (0..b * n * d).map(|i| bf16::from_f32(((i * 13) % 17) as f32 / 8.0 - 1.0).to_f32()).collect();
+/// let to16 = |v: &[f32]| v.iter().map(|&f| bf16::from_f32(f)).collect::<Vec<_>>();
+/// let (qkv_buf, dout) = (gpu.upload(&to16(&x))?, gpu.upload(&to16(&g))?);
+/// let qkv = Qkv::packed(&qkv_buf, b, n, h, dh);
+/// let opts = AttnOptions { prompts: Some(1..3), queries: None };
+/// let fwd = cuda::forward(&gpu, &qkv, &opts)?;
+/// let mut dqkv = gpu.zeros::<bf16>(b * n * 3 * d)?;
+/// cuda::backward(&gpu, &qkv, &fwd.out(), &fwd.lse(), &Tensor::new(&dout, fwd.shape), QkvGrads::Packed(&mut dqkv), &opts)?;
+/// // The CPU twin, on the same bf16 values.
+/// let sh = AttnShape::full(b, n, h, dh, 1, 3);
+/// let (mut out, mut lse, mut want) = (vec![0.0f32; b * n * d], vec![0.0f32; b * h * n], vec![0.0f32; b * n * 3 * d]);
+/// let mut scratch = Vec::new();
+/// attention::cpu::forward(&x, &mut out, &mut lse, &sh, &mut scratch);
+/// attention::cpu::backward(&x, &out, &lse, &g, &mut want, &sh, &mut scratch);
+/// let big = want.iter().fold(0.0f32, |m, w| m.max(w.abs()));
+/// for (got, w) in gpu.download(&dqkv)?.iter().zip(&want) {
+///     assert!((got.to_f32() - w).abs() <= 2e-2 * big + 1e-4, "{got} vs {w}");
+/// }
+/// # Ok(()) }
+/// ```
 pub fn backward(
     gpu: &GpuContext,
     qkv: &Qkv,
@@ -498,6 +700,30 @@ pub fn backward(
 /// ([`super::FWD_TILES`]) and caller-held buffers: reads `qkv [B, N, 3, h, dh]`, writes
 /// `out [B, Nq, h*dh]` and `lse [B, h, Nq]` for the query tokens `sh.q_start ..
 /// sh.q_start + sh.q_len`. The training step's call, and the benchmarks'.
+///
+/// ```
+/// use mlvpt::gpu::{bf16, GpuContext};
+/// use mlvpt::ops::attention::{self, cuda, AttnShape, FWD_TILES};
+/// # fn main() -> Result<(), mlvpt::gpu::GpuError> {
+/// # if !mlvpt::gpu::GpuContext::driver_present() { return Ok(()); } // needs a device (a GPU or tools/vgpu)
+/// let gpu = GpuContext::new(0)?;
+/// let (b, n, h, dh) = (1, 9, 1, 64);
+/// let x: Vec<f32> = (0..b * n * 3 * dh).map(|i| bf16::from_f32(((i * 37) % 101) as f32 / 50.0 - 1.0).to_f32()).collect();
+/// let qkv = gpu.upload(&x.iter().map(|&v| bf16::from_f32(v)).collect::<Vec<_>>())?;
+/// let sh = AttnShape::full(b, n, h, dh, 1, 4);
+/// let (mut want, mut want_lse) = (vec![0.0f32; b * n * dh], vec![0.0f32; b * h * n]);
+/// attention::cpu::forward(&x, &mut want, &mut want_lse, &sh, &mut Vec::new());
+/// let big = want.iter().fold(0.0f32, |m, w| m.max(w.abs()));
+/// // Every compiled forward of head dim 64, into the same buffers.
+/// let (mut out, mut lse) = (gpu.zeros::<bf16>(b * n * dh)?, gpu.zeros::<f32>(b * h * n)?);
+/// for tiles in FWD_TILES.iter().filter(|t| t.head_dim == 64) {
+///     cuda::forward_with(&gpu, gpu.stream(), &qkv, &mut out, &mut lse, &sh, tiles)?;
+///     for (g, w) in gpu.download(&out)?.iter().zip(&want) {
+///         assert!((g.to_f32() - w).abs() <= 2e-2 * big + 1e-4, "{}: {g} vs {w}", tiles.kernel);
+///     }
+/// }
+/// # Ok(()) }
+/// ```
 pub fn forward_with(
     gpu: &GpuContext,
     stream: &CudaStream,
@@ -536,6 +762,37 @@ pub fn forward_with(
 /// at least [`backward_scratch_len`] f32 (its contents on entry do not matter). Three launches:
 /// the row sums (and the zeroing of the dQ sums), the fused kernel over key blocks (dK, dV
 /// written, dQ added with atomics), and dQ's conversion.
+///
+/// ```
+/// use mlvpt::gpu::{bf16, GpuContext};
+/// use mlvpt::ops::attention::{self, cuda, AttnShape, BWD_TILES};
+/// # fn main() -> Result<(), mlvpt::gpu::GpuError> {
+/// # if !mlvpt::gpu::GpuContext::driver_present() { return Ok(()); } // needs a device (a GPU or tools/vgpu)
+/// let gpu = GpuContext::new(0)?;
+/// let (b, n, h, dh) = (1, 7, 1, 64);
+/// let x: Vec<f32> = (0..b * n * 3 * dh).map(|i| bf16::from_f32(((i * 37) % 101) as f32 / 50.0 - 1.0).to_f32()).collect();
+/// let g: Vec<f32> = (0..b * n * dh).map(|i| bf16::from_f32(((i * 13) % 17) as f32 / 8.0 - 1.0).to_f32()).collect();
+/// let to16 = |v: &[f32]| v.iter().map(|&f| bf16::from_f32(f)).collect::<Vec<_>>();
+/// let (qkv, dout) = (gpu.upload(&to16(&x))?, gpu.upload(&to16(&g))?);
+/// let sh = AttnShape::full(b, n, h, dh, 1, 3);
+/// let (mut out, mut lse) = (gpu.zeros::<bf16>(b * n * dh)?, gpu.zeros::<f32>(b * h * n)?);
+/// cuda::forward_with(&gpu, gpu.stream(), &qkv, &mut out, &mut lse, &sh, &attention::fwd_tiles(64).unwrap())?;
+/// let (mut o, mut l, mut want) = (vec![0.0f32; b * n * dh], vec![0.0f32; b * h * n], vec![0.0f32; b * n * 3 * dh]);
+/// let mut scratch = Vec::new();
+/// attention::cpu::forward(&x, &mut o, &mut l, &sh, &mut scratch);
+/// attention::cpu::backward(&x, &o, &l, &g, &mut want, &sh, &mut scratch); // the CPU twin
+/// let big = want.iter().fold(0.0f32, |m, w| m.max(w.abs()));
+/// // Every compiled backward of head dim 64 (the split one computes dQ without atomics).
+/// let mut dqkv = gpu.zeros::<bf16>(b * n * 3 * dh)?;
+/// let mut fp32_scratch = gpu.zeros::<f32>(cuda::backward_scratch_len(&sh))?;
+/// for tiles in BWD_TILES.iter().filter(|t| t.head_dim == 64) {
+///     cuda::backward_with(&gpu, gpu.stream(), &qkv, &out, &lse, &dout, &mut dqkv, &mut fp32_scratch, &sh, tiles)?;
+///     for (got, w) in gpu.download(&dqkv)?.iter().zip(&want) {
+///         assert!((got.to_f32() - w).abs() <= 2e-2 * big + 1e-4, "{}: {got} vs {w}", tiles.kernel);
+///     }
+/// }
+/// # Ok(()) }
+/// ```
 #[allow(clippy::too_many_arguments)]
 pub fn backward_with(
     gpu: &GpuContext,
@@ -584,6 +841,34 @@ pub fn backward_with(
 /// The unfused attention path the benchmark compares against: per-head contiguous Q, K, V
 /// (`[B, h, N, dh]`, made once by [`unfused::split_heads`]), the full score matrix `[B, h, N, N]`
 /// in bf16, cuBLAS strided-batched GEMMs and row-softmax kernels. Not used by the model.
+///
+/// ```
+/// use mlvpt::gpu::{bf16, GpuContext};
+/// use mlvpt::ops::attention::{cuda::unfused, AttnShape};
+/// # fn main() -> Result<(), mlvpt::gpu::GpuError> {
+/// # if !mlvpt::gpu::GpuContext::driver_present() { return Ok(()); } // needs a device (a GPU or tools/vgpu)
+/// let gpu = GpuContext::new(0)?;
+/// let sh = AttnShape::full(1, 8, 2, 32, 1, 3); // B 1, N 8, 2 heads of 32, prompts 1..3
+/// let (bh, n, dh) = (2, 8, 32);
+/// let x: Vec<bf16> = (0..n * 3 * bh * dh).map(|i| bf16::from_f32(((i * 37) % 101) as f32 / 50.0 - 1.0)).collect();
+/// let qkv = gpu.upload(&x)?;
+/// let z = || gpu.zeros::<bf16>(bh * n * dh);
+/// let (mut q, mut k, mut v, mut o) = (z()?, z()?, z()?, z()?);
+/// let (mut p, mut dp) = (gpu.zeros::<bf16>(bh * n * n)?, gpu.zeros::<bf16>(bh * n * n)?); // [B, h, N, N]
+/// unfused::split_heads(&gpu, &qkv, &mut q, &mut k, &mut v, &sh)?;
+/// unfused::forward(&gpu, &q, &k, &v, &mut p, &mut o, &sh)?;
+/// let dout = gpu.upload(&vec![bf16::from_f32(0.1); bh * n * dh])?;
+/// let (mut dq, mut dk, mut dv) = (z()?, z()?, z()?);
+/// unfused::backward(&gpu, &q, &k, &v, &p, &dout, &mut dp, &mut dq, &mut dk, &mut dv, &sh)?;
+/// // Each softmax row sums to 1, and a prompt row gives the other prompt 0.
+/// let p = gpu.download(&p)?;
+/// for row in p.chunks(n) {
+///     let sum: f32 = row.iter().map(|v| v.to_f32()).sum();
+///     assert!((sum - 1.0).abs() < 2e-2, "{sum}");
+/// }
+/// assert_eq!((p[n + 2], p[2 * n + 1]), (bf16::ZERO, bf16::ZERO));
+/// # Ok(()) }
+/// ```
 pub mod unfused {
     use super::*;
     use crate::gpu::CudaSlice;
@@ -600,6 +885,28 @@ pub mod unfused {
     }
 
     /// `q, k, v [B, h, N, dh]` from `qkv [B, N, 3, h, dh]`.
+    ///
+    /// ```
+    /// use mlvpt::gpu::{bf16, GpuContext};
+    /// use mlvpt::ops::attention::{cuda::unfused, AttnShape};
+    /// # fn main() -> Result<(), mlvpt::gpu::GpuError> {
+    /// # if !mlvpt::gpu::GpuContext::driver_present() { return Ok(()); } // needs a device (a GPU or tools/vgpu)
+    /// let gpu = GpuContext::new(0)?;
+    /// let (b, n, h, dh) = (2, 3, 2, 32);
+    /// let sh = AttnShape::full(b, n, h, dh, 0, 0);
+    /// let x: Vec<bf16> = (0..b * n * 3 * h * dh).map(|i| bf16::from_f32(i as f32)).collect();
+    /// let qkv = gpu.upload(&x)?;
+    /// let (mut q, mut k, mut v) = (gpu.zeros::<bf16>(b * h * n * dh)?, gpu.zeros::<bf16>(b * h * n * dh)?, gpu.zeros::<bf16>(b * h * n * dh)?);
+    /// unfused::split_heads(&gpu, &qkv, &mut q, &mut k, &mut v, &sh)?;
+    /// // k[b, j, i, :] = qkv[b, i, 1, j, :]
+    /// let k = gpu.download(&k)?;
+    /// for (bi, j, i) in [(0, 1, 2), (1, 0, 1)] {
+    ///     let src = (((bi * n + i) * 3 + 1) * h + j) * dh;
+    ///     let dst = ((bi * h + j) * n + i) * dh;
+    ///     assert_eq!(k[dst..dst + dh], x[src..src + dh]);
+    /// }
+    /// # Ok(()) }
+    /// ```
     pub fn split_heads(
         gpu: &GpuContext,
         qkv: &CudaSlice<bf16>,
@@ -629,6 +936,30 @@ pub mod unfused {
     }
 
     /// `p = softmax(mask(scale q k^T))` (kept for [`backward`]) and `o = p v`, `o [B, h, N, dh]`.
+    ///
+    /// ```
+    /// use mlvpt::gpu::{bf16, GpuContext};
+    /// use mlvpt::ops::attention::{self, cuda::unfused, AttnShape};
+    /// # fn main() -> Result<(), mlvpt::gpu::GpuError> {
+    /// # if !mlvpt::gpu::GpuContext::driver_present() { return Ok(()); } // needs a device (a GPU or tools/vgpu)
+    /// let gpu = GpuContext::new(0)?;
+    /// let (n, dh) = (6, 32); // B 1, one head: [B, h, N, dh] is [N, dh]
+    /// let sh = AttnShape::full(1, n, 1, dh, 0, 0);
+    /// let x: Vec<f32> = (0..n * 3 * dh).map(|i| bf16::from_f32(((i * 37) % 101) as f32 / 50.0 - 1.0).to_f32()).collect();
+    /// let qkv = gpu.upload(&x.iter().map(|&v| bf16::from_f32(v)).collect::<Vec<_>>())?;
+    /// let z = || gpu.zeros::<bf16>(n * dh);
+    /// let (mut q, mut k, mut v, mut o) = (z()?, z()?, z()?, z()?);
+    /// let mut p = gpu.zeros::<bf16>(n * n)?;
+    /// unfused::split_heads(&gpu, &qkv, &mut q, &mut k, &mut v, &sh)?;
+    /// unfused::forward(&gpu, &q, &k, &v, &mut p, &mut o, &sh)?;
+    /// let (mut want, mut lse) = (vec![0.0f32; n * dh], vec![0.0f32; n]);
+    /// attention::cpu::forward(&x, &mut want, &mut lse, &sh, &mut Vec::new()); // the CPU twin
+    /// let big = want.iter().fold(0.0f32, |m, w| m.max(w.abs()));
+    /// for (g, w) in gpu.download(&o)?.iter().zip(&want) {
+    ///     assert!((g.to_f32() - w).abs() <= 5e-2 * big + 1e-4, "{g} vs {w}"); // scores rounded to bf16 too
+    /// }
+    /// # Ok(()) }
+    /// ```
     #[allow(clippy::too_many_arguments)]
     pub fn forward(
         gpu: &GpuContext,
@@ -658,6 +989,38 @@ pub mod unfused {
 
     /// Gradients `dq, dk, dv [B, h, N, dh]` from `dout [B, h, N, dh]` and the forward's `p`;
     /// `dp` is a `[B, h, N, N]` scratch.
+    ///
+    /// ```
+    /// use mlvpt::gpu::{bf16, GpuContext};
+    /// use mlvpt::ops::attention::{self, cuda::unfused, AttnShape};
+    /// # fn main() -> Result<(), mlvpt::gpu::GpuError> {
+    /// # if !mlvpt::gpu::GpuContext::driver_present() { return Ok(()); } // needs a device (a GPU or tools/vgpu)
+    /// let gpu = GpuContext::new(0)?;
+    /// let (n, dh) = (6, 32); // B 1, one head: [B, h, N, dh] is [N, dh]
+    /// let sh = AttnShape::full(1, n, 1, dh, 0, 0);
+    /// let x: Vec<f32> = (0..n * 3 * dh).map(|i| bf16::from_f32(((i * 37) % 101) as f32 / 50.0 - 1.0).to_f32()).collect();
+    /// let g: Vec<f32> = (0..n * dh).map(|i| bf16::from_f32(((i * 13) % 17) as f32 / 8.0 - 1.0).to_f32()).collect();
+    /// let to16 = |v: &[f32]| v.iter().map(|&f| bf16::from_f32(f)).collect::<Vec<_>>();
+    /// let (qkv, dout) = (gpu.upload(&to16(&x))?, gpu.upload(&to16(&g))?);
+    /// let z = || gpu.zeros::<bf16>(n * dh);
+    /// let (mut q, mut k, mut v, mut o) = (z()?, z()?, z()?, z()?);
+    /// let (mut p, mut dp) = (gpu.zeros::<bf16>(n * n)?, gpu.zeros::<bf16>(n * n)?);
+    /// unfused::split_heads(&gpu, &qkv, &mut q, &mut k, &mut v, &sh)?;
+    /// unfused::forward(&gpu, &q, &k, &v, &mut p, &mut o, &sh)?;
+    /// let (mut dq, mut dk, mut dv) = (z()?, z()?, z()?);
+    /// unfused::backward(&gpu, &q, &k, &v, &p, &dout, &mut dp, &mut dq, &mut dk, &mut dv, &sh)?;
+    /// // The CPU twin's dqkv [N, 3, dh]: compare dV.
+    /// let (mut out, mut lse, mut want) = (vec![0.0f32; n * dh], vec![0.0f32; n], vec![0.0f32; n * 3 * dh]);
+    /// let mut scratch = Vec::new();
+    /// attention::cpu::forward(&x, &mut out, &mut lse, &sh, &mut scratch);
+    /// attention::cpu::backward(&x, &out, &lse, &g, &mut want, &sh, &mut scratch);
+    /// let want_dv: Vec<f32> = (0..n).flat_map(|i| want[(i * 3 + 2) * dh..(i * 3 + 3) * dh].to_vec()).collect();
+    /// let big = want_dv.iter().fold(0.0f32, |m, w| m.max(w.abs()));
+    /// for (got, w) in gpu.download(&dv)?.iter().zip(&want_dv) {
+    ///     assert!((got.to_f32() - w).abs() <= 5e-2 * big + 1e-4, "{got} vs {w}");
+    /// }
+    /// # Ok(()) }
+    /// ```
     #[allow(clippy::too_many_arguments)]
     pub fn backward(
         gpu: &GpuContext,

@@ -22,6 +22,21 @@ fn launch(gpu: &GpuContext, stream: &CudaStream, name: Kernel, xp: u64, yp: u64,
 }
 
 /// `y[i] = bf16(x[i])` for `i < n`, round to nearest even (as [`super::cpu::f32_to_bf16`]).
+///
+/// ```
+/// use mlvpt::gpu::{bf16, GpuContext};
+/// use mlvpt::ops::cast;
+/// # fn main() -> Result<(), mlvpt::gpu::GpuError> {
+/// # if !mlvpt::gpu::GpuContext::driver_present() { return Ok(()); } // needs a device (a GPU or tools/vgpu)
+/// let gpu = GpuContext::new(0)?;
+/// let x = [1.0f32, 1.0 + 1.0 / 256.0, -3.3, 1e-40, f32::INFINITY];
+/// let mut y = gpu.zeros::<bf16>(x.len())?;
+/// cast::cuda::f32_to_bf16(&gpu, gpu.stream(), &gpu.upload(&x)?, &mut y, x.len())?;
+/// let mut want = vec![bf16::ZERO; x.len()];
+/// cast::cpu::f32_to_bf16(&x, &mut want); // the CPU twin: the same bits
+/// assert_eq!(gpu.download(&y)?, want);
+/// # Ok(()) }
+/// ```
 pub fn f32_to_bf16(
     gpu: &GpuContext,
     stream: &CudaStream,
@@ -38,6 +53,19 @@ pub fn f32_to_bf16(
 }
 
 /// `y[i] = f32(x[i])` for `i < n` (exact).
+///
+/// ```
+/// use mlvpt::gpu::{bf16, GpuContext};
+/// use mlvpt::ops::cast;
+/// # fn main() -> Result<(), mlvpt::gpu::GpuError> {
+/// # if !mlvpt::gpu::GpuContext::driver_present() { return Ok(()); } // needs a device (a GPU or tools/vgpu)
+/// let gpu = GpuContext::new(0)?;
+/// let x: Vec<bf16> = [0.5f32, -2.0, 3.140625].iter().map(|&v| bf16::from_f32(v)).collect();
+/// let mut y = gpu.zeros::<f32>(3)?;
+/// cast::cuda::bf16_to_f32(&gpu, gpu.stream(), &gpu.upload(&x)?, &mut y, 3)?;
+/// assert_eq!(gpu.download(&y)?, [0.5, -2.0, 3.140625]);
+/// # Ok(()) }
+/// ```
 pub fn bf16_to_f32(
     gpu: &GpuContext,
     stream: &CudaStream,

@@ -27,6 +27,25 @@ fn config(gpu: &GpuContext, a: &Args) -> LaunchConfig {
 /// `y = gelu(x + bias[col])` (exact erf, fp32 math, bf16 result); `x` is the pre-bias input
 /// (e.g. a GEMM output), which [`backward`] needs again. The twin of
 /// [`super::cpu::forward`] applied to `x + bias`.
+///
+/// ```
+/// use mlvpt::gpu::{bf16, GpuContext};
+/// use mlvpt::ops::gelu;
+/// # fn main() -> Result<(), mlvpt::gpu::GpuError> {
+/// # if !mlvpt::gpu::GpuContext::driver_present() { return Ok(()); } // needs a device (a GPU or tools/vgpu)
+/// let gpu = GpuContext::new(0)?;
+/// let (rows, cols) = (2, 8);
+/// let x: Vec<f32> = (0..rows * cols).map(|i| i as f32 * 0.25 - 2.0).collect();
+/// let b: Vec<f32> = (0..cols).map(|j| j as f32 * 0.1).collect();
+/// let x16: Vec<bf16> = x.iter().map(|&v| bf16::from_f32(v)).collect();
+/// let mut y = gpu.zeros::<bf16>(rows * cols)?;
+/// gelu::cuda::forward(&gpu, gpu.stream(), &gpu.upload(&x16)?, Some(&gpu.upload(&b)?), &mut y, rows, cols)?;
+/// for (i, got) in gpu.download(&y)?.iter().enumerate() {
+///     let want = gelu::cpu::gelu(x16[i].to_f64() + b[i % cols] as f64); // the CPU twin on x + b
+///     assert!((got.to_f64() - want).abs() <= 1e-2 * want.abs() + 1e-3, "{i}: {got} vs {want}");
+/// }
+/// # Ok(()) }
+/// ```
 #[allow(clippy::too_many_arguments)]
 pub fn forward(
     gpu: &GpuContext,
@@ -69,6 +88,24 @@ pub fn forward(
 /// `dx = dy * gelu'(x + bias[col])`, the gradient with respect to the pre-bias input (and so,
 /// summed over rows, to the bias). The twin of [`super::cpu::backward`] applied to `x + bias`;
 /// [`backward_in_place`] overwrites `dy` instead, as the CPU twin does.
+///
+/// ```
+/// use mlvpt::gpu::{bf16, GpuContext};
+/// use mlvpt::ops::gelu;
+/// # fn main() -> Result<(), mlvpt::gpu::GpuError> {
+/// # if !mlvpt::gpu::GpuContext::driver_present() { return Ok(()); } // needs a device (a GPU or tools/vgpu)
+/// let gpu = GpuContext::new(0)?;
+/// let (rows, cols) = (3, 5); // not a multiple of 8: the scalar kernel
+/// let x: Vec<bf16> = (0..rows * cols).map(|i| bf16::from_f32(i as f32 * 0.3 - 2.0)).collect();
+/// let dy: Vec<bf16> = (0..rows * cols).map(|i| bf16::from_f32(1.0 - i as f32 * 0.1)).collect();
+/// let mut dx = gpu.zeros::<bf16>(rows * cols)?;
+/// gelu::cuda::backward(&gpu, gpu.stream(), &gpu.upload(&x)?, None, &gpu.upload(&dy)?, &mut dx, rows, cols)?;
+/// for (i, got) in gpu.download(&dx)?.iter().enumerate() {
+///     let want = dy[i].to_f64() * gelu::cpu::gelu_grad(x[i].to_f64());
+///     assert!((got.to_f64() - want).abs() <= 1e-2 * want.abs() + 1e-3, "{i}: {got} vs {want}");
+/// }
+/// # Ok(()) }
+/// ```
 #[allow(clippy::too_many_arguments)]
 pub fn backward(
     gpu: &GpuContext,
@@ -88,6 +125,23 @@ pub fn backward(
 }
 
 /// [`backward`] overwriting `d` (dL/dy in, dL/dx out).
+///
+/// ```
+/// use mlvpt::gpu::{bf16, GpuContext};
+/// use mlvpt::ops::gelu;
+/// # fn main() -> Result<(), mlvpt::gpu::GpuError> {
+/// # if !mlvpt::gpu::GpuContext::driver_present() { return Ok(()); } // needs a device (a GPU or tools/vgpu)
+/// let gpu = GpuContext::new(0)?;
+/// let x = gpu.upload(&[bf16::from_f32(-1.0), bf16::from_f32(0.0), bf16::from_f32(2.0)])?;
+/// let mut d = gpu.upload(&[bf16::ONE; 3])?; // dL/dy in, dL/dx out
+/// gelu::cuda::backward_in_place(&gpu, gpu.stream(), &x, None, &mut d, 1, 3)?;
+/// let got: Vec<f64> = gpu.download(&d)?.iter().map(|v| v.to_f64()).collect();
+/// for (g, x) in got.iter().zip([-1.0, 0.0, 2.0]) {
+///     assert!((g - gelu::cpu::gelu_grad(x)).abs() < 1e-2, "{g}");
+/// }
+/// assert_eq!(got[1], 0.5); // gelu'(0) = 1/2
+/// # Ok(()) }
+/// ```
 pub fn backward_in_place(
     gpu: &GpuContext,
     stream: &CudaStream,

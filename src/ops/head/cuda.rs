@@ -35,10 +35,26 @@ use cudarc::driver::{LaunchConfig, PushKernelArg};
 use crate::contract::head::{MoeParams, ADA_IMAGES, ADA_PARAM_COLS, MMA_TILE, MMA_WARPS, MOE_FWD_IMAGES, PAIR_TILE, ROWS_COLS, ROWS_WARPS, TOK_IMAGES};
 
 /// Widest feature dimension (a thread owns 8 columns, a block at most 128 threads).
+///
+/// ```
+/// use mlvpt::ops::head::cuda::MAX_D;
+/// assert_eq!(MAX_D, 1024);
+/// assert!(768 <= MAX_D && 768 % 8 == 0); // ViT-B's width is a valid D
+/// ```
 pub const MAX_D: usize = crate::contract::head::HEAD_MAX_D;
 /// Most experts per label.
+///
+/// ```
+/// use mlvpt::ops::head::cuda::MAX_EXPERTS;
+/// assert_eq!(MAX_EXPERTS, 8);
+/// ```
 pub const MAX_EXPERTS: usize = crate::contract::head::HEAD_MAX_E;
 /// Largest adapter bottleneck.
+///
+/// ```
+/// use mlvpt::ops::head::cuda::MAX_RANK;
+/// assert_eq!(MAX_RANK, 64);
+/// ```
 pub const MAX_RANK: usize = crate::contract::head::HEAD_MAX_RANK;
 /// Threads per block of the batch-reducing kernels.
 const ROWS_THREADS: u32 = (ROWS_WARPS * 32) as u32;
@@ -47,6 +63,20 @@ const MMA_THREADS: u32 = (MMA_WARPS * 32) as u32;
 
 /// A gating table on the device (`u32`, entries in `0..range`) with its inverse in CSR form:
 /// for each value `v`, the indices `i` with `table[i] == v`, in increasing order.
+///
+/// ```
+/// use mlvpt::gpu::GpuContext;
+/// use mlvpt::ops::head::cuda::IndexTable;
+/// # fn main() -> Result<(), mlvpt::gpu::GpuError> {
+/// # if !mlvpt::gpu::GpuContext::driver_present() { return Ok(()); } // needs a device (a GPU or tools/vgpu)
+/// let gpu = GpuContext::new(0)?;
+/// // Expert e of label k (E = 2, K = 3) reads prompt token tok[e*K + k] of 4.
+/// let tok = IndexTable::new(&gpu, &[0, 1, 1, 2, 3, 3], 4)?;
+/// assert_eq!((tok.len(), tok.range()), (6, 4));
+/// // A token index past the prompts is refused before anything is uploaded.
+/// assert!(IndexTable::new(&gpu, &[0, 4], 4).is_err());
+/// # Ok(()) }
+/// ```
 pub struct IndexTable {
     table: CudaSlice<u32>,
     offsets: CudaSlice<u32>,
@@ -60,6 +90,14 @@ pub struct IndexTable {
 /// The inverse of `table` over values `0..range`: `(offsets [range + 1], items [len])` with the
 /// indices of value `v` at `items[offsets[v]..offsets[v + 1]]`, increasing. Errors name the
 /// first entry out of range.
+///
+/// ```
+/// use mlvpt::ops::head::cuda::invert_table;
+/// let (offsets, items) = invert_table(&[2, 0, 2, 1, 2, 0], 4).unwrap();
+/// assert_eq!(offsets, [0, 2, 3, 6, 6]); // value v's entries: items[offsets[v]..offsets[v + 1]]
+/// assert_eq!(items, [1, 5, 3, 0, 2, 4]);
+/// assert_eq!(invert_table(&[0, 3], 3).unwrap_err(), "entry 1 is 3, outside 0..3");
+/// ```
 pub fn invert_table(table: &[u32], range: usize) -> Result<(Vec<u32>, Vec<u32>), String> {
     if table.len() > u32::MAX as usize || range >= u32::MAX as usize {
         return Err(format!("table of {} entries over {range} values exceeds 32-bit indices", table.len()));
@@ -86,6 +124,19 @@ pub fn invert_table(table: &[u32], range: usize) -> Result<(Vec<u32>, Vec<u32>),
 impl IndexTable {
     /// Checks that every entry is below `range` (the token count for `tok`, the gate rows for
     /// `grow`), uploads the table and its inverse.
+    ///
+    /// ```
+    /// use mlvpt::gpu::GpuContext;
+    /// use mlvpt::ops::head::cuda::IndexTable;
+    /// # fn main() -> Result<(), mlvpt::gpu::GpuError> {
+    /// # if !mlvpt::gpu::GpuContext::driver_present() { return Ok(()); } // needs a device (a GPU or tools/vgpu)
+    /// let gpu = GpuContext::new(0)?;
+    /// // Group gating, E = 2, K = 4, labels in T = 2 groups (k % 2): gate row e*T + g(k) of E*T = 4.
+    /// let grow: Vec<u32> = (0..8).map(|i| ((i / 4) * 2 + (i % 4) % 2) as u32).collect();
+    /// let grow = IndexTable::new(&gpu, &grow, 4)?;
+    /// assert_eq!(gpu.download(grow.table())?, [0, 1, 0, 1, 2, 3, 2, 3]);
+    /// # Ok(()) }
+    /// ```
     pub fn new(gpu: &GpuContext, table: &[u32], range: usize) -> Result<Self, GpuError> {
         let (offsets, items) = invert_table(table, range).map_err(|m| GpuError::invalid("head index table", m))?;
         // Zero-length device buffers are not allowed everywhere: keep at least one element.
@@ -101,18 +152,60 @@ impl IndexTable {
         })
     }
     /// The table as uploaded.
+    ///
+    /// ```
+    /// use mlvpt::gpu::GpuContext;
+    /// use mlvpt::ops::head::cuda::IndexTable;
+    /// # fn main() -> Result<(), mlvpt::gpu::GpuError> {
+    /// # if !mlvpt::gpu::GpuContext::driver_present() { return Ok(()); } // needs a device (a GPU or tools/vgpu)
+    /// let gpu = GpuContext::new(0)?;
+    /// let t = IndexTable::new(&gpu, &[2, 0, 1], 3)?;
+    /// assert_eq!(gpu.download(t.table())?, [2, 0, 1]);
+    /// # Ok(()) }
+    /// ```
     pub fn table(&self) -> &CudaSlice<u32> {
         &self.table
     }
     /// Number of entries.
+    ///
+    /// ```
+    /// use mlvpt::gpu::GpuContext;
+    /// use mlvpt::ops::head::cuda::IndexTable;
+    /// # fn main() -> Result<(), mlvpt::gpu::GpuError> {
+    /// # if !mlvpt::gpu::GpuContext::driver_present() { return Ok(()); } // needs a device (a GPU or tools/vgpu)
+    /// let gpu = GpuContext::new(0)?;
+    /// assert_eq!(IndexTable::new(&gpu, &[2, 0, 1], 3)?.len(), 3);
+    /// # Ok(()) }
+    /// ```
     pub fn len(&self) -> usize {
         self.len
     }
     /// Whether the table has no entries.
+    ///
+    /// ```
+    /// use mlvpt::gpu::GpuContext;
+    /// use mlvpt::ops::head::cuda::IndexTable;
+    /// # fn main() -> Result<(), mlvpt::gpu::GpuError> {
+    /// # if !mlvpt::gpu::GpuContext::driver_present() { return Ok(()); } // needs a device (a GPU or tools/vgpu)
+    /// let gpu = GpuContext::new(0)?;
+    /// assert!(IndexTable::new(&gpu, &[], 3)?.is_empty()); // allowed (one padding element is uploaded)
+    /// assert!(!IndexTable::new(&gpu, &[1], 3)?.is_empty());
+    /// # Ok(()) }
+    /// ```
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
     /// Entries lie in `0..range`.
+    ///
+    /// ```
+    /// use mlvpt::gpu::GpuContext;
+    /// use mlvpt::ops::head::cuda::IndexTable;
+    /// # fn main() -> Result<(), mlvpt::gpu::GpuError> {
+    /// # if !mlvpt::gpu::GpuContext::driver_present() { return Ok(()); } // needs a device (a GPU or tools/vgpu)
+    /// let gpu = GpuContext::new(0)?;
+    /// assert_eq!(IndexTable::new(&gpu, &[0, 0], 5)?.range(), 5); // entries in 0..5
+    /// # Ok(()) }
+    /// ```
     pub fn range(&self) -> usize {
         self.range
     }
@@ -122,6 +215,25 @@ impl IndexTable {
 /// `[E*K, D]` for [`moe_backward`], `du [B, P, r]` for [`adapter_backward`], `dy W` for
 /// [`vpt_backward`]), grown on demand and kept between calls. One workspace serves
 /// launches in order on one stream.
+///
+/// ```
+/// use mlvpt::gpu::{bf16, GpuContext};
+/// use mlvpt::ops::head::{cuda, VptHeadShape};
+/// # fn main() -> Result<(), mlvpt::gpu::GpuError> {
+/// # if !mlvpt::gpu::GpuContext::driver_present() { return Ok(()); } // needs a device (a GPU or tools/vgpu)
+/// let gpu = GpuContext::new(0)?;
+/// let s = VptHeadShape { batch: 2, tokens: 3, dim: 8, labels: 4 };
+/// let (zbar, w) = (gpu.upload(&[0.5f32; 16])?, gpu.upload(&[0.25f32; 32])?);
+/// let mut dz = gpu.zeros::<bf16>(2 * 3 * 8)?;
+/// let (mut dw, mut dc) = (gpu.zeros::<f32>(32)?, gpu.zeros::<f32>(4)?);
+/// let mut ws = cuda::HeadWorkspace::new(); // grows on the first call, reused by the next
+/// for step in 0..2 {
+///     let dy = gpu.upload(&[step as f32 + 1.0; 8])?;
+///     cuda::vpt_backward(&gpu, gpu.stream(), &mut ws, &dy, &zbar, &w, &mut dz, &mut dw, &mut dc, &s)?;
+/// }
+/// assert_eq!(gpu.download(&dc)?, [4.0; 4]); // sum over the batch of dy = 2
+/// # Ok(()) }
+/// ```
 #[derive(Default)]
 pub struct HeadWorkspace {
     a: Option<CudaSlice<f32>>,
@@ -139,6 +251,12 @@ fn ensure(gpu: &GpuContext, slot: &mut Option<CudaSlice<f32>>, len: usize) -> Re
 
 impl HeadWorkspace {
     /// An empty workspace (allocates on first use).
+    ///
+    /// ```
+    /// use mlvpt::ops::head::cuda::HeadWorkspace;
+    /// let ws = HeadWorkspace::new(); // no device memory until a backward needs it
+    /// # drop(ws);
+    /// ```
     pub fn new() -> Self {
         Self::default()
     }
@@ -294,6 +412,43 @@ fn adapter_tokens_kernel(
 /// and writes `dW1, db1, dW2, db2` (fp32, summed over the batch in a fixed order), with
 /// `du = (W2^T dout) gelu'(u)` kept in `ws`; `kernels` as for [`adapter_forward`]. The twin of
 /// [`super::cpu::adapter_backward`].
+///
+/// ```
+/// use mlvpt::gpu::{bf16, GpuContext};
+/// use mlvpt::ops::head::{self, cuda, AdapterShape, HeadKernels};
+/// # fn main() -> Result<(), mlvpt::gpu::GpuError> {
+/// # if !mlvpt::gpu::GpuContext::driver_present() { return Ok(()); } // needs a device (a GPU or tools/vgpu)
+/// let gpu = GpuContext::new(0)?;
+/// let s = AdapterShape { batch: 2, tokens: 2, dim: 16, rank: 2 };
+/// let (b, p, d, r) = (s.batch, s.tokens, s.dim, s.rank);
+/// let val = |n: usize, k: usize| (0..n).map(|i| ((i * k) % 23) as f32 / 23.0 - 0.5).collect::<Vec<f32>>();
+/// let to16 = |v: &[f32]| v.iter().map(|&x| bf16::from_f32(x)).collect::<Vec<_>>();
+/// let (z, dout) = (to16(&val(b * p * d, 7)), to16(&val(b * p * d, 5)));
+/// let (w1, b1, w2, b2) = (val(p * r * d, 3), val(p * r, 11), val(p * d * r, 13), val(p * d, 17));
+/// let (zd, doutd, w1d, w2d) = (gpu.upload(&z)?, gpu.upload(&dout)?, gpu.upload(&w1)?, gpu.upload(&w2)?);
+/// let (mut u, mut out) = (gpu.zeros::<f32>(b * p * r)?, gpu.zeros::<bf16>(b * p * d)?);
+/// cuda::adapter_forward(&gpu, gpu.stream(), &zd, &w1d, &gpu.upload(&b1)?, &w2d, &gpu.upload(&b2)?, &mut u, &mut out, &s, HeadKernels::Mma)?;
+/// let mut dz = gpu.zeros::<bf16>(b * p * d)?; // accumulated into
+/// let (mut dw1, mut db1) = (gpu.zeros::<f32>(p * r * d)?, gpu.zeros::<f32>(p * r)?);
+/// let (mut dw2, mut db2) = (gpu.zeros::<f32>(p * d * r)?, gpu.zeros::<f32>(p * d)?);
+/// let mut ws = cuda::HeadWorkspace::new();
+/// cuda::adapter_backward(&gpu, gpu.stream(), &mut ws, &doutd, &zd, &u, &w1d, &w2d, &mut dz, &mut dw1, &mut db1, &mut dw2, &mut db2, &s, HeadKernels::Mma)?;
+/// // The CPU twin in f64, from the same u.
+/// let f64s = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<_>>();
+/// let b64 = |v: &[bf16]| v.iter().map(|x| x.to_f64()).collect::<Vec<_>>();
+/// let (mut cdz, mut cdw1, mut cdb1) = (vec![0.0; b * p * d], vec![0.0; p * r * d], vec![0.0; p * r]);
+/// let (mut cdw2, mut cdb2) = (vec![0.0; p * d * r], vec![0.0; p * d]);
+/// head::cpu::adapter_backward(&b64(&dout), &b64(&z), &f64s(&gpu.download(&u)?), &f64s(&w1), &f64s(&w2),
+///                             &mut cdz, &mut cdw1, &mut cdb1, &mut cdw2, &mut cdb2, &s, &mut Vec::new());
+/// let close = |got: &[f64], want: &[f64], tol: f64| {
+///     let big = want.iter().fold(0.0f64, |m, w| m.max(w.abs()));
+///     got.iter().zip(want).all(|(g, w)| (g - w).abs() <= tol * big + 1e-6)
+/// };
+/// assert!(close(&f64s(&gpu.download(&dw1)?), &cdw1, 1e-3) && close(&f64s(&gpu.download(&db1)?), &cdb1, 1e-3));
+/// assert!(close(&f64s(&gpu.download(&dw2)?), &cdw2, 1e-3) && close(&f64s(&gpu.download(&db2)?), &cdb2, 1e-3));
+/// assert!(close(&b64(&gpu.download(&dz)?), &cdz, 1e-2)); // bf16
+/// # Ok(()) }
+/// ```
 #[allow(clippy::too_many_arguments)]
 pub fn adapter_backward(
     gpu: &GpuContext,
@@ -406,6 +561,38 @@ fn check_moe(op: &'static str, s: &MoeShape, tok: &IndexTable, grow: &IndexTable
 /// `m[b,k] = sum_e A q`, `y[b,k] = sum_e A r + c[k]` (a second, per-(b, k) launch); the
 /// `[B, K, D]` mixture is never formed. Writes `y, m [B, K]` and saves `q, r [B, E, K]` (fp32).
 /// `kernels` picks the scores kernel ([`HeadKernels`]). The twin of [`super::cpu::moe_forward`].
+///
+/// ```
+/// use mlvpt::gpu::{bf16, GpuContext};
+/// use mlvpt::ops::head::{self, cuda, HeadKernels, MoeShape};
+/// # fn main() -> Result<(), mlvpt::gpu::GpuError> {
+/// # if !mlvpt::gpu::GpuContext::driver_present() { return Ok(()); } // needs a device (a GPU or tools/vgpu)
+/// let gpu = GpuContext::new(0)?;
+/// let s = MoeShape { batch: 2, tokens: 3, dim: 16, labels: 4, experts: 2, gate_rows: 8 }; // label gating
+/// let (b, p, d, k, e) = (s.batch, s.tokens, s.dim, s.labels, s.experts);
+/// let val = |n: usize, m: usize| (0..n).map(|i| ((i * m) % 23) as f32 / 23.0 - 0.5).collect::<Vec<f32>>();
+/// let to16 = |v: &[f32]| v.iter().map(|&x| bf16::from_f32(x)).collect::<Vec<_>>();
+/// let (z, a) = (to16(&val(b * p * d, 7)), to16(&val(b * p * d, 5)));
+/// let (gate, w, c) = (val(s.gate_rows * d, 3), val(k * d, 11), val(k, 13));
+/// let tok: Vec<u32> = (0..e * k).map(|i| ((i / k + i % k) % p) as u32).collect();
+/// let grow: Vec<u32> = (0..(e * k) as u32).collect();
+/// let (tok_t, grow_t) = (cuda::IndexTable::new(&gpu, &tok, p)?, cuda::IndexTable::new(&gpu, &grow, s.gate_rows)?);
+/// let (mut y, mut m) = (gpu.zeros::<f32>(b * k)?, gpu.zeros::<f32>(b * k)?);
+/// let (mut q, mut r) = (gpu.zeros::<f32>(b * e * k)?, gpu.zeros::<f32>(b * e * k)?);
+/// cuda::moe_forward(&gpu, gpu.stream(), &gpu.upload(&z)?, &gpu.upload(&a)?, &gpu.upload(&gate)?, &gpu.upload(&w)?, &gpu.upload(&c)?,
+///                   &tok_t, &grow_t, &mut y, &mut m, &mut q, &mut r, &s, HeadKernels::Mma)?;
+/// // The CPU twin in f64.
+/// let f64s = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<_>>();
+/// let b64 = |v: &[bf16]| v.iter().map(|x| x.to_f64()).collect::<Vec<_>>();
+/// let (mut cy, mut cm, mut cq, mut cr) = (vec![0.0; b * k], vec![0.0; b * k], vec![0.0; b * e * k], vec![0.0; b * e * k]);
+/// head::cpu::moe_forward(&b64(&z), &b64(&a), &f64s(&gate), &f64s(&w), &f64s(&c), &tok, &grow, &mut cy, &mut cm, &mut cq, &mut cr, &s);
+/// for (got, want) in [(gpu.download(&y)?, cy), (gpu.download(&m)?, cm), (gpu.download(&q)?, cq), (gpu.download(&r)?, cr)] {
+///     for (g, w) in got.iter().zip(&want) {
+///         assert!((*g as f64 - w).abs() < 1e-4 * (1.0 + w.abs()), "{g} vs {w}");
+///     }
+/// }
+/// # Ok(()) }
+/// ```
 #[allow(clippy::too_many_arguments)]
 pub fn moe_forward(
     gpu: &GpuContext,
@@ -488,6 +675,47 @@ pub fn moe_forward(
 /// fixed order: no atomics, the same bits on every run. `dq, dr [B, E, K]` live in `ws`.
 /// `kernels` picks the token-gradient and pair-row kernels ([`HeadKernels`]). The twin of
 /// [`super::cpu::moe_backward`].
+///
+/// ```
+/// use mlvpt::gpu::{bf16, GpuContext};
+/// use mlvpt::ops::head::{self, cuda, HeadKernels, MoeShape};
+/// # fn main() -> Result<(), mlvpt::gpu::GpuError> {
+/// # if !mlvpt::gpu::GpuContext::driver_present() { return Ok(()); } // needs a device (a GPU or tools/vgpu)
+/// let gpu = GpuContext::new(0)?;
+/// let s = MoeShape { batch: 2, tokens: 3, dim: 16, labels: 4, experts: 2, gate_rows: 8 };
+/// let (b, p, d, k, e) = (s.batch, s.tokens, s.dim, s.labels, s.experts);
+/// let val = |n: usize, m: usize| (0..n).map(|i| ((i * m) % 23) as f32 / 23.0 - 0.5).collect::<Vec<f32>>();
+/// let to16 = |v: &[f32]| v.iter().map(|&x| bf16::from_f32(x)).collect::<Vec<_>>();
+/// let (z, a) = (to16(&val(b * p * d, 7)), to16(&val(b * p * d, 5)));
+/// let (gate, w, c, dy, dm) = (val(s.gate_rows * d, 3), val(k * d, 11), val(k, 13), val(b * k, 17), val(b * k, 19));
+/// let tok: Vec<u32> = (0..e * k).map(|i| ((i / k + i % k) % p) as u32).collect();
+/// let grow: Vec<u32> = (0..(e * k) as u32).collect();
+/// let (tok_t, grow_t) = (cuda::IndexTable::new(&gpu, &tok, p)?, cuda::IndexTable::new(&gpu, &grow, s.gate_rows)?);
+/// let (zd, ad, gated, wd) = (gpu.upload(&z)?, gpu.upload(&a)?, gpu.upload(&gate)?, gpu.upload(&w)?);
+/// let (mut y, mut m) = (gpu.zeros::<f32>(b * k)?, gpu.zeros::<f32>(b * k)?);
+/// let (mut q, mut r) = (gpu.zeros::<f32>(b * e * k)?, gpu.zeros::<f32>(b * e * k)?);
+/// cuda::moe_forward(&gpu, gpu.stream(), &zd, &ad, &gated, &wd, &gpu.upload(&c)?, &tok_t, &grow_t, &mut y, &mut m, &mut q, &mut r, &s, HeadKernels::Mma)?;
+/// let (mut dz, mut da) = (gpu.zeros::<bf16>(b * p * d)?, gpu.zeros::<bf16>(b * p * d)?); // accumulated into
+/// let (mut dgate, mut dw, mut dc) = (gpu.zeros::<f32>(s.gate_rows * d)?, gpu.zeros::<f32>(k * d)?, gpu.zeros::<f32>(k)?);
+/// let mut ws = cuda::HeadWorkspace::new();
+/// cuda::moe_backward(&gpu, gpu.stream(), &mut ws, &gpu.upload(&dy)?, &gpu.upload(&dm)?, &zd, &ad, &gated, &wd, &tok_t, &grow_t,
+///                    &q, &r, &mut dz, &mut da, &mut dgate, &mut dw, &mut dc, &s, HeadKernels::Mma)?;
+/// // The CPU twin in f64, from the same q and r.
+/// let f64s = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<_>>();
+/// let b64 = |v: &[bf16]| v.iter().map(|x| x.to_f64()).collect::<Vec<_>>();
+/// let (mut cdz, mut cda) = (vec![0.0; b * p * d], vec![0.0; b * p * d]);
+/// let (mut cdgate, mut cdw, mut cdc) = (vec![0.0; s.gate_rows * d], vec![0.0; k * d], vec![0.0; k]);
+/// head::cpu::moe_backward(&f64s(&dy), &f64s(&dm), &b64(&z), &b64(&a), &f64s(&gate), &f64s(&w), &tok, &grow,
+///                         &f64s(&gpu.download(&q)?), &f64s(&gpu.download(&r)?), &mut cdz, &mut cda, &mut cdgate, &mut cdw, &mut cdc, &s, &mut Vec::new());
+/// let close = |got: &[f64], want: &[f64], tol: f64| {
+///     let big = want.iter().fold(0.0f64, |m, w| m.max(w.abs()));
+///     got.iter().zip(want).all(|(g, w)| (g - w).abs() <= tol * big + 1e-6)
+/// };
+/// assert!(close(&f64s(&gpu.download(&dgate)?), &cdgate, 1e-3));
+/// assert!(close(&f64s(&gpu.download(&dw)?), &cdw, 1e-3) && close(&f64s(&gpu.download(&dc)?), &cdc, 1e-5));
+/// assert!(close(&b64(&gpu.download(&dz)?), &cdz, 1e-2) && close(&b64(&gpu.download(&da)?), &cda, 1e-2)); // bf16
+/// # Ok(()) }
+/// ```
 #[allow(clippy::too_many_arguments)]
 pub fn moe_backward(
     gpu: &GpuContext,
@@ -664,6 +892,29 @@ fn check_vpt(op: &'static str, s: &VptHeadShape) -> Result<(), GpuError> {
 /// Plain-VPT head: `zbar[b] = mean_t z[b, t]` (fp32 `[B, D]`, saved) and `y = zbar W^T + c`
 /// (cuBLAS, fp32) with `W [K, D]`, `c [K]`. `z` bf16 `[B, P, D]`, any `D`. `stream` must be
 /// `gpu.stream()`. The twin of [`super::cpu::vpt_forward`].
+///
+/// ```
+/// use mlvpt::gpu::{bf16, GpuContext};
+/// use mlvpt::ops::head::{self, cuda, VptHeadShape};
+/// # fn main() -> Result<(), mlvpt::gpu::GpuError> {
+/// # if !mlvpt::gpu::GpuContext::driver_present() { return Ok(()); } // needs a device (a GPU or tools/vgpu)
+/// let gpu = GpuContext::new(0)?;
+/// let s = VptHeadShape { batch: 2, tokens: 3, dim: 5, labels: 3 }; // any D
+/// let (b, p, d, k) = (s.batch, s.tokens, s.dim, s.labels);
+/// let val = |n: usize, m: usize| (0..n).map(|i| ((i * m) % 23) as f32 / 23.0 - 0.5).collect::<Vec<f32>>();
+/// let z: Vec<bf16> = val(b * p * d, 7).iter().map(|&x| bf16::from_f32(x)).collect();
+/// let (w, c) = (val(k * d, 3), val(k, 5));
+/// let (mut zbar, mut y) = (gpu.zeros::<f32>(b * d)?, gpu.zeros::<f32>(b * k)?);
+/// cuda::vpt_forward(&gpu, gpu.stream(), &gpu.upload(&z)?, &gpu.upload(&w)?, &gpu.upload(&c)?, &mut zbar, &mut y, &s)?;
+/// let f64s = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<_>>();
+/// let z64: Vec<f64> = z.iter().map(|x| x.to_f64()).collect();
+/// let (mut czbar, mut cy) = (vec![0.0; b * d], vec![0.0; b * k]);
+/// head::cpu::vpt_forward(&z64, &f64s(&w), &f64s(&c), &mut czbar, &mut cy, &s); // the CPU twin
+/// for (g, w) in gpu.download(&y)?.iter().zip(&cy) {
+///     assert!((*g as f64 - w).abs() < 1e-5, "{g} vs {w}");
+/// }
+/// # Ok(()) }
+/// ```
 #[allow(clippy::too_many_arguments)]
 pub fn vpt_forward(
     gpu: &GpuContext,
@@ -703,6 +954,32 @@ pub fn vpt_forward(
 /// Plain-VPT head backward: `dw = dy^T zbar`, `dc = sum_b dy` (fixed order), and writes
 /// `dz[b, t] = (dy W)[b] / P` (bf16). `dy W` goes through `ws`. `stream` must be
 /// `gpu.stream()`. The twin of [`super::cpu::vpt_backward`].
+///
+/// ```
+/// use mlvpt::gpu::{bf16, GpuContext};
+/// use mlvpt::ops::head::{self, cuda, VptHeadShape};
+/// # fn main() -> Result<(), mlvpt::gpu::GpuError> {
+/// # if !mlvpt::gpu::GpuContext::driver_present() { return Ok(()); } // needs a device (a GPU or tools/vgpu)
+/// let gpu = GpuContext::new(0)?;
+/// let s = VptHeadShape { batch: 2, tokens: 3, dim: 5, labels: 3 };
+/// let (b, p, d, k) = (s.batch, s.tokens, s.dim, s.labels);
+/// let val = |n: usize, m: usize| (0..n).map(|i| ((i * m) % 23) as f32 / 23.0 - 0.5).collect::<Vec<f32>>();
+/// let (dy, zbar, w) = (val(b * k, 7), val(b * d, 3), val(k * d, 5));
+/// let mut dz = gpu.zeros::<bf16>(b * p * d)?;
+/// let (mut dw, mut dc) = (gpu.zeros::<f32>(k * d)?, gpu.zeros::<f32>(k)?);
+/// let mut ws = cuda::HeadWorkspace::new();
+/// cuda::vpt_backward(&gpu, gpu.stream(), &mut ws, &gpu.upload(&dy)?, &gpu.upload(&zbar)?, &gpu.upload(&w)?, &mut dz, &mut dw, &mut dc, &s)?;
+/// let f64s = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<_>>();
+/// let (mut cdz, mut cdw, mut cdc) = (vec![0.0; b * p * d], vec![0.0; k * d], vec![0.0; k]);
+/// head::cpu::vpt_backward(&f64s(&dy), &f64s(&zbar), &f64s(&w), &mut cdz, &mut cdw, &mut cdc, &s, &mut Vec::new()); // the CPU twin
+/// for (g, w) in gpu.download(&dw)?.iter().zip(&cdw).chain(gpu.download(&dc)?.iter().zip(&cdc)) {
+///     assert!((*g as f64 - w).abs() < 1e-5, "{g} vs {w}");
+/// }
+/// for (g, w) in gpu.download(&dz)?.iter().zip(&cdz) {
+///     assert!((g.to_f64() - w).abs() < 1e-2 * w.abs() + 1e-4, "{g} vs {w}"); // bf16
+/// }
+/// # Ok(()) }
+/// ```
 #[allow(clippy::too_many_arguments)]
 pub fn vpt_backward(
     gpu: &GpuContext,
@@ -764,6 +1041,22 @@ pub fn vpt_backward(
 }
 
 /// Prediction: `y = (y_pos + y_neg) / 2` and `prob = sigmoid(y)` over `n` logits (fp32).
+///
+/// ```
+/// use mlvpt::gpu::GpuContext;
+/// use mlvpt::ops::head::cuda;
+/// # fn main() -> Result<(), mlvpt::gpu::GpuError> {
+/// # if !mlvpt::gpu::GpuContext::driver_present() { return Ok(()); } // needs a device (a GPU or tools/vgpu)
+/// let gpu = GpuContext::new(0)?;
+/// let (y_pos, y_neg) = (gpu.upload(&[2.0f32, -1.0, 0.0])?, gpu.upload(&[0.0f32, -3.0, 0.0])?);
+/// let (mut y, mut prob) = (gpu.zeros::<f32>(3)?, gpu.zeros::<f32>(3)?);
+/// cuda::predict(&gpu, gpu.stream(), &y_pos, &y_neg, &mut y, &mut prob, 3)?;
+/// assert_eq!(gpu.download(&y)?, [1.0, -2.0, 0.0]);
+/// for (p, y) in gpu.download(&prob)?.iter().zip([1.0f32, -2.0, 0.0]) {
+///     assert!((p - 1.0 / (1.0 + (-y).exp())).abs() < 1e-6, "{p}");
+/// }
+/// # Ok(()) }
+/// ```
 #[allow(clippy::too_many_arguments)]
 pub fn predict(
     gpu: &GpuContext,
@@ -828,6 +1121,35 @@ mod tests {
 /// it: the gate table `gate [rows, D]`, the classifier `w [K, D]` and `c [K]` (fp32, dense
 /// views), the gating tables (`tok`, `grow`, index `e*K + k`, uploaded once as
 /// [`IndexTable`]s) and the experts per label `E`.
+///
+/// ```
+/// use mlvpt::gpu::{bf16, GpuContext, Tensor};
+/// use mlvpt::ops::head::{self, cuda::{gated_forward, GatedHead, IndexTable}, MoeShape};
+/// # fn main() -> Result<(), mlvpt::gpu::GpuError> {
+/// # if !mlvpt::gpu::GpuContext::driver_present() { return Ok(()); } // needs a device (a GPU or tools/vgpu)
+/// let gpu = GpuContext::new(0)?;
+/// // Group gating: K = 4 labels in T = 2 groups (k % 2), E = 2 experts per group, one prompt
+/// // token per (expert, group) and one gate row each: P = E*T = 4 = gate rows.
+/// let (b, p, d, k, e) = (2, 4, 16, 4, 2);
+/// let idx: Vec<u32> = (0..e * k).map(|i| ((i / k) * 2 + (i % k) % 2) as u32).collect();
+/// let (tok, grow) = (IndexTable::new(&gpu, &idx, p)?, IndexTable::new(&gpu, &idx, 4)?);
+/// let val = |n: usize, m: usize| (0..n).map(|i| ((i * m) % 23) as f32 / 23.0 - 0.5).collect::<Vec<f32>>();
+/// let z: Vec<bf16> = val(b * p * d, 7).iter().map(|&x| bf16::from_f32(x)).collect();
+/// let (gate, w, c) = (val(4 * d, 3), val(k * d, 11), val(k, 13));
+/// let (zd, gd, wd, cd) = (gpu.upload(&z)?, gpu.upload(&gate)?, gpu.upload(&w)?, gpu.upload(&c)?);
+/// let head = GatedHead { gate: Tensor::new(&gd, [4, d]), w: Tensor::new(&wd, [k, d]), c: Tensor::new(&cd, [k]), tok: &tok, grow: &grow, experts: e };
+/// let z_view = Tensor::new(&zd, [b, p, d]);
+/// let out = gated_forward(&gpu, &head, &z_view, &z_view)?; // adapted = z: no adapters
+/// // The CPU twin.
+/// let s = MoeShape { batch: b, tokens: p, dim: d, labels: k, experts: e, gate_rows: 4 };
+/// let z32: Vec<f32> = z.iter().map(|x| x.to_f32()).collect();
+/// let (mut y, mut m, mut q, mut r) = (vec![0.0f32; b * k], vec![0.0f32; b * k], vec![0.0f32; b * e * k], vec![0.0f32; b * e * k]);
+/// head::cpu::moe_forward(&z32, &z32, &gate, &w, &c, &idx, &idx, &mut y, &mut m, &mut q, &mut r, &s);
+/// for (g, w) in gpu.download(&out.y)?.iter().zip(&y) {
+///     assert!((g - w).abs() < 1e-4 * (1.0 + w.abs()), "{g} vs {w}");
+/// }
+/// # Ok(()) }
+/// ```
 pub struct GatedHead<'a> {
     pub gate: Tensor<'a, f32, 2>,
     pub w: Tensor<'a, f32, 2>,
@@ -839,6 +1161,26 @@ pub struct GatedHead<'a> {
 
 /// What [`gated_forward`] returns: the logits `y [B, K]`, the gate-score mixture `m [B, K]`
 /// and the saved `q, r [B, E, K]` the backward takes back (fp32, dense).
+///
+/// ```
+/// use mlvpt::gpu::{bf16, GpuContext, Tensor};
+/// use mlvpt::ops::head::cuda::{gated_forward, GatedHead, GatedOutput, IndexTable};
+/// # fn main() -> Result<(), mlvpt::gpu::GpuError> {
+/// # if !mlvpt::gpu::GpuContext::driver_present() { return Ok(()); } // needs a device (a GPU or tools/vgpu)
+/// let gpu = GpuContext::new(0)?;
+/// let (b, p, d, k, e) = (3, 2, 8, 2, 1); // one expert per label: A = 1, y = r + c, m = q
+/// let (tok, grow) = (IndexTable::new(&gpu, &[0, 1], p)?, IndexTable::new(&gpu, &[0, 1], k)?);
+/// let z = gpu.upload(&vec![bf16::ONE; b * p * d])?;
+/// let (gate, w, c) = (gpu.upload(&[0.5f32; 16])?, gpu.upload(&[0.25f32; 16])?, gpu.upload(&[1.0f32, -1.0])?);
+/// let head = GatedHead { gate: Tensor::new(&gate, [k, d]), w: Tensor::new(&w, [k, d]), c: Tensor::new(&c, [k]), tok: &tok, grow: &grow, experts: e };
+/// let out: GatedOutput = gated_forward(&gpu, &head, &Tensor::new(&z, [b, p, d]), &Tensor::new(&z, [b, p, d]))?;
+/// assert_eq!(out.shape.batch, 3);
+/// assert_eq!(gpu.download(&out.q)?, [4.0; 6]); // 8 x 1 x 0.5
+/// assert_eq!(gpu.download(&out.m)?, [4.0; 6]);
+/// assert_eq!(gpu.download(&out.r)?, [2.0; 6]); // 8 x 1 x 0.25
+/// assert_eq!(gpu.download(&out.y)?, [3.0, 1.0, 3.0, 1.0, 3.0, 1.0]);
+/// # Ok(()) }
+/// ```
 #[derive(Debug)]
 pub struct GatedOutput {
     pub y: CudaSlice<f32>,
@@ -851,6 +1193,29 @@ pub struct GatedOutput {
 
 /// The parameter gradients [`gated_backward`] returns: `dgate [rows, D]`, `dw [K, D]`,
 /// `dc [K]` (fp32).
+///
+/// ```
+/// use mlvpt::gpu::{bf16, GpuContext, Tensor, TensorMut};
+/// use mlvpt::ops::head::cuda::{gated_backward, gated_forward, GatedGrads, GatedHead, IndexTable};
+/// # fn main() -> Result<(), mlvpt::gpu::GpuError> {
+/// # if !mlvpt::gpu::GpuContext::driver_present() { return Ok(()); } // needs a device (a GPU or tools/vgpu)
+/// let gpu = GpuContext::new(0)?;
+/// let (b, p, d, k, e) = (2, 2, 8, 2, 1);
+/// let (tok, grow) = (IndexTable::new(&gpu, &[0, 1], p)?, IndexTable::new(&gpu, &[0, 1], k)?);
+/// let z = gpu.upload(&vec![bf16::ONE; b * p * d])?;
+/// let (gate, w, c) = (gpu.upload(&[0.5f32; 16])?, gpu.upload(&[0.25f32; 16])?, gpu.zeros::<f32>(k)?);
+/// let head = GatedHead { gate: Tensor::new(&gate, [k, d]), w: Tensor::new(&w, [k, d]), c: Tensor::new(&c, [k]), tok: &tok, grow: &grow, experts: e };
+/// let zv = Tensor::new(&z, [b, p, d]);
+/// let fwd = gated_forward(&gpu, &head, &zv, &zv)?;
+/// let (dy, dm) = (gpu.upload(&[1.0f32, 2.0, 3.0, 4.0])?, gpu.zeros::<f32>(b * k)?);
+/// let (mut dz, mut da) = (gpu.zeros::<bf16>(b * p * d)?, gpu.zeros::<bf16>(b * p * d)?);
+/// let g: GatedGrads = gated_backward(&gpu, &head, &zv, &zv, &fwd, &Tensor::new(&dy, [b, k]), &Tensor::new(&dm, [b, k]),
+///                                    &mut TensorMut::new(&mut dz, [b, p, d]), &mut TensorMut::new(&mut da, [b, p, d]))?;
+/// assert_eq!(gpu.download(&g.dc)?, [4.0, 6.0]); // dc = sum over the batch of dy
+/// assert_eq!(gpu.download(&g.dw)?[..d], [4.0; 8]); // dw[k] = sum_b dy[b, k] z[b, tok]
+/// assert_eq!(g.dgate.len(), k * d);
+/// # Ok(()) }
+/// ```
 #[derive(Debug)]
 pub struct GatedGrads {
     pub dgate: CudaSlice<f32>,
@@ -910,6 +1275,46 @@ pub fn gated_forward(gpu: &GpuContext, head: &GatedHead, z: &Tensor<bf16, 3>, ad
 /// forward's output, adds the token gradients into `dz` and `dadapted` (bf16 `[B, P, D]`,
 /// dense; tokens no expert uses are left as they are) and returns the parameter gradients.
 /// The twin of [`super::cpu::moe_backward`]; the `embed_head` example runs both.
+///
+/// ```
+/// use mlvpt::gpu::{bf16, GpuContext, Tensor, TensorMut};
+/// use mlvpt::ops::head::{self, cuda::{gated_backward, gated_forward, GatedHead, IndexTable}, MoeShape};
+/// # fn main() -> Result<(), mlvpt::gpu::GpuError> {
+/// # if !mlvpt::gpu::GpuContext::driver_present() { return Ok(()); } // needs a device (a GPU or tools/vgpu)
+/// let gpu = GpuContext::new(0)?;
+/// let s = MoeShape { batch: 2, tokens: 3, dim: 16, labels: 4, experts: 2, gate_rows: 8 }; // label gating
+/// let (b, p, d, k, e) = (s.batch, s.tokens, s.dim, s.labels, s.experts);
+/// let val = |n: usize, m: usize| (0..n).map(|i| ((i * m) % 23) as f32 / 23.0 - 0.5).collect::<Vec<f32>>();
+/// let to16 = |v: &[f32]| v.iter().map(|&x| bf16::from_f32(x)).collect::<Vec<_>>();
+/// let (z, a) = (to16(&val(b * p * d, 7)), to16(&val(b * p * d, 5)));
+/// let (gate, w, c, dy, dm) = (val(8 * d, 3), val(k * d, 11), val(k, 13), val(b * k, 17), val(b * k, 19));
+/// let tok: Vec<u32> = (0..e * k).map(|i| ((i / k + i % k) % p) as u32).collect();
+/// let grow: Vec<u32> = (0..(e * k) as u32).collect();
+/// let (tok_t, grow_t) = (IndexTable::new(&gpu, &tok, p)?, IndexTable::new(&gpu, &grow, 8)?);
+/// let (zd, ad, gd, wd, cd) = (gpu.upload(&z)?, gpu.upload(&a)?, gpu.upload(&gate)?, gpu.upload(&w)?, gpu.upload(&c)?);
+/// let head = GatedHead { gate: Tensor::new(&gd, [8, d]), w: Tensor::new(&wd, [k, d]), c: Tensor::new(&cd, [k]), tok: &tok_t, grow: &grow_t, experts: e };
+/// let (zv, av) = (Tensor::new(&zd, [b, p, d]), Tensor::new(&ad, [b, p, d]));
+/// let fwd = gated_forward(&gpu, &head, &zv, &av)?;
+/// let (dyd, dmd) = (gpu.upload(&dy)?, gpu.upload(&dm)?);
+/// let (mut dz, mut da) = (gpu.zeros::<bf16>(b * p * d)?, gpu.zeros::<bf16>(b * p * d)?);
+/// let g = gated_backward(&gpu, &head, &zv, &av, &fwd, &Tensor::new(&dyd, [b, k]), &Tensor::new(&dmd, [b, k]),
+///                        &mut TensorMut::new(&mut dz, [b, p, d]), &mut TensorMut::new(&mut da, [b, p, d]))?;
+/// // The CPU twin in f64, from the forward's q and r.
+/// let f64s = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<_>>();
+/// let b64 = |v: &[bf16]| v.iter().map(|x| x.to_f64()).collect::<Vec<_>>();
+/// let (mut cdz, mut cda) = (vec![0.0; b * p * d], vec![0.0; b * p * d]);
+/// let (mut cdgate, mut cdw, mut cdc) = (vec![0.0; 8 * d], vec![0.0; k * d], vec![0.0; k]);
+/// head::cpu::moe_backward(&f64s(&dy), &f64s(&dm), &b64(&z), &b64(&a), &f64s(&gate), &f64s(&w), &tok, &grow,
+///                         &f64s(&gpu.download(&fwd.q)?), &f64s(&gpu.download(&fwd.r)?), &mut cdz, &mut cda, &mut cdgate, &mut cdw, &mut cdc, &s, &mut Vec::new());
+/// let close = |got: &[f64], want: &[f64], tol: f64| {
+///     let big = want.iter().fold(0.0f64, |m, w| m.max(w.abs()));
+///     got.iter().zip(want).all(|(g, w)| (g - w).abs() <= tol * big + 1e-6)
+/// };
+/// assert!(close(&f64s(&gpu.download(&g.dgate)?), &cdgate, 1e-3) && close(&f64s(&gpu.download(&g.dw)?), &cdw, 1e-3));
+/// assert!(close(&f64s(&gpu.download(&g.dc)?), &cdc, 1e-5));
+/// assert!(close(&b64(&gpu.download(&dz)?), &cdz, 1e-2) && close(&b64(&gpu.download(&da)?), &cda, 1e-2)); // bf16
+/// # Ok(()) }
+/// ```
 #[allow(clippy::too_many_arguments)]
 pub fn gated_backward(
     gpu: &GpuContext,

@@ -54,6 +54,14 @@ pub struct VptHeadShape {
 /// token gradients; per-pair parameter-gradient rows). Both sets compute the same functions
 /// with the same launch arguments; the softmax/mixture, coefficient, summing and
 /// parameter-gradient kernels of the adapters are shared.
+///
+/// ```
+/// use mlvpt::ops::head::HeadKernels;
+/// assert_eq!(HeadKernels::default(), HeadKernels::Mma); // tensor cores unless asked otherwise
+/// assert_eq!(HeadKernels::ALL.map(HeadKernels::name), ["mma", "fp32"]);
+/// assert_eq!(HeadKernels::from_name("fp32"), Some(HeadKernels::Fp32)); // `--head-kernels fp32`
+/// assert_eq!(HeadKernels::from_name("tf32"), None);
+/// ```
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum HeadKernels {
     /// `kernels/moe_mma.cu` and `kernels/adapter_mma.cu`: `mma.sync` bf16 tensor cores, the

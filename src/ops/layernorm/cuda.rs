@@ -8,6 +8,12 @@ use crate::gpu::{bf16, Kernel, CudaStream, DevicePtr, DevicePtrMut, GpuContext, 
 use cudarc::driver::{CudaFunction, LaunchConfig, PushKernelArg};
 
 /// Longest row the kernels hold in registers.
+///
+/// ```
+/// use mlvpt::ops::layernorm::cuda::MAX_D;
+/// assert_eq!(MAX_D, mlvpt::contract::layernorm::LN_MAX_D);
+/// assert!(MAX_D >= 1024); // ViT-L's width
+/// ```
 pub const MAX_D: usize = crate::contract::layernorm::LN_MAX_D;
 
 fn check_shape(op: &'static str, rows: usize, d: usize) -> Result<(), GpuError> {
@@ -117,6 +123,37 @@ pub fn forward<S: Storage>(
 /// Input gradient `dx (+)= rstd (g - mean(g) - xhat mean(g xhat))`, `g = dy gamma`, from the
 /// forward's saved `mean`/`rstd`; `accumulate` adds onto `dx` (a residual stream's gradient).
 /// The twin of [`super::cpu::backward`].
+///
+/// ```
+/// use mlvpt::gpu::{bf16, GpuContext};
+/// use mlvpt::ops::layernorm::{self, VIT_EPS};
+/// # fn main() -> Result<(), mlvpt::gpu::GpuError> {
+/// # if !mlvpt::gpu::GpuContext::driver_present() { return Ok(()); } // needs a device (a GPU or tools/vgpu)
+/// let gpu = GpuContext::new(0)?;
+/// let (rows, d) = (3, 16);
+/// let x: Vec<f32> = (0..rows * d).map(|i| ((i * 7) % 11) as f32 * 0.3 - 1.5).collect();
+/// let gamma: Vec<f32> = (0..d).map(|j| 1.0 + j as f32 * 0.05).collect();
+/// let dy: Vec<bf16> = (0..rows * d).map(|i| bf16::from_f32(((i * 5) % 9) as f32 * 0.25 - 1.0)).collect();
+/// let xd = gpu.upload(&x)?; // S = f32: an fp32 residual stream, read as it is
+/// let (g, beta) = (gpu.upload(&gamma)?, gpu.zeros::<f32>(d)?);
+/// let mut y = gpu.zeros::<bf16>(rows * d)?;
+/// let (mut mean, mut rstd) = (gpu.zeros::<f32>(rows)?, gpu.zeros::<f32>(rows)?);
+/// layernorm::cuda::forward(&gpu, gpu.stream(), &xd, &g, &beta, &mut y, &mut mean, &mut rstd, rows, d, VIT_EPS)?;
+/// let mut dx = gpu.zeros::<f32>(rows * d)?;
+/// layernorm::cuda::backward(&gpu, gpu.stream(), &gpu.upload(&dy)?, &xd, &g, &mean, &rstd, &mut dx, rows, d, false)?;
+/// // The CPU twins, in f64.
+/// let f64s = |v: &[f32]| v.iter().map(|&a| a as f64).collect::<Vec<_>>();
+/// let (x64, g64) = (f64s(&x), f64s(&gamma));
+/// let dy64: Vec<f64> = dy.iter().map(|v| v.to_f64()).collect();
+/// let (mut y64, mut m64, mut r64) = (vec![0.0; rows * d], vec![0.0; rows], vec![0.0; rows]);
+/// layernorm::cpu::forward(&x64, &g64, &vec![0.0; d], &mut y64, &mut m64, &mut r64, rows, d, VIT_EPS);
+/// let mut want = vec![0.0; rows * d];
+/// layernorm::cpu::backward(&dy64, &x64, &g64, &m64, &r64, &mut want, rows, d, false);
+/// for (got, want) in gpu.download(&dx)?.iter().zip(&want) {
+///     assert!((*got as f64 - want).abs() < 1e-4 * (1.0 + want.abs()), "{got} vs {want}");
+/// }
+/// # Ok(()) }
+/// ```
 #[allow(clippy::too_many_arguments)]
 pub fn backward<S: Storage>(
     gpu: &GpuContext,
@@ -158,6 +195,36 @@ pub fn backward<S: Storage>(
 /// LayerNorm of `out` into `y` (bf16) with `mean`/`rstd` saved: one pass over the rows instead
 /// of a residual kernel and a LayerNorm reading its output back. The twin of
 /// `CpuBackend::residual` followed by [`super::cpu::forward`].
+///
+/// ```
+/// use mlvpt::gpu::{bf16, DevicePtr, GpuContext};
+/// use mlvpt::ops::layernorm::{self, VIT_EPS};
+/// # fn main() -> Result<(), mlvpt::gpu::GpuError> {
+/// # if !mlvpt::gpu::GpuContext::driver_present() { return Ok(()); } // needs a device (a GPU or tools/vgpu)
+/// let gpu = GpuContext::new(0)?;
+/// let (rows, d) = (2, 8);
+/// let x: Vec<f32> = (0..rows * d).map(|i| i as f32 * 0.5).collect();
+/// let f: Vec<bf16> = (0..rows * d).map(|i| bf16::from_f32(1.0 - (i % 3) as f32)).collect(); // a branch output in bf16
+/// let ls = gpu.upload(&[0.5f32; 8])?; // LayerScale
+/// let (gamma, beta) = (gpu.upload(&[1.0f32; 8])?, gpu.zeros::<f32>(d)?);
+/// let mut out = gpu.zeros::<f32>(rows * d)?;
+/// let mut y = gpu.zeros::<bf16>(rows * d)?;
+/// let (mut mean, mut rstd) = (gpu.zeros::<f32>(rows)?, gpu.zeros::<f32>(rows)?);
+/// let ls: &dyn DevicePtr<f32> = &ls;
+/// layernorm::cuda::residual_forward(&gpu, gpu.stream(), &gpu.upload(&x)?, &gpu.upload(&f)?, Some(ls), &mut out,
+///                                   &gamma, &beta, &mut y, &mut mean, &mut rstd, rows, d, VIT_EPS)?;
+/// let out = gpu.download(&out)?;
+/// for i in 0..rows * d {
+///     assert_eq!(out[i], x[i] + 0.5 * f[i].to_f32()); // the new residual stream
+/// }
+/// // y is LayerNorm of it: the CPU twin on `out`.
+/// let (mut want, mut m, mut r) = (vec![0.0f32; rows * d], vec![0.0f32; rows], vec![0.0f32; rows]);
+/// layernorm::cpu::forward(&out, &[1.0; 8], &[0.0; 8], &mut want, &mut m, &mut r, rows, d, VIT_EPS);
+/// for (got, want) in gpu.download(&y)?.iter().zip(&want) {
+///     assert!((got.to_f32() - want).abs() <= 1e-2 * want.abs() + 1e-3, "{got} vs {want}");
+/// }
+/// # Ok(()) }
+/// ```
 #[allow(clippy::too_many_arguments)]
 pub fn residual_forward<F: Storage>(
     gpu: &GpuContext,

@@ -40,6 +40,23 @@ macro_rules! launch {
 }
 
 /// Twin of `CpuBackend::patchify`: images `[B, C, H, W]` into `out [B, Np, C*p*p]` (both `T`).
+///
+/// ```
+/// use mlvpt::backend::{Backend, CpuBackend};
+/// use mlvpt::gpu::GpuContext;
+/// use mlvpt::ops::tokens;
+/// # fn main() -> Result<(), mlvpt::gpu::GpuError> {
+/// # if !mlvpt::gpu::GpuContext::driver_present() { return Ok(()); } // needs a device (a GPU or tools/vgpu)
+/// let gpu = GpuContext::new(0)?;
+/// let (b, c, h, w, p) = (2, 3, 4, 6, 2); // 2 x 3 = 6 patches of 3 * 2 * 2 values
+/// let images: Vec<f32> = (0..b * c * h * w).map(|i| i as f32).collect();
+/// let mut out = gpu.zeros::<f32>(images.len())?;
+/// tokens::cuda::patchify::<f32>(&gpu, gpu.stream(), &gpu.upload(&images)?, &mut out, b, c, h, w, p)?;
+/// let mut want = vec![0.0f32; images.len()];
+/// CpuBackend::<f32>::new().patchify(&images, &mut want, b, c, h, w, p); // the CPU twin
+/// assert_eq!(gpu.download(&out)?, want);
+/// # Ok(()) }
+/// ```
 #[allow(clippy::too_many_arguments)]
 pub fn patchify<T: Storage>(gpu: &GpuContext, stream: &CudaStream, images: &impl DevicePtr<T>, out: &mut impl DevicePtrMut<T>, batch: usize, channels: usize, height: usize, width: usize, patch: usize) -> Result<(), GpuError> {
     const OP: &str = "patchify";
@@ -57,6 +74,28 @@ pub fn patchify<T: Storage>(gpu: &GpuContext, stream: &CudaStream, images: &impl
 }
 
 /// Twin of `CpuBackend::embed_tokens` (`patches` stored as `T`, the rest fp32).
+///
+/// ```
+/// use mlvpt::backend::{Backend, CpuBackend};
+/// use mlvpt::gpu::{bf16, GpuContext};
+/// use mlvpt::ops::tokens;
+/// # fn main() -> Result<(), mlvpt::gpu::GpuError> {
+/// # if !mlvpt::gpu::GpuContext::driver_present() { return Ok(()); } // needs a device (a GPU or tools/vgpu)
+/// let gpu = GpuContext::new(0)?;
+/// let (b, np, prompts, d) = (2, 3, 2, 8); // x [B, 1 + P + Np, D]
+/// let patches: Vec<f32> = (0..b * np * d).map(|i| i as f32 * 0.5).collect(); // exact in bf16
+/// let (cls, pos): (Vec<f32>, Vec<f32>) = ((0..d).map(|j| -(j as f32)).collect(), (0..(1 + np) * d).map(|i| i as f32 * 0.25).collect());
+/// let patches16: Vec<bf16> = patches.iter().map(|&v| bf16::from_f32(v)).collect(); // the patch GEMM's bf16 output
+/// let n = 1 + prompts + np;
+/// let mut x = gpu.upload(&vec![7.0f32; b * n * d])?;
+/// tokens::cuda::embed_tokens::<bf16>(&gpu, gpu.stream(), &gpu.upload(&patches16)?, &gpu.upload(&cls)?, &gpu.upload(&pos)?, &mut x, b, np, prompts, d)?;
+/// let mut want = vec![7.0f32; b * n * d];
+/// CpuBackend::<f32>::new().embed_tokens(&patches, &cls, &pos, &mut want, b, np, prompts, d); // the CPU twin
+/// let x = gpu.download(&x)?;
+/// assert_eq!(x, want);
+/// assert_eq!(x[d..3 * d], [7.0; 16]); // prompt rows untouched
+/// # Ok(()) }
+/// ```
 #[allow(clippy::too_many_arguments)]
 pub fn embed_tokens<T: Storage>(gpu: &GpuContext, stream: &CudaStream, patches: &impl DevicePtr<T>, cls: &impl DevicePtr<f32>, pos: &impl DevicePtr<f32>, x: &mut impl DevicePtrMut<f32>, batch: usize, num_patches: usize, prompts: usize, dim: usize) -> Result<(), GpuError> {
     const OP: &str = "embed_tokens";
@@ -74,6 +113,25 @@ pub fn embed_tokens<T: Storage>(gpu: &GpuContext, stream: &CudaStream, patches: 
 }
 
 /// Twin of `CpuBackend::set_prompts` (`prompts [L, P, D]`, row block `layer`).
+///
+/// ```
+/// use mlvpt::gpu::GpuContext;
+/// use mlvpt::ops::tokens;
+/// # fn main() -> Result<(), mlvpt::gpu::GpuError> {
+/// # if !mlvpt::gpu::GpuContext::driver_present() { return Ok(()); } // needs a device (a GPU or tools/vgpu)
+/// let gpu = GpuContext::new(0)?;
+/// let (b, n, p, d) = (2, 5, 2, 4); // prompts [L = 3, P, D]; rows 1..1+P of each image
+/// let prompts: Vec<f32> = (0..3 * p * d).map(|i| i as f32).collect();
+/// let mut x = gpu.zeros::<f32>(b * n * d)?;
+/// tokens::cuda::set_prompts(&gpu, gpu.stream(), &gpu.upload(&prompts)?, 1, &mut x, b, n, p, d)?;
+/// let x = gpu.download(&x)?;
+/// for img in 0..b {
+///     let rows = &x[(img * n + 1) * d..(img * n + 1 + p) * d];
+///     assert_eq!(rows, &prompts[p * d..2 * p * d]); // layer 1's prompts
+/// }
+/// assert_eq!(x[..d], [0.0; 4]); // the CLS row untouched
+/// # Ok(()) }
+/// ```
 #[allow(clippy::too_many_arguments)]
 pub fn set_prompts(gpu: &GpuContext, stream: &CudaStream, prompts: &impl DevicePtr<f32>, layer: usize, x: &mut impl DevicePtrMut<f32>, batch: usize, tokens: usize, count: usize, dim: usize) -> Result<(), GpuError> {
     const OP: &str = "set_prompts";
@@ -92,6 +150,26 @@ pub fn set_prompts(gpu: &GpuContext, stream: &CudaStream, prompts: &impl DeviceP
 
 /// Twin of `CpuBackend::prompt_grad`: `dprompts[layer] = sum_b dx[b, 1..1+P]` (image order),
 /// then with `zero_rows` those rows of `dx` are zeroed.
+///
+/// ```
+/// use mlvpt::gpu::GpuContext;
+/// use mlvpt::ops::tokens;
+/// # fn main() -> Result<(), mlvpt::gpu::GpuError> {
+/// # if !mlvpt::gpu::GpuContext::driver_present() { return Ok(()); } // needs a device (a GPU or tools/vgpu)
+/// let gpu = GpuContext::new(0)?;
+/// let (b, n, p, d) = (2, 4, 2, 3);
+/// let dx0: Vec<f32> = (0..b * n * d).map(|i| i as f32).collect();
+/// let mut dx = gpu.upload(&dx0)?;
+/// let mut dprompts = gpu.zeros::<f32>(2 * p * d)?; // [L = 2, P, D]
+/// tokens::cuda::prompt_grad(&gpu, gpu.stream(), &mut dx, &mut dprompts, 0, b, n, p, d, true)?;
+/// let (dx, dp) = (gpu.download(&dx)?, gpu.download(&dprompts)?);
+/// for r in 0..p * d {
+///     assert_eq!(dp[r], dx0[d + r] + dx0[n * d + d + r]); // sum over images of rows 1..1+P
+/// }
+/// assert_eq!(dp[p * d..], [0.0; 6]); // layer 1 untouched
+/// assert!(dx[d..3 * d].iter().chain(&dx[n * d + d..n * d + 3 * d]).all(|&v| v == 0.0)); // zero_rows
+/// # Ok(()) }
+/// ```
 #[allow(clippy::too_many_arguments)]
 pub fn prompt_grad(gpu: &GpuContext, stream: &CudaStream, dx: &mut impl DevicePtrMut<f32>, dprompts: &mut impl DevicePtrMut<f32>, layer: usize, batch: usize, tokens: usize, count: usize, dim: usize, zero_rows: bool) -> Result<(), GpuError> {
     const OP: &str = "prompt_grad";
@@ -114,6 +192,23 @@ pub fn prompt_grad(gpu: &GpuContext, stream: &CudaStream, dx: &mut impl DevicePt
 }
 
 /// Twin of `CpuBackend::copy_tokens` (`src` and `dst` both `T`).
+///
+/// ```
+/// use mlvpt::gpu::{bf16, GpuContext};
+/// use mlvpt::ops::tokens;
+/// # fn main() -> Result<(), mlvpt::gpu::GpuError> {
+/// # if !mlvpt::gpu::GpuContext::driver_present() { return Ok(()); } // needs a device (a GPU or tools/vgpu)
+/// let gpu = GpuContext::new(0)?;
+/// let (b, d) = (2, 8);
+/// // Rows 1..3 of each image's 5 tokens into rows 0..2 of a [B, 2, D] buffer (e.g. the prompts).
+/// let src: Vec<bf16> = (0..b * 5 * d).map(|i| bf16::from_f32(i as f32)).collect();
+/// let mut dst = gpu.zeros::<bf16>(b * 2 * d)?;
+/// tokens::cuda::copy_tokens::<bf16>(&gpu, gpu.stream(), &gpu.upload(&src)?, 5, 1, &mut dst, 2, 0, 2, b, d)?;
+/// let dst = gpu.download(&dst)?;
+/// assert_eq!(dst[..2 * d], src[d..3 * d]);
+/// assert_eq!(dst[2 * d..], src[5 * d + d..5 * d + 3 * d]);
+/// # Ok(()) }
+/// ```
 #[allow(clippy::too_many_arguments)]
 pub fn copy_tokens<T: Storage>(gpu: &GpuContext, stream: &CudaStream, src: &impl DevicePtr<T>, src_tokens: usize, src_start: usize, dst: &mut impl DevicePtrMut<T>, dst_tokens: usize, dst_start: usize, count: usize, batch: usize, dim: usize) -> Result<(), GpuError> {
     const OP: &str = "copy_tokens";
@@ -133,6 +228,25 @@ pub fn copy_tokens<T: Storage>(gpu: &GpuContext, stream: &CudaStream, src: &impl
 
 /// Twin of `CpuBackend::residual`: `out = x + ls * f` over `[rows, dim]` (`f` stored as `T`;
 /// `x`, `out` and `ls` fp32).
+///
+/// ```
+/// use mlvpt::gpu::{bf16, DevicePtr, GpuContext};
+/// use mlvpt::ops::tokens;
+/// # fn main() -> Result<(), mlvpt::gpu::GpuError> {
+/// # if !mlvpt::gpu::GpuContext::driver_present() { return Ok(()); } // needs a device (a GPU or tools/vgpu)
+/// let gpu = GpuContext::new(0)?;
+/// let (rows, d) = (2, 3);
+/// let x = gpu.upload(&[1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0])?;
+/// let f = gpu.upload(&[bf16::from_f32(0.5); 6])?; // a branch output stored in bf16
+/// let ls = gpu.upload(&[1.0f32, 2.0, 4.0])?; // LayerScale
+/// let mut out = gpu.zeros::<f32>(rows * d)?;
+/// let ls: &dyn DevicePtr<f32> = &ls;
+/// tokens::cuda::residual::<bf16>(&gpu, gpu.stream(), &x, &f, Some(ls), &mut out, rows, d)?;
+/// assert_eq!(gpu.download(&out)?, [1.5, 3.0, 5.0, 4.5, 6.0, 8.0]);
+/// tokens::cuda::residual::<bf16>(&gpu, gpu.stream(), &x, &f, None, &mut out, rows, d)?; // no LayerScale
+/// assert_eq!(gpu.download(&out)?, [1.5, 2.5, 3.5, 4.5, 5.5, 6.5]);
+/// # Ok(()) }
+/// ```
 #[allow(clippy::too_many_arguments)]
 pub fn residual<T: Storage>(gpu: &GpuContext, stream: &CudaStream, x: &impl DevicePtr<f32>, f: &impl DevicePtr<T>, ls: Option<&dyn DevicePtr<f32>>, out: &mut impl DevicePtrMut<f32>, rows: usize, dim: usize) -> Result<(), GpuError> {
     const OP: &str = "residual";
@@ -155,6 +269,21 @@ pub fn residual<T: Storage>(gpu: &GpuContext, stream: &CudaStream, x: &impl Devi
 
 /// Twin of `CpuBackend::mul_cols`: `out = src * v` (`v [dim]` per row; `out` stored as `T`,
 /// `src` and `v` fp32).
+///
+/// ```
+/// use mlvpt::gpu::{bf16, GpuContext};
+/// use mlvpt::ops::tokens;
+/// # fn main() -> Result<(), mlvpt::gpu::GpuError> {
+/// # if !mlvpt::gpu::GpuContext::driver_present() { return Ok(()); } // needs a device (a GPU or tools/vgpu)
+/// let gpu = GpuContext::new(0)?;
+/// let src = gpu.upload(&[1.0f32, 2.0, 3.0, 4.0])?; // [2, 2]
+/// let v = gpu.upload(&[0.5f32, -2.0])?;
+/// let mut out = gpu.zeros::<bf16>(4)?; // e.g. a GEMM operand in bf16
+/// tokens::cuda::mul_cols::<bf16>(&gpu, gpu.stream(), &src, &v, &mut out, 2, 2)?;
+/// let out: Vec<f32> = gpu.download(&out)?.iter().map(|x| x.to_f32()).collect();
+/// assert_eq!(out, [0.5, -4.0, 1.5, -8.0]);
+/// # Ok(()) }
+/// ```
 pub fn mul_cols<T: Storage>(gpu: &GpuContext, stream: &CudaStream, src: &impl DevicePtr<f32>, v: &impl DevicePtr<f32>, out: &mut impl DevicePtrMut<T>, rows: usize, dim: usize) -> Result<(), GpuError> {
     const OP: &str = "mul_cols";
     let n = rows * dim;
@@ -171,6 +300,19 @@ pub fn mul_cols<T: Storage>(gpu: &GpuContext, stream: &CudaStream, src: &impl De
 
 /// Twin of `CpuBackend::axpby`: `y = a y + b x` over `len`, in fp32 whatever `y` (`Y`) and
 /// `x` (`X`) store.
+///
+/// ```
+/// use mlvpt::gpu::{bf16, GpuContext};
+/// use mlvpt::ops::tokens;
+/// # fn main() -> Result<(), mlvpt::gpu::GpuError> {
+/// # if !mlvpt::gpu::GpuContext::driver_present() { return Ok(()); } // needs a device (a GPU or tools/vgpu)
+/// let gpu = GpuContext::new(0)?;
+/// let mut y = gpu.upload(&[1.0f32, 2.0, 3.0])?; // an fp32 gradient...
+/// let x = gpu.upload(&[bf16::from_f32(4.0); 3])?; // ... plus a bf16 one, summed in fp32
+/// tokens::cuda::axpby::<f32, bf16>(&gpu, gpu.stream(), 0.5, &mut y, 2.0, &x, 3)?;
+/// assert_eq!(gpu.download(&y)?, [8.5, 9.0, 9.5]);
+/// # Ok(()) }
+/// ```
 pub fn axpby<Y: Storage, X: Storage>(gpu: &GpuContext, stream: &CudaStream, a: f32, y: &mut impl DevicePtrMut<Y>, b: f32, x: &impl DevicePtr<X>, len: usize) -> Result<(), GpuError> {
     check_len("axpby", "y", y, len)?;
     check_len("axpby", "x", x, len)?;
@@ -182,6 +324,18 @@ pub fn axpby<Y: Storage, X: Storage>(gpu: &GpuContext, stream: &CudaStream, a: f
 }
 
 /// Twin of `CpuBackend::fill`: `y[..len] = value` (rounded to `T`).
+///
+/// ```
+/// use mlvpt::gpu::{bf16, GpuContext};
+/// use mlvpt::ops::tokens;
+/// # fn main() -> Result<(), mlvpt::gpu::GpuError> {
+/// # if !mlvpt::gpu::GpuContext::driver_present() { return Ok(()); } // needs a device (a GPU or tools/vgpu)
+/// let gpu = GpuContext::new(0)?;
+/// let mut y = gpu.zeros::<bf16>(5)?;
+/// tokens::cuda::fill::<bf16>(&gpu, gpu.stream(), &mut y, 3, 0.1)?; // rounded to bf16
+/// assert_eq!(gpu.download(&y)?, [bf16::from_f32(0.1), bf16::from_f32(0.1), bf16::from_f32(0.1), bf16::ZERO, bf16::ZERO]);
+/// # Ok(()) }
+/// ```
 pub fn fill<T: Storage>(gpu: &GpuContext, stream: &CudaStream, y: &mut impl DevicePtrMut<T>, len: usize, value: f32) -> Result<(), GpuError> {
     check_len("fill", "y", y, len)?;
     let (yp, _g1) = y.device_ptr_mut(stream);
@@ -207,6 +361,24 @@ fn attn_cfg(sh: &AttnShape, floats: usize) -> LaunchConfig {
 /// Plain fp32 masked attention forward (any head dim; the fused bf16 kernels of
 /// `ops::attention::cuda` cover [`crate::ops::attention::cuda::HEAD_DIMS`]). Layouts as
 /// `ops::attention::cpu::forward`.
+///
+/// ```
+/// use mlvpt::gpu::GpuContext;
+/// use mlvpt::ops::{attention::{self, AttnShape}, tokens};
+/// # fn main() -> Result<(), mlvpt::gpu::GpuError> {
+/// # if !mlvpt::gpu::GpuContext::driver_present() { return Ok(()); } // needs a device (a GPU or tools/vgpu)
+/// let gpu = GpuContext::new(0)?;
+/// let sh = AttnShape::full(2, 5, 2, 3, 1, 3); // head dim 3: no fused kernel for it
+/// let x: Vec<f32> = (0..2 * 5 * 3 * 6).map(|i| ((i * 37) % 101) as f32 / 50.0 - 1.0).collect();
+/// let (mut out, mut lse) = (gpu.zeros::<f32>(2 * 5 * 6)?, gpu.zeros::<f32>(2 * 2 * 5)?);
+/// tokens::cuda::attention_forward(&gpu, gpu.stream(), &gpu.upload(&x)?, &mut out, &mut lse, &sh)?;
+/// let (mut want, mut want_lse) = (vec![0.0f32; 2 * 5 * 6], vec![0.0f32; 2 * 2 * 5]);
+/// attention::cpu::forward(&x, &mut want, &mut want_lse, &sh, &mut Vec::new()); // the CPU twin
+/// for (g, w) in gpu.download(&out)?.iter().zip(&want).chain(gpu.download(&lse)?.iter().zip(&want_lse)) {
+///     assert!((g - w).abs() < 1e-5 * (1.0 + w.abs()), "{g} vs {w}");
+/// }
+/// # Ok(()) }
+/// ```
 pub fn attention_forward(gpu: &GpuContext, stream: &CudaStream, qkv: &impl DevicePtr<f32>, out: &mut impl DevicePtrMut<f32>, lse: &mut impl DevicePtrMut<f32>, sh: &AttnShape) -> Result<(), GpuError> {
     const OP: &str = "attention forward (plain)";
     let mut a = attn_dims(OP, sh)?;
@@ -230,6 +402,31 @@ pub fn attention_forward(gpu: &GpuContext, stream: &CudaStream, qkv: &impl Devic
 
 /// Backward of [`attention_forward`]: writes `dqkv [B, N, 3D]` (zeroed first; Q rows outside
 /// the query range stay zero).
+///
+/// ```
+/// use mlvpt::gpu::GpuContext;
+/// use mlvpt::ops::{attention::{self, AttnShape}, tokens};
+/// # fn main() -> Result<(), mlvpt::gpu::GpuError> {
+/// # if !mlvpt::gpu::GpuContext::driver_present() { return Ok(()); } // needs a device (a GPU or tools/vgpu)
+/// let gpu = GpuContext::new(0)?;
+/// // The last block's call: only the prompts 1..3 are queries.
+/// let sh = AttnShape { q_start: 1, q_len: 2, ..AttnShape::full(1, 5, 2, 4, 1, 3) };
+/// let x: Vec<f32> = (0..5 * 3 * 8).map(|i| ((i * 37) % 101) as f32 / 50.0 - 1.0).collect();
+/// let dout: Vec<f32> = (0..2 * 8).map(|i| ((i * 13) % 17) as f32 / 8.0 - 1.0).collect();
+/// let qkv = gpu.upload(&x)?;
+/// let (mut out, mut lse) = (gpu.zeros::<f32>(2 * 8)?, gpu.zeros::<f32>(2 * 2)?);
+/// tokens::cuda::attention_forward(&gpu, gpu.stream(), &qkv, &mut out, &mut lse, &sh)?;
+/// let mut dqkv = gpu.upload(&vec![f32::NAN; 5 * 3 * 8])?; // overwritten
+/// tokens::cuda::attention_backward(&gpu, gpu.stream(), &qkv, &out, &lse, &gpu.upload(&dout)?, &mut dqkv, &sh)?;
+/// let (mut o, mut l, mut want) = (vec![0.0f32; 2 * 8], vec![0.0f32; 2 * 2], vec![0.0f32; 5 * 3 * 8]);
+/// let mut scratch = Vec::new();
+/// attention::cpu::forward(&x, &mut o, &mut l, &sh, &mut scratch);
+/// attention::cpu::backward(&x, &o, &l, &dout, &mut want, &sh, &mut scratch); // the CPU twin
+/// for (g, w) in gpu.download(&dqkv)?.iter().zip(&want) {
+///     assert!((g - w).abs() < 1e-5 * (1.0 + w.abs()), "{g} vs {w}");
+/// }
+/// # Ok(()) }
+/// ```
 #[allow(clippy::too_many_arguments)]
 pub fn attention_backward(gpu: &GpuContext, stream: &CudaStream, qkv: &impl DevicePtr<f32>, out: &impl DevicePtr<f32>, lse: &impl DevicePtr<f32>, dout: &impl DevicePtr<f32>, dqkv: &mut impl DevicePtrMut<f32>, sh: &AttnShape) -> Result<(), GpuError> {
     const OP: &str = "attention backward (plain)";
