@@ -140,7 +140,7 @@ fn build_kernels() -> Result<(), String> {
     }
     list.push_str("];\n");
     let _ = writeln!(list, "/// The nvcc that built them and its flags.\npub const NVCC: &str = {:?};", nvcc.display().to_string());
-    let _ = writeln!(list, "pub const GENCODE: &str = {:?};", gencode.join(" "));
+    let _ = writeln!(list, "/// nvcc's `-gencode` flags: the architectures the fatbins hold.\npub const GENCODE: &str = {:?};", gencode.join(" "));
     check_tile_kernels(&handles)?;
     check_entries_file(&out, &listed, &compiled)?;
     list.push_str(&handles);
@@ -188,7 +188,7 @@ fn docs_only(out: &Path, sources: &[PathBuf], listed: &str) -> Result<(), String
         let stem = src.file_stem().unwrap().to_string_lossy();
         let _ = writeln!(list, "    ({stem:?}, &[]),");
     }
-    list.push_str("];\n/// The nvcc that built them and its flags (none in a documentation-only build).\npub const NVCC: &str = \"\";\npub const GENCODE: &str = \"\";\n");
+    list.push_str("];\n/// The nvcc that built them and its flags (none in a documentation-only build).\npub const NVCC: &str = \"\";\n/// nvcc's `-gencode` flags (none).\npub const GENCODE: &str = \"\";\n");
     let mut modules: Vec<(String, Vec<String>)> = Vec::new();
     for line in listed.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')) {
         let (m, k) = line.split_once(' ').ok_or_else(|| format!("kernels/entries.txt: `{line}` is not `<module> <kernel>`"))?;

@@ -200,6 +200,14 @@ pub mod head {
         /// `gate`, `w`, `grow`, `tok`'s inverse and add into `dz`, `dadapted`; the pair-row
         /// kernels reduce `coef [B, E, K]` times `x [B, P, D]` over the batch into
         /// `pair_rows [E*K, D]`. Unused pointers are null.
+        ///
+        /// ```
+        /// use mlvpt::contract::head::MoeParams;
+        /// // A pair-row launch of B = 4 images, P = 3 tokens of D = 64, K = 5 labels, E = 2 experts.
+        /// let sizes = MoeParams { batch: 4, tokens: 3, d: 64, labels: 5, experts: 2, ..Default::default() };
+        /// let p = MoeParams { coef: 0x7f00_0000_0000, x: 0x7f00_0001_0000, pair_rows: 0x7f00_0002_0000, ..sizes };
+        /// assert_eq!((p.z, p.q, p.dz), (0, 0, 0)); // the other kernels' pointers stay null
+        /// ```
         pub struct MoeParams {
             /// Prompt-token features `[B, P, D]`.
             pub z: u64 => "const __nv_bfloat16* {}",
@@ -357,11 +365,23 @@ pub mod asl {
 }
 
 /// The token kernels (`kernels/tokens.cu`).
+///
+/// ```
+/// use mlvpt::contract::tokens;
+/// assert_eq!((tokens::CopyTokensParams::default().count, tokens::PlainAttnParams::default().nq), (0, 0));
+/// ```
 pub mod tokens {
     kernel_params! {
         /// `tok_copy_tokens_{f32,bf16}`: `dst[b, dst_start + j] = src[b, src_start + j]` for
         /// `j < count` token rows of `d`, `src [B, src_tokens, d]`, `dst [B, dst_tokens, d]`
         /// (both of the kernel's storage type), `n = B * count * d` elements.
+        ///
+        /// ```
+        /// use mlvpt::contract::tokens::CopyTokensParams;
+        /// // The 10 prompt rows 1..11 of [B = 2, 60, 64] tokens into rows 0..10 of [2, 10, 64].
+        /// let p = CopyTokensParams { n: 2 * 10 * 64, src_tokens: 60, src_start: 1, dst_tokens: 10, dst_start: 0, count: 10, d: 64, ..Default::default() };
+        /// assert_eq!(p.n, 2 * p.count as u64 * p.d as u64);
+        /// ```
         pub struct CopyTokensParams {
             pub src: u64 => "const void* {}",
             pub dst: u64 => "void* {}",
@@ -379,6 +399,13 @@ pub mod tokens {
         /// `attn_simple_fwd` / `attn_simple_bwd`, the plain fp32 attention for head dims the
         /// fused kernels lack: `qkv [B, N, 3, h, dh]`, `out` and `dout [B, Nq, h*dh]`,
         /// `lse [B, h, Nq]`, `dqkv` like `qkv`; queries `q0 .. q0 + nq`, prompts `ps .. pe`.
+        ///
+        /// ```
+        /// use mlvpt::contract::tokens::PlainAttnParams;
+        /// // Head dim 48 (no fused kernel): 4 heads, CLS + 10 prompts + 49 patches, every token a query.
+        /// let p = PlainAttnParams { n: 60, h: 4, dh: 48, ps: 1, pe: 11, q0: 0, nq: 60, scale: 1.0 / 48f32.sqrt(), ..Default::default() };
+        /// assert_eq!(p.dqkv, 0); // pointers are set by the launcher
+        /// ```
         pub struct PlainAttnParams {
             pub qkv: u64 => "const float* {}",
             /// Written by the forward, read by the backward.

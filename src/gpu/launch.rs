@@ -158,6 +158,13 @@ pub fn aligned(ptr: u64, bytes: u64) -> bool {
 
 /// Fails, naming the first offender, unless every `(name, device address)` is 16-byte aligned
 /// (the kernels that move 16 bytes per load or store need it).
+///
+/// ```
+/// use mlvpt::gpu::launch::check_aligned;
+/// assert!(check_aligned("demo", &[("x", 0x7f00_0000_1000), ("y", 0x7f00_0000_2010)]).is_ok());
+/// let e = check_aligned("demo", &[("x", 0x7f00_0000_1000), ("y", 0x7f00_0000_2008)]).unwrap_err();
+/// assert!(e.to_string().contains("y is not 16-byte aligned"), "{e}");
+/// ```
 pub fn check_aligned(op: &'static str, ptrs: &[(&str, u64)]) -> Result<(), GpuError> {
     match ptrs.iter().find(|&&(_, p)| !aligned(p, 16)) {
         Some(&(what, p)) => Err(GpuError::invalid(op, format!("{what} is not 16-byte aligned (address {p:#x}; the kernels load 16 bytes at a time)"))),
