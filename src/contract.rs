@@ -787,3 +787,63 @@ pub fn param_structs() -> Vec<(&'static str, usize, CFields)> {
 /// Every shared constant, for build.rs.
 #[doc(hidden)]
 pub const ALL_CONSTS: &[&[(&str, i64)]] = &[layernorm::CONSTS, head::CONSTS, adamw::CONSTS, asl::CONSTS, attention::CONSTS];
+
+/// `contract.cuh`, the C side of this file: each shared constant as a `constexpr`, the attention
+/// tile tables as the X-macros `kernels/attention.cu` instantiates, each parameter struct with
+/// `static_assert`s on its size and every field's offset. build.rs writes it into `OUT_DIR`
+/// before nvcc runs; anything else compiling the kernels (the virtual device's tests) does the
+/// same.
+///
+/// ```
+/// let h = mlvpt::contract::c_header();
+/// assert!(h.contains("constexpr int HEAD_MAX_E = 8;") && h.contains("struct AttnParams {"));
+/// assert!(h.contains("#define ATTN_FWD_CONFIGS(X) X(32, "));
+/// ```
+pub fn c_header() -> String {
+    use std::fmt::Write as _;
+    use attention::{BwdTiles, ATTN_WARPS, BWD_TILES, FUSED_HEAD_DIMS, FWD_TILES};
+    let mut h = String::from(
+        "// Generated from src/contract.rs (mlvpt::contract::c_header; build.rs writes it): do not edit.\n\
+         #pragma once\n#include <cuda_bf16.h>\n#include <stddef.h>\n#include <stdint.h>\n\n",
+    );
+    for table in ALL_CONSTS {
+        for (name, value) in *table {
+            let ty = if i32::try_from(*value).is_ok() { "int" } else { "long long" };
+            let _ = writeln!(h, "constexpr {ty} {name} = {value};");
+        }
+    }
+    h.push_str("\n// Attention tile tables (src/contract.rs FWD_TILES, BWD_TILES), instantiated at the end of attention.cu.\n");
+    let dims: Vec<String> = FUSED_HEAD_DIMS.iter().map(|d| format!("X({d})")).collect();
+    let _ = writeln!(h, "#define ATTN_HEAD_DIMS(X) {}", dims.join(" "));
+    // X(head dim, m-tiles per warp, pipelined, min blocks per SM, name, dynamic shared memory bytes)
+    let fwd: Vec<String> = FWD_TILES
+        .iter()
+        .map(|t| format!("X({}, {}, {}, {}, {}, {})", t.head_dim, t.m_tiles(), t.pipelined, t.min_blocks, t.kernel, t.smem_bytes()))
+        .collect();
+    let _ = writeln!(h, "#define ATTN_FWD_CONFIGS(X) {}", fwd.join(" "));
+    // X(head dim, query rows per step, warps, split, name, dynamic shared memory bytes)
+    let bwd: Vec<String> = BWD_TILES
+        .iter()
+        .map(|t| format!("X({}, {}, {}, {}, {}, {})", t.head_dim, t.rows, t.warps(), t.dq_kernel.is_some(), t.kernel, t.smem_bytes()))
+        .collect();
+    let _ = writeln!(h, "#define ATTN_BWD_CONFIGS(X) {}", bwd.join(" "));
+    // X(head dim, m-tiles per warp, name, dynamic shared memory bytes) of the split backwards' dQ passes
+    let dq: Vec<String> = BWD_TILES
+        .iter()
+        .filter_map(|t| t.dq_kernel.map(|k| format!("X({}, {}, {}, {})", t.head_dim, BwdTiles::DQ_ROWS / (16 * ATTN_WARPS), k, t.dq_smem_bytes())))
+        .collect();
+    let _ = writeln!(h, "#define ATTN_BWD_DQ_CONFIGS(X) {}", dq.join(" "));
+
+    for (name, size, fields) in param_structs() {
+        let _ = writeln!(h, "\nstruct {name} {{");
+        for (field, decl, _) in &fields {
+            let _ = writeln!(h, "    {};", decl.replace("{}", field));
+        }
+        h.push_str("};\n");
+        let _ = writeln!(h, "static_assert(sizeof({name}) == {size}, \"{name}: size differs from src/contract.rs\");");
+        for (field, _, offset) in &fields {
+            let _ = writeln!(h, "static_assert(offsetof({name}, {field}) == {offset}, \"{name}::{field}: offset differs from src/contract.rs\");");
+        }
+    }
+    h
+}

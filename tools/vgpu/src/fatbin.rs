@@ -223,11 +223,15 @@ mod tests {
         let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
         let dir = std::env::temp_dir().join(format!("vgpu-fatbin-test-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
+        // The kernels include the header build.rs generates from the project's contract.
+        std::fs::write(dir.join("contract.cuh"), mlvpt::contract::c_header()).unwrap();
         let build = |extra: &[&str], name: &str| -> Vec<u8> {
             let out = dir.join(name);
             let st = std::process::Command::new(&nvcc)
                 .args(["-fatbin", "-std=c++17", "-O3", "-I"])
                 .arg(root.join("kernels"))
+                .arg("-I")
+                .arg(&dir)
                 .args(["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=compute_90"])
                 .args(extra)
                 .arg("-o")

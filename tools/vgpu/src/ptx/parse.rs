@@ -1008,6 +1008,8 @@ $L__BB0_2:
         let kdir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../kernels");
         let out = std::env::temp_dir().join(format!("vgpu-ptx-test-{}", std::process::id()));
         std::fs::create_dir_all(&out).unwrap();
+        // The kernels include the header build.rs generates from the project's contract.
+        std::fs::write(out.join("contract.cuh"), mlvpt::contract::c_header()).unwrap();
         let expect = [
             ("adamw", 1),
             ("adapter_mma", 3),
@@ -1031,6 +1033,8 @@ $L__BB0_2:
                         let st = std::process::Command::new(nvcc)
                             .args(["-ptx", "-std=c++17", "-O3", "-arch=compute_90", "-I"])
                             .arg(kdir)
+                            .arg("-I")
+                            .arg(out)
                             .arg("-o")
                             .arg(&ptx)
                             .arg(kdir.join(format!("{stem}.cu")))
@@ -1069,7 +1073,9 @@ $L__BB0_2:
             }
             if *stem == "adamw" {
                 let e = &m.entries[0];
-                assert_eq!((e.params[0].size, e.params[0].align, e.params.len()), (1288, 8, 11));
+                // One by-value struct parameter, as the contract lays it out.
+                let size = std::mem::size_of::<mlvpt::contract::adamw::AdamWParams>() as u32;
+                assert_eq!((e.params[0].size, e.params[0].align, e.params.len()), (size, 8, 1));
                 // nvcc declares a kernel's `__shared__` arrays inside its body.
                 assert!(e
                     .shared
