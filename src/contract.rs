@@ -781,7 +781,14 @@ pub fn param_structs() -> Vec<(&'static str, usize, CFields)> {
     macro_rules! structs {
         ($($m:ident::$t:ident),*) => { vec![$((stringify!($t), core::mem::size_of::<$m::$t>(), $m::$t::c_fields())),*] };
     }
-    structs![adamw::AdamWParams, asl::AslParams, head::MoeParams, tokens::CopyTokensParams, tokens::PlainAttnParams, attention::AttnParams]
+    structs![
+        adamw::AdamWParams,
+        asl::AslParams,
+        head::MoeParams,
+        tokens::CopyTokensParams,
+        tokens::PlainAttnParams,
+        attention::AttnParams
+    ]
 }
 
 /// Every shared constant, for build.rs.
@@ -800,8 +807,8 @@ pub const ALL_CONSTS: &[&[(&str, i64)]] = &[layernorm::CONSTS, head::CONSTS, ada
 /// assert!(h.contains("#define ATTN_FWD_CONFIGS(X) X(32, "));
 /// ```
 pub fn c_header() -> String {
-    use std::fmt::Write as _;
     use attention::{BwdTiles, ATTN_WARPS, BWD_TILES, FUSED_HEAD_DIMS, FWD_TILES};
+    use std::fmt::Write as _;
     let mut h = String::from(
         "// Generated from src/contract.rs (mlvpt::contract::c_header; build.rs writes it): do not edit.\n\
          #pragma once\n#include <cuda_bf16.h>\n#include <stddef.h>\n#include <stdint.h>\n\n",
@@ -818,19 +825,49 @@ pub fn c_header() -> String {
     // X(head dim, m-tiles per warp, pipelined, min blocks per SM, name, dynamic shared memory bytes)
     let fwd: Vec<String> = FWD_TILES
         .iter()
-        .map(|t| format!("X({}, {}, {}, {}, {}, {})", t.head_dim, t.m_tiles(), t.pipelined, t.min_blocks, t.kernel, t.smem_bytes()))
+        .map(|t| {
+            format!(
+                "X({}, {}, {}, {}, {}, {})",
+                t.head_dim,
+                t.m_tiles(),
+                t.pipelined,
+                t.min_blocks,
+                t.kernel,
+                t.smem_bytes()
+            )
+        })
         .collect();
     let _ = writeln!(h, "#define ATTN_FWD_CONFIGS(X) {}", fwd.join(" "));
     // X(head dim, query rows per step, warps, split, name, dynamic shared memory bytes)
     let bwd: Vec<String> = BWD_TILES
         .iter()
-        .map(|t| format!("X({}, {}, {}, {}, {}, {})", t.head_dim, t.rows, t.warps(), t.dq_kernel.is_some(), t.kernel, t.smem_bytes()))
+        .map(|t| {
+            format!(
+                "X({}, {}, {}, {}, {}, {})",
+                t.head_dim,
+                t.rows,
+                t.warps(),
+                t.dq_kernel.is_some(),
+                t.kernel,
+                t.smem_bytes()
+            )
+        })
         .collect();
     let _ = writeln!(h, "#define ATTN_BWD_CONFIGS(X) {}", bwd.join(" "));
     // X(head dim, m-tiles per warp, name, dynamic shared memory bytes) of the split backwards' dQ passes
     let dq: Vec<String> = BWD_TILES
         .iter()
-        .filter_map(|t| t.dq_kernel.map(|k| format!("X({}, {}, {}, {})", t.head_dim, BwdTiles::DQ_ROWS / (16 * ATTN_WARPS), k, t.dq_smem_bytes())))
+        .filter_map(|t| {
+            t.dq_kernel.map(|k| {
+                format!(
+                    "X({}, {}, {}, {})",
+                    t.head_dim,
+                    BwdTiles::DQ_ROWS / (16 * ATTN_WARPS),
+                    k,
+                    t.dq_smem_bytes()
+                )
+            })
+        })
         .collect();
     let _ = writeln!(h, "#define ATTN_BWD_DQ_CONFIGS(X) {}", dq.join(" "));
 
@@ -840,9 +877,15 @@ pub fn c_header() -> String {
             let _ = writeln!(h, "    {};", decl.replace("{}", field));
         }
         h.push_str("};\n");
-        let _ = writeln!(h, "static_assert(sizeof({name}) == {size}, \"{name}: size differs from src/contract.rs\");");
+        let _ = writeln!(
+            h,
+            "static_assert(sizeof({name}) == {size}, \"{name}: size differs from src/contract.rs\");"
+        );
         for (field, _, offset) in &fields {
-            let _ = writeln!(h, "static_assert(offsetof({name}, {field}) == {offset}, \"{name}::{field}: offset differs from src/contract.rs\");");
+            let _ = writeln!(
+                h,
+                "static_assert(offsetof({name}, {field}) == {offset}, \"{name}::{field}: offset differs from src/contract.rs\");"
+            );
         }
     }
     h

@@ -38,7 +38,7 @@ fn no_kernel_spills_or_uses_local_memory() {
 /// Launchers name kernels only through the typed handles build.rs generates
 /// (`mlvpt::gpu::kernels::<module>::<NAME>`, so a misspelt one does not compile) or the
 /// contract's tile tables (src/contract.rs, from which attention.cu's kernels are generated):
-/// no launcher file holds a kernel's name as a string literal.
+/// no launcher file's code (comments aside) holds a kernel's name as a string literal.
 #[test]
 fn launchers_name_no_kernel_by_string() {
     let entries: std::collections::HashSet<String> = ptxas::parse(PTXAS_REPORT).into_iter().map(|k| k.function).collect();
@@ -57,8 +57,9 @@ fn launchers_name_no_kernel_by_string() {
     }
     let mut bad = Vec::new();
     for f in files.iter().filter(|f| f.exists()) {
-        let text = std::fs::read_to_string(f).unwrap();
-        for lit in text.split('"').skip(1).step_by(2) {
+        // Code only: the docs' examples may show a handle's name.
+        let code: String = std::fs::read_to_string(f).unwrap().lines().filter(|l| !l.trim_start().starts_with("//")).collect::<Vec<_>>().join("\n");
+        for lit in code.split('"').skip(1).step_by(2) {
             if entries.contains(lit) {
                 bad.push(format!("{} names kernel `{lit}` by string", f.display()));
             }

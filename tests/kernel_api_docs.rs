@@ -52,7 +52,10 @@ fn kernel_api_files() -> Vec<PathBuf> {
     ops.sort();
     files.extend(ops);
     files.push(root.join("src/contract.rs"));
-    files.into_iter().map(|p| p.strip_prefix(&root).expect("under the crate root").to_path_buf()).collect()
+    files
+        .into_iter()
+        .map(|p| p.strip_prefix(&root).expect("under the crate root").to_path_buf())
+        .collect()
 }
 
 /// A public item found in a source file.
@@ -232,7 +235,12 @@ fn impl_type(rest: &str) -> String {
 fn use_tree(prefix: &[String], s: &str) -> Vec<(Vec<String>, String)> {
     let s = s.trim();
     if let Some(open) = s.find('{') {
-        let base: Vec<String> = s[..open].split("::").map(str::trim).filter(|x| !x.is_empty()).map(String::from).collect();
+        let base: Vec<String> = s[..open]
+            .split("::")
+            .map(str::trim)
+            .filter(|x| !x.is_empty())
+            .map(String::from)
+            .collect();
         let inner = &s[open + 1..s.rfind('}').unwrap_or(s.len())];
         let mut path = prefix.to_vec();
         path.extend(base);
@@ -308,7 +316,9 @@ fn scan(text: &str) -> Vec<Item> {
 
         // Where are we? Items count at the file level, in public inline modules, in
         // `kernel_params!` invocations, and (methods, associated consts) in inherent impls.
-        let visible = stack.iter().all(|c| matches!(c, Ctx::Module(true) | Ctx::KernelParams | Ctx::Impl(Some(_)) | Ctx::SharedConsts));
+        let visible = stack
+            .iter()
+            .all(|c| matches!(c, Ctx::Module(true) | Ctx::KernelParams | Ctx::Impl(Some(_)) | Ctx::SharedConsts));
         let in_impl = match stack.last() {
             Some(Ctx::Impl(Some(t))) => Some(t.clone()),
             _ => None,
@@ -400,7 +410,16 @@ fn push_use(items: &mut Vec<Item>, lines: &[&str], idx: usize, body: &str) {
     let (doc, hidden) = doc_above(lines, idx);
     let reexports = use_tree(&[], body);
     let name = reexports.iter().map(|(_, n)| n.clone()).collect::<Vec<_>>().join(", ");
-    items.push(Item { line: idx + 1, kind: "use".into(), name, in_impl: None, top_level: true, doc, hidden, reexports });
+    items.push(Item {
+        line: idx + 1,
+        kind: "use".into(),
+        name,
+        in_impl: None,
+        top_level: true,
+        doc,
+        hidden,
+        reexports,
+    });
 }
 
 /// The doc comment above line `idx` (across attributes and plain comments) and whether an
@@ -595,7 +614,9 @@ fn problems() -> (Vec<String>, usize) {
                     // Declared in our sources: its declaration carries the docs.
                     Some((decl_file, leaf)) => {
                         let decl_text = fs::read_to_string(root().join(&decl_file)).unwrap_or_default();
-                        let decl = scan(&decl_text).into_iter().find(|d| d.top_level && d.name == leaf && d.kind != "use");
+                        let decl = scan(&decl_text)
+                            .into_iter()
+                            .find(|d| d.top_level && d.name == leaf && d.kind != "use");
                         match decl {
                             None => out.push(format!(
                                 "{what}: re-exported `{}` not found as a public item of {}",
@@ -626,7 +647,10 @@ fn problems() -> (Vec<String>, usize) {
 fn every_public_kernel_api_item_has_a_runnable_example() {
     let (problems, checked) = problems();
     // The scan must have found the API (a parser that finds nothing passes vacuously).
-    assert!(checked > 100, "only {checked} public items found in the kernel API's files: the scan is broken");
+    assert!(
+        checked > 100,
+        "only {checked} public items found in the kernel API's files: the scan is broken"
+    );
     assert!(
         problems.is_empty(),
         "{} of {checked} public kernel API items lack a rustdoc example that runs and uses them:\n{}",
@@ -826,11 +850,20 @@ pub use ext::{
 fn re_exports_resolve_to_our_sources() {
     let gpu = Path::new("src/gpu/mod.rs");
     let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
-    assert_eq!(resolve(gpu, &s(&["blas", "GemmType"])), Some((PathBuf::from("src/gpu/blas.rs"), "GemmType".into())));
+    assert_eq!(
+        resolve(gpu, &s(&["blas", "GemmType"])),
+        Some((PathBuf::from("src/gpu/blas.rs"), "GemmType".into()))
+    );
     assert_eq!(resolve(gpu, &s(&["cudarc", "driver", "CudaSlice"])), None);
     assert_eq!(resolve(gpu, &s(&["kernels", "FATBINS"])), None);
     let head = Path::new("src/ops/head/cuda.rs");
-    assert_eq!(resolve(head, &s(&["super", "HeadKernels"])), Some((PathBuf::from("src/ops/head/mod.rs"), "HeadKernels".into())));
+    assert_eq!(
+        resolve(head, &s(&["super", "HeadKernels"])),
+        Some((PathBuf::from("src/ops/head/mod.rs"), "HeadKernels".into()))
+    );
     let tokens = Path::new("src/ops/tokens/cuda.rs");
-    assert_eq!(resolve(tokens, &s(&["crate", "gpu", "launch", "Storage"])), Some((PathBuf::from("src/gpu/launch.rs"), "Storage".into())));
+    assert_eq!(
+        resolve(tokens, &s(&["crate", "gpu", "launch", "Storage"])),
+        Some((PathBuf::from("src/gpu/launch.rs"), "Storage".into()))
+    );
 }
