@@ -34,7 +34,14 @@ fn main() {
 }
 
 fn build_kernels() -> Result<(), String> {
-    for var in ["NVCC", "CUDA_HOME", "CUDA_PATH", "MLVPT_CUDA_ARCH", "MLVPT_COMPRESS_FATBIN", "DOCS_RS"] {
+    for var in [
+        "NVCC",
+        "CUDA_HOME",
+        "CUDA_PATH",
+        "MLVPT_CUDA_ARCH",
+        "MLVPT_COMPRESS_FATBIN",
+        "DOCS_RS",
+    ] {
         println!("cargo:rerun-if-env-changed={var}");
     }
     let manifest = PathBuf::from(env::var("CARGO_MANIFEST_DIR").map_err(|e| e.to_string())?);
@@ -136,11 +143,22 @@ fn build_kernels() -> Result<(), String> {
         for e in &entries {
             let _ = writeln!(compiled, "{stem} {e}");
         }
-        let _ = writeln!(list, "    ({stem:?}, include_bytes!(concat!(env!(\"OUT_DIR\"), \"/{stem}.fatbin\"))),");
+        let _ = writeln!(
+            list,
+            "    ({stem:?}, include_bytes!(concat!(env!(\"OUT_DIR\"), \"/{stem}.fatbin\"))),"
+        );
     }
     list.push_str("];\n");
-    let _ = writeln!(list, "/// The nvcc that built them and its flags.\npub const NVCC: &str = {:?};", nvcc.display().to_string());
-    let _ = writeln!(list, "/// nvcc's `-gencode` flags: the architectures the fatbins hold.\npub const GENCODE: &str = {:?};", gencode.join(" "));
+    let _ = writeln!(
+        list,
+        "/// The nvcc that built them and its flags.\npub const NVCC: &str = {:?};",
+        nvcc.display().to_string()
+    );
+    let _ = writeln!(
+        list,
+        "/// nvcc's `-gencode` flags: the architectures the fatbins hold.\npub const GENCODE: &str = {:?};",
+        gencode.join(" ")
+    );
     check_tile_kernels(&handles)?;
     check_entries_file(&out, &listed, &compiled)?;
     list.push_str(&handles);
@@ -153,7 +171,12 @@ fn build_kernels() -> Result<(), String> {
 /// compiled: builds without nvcc (docs.rs) make the kernel handles from it.
 fn check_entries_file(out: &Path, listed: &str, compiled: &str) -> Result<(), String> {
     let norm = |t: &str| {
-        let mut v: Vec<String> = t.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).map(String::from).collect();
+        let mut v: Vec<String> = t
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+            .map(String::from)
+            .collect();
         v.sort();
         v
     };
@@ -191,7 +214,9 @@ fn docs_only(out: &Path, sources: &[PathBuf], listed: &str) -> Result<(), String
     list.push_str("];\n/// The nvcc that built them and its flags (none in a documentation-only build).\npub const NVCC: &str = \"\";\n/// nvcc's `-gencode` flags (none).\npub const GENCODE: &str = \"\";\n");
     let mut modules: Vec<(String, Vec<String>)> = Vec::new();
     for line in listed.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')) {
-        let (m, k) = line.split_once(' ').ok_or_else(|| format!("kernels/entries.txt: `{line}` is not `<module> <kernel>`"))?;
+        let (m, k) = line
+            .split_once(' ')
+            .ok_or_else(|| format!("kernels/entries.txt: `{line}` is not `<module> <kernel>`"))?;
         match modules.iter_mut().find(|(name, _)| name == m) {
             Some((_, ks)) => ks.push(k.to_string()),
             None => modules.push((m.to_string(), vec![k.to_string()])),
@@ -229,7 +254,11 @@ fn kernel_handles(module: &str, entries: &[String]) -> Result<String, String> {
         if !e.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
             return Err(format!("kernel `{e}` of kernels/{module}.cu is not extern \"C\" (a plain name)"));
         }
-        let _ = writeln!(s, "    /// `{e}` (kernels/{module}.cu).\n    pub const {}: Kernel = Kernel::new({module:?}, {e:?});", e.to_uppercase());
+        let _ = writeln!(
+            s,
+            "    /// `{e}` (kernels/{module}.cu).\n    pub const {}: Kernel = Kernel::new({module:?}, {e:?});",
+            e.to_uppercase()
+        );
     }
     s.push_str("}\n");
     Ok(s)
@@ -239,15 +268,19 @@ fn kernel_handles(module: &str, entries: &[String]) -> Result<String, String> {
 /// tables, so a miss means attention.cu no longer instantiates its X-macros).
 fn check_tile_kernels(handles: &str) -> Result<(), String> {
     use contract::attention::{BWD_TILES, FWD_TILES};
-    let names = FWD_TILES.iter().map(|t| t.kernel).chain(BWD_TILES.iter().flat_map(|t| std::iter::once(t.kernel).chain(t.dq_kernel)));
+    let names = FWD_TILES
+        .iter()
+        .map(|t| t.kernel)
+        .chain(BWD_TILES.iter().flat_map(|t| std::iter::once(t.kernel).chain(t.dq_kernel)));
     for name in names {
         if !handles.contains(&format!("{name:?}")) {
-            return Err(format!("src/contract.rs names kernel `{name}`, which kernels/attention.cu did not compile"));
+            return Err(format!(
+                "src/contract.rs names kernel `{name}`, which kernels/attention.cu did not compile"
+            ));
         }
     }
     Ok(())
 }
-
 
 fn write(path: &Path, text: &str) -> Result<(), String> {
     std::fs::write(path, text).map_err(|e| format!("cannot write {}: {e}", path.display()))
@@ -318,5 +351,9 @@ fn find_nvcc(manifest: &Path) -> Result<PathBuf, String> {
 }
 
 fn runs(nvcc: &Path) -> bool {
-    Command::new(nvcc).arg("--version").output().map(|o| o.status.success()).unwrap_or(false)
+    Command::new(nvcc)
+        .arg("--version")
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false)
 }

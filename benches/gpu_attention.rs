@@ -72,12 +72,16 @@ fn bench_shape(c: &mut Criterion, gpu: &GpuContext, label: &str, sh: AttnShape) 
     g.throughput(Throughput::Elements(bwd_flop as u64));
     g.bench_function("fused backward (flop/s)", |bn| {
         bn.iter_custom(|it| {
-            timed(gpu, it, || cuda::backward_with(gpu, s, &qkv, &out, &lse, &dout, &mut dqkv, &mut scratch, &sh, &bwd_default))
+            timed(gpu, it, || {
+                cuda::backward_with(gpu, s, &qkv, &out, &lse, &dout, &mut dqkv, &mut scratch, &sh, &bwd_default)
+            })
         })
     });
     g.bench_function("unfused backward (flop/s)", |bn| {
         bn.iter_custom(|it| {
-            timed(gpu, it, || cuda::unfused::backward(gpu, &q, &k, &v, &p, &dout_h, &mut dp, &mut dq, &mut dk, &mut dv, &sh))
+            timed(gpu, it, || {
+                cuda::unfused::backward(gpu, &q, &k, &v, &p, &dout_h, &mut dp, &mut dq, &mut dk, &mut dv, &sh)
+            })
         })
     });
     // The alternative tile shapes of this head dim (the first of each list is the default,
@@ -94,7 +98,9 @@ fn bench_shape(c: &mut Criterion, gpu: &GpuContext, label: &str, sh: AttnShape) 
     for t in &alt_bwd {
         g.bench_function(format!("fused backward {} (flop/s)", t.kernel), |bn| {
             bn.iter_custom(|it| {
-                timed(gpu, it, || cuda::backward_with(gpu, s, &qkv, &out, &lse, &dout, &mut dqkv, &mut scratch, &sh, t))
+                timed(gpu, it, || {
+                    cuda::backward_with(gpu, s, &qkv, &out, &lse, &dout, &mut dqkv, &mut scratch, &sh, t)
+                })
             })
         });
     }
@@ -102,12 +108,25 @@ fn bench_shape(c: &mut Criterion, gpu: &GpuContext, label: &str, sh: AttnShape) 
 
     // One plain summary line per shape in TFLOP/s (10 calls each, after criterion's warm-up).
     let tflops = |flop: usize, t: Duration| flop as f64 * 10.0 / t.as_secs_f64() / 1e12;
-    let ff = tflops(fwd_flop, timed(gpu, 10, || cuda::forward_with(gpu, s, &qkv, &mut out, &mut lse, &sh, &fwd_default)));
-    let uf = tflops(fwd_flop, timed(gpu, 10, || cuda::unfused::forward(gpu, &q, &k, &v, &mut p, &mut o, &sh)));
-    let fb = tflops(bwd_flop, timed(gpu, 10, || cuda::backward_with(gpu, s, &qkv, &out, &lse, &dout, &mut dqkv, &mut scratch, &sh, &bwd_default)));
+    let ff = tflops(
+        fwd_flop,
+        timed(gpu, 10, || cuda::forward_with(gpu, s, &qkv, &mut out, &mut lse, &sh, &fwd_default)),
+    );
+    let uf = tflops(
+        fwd_flop,
+        timed(gpu, 10, || cuda::unfused::forward(gpu, &q, &k, &v, &mut p, &mut o, &sh)),
+    );
+    let fb = tflops(
+        bwd_flop,
+        timed(gpu, 10, || {
+            cuda::backward_with(gpu, s, &qkv, &out, &lse, &dout, &mut dqkv, &mut scratch, &sh, &bwd_default)
+        }),
+    );
     let ub = tflops(
         bwd_flop,
-        timed(gpu, 10, || cuda::unfused::backward(gpu, &q, &k, &v, &p, &dout_h, &mut dp, &mut dq, &mut dk, &mut dv, &sh)),
+        timed(gpu, 10, || {
+            cuda::unfused::backward(gpu, &q, &k, &v, &p, &dout_h, &mut dp, &mut dq, &mut dk, &mut dv, &sh)
+        }),
     );
     eprintln!(
         "attention {label}: forward fused {ff:.1} TFLOP/s, unfused {uf:.1} ({:.2}x); backward fused {fb:.1}, unfused {ub:.1} ({:.2}x)",
@@ -115,15 +134,28 @@ fn bench_shape(c: &mut Criterion, gpu: &GpuContext, label: &str, sh: AttnShape) 
         fb / ub
     );
     for t in &alt_fwd {
-        let v = tflops(fwd_flop, timed(gpu, 10, || cuda::forward_with(gpu, s, &qkv, &mut out, &mut lse, &sh, t)));
-        eprintln!("attention {label}: forward {} {v:.1} TFLOP/s ({:.2}x the default)", t.kernel, v / ff);
+        let v = tflops(
+            fwd_flop,
+            timed(gpu, 10, || cuda::forward_with(gpu, s, &qkv, &mut out, &mut lse, &sh, t)),
+        );
+        eprintln!(
+            "attention {label}: forward {} {v:.1} TFLOP/s ({:.2}x the default)",
+            t.kernel,
+            v / ff
+        );
     }
     for t in &alt_bwd {
         let v = tflops(
             bwd_flop,
-            timed(gpu, 10, || cuda::backward_with(gpu, s, &qkv, &out, &lse, &dout, &mut dqkv, &mut scratch, &sh, t)),
+            timed(gpu, 10, || {
+                cuda::backward_with(gpu, s, &qkv, &out, &lse, &dout, &mut dqkv, &mut scratch, &sh, t)
+            }),
         );
-        eprintln!("attention {label}: backward {} {v:.1} TFLOP/s ({:.2}x the default)", t.kernel, v / fb);
+        eprintln!(
+            "attention {label}: backward {} {v:.1} TFLOP/s ({:.2}x the default)",
+            t.kernel,
+            v / fb
+        );
     }
 }
 

@@ -82,7 +82,8 @@ fn up_f32(gpu: &GpuContext, n: usize, scale: f32) -> CudaSlice<f32> {
     gpu.upload(&ramp(n, scale)).unwrap()
 }
 fn up_bf16(gpu: &GpuContext, n: usize, scale: f32) -> CudaSlice<bf16> {
-    gpu.upload(&ramp(n, scale).into_iter().map(bf16::from_f32).collect::<Vec<_>>()).unwrap()
+    gpu.upload(&ramp(n, scale).into_iter().map(bf16::from_f32).collect::<Vec<_>>())
+        .unwrap()
 }
 
 /// Branch tables: label k in group k % T, token `offset + g*E + e`, label gating.
@@ -109,10 +110,22 @@ fn asl_four_terms(
     let [dy0, dy1] = dys;
     let [dm0, dm1] = dms;
     let mut terms = [
-        AslTerm { logits: &ys[0], grad: Some(dy0) },
-        AslTerm { logits: &ys[1], grad: Some(dy1) },
-        AslTerm { logits: &ms[0], grad: Some(dm0) },
-        AslTerm { logits: &ms[1], grad: Some(dm1) },
+        AslTerm {
+            logits: &ys[0],
+            grad: Some(dy0),
+        },
+        AslTerm {
+            logits: &ys[1],
+            grad: Some(dy1),
+        },
+        AslTerm {
+            logits: &ms[0],
+            grad: Some(dm0),
+        },
+        AslTerm {
+            logits: &ms[1],
+            grad: Some(dm1),
+        },
     ];
     asl::cuda::forward_backward_terms(gpu, gpu.stream(), aws, &mut terms, targets, acfg, scale, loss, ys[0].len())
 }
@@ -120,18 +133,38 @@ fn asl_four_terms(
 fn bench_labels(c: &mut Criterion, gpu: &GpuContext, k: usize, name: &str, copy_bytes_per_s: f64) {
     let rec = Record::default();
     let s = gpu.stream();
-    let ash = AdapterShape { batch: B, tokens: P, dim: D, rank: R };
-    let msh = MoeShape { batch: B, tokens: P, dim: D, labels: k, experts: E, gate_rows: E * k };
+    let ash = AdapterShape {
+        batch: B,
+        tokens: P,
+        dim: D,
+        rank: R,
+    };
+    let msh = MoeShape {
+        batch: B,
+        tokens: P,
+        dim: D,
+        labels: k,
+        experts: E,
+        gate_rows: E * k,
+    };
     let a = 1.0 / (D as f32).sqrt();
     let z = up_bf16(gpu, B * P * D, 1.0);
-    let (w1, b1, w2, b2) = (up_f32(gpu, P * R * D, a), up_f32(gpu, P * R, 0.1), up_f32(gpu, P * D * R, 0.3), up_f32(gpu, P * D, 0.1));
+    let (w1, b1, w2, b2) = (
+        up_f32(gpu, P * R * D, a),
+        up_f32(gpu, P * R, 0.1),
+        up_f32(gpu, P * D * R, 0.3),
+        up_f32(gpu, P * D, 0.1),
+    );
     let mut u = gpu.zeros::<f32>(B * P * R).unwrap();
     let mut adapted = gpu.zeros::<bf16>(B * P * D).unwrap();
     let branches: Vec<(cuda::IndexTable, cuda::IndexTable)> = [0, T * E]
         .iter()
         .map(|&off| {
             let (tok, grow) = tables(k, off);
-            (cuda::IndexTable::new(gpu, &tok, P).unwrap(), cuda::IndexTable::new(gpu, &grow, E * k).unwrap())
+            (
+                cuda::IndexTable::new(gpu, &tok, P).unwrap(),
+                cuda::IndexTable::new(gpu, &grow, E * k).unwrap(),
+            )
         })
         .collect();
     let gates = [up_f32(gpu, E * k * D, a), up_f32(gpu, E * k * D, a)];
@@ -143,20 +176,39 @@ fn bench_labels(c: &mut Criterion, gpu: &GpuContext, k: usize, name: &str, copy_
     let mut rs = [gpu.zeros::<f32>(B * E * k).unwrap(), gpu.zeros::<f32>(B * E * k).unwrap()];
     let mut dys = [gpu.zeros::<f32>(B * k).unwrap(), gpu.zeros::<f32>(B * k).unwrap()];
     let mut dms = [gpu.zeros::<f32>(B * k).unwrap(), gpu.zeros::<f32>(B * k).unwrap()];
-    let targets = gpu.upload(&(0..B * k).map(|i| (i % 13 == 0) as u8 as f32).collect::<Vec<_>>()).unwrap();
+    let targets = gpu
+        .upload(&(0..B * k).map(|i| (i % 13 == 0) as u8 as f32).collect::<Vec<_>>())
+        .unwrap();
     let (mut dz, mut dad) = (gpu.zeros::<bf16>(B * P * D).unwrap(), gpu.zeros::<bf16>(B * P * D).unwrap());
     let mut dgates = [gpu.zeros::<f32>(E * k * D).unwrap(), gpu.zeros::<f32>(E * k * D).unwrap()];
     let mut dws = [gpu.zeros::<f32>(k * D).unwrap(), gpu.zeros::<f32>(k * D).unwrap()];
     let mut dcs = [gpu.zeros::<f32>(k).unwrap(), gpu.zeros::<f32>(k).unwrap()];
-    let (mut dw1, mut db1, mut dw2, mut db2) =
-        (gpu.zeros::<f32>(P * R * D).unwrap(), gpu.zeros::<f32>(P * R).unwrap(), gpu.zeros::<f32>(P * D * R).unwrap(), gpu.zeros::<f32>(P * D).unwrap());
+    let (mut dw1, mut db1, mut dw2, mut db2) = (
+        gpu.zeros::<f32>(P * R * D).unwrap(),
+        gpu.zeros::<f32>(P * R).unwrap(),
+        gpu.zeros::<f32>(P * D * R).unwrap(),
+        gpu.zeros::<f32>(P * D).unwrap(),
+    );
     let (mut pred_y, mut prob) = (gpu.zeros::<f32>(B * k).unwrap(), gpu.zeros::<f32>(B * k).unwrap());
     let mut loss = gpu.zeros::<f32>(1).unwrap();
     let mut hws = cuda::HeadWorkspace::new();
     let mut aws = asl::cuda::AslWorkspace::new(gpu).unwrap();
     let acfg = asl::AslConfig::default();
     let scale = 1000.0 / (B * k) as f32;
-    cuda::adapter_forward(gpu, s, &z, &w1, &b1, &w2, &b2, &mut u, &mut adapted, &ash, cuda::HeadKernels::default()).unwrap();
+    cuda::adapter_forward(
+        gpu,
+        s,
+        &z,
+        &w1,
+        &b1,
+        &w2,
+        &b2,
+        &mut u,
+        &mut adapted,
+        &ash,
+        cuda::HeadKernels::default(),
+    )
+    .unwrap();
 
     // Minimum bytes per op (bf16 tokens: 2 bytes, everything else fp32).
     let tokens_all = (B * P * D * 2) as u64;
@@ -170,21 +222,36 @@ fn bench_labels(c: &mut Criterion, gpu: &GpuContext, k: usize, name: &str, copy_
     // Both kernel sets (tensor cores, the default; fp32 CUDA cores), same inputs.
     for kernels in cuda::HeadKernels::ALL {
         let kn = kernels.name();
-        let (op, bytes) = (format!("adapter forward ({kn}) B{B} P{P} D{D} r{R}"), 2 * tokens_all + (B * P * R * 4) as u64 + adapter_params);
-        g.throughput(Throughput::Bytes(bytes));
-        g.bench_function(&op, |bch| {
-            bch.iter_custom(|it| rec.timed(gpu, &op, bytes, it, || cuda::adapter_forward(gpu, s, &z, &w1, &b1, &w2, &b2, &mut u, &mut adapted, &ash, kernels)))
-        });
-        let (op, bytes) = (format!("adapter backward ({kn}) B{B} P{P} D{D} r{R}"), 4 * tokens_all + (B * P * R * 4) as u64 + 2 * adapter_params);
+        let (op, bytes) = (
+            format!("adapter forward ({kn}) B{B} P{P} D{D} r{R}"),
+            2 * tokens_all + (B * P * R * 4) as u64 + adapter_params,
+        );
         g.throughput(Throughput::Bytes(bytes));
         g.bench_function(&op, |bch| {
             bch.iter_custom(|it| {
                 rec.timed(gpu, &op, bytes, it, || {
-                    cuda::adapter_backward(gpu, s, &mut hws, &dad, &z, &u, &w1, &w2, &mut dz, &mut dw1, &mut db1, &mut dw2, &mut db2, &ash, kernels)
+                    cuda::adapter_forward(gpu, s, &z, &w1, &b1, &w2, &b2, &mut u, &mut adapted, &ash, kernels)
                 })
             })
         });
-        let (op, bytes) = (format!("moe forward (one branch, {kn}) B{B} K{k} E{E}"), 2 * tokens_branch + head_params + 2 * bk + 2 * bek);
+        let (op, bytes) = (
+            format!("adapter backward ({kn}) B{B} P{P} D{D} r{R}"),
+            4 * tokens_all + (B * P * R * 4) as u64 + 2 * adapter_params,
+        );
+        g.throughput(Throughput::Bytes(bytes));
+        g.bench_function(&op, |bch| {
+            bch.iter_custom(|it| {
+                rec.timed(gpu, &op, bytes, it, || {
+                    cuda::adapter_backward(
+                        gpu, s, &mut hws, &dad, &z, &u, &w1, &w2, &mut dz, &mut dw1, &mut db1, &mut dw2, &mut db2, &ash, kernels,
+                    )
+                })
+            })
+        });
+        let (op, bytes) = (
+            format!("moe forward (one branch, {kn}) B{B} K{k} E{E}"),
+            2 * tokens_branch + head_params + 2 * bk + 2 * bek,
+        );
         g.throughput(Throughput::Bytes(bytes));
         g.bench_function(&op, |bch| {
             bch.iter_custom(|it| {
@@ -194,12 +261,16 @@ fn bench_labels(c: &mut Criterion, gpu: &GpuContext, k: usize, name: &str, copy_
                     let [q0, _] = &mut qs;
                     let [r0, _] = &mut rs;
                     let (tok, grow) = &branches[0];
-                    cuda::moe_forward(gpu, s, &z, &adapted, &gates[0], &ws_[0], &cs[0], tok, grow, y0, m0, q0, r0, &msh, kernels)
+                    cuda::moe_forward(
+                        gpu, s, &z, &adapted, &gates[0], &ws_[0], &cs[0], tok, grow, y0, m0, q0, r0, &msh, kernels,
+                    )
                 })
             })
         });
-        let (op, bytes) =
-            (format!("moe backward (one branch, {kn}) B{B} K{k} E{E}"), 2 * bk + 2 * bek + 2 * tokens_branch + 4 * tokens_branch + 2 * head_params);
+        let (op, bytes) = (
+            format!("moe backward (one branch, {kn}) B{B} K{k} E{E}"),
+            2 * bk + 2 * bek + 2 * tokens_branch + 4 * tokens_branch + 2 * head_params,
+        );
         g.throughput(Throughput::Bytes(bytes));
         g.bench_function(&op, |bch| {
             bch.iter_custom(|it| {
@@ -209,8 +280,8 @@ fn bench_labels(c: &mut Criterion, gpu: &GpuContext, k: usize, name: &str, copy_
                     let [dw0, _] = &mut dws;
                     let [dc0, _] = &mut dcs;
                     cuda::moe_backward(
-                        gpu, s, &mut hws, &dys[0], &dms[0], &z, &adapted, &gates[0], &ws_[0], tok, grow, &qs[0], &rs[0], &mut dz, &mut dad, dg0, dw0, dc0,
-                        &msh, kernels,
+                        gpu, s, &mut hws, &dys[0], &dms[0], &z, &adapted, &gates[0], &ws_[0], tok, grow, &qs[0], &rs[0], &mut dz, &mut dad,
+                        dg0, dw0, dc0, &msh, kernels,
                     )
                 })
             })
@@ -218,7 +289,11 @@ fn bench_labels(c: &mut Criterion, gpu: &GpuContext, k: usize, name: &str, copy_
     }
     g.throughput(Throughput::Bytes(4 * 2 * bk + bk));
     g.bench_function(format!("asl 4 terms fwd+bwd B{B} K{k}"), |bch| {
-        bch.iter_custom(|it| timed(gpu, it, || asl_four_terms(gpu, &mut aws, &ys, &ms, &mut dys, &mut dms, &targets, &acfg, scale, &mut loss)))
+        bch.iter_custom(|it| {
+            timed(gpu, it, || {
+                asl_four_terms(gpu, &mut aws, &ys, &ms, &mut dys, &mut dms, &targets, &acfg, scale, &mut loss)
+            })
+        })
     });
     g.throughput(Throughput::Bytes(4 * bk));
     g.bench_function(format!("predict B{B} K{k}"), |bch| {
@@ -241,7 +316,8 @@ fn bench_labels(c: &mut Criterion, gpu: &GpuContext, k: usize, name: &str, copy_
                     for i in 0..2 {
                         let (tok, grow) = &branches[i];
                         cuda::moe_forward(
-                            gpu, s, &z, &adapted, &gates[i], &ws_[i], &cs[i], tok, grow, &mut ys[i], &mut ms[i], &mut qs[i], &mut rs[i], &msh, kernels,
+                            gpu, s, &z, &adapted, &gates[i], &ws_[i], &cs[i], tok, grow, &mut ys[i], &mut ms[i], &mut qs[i], &mut rs[i],
+                            &msh, kernels,
                         )?;
                     }
                     asl_four_terms(gpu, &mut aws, &ys, &ms, &mut dys, &mut dms, &targets, &acfg, scale, &mut loss)?;
@@ -270,7 +346,9 @@ fn bench_labels(c: &mut Criterion, gpu: &GpuContext, k: usize, name: &str, copy_
                             kernels,
                         )?;
                     }
-                    cuda::adapter_backward(gpu, s, &mut hws, &dad, &z, &u, &w1, &w2, &mut dz, &mut dw1, &mut db1, &mut dw2, &mut db2, &ash, kernels)
+                    cuda::adapter_backward(
+                        gpu, s, &mut hws, &dad, &z, &u, &w1, &w2, &mut dz, &mut dw1, &mut db1, &mut dw2, &mut db2, &ash, kernels,
+                    )
                 })
             })
         });
@@ -289,11 +367,19 @@ fn bench_copy(c: &mut Criterion, gpu: &GpuContext) -> f64 {
     let (op, bytes) = ("device-to-device 64 MiB", 2 * 4 * N as u64);
     g.throughput(Throughput::Bytes(bytes));
     g.bench_function(op, |bch| {
-        bch.iter_custom(|it| rec.timed(gpu, op, bytes, it, || gpu.stream().memcpy_dtod(&src, &mut dst).map_err(GpuError::driver("copying"))))
+        bch.iter_custom(|it| {
+            rec.timed(gpu, op, bytes, it, || {
+                gpu.stream().memcpy_dtod(&src, &mut dst).map_err(GpuError::driver("copying"))
+            })
+        })
     });
     g.finish();
     let rate = bytes as f64 / rec.secs(op).unwrap_or(f64::NAN);
-    eprintln!("head copy peer: {op}: {:.0} GiB/s (read + write); 70% of it is {:.0} GiB/s", rate / (1u64 << 30) as f64, 0.7 * rate / (1u64 << 30) as f64);
+    eprintln!(
+        "head copy peer: {op}: {:.0} GiB/s (read + write); 70% of it is {:.0} GiB/s",
+        rate / (1u64 << 30) as f64,
+        0.7 * rate / (1u64 << 30) as f64
+    );
     rate
 }
 

@@ -26,7 +26,8 @@ fn filled<T: cudarc::driver::DeviceRepr + Copy>(gpu: &GpuContext, n: usize, v: T
 }
 
 fn ramp_bf16(gpu: &GpuContext, n: usize) -> CudaSlice<bf16> {
-    gpu.upload(&(0..n).map(|i| bf16::from_f32(((i % 97) as f32 - 48.0) / 16.0)).collect::<Vec<_>>()).unwrap()
+    gpu.upload(&(0..n).map(|i| bf16::from_f32(((i % 97) as f32 - 48.0) / 16.0)).collect::<Vec<_>>())
+        .unwrap()
 }
 
 fn bench_all(c: &mut Criterion, gpu: &GpuContext) {
@@ -47,11 +48,20 @@ fn bench_all(c: &mut Criterion, gpu: &GpuContext) {
 
     let mut g = c.benchmark_group("adamw");
     let n = 4 << 20;
-    let (mut p, gr, mut m, mut v) = (filled(gpu, n, 0.1f32), filled(gpu, n, 0.01f32), filled(gpu, n, 0.0f32), filled(gpu, n, 0.0f32));
+    let (mut p, gr, mut m, mut v) = (
+        filled(gpu, n, 0.1f32),
+        filled(gpu, n, 0.01f32),
+        filled(gpu, n, 0.0f32),
+        filled(gpu, n, 0.0f32),
+    );
     let cfg = adamw::AdamWConfig::default();
     g.throughput(Throughput::Bytes((n * 28) as u64));
     g.bench_function("4M params", |b| {
-        b.iter_custom(|it| timed(gpu, it, || adamw::cuda::step(gpu, s, &mut p, &gr, &mut m, &mut v, n, 10, 5e-4, &cfg)))
+        b.iter_custom(|it| {
+            timed(gpu, it, || {
+                adamw::cuda::step(gpu, s, &mut p, &gr, &mut m, &mut v, n, 10, 5e-4, &cfg)
+            })
+        })
     });
     g.finish();
 
@@ -63,14 +73,18 @@ fn bench_all(c: &mut Criterion, gpu: &GpuContext) {
     g.throughput(Throughput::Bytes((ROWS * D * 4) as u64));
     g.bench_function("forward 14528x768", |b| {
         b.iter_custom(|it| {
-            timed(gpu, it, || layernorm::cuda::forward(gpu, s, &x, &gamma, &beta, &mut y, &mut mean, &mut rstd, ROWS, D, 1e-6))
+            timed(gpu, it, || {
+                layernorm::cuda::forward(gpu, s, &x, &gamma, &beta, &mut y, &mut mean, &mut rstd, ROWS, D, 1e-6)
+            })
         })
     });
     let mut dx = filled(gpu, ROWS * D, bf16::ZERO);
     g.throughput(Throughput::Bytes((ROWS * D * 6) as u64));
     g.bench_function("backward 14528x768", |b| {
         b.iter_custom(|it| {
-            timed(gpu, it, || layernorm::cuda::backward(gpu, s, &y, &x, &gamma, &mean, &rstd, &mut dx, ROWS, D, false))
+            timed(gpu, it, || {
+                layernorm::cuda::backward(gpu, s, &y, &x, &gamma, &mean, &rstd, &mut dx, ROWS, D, false)
+            })
         })
     });
     // The CUDA backend's case: the fp32 residual stream read directly (bytes: x f32, y bf16).
@@ -78,7 +92,9 @@ fn bench_all(c: &mut Criterion, gpu: &GpuContext) {
     g.throughput(Throughput::Bytes((ROWS * D * 6) as u64));
     g.bench_function("forward fp32 stream 14528x768", |b| {
         b.iter_custom(|it| {
-            timed(gpu, it, || layernorm::cuda::forward::<f32>(gpu, s, &xf, &gamma, &beta, &mut y, &mut mean, &mut rstd, ROWS, D, 1e-6))
+            timed(gpu, it, || {
+                layernorm::cuda::forward::<f32>(gpu, s, &xf, &gamma, &beta, &mut y, &mut mean, &mut rstd, ROWS, D, 1e-6)
+            })
         })
     });
     // Accumulating into the fp32 residual gradient (dy bf16, x f32, dx f32 read and written).
@@ -86,7 +102,9 @@ fn bench_all(c: &mut Criterion, gpu: &GpuContext) {
     g.throughput(Throughput::Bytes((ROWS * D * 14) as u64));
     g.bench_function("backward fp32 stream 14528x768", |b| {
         b.iter_custom(|it| {
-            timed(gpu, it, || layernorm::cuda::backward::<f32>(gpu, s, &y, &xf, &gamma, &mean, &rstd, &mut dxf, ROWS, D, true))
+            timed(gpu, it, || {
+                layernorm::cuda::backward::<f32>(gpu, s, &y, &xf, &gamma, &mean, &rstd, &mut dxf, ROWS, D, true)
+            })
         })
     });
     // The residual add fused in (x f32, f bf16, ls f32 [D], out f32, y bf16).
@@ -96,7 +114,22 @@ fn bench_all(c: &mut Criterion, gpu: &GpuContext) {
     g.bench_function("residual + forward 14528x768", |b| {
         b.iter_custom(|it| {
             timed(gpu, it, || {
-                layernorm::cuda::residual_forward::<bf16>(gpu, s, &xf, &fb, Some(&ls), &mut out, &gamma, &beta, &mut y, &mut mean, &mut rstd, ROWS, D, 1e-6)
+                layernorm::cuda::residual_forward::<bf16>(
+                    gpu,
+                    s,
+                    &xf,
+                    &fb,
+                    Some(&ls),
+                    &mut out,
+                    &gamma,
+                    &beta,
+                    &mut y,
+                    &mut mean,
+                    &mut rstd,
+                    ROWS,
+                    D,
+                    1e-6,
+                )
             })
         })
     });
@@ -112,13 +145,19 @@ fn bench_all(c: &mut Criterion, gpu: &GpuContext) {
     });
     g.throughput(Throughput::Bytes((ROWS * MLP * 6) as u64));
     g.bench_function("bias backward in place 14528x3072", |b| {
-        b.iter_custom(|it| timed(gpu, it, || gelu::cuda::backward_in_place(gpu, s, &h, Some(&bias), &mut out, ROWS, MLP)))
+        b.iter_custom(|it| {
+            timed(gpu, it, || {
+                gelu::cuda::backward_in_place(gpu, s, &h, Some(&bias), &mut out, ROWS, MLP)
+            })
+        })
     });
     g.finish();
 
     let mut g = c.benchmark_group("asl");
     let n = 512 * 1000;
-    let logits = gpu.upload(&(0..n).map(|i| ((i % 61) as f32 - 30.0) / 5.0).collect::<Vec<_>>()).unwrap();
+    let logits = gpu
+        .upload(&(0..n).map(|i| ((i % 61) as f32 - 30.0) / 5.0).collect::<Vec<_>>())
+        .unwrap();
     let targets = gpu.upload(&(0..n).map(|i| (i % 7 == 0) as u8 as f32).collect::<Vec<_>>()).unwrap();
     let (mut grad, mut loss) = (filled(gpu, n, 0.0f32), filled(gpu, 1, 0.0f32));
     let mut ws = asl::cuda::AslWorkspace::new(gpu).unwrap();
@@ -126,7 +165,9 @@ fn bench_all(c: &mut Criterion, gpu: &GpuContext) {
     g.throughput(Throughput::Bytes((n * 12) as u64));
     g.bench_function("forward+backward 512x1000", |b| {
         b.iter_custom(|it| {
-            timed(gpu, it, || asl::cuda::forward_backward(gpu, s, &mut ws, &logits, &targets, &acfg, 1.0, Some(&mut grad), &mut loss, n))
+            timed(gpu, it, || {
+                asl::cuda::forward_backward(gpu, s, &mut ws, &logits, &targets, &acfg, 1.0, Some(&mut grad), &mut loss, n)
+            })
         })
     });
     g.finish();

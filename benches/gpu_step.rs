@@ -21,7 +21,10 @@ fn setup(be: CudaBackend, cfg: &ModelConfig, batch: usize) -> anyhow::Result<(Tr
 fn bench(c: &mut Criterion) {
     let name = match CudaBackend::new(0) {
         Ok(be) if be.gpu().is_virtual() => {
-            eprintln!("gpu_step bench skipped: {} is the virtual CUDA device (tools/vgpu), which has no performance meaning", be.gpu().device_name());
+            eprintln!(
+                "gpu_step bench skipped: {} is the virtual CUDA device (tools/vgpu), which has no performance meaning",
+                be.gpu().device_name()
+            );
             return;
         }
         Ok(be) => be.gpu().device_name().to_string(),
@@ -32,8 +35,18 @@ fn bench(c: &mut Criterion) {
     };
     eprintln!("# gpu_step on {name}");
     let demo = ModelConfig::demo();
-    let vitb = ModelConfig { vit: VitConfig::vit_b16(), labels: 80, groups: 5, experts: 3, ..ModelConfig::demo() };
-    for (label, cfg, batch) in [("demo b64", &demo, 64usize), ("vit-b16-224 b64", &vitb, 64), ("vit-b16-224 b128", &vitb, 128)] {
+    let vitb = ModelConfig {
+        vit: VitConfig::vit_b16(),
+        labels: 80,
+        groups: 5,
+        experts: 3,
+        ..ModelConfig::demo()
+    };
+    for (label, cfg, batch) in [
+        ("demo b64", &demo, 64usize),
+        ("vit-b16-224 b64", &vitb, 64),
+        ("vit-b16-224 b128", &vitb, 128),
+    ] {
         // Built on first use (one trainer at a time: ViT-B at batch 128 holds ~11 GB).
         let mut state = None;
         let mut g = c.benchmark_group("gpu_step");

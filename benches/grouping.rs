@@ -26,7 +26,10 @@ fn grouping(c: &mut Criterion) {
     for k in [80, 365, 1000] {
         let lists = synthetic_lists(k, 50 * k, 1);
         let co = Cooccurrence::from_label_lists(k, lists.iter().map(|l| l.as_slice()));
-        let cfg = GroupingConfig { groups: 5, ..Default::default() };
+        let cfg = GroupingConfig {
+            groups: 5,
+            ..Default::default()
+        };
         g.bench_with_input(BenchmarkId::new("both_graphs", k), &co, |b, co| {
             b.iter(|| branches(co, GroupingMode::Both, &cfg).unwrap())
         });

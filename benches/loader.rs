@@ -28,9 +28,19 @@ fn bench(c: &mut Criterion) {
     cache::prepare(&cfile, "bench", &["a".to_string()], SIZE, &items, &Vec::new(), |_, _| {}).unwrap();
     let cache = Arc::new(cache::Cache::open(&cfile).unwrap());
     let idx: Vec<usize> = (0..N).collect();
-    let mk = |store| TrainLoader { store, targets: vec![1.0; N], k: 1, size: SIZE, norm: Norm::Imagenet, seed: 0 };
+    let mk = |store| TrainLoader {
+        store,
+        targets: vec![1.0; N],
+        k: 1,
+        size: SIZE,
+        norm: Norm::Imagenet,
+        seed: 0,
+    };
     let from_files = mk(ImageStore::Files(files.clone()));
-    let from_cache = mk(ImageStore::Cache { records: cache.records(mlvpt::data::Split::Train), cache });
+    let from_cache = mk(ImageStore::Cache {
+        records: cache.records(mlvpt::data::Split::Train),
+        cache,
+    });
 
     let mut g = c.benchmark_group("loader_224");
     g.throughput(Throughput::Elements(N as u64));

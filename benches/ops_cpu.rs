@@ -45,9 +45,7 @@ fn bench(c: &mut Criterion) {
         );
         g.throughput(Throughput::Bytes((rows * d * 4) as u64));
         g.bench_function(format!("layernorm fwd {name} {rows}x{d}"), |bch| {
-            bch.iter(|| {
-                layernorm::cpu::forward(&x, &gm, &bt, &mut y, &mut m, &mut s, rows, d, 1e-6)
-            })
+            bch.iter(|| layernorm::cpu::forward(&x, &gm, &bt, &mut y, &mut m, &mut s, rows, d, 1e-6))
         });
         g.bench_function(format!("layernorm bwd {name} {rows}x{d}"), |bch| {
             bch.iter(|| layernorm::cpu::backward(&y, &x, &gm, &m, &s, &mut dx, rows, d, false))
@@ -60,9 +58,7 @@ fn bench(c: &mut Criterion) {
         let d0 = rv(&mut rng, n);
         let (mut y, mut d) = (vec![0.0f32; n], d0.clone());
         g.throughput(Throughput::Bytes((n * 4) as u64));
-        g.bench_function("gelu fwd demo 64x77x384", |bch| {
-            bch.iter(|| gelu::cpu::forward(&x, &mut y, n))
-        });
+        g.bench_function("gelu fwd demo 64x77x384", |bch| bch.iter(|| gelu::cpu::forward(&x, &mut y, n)));
         g.bench_function("gelu bwd demo 64x77x384", |bch| {
             bch.iter(|| {
                 // fresh gradient each time (repeated in-place products would decay to denormals)
@@ -76,11 +72,7 @@ fn bench(c: &mut Criterion) {
         let sh = AttnShape::full(b, n, h, dh, 1, 1 + p);
         let d = h * dh;
         let qkv = rv(&mut rng, b * n * 3 * d);
-        let (mut out, mut lse, mut dq) = (
-            vec![0.0f32; b * n * d],
-            vec![0.0f32; b * h * n],
-            vec![0.0f32; b * n * 3 * d],
-        );
+        let (mut out, mut lse, mut dq) = (vec![0.0f32; b * n * d], vec![0.0f32; b * h * n], vec![0.0f32; b * n * 3 * d]);
         let dout = rv(&mut rng, b * n * d);
         let mut scratch = Vec::new();
         g.throughput(Throughput::Elements((4 * b * h * n * n * dh) as u64));

@@ -47,14 +47,7 @@ fn time_calls(steps: usize, mut f: impl FnMut()) -> (f64, f64, Option<f64>) {
 }
 
 /// Prints the peer-style summary of `steps` single training steps and predicts.
-fn summary(
-    name: &str,
-    tr: &mut Trainer<CpuBackend<f32>>,
-    images: &[f32],
-    targets: &[f32],
-    batch: usize,
-    steps: usize,
-) {
+fn summary(name: &str, tr: &mut Trainer<CpuBackend<f32>>, images: &[f32], targets: &[f32], batch: usize, steps: usize) {
     let b = batch as f64;
     let (med, best, cpu) = time_calls(steps, || {
         tr.step(images, targets, 1e-4).unwrap();
@@ -83,10 +76,7 @@ fn bench(c: &mut Criterion) {
         experts: 3,
         ..ModelConfig::demo()
     };
-    for (name, cfg, batch, secs, steps) in [
-        ("demo b64", demo, 64usize, 8u64, 30usize),
-        ("vit-s16-224 b8", vits, 8, 20, 8),
-    ] {
+    for (name, cfg, batch, secs, steps) in [("demo b64", demo, 64usize, 8u64, 30usize), ("vit-s16-224 b8", vits, 8, 20, 8)] {
         // Built on first use, so a filtered run does not pay for the other shape's setup.
         let mut state = None;
         let mut g = c.benchmark_group("train_step");

@@ -9,8 +9,16 @@ use mlvpt::ops::layernorm;
 
 fn run() -> Result<(), GpuError> {
     let gpu = GpuContext::new(0)?;
-    println!("device: {} (compute capability {:?}, {} SMs)", gpu.device_name(), gpu.compute_capability(), gpu.sm_count());
-    println!("embedded modules: {:?}", mlvpt::gpu::FATBINS.iter().map(|(m, _)| *m).collect::<Vec<_>>());
+    println!(
+        "device: {} (compute capability {:?}, {} SMs)",
+        gpu.device_name(),
+        gpu.compute_capability(),
+        gpu.sm_count()
+    );
+    println!(
+        "embedded modules: {:?}",
+        mlvpt::gpu::FATBINS.iter().map(|(m, _)| *m).collect::<Vec<_>>()
+    );
 
     // LayerNorm of two rows of 8 values (bf16 storage, fp32 statistics).
     let (rows, d) = (2usize, 8usize);
@@ -22,7 +30,19 @@ fn run() -> Result<(), GpuError> {
     let mut mean = gpu.zeros::<f32>(rows)?;
     let mut rstd = gpu.zeros::<f32>(rows)?;
     let stream = gpu.stream().clone();
-    layernorm::cuda::forward(&gpu, &stream, &x_dev, &gamma, &beta, &mut y, &mut mean, &mut rstd, rows, d, layernorm::VIT_EPS)?;
+    layernorm::cuda::forward(
+        &gpu,
+        &stream,
+        &x_dev,
+        &gamma,
+        &beta,
+        &mut y,
+        &mut mean,
+        &mut rstd,
+        rows,
+        d,
+        layernorm::VIT_EPS,
+    )?;
 
     let y = gpu.download(&y)?;
     let mean = gpu.download(&mean)?;

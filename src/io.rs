@@ -20,7 +20,12 @@ pub struct InputError {
 
 impl InputError {
     pub fn new(file: &Path, line: Option<usize>, column: Option<usize>, message: impl Into<String>) -> Self {
-        Self { file: file.to_path_buf(), line, column, message: message.into() }
+        Self {
+            file: file.to_path_buf(),
+            line,
+            column,
+            message: message.into(),
+        }
     }
 }
 
@@ -75,8 +80,7 @@ fn split_cells(line: &str) -> Vec<&str> {
 
 /// Reads a CSV matrix file; see the module docs for the format.
 pub fn read_matrix(path: &Path, values: Values) -> Result<Matrix, InputError> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| InputError::new(path, None, None, format!("cannot read file: {e}")))?;
+    let text = std::fs::read_to_string(path).map_err(|e| InputError::new(path, None, None, format!("cannot read file: {e}")))?;
     parse_matrix(path, &text, values)
 }
 
@@ -100,7 +104,12 @@ pub fn parse_matrix(path: &Path, text: &str, values: Values) -> Result<Matrix, I
             // Class names key per-class results, so they must be present and distinct.
             for (j, c) in cells.iter().enumerate() {
                 if c.is_empty() {
-                    return Err(InputError::new(path, Some(lineno), Some(j + 1), "empty class name in the header row"));
+                    return Err(InputError::new(
+                        path,
+                        Some(lineno),
+                        Some(j + 1),
+                        "empty class name in the header row",
+                    ));
                 }
                 if let Some(first) = cells[..j].iter().position(|d| d == c) {
                     return Err(InputError::new(
@@ -129,9 +138,9 @@ pub fn parse_matrix(path: &Path, text: &str, values: Values) -> Result<Matrix, I
         }
         for (j, cell) in cells.iter().enumerate() {
             let col = Some(j + 1);
-            let v: f64 = cell.parse().map_err(|_| {
-                InputError::new(path, Some(lineno), col, format!("expected a number, found {cell:?}"))
-            })?;
+            let v: f64 = cell
+                .parse()
+                .map_err(|_| InputError::new(path, Some(lineno), col, format!("expected a number, found {cell:?}")))?;
             if !v.is_finite() {
                 return Err(InputError::new(path, Some(lineno), col, format!("value {cell:?} is not finite")));
             }
@@ -157,7 +166,13 @@ pub fn parse_matrix(path: &Path, text: &str, values: Values) -> Result<Matrix, I
     if lines.is_empty() {
         return Err(InputError::new(path, None, None, "file holds no data rows"));
     }
-    Ok(Matrix { rows: lines.len(), cols, data, header, lines })
+    Ok(Matrix {
+        rows: lines.len(),
+        cols,
+        data,
+        header,
+        lines,
+    })
 }
 
 #[cfg(test)]

@@ -16,6 +16,8 @@ pub mod backend;
 pub mod contract;
 #[cfg(feature = "train")]
 pub mod data;
+#[cfg(feature = "cuda")]
+pub mod gpu;
 #[cfg(feature = "train")]
 pub mod grouping;
 #[cfg(feature = "train")]
@@ -27,5 +29,3 @@ pub mod model;
 pub mod ops;
 #[cfg(feature = "train")]
 pub mod train;
-#[cfg(feature = "cuda")]
-pub mod gpu;

@@ -34,7 +34,11 @@ pub struct Prf {
 impl Prf {
     /// From fractions in [0, 1]; F1 of two zeros is 0.
     fn from_fractions(p: f64, r: f64) -> Self {
-        Self { precision: 100.0 * p, recall: 100.0 * r, f1: 100.0 * ratio(2.0 * p * r, p + r) }
+        Self {
+            precision: 100.0 * p,
+            recall: 100.0 * r,
+            f1: 100.0 * ratio(2.0 * p * r, p + r),
+        }
     }
 }
 
@@ -133,7 +137,11 @@ struct Counts {
 
 impl Counts {
     fn new(k: usize) -> Self {
-        Self { ng: vec![0; k], np: vec![0; k], nc: vec![0; k] }
+        Self {
+            ng: vec![0; k],
+            np: vec![0; k],
+            nc: vec![0; k],
+        }
     }
 
     /// (class-averaged, overall) precision/recall/F1.
@@ -141,7 +149,10 @@ impl Counts {
         let k = self.ng.len();
         let cp = ratio((0..k).map(|j| ratio(self.nc[j] as f64, self.np[j] as f64)).sum(), k as f64);
         let with_pos: Vec<usize> = (0..k).filter(|&j| self.ng[j] > 0).collect();
-        let cr = ratio(with_pos.iter().map(|&j| self.nc[j] as f64 / self.ng[j] as f64).sum(), with_pos.len() as f64);
+        let cr = ratio(
+            with_pos.iter().map(|&j| self.nc[j] as f64 / self.ng[j] as f64).sum(),
+            with_pos.len() as f64,
+        );
         let (snc, snp, sng) = (sum(&self.nc), sum(&self.np), sum(&self.ng));
         (Prf::from_fractions(cp, cr), Prf::from_fractions(ratio(snc, snp), ratio(snc, sng)))
     }
@@ -283,7 +294,11 @@ impl Metrics {
     /// A readable table (2 decimals) of the summary and the per-class AP.
     pub fn to_table(&self, class_names: &[String]) -> String {
         let mut s = String::new();
-        let _ = writeln!(s, "{} images, {} classes, threshold {}", self.n_images, self.n_classes, self.threshold);
+        let _ = writeln!(
+            s,
+            "{} images, {} classes, threshold {}",
+            self.n_images, self.n_classes, self.threshold
+        );
         let _ = writeln!(s, "mAP {:6.2}   mAP (non-interpolated) {:6.2}", self.map, self.map_noninterp);
         let _ = writeln!(s, "{:<16}{:>8}{:>8}{:>8}", "", "P", "R", "F1");
         for (label, m) in [
@@ -294,7 +309,11 @@ impl Metrics {
         ] {
             let _ = writeln!(s, "{label:<16}{:>8.2}{:>8.2}{:>8.2}", m.precision, m.recall, m.f1);
         }
-        let width = (0..self.n_classes).map(|j| name(class_names, j).chars().count()).max().unwrap_or(0).max(5);
+        let width = (0..self.n_classes)
+            .map(|j| name(class_names, j).chars().count())
+            .max()
+            .unwrap_or(0)
+            .max(5);
         let _ = writeln!(s, "\n{:<width$}  {:>7}  {:>17}", "class", "AP", "AP non-interp.");
         for j in 0..self.n_classes {
             let n = name(class_names, j);
@@ -316,8 +335,15 @@ impl Metrics {
         let none = self.classes_without_positives();
         if !none.is_empty() {
             let (n, verb) = if none.len() == 1 { ("1 class has", "is") } else { ("", "are") };
-            let head = if n.is_empty() { format!("{} classes have", none.len()) } else { n.to_string() };
-            w.push(format!("{head} no positives and {verb} left out of mAP and CR: {}", name_list(class_names, &none)));
+            let head = if n.is_empty() {
+                format!("{} classes have", none.len())
+            } else {
+                n.to_string()
+            };
+            w.push(format!(
+                "{head} no positives and {verb} left out of mAP and CR: {}",
+                name_list(class_names, &none)
+            ));
         }
         if !self.images_without_labels.is_empty() {
             let c = self.images_without_labels.len();
@@ -349,9 +375,22 @@ pub enum EvalInputError {
     #[error(transparent)]
     Input(#[from] InputError),
     #[error("shapes differ: scores {scores} has {sr} rows x {sc} columns, targets {targets} has {tr} rows x {tc} columns")]
-    Shape { scores: PathBuf, sr: usize, sc: usize, targets: PathBuf, tr: usize, tc: usize },
+    Shape {
+        scores: PathBuf,
+        sr: usize,
+        sc: usize,
+        targets: PathBuf,
+        tr: usize,
+        tc: usize,
+    },
     #[error("class names differ in column {column}: scores {scores} has {s:?}, targets {targets} has {t:?} (line 1 of both)")]
-    Header { scores: PathBuf, targets: PathBuf, column: usize, s: String, t: String },
+    Header {
+        scores: PathBuf,
+        targets: PathBuf,
+        column: usize,
+        s: String,
+        t: String,
+    },
 }
 
 /// Reads a score file (probabilities) and a target file (0/1) and checks that they fit.
@@ -379,7 +418,11 @@ pub fn read_eval_inputs(scores: &Path, targets: &Path) -> Result<EvalInputs, Eva
             });
         }
     }
-    let class_names = t.header.clone().or_else(|| s.header.clone()).unwrap_or_else(|| default_class_names(t.cols));
+    let class_names = t
+        .header
+        .clone()
+        .or_else(|| s.header.clone())
+        .unwrap_or_else(|| default_class_names(t.cols));
     Ok(EvalInputs {
         scores: s.data.iter().map(|&v| v as f32).collect(),
         targets: t.data.iter().map(|&v| v as f32).collect(),

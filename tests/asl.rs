@@ -54,7 +54,9 @@ fn sample(seed: u64, n: usize) -> (Vec<f64>, Vec<f64>) {
     while x.len() < n {
         x.push(rng.random_range(-9.0..9.0));
     }
-    let mut y: Vec<f64> = (0..x.len()).map(|i| if i < 11 { (i % 2) as f64 } else { rng.random_range(0..2) as f64 }).collect();
+    let mut y: Vec<f64> = (0..x.len())
+        .map(|i| if i < 11 { (i % 2) as f64 } else { rng.random_range(0..2) as f64 })
+        .collect();
     // The extremes with both labels.
     y[0] = 1.0;
     y[1] = 1.0;
@@ -67,17 +69,41 @@ fn configs() -> Vec<AslConfig> {
     let d = AslConfig::default();
     vec![
         d,
-        AslConfig { gamma_neg: 4.0, gamma_pos: 1.0, clip: 0.05, ..d },
-        AslConfig { gamma_neg: 1.5, gamma_pos: 0.5, clip: 0.2, ..d },
-        AslConfig { gamma_neg: 3.0, gamma_pos: 2.0, clip: 0.0, eps: 1e-8, ..d },
-        AslConfig { gamma_neg: 0.0, gamma_pos: 0.0, clip: 0.0, ..d },
+        AslConfig {
+            gamma_neg: 4.0,
+            gamma_pos: 1.0,
+            clip: 0.05,
+            ..d
+        },
+        AslConfig {
+            gamma_neg: 1.5,
+            gamma_pos: 0.5,
+            clip: 0.2,
+            ..d
+        },
+        AslConfig {
+            gamma_neg: 3.0,
+            gamma_pos: 2.0,
+            clip: 0.0,
+            eps: 1e-8,
+            ..d
+        },
+        AslConfig {
+            gamma_neg: 0.0,
+            gamma_pos: 0.0,
+            clip: 0.0,
+            ..d
+        },
     ]
 }
 
 #[test]
 fn default_config_is_the_seed_setting() {
     let c = AslConfig::default();
-    assert_eq!((c.gamma_neg, c.gamma_pos, c.clip, c.eps, c.exact_grad), (2.0, 0.0, 0.0, 1e-5, false));
+    assert_eq!(
+        (c.gamma_neg, c.gamma_pos, c.clip, c.eps, c.exact_grad),
+        (2.0, 0.0, 0.0, 1e-5, false)
+    );
     assert!(c.validate().is_ok());
     assert!(AslConfig { clip: 1.0, ..c }.validate().is_err());
     assert!(AslConfig { gamma_neg: -1.0, ..c }.validate().is_err());
@@ -103,7 +129,10 @@ fn hand_values_at_zero_logit() {
 #[test]
 fn clip_shifts_the_negative_probability() {
     // clip 0.05, x = 0 (p = 0.5), y = 0, g- = 2: p_m = 0.45, 1 - p_m = 0.55; loss = -0.45^2 ln 0.55.
-    let c = AslConfig { clip: 0.05, ..AslConfig::default() };
+    let c = AslConfig {
+        clip: 0.05,
+        ..AslConfig::default()
+    };
     let l = asl_forward_backward(&[0.0f64], &[0.0], &c, None);
     assert!((l + 0.45f64.powi(2) * 0.55f64.ln()).abs() < 1e-15, "{l}");
     // p below the clip: p_m = 0, the negative term and its gradient vanish.
@@ -136,7 +165,14 @@ fn exact_gradient_matches_finite_differences() {
                 continue;
             }
             let fd = (ref_loss(x[i] + h, y[i], &cfg) - ref_loss(x[i] - h, y[i], &cfg)) / (2.0 * h);
-            assert!((g[i] - fd).abs() <= 1e-6 * g[i].abs().max(1.0), "{cfg:?} x={} y={}: grad {} fd {}", x[i], y[i], g[i], fd);
+            assert!(
+                (g[i] - fd).abs() <= 1e-6 * g[i].abs().max(1.0),
+                "{cfg:?} x={} y={}: grad {} fd {}",
+                x[i],
+                y[i],
+                g[i],
+                fd
+            );
             checked += 1;
         }
         assert!(checked > 350);
@@ -157,7 +193,14 @@ fn constant_weight_gradient_matches_frozen_finite_differences() {
                 continue;
             }
             let fd = (ref_loss_frozen(x[i] + h, x[i], y[i], &cfg) - ref_loss_frozen(x[i] - h, x[i], y[i], &cfg)) / (2.0 * h);
-            assert!((g[i] - fd).abs() <= 1e-6 * g[i].abs().max(1.0), "{cfg:?} x={} y={}: grad {} fd {}", x[i], y[i], g[i], fd);
+            assert!(
+                (g[i] - fd).abs() <= 1e-6 * g[i].abs().max(1.0),
+                "{cfg:?} x={} y={}: grad {} fd {}",
+                x[i],
+                y[i],
+                g[i],
+                fd
+            );
             let full = (ref_loss(x[i] + h, y[i], &cfg) - ref_loss(x[i] - h, y[i], &cfg)) / (2.0 * h);
             differs_from_exact |= (full - fd).abs() > 1e-3;
         }
@@ -189,7 +232,13 @@ fn f32_agrees_with_f64_and_stays_finite_at_extremes() {
                 if near_kink(x[i], &cfg, 1e-3) {
                     continue;
                 }
-                assert!((g32[i] as f64 - g64[i]).abs() <= 1e-5 * g64[i].abs().max(1.0), "{cfg:?} x={}: {} vs {}", x[i], g32[i], g64[i]);
+                assert!(
+                    (g32[i] as f64 - g64[i]).abs() <= 1e-5 * g64[i].abs().max(1.0),
+                    "{cfg:?} x={}: {} vs {}",
+                    x[i],
+                    g32[i],
+                    g64[i]
+                );
             }
         }
     }
@@ -227,7 +276,13 @@ fn matches_official_pytorch_asl_in_f64() {
         let l = asl_forward_backward(&X, &Y, &cfg, Some(&mut g));
         assert!((l - loss).abs() <= 1e-12 * loss.abs(), "{cfg:?}: {l} vs {loss}");
         for i in 0..12 {
-            assert!((g[i] - grad[i]).abs() <= 1e-12 + 1e-7 * grad[i].abs(), "{cfg:?} x={}: {} vs {}", X[i], g[i], grad[i]);
+            assert!(
+                (g[i] - grad[i]).abs() <= 1e-12 + 1e-7 * grad[i].abs(),
+                "{cfg:?} x={}: {} vs {}",
+                X[i],
+                g[i],
+                grad[i]
+            );
         }
     }
 }

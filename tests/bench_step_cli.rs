@@ -8,12 +8,21 @@ use mlvpt::train::flops::step_flops;
 use std::process::{Command, Output};
 
 fn bench_step(args: &[&str]) -> (Output, String, String) {
-    let o = Command::new(env!("CARGO_BIN_EXE_mlvpt")).arg("bench-step").args(args).output().expect("run mlvpt");
-    let (so, se) = (String::from_utf8_lossy(&o.stdout).into_owned(), String::from_utf8_lossy(&o.stderr).into_owned());
+    let o = Command::new(env!("CARGO_BIN_EXE_mlvpt"))
+        .arg("bench-step")
+        .args(args)
+        .output()
+        .expect("run mlvpt");
+    let (so, se) = (
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    );
     (o, so, se)
 }
 
-const TINY: &[&str] = &["--device", "cpu", "--model", "tiny", "--batch", "2", "--warmup", "1", "--steps", "2"];
+const TINY: &[&str] = &[
+    "--device", "cpu", "--model", "tiny", "--batch", "2", "--warmup", "1", "--steps", "2",
+];
 
 #[test]
 fn json_line_has_positive_numbers_and_the_step_flops() {
@@ -34,9 +43,20 @@ fn json_line_has_positive_numbers_and_the_step_flops() {
         assert!(x.is_finite() && x > 0.0, "{key} = {x}");
     }
     // images/s, ms/step and TFLOP/s describe the same mean step.
-    let (ips, ms, tf) = (v["images_per_s"].as_f64().unwrap(), v["ms_per_step"].as_f64().unwrap(), v["tflops"].as_f64().unwrap());
+    let (ips, ms, tf) = (
+        v["images_per_s"].as_f64().unwrap(),
+        v["ms_per_step"].as_f64().unwrap(),
+        v["tflops"].as_f64().unwrap(),
+    );
     assert!((ips * ms / 1e3 / 2.0 - 1.0).abs() < 1e-9, "{ips} images/s at {ms} ms for 2 images");
-    let cfg = ModelConfig { vit: VitConfig::demo(), labels: 12, groups: 3, experts: 2, method: Method::MlVpt, ..ModelConfig::demo() };
+    let cfg = ModelConfig {
+        vit: VitConfig::demo(),
+        labels: 12,
+        groups: 3,
+        experts: 2,
+        method: Method::MlVpt,
+        ..ModelConfig::demo()
+    };
     let flops = step_flops(&cfg, 2, 2).total();
     assert_eq!(v["flops_per_step"].as_u64(), Some(flops));
     assert!((tf * 1e12 * ms / 1e3 / flops as f64 - 1.0).abs() < 1e-9, "{tf} TFLOP/s");
@@ -73,17 +93,32 @@ fn fails_with(args: &[&str], says: &str) {
 fn bad_input_is_one_error_line() {
     fails_with(&["--model", "tiny", "--batch", "0"], "--batch must be at least 1, got 0");
     fails_with(&["--model", "tiny", "--steps", "0"], "--steps must be at least 1, got 0");
-    fails_with(&["--model", "vit-h14"], "unknown model 'vit-h14' (expected one of tiny, vit-s16, vit-b16, vit-l16)");
+    fails_with(
+        &["--model", "vit-h14"],
+        "unknown model 'vit-h14' (expected one of tiny, vit-s16, vit-b16, vit-l16)",
+    );
     fails_with(&["--model", "tiny", "--classes", "3"], "exceeds the number of labels K = 3");
     fails_with(&["--model", "tiny", "--image-size", "30"], "not divisible by the patch size 4");
     fails_with(&["--model", "tiny", "--experts", "0"], "experts (E) must be at least 1");
     // Checked before the (large) random ViT-B is built.
     fails_with(&["--classes", "0"], "labels must be at least 1");
     fails_with(&["--attention-kernels", "attn_fwd_d64"], "expects FWD,BWD");
-    fails_with(&["--attention-kernels", "attn_fwd_d64,attn_bwd_d80"], "no backward 'attn_bwd_d80' for head dim 64");
-    fails_with(&["--attention-kernels", "attn_fwd_x,attn_bwd_d64"], "no forward 'attn_fwd_x' for head dim 64 (compiled: attn_fwd_d64");
-    fails_with(&["--model", "tiny", "--attention-kernels", "attn_fwd_d64,attn_bwd_d64"], "head dim 24 has no fused attention kernels");
-    fails_with(&["--head-kernels", "tf32"], "--head-kernels: unknown 'tf32' (expected one of mma, fp32)");
+    fails_with(
+        &["--attention-kernels", "attn_fwd_d64,attn_bwd_d80"],
+        "no backward 'attn_bwd_d80' for head dim 64",
+    );
+    fails_with(
+        &["--attention-kernels", "attn_fwd_x,attn_bwd_d64"],
+        "no forward 'attn_fwd_x' for head dim 64 (compiled: attn_fwd_d64",
+    );
+    fails_with(
+        &["--model", "tiny", "--attention-kernels", "attn_fwd_d64,attn_bwd_d64"],
+        "head dim 24 has no fused attention kernels",
+    );
+    fails_with(
+        &["--head-kernels", "tf32"],
+        "--head-kernels: unknown 'tf32' (expected one of mma, fp32)",
+    );
 }
 
 /// The report names the fused attention and head kernels ("default" without the flags; on the
@@ -107,7 +142,9 @@ fn attention_kernels_are_reported() {
 
 #[test]
 fn device_cuda_without_one_is_an_error() {
-    let args = ["--device", "cuda", "--model", "tiny", "--batch", "2", "--warmup", "0", "--steps", "1", "--json"];
+    let args = [
+        "--device", "cuda", "--model", "tiny", "--batch", "2", "--warmup", "0", "--steps", "1", "--json",
+    ];
     let (o, stdout, stderr) = bench_step(&args);
     assert!(!stderr.contains("panicked"), "{stderr}");
     if o.status.success() {

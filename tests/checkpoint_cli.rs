@@ -8,9 +8,30 @@ use std::process::Command;
 use mlvpt::train::checkpoint::{encode, read_file};
 
 const TINY: &[&str] = &[
-    "--image-size", "16", "--patch", "4", "--dim", "16", "--depth", "1", "--heads", "2",
-    "--labels", "6", "--groups", "2", "--experts", "1",
-    "--train-images", "32", "--test-images", "8", "--batch-size", "16", "--epochs", "1",
+    "--image-size",
+    "16",
+    "--patch",
+    "4",
+    "--dim",
+    "16",
+    "--depth",
+    "1",
+    "--heads",
+    "2",
+    "--labels",
+    "6",
+    "--groups",
+    "2",
+    "--experts",
+    "1",
+    "--train-images",
+    "32",
+    "--test-images",
+    "8",
+    "--batch-size",
+    "16",
+    "--epochs",
+    "1",
 ];
 
 /// Every command that reads a checkpoint fails on `file` with `want` in its message.
@@ -26,7 +47,10 @@ fn all_reject(file: &Path, want: &str) {
         let err = String::from_utf8_lossy(&o.stderr);
         assert!(!o.status.success(), "{args:?} accepted {}", file.display());
         assert!(!err.contains("panicked"), "{args:?} panicked:\n{err}");
-        assert!(err.starts_with("error:") && err.contains(want), "{args:?}: expected {want:?} in:\n{err}");
+        assert!(
+            err.starts_with("error:") && err.contains(want),
+            "{args:?}: expected {want:?} in:\n{err}"
+        );
     }
 }
 
@@ -55,7 +79,10 @@ fn broken_checkpoints_are_errors() {
 
     // A valid safetensors file of someone else's.
     let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![2], &[0u8; 8]).unwrap();
-    all_reject(&put("foreign", &safetensors::serialize([("weight", view)], &None).unwrap()), "not an mlvpt checkpoint");
+    all_reject(
+        &put("foreign", &safetensors::serialize([("weight", view)], &None).unwrap()),
+        "not an mlvpt checkpoint",
+    );
 
     let (tensors, meta) = read_file(&good).unwrap();
     let mut m = meta.clone();
@@ -66,20 +93,35 @@ fn broken_checkpoints_are_errors() {
     all_reject(&put("bad_groups", &encode(&tensors, &m).unwrap()), "label 5 is in no group");
     let mut m = meta.clone();
     m.insert("train_config".into(), "{\"epochs\": 2}".into());
-    all_reject(&put("bad_train_config", &encode(&tensors, &m).unwrap()), "\"train_config\" is malformed");
+    all_reject(
+        &put("bad_train_config", &encode(&tensors, &m).unwrap()),
+        "\"train_config\" is malformed",
+    );
 
     let mut t = tensors.clone();
     t.remove("adam_v/prompts");
-    all_reject(&put("missing_tensor", &encode(&t, &meta).unwrap()), "tensor adam_v/prompts is missing");
+    all_reject(
+        &put("missing_tensor", &encode(&t, &meta).unwrap()),
+        "tensor adam_v/prompts is missing",
+    );
     let mut t = tensors.clone();
     let p = t.get_mut("params/prompts").unwrap();
     p.shape = vec![p.data.len()];
     all_reject(&put("wrong_shape", &encode(&t, &meta).unwrap()), "tensor params/prompts has shape");
     let mut t = tensors.clone();
-    t.insert("params/extra".into(), mlvpt::train::checkpoint::RawTensor { shape: vec![1], data: vec![0.0] });
+    t.insert(
+        "params/extra".into(),
+        mlvpt::train::checkpoint::RawTensor {
+            shape: vec![1],
+            data: vec![0.0],
+        },
+    );
     all_reject(&put("extra_tensor", &encode(&t, &meta).unwrap()), "unexpected tensor params/extra");
 
     // The untouched file still works, so the failures above are the damage's doing.
-    let o = Command::new(env!("CARGO_BIN_EXE_mlvpt")).args(["eval", "--checkpoint", good.to_str().unwrap()]).output().unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_mlvpt"))
+        .args(["eval", "--checkpoint", good.to_str().unwrap()])
+        .output()
+        .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 }

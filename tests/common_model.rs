@@ -61,29 +61,19 @@ pub fn lively_backbone(cfg: &VitConfig, seed: u64) -> Backbone {
 
 /// Label-to-group tables for `branches` branches (each group non-empty).
 pub fn tables(k: usize, t: usize, branches: usize) -> Vec<Vec<usize>> {
-    (0..branches)
-        .map(|s| (0..k).map(|i| (i * (s + 1) + s) % t).collect())
-        .collect()
+    (0..branches).map(|s| (0..k).map(|i| (i * (s + 1) + s) % t).collect()).collect()
 }
 
 pub fn images_targets(cfg: &ModelConfig, batch: usize, seed: u64) -> (Vec<f32>, Vec<f32>) {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let images = (0..batch * cfg.vit.image_len())
-        .map(|_| rng.random_range(-1.0f32..1.0))
-        .collect();
+    let images = (0..batch * cfg.vit.image_len()).map(|_| rng.random_range(-1.0f32..1.0)).collect();
     let targets = (0..batch * cfg.labels)
         .map(|_| if rng.random_bool(0.4) { 1.0 } else { 0.0 })
         .collect();
     (images, targets)
 }
 
-pub fn trainer<T: Real>(
-    cfg: &ModelConfig,
-    branches: usize,
-    asl: AslConfig,
-    max_batch: usize,
-    seed: u64,
-) -> Trainer<CpuBackend<T>>
+pub fn trainer<T: Real>(cfg: &ModelConfig, branches: usize, asl: AslConfig, max_batch: usize, seed: u64) -> Trainer<CpuBackend<T>>
 where
     CpuBackend<T>: Backend,
 {

@@ -6,9 +6,31 @@
 use std::process::{Command, Output};
 
 const TINY: &[&str] = &[
-    "--image-size", "16", "--patch", "4", "--dim", "16", "--depth", "1", "--heads", "2",
-    "--labels", "8", "--groups", "2", "--experts", "2",
-    "--train-images", "32", "--test-images", "16", "--batch-size", "16", "--epochs", "1", "--quiet",
+    "--image-size",
+    "16",
+    "--patch",
+    "4",
+    "--dim",
+    "16",
+    "--depth",
+    "1",
+    "--heads",
+    "2",
+    "--labels",
+    "8",
+    "--groups",
+    "2",
+    "--experts",
+    "2",
+    "--train-images",
+    "32",
+    "--test-images",
+    "16",
+    "--batch-size",
+    "16",
+    "--epochs",
+    "1",
+    "--quiet",
 ];
 
 fn train(device: &str) -> (Output, String, String) {
@@ -17,7 +39,10 @@ fn train(device: &str) -> (Output, String, String) {
     let mut args = vec!["train", "--device", device, "--out", out.to_str().unwrap()];
     args.extend_from_slice(TINY);
     let o = Command::new(env!("CARGO_BIN_EXE_mlvpt")).args(&args).output().expect("run mlvpt");
-    let (so, se) = (String::from_utf8_lossy(&o.stdout).into_owned(), String::from_utf8_lossy(&o.stderr).into_owned());
+    let (so, se) = (
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    );
     (o, so, se)
 }
 
@@ -27,7 +52,10 @@ fn device_cuda_without_a_device_is_a_clear_error() {
     assert!(!stderr.contains("panicked"), "panic: {stderr}");
     if o.status.success() {
         // A cuda build on a GPU machine.
-        assert!(stdout.contains("cuda"), "ran with --device cuda but the summary names another device:\n{stdout}");
+        assert!(
+            stdout.contains("cuda"),
+            "ran with --device cuda but the summary names another device:\n{stdout}"
+        );
     } else {
         assert!(stderr.starts_with("error: "), "{stderr}");
         assert!(stderr.contains("CUDA"), "the error should say CUDA is what is missing: {stderr}");
@@ -42,7 +70,10 @@ fn device_cuda_without_a_device_is_a_clear_error() {
 fn device_auto_falls_back_to_the_cpu_and_says_so() {
     let (o, stdout, stderr) = train("auto");
     assert!(o.status.success(), "auto must always run: {stderr}");
-    let line = stderr.lines().find(|l| l.starts_with("device: ")).unwrap_or_else(|| panic!("no device line on stderr: {stderr}"));
+    let line = stderr
+        .lines()
+        .find(|l| l.starts_with("device: "))
+        .unwrap_or_else(|| panic!("no device line on stderr: {stderr}"));
     if line.starts_with("device: cpu") {
         assert!(line.contains("auto:"), "the fallback should give its reason: {line}");
         assert!(stdout.contains("cpu"), "{stdout}");
@@ -56,5 +87,8 @@ fn device_cpu_is_silent_about_the_choice() {
     let (o, stdout, stderr) = train("cpu");
     assert!(o.status.success(), "{stderr}");
     assert!(!stderr.contains("device: "), "{stderr}");
-    assert!(stdout.lines().any(|l| l.trim_start().starts_with("device") && l.contains("cpu")), "{stdout}");
+    assert!(
+        stdout.lines().any(|l| l.trim_start().starts_with("device") && l.contains("cpu")),
+        "{stdout}"
+    );
 }

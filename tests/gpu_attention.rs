@@ -43,12 +43,21 @@ fn cases() -> Vec<AttnShape> {
             v.push(shape(2, 3, n, p, dh));
         }
     }
-    for (b, h, n, p, dh, q_start, q_len) in
-        [(2usize, 3usize, 227usize, 30usize, 64usize, 1usize, 30usize), (1, 12, 1025, 60, 64, 1, 60), (2, 3, 31, 1, 64, 1, 1),
-         (3, 2, 257, 30, 32, 1, 30), (2, 3, 257, 60, 64, 40, 200), (1, 2, 31, 0, 64, 5, 0), (2, 16, 287, 30, 80, 1, 30),
-         (1, 8, 1025, 60, 128, 1, 60)]
-    {
-        v.push(AttnShape { q_start, q_len, ..shape(b, h, n, p, dh) });
+    for (b, h, n, p, dh, q_start, q_len) in [
+        (2usize, 3usize, 227usize, 30usize, 64usize, 1usize, 30usize),
+        (1, 12, 1025, 60, 64, 1, 60),
+        (2, 3, 31, 1, 64, 1, 1),
+        (3, 2, 257, 30, 32, 1, 30),
+        (2, 3, 257, 60, 64, 40, 200),
+        (1, 2, 31, 0, 64, 5, 0),
+        (2, 16, 287, 30, 80, 1, 30),
+        (1, 8, 1025, 60, 128, 1, 60),
+    ] {
+        v.push(AttnShape {
+            q_start,
+            q_len,
+            ..shape(b, h, n, p, dh)
+        });
     }
     v
 }
@@ -88,7 +97,11 @@ fn run_gpu_with(gpu: &GpuContext, sh: &AttnShape, qkv: &[bf16], dout: &[bf16], f
     let s = gpu.stream();
     let qkv_d = gpu.upload(qkv).unwrap();
     // An empty query range still gets a non-empty (unused) dout buffer to upload.
-    let dout_d = if dout.is_empty() { gpu.zeros::<bf16>(1).unwrap() } else { gpu.upload(dout).unwrap() };
+    let dout_d = if dout.is_empty() {
+        gpu.zeros::<bf16>(1).unwrap()
+    } else {
+        gpu.upload(dout).unwrap()
+    };
     let mut out = nan_bf16(gpu, (sh.batch * sh.q_len * d).max(1));
     let mut lse = nan_f32(gpu, (sh.batch * sh.heads * sh.q_len).max(1));
     cuda::forward_with(gpu, s, &qkv_d, &mut out, &mut lse, sh, fwd).unwrap();
@@ -100,7 +113,12 @@ fn run_gpu_with(gpu: &GpuContext, sh: &AttnShape, qkv: &[bf16], dout: &[bf16], f
     let nq = sh.batch * sh.q_len;
     let lse = gpu.download(&lse).unwrap()[..nq * sh.heads].to_vec();
     let out_bits = out_bits[..nq * d].to_vec();
-    GpuOut { out: to_f32(&out_bits), lse, dqkv, out_bits }
+    GpuOut {
+        out: to_f32(&out_bits),
+        lse,
+        dqkv,
+        out_bits,
+    }
 }
 
 #[test]
@@ -111,7 +129,17 @@ fn attention_forward_and_backward_match_cpu_over_shapes() {
     for sh in cases() {
         let (x, qkv_b, dout_b) = inputs(&mut rng, &sh);
         let got = run_gpu(&gpu, &sh, &qkv_b, &dout_b);
-        check_against_cpu(&sh, &x.qkv, &x.dout, &KernelOut { out: &got.out, lse: &got.lse, dqkv: &got.dqkv }, seed);
+        check_against_cpu(
+            &sh,
+            &x.qkv,
+            &x.dout,
+            &KernelOut {
+                out: &got.out,
+                lse: &got.lse,
+                dqkv: &got.dqkv,
+            },
+            seed,
+        );
     }
 }
 
@@ -133,12 +161,26 @@ fn attention_alternative_tiles_match_cpu() {
                 shape(2, 3, 31, 30, dh),
                 shape(2, 3, 227, 30, dh),
                 shape(1, 2, 257, 60, dh),
-                AttnShape { q_start: 1, q_len: 30, ..shape(2, 3, 227, 30, dh) },
+                AttnShape {
+                    q_start: 1,
+                    q_len: 30,
+                    ..shape(2, 3, 227, 30, dh)
+                },
             ];
             for sh in shapes {
                 let (x, qkv_b, dout_b) = inputs(&mut rng, &sh);
                 let got = run_gpu_with(&gpu, &sh, &qkv_b, &dout_b, f, b);
-                check_against_cpu(&sh, &x.qkv, &x.dout, &KernelOut { out: &got.out, lse: &got.lse, dqkv: &got.dqkv }, seed);
+                check_against_cpu(
+                    &sh,
+                    &x.qkv,
+                    &x.dout,
+                    &KernelOut {
+                        out: &got.out,
+                        lse: &got.lse,
+                        dqkv: &got.dqkv,
+                    },
+                    seed,
+                );
                 let again = run_gpu_with(&gpu, &sh, &qkv_b, &dout_b, f, b);
                 let what = format!("{} + {} at N {} (seed {seed})", f.kernel, b.kernel, sh.tokens);
                 assert_bits_equal(&got, &again, &sh, &what, b.dq_kernel.is_some());
@@ -150,11 +192,24 @@ fn attention_alternative_tiles_match_cpu() {
 /// out, lse, dK and dV of two runs are bit-identical, and dQ too with `with_dq` (the split
 /// backward has no atomics).
 fn assert_bits_equal(a: &GpuOut, b: &GpuOut, sh: &AttnShape, what: &str, with_dq: bool) {
-    assert!(a.out_bits.iter().zip(&b.out_bits).all(|(x, y)| x.to_bits() == y.to_bits()), "{what}: out differs between runs");
-    assert!(a.lse.iter().zip(&b.lse).all(|(x, y)| x.to_bits() == y.to_bits()), "{what}: lse differs between runs");
+    assert!(
+        a.out_bits.iter().zip(&b.out_bits).all(|(x, y)| x.to_bits() == y.to_bits()),
+        "{what}: out differs between runs"
+    );
+    assert!(
+        a.lse.iter().zip(&b.lse).all(|(x, y)| x.to_bits() == y.to_bits()),
+        "{what}: lse differs between runs"
+    );
     for k in if with_dq { 0usize..3 } else { 1..3 } {
-        let (x, y) = (slot(&a.dqkv, sh.batch * sh.tokens, sh.dim(), k), slot(&b.dqkv, sh.batch * sh.tokens, sh.dim(), k));
-        assert!(x.iter().zip(&y).all(|(p, q)| p.to_bits() == q.to_bits()), "{what}: d{} differs between runs", ["Q", "K", "V"][k]);
+        let (x, y) = (
+            slot(&a.dqkv, sh.batch * sh.tokens, sh.dim(), k),
+            slot(&b.dqkv, sh.batch * sh.tokens, sh.dim(), k),
+        );
+        assert!(
+            x.iter().zip(&y).all(|(p, q)| p.to_bits() == q.to_bits()),
+            "{what}: d{} differs between runs",
+            ["Q", "K", "V"][k]
+        );
     }
 }
 
@@ -173,10 +228,27 @@ fn attention_every_kernel_small() {
         let bwds: Vec<BwdTiles> = BWD_TILES.iter().copied().filter(|t| t.head_dim == dh).collect();
         for k in 0..fwds.len().max(bwds.len()) {
             let (f, b) = (&fwds[k.min(fwds.len() - 1)], &bwds[k.min(bwds.len() - 1)]);
-            for sh in [shape(1, 2, 131, 30, dh), AttnShape { q_start: 1, q_len: 30, ..shape(1, 2, 131, 30, dh) }] {
+            for sh in [
+                shape(1, 2, 131, 30, dh),
+                AttnShape {
+                    q_start: 1,
+                    q_len: 30,
+                    ..shape(1, 2, 131, 30, dh)
+                },
+            ] {
                 let (x, qkv_b, dout_b) = inputs(&mut rng, &sh);
                 let got = run_gpu_with(&gpu, &sh, &qkv_b, &dout_b, f, b);
-                check_against_cpu(&sh, &x.qkv, &x.dout, &KernelOut { out: &got.out, lse: &got.lse, dqkv: &got.dqkv }, seed);
+                check_against_cpu(
+                    &sh,
+                    &x.qkv,
+                    &x.dout,
+                    &KernelOut {
+                        out: &got.out,
+                        lse: &got.lse,
+                        dqkv: &got.dqkv,
+                    },
+                    seed,
+                );
             }
         }
     }
@@ -199,18 +271,37 @@ fn attention_awkward_small_shapes_match_cpu_on_every_tile_shape() {
         shape(1, 2, 97, 1, 64),
         shape(1, 1, 131, 70, 64),
         shape(2, 3, 67, 10, 32),
-        AttnShape { q_start: 1, q_len: 30, ..shape(2, 1, 90, 30, 64) },
-        AttnShape { q_start: 40, q_len: 50, ..shape(1, 2, 100, 60, 32) },
+        AttnShape {
+            q_start: 1,
+            q_len: 30,
+            ..shape(2, 1, 90, 30, 64)
+        },
+        AttnShape {
+            q_start: 40,
+            q_len: 50,
+            ..shape(1, 2, 100, 60, 32)
+        },
     ];
     for &dh in attention::FUSED_HEAD_DIMS.iter().filter(|&&dh| dh != 32 && dh != 64) {
         shapes.push(shape(1, 2, 75, 10, dh));
-        shapes.push(AttnShape { q_start: 1, q_len: 10, ..shape(1, 1, 75, 10, dh) });
+        shapes.push(AttnShape {
+            q_start: 1,
+            q_len: 10,
+            ..shape(1, 1, 75, 10, dh)
+        });
     }
     let fwds: Vec<FwdTiles> = FWD_TILES.iter().copied().filter(|t| t.head_dim == 64).collect();
     let bwds: Vec<BwdTiles> = BWD_TILES.iter().copied().filter(|t| t.head_dim == 64).collect();
     let mut runs: Vec<(AttnShape, FwdTiles, BwdTiles)> = Vec::new();
-    for sh in [shape(1, 1, 227, 30, 64), shape(1, 1, 257, 60, 64)].into_iter().chain(shapes.iter().copied()) {
-        runs.push((sh, attention::fwd_tiles(sh.head_dim).unwrap(), attention::bwd_tiles(sh.head_dim).unwrap()));
+    for sh in [shape(1, 1, 227, 30, 64), shape(1, 1, 257, 60, 64)]
+        .into_iter()
+        .chain(shapes.iter().copied())
+    {
+        runs.push((
+            sh,
+            attention::fwd_tiles(sh.head_dim).unwrap(),
+            attention::bwd_tiles(sh.head_dim).unwrap(),
+        ));
     }
     for sh in shapes.iter().filter(|s| s.head_dim == 64 && s.tokens > 1) {
         for k in 1..fwds.len().max(bwds.len()) {
@@ -220,7 +311,17 @@ fn attention_awkward_small_shapes_match_cpu_on_every_tile_shape() {
     for (sh, f, b) in runs {
         let (x, qkv_b, dout_b) = inputs(&mut rng, &sh);
         let got = run_gpu_with(&gpu, &sh, &qkv_b, &dout_b, &f, &b);
-        check_against_cpu(&sh, &x.qkv, &x.dout, &KernelOut { out: &got.out, lse: &got.lse, dqkv: &got.dqkv }, seed);
+        check_against_cpu(
+            &sh,
+            &x.qkv,
+            &x.dout,
+            &KernelOut {
+                out: &got.out,
+                lse: &got.lse,
+                dqkv: &got.dqkv,
+            },
+            seed,
+        );
     }
 }
 
@@ -247,7 +348,10 @@ fn attention_prompt_keys_are_invisible_to_other_prompts() {
     }
     let pert = run_gpu(&gpu, &sh, &qkv2, &dout_b);
     let row = |o: &GpuOut, b: usize, i: usize, j: usize| -> Vec<u16> {
-        o.out_bits[(b * n + i) * d + j * dh..(b * n + i) * d + (j + 1) * dh].iter().map(|v| v.to_bits()).collect()
+        o.out_bits[(b * n + i) * d + j * dh..(b * n + i) * d + (j + 1) * dh]
+            .iter()
+            .map(|v| v.to_bits())
+            .collect()
     };
     let (mut moved, mut rows) = (0usize, 0usize);
     for j in 0..h {
@@ -256,17 +360,26 @@ fn attention_prompt_keys_are_invisible_to_other_prompts() {
             let lse_same = base.lse[j * n + i].to_bits() == pert.lse[j * n + i].to_bits();
             let prompt = i >= sh.prompt_start && i < sh.prompt_end;
             if prompt && i != victim {
-                assert!(same && lse_same, "prompt {i} head {j} changed when prompt {victim}'s key moved (seed {seed})");
+                assert!(
+                    same && lse_same,
+                    "prompt {i} head {j} changed when prompt {victim}'s key moved (seed {seed})"
+                );
             } else if i == victim {
                 assert!(!same, "prompt {victim} head {j} ignores its own key (seed {seed})");
             } else {
                 rows += 1;
                 moved += !same as usize;
             }
-            assert!(row(&base, 1, i, j) == row(&pert, 1, i, j), "image 1 token {i} head {j} changed (seed {seed})");
+            assert!(
+                row(&base, 1, i, j) == row(&pert, 1, i, j),
+                "image 1 token {i} head {j} changed (seed {seed})"
+            );
         }
     }
-    assert!(moved * 10 >= rows * 9, "only {moved} of {rows} CLS/patch rows moved with prompt {victim}'s key (seed {seed})");
+    assert!(
+        moved * 10 >= rows * 9,
+        "only {moved} of {rows} CLS/patch rows moved with prompt {victim}'s key (seed {seed})"
+    );
 }
 
 #[test]
@@ -279,7 +392,20 @@ fn attention_rejects_bad_shapes_and_short_buffers() {
     let qkv = gpu.zeros::<bf16>(10 * 3 * 128).unwrap();
     let mut out = gpu.zeros::<bf16>(10 * 128).unwrap();
     let mut lse = gpu.zeros::<f32>(2 * 10).unwrap();
-    let e = cuda::forward_with(&gpu, s, &qkv, &mut out, &mut lse, &AttnShape { head_dim: 48, heads: 8, ..sh }, &fwd).unwrap_err();
+    let e = cuda::forward_with(
+        &gpu,
+        s,
+        &qkv,
+        &mut out,
+        &mut lse,
+        &AttnShape {
+            head_dim: 48,
+            heads: 8,
+            ..sh
+        },
+        &fwd,
+    )
+    .unwrap_err();
     assert!(e.to_string().contains("head dim 48"), "{e}");
     let mut short = gpu.zeros::<f32>(19).unwrap();
     let e = cuda::forward_with(&gpu, s, &qkv, &mut out, &mut short, &sh, &fwd).unwrap_err();
@@ -310,20 +436,45 @@ fn attention_typed_calls_name_the_bad_argument() {
     let err = |q: Tensor<'_, bf16, 4>, k, v, o: &AttnOptions| cuda::forward(&gpu, &Qkv::new(q, k, v), o).unwrap_err().to_string();
     let e = err(t([b, n, h, dh]), t([b, n - 1, h, dh]), t([b, n, h, dh]), &opts);
     assert!(e.contains("k has shape [2, 9, 2, 32]"), "{e}");
-    let e = err(t([b, n, h, dh]), t([b, n, h, dh]), Tensor::strided(&buf, 72, [b, n, h, dh], [n * h * dh, h * dh, dh, 1]), &opts);
+    let e = err(
+        t([b, n, h, dh]),
+        t([b, n, h, dh]),
+        Tensor::strided(&buf, 72, [b, n, h, dh], [n * h * dh, h * dh, dh, 1]),
+        &opts,
+    );
     assert!(e.contains("v: ") && e.contains("past the buffer"), "{e}");
-    let e = err(Tensor::strided(&buf, 0, [b, n, h, dh], [n * h * dh, h * dh, 1, h]), t([b, n, h, dh]), t([b, n, h, dh]), &opts);
+    let e = err(
+        Tensor::strided(&buf, 0, [b, n, h, dh], [n * h * dh, h * dh, 1, h]),
+        t([b, n, h, dh]),
+        t([b, n, h, dh]),
+        &opts,
+    );
     assert!(e.contains("q: the last dimension must be contiguous"), "{e}");
     let odd = Tensor::strided(&buf, 0, [b, n, h, dh], [n * h * dh, h * dh + 4, dh, 1]);
     let e = err(t([b, n, h, dh]), t([b, n, h, dh]), odd, &opts);
     assert!(e.contains("v: ") && e.contains("not a multiple of 8 elements"), "{e}");
-    let e = err(t([b, n, h, dh]), t([b, n, h, dh]), t([b, n, h, dh]), &AttnOptions { prompts: None, queries: Some(3..12) });
+    let e = err(
+        t([b, n, h, dh]),
+        t([b, n, h, dh]),
+        t([b, n, h, dh]),
+        &AttnOptions {
+            prompts: None,
+            queries: Some(3..12),
+        },
+    );
     assert!(e.contains("query range 3..12"), "{e}");
     let e = err(t([b, n, 1, 48]), t([b, n, 1, 48]), t([b, n, 1, 48]), &opts);
     assert!(e.contains("head dim 48"), "{e}");
     let (mut o, mut l) = (gpu.zeros::<bf16>(b * n * h * dh).unwrap(), gpu.zeros::<f32>(b * h * n).unwrap());
     let qkv = Qkv::new(t([b, n, h, dh]), t([b, n, h, dh]), t([b, n, h, dh]));
-    let e = cuda::forward_into(&gpu, &qkv, &mut TensorMut::new(&mut o, [b, n - 1, h, dh]), &mut TensorMut::new(&mut l, [b, h, n]), &opts).unwrap_err();
+    let e = cuda::forward_into(
+        &gpu,
+        &qkv,
+        &mut TensorMut::new(&mut o, [b, n - 1, h, dh]),
+        &mut TensorMut::new(&mut l, [b, h, n]),
+        &opts,
+    )
+    .unwrap_err();
     assert!(e.to_string().contains("out has shape [2, 9, 2, 32], needs [2, 10, 2, 32]"), "{e}");
 }
 
@@ -338,7 +489,17 @@ fn attention_typed_views_separate_and_strided_match_the_packed_path() {
     use mlvpt::gpu::{Tensor, TensorMut};
     let gpu = gpu();
     let (mut rng, seed) = rng("attention_typed_views");
-    for (sh, dh) in [(shape(2, 3, 75, 10, 64), 64), (AttnShape { q_start: 1, q_len: 10, ..shape(1, 2, 40, 10, 32) }, 32)] {
+    for (sh, dh) in [
+        (shape(2, 3, 75, 10, 64), 64),
+        (
+            AttnShape {
+                q_start: 1,
+                q_len: 10,
+                ..shape(1, 2, 40, 10, 32)
+            },
+            32,
+        ),
+    ] {
         let (b, n, h, d) = (sh.batch, sh.tokens, sh.heads, sh.dim());
         let (x, qkv_b, dout_b) = inputs(&mut rng, &sh);
         let packed = run_gpu(&gpu, &sh, &qkv_b, &dout_b);
@@ -360,7 +521,10 @@ fn attention_typed_views_separate_and_strided_match_the_packed_path() {
         let st = [h * n * dh, dh, n * dh, 1]; // [B, N, h, dh] strides of [B, h, N, dh] storage
         let view = |i: usize| Tensor::strided(&bufs[i], 0, [b, n, h, dh], st);
         let qkv = Qkv::new(view(0), view(1), view(2));
-        let opts = AttnOptions { prompts: Some(sh.prompt_start..sh.prompt_end), queries: Some(sh.q_start..sh.q_start + sh.q_len) };
+        let opts = AttnOptions {
+            prompts: Some(sh.prompt_start..sh.prompt_end),
+            queries: Some(sh.q_start..sh.q_start + sh.q_len),
+        };
         let fwd = cuda::forward(&gpu, &qkv, &opts).unwrap();
         assert_eq!(fwd.shape, [b, sh.q_len, h, dh]);
         assert_eq!(gpu.download(&fwd.out).unwrap(), packed.out_bits, "out, seed {seed}");
@@ -393,10 +557,29 @@ fn attention_typed_views_separate_and_strided_match_the_packed_path() {
         let qkv_d = gpu.upload(&qkv_b).unwrap();
         let fwd = cuda::forward(&gpu, &Qkv::packed(&qkv_d, b, n, h, dh), &opts).unwrap();
         let mut dqkv = nan_bf16(&gpu, b * n * 3 * d);
-        cuda::backward(&gpu, &Qkv::packed(&qkv_d, b, n, h, dh), &fwd.out(), &fwd.lse(), &Tensor::new(&dout, fwd.shape), QkvGrads::Packed(&mut dqkv), &opts).unwrap();
+        cuda::backward(
+            &gpu,
+            &Qkv::packed(&qkv_d, b, n, h, dh),
+            &fwd.out(),
+            &fwd.lse(),
+            &Tensor::new(&dout, fwd.shape),
+            QkvGrads::Packed(&mut dqkv),
+            &opts,
+        )
+        .unwrap();
         let out = to_f32(&gpu.download(&fwd.out).unwrap());
         let lse = gpu.download(&fwd.lse).unwrap();
-        check_against_cpu(&sh, &x.qkv, &x.dout, &KernelOut { out: &out, lse: &lse, dqkv: &to_f32(&gpu.download(&dqkv).unwrap()) }, seed);
+        check_against_cpu(
+            &sh,
+            &x.qkv,
+            &x.dout,
+            &KernelOut {
+                out: &out,
+                lse: &lse,
+                dqkv: &to_f32(&gpu.download(&dqkv).unwrap()),
+            },
+            seed,
+        );
     }
 }
 

@@ -33,17 +33,64 @@ fn cuda_in(p: Precision) -> CudaBackend {
 /// One token op with its sizes; inputs and outputs are `bufs` (same order on both backends).
 #[derive(Clone, Copy, Debug)]
 enum Op {
-    Patchify { b: usize, c: usize, h: usize, w: usize, p: usize },
-    Embed { b: usize, np: usize, prompts: usize, d: usize },
-    SetPrompts { layer: usize, b: usize, n: usize, p: usize, d: usize },
-    PromptGrad { layer: usize, b: usize, n: usize, p: usize, d: usize, zero: bool },
-    CopyTokens { sn: usize, ss: usize, dn: usize, ds: usize, count: usize, b: usize, d: usize },
-    Residual { rows: usize, d: usize, ls: bool },
-    MulCols { rows: usize, d: usize },
-    Axpby { len: usize },
-    Fill { len: usize },
-    Copy { len: usize },
-    Attention { sh: AttnShape },
+    Patchify {
+        b: usize,
+        c: usize,
+        h: usize,
+        w: usize,
+        p: usize,
+    },
+    Embed {
+        b: usize,
+        np: usize,
+        prompts: usize,
+        d: usize,
+    },
+    SetPrompts {
+        layer: usize,
+        b: usize,
+        n: usize,
+        p: usize,
+        d: usize,
+    },
+    PromptGrad {
+        layer: usize,
+        b: usize,
+        n: usize,
+        p: usize,
+        d: usize,
+        zero: bool,
+    },
+    CopyTokens {
+        sn: usize,
+        ss: usize,
+        dn: usize,
+        ds: usize,
+        count: usize,
+        b: usize,
+        d: usize,
+    },
+    Residual {
+        rows: usize,
+        d: usize,
+        ls: bool,
+    },
+    MulCols {
+        rows: usize,
+        d: usize,
+    },
+    Axpby {
+        len: usize,
+    },
+    Fill {
+        len: usize,
+    },
+    Copy {
+        len: usize,
+    },
+    Attention {
+        sh: AttnShape,
+    },
 }
 
 impl Op {
@@ -63,7 +110,16 @@ impl Op {
             Op::Attention { sh } => {
                 let (b, n, d) = (sh.batch, sh.tokens, sh.dim());
                 // qkv, dout -> out, lse, dqkv
-                (vec![b * n * 3 * d, b * sh.q_len * d, b * sh.q_len * d, b * sh.heads * sh.q_len, b * n * 3 * d], 3)
+                (
+                    vec![
+                        b * n * 3 * d,
+                        b * sh.q_len * d,
+                        b * sh.q_len * d,
+                        b * sh.heads * sh.q_len,
+                        b * n * 3 * d,
+                    ],
+                    3,
+                )
             }
         }
     }
@@ -71,7 +127,10 @@ impl Op {
     /// Whether every element of the outputs is written without being read (so NaN poison
     /// must disappear). Not `Axpby`: it reads `y` (`y = a y + b x`), so poison would stay.
     fn writes_all(&self) -> bool {
-        matches!(self, Op::Patchify { .. } | Op::Residual { .. } | Op::MulCols { .. } | Op::Attention { .. })
+        matches!(
+            self,
+            Op::Patchify { .. } | Op::Residual { .. } | Op::MulCols { .. } | Op::Attention { .. }
+        )
     }
 
     /// Whether the GPU must match the CPU bit for bit: moves of values, and in fp32 storage
@@ -120,7 +179,15 @@ fn run_as<B: Backend>(be: &mut B, op: Op, init: &[Vec<f32>], roles: &[BufRole]) 
             let [dx, dp] = &mut bufs[..] else { unreachable!() };
             be.prompt_grad(dx, dp, layer, b, n, p, d, zero)
         }
-        Op::CopyTokens { sn, ss, dn, ds, count, b, d } => {
+        Op::CopyTokens {
+            sn,
+            ss,
+            dn,
+            ds,
+            count,
+            b,
+            d,
+        } => {
             let [s, t] = &mut bufs[..] else { unreachable!() };
             be.copy_tokens(s, sn, ss, t, dn, ds, count, b, d)
         }
@@ -142,7 +209,9 @@ fn run_as<B: Backend>(be: &mut B, op: Op, init: &[Vec<f32>], roles: &[BufRole]) 
             be.copy(s, t, len)
         }
         Op::Attention { sh } => {
-            let [qkv, dout, out, lse, dqkv] = &mut bufs[..] else { unreachable!() };
+            let [qkv, dout, out, lse, dqkv] = &mut bufs[..] else {
+                unreachable!()
+            };
             be.attention_forward(qkv, out, lse, &sh);
             be.attention_backward(qkv, out, lse, dout, dqkv, &sh);
         }
@@ -192,24 +261,89 @@ fn compare_as(op: Op, rng: &mut ChaCha8Rng, seed: u64, gpu: &mut CudaBackend, at
     let got = run_as(gpu, op, &gpu_init, roles);
     for (i, (g, w)) in got.iter().zip(&want).enumerate() {
         for (j, (&a, &b)) in g.iter().zip(w).enumerate() {
-            assert!((a - b).abs() <= atol + rtol * b.abs(), "{op:?}: buffer {i} element {j}: GPU {a}, CPU {b} (MLVPT_TEST_SEED={seed})");
+            assert!(
+                (a - b).abs() <= atol + rtol * b.abs(),
+                "{op:?}: buffer {i} element {j}: GPU {a}, CPU {b} (MLVPT_TEST_SEED={seed})"
+            );
         }
     }
 }
 
 /// The token ops [`token_ops_match_their_cpu_twins`] runs, at awkward sizes.
 const TOKEN_OPS: [Op; 15] = [
-    Op::Patchify { b: 3, c: 3, h: 12, w: 20, p: 4 },
-    Op::Patchify { b: 1, c: 1, h: 14, w: 14, p: 7 },
-    Op::Embed { b: 3, np: 15, prompts: 7, d: 24 },
-    Op::Embed { b: 2, np: 4, prompts: 0, d: 5 },
-    Op::SetPrompts { layer: 1, b: 3, n: 13, p: 5, d: 9 },
-    Op::PromptGrad { layer: 1, b: 5, n: 13, p: 5, d: 9, zero: true },
-    Op::PromptGrad { layer: 0, b: 3, n: 11, p: 3, d: 17, zero: false },
-    Op::CopyTokens { sn: 13, ss: 1, dn: 5, ds: 0, count: 5, b: 3, d: 7 },
-    Op::CopyTokens { sn: 5, ss: 0, dn: 13, ds: 1, count: 5, b: 3, d: 7 },
+    Op::Patchify {
+        b: 3,
+        c: 3,
+        h: 12,
+        w: 20,
+        p: 4,
+    },
+    Op::Patchify {
+        b: 1,
+        c: 1,
+        h: 14,
+        w: 14,
+        p: 7,
+    },
+    Op::Embed {
+        b: 3,
+        np: 15,
+        prompts: 7,
+        d: 24,
+    },
+    Op::Embed {
+        b: 2,
+        np: 4,
+        prompts: 0,
+        d: 5,
+    },
+    Op::SetPrompts {
+        layer: 1,
+        b: 3,
+        n: 13,
+        p: 5,
+        d: 9,
+    },
+    Op::PromptGrad {
+        layer: 1,
+        b: 5,
+        n: 13,
+        p: 5,
+        d: 9,
+        zero: true,
+    },
+    Op::PromptGrad {
+        layer: 0,
+        b: 3,
+        n: 11,
+        p: 3,
+        d: 17,
+        zero: false,
+    },
+    Op::CopyTokens {
+        sn: 13,
+        ss: 1,
+        dn: 5,
+        ds: 0,
+        count: 5,
+        b: 3,
+        d: 7,
+    },
+    Op::CopyTokens {
+        sn: 5,
+        ss: 0,
+        dn: 13,
+        ds: 1,
+        count: 5,
+        b: 3,
+        d: 7,
+    },
     Op::Residual { rows: 37, d: 19, ls: true },
-    Op::Residual { rows: 37, d: 19, ls: false },
+    Op::Residual {
+        rows: 37,
+        d: 19,
+        ls: false,
+    },
     Op::MulCols { rows: 29, d: 23 },
     Op::Axpby { len: 1001 },
     Op::Fill { len: 777 },
@@ -256,13 +390,74 @@ fn token_ops_on_mixed_storage_match_their_cpu_twins() {
         (Op::Axpby { len: 1001 }, &[B, F], f32_tol),
         (Op::Axpby { len: 1001 }, &[F, B], bf16_tol),
         (Op::Residual { rows: 37, d: 19, ls: true }, &[F, B, F, F], f32_tol),
-        (Op::Residual { rows: 37, d: 19, ls: false }, &[F, B, F, F], exact),
+        (
+            Op::Residual {
+                rows: 37,
+                d: 19,
+                ls: false,
+            },
+            &[F, B, F, F],
+            exact,
+        ),
         (Op::MulCols { rows: 29, d: 23 }, &[F, F, B], bf16_tol),
-        (Op::Embed { b: 3, np: 15, prompts: 7, d: 24 }, &[B, F, F, F], exact),
-        (Op::CopyTokens { sn: 13, ss: 1, dn: 5, ds: 0, count: 5, b: 3, d: 7 }, &[F, B], exact),
-        (Op::CopyTokens { sn: 5, ss: 0, dn: 13, ds: 1, count: 5, b: 3, d: 7 }, &[B, F], exact),
-        (Op::Patchify { b: 3, c: 3, h: 12, w: 20, p: 4 }, &[F, B], exact),
-        (Op::Patchify { b: 3, c: 3, h: 12, w: 20, p: 4 }, &[B, F], exact),
+        (
+            Op::Embed {
+                b: 3,
+                np: 15,
+                prompts: 7,
+                d: 24,
+            },
+            &[B, F, F, F],
+            exact,
+        ),
+        (
+            Op::CopyTokens {
+                sn: 13,
+                ss: 1,
+                dn: 5,
+                ds: 0,
+                count: 5,
+                b: 3,
+                d: 7,
+            },
+            &[F, B],
+            exact,
+        ),
+        (
+            Op::CopyTokens {
+                sn: 5,
+                ss: 0,
+                dn: 13,
+                ds: 1,
+                count: 5,
+                b: 3,
+                d: 7,
+            },
+            &[B, F],
+            exact,
+        ),
+        (
+            Op::Patchify {
+                b: 3,
+                c: 3,
+                h: 12,
+                w: 20,
+                p: 4,
+            },
+            &[F, B],
+            exact,
+        ),
+        (
+            Op::Patchify {
+                b: 3,
+                c: 3,
+                h: 12,
+                w: 20,
+                p: 4,
+            },
+            &[B, F],
+            exact,
+        ),
     ];
     for &(op, roles, (atol, rtol)) in cases {
         compare_as(op, &mut r, seed, &mut bf, atol, rtol, true, roles);
@@ -275,7 +470,16 @@ fn token_ops_on_mixed_storage_match_their_cpu_twins() {
 #[test]
 fn poisoned_outputs_are_only_those_an_op_overwrites() {
     let (mut r, _) = rng("poisoned_outputs_are_only_those_an_op_overwrites");
-    let attn = AttnShape { batch: 2, tokens: 9, heads: 2, head_dim: 4, prompt_start: 1, prompt_end: 4, q_start: 1, q_len: 3 };
+    let attn = AttnShape {
+        batch: 2,
+        tokens: 9,
+        heads: 2,
+        head_dim: 4,
+        prompt_start: 1,
+        prompt_end: 4,
+        q_start: 1,
+        q_len: 3,
+    };
     for op in TOKEN_OPS.into_iter().chain([Op::Attention { sh: attn }]).filter(Op::writes_all) {
         let (lens, outs) = op.buffers();
         let init: Vec<Vec<f32>> = lens.iter().map(|&n| uniform(&mut r, n, -2.0, 2.0)).collect();
@@ -341,25 +545,39 @@ fn linear_ops_accept_every_storage_mix() {
     let mut gpu = cuda_in(Precision::Bf16);
     let (rows, d_in, d_out) = (37, 48, 20);
     let mut vals = |n: usize| bf16_values(&uniform(&mut r, n, -1.0, 1.0)).1;
-    let (x, w, b, dy, dx0) = (vals(rows * d_in), vals(d_out * d_in), vals(d_out), vals(rows * d_out), vals(rows * d_in));
+    let (x, w, b, dy, dx0) = (
+        vals(rows * d_in),
+        vals(d_out * d_in),
+        vals(d_out),
+        vals(rows * d_out),
+        vals(rows * d_in),
+    );
     let mut cpu = CpuBackend::<f32>::new();
     let (mut want_y, mut want_dx) = (vec![0.0f32; rows * d_out], dx0.clone());
     cpu.linear_forward(&x, &w, Some(&b), &mut want_y, rows, d_in, d_out);
     cpu.linear_backward_input(&dy, &w, &mut want_dx, rows, d_in, d_out, true);
     for mask in 0..8u32 {
         let (xb, wb, ob) = (mask & 1 != 0, mask & 2 != 0, mask & 4 != 0);
-        let (xd, wd, bd) = (upload_as(&mut gpu, &x, xb), upload_as(&mut gpu, &w, wb), upload_as(&mut gpu, &b, false));
+        let (xd, wd, bd) = (
+            upload_as(&mut gpu, &x, xb),
+            upload_as(&mut gpu, &w, wb),
+            upload_as(&mut gpu, &b, false),
+        );
         let dyd = upload_as(&mut gpu, &dy, xb);
         let mut yd = upload_as(&mut gpu, &vec![f32::NAN; rows * d_out], ob);
         let mut dxd = upload_as(&mut gpu, &dx0, ob);
         gpu.linear_forward(&xd, &wd, Some(&bd), &mut yd, rows, d_in, d_out);
         gpu.linear_backward_input(&dyd, &wd, &mut dxd, rows, d_in, d_out, true);
-        gpu.check().unwrap_or_else(|e| panic!("x bf16 {xb}, w bf16 {wb}, out bf16 {ob}: {e:#}"));
+        gpu.check()
+            .unwrap_or_else(|e| panic!("x bf16 {xb}, w bf16 {wb}, out bf16 {ob}: {e:#}"));
         for (what, d, want) in [("y", &yd, &want_y), ("dx", &dxd, &want_dx)] {
             let mut got = vec![0.0f32; want.len()];
             gpu.download(d, &mut got);
             for (i, (&g, &e)) in got.iter().zip(want.iter()).enumerate() {
-                assert!((g - e).abs() <= 1e-2 + 1e-2 * e.abs(), "{what} (x bf16 {xb}, w bf16 {wb}, out bf16 {ob}) [{i}]: GPU {g}, CPU {e} (MLVPT_TEST_SEED={seed})");
+                assert!(
+                    (g - e).abs() <= 1e-2 + 1e-2 * e.abs(),
+                    "{what} (x bf16 {xb}, w bf16 {wb}, out bf16 {ob}) [{i}]: GPU {g}, CPU {e} (MLVPT_TEST_SEED={seed})"
+                );
             }
         }
     }
@@ -374,7 +592,16 @@ fn attention_paths_match_the_cpu_reference() {
     // bf16 ones (bf16 tolerance); full and prompt-row query ranges.
     for (hd, atol, rtol) in [(4usize, 2e-5f32, 1e-4f32), (24, 2e-5, 1e-4), (32, 3e-2, 3e-2), (64, 3e-2, 3e-2)] {
         for (q_start, q_len) in [(0usize, 23usize), (1, 6)] {
-            let sh = AttnShape { batch: 2, tokens: 23, heads: 2, head_dim: hd, prompt_start: 1, prompt_end: 7, q_start, q_len };
+            let sh = AttnShape {
+                batch: 2,
+                tokens: 23,
+                heads: 2,
+                head_dim: hd,
+                prompt_start: 1,
+                prompt_end: 7,
+                q_start,
+                q_len,
+            };
             compare(Op::Attention { sh }, &mut r, seed, &mut gpu, atol, rtol, hd >= 32, BufRole::State);
         }
     }
@@ -391,16 +618,30 @@ fn attention_paths_match_the_cpu_reference() {
 fn check_bf16_emulation(name: &str, cfg: &ModelConfig, branches: usize, batch: usize, grad_bound: f64) {
     let m = step_metrics(Bf16Emu::bf16_storage(), cfg, branches, batch);
     eprintln!("{name}: {m:#?}");
-    assert!(m.logits <= 3e-2, "{name}: logits differ by {:.3e} (relative L2) with bf16 storage", m.logits);
-    assert!(m.loss <= 2e-2, "{name}: loss differs by {:.3e} (relative) with bf16 storage", m.loss);
+    assert!(
+        m.logits <= 3e-2,
+        "{name}: logits differ by {:.3e} (relative L2) with bf16 storage",
+        m.logits
+    );
+    assert!(
+        m.loss <= 2e-2,
+        "{name}: loss differs by {:.3e} (relative) with bf16 storage",
+        m.loss
+    );
     let worst = m.grads.iter().map(|g| g.1).fold(0.0, f64::max);
     for (t, r) in &m.grads {
-        assert!(*r <= grad_bound, "{name}: gradient of {t} differs by {r:.3e} (relative L2) with bf16 storage");
+        assert!(
+            *r <= grad_bound,
+            "{name}: gradient of {t} differs by {r:.3e} (relative L2) with bf16 storage"
+        );
     }
     // Not vacuous: the roles did put buffers in bf16.
     assert!(worst > 1e-5, "{name}: bf16 storage changed no gradient ({worst:.1e})");
     for (t, r) in &m.params_apart {
-        assert!(*r <= 0.5, "{name}: after 3 AdamW steps {t} is {r:.3} of its movement away from the fp32 run's");
+        assert!(
+            *r <= 0.5,
+            "{name}: after 3 AdamW steps {t} is {r:.3} of its movement away from the fp32 run's"
+        );
     }
 }
 
@@ -408,7 +649,11 @@ fn check_bf16_emulation(name: &str, cfg: &ModelConfig, branches: usize, batch: u
 #[test]
 fn tiny_steps_with_emulated_bf16_storage_stay_within_3e_2_of_fp32() {
     check_bf16_emulation("tiny ml-vpt deep", &tiny_config(), 2, 3, 3e-2);
-    let vpt = ModelConfig { method: Method::Vpt, prompt_depth: PromptDepth::Shallow, ..tiny_config() };
+    let vpt = ModelConfig {
+        method: Method::Vpt,
+        prompt_depth: PromptDepth::Shallow,
+        ..tiny_config()
+    };
     check_bf16_emulation("tiny vpt shallow", &vpt, 1, 3, 3e-2);
 }
 
@@ -417,7 +662,17 @@ fn tiny_steps_with_emulated_bf16_storage_stay_within_3e_2_of_fp32() {
 /// 4.6e-2 at most here.
 #[test]
 fn layer_scale_step_with_emulated_bf16_storage_stays_within_6e_2_of_fp32() {
-    let vit = VitConfig { image_size: 16, patch: 4, channels: 3, dim: 64, depth: 2, heads: 2, mlp_dim: 128, layer_scale: true, final_norm: true };
+    let vit = VitConfig {
+        image_size: 16,
+        patch: 4,
+        channels: 3,
+        dim: 64,
+        depth: 2,
+        heads: 2,
+        mlp_dim: 128,
+        layer_scale: true,
+        final_norm: true,
+    };
     check_bf16_emulation("head dim 32, layer scale", &ModelConfig { vit, ..tiny_config() }, 2, 4, 6e-2);
 }
 
@@ -458,7 +713,10 @@ fn whole_step_on(name: &str, cfg: &ModelConfig, branches: usize, batch: usize, m
         let bound = |floor: f64, emulated: f64| floor.max(3.0 * emulated);
         let within = |what: &str, g: f64, e: f64, floor: f64| {
             let b = bound(floor, e);
-            assert!(g <= b, "{name}: {what} differs from the CPU's by {g:.3e}, above {b:.3e} (emulated bf16 roundings: {e:.3e})");
+            assert!(
+                g <= b,
+                "{name}: {what} differs from the CPU's by {g:.3e}, above {b:.3e} (emulated bf16 roundings: {e:.3e})"
+            );
         };
         within("logits (relative L2)", got.logits, want.logits, fl);
         within("loss (relative)", got.loss, want.loss, fo);
@@ -480,7 +738,11 @@ fn whole_step_on(name: &str, cfg: &ModelConfig, branches: usize, batch: usize, m
 #[ignore = "requires a CUDA device"]
 fn tiny_training_step_matches_the_cpu() {
     whole_step("tiny ml-vpt deep", &tiny_config(), 2, 3);
-    let vpt = ModelConfig { method: Method::Vpt, prompt_depth: PromptDepth::Shallow, ..tiny_config() };
+    let vpt = ModelConfig {
+        method: Method::Vpt,
+        prompt_depth: PromptDepth::Shallow,
+        ..tiny_config()
+    };
     whole_step("tiny vpt shallow", &vpt, 1, 3);
 }
 
@@ -488,7 +750,17 @@ fn tiny_training_step_matches_the_cpu() {
 #[ignore = "requires a CUDA device"]
 fn fused_attention_training_step_matches_the_cpu() {
     // Head dim 32: the fused bf16 attention kernels; D 64 for the head kernels (D % 8 == 0).
-    let vit = VitConfig { image_size: 16, patch: 4, channels: 3, dim: 64, depth: 2, heads: 2, mlp_dim: 128, layer_scale: true, final_norm: true };
+    let vit = VitConfig {
+        image_size: 16,
+        patch: 4,
+        channels: 3,
+        dim: 64,
+        depth: 2,
+        heads: 2,
+        mlp_dim: 128,
+        layer_scale: true,
+        final_norm: true,
+    };
     let cfg = ModelConfig { vit, ..tiny_config() };
     whole_step("head dim 32, layer scale", &cfg, 2, 4);
 }
@@ -498,7 +770,17 @@ fn fused_attention_training_step_matches_the_cpu() {
 fn alternative_attention_kernels_in_a_training_step_match_the_cpu() {
     // Head dim 64 (D 128, 2 heads): every alternative pair of FWD_TILES/BWD_TILES through
     // CudaBackend::set_attention_tiles, as `mlvpt bench-step --attention-kernels` uses them.
-    let vit = VitConfig { image_size: 16, patch: 4, channels: 3, dim: 128, depth: 2, heads: 2, mlp_dim: 256, layer_scale: false, final_norm: true };
+    let vit = VitConfig {
+        image_size: 16,
+        patch: 4,
+        channels: 3,
+        dim: 128,
+        depth: 2,
+        heads: 2,
+        mlp_dim: 256,
+        layer_scale: false,
+        final_norm: true,
+    };
     let cfg = ModelConfig { vit, ..tiny_config() };
     let fwds: Vec<_> = attention::FWD_TILES.iter().copied().filter(|t| t.head_dim == 64).collect();
     let bwds: Vec<_> = attention::BWD_TILES.iter().copied().filter(|t| t.head_dim == 64).collect();

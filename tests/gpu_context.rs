@@ -38,13 +38,17 @@ fn every_embedded_module_loads_and_cublas_is_found() {
     let gpu = GpuContext::new(0).unwrap_or_else(|e| panic!("this test requires a CUDA device: {e}"));
     eprintln!("{gpu:?}");
     gpu.load_all().unwrap();
-    for k in [mlvpt::gpu::kernels::cast::CAST_F32_BF16, mlvpt::gpu::kernels::attention::ATTN_BWD_DQ_CONVERT] {
+    for k in [
+        mlvpt::gpu::kernels::cast::CAST_F32_BF16,
+        mlvpt::gpu::kernels::attention::ATTN_BWD_DQ_CONVERT,
+    ] {
         gpu.kernel(k).unwrap();
     }
     let x = gpu.upload(&[1.0f32; 4]).unwrap();
     let w = gpu.upload(&[1.0f32; 4]).unwrap();
     let mut y = gpu.zeros::<f32>(4).unwrap();
-    gpu.linear_forward(&x, &w, None, &mut y, 2, 2, 2, false).expect("cuBLAS (libcublas in LD_LIBRARY_PATH?)");
+    gpu.linear_forward(&x, &w, None, &mut y, 2, 2, 2, false)
+        .expect("cuBLAS (libcublas in LD_LIBRARY_PATH?)");
     assert_eq!(gpu.download(&y).unwrap(), vec![2.0; 4]);
 }
 
@@ -83,7 +87,10 @@ fn modules_and_cublas_load_on_first_use_and_a_caller_stream_is_adopted() {
     let x = stream.clone_htod(&[1.5f32, -2.0, 3.25]).unwrap();
     let mut y = stream.alloc_zeros::<bf16>(3).unwrap();
     mlvpt::ops::cast::cuda::f32_to_bf16(&gpu, gpu.stream(), &x, &mut y, 3).unwrap();
-    assert_eq!(stream.clone_dtoh(&y).unwrap().iter().map(|v| v.to_f32()).collect::<Vec<_>>(), [1.5, -2.0, 3.25]);
+    assert_eq!(
+        stream.clone_dtoh(&y).unwrap().iter().map(|v| v.to_f32()).collect::<Vec<_>>(),
+        [1.5, -2.0, 3.25]
+    );
     assert_eq!(gpu.loaded_modules(), ["cast"]);
     assert!(!gpu.cublas_ready());
     let w = stream.clone_htod(&[1.0f32; 4]).unwrap();

@@ -48,7 +48,11 @@ fn tables(rng: &mut ChaCha8Rng, k: usize, t: usize, e: usize, offset: usize, lab
     for ei in 0..e {
         for ki in 0..k {
             tok[ei * k + ki] = (offset + group[ki] * e + ei) as u32;
-            grow[ei * k + ki] = if label_gating { (ei * k + ki) as u32 } else { (ei * t + group[ki]) as u32 };
+            grow[ei * k + ki] = if label_gating {
+                (ei * k + ki) as u32
+            } else {
+                (ei * t + group[ki]) as u32
+            };
         }
     }
     (tok, grow, if label_gating { e * k } else { e * t })
@@ -94,7 +98,11 @@ fn moe_forward_and_backward_match_cpu() {
             // counts with at most 7 images (one partial image tile; head_every_kernel_small has
             // two) and D at most 264 (8 full 32-column tiles and a partial one;
             // head_kernels_at_tile_edges_match_cpu covers D = 1024).
-            let case = if virt { (case.0, case.1, case.2, case.3.min(264), case.4.min(7), case.5) } else { case };
+            let case = if virt {
+                (case.0, case.1, case.2, case.3.min(264), case.4.min(7), case.5)
+            } else {
+                case
+            };
             check_moe_case(&gpu, &mut rng, seed, &mut ws, kernels, case);
         }
     }
@@ -130,7 +138,12 @@ fn head_kernels_at_tile_edges_match_cpu() {
     let (mut rng, seed) = rng("head tile edges");
     let mut ws = cuda::HeadWorkspace::new();
     // (B, T, E, K, D, r, label gating)
-    let cases = [(37, 2, 3, 7, 72, 5, true), (17, 2, 3, 40, 264, 13, false), (9, 1, 8, 5, 1024, 1, true), (70, 2, 3, 150, 72, 37, false)];
+    let cases = [
+        (37, 2, 3, 7, 72, 5, true),
+        (17, 2, 3, 40, 264, 13, false),
+        (9, 1, 8, 5, 1024, 1, true),
+        (70, 2, 3, 150, 72, 37, false),
+    ];
     for kernels in cuda::HeadKernels::ALL {
         for &(bn, t, e, k, d, r, label) in &cases {
             check_moe_case(&gpu, &mut rng, seed, &mut ws, kernels, (k, e, t, d, bn, label));
@@ -154,8 +167,19 @@ fn check_moe_case(
     // Branch "-" of the pair: its tokens are the second half, so the first half of dz must
     // stay as it was.
     let (tok, grow, rows) = tables(rng, k, t, e, t * e, label_gating);
-    let s = MoeShape { batch: bn, tokens: p, dim: d, labels: k, experts: e, gate_rows: rows };
-    let what = format!("{} kernels, K={k} E={e} T={t} D={d} B={bn} {}", kernels.name(), if label_gating { "label" } else { "group" });
+    let s = MoeShape {
+        batch: bn,
+        tokens: p,
+        dim: d,
+        labels: k,
+        experts: e,
+        gate_rows: rows,
+    };
+    let what = format!(
+        "{} kernels, K={k} E={e} T={t} D={d} B={bn} {}",
+        kernels.name(),
+        if label_gating { "label" } else { "group" }
+    );
     let a = 3.0 / (d as f32).sqrt();
     let (z, z64) = bf16_input(gpu, rng, bn * p * d, -1.0, 1.0);
     let (ad, ad64) = bf16_input(gpu, rng, bn * p * d, -1.0, 1.0);
@@ -167,10 +191,15 @@ fn check_moe_case(
 
     let (mut y, mut m) = (nan_f32(gpu, bn * k), nan_f32(gpu, bn * k));
     let (mut q, mut r) = (nan_f32(gpu, bn * e * k), nan_f32(gpu, bn * e * k));
-    cuda::moe_forward(gpu, s_, &z, &ad, &gate, &w, &c, &tok_d, &grow_d, &mut y, &mut m, &mut q, &mut r, &s, kernels).unwrap();
+    cuda::moe_forward(
+        gpu, s_, &z, &ad, &gate, &w, &c, &tok_d, &grow_d, &mut y, &mut m, &mut q, &mut r, &s, kernels,
+    )
+    .unwrap();
     let (mut wy, mut wm) = (vec![0.0; bn * k], vec![0.0; bn * k]);
     let (mut wq, mut wr) = (vec![0.0; bn * e * k], vec![0.0; bn * e * k]);
-    cpu::moe_forward(&z64, &ad64, &gate64, &w64, &c64, &tok, &grow, &mut wy, &mut wm, &mut wq, &mut wr, &s);
+    cpu::moe_forward(
+        &z64, &ad64, &gate64, &w64, &c64, &tok, &grow, &mut wy, &mut wm, &mut wq, &mut wr, &s,
+    );
     assert_close(&format!("{what}: q"), &down_f32(gpu, &q), &wq, 1e-4, 1e-4, seed);
     assert_close(&format!("{what}: r"), &down_f32(gpu, &r), &wr, 1e-4, 1e-4, seed);
     assert_close(&format!("{what}: y"), &down_f32(gpu, &y), &wy, 1e-4, 1e-4, seed);
@@ -183,12 +212,32 @@ fn check_moe_case(
     let (mut dz, dz0) = bf16_input(gpu, rng, bn * p * d, -0.5, 0.5);
     let (mut da, da0) = bf16_input(gpu, rng, bn * p * d, -0.5, 0.5);
     let (mut dgate, mut dw, mut dc) = (nan_f32(gpu, rows * d), nan_f32(gpu, k * d), nan_f32(gpu, k));
-    cuda::moe_backward(gpu, s_, ws, &dy, &dm, &z, &ad, &gate, &w, &tok_d, &grow_d, &q, &r, &mut dz, &mut da, &mut dgate, &mut dw, &mut dc, &s, kernels)
-        .unwrap();
+    cuda::moe_backward(
+        gpu, s_, ws, &dy, &dm, &z, &ad, &gate, &w, &tok_d, &grow_d, &q, &r, &mut dz, &mut da, &mut dgate, &mut dw, &mut dc, &s, kernels,
+    )
+    .unwrap();
     let (mut wdz, mut wda) = (dz0.clone(), da0.clone());
     let (mut wdg, mut wdw, mut wdc) = (vec![0.0; rows * d], vec![0.0; k * d], vec![0.0; k]);
     let mut scratch = Vec::new();
-    cpu::moe_backward(&dy64, &dm64, &z64, &ad64, &gate64, &w64, &tok, &grow, &q64, &r64, &mut wdz, &mut wda, &mut wdg, &mut wdw, &mut wdc, &s, &mut scratch);
+    cpu::moe_backward(
+        &dy64,
+        &dm64,
+        &z64,
+        &ad64,
+        &gate64,
+        &w64,
+        &tok,
+        &grow,
+        &q64,
+        &r64,
+        &mut wdz,
+        &mut wda,
+        &mut wdg,
+        &mut wdw,
+        &mut wdc,
+        &s,
+        &mut scratch,
+    );
     assert_close(&format!("{what}: dz"), &down_bf16(gpu, &dz), &wdz, 1e-3, BF16_RTOL, seed);
     assert_close(&format!("{what}: dadapted"), &down_bf16(gpu, &da), &wda, 1e-3, BF16_RTOL, seed);
     // Tokens of the other branch are untouched, bit for bit.
@@ -196,29 +245,95 @@ fn check_moe_case(
     for b in 0..bn {
         for i in 0..t * e * d {
             let idx = b * p * d + i;
-            assert_eq!(got_dz[idx].to_f32() as f64, dz0[idx], "{what}: dz of the other branch changed at [{idx}] (seed {seed})");
+            assert_eq!(
+                got_dz[idx].to_f32() as f64,
+                dz0[idx],
+                "{what}: dz of the other branch changed at [{idx}] (seed {seed})"
+            );
         }
     }
     let gscale = (bn * e) as f64;
     // dgate, dw: sums over images and pairs; the bound grows with their |terms| (head_common).
-    let (tg, tw) = moe_param_terms(&scratch[..bn * e * k], &scratch[bn * e * k..2 * bn * e * k], &z64, &ad64, &tok, &grow, &s);
-    assert_sum(&format!("{what}: dgate"), &down_f32(gpu, &dgate), &wdg, SumBound::of(&tg), 1e-5 * gscale, 1e-3, seed);
-    assert_sum(&format!("{what}: dw"), &down_f32(gpu, &dw), &wdw, SumBound::of(&tw), 1e-5 * gscale, 1e-3, seed);
+    let (tg, tw) = moe_param_terms(
+        &scratch[..bn * e * k],
+        &scratch[bn * e * k..2 * bn * e * k],
+        &z64,
+        &ad64,
+        &tok,
+        &grow,
+        &s,
+    );
+    assert_sum(
+        &format!("{what}: dgate"),
+        &down_f32(gpu, &dgate),
+        &wdg,
+        SumBound::of(&tg),
+        1e-5 * gscale,
+        1e-3,
+        seed,
+    );
+    assert_sum(
+        &format!("{what}: dw"),
+        &down_f32(gpu, &dw),
+        &wdw,
+        SumBound::of(&tw),
+        1e-5 * gscale,
+        1e-3,
+        seed,
+    );
     assert_close(&format!("{what}: dc"), &down_f32(gpu, &dc), &wdc, 1e-5 * bn as f64, 1e-4, seed);
 
     // Same inputs, same bits: the batch reductions have a fixed order.
-    let (mut dz2, mut da2) = (gpu.upload(&vec![bf16::ZERO; bn * p * d]).unwrap(), gpu.upload(&vec![bf16::ZERO; bn * p * d]).unwrap());
+    let (mut dz2, mut da2) = (
+        gpu.upload(&vec![bf16::ZERO; bn * p * d]).unwrap(),
+        gpu.upload(&vec![bf16::ZERO; bn * p * d]).unwrap(),
+    );
     let (mut dgate2, mut dw2, mut dc2) = (nan_f32(gpu, rows * d), nan_f32(gpu, k * d), nan_f32(gpu, k));
-    cuda::moe_backward(gpu, s_, ws, &dy, &dm, &z, &ad, &gate, &w, &tok_d, &grow_d, &q, &r, &mut dz2, &mut da2, &mut dgate2, &mut dw2, &mut dc2, &s, kernels)
-        .unwrap();
+    cuda::moe_backward(
+        gpu,
+        s_,
+        ws,
+        &dy,
+        &dm,
+        &z,
+        &ad,
+        &gate,
+        &w,
+        &tok_d,
+        &grow_d,
+        &q,
+        &r,
+        &mut dz2,
+        &mut da2,
+        &mut dgate2,
+        &mut dw2,
+        &mut dc2,
+        &s,
+        kernels,
+    )
+    .unwrap();
     let bits = |v: Vec<f32>| v.into_iter().map(f32::to_bits).collect::<Vec<_>>();
-    assert_eq!(bits(down_f32(gpu, &dgate)), bits(down_f32(gpu, &dgate2)), "{what}: dgate differs between runs");
-    assert_eq!(bits(down_f32(gpu, &dw)), bits(down_f32(gpu, &dw2)), "{what}: dw differs between runs");
+    assert_eq!(
+        bits(down_f32(gpu, &dgate)),
+        bits(down_f32(gpu, &dgate2)),
+        "{what}: dgate differs between runs"
+    );
+    assert_eq!(
+        bits(down_f32(gpu, &dw)),
+        bits(down_f32(gpu, &dw2)),
+        "{what}: dw differs between runs"
+    );
 }
 
 /// (B, P, D, r)
-const ADAPTER_CASES: &[(usize, usize, usize, usize)] =
-    &[(1, 2, 384, 5), (64, 30, 768, 5), (256, 30, 768, 5), (64, 6, 1024, 1), (3, 7, 768, 13), (17, 3, 384, 64)];
+const ADAPTER_CASES: &[(usize, usize, usize, usize)] = &[
+    (1, 2, 384, 5),
+    (64, 30, 768, 5),
+    (256, 30, 768, 5),
+    (64, 6, 1024, 1),
+    (3, 7, 768, 13),
+    (17, 3, 384, 64),
+];
 
 #[test]
 #[ignore = "requires a CUDA device"]
@@ -247,7 +362,12 @@ fn check_adapter_case(
     (bn, p, d, r): (usize, usize, usize, usize),
 ) {
     let s_ = gpu.stream();
-    let s = AdapterShape { batch: bn, tokens: p, dim: d, rank: r };
+    let s = AdapterShape {
+        batch: bn,
+        tokens: p,
+        dim: d,
+        rank: r,
+    };
     let what = format!("{} kernels, B={bn} P={p} D={d} r={r}", kernels.name());
     let a1 = 2.0 / (d as f32).sqrt();
     let a2 = 1.0 / (r as f32).sqrt();
@@ -269,18 +389,66 @@ fn check_adapter_case(
     let (mut dz, dz0) = bf16_input(gpu, rng, bn * p * d, -0.5, 0.5);
     let (mut dw1, mut db1) = (nan_f32(gpu, p * r * d), nan_f32(gpu, p * r));
     let (mut dw2, mut db2) = (nan_f32(gpu, p * d * r), nan_f32(gpu, p * d));
-    cuda::adapter_backward(gpu, s_, ws, &dout, &z, &u, &w1, &w2, &mut dz, &mut dw1, &mut db1, &mut dw2, &mut db2, &s, kernels).unwrap();
+    cuda::adapter_backward(
+        gpu, s_, ws, &dout, &z, &u, &w1, &w2, &mut dz, &mut dw1, &mut db1, &mut dw2, &mut db2, &s, kernels,
+    )
+    .unwrap();
     let mut wdz = dz0.clone();
     let (mut wdw1, mut wdb1, mut wdw2, mut wdb2) = (vec![0.0; p * r * d], vec![0.0; p * r], vec![0.0; p * d * r], vec![0.0; p * d]);
-    cpu::adapter_backward(&dout64, &z64, &u64_, &w164, &w264, &mut wdz, &mut wdw1, &mut wdb1, &mut wdw2, &mut wdb2, &s, &mut scratch);
+    cpu::adapter_backward(
+        &dout64,
+        &z64,
+        &u64_,
+        &w164,
+        &w264,
+        &mut wdz,
+        &mut wdw1,
+        &mut wdb1,
+        &mut wdw2,
+        &mut wdb2,
+        &s,
+        &mut scratch,
+    );
     let tol = 1e-5 * bn as f64;
     assert_close(&format!("{what}: dz"), &down_bf16(gpu, &dz), &wdz, 1e-3, BF16_RTOL, seed);
     // Sums over images; the kernel's du is not visible here, so its bound stands in for its error.
     let at = adapter_terms(&dout64, &z64, &u64_, &w264, &s);
-    assert_sum(&format!("{what}: dw1"), &down_f32(gpu, &dw1), &wdw1, SumBound::with(&at.dw1), tol, 1e-3, seed);
-    assert_sum(&format!("{what}: db1"), &down_f32(gpu, &db1), &wdb1, SumBound::with(&at.db1), tol, 1e-3, seed);
-    assert_sum(&format!("{what}: dw2"), &down_f32(gpu, &dw2), &wdw2, SumBound::of(&at.dw2), tol, 1e-3, seed);
-    assert_sum(&format!("{what}: db2"), &down_f32(gpu, &db2), &wdb2, SumBound::of(&at.db2), tol, 1e-3, seed);
+    assert_sum(
+        &format!("{what}: dw1"),
+        &down_f32(gpu, &dw1),
+        &wdw1,
+        SumBound::with(&at.dw1),
+        tol,
+        1e-3,
+        seed,
+    );
+    assert_sum(
+        &format!("{what}: db1"),
+        &down_f32(gpu, &db1),
+        &wdb1,
+        SumBound::with(&at.db1),
+        tol,
+        1e-3,
+        seed,
+    );
+    assert_sum(
+        &format!("{what}: dw2"),
+        &down_f32(gpu, &dw2),
+        &wdw2,
+        SumBound::of(&at.dw2),
+        tol,
+        1e-3,
+        seed,
+    );
+    assert_sum(
+        &format!("{what}: db2"),
+        &down_f32(gpu, &db2),
+        &wdb2,
+        SumBound::of(&at.db2),
+        tol,
+        1e-3,
+        seed,
+    );
 }
 
 #[test]
@@ -291,8 +459,18 @@ fn vpt_head_forward_and_backward_match_cpu() {
     let (mut rng, seed) = rng("vpt_head");
     let mut ws = cuda::HeadWorkspace::new();
     // (B, P, D, K); D = 100 is allowed here (no 16-byte loads).
-    for &(bn, p, d, k) in &[(1usize, 30usize, 384usize, 1usize), (64, 10, 768, 80), (256, 2, 1024, 365), (3, 7, 100, 1000)] {
-        let s = VptHeadShape { batch: bn, tokens: p, dim: d, labels: k };
+    for &(bn, p, d, k) in &[
+        (1usize, 30usize, 384usize, 1usize),
+        (64, 10, 768, 80),
+        (256, 2, 1024, 365),
+        (3, 7, 100, 1000),
+    ] {
+        let s = VptHeadShape {
+            batch: bn,
+            tokens: p,
+            dim: d,
+            labels: k,
+        };
         let what = format!("B={bn} P={p} D={d} K={k}");
         let a = 1.0 / (d as f32).sqrt();
         let (z, z64) = bf16_input(&gpu, &mut rng, bn * p * d, -1.0, 1.0);
@@ -318,12 +496,20 @@ fn vpt_head_forward_and_backward_match_cpu() {
     }
     // An empty batch writes zero parameter gradients (the GEMM has inner length 0).
     let (p, d, k) = (3usize, 16usize, 5usize);
-    let s = VptHeadShape { batch: 0, tokens: p, dim: d, labels: k };
+    let s = VptHeadShape {
+        batch: 0,
+        tokens: p,
+        dim: d,
+        labels: k,
+    };
     let (w, _) = f32_input(&gpu, &mut rng, k * d, -1.0, 1.0);
     let (dy, zbar) = (nan_f32(&gpu, 1), nan_f32(&gpu, 1));
     let (mut dz, mut dw, mut dc) = (nan_bf16(&gpu, 1), nan_f32(&gpu, k * d), nan_f32(&gpu, k));
     cuda::vpt_backward(&gpu, s_, &mut ws, &dy, &zbar, &w, &mut dz, &mut dw, &mut dc, &s).unwrap();
-    assert!(down_f32(&gpu, &dw).iter().chain(&down_f32(&gpu, &dc)).all(|&v| v == 0.0), "empty batch: dw, dc not zero (seed {seed})");
+    assert!(
+        down_f32(&gpu, &dw).iter().chain(&down_f32(&gpu, &dc)).all(|&v| v == 0.0),
+        "empty batch: dw, dc not zero (seed {seed})"
+    );
 }
 
 #[test]
@@ -334,7 +520,16 @@ fn asl_terms_match_the_sum_of_single_terms_in_both_gradient_modes() {
     let (mut rng, seed) = rng("asl_terms");
     let mut ws = asl::cuda::AslWorkspace::new(&gpu).unwrap();
     let base = asl::AslConfig::default();
-    for cfg in [base, asl::AslConfig { exact_grad: true, ..base }, asl::AslConfig { gamma_pos: 1.0, clip: 0.05, exact_grad: true, ..base }] {
+    for cfg in [
+        base,
+        asl::AslConfig { exact_grad: true, ..base },
+        asl::AslConfig {
+            gamma_pos: 1.0,
+            clip: 0.05,
+            exact_grad: true,
+            ..base
+        },
+    ] {
         for (bn, k) in [(1usize, 1usize), (64, 80), (256, 365), (3, 1000)] {
             let n = bn * k;
             let scale = 1000.0 / n as f32;
@@ -348,10 +543,22 @@ fn asl_terms_match_the_sum_of_single_terms_in_both_gradient_modes() {
                 let (g0, rest) = grads.split_at_mut(1);
                 let (g1, g2) = rest.split_at_mut(1);
                 let mut terms = [
-                    asl::cuda::AslTerm { logits: &xd[0], grad: Some(&mut g0[0]) },
-                    asl::cuda::AslTerm { logits: &xd[1], grad: Some(&mut g1[0]) },
-                    asl::cuda::AslTerm { logits: &xd[2], grad: Some(&mut g2[0]) },
-                    asl::cuda::AslTerm { logits: &xd[3], grad: None },
+                    asl::cuda::AslTerm {
+                        logits: &xd[0],
+                        grad: Some(&mut g0[0]),
+                    },
+                    asl::cuda::AslTerm {
+                        logits: &xd[1],
+                        grad: Some(&mut g1[0]),
+                    },
+                    asl::cuda::AslTerm {
+                        logits: &xd[2],
+                        grad: Some(&mut g2[0]),
+                    },
+                    asl::cuda::AslTerm {
+                        logits: &xd[3],
+                        grad: None,
+                    },
                 ];
                 asl::cuda::forward_backward_terms(&gpu, s_, &mut ws, &mut terms, &yd, &cfg, scale, &mut loss, n).unwrap();
             }
@@ -362,11 +569,25 @@ fn asl_terms_match_the_sum_of_single_terms_in_both_gradient_modes() {
                 want += asl::asl_forward_backward(&to_f64(x), &y64, &cfg, Some(&mut g));
                 if i < 3 {
                     let g: Vec<f64> = g.iter().map(|v| v * scale as f64).collect();
-                    assert_close(&format!("asl term {i} grad n={n} {cfg:?}"), &down_f32(&gpu, &grads[i]), &g, 1e-6, 1e-4, seed);
+                    assert_close(
+                        &format!("asl term {i} grad n={n} {cfg:?}"),
+                        &down_f32(&gpu, &grads[i]),
+                        &g,
+                        1e-6,
+                        1e-4,
+                        seed,
+                    );
                 }
             }
             want *= scale as f64;
-            assert_close(&format!("asl terms loss n={n} {cfg:?}"), &down_f32(&gpu, &loss), &[want], 1e-5, 1e-4, seed);
+            assert_close(
+                &format!("asl terms loss n={n} {cfg:?}"),
+                &down_f32(&gpu, &loss),
+                &[want],
+                1e-5,
+                1e-4,
+                seed,
+            );
             // The term without a gradient buffer, alone through the single-term launcher.
             let (mut loss1, mut g3) = (nan_f32(&gpu, 1), nan_f32(&gpu, n));
             asl::cuda::forward_backward(&gpu, s_, &mut ws, &xd[3], &yd, &cfg, scale, Some(&mut g3), &mut loss1, n).unwrap();
@@ -414,18 +635,52 @@ fn head_launchers_reject_bad_shapes_and_tables() {
     let grow = cuda::IndexTable::new(&gpu, &(0..8).collect::<Vec<u32>>(), 8).unwrap();
     let z = gpu.zeros::<bf16>(bn * p * 1024).unwrap();
     let f = gpu.zeros::<f32>(8 * 1024).unwrap();
-    let (mut y, mut m, mut q, mut r) =
-        (gpu.zeros::<f32>(64).unwrap(), gpu.zeros::<f32>(64).unwrap(), gpu.zeros::<f32>(64).unwrap(), gpu.zeros::<f32>(64).unwrap());
+    let (mut y, mut m, mut q, mut r) = (
+        gpu.zeros::<f32>(64).unwrap(),
+        gpu.zeros::<f32>(64).unwrap(),
+        gpu.zeros::<f32>(64).unwrap(),
+        gpu.zeros::<f32>(64).unwrap(),
+    );
     let mut run = |dim: usize, experts: usize, rows: usize| {
-        let s = MoeShape { batch: bn, tokens: p, dim, labels: k, experts, gate_rows: rows };
-        cuda::moe_forward(&gpu, s_, &z, &z, &f, &f, &f, &tok, &grow, &mut y, &mut m, &mut q, &mut r, &s, cuda::HeadKernels::default()).err().map(|e| e.to_string())
+        let s = MoeShape {
+            batch: bn,
+            tokens: p,
+            dim,
+            labels: k,
+            experts,
+            gate_rows: rows,
+        };
+        cuda::moe_forward(
+            &gpu,
+            s_,
+            &z,
+            &z,
+            &f,
+            &f,
+            &f,
+            &tok,
+            &grow,
+            &mut y,
+            &mut m,
+            &mut q,
+            &mut r,
+            &s,
+            cuda::HeadKernels::default(),
+        )
+        .err()
+        .map(|e| e.to_string())
     };
     assert!(run(d, e, 8).expect("D = 100").contains("multiple of 8"));
     assert!(run(1032, e, 8).expect("D > 1024").contains("multiple of 8"));
     assert!(run(64, 9, 8).expect("E = 9").contains("experts"));
     assert!(run(64, e, 6).expect("gate rows mismatch").contains("grow table"));
     assert!(run(64, e, 8).is_none(), "a valid shape must launch");
-    let s = AdapterShape { batch: bn, tokens: p, dim: 64, rank: MAX_RANK_PLUS_ONE };
+    let s = AdapterShape {
+        batch: bn,
+        tokens: p,
+        dim: 64,
+        rank: MAX_RANK_PLUS_ONE,
+    };
     let (mut u, mut out) = (gpu.zeros::<f32>(bn * p * 65).unwrap(), gpu.zeros::<bf16>(bn * p * 64).unwrap());
     let err = cuda::adapter_forward(&gpu, s_, &z, &f, &f, &f, &f, &mut u, &mut out, &s, cuda::HeadKernels::default()).unwrap_err();
     assert!(err.to_string().contains("rank"), "{err}");
@@ -438,7 +693,10 @@ const MAX_RANK_PLUS_ONE: usize = cuda::MAX_RANK + 1;
 /// zero) and every element is finite.
 fn assert_rel_l2(what: &str, got: &[f32], want: &[f64], tol: f64, seed: u64) {
     assert_eq!(got.len(), want.len(), "{what}: length");
-    assert!(got.iter().all(|v| v.is_finite()), "{what}: non-finite output (MLVPT_TEST_SEED={seed})");
+    assert!(
+        got.iter().all(|v| v.is_finite()),
+        "{what}: non-finite output (MLVPT_TEST_SEED={seed})"
+    );
     let (mut num, mut den) = (0.0f64, 0.0f64);
     for (&g, &w) in got.iter().zip(want) {
         num += (g as f64 - w).powi(2);
@@ -461,7 +719,12 @@ fn composed_head_step_matches_cpu() {
     let (mut rng, seed) = rng("composed_head_step");
     let (bn, k, t, e, d, r) = (64usize, 80usize, 5usize, 3usize, 768usize, 5usize);
     let p = 2 * t * e;
-    let ash = AdapterShape { batch: bn, tokens: p, dim: d, rank: r };
+    let ash = AdapterShape {
+        batch: bn,
+        tokens: p,
+        dim: d,
+        rank: r,
+    };
     // Branch + with label gating on tokens 0..TE, branch - with group gating on TE..2TE.
     let branches: Vec<(Vec<u32>, Vec<u32>, usize)> = vec![tables(&mut rng, k, t, e, 0, true), tables(&mut rng, k, t, e, t * e, false)];
     let a = 3.0 / (d as f32).sqrt();
@@ -479,17 +742,62 @@ fn composed_head_step_matches_cpu() {
     let mut ws = cuda::HeadWorkspace::new();
     let mut aws = asl::cuda::AslWorkspace::new(&gpu).unwrap();
     let (mut u, mut ad) = (nan_f32(&gpu, bn * p * r), nan_bf16(&gpu, bn * p * d));
-    cuda::adapter_forward(&gpu, s_, &z, &w1, &b1, &w2, &b2, &mut u, &mut ad, &ash, cuda::HeadKernels::default()).unwrap();
+    cuda::adapter_forward(
+        &gpu,
+        s_,
+        &z,
+        &w1,
+        &b1,
+        &w2,
+        &b2,
+        &mut u,
+        &mut ad,
+        &ash,
+        cuda::HeadKernels::default(),
+    )
+    .unwrap();
     let mut heads = Vec::new();
     let mut outs = Vec::new();
     for (tok, grow, rows) in &branches {
-        let ms = MoeShape { batch: bn, tokens: p, dim: d, labels: k, experts: e, gate_rows: *rows };
+        let ms = MoeShape {
+            batch: bn,
+            tokens: p,
+            dim: d,
+            labels: k,
+            experts: e,
+            gate_rows: *rows,
+        };
         let (gate, gate64) = f32_input(&gpu, &mut rng, rows * d, -a, a);
         let (w, w64) = f32_input(&gpu, &mut rng, k * d, -a, a);
         let (c, c64) = f32_input(&gpu, &mut rng, k, -0.5, 0.5);
-        let (tok_d, grow_d) = (cuda::IndexTable::new(&gpu, tok, p).unwrap(), cuda::IndexTable::new(&gpu, grow, *rows).unwrap());
-        let (mut y, mut m, mut q, mut rr) = (nan_f32(&gpu, bn * k), nan_f32(&gpu, bn * k), nan_f32(&gpu, bn * e * k), nan_f32(&gpu, bn * e * k));
-        cuda::moe_forward(&gpu, s_, &z, &ad, &gate, &w, &c, &tok_d, &grow_d, &mut y, &mut m, &mut q, &mut rr, &ms, cuda::HeadKernels::default()).unwrap();
+        let (tok_d, grow_d) = (
+            cuda::IndexTable::new(&gpu, tok, p).unwrap(),
+            cuda::IndexTable::new(&gpu, grow, *rows).unwrap(),
+        );
+        let (mut y, mut m, mut q, mut rr) = (
+            nan_f32(&gpu, bn * k),
+            nan_f32(&gpu, bn * k),
+            nan_f32(&gpu, bn * e * k),
+            nan_f32(&gpu, bn * e * k),
+        );
+        cuda::moe_forward(
+            &gpu,
+            s_,
+            &z,
+            &ad,
+            &gate,
+            &w,
+            &c,
+            &tok_d,
+            &grow_d,
+            &mut y,
+            &mut m,
+            &mut q,
+            &mut rr,
+            &ms,
+            cuda::HeadKernels::default(),
+        )
+        .unwrap();
         heads.push((ms, gate, gate64, w, w64, c64, tok_d, grow_d));
         outs.push((y, m, q, rr));
     }
@@ -498,10 +806,22 @@ fn composed_head_step_matches_cpu() {
     {
         let [g0, g1, g2, g3] = &mut dys[..] else { unreachable!() };
         let mut terms = [
-            asl::cuda::AslTerm { logits: &outs[0].0, grad: Some(g0) },
-            asl::cuda::AslTerm { logits: &outs[1].0, grad: Some(g1) },
-            asl::cuda::AslTerm { logits: &outs[0].1, grad: Some(g2) },
-            asl::cuda::AslTerm { logits: &outs[1].1, grad: Some(g3) },
+            asl::cuda::AslTerm {
+                logits: &outs[0].0,
+                grad: Some(g0),
+            },
+            asl::cuda::AslTerm {
+                logits: &outs[1].0,
+                grad: Some(g1),
+            },
+            asl::cuda::AslTerm {
+                logits: &outs[0].1,
+                grad: Some(g2),
+            },
+            asl::cuda::AslTerm {
+                logits: &outs[1].1,
+                grad: Some(g3),
+            },
         ];
         asl::cuda::forward_backward_terms(&gpu, s_, &mut aws, &mut terms, &tg, &cfg, scale as f32, &mut loss, bn * k).unwrap();
     }
@@ -510,11 +830,55 @@ fn composed_head_step_matches_cpu() {
     for (s, (ms, gate, _, w, _, _, tok_d, grow_d)) in heads.iter().enumerate() {
         let (mut dg, mut dw, mut dc) = (nan_f32(&gpu, ms.gate_rows * d), nan_f32(&gpu, k * d), nan_f32(&gpu, k));
         let (_, _, q, rr) = &outs[s];
-        cuda::moe_backward(&gpu, s_, &mut ws, &dys[s], &dys[2 + s], &z, &ad, gate, w, tok_d, grow_d, q, rr, &mut dz, &mut da, &mut dg, &mut dw, &mut dc, ms, cuda::HeadKernels::default()).unwrap();
+        cuda::moe_backward(
+            &gpu,
+            s_,
+            &mut ws,
+            &dys[s],
+            &dys[2 + s],
+            &z,
+            &ad,
+            gate,
+            w,
+            tok_d,
+            grow_d,
+            q,
+            rr,
+            &mut dz,
+            &mut da,
+            &mut dg,
+            &mut dw,
+            &mut dc,
+            ms,
+            cuda::HeadKernels::default(),
+        )
+        .unwrap();
         head_grads.push((dg, dw, dc));
     }
-    let (mut dw1, mut db1, mut dw2, mut db2) = (nan_f32(&gpu, p * r * d), nan_f32(&gpu, p * r), nan_f32(&gpu, p * d * r), nan_f32(&gpu, p * d));
-    cuda::adapter_backward(&gpu, s_, &mut ws, &da, &z, &u, &w1, &w2, &mut dz, &mut dw1, &mut db1, &mut dw2, &mut db2, &ash, cuda::HeadKernels::default()).unwrap();
+    let (mut dw1, mut db1, mut dw2, mut db2) = (
+        nan_f32(&gpu, p * r * d),
+        nan_f32(&gpu, p * r),
+        nan_f32(&gpu, p * d * r),
+        nan_f32(&gpu, p * d),
+    );
+    cuda::adapter_backward(
+        &gpu,
+        s_,
+        &mut ws,
+        &da,
+        &z,
+        &u,
+        &w1,
+        &w2,
+        &mut dz,
+        &mut dw1,
+        &mut db1,
+        &mut dw2,
+        &mut db2,
+        &ash,
+        cuda::HeadKernels::default(),
+    )
+    .unwrap();
 
     // CPU, f64, same composition.
     let mut scratch = Vec::new();
@@ -545,7 +909,25 @@ fn composed_head_step_matches_cpu() {
         let (ms, _, gate64, _, w64, _, _, _) = &heads[s];
         let (mut dg, mut dw, mut dc) = (vec![0.0; rows * d], vec![0.0; k * d], vec![0.0; k]);
         let (_, _, q, rr) = &cfwd[s];
-        cpu::moe_backward(&cdy[s], &cdy[2 + s], &z64, &cad, gate64, w64, tok, grow, q, rr, &mut cdz, &mut cda, &mut dg, &mut dw, &mut dc, ms, &mut scratch);
+        cpu::moe_backward(
+            &cdy[s],
+            &cdy[2 + s],
+            &z64,
+            &cad,
+            gate64,
+            w64,
+            tok,
+            grow,
+            q,
+            rr,
+            &mut cdz,
+            &mut cda,
+            &mut dg,
+            &mut dw,
+            &mut dc,
+            ms,
+            &mut scratch,
+        );
         let (gdg, gdw, gdc) = &head_grads[s];
         assert_rel_l2(&format!("branch {s}: dgate"), &down_f32(&gpu, gdg), &dg, 3e-2, seed);
         assert_rel_l2(&format!("branch {s}: dw"), &down_f32(&gpu, gdw), &dw, 3e-2, seed);
@@ -553,9 +935,27 @@ fn composed_head_step_matches_cpu() {
     }
     assert_rel_l2("dadapted", &down_bf16(&gpu, &da), &cda, 3e-2, seed);
     let (mut cdw1, mut cdb1, mut cdw2, mut cdb2) = (vec![0.0; p * r * d], vec![0.0; p * r], vec![0.0; p * d * r], vec![0.0; p * d]);
-    cpu::adapter_backward(&cda, &z64, &cu, &w164, &w264, &mut cdz, &mut cdw1, &mut cdb1, &mut cdw2, &mut cdb2, &ash, &mut scratch);
+    cpu::adapter_backward(
+        &cda,
+        &z64,
+        &cu,
+        &w164,
+        &w264,
+        &mut cdz,
+        &mut cdw1,
+        &mut cdb1,
+        &mut cdw2,
+        &mut cdb2,
+        &ash,
+        &mut scratch,
+    );
     assert_rel_l2("dz", &down_bf16(&gpu, &dz), &cdz, 3e-2, seed);
-    for (name, got, want) in [("dw1", &dw1, &cdw1), ("db1", &db1, &cdb1), ("dw2", &dw2, &cdw2), ("db2", &db2, &cdb2)] {
+    for (name, got, want) in [
+        ("dw1", &dw1, &cdw1),
+        ("db1", &db1, &cdb1),
+        ("dw2", &dw2, &cdw2),
+        ("db2", &db2, &cdb2),
+    ] {
         assert_rel_l2(name, &down_f32(&gpu, got), want, 3e-2, seed);
     }
 }

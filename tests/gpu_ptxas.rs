@@ -24,7 +24,11 @@ fn no_kernel_spills_or_uses_local_memory() {
     let mut bad = Vec::new();
     for k in ptxas::parse(PTXAS_REPORT) {
         let spills = k.spill_store_bytes + k.spill_load_bytes;
-        let stack = if STACK_ALLOWED.contains(&k.function.as_str()) { 0 } else { k.stack_frame_bytes };
+        let stack = if STACK_ALLOWED.contains(&k.function.as_str()) {
+            0
+        } else {
+            k.stack_frame_bytes
+        };
         if spills > 0 || stack > 0 {
             bad.push(format!(
                 "{} {} ({}): {} bytes stack frame, {} bytes spill stores, {} bytes spill loads, {} registers",
@@ -58,14 +62,23 @@ fn launchers_name_no_kernel_by_string() {
     let mut bad = Vec::new();
     for f in files.iter().filter(|f| f.exists()) {
         // Code only: the docs' examples may show a handle's name.
-        let code: String = std::fs::read_to_string(f).unwrap().lines().filter(|l| !l.trim_start().starts_with("//")).collect::<Vec<_>>().join("\n");
+        let code: String = std::fs::read_to_string(f)
+            .unwrap()
+            .lines()
+            .filter(|l| !l.trim_start().starts_with("//"))
+            .collect::<Vec<_>>()
+            .join("\n");
         for lit in code.split('"').skip(1).step_by(2) {
             if entries.contains(lit) {
                 bad.push(format!("{} names kernel `{lit}` by string", f.display()));
             }
         }
     }
-    assert!(bad.is_empty(), "use the handles of mlvpt::gpu::kernels instead:\n{}", bad.join("\n"));
+    assert!(
+        bad.is_empty(),
+        "use the handles of mlvpt::gpu::kernels instead:\n{}",
+        bad.join("\n")
+    );
 }
 
 /// The fused attention's tile tables (`ops::attention::FWD_TILES`, `BWD_TILES`, which hold
@@ -81,7 +94,10 @@ fn attention_tile_tables_name_compiled_kernels() {
         .chain(BWD_TILES.iter().filter_map(|t| t.dq_kernel))
         .collect();
     for name in &names {
-        assert!(report.iter().any(|k| k.function == *name && k.file == "attention.cu"), "`{name}` is not a kernel of attention.cu");
+        assert!(
+            report.iter().any(|k| k.function == *name && k.file == "attention.cu"),
+            "`{name}` is not a kernel of attention.cu"
+        );
     }
     assert!(names.len() >= 2 * FUSED_HEAD_DIMS.len(), "a forward and a backward per head dim");
 }

@@ -26,7 +26,10 @@ fn train(device: &str, out: &Path) -> (String, String) {
     // MLVPT_BIN: the GPU bundle's copy of mlvpt (tools/gpu-runner.sh sets it on the GPU machine).
     let bin = std::env::var("MLVPT_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_mlvpt").to_string());
     let o = Command::new(&bin).args(&args).output().unwrap_or_else(|e| panic!("run {bin}: {e}"));
-    let (so, se) = (String::from_utf8_lossy(&o.stdout).into_owned(), String::from_utf8_lossy(&o.stderr).into_owned());
+    let (so, se) = (
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    );
     assert!(o.status.success(), "mlvpt train --device {device} failed:\n{se}");
     (so, se)
 }
@@ -50,7 +53,10 @@ fn demo_training_on_cuda_tracks_the_cpu_run() {
     let (cpu_dir, cuda_dir) = (dir.path().join("cpu"), dir.path().join("cuda"));
     train("cpu", &cpu_dir);
     let (stdout, stderr) = train("cuda", &cuda_dir);
-    assert!(stderr.lines().any(|l| l.starts_with("device: cuda")), "did not run on the CUDA backend:\n{stderr}");
+    assert!(
+        stderr.lines().any(|l| l.starts_with("device: cuda")),
+        "did not run on the CUDA backend:\n{stderr}"
+    );
     assert!(stdout.contains("cuda"), "the summary should name the CUDA device:\n{stdout}");
     let (cpu, cuda) = (epochs(&cpu_dir), epochs(&cuda_dir));
     assert_eq!(cpu.len(), 2, "two epochs on the CPU");
@@ -58,7 +64,15 @@ fn demo_training_on_cuda_tracks_the_cpu_run() {
     for (e, ((lc, mc), (lg, mg))) in cpu.iter().zip(&cuda).enumerate() {
         eprintln!("epoch {}: loss cpu {lc:.4} cuda {lg:.4}; mAP cpu {mc:.2} cuda {mg:.2}", e + 1);
         assert!(lg.is_finite() && mg.is_finite(), "epoch {}: non-finite CUDA metrics", e + 1);
-        assert!((lg - lc).abs() <= 5e-3 * lc.abs(), "epoch {}: loss {lg} on CUDA, {lc} on the CPU (bound 0.5%)", e + 1);
-        assert!((mg - mc).abs() <= 5.0, "epoch {}: mAP {mg} on CUDA, {mc} on the CPU (bound 5 points)", e + 1);
+        assert!(
+            (lg - lc).abs() <= 5e-3 * lc.abs(),
+            "epoch {}: loss {lg} on CUDA, {lc} on the CPU (bound 0.5%)",
+            e + 1
+        );
+        assert!(
+            (mg - mc).abs() <= 5.0,
+            "epoch {}: mAP {mg} on CUDA, {mc} on the CPU (bound 5 points)",
+            e + 1
+        );
     }
 }

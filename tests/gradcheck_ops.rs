@@ -67,10 +67,7 @@ fn linear_forward_and_input_gradient() {
     // accumulate adds
     let mut acc = vec![1.0; rows * din];
     linear::cpu::backward_input(&r, &w, &mut acc, rows, din, dout, true);
-    assert!(acc
-        .iter()
-        .zip(&dx)
-        .all(|(a, d)| (a - 1.0 - d).abs() < 1e-12));
+    assert!(acc.iter().zip(&dx).all(|(a, d)| (a - 1.0 - d).abs() < 1e-12));
 }
 
 #[test]
@@ -132,9 +129,7 @@ fn naive_attention(qkv: &[f64], sh: &AttnShape) -> Vec<f64> {
     let (b, n, h, dh) = (sh.batch, sh.tokens, sh.heads, sh.head_dim);
     let d = h * dh;
     let mut out = vec![0.0; b * n * d];
-    let at = |bi: usize, t: usize, w: usize, hi: usize| {
-        &qkv[bi * n * 3 * d + t * 3 * d + w * d + hi * dh..][..dh]
-    };
+    let at = |bi: usize, t: usize, w: usize, hi: usize| &qkv[bi * n * 3 * d + t * 3 * d + w * d + hi * dh..][..dh];
     for bi in 0..b {
         for hi in 0..h {
             for i in 0..n {
@@ -180,12 +175,7 @@ fn attention_mask_forward_and_gradient() {
         let mut dqkv = vec![0.0; 2 * n * 3 * d];
         let mut scratch2 = Vec::new();
         attn::backward(&qkv, &out, &lse, &r, &mut dqkv, &sh, &mut scratch2);
-        fd_check(
-            &format!("attention dqkv (P={prompts}, N={n})"),
-            &qkv,
-            &dqkv,
-            |q| dot(&fwd(q).0, &r),
-        );
+        fd_check(&format!("attention dqkv (P={prompts}, N={n})"), &qkv, &dqkv, |q| dot(&fwd(q).0, &r));
 
         // Queries restricted to the prompt rows (the last block): the same rows as the full
         // forward, and the gradient of the full op with dout zero outside those rows.
@@ -195,21 +185,14 @@ fn attention_mask_forward_and_gradient() {
                 q_len: prompts,
                 ..sh
             };
-            let (mut o2, mut l2, mut sc) = (
-                vec![0.0; 2 * prompts * d],
-                vec![0.0; 2 * 2 * prompts],
-                Vec::new(),
-            );
+            let (mut o2, mut l2, mut sc) = (vec![0.0; 2 * prompts * d], vec![0.0; 2 * 2 * prompts], Vec::new());
             attn::forward(&qkv, &mut o2, &mut l2, &sub, &mut sc);
             let mut r_full = vec![0.0; 2 * n * d];
             let mut r_sub = vec![0.0; 2 * prompts * d];
             for b in 0..2 {
                 for i in 0..prompts {
                     for c in 0..d {
-                        assert!(
-                            (o2[(b * prompts + i) * d + c] - out[(b * n + 1 + i) * d + c]).abs()
-                                < 1e-14
-                        );
+                        assert!((o2[(b * prompts + i) * d + c] - out[(b * n + 1 + i) * d + c]).abs() < 1e-14);
                         r_sub[(b * prompts + i) * d + c] = r[(b * n + 1 + i) * d + c];
                         r_full[(b * n + 1 + i) * d + c] = r[(b * n + 1 + i) * d + c];
                     }
@@ -219,10 +202,7 @@ fn attention_mask_forward_and_gradient() {
             attn::backward(&qkv, &out, &lse, &r_full, &mut want, &sh, &mut sc);
             let mut got = vec![f64::NAN; 2 * n * 3 * d];
             attn::backward(&qkv, &o2, &l2, &r_sub, &mut got, &sub, &mut sc);
-            assert!(
-                max_abs_diff(&got, &want) < 1e-12,
-                "P={prompts}: query-subset backward differs"
-            );
+            assert!(max_abs_diff(&got, &want) < 1e-12, "P={prompts}: query-subset backward differs");
         }
     }
 }
@@ -294,31 +274,14 @@ fn adapter_gradients() {
         }
     }
     let mut dz = vec![0.0; b * p * d];
-    let (mut dw1, mut db1, mut dw2, mut db2) = (
-        vec![0.0; w1.len()],
-        vec![0.0; b1.len()],
-        vec![0.0; w2.len()],
-        vec![0.0; b2.len()],
-    );
+    let (mut dw1, mut db1, mut dw2, mut db2) = (vec![0.0; w1.len()], vec![0.0; b1.len()], vec![0.0; w2.len()], vec![0.0; b2.len()]);
     let mut sc = Vec::new();
-    head::adapter_backward(
-        &rr, &z, &u, &w1, &w2, &mut dz, &mut dw1, &mut db1, &mut dw2, &mut db2, &s, &mut sc,
-    );
-    fd_check("adapter dz", &z, &dz, |x| {
-        dot(&fwd(x, &w1, &b1, &w2, &b2).1, &rr)
-    });
-    fd_check("adapter dw1", &w1, &dw1, |x| {
-        dot(&fwd(&z, x, &b1, &w2, &b2).1, &rr)
-    });
-    fd_check("adapter db1", &b1, &db1, |x| {
-        dot(&fwd(&z, &w1, x, &w2, &b2).1, &rr)
-    });
-    fd_check("adapter dw2", &w2, &dw2, |x| {
-        dot(&fwd(&z, &w1, &b1, x, &b2).1, &rr)
-    });
-    fd_check("adapter db2", &b2, &db2, |x| {
-        dot(&fwd(&z, &w1, &b1, &w2, x).1, &rr)
-    });
+    head::adapter_backward(&rr, &z, &u, &w1, &w2, &mut dz, &mut dw1, &mut db1, &mut dw2, &mut db2, &s, &mut sc);
+    fd_check("adapter dz", &z, &dz, |x| dot(&fwd(x, &w1, &b1, &w2, &b2).1, &rr));
+    fd_check("adapter dw1", &w1, &dw1, |x| dot(&fwd(&z, x, &b1, &w2, &b2).1, &rr));
+    fd_check("adapter db1", &b1, &db1, |x| dot(&fwd(&z, &w1, x, &w2, &b2).1, &rr));
+    fd_check("adapter dw2", &w2, &dw2, |x| dot(&fwd(&z, &w1, &b1, x, &b2).1, &rr));
+    fd_check("adapter db2", &b2, &db2, |x| dot(&fwd(&z, &w1, &b1, &w2, x).1, &rr));
 }
 
 #[test]
@@ -328,11 +291,11 @@ fn moe_head_gradients_both_gate_modes() {
         let (b, k, t, e, d) = (2usize, 5usize, 2usize, 3usize, 4usize);
         let p = 2 * t * e; // two branches' worth of tokens; this is branch 1
         let groups: Vec<usize> = (0..k).map(|i| (i * 3 + 1) % t).collect();
-        let tok: Vec<u32> = (0..e * k)
-            .map(|i| (t * e + t * (i / k) + groups[i % k]) as u32)
-            .collect();
+        let tok: Vec<u32> = (0..e * k).map(|i| (t * e + t * (i / k) + groups[i % k]) as u32).collect();
         let rows = if group_gate { e * t } else { e * k };
-        let grow: Vec<u32> = (0..e * k).map(|i| if group_gate { (i / k) * t + groups[i % k] } else { i } as u32).collect();
+        let grow: Vec<u32> = (0..e * k)
+            .map(|i| if group_gate { (i / k) * t + groups[i % k] } else { i } as u32)
+            .collect();
         let s = MoeShape {
             batch: b,
             tokens: p,
@@ -346,20 +309,10 @@ fn moe_head_gradients_both_gate_modes() {
         let gate = rand_vec(&mut rng, rows * d, 1.0);
         let w = rand_vec(&mut rng, k * d, 1.0);
         let c = rand_vec(&mut rng, k, 1.0);
-        let (ry, rm) = (
-            rand_vec(&mut rng, b * k, 1.0),
-            rand_vec(&mut rng, b * k, 1.0),
-        );
+        let (ry, rm) = (rand_vec(&mut rng, b * k, 1.0), rand_vec(&mut rng, b * k, 1.0));
         let fwd = |z: &[f64], ad: &[f64], gate: &[f64], w: &[f64], c: &[f64]| {
-            let (mut y, mut m, mut q, mut r) = (
-                vec![0.0; b * k],
-                vec![0.0; b * k],
-                vec![0.0; b * e * k],
-                vec![0.0; b * e * k],
-            );
-            head::moe_forward(
-                z, ad, gate, w, c, &tok, &grow, &mut y, &mut m, &mut q, &mut r, &s,
-            );
+            let (mut y, mut m, mut q, mut r) = (vec![0.0; b * k], vec![0.0; b * k], vec![0.0; b * e * k], vec![0.0; b * e * k]);
+            head::moe_forward(z, ad, gate, w, c, &tok, &grow, &mut y, &mut m, &mut q, &mut r, &s);
             (y, m, q, r)
         };
         let loss = |o: &(Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>)| dot(&o.0, &ry) + dot(&o.1, &rm);
@@ -385,36 +338,23 @@ fn moe_head_gradients_both_gate_modes() {
                     }
                 }
                 let y = dot(&w[ki * d..][..d], &f) + c[ki];
-                assert!(
-                    (o.0[bi * k + ki] - y).abs() < 1e-12 && (o.1[bi * k + ki] - m).abs() < 1e-12
-                );
+                assert!((o.0[bi * k + ki] - y).abs() < 1e-12 && (o.1[bi * k + ki] - m).abs() < 1e-12);
             }
         }
         let (mut dz, mut dad) = (vec![0.0; b * p * d], vec![0.0; b * p * d]);
         let (mut dg, mut dw, mut dc) = (vec![0.0; rows * d], vec![0.0; k * d], vec![0.0; k]);
         let mut sc = Vec::new();
         head::moe_backward(
-            &ry, &rm, &z, &ad, &gate, &w, &tok, &grow, &o.2, &o.3, &mut dz, &mut dad, &mut dg,
-            &mut dw, &mut dc, &s, &mut sc,
+            &ry, &rm, &z, &ad, &gate, &w, &tok, &grow, &o.2, &o.3, &mut dz, &mut dad, &mut dg, &mut dw, &mut dc, &s, &mut sc,
         );
         let tag = if group_gate { "group" } else { "label" };
         // Tokens of the other branch get no gradient.
         assert!(dz[..t * e * d].iter().all(|&v| v == 0.0));
-        fd_check(&format!("moe dz ({tag})"), &z, &dz, |x| {
-            loss(&fwd(x, &ad, &gate, &w, &c))
-        });
-        fd_check(&format!("moe dadapted ({tag})"), &ad, &dad, |x| {
-            loss(&fwd(&z, x, &gate, &w, &c))
-        });
-        fd_check(&format!("moe dgate ({tag})"), &gate, &dg, |x| {
-            loss(&fwd(&z, &ad, x, &w, &c))
-        });
-        fd_check(&format!("moe dw ({tag})"), &w, &dw, |x| {
-            loss(&fwd(&z, &ad, &gate, x, &c))
-        });
-        fd_check(&format!("moe dc ({tag})"), &c, &dc, |x| {
-            loss(&fwd(&z, &ad, &gate, &w, x))
-        });
+        fd_check(&format!("moe dz ({tag})"), &z, &dz, |x| loss(&fwd(x, &ad, &gate, &w, &c)));
+        fd_check(&format!("moe dadapted ({tag})"), &ad, &dad, |x| loss(&fwd(&z, x, &gate, &w, &c)));
+        fd_check(&format!("moe dgate ({tag})"), &gate, &dg, |x| loss(&fwd(&z, &ad, x, &w, &c)));
+        fd_check(&format!("moe dw ({tag})"), &w, &dw, |x| loss(&fwd(&z, &ad, &gate, x, &c)));
+        fd_check(&format!("moe dc ({tag})"), &c, &dc, |x| loss(&fwd(&z, &ad, &gate, &w, x)));
     }
 }
 
@@ -438,12 +378,7 @@ fn vpt_head_gradients() {
         (zbar, y)
     };
     let (zbar, _) = fwd(&z, &w, &c);
-    let (mut dz, mut dw, mut dc, mut sc) = (
-        vec![0.0; z.len()],
-        vec![0.0; w.len()],
-        vec![0.0; k],
-        Vec::new(),
-    );
+    let (mut dz, mut dw, mut dc, mut sc) = (vec![0.0; z.len()], vec![0.0; w.len()], vec![0.0; k], Vec::new());
     head::vpt_backward(&r, &zbar, &w, &mut dz, &mut dw, &mut dc, &s, &mut sc);
     fd_check("vpt dz", &z, &dz, |x| dot(&fwd(x, &w, &c).1, &r));
     fd_check("vpt dw", &w, &dw, |x| dot(&fwd(&z, x, &c).1, &r));

@@ -7,15 +7,18 @@ use std::path::Path;
 
 use mlvpt::grouping::input::{read_cooccurrence_json, LabelStats};
 use mlvpt::grouping::{
-    adjusted_rand_index, branches, correlative, discriminative, random_partition, Cooccurrence, GroupingConfig,
-    GroupingError, GroupingMode, Partition,
+    adjusted_rand_index, branches, correlative, discriminative, random_partition, Cooccurrence, GroupingConfig, GroupingError,
+    GroupingMode, Partition,
 };
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde_json::Value;
 
 fn cfg(groups: usize) -> GroupingConfig {
-    GroupingConfig { groups, ..Default::default() }
+    GroupingConfig {
+        groups,
+        ..Default::default()
+    }
 }
 
 fn co_of(k: usize, lists: &[Vec<usize>]) -> Cooccurrence {
@@ -76,7 +79,9 @@ fn noisy_blocks(blocks: &[Vec<usize>], k: usize, n: usize, seed: u64) -> Vec<Vec
     (0..n)
         .map(|_| {
             let b = &blocks[rng.random_range(0..blocks.len())];
-            (0..k).filter(|l| rng.random::<f64>() < if b.contains(l) { 0.7 } else { 0.01 }).collect()
+            (0..k)
+                .filter(|l| rng.random::<f64>() < if b.contains(l) { 0.7 } else { 0.01 })
+                .collect()
         })
         .collect()
 }
@@ -95,8 +100,9 @@ fn discriminative_recovers_mutually_exclusive_groups_exactly() {
     // one group never co-occur, so M- is 1 inside a group and 1 - sqrt(~1/m) across groups.
     let groups = vec![vec![0, 1, 2], vec![3, 4, 5, 6], vec![7, 8]];
     let mut rng = ChaCha8Rng::seed_from_u64(3);
-    let images: Vec<Vec<usize>> =
-        (0..2000).map(|_| groups.iter().map(|g| g[rng.random_range(0..g.len())]).collect()).collect();
+    let images: Vec<Vec<usize>> = (0..2000)
+        .map(|_| groups.iter().map(|g| g[rng.random_range(0..g.len())]).collect())
+        .collect();
     let co = co_of(9, &images);
     let p = discriminative(&co, &cfg(3)).unwrap();
     assert_eq!(as_sets(&p.groups), as_sets(&groups));
@@ -109,7 +115,12 @@ fn discriminative_recovers_mutually_exclusive_groups_exactly() {
 fn deterministic_for_a_seed_and_any_thread_count() {
     let blocks = vec![vec![0, 1, 2, 3], vec![4, 5, 6], vec![7, 8, 9, 10, 11]];
     let co = co_of(12, &noisy_blocks(&blocks, 12, 500, 11));
-    let c = GroupingConfig { groups: 4, restarts: 50, seed: 42, ..Default::default() };
+    let c = GroupingConfig {
+        groups: 4,
+        restarts: 50,
+        seed: 42,
+        ..Default::default()
+    };
     let run = |threads: usize| {
         rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
@@ -128,8 +139,7 @@ fn sparse_counting_equals_dense_counting() {
     let (n, k) = (300, 17);
     let mut rng = ChaCha8Rng::seed_from_u64(5);
     let dense: Vec<f32> = (0..n * k).map(|_| if rng.random::<f64>() < 0.2 { 1.0 } else { 0.0 }).collect();
-    let lists: Vec<Vec<usize>> =
-        dense.chunks(k).map(|r| (0..k).filter(|&j| r[j] == 1.0).rev().collect()).collect();
+    let lists: Vec<Vec<usize>> = dense.chunks(k).map(|r| (0..k).filter(|&j| r[j] == 1.0).rev().collect()).collect();
     let sparse = co_of(k, &lists);
     assert_eq!(sparse, Cooccurrence::from_dense(k, &dense));
     // The naive n x K x K loop.
@@ -181,12 +191,22 @@ fn bad_settings_are_errors() {
         Err(GroupingError::MoreGroupsThanLabels { groups: 5, labels: 4 })
     );
     for tau in [0.0, -1.0, f64::NAN, f64::INFINITY] {
-        let c = GroupingConfig { groups: 2, tau_dis: tau, ..Default::default() };
-        assert!(matches!(discriminative(&co, &c), Err(GroupingError::BadTau { name: "tau_dis", .. })));
+        let c = GroupingConfig {
+            groups: 2,
+            tau_dis: tau,
+            ..Default::default()
+        };
+        assert!(matches!(
+            discriminative(&co, &c),
+            Err(GroupingError::BadTau { name: "tau_dis", .. })
+        ));
     }
     assert_eq!(correlative(&Cooccurrence::empty(4), &cfg(2)), Err(GroupingError::EmptyLabels));
     let sparse = co_of(4, &[vec![0, 1]]);
-    assert!(matches!(correlative(&sparse, &cfg(3)), Err(GroupingError::TooFewUsedLabels { used: 2, .. })));
+    assert!(matches!(
+        correlative(&sparse, &cfg(3)),
+        Err(GroupingError::TooFewUsedLabels { used: 2, .. })
+    ));
     assert!(random_partition(3, 4, 0).is_err());
     assert!(random_partition(3, 0, 0).is_err());
 }
@@ -222,12 +242,18 @@ fn branches_follow_the_mode() {
 // ---- the official ML-VPT groups --------------------------------------------------------
 
 fn data(name: &str) -> LabelStats {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data").join(name).join("cooccurrence.json");
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/data")
+        .join(name)
+        .join("cooccurrence.json");
     read_cooccurrence_json(&path).unwrap()
 }
 
 fn official(name: &str) -> Value {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data").join(name).join("official_groups.json");
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/data")
+        .join(name)
+        .join("official_groups.json");
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
 
@@ -249,7 +275,11 @@ fn coco_official_correlative_groups_reproduce_exactly() {
     let off = official("coco2014");
     for t in [2, 3, 5, 8] {
         let p = correlative(&co, &cfg(t)).unwrap();
-        assert_eq!(named_sets(&classes, &p), official_sets(&off[t.to_string()]["correlative"]), "T = {t}");
+        assert_eq!(
+            named_sets(&classes, &p),
+            official_sets(&off[t.to_string()]["correlative"]),
+            "T = {t}"
+        );
     }
 }
 
@@ -257,7 +287,11 @@ fn coco_official_correlative_groups_reproduce_exactly() {
 fn coco_official_discriminative_groups_reproduce_exactly_for_t2_with_tau_3() {
     let LabelStats { classes, co } = data("coco2014");
     let off = official("coco2014");
-    let c = GroupingConfig { groups: 2, tau_dis: 3.0, ..Default::default() };
+    let c = GroupingConfig {
+        groups: 2,
+        tau_dis: 3.0,
+        ..Default::default()
+    };
     let p = discriminative(&co, &c).unwrap();
     assert_eq!(named_sets(&classes, &p), official_sets(&off["2"]["discriminative"]));
 }
@@ -268,11 +302,19 @@ fn voc_official_groups_reproduce_where_stable() {
     let off = official("voc2007");
     for t in [2, 3, 5, 8] {
         let p = correlative(&co, &cfg(t)).unwrap();
-        assert_eq!(named_sets(&classes, &p), official_sets(&off[t.to_string()]["correlative"]), "T = {t}");
+        assert_eq!(
+            named_sets(&classes, &p),
+            official_sets(&off[t.to_string()]["correlative"]),
+            "T = {t}"
+        );
     }
     for t in [2, 3, 5] {
         let p = discriminative(&co, &cfg(t)).unwrap();
-        assert_eq!(named_sets(&classes, &p), official_sets(&off[t.to_string()]["discriminative"]), "T = {t}");
+        assert_eq!(
+            named_sets(&classes, &p),
+            official_sets(&off[t.to_string()]["discriminative"]),
+            "T = {t}"
+        );
     }
 }
 

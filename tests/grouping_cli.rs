@@ -12,7 +12,11 @@ fn data(rel: &str) -> PathBuf {
 }
 
 fn mlvpt(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_mlvpt")).arg("group").args(args).output().expect("run mlvpt")
+    Command::new(env!("CARGO_BIN_EXE_mlvpt"))
+        .arg("group")
+        .args(args)
+        .output()
+        .expect("run mlvpt")
 }
 
 fn stdout(o: &Output) -> String {
@@ -65,7 +69,12 @@ fn json_output_is_one_object_with_the_documented_keys() {
         assert_eq!(groups.len(), 5);
         let n: usize = groups.iter().map(|g| g.as_array().unwrap().len()).sum();
         assert_eq!(n, 80);
-        let ev: Vec<f64> = v[graph]["eigenvalues"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect();
+        let ev: Vec<f64> = v[graph]["eigenvalues"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap())
+            .collect();
         assert_eq!(ev.len(), 6);
         assert!(ev.windows(2).all(|w| w[0] <= w[1]), "{ev:?}");
         assert!(ev[0].abs() < 1e-9, "a connected graph's smallest eigenvalue is 0: {ev:?}");
@@ -77,7 +86,17 @@ fn json_output_is_one_object_with_the_documented_keys() {
 fn against_reports_the_adjusted_rand_index() {
     let co = data("coco2014/cooccurrence.json");
     let off = data("coco2014/official_groups.json");
-    let o = mlvpt(&["--cooccurrence", p(&co), "-T", "2", "--tau-dis", "3", "--against", p(&off), "--json"]);
+    let o = mlvpt(&[
+        "--cooccurrence",
+        p(&co),
+        "-T",
+        "2",
+        "--tau-dis",
+        "3",
+        "--against",
+        p(&off),
+        "--json",
+    ]);
     assert!(o.status.success(), "{}", stderr(&o));
     let v: Value = serde_json::from_str(&stdout(&o)).unwrap();
     assert_eq!(v["adjusted_rand_index"]["correlative"], 1.0);
@@ -85,8 +104,14 @@ fn against_reports_the_adjusted_rand_index() {
     // Readable form.
     let o = mlvpt(&["--cooccurrence", p(&co), "-T", "13", "--against", p(&off)]);
     let text = stdout(&o);
-    assert!(text.contains("Correlative groups") && text.contains("Adjusted Rand index"), "{text}");
-    fails(&["--cooccurrence", p(&co), "-T", "4", "--against", p(&off)], &["official_groups.json", "no groups for T = 4"]);
+    assert!(
+        text.contains("Correlative groups") && text.contains("Adjusted Rand index"),
+        "{text}"
+    );
+    fails(
+        &["--cooccurrence", p(&co), "-T", "4", "--against", p(&off)],
+        &["official_groups.json", "no groups for T = 4"],
+    );
 }
 
 #[test]
@@ -136,7 +161,14 @@ fn plot_writes_a_png() {
     let bytes = std::fs::read(&png).unwrap();
     assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n");
     fails(
-        &["--cooccurrence", p(&co), "-T", "5", "--plot", p(&dir.path().join("no/such/dir/x.png"))],
+        &[
+            "--cooccurrence",
+            p(&co),
+            "-T",
+            "5",
+            "--plot",
+            p(&dir.path().join("no/such/dir/x.png")),
+        ],
         &["x.png", "cannot write the plot"],
     );
 }
@@ -164,10 +196,19 @@ fn malformed_label_csv_errors_name_file_line_and_column() {
 
 #[test]
 fn missing_files_are_named() {
-    fails(&["--labels", "/no/such/labels.csv", "-T", "2"], &["/no/such/labels.csv", "cannot read file"]);
-    fails(&["--cooccurrence", "/no/such/co.json", "-T", "2"], &["/no/such/co.json", "cannot read file"]);
+    fails(
+        &["--labels", "/no/such/labels.csv", "-T", "2"],
+        &["/no/such/labels.csv", "cannot read file"],
+    );
+    fails(
+        &["--cooccurrence", "/no/such/co.json", "-T", "2"],
+        &["/no/such/co.json", "cannot read file"],
+    );
     let (_d, labels) = file("l.txt", "a\n");
-    fails(&["--labels", p(&labels), "--classes", "/no/such/classes.txt", "-T", "1"], &["/no/such/classes.txt"]);
+    fails(
+        &["--labels", p(&labels), "--classes", "/no/such/classes.txt", "-T", "1"],
+        &["/no/such/classes.txt"],
+    );
 }
 
 #[test]
@@ -176,16 +217,46 @@ fn malformed_cooccurrence_json_errors_are_located() {
     let cases: Vec<(String, Vec<&str>)> = vec![
         ("".into(), vec!["file is empty"]),
         ("{\"classes\": [\"a\", \"b\"\n".into(), vec![":2:", "invalid JSON"]),
-        ("{\"classes\": [\"a\", \"b\", \"c\"],\n \"counts\": [5, \"x\", 3], \"cooccurrence\": []}".into(), vec![":2:", "invalid JSON", "invalid type"]),
-        ("{\"classes\": [\"a\", \"b\", \"c\"],\n \"counts\": [5, NaN, 3], \"cooccurrence\": []}".into(), vec![":2:", "invalid JSON"]),
-        (format!("{{\"classes\": [\"a\", \"b\", \"c\"], {good_counts},\n \"cooccurrence\": [[0, 1, 1],\n [1, 0],\n [1, 1, 0]]}}"), vec![":3:2: ", "row 2 has 2 entries, expected 3"]),
-        (format!("{{\"classes\": [\"a\", \"b\", \"c\"], {good_counts},\n \"cooccurrence\": [[0, 1, 1], [1, 0, 1]]}}"), vec![":2:18: ", "2 rows, expected a 3 x 3 matrix"]),
-        ("{\"classes\": [\"a\", \"b\", \"c\"],\n \"counts\": [5, 4], \"cooccurrence\": [[0,1,1],[1,0,1],[1,1,0]]}".into(), vec![":2:12: ", "\"counts\" has 2 entries, expected 3"]),
-        (format!("{{\"classes\": [\"a\", \"b\", \"c\"], {good_counts},\n \"cooccurrence\": [[0, 1, 1],\n [2, 0, 1], [1, 1, 0]]}}"), vec![":2:", "not symmetric"]),
-        (format!("{{\"classes\": [\"a\", \"b\", \"c\"], {good_counts},\n \"cooccurrence\": [[0, 1, 4],\n [1, 0, 1],\n [4, 1, 0]]}}"), vec![":2:", "exceeds the counts"]),
-        ("{\"classes\": [\"a\", \"a\"], \"counts\": [1, 1], \"cooccurrence\": [[0,0],[0,0]]}".into(), vec![":1:19: ", "appears twice"]),
-        ("{\"classes\": [\"a\", \"b\"], \"counts\": [1, 1]}".into(), vec!["missing field `cooccurrence`"]),
-        ("{\"classes\": [], \"counts\": [], \"cooccurrence\": []}".into(), vec!["\"classes\" is empty"]),
+        (
+            "{\"classes\": [\"a\", \"b\", \"c\"],\n \"counts\": [5, \"x\", 3], \"cooccurrence\": []}".into(),
+            vec![":2:", "invalid JSON", "invalid type"],
+        ),
+        (
+            "{\"classes\": [\"a\", \"b\", \"c\"],\n \"counts\": [5, NaN, 3], \"cooccurrence\": []}".into(),
+            vec![":2:", "invalid JSON"],
+        ),
+        (
+            format!("{{\"classes\": [\"a\", \"b\", \"c\"], {good_counts},\n \"cooccurrence\": [[0, 1, 1],\n [1, 0],\n [1, 1, 0]]}}"),
+            vec![":3:2: ", "row 2 has 2 entries, expected 3"],
+        ),
+        (
+            format!("{{\"classes\": [\"a\", \"b\", \"c\"], {good_counts},\n \"cooccurrence\": [[0, 1, 1], [1, 0, 1]]}}"),
+            vec![":2:18: ", "2 rows, expected a 3 x 3 matrix"],
+        ),
+        (
+            "{\"classes\": [\"a\", \"b\", \"c\"],\n \"counts\": [5, 4], \"cooccurrence\": [[0,1,1],[1,0,1],[1,1,0]]}".into(),
+            vec![":2:12: ", "\"counts\" has 2 entries, expected 3"],
+        ),
+        (
+            format!("{{\"classes\": [\"a\", \"b\", \"c\"], {good_counts},\n \"cooccurrence\": [[0, 1, 1],\n [2, 0, 1], [1, 1, 0]]}}"),
+            vec![":2:", "not symmetric"],
+        ),
+        (
+            format!("{{\"classes\": [\"a\", \"b\", \"c\"], {good_counts},\n \"cooccurrence\": [[0, 1, 4],\n [1, 0, 1],\n [4, 1, 0]]}}"),
+            vec![":2:", "exceeds the counts"],
+        ),
+        (
+            "{\"classes\": [\"a\", \"a\"], \"counts\": [1, 1], \"cooccurrence\": [[0,0],[0,0]]}".into(),
+            vec![":1:19: ", "appears twice"],
+        ),
+        (
+            "{\"classes\": [\"a\", \"b\"], \"counts\": [1, 1]}".into(),
+            vec!["missing field `cooccurrence`"],
+        ),
+        (
+            "{\"classes\": [], \"counts\": [], \"cooccurrence\": []}".into(),
+            vec!["\"classes\" is empty"],
+        ),
     ];
     for (text, expect) in cases {
         let (_d, path) = file("co.json", &text);
@@ -199,10 +270,16 @@ fn malformed_cooccurrence_json_errors_are_located() {
 fn bad_settings_are_errors() {
     let co = data("voc2007/cooccurrence.json");
     let c = p(&co);
-    fails(&["--cooccurrence", c, "-T", "21"], &["cooccurrence.json", "21 groups asked for 20 labels"]);
+    fails(
+        &["--cooccurrence", c, "-T", "21"],
+        &["cooccurrence.json", "21 groups asked for 20 labels"],
+    );
     fails(&["--cooccurrence", c, "-T", "0"], &["T must be at least 1"]);
     fails(&["--cooccurrence", c, "-T", "2", "--tau", "0"], &["tau_co must be a positive"]);
-    fails(&["--cooccurrence", c, "-T", "2", "--tau-dis", "-1"], &["tau_dis must be a positive"]);
+    fails(
+        &["--cooccurrence", c, "-T", "2", "--tau-dis", "-1"],
+        &["tau_dis must be a positive"],
+    );
     fails(&["--cooccurrence", c, "-T", "2", "--restarts", "0"], &["restarts"]);
     // Argument errors are clap's (exit 2), still no panic.
     let o = mlvpt(&["-T", "2"]);
@@ -215,13 +292,25 @@ fn bad_settings_are_errors() {
 fn label_list_errors_are_located() {
     let (_d1, classes) = file("classes.txt", "cat\ndog\ntraffic light\n");
     let (_d2, labels) = file("labels.txt", "cat, dog\ntraffic light,cat\ncat,  horse\n");
-    fails(&["--labels", p(&labels), "--classes", p(&classes), "-T", "2"], &["labels.txt:3:7: ", "unknown class \"horse\""]);
+    fails(
+        &["--labels", p(&labels), "--classes", p(&classes), "-T", "2"],
+        &["labels.txt:3:7: ", "unknown class \"horse\""],
+    );
     let (_d3, empty) = file("empty.txt", "");
-    fails(&["--labels", p(&empty), "--classes", p(&classes), "-T", "1"], &["empty.txt", "no images"]);
+    fails(
+        &["--labels", p(&empty), "--classes", p(&classes), "-T", "1"],
+        &["empty.txt", "no images"],
+    );
     let (_d4, blank) = file("blank.txt", "\n\n");
-    fails(&["--labels", p(&blank), "--classes", p(&classes), "-T", "1"], &["blank.txt", "no label occurs"]);
+    fails(
+        &["--labels", p(&blank), "--classes", p(&classes), "-T", "1"],
+        &["blank.txt", "no label occurs"],
+    );
     let (_d5, dup) = file("dup.txt", "cat\ndog\ncat\n");
-    fails(&["--labels", p(&labels), "--classes", p(&dup), "-T", "1"], &["dup.txt:3", "listed twice"]);
+    fails(
+        &["--labels", p(&labels), "--classes", p(&dup), "-T", "1"],
+        &["dup.txt:3", "listed twice"],
+    );
     // Commas allow names with spaces; a line with no comma splits at spaces.
     let (_d6, ok) = file("ok.txt", "cat,traffic light\ndog cat\ntraffic light\n");
     let o = mlvpt(&["--labels", p(&ok), "--classes", p(&classes), "-T", "2"]);
@@ -232,9 +321,18 @@ fn label_list_errors_are_located() {
 fn bad_reference_groups_are_errors() {
     let co = data("voc2007/cooccurrence.json");
     let (_d, bad) = file("ref.json", "{\"2\": {\"correlative\": [[\"cat\"],\n [\"unicorn\"]]}}");
-    fails(&["--cooccurrence", p(&co), "-T", "2", "--against", p(&bad)], &["ref.json:2:3: ", "unknown class \"unicorn\""]);
+    fails(
+        &["--cooccurrence", p(&co), "-T", "2", "--against", p(&bad)],
+        &["ref.json:2:3: ", "unknown class \"unicorn\""],
+    );
     let (_d2, partial) = file("ref.json", "{\"2\": {\"correlative\": [[\"cat\"], [\"dog\"]]}}");
-    fails(&["--cooccurrence", p(&co), "-T", "2", "--against", p(&partial)], &["ref.json", "is in no correlative group"]);
+    fails(
+        &["--cooccurrence", p(&co), "-T", "2", "--against", p(&partial)],
+        &["ref.json", "is in no correlative group"],
+    );
     let (_d3, broken) = file("ref.json", "{\"2\": ");
-    fails(&["--cooccurrence", p(&co), "-T", "2", "--against", p(&broken)], &["ref.json:1:", "invalid JSON"]);
+    fails(
+        &["--cooccurrence", p(&co), "-T", "2", "--against", p(&broken)],
+        &["ref.json:1:", "invalid JSON"],
+    );
 }

@@ -141,7 +141,11 @@ fn matches_sklearn_and_voc_devkit_on_fixed_data() {
     let voc = [0.30000000000000004, 0.8017857142857143, 0.6322751322751323];
     let m = evaluate(&s, &t, 15, 3, 0.5);
     for j in 0..3 {
-        assert!((m.ap_noninterp[j].unwrap() - 100.0 * sklearn[j]).abs() < 1e-9, "class {j}: {:?}", m.ap_noninterp[j]);
+        assert!(
+            (m.ap_noninterp[j].unwrap() - 100.0 * sklearn[j]).abs() < 1e-9,
+            "class {j}: {:?}",
+            m.ap_noninterp[j]
+        );
         assert!((m.ap[j].unwrap() - 100.0 * voc[j]).abs() < 1e-9, "class {j}: {:?}", m.ap[j]);
     }
     assert_close!(m.map_noninterp, 100.0 * sklearn.iter().sum::<f64>() / 3.0);
@@ -151,7 +155,18 @@ fn matches_sklearn_and_voc_devkit_on_fixed_data() {
 fn zero_denominators_give_zero_not_nan() {
     // No positives anywhere and nothing predicted: every metric 0, AP null.
     let m = evaluate(&[0.1, 0.2, 0.3, 0.4], &[0.0; 4], 2, 2, 0.5);
-    for v in [m.map, m.map_noninterp, m.class.precision, m.class.recall, m.class.f1, m.overall.precision, m.overall.recall, m.overall.f1, m.top3_class.f1, m.top3_overall.f1] {
+    for v in [
+        m.map,
+        m.map_noninterp,
+        m.class.precision,
+        m.class.recall,
+        m.class.f1,
+        m.overall.precision,
+        m.overall.recall,
+        m.overall.f1,
+        m.top3_class.f1,
+        m.top3_overall.f1,
+    ] {
         assert_eq!(v, 0.0);
     }
     assert_eq!(m.ap, vec![None, None]);
@@ -182,7 +197,20 @@ fn json_has_the_documented_keys_and_names() {
     let m = small();
     let names: Vec<String> = ["cat", "dog", "bird"].iter().map(|s| s.to_string()).collect();
     let j = m.to_json(&names);
-    for key in ["mAP", "mAP_noninterp", "CP", "CR", "CF1", "OP", "OR", "OF1", "CP_top3", "OF1_top3", "n_images", "n_classes"] {
+    for key in [
+        "mAP",
+        "mAP_noninterp",
+        "CP",
+        "CR",
+        "CF1",
+        "OP",
+        "OR",
+        "OF1",
+        "CP_top3",
+        "OF1_top3",
+        "n_images",
+        "n_classes",
+    ] {
         assert!(j.get(key).is_some(), "missing {key}");
     }
     assert_close!(j["AP"]["cat"].as_f64().unwrap(), 100.0 * 5.0 / 6.0);
@@ -190,10 +218,16 @@ fn json_has_the_documented_keys_and_names() {
     assert_eq!(j["classes_without_positives"], serde_json::json!(["bird"]));
     assert_eq!(j["n_images"], 4);
     let w = m.warnings(&names);
-    assert!(w.iter().any(|w| w.contains("1 class has no positives") && w.contains("bird")), "{w:?}");
+    assert!(
+        w.iter().any(|w| w.contains("1 class has no positives") && w.contains("bird")),
+        "{w:?}"
+    );
     assert!(w.iter().any(|w| w.contains("1 image has no positive labels")), "{w:?}");
     let table = m.to_table(&names);
-    assert!(table.contains("bird") && table.contains("(no positives)") && table.contains("83.33"), "{table}");
+    assert!(
+        table.contains("bird") && table.contains("(no positives)") && table.contains("83.33"),
+        "{table}"
+    );
 }
 
 #[test]

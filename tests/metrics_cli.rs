@@ -19,7 +19,11 @@ impl Dir {
 }
 
 fn run(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_mlvpt")).arg("metrics").args(args).output().unwrap()
+    Command::new(env!("CARGO_BIN_EXE_mlvpt"))
+        .arg("metrics")
+        .args(args)
+        .output()
+        .unwrap()
 }
 
 fn metrics(scores: &Path, targets: &Path, extra: &[&str]) -> Output {
@@ -62,7 +66,10 @@ fn json_output_with_header_names() {
     assert_eq!(j["n_images"], 4);
     assert_eq!(j["n_classes"], 3);
     let e = stderr(&o);
-    assert!(e.contains("warning: 1 class has no positives and is left out of mAP and CR: bird"), "{e}");
+    assert!(
+        e.contains("warning: 1 class has no positives and is left out of mAP and CR: bird"),
+        "{e}"
+    );
     assert!(e.contains("warning: 1 image has no positive labels"), "{e}");
 }
 
@@ -74,7 +81,10 @@ fn table_output_and_default_names() {
     let o = metrics(&s, &t, &[]);
     assert!(o.status.success(), "{}", stderr(&o));
     let out = String::from_utf8_lossy(&o.stdout).into_owned();
-    assert!(out.contains("mAP 100.00") && out.contains("class_0") && out.contains("class_1"), "{out}");
+    assert!(
+        out.contains("mAP 100.00") && out.contains("class_0") && out.contains("class_1"),
+        "{out}"
+    );
     assert!(stderr(&o).is_empty(), "{}", stderr(&o));
     // Names from whichever file has a header.
     let s2 = d.file("s2.csv", "a,b\n0.9,0.1\n0.2,0.8\n");
@@ -103,7 +113,11 @@ fn several_classes_without_positives_are_named() {
     let t = d.file("t.csv", "1,0,0,0\n0,0,0,0\n");
     let o = metrics(&s, &t, &["--json"]);
     assert!(o.status.success());
-    assert!(stderr(&o).contains("3 classes have no positives and are left out of mAP and CR: b, c, d"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("3 classes have no positives and are left out of mAP and CR: b, c, d"),
+        "{}",
+        stderr(&o)
+    );
 }
 
 #[test]
@@ -113,18 +127,52 @@ fn malformed_files_name_file_line_column() {
     let good_s = d.file("s.csv", SCORES);
     let cases: &[(&str, &str, bool, &[&str])] = &[
         // (file name, contents, is it the targets file, expected fragments of the error)
-        ("ragged.csv", "cat,dog,bird\n1,0,0\n0,1\n1,1,0\n0,0,0\n", true, &["ragged.csv:3:", "ragged row"]),
-        ("word.csv", "cat,dog,bird\n1,0,0\n0,yes,0\n1,1,0\n0,0,0\n", true, &["word.csv:3:2:", "expected a number", "yes"]),
-        ("label2.csv", "cat,dog,bird\n1,0,0\n0,1,0\n1,1,2\n0,0,0\n", true, &["label2.csv:4:3:", "not 0 or 1"]),
-        ("nan.csv", "cat,dog,bird\n0.9,0.9,0.1\n0.8,NaN,0.2\n0.3,0.7,0.3\n0.2,0.1,0.4\n", false, &["nan.csv:3:2:", "not finite"]),
-        ("logit.csv", "cat,dog,bird\n0.9,0.9,0.1\n0.8,0.4,0.2\n0.3,2.5,0.3\n0.2,0.1,0.4\n", false, &["logit.csv:4:2:", "not a probability"]),
+        (
+            "ragged.csv",
+            "cat,dog,bird\n1,0,0\n0,1\n1,1,0\n0,0,0\n",
+            true,
+            &["ragged.csv:3:", "ragged row"],
+        ),
+        (
+            "word.csv",
+            "cat,dog,bird\n1,0,0\n0,yes,0\n1,1,0\n0,0,0\n",
+            true,
+            &["word.csv:3:2:", "expected a number", "yes"],
+        ),
+        (
+            "label2.csv",
+            "cat,dog,bird\n1,0,0\n0,1,0\n1,1,2\n0,0,0\n",
+            true,
+            &["label2.csv:4:3:", "not 0 or 1"],
+        ),
+        (
+            "nan.csv",
+            "cat,dog,bird\n0.9,0.9,0.1\n0.8,NaN,0.2\n0.3,0.7,0.3\n0.2,0.1,0.4\n",
+            false,
+            &["nan.csv:3:2:", "not finite"],
+        ),
+        (
+            "logit.csv",
+            "cat,dog,bird\n0.9,0.9,0.1\n0.8,0.4,0.2\n0.3,2.5,0.3\n0.2,0.1,0.4\n",
+            false,
+            &["logit.csv:4:2:", "not a probability"],
+        ),
         ("empty.csv", "", true, &["empty.csv", "no data rows"]),
         ("headonly.csv", "cat,dog,bird\n", false, &["headonly.csv", "no data rows"]),
-        ("dup.csv", "cat,dog,cat\n1,0,0\n0,1,0\n1,1,0\n0,0,0\n", true, &["dup.csv:1:3:", "repeats column 1"]),
+        (
+            "dup.csv",
+            "cat,dog,cat\n1,0,0\n0,1,0\n1,1,0\n0,0,0\n",
+            true,
+            &["dup.csv:1:3:", "repeats column 1"],
+        ),
     ];
     for (name, text, is_target, needles) in cases {
         let f = d.file(name, text);
-        let o = if *is_target { metrics(&good_s, &f, &[]) } else { metrics(&f, &good_t, &[]) };
+        let o = if *is_target {
+            metrics(&good_s, &f, &[])
+        } else {
+            metrics(&f, &good_t, &[])
+        };
         assert_error(&o, needles);
     }
 }
@@ -142,9 +190,15 @@ fn shape_mismatch_names_both_files_and_shapes() {
     let d = Dir::new();
     let s = d.file("s.csv", SCORES);
     let rows = d.file("rows.csv", "cat,dog,bird\n1,0,0\n0,1,0\n");
-    assert_error(&metrics(&s, &rows, &[]), &["s.csv has 4 rows x 3 columns", "rows.csv has 2 rows x 3 columns"]);
+    assert_error(
+        &metrics(&s, &rows, &[]),
+        &["s.csv has 4 rows x 3 columns", "rows.csv has 2 rows x 3 columns"],
+    );
     let cols = d.file("cols.csv", "1,0\n0,1\n1,1\n0,0\n");
-    assert_error(&metrics(&s, &cols, &[]), &["s.csv has 4 rows x 3 columns", "cols.csv has 4 rows x 2 columns"]);
+    assert_error(
+        &metrics(&s, &cols, &[]),
+        &["s.csv has 4 rows x 3 columns", "cols.csv has 4 rows x 2 columns"],
+    );
 }
 
 #[test]
@@ -152,7 +206,10 @@ fn header_mismatch() {
     let d = Dir::new();
     let s = d.file("s.csv", SCORES);
     let t = d.file("t.csv", "cat,cow,bird\n1,0,0\n0,1,0\n1,1,0\n0,0,0\n");
-    assert_error(&metrics(&s, &t, &[]), &["class names differ in column 2", "s.csv", "\"dog\"", "t.csv", "\"cow\""]);
+    assert_error(
+        &metrics(&s, &t, &[]),
+        &["class names differ in column 2", "s.csv", "\"dog\"", "t.csv", "\"cow\""],
+    );
 }
 
 #[test]

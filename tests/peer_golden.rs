@@ -48,10 +48,7 @@ fn values(name: &str, dtype: Dtype, b: &[u8]) -> Vec<f64> {
             .chunks_exact(4)
             .map(|c| f32::from_le_bytes(c.try_into().unwrap()) as f64)
             .collect(),
-        Dtype::F64 => b
-            .chunks_exact(8)
-            .map(|c| f64::from_le_bytes(c.try_into().unwrap()))
-            .collect(),
+        Dtype::F64 => b.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().unwrap())).collect(),
         d => panic!("{name}: dtype {d:?}, expected F32 or F64"),
     }
 }
@@ -61,28 +58,13 @@ impl Golden {
         let file = PathBuf::from(DIR).join(format!("{name}.golden.safetensors"));
         let bytes = std::fs::read(&file).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
         let (_, header) = SafeTensors::read_metadata(&bytes).unwrap();
-        let meta = header
-            .metadata()
-            .clone()
-            .expect("golden file has no metadata");
+        let meta = header.metadata().clone().expect("golden file has no metadata");
         let json = |key: &str| -> serde_json::Value {
-            serde_json::from_str(
-                meta.get(key)
-                    .unwrap_or_else(|| panic!("{name}: no metadata {key}")),
-            )
-            .unwrap()
+            serde_json::from_str(meta.get(key).unwrap_or_else(|| panic!("{name}: no metadata {key}"))).unwrap()
         };
         let heads: usize = meta["heads"].parse().unwrap();
-        let (backbone, info) = load_timm(
-            &PathBuf::from(DIR).join(format!("{name}.timm.safetensors")),
-            Some(heads),
-            None,
-        )
-        .unwrap();
-        assert!(
-            info.ignored.is_empty() && !info.resampled,
-            "{name}: {info:?}"
-        );
+        let (backbone, info) = load_timm(&PathBuf::from(DIR).join(format!("{name}.timm.safetensors")), Some(heads), None).unwrap();
+        assert!(info.ignored.is_empty() && !info.resampled, "{name}: {info:?}");
         let mut cfg = json("config");
         cfg["vit"] = serde_json::to_value(backbone.config()).unwrap();
         let cfg: ModelConfig = serde_json::from_value(cfg).unwrap();
@@ -134,11 +116,7 @@ impl Golden {
                 })
                 .collect(),
         };
-        let golden_params = self
-            .tensors
-            .keys()
-            .filter(|k| k.starts_with("param."))
-            .count();
+        let golden_params = self.tensors.keys().filter(|k| k.starts_with("param.")).count();
         assert_eq!(
             golden_params,
             specs.len(),
@@ -162,26 +140,14 @@ impl Golden {
 
 /// `max |got - want| / max(max |want|, 1e-12)`, asserted `<= tol`; returns the ratio.
 fn check(what: &str, got: &[f64], want: &[f64], tol: f64) -> f64 {
-    assert_eq!(
-        got.len(),
-        want.len(),
-        "{what}: {} values, peer has {}",
-        got.len(),
-        want.len()
-    );
+    assert_eq!(got.len(), want.len(), "{what}: {} values, peer has {}", got.len(), want.len());
     let scale = want.iter().fold(0f64, |m, w| m.max(w.abs())).max(1e-12);
     let (i, err) = got
         .iter()
         .zip(want)
         .map(|(g, w)| (g - w).abs())
         .enumerate()
-        .fold((0, 0f64), |(bi, be), (i, e)| {
-            if e > be || e.is_nan() {
-                (i, e)
-            } else {
-                (bi, be)
-            }
-        });
+        .fold((0, 0f64), |(bi, be), (i, e)| if e > be || e.is_nan() { (i, e) } else { (bi, be) });
     let ratio = err / scale;
     assert!(
         ratio <= tol,
@@ -223,21 +189,11 @@ fn cpu_f32_matches_the_pytorch_peer() {
             1e-4,
         );
         let (loss, grads) = tr.loss_and_grads(&images, &targets).unwrap();
-        worst = worst.max(check(
-            &format!("{name}: loss"),
-            &[loss as f64],
-            &g.get("loss").1,
-            1e-4,
-        ));
+        worst = worst.max(check(&format!("{name}: loss"), &[loss as f64], &g.get("loss").1, 1e-4));
         for t in &grads.tensors {
             let (shape, want) = g.get(&format!("grad.{}", t.name));
             assert_eq!(shape, &t.shape, "{name}: grad.{} shape", t.name);
-            worst = worst.max(check(
-                &format!("{name}: grad of {}", t.name),
-                &widen(&t.data),
-                want,
-                1e-4,
-            ));
+            worst = worst.max(check(&format!("{name}: grad of {}", t.name), &widen(&t.data), want, 1e-4));
         }
         eprintln!("{name}: f32 worst relative error {worst:.2e}");
     }

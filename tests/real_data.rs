@@ -34,7 +34,17 @@ fn fails(args: &[&str], want: &str) {
 
 /// A tiny ViT (patch 4, 16 px, D 16, 2 blocks, 2 heads) with LayerScale.
 fn tiny_vit() -> VitConfig {
-    VitConfig { image_size: 16, patch: 4, channels: 3, dim: 16, depth: 2, heads: 2, mlp_dim: 32, layer_scale: true, final_norm: true }
+    VitConfig {
+        image_size: 16,
+        patch: 4,
+        channels: 3,
+        dim: 16,
+        depth: 2,
+        heads: 2,
+        mlp_dim: 32,
+        layer_scale: true,
+        final_norm: true,
+    }
 }
 
 /// Writes `b` as a timm safetensors file in `dtype` (F32 or BF16), plus `extra` tensors.
@@ -56,13 +66,17 @@ fn write_timm(path: &Path, b: &Backbone, dtype: Dtype, extra: &[(&str, Vec<usize
         let n: usize = shape.iter().product();
         bufs.push((name.to_string(), shape.clone(), enc(&vec![0.5; n])));
     }
-    let views: Vec<(String, TensorView)> =
-        bufs.iter().map(|(n, s, d)| (n.clone(), TensorView::new(dtype, s.clone(), d).unwrap())).collect();
+    let views: Vec<(String, TensorView)> = bufs
+        .iter()
+        .map(|(n, s, d)| (n.clone(), TensorView::new(dtype, s.clone(), d).unwrap()))
+        .collect();
     std::fs::write(path, safetensors::serialize(views, &None).unwrap()).unwrap();
 }
 
 fn rgb(seed: u32, w: u32, h: u32) -> ImageBuffer<Rgb<u8>, Vec<u8>> {
-    ImageBuffer::from_fn(w, h, |x, y| Rgb([(x * 13 + seed * 40) as u8, (y * 7 + seed * 90) as u8, (seed * 31) as u8]))
+    ImageBuffer::from_fn(w, h, |x, y| {
+        Rgb([(x * 13 + seed * 40) as u8, (y * 7 + seed * 90) as u8, (seed * 31) as u8])
+    })
 }
 
 /// VOCdevkit/VOC2007 with 6 trainval and 4 test images; trainval image 0003 is corrupt,
@@ -86,12 +100,20 @@ fn voc_tree(root: &Path) -> PathBuf {
                  <object><name>{b}</name><difficult>1</difficult></object>"
             )
         };
-        std::fs::write(voc.join(format!("Annotations/{id}.xml")), format!("<annotation><filename>{id}.jpg</filename>{objects}</annotation>")).unwrap();
+        std::fs::write(
+            voc.join(format!("Annotations/{id}.xml")),
+            format!("<annotation><filename>{id}.jpg</filename>{objects}</annotation>"),
+        )
+        .unwrap();
         let img = voc.join(format!("JPEGImages/{id}.jpg"));
         match i {
             3 => std::fs::write(&img, b"\xff\xd8 this is not a jpeg").unwrap(),
-            4 => ImageBuffer::from_fn(20, 12, |x, _| Luma([(x * 10) as u8])).save_with_format(&img, image::ImageFormat::Png).unwrap(),
-            _ => rgb(i as u32, 30 + i as u32, 20).save_with_format(&img, image::ImageFormat::Jpeg).unwrap(),
+            4 => ImageBuffer::from_fn(20, 12, |x, _| Luma([(x * 10) as u8]))
+                .save_with_format(&img, image::ImageFormat::Png)
+                .unwrap(),
+            _ => rgb(i as u32, 30 + i as u32, 20)
+                .save_with_format(&img, image::ImageFormat::Jpeg)
+                .unwrap(),
         }
     }
     voc
@@ -122,12 +144,23 @@ fn voc_listing_counts_difficult_objects_and_skips_corrupt_images() {
 fn sixteen_bit_png_and_manifest_errors() {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path();
-    ImageBuffer::from_fn(8, 8, |x, y| Rgb([(x * 8000) as u16, (y * 8000) as u16, 65535u16])).save(p.join("a.png")).unwrap();
+    ImageBuffer::from_fn(8, 8, |x, y| Rgb([(x * 8000) as u16, (y * 8000) as u16, 65535u16]))
+        .save(p.join("a.png"))
+        .unwrap();
     rgb(1, 9, 9).save(p.join("b.png")).unwrap();
     std::fs::write(p.join("classes.txt"), "cat\ndog\nsky\n").unwrap();
     std::fs::write(p.join("m.csv"), "path,labels\na.png,cat;sky\nb.png,dog|cat\n").unwrap();
-    std::fs::write(p.join("t.jsonl"), "{\"path\": \"b.png\", \"labels\": [\"sky\"]}\n{\"path\": \"a.png\", \"labels\": []}\n").unwrap();
-    let spec = format!("manifest:{},classes={},test={}", p.join("m.csv").display(), p.join("classes.txt").display(), p.join("t.jsonl").display());
+    std::fs::write(
+        p.join("t.jsonl"),
+        "{\"path\": \"b.png\", \"labels\": [\"sky\"]}\n{\"path\": \"a.png\", \"labels\": []}\n",
+    )
+    .unwrap();
+    let spec = format!(
+        "manifest:{},classes={},test={}",
+        p.join("m.csv").display(),
+        p.join("classes.txt").display(),
+        p.join("t.jsonl").display()
+    );
     let c = ImageDataConfig::parse(&spec, 8, Norm::Clip).unwrap();
     let (tr, r) = c.load(Split::Train).unwrap();
     assert_eq!((tr.n, r.skipped.len()), (2, 0));
@@ -140,12 +173,24 @@ fn sixteen_bit_png_and_manifest_errors() {
     assert_eq!(te.targets, vec![0., 0., 1., 0., 0., 0.]);
 
     std::fs::write(p.join("bad.csv"), "a.png,cat\nb.png,horse\n").unwrap();
-    let spec = format!("manifest:{},classes={}", p.join("bad.csv").display(), p.join("classes.txt").display());
-    let e = ImageDataConfig::parse(&spec, 8, Norm::Clip).unwrap().listing(Split::Train).unwrap_err().to_string();
+    let spec = format!(
+        "manifest:{},classes={}",
+        p.join("bad.csv").display(),
+        p.join("classes.txt").display()
+    );
+    let e = ImageDataConfig::parse(&spec, 8, Norm::Clip)
+        .unwrap()
+        .listing(Split::Train)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("bad.csv:2") && e.contains("horse"), "{e}");
-    let e = ImageDataConfig::parse("voc2007:/no/such/dir", 8, Norm::Imagenet).unwrap_err().to_string();
+    let e = ImageDataConfig::parse("voc2007:/no/such/dir", 8, Norm::Imagenet)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("/no/such/dir"), "{e}");
-    let e = ImageDataConfig::parse(&format!("coco2014:{}", p.display()), 8, Norm::Imagenet).unwrap_err().to_string();
+    let e = ImageDataConfig::parse(&format!("coco2014:{}", p.display()), 8, Norm::Imagenet)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("instances_val2014.json"), "{e}");
 }
 
@@ -163,10 +208,12 @@ fn coco_categories_map_in_id_order() {
                 serde_json::json!({"id": 100 + i, "file_name": f})
             })
             .collect();
-        let anns: Vec<_> = (0..n).map(|i| {
-            let cat = [1, 7, 3][(i % 3) as usize];
-            serde_json::json!({"image_id": 100 + i, "category_id": cat})
-        }).collect();
+        let anns: Vec<_> = (0..n)
+            .map(|i| {
+                let cat = [1, 7, 3][(i % 3) as usize];
+                serde_json::json!({"image_id": 100 + i, "category_id": cat})
+            })
+            .collect();
         let j = serde_json::json!({"images": images, "annotations": anns,
             "categories": [{"id": 7, "name": "zebra"}, {"id": 1, "name": "person"}, {"id": 3, "name": "car"}]});
         std::fs::write(p.join(format!("annotations/instances_{split}.json")), j.to_string()).unwrap();
@@ -183,7 +230,13 @@ fn timm_checkpoints_load_in_f32_and_bf16_with_resampling() {
     let dir = tempfile::tempdir().unwrap();
     let b = Backbone::random(&tiny_vit(), 3);
     let f32_file = dir.path().join("vit.safetensors");
-    write_timm(&f32_file, &b, Dtype::F32, &[("head.weight", vec![5, 16]), ("head.bias", vec![5])], &[]);
+    write_timm(
+        &f32_file,
+        &b,
+        Dtype::F32,
+        &[("head.weight", vec![5, 16]), ("head.bias", vec![5])],
+        &[],
+    );
     let (got, info) = load_timm(&f32_file, Some(2), None).unwrap();
     assert_eq!(got.config(), &tiny_vit());
     assert_eq!(got.tensors(), b.tensors());
@@ -222,7 +275,19 @@ fn timm_checkpoints_load_in_f32_and_bf16_with_resampling() {
 }
 
 /// The tiny run settings shared by the end-to-end tests.
-const TINY: &[&str] = &["--quiet", "--epochs", "2", "--batch-size", "4", "--groups", "2", "--experts", "1", "--heads", "2"];
+const TINY: &[&str] = &[
+    "--quiet",
+    "--epochs",
+    "2",
+    "--batch-size",
+    "4",
+    "--groups",
+    "2",
+    "--experts",
+    "1",
+    "--heads",
+    "2",
+];
 
 #[test]
 fn train_eval_on_voc_and_manifest_with_a_timm_backbone() {
@@ -233,7 +298,15 @@ fn train_eval_on_voc_and_manifest_with_a_timm_backbone() {
     let w = p.join("vit.safetensors");
     write_timm(&w, &b, Dtype::BF16, &[], &[]);
     let out = p.join("run_voc");
-    let mut a = vec!["train", "--out", out.to_str().unwrap(), "--weights", w.to_str().unwrap(), "--image-size", "24"];
+    let mut a = vec![
+        "train",
+        "--out",
+        out.to_str().unwrap(),
+        "--weights",
+        w.to_str().unwrap(),
+        "--image-size",
+        "24",
+    ];
     let data = format!("voc2007:{}", p.join("VOCdevkit/VOC2007").display());
     a.extend_from_slice(&["--data", &data]);
     a.extend_from_slice(TINY);
@@ -252,14 +325,27 @@ fn train_eval_on_voc_and_manifest_with_a_timm_backbone() {
 
     // Predict on a folder (the corrupt image is skipped with a warning) and a single file.
     let jpegs = p.join("VOCdevkit/VOC2007/JPEGImages");
-    let o = mlvpt(&["predict", "--checkpoint", out.to_str().unwrap(), "--allow-backbone-mismatch", jpegs.to_str().unwrap()]);
+    let o = mlvpt(&[
+        "predict",
+        "--checkpoint",
+        out.to_str().unwrap(),
+        "--allow-backbone-mismatch",
+        jpegs.to_str().unwrap(),
+    ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let table = String::from_utf8(o.stdout).unwrap();
     assert!(table.starts_with("image,labels,aeroplane,bicycle"), "{table}");
     assert_eq!(table.lines().count(), 1 + 9, "{table}");
     assert!(String::from_utf8_lossy(&o.stderr).contains("000003.jpg"));
     let one = jpegs.join("000007.jpg");
-    let j = ok(&["predict", "--checkpoint", out.to_str().unwrap(), "--allow-backbone-mismatch", "--json", one.to_str().unwrap()]);
+    let j = ok(&[
+        "predict",
+        "--checkpoint",
+        out.to_str().unwrap(),
+        "--allow-backbone-mismatch",
+        "--json",
+        one.to_str().unwrap(),
+    ]);
     let v: serde_json::Value = serde_json::from_str(j.trim()).unwrap();
     assert_eq!(v["probabilities"].as_object().unwrap().len(), 20);
     let p7 = v["probabilities"]["aeroplane"].as_f64().unwrap();
@@ -269,7 +355,10 @@ fn train_eval_on_voc_and_manifest_with_a_timm_backbone() {
     // A backbone file of another architecture is refused even when allowed to differ.
     let other = VitConfig { depth: 1, ..tiny_vit() };
     write_timm(&w, &Backbone::random(&other, 6), Dtype::BF16, &[], &[]);
-    fails(&["eval", "--checkpoint", out.to_str().unwrap(), "--allow-backbone-mismatch"], "depth: 1");
+    fails(
+        &["eval", "--checkpoint", out.to_str().unwrap(), "--allow-backbone-mismatch"],
+        "depth: 1",
+    );
     fails(&["train", "--weights", w.to_str().unwrap(), "--patch", "8"], "cannot be used with");
 
     // A manifest with no classes file, random backbone.
@@ -285,14 +374,44 @@ fn train_eval_on_voc_and_manifest_with_a_timm_backbone() {
     std::fs::write(imgs.join("list.csv"), csv).unwrap();
     let out2 = p.join("run_m");
     let data = format!("manifest:{}", imgs.join("list.csv").display());
-    let mut a = vec!["train", "--out", out2.to_str().unwrap(), "--data", &data, "--image-size", "8", "--patch", "4", "--dim", "8", "--depth", "1"];
+    let mut a = vec![
+        "train",
+        "--out",
+        out2.to_str().unwrap(),
+        "--data",
+        &data,
+        "--image-size",
+        "8",
+        "--patch",
+        "4",
+        "--dim",
+        "8",
+        "--depth",
+        "1",
+    ];
     a.extend_from_slice(TINY);
     ok(&a);
     let report = std::fs::read_to_string(out2.join("data_report.txt")).unwrap();
     // Interrupted after 1 epoch and resumed gives the same weights as an uninterrupted run
     // (augmentation draws depend on seed, epoch and image only).
     let out3 = p.join("run_m_resumed");
-    let mut a = vec!["train", "--out", out3.to_str().unwrap(), "--data", &data, "--image-size", "8", "--patch", "4", "--dim", "8", "--depth", "1", "--stop-after", "1"];
+    let mut a = vec![
+        "train",
+        "--out",
+        out3.to_str().unwrap(),
+        "--data",
+        &data,
+        "--image-size",
+        "8",
+        "--patch",
+        "4",
+        "--dim",
+        "8",
+        "--depth",
+        "1",
+        "--stop-after",
+        "1",
+    ];
     a.extend_from_slice(TINY);
     ok(&a);
     ok(&["train", "--resume", out3.to_str().unwrap(), "--quiet"]);
@@ -300,9 +419,18 @@ fn train_eval_on_voc_and_manifest_with_a_timm_backbone() {
     let resumed = mlvpt::train::checkpoint::read_file(&out3.join("checkpoint.safetensors")).unwrap().0;
     assert!(whole.keys().any(|k| k.starts_with("params/")));
     assert_eq!(whole, resumed);
-    assert!(report.contains("train: 8 images listed, 0 skipped") && report.contains("test: 2 images listed"), "{report}");
-    fails(&["train", "--data", "manifest:/no/such.csv", "--out", p.join("x").to_str().unwrap()], "/no/such.csv");
-    fails(&["train", "--weights", "/no/such.safetensors", "--out", p.join("x").to_str().unwrap()], "/no/such.safetensors");
+    assert!(
+        report.contains("train: 8 images listed, 0 skipped") && report.contains("test: 2 images listed"),
+        "{report}"
+    );
+    fails(
+        &["train", "--data", "manifest:/no/such.csv", "--out", p.join("x").to_str().unwrap()],
+        "/no/such.csv",
+    );
+    fails(
+        &["train", "--weights", "/no/such.safetensors", "--out", p.join("x").to_str().unwrap()],
+        "/no/such.safetensors",
+    );
 }
 
 #[test]
@@ -312,12 +440,30 @@ fn cache_prepare_resume_corruption_and_training() {
     voc_tree(p);
     let data = format!("voc2007:{}", p.join("VOCdevkit").display());
     let cache = p.join("voc.cache");
-    let out = ok(&["prepare", "--data", &data, "--out", cache.to_str().unwrap(), "--image-size", "16", "--quiet"]);
-    assert!(out.contains("10 images (0 kept from an earlier run, 9 written, 1 unreadable"), "{out}");
-    assert!(std::fs::read_to_string(format!("{}.report.txt", cache.display())).unwrap().contains("000003.jpg"));
+    let out = ok(&[
+        "prepare",
+        "--data",
+        &data,
+        "--out",
+        cache.to_str().unwrap(),
+        "--image-size",
+        "16",
+        "--quiet",
+    ]);
+    assert!(
+        out.contains("10 images (0 kept from an earlier run, 9 written, 1 unreadable"),
+        "{out}"
+    );
+    assert!(std::fs::read_to_string(format!("{}.report.txt", cache.display()))
+        .unwrap()
+        .contains("000003.jpg"));
 
     // The cache gives the same test pixels as decoding the files.
-    let from_files = ImageDataConfig::parse(&data, 16, Norm::Imagenet).unwrap().load(Split::Test).unwrap().0;
+    let from_files = ImageDataConfig::parse(&data, 16, Norm::Imagenet)
+        .unwrap()
+        .load(Split::Test)
+        .unwrap()
+        .0;
     let c = ImageDataConfig::parse(&format!("cache:{}", cache.display()), 16, Norm::Imagenet).unwrap();
     assert_eq!(c.classes.len(), 20);
     let (from_cache, r) = c.load(Split::Test).unwrap();
@@ -336,9 +482,22 @@ fn cache_prepare_resume_corruption_and_training() {
     let n = bytes.len();
     bytes[n - 10] ^= 0xff; // inside the last record's pixels
     std::fs::write(&cache, &bytes).unwrap();
-    let e = ImageDataConfig::parse(&format!("cache:{}", cache.display()), 16, Norm::Imagenet).unwrap().load(Split::Test).unwrap().1;
+    let e = ImageDataConfig::parse(&format!("cache:{}", cache.display()), 16, Norm::Imagenet)
+        .unwrap()
+        .load(Split::Test)
+        .unwrap()
+        .1;
     assert!(e.skipped.iter().any(|s| s.reason.contains("CRC")), "{e:?}");
-    let out = ok(&["prepare", "--data", &data, "--out", cache.to_str().unwrap(), "--image-size", "16", "--quiet"]);
+    let out = ok(&[
+        "prepare",
+        "--data",
+        &data,
+        "--out",
+        cache.to_str().unwrap(),
+        "--image-size",
+        "16",
+        "--quiet",
+    ]);
     assert!(out.contains("(9 kept from an earlier run, 1 written, 0 unreadable"), "{out}");
     // An interrupted prepare (a record never written) is incomplete until prepare finishes it.
     let mut bytes = std::fs::read(&cache).unwrap();
@@ -348,16 +507,42 @@ fn cache_prepare_resume_corruption_and_training() {
     std::fs::write(&cache, &bytes).unwrap();
     let e = mlvpt::data::cache::Cache::open(&cache).err().unwrap().to_string();
     assert!(e.contains("incomplete (1 of 10"), "{e}");
-    let out = ok(&["prepare", "--data", &data, "--out", cache.to_str().unwrap(), "--image-size", "16", "--quiet"]);
+    let out = ok(&[
+        "prepare",
+        "--data",
+        &data,
+        "--out",
+        cache.to_str().unwrap(),
+        "--image-size",
+        "16",
+        "--quiet",
+    ]);
     assert!(out.contains("(9 kept from an earlier run, 1 written, 0 unreadable"), "{out}");
     mlvpt::data::cache::Cache::open(&cache).unwrap();
     // Other settings on an existing cache are refused.
-    fails(&["prepare", "--data", &data, "--out", cache.to_str().unwrap(), "--image-size", "8"], "remove it");
+    fails(
+        &["prepare", "--data", &data, "--out", cache.to_str().unwrap(), "--image-size", "8"],
+        "remove it",
+    );
 
     // Training reads it.
     let run = p.join("run_cache");
     let cache_spec = format!("cache:{}", cache.display());
-    let mut a = vec!["train", "--out", run.to_str().unwrap(), "--data", &cache_spec, "--image-size", "16", "--patch", "4", "--dim", "8", "--depth", "1"];
+    let mut a = vec![
+        "train",
+        "--out",
+        run.to_str().unwrap(),
+        "--data",
+        &cache_spec,
+        "--image-size",
+        "16",
+        "--patch",
+        "4",
+        "--dim",
+        "8",
+        "--depth",
+        "1",
+    ];
     a.extend_from_slice(TINY);
     assert!(ok(&a).contains("test mAP"));
 
@@ -393,7 +578,11 @@ fn streamed_evaluation_equals_the_whole_split_in_memory() {
         let name = format!("{i}.png");
         rgb(i, 10 + i % 5, 9 + i % 3).save(p.join(&name)).unwrap();
         let row = format!("{name},{}\n", labels[i as usize % labels.len()]);
-        if i < 10 { train += &row } else { test += &row }
+        if i < 10 {
+            train += &row
+        } else {
+            test += &row
+        }
     }
     // Test image 5 (15.png) is corrupt: it is left out, so the batches of 4 straddle it.
     std::fs::write(p.join("15.png"), b"not a png").unwrap();
@@ -407,14 +596,35 @@ fn streamed_evaluation_equals_the_whole_split_in_memory() {
         p.join("classes.txt").display()
     );
     let out = p.join("run");
-    let mut a = vec!["train", "--out", out.to_str().unwrap(), "--data", &data, "--image-size", "8", "--patch", "4", "--dim", "8", "--depth", "1", "--ema", "0.9"];
+    let mut a = vec![
+        "train",
+        "--out",
+        out.to_str().unwrap(),
+        "--data",
+        &data,
+        "--image-size",
+        "8",
+        "--patch",
+        "4",
+        "--dim",
+        "8",
+        "--depth",
+        "1",
+        "--ema",
+        "0.9",
+    ];
     a.extend_from_slice(TINY);
     ok(&a);
     let report = std::fs::read_to_string(out.join("data_report.txt")).unwrap();
-    assert!(report.contains("test: 14 images listed, 1 skipped") && report.contains("15.png"), "{report}");
+    assert!(
+        report.contains("test: 14 images listed, 1 skipped") && report.contains("15.png"),
+        "{report}"
+    );
 
     let mut o = Opened::open(&out).unwrap();
-    let DataConfig::Images(c) = o.state.data.clone() else { panic!("not an image run") };
+    let DataConfig::Images(c) = o.state.data.clone() else {
+        panic!("not an image run")
+    };
     let (d, r) = c.load(Split::Test).unwrap();
     assert_eq!(c.test_loader().unwrap().1, r);
     assert_eq!((o.test.len(), d.n), (13, 13));
@@ -425,7 +635,10 @@ fn streamed_evaluation_equals_the_whole_split_in_memory() {
     let bs = o.state.train.batch_size;
     let sigmoid = |x: &f32| 1.0 / (1.0 + (-x).exp());
     let old = |o: &mut Opened, images: &[f32]| -> Vec<f32> {
-        images.chunks(bs * d.image_len()).flat_map(|x| o.trainer.predict(x).unwrap().iter().map(sigmoid).collect::<Vec<f32>>()).collect()
+        images
+            .chunks(bs * d.image_len())
+            .flat_map(|x| o.trainer.predict(x).unwrap().iter().map(sigmoid).collect::<Vec<f32>>())
+            .collect()
     };
     let th = o.state.train.threshold;
     let (m, e) = o.evaluate().unwrap();

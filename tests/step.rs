@@ -34,10 +34,7 @@ fn a_prompt_is_invisible_to_the_other_prompts_of_its_layer() {
     }
     tr.set_params(&params).unwrap();
     let moved = tr.hidden_states(&images).unwrap();
-    assert_eq!(
-        base[0], moved[0],
-        "layer 0 must not depend on layer 1's prompts"
-    );
+    assert_eq!(base[0], moved[0], "layer 0 must not depend on layer 1's prompts");
     for b in 0..2 {
         let row = |h: &Vec<f32>, t: usize| h[(b * n + t) * d..(b * n + t + 1) * d].to_vec();
         for other in (0..p).filter(|&o| o != j) {
@@ -58,10 +55,7 @@ fn a_prompt_is_invisible_to_the_other_prompts_of_its_layer() {
     }
     // Same at the last block (its output holds the P prompt rows), perturbing prompt j there.
     let mut params = tr.params();
-    for (i, v) in params.tensors[0].data[(2 * p + j) * d..(2 * p + j + 1) * d]
-        .iter_mut()
-        .enumerate()
-    {
+    for (i, v) in params.tensors[0].data[(2 * p + j) * d..(2 * p + j + 1) * d].iter_mut().enumerate() {
         *v += if i % 3 == 0 { 0.4 } else { -0.2 };
     }
     tr.set_params(&params).unwrap();
@@ -80,41 +74,21 @@ fn a_prompt_is_invisible_to_the_other_prompts_of_its_layer() {
 #[test]
 fn f32_and_f64_forwards_agree() {
     for method in [Method::MlVpt, Method::Vpt] {
-        let cfg = ModelConfig {
-            method,
-            ..tiny_config()
-        };
+        let cfg = ModelConfig { method, ..tiny_config() };
         let mut t32 = trainer::<f32>(&cfg, 2, AslConfig::default(), 3, 5);
         let mut t64 = trainer::<f64>(&cfg, 2, AslConfig::default(), 3, 5);
         let (images, targets) = images_targets(&cfg, 3, 6);
         let (a, b) = (t32.predict(&images).unwrap(), t64.predict(&images).unwrap());
         let scale = b.iter().fold(1.0f32, |m, v| m.max(v.abs()));
-        let diff = a
-            .iter()
-            .zip(&b)
-            .fold(0.0f32, |m, (x, y)| m.max((x - y).abs()));
-        assert!(
-            diff <= 1e-4 * scale,
-            "{method:?}: f32 and f64 logits differ by {diff}"
-        );
+        let diff = a.iter().zip(&b).fold(0.0f32, |m, (x, y)| m.max((x - y).abs()));
+        assert!(diff <= 1e-4 * scale, "{method:?}: f32 and f64 logits differ by {diff}");
         let (l32, g32) = t32.loss_and_grads(&images, &targets).unwrap();
         let (l64, g64) = t64.loss_and_grads_f64(&images, &targets).unwrap();
-        assert!(
-            ((l32 as f64) - l64).abs() <= 1e-4 * l64.abs(),
-            "loss {l32} vs {l64}"
-        );
+        assert!(((l32 as f64) - l64).abs() <= 1e-4 * l64.abs(), "loss {l32} vs {l64}");
         for (t, g) in g32.tensors.iter().zip(&g64) {
             let gm = g.iter().fold(0.0f64, |m, v| m.max(v.abs()));
-            let diff = t
-                .data
-                .iter()
-                .zip(g)
-                .fold(0.0f64, |m, (x, y)| m.max((*x as f64 - y).abs()));
-            assert!(
-                diff <= 1e-3 * gm,
-                "{}: f32 and f64 gradients differ by {diff} (max {gm})",
-                t.name
-            );
+            let diff = t.data.iter().zip(g).fold(0.0f64, |m, (x, y)| m.max((*x as f64 - y).abs()));
+            assert!(diff <= 1e-3 * gm, "{}: f32 and f64 gradients differ by {diff} (max {gm})", t.name);
         }
     }
 }
@@ -163,11 +137,7 @@ fn step_applies_adamw_to_the_gradients() {
             let (p, gr) = (a.data[i] as f64, gt.data[i] as f64);
             // step 1: mhat = g, vhat = g^2
             let want = p - lr as f64 * (gr / (gr.abs() + opt.eps) + opt.weight_decay * p);
-            assert!(
-                (b.data[i] as f64 - want).abs() <= 1e-6 * (1.0 + want.abs()),
-                "{}[{i}]",
-                a.name
-            );
+            assert!((b.data[i] as f64 - want).abs() <= 1e-6 * (1.0 + want.abs()), "{}[{i}]", a.name);
             assert!((mt.data[i] as f64 - 0.1 * gr).abs() <= 1e-6 * (1.0 + gr.abs()));
             assert!((vt.data[i] as f64 - 0.001 * gr * gr).abs() <= 1e-6 * (1.0 + gr * gr));
         }
@@ -187,9 +157,7 @@ fn adamw_matches_a_scalar_reference() {
     let mut rp = p.clone();
     let (mut rm, mut rv) = (vec![0.0f64; 4], vec![0.0f64; 4]);
     for t in 1..=5u64 {
-        let g: Vec<f64> = (0..4)
-            .map(|i| ((i as f64 + 1.0) * t as f64).sin())
-            .collect();
+        let g: Vec<f64> = (0..4).map(|i| ((i as f64 + 1.0) * t as f64).sin()).collect();
         let lr = 0.1 / t as f64;
         adamw_cpu::step(&mut p, &g, &mut m, &mut v, t, lr, &cfg);
         for i in 0..4 {
@@ -200,11 +168,7 @@ fn adamw_matches_a_scalar_reference() {
             rp[i] -= lr * (mhat / (vhat.sqrt() + cfg.eps) + cfg.weight_decay * rp[i]);
         }
         for i in 0..4 {
-            assert!(
-                (p[i] - rp[i]).abs() < 1e-14
-                    && (m[i] - rm[i]).abs() < 1e-14
-                    && (v[i] - rv[i]).abs() < 1e-14
-            );
+            assert!((p[i] - rp[i]).abs() < 1e-14 && (m[i] - rm[i]).abs() < 1e-14 && (v[i] - rv[i]).abs() < 1e-14);
         }
     }
 }
@@ -248,10 +212,7 @@ fn resuming_from_optimizer_state_continues_the_same_run() {
 
 #[test]
 fn training_lowers_the_loss_on_a_fixed_batch() {
-    for (method, depth) in [
-        (Method::MlVpt, PromptDepth::Deep),
-        (Method::Vpt, PromptDepth::Shallow),
-    ] {
+    for (method, depth) in [(Method::MlVpt, PromptDepth::Deep), (Method::Vpt, PromptDepth::Shallow)] {
         let cfg = ModelConfig {
             method,
             prompt_depth: depth,
@@ -274,46 +235,23 @@ fn bad_configurations_are_clear_errors() {
     assert!(ok.validate(2).is_ok());
     let mut c = ok.clone();
     c.vit.heads = 3;
-    assert!(matches!(
-        c.validate(2),
-        Err(ConfigError::HeadsDoNotDivide { dim: 8, heads: 3 })
-    ));
+    assert!(matches!(c.validate(2), Err(ConfigError::HeadsDoNotDivide { dim: 8, heads: 3 })));
     let mut c = ok.clone();
     c.vit.patch = 3;
-    assert!(matches!(
-        c.validate(2),
-        Err(ConfigError::PatchDoesNotDivide { .. })
-    ));
+    assert!(matches!(c.validate(2), Err(ConfigError::PatchDoesNotDivide { .. })));
     let mut c = ok.clone();
     c.vit.depth = 0;
     assert!(matches!(c.validate(2), Err(ConfigError::Zero { .. })));
-    let c = ModelConfig {
-        groups: 6,
-        ..ok.clone()
-    };
+    let c = ModelConfig { groups: 6, ..ok.clone() };
     let e = c.validate(2).unwrap_err();
-    assert!(matches!(
-        e,
-        ConfigError::MoreGroupsThanLabels {
-            groups: 6,
-            labels: 5
-        }
-    ));
+    assert!(matches!(e, ConfigError::MoreGroupsThanLabels { groups: 6, labels: 5 }));
     assert!(e.to_string().contains("T = 6") && e.to_string().contains("K = 5"));
     assert!(matches!(
-        ModelConfig {
-            groups: 0,
-            ..ok.clone()
-        }
-        .validate(2),
+        ModelConfig { groups: 0, ..ok.clone() }.validate(2),
         Err(ConfigError::Zero { .. })
     ));
     assert!(matches!(
-        ModelConfig {
-            experts: 0,
-            ..ok.clone()
-        }
-        .validate(2),
+        ModelConfig { experts: 0, ..ok.clone() }.validate(2),
         Err(ConfigError::Zero { .. })
     ));
     assert!(matches!(ok.validate(3), Err(ConfigError::Branches(3))));
@@ -329,11 +267,7 @@ fn bad_configurations_are_clear_errors() {
 
     let bb = Backbone::random(&ok.vit, 1);
     let params = Params::init(&ok, 2, 1);
-    let new = |cfg: &ModelConfig,
-               bb: &Backbone,
-               params: Params,
-               tables: Vec<Vec<usize>>,
-               max_batch: usize| {
+    let new = |cfg: &ModelConfig, bb: &Backbone, params: Params, tables: Vec<Vec<usize>>, max_batch: usize| {
         Trainer::new(
             CpuBackend::<f32>::new(),
             cfg.clone(),
@@ -351,27 +285,13 @@ fn bad_configurations_are_clear_errors() {
     assert!(err.contains("batch size"), "{err}");
     let err = new(&ok, &bb, params.clone(), vec![vec![0; 4], vec![0; 5]], 2).unwrap();
     assert!(err.contains("4 entries"), "{err}");
-    let err = new(
-        &ok,
-        &bb,
-        params.clone(),
-        vec![vec![0, 1, 2, 0, 1], vec![0; 5]],
-        2,
-    )
-    .unwrap();
+    let err = new(&ok, &bb, params.clone(), vec![vec![0, 1, 2, 0, 1], vec![0; 5]], 2).unwrap();
     assert!(err.contains("group 2"), "{err}");
     let err = new(&ok, &bb, Params::init(&ok, 1, 1), tables(5, 2, 2), 2).unwrap();
     assert!(err.contains("parameters"), "{err}");
     let mut other = ok.vit.clone();
     other.mlp_dim = 24;
-    let err = new(
-        &ok,
-        &Backbone::random(&other, 1),
-        params.clone(),
-        tables(5, 2, 2),
-        2,
-    )
-    .unwrap();
+    let err = new(&ok, &Backbone::random(&other, 1), params.clone(), tables(5, 2, 2), 2).unwrap();
     assert!(err.contains("backbone"), "{err}");
 }
 
@@ -398,10 +318,7 @@ fn wrong_input_lengths_are_errors_not_panics() {
 fn results_do_not_depend_on_the_thread_count() {
     let cfg = ModelConfig::demo();
     let run = |threads: usize| {
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .build()
-            .unwrap();
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
         pool.install(|| run_steps(&cfg, 2))
     };
     let (p1, l1) = run(1);

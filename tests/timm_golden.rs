@@ -25,7 +25,10 @@ fn close(name: &str, got: &[f32], want: &[f64], tol: f64) {
     assert_eq!(got.len(), want.len(), "{name}: length");
     let scale = want.iter().fold(0f64, |m, w| m.max(w.abs()));
     for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
-        assert!((g as f64 - w).abs() <= tol * scale.max(1.0), "{name}[{i}]: {g} vs timm {w} (scale {scale})");
+        assert!(
+            (g as f64 - w).abs() <= tol * scale.max(1.0),
+            "{name}[{i}]: {g} vs timm {w} (scale {scale})"
+        );
     }
 }
 
@@ -56,7 +59,17 @@ fn forward_matches_timm_on_a_timm_saved_checkpoint() {
     let t = params.tensors.iter_mut().find(|t| t.name == "prompts").unwrap();
     assert_eq!(t.data.len(), prompts.len());
     t.data = prompts.iter().map(|&v| v as f32).collect();
-    let mut tr = Trainer::new(CpuBackend::<f32>::new(), cfg, &bb, params, Vec::new(), AslConfig::default(), AdamWConfig::default(), 2).unwrap();
+    let mut tr = Trainer::new(
+        CpuBackend::<f32>::new(),
+        cfg,
+        &bb,
+        params,
+        Vec::new(),
+        AslConfig::default(),
+        AdamWConfig::default(),
+        2,
+    )
+    .unwrap();
     let images: Vec<f32> = floats(&g["images"]).iter().map(|&v| v as f32).collect();
     let states = tr.hidden_states(&images).unwrap();
     close("block 0 output", &states[0], &floats(&g["block0"]), 2e-5);

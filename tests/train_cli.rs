@@ -8,9 +8,30 @@ use mlvpt::train::checkpoint::read_file;
 
 /// A model and data small enough that a run takes well under a second.
 const TINY: &[&str] = &[
-    "--image-size", "16", "--patch", "4", "--dim", "16", "--depth", "1", "--heads", "2",
-    "--labels", "8", "--groups", "2", "--experts", "2",
-    "--train-images", "48", "--test-images", "24", "--batch-size", "16", "--lr", "5e-3",
+    "--image-size",
+    "16",
+    "--patch",
+    "4",
+    "--dim",
+    "16",
+    "--depth",
+    "1",
+    "--heads",
+    "2",
+    "--labels",
+    "8",
+    "--groups",
+    "2",
+    "--experts",
+    "2",
+    "--train-images",
+    "48",
+    "--test-images",
+    "24",
+    "--batch-size",
+    "16",
+    "--lr",
+    "5e-3",
 ];
 
 fn mlvpt(args: &[&str]) -> Output {
@@ -54,7 +75,16 @@ fn run_writes_metrics_and_checkpoint_that_eval_and_predict_read() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("run");
     let summary = train(&out, &["--epochs", "2", "--ema", "0.9"]);
-    for row in ["epochs", "steps", "images/s", "final loss", "test mAP", "EMA test mAP", "constant-score mAP", "checkpoint"] {
+    for row in [
+        "epochs",
+        "steps",
+        "images/s",
+        "final loss",
+        "test mAP",
+        "EMA test mAP",
+        "constant-score mAP",
+        "checkpoint",
+    ] {
         assert!(summary.contains(row), "summary lacks {row}:\n{summary}");
     }
 
@@ -72,7 +102,16 @@ fn run_writes_metrics_and_checkpoint_that_eval_and_predict_read() {
     // The checkpoint's metadata says what the issue lists.
     let ck = out.join("checkpoint.safetensors");
     let (tensors, meta) = read_file(&ck).unwrap();
-    for key in ["groups", "class_names", "model_config", "data_config", "train_config", "epoch", "seed", "adam_step"] {
+    for key in [
+        "groups",
+        "class_names",
+        "model_config",
+        "data_config",
+        "train_config",
+        "epoch",
+        "seed",
+        "adam_step",
+    ] {
         assert!(meta.contains_key(key), "metadata lacks {key}");
     }
     assert_eq!(meta["epoch"], "2");
@@ -95,8 +134,16 @@ fn run_writes_metrics_and_checkpoint_that_eval_and_predict_read() {
     assert!(table.contains("mAP") && table.contains("EMA weights"), "{table}");
 
     // predict: one row per asked image, K probabilities, class names.
-    let p: serde_json::Value =
-        serde_json::from_str(&ok(&["predict", "--checkpoint", ck.to_str().unwrap(), "--index", "0", "5", "--json"])).unwrap();
+    let p: serde_json::Value = serde_json::from_str(&ok(&[
+        "predict",
+        "--checkpoint",
+        ck.to_str().unwrap(),
+        "--index",
+        "0",
+        "5",
+        "--json",
+    ]))
+    .unwrap();
     let rows = p.as_array().unwrap();
     assert_eq!(rows.len(), 2);
     assert_eq!(rows[1]["index"], 5);
@@ -127,8 +174,10 @@ fn resume_continues_bit_for_bit() {
     let (b, mb) = read_file(&split.join("checkpoint.safetensors")).unwrap();
     assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
     for (name, t) in &a {
-        let (x, y): (Vec<u32>, Vec<u32>) =
-            (t.data.iter().map(|v| v.to_bits()).collect(), b[name].data.iter().map(|v| v.to_bits()).collect());
+        let (x, y): (Vec<u32>, Vec<u32>) = (
+            t.data.iter().map(|v| v.to_bits()).collect(),
+            b[name].data.iter().map(|v| v.to_bits()).collect(),
+        );
         assert_eq!(x, y, "tensor {name} differs after resume");
     }
     assert_eq!(ma, mb);
@@ -138,7 +187,12 @@ fn resume_continues_bit_for_bit() {
     );
     // Resuming a finished run trains nothing and changes nothing.
     let before = std::fs::read(full.join("checkpoint.safetensors")).unwrap();
-    let summary = ok(&["train", "--quiet", "--resume", full.join("checkpoint.safetensors").to_str().unwrap()]);
+    let summary = ok(&[
+        "train",
+        "--quiet",
+        "--resume",
+        full.join("checkpoint.safetensors").to_str().unwrap(),
+    ]);
     assert!(summary.contains("test mAP"), "{summary}");
     assert_eq!(before, std::fs::read(full.join("checkpoint.safetensors")).unwrap());
     assert_eq!(records(&full).len(), 2);
@@ -154,7 +208,16 @@ fn resume_continues_bit_for_bit() {
 fn nan_loss_stops_and_keeps_the_last_good_checkpoint() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("run");
-    let mut a = vec!["train", "--quiet", "--out", out.to_str().unwrap(), "--epochs", "2", "--debug-nan-at-step", "4"];
+    let mut a = vec![
+        "train",
+        "--quiet",
+        "--out",
+        out.to_str().unwrap(),
+        "--epochs",
+        "2",
+        "--debug-nan-at-step",
+        "4",
+    ];
     a.extend_from_slice(TINY);
     fails(&a, "training stopped at step 4 (epoch 2, batch 2)");
     fails(&a, "NaN");
@@ -166,7 +229,16 @@ fn nan_loss_stops_and_keeps_the_last_good_checkpoint() {
 
     // A NaN in the very first step still leaves the initial (epoch 0) checkpoint.
     let first = dir.path().join("first");
-    let mut a = vec!["train", "--quiet", "--out", first.to_str().unwrap(), "--epochs", "1", "--debug-nan-at-step", "0"];
+    let mut a = vec![
+        "train",
+        "--quiet",
+        "--out",
+        first.to_str().unwrap(),
+        "--epochs",
+        "1",
+        "--debug-nan-at-step",
+        "0",
+    ];
     a.extend_from_slice(TINY);
     fails(&a, "step 0");
     let (_, meta) = read_file(&first.join("checkpoint.safetensors")).unwrap();
@@ -199,7 +271,10 @@ fn nonsense_configurations_fail_before_any_work() {
         fails(&a, want);
         assert!(!out.exists(), "{args:?} did work before failing");
     }
-    fails(&["train", "--resume", dir.path().join("missing").to_str().unwrap()], "cannot read checkpoint");
+    fails(
+        &["train", "--resume", dir.path().join("missing").to_str().unwrap()],
+        "cannot read checkpoint",
+    );
 }
 
 #[test]

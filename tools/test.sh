@@ -13,6 +13,15 @@ step() { printf '\n== %s (%s)\n' "$1" "$(date -u +%T)"; }
 NVCC=$(bash tools/install-cuda-toolchain.sh | sed -n 's/^nvcc: //p')
 export NVCC
 
+step "formatting (rustfmt.toml; cargo fmt --all fixes it)"
+# rustfmt and clippy come with the toolchain; a minimal rustup profile may lack them.
+if command -v rustup >/dev/null 2>&1; then
+  rustup component list --installed 2>/dev/null | grep -q '^rustfmt' || rustup component add rustfmt
+  rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy
+fi
+cargo fmt --all --check
+(cd tools/embed-check && cargo fmt --check)
+
 step "default build (no CUDA)"
 cargo build --release --bins
 
@@ -25,6 +34,9 @@ export LD_LIBRARY_PATH="$VGPU_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 
 step "every test, GPU tests included (on the virtual device)"
 cargo test --release --all-features --lib --bins --tests --examples -- --include-ignored
+
+step "clippy, warnings as errors (every target, every feature)"
+cargo clippy --release --all-targets --all-features -- -D warnings
 
 step "doc tests (the CUDA launchers' examples run on the virtual device)"
 cargo test --release --doc --all-features
@@ -43,7 +55,7 @@ bash tools/check-embed.sh
 # differences and the definition.
 cargo test --release --no-default-features --lib --test gradcheck_ops --test asl
 
-step "the published crate: packs, fits crates.io, type-checks alone with default features and cuda (tools/check-package.sh)"
+step "the published crate: packs, fits crates.io, builds alone with default features and cuda (tools/check-package.sh)"
 bash tools/check-package.sh
 
 step "benches compile"

@@ -10,7 +10,10 @@ pub fn open(name: &str) -> Option<GpuContext> {
     match GpuContext::new(0) {
         Ok(gpu) if gpu.is_virtual() => {
             // Timings there would measure the PTX interpreter on the CPU, never a GPU.
-            eprintln!("{name} bench skipped: {} is the virtual CUDA device (tools/vgpu), which has no performance meaning", gpu.device_name());
+            eprintln!(
+                "{name} bench skipped: {} is the virtual CUDA device (tools/vgpu), which has no performance meaning",
+                gpu.device_name()
+            );
             None
         }
         Ok(gpu) => {

@@ -111,7 +111,9 @@ fn bench_tokens(c: &mut Criterion, gpu: &GpuContext) {
     });
 
     g.throughput(bytes(ROWS * D));
-    g.bench_function("fill 29056x768", |b| b.iter_custom(|it| timed(gpu, it, || tok::fill(gpu, s, &mut out, ROWS * D, 0.0))));
+    g.bench_function("fill 29056x768", |b| {
+        b.iter_custom(|it| timed(gpu, it, || tok::fill(gpu, s, &mut out, ROWS * D, 0.0)))
+    });
     g.finish();
 }
 
@@ -119,7 +121,11 @@ fn bench_attention(c: &mut Criterion, gpu: &GpuContext) {
     let s = gpu.stream();
     let full = AttnShape::full(B, N, HEADS, D / HEADS, 1, 1 + P);
     // The last block: queries at the prompt rows only.
-    let tail = AttnShape { q_start: 1, q_len: P, ..full };
+    let tail = AttnShape {
+        q_start: 1,
+        q_len: P,
+        ..full
+    };
     let qkv = noise(gpu, B * N * 3 * D, 2.0);
     let mut out = zeros(gpu, B * N * D);
     let mut lse = zeros(gpu, B * HEADS * N);

@@ -15,9 +15,7 @@ pub struct CpuBackend<T: Real = f32> {
 
 impl<T: Real> CpuBackend<T> {
     pub fn new() -> Self {
-        Self {
-            scratch: Vec::new(),
-        }
+        Self { scratch: Vec::new() }
     }
 }
 
@@ -73,42 +71,29 @@ impl<T: Real> Backend for CpuBackend<T> {
         }
     }
 
-    fn patchify(
-        &mut self,
-        images: &Vec<T>,
-        out: &mut Vec<T>,
-        batch: usize,
-        channels: usize,
-        height: usize,
-        width: usize,
-        patch: usize,
-    ) {
+    fn patchify(&mut self, images: &Vec<T>, out: &mut Vec<T>, batch: usize, channels: usize, height: usize, width: usize, patch: usize) {
         let (gh, gw) = (height / patch, width / patch);
         let np = gh * gw;
         let row = channels * patch * patch;
         let img = channels * height * width;
         assert!(images.len() >= batch * img && out.len() >= batch * np * row);
-        out[..batch * np * row]
-            .par_chunks_mut(np * row)
-            .enumerate()
-            .for_each(|(b, ob)| {
-                simd(|| {
-                    let ib = &images[b * img..(b + 1) * img];
-                    for py in 0..gh {
-                        for px in 0..gw {
-                            let o = &mut ob[(py * gw + px) * row..(py * gw + px + 1) * row];
-                            for c in 0..channels {
-                                for ky in 0..patch {
-                                    let src =
-                                        c * height * width + (py * patch + ky) * width + px * patch;
-                                    let dst = (c * patch + ky) * patch;
-                                    o[dst..dst + patch].copy_from_slice(&ib[src..src + patch]);
-                                }
+        out[..batch * np * row].par_chunks_mut(np * row).enumerate().for_each(|(b, ob)| {
+            simd(|| {
+                let ib = &images[b * img..(b + 1) * img];
+                for py in 0..gh {
+                    for px in 0..gw {
+                        let o = &mut ob[(py * gw + px) * row..(py * gw + px + 1) * row];
+                        for c in 0..channels {
+                            for ky in 0..patch {
+                                let src = c * height * width + (py * patch + ky) * width + px * patch;
+                                let dst = (c * patch + ky) * patch;
+                                o[dst..dst + patch].copy_from_slice(&ib[src..src + patch]);
                             }
                         }
                     }
-                });
+                }
             });
+        });
     }
 
     fn embed_tokens(
@@ -125,37 +110,24 @@ impl<T: Real> Backend for CpuBackend<T> {
         let n = 1 + prompts + num_patches;
         assert!(patches.len() >= batch * num_patches * dim && x.len() >= batch * n * dim);
         assert!(cls.len() >= dim && pos.len() >= (1 + num_patches) * dim);
-        x[..batch * n * dim]
-            .par_chunks_mut(n * dim)
-            .enumerate()
-            .for_each(|(b, xb)| {
-                simd(|| {
+        x[..batch * n * dim].par_chunks_mut(n * dim).enumerate().for_each(|(b, xb)| {
+            simd(|| {
+                for j in 0..dim {
+                    xb[j] = cls[j] + pos[j];
+                }
+                for i in 0..num_patches {
+                    let dst = &mut xb[(1 + prompts + i) * dim..(2 + prompts + i) * dim];
+                    let src = &patches[(b * num_patches + i) * dim..(b * num_patches + i + 1) * dim];
+                    let pe = &pos[(1 + i) * dim..(2 + i) * dim];
                     for j in 0..dim {
-                        xb[j] = cls[j] + pos[j];
+                        dst[j] = src[j] + pe[j];
                     }
-                    for i in 0..num_patches {
-                        let dst = &mut xb[(1 + prompts + i) * dim..(2 + prompts + i) * dim];
-                        let src =
-                            &patches[(b * num_patches + i) * dim..(b * num_patches + i + 1) * dim];
-                        let pe = &pos[(1 + i) * dim..(2 + i) * dim];
-                        for j in 0..dim {
-                            dst[j] = src[j] + pe[j];
-                        }
-                    }
-                });
+                }
             });
+        });
     }
 
-    fn set_prompts(
-        &mut self,
-        prompts: &Vec<T>,
-        layer: usize,
-        x: &mut Vec<T>,
-        batch: usize,
-        tokens: usize,
-        count: usize,
-        dim: usize,
-    ) {
+    fn set_prompts(&mut self, prompts: &Vec<T>, layer: usize, x: &mut Vec<T>, batch: usize, tokens: usize, count: usize, dim: usize) {
         let src = &prompts[layer * count * dim..(layer + 1) * count * dim];
         assert!(x.len() >= batch * tokens * dim && count < tokens);
         for b in 0..batch {
@@ -217,15 +189,7 @@ impl<T: Real> Backend for CpuBackend<T> {
         }
     }
 
-    fn residual(
-        &mut self,
-        x: &Vec<T>,
-        f: &Vec<T>,
-        ls: Option<&Vec<T>>,
-        out: &mut Vec<T>,
-        rows: usize,
-        dim: usize,
-    ) {
+    fn residual(&mut self, x: &Vec<T>, f: &Vec<T>, ls: Option<&Vec<T>>, out: &mut Vec<T>, rows: usize, dim: usize) {
         let len = rows * dim;
         out[..len]
             .par_chunks_mut(dim)
@@ -262,16 +226,7 @@ impl<T: Real> Backend for CpuBackend<T> {
             });
     }
 
-    fn linear_forward(
-        &mut self,
-        x: &Vec<T>,
-        w: &Vec<T>,
-        bias: Option<&Vec<T>>,
-        y: &mut Vec<T>,
-        rows: usize,
-        d_in: usize,
-        d_out: usize,
-    ) {
+    fn linear_forward(&mut self, x: &Vec<T>, w: &Vec<T>, bias: Option<&Vec<T>>, y: &mut Vec<T>, rows: usize, d_in: usize, d_out: usize) {
         linear::cpu::forward(x, w, bias.map(|b| b.as_slice()), y, rows, d_in, d_out);
     }
     fn linear_backward_input(
@@ -320,24 +275,10 @@ impl<T: Real> Backend for CpuBackend<T> {
     fn gelu_backward(&mut self, x: &Vec<T>, d: &mut Vec<T>, len: usize) {
         gelu::cpu::backward(x, d, len);
     }
-    fn attention_forward(
-        &mut self,
-        qkv: &Vec<T>,
-        out: &mut Vec<T>,
-        lse: &mut Vec<T>,
-        shape: &AttnShape,
-    ) {
+    fn attention_forward(&mut self, qkv: &Vec<T>, out: &mut Vec<T>, lse: &mut Vec<T>, shape: &AttnShape) {
         attention::cpu::forward(qkv, out, lse, shape, &mut self.scratch);
     }
-    fn attention_backward(
-        &mut self,
-        qkv: &Vec<T>,
-        out: &Vec<T>,
-        lse: &Vec<T>,
-        dout: &Vec<T>,
-        dqkv: &mut Vec<T>,
-        shape: &AttnShape,
-    ) {
+    fn attention_backward(&mut self, qkv: &Vec<T>, out: &Vec<T>, lse: &Vec<T>, dout: &Vec<T>, dqkv: &mut Vec<T>, shape: &AttnShape) {
         attention::cpu::backward(qkv, out, lse, dout, dqkv, shape, &mut self.scratch);
     }
     fn adapter_forward(
@@ -367,20 +308,7 @@ impl<T: Real> Backend for CpuBackend<T> {
         db2: &mut Vec<T>,
         shape: &AdapterShape,
     ) {
-        head::cpu::adapter_backward(
-            dout,
-            z,
-            u,
-            w1,
-            w2,
-            dz,
-            dw1,
-            db1,
-            dw2,
-            db2,
-            shape,
-            &mut self.scratch,
-        );
+        head::cpu::adapter_backward(dout, z, u, w1, w2, dz, dw1, db1, dw2, db2, shape, &mut self.scratch);
     }
     fn moe_forward(
         &mut self,
@@ -438,15 +366,7 @@ impl<T: Real> Backend for CpuBackend<T> {
             &mut self.scratch,
         );
     }
-    fn vpt_head_forward(
-        &mut self,
-        z: &Vec<T>,
-        w: &Vec<T>,
-        c: &Vec<T>,
-        zbar: &mut Vec<T>,
-        y: &mut Vec<T>,
-        shape: &VptHeadShape,
-    ) {
+    fn vpt_head_forward(&mut self, z: &Vec<T>, w: &Vec<T>, c: &Vec<T>, zbar: &mut Vec<T>, y: &mut Vec<T>, shape: &VptHeadShape) {
         head::cpu::vpt_forward(z, w, c, zbar, y, shape);
     }
     fn vpt_head_backward(
@@ -461,32 +381,17 @@ impl<T: Real> Backend for CpuBackend<T> {
     ) {
         head::cpu::vpt_backward(dy, zbar, w, dz, dw, dc, shape, &mut self.scratch);
     }
-    fn asl(
-        &mut self,
-        logits: &Vec<T>,
-        targets: &Vec<T>,
-        len: usize,
-        cfg: &AslConfig,
-        scale: f64,
-        grad: Option<&mut Vec<T>>,
-    ) -> f64 {
+    fn asl(&mut self, logits: &Vec<T>, targets: &Vec<T>, len: usize, cfg: &AslConfig, scale: f64, grad: Option<&mut Vec<T>>) -> f64 {
         let s: T = cast(scale);
         let loss = match grad {
             Some(g) => {
-                let l = crate::ops::asl::asl_forward_backward(
-                    &logits[..len],
-                    &targets[..len],
-                    cfg,
-                    Some(&mut g[..len]),
-                );
+                let l = crate::ops::asl::asl_forward_backward(&logits[..len], &targets[..len], cfg, Some(&mut g[..len]));
                 for v in g[..len].iter_mut() {
                     *v = *v * s;
                 }
                 l
             }
-            None => {
-                crate::ops::asl::asl_forward_backward(&logits[..len], &targets[..len], cfg, None)
-            }
+            None => crate::ops::asl::asl_forward_backward(&logits[..len], &targets[..len], cfg, None),
         };
         loss.to_f64().unwrap_or(f64::NAN) * scale
     }
@@ -506,15 +411,7 @@ impl<T: Real> Backend for CpuBackend<T> {
             return;
         }
         for i in 0..params.len() {
-            adamw::cpu::step(
-                &mut params[i],
-                &grads[i],
-                &mut m[i],
-                &mut v[i],
-                step,
-                lr,
-                cfg,
-            );
+            adamw::cpu::step(&mut params[i], &grads[i], &mut m[i], &mut v[i], step, lr, cfg);
         }
     }
 }

@@ -68,7 +68,12 @@ impl DevBuf {
 
 impl std::fmt::Debug for DevBuf {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "DevBuf::{}({} elements)", if self.is_bf16() { "Bf16" } else { "F32" }, self.len())
+        write!(
+            f,
+            "DevBuf::{}({} elements)",
+            if self.is_bf16() { "Bf16" } else { "F32" },
+            self.len()
+        )
     }
 }
 
@@ -91,7 +96,11 @@ struct Slot {
 const SLOTS: usize = 14;
 
 /// `slot` holding at least `len` elements (at least 1).
-fn grow<'a, T: DeviceRepr + ValidAsZeroBits>(gpu: &GpuContext, slot: &'a mut Option<CudaSlice<T>>, len: usize) -> Result<&'a mut CudaSlice<T>, GpuError> {
+fn grow<'a, T: DeviceRepr + ValidAsZeroBits>(
+    gpu: &GpuContext,
+    slot: &'a mut Option<CudaSlice<T>>,
+    len: usize,
+) -> Result<&'a mut CudaSlice<T>, GpuError> {
     let len = len.max(1);
     if slot.as_ref().is_none_or(|s| s.len() < len) {
         *slot = None; // free first: the old buffer is too small anyway
@@ -106,9 +115,14 @@ fn dtod<T: DeviceRepr>(gpu: &GpuContext, src: &CudaSlice<T>, dst: &mut CudaSlice
         return Ok(());
     }
     if len > src.len() || len > dst.len() {
-        return Err(GpuError::invalid("copy", format!("{len} values between buffers of {} and {}", src.len(), dst.len())));
+        return Err(GpuError::invalid(
+            "copy",
+            format!("{len} values between buffers of {} and {}", src.len(), dst.len()),
+        ));
     }
-    gpu.stream().memcpy_dtod(&src.slice(0..len), &mut dst.slice_mut(0..len)).map_err(GpuError::driver("copying on the device"))
+    gpu.stream()
+        .memcpy_dtod(&src.slice(0..len), &mut dst.slice_mut(0..len))
+        .map_err(GpuError::driver("copying on the device"))
 }
 
 /// A storage type of [`DevBuf`]: how to find it in a buffer or a [`Slot`], and how to convert
@@ -264,10 +278,17 @@ fn output<'a, T: Elem>(gpu: &GpuContext, buf: &'a mut DevBuf, slot: &'a mut Slot
             let s = grow(gpu, T::slot(slot), len)?;
             match mode {
                 Mode::Update => T::cast_from(gpu, dst, s, len)?,
-                Mode::AddZeroed if len > 0 => gpu.stream().memset_zeros(&mut s.slice_mut(0..len)).map_err(GpuError::driver("zeroing scratch"))?,
+                Mode::AddZeroed if len > 0 => gpu
+                    .stream()
+                    .memset_zeros(&mut s.slice_mut(0..len))
+                    .map_err(GpuError::driver("zeroing scratch"))?,
                 _ => {}
             }
-            Ok(Out { buf: s, back: Some((dst, mode)), len })
+            Ok(Out {
+                buf: s,
+                back: Some((dst, mode)),
+                len,
+            })
         }
     }
 }
@@ -290,7 +311,10 @@ pub struct CudaBackend {
 
 impl std::fmt::Debug for CudaBackend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("CudaBackend").field("gpu", &self.gpu).field("precision", &self.precision).finish()
+        f.debug_struct("CudaBackend")
+            .field("gpu", &self.gpu)
+            .field("precision", &self.precision)
+            .finish()
     }
 }
 
@@ -375,7 +399,11 @@ impl CudaBackend {
     /// A zeroed buffer of `len` elements stored as `bf16` or fp32.
     fn zeros(&self, len: usize, bf16: bool) -> Result<DevBuf, GpuError> {
         let len = len.max(1);
-        Ok(if bf16 { DevBuf::Bf16(self.gpu.zeros(len)?) } else { DevBuf::F32(self.gpu.zeros(len)?) })
+        Ok(if bf16 {
+            DevBuf::Bf16(self.gpu.zeros(len)?)
+        } else {
+            DevBuf::F32(self.gpu.zeros(len)?)
+        })
     }
 }
 
@@ -392,7 +420,17 @@ impl CudaIdx {
 /// `y [rows, d_out] = x W^T + b` with `T` operands (cast where stored otherwise), `y` written
 /// in its own type.
 #[allow(clippy::too_many_arguments)]
-fn gemm_forward<T: Elem>(g: &GpuContext, s: &mut [Slot; SLOTS], x: &DevBuf, w: &DevBuf, bias: Option<&DevBuf>, y: &mut DevBuf, rows: usize, d_in: usize, d_out: usize) -> Result<(), GpuError> {
+fn gemm_forward<T: Elem>(
+    g: &GpuContext,
+    s: &mut [Slot; SLOTS],
+    x: &DevBuf,
+    w: &DevBuf,
+    bias: Option<&DevBuf>,
+    y: &mut DevBuf,
+    rows: usize,
+    d_in: usize,
+    d_out: usize,
+) -> Result<(), GpuError> {
     let [s0, s1, s2, s3, ..] = s;
     let xv = input::<T>(g, x, s0, rows * d_in)?;
     let wv = input::<T>(g, w, s1, d_out * d_in)?;
@@ -413,7 +451,17 @@ fn gemm_forward<T: Elem>(g: &GpuContext, s: &mut [Slot; SLOTS], x: &DevBuf, w: &
 
 /// `dx (+)= dy W` with `T` operands, `dx` written in its own type.
 #[allow(clippy::too_many_arguments)]
-fn gemm_backward_input<T: Elem>(g: &GpuContext, s: &mut [Slot; SLOTS], dy: &DevBuf, w: &DevBuf, dx: &mut DevBuf, rows: usize, d_in: usize, d_out: usize, accumulate: bool) -> Result<(), GpuError> {
+fn gemm_backward_input<T: Elem>(
+    g: &GpuContext,
+    s: &mut [Slot; SLOTS],
+    dy: &DevBuf,
+    w: &DevBuf,
+    dx: &mut DevBuf,
+    rows: usize,
+    d_in: usize,
+    d_out: usize,
+    accumulate: bool,
+) -> Result<(), GpuError> {
     let [s0, s1, s2, ..] = s;
     let dyv = input::<T>(g, dy, s0, rows * d_out)?;
     let wv = input::<T>(g, w, s1, d_out * d_in)?;
@@ -457,7 +505,12 @@ impl Backend for CudaBackend {
                 self.record(Err(e));
                 // A one-element placeholder: later ops fail their length checks or are skipped;
                 // `check` reports the allocation error.
-                self.zeros(1, bf16).unwrap_or_else(|_| panic!("CUDA device unusable: {}", self.error.borrow().as_ref().map(|e| e.to_string()).unwrap_or_default()))
+                self.zeros(1, bf16).unwrap_or_else(|_| {
+                    panic!(
+                        "CUDA device unusable: {}",
+                        self.error.borrow().as_ref().map(|e| e.to_string()).unwrap_or_default()
+                    )
+                })
             }
         }
     }
@@ -528,7 +581,10 @@ impl Backend for CudaBackend {
         }
     }
     fn upload_idx(&mut self, src: &[u32]) -> CudaIdx {
-        CudaIdx { host: src.to_vec(), table: RefCell::new(None) }
+        CudaIdx {
+            host: src.to_vec(),
+            table: RefCell::new(None),
+        }
     }
     fn fill(&mut self, buf: &mut DevBuf, len: usize, value: f64) {
         self.run(|be| {
@@ -542,7 +598,10 @@ impl Backend for CudaBackend {
     fn copy(&mut self, src: &DevBuf, dst: &mut DevBuf, len: usize) {
         self.run(|be| {
             if len > src.len() || len > dst.len() {
-                return Err(GpuError::invalid("copy", format!("{len} values between buffers of {} and {}", src.len(), dst.len())));
+                return Err(GpuError::invalid(
+                    "copy",
+                    format!("{len} values between buffers of {} and {}", src.len(), dst.len()),
+                ));
             }
             // Same types: a device copy; else a cast.
             match src {
@@ -575,7 +634,17 @@ impl Backend for CudaBackend {
             })
         });
     }
-    fn embed_tokens(&mut self, patches: &DevBuf, cls: &DevBuf, pos: &DevBuf, x: &mut DevBuf, batch: usize, num_patches: usize, prompts: usize, dim: usize) {
+    fn embed_tokens(
+        &mut self,
+        patches: &DevBuf,
+        cls: &DevBuf,
+        pos: &DevBuf,
+        x: &mut DevBuf,
+        batch: usize,
+        num_patches: usize,
+        prompts: usize,
+        dim: usize,
+    ) {
         self.run(|be| {
             let (g, [s0, s1, s2, ..]) = (&be.gpu, &mut be.scratch);
             let c = input::<f32>(g, cls, s0, dim)?;
@@ -597,7 +666,17 @@ impl Backend for CudaBackend {
             o.done(g)
         });
     }
-    fn prompt_grad(&mut self, dx: &mut DevBuf, dprompts: &mut DevBuf, layer: usize, batch: usize, tokens: usize, count: usize, dim: usize, zero_rows: bool) {
+    fn prompt_grad(
+        &mut self,
+        dx: &mut DevBuf,
+        dprompts: &mut DevBuf,
+        layer: usize,
+        batch: usize,
+        tokens: usize,
+        count: usize,
+        dim: usize,
+        zero_rows: bool,
+    ) {
         self.run(|be| {
             let (g, [s0, s1, ..]) = (&be.gpu, &mut be.scratch);
             let x = output::<f32>(g, dx, s0, batch * tokens * dim, Mode::Update)?;
@@ -608,7 +687,18 @@ impl Backend for CudaBackend {
             p.done(g)
         });
     }
-    fn copy_tokens(&mut self, src: &DevBuf, src_tokens: usize, src_start: usize, dst: &mut DevBuf, dst_tokens: usize, dst_start: usize, count: usize, batch: usize, dim: usize) {
+    fn copy_tokens(
+        &mut self,
+        src: &DevBuf,
+        src_tokens: usize,
+        src_start: usize,
+        dst: &mut DevBuf,
+        dst_tokens: usize,
+        dst_start: usize,
+        count: usize,
+        batch: usize,
+        dim: usize,
+    ) {
         self.run(|be| {
             let (g, [s0, s1, ..]) = (&be.gpu, &mut be.scratch);
             with_type!(dst, T => {
@@ -655,7 +745,16 @@ impl Backend for CudaBackend {
             }
         });
     }
-    fn linear_backward_input(&mut self, dy: &DevBuf, w: &DevBuf, dx: &mut DevBuf, rows: usize, d_in: usize, d_out: usize, accumulate: bool) {
+    fn linear_backward_input(
+        &mut self,
+        dy: &DevBuf,
+        w: &DevBuf,
+        dx: &mut DevBuf,
+        rows: usize,
+        d_in: usize,
+        d_out: usize,
+        accumulate: bool,
+    ) {
         self.run(|be| {
             if dy.is_bf16() || w.is_bf16() {
                 gemm_backward_input::<bf16>(&be.gpu, &mut be.scratch, dy, w, dx, rows, d_in, d_out, accumulate)
@@ -664,7 +763,21 @@ impl Backend for CudaBackend {
             }
         });
     }
-    fn residual_layernorm_forward(&mut self, x: &DevBuf, f: &DevBuf, ls: Option<&DevBuf>, out: &mut DevBuf, gamma: &DevBuf, beta: &DevBuf, y: &mut DevBuf, mean: &mut DevBuf, rstd: &mut DevBuf, rows: usize, dim: usize, eps: f64) {
+    fn residual_layernorm_forward(
+        &mut self,
+        x: &DevBuf,
+        f: &DevBuf,
+        ls: Option<&DevBuf>,
+        out: &mut DevBuf,
+        gamma: &DevBuf,
+        beta: &DevBuf,
+        y: &mut DevBuf,
+        mean: &mut DevBuf,
+        rstd: &mut DevBuf,
+        rows: usize,
+        dim: usize,
+        eps: f64,
+    ) {
         self.run(|be| {
             let (g, [s0, s1, s2, s3, s4, s5, s6, s7, ..]) = (&be.gpu, &mut be.scratch);
             let n = rows * dim;
@@ -687,7 +800,18 @@ impl Backend for CudaBackend {
             r.done(g)
         });
     }
-    fn layernorm_forward(&mut self, x: &DevBuf, gamma: &DevBuf, beta: &DevBuf, y: &mut DevBuf, mean: &mut DevBuf, rstd: &mut DevBuf, rows: usize, dim: usize, eps: f64) {
+    fn layernorm_forward(
+        &mut self,
+        x: &DevBuf,
+        gamma: &DevBuf,
+        beta: &DevBuf,
+        y: &mut DevBuf,
+        mean: &mut DevBuf,
+        rstd: &mut DevBuf,
+        rows: usize,
+        dim: usize,
+        eps: f64,
+    ) {
         self.run(|be| {
             let (g, [s0, s1, s2, s3, s4, s5, ..]) = (&be.gpu, &mut be.scratch);
             let n = rows * dim;
@@ -705,7 +829,18 @@ impl Backend for CudaBackend {
             r.done(g)
         });
     }
-    fn layernorm_backward(&mut self, dy: &DevBuf, x: &DevBuf, gamma: &DevBuf, mean: &DevBuf, rstd: &DevBuf, dx: &mut DevBuf, rows: usize, dim: usize, accumulate: bool) {
+    fn layernorm_backward(
+        &mut self,
+        dy: &DevBuf,
+        x: &DevBuf,
+        gamma: &DevBuf,
+        mean: &DevBuf,
+        rstd: &DevBuf,
+        dx: &mut DevBuf,
+        rows: usize,
+        dim: usize,
+        accumulate: bool,
+    ) {
         self.run(|be| {
             let (g, [s0, s1, s2, s3, s4, s5, ..]) = (&be.gpu, &mut be.scratch);
             let n = rows * dim;
@@ -751,7 +886,10 @@ impl Backend for CudaBackend {
             if attention::cuda::HEAD_DIMS.contains(&shape.head_dim) {
                 let q = input::<bf16>(g, qkv, s0, full)?;
                 let o = output::<bf16>(g, out, s1, nq, Mode::Write)?;
-                let tiles = be.attn_fwd.filter(|t| t.head_dim == shape.head_dim).or_else(|| attention::fwd_tiles(shape.head_dim));
+                let tiles = be
+                    .attn_fwd
+                    .filter(|t| t.head_dim == shape.head_dim)
+                    .or_else(|| attention::fwd_tiles(shape.head_dim));
                 let tiles = tiles.expect("a fused head dim has a forward");
                 attention::cuda::forward_with(g, g.stream(), q, &mut *o.buf, &mut *l.buf, shape, &tiles)?;
                 o.done(g)?;
@@ -776,7 +914,10 @@ impl Backend for CudaBackend {
                 let go = input::<bf16>(g, dout, s3, nq)?;
                 let d = output::<bf16>(g, dqkv, s4, full, Mode::Write)?;
                 let sc = grow(g, &mut s5.f, attention::cuda::backward_scratch_len(shape))?;
-                let tiles = be.attn_bwd.filter(|t| t.head_dim == shape.head_dim).or_else(|| attention::bwd_tiles(shape.head_dim));
+                let tiles = be
+                    .attn_bwd
+                    .filter(|t| t.head_dim == shape.head_dim)
+                    .or_else(|| attention::bwd_tiles(shape.head_dim));
                 let tiles = tiles.expect("a fused head dim has a backward");
                 attention::cuda::backward_with(g, g.stream(), q, o, l, go, &mut *d.buf, sc, shape, &tiles)?;
                 d.done(g)
@@ -791,7 +932,17 @@ impl Backend for CudaBackend {
         });
     }
 
-    fn adapter_forward(&mut self, z: &DevBuf, w1: &DevBuf, b1: &DevBuf, w2: &DevBuf, b2: &DevBuf, u: &mut DevBuf, out: &mut DevBuf, shape: &AdapterShape) {
+    fn adapter_forward(
+        &mut self,
+        z: &DevBuf,
+        w1: &DevBuf,
+        b1: &DevBuf,
+        w2: &DevBuf,
+        b2: &DevBuf,
+        u: &mut DevBuf,
+        out: &mut DevBuf,
+        shape: &AdapterShape,
+    ) {
         self.run(|be| {
             let (g, [s0, s1, s2, s3, s4, s5, s6, ..]) = (&be.gpu, &mut be.scratch);
             let (p, d, r) = (shape.tokens, shape.dim, shape.rank);
@@ -801,12 +952,37 @@ impl Backend for CudaBackend {
             let (w2v, b2v) = (input::<f32>(g, w2, s3, p * d * r)?, input::<f32>(g, b2, s4, p * d)?);
             let uo = output::<f32>(g, u, s5, shape.batch * p * r, Mode::Write)?;
             let o = output::<bf16>(g, out, s6, n, Mode::Write)?;
-            head::cuda::adapter_forward(g, g.stream(), zb, w1v, b1v, w2v, b2v, &mut *uo.buf, &mut *o.buf, shape, be.head_kernels)?;
+            head::cuda::adapter_forward(
+                g,
+                g.stream(),
+                zb,
+                w1v,
+                b1v,
+                w2v,
+                b2v,
+                &mut *uo.buf,
+                &mut *o.buf,
+                shape,
+                be.head_kernels,
+            )?;
             uo.done(g)?;
             o.done(g)
         });
     }
-    fn adapter_backward(&mut self, dout: &DevBuf, z: &DevBuf, u: &DevBuf, w1: &DevBuf, w2: &DevBuf, dz: &mut DevBuf, dw1: &mut DevBuf, db1: &mut DevBuf, dw2: &mut DevBuf, db2: &mut DevBuf, shape: &AdapterShape) {
+    fn adapter_backward(
+        &mut self,
+        dout: &DevBuf,
+        z: &DevBuf,
+        u: &DevBuf,
+        w1: &DevBuf,
+        w2: &DevBuf,
+        dz: &mut DevBuf,
+        dw1: &mut DevBuf,
+        db1: &mut DevBuf,
+        dw2: &mut DevBuf,
+        db2: &mut DevBuf,
+        shape: &AdapterShape,
+    ) {
         self.run(|be| {
             let (g, [s0, s1, s2, s3, s4, s5, s6, s7, s8, s9, ..], ws) = (&be.gpu, &mut be.scratch, &mut be.head_ws);
             let (p, d, r) = (shape.tokens, shape.dim, shape.rank);
@@ -821,14 +997,44 @@ impl Backend for CudaBackend {
             let o2 = output::<f32>(g, db1, s7, p * r, Mode::Write)?;
             let o3 = output::<f32>(g, dw2, s8, p * d * r, Mode::Write)?;
             let o4 = output::<f32>(g, db2, s9, p * d, Mode::Write)?;
-            head::cuda::adapter_backward(g, g.stream(), ws, gb, zb, uv, w1v, w2v, &mut *dzo.buf, &mut *o1.buf, &mut *o2.buf, &mut *o3.buf, &mut *o4.buf, shape, be.head_kernels)?;
+            head::cuda::adapter_backward(
+                g,
+                g.stream(),
+                ws,
+                gb,
+                zb,
+                uv,
+                w1v,
+                w2v,
+                &mut *dzo.buf,
+                &mut *o1.buf,
+                &mut *o2.buf,
+                &mut *o3.buf,
+                &mut *o4.buf,
+                shape,
+                be.head_kernels,
+            )?;
             for o in [o1, o2, o3, o4] {
                 o.done(g)?;
             }
             dzo.done(g)
         });
     }
-    fn moe_forward(&mut self, z: &DevBuf, adapted: &DevBuf, gate: &DevBuf, w: &DevBuf, c: &DevBuf, tok: &CudaIdx, grow_: &CudaIdx, y: &mut DevBuf, m: &mut DevBuf, q: &mut DevBuf, r: &mut DevBuf, shape: &MoeShape) {
+    fn moe_forward(
+        &mut self,
+        z: &DevBuf,
+        adapted: &DevBuf,
+        gate: &DevBuf,
+        w: &DevBuf,
+        c: &DevBuf,
+        tok: &CudaIdx,
+        grow_: &CudaIdx,
+        y: &mut DevBuf,
+        m: &mut DevBuf,
+        q: &mut DevBuf,
+        r: &mut DevBuf,
+        shape: &MoeShape,
+    ) {
         self.run(|be| {
             let (g, [s0, s1, s2, s3, s4, s5, s6, s7, s8, ..]) = (&be.gpu, &mut be.scratch);
             let (n, d, k) = (shape.batch * shape.tokens * shape.dim, shape.dim, shape.labels);
@@ -838,16 +1044,53 @@ impl Backend for CudaBackend {
             let gv = input::<f32>(g, gate, s2, shape.gate_rows * d)?;
             let (wv, cv) = (input::<f32>(g, w, s3, k * d)?, input::<f32>(g, c, s4, k)?);
             let (yo, mo) = (output::<f32>(g, y, s5, bk, Mode::Write)?, output::<f32>(g, m, s6, bk, Mode::Write)?);
-            let (qo, ro) = (output::<f32>(g, q, s7, bek, Mode::Write)?, output::<f32>(g, r, s8, bek, Mode::Write)?);
+            let (qo, ro) = (
+                output::<f32>(g, q, s7, bek, Mode::Write)?,
+                output::<f32>(g, r, s8, bek, Mode::Write)?,
+            );
             let (tt, gt) = (tok.table(g, shape.tokens)?, grow_.table(g, shape.gate_rows)?);
-            head::cuda::moe_forward(g, g.stream(), zb, ab, gv, wv, cv, &tt, &gt, &mut *yo.buf, &mut *mo.buf, &mut *qo.buf, &mut *ro.buf, shape, be.head_kernels)?;
+            head::cuda::moe_forward(
+                g,
+                g.stream(),
+                zb,
+                ab,
+                gv,
+                wv,
+                cv,
+                &tt,
+                &gt,
+                &mut *yo.buf,
+                &mut *mo.buf,
+                &mut *qo.buf,
+                &mut *ro.buf,
+                shape,
+                be.head_kernels,
+            )?;
             for o in [yo, mo, qo, ro] {
                 o.done(g)?;
             }
             Ok(())
         });
     }
-    fn moe_backward(&mut self, dy: &DevBuf, dm: &DevBuf, z: &DevBuf, adapted: &DevBuf, gate: &DevBuf, w: &DevBuf, tok: &CudaIdx, grow_: &CudaIdx, q: &DevBuf, r: &DevBuf, dz: &mut DevBuf, dadapted: &mut DevBuf, dgate: &mut DevBuf, dw: &mut DevBuf, dc: &mut DevBuf, shape: &MoeShape) {
+    fn moe_backward(
+        &mut self,
+        dy: &DevBuf,
+        dm: &DevBuf,
+        z: &DevBuf,
+        adapted: &DevBuf,
+        gate: &DevBuf,
+        w: &DevBuf,
+        tok: &CudaIdx,
+        grow_: &CudaIdx,
+        q: &DevBuf,
+        r: &DevBuf,
+        dz: &mut DevBuf,
+        dadapted: &mut DevBuf,
+        dgate: &mut DevBuf,
+        dw: &mut DevBuf,
+        dc: &mut DevBuf,
+        shape: &MoeShape,
+    ) {
         self.run(|be| {
             let (g, [s0, s1, s2, s3, s4, s5, s6, s7, s8, s9, s10, s11, s12, ..], ws) = (&be.gpu, &mut be.scratch, &mut be.head_ws);
             let (n, d, k) = (shape.batch * shape.tokens * shape.dim, shape.dim, shape.labels);
@@ -864,7 +1107,28 @@ impl Backend for CudaBackend {
             let wo = output::<f32>(g, dw, s11, k * d, Mode::Write)?;
             let co = output::<f32>(g, dc, s12, k, Mode::Write)?;
             let (tt, gt) = (tok.table(g, shape.tokens)?, grow_.table(g, shape.gate_rows)?);
-            head::cuda::moe_backward(g, g.stream(), ws, dyv, dmv, zb, ab, gv, wv, &tt, &gt, qv, rv, &mut *dzo.buf, &mut *dao.buf, &mut *go.buf, &mut *wo.buf, &mut *co.buf, shape, be.head_kernels)?;
+            head::cuda::moe_backward(
+                g,
+                g.stream(),
+                ws,
+                dyv,
+                dmv,
+                zb,
+                ab,
+                gv,
+                wv,
+                &tt,
+                &gt,
+                qv,
+                rv,
+                &mut *dzo.buf,
+                &mut *dao.buf,
+                &mut *go.buf,
+                &mut *wo.buf,
+                &mut *co.buf,
+                shape,
+                be.head_kernels,
+            )?;
             for o in [dzo, dao] {
                 o.done(g)?;
             }
@@ -887,7 +1151,16 @@ impl Backend for CudaBackend {
             yo.done(g)
         });
     }
-    fn vpt_head_backward(&mut self, dy: &DevBuf, zbar: &DevBuf, w: &DevBuf, dz: &mut DevBuf, dw: &mut DevBuf, dc: &mut DevBuf, shape: &VptHeadShape) {
+    fn vpt_head_backward(
+        &mut self,
+        dy: &DevBuf,
+        zbar: &DevBuf,
+        w: &DevBuf,
+        dz: &mut DevBuf,
+        dw: &mut DevBuf,
+        dc: &mut DevBuf,
+        shape: &VptHeadShape,
+    ) {
         self.run(|be| {
             let (g, [s0, s1, s2, s3, s4, s5, ..], ws) = (&be.gpu, &mut be.scratch, &mut be.head_ws);
             let (d, k) = (shape.dim, shape.labels);
@@ -895,7 +1168,10 @@ impl Backend for CudaBackend {
             let zv = input::<f32>(g, zbar, s1, shape.batch * d)?;
             let wv = input::<f32>(g, w, s2, k * d)?;
             let dzo = output::<bf16>(g, dz, s3, shape.batch * shape.tokens * d, Mode::Write)?;
-            let (wo, co) = (output::<f32>(g, dw, s4, k * d, Mode::Write)?, output::<f32>(g, dc, s5, k, Mode::Write)?);
+            let (wo, co) = (
+                output::<f32>(g, dw, s4, k * d, Mode::Write)?,
+                output::<f32>(g, dc, s5, k, Mode::Write)?,
+            );
             head::cuda::vpt_backward(g, g.stream(), ws, dyv, zv, wv, &mut *dzo.buf, &mut *wo.buf, &mut *co.buf, shape)?;
             dzo.done(g)?;
             wo.done(g)?;
@@ -915,14 +1191,23 @@ impl Backend for CudaBackend {
                 o.done(g)?;
             }
             let mut host = [0.0f32];
-            g.stream().memcpy_dtoh(&be.loss, &mut host[..]).map_err(GpuError::driver("reading the loss"))?;
+            g.stream()
+                .memcpy_dtoh(&be.loss, &mut host[..])
+                .map_err(GpuError::driver("reading the loss"))?;
             g.synchronize()?;
             out = host[0] as f64;
             Ok(())
         });
         out
     }
-    fn asl_terms(&mut self, terms: &mut [(&DevBuf, Option<&mut DevBuf>)], targets: &DevBuf, len: usize, cfg: &AslConfig, scale: f64) -> f64 {
+    fn asl_terms(
+        &mut self,
+        terms: &mut [(&DevBuf, Option<&mut DevBuf>)],
+        targets: &DevBuf,
+        len: usize,
+        cfg: &AslConfig,
+        scale: f64,
+    ) -> f64 {
         let all_f32 = !targets.is_bf16() && terms.iter().all(|(l, gr)| !l.is_bf16() && gr.as_ref().is_none_or(|b| !b.is_bf16()));
         if !all_f32 {
             // Casts per term (not a training step's layout: logits and loss terms are fp32 State).
@@ -944,14 +1229,21 @@ impl Backend for CudaBackend {
                 for (l, gr) in chunk.iter_mut() {
                     let logits = f32::of(l).ok_or_else(|| GpuError::invalid("asl", "logits type"))?;
                     let grad = match gr.as_deref_mut() {
-                        Some(b) => Some(f32::of_mut(b).map_err(|_| GpuError::invalid("asl", "gradient type"))? as &mut dyn DevicePtrMut<f32>),
+                        Some(b) => {
+                            Some(f32::of_mut(b).map_err(|_| GpuError::invalid("asl", "gradient type"))? as &mut dyn DevicePtrMut<f32>)
+                        }
                         None => None,
                     };
-                    ts.push(asl::cuda::AslTerm { logits: logits as &dyn DevicePtr<f32>, grad });
+                    ts.push(asl::cuda::AslTerm {
+                        logits: logits as &dyn DevicePtr<f32>,
+                        grad,
+                    });
                 }
                 asl::cuda::forward_backward_terms(g, g.stream(), &mut be.asl_ws, &mut ts, t, cfg, scale as f32, &mut be.loss, len)?;
                 let mut host = [0.0f32];
-                g.stream().memcpy_dtoh(&be.loss, &mut host[..]).map_err(GpuError::driver("reading the loss"))?;
+                g.stream()
+                    .memcpy_dtoh(&be.loss, &mut host[..])
+                    .map_err(GpuError::driver("reading the loss"))?;
                 g.synchronize()?;
                 out += host[0] as f64;
             }
@@ -963,8 +1255,17 @@ impl Backend for CudaBackend {
             out
         }
     }
-    fn asl_terms_into(&mut self, terms: &mut [(&DevBuf, Option<&mut DevBuf>)], targets: &DevBuf, len: usize, cfg: &AslConfig, scale: f64, loss: &mut DevBuf) {
-        let all_f32 = !targets.is_bf16() && !loss.is_bf16() && terms.iter().all(|(l, gr)| !l.is_bf16() && gr.as_ref().is_none_or(|b| !b.is_bf16()));
+    fn asl_terms_into(
+        &mut self,
+        terms: &mut [(&DevBuf, Option<&mut DevBuf>)],
+        targets: &DevBuf,
+        len: usize,
+        cfg: &AslConfig,
+        scale: f64,
+        loss: &mut DevBuf,
+    ) {
+        let all_f32 =
+            !targets.is_bf16() && !loss.is_bf16() && terms.iter().all(|(l, gr)| !l.is_bf16() && gr.as_ref().is_none_or(|b| !b.is_bf16()));
         if !all_f32 || terms.is_empty() || terms.len() > asl::cuda::MAX_TERMS {
             // Not a training step's layout (its logits, gradients and loss are fp32 State, one
             // to four terms): computed now, with a host read (no terms: a loss of 0, as the
@@ -983,14 +1284,27 @@ impl Backend for CudaBackend {
                     Some(b) => Some(f32::of_mut(b).map_err(|_| GpuError::invalid("asl", "gradient type"))? as &mut dyn DevicePtrMut<f32>),
                     None => None,
                 };
-                ts.push(asl::cuda::AslTerm { logits: logits as &dyn DevicePtr<f32>, grad });
+                ts.push(asl::cuda::AslTerm {
+                    logits: logits as &dyn DevicePtr<f32>,
+                    grad,
+                });
             }
             let out = f32::of_mut(loss).map_err(|_| GpuError::invalid("asl", "loss type"))?;
             // One launch; the loss stays on the device (no synchronisation).
             asl::cuda::forward_backward_terms(g, g.stream(), &mut be.asl_ws, &mut ts, t, cfg, scale as f32, out, len)
         });
     }
-    fn adamw(&mut self, params: &mut [DevBuf], grads: &[DevBuf], m: &mut [DevBuf], v: &mut [DevBuf], step: u64, lr: f64, cfg: &AdamWConfig, guard: Option<&DevBuf>) {
+    fn adamw(
+        &mut self,
+        params: &mut [DevBuf],
+        grads: &[DevBuf],
+        m: &mut [DevBuf],
+        v: &mut [DevBuf],
+        step: u64,
+        lr: f64,
+        cfg: &AdamWConfig,
+        guard: Option<&DevBuf>,
+    ) {
         self.run(|be| {
             const OP: &str = "adamw";
             if grads.len() != params.len() || m.len() != params.len() || v.len() != params.len() {
@@ -1008,7 +1322,13 @@ impl Backend for CudaBackend {
                 let (DevBuf::F32(p), DevBuf::F32(gr), DevBuf::F32(mi), DevBuf::F32(vi)) = (p, gr, mi, vi) else {
                     return Err(GpuError::invalid(OP, "parameters, gradients and moments must be stored in fp32"));
                 };
-                ts.push(adamw::cuda::AdamWTensor { params: p, grads: gr, m: mi, v: vi, n });
+                ts.push(adamw::cuda::AdamWTensor {
+                    params: p,
+                    grads: gr,
+                    m: mi,
+                    v: vi,
+                    n,
+                });
             }
             adamw::cuda::step_many(&be.gpu, be.gpu.stream(), &mut ts, step, lr, cfg, gd)
         });

@@ -77,7 +77,10 @@ pub fn select_with(device: Device, precision: Option<Precision>, note: &mut dyn 
     let p = precision.unwrap_or_default();
     let cpu = |note: &mut dyn FnMut(&str)| {
         if let Some(p) = precision {
-            note(&format!("precision: --precision {} ignored (the CPU backend computes in f32)", p.as_str()));
+            note(&format!(
+                "precision: --precision {} ignored (the CPU backend computes in f32)",
+                p.as_str()
+            ));
         }
         Selected::Cpu(CpuBackend::new())
     };

@@ -16,18 +16,18 @@
 //!   in at least fp32.
 
 pub mod cpu;
-pub mod device;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+pub mod device;
 
 pub use crate::ops::adamw::AdamWConfig;
 pub use crate::ops::asl::AslConfig;
 pub use crate::ops::attention::AttnShape;
 pub use crate::ops::head::{AdapterShape, MoeShape, VptHeadShape};
 pub use cpu::CpuBackend;
-pub use device::{select, select_with, Device, Precision, Selected};
 #[cfg(feature = "cuda")]
 pub use cuda::{CudaBackend, DevBuf};
+pub use device::{select, select_with, Device, Precision, Selected};
 
 /// What a buffer holds, so that a backend can choose its storage ([`Backend::alloc_as`]).
 /// What stays at full precision follows PyTorch autocast: reductions, sums of many terms and
@@ -98,28 +98,82 @@ pub trait Backend {
     /// Flattens `p x p` patches of images `[B, C, H, W]` into `out [B, Np, C*p*p]` in the order
     /// of a conv weight `[D, C, p, p]` (c, ky, kx), patches row by row.
     #[allow(clippy::too_many_arguments)]
-    fn patchify(&mut self, images: &Self::Buf, out: &mut Self::Buf, batch: usize, channels: usize, height: usize, width: usize, patch: usize);
+    fn patchify(
+        &mut self,
+        images: &Self::Buf,
+        out: &mut Self::Buf,
+        batch: usize,
+        channels: usize,
+        height: usize,
+        width: usize,
+        patch: usize,
+    );
     /// Writes `x [B, N, D]`, `N = 1 + P + Np`: row 0 = `cls + pos[0]`, rows `1+P+i` =
     /// `patches[b, i] + pos[1+i]`. Prompt rows are left alone (see [`Backend::set_prompts`]).
     #[allow(clippy::too_many_arguments)]
-    fn embed_tokens(&mut self, patches: &Self::Buf, cls: &Self::Buf, pos: &Self::Buf, x: &mut Self::Buf, batch: usize, num_patches: usize, prompts: usize, dim: usize);
+    fn embed_tokens(
+        &mut self,
+        patches: &Self::Buf,
+        cls: &Self::Buf,
+        pos: &Self::Buf,
+        x: &mut Self::Buf,
+        batch: usize,
+        num_patches: usize,
+        prompts: usize,
+        dim: usize,
+    );
     /// `x[b, 1+j] = prompts[layer, j]` for every image `b` and `j < P` (`prompts [L, P, D]`).
     #[allow(clippy::too_many_arguments)]
     fn set_prompts(&mut self, prompts: &Self::Buf, layer: usize, x: &mut Self::Buf, batch: usize, tokens: usize, count: usize, dim: usize);
     /// `dprompts[layer, j] = sum_b dx[b, 1+j]` (images summed in order); then, if `zero_rows`,
     /// `dx[b, 1+j] = 0` (the deep-prompt replacement cuts the gradient to the previous block).
     #[allow(clippy::too_many_arguments)]
-    fn prompt_grad(&mut self, dx: &mut Self::Buf, dprompts: &mut Self::Buf, layer: usize, batch: usize, tokens: usize, count: usize, dim: usize, zero_rows: bool);
+    fn prompt_grad(
+        &mut self,
+        dx: &mut Self::Buf,
+        dprompts: &mut Self::Buf,
+        layer: usize,
+        batch: usize,
+        tokens: usize,
+        count: usize,
+        dim: usize,
+        zero_rows: bool,
+    );
     /// `dst[b, dst_start + j] = src[b, src_start + j]` for `j < count` (rows of width `dim`;
     /// `src` has `src_tokens` rows per image, `dst` has `dst_tokens`).
     #[allow(clippy::too_many_arguments)]
-    fn copy_tokens(&mut self, src: &Self::Buf, src_tokens: usize, src_start: usize, dst: &mut Self::Buf, dst_tokens: usize, dst_start: usize, count: usize, batch: usize, dim: usize);
+    fn copy_tokens(
+        &mut self,
+        src: &Self::Buf,
+        src_tokens: usize,
+        src_start: usize,
+        dst: &mut Self::Buf,
+        dst_tokens: usize,
+        dst_start: usize,
+        count: usize,
+        batch: usize,
+        dim: usize,
+    );
     /// Residual with optional LayerScale: `out = x + ls * f` over `[rows, dim]`.
     fn residual(&mut self, x: &Self::Buf, f: &Self::Buf, ls: Option<&Self::Buf>, out: &mut Self::Buf, rows: usize, dim: usize);
     /// [`Backend::residual`] into `out`, then [`Backend::layernorm_forward`] of `out` into `y`
     /// (saving `mean, rstd`): a device backend does both in one pass over the rows.
     #[allow(clippy::too_many_arguments)]
-    fn residual_layernorm_forward(&mut self, x: &Self::Buf, f: &Self::Buf, ls: Option<&Self::Buf>, out: &mut Self::Buf, gamma: &Self::Buf, beta: &Self::Buf, y: &mut Self::Buf, mean: &mut Self::Buf, rstd: &mut Self::Buf, rows: usize, dim: usize, eps: f64) {
+    fn residual_layernorm_forward(
+        &mut self,
+        x: &Self::Buf,
+        f: &Self::Buf,
+        ls: Option<&Self::Buf>,
+        out: &mut Self::Buf,
+        gamma: &Self::Buf,
+        beta: &Self::Buf,
+        y: &mut Self::Buf,
+        mean: &mut Self::Buf,
+        rstd: &mut Self::Buf,
+        rows: usize,
+        dim: usize,
+        eps: f64,
+    ) {
         self.residual(x, f, ls, out, rows, dim);
         self.layernorm_forward(out, gamma, beta, y, mean, rstd, rows, dim, eps);
     }
@@ -129,16 +183,56 @@ pub trait Backend {
     // ---- dense ----------------------------------------------------------------------------
     /// `y [rows, out] = x [rows, in] W^T + b` with `W [out, in]`.
     #[allow(clippy::too_many_arguments)]
-    fn linear_forward(&mut self, x: &Self::Buf, w: &Self::Buf, bias: Option<&Self::Buf>, y: &mut Self::Buf, rows: usize, d_in: usize, d_out: usize);
+    fn linear_forward(
+        &mut self,
+        x: &Self::Buf,
+        w: &Self::Buf,
+        bias: Option<&Self::Buf>,
+        y: &mut Self::Buf,
+        rows: usize,
+        d_in: usize,
+        d_out: usize,
+    );
     /// `dx (+)= dy W` (input gradient only; the backbone is frozen).
     #[allow(clippy::too_many_arguments)]
-    fn linear_backward_input(&mut self, dy: &Self::Buf, w: &Self::Buf, dx: &mut Self::Buf, rows: usize, d_in: usize, d_out: usize, accumulate: bool);
+    fn linear_backward_input(
+        &mut self,
+        dy: &Self::Buf,
+        w: &Self::Buf,
+        dx: &mut Self::Buf,
+        rows: usize,
+        d_in: usize,
+        d_out: usize,
+        accumulate: bool,
+    );
     /// LayerNorm over `dim`, saving `mean, rstd [rows]`.
     #[allow(clippy::too_many_arguments)]
-    fn layernorm_forward(&mut self, x: &Self::Buf, gamma: &Self::Buf, beta: &Self::Buf, y: &mut Self::Buf, mean: &mut Self::Buf, rstd: &mut Self::Buf, rows: usize, dim: usize, eps: f64);
+    fn layernorm_forward(
+        &mut self,
+        x: &Self::Buf,
+        gamma: &Self::Buf,
+        beta: &Self::Buf,
+        y: &mut Self::Buf,
+        mean: &mut Self::Buf,
+        rstd: &mut Self::Buf,
+        rows: usize,
+        dim: usize,
+        eps: f64,
+    );
     /// LayerNorm input gradient: `dx (+)= LN'(x)^T dy`.
     #[allow(clippy::too_many_arguments)]
-    fn layernorm_backward(&mut self, dy: &Self::Buf, x: &Self::Buf, gamma: &Self::Buf, mean: &Self::Buf, rstd: &Self::Buf, dx: &mut Self::Buf, rows: usize, dim: usize, accumulate: bool);
+    fn layernorm_backward(
+        &mut self,
+        dy: &Self::Buf,
+        x: &Self::Buf,
+        gamma: &Self::Buf,
+        mean: &Self::Buf,
+        rstd: &Self::Buf,
+        dx: &mut Self::Buf,
+        rows: usize,
+        dim: usize,
+        accumulate: bool,
+    );
     /// `y[..len] = gelu(x[..len])` (exact erf GELU).
     fn gelu_forward(&mut self, x: &Self::Buf, y: &mut Self::Buf, len: usize);
     /// In place `d[..len] *= gelu'(x[..len])`.
@@ -151,38 +245,133 @@ pub trait Backend {
     fn attention_forward(&mut self, qkv: &Self::Buf, out: &mut Self::Buf, lse: &mut Self::Buf, shape: &AttnShape);
     /// Masked attention backward: writes `dqkv [B, N, 3D]` from `dout [B, Nq, D]` (Q rows
     /// outside the query range are written as zero).
-    fn attention_backward(&mut self, qkv: &Self::Buf, out: &Self::Buf, lse: &Self::Buf, dout: &Self::Buf, dqkv: &mut Self::Buf, shape: &AttnShape);
+    fn attention_backward(
+        &mut self,
+        qkv: &Self::Buf,
+        out: &Self::Buf,
+        lse: &Self::Buf,
+        dout: &Self::Buf,
+        dqkv: &mut Self::Buf,
+        shape: &AttnShape,
+    );
 
     // ---- head -----------------------------------------------------------------------------
     /// Adapters on the prompt tokens (see `ops::head`); saves `u [B, P, r]`.
     #[allow(clippy::too_many_arguments)]
-    fn adapter_forward(&mut self, z: &Self::Buf, w1: &Self::Buf, b1: &Self::Buf, w2: &Self::Buf, b2: &Self::Buf, u: &mut Self::Buf, out: &mut Self::Buf, shape: &AdapterShape);
+    fn adapter_forward(
+        &mut self,
+        z: &Self::Buf,
+        w1: &Self::Buf,
+        b1: &Self::Buf,
+        w2: &Self::Buf,
+        b2: &Self::Buf,
+        u: &mut Self::Buf,
+        out: &mut Self::Buf,
+        shape: &AdapterShape,
+    );
     /// Adapter backward: accumulates `dz`, writes the four parameter gradients.
     #[allow(clippy::too_many_arguments)]
-    fn adapter_backward(&mut self, dout: &Self::Buf, z: &Self::Buf, u: &Self::Buf, w1: &Self::Buf, w2: &Self::Buf, dz: &mut Self::Buf, dw1: &mut Self::Buf, db1: &mut Self::Buf, dw2: &mut Self::Buf, db2: &mut Self::Buf, shape: &AdapterShape);
+    fn adapter_backward(
+        &mut self,
+        dout: &Self::Buf,
+        z: &Self::Buf,
+        u: &Self::Buf,
+        w1: &Self::Buf,
+        w2: &Self::Buf,
+        dz: &mut Self::Buf,
+        dw1: &mut Self::Buf,
+        db1: &mut Self::Buf,
+        dw2: &mut Self::Buf,
+        db2: &mut Self::Buf,
+        shape: &AdapterShape,
+    );
     /// One branch's gating, expert mixture and classifier; writes `y, m [B, K]`, saves
     /// `q, r [B, E, K]`.
     #[allow(clippy::too_many_arguments)]
-    fn moe_forward(&mut self, z: &Self::Buf, adapted: &Self::Buf, gate: &Self::Buf, w: &Self::Buf, c: &Self::Buf, tok: &Self::Idx, grow: &Self::Idx, y: &mut Self::Buf, m: &mut Self::Buf, q: &mut Self::Buf, r: &mut Self::Buf, shape: &MoeShape);
+    fn moe_forward(
+        &mut self,
+        z: &Self::Buf,
+        adapted: &Self::Buf,
+        gate: &Self::Buf,
+        w: &Self::Buf,
+        c: &Self::Buf,
+        tok: &Self::Idx,
+        grow: &Self::Idx,
+        y: &mut Self::Buf,
+        m: &mut Self::Buf,
+        q: &mut Self::Buf,
+        r: &mut Self::Buf,
+        shape: &MoeShape,
+    );
     /// Backward of one branch: accumulates `dz`, `dadapted`; writes `dgate, dw, dc`.
     #[allow(clippy::too_many_arguments)]
-    fn moe_backward(&mut self, dy: &Self::Buf, dm: &Self::Buf, z: &Self::Buf, adapted: &Self::Buf, gate: &Self::Buf, w: &Self::Buf, tok: &Self::Idx, grow: &Self::Idx, q: &Self::Buf, r: &Self::Buf, dz: &mut Self::Buf, dadapted: &mut Self::Buf, dgate: &mut Self::Buf, dw: &mut Self::Buf, dc: &mut Self::Buf, shape: &MoeShape);
+    fn moe_backward(
+        &mut self,
+        dy: &Self::Buf,
+        dm: &Self::Buf,
+        z: &Self::Buf,
+        adapted: &Self::Buf,
+        gate: &Self::Buf,
+        w: &Self::Buf,
+        tok: &Self::Idx,
+        grow: &Self::Idx,
+        q: &Self::Buf,
+        r: &Self::Buf,
+        dz: &mut Self::Buf,
+        dadapted: &mut Self::Buf,
+        dgate: &mut Self::Buf,
+        dw: &mut Self::Buf,
+        dc: &mut Self::Buf,
+        shape: &MoeShape,
+    );
     /// Plain-VPT head: mean of the prompt outputs (saved in `zbar [B, D]`), then linear.
     #[allow(clippy::too_many_arguments)]
-    fn vpt_head_forward(&mut self, z: &Self::Buf, w: &Self::Buf, c: &Self::Buf, zbar: &mut Self::Buf, y: &mut Self::Buf, shape: &VptHeadShape);
+    fn vpt_head_forward(
+        &mut self,
+        z: &Self::Buf,
+        w: &Self::Buf,
+        c: &Self::Buf,
+        zbar: &mut Self::Buf,
+        y: &mut Self::Buf,
+        shape: &VptHeadShape,
+    );
     /// Plain-VPT head backward: writes `dz, dw, dc`.
     #[allow(clippy::too_many_arguments)]
-    fn vpt_head_backward(&mut self, dy: &Self::Buf, zbar: &Self::Buf, w: &Self::Buf, dz: &mut Self::Buf, dw: &mut Self::Buf, dc: &mut Self::Buf, shape: &VptHeadShape);
+    fn vpt_head_backward(
+        &mut self,
+        dy: &Self::Buf,
+        zbar: &Self::Buf,
+        w: &Self::Buf,
+        dz: &mut Self::Buf,
+        dw: &mut Self::Buf,
+        dc: &mut Self::Buf,
+        shape: &VptHeadShape,
+    );
 
     // ---- loss and optimizer ---------------------------------------------------------------
     /// `scale * sum ASL(logits[..len], targets[..len])`, returned as f64; with `grad`, writes
     /// `scale * dASL/dlogit` there.
-    fn asl(&mut self, logits: &Self::Buf, targets: &Self::Buf, len: usize, cfg: &AslConfig, scale: f64, grad: Option<&mut Self::Buf>) -> f64;
+    fn asl(
+        &mut self,
+        logits: &Self::Buf,
+        targets: &Self::Buf,
+        len: usize,
+        cfg: &AslConfig,
+        scale: f64,
+        grad: Option<&mut Self::Buf>,
+    ) -> f64;
     /// The sum of [`Backend::asl`] over several logit buffers against the same targets (the
     /// training loss's terms), each term's gradient written where given. A device backend does
     /// it in one launch and one host read; the default calls `asl` per term, in order.
     #[allow(clippy::type_complexity)]
-    fn asl_terms(&mut self, terms: &mut [(&Self::Buf, Option<&mut Self::Buf>)], targets: &Self::Buf, len: usize, cfg: &AslConfig, scale: f64) -> f64 {
+    fn asl_terms(
+        &mut self,
+        terms: &mut [(&Self::Buf, Option<&mut Self::Buf>)],
+        targets: &Self::Buf,
+        len: usize,
+        cfg: &AslConfig,
+        scale: f64,
+    ) -> f64 {
         let mut total = 0.0;
         for (logits, grad) in terms.iter_mut() {
             total += self.asl(logits, targets, len, cfg, scale, grad.as_deref_mut());
@@ -193,7 +382,15 @@ pub trait Backend {
     /// device backend launches it and does not wait, so a training step reads its loss once,
     /// at its end. The default computes it now.
     #[allow(clippy::type_complexity)]
-    fn asl_terms_into(&mut self, terms: &mut [(&Self::Buf, Option<&mut Self::Buf>)], targets: &Self::Buf, len: usize, cfg: &AslConfig, scale: f64, loss: &mut Self::Buf) {
+    fn asl_terms_into(
+        &mut self,
+        terms: &mut [(&Self::Buf, Option<&mut Self::Buf>)],
+        targets: &Self::Buf,
+        len: usize,
+        cfg: &AslConfig,
+        scale: f64,
+        loss: &mut Self::Buf,
+    ) {
         let total = self.asl_terms(terms, targets, len, cfg, scale);
         self.upload_f64(&[total], loss);
     }
@@ -201,5 +398,15 @@ pub trait Backend {
     /// `guard`, nothing changes unless `guard[0]` is finite (the step's loss: a non-finite one
     /// leaves weights and moments as they were, decided where the loss is, without a host read).
     #[allow(clippy::too_many_arguments)]
-    fn adamw(&mut self, params: &mut [Self::Buf], grads: &[Self::Buf], m: &mut [Self::Buf], v: &mut [Self::Buf], step: u64, lr: f64, cfg: &AdamWConfig, guard: Option<&Self::Buf>);
+    fn adamw(
+        &mut self,
+        params: &mut [Self::Buf],
+        grads: &[Self::Buf],
+        m: &mut [Self::Buf],
+        v: &mut [Self::Buf],
+        step: u64,
+        lr: f64,
+        cfg: &AdamWConfig,
+        guard: Option<&Self::Buf>,
+    );
 }

@@ -107,20 +107,28 @@ fn attention_tiles(spec: &str, head_dim: usize) -> Result<(FwdTiles, BwdTiles)> 
     let names = |it: &mut dyn Iterator<Item = (&'static str, usize)>| {
         it.filter(|&(_, dh)| dh == head_dim).map(|(k, _)| k).collect::<Vec<_>>().join(", ")
     };
-    let fwd = FWD_TILES.iter().find(|t| t.kernel == f.trim() && t.head_dim == head_dim).copied().ok_or_else(|| {
-        anyhow::anyhow!(
-            "--attention-kernels: no forward '{}' for head dim {head_dim} (compiled: {})",
-            f.trim(),
-            names(&mut FWD_TILES.iter().map(|t| (t.kernel, t.head_dim)))
-        )
-    })?;
-    let bwd = BWD_TILES.iter().find(|t| t.kernel == b.trim() && t.head_dim == head_dim).copied().ok_or_else(|| {
-        anyhow::anyhow!(
-            "--attention-kernels: no backward '{}' for head dim {head_dim} (compiled: {})",
-            b.trim(),
-            names(&mut BWD_TILES.iter().map(|t| (t.kernel, t.head_dim)))
-        )
-    })?;
+    let fwd = FWD_TILES
+        .iter()
+        .find(|t| t.kernel == f.trim() && t.head_dim == head_dim)
+        .copied()
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "--attention-kernels: no forward '{}' for head dim {head_dim} (compiled: {})",
+                f.trim(),
+                names(&mut FWD_TILES.iter().map(|t| (t.kernel, t.head_dim)))
+            )
+        })?;
+    let bwd = BWD_TILES
+        .iter()
+        .find(|t| t.kernel == b.trim() && t.head_dim == head_dim)
+        .copied()
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "--attention-kernels: no backward '{}' for head dim {head_dim} (compiled: {})",
+                b.trim(),
+                names(&mut BWD_TILES.iter().map(|t| (t.kernel, t.head_dim)))
+            )
+        })?;
     Ok((fwd, bwd))
 }
 
@@ -141,7 +149,14 @@ impl BenchStepArgs {
         if let Some(s) = self.image_size {
             vit.image_size = s;
         }
-        let cfg = ModelConfig { vit, labels: self.classes, groups: self.groups, experts: self.experts, method: self.method, ..ModelConfig::demo() };
+        let cfg = ModelConfig {
+            vit,
+            labels: self.classes,
+            groups: self.groups,
+            experts: self.experts,
+            method: self.method,
+            ..ModelConfig::demo()
+        };
         cfg.validate(BRANCHES).map_err(|e| anyhow::anyhow!("{e}"))?;
         if let Some(spec) = &self.attention_kernels {
             attention_tiles(spec, cfg.vit.dim / cfg.vit.heads)?;
@@ -210,7 +225,19 @@ fn run_on<B: Backend>(be: B, device: String, batch: usize, args: &BenchStepArgs,
     let backend_short = backend.split(" (").next().unwrap_or(&backend).to_string();
     let attention = args.attention_kernels.as_deref().unwrap_or("default");
     let head = args.head_kernels.as_deref().map(str::trim).unwrap_or("default");
-    let r = Report { model: &args.model, cfg, batch, tokens, device, backend: backend_short, times, flops: fl, warmup: args.warmup, attention, head };
+    let r = Report {
+        model: &args.model,
+        cfg,
+        batch,
+        tokens,
+        device,
+        backend: backend_short,
+        times,
+        flops: fl,
+        warmup: args.warmup,
+        attention,
+        head,
+    };
     if args.json {
         println!("{}", r.json());
     } else {
@@ -313,7 +340,15 @@ impl Report<'_> {
         row("batch", self.batch.to_string());
         row("attention kernels", self.attention.to_string());
         row("steps", format!("{} timed after {} warm-up", t.seconds.len(), self.warmup));
-        row("ms/step", format!("{:.2} mean, {:.2} median, {:.2} min", 1e3 * t.mean(), 1e3 * t.median(), 1e3 * t.min()));
+        row(
+            "ms/step",
+            format!(
+                "{:.2} mean, {:.2} median, {:.2} min",
+                1e3 * t.mean(),
+                1e3 * t.median(),
+                1e3 * t.min()
+            ),
+        );
         row("images/s", format!("{:.1}", t.images_per_s()));
         row(
             "FLOP/step",

@@ -100,9 +100,7 @@ pub fn run(args: &GroupArgs) -> anyhow::Result<()> {
     let ari = match &args.against {
         Some(reference) => {
             let r = input::read_reference_groups(reference, &classes, cfg.groups)?;
-            let score = |ours: &Partition, theirs: Option<Vec<usize>>| {
-                theirs.map(|t| adjusted_rand_index(&ours.label_to_group(co.k), &t))
-            };
+            let score = |ours: &Partition, theirs: Option<Vec<usize>>| theirs.map(|t| adjusted_rand_index(&ours.label_to_group(co.k), &t));
             Some((reference.clone(), score(&corr, r.correlative), score(&disc, r.discriminative)))
         }
         None => None,
@@ -146,7 +144,10 @@ pub fn run(args: &GroupArgs) -> anyhow::Result<()> {
         "{} labels, T = {} groups per graph, tau+ = {}, tau- = {}, seed {}, {} restarts",
         co.k, cfg.groups, cfg.tau_co, cfg.tau_dis, cfg.seed, cfg.restarts
     );
-    for (title, p) in [("Correlative groups (M+)", &corr), ("Discriminative groups (M- = 11^T - M+)", &disc)] {
+    for (title, p) in [
+        ("Correlative groups (M+)", &corr),
+        ("Discriminative groups (M- = 11^T - M+)", &disc),
+    ] {
         println!("\n{title}");
         for (g, members) in names(&classes, p).iter().enumerate() {
             println!("  {:>3}  ({:>3} labels)  {}", g + 1, members.len(), members.join(", "));

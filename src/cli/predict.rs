@@ -65,8 +65,12 @@ fn run_on<B: Backend>(args: &PredictArgs, mut opened: Opened<B>) -> anyhow::Resu
             .map(|(&i, p)| {
                 let probabilities: serde_json::Map<String, serde_json::Value> =
                     names.iter().zip(p).map(|(n, &v)| (n.clone(), serde_json::json!(v))).collect();
-                let labels: Vec<&String> =
-                    names.iter().zip(opened.test.target(i)).filter(|(_, &t)| t > 0.5).map(|(n, _)| n).collect();
+                let labels: Vec<&String> = names
+                    .iter()
+                    .zip(opened.test.target(i))
+                    .filter(|(_, &t)| t > 0.5)
+                    .map(|(n, _)| n)
+                    .collect();
                 serde_json::json!({ "index": i, "probabilities": probabilities, "labels": labels })
             })
             .collect();
@@ -91,7 +95,9 @@ fn expand(inputs: &[PathBuf]) -> anyhow::Result<Vec<PathBuf>> {
                 .with_context(|| format!("cannot list {}", p.display()))?
                 .filter_map(|e| e.ok().map(|e| e.path()))
                 .filter(|f| {
-                    f.extension().and_then(|e| e.to_str()).is_some_and(|e| matches!(e.to_ascii_lowercase().as_str(), "jpg" | "jpeg" | "png"))
+                    f.extension()
+                        .and_then(|e| e.to_str())
+                        .is_some_and(|e| matches!(e.to_ascii_lowercase().as_str(), "jpg" | "jpeg" | "png"))
                 })
                 .collect();
             found.sort();
@@ -122,7 +128,10 @@ fn predict_files<B: Backend>(args: &PredictArgs, files: &[PathBuf], mut opened: 
         if args.json {
             let probabilities: serde_json::Map<String, serde_json::Value> =
                 names.iter().zip(p).map(|(n, &v)| (n.clone(), serde_json::json!(v))).collect();
-            println!("{}", serde_json::json!({ "image": f.display().to_string(), "labels": labels, "probabilities": probabilities }));
+            println!(
+                "{}",
+                serde_json::json!({ "image": f.display().to_string(), "labels": labels, "probabilities": probabilities })
+            );
         } else {
             let cells: Vec<String> = p.iter().map(|v| format!("{v:.4}")).collect();
             let l: Vec<&str> = labels.iter().map(|s| s.as_str()).collect();

@@ -51,7 +51,11 @@ pub fn run(args: &PrepareArgs) -> anyhow::Result<()> {
         s.reused,
         s.written,
         s.unreadable,
-        if s.unreadable > 0 { format!(", listed in {}.report.txt", args.out.display()) } else { String::new() }
+        if s.unreadable > 0 {
+            format!(", listed in {}.report.txt", args.out.display())
+        } else {
+            String::new()
+        }
     );
     Ok(())
 }

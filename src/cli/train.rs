@@ -168,7 +168,10 @@ impl TrainArgs {
                 eprintln!("note: {}: ignoring tensor {note}", w.display());
             }
             if info.resampled {
-                eprintln!("note: position embeddings resampled from {} px to {} px (bicubic)", info.native_image_size, vit.image_size);
+                eprintln!(
+                    "note: position embeddings resampled from {} px to {} px (bicubic)",
+                    info.native_image_size, vit.image_size
+                );
             }
             spec.model.vit = vit;
             spec.backbone = Some(source);
@@ -194,7 +197,13 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
                 Some(o) => o.clone(),
                 None => run::checkpoint_path(from).parent().map(PathBuf::from).unwrap_or_default(),
             };
-            let opts = RunOptions { out, stop_after: args.stop_after, nan_at_step: args.debug_nan_at_step, device: args.device, precision: args.precision };
+            let opts = RunOptions {
+                out,
+                stop_after: args.stop_after,
+                nan_at_step: args.debug_nan_at_step,
+                device: args.device,
+                precision: args.precision,
+            };
             run::resume(from, &opts, &mut progress)?
         }
         None => {
@@ -202,7 +211,13 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
             // Every setting is checked before any work (data, groups, weights).
             spec.validate()?;
             let out = args.out.clone().unwrap_or_else(|| PathBuf::from("runs/demo"));
-            let opts = RunOptions { out, stop_after: args.stop_after, nan_at_step: args.debug_nan_at_step, device: args.device, precision: args.precision };
+            let opts = RunOptions {
+                out,
+                stop_after: args.stop_after,
+                nan_at_step: args.debug_nan_at_step,
+                device: args.device,
+                precision: args.precision,
+            };
             run::train(&spec, &opts, &mut progress)?
         }
     };
@@ -253,7 +268,12 @@ impl Observer for Progress {
         let f = |k: &str| r[k].as_f64().unwrap_or(f64::NAN);
         let mut line = format!(
             "epoch {}  step {}  loss {:.4}  mAP {:.2}  CF1 {:.2}  OF1 {:.2}",
-            r["epoch"], r["step"], f("loss"), f("mAP"), f("CF1"), f("OF1")
+            r["epoch"],
+            r["step"],
+            f("loss"),
+            f("mAP"),
+            f("CF1"),
+            f("OF1")
         );
         if r.get("ema_mAP").is_some() {
             line += &format!("  EMA mAP {:.2}", f("ema_mAP"));
@@ -287,7 +307,10 @@ fn print_summary(s: &Summary) {
         row("EMA test mAP", format!("{:.2}", e.map));
         row("EMA test CF1 / OF1", format!("{:.2} / {:.2}", e.class.f1, e.overall.f1));
     }
-    row("constant-score mAP", format!("{:.2}  (every image the same score: the floor)", s.constant_map));
+    row(
+        "constant-score mAP",
+        format!("{:.2}  (every image the same score: the floor)", s.constant_map),
+    );
     row("checkpoint", s.checkpoint.display().to_string());
     row("metrics", s.metrics_log.display().to_string());
 }

@@ -75,7 +75,10 @@ fn header_bytes(h: &CacheHeader) -> anyhow::Result<(Vec<u8>, usize)> {
 /// Reads and checks the header; returns it and where the records start.
 fn read_header(bytes: &[u8], path: &Path) -> anyhow::Result<(CacheHeader, usize)> {
     let at = path.display();
-    ensure!(bytes.len() >= 16 && &bytes[..8] == MAGIC, "{at}: not an mlvpt image cache (bad magic)");
+    ensure!(
+        bytes.len() >= 16 && &bytes[..8] == MAGIC,
+        "{at}: not an mlvpt image cache (bad magic)"
+    );
     let version = u32::from_le_bytes(bytes[8..12].try_into().unwrap());
     ensure!(version == VERSION, "{at}: cache version {version}, this build reads {VERSION}");
     let len = u32::from_le_bytes(bytes[12..16].try_into().unwrap()) as usize;
@@ -111,7 +114,12 @@ impl Cache {
             path.display(),
             header.n()
         );
-        Ok(Self { path: path.to_path_buf(), header, data_start, map })
+        Ok(Self {
+            path: path.to_path_buf(),
+            header,
+            data_start,
+            map,
+        })
     }
 
     pub fn path(&self) -> &Path {
@@ -154,7 +162,11 @@ impl Cache {
         let r = self.record(i);
         ensure!(r[0] == STATE_IMAGE, "{}: record {i} holds no image", self.path.display());
         let crc = u32::from_le_bytes(r[4..8].try_into().unwrap());
-        ensure!(record_crc(&r[RECORD_HEAD..]) == crc, "{}: record {i} is corrupt (CRC mismatch)", self.path.display());
+        ensure!(
+            record_crc(&r[RECORD_HEAD..]) == crc,
+            "{}: record {i} is corrupt (CRC mismatch)",
+            self.path.display()
+        );
         let s = self.header.image_size as u32;
         let px = r[RECORD_HEAD + self.header.classes.len()..].to_vec();
         RgbImage::from_raw(s, s, px).context("record size")
@@ -227,14 +239,18 @@ pub fn prepare(
             );
         }
     } else {
-        file.set_len(total_len as u64).with_context(|| format!("cannot allocate {} bytes for {}", total_len, out.display()))?;
+        file.set_len(total_len as u64)
+            .with_context(|| format!("cannot allocate {} bytes for {}", total_len, out.display()))?;
         (&file).write_all(&hbytes)?;
     }
     // SAFETY: this process owns the file while preparing; nothing else maps it for writing.
     let mut map = unsafe { MmapMut::map_mut(&file) }.with_context(|| format!("cannot map {}", out.display()))?;
 
-    let items: Vec<(&PathBuf, &Vec<usize>, u8)> =
-        train.iter().map(|(p, l)| (p, l, 0u8)).chain(test.iter().map(|(p, l)| (p, l, 1u8))).collect();
+    let items: Vec<(&PathBuf, &Vec<usize>, u8)> = train
+        .iter()
+        .map(|(p, l)| (p, l, 0u8))
+        .chain(test.iter().map(|(p, l)| (p, l, 1u8)))
+        .collect();
     let k = classes.len();
     let done = |r: &[u8]| -> bool {
         match r[0] {
@@ -243,8 +259,17 @@ pub fn prepare(
             _ => false,
         }
     };
-    let todo: Vec<usize> = map[start..].par_chunks(rl).enumerate().filter(|(_, r)| !done(r)).map(|(i, _)| i).collect();
-    let mut summary = PrepareSummary { total: items.len(), reused: items.len() - todo.len(), ..Default::default() };
+    let todo: Vec<usize> = map[start..]
+        .par_chunks(rl)
+        .enumerate()
+        .filter(|(_, r)| !done(r))
+        .map(|(i, _)| i)
+        .collect();
+    let mut summary = PrepareSummary {
+        total: items.len(),
+        reused: items.len() - todo.len(),
+        ..Default::default()
+    };
     chunk_done(summary.reused, summary.total);
 
     let report_path = PathBuf::from(format!("{}.report.txt", out.display()));

@@ -24,7 +24,10 @@ impl Norm {
             Norm::Imagenet => ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
             // OpenAI CLIP's published constants, as written there.
             #[allow(clippy::excessive_precision)]
-            Norm::Clip => ([0.481_454_66, 0.457_827_5, 0.408_210_73], [0.268_629_54, 0.261_302_58, 0.275_777_11]),
+            Norm::Clip => (
+                [0.481_454_66, 0.457_827_5, 0.408_210_73],
+                [0.268_629_54, 0.261_302_58, 0.275_777_11],
+            ),
             Norm::Inception => ([0.5; 3], [0.5; 3]),
         }
     }

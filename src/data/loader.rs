@@ -15,8 +15,8 @@ use rayon::prelude::*;
 
 use super::augment::{test_transform, train_transform};
 use super::cache::Cache;
-use super::images::{load_rgb_full, normalize_into, Norm, Skipped};
 use super::derive_seed;
+use super::images::{load_rgb_full, normalize_into, Norm, Skipped};
 
 /// Seed stream of the augmentation draws.
 const AUGMENT_STREAM: u64 = 0xA6;
@@ -85,7 +85,10 @@ impl TrainLoader {
 
     /// Label indices of each image (for grouping), without reading any image.
     pub fn label_lists(&self) -> Vec<Vec<usize>> {
-        self.targets.chunks_exact(self.k).map(|r| r.iter().enumerate().filter(|(_, &t)| t > 0.5).map(|(j, _)| j).collect()).collect()
+        self.targets
+            .chunks_exact(self.k)
+            .map(|r| r.iter().enumerate().filter(|(_, &t)| t > 0.5).map(|(j, _)| j).collect())
+            .collect()
     }
 
     /// The augmented, normalized batch of `indices` for `epoch`.
@@ -103,7 +106,10 @@ impl TrainLoader {
                 Ok(v)
             })
             .collect();
-        let mut b = Batch { images: Vec::with_capacity(indices.len() * len), ..Batch::default() };
+        let mut b = Batch {
+            images: Vec::with_capacity(indices.len() * len),
+            ..Batch::default()
+        };
         for (&i, r) in indices.iter().zip(prepared) {
             match r {
                 Ok(v) => {
@@ -167,10 +173,23 @@ impl TestLoader {
                     readable.push(i);
                     kept.extend_from_slice(&targets[i * k..(i + 1) * k]);
                 }
-                Some(reason) => skipped.push(Skipped { path: PathBuf::from(store.describe(i)), reason }),
+                Some(reason) => skipped.push(Skipped {
+                    path: PathBuf::from(store.describe(i)),
+                    reason,
+                }),
             }
         }
-        (Self { store, readable, targets: kept, k, size, norm }, skipped)
+        (
+            Self {
+                store,
+                readable,
+                targets: kept,
+                k,
+                size,
+                norm,
+            },
+            skipped,
+        )
     }
 
     pub fn len(&self) -> usize {
@@ -183,8 +202,10 @@ impl TestLoader {
     /// Test images `indices` (in that order), decoded in parallel, `indices.len() x 3 x size x size`.
     /// An image that was readable when the split was opened and no longer is, is an error.
     pub fn batch(&self, indices: &[usize]) -> anyhow::Result<Vec<f32>> {
-        let decoded: Vec<Result<Vec<f32>, String>> =
-            indices.par_iter().map(|&i| test_image(&self.store, self.readable[i], self.size, self.norm)).collect();
+        let decoded: Vec<Result<Vec<f32>, String>> = indices
+            .par_iter()
+            .map(|&i| test_image(&self.store, self.readable[i], self.size, self.norm))
+            .collect();
         let mut out = Vec::with_capacity(indices.len() * 3 * self.size * self.size);
         for (&i, r) in indices.iter().zip(decoded) {
             let v = r.map_err(|why| anyhow::anyhow!("test image {} became unreadable: {why}", self.store.describe(self.readable[i])))?;

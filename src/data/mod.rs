@@ -130,7 +130,14 @@ impl Dataset {
     pub fn subset(&self, indices: &[usize]) -> Self {
         let (mut images, mut targets) = (Vec::new(), Vec::new());
         self.gather(indices, &mut images, &mut targets);
-        Self { n: indices.len(), k: self.k, channels: self.channels, image_size: self.image_size, images, targets }
+        Self {
+            n: indices.len(),
+            k: self.k,
+            channels: self.channels,
+            image_size: self.image_size,
+            images,
+            targets,
+        }
     }
 
     /// Fraction of images carrying each label.
@@ -230,10 +237,18 @@ mod tests {
 
     #[test]
     fn constant_predictor_map_agrees_with_the_metrics() {
-        let c = SyntheticConfig { test: 300, ..SyntheticConfig::demo(5) };
+        let c = SyntheticConfig {
+            test: 300,
+            ..SyntheticConfig::demo(5)
+        };
         let d = c.generate(Split::Test);
         let m = crate::metrics::evaluate(&vec![0.3; d.n * d.k], &d.targets, d.n, d.k, 0.5);
-        assert!((m.map - constant_predictor_map(&d)).abs() < 1e-9, "{} vs {}", m.map, constant_predictor_map(&d));
+        assert!(
+            (m.map - constant_predictor_map(&d)).abs() < 1e-9,
+            "{} vs {}",
+            m.map,
+            constant_predictor_map(&d)
+        );
         assert!(m.map > 5.0 && m.map < 30.0);
     }
 

@@ -18,8 +18,26 @@ use super::{Dataset, Split};
 
 /// The 20 VOC classes in the standard order.
 pub const VOC_CLASSES: [&str; 20] = [
-    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
-    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
+    "aeroplane",
+    "bicycle",
+    "bird",
+    "boat",
+    "bottle",
+    "bus",
+    "car",
+    "cat",
+    "chair",
+    "cow",
+    "diningtable",
+    "dog",
+    "horse",
+    "motorbike",
+    "person",
+    "pottedplant",
+    "sheep",
+    "sofa",
+    "train",
+    "tvmonitor",
 ];
 
 /// Where the files are.
@@ -31,7 +49,11 @@ pub enum Source {
     /// `root` holds `annotations/instances_{train,val}2014.json`, `train2014/`, `val2014/`.
     Coco2014 { root: PathBuf },
     /// Manifest files for each split (the test one defaults to every 5th training line).
-    Manifest { train: PathBuf, test: Option<PathBuf>, classes: Option<PathBuf> },
+    Manifest {
+        train: PathBuf,
+        test: Option<PathBuf>,
+        classes: Option<PathBuf>,
+    },
     /// A file made by `mlvpt prepare` (both splits, already resized).
     Cache { file: PathBuf },
 }
@@ -88,15 +110,16 @@ impl ImageDataConfig {
     /// Parses `voc2007:PATH`, `coco2014:PATH` or `manifest:FILE[,classes=FILE][,test=FILE]` and
     /// reads the class list (checking that the files are there).
     pub fn parse(spec: &str, image_size: usize, norm: Norm) -> anyhow::Result<Self> {
-        let (kind, rest) = spec
-            .split_once(':')
-            .with_context(|| format!("data {spec:?}: expected voc2007:PATH, coco2014:PATH, manifest:FILE[,classes=FILE][,test=FILE] or cache:FILE"))?;
+        let (kind, rest) = spec.split_once(':').with_context(|| {
+            format!("data {spec:?}: expected voc2007:PATH, coco2014:PATH, manifest:FILE[,classes=FILE][,test=FILE] or cache:FILE")
+        })?;
         // Absolute paths, so a checkpoint's data config works from any folder.
-        let abs = |p: &str| -> anyhow::Result<PathBuf> {
-            std::fs::canonicalize(p).with_context(|| format!("data {spec:?}: {p} does not exist"))
-        };
+        let abs =
+            |p: &str| -> anyhow::Result<PathBuf> { std::fs::canonicalize(p).with_context(|| format!("data {spec:?}: {p} does not exist")) };
         let source = match kind {
-            "voc2007" => Source::Voc2007 { root: abs(voc_root(Path::new(rest))?.to_str().unwrap_or(rest))? },
+            "voc2007" => Source::Voc2007 {
+                root: abs(voc_root(Path::new(rest))?.to_str().unwrap_or(rest))?,
+            },
             "coco2014" => Source::Coco2014 { root: abs(rest)? },
             "cache" => Source::Cache { file: abs(rest)? },
             "manifest" => {
@@ -118,11 +141,17 @@ impl ImageDataConfig {
             Source::Voc2007 { .. } => VOC_CLASSES.iter().map(|s| s.to_string()).collect(),
             Source::Coco2014 { root } => coco_classes(&read_coco(root, "val2014")?)?,
             Source::Cache { file } => Cache::open(file)?.header().classes.clone(),
-            Source::Manifest { train, classes: Some(f), .. } => {
+            Source::Manifest {
+                train, classes: Some(f), ..
+            } => {
                 ensure!(train.is_file(), "manifest {} does not exist", train.display());
                 read_classes(f)?
             }
-            Source::Manifest { train, test, classes: None } => {
+            Source::Manifest {
+                train,
+                test,
+                classes: None,
+            } => {
                 // No classes file: every label seen, sorted.
                 let mut seen = BTreeSet::new();
                 for f in std::iter::once(train).chain(test.iter()) {
@@ -134,7 +163,12 @@ impl ImageDataConfig {
             }
         };
         ensure!(!classes.is_empty(), "data {spec:?}: no classes");
-        Ok(Self { source, classes, image_size, norm })
+        Ok(Self {
+            source,
+            classes,
+            image_size,
+            norm,
+        })
     }
 
     pub fn validate(&self) -> anyhow::Result<()> {
@@ -181,11 +215,18 @@ impl ImageDataConfig {
     /// (listed, unlabelled, and for a cache the images found unreadable when it was made).
     pub fn store(&self, split: Split) -> anyhow::Result<(ImageStore, Vec<f32>, LoadReport)> {
         let k = self.classes.len();
-        let mut report = LoadReport { split: format!("{split:?}").to_lowercase(), ..Default::default() };
+        let mut report = LoadReport {
+            split: format!("{split:?}").to_lowercase(),
+            ..Default::default()
+        };
         let (store, targets) = match &self.source {
             Source::Cache { file } => {
                 let cache = Arc::new(Cache::open(file)?);
-                ensure!(cache.header().classes == self.classes, "{}: the cache's classes differ from the run's", file.display());
+                ensure!(
+                    cache.header().classes == self.classes,
+                    "{}: the cache's classes differ from the run's",
+                    file.display()
+                );
                 let records = cache.records(split);
                 let mut targets = Vec::with_capacity(records.len() * k);
                 for &r in &records {
@@ -196,7 +237,10 @@ impl ImageDataConfig {
                 if unreadable > 0 {
                     report.skipped.push(Skipped {
                         path: file.clone(),
-                        reason: format!("{unreadable} source images were unreadable when the cache was made (see {}.report.txt)", file.display()),
+                        reason: format!(
+                            "{unreadable} source images were unreadable when the cache was made (see {}.report.txt)",
+                            file.display()
+                        ),
                     });
                 }
                 (ImageStore::Cache { cache, records }, targets)
@@ -246,9 +290,18 @@ impl ImageDataConfig {
     pub fn load(&self, split: Split) -> anyhow::Result<(Dataset, LoadReport)> {
         let (store, targets, mut report) = self.store(split)?;
         let (k, size) = (self.classes.len(), self.image_size);
-        let decoded: Vec<Result<Vec<f32>, String>> =
-            (0..store.len()).into_par_iter().map(|i| test_image(&store, i, size, self.norm)).collect();
-        let mut d = Dataset { n: 0, k, channels: 3, image_size: size, images: Vec::new(), targets: Vec::new() };
+        let decoded: Vec<Result<Vec<f32>, String>> = (0..store.len())
+            .into_par_iter()
+            .map(|i| test_image(&store, i, size, self.norm))
+            .collect();
+        let mut d = Dataset {
+            n: 0,
+            k,
+            channels: 3,
+            image_size: size,
+            images: Vec::new(),
+            targets: Vec::new(),
+        };
         for (i, r) in decoded.into_iter().enumerate() {
             match r {
                 Ok(v) => {
@@ -256,10 +309,18 @@ impl ImageDataConfig {
                     d.targets.extend_from_slice(&targets[i * k..(i + 1) * k]);
                     d.n += 1;
                 }
-                Err(reason) => report.skipped.push(Skipped { path: PathBuf::from(store.describe(i)), reason }),
+                Err(reason) => report.skipped.push(Skipped {
+                    path: PathBuf::from(store.describe(i)),
+                    reason,
+                }),
             }
         }
-        ensure!(d.n > 0, "the {} split has no usable images ({} listed, all unreadable)", report.split, report.listed);
+        ensure!(
+            d.n > 0,
+            "the {} split has no usable images ({} listed, all unreadable)",
+            report.split,
+            report.listed
+        );
         Ok((d, report))
     }
 
@@ -269,14 +330,29 @@ impl ImageDataConfig {
         let (store, targets, mut report) = self.store(Split::Test)?;
         let (loader, skipped) = TestLoader::open(store, &targets, self.classes.len(), self.image_size, self.norm);
         report.skipped.extend(skipped);
-        ensure!(!loader.is_empty(), "the {} split has no usable images ({} listed, all unreadable)", report.split, report.listed);
+        ensure!(
+            !loader.is_empty(),
+            "the {} split has no usable images ({} listed, all unreadable)",
+            report.split,
+            report.listed
+        );
         Ok((loader, report))
     }
 
     /// The training split as a streaming loader with augmentation (nothing decoded yet).
     pub fn train_loader(&self, seed: u64) -> anyhow::Result<(TrainLoader, LoadReport)> {
         let (store, targets, report) = self.store(Split::Train)?;
-        Ok((TrainLoader { store, targets, k: self.classes.len(), size: self.image_size, norm: self.norm, seed }, report))
+        Ok((
+            TrainLoader {
+                store,
+                targets,
+                k: self.classes.len(),
+                size: self.image_size,
+                norm: self.norm,
+                seed,
+            },
+            report,
+        ))
     }
 }
 
@@ -369,7 +445,12 @@ fn coco_listing(root: &Path, name: &str, c: &CocoFile) -> anyhow::Result<Listing
     images.sort_by_key(|i| i.id);
     let items = images
         .into_iter()
-        .map(|i| (dir.join(&i.file_name), by_image.get(&i.id).map(|s| s.iter().copied().collect()).unwrap_or_default()))
+        .map(|i| {
+            (
+                dir.join(&i.file_name),
+                by_image.get(&i.id).map(|s| s.iter().copied().collect()).unwrap_or_default(),
+            )
+        })
         .collect();
     Ok(Listing { items })
 }
@@ -404,11 +485,17 @@ pub fn read_manifest(f: &Path) -> anyhow::Result<Vec<(PathBuf, Vec<String>, usiz
                 #[serde(default)]
                 labels: Vec<String>,
             }
-            let r: Row = serde_json::from_str(line).with_context(|| format!("{}:{no}: not a JSON object with \"path\" and \"labels\"", f.display()))?;
+            let r: Row = serde_json::from_str(line)
+                .with_context(|| format!("{}:{no}: not a JSON object with \"path\" and \"labels\"", f.display()))?;
             (r.path, r.labels)
         } else {
             let (p, l) = line.split_once(',').unwrap_or((line, ""));
-            let labels = l.split([';', '|']).map(|s| s.trim().trim_matches('"')).filter(|s| !s.is_empty()).map(String::from).collect();
+            let labels = l
+                .split([';', '|'])
+                .map(|s| s.trim().trim_matches('"'))
+                .filter(|s| !s.is_empty())
+                .map(String::from)
+                .collect();
             (p.trim().trim_matches('"').to_string(), labels)
         };
         ensure!(!path.is_empty(), "{}:{no}: empty image path", f.display());

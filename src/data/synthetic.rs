@@ -78,7 +78,16 @@ pub struct SyntheticConfig {
 impl SyntheticConfig {
     /// The embedded demo's data: K = 20, 32x32 images.
     pub fn demo(seed: u64) -> Self {
-        Self { labels: 20, image_size: 32, train: 1024, test: 512, scene_size: 4, copies: 3, noise: 0.05, seed }
+        Self {
+            labels: 20,
+            image_size: 32,
+            train: 1024,
+            test: 512,
+            scene_size: 4,
+            copies: 3,
+            noise: 0.05,
+            seed,
+        }
     }
 
     pub fn validate(&self) -> anyhow::Result<()> {
@@ -164,7 +173,14 @@ impl SyntheticConfig {
                 *o = (p - 0.5) / 0.25;
             }
         }
-        Dataset { n, k, channels: 3, image_size: s, images, targets }
+        Dataset {
+            n,
+            k,
+            channels: 3,
+            image_size: s,
+            images,
+            targets,
+        }
     }
 
     fn draw_labels(&self, rng: &mut ChaCha8Rng) -> Vec<usize> {
@@ -174,8 +190,9 @@ impl SyntheticConfig {
         if labels.is_empty() {
             labels.push(rng.random_range(members));
         }
-        let others: Vec<usize> =
-            (0..self.scenes()).filter(|&t| t != scene && Some(t) != self.partner(scene)).collect();
+        let others: Vec<usize> = (0..self.scenes())
+            .filter(|&t| t != scene && Some(t) != self.partner(scene))
+            .collect();
         if !others.is_empty() && rng.random_bool(EXTRA_LABEL_P) {
             let t = others[rng.random_range(0..others.len())];
             labels.push(rng.random_range(self.scene_labels(t)));
@@ -238,7 +255,11 @@ struct Appearance {
 fn appearance(k: usize) -> Appearance {
     let colour = k % PALETTE.len();
     let j = k / PALETTE.len();
-    Appearance { colour, shape: (colour + j) % 4, texture: (colour / 4 + j / 4) % 4 }
+    Appearance {
+        colour,
+        shape: (colour + j) % 4,
+        texture: (colour / 4 + j / 4) % 4,
+    }
 }
 
 fn texture_factor(texture: usize, dx: usize, dy: usize) -> f32 {
@@ -274,12 +295,20 @@ mod tests {
     use super::*;
 
     fn small() -> SyntheticConfig {
-        SyntheticConfig { train: 600, test: 50, ..SyntheticConfig::demo(11) }
+        SyntheticConfig {
+            train: 600,
+            test: 50,
+            ..SyntheticConfig::demo(11)
+        }
     }
 
     #[test]
     fn generation_is_deterministic_and_splits_differ() {
-        let c = SyntheticConfig { train: 20, test: 20, ..small() };
+        let c = SyntheticConfig {
+            train: 20,
+            test: 20,
+            ..small()
+        };
         let a = c.generate(Split::Train);
         assert_eq!(a, c.generate(Split::Train));
         assert_ne!(a.images, c.generate(Split::Test).images);
@@ -348,7 +377,10 @@ mod tests {
 
     #[test]
     fn class_names_are_unique_up_to_the_maximum() {
-        let c = SyntheticConfig { labels: MAX_LABELS, ..small() };
+        let c = SyntheticConfig {
+            labels: MAX_LABELS,
+            ..small()
+        };
         let mut names = c.class_names();
         assert_eq!(names[0], "red-solid-square");
         names.sort();
@@ -360,14 +392,20 @@ mod tests {
     fn bad_configs_are_rejected() {
         for bad in [
             SyntheticConfig { labels: 1, ..small() },
-            SyntheticConfig { labels: MAX_LABELS + 1, ..small() },
+            SyntheticConfig {
+                labels: MAX_LABELS + 1,
+                ..small()
+            },
             SyntheticConfig { image_size: 15, ..small() },
             SyntheticConfig { train: 0, ..small() },
             SyntheticConfig { test: 0, ..small() },
             SyntheticConfig { scene_size: 0, ..small() },
             SyntheticConfig { copies: 0, ..small() },
             SyntheticConfig { copies: 4, ..small() },
-            SyntheticConfig { noise: f32::NAN, ..small() },
+            SyntheticConfig {
+                noise: f32::NAN,
+                ..small()
+            },
         ] {
             assert!(bad.validate().is_err(), "{bad:?} accepted");
         }

@@ -16,7 +16,9 @@ pub(crate) struct Blas {
 
 impl Blas {
     pub(crate) fn new(stream: Arc<CudaStream>) -> Result<Self, cudarc::cublas::result::CublasError> {
-        Ok(Self { handle: CudaBlas::new(stream)? })
+        Ok(Self {
+            handle: CudaBlas::new(stream)?,
+        })
     }
 }
 
@@ -78,8 +80,22 @@ impl ColMajor {
             return Err(GpuError::invalid(op, format!("inner dimension k = 0 (m={m}, n={n})")));
         }
         let (mi, ni, ki) = (dim(op, "m", m)?, dim(op, "n", n)?, dim(op, "k", k)?);
-        let t = |t: bool| if t { cublasOperation_t::CUBLAS_OP_T } else { cublasOperation_t::CUBLAS_OP_N };
-        Ok(Self { m: mi, n: ni, k: ki, lda: if ta { mi } else { ki }.max(1), ldb: if tb { ki } else { ni }.max(1), op_a: t(ta), op_b: t(tb) })
+        let t = |t: bool| {
+            if t {
+                cublasOperation_t::CUBLAS_OP_T
+            } else {
+                cublasOperation_t::CUBLAS_OP_N
+            }
+        };
+        Ok(Self {
+            m: mi,
+            n: ni,
+            k: ki,
+            lda: if ta { mi } else { ki }.max(1),
+            ldb: if tb { ki } else { ni }.max(1),
+            op_a: t(ta),
+            op_b: t(tb),
+        })
     }
 }
 
@@ -292,7 +308,10 @@ impl GpuContext {
         let mut beta = if accumulate { 1.0 } else { 0.0 };
         if let Some(b) = bias {
             if accumulate {
-                return Err(GpuError::invalid("linear_forward", "a bias and accumulate together are not supported"));
+                return Err(GpuError::invalid(
+                    "linear_forward",
+                    "a bias and accumulate together are not supported",
+                ));
             }
             self.bias_rows(b, y, m, n)?;
             beta = 1.0;
@@ -384,7 +403,11 @@ impl GpuContext {
         let (bp, _gb) = bias.device_ptr(stream);
         let (yp, _gy) = y.device_ptr_mut(stream);
         let cols32 = check_cols(OP, cols)?;
-        let cfg = LaunchConfig { grid_dim: (grid_stride_blocks(self, n, BLOCK as u64), 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
+        let cfg = LaunchConfig {
+            grid_dim: (grid_stride_blocks(self, n, BLOCK as u64), 1, 1),
+            block_dim: (BLOCK, 1, 1),
+            shared_mem_bytes: 0,
+        };
         let mut l = stream.launch_builder(&f);
         l.arg(&bp).arg(&yp).arg(&n).arg(&cols32);
         // SAFETY: lengths checked above; the kernel writes y[0..n) and reads bias[0..cols).

@@ -116,13 +116,14 @@ impl GpuContext {
         let count = match CudaContext::device_count() {
             Ok(c) => c,
             // A driver without a GPU fails cuInit with "no device".
-            Err(e) if e.0 == cudarc::driver::sys::CUresult::CUDA_ERROR_NO_DEVICE => {
-                return Err(GpuError::NoDevice { ordinal, count: 0 })
-            }
+            Err(e) if e.0 == cudarc::driver::sys::CUresult::CUDA_ERROR_NO_DEVICE => return Err(GpuError::NoDevice { ordinal, count: 0 }),
             Err(e) => return Err(GpuError::driver("initialising the driver (cuInit)")(e)),
         };
         if ordinal >= count.max(0) as usize {
-            return Err(GpuError::NoDevice { ordinal, count: count.max(0) as usize });
+            return Err(GpuError::NoDevice {
+                ordinal,
+                count: count.max(0) as usize,
+            });
         }
         let ctx = CudaContext::new(ordinal).map_err(GpuError::driver(format!("creating a context on device {ordinal}")))?;
         // One stream does all the work, so cudarc's per-buffer events (a record and a wait
@@ -131,7 +132,9 @@ impl GpuContext {
         // caller (see the type's docs).
         unsafe { ctx.disable_event_tracking() };
         let name = ctx.name().map_err(GpuError::driver("reading the device name"))?;
-        let cc = ctx.compute_capability().map_err(GpuError::driver("reading the compute capability"))?;
+        let cc = ctx
+            .compute_capability()
+            .map_err(GpuError::driver("reading the compute capability"))?;
         let sm_count = ctx
             .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
             .map_err(GpuError::driver("reading the multiprocessor count"))? as u32;
@@ -162,7 +165,9 @@ impl GpuContext {
         guarded("adopting a CUDA stream", || {
             let ctx = stream.context().clone();
             let name = ctx.name().map_err(GpuError::driver("reading the device name"))?;
-            let cc = ctx.compute_capability().map_err(GpuError::driver("reading the compute capability"))?;
+            let cc = ctx
+                .compute_capability()
+                .map_err(GpuError::driver("reading the compute capability"))?;
             let sm_count = ctx
                 .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
                 .map_err(GpuError::driver("reading the multiprocessor count"))? as u32;
@@ -318,8 +323,10 @@ impl GpuContext {
             if !unsafe { cudarc::cublas::sys::is_culib_present() } {
                 return Err(GpuError::NoCublas.to_string());
             }
-            guarded("creating a cuBLAS handle", || Blas::new(self.stream.clone()).map_err(GpuError::cublas("creating a handle")))
-                .map_err(|e| e.to_string())
+            guarded("creating a cuBLAS handle", || {
+                Blas::new(self.stream.clone()).map_err(GpuError::cublas("creating a handle"))
+            })
+            .map_err(|e| e.to_string())
         });
         blas.as_ref().map_err(|msg| GpuError::Init(msg.clone()))
     }
@@ -345,9 +352,10 @@ impl GpuContext {
             return Ok(f.clone());
         }
         let module = self.module(kernel.module)?;
-        let f = module
-            .load_function(kernel.name)
-            .map_err(|_| GpuError::NoKernel { module: kernel.module.into(), function: kernel.name.into() })?;
+        let f = module.load_function(kernel.name).map_err(|_| GpuError::NoKernel {
+            module: kernel.module.into(),
+            function: kernel.name.into(),
+        })?;
         cache.insert(kernel, f.clone());
         Ok(f)
     }
@@ -362,14 +370,20 @@ impl GpuContext {
             .iter()
             .find(|(m, _)| *m == name)
             .map(|(_, f)| *f)
-            .ok_or_else(|| GpuError::NoKernel { module: name.into(), function: "(module not embedded)".into() })?;
-        let m = self.ctx.load_module(Ptx::from_binary(fatbin.to_vec())).map_err(|source| GpuError::ModuleLoad {
-            module: name.to_string(),
-            device: self.name.clone(),
-            cc: format!("{}.{}", self.cc.0, self.cc.1),
-            gencode: GENCODE.to_string(),
-            source,
-        })?;
+            .ok_or_else(|| GpuError::NoKernel {
+                module: name.into(),
+                function: "(module not embedded)".into(),
+            })?;
+        let m = self
+            .ctx
+            .load_module(Ptx::from_binary(fatbin.to_vec()))
+            .map_err(|source| GpuError::ModuleLoad {
+                module: name.to_string(),
+                device: self.name.clone(),
+                cc: format!("{}.{}", self.cc.0, self.cc.1),
+                gencode: GENCODE.to_string(),
+                source,
+            })?;
         modules.insert(name, m.clone());
         Ok(m)
     }
@@ -445,9 +459,14 @@ impl GpuContext {
     /// ```
     pub fn upload<T: DeviceRepr>(&self, host: &[T]) -> Result<CudaSlice<T>, GpuError> {
         if host.is_empty() {
-            return Err(GpuError::invalid("upload", "an empty slice: CUDA cannot allocate 0 bytes; allocate at least one element".to_string()));
+            return Err(GpuError::invalid(
+                "upload",
+                "an empty slice: CUDA cannot allocate 0 bytes; allocate at least one element".to_string(),
+            ));
         }
-        self.stream.clone_htod(host).map_err(GpuError::driver(format!("uploading {} elements", host.len())))
+        self.stream
+            .clone_htod(host)
+            .map_err(GpuError::driver(format!("uploading {} elements", host.len())))
     }
     /// Copies a device buffer back to the host (waits for the stream).
     ///
@@ -462,7 +481,9 @@ impl GpuContext {
     /// # Ok(()) }
     /// ```
     pub fn download<T: DeviceRepr, S: DevicePtr<T>>(&self, dev: &S) -> Result<Vec<T>, GpuError> {
-        self.stream.clone_dtoh(dev).map_err(GpuError::driver(format!("downloading {} elements", dev.len())))
+        self.stream
+            .clone_dtoh(dev)
+            .map_err(GpuError::driver(format!("downloading {} elements", dev.len())))
     }
     /// Copies a host slice into an existing device buffer of the same length.
     ///
@@ -479,9 +500,14 @@ impl GpuContext {
     /// ```
     pub fn write<T: DeviceRepr, D: DevicePtrMut<T>>(&self, host: &[T], dev: &mut D) -> Result<(), GpuError> {
         if host.len() != dev.len() {
-            return Err(GpuError::invalid("write", format!("host has {} elements, device {}", host.len(), dev.len())));
+            return Err(GpuError::invalid(
+                "write",
+                format!("host has {} elements, device {}", host.len(), dev.len()),
+            ));
         }
-        self.stream.memcpy_htod(host, dev).map_err(GpuError::driver(format!("uploading {} elements", host.len())))
+        self.stream
+            .memcpy_htod(host, dev)
+            .map_err(GpuError::driver(format!("uploading {} elements", host.len())))
     }
     /// A zero-filled device buffer of `len` elements (`len` 0 is an error, as in [`Self::upload`]).
     ///
@@ -497,9 +523,14 @@ impl GpuContext {
     /// ```
     pub fn zeros<T: DeviceRepr + ValidAsZeroBits>(&self, len: usize) -> Result<CudaSlice<T>, GpuError> {
         if len == 0 {
-            return Err(GpuError::invalid("zeros", "0 elements: CUDA cannot allocate 0 bytes; allocate at least one element".to_string()));
+            return Err(GpuError::invalid(
+                "zeros",
+                "0 elements: CUDA cannot allocate 0 bytes; allocate at least one element".to_string(),
+            ));
         }
-        self.stream.alloc_zeros(len).map_err(GpuError::driver(format!("allocating {len} elements")))
+        self.stream
+            .alloc_zeros(len)
+            .map_err(GpuError::driver(format!("allocating {len} elements")))
     }
     /// Waits until everything queued on the stream has run (reports asynchronous kernel errors).
     ///

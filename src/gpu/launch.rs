@@ -167,7 +167,10 @@ pub fn aligned(ptr: u64, bytes: u64) -> bool {
 /// ```
 pub fn check_aligned(op: &'static str, ptrs: &[(&str, u64)]) -> Result<(), GpuError> {
     match ptrs.iter().find(|&&(_, p)| !aligned(p, 16)) {
-        Some(&(what, p)) => Err(GpuError::invalid(op, format!("{what} is not 16-byte aligned (address {p:#x}; the kernels load 16 bytes at a time)"))),
+        Some(&(what, p)) => Err(GpuError::invalid(
+            op,
+            format!("{what} is not 16-byte aligned (address {p:#x}; the kernels load 16 bytes at a time)"),
+        )),
         None => Ok(()),
     }
 }

@@ -39,7 +39,11 @@ pub struct KernelResources {
 
 fn number_before(line: &str, suffix: &str) -> Option<u32> {
     let head = &line[..line.find(suffix)?];
-    head.split(|c: char| !c.is_ascii_digit()).rev().find(|s| !s.is_empty())?.parse().ok()
+    head.split(|c: char| !c.is_ascii_digit())
+        .rev()
+        .find(|s| !s.is_empty())?
+        .parse()
+        .ok()
 }
 
 fn quoted(line: &str, nth: usize) -> Option<String> {
@@ -114,9 +118,15 @@ mod tests {
             ptxas info    : Used 12 registers, used 0 barriers\n";
         let k = parse(report);
         assert_eq!(k.len(), 2);
-        assert_eq!((k[0].function.as_str(), k[0].arch.as_str(), k[0].file.as_str()), ("k1", "sm_80", "x.cu"));
+        assert_eq!(
+            (k[0].function.as_str(), k[0].arch.as_str(), k[0].file.as_str()),
+            ("k1", "sm_80", "x.cu")
+        );
         assert_eq!((k[0].stack_frame_bytes, k[0].spill_store_bytes, k[0].spill_load_bytes), (8, 4, 12));
         assert_eq!((k[0].registers, k[0].shared_bytes), (40, 257));
-        assert_eq!((k[1].function.as_str(), k[1].arch.as_str(), k[1].registers, k[1].shared_bytes), ("k2", "sm_90", 12, 0));
+        assert_eq!(
+            (k[1].function.as_str(), k[1].arch.as_str(), k[1].registers, k[1].shared_bytes),
+            ("k2", "sm_90", 12, 0)
+        );
     }
 }

@@ -17,7 +17,12 @@ pub struct Cooccurrence {
 impl Cooccurrence {
     /// All-zero counts for `k` labels.
     pub fn empty(k: usize) -> Self {
-        Self { k, n_images: 0, counts: vec![0; k], pairs: vec![0; k * k] }
+        Self {
+            k,
+            n_images: 0,
+            counts: vec![0; k],
+            pairs: vec![0; k * k],
+        }
     }
 
     /// Counts from one label list per image (label indices, each < `k`; repeats within one
@@ -39,7 +44,11 @@ impl Cooccurrence {
     /// # Panics
     /// If `k == 0` or `labels.len()` is not a multiple of `k`.
     pub fn from_dense(k: usize, labels: &[f32]) -> Self {
-        assert!(k > 0 && labels.len().is_multiple_of(k), "dense labels: length {} is not n * {k}", labels.len());
+        assert!(
+            k > 0 && labels.len().is_multiple_of(k),
+            "dense labels: length {} is not n * {k}",
+            labels.len()
+        );
         let mut co = Self::empty(k);
         let mut list = Vec::new();
         let mut scratch = Vec::new();

@@ -189,7 +189,10 @@ pub fn parse_cooccurrence_json(path: &Path, text: &str) -> Result<LabelStats, In
         return Err(err(&[Step::Key("classes")], "\"classes\" is empty".into()));
     }
     check_unique(&file.classes).map_err(|(j, name)| {
-        err(&[Step::Key("classes"), Step::Index(j)], format!("class {name:?} appears twice in \"classes\""))
+        err(
+            &[Step::Key("classes"), Step::Index(j)],
+            format!("class {name:?} appears twice in \"classes\""),
+        )
     })?;
     if file.counts.len() != k {
         return Err(err(
@@ -275,7 +278,10 @@ pub fn read_label_matrix(path: &Path) -> Result<LabelStats, InputError> {
         None => (0..m.cols).map(|j| j.to_string()).collect(),
     };
     let labels: Vec<f32> = m.data.iter().map(|&v| v as f32).collect();
-    Ok(LabelStats { co: Cooccurrence::from_dense(m.cols, &labels), classes })
+    Ok(LabelStats {
+        co: Cooccurrence::from_dense(m.cols, &labels),
+        classes,
+    })
 }
 
 /// Reads a class list: one name per line (surrounding spaces trimmed, blank lines skipped).
@@ -309,8 +315,7 @@ pub fn read_classes(path: &Path) -> Result<Vec<String>, InputError> {
 /// line without commas, by spaces (a line that is exactly one class name is that one label). A blank line is an image with no labels. Streams the file,
 /// so millions of images cost memory for the K x K counts only.
 pub fn read_label_lists(path: &Path, classes: &[String]) -> Result<Cooccurrence, InputError> {
-    let file = std::fs::File::open(path)
-        .map_err(|e| InputError::new(path, None, None, format!("cannot read file: {e}")))?;
+    let file = std::fs::File::open(path).map_err(|e| InputError::new(path, None, None, format!("cannot read file: {e}")))?;
     let index: HashMap<&str, usize> = classes.iter().enumerate().map(|(i, c)| (c.as_str(), i)).collect();
     let mut co = Cooccurrence::empty(classes.len());
     let (mut list, mut scratch) = (Vec::new(), Vec::new());
@@ -377,7 +382,12 @@ pub fn read_reference_groups(path: &Path, classes: &[String], t: usize) -> Resul
     let key = t.to_string();
     let Some(entry) = all.get(&key) else {
         let have: Vec<&str> = all.keys().map(|s| s.as_str()).collect();
-        return Err(InputError::new(path, None, None, format!("no groups for T = {t} (the file has T = {})", have.join(", "))));
+        return Err(InputError::new(
+            path,
+            None,
+            None,
+            format!("no groups for T = {t} (the file has T = {})", have.join(", ")),
+        ));
     };
     let index: HashMap<&str, usize> = classes.iter().enumerate().map(|(i, c)| (c.as_str(), i)).collect();
     let convert = |graph: &'static str, groups: &Vec<Vec<String>>| -> Result<Vec<usize>, InputError> {
@@ -386,7 +396,12 @@ pub fn read_reference_groups(path: &Path, classes: &[String], t: usize) -> Resul
             for (m, name) in members.iter().enumerate() {
                 let at = [Step::Key(&key), Step::Key(graph), Step::Index(g), Step::Index(m)];
                 let Some(&i) = index.get(name.as_str()) else {
-                    return Err(json_error(path, &text, &at, format!("unknown class {name:?} in the {graph} groups")));
+                    return Err(json_error(
+                        path,
+                        &text,
+                        &at,
+                        format!("unknown class {name:?} in the {graph} groups"),
+                    ));
                 };
                 if out[i] != usize::MAX {
                     return Err(json_error(path, &text, &at, format!("class {name:?} is in two {graph} groups")));

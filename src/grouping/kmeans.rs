@@ -37,13 +37,7 @@ pub fn kmeans(points: &[f64], dim: usize, k: usize, restarts: usize, seed: u64) 
             let c = single_run(points, dim, k, &mut rng);
             (c, r)
         })
-        .reduce_with(|a, b| {
-            if (b.0.inertia, b.1) < (a.0.inertia, a.1) {
-                b
-            } else {
-                a
-            }
-        })
+        .reduce_with(|a, b| if (b.0.inertia, b.1) < (a.0.inertia, a.1) { b } else { a })
         .map(|(c, _)| c)
         .expect("at least one restart")
 }
@@ -179,7 +173,10 @@ fn single_run(points: &[f64], dim: usize, k: usize, rng: &mut impl Rng) -> Clust
         .enumerate()
         .map(|(i, &l)| dist2(&points[i * dim..(i + 1) * dim], &centres[l * dim..(l + 1) * dim]))
         .sum();
-    Clustering { labels: renumber(&labels), inertia }
+    Clustering {
+        labels: renumber(&labels),
+        inertia,
+    }
 }
 
 /// Numbers clusters by first appearance so equal partitions get equal labels.

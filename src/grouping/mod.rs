@@ -42,7 +42,13 @@ pub struct GroupingConfig {
 
 impl Default for GroupingConfig {
     fn default() -> Self {
-        Self { groups: 5, tau_co: 2.0, tau_dis: 2.0, seed: 0, restarts: 200 }
+        Self {
+            groups: 5,
+            tau_co: 2.0,
+            tau_dis: 2.0,
+            seed: 0,
+            restarts: 200,
+        }
     }
 }
 
@@ -126,7 +132,10 @@ fn check_config(k: usize, cfg: &GroupingConfig) -> Result<(), GroupingError> {
         return Err(GroupingError::TooFewGroups(cfg.groups));
     }
     if cfg.groups > k {
-        return Err(GroupingError::MoreGroupsThanLabels { groups: cfg.groups, labels: k });
+        return Err(GroupingError::MoreGroupsThanLabels {
+            groups: cfg.groups,
+            labels: k,
+        });
     }
     for (name, value) in [("tau_co", cfg.tau_co), ("tau_dis", cfg.tau_dis)] {
         if !(value > 0.0 && value.is_finite()) {
@@ -149,7 +158,11 @@ fn cluster_graph(co: &Cooccurrence, m: &DMatrix<f64>, cfg: &GroupingConfig) -> R
     }
     let t = cfg.groups;
     if used.len() < t {
-        return Err(GroupingError::TooFewUsedLabels { used: used.len(), labels: co.k, groups: t });
+        return Err(GroupingError::TooFewUsedLabels {
+            used: used.len(),
+            labels: co.k,
+            groups: t,
+        });
     }
     let emb = spectral::embed(m, &used, t, t + 1);
     let clusters = kmeans::kmeans(&emb.points, emb.dims, t, cfg.restarts, cfg.seed);
@@ -180,10 +193,7 @@ pub fn discriminative(co: &Cooccurrence, cfg: &GroupingConfig) -> Result<Partiti
 
 /// The correlative and discriminative partitions, computed side by side (the eigensolver is
 /// the cost at large K, and the two graphs are independent).
-pub fn both(
-    co: &Cooccurrence,
-    cfg: &GroupingConfig,
-) -> (Result<Partition, GroupingError>, Result<Partition, GroupingError>) {
+pub fn both(co: &Cooccurrence, cfg: &GroupingConfig) -> (Result<Partition, GroupingError>, Result<Partition, GroupingError>) {
     rayon::join(|| correlative(co, cfg), || discriminative(co, cfg))
 }
 

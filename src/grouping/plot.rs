@@ -104,7 +104,11 @@ pub fn render(panels: &[Panel], classes: &[String]) -> RgbImage {
     let k = classes.len().max(1) as u32;
     let cell = (960 / k).clamp(1, 24);
     let names = cell >= 8;
-    let name_px = if names { classes.iter().map(|c| short(c).chars().count()).max().unwrap_or(0) as u32 * 8 + 6 } else { 0 };
+    let name_px = if names {
+        classes.iter().map(|c| short(c).chars().count()).max().unwrap_or(0) as u32 * 8 + 6
+    } else {
+        0
+    };
     let strip = 6;
     let n = k * cell;
     let (title_h, bar_h) = (28, 22);
@@ -148,7 +152,11 @@ pub fn render(panels: &[Panel], classes: &[String]) -> RgbImage {
         // Heatmap.
         for (r, &i) in order.iter().enumerate() {
             for (c, &j) in order.iter().enumerate() {
-                let colour = if i == j { Rgb([200, 200, 200]) } else { viridis((m[(i, j)] - lo) / (hi - lo)) };
+                let colour = if i == j {
+                    Rgb([200, 200, 200])
+                } else {
+                    viridis((m[(i, j)] - lo) / (hi - lo))
+                };
                 fill(&mut img, x0 + left + c as u32 * cell, top + r as u32 * cell, cell, cell, colour);
             }
         }

@@ -26,10 +26,7 @@ pub fn expected_tensors(cfg: &VitConfig) -> Vec<(String, Vec<usize>)> {
     let mut v: Vec<(String, Vec<usize>)> = vec![
         ("cls_token".into(), vec![1, 1, d]),
         ("pos_embed".into(), vec![1, 1 + np, d]),
-        (
-            "patch_embed.proj.weight".into(),
-            vec![d, cfg.channels, cfg.patch, cfg.patch],
-        ),
+        ("patch_embed.proj.weight".into(), vec![d, cfg.channels, cfg.patch, cfg.patch]),
         ("patch_embed.proj.bias".into(), vec![d]),
     ];
     for i in 0..cfg.depth {
@@ -98,10 +95,7 @@ impl Backbone {
                 NamedTensor { name, shape, data }
             })
             .collect();
-        Self {
-            cfg: cfg.clone(),
-            tensors,
-        }
+        Self { cfg: cfg.clone(), tensors }
     }
 
     /// A backbone from named tensors (e.g. a checkpoint); every expected name must be present
@@ -110,23 +104,14 @@ impl Backbone {
         cfg.validate()?;
         let mut out = Vec::new();
         for (name, shape) in expected_tensors(cfg) {
-            let t = tensors.iter().find(|t| t.name == name).ok_or_else(|| {
-                ConfigError::BackboneTensor {
-                    name: name.clone(),
-                    problem: "missing".into(),
-                }
+            let t = tensors.iter().find(|t| t.name == name).ok_or_else(|| ConfigError::BackboneTensor {
+                name: name.clone(),
+                problem: "missing".into(),
             })?;
-            if t.shape.iter().product::<usize>() != shape.iter().product::<usize>()
-                || t.data.len() != shape.iter().product::<usize>()
-            {
+            if t.shape.iter().product::<usize>() != shape.iter().product::<usize>() || t.data.len() != shape.iter().product::<usize>() {
                 return Err(ConfigError::BackboneTensor {
                     name,
-                    problem: format!(
-                        "shape {:?} with {} values, expected {:?}",
-                        t.shape,
-                        t.data.len(),
-                        shape
-                    ),
+                    problem: format!("shape {:?} with {} values, expected {:?}", t.shape, t.data.len(), shape),
                 });
             }
             out.push(NamedTensor {
@@ -154,9 +139,6 @@ impl Backbone {
     }
     /// Mutable access to one tensor's values (tests, checkpoint surgery); the shape is fixed.
     pub fn get_mut(&mut self, name: &str) -> Option<&mut [f32]> {
-        self.tensors
-            .iter_mut()
-            .find(|t| t.name == name)
-            .map(|t| t.data.as_mut_slice())
+        self.tensors.iter_mut().find(|t| t.name == name).map(|t| t.data.as_mut_slice())
     }
 }

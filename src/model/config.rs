@@ -211,9 +211,7 @@ impl ModelConfig {
     pub fn validate(&self, branches: usize) -> Result<(), ConfigError> {
         self.vit.validate()?;
         if self.labels == 0 {
-            return Err(ConfigError::Zero {
-                name: "labels".into(),
-            });
+            return Err(ConfigError::Zero { name: "labels".into() });
         }
         if !(self.loss_scale.is_finite() && self.loss_scale > 0.0) {
             return Err(ConfigError::LossScale(self.loss_scale));
@@ -221,9 +219,7 @@ impl ModelConfig {
         match self.method {
             Method::MlVpt => {
                 if self.groups < 1 {
-                    return Err(ConfigError::Zero {
-                        name: "groups (T)".into(),
-                    });
+                    return Err(ConfigError::Zero { name: "groups (T)".into() });
                 }
                 if self.groups > self.labels {
                     return Err(ConfigError::MoreGroupsThanLabels {
@@ -275,11 +271,7 @@ pub enum ConfigError {
     #[error("batch size must be at least 1, got 0")]
     ZeroBatch,
     #[error("branch {branch}: label-to-group table has {got} entries, expected K = {labels}")]
-    BranchLength {
-        branch: usize,
-        got: usize,
-        labels: usize,
-    },
+    BranchLength { branch: usize, got: usize, labels: usize },
     #[error("branch {branch}: label {label} is in group {group}, but there are only T = {groups} groups")]
     GroupOutOfRange {
         branch: usize,
@@ -288,10 +280,7 @@ pub enum ConfigError {
         groups: usize,
     },
     #[error("backbone is {got:?}, but the model config says {expected:?}")]
-    BackboneMismatch {
-        expected: Box<VitConfig>,
-        got: Box<VitConfig>,
-    },
+    BackboneMismatch { expected: Box<VitConfig>, got: Box<VitConfig> },
     #[error("backbone tensor {name}: {problem}")]
     BackboneTensor { name: String, problem: String },
     #[error("{0}")]

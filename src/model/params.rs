@@ -72,9 +72,7 @@ impl Params {
                     _ => 1.0 / d.sqrt(),
                 };
                 let n: usize = shape.iter().product();
-                let data = (0..n)
-                    .map(|_| rng.random_range(-bound..bound) as f32)
-                    .collect();
+                let data = (0..n).map(|_| rng.random_range(-bound..bound) as f32).collect();
                 NamedTensor { name, shape, data }
             })
             .collect();

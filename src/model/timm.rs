@@ -55,10 +55,18 @@ pub fn from_bytes(bytes: &[u8], heads: Option<usize>, image_size: Option<usize>)
     let st = SafeTensors::deserialize(bytes).map_err(|e| anyhow::anyhow!("not a readable safetensors file ({e:?})"))?;
     let get = |name: &str| -> anyhow::Result<NamedTensor> {
         let v = st.tensor(name).map_err(|_| anyhow::anyhow!("tensor {name} is missing"))?;
-        Ok(NamedTensor { name: name.into(), shape: v.shape().to_vec(), data: to_f32(name, v.dtype(), v.data())? })
+        Ok(NamedTensor {
+            name: name.into(),
+            shape: v.shape().to_vec(),
+            data: to_f32(name, v.dtype(), v.data())?,
+        })
     };
     let shape = |name: &str| -> anyhow::Result<Vec<usize>> {
-        Ok(st.tensor(name).map_err(|_| anyhow::anyhow!("tensor {name} is missing"))?.shape().to_vec())
+        Ok(st
+            .tensor(name)
+            .map_err(|_| anyhow::anyhow!("tensor {name} is missing"))?
+            .shape()
+            .to_vec())
     };
 
     // The config from the shapes.
@@ -125,9 +133,14 @@ pub fn from_bytes(bytes: &[u8], heads: Option<usize>, image_size: Option<usize>)
         if name.starts_with("head.") || name.starts_with("fc_norm.") || name.starts_with("head_drop") {
             ignored.push(format!("{name} (classifier head, not used)"));
         } else if name == "register_tokens" || name == "mask_token" {
-            ignored.push(format!("{name} (DINOv2 extra token: unsupported, ignored; features differ from the original model)"));
+            ignored.push(format!(
+                "{name} (DINOv2 extra token: unsupported, ignored; features differ from the original model)"
+            ));
         } else {
-            bail!("unexpected tensor {name} (shape {:?}): not part of a timm ViT this loader understands", shape(name)?);
+            bail!(
+                "unexpected tensor {name} (shape {:?}): not part of a timm ViT this loader understands",
+                shape(name)?
+            );
         }
     }
 
@@ -150,7 +163,14 @@ pub fn from_bytes(bytes: &[u8], heads: Option<usize>, image_size: Option<usize>)
         tensors.push(t);
     }
     let backbone = Backbone::from_tensors(&cfg, tensors)?;
-    Ok((backbone, TimmInfo { native_image_size: native, resampled, ignored }))
+    Ok((
+        backbone,
+        TimmInfo {
+            native_image_size: native,
+            resampled,
+            ignored,
+        },
+    ))
 }
 
 /// Widens a stored tensor to f32 (little-endian, as safetensors stores).
@@ -158,7 +178,10 @@ fn to_f32(name: &str, dtype: Dtype, b: &[u8]) -> anyhow::Result<Vec<f32>> {
     Ok(match dtype {
         Dtype::F32 => b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
         Dtype::F16 => b.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
-        Dtype::BF16 => b.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+        Dtype::BF16 => b
+            .chunks_exact(2)
+            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
         Dtype::F64 => b
             .chunks_exact(8)
             .map(|c| f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]) as f32)
@@ -231,7 +254,11 @@ pub fn resample_pos_embed(pe: &[f32], d: usize, g_old: usize, g_new: usize, anti
     let mut out = Vec::with_capacity((1 + g_new * g_new) * d);
     out.extend_from_slice(&pe[..d]);
     let grid = &pe[d..];
-    let taps = if antialias { taps_antialias(g_old, g_new) } else { taps_plain(g_old, g_new) };
+    let taps = if antialias {
+        taps_antialias(g_old, g_new)
+    } else {
+        taps_plain(g_old, g_new)
+    };
     let mut acc = vec![0f64; d];
     for (yi, yw) in &taps {
         for (xi, xw) in &taps {
@@ -260,10 +287,10 @@ mod tests {
         let (d, g) = (3, 4);
         let pe: Vec<f32> = (0..(1 + g * g) * d).map(|i| (i as f32 * 0.37).sin()).collect();
         for aa in [false, true] {
-        let r = resample_pos_embed(&pe, d, g, g, aa);
-        for (a, b) in pe.iter().zip(&r) {
-            assert!((a - b).abs() < 1e-6);
-        }
+            let r = resample_pos_embed(&pe, d, g, g, aa);
+            for (a, b) in pe.iter().zip(&r) {
+                assert!((a - b).abs() < 1e-6);
+            }
         }
     }
 
@@ -272,8 +299,20 @@ mod tests {
         // Golden from PyTorch 2 (f64): g = sin(arange(18)).reshape(1, 2, 3, 3);
         // F.interpolate(g, size=(5, 5), mode="bicubic", align_corners=False, antialias=False)[0, :, 1, :].
         let want = [
-            [0.08171968532104525, 0.10385349997973821, 0.11954805975303258, 0.07589017472740735, 0.036912953630175736],
-            [-0.03398705393278042, -0.07379313738195598, -0.11893504412415463, -0.10502885208818066, -0.08403726346205265],
+            [
+                0.08171968532104525,
+                0.10385349997973821,
+                0.11954805975303258,
+                0.07589017472740735,
+                0.036912953630175736,
+            ],
+            [
+                -0.03398705393278042,
+                -0.07379313738195598,
+                -0.11893504412415463,
+                -0.10502885208818066,
+                -0.08403726346205265,
+            ],
         ];
         let (d, g) = (2, 3);
         // Our layout is [1 + g*g, D] with the class row first; torch's is [D, g, g].

@@ -125,7 +125,11 @@ pub fn time_steps<B: Backend>(
         }
         progress(i + 1, total);
     }
-    Ok(StepTimes { batch: problem.batch, seconds, last_loss })
+    Ok(StepTimes {
+        batch: problem.batch,
+        seconds,
+        last_loss,
+    })
 }
 
 #[cfg(test)]
@@ -135,8 +139,23 @@ mod tests {
 
     #[test]
     fn random_problem_steps_on_the_cpu() {
-        let cfg = ModelConfig { labels: 6, groups: 3, experts: 2, ..ModelConfig::demo() };
-        let cfg = ModelConfig { vit: crate::model::VitConfig { image_size: 16, depth: 1, dim: 16, heads: 2, mlp_dim: 32, ..cfg.vit.clone() }, ..cfg };
+        let cfg = ModelConfig {
+            labels: 6,
+            groups: 3,
+            experts: 2,
+            ..ModelConfig::demo()
+        };
+        let cfg = ModelConfig {
+            vit: crate::model::VitConfig {
+                image_size: 16,
+                depth: 1,
+                dim: 16,
+                heads: 2,
+                mlp_dim: 32,
+                ..cfg.vit.clone()
+            },
+            ..cfg
+        };
         let p = RandomProblem::new(&cfg, 3, 7);
         assert_eq!(p.images.len(), 3 * cfg.vit.image_len());
         assert_eq!(p.targets.len(), 3 * 6);

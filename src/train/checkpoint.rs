@@ -51,8 +51,7 @@ pub fn decode(bytes: &[u8], origin: &Path) -> anyhow::Result<(BTreeMap<String, R
     let at = origin.display();
     let (_, header) = SafeTensors::read_metadata(bytes)
         .map_err(|e| anyhow::anyhow!("{at}: not a readable safetensors file ({e:?}); truncated or not a checkpoint?"))?;
-    let meta: BTreeMap<String, String> =
-        header.metadata().clone().unwrap_or_default().into_iter().collect();
+    let meta: BTreeMap<String, String> = header.metadata().clone().unwrap_or_default().into_iter().collect();
     match meta.get("format") {
         Some(f) if f == FORMAT => {}
         Some(f) => bail!("{at}: safetensors file of format {f:?}, not an mlvpt checkpoint"),
@@ -62,16 +61,24 @@ pub fn decode(bytes: &[u8], origin: &Path) -> anyhow::Result<(BTreeMap<String, R
         Some(v) if v == VERSION => {}
         v => bail!("{at}: checkpoint version {v:?} is not supported (this build reads version {VERSION})"),
     }
-    let st = SafeTensors::deserialize(bytes)
-        .map_err(|e| anyhow::anyhow!("{at}: corrupt checkpoint ({e:?})"))?;
+    let st = SafeTensors::deserialize(bytes).map_err(|e| anyhow::anyhow!("{at}: corrupt checkpoint ({e:?})"))?;
     let mut tensors = BTreeMap::new();
     for (name, view) in st.tensors() {
         if view.dtype() != Dtype::F32 {
             bail!("{at}: tensor {name} has dtype {:?}, expected F32", view.dtype());
         }
-        let data: Vec<f32> =
-            view.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
-        tensors.insert(name, RawTensor { shape: view.shape().to_vec(), data });
+        let data: Vec<f32> = view
+            .data()
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
+        tensors.insert(
+            name,
+            RawTensor {
+                shape: view.shape().to_vec(),
+                data,
+            },
+        );
     }
     Ok((tensors, meta))
 }
@@ -119,11 +126,7 @@ pub fn require<'a>(meta: &'a BTreeMap<String, String>, key: &str, origin: &Path)
 }
 
 /// A metadata entry holding JSON, parsed into `T`.
-pub fn require_json<T: serde::de::DeserializeOwned>(
-    meta: &BTreeMap<String, String>,
-    key: &str,
-    origin: &Path,
-) -> anyhow::Result<T> {
+pub fn require_json<T: serde::de::DeserializeOwned>(meta: &BTreeMap<String, String>, key: &str, origin: &Path) -> anyhow::Result<T> {
     let s = require(meta, key, origin)?;
     serde_json::from_str(s).with_context(|| format!("{}: checkpoint metadata {key:?} is malformed", origin.display()))
 }
@@ -134,8 +137,20 @@ mod tests {
 
     fn sample() -> (BTreeMap<String, RawTensor>, BTreeMap<String, String>) {
         let mut t = BTreeMap::new();
-        t.insert("params/a".to_string(), RawTensor { shape: vec![2, 3], data: vec![1., -2., 3.5, f32::MIN_POSITIVE, 0., 6.] });
-        t.insert("params/b".to_string(), RawTensor { shape: vec![1], data: vec![7.25] });
+        t.insert(
+            "params/a".to_string(),
+            RawTensor {
+                shape: vec![2, 3],
+                data: vec![1., -2., 3.5, f32::MIN_POSITIVE, 0., 6.],
+            },
+        );
+        t.insert(
+            "params/b".to_string(),
+            RawTensor {
+                shape: vec![1],
+                data: vec![7.25],
+            },
+        );
         let mut m = BTreeMap::new();
         m.insert("epoch".to_string(), "3".to_string());
         (t, m)
@@ -167,7 +182,13 @@ mod tests {
         assert!(err.contains("f.safetensors") && err.contains("not an mlvpt checkpoint"), "{err}");
         // Wrong dtype.
         let view = TensorView::new(Dtype::F16, vec![2], &[0u8; 4]).unwrap();
-        let info = Some([("format".to_string(), FORMAT.to_string()), ("version".to_string(), VERSION.to_string())].into());
+        let info = Some(
+            [
+                ("format".to_string(), FORMAT.to_string()),
+                ("version".to_string(), VERSION.to_string()),
+            ]
+            .into(),
+        );
         let f16 = safetensors::serialize([("w", view)], &info).unwrap();
         assert!(decode(&f16, Path::new("x")).unwrap_err().to_string().contains("F16"));
     }
@@ -198,7 +219,6 @@ mod tests {
 
 // ---------------------------------------------------------------------------------------------
 // The typed layer: a whole training run's state.
-
 
 /// Everything a checkpoint holds: enough to evaluate the model, and to resume training
 /// exactly where it stopped.
@@ -236,7 +256,13 @@ impl RunState {
         let mut t = BTreeMap::new();
         let mut put = |prefix: &str, p: &Params| {
             for nt in &p.tensors {
-                t.insert(format!("{prefix}/{}", nt.name), RawTensor { shape: nt.shape.clone(), data: nt.data.clone() });
+                t.insert(
+                    format!("{prefix}/{}", nt.name),
+                    RawTensor {
+                        shape: nt.shape.clone(),
+                        data: nt.data.clone(),
+                    },
+                );
             }
         };
         put("params", &self.params);

@@ -17,8 +17,15 @@ pub struct Ema {
 impl Ema {
     /// Starts the average at the current weights.
     pub fn new(decay: f64, params: &Params) -> anyhow::Result<Self> {
-        ensure!(decay.is_finite() && (0.0..1.0).contains(&decay), "EMA decay must be in [0, 1), got {decay}");
-        Ok(Self { decay, updates: 0, shadow: params.clone() })
+        ensure!(
+            decay.is_finite() && (0.0..1.0).contains(&decay),
+            "EMA decay must be in [0, 1), got {decay}"
+        );
+        Ok(Self {
+            decay,
+            updates: 0,
+            shadow: params.clone(),
+        })
     }
 
     /// The decay used for update number `updates + 1`: min(decay, (1 + n) / (10 + n)), the
@@ -34,7 +41,11 @@ impl Ema {
         ensure!(params.tensors.len() == self.shadow.tensors.len(), "EMA: parameter count changed");
         let d = self.effective_decay() as f32;
         for (s, p) in self.shadow.tensors.iter_mut().zip(&params.tensors) {
-            ensure!(s.name == p.name && s.data.len() == p.data.len(), "EMA: tensor {} changed shape", p.name);
+            ensure!(
+                s.name == p.name && s.data.len() == p.data.len(),
+                "EMA: tensor {} changed shape",
+                p.name
+            );
             for (a, &b) in s.data.iter_mut().zip(&p.data) {
                 *a = d * *a + (1.0 - d) * b;
             }
@@ -50,7 +61,13 @@ mod tests {
     use crate::model::NamedTensor;
 
     fn params(v: f32) -> Params {
-        Params { tensors: vec![NamedTensor { name: "w".into(), shape: vec![2], data: vec![v, -v] }] }
+        Params {
+            tensors: vec![NamedTensor {
+                name: "w".into(),
+                shape: vec![2],
+                data: vec![v, -v],
+            }],
+        }
     }
 
     #[test]
@@ -78,7 +95,13 @@ mod tests {
         assert!((e.shadow.tensors[0].data[0] - 1.0).abs() < 1e-4);
         assert!(Ema::new(1.0, &params(0.0)).is_err());
         assert!(Ema::new(f64::NAN, &params(0.0)).is_err());
-        let other = Params { tensors: vec![NamedTensor { name: "w".into(), shape: vec![3], data: vec![0.0; 3] }] };
+        let other = Params {
+            tensors: vec![NamedTensor {
+                name: "w".into(),
+                shape: vec![3],
+                data: vec![0.0; 3],
+            }],
+        };
         assert!(e.update(&other).is_err());
     }
 }

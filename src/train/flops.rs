@@ -104,14 +104,16 @@ pub fn step_flops(cfg: &ModelConfig, branches: usize, batch: usize) -> StepFlops
     let p = cfg.prompts_per_layer(branches);
     let n = cfg.tokens(branches);
     let full = AttnShape::full(1, n, vit.heads, vit.head_dim(), 1, 1 + p);
-    let tail = AttnShape { q_start: 1, q_len: p, ..full };
+    let tail = AttnShape {
+        q_start: 1,
+        q_len: p,
+        ..full
+    };
     let (n, p) = (n as u64, p as u64);
     let (full_pairs, tail_pairs) = (attention_pairs(&full), attention_pairs(&tail));
     let inner = vit.depth.saturating_sub(1) as u64;
 
-    let forward = patch_embed_macs(vit)
-        + inner * block_forward_macs(vit, n, full_pairs, n)
-        + block_forward_macs(vit, n, tail_pairs, p);
+    let forward = patch_embed_macs(vit) + inner * block_forward_macs(vit, n, full_pairs, n) + block_forward_macs(vit, n, tail_pairs, p);
     let backward = inner * block_backward_macs(vit, n, full_pairs, n) + block_backward_macs(vit, n, tail_pairs, p);
 
     let (d, k, e) = (vit.dim as u64, cfg.labels as u64, cfg.experts as u64);
@@ -191,7 +193,10 @@ mod tests {
     #[test]
     fn tiny_vpt_head_and_prompts() {
         // VPT with 3 prompts: N = 8; block 0 pairs 5 x 8 + 3 x 6 = 58, last block 3 x 6 = 18.
-        let cfg = ModelConfig { method: Method::Vpt, ..tiny() };
+        let cfg = ModelConfig {
+            method: Method::Vpt,
+            ..tiny()
+        };
         let forward = 768 + (8 * 48 + 2 * 58 * 4 + 8 * (16 + 64)) + (8 * 48 + 2 * 18 * 4 + 3 * (16 + 64));
         let backward = (8 * 48 + 5 * 58 * 4 + 8 * 80) + (8 * 48 + 5 * 18 * 4 + 3 * 80);
         // Mean of 3 prompt rows (3 x 4) and the 2 x 4 classifier.
@@ -203,9 +208,22 @@ mod tests {
 
     #[test]
     fn attention_pairs_match_the_mask() {
-        for (n, ps, pe, qs, ql) in [(7, 1, 3, 0, 7), (7, 1, 3, 1, 2), (10, 1, 5, 0, 10), (10, 1, 5, 3, 6), (6, 1, 1, 0, 6), (9, 2, 6, 4, 5)] {
-            let s = AttnShape { q_start: qs, q_len: ql, ..AttnShape::full(1, n, 1, 1, ps, pe) };
-            let brute = (qs..qs + ql).map(|i| (0..n).filter(|&j| s.allowed(i, j)).count() as u64).sum::<u64>();
+        for (n, ps, pe, qs, ql) in [
+            (7, 1, 3, 0, 7),
+            (7, 1, 3, 1, 2),
+            (10, 1, 5, 0, 10),
+            (10, 1, 5, 3, 6),
+            (6, 1, 1, 0, 6),
+            (9, 2, 6, 4, 5),
+        ] {
+            let s = AttnShape {
+                q_start: qs,
+                q_len: ql,
+                ..AttnShape::full(1, n, 1, 1, ps, pe)
+            };
+            let brute = (qs..qs + ql)
+                .map(|i| (0..n).filter(|&j| s.allowed(i, j)).count() as u64)
+                .sum::<u64>();
             assert_eq!(attention_pairs(&s), brute, "{s:?}");
         }
     }
@@ -217,7 +235,10 @@ mod tests {
         // `ViT_L_16_Weights.IMAGENET1K_V1`). We count products only; 0.1% allows their rounding.
         for (vit, gmacs) in [(VitConfig::vit_b16(), 17.564), (VitConfig::vit_l16(), 61.555)] {
             let ours = vit_forward_flops(&vit, 1000) as f64 / 2e9;
-            assert!((ours / gmacs - 1.0).abs() < 1e-3, "{vit:?}: {ours} G multiply-adds, torchvision {gmacs}");
+            assert!(
+                (ours / gmacs - 1.0).abs() < 1e-3,
+                "{vit:?}: {ours} G multiply-adds, torchvision {gmacs}"
+            );
         }
     }
 
@@ -226,7 +247,13 @@ mod tests {
         // ML-VPT on ViT-B/16 at 224, K 80, T 5, E 3 (P 30, N 227): the backbone forward is a plain
         // ViT-B forward at 227 tokens minus the last block's non-prompt rows; the backward about
         // as much again; the head is tiny.
-        let cfg = ModelConfig { vit: VitConfig::vit_b16(), labels: 80, groups: 5, experts: 3, ..ModelConfig::demo() };
+        let cfg = ModelConfig {
+            vit: VitConfig::vit_b16(),
+            labels: 80,
+            groups: 5,
+            experts: 3,
+            ..ModelConfig::demo()
+        };
         let f = step_flops(&cfg, 2, 1);
         let plain = vit_forward_flops(&VitConfig::vit_b16(), 0) as f64;
         let fwd = f.backbone_forward as f64;

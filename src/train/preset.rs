@@ -50,7 +50,10 @@ mod tests {
     fn presets_set_the_papers_values() {
         let mut s = RunSpec::demo(0);
         Preset::Voc.apply(&mut s);
-        assert_eq!((s.model.groups, s.model.experts, s.train.lr, s.train.batch_size, s.train.epochs), (10, 3, 5e-4, 64, 40));
+        assert_eq!(
+            (s.model.groups, s.model.experts, s.train.lr, s.train.batch_size, s.train.epochs),
+            (10, 3, 5e-4, 64, 40)
+        );
         Preset::Vg256.apply(&mut s);
         assert_eq!((s.model.groups, s.train.lr), (5, 1e-4));
     }

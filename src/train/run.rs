@@ -80,7 +80,11 @@ impl TrainConfig {
     pub fn validate(&self) -> anyhow::Result<()> {
         ensure!(self.epochs >= 1, "epochs must be at least 1, got 0");
         ensure!(self.batch_size >= 1, "batch size must be at least 1, got 0");
-        ensure!(self.lr.is_finite() && self.lr > 0.0, "learning rate must be a finite number > 0, got {}", self.lr);
+        ensure!(
+            self.lr.is_finite() && self.lr > 0.0,
+            "learning rate must be a finite number > 0, got {}",
+            self.lr
+        );
         ensure!(
             self.warmup_frac.is_finite() && (0.0..=1.0).contains(&self.warmup_frac),
             "warm-up fraction must be in [0, 1], got {}",
@@ -94,7 +98,11 @@ impl TrainConfig {
         if let Some(d) = self.ema {
             ensure!(d.is_finite() && (0.0..1.0).contains(&d), "EMA decay must be in [0, 1), got {d}");
         }
-        ensure!(self.tau.is_finite() && self.tau > 0.0, "tau must be a finite number > 0, got {}", self.tau);
+        ensure!(
+            self.tau.is_finite() && self.tau > 0.0,
+            "tau must be a finite number > 0, got {}",
+            self.tau
+        );
         ensure!(
             self.threshold.is_finite() && self.threshold > 0.0 && self.threshold < 1.0,
             "threshold must be in (0, 1), got {}",
@@ -154,7 +162,10 @@ impl BackboneSource {
                     b.config() == &model.vit,
                     "backbone file {}: {}",
                     path.display(),
-                    crate::model::ConfigError::BackboneMismatch { expected: Box::new(model.vit.clone()), got: Box::new(b.config().clone()) }
+                    crate::model::ConfigError::BackboneMismatch {
+                        expected: Box::new(model.vit.clone()),
+                        got: Box::new(b.config().clone())
+                    }
                 );
                 Ok(b)
             }
@@ -217,7 +228,11 @@ impl RunSpec {
             self.model.vit.image_size,
             self.data.image_size()
         );
-        ensure!(self.model.vit.channels == 3, "the data has 3 channels, the backbone {}", self.model.vit.channels);
+        ensure!(
+            self.model.vit.channels == 3,
+            "the data has 3 channels, the backbone {}",
+            self.model.vit.channels
+        );
         Ok(())
     }
 }
@@ -285,7 +300,10 @@ pub fn build_trainer<B: Backend>(
     train: &TrainConfig,
 ) -> anyhow::Result<Trainer<B>> {
     let backbone = backbone.build(model)?;
-    let opt = AdamWConfig { weight_decay: train.weight_decay, ..AdamWConfig::default() };
+    let opt = AdamWConfig {
+        weight_decay: train.weight_decay,
+        ..AdamWConfig::default()
+    };
     Trainer::new(
         backend,
         model.clone(),
@@ -382,7 +400,9 @@ pub fn train(spec: &RunSpec, opts: &RunOptions, obs: &mut dyn Observer) -> anyho
         model: spec.model.clone(),
         data: spec.data.clone(),
         train: spec.train.clone(),
-        backbone: spec.backbone.clone().unwrap_or(BackboneSource::Random { seed: derive_seed(spec.train.seed, BACKBONE_STREAM) }),
+        backbone: spec.backbone.clone().unwrap_or(BackboneSource::Random {
+            seed: derive_seed(spec.train.seed, BACKBONE_STREAM),
+        }),
         partitions,
         class_names: spec.data.class_names(),
         epoch: 0,
@@ -528,7 +548,13 @@ fn load_train(data: &DataConfig, seed: u64, out: &Path) -> anyhow::Result<TrainD
 fn write_report(out: &Path, r: &data::LoadReport, append: bool) -> anyhow::Result<()> {
     let path = out.join(DATA_REPORT_FILE);
     if !r.skipped.is_empty() {
-        eprintln!("warning: {} of {} {} images are unreadable and skipped (listed in {})", r.skipped.len(), r.listed, r.split, path.display());
+        eprintln!(
+            "warning: {} of {} {} images are unreadable and skipped (listed in {})",
+            r.skipped.len(),
+            r.listed,
+            r.split,
+            path.display()
+        );
     }
     let mut f = std::fs::OpenOptions::new()
         .create(true)
@@ -537,7 +563,8 @@ fn write_report(out: &Path, r: &data::LoadReport, append: bool) -> anyhow::Resul
         .truncate(!append)
         .open(&path)
         .with_context(|| format!("cannot write {}", path.display()))?;
-    f.write_all(r.to_text().as_bytes()).with_context(|| format!("cannot write {}", path.display()))?;
+    f.write_all(r.to_text().as_bytes())
+        .with_context(|| format!("cannot write {}", path.display()))?;
     Ok(())
 }
 
@@ -551,7 +578,13 @@ pub fn checkpoint_path(path: &Path) -> PathBuf {
 }
 
 /// The epoch loop shared by fresh and resumed runs; `started` is when the command's work began.
-fn run_from(state: RunState, train_data: TrainData, opts: &RunOptions, obs: &mut dyn Observer, started: Instant) -> anyhow::Result<Summary> {
+fn run_from(
+    state: RunState,
+    train_data: TrainData,
+    opts: &RunOptions,
+    obs: &mut dyn Observer,
+    started: Instant,
+) -> anyhow::Result<Summary> {
     match crate::backend::select_with(opts.device, opts.precision, &mut |line| eprintln!("{line}"))? {
         Selected::Cpu(be) => run_on(be, state, train_data, opts, obs, started),
         #[cfg(feature = "cuda")]
@@ -576,7 +609,14 @@ fn run_on<B: Backend>(
     let ck_path = opts.out.join(CHECKPOINT_FILE);
     let log_path = opts.out.join(METRICS_FILE);
 
-    let mut trainer = build_trainer(backend, &state.model, &state.partitions, &state.backbone, state.params.clone(), &cfg)?;
+    let mut trainer = build_trainer(
+        backend,
+        &state.model,
+        &state.partitions,
+        &state.backbone,
+        state.params.clone(),
+        &cfg,
+    )?;
     trainer.set_optimizer_state(&state.adam_m, &state.adam_v, state.adam_step)?;
     let mut ema = match &state.ema {
         Some((shadow, updates)) => {
@@ -673,7 +713,15 @@ fn run_on<B: Backend>(
             final_loss = loss_sum / order.chunks(bs).len() as f64;
 
             let (m, em) = evaluate(&mut trainer, &test_data, ema.as_ref().map(|e| &e.shadow), bs, cfg.threshold)?;
-            let record = metrics_record(epoch + 1, state.step, final_loss, schedule.lr(state.step - 1), &m, em.as_ref(), &state.class_names);
+            let record = metrics_record(
+                epoch + 1,
+                state.step,
+                final_loss,
+                schedule.lr(state.step - 1),
+                &m,
+                em.as_ref(),
+                &state.class_names,
+            );
 
             state.epoch = epoch + 1;
             state.params = trainer.params();
@@ -711,7 +759,11 @@ fn run_on<B: Backend>(
         epochs: state.epoch,
         steps: state.step,
         seconds: started.elapsed().as_secs_f64(),
-        images_per_s: if train_seconds > 0.0 { images_done as f64 / train_seconds } else { 0.0 },
+        images_per_s: if train_seconds > 0.0 {
+            images_done as f64 / train_seconds
+        } else {
+            0.0
+        },
         device: trainer.backend().name(),
         final_loss,
         metrics,
@@ -806,7 +858,10 @@ impl Opened<CpuBackend> {
         if let (true, BackboneSource::File { path: file, sha256 }) = (allow_backbone_mismatch, &mut state.backbone) {
             let actual = crate::model::timm::sha256_file(file)?;
             if &actual != sha256 {
-                eprintln!("warning: backbone file {} differs from the one this checkpoint was trained with (SHA-256 {actual}, recorded {sha256})", file.display());
+                eprintln!(
+                    "warning: backbone file {} differs from the one this checkpoint was trained with (SHA-256 {actual}, recorded {sha256})",
+                    file.display()
+                );
                 *sha256 = actual;
             }
         }
@@ -825,10 +880,29 @@ impl<B: Backend> Opened<B> {
     /// The checkpoint's model only on `backend`: `test` is left empty (n = 0), for scoring
     /// image files.
     pub fn model_on(backend: B, path: PathBuf, state: RunState) -> anyhow::Result<Self> {
-        let trainer = build_trainer(backend, &state.model, &state.partitions, &state.backbone, state.params.clone(), &state.train)?;
+        let trainer = build_trainer(
+            backend,
+            &state.model,
+            &state.partitions,
+            &state.backbone,
+            state.params.clone(),
+            &state.train,
+        )?;
         let (k, size) = (state.model.labels, state.model.vit.image_size);
-        let test = TestData::Memory(Dataset { n: 0, k, channels: 3, image_size: size, images: Vec::new(), targets: Vec::new() });
-        Ok(Self { path, state, trainer, test })
+        let test = TestData::Memory(Dataset {
+            n: 0,
+            k,
+            channels: 3,
+            image_size: size,
+            images: Vec::new(),
+            targets: Vec::new(),
+        });
+        Ok(Self {
+            path,
+            state,
+            trainer,
+            test,
+        })
     }
 
     /// Probabilities `[n, K]` of image files, prepared as the checkpoint's test images
@@ -853,7 +927,14 @@ impl<B: Backend> Opened<B> {
             })
             .collect();
         let (mut ok, mut skipped) = (Vec::new(), Vec::new());
-        let mut d = Dataset { n: 0, k: self.state.model.labels, channels: 3, image_size: size, images: Vec::new(), targets: Vec::new() };
+        let mut d = Dataset {
+            n: 0,
+            k: self.state.model.labels,
+            channels: 3,
+            image_size: size,
+            images: Vec::new(),
+            targets: Vec::new(),
+        };
         for (f, r) in files.iter().zip(loaded) {
             match r {
                 Ok(v) => {
@@ -866,7 +947,11 @@ impl<B: Backend> Opened<B> {
         }
         d.targets = vec![0.0; d.n * d.k];
         if use_ema {
-            let (shadow, _) = self.state.ema.as_ref().context("this checkpoint was trained without --ema: it has no EMA weights")?;
+            let (shadow, _) = self
+                .state
+                .ema
+                .as_ref()
+                .context("this checkpoint was trained without --ema: it has no EMA weights")?;
             self.trainer.set_params(shadow)?;
         }
         let p = predict_probabilities(&mut self.trainer, &d, self.state.train.batch_size);
@@ -879,7 +964,13 @@ impl<B: Backend> Opened<B> {
     /// Metrics of the weights, and of the EMA weights when the checkpoint has them.
     pub fn evaluate(&mut self) -> anyhow::Result<(Metrics, Option<Metrics>)> {
         let (bs, th) = (self.state.train.batch_size, self.state.train.threshold);
-        evaluate(&mut self.trainer, &self.test, self.state.ema.as_ref().map(|(shadow, _)| shadow), bs, th)
+        evaluate(
+            &mut self.trainer,
+            &self.test,
+            self.state.ema.as_ref().map(|(shadow, _)| shadow),
+            bs,
+            th,
+        )
     }
 
     /// Probabilities `[indices.len(), K]` for test images `indices` (all when empty), from the
@@ -888,10 +979,17 @@ impl<B: Backend> Opened<B> {
         let n = self.test.len();
         let idx: Vec<usize> = if indices.is_empty() { (0..n).collect() } else { indices.to_vec() };
         if let Some(&bad) = idx.iter().find(|&&i| i >= n) {
-            bail!("index {bad} is out of range: the checkpoint's test split has {n} images (0..{})", n - 1);
+            bail!(
+                "index {bad} is out of range: the checkpoint's test split has {n} images (0..{})",
+                n - 1
+            );
         }
         if use_ema {
-            let (shadow, _) = self.state.ema.as_ref().context("this checkpoint was trained without --ema: it has no EMA weights")?;
+            let (shadow, _) = self
+                .state
+                .ema
+                .as_ref()
+                .context("this checkpoint was trained without --ema: it has no EMA weights")?;
             self.trainer.set_params(shadow)?;
         }
         let p = test_probabilities(&mut self.trainer, &self.test, &idx, self.state.train.batch_size, None);
@@ -914,12 +1012,18 @@ mod tests {
             (GroupingMode::Dc, "dc"),
             (GroupingMode::Random, "random"),
         ] {
-            let c = TrainConfig { grouping: mode, ema: Some(0.99), ..TrainConfig::demo(4) };
+            let c = TrainConfig {
+                grouping: mode,
+                ema: Some(0.99),
+                ..TrainConfig::demo(4)
+            };
             let j = serde_json::to_string(&c).unwrap();
             assert!(j.contains(&format!("\"grouping\":\"{name}\"")), "{j}");
             assert_eq!(serde_json::from_str::<TrainConfig>(&j).unwrap(), c);
         }
-        let bad = serde_json::to_string(&TrainConfig::demo(0)).unwrap().replace("\"both\"", "\"nope\"");
+        let bad = serde_json::to_string(&TrainConfig::demo(0))
+            .unwrap()
+            .replace("\"both\"", "\"nope\"");
         assert!(serde_json::from_str::<TrainConfig>(&bad).unwrap_err().to_string().contains("nope"));
     }
 
@@ -929,14 +1033,50 @@ mod tests {
         ok.validate().unwrap();
         for (c, want) in [
             (TrainConfig { epochs: 0, ..ok.clone() }, "epochs"),
-            (TrainConfig { batch_size: 0, ..ok.clone() }, "batch size"),
+            (
+                TrainConfig {
+                    batch_size: 0,
+                    ..ok.clone()
+                },
+                "batch size",
+            ),
             (TrainConfig { lr: -1.0, ..ok.clone() }, "learning rate"),
-            (TrainConfig { lr: f64::INFINITY, ..ok.clone() }, "learning rate"),
-            (TrainConfig { warmup_frac: 1.5, ..ok.clone() }, "warm-up"),
-            (TrainConfig { weight_decay: -0.1, ..ok.clone() }, "weight decay"),
-            (TrainConfig { ema: Some(1.0), ..ok.clone() }, "EMA decay"),
+            (
+                TrainConfig {
+                    lr: f64::INFINITY,
+                    ..ok.clone()
+                },
+                "learning rate",
+            ),
+            (
+                TrainConfig {
+                    warmup_frac: 1.5,
+                    ..ok.clone()
+                },
+                "warm-up",
+            ),
+            (
+                TrainConfig {
+                    weight_decay: -0.1,
+                    ..ok.clone()
+                },
+                "weight decay",
+            ),
+            (
+                TrainConfig {
+                    ema: Some(1.0),
+                    ..ok.clone()
+                },
+                "EMA decay",
+            ),
             (TrainConfig { tau: 0.0, ..ok.clone() }, "tau"),
-            (TrainConfig { threshold: 1.0, ..ok.clone() }, "threshold"),
+            (
+                TrainConfig {
+                    threshold: 1.0,
+                    ..ok.clone()
+                },
+                "threshold",
+            ),
         ] {
             let e = c.validate().unwrap_err().to_string();
             assert!(e.contains(want), "{e}");

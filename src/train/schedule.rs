@@ -15,7 +15,11 @@ pub struct OneCycle {
 
 impl OneCycle {
     pub fn new(max_lr: f64, total_steps: u64, warmup_frac: f64) -> Self {
-        Self { max_lr, total_steps, warmup_frac }
+        Self {
+            max_lr,
+            total_steps,
+            warmup_frac,
+        }
     }
 
     /// Steps of warm-up: at least 1 so step 0 never trains at exactly zero.

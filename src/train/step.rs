@@ -279,16 +279,8 @@ impl<B: Backend> Trainer<B> {
         }
         if v.layer_scale {
             for (i, blk) in blocks.iter_mut().enumerate() {
-                blk.ls1 = Some(upload_new(
-                    &mut backend,
-                    get(&format!("blocks.{i}.ls1.gamma"))?,
-                    BufRole::State,
-                ));
-                blk.ls2 = Some(upload_new(
-                    &mut backend,
-                    get(&format!("blocks.{i}.ls2.gamma"))?,
-                    BufRole::State,
-                ));
+                blk.ls1 = Some(upload_new(&mut backend, get(&format!("blocks.{i}.ls1.gamma"))?, BufRole::State));
+                blk.ls2 = Some(upload_new(&mut backend, get(&format!("blocks.{i}.ls2.gamma"))?, BufRole::State));
             }
         }
         let cls = upload_new(&mut backend, get("cls_token")?, BufRole::State);
@@ -302,29 +294,15 @@ impl<B: Backend> Trainer<B> {
         };
 
         let be = &mut backend;
-        let params_dev: Vec<B::Buf> = params
-            .tensors
-            .iter()
-            .map(|t| upload_new(be, &t.data, BufRole::State))
-            .collect();
-        let zeros = |be: &mut B| -> Vec<B::Buf> {
-            specs
-                .iter()
-                .map(|(_, s)| be.alloc(s.iter().product()))
-                .collect()
-        };
+        let params_dev: Vec<B::Buf> = params.tensors.iter().map(|t| upload_new(be, &t.data, BufRole::State)).collect();
+        let zeros = |be: &mut B| -> Vec<B::Buf> { specs.iter().map(|(_, s)| be.alloc(s.iter().product())).collect() };
         let grads = zeros(be);
         let adam_m = zeros(be);
         let adam_v = zeros(be);
-        let tables = host_tables
-            .iter()
-            .map(|(a, b)| (be.upload_idx(a), be.upload_idx(b)))
-            .collect();
+        let tables = host_tables.iter().map(|(a, b)| (be.upload_idx(a), be.upload_idx(b))).collect();
         let acts = Acts::new(be, &dims);
         // A device backend reports allocation failures (out of memory) here.
-        backend
-            .check()
-            .context("putting the model on the backend")?;
+        backend.check().context("putting the model on the backend")?;
         Ok(Self {
             be: backend,
             cfg,
@@ -389,10 +367,7 @@ impl<B: Backend> Trainer<B> {
     /// Forward, loss, backward, AdamW at learning rate `lr`; returns the loss.
     /// Batch = `targets.len() / K`; `images` must hold that many `[C, H, W]` images.
     pub fn step(&mut self, images: &[f32], targets: &[f32], lr: f32) -> Result<f32> {
-        ensure!(
-            lr.is_finite() && lr >= 0.0,
-            "learning rate must be a finite number >= 0, got {lr}"
-        );
+        ensure!(lr.is_finite() && lr >= 0.0, "learning rate must be a finite number >= 0, got {lr}");
         self.compute_grads(images, targets)?;
         // AdamW runs unless the loss, still on the device, is non-finite (the kernel reads it),
         // so the host waits once per step: for the loss, after the update is queued.
@@ -433,11 +408,7 @@ impl<B: Backend> Trainer<B> {
 
     /// Like [`Trainer::loss_and_grads`] in the backend's own precision, as f64 (for the
     /// finite-difference checks on `CpuBackend<f64>`).
-    pub fn loss_and_grads_f64(
-        &mut self,
-        images: &[f32],
-        targets: &[f32],
-    ) -> Result<(f64, Vec<Vec<f64>>)> {
+    pub fn loss_and_grads_f64(&mut self, images: &[f32], targets: &[f32]) -> Result<(f64, Vec<Vec<f64>>)> {
         self.compute_grads(images, targets)?;
         let loss = self.read_loss()?;
         let mut out = Vec::with_capacity(self.specs.len());
@@ -510,11 +481,7 @@ impl<B: Backend> Trainer<B> {
 
     /// AdamW moments and the number of steps taken.
     pub fn optimizer_state(&self) -> (Params, Params, u64) {
-        (
-            self.download_set(&self.adam_m),
-            self.download_set(&self.adam_v),
-            self.step,
-        )
+        (self.download_set(&self.adam_m), self.download_set(&self.adam_v), self.step)
     }
 
     /// Restores AdamW moments and the step count (e.g. from a checkpoint).
@@ -577,18 +544,10 @@ fn check_params(specs: &[(String, Vec<usize>)], p: &Params) -> Result<()> {
         "parameters: got {} tensors, expected {} ({})",
         p.tensors.len(),
         specs.len(),
-        specs
-            .iter()
-            .map(|s| s.0.as_str())
-            .collect::<Vec<_>>()
-            .join(", ")
+        specs.iter().map(|s| s.0.as_str()).collect::<Vec<_>>().join(", ")
     );
     for (t, (name, shape)) in p.tensors.iter().zip(specs) {
-        ensure!(
-            &t.name == name,
-            "parameters: got tensor {} where {name} was expected",
-            t.name
-        );
+        ensure!(&t.name == name, "parameters: got tensor {} where {name} was expected", t.name);
         ensure!(
             &t.shape == shape && t.data.len() == shape.iter().product::<usize>(),
             "parameter {name}: shape {:?} with {} values, expected {shape:?}",
@@ -611,25 +570,17 @@ impl<B: Backend> Acts<B> {
             Method::Vpt => (false, 1),
         };
         let bek = if mlvpt { bm * d.experts * d.labels } else { 0 };
-        let per_layer = |be: &mut B, len: usize, role: BufRole| -> Vec<B::Buf> {
-            (0..d.depth).map(|_| be.alloc_as(len, role)).collect()
-        };
+        let per_layer = |be: &mut B, len: usize, role: BufRole| -> Vec<B::Buf> { (0..d.depth).map(|_| be.alloc_as(len, role)).collect() };
         let act = |be: &mut B, len: usize| be.alloc_as(len, BufRole::Activation);
         let xs = (0..=d.depth).map(|_| be.alloc(nd)).collect();
         let xmid = per_layer(be, nd, BufRole::State);
-        let ln1 = (0..d.depth)
-            .map(|_| (be.alloc(rows), be.alloc(rows)))
-            .collect();
-        let ln2 = (0..d.depth)
-            .map(|_| (be.alloc(rows), be.alloc(rows)))
-            .collect();
+        let ln1 = (0..d.depth).map(|_| (be.alloc(rows), be.alloc(rows))).collect();
+        let ln2 = (0..d.depth).map(|_| (be.alloc(rows), be.alloc(rows))).collect();
         let qkv = per_layer(be, 3 * nd, BufRole::Activation);
         let att = per_layer(be, nd, BufRole::Activation);
         let lse = per_layer(be, bm * d.heads * d.tokens, BufRole::State);
         let pre_gelu = per_layer(be, rows * d.mlp, BufRole::Activation);
-        let many = |be: &mut B, count: usize, len: usize| -> Vec<B::Buf> {
-            (0..count).map(|_| be.alloc(len)).collect()
-        };
+        let many = |be: &mut B, count: usize, len: usize| -> Vec<B::Buf> { (0..count).map(|_| be.alloc(len)).collect() };
         Self {
             images: act(be, bm * d.image_len),
             patches: act(be, bm * d.num_patches * d.patch_len),
@@ -700,15 +651,7 @@ impl<B: Backend> Trainer<B> {
         } = self;
         let (n, dim, p, k) = (d.tokens, d.dim, d.prompts, d.labels);
         let rows = b * n;
-        be.patchify(
-            &a.images,
-            &mut a.patches,
-            b,
-            d.channels,
-            d.image,
-            d.image,
-            d.patch,
-        );
+        be.patchify(&a.images, &mut a.patches, b, d.channels, d.image, d.image, d.patch);
         be.linear_forward(
             &a.patches,
             &w.patch.0,
@@ -718,16 +661,7 @@ impl<B: Backend> Trainer<B> {
             d.patch_len,
             dim,
         );
-        be.embed_tokens(
-            &a.patch_emb,
-            &w.cls,
-            &w.pos,
-            &mut a.xs[0],
-            b,
-            d.num_patches,
-            p,
-            dim,
-        );
+        be.embed_tokens(&a.patch_emb, &w.cls, &w.pos, &mut a.xs[0], b, d.num_patches, p, dim);
         let tail = AttnShape {
             q_start: 1,
             q_len: p,
@@ -741,50 +675,19 @@ impl<B: Backend> Trainer<B> {
             }
             let blk = &w.blocks[l];
             let (m1, r1) = &mut a.ln1[l];
-            be.layernorm_forward(
-                x,
-                &blk.norm1.0,
-                &blk.norm1.1,
-                &mut a.normed,
-                m1,
-                r1,
-                rows,
-                dim,
-                VIT_EPS,
-            );
-            be.linear_forward(
-                &a.normed,
-                &blk.qkv.0,
-                Some(&blk.qkv.1),
-                &mut a.qkv[l],
-                rows,
-                dim,
-                3 * dim,
-            );
+            be.layernorm_forward(x, &blk.norm1.0, &blk.norm1.1, &mut a.normed, m1, r1, rows, dim, VIT_EPS);
+            be.linear_forward(&a.normed, &blk.qkv.0, Some(&blk.qkv.1), &mut a.qkv[l], rows, dim, 3 * dim);
             // The last block's outputs are used only at the prompt rows (Z): after K and V of
             // every token, the rest of it runs on the P prompt rows, compacted to [B, P, D],
             // and its output is the final norm's input `zin`.
             let last = l + 1 == d.depth;
             let r = if last { b * p } else { rows };
-            be.attention_forward(
-                &a.qkv[l],
-                &mut a.att[l],
-                &mut a.lse[l],
-                if last { &tail } else { &shape },
-            );
+            be.attention_forward(&a.qkv[l], &mut a.att[l], &mut a.lse[l], if last { &tail } else { &shape });
             if last {
                 be.copy_tokens(x, n, 1, &mut a.xtail, p, 0, p, b, dim);
             }
             let resid_in: &B::Buf = if last { &a.xtail } else { x };
-            be.linear_forward(
-                &a.att[l],
-                &blk.proj.0,
-                Some(&blk.proj.1),
-                &mut a.branch_out,
-                r,
-                dim,
-                dim,
-            );
+            be.linear_forward(&a.att[l], &blk.proj.0, Some(&blk.proj.1), &mut a.branch_out, r, dim, dim);
             let (m2, r2) = &mut a.ln2[l];
             be.residual_layernorm_forward(
                 resid_in,
@@ -800,25 +703,9 @@ impl<B: Backend> Trainer<B> {
                 dim,
                 VIT_EPS,
             );
-            be.linear_forward(
-                &a.normed,
-                &blk.fc1.0,
-                Some(&blk.fc1.1),
-                &mut a.pre_gelu[l],
-                r,
-                dim,
-                d.mlp,
-            );
+            be.linear_forward(&a.normed, &blk.fc1.0, Some(&blk.fc1.1), &mut a.pre_gelu[l], r, dim, d.mlp);
             be.gelu_forward(&a.pre_gelu[l], &mut a.hidden, r * d.mlp);
-            be.linear_forward(
-                &a.hidden,
-                &blk.fc2.0,
-                Some(&blk.fc2.1),
-                &mut a.branch_out,
-                r,
-                d.mlp,
-                dim,
-            );
+            be.linear_forward(&a.hidden, &blk.fc2.0, Some(&blk.fc2.1), &mut a.branch_out, r, d.mlp, dim);
             let (out, out_tokens) = if last { (&mut a.zin, p) } else { (xo, n) };
             match (&w.norm, last) {
                 // Group tokens Z: the final norm of the last block's prompt outputs, fused
@@ -908,9 +795,7 @@ impl<B: Backend> Trainer<B> {
     fn loss(&mut self, b: usize) {
         let n = b * self.dims.labels;
         let scale = self.cfg.loss_scale / n as f64;
-        let Self {
-            be, acts: a, asl, ..
-        } = self;
+        let Self { be, acts: a, asl, .. } = self;
         // Per branch ASL(y) then (ML-VPT) ASL(m); VPT has no gate logits (`m` is empty).
         let mut terms = Vec::with_capacity(2 * a.y.len());
         let (mut ms, mut dms) = (a.m.iter(), a.dm.iter_mut());
@@ -1011,17 +896,7 @@ impl<B: Backend> Trainer<B> {
             }
         }
         match &w.norm {
-            Some((g, _)) => be.layernorm_backward(
-                &a.dz,
-                &a.zin,
-                g,
-                &a.zstats.0,
-                &a.zstats.1,
-                &mut a.dzin,
-                b * p,
-                dim,
-                false,
-            ),
+            Some((g, _)) => be.layernorm_backward(&a.dz, &a.zin, g, &a.zstats.0, &a.zstats.1, &mut a.dzin, b * p, dim, false),
             None => be.copy(&a.dz, &mut a.dzin, b * p * dim),
         }
         let tail = AttnShape {
@@ -1035,11 +910,7 @@ impl<B: Backend> Trainer<B> {
             let last = l + 1 == d.depth;
             // The MLP and attention-output part runs on all rows, or on the P prompt rows of
             // the last block (gradient `dzin`, compact [B, P, D]).
-            let (r, dres) = if last {
-                (b * p, &mut a.dzin)
-            } else {
-                (rows, &mut a.dx)
-            };
+            let (r, dres) = if last { (b * p, &mut a.dzin) } else { (rows, &mut a.dx) };
             // x_out = x_mid + ls2 * fc2(gelu(fc1(LN2(x_mid))))
             let src = match &blk.ls2 {
                 Some(ls) => {
@@ -1051,17 +922,7 @@ impl<B: Backend> Trainer<B> {
             be.linear_backward_input(src, &blk.fc2.0, &mut a.dhidden, r, d.mlp, dim, false);
             be.gelu_backward(&a.pre_gelu[l], &mut a.dhidden, r * d.mlp);
             be.linear_backward_input(&a.dhidden, &blk.fc1.0, &mut a.dtmp2, r, dim, d.mlp, false);
-            be.layernorm_backward(
-                &a.dtmp2,
-                &a.xmid[l],
-                &blk.norm2.0,
-                &a.ln2[l].0,
-                &a.ln2[l].1,
-                dres,
-                r,
-                dim,
-                true,
-            );
+            be.layernorm_backward(&a.dtmp2, &a.xmid[l], &blk.norm2.0, &a.ln2[l].0, &a.ln2[l].1, dres, r, dim, true);
             // x_mid = x + ls1 * proj(attn(qkv(LN1(x))))
             let src = match &blk.ls1 {
                 Some(ls) => {

@@ -39,7 +39,9 @@ pub fn assert_rel_max(what: &str, got: &[f32], want: &[f32], tol: f64, seed: u64
 
 /// Column block `slot` (0 = Q, 1 = K, 2 = V) of a `[B*N, 3, D]` tensor, as `[B*N, D]`.
 pub fn slot(x: &[f32], rows: usize, d: usize, slot: usize) -> Vec<f32> {
-    (0..rows).flat_map(|r| x[(r * 3 + slot) * d..(r * 3 + slot + 1) * d].iter().copied()).collect()
+    (0..rows)
+        .flat_map(|r| x[(r * 3 + slot) * d..(r * 3 + slot + 1) * d].iter().copied())
+        .collect()
 }
 
 /// What a kernel run produced for one shape: `out [B, Nq, D]`, `lse [B, h, Nq]` and
@@ -78,6 +80,12 @@ pub fn check_against_cpu(sh: &AttnShape, qkv: &[f32], dout: &[f32], got: &Kernel
         assert!(ok, "{what} lse[{i}]: got {g}, want {w} (MLVPT_TEST_SEED={seed})");
     }
     for (k, name) in ["dQ", "dK", "dV"].iter().enumerate() {
-        assert_rel_max(&format!("{what} {name}"), &slot(got.dqkv, tok, d, k), &slot(&dqkv, tok, d, k), REL_TOL, seed);
+        assert_rel_max(
+            &format!("{what} {name}"),
+            &slot(got.dqkv, tok, d, k),
+            &slot(&dqkv, tok, d, k),
+            REL_TOL,
+            seed,
+        );
     }
 }

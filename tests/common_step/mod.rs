@@ -17,7 +17,7 @@
 
 use crate::common_model::{images_targets, lively_backbone, tables};
 use half::bf16;
-use mlvpt::backend::{AdapterShape, AdamWConfig, AslConfig, AttnShape, Backend, BufRole, CpuBackend, MoeShape, VptHeadShape};
+use mlvpt::backend::{AdamWConfig, AdapterShape, AslConfig, AttnShape, Backend, BufRole, CpuBackend, MoeShape, VptHeadShape};
 use mlvpt::model::{ModelConfig, Params};
 use mlvpt::train::Trainer;
 
@@ -51,11 +51,17 @@ pub struct Bf16Emu {
 impl Bf16Emu {
     /// As the CUDA backend in [`mlvpt::backend::Precision::Bf16`].
     pub fn bf16_storage() -> Self {
-        Self { inner: CpuBackend::new(), storage: true }
+        Self {
+            inner: CpuBackend::new(),
+            storage: true,
+        }
     }
     /// As the CUDA backend in [`mlvpt::backend::Precision::F32`]: the kernels' casts only.
     pub fn casts_only() -> Self {
-        Self { inner: CpuBackend::new(), storage: false }
+        Self {
+            inner: CpuBackend::new(),
+            storage: false,
+        }
     }
     /// An operand as a bf16-only kernel reads it.
     fn cast(&self, v: &[f32]) -> Vec<f32> {
@@ -70,13 +76,19 @@ impl Backend for Bf16Emu {
     type Idx = Vec<u32>;
 
     fn name(&self) -> String {
-        format!("cpu-f32 emulating {}", if self.storage { "bf16 storage" } else { "bf16 kernel casts" })
+        format!(
+            "cpu-f32 emulating {}",
+            if self.storage { "bf16 storage" } else { "bf16 kernel casts" }
+        )
     }
     fn alloc(&mut self, len: usize) -> Buf {
         self.alloc_as(len, BufRole::State)
     }
     fn alloc_as(&mut self, len: usize, role: BufRole) -> Buf {
-        Buf { v: self.inner.alloc(len), bf16: self.storage && role != BufRole::State }
+        Buf {
+            v: self.inner.alloc(len),
+            bf16: self.storage && role != BufRole::State,
+        }
     }
     fn buf_len(&self, buf: &Buf) -> usize {
         buf.v.len()
@@ -114,21 +126,55 @@ impl Backend for Bf16Emu {
         self.inner.patchify(&images.v, &mut out.v, batch, channels, height, width, patch);
         out.round();
     }
-    fn embed_tokens(&mut self, patches: &Buf, cls: &Buf, pos: &Buf, x: &mut Buf, batch: usize, num_patches: usize, prompts: usize, dim: usize) {
-        self.inner.embed_tokens(&patches.v, &cls.v, &pos.v, &mut x.v, batch, num_patches, prompts, dim);
+    fn embed_tokens(
+        &mut self,
+        patches: &Buf,
+        cls: &Buf,
+        pos: &Buf,
+        x: &mut Buf,
+        batch: usize,
+        num_patches: usize,
+        prompts: usize,
+        dim: usize,
+    ) {
+        self.inner
+            .embed_tokens(&patches.v, &cls.v, &pos.v, &mut x.v, batch, num_patches, prompts, dim);
         x.round();
     }
     fn set_prompts(&mut self, prompts: &Buf, layer: usize, x: &mut Buf, batch: usize, tokens: usize, count: usize, dim: usize) {
         self.inner.set_prompts(&prompts.v, layer, &mut x.v, batch, tokens, count, dim);
         x.round();
     }
-    fn prompt_grad(&mut self, dx: &mut Buf, dprompts: &mut Buf, layer: usize, batch: usize, tokens: usize, count: usize, dim: usize, zero_rows: bool) {
-        self.inner.prompt_grad(&mut dx.v, &mut dprompts.v, layer, batch, tokens, count, dim, zero_rows);
+    fn prompt_grad(
+        &mut self,
+        dx: &mut Buf,
+        dprompts: &mut Buf,
+        layer: usize,
+        batch: usize,
+        tokens: usize,
+        count: usize,
+        dim: usize,
+        zero_rows: bool,
+    ) {
+        self.inner
+            .prompt_grad(&mut dx.v, &mut dprompts.v, layer, batch, tokens, count, dim, zero_rows);
         dx.round();
         dprompts.round();
     }
-    fn copy_tokens(&mut self, src: &Buf, src_tokens: usize, src_start: usize, dst: &mut Buf, dst_tokens: usize, dst_start: usize, count: usize, batch: usize, dim: usize) {
-        self.inner.copy_tokens(&src.v, src_tokens, src_start, &mut dst.v, dst_tokens, dst_start, count, batch, dim);
+    fn copy_tokens(
+        &mut self,
+        src: &Buf,
+        src_tokens: usize,
+        src_start: usize,
+        dst: &mut Buf,
+        dst_tokens: usize,
+        dst_start: usize,
+        count: usize,
+        batch: usize,
+        dim: usize,
+    ) {
+        self.inner
+            .copy_tokens(&src.v, src_tokens, src_start, &mut dst.v, dst_tokens, dst_start, count, batch, dim);
         dst.round();
     }
     fn residual(&mut self, x: &Buf, f: &Buf, ls: Option<&Buf>, out: &mut Buf, rows: usize, dim: usize) {
@@ -140,24 +186,50 @@ impl Backend for Bf16Emu {
         out.round();
     }
     fn linear_forward(&mut self, x: &Buf, w: &Buf, bias: Option<&Buf>, y: &mut Buf, rows: usize, d_in: usize, d_out: usize) {
-        self.inner.linear_forward(&x.v, &w.v, bias.map(|b| &b.v), &mut y.v, rows, d_in, d_out);
+        self.inner
+            .linear_forward(&x.v, &w.v, bias.map(|b| &b.v), &mut y.v, rows, d_in, d_out);
         y.round();
     }
     fn linear_backward_input(&mut self, dy: &Buf, w: &Buf, dx: &mut Buf, rows: usize, d_in: usize, d_out: usize, accumulate: bool) {
         let dy = self.cast(&dy.v);
-        self.inner.linear_backward_input(&dy, &w.v, &mut dx.v, rows, d_in, d_out, accumulate);
+        self.inner
+            .linear_backward_input(&dy, &w.v, &mut dx.v, rows, d_in, d_out, accumulate);
         dx.round();
     }
-    fn layernorm_forward(&mut self, x: &Buf, gamma: &Buf, beta: &Buf, y: &mut Buf, mean: &mut Buf, rstd: &mut Buf, rows: usize, dim: usize, eps: f64) {
+    fn layernorm_forward(
+        &mut self,
+        x: &Buf,
+        gamma: &Buf,
+        beta: &Buf,
+        y: &mut Buf,
+        mean: &mut Buf,
+        rstd: &mut Buf,
+        rows: usize,
+        dim: usize,
+        eps: f64,
+    ) {
         // The kernels read x in its own storage and always write y in bf16.
-        self.inner.layernorm_forward(&x.v, &gamma.v, &beta.v, &mut y.v, &mut mean.v, &mut rstd.v, rows, dim, eps);
+        self.inner
+            .layernorm_forward(&x.v, &gamma.v, &beta.v, &mut y.v, &mut mean.v, &mut rstd.v, rows, dim, eps);
         round_all(&mut y.v);
     }
-    fn layernorm_backward(&mut self, dy: &Buf, x: &Buf, gamma: &Buf, mean: &Buf, rstd: &Buf, dx: &mut Buf, rows: usize, dim: usize, accumulate: bool) {
+    fn layernorm_backward(
+        &mut self,
+        dy: &Buf,
+        x: &Buf,
+        gamma: &Buf,
+        mean: &Buf,
+        rstd: &Buf,
+        dx: &mut Buf,
+        rows: usize,
+        dim: usize,
+        accumulate: bool,
+    ) {
         // dy is read in bf16; x is read in dx's storage, and dx written in it.
         let dy = self.cast(&dy.v);
         let x = if dx.bf16 { self.cast(&x.v) } else { x.v.clone() };
-        self.inner.layernorm_backward(&dy, &x, &gamma.v, &mean.v, &rstd.v, &mut dx.v, rows, dim, accumulate);
+        self.inner
+            .layernorm_backward(&dy, &x, &gamma.v, &mean.v, &rstd.v, &mut dx.v, rows, dim, accumulate);
         dx.round();
     }
     fn gelu_forward(&mut self, x: &Buf, y: &mut Buf, len: usize) {
@@ -178,29 +250,96 @@ impl Backend for Bf16Emu {
         dqkv.round();
     }
     fn adapter_forward(&mut self, z: &Buf, w1: &Buf, b1: &Buf, w2: &Buf, b2: &Buf, u: &mut Buf, out: &mut Buf, shape: &AdapterShape) {
-        self.inner.adapter_forward(&z.v, &w1.v, &b1.v, &w2.v, &b2.v, &mut u.v, &mut out.v, shape);
+        self.inner
+            .adapter_forward(&z.v, &w1.v, &b1.v, &w2.v, &b2.v, &mut u.v, &mut out.v, shape);
         u.round();
         out.round();
     }
-    fn adapter_backward(&mut self, dout: &Buf, z: &Buf, u: &Buf, w1: &Buf, w2: &Buf, dz: &mut Buf, dw1: &mut Buf, db1: &mut Buf, dw2: &mut Buf, db2: &mut Buf, shape: &AdapterShape) {
+    fn adapter_backward(
+        &mut self,
+        dout: &Buf,
+        z: &Buf,
+        u: &Buf,
+        w1: &Buf,
+        w2: &Buf,
+        dz: &mut Buf,
+        dw1: &mut Buf,
+        db1: &mut Buf,
+        dw2: &mut Buf,
+        db2: &mut Buf,
+        shape: &AdapterShape,
+    ) {
         let dout = self.cast(&dout.v);
         let z = self.cast(&z.v);
-        self.inner.adapter_backward(&dout, &z, &u.v, &w1.v, &w2.v, &mut dz.v, &mut dw1.v, &mut db1.v, &mut dw2.v, &mut db2.v, shape);
+        self.inner.adapter_backward(
+            &dout, &z, &u.v, &w1.v, &w2.v, &mut dz.v, &mut dw1.v, &mut db1.v, &mut dw2.v, &mut db2.v, shape,
+        );
         dz.round();
         dw1.round();
         db1.round();
         dw2.round();
         db2.round();
     }
-    fn moe_forward(&mut self, z: &Buf, adapted: &Buf, gate: &Buf, w: &Buf, c: &Buf, tok: &Vec<u32>, grow: &Vec<u32>, y: &mut Buf, m: &mut Buf, q: &mut Buf, r: &mut Buf, shape: &MoeShape) {
-        self.inner.moe_forward(&z.v, &adapted.v, &gate.v, &w.v, &c.v, tok, grow, &mut y.v, &mut m.v, &mut q.v, &mut r.v, shape);
+    fn moe_forward(
+        &mut self,
+        z: &Buf,
+        adapted: &Buf,
+        gate: &Buf,
+        w: &Buf,
+        c: &Buf,
+        tok: &Vec<u32>,
+        grow: &Vec<u32>,
+        y: &mut Buf,
+        m: &mut Buf,
+        q: &mut Buf,
+        r: &mut Buf,
+        shape: &MoeShape,
+    ) {
+        self.inner.moe_forward(
+            &z.v, &adapted.v, &gate.v, &w.v, &c.v, tok, grow, &mut y.v, &mut m.v, &mut q.v, &mut r.v, shape,
+        );
         y.round();
         m.round();
         q.round();
         r.round();
     }
-    fn moe_backward(&mut self, dy: &Buf, dm: &Buf, z: &Buf, adapted: &Buf, gate: &Buf, w: &Buf, tok: &Vec<u32>, grow: &Vec<u32>, q: &Buf, r: &Buf, dz: &mut Buf, dadapted: &mut Buf, dgate: &mut Buf, dw: &mut Buf, dc: &mut Buf, shape: &MoeShape) {
-        self.inner.moe_backward(&dy.v, &dm.v, &z.v, &adapted.v, &gate.v, &w.v, tok, grow, &q.v, &r.v, &mut dz.v, &mut dadapted.v, &mut dgate.v, &mut dw.v, &mut dc.v, shape);
+    fn moe_backward(
+        &mut self,
+        dy: &Buf,
+        dm: &Buf,
+        z: &Buf,
+        adapted: &Buf,
+        gate: &Buf,
+        w: &Buf,
+        tok: &Vec<u32>,
+        grow: &Vec<u32>,
+        q: &Buf,
+        r: &Buf,
+        dz: &mut Buf,
+        dadapted: &mut Buf,
+        dgate: &mut Buf,
+        dw: &mut Buf,
+        dc: &mut Buf,
+        shape: &MoeShape,
+    ) {
+        self.inner.moe_backward(
+            &dy.v,
+            &dm.v,
+            &z.v,
+            &adapted.v,
+            &gate.v,
+            &w.v,
+            tok,
+            grow,
+            &q.v,
+            &r.v,
+            &mut dz.v,
+            &mut dadapted.v,
+            &mut dgate.v,
+            &mut dw.v,
+            &mut dc.v,
+            shape,
+        );
         dz.round();
         dadapted.round();
         dgate.round();
@@ -213,20 +352,33 @@ impl Backend for Bf16Emu {
         y.round();
     }
     fn vpt_head_backward(&mut self, dy: &Buf, zbar: &Buf, w: &Buf, dz: &mut Buf, dw: &mut Buf, dc: &mut Buf, shape: &VptHeadShape) {
-        self.inner.vpt_head_backward(&dy.v, &zbar.v, &w.v, &mut dz.v, &mut dw.v, &mut dc.v, shape);
+        self.inner
+            .vpt_head_backward(&dy.v, &zbar.v, &w.v, &mut dz.v, &mut dw.v, &mut dc.v, shape);
         dz.round();
         dw.round();
         dc.round();
     }
     fn asl(&mut self, logits: &Buf, targets: &Buf, len: usize, cfg: &AslConfig, scale: f64, mut grad: Option<&mut Buf>) -> f64 {
-        let r = self.inner.asl(&logits.v, &targets.v, len, cfg, scale, grad.as_deref_mut().map(|b| &mut b.v));
+        let r = self
+            .inner
+            .asl(&logits.v, &targets.v, len, cfg, scale, grad.as_deref_mut().map(|b| &mut b.v));
         if let Some(b) = grad {
             b.round();
         }
         r
     }
 
-    fn adamw(&mut self, params: &mut [Buf], grads: &[Buf], m: &mut [Buf], v: &mut [Buf], step: u64, lr: f64, cfg: &AdamWConfig, guard: Option<&Buf>) {
+    fn adamw(
+        &mut self,
+        params: &mut [Buf],
+        grads: &[Buf],
+        m: &mut [Buf],
+        v: &mut [Buf],
+        step: u64,
+        lr: f64,
+        cfg: &AdamWConfig,
+        guard: Option<&Buf>,
+    ) {
         let take = |b: &mut [Buf]| -> Vec<Vec<f32>> { b.iter_mut().map(|x| std::mem::take(&mut x.v)).collect() };
         let (mut p, mut mm, mut vv) = (take(params), take(m), take(v));
         let g: Vec<Vec<f32>> = grads.iter().map(|x| x.v.clone()).collect();
@@ -244,7 +396,17 @@ impl Backend for Bf16Emu {
 pub fn trainer_on<B: Backend>(be: B, cfg: &ModelConfig, branches: usize, max_batch: usize, seed: u64) -> Trainer<B> {
     let bb = lively_backbone(&cfg.vit, seed);
     let params = Params::init(cfg, branches, seed + 1);
-    Trainer::new(be, cfg.clone(), &bb, params, tables(cfg.labels, cfg.groups, branches), AslConfig::default(), AdamWConfig::default(), max_batch).unwrap()
+    Trainer::new(
+        be,
+        cfg.clone(),
+        &bb,
+        params,
+        tables(cfg.labels, cfg.groups, branches),
+        AslConfig::default(),
+        AdamWConfig::default(),
+        max_batch,
+    )
+    .unwrap()
 }
 
 /// Relative L2 distance `|a - b| / max(|b|, floor)`.
@@ -279,11 +441,19 @@ pub fn step_metrics<B: Backend>(be: B, cfg: &ModelConfig, branches: usize, batch
     let (loss_c, gc) = cpu.loss_and_grads(&images, &targets).unwrap();
     let (loss_o, go) = other.loss_and_grads(&images, &targets).unwrap();
     let loss = ((loss_c - loss_o).abs() / loss_c.abs().max(1e-3)) as f64;
-    let grads = gc.tensors.iter().zip(&go.tensors).map(|(c, o)| (c.name.clone(), rel(&o.data, &c.data, 1e-6))).collect();
+    let grads = gc
+        .tensors
+        .iter()
+        .zip(&go.tensors)
+        .map(|(c, o)| (c.name.clone(), rel(&o.data, &c.data, 1e-6)))
+        .collect();
     let p0 = cpu.params();
     let step_losses = (0..3)
         .map(|_| {
-            let (a, b) = (cpu.step(&images, &targets, 1e-3).unwrap(), other.step(&images, &targets, 1e-3).unwrap());
+            let (a, b) = (
+                cpu.step(&images, &targets, 1e-3).unwrap(),
+                other.step(&images, &targets, 1e-3).unwrap(),
+            );
             ((a - b).abs() / a.abs().max(1e-3)) as f64
         })
         .collect();
@@ -300,5 +470,11 @@ pub fn step_metrics<B: Backend>(be: B, cfg: &ModelConfig, branches: usize, batch
             (c.name.clone(), rel(&apart, &zero, 1.0) / rel(&moved, &zero, 1.0).max(1e-12))
         })
         .collect();
-    StepMetrics { logits, loss, grads, step_losses, params_apart }
+    StepMetrics {
+        logits,
+        loss,
+        grads,
+        step_losses,
+        params_apart,
+    }
 }

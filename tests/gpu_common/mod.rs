@@ -19,9 +19,15 @@ pub fn on_virtual_device() -> bool {
 
 /// A fresh generator per test; its seed is printed so a failure can be replayed.
 pub fn rng(test: &str) -> (ChaCha8Rng, u64) {
-    let seed = std::env::var("MLVPT_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(1)
-    });
+    let seed = std::env::var("MLVPT_TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(1)
+        });
     eprintln!("{test}: MLVPT_TEST_SEED={seed}");
     (ChaCha8Rng::seed_from_u64(seed), seed)
 }
@@ -54,7 +60,13 @@ pub fn to_f64(v: &[f32]) -> Vec<f64> {
 /// Fails unless every |got - want| <= atol + rtol |want| (NaN in `got`, e.g. an element the
 /// kernel never wrote over the poison, fails too), naming the worst element and the seed.
 pub fn assert_close(what: &str, got: &[f32], want: &[f64], atol: f64, rtol: f64, seed: u64) {
-    assert_within(&format!("{what} (atol {atol:e}, rtol {rtol:e})"), got, want, |i| atol + rtol * want[i].abs(), seed);
+    assert_within(
+        &format!("{what} (atol {atol:e}, rtol {rtol:e})"),
+        got,
+        want,
+        |i| atol + rtol * want[i].abs(),
+        seed,
+    );
 }
 
 /// Fails unless every |got[i] - want[i]| <= bound(i) (NaN in `got` fails), naming the worst

@@ -36,7 +36,10 @@ impl<'a> SumBound<'a> {
     }
     /// A sum over the kernel's own du: (|terms|, carried), as [`AdapterTerms`] holds them.
     pub fn with(pair: &'a (Vec<f64>, Vec<f64>)) -> Self {
-        Self { terms: &pair.0, carried: Some(&pair.1) }
+        Self {
+            terms: &pair.0,
+            carried: Some(&pair.1),
+        }
     }
     pub fn at(&self, i: usize, want: f64, atol: f64, rtol: f64) -> f64 {
         atol + rtol * want.abs() + SUM_EPS * self.terms[i] + self.carried.map_or(0.0, |c| c[i])
@@ -45,7 +48,15 @@ impl<'a> SumBound<'a> {
 
 /// Sums of |terms| of the MoE parameter gradients: dgate (rows x D) from dq z, and dw (K x D)
 /// from dr adapted. `dq`, `dr` are [B, E, K], as `cpu::moe_backward` leaves them in scratch.
-pub fn moe_param_terms(dq: &[f64], dr: &[f64], z: &[f64], adapted: &[f64], tok: &[u32], grow: &[u32], s: &MoeShape) -> (Vec<f64>, Vec<f64>) {
+pub fn moe_param_terms(
+    dq: &[f64],
+    dr: &[f64],
+    z: &[f64],
+    adapted: &[f64],
+    tok: &[u32],
+    grow: &[u32],
+    s: &MoeShape,
+) -> (Vec<f64>, Vec<f64>) {
     let (bn, p, d, k, e) = (s.batch, s.tokens, s.dim, s.labels, s.experts);
     let (mut tg, mut tw) = (vec![0.0; s.gate_rows * d], vec![0.0; k * d]);
     for b in 0..bn {
@@ -114,5 +125,10 @@ pub fn adapter_terms(dout: &[f64], z: &[f64], u: &[f64], w2: &[f64], s: &Adapter
             }
         }
     }
-    AdapterTerms { dw1: (t1, c1), db1: (tb1, cb1), dw2: t2, db2: tb2 }
+    AdapterTerms {
+        dw1: (t1, c1),
+        db1: (tb1, cb1),
+        dw2: t2,
+        db2: tb2,
+    }
 }

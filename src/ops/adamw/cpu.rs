@@ -7,15 +7,7 @@ use crate::ops::real::{cast, simd, Real};
 const CHUNK: usize = 4096;
 
 /// One AdamW update of `p` with gradient `g` at step `step` (1-based) and learning rate `lr`.
-pub fn step<T: Real>(
-    p: &mut [T],
-    g: &[T],
-    m: &mut [T],
-    v: &mut [T],
-    step: u64,
-    lr: f64,
-    cfg: &AdamWConfig,
-) {
+pub fn step<T: Real>(p: &mut [T], g: &[T], m: &mut [T], v: &mut [T], step: u64, lr: f64, cfg: &AdamWConfig) {
     assert!(step >= 1, "AdamW steps count from 1");
     let n = p.len();
     assert!(g.len() >= n && m.len() >= n && v.len() >= n);

@@ -3,11 +3,11 @@
 //! gradient and moment buffers), optionally guarded by a device scalar (the loss) so a
 //! non-finite loss skips the update without the host reading the loss first.
 
-use crate::gpu::kernels::adamw;
 use super::AdamWConfig;
+use crate::contract::adamw::AdamWParams;
+use crate::gpu::kernels::adamw;
 use crate::gpu::launch::{grid_stride_blocks, BLOCK};
 use crate::gpu::{CudaStream, DevicePtr, DevicePtrMut, GpuContext, GpuError};
-use crate::contract::adamw::AdamWParams;
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 
 /// Most tensors one launch takes; more take several launches.
@@ -87,9 +87,17 @@ pub fn step_many(
         return Err(GpuError::invalid(OP, format!("learning rate {lr}")));
     }
     for (i, t) in tensors.iter().enumerate() {
-        for (what, len) in [("params", t.params.len()), ("grads", t.grads.len()), ("m", t.m.len()), ("v", t.v.len())] {
+        for (what, len) in [
+            ("params", t.params.len()),
+            ("grads", t.grads.len()),
+            ("m", t.m.len()),
+            ("v", t.v.len()),
+        ] {
             if len < t.n {
-                return Err(GpuError::invalid(OP, format!("{what} of tensor {i} has {len} elements, needs {}", t.n)));
+                return Err(GpuError::invalid(
+                    OP,
+                    format!("{what} of tensor {i} has {len} elements, needs {}", t.n),
+                ));
             }
         }
     }
@@ -106,7 +114,18 @@ pub fn step_many(
         None => (0, None),
     };
     for chunk in tensors.chunks_mut(MAX_TENSORS) {
-        let mut table = AdamWParams { guard: gp, decay, step_size, inv_sqrt_bc2, beta1, beta2, eps, one_minus_beta1, one_minus_beta2, ..Default::default() };
+        let mut table = AdamWParams {
+            guard: gp,
+            decay,
+            step_size,
+            inv_sqrt_bc2,
+            beta1,
+            beta2,
+            eps,
+            one_minus_beta1,
+            one_minus_beta2,
+            ..Default::default()
+        };
         let count = chunk.len();
         let mut guards = Vec::with_capacity(4 * count);
         let mut total = 0u64;
@@ -128,7 +147,11 @@ pub fn step_many(
             continue;
         }
         table.count = count as u32;
-        let launch = LaunchConfig { grid_dim: (grid_stride_blocks(gpu, total, BLOCK as u64), 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
+        let launch = LaunchConfig {
+            grid_dim: (grid_stride_blocks(gpu, total, BLOCK as u64), 1, 1),
+            block_dim: (BLOCK, 1, 1),
+            shared_mem_bytes: 0,
+        };
         let mut l = stream.launch_builder(&f);
         l.arg(&table);
         // SAFETY: tensor i's four buffers hold at least n_i elements (checked above) and the

@@ -1,8 +1,8 @@
 //! GPU launcher of the ASL op (`kernels/asl.cu`): loss and gradient in one launch, fused with
 //! the sigmoid, the loss summed by a deterministic two-level block reduction.
 
-use crate::gpu::kernels::asl;
 use super::AslConfig;
+use crate::gpu::kernels::asl;
 use crate::gpu::launch::{check_len, grid_stride_blocks, BLOCK};
 use crate::gpu::view::check_dense;
 use crate::gpu::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut, GpuContext, GpuError, Tensor};
@@ -56,7 +56,10 @@ impl AslWorkspace {
     /// # Ok(()) }
     /// ```
     pub fn new(gpu: &GpuContext) -> Result<Self, GpuError> {
-        Ok(Self { partials: gpu.zeros(MAX_BLOCKS as usize)?, counter: gpu.zeros(1)? })
+        Ok(Self {
+            partials: gpu.zeros(MAX_BLOCKS as usize)?,
+            counter: gpu.zeros(1)?,
+        })
     }
 }
 
@@ -184,17 +187,28 @@ pub fn forward_backward_terms(
     check_len(OP, "loss", loss, 1)?;
     for (i, t) in terms.iter().enumerate() {
         if t.logits.len() < n {
-            return Err(GpuError::invalid(OP, format!("logits of term {i} have {} elements, need {n}", t.logits.len())));
+            return Err(GpuError::invalid(
+                OP,
+                format!("logits of term {i} have {} elements, need {n}", t.logits.len()),
+            ));
         }
         if let Some(g) = t.grad.as_deref() {
             if g.len() < n {
-                return Err(GpuError::invalid(OP, format!("grad of term {i} has {} elements, need {n}", g.len())));
+                return Err(GpuError::invalid(
+                    OP,
+                    format!("grad of term {i} has {} elements, need {n}", g.len()),
+                ));
             }
         }
     }
     let f = gpu.kernel(asl::ASL_TERMS_FWD_BWD_F32)?;
     let blocks = grid_stride_blocks(gpu, (n * terms.len()) as u64, BLOCK as u64).min(MAX_BLOCKS);
-    let mut arg = crate::contract::asl::AslParams { n: n as u64, nterms: terms.len() as u32, scale, ..Default::default() };
+    let mut arg = crate::contract::asl::AslParams {
+        n: n as u64,
+        nterms: terms.len() as u32,
+        scale,
+        ..Default::default()
+    };
     let mut guards = Vec::with_capacity(2 * terms.len());
     for (i, t) in terms.iter_mut().enumerate() {
         let (p, g) = t.logits.device_ptr(stream);
@@ -214,7 +228,11 @@ pub fn forward_backward_terms(
     (arg.gamma_pos, arg.gamma_neg, arg.clip) = (cfg.gamma_pos as f32, cfg.gamma_neg as f32, cfg.clip as f32);
     arg.log_eps = cfg.eps.ln() as f32;
     arg.exact_grad = cfg.exact_grad as i32;
-    let launch = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
+    let launch = LaunchConfig {
+        grid_dim: (blocks, 1, 1),
+        block_dim: (BLOCK, 1, 1),
+        shared_mem_bytes: 0,
+    };
     let mut l = stream.launch_builder(&f);
     l.arg(&arg);
     // SAFETY: every term's logits (and grad, where given) hold n elements, the targets n, the
@@ -266,7 +284,13 @@ pub struct AslOutput {
 /// assert!((gpu.download(&out.loss)?[0] - want).abs() < 1e-4 * want.abs().max(1.0));
 /// # Ok(()) }
 /// ```
-pub fn loss(gpu: &GpuContext, logits: &Tensor<f32, 2>, targets: &Tensor<f32, 2>, cfg: &AslConfig, scale: f32) -> Result<AslOutput, GpuError> {
+pub fn loss(
+    gpu: &GpuContext,
+    logits: &Tensor<f32, 2>,
+    targets: &Tensor<f32, 2>,
+    cfg: &AslConfig,
+    scale: f32,
+) -> Result<AslOutput, GpuError> {
     const OP: &str = "asl";
     let shape = logits.shape();
     check_dense(OP, "logits", logits.layout(), shape, "[B, K]")?;
@@ -275,8 +299,22 @@ pub fn loss(gpu: &GpuContext, logits: &Tensor<f32, 2>, targets: &Tensor<f32, 2>,
     if n == 0 {
         return Err(GpuError::invalid(OP, "no logits: the loss of an empty batch is undefined"));
     }
-    let mut out = AslOutput { loss: gpu.zeros(1)?, grad: gpu.zeros(n)? };
+    let mut out = AslOutput {
+        loss: gpu.zeros(1)?,
+        grad: gpu.zeros(n)?,
+    };
     let mut ws = AslWorkspace::new(gpu)?;
-    forward_backward(gpu, gpu.stream(), &mut ws, logits, targets, cfg, scale, Some(&mut out.grad), &mut out.loss, n)?;
+    forward_backward(
+        gpu,
+        gpu.stream(),
+        &mut ws,
+        logits,
+        targets,
+        cfg,
+        scale,
+        Some(&mut out.grad),
+        &mut out.loss,
+        n,
+    )?;
     Ok(out)
 }

@@ -38,7 +38,13 @@ pub struct AslConfig {
 
 impl Default for AslConfig {
     fn default() -> Self {
-        Self { gamma_neg: 2.0, gamma_pos: 0.0, clip: 0.0, eps: 1e-5, exact_grad: false }
+        Self {
+            gamma_neg: 2.0,
+            gamma_pos: 0.0,
+            clip: 0.0,
+            eps: 1e-5,
+            exact_grad: false,
+        }
     }
 }
 

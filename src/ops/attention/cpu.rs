@@ -81,13 +81,7 @@ fn softmax_rows<T: Real>(s: &mut [T], lse: &mut [T], sh: &AttnShape) {
 
 /// Forward: `out = softmax(mask(scale Q K^T)) V` per head for the query range; saves
 /// `lse [B, h, Nq]`. `scratch` grows once to the size the shape needs and is reused.
-pub fn forward<T: Real>(
-    qkv: &[T],
-    out: &mut [T],
-    lse: &mut [T],
-    sh: &AttnShape,
-    scratch: &mut Vec<T>,
-) {
+pub fn forward<T: Real>(qkv: &[T], out: &mut [T], lse: &mut [T], sh: &AttnShape, scratch: &mut Vec<T>) {
     let (b, n, h, dh) = (sh.batch, sh.tokens, sh.heads, sh.head_dim);
     let (q0, nq) = (sh.q_start, sh.q_len);
     let d = sh.dim();
@@ -107,76 +101,32 @@ pub fn forward<T: Real>(
     let mut first = 0;
     while first < total {
         let count = per.min(total - first);
-        scratch[..count * nq * n]
-            .par_chunks_mut(nq * n)
-            .enumerate()
-            .for_each(|(t, s)| {
-                simd(|| {
-                    let task = first + t;
-                    let (bi, hi) = (task / h, task % h);
-                    let base = qkv[bi * n * 3 * d + hi * dh..].as_ptr();
-                    // SAFETY: every index below stays inside qkv/out/lse (asserted sizes); each task
-                    // writes only its own head's columns of `out` and its own `lse` row.
-                    unsafe {
-                        let q = base.add(q0 * 3 * d);
-                        let k = base.add(d);
-                        let v = base.add(2 * d);
-                        matmul(
-                            nq,
-                            n,
-                            dh,
-                            s.as_mut_ptr(),
-                            n,
-                            1,
-                            false,
-                            q,
-                            3 * d,
-                            1,
-                            k,
-                            1,
-                            3 * d,
-                            scale,
-                            false,
-                        );
-                        let lse_row =
-                            std::slice::from_raw_parts_mut(lse_p.get().add(task * nq), nq);
-                        softmax_rows(s, lse_row, sh);
-                        let o = out_p.get().add(bi * nq * d + hi * dh);
-                        matmul(
-                            nq,
-                            dh,
-                            n,
-                            o,
-                            d,
-                            1,
-                            false,
-                            s.as_ptr(),
-                            n,
-                            1,
-                            v,
-                            3 * d,
-                            1,
-                            T::one(),
-                            false,
-                        );
-                    }
-                });
+        scratch[..count * nq * n].par_chunks_mut(nq * n).enumerate().for_each(|(t, s)| {
+            simd(|| {
+                let task = first + t;
+                let (bi, hi) = (task / h, task % h);
+                let base = qkv[bi * n * 3 * d + hi * dh..].as_ptr();
+                // SAFETY: every index below stays inside qkv/out/lse (asserted sizes); each task
+                // writes only its own head's columns of `out` and its own `lse` row.
+                unsafe {
+                    let q = base.add(q0 * 3 * d);
+                    let k = base.add(d);
+                    let v = base.add(2 * d);
+                    matmul(nq, n, dh, s.as_mut_ptr(), n, 1, false, q, 3 * d, 1, k, 1, 3 * d, scale, false);
+                    let lse_row = std::slice::from_raw_parts_mut(lse_p.get().add(task * nq), nq);
+                    softmax_rows(s, lse_row, sh);
+                    let o = out_p.get().add(bi * nq * d + hi * dh);
+                    matmul(nq, dh, n, o, d, 1, false, s.as_ptr(), n, 1, v, 3 * d, 1, T::one(), false);
+                }
             });
+        });
         first += count;
     }
 }
 
 /// Backward: from `dout [B, Nq, D]` writes `dqkv [B, N, 3D]` (overwritten; Q rows outside the
 /// query range are zero).
-pub fn backward<T: Real>(
-    qkv: &[T],
-    out: &[T],
-    lse: &[T],
-    dout: &[T],
-    dqkv: &mut [T],
-    sh: &AttnShape,
-    scratch: &mut Vec<T>,
-) {
+pub fn backward<T: Real>(qkv: &[T], out: &[T], lse: &[T], dout: &[T], dqkv: &mut [T], sh: &AttnShape, scratch: &mut Vec<T>) {
     let (b, n, h, dh) = (sh.batch, sh.tokens, sh.heads, sh.head_dim);
     let (q0, nq) = (sh.q_start, sh.q_len);
     let d = sh.dim();
@@ -233,23 +183,7 @@ pub fn backward<T: Real>(
                         let v = all.add(2 * d);
                         let go = dout[o_off..].as_ptr();
                         // P = exp(scale Q K^T - lse), masked entries 0.
-                        matmul(
-                            nq,
-                            n,
-                            dh,
-                            p.as_mut_ptr(),
-                            n,
-                            1,
-                            false,
-                            q,
-                            3 * d,
-                            1,
-                            k,
-                            1,
-                            3 * d,
-                            scale,
-                            false,
-                        );
+                        matmul(nq, n, dh, p.as_mut_ptr(), n, 1, false, q, 3 * d, 1, k, 1, 3 * d, scale, false);
                         for (r, row) in p.chunks_exact_mut(n).enumerate() {
                             let l = lse_row[r];
                             for x in row.iter_mut() {
@@ -258,23 +192,7 @@ pub fn backward<T: Real>(
                             mask_row(row, q0 + r, sh, T::zero());
                         }
                         // dP = dO V^T
-                        matmul(
-                            nq,
-                            n,
-                            dh,
-                            dp.as_mut_ptr(),
-                            n,
-                            1,
-                            false,
-                            go,
-                            d,
-                            1,
-                            v,
-                            1,
-                            3 * d,
-                            T::one(),
-                            false,
-                        );
+                        matmul(nq, n, dh, dp.as_mut_ptr(), n, 1, false, go, d, 1, v, 1, 3 * d, T::one(), false);
                         // dS = P * (dP - rowsum(dO * O))
                         for i in 0..nq {
                             let orow = &out[o_off + i * d..o_off + i * d + dh];
@@ -290,57 +208,9 @@ pub fn backward<T: Real>(
                         let dk = dall.add(d);
                         let dv = dall.add(2 * d);
                         // dQ = scale dS K ; dK = scale dS^T Q ; dV = P^T dO
-                        matmul(
-                            nq,
-                            dh,
-                            n,
-                            dq,
-                            3 * d,
-                            1,
-                            false,
-                            dp.as_ptr(),
-                            n,
-                            1,
-                            k,
-                            3 * d,
-                            1,
-                            scale,
-                            false,
-                        );
-                        matmul(
-                            n,
-                            dh,
-                            nq,
-                            dk,
-                            3 * d,
-                            1,
-                            false,
-                            dp.as_ptr(),
-                            1,
-                            n,
-                            q,
-                            3 * d,
-                            1,
-                            scale,
-                            false,
-                        );
-                        matmul(
-                            n,
-                            dh,
-                            nq,
-                            dv,
-                            3 * d,
-                            1,
-                            false,
-                            p.as_ptr(),
-                            1,
-                            n,
-                            go,
-                            d,
-                            1,
-                            T::one(),
-                            false,
-                        );
+                        matmul(nq, dh, n, dq, 3 * d, 1, false, dp.as_ptr(), n, 1, k, 3 * d, 1, scale, false);
+                        matmul(n, dh, nq, dk, 3 * d, 1, false, dp.as_ptr(), 1, n, q, 3 * d, 1, scale, false);
+                        matmul(n, dh, nq, dv, 3 * d, 1, false, p.as_ptr(), 1, n, go, d, 1, T::one(), false);
                     }
                 });
             });

@@ -92,13 +92,21 @@ fn check_shape(op: &'static str, sh: &AttnShape) -> Result<Dims, GpuError> {
     if sh.prompt_start > sh.prompt_end || sh.prompt_end > sh.tokens {
         return Err(GpuError::invalid(
             op,
-            format!("prompt range {}..{} not inside 0..{} tokens", sh.prompt_start, sh.prompt_end, sh.tokens),
+            format!(
+                "prompt range {}..{} not inside 0..{} tokens",
+                sh.prompt_start, sh.prompt_end, sh.tokens
+            ),
         ));
     }
     if sh.q_start + sh.q_len > sh.tokens {
         return Err(GpuError::invalid(
             op,
-            format!("query range {}..{} not inside 0..{} tokens", sh.q_start, sh.q_start + sh.q_len, sh.tokens),
+            format!(
+                "query range {}..{} not inside 0..{} tokens",
+                sh.q_start,
+                sh.q_start + sh.q_len,
+                sh.tokens
+            ),
         ));
     }
     let i32_of = |what: &str, v: usize| {
@@ -106,7 +114,10 @@ fn check_shape(op: &'static str, sh: &AttnShape) -> Result<Dims, GpuError> {
     };
     let bh = sh.batch * sh.heads;
     if bh > 65_535 {
-        return Err(GpuError::invalid(op, format!("batch x heads = {bh} exceeds the 65535 blocks of grid.y")));
+        return Err(GpuError::invalid(
+            op,
+            format!("batch x heads = {bh} exceeds the 65535 blocks of grid.y"),
+        ));
     }
     // Token indices are 32-bit inside the kernels; offsets within an image too.
     i32_of("tokens x 3 x dim", sh.tokens * 3 * sh.dim())?;
@@ -129,7 +140,10 @@ fn unsupported(op: &'static str, head_dim: usize) -> GpuError {
 /// A tile shape for this shape's head dim, and one the kernels were compiled with.
 fn check_tiles(op: &'static str, sh: &AttnShape, head_dim: usize, compiled: bool) -> Result<(), GpuError> {
     if head_dim != sh.head_dim || !compiled {
-        return Err(GpuError::invalid(op, format!("tiles for head dim {head_dim} are not a compiled shape of head dim {}", sh.head_dim)));
+        return Err(GpuError::invalid(
+            op,
+            format!("tiles for head dim {head_dim} are not a compiled shape of head dim {}", sh.head_dim),
+        ));
     }
     Ok(())
 }
@@ -163,7 +177,11 @@ fn bth(l: &Layout<4>) -> (i64, i64, i64) {
 fn packed_layouts(b: usize, n: usize, h: usize, dh: usize) -> [Layout<4>; 3] {
     let d = h * dh;
     let strides = [n * 3 * d, 3 * d, dh, 1];
-    [0, 1, 2].map(|i| Layout { offset: i * d, shape: [b, n, h, dh], strides })
+    [0, 1, 2].map(|i| Layout {
+        offset: i * d,
+        shape: [b, n, h, dh],
+        strides,
+    })
 }
 
 /// Sets Q, K, V (pointers and strides) in `p`.
@@ -214,7 +232,11 @@ fn launch_backward(gpu: &GpuContext, stream: &CudaStream, p: &mut AttnParams, sc
     let pre = pre_kernel(p.dh as usize);
     let f = gpu.kernel(pre)?;
     let chunks = (b * nq * dim / 8) as u64;
-    let cfg = LaunchConfig { grid_dim: (grid_stride_blocks(gpu, chunks, BLOCK as u64), 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
+    let cfg = LaunchConfig {
+        grid_dim: (grid_stride_blocks(gpu, chunks, BLOCK as u64), 1, 1),
+        block_dim: (BLOCK, 1, 1),
+        shared_mem_bytes: 0,
+    };
     let mut l = stream.launch_builder(&f);
     l.arg(&*p);
     // SAFETY: as in launch_forward; the scratch holds B*Nq*D + B*h*Nq floats.
@@ -223,7 +245,11 @@ fn launch_backward(gpu: &GpuContext, stream: &CudaStream, p: &mut AttnParams, sc
     let smem = tiles.smem_bytes();
     let main = Kernel::new("attention", tiles.kernel);
     let f = function_with_smem(gpu, main, smem)?;
-    let cfg = LaunchConfig { grid_dim: (blocks(n, tiles.keys), bh, 1), block_dim: (tiles.threads() as u32, 1, 1), shared_mem_bytes: smem as u32 };
+    let cfg = LaunchConfig {
+        grid_dim: (blocks(n, tiles.keys), bh, 1),
+        block_dim: (tiles.threads() as u32, 1, 1),
+        shared_mem_bytes: smem as u32,
+    };
     let mut l = stream.launch_builder(&f);
     l.arg(&*p);
     // SAFETY: as above; writes dK, dV and adds into the dQ sums (a split backward: the zero dQ
@@ -237,7 +263,11 @@ fn launch_backward(gpu: &GpuContext, stream: &CudaStream, p: &mut AttnParams, sc
         let smem = tiles.dq_smem_bytes();
         let dq_kernel = Kernel::new("attention", dq_name);
         let f = function_with_smem(gpu, dq_kernel, smem)?;
-        let cfg = LaunchConfig { grid_dim: (blocks(nq, BwdTiles::DQ_ROWS), bh, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: smem as u32 };
+        let cfg = LaunchConfig {
+            grid_dim: (blocks(nq, BwdTiles::DQ_ROWS), bh, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: smem as u32,
+        };
         let mut l = stream.launch_builder(&f);
         l.arg(&*p);
         // SAFETY: as above; writes dQ of the query tokens.
@@ -247,7 +277,11 @@ fn launch_backward(gpu: &GpuContext, stream: &CudaStream, p: &mut AttnParams, sc
 
     let f = gpu.kernel(attention::ATTN_BWD_DQ_CONVERT)?;
     let tok = (b * n) as u64;
-    let cfg = LaunchConfig { grid_dim: (grid_stride_blocks(gpu, tok * (dim as u64 / 8), BLOCK as u64), 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
+    let cfg = LaunchConfig {
+        grid_dim: (grid_stride_blocks(gpu, tok * (dim as u64 / 8), BLOCK as u64), 1, 1),
+        block_dim: (BLOCK, 1, 1),
+        shared_mem_bytes: 0,
+    };
     let mut l = stream.launch_builder(&f);
     l.arg(&*p);
     // SAFETY: reads B*Nq*D floats of scratch, writes dQ (head dims are multiples of 8).
@@ -306,7 +340,11 @@ impl<'a> Qkv<'a> {
     pub fn packed(qkv: &'a impl DevicePtr<bf16>, batch: usize, tokens: usize, heads: usize, head_dim: usize) -> Self {
         let [lq, lk, lv] = packed_layouts(batch, tokens, heads, head_dim);
         let view = |l: Layout<4>| Tensor::strided(qkv, l.offset, l.shape, l.strides);
-        Self { q: view(lq), k: view(lk), v: view(lv) }
+        Self {
+            q: view(lq),
+            k: view(lk),
+            v: view(lv),
+        }
     }
     /// Three views (each `[B, N, h, dh]`, of one shape).
     ///
@@ -333,7 +371,10 @@ impl<'a> Qkv<'a> {
         let s = self.q.shape();
         for (name, t) in [("k", &self.k), ("v", &self.v)] {
             if t.shape() != s {
-                return Err(GpuError::invalid(op, format!("{name} has shape {:?}, q has {s:?} (each [B, N, h, dh])", t.shape())));
+                return Err(GpuError::invalid(
+                    op,
+                    format!("{name} has shape {:?}, q has {s:?} (each [B, N, h, dh])", t.shape()),
+                ));
             }
         }
         Ok(s)
@@ -375,7 +416,11 @@ pub enum QkvGrads<'a> {
     /// One buffer `dqkv [B, N, 3, h, dh]`, the layout of [`Qkv::packed`].
     Packed(&'a mut dyn DevicePtrMut<bf16>),
     /// Three `[B, N, h, dh]` views, each in a buffer of its own.
-    Separate { dq: TensorMut<'a, bf16, 4>, dk: TensorMut<'a, bf16, 4>, dv: TensorMut<'a, bf16, 4> },
+    Separate {
+        dq: TensorMut<'a, bf16, 4>,
+        dk: TensorMut<'a, bf16, 4>,
+        dv: TensorMut<'a, bf16, 4>,
+    },
 }
 
 /// The prompt mask and the query range of an attention call.
@@ -417,7 +462,16 @@ impl AttnOptions {
         if q.start > q.end {
             return Err(GpuError::invalid(op, format!("query range {}..{} is reversed", q.start, q.end)));
         }
-        Ok(AttnShape { batch: b, tokens: n, heads: h, head_dim: dh, prompt_start: p.start, prompt_end: p.end, q_start: q.start, q_len: q.end - q.start })
+        Ok(AttnShape {
+            batch: b,
+            tokens: n,
+            heads: h,
+            head_dim: dh,
+            prompt_start: p.start,
+            prompt_end: p.end,
+            q_start: q.start,
+            q_len: q.end - q.start,
+        })
     }
 }
 
@@ -528,7 +582,13 @@ pub fn forward(gpu: &GpuContext, qkv: &Qkv, opts: &AttnOptions) -> Result<AttnOu
     let out_len = (sh.batch * sh.q_len * sh.dim()).max(1);
     let mut out = gpu.zeros::<bf16>(out_len)?;
     let mut lse = gpu.zeros::<f32>((sh.batch * sh.heads * sh.q_len).max(1))?;
-    forward_into(gpu, qkv, &mut TensorMut::new(&mut out, shape), &mut TensorMut::new(&mut lse, [sh.batch, sh.heads, sh.q_len]), opts)?;
+    forward_into(
+        gpu,
+        qkv,
+        &mut TensorMut::new(&mut out, shape),
+        &mut TensorMut::new(&mut lse, [sh.batch, sh.heads, sh.q_len]),
+        opts,
+    )?;
     Ok(AttnOutput { out, lse, shape })
 }
 
@@ -561,7 +621,13 @@ pub fn forward(gpu: &GpuContext, qkv: &Qkv, opts: &AttnOptions) -> Result<AttnOu
 /// }
 /// # Ok(()) }
 /// ```
-pub fn forward_into(gpu: &GpuContext, qkv: &Qkv, out: &mut TensorMut<bf16, 4>, lse: &mut TensorMut<f32, 3>, opts: &AttnOptions) -> Result<(), GpuError> {
+pub fn forward_into(
+    gpu: &GpuContext,
+    qkv: &Qkv,
+    out: &mut TensorMut<bf16, 4>,
+    lse: &mut TensorMut<f32, 3>,
+    opts: &AttnOptions,
+) -> Result<(), GpuError> {
     const OP: &str = "attention forward";
     let stream = gpu.stream();
     let sh = opts.shape(OP, check_qkv(OP, stream, qkv)?)?;
@@ -569,11 +635,17 @@ pub fn forward_into(gpu: &GpuContext, qkv: &Qkv, out: &mut TensorMut<bf16, 4>, l
     let tiles = fwd_tiles(sh.head_dim).ok_or_else(|| unsupported(OP, sh.head_dim))?;
     let want_out = [sh.batch, sh.q_len, sh.heads, sh.head_dim];
     if out.shape() != want_out {
-        return Err(GpuError::invalid(OP, format!("out has shape {:?}, needs {want_out:?} ([B, queries, h, dh])", out.shape())));
+        return Err(GpuError::invalid(
+            OP,
+            format!("out has shape {:?}, needs {want_out:?} ([B, queries, h, dh])", out.shape()),
+        ));
     }
     let want_lse = [sh.batch, sh.heads, sh.q_len];
     if lse.shape() != want_lse || !lse.layout().is_contiguous() {
-        return Err(GpuError::invalid(OP, format!("lse must be a contiguous {want_lse:?} ([B, h, queries]), is {:?}", lse.layout())));
+        return Err(GpuError::invalid(
+            OP,
+            format!("lse must be a contiguous {want_lse:?} ([B, h, queries]), is {:?}", lse.layout()),
+        ));
     }
     out.check(OP, "out", stream, true)?;
     lse.check(OP, "lse", stream, false)?;
@@ -644,13 +716,19 @@ pub fn backward(
     let want = [sh.batch, sh.q_len, sh.heads, sh.head_dim];
     for (name, t) in [("out", out), ("dout", dout)] {
         if t.shape() != want {
-            return Err(GpuError::invalid(OP, format!("{name} has shape {:?}, needs {want:?} ([B, queries, h, dh])", t.shape())));
+            return Err(GpuError::invalid(
+                OP,
+                format!("{name} has shape {:?}, needs {want:?} ([B, queries, h, dh])", t.shape()),
+            ));
         }
         t.check(OP, name, stream, true)?;
     }
     let want_lse = [sh.batch, sh.heads, sh.q_len];
     if lse.shape() != want_lse || !lse.layout().is_contiguous() {
-        return Err(GpuError::invalid(OP, format!("lse must be a contiguous {want_lse:?} ([B, h, queries]), is {:?}", lse.layout())));
+        return Err(GpuError::invalid(
+            OP,
+            format!("lse must be a contiguous {want_lse:?} ([B, h, queries]), is {:?}", lse.layout()),
+        ));
     }
     lse.check(OP, "lse", stream, false)?;
     if d.bh == 0 || sh.tokens == 0 {
@@ -682,7 +760,10 @@ pub fn backward(
         QkvGrads::Separate { mut dq, mut dk, mut dv } => {
             for (name, t) in [("dq", &mut dq), ("dk", &mut dk), ("dv", &mut dv)] {
                 if t.shape() != want_grad {
-                    return Err(GpuError::invalid(OP, format!("{name} has shape {:?}, needs {want_grad:?} ([B, N, h, dh])", t.shape())));
+                    return Err(GpuError::invalid(
+                        OP,
+                        format!("{name} has shape {:?}, needs {want_grad:?} ([B, N, h, dh])", t.shape()),
+                    ));
                 }
                 t.check(OP, name, stream, true)?;
             }
@@ -754,7 +835,6 @@ pub fn forward_with(
     (p.o_batch_stride, p.o_row_stride, p.o_head_stride) = ((nq * dim) as i64, dim as i64, sh.head_dim as i64);
     launch_forward(gpu, stream, &p, tiles)
 }
-
 
 /// The packed-layout backward with a chosen compiled tile shape ([`super::BWD_TILES`]) and
 /// caller-held buffers: from `dout [B, Nq, h*dh]` and the forward's `out` and `lse`, writes
@@ -837,7 +917,6 @@ pub fn backward_with(
     launch_backward(gpu, stream, &mut p, sp, tiles)
 }
 
-
 /// The unfused attention path the benchmark compares against: per-head contiguous Q, K, V
 /// (`[B, h, N, dh]`, made once by [`unfused::split_heads`]), the full score matrix `[B, h, N, N]`
 /// in bf16, cuBLAS strided-batched GEMMs and row-softmax kernels. Not used by the model.
@@ -874,7 +953,11 @@ pub mod unfused {
     use crate::gpu::CudaSlice;
 
     fn ew_launch(gpu: &GpuContext, items: u64) -> LaunchConfig {
-        LaunchConfig { grid_dim: (grid_stride_blocks(gpu, items, BLOCK as u64), 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 }
+        LaunchConfig {
+            grid_dim: (grid_stride_blocks(gpu, items, BLOCK as u64), 1, 1),
+            block_dim: (BLOCK, 1, 1),
+            shared_mem_bytes: 0,
+        }
     }
 
     fn check_full(op: &'static str, sh: &AttnShape) -> Result<Dims, GpuError> {
@@ -929,7 +1012,14 @@ pub mod unfused {
         let dims = [sh.batch as u32, sh.tokens as u32, sh.heads as u32, sh.head_dim as u32];
         let f = gpu.kernel(attention::ATTN_SPLIT_HEADS)?;
         let mut l = s.launch_builder(&f);
-        l.arg(&qkvp).arg(&qp).arg(&kp).arg(&vp).arg(&dims[0]).arg(&dims[1]).arg(&dims[2]).arg(&dims[3]);
+        l.arg(&qkvp)
+            .arg(&qp)
+            .arg(&kp)
+            .arg(&vp)
+            .arg(&dims[0])
+            .arg(&dims[1])
+            .arg(&dims[2])
+            .arg(&dims[3]);
         // SAFETY: lengths checked above.
         unsafe { l.launch(ew_launch(gpu, total as u64)) }.map_err(GpuError::driver("launching attn_split_heads"))?;
         Ok(())
@@ -1075,11 +1165,30 @@ mod tests {
         assert!(e.contains("prompt range 1..31"), "{e}");
         let e = check_shape("t", &shape(20, 64, 5, 2)).unwrap_err().to_string();
         assert!(e.contains("prompt range 5..2"), "{e}");
-        let e = check_shape("t", &AttnShape { q_start: 1, ..shape(20, 64, 1, 3) }).unwrap_err().to_string();
+        let e = check_shape(
+            "t",
+            &AttnShape {
+                q_start: 1,
+                ..shape(20, 64, 1, 3)
+            },
+        )
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("query range 1..21"), "{e}");
-        let d = check_shape("t", &AttnShape { q_start: 1, q_len: 30, ..shape(227, 64, 1, 31) }).unwrap();
+        let d = check_shape(
+            "t",
+            &AttnShape {
+                q_start: 1,
+                q_len: 30,
+                ..shape(227, 64, 1, 31)
+            },
+        )
+        .unwrap();
         assert_eq!((d.qs, d.nq), (1, 30));
-        let big = AttnShape { batch: 65_536, ..shape(4, 32, 0, 0) };
+        let big = AttnShape {
+            batch: 65_536,
+            ..shape(4, 32, 0, 0)
+        };
         assert!(check_shape("t", &big).unwrap_err().to_string().contains("65535"));
     }
 
@@ -1087,7 +1196,11 @@ mod tests {
     fn cuda_attention_scratch_holds_dq_sums_and_row_sums() {
         let sh = shape(227, 64, 1, 31);
         assert_eq!(backward_scratch_len(&sh), 2 * 227 * 192 + 2 * 3 * 227);
-        let last = AttnShape { q_start: 1, q_len: 30, ..sh };
+        let last = AttnShape {
+            q_start: 1,
+            q_len: 30,
+            ..sh
+        };
         assert_eq!(backward_scratch_len(&last), 2 * 30 * 192 + 2 * 3 * 30);
     }
 }

@@ -40,7 +40,16 @@ pub struct AttnShape {
 impl AttnShape {
     /// Every token is a query.
     pub fn full(batch: usize, tokens: usize, heads: usize, head_dim: usize, prompt_start: usize, prompt_end: usize) -> Self {
-        Self { batch, tokens, heads, head_dim, prompt_start, prompt_end, q_start: 0, q_len: tokens }
+        Self {
+            batch,
+            tokens,
+            heads,
+            head_dim,
+            prompt_start,
+            prompt_end,
+            q_start: 0,
+            q_len: tokens,
+        }
     }
     /// Model width `D = heads * head_dim`.
     pub fn dim(&self) -> usize {

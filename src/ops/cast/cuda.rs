@@ -3,7 +3,7 @@
 
 use crate::gpu::kernels::cast;
 use crate::gpu::launch::{aligned, check_len, grid_stride_blocks, BLOCK};
-use crate::gpu::{bf16, Kernel, CudaStream, DevicePtr, DevicePtrMut, GpuContext, GpuError};
+use crate::gpu::{bf16, CudaStream, DevicePtr, DevicePtrMut, GpuContext, GpuError, Kernel};
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 
 fn launch(gpu: &GpuContext, stream: &CudaStream, name: Kernel, xp: u64, yp: u64, n: usize, vec: bool) -> Result<(), GpuError> {
@@ -13,7 +13,11 @@ fn launch(gpu: &GpuContext, stream: &CudaStream, name: Kernel, xp: u64, yp: u64,
     let f = gpu.kernel(name)?;
     let n64 = n as u64;
     let items = if vec { n64.div_ceil(4) } else { n64 };
-    let cfg = LaunchConfig { grid_dim: (grid_stride_blocks(gpu, items, BLOCK as u64), 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
+    let cfg = LaunchConfig {
+        grid_dim: (grid_stride_blocks(gpu, items, BLOCK as u64), 1, 1),
+        block_dim: (BLOCK, 1, 1),
+        shared_mem_bytes: 0,
+    };
     let mut l = stream.launch_builder(&f);
     l.arg(&xp).arg(&yp).arg(&n64);
     // SAFETY: the caller checked both buffers hold n elements (and the alignment for `_v4`).
@@ -49,7 +53,15 @@ pub fn f32_to_bf16(
     let (xp, _gx) = x.device_ptr(stream);
     let (yp, _gy) = y.device_ptr_mut(stream);
     let vec = aligned(xp, 16) && aligned(yp, 8);
-    launch(gpu, stream, if vec { cast::CAST_F32_BF16_V4 } else { cast::CAST_F32_BF16 }, xp, yp, n, vec)
+    launch(
+        gpu,
+        stream,
+        if vec { cast::CAST_F32_BF16_V4 } else { cast::CAST_F32_BF16 },
+        xp,
+        yp,
+        n,
+        vec,
+    )
 }
 
 /// `y[i] = f32(x[i])` for `i < n` (exact).
@@ -78,5 +90,13 @@ pub fn bf16_to_f32(
     let (xp, _gx) = x.device_ptr(stream);
     let (yp, _gy) = y.device_ptr_mut(stream);
     let vec = aligned(xp, 8) && aligned(yp, 16);
-    launch(gpu, stream, if vec { cast::CAST_BF16_F32_V4 } else { cast::CAST_BF16_F32 }, xp, yp, n, vec)
+    launch(
+        gpu,
+        stream,
+        if vec { cast::CAST_BF16_F32_V4 } else { cast::CAST_BF16_F32 },
+        xp,
+        yp,
+        n,
+        vec,
+    )
 }

@@ -29,8 +29,7 @@ impl<T: Real> Consts<T> {
     }
     #[inline(always)]
     fn grad(&self, x: T) -> T {
-        self.half * (T::one() + (x * self.inv_sqrt2).erf())
-            + x * (-self.half * x * x).fast_exp() * self.inv_sqrt_2pi
+        self.half * (T::one() + (x * self.inv_sqrt2).erf()) + x * (-self.half * x * x).fast_exp() * self.inv_sqrt_2pi
     }
 }
 
@@ -50,30 +49,24 @@ pub fn gelu_grad<T: Real>(x: T) -> T {
 pub fn forward<T: Real>(x: &[T], y: &mut [T], len: usize) {
     assert!(x.len() >= len && y.len() >= len);
     let c = Consts::<T>::new();
-    y[..len]
-        .par_chunks_mut(CHUNK)
-        .zip(x[..len].par_chunks(CHUNK))
-        .for_each(|(yc, xc)| {
-            simd(|| {
-                for (o, &v) in yc.iter_mut().zip(xc) {
-                    *o = c.gelu(v);
-                }
-            })
-        });
+    y[..len].par_chunks_mut(CHUNK).zip(x[..len].par_chunks(CHUNK)).for_each(|(yc, xc)| {
+        simd(|| {
+            for (o, &v) in yc.iter_mut().zip(xc) {
+                *o = c.gelu(v);
+            }
+        })
+    });
 }
 
 /// In place: `d[i] *= gelu'(x[i])` (turns dL/dgelu into dL/dx).
 pub fn backward<T: Real>(x: &[T], d: &mut [T], len: usize) {
     assert!(x.len() >= len && d.len() >= len);
     let c = Consts::<T>::new();
-    d[..len]
-        .par_chunks_mut(CHUNK)
-        .zip(x[..len].par_chunks(CHUNK))
-        .for_each(|(dc, xc)| {
-            simd(|| {
-                for (o, &v) in dc.iter_mut().zip(xc) {
-                    *o = *o * c.grad(v);
-                }
-            })
-        });
+    d[..len].par_chunks_mut(CHUNK).zip(x[..len].par_chunks(CHUNK)).for_each(|(dc, xc)| {
+        simd(|| {
+            for (o, &v) in dc.iter_mut().zip(xc) {
+                *o = *o * c.grad(v);
+            }
+        })
+    });
 }

@@ -15,13 +15,21 @@ struct Args {
 fn shape(op: &'static str, rows: usize, cols: usize, ptrs: &[u64], bias: u64) -> Result<Args, GpuError> {
     let cols32 = check_cols(op, cols)?;
     let vec = cols.is_multiple_of(8) && ptrs.iter().all(|&p| aligned(p, 16)) && aligned(bias, 16);
-    Ok(Args { rows: rows as u64, cols: cols32, vec })
+    Ok(Args {
+        rows: rows as u64,
+        cols: cols32,
+        vec,
+    })
 }
 
 fn config(gpu: &GpuContext, a: &Args) -> LaunchConfig {
     let n = a.rows * a.cols as u64;
     let items = if a.vec { n / 8 } else { n };
-    LaunchConfig { grid_dim: (grid_stride_blocks(gpu, items, BLOCK as u64), 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 }
+    LaunchConfig {
+        grid_dim: (grid_stride_blocks(gpu, items, BLOCK as u64), 1, 1),
+        block_dim: (BLOCK, 1, 1),
+        shared_mem_bytes: 0,
+    }
 }
 
 /// `y = gelu(x + bias[col])` (exact erf, fp32 math, bf16 result); `x` is the pre-bias input
@@ -75,7 +83,11 @@ pub fn forward(
         None => (0, None),
     };
     let a = shape(OP, rows, cols, &[xp, yp], bp)?;
-    let name = if a.vec { gelu::GELU_BIAS_FWD_BF16_V8 } else { gelu::GELU_BIAS_FWD_BF16 };
+    let name = if a.vec {
+        gelu::GELU_BIAS_FWD_BF16_V8
+    } else {
+        gelu::GELU_BIAS_FWD_BF16
+    };
     let f = gpu.kernel(name)?;
     let cfg = config(gpu, &a);
     let mut l = stream.launch_builder(&f);
@@ -186,7 +198,11 @@ fn launch_backward(
         None => (0, None),
     };
     let a = shape(OP, rows, cols, &[xp, dyp, dxp], bp)?;
-    let name = if a.vec { gelu::GELU_BIAS_BWD_BF16_V8 } else { gelu::GELU_BIAS_BWD_BF16 };
+    let name = if a.vec {
+        gelu::GELU_BIAS_BWD_BF16_V8
+    } else {
+        gelu::GELU_BIAS_BWD_BF16
+    };
     let f = gpu.kernel(name)?;
     let cfg = config(gpu, &a);
     let mut l = stream.launch_builder(&f);

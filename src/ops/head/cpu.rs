@@ -49,9 +49,7 @@ pub fn adapter_forward<T: Real>(
 ) {
     let (bn, p, d, r) = (s.batch, s.tokens, s.dim, s.rank);
     assert!(z.len() >= bn * p * d && out.len() >= bn * p * d && u.len() >= bn * p * r);
-    assert!(
-        w1.len() >= p * r * d && b1.len() >= p * r && w2.len() >= p * d * r && b2.len() >= p * d
-    );
+    assert!(w1.len() >= p * r * d && b1.len() >= p * r && w2.len() >= p * d * r && b2.len() >= p * d);
     if scratch.len() < bn * p * r {
         scratch.resize(bn * p * r, T::zero());
     }
@@ -137,12 +135,7 @@ pub fn adapter_backward<T: Real>(
     let (bn, p, d, r) = (s.batch, s.tokens, s.dim, s.rank);
     assert!(dout.len() >= bn * p * d && z.len() >= bn * p * d && dz.len() >= bn * p * d);
     assert!(u.len() >= bn * p * r && w1.len() >= p * r * d && w2.len() >= p * d * r);
-    assert!(
-        dw1.len() >= p * r * d
-            && db1.len() >= p * r
-            && dw2.len() >= p * d * r
-            && db2.len() >= p * d
-    );
+    assert!(dw1.len() >= p * r * d && db1.len() >= p * r && dw2.len() >= p * d * r && db2.len() >= p * d);
     if scratch.len() < 2 * bn * p * r {
         scratch.resize(2 * bn * p * r, T::zero());
     }
@@ -165,11 +158,7 @@ pub fn adapter_backward<T: Real>(
                     let db2t = std::slice::from_raw_parts_mut(db2p.get().add(t * d), d);
                     db2t.fill(T::zero());
                     for b in 0..bn {
-                        axpy(
-                            T::one(),
-                            &dout[b * p * d + t * d..b * p * d + (t + 1) * d],
-                            db2t,
-                        );
+                        axpy(T::one(), &dout[b * p * d + t * d..b * p * d + (t + 1) * d], db2t);
                     }
                     for b in 0..bn {
                         for j in 0..r {
@@ -240,13 +229,8 @@ pub fn adapter_backward<T: Real>(
                     }
                     // dz_t += dout_t + du W1_t
                     for b in 0..bn {
-                        let row =
-                            std::slice::from_raw_parts_mut(dzp.get().add(b * p * d + t * d), d);
-                        axpy(
-                            T::one(),
-                            &dout[b * p * d + t * d..b * p * d + (t + 1) * d],
-                            row,
-                        );
+                        let row = std::slice::from_raw_parts_mut(dzp.get().add(b * p * d + t * d), d);
+                        axpy(T::one(), &dout[b * p * d + t * d..b * p * d + (t + 1) * d], row);
                     }
                     matmul(
                         bn,
@@ -290,9 +274,7 @@ pub fn moe_forward<T: Real>(
     let (bn, p, d, k, e) = (s.batch, s.tokens, s.dim, s.labels, s.experts);
     assert!(z.len() >= bn * p * d && adapted.len() >= bn * p * d && gate.len() >= s.gate_rows * d);
     assert!(w.len() >= k * d && c.len() >= k && tok.len() >= e * k && grow.len() >= e * k);
-    assert!(
-        y.len() >= bn * k && m.len() >= bn * k && q.len() >= bn * e * k && r.len() >= bn * e * k
-    );
+    assert!(y.len() >= bn * k && m.len() >= bn * k && q.len() >= bn * e * k && r.len() >= bn * e * k);
     y[..bn * k]
         .par_chunks_mut(k)
         .zip(m[..bn * k].par_chunks_mut(k))
@@ -312,9 +294,7 @@ pub fn moe_forward<T: Real>(
                     }
                 }
                 for ki in 0..k {
-                    let mx = (0..e)
-                        .map(|ei| qb[ei * k + ki])
-                        .fold(T::neg_infinity(), T::max);
+                    let mx = (0..e).map(|ei| qb[ei * k + ki]).fold(T::neg_infinity(), T::max);
                     let mut den = T::zero();
                     let (mut num_m, mut num_y) = (T::zero(), T::zero());
                     for ei in 0..e {
@@ -354,15 +334,9 @@ pub fn moe_backward<T: Real>(
     scratch: &mut Vec<T>,
 ) {
     let (bn, p, d, k, e) = (s.batch, s.tokens, s.dim, s.labels, s.experts);
-    assert!(
-        dy.len() >= bn * k && dm.len() >= bn * k && q.len() >= bn * e * k && r.len() >= bn * e * k
-    );
-    assert!(
-        dz.len() >= bn * p * d && dadapted.len() >= bn * p * d && dgate.len() >= s.gate_rows * d
-    );
-    assert!(
-        dw.len() >= k * d && dc.len() >= k && gate.len() >= s.gate_rows * d && w.len() >= k * d
-    );
+    assert!(dy.len() >= bn * k && dm.len() >= bn * k && q.len() >= bn * e * k && r.len() >= bn * e * k);
+    assert!(dz.len() >= bn * p * d && dadapted.len() >= bn * p * d && dgate.len() >= s.gate_rows * d);
+    assert!(dw.len() >= k * d && dc.len() >= k && gate.len() >= s.gate_rows * d && w.len() >= k * d);
     let need = 2 * bn * e * k + e * k * d;
     if scratch.len() < need {
         scratch.resize(need, T::zero());
@@ -380,12 +354,8 @@ pub fn moe_backward<T: Real>(
                 let qb = &q[b * e * k..(b + 1) * e * k];
                 let rb = &r[b * e * k..(b + 1) * e * k];
                 for ki in 0..k {
-                    let mx = (0..e)
-                        .map(|ei| qb[ei * k + ki])
-                        .fold(T::neg_infinity(), T::max);
-                    let den: T = (0..e)
-                        .map(|ei| (qb[ei * k + ki] - mx).exp())
-                        .fold(T::zero(), |a, v| a + v);
+                    let mx = (0..e).map(|ei| qb[ei * k + ki]).fold(T::neg_infinity(), T::max);
+                    let den: T = (0..e).map(|ei| (qb[ei * k + ki] - mx).exp()).fold(T::zero(), |a, v| a + v);
                     let (gy, gm) = (dy[b * k + ki], dm[b * k + ki]);
                     // dL/dA_e = gy r_e + gm q_e ; abar = sum_e A_e dL/dA_e
                     let mut abar = T::zero();
@@ -401,16 +371,8 @@ pub fn moe_backward<T: Real>(
                         drb[idx] = gy * a;
                         let t = tok[idx] as usize;
                         let g = grow[idx] as usize;
-                        axpy(
-                            dqb[idx],
-                            &gate[g * d..(g + 1) * d],
-                            &mut dzb[t * d..(t + 1) * d],
-                        );
-                        axpy(
-                            drb[idx],
-                            &w[ki * d..(ki + 1) * d],
-                            &mut dab[t * d..(t + 1) * d],
-                        );
+                        axpy(dqb[idx], &gate[g * d..(g + 1) * d], &mut dzb[t * d..(t + 1) * d]);
+                        axpy(drb[idx], &w[ki * d..(ki + 1) * d], &mut dab[t * d..(t + 1) * d]);
                     }
                 }
             });
@@ -422,11 +384,7 @@ pub fn moe_backward<T: Real>(
             row.fill(T::zero());
             let t = tok[idx] as usize;
             for b in 0..bn {
-                axpy(
-                    dq[b * e * k + idx],
-                    &z[b * p * d + t * d..b * p * d + (t + 1) * d],
-                    row,
-                );
+                axpy(dq[b * e * k + idx], &z[b * p * d + t * d..b * p * d + (t + 1) * d], row);
             }
         });
     });
@@ -444,11 +402,7 @@ pub fn moe_backward<T: Real>(
                     for ei in 0..e {
                         let idx = ei * k + ki;
                         let t = tok[idx] as usize;
-                        axpy(
-                            dr[b * e * k + idx],
-                            &adapted[b * p * d + t * d..b * p * d + (t + 1) * d],
-                            row,
-                        );
+                        axpy(dr[b * e * k + idx], &adapted[b * p * d + t * d..b * p * d + (t + 1) * d], row);
                     }
                 }
                 *dcv = sc;
@@ -459,31 +413,14 @@ pub fn moe_backward<T: Real>(
     dgate[..s.gate_rows * d].fill(T::zero());
     for idx in 0..e * k {
         let g = grow[idx] as usize;
-        axpy(
-            T::one(),
-            &tmpg[idx * d..(idx + 1) * d],
-            &mut dgate[g * d..(g + 1) * d],
-        );
+        axpy(T::one(), &tmpg[idx * d..(idx + 1) * d], &mut dgate[g * d..(g + 1) * d]);
     }
 }
 
 /// Plain-VPT head forward: `zbar = mean_t z[b, t]` (saved), `y = zbar W^T + c`.
-pub fn vpt_forward<T: Real>(
-    z: &[T],
-    w: &[T],
-    c: &[T],
-    zbar: &mut [T],
-    y: &mut [T],
-    s: &VptHeadShape,
-) {
+pub fn vpt_forward<T: Real>(z: &[T], w: &[T], c: &[T], zbar: &mut [T], y: &mut [T], s: &VptHeadShape) {
     let (bn, p, d, k) = (s.batch, s.tokens, s.dim, s.labels);
-    assert!(
-        z.len() >= bn * p * d
-            && w.len() >= k * d
-            && c.len() >= k
-            && zbar.len() >= bn * d
-            && y.len() >= bn * k
-    );
+    assert!(z.len() >= bn * p * d && w.len() >= k * d && c.len() >= k && zbar.len() >= bn * d && y.len() >= bn * k);
     let inv: T = cast(1.0 / p as f64);
     for b in 0..bn {
         let zb = &mut zbar[b * d..(b + 1) * d];
@@ -511,9 +448,7 @@ pub fn vpt_backward<T: Real>(
     scratch: &mut Vec<T>,
 ) {
     let (bn, p, d, k) = (s.batch, s.tokens, s.dim, s.labels);
-    assert!(
-        dy.len() >= bn * k && zbar.len() >= bn * d && w.len() >= k * d && dz.len() >= bn * p * d
-    );
+    assert!(dy.len() >= bn * k && zbar.len() >= bn * d && w.len() >= k * d && dz.len() >= bn * p * d);
     assert!(dw.len() >= k * d && dc.len() >= k);
     if scratch.len() < bn * d {
         scratch.resize(bn * d, T::zero());
@@ -539,9 +474,7 @@ pub fn vpt_backward<T: Real>(
         );
     }
     for (ki, v) in dc[..k].iter_mut().enumerate() {
-        *v = (0..bn)
-            .map(|b| dy[b * k + ki])
-            .fold(T::zero(), |a, x| a + x);
+        *v = (0..bn).map(|b| dy[b * k + ki]).fold(T::zero(), |a, x| a + x);
     }
     let dzbar = &mut scratch[..bn * d];
     crate::ops::linear::cpu::backward_input(dy, w, dzbar, bn, d, k, false);

@@ -24,15 +24,17 @@
 //! gathers token and gate-row gradients instead of scattering them with atomics.
 
 pub use super::HeadKernels;
-use crate::gpu::kernels::{adapter_mma, head, moe_mma};
 use super::{AdapterShape, MoeShape, VptHeadShape};
+use crate::gpu::kernels::{adapter_mma, head, moe_mma};
 use crate::gpu::launch::{check_aligned, check_len, grid_stride_blocks, BLOCK};
 use crate::gpu::view::check_dense;
-use crate::gpu::{bf16, CudaSlice, Kernel, Tensor, TensorMut, CudaStream, DevicePtr, DevicePtrMut, GpuContext, GpuError};
+use crate::gpu::{bf16, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, GpuContext, GpuError, Kernel, Tensor, TensorMut};
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 
 // Block shapes shared with the kernels (src/contract.rs, the one definition).
-use crate::contract::head::{MoeParams, ADA_IMAGES, ADA_PARAM_COLS, MMA_TILE, MMA_WARPS, MOE_FWD_IMAGES, PAIR_TILE, ROWS_COLS, ROWS_WARPS, TOK_IMAGES};
+use crate::contract::head::{
+    MoeParams, ADA_IMAGES, ADA_PARAM_COLS, MMA_TILE, MMA_WARPS, MOE_FWD_IMAGES, PAIR_TILE, ROWS_COLS, ROWS_WARPS, TOK_IMAGES,
+};
 
 /// Widest feature dimension (a thread owns 8 columns, a block at most 128 threads).
 ///
@@ -100,7 +102,10 @@ pub struct IndexTable {
 /// ```
 pub fn invert_table(table: &[u32], range: usize) -> Result<(Vec<u32>, Vec<u32>), String> {
     if table.len() > u32::MAX as usize || range >= u32::MAX as usize {
-        return Err(format!("table of {} entries over {range} values exceeds 32-bit indices", table.len()));
+        return Err(format!(
+            "table of {} entries over {range} values exceeds 32-bit indices",
+            table.len()
+        ));
     }
     let mut offsets = vec![0u32; range + 1];
     for (i, &v) in table.iter().enumerate() {
@@ -262,7 +267,9 @@ impl HeadWorkspace {
     }
     fn one(&mut self, gpu: &GpuContext, len: usize) -> Result<&mut CudaSlice<f32>, GpuError> {
         ensure(gpu, &mut self.a, len)?;
-        self.a.as_mut().ok_or_else(|| GpuError::invalid("head workspace", "allocation vanished".to_string()))
+        self.a
+            .as_mut()
+            .ok_or_else(|| GpuError::invalid("head workspace", "allocation vanished".to_string()))
     }
     /// Two buffers of `len` and a third of `len3` floats.
     #[allow(clippy::type_complexity)]
@@ -284,7 +291,10 @@ impl HeadWorkspace {
 
 fn check_dim(op: &'static str, d: usize) -> Result<(), GpuError> {
     if d == 0 || !d.is_multiple_of(8) || d > MAX_D {
-        return Err(GpuError::invalid(op, format!("feature dimension {d} must be a multiple of 8 in 8..={MAX_D}")));
+        return Err(GpuError::invalid(
+            op,
+            format!("feature dimension {d} must be a multiple of 8 in 8..={MAX_D}"),
+        ));
     }
     Ok(())
 }
@@ -296,7 +306,6 @@ fn check_u32(op: &'static str, what: &str, v: usize) -> Result<(), GpuError> {
     Ok(())
 }
 
-
 /// Threads for a kernel where a thread owns 8 columns: D/8 rounded up to a warp.
 fn column_threads(d: usize) -> u32 {
     ((d / 8).div_ceil(32) * 32) as u32
@@ -305,7 +314,10 @@ fn column_threads(d: usize) -> u32 {
 fn grid_y(op: &'static str, batch: usize, per_block: usize) -> Result<u32, GpuError> {
     let n = batch.div_ceil(per_block);
     if n > 65_535 {
-        return Err(GpuError::invalid(op, format!("batch {batch} needs {n} blocks in y, more than 65535")));
+        return Err(GpuError::invalid(
+            op,
+            format!("batch {batch} needs {n} blocks in y, more than 65535"),
+        ));
     }
     Ok(n as u32)
 }
@@ -403,7 +415,11 @@ fn adapter_tokens_kernel(
         HeadKernels::Mma => (gpu.kernel(names.1)?, mma_config(s.tokens, y, 1)),
         HeadKernels::Fp32 => (
             gpu.kernel(names.0)?,
-            LaunchConfig { grid_dim: (s.tokens as u32, y, 1), block_dim: (column_threads(s.dim), 1, 1), shared_mem_bytes: 0 },
+            LaunchConfig {
+                grid_dim: (s.tokens as u32, y, 1),
+                block_dim: (column_threads(s.dim), 1, 1),
+                shared_mem_bytes: 0,
+            },
         ),
     })
 }
@@ -495,7 +511,10 @@ pub fn adapter_backward(
     let (dw2p, _g9) = dw2.device_ptr_mut(stream);
     let (db2p, _g10) = db2.device_ptr_mut(stream);
     let (dup, _g11) = du.device_ptr_mut(stream);
-    check_aligned(OP, &[("dout", gp), ("z", zp), ("w1", w1p), ("dz", dzp), ("dw1", dw1p), ("db2", db2p)])?;
+    check_aligned(
+        OP,
+        &[("dout", gp), ("z", zp), ("w1", w1p), ("dz", dzp), ("dw1", dw1p), ("db2", db2p)],
+    )?;
     let (b32, p32, d32, r32) = (bn as u32, p as u32, d as u32, r as u32);
     if bn > 0 {
         let (f, cfg) = adapter_tokens_kernel(gpu, OP, (head::ADAPTER_BWD_TOKENS, adapter_mma::ADAPTER_BWD_TOKENS_MMA), s, kernels)?;
@@ -503,13 +522,23 @@ pub fn adapter_backward(
         l.arg(&gp).arg(&up).arg(&w1p).arg(&w2p).arg(&dup).arg(&dzp);
         l.arg(&b32).arg(&p32).arg(&d32).arg(&r32);
         // SAFETY: as adapter_fwd; du holds B*P*r floats (workspace sized above).
-        unsafe { l.launch(cfg) }.map_err(GpuError::driver(format!("launching the adapter token gradients ({})", kernels.name())))?;
+        unsafe { l.launch(cfg) }.map_err(GpuError::driver(format!(
+            "launching the adapter token gradients ({})",
+            kernels.name()
+        )))?;
     }
     let (f, cfg) = match kernels {
-        HeadKernels::Mma => (gpu.kernel(adapter_mma::ADAPTER_BWD_PARAMS_MMA)?, mma_config(p, d.div_ceil(ADA_PARAM_COLS) as u32, 1)),
+        HeadKernels::Mma => (
+            gpu.kernel(adapter_mma::ADAPTER_BWD_PARAMS_MMA)?,
+            mma_config(p, d.div_ceil(ADA_PARAM_COLS) as u32, 1),
+        ),
         HeadKernels::Fp32 => (
             gpu.kernel(head::ADAPTER_BWD_PARAMS)?,
-            LaunchConfig { grid_dim: (p as u32, d.div_ceil(ROWS_COLS) as u32, 1), block_dim: (ROWS_THREADS, 1, 1), shared_mem_bytes: 0 },
+            LaunchConfig {
+                grid_dim: (p as u32, d.div_ceil(ROWS_COLS) as u32, 1),
+                block_dim: (ROWS_THREADS, 1, 1),
+                shared_mem_bytes: 0,
+            },
         ),
     };
     let mut l = stream.launch_builder(&f);
@@ -517,7 +546,10 @@ pub fn adapter_backward(
     l.arg(&b32).arg(&p32).arg(&d32).arg(&r32);
     // SAFETY: parameter gradients hold P*r*D, P*r, P*D*r, P*D floats (checked); the kernel
     // writes each element once (batch 0 writes zeros).
-    unsafe { l.launch(cfg) }.map_err(GpuError::driver(format!("launching the adapter parameter gradients ({})", kernels.name())))?;
+    unsafe { l.launch(cfg) }.map_err(GpuError::driver(format!(
+        "launching the adapter parameter gradients ({})",
+        kernels.name()
+    )))?;
     Ok(())
 }
 
@@ -529,7 +561,12 @@ fn check_moe(op: &'static str, s: &MoeShape, tok: &IndexTable, grow: &IndexTable
     if s.labels == 0 {
         return Err(GpuError::invalid(op, "no labels".to_string()));
     }
-    for (what, v) in [("batch", s.batch), ("tokens", s.tokens), ("labels", s.labels), ("gate rows", s.gate_rows)] {
+    for (what, v) in [
+        ("batch", s.batch),
+        ("tokens", s.tokens),
+        ("labels", s.labels),
+        ("gate rows", s.gate_rows),
+    ] {
         check_u32(op, what, v)?;
     }
     check_u32(op, "experts x labels", s.experts * s.labels)?;
@@ -537,20 +574,36 @@ fn check_moe(op: &'static str, s: &MoeShape, tok: &IndexTable, grow: &IndexTable
     if tok.len() != ek || tok.range() != s.tokens {
         return Err(GpuError::invalid(
             op,
-            format!("tok table has {} entries over 0..{}, the shape needs {ek} over 0..{}", tok.len(), tok.range(), s.tokens),
+            format!(
+                "tok table has {} entries over 0..{}, the shape needs {ek} over 0..{}",
+                tok.len(),
+                tok.range(),
+                s.tokens
+            ),
         ));
     }
     if grow.len() != ek || grow.range() != s.gate_rows {
         return Err(GpuError::invalid(
             op,
-            format!("grow table has {} entries over 0..{}, the shape needs {ek} over 0..{}", grow.len(), grow.range(), s.gate_rows),
+            format!(
+                "grow table has {} entries over 0..{}, the shape needs {ek} over 0..{}",
+                grow.len(),
+                grow.range(),
+                s.gate_rows
+            ),
         ));
     }
     grid_y(op, s.batch, TOK_IMAGES)?;
     // Pair tiles go in a grid dimension (at most 65535): 8 pairs per block in head.cu, 64 (and
     // two products) in moe_mma.cu.
     if ek.div_ceil(PAIR_TILE) > 65_535 {
-        return Err(GpuError::invalid(op, format!("{ek} (expert, label) pairs, more than the kernels' grid takes ({})", 65_535 * PAIR_TILE)));
+        return Err(GpuError::invalid(
+            op,
+            format!(
+                "{ek} (expert, label) pairs, more than the kernels' grid takes ({})",
+                65_535 * PAIR_TILE
+            ),
+        ));
     }
     Ok(())
 }
@@ -640,7 +693,18 @@ pub fn moe_forward(
     let (rp, _g12) = r.device_ptr_mut(stream);
     check_aligned(OP, &[("z", zp), ("adapted", ap), ("gate", gp), ("w", wp)])?;
     let (b32, k32, e32) = (bn as u32, k as u32, e as u32);
-    let params = MoeParams { z: zp, adapted: ap, gate: gp, w: wp, grow: grp, tok_offsets: tofp, tok_items: titp, q: qp, r: rp, ..moe_sizes(s) };
+    let params = MoeParams {
+        z: zp,
+        adapted: ap,
+        gate: gp,
+        w: wp,
+        grow: grp,
+        tok_offsets: tofp,
+        tok_items: titp,
+        q: qp,
+        r: rp,
+        ..moe_sizes(s)
+    };
     let (f, cfg) = match kernels {
         HeadKernels::Mma => (
             gpu.kernel(moe_mma::MOE_FWD_SCORES_MMA)?,
@@ -648,7 +712,11 @@ pub fn moe_forward(
         ),
         HeadKernels::Fp32 => (
             gpu.kernel(head::MOE_FWD_SCORES)?,
-            LaunchConfig { grid_dim: (p as u32, grid_y(OP, bn, MOE_FWD_IMAGES)?, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 },
+            LaunchConfig {
+                grid_dim: (p as u32, grid_y(OP, bn, MOE_FWD_IMAGES)?, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            },
         ),
     };
     let mut l = stream.launch_builder(&f);
@@ -659,7 +727,11 @@ pub fn moe_forward(
     unsafe { l.launch(cfg) }.map_err(GpuError::driver(format!("launching the moe scores kernel ({})", kernels.name())))?;
     let f = gpu.kernel(head::MOE_FWD_MIX)?;
     let blocks = grid_stride_blocks(gpu, (bn * k) as u64, BLOCK as u64);
-    let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
+    let cfg = LaunchConfig {
+        grid_dim: (blocks, 1, 1),
+        block_dim: (BLOCK, 1, 1),
+        shared_mem_bytes: 0,
+    };
     let mut l = stream.launch_builder(&f);
     l.arg(&qp).arg(&rp).arg(&cp).arg(&yp).arg(&mp).arg(&b32).arg(&k32).arg(&e32);
     // SAFETY: q, r hold B*E*K, y, m B*K, c K floats (checked).
@@ -777,7 +849,10 @@ pub fn moe_backward(
     let (dqp, _g20) = dq.device_ptr_mut(stream);
     let (drp, _g21) = dr.device_ptr_mut(stream);
     let (prp, _g22) = pairs.device_ptr_mut(stream);
-    check_aligned(OP, &[("z", zp), ("adapted", ap), ("gate", gp), ("w", wp), ("dz", dzp), ("dadapted", dap)])?;
+    check_aligned(
+        OP,
+        &[("z", zp), ("adapted", ap), ("gate", gp), ("w", wp), ("dz", dzp), ("dadapted", dap)],
+    )?;
     let (b32, d32, k32, e32) = (bn as u32, d as u32, k as u32, e as u32);
     let null = 0u64;
     let sizes = moe_sizes(s);
@@ -785,56 +860,112 @@ pub fn moe_backward(
         // dq, dr per (b, k).
         let f = gpu.kernel(head::MOE_BWD_COEF)?;
         let blocks = grid_stride_blocks(gpu, (bn * k) as u64, BLOCK as u64);
-        let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
+        let cfg = LaunchConfig {
+            grid_dim: (blocks, 1, 1),
+            block_dim: (BLOCK, 1, 1),
+            shared_mem_bytes: 0,
+        };
         let mut l = stream.launch_builder(&f);
-        l.arg(&dyp).arg(&dmp).arg(&qp).arg(&rp).arg(&dqp).arg(&drp).arg(&b32).arg(&k32).arg(&e32);
+        l.arg(&dyp)
+            .arg(&dmp)
+            .arg(&qp)
+            .arg(&rp)
+            .arg(&dqp)
+            .arg(&drp)
+            .arg(&b32)
+            .arg(&k32)
+            .arg(&e32);
         // SAFETY: dy, dm hold B*K, q, r and the workspace B*E*K floats; E <= HEAD_MAX_E.
         unsafe { l.launch(cfg) }.map_err(GpuError::driver("launching moe_bwd_coef"))?;
 
         // Token gradients, gathered per token through tok's inverse.
         let (f, cfg) = match kernels {
-            HeadKernels::Mma => {
-                (gpu.kernel(moe_mma::MOE_BWD_TOKENS_MMA)?, mma_config(p, grid_y(OP, bn, MMA_TILE)?, 2 * d.div_ceil(MMA_TILE)))
-            }
+            HeadKernels::Mma => (
+                gpu.kernel(moe_mma::MOE_BWD_TOKENS_MMA)?,
+                mma_config(p, grid_y(OP, bn, MMA_TILE)?, 2 * d.div_ceil(MMA_TILE)),
+            ),
             HeadKernels::Fp32 => (
                 gpu.kernel(head::MOE_BWD_TOKENS)?,
-                LaunchConfig { grid_dim: (p as u32, grid_y(OP, bn, TOK_IMAGES)?, 1), block_dim: (column_threads(d), 1, 1), shared_mem_bytes: 0 },
+                LaunchConfig {
+                    grid_dim: (p as u32, grid_y(OP, bn, TOK_IMAGES)?, 1),
+                    block_dim: (column_threads(d), 1, 1),
+                    shared_mem_bytes: 0,
+                },
             ),
         };
-        let params = MoeParams { dq: dqp, dr: drp, gate: gp, w: wp, grow: grp, tok_offsets: tofp, tok_items: titp, dz: dzp, dadapted: dap, ..sizes };
+        let params = MoeParams {
+            dq: dqp,
+            dr: drp,
+            gate: gp,
+            w: wp,
+            grow: grp,
+            tok_offsets: tofp,
+            tok_items: titp,
+            dz: dzp,
+            dadapted: dap,
+            ..sizes
+        };
         let mut l = stream.launch_builder(&f);
         l.arg(&params);
         // SAFETY: the inverse has P + 1 offsets and E*K items, each an index into the E*K
         // tables; rows and tokens were range-checked with the tables.
-        unsafe { l.launch(cfg) }.map_err(GpuError::driver(format!("launching the moe token-gradient kernel ({})", kernels.name())))?;
+        unsafe { l.launch(cfg) }.map_err(GpuError::driver(format!(
+            "launching the moe token-gradient kernel ({})",
+            kernels.name()
+        )))?;
     }
     // Parameter gradients: per-(e, k) rows reduced over the batch token by token, then summed
     // into classifier rows (with dc = sum_b dy) and gate rows. Each writes all of its output.
     let (f_pairs, pairs_cfg) = match kernels {
-        HeadKernels::Mma => (gpu.kernel(moe_mma::MOE_BWD_PAIRS_MMA)?, mma_config(p, mma_pair_tiles(tok) as u32, d.div_ceil(MMA_TILE))),
+        HeadKernels::Mma => (
+            gpu.kernel(moe_mma::MOE_BWD_PAIRS_MMA)?,
+            mma_config(p, mma_pair_tiles(tok) as u32, d.div_ceil(MMA_TILE)),
+        ),
         HeadKernels::Fp32 => (
             gpu.kernel(head::MOE_BWD_PAIRS)?,
             LaunchConfig {
-                grid_dim: (p as u32, tok.max_count.div_ceil(PAIR_TILE).max(1) as u32, d.div_ceil(ROWS_COLS) as u32),
+                grid_dim: (
+                    p as u32,
+                    tok.max_count.div_ceil(PAIR_TILE).max(1) as u32,
+                    d.div_ceil(ROWS_COLS) as u32,
+                ),
                 block_dim: (ROWS_THREADS, 1, 1),
                 shared_mem_bytes: 0,
             },
         ),
     };
     let f_sum = gpu.kernel(head::MOE_SUM_PAIRS)?;
-    for (coef, x, out, offsets, items, rows, what) in
-        [(drp, ap, dwp, null, null, k, "classifier"), (dqp, zp, dgp, gofp, gitp, s.gate_rows, "gate")]
-    {
-        let params = MoeParams { coef, x, tok_offsets: tofp, tok_items: titp, pair_rows: prp, ..sizes };
+    for (coef, x, out, offsets, items, rows, what) in [
+        (drp, ap, dwp, null, null, k, "classifier"),
+        (dqp, zp, dgp, gofp, gitp, s.gate_rows, "gate"),
+    ] {
+        let params = MoeParams {
+            coef,
+            x,
+            tok_offsets: tofp,
+            tok_items: titp,
+            pair_rows: prp,
+            ..sizes
+        };
         let mut l = stream.launch_builder(&f_pairs);
         l.arg(&params);
         // SAFETY: coef holds B*E*K floats (workspace), x B*P*D bf16 (checked); each pair index
         // from tok's inverse is < E*K, and the pair-row workspace holds E*K*D floats.
-        unsafe { l.launch(pairs_cfg) }.map_err(GpuError::driver(format!("launching the moe pair-row kernel ({what}, {})", kernels.name())))?;
+        unsafe { l.launch(pairs_cfg) }.map_err(GpuError::driver(format!(
+            "launching the moe pair-row kernel ({what}, {})",
+            kernels.name()
+        )))?;
         if rows > 0 {
             let rows32 = rows as u32;
             let mut l = stream.launch_builder(&f_sum);
-            l.arg(&prp).arg(&offsets).arg(&items).arg(&out).arg(&rows32).arg(&d32).arg(&k32).arg(&e32);
+            l.arg(&prp)
+                .arg(&offsets)
+                .arg(&items)
+                .arg(&out)
+                .arg(&rows32)
+                .arg(&d32)
+                .arg(&k32)
+                .arg(&e32);
             // SAFETY: out holds rows*D floats (checked: K*D for dw, gate_rows*D for dgate);
             // grow's inverse has gate_rows + 1 offsets over E*K items; without offsets the
             // rows are labels, summing pairs e*K + k < E*K.
@@ -852,13 +983,24 @@ pub fn moe_backward(
 /// [`MoeParams`] with the sizes of `s` and every pointer null.
 fn moe_sizes(s: &MoeShape) -> MoeParams {
     let [batch, tokens, d, labels, experts] = [s.batch, s.tokens, s.dim, s.labels, s.experts].map(|v| v as u32);
-    MoeParams { batch, tokens, d, labels, experts, ..MoeParams::default() }
+    MoeParams {
+        batch,
+        tokens,
+        d,
+        labels,
+        experts,
+        ..MoeParams::default()
+    }
 }
 
 /// Launch config of a tensor-core kernel (moe_mma.cu, adapter_mma.cu): grid (tokens, y, z), 128 threads
 /// (`check_moe` keeps the pair tiles within the grid's 65535).
 fn mma_config(tokens: usize, y: u32, z: usize) -> LaunchConfig {
-    LaunchConfig { grid_dim: (tokens as u32, y, z as u32), block_dim: (MMA_THREADS, 1, 1), shared_mem_bytes: 0 }
+    LaunchConfig {
+        grid_dim: (tokens as u32, y, z as u32),
+        block_dim: (MMA_THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    }
 }
 
 /// Pair tiles of the tensor-core kernels: the longest per-token pair list over 64, at least 1.
@@ -868,13 +1010,20 @@ fn mma_pair_tiles(tok: &IndexTable) -> usize {
 
 /// Launch config of a grid-stride elementwise kernel over `n` items.
 fn stride_launch(gpu: &GpuContext, n: usize) -> LaunchConfig {
-    LaunchConfig { grid_dim: (grid_stride_blocks(gpu, n as u64, BLOCK as u64), 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 }
+    LaunchConfig {
+        grid_dim: (grid_stride_blocks(gpu, n as u64, BLOCK as u64), 1, 1),
+        block_dim: (BLOCK, 1, 1),
+        shared_mem_bytes: 0,
+    }
 }
 
 /// The cuBLAS calls run on the context's own stream; the kernels must queue there too.
 fn check_context_stream(op: &'static str, gpu: &GpuContext, stream: &CudaStream) -> Result<(), GpuError> {
     if !std::ptr::eq(stream, gpu.stream().as_ref()) {
-        return Err(GpuError::invalid(op, "pass gpu.stream(): the GEMMs run on the context's stream".to_string()));
+        return Err(GpuError::invalid(
+            op,
+            "pass gpu.stream(): the GEMMs run on the context's stream".to_string(),
+        ));
     }
     Ok(())
 }
@@ -1082,7 +1231,11 @@ pub fn predict(
     let f = gpu.kernel(head::HEAD_PREDICT)?;
     let n64 = n as u64;
     let blocks = grid_stride_blocks(gpu, n64, BLOCK as u64);
-    let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
+    let cfg = LaunchConfig {
+        grid_dim: (blocks, 1, 1),
+        block_dim: (BLOCK, 1, 1),
+        shared_mem_bytes: 0,
+    };
     let mut l = stream.launch_builder(&f);
     l.arg(&ap).arg(&bp).arg(&yp).arg(&pp).arg(&n64);
     // SAFETY: all four buffers hold n floats (checked).
@@ -1234,7 +1387,14 @@ impl GatedHead<'_> {
         check_dense(op, "gate", self.gate.layout(), [gate_rows, dim], "[rows, D], D as z")?;
         check_dense(op, "w", self.w.layout(), [labels, dim], "[K, D], D as z")?;
         check_dense(op, "c", self.c.layout(), [labels], "[K], K as w")?;
-        Ok(MoeShape { batch, tokens, dim, labels, experts: self.experts, gate_rows })
+        Ok(MoeShape {
+            batch,
+            tokens,
+            dim,
+            labels,
+            experts: self.experts,
+            gate_rows,
+        })
     }
 }
 
@@ -1267,7 +1427,23 @@ pub fn gated_forward(gpu: &GpuContext, head: &GatedHead, z: &Tensor<bf16, 3>, ad
     let s = head.shape(OP, z, adapted)?;
     let (bk, bek) = ((s.batch * s.labels).max(1), (s.batch * s.experts * s.labels).max(1));
     let (mut y, mut m, mut q, mut r) = (gpu.zeros(bk)?, gpu.zeros(bk)?, gpu.zeros(bek)?, gpu.zeros(bek)?);
-    moe_forward(gpu, gpu.stream(), z, adapted, &head.gate, &head.w, &head.c, head.tok, head.grow, &mut y, &mut m, &mut q, &mut r, &s, HeadKernels::default())?;
+    moe_forward(
+        gpu,
+        gpu.stream(),
+        z,
+        adapted,
+        &head.gate,
+        &head.w,
+        &head.c,
+        head.tok,
+        head.grow,
+        &mut y,
+        &mut m,
+        &mut q,
+        &mut r,
+        &s,
+        HeadKernels::default(),
+    )?;
     Ok(GatedOutput { y, m, q, r, shape: s })
 }
 
@@ -1330,13 +1506,20 @@ pub fn gated_backward(
     const OP: &str = "gated head backward";
     let s = head.shape(OP, z, adapted)?;
     if s != fwd.shape {
-        return Err(GpuError::invalid(OP, format!("the forward output is of {:?}, this call of {s:?}", fwd.shape)));
+        return Err(GpuError::invalid(
+            OP,
+            format!("the forward output is of {:?}, this call of {s:?}", fwd.shape),
+        ));
     }
     check_dense(OP, "dy", dy.layout(), [s.batch, s.labels], "[B, K]")?;
     check_dense(OP, "dm", dm.layout(), [s.batch, s.labels], "[B, K]")?;
     check_dense(OP, "dz", dz.layout(), [s.batch, s.tokens, s.dim], "[B, P, D], as z")?;
     check_dense(OP, "dadapted", dadapted.layout(), [s.batch, s.tokens, s.dim], "[B, P, D], as z")?;
-    let mut g = GatedGrads { dgate: gpu.zeros((s.gate_rows * s.dim).max(1))?, dw: gpu.zeros((s.labels * s.dim).max(1))?, dc: gpu.zeros(s.labels.max(1))? };
+    let mut g = GatedGrads {
+        dgate: gpu.zeros((s.gate_rows * s.dim).max(1))?,
+        dw: gpu.zeros((s.labels * s.dim).max(1))?,
+        dc: gpu.zeros(s.labels.max(1))?,
+    };
     let mut ws = HeadWorkspace::new();
     moe_backward(
         gpu,

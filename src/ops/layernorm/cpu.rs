@@ -8,17 +8,7 @@ const ROWS_PER_TASK: usize = 16;
 
 /// Forward: writes `y`, `mean`, `rstd` for the first `rows` rows.
 #[allow(clippy::too_many_arguments)]
-pub fn forward<T: Real>(
-    x: &[T],
-    gamma: &[T],
-    beta: &[T],
-    y: &mut [T],
-    mean: &mut [T],
-    rstd: &mut [T],
-    rows: usize,
-    d: usize,
-    eps: f64,
-) {
+pub fn forward<T: Real>(x: &[T], gamma: &[T], beta: &[T], y: &mut [T], mean: &mut [T], rstd: &mut [T], rows: usize, d: usize, eps: f64) {
     assert!(x.len() >= rows * d && y.len() >= rows * d && mean.len() >= rows && rstd.len() >= rows);
     assert!(gamma.len() >= d && beta.len() >= d && d > 0);
     let eps: T = cast(eps);
@@ -48,17 +38,7 @@ pub fn forward<T: Real>(
 
 /// Input gradient: `dx (+)= LN'(x)^T dy`.
 #[allow(clippy::too_many_arguments)]
-pub fn backward<T: Real>(
-    dy: &[T],
-    x: &[T],
-    gamma: &[T],
-    mean: &[T],
-    rstd: &[T],
-    dx: &mut [T],
-    rows: usize,
-    d: usize,
-    accumulate: bool,
-) {
+pub fn backward<T: Real>(dy: &[T], x: &[T], gamma: &[T], mean: &[T], rstd: &[T], dx: &mut [T], rows: usize, d: usize, accumulate: bool) {
     assert!(dy.len() >= rows * d && x.len() >= rows * d && dx.len() >= rows * d);
     assert!(mean.len() >= rows && rstd.len() >= rows && gamma.len() >= d);
     let inv_d: T = cast(1.0 / d as f64);

@@ -4,7 +4,7 @@
 
 use crate::gpu::kernels::layernorm;
 use crate::gpu::launch::{aligned, Storage, BLOCK};
-use crate::gpu::{bf16, Kernel, CudaStream, DevicePtr, DevicePtrMut, GpuContext, GpuError};
+use crate::gpu::{bf16, CudaStream, DevicePtr, DevicePtrMut, GpuContext, GpuError, Kernel};
 use cudarc::driver::{CudaFunction, LaunchConfig, PushKernelArg};
 
 /// Longest row the kernels hold in registers.
@@ -46,16 +46,52 @@ fn variant(gpu: &GpuContext, names: &[Kernel; 5], d: usize, ptrs: &[u64]) -> Res
 
 // Kernel families by storage: [S = f32 ("f32x") or F = f32, S/F = bf16] x [scalar, v8_c1 .. v8_c4].
 const FWD: [[Kernel; 5]; 2] = [
-    [layernorm::LAYERNORM_FWD_F32X, layernorm::LAYERNORM_FWD_F32X_V8_C1, layernorm::LAYERNORM_FWD_F32X_V8_C2, layernorm::LAYERNORM_FWD_F32X_V8_C3, layernorm::LAYERNORM_FWD_F32X_V8_C4],
-    [layernorm::LAYERNORM_FWD_BF16, layernorm::LAYERNORM_FWD_BF16_V8_C1, layernorm::LAYERNORM_FWD_BF16_V8_C2, layernorm::LAYERNORM_FWD_BF16_V8_C3, layernorm::LAYERNORM_FWD_BF16_V8_C4],
+    [
+        layernorm::LAYERNORM_FWD_F32X,
+        layernorm::LAYERNORM_FWD_F32X_V8_C1,
+        layernorm::LAYERNORM_FWD_F32X_V8_C2,
+        layernorm::LAYERNORM_FWD_F32X_V8_C3,
+        layernorm::LAYERNORM_FWD_F32X_V8_C4,
+    ],
+    [
+        layernorm::LAYERNORM_FWD_BF16,
+        layernorm::LAYERNORM_FWD_BF16_V8_C1,
+        layernorm::LAYERNORM_FWD_BF16_V8_C2,
+        layernorm::LAYERNORM_FWD_BF16_V8_C3,
+        layernorm::LAYERNORM_FWD_BF16_V8_C4,
+    ],
 ];
 const BWD: [[Kernel; 5]; 2] = [
-    [layernorm::LAYERNORM_BWD_F32X, layernorm::LAYERNORM_BWD_F32X_V8_C1, layernorm::LAYERNORM_BWD_F32X_V8_C2, layernorm::LAYERNORM_BWD_F32X_V8_C3, layernorm::LAYERNORM_BWD_F32X_V8_C4],
-    [layernorm::LAYERNORM_BWD_BF16, layernorm::LAYERNORM_BWD_BF16_V8_C1, layernorm::LAYERNORM_BWD_BF16_V8_C2, layernorm::LAYERNORM_BWD_BF16_V8_C3, layernorm::LAYERNORM_BWD_BF16_V8_C4],
+    [
+        layernorm::LAYERNORM_BWD_F32X,
+        layernorm::LAYERNORM_BWD_F32X_V8_C1,
+        layernorm::LAYERNORM_BWD_F32X_V8_C2,
+        layernorm::LAYERNORM_BWD_F32X_V8_C3,
+        layernorm::LAYERNORM_BWD_F32X_V8_C4,
+    ],
+    [
+        layernorm::LAYERNORM_BWD_BF16,
+        layernorm::LAYERNORM_BWD_BF16_V8_C1,
+        layernorm::LAYERNORM_BWD_BF16_V8_C2,
+        layernorm::LAYERNORM_BWD_BF16_V8_C3,
+        layernorm::LAYERNORM_BWD_BF16_V8_C4,
+    ],
 ];
 const RES_FWD: [[Kernel; 5]; 2] = [
-    [layernorm::LAYERNORM_RES_FWD_F32, layernorm::LAYERNORM_RES_FWD_F32_V8_C1, layernorm::LAYERNORM_RES_FWD_F32_V8_C2, layernorm::LAYERNORM_RES_FWD_F32_V8_C3, layernorm::LAYERNORM_RES_FWD_F32_V8_C4],
-    [layernorm::LAYERNORM_RES_FWD_BF16, layernorm::LAYERNORM_RES_FWD_BF16_V8_C1, layernorm::LAYERNORM_RES_FWD_BF16_V8_C2, layernorm::LAYERNORM_RES_FWD_BF16_V8_C3, layernorm::LAYERNORM_RES_FWD_BF16_V8_C4],
+    [
+        layernorm::LAYERNORM_RES_FWD_F32,
+        layernorm::LAYERNORM_RES_FWD_F32_V8_C1,
+        layernorm::LAYERNORM_RES_FWD_F32_V8_C2,
+        layernorm::LAYERNORM_RES_FWD_F32_V8_C3,
+        layernorm::LAYERNORM_RES_FWD_F32_V8_C4,
+    ],
+    [
+        layernorm::LAYERNORM_RES_FWD_BF16,
+        layernorm::LAYERNORM_RES_FWD_BF16_V8_C1,
+        layernorm::LAYERNORM_RES_FWD_BF16_V8_C2,
+        layernorm::LAYERNORM_RES_FWD_BF16_V8_C3,
+        layernorm::LAYERNORM_RES_FWD_BF16_V8_C4,
+    ],
 ];
 
 /// One warp per row, BLOCK / 32 rows per block, as many blocks as rows need (capped; the
@@ -63,7 +99,11 @@ const RES_FWD: [[Kernel; 5]; 2] = [
 fn row_launch(rows: usize) -> LaunchConfig {
     let per_block = (BLOCK / 32) as usize;
     let blocks = rows.div_ceil(per_block).clamp(1, 65_535) as u32;
-    LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 }
+    LaunchConfig {
+        grid_dim: (blocks, 1, 1),
+        block_dim: (BLOCK, 1, 1),
+        shared_mem_bytes: 0,
+    }
 }
 
 /// `y = (x - mean) rstd gamma + beta` over `rows` rows of `d`; writes `mean[rows]`,
@@ -101,7 +141,17 @@ pub fn forward<S: Storage>(
     const OP: &str = "layernorm forward";
     check_shape(OP, rows, d)?;
     let n = rows * d;
-    check_lens(OP, &[("x", x.len(), n), ("y", y.len(), n), ("gamma", gamma.len(), d), ("beta", beta.len(), d), ("mean", mean.len(), rows), ("rstd", rstd.len(), rows)])?;
+    check_lens(
+        OP,
+        &[
+            ("x", x.len(), n),
+            ("y", y.len(), n),
+            ("gamma", gamma.len(), d),
+            ("beta", beta.len(), d),
+            ("mean", mean.len(), rows),
+            ("rstd", rstd.len(), rows),
+        ],
+    )?;
     if rows == 0 {
         return Ok(());
     }
@@ -114,7 +164,15 @@ pub fn forward<S: Storage>(
     let (name, f) = variant(gpu, &FWD[S::INDEX], d, &[xp, gp, bp, yp])?;
     let (rows32, d32, eps32) = (rows as u32, d as u32, eps as f32);
     let mut l = stream.launch_builder(&f);
-    l.arg(&xp).arg(&gp).arg(&bp).arg(&yp).arg(&mp).arg(&rp).arg(&rows32).arg(&d32).arg(&eps32);
+    l.arg(&xp)
+        .arg(&gp)
+        .arg(&bp)
+        .arg(&yp)
+        .arg(&mp)
+        .arg(&rp)
+        .arg(&rows32)
+        .arg(&d32)
+        .arg(&eps32);
     // SAFETY: lengths checked above; the v8 kernel only runs on 16-byte aligned rows.
     unsafe { l.launch(row_launch(rows)) }.map_err(GpuError::driver(format!("launching {name}")))?;
     Ok(())
@@ -171,7 +229,17 @@ pub fn backward<S: Storage>(
     const OP: &str = "layernorm backward";
     check_shape(OP, rows, d)?;
     let n = rows * d;
-    check_lens(OP, &[("dy", dy.len(), n), ("x", x.len(), n), ("dx", dx.len(), n), ("gamma", gamma.len(), d), ("mean", mean.len(), rows), ("rstd", rstd.len(), rows)])?;
+    check_lens(
+        OP,
+        &[
+            ("dy", dy.len(), n),
+            ("x", x.len(), n),
+            ("dx", dx.len(), n),
+            ("gamma", gamma.len(), d),
+            ("mean", mean.len(), rows),
+            ("rstd", rstd.len(), rows),
+        ],
+    )?;
     if rows == 0 {
         return Ok(());
     }
@@ -184,7 +252,15 @@ pub fn backward<S: Storage>(
     let (name, f) = variant(gpu, &BWD[S::INDEX], d, &[dyp, xp, gp, dxp])?;
     let (rows32, d32, acc) = (rows as u32, d as u32, accumulate as i32);
     let mut l = stream.launch_builder(&f);
-    l.arg(&dyp).arg(&xp).arg(&gp).arg(&mp).arg(&rp).arg(&dxp).arg(&rows32).arg(&d32).arg(&acc);
+    l.arg(&dyp)
+        .arg(&xp)
+        .arg(&gp)
+        .arg(&mp)
+        .arg(&rp)
+        .arg(&dxp)
+        .arg(&rows32)
+        .arg(&d32)
+        .arg(&acc);
     // SAFETY: lengths checked above; the v8 kernel only runs on 16-byte aligned rows.
     unsafe { l.launch(row_launch(rows)) }.map_err(GpuError::driver(format!("launching {name}")))?;
     Ok(())
@@ -246,8 +322,25 @@ pub fn residual_forward<F: Storage>(
     check_shape(OP, rows, d)?;
     let n = rows * d;
     let ls_len = ls.map_or(d, |l| l.len());
-    check_lens(OP, &[("x", x.len(), n), ("f", f.len(), n), ("out", out.len(), n), ("y", y.len(), n), ("ls", ls_len, d)])?;
-    check_lens(OP, &[("gamma", gamma.len(), d), ("beta", beta.len(), d), ("mean", mean.len(), rows), ("rstd", rstd.len(), rows)])?;
+    check_lens(
+        OP,
+        &[
+            ("x", x.len(), n),
+            ("f", f.len(), n),
+            ("out", out.len(), n),
+            ("y", y.len(), n),
+            ("ls", ls_len, d),
+        ],
+    )?;
+    check_lens(
+        OP,
+        &[
+            ("gamma", gamma.len(), d),
+            ("beta", beta.len(), d),
+            ("mean", mean.len(), rows),
+            ("rstd", rstd.len(), rows),
+        ],
+    )?;
     if rows == 0 {
         return Ok(());
     }
@@ -270,7 +363,18 @@ pub fn residual_forward<F: Storage>(
     let (name, func) = variant(gpu, &RES_FWD[F::INDEX], d, &[xp, fp, op, gp, bp, yp, lp])?;
     let (rows32, d32, eps32) = (rows as u32, d as u32, eps as f32);
     let mut l = stream.launch_builder(&func);
-    l.arg(&xp).arg(&fp).arg(&lp).arg(&op).arg(&gp).arg(&bp).arg(&yp).arg(&mp).arg(&rp).arg(&rows32).arg(&d32).arg(&eps32);
+    l.arg(&xp)
+        .arg(&fp)
+        .arg(&lp)
+        .arg(&op)
+        .arg(&gp)
+        .arg(&bp)
+        .arg(&yp)
+        .arg(&mp)
+        .arg(&rp)
+        .arg(&rows32)
+        .arg(&d32)
+        .arg(&eps32);
     // SAFETY: lengths checked above (ls null or d long); the v8 kernel only runs on 16-byte
     // aligned rows; argument types match layernorm_res_fwd's signature.
     unsafe { l.launch(row_launch(rows)) }.map_err(GpuError::driver(format!("launching {name}")))?;

@@ -53,14 +53,12 @@ pub(crate) unsafe fn matmul<T: Real>(
     {
         let _ = parallel;
         matmul_plain(
-            m, n, k, dst, dst_rs, dst_cs, accumulate, lhs, lhs_rs, lhs_cs, rhs, rhs_rs, rhs_cs,
-            alpha,
+            m, n, k, dst, dst_rs, dst_cs, accumulate, lhs, lhs_rs, lhs_cs, rhs, rhs_rs, rhs_cs, alpha,
         );
     }
     #[cfg(feature = "fast-cpu")]
     {
-        let par = if parallel && m * n * k >= PARALLEL_MIN_MACS && rayon::current_num_threads() > 1
-        {
+        let par = if parallel && m * n * k >= PARALLEL_MIN_MACS && rayon::current_num_threads() > 1 {
             Parallelism::Rayon(rayon::current_num_threads())
         } else {
             Parallelism::None
@@ -115,11 +113,7 @@ unsafe fn matmul_plain<T: Real>(
 ) {
     let store = |i: usize, j: usize, sum: T| {
         let d = dst.add(i * dst_rs + j * dst_cs);
-        *d = if accumulate {
-            *d + alpha * sum
-        } else {
-            alpha * sum
-        };
+        *d = if accumulate { *d + alpha * sum } else { alpha * sum };
     };
     if rhs_rs == 1 && rhs_cs != 1 {
         // Columns of rhs are contiguous (x W^T with W row-major): one dot product per element.
@@ -154,15 +148,7 @@ unsafe fn matmul_plain<T: Real>(
 }
 
 /// `y[rows, out] = x[rows, in] W^T + b`.
-pub fn forward<T: Real>(
-    x: &[T],
-    w: &[T],
-    bias: Option<&[T]>,
-    y: &mut [T],
-    rows: usize,
-    d_in: usize,
-    d_out: usize,
-) {
+pub fn forward<T: Real>(x: &[T], w: &[T], bias: Option<&[T]>, y: &mut [T], rows: usize, d_in: usize, d_out: usize) {
     assert!(x.len() >= rows * d_in && w.len() >= d_out * d_in && y.len() >= rows * d_out);
     if let Some(b) = bias {
         assert!(b.len() >= d_out);
@@ -193,15 +179,7 @@ pub fn forward<T: Real>(
 }
 
 /// `dx[rows, in] (+)= dy[rows, out] W`.
-pub fn backward_input<T: Real>(
-    dy: &[T],
-    w: &[T],
-    dx: &mut [T],
-    rows: usize,
-    d_in: usize,
-    d_out: usize,
-    accumulate: bool,
-) {
+pub fn backward_input<T: Real>(dy: &[T], w: &[T], dx: &mut [T], rows: usize, d_in: usize, d_out: usize, accumulate: bool) {
     assert!(dy.len() >= rows * d_out && w.len() >= d_out * d_in && dx.len() >= rows * d_in);
     // SAFETY: bounds asserted above.
     unsafe {
@@ -235,12 +213,8 @@ mod tests {
     #[test]
     fn matmul_matches_the_definition_for_any_strides() {
         let (m, n, k) = (7usize, 5usize, 9usize);
-        let lhs: Vec<f64> = (0..m * k)
-            .map(|i| ((i * 37 % 11) as f64 - 5.0) / 3.0)
-            .collect();
-        let rhs: Vec<f64> = (0..k * n)
-            .map(|i| ((i * 23 % 13) as f64 - 6.0) / 7.0)
-            .collect();
+        let lhs: Vec<f64> = (0..m * k).map(|i| ((i * 37 % 11) as f64 - 5.0) / 3.0).collect();
+        let rhs: Vec<f64> = (0..k * n).map(|i| ((i * 23 % 13) as f64 - 6.0) / 7.0).collect();
         let dst0: Vec<f64> = (0..m * n).map(|i| (i % 4) as f64 - 1.5).collect();
         let alpha = 0.75;
         // (row stride, column stride) of a rows x cols matrix stored row- or column-major.
@@ -281,15 +255,9 @@ mod tests {
                 }
                 for i in 0..m {
                     for j in 0..n {
-                        let sum: f64 = (0..k)
-                            .map(|p| lhs[i * ls.0 + p * ls.1] * rhs[p * rs.0 + j * rs.1])
-                            .sum();
+                        let sum: f64 = (0..k).map(|p| lhs[i * ls.0 + p * ls.1] * rhs[p * rs.0 + j * rs.1]).sum();
                         let at = i * ds.0 + j * ds.1;
-                        let want = if accumulate {
-                            dst0[at] + alpha * sum
-                        } else {
-                            alpha * sum
-                        };
+                        let want = if accumulate { dst0[at] + alpha * sum } else { alpha * sum };
                         assert!(
                             (dst[at] - want).abs() <= 1e-12,
                             "layouts {mask:03b}, accumulate {accumulate}, ({i}, {j}): {} vs {want}",

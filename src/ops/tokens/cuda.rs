@@ -20,7 +20,11 @@ fn u32_of(op: &'static str, what: &str, v: usize) -> Result<u32, GpuError> {
 }
 
 fn grid(gpu: &GpuContext, n: u64) -> LaunchConfig {
-    LaunchConfig { grid_dim: (grid_stride_blocks(gpu, n, BLOCK as u64), 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 }
+    LaunchConfig {
+        grid_dim: (grid_stride_blocks(gpu, n, BLOCK as u64), 1, 1),
+        block_dim: (BLOCK, 1, 1),
+        shared_mem_bytes: 0,
+    }
 }
 
 /// Launches kernel `$name` of `kernels/tokens.cu` over `$n` elements with the given arguments
@@ -58,19 +62,49 @@ macro_rules! launch {
 /// # Ok(()) }
 /// ```
 #[allow(clippy::too_many_arguments)]
-pub fn patchify<T: Storage>(gpu: &GpuContext, stream: &CudaStream, images: &impl DevicePtr<T>, out: &mut impl DevicePtrMut<T>, batch: usize, channels: usize, height: usize, width: usize, patch: usize) -> Result<(), GpuError> {
+pub fn patchify<T: Storage>(
+    gpu: &GpuContext,
+    stream: &CudaStream,
+    images: &impl DevicePtr<T>,
+    out: &mut impl DevicePtrMut<T>,
+    batch: usize,
+    channels: usize,
+    height: usize,
+    width: usize,
+    patch: usize,
+) -> Result<(), GpuError> {
     const OP: &str = "patchify";
     if patch == 0 || !height.is_multiple_of(patch) || !width.is_multiple_of(patch) {
-        return Err(GpuError::invalid(OP, format!("image {height}x{width} is not a multiple of patch {patch}")));
+        return Err(GpuError::invalid(
+            OP,
+            format!("image {height}x{width} is not a multiple of patch {patch}"),
+        ));
     }
     let n = batch * channels * height * width;
     check_len(OP, "images", images, n)?;
     check_len(OP, "out", out, n)?;
-    let (c, h, w, p) = (u32_of(OP, "channels", channels)?, u32_of(OP, "height", height)?, u32_of(OP, "width", width)?, u32_of(OP, "patch", patch)?);
+    let (c, h, w, p) = (
+        u32_of(OP, "channels", channels)?,
+        u32_of(OP, "height", height)?,
+        u32_of(OP, "width", width)?,
+        u32_of(OP, "patch", patch)?,
+    );
     let (ip, _g1) = images.device_ptr(stream);
     let (op, _g2) = out.device_ptr_mut(stream);
     let n = n as u64;
-    launch!(gpu, stream, T::pick([tokens::TOK_PATCHIFY_F32, tokens::TOK_PATCHIFY_BF16]), n, &ip, &op, &n, &c, &h, &w, &p)
+    launch!(
+        gpu,
+        stream,
+        T::pick([tokens::TOK_PATCHIFY_F32, tokens::TOK_PATCHIFY_BF16]),
+        n,
+        &ip,
+        &op,
+        &n,
+        &c,
+        &h,
+        &w,
+        &p
+    )
 }
 
 /// Twin of `CpuBackend::embed_tokens` (`patches` stored as `T`, the rest fp32).
@@ -97,19 +131,47 @@ pub fn patchify<T: Storage>(gpu: &GpuContext, stream: &CudaStream, images: &impl
 /// # Ok(()) }
 /// ```
 #[allow(clippy::too_many_arguments)]
-pub fn embed_tokens<T: Storage>(gpu: &GpuContext, stream: &CudaStream, patches: &impl DevicePtr<T>, cls: &impl DevicePtr<f32>, pos: &impl DevicePtr<f32>, x: &mut impl DevicePtrMut<f32>, batch: usize, num_patches: usize, prompts: usize, dim: usize) -> Result<(), GpuError> {
+pub fn embed_tokens<T: Storage>(
+    gpu: &GpuContext,
+    stream: &CudaStream,
+    patches: &impl DevicePtr<T>,
+    cls: &impl DevicePtr<f32>,
+    pos: &impl DevicePtr<f32>,
+    x: &mut impl DevicePtrMut<f32>,
+    batch: usize,
+    num_patches: usize,
+    prompts: usize,
+    dim: usize,
+) -> Result<(), GpuError> {
     const OP: &str = "embed_tokens";
     check_len(OP, "patches", patches, batch * num_patches * dim)?;
     check_len(OP, "cls", cls, dim)?;
     check_len(OP, "pos", pos, (1 + num_patches) * dim)?;
     check_len(OP, "x", x, batch * (1 + prompts + num_patches) * dim)?;
-    let (np, pr, d) = (u32_of(OP, "patches", num_patches)?, u32_of(OP, "prompts", prompts)?, u32_of(OP, "dim", dim)?);
+    let (np, pr, d) = (
+        u32_of(OP, "patches", num_patches)?,
+        u32_of(OP, "prompts", prompts)?,
+        u32_of(OP, "dim", dim)?,
+    );
     let (pp, _g1) = patches.device_ptr(stream);
     let (cp, _g2) = cls.device_ptr(stream);
     let (qp, _g3) = pos.device_ptr(stream);
     let (xp, _g4) = x.device_ptr_mut(stream);
     let n = (batch * (1 + num_patches) * dim) as u64;
-    launch!(gpu, stream, T::pick([tokens::TOK_EMBED_F32, tokens::TOK_EMBED_BF16]), n, &pp, &cp, &qp, &xp, &n, &np, &pr, &d)
+    launch!(
+        gpu,
+        stream,
+        T::pick([tokens::TOK_EMBED_F32, tokens::TOK_EMBED_BF16]),
+        n,
+        &pp,
+        &cp,
+        &qp,
+        &xp,
+        &n,
+        &np,
+        &pr,
+        &d
+    )
 }
 
 /// Twin of `CpuBackend::set_prompts` (`prompts [L, P, D]`, row block `layer`).
@@ -133,7 +195,17 @@ pub fn embed_tokens<T: Storage>(gpu: &GpuContext, stream: &CudaStream, patches: 
 /// # Ok(()) }
 /// ```
 #[allow(clippy::too_many_arguments)]
-pub fn set_prompts(gpu: &GpuContext, stream: &CudaStream, prompts: &impl DevicePtr<f32>, layer: usize, x: &mut impl DevicePtrMut<f32>, batch: usize, tokens: usize, count: usize, dim: usize) -> Result<(), GpuError> {
+pub fn set_prompts(
+    gpu: &GpuContext,
+    stream: &CudaStream,
+    prompts: &impl DevicePtr<f32>,
+    layer: usize,
+    x: &mut impl DevicePtrMut<f32>,
+    batch: usize,
+    tokens: usize,
+    count: usize,
+    dim: usize,
+) -> Result<(), GpuError> {
     const OP: &str = "set_prompts";
     if count >= tokens {
         return Err(GpuError::invalid(OP, format!("{count} prompts do not fit {tokens} tokens")));
@@ -171,14 +243,30 @@ pub fn set_prompts(gpu: &GpuContext, stream: &CudaStream, prompts: &impl DeviceP
 /// # Ok(()) }
 /// ```
 #[allow(clippy::too_many_arguments)]
-pub fn prompt_grad(gpu: &GpuContext, stream: &CudaStream, dx: &mut impl DevicePtrMut<f32>, dprompts: &mut impl DevicePtrMut<f32>, layer: usize, batch: usize, tokens: usize, count: usize, dim: usize, zero_rows: bool) -> Result<(), GpuError> {
+pub fn prompt_grad(
+    gpu: &GpuContext,
+    stream: &CudaStream,
+    dx: &mut impl DevicePtrMut<f32>,
+    dprompts: &mut impl DevicePtrMut<f32>,
+    layer: usize,
+    batch: usize,
+    tokens: usize,
+    count: usize,
+    dim: usize,
+    zero_rows: bool,
+) -> Result<(), GpuError> {
     const OP: &str = "prompt_grad";
     if count >= tokens {
         return Err(GpuError::invalid(OP, format!("{count} prompts do not fit {tokens} tokens")));
     }
     check_len(OP, "dx", dx, batch * tokens * dim)?;
     check_len(OP, "dprompts", dprompts, (layer + 1) * count * dim)?;
-    let (bt, t, c, d) = (u32_of(OP, "batch", batch)?, u32_of(OP, "tokens", tokens)?, u32_of(OP, "count", count)?, u32_of(OP, "dim", dim)?);
+    let (bt, t, c, d) = (
+        u32_of(OP, "batch", batch)?,
+        u32_of(OP, "tokens", tokens)?,
+        u32_of(OP, "count", count)?,
+        u32_of(OP, "dim", dim)?,
+    );
     let (xp, _g1) = dx.device_ptr_mut(stream);
     let (pp, _g2) = dprompts.device_ptr_mut(stream);
     let pp = pp + (layer * count * dim * 4) as u64;
@@ -210,20 +298,52 @@ pub fn prompt_grad(gpu: &GpuContext, stream: &CudaStream, dx: &mut impl DevicePt
 /// # Ok(()) }
 /// ```
 #[allow(clippy::too_many_arguments)]
-pub fn copy_tokens<T: Storage>(gpu: &GpuContext, stream: &CudaStream, src: &impl DevicePtr<T>, src_tokens: usize, src_start: usize, dst: &mut impl DevicePtrMut<T>, dst_tokens: usize, dst_start: usize, count: usize, batch: usize, dim: usize) -> Result<(), GpuError> {
+pub fn copy_tokens<T: Storage>(
+    gpu: &GpuContext,
+    stream: &CudaStream,
+    src: &impl DevicePtr<T>,
+    src_tokens: usize,
+    src_start: usize,
+    dst: &mut impl DevicePtrMut<T>,
+    dst_tokens: usize,
+    dst_start: usize,
+    count: usize,
+    batch: usize,
+    dim: usize,
+) -> Result<(), GpuError> {
     const OP: &str = "copy_tokens";
     if src_start + count > src_tokens || dst_start + count > dst_tokens {
-        return Err(GpuError::invalid(OP, format!("rows {src_start}+{count} of {src_tokens} into {dst_start}+{count} of {dst_tokens}")));
+        return Err(GpuError::invalid(
+            OP,
+            format!("rows {src_start}+{count} of {src_tokens} into {dst_start}+{count} of {dst_tokens}"),
+        ));
     }
     check_len(OP, "src", src, batch * src_tokens * dim)?;
     check_len(OP, "dst", dst, batch * dst_tokens * dim)?;
     u32_of(OP, "rows", batch * src_tokens.max(dst_tokens))?;
-    let [src_tokens, src_start, dst_tokens, dst_start, count, d] = [src_tokens, src_start, dst_tokens, dst_start, count, dim].map(|v| v as u32);
+    let [src_tokens, src_start, dst_tokens, dst_start, count, d] =
+        [src_tokens, src_start, dst_tokens, dst_start, count, dim].map(|v| v as u32);
     let (sp, _g1) = src.device_ptr(stream);
     let (dp, _g2) = dst.device_ptr_mut(stream);
     let n = batch as u64 * count as u64 * d as u64;
-    let p = CopyTokensParams { src: sp, dst: dp, n, src_tokens, src_start, dst_tokens, dst_start, count, d };
-    launch!(gpu, stream, T::pick([tokens::TOK_COPY_TOKENS_F32, tokens::TOK_COPY_TOKENS_BF16]), n, &p)
+    let p = CopyTokensParams {
+        src: sp,
+        dst: dp,
+        n,
+        src_tokens,
+        src_start,
+        dst_tokens,
+        dst_start,
+        count,
+        d,
+    };
+    launch!(
+        gpu,
+        stream,
+        T::pick([tokens::TOK_COPY_TOKENS_F32, tokens::TOK_COPY_TOKENS_BF16]),
+        n,
+        &p
+    )
 }
 
 /// Twin of `CpuBackend::residual`: `out = x + ls * f` over `[rows, dim]` (`f` stored as `T`;
@@ -248,7 +368,16 @@ pub fn copy_tokens<T: Storage>(gpu: &GpuContext, stream: &CudaStream, src: &impl
 /// # Ok(()) }
 /// ```
 #[allow(clippy::too_many_arguments)]
-pub fn residual<T: Storage>(gpu: &GpuContext, stream: &CudaStream, x: &impl DevicePtr<f32>, f: &impl DevicePtr<T>, ls: Option<&dyn DevicePtr<f32>>, out: &mut impl DevicePtrMut<f32>, rows: usize, dim: usize) -> Result<(), GpuError> {
+pub fn residual<T: Storage>(
+    gpu: &GpuContext,
+    stream: &CudaStream,
+    x: &impl DevicePtr<f32>,
+    f: &impl DevicePtr<T>,
+    ls: Option<&dyn DevicePtr<f32>>,
+    out: &mut impl DevicePtrMut<f32>,
+    rows: usize,
+    dim: usize,
+) -> Result<(), GpuError> {
     const OP: &str = "residual";
     let n = rows * dim;
     check_len(OP, "x", x, n)?;
@@ -264,7 +393,18 @@ pub fn residual<T: Storage>(gpu: &GpuContext, stream: &CudaStream, x: &impl Devi
     let lp: u64 = lsg.as_ref().map_or(0, |g| g.0);
     let (op, _g4) = out.device_ptr_mut(stream);
     let n = n as u64;
-    launch!(gpu, stream, T::pick([tokens::TOK_RESIDUAL_F32, tokens::TOK_RESIDUAL_BF16]), n, &xp, &fp, &lp, &op, &n, &d)
+    launch!(
+        gpu,
+        stream,
+        T::pick([tokens::TOK_RESIDUAL_F32, tokens::TOK_RESIDUAL_BF16]),
+        n,
+        &xp,
+        &fp,
+        &lp,
+        &op,
+        &n,
+        &d
+    )
 }
 
 /// Twin of `CpuBackend::mul_cols`: `out = src * v` (`v [dim]` per row; `out` stored as `T`,
@@ -284,7 +424,15 @@ pub fn residual<T: Storage>(gpu: &GpuContext, stream: &CudaStream, x: &impl Devi
 /// assert_eq!(out, [0.5, -4.0, 1.5, -8.0]);
 /// # Ok(()) }
 /// ```
-pub fn mul_cols<T: Storage>(gpu: &GpuContext, stream: &CudaStream, src: &impl DevicePtr<f32>, v: &impl DevicePtr<f32>, out: &mut impl DevicePtrMut<T>, rows: usize, dim: usize) -> Result<(), GpuError> {
+pub fn mul_cols<T: Storage>(
+    gpu: &GpuContext,
+    stream: &CudaStream,
+    src: &impl DevicePtr<f32>,
+    v: &impl DevicePtr<f32>,
+    out: &mut impl DevicePtrMut<T>,
+    rows: usize,
+    dim: usize,
+) -> Result<(), GpuError> {
     const OP: &str = "mul_cols";
     let n = rows * dim;
     check_len(OP, "src", src, n)?;
@@ -295,7 +443,17 @@ pub fn mul_cols<T: Storage>(gpu: &GpuContext, stream: &CudaStream, src: &impl De
     let (vp, _g2) = v.device_ptr(stream);
     let (op, _g3) = out.device_ptr_mut(stream);
     let n = n as u64;
-    launch!(gpu, stream, T::pick([tokens::TOK_MUL_COLS_F32, tokens::TOK_MUL_COLS_BF16]), n, &sp, &vp, &op, &n, &d)
+    launch!(
+        gpu,
+        stream,
+        T::pick([tokens::TOK_MUL_COLS_F32, tokens::TOK_MUL_COLS_BF16]),
+        n,
+        &sp,
+        &vp,
+        &op,
+        &n,
+        &d
+    )
 }
 
 /// Twin of `CpuBackend::axpby`: `y = a y + b x` over `len`, in fp32 whatever `y` (`Y`) and
@@ -313,13 +471,24 @@ pub fn mul_cols<T: Storage>(gpu: &GpuContext, stream: &CudaStream, src: &impl De
 /// assert_eq!(gpu.download(&y)?, [8.5, 9.0, 9.5]);
 /// # Ok(()) }
 /// ```
-pub fn axpby<Y: Storage, X: Storage>(gpu: &GpuContext, stream: &CudaStream, a: f32, y: &mut impl DevicePtrMut<Y>, b: f32, x: &impl DevicePtr<X>, len: usize) -> Result<(), GpuError> {
+pub fn axpby<Y: Storage, X: Storage>(
+    gpu: &GpuContext,
+    stream: &CudaStream,
+    a: f32,
+    y: &mut impl DevicePtrMut<Y>,
+    b: f32,
+    x: &impl DevicePtr<X>,
+    len: usize,
+) -> Result<(), GpuError> {
     check_len("axpby", "y", y, len)?;
     check_len("axpby", "x", x, len)?;
     let (yp, _g1) = y.device_ptr_mut(stream);
     let (xp, _g2) = x.device_ptr(stream);
     let n = len as u64;
-    const NAMES: [[crate::gpu::Kernel; 2]; 2] = [[tokens::TOK_AXPBY_F32_F32, tokens::TOK_AXPBY_F32_BF16], [tokens::TOK_AXPBY_BF16_F32, tokens::TOK_AXPBY_BF16_BF16]];
+    const NAMES: [[crate::gpu::Kernel; 2]; 2] = [
+        [tokens::TOK_AXPBY_F32_F32, tokens::TOK_AXPBY_F32_BF16],
+        [tokens::TOK_AXPBY_BF16_F32, tokens::TOK_AXPBY_BF16_BF16],
+    ];
     launch!(gpu, stream, NAMES[Y::INDEX][X::INDEX], n, &a, &yp, &b, &xp, &n)
 }
 
@@ -336,11 +505,25 @@ pub fn axpby<Y: Storage, X: Storage>(gpu: &GpuContext, stream: &CudaStream, a: f
 /// assert_eq!(gpu.download(&y)?, [bf16::from_f32(0.1), bf16::from_f32(0.1), bf16::from_f32(0.1), bf16::ZERO, bf16::ZERO]);
 /// # Ok(()) }
 /// ```
-pub fn fill<T: Storage>(gpu: &GpuContext, stream: &CudaStream, y: &mut impl DevicePtrMut<T>, len: usize, value: f32) -> Result<(), GpuError> {
+pub fn fill<T: Storage>(
+    gpu: &GpuContext,
+    stream: &CudaStream,
+    y: &mut impl DevicePtrMut<T>,
+    len: usize,
+    value: f32,
+) -> Result<(), GpuError> {
     check_len("fill", "y", y, len)?;
     let (yp, _g1) = y.device_ptr_mut(stream);
     let n = len as u64;
-    launch!(gpu, stream, T::pick([tokens::TOK_FILL_F32, tokens::TOK_FILL_BF16]), n, &yp, &value, &n)
+    launch!(
+        gpu,
+        stream,
+        T::pick([tokens::TOK_FILL_F32, tokens::TOK_FILL_BF16]),
+        n,
+        &yp,
+        &value,
+        &n
+    )
 }
 
 fn attn_dims(op: &'static str, sh: &AttnShape) -> Result<PlainAttnParams, GpuError> {
@@ -350,12 +533,35 @@ fn attn_dims(op: &'static str, sh: &AttnShape) -> Result<PlainAttnParams, GpuErr
     if sh.batch * sh.heads > 65_535 || sh.q_len > i32::MAX as usize || sh.tokens * 3 * sh.dim() > i32::MAX as usize {
         return Err(GpuError::invalid(op, format!("{sh:?} exceeds the plain kernels' grid")));
     }
-    let [n, h, dh, ps, pe, q0, nq] = [sh.tokens, sh.heads, sh.head_dim, sh.prompt_start, sh.prompt_end, sh.q_start, sh.q_len].map(|v| v as i32);
-    Ok(PlainAttnParams { n, h, dh, ps, pe, q0, nq, scale: 1.0 / (sh.head_dim as f32).sqrt(), ..PlainAttnParams::default() })
+    let [n, h, dh, ps, pe, q0, nq] = [
+        sh.tokens,
+        sh.heads,
+        sh.head_dim,
+        sh.prompt_start,
+        sh.prompt_end,
+        sh.q_start,
+        sh.q_len,
+    ]
+    .map(|v| v as i32);
+    Ok(PlainAttnParams {
+        n,
+        h,
+        dh,
+        ps,
+        pe,
+        q0,
+        nq,
+        scale: 1.0 / (sh.head_dim as f32).sqrt(),
+        ..PlainAttnParams::default()
+    })
 }
 
 fn attn_cfg(sh: &AttnShape, floats: usize) -> LaunchConfig {
-    LaunchConfig { grid_dim: (sh.q_len as u32, (sh.batch * sh.heads) as u32, 1), block_dim: (128, 1, 1), shared_mem_bytes: ((floats + 32) * 4) as u32 }
+    LaunchConfig {
+        grid_dim: (sh.q_len as u32, (sh.batch * sh.heads) as u32, 1),
+        block_dim: (128, 1, 1),
+        shared_mem_bytes: ((floats + 32) * 4) as u32,
+    }
 }
 
 /// Plain fp32 masked attention forward (any head dim; the fused bf16 kernels of
@@ -379,7 +585,14 @@ fn attn_cfg(sh: &AttnShape, floats: usize) -> LaunchConfig {
 /// }
 /// # Ok(()) }
 /// ```
-pub fn attention_forward(gpu: &GpuContext, stream: &CudaStream, qkv: &impl DevicePtr<f32>, out: &mut impl DevicePtrMut<f32>, lse: &mut impl DevicePtrMut<f32>, sh: &AttnShape) -> Result<(), GpuError> {
+pub fn attention_forward(
+    gpu: &GpuContext,
+    stream: &CudaStream,
+    qkv: &impl DevicePtr<f32>,
+    out: &mut impl DevicePtrMut<f32>,
+    lse: &mut impl DevicePtrMut<f32>,
+    sh: &AttnShape,
+) -> Result<(), GpuError> {
     const OP: &str = "attention forward (plain)";
     let mut a = attn_dims(OP, sh)?;
     check_len(OP, "qkv", qkv, sh.batch * sh.tokens * 3 * sh.dim())?;
@@ -428,7 +641,16 @@ pub fn attention_forward(gpu: &GpuContext, stream: &CudaStream, qkv: &impl Devic
 /// # Ok(()) }
 /// ```
 #[allow(clippy::too_many_arguments)]
-pub fn attention_backward(gpu: &GpuContext, stream: &CudaStream, qkv: &impl DevicePtr<f32>, out: &impl DevicePtr<f32>, lse: &impl DevicePtr<f32>, dout: &impl DevicePtr<f32>, dqkv: &mut impl DevicePtrMut<f32>, sh: &AttnShape) -> Result<(), GpuError> {
+pub fn attention_backward(
+    gpu: &GpuContext,
+    stream: &CudaStream,
+    qkv: &impl DevicePtr<f32>,
+    out: &impl DevicePtr<f32>,
+    lse: &impl DevicePtr<f32>,
+    dout: &impl DevicePtr<f32>,
+    dqkv: &mut impl DevicePtrMut<f32>,
+    sh: &AttnShape,
+) -> Result<(), GpuError> {
     const OP: &str = "attention backward (plain)";
     let mut a = attn_dims(OP, sh)?;
     let total = sh.batch * sh.tokens * 3 * sh.dim();
