@@ -1,6 +1,7 @@
 // The adapter kernels of the head (head.cu's adapter_fwd, adapter_bwd_tokens and
-// adapter_bwd_params, SPEC 3) with their rank-r products on tensor cores. Same arguments and
-// outputs as those three (the parameter gradients: see adapter_bwd_params_mma below):
+// adapter_bwd_params; docs/MODEL.md#adapters) with their rank-r products on tensor cores. Same
+// arguments and outputs as those three (the parameter gradients: see adapter_bwd_params_mma
+// below):
 //   adapter_fwd_mma:         u = W1_t z + b1_t (saved, fp32 [B, P, r]),
 //                            out[b,t] = z + b2_t + W2_t gelu(u)                     (bf16)
 //   adapter_bwd_tokens_mma:  du = (dout W2_t) * gelu'(u) (saved, fp32 [B, P, r]),

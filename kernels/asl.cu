@@ -1,8 +1,8 @@
-// Asymmetric loss (SPEC 4) fused with the sigmoid, from fp32 logits and targets, mirroring
-// src/ops/asl/cpu.rs term by term (log-sigmoid logs, eps clamp with zero slope, clip floor,
-// constant or exact focusing weights). Writes grad[i] = scale * dl/dx_i (grad may be null) and
-// loss_out[0] = scale * sum_i l_i. One kernel serves one term and the training loss's four
-// (the single-term launcher passes nterms = 1).
+// Asymmetric loss (docs/MODEL.md#the-asymmetric-loss) fused with the sigmoid, from fp32 logits
+// and targets, mirroring src/ops/asl/cpu.rs term by term (log-sigmoid logs, eps clamp with zero
+// slope, clip floor, constant or exact focusing weights). Writes grad[i] = scale * dl/dx_i (grad
+// may be null) and loss_out[0] = scale * sum_i l_i. One kernel serves one term and the training
+// loss's four (the single-term launcher passes nterms = 1).
 // One launch gives one loss value deterministically: each block sums its grid-stride share in
 // double in a fixed tree and writes partials[block]; the last block to finish (ticket from
 // `counter`) adds the partials in index order and resets the counter for the next launch.
@@ -51,7 +51,8 @@ struct Asl {
     }
 };
 
-// The training loss's terms in one launch (SPEC 4: ASL(y+) + ASL(y-) + ASL(m+) + ASL(m-)):
+// The training loss's terms in one launch (ASL(y+) + ASL(y-) + ASL(m+) + ASL(m-),
+// docs/MODEL.md#the-training-loss):
 // up to four logit buffers of n elements against the same targets, each with its own gradient
 // buffer (null: none), one loss = scale * sum over terms and elements, in a fixed order (each
 // thread's grid-stride share of term 0, then term 1, ...; block partials added in block order

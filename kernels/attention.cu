@@ -1,4 +1,5 @@
-// Fused multi-head attention with the prompt-augmented mask (SPEC 2), FlashAttention-2 style:
+// Fused multi-head attention with the prompt-augmented mask
+// (docs/MODEL.md#the-prompt-augmented-attention-mask), FlashAttention-2 style:
 // bf16 Q, K, V `[B, N, h, dh]` read by strides (AttnParams, src/contract.rs: straight from the
 // qkv projection `qkv [B, N, 3, h, dh]`, or separate tensors), fp32 online softmax and
 // accumulation on tensor cores (mma.sync m16n8k16 bf16 -> f32), output `out [B, Nq, h, dh]`

@@ -1,4 +1,5 @@
-// The ML-VPT head (SPEC 3), forward and backward, mirroring src/ops/head/cpu.rs op for op.
+// The ML-VPT head (docs/MODEL.md#the-label-aware-mixture-of-experts-head), forward and
+// backward, mirroring src/ops/head/cpu.rs op for op.
 // Storage: tokens Z, adapted features a(Z) and their gradients are bf16 [B, P, D] (the GPU
 // backend's activations); parameters (W1 [P,r,D], b1 [P,r], W2 [P,D,r], b2 [P,D], gate table
 // G [rows,D], classifier W [K,D], c [K]), their gradients and every per-(b,k) or per-(b,e,k)
@@ -585,7 +586,8 @@ extern "C" __global__ void column_sums(const float* __restrict__ x, float* __res
 }
 
 // ------------------------------------------------------------------ prediction
-// y = (y+ + y-) / 2 and its probability sigmoid(y), elementwise (SPEC 3, "prediction logits").
+// y = (y+ + y-) / 2 and its probability sigmoid(y), elementwise
+// (docs/MODEL.md#classifier-and-prediction).
 extern "C" __global__ void head_predict(const float* __restrict__ y_pos, const float* __restrict__ y_neg,
                                         float* __restrict__ y, float* __restrict__ prob, uint64_t n) {
     for (uint64_t i = global_thread(); i < n; i += grid_threads()) {

@@ -1,5 +1,6 @@
-// The three contractions of the MoE head (head.cu, SPEC 3) on tensor cores: per token t, with
-// the (e, k) pairs pointing at t (tok's inverse, increasing) as the pair index j,
+// The three contractions of the MoE head (head.cu; docs/MODEL.md#gating-and-the-expert-mixture)
+// on tensor cores: per token t, with the (e, k) pairs pointing at t (tok's inverse, increasing)
+// as the pair index j,
 //   moe_fwd_scores_mma:  q[b, j] = <G[grow(j)], Z[b, t]>        r[b, j] = <W[k(j)], a(Z)[b, t]>
 //   moe_bwd_tokens_mma:  dZ[b, t] += sum_j dq[b, j] G[grow(j)]   da(Z)[b, t] += sum_j dr[b, j] W[k(j)]
 //   moe_bwd_pairs_mma:   pair_rows[j] = sum_b coef[b, j] X[b, t]

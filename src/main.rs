@@ -13,9 +13,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Split the labels into correlative and discriminative groups (SPEC 1).
+    /// Split the labels into correlative and discriminative groups (docs/MODEL.md#label-grouping).
     Group(cli::group::GroupArgs),
-    /// mAP, CP/CR/CF1, OP/OR/OF1 of a score file against a target file (SPEC 6).
+    /// mAP, CP/CR/CF1, OP/OR/OF1 of a score file against a target file (docs/MODEL.md#metrics).
     Metrics(cli::metrics::MetricsArgs),
     /// Train ML-VPT (with no data arguments: the embedded procedural demo).
     // Boxed: its many options make it far larger than the other variants.

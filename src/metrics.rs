@@ -1,4 +1,5 @@
-//! Multi-label metrics (SPEC section 6), in percent, on probabilities (sigmoid of the logits).
+//! Multi-label metrics (docs/MODEL.md#metrics), in percent, on probabilities (sigmoid of the
+//! logits).
 //!
 //! - AP per class, VOC all-point: precision made monotone from the right, summed over recall
 //!   steps; and the non-interpolated AP (sum of recall step x precision, which is the mean of
@@ -167,9 +168,9 @@ fn mean_some(v: &[Option<f64>]) -> f64 {
     ratio(present.iter().sum(), present.len() as f64)
 }
 
-/// Computes every metric of SPEC 6. `scores` are probabilities and `targets` 0/1 (a value
-/// above 0.5 counts as positive), both row-major `n x k`. Panics if the lengths are not `n*k`
-/// (callers check shapes; the CLI reports them as errors).
+/// Computes every metric of docs/MODEL.md#metrics. `scores` are probabilities and `targets`
+/// 0/1 (a value above 0.5 counts as positive), both row-major `n x k`. Panics if the lengths
+/// are not `n*k` (callers check shapes; the CLI reports them as errors).
 pub fn evaluate(scores: &[f32], targets: &[f32], n: usize, k: usize, threshold: f32) -> Metrics {
     assert_eq!(scores.len(), n * k, "evaluate: scores length is not n*k");
     assert_eq!(targets.len(), n * k, "evaluate: targets length is not n*k");

@@ -1,6 +1,7 @@
-//! ASL (SPEC 4) against an independent f64 reference written here, and its gradients against
-//! f64 central finite differences: the exact mode against FD of the full loss, the default
-//! (constant focusing weights) mode against FD of the loss with the weights frozen at the point.
+//! ASL (docs/MODEL.md#the-asymmetric-loss) against an independent f64 reference written here,
+//! and its gradients against f64 central finite differences: the exact mode against FD of the
+//! full loss, the default (constant focusing weights) mode against FD of the loss with the
+//! weights frozen at the point.
 
 use mlvpt::ops::asl::{asl_forward_backward, AslConfig};
 use rand::{Rng, SeedableRng};

@@ -317,7 +317,7 @@ fn moe_head_gradients_both_gate_modes() {
         };
         let loss = |o: &(Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>)| dot(&o.0, &ry) + dot(&o.1, &rm);
         let o = fwd(&z, &ad, &gate, &w, &c);
-        // Definition (SPEC 3).
+        // Definition (docs/MODEL.md#gating-and-the-expert-mixture).
         for bi in 0..b {
             for ki in 0..k {
                 let g = groups[ki];

@@ -1,5 +1,5 @@
-//! Spectral label grouping (SPEC 1): known structures, hand-derived spectra, determinism,
-//! sparse vs dense counting, and the official ML-VPT groups.
+//! Spectral label grouping (docs/MODEL.md#label-grouping): known structures, hand-derived
+//! spectra, determinism, sparse vs dense counting, and the official ML-VPT groups.
 #![cfg(feature = "train")]
 
 use std::collections::BTreeSet;

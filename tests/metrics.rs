@@ -1,5 +1,5 @@
-//! Metrics (SPEC 6) against hand-computed cases (derivations in the comments) and against
-//! scikit-learn's average_precision_score / the VOC devkit's voc_ap on a fixed data set.
+//! Metrics (docs/MODEL.md#metrics) against hand-computed cases (derivations in the comments) and
+//! against scikit-learn's average_precision_score / the VOC devkit's voc_ap on a fixed data set.
 #![cfg(feature = "train")]
 
 use mlvpt::metrics::{average_precision, default_class_names, evaluate, Metrics};

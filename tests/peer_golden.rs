@@ -1,6 +1,7 @@
 //! The whole model against the PyTorch peer (tools/peer/mlvpt_torch.py: timm's own
 //! VisionTransformer with prompts and the prompt mask passed to timm's blocks, the head and ASL
-//! written from SPEC 2-4, float64 autograd). Each case in tests/data/peer_golden/ is a backbone
+//! written from the model's definition (docs/MODEL.md, from #deep-visual-prompts to
+//! #the-asymmetric-loss), float64 autograd). Each case in tests/data/peer_golden/ is a backbone
 //! saved by timm (read here by `load_timm`) and a golden file with the trainable tensors (mlvpt's
 //! names), images, targets, and the peer's logits, loss and gradient of every trainable tensor.
 //! Inputs are float32 values, so both sides compute from the same numbers.

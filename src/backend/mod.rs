@@ -1,6 +1,7 @@
-//! The seam between the training step and the hardware: the ops of SPEC 7 over opaque
-//! buffers. The step (`train::step`) is written once against [`Backend`]; [`CpuBackend`] is the
-//! reference (and the default), a CUDA backend implements the same trait op for op.
+//! The seam between the training step and the hardware: the ops of
+//! docs/MODEL.md#where-each-part-runs over opaque buffers. The step (`train::step`) is written
+//! once against [`Backend`]; [`CpuBackend`] is the reference (and the default), a CUDA backend
+//! implements the same trait op for op.
 //!
 //! Conventions for every op:
 //! - Buffers are opaque (`Backend::Buf`, device memory on a GPU); the step never assumes host

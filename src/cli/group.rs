@@ -1,4 +1,5 @@
-//! `mlvpt group`: split the labels into correlative and discriminative groups (SPEC 1).
+//! `mlvpt group`: split the labels into correlative and discriminative groups
+//! (docs/MODEL.md#label-grouping).
 
 use std::path::{Path, PathBuf};
 

@@ -1,6 +1,6 @@
-//! Training augmentation (SPEC 5): random resized crop (area scale 0.5-1, aspect ratio
-//! 3/4-4/3, torchvision's sampling) and a horizontal flip with probability 1/2; the test
-//! transform is a plain resize.
+//! Training augmentation (docs/MODEL.md#images-and-augmentation): random resized crop (area
+//! scale 0.5-1, aspect ratio 3/4-4/3, torchvision's sampling) and a horizontal flip with
+//! probability 1/2; the test transform is a plain resize.
 
 use image::imageops::{self, FilterType};
 use image::RgbImage;

@@ -1,5 +1,6 @@
-//! Label counts and pair counts (SPEC 1.1), counted from sparse per-image label lists so that
-//! millions of images with a few labels each cost O(sum of l^2), never O(n K^2).
+//! Label counts and pair counts (docs/MODEL.md#co-occurrence-counts), counted from sparse
+//! per-image label lists so that millions of images with a few labels each cost O(sum of l^2),
+//! never O(n K^2).
 
 /// How often each label and each pair of labels occurs in a set of images.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -85,7 +86,7 @@ impl Cooccurrence {
     }
 
     /// Labels that occur in no image (c_i = 0): they have no edges and are left out of the
-    /// spectral step (SPEC 1.2).
+    /// spectral step (docs/MODEL.md#labels-that-never-occur).
     pub fn unused_labels(&self) -> Vec<usize> {
         (0..self.k).filter(|&i| self.counts[i] == 0).collect()
     }

@@ -1,10 +1,11 @@
-//! The two label graphs of SPEC 1.2-1.4: correlative M+ and discriminative M-.
+//! The two label graphs (docs/MODEL.md#the-two-label-graphs): correlative M+ and discriminative M-.
 
 use nalgebra::DMatrix;
 
 use super::cooccurrence::Cooccurrence;
 
-/// M+ = (R + R^T) / 2 with R = S^(1/tau), S_ij = C_ij / c_i (SPEC 1.2-1.3), self-loops removed.
+/// M+ = (R + R^T) / 2 with R = S^(1/tau), S_ij = C_ij / c_i, self-loops removed
+/// (docs/MODEL.md#the-two-label-graphs).
 ///
 /// K x K; the rows and columns of labels that never occur are zero (they have no edges).
 /// Every entry lies in [0, 1] when C_ij <= min(c_i, c_j).
@@ -22,7 +23,8 @@ pub fn correlative_affinity(co: &Cooccurrence, tau: f64) -> DMatrix<f64> {
     DMatrix::from_fn(k, k, |i, j| 0.5 * (r[(i, j)] + r[(j, i)]))
 }
 
-/// M- = 11^T - M+ (SPEC 1.4), built from M+ with its own tau, self-loops removed.
+/// M- = 11^T - M+ (docs/MODEL.md#the-two-label-graphs), built from M+ with its own tau,
+/// self-loops removed.
 ///
 /// The seed paper writes `I - M+`. With the identity, every off-diagonal weight would be
 /// `-M+_ij <= 0`: a graph of negative weights with no valid degree matrix, so no Laplacian

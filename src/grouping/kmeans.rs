@@ -1,4 +1,4 @@
-//! k-means with greedy k-means++ seeding and many restarts (SPEC 1.5), following
+//! k-means with greedy k-means++ seeding and many restarts (docs/MODEL.md#k-means), following
 //! scikit-learn's `KMeans` (Lloyd iterations, empty clusters relocated to far points).
 //!
 //! Restarts run in parallel; each has its own random stream derived from (seed, restart), and the

@@ -1,5 +1,5 @@
-//! Spectral label grouping (SPEC section 1): co-occurrence counts, the correlative and
-//! discriminative graphs, spectral embedding and k-means.
+//! Spectral label grouping (docs/MODEL.md#label-grouping): co-occurrence counts, the
+//! correlative and discriminative graphs, spectral embedding and k-means.
 //!
 //! ```
 //! use mlvpt::grouping::{correlative, Cooccurrence, GroupingConfig};
@@ -26,7 +26,7 @@ use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
-/// Settings of one grouping run (SPEC 1.5-1.6).
+/// Settings of one grouping run (docs/MODEL.md#grouping-defaults).
 #[derive(Debug, Clone, PartialEq)]
 pub struct GroupingConfig {
     /// T, groups per graph.
@@ -106,7 +106,8 @@ pub enum GroupingError {
     EmptyLabels,
 }
 
-/// Which partitions the model gets (SPEC 1.7 and the paper's Tab. 4 ablations).
+/// Which partitions the model gets (docs/MODEL.md#branches-and-ablations, and the paper's Tab. 4
+/// ablations).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum GroupingMode {
     /// Correlative and discriminative (the method).
@@ -149,7 +150,7 @@ fn check_config(k: usize, cfg: &GroupingConfig) -> Result<(), GroupingError> {
 }
 
 /// Spectral clustering of graph `m` over the labels that occur; labels that never occur go
-/// into the smallest group afterwards (SPEC 1.2).
+/// into the smallest group afterwards (docs/MODEL.md#labels-that-never-occur).
 fn cluster_graph(co: &Cooccurrence, m: &DMatrix<f64>, cfg: &GroupingConfig) -> Result<Partition, GroupingError> {
     check_config(co.k, cfg)?;
     let used: Vec<usize> = (0..co.k).filter(|&i| co.counts[i] > 0).collect();

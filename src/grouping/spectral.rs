@@ -1,5 +1,6 @@
-//! Spectral embedding of a graph (SPEC 1.5), as scikit-learn's `spectral_embedding` does it:
-//! eigenvectors of the normalized Laplacian's smallest eigenvalues, rows scaled by 1/sqrt(d_i).
+//! Spectral embedding of a graph (docs/MODEL.md#spectral-embedding), as scikit-learn's
+//! `spectral_embedding` does it: eigenvectors of the normalized Laplacian's smallest
+//! eigenvalues, rows scaled by 1/sqrt(d_i).
 
 use nalgebra::{DMatrix, SymmetricEigen};
 

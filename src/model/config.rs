@@ -126,7 +126,7 @@ impl VitConfig {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Method {
-    /// ML-VPT: grouped prompts, adapters, label-aware MoE (SPEC 2-3).
+    /// ML-VPT: grouped prompts, adapters, label-aware MoE (docs/MODEL.md#the-label-aware-mixture-of-experts-head).
     #[value(name = "mlvpt")]
     MlVpt,
     /// Plain VPT ablation: `vpt_prompts` prompts, a linear head on their mean.

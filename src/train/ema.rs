@@ -1,5 +1,5 @@
-//! Exponential moving average of the trainable weights (SPEC 5, optional): evaluated beside the
-//! raw weights at every evaluation.
+//! Exponential moving average of the trainable weights (docs/MODEL.md#ema-of-the-weights,
+//! optional): evaluated beside the raw weights at every evaluation.
 
 use anyhow::ensure;
 

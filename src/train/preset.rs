@@ -1,5 +1,5 @@
-//! The paper's per-dataset settings (SPEC 5; the official release's configs): image 224,
-//! batch 64, 40 epochs, AdamW, and T, E, lr by dataset.
+//! The paper's per-dataset settings (docs/MODEL.md#training-defaults-and-presets; the official
+//! release's configs): image 224, batch 64, 40 epochs, AdamW, and T, E, lr by dataset.
 
 use crate::train::run::RunSpec;
 

@@ -50,7 +50,7 @@ pub struct TrainConfig {
     pub ema: Option<f64>,
     #[serde(with = "grouping_mode_name")]
     pub grouping: GroupingMode,
-    /// tau for both graphs (SPEC 1.6).
+    /// tau for both graphs (docs/MODEL.md#grouping-defaults).
     pub tau: f64,
     pub seed: u64,
     /// Decision threshold for CP/CR/CF1/OP/OR/OF1.

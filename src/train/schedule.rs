@@ -1,5 +1,6 @@
-//! The one-cycle learning-rate schedule (SPEC 5): linear warm-up over the first fraction of the
-//! steps to the peak rate, then a cosine down towards zero at the end of training.
+//! The one-cycle learning-rate schedule (docs/MODEL.md#learning-rate-schedule): linear warm-up
+//! over the first fraction of the steps to the peak rate, then a cosine down towards zero at the
+//! end of training.
 
 use serde::{Deserialize, Serialize};
 

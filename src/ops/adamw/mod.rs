@@ -7,7 +7,8 @@ pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 
-/// AdamW hyper-parameters; `Default` is SPEC 5: (0.9, 0.999), eps 1e-8, weight decay 1e-2.
+/// AdamW hyper-parameters; `Default` is the training default (docs/MODEL.md#adamw): (0.9, 0.999),
+/// eps 1e-8, weight decay 1e-2.
 #[derive(Clone, Copy, Debug, PartialEq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct AdamWConfig {

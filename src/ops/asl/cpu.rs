@@ -23,8 +23,9 @@ fn log_sigmoid<T: Float>(x: T) -> T {
     x.min(T::zero()) - (-x.abs()).exp().ln_1p()
 }
 
-/// Sum over all elements of the per-label ASL (SPEC 4), from logits. If `grad` is Some, writes
-/// d(sum)/d(logit) per element. Scaling (1000/(B*K)) and the four-term sum are the caller's.
+/// Sum over all elements of the per-label ASL (docs/MODEL.md#the-asymmetric-loss), from logits.
+/// If `grad` is Some, writes d(sum)/d(logit) per element. Scaling (1000/(B*K)) and the four-term
+/// sum are the caller's.
 ///
 /// Targets are normally 0/1; other values in [0, 1] weight the two terms linearly. The sum is
 /// accumulated in f64 whatever `T` is. Panics if the slice lengths differ (a caller bug).

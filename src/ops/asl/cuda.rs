@@ -137,8 +137,9 @@ pub const MAX_TERMS: usize = crate::contract::asl::ASL_MAX_TERMS;
 
 /// ASL of up to [`MAX_TERMS`] logit buffers (`n` each) against the same targets in one launch:
 /// `loss[0] = scale * sum over terms and elements`, and each term's `grad[i] = scale * dl/dx_i`
-/// where given. The training loss `ASL(y+) + ASL(y-) + ASL(m+) + ASL(m-)` (SPEC 4) is one call
-/// with `scale = factor / (B K)`; per term it is [`forward_backward`].
+/// where given. The training loss `ASL(y+) + ASL(y-) + ASL(m+) + ASL(m-)`
+/// (docs/MODEL.md#the-training-loss) is one call with `scale = factor / (B K)`; per term it is
+/// [`forward_backward`].
 ///
 /// ```
 /// use mlvpt::gpu::{DevicePtrMut, GpuContext};

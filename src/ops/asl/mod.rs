@@ -1,4 +1,4 @@
-//! Asymmetric loss (ASL, SPEC section 4), per label, from logits.
+//! Asymmetric loss (ASL, docs/MODEL.md#the-asymmetric-loss), per label, from logits.
 //!
 //! With p = sigmoid(x) and p_m = max(p - clip, 0):
 //! `l = -y (1-p)^g+ L+ - (1-y) p_m^g- L-`, where `L+ = log(clamp(p, min=eps))` and

@@ -1,4 +1,5 @@
-//! Multi-head self-attention with the prompt-augmented mask (SPEC 2), forward and backward.
+//! Multi-head self-attention with the prompt-augmented mask, forward and backward
+//! (docs/MODEL.md#the-prompt-augmented-attention-mask).
 //!
 //! Storage (no transposes anywhere, so a GPU kernel reads the same layout):
 //! - `qkv [B, N, 3, h, dh]`: the output of timm's `qkv` linear as it comes (`[B, N, 3D]`);

@@ -608,8 +608,9 @@ fn check_moe(op: &'static str, s: &MoeShape, tok: &IndexTable, grow: &IndexTable
     Ok(())
 }
 
-/// One branch's label-aware gating, expert mixture and classifier (SPEC 3): per `(b, e, k)`
-/// the gate score `q = <G[grow], z[b, tok]>` and the classifier response
+/// One branch's label-aware gating, expert mixture and classifier
+/// (docs/MODEL.md#gating-and-the-expert-mixture): per `(b, e, k)` the gate score
+/// `q = <G[grow], z[b, tok]>` and the classifier response
 /// `r = <W[k], adapted[b, tok]>` (one token-major launch), then `A = softmax_e q`,
 /// `m[b,k] = sum_e A q`, `y[b,k] = sum_e A r + c[k]` (a second, per-(b, k) launch); the
 /// `[B, K, D]` mixture is never formed. Writes `y, m [B, K]` and saves `q, r [B, E, K]` (fp32).

@@ -1,4 +1,5 @@
-//! The ML-VPT head (SPEC 3) and the plain-VPT linear head, forward and backward.
+//! The ML-VPT head (docs/MODEL.md#the-label-aware-mixture-of-experts-head) and the plain-VPT
+//! linear head, forward and backward.
 //!
 //! Three ops, all on the group tokens `Z [B, P, D]` (final-norm outputs at the prompts):
 //! - **adapter**: per prompt token `t`, `a_t(z) = z + W2_t GELU(W1_t z + b1_t) + b2_t` with
