@@ -2,9 +2,8 @@
 //! float type (`CpuBackend<f32>` trains, `CpuBackend<f64>` runs the gradient checks).
 
 use super::{AdamWConfig, AdapterShape, AslConfig, AttnShape, Backend, MoeShape, VptHeadShape};
-use crate::ops::real::{cast, simd, Real};
-use crate::ops::{adamw, attention, gelu, head, layernorm, linear};
-use rayon::prelude::*;
+use crate::ops::real::{cast, Real};
+use crate::ops::{adamw, attention, gelu, head, layernorm, linear, tokens};
 
 /// CPU backend over `Vec<T>` buffers. Holds a scratch vector that grows to the largest size
 /// an op needs and is then reused (no allocation per step once shapes are fixed).
@@ -72,28 +71,7 @@ impl<T: Real> Backend for CpuBackend<T> {
     }
 
     fn patchify(&mut self, images: &Vec<T>, out: &mut Vec<T>, batch: usize, channels: usize, height: usize, width: usize, patch: usize) {
-        let (gh, gw) = (height / patch, width / patch);
-        let np = gh * gw;
-        let row = channels * patch * patch;
-        let img = channels * height * width;
-        assert!(images.len() >= batch * img && out.len() >= batch * np * row);
-        out[..batch * np * row].par_chunks_mut(np * row).enumerate().for_each(|(b, ob)| {
-            simd(|| {
-                let ib = &images[b * img..(b + 1) * img];
-                for py in 0..gh {
-                    for px in 0..gw {
-                        let o = &mut ob[(py * gw + px) * row..(py * gw + px + 1) * row];
-                        for c in 0..channels {
-                            for ky in 0..patch {
-                                let src = c * height * width + (py * patch + ky) * width + px * patch;
-                                let dst = (c * patch + ky) * patch;
-                                o[dst..dst + patch].copy_from_slice(&ib[src..src + patch]);
-                            }
-                        }
-                    }
-                }
-            });
-        });
+        tokens::cpu::patchify(images, out, batch, channels, height, width, patch);
     }
 
     fn embed_tokens(
@@ -107,33 +85,11 @@ impl<T: Real> Backend for CpuBackend<T> {
         prompts: usize,
         dim: usize,
     ) {
-        let n = 1 + prompts + num_patches;
-        assert!(patches.len() >= batch * num_patches * dim && x.len() >= batch * n * dim);
-        assert!(cls.len() >= dim && pos.len() >= (1 + num_patches) * dim);
-        x[..batch * n * dim].par_chunks_mut(n * dim).enumerate().for_each(|(b, xb)| {
-            simd(|| {
-                for j in 0..dim {
-                    xb[j] = cls[j] + pos[j];
-                }
-                for i in 0..num_patches {
-                    let dst = &mut xb[(1 + prompts + i) * dim..(2 + prompts + i) * dim];
-                    let src = &patches[(b * num_patches + i) * dim..(b * num_patches + i + 1) * dim];
-                    let pe = &pos[(1 + i) * dim..(2 + i) * dim];
-                    for j in 0..dim {
-                        dst[j] = src[j] + pe[j];
-                    }
-                }
-            });
-        });
+        tokens::cpu::embed_tokens(patches, cls, pos, x, batch, num_patches, prompts, dim);
     }
 
     fn set_prompts(&mut self, prompts: &Vec<T>, layer: usize, x: &mut Vec<T>, batch: usize, tokens: usize, count: usize, dim: usize) {
-        let src = &prompts[layer * count * dim..(layer + 1) * count * dim];
-        assert!(x.len() >= batch * tokens * dim && count < tokens);
-        for b in 0..batch {
-            let o = (b * tokens + 1) * dim;
-            x[o..o + count * dim].copy_from_slice(src);
-        }
+        tokens::cpu::set_prompts(prompts, layer, x, batch, tokens, count, dim);
     }
 
     fn prompt_grad(
@@ -147,26 +103,7 @@ impl<T: Real> Backend for CpuBackend<T> {
         dim: usize,
         zero_rows: bool,
     ) {
-        assert!(dx.len() >= batch * tokens * dim && count < tokens);
-        let dst = &mut dprompts[layer * count * dim..(layer + 1) * count * dim];
-        // Parallel over prompt elements, images summed in order inside (deterministic).
-        dst.par_chunks_mut(dim).enumerate().for_each(|(j, row)| {
-            simd(|| {
-                row.fill(T::zero());
-                for b in 0..batch {
-                    let o = (b * tokens + 1 + j) * dim;
-                    for (r, &g) in row.iter_mut().zip(&dx[o..o + dim]) {
-                        *r = *r + g;
-                    }
-                }
-            });
-        });
-        if zero_rows {
-            for b in 0..batch {
-                let o = (b * tokens + 1) * dim;
-                dx[o..o + count * dim].fill(T::zero());
-            }
-        }
+        tokens::cpu::prompt_grad(dx, dprompts, layer, batch, tokens, count, dim, zero_rows);
     }
 
     fn copy_tokens(
@@ -181,49 +118,15 @@ impl<T: Real> Backend for CpuBackend<T> {
         batch: usize,
         dim: usize,
     ) {
-        assert!(src_start + count <= src_tokens && dst_start + count <= dst_tokens);
-        for b in 0..batch {
-            let s = (b * src_tokens + src_start) * dim;
-            let d = (b * dst_tokens + dst_start) * dim;
-            dst[d..d + count * dim].copy_from_slice(&src[s..s + count * dim]);
-        }
+        tokens::cpu::copy_tokens(src, src_tokens, src_start, dst, dst_tokens, dst_start, count, batch, dim);
     }
 
     fn residual(&mut self, x: &Vec<T>, f: &Vec<T>, ls: Option<&Vec<T>>, out: &mut Vec<T>, rows: usize, dim: usize) {
-        let len = rows * dim;
-        out[..len]
-            .par_chunks_mut(dim)
-            .zip(x[..len].par_chunks(dim))
-            .zip(f[..len].par_chunks(dim))
-            .with_min_len(16)
-            .for_each(|((o, xr), fr)| {
-                simd(|| match ls {
-                    Some(l) => {
-                        for j in 0..dim {
-                            o[j] = xr[j] + l[j] * fr[j];
-                        }
-                    }
-                    None => {
-                        for j in 0..dim {
-                            o[j] = xr[j] + fr[j];
-                        }
-                    }
-                })
-            });
+        tokens::cpu::residual(x, f, ls.map(|l| l.as_slice()), out, rows, dim);
     }
 
     fn mul_cols(&mut self, src: &Vec<T>, v: &Vec<T>, out: &mut Vec<T>, rows: usize, dim: usize) {
-        out[..rows * dim]
-            .par_chunks_mut(dim)
-            .zip(src[..rows * dim].par_chunks(dim))
-            .with_min_len(16)
-            .for_each(|(o, s)| {
-                simd(|| {
-                    for j in 0..dim {
-                        o[j] = s[j] * v[j];
-                    }
-                });
-            });
+        tokens::cpu::mul_cols(src, v, out, rows, dim);
     }
 
     fn linear_forward(&mut self, x: &Vec<T>, w: &Vec<T>, bias: Option<&Vec<T>>, y: &mut Vec<T>, rows: usize, d_in: usize, d_out: usize) {

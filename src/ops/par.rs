@@ -36,6 +36,15 @@ mod sequential {
         fn par_iter_mut(&mut self) -> std::slice::IterMut<'_, T>;
     }
 
+    /// rayon's `IndexedParallelIterator::with_min_len` (a task-size hint): nothing to do in order.
+    pub(crate) trait WithMinLen: Sized {
+        fn with_min_len(self, _min: usize) -> Self {
+            self
+        }
+    }
+
+    impl<I: Iterator> WithMinLen for I {}
+
     impl<T> ParallelSliceMut<T> for [T] {
         fn par_chunks_mut(&mut self, chunk_size: usize) -> std::slice::ChunksMut<'_, T> {
             self.chunks_mut(chunk_size)

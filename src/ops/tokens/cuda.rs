@@ -43,10 +43,9 @@ macro_rules! launch {
     }};
 }
 
-/// Twin of `CpuBackend::patchify`: images `[B, C, H, W]` into `out [B, Np, C*p*p]` (both `T`).
+/// Twin of [`super::cpu::patchify`]: images `[B, C, H, W]` into `out [B, Np, C*p*p]` (both `T`).
 ///
 /// ```
-/// use mlvpt::backend::{Backend, CpuBackend};
 /// use mlvpt::gpu::GpuContext;
 /// use mlvpt::ops::tokens;
 /// # fn main() -> Result<(), mlvpt::gpu::GpuError> {
@@ -57,7 +56,7 @@ macro_rules! launch {
 /// let mut out = gpu.zeros::<f32>(images.len())?;
 /// tokens::cuda::patchify::<f32>(&gpu, gpu.stream(), &gpu.upload(&images)?, &mut out, b, c, h, w, p)?;
 /// let mut want = vec![0.0f32; images.len()];
-/// CpuBackend::<f32>::new().patchify(&images, &mut want, b, c, h, w, p); // the CPU twin
+/// tokens::cpu::patchify(&images, &mut want, b, c, h, w, p); // the CPU twin
 /// assert_eq!(gpu.download(&out)?, want);
 /// # Ok(()) }
 /// ```
@@ -107,10 +106,9 @@ pub fn patchify<T: Storage>(
     )
 }
 
-/// Twin of `CpuBackend::embed_tokens` (`patches` stored as `T`, the rest fp32).
+/// Twin of [`super::cpu::embed_tokens`] (`patches` stored as `T`, the rest fp32).
 ///
 /// ```
-/// use mlvpt::backend::{Backend, CpuBackend};
 /// use mlvpt::gpu::{bf16, GpuContext};
 /// use mlvpt::ops::tokens;
 /// # fn main() -> Result<(), mlvpt::gpu::GpuError> {
@@ -124,7 +122,7 @@ pub fn patchify<T: Storage>(
 /// let mut x = gpu.upload(&vec![7.0f32; b * n * d])?;
 /// tokens::cuda::embed_tokens::<bf16>(&gpu, gpu.stream(), &gpu.upload(&patches16)?, &gpu.upload(&cls)?, &gpu.upload(&pos)?, &mut x, b, np, prompts, d)?;
 /// let mut want = vec![7.0f32; b * n * d];
-/// CpuBackend::<f32>::new().embed_tokens(&patches, &cls, &pos, &mut want, b, np, prompts, d); // the CPU twin
+/// tokens::cpu::embed_tokens(&patches, &cls, &pos, &mut want, b, np, prompts, d); // the CPU twin
 /// let x = gpu.download(&x)?;
 /// assert_eq!(x, want);
 /// assert_eq!(x[d..3 * d], [7.0; 16]); // prompt rows untouched
@@ -174,7 +172,7 @@ pub fn embed_tokens<T: Storage>(
     )
 }
 
-/// Twin of `CpuBackend::set_prompts` (`prompts [L, P, D]`, row block `layer`).
+/// Twin of [`super::cpu::set_prompts`] (`prompts [L, P, D]`, row block `layer`).
 ///
 /// ```
 /// use mlvpt::gpu::GpuContext;
@@ -220,7 +218,7 @@ pub fn set_prompts(
     launch!(gpu, stream, tokens::TOK_SET_PROMPTS, n, &pp, &xp, &n, &t, &c, &d)
 }
 
-/// Twin of `CpuBackend::prompt_grad`: `dprompts[layer] = sum_b dx[b, 1..1+P]` (image order),
+/// Twin of [`super::cpu::prompt_grad`]: `dprompts[layer] = sum_b dx[b, 1..1+P]` (image order),
 /// then with `zero_rows` those rows of `dx` are zeroed.
 ///
 /// ```
@@ -279,7 +277,7 @@ pub fn prompt_grad(
     Ok(())
 }
 
-/// Twin of `CpuBackend::copy_tokens` (`src` and `dst` both `T`).
+/// Twin of [`super::cpu::copy_tokens`] (`src` and `dst` both `T`).
 ///
 /// ```
 /// use mlvpt::gpu::{bf16, GpuContext};
@@ -346,7 +344,7 @@ pub fn copy_tokens<T: Storage>(
     )
 }
 
-/// Twin of `CpuBackend::residual`: `out = x + ls * f` over `[rows, dim]` (`f` stored as `T`;
+/// Twin of [`super::cpu::residual`]: `out = x + ls * f` over `[rows, dim]` (`f` stored as `T`;
 /// `x`, `out` and `ls` fp32).
 ///
 /// ```
@@ -407,7 +405,7 @@ pub fn residual<T: Storage>(
     )
 }
 
-/// Twin of `CpuBackend::mul_cols`: `out = src * v` (`v [dim]` per row; `out` stored as `T`,
+/// Twin of [`super::cpu::mul_cols`]: `out = src * v` (`v [dim]` per row; `out` stored as `T`,
 /// `src` and `v` fp32).
 ///
 /// ```

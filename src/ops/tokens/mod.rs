@@ -1,6 +1,7 @@
-//! Token assembly and small elementwise ops (patchify, token embedding, prompts, residuals) on
-//! the GPU. Their CPU twins are the `backend::CpuBackend` ops of the same names; the contract
-//! of each is the `backend::Backend` method it implements (both need the `train` feature).
+//! Token assembly and small elementwise ops (patchify, token embedding, prompts, residuals):
+//! `cpu.rs` holds the twins (what `CpuBackend` runs), `cuda.rs` the launchers of
+//! `kernels/tokens.cu`; the contract of each is the `backend::Backend` method of the same name.
 
+pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;

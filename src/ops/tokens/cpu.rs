@@ -1,0 +1,224 @@
+//! CPU twins of the token ops (`kernels/tokens.cu`), generic over the float type: the reference
+//! the GPU launchers of [`super::cuda`] are tested against, and what `CpuBackend` runs.
+//! Shapes as `docs/MODEL.md#the-frozen-vit` and `#deep-visual-prompts` describe them.
+
+use crate::ops::par::*;
+use crate::ops::real::{simd, Real};
+
+/// Images `[B, C, H, W]` into patch rows `out [B, Np, C*p*p]` (`Np = (H/p)(W/p)`, row-major
+/// over the patch grid; each row channel-major, then `p x p` pixels), the layout the patch
+/// embedding's GEMM takes.
+#[allow(clippy::too_many_arguments)]
+pub fn patchify<T: Real>(images: &[T], out: &mut [T], batch: usize, channels: usize, height: usize, width: usize, patch: usize) {
+    let (gh, gw) = (height / patch, width / patch);
+    let np = gh * gw;
+    let row = channels * patch * patch;
+    let img = channels * height * width;
+    assert!(images.len() >= batch * img && out.len() >= batch * np * row);
+    out[..batch * np * row].par_chunks_mut(np * row).enumerate().for_each(|(b, ob)| {
+        simd(|| {
+            let ib = &images[b * img..(b + 1) * img];
+            for py in 0..gh {
+                for px in 0..gw {
+                    let o = &mut ob[(py * gw + px) * row..(py * gw + px + 1) * row];
+                    for c in 0..channels {
+                        for ky in 0..patch {
+                            let src = c * height * width + (py * patch + ky) * width + px * patch;
+                            let dst = (c * patch + ky) * patch;
+                            o[dst..dst + patch].copy_from_slice(&ib[src..src + patch]);
+                        }
+                    }
+                }
+            }
+        });
+    });
+}
+
+/// The token sequence `x [B, 1 + P + Np, D]`: `CLS + pos[0]`, the prompt rows left as they are
+/// (`set_prompts` fills them), then each patch embedding `+ pos[1 + i]`.
+#[allow(clippy::too_many_arguments)]
+pub fn embed_tokens<T: Real>(
+    patches: &[T],
+    cls: &[T],
+    pos: &[T],
+    x: &mut [T],
+    batch: usize,
+    num_patches: usize,
+    prompts: usize,
+    dim: usize,
+) {
+    let n = 1 + prompts + num_patches;
+    assert!(patches.len() >= batch * num_patches * dim && x.len() >= batch * n * dim);
+    assert!(cls.len() >= dim && pos.len() >= (1 + num_patches) * dim);
+    x[..batch * n * dim].par_chunks_mut(n * dim).enumerate().for_each(|(b, xb)| {
+        simd(|| {
+            for j in 0..dim {
+                xb[j] = cls[j] + pos[j];
+            }
+            for i in 0..num_patches {
+                let dst = &mut xb[(1 + prompts + i) * dim..(2 + prompts + i) * dim];
+                let src = &patches[(b * num_patches + i) * dim..(b * num_patches + i + 1) * dim];
+                let pe = &pos[(1 + i) * dim..(2 + i) * dim];
+                for j in 0..dim {
+                    dst[j] = src[j] + pe[j];
+                }
+            }
+        });
+    });
+}
+
+/// Writes block `layer`'s prompts (`prompts [L, P, D]`) into token rows `1 .. 1 + P` of every
+/// image of `x [B, tokens, D]`.
+pub fn set_prompts<T: Real>(prompts: &[T], layer: usize, x: &mut [T], batch: usize, tokens: usize, count: usize, dim: usize) {
+    let src = &prompts[layer * count * dim..(layer + 1) * count * dim];
+    assert!(x.len() >= batch * tokens * dim && count < tokens);
+    for b in 0..batch {
+        let o = (b * tokens + 1) * dim;
+        x[o..o + count * dim].copy_from_slice(src);
+    }
+}
+
+/// Gradient of [`set_prompts`]: `dprompts[layer] = sum_b dx[b, 1 .. 1 + P]` (images summed in
+/// order: deterministic); with `zero_rows`, those rows of `dx` are zeroed afterwards (the prompts
+/// replace the previous block's outputs there, which get no gradient).
+#[allow(clippy::too_many_arguments)]
+pub fn prompt_grad<T: Real>(
+    dx: &mut [T],
+    dprompts: &mut [T],
+    layer: usize,
+    batch: usize,
+    tokens: usize,
+    count: usize,
+    dim: usize,
+    zero_rows: bool,
+) {
+    assert!(dx.len() >= batch * tokens * dim && count < tokens);
+    let dst = &mut dprompts[layer * count * dim..(layer + 1) * count * dim];
+    // Parallel over prompt elements, images summed in order inside (deterministic).
+    let dx_ro: &[T] = dx;
+    dst.par_chunks_mut(dim).enumerate().for_each(|(j, row)| {
+        simd(|| {
+            row.fill(T::zero());
+            for b in 0..batch {
+                let o = (b * tokens + 1 + j) * dim;
+                for (r, &g) in row.iter_mut().zip(&dx_ro[o..o + dim]) {
+                    *r = *r + g;
+                }
+            }
+        });
+    });
+    if zero_rows {
+        for b in 0..batch {
+            let o = (b * tokens + 1) * dim;
+            dx[o..o + count * dim].fill(T::zero());
+        }
+    }
+}
+
+/// `dst[b, dst_start + j] = src[b, src_start + j]` for `j < count` token rows of `dim`,
+/// `src [B, src_tokens, dim]`, `dst [B, dst_tokens, dim]`.
+#[allow(clippy::too_many_arguments)]
+pub fn copy_tokens<T: Real>(
+    src: &[T],
+    src_tokens: usize,
+    src_start: usize,
+    dst: &mut [T],
+    dst_tokens: usize,
+    dst_start: usize,
+    count: usize,
+    batch: usize,
+    dim: usize,
+) {
+    assert!(src_start + count <= src_tokens && dst_start + count <= dst_tokens);
+    for b in 0..batch {
+        let s = (b * src_tokens + src_start) * dim;
+        let d = (b * dst_tokens + dst_start) * dim;
+        dst[d..d + count * dim].copy_from_slice(&src[s..s + count * dim]);
+    }
+}
+
+/// The residual add: `out = x + ls * f` over `[rows, dim]` (`ls [dim]`, LayerScale), or
+/// `out = x + f` without it.
+pub fn residual<T: Real>(x: &[T], f: &[T], ls: Option<&[T]>, out: &mut [T], rows: usize, dim: usize) {
+    let len = rows * dim;
+    out[..len]
+        .par_chunks_mut(dim)
+        .zip(x[..len].par_chunks(dim))
+        .zip(f[..len].par_chunks(dim))
+        .with_min_len(16)
+        .for_each(|((o, xr), fr)| {
+            simd(|| match ls {
+                Some(l) => {
+                    for j in 0..dim {
+                        o[j] = xr[j] + l[j] * fr[j];
+                    }
+                }
+                None => {
+                    for j in 0..dim {
+                        o[j] = xr[j] + fr[j];
+                    }
+                }
+            })
+        });
+}
+
+/// `out = src * v` over `[rows, dim]`, `v [dim]` per row (LayerScale's input gradient).
+pub fn mul_cols<T: Real>(src: &[T], v: &[T], out: &mut [T], rows: usize, dim: usize) {
+    out[..rows * dim]
+        .par_chunks_mut(dim)
+        .zip(src[..rows * dim].par_chunks(dim))
+        .with_min_len(16)
+        .for_each(|(o, s)| {
+            simd(|| {
+                for j in 0..dim {
+                    o[j] = s[j] * v[j];
+                }
+            });
+        });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn patchify_then_embed_places_every_pixel_and_prompt_row() {
+        // One 2-channel 4x4 image, 2x2 patches: patch (py, px) row holds channel 0's four
+        // pixels, then channel 1's.
+        let (c, h, w, p) = (2, 4, 4, 2);
+        let img: Vec<f64> = (0..c * h * w).map(|i| i as f64).collect();
+        let mut rows = vec![0.0; 4 * c * p * p];
+        patchify(&img, &mut rows, 1, c, h, w, p);
+        assert_eq!(&rows[..8], &[0.0, 1.0, 4.0, 5.0, 16.0, 17.0, 20.0, 21.0]);
+        assert_eq!(&rows[24..32], &[10.0, 11.0, 14.0, 15.0, 26.0, 27.0, 30.0, 31.0]);
+        // Two patches of width 3, one prompt row, then the prompts set and their gradient.
+        let (np, d) = (2, 3);
+        let patches = vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0];
+        let (cls, pos) = (vec![10.0; 3], vec![0.5; 9]);
+        let mut x = vec![-1.0; (1 + 1 + np) * d];
+        embed_tokens(&patches, &cls, &pos, &mut x, 1, np, 1, d);
+        assert_eq!(x, [10.5, 10.5, 10.5, -1.0, -1.0, -1.0, 1.5, 2.5, 3.5, 4.5, 5.5, 6.5]);
+        set_prompts(&[7.0, 8.0, 9.0], 0, &mut x, 1, 4, 1, d);
+        assert_eq!(&x[3..6], &[7.0, 8.0, 9.0]);
+        let mut dp = vec![0.0; 3];
+        prompt_grad(&mut x, &mut dp, 0, 1, 4, 1, d, true);
+        assert_eq!((dp.as_slice(), &x[3..6]), (&[7.0, 8.0, 9.0][..], &[0.0, 0.0, 0.0][..]));
+    }
+
+    #[test]
+    fn residual_mul_cols_and_copy_tokens() {
+        let (x, f, ls) = (vec![1.0, 2.0, 3.0, 4.0], vec![10.0, 20.0, 30.0, 40.0], vec![0.5, 2.0]);
+        let mut out = vec![0.0; 4];
+        residual(&x, &f, Some(&ls), &mut out, 2, 2);
+        assert_eq!(out, [6.0, 42.0, 18.0, 84.0]);
+        residual(&x, &f, None, &mut out, 2, 2);
+        assert_eq!(out, [11.0, 22.0, 33.0, 44.0]);
+        mul_cols(&f, &ls, &mut out, 2, 2);
+        assert_eq!(out, [5.0, 40.0, 15.0, 80.0]);
+        // Rows 1..3 of [2 images, 3 tokens, 1] into rows 0..2 of [2, 2, 1].
+        let src = [0.0, 1.0, 2.0, 10.0, 11.0, 12.0];
+        let mut dst = [0.0; 4];
+        copy_tokens(&src, 3, 1, &mut dst, 2, 0, 2, 2, 1);
+        assert_eq!(dst, [1.0, 2.0, 11.0, 12.0]);
+    }
+}
