@@ -223,7 +223,7 @@ fn gemm_linear_shapes_match_f64_in_bf16_and_f32() {
                 gpu.upload(&dy).unwrap(),
             );
             let mut y = nan_f32(&gpu, m * n);
-            gpu.linear_forward(&xd, &wd, Some(&bd), &mut y, m, n, k, false).unwrap();
+            mlvpt::ops::linear::cuda::forward(&gpu, &xd, &wd, Some(&bd), &mut y, m, n, k, false).unwrap();
             // TF32 is not enabled, so f32 GEMMs are full precision.
             assert_close(
                 &format!("f32 Y {what}"),
@@ -234,7 +234,7 @@ fn gemm_linear_shapes_match_f64_in_bf16_and_f32() {
                 seed,
             );
             let mut dx = nan_f32(&gpu, m * k);
-            gpu.linear_backward_input(&dyd, &wd, &mut dx, m, n, k, false).unwrap();
+            mlvpt::ops::linear::cuda::backward_input(&gpu, &dyd, &wd, &mut dx, m, n, k, false).unwrap();
             let mut want_dx = vec![0.0; m * k];
             linear::cpu::backward_input(&to_f64(&dy), &to_f64(&w), &mut want_dx, m, k, n, false);
             assert_close(
@@ -246,7 +246,7 @@ fn gemm_linear_shapes_match_f64_in_bf16_and_f32() {
                 seed,
             );
             let mut dw = nan_f32(&gpu, n * k);
-            gpu.linear_backward_weight(&dyd, &xd, &mut dw, m, n, k, false).unwrap();
+            mlvpt::ops::linear::cuda::backward_weight(&gpu, &dyd, &xd, &mut dw, m, n, k, false).unwrap();
             let want_dw = linear_ref(&transpose(&dy, m, n), &transpose(&x, m, k), None, n, k, m);
             assert_close(
                 &format!("f32 dW {what}"),
@@ -257,7 +257,7 @@ fn gemm_linear_shapes_match_f64_in_bf16_and_f32() {
                 seed,
             );
             // accumulate adds onto what is there.
-            gpu.linear_backward_weight(&dyd, &xd, &mut dw, m, n, k, true).unwrap();
+            mlvpt::ops::linear::cuda::backward_weight(&gpu, &dyd, &xd, &mut dw, m, n, k, true).unwrap();
             let twice: Vec<f64> = want_dw.iter().map(|v| 2.0 * v).collect();
             assert_close(
                 &format!("f32 dW accumulate {what}"),
@@ -275,7 +275,7 @@ fn gemm_linear_shapes_match_f64_in_bf16_and_f32() {
             let (xd, wd, bd) = (gpu.upload(&xb).unwrap(), gpu.upload(&wb).unwrap(), gpu.upload(&b).unwrap());
             let want = linear_ref(&xr, &wr, Some(&b), m, n, k);
             let mut y32 = nan_f32(&gpu, m * n);
-            gpu.linear_forward(&xd, &wd, Some(&bd), &mut y32, m, n, k, false).unwrap();
+            mlvpt::ops::linear::cuda::forward(&gpu, &xd, &wd, Some(&bd), &mut y32, m, n, k, false).unwrap();
             assert_close(
                 &format!("bf16->f32 Y {what}"),
                 &gpu.download(&y32).unwrap(),
@@ -285,7 +285,7 @@ fn gemm_linear_shapes_match_f64_in_bf16_and_f32() {
                 seed,
             );
             let mut y16 = nan_bf16(&gpu, m * n);
-            gpu.linear_forward(&xd, &wd, Some(&bd), &mut y16, m, n, k, false).unwrap();
+            mlvpt::ops::linear::cuda::forward(&gpu, &xd, &wd, Some(&bd), &mut y16, m, n, k, false).unwrap();
             // bias rounded to bf16 once, the result once, and cuBLAS may pick a split-K
             // algorithm whose partial sums are rounded to the output type (seen on an H100:
             // 1.2 bf16 ulps off). The f32-out path above is checked tightly; here allow 3 ulps.

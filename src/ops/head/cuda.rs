@@ -1098,7 +1098,7 @@ pub fn vpt_forward(
         // SAFETY: z holds B*P*D, zbar B*D elements (checked).
         unsafe { l.launch(stride_launch(gpu, bn * d)) }.map_err(GpuError::driver("launching vpt_mean"))?;
     }
-    gpu.linear_forward::<f32, f32>(&*zbar, w, Some(c), y, bn, k, d, false)
+    crate::ops::linear::cuda::forward::<f32, f32>(gpu, &*zbar, w, Some(c), y, bn, k, d, false)
 }
 
 /// Plain-VPT head backward: `dw = dy^T zbar`, `dc = sum_b dy` (fixed order), and writes
@@ -1159,7 +1159,7 @@ pub fn vpt_backward(
         if bn == 0 {
             crate::ops::tokens::cuda::fill::<f32>(gpu, stream, dw, k * d, 0.0)?;
         } else {
-            gpu.linear_backward_weight::<f32, f32>(dy, zbar, dw, bn, k, d, false)?;
+            crate::ops::linear::cuda::backward_weight::<f32, f32>(gpu, dy, zbar, dw, bn, k, d, false)?;
         }
         let (dyp, _g1) = dy.device_ptr(stream);
         let (dcp, _g2) = dc.device_ptr_mut(stream);
@@ -1177,7 +1177,7 @@ pub fn vpt_backward(
     if k == 0 {
         gpu.stream().memset_zeros(dzbar).map_err(GpuError::driver("zeroing dzbar"))?;
     } else {
-        gpu.linear_backward_input::<f32, f32>(dy, w, dzbar, bn, k, d, false)?;
+        crate::ops::linear::cuda::backward_input::<f32, f32>(gpu, dy, w, dzbar, bn, k, d, false)?;
     }
     let (gp, _g1) = dzbar.device_ptr(stream);
     let (dzp, _g2) = dz.device_ptr_mut(stream);

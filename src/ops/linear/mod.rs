@@ -6,3 +6,5 @@
 //! head op, so this op has no weight-gradient entry.
 
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
