@@ -865,15 +865,16 @@ __device__ __forceinline__ void bwd_dq(const AttnParams& p) {
 
 // The compiled kernels, from the tile tables of src/contract.rs (contract.cuh's X-macros): per
 // head dim the row sums (ATTN_HEAD_DIMS), one or more tile shapes of the forward (head dim, MT,
-// software-pipelined, minimum blocks per SM, name, shared memory) and of the backward (head dim,
-// BQ, warps, split: dK and dV only, name, shared memory), and the split backwards' dQ passes.
-#define ATTN_FWD_KERNEL(DH, MT, PIPE, MINB, NAME, SMEM) \
+// software-pipelined, minimum blocks per SM, name) and of the backward (head dim, BQ, warps,
+// split: dK and dV only, name), and the split backwards' dQ passes; the launcher sizes their
+// dynamic shared memory from the same tables.
+#define ATTN_FWD_KERNEL(DH, MT, PIPE, MINB, NAME) \
     extern "C" __global__ void __launch_bounds__(attn::THREADS, MINB) NAME(const AttnParams p) { attn::fwd<DH, MT, PIPE>(p); }
 #define ATTN_PRE_KERNEL(DH) \
     extern "C" __global__ void attn_bwd_pre_d##DH(const AttnParams p) { attn::bwd_pre<DH>(p); }
-#define ATTN_BWD_KERNEL(DH, BQ, KW, SPLIT, NAME, SMEM) \
+#define ATTN_BWD_KERNEL(DH, BQ, KW, SPLIT, NAME) \
     extern "C" __global__ void __launch_bounds__(32 * KW) NAME(const AttnParams p) { attn::bwd<DH, BQ, KW, SPLIT>(p); }
-#define ATTN_BWD_DQ_KERNEL(DH, MT, NAME, SMEM) \
+#define ATTN_BWD_DQ_KERNEL(DH, MT, NAME) \
     extern "C" __global__ void __launch_bounds__(attn::THREADS) NAME(const AttnParams p) { attn::bwd_dq<DH, MT>(p); }
 ATTN_HEAD_DIMS(ATTN_PRE_KERNEL)
 ATTN_FWD_CONFIGS(ATTN_FWD_KERNEL)

@@ -822,51 +822,43 @@ pub fn c_header() -> String {
     h.push_str("\n// Attention tile tables (src/contract.rs FWD_TILES, BWD_TILES), instantiated at the end of attention.cu.\n");
     let dims: Vec<String> = FUSED_HEAD_DIMS.iter().map(|d| format!("X({d})")).collect();
     let _ = writeln!(h, "#define ATTN_HEAD_DIMS(X) {}", dims.join(" "));
-    // X(head dim, m-tiles per warp, pipelined, min blocks per SM, name, dynamic shared memory bytes)
+    // X(head dim, m-tiles per warp, pipelined, min blocks per SM, name). The launcher sizes the
+    // dynamic shared memory from the same tables (FwdTiles::smem_bytes and the like).
     let fwd: Vec<String> = FWD_TILES
         .iter()
         .map(|t| {
             format!(
-                "X({}, {}, {}, {}, {}, {})",
+                "X({}, {}, {}, {}, {})",
                 t.head_dim,
                 t.m_tiles(),
                 t.pipelined,
                 t.min_blocks,
-                t.kernel,
-                t.smem_bytes()
+                t.kernel
             )
         })
         .collect();
     let _ = writeln!(h, "#define ATTN_FWD_CONFIGS(X) {}", fwd.join(" "));
-    // X(head dim, query rows per step, warps, split, name, dynamic shared memory bytes)
+    // X(head dim, query rows per step, warps, split, name)
     let bwd: Vec<String> = BWD_TILES
         .iter()
         .map(|t| {
             format!(
-                "X({}, {}, {}, {}, {}, {})",
+                "X({}, {}, {}, {}, {})",
                 t.head_dim,
                 t.rows,
                 t.warps(),
                 t.dq_kernel.is_some(),
-                t.kernel,
-                t.smem_bytes()
+                t.kernel
             )
         })
         .collect();
     let _ = writeln!(h, "#define ATTN_BWD_CONFIGS(X) {}", bwd.join(" "));
-    // X(head dim, m-tiles per warp, name, dynamic shared memory bytes) of the split backwards' dQ passes
+    // X(head dim, m-tiles per warp, name) of the split backwards' dQ passes
     let dq: Vec<String> = BWD_TILES
         .iter()
         .filter_map(|t| {
-            t.dq_kernel.map(|k| {
-                format!(
-                    "X({}, {}, {}, {})",
-                    t.head_dim,
-                    BwdTiles::DQ_ROWS / (16 * ATTN_WARPS),
-                    k,
-                    t.dq_smem_bytes()
-                )
-            })
+            t.dq_kernel
+                .map(|k| format!("X({}, {}, {})", t.head_dim, BwdTiles::DQ_ROWS / (16 * ATTN_WARPS), k))
         })
         .collect();
     let _ = writeln!(h, "#define ATTN_BWD_DQ_CONFIGS(X) {}", dq.join(" "));
