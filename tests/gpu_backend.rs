@@ -16,7 +16,10 @@ mod gpu_common;
 use common_model::tiny_config;
 use common_step::{step_metrics, Bf16Emu};
 use gpu_common::{bf16_values, rng, uniform};
-use mlvpt::backend::{AttnShape, Backend, BufRole, CpuBackend, CudaBackend, DevBuf, Precision};
+use mlvpt::backend::{
+    AttnShape, Backend, BufRole, CpuBackend, CudaBackend, DevBuf, Grad, LinearShape, PatchShape, Precision, Residual, Rows, TokenCopy,
+    TokenRange, TokenShape,
+};
 use mlvpt::model::{Method, ModelConfig, PromptDepth, VitConfig};
 use mlvpt::ops::attention;
 use rand_chacha::ChaCha8Rng;
@@ -93,6 +96,16 @@ enum Op {
     },
 }
 
+/// The layout of `n` tokens per image with `p` prompts (`n >= 1 + p`).
+fn prompt_layout(batch: usize, n: usize, p: usize, dim: usize) -> TokenShape {
+    TokenShape {
+        batch,
+        prompts: p,
+        num_patches: n - 1 - p,
+        dim,
+    }
+}
+
 impl Op {
     /// Lengths of the buffers: inputs first, then outputs; and how many are outputs.
     fn buffers(&self) -> (Vec<usize>, usize) {
@@ -165,19 +178,32 @@ fn run_as<B: Backend>(be: &mut B, op: Op, init: &[Vec<f32>], roles: &[BufRole]) 
     match op {
         Op::Patchify { b, c, h, w, p } => {
             let [i, o] = &mut bufs[..] else { unreachable!() };
-            be.patchify(i, o, b, c, h, w, p)
+            let shape = PatchShape {
+                batch: b,
+                channels: c,
+                height: h,
+                width: w,
+                patch: p,
+            };
+            be.patchify(i, o, &shape)
         }
         Op::Embed { b, np, prompts, d } => {
             let [pa, cls, pos, x] = &mut bufs[..] else { unreachable!() };
-            be.embed_tokens(pa, cls, pos, x, b, np, prompts, d)
+            let shape = TokenShape {
+                batch: b,
+                prompts,
+                num_patches: np,
+                dim: d,
+            };
+            be.embed_tokens(pa, cls, pos, x, &shape)
         }
         Op::SetPrompts { layer, b, n, p, d } => {
             let [pr, x] = &mut bufs[..] else { unreachable!() };
-            be.set_prompts(pr, layer, x, b, n, p, d)
+            be.set_prompts(pr, layer, x, &prompt_layout(b, n, p, d))
         }
         Op::PromptGrad { layer, b, n, p, d, zero } => {
             let [dx, dp] = &mut bufs[..] else { unreachable!() };
-            be.prompt_grad(dx, dp, layer, b, n, p, d, zero)
+            be.prompt_grad(dx, dp, layer, &prompt_layout(b, n, p, d), zero)
         }
         Op::CopyTokens {
             sn,
@@ -189,15 +215,27 @@ fn run_as<B: Backend>(be: &mut B, op: Op, init: &[Vec<f32>], roles: &[BufRole]) 
             d,
         } => {
             let [s, t] = &mut bufs[..] else { unreachable!() };
-            be.copy_tokens(s, sn, ss, t, dn, ds, count, b, d)
+            let copy = TokenCopy {
+                batch: b,
+                dim: d,
+                count,
+                src: TokenRange { tokens: sn, start: ss },
+                dst: TokenRange { tokens: dn, start: ds },
+            };
+            be.copy_tokens(s, t, &copy)
         }
         Op::Residual { rows, d, ls } => {
             let [x, f, l, o] = &mut bufs[..] else { unreachable!() };
-            be.residual(x, f, if ls { Some(&*l) } else { None }, o, rows, d)
+            let res = Residual {
+                x,
+                f,
+                ls: if ls { Some(&*l) } else { None },
+            };
+            be.residual(res, o, Rows { rows, dim: d })
         }
         Op::MulCols { rows, d } => {
             let [s, v, o] = &mut bufs[..] else { unreachable!() };
-            be.mul_cols(s, v, o, rows, d)
+            be.mul_cols(s, v, o, Rows { rows, dim: d })
         }
         Op::Axpby { len } => {
             let [x, y] = &mut bufs[..] else { unreachable!() };
@@ -554,8 +592,9 @@ fn linear_ops_accept_every_storage_mix() {
     );
     let mut cpu = CpuBackend::<f32>::new();
     let (mut want_y, mut want_dx) = (vec![0.0f32; rows * d_out], dx0.clone());
-    cpu.linear_forward(&x, &w, Some(&b), &mut want_y, rows, d_in, d_out);
-    cpu.linear_backward_input(&dy, &w, &mut want_dx, rows, d_in, d_out, true);
+    let shape = LinearShape { rows, d_in, d_out };
+    cpu.linear_forward(&x, &w, Some(&b), &mut want_y, &shape);
+    cpu.linear_backward_input(&dy, &w, Grad::Add(&mut want_dx), &shape);
     for mask in 0..8u32 {
         let (xb, wb, ob) = (mask & 1 != 0, mask & 2 != 0, mask & 4 != 0);
         let (xd, wd, bd) = (
@@ -566,8 +605,8 @@ fn linear_ops_accept_every_storage_mix() {
         let dyd = upload_as(&mut gpu, &dy, xb);
         let mut yd = upload_as(&mut gpu, &vec![f32::NAN; rows * d_out], ob);
         let mut dxd = upload_as(&mut gpu, &dx0, ob);
-        gpu.linear_forward(&xd, &wd, Some(&bd), &mut yd, rows, d_in, d_out);
-        gpu.linear_backward_input(&dyd, &wd, &mut dxd, rows, d_in, d_out, true);
+        gpu.linear_forward(&xd, &wd, Some(&bd), &mut yd, &shape);
+        gpu.linear_backward_input(&dyd, &wd, Grad::Add(&mut dxd), &shape);
         gpu.check()
             .unwrap_or_else(|e| panic!("x bf16 {xb}, w bf16 {wb}, out bf16 {ob}: {e:#}"));
         for (what, d, want) in [("y", &yd, &want_y), ("dx", &dxd, &want_dx)] {

@@ -1,7 +1,11 @@
 //! The CPU reference backend: host vectors, the ops of `crate::ops::*::cpu`, generic over the
 //! float type (`CpuBackend<f32>` trains, `CpuBackend<f64>` runs the gradient checks).
 
-use super::{AdamWConfig, AdapterShape, AslConfig, AttnShape, Backend, MoeShape, VptHeadShape};
+use super::{
+    AdamWConfig, AdapterParams, AdapterShape, AslConfig, AttnShape, Backend, BranchLogits, BranchParams, GateTables, Grad, HeadInputs,
+    LayerNormShape, LinearShape, MoeSaved, MoeShape, Norm, NormStats, PatchShape, Residual, Rows, TokenCopy, TokenShape, VptHeadShape,
+    VptParams,
+};
 use crate::ops::real::{cast, Real};
 use crate::ops::{adamw, attention, gelu, head, layernorm, linear, tokens};
 
@@ -70,107 +74,59 @@ impl<T: Real> Backend for CpuBackend<T> {
         }
     }
 
-    fn patchify(&mut self, images: &Vec<T>, out: &mut Vec<T>, batch: usize, channels: usize, height: usize, width: usize, patch: usize) {
-        tokens::cpu::patchify(images, out, batch, channels, height, width, patch);
+    fn patchify(&mut self, images: &Vec<T>, out: &mut Vec<T>, sh: &PatchShape) {
+        tokens::cpu::patchify(images, out, sh.batch, sh.channels, sh.height, sh.width, sh.patch);
+    }
+    fn embed_tokens(&mut self, patches: &Vec<T>, cls: &Vec<T>, pos: &Vec<T>, x: &mut Vec<T>, sh: &TokenShape) {
+        tokens::cpu::embed_tokens(patches, cls, pos, x, sh.batch, sh.num_patches, sh.prompts, sh.dim);
+    }
+    fn set_prompts(&mut self, prompts: &Vec<T>, layer: usize, x: &mut Vec<T>, sh: &TokenShape) {
+        tokens::cpu::set_prompts(prompts, layer, x, sh.batch, sh.tokens(), sh.prompts, sh.dim);
+    }
+    fn prompt_grad(&mut self, dx: &mut Vec<T>, dprompts: &mut Vec<T>, layer: usize, sh: &TokenShape, zero_rows: bool) {
+        tokens::cpu::prompt_grad(dx, dprompts, layer, sh.batch, sh.tokens(), sh.prompts, sh.dim, zero_rows);
+    }
+    fn copy_tokens(&mut self, src: &Vec<T>, dst: &mut Vec<T>, c: &TokenCopy) {
+        tokens::cpu::copy_tokens(
+            src,
+            c.src.tokens,
+            c.src.start,
+            dst,
+            c.dst.tokens,
+            c.dst.start,
+            c.count,
+            c.batch,
+            c.dim,
+        );
+    }
+    fn residual(&mut self, res: Residual<'_, Vec<T>>, out: &mut Vec<T>, sh: Rows) {
+        tokens::cpu::residual(res.x, res.f, res.ls.map(|l| l.as_slice()), out, sh.rows, sh.dim);
+    }
+    fn mul_cols(&mut self, src: &Vec<T>, v: &Vec<T>, out: &mut Vec<T>, sh: Rows) {
+        tokens::cpu::mul_cols(src, v, out, sh.rows, sh.dim);
     }
 
-    fn embed_tokens(
-        &mut self,
-        patches: &Vec<T>,
-        cls: &Vec<T>,
-        pos: &Vec<T>,
-        x: &mut Vec<T>,
-        batch: usize,
-        num_patches: usize,
-        prompts: usize,
-        dim: usize,
-    ) {
-        tokens::cpu::embed_tokens(patches, cls, pos, x, batch, num_patches, prompts, dim);
+    fn linear_forward(&mut self, x: &Vec<T>, w: &Vec<T>, bias: Option<&Vec<T>>, y: &mut Vec<T>, sh: &LinearShape) {
+        linear::cpu::forward(x, w, bias.map(|b| b.as_slice()), y, sh.rows, sh.d_in, sh.d_out);
     }
-
-    fn set_prompts(&mut self, prompts: &Vec<T>, layer: usize, x: &mut Vec<T>, batch: usize, tokens: usize, count: usize, dim: usize) {
-        tokens::cpu::set_prompts(prompts, layer, x, batch, tokens, count, dim);
+    fn linear_backward_input(&mut self, dy: &Vec<T>, w: &Vec<T>, dx: Grad<&mut Vec<T>>, sh: &LinearShape) {
+        let add = dx.accumulates();
+        linear::cpu::backward_input(dy, w, dx.into_inner(), sh.rows, sh.d_in, sh.d_out, add);
     }
-
-    fn prompt_grad(
-        &mut self,
-        dx: &mut Vec<T>,
-        dprompts: &mut Vec<T>,
-        layer: usize,
-        batch: usize,
-        tokens: usize,
-        count: usize,
-        dim: usize,
-        zero_rows: bool,
-    ) {
-        tokens::cpu::prompt_grad(dx, dprompts, layer, batch, tokens, count, dim, zero_rows);
-    }
-
-    fn copy_tokens(
-        &mut self,
-        src: &Vec<T>,
-        src_tokens: usize,
-        src_start: usize,
-        dst: &mut Vec<T>,
-        dst_tokens: usize,
-        dst_start: usize,
-        count: usize,
-        batch: usize,
-        dim: usize,
-    ) {
-        tokens::cpu::copy_tokens(src, src_tokens, src_start, dst, dst_tokens, dst_start, count, batch, dim);
-    }
-
-    fn residual(&mut self, x: &Vec<T>, f: &Vec<T>, ls: Option<&Vec<T>>, out: &mut Vec<T>, rows: usize, dim: usize) {
-        tokens::cpu::residual(x, f, ls.map(|l| l.as_slice()), out, rows, dim);
-    }
-
-    fn mul_cols(&mut self, src: &Vec<T>, v: &Vec<T>, out: &mut Vec<T>, rows: usize, dim: usize) {
-        tokens::cpu::mul_cols(src, v, out, rows, dim);
-    }
-
-    fn linear_forward(&mut self, x: &Vec<T>, w: &Vec<T>, bias: Option<&Vec<T>>, y: &mut Vec<T>, rows: usize, d_in: usize, d_out: usize) {
-        linear::cpu::forward(x, w, bias.map(|b| b.as_slice()), y, rows, d_in, d_out);
-    }
-    fn linear_backward_input(
-        &mut self,
-        dy: &Vec<T>,
-        w: &Vec<T>,
-        dx: &mut Vec<T>,
-        rows: usize,
-        d_in: usize,
-        d_out: usize,
-        accumulate: bool,
-    ) {
-        linear::cpu::backward_input(dy, w, dx, rows, d_in, d_out, accumulate);
-    }
-    fn layernorm_forward(
-        &mut self,
-        x: &Vec<T>,
-        gamma: &Vec<T>,
-        beta: &Vec<T>,
-        y: &mut Vec<T>,
-        mean: &mut Vec<T>,
-        rstd: &mut Vec<T>,
-        rows: usize,
-        dim: usize,
-        eps: f64,
-    ) {
-        layernorm::cpu::forward(x, gamma, beta, y, mean, rstd, rows, dim, eps);
+    fn layernorm_forward(&mut self, x: &Vec<T>, norm: Norm<&Vec<T>>, y: &mut Vec<T>, stats: NormStats<&mut Vec<T>>, sh: &LayerNormShape) {
+        layernorm::cpu::forward(x, norm.gamma, norm.beta, y, stats.mean, stats.rstd, sh.rows, sh.dim, sh.eps);
     }
     fn layernorm_backward(
         &mut self,
         dy: &Vec<T>,
         x: &Vec<T>,
-        gamma: &Vec<T>,
-        mean: &Vec<T>,
-        rstd: &Vec<T>,
-        dx: &mut Vec<T>,
-        rows: usize,
-        dim: usize,
-        accumulate: bool,
+        norm: Norm<&Vec<T>>,
+        stats: NormStats<&Vec<T>>,
+        dx: Grad<&mut Vec<T>>,
+        sh: &LayerNormShape,
     ) {
-        layernorm::cpu::backward(dy, x, gamma, mean, rstd, dx, rows, dim, accumulate);
+        let add = dx.accumulates();
+        layernorm::cpu::backward(dy, x, norm.gamma, stats.mean, stats.rstd, dx.into_inner(), sh.rows, sh.dim, add);
     }
     fn gelu_forward(&mut self, x: &Vec<T>, y: &mut Vec<T>, len: usize) {
         gelu::cpu::forward(x, y, len);
@@ -184,105 +140,76 @@ impl<T: Real> Backend for CpuBackend<T> {
     fn attention_backward(&mut self, qkv: &Vec<T>, out: &Vec<T>, lse: &Vec<T>, dout: &Vec<T>, dqkv: &mut Vec<T>, shape: &AttnShape) {
         attention::cpu::backward(qkv, out, lse, dout, dqkv, shape, &mut self.scratch);
     }
-    fn adapter_forward(
-        &mut self,
-        z: &Vec<T>,
-        w1: &Vec<T>,
-        b1: &Vec<T>,
-        w2: &Vec<T>,
-        b2: &Vec<T>,
-        u: &mut Vec<T>,
-        out: &mut Vec<T>,
-        shape: &AdapterShape,
-    ) {
-        head::cpu::adapter_forward(z, w1, b1, w2, b2, u, out, shape, &mut self.scratch);
+    fn adapter_forward(&mut self, z: &Vec<T>, p: AdapterParams<&Vec<T>>, u: &mut Vec<T>, out: &mut Vec<T>, shape: &AdapterShape) {
+        head::cpu::adapter_forward(z, p.w1, p.b1, p.w2, p.b2, u, out, shape, &mut self.scratch);
     }
     fn adapter_backward(
         &mut self,
         dout: &Vec<T>,
         z: &Vec<T>,
         u: &Vec<T>,
-        w1: &Vec<T>,
-        w2: &Vec<T>,
+        p: AdapterParams<&Vec<T>>,
         dz: &mut Vec<T>,
-        dw1: &mut Vec<T>,
-        db1: &mut Vec<T>,
-        dw2: &mut Vec<T>,
-        db2: &mut Vec<T>,
+        g: AdapterParams<&mut Vec<T>>,
         shape: &AdapterShape,
     ) {
-        head::cpu::adapter_backward(dout, z, u, w1, w2, dz, dw1, db1, dw2, db2, shape, &mut self.scratch);
+        head::cpu::adapter_backward(dout, z, u, p.w1, p.w2, dz, g.w1, g.b1, g.w2, g.b2, shape, &mut self.scratch);
     }
     fn moe_forward(
         &mut self,
-        z: &Vec<T>,
-        adapted: &Vec<T>,
-        gate: &Vec<T>,
-        w: &Vec<T>,
-        c: &Vec<T>,
-        tok: &Vec<u32>,
-        grow: &Vec<u32>,
-        y: &mut Vec<T>,
-        m: &mut Vec<T>,
-        q: &mut Vec<T>,
-        r: &mut Vec<T>,
+        i: HeadInputs<&Vec<T>>,
+        p: BranchParams<&Vec<T>>,
+        t: &GateTables<Vec<u32>>,
+        l: BranchLogits<&mut Vec<T>>,
+        s: MoeSaved<&mut Vec<T>>,
         shape: &MoeShape,
     ) {
-        head::cpu::moe_forward(z, adapted, gate, w, c, tok, grow, y, m, q, r, shape);
+        head::cpu::moe_forward(i.z, i.adapted, p.gate, p.w, p.c, &t.token, &t.gate_row, l.y, l.m, s.q, s.r, shape);
     }
     fn moe_backward(
         &mut self,
-        dy: &Vec<T>,
-        dm: &Vec<T>,
-        z: &Vec<T>,
-        adapted: &Vec<T>,
-        gate: &Vec<T>,
-        w: &Vec<T>,
-        tok: &Vec<u32>,
-        grow: &Vec<u32>,
-        q: &Vec<T>,
-        r: &Vec<T>,
-        dz: &mut Vec<T>,
-        dadapted: &mut Vec<T>,
-        dgate: &mut Vec<T>,
-        dw: &mut Vec<T>,
-        dc: &mut Vec<T>,
+        dl: BranchLogits<&Vec<T>>,
+        i: HeadInputs<&Vec<T>>,
+        p: BranchParams<&Vec<T>>,
+        t: &GateTables<Vec<u32>>,
+        s: MoeSaved<&Vec<T>>,
+        di: HeadInputs<&mut Vec<T>>,
+        g: BranchParams<&mut Vec<T>>,
         shape: &MoeShape,
     ) {
         head::cpu::moe_backward(
-            dy,
-            dm,
-            z,
-            adapted,
-            gate,
-            w,
-            tok,
-            grow,
-            q,
-            r,
-            dz,
-            dadapted,
-            dgate,
-            dw,
-            dc,
+            dl.y,
+            dl.m,
+            i.z,
+            i.adapted,
+            p.gate,
+            p.w,
+            &t.token,
+            &t.gate_row,
+            s.q,
+            s.r,
+            di.z,
+            di.adapted,
+            g.gate,
+            g.w,
+            g.c,
             shape,
             &mut self.scratch,
         );
     }
-    fn vpt_head_forward(&mut self, z: &Vec<T>, w: &Vec<T>, c: &Vec<T>, zbar: &mut Vec<T>, y: &mut Vec<T>, shape: &VptHeadShape) {
-        head::cpu::vpt_forward(z, w, c, zbar, y, shape);
+    fn vpt_head_forward(&mut self, z: &Vec<T>, p: VptParams<&Vec<T>>, zbar: &mut Vec<T>, y: &mut Vec<T>, shape: &VptHeadShape) {
+        head::cpu::vpt_forward(z, p.w, p.c, zbar, y, shape);
     }
     fn vpt_head_backward(
         &mut self,
         dy: &Vec<T>,
         zbar: &Vec<T>,
-        w: &Vec<T>,
+        p: VptParams<&Vec<T>>,
         dz: &mut Vec<T>,
-        dw: &mut Vec<T>,
-        dc: &mut Vec<T>,
+        g: VptParams<&mut Vec<T>>,
         shape: &VptHeadShape,
     ) {
-        head::cpu::vpt_backward(dy, zbar, w, dz, dw, dc, shape, &mut self.scratch);
+        head::cpu::vpt_backward(dy, zbar, p.w, dz, g.w, g.c, shape, &mut self.scratch);
     }
     fn asl(&mut self, logits: &Vec<T>, targets: &Vec<T>, len: usize, cfg: &AslConfig, scale: f64, grad: Option<&mut Vec<T>>) -> f64 {
         let s: T = cast(scale);

@@ -34,7 +34,11 @@
 //! non-finite loss changes nothing), and the `Trainer` reads the loss once, after the update is
 //! queued; downloads synchronise too.
 
-use super::{AdamWConfig, AdapterShape, AslConfig, AttnShape, Backend, BufRole, MoeShape, Precision, VptHeadShape};
+use super::{
+    AdamWConfig, AdapterParams, AdapterShape, AslConfig, AttnShape, Backend, BranchLogits, BranchParams, BufRole, GateTables, Grad,
+    HeadInputs, LayerNormShape, LinearShape, MoeSaved, MoeShape, Norm, NormStats, PatchShape, Precision, Residual, Rows, TokenCopy,
+    TokenRange, TokenShape, VptHeadShape, VptParams,
+};
 use crate::gpu::{bf16, CudaSlice, DevicePtr, DevicePtrMut, GemmType, GpuContext, GpuError};
 use crate::ops::head::cuda::{HeadWorkspace, IndexTable};
 use crate::ops::tokens::cuda::Storage;
@@ -622,7 +626,14 @@ impl Backend for CudaBackend {
         });
     }
 
-    fn patchify(&mut self, images: &DevBuf, out: &mut DevBuf, batch: usize, channels: usize, height: usize, width: usize, patch: usize) {
+    fn patchify(&mut self, images: &DevBuf, out: &mut DevBuf, sh: &PatchShape) {
+        let &PatchShape {
+            batch,
+            channels,
+            height,
+            width,
+            patch,
+        } = sh;
         self.run(|be| {
             let (g, [s0, s1, ..]) = (&be.gpu, &mut be.scratch);
             let n = batch * channels * height * width;
@@ -634,17 +645,13 @@ impl Backend for CudaBackend {
             })
         });
     }
-    fn embed_tokens(
-        &mut self,
-        patches: &DevBuf,
-        cls: &DevBuf,
-        pos: &DevBuf,
-        x: &mut DevBuf,
-        batch: usize,
-        num_patches: usize,
-        prompts: usize,
-        dim: usize,
-    ) {
+    fn embed_tokens(&mut self, patches: &DevBuf, cls: &DevBuf, pos: &DevBuf, x: &mut DevBuf, sh: &TokenShape) {
+        let &TokenShape {
+            batch,
+            prompts,
+            num_patches,
+            dim,
+        } = sh;
         self.run(|be| {
             let (g, [s0, s1, s2, ..]) = (&be.gpu, &mut be.scratch);
             let c = input::<f32>(g, cls, s0, dim)?;
@@ -657,7 +664,8 @@ impl Backend for CudaBackend {
             o.done(g)
         });
     }
-    fn set_prompts(&mut self, prompts: &DevBuf, layer: usize, x: &mut DevBuf, batch: usize, tokens: usize, count: usize, dim: usize) {
+    fn set_prompts(&mut self, prompts: &DevBuf, layer: usize, x: &mut DevBuf, sh: &TokenShape) {
+        let (batch, tokens, count, dim) = (sh.batch, sh.tokens(), sh.prompts, sh.dim);
         self.run(|be| {
             let (g, [s0, s1, ..]) = (&be.gpu, &mut be.scratch);
             let p = input::<f32>(g, prompts, s0, prompts.len())?;
@@ -666,17 +674,8 @@ impl Backend for CudaBackend {
             o.done(g)
         });
     }
-    fn prompt_grad(
-        &mut self,
-        dx: &mut DevBuf,
-        dprompts: &mut DevBuf,
-        layer: usize,
-        batch: usize,
-        tokens: usize,
-        count: usize,
-        dim: usize,
-        zero_rows: bool,
-    ) {
+    fn prompt_grad(&mut self, dx: &mut DevBuf, dprompts: &mut DevBuf, layer: usize, sh: &TokenShape, zero_rows: bool) {
+        let (batch, tokens, count, dim) = (sh.batch, sh.tokens(), sh.prompts, sh.dim);
         self.run(|be| {
             let (g, [s0, s1, ..]) = (&be.gpu, &mut be.scratch);
             let x = output::<f32>(g, dx, s0, batch * tokens * dim, Mode::Update)?;
@@ -687,18 +686,20 @@ impl Backend for CudaBackend {
             p.done(g)
         });
     }
-    fn copy_tokens(
-        &mut self,
-        src: &DevBuf,
-        src_tokens: usize,
-        src_start: usize,
-        dst: &mut DevBuf,
-        dst_tokens: usize,
-        dst_start: usize,
-        count: usize,
-        batch: usize,
-        dim: usize,
-    ) {
+    fn copy_tokens(&mut self, src: &DevBuf, dst: &mut DevBuf, c: &TokenCopy) {
+        let &TokenCopy {
+            batch,
+            dim,
+            count,
+            src: TokenRange {
+                tokens: src_tokens,
+                start: src_start,
+            },
+            dst: TokenRange {
+                tokens: dst_tokens,
+                start: dst_start,
+            },
+        } = c;
         self.run(|be| {
             let (g, [s0, s1, ..]) = (&be.gpu, &mut be.scratch);
             with_type!(dst, T => {
@@ -708,7 +709,8 @@ impl Backend for CudaBackend {
             })
         });
     }
-    fn residual(&mut self, x: &DevBuf, f: &DevBuf, ls: Option<&DevBuf>, out: &mut DevBuf, rows: usize, dim: usize) {
+    fn residual(&mut self, res: Residual<'_, DevBuf>, out: &mut DevBuf, sh: Rows) {
+        let (Residual { x, f, ls }, Rows { rows, dim }) = (res, sh);
         self.run(|be| {
             let (g, [s0, s1, s2, ..]) = (&be.gpu, &mut be.scratch);
             let n = rows * dim;
@@ -722,7 +724,8 @@ impl Backend for CudaBackend {
             o.done(g)
         });
     }
-    fn mul_cols(&mut self, src: &DevBuf, v: &DevBuf, out: &mut DevBuf, rows: usize, dim: usize) {
+    fn mul_cols(&mut self, src: &DevBuf, v: &DevBuf, out: &mut DevBuf, sh: Rows) {
+        let Rows { rows, dim } = sh;
         self.run(|be| {
             let (g, [s0, s1, ..]) = (&be.gpu, &mut be.scratch);
             let sv = input::<f32>(g, src, s0, rows * dim)?;
@@ -734,7 +737,8 @@ impl Backend for CudaBackend {
         });
     }
 
-    fn linear_forward(&mut self, x: &DevBuf, w: &DevBuf, bias: Option<&DevBuf>, y: &mut DevBuf, rows: usize, d_in: usize, d_out: usize) {
+    fn linear_forward(&mut self, x: &DevBuf, w: &DevBuf, bias: Option<&DevBuf>, y: &mut DevBuf, sh: &LinearShape) {
+        let &LinearShape { rows, d_in, d_out } = sh;
         self.run(|be| {
             // One operand type for both: bf16 (tensor-core bf16 GEMM) when either is stored in
             // bf16, else fp32 (TF32).
@@ -745,16 +749,10 @@ impl Backend for CudaBackend {
             }
         });
     }
-    fn linear_backward_input(
-        &mut self,
-        dy: &DevBuf,
-        w: &DevBuf,
-        dx: &mut DevBuf,
-        rows: usize,
-        d_in: usize,
-        d_out: usize,
-        accumulate: bool,
-    ) {
+    fn linear_backward_input(&mut self, dy: &DevBuf, w: &DevBuf, dx: Grad<&mut DevBuf>, sh: &LinearShape) {
+        let &LinearShape { rows, d_in, d_out } = sh;
+        let accumulate = dx.accumulates();
+        let dx = dx.into_inner();
         self.run(|be| {
             if dy.is_bf16() || w.is_bf16() {
                 gemm_backward_input::<bf16>(&be.gpu, &mut be.scratch, dy, w, dx, rows, d_in, d_out, accumulate)
@@ -765,19 +763,15 @@ impl Backend for CudaBackend {
     }
     fn residual_layernorm_forward(
         &mut self,
-        x: &DevBuf,
-        f: &DevBuf,
-        ls: Option<&DevBuf>,
+        res: Residual<'_, DevBuf>,
         out: &mut DevBuf,
-        gamma: &DevBuf,
-        beta: &DevBuf,
+        norm: Norm<&DevBuf>,
         y: &mut DevBuf,
-        mean: &mut DevBuf,
-        rstd: &mut DevBuf,
-        rows: usize,
-        dim: usize,
-        eps: f64,
+        stats: NormStats<&mut DevBuf>,
+        sh: &LayerNormShape,
     ) {
+        let (Residual { x, f, ls }, Norm { gamma, beta }, NormStats { mean, rstd }) = (res, norm, stats);
+        let &LayerNormShape { rows, dim, eps } = sh;
         self.run(|be| {
             let (g, [s0, s1, s2, s3, s4, s5, s6, s7, ..]) = (&be.gpu, &mut be.scratch);
             let n = rows * dim;
@@ -800,18 +794,9 @@ impl Backend for CudaBackend {
             r.done(g)
         });
     }
-    fn layernorm_forward(
-        &mut self,
-        x: &DevBuf,
-        gamma: &DevBuf,
-        beta: &DevBuf,
-        y: &mut DevBuf,
-        mean: &mut DevBuf,
-        rstd: &mut DevBuf,
-        rows: usize,
-        dim: usize,
-        eps: f64,
-    ) {
+    fn layernorm_forward(&mut self, x: &DevBuf, norm: Norm<&DevBuf>, y: &mut DevBuf, stats: NormStats<&mut DevBuf>, sh: &LayerNormShape) {
+        let (Norm { gamma, beta }, NormStats { mean, rstd }) = (norm, stats);
+        let &LayerNormShape { rows, dim, eps } = sh;
         self.run(|be| {
             let (g, [s0, s1, s2, s3, s4, s5, ..]) = (&be.gpu, &mut be.scratch);
             let n = rows * dim;
@@ -833,14 +818,15 @@ impl Backend for CudaBackend {
         &mut self,
         dy: &DevBuf,
         x: &DevBuf,
-        gamma: &DevBuf,
-        mean: &DevBuf,
-        rstd: &DevBuf,
-        dx: &mut DevBuf,
-        rows: usize,
-        dim: usize,
-        accumulate: bool,
+        norm: Norm<&DevBuf>,
+        stats: NormStats<&DevBuf>,
+        dx: Grad<&mut DevBuf>,
+        sh: &LayerNormShape,
     ) {
+        let (gamma, NormStats { mean, rstd }) = (norm.gamma, stats);
+        let &LayerNormShape { rows, dim, .. } = sh;
+        let accumulate = dx.accumulates();
+        let dx = dx.into_inner();
         self.run(|be| {
             let (g, [s0, s1, s2, s3, s4, s5, ..]) = (&be.gpu, &mut be.scratch);
             let n = rows * dim;
@@ -932,17 +918,8 @@ impl Backend for CudaBackend {
         });
     }
 
-    fn adapter_forward(
-        &mut self,
-        z: &DevBuf,
-        w1: &DevBuf,
-        b1: &DevBuf,
-        w2: &DevBuf,
-        b2: &DevBuf,
-        u: &mut DevBuf,
-        out: &mut DevBuf,
-        shape: &AdapterShape,
-    ) {
+    fn adapter_forward(&mut self, z: &DevBuf, params: AdapterParams<&DevBuf>, u: &mut DevBuf, out: &mut DevBuf, shape: &AdapterShape) {
+        let AdapterParams { w1, b1, w2, b2 } = params;
         self.run(|be| {
             let (g, [s0, s1, s2, s3, s4, s5, s6, ..]) = (&be.gpu, &mut be.scratch);
             let (p, d, r) = (shape.tokens, shape.dim, shape.rank);
@@ -974,15 +951,18 @@ impl Backend for CudaBackend {
         dout: &DevBuf,
         z: &DevBuf,
         u: &DevBuf,
-        w1: &DevBuf,
-        w2: &DevBuf,
+        params: AdapterParams<&DevBuf>,
         dz: &mut DevBuf,
-        dw1: &mut DevBuf,
-        db1: &mut DevBuf,
-        dw2: &mut DevBuf,
-        db2: &mut DevBuf,
+        grads: AdapterParams<&mut DevBuf>,
         shape: &AdapterShape,
     ) {
+        let (w1, w2) = (params.w1, params.w2);
+        let AdapterParams {
+            w1: dw1,
+            b1: db1,
+            w2: dw2,
+            b2: db2,
+        } = grads;
         self.run(|be| {
             let (g, [s0, s1, s2, s3, s4, s5, s6, s7, s8, s9, ..], ws) = (&be.gpu, &mut be.scratch, &mut be.head_ws);
             let (p, d, r) = (shape.tokens, shape.dim, shape.rank);
@@ -1022,19 +1002,16 @@ impl Backend for CudaBackend {
     }
     fn moe_forward(
         &mut self,
-        z: &DevBuf,
-        adapted: &DevBuf,
-        gate: &DevBuf,
-        w: &DevBuf,
-        c: &DevBuf,
-        tok: &CudaIdx,
-        grow_: &CudaIdx,
-        y: &mut DevBuf,
-        m: &mut DevBuf,
-        q: &mut DevBuf,
-        r: &mut DevBuf,
+        inputs: HeadInputs<&DevBuf>,
+        params: BranchParams<&DevBuf>,
+        tables: &GateTables<CudaIdx>,
+        logits: BranchLogits<&mut DevBuf>,
+        saved: MoeSaved<&mut DevBuf>,
         shape: &MoeShape,
     ) {
+        let (HeadInputs { z, adapted }, BranchParams { gate, w, c }) = (inputs, params);
+        let (BranchLogits { y, m }, MoeSaved { q, r }) = (logits, saved);
+        let (tok, grow_) = (&tables.token, &tables.gate_row);
         self.run(|be| {
             let (g, [s0, s1, s2, s3, s4, s5, s6, s7, s8, ..]) = (&be.gpu, &mut be.scratch);
             let (n, d, k) = (shape.batch * shape.tokens * shape.dim, shape.dim, shape.labels);
@@ -1074,23 +1051,20 @@ impl Backend for CudaBackend {
     }
     fn moe_backward(
         &mut self,
-        dy: &DevBuf,
-        dm: &DevBuf,
-        z: &DevBuf,
-        adapted: &DevBuf,
-        gate: &DevBuf,
-        w: &DevBuf,
-        tok: &CudaIdx,
-        grow_: &CudaIdx,
-        q: &DevBuf,
-        r: &DevBuf,
-        dz: &mut DevBuf,
-        dadapted: &mut DevBuf,
-        dgate: &mut DevBuf,
-        dw: &mut DevBuf,
-        dc: &mut DevBuf,
+        dlogits: BranchLogits<&DevBuf>,
+        inputs: HeadInputs<&DevBuf>,
+        params: BranchParams<&DevBuf>,
+        tables: &GateTables<CudaIdx>,
+        saved: MoeSaved<&DevBuf>,
+        dinputs: HeadInputs<&mut DevBuf>,
+        grads: BranchParams<&mut DevBuf>,
         shape: &MoeShape,
     ) {
+        let (BranchLogits { y: dy, m: dm }, HeadInputs { z, adapted }) = (dlogits, inputs);
+        let ((gate, w), MoeSaved { q, r }) = ((params.gate, params.w), saved);
+        let HeadInputs { z: dz, adapted: dadapted } = dinputs;
+        let BranchParams { gate: dgate, w: dw, c: dc } = grads;
+        let (tok, grow_) = (&tables.token, &tables.gate_row);
         self.run(|be| {
             let (g, [s0, s1, s2, s3, s4, s5, s6, s7, s8, s9, s10, s11, s12, ..], ws) = (&be.gpu, &mut be.scratch, &mut be.head_ws);
             let (n, d, k) = (shape.batch * shape.tokens * shape.dim, shape.dim, shape.labels);
@@ -1138,7 +1112,8 @@ impl Backend for CudaBackend {
             Ok(())
         });
     }
-    fn vpt_head_forward(&mut self, z: &DevBuf, w: &DevBuf, c: &DevBuf, zbar: &mut DevBuf, y: &mut DevBuf, shape: &VptHeadShape) {
+    fn vpt_head_forward(&mut self, z: &DevBuf, params: VptParams<&DevBuf>, zbar: &mut DevBuf, y: &mut DevBuf, shape: &VptHeadShape) {
+        let VptParams { w, c } = params;
         self.run(|be| {
             let (g, [s0, s1, s2, s3, s4, ..]) = (&be.gpu, &mut be.scratch);
             let (d, k) = (shape.dim, shape.labels);
@@ -1155,12 +1130,12 @@ impl Backend for CudaBackend {
         &mut self,
         dy: &DevBuf,
         zbar: &DevBuf,
-        w: &DevBuf,
+        params: VptParams<&DevBuf>,
         dz: &mut DevBuf,
-        dw: &mut DevBuf,
-        dc: &mut DevBuf,
+        grads: VptParams<&mut DevBuf>,
         shape: &VptHeadShape,
     ) {
+        let (w, VptParams { w: dw, c: dc }) = (params.w, grads);
         self.run(|be| {
             let (g, [s0, s1, s2, s3, s4, s5, ..], ws) = (&be.gpu, &mut be.scratch, &mut be.head_ws);
             let (d, k) = (shape.dim, shape.labels);

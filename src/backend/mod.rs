@@ -24,7 +24,13 @@ pub mod device;
 pub use crate::ops::adamw::AdamWConfig;
 pub use crate::ops::asl::AslConfig;
 pub use crate::ops::attention::AttnShape;
-pub use crate::ops::head::{AdapterShape, MoeShape, VptHeadShape};
+pub use crate::ops::head::{
+    AdapterParams, AdapterShape, BranchLogits, BranchParams, GateTables, HeadInputs, MoeSaved, MoeShape, VptHeadShape, VptParams,
+};
+pub use crate::ops::layernorm::{LayerNormShape, Norm, NormStats};
+pub use crate::ops::linear::LinearShape;
+pub use crate::ops::tokens::{PatchShape, Residual, TokenCopy, TokenRange, TokenShape};
+pub use crate::ops::{Grad, Rows};
 pub use cpu::CpuBackend;
 #[cfg(feature = "cuda")]
 pub use cuda::{CudaBackend, DevBuf};
@@ -98,141 +104,67 @@ pub trait Backend {
     // ---- tokens ---------------------------------------------------------------------------
     /// Flattens `p x p` patches of images `[B, C, H, W]` into `out [B, Np, C*p*p]` in the order
     /// of a conv weight `[D, C, p, p]` (c, ky, kx), patches row by row.
-    #[allow(clippy::too_many_arguments)]
-    fn patchify(
-        &mut self,
-        images: &Self::Buf,
-        out: &mut Self::Buf,
-        batch: usize,
-        channels: usize,
-        height: usize,
-        width: usize,
-        patch: usize,
-    );
-    /// Writes `x [B, N, D]`, `N = 1 + P + Np`: row 0 = `cls + pos[0]`, rows `1+P+i` =
-    /// `patches[b, i] + pos[1+i]`. Prompt rows are left alone (see [`Backend::set_prompts`]).
-    #[allow(clippy::too_many_arguments)]
-    fn embed_tokens(
-        &mut self,
-        patches: &Self::Buf,
-        cls: &Self::Buf,
-        pos: &Self::Buf,
-        x: &mut Self::Buf,
-        batch: usize,
-        num_patches: usize,
-        prompts: usize,
-        dim: usize,
-    );
+    fn patchify(&mut self, images: &Self::Buf, out: &mut Self::Buf, shape: &PatchShape);
+    /// Writes `x [B, N, D]`: row 0 = `cls + pos[0]`, rows `1+P+i` = `patches[b, i] + pos[1+i]`
+    /// (`patches [B, Np, D]`, `pos [1+Np, D]`). Prompt rows are left alone (see
+    /// [`Backend::set_prompts`]).
+    fn embed_tokens(&mut self, patches: &Self::Buf, cls: &Self::Buf, pos: &Self::Buf, x: &mut Self::Buf, shape: &TokenShape);
     /// `x[b, 1+j] = prompts[layer, j]` for every image `b` and `j < P` (`prompts [L, P, D]`).
-    #[allow(clippy::too_many_arguments)]
-    fn set_prompts(&mut self, prompts: &Self::Buf, layer: usize, x: &mut Self::Buf, batch: usize, tokens: usize, count: usize, dim: usize);
+    fn set_prompts(&mut self, prompts: &Self::Buf, layer: usize, x: &mut Self::Buf, shape: &TokenShape);
     /// `dprompts[layer, j] = sum_b dx[b, 1+j]` (images summed in order); then, if `zero_rows`,
     /// `dx[b, 1+j] = 0` (the deep-prompt replacement cuts the gradient to the previous block).
-    #[allow(clippy::too_many_arguments)]
-    fn prompt_grad(
-        &mut self,
-        dx: &mut Self::Buf,
-        dprompts: &mut Self::Buf,
-        layer: usize,
-        batch: usize,
-        tokens: usize,
-        count: usize,
-        dim: usize,
-        zero_rows: bool,
-    );
-    /// `dst[b, dst_start + j] = src[b, src_start + j]` for `j < count` (rows of width `dim`;
-    /// `src` has `src_tokens` rows per image, `dst` has `dst_tokens`).
-    #[allow(clippy::too_many_arguments)]
-    fn copy_tokens(
-        &mut self,
-        src: &Self::Buf,
-        src_tokens: usize,
-        src_start: usize,
-        dst: &mut Self::Buf,
-        dst_tokens: usize,
-        dst_start: usize,
-        count: usize,
-        batch: usize,
-        dim: usize,
-    );
+    fn prompt_grad(&mut self, dx: &mut Self::Buf, dprompts: &mut Self::Buf, layer: usize, shape: &TokenShape, zero_rows: bool);
+    /// `dst[b, dst.start + j] = src[b, src.start + j]` for `j < count` (see [`TokenCopy`]).
+    fn copy_tokens(&mut self, src: &Self::Buf, dst: &mut Self::Buf, copy: &TokenCopy);
     /// Residual with optional LayerScale: `out = x + ls * f` over `[rows, dim]`.
-    fn residual(&mut self, x: &Self::Buf, f: &Self::Buf, ls: Option<&Self::Buf>, out: &mut Self::Buf, rows: usize, dim: usize);
+    fn residual(&mut self, res: Residual<'_, Self::Buf>, out: &mut Self::Buf, shape: Rows);
     /// [`Backend::residual`] into `out`, then [`Backend::layernorm_forward`] of `out` into `y`
-    /// (saving `mean, rstd`): a device backend does both in one pass over the rows.
-    #[allow(clippy::too_many_arguments)]
+    /// (saving its statistics): a device backend does both in one pass over the rows.
     fn residual_layernorm_forward(
         &mut self,
-        x: &Self::Buf,
-        f: &Self::Buf,
-        ls: Option<&Self::Buf>,
+        res: Residual<'_, Self::Buf>,
         out: &mut Self::Buf,
-        gamma: &Self::Buf,
-        beta: &Self::Buf,
+        norm: Norm<&Self::Buf>,
         y: &mut Self::Buf,
-        mean: &mut Self::Buf,
-        rstd: &mut Self::Buf,
-        rows: usize,
-        dim: usize,
-        eps: f64,
+        stats: NormStats<&mut Self::Buf>,
+        shape: &LayerNormShape,
     ) {
-        self.residual(x, f, ls, out, rows, dim);
-        self.layernorm_forward(out, gamma, beta, y, mean, rstd, rows, dim, eps);
+        self.residual(
+            res,
+            out,
+            Rows {
+                rows: shape.rows,
+                dim: shape.dim,
+            },
+        );
+        self.layernorm_forward(out, norm, y, stats, shape);
     }
     /// `out = src * v` with `v [dim]` broadcast over rows (LayerScale in the backward).
-    fn mul_cols(&mut self, src: &Self::Buf, v: &Self::Buf, out: &mut Self::Buf, rows: usize, dim: usize);
+    fn mul_cols(&mut self, src: &Self::Buf, v: &Self::Buf, out: &mut Self::Buf, shape: Rows);
 
     // ---- dense ----------------------------------------------------------------------------
     /// `y [rows, out] = x [rows, in] W^T + b` with `W [out, in]`.
-    #[allow(clippy::too_many_arguments)]
-    fn linear_forward(
-        &mut self,
-        x: &Self::Buf,
-        w: &Self::Buf,
-        bias: Option<&Self::Buf>,
-        y: &mut Self::Buf,
-        rows: usize,
-        d_in: usize,
-        d_out: usize,
-    );
+    fn linear_forward(&mut self, x: &Self::Buf, w: &Self::Buf, bias: Option<&Self::Buf>, y: &mut Self::Buf, shape: &LinearShape);
     /// `dx (+)= dy W` (input gradient only; the backbone is frozen).
-    #[allow(clippy::too_many_arguments)]
-    fn linear_backward_input(
-        &mut self,
-        dy: &Self::Buf,
-        w: &Self::Buf,
-        dx: &mut Self::Buf,
-        rows: usize,
-        d_in: usize,
-        d_out: usize,
-        accumulate: bool,
-    );
+    fn linear_backward_input(&mut self, dy: &Self::Buf, w: &Self::Buf, dx: Grad<&mut Self::Buf>, shape: &LinearShape);
     /// LayerNorm over `dim`, saving `mean, rstd [rows]`.
-    #[allow(clippy::too_many_arguments)]
     fn layernorm_forward(
         &mut self,
         x: &Self::Buf,
-        gamma: &Self::Buf,
-        beta: &Self::Buf,
+        norm: Norm<&Self::Buf>,
         y: &mut Self::Buf,
-        mean: &mut Self::Buf,
-        rstd: &mut Self::Buf,
-        rows: usize,
-        dim: usize,
-        eps: f64,
+        stats: NormStats<&mut Self::Buf>,
+        shape: &LayerNormShape,
     );
-    /// LayerNorm input gradient: `dx (+)= LN'(x)^T dy`.
-    #[allow(clippy::too_many_arguments)]
+    /// LayerNorm input gradient: `dx (+)= LN'(x)^T dy` (only `norm.gamma` is read).
     fn layernorm_backward(
         &mut self,
         dy: &Self::Buf,
         x: &Self::Buf,
-        gamma: &Self::Buf,
-        mean: &Self::Buf,
-        rstd: &Self::Buf,
-        dx: &mut Self::Buf,
-        rows: usize,
-        dim: usize,
-        accumulate: bool,
+        norm: Norm<&Self::Buf>,
+        stats: NormStats<&Self::Buf>,
+        dx: Grad<&mut Self::Buf>,
+        shape: &LayerNormShape,
     );
     /// `y[..len] = gelu(x[..len])` (exact erf GELU).
     fn gelu_forward(&mut self, x: &Self::Buf, y: &mut Self::Buf, len: usize);
@@ -257,95 +189,70 @@ pub trait Backend {
     );
 
     // ---- head -----------------------------------------------------------------------------
-    /// Adapters on the prompt tokens (see `ops::head`); saves `u [B, P, r]`.
-    #[allow(clippy::too_many_arguments)]
+    /// Adapters on the group tokens `z [B, P, D]` into `out` (see `ops::head`); saves the
+    /// pre-GELU `u [B, P, r]`.
     fn adapter_forward(
         &mut self,
         z: &Self::Buf,
-        w1: &Self::Buf,
-        b1: &Self::Buf,
-        w2: &Self::Buf,
-        b2: &Self::Buf,
+        params: AdapterParams<&Self::Buf>,
         u: &mut Self::Buf,
         out: &mut Self::Buf,
         shape: &AdapterShape,
     );
-    /// Adapter backward: accumulates `dz`, writes the four parameter gradients.
+    /// Adapter backward: accumulates `dz`, writes the four parameter gradients (only `w1` and
+    /// `w2` of `params` are read).
     #[allow(clippy::too_many_arguments)]
     fn adapter_backward(
         &mut self,
         dout: &Self::Buf,
         z: &Self::Buf,
         u: &Self::Buf,
-        w1: &Self::Buf,
-        w2: &Self::Buf,
+        params: AdapterParams<&Self::Buf>,
         dz: &mut Self::Buf,
-        dw1: &mut Self::Buf,
-        db1: &mut Self::Buf,
-        dw2: &mut Self::Buf,
-        db2: &mut Self::Buf,
+        grads: AdapterParams<&mut Self::Buf>,
         shape: &AdapterShape,
     );
-    /// One branch's gating, expert mixture and classifier; writes `y, m [B, K]`, saves
-    /// `q, r [B, E, K]`.
-    #[allow(clippy::too_many_arguments)]
+    /// One branch's gating, expert mixture and classifier: writes its logits, saves `q, r`.
     fn moe_forward(
         &mut self,
-        z: &Self::Buf,
-        adapted: &Self::Buf,
-        gate: &Self::Buf,
-        w: &Self::Buf,
-        c: &Self::Buf,
-        tok: &Self::Idx,
-        grow: &Self::Idx,
-        y: &mut Self::Buf,
-        m: &mut Self::Buf,
-        q: &mut Self::Buf,
-        r: &mut Self::Buf,
+        inputs: HeadInputs<&Self::Buf>,
+        params: BranchParams<&Self::Buf>,
+        tables: &GateTables<Self::Idx>,
+        logits: BranchLogits<&mut Self::Buf>,
+        saved: MoeSaved<&mut Self::Buf>,
         shape: &MoeShape,
     );
-    /// Backward of one branch: accumulates `dz`, `dadapted`; writes `dgate, dw, dc`.
+    /// Backward of one branch from the gradients of its logits: accumulates the inputs'
+    /// gradients (`dz`, `dadapted`), writes the parameter gradients.
     #[allow(clippy::too_many_arguments)]
     fn moe_backward(
         &mut self,
-        dy: &Self::Buf,
-        dm: &Self::Buf,
-        z: &Self::Buf,
-        adapted: &Self::Buf,
-        gate: &Self::Buf,
-        w: &Self::Buf,
-        tok: &Self::Idx,
-        grow: &Self::Idx,
-        q: &Self::Buf,
-        r: &Self::Buf,
-        dz: &mut Self::Buf,
-        dadapted: &mut Self::Buf,
-        dgate: &mut Self::Buf,
-        dw: &mut Self::Buf,
-        dc: &mut Self::Buf,
+        dlogits: BranchLogits<&Self::Buf>,
+        inputs: HeadInputs<&Self::Buf>,
+        params: BranchParams<&Self::Buf>,
+        tables: &GateTables<Self::Idx>,
+        saved: MoeSaved<&Self::Buf>,
+        dinputs: HeadInputs<&mut Self::Buf>,
+        grads: BranchParams<&mut Self::Buf>,
         shape: &MoeShape,
     );
     /// Plain-VPT head: mean of the prompt outputs (saved in `zbar [B, D]`), then linear.
-    #[allow(clippy::too_many_arguments)]
     fn vpt_head_forward(
         &mut self,
         z: &Self::Buf,
-        w: &Self::Buf,
-        c: &Self::Buf,
+        params: VptParams<&Self::Buf>,
         zbar: &mut Self::Buf,
         y: &mut Self::Buf,
         shape: &VptHeadShape,
     );
-    /// Plain-VPT head backward: writes `dz, dw, dc`.
-    #[allow(clippy::too_many_arguments)]
+    /// Plain-VPT head backward: writes `dz` and the parameter gradients (only `params.w` is read).
     fn vpt_head_backward(
         &mut self,
         dy: &Self::Buf,
         zbar: &Self::Buf,
-        w: &Self::Buf,
+        params: VptParams<&Self::Buf>,
         dz: &mut Self::Buf,
-        dw: &mut Self::Buf,
-        dc: &mut Self::Buf,
+        grads: VptParams<&mut Self::Buf>,
         shape: &VptHeadShape,
     );
 

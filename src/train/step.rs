@@ -5,7 +5,11 @@
 //! Activation buffers are allocated once for `max_batch` images in [`Trainer::new`]; a step
 //! with any batch `B <= max_batch` uses their prefixes.
 
-use crate::backend::{AdapterShape, AslConfig, AttnShape, Backend, BufRole, MoeShape, VptHeadShape};
+use crate::backend::{
+    AdapterParams, AdapterShape, AslConfig, AttnShape, Backend, BranchLogits, BranchParams, BufRole, GateTables, Grad, HeadInputs,
+    LayerNormShape, LinearShape, MoeSaved, MoeShape, Norm, NormStats, PatchShape, Residual, Rows, TokenCopy, TokenRange, TokenShape,
+    VptHeadShape, VptParams,
+};
 use crate::model::backbone::Backbone;
 use crate::model::config::{ConfigError, GateMode, Method, ModelConfig, PromptDepth};
 use crate::model::params::{param_specs, NamedTensor, Params};
@@ -17,25 +21,89 @@ pub use crate::ops::adamw::AdamWConfig;
 /// Called after each block with (backend, layer, output, tokens per image in the output).
 type BlockHook<'a, B> = dyn FnMut(&mut B, usize, &<B as Backend>::Buf, usize) + 'a;
 
-/// One block's frozen weights on the device.
-struct BlockWeights<B: Backend> {
-    norm1: (B::Buf, B::Buf),
-    qkv: (B::Buf, B::Buf),
-    proj: (B::Buf, B::Buf),
-    ls1: Option<B::Buf>,
-    norm2: (B::Buf, B::Buf),
-    fc1: (B::Buf, B::Buf),
-    fc2: (B::Buf, B::Buf),
-    ls2: Option<B::Buf>,
+/// A dense layer's frozen weights (timm's `nn.Linear`): `w [out, in]`, `b [out]`.
+struct Linear<T> {
+    w: T,
+    b: T,
 }
 
-/// The frozen backbone on the device.
-struct Weights<B: Backend> {
-    patch: (B::Buf, B::Buf),
-    cls: B::Buf,
-    pos: B::Buf,
-    blocks: Vec<BlockWeights<B>>,
-    norm: Option<(B::Buf, B::Buf)>,
+/// One block's frozen weights (timm's `Block`), `D` the width and `Dm` the MLP width.
+struct BlockWeights<T> {
+    /// LayerNorm before attention, `[D]`.
+    norm1: Norm<T>,
+    /// `[3D, D]`, `[3D]`: Q, K and V of every head in one GEMM.
+    qkv: Linear<T>,
+    /// Attention output projection, `[D, D]`, `[D]`.
+    proj: Linear<T>,
+    /// LayerScale after attention, `[D]` (DINOv2), if the model has it.
+    ls1: Option<T>,
+    /// LayerNorm before the MLP, `[D]`.
+    norm2: Norm<T>,
+    /// `[Dm, D]`, `[Dm]`.
+    fc1: Linear<T>,
+    /// `[D, Dm]`, `[D]`.
+    fc2: Linear<T>,
+    /// LayerScale after the MLP, `[D]`, if the model has it.
+    ls2: Option<T>,
+}
+
+/// The frozen backbone.
+struct Weights<T> {
+    /// The patch embedding as a linear map of flattened patches: `[D, C*p*p]`, `[D]`.
+    patch: Linear<T>,
+    /// Class token `[D]` and position embeddings `[1 + Np, D]` (CLS first; prompts have none).
+    cls: T,
+    pos: T,
+    blocks: Vec<BlockWeights<T>>,
+    /// The final LayerNorm, `[D]`; without it the group tokens are the raw last hidden state.
+    norm: Option<Norm<T>>,
+}
+
+/// The trainable tensors by name (docs/MODEL.md), each a buffer of the flat list in
+/// [`Params`] order that the optimizer updates: `R` is `&Buf` for the parameters and
+/// `&mut Buf` for their gradients.
+struct Trainable<R> {
+    /// `[L, P, D]` (deep prompts, one set per block) or `[1, P, D]` (shallow).
+    prompts: R,
+    head: Head<R>,
+}
+
+enum Head<R> {
+    /// Adapters, then per branch (correlative, discriminative) gates and a classifier.
+    MlVpt {
+        adapter: AdapterParams<R>,
+        branches: Vec<BranchParams<R>>,
+    },
+    /// Mean of the prompt outputs and a linear classifier.
+    Vpt(VptParams<R>),
+}
+
+impl<R> Trainable<R> {
+    /// Names the tensors of `flat`, which lists them in the order of
+    /// `model::params::param_specs`.
+    fn name(flat: impl IntoIterator<Item = R>, method: Method) -> Self {
+        let mut it = flat.into_iter();
+        let mut next = || it.next().expect("a tensor for every name in param_specs");
+        let prompts = next();
+        let head = match method {
+            Method::MlVpt => {
+                let adapter = AdapterParams {
+                    w1: next(),
+                    b1: next(),
+                    w2: next(),
+                    b2: next(),
+                };
+                let mut branches = Vec::new();
+                while let Some(gate) = it.next() {
+                    let (w, c) = (it.next().expect("head weight"), it.next().expect("head bias"));
+                    branches.push(BranchParams { gate, w, c });
+                }
+                Head::MlVpt { adapter, branches }
+            }
+            Method::Vpt => Head::Vpt(VptParams { w: next(), c: next() }),
+        };
+        Self { prompts, head }
+    }
 }
 
 /// Sizes used by the step.
@@ -65,60 +133,139 @@ struct Dims {
     method: Method,
 }
 
-/// Saved activations and work buffers, sized for `max_batch`. Storage roles ([`BufRole`]):
-/// the per-token GEMM/attention/GELU operands and results and their gradients are
-/// `Activation`s; the residual stream (`xs`, `xmid`, `xtail`, `zin`) and its gradient (`dx`,
-/// `dzin`), statistics, the head's small tensors and gradient sums (`dz`, `dadapted`) are
-/// `State`.
-struct Acts<B: Backend> {
-    images: B::Buf,
-    patches: B::Buf,
-    patch_emb: B::Buf,
-    /// Block inputs (`xs[l]`) and the final output (`xs[L]`), `[B, N, D]` each.
-    xs: Vec<B::Buf>,
-    /// After the attention residual, per block.
-    xmid: Vec<B::Buf>,
-    ln1: Vec<(B::Buf, B::Buf)>,
-    ln2: Vec<(B::Buf, B::Buf)>,
-    qkv: Vec<B::Buf>,
-    att: Vec<B::Buf>,
-    lse: Vec<B::Buf>,
-    /// Pre-GELU MLP activations, per block.
-    pre_gelu: Vec<B::Buf>,
-    /// Work: normalised tokens, `[B, N, D]`.
-    normed: B::Buf,
-    /// Work: projection / fc2 output, `[B, N, D]`.
-    branch_out: B::Buf,
-    /// Work: GELU output, `[B, N, Dm]`.
-    hidden: B::Buf,
+impl Dims {
+    fn patch_shape(&self, batch: usize) -> PatchShape {
+        PatchShape {
+            batch,
+            channels: self.channels,
+            height: self.image,
+            width: self.image,
+            patch: self.patch,
+        }
+    }
+    fn token_shape(&self, batch: usize) -> TokenShape {
+        TokenShape {
+            batch,
+            prompts: self.prompts,
+            num_patches: self.num_patches,
+            dim: self.dim,
+        }
+    }
+    fn block_shape(&self, batch: usize) -> BlockShape {
+        BlockShape {
+            batch,
+            tokens: self.tokens,
+            prompts: self.prompts,
+            dim: self.dim,
+            mlp: self.mlp,
+            heads: self.heads,
+        }
+    }
+    fn adapter_shape(&self, batch: usize) -> AdapterShape {
+        AdapterShape {
+            batch,
+            tokens: self.prompts,
+            dim: self.dim,
+            rank: self.rank,
+        }
+    }
+    fn moe_shape(&self, batch: usize) -> MoeShape {
+        MoeShape {
+            batch,
+            tokens: self.prompts,
+            dim: self.dim,
+            labels: self.labels,
+            experts: self.experts,
+            gate_rows: self.gate_rows,
+        }
+    }
+    fn vpt_shape(&self, batch: usize) -> VptHeadShape {
+        VptHeadShape {
+            batch,
+            tokens: self.prompts,
+            dim: self.dim,
+            labels: self.labels,
+        }
+    }
+}
+
+/// What one block saves for its backward, sized for `max_batch`. `Nq` is `N`, or `P` in the
+/// last block (its rows past attention are the prompts only).
+struct LayerActs<T> {
+    /// LN1 statistics, `[B*N]` each.
+    ln1: NormStats<T>,
+    /// `[B, N, 3D]`.
+    qkv: T,
+    /// Attention output `[B, Nq, D]` and its log-sum-exps `[B, h, Nq]`.
+    att: T,
+    lse: T,
+    /// The residual stream after attention, `[B, Nq, D]`.
+    xmid: T,
+    /// LN2 statistics, `[B*Nq]` each.
+    ln2: NormStats<T>,
+    /// The MLP's pre-GELU activations, `[B, Nq, Dm]`.
+    pre_gelu: T,
+}
+
+/// Buffers every block reuses, forward and backward.
+struct Work<T> {
+    /// Normalised tokens and the projection / fc2 output, `[B, N, D]` each.
+    normed: T,
+    branch_out: T,
+    /// GELU output, `[B, N, Dm]`.
+    hidden: T,
     /// The last block's input at the prompt rows, `[B, P, D]`.
-    xtail: B::Buf,
-    /// Last hidden state at the prompts and its final norm (`Z`), `[B, P, D]`.
-    zin: B::Buf,
-    z: B::Buf,
-    zstats: (B::Buf, B::Buf),
-    adapter_u: B::Buf,
-    adapted: B::Buf,
-    /// Per branch (VPT: one) `y [B, K]`, gate logits `m [B, K]`, saved `q, r [B, E, K]`.
-    y: Vec<B::Buf>,
-    m: Vec<B::Buf>,
-    q: Vec<B::Buf>,
-    r: Vec<B::Buf>,
-    zbar: B::Buf,
-    logits: B::Buf,
-    targets: B::Buf,
-    /// The training loss, `[1]` (left on the device until the step's end).
-    loss: B::Buf,
-    dy: Vec<B::Buf>,
-    dm: Vec<B::Buf>,
-    dz: B::Buf,
-    dadapted: B::Buf,
-    dzin: B::Buf,
-    dx: B::Buf,
-    dtmp: B::Buf,
-    dtmp2: B::Buf,
-    dhidden: B::Buf,
-    dqkv: B::Buf,
+    xtail: T,
+    /// Backward: `[B, N, D]`, `[B, N, D]`, `[B, N, Dm]`, `[B, N, 3D]`.
+    dtmp: T,
+    dtmp2: T,
+    dhidden: T,
+    dqkv: T,
+}
+
+/// The head's activations and gradients, `[B, P, D]` unless noted.
+struct HeadActs<T> {
+    /// The last block's output at the prompts, its final norm (the group tokens `Z`) and the
+    /// norm's statistics (`[B*P]` each).
+    zin: T,
+    z: T,
+    zstats: NormStats<T>,
+    /// ML-VPT: the adapters' pre-GELU `u [B, P, r]` and output.
+    adapter_u: T,
+    adapted: T,
+    /// Per branch (VPT: one, without gate logits) the logits `[B, K]` and their gradients.
+    logits: Vec<BranchLogits<T>>,
+    dlogits: Vec<BranchLogits<T>>,
+    /// ML-VPT, per branch: what the mixture saves, `[B, E, K]` each.
+    saved: Vec<MoeSaved<T>>,
+    /// VPT: the mean prompt output, `[B, D]`.
+    zbar: T,
+    dz: T,
+    dadapted: T,
+    dzin: T,
+}
+
+/// Every activation the step keeps, sized for `max_batch`. Storage roles ([`BufRole`]): the
+/// per-token GEMM/attention/GELU operands and results and their gradients are `Activation`s;
+/// the residual stream and its gradient, statistics, the head's small tensors and gradient
+/// sums are `State`.
+struct Acts<T> {
+    /// `[B, C, H, W]`, `[B, Np, C*p*p]`, `[B, Np, D]`.
+    images: T,
+    patches: T,
+    patch_emb: T,
+    /// Block inputs, `[B, N, D]` each (the last block's output is `head.zin`).
+    xs: Vec<T>,
+    layers: Vec<LayerActs<T>>,
+    work: Work<T>,
+    head: HeadActs<T>,
+    /// The model's logits `[B, K]` (mean over branches), the targets and the loss `[1]` (left on
+    /// the device until the step's end).
+    logits: T,
+    targets: T,
+    loss: T,
+    /// The residual stream's gradient, `[B, N, D]`.
+    dx: T,
 }
 
 /// Forward, loss, backward and AdamW for one model on one backend.
@@ -129,21 +276,49 @@ pub struct Trainer<B: Backend> {
     asl: AslConfig,
     opt: AdamWConfig,
     specs: Vec<(String, Vec<usize>)>,
-    weights: Weights<B>,
+    weights: Weights<B::Buf>,
     params: Vec<B::Buf>,
     grads: Vec<B::Buf>,
     adam_m: Vec<B::Buf>,
     adam_v: Vec<B::Buf>,
     step: u64,
-    /// Per branch: token of (e, k) and gate row of (e, k), `[E*K]` each.
-    tables: Vec<(B::Idx, B::Idx)>,
-    acts: Acts<B>,
+    /// Per branch, the routing of (expert, label) pairs.
+    tables: Vec<GateTables<B::Idx>>,
+    acts: Acts<B::Buf>,
 }
 
 fn upload_new<B: Backend>(be: &mut B, data: &[f32], role: BufRole) -> B::Buf {
     let mut b = be.alloc_as(data.len(), role);
     be.upload(data, &mut b);
     b
+}
+
+fn backbone_tensor<'a>(bb: &'a Backbone, name: &str) -> Result<&'a [f32]> {
+    Ok(bb
+        .get(name)
+        .with_context(|| format!("backbone has no tensor {name}"))?
+        .data
+        .as_slice())
+}
+
+/// A frozen vector kernels read in full precision (bias, norm weight, LayerScale, embedding).
+fn upload_vector<B: Backend>(be: &mut B, bb: &Backbone, name: &str) -> Result<B::Buf> {
+    Ok(upload_new(be, backbone_tensor(bb, name)?, BufRole::State))
+}
+
+/// `{name}.weight` (a GEMM operand: `Frozen` storage) and `{name}.bias`.
+fn upload_linear<B: Backend>(be: &mut B, bb: &Backbone, name: &str) -> Result<Linear<B::Buf>> {
+    Ok(Linear {
+        w: upload_new(be, backbone_tensor(bb, &format!("{name}.weight"))?, BufRole::Frozen),
+        b: upload_vector(be, bb, &format!("{name}.bias"))?,
+    })
+}
+
+fn upload_norm<B: Backend>(be: &mut B, bb: &Backbone, name: &str) -> Result<Norm<B::Buf>> {
+    Ok(Norm {
+        gamma: upload_vector(be, bb, &format!("{name}.weight"))?,
+        beta: upload_vector(be, bb, &format!("{name}.bias"))?,
+    })
 }
 
 impl<B: Backend> Trainer<B> {
@@ -245,61 +420,43 @@ impl<B: Backend> Trainer<B> {
             method: cfg.method,
         };
 
-        let get = |name: &str| -> Result<&[f32]> {
-            Ok(backbone
-                .get(name)
-                .with_context(|| format!("backbone has no tensor {name}"))?
-                .data
-                .as_slice())
-        };
         let be = &mut backend;
-        // GEMM weight matrices are `Frozen`; vectors kernels read (biases, norms) `State`.
-        let mut pair = |w: &str, b: &str, role: BufRole| -> Result<(B::Buf, B::Buf)> {
-            Ok((upload_new(be, get(w)?, role), upload_new(be, get(b)?, BufRole::State)))
-        };
-        let patch = pair("patch_embed.proj.weight", "patch_embed.proj.bias", BufRole::Frozen)?;
-        let norm = if v.final_norm {
-            Some(pair("norm.weight", "norm.bias", BufRole::State)?)
-        } else {
-            None
-        };
-        let mut blocks = Vec::new();
-        for i in 0..v.depth {
-            let p = |s: &str| format!("blocks.{i}.{s}");
-            blocks.push(BlockWeights {
-                norm1: pair(&p("norm1.weight"), &p("norm1.bias"), BufRole::State)?,
-                qkv: pair(&p("attn.qkv.weight"), &p("attn.qkv.bias"), BufRole::Frozen)?,
-                proj: pair(&p("attn.proj.weight"), &p("attn.proj.bias"), BufRole::Frozen)?,
-                ls1: None,
-                norm2: pair(&p("norm2.weight"), &p("norm2.bias"), BufRole::State)?,
-                fc1: pair(&p("mlp.fc1.weight"), &p("mlp.fc1.bias"), BufRole::Frozen)?,
-                fc2: pair(&p("mlp.fc2.weight"), &p("mlp.fc2.bias"), BufRole::Frozen)?,
-                ls2: None,
-            });
-        }
-        if v.layer_scale {
-            for (i, blk) in blocks.iter_mut().enumerate() {
-                blk.ls1 = Some(upload_new(&mut backend, get(&format!("blocks.{i}.ls1.gamma"))?, BufRole::State));
-                blk.ls2 = Some(upload_new(&mut backend, get(&format!("blocks.{i}.ls2.gamma"))?, BufRole::State));
-            }
-        }
-        let cls = upload_new(&mut backend, get("cls_token")?, BufRole::State);
-        let pos = upload_new(&mut backend, get("pos_embed")?, BufRole::State);
+        let bb = backbone;
         let weights = Weights {
-            patch,
-            cls,
-            pos,
-            blocks,
-            norm,
+            patch: upload_linear(be, bb, "patch_embed.proj")?,
+            cls: upload_vector(be, bb, "cls_token")?,
+            pos: upload_vector(be, bb, "pos_embed")?,
+            blocks: (0..v.depth)
+                .map(|i| {
+                    let name = |s: &str| format!("blocks.{i}.{s}");
+                    let layer_scale = |be: &mut B, s: &str| v.layer_scale.then(|| upload_vector(be, bb, &name(s))).transpose();
+                    Ok(BlockWeights {
+                        norm1: upload_norm(be, bb, &name("norm1"))?,
+                        qkv: upload_linear(be, bb, &name("attn.qkv"))?,
+                        proj: upload_linear(be, bb, &name("attn.proj"))?,
+                        ls1: layer_scale(be, "ls1.gamma")?,
+                        norm2: upload_norm(be, bb, &name("norm2"))?,
+                        fc1: upload_linear(be, bb, &name("mlp.fc1"))?,
+                        fc2: upload_linear(be, bb, &name("mlp.fc2"))?,
+                        ls2: layer_scale(be, "ls2.gamma")?,
+                    })
+                })
+                .collect::<Result<_>>()?,
+            norm: v.final_norm.then(|| upload_norm(be, bb, "norm")).transpose()?,
         };
 
-        let be = &mut backend;
         let params_dev: Vec<B::Buf> = params.tensors.iter().map(|t| upload_new(be, &t.data, BufRole::State)).collect();
         let zeros = |be: &mut B| -> Vec<B::Buf> { specs.iter().map(|(_, s)| be.alloc(s.iter().product())).collect() };
         let grads = zeros(be);
         let adam_m = zeros(be);
         let adam_v = zeros(be);
-        let tables = host_tables.iter().map(|(a, b)| (be.upload_idx(a), be.upload_idx(b))).collect();
+        let tables = host_tables
+            .iter()
+            .map(|(token, gate_row)| GateTables {
+                token: be.upload_idx(token),
+                gate_row: be.upload_idx(gate_row),
+            })
+            .collect();
         let acts = Acts::new(be, &dims);
         // A device backend reports allocation failures (out of memory) here.
         backend.check().context("putting the model on the backend")?;
@@ -558,8 +715,8 @@ fn check_params(specs: &[(String, Vec<usize>)], p: &Params) -> Result<()> {
     Ok(())
 }
 
-impl<B: Backend> Acts<B> {
-    fn new(be: &mut B, d: &Dims) -> Self {
+impl<T> Acts<T> {
+    fn new<B: Backend<Buf = T>>(be: &mut B, d: &Dims) -> Self {
         let bm = d.max_batch;
         let nd = bm * d.tokens * d.dim;
         let rows = bm * d.tokens;
@@ -569,77 +726,368 @@ impl<B: Backend> Acts<B> {
             Method::MlVpt => (true, d.branches),
             Method::Vpt => (false, 1),
         };
-        let bek = if mlvpt { bm * d.experts * d.labels } else { 0 };
-        let per_layer = |be: &mut B, len: usize, role: BufRole| -> Vec<B::Buf> { (0..d.depth).map(|_| be.alloc_as(len, role)).collect() };
+        let bek = bm * d.experts * d.labels;
         let act = |be: &mut B, len: usize| be.alloc_as(len, BufRole::Activation);
-        let xs = (0..=d.depth).map(|_| be.alloc(nd)).collect();
-        let xmid = per_layer(be, nd, BufRole::State);
-        let ln1 = (0..d.depth).map(|_| (be.alloc(rows), be.alloc(rows))).collect();
-        let ln2 = (0..d.depth).map(|_| (be.alloc(rows), be.alloc(rows))).collect();
-        let qkv = per_layer(be, 3 * nd, BufRole::Activation);
-        let att = per_layer(be, nd, BufRole::Activation);
-        let lse = per_layer(be, bm * d.heads * d.tokens, BufRole::State);
-        let pre_gelu = per_layer(be, rows * d.mlp, BufRole::Activation);
-        let many = |be: &mut B, count: usize, len: usize| -> Vec<B::Buf> { (0..count).map(|_| be.alloc(len)).collect() };
+        let stats = |be: &mut B, len: usize| NormStats {
+            mean: be.alloc(len),
+            rstd: be.alloc(len),
+        };
+        let layers = (0..d.depth)
+            .map(|_| LayerActs {
+                ln1: stats(be, rows),
+                qkv: act(be, 3 * nd),
+                att: act(be, nd),
+                lse: be.alloc(bm * d.heads * d.tokens),
+                xmid: be.alloc(nd),
+                ln2: stats(be, rows),
+                pre_gelu: act(be, rows * d.mlp),
+            })
+            .collect();
+        // VPT has no gate logits: zero-length `m` buffers.
+        let logits = |be: &mut B| -> Vec<BranchLogits<T>> {
+            (0..nb)
+                .map(|_| BranchLogits {
+                    y: be.alloc(bk),
+                    m: be.alloc(if mlvpt { bk } else { 0 }),
+                })
+                .collect()
+        };
+        let head = HeadActs {
+            zin: be.alloc(pd),
+            z: act(be, pd),
+            zstats: stats(be, bm * d.prompts),
+            adapter_u: be.alloc(if mlvpt { bm * d.prompts * d.rank } else { 0 }),
+            adapted: act(be, if mlvpt { pd } else { 0 }),
+            logits: logits(be),
+            dlogits: logits(be),
+            saved: (0..if mlvpt { nb } else { 0 })
+                .map(|_| MoeSaved {
+                    q: be.alloc(bek),
+                    r: be.alloc(bek),
+                })
+                .collect(),
+            zbar: be.alloc(if mlvpt { 0 } else { bm * d.dim }),
+            dz: be.alloc(pd),
+            dadapted: be.alloc(if mlvpt { pd } else { 0 }),
+            dzin: be.alloc(pd),
+        };
         Self {
             images: act(be, bm * d.image_len),
             patches: act(be, bm * d.num_patches * d.patch_len),
             patch_emb: act(be, bm * d.num_patches * d.dim),
-            xs,
-            xmid,
-            ln1,
-            ln2,
-            qkv,
-            att,
-            lse,
-            pre_gelu,
-            normed: act(be, nd),
-            branch_out: act(be, nd),
-            hidden: act(be, rows * d.mlp),
-            xtail: be.alloc(pd),
-            zin: be.alloc(pd),
-            z: act(be, pd),
-            zstats: (be.alloc(bm * d.prompts), be.alloc(bm * d.prompts)),
-            adapter_u: be.alloc(if mlvpt { bm * d.prompts * d.rank } else { 0 }),
-            adapted: act(be, if mlvpt { pd } else { 0 }),
-            y: many(be, nb, bk),
-            m: many(be, if mlvpt { nb } else { 0 }, bk),
-            q: many(be, if mlvpt { nb } else { 0 }, bek),
-            r: many(be, if mlvpt { nb } else { 0 }, bek),
-            zbar: be.alloc(if mlvpt { 0 } else { bm * d.dim }),
+            xs: (0..d.depth).map(|_| be.alloc(nd)).collect(),
+            layers,
+            work: Work {
+                normed: act(be, nd),
+                branch_out: act(be, nd),
+                hidden: act(be, rows * d.mlp),
+                xtail: be.alloc(pd),
+                dtmp: act(be, nd),
+                dtmp2: act(be, nd),
+                dhidden: act(be, rows * d.mlp),
+                dqkv: act(be, 3 * nd),
+            },
+            head,
             logits: be.alloc(bk),
             targets: be.alloc(bk),
             loss: be.alloc(1),
-            dy: many(be, nb, bk),
-            dm: many(be, if mlvpt { nb } else { 0 }, bk),
-            dz: be.alloc(pd),
-            dadapted: be.alloc(if mlvpt { pd } else { 0 }),
-            dzin: be.alloc(pd),
             dx: be.alloc(nd),
-            dtmp: act(be, nd),
-            dtmp2: act(be, nd),
-            dhidden: act(be, rows * d.mlp),
-            dqkv: act(be, 3 * nd),
         }
     }
 }
 
-/// Index of the first head tensor of branch `s` in ML-VPT parameter order (gate, weight, bias).
-const fn head_index(s: usize) -> usize {
-    5 + 3 * s
+/// The sizes a block runs at, for a batch of `batch` images.
+#[derive(Clone, Copy, Debug)]
+struct BlockShape {
+    batch: usize,
+    tokens: usize,
+    prompts: usize,
+    dim: usize,
+    mlp: usize,
+    heads: usize,
+}
+
+/// Which rows of a block go past its attention (keys and values always cover all N tokens).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Queries {
+    /// Every token: every block but the last.
+    All,
+    /// The P prompt rows, compacted to `[B, P, D]`: the last block, whose other outputs
+    /// nothing reads (the head sees the group tokens only).
+    Prompts,
+}
+
+impl BlockShape {
+    /// Rows past attention, over the batch.
+    fn rows(&self, q: Queries) -> usize {
+        self.batch
+            * match q {
+                Queries::All => self.tokens,
+                Queries::Prompts => self.prompts,
+            }
+    }
+    fn attention(&self, q: Queries) -> AttnShape {
+        let full = AttnShape::full(self.batch, self.tokens, self.heads, self.dim / self.heads, 1, 1 + self.prompts);
+        match q {
+            Queries::All => full,
+            Queries::Prompts => AttnShape {
+                q_start: 1,
+                q_len: self.prompts,
+                ..full
+            },
+        }
+    }
+    fn norm(&self, rows: usize) -> LayerNormShape {
+        LayerNormShape {
+            rows,
+            dim: self.dim,
+            eps: VIT_EPS,
+        }
+    }
+    fn width(&self, rows: usize) -> Rows {
+        Rows { rows, dim: self.dim }
+    }
+    /// The prompt rows `[1, 1+P)` of `[B, N, D]` to `[B, P, D]` (`to_compact`) or back.
+    fn prompt_rows(&self, to_compact: bool) -> TokenCopy {
+        let (full, compact) = (
+            TokenRange {
+                tokens: self.tokens,
+                start: 1,
+            },
+            TokenRange {
+                tokens: self.prompts,
+                start: 0,
+            },
+        );
+        let (src, dst) = if to_compact { (full, compact) } else { (compact, full) };
+        TokenCopy {
+            batch: self.batch,
+            dim: self.dim,
+            count: self.prompts,
+            src,
+            dst,
+        }
+    }
+}
+
+fn linear(rows: usize, d_in: usize, d_out: usize) -> LinearShape {
+    LinearShape { rows, d_in, d_out }
+}
+
+/// The final LayerNorm fused into the last block's output: `z = LN(zin)`.
+struct FinalNorm<'a, T> {
+    norm: Norm<&'a T>,
+    z: &'a mut T,
+    stats: NormStats<&'a mut T>,
+}
+
+/// Where a block's output goes.
+enum BlockOut<'a, T> {
+    /// The next block's input, `[B, N, D]`.
+    Tokens(&'a mut T),
+    /// The last block's prompt rows `zin [B, P, D]`, and their final norm if the model has one.
+    Prompts { zin: &'a mut T, norm: Option<FinalNorm<'a, T>> },
+}
+
+/// One pre-norm transformer block (timm's `Block`, docs/MODEL.md#the-backbone):
+/// `x_mid = x + ls1 * proj(attn(qkv(LN1(x))))`, `out = x_mid + ls2 * fc2(gelu(fc1(LN2(x_mid))))`.
+fn block_forward<B: Backend>(
+    be: &mut B,
+    w: &BlockWeights<B::Buf>,
+    s: &mut LayerActs<B::Buf>,
+    work: &mut Work<B::Buf>,
+    x: &B::Buf,
+    out: BlockOut<'_, B::Buf>,
+    sh: &BlockShape,
+) {
+    let q = match out {
+        BlockOut::Tokens(_) => Queries::All,
+        BlockOut::Prompts { .. } => Queries::Prompts,
+    };
+    let (all, r, d) = (sh.rows(Queries::All), sh.rows(q), sh.dim);
+    be.layernorm_forward(x, w.norm1.as_ref(), &mut work.normed, s.ln1.as_mut(), &sh.norm(all));
+    be.linear_forward(&work.normed, &w.qkv.w, Some(&w.qkv.b), &mut s.qkv, &linear(all, d, 3 * d));
+    be.attention_forward(&s.qkv, &mut s.att, &mut s.lse, &sh.attention(q));
+    // The residual stream at the query rows.
+    let xq = match q {
+        Queries::All => x,
+        Queries::Prompts => {
+            be.copy_tokens(x, &mut work.xtail, &sh.prompt_rows(true));
+            &work.xtail
+        }
+    };
+    be.linear_forward(&s.att, &w.proj.w, Some(&w.proj.b), &mut work.branch_out, &linear(r, d, d));
+    let res = Residual {
+        x: xq,
+        f: &work.branch_out,
+        ls: w.ls1.as_ref(),
+    };
+    be.residual_layernorm_forward(res, &mut s.xmid, w.norm2.as_ref(), &mut work.normed, s.ln2.as_mut(), &sh.norm(r));
+    be.linear_forward(&work.normed, &w.fc1.w, Some(&w.fc1.b), &mut s.pre_gelu, &linear(r, d, sh.mlp));
+    be.gelu_forward(&s.pre_gelu, &mut work.hidden, r * sh.mlp);
+    be.linear_forward(&work.hidden, &w.fc2.w, Some(&w.fc2.b), &mut work.branch_out, &linear(r, sh.mlp, d));
+    let res = Residual {
+        x: &s.xmid,
+        f: &work.branch_out,
+        ls: w.ls2.as_ref(),
+    };
+    match out {
+        BlockOut::Tokens(o) | BlockOut::Prompts { zin: o, norm: None } => be.residual(res, o, sh.width(r)),
+        BlockOut::Prompts { zin, norm: Some(f) } => be.residual_layernorm_forward(res, zin, f.norm, f.z, f.stats, &sh.norm(r)),
+    }
+}
+
+/// Where the gradient of a block's output is, and where its input's goes.
+enum BlockGrad<'a, T> {
+    /// `dx [B, N, D]` holds dL/d(out) and receives dL/d(x) in place (the residual path).
+    Tokens(&'a mut T),
+    /// The last block: dL/d(out) at the prompt rows `dzin [B, P, D]`; writes `dx [B, N, D]`.
+    Prompts { dzin: &'a mut T, dx: &'a mut T },
+}
+
+/// The input gradient of [`block_forward`] (the backbone is frozen: no weight gradients).
+fn block_backward<B: Backend>(
+    be: &mut B,
+    w: &BlockWeights<B::Buf>,
+    s: &LayerActs<B::Buf>,
+    work: &mut Work<B::Buf>,
+    x: &B::Buf,
+    grad: BlockGrad<'_, B::Buf>,
+    sh: &BlockShape,
+) {
+    let (q, dres, dx_full) = match grad {
+        BlockGrad::Tokens(dx) => (Queries::All, dx, None),
+        BlockGrad::Prompts { dzin, dx } => (Queries::Prompts, dzin, Some(dx)),
+    };
+    let (all, r, d) = (sh.rows(Queries::All), sh.rows(q), sh.dim);
+    // out = x_mid + ls2 * fc2(gelu(fc1(LN2(x_mid))))
+    let src = match &w.ls2 {
+        Some(ls) => {
+            be.mul_cols(dres, ls, &mut work.dtmp, sh.width(r));
+            &work.dtmp
+        }
+        None => &*dres,
+    };
+    be.linear_backward_input(src, &w.fc2.w, Grad::Write(&mut work.dhidden), &linear(r, sh.mlp, d));
+    be.gelu_backward(&s.pre_gelu, &mut work.dhidden, r * sh.mlp);
+    be.linear_backward_input(&work.dhidden, &w.fc1.w, Grad::Write(&mut work.dtmp2), &linear(r, d, sh.mlp));
+    be.layernorm_backward(
+        &work.dtmp2,
+        &s.xmid,
+        w.norm2.as_ref(),
+        s.ln2.as_ref(),
+        Grad::Add(&mut *dres),
+        &sh.norm(r),
+    );
+    // x_mid = x + ls1 * proj(attn(qkv(LN1(x))))
+    let src = match &w.ls1 {
+        Some(ls) => {
+            be.mul_cols(dres, ls, &mut work.dtmp, sh.width(r));
+            &work.dtmp
+        }
+        None => &*dres,
+    };
+    be.linear_backward_input(src, &w.proj.w, Grad::Write(&mut work.dtmp2), &linear(r, d, d));
+    be.attention_backward(&s.qkv, &s.att, &s.lse, &work.dtmp2, &mut work.dqkv, &sh.attention(q));
+    be.linear_backward_input(&work.dqkv, &w.qkv.w, Grad::Write(&mut work.dtmp2), &linear(all, d, 3 * d));
+    let dx = match dx_full {
+        None => dres,
+        Some(dx) => {
+            // The prompt rows' residual path into the full layout.
+            be.fill(dx, all * d, 0.0);
+            be.copy_tokens(dres, dx, &sh.prompt_rows(false));
+            dx
+        }
+    };
+    be.layernorm_backward(&work.dtmp2, x, w.norm1.as_ref(), s.ln1.as_ref(), Grad::Add(dx), &sh.norm(all));
+}
+
+/// The head on the group tokens `z` (docs/MODEL.md#the-label-aware-mixture-of-experts-head):
+/// writes the model's logits (the mean over branches).
+fn head_forward<B: Backend>(
+    be: &mut B,
+    params: &Head<&B::Buf>,
+    tables: &[GateTables<B::Idx>],
+    h: &mut HeadActs<B::Buf>,
+    logits: &mut B::Buf,
+    d: &Dims,
+    b: usize,
+) {
+    let k = d.labels;
+    match params {
+        Head::MlVpt { adapter, branches } => {
+            be.adapter_forward(&h.z, *adapter, &mut h.adapter_u, &mut h.adapted, &d.adapter_shape(b));
+            be.fill(logits, b * k, 0.0);
+            for (s, (branch, table)) in branches.iter().zip(tables).enumerate() {
+                let inputs = HeadInputs {
+                    z: &h.z,
+                    adapted: &h.adapted,
+                };
+                be.moe_forward(inputs, *branch, table, h.logits[s].as_mut(), h.saved[s].as_mut(), &d.moe_shape(b));
+                be.axpby(1.0, logits, 1.0 / d.branches as f64, &h.logits[s].y, b * k);
+            }
+        }
+        Head::Vpt(vpt) => {
+            be.vpt_head_forward(&h.z, *vpt, &mut h.zbar, &mut h.logits[0].y, &d.vpt_shape(b));
+            be.copy(&h.logits[0].y, logits, b * k);
+        }
+    }
+}
+
+/// The backward of [`head_forward`] from `h.dlogits`: parameter gradients into `grads`,
+/// dL/dz into `h.dz`.
+fn head_backward<B: Backend>(
+    be: &mut B,
+    params: &Head<&B::Buf>,
+    grads: Head<&mut B::Buf>,
+    tables: &[GateTables<B::Idx>],
+    h: &mut HeadActs<B::Buf>,
+    d: &Dims,
+    b: usize,
+) {
+    let pd = b * d.prompts * d.dim;
+    match (params, grads) {
+        (
+            Head::MlVpt { adapter, branches },
+            Head::MlVpt {
+                adapter: dadapter,
+                branches: dbranches,
+            },
+        ) => {
+            be.fill(&mut h.dz, pd, 0.0);
+            be.fill(&mut h.dadapted, pd, 0.0);
+            for (s, ((branch, dbranch), table)) in branches.iter().zip(dbranches).zip(tables).enumerate() {
+                let inputs = HeadInputs {
+                    z: &h.z,
+                    adapted: &h.adapted,
+                };
+                let dinputs = HeadInputs {
+                    z: &mut h.dz,
+                    adapted: &mut h.dadapted,
+                };
+                be.moe_backward(
+                    h.dlogits[s].as_ref(),
+                    inputs,
+                    *branch,
+                    table,
+                    h.saved[s].as_ref(),
+                    dinputs,
+                    dbranch,
+                    &d.moe_shape(b),
+                );
+            }
+            be.adapter_backward(&h.dadapted, &h.z, &h.adapter_u, *adapter, &mut h.dz, dadapter, &d.adapter_shape(b));
+        }
+        (Head::Vpt(vpt), Head::Vpt(dvpt)) => be.vpt_head_backward(&h.dlogits[0].y, &h.zbar, *vpt, &mut h.dz, dvpt, &d.vpt_shape(b)),
+        _ => unreachable!("parameters and gradients name the same head"),
+    }
 }
 
 impl<B: Backend> Trainer<B> {
-    fn attn_shape(&self, b: usize) -> AttnShape {
-        let d = &self.dims;
-        AttnShape::full(b, d.tokens, d.heads, d.dim / d.heads, 1, 1 + d.prompts)
-    }
-
     /// Forward for `b` images already uploaded to `acts.images`; leaves logits in
     /// `acts.logits`. `hook(backend, layer, output, tokens)` sees every block's output
     /// (`[B, tokens, D]`: all N tokens, except the last block's P prompt rows).
     fn forward(&mut self, b: usize, hook: &mut BlockHook<B>) {
-        let shape = self.attn_shape(b);
         let d = self.dims;
         let Self {
             be,
@@ -649,160 +1097,58 @@ impl<B: Backend> Trainer<B> {
             tables,
             ..
         } = self;
-        let (n, dim, p, k) = (d.tokens, d.dim, d.prompts, d.labels);
-        let rows = b * n;
-        be.patchify(&a.images, &mut a.patches, b, d.channels, d.image, d.image, d.patch);
-        be.linear_forward(
-            &a.patches,
-            &w.patch.0,
-            Some(&w.patch.1),
-            &mut a.patch_emb,
-            b * d.num_patches,
-            d.patch_len,
-            dim,
-        );
-        be.embed_tokens(&a.patch_emb, &w.cls, &w.pos, &mut a.xs[0], b, d.num_patches, p, dim);
-        let tail = AttnShape {
-            q_start: 1,
-            q_len: p,
-            ..shape
-        };
+        let theta = Trainable::name(params.iter(), d.method);
+        let (tokens, block) = (d.token_shape(b), d.block_shape(b));
+        // Patch embedding, then the tokens [CLS, prompts, patches] with position embeddings.
+        be.patchify(&a.images, &mut a.patches, &d.patch_shape(b));
+        let embed = linear(b * d.num_patches, d.patch_len, d.dim);
+        be.linear_forward(&a.patches, &w.patch.w, Some(&w.patch.b), &mut a.patch_emb, &embed);
+        be.embed_tokens(&a.patch_emb, &w.cls, &w.pos, &mut a.xs[0], &tokens);
         for l in 0..d.depth {
-            let (lo, hi) = a.xs.split_at_mut(l + 1);
-            let (x, xo) = (&mut lo[l], &mut hi[0]);
+            // Deep prompts replace rows [1, 1+P) at every block's input; shallow ones enter once.
             if d.deep || l == 0 {
-                be.set_prompts(&params[0], if d.deep { l } else { 0 }, x, b, n, p, dim);
+                be.set_prompts(theta.prompts, if d.deep { l } else { 0 }, &mut a.xs[l], &tokens);
             }
-            let blk = &w.blocks[l];
-            let (m1, r1) = &mut a.ln1[l];
-            be.layernorm_forward(x, &blk.norm1.0, &blk.norm1.1, &mut a.normed, m1, r1, rows, dim, VIT_EPS);
-            be.linear_forward(&a.normed, &blk.qkv.0, Some(&blk.qkv.1), &mut a.qkv[l], rows, dim, 3 * dim);
-            // The last block's outputs are used only at the prompt rows (Z): after K and V of
-            // every token, the rest of it runs on the P prompt rows, compacted to [B, P, D],
-            // and its output is the final norm's input `zin`.
-            let last = l + 1 == d.depth;
-            let r = if last { b * p } else { rows };
-            be.attention_forward(&a.qkv[l], &mut a.att[l], &mut a.lse[l], if last { &tail } else { &shape });
-            if last {
-                be.copy_tokens(x, n, 1, &mut a.xtail, p, 0, p, b, dim);
+            let (x, next) = a.xs[l..].split_first_mut().expect("a block input per block");
+            let h = &mut a.head;
+            let out = match next.first_mut() {
+                Some(o) => BlockOut::Tokens(o),
+                None => BlockOut::Prompts {
+                    zin: &mut h.zin,
+                    norm: w.norm.as_ref().map(|n| FinalNorm {
+                        norm: n.as_ref(),
+                        z: &mut h.z,
+                        stats: h.zstats.as_mut(),
+                    }),
+                },
+            };
+            block_forward(be, &w.blocks[l], &mut a.layers[l], &mut a.work, x, out, &block);
+            match next.first() {
+                Some(o) => hook(be, l, o, d.tokens),
+                None => hook(be, l, &h.zin, d.prompts),
             }
-            let resid_in: &B::Buf = if last { &a.xtail } else { x };
-            be.linear_forward(&a.att[l], &blk.proj.0, Some(&blk.proj.1), &mut a.branch_out, r, dim, dim);
-            let (m2, r2) = &mut a.ln2[l];
-            be.residual_layernorm_forward(
-                resid_in,
-                &a.branch_out,
-                blk.ls1.as_ref(),
-                &mut a.xmid[l],
-                &blk.norm2.0,
-                &blk.norm2.1,
-                &mut a.normed,
-                m2,
-                r2,
-                r,
-                dim,
-                VIT_EPS,
-            );
-            be.linear_forward(&a.normed, &blk.fc1.0, Some(&blk.fc1.1), &mut a.pre_gelu[l], r, dim, d.mlp);
-            be.gelu_forward(&a.pre_gelu[l], &mut a.hidden, r * d.mlp);
-            be.linear_forward(&a.hidden, &blk.fc2.0, Some(&blk.fc2.1), &mut a.branch_out, r, d.mlp, dim);
-            let (out, out_tokens) = if last { (&mut a.zin, p) } else { (xo, n) };
-            match (&w.norm, last) {
-                // Group tokens Z: the final norm of the last block's prompt outputs, fused
-                // with the residual that makes them.
-                (Some((g, beta)), true) => be.residual_layernorm_forward(
-                    &a.xmid[l],
-                    &a.branch_out,
-                    blk.ls2.as_ref(),
-                    out,
-                    g,
-                    beta,
-                    &mut a.z,
-                    &mut a.zstats.0,
-                    &mut a.zstats.1,
-                    r,
-                    dim,
-                    VIT_EPS,
-                ),
-                _ => be.residual(&a.xmid[l], &a.branch_out, blk.ls2.as_ref(), out, r, dim),
-            }
-            hook(be, l, out, out_tokens);
         }
         if w.norm.is_none() {
-            be.copy(&a.zin, &mut a.z, b * p * dim);
+            be.copy(&a.head.zin, &mut a.head.z, b * d.prompts * d.dim);
         }
-        match d.method {
-            Method::MlVpt => {
-                let ash = AdapterShape {
-                    batch: b,
-                    tokens: p,
-                    dim,
-                    rank: d.rank,
-                };
-                be.adapter_forward(
-                    &a.z,
-                    &params[1],
-                    &params[2],
-                    &params[3],
-                    &params[4],
-                    &mut a.adapter_u,
-                    &mut a.adapted,
-                    &ash,
-                );
-                let msh = MoeShape {
-                    batch: b,
-                    tokens: p,
-                    dim,
-                    labels: k,
-                    experts: d.experts,
-                    gate_rows: d.gate_rows,
-                };
-                be.fill(&mut a.logits, b * k, 0.0);
-                for (s, (tok, grow)) in tables.iter().enumerate() {
-                    let h = head_index(s);
-                    be.moe_forward(
-                        &a.z,
-                        &a.adapted,
-                        &params[h],
-                        &params[h + 1],
-                        &params[h + 2],
-                        tok,
-                        grow,
-                        &mut a.y[s],
-                        &mut a.m[s],
-                        &mut a.q[s],
-                        &mut a.r[s],
-                        &msh,
-                    );
-                    be.axpby(1.0, &mut a.logits, 1.0 / d.branches as f64, &a.y[s], b * k);
-                }
-            }
-            Method::Vpt => {
-                let vsh = VptHeadShape {
-                    batch: b,
-                    tokens: p,
-                    dim,
-                    labels: k,
-                };
-                be.vpt_head_forward(&a.z, &params[1], &params[2], &mut a.zbar, &mut a.y[0], &vsh);
-                be.copy(&a.y[0], &mut a.logits, b * k);
-            }
-        }
+        head_forward(be, &theta.head, tables, &mut a.head, &mut a.logits, &d, b);
     }
 
     /// Training loss of the last forward (`acts.targets` uploaded) into `acts.loss`; writes
-    /// `dy`, `dm`.
+    /// the logits' gradients.
     fn loss(&mut self, b: usize) {
         let n = b * self.dims.labels;
         let scale = self.cfg.loss_scale / n as f64;
+        let gated = self.dims.method == Method::MlVpt;
         let Self { be, acts: a, asl, .. } = self;
-        // Per branch ASL(y) then (ML-VPT) ASL(m); VPT has no gate logits (`m` is empty).
-        let mut terms = Vec::with_capacity(2 * a.y.len());
-        let (mut ms, mut dms) = (a.m.iter(), a.dm.iter_mut());
-        for (y, dy) in a.y.iter().zip(a.dy.iter_mut()) {
-            terms.push((y, Some(dy)));
-            if let (Some(m), Some(dm)) = (ms.next(), dms.next()) {
-                terms.push((m, Some(dm)));
+        // Per branch ASL(y) then (ML-VPT) ASL(m).
+        let h = &mut a.head;
+        let mut terms = Vec::with_capacity(2 * h.logits.len());
+        for (l, dl) in h.logits.iter().zip(h.dlogits.iter_mut()) {
+            let BranchLogits { y: dy, m: dm } = dl;
+            terms.push((&l.y, Some(dy)));
+            if gated {
+                terms.push((&l.m, Some(dm)));
             }
         }
         be.asl_terms_into(&mut terms, &a.targets, n, asl, scale, &mut a.loss);
@@ -810,7 +1156,6 @@ impl<B: Backend> Trainer<B> {
 
     /// Backward of the last forward and loss: parameter gradients into `self.grads`.
     fn backward(&mut self, b: usize) {
-        let shape = self.attn_shape(b);
         let d = self.dims;
         let Self {
             be,
@@ -821,148 +1166,40 @@ impl<B: Backend> Trainer<B> {
             tables,
             ..
         } = self;
-        let (n, dim, p, k) = (d.tokens, d.dim, d.prompts, d.labels);
-        let rows = b * n;
-        match d.method {
-            Method::MlVpt => {
-                be.fill(&mut a.dz, b * p * dim, 0.0);
-                be.fill(&mut a.dadapted, b * p * dim, 0.0);
-                let msh = MoeShape {
-                    batch: b,
-                    tokens: p,
-                    dim,
-                    labels: k,
-                    experts: d.experts,
-                    gate_rows: d.gate_rows,
-                };
-                for (s, (tok, grow)) in tables.iter().enumerate() {
-                    let h = head_index(s);
-                    let [dg, dw, dc] = &mut grads[h..h + 3] else {
-                        unreachable!("three head tensors per branch")
-                    };
-                    be.moe_backward(
-                        &a.dy[s],
-                        &a.dm[s],
-                        &a.z,
-                        &a.adapted,
-                        &params[h],
-                        &params[h + 1],
-                        tok,
-                        grow,
-                        &a.q[s],
-                        &a.r[s],
-                        &mut a.dz,
-                        &mut a.dadapted,
-                        dg,
-                        dw,
-                        dc,
-                        &msh,
-                    );
-                }
-                let ash = AdapterShape {
-                    batch: b,
-                    tokens: p,
-                    dim,
-                    rank: d.rank,
-                };
-                let [dw1, db1, dw2, db2] = &mut grads[1..5] else {
-                    unreachable!("four adapter tensors")
-                };
-                be.adapter_backward(
-                    &a.dadapted,
-                    &a.z,
-                    &a.adapter_u,
-                    &params[1],
-                    &params[3],
-                    &mut a.dz,
-                    dw1,
-                    db1,
-                    dw2,
-                    db2,
-                    &ash,
-                );
-            }
-            Method::Vpt => {
-                let vsh = VptHeadShape {
-                    batch: b,
-                    tokens: p,
-                    dim,
-                    labels: k,
-                };
-                let [_, dw, dc] = &mut grads[..] else {
-                    unreachable!("VPT has three tensors")
-                };
-                be.vpt_head_backward(&a.dy[0], &a.zbar, &params[1], &mut a.dz, dw, dc, &vsh);
-            }
-        }
+        let theta = Trainable::name(params.iter(), d.method);
+        let dtheta = Trainable::name(grads.iter_mut(), d.method);
+        let (tokens, block) = (d.token_shape(b), d.block_shape(b));
+        let h = &mut a.head;
+        head_backward(be, &theta.head, dtheta.head, tables, h, &d, b);
+        let pd = b * d.prompts;
         match &w.norm {
-            Some((g, _)) => be.layernorm_backward(&a.dz, &a.zin, g, &a.zstats.0, &a.zstats.1, &mut a.dzin, b * p, dim, false),
-            None => be.copy(&a.dz, &mut a.dzin, b * p * dim),
+            Some(n) => be.layernorm_backward(
+                &h.dz,
+                &h.zin,
+                n.as_ref(),
+                h.zstats.as_ref(),
+                Grad::Write(&mut h.dzin),
+                &block.norm(pd),
+            ),
+            None => be.copy(&h.dz, &mut h.dzin, pd * d.dim),
         }
-        let tail = AttnShape {
-            q_start: 1,
-            q_len: p,
-            ..shape
-        };
-        let dprompts = &mut grads[0];
+        let dprompts = dtheta.prompts;
         for l in (0..d.depth).rev() {
-            let blk = &w.blocks[l];
-            let last = l + 1 == d.depth;
-            // The MLP and attention-output part runs on all rows, or on the P prompt rows of
-            // the last block (gradient `dzin`, compact [B, P, D]).
-            let (r, dres) = if last { (b * p, &mut a.dzin) } else { (rows, &mut a.dx) };
-            // x_out = x_mid + ls2 * fc2(gelu(fc1(LN2(x_mid))))
-            let src = match &blk.ls2 {
-                Some(ls) => {
-                    be.mul_cols(dres, ls, &mut a.dtmp, r, dim);
-                    &a.dtmp
+            let grad = if l + 1 == d.depth {
+                BlockGrad::Prompts {
+                    dzin: &mut h.dzin,
+                    dx: &mut a.dx,
                 }
-                None => &*dres,
+            } else {
+                BlockGrad::Tokens(&mut a.dx)
             };
-            be.linear_backward_input(src, &blk.fc2.0, &mut a.dhidden, r, d.mlp, dim, false);
-            be.gelu_backward(&a.pre_gelu[l], &mut a.dhidden, r * d.mlp);
-            be.linear_backward_input(&a.dhidden, &blk.fc1.0, &mut a.dtmp2, r, dim, d.mlp, false);
-            be.layernorm_backward(&a.dtmp2, &a.xmid[l], &blk.norm2.0, &a.ln2[l].0, &a.ln2[l].1, dres, r, dim, true);
-            // x_mid = x + ls1 * proj(attn(qkv(LN1(x))))
-            let src = match &blk.ls1 {
-                Some(ls) => {
-                    be.mul_cols(dres, ls, &mut a.dtmp, r, dim);
-                    &a.dtmp
-                }
-                None => &*dres,
-            };
-            be.linear_backward_input(src, &blk.proj.0, &mut a.dtmp2, r, dim, dim, false);
-            be.attention_backward(
-                &a.qkv[l],
-                &a.att[l],
-                &a.lse[l],
-                &a.dtmp2,
-                &mut a.dqkv,
-                if last { &tail } else { &shape },
-            );
-            be.linear_backward_input(&a.dqkv, &blk.qkv.0, &mut a.dtmp2, rows, dim, 3 * dim, false);
-            if last {
-                // Residual path of the prompt rows into the full-layout gradient.
-                be.fill(&mut a.dx, rows * dim, 0.0);
-                be.copy_tokens(&a.dzin, p, 0, &mut a.dx, n, 1, p, b, dim);
-            }
-            be.layernorm_backward(
-                &a.dtmp2,
-                &a.xs[l],
-                &blk.norm1.0,
-                &a.ln1[l].0,
-                &a.ln1[l].1,
-                &mut a.dx,
-                rows,
-                dim,
-                true,
-            );
+            block_backward(be, &w.blocks[l], &a.layers[l], &mut a.work, &a.xs[l], grad, &block);
             if d.deep {
                 // Block l's input prompts are prompts[l]; the previous block's prompt outputs
                 // were discarded, so their gradient is cut.
-                be.prompt_grad(&mut a.dx, dprompts, l, b, n, p, dim, l > 0);
+                be.prompt_grad(&mut a.dx, dprompts, l, &tokens, l > 0);
             } else if l == 0 {
-                be.prompt_grad(&mut a.dx, dprompts, 0, b, n, p, dim, false);
+                be.prompt_grad(&mut a.dx, dprompts, 0, &tokens, false);
             }
         }
     }

@@ -17,7 +17,11 @@
 
 use crate::common_model::{images_targets, lively_backbone, tables};
 use half::bf16;
-use mlvpt::backend::{AdamWConfig, AdapterShape, AslConfig, AttnShape, Backend, BufRole, CpuBackend, MoeShape, VptHeadShape};
+use mlvpt::backend::{
+    AdamWConfig, AdapterParams, AdapterShape, AslConfig, AttnShape, Backend, BranchLogits, BranchParams, BufRole, CpuBackend, GateTables,
+    Grad, HeadInputs, LayerNormShape, LinearShape, MoeSaved, MoeShape, Norm, NormStats, PatchShape, Residual, Rows, TokenCopy, TokenShape,
+    VptHeadShape, VptParams,
+};
 use mlvpt::model::{ModelConfig, Params};
 use mlvpt::train::Trainer;
 
@@ -122,114 +126,73 @@ impl Backend for Bf16Emu {
         self.inner.axpby(a, &mut y.v, b, &x.v, len);
         y.round();
     }
-    fn patchify(&mut self, images: &Buf, out: &mut Buf, batch: usize, channels: usize, height: usize, width: usize, patch: usize) {
-        self.inner.patchify(&images.v, &mut out.v, batch, channels, height, width, patch);
+    fn patchify(&mut self, images: &Buf, out: &mut Buf, shape: &PatchShape) {
+        self.inner.patchify(&images.v, &mut out.v, shape);
         out.round();
     }
-    fn embed_tokens(
-        &mut self,
-        patches: &Buf,
-        cls: &Buf,
-        pos: &Buf,
-        x: &mut Buf,
-        batch: usize,
-        num_patches: usize,
-        prompts: usize,
-        dim: usize,
-    ) {
-        self.inner
-            .embed_tokens(&patches.v, &cls.v, &pos.v, &mut x.v, batch, num_patches, prompts, dim);
+    fn embed_tokens(&mut self, patches: &Buf, cls: &Buf, pos: &Buf, x: &mut Buf, shape: &TokenShape) {
+        self.inner.embed_tokens(&patches.v, &cls.v, &pos.v, &mut x.v, shape);
         x.round();
     }
-    fn set_prompts(&mut self, prompts: &Buf, layer: usize, x: &mut Buf, batch: usize, tokens: usize, count: usize, dim: usize) {
-        self.inner.set_prompts(&prompts.v, layer, &mut x.v, batch, tokens, count, dim);
+    fn set_prompts(&mut self, prompts: &Buf, layer: usize, x: &mut Buf, shape: &TokenShape) {
+        self.inner.set_prompts(&prompts.v, layer, &mut x.v, shape);
         x.round();
     }
-    fn prompt_grad(
-        &mut self,
-        dx: &mut Buf,
-        dprompts: &mut Buf,
-        layer: usize,
-        batch: usize,
-        tokens: usize,
-        count: usize,
-        dim: usize,
-        zero_rows: bool,
-    ) {
-        self.inner
-            .prompt_grad(&mut dx.v, &mut dprompts.v, layer, batch, tokens, count, dim, zero_rows);
+    fn prompt_grad(&mut self, dx: &mut Buf, dprompts: &mut Buf, layer: usize, shape: &TokenShape, zero_rows: bool) {
+        self.inner.prompt_grad(&mut dx.v, &mut dprompts.v, layer, shape, zero_rows);
         dx.round();
         dprompts.round();
     }
-    fn copy_tokens(
-        &mut self,
-        src: &Buf,
-        src_tokens: usize,
-        src_start: usize,
-        dst: &mut Buf,
-        dst_tokens: usize,
-        dst_start: usize,
-        count: usize,
-        batch: usize,
-        dim: usize,
-    ) {
-        self.inner
-            .copy_tokens(&src.v, src_tokens, src_start, &mut dst.v, dst_tokens, dst_start, count, batch, dim);
+    fn copy_tokens(&mut self, src: &Buf, dst: &mut Buf, copy: &TokenCopy) {
+        self.inner.copy_tokens(&src.v, &mut dst.v, copy);
         dst.round();
     }
-    fn residual(&mut self, x: &Buf, f: &Buf, ls: Option<&Buf>, out: &mut Buf, rows: usize, dim: usize) {
-        self.inner.residual(&x.v, &f.v, ls.map(|b| &b.v), &mut out.v, rows, dim);
+    fn residual(&mut self, res: Residual<'_, Buf>, out: &mut Buf, shape: Rows) {
+        let res = Residual {
+            x: &res.x.v,
+            f: &res.f.v,
+            ls: res.ls.map(|b| &b.v),
+        };
+        self.inner.residual(res, &mut out.v, shape);
         out.round();
     }
-    fn mul_cols(&mut self, src: &Buf, v: &Buf, out: &mut Buf, rows: usize, dim: usize) {
-        self.inner.mul_cols(&src.v, &v.v, &mut out.v, rows, dim);
+    fn mul_cols(&mut self, src: &Buf, v: &Buf, out: &mut Buf, shape: Rows) {
+        self.inner.mul_cols(&src.v, &v.v, &mut out.v, shape);
         out.round();
     }
-    fn linear_forward(&mut self, x: &Buf, w: &Buf, bias: Option<&Buf>, y: &mut Buf, rows: usize, d_in: usize, d_out: usize) {
-        self.inner
-            .linear_forward(&x.v, &w.v, bias.map(|b| &b.v), &mut y.v, rows, d_in, d_out);
+    fn linear_forward(&mut self, x: &Buf, w: &Buf, bias: Option<&Buf>, y: &mut Buf, shape: &LinearShape) {
+        self.inner.linear_forward(&x.v, &w.v, bias.map(|b| &b.v), &mut y.v, shape);
         y.round();
     }
-    fn linear_backward_input(&mut self, dy: &Buf, w: &Buf, dx: &mut Buf, rows: usize, d_in: usize, d_out: usize, accumulate: bool) {
+    fn linear_backward_input(&mut self, dy: &Buf, w: &Buf, dx: Grad<&mut Buf>, shape: &LinearShape) {
         let dy = self.cast(&dy.v);
-        self.inner
-            .linear_backward_input(&dy, &w.v, &mut dx.v, rows, d_in, d_out, accumulate);
+        let add = dx.accumulates();
+        let dx = dx.into_inner();
+        self.inner.linear_backward_input(&dy, &w.v, Grad::new(add, &mut dx.v), shape);
         dx.round();
     }
-    fn layernorm_forward(
-        &mut self,
-        x: &Buf,
-        gamma: &Buf,
-        beta: &Buf,
-        y: &mut Buf,
-        mean: &mut Buf,
-        rstd: &mut Buf,
-        rows: usize,
-        dim: usize,
-        eps: f64,
-    ) {
+    fn layernorm_forward(&mut self, x: &Buf, norm: Norm<&Buf>, y: &mut Buf, stats: NormStats<&mut Buf>, shape: &LayerNormShape) {
         // The kernels read x in its own storage and always write y in bf16.
         self.inner
-            .layernorm_forward(&x.v, &gamma.v, &beta.v, &mut y.v, &mut mean.v, &mut rstd.v, rows, dim, eps);
+            .layernorm_forward(&x.v, norm.map(|b| &b.v), &mut y.v, stats.map(|b| &mut b.v), shape);
         round_all(&mut y.v);
     }
     fn layernorm_backward(
         &mut self,
         dy: &Buf,
         x: &Buf,
-        gamma: &Buf,
-        mean: &Buf,
-        rstd: &Buf,
-        dx: &mut Buf,
-        rows: usize,
-        dim: usize,
-        accumulate: bool,
+        norm: Norm<&Buf>,
+        stats: NormStats<&Buf>,
+        dx: Grad<&mut Buf>,
+        shape: &LayerNormShape,
     ) {
         // dy is read in bf16; x is read in dx's storage, and dx written in it.
+        let add = dx.accumulates();
+        let dx = dx.into_inner();
         let dy = self.cast(&dy.v);
         let x = if dx.bf16 { self.cast(&x.v) } else { x.v.clone() };
         self.inner
-            .layernorm_backward(&dy, &x, &gamma.v, &mean.v, &rstd.v, &mut dx.v, rows, dim, accumulate);
+            .layernorm_backward(&dy, &x, norm.map(|b| &b.v), stats.map(|b| &b.v), Grad::new(add, &mut dx.v), shape);
         dx.round();
     }
     fn gelu_forward(&mut self, x: &Buf, y: &mut Buf, len: usize) {
@@ -249,9 +212,8 @@ impl Backend for Bf16Emu {
         self.inner.attention_backward(&qkv.v, &out.v, &lse.v, &dout.v, &mut dqkv.v, shape);
         dqkv.round();
     }
-    fn adapter_forward(&mut self, z: &Buf, w1: &Buf, b1: &Buf, w2: &Buf, b2: &Buf, u: &mut Buf, out: &mut Buf, shape: &AdapterShape) {
-        self.inner
-            .adapter_forward(&z.v, &w1.v, &b1.v, &w2.v, &b2.v, &mut u.v, &mut out.v, shape);
+    fn adapter_forward(&mut self, z: &Buf, params: AdapterParams<&Buf>, u: &mut Buf, out: &mut Buf, shape: &AdapterShape) {
+        self.inner.adapter_forward(&z.v, params.map(|b| &b.v), &mut u.v, &mut out.v, shape);
         u.round();
         out.round();
     }
@@ -260,103 +222,98 @@ impl Backend for Bf16Emu {
         dout: &Buf,
         z: &Buf,
         u: &Buf,
-        w1: &Buf,
-        w2: &Buf,
+        params: AdapterParams<&Buf>,
         dz: &mut Buf,
-        dw1: &mut Buf,
-        db1: &mut Buf,
-        dw2: &mut Buf,
-        db2: &mut Buf,
+        grads: AdapterParams<&mut Buf>,
         shape: &AdapterShape,
     ) {
         let dout = self.cast(&dout.v);
         let z = self.cast(&z.v);
+        let mut grads = grads;
         self.inner.adapter_backward(
-            &dout, &z, &u.v, &w1.v, &w2.v, &mut dz.v, &mut dw1.v, &mut db1.v, &mut dw2.v, &mut db2.v, shape,
-        );
-        dz.round();
-        dw1.round();
-        db1.round();
-        dw2.round();
-        db2.round();
-    }
-    fn moe_forward(
-        &mut self,
-        z: &Buf,
-        adapted: &Buf,
-        gate: &Buf,
-        w: &Buf,
-        c: &Buf,
-        tok: &Vec<u32>,
-        grow: &Vec<u32>,
-        y: &mut Buf,
-        m: &mut Buf,
-        q: &mut Buf,
-        r: &mut Buf,
-        shape: &MoeShape,
-    ) {
-        self.inner.moe_forward(
-            &z.v, &adapted.v, &gate.v, &w.v, &c.v, tok, grow, &mut y.v, &mut m.v, &mut q.v, &mut r.v, shape,
-        );
-        y.round();
-        m.round();
-        q.round();
-        r.round();
-    }
-    fn moe_backward(
-        &mut self,
-        dy: &Buf,
-        dm: &Buf,
-        z: &Buf,
-        adapted: &Buf,
-        gate: &Buf,
-        w: &Buf,
-        tok: &Vec<u32>,
-        grow: &Vec<u32>,
-        q: &Buf,
-        r: &Buf,
-        dz: &mut Buf,
-        dadapted: &mut Buf,
-        dgate: &mut Buf,
-        dw: &mut Buf,
-        dc: &mut Buf,
-        shape: &MoeShape,
-    ) {
-        self.inner.moe_backward(
-            &dy.v,
-            &dm.v,
-            &z.v,
-            &adapted.v,
-            &gate.v,
-            &w.v,
-            tok,
-            grow,
-            &q.v,
-            &r.v,
+            &dout,
+            &z,
+            &u.v,
+            params.map(|b| &b.v),
             &mut dz.v,
-            &mut dadapted.v,
-            &mut dgate.v,
-            &mut dw.v,
-            &mut dc.v,
+            grads.as_mut().map(|b| &mut b.v),
             shape,
         );
         dz.round();
-        dadapted.round();
-        dgate.round();
-        dw.round();
-        dc.round();
+        grads.map(Buf::round);
     }
-    fn vpt_head_forward(&mut self, z: &Buf, w: &Buf, c: &Buf, zbar: &mut Buf, y: &mut Buf, shape: &VptHeadShape) {
-        self.inner.vpt_head_forward(&z.v, &w.v, &c.v, &mut zbar.v, &mut y.v, shape);
+    fn moe_forward(
+        &mut self,
+        inputs: HeadInputs<&Buf>,
+        params: BranchParams<&Buf>,
+        tables: &GateTables<Vec<u32>>,
+        logits: BranchLogits<&mut Buf>,
+        saved: MoeSaved<&mut Buf>,
+        shape: &MoeShape,
+    ) {
+        let (mut logits, mut saved) = (logits, saved);
+        self.inner.moe_forward(
+            inputs.map(|b| &b.v),
+            params.map(|b| &b.v),
+            tables,
+            logits.as_mut().map(|b| &mut b.v),
+            saved.as_mut().map(|b| &mut b.v),
+            shape,
+        );
+        logits.map(Buf::round);
+        saved.map(Buf::round);
+    }
+    fn moe_backward(
+        &mut self,
+        dlogits: BranchLogits<&Buf>,
+        inputs: HeadInputs<&Buf>,
+        params: BranchParams<&Buf>,
+        tables: &GateTables<Vec<u32>>,
+        saved: MoeSaved<&Buf>,
+        dinputs: HeadInputs<&mut Buf>,
+        grads: BranchParams<&mut Buf>,
+        shape: &MoeShape,
+    ) {
+        let (mut dinputs, mut grads) = (dinputs, grads);
+        self.inner.moe_backward(
+            dlogits.map(|b| &b.v),
+            inputs.map(|b| &b.v),
+            params.map(|b| &b.v),
+            tables,
+            saved.map(|b| &b.v),
+            dinputs.as_mut().map(|b| &mut b.v),
+            grads.as_mut().map(|b| &mut b.v),
+            shape,
+        );
+        dinputs.map(Buf::round);
+        grads.map(Buf::round);
+    }
+    fn vpt_head_forward(&mut self, z: &Buf, params: VptParams<&Buf>, zbar: &mut Buf, y: &mut Buf, shape: &VptHeadShape) {
+        self.inner
+            .vpt_head_forward(&z.v, params.map(|b| &b.v), &mut zbar.v, &mut y.v, shape);
         zbar.round();
         y.round();
     }
-    fn vpt_head_backward(&mut self, dy: &Buf, zbar: &Buf, w: &Buf, dz: &mut Buf, dw: &mut Buf, dc: &mut Buf, shape: &VptHeadShape) {
-        self.inner
-            .vpt_head_backward(&dy.v, &zbar.v, &w.v, &mut dz.v, &mut dw.v, &mut dc.v, shape);
+    fn vpt_head_backward(
+        &mut self,
+        dy: &Buf,
+        zbar: &Buf,
+        params: VptParams<&Buf>,
+        dz: &mut Buf,
+        grads: VptParams<&mut Buf>,
+        shape: &VptHeadShape,
+    ) {
+        let mut grads = grads;
+        self.inner.vpt_head_backward(
+            &dy.v,
+            &zbar.v,
+            params.map(|b| &b.v),
+            &mut dz.v,
+            grads.as_mut().map(|b| &mut b.v),
+            shape,
+        );
         dz.round();
-        dw.round();
-        dc.round();
+        grads.map(Buf::round);
     }
     fn asl(&mut self, logits: &Buf, targets: &Buf, len: usize, cfg: &AslConfig, scale: f64, mut grad: Option<&mut Buf>) -> f64 {
         let r = self

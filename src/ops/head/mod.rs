@@ -19,6 +19,46 @@ pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 
+crate::ops::buffers! {
+    /// The adapters' trainable tensors: `w1 [P, r, D]`, `b1 [P, r]`, `w2 [P, D, r]`, `b2 [P, D]`.
+    pub struct AdapterParams { w1, b1, w2, b2 }
+}
+
+crate::ops::buffers! {
+    /// One branch's trainable tensors: the gate table `gate [rows, D]` (rows = E*K or E*T), the
+    /// classifier `w [K, D]` and its bias `c [K]`.
+    pub struct BranchParams { gate, w, c }
+}
+
+crate::ops::buffers! {
+    /// The plain-VPT head's trainable tensors: `w [K, D]`, `c [K]`.
+    pub struct VptParams { w, c }
+}
+
+crate::ops::buffers! {
+    /// One branch's routing tables, `[E*K]` each: the prompt token of expert `e` of label `k`'s
+    /// group (`token[e*K + k]`), and its row of the gate table (`gate_row[e*K + k]`).
+    pub struct GateTables { token, gate_row }
+}
+
+crate::ops::buffers! {
+    /// What the MoE ops read from the tokens: the group tokens `z [B, P, D]` and their adapted
+    /// copies `adapted [B, P, D]` (and, in the backward, the gradients of both).
+    pub struct HeadInputs { z, adapted }
+}
+
+crate::ops::buffers! {
+    /// One branch's outputs: class logits `y [B, K]` and gate logits `m [B, K]` (the backward
+    /// takes their gradients in the same shape).
+    pub struct BranchLogits { y, m }
+}
+
+crate::ops::buffers! {
+    /// What the MoE forward saves for the backward: gate scores `q` and classifier responses
+    /// `r`, `[B, E, K]` each.
+    pub struct MoeSaved { q, r }
+}
+
 /// Sizes of the adapter op.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct AdapterShape {

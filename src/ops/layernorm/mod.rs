@@ -11,3 +11,21 @@ pub mod cuda;
 
 /// The ViT's LayerNorm epsilon (timm: `partial(nn.LayerNorm, eps=1e-6)`).
 pub const VIT_EPS: f64 = 1e-6;
+
+crate::ops::buffers! {
+    /// A LayerNorm's affine parameters, `gamma, beta [D]`.
+    pub struct Norm { gamma, beta }
+}
+
+crate::ops::buffers! {
+    /// What the forward saves for the backward: per-row `mean, rstd [rows]`.
+    pub struct NormStats { mean, rstd }
+}
+
+/// Sizes and epsilon of a LayerNorm call over `[rows, dim]`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct LayerNormShape {
+    pub rows: usize,
+    pub dim: usize,
+    pub eps: f64,
+}

@@ -8,3 +8,11 @@
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+
+/// Sizes of a linear map over rows: `x [rows, d_in]`, `W [d_out, d_in]`, `y [rows, d_out]`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LinearShape {
+    pub rows: usize,
+    pub d_in: usize,
+    pub d_out: usize,
+}

@@ -5,3 +5,84 @@
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+
+/// Images `[B, C, H, W]` cut into `patch x patch` patches (`Np = (H/p) * (W/p)`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PatchShape {
+    pub batch: usize,
+    pub channels: usize,
+    pub height: usize,
+    pub width: usize,
+    pub patch: usize,
+}
+
+impl PatchShape {
+    /// Values in the batch of images.
+    pub fn image_len(&self) -> usize {
+        self.batch * self.channels * self.height * self.width
+    }
+}
+
+/// The token layout of a batch: `[B, N, D]`, `N = 1 + P + Np`, rows in the order `[CLS,
+/// prompts, patches]`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TokenShape {
+    pub batch: usize,
+    /// Prompt rows per image (P), rows `1 .. 1+P`.
+    pub prompts: usize,
+    /// Patch rows per image (Np).
+    pub num_patches: usize,
+    pub dim: usize,
+}
+
+impl TokenShape {
+    /// Rows per image, `N = 1 + P + Np`.
+    pub fn tokens(&self) -> usize {
+        1 + self.prompts + self.num_patches
+    }
+    /// Values in the batch, `B * N * D`.
+    pub fn len(&self) -> usize {
+        self.batch * self.tokens() * self.dim
+    }
+    /// Whether the batch holds no values.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Rows `start .. start + count` of every image in a `[B, tokens, D]` buffer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TokenRange {
+    /// Rows per image in the buffer.
+    pub tokens: usize,
+    /// First row copied, per image.
+    pub start: usize,
+}
+
+/// A copy of `count` rows of width `dim` per image between two token layouts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TokenCopy {
+    pub batch: usize,
+    pub dim: usize,
+    pub count: usize,
+    pub src: TokenRange,
+    pub dst: TokenRange,
+}
+
+/// The operands of a residual connection with optional LayerScale, `x + ls * f`.
+#[derive(Debug)]
+pub struct Residual<'a, T> {
+    /// The stream the branch is added to, `[rows, dim]`.
+    pub x: &'a T,
+    /// The branch output, `[rows, dim]`.
+    pub f: &'a T,
+    /// LayerScale `[dim]` (DINOv2), if the model has it.
+    pub ls: Option<&'a T>,
+}
+
+impl<T> Clone for Residual<'_, T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T> Copy for Residual<'_, T> {}
