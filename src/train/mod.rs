@@ -5,9 +5,11 @@ pub mod bench;
 pub mod checkpoint;
 pub mod ema;
 pub mod flops;
+mod layers;
 pub mod preset;
 pub mod run;
 pub mod schedule;
 pub mod step;
+mod tensors;
 
 pub use step::{AdamWConfig, Trainer};

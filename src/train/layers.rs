@@ -1,0 +1,295 @@
+//! The model's layers over [`Backend`] ops: one transformer block forward and backward, and the
+//! head forward and backward (docs/MODEL.md).
+
+use super::tensors::{BlockWeights, Dims, Head, HeadActs, LayerActs, Work};
+use crate::backend::{
+    AttnShape, Backend, GateTables, Grad, HeadInputs, LayerNormShape, LinearShape, Norm, NormStats, Residual, Rows, TokenCopy, TokenRange,
+};
+use crate::ops::layernorm::VIT_EPS;
+
+/// The sizes a block runs at, for a batch of `batch` images.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct BlockShape {
+    pub(super) batch: usize,
+    pub(super) tokens: usize,
+    pub(super) prompts: usize,
+    pub(super) dim: usize,
+    pub(super) mlp: usize,
+    pub(super) heads: usize,
+}
+
+/// Which rows of a block go past its attention (keys and values always cover all N tokens).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Queries {
+    /// Every token: every block but the last.
+    All,
+    /// The P prompt rows, compacted to `[B, P, D]`: the last block, whose other outputs
+    /// nothing reads (the head sees the group tokens only).
+    Prompts,
+}
+
+impl BlockShape {
+    /// Rows past attention, over the batch.
+    pub(super) fn rows(&self, q: Queries) -> usize {
+        self.batch
+            * match q {
+                Queries::All => self.tokens,
+                Queries::Prompts => self.prompts,
+            }
+    }
+    pub(super) fn attention(&self, q: Queries) -> AttnShape {
+        let full = AttnShape::full(self.batch, self.tokens, self.heads, self.dim / self.heads, 1, 1 + self.prompts);
+        match q {
+            Queries::All => full,
+            Queries::Prompts => AttnShape {
+                q_start: 1,
+                q_len: self.prompts,
+                ..full
+            },
+        }
+    }
+    pub(super) fn norm(&self, rows: usize) -> LayerNormShape {
+        LayerNormShape {
+            rows,
+            dim: self.dim,
+            eps: VIT_EPS,
+        }
+    }
+    pub(super) fn width(&self, rows: usize) -> Rows {
+        Rows { rows, dim: self.dim }
+    }
+    /// The prompt rows `[1, 1+P)` of `[B, N, D]` to `[B, P, D]` (`to_compact`) or back.
+    pub(super) fn prompt_rows(&self, to_compact: bool) -> TokenCopy {
+        let (full, compact) = (
+            TokenRange {
+                tokens: self.tokens,
+                start: 1,
+            },
+            TokenRange {
+                tokens: self.prompts,
+                start: 0,
+            },
+        );
+        let (src, dst) = if to_compact { (full, compact) } else { (compact, full) };
+        TokenCopy {
+            batch: self.batch,
+            dim: self.dim,
+            count: self.prompts,
+            src,
+            dst,
+        }
+    }
+}
+
+pub(super) fn linear(rows: usize, d_in: usize, d_out: usize) -> LinearShape {
+    LinearShape { rows, d_in, d_out }
+}
+
+/// The final LayerNorm fused into the last block's output: `z = LN(zin)`.
+pub(super) struct FinalNorm<'a, T> {
+    pub(super) norm: Norm<&'a T>,
+    pub(super) z: &'a mut T,
+    pub(super) stats: NormStats<&'a mut T>,
+}
+
+/// Where a block's output goes.
+pub(super) enum BlockOut<'a, T> {
+    /// The next block's input, `[B, N, D]`.
+    Tokens(&'a mut T),
+    /// The last block's prompt rows `zin [B, P, D]`, and their final norm if the model has one.
+    Prompts { zin: &'a mut T, norm: Option<FinalNorm<'a, T>> },
+}
+
+/// One pre-norm transformer block (timm's `Block`, docs/MODEL.md#blocks):
+/// `x_mid = x + ls1 * proj(attn(qkv(LN1(x))))`, `out = x_mid + ls2 * fc2(gelu(fc1(LN2(x_mid))))`.
+pub(super) fn block_forward<B: Backend>(
+    be: &mut B,
+    w: &BlockWeights<B::Buf>,
+    s: &mut LayerActs<B::Buf>,
+    work: &mut Work<B::Buf>,
+    x: &B::Buf,
+    out: BlockOut<'_, B::Buf>,
+    sh: &BlockShape,
+) {
+    let q = match out {
+        BlockOut::Tokens(_) => Queries::All,
+        BlockOut::Prompts { .. } => Queries::Prompts,
+    };
+    let (all, r, d) = (sh.rows(Queries::All), sh.rows(q), sh.dim);
+    be.layernorm_forward(x, w.norm1.as_ref(), &mut work.normed, s.ln1.as_mut(), &sh.norm(all));
+    be.linear_forward(&work.normed, &w.qkv.w, Some(&w.qkv.b), &mut s.qkv, &linear(all, d, 3 * d));
+    be.attention_forward(&s.qkv, &mut s.att, &mut s.lse, &sh.attention(q));
+    // The residual stream at the query rows.
+    let xq = match q {
+        Queries::All => x,
+        Queries::Prompts => {
+            be.copy_tokens(x, &mut work.xtail, &sh.prompt_rows(true));
+            &work.xtail
+        }
+    };
+    be.linear_forward(&s.att, &w.proj.w, Some(&w.proj.b), &mut work.branch_out, &linear(r, d, d));
+    let res = Residual {
+        x: xq,
+        f: &work.branch_out,
+        ls: w.ls1.as_ref(),
+    };
+    be.residual_layernorm_forward(res, &mut s.xmid, w.norm2.as_ref(), &mut work.normed, s.ln2.as_mut(), &sh.norm(r));
+    be.linear_forward(&work.normed, &w.fc1.w, Some(&w.fc1.b), &mut s.pre_gelu, &linear(r, d, sh.mlp));
+    be.gelu_forward(&s.pre_gelu, &mut work.hidden, r * sh.mlp);
+    be.linear_forward(&work.hidden, &w.fc2.w, Some(&w.fc2.b), &mut work.branch_out, &linear(r, sh.mlp, d));
+    let res = Residual {
+        x: &s.xmid,
+        f: &work.branch_out,
+        ls: w.ls2.as_ref(),
+    };
+    match out {
+        BlockOut::Tokens(o) | BlockOut::Prompts { zin: o, norm: None } => be.residual(res, o, sh.width(r)),
+        BlockOut::Prompts { zin, norm: Some(f) } => be.residual_layernorm_forward(res, zin, f.norm, f.z, f.stats, &sh.norm(r)),
+    }
+}
+
+/// Where the gradient of a block's output is, and where its input's goes.
+pub(super) enum BlockGrad<'a, T> {
+    /// `dx [B, N, D]` holds dL/d(out) and receives dL/d(x) in place (the residual path).
+    Tokens(&'a mut T),
+    /// The last block: dL/d(out) at the prompt rows `dzin [B, P, D]`; writes `dx [B, N, D]`.
+    Prompts { dzin: &'a mut T, dx: &'a mut T },
+}
+
+/// The input gradient of [`block_forward`] (the backbone is frozen: no weight gradients).
+pub(super) fn block_backward<B: Backend>(
+    be: &mut B,
+    w: &BlockWeights<B::Buf>,
+    s: &LayerActs<B::Buf>,
+    work: &mut Work<B::Buf>,
+    x: &B::Buf,
+    grad: BlockGrad<'_, B::Buf>,
+    sh: &BlockShape,
+) {
+    let (q, dres, dx_full) = match grad {
+        BlockGrad::Tokens(dx) => (Queries::All, dx, None),
+        BlockGrad::Prompts { dzin, dx } => (Queries::Prompts, dzin, Some(dx)),
+    };
+    let (all, r, d) = (sh.rows(Queries::All), sh.rows(q), sh.dim);
+    // out = x_mid + ls2 * fc2(gelu(fc1(LN2(x_mid))))
+    let src = match &w.ls2 {
+        Some(ls) => {
+            be.mul_cols(dres, ls, &mut work.dtmp, sh.width(r));
+            &work.dtmp
+        }
+        None => &*dres,
+    };
+    be.linear_backward_input(src, &w.fc2.w, Grad::Write(&mut work.dhidden), &linear(r, sh.mlp, d));
+    be.gelu_backward(&s.pre_gelu, &mut work.dhidden, r * sh.mlp);
+    be.linear_backward_input(&work.dhidden, &w.fc1.w, Grad::Write(&mut work.dtmp2), &linear(r, d, sh.mlp));
+    be.layernorm_backward(
+        &work.dtmp2,
+        &s.xmid,
+        w.norm2.as_ref(),
+        s.ln2.as_ref(),
+        Grad::Add(&mut *dres),
+        &sh.norm(r),
+    );
+    // x_mid = x + ls1 * proj(attn(qkv(LN1(x))))
+    let src = match &w.ls1 {
+        Some(ls) => {
+            be.mul_cols(dres, ls, &mut work.dtmp, sh.width(r));
+            &work.dtmp
+        }
+        None => &*dres,
+    };
+    be.linear_backward_input(src, &w.proj.w, Grad::Write(&mut work.dtmp2), &linear(r, d, d));
+    be.attention_backward(&s.qkv, &s.att, &s.lse, &work.dtmp2, &mut work.dqkv, &sh.attention(q));
+    be.linear_backward_input(&work.dqkv, &w.qkv.w, Grad::Write(&mut work.dtmp2), &linear(all, d, 3 * d));
+    let dx = match dx_full {
+        None => dres,
+        Some(dx) => {
+            // The prompt rows' residual path into the full layout.
+            be.fill(dx, all * d, 0.0);
+            be.copy_tokens(dres, dx, &sh.prompt_rows(false));
+            dx
+        }
+    };
+    be.layernorm_backward(&work.dtmp2, x, w.norm1.as_ref(), s.ln1.as_ref(), Grad::Add(dx), &sh.norm(all));
+}
+
+/// The head on the group tokens `z` (docs/MODEL.md#the-label-aware-mixture-of-experts-head):
+/// writes the model's logits (the mean over branches).
+pub(super) fn head_forward<B: Backend>(
+    be: &mut B,
+    params: &Head<&B::Buf>,
+    tables: &[GateTables<B::Idx>],
+    h: &mut HeadActs<B::Buf>,
+    logits: &mut B::Buf,
+    d: &Dims,
+    b: usize,
+) {
+    let k = d.labels;
+    match params {
+        Head::MlVpt { adapter, branches } => {
+            be.adapter_forward(&h.z, *adapter, &mut h.adapter_u, &mut h.adapted, &d.adapter_shape(b));
+            be.fill(logits, b * k, 0.0);
+            for (s, (branch, table)) in branches.iter().zip(tables).enumerate() {
+                let inputs = HeadInputs {
+                    z: &h.z,
+                    adapted: &h.adapted,
+                };
+                be.moe_forward(inputs, *branch, table, h.logits[s].as_mut(), h.saved[s].as_mut(), &d.moe_shape(b));
+                be.axpby(1.0, logits, 1.0 / d.branches as f64, &h.logits[s].y, b * k);
+            }
+        }
+        Head::Vpt(vpt) => {
+            be.vpt_head_forward(&h.z, *vpt, &mut h.zbar, &mut h.logits[0].y, &d.vpt_shape(b));
+            be.copy(&h.logits[0].y, logits, b * k);
+        }
+    }
+}
+
+/// The backward of [`head_forward`] from `h.dlogits`: parameter gradients into `grads`,
+/// dL/dz into `h.dz`.
+pub(super) fn head_backward<B: Backend>(
+    be: &mut B,
+    params: &Head<&B::Buf>,
+    grads: Head<&mut B::Buf>,
+    tables: &[GateTables<B::Idx>],
+    h: &mut HeadActs<B::Buf>,
+    d: &Dims,
+    b: usize,
+) {
+    let pd = b * d.prompts * d.dim;
+    match (params, grads) {
+        (
+            Head::MlVpt { adapter, branches },
+            Head::MlVpt {
+                adapter: dadapter,
+                branches: dbranches,
+            },
+        ) => {
+            be.fill(&mut h.dz, pd, 0.0);
+            be.fill(&mut h.dadapted, pd, 0.0);
+            for (s, ((branch, dbranch), table)) in branches.iter().zip(dbranches).zip(tables).enumerate() {
+                let inputs = HeadInputs {
+                    z: &h.z,
+                    adapted: &h.adapted,
+                };
+                let dinputs = HeadInputs {
+                    z: &mut h.dz,
+                    adapted: &mut h.dadapted,
+                };
+                be.moe_backward(
+                    h.dlogits[s].as_ref(),
+                    inputs,
+                    *branch,
+                    table,
+                    h.saved[s].as_ref(),
+                    dinputs,
+                    dbranch,
+                    &d.moe_shape(b),
+                );
+            }
+            be.adapter_backward(&h.dadapted, &h.z, &h.adapter_u, *adapter, &mut h.dz, dadapter, &d.adapter_shape(b));
+        }
+        (Head::Vpt(vpt), Head::Vpt(dvpt)) => be.vpt_head_backward(&h.dlogits[0].y, &h.zbar, *vpt, &mut h.dz, dvpt, &d.vpt_shape(b)),
+        _ => unreachable!("parameters and gradients name the same head"),
+    }
+}
