@@ -14,6 +14,8 @@ use criterion::{Criterion, Throughput};
 use mlvpt::gpu::{CudaSlice, GpuContext};
 use mlvpt::ops::attention::AttnShape;
 use mlvpt::ops::tokens::cuda as tok;
+use mlvpt::ops::tokens::{PatchShape, TokenCopy, TokenRange, TokenShape};
+use mlvpt::ops::Rows;
 use mlvpt::train::flops::attention_pairs;
 
 use super::gpu_common::timed;
@@ -29,6 +31,28 @@ const NP: usize = (IMAGE / PATCH) * (IMAGE / PATCH);
 const N: usize = 1 + P + NP;
 const ROWS: usize = B * N;
 const F32: usize = 4;
+const PATCHES: PatchShape = PatchShape {
+    batch: B,
+    channels: C,
+    height: IMAGE,
+    width: IMAGE,
+    patch: PATCH,
+};
+const TOKENS: TokenShape = TokenShape {
+    batch: B,
+    prompts: P,
+    num_patches: NP,
+    dim: D,
+};
+/// The prompt rows of every image out to `[B, P, D]` (the last block's residual input).
+const PROMPT_ROWS: TokenCopy = TokenCopy {
+    batch: B,
+    dim: D,
+    count: P,
+    src: TokenRange { tokens: N, start: 1 },
+    dst: TokenRange { tokens: P, start: 0 },
+};
+const WIDE: Rows = Rows { rows: ROWS, dim: D };
 
 /// Deterministic values in [-amp, amp) (a multiplicative hash of the index).
 fn noise(gpu: &GpuContext, n: usize, amp: f32) -> CudaSlice<f32> {
@@ -58,7 +82,7 @@ fn bench_tokens(c: &mut Criterion, gpu: &GpuContext) {
     let mut patches = zeros(gpu, n_img);
     g.throughput(bytes(2 * n_img));
     g.bench_function("patchify 128x3x224x224 p16", |b| {
-        b.iter_custom(|it| timed(gpu, it, || tok::patchify(gpu, s, &images, &mut patches, B, C, IMAGE, IMAGE, PATCH)))
+        b.iter_custom(|it| timed(gpu, it, || tok::patchify(gpu, s, &images, &mut patches, &PATCHES)))
     });
 
     let patch_emb = noise(gpu, B * NP * D, 1.0);
@@ -66,26 +90,26 @@ fn bench_tokens(c: &mut Criterion, gpu: &GpuContext) {
     let mut x = zeros(gpu, ROWS * D);
     g.throughput(bytes(B * NP * D + B * (1 + NP) * D + (2 + NP) * D));
     g.bench_function("embed_tokens 128x227x768", |b| {
-        b.iter_custom(|it| timed(gpu, it, || tok::embed_tokens(gpu, s, &patch_emb, &cls, &pos, &mut x, B, NP, P, D)))
+        b.iter_custom(|it| timed(gpu, it, || tok::embed_tokens(gpu, s, &patch_emb, &cls, &pos, &mut x, &TOKENS)))
     });
 
     let prompts = noise(gpu, 12 * P * D, 0.1);
     g.throughput(bytes(P * D + B * P * D));
     g.bench_function("set_prompts 128x30x768", |b| {
-        b.iter_custom(|it| timed(gpu, it, || tok::set_prompts(gpu, s, &prompts, 5, &mut x, B, N, P, D)))
+        b.iter_custom(|it| timed(gpu, it, || tok::set_prompts(gpu, s, &prompts, 5, &mut x, &TOKENS)))
     });
 
     let mut dx = noise(gpu, ROWS * D, 0.01);
     let mut dprompts = zeros(gpu, 12 * P * D);
     g.throughput(bytes(B * P * D + P * D + B * P * D));
     g.bench_function("prompt_grad + zero rows 128x30x768", |b| {
-        b.iter_custom(|it| timed(gpu, it, || tok::prompt_grad(gpu, s, &mut dx, &mut dprompts, 5, B, N, P, D, true)))
+        b.iter_custom(|it| timed(gpu, it, || tok::prompt_grad(gpu, s, &mut dx, &mut dprompts, 5, &TOKENS, true)))
     });
 
     let mut xtail = zeros(gpu, B * P * D);
     g.throughput(bytes(2 * B * P * D));
     g.bench_function("copy_tokens 128x30x768 (prompt rows out)", |b| {
-        b.iter_custom(|it| timed(gpu, it, || tok::copy_tokens(gpu, s, &x, N, 1, &mut xtail, P, 0, P, B, D)))
+        b.iter_custom(|it| timed(gpu, it, || tok::copy_tokens(gpu, s, &x, &mut xtail, &PROMPT_ROWS)))
     });
 
     let f = noise(gpu, ROWS * D, 0.5);
@@ -93,16 +117,16 @@ fn bench_tokens(c: &mut Criterion, gpu: &GpuContext) {
     let mut out = zeros(gpu, ROWS * D);
     g.throughput(bytes(3 * ROWS * D));
     g.bench_function("residual 29056x768", |b| {
-        b.iter_custom(|it| timed(gpu, it, || tok::residual(gpu, s, &x, &f, None, &mut out, ROWS, D)))
+        b.iter_custom(|it| timed(gpu, it, || tok::residual(gpu, s, &x, &f, None, &mut out, WIDE)))
     });
     g.throughput(bytes(3 * ROWS * D + D));
     g.bench_function("residual with LayerScale 29056x768", |b| {
-        b.iter_custom(|it| timed(gpu, it, || tok::residual(gpu, s, &x, &f, Some(&ls), &mut out, ROWS, D)))
+        b.iter_custom(|it| timed(gpu, it, || tok::residual(gpu, s, &x, &f, Some(&ls), &mut out, WIDE)))
     });
 
     g.throughput(bytes(2 * ROWS * D + D));
     g.bench_function("mul_cols 29056x768", |b| {
-        b.iter_custom(|it| timed(gpu, it, || tok::mul_cols(gpu, s, &f, &ls, &mut out, ROWS, D)))
+        b.iter_custom(|it| timed(gpu, it, || tok::mul_cols(gpu, s, &f, &ls, &mut out, WIDE)))
     });
 
     g.throughput(bytes(3 * ROWS * D));

@@ -75,35 +75,25 @@ impl<T: Real> Backend for CpuBackend<T> {
     }
 
     fn patchify(&mut self, images: &Vec<T>, out: &mut Vec<T>, sh: &PatchShape) {
-        tokens::cpu::patchify(images, out, sh.batch, sh.channels, sh.height, sh.width, sh.patch);
+        tokens::cpu::patchify(images, out, sh);
     }
     fn embed_tokens(&mut self, patches: &Vec<T>, cls: &Vec<T>, pos: &Vec<T>, x: &mut Vec<T>, sh: &TokenShape) {
-        tokens::cpu::embed_tokens(patches, cls, pos, x, sh.batch, sh.num_patches, sh.prompts, sh.dim);
+        tokens::cpu::embed_tokens(patches, cls, pos, x, sh);
     }
     fn set_prompts(&mut self, prompts: &Vec<T>, layer: usize, x: &mut Vec<T>, sh: &TokenShape) {
-        tokens::cpu::set_prompts(prompts, layer, x, sh.batch, sh.tokens(), sh.prompts, sh.dim);
+        tokens::cpu::set_prompts(prompts, layer, x, sh);
     }
     fn prompt_grad(&mut self, dx: &mut Vec<T>, dprompts: &mut Vec<T>, layer: usize, sh: &TokenShape, zero_rows: bool) {
-        tokens::cpu::prompt_grad(dx, dprompts, layer, sh.batch, sh.tokens(), sh.prompts, sh.dim, zero_rows);
+        tokens::cpu::prompt_grad(dx, dprompts, layer, sh, zero_rows);
     }
     fn copy_tokens(&mut self, src: &Vec<T>, dst: &mut Vec<T>, c: &TokenCopy) {
-        tokens::cpu::copy_tokens(
-            src,
-            c.src.tokens,
-            c.src.start,
-            dst,
-            c.dst.tokens,
-            c.dst.start,
-            c.count,
-            c.batch,
-            c.dim,
-        );
+        tokens::cpu::copy_tokens(src, dst, c);
     }
     fn residual(&mut self, res: Residual<'_, Vec<T>>, out: &mut Vec<T>, sh: Rows) {
-        tokens::cpu::residual(res.x, res.f, res.ls.map(|l| l.as_slice()), out, sh.rows, sh.dim);
+        tokens::cpu::residual(res.x, res.f, res.ls.map(|l| l.as_slice()), out, sh);
     }
     fn mul_cols(&mut self, src: &Vec<T>, v: &Vec<T>, out: &mut Vec<T>, sh: Rows) {
-        tokens::cpu::mul_cols(src, v, out, sh.rows, sh.dim);
+        tokens::cpu::mul_cols(src, v, out, sh);
     }
 
     fn linear_forward(&mut self, x: &Vec<T>, w: &Vec<T>, bias: Option<&Vec<T>>, y: &mut Vec<T>, sh: &LinearShape) {

@@ -37,7 +37,7 @@
 use super::{
     AdamWConfig, AdapterParams, AdapterShape, AslConfig, AttnShape, Backend, BranchLogits, BranchParams, BufRole, GateTables, Grad,
     HeadInputs, LayerNormShape, LinearShape, MoeSaved, MoeShape, Norm, NormStats, PatchShape, Precision, Residual, Rows, TokenCopy,
-    TokenRange, TokenShape, VptHeadShape, VptParams,
+    TokenShape, VptHeadShape, VptParams,
 };
 use crate::gpu::{bf16, CudaSlice, DevicePtr, DevicePtrMut, GemmType, GpuContext, GpuError};
 use crate::ops::head::cuda::{HeadWorkspace, IndexTable};
@@ -423,7 +423,6 @@ impl CudaIdx {
 
 /// `y [rows, d_out] = x W^T + b` with `T` operands (cast where stored otherwise), `y` written
 /// in its own type.
-#[allow(clippy::too_many_arguments)]
 fn gemm_forward<T: Elem>(
     g: &GpuContext,
     s: &mut [Slot; SLOTS],
@@ -431,10 +430,9 @@ fn gemm_forward<T: Elem>(
     w: &DevBuf,
     bias: Option<&DevBuf>,
     y: &mut DevBuf,
-    rows: usize,
-    d_in: usize,
-    d_out: usize,
+    sh: &LinearShape,
 ) -> Result<(), GpuError> {
+    let &LinearShape { rows, d_in, d_out } = sh;
     let [s0, s1, s2, s3, ..] = s;
     let xv = input::<T>(g, x, s0, rows * d_in)?;
     let wv = input::<T>(g, w, s1, d_out * d_in)?;
@@ -454,18 +452,17 @@ fn gemm_forward<T: Elem>(
 }
 
 /// `dx (+)= dy W` with `T` operands, `dx` written in its own type.
-#[allow(clippy::too_many_arguments)]
 fn gemm_backward_input<T: Elem>(
     g: &GpuContext,
     s: &mut [Slot; SLOTS],
     dy: &DevBuf,
     w: &DevBuf,
-    dx: &mut DevBuf,
-    rows: usize,
-    d_in: usize,
-    d_out: usize,
-    accumulate: bool,
+    dx: Grad<&mut DevBuf>,
+    sh: &LinearShape,
 ) -> Result<(), GpuError> {
+    let &LinearShape { rows, d_in, d_out } = sh;
+    let accumulate = dx.accumulates();
+    let dx = dx.into_inner();
     let [s0, s1, s2, ..] = s;
     let dyv = input::<T>(g, dy, s0, rows * d_out)?;
     let wv = input::<T>(g, w, s1, d_out * d_in)?;
@@ -627,85 +624,58 @@ impl Backend for CudaBackend {
     }
 
     fn patchify(&mut self, images: &DevBuf, out: &mut DevBuf, sh: &PatchShape) {
-        let &PatchShape {
-            batch,
-            channels,
-            height,
-            width,
-            patch,
-        } = sh;
         self.run(|be| {
             let (g, [s0, s1, ..]) = (&be.gpu, &mut be.scratch);
-            let n = batch * channels * height * width;
+            let n = sh.image_len();
             // The kernel is a permutation: run it in the output's type.
             with_type!(out, T => {
                 let i = input::<T>(g, images, s0, n)?;
                 let o = output::<T>(g, out, s1, n, Mode::Write)?;
-                tokens::cuda::patchify::<T>(g, g.stream(), i, o.buf, batch, channels, height, width, patch)
+                tokens::cuda::patchify::<T>(g, g.stream(), i, o.buf, sh)
             })
         });
     }
     fn embed_tokens(&mut self, patches: &DevBuf, cls: &DevBuf, pos: &DevBuf, x: &mut DevBuf, sh: &TokenShape) {
-        let &TokenShape {
-            batch,
-            prompts,
-            num_patches,
-            dim,
-        } = sh;
         self.run(|be| {
             let (g, [s0, s1, s2, ..]) = (&be.gpu, &mut be.scratch);
-            let c = input::<f32>(g, cls, s0, dim)?;
-            let p = input::<f32>(g, pos, s1, (1 + num_patches) * dim)?;
-            let o = output::<f32>(g, x, s2, batch * (1 + prompts + num_patches) * dim, Mode::Update)?;
+            let c = input::<f32>(g, cls, s0, sh.dim)?;
+            let p = input::<f32>(g, pos, s1, (1 + sh.num_patches) * sh.dim)?;
+            let o = output::<f32>(g, x, s2, sh.len(), Mode::Update)?;
             with_type!(patches, T => {
                 let pa = T::of(patches).ok_or_else(|| GpuError::invalid("embed_tokens", "patch type"))?;
-                tokens::cuda::embed_tokens::<T>(g, g.stream(), pa, c, p, &mut *o.buf, batch, num_patches, prompts, dim)
+                tokens::cuda::embed_tokens::<T>(g, g.stream(), pa, c, p, &mut *o.buf, sh)
             })?;
             o.done(g)
         });
     }
     fn set_prompts(&mut self, prompts: &DevBuf, layer: usize, x: &mut DevBuf, sh: &TokenShape) {
-        let (batch, tokens, count, dim) = (sh.batch, sh.tokens(), sh.prompts, sh.dim);
         self.run(|be| {
             let (g, [s0, s1, ..]) = (&be.gpu, &mut be.scratch);
             let p = input::<f32>(g, prompts, s0, prompts.len())?;
-            let o = output::<f32>(g, x, s1, batch * tokens * dim, Mode::Update)?;
-            tokens::cuda::set_prompts(g, g.stream(), p, layer, &mut *o.buf, batch, tokens, count, dim)?;
+            let o = output::<f32>(g, x, s1, sh.len(), Mode::Update)?;
+            tokens::cuda::set_prompts(g, g.stream(), p, layer, &mut *o.buf, sh)?;
             o.done(g)
         });
     }
     fn prompt_grad(&mut self, dx: &mut DevBuf, dprompts: &mut DevBuf, layer: usize, sh: &TokenShape, zero_rows: bool) {
-        let (batch, tokens, count, dim) = (sh.batch, sh.tokens(), sh.prompts, sh.dim);
         self.run(|be| {
             let (g, [s0, s1, ..]) = (&be.gpu, &mut be.scratch);
-            let x = output::<f32>(g, dx, s0, batch * tokens * dim, Mode::Update)?;
+            let x = output::<f32>(g, dx, s0, sh.len(), Mode::Update)?;
             let len = dprompts.len();
             let p = output::<f32>(g, dprompts, s1, len, Mode::Update)?;
-            tokens::cuda::prompt_grad(g, g.stream(), &mut *x.buf, &mut *p.buf, layer, batch, tokens, count, dim, zero_rows)?;
+            tokens::cuda::prompt_grad(g, g.stream(), &mut *x.buf, &mut *p.buf, layer, sh, zero_rows)?;
             x.done(g)?;
             p.done(g)
         });
     }
     fn copy_tokens(&mut self, src: &DevBuf, dst: &mut DevBuf, c: &TokenCopy) {
-        let &TokenCopy {
-            batch,
-            dim,
-            count,
-            src: TokenRange {
-                tokens: src_tokens,
-                start: src_start,
-            },
-            dst: TokenRange {
-                tokens: dst_tokens,
-                start: dst_start,
-            },
-        } = c;
         self.run(|be| {
             let (g, [s0, s1, ..]) = (&be.gpu, &mut be.scratch);
+            let per_token = c.batch * c.dim;
             with_type!(dst, T => {
-                let sv = input::<T>(g, src, s0, batch * src_tokens * dim)?;
-                let o = output::<T>(g, dst, s1, batch * dst_tokens * dim, Mode::Update)?;
-                tokens::cuda::copy_tokens::<T>(g, g.stream(), sv, src_tokens, src_start, o.buf, dst_tokens, dst_start, count, batch, dim)
+                let sv = input::<T>(g, src, s0, per_token * c.src.tokens)?;
+                let o = output::<T>(g, dst, s1, per_token * c.dst.tokens, Mode::Update)?;
+                tokens::cuda::copy_tokens::<T>(g, g.stream(), sv, o.buf, c)
             })
         });
     }
@@ -719,7 +689,7 @@ impl Backend for CudaBackend {
             let o = output::<f32>(g, out, s2, n, Mode::Write)?;
             with_type!(f, T => {
                 let fv = T::of(f).ok_or_else(|| GpuError::invalid("residual", "branch type"))?;
-                tokens::cuda::residual::<T>(g, g.stream(), xv, fv, lv.map(|l| l as &dyn DevicePtr<f32>), &mut *o.buf, rows, dim)
+                tokens::cuda::residual::<T>(g, g.stream(), xv, fv, lv.map(|l| l as &dyn DevicePtr<f32>), &mut *o.buf, sh)
             })?;
             o.done(g)
         });
@@ -732,32 +702,28 @@ impl Backend for CudaBackend {
             let vv = input::<f32>(g, v, s1, dim)?;
             with_type!(out, T => {
                 let o = T::of_mut(out).map_err(|_| GpuError::invalid("mul_cols", "output type"))?;
-                tokens::cuda::mul_cols::<T>(g, g.stream(), sv, vv, o, rows, dim)
+                tokens::cuda::mul_cols::<T>(g, g.stream(), sv, vv, o, sh)
             })
         });
     }
 
     fn linear_forward(&mut self, x: &DevBuf, w: &DevBuf, bias: Option<&DevBuf>, y: &mut DevBuf, sh: &LinearShape) {
-        let &LinearShape { rows, d_in, d_out } = sh;
         self.run(|be| {
             // One operand type for both: bf16 (tensor-core bf16 GEMM) when either is stored in
             // bf16, else fp32 (TF32).
             if x.is_bf16() || w.is_bf16() {
-                gemm_forward::<bf16>(&be.gpu, &mut be.scratch, x, w, bias, y, rows, d_in, d_out)
+                gemm_forward::<bf16>(&be.gpu, &mut be.scratch, x, w, bias, y, sh)
             } else {
-                gemm_forward::<f32>(&be.gpu, &mut be.scratch, x, w, bias, y, rows, d_in, d_out)
+                gemm_forward::<f32>(&be.gpu, &mut be.scratch, x, w, bias, y, sh)
             }
         });
     }
     fn linear_backward_input(&mut self, dy: &DevBuf, w: &DevBuf, dx: Grad<&mut DevBuf>, sh: &LinearShape) {
-        let &LinearShape { rows, d_in, d_out } = sh;
-        let accumulate = dx.accumulates();
-        let dx = dx.into_inner();
         self.run(|be| {
             if dy.is_bf16() || w.is_bf16() {
-                gemm_backward_input::<bf16>(&be.gpu, &mut be.scratch, dy, w, dx, rows, d_in, d_out, accumulate)
+                gemm_backward_input::<bf16>(&be.gpu, &mut be.scratch, dy, w, dx, sh)
             } else {
-                gemm_backward_input::<f32>(&be.gpu, &mut be.scratch, dy, w, dx, rows, d_in, d_out, accumulate)
+                gemm_backward_input::<f32>(&be.gpu, &mut be.scratch, dy, w, dx, sh)
             }
         });
     }

@@ -2,14 +2,22 @@
 //! the GPU launchers of [`super::cuda`] are tested against, and what `CpuBackend` runs.
 //! Shapes as `docs/MODEL.md#the-frozen-vit` and `#deep-visual-prompts` describe them.
 
+use super::{PatchShape, TokenCopy, TokenRange, TokenShape};
 use crate::ops::par::*;
 use crate::ops::real::{simd, Real};
+use crate::ops::Rows;
 
 /// Images `[B, C, H, W]` into patch rows `out [B, Np, C*p*p]` (`Np = (H/p)(W/p)`, row-major
 /// over the patch grid; each row channel-major, then `p x p` pixels), the layout the patch
 /// embedding's GEMM takes.
-#[allow(clippy::too_many_arguments)]
-pub fn patchify<T: Real>(images: &[T], out: &mut [T], batch: usize, channels: usize, height: usize, width: usize, patch: usize) {
+pub fn patchify<T: Real>(images: &[T], out: &mut [T], sh: &PatchShape) {
+    let &PatchShape {
+        batch,
+        channels,
+        height,
+        width,
+        patch,
+    } = sh;
     let (gh, gw) = (height / patch, width / patch);
     let np = gh * gw;
     let row = channels * patch * patch;
@@ -36,18 +44,14 @@ pub fn patchify<T: Real>(images: &[T], out: &mut [T], batch: usize, channels: us
 
 /// The token sequence `x [B, 1 + P + Np, D]`: `CLS + pos[0]`, the prompt rows left as they are
 /// (`set_prompts` fills them), then each patch embedding `+ pos[1 + i]`.
-#[allow(clippy::too_many_arguments)]
-pub fn embed_tokens<T: Real>(
-    patches: &[T],
-    cls: &[T],
-    pos: &[T],
-    x: &mut [T],
-    batch: usize,
-    num_patches: usize,
-    prompts: usize,
-    dim: usize,
-) {
-    let n = 1 + prompts + num_patches;
+pub fn embed_tokens<T: Real>(patches: &[T], cls: &[T], pos: &[T], x: &mut [T], sh: &TokenShape) {
+    let &TokenShape {
+        batch,
+        prompts,
+        num_patches,
+        dim,
+    } = sh;
+    let n = sh.tokens();
     assert!(patches.len() >= batch * num_patches * dim && x.len() >= batch * n * dim);
     assert!(cls.len() >= dim && pos.len() >= (1 + num_patches) * dim);
     x[..batch * n * dim].par_chunks_mut(n * dim).enumerate().for_each(|(b, xb)| {
@@ -68,8 +72,9 @@ pub fn embed_tokens<T: Real>(
 }
 
 /// Writes block `layer`'s prompts (`prompts [L, P, D]`) into token rows `1 .. 1 + P` of every
-/// image of `x [B, tokens, D]`.
-pub fn set_prompts<T: Real>(prompts: &[T], layer: usize, x: &mut [T], batch: usize, tokens: usize, count: usize, dim: usize) {
+/// image of `x [B, N, D]`.
+pub fn set_prompts<T: Real>(prompts: &[T], layer: usize, x: &mut [T], sh: &TokenShape) {
+    let (batch, tokens, count, dim) = (sh.batch, sh.tokens(), sh.prompts, sh.dim);
     let src = &prompts[layer * count * dim..(layer + 1) * count * dim];
     assert!(x.len() >= batch * tokens * dim && count < tokens);
     for b in 0..batch {
@@ -81,17 +86,8 @@ pub fn set_prompts<T: Real>(prompts: &[T], layer: usize, x: &mut [T], batch: usi
 /// Gradient of [`set_prompts`]: `dprompts[layer] = sum_b dx[b, 1 .. 1 + P]` (images summed in
 /// order: deterministic); with `zero_rows`, those rows of `dx` are zeroed afterwards (the prompts
 /// replace the previous block's outputs there, which get no gradient).
-#[allow(clippy::too_many_arguments)]
-pub fn prompt_grad<T: Real>(
-    dx: &mut [T],
-    dprompts: &mut [T],
-    layer: usize,
-    batch: usize,
-    tokens: usize,
-    count: usize,
-    dim: usize,
-    zero_rows: bool,
-) {
+pub fn prompt_grad<T: Real>(dx: &mut [T], dprompts: &mut [T], layer: usize, sh: &TokenShape, zero_rows: bool) {
+    let (batch, tokens, count, dim) = (sh.batch, sh.tokens(), sh.prompts, sh.dim);
     assert!(dx.len() >= batch * tokens * dim && count < tokens);
     let dst = &mut dprompts[layer * count * dim..(layer + 1) * count * dim];
     // Parallel over prompt elements, images summed in order inside (deterministic).
@@ -115,20 +111,22 @@ pub fn prompt_grad<T: Real>(
     }
 }
 
-/// `dst[b, dst_start + j] = src[b, src_start + j]` for `j < count` token rows of `dim`,
-/// `src [B, src_tokens, dim]`, `dst [B, dst_tokens, dim]`.
-#[allow(clippy::too_many_arguments)]
-pub fn copy_tokens<T: Real>(
-    src: &[T],
-    src_tokens: usize,
-    src_start: usize,
-    dst: &mut [T],
-    dst_tokens: usize,
-    dst_start: usize,
-    count: usize,
-    batch: usize,
-    dim: usize,
-) {
+/// `dst[b, dst.start + j] = src[b, src.start + j]` for `j < count` token rows of `dim` (see
+/// [`TokenCopy`]).
+pub fn copy_tokens<T: Real>(src: &[T], dst: &mut [T], c: &TokenCopy) {
+    let &TokenCopy {
+        batch,
+        dim,
+        count,
+        src: TokenRange {
+            tokens: src_tokens,
+            start: src_start,
+        },
+        dst: TokenRange {
+            tokens: dst_tokens,
+            start: dst_start,
+        },
+    } = c;
     assert!(src_start + count <= src_tokens && dst_start + count <= dst_tokens);
     for b in 0..batch {
         let s = (b * src_tokens + src_start) * dim;
@@ -139,8 +137,8 @@ pub fn copy_tokens<T: Real>(
 
 /// The residual add: `out = x + ls * f` over `[rows, dim]` (`ls [dim]`, LayerScale), or
 /// `out = x + f` without it.
-pub fn residual<T: Real>(x: &[T], f: &[T], ls: Option<&[T]>, out: &mut [T], rows: usize, dim: usize) {
-    let len = rows * dim;
+pub fn residual<T: Real>(x: &[T], f: &[T], ls: Option<&[T]>, out: &mut [T], sh: Rows) {
+    let (len, dim) = (sh.len(), sh.dim);
     out[..len]
         .par_chunks_mut(dim)
         .zip(x[..len].par_chunks(dim))
@@ -163,7 +161,8 @@ pub fn residual<T: Real>(x: &[T], f: &[T], ls: Option<&[T]>, out: &mut [T], rows
 }
 
 /// `out = src * v` over `[rows, dim]`, `v [dim]` per row (LayerScale's input gradient).
-pub fn mul_cols<T: Real>(src: &[T], v: &[T], out: &mut [T], rows: usize, dim: usize) {
+pub fn mul_cols<T: Real>(src: &[T], v: &[T], out: &mut [T], sh: Rows) {
+    let (rows, dim) = (sh.rows, sh.dim);
     out[..rows * dim]
         .par_chunks_mut(dim)
         .zip(src[..rows * dim].par_chunks(dim))
@@ -188,7 +187,14 @@ mod tests {
         let (c, h, w, p) = (2, 4, 4, 2);
         let img: Vec<f64> = (0..c * h * w).map(|i| i as f64).collect();
         let mut rows = vec![0.0; 4 * c * p * p];
-        patchify(&img, &mut rows, 1, c, h, w, p);
+        let shape = PatchShape {
+            batch: 1,
+            channels: c,
+            height: h,
+            width: w,
+            patch: p,
+        };
+        patchify(&img, &mut rows, &shape);
         assert_eq!(&rows[..8], &[0.0, 1.0, 4.0, 5.0, 16.0, 17.0, 20.0, 21.0]);
         assert_eq!(&rows[24..32], &[10.0, 11.0, 14.0, 15.0, 26.0, 27.0, 30.0, 31.0]);
         // Two patches of width 3, one prompt row, then the prompts set and their gradient.
@@ -196,12 +202,18 @@ mod tests {
         let patches = vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0];
         let (cls, pos) = (vec![10.0; 3], vec![0.5; 9]);
         let mut x = vec![-1.0; (1 + 1 + np) * d];
-        embed_tokens(&patches, &cls, &pos, &mut x, 1, np, 1, d);
+        let tokens = TokenShape {
+            batch: 1,
+            prompts: 1,
+            num_patches: np,
+            dim: d,
+        };
+        embed_tokens(&patches, &cls, &pos, &mut x, &tokens);
         assert_eq!(x, [10.5, 10.5, 10.5, -1.0, -1.0, -1.0, 1.5, 2.5, 3.5, 4.5, 5.5, 6.5]);
-        set_prompts(&[7.0, 8.0, 9.0], 0, &mut x, 1, 4, 1, d);
+        set_prompts(&[7.0, 8.0, 9.0], 0, &mut x, &tokens);
         assert_eq!(&x[3..6], &[7.0, 8.0, 9.0]);
         let mut dp = vec![0.0; 3];
-        prompt_grad(&mut x, &mut dp, 0, 1, 4, 1, d, true);
+        prompt_grad(&mut x, &mut dp, 0, &tokens, true);
         assert_eq!((dp.as_slice(), &x[3..6]), (&[7.0, 8.0, 9.0][..], &[0.0, 0.0, 0.0][..]));
     }
 
@@ -209,16 +221,23 @@ mod tests {
     fn residual_mul_cols_and_copy_tokens() {
         let (x, f, ls) = (vec![1.0, 2.0, 3.0, 4.0], vec![10.0, 20.0, 30.0, 40.0], vec![0.5, 2.0]);
         let mut out = vec![0.0; 4];
-        residual(&x, &f, Some(&ls), &mut out, 2, 2);
+        residual(&x, &f, Some(&ls), &mut out, Rows { rows: 2, dim: 2 });
         assert_eq!(out, [6.0, 42.0, 18.0, 84.0]);
-        residual(&x, &f, None, &mut out, 2, 2);
+        residual(&x, &f, None, &mut out, Rows { rows: 2, dim: 2 });
         assert_eq!(out, [11.0, 22.0, 33.0, 44.0]);
-        mul_cols(&f, &ls, &mut out, 2, 2);
+        mul_cols(&f, &ls, &mut out, Rows { rows: 2, dim: 2 });
         assert_eq!(out, [5.0, 40.0, 15.0, 80.0]);
         // Rows 1..3 of [2 images, 3 tokens, 1] into rows 0..2 of [2, 2, 1].
         let src = [0.0, 1.0, 2.0, 10.0, 11.0, 12.0];
         let mut dst = [0.0; 4];
-        copy_tokens(&src, 3, 1, &mut dst, 2, 0, 2, 2, 1);
+        let copy = TokenCopy {
+            batch: 2,
+            dim: 1,
+            count: 2,
+            src: TokenRange { tokens: 3, start: 1 },
+            dst: TokenRange { tokens: 2, start: 0 },
+        };
+        copy_tokens(&src, &mut dst, &copy);
         assert_eq!(dst, [1.0, 2.0, 11.0, 12.0]);
     }
 }

@@ -6,11 +6,13 @@
 //! math is fp32 either way): a launcher generic over `T: Storage` picks the kernel's `_f32` or
 //! `_bf16` instantiation. Parameters, the residual stream and its gradient are fp32.
 
+use super::{PatchShape, TokenCopy, TokenRange, TokenShape};
 use crate::contract::tokens::{CopyTokensParams, PlainAttnParams};
 use crate::gpu::kernels::tokens;
 use crate::gpu::launch::{check_len, grid_stride_blocks, BLOCK};
 use crate::gpu::{CudaStream, DevicePtr, DevicePtrMut, GpuContext, GpuError};
 use crate::ops::attention::AttnShape;
+use crate::ops::Rows;
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 
 pub use crate::gpu::launch::Storage;
@@ -54,24 +56,27 @@ macro_rules! launch {
 /// let (b, c, h, w, p) = (2, 3, 4, 6, 2); // 2 x 3 = 6 patches of 3 * 2 * 2 values
 /// let images: Vec<f32> = (0..b * c * h * w).map(|i| i as f32).collect();
 /// let mut out = gpu.zeros::<f32>(images.len())?;
-/// tokens::cuda::patchify::<f32>(&gpu, gpu.stream(), &gpu.upload(&images)?, &mut out, b, c, h, w, p)?;
+/// let shape = tokens::PatchShape { batch: b, channels: c, height: h, width: w, patch: p };
+/// tokens::cuda::patchify::<f32>(&gpu, gpu.stream(), &gpu.upload(&images)?, &mut out, &shape)?;
 /// let mut want = vec![0.0f32; images.len()];
-/// tokens::cpu::patchify(&images, &mut want, b, c, h, w, p); // the CPU twin
+/// tokens::cpu::patchify(&images, &mut want, &shape); // the CPU twin
 /// assert_eq!(gpu.download(&out)?, want);
 /// # Ok(()) }
 /// ```
-#[allow(clippy::too_many_arguments)]
 pub fn patchify<T: Storage>(
     gpu: &GpuContext,
     stream: &CudaStream,
     images: &impl DevicePtr<T>,
     out: &mut impl DevicePtrMut<T>,
-    batch: usize,
-    channels: usize,
-    height: usize,
-    width: usize,
-    patch: usize,
+    sh: &PatchShape,
 ) -> Result<(), GpuError> {
+    let &PatchShape {
+        batch,
+        channels,
+        height,
+        width,
+        patch,
+    } = sh;
     const OP: &str = "patchify";
     if patch == 0 || !height.is_multiple_of(patch) || !width.is_multiple_of(patch) {
         return Err(GpuError::invalid(
@@ -120,15 +125,15 @@ pub fn patchify<T: Storage>(
 /// let patches16: Vec<bf16> = patches.iter().map(|&v| bf16::from_f32(v)).collect(); // the patch GEMM's bf16 output
 /// let n = 1 + prompts + np;
 /// let mut x = gpu.upload(&vec![7.0f32; b * n * d])?;
-/// tokens::cuda::embed_tokens::<bf16>(&gpu, gpu.stream(), &gpu.upload(&patches16)?, &gpu.upload(&cls)?, &gpu.upload(&pos)?, &mut x, b, np, prompts, d)?;
+/// let shape = tokens::TokenShape { batch: b, prompts, num_patches: np, dim: d };
+/// tokens::cuda::embed_tokens::<bf16>(&gpu, gpu.stream(), &gpu.upload(&patches16)?, &gpu.upload(&cls)?, &gpu.upload(&pos)?, &mut x, &shape)?;
 /// let mut want = vec![7.0f32; b * n * d];
-/// tokens::cpu::embed_tokens(&patches, &cls, &pos, &mut want, b, np, prompts, d); // the CPU twin
+/// tokens::cpu::embed_tokens(&patches, &cls, &pos, &mut want, &shape); // the CPU twin
 /// let x = gpu.download(&x)?;
 /// assert_eq!(x, want);
 /// assert_eq!(x[d..3 * d], [7.0; 16]); // prompt rows untouched
 /// # Ok(()) }
 /// ```
-#[allow(clippy::too_many_arguments)]
 pub fn embed_tokens<T: Storage>(
     gpu: &GpuContext,
     stream: &CudaStream,
@@ -136,12 +141,15 @@ pub fn embed_tokens<T: Storage>(
     cls: &impl DevicePtr<f32>,
     pos: &impl DevicePtr<f32>,
     x: &mut impl DevicePtrMut<f32>,
-    batch: usize,
-    num_patches: usize,
-    prompts: usize,
-    dim: usize,
+    sh: &TokenShape,
 ) -> Result<(), GpuError> {
     const OP: &str = "embed_tokens";
+    let &TokenShape {
+        batch,
+        prompts,
+        num_patches,
+        dim,
+    } = sh;
     check_len(OP, "patches", patches, batch * num_patches * dim)?;
     check_len(OP, "cls", cls, dim)?;
     check_len(OP, "pos", pos, (1 + num_patches) * dim)?;
@@ -181,9 +189,10 @@ pub fn embed_tokens<T: Storage>(
 /// # if !mlvpt::gpu::GpuContext::driver_present() { return Ok(()); } // needs a device (a GPU or tools/vgpu)
 /// let gpu = GpuContext::new(0)?;
 /// let (b, n, p, d) = (2, 5, 2, 4); // prompts [L = 3, P, D]; rows 1..1+P of each image
+/// let shape = tokens::TokenShape { batch: b, prompts: p, num_patches: n - 1 - p, dim: d };
 /// let prompts: Vec<f32> = (0..3 * p * d).map(|i| i as f32).collect();
 /// let mut x = gpu.zeros::<f32>(b * n * d)?;
-/// tokens::cuda::set_prompts(&gpu, gpu.stream(), &gpu.upload(&prompts)?, 1, &mut x, b, n, p, d)?;
+/// tokens::cuda::set_prompts(&gpu, gpu.stream(), &gpu.upload(&prompts)?, 1, &mut x, &shape)?;
 /// let x = gpu.download(&x)?;
 /// for img in 0..b {
 ///     let rows = &x[(img * n + 1) * d..(img * n + 1 + p) * d];
@@ -192,22 +201,16 @@ pub fn embed_tokens<T: Storage>(
 /// assert_eq!(x[..d], [0.0; 4]); // the CLS row untouched
 /// # Ok(()) }
 /// ```
-#[allow(clippy::too_many_arguments)]
 pub fn set_prompts(
     gpu: &GpuContext,
     stream: &CudaStream,
     prompts: &impl DevicePtr<f32>,
     layer: usize,
     x: &mut impl DevicePtrMut<f32>,
-    batch: usize,
-    tokens: usize,
-    count: usize,
-    dim: usize,
+    sh: &TokenShape,
 ) -> Result<(), GpuError> {
     const OP: &str = "set_prompts";
-    if count >= tokens {
-        return Err(GpuError::invalid(OP, format!("{count} prompts do not fit {tokens} tokens")));
-    }
+    let (batch, tokens, count, dim) = (sh.batch, sh.tokens(), sh.prompts, sh.dim);
     check_len(OP, "prompts", prompts, (layer + 1) * count * dim)?;
     check_len(OP, "x", x, batch * tokens * dim)?;
     let (t, c, d) = (u32_of(OP, "tokens", tokens)?, u32_of(OP, "count", count)?, u32_of(OP, "dim", dim)?);
@@ -228,10 +231,11 @@ pub fn set_prompts(
 /// # if !mlvpt::gpu::GpuContext::driver_present() { return Ok(()); } // needs a device (a GPU or tools/vgpu)
 /// let gpu = GpuContext::new(0)?;
 /// let (b, n, p, d) = (2, 4, 2, 3);
+/// let shape = tokens::TokenShape { batch: b, prompts: p, num_patches: n - 1 - p, dim: d };
 /// let dx0: Vec<f32> = (0..b * n * d).map(|i| i as f32).collect();
 /// let mut dx = gpu.upload(&dx0)?;
 /// let mut dprompts = gpu.zeros::<f32>(2 * p * d)?; // [L = 2, P, D]
-/// tokens::cuda::prompt_grad(&gpu, gpu.stream(), &mut dx, &mut dprompts, 0, b, n, p, d, true)?;
+/// tokens::cuda::prompt_grad(&gpu, gpu.stream(), &mut dx, &mut dprompts, 0, &shape, true)?;
 /// let (dx, dp) = (gpu.download(&dx)?, gpu.download(&dprompts)?);
 /// for r in 0..p * d {
 ///     assert_eq!(dp[r], dx0[d + r] + dx0[n * d + d + r]); // sum over images of rows 1..1+P
@@ -240,23 +244,17 @@ pub fn set_prompts(
 /// assert!(dx[d..3 * d].iter().chain(&dx[n * d + d..n * d + 3 * d]).all(|&v| v == 0.0)); // zero_rows
 /// # Ok(()) }
 /// ```
-#[allow(clippy::too_many_arguments)]
 pub fn prompt_grad(
     gpu: &GpuContext,
     stream: &CudaStream,
     dx: &mut impl DevicePtrMut<f32>,
     dprompts: &mut impl DevicePtrMut<f32>,
     layer: usize,
-    batch: usize,
-    tokens: usize,
-    count: usize,
-    dim: usize,
+    sh: &TokenShape,
     zero_rows: bool,
 ) -> Result<(), GpuError> {
     const OP: &str = "prompt_grad";
-    if count >= tokens {
-        return Err(GpuError::invalid(OP, format!("{count} prompts do not fit {tokens} tokens")));
-    }
+    let (batch, tokens, count, dim) = (sh.batch, sh.tokens(), sh.prompts, sh.dim);
     check_len(OP, "dx", dx, batch * tokens * dim)?;
     check_len(OP, "dprompts", dprompts, (layer + 1) * count * dim)?;
     let (bt, t, c, d) = (
@@ -289,27 +287,40 @@ pub fn prompt_grad(
 /// // Rows 1..3 of each image's 5 tokens into rows 0..2 of a [B, 2, D] buffer (e.g. the prompts).
 /// let src: Vec<bf16> = (0..b * 5 * d).map(|i| bf16::from_f32(i as f32)).collect();
 /// let mut dst = gpu.zeros::<bf16>(b * 2 * d)?;
-/// tokens::cuda::copy_tokens::<bf16>(&gpu, gpu.stream(), &gpu.upload(&src)?, 5, 1, &mut dst, 2, 0, 2, b, d)?;
+/// let copy = tokens::TokenCopy {
+///     batch: b,
+///     dim: d,
+///     count: 2,
+///     src: tokens::TokenRange { tokens: 5, start: 1 },
+///     dst: tokens::TokenRange { tokens: 2, start: 0 },
+/// };
+/// tokens::cuda::copy_tokens::<bf16>(&gpu, gpu.stream(), &gpu.upload(&src)?, &mut dst, &copy)?;
 /// let dst = gpu.download(&dst)?;
 /// assert_eq!(dst[..2 * d], src[d..3 * d]);
 /// assert_eq!(dst[2 * d..], src[5 * d + d..5 * d + 3 * d]);
 /// # Ok(()) }
 /// ```
-#[allow(clippy::too_many_arguments)]
 pub fn copy_tokens<T: Storage>(
     gpu: &GpuContext,
     stream: &CudaStream,
     src: &impl DevicePtr<T>,
-    src_tokens: usize,
-    src_start: usize,
     dst: &mut impl DevicePtrMut<T>,
-    dst_tokens: usize,
-    dst_start: usize,
-    count: usize,
-    batch: usize,
-    dim: usize,
+    c: &TokenCopy,
 ) -> Result<(), GpuError> {
     const OP: &str = "copy_tokens";
+    let &TokenCopy {
+        batch,
+        dim,
+        count,
+        src: TokenRange {
+            tokens: src_tokens,
+            start: src_start,
+        },
+        dst: TokenRange {
+            tokens: dst_tokens,
+            start: dst_start,
+        },
+    } = c;
     if src_start + count > src_tokens || dst_start + count > dst_tokens {
         return Err(GpuError::invalid(
             OP,
@@ -349,7 +360,7 @@ pub fn copy_tokens<T: Storage>(
 ///
 /// ```
 /// use mlvpt::gpu::{bf16, DevicePtr, GpuContext};
-/// use mlvpt::ops::tokens;
+/// use mlvpt::ops::{tokens, Rows};
 /// # fn main() -> Result<(), mlvpt::gpu::GpuError> {
 /// # if !mlvpt::gpu::GpuContext::driver_present() { return Ok(()); } // needs a device (a GPU or tools/vgpu)
 /// let gpu = GpuContext::new(0)?;
@@ -359,13 +370,13 @@ pub fn copy_tokens<T: Storage>(
 /// let ls = gpu.upload(&[1.0f32, 2.0, 4.0])?; // LayerScale
 /// let mut out = gpu.zeros::<f32>(rows * d)?;
 /// let ls: &dyn DevicePtr<f32> = &ls;
-/// tokens::cuda::residual::<bf16>(&gpu, gpu.stream(), &x, &f, Some(ls), &mut out, rows, d)?;
+/// let shape = Rows { rows, dim: d };
+/// tokens::cuda::residual::<bf16>(&gpu, gpu.stream(), &x, &f, Some(ls), &mut out, shape)?;
 /// assert_eq!(gpu.download(&out)?, [1.5, 3.0, 5.0, 4.5, 6.0, 8.0]);
-/// tokens::cuda::residual::<bf16>(&gpu, gpu.stream(), &x, &f, None, &mut out, rows, d)?; // no LayerScale
+/// tokens::cuda::residual::<bf16>(&gpu, gpu.stream(), &x, &f, None, &mut out, shape)?; // no LayerScale
 /// assert_eq!(gpu.download(&out)?, [1.5, 2.5, 3.5, 4.5, 5.5, 6.5]);
 /// # Ok(()) }
 /// ```
-#[allow(clippy::too_many_arguments)]
 pub fn residual<T: Storage>(
     gpu: &GpuContext,
     stream: &CudaStream,
@@ -373,11 +384,10 @@ pub fn residual<T: Storage>(
     f: &impl DevicePtr<T>,
     ls: Option<&dyn DevicePtr<f32>>,
     out: &mut impl DevicePtrMut<f32>,
-    rows: usize,
-    dim: usize,
+    sh: Rows,
 ) -> Result<(), GpuError> {
     const OP: &str = "residual";
-    let n = rows * dim;
+    let (n, dim) = (sh.len(), sh.dim);
     check_len(OP, "x", x, n)?;
     check_len(OP, "f", f, n)?;
     check_len(OP, "out", out, n)?;
@@ -410,14 +420,14 @@ pub fn residual<T: Storage>(
 ///
 /// ```
 /// use mlvpt::gpu::{bf16, GpuContext};
-/// use mlvpt::ops::tokens;
+/// use mlvpt::ops::{tokens, Rows};
 /// # fn main() -> Result<(), mlvpt::gpu::GpuError> {
 /// # if !mlvpt::gpu::GpuContext::driver_present() { return Ok(()); } // needs a device (a GPU or tools/vgpu)
 /// let gpu = GpuContext::new(0)?;
 /// let src = gpu.upload(&[1.0f32, 2.0, 3.0, 4.0])?; // [2, 2]
 /// let v = gpu.upload(&[0.5f32, -2.0])?;
 /// let mut out = gpu.zeros::<bf16>(4)?; // e.g. a GEMM operand in bf16
-/// tokens::cuda::mul_cols::<bf16>(&gpu, gpu.stream(), &src, &v, &mut out, 2, 2)?;
+/// tokens::cuda::mul_cols::<bf16>(&gpu, gpu.stream(), &src, &v, &mut out, Rows { rows: 2, dim: 2 })?;
 /// let out: Vec<f32> = gpu.download(&out)?.iter().map(|x| x.to_f32()).collect();
 /// assert_eq!(out, [0.5, -4.0, 1.5, -8.0]);
 /// # Ok(()) }
@@ -428,11 +438,10 @@ pub fn mul_cols<T: Storage>(
     src: &impl DevicePtr<f32>,
     v: &impl DevicePtr<f32>,
     out: &mut impl DevicePtrMut<T>,
-    rows: usize,
-    dim: usize,
+    sh: Rows,
 ) -> Result<(), GpuError> {
     const OP: &str = "mul_cols";
-    let n = rows * dim;
+    let (n, dim) = (sh.len(), sh.dim);
     check_len(OP, "src", src, n)?;
     check_len(OP, "v", v, dim)?;
     check_len(OP, "out", out, n)?;
