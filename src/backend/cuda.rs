@@ -896,7 +896,7 @@ impl Backend for CudaBackend {
             } else {
                 let q = input::<f32>(g, qkv, s0, full)?;
                 let o = output::<f32>(g, out, s1, nq, Mode::Write)?;
-                tokens::cuda::attention_forward(g, g.stream(), q, &mut *o.buf, &mut *l.buf, shape)?;
+                attention::cuda::plain_forward(g, g.stream(), q, &mut *o.buf, &mut *l.buf, shape)?;
                 o.done(g)?;
             }
             l.done(g)
@@ -926,7 +926,7 @@ impl Backend for CudaBackend {
                 let o = input::<f32>(g, out, s1, nq)?;
                 let go = input::<f32>(g, dout, s3, nq)?;
                 let d = output::<f32>(g, dqkv, s4, full, Mode::Write)?;
-                tokens::cuda::attention_backward(g, g.stream(), q, o, l, go, &mut *d.buf, shape)?;
+                attention::cuda::plain_backward(g, g.stream(), q, o, l, go, &mut *d.buf, shape)?;
                 d.done(g)
             }
         });
