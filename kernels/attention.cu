@@ -33,7 +33,7 @@
 //   attn_simple_fwd, attn_simple_bwd: the plain fp32 attention (PlainAttnParams) for head
 //                      dims without fused kernels; grid (Nq, B*h), the row's scores in shared
 //                      memory (end of this file).
-// The PTX wrappers are in ptx.cuh. tests/gpu_attention.rs checks every kernel here against the
+// The PTX wrappers are in ptx.cuh. tests/ops/attention.rs checks every kernel here against the
 // CPU reference (in CI on the virtual CUDA device of tools/vgpu, under its sanitizer checks).
 // dQ is summed by atomics in whatever order the key blocks finish, so its last bits may differ
 // between runs; out, lse, dK, dV are deterministic.
