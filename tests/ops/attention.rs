@@ -4,7 +4,8 @@
 //! prompt mask structurally. On a device: the fused kernels (`kernels/attention.cu`) against
 //! the f32 twin on the same bf16-rounded inputs over a grid of token counts, prompt counts,
 //! batch x heads and head dims, outputs and scratch poisoned with NaN before each run; the
-//! prompt mask structurally; the typed one-call API; the unfused peer.
+//! prompt mask structurally; the typed one-call API; the unfused peer; and the plain fp32
+//! kernels.
 
 use crate::common::*;
 use mlvpt::ops::attention::{cpu as attn, AttnShape};
@@ -645,6 +646,62 @@ mod gpu {
             moved * 10 >= rows * 9,
             "only {moved} of {rows} CLS/patch rows moved with prompt {victim}'s key (seed {seed})"
         );
+    }
+
+    /// The plain fp32 kernels (`attn_simple_fwd`/`_bwd`, `cuda::plain_forward`/`plain_backward`:
+    /// head dims without fused kernels) against the f32 CPU twin, outputs and gradients poisoned
+    /// with NaN first (the backward zeroes dqkv itself), all queries and the prompt rows only.
+    #[test]
+    #[ignore = "requires a CUDA device"]
+    fn plain_attention_matches_cpu() {
+        let gpu = gpu();
+        let (mut rng, seed) = rng("plain_attention");
+        let s = gpu.stream();
+        for (b, h, n, p, dh) in [
+            (1usize, 1usize, 1usize, 0usize, 4usize),
+            (2, 3, 23, 6, 24),
+            (1, 2, 37, 10, 48),
+            (2, 1, 131, 30, 8),
+        ] {
+            let full = shape(b, h, n, p, dh);
+            let ranges = if p > 0 { vec![None, Some((1, p))] } else { vec![None] };
+            for rows in ranges {
+                let sh = rows.map_or(full, |(q_start, q_len)| AttnShape { q_start, q_len, ..full });
+                let (d, nq) = (sh.dim(), sh.q_len);
+                let qkv = uniform(&mut rng, b * n * 3 * d, -2.0, 2.0);
+                let dout = uniform(&mut rng, b * nq * d, -1.0, 1.0);
+                let (mut out, mut lse, mut dqkv, mut sc) = (
+                    vec![0.0f32; b * nq * d],
+                    vec![0.0f32; b * h * nq],
+                    vec![0.0f32; b * n * 3 * d],
+                    Vec::new(),
+                );
+                attention::cpu::forward(&qkv, &mut out, &mut lse, &sh, &mut sc);
+                attention::cpu::backward(&qkv, &out, &lse, &dout, &mut dqkv, &sh, &mut sc);
+
+                let (qd, gd) = (gpu.upload(&qkv).unwrap(), gpu.upload(&dout).unwrap());
+                let (mut o, mut l, mut dq) = (nan_f32(&gpu, out.len()), nan_f32(&gpu, lse.len()), nan_f32(&gpu, dqkv.len()));
+                cuda::plain_forward(&gpu, s, &qd, &mut o, &mut l, &sh).unwrap();
+                cuda::plain_backward(&gpu, s, &qd, &o, &l, &gd, &mut dq, &sh).unwrap();
+                let what = format!("plain B={b} h={h} N={n} P={p} dh={dh} rows {rows:?}");
+                assert_close(&format!("{what} out"), &gpu.download(&o).unwrap(), &to_f64(&out), 1e-5, 1e-4, seed);
+                assert_close(&format!("{what} lse"), &gpu.download(&l).unwrap(), &to_f64(&lse), 1e-5, 1e-5, seed);
+                assert_close(
+                    &format!("{what} dqkv"),
+                    &gpu.download(&dq).unwrap(),
+                    &to_f64(&dqkv),
+                    1e-4,
+                    1e-4,
+                    seed,
+                );
+            }
+        }
+        // Shapes past the kernels' grid or the buffers are errors, not launches.
+        let sh = shape(1, 2, 10, 3, 4);
+        let qkv = gpu.zeros::<f32>(10 * 3 * 8).unwrap();
+        let (mut out, mut lse) = (gpu.zeros::<f32>(10 * 8).unwrap(), gpu.zeros::<f32>(2 * 10 - 1).unwrap());
+        let e = cuda::plain_forward(&gpu, s, &qkv, &mut out, &mut lse, &sh).unwrap_err();
+        assert!(e.to_string().contains("lse has 19 elements, needs 20"), "{e}");
     }
 
     #[test]
