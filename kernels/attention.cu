@@ -30,7 +30,10 @@
 //                      query-stationary pass like the forward; no dq_acc, no atomics.
 //   attn_split_heads, attn_softmax_rows_bf16, attn_softmax_bwd_rows_bf16: the unfused peer
 //                          used by benches/gpu_attention.rs (cuBLAS GEMMs around them).
-// The PTX wrappers are in ptx.cuh. tests/gpu_attention.rs checks every kernel here against the
+//   attn_simple_fwd, attn_simple_bwd: the plain fp32 attention (PlainAttnParams) for head
+//                      dims without fused kernels; grid (Nq, B*h), the row's scores in shared
+//                      memory (end of this file).
+// The PTX wrappers are in ptx.cuh. tests/ops/attention.rs checks every kernel here against the
 // CPU reference (in CI on the virtual CUDA device of tools/vgpu, under its sanitizer checks).
 // dQ is summed by atomics in whatever order the key blocks finish, so its last bits may differ
 // between runs; out, lse, dK, dV are deterministic.
@@ -967,5 +970,129 @@ extern "C" __global__ void attn_softmax_bwd_rows_bf16(const bf16* __restrict__ p
         const float di = warp_sum(acc);
         for (uint32_t j = lane; j < n; j += 32)
             dr[j] = __float2bfloat16_rn(scale * __bfloat162float(pr[j]) * (__bfloat162float(dr[j]) - di));
+    }
+}
+
+// ---- plain fp32 attention (any head dim) ------------------------------------------------------
+// For head dims the fused kernels above do not cover (launchers: plain_forward, plain_backward in
+// src/ops/attention/cuda.rs). fp32 storage and math, no tensor cores.
+// One block per (query, image*head); the scores of the row live in shared memory (N floats,
+// twice in the backward). Mask as AttnShape::allowed: a prompt query skips the other prompts.
+
+__device__ float plain_block_max(float v, float* scratch) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(FULL_MASK, v, o));
+    __syncthreads();
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    float r = -INFINITY;
+    for (int w = 0; w < nwarps; ++w) r = fmaxf(r, scratch[w]);
+    return r;
+}
+
+__device__ float plain_block_sum(float v, float* scratch) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+    v = warp_sum(v);
+    __syncthreads();
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    float r = 0.f;
+    for (int w = 0; w < nwarps; ++w) r += scratch[w];
+    return r;
+}
+
+// qkv [B, N, 3, h, dh]; out [B, Nq, D]; lse [B, h, Nq] (PlainAttnParams: src/contract.rs).
+extern "C" __global__ void attn_simple_fwd(const PlainAttnParams p) {
+    const float* __restrict__ qkv = p.qkv;
+    float* __restrict__ out = p.out;
+    float* __restrict__ lse = p.lse;
+    const int n = p.n, h = p.h, dh = p.dh, ps = p.ps, pe = p.pe, q0 = p.q0, nq = p.nq;
+    const float scale = p.scale;
+    float* s = reinterpret_cast<float*>(dyn_smem());  // [n] scores, then 32 reduction slots
+    float* red = s + n;
+    const int qi = blockIdx.x, bh = blockIdx.y, b = bh / h, hd = bh % h, d = h * dh, i = q0 + qi;
+    const float* base = qkv + (uint64_t)b * n * 3 * d + hd * dh;
+    const float* q = base + (uint64_t)i * 3 * d;
+    float mx = -INFINITY;
+    for (int j = threadIdx.x; j < n; j += blockDim.x) {
+        float v = -INFINITY;
+        if (attn::allowed(i, j, ps, pe)) {
+            const float* k = base + (uint64_t)j * 3 * d + d;
+            float acc = 0.f;
+            for (int c = 0; c < dh; ++c) acc += q[c] * k[c];
+            v = acc * scale;
+        }
+        s[j] = v;
+        mx = fmaxf(mx, v);
+    }
+    mx = plain_block_max(mx, red);
+    float sum = 0.f;
+    for (int j = threadIdx.x; j < n; j += blockDim.x) {
+        float e = __expf(s[j] - mx);
+        s[j] = e;
+        sum += e;
+    }
+    sum = plain_block_sum(sum, red);
+    const float inv = 1.f / sum;
+    __syncthreads();
+    for (int c = threadIdx.x; c < dh; c += blockDim.x) {
+        float acc = 0.f;
+        for (int j = 0; j < n; ++j) acc += s[j] * base[(uint64_t)j * 3 * d + 2 * d + c];
+        out[((uint64_t)b * nq + qi) * d + hd * dh + c] = acc * inv;
+    }
+    if (threadIdx.x == 0) lse[(uint64_t)bh * nq + qi] = mx + logf(sum);
+}
+
+// dqkv must be zero on entry (dK, dV are accumulated with atomics across queries).
+extern "C" __global__ void attn_simple_bwd(const PlainAttnParams p) {
+    const float* __restrict__ qkv = p.qkv;
+    const float* __restrict__ out = p.out;
+    const float* __restrict__ lse = p.lse;
+    const float* __restrict__ dout = p.dout;
+    float* __restrict__ dqkv = p.dqkv;
+    const int n = p.n, h = p.h, dh = p.dh, ps = p.ps, pe = p.pe, q0 = p.q0, nq = p.nq;
+    const float scale = p.scale;
+    float* s = reinterpret_cast<float*>(dyn_smem());  // [n] probabilities, [n] dS, 32 reduction slots
+    float* ds = s + n;
+    float* red = ds + n;
+    const int qi = blockIdx.x, bh = blockIdx.y, b = bh / h, hd = bh % h, d = h * dh, i = q0 + qi;
+    const uint64_t img = (uint64_t)b * n * 3 * d + hd * dh;
+    const float* base = qkv + img;
+    float* dbase = dqkv + img;
+    const float* q = base + (uint64_t)i * 3 * d;
+    const float* go = dout + ((uint64_t)b * nq + qi) * d + hd * dh;
+    const float* o = out + ((uint64_t)b * nq + qi) * d + hd * dh;
+    const float l = lse[(uint64_t)bh * nq + qi];
+    float dd = 0.f;
+    for (int c = threadIdx.x; c < dh; c += blockDim.x) dd += go[c] * o[c];
+    dd = plain_block_sum(dd, red);
+    for (int j = threadIdx.x; j < n; j += blockDim.x) {
+        float p = 0.f, g = 0.f;
+        if (attn::allowed(i, j, ps, pe)) {
+            const float* k = base + (uint64_t)j * 3 * d + d;
+            const float* v = k + d;
+            float acc = 0.f, dp = 0.f;
+            for (int c = 0; c < dh; ++c) {
+                acc += q[c] * k[c];
+                dp += go[c] * v[c];
+            }
+            p = __expf(acc * scale - l);
+            g = p * (dp - dd);
+        }
+        s[j] = p;
+        ds[j] = g;
+    }
+    __syncthreads();
+    // dQ row (this block owns it), dK and dV rows (shared across queries: atomics).
+    for (int c = threadIdx.x; c < dh; c += blockDim.x) {
+        float acc = 0.f;
+        for (int j = 0; j < n; ++j) acc += ds[j] * base[(uint64_t)j * 3 * d + d + c];
+        dbase[(uint64_t)i * 3 * d + c] = acc * scale;
+    }
+    for (uint64_t t = threadIdx.x; t < (uint64_t)n * dh; t += blockDim.x) {
+        int j = (int)(t / dh), c = (int)(t % dh);
+        if (s[j] == 0.f && ds[j] == 0.f) continue;
+        atomicAdd(dbase + (uint64_t)j * 3 * d + d + c, ds[j] * q[c] * scale);
+        atomicAdd(dbase + (uint64_t)j * 3 * d + 2 * d + c, s[j] * go[c]);
     }
 }

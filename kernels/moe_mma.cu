@@ -18,7 +18,7 @@
 // <= 2^-18, is dropped), accumulated in fp32 by the tensor cores (whose adds truncate, with
 // few alignment bits: over D = 768, 48 k-steps of 2-3 mmas, expect up to ~2^-16 of the partial
 // sums' magnitude). So a result is within ~2^-16 of the sum of |terms| of head.cu's fp32 dot
-// product, not bf16-rounded; tests/gpu_head.rs allows 1e-4. Every output element belongs to one
+// product, not bf16-rounded; tests/ops/head.rs allows 1e-4. Every output element belongs to one
 // block and is summed in a fixed order: deterministic, no atomics.
 //
 // Blocking (all three): a block of 4 warps computes a 64 x 64 tile of C = A B, a warp 32 x 32

@@ -368,7 +368,7 @@ pub mod asl {
 ///
 /// ```
 /// use mlvpt::contract::tokens;
-/// assert_eq!((tokens::CopyTokensParams::default().count, tokens::PlainAttnParams::default().nq), (0, 0));
+/// assert_eq!(tokens::CopyTokensParams::default().count, 0);
 /// ```
 pub mod tokens {
     kernel_params! {
@@ -394,39 +394,9 @@ pub mod tokens {
             pub d: u32 => "uint32_t {}",
         }
     }
-
-    kernel_params! {
-        /// `attn_simple_fwd` / `attn_simple_bwd`, the plain fp32 attention for head dims the
-        /// fused kernels lack: `qkv [B, N, 3, h, dh]`, `out` and `dout [B, Nq, h*dh]`,
-        /// `lse [B, h, Nq]`, `dqkv` like `qkv`; queries `q0 .. q0 + nq`, prompts `ps .. pe`.
-        ///
-        /// ```
-        /// use mlvpt::contract::tokens::PlainAttnParams;
-        /// // Head dim 48 (no fused kernel): 4 heads, CLS + 10 prompts + 49 patches, every token a query.
-        /// let p = PlainAttnParams { n: 60, h: 4, dh: 48, ps: 1, pe: 11, q0: 0, nq: 60, scale: 1.0 / 48f32.sqrt(), ..Default::default() };
-        /// assert_eq!(p.dqkv, 0); // pointers are set by the launcher
-        /// ```
-        pub struct PlainAttnParams {
-            pub qkv: u64 => "const float* {}",
-            /// Written by the forward, read by the backward.
-            pub out: u64 => "float* {}",
-            pub lse: u64 => "float* {}",
-            pub dout: u64 => "const float* {}",
-            /// Zero on entry to the backward (dK, dV are added with atomics).
-            pub dqkv: u64 => "float* {}",
-            pub n: i32 => "int {}",
-            pub h: i32 => "int {}",
-            pub dh: i32 => "int {}",
-            pub ps: i32 => "int {}",
-            pub pe: i32 => "int {}",
-            pub q0: i32 => "int {}",
-            pub nq: i32 => "int {}",
-            pub scale: f32 => "float {}",
-        }
-    }
 }
 
-/// Fused prompt-masked attention (`kernels/attention.cu`).
+/// Prompt-masked attention (`kernels/attention.cu`): the fused kernels and the plain fp32 ones.
 ///
 /// ```
 /// use mlvpt::contract::attention;
@@ -769,6 +739,36 @@ pub mod attention {
             pub scale: f32 => "float {}",
         }
     }
+
+    kernel_params! {
+        /// `attn_simple_fwd` / `attn_simple_bwd`, the plain fp32 attention for head dims the
+        /// fused kernels lack: `qkv [B, N, 3, h, dh]`, `out` and `dout [B, Nq, h*dh]`,
+        /// `lse [B, h, Nq]`, `dqkv` like `qkv`; queries `q0 .. q0 + nq`, prompts `ps .. pe`.
+        ///
+        /// ```
+        /// use mlvpt::contract::attention::PlainAttnParams;
+        /// // Head dim 48 (no fused kernel): 4 heads, CLS + 10 prompts + 49 patches, every token a query.
+        /// let p = PlainAttnParams { n: 60, h: 4, dh: 48, ps: 1, pe: 11, q0: 0, nq: 60, scale: 1.0 / 48f32.sqrt(), ..Default::default() };
+        /// assert_eq!(p.dqkv, 0); // pointers are set by the launcher
+        /// ```
+        pub struct PlainAttnParams {
+            pub qkv: u64 => "const float* {}",
+            /// Written by the forward, read by the backward.
+            pub out: u64 => "float* {}",
+            pub lse: u64 => "float* {}",
+            pub dout: u64 => "const float* {}",
+            /// Zero on entry to the backward (dK, dV are added with atomics).
+            pub dqkv: u64 => "float* {}",
+            pub n: i32 => "int {}",
+            pub h: i32 => "int {}",
+            pub dh: i32 => "int {}",
+            pub ps: i32 => "int {}",
+            pub pe: i32 => "int {}",
+            pub q0: i32 => "int {}",
+            pub nq: i32 => "int {}",
+            pub scale: f32 => "float {}",
+        }
+    }
 }
 
 /// (field, C declaration, byte offset) of each field of a parameter struct.
@@ -786,8 +786,8 @@ pub fn param_structs() -> Vec<(&'static str, usize, CFields)> {
         asl::AslParams,
         head::MoeParams,
         tokens::CopyTokensParams,
-        tokens::PlainAttnParams,
-        attention::AttnParams
+        attention::AttnParams,
+        attention::PlainAttnParams
     ]
 }
 

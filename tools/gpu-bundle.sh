@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds, here (no GPU needed), what the GPU machine runs: the release test binaries that hold
-# GPU tests (tests/gpu_*.rs and the library's unit tests), the GPU benches (benches/gpu_*.rs), the
+# GPU tests (tests/gpu_*.rs, the ops' tests/ops/ and the library's unit tests), the GPU benches (benches/gpu_*.rs), the
 # embedding examples (examples/embed_*.rs) and `mlvpt`, all with `--features cuda`, stripped, plus tools/gpu-runner.sh and the PyTorch peer's
 # scripts (tools/peer/*.py, for the step comparison), in the git-ignored folder bundle/
 # (under 64 MiB, the most a device call carries). See docs/GPU.md.
@@ -61,7 +61,7 @@ while IFS=$'\t' read -r kind name exe; do
   case "$kind:$name" in
     lib:*) cp "$exe" "$BUNDLE/tests/lib" ;;
     test:gpu_ptxas) ;;  # a build-time check that reads the sources; CI runs it
-    test:gpu_*) cp "$exe" "$BUNDLE/tests/$name" ;;
+    test:gpu_*|test:ops) cp "$exe" "$BUNDLE/tests/$name" ;;
   esac
 done <<< "$tests"
 while IFS=$'\t' read -r kind name exe; do

@@ -139,11 +139,12 @@ remaining() { echo $((DEADLINE - $(date +%s))); }
 # sanitizer pass, our step, the attention bench with PyTorch's kernels, the step per
 # alternative pair), for a short device session. MLVPT_GPU_FOCUS=head: the head's tests and
 # sanitizer pass, our step, the head bench (with its copy peer), the step per head kernel set.
-# focus_skips NAME: true when the focus leaves out the test or bench binary NAME.
+# focus_skips NAME: true when the focus leaves out the test or bench binary NAME. The ops'
+# tests are one binary (`ops`, tests/ops/): a focus runs only its op's module there.
 focus_skips() {
   case "$FOCUS" in
-    attention) [ "$1" != gpu_attention ] ;;
-    head) [ "$1" != gpu_head ] ;;
+    attention) [ "$1" != gpu_attention ] && [ "$1" != ops ] ;;
+    head) [ "$1" != gpu_head ] && [ "$1" != ops ] ;;
     *) return 1 ;;
   esac
 }
@@ -163,6 +164,7 @@ for t in "$HERE"/tests/*; do
   # The library's unit tests are mostly CPU tests (CI runs them): only its GPU/CUDA ones here.
   args=(--include-ignored)
   [ "$name" = lib ] && args+=(gpu cuda)
+  [ "$name" = ops ] && [ -n "$FOCUS" ] && args+=("$FOCUS::")
   log "test $name ${args[*]} (timeout ${left}s)"
   t0=$(date +%s)
   timeout --kill-after=5 "$left" "$t" "${args[@]}" > "$LOGS/test-$name.log" 2>&1
@@ -195,11 +197,12 @@ done
 
 # --- compute-sanitizer on the tensor-core kernels (shared-memory races, out-of-bounds accesses) --
 # The real hardware's own checks, beside the models of them the virtual device (tools/vgpu) runs
-# on the CPU. One small test per binary launches every compiled attention kernel, every head kernel of both sets.
+# on the CPU. One small test per op (attention, head; binary tests/ops) launches every compiled
+# attention kernel, every head kernel of both sets.
 sanitizer=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -n 1 || true)
-for target in gpu_attention:attention_every_kernel_small gpu_head:head_every_kernel_small; do
-  bin=${target%%:*}; test=${target#*:}; what=${bin#gpu_}
-  focus_skips "$bin" && continue
+for target in ops:attention::gpu::attention_every_kernel_small ops:head::gpu::head_every_kernel_small; do
+  bin=${target%%:*}; test=${target#*:}; what=${test%%::*}
+  [ -n "$FOCUS" ] && [ "$what" != "$FOCUS" ] && continue
   if [ -n "${MLVPT_GPU_SKIP_SANITIZER:-}" ]; then
     row "sanitizer $what" "SKIPPED" - - - 0; continue
   elif [ -z "$sanitizer" ] || [ ! -x "$HERE/tests/$bin" ]; then

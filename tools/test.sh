@@ -52,8 +52,8 @@ done
 step "the kernels as a library: a crate with default-features = false, features = [\"cuda\"] (tools/check-embed.sh)"
 bash tools/check-embed.sh
 # Its CPU twins without rayon and the gemm crate (sequential, the plain matmul) against finite
-# differences and the definition.
-cargo test --release --no-default-features --lib --test gradcheck_ops --test asl
+# differences and the definition (tests/ops: the GPU cases compile out without `cuda`).
+cargo test --release --no-default-features --lib --test ops
 
 step "the published crate: packs, fits crates.io, builds alone with default features and cuda (tools/check-package.sh)"
 bash tools/check-package.sh

@@ -1,7 +1,7 @@
 //! Part of the `gpu_kernels` bench (one binary: each bench binary embeds every fatbin, and the
 //! GPU bundle must stay under 64 MiB). Throughput of the token kernels of `kernels/tokens.cu`
 //! (launchers `ops::tokens::cuda`), in bytes moved per second, and of the plain fp32 fallback
-//! attention there, in FLOP/s (criterion "elements"), at the ViT-B/16 training shape of the CUDA
+//! attention (`kernels/attention.cu`, `ops::attention::cuda::plain_*`), in FLOP/s (criterion "elements"), at the ViT-B/16 training shape of the CUDA
 //! backend: batch 128, N 227 tokens (CLS + 30 prompts + 196 patches), D 768, images 3 x 224 x
 //! 224, fp32 buffers. Bytes count each buffer read or written once (small vectors such as the
 //! position embeddings or a LayerScale row once, not per image). Attention FLOPs: 2 per
@@ -12,7 +12,7 @@
 
 use criterion::{Criterion, Throughput};
 use mlvpt::gpu::{CudaSlice, GpuContext};
-use mlvpt::ops::attention::AttnShape;
+use mlvpt::ops::attention::{cuda as attn, AttnShape};
 use mlvpt::ops::tokens::cuda as tok;
 use mlvpt::ops::tokens::{PatchShape, TokenCopy, TokenRange, TokenShape};
 use mlvpt::ops::Rows;
@@ -163,13 +163,13 @@ fn bench_attention(c: &mut Criterion, gpu: &GpuContext) {
         let madds = (B as u64) * attention_pairs(&sh) * D as u64;
         g.throughput(Throughput::Elements(2 * 2 * madds));
         g.bench_function(format!("forward {label}"), |b| {
-            b.iter_custom(|it| timed(gpu, it, || tok::attention_forward(gpu, s, &qkv, &mut out, &mut lse, &sh)))
+            b.iter_custom(|it| timed(gpu, it, || attn::plain_forward(gpu, s, &qkv, &mut out, &mut lse, &sh)))
         });
         // The backward reads the forward's lse: computed once for this shape, untimed.
-        tok::attention_forward(gpu, s, &qkv, &mut out, &mut lse, &sh).unwrap();
+        attn::plain_forward(gpu, s, &qkv, &mut out, &mut lse, &sh).unwrap();
         g.throughput(Throughput::Elements(5 * 2 * madds));
         g.bench_function(format!("backward {label}"), |b| {
-            b.iter_custom(|it| timed(gpu, it, || tok::attention_backward(gpu, s, &qkv, &out, &lse, &dout, &mut dqkv, &sh)))
+            b.iter_custom(|it| timed(gpu, it, || attn::plain_backward(gpu, s, &qkv, &out, &lse, &dout, &mut dqkv, &sh)))
         });
     }
     g.finish();

@@ -21,9 +21,9 @@
 //! remaining casts in a step are the fp32 residual gradient fed to a GEMM (blocks without
 //! LayerScale) and the bf16 results added into fp32 gradient sums (the head's `dz`). LayerNorm
 //! reads the fp32 residual stream and writes its gradient in fp32 itself (kernels for either
-//! storage), and the token kernels (`kernels/tokens.cu`) have fp32 and bf16 instantiations. Head dims the fused
-//! attention kernels do not cover run a plain fp32 attention (`ops::tokens::cuda`) on fp32
-//! casts.
+//! storage), and the token kernels (`kernels/tokens.cu`) have fp32 and bf16 instantiations.
+//! Head dims the fused attention kernels do not cover run the plain fp32 attention
+//! (`ops::attention::cuda::plain_forward`/`plain_backward`) on fp32 casts.
 //!
 //! **Errors**: the trait's ops return nothing, so the first [`GpuError`] is kept, later ops are
 //! skipped, and [`Backend::check`] (called by the `Trainer` when it reads results) reports it.
@@ -848,7 +848,7 @@ impl Backend for CudaBackend {
             } else {
                 let q = input::<f32>(g, qkv, s0, full)?;
                 let o = output::<f32>(g, out, s1, nq, Mode::Write)?;
-                tokens::cuda::attention_forward(g, g.stream(), q, &mut *o.buf, &mut *l.buf, shape)?;
+                attention::cuda::plain_forward(g, g.stream(), q, &mut *o.buf, &mut *l.buf, shape)?;
                 o.done(g)?;
             }
             l.done(g)
@@ -878,7 +878,7 @@ impl Backend for CudaBackend {
                 let o = input::<f32>(g, out, s1, nq)?;
                 let go = input::<f32>(g, dout, s3, nq)?;
                 let d = output::<f32>(g, dqkv, s4, full, Mode::Write)?;
-                tokens::cuda::attention_backward(g, g.stream(), q, o, l, go, &mut *d.buf, shape)?;
+                attention::cuda::plain_backward(g, g.stream(), q, o, l, go, &mut *d.buf, shape)?;
                 d.done(g)
             }
         });

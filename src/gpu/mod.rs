@@ -112,8 +112,8 @@ impl Kernel {
 unsafe impl cudarc::driver::DeviceRepr for crate::contract::adamw::AdamWParams {}
 unsafe impl cudarc::driver::DeviceRepr for crate::contract::asl::AslParams {}
 unsafe impl cudarc::driver::DeviceRepr for crate::contract::attention::AttnParams {}
+unsafe impl cudarc::driver::DeviceRepr for crate::contract::attention::PlainAttnParams {}
 unsafe impl cudarc::driver::DeviceRepr for crate::contract::head::MoeParams {}
-unsafe impl cudarc::driver::DeviceRepr for crate::contract::tokens::PlainAttnParams {}
 unsafe impl cudarc::driver::DeviceRepr for crate::contract::tokens::CopyTokensParams {}
 
 /// Every compiled kernel, one module per `kernels/<module>.cu` with a constant per kernel

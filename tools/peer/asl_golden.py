@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-# Golden values for tests/asl.rs: the official ASL code (Alibaba-MIIL/ASL, losses.py,
+# Golden values for tests/ops/asl.rs: the official ASL code (Alibaba-MIIL/ASL, losses.py,
 # AsymmetricLoss.forward) in float64 with autograd.
 import torch
 torch.set_default_dtype(torch.float64)

@@ -15,11 +15,14 @@
 //! between runs (except with a split backward of [`super::BWD_TILES`], which computes dQ in a
 //! pass of its own).
 //!
+//! [`plain_forward`] and [`plain_backward`] are a plain fp32 attention (no tensor cores, any
+//! head dim) for the head dims the fused kernels lack.
+//!
 //! [`unfused`] is the textbook path (cuBLAS strided-batched GEMMs and a softmax kernel over a
 //! materialised score matrix) that benches/gpu_attention.rs measures the fused kernels against.
 
 use super::{bwd_tiles, fwd_tiles, AttnShape, BwdTiles, FwdTiles, FUSED_THREADS};
-use crate::contract::attention::AttnParams;
+use crate::contract::attention::{AttnParams, PlainAttnParams};
 use crate::gpu::kernels::attention;
 use crate::gpu::launch::{check_aligned, check_len, grid_stride_blocks, BLOCK};
 use crate::gpu::{bf16, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, GpuContext, GpuError, Kernel, Layout, Tensor, TensorMut};
@@ -915,6 +918,159 @@ pub fn backward_with(
     (p.o_batch_stride, p.o_row_stride, p.o_head_stride) = rows;
     (p.do_batch_stride, p.do_row_stride, p.do_head_stride) = rows;
     launch_backward(gpu, stream, &mut p, sp, tiles)
+}
+
+// ---- plain fp32 attention (any head dim) ----
+
+fn plain_params(op: &'static str, sh: &AttnShape) -> Result<PlainAttnParams, GpuError> {
+    if sh.q_start + sh.q_len > sh.tokens || sh.prompt_start > sh.prompt_end || sh.prompt_end > sh.tokens {
+        return Err(GpuError::invalid(op, format!("{sh:?} is not a valid attention shape")));
+    }
+    if sh.batch * sh.heads > 65_535 || sh.q_len > i32::MAX as usize || sh.tokens * 3 * sh.dim() > i32::MAX as usize {
+        return Err(GpuError::invalid(op, format!("{sh:?} exceeds the plain kernels' grid")));
+    }
+    let [n, h, dh, ps, pe, q0, nq] = [
+        sh.tokens,
+        sh.heads,
+        sh.head_dim,
+        sh.prompt_start,
+        sh.prompt_end,
+        sh.q_start,
+        sh.q_len,
+    ]
+    .map(|v| v as i32);
+    Ok(PlainAttnParams {
+        n,
+        h,
+        dh,
+        ps,
+        pe,
+        q0,
+        nq,
+        scale: 1.0 / (sh.head_dim as f32).sqrt(),
+        ..PlainAttnParams::default()
+    })
+}
+
+fn plain_cfg(sh: &AttnShape, floats: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (sh.q_len as u32, (sh.batch * sh.heads) as u32, 1),
+        block_dim: (128, 1, 1),
+        shared_mem_bytes: ((floats + 32) * 4) as u32,
+    }
+}
+
+/// Plain fp32 masked attention forward (`attn_simple_fwd`), for any head dim; the fused bf16
+/// kernels cover [`HEAD_DIMS`]. Layouts as [`super::cpu::forward`], fp32 storage.
+///
+/// ```
+/// use mlvpt::gpu::GpuContext;
+/// use mlvpt::ops::attention::{self, AttnShape};
+/// # fn main() -> Result<(), mlvpt::gpu::GpuError> {
+/// # if !mlvpt::gpu::GpuContext::driver_present() { return Ok(()); } // needs a device (a GPU or tools/vgpu)
+/// let gpu = GpuContext::new(0)?;
+/// let sh = AttnShape::full(2, 5, 2, 3, 1, 3); // head dim 3: no fused kernel for it
+/// let x: Vec<f32> = (0..2 * 5 * 3 * 6).map(|i| ((i * 37) % 101) as f32 / 50.0 - 1.0).collect();
+/// let (mut out, mut lse) = (gpu.zeros::<f32>(2 * 5 * 6)?, gpu.zeros::<f32>(2 * 2 * 5)?);
+/// attention::cuda::plain_forward(&gpu, gpu.stream(), &gpu.upload(&x)?, &mut out, &mut lse, &sh)?;
+/// let (mut want, mut want_lse) = (vec![0.0f32; 2 * 5 * 6], vec![0.0f32; 2 * 2 * 5]);
+/// attention::cpu::forward(&x, &mut want, &mut want_lse, &sh, &mut Vec::new()); // the CPU twin
+/// for (g, w) in gpu.download(&out)?.iter().zip(&want).chain(gpu.download(&lse)?.iter().zip(&want_lse)) {
+///     assert!((g - w).abs() < 1e-5 * (1.0 + w.abs()), "{g} vs {w}");
+/// }
+/// # Ok(()) }
+/// ```
+pub fn plain_forward(
+    gpu: &GpuContext,
+    stream: &CudaStream,
+    qkv: &impl DevicePtr<f32>,
+    out: &mut impl DevicePtrMut<f32>,
+    lse: &mut impl DevicePtrMut<f32>,
+    sh: &AttnShape,
+) -> Result<(), GpuError> {
+    const OP: &str = "attention forward (plain)";
+    let mut a = plain_params(OP, sh)?;
+    check_len(OP, "qkv", qkv, sh.batch * sh.tokens * 3 * sh.dim())?;
+    check_len(OP, "out", out, sh.batch * sh.q_len * sh.dim())?;
+    check_len(OP, "lse", lse, sh.batch * sh.heads * sh.q_len)?;
+    if sh.batch * sh.heads * sh.q_len == 0 {
+        return Ok(());
+    }
+    let f = gpu.kernel(attention::ATTN_SIMPLE_FWD)?;
+    let (qp, _g1) = qkv.device_ptr(stream);
+    let (op, _g2) = out.device_ptr_mut(stream);
+    let (lp, _g3) = lse.device_ptr_mut(stream);
+    (a.qkv, a.out, a.lse) = (qp, op, lp);
+    let mut l = stream.launch_builder(&f);
+    l.arg(&a);
+    // SAFETY: lengths checked above; shared memory holds N scores and 32 reduction slots.
+    unsafe { l.launch(plain_cfg(sh, sh.tokens)) }.map_err(GpuError::driver("launching attn_simple_fwd"))?;
+    Ok(())
+}
+
+/// Backward of [`plain_forward`]: writes `dqkv [B, N, 3D]` (zeroed first; Q rows outside
+/// the query range stay zero).
+///
+/// ```
+/// use mlvpt::gpu::GpuContext;
+/// use mlvpt::ops::attention::{self, AttnShape};
+/// # fn main() -> Result<(), mlvpt::gpu::GpuError> {
+/// # if !mlvpt::gpu::GpuContext::driver_present() { return Ok(()); } // needs a device (a GPU or tools/vgpu)
+/// let gpu = GpuContext::new(0)?;
+/// // The last block's call: only the prompts 1..3 are queries.
+/// let sh = AttnShape { q_start: 1, q_len: 2, ..AttnShape::full(1, 5, 2, 4, 1, 3) };
+/// let x: Vec<f32> = (0..5 * 3 * 8).map(|i| ((i * 37) % 101) as f32 / 50.0 - 1.0).collect();
+/// let dout: Vec<f32> = (0..2 * 8).map(|i| ((i * 13) % 17) as f32 / 8.0 - 1.0).collect();
+/// let qkv = gpu.upload(&x)?;
+/// let (mut out, mut lse) = (gpu.zeros::<f32>(2 * 8)?, gpu.zeros::<f32>(2 * 2)?);
+/// attention::cuda::plain_forward(&gpu, gpu.stream(), &qkv, &mut out, &mut lse, &sh)?;
+/// let mut dqkv = gpu.upload(&vec![f32::NAN; 5 * 3 * 8])?; // overwritten
+/// attention::cuda::plain_backward(&gpu, gpu.stream(), &qkv, &out, &lse, &gpu.upload(&dout)?, &mut dqkv, &sh)?;
+/// let (mut o, mut l, mut want) = (vec![0.0f32; 2 * 8], vec![0.0f32; 2 * 2], vec![0.0f32; 5 * 3 * 8]);
+/// let mut scratch = Vec::new();
+/// attention::cpu::forward(&x, &mut o, &mut l, &sh, &mut scratch);
+/// attention::cpu::backward(&x, &o, &l, &dout, &mut want, &sh, &mut scratch); // the CPU twin
+/// for (g, w) in gpu.download(&dqkv)?.iter().zip(&want) {
+///     assert!((g - w).abs() < 1e-5 * (1.0 + w.abs()), "{g} vs {w}");
+/// }
+/// # Ok(()) }
+/// ```
+#[allow(clippy::too_many_arguments)]
+pub fn plain_backward(
+    gpu: &GpuContext,
+    stream: &CudaStream,
+    qkv: &impl DevicePtr<f32>,
+    out: &impl DevicePtr<f32>,
+    lse: &impl DevicePtr<f32>,
+    dout: &impl DevicePtr<f32>,
+    dqkv: &mut impl DevicePtrMut<f32>,
+    sh: &AttnShape,
+) -> Result<(), GpuError> {
+    const OP: &str = "attention backward (plain)";
+    let mut a = plain_params(OP, sh)?;
+    let total = sh.batch * sh.tokens * 3 * sh.dim();
+    check_len(OP, "qkv", qkv, total)?;
+    check_len(OP, "out", out, sh.batch * sh.q_len * sh.dim())?;
+    check_len(OP, "dout", dout, sh.batch * sh.q_len * sh.dim())?;
+    check_len(OP, "lse", lse, sh.batch * sh.heads * sh.q_len)?;
+    check_len(OP, "dqkv", dqkv, total)?;
+    // dK, dV are added with atomics: zero dqkv first (the shared fill kernel of tokens.cu).
+    crate::ops::tokens::cuda::fill::<f32>(gpu, stream, dqkv, total, 0.0)?;
+    if sh.batch * sh.heads * sh.q_len == 0 {
+        return Ok(());
+    }
+    let f = gpu.kernel(attention::ATTN_SIMPLE_BWD)?;
+    let (qp, _g1) = qkv.device_ptr(stream);
+    let (op, _g2) = out.device_ptr(stream);
+    let (lp, _g3) = lse.device_ptr(stream);
+    let (gp, _g4) = dout.device_ptr(stream);
+    let (dp, _g5) = dqkv.device_ptr_mut(stream);
+    (a.qkv, a.out, a.lse, a.dout, a.dqkv) = (qp, op, lp, gp, dp);
+    let mut l = stream.launch_builder(&f);
+    l.arg(&a);
+    // SAFETY: lengths checked above; shared memory holds 2N floats and 32 reduction slots.
+    unsafe { l.launch(plain_cfg(sh, 2 * sh.tokens)) }.map_err(GpuError::driver("launching attn_simple_bwd"))?;
+    Ok(())
 }
 
 /// The unfused attention path the benchmark compares against: per-head contiguous Q, K, V

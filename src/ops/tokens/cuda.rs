@@ -1,17 +1,16 @@
-//! Launchers of `kernels/tokens.cu`: the token-assembly ops of the CUDA backend, and a plain
-//! fp32 attention for head dims the fused kernels do not cover. Each checks buffer lengths
-//! against its shape and returns a [`GpuError`] instead of launching out of bounds.
+//! Launchers of `kernels/tokens.cu`: the token-assembly ops of the CUDA backend. Each checks
+//! buffer lengths against its shape and returns a [`GpuError`] instead of launching out of
+//! bounds.
 //!
 //! The activation operands of most kernels may be stored in fp32 or bf16 ([`Storage`]; the
 //! math is fp32 either way): a launcher generic over `T: Storage` picks the kernel's `_f32` or
 //! `_bf16` instantiation. Parameters, the residual stream and its gradient are fp32.
 
 use super::{PatchShape, TokenCopy, TokenRange, TokenShape};
-use crate::contract::tokens::{CopyTokensParams, PlainAttnParams};
+use crate::contract::tokens::CopyTokensParams;
 use crate::gpu::kernels::tokens;
 use crate::gpu::launch::{check_len, grid_stride_blocks, BLOCK};
 use crate::gpu::{CudaStream, DevicePtr, DevicePtrMut, GpuContext, GpuError};
-use crate::ops::attention::AttnShape;
 use crate::ops::Rows;
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 
@@ -531,155 +530,4 @@ pub fn fill<T: Storage>(
         &value,
         &n
     )
-}
-
-fn attn_dims(op: &'static str, sh: &AttnShape) -> Result<PlainAttnParams, GpuError> {
-    if sh.q_start + sh.q_len > sh.tokens || sh.prompt_start > sh.prompt_end || sh.prompt_end > sh.tokens {
-        return Err(GpuError::invalid(op, format!("{sh:?} is not a valid attention shape")));
-    }
-    if sh.batch * sh.heads > 65_535 || sh.q_len > i32::MAX as usize || sh.tokens * 3 * sh.dim() > i32::MAX as usize {
-        return Err(GpuError::invalid(op, format!("{sh:?} exceeds the plain kernels' grid")));
-    }
-    let [n, h, dh, ps, pe, q0, nq] = [
-        sh.tokens,
-        sh.heads,
-        sh.head_dim,
-        sh.prompt_start,
-        sh.prompt_end,
-        sh.q_start,
-        sh.q_len,
-    ]
-    .map(|v| v as i32);
-    Ok(PlainAttnParams {
-        n,
-        h,
-        dh,
-        ps,
-        pe,
-        q0,
-        nq,
-        scale: 1.0 / (sh.head_dim as f32).sqrt(),
-        ..PlainAttnParams::default()
-    })
-}
-
-fn attn_cfg(sh: &AttnShape, floats: usize) -> LaunchConfig {
-    LaunchConfig {
-        grid_dim: (sh.q_len as u32, (sh.batch * sh.heads) as u32, 1),
-        block_dim: (128, 1, 1),
-        shared_mem_bytes: ((floats + 32) * 4) as u32,
-    }
-}
-
-/// Plain fp32 masked attention forward (any head dim; the fused bf16 kernels of
-/// `ops::attention::cuda` cover [`crate::ops::attention::cuda::HEAD_DIMS`]). Layouts as
-/// `ops::attention::cpu::forward`.
-///
-/// ```
-/// use mlvpt::gpu::GpuContext;
-/// use mlvpt::ops::{attention::{self, AttnShape}, tokens};
-/// # fn main() -> Result<(), mlvpt::gpu::GpuError> {
-/// # if !mlvpt::gpu::GpuContext::driver_present() { return Ok(()); } // needs a device (a GPU or tools/vgpu)
-/// let gpu = GpuContext::new(0)?;
-/// let sh = AttnShape::full(2, 5, 2, 3, 1, 3); // head dim 3: no fused kernel for it
-/// let x: Vec<f32> = (0..2 * 5 * 3 * 6).map(|i| ((i * 37) % 101) as f32 / 50.0 - 1.0).collect();
-/// let (mut out, mut lse) = (gpu.zeros::<f32>(2 * 5 * 6)?, gpu.zeros::<f32>(2 * 2 * 5)?);
-/// tokens::cuda::attention_forward(&gpu, gpu.stream(), &gpu.upload(&x)?, &mut out, &mut lse, &sh)?;
-/// let (mut want, mut want_lse) = (vec![0.0f32; 2 * 5 * 6], vec![0.0f32; 2 * 2 * 5]);
-/// attention::cpu::forward(&x, &mut want, &mut want_lse, &sh, &mut Vec::new()); // the CPU twin
-/// for (g, w) in gpu.download(&out)?.iter().zip(&want).chain(gpu.download(&lse)?.iter().zip(&want_lse)) {
-///     assert!((g - w).abs() < 1e-5 * (1.0 + w.abs()), "{g} vs {w}");
-/// }
-/// # Ok(()) }
-/// ```
-pub fn attention_forward(
-    gpu: &GpuContext,
-    stream: &CudaStream,
-    qkv: &impl DevicePtr<f32>,
-    out: &mut impl DevicePtrMut<f32>,
-    lse: &mut impl DevicePtrMut<f32>,
-    sh: &AttnShape,
-) -> Result<(), GpuError> {
-    const OP: &str = "attention forward (plain)";
-    let mut a = attn_dims(OP, sh)?;
-    check_len(OP, "qkv", qkv, sh.batch * sh.tokens * 3 * sh.dim())?;
-    check_len(OP, "out", out, sh.batch * sh.q_len * sh.dim())?;
-    check_len(OP, "lse", lse, sh.batch * sh.heads * sh.q_len)?;
-    if sh.batch * sh.heads * sh.q_len == 0 {
-        return Ok(());
-    }
-    let f = gpu.kernel(tokens::ATTN_SIMPLE_FWD)?;
-    let (qp, _g1) = qkv.device_ptr(stream);
-    let (op, _g2) = out.device_ptr_mut(stream);
-    let (lp, _g3) = lse.device_ptr_mut(stream);
-    (a.qkv, a.out, a.lse) = (qp, op, lp);
-    let mut l = stream.launch_builder(&f);
-    l.arg(&a);
-    // SAFETY: lengths checked above; shared memory holds N scores and 32 reduction slots.
-    unsafe { l.launch(attn_cfg(sh, sh.tokens)) }.map_err(GpuError::driver("launching attn_simple_fwd"))?;
-    Ok(())
-}
-
-/// Backward of [`attention_forward`]: writes `dqkv [B, N, 3D]` (zeroed first; Q rows outside
-/// the query range stay zero).
-///
-/// ```
-/// use mlvpt::gpu::GpuContext;
-/// use mlvpt::ops::{attention::{self, AttnShape}, tokens};
-/// # fn main() -> Result<(), mlvpt::gpu::GpuError> {
-/// # if !mlvpt::gpu::GpuContext::driver_present() { return Ok(()); } // needs a device (a GPU or tools/vgpu)
-/// let gpu = GpuContext::new(0)?;
-/// // The last block's call: only the prompts 1..3 are queries.
-/// let sh = AttnShape { q_start: 1, q_len: 2, ..AttnShape::full(1, 5, 2, 4, 1, 3) };
-/// let x: Vec<f32> = (0..5 * 3 * 8).map(|i| ((i * 37) % 101) as f32 / 50.0 - 1.0).collect();
-/// let dout: Vec<f32> = (0..2 * 8).map(|i| ((i * 13) % 17) as f32 / 8.0 - 1.0).collect();
-/// let qkv = gpu.upload(&x)?;
-/// let (mut out, mut lse) = (gpu.zeros::<f32>(2 * 8)?, gpu.zeros::<f32>(2 * 2)?);
-/// tokens::cuda::attention_forward(&gpu, gpu.stream(), &qkv, &mut out, &mut lse, &sh)?;
-/// let mut dqkv = gpu.upload(&vec![f32::NAN; 5 * 3 * 8])?; // overwritten
-/// tokens::cuda::attention_backward(&gpu, gpu.stream(), &qkv, &out, &lse, &gpu.upload(&dout)?, &mut dqkv, &sh)?;
-/// let (mut o, mut l, mut want) = (vec![0.0f32; 2 * 8], vec![0.0f32; 2 * 2], vec![0.0f32; 5 * 3 * 8]);
-/// let mut scratch = Vec::new();
-/// attention::cpu::forward(&x, &mut o, &mut l, &sh, &mut scratch);
-/// attention::cpu::backward(&x, &o, &l, &dout, &mut want, &sh, &mut scratch); // the CPU twin
-/// for (g, w) in gpu.download(&dqkv)?.iter().zip(&want) {
-///     assert!((g - w).abs() < 1e-5 * (1.0 + w.abs()), "{g} vs {w}");
-/// }
-/// # Ok(()) }
-/// ```
-#[allow(clippy::too_many_arguments)]
-pub fn attention_backward(
-    gpu: &GpuContext,
-    stream: &CudaStream,
-    qkv: &impl DevicePtr<f32>,
-    out: &impl DevicePtr<f32>,
-    lse: &impl DevicePtr<f32>,
-    dout: &impl DevicePtr<f32>,
-    dqkv: &mut impl DevicePtrMut<f32>,
-    sh: &AttnShape,
-) -> Result<(), GpuError> {
-    const OP: &str = "attention backward (plain)";
-    let mut a = attn_dims(OP, sh)?;
-    let total = sh.batch * sh.tokens * 3 * sh.dim();
-    check_len(OP, "qkv", qkv, total)?;
-    check_len(OP, "out", out, sh.batch * sh.q_len * sh.dim())?;
-    check_len(OP, "dout", dout, sh.batch * sh.q_len * sh.dim())?;
-    check_len(OP, "lse", lse, sh.batch * sh.heads * sh.q_len)?;
-    check_len(OP, "dqkv", dqkv, total)?;
-    fill::<f32>(gpu, stream, dqkv, total, 0.0)?;
-    if sh.batch * sh.heads * sh.q_len == 0 {
-        return Ok(());
-    }
-    let f = gpu.kernel(tokens::ATTN_SIMPLE_BWD)?;
-    let (qp, _g1) = qkv.device_ptr(stream);
-    let (op, _g2) = out.device_ptr(stream);
-    let (lp, _g3) = lse.device_ptr(stream);
-    let (gp, _g4) = dout.device_ptr(stream);
-    let (dp, _g5) = dqkv.device_ptr_mut(stream);
-    (a.qkv, a.out, a.lse, a.dout, a.dqkv) = (qp, op, lp, gp, dp);
-    let mut l = stream.launch_builder(&f);
-    l.arg(&a);
-    // SAFETY: lengths checked above; shared memory holds 2N floats and 32 reduction slots.
-    unsafe { l.launch(attn_cfg(sh, 2 * sh.tokens)) }.map_err(GpuError::driver("launching attn_simple_bwd"))?;
-    Ok(())
 }

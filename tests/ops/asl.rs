@@ -1,7 +1,8 @@
-//! ASL (docs/MODEL.md#the-asymmetric-loss) against an independent f64 reference written here,
-//! and its gradients against f64 central finite differences: the exact mode against FD of the
-//! full loss, the default (constant focusing weights) mode against FD of the loss with the
-//! weights frozen at the point.
+//! ASL (docs/MODEL.md#the-asymmetric-loss, `src/ops/asl`) against an independent f64 reference
+//! written here, and its gradients against f64 central finite differences: the exact mode
+//! against FD of the full loss, the default (constant focusing weights) mode against FD of the
+//! loss with the weights frozen at the point. On a device, the single-term and the multi-term
+//! launchers against the CPU twin.
 
 use mlvpt::ops::asl::{asl_forward_backward, AslConfig};
 use rand::{Rng, SeedableRng};
@@ -285,5 +286,189 @@ fn matches_official_pytorch_asl_in_f64() {
                 grad[i]
             );
         }
+    }
+}
+
+// ---------------------------------------------------------------- device
+
+#[cfg(feature = "cuda")]
+mod gpu {
+    use crate::gpu_common::*;
+    use mlvpt::gpu::{CudaSlice, GpuError};
+    use mlvpt::ops::asl;
+    use rand::Rng;
+
+    fn asl_configs() -> Vec<asl::AslConfig> {
+        let d = asl::AslConfig::default();
+        vec![
+            d,
+            asl::AslConfig { exact_grad: true, ..d },
+            asl::AslConfig {
+                gamma_pos: 1.0,
+                gamma_neg: 4.0,
+                clip: 0.05,
+                ..d
+            },
+            asl::AslConfig {
+                gamma_pos: 0.5,
+                gamma_neg: 3.0,
+                clip: 0.05,
+                exact_grad: true,
+                eps: 1e-4,
+            },
+        ]
+    }
+
+    #[test]
+    #[ignore = "requires a CUDA device"]
+    fn asl_matches_cpu_and_is_deterministic() {
+        let gpu = gpu();
+        let (mut rng, seed) = rng("asl");
+        let mut ws = asl::cuda::AslWorkspace::new(&gpu).unwrap();
+        for cfg in asl_configs() {
+            for (b, k) in [(1usize, 1usize), (1, 7), (3, 80), (17, 997), (64, 81), (512, 1000)] {
+                let n = b * k;
+                let x = asl_logits(&mut rng, n, &cfg);
+                let y: Vec<f32> = (0..n).map(|_| if rng.random::<f32>() < 0.2 { 1.0 } else { 0.0 }).collect();
+                let (x64, y64) = (to_f64(&x), to_f64(&y));
+                let mut want_g = vec![0.0f64; n];
+                let want = asl::asl_forward_backward(&x64, &y64, &cfg, Some(&mut want_g));
+                let scale = 1000.0 / n as f32;
+
+                let (xd, yd) = (gpu.upload(&x).unwrap(), gpu.upload(&y).unwrap());
+                let mut losses = Vec::new();
+                for _run in 0..2 {
+                    let mut g = nan_f32(&gpu, n);
+                    let mut loss = nan_f32(&gpu, 1);
+                    asl::cuda::forward_backward(&gpu, gpu.stream(), &mut ws, &xd, &yd, &cfg, scale, Some(&mut g), &mut loss, n).unwrap();
+                    let got_g = gpu.download(&g).unwrap();
+                    let got = gpu.download(&loss).unwrap()[0];
+                    let what = format!("asl {cfg:?} b={b} k={k}");
+                    let want_gs: Vec<f64> = want_g.iter().map(|v| v * scale as f64).collect();
+                    assert_close(&format!("{what} grad"), &got_g, &want_gs, 1e-7 * scale as f64, 2e-5, seed);
+                    assert_close(&format!("{what} loss"), &[got], &[want * scale as f64], 1e-6, 1e-5, seed);
+                    losses.push(got.to_bits());
+                }
+                assert_eq!(losses[0], losses[1], "asl loss differs between two runs (seed {seed})");
+                // Loss only, no gradient buffer.
+                let mut loss = nan_f32(&gpu, 1);
+                asl::cuda::forward_backward(&gpu, gpu.stream(), &mut ws, &xd, &yd, &cfg, scale, None, &mut loss, n).unwrap();
+                assert_eq!(
+                    gpu.download(&loss).unwrap()[0].to_bits(),
+                    losses[0],
+                    "loss without grad (seed {seed})"
+                );
+            }
+        }
+    }
+
+    #[test]
+    #[ignore = "requires a CUDA device"]
+    fn asl_rejects_short_buffers_and_bad_config() {
+        let gpu = gpu();
+        let mut ws = asl::cuda::AslWorkspace::new(&gpu).unwrap();
+        let x = gpu.upload(&[0.0f32; 4]).unwrap();
+        let mut loss = gpu.zeros::<f32>(1).unwrap();
+        let err = asl::cuda::forward_backward(&gpu, gpu.stream(), &mut ws, &x, &x, &Default::default(), 1.0, None, &mut loss, 5);
+        assert!(matches!(err, Err(GpuError::Invalid { .. })), "{err:?}");
+        let bad = asl::AslConfig {
+            eps: 0.0,
+            ..Default::default()
+        };
+        let err = asl::cuda::forward_backward(&gpu, gpu.stream(), &mut ws, &x, &x, &bad, 1.0, None, &mut loss, 4);
+        assert!(err.unwrap_err().to_string().contains("eps"));
+    }
+
+    #[test]
+    #[ignore = "requires a CUDA device"]
+    fn asl_terms_match_the_sum_of_single_terms_in_both_gradient_modes() {
+        let gpu = gpu();
+        let s_ = gpu.stream();
+        let (mut rng, seed) = rng("asl_terms");
+        let mut ws = asl::cuda::AslWorkspace::new(&gpu).unwrap();
+        let base = asl::AslConfig::default();
+        for cfg in [
+            base,
+            asl::AslConfig { exact_grad: true, ..base },
+            asl::AslConfig {
+                gamma_pos: 1.0,
+                clip: 0.05,
+                exact_grad: true,
+                ..base
+            },
+        ] {
+            for (bn, k) in [(1usize, 1usize), (64, 80), (256, 365), (3, 1000)] {
+                let n = bn * k;
+                let scale = 1000.0 / n as f32;
+                let xs: Vec<Vec<f32>> = (0..4).map(|_| asl_logits(&mut rng, n, &cfg)).collect();
+                let y: Vec<f32> = (0..n).map(|_| if rng.random::<f32>() < 0.2 { 1.0 } else { 0.0 }).collect();
+                let xd: Vec<CudaSlice<f32>> = xs.iter().map(|x| gpu.upload(x).unwrap()).collect();
+                let yd = gpu.upload(&y).unwrap();
+                let mut grads: Vec<CudaSlice<f32>> = (0..3).map(|_| nan_f32(&gpu, n)).collect();
+                let mut loss = nan_f32(&gpu, 1);
+                {
+                    let (g0, rest) = grads.split_at_mut(1);
+                    let (g1, g2) = rest.split_at_mut(1);
+                    let mut terms = [
+                        asl::cuda::AslTerm {
+                            logits: &xd[0],
+                            grad: Some(&mut g0[0]),
+                        },
+                        asl::cuda::AslTerm {
+                            logits: &xd[1],
+                            grad: Some(&mut g1[0]),
+                        },
+                        asl::cuda::AslTerm {
+                            logits: &xd[2],
+                            grad: Some(&mut g2[0]),
+                        },
+                        asl::cuda::AslTerm {
+                            logits: &xd[3],
+                            grad: None,
+                        },
+                    ];
+                    asl::cuda::forward_backward_terms(&gpu, s_, &mut ws, &mut terms, &yd, &cfg, scale, &mut loss, n).unwrap();
+                }
+                let y64 = to_f64(&y);
+                let mut want = 0.0;
+                for (i, x) in xs.iter().enumerate() {
+                    let mut g = vec![0.0f64; n];
+                    want += asl::asl_forward_backward(&to_f64(x), &y64, &cfg, Some(&mut g));
+                    if i < 3 {
+                        let g: Vec<f64> = g.iter().map(|v| v * scale as f64).collect();
+                        assert_close(
+                            &format!("asl term {i} grad n={n} {cfg:?}"),
+                            &gpu.download(&grads[i]).unwrap(),
+                            &g,
+                            1e-6,
+                            1e-4,
+                            seed,
+                        );
+                    }
+                }
+                want *= scale as f64;
+                assert_close(
+                    &format!("asl terms loss n={n} {cfg:?}"),
+                    &gpu.download(&loss).unwrap(),
+                    &[want],
+                    1e-5,
+                    1e-4,
+                    seed,
+                );
+                // The term without a gradient buffer, alone through the single-term launcher.
+                let (mut loss1, mut g3) = (nan_f32(&gpu, 1), nan_f32(&gpu, n));
+                asl::cuda::forward_backward(&gpu, s_, &mut ws, &xd[3], &yd, &cfg, scale, Some(&mut g3), &mut loss1, n).unwrap();
+                let mut want_g3 = vec![0.0f64; n];
+                let w3 = asl::asl_forward_backward(&to_f64(&xs[3]), &y64, &cfg, Some(&mut want_g3)) * scale as f64;
+                let want_g3: Vec<f64> = want_g3.iter().map(|v| v * scale as f64).collect();
+                assert_close("asl single term grad", &gpu.download(&g3).unwrap(), &want_g3, 1e-6, 1e-4, seed);
+                assert_close("asl single term loss", &gpu.download(&loss1).unwrap(), &[w3], 1e-5, 1e-4, seed);
+            }
+        }
+        // Bad term counts are errors, not launches.
+        let x = gpu.upload(&[0.0f32; 4]).unwrap();
+        let mut loss = nan_f32(&gpu, 1);
+        let err = asl::cuda::forward_backward_terms(&gpu, s_, &mut ws, &mut [], &x, &base, 1.0, &mut loss, 4).unwrap_err();
+        assert!(err.to_string().contains("terms"), "{err}");
     }
 }
