@@ -23,3 +23,4 @@ mod head;
 mod layernorm;
 mod linear;
 mod real;
+mod tokens;
