@@ -6,13 +6,15 @@
 //! (`FWD_TILES`, `BWD_TILES`) is measured, the alternatives against the launcher's default.
 //! FLOPs as FlashAttention counts them: forward 4 B h N^2 dh, backward 2.5x that (criterion
 //! reports them as "elements"). The unfused path's per-head Q, K, V copies are made once,
-//! outside the timed region. Prints a message and exits cleanly when there is no device.
+//! outside the timed region. Then the plain fp32 attention (head dims without a fused kernel),
+//! forward and backward, at the ViT-B shape. Prints a message and exits cleanly when there is no device.
 //! Short run (tools/gpu-runner.sh):
 //! `cargo bench --features cuda --bench gpu_attention -- --warm-up-time 0.5 --measurement-time 1`.
 
 use criterion::{Criterion, Throughput};
 use mlvpt::gpu::{bf16, CudaSlice, GpuContext};
 use mlvpt::ops::attention::{self, cuda, AttnShape, BWD_TILES, FWD_TILES};
+use mlvpt::train::flops::attention_pairs;
 use std::time::Duration;
 
 mod gpu_common;
@@ -159,6 +161,64 @@ fn bench_shape(c: &mut Criterion, gpu: &GpuContext, label: &str, sh: AttnShape) 
     }
 }
 
+/// The plain fp32 attention (`ops::attention::cuda::plain_forward`/`plain_backward`, the path
+/// of head dims without a fused kernel) at the ViT-B/16 shape with B 128, for the whole mask and
+/// the last block's prompt queries. FLOPs: 2 per multiply-add over the (query, key) pairs the
+/// prompt mask allows (`train::flops::attention_pairs`), 2 products forward, 5 backward.
+fn bench_plain(c: &mut Criterion, gpu: &GpuContext) {
+    const B: usize = 128;
+    const D: usize = 768;
+    const HEADS: usize = 12;
+    const P: usize = 30;
+    const N: usize = 1 + P + 196;
+    let s = gpu.stream();
+    let full = AttnShape::full(B, N, HEADS, D / HEADS, 1, 1 + P);
+    // The last block: queries at the prompt rows only.
+    let tail = AttnShape {
+        q_start: 1,
+        q_len: P,
+        ..full
+    };
+    let qkv = noise_f32(gpu, B * N * 3 * D, 2.0);
+    let mut out = zeros_f32(gpu, B * N * D);
+    let mut lse = zeros_f32(gpu, B * HEADS * N);
+    let dout = noise_f32(gpu, B * N * D, 0.5);
+    let mut dqkv = zeros_f32(gpu, B * N * 3 * D);
+
+    let mut g = c.benchmark_group("attention plain fp32 (flop/s)");
+    // Tens of milliseconds per call: 10 samples keep the short mode short.
+    g.sample_size(10);
+    for (label, sh) in [("128x227 h12x64 masked", full), ("128x227 h12x64 prompt queries", tail)] {
+        let madds = (B as u64) * attention_pairs(&sh) * D as u64;
+        g.throughput(Throughput::Elements(2 * 2 * madds));
+        g.bench_function(format!("forward {label}"), |b| {
+            b.iter_custom(|it| timed(gpu, it, || cuda::plain_forward(gpu, s, &qkv, &mut out, &mut lse, &sh)))
+        });
+        // The backward reads the forward's lse: computed once for this shape, untimed.
+        cuda::plain_forward(gpu, s, &qkv, &mut out, &mut lse, &sh).unwrap();
+        g.throughput(Throughput::Elements(5 * 2 * madds));
+        g.bench_function(format!("backward {label}"), |b| {
+            b.iter_custom(|it| timed(gpu, it, || cuda::plain_backward(gpu, s, &qkv, &out, &lse, &dout, &mut dqkv, &sh)))
+        });
+    }
+    g.finish();
+}
+
+/// Deterministic fp32 values in [-amp, amp).
+fn noise_f32(gpu: &GpuContext, n: usize, amp: f32) -> CudaSlice<f32> {
+    let v: Vec<f32> = (0..n)
+        .map(|i| {
+            let hsh = (i as u32).wrapping_mul(2_654_435_761) >> 16;
+            ((hsh & 1023) as f32 / 512.0 - 1.0) * amp
+        })
+        .collect();
+    gpu.upload(&v).unwrap()
+}
+
+fn zeros_f32(gpu: &GpuContext, n: usize) -> CudaSlice<f32> {
+    gpu.zeros::<f32>(n).unwrap()
+}
+
 fn main() {
     let Some(gpu) = gpu_common::open("gpu_attention") else {
         return;
@@ -171,5 +231,6 @@ fn main() {
     // ViT-H/14 at 224 (16 heads of 80): the smaller tiles of the wider head dims.
     let vit_h = AttnShape::full(64, 287, 16, 80, 1, 31);
     bench_shape(&mut c, &gpu, "B64 h16 N287 P30 dh80", vit_h);
+    bench_plain(&mut c, &gpu);
     c.final_summary();
 }

@@ -1,28 +1,21 @@
 //! Part of the `gpu_kernels` bench (one binary: each bench binary embeds every fatbin, and the
 //! GPU bundle must stay under 64 MiB). Throughput of the token kernels of `kernels/tokens.cu`
-//! (launchers `ops::tokens::cuda`), in bytes moved per second, and of the plain fp32 fallback
-//! attention (`kernels/attention.cu`, `ops::attention::cuda::plain_*`), in FLOP/s (criterion "elements"), at the ViT-B/16 training shape of the CUDA
-//! backend: batch 128, N 227 tokens (CLS + 30 prompts + 196 patches), D 768, images 3 x 224 x
-//! 224, fp32 buffers. Bytes count each buffer read or written once (small vectors such as the
-//! position embeddings or a LayerScale row once, not per image). Attention FLOPs: 2 per
-//! multiply-add over the (query, key) pairs the prompt mask allows
-//! (`train::flops::attention_pairs`), 2 products forward, 5 backward (as `train::flops` counts
-//! a step). Filter: `cargo bench --features cuda --bench gpu_kernels -- tokens` (or `attention
-//! plain`).
+//! (launchers `ops::tokens::cuda`), in bytes moved per second, at the ViT-B/16 training shape of
+//! the CUDA backend: batch 128, N 227 tokens (CLS + 30 prompts + 196 patches), D 768, images
+//! 3 x 224 x 224, fp32 buffers. Bytes count each buffer read or written once (small vectors such
+//! as the position embeddings or a LayerScale row once, not per image). Filter: `cargo bench
+//! --features cuda --bench gpu_kernels -- tokens`.
 
 use criterion::{Criterion, Throughput};
 use mlvpt::gpu::{CudaSlice, GpuContext};
-use mlvpt::ops::attention::{cuda as attn, AttnShape};
 use mlvpt::ops::tokens::cuda as tok;
 use mlvpt::ops::tokens::{PatchShape, TokenCopy, TokenRange, TokenShape};
 use mlvpt::ops::Rows;
-use mlvpt::train::flops::attention_pairs;
 
 use super::gpu_common::timed;
 
 const B: usize = 128;
 const D: usize = 768;
-const HEADS: usize = 12;
 const P: usize = 30;
 const IMAGE: usize = 224;
 const PATCH: usize = 16;
@@ -141,42 +134,7 @@ fn bench_tokens(c: &mut Criterion, gpu: &GpuContext) {
     g.finish();
 }
 
-fn bench_attention(c: &mut Criterion, gpu: &GpuContext) {
-    let s = gpu.stream();
-    let full = AttnShape::full(B, N, HEADS, D / HEADS, 1, 1 + P);
-    // The last block: queries at the prompt rows only.
-    let tail = AttnShape {
-        q_start: 1,
-        q_len: P,
-        ..full
-    };
-    let qkv = noise(gpu, B * N * 3 * D, 2.0);
-    let mut out = zeros(gpu, B * N * D);
-    let mut lse = zeros(gpu, B * HEADS * N);
-    let dout = noise(gpu, B * N * D, 0.5);
-    let mut dqkv = zeros(gpu, B * N * 3 * D);
-
-    let mut g = c.benchmark_group("attention plain fp32 (flop/s)");
-    // Tens of milliseconds per call: 10 samples keep the short mode short.
-    g.sample_size(10);
-    for (label, sh) in [("128x227 h12x64 masked", full), ("128x227 h12x64 prompt queries", tail)] {
-        let madds = (B as u64) * attention_pairs(&sh) * D as u64;
-        g.throughput(Throughput::Elements(2 * 2 * madds));
-        g.bench_function(format!("forward {label}"), |b| {
-            b.iter_custom(|it| timed(gpu, it, || attn::plain_forward(gpu, s, &qkv, &mut out, &mut lse, &sh)))
-        });
-        // The backward reads the forward's lse: computed once for this shape, untimed.
-        attn::plain_forward(gpu, s, &qkv, &mut out, &mut lse, &sh).unwrap();
-        g.throughput(Throughput::Elements(5 * 2 * madds));
-        g.bench_function(format!("backward {label}"), |b| {
-            b.iter_custom(|it| timed(gpu, it, || attn::plain_backward(gpu, s, &qkv, &out, &lse, &dout, &mut dqkv, &sh)))
-        });
-    }
-    g.finish();
-}
-
 /// Every bench of this module.
 pub fn bench(c: &mut Criterion, gpu: &GpuContext) {
     bench_tokens(c, gpu);
-    bench_attention(c, gpu);
 }
