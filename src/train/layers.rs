@@ -1,5 +1,6 @@
 //! The model's layers over [`Backend`] ops: one transformer block forward and backward, and the
-//! head forward and backward (docs/MODEL.md).
+//! head forward and backward (docs/MODEL.md). A private module of `train`: `pub` here means
+//! the step.
 
 use super::tensors::{BlockWeights, Dims, Head, HeadActs, LayerActs, Work};
 use crate::backend::{
@@ -9,18 +10,18 @@ use crate::ops::layernorm::VIT_EPS;
 
 /// The sizes a block runs at, for a batch of `batch` images.
 #[derive(Clone, Copy, Debug)]
-pub(super) struct BlockShape {
-    pub(super) batch: usize,
-    pub(super) tokens: usize,
-    pub(super) prompts: usize,
-    pub(super) dim: usize,
-    pub(super) mlp: usize,
-    pub(super) heads: usize,
+pub struct BlockShape {
+    pub batch: usize,
+    pub tokens: usize,
+    pub prompts: usize,
+    pub dim: usize,
+    pub mlp: usize,
+    pub heads: usize,
 }
 
 /// Which rows of a block go past its attention (keys and values always cover all N tokens).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) enum Queries {
+pub enum Queries {
     /// Every token: every block but the last.
     All,
     /// The P prompt rows, compacted to `[B, P, D]`: the last block, whose other outputs
@@ -30,14 +31,14 @@ pub(super) enum Queries {
 
 impl BlockShape {
     /// Rows past attention, over the batch.
-    pub(super) fn rows(&self, q: Queries) -> usize {
+    pub fn rows(&self, q: Queries) -> usize {
         self.batch
             * match q {
                 Queries::All => self.tokens,
                 Queries::Prompts => self.prompts,
             }
     }
-    pub(super) fn attention(&self, q: Queries) -> AttnShape {
+    pub fn attention(&self, q: Queries) -> AttnShape {
         let full = AttnShape::full(self.batch, self.tokens, self.heads, self.dim / self.heads, 1, 1 + self.prompts);
         match q {
             Queries::All => full,
@@ -48,18 +49,18 @@ impl BlockShape {
             },
         }
     }
-    pub(super) fn norm(&self, rows: usize) -> LayerNormShape {
+    pub fn norm(&self, rows: usize) -> LayerNormShape {
         LayerNormShape {
             rows,
             dim: self.dim,
             eps: VIT_EPS,
         }
     }
-    pub(super) fn width(&self, rows: usize) -> Rows {
+    pub fn width(&self, rows: usize) -> Rows {
         Rows { rows, dim: self.dim }
     }
     /// The prompt rows `[1, 1+P)` of `[B, N, D]` to `[B, P, D]` (`to_compact`) or back.
-    pub(super) fn prompt_rows(&self, to_compact: bool) -> TokenCopy {
+    pub fn prompt_rows(&self, to_compact: bool) -> TokenCopy {
         let (full, compact) = (
             TokenRange {
                 tokens: self.tokens,
@@ -81,19 +82,19 @@ impl BlockShape {
     }
 }
 
-pub(super) fn linear(rows: usize, d_in: usize, d_out: usize) -> LinearShape {
+pub fn linear(rows: usize, d_in: usize, d_out: usize) -> LinearShape {
     LinearShape { rows, d_in, d_out }
 }
 
 /// The final LayerNorm fused into the last block's output: `z = LN(zin)`.
-pub(super) struct FinalNorm<'a, T> {
-    pub(super) norm: Norm<&'a T>,
-    pub(super) z: &'a mut T,
-    pub(super) stats: NormStats<&'a mut T>,
+pub struct FinalNorm<'a, T> {
+    pub norm: Norm<&'a T>,
+    pub z: &'a mut T,
+    pub stats: NormStats<&'a mut T>,
 }
 
 /// Where a block's output goes.
-pub(super) enum BlockOut<'a, T> {
+pub enum BlockOut<'a, T> {
     /// The next block's input, `[B, N, D]`.
     Tokens(&'a mut T),
     /// The last block's prompt rows `zin [B, P, D]`, and their final norm if the model has one.
@@ -102,7 +103,7 @@ pub(super) enum BlockOut<'a, T> {
 
 /// One pre-norm transformer block (timm's `Block`, docs/MODEL.md#blocks):
 /// `x_mid = x + ls1 * proj(attn(qkv(LN1(x))))`, `out = x_mid + ls2 * fc2(gelu(fc1(LN2(x_mid))))`.
-pub(super) fn block_forward<B: Backend>(
+pub fn block_forward<B: Backend>(
     be: &mut B,
     w: &BlockWeights<B::Buf>,
     s: &mut LayerActs<B::Buf>,
@@ -149,7 +150,7 @@ pub(super) fn block_forward<B: Backend>(
 }
 
 /// Where the gradient of a block's output is, and where its input's goes.
-pub(super) enum BlockGrad<'a, T> {
+pub enum BlockGrad<'a, T> {
     /// `dx [B, N, D]` holds dL/d(out) and receives dL/d(x) in place (the residual path).
     Tokens(&'a mut T),
     /// The last block: dL/d(out) at the prompt rows `dzin [B, P, D]`; writes `dx [B, N, D]`.
@@ -157,7 +158,7 @@ pub(super) enum BlockGrad<'a, T> {
 }
 
 /// The input gradient of [`block_forward`] (the backbone is frozen: no weight gradients).
-pub(super) fn block_backward<B: Backend>(
+pub fn block_backward<B: Backend>(
     be: &mut B,
     w: &BlockWeights<B::Buf>,
     s: &LayerActs<B::Buf>,
@@ -215,7 +216,7 @@ pub(super) fn block_backward<B: Backend>(
 
 /// The head on the group tokens `z` (docs/MODEL.md#the-label-aware-mixture-of-experts-head):
 /// writes the model's logits (the mean over branches).
-pub(super) fn head_forward<B: Backend>(
+pub fn head_forward<B: Backend>(
     be: &mut B,
     params: &Head<&B::Buf>,
     tables: &[GateTables<B::Idx>],
@@ -247,7 +248,7 @@ pub(super) fn head_forward<B: Backend>(
 
 /// The backward of [`head_forward`] from `h.dlogits`: parameter gradients into `grads`,
 /// dL/dz into `h.dz`.
-pub(super) fn head_backward<B: Backend>(
+pub fn head_backward<B: Backend>(
     be: &mut B,
     params: &Head<&B::Buf>,
     grads: Head<&mut B::Buf>,

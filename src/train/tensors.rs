@@ -1,6 +1,6 @@
 //! The step's tensors, named as the model names them (llm.c's parameter and activation
 //! structs): the frozen backbone's weights, the trainable tensors, the sizes, and every
-//! activation the backward needs, each with its shape.
+//! activation the backward needs, each with its shape. A private module of `train`.
 
 use super::layers::BlockShape;
 use crate::backend::{
@@ -12,47 +12,47 @@ use crate::model::config::{ConfigError, GateMode, Method, ModelConfig, PromptDep
 use anyhow::{Context, Result};
 
 /// A dense layer's frozen weights (timm's `nn.Linear`): `w [out, in]`, `b [out]`.
-pub(super) struct Linear<T> {
-    pub(super) w: T,
-    pub(super) b: T,
+pub struct Linear<T> {
+    pub w: T,
+    pub b: T,
 }
 
 /// One block's frozen weights (timm's `Block`), `D` the width and `Dm` the MLP width.
-pub(super) struct BlockWeights<T> {
+pub struct BlockWeights<T> {
     /// LayerNorm before attention, `[D]`.
-    pub(super) norm1: Norm<T>,
+    pub norm1: Norm<T>,
     /// `[3D, D]`, `[3D]`: Q, K and V of every head in one GEMM.
-    pub(super) qkv: Linear<T>,
+    pub qkv: Linear<T>,
     /// Attention output projection, `[D, D]`, `[D]`.
-    pub(super) proj: Linear<T>,
+    pub proj: Linear<T>,
     /// LayerScale after attention, `[D]` (DINOv2), if the model has it.
-    pub(super) ls1: Option<T>,
+    pub ls1: Option<T>,
     /// LayerNorm before the MLP, `[D]`.
-    pub(super) norm2: Norm<T>,
+    pub norm2: Norm<T>,
     /// `[Dm, D]`, `[Dm]`.
-    pub(super) fc1: Linear<T>,
+    pub fc1: Linear<T>,
     /// `[D, Dm]`, `[D]`.
-    pub(super) fc2: Linear<T>,
+    pub fc2: Linear<T>,
     /// LayerScale after the MLP, `[D]`, if the model has it.
-    pub(super) ls2: Option<T>,
+    pub ls2: Option<T>,
 }
 
 /// The frozen backbone.
-pub(super) struct Weights<T> {
+pub struct Weights<T> {
     /// The patch embedding as a linear map of flattened patches: `[D, C*p*p]`, `[D]`.
-    pub(super) patch: Linear<T>,
+    pub patch: Linear<T>,
     /// Class token `[D]` and position embeddings `[1 + Np, D]` (CLS first; prompts have none).
-    pub(super) cls: T,
-    pub(super) pos: T,
-    pub(super) blocks: Vec<BlockWeights<T>>,
+    pub cls: T,
+    pub pos: T,
+    pub blocks: Vec<BlockWeights<T>>,
     /// The final LayerNorm, `[D]`; without it the group tokens are the raw last hidden state.
-    pub(super) norm: Option<Norm<T>>,
+    pub norm: Option<Norm<T>>,
 }
 
 impl<T> Weights<T> {
     /// Puts the backbone's tensors on `be`: GEMM weight matrices as `Frozen`, the vectors
     /// kernels read (biases, norms, LayerScale, embeddings) as `State`.
-    pub(super) fn upload<B: Backend<Buf = T>>(be: &mut B, bb: &Backbone) -> Result<Self> {
+    pub fn upload<B: Backend<Buf = T>>(be: &mut B, bb: &Backbone) -> Result<Self> {
         let v = bb.config();
         Ok(Weights {
             patch: upload_linear(be, bb, "patch_embed.proj")?,
@@ -82,13 +82,13 @@ impl<T> Weights<T> {
 /// The trainable tensors by name (docs/MODEL.md), each a buffer of the flat list in
 /// [`Params`](crate::model::params::Params) order that the optimizer updates: `R` is `&Buf` for the parameters and
 /// `&mut Buf` for their gradients.
-pub(super) struct Trainable<R> {
+pub struct Trainable<R> {
     /// `[L, P, D]` (deep prompts, one set per block) or `[1, P, D]` (shallow).
-    pub(super) prompts: R,
-    pub(super) head: Head<R>,
+    pub prompts: R,
+    pub head: Head<R>,
 }
 
-pub(super) enum Head<R> {
+pub enum Head<R> {
     /// Adapters, then per branch (correlative, discriminative) gates and a classifier.
     MlVpt {
         adapter: AdapterParams<R>,
@@ -101,7 +101,7 @@ pub(super) enum Head<R> {
 impl<R> Trainable<R> {
     /// Names the tensors of `flat`, which lists them in the order of
     /// `model::params::param_specs`.
-    pub(super) fn name(flat: impl IntoIterator<Item = R>, method: Method) -> Self {
+    pub fn name(flat: impl IntoIterator<Item = R>, method: Method) -> Self {
         let mut it = flat.into_iter();
         let mut next = || it.next().expect("a tensor for every name in param_specs");
         let prompts = next();
@@ -128,33 +128,33 @@ impl<R> Trainable<R> {
 
 /// Sizes used by the step.
 #[derive(Clone, Copy, Debug)]
-pub(super) struct Dims {
-    pub(super) max_batch: usize,
-    pub(super) channels: usize,
-    pub(super) image: usize,
-    pub(super) patch: usize,
-    pub(super) image_len: usize,
-    pub(super) patch_len: usize,
-    pub(super) num_patches: usize,
-    pub(super) dim: usize,
-    pub(super) mlp: usize,
-    pub(super) heads: usize,
-    pub(super) depth: usize,
+pub struct Dims {
+    pub max_batch: usize,
+    pub channels: usize,
+    pub image: usize,
+    pub patch: usize,
+    pub image_len: usize,
+    pub patch_len: usize,
+    pub num_patches: usize,
+    pub dim: usize,
+    pub mlp: usize,
+    pub heads: usize,
+    pub depth: usize,
     /// Prompts per layer (P).
-    pub(super) prompts: usize,
+    pub prompts: usize,
     /// Tokens per image (N).
-    pub(super) tokens: usize,
-    pub(super) labels: usize,
-    pub(super) experts: usize,
-    pub(super) rank: usize,
-    pub(super) gate_rows: usize,
-    pub(super) branches: usize,
-    pub(super) deep: bool,
-    pub(super) method: Method,
+    pub tokens: usize,
+    pub labels: usize,
+    pub experts: usize,
+    pub rank: usize,
+    pub gate_rows: usize,
+    pub branches: usize,
+    pub deep: bool,
+    pub method: Method,
 }
 
 impl Dims {
-    pub(super) fn new(cfg: &ModelConfig, nbranch: usize, max_batch: usize) -> Self {
+    pub fn new(cfg: &ModelConfig, nbranch: usize, max_batch: usize) -> Self {
         let (k, t, e) = (cfg.labels, cfg.groups, cfg.experts);
         let v = &cfg.vit;
         let prompts = cfg.prompts_per_layer(nbranch);
@@ -184,7 +184,7 @@ impl Dims {
             method: cfg.method,
         }
     }
-    pub(super) fn patch_shape(&self, batch: usize) -> PatchShape {
+    pub fn patch_shape(&self, batch: usize) -> PatchShape {
         PatchShape {
             batch,
             channels: self.channels,
@@ -193,7 +193,7 @@ impl Dims {
             patch: self.patch,
         }
     }
-    pub(super) fn token_shape(&self, batch: usize) -> TokenShape {
+    pub fn token_shape(&self, batch: usize) -> TokenShape {
         TokenShape {
             batch,
             prompts: self.prompts,
@@ -201,7 +201,7 @@ impl Dims {
             dim: self.dim,
         }
     }
-    pub(super) fn block_shape(&self, batch: usize) -> BlockShape {
+    pub fn block_shape(&self, batch: usize) -> BlockShape {
         BlockShape {
             batch,
             tokens: self.tokens,
@@ -211,7 +211,7 @@ impl Dims {
             heads: self.heads,
         }
     }
-    pub(super) fn adapter_shape(&self, batch: usize) -> AdapterShape {
+    pub fn adapter_shape(&self, batch: usize) -> AdapterShape {
         AdapterShape {
             batch,
             tokens: self.prompts,
@@ -219,7 +219,7 @@ impl Dims {
             rank: self.rank,
         }
     }
-    pub(super) fn moe_shape(&self, batch: usize) -> MoeShape {
+    pub fn moe_shape(&self, batch: usize) -> MoeShape {
         MoeShape {
             batch,
             tokens: self.prompts,
@@ -229,7 +229,7 @@ impl Dims {
             gate_rows: self.gate_rows,
         }
     }
-    pub(super) fn vpt_shape(&self, batch: usize) -> VptHeadShape {
+    pub fn vpt_shape(&self, batch: usize) -> VptHeadShape {
         VptHeadShape {
             batch,
             tokens: self.prompts,
@@ -241,90 +241,90 @@ impl Dims {
 
 /// What one block saves for its backward, sized for `max_batch`. `Nq` is `N`, or `P` in the
 /// last block (its rows past attention are the prompts only).
-pub(super) struct LayerActs<T> {
+pub struct LayerActs<T> {
     /// LN1 statistics, `[B*N]` each.
-    pub(super) ln1: NormStats<T>,
+    pub ln1: NormStats<T>,
     /// `[B, N, 3D]`.
-    pub(super) qkv: T,
+    pub qkv: T,
     /// Attention output `[B, Nq, D]` and its log-sum-exps `[B, h, Nq]`.
-    pub(super) att: T,
-    pub(super) lse: T,
+    pub att: T,
+    pub lse: T,
     /// The residual stream after attention, `[B, Nq, D]`.
-    pub(super) xmid: T,
+    pub xmid: T,
     /// LN2 statistics, `[B*Nq]` each.
-    pub(super) ln2: NormStats<T>,
+    pub ln2: NormStats<T>,
     /// The MLP's pre-GELU activations, `[B, Nq, Dm]`.
-    pub(super) pre_gelu: T,
+    pub pre_gelu: T,
 }
 
 /// Buffers every block reuses, forward and backward.
-pub(super) struct Work<T> {
+pub struct Work<T> {
     /// Normalised tokens and the projection / fc2 output, `[B, N, D]` each.
-    pub(super) normed: T,
-    pub(super) branch_out: T,
+    pub normed: T,
+    pub branch_out: T,
     /// GELU output, `[B, N, Dm]`.
-    pub(super) hidden: T,
+    pub hidden: T,
     /// The last block's input at the prompt rows, `[B, P, D]`.
-    pub(super) xtail: T,
+    pub xtail: T,
     /// Backward: `[B, N, D]`, `[B, N, D]`, `[B, N, Dm]`, `[B, N, 3D]`.
-    pub(super) dtmp: T,
-    pub(super) dtmp2: T,
-    pub(super) dhidden: T,
-    pub(super) dqkv: T,
+    pub dtmp: T,
+    pub dtmp2: T,
+    pub dhidden: T,
+    pub dqkv: T,
 }
 
 /// The head's activations and gradients, `[B, P, D]` unless noted.
-pub(super) struct HeadActs<T> {
+pub struct HeadActs<T> {
     /// The last block's output at the prompts, its final norm (the group tokens `Z`) and the
     /// norm's statistics (`[B*P]` each).
-    pub(super) zin: T,
-    pub(super) z: T,
-    pub(super) zstats: NormStats<T>,
+    pub zin: T,
+    pub z: T,
+    pub zstats: NormStats<T>,
     /// ML-VPT: the adapters' pre-GELU `u [B, P, r]` and output.
-    pub(super) adapter_u: T,
-    pub(super) adapted: T,
+    pub adapter_u: T,
+    pub adapted: T,
     /// Per branch (VPT: one, without gate logits) the logits `[B, K]` and their gradients.
-    pub(super) logits: Vec<BranchLogits<T>>,
-    pub(super) dlogits: Vec<BranchLogits<T>>,
+    pub logits: Vec<BranchLogits<T>>,
+    pub dlogits: Vec<BranchLogits<T>>,
     /// ML-VPT, per branch: what the mixture saves, `[B, E, K]` each.
-    pub(super) saved: Vec<MoeSaved<T>>,
+    pub saved: Vec<MoeSaved<T>>,
     /// VPT: the mean prompt output, `[B, D]`.
-    pub(super) zbar: T,
-    pub(super) dz: T,
-    pub(super) dadapted: T,
-    pub(super) dzin: T,
+    pub zbar: T,
+    pub dz: T,
+    pub dadapted: T,
+    pub dzin: T,
 }
 
 /// Every activation the step keeps, sized for `max_batch`. Storage roles ([`BufRole`]): the
 /// per-token GEMM/attention/GELU operands and results and their gradients are `Activation`s;
 /// the residual stream and its gradient, statistics, the head's small tensors and gradient
 /// sums are `State`.
-pub(super) struct Acts<T> {
+pub struct Acts<T> {
     /// `[B, C, H, W]`, `[B, Np, C*p*p]`, `[B, Np, D]`.
-    pub(super) images: T,
-    pub(super) patches: T,
-    pub(super) patch_emb: T,
+    pub images: T,
+    pub patches: T,
+    pub patch_emb: T,
     /// Block inputs, `[B, N, D]` each (the last block's output is `head.zin`).
-    pub(super) xs: Vec<T>,
-    pub(super) layers: Vec<LayerActs<T>>,
-    pub(super) work: Work<T>,
-    pub(super) head: HeadActs<T>,
+    pub xs: Vec<T>,
+    pub layers: Vec<LayerActs<T>>,
+    pub work: Work<T>,
+    pub head: HeadActs<T>,
     /// The model's logits `[B, K]` (mean over branches), the targets and the loss `[1]` (left on
     /// the device until the step's end).
-    pub(super) logits: T,
-    pub(super) targets: T,
-    pub(super) loss: T,
+    pub logits: T,
+    pub targets: T,
+    pub loss: T,
     /// The residual stream's gradient, `[B, N, D]`.
-    pub(super) dx: T,
+    pub dx: T,
 }
 
-pub(super) fn upload_new<B: Backend>(be: &mut B, data: &[f32], role: BufRole) -> B::Buf {
+pub fn upload_new<B: Backend>(be: &mut B, data: &[f32], role: BufRole) -> B::Buf {
     let mut b = be.alloc_as(data.len(), role);
     be.upload(data, &mut b);
     b
 }
 
-pub(super) fn backbone_tensor<'a>(bb: &'a Backbone, name: &str) -> Result<&'a [f32]> {
+pub fn backbone_tensor<'a>(bb: &'a Backbone, name: &str) -> Result<&'a [f32]> {
     Ok(bb
         .get(name)
         .with_context(|| format!("backbone has no tensor {name}"))?
@@ -333,19 +333,19 @@ pub(super) fn backbone_tensor<'a>(bb: &'a Backbone, name: &str) -> Result<&'a [f
 }
 
 /// A frozen vector kernels read in full precision (bias, norm weight, LayerScale, embedding).
-pub(super) fn upload_vector<B: Backend>(be: &mut B, bb: &Backbone, name: &str) -> Result<B::Buf> {
+pub fn upload_vector<B: Backend>(be: &mut B, bb: &Backbone, name: &str) -> Result<B::Buf> {
     Ok(upload_new(be, backbone_tensor(bb, name)?, BufRole::State))
 }
 
 /// `{name}.weight` (a GEMM operand: `Frozen` storage) and `{name}.bias`.
-pub(super) fn upload_linear<B: Backend>(be: &mut B, bb: &Backbone, name: &str) -> Result<Linear<B::Buf>> {
+pub fn upload_linear<B: Backend>(be: &mut B, bb: &Backbone, name: &str) -> Result<Linear<B::Buf>> {
     Ok(Linear {
         w: upload_new(be, backbone_tensor(bb, &format!("{name}.weight"))?, BufRole::Frozen),
         b: upload_vector(be, bb, &format!("{name}.bias"))?,
     })
 }
 
-pub(super) fn upload_norm<B: Backend>(be: &mut B, bb: &Backbone, name: &str) -> Result<Norm<B::Buf>> {
+pub fn upload_norm<B: Backend>(be: &mut B, bb: &Backbone, name: &str) -> Result<Norm<B::Buf>> {
     Ok(Norm {
         gamma: upload_vector(be, bb, &format!("{name}.weight"))?,
         beta: upload_vector(be, bb, &format!("{name}.bias"))?,
@@ -353,7 +353,7 @@ pub(super) fn upload_norm<B: Backend>(be: &mut B, bb: &Backbone, name: &str) -> 
 }
 
 impl<T> Acts<T> {
-    pub(super) fn new<B: Backend<Buf = T>>(be: &mut B, d: &Dims) -> Self {
+    pub fn new<B: Backend<Buf = T>>(be: &mut B, d: &Dims) -> Self {
         let bm = d.max_batch;
         let nd = bm * d.tokens * d.dim;
         let rows = bm * d.tokens;
@@ -436,7 +436,7 @@ impl<T> Acts<T> {
 /// Per branch, the routing tables of docs/MODEL.md#gate-tables (`branches[s][k]` = group of
 /// label `k` in branch `s`): expert `e` of label `k` reads prompt token `s*T*E + T*e + g(k)` and
 /// gate row `e*K + k` (label gating) or `e*T + g(k)` (group gating).
-pub(super) fn gate_tables(cfg: &ModelConfig, branches: &[Vec<usize>]) -> Result<Vec<GateTables<Vec<u32>>>, ConfigError> {
+pub fn gate_tables(cfg: &ModelConfig, branches: &[Vec<usize>]) -> Result<Vec<GateTables<Vec<u32>>>, ConfigError> {
     let (k, t, e) = (cfg.labels, cfg.groups, cfg.experts);
     let mut tables = Vec::with_capacity(branches.len());
     for (s, table) in branches.iter().enumerate() {
