@@ -3,7 +3,8 @@
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use mlvpt::ops::attention::{cpu as attn, AttnShape};
-use mlvpt::ops::{gelu, layernorm, linear};
+use mlvpt::ops::layernorm::{LayerNormShape, Norm, NormStats};
+use mlvpt::ops::{gelu, layernorm, linear, Grad};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::time::Duration;
@@ -45,10 +46,36 @@ fn bench(c: &mut Criterion) {
         );
         g.throughput(Throughput::Bytes((rows * d * 4) as u64));
         g.bench_function(format!("layernorm fwd {name} {rows}x{d}"), |bch| {
-            bch.iter(|| layernorm::cpu::forward(&x, &gm, &bt, &mut y, &mut m, &mut s, rows, d, 1e-6))
+            bch.iter(|| {
+                layernorm::cpu::forward(
+                    &x,
+                    Norm {
+                        gamma: &gm[..],
+                        beta: &bt[..],
+                    },
+                    &mut y,
+                    NormStats {
+                        mean: &mut m[..],
+                        rstd: &mut s[..],
+                    },
+                    &LayerNormShape { rows, dim: d, eps: 1e-6 },
+                )
+            })
         });
         g.bench_function(format!("layernorm bwd {name} {rows}x{d}"), |bch| {
-            bch.iter(|| layernorm::cpu::backward(&y, &x, &gm, &m, &s, &mut dx, rows, d, false))
+            bch.iter(|| {
+                layernorm::cpu::backward(
+                    &y,
+                    &x,
+                    &gm,
+                    NormStats {
+                        mean: &m[..],
+                        rstd: &s[..],
+                    },
+                    Grad::new(false, &mut dx[..]),
+                    &LayerNormShape { rows, dim: d, eps: 0.0 },
+                )
+            })
         });
     }
     // GELU over the demo MLP activations (64 x 77 x 384), bytes/s of input read.

@@ -5,7 +5,7 @@
 //! prints why and exits non-zero, without panicking).
 
 use mlvpt::gpu::{bf16, GpuContext, GpuError};
-use mlvpt::ops::layernorm;
+use mlvpt::ops::layernorm::{self, LayerNormShape, Norm, NormStats};
 
 fn run() -> Result<(), GpuError> {
     let gpu = GpuContext::new(0)?;
@@ -34,14 +34,20 @@ fn run() -> Result<(), GpuError> {
         &gpu,
         &stream,
         &x_dev,
-        &gamma,
-        &beta,
+        Norm {
+            gamma: &gamma,
+            beta: &beta,
+        },
         &mut y,
-        &mut mean,
-        &mut rstd,
-        rows,
-        d,
-        layernorm::VIT_EPS,
+        NormStats {
+            mean: &mut mean,
+            rstd: &mut rstd,
+        },
+        &LayerNormShape {
+            rows,
+            dim: d,
+            eps: layernorm::VIT_EPS,
+        },
     )?;
 
     let y = gpu.download(&y)?;

@@ -4,7 +4,8 @@
 use criterion::{Criterion, Throughput};
 use mlvpt::gpu::bf16;
 use mlvpt::gpu::GpuContext;
-use mlvpt::ops::layernorm;
+use mlvpt::ops::layernorm::{self, LayerNormShape, Norm, NormStats};
+use mlvpt::ops::Grad;
 
 use super::{filled, ramp_bf16, timed, D, ROWS};
 
@@ -20,7 +21,25 @@ pub fn bench(c: &mut Criterion, gpu: &GpuContext) {
     g.bench_function("forward 14528x768", |b| {
         b.iter_custom(|it| {
             timed(gpu, it, || {
-                layernorm::cuda::forward(gpu, s, &x, &gamma, &beta, &mut y, &mut mean, &mut rstd, ROWS, D, 1e-6)
+                layernorm::cuda::forward(
+                    gpu,
+                    s,
+                    &x,
+                    Norm {
+                        gamma: &gamma,
+                        beta: &beta,
+                    },
+                    &mut y,
+                    NormStats {
+                        mean: &mut mean,
+                        rstd: &mut rstd,
+                    },
+                    &LayerNormShape {
+                        rows: ROWS,
+                        dim: D,
+                        eps: 1e-6,
+                    },
+                )
             })
         })
     });
@@ -29,7 +48,20 @@ pub fn bench(c: &mut Criterion, gpu: &GpuContext) {
     g.bench_function("backward 14528x768", |b| {
         b.iter_custom(|it| {
             timed(gpu, it, || {
-                layernorm::cuda::backward(gpu, s, &y, &x, &gamma, &mean, &rstd, &mut dx, ROWS, D, false)
+                layernorm::cuda::backward(
+                    gpu,
+                    s,
+                    &y,
+                    &x,
+                    &gamma,
+                    NormStats { mean: &mean, rstd: &rstd },
+                    Grad::new(false, &mut dx),
+                    &LayerNormShape {
+                        rows: ROWS,
+                        dim: D,
+                        eps: 0.0,
+                    },
+                )
             })
         })
     });
@@ -39,7 +71,25 @@ pub fn bench(c: &mut Criterion, gpu: &GpuContext) {
     g.bench_function("forward fp32 stream 14528x768", |b| {
         b.iter_custom(|it| {
             timed(gpu, it, || {
-                layernorm::cuda::forward::<f32>(gpu, s, &xf, &gamma, &beta, &mut y, &mut mean, &mut rstd, ROWS, D, 1e-6)
+                layernorm::cuda::forward::<f32>(
+                    gpu,
+                    s,
+                    &xf,
+                    Norm {
+                        gamma: &gamma,
+                        beta: &beta,
+                    },
+                    &mut y,
+                    NormStats {
+                        mean: &mut mean,
+                        rstd: &mut rstd,
+                    },
+                    &LayerNormShape {
+                        rows: ROWS,
+                        dim: D,
+                        eps: 1e-6,
+                    },
+                )
             })
         })
     });
@@ -49,7 +99,20 @@ pub fn bench(c: &mut Criterion, gpu: &GpuContext) {
     g.bench_function("backward fp32 stream 14528x768", |b| {
         b.iter_custom(|it| {
             timed(gpu, it, || {
-                layernorm::cuda::backward::<f32>(gpu, s, &y, &xf, &gamma, &mean, &rstd, &mut dxf, ROWS, D, true)
+                layernorm::cuda::backward::<f32>(
+                    gpu,
+                    s,
+                    &y,
+                    &xf,
+                    &gamma,
+                    NormStats { mean: &mean, rstd: &rstd },
+                    Grad::new(true, &mut dxf),
+                    &LayerNormShape {
+                        rows: ROWS,
+                        dim: D,
+                        eps: 0.0,
+                    },
+                )
             })
         })
     });
@@ -67,14 +130,20 @@ pub fn bench(c: &mut Criterion, gpu: &GpuContext) {
                     &fb,
                     Some(&ls),
                     &mut out,
-                    &gamma,
-                    &beta,
+                    Norm {
+                        gamma: &gamma,
+                        beta: &beta,
+                    },
                     &mut y,
-                    &mut mean,
-                    &mut rstd,
-                    ROWS,
-                    D,
-                    1e-6,
+                    NormStats {
+                        mean: &mut mean,
+                        rstd: &mut rstd,
+                    },
+                    &LayerNormShape {
+                        rows: ROWS,
+                        dim: D,
+                        eps: 1e-6,
+                    },
                 )
             })
         })

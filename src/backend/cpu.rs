@@ -104,7 +104,7 @@ impl<T: Real> Backend for CpuBackend<T> {
         linear::cpu::backward_input(dy, w, dx.into_inner(), sh.rows, sh.d_in, sh.d_out, add);
     }
     fn layernorm_forward(&mut self, x: &Vec<T>, norm: Norm<&Vec<T>>, y: &mut Vec<T>, stats: NormStats<&mut Vec<T>>, sh: &LayerNormShape) {
-        layernorm::cpu::forward(x, norm.gamma, norm.beta, y, stats.mean, stats.rstd, sh.rows, sh.dim, sh.eps);
+        layernorm::cpu::forward(x, norm.map(|v| v.as_slice()), y, stats.map(|v| v.as_mut_slice()), sh);
     }
     fn layernorm_backward(
         &mut self,
@@ -115,8 +115,7 @@ impl<T: Real> Backend for CpuBackend<T> {
         dx: Grad<&mut Vec<T>>,
         sh: &LayerNormShape,
     ) {
-        let add = dx.accumulates();
-        layernorm::cpu::backward(dy, x, norm.gamma, stats.mean, stats.rstd, dx.into_inner(), sh.rows, sh.dim, add);
+        layernorm::cpu::backward(dy, x, norm.gamma, stats.map(|v| v.as_slice()), dx.map(|v| v.as_mut_slice()), sh);
     }
     fn gelu_forward(&mut self, x: &Vec<T>, y: &mut Vec<T>, len: usize) {
         gelu::cpu::forward(x, y, len);

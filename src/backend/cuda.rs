@@ -737,7 +737,7 @@ impl Backend for CudaBackend {
         sh: &LayerNormShape,
     ) {
         let (Residual { x, f, ls }, Norm { gamma, beta }, NormStats { mean, rstd }) = (res, norm, stats);
-        let &LayerNormShape { rows, dim, eps } = sh;
+        let &LayerNormShape { rows, dim, .. } = sh;
         self.run(|be| {
             let (g, [s0, s1, s2, s3, s4, s5, s6, s7, ..]) = (&be.gpu, &mut be.scratch);
             let n = rows * dim;
@@ -752,7 +752,10 @@ impl Backend for CudaBackend {
             let r = output::<f32>(g, rstd, s7, rows, Mode::Write)?;
             with_type!(f, F => {
                 let fv = F::of(f).ok_or_else(|| GpuError::invalid("residual + layernorm", "branch type"))?;
-                layernorm::cuda::residual_forward::<F>(g, g.stream(), xv, fv, lv.map(|l| l as &dyn DevicePtr<f32>), &mut *o.buf, gm, bt, &mut *yb.buf, &mut *m.buf, &mut *r.buf, rows, dim, eps)
+                let ls = lv.map(|l| l as &dyn DevicePtr<f32>);
+                let norm = Norm { gamma: gm, beta: bt };
+                let stats = NormStats { mean: &mut *m.buf, rstd: &mut *r.buf };
+                layernorm::cuda::residual_forward::<F>(g, g.stream(), xv, fv, ls, &mut *o.buf, norm, &mut *yb.buf, stats, sh)
             })?;
             o.done(g)?;
             yb.done(g)?;
@@ -762,7 +765,7 @@ impl Backend for CudaBackend {
     }
     fn layernorm_forward(&mut self, x: &DevBuf, norm: Norm<&DevBuf>, y: &mut DevBuf, stats: NormStats<&mut DevBuf>, sh: &LayerNormShape) {
         let (Norm { gamma, beta }, NormStats { mean, rstd }) = (norm, stats);
-        let &LayerNormShape { rows, dim, eps } = sh;
+        let &LayerNormShape { rows, dim, .. } = sh;
         self.run(|be| {
             let (g, [s0, s1, s2, s3, s4, s5, ..]) = (&be.gpu, &mut be.scratch);
             let n = rows * dim;
@@ -773,7 +776,9 @@ impl Backend for CudaBackend {
             // x in its own storage (the fp32 residual stream is read directly, no cast pass).
             with_type!(x, S => {
                 let xv = input::<S>(g, x, s0, n)?;
-                layernorm::cuda::forward::<S>(g, g.stream(), xv, gm, bt, &mut *yb.buf, &mut *m.buf, &mut *r.buf, rows, dim, eps)
+                let norm = Norm { gamma: gm, beta: bt };
+                let stats = NormStats { mean: &mut *m.buf, rstd: &mut *r.buf };
+                layernorm::cuda::forward::<S>(g, g.stream(), xv, norm, &mut *yb.buf, stats, sh)
             })?;
             yb.done(g)?;
             m.done(g)?;
@@ -805,7 +810,8 @@ impl Backend for CudaBackend {
                 let xv = input::<S>(g, x, s1, n)?;
                 let o = output::<S>(g, dx, s5, n, if accumulate { Mode::Add } else { Mode::Write })?;
                 let acc = accumulate && o.direct();
-                layernorm::cuda::backward::<S>(g, g.stream(), dyb, xv, gm, m, r, &mut *o.buf, rows, dim, acc)?;
+                let stats = NormStats { mean: m, rstd: r };
+                layernorm::cuda::backward::<S>(g, g.stream(), dyb, xv, gm, stats, Grad::new(acc, &mut *o.buf), sh)?;
                 o.done(g)
             })
         });

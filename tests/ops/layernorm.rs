@@ -3,7 +3,8 @@
 //! the fused residual add, the scalar fallback) against the twin.
 
 use crate::common::*;
-use mlvpt::ops::layernorm;
+use mlvpt::ops::layernorm::{self, LayerNormShape, Norm, NormStats};
+use mlvpt::ops::Grad;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
@@ -17,7 +18,19 @@ fn layernorm_forward_and_input_gradient() {
     let r = rand_vec(&mut rng, rows * d, 1.0);
     let fwd = |x: &[f64]| {
         let (mut y, mut m, mut s) = (vec![0.0; rows * d], vec![0.0; rows], vec![0.0; rows]);
-        layernorm::cpu::forward(x, &g, &bt, &mut y, &mut m, &mut s, rows, d, 1e-6);
+        layernorm::cpu::forward(
+            x,
+            Norm {
+                gamma: &g[..],
+                beta: &bt[..],
+            },
+            &mut y,
+            NormStats {
+                mean: &mut m[..],
+                rstd: &mut s[..],
+            },
+            &LayerNormShape { rows, dim: d, eps: 1e-6 },
+        );
         (y, m, s)
     };
     let (y, m, s) = fwd(&x);
@@ -31,7 +44,17 @@ fn layernorm_forward_and_input_gradient() {
         }
     }
     let mut dx = vec![0.0; rows * d];
-    layernorm::cpu::backward(&r, &x, &g, &m, &s, &mut dx, rows, d, false);
+    layernorm::cpu::backward(
+        &r,
+        &x,
+        &g,
+        NormStats {
+            mean: &m[..],
+            rstd: &s[..],
+        },
+        Grad::new(false, &mut dx[..]),
+        &LayerNormShape { rows, dim: d, eps: 0.0 },
+    );
     fd_check("layernorm dx", &x, &dx, |x| dot(&fwd(x).0, &r));
 }
 
@@ -41,7 +64,8 @@ fn layernorm_forward_and_input_gradient() {
 mod gpu {
     use crate::gpu_common::*;
     use mlvpt::gpu::{bf16, GpuError};
-    use mlvpt::ops::layernorm;
+    use mlvpt::ops::layernorm::{self, LayerNormShape, Norm, NormStats};
+    use mlvpt::ops::Grad;
     use rand::Rng;
 
     #[test]
@@ -74,14 +98,16 @@ mod gpu {
             let (mut y64, mut mean64, mut rstd64) = (vec![0.0; rows * d], vec![0.0; rows], vec![0.0; rows]);
             layernorm::cpu::forward(
                 &to_f64(&xr),
-                &to_f64(&gamma),
-                &to_f64(&beta),
+                Norm {
+                    gamma: &to_f64(&gamma)[..],
+                    beta: &to_f64(&beta)[..],
+                },
                 &mut y64,
-                &mut mean64,
-                &mut rstd64,
-                rows,
-                d,
-                eps,
+                NormStats {
+                    mean: &mut mean64[..],
+                    rstd: &mut rstd64[..],
+                },
+                &LayerNormShape { rows, dim: d, eps },
             );
 
             let (xd, gd, bd, dyd) = (
@@ -92,7 +118,19 @@ mod gpu {
             );
             let mut y = nan_bf16(&gpu, rows * d);
             let (mut mean, mut rstd) = (nan_f32(&gpu, rows), nan_f32(&gpu, rows));
-            layernorm::cuda::forward(&gpu, gpu.stream(), &xd, &gd, &bd, &mut y, &mut mean, &mut rstd, rows, d, eps).unwrap();
+            layernorm::cuda::forward(
+                &gpu,
+                gpu.stream(),
+                &xd,
+                Norm { gamma: &gd, beta: &bd },
+                &mut y,
+                NormStats {
+                    mean: &mut mean,
+                    rstd: &mut rstd,
+                },
+                &LayerNormShape { rows, dim: d, eps },
+            )
+            .unwrap();
             assert_close(
                 &format!("LN y {what}"),
                 &to_f32(&gpu.download(&y).unwrap()),
@@ -110,19 +148,29 @@ mod gpu {
                     &to_f64(&dyr),
                     &to_f64(&xr),
                     &to_f64(&gamma),
-                    &mean64,
-                    &rstd64,
-                    &mut dx64,
-                    rows,
-                    d,
-                    accumulate,
+                    NormStats {
+                        mean: &mean64[..],
+                        rstd: &rstd64[..],
+                    },
+                    Grad::new(accumulate, &mut dx64[..]),
+                    &LayerNormShape { rows, dim: d, eps: 0.0 },
                 );
                 let mut dx = if accumulate {
                     gpu.upload(&prevb).unwrap()
                 } else {
                     nan_bf16(&gpu, rows * d)
                 };
-                layernorm::cuda::backward(&gpu, gpu.stream(), &dyd, &xd, &gd, &mean, &rstd, &mut dx, rows, d, accumulate).unwrap();
+                layernorm::cuda::backward(
+                    &gpu,
+                    gpu.stream(),
+                    &dyd,
+                    &xd,
+                    &gd,
+                    NormStats { mean: &mean, rstd: &rstd },
+                    Grad::new(accumulate, &mut dx),
+                    &LayerNormShape { rows, dim: d, eps: 0.0 },
+                )
+                .unwrap();
                 // The input gradient is a difference of O(rstd) terms: error relative to that scale.
                 let tol = 1e-4 * rstd64.iter().fold(1.0f64, |a, &r| a.max(r.min(1e3)));
                 assert_close(
@@ -142,14 +190,16 @@ mod gpu {
         let (mut y64, mut m64, mut r64) = (vec![0.0; rows * d], vec![0.0; rows], vec![0.0; rows]);
         layernorm::cpu::forward(
             &to_f64(&xr[1..]),
-            &to_f64(&gamma),
-            &to_f64(&beta),
+            Norm {
+                gamma: &to_f64(&gamma)[..],
+                beta: &to_f64(&beta)[..],
+            },
             &mut y64,
-            &mut m64,
-            &mut r64,
-            rows,
-            d,
-            eps,
+            NormStats {
+                mean: &mut m64[..],
+                rstd: &mut r64[..],
+            },
+            &LayerNormShape { rows, dim: d, eps },
         );
         let xd = gpu.upload(&xb).unwrap();
         let (gd, bd) = (gpu.upload(&gamma).unwrap(), gpu.upload(&beta).unwrap());
@@ -160,14 +210,13 @@ mod gpu {
             &gpu,
             gpu.stream(),
             &xd.slice(1..),
-            &gd,
-            &bd,
+            Norm { gamma: &gd, beta: &bd },
             &mut ys,
-            &mut mean,
-            &mut rstd,
-            rows,
-            d,
-            eps,
+            NormStats {
+                mean: &mut mean,
+                rstd: &mut rstd,
+            },
+            &LayerNormShape { rows, dim: d, eps },
         )
         .unwrap();
         assert_close(
@@ -209,14 +258,16 @@ mod gpu {
             let (mut y64, mut mean64, mut rstd64) = (vec![0.0; rows * d], vec![0.0; rows], vec![0.0; rows]);
             layernorm::cpu::forward(
                 &to_f64(&x),
-                &to_f64(&gamma),
-                &to_f64(&beta),
+                Norm {
+                    gamma: &to_f64(&gamma)[..],
+                    beta: &to_f64(&beta)[..],
+                },
                 &mut y64,
-                &mut mean64,
-                &mut rstd64,
-                rows,
-                d,
-                eps,
+                NormStats {
+                    mean: &mut mean64[..],
+                    rstd: &mut rstd64[..],
+                },
+                &LayerNormShape { rows, dim: d, eps },
             );
 
             let (xd, gd, bd, dyd) = (
@@ -227,7 +278,19 @@ mod gpu {
             );
             let mut y = nan_bf16(&gpu, rows * d);
             let (mut mean, mut rstd) = (nan_f32(&gpu, rows), nan_f32(&gpu, rows));
-            layernorm::cuda::forward::<f32>(&gpu, gpu.stream(), &xd, &gd, &bd, &mut y, &mut mean, &mut rstd, rows, d, eps).unwrap();
+            layernorm::cuda::forward::<f32>(
+                &gpu,
+                gpu.stream(),
+                &xd,
+                Norm { gamma: &gd, beta: &bd },
+                &mut y,
+                NormStats {
+                    mean: &mut mean,
+                    rstd: &mut rstd,
+                },
+                &LayerNormShape { rows, dim: d, eps },
+            )
+            .unwrap();
             assert_close(
                 &format!("LN y {what}"),
                 &to_f32(&gpu.download(&y).unwrap()),
@@ -244,19 +307,29 @@ mod gpu {
                     &to_f64(&dyr),
                     &to_f64(&x),
                     &to_f64(&gamma),
-                    &mean64,
-                    &rstd64,
-                    &mut dx64,
-                    rows,
-                    d,
-                    accumulate,
+                    NormStats {
+                        mean: &mean64[..],
+                        rstd: &rstd64[..],
+                    },
+                    Grad::new(accumulate, &mut dx64[..]),
+                    &LayerNormShape { rows, dim: d, eps: 0.0 },
                 );
                 let mut dx = if accumulate {
                     gpu.upload(&prev).unwrap()
                 } else {
                     nan_f32(&gpu, rows * d)
                 };
-                layernorm::cuda::backward::<f32>(&gpu, gpu.stream(), &dyd, &xd, &gd, &mean, &rstd, &mut dx, rows, d, accumulate).unwrap();
+                layernorm::cuda::backward::<f32>(
+                    &gpu,
+                    gpu.stream(),
+                    &dyd,
+                    &xd,
+                    &gd,
+                    NormStats { mean: &mean, rstd: &rstd },
+                    Grad::new(accumulate, &mut dx),
+                    &LayerNormShape { rows, dim: d, eps: 0.0 },
+                )
+                .unwrap();
                 // fp32 storage: only the kernel's fp32 arithmetic separates it from the f64 twin.
                 let tol = 1e-5 * rstd64.iter().fold(1.0f64, |a, &r| a.max(r.min(1e3)));
                 assert_close(
@@ -319,14 +392,13 @@ mod gpu {
                         &fdb,
                         lsd,
                         &mut out,
-                        &gd,
-                        &bd,
+                        Norm { gamma: &gd, beta: &bd },
                         &mut y,
-                        &mut mean,
-                        &mut rstd,
-                        rows,
-                        d,
-                        eps,
+                        NormStats {
+                            mean: &mut mean,
+                            rstd: &mut rstd,
+                        },
+                        &LayerNormShape { rows, dim: d, eps },
                     )
                     .unwrap();
                 } else {
@@ -337,14 +409,13 @@ mod gpu {
                         &fdf,
                         lsd,
                         &mut out,
-                        &gd,
-                        &bd,
+                        Norm { gamma: &gd, beta: &bd },
                         &mut y,
-                        &mut mean,
-                        &mut rstd,
-                        rows,
-                        d,
-                        eps,
+                        NormStats {
+                            mean: &mut mean,
+                            rstd: &mut rstd,
+                        },
+                        &LayerNormShape { rows, dim: d, eps },
                     )
                     .unwrap();
                 }
@@ -354,14 +425,16 @@ mod gpu {
                 let (mut y64, mut m64, mut r64) = (vec![0.0; rows * d], vec![0.0; rows], vec![0.0; rows]);
                 layernorm::cpu::forward(
                     &to_f64(&got_out),
-                    &to_f64(&gamma),
-                    &to_f64(&beta),
+                    Norm {
+                        gamma: &to_f64(&gamma)[..],
+                        beta: &to_f64(&beta)[..],
+                    },
                     &mut y64,
-                    &mut m64,
-                    &mut r64,
-                    rows,
-                    d,
-                    eps,
+                    NormStats {
+                        mean: &mut m64[..],
+                        rstd: &mut r64[..],
+                    },
+                    &LayerNormShape { rows, dim: d, eps },
                 );
                 assert_close(
                     &format!("residual LN y {what}"),
@@ -400,7 +473,22 @@ mod gpu {
         let g = gpu.zeros::<f32>(d).unwrap();
         let mut y = gpu.zeros::<bf16>(d).unwrap();
         let (mut m, mut r) = (gpu.zeros::<f32>(1).unwrap(), gpu.zeros::<f32>(1).unwrap());
-        let err = layernorm::cuda::forward(&gpu, gpu.stream(), &x, &g, &g, &mut y, &mut m, &mut r, 1, d, 1e-6);
+        let err = layernorm::cuda::forward(
+            &gpu,
+            gpu.stream(),
+            &x,
+            Norm { gamma: &g, beta: &g },
+            &mut y,
+            NormStats {
+                mean: &mut m,
+                rstd: &mut r,
+            },
+            &LayerNormShape {
+                rows: 1,
+                dim: d,
+                eps: 1e-6,
+            },
+        );
         assert!(matches!(err, Err(GpuError::Invalid { .. })), "{err:?}");
     }
 }

@@ -1,14 +1,17 @@
 //! CPU reference of LayerNorm: rows in parallel, each row in a fixed order (deterministic).
 
+use super::{LayerNormShape, Norm, NormStats};
 use crate::ops::par::*;
 use crate::ops::real::{cast, simd, Real};
+use crate::ops::Grad;
 
 /// Rows per rayon task.
 const ROWS_PER_TASK: usize = 16;
 
-/// Forward: writes `y`, `mean`, `rstd` for the first `rows` rows.
-#[allow(clippy::too_many_arguments)]
-pub fn forward<T: Real>(x: &[T], gamma: &[T], beta: &[T], y: &mut [T], mean: &mut [T], rstd: &mut [T], rows: usize, d: usize, eps: f64) {
+/// Forward: writes `y` and the statistics for the first `rows` rows.
+pub fn forward<T: Real>(x: &[T], norm: Norm<&[T]>, y: &mut [T], stats: NormStats<&mut [T]>, sh: &LayerNormShape) {
+    let (Norm { gamma, beta }, NormStats { mean, rstd }) = (norm, stats);
+    let &LayerNormShape { rows, dim: d, eps } = sh;
     assert!(x.len() >= rows * d && y.len() >= rows * d && mean.len() >= rows && rstd.len() >= rows);
     assert!(gamma.len() >= d && beta.len() >= d && d > 0);
     let eps: T = cast(eps);
@@ -36,9 +39,11 @@ pub fn forward<T: Real>(x: &[T], gamma: &[T], beta: &[T], y: &mut [T], mean: &mu
         });
 }
 
-/// Input gradient: `dx (+)= LN'(x)^T dy`.
-#[allow(clippy::too_many_arguments)]
-pub fn backward<T: Real>(dy: &[T], x: &[T], gamma: &[T], mean: &[T], rstd: &[T], dx: &mut [T], rows: usize, d: usize, accumulate: bool) {
+/// Input gradient: `dx (+)= LN'(x)^T dy` (`Grad::Add` accumulates).
+pub fn backward<T: Real>(dy: &[T], x: &[T], gamma: &[T], stats: NormStats<&[T]>, dx: Grad<&mut [T]>, sh: &LayerNormShape) {
+    let NormStats { mean, rstd } = stats;
+    let (rows, d, accumulate) = (sh.rows, sh.dim, dx.accumulates());
+    let dx = dx.into_inner();
     assert!(dy.len() >= rows * d && x.len() >= rows * d && dx.len() >= rows * d);
     assert!(mean.len() >= rows && rstd.len() >= rows && gamma.len() >= d);
     let inv_d: T = cast(1.0 / d as f64);

@@ -2,9 +2,11 @@
 //! bf16 or fp32 (`S`: an fp32 residual stream is read as it is, no cast pass), bf16 output,
 //! fp32 gamma/beta and statistics, one warp per row. The backward writes `dx` in `S`.
 
+use super::{LayerNormShape, Norm, NormStats};
 use crate::gpu::kernels::layernorm;
 use crate::gpu::launch::{aligned, Storage, BLOCK};
 use crate::gpu::{bf16, CudaStream, DevicePtr, DevicePtrMut, GpuContext, GpuError, Kernel};
+use crate::ops::Grad;
 use cudarc::driver::{CudaFunction, LaunchConfig, PushKernelArg};
 
 /// Longest row the kernels hold in registers.
@@ -112,7 +114,7 @@ fn row_launch(rows: usize) -> LaunchConfig {
 ///
 /// ```
 /// use mlvpt::gpu::{bf16, GpuContext, GpuError};
-/// use mlvpt::ops::layernorm::{cuda, VIT_EPS};
+/// use mlvpt::ops::layernorm::{cuda, LayerNormShape, Norm, NormStats, VIT_EPS};
 /// # fn main() -> Result<(), GpuError> {
 /// # if !mlvpt::gpu::GpuContext::driver_present() { return Ok(()); } // needs a device (a GPU or tools/vgpu)
 /// let gpu = GpuContext::new(0)?;
@@ -121,24 +123,24 @@ fn row_launch(rows: usize) -> LaunchConfig {
 /// let (gamma, beta) = (gpu.upload(&vec![1.0f32; d])?, gpu.zeros::<f32>(d)?);
 /// let mut y = gpu.zeros::<bf16>(rows * d)?;
 /// let (mut mean, mut rstd) = (gpu.zeros::<f32>(rows)?, gpu.zeros::<f32>(rows)?);
-/// cuda::forward(&gpu, gpu.stream(), &x, &gamma, &beta, &mut y, &mut mean, &mut rstd, rows, d, VIT_EPS)?;
+/// let shape = LayerNormShape { rows, dim: d, eps: VIT_EPS };
+/// let stats = NormStats { mean: &mut mean, rstd: &mut rstd };
+/// cuda::forward(&gpu, gpu.stream(), &x, Norm { gamma: &gamma, beta: &beta }, &mut y, stats, &shape)?;
+/// assert!(gpu.download(&y)?.iter().all(|v| v.to_f32() == 0.0)); // a constant row normalises to beta
 /// # Ok(()) }
 /// ```
-#[allow(clippy::too_many_arguments)]
 pub fn forward<S: Storage>(
     gpu: &GpuContext,
     stream: &CudaStream,
     x: &impl DevicePtr<S>,
-    gamma: &impl DevicePtr<f32>,
-    beta: &impl DevicePtr<f32>,
+    norm: Norm<&(impl DevicePtr<f32> + ?Sized)>,
     y: &mut impl DevicePtrMut<bf16>,
-    mean: &mut impl DevicePtrMut<f32>,
-    rstd: &mut impl DevicePtrMut<f32>,
-    rows: usize,
-    d: usize,
-    eps: f64,
+    stats: NormStats<&mut (impl DevicePtrMut<f32> + ?Sized)>,
+    sh: &LayerNormShape,
 ) -> Result<(), GpuError> {
     const OP: &str = "layernorm forward";
+    let (Norm { gamma, beta }, NormStats { mean, rstd }) = (norm, stats);
+    let &LayerNormShape { rows, dim: d, eps } = sh;
     check_shape(OP, rows, d)?;
     let n = rows * d;
     check_lens(
@@ -184,7 +186,8 @@ pub fn forward<S: Storage>(
 ///
 /// ```
 /// use mlvpt::gpu::{bf16, GpuContext};
-/// use mlvpt::ops::layernorm::{self, VIT_EPS};
+/// use mlvpt::ops::layernorm::{self, LayerNormShape, Norm, NormStats, VIT_EPS};
+/// use mlvpt::ops::Grad;
 /// # fn main() -> Result<(), mlvpt::gpu::GpuError> {
 /// # if !mlvpt::gpu::GpuContext::driver_present() { return Ok(()); } // needs a device (a GPU or tools/vgpu)
 /// let gpu = GpuContext::new(0)?;
@@ -196,37 +199,43 @@ pub fn forward<S: Storage>(
 /// let (g, beta) = (gpu.upload(&gamma)?, gpu.zeros::<f32>(d)?);
 /// let mut y = gpu.zeros::<bf16>(rows * d)?;
 /// let (mut mean, mut rstd) = (gpu.zeros::<f32>(rows)?, gpu.zeros::<f32>(rows)?);
-/// layernorm::cuda::forward(&gpu, gpu.stream(), &xd, &g, &beta, &mut y, &mut mean, &mut rstd, rows, d, VIT_EPS)?;
+/// let shape = LayerNormShape { rows, dim: d, eps: VIT_EPS };
+/// let stats = NormStats { mean: &mut mean, rstd: &mut rstd };
+/// layernorm::cuda::forward(&gpu, gpu.stream(), &xd, Norm { gamma: &g, beta: &beta }, &mut y, stats, &shape)?;
 /// let mut dx = gpu.zeros::<f32>(rows * d)?;
-/// layernorm::cuda::backward(&gpu, gpu.stream(), &gpu.upload(&dy)?, &xd, &g, &mean, &rstd, &mut dx, rows, d, false)?;
+/// let stats = NormStats { mean: &mean, rstd: &rstd };
+/// layernorm::cuda::backward(&gpu, gpu.stream(), &gpu.upload(&dy)?, &xd, &g, stats, Grad::Write(&mut dx), &shape)?;
 /// // The CPU twins, in f64.
 /// let f64s = |v: &[f32]| v.iter().map(|&a| a as f64).collect::<Vec<_>>();
 /// let (x64, g64) = (f64s(&x), f64s(&gamma));
 /// let dy64: Vec<f64> = dy.iter().map(|v| v.to_f64()).collect();
 /// let (mut y64, mut m64, mut r64) = (vec![0.0; rows * d], vec![0.0; rows], vec![0.0; rows]);
-/// layernorm::cpu::forward(&x64, &g64, &vec![0.0; d], &mut y64, &mut m64, &mut r64, rows, d, VIT_EPS);
+/// let zeros = vec![0.0; d];
+/// let stats = NormStats { mean: &mut m64[..], rstd: &mut r64[..] };
+/// layernorm::cpu::forward(&x64, Norm { gamma: &g64[..], beta: &zeros[..] }, &mut y64, stats, &shape);
 /// let mut want = vec![0.0; rows * d];
-/// layernorm::cpu::backward(&dy64, &x64, &g64, &m64, &r64, &mut want, rows, d, false);
+/// let stats = NormStats { mean: &m64[..], rstd: &r64[..] };
+/// layernorm::cpu::backward(&dy64, &x64, &g64, stats, Grad::Write(&mut want[..]), &shape);
 /// for (got, want) in gpu.download(&dx)?.iter().zip(&want) {
 ///     assert!((*got as f64 - want).abs() < 1e-4 * (1.0 + want.abs()), "{got} vs {want}");
 /// }
 /// # Ok(()) }
 /// ```
-#[allow(clippy::too_many_arguments)]
+#[allow(clippy::too_many_arguments)] // the op's operands, as the forward names them
 pub fn backward<S: Storage>(
     gpu: &GpuContext,
     stream: &CudaStream,
     dy: &impl DevicePtr<bf16>,
     x: &impl DevicePtr<S>,
     gamma: &impl DevicePtr<f32>,
-    mean: &impl DevicePtr<f32>,
-    rstd: &impl DevicePtr<f32>,
-    dx: &mut impl DevicePtrMut<S>,
-    rows: usize,
-    d: usize,
-    accumulate: bool,
+    stats: NormStats<&(impl DevicePtr<f32> + ?Sized)>,
+    dx: Grad<&mut impl DevicePtrMut<S>>,
+    sh: &LayerNormShape,
 ) -> Result<(), GpuError> {
     const OP: &str = "layernorm backward";
+    let NormStats { mean, rstd } = stats;
+    let (rows, d, accumulate) = (sh.rows, sh.dim, dx.accumulates());
+    let dx = dx.into_inner();
     check_shape(OP, rows, d)?;
     let n = rows * d;
     check_lens(
@@ -274,7 +283,7 @@ pub fn backward<S: Storage>(
 ///
 /// ```
 /// use mlvpt::gpu::{bf16, DevicePtr, GpuContext};
-/// use mlvpt::ops::layernorm::{self, VIT_EPS};
+/// use mlvpt::ops::layernorm::{self, LayerNormShape, Norm, NormStats, VIT_EPS};
 /// # fn main() -> Result<(), mlvpt::gpu::GpuError> {
 /// # if !mlvpt::gpu::GpuContext::driver_present() { return Ok(()); } // needs a device (a GPU or tools/vgpu)
 /// let gpu = GpuContext::new(0)?;
@@ -287,21 +296,24 @@ pub fn backward<S: Storage>(
 /// let mut y = gpu.zeros::<bf16>(rows * d)?;
 /// let (mut mean, mut rstd) = (gpu.zeros::<f32>(rows)?, gpu.zeros::<f32>(rows)?);
 /// let ls: &dyn DevicePtr<f32> = &ls;
+/// let shape = LayerNormShape { rows, dim: d, eps: VIT_EPS };
+/// let (norm, stats) = (Norm { gamma: &gamma, beta: &beta }, NormStats { mean: &mut mean, rstd: &mut rstd });
 /// layernorm::cuda::residual_forward(&gpu, gpu.stream(), &gpu.upload(&x)?, &gpu.upload(&f)?, Some(ls), &mut out,
-///                                   &gamma, &beta, &mut y, &mut mean, &mut rstd, rows, d, VIT_EPS)?;
+///                                   norm, &mut y, stats, &shape)?;
 /// let out = gpu.download(&out)?;
 /// for i in 0..rows * d {
 ///     assert_eq!(out[i], x[i] + 0.5 * f[i].to_f32()); // the new residual stream
 /// }
 /// // y is LayerNorm of it: the CPU twin on `out`.
 /// let (mut want, mut m, mut r) = (vec![0.0f32; rows * d], vec![0.0f32; rows], vec![0.0f32; rows]);
-/// layernorm::cpu::forward(&out, &[1.0; 8], &[0.0; 8], &mut want, &mut m, &mut r, rows, d, VIT_EPS);
+/// let stats = NormStats { mean: &mut m[..], rstd: &mut r[..] };
+/// layernorm::cpu::forward(&out, Norm { gamma: &[1.0; 8][..], beta: &[0.0; 8][..] }, &mut want, stats, &shape);
 /// for (got, want) in gpu.download(&y)?.iter().zip(&want) {
 ///     assert!((got.to_f32() - want).abs() <= 1e-2 * want.abs() + 1e-3, "{got} vs {want}");
 /// }
 /// # Ok(()) }
 /// ```
-#[allow(clippy::too_many_arguments)]
+#[allow(clippy::too_many_arguments)] // the residual's operands, then the forward's
 pub fn residual_forward<F: Storage>(
     gpu: &GpuContext,
     stream: &CudaStream,
@@ -309,16 +321,14 @@ pub fn residual_forward<F: Storage>(
     f: &impl DevicePtr<F>,
     ls: Option<&dyn DevicePtr<f32>>,
     out: &mut impl DevicePtrMut<f32>,
-    gamma: &impl DevicePtr<f32>,
-    beta: &impl DevicePtr<f32>,
+    norm: Norm<&(impl DevicePtr<f32> + ?Sized)>,
     y: &mut impl DevicePtrMut<bf16>,
-    mean: &mut impl DevicePtrMut<f32>,
-    rstd: &mut impl DevicePtrMut<f32>,
-    rows: usize,
-    d: usize,
-    eps: f64,
+    stats: NormStats<&mut (impl DevicePtrMut<f32> + ?Sized)>,
+    sh: &LayerNormShape,
 ) -> Result<(), GpuError> {
     const OP: &str = "residual + layernorm forward";
+    let (Norm { gamma, beta }, NormStats { mean, rstd }) = (norm, stats);
+    let &LayerNormShape { rows, dim: d, eps } = sh;
     check_shape(OP, rows, d)?;
     let n = rows * d;
     let ls_len = ls.map_or(d, |l| l.len());

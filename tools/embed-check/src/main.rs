@@ -3,14 +3,20 @@
 //! tools/check-embed.sh; `cargo run` runs it (on a GPU, or the virtual device of tools/vgpu).
 
 use mlvpt::gpu::{GpuContext, FATBINS};
-use mlvpt::ops::layernorm;
+use mlvpt::ops::layernorm::{self, LayerNormShape, Norm, NormStats};
 
 fn main() {
     let (rows, d) = (2usize, 8usize);
     let x: Vec<f32> = (0..rows * d).map(|i| i as f32).collect();
     let (gamma, beta) = (vec![1.0f32; d], vec![0.0f32; d]);
     let (mut y, mut mean, mut rstd) = (vec![0.0f32; rows * d], vec![0.0f32; rows], vec![0.0f32; rows]);
-    layernorm::cpu::forward(&x, &gamma, &beta, &mut y, &mut mean, &mut rstd, rows, d, layernorm::VIT_EPS);
+    layernorm::cpu::forward(
+        &x,
+        Norm { gamma: &gamma[..], beta: &beta[..] },
+        &mut y,
+        NormStats { mean: &mut mean[..], rstd: &mut rstd[..] },
+        &LayerNormShape { rows, dim: d, eps: layernorm::VIT_EPS },
+    );
     println!("layernorm (CPU twin): mean {mean:?}, first row {:.3?}", &y[..d]);
     println!("embedded kernel modules: {:?}", FATBINS.iter().map(|(m, _)| *m).collect::<Vec<_>>());
     match GpuContext::new(0) {
