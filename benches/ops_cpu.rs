@@ -4,6 +4,7 @@
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use mlvpt::ops::attention::{cpu as attn, AttnShape};
 use mlvpt::ops::layernorm::{LayerNormShape, Norm, NormStats};
+use mlvpt::ops::linear::LinearShape;
 use mlvpt::ops::{gelu, layernorm, linear, Grad};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -28,10 +29,33 @@ fn bench(c: &mut Criterion) {
         let mut dx = vec![0.0f32; rows * din];
         g.throughput(Throughput::Elements((2 * rows * din * dout) as u64));
         g.bench_function(format!("linear fwd {name} {rows}x{din}->{dout}"), |bch| {
-            bch.iter(|| linear::cpu::forward(&x, &w, Some(&b), &mut y, rows, din, dout))
+            bch.iter(|| {
+                linear::cpu::forward(
+                    &x,
+                    &w,
+                    Some(&b),
+                    &mut y,
+                    &LinearShape {
+                        rows,
+                        d_in: din,
+                        d_out: dout,
+                    },
+                )
+            })
         });
         g.bench_function(format!("linear dX {name} {rows}x{din}->{dout}"), |bch| {
-            bch.iter(|| linear::cpu::backward_input(&y, &w, &mut dx, rows, din, dout, false))
+            bch.iter(|| {
+                linear::cpu::backward_input(
+                    &y,
+                    &w,
+                    Grad::Write(&mut dx[..]),
+                    &LinearShape {
+                        rows,
+                        d_in: din,
+                        d_out: dout,
+                    },
+                )
+            })
         });
     }
     for (name, rows, d) in [("demo", 64 * 77, 96), ("vitb", 4 * 227, 768)] {

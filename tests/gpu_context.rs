@@ -3,6 +3,7 @@
 #![cfg(feature = "cuda")]
 
 use mlvpt::gpu::{GpuContext, GpuError};
+use mlvpt::ops::linear::LinearShape;
 
 #[test]
 fn opening_a_device_is_an_error_or_a_context_never_a_panic() {
@@ -47,7 +48,19 @@ fn every_embedded_module_loads_and_cublas_is_found() {
     let x = gpu.upload(&[1.0f32; 4]).unwrap();
     let w = gpu.upload(&[1.0f32; 4]).unwrap();
     let mut y = gpu.zeros::<f32>(4).unwrap();
-    mlvpt::ops::linear::cuda::forward(&gpu, &x, &w, None, &mut y, 2, 2, 2, false).expect("cuBLAS (libcublas in LD_LIBRARY_PATH?)");
+    mlvpt::ops::linear::cuda::forward(
+        &gpu,
+        &x,
+        &w,
+        None,
+        &mut y,
+        &LinearShape {
+            rows: 2,
+            d_in: 2,
+            d_out: 2,
+        },
+    )
+    .expect("cuBLAS (libcublas in LD_LIBRARY_PATH?)");
     assert_eq!(gpu.download(&y).unwrap(), vec![2.0; 4]);
 }
 
@@ -95,7 +108,19 @@ fn modules_and_cublas_load_on_first_use_and_a_caller_stream_is_adopted() {
     let w = stream.clone_htod(&[1.0f32; 4]).unwrap();
     let a = stream.clone_htod(&[1.0f32, 2.0, 3.0, 4.0]).unwrap();
     let mut out = stream.alloc_zeros::<f32>(4).unwrap();
-    mlvpt::ops::linear::cuda::forward(&gpu, &a, &w, None, &mut out, 2, 2, 2, false).unwrap();
+    mlvpt::ops::linear::cuda::forward(
+        &gpu,
+        &a,
+        &w,
+        None,
+        &mut out,
+        &LinearShape {
+            rows: 2,
+            d_in: 2,
+            d_out: 2,
+        },
+    )
+    .unwrap();
     assert!(gpu.cublas_ready());
     assert_eq!(stream.clone_dtoh(&out).unwrap(), [3.0, 3.0, 7.0, 7.0]);
 }

@@ -4,6 +4,7 @@
 use criterion::{Criterion, Throughput};
 use mlvpt::gpu::bf16;
 use mlvpt::gpu::GpuContext;
+use mlvpt::ops::linear::LinearShape;
 
 use super::{filled, ramp_bf16, timed, D, MLP, ROWS};
 
@@ -17,7 +18,18 @@ pub fn bench(c: &mut Criterion, gpu: &GpuContext) {
     g.bench_function("bf16 linear+bias 14528x768 -> 3072 (flop/s)", |b| {
         b.iter_custom(|it| {
             timed(gpu, it, || {
-                mlvpt::ops::linear::cuda::forward(gpu, &xa, &w, Some(&b32), &mut ya, ROWS, MLP, D, false)
+                mlvpt::ops::linear::cuda::forward(
+                    gpu,
+                    &xa,
+                    &w,
+                    Some(&b32),
+                    &mut ya,
+                    &LinearShape {
+                        rows: ROWS,
+                        d_in: D,
+                        d_out: MLP,
+                    },
+                )
             })
         })
     });

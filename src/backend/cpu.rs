@@ -97,11 +97,10 @@ impl<T: Real> Backend for CpuBackend<T> {
     }
 
     fn linear_forward(&mut self, x: &Vec<T>, w: &Vec<T>, bias: Option<&Vec<T>>, y: &mut Vec<T>, sh: &LinearShape) {
-        linear::cpu::forward(x, w, bias.map(|b| b.as_slice()), y, sh.rows, sh.d_in, sh.d_out);
+        linear::cpu::forward(x, w, bias.map(|b| b.as_slice()), y, sh);
     }
     fn linear_backward_input(&mut self, dy: &Vec<T>, w: &Vec<T>, dx: Grad<&mut Vec<T>>, sh: &LinearShape) {
-        let add = dx.accumulates();
-        linear::cpu::backward_input(dy, w, dx.into_inner(), sh.rows, sh.d_in, sh.d_out, add);
+        linear::cpu::backward_input(dy, w, dx.map(|v| v.as_mut_slice()), sh);
     }
     fn layernorm_forward(&mut self, x: &Vec<T>, norm: Norm<&Vec<T>>, y: &mut Vec<T>, stats: NormStats<&mut Vec<T>>, sh: &LayerNormShape) {
         layernorm::cpu::forward(x, norm.map(|v| v.as_slice()), y, stats.map(|v| v.as_mut_slice()), sh);

@@ -442,12 +442,12 @@ fn gemm_forward<T: Elem>(
         // cuBLAS has no fp32-operand GEMM with a bf16 result (CUBLAS_STATUS_NOT_SUPPORTED):
         // an fp32 result in scratch, cast.
         let o = output::<f32>(g, y, s3, rows * d_out, Mode::Write)?;
-        crate::ops::linear::cuda::forward::<T, f32>(g, xv, wv, bv, &mut *o.buf, rows, d_out, d_in, false)?;
+        crate::ops::linear::cuda::forward::<T, f32>(g, xv, wv, bv, &mut *o.buf, sh)?;
         return o.done(g);
     }
     match y {
-        DevBuf::F32(o) => crate::ops::linear::cuda::forward::<T, f32>(g, xv, wv, bv, o, rows, d_out, d_in, false),
-        DevBuf::Bf16(o) => crate::ops::linear::cuda::forward::<T, bf16>(g, xv, wv, bv, o, rows, d_out, d_in, false),
+        DevBuf::F32(o) => crate::ops::linear::cuda::forward::<T, f32>(g, xv, wv, bv, o, sh),
+        DevBuf::Bf16(o) => crate::ops::linear::cuda::forward::<T, bf16>(g, xv, wv, bv, o, sh),
     }
 }
 
@@ -469,12 +469,12 @@ fn gemm_backward_input<T: Elem>(
     if T::INDEX == f32::INDEX && dx.is_bf16() {
         // As in `gemm_forward`: fp32 scratch (holding dx first when accumulating), cast back.
         let o = output::<f32>(g, dx, s2, rows * d_in, if accumulate { Mode::Update } else { Mode::Write })?;
-        crate::ops::linear::cuda::backward_input::<T, f32>(g, dyv, wv, &mut *o.buf, rows, d_out, d_in, accumulate)?;
+        crate::ops::linear::cuda::backward_input::<T, f32>(g, dyv, wv, Grad::new(accumulate, &mut *o.buf), sh)?;
         return o.done(g);
     }
     match dx {
-        DevBuf::F32(o) => crate::ops::linear::cuda::backward_input::<T, f32>(g, dyv, wv, o, rows, d_out, d_in, accumulate),
-        DevBuf::Bf16(o) => crate::ops::linear::cuda::backward_input::<T, bf16>(g, dyv, wv, o, rows, d_out, d_in, accumulate),
+        DevBuf::F32(o) => crate::ops::linear::cuda::backward_input::<T, f32>(g, dyv, wv, Grad::new(accumulate, o), sh),
+        DevBuf::Bf16(o) => crate::ops::linear::cuda::backward_input::<T, bf16>(g, dyv, wv, Grad::new(accumulate, o), sh),
     }
 }
 

@@ -3,7 +3,8 @@
 //! and bf16 against the f64 twin.
 
 use crate::common::*;
-use mlvpt::ops::linear;
+use mlvpt::ops::linear::{self, LinearShape};
+use mlvpt::ops::Grad;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
@@ -17,7 +18,17 @@ fn linear_forward_and_input_gradient() {
     let r = rand_vec(&mut rng, rows * dout, 1.0);
     let fwd = |x: &[f64]| {
         let mut y = vec![0.0; rows * dout];
-        linear::cpu::forward(x, &w, Some(&b), &mut y, rows, din, dout);
+        linear::cpu::forward(
+            x,
+            &w,
+            Some(&b),
+            &mut y,
+            &LinearShape {
+                rows,
+                d_in: din,
+                d_out: dout,
+            },
+        );
         y
     };
     let y = fwd(&x);
@@ -28,11 +39,29 @@ fn linear_forward_and_input_gradient() {
         }
     }
     let mut dx = vec![0.0; rows * din];
-    linear::cpu::backward_input(&r, &w, &mut dx, rows, din, dout, false);
+    linear::cpu::backward_input(
+        &r,
+        &w,
+        Grad::Write(&mut dx[..]),
+        &LinearShape {
+            rows,
+            d_in: din,
+            d_out: dout,
+        },
+    );
     fd_check("linear dx", &x, &dx, |x| dot(&fwd(x), &r));
     // accumulate adds
     let mut acc = vec![1.0; rows * din];
-    linear::cpu::backward_input(&r, &w, &mut acc, rows, din, dout, true);
+    linear::cpu::backward_input(
+        &r,
+        &w,
+        Grad::Add(&mut acc[..]),
+        &LinearShape {
+            rows,
+            d_in: din,
+            d_out: dout,
+        },
+    );
     assert!(acc.iter().zip(&dx).all(|(a, d)| (a - 1.0 - d).abs() < 1e-12));
 }
 
@@ -41,13 +70,24 @@ fn linear_forward_and_input_gradient() {
 #[cfg(feature = "cuda")]
 mod gpu {
     use crate::gpu_common::*;
-    use mlvpt::ops::linear;
+    use mlvpt::ops::linear::{self, LinearShape};
+    use mlvpt::ops::Grad;
 
     /// `y[m, n] = x[m, k] w[n, k]^T + b` by the CPU twin in f64.
     fn linear_ref(x: &[f32], w: &[f32], b: Option<&[f32]>, m: usize, n: usize, k: usize) -> Vec<f64> {
         let mut y = vec![0.0; m * n];
         let b64 = b.map(to_f64);
-        linear::cpu::forward(&to_f64(x), &to_f64(w), b64.as_deref(), &mut y, m, k, n);
+        linear::cpu::forward(
+            &to_f64(x),
+            &to_f64(w),
+            b64.as_deref(),
+            &mut y,
+            &LinearShape {
+                rows: m,
+                d_in: k,
+                d_out: n,
+            },
+        );
         y
     }
 
@@ -86,7 +126,19 @@ mod gpu {
                     gpu.upload(&dy).unwrap(),
                 );
                 let mut y = nan_f32(&gpu, m * n);
-                mlvpt::ops::linear::cuda::forward(&gpu, &xd, &wd, Some(&bd), &mut y, m, n, k, false).unwrap();
+                mlvpt::ops::linear::cuda::forward(
+                    &gpu,
+                    &xd,
+                    &wd,
+                    Some(&bd),
+                    &mut y,
+                    &LinearShape {
+                        rows: m,
+                        d_in: k,
+                        d_out: n,
+                    },
+                )
+                .unwrap();
                 // TF32 is not enabled, so f32 GEMMs are full precision.
                 assert_close(
                     &format!("f32 Y {what}"),
@@ -97,9 +149,29 @@ mod gpu {
                     seed,
                 );
                 let mut dx = nan_f32(&gpu, m * k);
-                mlvpt::ops::linear::cuda::backward_input(&gpu, &dyd, &wd, &mut dx, m, n, k, false).unwrap();
+                mlvpt::ops::linear::cuda::backward_input(
+                    &gpu,
+                    &dyd,
+                    &wd,
+                    Grad::Write(&mut dx),
+                    &LinearShape {
+                        rows: m,
+                        d_in: k,
+                        d_out: n,
+                    },
+                )
+                .unwrap();
                 let mut want_dx = vec![0.0; m * k];
-                linear::cpu::backward_input(&to_f64(&dy), &to_f64(&w), &mut want_dx, m, k, n, false);
+                linear::cpu::backward_input(
+                    &to_f64(&dy),
+                    &to_f64(&w),
+                    Grad::Write(&mut want_dx[..]),
+                    &LinearShape {
+                        rows: m,
+                        d_in: k,
+                        d_out: n,
+                    },
+                );
                 assert_close(
                     &format!("f32 dX {what}"),
                     &gpu.download(&dx).unwrap(),
@@ -109,7 +181,18 @@ mod gpu {
                     seed,
                 );
                 let mut dw = nan_f32(&gpu, n * k);
-                mlvpt::ops::linear::cuda::backward_weight(&gpu, &dyd, &xd, &mut dw, m, n, k, false).unwrap();
+                mlvpt::ops::linear::cuda::backward_weight(
+                    &gpu,
+                    &dyd,
+                    &xd,
+                    Grad::Write(&mut dw),
+                    &LinearShape {
+                        rows: m,
+                        d_in: k,
+                        d_out: n,
+                    },
+                )
+                .unwrap();
                 let want_dw = linear_ref(&transpose(&dy, m, n), &transpose(&x, m, k), None, n, k, m);
                 assert_close(
                     &format!("f32 dW {what}"),
@@ -120,7 +203,18 @@ mod gpu {
                     seed,
                 );
                 // accumulate adds onto what is there.
-                mlvpt::ops::linear::cuda::backward_weight(&gpu, &dyd, &xd, &mut dw, m, n, k, true).unwrap();
+                mlvpt::ops::linear::cuda::backward_weight(
+                    &gpu,
+                    &dyd,
+                    &xd,
+                    Grad::Add(&mut dw),
+                    &LinearShape {
+                        rows: m,
+                        d_in: k,
+                        d_out: n,
+                    },
+                )
+                .unwrap();
                 let twice: Vec<f64> = want_dw.iter().map(|v| 2.0 * v).collect();
                 assert_close(
                     &format!("f32 dW accumulate {what}"),
@@ -138,7 +232,19 @@ mod gpu {
                 let (xd, wd, bd) = (gpu.upload(&xb).unwrap(), gpu.upload(&wb).unwrap(), gpu.upload(&b).unwrap());
                 let want = linear_ref(&xr, &wr, Some(&b), m, n, k);
                 let mut y32 = nan_f32(&gpu, m * n);
-                mlvpt::ops::linear::cuda::forward(&gpu, &xd, &wd, Some(&bd), &mut y32, m, n, k, false).unwrap();
+                mlvpt::ops::linear::cuda::forward(
+                    &gpu,
+                    &xd,
+                    &wd,
+                    Some(&bd),
+                    &mut y32,
+                    &LinearShape {
+                        rows: m,
+                        d_in: k,
+                        d_out: n,
+                    },
+                )
+                .unwrap();
                 assert_close(
                     &format!("bf16->f32 Y {what}"),
                     &gpu.download(&y32).unwrap(),
@@ -148,7 +254,19 @@ mod gpu {
                     seed,
                 );
                 let mut y16 = nan_bf16(&gpu, m * n);
-                mlvpt::ops::linear::cuda::forward(&gpu, &xd, &wd, Some(&bd), &mut y16, m, n, k, false).unwrap();
+                mlvpt::ops::linear::cuda::forward(
+                    &gpu,
+                    &xd,
+                    &wd,
+                    Some(&bd),
+                    &mut y16,
+                    &LinearShape {
+                        rows: m,
+                        d_in: k,
+                        d_out: n,
+                    },
+                )
+                .unwrap();
                 // bias rounded to bf16 once, the result once, and cuBLAS may pick a split-K
                 // algorithm whose partial sums are rounded to the output type (seen on an H100:
                 // 1.2 bf16 ulps off). The f32-out path above is checked tightly; here allow 3 ulps.

@@ -4,8 +4,10 @@
 use super::{AdapterShape, MoeShape, VptHeadShape};
 use crate::ops::gelu::cpu::{gelu, gelu_grad};
 use crate::ops::linear::cpu::matmul;
+use crate::ops::linear::LinearShape;
 use crate::ops::par::*;
 use crate::ops::real::{cast, simd, Real, SyncPtr};
+use crate::ops::Grad;
 
 /// Dot product with eight independent accumulators (lets the compiler vectorize; fixed order).
 #[inline(always)]
@@ -432,7 +434,17 @@ pub fn vpt_forward<T: Real>(z: &[T], w: &[T], c: &[T], zbar: &mut [T], y: &mut [
             *v = *v * inv;
         }
     }
-    crate::ops::linear::cpu::forward(zbar, w, Some(c), y, bn, d, k);
+    crate::ops::linear::cpu::forward(
+        zbar,
+        w,
+        Some(c),
+        y,
+        &LinearShape {
+            rows: bn,
+            d_in: d,
+            d_out: k,
+        },
+    );
 }
 
 /// Plain-VPT head backward: writes `dz [B, P, D]`, `dw`, `dc`. `scratch` holds `dzbar`.
@@ -477,7 +489,16 @@ pub fn vpt_backward<T: Real>(
         *v = (0..bn).map(|b| dy[b * k + ki]).fold(T::zero(), |a, x| a + x);
     }
     let dzbar = &mut scratch[..bn * d];
-    crate::ops::linear::cpu::backward_input(dy, w, dzbar, bn, d, k, false);
+    crate::ops::linear::cpu::backward_input(
+        dy,
+        w,
+        Grad::Write(dzbar),
+        &LinearShape {
+            rows: bn,
+            d_in: d,
+            d_out: k,
+        },
+    );
     let inv: T = cast(1.0 / p as f64);
     for b in 0..bn {
         for t in 0..p {

@@ -29,6 +29,8 @@ use crate::gpu::kernels::{adapter_mma, head, moe_mma};
 use crate::gpu::launch::{check_aligned, check_len, grid_stride_blocks, BLOCK};
 use crate::gpu::view::check_dense;
 use crate::gpu::{bf16, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, GpuContext, GpuError, Kernel, Tensor, TensorMut};
+use crate::ops::linear::LinearShape;
+use crate::ops::Grad;
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 
 // Block shapes shared with the kernels (src/contract.rs, the one definition).
@@ -1098,7 +1100,18 @@ pub fn vpt_forward(
         // SAFETY: z holds B*P*D, zbar B*D elements (checked).
         unsafe { l.launch(stride_launch(gpu, bn * d)) }.map_err(GpuError::driver("launching vpt_mean"))?;
     }
-    crate::ops::linear::cuda::forward::<f32, f32>(gpu, &*zbar, w, Some(c), y, bn, k, d, false)
+    crate::ops::linear::cuda::forward::<f32, f32>(
+        gpu,
+        &*zbar,
+        w,
+        Some(c),
+        y,
+        &LinearShape {
+            rows: bn,
+            d_in: d,
+            d_out: k,
+        },
+    )
 }
 
 /// Plain-VPT head backward: `dw = dy^T zbar`, `dc = sum_b dy` (fixed order), and writes
@@ -1159,7 +1172,17 @@ pub fn vpt_backward(
         if bn == 0 {
             crate::ops::tokens::cuda::fill::<f32>(gpu, stream, dw, k * d, 0.0)?;
         } else {
-            crate::ops::linear::cuda::backward_weight::<f32, f32>(gpu, dy, zbar, dw, bn, k, d, false)?;
+            crate::ops::linear::cuda::backward_weight::<f32, f32>(
+                gpu,
+                dy,
+                zbar,
+                Grad::Write(dw),
+                &LinearShape {
+                    rows: bn,
+                    d_in: d,
+                    d_out: k,
+                },
+            )?;
         }
         let (dyp, _g1) = dy.device_ptr(stream);
         let (dcp, _g2) = dc.device_ptr_mut(stream);
@@ -1177,7 +1200,17 @@ pub fn vpt_backward(
     if k == 0 {
         gpu.stream().memset_zeros(dzbar).map_err(GpuError::driver("zeroing dzbar"))?;
     } else {
-        crate::ops::linear::cuda::backward_input::<f32, f32>(gpu, dy, w, dzbar, bn, k, d, false)?;
+        crate::ops::linear::cuda::backward_input::<f32, f32>(
+            gpu,
+            dy,
+            w,
+            Grad::Write(dzbar),
+            &LinearShape {
+                rows: bn,
+                d_in: d,
+                d_out: k,
+            },
+        )?;
     }
     let (gp, _g1) = dzbar.device_ptr(stream);
     let (dzp, _g2) = dz.device_ptr_mut(stream);

@@ -3,7 +3,9 @@
 //! output tiles only, so the reduction order of each output element is fixed and results are
 //! deterministic; without it a plain loop on the calling thread, the same up to float rounding).
 
+use super::LinearShape;
 use crate::ops::real::Real;
+use crate::ops::Grad;
 #[cfg(feature = "fast-cpu")]
 use gemm::Parallelism;
 
@@ -148,7 +150,8 @@ unsafe fn matmul_plain<T: Real>(
 }
 
 /// `y[rows, out] = x[rows, in] W^T + b`.
-pub fn forward<T: Real>(x: &[T], w: &[T], bias: Option<&[T]>, y: &mut [T], rows: usize, d_in: usize, d_out: usize) {
+pub fn forward<T: Real>(x: &[T], w: &[T], bias: Option<&[T]>, y: &mut [T], sh: &LinearShape) {
+    let &LinearShape { rows, d_in, d_out } = sh;
     assert!(x.len() >= rows * d_in && w.len() >= d_out * d_in && y.len() >= rows * d_out);
     if let Some(b) = bias {
         assert!(b.len() >= d_out);
@@ -178,8 +181,11 @@ pub fn forward<T: Real>(x: &[T], w: &[T], bias: Option<&[T]>, y: &mut [T], rows:
     }
 }
 
-/// `dx[rows, in] (+)= dy[rows, out] W`.
-pub fn backward_input<T: Real>(dy: &[T], w: &[T], dx: &mut [T], rows: usize, d_in: usize, d_out: usize, accumulate: bool) {
+/// `dx[rows, in] (+)= dy[rows, out] W` (`Grad::Add` accumulates).
+pub fn backward_input<T: Real>(dy: &[T], w: &[T], dx: Grad<&mut [T]>, sh: &LinearShape) {
+    let &LinearShape { rows, d_in, d_out } = sh;
+    let accumulate = dx.accumulates();
+    let dx = dx.into_inner();
     assert!(dy.len() >= rows * d_out && w.len() >= d_out * d_in && dx.len() >= rows * d_in);
     // SAFETY: bounds asserted above.
     unsafe {
