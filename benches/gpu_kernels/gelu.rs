@@ -3,7 +3,7 @@
 use criterion::{Criterion, Throughput};
 use mlvpt::gpu::bf16;
 use mlvpt::gpu::GpuContext;
-use mlvpt::ops::gelu;
+use mlvpt::ops::{gelu, Rows};
 
 use super::{filled, ramp_bf16, timed, MLP, ROWS};
 
@@ -16,13 +16,17 @@ pub fn bench(c: &mut Criterion, gpu: &GpuContext) {
     let mut out = filled(gpu, ROWS * MLP, bf16::ZERO);
     g.throughput(Throughput::Bytes((ROWS * MLP * 4) as u64));
     g.bench_function("bias forward 14528x3072", |b| {
-        b.iter_custom(|it| timed(gpu, it, || gelu::cuda::forward(gpu, s, &h, Some(&bias), &mut out, ROWS, MLP)))
+        b.iter_custom(|it| {
+            timed(gpu, it, || {
+                gelu::cuda::forward(gpu, s, &h, Some(&bias), &mut out, Rows { rows: ROWS, dim: MLP })
+            })
+        })
     });
     g.throughput(Throughput::Bytes((ROWS * MLP * 6) as u64));
     g.bench_function("bias backward in place 14528x3072", |b| {
         b.iter_custom(|it| {
             timed(gpu, it, || {
-                gelu::cuda::backward_in_place(gpu, s, &h, Some(&bias), &mut out, ROWS, MLP)
+                gelu::cuda::backward_in_place(gpu, s, &h, Some(&bias), &mut out, Rows { rows: ROWS, dim: MLP })
             })
         })
     });

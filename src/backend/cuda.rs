@@ -821,7 +821,7 @@ impl Backend for CudaBackend {
             let (g, [s0, s1, ..]) = (&be.gpu, &mut be.scratch);
             let xb = input::<bf16>(g, x, s0, len)?;
             let o = output::<bf16>(g, y, s1, len, Mode::Write)?;
-            gelu::cuda::forward(g, g.stream(), xb, None, &mut *o.buf, 1, len)?;
+            gelu::cuda::forward(g, g.stream(), xb, None, &mut *o.buf, Rows { rows: 1, dim: len })?;
             o.done(g)
         });
     }
@@ -830,7 +830,7 @@ impl Backend for CudaBackend {
             let (g, [s0, s1, ..]) = (&be.gpu, &mut be.scratch);
             let xb = input::<bf16>(g, x, s0, len)?;
             let o = output::<bf16>(g, d, s1, len, Mode::Update)?;
-            gelu::cuda::backward_in_place(g, g.stream(), xb, None, &mut *o.buf, 1, len)?;
+            gelu::cuda::backward_in_place(g, g.stream(), xb, None, &mut *o.buf, Rows { rows: 1, dim: len })?;
             o.done(g)
         });
     }

@@ -37,7 +37,7 @@ fn gelu_values_and_gradient() {
 #[cfg(feature = "cuda")]
 mod gpu {
     use crate::gpu_common::*;
-    use mlvpt::ops::gelu;
+    use mlvpt::ops::{gelu, Rows};
 
     #[test]
     #[ignore = "requires a CUDA device"]
@@ -75,7 +75,7 @@ mod gpu {
             let bias: Option<&dyn mlvpt::gpu::DevicePtr<f32>> = if with_bias { Some(&bd) } else { None };
             let xs = xd.slice(off..);
             let mut y = nan_bf16(&gpu, n + off);
-            gelu::cuda::forward(&gpu, gpu.stream(), &xs, bias, &mut y.slice_mut(off..), rows, cols).unwrap();
+            gelu::cuda::forward(&gpu, gpu.stream(), &xs, bias, &mut y.slice_mut(off..), Rows { rows, dim: cols }).unwrap();
             assert_close(
                 &format!("gelu y {what}"),
                 &to_f32(&gpu.download(&y).unwrap())[off..],
@@ -93,8 +93,7 @@ mod gpu {
                 bias,
                 &dyd.slice(off..),
                 &mut dx.slice_mut(off..),
-                rows,
-                cols,
+                Rows { rows, dim: cols },
             )
             .unwrap();
             assert_close(
@@ -107,7 +106,7 @@ mod gpu {
             );
 
             let mut d = gpu.upload(&dyb).unwrap();
-            gelu::cuda::backward_in_place(&gpu, gpu.stream(), &xs, bias, &mut d.slice_mut(off..), rows, cols).unwrap();
+            gelu::cuda::backward_in_place(&gpu, gpu.stream(), &xs, bias, &mut d.slice_mut(off..), Rows { rows, dim: cols }).unwrap();
             assert_close(
                 &format!("gelu dx in place {what}"),
                 &to_f32(&gpu.download(&d).unwrap())[off..],

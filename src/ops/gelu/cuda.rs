@@ -4,6 +4,7 @@
 use crate::gpu::kernels::gelu;
 use crate::gpu::launch::{aligned, check_cols, check_len, grid_stride_blocks, BLOCK};
 use crate::gpu::{bf16, CudaStream, DevicePtr, DevicePtrMut, GpuContext, GpuError};
+use crate::ops::Rows;
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 
 struct Args {
@@ -39,6 +40,7 @@ fn config(gpu: &GpuContext, a: &Args) -> LaunchConfig {
 /// ```
 /// use mlvpt::gpu::{bf16, GpuContext};
 /// use mlvpt::ops::gelu;
+/// use mlvpt::ops::Rows;
 /// # fn main() -> Result<(), mlvpt::gpu::GpuError> {
 /// # if !mlvpt::gpu::GpuContext::driver_present() { return Ok(()); } // needs a device (a GPU or tools/vgpu)
 /// let gpu = GpuContext::new(0)?;
@@ -47,23 +49,22 @@ fn config(gpu: &GpuContext, a: &Args) -> LaunchConfig {
 /// let b: Vec<f32> = (0..cols).map(|j| j as f32 * 0.1).collect();
 /// let x16: Vec<bf16> = x.iter().map(|&v| bf16::from_f32(v)).collect();
 /// let mut y = gpu.zeros::<bf16>(rows * cols)?;
-/// gelu::cuda::forward(&gpu, gpu.stream(), &gpu.upload(&x16)?, Some(&gpu.upload(&b)?), &mut y, rows, cols)?;
+/// gelu::cuda::forward(&gpu, gpu.stream(), &gpu.upload(&x16)?, Some(&gpu.upload(&b)?), &mut y, Rows { rows, dim: cols })?;
 /// for (i, got) in gpu.download(&y)?.iter().enumerate() {
 ///     let want = gelu::cpu::gelu(x16[i].to_f64() + b[i % cols] as f64); // the CPU twin on x + b
 ///     assert!((got.to_f64() - want).abs() <= 1e-2 * want.abs() + 1e-3, "{i}: {got} vs {want}");
 /// }
 /// # Ok(()) }
 /// ```
-#[allow(clippy::too_many_arguments)]
 pub fn forward(
     gpu: &GpuContext,
     stream: &CudaStream,
     x: &impl DevicePtr<bf16>,
     bias: Option<&dyn DevicePtr<f32>>,
     y: &mut impl DevicePtrMut<bf16>,
-    rows: usize,
-    cols: usize,
+    sh: Rows,
 ) -> Result<(), GpuError> {
+    let Rows { rows, dim: cols } = sh;
     const OP: &str = "gelu forward";
     check_len(OP, "x", x, rows * cols)?;
     check_len(OP, "y", y, rows * cols)?;
@@ -104,6 +105,7 @@ pub fn forward(
 /// ```
 /// use mlvpt::gpu::{bf16, GpuContext};
 /// use mlvpt::ops::gelu;
+/// use mlvpt::ops::Rows;
 /// # fn main() -> Result<(), mlvpt::gpu::GpuError> {
 /// # if !mlvpt::gpu::GpuContext::driver_present() { return Ok(()); } // needs a device (a GPU or tools/vgpu)
 /// let gpu = GpuContext::new(0)?;
@@ -111,14 +113,13 @@ pub fn forward(
 /// let x: Vec<bf16> = (0..rows * cols).map(|i| bf16::from_f32(i as f32 * 0.3 - 2.0)).collect();
 /// let dy: Vec<bf16> = (0..rows * cols).map(|i| bf16::from_f32(1.0 - i as f32 * 0.1)).collect();
 /// let mut dx = gpu.zeros::<bf16>(rows * cols)?;
-/// gelu::cuda::backward(&gpu, gpu.stream(), &gpu.upload(&x)?, None, &gpu.upload(&dy)?, &mut dx, rows, cols)?;
+/// gelu::cuda::backward(&gpu, gpu.stream(), &gpu.upload(&x)?, None, &gpu.upload(&dy)?, &mut dx, Rows { rows, dim: cols })?;
 /// for (i, got) in gpu.download(&dx)?.iter().enumerate() {
 ///     let want = dy[i].to_f64() * gelu::cpu::gelu_grad(x[i].to_f64());
 ///     assert!((got.to_f64() - want).abs() <= 1e-2 * want.abs() + 1e-3, "{i}: {got} vs {want}");
 /// }
 /// # Ok(()) }
 /// ```
-#[allow(clippy::too_many_arguments)]
 pub fn backward(
     gpu: &GpuContext,
     stream: &CudaStream,
@@ -126,14 +127,14 @@ pub fn backward(
     bias: Option<&dyn DevicePtr<f32>>,
     dy: &impl DevicePtr<bf16>,
     dx: &mut impl DevicePtrMut<bf16>,
-    rows: usize,
-    cols: usize,
+    sh: Rows,
 ) -> Result<(), GpuError> {
+    let Rows { rows, dim: cols } = sh;
     check_len("gelu backward", "dy", dy, rows * cols)?;
     check_len("gelu backward", "dx", dx, rows * cols)?;
     let (dyp, _g1) = dy.device_ptr(stream);
     let (dxp, _g2) = dx.device_ptr_mut(stream);
-    launch_backward(gpu, stream, x, bias, dyp, dxp, rows, cols)
+    launch_backward(gpu, stream, x, bias, dyp, dxp, Rows { rows, dim: cols })
 }
 
 /// [`backward`] overwriting `d` (dL/dy in, dL/dx out).
@@ -141,12 +142,13 @@ pub fn backward(
 /// ```
 /// use mlvpt::gpu::{bf16, GpuContext};
 /// use mlvpt::ops::gelu;
+/// use mlvpt::ops::Rows;
 /// # fn main() -> Result<(), mlvpt::gpu::GpuError> {
 /// # if !mlvpt::gpu::GpuContext::driver_present() { return Ok(()); } // needs a device (a GPU or tools/vgpu)
 /// let gpu = GpuContext::new(0)?;
 /// let x = gpu.upload(&[bf16::from_f32(-1.0), bf16::from_f32(0.0), bf16::from_f32(2.0)])?;
 /// let mut d = gpu.upload(&[bf16::ONE; 3])?; // dL/dy in, dL/dx out
-/// gelu::cuda::backward_in_place(&gpu, gpu.stream(), &x, None, &mut d, 1, 3)?;
+/// gelu::cuda::backward_in_place(&gpu, gpu.stream(), &x, None, &mut d, Rows { rows: 1, dim: 3 })?;
 /// let got: Vec<f64> = gpu.download(&d)?.iter().map(|v| v.to_f64()).collect();
 /// for (g, x) in got.iter().zip([-1.0, 0.0, 2.0]) {
 ///     assert!((g - gelu::cpu::gelu_grad(x)).abs() < 1e-2, "{g}");
@@ -160,17 +162,16 @@ pub fn backward_in_place(
     x: &impl DevicePtr<bf16>,
     bias: Option<&dyn DevicePtr<f32>>,
     d: &mut impl DevicePtrMut<bf16>,
-    rows: usize,
-    cols: usize,
+    sh: Rows,
 ) -> Result<(), GpuError> {
+    let Rows { rows, dim: cols } = sh;
     check_len("gelu backward", "d", d, rows * cols)?;
     let (dp, _g) = d.device_ptr_mut(stream);
     // The kernel reads dy[i] before writing dx[i] in the same thread: aliasing is safe.
-    launch_backward(gpu, stream, x, bias, dp, dp, rows, cols)
+    launch_backward(gpu, stream, x, bias, dp, dp, Rows { rows, dim: cols })
 }
 
 /// Launches the backward kernel on raw `dy`/`dx` addresses whose lengths the caller checked.
-#[allow(clippy::too_many_arguments)]
 fn launch_backward(
     gpu: &GpuContext,
     stream: &CudaStream,
@@ -178,9 +179,9 @@ fn launch_backward(
     bias: Option<&dyn DevicePtr<f32>>,
     dyp: u64,
     dxp: u64,
-    rows: usize,
-    cols: usize,
+    sh: Rows,
 ) -> Result<(), GpuError> {
+    let Rows { rows, dim: cols } = sh;
     const OP: &str = "gelu backward";
     check_len(OP, "x", x, rows * cols)?;
     if let Some(b) = bias {
