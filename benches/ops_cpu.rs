@@ -96,7 +96,7 @@ fn bench(c: &mut Criterion) {
                         mean: &m[..],
                         rstd: &s[..],
                     },
-                    Grad::new(false, &mut dx[..]),
+                    Grad::Write(&mut dx[..]),
                     &LayerNormShape { rows, dim: d, eps: 0.0 },
                 )
             })

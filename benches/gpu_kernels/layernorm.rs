@@ -9,12 +9,23 @@ use mlvpt::ops::Grad;
 
 use super::{filled, ramp_bf16, timed, D, ROWS};
 
+/// The ViT's rows and eps (the backward does not read eps).
+const SHAPE: LayerNormShape = LayerNormShape {
+    rows: ROWS,
+    dim: D,
+    eps: 1e-6,
+};
+
 /// Every bench of this op.
 pub fn bench(c: &mut Criterion, gpu: &GpuContext) {
     let s = gpu.stream();
     let mut g = c.benchmark_group("layernorm");
     let x = ramp_bf16(gpu, ROWS * D);
     let (gamma, beta) = (filled(gpu, D, 1.0f32), filled(gpu, D, 0.0f32));
+    let norm = Norm {
+        gamma: &gamma,
+        beta: &beta,
+    };
     let mut y = filled(gpu, ROWS * D, bf16::ZERO);
     let (mut mean, mut rstd) = (filled(gpu, ROWS, 0.0f32), filled(gpu, ROWS, 0.0f32));
     g.throughput(Throughput::Bytes((ROWS * D * 4) as u64));
@@ -25,20 +36,13 @@ pub fn bench(c: &mut Criterion, gpu: &GpuContext) {
                     gpu,
                     s,
                     &x,
-                    Norm {
-                        gamma: &gamma,
-                        beta: &beta,
-                    },
+                    norm,
                     &mut y,
                     NormStats {
                         mean: &mut mean,
                         rstd: &mut rstd,
                     },
-                    &LayerNormShape {
-                        rows: ROWS,
-                        dim: D,
-                        eps: 1e-6,
-                    },
+                    &SHAPE,
                 )
             })
         })
@@ -55,12 +59,8 @@ pub fn bench(c: &mut Criterion, gpu: &GpuContext) {
                     &x,
                     &gamma,
                     NormStats { mean: &mean, rstd: &rstd },
-                    Grad::new(false, &mut dx),
-                    &LayerNormShape {
-                        rows: ROWS,
-                        dim: D,
-                        eps: 0.0,
-                    },
+                    Grad::Write(&mut dx),
+                    &SHAPE,
                 )
             })
         })
@@ -75,20 +75,13 @@ pub fn bench(c: &mut Criterion, gpu: &GpuContext) {
                     gpu,
                     s,
                     &xf,
-                    Norm {
-                        gamma: &gamma,
-                        beta: &beta,
-                    },
+                    norm,
                     &mut y,
                     NormStats {
                         mean: &mut mean,
                         rstd: &mut rstd,
                     },
-                    &LayerNormShape {
-                        rows: ROWS,
-                        dim: D,
-                        eps: 1e-6,
-                    },
+                    &SHAPE,
                 )
             })
         })
@@ -106,12 +99,8 @@ pub fn bench(c: &mut Criterion, gpu: &GpuContext) {
                     &xf,
                     &gamma,
                     NormStats { mean: &mean, rstd: &rstd },
-                    Grad::new(true, &mut dxf),
-                    &LayerNormShape {
-                        rows: ROWS,
-                        dim: D,
-                        eps: 0.0,
-                    },
+                    Grad::Add(&mut dxf),
+                    &SHAPE,
                 )
             })
         })
@@ -130,20 +119,13 @@ pub fn bench(c: &mut Criterion, gpu: &GpuContext) {
                     &fb,
                     Some(&ls),
                     &mut out,
-                    Norm {
-                        gamma: &gamma,
-                        beta: &beta,
-                    },
+                    norm,
                     &mut y,
                     NormStats {
                         mean: &mut mean,
                         rstd: &mut rstd,
                     },
-                    &LayerNormShape {
-                        rows: ROWS,
-                        dim: D,
-                        eps: 1e-6,
-                    },
+                    &SHAPE,
                 )
             })
         })

@@ -52,7 +52,7 @@ fn layernorm_forward_and_input_gradient() {
             mean: &m[..],
             rstd: &s[..],
         },
-        Grad::new(false, &mut dx[..]),
+        Grad::Write(&mut dx[..]),
         &LayerNormShape { rows, dim: d, eps: 0.0 },
     );
     fd_check("layernorm dx", &x, &dx, |x| dot(&fwd(x).0, &r));
