@@ -416,7 +416,8 @@ impl GpuContext {
     /// assert!(!gpu.cublas_ready());
     /// let (x, w) = (gpu.upload(&[1.0f32, 2.0])?, gpu.upload(&[3.0f32, 4.0])?);
     /// let mut y = gpu.zeros::<f32>(1)?;
-    /// mlvpt::ops::linear::cuda::forward::<f32, f32>(&gpu, &x, &w, None, &mut y, &LinearShape { rows: 1, d_in: 2, d_out: 1 })?; // the first GEMM makes the handle
+    /// let shape = mlvpt::ops::linear::LinearShape { rows: 1, d_in: 2, d_out: 1 };
+    /// mlvpt::ops::linear::cuda::forward::<f32, f32>(&gpu, &x, &w, None, &mut y, &shape)?; // the first GEMM makes the handle
     /// assert!(gpu.cublas_ready());
     /// assert_eq!(gpu.download(&y)?, [11.0]);
     /// # Ok(()) }
