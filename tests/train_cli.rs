@@ -84,9 +84,20 @@ fn run_writes_metrics_and_checkpoint_that_eval_and_predict_read() {
         "EMA test mAP",
         "constant-score mAP",
         "checkpoint",
+        "waiting for data",
     ] {
         assert!(summary.contains(row), "summary lacks {row}:\n{summary}");
     }
+    // "waiting for data  X s of Y s training (P%)": a share of the training time.
+    let line = summary.lines().find(|l| l.contains("waiting for data")).unwrap();
+    let pct: f64 = line
+        .split('(')
+        .nth(1)
+        .and_then(|t| t.split('%').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    let secs: Vec<f64> = line.split_whitespace().filter_map(|w| w.parse().ok()).collect();
+    assert!((0.0..=100.0).contains(&pct) && secs.len() >= 2 && secs[0] <= secs[1], "{line}");
 
     let recs = records(&out);
     assert_eq!(recs.len(), 2);

@@ -13,7 +13,7 @@ use mlvpt::data::{DataConfig, ImageDataConfig, Norm};
 use mlvpt::grouping::GroupingMode;
 use mlvpt::model::{GateMode, Method, PromptDepth};
 use mlvpt::train::preset::{Preset, PRESET_IMAGE_SIZE};
-use mlvpt::train::run::{self, BackboneSource, Observer, RunOptions, RunSpec, Summary};
+use mlvpt::train::run::{self, BackboneSource, Observer, RunOptions, RunSpec, Summary, TimeSplit};
 
 #[derive(Args, Debug)]
 #[command(group(ArgGroup::new("settings").multiple(true)))]
@@ -254,10 +254,11 @@ impl Observer for Progress {
         self.bar = Some(bar);
     }
 
-    fn on_step(&mut self, step: u64, loss: f32, images_per_s: f64) {
+    fn on_step(&mut self, step: u64, loss: f32, images_per_s: f64, time: &TimeSplit) {
         if let Some(b) = &self.bar {
             b.set_position(step);
-            b.set_message(format!("loss {loss:.4}  {images_per_s:.0} img/s"));
+            let data = 100.0 * time.data_fraction();
+            b.set_message(format!("loss {loss:.4}  {images_per_s:.0} img/s  waiting for data {data:.0}%"));
         }
     }
 
@@ -298,6 +299,18 @@ fn print_summary(s: &Summary) {
     row("steps", s.steps.to_string());
     row("time", format!("{:.1} s", s.seconds));
     row("images/s", format!("{:.1}", s.images_per_s));
+    let data = s.time.data_fraction();
+    // A loader that holds the step back more than a quarter of the time is worth a user's action.
+    let hint = if data > 0.25 {
+        "  (the loader is the bottleneck: `mlvpt prepare` a cache, or more cores)"
+    } else {
+        ""
+    };
+    let training = s.time.data_s + s.time.step_s;
+    row(
+        "waiting for data",
+        format!("{:.1} s of {training:.1} s training ({:.0}%){hint}", s.time.data_s, 100.0 * data),
+    );
     row("device", s.device.clone());
     row("final loss", format!("{:.4}", s.final_loss));
     let m = &s.metrics;

@@ -257,11 +257,34 @@ pub struct RunOptions {
 pub trait Observer {
     /// Before the first step: all steps of the run, and those already done (when resuming).
     fn on_start(&mut self, _total_steps: u64, _done_steps: u64) {}
-    fn on_step(&mut self, _step: u64, _loss: f32, _images_per_s: f64) {}
+    /// After each optimizer step: its loss, training images per second so far, and how the
+    /// training time so far splits between waiting for batches and the steps.
+    fn on_step(&mut self, _step: u64, _loss: f32, _images_per_s: f64, _time: &TimeSplit) {}
     /// After each evaluation, with the record written to `metrics.jsonl`.
     fn on_eval(&mut self, _record: &serde_json::Value) {}
     /// Training finished or stopped; any display should be cleared.
     fn on_finish(&mut self) {}
+}
+
+/// Training time, split between waiting for the next batch (the loader, or gathering from
+/// memory) and the optimizer step itself, in seconds: a large data share means the loader, not
+/// the step, sets the speed.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct TimeSplit {
+    pub data_s: f64,
+    pub step_s: f64,
+}
+
+impl TimeSplit {
+    /// The share of the time spent waiting for data, in [0, 1] (0 before any time passed).
+    pub fn data_fraction(&self) -> f64 {
+        let total = self.data_s + self.step_s;
+        if total > 0.0 {
+            self.data_s / total
+        } else {
+            0.0
+        }
+    }
 }
 
 /// An observer that shows nothing.
@@ -277,6 +300,8 @@ pub struct Summary {
     pub seconds: f64,
     /// Training images per second of optimizer steps (evaluation excluded).
     pub images_per_s: f64,
+    /// Of that training time: waiting for batches vs in the steps.
+    pub time: TimeSplit,
     /// The backend that trained (`Backend::name`).
     pub device: String,
     /// Mean training loss of the last epoch.
@@ -646,6 +671,7 @@ fn run_on<B: Backend>(
     let (mut images, mut targets) = (Vec::new(), Vec::new());
     let mut train_seconds = 0.0f64;
     let mut images_done = 0usize;
+    let mut time = TimeSplit::default();
     let mut final_loss = f64::NAN;
     let mut last_eval = None;
     let result = (|| -> anyhow::Result<()> {
@@ -660,6 +686,7 @@ fn run_on<B: Backend>(
             for (b, batch) in order.chunks(bs).enumerate() {
                 let step = state.step;
                 let mut batch_n = batch.len();
+                let waiting = Instant::now();
                 match (&train_data, &stream) {
                     (TrainData::Stream(_), Some(rx)) => {
                         let got = rx.recv().context("the image loader thread stopped")?;
@@ -680,6 +707,8 @@ fn run_on<B: Backend>(
                     (TrainData::Memory(d), _) => d.gather(batch, &mut images, &mut targets),
                     (TrainData::Stream(_), None) => unreachable!("a streamed split always has a loader"),
                 }
+                time.data_s += waiting.elapsed().as_secs_f64();
+                let stepping = Instant::now();
                 if opts.nan_at_step == Some(step) {
                     images[0] = f32::NAN;
                 }
@@ -703,11 +732,12 @@ fn run_on<B: Backend>(
                 if let Some(e) = ema.as_mut() {
                     e.update(&trainer.params())?;
                 }
+                time.step_s += stepping.elapsed().as_secs_f64();
                 state.step += 1;
                 loss_sum += loss as f64;
                 images_done += batch_n;
                 let elapsed = train_seconds + epoch_start.elapsed().as_secs_f64();
-                obs.on_step(state.step, loss, images_done as f64 / elapsed.max(1e-9));
+                obs.on_step(state.step, loss, images_done as f64 / elapsed.max(1e-9), &time);
             }
             train_seconds += epoch_start.elapsed().as_secs_f64();
             final_loss = loss_sum / order.chunks(bs).len() as f64;
@@ -764,6 +794,7 @@ fn run_on<B: Backend>(
         } else {
             0.0
         },
+        time,
         device: trainer.backend().name(),
         final_loss,
         metrics,
@@ -1003,6 +1034,14 @@ impl<B: Backend> Opened<B> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn data_fraction_is_the_waiting_share() {
+        assert_eq!(TimeSplit::default().data_fraction(), 0.0);
+        let t = TimeSplit { data_s: 1.0, step_s: 3.0 };
+        assert_eq!(t.data_fraction(), 0.25);
+        assert_eq!(TimeSplit { data_s: 2.0, step_s: 0.0 }.data_fraction(), 1.0);
+    }
 
     #[test]
     fn train_config_round_trips_with_grouping_names() {
