@@ -454,6 +454,12 @@ fn cache_prepare_resume_corruption_and_training() {
         out.contains("10 images (0 kept from an earlier run, 9 written, 1 unreadable"),
         "{out}"
     );
+    // Its own rate: "10 images read in T s: R images/s on N threads (R/N per thread)".
+    let rate = out
+        .lines()
+        .find(|l| l.starts_with("10 images read in "))
+        .unwrap_or_else(|| panic!("no rate line:\n{out}"));
+    assert!(rate.contains(" images/s on ") && rate.ends_with(" per thread)"), "{rate}");
     assert!(std::fs::read_to_string(format!("{}.report.txt", cache.display()))
         .unwrap()
         .contains("000003.jpg"));
