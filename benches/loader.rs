@@ -1,5 +1,6 @@
 //! Loader throughput at 224 px: a batch of 64 training images decoded from JPEG files
-//! (500x375, VOC-like), augmented and normalized, versus read from a prepared cache. Prints the
+//! (500x375, VOC-like; 640x480, COCO-like), augmented and normalized, versus read from a
+//! prepared cache. Prints the
 //! CPU model, its SIMD flags and the thread count first: images/s per core is criterion's rate
 //! over that count.
 
@@ -39,16 +40,21 @@ fn cpu_description() -> String {
 fn bench(c: &mut Criterion) {
     eprintln!("loader bench on {}", cpu_description());
     let dir = tempfile::tempdir().unwrap();
-    let files: Vec<PathBuf> = (0..N)
-        .map(|i| {
-            let img = image::RgbImage::from_fn(500, 375, |x, y| {
-                image::Rgb([(x + i as u32) as u8, (y * 3) as u8, ((x ^ y) + 7 * i as u32) as u8])
-            });
-            let f = dir.path().join(format!("{i}.jpg"));
-            img.save(&f).unwrap();
-            f
-        })
-        .collect();
+    // N JPEG files of w x h (a smooth pattern with some detail, so they compress as photos do).
+    let jpegs = |w: u32, h: u32| -> Vec<PathBuf> {
+        (0..N)
+            .map(|i| {
+                let img = image::RgbImage::from_fn(w, h, |x, y| {
+                    image::Rgb([(x + i as u32) as u8, (y * 3) as u8, ((x ^ y) + 7 * i as u32) as u8])
+                });
+                let f = dir.path().join(format!("{w}x{h}_{i}.jpg"));
+                img.save(&f).unwrap();
+                f
+            })
+            .collect()
+    };
+    let files = jpegs(500, 375); // VOC-like
+    let coco_files = jpegs(640, 480); // COCO-like
     let items: cache::Items = files.iter().map(|f| (f.clone(), vec![0])).collect();
     let cfile = dir.path().join("b.cache");
     cache::prepare(&cfile, "bench", &["a".to_string()], SIZE, &items, &Vec::new(), |_, _| {}).unwrap();
@@ -63,6 +69,7 @@ fn bench(c: &mut Criterion) {
         seed: 0,
     };
     let from_files = mk(ImageStore::Files(files.clone()));
+    let from_coco_files = mk(ImageStore::Files(coco_files));
     let from_cache = mk(ImageStore::Cache {
         records: cache.records(mlvpt::data::Split::Train),
         cache,
@@ -72,6 +79,9 @@ fn bench(c: &mut Criterion) {
     g.throughput(Throughput::Elements(N as u64));
     g.sample_size(10);
     g.bench_function("jpeg_files_batch64", |b| b.iter(|| assert_eq!(from_files.batch(&idx, 0).n, N)));
+    g.bench_function("jpeg_files_640x480_batch64", |b| {
+        b.iter(|| assert_eq!(from_coco_files.batch(&idx, 0).n, N))
+    });
     g.bench_function("cache_batch64", |b| b.iter(|| assert_eq!(from_cache.batch(&idx, 0).n, N)));
     g.finish();
 }
