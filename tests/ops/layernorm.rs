@@ -68,15 +68,135 @@ mod gpu {
     use mlvpt::ops::Grad;
     use rand::Rng;
 
+    /// The f64 twin's forward: `(y, mean, rstd)` of `x` over rows of `d`.
+    fn twin_forward(x: &[f32], gamma: &[f32], beta: &[f32], d: usize) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+        let rows = x.len() / d;
+        let (mut y, mut mean, mut rstd) = (vec![0.0; rows * d], vec![0.0; rows], vec![0.0; rows]);
+        let (g, b) = (to_f64(gamma), to_f64(beta));
+        let stats = NormStats {
+            mean: &mut mean[..],
+            rstd: &mut rstd[..],
+        };
+        let shape = LayerNormShape {
+            rows,
+            dim: d,
+            eps: layernorm::VIT_EPS,
+        };
+        layernorm::cpu::forward(
+            &to_f64(x),
+            Norm {
+                gamma: &g[..],
+                beta: &b[..],
+            },
+            &mut y,
+            stats,
+            &shape,
+        );
+        (y, mean, rstd)
+    }
+
+    /// A storage the kernels read `x` from and write `dx` in: its values, and the tolerance of
+    /// the input gradient (relative to the row's rstd, and to the value).
+    trait Stored: mlvpt::ops::tokens::cuda::Storage + Copy {
+        const NAME: &'static str;
+        const DX_TOL: (f64, f64);
+        fn from_f32(v: f32) -> Self;
+        fn to_f32(self) -> f32;
+    }
+    impl Stored for bf16 {
+        const NAME: &'static str = "bf16";
+        const DX_TOL: (f64, f64) = (1e-4, 1.0 / 256.0);
+        fn from_f32(v: f32) -> Self {
+            bf16::from_f32(v)
+        }
+        fn to_f32(self) -> f32 {
+            bf16::to_f32(self)
+        }
+    }
+    impl Stored for f32 {
+        // fp32 storage (the CUDA backend's residual stream and its gradient): only the
+        // kernel's fp32 arithmetic separates it from the f64 twin.
+        const NAME: &'static str = "f32";
+        const DX_TOL: (f64, f64) = (1e-5, 1e-5);
+        fn from_f32(v: f32) -> Self {
+            v
+        }
+        fn to_f32(self) -> f32 {
+            self
+        }
+    }
+    /// `v` as stored in `S` (rounded), both ways.
+    fn stored<S: Stored>(v: &[f32]) -> (Vec<S>, Vec<f32>) {
+        let s: Vec<S> = v.iter().map(|&x| S::from_f32(x)).collect();
+        let r = s.iter().map(|&x| x.to_f32()).collect();
+        (s, r)
+    }
+
+    /// Forward and backward (written and accumulated) with `x` and `dx` stored as `S`, `y` bf16,
+    /// against the f64 twin, over rows of every width class of the kernels.
+    fn forward_and_backward_match_cpu<S: Stored>(sizes: &[(usize, usize)]) {
+        let gpu = gpu();
+        let (mut rng, seed) = rng(&format!("layernorm {}", S::NAME));
+        let eps = layernorm::VIT_EPS;
+        for &(rows, d) in sizes {
+            let what = format!("{} storage rows={rows} d={d}", S::NAME);
+            let shape = LayerNormShape { rows, dim: d, eps };
+            let shift = rng.random_range(-3.0f32..3.0);
+            let x: Vec<f32> = uniform(&mut rng, rows * d, -2.0, 2.0).iter().map(|v| v + shift).collect();
+            let (xs, xr) = stored::<S>(&x);
+            let (gamma, beta) = (uniform(&mut rng, d, 0.5, 1.5), uniform(&mut rng, d, -0.5, 0.5));
+            let (dyb, dyr) = bf16_values(&uniform(&mut rng, rows * d, -1.0, 1.0));
+            let (prevs, prevr) = stored::<S>(&uniform(&mut rng, rows * d, -1.0, 1.0));
+            let (y64, mean64, rstd64) = twin_forward(&xr, &gamma, &beta, d);
+
+            let (xd, gd, bd, dyd) = (
+                gpu.upload(&xs).unwrap(),
+                gpu.upload(&gamma).unwrap(),
+                gpu.upload(&beta).unwrap(),
+                gpu.upload(&dyb).unwrap(),
+            );
+            let mut y = nan_bf16(&gpu, rows * d);
+            let (mut mean, mut rstd) = (nan_f32(&gpu, rows), nan_f32(&gpu, rows));
+            let stats = NormStats {
+                mean: &mut mean,
+                rstd: &mut rstd,
+            };
+            layernorm::cuda::forward::<S>(&gpu, gpu.stream(), &xd, Norm { gamma: &gd, beta: &bd }, &mut y, stats, &shape).unwrap();
+            let y = to_f32(&gpu.download(&y).unwrap());
+            assert_close(&format!("LN y {what}"), &y, &y64, 1e-5, 2f64.powi(-8), seed);
+            assert_close(&format!("LN mean {what}"), &gpu.download(&mean).unwrap(), &mean64, 1e-6, 1e-5, seed);
+            assert_close(&format!("LN rstd {what}"), &gpu.download(&rstd).unwrap(), &rstd64, 0.0, 1e-4, seed);
+
+            for accumulate in [false, true] {
+                let mut dx64 = if accumulate { to_f64(&prevr) } else { vec![0.0; rows * d] };
+                let stats64 = NormStats {
+                    mean: &mean64[..],
+                    rstd: &rstd64[..],
+                };
+                let (dy64, x64, g64) = (to_f64(&dyr), to_f64(&xr), to_f64(&gamma));
+                layernorm::cpu::backward(&dy64, &x64, &g64, stats64, Grad::new(accumulate, &mut dx64[..]), &shape);
+                let init = if accumulate {
+                    prevs.clone()
+                } else {
+                    vec![S::from_f32(f32::NAN); rows * d]
+                };
+                let mut dx = gpu.upload(&init).unwrap();
+                let stats = NormStats { mean: &mean, rstd: &rstd };
+                layernorm::cuda::backward::<S>(&gpu, gpu.stream(), &dyd, &xd, &gd, stats, Grad::new(accumulate, &mut dx), &shape).unwrap();
+                // The input gradient is a difference of O(rstd) terms: error relative to that scale.
+                let tol = S::DX_TOL.0 * rstd64.iter().fold(1.0f64, |a, &r| a.max(r.min(1e3)));
+                let got: Vec<f32> = gpu.download(&dx).unwrap().iter().map(|&v| v.to_f32()).collect();
+                assert_close(&format!("LN dx acc={accumulate} {what}"), &got, &dx64, tol, S::DX_TOL.1, seed);
+            }
+        }
+    }
+
     #[test]
     #[ignore = "requires a CUDA device"]
     fn layernorm_forward_and_backward_match_cpu() {
-        let gpu = gpu();
-        let (mut rng, seed) = rng("layernorm");
-        let eps = layernorm::VIT_EPS;
         // 520: the three-chunk vector kernel with one lane of its last chunk busy.
-        for (rows, d) in [
-            (1usize, 1usize),
+        let sizes = [
+            (1, 1),
             (3, 7),
             (37, 100),
             (129, 384),
@@ -85,140 +205,31 @@ mod gpu {
             (33, 1024),
             (300, 96),
             (5, 520),
-        ] {
-            let what = format!("rows={rows} d={d}");
-            let shift = rng.random_range(-3.0f32..3.0);
-            let x: Vec<f32> = uniform(&mut rng, rows * d, -2.0, 2.0).iter().map(|v| v + shift).collect();
-            let (xb, xr) = bf16_values(&x);
-            let gamma = uniform(&mut rng, d, 0.5, 1.5);
-            let beta = uniform(&mut rng, d, -0.5, 0.5);
-            let (dyb, dyr) = bf16_values(&uniform(&mut rng, rows * d, -1.0, 1.0));
-            let (prevb, prevr) = bf16_values(&uniform(&mut rng, rows * d, -1.0, 1.0));
+        ];
+        forward_and_backward_match_cpu::<bf16>(&sizes);
 
-            let (mut y64, mut mean64, mut rstd64) = (vec![0.0; rows * d], vec![0.0; rows], vec![0.0; rows]);
-            layernorm::cpu::forward(
-                &to_f64(&xr),
-                Norm {
-                    gamma: &to_f64(&gamma)[..],
-                    beta: &to_f64(&beta)[..],
-                },
-                &mut y64,
-                NormStats {
-                    mean: &mut mean64[..],
-                    rstd: &mut rstd64[..],
-                },
-                &LayerNormShape { rows, dim: d, eps },
-            );
-
-            let (xd, gd, bd, dyd) = (
-                gpu.upload(&xb).unwrap(),
-                gpu.upload(&gamma).unwrap(),
-                gpu.upload(&beta).unwrap(),
-                gpu.upload(&dyb).unwrap(),
-            );
-            let mut y = nan_bf16(&gpu, rows * d);
-            let (mut mean, mut rstd) = (nan_f32(&gpu, rows), nan_f32(&gpu, rows));
-            layernorm::cuda::forward(
-                &gpu,
-                gpu.stream(),
-                &xd,
-                Norm { gamma: &gd, beta: &bd },
-                &mut y,
-                NormStats {
-                    mean: &mut mean,
-                    rstd: &mut rstd,
-                },
-                &LayerNormShape { rows, dim: d, eps },
-            )
-            .unwrap();
-            assert_close(
-                &format!("LN y {what}"),
-                &to_f32(&gpu.download(&y).unwrap()),
-                &y64,
-                1e-5,
-                2f64.powi(-8),
-                seed,
-            );
-            assert_close(&format!("LN mean {what}"), &gpu.download(&mean).unwrap(), &mean64, 1e-6, 1e-5, seed);
-            assert_close(&format!("LN rstd {what}"), &gpu.download(&rstd).unwrap(), &rstd64, 0.0, 1e-4, seed);
-
-            for accumulate in [false, true] {
-                let mut dx64 = if accumulate { to_f64(&prevr) } else { vec![0.0; rows * d] };
-                layernorm::cpu::backward(
-                    &to_f64(&dyr),
-                    &to_f64(&xr),
-                    &to_f64(&gamma),
-                    NormStats {
-                        mean: &mean64[..],
-                        rstd: &rstd64[..],
-                    },
-                    Grad::new(accumulate, &mut dx64[..]),
-                    &LayerNormShape { rows, dim: d, eps: 0.0 },
-                );
-                let mut dx = if accumulate {
-                    gpu.upload(&prevb).unwrap()
-                } else {
-                    nan_bf16(&gpu, rows * d)
-                };
-                layernorm::cuda::backward(
-                    &gpu,
-                    gpu.stream(),
-                    &dyd,
-                    &xd,
-                    &gd,
-                    NormStats { mean: &mean, rstd: &rstd },
-                    Grad::new(accumulate, &mut dx),
-                    &LayerNormShape { rows, dim: d, eps: 0.0 },
-                )
-                .unwrap();
-                // The input gradient is a difference of O(rstd) terms: error relative to that scale.
-                let tol = 1e-4 * rstd64.iter().fold(1.0f64, |a, &r| a.max(r.min(1e3)));
-                assert_close(
-                    &format!("LN dx acc={accumulate} {what}"),
-                    &to_f32(&gpu.download(&dx).unwrap()),
-                    &dx64,
-                    tol,
-                    2f64.powi(-8),
-                    seed,
-                );
-            }
-        }
         // The scalar kernel on rows the vector kernel would take, by misaligning the views.
+        let gpu = gpu();
+        let (mut rng, seed) = rng("layernorm misaligned");
         let (rows, d) = (5usize, 64usize);
         let (xb, xr) = bf16_values(&uniform(&mut rng, rows * d + 1, -1.0, 1.0));
         let (gamma, beta) = (vec![1.0f32; d], vec![0.0f32; d]);
-        let (mut y64, mut m64, mut r64) = (vec![0.0; rows * d], vec![0.0; rows], vec![0.0; rows]);
-        layernorm::cpu::forward(
-            &to_f64(&xr[1..]),
-            Norm {
-                gamma: &to_f64(&gamma)[..],
-                beta: &to_f64(&beta)[..],
-            },
-            &mut y64,
-            NormStats {
-                mean: &mut m64[..],
-                rstd: &mut r64[..],
-            },
-            &LayerNormShape { rows, dim: d, eps },
-        );
+        let (y64, _, _) = twin_forward(&xr[1..], &gamma, &beta, d);
         let xd = gpu.upload(&xb).unwrap();
         let (gd, bd) = (gpu.upload(&gamma).unwrap(), gpu.upload(&beta).unwrap());
         let mut y = nan_bf16(&gpu, rows * d + 1);
         let (mut mean, mut rstd) = (nan_f32(&gpu, rows), nan_f32(&gpu, rows));
-        let mut ys = y.slice_mut(1..);
-        layernorm::cuda::forward(
-            &gpu,
-            gpu.stream(),
-            &xd.slice(1..),
-            Norm { gamma: &gd, beta: &bd },
-            &mut ys,
-            NormStats {
-                mean: &mut mean,
-                rstd: &mut rstd,
-            },
-            &LayerNormShape { rows, dim: d, eps },
-        )
-        .unwrap();
+        let stats = NormStats {
+            mean: &mut mean,
+            rstd: &mut rstd,
+        };
+        let shape = LayerNormShape {
+            rows,
+            dim: d,
+            eps: layernorm::VIT_EPS,
+        };
+        let norm = Norm { gamma: &gd, beta: &bd };
+        layernorm::cuda::forward(&gpu, gpu.stream(), &xd.slice(1..), norm, &mut y.slice_mut(1..), stats, &shape).unwrap();
         assert_close(
             "LN y misaligned",
             &to_f32(&gpu.download(&y).unwrap())[1..],
@@ -234,12 +245,9 @@ mod gpu {
     #[test]
     #[ignore = "requires a CUDA device"]
     fn layernorm_on_fp32_storage_matches_cpu() {
-        let gpu = gpu();
-        let (mut rng, seed) = rng("layernorm f32");
-        let eps = layernorm::VIT_EPS;
         // 40: the one-chunk vector kernel; 520: three chunks, the last nearly empty.
-        for (rows, d) in [
-            (1usize, 1usize),
+        let sizes = [
+            (1, 1),
             (3, 7),
             (5, 40),
             (37, 100),
@@ -248,100 +256,8 @@ mod gpu {
             (64, 768),
             (17, 1000),
             (33, 1024),
-        ] {
-            let what = format!("f32 storage rows={rows} d={d}");
-            let shift = rng.random_range(-3.0f32..3.0);
-            let x: Vec<f32> = uniform(&mut rng, rows * d, -2.0, 2.0).iter().map(|v| v + shift).collect();
-            let (gamma, beta) = (uniform(&mut rng, d, 0.5, 1.5), uniform(&mut rng, d, -0.5, 0.5));
-            let (dyb, dyr) = bf16_values(&uniform(&mut rng, rows * d, -1.0, 1.0));
-            let prev = uniform(&mut rng, rows * d, -1.0, 1.0);
-            let (mut y64, mut mean64, mut rstd64) = (vec![0.0; rows * d], vec![0.0; rows], vec![0.0; rows]);
-            layernorm::cpu::forward(
-                &to_f64(&x),
-                Norm {
-                    gamma: &to_f64(&gamma)[..],
-                    beta: &to_f64(&beta)[..],
-                },
-                &mut y64,
-                NormStats {
-                    mean: &mut mean64[..],
-                    rstd: &mut rstd64[..],
-                },
-                &LayerNormShape { rows, dim: d, eps },
-            );
-
-            let (xd, gd, bd, dyd) = (
-                gpu.upload(&x).unwrap(),
-                gpu.upload(&gamma).unwrap(),
-                gpu.upload(&beta).unwrap(),
-                gpu.upload(&dyb).unwrap(),
-            );
-            let mut y = nan_bf16(&gpu, rows * d);
-            let (mut mean, mut rstd) = (nan_f32(&gpu, rows), nan_f32(&gpu, rows));
-            layernorm::cuda::forward::<f32>(
-                &gpu,
-                gpu.stream(),
-                &xd,
-                Norm { gamma: &gd, beta: &bd },
-                &mut y,
-                NormStats {
-                    mean: &mut mean,
-                    rstd: &mut rstd,
-                },
-                &LayerNormShape { rows, dim: d, eps },
-            )
-            .unwrap();
-            assert_close(
-                &format!("LN y {what}"),
-                &to_f32(&gpu.download(&y).unwrap()),
-                &y64,
-                1e-5,
-                2f64.powi(-8),
-                seed,
-            );
-            assert_close(&format!("LN mean {what}"), &gpu.download(&mean).unwrap(), &mean64, 1e-6, 1e-5, seed);
-            assert_close(&format!("LN rstd {what}"), &gpu.download(&rstd).unwrap(), &rstd64, 0.0, 1e-4, seed);
-            for accumulate in [false, true] {
-                let mut dx64 = if accumulate { to_f64(&prev) } else { vec![0.0; rows * d] };
-                layernorm::cpu::backward(
-                    &to_f64(&dyr),
-                    &to_f64(&x),
-                    &to_f64(&gamma),
-                    NormStats {
-                        mean: &mean64[..],
-                        rstd: &rstd64[..],
-                    },
-                    Grad::new(accumulate, &mut dx64[..]),
-                    &LayerNormShape { rows, dim: d, eps: 0.0 },
-                );
-                let mut dx = if accumulate {
-                    gpu.upload(&prev).unwrap()
-                } else {
-                    nan_f32(&gpu, rows * d)
-                };
-                layernorm::cuda::backward::<f32>(
-                    &gpu,
-                    gpu.stream(),
-                    &dyd,
-                    &xd,
-                    &gd,
-                    NormStats { mean: &mean, rstd: &rstd },
-                    Grad::new(accumulate, &mut dx),
-                    &LayerNormShape { rows, dim: d, eps: 0.0 },
-                )
-                .unwrap();
-                // fp32 storage: only the kernel's fp32 arithmetic separates it from the f64 twin.
-                let tol = 1e-5 * rstd64.iter().fold(1.0f64, |a, &r| a.max(r.min(1e3)));
-                assert_close(
-                    &format!("LN dx acc={accumulate} {what}"),
-                    &gpu.download(&dx).unwrap(),
-                    &dx64,
-                    tol,
-                    1e-5,
-                    seed,
-                );
-            }
-        }
+        ];
+        forward_and_backward_match_cpu::<f32>(&sizes);
     }
 
     /// The residual add fused into the forward (`residual_forward`): `out` and the LayerNorm of it
@@ -422,20 +338,7 @@ mod gpu {
                 let what = format!("{what} branch bf16={branch_bf16}");
                 let got_out = gpu.download(&out).unwrap();
                 assert_close(&format!("residual out {what}"), &got_out, &out64, 1e-6, 1e-6, seed);
-                let (mut y64, mut m64, mut r64) = (vec![0.0; rows * d], vec![0.0; rows], vec![0.0; rows]);
-                layernorm::cpu::forward(
-                    &to_f64(&got_out),
-                    Norm {
-                        gamma: &to_f64(&gamma)[..],
-                        beta: &to_f64(&beta)[..],
-                    },
-                    &mut y64,
-                    NormStats {
-                        mean: &mut m64[..],
-                        rstd: &mut r64[..],
-                    },
-                    &LayerNormShape { rows, dim: d, eps },
-                );
+                let (y64, m64, r64) = twin_forward(&got_out, &gamma, &beta, d);
                 assert_close(
                     &format!("residual LN y {what}"),
                     &to_f32(&gpu.download(&y).unwrap()),
