@@ -396,6 +396,67 @@ pub mod tokens {
     }
 }
 
+/// Input augmentation on the device (`kernels/augment.cu`): uint8 crops resized, flipped and
+/// normalized into the patch embedding's input.
+///
+/// ```
+/// use mlvpt::contract::augment::{AugmentParams, Crop};
+/// assert_eq!(std::mem::size_of::<Crop>(), 16); // one uint4 per crop
+/// assert_eq!(AugmentParams::default().patch, 0);
+/// ```
+pub mod augment {
+    kernel_params! {
+        /// One crop of a staged batch: `width x height` RGB8 pixels, rows of `3 * width` bytes
+        /// with no padding, starting at byte `offset` of the batch's pixel buffer; `flip` 1
+        /// mirrors it left-right after the resize.
+        ///
+        /// ```
+        /// use mlvpt::contract::augment::Crop;
+        /// let c = Crop { offset: 0, width: 300, height: 200, flip: 1 };
+        /// assert_eq!(c.offset as usize + 3 * (c.width * c.height) as usize, 180_000); // its bytes
+        /// ```
+        pub struct Crop {
+            pub offset: u32 => "uint32_t {}",
+            pub width: u32 => "uint32_t {}",
+            pub height: u32 => "uint32_t {}",
+            pub flip: u32 => "uint32_t {}",
+        }
+    }
+
+    kernel_params! {
+        /// `augment_{f32,bf16}`: crop `b` of `crops` (`batch` of them, pixels in `pixels`,
+        /// `pixels_len` bytes) resized to `size x size` with the antialiased triangle filter,
+        /// flipped if asked, and written as `v * scale[c] + bias[c]` (v in 0..=255) to `out`
+        /// in the kernel's storage type: `[B, 3, S, S]` when `patch` is 0, else the patch rows
+        /// `[B, (S/p)^2, 3 * p * p]` of `Backend::patchify`. A crop that does not fit in
+        /// `pixels_len` (or is empty) writes NaN, so a bad table shows in the loss.
+        ///
+        /// ```
+        /// use mlvpt::contract::augment::AugmentParams;
+        /// // ImageNet normalization folded into one multiply-add per value.
+        /// let (mean, std) = ([0.485f32, 0.456, 0.406], [0.229f32, 0.224, 0.225]);
+        /// let p = AugmentParams {
+        ///     batch: 64, size: 224, patch: 16,
+        ///     scale: std.map(|s| 1.0 / (255.0 * s)),
+        ///     bias: [0, 1, 2].map(|c| -mean[c] / std[c]),
+        ///     ..Default::default()
+        /// };
+        /// assert!((255.0 * p.scale[0] + p.bias[0] - (1.0 - 0.485) / 0.229).abs() < 1e-5);
+        /// ```
+        pub struct AugmentParams {
+            pub crops: u64 => "const Crop* {}",
+            pub pixels: u64 => "const uint8_t* {}",
+            pub out: u64 => "void* {}",
+            pub pixels_len: u64 => "uint64_t {}",
+            pub batch: u32 => "uint32_t {}",
+            pub size: u32 => "uint32_t {}",
+            pub patch: u32 => "uint32_t {}",
+            pub scale: [f32; 3] => "float {}[3]",
+            pub bias: [f32; 3] => "float {}[3]",
+        }
+    }
+}
+
 /// Prompt-masked attention (`kernels/attention.cu`): the fused kernels and the plain fp32 ones.
 ///
 /// ```
@@ -786,6 +847,8 @@ pub fn param_structs() -> Vec<(&'static str, usize, CFields)> {
         asl::AslParams,
         head::MoeParams,
         tokens::CopyTokensParams,
+        augment::Crop,
+        augment::AugmentParams,
         attention::AttnParams,
         attention::PlainAttnParams
     ]

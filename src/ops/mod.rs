@@ -5,6 +5,7 @@
 pub mod adamw;
 pub mod asl;
 pub mod attention;
+pub mod augment;
 pub mod cast;
 pub mod gelu;
 pub mod head;

@@ -1,0 +1,1 @@
+//! Launcher of `kernels/augment.cu` (the twin of [`super::cpu::augment`]).
