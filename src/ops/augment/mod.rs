@@ -70,8 +70,29 @@ impl AugmentShape {
 
     /// Checks the shape and `crops` against a pixel buffer of `pixels_len` bytes: at least
     /// `batch` crops, each non-empty and inside the buffer, `flip` 0 or 1, and the patch size
-    /// dividing `size`.
+    /// dividing `size` (the shape's part: [`check_shape`](Self::check_shape)).
     pub fn check(&self, crops: &[Crop], pixels_len: usize) -> Result<(), String> {
+        self.check_shape()?;
+        if crops.len() < self.batch {
+            return Err(format!("{} crops for a batch of {}", crops.len(), self.batch));
+        }
+        for (i, c) in crops[..self.batch].iter().enumerate() {
+            // In u128: 3 * width * height of two u32 can pass 2^64 and wrap to a small number.
+            let end = c.offset as u128 + 3 * c.width as u128 * c.height as u128;
+            if c.width == 0 || c.height == 0 || end > pixels_len as u128 || c.flip > 1 {
+                return Err(format!(
+                    "crop {i} ({}x{} at byte {}, flip {}) does not fit {pixels_len} bytes of pixels",
+                    c.width, c.height, c.offset, c.flip
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The part of [`check`](Self::check) that needs no crops: `size` non-zero, the patch size
+    /// dividing it, no zero (or NaN) in `std`. (A launcher checks this much on the host; the
+    /// crops are in device memory there.)
+    pub fn check_shape(&self) -> Result<(), String> {
         if self.size == 0 {
             return Err("output size 0".into());
         }
@@ -82,18 +103,6 @@ impl AugmentShape {
         }
         if self.std.iter().any(|&s| s.is_nan() || s == 0.0) {
             return Err(format!("std {:?} has a zero", self.std));
-        }
-        if crops.len() < self.batch {
-            return Err(format!("{} crops for a batch of {}", crops.len(), self.batch));
-        }
-        for (i, c) in crops[..self.batch].iter().enumerate() {
-            let end = c.offset as u64 + 3 * c.width as u64 * c.height as u64;
-            if c.width == 0 || c.height == 0 || end > pixels_len as u64 || c.flip > 1 {
-                return Err(format!(
-                    "crop {i} ({}x{} at byte {}, flip {}) does not fit {pixels_len} bytes of pixels",
-                    c.width, c.height, c.offset, c.flip
-                ));
-            }
         }
         Ok(())
     }
