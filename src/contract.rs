@@ -400,9 +400,9 @@ pub mod tokens {
 /// normalized into the patch embedding's input.
 ///
 /// ```
-/// use mlvpt::contract::augment::{AugmentParams, Crop};
-/// assert_eq!(std::mem::size_of::<Crop>(), 16); // one uint4 per crop
-/// assert_eq!(AugmentParams::default().patch, 0);
+/// use mlvpt::contract::augment;
+/// assert_eq!(std::mem::size_of::<augment::Crop>(), 16); // one uint4 per crop
+/// assert_eq!(augment::AugmentParams::default().patch, 0);
 /// ```
 pub mod augment {
     kernel_params! {
