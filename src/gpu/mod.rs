@@ -113,6 +113,10 @@ unsafe impl cudarc::driver::DeviceRepr for crate::contract::adamw::AdamWParams {
 unsafe impl cudarc::driver::DeviceRepr for crate::contract::asl::AslParams {}
 unsafe impl cudarc::driver::DeviceRepr for crate::contract::attention::AttnParams {}
 unsafe impl cudarc::driver::DeviceRepr for crate::contract::attention::PlainAttnParams {}
+unsafe impl cudarc::driver::DeviceRepr for crate::contract::augment::AugmentParams {}
+// Not a parameter but a table entry (uploaded as an array; `kernels/augment.cu` reads entry b):
+// four u32, #[repr(C)], laid out as its C twin too.
+unsafe impl cudarc::driver::DeviceRepr for crate::contract::augment::Crop {}
 unsafe impl cudarc::driver::DeviceRepr for crate::contract::head::MoeParams {}
 unsafe impl cudarc::driver::DeviceRepr for crate::contract::tokens::CopyTokensParams {}
 
