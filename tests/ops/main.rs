@@ -17,6 +17,7 @@ mod gpu_common;
 mod adamw;
 mod asl;
 mod attention;
+mod augment;
 mod cast;
 mod gelu;
 mod head;
