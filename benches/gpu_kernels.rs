@@ -22,6 +22,8 @@ pub(crate) use gpu_common::timed;
 mod adamw;
 #[path = "gpu_kernels/asl.rs"]
 mod asl;
+#[path = "gpu_kernels/augment.rs"]
+mod augment;
 #[path = "gpu_kernels/cast.rs"]
 mod cast;
 #[path = "gpu_kernels/gelu.rs"]
@@ -55,6 +57,7 @@ fn main() {
         asl::bench,
         linear::bench,
         tokens::bench,
+        augment::bench,
     ] {
         bench(&mut c, &gpu);
     }

@@ -1,8 +1,10 @@
 //! Per-op CPU benches at the demo shape and a ViT-B-like shape. Linear and attention report
-//! FLOP/s ("elem/s" = FLOP/s), LayerNorm bytes/s of input read.
+//! FLOP/s ("elem/s" = FLOP/s), LayerNorm bytes/s of input read, augmentation bytes/s moved
+//! (uint8 pixels read and f32 patch rows written).
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use mlvpt::ops::attention::{cpu as attn, AttnShape};
+use mlvpt::ops::augment::{self, AugmentShape, Crop, Layout};
 use mlvpt::ops::layernorm::{LayerNormShape, Norm, NormStats};
 use mlvpt::ops::linear::LinearShape;
 use mlvpt::ops::{gelu, layernorm, linear, Grad};
@@ -116,6 +118,32 @@ fn bench(c: &mut Criterion) {
                 d.copy_from_slice(&d0);
                 gelu::cpu::backward(&x, &mut d, n)
             })
+        });
+    }
+    // Augmentation into the patch rows: the demo's 32 x 32 images in 4 x 4 patches from 40 x 36
+    // crops (B 64); ViT-B-like 224 x 224 in 16 x 16 patches from 400 x 300 crops (B 4).
+    for (name, b, size, patch, w, h) in [("demo", 64, 32, 4, 40u32, 36u32), ("vitb", 4, 224, 16, 400, 300)] {
+        let per = 3 * (w * h) as usize;
+        let crops: Vec<Crop> = (0..b)
+            .map(|i| Crop {
+                offset: (i * per) as u32,
+                width: w,
+                height: h,
+                flip: (i % 2) as u32,
+            })
+            .collect();
+        let pixels: Vec<u8> = (0..b * per).map(|_| rng.random()).collect();
+        let shape = AugmentShape {
+            batch: b,
+            size,
+            layout: Layout::Patches { patch },
+            mean: [0.485, 0.456, 0.406],
+            std: [0.229, 0.224, 0.225],
+        };
+        let mut out = vec![0.0f32; shape.out_len()];
+        g.throughput(Throughput::Bytes((b * per + 4 * shape.out_len()) as u64));
+        g.bench_function(format!("augment {name} {b}x{size}x{size} p{patch} from {w}x{h}"), |bch| {
+            bch.iter(|| augment::cpu::augment(&pixels, &crops, &mut out, &shape))
         });
     }
     // demo: B 64, N 77 (P 12), 4 heads of 24; ViT-B-like: B 4, N 227 (P 30), 12 heads of 64
