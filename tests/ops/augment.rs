@@ -83,10 +83,13 @@ fn direct(pixels: &[u8], crops: &[Crop], s: &AugmentShape) -> Vec<f64> {
     out
 }
 
-/// The awkward cases: (output size, layout, crops as (width, height, flip)). One-pixel crops,
-/// strips thinner than a tap and longer than many, crops larger and smaller than the output,
-/// the output's own size, sizes that are multiples of nothing.
-fn cases() -> Vec<(usize, Layout, Vec<(u32, u32, u32)>)> {
+/// A test case: the output size, its layout, and each crop's (width, height, flip).
+type Case = (usize, Layout, Vec<(u32, u32, u32)>);
+
+/// The awkward cases: one-pixel crops, strips thinner than a tap and longer than many, crops
+/// larger and smaller than the output, the output's own size, sizes that are multiples of
+/// nothing.
+fn cases() -> Vec<Case> {
     vec![
         (
             22,
@@ -312,7 +315,7 @@ fn the_twin_refuses_a_bad_table() {
 
 #[cfg(feature = "cuda")]
 mod gpu {
-    use super::{cases, shape, staged};
+    use super::{cases, shape, staged, Case};
     use crate::gpu_common::*;
     use mlvpt::gpu::{bf16, CudaSlice, GpuContext};
     use mlvpt::ops::augment::cuda::{self, Storage};
@@ -361,8 +364,8 @@ mod gpu {
         }
     }
 
-    fn check_against_twin<T: Elem>(gpu: &GpuContext, rng: &mut ChaCha8Rng, seed: u64, case: (usize, Layout, &[(u32, u32, u32)])) {
-        let (size, layout, sizes) = case;
+    fn check_against_twin<T: Elem>(gpu: &GpuContext, rng: &mut ChaCha8Rng, seed: u64, case: &Case) {
+        let &(size, layout, ref sizes) = case;
         let s = shape(sizes.len(), size, layout);
         let (pixels, crops) = staged(rng, sizes);
         let got = run::<T>(gpu, &pixels, &crops, &s);
@@ -376,12 +379,10 @@ mod gpu {
     fn kernel_matches_twin<T: Elem>(name: &str) {
         let gpu = gpu();
         let (mut rng, seed) = rng(name);
-        for (size, layout, sizes) in cases() {
-            check_against_twin::<T>(&gpu, &mut rng, seed, (size, layout, &sizes));
-        }
-        // The training shape: S 224 in 16 x 16 patches, crops like the cache's and like JPEGs,
-        // larger and smaller than the output, the output's own size, a strip.
-        let big: &[(u32, u32, u32)] = &[
+        // The awkward cases, then the training shape: S 224 in 16 x 16 patches, crops like the
+        // cache's and like JPEGs, larger and smaller than the output, the output's own size, a
+        // strip.
+        let training = vec![
             (180, 160, 1),
             (400, 300, 0),
             (500, 375, 1),
@@ -389,7 +390,9 @@ mod gpu {
             (90, 61, 1),
             (1023, 7, 0),
         ];
-        check_against_twin::<T>(&gpu, &mut rng, seed, (224, Layout::Patches { patch: 16 }, big));
+        for case in cases().iter().chain([&(224, Layout::Patches { patch: 16 }, training)]) {
+            check_against_twin::<T>(&gpu, &mut rng, seed, case);
+        }
     }
 
     #[test]
