@@ -4,12 +4,12 @@
 // src/ops/augment/cuda.rs; CPU twin: src/ops/augment/cpu.rs (the filter: src/ops/augment/mod.rs).
 //
 // One thread per output pixel computes its three channels (blockIdx.x: the pixels, one pass;
-// blockIdx.y: the images, a loop when there are more than 65535 of them). Threads
-// take pixels in the order of the output (raster order for images, patch by patch for patch
-// rows), so each channel's writes by consecutive threads are consecutive: a block of 256 writes
-// runs of 256 values per channel for p = 16, S-long runs for images. Taps are computed on the
-// fly from integers (below); the source bytes a warp reads are a few neighbouring rows of the
-// crop, which the caches serve.
+// blockIdx.y: the images, a loop past 65535 of them). Threads take the pixels in the output's
+// order (raster order for images, patch by patch for patch rows), so consecutive threads write
+// consecutive values of each channel: a block of 256 writes one run of 256 per channel for
+// images and for p = 16, runs of p*p for other patch sizes. Taps are computed on the fly from
+// integers (below) rather than staged in shared memory: they cost a few instructions each, and
+// the source bytes a warp reads are a few neighbouring rows of the crop, which the caches serve.
 #include "common.cuh"
 
 __device__ __forceinline__ void stf(float* p, uint64_t i, float v) { p[i] = v; }
@@ -29,8 +29,9 @@ __device__ __forceinline__ uint64_t div_u64(uint64_t a, uint32_t b) {
 // (= 2S (i + 0.5 - c)), the weight is max(0, D - |k_i|) / D, and the D cancels in the
 // normalization. So the tap range is exact (the twin's f64 floor can differ only where the
 // boundary tap weighs 0), and so are the weights in f32 while |k_i| stays below 2^24 (crops
-// under 4M pixels a side); only the final normalization rounds. The launcher keeps S < 2^16, so
-// (2o + 1) n < 2^49 never overflows.
+// under 4M pixels a side), and so are the weighted sums of bytes while below 2^24; what rounds
+// is the normalization (and larger sums). The launcher keeps S < 2^16, so (2o + 1) n < 2^49
+// never overflows.
 struct Taps {
     uint32_t lo;     // first source sample
     uint32_t count;  // taps lo .. lo + count - 1, all inside [0, n)
