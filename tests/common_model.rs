@@ -2,7 +2,7 @@
 #![cfg(feature = "train")]
 #![allow(dead_code)]
 
-use mlvpt::backend::{AslConfig, Backend, CpuBackend};
+use mlvpt::backend::{AslConfig, Backend, CpuBackend, Crop};
 use mlvpt::model::{Backbone, GateMode, Method, ModelConfig, Params, PromptDepth, VitConfig};
 use mlvpt::ops::real::Real;
 use mlvpt::train::{AdamWConfig, Trainer};
@@ -77,10 +77,15 @@ pub fn trainer<T: Real>(cfg: &ModelConfig, branches: usize, asl: AslConfig, max_
 where
     CpuBackend<T>: Backend,
 {
+    trainer_on(CpuBackend::<T>::new(), cfg, branches, asl, max_batch, seed)
+}
+
+/// [`trainer`] on any backend: the same backbone and parameters for the same seed.
+pub fn trainer_on<B: Backend>(be: B, cfg: &ModelConfig, branches: usize, asl: AslConfig, max_batch: usize, seed: u64) -> Trainer<B> {
     let bb = lively_backbone(&cfg.vit, seed);
     let params = Params::init(cfg, branches, seed + 1);
     Trainer::new(
-        CpuBackend::<T>::new(),
+        be,
         cfg.clone(),
         &bb,
         params,
@@ -90,4 +95,22 @@ where
         max_batch,
     )
     .unwrap()
+}
+
+/// A random batch of `b` uint8 crops (awkward sizes, some flipped) and targets for `cfg`.
+pub fn random_crops(cfg: &ModelConfig, b: usize, seed: u64) -> (Vec<u8>, Vec<Crop>, Vec<f32>) {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let (mut pixels, mut crops) = (Vec::new(), Vec::new());
+    for _ in 0..b {
+        let (w, h) = (rng.random_range(1..23u32), rng.random_range(1..19u32));
+        crops.push(Crop {
+            offset: pixels.len() as u32,
+            width: w,
+            height: h,
+            flip: rng.random_range(0..2),
+        });
+        pixels.extend((0..3 * w * h).map(|_| rng.random::<u8>()));
+    }
+    let targets = (0..b * cfg.labels).map(|_| if rng.random_bool(0.4) { 1.0 } else { 0.0 }).collect();
+    (pixels, crops, targets)
 }

@@ -13,15 +13,16 @@ mod common_model;
 mod common_step;
 mod gpu_common;
 
-use common_model::tiny_config;
+use common_model::{random_crops, tiny_config, trainer_on};
 use common_step::{step_metrics, Bf16Emu};
 use gpu_common::{bf16_values, rng, uniform};
 use mlvpt::backend::{
-    AttnShape, Backend, BufRole, CpuBackend, CudaBackend, DevBuf, Grad, LinearShape, PatchShape, Precision, Residual, Rows, TokenCopy,
-    TokenRange, TokenShape,
+    AslConfig, AttnShape, AugmentLayout, AugmentShape, Backend, BufRole, CpuBackend, Crop, CudaBackend, DevBuf, Grad, LinearShape,
+    PatchShape, Precision, Residual, Rows, TokenCopy, TokenRange, TokenShape,
 };
 use mlvpt::model::{Method, ModelConfig, PromptDepth, VitConfig};
 use mlvpt::ops::attention;
+use mlvpt::train::{Crops, Trainer};
 use rand_chacha::ChaCha8Rng;
 
 /// The backend as `mlvpt train --device cuda` opens it (bf16 precision).
@@ -868,4 +869,97 @@ fn bad_shapes_are_errors_not_panics() {
     let mut h = [0.0f32; 4];
     be.download(&small, &mut h);
     assert_eq!(h, [2.0; 4]);
+}
+
+/// The input staging of `--augment-on device`: crops staged through pinned memory and the copy
+/// stream, areas reused and grown, against the CPU twin of the augment op.
+#[test]
+#[ignore = "requires a CUDA device"]
+fn staged_crops_augment_like_the_cpu_twin() {
+    let cfg = tiny_config();
+    let (mean, std) = ([0.5f32, 0.4, 0.3], [0.2f32, 0.25, 0.3]);
+    for p in [Precision::F32, Precision::Bf16] {
+        let mut gpu = cuda_in(p);
+        let mut cpu = CpuBackend::<f32>::new();
+        let (mut ga, mut ca) = ([gpu.alloc_staging(), gpu.alloc_staging()], cpu.alloc_staging());
+        // Small, large, small again: the areas grow and are reused; two batches in flight.
+        let batches: Vec<_> = [(3, 1), (7, 2), (2, 3), (5, 4)]
+            .into_iter()
+            .map(|(b, seed)| random_crops(&cfg, b, seed))
+            .collect();
+        for (i, (pixels, crops, _)) in batches.iter().enumerate() {
+            gpu.stage(&mut ga[i % 2], pixels, crops);
+        }
+        gpu.check().unwrap();
+        // Staging batch 2 and 3 reused the areas of 0 and 1: augment the last two.
+        for (i, (pixels, crops, _)) in batches.iter().enumerate().skip(2) {
+            for layout in [AugmentLayout::Images, AugmentLayout::Patches { patch: 4 }] {
+                let shape = AugmentShape {
+                    batch: crops.len(),
+                    size: 8,
+                    layout,
+                    mean,
+                    std,
+                };
+                let mut out = gpu.alloc_as(shape.out_len(), BufRole::Activation);
+                gpu.augment(&ga[i % 2], &mut out, &shape);
+                let mut got = vec![0.0f32; shape.out_len()];
+                gpu.download(&out, &mut got);
+                gpu.check().unwrap();
+                cpu.stage(&mut ca, pixels, crops);
+                let mut want = cpu.alloc(shape.out_len());
+                cpu.augment(&ca, &mut want, &shape);
+                let tol = if p == Precision::Bf16 { 1e-2 } else { 1e-5 };
+                for (j, (g, w)) in got.iter().zip(&want).enumerate() {
+                    assert!(
+                        (g - w).abs() <= tol * (1.0 + w.abs()),
+                        "{p:?} batch {i} {layout:?} value {j}: {g} vs {w}"
+                    );
+                }
+            }
+        }
+        // A table that does not fit its pixels is refused before any copy.
+        let (pixels, mut crops, _) = random_crops(&cfg, 2, 9);
+        crops[1].width += 50;
+        gpu.stage(&mut ga[0], &pixels, &crops);
+        let err = format!("{:#}", gpu.check().expect_err("a crop past the pixels must fail"));
+        assert!(err.contains("crop 1"), "{err}");
+    }
+}
+
+/// Training steps on staged crops (one batch staged ahead, as `mlvpt train --augment-on device`
+/// feeds them) equal the steps on the CPU twin's images on the same device.
+#[test]
+#[ignore = "requires a CUDA device"]
+fn staged_training_steps_match_steps_on_the_twins_images() {
+    let cfg = tiny_config();
+    let (mean, std) = ([0.485f32, 0.456, 0.406], [0.229f32, 0.224, 0.225]);
+    for p in [Precision::F32, Precision::Bf16] {
+        let mut a = trainer_on(cuda_in(p), &cfg, 2, AslConfig::default(), 3, 7);
+        let mut b = trainer_on(cuda_in(p), &cfg, 2, AslConfig::default(), 3, 7);
+        let batches: Vec<_> = (0..3).map(|i| random_crops(&cfg, 3 - i % 2, 20 + i as u64)).collect();
+        let stage = |t: &mut Trainer<CudaBackend>, (pixels, crops, _): &(Vec<u8>, Vec<Crop>, Vec<f32>)| {
+            t.stage(Crops { pixels, crops, mean, std }).unwrap()
+        };
+        let mut next = Some(stage(&mut a, &batches[0]));
+        for (i, batch) in batches.iter().enumerate() {
+            let current = next.take().unwrap();
+            if i + 1 < batches.len() {
+                next = Some(stage(&mut a, &batches[i + 1]));
+            }
+            let la = a.step_staged(current, &batch.2, 1e-2).unwrap();
+            let shape = AugmentShape {
+                batch: batch.1.len(),
+                size: 8,
+                layout: AugmentLayout::Images,
+                mean,
+                std,
+            };
+            let mut images = vec![0.0f32; shape.out_len()];
+            mlvpt::ops::augment::cpu::augment(&batch.0, &batch.1, &mut images, &shape);
+            let lb = b.step(&images, &batch.2, 1e-2).unwrap();
+            let tol = if p == Precision::Bf16 { 1e-3 } else { 1e-5 };
+            assert!((la - lb).abs() <= tol * lb.abs(), "{p:?} step {i}: staged {la} vs images {lb}");
+        }
+    }
 }

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use image::{ImageBuffer, Luma, Rgb};
+use mlvpt::backend::{AugmentLayout, AugmentShape};
 use mlvpt::data::sources::{ImageDataConfig, VOC_CLASSES};
 use mlvpt::data::{Norm, Split};
 use mlvpt::model::timm::{load_timm, resample_pos_embed};
@@ -433,6 +434,15 @@ fn train_eval_on_voc_and_manifest_with_a_timm_backbone() {
     );
 }
 
+/// The loss of each epoch in a run's metrics.jsonl.
+fn losses(run: &Path) -> Vec<f64> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"].as_f64().unwrap())
+        .collect()
+}
+
 #[test]
 fn cache_prepare_resume_corruption_and_training() {
     let dir = tempfile::tempdir().unwrap();
@@ -482,6 +492,23 @@ fn cache_prepare_resume_corruption_and_training() {
     assert_eq!(b1.n, 3);
     assert_eq!(b1.images, loader.batch(&[0, 2, 4], 1).images);
     assert_ne!(b1.images, loader.batch(&[0, 2, 4], 2).images);
+    // `--augment-on device` draws the same crops and flips: its uint8 crops, resized by the
+    // op's CPU twin in f32, give the host loader's images up to the host's uint8 rounding.
+    let cb = loader.crop_batch(&[0, 2, 4], 1);
+    assert_eq!((cb.n, cb.targets.clone()), (3, b1.targets.clone()));
+    let (mean, std) = Norm::Imagenet.mean_std();
+    let shape = AugmentShape {
+        batch: 3,
+        size: 16,
+        layout: AugmentLayout::Images,
+        mean,
+        std,
+    };
+    let mut twin = vec![f32::NAN; shape.out_len()];
+    mlvpt::ops::augment::cpu::augment(&cb.pixels, &cb.crops, &mut twin, &shape);
+    let worst = twin.iter().zip(&b1.images).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    eprintln!("host vs device augmentation: largest difference {worst}");
+    assert!(worst <= 1.01 / 255.0 / 0.224, "{worst}");
 
     // A damaged record is detected and redone by a second prepare; nothing else is.
     let mut bytes = std::fs::read(&cache).unwrap();
@@ -551,6 +578,15 @@ fn cache_prepare_resume_corruption_and_training() {
     ];
     a.extend_from_slice(TINY);
     assert!(ok(&a).contains("test mAP"));
+    // The same run with the augmentation on the backend (here the CPU's twin of the kernel):
+    // the images differ from the host's by its uint8 rounding only, so the losses agree closely.
+    let run_dev = p.join("run_cache_device");
+    a[2] = run_dev.to_str().unwrap();
+    a.extend_from_slice(&["--augment-on", "device"]);
+    assert!(ok(&a).contains("test mAP"));
+    for (h, d) in losses(&run).iter().zip(losses(&run_dev)) {
+        assert!((h - d).abs() <= 1e-3 * h.abs(), "loss {h} (host augmentation) vs {d} (device)");
+    }
 
     // A truncated cache is an error naming it.
     let bytes = std::fs::read(&cache).unwrap();

@@ -5,9 +5,11 @@
 mod common_model;
 use common_model::*;
 use mlvpt::backend::{AslConfig, CpuBackend};
+use mlvpt::backend::{AugmentLayout, AugmentShape, Crop};
 use mlvpt::model::{Backbone, ConfigError, Method, ModelConfig, Params, PromptDepth};
 use mlvpt::ops::adamw::{cpu as adamw_cpu, AdamWConfig};
-use mlvpt::train::Trainer;
+use mlvpt::ops::augment;
+use mlvpt::train::{Crops, Trainer};
 
 #[test]
 fn a_prompt_is_invisible_to_the_other_prompts_of_its_layer() {
@@ -325,4 +327,84 @@ fn results_do_not_depend_on_the_thread_count() {
     let (p3, l3) = run(3);
     assert_eq!(l1, l3);
     assert_eq!(p1, p3);
+}
+
+const MEAN: [f32; 3] = [0.485, 0.456, 0.406];
+const STD: [f32; 3] = [0.229, 0.224, 0.225];
+
+/// The f32 images `[B, 3, S, S]` the CPU twin of `ops::augment` makes of the crops.
+fn twin_images(cfg: &ModelConfig, pixels: &[u8], crops: &[Crop]) -> Vec<f32> {
+    let shape = AugmentShape {
+        batch: crops.len(),
+        size: cfg.vit.image_size,
+        layout: AugmentLayout::Images,
+        mean: MEAN,
+        std: STD,
+    };
+    let mut out = vec![f32::NAN; shape.out_len()];
+    augment::cpu::augment(pixels, crops, &mut out, &shape);
+    out
+}
+
+#[test]
+fn a_staged_step_is_the_step_on_the_augmented_images() {
+    let cfg = tiny_config();
+    let mut a = trainer::<f32>(&cfg, 2, AslConfig::default(), 3, 5);
+    let mut b = trainer::<f32>(&cfg, 2, AslConfig::default(), 3, 5);
+    let batches: Vec<_> = (0..3).map(|i| random_crops(&cfg, 3 - i % 2, 40 + i as u64)).collect();
+    // Staged one batch ahead, as `mlvpt train --augment-on device` feeds them.
+    let mut next = Some(a.stage(batch(&batches[0].1, &batches[0].0)).unwrap());
+    for (i, crops) in batches.iter().enumerate() {
+        let current = next.take().unwrap();
+        assert_eq!(current.len(), crops.1.len());
+        if i + 1 < batches.len() {
+            next = Some(a.stage(batch(&batches[i + 1].1, &batches[i + 1].0)).unwrap());
+        }
+        let la = a.step_staged(current, &crops.2, 1e-2).unwrap();
+        let lb = b.step(&twin_images(&cfg, &crops.0, &crops.1), &crops.2, 1e-2).unwrap();
+        assert_eq!(la, lb, "step {i}");
+    }
+    assert_eq!(a.params(), b.params());
+}
+
+/// The batch with the ImageNet normalization.
+fn batch<'a>(crops: &'a [Crop], pixels: &'a [u8]) -> Crops<'a> {
+    Crops {
+        pixels,
+        crops,
+        mean: MEAN,
+        std: STD,
+    }
+}
+
+#[test]
+fn bad_staged_batches_are_errors_not_panics() {
+    let cfg = tiny_config();
+    let mut t = trainer::<f32>(&cfg, 2, AslConfig::default(), 2, 5);
+    let (pixels, crops, targets) = random_crops(&cfg, 2, 1);
+    let err = |r: anyhow::Result<mlvpt::train::Staged>| r.expect_err("an error").to_string();
+    assert!(err(t.stage(batch(&[], &pixels))).contains("empty"));
+    let (p3, c3, _) = random_crops(&cfg, 3, 2);
+    assert!(err(t.stage(batch(&c3, &p3))).contains("exceeds max_batch 2"));
+    let mut bad = crops.clone();
+    bad[1].offset = pixels.len() as u32 - 2;
+    assert!(err(t.stage(batch(&bad, &pixels))).contains("crop 1"));
+    bad = crops.clone();
+    bad[0].flip = 2;
+    assert!(err(t.stage(batch(&bad, &pixels))).contains("flip 2"));
+    let zero_std = Crops {
+        std: [0.2, 0.0, 0.2],
+        ..batch(&crops, &pixels)
+    };
+    assert!(err(t.stage(zero_std)).contains("std"));
+    // Two areas: a third batch waits for a step.
+    let s1 = t.stage(batch(&crops, &pixels)).unwrap();
+    let s2 = t.stage(batch(&crops, &pixels)).unwrap();
+    assert!(err(t.stage(batch(&crops, &pixels))).contains("two staged batches"));
+    // Targets must match the staged batch; the area is free again after the failed step.
+    let e = t.step_staged(s1, &targets[..cfg.labels], 1e-2).err().unwrap().to_string();
+    assert!(e.contains("staged images"), "{e}");
+    t.step_staged(s2, &targets, 1e-2).unwrap();
+    let s3 = t.stage(batch(&crops, &pixels)).unwrap();
+    t.step_staged(s3, &targets, 1e-2).unwrap();
 }

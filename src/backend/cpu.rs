@@ -2,12 +2,12 @@
 //! float type (`CpuBackend<f32>` trains, `CpuBackend<f64>` runs the gradient checks).
 
 use super::{
-    AdamWConfig, AdapterParams, AdapterShape, AslConfig, AttnShape, Backend, BranchLogits, BranchParams, GateTables, Grad, HeadInputs,
-    LayerNormShape, LinearShape, MoeSaved, MoeShape, Norm, NormStats, PatchShape, Residual, Rows, TokenCopy, TokenShape, VptHeadShape,
-    VptParams,
+    AdamWConfig, AdapterParams, AdapterShape, AslConfig, AttnShape, AugmentShape, Backend, BranchLogits, BranchParams, Crop, GateTables,
+    Grad, HeadInputs, LayerNormShape, LinearShape, MoeSaved, MoeShape, Norm, NormStats, PatchShape, Residual, Rows, TokenCopy, TokenShape,
+    VptHeadShape, VptParams,
 };
 use crate::ops::real::{cast, Real};
-use crate::ops::{adamw, attention, gelu, head, layernorm, linear, tokens};
+use crate::ops::{adamw, attention, augment, gelu, head, layernorm, linear, tokens};
 
 /// CPU backend over `Vec<T>` buffers. Holds a scratch vector that grows to the largest size
 /// an op needs and is then reused (no allocation per step once shapes are fixed).
@@ -22,9 +22,17 @@ impl<T: Real> CpuBackend<T> {
     }
 }
 
+/// The CPU backend's [`Backend::Staging`]: the batch's bytes and crop table, copied.
+#[derive(Debug, Default)]
+pub struct HostStaging {
+    pixels: Vec<u8>,
+    crops: Vec<Crop>,
+}
+
 impl<T: Real> Backend for CpuBackend<T> {
     type Buf = Vec<T>;
     type Idx = Vec<u32>;
+    type Staging = HostStaging;
 
     fn name(&self) -> String {
         format!("cpu-{}", std::any::type_name::<T>())
@@ -57,6 +65,18 @@ impl<T: Real> Backend for CpuBackend<T> {
         for (d, s) in dst.iter_mut().zip(&src[..n]) {
             *d = s.to_f64().unwrap_or(f64::NAN);
         }
+    }
+    fn alloc_staging(&mut self) -> HostStaging {
+        HostStaging::default()
+    }
+    fn stage(&mut self, staging: &mut HostStaging, pixels: &[u8], crops: &[Crop]) {
+        staging.pixels.clear();
+        staging.pixels.extend_from_slice(pixels);
+        staging.crops.clear();
+        staging.crops.extend_from_slice(crops);
+    }
+    fn augment(&mut self, staging: &HostStaging, out: &mut Vec<T>, shape: &AugmentShape) {
+        augment::cpu::augment(&staging.pixels, &staging.crops, out, shape);
     }
     fn upload_idx(&mut self, src: &[u32]) -> Vec<u32> {
         src.to_vec()

@@ -35,16 +35,17 @@
 //! queued; downloads synchronise too.
 
 use super::{
-    AdamWConfig, AdapterParams, AdapterShape, AslConfig, AttnShape, Backend, BranchLogits, BranchParams, BufRole, GateTables, Grad,
-    HeadInputs, LayerNormShape, LinearShape, MoeSaved, MoeShape, Norm, NormStats, PatchShape, Precision, Residual, Rows, TokenCopy,
-    TokenShape, VptHeadShape, VptParams,
+    AdamWConfig, AdapterParams, AdapterShape, AslConfig, AttnShape, AugmentShape, Backend, BranchLogits, BranchParams, BufRole, Crop,
+    GateTables, Grad, HeadInputs, LayerNormShape, LinearShape, MoeSaved, MoeShape, Norm, NormStats, PatchShape, Precision, Residual, Rows,
+    TokenCopy, TokenShape, VptHeadShape, VptParams,
 };
 use crate::gpu::{bf16, CudaSlice, DevicePtr, DevicePtrMut, GemmType, GpuContext, GpuError};
 use crate::ops::head::cuda::{HeadWorkspace, IndexTable};
 use crate::ops::tokens::cuda::Storage;
-use crate::ops::{adamw, asl, attention, cast, gelu, head, layernorm, tokens};
-use cudarc::driver::{DeviceRepr, ValidAsZeroBits};
+use crate::ops::{adamw, asl, attention, augment, cast, gelu, head, layernorm, tokens};
+use cudarc::driver::{CudaEvent, CudaStream, DeviceRepr, PinnedHostSlice, ValidAsZeroBits};
 use std::cell::RefCell;
+use std::sync::Arc;
 
 /// A buffer of the CUDA backend: fp32 or bf16 device memory (see the module docs).
 pub enum DevBuf {
@@ -297,9 +298,49 @@ fn output<'a, T: Elem>(gpu: &GpuContext, buf: &'a mut DevBuf, slot: &'a mut Slot
     }
 }
 
+/// The CUDA backend's [`Backend::Staging`]: one batch of uint8 crops on its way to the device.
+/// The host writes the crop table and pixels into pinned memory; the copy stream moves them
+/// into the device buffers and records `copied`; the compute stream waits for `copied` before
+/// the augment kernel reads them and records `consumed` after it; the next copy into the same
+/// buffers waits (on the device) for `consumed`, and the host waits for `copied` before it
+/// rewrites the pinned memory. Everything grows to the largest batch staged.
+pub struct DevStaging {
+    host: Option<PinnedHostSlice<u8>>,
+    crops: Option<CudaSlice<Crop>>,
+    pixels: Option<CudaSlice<u8>>,
+    /// Crops and pixel bytes of the batch staged last.
+    staged: (usize, usize),
+    /// `(copied, consumed)`, made on first use.
+    events: Option<(CudaEvent, CudaEvent)>,
+}
+
+impl std::fmt::Debug for DevStaging {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "DevStaging({} crops, {} pixel bytes)", self.staged.0, self.staged.1)
+    }
+}
+
+/// `slot` holding at least `len` elements, allocated on `stream` (contents undefined).
+fn grow_on<'a, T: DeviceRepr>(
+    stream: &Arc<CudaStream>,
+    slot: &'a mut Option<CudaSlice<T>>,
+    len: usize,
+) -> Result<&'a mut CudaSlice<T>, GpuError> {
+    if slot.as_ref().is_none_or(|s| s.len() < len) {
+        *slot = None;
+        // Grown by half again, so batches of slowly varying size do not reallocate each time.
+        // SAFETY: every byte a kernel reads is written by the copy that follows.
+        *slot = Some(unsafe { stream.alloc::<T>(len + len / 2) }.map_err(GpuError::driver("allocating staging memory"))?);
+    }
+    slot.as_mut().ok_or_else(|| GpuError::invalid("staging", "allocation vanished"))
+}
+
 /// The CUDA backend. See the module docs.
 pub struct CudaBackend {
     gpu: GpuContext,
+    /// The second stream: host-to-device copies of staged batches ([`Backend::stage`]),
+    /// overlapping the compute on the context's stream.
+    copy: Arc<CudaStream>,
     precision: Precision,
     asl_ws: asl::cuda::AslWorkspace,
     head_ws: HeadWorkspace,
@@ -338,8 +379,10 @@ impl CudaBackend {
         gpu.allow_tf32(true);
         let asl_ws = asl::cuda::AslWorkspace::new(&gpu)?;
         let loss = gpu.zeros(1)?;
+        let copy = gpu.context().new_stream().map_err(GpuError::driver("creating the copy stream"))?;
         Ok(Self {
             gpu,
+            copy,
             precision,
             asl_ws,
             head_ws: HeadWorkspace::new(),
@@ -478,9 +521,91 @@ fn gemm_backward_input<T: Elem>(
     }
 }
 
+impl CudaBackend {
+    fn stage_crops(&mut self, st: &mut DevStaging, pixels: &[u8], crops: &[Crop]) -> Result<(), GpuError> {
+        augment::check_crops(crops, pixels.len()).map_err(|e| GpuError::invalid("stage", e))?;
+        let table = std::mem::size_of_val(crops);
+        let total = table + pixels.len();
+        if st.events.is_none() {
+            let ctx = self.gpu.context();
+            let event = || ctx.new_event(None).map_err(GpuError::driver("creating an event"));
+            st.events = Some((event()?, event()?));
+        }
+        let Some((copied, consumed)) = st.events.as_ref() else {
+            return Err(GpuError::invalid("staging", "no events"));
+        };
+        // The last copy out of the pinned memory must be done before it is rewritten (or freed).
+        copied
+            .synchronize()
+            .map_err(GpuError::driver("waiting for the previous staging copy"))?;
+        if st.host.as_ref().is_none_or(|h| h.len() < total) {
+            st.host = None;
+            let n = total + total / 2;
+            // SAFETY: only the bytes written below are copied.
+            st.host = Some(unsafe { self.gpu.context().alloc_pinned::<u8>(n) }.map_err(GpuError::driver("allocating pinned memory"))?);
+        }
+        let host = st
+            .host
+            .as_mut()
+            .ok_or_else(|| GpuError::invalid("staging", "allocation vanished"))?;
+        let h = host.as_mut_slice().map_err(GpuError::driver("reaching pinned memory"))?;
+        for (d, c) in h[..table].chunks_exact_mut(16).zip(crops) {
+            for (k, v) in [c.offset, c.width, c.height, c.flip].into_iter().enumerate() {
+                d[4 * k..4 * k + 4].copy_from_slice(&v.to_le_bytes());
+            }
+        }
+        h[table..total].copy_from_slice(pixels);
+        // The device buffers may still be read by the last augment of this staging area.
+        self.copy.wait(consumed).map_err(GpuError::driver("ordering the staging copy"))?;
+        let copy = &self.copy;
+        let dc = grow_on(copy, &mut st.crops, crops.len().max(1))?;
+        let dp = grow_on(copy, &mut st.pixels, pixels.len().max(1))?;
+        let what = || GpuError::driver("copying staged crops to the device");
+        {
+            let (cp, _g1) = dc.device_ptr_mut(copy);
+            let (pp, _g2) = dp.device_ptr_mut(copy);
+            // SAFETY: both destinations hold at least the bytes copied, the sources are pinned
+            // and stay untouched until `copied` (recorded next) completes.
+            unsafe {
+                cudarc::driver::result::memcpy_htod_async(cp, &h[..table], copy.cu_stream()).map_err(what())?;
+                cudarc::driver::result::memcpy_htod_async(pp, &h[table..total], copy.cu_stream()).map_err(what())?;
+            }
+        }
+        copied.record(copy).map_err(GpuError::driver("recording the staging copy"))?;
+        st.staged = (crops.len(), pixels.len());
+        Ok(())
+    }
+
+    fn augment_staged(&mut self, st: &DevStaging, out: &mut DevBuf, shape: &AugmentShape) -> Result<(), GpuError> {
+        const OP: &str = "augment";
+        if shape.batch > st.staged.0 {
+            return Err(GpuError::invalid(
+                OP,
+                format!("a batch of {} from {} staged crops", shape.batch, st.staged.0),
+            ));
+        }
+        let (Some(crops), Some(pixels), Some((copied, consumed))) = (st.crops.as_ref(), st.pixels.as_ref(), st.events.as_ref()) else {
+            return Err(GpuError::invalid(OP, "nothing staged"));
+        };
+        let g = &self.gpu;
+        g.stream()
+            .wait(copied)
+            .map_err(GpuError::driver("ordering augment after its copy"))?;
+        let pixels = pixels.slice(0..st.staged.1);
+        let [s0, ..] = &mut self.scratch;
+        with_type!(out, T => {
+            let o = output::<T>(g, out, s0, shape.out_len(), Mode::Write)?;
+            augment::cuda::augment::<T>(g, g.stream(), crops, &pixels, &mut *o.buf, shape)?;
+            o.done(g)?;
+        });
+        consumed.record(g.stream()).map_err(GpuError::driver("recording the augment"))
+    }
+}
+
 impl Backend for CudaBackend {
     type Buf = DevBuf;
     type Idx = CudaIdx;
+    type Staging = DevStaging;
 
     fn name(&self) -> String {
         format!("cuda-{} ({})", self.precision.as_str(), self.gpu.device_name())
@@ -580,6 +705,21 @@ impl Backend for CudaBackend {
         for (d, s) in dst.iter_mut().zip(v) {
             *d = s as f64;
         }
+    }
+    fn alloc_staging(&mut self) -> DevStaging {
+        DevStaging {
+            host: None,
+            crops: None,
+            pixels: None,
+            staged: (0, 0),
+            events: None,
+        }
+    }
+    fn stage(&mut self, staging: &mut DevStaging, pixels: &[u8], crops: &[Crop]) {
+        self.run(|be| be.stage_crops(staging, pixels, crops));
+    }
+    fn augment(&mut self, staging: &DevStaging, out: &mut DevBuf, shape: &AugmentShape) {
+        self.run(|be| be.augment_staged(staging, out, shape));
     }
     fn upload_idx(&mut self, src: &[u32]) -> CudaIdx {
         CudaIdx {

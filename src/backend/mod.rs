@@ -24,6 +24,7 @@ pub mod device;
 pub use crate::ops::adamw::AdamWConfig;
 pub use crate::ops::asl::AslConfig;
 pub use crate::ops::attention::AttnShape;
+pub use crate::ops::augment::{AugmentShape, Crop, Layout as AugmentLayout};
 pub use crate::ops::head::{
     AdapterParams, AdapterShape, BranchLogits, BranchParams, GateTables, HeadInputs, MoeSaved, MoeShape, VptHeadShape, VptParams,
 };
@@ -100,6 +101,24 @@ pub trait Backend {
     fn copy(&mut self, src: &Self::Buf, dst: &mut Self::Buf, len: usize);
     /// `y[..len] = a * y[..len] + b * x[..len]`.
     fn axpby(&mut self, a: f64, y: &mut Self::Buf, b: f64, x: &Self::Buf, len: usize);
+
+    // ---- input staging and augmentation ----------------------------------------------------
+    /// Where one batch of uint8 crops waits between the loader and [`Backend::augment`]: a host
+    /// copy on the CPU; pinned host memory, device buffers and two events on a GPU.
+    type Staging;
+    /// An empty staging area; it grows to the largest batch staged into it.
+    fn alloc_staging(&mut self) -> Self::Staging;
+    /// Copies a batch of crops (`crops` locate each crop's bytes in `pixels`, see [`Crop`];
+    /// the caller checked them with [`crate::ops::augment::check_crops`]) into `staging`. A
+    /// device backend returns before the copy to the device is done: it runs on a second
+    /// stream, overlapping whatever the first one is computing, after (on the device) the last
+    /// [`Backend::augment`] that read `staging`; the host waits only until the pinned memory
+    /// the copy comes from is free again.
+    fn stage(&mut self, staging: &mut Self::Staging, pixels: &[u8], crops: &[Crop]);
+    /// Resizes, flips and normalizes the crops staged in `staging` into `out` (see
+    /// [`crate::ops::augment`]; `shape.batch` at most the crops staged). A device backend
+    /// orders it after `stage`'s copy with an event, not by waiting on the host.
+    fn augment(&mut self, staging: &Self::Staging, out: &mut Self::Buf, shape: &AugmentShape);
 
     // ---- tokens ---------------------------------------------------------------------------
     /// Flattens `p x p` patches of images `[B, C, H, W]` into `out [B, Np, C*p*p]` in the order

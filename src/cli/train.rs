@@ -13,7 +13,7 @@ use mlvpt::data::{DataConfig, ImageDataConfig, Norm};
 use mlvpt::grouping::GroupingMode;
 use mlvpt::model::{GateMode, Method, PromptDepth};
 use mlvpt::train::preset::{Preset, PRESET_IMAGE_SIZE};
-use mlvpt::train::run::{self, BackboneSource, Observer, RunOptions, RunSpec, Summary, TimeSplit};
+use mlvpt::train::run::{self, AugmentOn, BackboneSource, Observer, RunOptions, RunSpec, Summary, TimeSplit};
 
 #[derive(Args, Debug)]
 #[command(group(ArgGroup::new("settings").multiple(true)))]
@@ -118,6 +118,11 @@ pub struct TrainArgs {
     /// ignored with a note.
     #[arg(long, value_enum)]
     pub precision: Option<Precision>,
+    /// Where streamed training images (--data, a cache or image files) are resized, flipped
+    /// and normalized: by the loader's threads (host), or on the backend from their uint8
+    /// crops (device: a kernel on CUDA, with the next batch's copy overlapping the step).
+    #[arg(long, value_enum, default_value_t = AugmentOn::Host)]
+    pub augment_on: AugmentOn,
     /// No progress bar or per-epoch lines (the final summary is still printed).
     #[arg(long)]
     pub quiet: bool,
@@ -203,6 +208,7 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
                 nan_at_step: args.debug_nan_at_step,
                 device: args.device,
                 precision: args.precision,
+                augment_on: args.augment_on,
             };
             run::resume(from, &opts, &mut progress)?
         }
@@ -217,6 +223,7 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
                 nan_at_step: args.debug_nan_at_step,
                 device: args.device,
                 precision: args.precision,
+                augment_on: args.augment_on,
             };
             run::train(&spec, &opts, &mut progress)?
         }

@@ -91,10 +91,16 @@ impl TrainLoader {
             .collect()
     }
 
+    /// The seed of `epoch`'s augmentation draws; image `i` draws from
+    /// `derive_seed(epoch_seed, i)`.
+    pub(crate) fn epoch_seed(&self, epoch: u64) -> u64 {
+        derive_seed(derive_seed(self.seed, AUGMENT_STREAM), epoch)
+    }
+
     /// The augmented, normalized batch of `indices` for `epoch`.
     pub fn batch(&self, indices: &[usize], epoch: u64) -> Batch {
         let len = 3 * self.size * self.size;
-        let epoch_seed = derive_seed(derive_seed(self.seed, AUGMENT_STREAM), epoch);
+        let epoch_seed = self.epoch_seed(epoch);
         let prepared: Vec<Result<Vec<f32>, String>> = indices
             .par_iter()
             .map(|&i| {

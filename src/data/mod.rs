@@ -5,6 +5,7 @@
 
 pub mod augment;
 pub mod cache;
+pub mod crops;
 pub mod images;
 pub mod loader;
 pub mod sources;

@@ -12,4 +12,4 @@ pub mod schedule;
 pub mod step;
 mod tensors;
 
-pub use step::{AdamWConfig, Trainer};
+pub use step::{AdamWConfig, Crops, Staged, Trainer};

@@ -12,9 +12,11 @@ use anyhow::{bail, ensure, Context};
 use serde::{Deserialize, Serialize};
 
 use crate::backend::{Backend, CpuBackend, Device, Precision, Selected};
+use std::sync::mpsc::Receiver;
 use std::sync::Arc;
 
-use crate::data::loader::{TestLoader, TrainLoader};
+use crate::data::crops::CropBatch;
+use crate::data::loader::{Batch, TestLoader, TrainLoader};
 use crate::data::{self, derive_seed, DataConfig, Dataset};
 use crate::grouping::{self, Cooccurrence, GroupingConfig, GroupingMode};
 use crate::metrics::{self, Metrics};
@@ -23,7 +25,7 @@ use crate::ops::asl::AslConfig;
 use crate::train::checkpoint::{tables, RunState};
 use crate::train::ema::Ema;
 use crate::train::schedule::OneCycle;
-use crate::train::step::{AdamWConfig, Trainer};
+use crate::train::step::{AdamWConfig, Crops, Staged, Trainer};
 
 /// File names inside a run's output folder.
 pub const CHECKPOINT_FILE: &str = "checkpoint.safetensors";
@@ -251,6 +253,20 @@ pub struct RunOptions {
     pub device: Device,
     /// Storage precision of the CUDA backend (`None`: bf16); the CPU ignores it.
     pub precision: Option<Precision>,
+    /// Where streamed training images are resized, flipped and normalized.
+    pub augment_on: AugmentOn,
+}
+
+/// Where the training augmentation of streamed images (a cache or image files) runs.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum AugmentOn {
+    /// The loader's threads resize, flip and normalize; f32 images go to the backend.
+    #[default]
+    Host,
+    /// The loader only cuts the crops; their uint8 bytes go to the backend, which resizes,
+    /// flips and normalizes them (`ops::augment`, a kernel on a GPU) straight into the patch
+    /// embedding's input. On a GPU the copy of the next batch overlaps the current step.
+    Device,
 }
 
 /// Hooks for progress display; all default to doing nothing.
@@ -658,6 +674,9 @@ fn run_on<B: Backend>(
         state.save(&ck_path)?;
     }
 
+    if opts.augment_on == AugmentOn::Device && matches!(train_data, TrainData::Memory(_)) {
+        eprintln!("note: --augment-on device applies to streamed images (--data); these are in memory, already normalized");
+    }
     let n = train_data.len();
     let bs = cfg.batch_size;
     // Streamed images that could not be read, each reported once.
@@ -679,38 +698,67 @@ fn run_on<B: Backend>(
             let order = data::epoch_order(n, cfg.seed, epoch as u64);
             let epoch_start = Instant::now();
             let mut loss_sum = 0.0f64;
-            let stream = match &train_data {
-                TrainData::Stream(l) => Some(l.epoch(order.chunks(bs).map(<[usize]>::to_vec).collect(), epoch as u64)),
-                TrainData::Memory(_) => None,
+            let batches: Vec<Vec<usize>> = order.chunks(bs).map(<[usize]>::to_vec).collect();
+            let mut feed = match &train_data {
+                TrainData::Stream(l) if opts.augment_on == AugmentOn::Device => Feed::Crops {
+                    rx: l.crop_epoch(batches, epoch as u64),
+                    next: None,
+                    norm: l.norm.mean_std(),
+                },
+                TrainData::Stream(l) => Feed::Images(l.epoch(batches, epoch as u64)),
+                TrainData::Memory(_) => Feed::Memory,
             };
+            let mut report_skipped = |skipped: Vec<(String, String)>| -> anyhow::Result<()> {
+                for (name, why) in skipped {
+                    if reported.insert(name.clone()) {
+                        append_log(&opts.out.join(DATA_REPORT_FILE), &format!("  skipped (train) {name}: {why}"))?;
+                        eprintln!("warning: skipped unreadable training image {name}: {why}");
+                    }
+                }
+                Ok(())
+            };
+            let nbatches = order.chunks(bs).len();
             for (b, batch) in order.chunks(bs).enumerate() {
                 let step = state.step;
                 let mut batch_n = batch.len();
                 let waiting = Instant::now();
-                match (&train_data, &stream) {
-                    (TrainData::Stream(_), Some(rx)) => {
+                let mut staged = None;
+                match (&train_data, &mut feed) {
+                    (TrainData::Stream(_), Feed::Images(rx)) => {
                         let got = rx.recv().context("the image loader thread stopped")?;
-                        for (name, why) in got.skipped {
-                            if reported.insert(name.clone()) {
-                                append_log(&opts.out.join(DATA_REPORT_FILE), &format!("  skipped (train) {name}: {why}"))?;
-                                eprintln!("warning: skipped unreadable training image {name}: {why}");
-                            }
-                        }
+                        report_skipped(got.skipped)?;
                         (images, targets, batch_n) = (got.images, got.targets, got.n);
-                        if batch_n == 0 {
-                            // Every image of this batch is unreadable: the step is skipped
-                            // but counted, so the schedule and resumption stay aligned.
-                            state.step += 1;
-                            continue;
+                    }
+                    (TrainData::Stream(_), Feed::Crops { rx, next, norm }) => {
+                        // One batch ahead: batch b + 1 is staged before batch b is stepped, so
+                        // its copy to the device overlaps batch b's step.
+                        let current = match next.take() {
+                            Some(c) => c,
+                            None => stage_next(&mut trainer, rx, *norm, &mut report_skipped)?,
+                        };
+                        if b + 1 < nbatches {
+                            *next = Some(stage_next(&mut trainer, rx, *norm, &mut report_skipped)?);
                         }
+                        batch_n = current.0.as_ref().map_or(0, |s| s.len());
+                        (staged, targets) = (current.0, current.1);
                     }
                     (TrainData::Memory(d), _) => d.gather(batch, &mut images, &mut targets),
-                    (TrainData::Stream(_), None) => unreachable!("a streamed split always has a loader"),
+                    (TrainData::Stream(_), _) => unreachable!("a streamed split always has a loader"),
+                }
+                if batch_n == 0 {
+                    // Every image of this batch is unreadable: the step is skipped but
+                    // counted, so the schedule and resumption stay aligned.
+                    state.step += 1;
+                    continue;
                 }
                 time.data_s += waiting.elapsed().as_secs_f64();
                 let stepping = Instant::now();
                 if opts.nan_at_step == Some(step) {
-                    images[0] = f32::NAN;
+                    match staged {
+                        // uint8 pixels cannot be NaN: a NaN target makes the loss NaN alike.
+                        Some(_) => targets[0] = f32::NAN,
+                        None => images[0] = f32::NAN,
+                    }
                 }
                 let lr = schedule.lr(step);
                 let stopped = || {
@@ -725,7 +773,11 @@ fn run_on<B: Backend>(
                 };
                 // The trainer refuses a non-finite loss itself; the check below keeps the
                 // promise whatever the backend does.
-                let loss = trainer.step(&images, &targets, lr as f32).with_context(stopped)?;
+                let loss = match staged {
+                    Some(s) => trainer.step_staged(s, &targets, lr as f32),
+                    None => trainer.step(&images, &targets, lr as f32),
+                }
+                .with_context(stopped)?;
                 if !loss.is_finite() {
                     bail!("{}: the loss is {loss}", stopped());
                 }
@@ -804,6 +856,43 @@ fn run_on<B: Backend>(
         metrics_log: log_path,
         class_names: state.class_names,
     })
+}
+
+/// Where an epoch's training batches come from.
+enum Feed {
+    /// Gathered from the split in memory.
+    Memory,
+    /// Augmented f32 images from the loader's thread.
+    Images(Receiver<Batch>),
+    /// uint8 crops from the loader's thread, augmented on the backend; `next` is the batch
+    /// staged one step ahead (with its targets), `norm` the images' (mean, std).
+    Crops {
+        rx: Receiver<CropBatch>,
+        next: Option<(Option<Staged>, Vec<f32>)>,
+        norm: ([f32; 3], [f32; 3]),
+    },
+}
+
+/// The next crop batch from the loader, staged on the trainer's backend (`None` when every
+/// image of it was unreadable), with its targets.
+fn stage_next<B: Backend>(
+    trainer: &mut Trainer<B>,
+    rx: &Receiver<CropBatch>,
+    (mean, std): ([f32; 3], [f32; 3]),
+    report_skipped: &mut impl FnMut(Vec<(String, String)>) -> anyhow::Result<()>,
+) -> anyhow::Result<(Option<Staged>, Vec<f32>)> {
+    let got = rx.recv().context("the image loader thread stopped")?;
+    report_skipped(got.skipped)?;
+    if got.n == 0 {
+        return Ok((None, got.targets));
+    }
+    let staged = trainer.stage(Crops {
+        pixels: &got.pixels,
+        crops: &got.crops,
+        mean,
+        std,
+    })?;
+    Ok((Some(staged), got.targets))
 }
 
 /// The metrics (of `Metrics::to_json`) each `metrics.jsonl` record carries.

@@ -7,7 +7,7 @@
 
 use super::layers::{block_backward, block_forward, head_backward, head_forward, linear, BlockGrad, BlockOut, FinalNorm};
 use super::tensors::{gate_tables, upload_new, Acts, Dims, Trainable, Weights};
-use crate::backend::{AslConfig, Backend, BranchLogits, BufRole, GateTables, Grad};
+use crate::backend::{AslConfig, AugmentLayout, AugmentShape, Backend, BranchLogits, BufRole, Crop, GateTables, Grad};
 use crate::model::backbone::Backbone;
 use crate::model::config::{ConfigError, Method, ModelConfig};
 use crate::model::params::{param_specs, NamedTensor, Params};
@@ -17,6 +17,45 @@ pub use crate::ops::adamw::AdamWConfig;
 
 /// Called after each block with (backend, layer, output, tokens per image in the output).
 type BlockHook<'a, B> = dyn FnMut(&mut B, usize, &<B as Backend>::Buf, usize) + 'a;
+
+/// A batch of uint8 crops for [`Trainer::stage`]: each crop's bytes in `pixels` (see [`Crop`]),
+/// and the normalization `(v / 255 - mean) / std` of the model's input.
+#[derive(Clone, Copy, Debug)]
+pub struct Crops<'a> {
+    pub pixels: &'a [u8],
+    pub crops: &'a [Crop],
+    pub mean: [f32; 3],
+    pub std: [f32; 3],
+}
+
+/// A batch [`Trainer::stage`] put on the backend, for [`Trainer::step_staged`] (once).
+#[derive(Debug)]
+#[must_use = "a staged batch holds one of the trainer's two staging areas until it is stepped"]
+pub struct Staged {
+    slot: usize,
+    batch: usize,
+    mean: [f32; 3],
+    std: [f32; 3],
+}
+
+impl Staged {
+    /// Images in the batch.
+    pub fn len(&self) -> usize {
+        self.batch
+    }
+    /// Whether it holds no image (never: staging an empty batch is an error).
+    pub fn is_empty(&self) -> bool {
+        self.batch == 0
+    }
+}
+
+/// What a step's forward reads.
+enum Input<'a> {
+    /// f32 images `[B, C, H, W]`, uploaded then cut into patches.
+    Images(&'a [f32]),
+    /// Crops staged earlier, augmented straight into the patch rows.
+    Staged(Staged),
+}
 
 /// Forward, loss, backward and AdamW for one model on one backend.
 pub struct Trainer<B: Backend> {
@@ -35,6 +74,10 @@ pub struct Trainer<B: Backend> {
     /// Per branch, the routing of (expert, label) pairs.
     tables: Vec<GateTables<B::Idx>>,
     acts: Acts<B::Buf>,
+    /// Two areas for staged uint8 batches (made on first use): the next batch is copied into
+    /// one while the step reads the other. `busy[i]`: area `i` holds a batch not yet stepped.
+    staging: Option<[B::Staging; 2]>,
+    busy: [bool; 2],
 }
 
 impl<B: Backend> Trainer<B> {
@@ -108,6 +151,8 @@ impl<B: Backend> Trainer<B> {
             step: 0,
             tables,
             acts,
+            staging: None,
+            busy: [false; 2],
         })
     }
 
@@ -157,8 +202,57 @@ impl<B: Backend> Trainer<B> {
     /// Forward, loss, backward, AdamW at learning rate `lr`; returns the loss.
     /// Batch = `targets.len() / K`; `images` must hold that many `[C, H, W]` images.
     pub fn step(&mut self, images: &[f32], targets: &[f32], lr: f32) -> Result<f32> {
+        self.step_on(Input::Images(images), targets, lr)
+    }
+
+    /// Puts a batch of uint8 crops on the backend for [`Trainer::step_staged`], which resizes,
+    /// flips and normalizes them there (`crate::ops::augment`). On a GPU the copy runs on a
+    /// second stream and this returns without waiting for it: staging the next batch before
+    /// stepping the current one overlaps the copy with the step. At most two batches may be
+    /// staged and not yet stepped.
+    pub fn stage(&mut self, batch: Crops<'_>) -> Result<Staged> {
+        let d = self.dims;
+        let n = batch.crops.len();
+        ensure!(n > 0, "staging an empty batch");
+        ensure!(n <= d.max_batch, "batch of {n} images exceeds max_batch {}", d.max_batch);
+        ensure!(d.channels == 3, "staged crops are RGB; the model takes {} channels", d.channels);
+        crate::ops::augment::check_crops(batch.crops, batch.pixels.len()).map_err(|e| anyhow::anyhow!("staged batch: {e}"))?;
+        ensure!(
+            batch.std.iter().all(|s| s.is_finite() && *s != 0.0) && batch.mean.iter().all(|m| m.is_finite()),
+            "staged batch: normalization mean {:?} / std {:?}",
+            batch.mean,
+            batch.std
+        );
+        let slot = match self.busy {
+            [false, _] => 0,
+            [true, false] => 1,
+            [true, true] => bail!("two staged batches are waiting for step_staged already"),
+        };
+        let be = &mut self.be;
+        let areas = self.staging.get_or_insert_with(|| [be.alloc_staging(), be.alloc_staging()]);
+        self.be.stage(&mut areas[slot], batch.pixels, batch.crops);
+        self.busy[slot] = true;
+        Ok(Staged {
+            slot,
+            batch: n,
+            mean: batch.mean,
+            std: batch.std,
+        })
+    }
+
+    /// [`Trainer::step`] on a batch [`Trainer::stage`] put on the backend: its crops are
+    /// augmented straight into the patch embedding's input. `targets` holds `staged.len() x K`.
+    pub fn step_staged(&mut self, staged: Staged, targets: &[f32], lr: f32) -> Result<f32> {
+        self.step_on(Input::Staged(staged), targets, lr)
+    }
+
+    fn step_on(&mut self, input: Input<'_>, targets: &[f32], lr: f32) -> Result<f32> {
+        if let Input::Staged(s) = &input {
+            // The area is free again whatever happens below: a staged batch is used once.
+            self.busy[s.slot] = false;
+        }
         ensure!(lr.is_finite() && lr >= 0.0, "learning rate must be a finite number >= 0, got {lr}");
-        self.compute_grads(images, targets)?;
+        self.compute_grads(input, targets)?;
         // AdamW runs unless the loss, still on the device, is non-finite (the kernel reads it),
         // so the host waits once per step: for the loss, after the update is queued.
         let step = self.step + 1;
@@ -180,7 +274,7 @@ impl<B: Backend> Trainer<B> {
     /// Loss and the gradient of every trainable tensor (same names and shapes as the params),
     /// without an update.
     pub fn loss_and_grads(&mut self, images: &[f32], targets: &[f32]) -> Result<(f32, Params)> {
-        self.compute_grads(images, targets)?;
+        self.compute_grads(Input::Images(images), targets)?;
         let loss = self.read_loss()?;
         let mut out = Vec::with_capacity(self.specs.len());
         for (i, (name, shape)) in self.specs.iter().enumerate() {
@@ -199,7 +293,7 @@ impl<B: Backend> Trainer<B> {
     /// Like [`Trainer::loss_and_grads`] in the backend's own precision, as f64 (for the
     /// finite-difference checks on `CpuBackend<f64>`).
     pub fn loss_and_grads_f64(&mut self, images: &[f32], targets: &[f32]) -> Result<(f64, Vec<Vec<f64>>)> {
-        self.compute_grads(images, targets)?;
+        self.compute_grads(Input::Images(images), targets)?;
         let loss = self.read_loss()?;
         let mut out = Vec::with_capacity(self.specs.len());
         for (i, (_, shape)) in self.specs.iter().enumerate() {
@@ -215,7 +309,7 @@ impl<B: Backend> Trainer<B> {
     pub fn predict(&mut self, images: &[f32]) -> Result<Vec<f32>> {
         let b = self.batch_of(images, None)?;
         self.be.upload(images, &mut self.acts.images);
-        self.forward(b, &mut |_, _, _, _| {});
+        self.forward(b, false, &mut |_, _, _, _| {});
         let mut out = vec![0.0f32; b * self.dims.labels];
         self.be.download(&self.acts.logits, &mut out);
         self.be.check()?;
@@ -230,7 +324,7 @@ impl<B: Backend> Trainer<B> {
         self.be.upload(images, &mut self.acts.images);
         let dim = self.dims.dim;
         let mut states = Vec::new();
-        self.forward(b, &mut |be: &mut B, _l, x: &B::Buf, tokens| {
+        self.forward(b, false, &mut |be: &mut B, _l, x: &B::Buf, tokens| {
             let mut h = vec![0.0f32; b * tokens * dim];
             be.download(x, &mut h);
             states.push(h);
@@ -303,11 +397,37 @@ impl<B: Backend> Trainer<B> {
     /// Forward + loss + backward for one batch; leaves the gradients in `self.grads` and the
     /// loss in `acts.loss` (read by [`Self::read_loss`]). Nothing here
     /// waits for the device: its errors surface at the next check.
-    fn compute_grads(&mut self, images: &[f32], targets: &[f32]) -> Result<()> {
-        let b = self.batch_of(images, Some(targets))?;
-        self.be.upload(images, &mut self.acts.images);
+    fn compute_grads(&mut self, input: Input<'_>, targets: &[f32]) -> Result<()> {
+        let (b, patches) = match input {
+            Input::Images(images) => {
+                let b = self.batch_of(images, Some(targets))?;
+                self.be.upload(images, &mut self.acts.images);
+                (b, false)
+            }
+            Input::Staged(s) => {
+                let k = self.dims.labels;
+                ensure!(
+                    targets.len() == s.batch * k,
+                    "targets: got {} values for {} staged images, expected B*K = {}",
+                    targets.len(),
+                    s.batch,
+                    s.batch * k
+                );
+                let d = self.dims;
+                let shape = AugmentShape {
+                    batch: s.batch,
+                    size: d.image,
+                    layout: AugmentLayout::Patches { patch: d.patch },
+                    mean: s.mean,
+                    std: s.std,
+                };
+                let areas = self.staging.as_ref().context("no staging area")?;
+                self.be.augment(&areas[s.slot], &mut self.acts.patches, &shape);
+                (s.batch, true)
+            }
+        };
         self.be.upload(targets, &mut self.acts.targets);
-        self.forward(b, &mut |_, _, _, _| {});
+        self.forward(b, patches, &mut |_, _, _, _| {});
         self.loss(b);
         self.backward(b);
         Ok(())
@@ -349,10 +469,11 @@ fn check_params(specs: &[(String, Vec<usize>)], p: &Params) -> Result<()> {
 }
 
 impl<B: Backend> Trainer<B> {
-    /// Forward for `b` images already uploaded to `acts.images`; leaves logits in
-    /// `acts.logits`. `hook(backend, layer, output, tokens)` sees every block's output
-    /// (`[B, tokens, D]`: all N tokens, except the last block's P prompt rows).
-    fn forward(&mut self, b: usize, hook: &mut BlockHook<B>) {
+    /// Forward for `b` images already uploaded to `acts.images` (or, if `patches`, already in
+    /// `acts.patches` as patch rows); leaves logits in `acts.logits`. `hook(backend, layer,
+    /// output, tokens)` sees every block's output (`[B, tokens, D]`: all N tokens, except the
+    /// last block's P prompt rows).
+    fn forward(&mut self, b: usize, patches: bool, hook: &mut BlockHook<B>) {
         let d = self.dims;
         let Self {
             be,
@@ -365,7 +486,9 @@ impl<B: Backend> Trainer<B> {
         let theta = Trainable::name(params.iter(), d.method);
         let (tokens, block) = (d.token_shape(b), d.block_shape(b));
         // Patch embedding, then the tokens [CLS, prompts, patches] with position embeddings.
-        be.patchify(&a.images, &mut a.patches, &d.patch_shape(b));
+        if !patches {
+            be.patchify(&a.images, &mut a.patches, &d.patch_shape(b));
+        }
         let embed = linear(b * d.num_patches, d.patch_len, d.dim);
         be.linear_forward(&a.patches, &w.patch.w, Some(&w.patch.b), &mut a.patch_emb, &embed);
         be.embed_tokens(&a.patch_emb, &w.cls, &w.pos, &mut a.xs[0], &tokens);

@@ -17,10 +17,11 @@
 
 use crate::common_model::{images_targets, lively_backbone, tables};
 use half::bf16;
+use mlvpt::backend::cpu::HostStaging;
 use mlvpt::backend::{
-    AdamWConfig, AdapterParams, AdapterShape, AslConfig, AttnShape, Backend, BranchLogits, BranchParams, BufRole, CpuBackend, GateTables,
-    Grad, HeadInputs, LayerNormShape, LinearShape, MoeSaved, MoeShape, Norm, NormStats, PatchShape, Residual, Rows, TokenCopy, TokenShape,
-    VptHeadShape, VptParams,
+    AdamWConfig, AdapterParams, AdapterShape, AslConfig, AttnShape, AugmentShape, Backend, BranchLogits, BranchParams, BufRole, CpuBackend,
+    Crop, GateTables, Grad, HeadInputs, LayerNormShape, LinearShape, MoeSaved, MoeShape, Norm, NormStats, PatchShape, Residual, Rows,
+    TokenCopy, TokenShape, VptHeadShape, VptParams,
 };
 use mlvpt::model::{ModelConfig, Params};
 use mlvpt::train::Trainer;
@@ -78,6 +79,7 @@ impl Bf16Emu {
 impl Backend for Bf16Emu {
     type Buf = Buf;
     type Idx = Vec<u32>;
+    type Staging = HostStaging;
 
     fn name(&self) -> String {
         format!(
@@ -113,6 +115,16 @@ impl Backend for Bf16Emu {
     }
     fn upload_idx(&mut self, src: &[u32]) -> Vec<u32> {
         self.inner.upload_idx(src)
+    }
+    fn alloc_staging(&mut self) -> HostStaging {
+        self.inner.alloc_staging()
+    }
+    fn stage(&mut self, staging: &mut HostStaging, pixels: &[u8], crops: &[Crop]) {
+        self.inner.stage(staging, pixels, crops)
+    }
+    fn augment(&mut self, staging: &HostStaging, out: &mut Buf, shape: &AugmentShape) {
+        self.inner.augment(staging, &mut out.v, shape);
+        out.round();
     }
     fn fill(&mut self, buf: &mut Buf, len: usize, value: f64) {
         self.inner.fill(&mut buf.v, len, value);

@@ -76,17 +76,7 @@ impl AugmentShape {
         if crops.len() < self.batch {
             return Err(format!("{} crops for a batch of {}", crops.len(), self.batch));
         }
-        for (i, c) in crops[..self.batch].iter().enumerate() {
-            // In u128: 3 * width * height of two u32 can pass 2^64 and wrap to a small number.
-            let end = c.offset as u128 + 3 * c.width as u128 * c.height as u128;
-            if c.width == 0 || c.height == 0 || end > pixels_len as u128 || c.flip > 1 {
-                return Err(format!(
-                    "crop {i} ({}x{} at byte {}, flip {}) does not fit {pixels_len} bytes of pixels",
-                    c.width, c.height, c.offset, c.flip
-                ));
-            }
-        }
-        Ok(())
+        check_crops(&crops[..self.batch], pixels_len)
     }
 
     /// The part of [`check`](Self::check) that needs no crops: `size` non-zero, the patch size
@@ -106,6 +96,25 @@ impl AugmentShape {
         }
         Ok(())
     }
+}
+
+/// Checks a crop table against a pixel buffer of `pixels_len` bytes: each crop non-empty and
+/// inside the buffer, `flip` 0 or 1, and the buffer addressable by the table's u32 offsets.
+pub fn check_crops(crops: &[Crop], pixels_len: usize) -> Result<(), String> {
+    if u32::try_from(pixels_len).is_err() {
+        return Err(format!("{pixels_len} bytes of pixels: a batch holds at most 4 GiB"));
+    }
+    for (i, c) in crops.iter().enumerate() {
+        // In u128: 3 * width * height of two u32 can pass 2^64 and wrap to a small number.
+        let end = c.offset as u128 + 3 * c.width as u128 * c.height as u128;
+        if c.width == 0 || c.height == 0 || end > pixels_len as u128 || c.flip > 1 {
+            return Err(format!(
+                "crop {i} ({}x{} at byte {}, flip {}) does not fit {pixels_len} bytes of pixels",
+                c.width, c.height, c.offset, c.flip
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// The taps and weights of output sample `o` along an axis of `n` source samples resized to
