@@ -314,6 +314,18 @@ pub struct DevStaging {
     events: Option<(CudaEvent, CudaEvent)>,
 }
 
+impl Drop for DevStaging {
+    fn drop(&mut self) {
+        // The buffers are freed after the fields drop: no copy may still read the pinned
+        // memory, and no augment the device buffers (their stream-ordered free runs on the copy
+        // stream, which does not otherwise wait for the compute stream).
+        if let Some((copied, consumed)) = &self.events {
+            let _ = copied.synchronize();
+            let _ = consumed.synchronize();
+        }
+    }
+}
+
 impl std::fmt::Debug for DevStaging {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "DevStaging({} crops, {} pixel bytes)", self.staged.0, self.staged.1)
