@@ -689,6 +689,8 @@ fn run_on<B: Backend>(
                 let waiting = Instant::now();
                 match (&train_data, &stream) {
                     (TrainData::Stream(_), Some(rx)) => {
+                        // The last batch's images are done with: the loader writes a later batch into them.
+                        rx.recycle(std::mem::take(&mut images));
                         let got = rx.recv().context("the image loader thread stopped")?;
                         for (name, why) in got.skipped {
                             if reported.insert(name.clone()) {
