@@ -1,7 +1,8 @@
 //! Loader throughput at 224 px: a batch of 64 training images decoded from JPEG files
 //! (500x375, VOC-like; 640x480, COCO-like), augmented and normalized, versus read from a
-//! prepared cache. Prints the
-//! CPU model, its SIMD flags and the thread count first: images/s per core is criterion's rate
+//! prepared cache (into a fresh batch, and into a reused one as in training); and the host's
+//! share with `--augment-on device`, cutting the uint8 crops only. Prints the CPU
+//! model, its SIMD flags and the thread count first: images/s per core is criterion's rate
 //! over that count.
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
@@ -83,6 +84,24 @@ fn bench(c: &mut Criterion) {
         b.iter(|| assert_eq!(from_coco_files.batch(&idx, 0).n, N))
     });
     g.bench_function("cache_batch64", |b| b.iter(|| assert_eq!(from_cache.batch(&idx, 0).n, N)));
+    // As training runs it: each batch is written into the buffer of one handed back earlier
+    // (`EpochStream::recycle`), not into freshly allocated memory.
+    let mut spare = Vec::new();
+    g.bench_function("cache_batch64_reused_buffer", |b| {
+        b.iter(|| {
+            let batch = from_cache.batch_into(&idx, 0, std::mem::take(&mut spare));
+            assert_eq!(batch.n, N);
+            spare = batch.images;
+        })
+    });
+    // `--augment-on device`: the host only cuts each crop (the same draws) and packs its bytes;
+    // resize, flip and normalization happen on the backend.
+    g.bench_function("cache_crops_batch64", |b| {
+        b.iter(|| assert_eq!(from_cache.crop_batch(&idx, 0).n, N))
+    });
+    g.bench_function("jpeg_files_crops_batch64", |b| {
+        b.iter(|| assert_eq!(from_files.crop_batch(&idx, 0).n, N))
+    });
     g.finish();
 }
 

@@ -157,8 +157,9 @@ impl Cache {
         &self.record(i)[RECORD_HEAD..RECORD_HEAD + self.header.classes.len()]
     }
 
-    /// The image of record `i`, after checking its CRC.
-    pub fn rgb(&self, i: usize) -> anyhow::Result<RgbImage> {
+    /// The pixels of record `i` (`S x S` RGB8, rows packed), borrowed from the map after
+    /// checking its CRC.
+    pub fn pixels(&self, i: usize) -> anyhow::Result<&[u8]> {
         let r = self.record(i);
         ensure!(r[0] == STATE_IMAGE, "{}: record {i} holds no image", self.path.display());
         let crc = u32::from_le_bytes(r[4..8].try_into().unwrap());
@@ -167,9 +168,13 @@ impl Cache {
             "{}: record {i} is corrupt (CRC mismatch)",
             self.path.display()
         );
+        Ok(&r[RECORD_HEAD + self.header.classes.len()..])
+    }
+
+    /// The image of record `i`, after checking its CRC (a copy of [`Cache::pixels`]).
+    pub fn rgb(&self, i: usize) -> anyhow::Result<RgbImage> {
         let s = self.header.image_size as u32;
-        let px = r[RECORD_HEAD + self.header.classes.len()..].to_vec();
-        RgbImage::from_raw(s, s, px).context("record size")
+        RgbImage::from_raw(s, s, self.pixels(i)?.to_vec()).context("record size")
     }
 }
 

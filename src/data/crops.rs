@@ -7,11 +7,11 @@
 use std::sync::mpsc::{sync_channel, Receiver};
 use std::sync::Arc;
 
-use rand::{Rng, SeedableRng};
+use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 
-use super::augment::crop_box;
+use super::augment::{train_draw, TrainDraw};
 use super::derive_seed;
 use super::loader::TrainLoader;
 use crate::ops::augment::Crop;
@@ -36,16 +36,15 @@ impl TrainLoader {
         let cut: Vec<Result<(Vec<u8>, Crop), String>> = indices
             .par_iter()
             .map(|&i| {
-                let img = self.store.rgb(i)?;
+                let img = self.store.pixels(i)?;
                 let mut rng = ChaCha8Rng::seed_from_u64(derive_seed(epoch_seed, i as u64));
-                // The draws of `train_transform`, in its order: the box, then the flip.
-                let (x, y, w, h) = crop_box(&mut rng, img.width(), img.height());
-                let flip = rng.random_bool(0.5);
-                let row = 3 * img.width() as usize;
+                // The host loader's draws: the box, then the flip.
+                let TrainDraw { crop: (x, y, w, h), flip } = train_draw(&mut rng, img.width, img.height);
+                let row = 3 * img.width as usize;
                 let (x, y, w, h) = (x as usize, y as usize, w as usize, h as usize);
                 let mut px = Vec::with_capacity(3 * w * h);
                 for r in y..y + h {
-                    px.extend_from_slice(&img.as_raw()[r * row + 3 * x..r * row + 3 * (x + w)]);
+                    px.extend_from_slice(&img.data[r * row + 3 * x..r * row + 3 * (x + w)]);
                 }
                 let crop = Crop {
                     offset: 0,

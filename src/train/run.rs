@@ -16,7 +16,7 @@ use std::sync::mpsc::Receiver;
 use std::sync::Arc;
 
 use crate::data::crops::CropBatch;
-use crate::data::loader::{Batch, TestLoader, TrainLoader};
+use crate::data::loader::{EpochStream, TestLoader, TrainLoader};
 use crate::data::{self, derive_seed, DataConfig, Dataset};
 use crate::grouping::{self, Cooccurrence, GroupingConfig, GroupingMode};
 use crate::metrics::{self, Metrics};
@@ -725,6 +725,8 @@ fn run_on<B: Backend>(
                 let mut staged = None;
                 match (&train_data, &mut feed) {
                     (TrainData::Stream(_), Feed::Images(rx)) => {
+                        // The last batch's images are done with: the loader writes a later batch into them.
+                        rx.recycle(std::mem::take(&mut images));
                         let got = rx.recv().context("the image loader thread stopped")?;
                         report_skipped(got.skipped)?;
                         (images, targets, batch_n) = (got.images, got.targets, got.n);
@@ -863,7 +865,7 @@ enum Feed {
     /// Gathered from the split in memory.
     Memory,
     /// Augmented f32 images from the loader's thread.
-    Images(Receiver<Batch>),
+    Images(EpochStream),
     /// uint8 crops from the loader's thread, augmented on the backend; `next` is the batch
     /// staged one step ahead (with its targets), `norm` the images' (mean, std).
     Crops {
