@@ -30,7 +30,12 @@ fn cpu_description() -> String {
         .into_iter()
         .filter(|f| flags.split(' ').any(|x| x == *f))
         .collect();
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    // rayon's pool (the loader's) has RAYON_NUM_THREADS threads when it is set.
+    let threads = std::env::var("RAYON_NUM_THREADS")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .filter(|&n| n > 0)
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     format!(
         "{} ({}), {threads} threads",
         field("model name").unwrap_or_else(|| "unknown CPU".into()),
