@@ -756,7 +756,7 @@ unsafe fn gemm_common(
         if g.beta != 0.0 {
             add(at(c, stride_c, i, ct.size()), ec, ct.size(), Read);
         }
-        add(at(c, stride_c, i, ct.size()) as u64, ec, ct.size(), Write);
+        add(at(c, stride_c, i, ct.size()), ec, ct.size(), Write);
     }
     if crate::driver::stream_op(hs.stream, "cuBLAS GEMM", &uses).is_err() {
         return CUBLAS_STATUS_EXECUTION_FAILED;

@@ -7,11 +7,12 @@
 //! operation, event and synchronisation also goes through [`crate::streamcheck`], which models
 //! the order a GPU guarantees and reports device or pinned memory used by two operations it
 //! does not order (`========= vgpu streamcheck: ...`; the call fails with
-//! `CUDA_ERROR_LAUNCH_FAILED` and the context's error becomes sticky, as for racecheck). Device pointers are host addresses
-//! handed out by [`crate::mem`]. Handles (contexts, streams, events, modules, functions) are
-//! pointers to small boxed tags that this module owns; they are only ever looked up by address
-//! in the global state table, never dereferenced, so a stale or foreign handle is detected and
-//! answered with `CUDA_ERROR_INVALID_HANDLE` / `CUDA_ERROR_INVALID_CONTEXT`.
+//! `CUDA_ERROR_LAUNCH_FAILED` and the context's error becomes sticky, as for racecheck).
+//! Device pointers are host addresses handed out by [`crate::mem`]. Handles (contexts,
+//! streams, events, modules, functions) are pointers to small boxed tags that this module owns;
+//! they are only ever looked up by address in the global state table, never dereferenced, so a
+//! stale or foreign handle is detected and answered with `CUDA_ERROR_INVALID_HANDLE` /
+//! `CUDA_ERROR_INVALID_CONTEXT`.
 //!
 //! All state lives in one `Mutex<State>`; the lock is never held while a kernel or a host
 //! function runs. A launch fault that the interpreter reports as sticky breaks its context:
@@ -1102,7 +1103,10 @@ pub unsafe extern "C" fn cuMemGetAddressRange_v2(pbase: *mut CUdeviceptr, psize:
 fn host_alloc(pp: *mut *mut c_void, bytes: usize) -> CUresult {
     tri!(nonnull(pp));
     let mut st = state();
-    tri!(need_ctx(&st));
+    let c = tri!(need_ctx(&st));
+    // A page-locked allocation is one of the calls that synchronise the legacy streams: taken
+    // as synchronising the context, as cuMemAlloc is.
+    st.sc.ctx_sync(c);
     let Ok(layout) = std::alloc::Layout::from_size_align(bytes.max(1), 256) else {
         return CUDA_ERROR_INVALID_VALUE;
     };
