@@ -632,10 +632,18 @@ pub fn device_attribute(a: i32, dev: CUdevice) -> i32 {
         MAX_SHARED_MEMORY_PER_BLOCK_OPTIN => p.smem_per_block_optin as i32,
         MAX_BLOCKS_PER_MULTIPROCESSOR => 32,
         RESERVED_SHARED_MEMORY_PER_BLOCK => 1024,
-        // Stream-ordered pools are not modelled: cudarc then uses cuMemAlloc_v2 / cuMemFree_v2.
-        MEMORY_POOLS_SUPPORTED => 0,
+        // 0 by default: cudarc then uses cuMemAlloc_v2 / cuMemFree_v2. `VGPU_MEMORY_POOLS=1`
+        // answers 1, as a real H100 or A100 does, so that cudarc allocates and frees in stream
+        // order (cuMemAllocAsync / cuMemFreeAsync, no pools behind them) and streamcheck checks
+        // that order.
+        MEMORY_POOLS_SUPPORTED => memory_pools() as i32,
         _ => 0,
     }
+}
+
+/// `VGPU_MEMORY_POOLS=1`: report stream-ordered allocation support.
+fn memory_pools() -> bool {
+    std::env::var("VGPU_MEMORY_POOLS").is_ok_and(|v| v.trim() == "1")
 }
 
 #[no_mangle]

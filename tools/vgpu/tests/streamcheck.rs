@@ -172,6 +172,11 @@ impl Setup {
 /// In the parent: runs test `name` alone in a child and returns its stderr (the child must
 /// pass). In the child: None, and the caller runs the broken sequence.
 fn isolated(name: &str) -> Option<String> {
+    isolated_with(name, &[])
+}
+
+/// [`isolated`], with more environment for the child.
+fn isolated_with(name: &str, env: &[(&str, &str)]) -> Option<String> {
     if std::env::var_os("VGPU_STREAMCHECK_CHILD").is_some() {
         return None;
     }
@@ -179,6 +184,7 @@ fn isolated(name: &str) -> Option<String> {
     let out = std::process::Command::new(exe)
         .args(["--exact", name, "--test-threads=1", "--nocapture"])
         .env("VGPU_STREAMCHECK_CHILD", "1")
+        .envs(env.iter().copied())
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
@@ -468,6 +474,22 @@ fn d_fixed_free_and_alloc_in_stream_order() {
         ok(cuMemFreeAsync(other, s.a));
     }
     s.destroy();
+}
+
+/// `VGPU_MEMORY_POOLS=1` reports stream-ordered allocation, so that cudarc takes its
+/// cuMemAllocAsync / cuMemFreeAsync path (a real H100's) and streamcheck checks it.
+#[test]
+fn memory_pools_env_reports_stream_ordered_allocation() {
+    if isolated_with("memory_pools_env_reports_stream_ordered_allocation", &[("VGPU_MEMORY_POOLS", "1")]).is_some() {
+        return;
+    }
+    // SAFETY: valid out-pointer.
+    unsafe {
+        ok(cuInit(0));
+        let mut v = -1;
+        ok(cuDeviceGetAttribute(&mut v, attr::MEMORY_POOLS_SUPPORTED, 0));
+        assert_eq!(v, 1);
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
