@@ -2,7 +2,9 @@
 //! worker pool, with the sanitizer-style checks and the optional counters.
 //!
 //! API used by the driver (`crate::driver`): [`Program::load`], [`Program::kernel`],
-//! [`Kernel`]'s attributes, [`launch`] returning a [`Fault`] on any check failure.
+//! [`Kernel`]'s attributes, [`launch`] returning a [`Fault`] on any check failure, and
+//! [`launch_with_uses`], which also returns the allocations the launch read and wrote (the
+//! kernel's side of streamcheck, `crate::streamcheck`).
 
 use std::sync::Arc;
 
