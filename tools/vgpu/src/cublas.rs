@@ -17,7 +17,10 @@
 //! Every operand's accessed range must lie inside one live device allocation
 //! ([`crate::mem::find`]); otherwise the call reports on stderr and returns
 //! `CUBLAS_STATUS_EXECUTION_FAILED`. Work runs synchronously on the calling thread (split over
-//! two threads for products of at least 1e7 flops).
+//! two threads for products of at least 1e7 flops). streamcheck places each call on the
+//! handle's stream, reading A, B (and C when `beta != 0`, alpha and beta in device pointer
+//! mode) and writing C; a hazard is reported by the driver and fails the call with
+//! `CUBLAS_STATUS_EXECUTION_FAILED` before it runs.
 #![allow(non_snake_case, non_camel_case_types, clippy::missing_safety_doc, clippy::too_many_arguments)]
 
 use std::collections::HashMap;
@@ -700,6 +703,7 @@ unsafe fn gemm_common(
     if mu == 0 || nu == 0 || batch == 0 {
         return CUBLAS_STATUS_SUCCESS;
     }
+    let (alpha_ptr, beta_ptr) = (alpha, beta);
     // SAFETY: per this function's contract.
     let alpha = tri!(unsafe { scalar(alpha, hs.pointer_mode, "alpha") });
     // SAFETY: per this function's contract.
@@ -731,6 +735,31 @@ unsafe fn gemm_common(
         tri!(check_range("A", at(a, stride_a, i, ab.size()), ea, ab.size()));
         tri!(check_range("B", at(b, stride_b, i, ab.size()), eb, ab.size()));
         tri!(check_range("C", at(c, stride_c, i, ct.size()), ec, ct.size()));
+    }
+    // streamcheck: the allocations read and written, on the handle's stream.
+    let mut uses = Vec::new();
+    let mut add = |base: u64, elems: usize, size: usize, kind: crate::streamcheck::Kind| {
+        if elems > 0 {
+            if let Some(a) = crate::mem::find(base, (elems * size) as u64) {
+                uses.push(crate::streamcheck::Use::of(&a, kind));
+            }
+        }
+    };
+    use crate::streamcheck::Kind::{Read, Write};
+    if hs.pointer_mode == CUBLAS_POINTER_MODE_DEVICE {
+        add(alpha_ptr as u64, 1, 4, Read);
+        add(beta_ptr as u64, 1, 4, Read);
+    }
+    for i in 0..batch as i64 {
+        add(at(a, stride_a, i, ab.size()), ea, ab.size(), Read);
+        add(at(b, stride_b, i, ab.size()), eb, ab.size(), Read);
+        if g.beta != 0.0 {
+            add(at(c, stride_c, i, ct.size()), ec, ct.size(), Read);
+        }
+        add(at(c, stride_c, i, ct.size()), ec, ct.size(), Write);
+    }
+    if crate::driver::stream_op(hs.stream, "cuBLAS GEMM", &uses).is_err() {
+        return CUBLAS_STATUS_EXECUTION_FAILED;
     }
     for i in 0..batch as i64 {
         // SAFETY: each operand's extent was checked inside a live allocation above.

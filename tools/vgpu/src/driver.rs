@@ -1,13 +1,18 @@
 //! The CUDA driver API, as the `cu*` symbols cudarc 0.19 loads (dynamic loading) from
 //! `libcuda.so`.
 //!
-//! Model: every stream operation runs synchronously at call time, in call order, so streams,
-//! events and waits are trivially ordered; `cuEventElapsedTime` reports host-clock time between
-//! the two records, which means nothing for performance. Device pointers are host addresses
-//! handed out by [`crate::mem`]. Handles (contexts, streams, events, modules, functions) are
-//! pointers to small boxed tags that this module owns; they are only ever looked up by address
-//! in the global state table, never dereferenced, so a stale or foreign handle is detected and
-//! answered with `CUDA_ERROR_INVALID_HANDLE` / `CUDA_ERROR_INVALID_CONTEXT`.
+//! Model: every stream operation runs synchronously at call time, in call order;
+//! `cuEventElapsedTime` reports host-clock time between the two records, which means nothing
+//! for performance. Since that hides a program's missing cross-stream ordering, every stream
+//! operation, event and synchronisation also goes through [`crate::streamcheck`], which models
+//! the order a GPU guarantees and reports device or pinned memory used by two operations it
+//! does not order (`========= vgpu streamcheck: ...`; the call fails with
+//! `CUDA_ERROR_LAUNCH_FAILED` and the context's error becomes sticky, as for racecheck).
+//! Device pointers are host addresses handed out by [`crate::mem`]. Handles (contexts,
+//! streams, events, modules, functions) are pointers to small boxed tags that this module owns;
+//! they are only ever looked up by address in the global state table, never dereferenced, so a
+//! stale or foreign handle is detected and answered with `CUDA_ERROR_INVALID_HANDLE` /
+//! `CUDA_ERROR_INVALID_CONTEXT`.
 //!
 //! All state lives in one `Mutex<State>`; the lock is never held while a kernel or a host
 //! function runs. A launch fault that the interpreter reports as sticky breaks its context:
@@ -23,6 +28,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
 use crate::exec::{Kernel, LaunchConfig, Program};
+use crate::streamcheck::{At, Finding, Kind, Use};
 
 pub type CUresult = i32;
 pub type CUdevice = i32;
@@ -196,6 +202,8 @@ struct State {
     funcs: HashMap<usize, FuncState>,
     /// Pinned host allocations: address -> size.
     host: HashMap<usize, usize>,
+    /// streamcheck's happens-before model.
+    sc: crate::streamcheck::Model,
 }
 
 static INITIALIZED: AtomicBool = AtomicBool::new(false);
@@ -292,6 +300,44 @@ fn stream_ctx(st: &State, s: CUstream) -> Result<usize, CUresult> {
     Ok(ss.ctx)
 }
 
+/// Where streamcheck places work enqueued on stream handle `s`: the null, `CU_STREAM_LEGACY`
+/// (1) and `CU_STREAM_PER_THREAD` (2) handles are all taken as the legacy stream, which
+/// synchronises the context (conservative for the per-thread stream, which does not).
+fn at_of(s: CUstream) -> At {
+    if (s as usize) <= 2 {
+        At::Legacy
+    } else {
+        At::Stream(s as usize)
+    }
+}
+
+/// Reports a streamcheck finding and breaks context `ctx` with CUDA_ERROR_LAUNCH_FAILED, as a
+/// racecheck finding does: the error is sticky, so a program (or a Drop) that ignores this
+/// call's result still fails at its next call or synchronisation.
+fn stream_fault(st: &mut State, ctx: usize, f: Finding) -> CUresult {
+    eprint!("{}", f.report());
+    if let Some(cs) = st.ctxs.get_mut(&ctx) {
+        if cs.broken == 0 {
+            cs.broken = CUDA_ERROR_LAUNCH_FAILED;
+        }
+    }
+    CUDA_ERROR_LAUNCH_FAILED
+}
+
+/// streamcheck for work outside this module (cuBLAS on its handle's stream `s`): Err with the
+/// error to return when it finds a hazard (already reported, the context broken). Work with no
+/// usable context (a foreign stream handle, cuBLAS called without the driver) is not tracked.
+pub(crate) fn stream_op(s: usize, what: &str, uses: &[Use]) -> Result<(), CUresult> {
+    let mut st = state();
+    let Ok(ctx) = stream_ctx(&st, s as CUstream) else {
+        return Ok(());
+    };
+    match st.sc.access(ctx, at_of(s as CUstream), what, uses) {
+        Ok(_) => Ok(()),
+        Err(f) => Err(stream_fault(&mut st, ctx, f)),
+    }
+}
+
 /// Destroys every object of context `c` and frees its allocations (destroy / reset).
 fn teardown(st: &mut State, c: usize) {
     // VGPU_COUNTERS=summary: the per-kernel totals, once the work of a context is over.
@@ -304,17 +350,21 @@ fn teardown(st: &mut State, c: usize) {
     let events: Vec<usize> = st.events.iter().filter(|(_, s)| s.ctx == c).map(|(h, _)| *h).collect();
     for h in events {
         st.events.remove(&h);
+        st.sc.event_destroyed(h);
         drop_handle(h);
     }
+    st.sc.ctx_destroyed(c);
     let mods: Vec<usize> = st.modules.iter().filter(|(_, s)| s.ctx == c).map(|(h, _)| *h).collect();
     for h in mods {
         unload(st, h);
     }
     if let Some(cs) = st.ctxs.get_mut(&c) {
-        for a in cs.allocs.drain() {
-            crate::mem::free(a);
-        }
+        let allocs: Vec<u64> = cs.allocs.drain().collect();
         cs.broken = 0;
+        for a in allocs {
+            crate::mem::free(a);
+            st.sc.forget(a);
+        }
     }
 }
 
@@ -582,10 +632,18 @@ pub fn device_attribute(a: i32, dev: CUdevice) -> i32 {
         MAX_SHARED_MEMORY_PER_BLOCK_OPTIN => p.smem_per_block_optin as i32,
         MAX_BLOCKS_PER_MULTIPROCESSOR => 32,
         RESERVED_SHARED_MEMORY_PER_BLOCK => 1024,
-        // Stream-ordered pools are not modelled: cudarc then uses cuMemAlloc_v2 / cuMemFree_v2.
-        MEMORY_POOLS_SUPPORTED => 0,
+        // 0 by default: cudarc then uses cuMemAlloc_v2 / cuMemFree_v2. `VGPU_MEMORY_POOLS=1`
+        // answers 1, as a real H100 or A100 does, so that cudarc allocates and frees in stream
+        // order (cuMemAllocAsync / cuMemFreeAsync, no pools behind them) and streamcheck checks
+        // that order.
+        MEMORY_POOLS_SUPPORTED => memory_pools() as i32,
         _ => 0,
     }
+}
+
+/// `VGPU_MEMORY_POOLS=1`: report stream-ordered allocation support.
+fn memory_pools() -> bool {
+    std::env::var("VGPU_MEMORY_POOLS").is_ok_and(|v| v.trim() == "1")
 }
 
 #[no_mangle]
@@ -825,8 +883,9 @@ pub unsafe extern "C" fn cuCtxGetDevice(device: *mut CUdevice) -> CUresult {
 
 #[no_mangle]
 pub unsafe extern "C" fn cuCtxSynchronize() -> CUresult {
-    let st = state();
-    tri!(need_ctx(&st));
+    let mut st = state();
+    let c = tri!(need_ctx(&st));
+    st.sc.ctx_sync(c);
     CUDA_SUCCESS
 }
 
@@ -947,6 +1006,18 @@ fn mem_alloc(dptr: *mut CUdeviceptr, bytes: usize, stream: Option<CUstream>) -> 
         return CUDA_ERROR_OUT_OF_MEMORY;
     };
     cs.allocs.insert(a);
+    match stream {
+        // Usable in stream order from here: an access from another stream must be ordered
+        // after the allocation, as after a write.
+        Some(s) => {
+            let alloc = crate::mem::find(a, 0).expect("just allocated");
+            if let Err(f) = st.sc.access(c, at_of(s), "cuMemAllocAsync", &[Use::of(&alloc, Kind::Alloc)]) {
+                return stream_fault(&mut st, c, f);
+            }
+        }
+        // Taken as synchronising the context (see `crate::streamcheck`).
+        None => st.sc.ctx_sync(c),
+    }
     // SAFETY: checked non-null.
     unsafe { *dptr = a };
     CUDA_SUCCESS
@@ -954,7 +1025,7 @@ fn mem_alloc(dptr: *mut CUdeviceptr, bytes: usize, stream: Option<CUstream>) -> 
 
 fn mem_free(dptr: CUdeviceptr, stream: Option<CUstream>) -> CUresult {
     let mut st = state();
-    match stream {
+    let c = match stream {
         Some(s) => tri!(stream_ctx(&st, s)),
         None => tri!(need_ctx(&st)),
     };
@@ -962,6 +1033,17 @@ fn mem_free(dptr: CUdeviceptr, stream: Option<CUstream>) -> CUresult {
         // cuMemFree(0) is an error; cuMemFreeAsync of a zero-byte allocation's null is fine.
         return if stream.is_some() { CUDA_SUCCESS } else { CUDA_ERROR_INVALID_VALUE };
     }
+    match (stream, crate::mem::find(dptr, 0).filter(|a| a.base == dptr)) {
+        // The free must come after every earlier access (refused, memory kept, if not).
+        (Some(s), Some(alloc)) => {
+            if let Err(f) = st.sc.access(c, at_of(s), "cuMemFreeAsync", &[Use::of(&alloc, Kind::Free)]) {
+                return stream_fault(&mut st, c, f);
+            }
+        }
+        (None, _) => st.sc.ctx_sync(c),
+        (Some(_), None) => {}
+    }
+    st.sc.forget(dptr);
     if !crate::mem::free(dptr) {
         eprintln!("vgpu: cuMemFree of {dptr:#x}, which is not the start of a live allocation");
         return CUDA_ERROR_INVALID_VALUE;
@@ -1029,7 +1111,10 @@ pub unsafe extern "C" fn cuMemGetAddressRange_v2(pbase: *mut CUdeviceptr, psize:
 fn host_alloc(pp: *mut *mut c_void, bytes: usize) -> CUresult {
     tri!(nonnull(pp));
     let mut st = state();
-    tri!(need_ctx(&st));
+    let c = tri!(need_ctx(&st));
+    // A page-locked allocation is one of the calls that synchronise the legacy streams: taken
+    // as synchronising the context, as cuMemAlloc is.
+    st.sc.ctx_sync(c);
     let Ok(layout) = std::alloc::Layout::from_size_align(bytes.max(1), 256) else {
         return CUDA_ERROR_INVALID_VALUE;
     };
@@ -1039,6 +1124,7 @@ fn host_alloc(pp: *mut *mut c_void, bytes: usize) -> CUresult {
         return CUDA_ERROR_OUT_OF_MEMORY;
     }
     st.host.insert(p as usize, bytes.max(1));
+    st.sc.pinned_alloc(p as u64, bytes.max(1) as u64);
     // SAFETY: checked non-null.
     unsafe { *pp = p as *mut c_void };
     CUDA_SUCCESS
@@ -1057,14 +1143,23 @@ pub unsafe extern "C" fn cuMemAllocHost_v2(pp: *mut *mut c_void, bytes: usize) -
 #[no_mangle]
 pub unsafe extern "C" fn cuMemFreeHost(p: *mut c_void) -> CUresult {
     let mut st = state();
-    tri!(need_ctx(&st));
+    let c = tri!(need_ctx(&st));
+    if !st.host.contains_key(&(p as usize)) {
+        return CUDA_ERROR_INVALID_VALUE;
+    }
+    // An async copy from (or to) it that the host never waited for, whose bytes the host
+    // changed: reported, and the memory freed all the same (nobody would free it later).
+    let checked = st.sc.pinned_free(p as u64);
     let Some(size) = st.host.remove(&(p as usize)) else {
         return CUDA_ERROR_INVALID_VALUE;
     };
     let layout = std::alloc::Layout::from_size_align(size, 256).expect("layout");
     // SAFETY: allocated by host_alloc with this layout and removed from the table once.
     unsafe { std::alloc::dealloc(p as *mut u8, layout) };
-    CUDA_SUCCESS
+    match checked {
+        Ok(()) => CUDA_SUCCESS,
+        Err(f) => stream_fault(&mut st, c, f),
+    }
 }
 
 #[no_mangle]
@@ -1081,20 +1176,21 @@ pub unsafe extern "C" fn cuMemHostGetDevicePointer_v2(pdptr: *mut CUdeviceptr, p
 }
 
 /// Host-to-device / device-to-host / device-to-device copies, all validated and synchronous.
+#[derive(Clone, Copy, PartialEq, Eq)]
 enum Dir {
     HtoD,
     DtoH,
     DtoD,
 }
 
-fn memcpy(dst: u64, src: u64, bytes: usize, dir: Dir, stream: Option<CUstream>) -> CUresult {
-    {
-        let st = state();
-        match stream {
-            Some(s) => tri!(stream_ctx(&st, s)),
-            None => tri!(need_ctx(&st)),
-        };
-    }
+/// A copy named `what` (the API call, for streamcheck's reports); `stream` None for the
+/// synchronous forms.
+fn memcpy(dst: u64, src: u64, bytes: usize, dir: Dir, stream: Option<CUstream>, what: &str) -> CUresult {
+    let mut st = state();
+    let ctx = match stream {
+        Some(s) => tri!(stream_ctx(&st, s)),
+        None => tri!(need_ctx(&st)),
+    };
     if bytes == 0 {
         return CUDA_SUCCESS;
     }
@@ -1112,56 +1208,87 @@ fn memcpy(dst: u64, src: u64, bytes: usize, dir: Dir, stream: Option<CUstream>) 
             tri!(check_dev_range(dst, bytes));
         }
     }
+    // streamcheck: the device side reads its source and writes its destination; a pinned host
+    // side is checked for host writes behind an unfinished copy, then remembered.
+    let find = |a: u64| crate::mem::find(a, bytes as u64).expect("checked live");
+    let uses: Vec<Use> = match dir {
+        Dir::HtoD => vec![Use::of(&find(dst), Kind::Write)],
+        Dir::DtoH => vec![Use::of(&find(src), Kind::Read)],
+        Dir::DtoD => vec![Use::of(&find(src), Kind::Read), Use::of(&find(dst), Kind::Write)],
+    };
+    let at = stream.map_or(At::Legacy, at_of);
+    let host = match dir {
+        Dir::HtoD => Some(src),
+        Dir::DtoH => Some(dst),
+        Dir::DtoD => None,
+    };
+    let pinned = host.filter(|&h| stream.is_some() && st.sc.is_pinned(h));
+    if let Some(h) = pinned {
+        if let Err(f) = st.sc.pinned_check(h, bytes as u64, what) {
+            return stream_fault(&mut st, ctx, f);
+        }
+    }
+    let stamp = match st.sc.access(ctx, at, what, &uses) {
+        Ok(stamp) => stamp,
+        Err(f) => return stream_fault(&mut st, ctx, f),
+    };
     // SAFETY: device ranges were checked live; host pointers are the caller's `bytes`-long
     // buffers per the CUDA contract. `copy` tolerates overlap (device-to-device in place).
     unsafe { std::ptr::copy(src as *const u8, dst as *mut u8, bytes) };
+    match pinned {
+        Some(h) => st.sc.pinned_record(h, bytes as u64, stamp, what, dir == Dir::DtoH),
+        // A copy into pageable memory returns only once it is done (an async one from pageable
+        // memory is staged at the call, so the host may reuse its source at once).
+        None if dir == Dir::DtoH => st.sc.stream_sync(ctx, at),
+        None => {}
+    }
     CUDA_SUCCESS
 }
 
 #[no_mangle]
 pub unsafe extern "C" fn cuMemcpyHtoD_v2(dst: CUdeviceptr, src: *const c_void, bytes: usize) -> CUresult {
-    memcpy(dst, src as u64, bytes, Dir::HtoD, None)
+    memcpy(dst, src as u64, bytes, Dir::HtoD, None, "cuMemcpyHtoD")
 }
 
 #[no_mangle]
 pub unsafe extern "C" fn cuMemcpyDtoH_v2(dst: *mut c_void, src: CUdeviceptr, bytes: usize) -> CUresult {
-    memcpy(dst as u64, src, bytes, Dir::DtoH, None)
+    memcpy(dst as u64, src, bytes, Dir::DtoH, None, "cuMemcpyDtoH")
 }
 
 #[no_mangle]
 pub unsafe extern "C" fn cuMemcpyDtoD_v2(dst: CUdeviceptr, src: CUdeviceptr, bytes: usize) -> CUresult {
-    memcpy(dst, src, bytes, Dir::DtoD, None)
+    memcpy(dst, src, bytes, Dir::DtoD, None, "cuMemcpyDtoD")
 }
 
 #[no_mangle]
 pub unsafe extern "C" fn cuMemcpyHtoDAsync_v2(dst: CUdeviceptr, src: *const c_void, bytes: usize, s: CUstream) -> CUresult {
-    memcpy(dst, src as u64, bytes, Dir::HtoD, Some(s))
+    memcpy(dst, src as u64, bytes, Dir::HtoD, Some(s), "cuMemcpyHtoDAsync")
 }
 
 #[no_mangle]
 pub unsafe extern "C" fn cuMemcpyDtoHAsync_v2(dst: *mut c_void, src: CUdeviceptr, bytes: usize, s: CUstream) -> CUresult {
-    memcpy(dst as u64, src, bytes, Dir::DtoH, Some(s))
+    memcpy(dst as u64, src, bytes, Dir::DtoH, Some(s), "cuMemcpyDtoHAsync")
 }
 
 #[no_mangle]
 pub unsafe extern "C" fn cuMemcpyDtoDAsync_v2(dst: CUdeviceptr, src: CUdeviceptr, bytes: usize, s: CUstream) -> CUresult {
-    memcpy(dst, src, bytes, Dir::DtoD, Some(s))
+    memcpy(dst, src, bytes, Dir::DtoD, Some(s), "cuMemcpyDtoDAsync")
 }
 
 /// Unified addressing: a copy between any two live device ranges.
 #[no_mangle]
 pub unsafe extern "C" fn cuMemcpy(dst: CUdeviceptr, src: CUdeviceptr, bytes: usize) -> CUresult {
-    memcpy(dst, src, bytes, Dir::DtoD, None)
+    memcpy(dst, src, bytes, Dir::DtoD, None, "cuMemcpy")
 }
 
 #[no_mangle]
 pub unsafe extern "C" fn cuMemcpyAsync(dst: CUdeviceptr, src: CUdeviceptr, bytes: usize, s: CUstream) -> CUresult {
-    memcpy(dst, src, bytes, Dir::DtoD, Some(s))
+    memcpy(dst, src, bytes, Dir::DtoD, Some(s), "cuMemcpyAsync")
 }
 
 #[no_mangle]
 pub unsafe extern "C" fn cuMemcpyPeer(dst: CUdeviceptr, _dc: CUcontext, src: CUdeviceptr, _sc: CUcontext, bytes: usize) -> CUresult {
-    memcpy(dst, src, bytes, Dir::DtoD, None)
+    memcpy(dst, src, bytes, Dir::DtoD, None, "cuMemcpyPeer")
 }
 
 #[no_mangle]
@@ -1173,17 +1300,15 @@ pub unsafe extern "C" fn cuMemcpyPeerAsync(
     bytes: usize,
     s: CUstream,
 ) -> CUresult {
-    memcpy(dst, src, bytes, Dir::DtoD, Some(s))
+    memcpy(dst, src, bytes, Dir::DtoD, Some(s), "cuMemcpyPeerAsync")
 }
 
-fn memset(dst: u64, value: u32, elem: usize, n: usize, stream: Option<CUstream>) -> CUresult {
-    {
-        let st = state();
-        match stream {
-            Some(s) => tri!(stream_ctx(&st, s)),
-            None => tri!(need_ctx(&st)),
-        };
-    }
+fn memset(dst: u64, value: u32, elem: usize, n: usize, stream: Option<CUstream>, what: &str) -> CUresult {
+    let mut st = state();
+    let ctx = match stream {
+        Some(s) => tri!(stream_ctx(&st, s)),
+        None => tri!(need_ctx(&st)),
+    };
     let Some(bytes) = n.checked_mul(elem) else {
         return CUDA_ERROR_INVALID_VALUE;
     };
@@ -1194,6 +1319,13 @@ fn memset(dst: u64, value: u32, elem: usize, n: usize, stream: Option<CUstream>)
         return CUDA_ERROR_INVALID_VALUE;
     }
     tri!(check_dev_range(dst, bytes));
+    let alloc = crate::mem::find(dst, bytes as u64).expect("checked live");
+    if let Err(f) = st
+        .sc
+        .access(ctx, stream.map_or(At::Legacy, at_of), what, &[Use::of(&alloc, Kind::Write)])
+    {
+        return stream_fault(&mut st, ctx, f);
+    }
     // SAFETY: the range is inside a live allocation, aligned to `elem`.
     unsafe {
         match elem {
@@ -1207,36 +1339,37 @@ fn memset(dst: u64, value: u32, elem: usize, n: usize, stream: Option<CUstream>)
 
 #[no_mangle]
 pub unsafe extern "C" fn cuMemsetD8_v2(dst: CUdeviceptr, uc: u8, n: usize) -> CUresult {
-    memset(dst, uc as u32, 1, n, None)
+    memset(dst, uc as u32, 1, n, None, "cuMemsetD8")
 }
 
 #[no_mangle]
 pub unsafe extern "C" fn cuMemsetD16_v2(dst: CUdeviceptr, us: u16, n: usize) -> CUresult {
-    memset(dst, us as u32, 2, n, None)
+    memset(dst, us as u32, 2, n, None, "cuMemsetD16")
 }
 
 #[no_mangle]
 pub unsafe extern "C" fn cuMemsetD32_v2(dst: CUdeviceptr, ui: c_uint, n: usize) -> CUresult {
-    memset(dst, ui, 4, n, None)
+    memset(dst, ui, 4, n, None, "cuMemsetD32")
 }
 
 #[no_mangle]
 pub unsafe extern "C" fn cuMemsetD8Async(dst: CUdeviceptr, uc: u8, n: usize, s: CUstream) -> CUresult {
-    memset(dst, uc as u32, 1, n, Some(s))
+    memset(dst, uc as u32, 1, n, Some(s), "cuMemsetD8Async")
 }
 
 #[no_mangle]
 pub unsafe extern "C" fn cuMemsetD16Async(dst: CUdeviceptr, us: u16, n: usize, s: CUstream) -> CUresult {
-    memset(dst, us as u32, 2, n, Some(s))
+    memset(dst, us as u32, 2, n, Some(s), "cuMemsetD16Async")
 }
 
 #[no_mangle]
 pub unsafe extern "C" fn cuMemsetD32Async(dst: CUdeviceptr, ui: c_uint, n: usize, s: CUstream) -> CUresult {
-    memset(dst, ui, 4, n, Some(s))
+    memset(dst, ui, 4, n, Some(s), "cuMemsetD32Async")
 }
 
 // ---------------------------------------------------------------------------------------------
-// Streams and events (everything already ran when the call returned)
+// Streams and events (everything already ran when the call returned; streamcheck models the
+// order a GPU would guarantee)
 // ---------------------------------------------------------------------------------------------
 
 fn stream_create(ph: *mut CUstream) -> CUresult {
@@ -1245,6 +1378,7 @@ fn stream_create(ph: *mut CUstream) -> CUresult {
     let c = tri!(need_ctx(&st));
     let h = new_handle();
     st.streams.insert(h, StreamState { ctx: c });
+    st.sc.stream_created(h, c);
     // SAFETY: checked non-null.
     unsafe { *ph = h as CUstream };
     CUDA_SUCCESS
@@ -1268,6 +1402,7 @@ pub unsafe extern "C" fn cuStreamDestroy_v2(s: CUstream) -> CUresult {
     if st.streams.remove(&h).is_none() {
         return CUDA_ERROR_INVALID_HANDLE;
     }
+    st.sc.stream_destroyed(h);
     drop_handle(h);
     CUDA_SUCCESS
 }
@@ -1280,25 +1415,29 @@ pub unsafe extern "C" fn cuStreamDestroy(s: CUstream) -> CUresult {
 
 #[no_mangle]
 pub unsafe extern "C" fn cuStreamSynchronize(s: CUstream) -> CUresult {
-    let st = state();
-    tri!(stream_ctx(&st, s));
+    let mut st = state();
+    let c = tri!(stream_ctx(&st, s));
+    st.sc.stream_sync(c, at_of(s));
     CUDA_SUCCESS
 }
 
+/// Always done (CUDA_SUCCESS), so the host has seen the stream's work, as after a sync.
 #[no_mangle]
 pub unsafe extern "C" fn cuStreamQuery(s: CUstream) -> CUresult {
-    let st = state();
-    tri!(stream_ctx(&st, s));
+    let mut st = state();
+    let c = tri!(stream_ctx(&st, s));
+    st.sc.stream_sync(c, at_of(s));
     CUDA_SUCCESS
 }
 
 #[no_mangle]
 pub unsafe extern "C" fn cuStreamWaitEvent(s: CUstream, e: CUevent, _flags: c_uint) -> CUresult {
-    let st = state();
-    tri!(stream_ctx(&st, s));
+    let mut st = state();
+    let c = tri!(stream_ctx(&st, s));
     if !st.events.contains_key(&(e as usize)) {
         return CUDA_ERROR_INVALID_HANDLE;
     }
+    st.sc.stream_wait(c, at_of(s), e as usize);
     CUDA_SUCCESS
 }
 
@@ -1375,6 +1514,7 @@ pub unsafe extern "C" fn cuEventDestroy_v2(e: CUevent) -> CUresult {
     if st.events.remove(&h).is_none() {
         return CUDA_ERROR_INVALID_HANDLE;
     }
+    st.sc.event_destroyed(h);
     drop_handle(h);
     CUDA_SUCCESS
 }
@@ -1396,6 +1536,7 @@ pub unsafe extern "C" fn cuEventRecord(e: CUevent, s: CUstream) -> CUresult {
         return CUDA_ERROR_INVALID_HANDLE;
     }
     ev.recorded = Some(Instant::now());
+    st.sc.event_record(e as usize, c, at_of(s));
     CUDA_SUCCESS
 }
 
@@ -1405,13 +1546,16 @@ pub unsafe extern "C" fn cuEventRecordWithFlags(e: CUevent, s: CUstream, _flags:
     unsafe { cuEventRecord(e, s) }
 }
 
+/// cuEventSynchronize and cuEventQuery (always done): the host has seen what the event
+/// recorded.
 fn event_check(e: CUevent) -> CUresult {
     tri!(check_init());
-    let st = state();
+    let mut st = state();
     let Some(ev) = st.events.get(&(e as usize)) else {
         return CUDA_ERROR_INVALID_HANDLE;
     };
     tri!(ctx_ok(&st, ev.ctx));
+    st.sc.event_sync(e as usize);
     CUDA_SUCCESS
 }
 
@@ -1779,7 +1923,7 @@ pub unsafe extern "C" fn cuLaunchKernel(
                     let kernel = fs.kernel.clone();
                     drop(st);
                     // SAFETY: one pointer per parameter into `buf`, whose size matched the entry's.
-                    finish_launch(ctx, guarded_launch(&kernel, &cfg, ptrs.as_ptr()))
+                    finish_launch(ctx, s, &kernel, guarded_launch(&kernel, &cfg, ptrs.as_ptr()))
                 }
                 Err(msg) => {
                     eprintln!("========= vgpu launch check: {msg}\n=========     kernel {}", fs.kernel.name);
@@ -1801,34 +1945,54 @@ pub unsafe extern "C" fn cuLaunchKernel(
     };
     // SAFETY: `params` holds one pointer per parameter per the CUDA contract (checked non-null
     // when the kernel has parameters). The state lock is not held while the kernel runs.
-    finish_launch(ctx, guarded_launch(&kernel, &cfg, params as *const *const c_void))
+    finish_launch(ctx, s, &kernel, guarded_launch(&kernel, &cfg, params as *const *const c_void))
 }
+
+/// What a launch returned, and the allocations it read and wrote.
+type Launched = (Result<(), crate::exec::Fault>, Vec<crate::exec::GlobalUse>);
 
 /// Runs a launch; a panic inside the interpreter (a bug of the device, not of the kernel) becomes
 /// a failed launch with its message instead of unwinding into the caller's C frames.
-fn guarded_launch(kernel: &crate::exec::Kernel, cfg: &LaunchConfig, params: *const *const c_void) -> Result<(), crate::exec::Fault> {
+fn guarded_launch(kernel: &crate::exec::Kernel, cfg: &LaunchConfig, params: *const *const c_void) -> Launched {
     // SAFETY: `params` follows the CUDA contract, checked by the callers as far as they can.
-    let run = std::panic::AssertUnwindSafe(|| unsafe { crate::exec::launch(kernel, cfg, params) });
+    let run = std::panic::AssertUnwindSafe(|| unsafe { crate::exec::launch_with_uses(kernel, cfg, params) });
     std::panic::catch_unwind(run).unwrap_or_else(|payload| {
         let msg = payload
             .downcast_ref::<String>()
             .cloned()
             .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
             .unwrap_or_default();
-        Err(crate::exec::Fault {
+        let fault = crate::exec::Fault {
             kind: crate::exec::FaultKind::LaunchFailed,
             report: format!(
                 "========= vgpu internal error: the interpreter panicked ({msg})\n=========     kernel {}\n",
                 kernel.name
             ),
-        })
+        };
+        (Err(fault), Vec::new())
     })
 }
 
-/// The launch's result as a CUresult; a sticky fault breaks the context, as on a GPU.
-fn finish_launch(ctx: usize, r: Result<(), crate::exec::Fault>) -> CUresult {
+/// The launch's result as a CUresult; a sticky fault breaks the context, as on a GPU. A launch
+/// that ran is then placed on stream `s` by streamcheck with the allocations it read and wrote.
+fn finish_launch(ctx: usize, s: CUstream, kernel: &Kernel, (r, used): Launched) -> CUresult {
     match r {
-        Ok(()) => CUDA_SUCCESS,
+        Ok(()) => {
+            let mut uses = Vec::with_capacity(used.len() * 2);
+            for u in &used {
+                if u.read {
+                    uses.push(Use::of(&u.alloc, Kind::Read));
+                }
+                if u.write {
+                    uses.push(Use::of(&u.alloc, Kind::Write));
+                }
+            }
+            let mut st = state();
+            match st.sc.access(ctx, at_of(s), &format!("kernel {}", kernel.name), &uses) {
+                Ok(_) => CUDA_SUCCESS,
+                Err(f) => stream_fault(&mut st, ctx, f),
+            }
+        }
         Err(fault) => {
             eprintln!("{}", fault.report);
             let code = fault.kind.cu_result();

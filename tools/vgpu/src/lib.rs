@@ -1,7 +1,10 @@
 //! A virtual CUDA device: the CUDA driver API and the cuBLAS calls mlvpt makes, implemented on
 //! the CPU. Kernels run by interpreting the PTX that nvcc emitted, under checks modelled on
-//! compute-sanitizer (memcheck, racecheck, initcheck, synccheck) and launch checks. It proves
-//! behaviour, never speed: nothing it runs is a GPU performance figure.
+//! compute-sanitizer (memcheck, racecheck, initcheck, synccheck) and launch checks. Streams run
+//! synchronously, but [`streamcheck`] models what a GPU could run concurrently (vector clocks
+//! over streams, events and host synchronisation) and reports device or pinned memory used
+//! across streams without an ordering. It proves behaviour, never speed: nothing it runs is a
+//! GPU performance figure.
 //!
 //! Built as `libvgpu.so`; `install.sh` links it as `libcuda.so` and `libcublas.so` so that
 //! cudarc (dynamic loading) finds it through `LD_LIBRARY_PATH`. See docs/GPU.md.
@@ -13,3 +16,4 @@ pub mod exec;
 pub mod fatbin;
 pub mod mem;
 pub mod ptx;
+pub mod streamcheck;

@@ -12,6 +12,9 @@ pub struct Alloc {
     pub size: u64,
     /// Which device (ordinal) it belongs to.
     pub device: i32,
+    /// Unique per allocation in the process (an address may be handed out again after a
+    /// free; the id tells the two apart, e.g. for streamcheck's access history).
+    pub id: u64,
 }
 
 const ALIGN: usize = 256;
@@ -33,7 +36,9 @@ pub fn alloc(size: u64, device: i32) -> Option<u64> {
     // SAFETY: p points to size.max(1) writable bytes.
     unsafe { std::ptr::write_bytes(p, 0xA5, size.max(1) as usize) };
     let base = p as u64;
-    table().insert(base, Alloc { base, size, device });
+    static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    let id = NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    table().insert(base, Alloc { base, size, device, id });
     Some(base)
 }
 

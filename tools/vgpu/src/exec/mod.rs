@@ -2,7 +2,9 @@
 //! worker pool, with the sanitizer-style checks and the optional counters.
 //!
 //! API used by the driver (`crate::driver`): [`Program::load`], [`Program::kernel`],
-//! [`Kernel`]'s attributes, [`launch`] returning a [`Fault`] on any check failure.
+//! [`Kernel`]'s attributes, [`launch`] returning a [`Fault`] on any check failure, and
+//! [`launch_with_uses`], which also returns the allocations the launch read and wrote (the
+//! kernel's side of streamcheck, `crate::streamcheck`).
 
 use std::sync::Arc;
 
@@ -124,5 +126,32 @@ pub use run::{print_counter_summary, set_counters, set_timeout, take_last_counte
 /// `params` must point to `kernel.params.len()` valid pointers, each to at least that
 /// parameter's size in bytes.
 pub unsafe fn launch(kernel: &Kernel, cfg: &LaunchConfig, params: *const *const std::ffi::c_void) -> Result<(), Fault> {
-    run::launch(kernel, cfg, params)
+    // SAFETY: the caller's contract.
+    unsafe { run::launch(kernel, cfg, params, None) }
+}
+
+/// An allocation a launch accessed in global memory, and how: the kernel's read and write sets
+/// at allocation granularity, for the driver's streamcheck (`crate::streamcheck`). Atomics count
+/// as writes.
+#[derive(Debug, Clone, Copy)]
+pub struct GlobalUse {
+    pub alloc: crate::mem::Alloc,
+    pub read: bool,
+    pub write: bool,
+}
+
+/// [`launch`], also returning the allocations the launch read and wrote (collected where
+/// memcheck resolves each global address; those of a failed launch are partial).
+///
+/// # Safety
+/// As [`launch`].
+pub unsafe fn launch_with_uses(
+    kernel: &Kernel,
+    cfg: &LaunchConfig,
+    params: *const *const std::ffi::c_void,
+) -> (Result<(), Fault>, Vec<GlobalUse>) {
+    let mut uses = Vec::new();
+    // SAFETY: the caller's contract.
+    let r = unsafe { run::launch(kernel, cfg, params, Some(&mut uses)) };
+    (r, uses)
 }

@@ -10,7 +10,7 @@ use super::counters::Counters;
 use super::decode::*;
 use super::{Fault, FaultKind, Kernel, LaunchConfig};
 use crate::mem::Alloc;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::Mutex;
 
 /// What a launch shares between its workers.
@@ -19,6 +19,8 @@ pub(crate) struct Launch<'a> {
     pub cfg: &'a LaunchConfig,
     pub params: Vec<u8>,
     pub allocs: Vec<Alloc>,
+    /// Per entry of `allocs`: USE_READ | USE_WRITE as the launch accessed it (streamcheck).
+    pub uses: Vec<AtomicU8>,
     pub smem_size: u32,
     pub threads: u32,
     pub abort: AtomicBool,
@@ -47,6 +49,10 @@ impl Launch<'_> {
     }
 }
 
+/// `Launch::uses` bits.
+const USE_READ: u8 = 1;
+const USE_WRITE: u8 = 2;
+
 /// A pending `cp.async` copy: lands in shared memory at the wait that covers its group.
 struct Copy {
     lane: u8,
@@ -69,7 +75,11 @@ pub(crate) struct Warp {
     /// Committed cp.async groups per lane.
     committed: [u32; 32],
     local: Vec<u8>,
+    /// The allocation the warp's last global access hit: [base, end), its index in the
+    /// launch's table, and the `Launch::uses` bits already set for it through this cache.
     cache: (u64, u64),
+    cache_idx: usize,
+    cache_uses: u8,
     /// Lanes waiting at a warp-synchronous instruction for the rest of their warp.
     waiting: u32,
 }
@@ -310,6 +320,7 @@ impl<'l, 'a> Runner<'l, 'a> {
                 w.copies.clear();
                 w.committed = [0; 32];
                 w.cache = (0, 0);
+                w.cache_uses = 0;
                 w.waiting = 0;
             }
             return b;
@@ -332,6 +343,8 @@ impl<'l, 'a> Runner<'l, 'a> {
                     committed: [0; 32],
                     local: vec![0; self.l.k.local_bytes as usize * 32],
                     cache: (0, 0),
+                    cache_idx: 0,
+                    cache_uses: 0,
                     waiting: 0,
                 }
             })
@@ -793,7 +806,12 @@ impl<'l, 'a> Runner<'l, 'a> {
                 &format!("address {addr:#x} is not {align}-byte aligned"),
             ));
         }
+        let bit = if write { USE_WRITE } else { USE_READ };
         if addr >= w.cache.0 && addr + len <= w.cache.1 {
+            if w.cache_uses & bit == 0 {
+                w.cache_uses |= bit;
+                self.l.uses[w.cache_idx].fetch_or(bit, Ordering::Relaxed);
+            }
             return Ok(());
         }
         let allocs = &self.l.allocs;
@@ -802,6 +820,9 @@ impl<'l, 'a> Runner<'l, 'a> {
             let a = &allocs[i - 1];
             if addr + len <= a.base + a.size && a.device == self.l.cfg.device {
                 w.cache = (a.base, a.base + a.size);
+                w.cache_idx = i - 1;
+                w.cache_uses = bit;
+                self.l.uses[i - 1].fetch_or(bit, Ordering::Relaxed);
                 return Ok(());
             }
         }
@@ -2227,6 +2248,8 @@ impl Warp {
             committed: [0; 32],
             local: Vec::new(),
             cache: (0, 0),
+            cache_idx: 0,
+            cache_uses: 0,
             waiting: 0,
         }
     }
@@ -2403,11 +2426,16 @@ fn launch_check(kind: FaultKind, k: &Kernel, msg: String) -> Fault {
     }
 }
 
-/// Checks the launch as the driver would, then runs it.
+/// Checks the launch as the driver would, then runs it. `uses`, when given, receives the allocations the launch read or wrote (streamcheck).
 ///
 /// # Safety
 /// See [`super::launch`].
-pub unsafe fn launch(k: &Kernel, cfg: &LaunchConfig, params: *const *const std::ffi::c_void) -> Result<(), Fault> {
+pub unsafe fn launch(
+    k: &Kernel,
+    cfg: &LaunchConfig,
+    params: *const *const std::ffi::c_void,
+    uses: Option<&mut Vec<super::GlobalUse>>,
+) -> Result<(), Fault> {
     let p = crate::device::profile();
     let threads: u64 = cfg.block.iter().map(|&x| x as u64).product();
     for d in 0..3 {
@@ -2516,11 +2544,13 @@ pub unsafe fn launch(k: &Kernel, cfg: &LaunchConfig, params: *const *const std::
     let mode = std::env::var("VGPU_COUNTERS").unwrap_or_default();
     let summary = mode == "summary";
     let want_counters = COUNTERS_ON.load(Ordering::Relaxed) || summary || (!mode.is_empty() && mode != "0");
+    let allocs = crate::mem::snapshot();
     let launch = Launch {
         k,
         cfg,
         params: buf,
-        allocs: crate::mem::snapshot(),
+        uses: allocs.iter().map(|_| AtomicU8::new(0)).collect(),
+        allocs,
         smem_size,
         threads: threads as u32,
         abort: AtomicBool::new(false),
@@ -2576,6 +2606,16 @@ pub unsafe fn launch(k: &Kernel, cfg: &LaunchConfig, params: *const *const std::
             eprint!("{}", c.table(&k.name, cfg.grid, cfg.block));
         }
         *LAST_COUNTERS.lock().unwrap_or_else(|e| e.into_inner()) = Some(c.clone());
+    }
+    if let Some(out) = uses {
+        out.extend(launch.allocs.iter().zip(&launch.uses).filter_map(|(a, u)| {
+            let u = u.load(Ordering::Relaxed);
+            (u != 0).then_some(super::GlobalUse {
+                alloc: *a,
+                read: u & USE_READ != 0,
+                write: u & USE_WRITE != 0,
+            })
+        }));
     }
     let hard = launch.fault.into_inner().unwrap_or_else(|e| e.into_inner());
     let soft = launch.soft.into_inner().unwrap_or_else(|e| e.into_inner());
