@@ -918,6 +918,39 @@ fn staged_crops_augment_like_the_cpu_twin() {
                 }
             }
         }
+        // Stage and augment in turn with no host synchronisation in between: the copy into an
+        // area waits (on the device) for the augment that last read it. Outputs read at the end.
+        let shape = |crops: &[Crop]| AugmentShape {
+            batch: crops.len(),
+            size: 8,
+            layout: AugmentLayout::Patches { patch: 4 },
+            mean,
+            std,
+        };
+        // (Allocated first: an allocation synchronises the device, which would order them too.)
+        let mut outs: Vec<DevBuf> = batches
+            .iter()
+            .map(|(_, crops, _)| gpu.alloc_as(shape(crops).out_len(), BufRole::Activation))
+            .collect();
+        for (i, ((pixels, crops, _), out)) in batches.iter().zip(&mut outs).enumerate() {
+            gpu.stage(&mut ga[i % 2], pixels, crops);
+            gpu.augment(&ga[i % 2], out, &shape(crops));
+        }
+        for (i, ((pixels, crops, _), out)) in batches.iter().zip(&outs).enumerate() {
+            let mut got = vec![0.0f32; shape(crops).out_len()];
+            gpu.download(out, &mut got);
+            gpu.check().unwrap();
+            cpu.stage(&mut ca, pixels, crops);
+            let mut want = cpu.alloc(got.len());
+            cpu.augment(&ca, &mut want, &shape(crops));
+            let tol = if p == Precision::Bf16 { 1e-2 } else { 1e-5 };
+            for (j, (g, w)) in got.iter().zip(&want).enumerate() {
+                assert!(
+                    (g - w).abs() <= tol * (1.0 + w.abs()),
+                    "{p:?} in turn, batch {i} value {j}: {g} vs {w}"
+                );
+            }
+        }
         // A table that does not fit its pixels is refused before any copy.
         let (pixels, mut crops, _) = random_crops(&cfg, 2, 9);
         crops[1].width += 50;
