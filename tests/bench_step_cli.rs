@@ -62,6 +62,19 @@ fn json_line_has_positive_numbers_and_the_step_flops() {
     assert!((tf * 1e12 * ms / 1e3 / flops as f64 - 1.0).abs() < 1e-9, "{tf} TFLOP/s");
     assert_eq!(v["tokens"], 1 + 2 * 3 * 2 + 64);
     assert!(v["loss"].as_f64().unwrap().is_finite(), "{v}");
+    // The FMA peak of every instruction set the CPU has, and the step's share of the products'.
+    let p = &v["cpu_peak"];
+    assert!(p["threads"].as_u64().unwrap() >= 1, "{p}");
+    let peaks = p["fma_peak_gflops"].as_object().unwrap();
+    for (isa, f) in peaks {
+        assert!(f.as_f64().unwrap() > 0.0, "{isa}: {f}");
+    }
+    if let Some(isa) = p["gemm_isa"].as_str() {
+        assert!(peaks.contains_key(isa), "{p}");
+        let frac = p["step_fraction_of_gemm_peak"].as_f64().unwrap();
+        let measured = tf * 1e12 / (peaks[isa].as_f64().unwrap() * 1e9);
+        assert!((frac / measured - 1.0).abs() < 1e-9, "{frac} vs {measured}");
+    }
 }
 
 #[test]
@@ -70,7 +83,16 @@ fn table_names_the_figures() {
     args.extend(["--method", "vpt", "--image-size", "16"]);
     let (o, stdout, stderr) = bench_step(&args);
     assert!(o.status.success(), "{stderr}");
-    for key in ["images/s", "effective TFLOP/s", "FLOP/step", "ms/step", "VPT", "16 px"] {
+    for key in [
+        "images/s",
+        "effective TFLOP/s",
+        "FLOP/step",
+        "ms/step",
+        "VPT",
+        "16 px",
+        "FMA peak (measured)",
+        "products on",
+    ] {
         assert!(stdout.contains(key), "no {key:?} in\n{stdout}");
     }
     assert!(stderr.contains("bench-step: tiny at 16 px"), "{stderr}");

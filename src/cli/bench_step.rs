@@ -16,6 +16,7 @@ use mlvpt::ops::attention::{BwdTiles, FwdTiles, BWD_TILES, FUSED_HEAD_DIMS, FWD_
 use mlvpt::ops::head::HeadKernels;
 use mlvpt::train::bench::{self, RandomProblem, StepTimes, BRANCHES};
 use mlvpt::train::flops::{self, StepFlops};
+use mlvpt::train::peak::{self, Isa};
 
 /// Model sizes `--model` accepts, and their backbones (random weights).
 type Backbone = fn() -> VitConfig;
@@ -185,7 +186,8 @@ pub fn run(args: &BenchStepArgs) -> Result<()> {
             if args.head_kernels.is_some() {
                 eprintln!("note: --head-kernels applies to CUDA only; the CPU backend ignores it");
             }
-            run_on(be, device, args.batch.unwrap_or(DEFAULT_BATCH_CPU), args, &cfg)
+            let peak = CpuPeak::measure();
+            run_on(be, device, args.batch.unwrap_or(DEFAULT_BATCH_CPU), args, &cfg, Some(peak))
         }
         #[cfg(feature = "cuda")]
         Selected::Cuda(mut be) => {
@@ -196,12 +198,41 @@ pub fn run(args: &BenchStepArgs) -> Result<()> {
             if let Some(name) = &args.head_kernels {
                 be.set_head_kernels(head_kernels(name)?);
             }
-            run_on(*be, device, args.batch.unwrap_or(DEFAULT_BATCH_CUDA), args, &cfg)
+            run_on(*be, device, args.batch.unwrap_or(DEFAULT_BATCH_CUDA), args, &cfg, None)
         }
     }
 }
 
-fn run_on<B: Backend>(be: B, device: String, batch: usize, args: &BenchStepArgs, cfg: &ModelConfig) -> Result<()> {
+/// The CPU's FMA peak measured just before the steps (`mlvpt::train::peak`), on the CPU
+/// backend's threads, and the instruction set its matrix products run on.
+struct CpuPeak {
+    threads: usize,
+    gemm: Option<Isa>,
+    /// FLOP/s per instruction set the CPU has.
+    flops: Vec<(Isa, f64)>,
+}
+
+impl CpuPeak {
+    fn measure() -> Self {
+        let threads = rayon::current_num_threads();
+        let flops = [Isa::Avx2Fma, Isa::Avx512]
+            .into_iter()
+            .filter_map(|isa| peak::fma_peak(isa, threads, Duration::from_millis(300)).map(|f| (isa, f)))
+            .collect();
+        Self {
+            threads,
+            gemm: peak::gemm_isa(),
+            flops,
+        }
+    }
+
+    /// The peak of the instruction set the products run on.
+    fn gemm_peak(&self) -> Option<f64> {
+        self.flops.iter().find(|(isa, _)| Some(*isa) == self.gemm).map(|&(_, f)| f)
+    }
+}
+
+fn run_on<B: Backend>(be: B, device: String, batch: usize, args: &BenchStepArgs, cfg: &ModelConfig, peak: Option<CpuPeak>) -> Result<()> {
     let backend = be.name();
     let tokens = cfg.tokens(BRANCHES);
     eprintln!(
@@ -237,6 +268,7 @@ fn run_on<B: Backend>(be: B, device: String, batch: usize, args: &BenchStepArgs,
         warmup: args.warmup,
         attention,
         head,
+        peak,
     };
     if args.json {
         println!("{}", r.json());
@@ -275,6 +307,8 @@ struct Report<'a> {
     attention: &'a str,
     /// `--head-kernels` as given, else "default".
     head: &'a str,
+    /// On the CPU: the machine's FMA peak, measured in the same run.
+    peak: Option<CpuPeak>,
 }
 
 impl Report<'_> {
@@ -282,9 +316,24 @@ impl Report<'_> {
         self.flops.total() as f64 / self.times.mean() / 1e12
     }
 
+    /// The step's FLOP rate over the measured peak of the products' instruction set.
+    fn peak_fraction(&self) -> Option<f64> {
+        let p = self.peak.as_ref()?.gemm_peak()?;
+        Some(self.flops.total() as f64 / self.times.mean() / p)
+    }
+
     fn json(&self) -> serde_json::Value {
         let t = &self.times;
+        let peak = self.peak.as_ref().map(|p| {
+            serde_json::json!({
+                "threads": p.threads,
+                "gemm_isa": p.gemm.map(Isa::name),
+                "fma_peak_gflops": p.flops.iter().map(|(isa, f)| (isa.name().to_string(), serde_json::json!(f / 1e9))).collect::<serde_json::Map<_, _>>(),
+                "step_fraction_of_gemm_peak": self.peak_fraction(),
+            })
+        });
         serde_json::json!({
+            "cpu_peak": peak,
             "impl": format!("mlvpt-{}", self.backend),
             "model": self.model,
             "batch": self.batch,
@@ -361,6 +410,29 @@ impl Report<'_> {
             ),
         );
         row("effective TFLOP/s", format!("{:.2}", self.tflops()));
+        if let Some(p) = &self.peak {
+            let peaks: Vec<String> = p
+                .flops
+                .iter()
+                .map(|(isa, f)| format!("{} {:.1} GFLOP/s", isa.name(), f / 1e9))
+                .collect();
+            row(
+                "FMA peak (measured)",
+                format!(
+                    "{} on {} threads",
+                    if peaks.is_empty() { "none".into() } else { peaks.join(", ") },
+                    p.threads
+                ),
+            );
+            row(
+                "products on",
+                match (p.gemm, self.peak_fraction()) {
+                    (Some(isa), Some(frac)) => format!("{} (the step at {:.0}% of its peak)", isa.name(), 100.0 * frac),
+                    (Some(isa), None) => isa.name().to_string(),
+                    (None, _) => "scalar code".into(),
+                },
+            );
+        }
         row("last loss", format!("{:.4}", t.last_loss));
     }
 }

@@ -6,6 +6,7 @@ pub mod checkpoint;
 pub mod ema;
 pub mod flops;
 mod layers;
+pub mod peak;
 pub mod preset;
 pub mod run;
 pub mod schedule;
