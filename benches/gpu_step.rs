@@ -10,6 +10,7 @@
 use criterion::{criterion_group, criterion_main, Criterion, SamplingMode, Throughput};
 use mlvpt::backend::{Crop, CudaBackend};
 use mlvpt::model::{ModelConfig, VitConfig};
+use mlvpt::ops::augment;
 use mlvpt::train::bench::RandomProblem;
 use mlvpt::train::{Crops, Staged, Trainer};
 use std::time::Duration;
@@ -21,19 +22,8 @@ fn setup(be: CudaBackend, cfg: &ModelConfig, batch: usize) -> anyhow::Result<(Tr
 
 /// `batch` crops of 180 x 160 RGB8 (a fixed hash), every other one mirrored.
 fn cache_like_crops(batch: usize) -> (Vec<u8>, Vec<Crop>) {
-    let (w, h) = (180u32, 160u32);
-    let per = 3 * (w * h) as usize;
-    let crops = (0..batch)
-        .map(|b| Crop {
-            offset: (b * per) as u32,
-            width: w,
-            height: h,
-            flip: (b % 2) as u32,
-        })
-        .collect();
-    let pixels = (0..batch * per)
-        .map(|i| ((i as u32).wrapping_mul(2_654_435_761) >> 24) as u8)
-        .collect();
+    let (crops, bytes) = augment::pack((0..batch).map(|b| (180, 160, b % 2 == 1)));
+    let pixels = (0..bytes).map(|i| ((i as u32).wrapping_mul(2_654_435_761) >> 24) as u8).collect();
     (pixels, crops)
 }
 

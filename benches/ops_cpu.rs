@@ -4,7 +4,7 @@
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use mlvpt::ops::attention::{cpu as attn, AttnShape};
-use mlvpt::ops::augment::{self, AugmentShape, Crop, Layout};
+use mlvpt::ops::augment::{self, AugmentShape, Layout};
 use mlvpt::ops::layernorm::{LayerNormShape, Norm, NormStats};
 use mlvpt::ops::linear::LinearShape;
 use mlvpt::ops::{gelu, layernorm, linear, Grad};
@@ -123,16 +123,8 @@ fn bench(c: &mut Criterion) {
     // Augmentation into the patch rows: the demo's 32 x 32 images in 4 x 4 patches from 40 x 36
     // crops (B 64); ViT-B-like 224 x 224 in 16 x 16 patches from 400 x 300 crops (B 4).
     for (name, b, size, patch, w, h) in [("demo", 64, 32, 4, 40u32, 36u32), ("vitb", 4, 224, 16, 400, 300)] {
-        let per = 3 * (w * h) as usize;
-        let crops: Vec<Crop> = (0..b)
-            .map(|i| Crop {
-                offset: (i * per) as u32,
-                width: w,
-                height: h,
-                flip: (i % 2) as u32,
-            })
-            .collect();
-        let pixels: Vec<u8> = (0..b * per).map(|_| rng.random()).collect();
+        let (crops, bytes) = augment::pack((0..b).map(|i| (w, h, i % 2 == 1)));
+        let pixels: Vec<u8> = (0..bytes).map(|_| rng.random()).collect();
         let shape = AugmentShape {
             batch: b,
             size,
@@ -141,7 +133,7 @@ fn bench(c: &mut Criterion) {
             std: [0.229, 0.224, 0.225],
         };
         let mut out = vec![0.0f32; shape.out_len()];
-        g.throughput(Throughput::Bytes((b * per + 4 * shape.out_len()) as u64));
+        g.throughput(Throughput::Bytes((bytes + 4 * shape.out_len()) as u64));
         g.bench_function(format!("augment {name} {b}x{size}x{size} p{patch} from {w}x{h}"), |bch| {
             bch.iter(|| augment::cpu::augment(&pixels, &crops, &mut out, &shape))
         });

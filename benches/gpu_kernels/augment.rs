@@ -8,7 +8,7 @@
 
 use criterion::{Criterion, Throughput};
 use mlvpt::gpu::{bf16, GpuContext};
-use mlvpt::ops::augment::{cuda, AugmentShape, Crop, Layout};
+use mlvpt::ops::augment::{self, cuda, AugmentShape, Layout};
 
 use super::{filled, timed};
 
@@ -28,19 +28,11 @@ pub fn bench(c: &mut Criterion, gpu: &GpuContext) {
     let mut g = c.benchmark_group("augment");
     let mut out = filled(gpu, SHAPE.out_len(), bf16::ZERO);
     for (what, w, h) in [("cache-like", 180u32, 160u32), ("JPEG-like", 400, 300)] {
-        let per = 3 * (w * h) as usize;
         // B crops packed one after another, every other one mirrored; pixels a fixed hash.
-        let crops: Vec<Crop> = (0..B)
-            .map(|b| Crop {
-                offset: (b * per) as u32,
-                width: w,
-                height: h,
-                flip: (b % 2) as u32,
-            })
-            .collect();
-        let pixels: Vec<u8> = (0..B * per).map(|i| ((i as u32).wrapping_mul(2_654_435_761) >> 24) as u8).collect();
+        let (crops, bytes) = augment::pack((0..B).map(|b| (w, h, b % 2 == 1)));
+        let pixels: Vec<u8> = (0..bytes).map(|i| ((i as u32).wrapping_mul(2_654_435_761) >> 24) as u8).collect();
         let (cd, pd) = (gpu.upload(&crops).unwrap(), gpu.upload(&pixels).unwrap());
-        g.throughput(Throughput::Bytes((B * per + SHAPE.out_len() * 2) as u64));
+        g.throughput(Throughput::Bytes((bytes + SHAPE.out_len() * 2) as u64));
         g.bench_function(format!("bf16 patches 64x224x224 p16 from {w}x{h} ({what})"), |b| {
             b.iter_custom(|it| timed(gpu, it, || cuda::augment::<bf16>(gpu, s, &cd, &pd, &mut out, &SHAPE)))
         });

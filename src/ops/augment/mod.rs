@@ -98,6 +98,32 @@ impl AugmentShape {
     }
 }
 
+/// The table of crops packed one after another: `(width, height, flip)` of each in order, and
+/// the bytes their pixels take in all (each crop's `3 * width * height` from its `offset`).
+///
+/// ```
+/// use mlvpt::ops::augment::pack;
+/// let (crops, bytes) = pack([(4, 2, false), (3, 3, true)]);
+/// assert_eq!((crops[1].offset, crops[1].flip, bytes), (24, 1, 24 + 27));
+/// ```
+pub fn pack(dims: impl IntoIterator<Item = (u32, u32, bool)>) -> (Vec<Crop>, usize) {
+    let mut bytes = 0usize;
+    let crops = dims
+        .into_iter()
+        .map(|(width, height, flip)| {
+            let c = Crop {
+                offset: bytes as u32,
+                width,
+                height,
+                flip: flip as u32,
+            };
+            bytes += 3 * width as usize * height as usize;
+            c
+        })
+        .collect();
+    (crops, bytes)
+}
+
 /// Checks a crop table against a pixel buffer of `pixels_len` bytes: each crop non-empty and
 /// inside the buffer, `flip` 0 or 1, and the buffer addressable by the table's u32 offsets.
 pub fn check_crops(crops: &[Crop], pixels_len: usize) -> Result<(), String> {
