@@ -9,7 +9,7 @@
 //! 4. reduces or copies the slots in rank order into its receive buffer, publishes `done = t`.
 //!
 //! Every wait checks, besides its condition, the abort flag, whether the awaited rank left,
-//! whether its process still lives (every 100 ms), and a deadline (`VGPU_NCCL_TIMEOUT_S`).
+//! whether its process still lives (every 100 ms), and a timeout (`VGPU_NCCL_TIMEOUT_S`).
 //! The condition is checked first, so a peer that aborts right after finishing its last
 //! collective (cudarc's `Comm` aborts on drop) does not fail the others.
 
@@ -23,13 +23,16 @@ use super::{ncclInvalidArgument, ncclInvalidUsage, ncclRemoteError, ncclResult_t
 /// A failed call: the result code and the message (for stderr and `ncclGetLastError`).
 pub type Fail = (ncclResult_t, String);
 
-/// `VGPU_NCCL_TIMEOUT_S` (default 60 s): how long any wait may take.
+/// `VGPU_NCCL_TIMEOUT_S` (default 300 s): how long a rank waits for its peers at any one
+/// point (joining, or one step of a collective). Generous, since an interpreted training step
+/// of one rank may lag another's by a lot; dead, departed and aborting peers end a wait
+/// sooner.
 pub fn timeout() -> Duration {
     let s = std::env::var("VGPU_NCCL_TIMEOUT_S")
         .ok()
         .and_then(|v| v.trim().parse::<f64>().ok())
         .filter(|v| *v > 0.0)
-        .unwrap_or(60.0);
+        .unwrap_or(300.0);
     Duration::from_secs_f64(s)
 }
 
@@ -112,33 +115,33 @@ impl Op {
     }
 }
 
+/// A descriptor in words: "collective #3 (all-reduce of 1000 bf16, sum), step 0".
 fn describe(d: &[u64; DESC_WORDS]) -> String {
-    let kind = match d[0] & 0xff {
-        1 => "all-reduce",
-        2 => "broadcast",
-        3 => "reduce",
-        4 => "all-gather",
-        5 => "reduce-scatter",
-        _ => "?",
+    let kind = ["?", "all-reduce", "broadcast", "reduce", "all-gather", "reduce-scatter"]
+        .get((d[0] & 0xff) as usize)
+        .unwrap_or(&"?");
+    let ty = ["i8", "u8", "i32", "u32", "i64", "u64", "f16", "f32", "f64", "bf16"]
+        .get(((d[0] >> 8) & 0xff) as usize)
+        .unwrap_or(&"?");
+    let op = ["sum", "prod", "max", "min", "avg"]
+        .get(((d[0] >> 16) & 0xff) as usize)
+        .unwrap_or(&"?");
+    let how = match d[0] & 0xff {
+        1 | 5 => format!(", {op}"),
+        3 => format!(", {op}, root {}", d[2]),
+        2 => format!(", root {}", d[2]),
+        _ => String::new(),
     };
-    format!(
-        "collective #{} {kind} count {} type {} op {} root {} (step {} of it)",
-        d[3],
-        d[1],
-        (d[0] >> 8) & 0xff,
-        (d[0] >> 16) & 0xff,
-        d[2],
-        d[4]
-    )
+    format!("collective #{} ({kind} of {} {ty}{how}), step {}", d[3], d[1], d[4])
 }
 
 /// Waits until `ready(q)` holds for every rank q < n, failing on abort, a rank that left, a
-/// dead process or the deadline. `what` names the wait in messages.
+/// dead process or `timeout`. `what` names the wait in messages.
 fn wait_all(
     seg: &Segment,
     me: usize,
     n: usize,
-    deadline: Instant,
+    timeout: Duration,
     what: &str,
     extra: &dyn Fn() -> Option<Fail>,
     ready: impl Fn(&RankRec) -> bool,
@@ -147,10 +150,10 @@ fn wait_all(
     let mut last_live = start;
     let mut spins = 0u32;
     loop {
-        let pending: Vec<usize> = (0..n).filter(|&q| !ready(seg.rank(q))).collect();
-        if pending.is_empty() {
+        if (0..n).all(|q| ready(seg.rank(q))) {
             return Ok(());
         }
+        let pending: Vec<usize> = (0..n).filter(|&q| !ready(seg.rank(q))).collect();
         let a = seg.header().abort.load(Acquire);
         if a != 0 {
             let who = a - 1;
@@ -184,7 +187,7 @@ fn wait_all(
                 return Err((c, format!("rank {me}: {what}: {m}")));
             }
         }
-        if now >= deadline {
+        if now.duration_since(start) >= timeout {
             return Err((
                 ncclSystemError,
                 format!(
@@ -193,14 +196,17 @@ fn wait_all(
                 ),
             ));
         }
-        // Spin briefly, then yield, then sleep: ranks may share few cores.
-        spins += 1;
+        // Spin briefly, then yield, then sleep: ranks may share few cores, and a peer may
+        // still be computing for seconds.
+        spins = spins.saturating_add(1);
         if spins < 64 {
             std::hint::spin_loop();
         } else if spins < 512 {
             std::thread::yield_now();
+        } else if now.duration_since(start) < Duration::from_millis(20) {
+            std::thread::sleep(Duration::from_micros(50));
         } else {
-            std::thread::sleep(Duration::from_micros(100));
+            std::thread::sleep(Duration::from_millis(1));
         }
     }
 }
@@ -215,7 +221,7 @@ impl Rank {
                 format!("ncclCommInitRank: rank {rank} of {nranks} ranks (this device allows 1 to {MAX_RANKS})"),
             ));
         }
-        let seg = Segment::open(&info.path).map_err(|e| {
+        let seg = Segment::open(&info.path, rank).map_err(|e| {
             (
                 ncclSystemError,
                 format!("ncclCommInitRank: cannot open the shared segment {}: {e}", info.path.display()),
@@ -261,7 +267,7 @@ impl Rank {
             &me.seg,
             rank,
             nranks,
-            Instant::now() + timeout,
+            timeout,
             &format!("ncclCommInitRank (rank {rank} of {nranks}, waiting for every rank to join)"),
             &creator,
             |r| r.joined.load(Acquire) != 0,
@@ -314,27 +320,25 @@ impl Rank {
         let size = op.dt.size();
         let per_step = SLOT_BYTES / size;
         let steps = len.div_ceil(per_step);
-        let deadline = Instant::now() + self.timeout;
-        let name = describe(&op.desc(seq.colls, 0));
         for k in 0..steps {
             seq.step += 1;
             let t = seq.step;
             let (lo, hi) = (k * per_step, (len).min((k + 1) * per_step));
             let m = hi - lo;
-            let what = format!("{name}, step {k}");
-            wait_all(&self.seg, r, n, deadline, &what, &|| None, |q| q.done.load(Acquire) >= t - 1)?;
+            let mine = op.desc(seq.colls, k as u64);
+            let what = describe(&mine);
+            wait_all(&self.seg, r, n, self.timeout, &what, &|| None, |q| q.done.load(Acquire) >= t - 1)?;
             let posts = op.kind != Kind::Broadcast || r == op.root;
             if posts {
                 // SAFETY: [lo, hi) lies inside sendbuff's extent; the slot holds SLOT_BYTES.
                 unsafe { std::ptr::copy_nonoverlapping((op.send as *const u8).add(lo * size), self.seg.slot(r), m * size) };
             }
-            let mine = op.desc(seq.colls, k as u64);
             let rec = self.seg.rank(r);
             for (w, v) in rec.desc.iter().zip(mine) {
                 w.store(v, Relaxed);
             }
             rec.posted.store(t, Release);
-            wait_all(&self.seg, r, n, deadline, &what, &|| None, |q| q.posted.load(Acquire) >= t)?;
+            wait_all(&self.seg, r, n, self.timeout, &what, &|| None, |q| q.posted.load(Acquire) >= t)?;
             for q in 0..n {
                 let theirs: [u64; DESC_WORDS] = std::array::from_fn(|i| self.seg.rank(q).desc[i].load(Relaxed));
                 if theirs != mine {

@@ -62,6 +62,7 @@ extern "C" {
     fn mmap(addr: *mut c_void, len: usize, prot: c_int, flags: c_int, fd: c_int, off: i64) -> *mut c_void;
     fn munmap(addr: *mut c_void, len: usize) -> c_int;
     fn kill(pid: c_int, sig: c_int) -> c_int;
+    fn posix_fallocate(fd: c_int, offset: i64, len: i64) -> c_int;
 }
 const PROT_READ: c_int = 1;
 const PROT_WRITE: c_int = 2;
@@ -80,8 +81,10 @@ unsafe impl Send for Segment {}
 unsafe impl Sync for Segment {}
 
 impl Segment {
-    /// Opens the segment at `path`, creating it (exclusively) if this rank comes first.
-    pub fn open(path: &Path) -> std::io::Result<Segment> {
+    /// Opens the segment at `path`, creating it (exclusively) if this rank comes first, and
+    /// reserves the pages `rank` writes (the header and its slot), so that a full `/dev/shm`
+    /// is an error here rather than a SIGBUS in a collective.
+    pub fn open(path: &Path, rank: usize) -> std::io::Result<Segment> {
         let file = match OpenOptions::new().read(true).write(true).create_new(true).open(path) {
             Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => OpenOptions::new().read(true).write(true).open(path)?,
@@ -89,6 +92,13 @@ impl Segment {
         };
         // Every rank sets the same length, so it does not matter who comes first.
         file.set_len(SEGMENT_BYTES as u64)?;
+        for (off, len) in [(0, DATA_OFFSET), (DATA_OFFSET + rank * SLOT_BYTES, SLOT_BYTES)] {
+            // SAFETY: a plain call on an open fd, inside the file's length.
+            let e = unsafe { posix_fallocate(file.as_raw_fd(), off as i64, len as i64) };
+            if e != 0 {
+                return Err(std::io::Error::from_raw_os_error(e));
+            }
+        }
         // SAFETY: a fresh shared mapping of the whole file; the fd may close afterwards.
         let p = unsafe {
             mmap(
