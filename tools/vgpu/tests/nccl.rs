@@ -677,3 +677,26 @@ fn init_times_out_when_a_rank_never_joins() {
     let (passed, text) = finish(spawn_child(test, "alone", &id, "1"), 60);
     assert!(passed, "child failed:\n{text}");
 }
+
+#[test]
+fn segments_left_by_killed_ranks_are_swept() {
+    setup();
+    // A segment whose creator and ranks are all gone (pid of a reaped child), as two killed
+    // ranks would leave it; and one of a live creator, which must stay.
+    let mut child = Command::new("true").spawn().unwrap();
+    let dead = child.id();
+    child.wait().unwrap();
+    let dir = segment_path(&unique_id()).unwrap().parent().unwrap().to_path_buf();
+    let stale = dir.join(format!("vgpu-nccl-{dead}-00000000deadbeef"));
+    let live = dir.join(format!("vgpu-nccl-{}-00000000cafef00d", std::process::id()));
+    let mut head = vec![0u8; 8192];
+    head[..4].copy_from_slice(&1u32.to_le_bytes()); // one rank
+    head[128 + 4..128 + 8].copy_from_slice(&dead.to_le_bytes()); // its pid
+    std::fs::write(&stale, &head).unwrap();
+    std::fs::write(&live, &head).unwrap();
+    let _ = unique_id();
+    let (stale_left, live_left) = (stale.exists(), live.exists());
+    let _ = std::fs::remove_file(&live);
+    assert!(!stale_left, "the stale segment was not swept");
+    assert!(live_left, "a segment of a live creator was swept");
+}

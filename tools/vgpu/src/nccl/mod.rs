@@ -243,6 +243,7 @@ fn random_name() -> String {
 #[no_mangle]
 pub unsafe extern "C" fn ncclGetUniqueId(uniqueId: *mut ncclUniqueId) -> ncclResult_t {
     tri!(nonnull(uniqueId, "ncclGetUniqueId: uniqueId"));
+    shm::sweep_stale();
     let path = shm::segment_dir().join(random_name());
     let p = path.to_string_lossy();
     if p.len() >= 128 - ID_PATH {

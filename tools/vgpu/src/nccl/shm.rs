@@ -51,7 +51,10 @@ pub struct Header {
     pub ranks: [RankRec; MAX_RANKS],
 }
 
+// The layout `sweep_stale` reads without mapping.
 const _: () = assert!(std::mem::size_of::<RankRec>() == 128);
+const _: () = assert!(std::mem::offset_of!(Header, ranks) == 128);
+const _: () = assert!(std::mem::offset_of!(RankRec, pid) == 4);
 
 /// Bytes before the first slot (page-aligned).
 const DATA_OFFSET: usize = std::mem::size_of::<Header>().div_ceil(4096) * 4096;
@@ -175,5 +178,39 @@ pub fn segment_dir() -> PathBuf {
     match std::fs::metadata(shm) {
         Ok(m) if m.is_dir() && !m.permissions().readonly() => shm.to_path_buf(),
         _ => std::env::temp_dir(),
+    }
+}
+
+/// Removes segments that no process can use any more, left by ranks that were all killed
+/// (nobody left to remove them): named by a creator that is gone, and every rank that joined
+/// is gone too. Read through the file, without mapping it.
+pub fn sweep_stale() {
+    let dir = segment_dir();
+    let Ok(entries) = std::fs::read_dir(&dir) else { return };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let Some(rest) = name.to_str().and_then(|n| n.strip_prefix("vgpu-nccl-")) else {
+            continue;
+        };
+        let Some(creator) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else {
+            continue;
+        };
+        if alive(creator) {
+            continue;
+        }
+        // A file shorter than the header (not one of ours, or cut short) reads as zeros.
+        let mut head = Vec::new();
+        let read = std::fs::File::open(e.path())
+            .and_then(|f| std::io::Read::read_to_end(&mut std::io::Read::take(f, DATA_OFFSET as u64), &mut head));
+        if read.is_err() {
+            continue;
+        }
+        let word = |at: usize| head.get(at..at + 4).map(|b| u32::from_le_bytes(b.try_into().unwrap()));
+        let nranks = word(0).unwrap_or(0) as usize;
+        // RankRec q starts at 128 * (q + 1); its pid is its second word.
+        let live = (0..nranks.min(MAX_RANKS)).any(|q| word(128 * (q + 1) + 4).is_some_and(|pid| pid != 0 && alive(pid)));
+        if !live {
+            let _ = std::fs::remove_file(e.path());
+        }
     }
 }
