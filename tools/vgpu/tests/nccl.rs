@@ -520,6 +520,27 @@ fn streamcheck_sees_a_collective_read_its_stream_did_not_wait_for() {
 }
 
 #[test]
+fn a_rank_claimed_twice_is_refused_and_the_first_claim_stands() {
+    setup();
+    let id = unique_id();
+    let res = threads(2, |r| {
+        if r == 0 {
+            R::join(0, 2, &id).destroy();
+            return ncclSuccess;
+        }
+        let _ = bind(1);
+        std::thread::sleep(Duration::from_millis(200));
+        let mut comm = null_mut();
+        // SAFETY: valid out-pointer and id.
+        let twice = unsafe { ncclCommInitRank(&mut comm, 2, id, 0) };
+        R::join(1, 2, &id).destroy();
+        twice
+    });
+    assert_eq!(res[1], ncclInvalidUsage);
+    assert!(!segment_path(&id).unwrap().exists());
+}
+
+#[test]
 fn two_ranks_on_one_device_of_one_process_are_refused() {
     setup();
     let id = unique_id();

@@ -245,15 +245,18 @@ impl Rank {
                 ));
             }
         }
+        // Claim the rank (1), fill in pid and device, then publish (2): a second claim fails
+        // without touching the first one's record.
         let rec = me.seg.rank(rank);
-        rec.pid.store(std::process::id(), Relaxed);
-        rec.device.store(device as u32, Relaxed);
         if rec.joined.compare_exchange(0, 1, AcqRel, Acquire).is_err() {
             return Err((
                 ncclInvalidUsage,
                 format!("ncclCommInitRank: rank {rank} joined twice with one unique id"),
             ));
         }
+        rec.pid.store(std::process::id(), Relaxed);
+        rec.device.store(device as u32, Relaxed);
+        rec.joined.store(2, Release);
         // NCCL also needs the id's creator to live until every rank joined.
         let creator = || {
             (!alive(info.creator)).then(|| {
@@ -270,7 +273,7 @@ impl Rank {
             timeout,
             &format!("ncclCommInitRank (rank {rank} of {nranks}, waiting for every rank to join)"),
             &creator,
-            |r| r.joined.load(Acquire) != 0,
+            |r| r.joined.load(Acquire) == 2,
         );
         if let Err(e) = waited {
             me.leave(false);

@@ -24,7 +24,8 @@ pub const DESC_WORDS: usize = 6;
 /// One rank's record. 128 bytes, so ranks do not share cache lines.
 #[repr(C)]
 pub struct RankRec {
-    /// 0 until the rank has joined (set once, by compare-and-swap: a second claim is an error).
+    /// 0 until the rank claims its place (1, by compare-and-swap: a second claim is an
+    /// error), 2 once `pid` and `device` are written.
     pub joined: AtomicU32,
     /// The rank's process, for liveness checks.
     pub pid: AtomicU32,
