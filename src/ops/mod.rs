@@ -13,6 +13,8 @@ pub mod layernorm;
 pub mod linear;
 mod par;
 pub mod real;
+#[cfg(feature = "fast-cpu")]
+pub(crate) mod simd32;
 pub mod tokens;
 
 /// Declares a named group of one op's buffers, generic over how they are held (owned `T` in a

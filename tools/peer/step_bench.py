@@ -37,13 +37,25 @@ synchronisation between steps) and by the wall clock on the CPU.
 import argparse
 import contextlib
 import json
+import os
 import statistics
 import sys
 import time
 from pathlib import Path
 
-import timm
-import torch
+# --cpu-isa avx2 caps PyTorch's CPU kernels (ATen's dispatch, oneDNN, MKL) at AVX2 + FMA, so an
+# AVX-512 machine measures the peer as an AVX2-only one would run it (mlvpt's AVX2 build:
+# `--no-default-features --features train`). The libraries read these variables when they load,
+# hence before `import torch`.
+CPU_ISA_ENV = {"avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}}
+for _i, _arg in enumerate(sys.argv):
+    _isa = _arg.split("=", 1)[1] if _arg.startswith("--cpu-isa=") else (
+        sys.argv[_i + 1] if _arg == "--cpu-isa" and _i + 1 < len(sys.argv) else None)
+    if _isa in CPU_ISA_ENV:
+        os.environ.update(CPU_ISA_ENV[_isa])
+
+import timm  # noqa: E402
+import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from mlvpt_torch import AslConfig, HeadConfig, MlVpt, make_vit, random_partition  # noqa: E402
@@ -170,6 +182,8 @@ def main():
                     help="storage of the frozen backbone (default: bf16 with --precision bf16, else fp32)")
     ap.add_argument("--compile-mode", default="default", help="torch.compile mode")
     ap.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's)")
+    ap.add_argument("--cpu-isa", choices=["native", "avx2"], default="native",
+                    help="cap the CPU kernels at AVX2 + FMA (avx2) or let PyTorch pick (native)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", action="store_true", help="one JSON line per mode")
     a = ap.parse_args()
@@ -199,6 +213,7 @@ def main():
                 torch.cuda.empty_cache()
         row.update(labels=a.labels, groups=a.groups, experts=a.experts, prompt_depth=a.prompt_depth,
                    precision=a.precision, frozen_dtype=a.frozen_dtype, threads=torch.get_num_threads(),
+                   cpu_isa=torch.backends.cpu.get_cpu_capability(),
                    warmup=a.warmup, steps=a.steps)
         if a.json:
             print(json.dumps(row), flush=True)

@@ -1,20 +1,48 @@
 //! CPU reference of masked attention: one task per (image, head), rayon across tasks, the
-//! products through `matmul` (strided reads of Q, K, V straight from the qkv buffer).
+//! products through `matmul` (strided reads of Q, K, V straight from the qkv buffer). In f32
+//! on AVX2 or AVX-512 with a head width that is a multiple of 8, the tasks run in `cpu_f32`
+//! on register-blocked products instead (the same function up to float rounding).
 
 use super::AttnShape;
 use crate::ops::linear::cpu::matmul;
 use crate::ops::par::*;
 use crate::ops::real::{cast, simd, Real, SyncPtr};
+#[cfg(feature = "fast-cpu")]
+use std::any::{Any, TypeId};
+
+/// `x` as f32 slices when `T` is f32.
+#[cfg(feature = "fast-cpu")]
+fn as_f32<T: Real>(x: &[T]) -> Option<&[f32]> {
+    // SAFETY: T is f32 (same type, same layout).
+    (TypeId::of::<T>() == TypeId::of::<f32>()).then(|| unsafe { std::slice::from_raw_parts(x.as_ptr().cast(), x.len()) })
+}
+
+/// `x` as a mutable f32 slice when `T` is f32.
+#[cfg(feature = "fast-cpu")]
+fn as_f32_mut<T: Real>(x: &mut [T]) -> Option<&mut [f32]> {
+    // SAFETY: T is f32 (same type, same layout).
+    (TypeId::of::<T>() == TypeId::of::<f32>()).then(|| unsafe { std::slice::from_raw_parts_mut(x.as_mut_ptr().cast(), x.len()) })
+}
+
+/// The f32 path's ISAs for this call, if it applies (f32, the `fast-cpu` feature, AVX2 or
+/// AVX-512, a head width that is a multiple of 8).
+#[cfg(feature = "fast-cpu")]
+fn f32_path<T: Real>(sh: &AttnShape) -> Option<(crate::ops::simd32::Isa, crate::ops::simd32::Isa)> {
+    if TypeId::of::<T>() != TypeId::of::<f32>() {
+        return None;
+    }
+    super::cpu_f32::isas(sh.head_dim)
+}
 
 /// How many (image, head) tasks share the scratch at once: enough to keep every thread busy,
 /// few enough that the `N x N` scratch stays small at large batch.
-fn tasks_per_round(total: usize) -> usize {
+pub(super) fn tasks_per_round(total: usize) -> usize {
     total.min(8 * current_num_threads().max(1))
 }
 
 /// Sum with eight accumulators (vectorizes; fixed order).
 #[inline(always)]
-fn sum8<T: Real>(v: &[T]) -> T {
+pub(super) fn sum8<T: Real>(v: &[T]) -> T {
     let mut acc = [T::zero(); 8];
     let chunks = v.chunks_exact(8);
     let rest = chunks.remainder();
@@ -32,7 +60,7 @@ fn sum8<T: Real>(v: &[T]) -> T {
 
 /// Maximum with eight lanes (vectorizes; the order of a max does not change the result).
 #[inline(always)]
-fn max8<T: Real>(v: &[T]) -> T {
+pub(super) fn max8<T: Real>(v: &[T]) -> T {
     let mut acc = [T::neg_infinity(); 8];
     let chunks = v.chunks_exact(8);
     let rest = chunks.remainder();
@@ -50,7 +78,7 @@ fn max8<T: Real>(v: &[T]) -> T {
 
 /// In a row of query token `i`, sets the keys it may not see to `value`.
 #[inline(always)]
-fn mask_row<T: Real>(row: &mut [T], i: usize, sh: &AttnShape, value: T) {
+pub(super) fn mask_row<T: Real>(row: &mut [T], i: usize, sh: &AttnShape, value: T) {
     if i >= sh.prompt_start && i < sh.prompt_end {
         for (j, v) in row[sh.prompt_start..sh.prompt_end].iter_mut().enumerate() {
             if sh.prompt_start + j != i {
@@ -90,6 +118,12 @@ pub fn forward<T: Real>(qkv: &[T], out: &mut [T], lse: &mut [T], sh: &AttnShape,
     let total = b * h;
     if total == 0 || nq == 0 {
         return;
+    }
+    #[cfg(feature = "fast-cpu")]
+    if let Some(isas) = f32_path::<T>(sh) {
+        let sc = (scratch as &mut dyn Any).downcast_mut::<Vec<f32>>().expect("T is f32");
+        let (qkv, out, lse) = (as_f32(qkv).unwrap(), as_f32_mut(out).unwrap(), as_f32_mut(lse).unwrap());
+        return super::cpu_f32::forward(qkv, out, lse, sh, sc, isas);
     }
     let per = tasks_per_round(total);
     if scratch.len() < per * nq * n {
@@ -153,6 +187,17 @@ pub fn backward<T: Real>(qkv: &[T], out: &[T], lse: &[T], dout: &[T], dqkv: &mut
             row[d..].fill(T::zero());
         }
         return;
+    }
+    #[cfg(feature = "fast-cpu")]
+    if let Some(isas) = f32_path::<T>(sh) {
+        let sc = (scratch as &mut dyn Any).downcast_mut::<Vec<f32>>().expect("T is f32");
+        let (qkv, out, lse, dout) = (
+            as_f32(qkv).unwrap(),
+            as_f32(out).unwrap(),
+            as_f32(lse).unwrap(),
+            as_f32(dout).unwrap(),
+        );
+        return super::cpu_f32::backward(qkv, out, lse, dout, as_f32_mut(dqkv).unwrap(), sh, sc, isas);
     }
     let per = tasks_per_round(total);
     if scratch.len() < 2 * per * nq * n {

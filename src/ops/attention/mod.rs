@@ -18,6 +18,8 @@
 //! other query attends to all tokens. `prompt_start == prompt_end` means no mask.
 
 pub mod cpu;
+#[cfg(feature = "fast-cpu")]
+mod cpu_f32;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 

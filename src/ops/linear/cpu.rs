@@ -4,10 +4,14 @@
 //! deterministic; without it a plain loop on the calling thread, the same up to float rounding).
 
 use super::LinearShape;
+use crate::ops::par::*;
 use crate::ops::real::Real;
 use crate::ops::Grad;
 #[cfg(feature = "fast-cpu")]
 use gemm::Parallelism;
+
+/// Rows per task of the bias fill.
+const BIAS_ROWS: usize = 64;
 
 /// Products smaller than this many multiply-adds run on the calling thread.
 #[cfg(feature = "fast-cpu")]
@@ -155,9 +159,13 @@ pub fn forward<T: Real>(x: &[T], w: &[T], bias: Option<&[T]>, y: &mut [T], sh: &
     assert!(x.len() >= rows * d_in && w.len() >= d_out * d_in && y.len() >= rows * d_out);
     if let Some(b) = bias {
         assert!(b.len() >= d_out);
-        for row in y[..rows * d_out].chunks_exact_mut(d_out) {
-            row.copy_from_slice(&b[..d_out]);
-        }
+        // The product then adds to the bias; filling is a pass over all of y, so it is split
+        // across the threads like the product.
+        y[..rows * d_out].par_chunks_mut(d_out * BIAS_ROWS).for_each(|block| {
+            for row in block.chunks_exact_mut(d_out) {
+                row.copy_from_slice(&b[..d_out]);
+            }
+        });
     }
     // SAFETY: bounds asserted above; y is a distinct &mut slice.
     unsafe {

@@ -1,0 +1,534 @@
+//! f32 vector kernels of the CPU attention (`ops::attention::cpu_f32`) on AVX2 + FMA or
+//! AVX-512F: register-blocked products for small operands, where a general GEMM's packing and
+//! dispatch cost as much as the arithmetic (a 227 x 227 x 64 product is 6.6 MFLOP, about 30 us
+//! on one core), and the softmax rows with a vector `exp`.
+//!
+//! `C[m, w] (+)= alpha * A[m, k] B[k, w]`: `B` row-major with any row stride, `w` a multiple of
+//! the vector width (callers pad), `A` read one element at a time (broadcast) by any row and
+//! column strides, so `A^T` costs nothing. A tile of `R` rows by `NV` vectors of `C` sits in
+//! registers for the whole `k` loop; each element's sum runs over `p = 0..k` in order, so a row
+//! of `C` does not depend on the other rows or on how the work is split. AVX-512F (16 lanes,
+//! with the crate's `avx512` feature) or AVX2 + FMA (8 lanes), picked at run time.
+
+#[cfg(target_arch = "x86_64")]
+use std::arch::x86_64::*;
+
+/// Which vector width a product runs at.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Isa {
+    /// AVX2 + FMA, 8 lanes.
+    Avx2,
+    /// AVX-512F, 16 lanes.
+    Avx512,
+}
+
+impl Isa {
+    /// Lanes per vector.
+    pub(crate) fn lanes(self) -> usize {
+        match self {
+            Isa::Avx2 => 8,
+            Isa::Avx512 => 16,
+        }
+    }
+
+    /// The widest this CPU and build run (AVX-512 only with the `avx512` feature), if any.
+    pub(crate) fn best() -> Option<Isa> {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if cfg!(feature = "avx512") && std::arch::is_x86_feature_detected!("avx512f") {
+                return Some(Isa::Avx512);
+            }
+            if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+                return Some(Isa::Avx2);
+            }
+        }
+        None
+    }
+}
+
+/// Operands of one product (strides in elements).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Mm {
+    pub m: usize,
+    /// Columns of `B` and `C`: a multiple of the lanes.
+    pub w: usize,
+    pub k: usize,
+    /// `A[i, p]` at `a + i * a_rs + p * a_cs`.
+    pub a: *const f32,
+    pub a_rs: usize,
+    pub a_cs: usize,
+    /// `B[p, j]` at `b + p * ldb + j`.
+    pub b: *const f32,
+    pub ldb: usize,
+    /// `C[i, j]` at `c + i * ldc + j`.
+    pub c: *mut f32,
+    pub ldc: usize,
+    pub alpha: f32,
+    /// Add to `C` instead of overwriting it.
+    pub accumulate: bool,
+}
+
+/// Runs the product at `isa`.
+///
+/// # Safety
+/// `isa` must be supported by the CPU ([`Isa::best`] or narrower); `mm.w` a multiple of its
+/// lanes; every addressed element in bounds; `C` must not overlap `A` or `B`.
+pub(crate) unsafe fn matmul(isa: Isa, mm: &Mm) {
+    debug_assert_eq!(mm.w % isa.lanes(), 0);
+    #[cfg(target_arch = "x86_64")]
+    match isa {
+        Isa::Avx2 => avx2(mm),
+        Isa::Avx512 => avx512(mm),
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = mm;
+        unreachable!("simd32: no SIMD product on this architecture");
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn avx2(mm: &Mm) {
+    run::<Y, 6, 2>(mm)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn avx512(mm: &Mm) {
+    run::<Z, 6, 4>(mm)
+}
+
+/// A vector of f32 lanes.
+#[cfg(target_arch = "x86_64")]
+trait Vf: Copy {
+    const L: usize;
+    unsafe fn zero() -> Self;
+    unsafe fn splat(p: *const f32) -> Self;
+    unsafe fn set1(x: f32) -> Self;
+    unsafe fn load(p: *const f32) -> Self;
+    unsafe fn store(self, p: *mut f32);
+    /// `a * b + self`, fused.
+    unsafe fn fma(self, a: Self, b: Self) -> Self;
+    unsafe fn mul(self, b: Self) -> Self;
+    unsafe fn add(self, b: Self) -> Self;
+    unsafe fn sub(self, b: Self) -> Self;
+    unsafe fn max(self, b: Self) -> Self;
+    unsafe fn min(self, b: Self) -> Self;
+    /// `2^n` for `t = 1.5 * 2^23 + n` (integer `n` in -127..=128 held in `t`'s low bits).
+    unsafe fn pow2(t: Self) -> Self;
+    /// Lanes where `self >= lim` kept, the others 0.
+    unsafe fn zero_below(self, x: Self, lim: Self) -> Self;
+    /// The lanes' maximum, reduced in a fixed order.
+    unsafe fn hmax(self) -> f32;
+    /// The lanes' sum, reduced in a fixed order.
+    unsafe fn hsum(self) -> f32;
+}
+
+/// AVX2: 8 lanes.
+#[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy)]
+struct Y(__m256);
+
+#[cfg(target_arch = "x86_64")]
+impl Vf for Y {
+    const L: usize = 8;
+    #[inline(always)]
+    unsafe fn zero() -> Self {
+        Y(_mm256_setzero_ps())
+    }
+    #[inline(always)]
+    unsafe fn splat(p: *const f32) -> Self {
+        Y(_mm256_broadcast_ss(&*p))
+    }
+    #[inline(always)]
+    unsafe fn set1(x: f32) -> Self {
+        Y(_mm256_set1_ps(x))
+    }
+    #[inline(always)]
+    unsafe fn load(p: *const f32) -> Self {
+        Y(_mm256_loadu_ps(p))
+    }
+    #[inline(always)]
+    unsafe fn store(self, p: *mut f32) {
+        _mm256_storeu_ps(p, self.0)
+    }
+    #[inline(always)]
+    unsafe fn fma(self, a: Self, b: Self) -> Self {
+        Y(_mm256_fmadd_ps(a.0, b.0, self.0))
+    }
+    #[inline(always)]
+    unsafe fn mul(self, b: Self) -> Self {
+        Y(_mm256_mul_ps(self.0, b.0))
+    }
+    #[inline(always)]
+    unsafe fn add(self, b: Self) -> Self {
+        Y(_mm256_add_ps(self.0, b.0))
+    }
+    #[inline(always)]
+    unsafe fn sub(self, b: Self) -> Self {
+        Y(_mm256_sub_ps(self.0, b.0))
+    }
+    #[inline(always)]
+    unsafe fn max(self, b: Self) -> Self {
+        Y(_mm256_max_ps(self.0, b.0))
+    }
+    #[inline(always)]
+    unsafe fn min(self, b: Self) -> Self {
+        Y(_mm256_min_ps(self.0, b.0))
+    }
+    #[inline(always)]
+    unsafe fn pow2(t: Self) -> Self {
+        let bits = _mm256_sub_epi32(_mm256_castps_si256(t.0), _mm256_set1_epi32(ROUND.to_bits() as i32 - 127));
+        Y(_mm256_castsi256_ps(_mm256_slli_epi32::<23>(bits)))
+    }
+    #[inline(always)]
+    unsafe fn zero_below(self, x: Self, lim: Self) -> Self {
+        Y(_mm256_and_ps(self.0, _mm256_cmp_ps::<_CMP_GE_OQ>(x.0, lim.0)))
+    }
+    #[inline(always)]
+    unsafe fn hmax(self) -> f32 {
+        let mut l = [0.0f32; 8];
+        _mm256_storeu_ps(l.as_mut_ptr(), self.0);
+        l.iter().copied().fold(f32::NEG_INFINITY, f32::max)
+    }
+    #[inline(always)]
+    unsafe fn hsum(self) -> f32 {
+        let mut l = [0.0f32; 8];
+        _mm256_storeu_ps(l.as_mut_ptr(), self.0);
+        ((l[0] + l[1]) + (l[2] + l[3])) + ((l[4] + l[5]) + (l[6] + l[7]))
+    }
+}
+
+/// AVX-512F: 16 lanes.
+#[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy)]
+struct Z(__m512);
+
+#[cfg(target_arch = "x86_64")]
+impl Vf for Z {
+    const L: usize = 16;
+    #[inline(always)]
+    unsafe fn zero() -> Self {
+        Z(_mm512_setzero_ps())
+    }
+    #[inline(always)]
+    unsafe fn splat(p: *const f32) -> Self {
+        Z(_mm512_set1_ps(*p))
+    }
+    #[inline(always)]
+    unsafe fn set1(x: f32) -> Self {
+        Z(_mm512_set1_ps(x))
+    }
+    #[inline(always)]
+    unsafe fn load(p: *const f32) -> Self {
+        Z(_mm512_loadu_ps(p))
+    }
+    #[inline(always)]
+    unsafe fn store(self, p: *mut f32) {
+        _mm512_storeu_ps(p, self.0)
+    }
+    #[inline(always)]
+    unsafe fn fma(self, a: Self, b: Self) -> Self {
+        Z(_mm512_fmadd_ps(a.0, b.0, self.0))
+    }
+    #[inline(always)]
+    unsafe fn mul(self, b: Self) -> Self {
+        Z(_mm512_mul_ps(self.0, b.0))
+    }
+    #[inline(always)]
+    unsafe fn add(self, b: Self) -> Self {
+        Z(_mm512_add_ps(self.0, b.0))
+    }
+    #[inline(always)]
+    unsafe fn sub(self, b: Self) -> Self {
+        Z(_mm512_sub_ps(self.0, b.0))
+    }
+    #[inline(always)]
+    unsafe fn max(self, b: Self) -> Self {
+        Z(_mm512_max_ps(self.0, b.0))
+    }
+    #[inline(always)]
+    unsafe fn min(self, b: Self) -> Self {
+        Z(_mm512_min_ps(self.0, b.0))
+    }
+    #[inline(always)]
+    unsafe fn pow2(t: Self) -> Self {
+        let bits = _mm512_sub_epi32(_mm512_castps_si512(t.0), _mm512_set1_epi32(ROUND.to_bits() as i32 - 127));
+        Z(_mm512_castsi512_ps(_mm512_slli_epi32::<23>(bits)))
+    }
+    #[inline(always)]
+    unsafe fn zero_below(self, x: Self, lim: Self) -> Self {
+        Z(_mm512_maskz_mov_ps(_mm512_cmp_ps_mask::<_CMP_GE_OQ>(x.0, lim.0), self.0))
+    }
+    #[inline(always)]
+    unsafe fn hmax(self) -> f32 {
+        let mut l = [0.0f32; 16];
+        _mm512_storeu_ps(l.as_mut_ptr(), self.0);
+        l.iter().copied().fold(f32::NEG_INFINITY, f32::max)
+    }
+    #[inline(always)]
+    unsafe fn hsum(self) -> f32 {
+        let mut l = [0.0f32; 16];
+        _mm512_storeu_ps(l.as_mut_ptr(), self.0);
+        let q = |i: usize| (l[i] + l[i + 1]) + (l[i + 2] + l[i + 3]);
+        (q(0) + q(4)) + (q(8) + q(12))
+    }
+}
+
+/// One `ROWS x VECS` tile at `C[i0.., j0..]`.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn tile<V: Vf, const ROWS: usize, const VECS: usize>(mm: &Mm, i0: usize, j0: usize) {
+    let mut acc = [[V::zero(); VECS]; ROWS];
+    let a0 = mm.a.add(i0 * mm.a_rs);
+    let b0 = mm.b.add(j0);
+    for p in 0..mm.k {
+        let bp = b0.add(p * mm.ldb);
+        let mut bv = [V::zero(); VECS];
+        for (v, b) in bv.iter_mut().enumerate() {
+            *b = V::load(bp.add(v * V::L));
+        }
+        let ap = a0.add(p * mm.a_cs);
+        for (r, row) in acc.iter_mut().enumerate() {
+            let a = V::splat(ap.add(r * mm.a_rs));
+            for (v, c) in row.iter_mut().enumerate() {
+                *c = c.fma(a, bv[v]);
+            }
+        }
+    }
+    let alpha = V::set1(mm.alpha);
+    for (r, row) in acc.iter().enumerate() {
+        let cp = mm.c.add((i0 + r) * mm.ldc + j0);
+        for (v, c) in row.iter().enumerate() {
+            let mut out = c.mul(alpha);
+            if mm.accumulate {
+                out = out.add(V::load(cp.add(v * V::L)));
+            }
+            out.store(cp.add(v * V::L));
+        }
+    }
+}
+
+/// Column panels of up to `NV` vectors outside, tiles of up to `R` rows inside, so a panel of
+/// `B` stays in L1 while every row tile streams past it. `R x NV` accumulators plus `NV` loads
+/// and a broadcast must fit the register file: 6 x 2 for AVX2's 16 registers, 6 x 4 for
+/// AVX-512's 32 (24 FMAs per 10 loads).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn run<V: Vf, const R: usize, const NV: usize>(mm: &Mm) {
+    macro_rules! rows {
+        ($vecs:literal, $i0:expr, $rows:expr, $j0:expr) => {
+            match $rows {
+                6 => tile::<V, 6, $vecs>(mm, $i0, $j0),
+                5 => tile::<V, 5, $vecs>(mm, $i0, $j0),
+                4 => tile::<V, 4, $vecs>(mm, $i0, $j0),
+                3 => tile::<V, 3, $vecs>(mm, $i0, $j0),
+                2 => tile::<V, 2, $vecs>(mm, $i0, $j0),
+                _ => tile::<V, 1, $vecs>(mm, $i0, $j0),
+            }
+        };
+    }
+    let mut j0 = 0;
+    while j0 < mm.w {
+        let vecs = ((mm.w - j0) / V::L).min(NV);
+        let mut i0 = 0;
+        while i0 < mm.m {
+            let rows = (mm.m - i0).min(R);
+            match vecs {
+                4 => rows!(4, i0, rows, j0),
+                3 => rows!(3, i0, rows, j0),
+                2 => rows!(2, i0, rows, j0),
+                _ => rows!(1, i0, rows, j0),
+            }
+            i0 += rows;
+        }
+        j0 += vecs * V::L;
+    }
+}
+
+/// `1.5 * 2^23`: adding it rounds to an integer held in the low mantissa bits.
+#[cfg(target_arch = "x86_64")]
+const ROUND: f32 = 12_582_912.0;
+
+/// `exp` per lane: `ops::real::exp_f32`'s reduction and polynomial with fused multiply-adds
+/// (so a few ulp apart from it); 0 below -87.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn exp<V: Vf>(x: V) -> V {
+    let lo = V::set1(-87.0);
+    let xc = x.max(lo).min(V::set1(88.5));
+    let t = V::set1(ROUND).fma(xc, V::set1(std::f32::consts::LOG2_E));
+    let n = t.sub(V::set1(ROUND));
+    let r = xc.fma(n, V::set1(-0.693_359_4));
+    let r = r.fma(n, V::set1(2.121_944_4e-4));
+    let mut p = V::set1(1.398_199_9e-3).fma(V::set1(1.987_569_1e-4), r);
+    p = V::set1(8.333_452e-3).fma(p, r);
+    p = V::set1(4.166_579_6e-2).fma(p, r);
+    p = V::set1(1.666_666_5e-1).fma(p, r);
+    p = V::set1(0.5).fma(p, r);
+    let e = r.add(V::set1(1.0)).fma(p, r.mul(r));
+    e.mul(V::pow2(t)).zero_below(x, lo)
+}
+
+/// Softmax of a row in place, `row.len()` a multiple of the lanes (pad with `-inf`); returns
+/// its log-sum-exp. The row's maximum must be finite.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn softmax<V: Vf>(row: &mut [f32]) -> f32 {
+    let p = row.as_mut_ptr();
+    let mut mx = V::set1(f32::NEG_INFINITY);
+    for i in (0..row.len()).step_by(V::L) {
+        mx = mx.max(V::load(p.add(i)));
+    }
+    let m = mx.hmax();
+    let mv = V::set1(m);
+    let mut sum = V::zero();
+    for i in (0..row.len()).step_by(V::L) {
+        let e = exp(V::load(p.add(i)).sub(mv));
+        e.store(p.add(i));
+        sum = sum.add(e);
+    }
+    let s = sum.hsum();
+    let inv = V::set1(1.0 / s);
+    for i in (0..row.len()).step_by(V::L) {
+        V::load(p.add(i)).mul(inv).store(p.add(i));
+    }
+    m + s.ln()
+}
+
+/// `p = exp(p - lse)` then `dp = p * (dp - di)`, in place, over rows of a multiple of the lanes.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn softmax_grad<V: Vf>(p: &mut [f32], dp: &mut [f32], lse: f32, di: f32) {
+    let (pp, dpp) = (p.as_mut_ptr(), dp.as_mut_ptr());
+    let (l, dv) = (V::set1(lse), V::set1(di));
+    for i in (0..p.len()).step_by(V::L) {
+        let e = exp(V::load(pp.add(i)).sub(l));
+        e.store(pp.add(i));
+        e.mul(V::load(dpp.add(i)).sub(dv)).store(dpp.add(i));
+    }
+}
+
+/// Softmax of `row` in place at `isa`; returns the row's log-sum-exp. `row.len()` must be a
+/// multiple of the lanes (padded with `-inf`, which come out 0) and its maximum finite.
+///
+/// # Safety
+/// `isa` must be supported by the CPU.
+pub(crate) unsafe fn softmax_row(isa: Isa, row: &mut [f32]) -> f32 {
+    debug_assert_eq!(row.len() % isa.lanes(), 0);
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn y(row: &mut [f32]) -> f32 {
+            softmax::<Y>(row)
+        }
+        #[target_feature(enable = "avx512f")]
+        unsafe fn z(row: &mut [f32]) -> f32 {
+            softmax::<Z>(row)
+        }
+        match isa {
+            Isa::Avx2 => y(row),
+            Isa::Avx512 => z(row),
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = row;
+        unreachable!("simd32: no SIMD on this architecture");
+    }
+}
+
+/// The attention backward's row step at `isa`: `p = exp(p - lse)` (the probabilities from the
+/// scaled scores), then `dp = p * (dp - di)` (the scores' gradient). Equal lengths, a multiple
+/// of the lanes.
+///
+/// # Safety
+/// `isa` must be supported by the CPU.
+pub(crate) unsafe fn softmax_grad_row(isa: Isa, p: &mut [f32], dp: &mut [f32], lse: f32, di: f32) {
+    debug_assert!(p.len() == dp.len() && p.len().is_multiple_of(isa.lanes()));
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn y(p: &mut [f32], dp: &mut [f32], lse: f32, di: f32) {
+            softmax_grad::<Y>(p, dp, lse, di)
+        }
+        #[target_feature(enable = "avx512f")]
+        unsafe fn z(p: &mut [f32], dp: &mut [f32], lse: f32, di: f32) {
+            softmax_grad::<Z>(p, dp, lse, di)
+        }
+        match isa {
+            Isa::Avx2 => y(p, dp, lse, di),
+            Isa::Avx512 => z(p, dp, lse, di),
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (p, dp, lse, di);
+        unreachable!("simd32: no SIMD on this architecture");
+    }
+}
+
+#[cfg(all(test, target_arch = "x86_64"))]
+mod tests {
+    use super::*;
+
+    /// Every tile shape and tail at every width this CPU runs, against the definition.
+    #[test]
+    fn products_match_the_definition() {
+        let Some(best) = Isa::best() else { return };
+        let isas: &[Isa] = if best == Isa::Avx512 {
+            &[Isa::Avx2, Isa::Avx512]
+        } else {
+            &[Isa::Avx2]
+        };
+        let val = |i: usize, s: usize| ((i * 2_654_435_761 + s * 97) % 1000) as f32 / 500.0 - 1.0;
+        for &isa in isas {
+            let l = isa.lanes();
+            for (m, vecs, k) in [(1, 1, 1), (7, 3, 5), (13, 2, 64), (6, 4, 17), (29, 5, 3)] {
+                let w = vecs * l;
+                for (transposed, accumulate) in [(false, false), (true, true)] {
+                    let a: Vec<f32> = (0..m * k).map(|i| val(i, 1)).collect();
+                    let ldb = w + 3;
+                    let b: Vec<f32> = (0..k * ldb).map(|i| val(i, 2)).collect();
+                    let ldc = w + 1;
+                    let c0: Vec<f32> = (0..m * ldc).map(|i| val(i, 3)).collect();
+                    let mut c = c0.clone();
+                    // A as [m, k] row-major, or as the transpose of a [k, m] one.
+                    let (a_rs, a_cs) = if transposed { (1, m) } else { (k, 1) };
+                    let mm = Mm {
+                        m,
+                        w,
+                        k,
+                        a: a.as_ptr(),
+                        a_rs,
+                        a_cs,
+                        b: b.as_ptr(),
+                        ldb,
+                        c: c.as_mut_ptr(),
+                        ldc,
+                        alpha: 0.75,
+                        accumulate,
+                    };
+                    // SAFETY: isa is supported; sizes as allocated.
+                    unsafe { matmul(isa, &mm) };
+                    for i in 0..m {
+                        for j in 0..ldc {
+                            let got = c[i * ldc + j];
+                            if j >= w {
+                                assert_eq!(got, c0[i * ldc + j], "{isa:?}: column {j} past w written");
+                                continue;
+                            }
+                            let s: f64 = (0..k).map(|p| a[i * a_rs + p * a_cs] as f64 * b[p * ldb + j] as f64).sum();
+                            let want = 0.75 * s + if accumulate { c0[i * ldc + j] as f64 } else { 0.0 };
+                            assert!(
+                                (got as f64 - want).abs() <= 1e-5 * (1.0 + s.abs()),
+                                "{isa:?} m {m} w {w} k {k} ({i}, {j}): {got} vs {want}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
