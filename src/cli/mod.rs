@@ -3,6 +3,7 @@
 pub mod bench_step;
 pub mod eval;
 pub mod group;
+pub mod launch;
 pub mod metrics;
 pub mod predict;
 pub mod prepare;

@@ -13,6 +13,7 @@
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -80,7 +81,8 @@ fn write_frame(w: &mut TcpStream, kind: u8, payload: &[u8]) -> std::io::Result<(
 struct Peer {
     rank: usize,
     writer: Arc<Mutex<TcpStream>>,
-    rx: Receiver<Vec<u8>>,
+    /// In a mutex so that the links can be shared between threads (`Control` is `Sync`).
+    rx: Mutex<Receiver<Vec<u8>>>,
 }
 
 /// One rank's end of the control links.
@@ -91,7 +93,7 @@ pub struct Control {
     peers: Vec<Peer>,
     shared: Arc<Shared>,
     timeout: Duration,
-    finished: bool,
+    finished: AtomicBool,
 }
 
 impl Control {
@@ -129,7 +131,11 @@ impl Control {
                 .name(format!("mlvpt-link-{peer}"))
                 .spawn(move || read_link(peer, r, tx, sh))
                 .context("control link: starting its reader")?;
-            peers.push(Peer { rank: peer, writer: w, rx });
+            peers.push(Peer {
+                rank: peer,
+                writer: w,
+                rx: Mutex::new(rx),
+            });
         }
         Ok(Self {
             rank,
@@ -137,7 +143,7 @@ impl Control {
             peers,
             shared,
             timeout,
-            finished: false,
+            finished: AtomicBool::new(false),
         })
     }
 
@@ -173,8 +179,9 @@ impl Control {
 
     fn recv(&self, peer: &Peer) -> anyhow::Result<Vec<u8>> {
         let start = Instant::now();
+        let rx = peer.rx.lock().unwrap_or_else(|p| p.into_inner());
         loop {
-            match peer.rx.recv_timeout(Duration::from_millis(200)) {
+            match rx.recv_timeout(Duration::from_millis(200)) {
                 Ok(v) => return Ok(v),
                 Err(RecvTimeoutError::Disconnected) => {
                     bail!(
@@ -217,14 +224,25 @@ impl Control {
         }
     }
 
-    /// `sum_r weight_r * values_r` over the ranks (each rank's `weight` and `values`, of one
-    /// length), summed on rank 0 in f64 in rank order, so every rank gets the same bits.
-    pub fn weighted_sum(&self, values: &[f32], weight: f64) -> anyhow::Result<Vec<f32>> {
+    /// `sum_r weight_r * values_r / sum_r weight_r` over the ranks (each rank's `weight` and
+    /// `values`, of one length; 0 where every weight is 0), summed on rank 0 in f64 in rank
+    /// order, so every rank gets the same bits; and `sum_r weight_r`.
+    pub fn weighted_mean(&self, values: &[f32], weight: f64) -> anyhow::Result<(Vec<f32>, f64)> {
         let mut mine = Vec::with_capacity(8 + 4 * values.len());
         mine.extend_from_slice(&weight.to_le_bytes());
         mine.extend_from_slice(bytemuck::cast_slice(values));
+        let decode = |b: &[u8]| -> (f64, Vec<f32>) {
+            let w = f64::from_le_bytes(b[..8].try_into().expect("8 bytes"));
+            (
+                w,
+                b[8..]
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes")))
+                    .collect(),
+            )
+        };
         if self.rank == 0 {
-            let mut acc = vec![0f64; values.len()];
+            let (mut acc, mut total) = (vec![0f64; values.len()], 0f64);
             let mut add = |b: &[u8], r: usize| -> anyhow::Result<()> {
                 if b.len() != mine.len() {
                     bail!(
@@ -233,9 +251,10 @@ impl Control {
                         values.len()
                     );
                 }
-                let w = f64::from_le_bytes(b[..8].try_into().expect("8 bytes"));
-                for (a, c) in acc.iter_mut().zip(b[8..].chunks_exact(4)) {
-                    *a += w * f32::from_le_bytes(c.try_into().expect("4 bytes")) as f64;
+                let (w, v) = decode(b);
+                total += w;
+                for (a, x) in acc.iter_mut().zip(v) {
+                    *a += w * x as f64;
                 }
                 Ok(())
             };
@@ -244,27 +263,30 @@ impl Control {
                 let b = self.recv(p)?;
                 add(&b, p.rank)?;
             }
-            let out: Vec<f32> = acc.iter().map(|&a| a as f32).collect();
+            let out: Vec<f32> = acc.iter().map(|&a| if total > 0.0 { (a / total) as f32 } else { 0.0 }).collect();
+            let mut reply = total.to_le_bytes().to_vec();
+            reply.extend_from_slice(bytemuck::cast_slice(&out));
             for p in &self.peers {
-                self.send(p, bytemuck::cast_slice(&out))?;
+                self.send(p, &reply)?;
             }
-            Ok(out)
+            Ok((out, total))
         } else {
             let p = &self.peers[0];
             self.send(p, &mine)?;
             let b = self.recv(p)?;
-            if b.len() != 4 * values.len() {
+            if b.len() != 8 + 4 * values.len() {
                 bail!("rank 0 sent {} bytes for {} values", b.len(), values.len());
             }
-            Ok(b.chunks_exact(4)
-                .map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes")))
-                .collect())
+            let (total, out) = decode(&b);
+            Ok((out, total))
         }
     }
 
     /// Tells the peers this rank is done: their links then close quietly.
-    pub fn finish(mut self) {
-        self.finished = true;
+    pub fn finish(&self) {
+        if self.finished.swap(true, Ordering::SeqCst) {
+            return;
+        }
         for p in &self.peers {
             let mut w = p.writer.lock().unwrap_or_else(|e| e.into_inner());
             let _ = write_frame(&mut w, FINISHED, &[]);
@@ -272,11 +294,10 @@ impl Control {
     }
 
     /// Tells the peers this rank failed with `msg` (they stop with it).
-    pub fn abort(&mut self, msg: &str) {
-        if self.finished {
+    pub fn abort(&self, msg: &str) {
+        if self.finished.swap(true, Ordering::SeqCst) {
             return;
         }
-        self.finished = true;
         let msg = format!("rank {} failed: {msg}", self.rank);
         for p in &self.peers {
             let mut w = p.writer.lock().unwrap_or_else(|e| e.into_inner());
@@ -288,9 +309,7 @@ impl Control {
 
 impl Drop for Control {
     fn drop(&mut self) {
-        if !self.finished {
-            self.abort("it stopped before the end of the job");
-        }
+        self.abort("it stopped before the end of the job");
     }
 }
 
@@ -405,14 +424,14 @@ pub(crate) mod tests {
         let out = on_threads(group(3, Duration::from_secs(10)), |c| {
             let r = c.rank();
             let g = c.all_gather(&vec![r as u8; r + 1]).unwrap();
-            let s = c.weighted_sum(&[1.0, r as f32], 0.5 * (r + 1) as f64).unwrap();
+            let s = c.weighted_mean(&[1.0, r as f32], 0.5 * (r + 1) as f64).unwrap();
             c.finish();
             (g, s)
         });
         for (g, s) in &out {
             assert_eq!(g, &vec![vec![0u8], vec![1, 1], vec![2, 2, 2]]);
-            // weights 0.5, 1, 1.5: sum 3; second: 0*0.5 + 1*1 + 2*1.5 = 4
-            assert_eq!(s, &vec![3.0, 4.0]);
+            // weights 0.5, 1, 1.5 (sum 3): means 1 and (0*0.5 + 1*1 + 2*1.5) / 3 = 4/3
+            assert_eq!(s, &(vec![1.0, (4.0f64 / 3.0) as f32], 3.0));
         }
     }
 
@@ -426,7 +445,7 @@ pub(crate) mod tests {
         }
         std::mem::forget(dead);
         let t = Instant::now();
-        let out = on_threads(cs, |c| c.weighted_sum(&[1.0], 1.0).map(|_| ()).unwrap_err().to_string());
+        let out = on_threads(cs, |c| c.weighted_mean(&[1.0], 1.0).map(|_| ()).unwrap_err().to_string());
         assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
         for e in out {
             assert!(e.contains("rank 2 is gone"), "{e}");
@@ -436,7 +455,7 @@ pub(crate) mod tests {
     #[test]
     fn a_failing_rank_tells_the_others_why() {
         let mut cs = group(2, Duration::from_secs(30));
-        let mut one = cs.pop().unwrap();
+        let one = cs.pop().unwrap();
         one.abort("disk full");
         let e = cs.pop().unwrap().all_gather(&[1]).unwrap_err().to_string();
         assert!(e.contains("rank 1 failed: disk full"), "{e}");

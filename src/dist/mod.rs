@@ -2,9 +2,14 @@
 //! one process per rank under torchrun or SLURM): the launch environment ([`env`]), the
 //! start-up exchange of the NCCL unique id ([`rendezvous`]), the control links that watch the
 //! peers and carry small host collectives ([`control`]), which images each rank takes
-//! ([`shard`]).
+//! ([`shard`]) and the gradient exchange between the backward and AdamW ([`sync`]).
 
 pub mod control;
 pub mod env;
+pub mod job;
 pub mod rendezvous;
 pub mod shard;
+pub mod sync;
+
+pub use env::LaunchEnv;
+pub use job::Job;

@@ -1,0 +1,226 @@
+//! Data-parallel `mlvpt train`: `--gpus N|LIST` starts one process per GPU on this machine
+//! (this binary again, with the torchrun variables set), and a process started by torchrun,
+//! SLURM or `--gpus` joins its job as one rank.
+
+use std::ffi::OsString;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, ensure, Context};
+
+use super::Device;
+use mlvpt::dist::{env::DEVICE_VAR, rendezvous, Job, LaunchEnv};
+
+/// `--gpus`: a count N (GPUs 0..N) or a comma-separated list of device ordinals.
+pub fn parse_gpus(s: &str) -> anyhow::Result<Vec<usize>> {
+    let s = s.trim();
+    let bad = || format!("--gpus {s:?}: expected a count (4) or a list of device numbers (0,2,3)");
+    let list: Vec<usize> = if s.contains(',') {
+        s.split(',')
+            .filter(|p| !p.trim().is_empty())
+            .map(|p| p.trim().parse::<usize>().with_context(bad))
+            .collect::<anyhow::Result<_>>()?
+    } else {
+        (0..s.parse::<usize>().with_context(bad)?).collect()
+    };
+    ensure!(!list.is_empty(), "--gpus {s:?}: at least one GPU");
+    let mut seen = list.clone();
+    seen.sort_unstable();
+    seen.dedup();
+    ensure!(seen.len() == list.len(), "--gpus {s:?}: a GPU is listed twice");
+    Ok(list)
+}
+
+/// CUDA devices this machine shows (0 without the `cuda` feature or a driver).
+pub fn device_count() -> usize {
+    #[cfg(feature = "cuda")]
+    {
+        mlvpt::dist::sync::device_count()
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        0
+    }
+}
+
+/// The arguments of this command without `--gpus VALUE` (what each child runs).
+fn child_args() -> Vec<OsString> {
+    let mut out = Vec::new();
+    let mut skip = false;
+    for a in std::env::args_os().skip(1) {
+        if skip {
+            skip = false;
+            continue;
+        }
+        match a.to_str() {
+            Some("--gpus") => skip = true,
+            Some(s) if s.starts_with("--gpus=") => {}
+            _ => out.push(a),
+        }
+    }
+    out
+}
+
+/// Copies `from` to our stdout or stderr, each line prefixed.
+fn forward(from: impl Read + Send + 'static, prefix: String, to_stderr: bool) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        for line in BufReader::new(from).lines() {
+            let Ok(line) = line else { return };
+            if to_stderr {
+                let _ = writeln!(std::io::stderr().lock(), "{prefix}{line}");
+            } else {
+                let _ = writeln!(std::io::stdout().lock(), "{prefix}{line}");
+            }
+        }
+    })
+}
+
+/// `mlvpt train --gpus LIST`: one child per GPU on 127.0.0.1; their output forwarded (stderr
+/// prefixed `[rank r]`, rank 0's stdout as is); the first child to fail ends the others, and
+/// its failure is the command's.
+pub fn launch(gpus: &[usize], device: Device) -> anyhow::Result<()> {
+    ensure!(
+        device != Device::Auto,
+        "--gpus needs --device cuda (or --device cpu, which runs the ranks on the CPU and exchanges gradients \
+         through the host, for tests)"
+    );
+    if device == Device::Cuda {
+        let count = device_count();
+        if let Some(&g) = gpus.iter().find(|&&g| g >= count) {
+            bail!("--gpus asks for CUDA device {g}, but this machine shows {count} device(s)");
+        }
+    }
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .context("finding a free port for the start-up exchange")?
+        .port();
+    let exe = std::env::current_exe().context("finding this program to start the ranks")?;
+    let args = child_args();
+    let world = gpus.len();
+    let mut children: Vec<(usize, Child)> = Vec::new();
+    let mut pipes = Vec::new();
+    for (rank, &gpu) in gpus.iter().enumerate() {
+        let mut c = Command::new(&exe);
+        c.args(&args)
+            .env("RANK", rank.to_string())
+            .env("WORLD_SIZE", world.to_string())
+            .env("LOCAL_RANK", rank.to_string())
+            .env("MASTER_ADDR", "127.0.0.1")
+            .env("MASTER_PORT", port.to_string())
+            .env(DEVICE_VAR, gpu.to_string())
+            .stdin(Stdio::null())
+            .stdout(if rank == 0 { Stdio::inherit() } else { Stdio::piped() })
+            .stderr(Stdio::piped());
+        let mut child = match c.spawn() {
+            Ok(ch) => ch,
+            Err(e) => {
+                for (_, ch) in &mut children {
+                    let _ = ch.kill();
+                    let _ = ch.wait();
+                }
+                bail!("starting rank {rank}: {e}");
+            }
+        };
+        if let Some(o) = child.stdout.take() {
+            pipes.push(forward(o, format!("[rank {rank}] "), false));
+        }
+        if let Some(e) = child.stderr.take() {
+            pipes.push(forward(e, format!("[rank {rank}] "), true));
+        }
+        children.push((rank, child));
+    }
+    // The first failure ends the others.
+    let mut failed: Option<String> = None;
+    let mut running = children.len();
+    let mut done = vec![false; children.len()];
+    while running > 0 {
+        for (i, (rank, ch)) in children.iter_mut().enumerate() {
+            if done[i] {
+                continue;
+            }
+            if let Some(status) = ch.try_wait().context("waiting for a rank")? {
+                done[i] = true;
+                running -= 1;
+                if !status.success() && failed.is_none() {
+                    failed = Some(format!("rank {rank} (GPU {}) failed ({status})", gpus[*rank]));
+                }
+            }
+        }
+        if failed.is_some() {
+            // Give the others a moment to stop by themselves (their links report the failure),
+            // then end them.
+            let until = std::time::Instant::now() + Duration::from_secs(15);
+            while std::time::Instant::now() < until && children.iter_mut().any(|(_, c)| matches!(c.try_wait(), Ok(None))) {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            for (_, ch) in &mut children {
+                if matches!(ch.try_wait(), Ok(None)) {
+                    let _ = ch.kill();
+                }
+                let _ = ch.wait();
+            }
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for p in pipes {
+        let _ = p.join();
+    }
+    match failed {
+        Some(f) => bail!("{f}; the other ranks were stopped (their output above says why)"),
+        None => Ok(()),
+    }
+}
+
+/// This process's job when the environment names one (torchrun, SLURM or `--gpus`): the
+/// launch checked, the start-up exchange done. `None` for a single process.
+pub fn join_job(device: Device, timeout: Duration) -> anyhow::Result<Option<Arc<Job>>> {
+    let Some(env) = LaunchEnv::from_env()? else {
+        return Ok(None);
+    };
+    ensure!(
+        device != Device::Auto,
+        "a data-parallel job (rank {} of {}, from {}) needs --device cuda (or --device cpu, which exchanges gradients \
+         through the host, for tests)",
+        env.rank,
+        env.world,
+        env.launcher
+    );
+    let cuda = device == Device::Cuda;
+    let mut nccl_id = None;
+    if cuda {
+        env.check_devices(device_count())?;
+        #[cfg(feature = "cuda")]
+        {
+            if env.rank == 0 {
+                nccl_id = Some(mlvpt::dist::sync::Nccl::unique_id()?);
+            } else {
+                // Checked before the exchange so that every rank says it, not only rank 0.
+                mlvpt::dist::sync::Nccl::require()?;
+            }
+        }
+        #[cfg(not(feature = "cuda"))]
+        bail!("this mlvpt was built without CUDA support (rebuild with `cargo build --release --features cuda`)");
+    }
+    let args: Vec<String> = child_args().iter().map(|a| a.to_string_lossy().into_owned()).collect();
+    let token = rendezvous::job_token(&format!("{}\u{1f}{}", env.world, args.join("\u{1f}")));
+    let job = Job::start(env, token, nccl_id, cuda, timeout)?;
+    Ok(Some(Arc::new(job)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gpus_counts_and_lists() {
+        assert_eq!(parse_gpus("2").unwrap(), vec![0, 1]);
+        assert_eq!(parse_gpus("3,1").unwrap(), vec![3, 1]);
+        assert_eq!(parse_gpus("5,").unwrap(), vec![5]);
+        for bad in ["0", "x", "1,1", "1,x"] {
+            assert!(parse_gpus(bad).is_err(), "{bad}");
+        }
+    }
+}
