@@ -338,6 +338,22 @@ pub(crate) fn stream_op(s: usize, what: &str, uses: &[Use]) -> Result<(), CUresu
     }
 }
 
+/// The device of the calling thread's current context (NCCL's `cudaGetDevice`); None when
+/// the thread has no usable context.
+pub(crate) fn current_device() -> Option<i32> {
+    let st = state();
+    let c = need_ctx(&st).ok()?;
+    st.ctxs.get(&c).map(|cs| cs.device)
+}
+
+/// The device that work enqueued on stream handle `s` runs on, or the error the driver would
+/// return for the stream (no current context, unknown handle, a broken context's sticky error).
+pub(crate) fn stream_device(s: usize) -> Result<i32, CUresult> {
+    let st = state();
+    let c = stream_ctx(&st, s as CUstream)?;
+    st.ctxs.get(&c).map(|cs| cs.device).ok_or(CUDA_ERROR_INVALID_CONTEXT)
+}
+
 /// Destroys every object of context `c` and frees its allocations (destroy / reset).
 fn teardown(st: &mut State, c: usize) {
     // VGPU_COUNTERS=summary: the per-kernel totals, once the work of a context is over.

@@ -6,8 +6,12 @@
 //! across streams without an ordering. It proves behaviour, never speed: nothing it runs is a
 //! GPU performance figure.
 //!
-//! Built as `libvgpu.so`; `install.sh` links it as `libcuda.so` and `libcublas.so` so that
-//! cudarc (dynamic loading) finds it through `LD_LIBRARY_PATH`. See docs/GPU.md.
+//! [`nccl`] adds the NCCL collectives across the ranks of threads or processes of one machine,
+//! through shared memory.
+//!
+//! Built as `libvgpu.so`; `install.sh` links it as `libcuda.so`, `libcublas.so` and
+//! `libnccl.so` so that cudarc (dynamic loading) finds it through `LD_LIBRARY_PATH`, and the
+//! three share one state. See docs/GPU.md.
 
 pub mod cublas;
 pub mod device;
@@ -15,5 +19,6 @@ pub mod driver;
 pub mod exec;
 pub mod fatbin;
 pub mod mem;
+pub mod nccl;
 pub mod ptx;
 pub mod streamcheck;
