@@ -63,6 +63,25 @@ fn child_args() -> Vec<OsString> {
     out
 }
 
+/// The arguments that make the job (its token): all but those only rank 0 or each process
+/// alone uses (`--out`, `--quiet`, `--dist-timeout`).
+fn job_args(args: impl Iterator<Item = String>) -> Vec<String> {
+    const LOCAL: [&str; 3] = ["--out", "--quiet", "--dist-timeout"];
+    let mut out = Vec::new();
+    let mut skip = false;
+    for a in args {
+        if std::mem::take(&mut skip) {
+            continue;
+        }
+        match LOCAL.iter().find(|o| a == **o || a.starts_with(&format!("{o}="))) {
+            Some(&"--quiet") => {}
+            Some(o) => skip = a == *o,
+            None => out.push(a),
+        }
+    }
+    out
+}
+
 /// Copies `from` to our stdout or stderr, each line prefixed.
 fn forward(from: impl Read + Send + 'static, prefix: String, to_stderr: bool) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
@@ -204,7 +223,7 @@ pub fn join_job(device: Device, timeout: Duration) -> anyhow::Result<Option<Arc<
         #[cfg(not(feature = "cuda"))]
         bail!("this mlvpt was built without CUDA support (rebuild with `cargo build --release --features cuda`)");
     }
-    let args: Vec<String> = child_args().iter().map(|a| a.to_string_lossy().into_owned()).collect();
+    let args = job_args(child_args().iter().map(|a| a.to_string_lossy().into_owned()));
     let token = rendezvous::job_token(&format!("{}\u{1f}{}", env.world, args.join("\u{1f}")));
     let job = Job::start(env, token, nccl_id, cuda, timeout)?;
     Ok(Some(Arc::new(job)))
@@ -213,6 +232,16 @@ pub fn join_job(device: Device, timeout: Duration) -> anyhow::Result<Option<Arc<
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_job_token_ignores_per_process_options() {
+        let a = |v: &[&str]| job_args(v.iter().map(|s| s.to_string()));
+        assert_eq!(
+            a(&["train", "--out", "x", "--quiet", "--lr", "1", "--dist-timeout=5"]),
+            a(&["train", "--lr", "1", "--out=y"])
+        );
+        assert_ne!(a(&["train", "--lr", "1"]), a(&["train", "--lr", "2"]));
+    }
 
     #[test]
     fn gpus_counts_and_lists() {

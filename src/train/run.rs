@@ -889,7 +889,15 @@ fn run_on<B: Backend>(
                             None => Shard::Images(&images),
                         };
                         let t = if batch_n == 0 { &[][..] } else { &targets[..] };
-                        match trainer.step_shard(shard, t, lr as f32, &mut **sync).with_context(stopped)? {
+                        let stepped = trainer.step_shard(shard, t, lr as f32, &mut **sync).map_err(|e| {
+                            // The --lr hint fits a non-finite loss, not a failed peer.
+                            let why = stopped();
+                            match format!("{e:#}").contains("not finite") {
+                                true => e.context(why),
+                                false => e.context(why.replace(" (a smaller --lr may help)", "")),
+                            }
+                        })?;
+                        match stepped {
                             Some(loss) => loss,
                             None => {
                                 // No rank had a readable image: skipped but counted, as above.
