@@ -1,190 +1,18 @@
-//! Data-parallel `mlvpt train` end to end through the built binary: ranks as processes on this
-//! machine, launched by `--gpus` or with the torchrun variables. On the CPU backend (gradients
-//! exchanged through the host) these run everywhere; the `--device cuda` ones need a CUDA
-//! device with several GPUs and NCCL: tools/test.sh runs them on the virtual device with
-//! `VGPU_DEVICE_COUNT=2` (its libnccl works across the processes of one machine).
+//! Data-parallel `mlvpt train` end to end through the built binary, on the CPU backend
+//! (gradients exchanged through the host): ranks as processes on this machine, launched by
+//! `--gpus` or with the torchrun variables. The same runs on CUDA with NCCL: tests/gpu_dist.rs.
 #![cfg(feature = "train")]
 
-use std::path::Path;
-use std::process::{Command, Output, Stdio};
+mod dist_common;
+
 use std::time::{Duration, Instant};
 
-/// A model and data small enough that a run takes about a second (3 global batches of 16 per
-/// epoch, the last one partial and split unevenly: 41 = 16 + 16 + 9, 5 + 4 images on two
-/// ranks; 25 test images, 13 + 12).
-const TINY: &[&str] = &[
-    "--image-size",
-    "16",
-    "--patch",
-    "4",
-    "--dim",
-    "16",
-    "--depth",
-    "1",
-    "--heads",
-    "2",
-    "--labels",
-    "8",
-    "--groups",
-    "2",
-    "--experts",
-    "2",
-    "--train-images",
-    "41",
-    "--test-images",
-    "25",
-    "--batch-size",
-    "16",
-    "--lr",
-    "5e-3",
-];
-
-fn mlvpt(args: &[&str], env: &[(&str, &str)]) -> Output {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_mlvpt"));
-    c.args(args).env("VGPU_DEVICE_COUNT", "2");
-    for (k, v) in env {
-        c.env(k, v);
-    }
-    c.output().expect("run mlvpt")
-}
-
-fn train(device: &str, out: &Path, extra: &[&str]) -> String {
-    let mut a = vec!["train", "--quiet", "--device", device, "--out", out.to_str().unwrap()];
-    a.extend_from_slice(TINY);
-    a.extend_from_slice(extra);
-    let o = mlvpt(&a, &[]);
-    let err = String::from_utf8_lossy(&o.stderr).into_owned();
-    assert!(o.status.success(), "mlvpt {a:?} failed:\n{err}");
-    assert!(!err.contains("panicked"), "{err}");
-    err
-}
-
-/// (loss, mAP, CF1, OF1) of every epoch in `metrics.jsonl`.
-fn epochs(dir: &Path) -> Vec<[f64; 4]> {
-    std::fs::read_to_string(dir.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| {
-            let v: serde_json::Value = serde_json::from_str(l).unwrap();
-            ["loss", "mAP", "CF1", "OF1"].map(|k| v[k].as_f64().unwrap())
-        })
-        .collect()
-}
-
-/// Loss within `loss_tol` relative, metrics within `metric_tol` points.
-fn close(a: &[[f64; 4]], b: &[[f64; 4]], loss_tol: f64, metric_tol: f64) {
-    assert_eq!(a.len(), b.len(), "{a:?}\n{b:?}");
-    for (x, y) in a.iter().zip(b) {
-        assert!((x[0] - y[0]).abs() <= loss_tol * y[0].abs(), "loss {} vs {}", x[0], y[0]);
-        for i in 1..4 {
-            assert!((x[i] - y[i]).abs() <= metric_tol, "metric {i}: {} vs {}\n{a:?}\n{b:?}", x[i], y[i]);
-        }
-    }
-}
-
-/// Two ranks by `--gpus 2` against one process with the same global batch: the parameters
-/// are identical on both ranks after every epoch (the run checks a SHA-256 of them and says
-/// so), and the run tracks the single process's (the same steps, summed in another order).
-fn two_ranks_track_one_process(device: &str, loss_tol: f64, metric_tol: f64) {
-    let dir = tempfile::tempdir().unwrap();
-    let (one, two) = (dir.path().join("one"), dir.path().join("two"));
-    train(device, &one, &["--epochs", "2"]);
-    let err = train(device, &two, &["--epochs", "2", "--gpus", "2"]);
-    for e in 1..=2 {
-        assert!(
-            err.contains(&format!("[rank 0] epoch {e}: parameters identical on all 2 ranks")),
-            "{err}"
-        );
-    }
-    assert!(!err.contains("[rank 1] epoch"), "rank 1 reports nothing:\n{err}");
-    close(&epochs(&two), &epochs(&one), loss_tol, metric_tol);
-    // Rank 0 alone writes the output folder.
-    let mut files: Vec<String> = std::fs::read_dir(&two)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    files.sort();
-    assert_eq!(files, ["checkpoint.safetensors", "metrics.jsonl"]);
-}
-
-/// One epoch on two ranks, then resumed on one process (another world size) and, from the
-/// same checkpoint, on two: both track the uninterrupted two-rank run.
-fn resume_with_another_world_size(device: &str, loss_tol: f64, metric_tol: f64) {
-    let dir = tempfile::tempdir().unwrap();
-    let (full, part) = (dir.path().join("full"), dir.path().join("part"));
-    train(device, &full, &["--epochs", "2", "--gpus", "2"]);
-    train(device, &part, &["--epochs", "2", "--gpus", "2", "--stop-after", "1"]);
-    let ck = part.join("checkpoint.safetensors");
-    for (name, gpus) in [("as1", None), ("as2", Some("2"))] {
-        let out = dir.path().join(name);
-        std::fs::create_dir_all(&out).unwrap();
-        std::fs::copy(&ck, out.join("checkpoint.safetensors")).unwrap();
-        let mut a = vec!["train", "--quiet", "--device", device, "--resume", out.to_str().unwrap()];
-        if let Some(g) = gpus {
-            a.extend(["--gpus", g]);
-        }
-        let o = mlvpt(&a, &[]);
-        assert!(o.status.success(), "{a:?}:\n{}", String::from_utf8_lossy(&o.stderr));
-        close(&epochs(&out), &epochs(&full), loss_tol, metric_tol);
-    }
-}
-
-/// Rank 1 is killed in the middle of training: rank 0 stops with an error naming what
-/// happened within a few seconds, never hangs.
-fn a_killed_rank_ends_the_other(device: &str) {
-    let dir = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-        .to_string();
-    let spawn = |rank: &str| {
-        let out = dir.path().join(format!("r{rank}"));
-        let mut a = vec!["train", "--quiet", "--device", device, "--out", out.to_str().unwrap()];
-        a.extend_from_slice(TINY);
-        a.extend(["--epochs", "200", "--dist-timeout", "120"]);
-        Command::new(env!("CARGO_BIN_EXE_mlvpt"))
-            .args(&a)
-            .envs([
-                ("RANK", rank),
-                ("WORLD_SIZE", "2"),
-                ("LOCAL_RANK", rank),
-                ("MASTER_ADDR", "127.0.0.1"),
-                ("MASTER_PORT", port.as_str()),
-                ("VGPU_DEVICE_COUNT", "2"),
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap()
-    };
-    let r0 = spawn("0");
-    let mut r1 = spawn("1");
-    // Once rank 0 has written an epoch's metrics both are mid-training.
-    let log = dir.path().join("r0").join("metrics.jsonl");
-    let start = Instant::now();
-    while std::fs::read_to_string(&log).map_or(true, |s| s.is_empty()) {
-        assert!(start.elapsed() < Duration::from_secs(300), "rank 0 wrote no epoch");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    r1.kill().unwrap();
-    r1.wait().unwrap();
-    let killed = Instant::now();
-    let o = r0.wait_with_output().unwrap();
-    let waited = killed.elapsed();
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert!(!o.status.success(), "rank 0 succeeded:\n{err}");
-    assert!(waited < Duration::from_secs(30), "rank 0 took {waited:?} to stop:\n{err}");
-    assert!(!err.contains("panicked"), "{err}");
-    assert!(err.contains("error: training stopped at step"), "{err}");
-    assert!(err.contains("rank 1") || err.contains("ncclRemoteError"), "{err}");
-}
+use dist_common::*;
 
 #[test]
 fn cpu_two_ranks_track_one_process() {
     // f64 sums in rank order: equal up to float rounding of the per-rank means.
-    two_ranks_track_one_process("cpu", 1e-5, 0.5);
+    ranks_track_one_process("cpu", 2, 1e-5, 0.5);
 }
 
 #[test]
@@ -195,19 +23,6 @@ fn cpu_resume_with_another_world_size() {
 #[test]
 fn cpu_a_killed_rank_ends_the_other() {
     a_killed_rank_ends_the_other("cpu");
-}
-
-#[test]
-#[ignore = "requires a CUDA device"]
-fn cuda_two_ranks_track_one_process() {
-    // bf16 activations: the per-rank batches round differently from the single process's.
-    two_ranks_track_one_process("cuda", 1e-3, 3.0);
-}
-
-#[test]
-#[ignore = "requires a CUDA device"]
-fn cuda_a_killed_rank_ends_the_other() {
-    a_killed_rank_ends_the_other("cuda");
 }
 
 #[test]

@@ -218,17 +218,11 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
                 env.launcher
             );
         }
-        if gpus.len() > 1 {
-            if args.resume.is_none() {
-                // Every setting is checked once, before any process starts.
-                args.full_spec()?.validate()?;
-            }
-            return launch::launch(&gpus, args.device);
+        if args.resume.is_none() {
+            // Every setting is checked once, before any process starts.
+            args.full_spec()?.validate()?;
         }
-        ensure!(
-            gpus == [0],
-            "--gpus {g}: one GPU other than device 0 is chosen with CUDA_VISIBLE_DEVICES, not --gpus"
-        );
+        return launch::launch(&gpus, args.device);
     }
     let job = launch::join_job(args.device, timeout)?;
     let result = train_as(args, job.clone());

@@ -343,10 +343,12 @@ fn read_link(peer: usize, mut r: TcpStream, tx: Sender<Vec<u8>>, shared: Arc<Sha
     loop {
         if let Err(e) = r.read_exact(&mut head) {
             if shared.failure().is_none() {
-                let why = if e.kind() == std::io::ErrorKind::UnexpectedEof {
-                    "its process ended or closed the link".to_string()
-                } else {
-                    e.to_string()
+                use std::io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset, UnexpectedEof};
+                let why = match e.kind() {
+                    UnexpectedEof | ConnectionReset | ConnectionAborted | BrokenPipe => {
+                        format!("its process ended or closed the link: {e}")
+                    }
+                    _ => e.to_string(),
                 };
                 shared.fail(format!("rank {peer} is gone ({why})"), Some(peer));
             }

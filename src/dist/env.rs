@@ -8,8 +8,13 @@ use std::fmt;
 use anyhow::{bail, Context};
 
 /// Set by `mlvpt train --gpus LIST` for each child: the CUDA device ordinal it uses (without
-/// it, a rank uses device `LOCAL_RANK`).
+/// it, a rank uses device `LOCAL_RANK`). With it a world of one process is a job too (`--gpus
+/// 1`: the data-parallel code on one GPU).
 pub const DEVICE_VAR: &str = "MLVPT_DIST_DEVICE";
+/// The port of the start-up exchange when `MASTER_PORT` is taken: torchrun's agent serves its
+/// own store on `MASTER_PORT` when it sets `TORCHELASTIC_USE_AGENT_STORE=True`, and the
+/// exchange then uses `MASTER_PORT + 1` unless this says otherwise.
+pub const PORT_VAR: &str = "MLVPT_MASTER_PORT";
 
 /// Where the variables came from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -81,7 +86,7 @@ impl LaunchEnv {
         if rank >= world {
             bail!("launch environment ({launcher}): rank {rank} is not below the world size {world}");
         }
-        if world == 1 {
+        if world == 1 && get(DEVICE_VAR).is_none() {
             return Ok(None);
         }
         let local_rank = match local {
@@ -97,10 +102,18 @@ impl LaunchEnv {
             .with_context(|| format!("launch environment ({launcher}): MASTER_ADDR is not set (rank 0's host name or address)"))?;
         let port = get("MASTER_PORT")
             .with_context(|| format!("launch environment ({launcher}): MASTER_PORT is not set (a free TCP port on rank 0's host)"))?;
-        let master_port = match port.trim().parse::<u16>() {
-            Ok(p) if p > 0 => p,
-            _ => bail!("launch environment: MASTER_PORT={port:?} is not a TCP port (1-65535)"),
+        let parse_port = |name: &str, v: &str| match v.trim().parse::<u16>() {
+            Ok(p) if p > 0 => Ok(p),
+            _ => bail!("launch environment: {name}={v:?} is not a TCP port (1-65535)"),
         };
+        let mut master_port = parse_port("MASTER_PORT", &port)?;
+        if let Some(p) = get(PORT_VAR) {
+            master_port = parse_port(PORT_VAR, &p)?;
+        } else if get("TORCHELASTIC_USE_AGENT_STORE").as_deref() == Some("True") {
+            master_port = master_port
+                .checked_add(1)
+                .with_context(|| format!("launch environment: MASTER_PORT={port} leaves no next port (set {PORT_VAR})"))?;
+        }
         let device = num(DEVICE_VAR)?.unwrap_or(local_rank);
         Ok(Some(Self {
             launcher,
@@ -181,6 +194,23 @@ mod tests {
         let mut v = TORCHRUN.to_vec();
         v.push((DEVICE_VAR, "3"));
         assert_eq!(parse(&v).unwrap().unwrap().device, 3);
+        // torchrun's agent store holds MASTER_PORT: the next one, or the one asked for.
+        let mut v = TORCHRUN.to_vec();
+        v.push(("TORCHELASTIC_USE_AGENT_STORE", "True"));
+        assert_eq!(parse(&v).unwrap().unwrap().master_port, 29501);
+        v.push((PORT_VAR, "4000"));
+        assert_eq!(parse(&v).unwrap().unwrap().master_port, 4000);
+        // One process is a job only when `--gpus` started it.
+        let one = [
+            ("RANK", "0"),
+            ("WORLD_SIZE", "1"),
+            ("LOCAL_RANK", "0"),
+            ("MASTER_ADDR", "h"),
+            ("MASTER_PORT", "9"),
+        ];
+        assert_eq!(parse(&one).unwrap(), None);
+        let e = parse(&[&one[..], &[(DEVICE_VAR, "2")]].concat()).unwrap().unwrap();
+        assert_eq!((e.world, e.device), (1, 2));
     }
 
     #[test]

@@ -930,8 +930,15 @@ fn run_on<B: Backend>(
 
             let (m, em) = match &dist {
                 Some((_, job)) => {
-                    check_identical(&trainer, job, epoch + 1)?;
-                    evaluate_sharded(&mut trainer, &test_data, ema.as_ref().map(|e| &e.shadow), job, cfg.threshold)?
+                    let after = || {
+                        format!(
+                            "after epoch {} (the last good checkpoint, epoch {}, is kept)",
+                            epoch + 1,
+                            state.epoch
+                        )
+                    };
+                    check_identical(&trainer, job, epoch + 1).with_context(after)?;
+                    evaluate_sharded(&mut trainer, &test_data, ema.as_ref().map(|e| &e.shadow), job, cfg.threshold).with_context(after)?
                 }
                 None => evaluate(&mut trainer, &test_data, ema.as_ref().map(|e| &e.shadow), bs, cfg.threshold)?,
             };

@@ -1,0 +1,50 @@
+//! Data-parallel `mlvpt train --device cuda` with NCCL, ranks as processes of the built binary.
+//! Needs a CUDA device and libnccl.so.2: in CI the virtual device of tools/vgpu, which shows
+//! `VGPU_DEVICE_COUNT=2` devices to the ranks (the runs set it) and whose libnccl works across
+//! the processes of one machine; on a GPU machine (the bundle) as many ranks as it has GPUs, up
+//! to 2: with one GPU, `--gpus 1` (the data-parallel code, NCCL included, on one rank).
+//! Without libnccl on a real machine the tests say so and pass.
+//!
+//! Bounds: the ranks' parameters are compared bit for bit (every epoch, by the run itself). A
+//! run on 2 ranks against one process with the same global batch: each rank's bf16 activations
+//! are rounded for its own share of the batch, and NCCL sums the ranks' gradients in its own
+//! order, so the two runs drift apart at bf16's rounding: loss within 0.1% per epoch, mAP, CF1
+//! and OF1 within 3 points (coarse on 25 test images, as in tests/gpu_train_cli.rs).
+#![cfg(all(feature = "train", feature = "cuda"))]
+
+mod dist_common;
+
+use dist_common::*;
+use mlvpt::dist::sync::{device_count, Nccl};
+use mlvpt::gpu::GpuContext;
+
+/// Ranks this machine can run (the virtual device shows 2 to the ranks), or `None` without NCCL.
+fn ranks() -> Option<usize> {
+    let gpu = GpuContext::new(0).expect("a CUDA device");
+    if gpu.is_virtual() {
+        return Some(2);
+    }
+    if !Nccl::available() {
+        eprintln!("note: libnccl.so.2 is not on the library path: the data-parallel CUDA tests are skipped");
+        return None;
+    }
+    Some(device_count().min(2))
+}
+
+#[test]
+#[ignore = "requires a CUDA device"]
+fn cuda_ranks_track_one_process() {
+    if let Some(n) = ranks() {
+        ranks_track_one_process("cuda", n, 1e-3, 3.0);
+    }
+}
+
+#[test]
+#[ignore = "requires a CUDA device"]
+fn cuda_a_killed_rank_ends_the_other() {
+    match ranks() {
+        Some(2) => a_killed_rank_ends_the_other("cuda"),
+        Some(n) => eprintln!("note: {n} GPU: killing one of two ranks needs two"),
+        None => {}
+    }
+}
