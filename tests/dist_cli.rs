@@ -26,6 +26,11 @@ fn cpu_a_killed_rank_ends_the_other() {
 }
 
 #[test]
+fn cpu_bench_step_reports_scaling() {
+    bench_step_scaling("cpu", "2");
+}
+
+#[test]
 fn bad_launch_environments_fail_before_work() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("x");

@@ -48,3 +48,12 @@ fn cuda_a_killed_rank_ends_the_other() {
         None => {}
     }
 }
+
+#[test]
+#[ignore = "requires a CUDA device"]
+fn cuda_bench_step_reports_scaling() {
+    if let Some(n) = ranks() {
+        let v = bench_step_scaling("cuda", &n.to_string());
+        eprintln!("bench-step --gpus {n}: {v}");
+    }
+}

@@ -46,7 +46,7 @@ pub fn device_count() -> usize {
 }
 
 /// The arguments of this command without `--gpus VALUE` (what each child runs).
-fn child_args() -> Vec<OsString> {
+pub fn child_args() -> Vec<OsString> {
     let mut out = Vec::new();
     let mut skip = false;
     for a in std::env::args_os().skip(1) {
@@ -100,6 +100,12 @@ fn forward(from: impl Read + Send + 'static, prefix: String, to_stderr: bool) ->
 /// prefixed `[rank r]`, rank 0's stdout as is); the first child to fail ends the others, and
 /// its failure is the command's.
 pub fn launch(gpus: &[usize], device: Device) -> anyhow::Result<()> {
+    launch_with(gpus, device, child_args(), false).map(|_| ())
+}
+
+/// [`launch`] with the children's arguments `args`; with `capture`, rank 0's stdout is
+/// returned instead of printed.
+pub fn launch_with(gpus: &[usize], device: Device, args: Vec<OsString>, capture: bool) -> anyhow::Result<Option<String>> {
     ensure!(
         device != Device::Auto,
         "--gpus needs --device cuda (or --device cpu, which runs the ranks on the CPU and exchanges gradients \
@@ -116,10 +122,10 @@ pub fn launch(gpus: &[usize], device: Device) -> anyhow::Result<()> {
         .context("finding a free port for the start-up exchange")?
         .port();
     let exe = std::env::current_exe().context("finding this program to start the ranks")?;
-    let args = child_args();
     let world = gpus.len();
     let mut children: Vec<(usize, Child)> = Vec::new();
     let mut pipes = Vec::new();
+    let mut captured = None;
     for (rank, &gpu) in gpus.iter().enumerate() {
         let mut c = Command::new(&exe);
         c.args(&args)
@@ -130,7 +136,7 @@ pub fn launch(gpus: &[usize], device: Device) -> anyhow::Result<()> {
             .env("MASTER_PORT", port.to_string())
             .env(DEVICE_VAR, gpu.to_string())
             .stdin(Stdio::null())
-            .stdout(if rank == 0 { Stdio::inherit() } else { Stdio::piped() })
+            .stdout(if rank == 0 && !capture { Stdio::inherit() } else { Stdio::piped() })
             .stderr(Stdio::piped());
         let mut child = match c.spawn() {
             Ok(ch) => ch,
@@ -142,8 +148,16 @@ pub fn launch(gpus: &[usize], device: Device) -> anyhow::Result<()> {
                 bail!("starting rank {rank}: {e}");
             }
         };
-        if let Some(o) = child.stdout.take() {
-            pipes.push(forward(o, format!("[rank {rank}] "), false));
+        if let Some(mut o) = child.stdout.take() {
+            if rank == 0 && capture {
+                captured = Some(std::thread::spawn(move || {
+                    let mut text = String::new();
+                    let _ = o.read_to_string(&mut text);
+                    text
+                }));
+            } else {
+                pipes.push(forward(o, format!("[rank {rank}] "), false));
+            }
         }
         if let Some(e) = child.stderr.take() {
             pipes.push(forward(e, format!("[rank {rank}] "), true));
@@ -187,9 +201,10 @@ pub fn launch(gpus: &[usize], device: Device) -> anyhow::Result<()> {
     for p in pipes {
         let _ = p.join();
     }
+    let out = captured.map(|c| c.join().unwrap_or_default());
     match failed {
         Some(f) => bail!("{f}; the other ranks were stopped (their output above says why)"),
-        None => Ok(()),
+        None => Ok(out),
     }
 }
 

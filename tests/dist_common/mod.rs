@@ -185,3 +185,44 @@ pub fn a_killed_rank_ends_the_other(device: &str) {
     assert!(err.contains("the last good checkpoint"), "{err}");
     assert!(err.contains("rank 1") || err.contains("ncclRemoteError"), "{err}");
 }
+
+/// `bench-step --gpus N --json` on a tiny model: the 1-GPU and N-GPU rates and their scaling.
+pub fn bench_step_scaling(device: &str, gpus: &str) -> serde_json::Value {
+    let args = [
+        "bench-step",
+        "--model",
+        "tiny",
+        "--image-size",
+        "16",
+        "--classes",
+        "8",
+        "--groups",
+        "2",
+        "--experts",
+        "2",
+        "--batch",
+        "2",
+        "--warmup",
+        "1",
+        "--steps",
+        "2",
+        "--device",
+        device,
+        "--gpus",
+        gpus,
+        "--json",
+    ];
+    let o = mlvpt(&args, &[]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{args:?}:\n{err}");
+    let out = String::from_utf8_lossy(&o.stdout);
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{e}: {out}"));
+    let n = v["gpus"].as_array().unwrap().len() as f64;
+    let (one, all) = (v["images_per_s_1gpu"].as_f64().unwrap(), v["images_per_s"].as_f64().unwrap());
+    assert!(one > 0.0 && all > 0.0, "{v}");
+    assert!((v["images_per_s_per_gpu"].as_f64().unwrap() - all / n).abs() < 1e-9 * all, "{v}");
+    assert!((v["scaling_efficiency"].as_f64().unwrap() - all / n / one).abs() < 1e-9, "{v}");
+    assert_eq!(v["all_gpus"]["world"].as_u64(), Some(n as u64), "{v}");
+    assert!(v["all_gpus"]["loss"].as_f64().unwrap().is_finite(), "{v}");
+    v
+}
