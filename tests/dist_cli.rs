@@ -22,7 +22,74 @@ fn cpu_resume_with_another_world_size() {
 
 #[test]
 fn cpu_a_killed_rank_ends_the_other() {
-    a_killed_rank_ends_the_other("cpu");
+    a_killed_rank_ends_the_other("cpu", 1);
+    a_killed_rank_ends_the_other("cpu", 0);
+}
+
+/// Streamed images (a manifest of PNGs), augmented by the loader and on the backend: two ranks
+/// track one process, the last batch of 1 image leaving rank 1 with none.
+#[test]
+fn cpu_streamed_images_on_two_ranks() {
+    let dir = tempfile::tempdir().unwrap();
+    let imgs = dir.path().join("m");
+    std::fs::create_dir_all(&imgs).unwrap();
+    let mut csv = String::from("path,labels\n");
+    let labels = ["a;b", "b", "c", "a", "a|c", "b;c"];
+    for i in 0..17u32 {
+        let img = image::ImageBuffer::from_fn(12, 12, |x, y| image::Rgb([(x * 20 + i * 7) as u8, (y * 20) as u8, (i * 13) as u8]));
+        img.save(imgs.join(format!("{i}.png"))).unwrap();
+        csv += &format!("{i}.png,{}\n", labels[i as usize % labels.len()]);
+    }
+    std::fs::write(imgs.join("list.csv"), csv).unwrap();
+    let data = format!("manifest:{}", imgs.join("list.csv").display());
+    for augment in ["host", "device"] {
+        let run = |name: &str, gpus: Option<&str>| {
+            let out = dir.path().join(format!("{name}-{augment}"));
+            let mut a = vec![
+                "train",
+                "--quiet",
+                "--device",
+                "cpu",
+                "--out",
+                out.to_str().unwrap(),
+                "--data",
+                &data,
+            ];
+            a.extend([
+                "--image-size",
+                "8",
+                "--patch",
+                "4",
+                "--dim",
+                "8",
+                "--depth",
+                "1",
+                "--heads",
+                "2",
+                "--groups",
+                "2",
+                "--experts",
+                "2",
+                "--batch-size",
+                "4",
+                "--epochs",
+                "2",
+                "--augment-on",
+                augment,
+            ]);
+            if let Some(g) = gpus {
+                a.extend(["--gpus", g]);
+            }
+            let o = mlvpt(&a, &[]);
+            let err = String::from_utf8_lossy(&o.stderr);
+            assert!(o.status.success(), "{a:?}:\n{err}");
+            out
+        };
+        let (one, two) = (run("one", None), run("two", Some("2")));
+        // 13 training images (every 5th line is a test image): batches 4, 4, 4, 1.
+        close(&epochs(&two), &epochs(&one), 1e-5, 0.5);
+        assert!(two.join("data_report.txt").exists());
+    }
 }
 
 #[test]

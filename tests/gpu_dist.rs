@@ -43,7 +43,10 @@ fn cuda_ranks_track_one_process() {
 #[ignore = "requires a CUDA device"]
 fn cuda_a_killed_rank_ends_the_other() {
     match ranks() {
-        Some(2) => a_killed_rank_ends_the_other("cuda"),
+        Some(2) => {
+            a_killed_rank_ends_the_other("cuda", 1);
+            a_killed_rank_ends_the_other("cuda", 0);
+        }
         Some(n) => eprintln!("note: {n} GPU: killing one of two ranks needs two"),
         None => {}
     }

@@ -345,9 +345,8 @@ fn read_link(peer: usize, mut r: TcpStream, tx: Sender<Vec<u8>>, shared: Arc<Sha
             if shared.failure().is_none() {
                 use std::io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset, UnexpectedEof};
                 let why = match e.kind() {
-                    UnexpectedEof | ConnectionReset | ConnectionAborted | BrokenPipe => {
-                        format!("its process ended or closed the link: {e}")
-                    }
+                    UnexpectedEof => "its process ended or closed the link".to_string(),
+                    ConnectionReset | ConnectionAborted | BrokenPipe => format!("its process ended or closed the link: {e}"),
                     _ => e.to_string(),
                 };
                 shared.fail(format!("rank {peer} is gone ({why})"), Some(peer));

@@ -869,15 +869,21 @@ fn run_on<B: Backend>(
                     }
                 }
                 let lr = schedule.lr(step);
-                let stopped = || {
-                    format!(
+                let stopped = || match root {
+                    true => format!(
                         "training stopped at step {step} (epoch {}, batch {}); the last good checkpoint, {} \
                          (epoch {}), is kept (a smaller --lr may help)",
                         epoch + 1,
                         b + 1,
                         ck_path.display(),
                         state.epoch
-                    )
+                    ),
+                    // Rank 0 writes the checkpoints; this rank has none to keep.
+                    false => format!(
+                        "rank {rank}: training stopped at step {step} (epoch {}, batch {}) (a smaller --lr may help)",
+                        epoch + 1,
+                        b + 1
+                    ),
                 };
                 // The trainer refuses a non-finite loss itself; the check below keeps the
                 // promise whatever the backend does.
@@ -930,12 +936,13 @@ fn run_on<B: Backend>(
 
             let (m, em) = match &dist {
                 Some((_, job)) => {
-                    let after = || {
-                        format!(
+                    let after = || match root {
+                        true => format!(
                             "after epoch {} (the last good checkpoint, epoch {}, is kept)",
                             epoch + 1,
                             state.epoch
-                        )
+                        ),
+                        false => format!("rank {rank}: after epoch {}", epoch + 1),
                     };
                     check_identical(&trainer, job, epoch + 1).with_context(after)?;
                     evaluate_sharded(&mut trainer, &test_data, ema.as_ref().map(|e| &e.shadow), job, cfg.threshold).with_context(after)?

@@ -134,9 +134,9 @@ pub fn resume_with_another_world_size(device: &str, loss_tol: f64, metric_tol: f
     }
 }
 
-/// Rank 1 is killed in the middle of training: rank 0 stops with an error naming what
-/// happened within a few seconds, never hangs.
-pub fn a_killed_rank_ends_the_other(device: &str) {
+/// One rank (`victim`) is killed in the middle of training: the other stops with an error
+/// naming what happened within a few seconds, never hangs.
+pub fn a_killed_rank_ends_the_other(device: &str, victim: usize) {
     let dir = tempfile::tempdir().unwrap();
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -164,8 +164,7 @@ pub fn a_killed_rank_ends_the_other(device: &str) {
             .spawn()
             .unwrap()
     };
-    let r0 = spawn("0");
-    let mut r1 = spawn("1");
+    let mut ranks = vec![spawn("0"), spawn("1")];
     // Once rank 0 has written an epoch's metrics both are mid-training.
     let log = dir.path().join("r0").join("metrics.jsonl");
     let start = Instant::now();
@@ -173,17 +172,27 @@ pub fn a_killed_rank_ends_the_other(device: &str) {
         assert!(start.elapsed() < Duration::from_secs(300), "rank 0 wrote no epoch");
         std::thread::sleep(Duration::from_millis(50));
     }
-    r1.kill().unwrap();
-    r1.wait().unwrap();
+    let mut dead = ranks.remove(victim);
+    dead.kill().unwrap();
+    dead.wait().unwrap();
     let killed = Instant::now();
-    let o = r0.wait_with_output().unwrap();
+    let o = ranks.pop().unwrap().wait_with_output().unwrap();
     let waited = killed.elapsed();
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(!o.status.success(), "rank 0 succeeded:\n{err}");
-    assert!(waited < Duration::from_secs(30), "rank 0 took {waited:?} to stop:\n{err}");
+    assert!(!o.status.success(), "the surviving rank succeeded:\n{err}");
+    assert!(
+        waited < Duration::from_secs(30),
+        "the surviving rank took {waited:?} to stop:\n{err}"
+    );
     assert!(!err.contains("panicked"), "{err}");
-    assert!(err.contains("the last good checkpoint"), "{err}");
-    assert!(err.contains("rank 1") || err.contains("ncclRemoteError"), "{err}");
+    match victim {
+        1 => assert!(err.contains("the last good checkpoint"), "{err}"),
+        _ => assert!(
+            err.contains("rank 1: training stopped at step") || err.contains("rank 1: after epoch"),
+            "{err}"
+        ),
+    }
+    assert!(err.contains(&format!("rank {victim}")) || err.contains("ncclRemoteError"), "{err}");
 }
 
 /// `bench-step --gpus N --json` on a tiny model: the 1-GPU and N-GPU rates and their scaling.
