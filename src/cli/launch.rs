@@ -223,25 +223,33 @@ pub fn join_job(device: Device, timeout: Duration) -> anyhow::Result<Option<Arc<
         env.launcher
     );
     let cuda = device == Device::Cuda;
-    let mut nccl_id = None;
-    if cuda {
-        env.check_devices(device_count())?;
-        #[cfg(feature = "cuda")]
-        {
-            if env.rank == 0 {
-                nccl_id = Some(mlvpt::dist::sync::Nccl::unique_id()?);
-            } else {
-                // Checked before the exchange so that every rank says it, not only rank 0.
-                mlvpt::dist::sync::Nccl::require()?;
-            }
+    let nccl_id = match cuda {
+        true => {
+            env.check_devices(device_count())?;
+            nccl_id(&env)?
         }
-        #[cfg(not(feature = "cuda"))]
-        bail!("this mlvpt was built without CUDA support (rebuild with `cargo build --release --features cuda`)");
-    }
+        false => None,
+    };
     let args = job_args(child_args().iter().map(|a| a.to_string_lossy().into_owned()));
     let token = rendezvous::job_token(&format!("{}\u{1f}{}", env.world, args.join("\u{1f}")));
     let job = Job::start(env, token, nccl_id, cuda, timeout)?;
     Ok(Some(Arc::new(job)))
+}
+
+/// Rank 0: a new NCCL unique id; another rank: `None`, once NCCL is known to open (checked
+/// before the exchange so that every rank says it, not only rank 0).
+#[cfg(feature = "cuda")]
+fn nccl_id(env: &LaunchEnv) -> anyhow::Result<Option<[u8; rendezvous::PAYLOAD]>> {
+    use mlvpt::dist::sync::Nccl;
+    match env.rank {
+        0 => Ok(Some(Nccl::unique_id()?)),
+        _ => Nccl::require().map(|()| None),
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+fn nccl_id(_env: &LaunchEnv) -> anyhow::Result<Option<[u8; rendezvous::PAYLOAD]>> {
+    bail!("this mlvpt was built without CUDA support (rebuild with `cargo build --release --features cuda`)")
 }
 
 #[cfg(test)]
