@@ -317,3 +317,96 @@ mod nccl {
 
 #[cfg(feature = "cuda")]
 pub use nccl::device_count;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::CpuBackend;
+    use crate::dist::control::tests::group;
+    use crate::dist::shard;
+    use crate::model::{ModelConfig, VitConfig};
+    use crate::train::bench::RandomProblem;
+    use crate::train::Shard;
+    use std::time::Duration;
+
+    fn tiny() -> ModelConfig {
+        let cfg = ModelConfig {
+            labels: 6,
+            groups: 3,
+            experts: 2,
+            ..ModelConfig::demo()
+        };
+        ModelConfig {
+            vit: VitConfig {
+                image_size: 16,
+                depth: 1,
+                dim: 16,
+                heads: 2,
+                mlp_dim: 32,
+                ..cfg.vit.clone()
+            },
+            ..cfg
+        }
+    }
+
+    /// Three ranks stepping on their parts of a batch (`n` images, two steps) end with the
+    /// parameters of one trainer stepping on the whole batch, identical on every rank; with
+    /// `n < 3` a rank has no image.
+    fn ranks_step_as_one(n: usize) {
+        let cfg = tiny();
+        let p = RandomProblem::new(&cfg, n, 3);
+        let mut one = p.trainer(CpuBackend::<f32>::new(), &cfg).unwrap();
+        let mut losses = Vec::new();
+        for _ in 0..2 {
+            losses.push(one.step(&p.images, &p.targets, 1e-2).unwrap());
+        }
+        let want = one.params();
+        let (il, k) = (cfg.vit.image_len(), cfg.labels);
+        let cs = group(3, Duration::from_secs(30));
+        let handles: Vec<_> = cs
+            .into_iter()
+            .map(|c| {
+                let (cfg, images, targets) = (cfg.clone(), p.images.clone(), p.targets.clone());
+                let p = RandomProblem::new(&cfg, shard::per_rank(n, 3), 3);
+                std::thread::spawn(move || {
+                    let mut tr = p.trainer(CpuBackend::<f32>::new(), &cfg).unwrap();
+                    let r = shard::split(n, c.rank(), 3);
+                    let mut sync = HostSync { control: &c };
+                    let mut losses = Vec::new();
+                    for _ in 0..2 {
+                        let shard = match r.is_empty() {
+                            true => Shard::Empty,
+                            false => Shard::Images(&images[r.start * il..r.end * il]),
+                        };
+                        let t = &targets[r.start * k..r.end * k];
+                        losses.push(tr.step_shard(shard, t, 1e-2, &mut sync).unwrap().unwrap());
+                    }
+                    c.finish();
+                    (tr.params(), losses)
+                })
+            })
+            .collect();
+        let got: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+        for (params, l) in &got {
+            assert_eq!(params, &got[0].0, "ranks differ");
+            for (a, b) in l.iter().zip(&losses) {
+                assert!((a - b).abs() <= 1e-5 * b.abs(), "loss {a} vs {b}");
+            }
+        }
+        for (a, b) in got[0].0.tensors.iter().zip(&want.tensors) {
+            for (x, y) in a.data.iter().zip(&b.data) {
+                assert!((x - y).abs() <= 1e-5 + 1e-4 * y.abs(), "{}: {x} vs {y}", a.name);
+            }
+        }
+    }
+
+    #[test]
+    fn ranks_step_as_one_process_on_uneven_parts() {
+        ranks_step_as_one(5);
+    }
+
+    #[test]
+    fn a_rank_without_images_takes_part() {
+        ranks_step_as_one(2);
+    }
+}
