@@ -116,6 +116,8 @@ pub fn launch_with(gpus: &[usize], device: Device, args: Vec<OsString>, capture:
         if let Some(&g) = gpus.iter().find(|&&g| g >= count) {
             bail!("--gpus asks for CUDA device {g}, but this machine shows {count} device(s)");
         }
+        #[cfg(feature = "cuda")]
+        mlvpt::dist::sync::Nccl::require()?;
     }
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
