@@ -93,6 +93,47 @@ fn cpu_streamed_images_on_two_ranks() {
     }
 }
 
+/// The ranks of `--gpus` stop when their launcher is killed outright (Linux: /proc shows them).
+#[cfg(target_os = "linux")]
+#[test]
+fn cpu_ranks_end_with_their_launcher() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let mut a = vec!["train", "--quiet", "--device", "cpu", "--out", out.to_str().unwrap()];
+    a.extend_from_slice(TINY);
+    a.extend(["--epochs", "100000", "--gpus", "2"]);
+    let mut launcher = std::process::Command::new(bin())
+        .args(&a)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while std::fs::read_to_string(out.join("metrics.jsonl")).map_or(true, |s| s.is_empty()) {
+        assert!(start.elapsed() < Duration::from_secs(120), "no epoch");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let pid = launcher.id();
+    let children: Vec<u32> = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .unwrap()
+        .split_whitespace()
+        .map(|c| c.parse().unwrap())
+        .collect();
+    assert_eq!(children.len(), 2, "{children:?}");
+    launcher.kill().unwrap();
+    launcher.wait().unwrap();
+    // Gone, or a zombie (exited, not yet reaped by its new parent).
+    let running = |c: &u32| {
+        std::fs::read_to_string(format!("/proc/{c}/stat"))
+            .is_ok_and(|s| s.rsplit(')').next().is_some_and(|rest| !rest.trim_start().starts_with('Z')))
+    };
+    let killed = Instant::now();
+    while children.iter().any(running) {
+        assert!(killed.elapsed() < Duration::from_secs(15), "the ranks outlived their launcher");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 #[test]
 fn cpu_bench_step_reports_scaling() {
     bench_step_scaling("cpu", "2");

@@ -13,6 +13,25 @@ use anyhow::{bail, ensure, Context};
 use super::Device;
 use mlvpt::dist::{env::DEVICE_VAR, rendezvous, Job, LaunchEnv};
 
+/// Set by the launcher for its children: their stdin is a pipe from it, which closes when it
+/// ends, however it ends.
+const WATCH_VAR: &str = "MLVPT_DIST_LAUNCHER";
+
+/// A child of `--gpus` ends (with an error) when its launcher does: a launcher killed
+/// outright cannot stop its ranks itself, and they must not keep training on their own.
+fn watch_launcher() {
+    if std::env::var_os(WATCH_VAR).is_none() {
+        return;
+    }
+    std::thread::spawn(|| {
+        let mut sink = [0u8; 64];
+        let mut stdin = std::io::stdin();
+        while matches!(stdin.read(&mut sink), Ok(n) if n > 0) {}
+        eprintln!("error: the launcher (mlvpt ... --gpus) ended: this rank stops");
+        std::process::exit(1);
+    });
+}
+
 /// `--gpus`: a count N (GPUs 0..N) or a comma-separated list of device ordinals.
 pub fn parse_gpus(s: &str) -> anyhow::Result<Vec<usize>> {
     let s = s.trim();
@@ -137,7 +156,9 @@ pub fn launch_with(gpus: &[usize], device: Device, args: Vec<OsString>, capture:
             .env("MASTER_ADDR", "127.0.0.1")
             .env("MASTER_PORT", port.to_string())
             .env(DEVICE_VAR, gpu.to_string())
-            .stdin(Stdio::null())
+            .env(WATCH_VAR, "1")
+            // Never written: the child sees its end when this process is gone (see `watch_launcher`).
+            .stdin(Stdio::piped())
             .stdout(if rank == 0 && !capture { Stdio::inherit() } else { Stdio::piped() })
             .stderr(Stdio::piped());
         let mut child = match c.spawn() {
@@ -216,6 +237,7 @@ pub fn join_job(device: Device, timeout: Duration) -> anyhow::Result<Option<Arc<
     let Some(env) = LaunchEnv::from_env()? else {
         return Ok(None);
     };
+    watch_launcher();
     ensure!(
         device != Device::Auto,
         "a data-parallel job (rank {} of {}, from {}) needs --device cuda (or --device cpu, which exchanges gradients \
