@@ -70,3 +70,79 @@ fn cuda_resume_with_another_world_size() {
         resume_with_another_world_size("cuda", 1e-3, 3.0, false);
     }
 }
+
+/// With only `libnccl.so.2` on the library path (as pip's wheel and Debian's libnccl2 install
+/// it; cudarc opens `libnccl.so`), `--gpus` and ranks started by torchrun still find it. On the
+/// virtual device only, whose library folder this test copies without `libnccl.so`.
+#[test]
+#[ignore = "requires a CUDA device"]
+fn cuda_finds_a_lone_libnccl_so_2() {
+    if !GpuContext::new(0).expect("a CUDA device").is_virtual() {
+        return;
+    }
+    let ld = std::env::var_os("LD_LIBRARY_PATH").unwrap_or_default();
+    let vgpu = std::env::split_paths(&ld)
+        .find(|d| d.join("libnccl.so.2").exists())
+        .expect("the virtual device's library folder on LD_LIBRARY_PATH");
+    let dir = tempfile::tempdir().unwrap();
+    let lib = dir.path().join("lib");
+    std::fs::create_dir_all(&lib).unwrap();
+    for e in std::fs::read_dir(&vgpu).unwrap() {
+        let e = e.unwrap();
+        if e.file_name() != "libnccl.so" {
+            std::os::unix::fs::symlink(std::fs::canonicalize(e.path()).unwrap(), lib.join(e.file_name())).unwrap();
+        }
+    }
+    let lib = lib.to_str().unwrap();
+    let out = dir.path().join("run");
+    let mut a = vec![
+        "train",
+        "--quiet",
+        "--device",
+        "cuda",
+        "--out",
+        out.to_str().unwrap(),
+        "--epochs",
+        "1",
+    ];
+    a.extend_from_slice(TINY);
+    let mut launched = a.clone();
+    launched.extend(["--gpus", "2"]);
+    let o = mlvpt(&launched, &[("LD_LIBRARY_PATH", lib)]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // Two ranks as torchrun starts them: each runs itself again with the link on its path.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+        .to_string();
+    let ranks: Vec<_> = ["0", "1"]
+        .into_iter()
+        .map(|r| {
+            let out = dir.path().join(format!("rank{r}"));
+            let mut a = a.clone();
+            let o = out.to_str().unwrap().to_string();
+            a[5] = &o;
+            std::process::Command::new(bin())
+                .args(&a)
+                .envs([
+                    ("LD_LIBRARY_PATH", lib),
+                    ("VGPU_DEVICE_COUNT", "2"),
+                    ("RANK", r),
+                    ("WORLD_SIZE", "2"),
+                    ("LOCAL_RANK", r),
+                    ("MASTER_ADDR", "127.0.0.1"),
+                    ("MASTER_PORT", &port),
+                ])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for r in ranks {
+        let o = r.wait_with_output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+}

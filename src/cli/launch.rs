@@ -130,13 +130,18 @@ pub fn launch_with(gpus: &[usize], device: Device, args: Vec<OsString>, capture:
         "--gpus needs --device cuda (or --device cpu, which runs the ranks on the CPU and exchanges gradients \
          through the host, for tests)"
     );
+    // The ranks' LD_LIBRARY_PATH when libnccl opens only through a link (super::nccl_lib).
+    #[cfg_attr(not(feature = "cuda"), allow(unused_mut))]
+    let mut library_path: Option<OsString> = None;
     if device == Device::Cuda {
         let count = device_count();
         if let Some(&g) = gpus.iter().find(|&&g| g >= count) {
             bail!("--gpus asks for CUDA device {g}, but this machine shows {count} device(s)");
         }
         #[cfg(feature = "cuda")]
-        mlvpt::dist::sync::Nccl::require()?;
+        {
+            library_path = super::nccl_lib::library_path()?;
+        }
     }
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -157,6 +162,7 @@ pub fn launch_with(gpus: &[usize], device: Device, args: Vec<OsString>, capture:
             .env("MASTER_PORT", port.to_string())
             .env(DEVICE_VAR, gpu.to_string())
             .env(WATCH_VAR, "1")
+            .envs(library_path.iter().map(|p| ("LD_LIBRARY_PATH", p)))
             // Never written: the child sees its end when this process is gone (see `watch_launcher`).
             .stdin(Stdio::piped())
             .stdout(if rank == 0 && !capture { Stdio::inherit() } else { Stdio::piped() })
@@ -237,7 +243,6 @@ pub fn join_job(device: Device, timeout: Duration) -> anyhow::Result<Option<Arc<
     let Some(env) = LaunchEnv::from_env()? else {
         return Ok(None);
     };
-    watch_launcher();
     ensure!(
         device != Device::Auto,
         "a data-parallel job (rank {} of {}, from {}) needs --device cuda (or --device cpu, which exchanges gradients \
@@ -250,10 +255,13 @@ pub fn join_job(device: Device, timeout: Duration) -> anyhow::Result<Option<Arc<
     let nccl_id = match cuda {
         true => {
             env.check_devices(device_count())?;
+            #[cfg(feature = "cuda")]
+            super::nccl_lib::reexec_if_needed()?;
             nccl_id(&env)?
         }
         false => None,
     };
+    watch_launcher();
     let args = job_args(child_args().iter().map(|a| a.to_string_lossy().into_owned()));
     let token = rendezvous::job_token(&format!("{}\u{1f}{}", env.world, args.join("\u{1f}")));
     let job = Job::start(env, token, nccl_id, cuda, timeout)?;
