@@ -18,13 +18,32 @@ use dist_common::*;
 use mlvpt::dist::sync::{device_count, Nccl};
 use mlvpt::gpu::GpuContext;
 
+/// Whether mlvpt can open libnccl: as cudarc finds it (`libnccl.so`), or as mlvpt looks for
+/// `libnccl.so.2` itself (src/cli/nccl_lib.rs).
+fn nccl_findable() -> bool {
+    let ld = std::env::var_os("LD_LIBRARY_PATH").unwrap_or_default();
+    let system = [
+        "/usr/lib/x86_64-linux-gnu",
+        "/usr/lib/aarch64-linux-gnu",
+        "/usr/lib64",
+        "/usr/lib",
+        "/usr/local/lib",
+        "/usr/local/cuda/lib64",
+    ];
+    Nccl::available()
+        || std::env::var_os("MLVPT_NCCL_LIB").is_some()
+        || std::env::split_paths(&ld)
+            .chain(system.iter().map(std::path::PathBuf::from))
+            .any(|d| d.join("libnccl.so.2").is_file())
+}
+
 /// Ranks this machine can run (the virtual device shows 2 to the ranks), or `None` without NCCL.
 fn ranks() -> Option<usize> {
     let gpu = GpuContext::new(0).expect("a CUDA device");
     if gpu.is_virtual() {
         return Some(2);
     }
-    if !Nccl::available() {
+    if !nccl_findable() {
         eprintln!("note: libnccl.so.2 is not on the library path: the data-parallel CUDA tests are skipped");
         return None;
     }

@@ -102,7 +102,7 @@ mod nccl {
                 bail!(
                     "data-parallel training on CUDA needs NCCL, and libnccl.so.2 was not found on the library path \
                      (install the system package libnccl2, or `pip install nvidia-nccl-cu12` and add its \
-                     nvidia/nccl/lib folder to LD_LIBRARY_PATH)"
+                     nvidia/nccl/lib folder to LD_LIBRARY_PATH, or name the file with MLVPT_NCCL_LIB)"
                 );
             }
             Ok(())
