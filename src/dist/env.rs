@@ -135,6 +135,19 @@ impl LaunchEnv {
         }
     }
 
+    /// Where rank 0 listens: the master address itself when it is a loopback one (a job on one
+    /// machine), else every interface on the master port, as PyTorch's store does (a host name
+    /// may resolve, on its own machine, to an address the other machines cannot reach, such as
+    /// Debian's 127.0.1.1).
+    pub fn listen_addr(&self) -> String {
+        let a = self.master_addr.trim_start_matches('[').trim_end_matches(']');
+        let loopback = a == "localhost" || a.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback());
+        match loopback {
+            true => self.master(),
+            false => format!("0.0.0.0:{}", self.master_port),
+        }
+    }
+
     /// An error unless this rank's device is among the `count` the machine shows.
     pub fn check_devices(&self, count: usize) -> anyhow::Result<()> {
         if self.device >= count {
@@ -237,6 +250,17 @@ mod tests {
         }
         let e = parse(&TORCHRUN[..2].iter().copied().chain([("LOCAL_RANK", "0")]).collect::<Vec<_>>()).unwrap_err();
         assert!(e.to_string().contains("MASTER_ADDR"), "{e}");
+    }
+
+    #[test]
+    fn rank_0_listens_on_loopback_or_every_interface() {
+        let mut e = parse(TORCHRUN).unwrap().unwrap();
+        assert_eq!(e.listen_addr(), "0.0.0.0:29500");
+        for lo in ["127.0.0.1", "localhost", "::1"] {
+            e.master_addr = lo.into();
+            assert_eq!(e.listen_addr(), e.master(), "{lo}");
+        }
+        assert_eq!(e.master(), "[::1]:29500");
     }
 
     #[test]

@@ -40,7 +40,7 @@ impl Job {
     pub fn start(env: LaunchEnv, token: u64, nccl_id: Option<[u8; PAYLOAD]>, cuda: bool, timeout: Duration) -> anyhow::Result<Self> {
         let deadline = Instant::now() + timeout;
         let (streams, id) = if env.rank == 0 {
-            let listener = rendezvous::bind(&env.master())?;
+            let listener = rendezvous::bind(&env.listen_addr())?;
             let payload = nccl_id.unwrap_or([0; PAYLOAD]);
             let joined = rendezvous::host(listener, env.world, token, &payload, deadline, &mut |m| eprintln!("warning: {m}"))?;
             let streams = joined.into_iter().enumerate().filter_map(|(r, s)| s.map(|s| (r, s))).collect();
