@@ -16,6 +16,8 @@ pub mod backend;
 pub mod contract;
 #[cfg(feature = "train")]
 pub mod data;
+#[cfg(feature = "train")]
+pub mod dist;
 #[cfg(feature = "cuda")]
 pub mod gpu;
 #[cfg(feature = "train")]

@@ -32,11 +32,13 @@ cargo test --release -p vgpu
 # From here on cudarc finds the virtual device's libcuda.so/libcublas.so.
 export LD_LIBRARY_PATH="$VGPU_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 
+# Data-parallel training (tests/dist_cli.rs, tests/gpu_dist.rs) runs its ranks as processes; the
+# GPU ones see VGPU_DEVICE_COUNT=2 virtual GPUs and the virtual device's libnccl.so (install.sh links it).
 step "every test, GPU tests included (on the virtual device)"
 cargo test --release --all-features --lib --bins --tests --examples -- --include-ignored
 
 step "the CUDA backend and training again with stream-ordered allocation, as an H100 reports it (VGPU_MEMORY_POOLS=1: frees are cuMemFreeAsync on their stream, checked by streamcheck)"
-VGPU_MEMORY_POOLS=1 cargo test --release --all-features --test gpu_backend --test gpu_train_cli -- --include-ignored
+VGPU_MEMORY_POOLS=1 cargo test --release --all-features --test gpu_backend --test gpu_train_cli --test gpu_dist -- --include-ignored
 
 step "clippy, warnings as errors (every target, every feature)"
 cargo clippy --release --all-targets --all-features -- -D warnings

@@ -74,6 +74,11 @@ pub fn select(device: Device, note: &mut dyn FnMut(&str)) -> anyhow::Result<Sele
 /// CPU backend computes in f32 whatever is asked: an explicit precision is then noted as
 /// ignored, not an error, so `--device auto` works on machines with and without a GPU.
 pub fn select_with(device: Device, precision: Option<Precision>, note: &mut dyn FnMut(&str)) -> anyhow::Result<Selected> {
+    select_on(device, precision, 0, note)
+}
+
+/// [`select_with`] on CUDA device `ordinal` (a rank of a data-parallel job).
+pub fn select_on(device: Device, precision: Option<Precision>, ordinal: usize, note: &mut dyn FnMut(&str)) -> anyhow::Result<Selected> {
     let p = precision.unwrap_or_default();
     let cpu = |note: &mut dyn FnMut(&str)| {
         if let Some(p) = precision {
@@ -87,11 +92,11 @@ pub fn select_with(device: Device, precision: Option<Precision>, note: &mut dyn 
     match device {
         Device::Cpu => Ok(cpu(note)),
         Device::Cuda => {
-            let s = open_cuda(p)?;
+            let s = open_cuda(p, ordinal)?;
             note(&format!("device: {}", s.describe()));
             Ok(s)
         }
-        Device::Auto => match open_cuda(p) {
+        Device::Auto => match open_cuda(p, ordinal) {
             Ok(s) if s.is_virtual() => {
                 // The virtual device (tools/vgpu) interprets PTX on the CPU: far slower than
                 // the CPU backend, so `auto` only uses it when asked by name.
@@ -111,12 +116,12 @@ pub fn select_with(device: Device, precision: Option<Precision>, note: &mut dyn 
 }
 
 #[cfg(feature = "cuda")]
-fn open_cuda(precision: Precision) -> anyhow::Result<Selected> {
-    let be = super::CudaBackend::with_precision(0, precision).map_err(|e| anyhow::anyhow!("CUDA device unavailable: {e}"))?;
+fn open_cuda(precision: Precision, ordinal: usize) -> anyhow::Result<Selected> {
+    let be = super::CudaBackend::with_precision(ordinal, precision).map_err(|e| anyhow::anyhow!("CUDA device unavailable: {e}"))?;
     Ok(Selected::Cuda(Box::new(be)))
 }
 
 #[cfg(not(feature = "cuda"))]
-fn open_cuda(_precision: Precision) -> anyhow::Result<Selected> {
+fn open_cuda(_precision: Precision, _ordinal: usize) -> anyhow::Result<Selected> {
     anyhow::bail!("this mlvpt was built without CUDA support (rebuild with `cargo build --release --features cuda`)")
 }

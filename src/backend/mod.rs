@@ -35,7 +35,7 @@ pub use crate::ops::{Grad, Rows};
 pub use cpu::CpuBackend;
 #[cfg(feature = "cuda")]
 pub use cuda::{CudaBackend, DevBuf};
-pub use device::{select, select_with, Device, Precision, Selected};
+pub use device::{select, select_on, select_with, Device, Precision, Selected};
 
 /// What a buffer holds, so that a backend can choose its storage ([`Backend::alloc_as`]).
 /// What stays at full precision follows PyTorch autocast: reductions, sums of many terms and

@@ -9,14 +9,17 @@ use anyhow::{bail, Result};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-use super::{Device, Precision};
+use super::{launch, Device, Precision};
 use mlvpt::backend::{Backend, Selected};
+use mlvpt::dist::sync::HostSync;
+use mlvpt::dist::{Job, LaunchEnv};
 use mlvpt::model::{Method, ModelConfig, VitConfig};
 use mlvpt::ops::attention::{BwdTiles, FwdTiles, BWD_TILES, FUSED_HEAD_DIMS, FWD_TILES};
 use mlvpt::ops::head::HeadKernels;
 use mlvpt::train::bench::{self, RandomProblem, StepTimes, BRANCHES};
 use mlvpt::train::flops::{self, StepFlops};
 use mlvpt::train::peak::{self, Isa};
+use mlvpt::train::GradSync;
 
 /// Model sizes `--model` accepts, and their backbones (random weights).
 type Backbone = fn() -> VitConfig;
@@ -86,6 +89,15 @@ pub struct BenchStepArgs {
     /// tflops, flops_per_step, device, and more.
     #[arg(long)]
     pub json: bool,
+    /// Data-parallel scaling: the step on 1 GPU (the first listed), then on these N GPUs (a
+    /// count, or a list of device numbers), one process each, `--batch` images per GPU and
+    /// the gradients all-reduced with NCCL every step; reports images/s per GPU and the scaling
+    /// efficiency (per-GPU rate on N over the rate on 1).
+    #[arg(long, value_name = "N|LIST")]
+    pub gpus: Option<String>,
+    /// Seconds a data-parallel rank waits for the others before it gives up.
+    #[arg(long, value_name = "SECONDS", default_value_t = 300)]
+    pub dist_timeout: u64,
 }
 
 /// The kernels `--head-kernels` names.
@@ -170,10 +182,92 @@ impl BenchStepArgs {
 }
 
 pub fn run(args: &BenchStepArgs) -> Result<()> {
+    if let Some(g) = &args.gpus {
+        let gpus = launch::parse_gpus(g)?;
+        if let Some(env) = LaunchEnv::from_env()? {
+            bail!(
+                "--gpus starts its own ranks, but this process is already rank {} of {} ({}): leave --gpus out",
+                env.rank,
+                env.world,
+                env.launcher
+            );
+        }
+        args.config()?;
+        return scaling(args, &gpus);
+    }
+    anyhow::ensure!(args.dist_timeout > 0, "--dist-timeout must be at least 1 second");
+    let job = launch::join_job(args.device, Duration::from_secs(args.dist_timeout))?;
+    let result = bench(args, job.as_deref());
+    if let Some(j) = &job {
+        match &result {
+            Ok(()) => j.control.finish(),
+            Err(e) => j.control.abort(&format!("{e:#}")),
+        }
+    }
+    result
+}
+
+/// `--gpus`: the step on the first GPU alone, then on all of them (one child process each,
+/// printing JSON), and the scaling between the two.
+fn scaling(args: &BenchStepArgs, gpus: &[usize]) -> Result<()> {
+    let mut child = launch::child_args();
+    if !args.json {
+        child.push("--json".into());
+    }
+    let rate = |on: &[usize]| -> Result<(f64, serde_json::Value)> {
+        let out = launch::launch_with(on, args.device, child.clone(), true)?.unwrap_or_default();
+        let line = out.lines().rev().find(|l| l.starts_with('{')).unwrap_or_default();
+        let v: serde_json::Value = serde_json::from_str(line)
+            .map_err(|e| anyhow::anyhow!("bench-step on {} GPU(s) printed no result ({e}): {out:?}", on.len()))?;
+        let ips = v["images_per_s"]
+            .as_f64()
+            .ok_or_else(|| anyhow::anyhow!("bench-step printed no images_per_s"))?;
+        Ok((ips, v))
+    };
+    let (one, one_json) = rate(&gpus[..1])?;
+    let (all, all_json) = if gpus.len() > 1 { rate(gpus)? } else { (one, one_json.clone()) };
+    let n = gpus.len() as f64;
+    let efficiency = all / n / one;
+    if args.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "gpus": gpus,
+                "images_per_s_1gpu": one,
+                "images_per_s": all,
+                "images_per_s_per_gpu": all / n,
+                "scaling_efficiency": efficiency,
+                "one_gpu": one_json,
+                "all_gpus": all_json,
+            })
+        );
+    } else {
+        let row = |k: &str, v: String| println!("  {k:<22}{v}");
+        println!("bench-step, data-parallel");
+        row("model", format!("{}, batch {} per GPU", args.model, one_json["batch"]));
+        row("device", one_json["device"].as_str().unwrap_or_default().to_string());
+        row("1 GPU", format!("{one:.1} images/s (GPU {})", gpus[0]));
+        row(
+            &format!("{} GPUs", gpus.len()),
+            format!("{all:.1} images/s, {:.1} per GPU ({gpus:?})", all / n),
+        );
+        row("scaling efficiency", format!("{:.1}%", 100.0 * efficiency));
+    }
+    Ok(())
+}
+
+/// One process's measurement: alone, or as a rank of `job`.
+fn bench(args: &BenchStepArgs, job: Option<&Job>) -> Result<()> {
     let cfg = args.config()?;
-    let selected = mlvpt::backend::select_with(args.device, args.precision, &mut |line| eprintln!("{line}"))?;
+    let root = job.is_none_or(|j| j.is_root());
+    let ordinal = job.map_or(0, |j| j.env.device);
+    let selected = mlvpt::backend::select_on(args.device, args.precision, ordinal, &mut |line| {
+        if root {
+            eprintln!("{line}")
+        }
+    })?;
     let device = selected.describe();
-    if selected.is_virtual() {
+    if selected.is_virtual() && root {
         eprintln!(
             "warning: {device} is the virtual CUDA device (tools/vgpu): these times measure its PTX interpreter on the CPU and say nothing about GPU speed"
         );
@@ -186,8 +280,14 @@ pub fn run(args: &BenchStepArgs) -> Result<()> {
             if args.head_kernels.is_some() {
                 eprintln!("note: --head-kernels applies to CUDA only; the CPU backend ignores it");
             }
-            let peak = CpuPeak::measure();
-            run_on(be, device, args.batch.unwrap_or(DEFAULT_BATCH_CPU), args, &cfg, Some(peak))
+            let batch = args.batch.unwrap_or(DEFAULT_BATCH_CPU);
+            match job {
+                None => run_on(be, device, batch, args, &cfg, Some(CpuPeak::measure()), None),
+                Some(j) => {
+                    let mut sync = HostSync { control: &j.control };
+                    run_on(be, device, batch, args, &cfg, None, Some((&mut sync, j)))
+                }
+            }
         }
         #[cfg(feature = "cuda")]
         Selected::Cuda(mut be) => {
@@ -198,7 +298,18 @@ pub fn run(args: &BenchStepArgs) -> Result<()> {
             if let Some(name) = &args.head_kernels {
                 be.set_head_kernels(head_kernels(name)?);
             }
-            run_on(*be, device, args.batch.unwrap_or(DEFAULT_BATCH_CUDA), args, &cfg, None)
+            let batch = args.batch.unwrap_or(DEFAULT_BATCH_CUDA);
+            match job {
+                None => run_on(*be, device, batch, args, &cfg, None, None),
+                Some(j) => {
+                    let id = j
+                        .nccl_id
+                        .ok_or_else(|| anyhow::anyhow!("this rank runs on CUDA but rank 0 does not"))?;
+                    let nccl = mlvpt::dist::sync::Nccl::init(be.gpu(), &id, j.rank(), j.world())?;
+                    let mut sync = mlvpt::dist::sync::NcclSync::new(nccl, &j.control, j.timeout);
+                    run_on(*be, device, batch, args, &cfg, None, Some((&mut sync, j)))
+                }
+            }
         }
     }
 }
@@ -232,17 +343,43 @@ impl CpuPeak {
     }
 }
 
-fn run_on<B: Backend>(be: B, device: String, batch: usize, args: &BenchStepArgs, cfg: &ModelConfig, peak: Option<CpuPeak>) -> Result<()> {
+/// A rank's gradient exchange and job.
+type Dist<'a, B> = Option<(&'a mut dyn GradSync<B>, &'a Job)>;
+
+fn run_on<B: Backend>(
+    be: B,
+    device: String,
+    batch: usize,
+    args: &BenchStepArgs,
+    cfg: &ModelConfig,
+    peak: Option<CpuPeak>,
+    dist: Dist<'_, B>,
+) -> Result<()> {
     let backend = be.name();
     let tokens = cfg.tokens(BRANCHES);
-    eprintln!(
-        "bench-step: {} at {} px ({tokens} tokens), batch {batch}, {} warm-up + {} timed steps on {device}",
-        args.model, cfg.vit.image_size, args.warmup, args.steps
-    );
-    let problem = RandomProblem::new(cfg, batch, args.seed);
+    let root = dist.as_ref().is_none_or(|(_, j)| j.is_root());
+    let world = dist.as_ref().map_or(1, |(_, j)| j.world());
+    if root {
+        eprintln!(
+            "bench-step: {} at {} px ({tokens} tokens), batch {batch}, {} warm-up + {} timed steps on {device}",
+            args.model, cfg.vit.image_size, args.warmup, args.steps
+        );
+    }
+    // Every rank its own images (seeded by rank), the same weights.
+    let rank = dist.as_ref().map_or(0, |(_, j)| j.rank());
+    let mut problem = RandomProblem::new(cfg, batch, args.seed);
+    if rank > 0 {
+        let other = RandomProblem::new(cfg, batch, args.seed.wrapping_add(1000 * rank as u64));
+        (problem.images, problem.targets) = (other.images, other.targets);
+    }
     let mut tr = problem.trainer(be, cfg)?;
-    let bar = progress_bar((args.warmup + args.steps) as u64);
-    let times = bench::time_steps(&mut tr, &problem, args.warmup, args.steps, &mut |done, _| {
+    let bar = if root {
+        progress_bar((args.warmup + args.steps) as u64)
+    } else {
+        None
+    };
+    let sync = dist.map(|(s, _)| s);
+    let times = bench::time_steps_with(&mut tr, &problem, args.warmup, args.steps, sync, &mut |done, _| {
         if let Some(b) = &bar {
             b.set_position(done as u64);
         }
@@ -251,6 +388,9 @@ fn run_on<B: Backend>(be: B, device: String, batch: usize, args: &BenchStepArgs,
         b.finish_and_clear();
     }
     let times = times?;
+    if !root {
+        return Ok(());
+    }
     let fl = flops::step_flops(cfg, BRANCHES, batch);
     // "cuda-f32+bf16 (NVIDIA H100 ...)": the device is reported on its own.
     let backend_short = backend.split(" (").next().unwrap_or(&backend).to_string();
@@ -269,6 +409,7 @@ fn run_on<B: Backend>(be: B, device: String, batch: usize, args: &BenchStepArgs,
         attention,
         head,
         peak,
+        world,
     };
     if args.json {
         println!("{}", r.json());
@@ -309,6 +450,8 @@ struct Report<'a> {
     head: &'a str,
     /// On the CPU: the machine's FMA peak, measured in the same run.
     peak: Option<CpuPeak>,
+    /// Ranks that stepped together (1: a single process); `batch` is per rank.
+    world: usize,
 }
 
 impl Report<'_> {
@@ -337,7 +480,9 @@ impl Report<'_> {
             "impl": format!("mlvpt-{}", self.backend),
             "model": self.model,
             "batch": self.batch,
-            "images_per_s": t.images_per_s(),
+            "images_per_s": self.world as f64 * t.images_per_s(),
+            "images_per_s_per_gpu": t.images_per_s(),
+            "world": self.world,
             "ms_per_step": 1e3 * t.mean(),
             "tflops": self.tflops(),
             "flops_per_step": self.flops.total(),
@@ -398,7 +543,15 @@ impl Report<'_> {
                 1e3 * t.min()
             ),
         );
-        row("images/s", format!("{:.1}", t.images_per_s()));
+        if self.world > 1 {
+            row("ranks", format!("{} ({} images each per step)", self.world, self.batch));
+            row(
+                "images/s",
+                format!("{:.1} ({:.1} per rank)", self.world as f64 * t.images_per_s(), t.images_per_s()),
+            );
+        } else {
+            row("images/s", format!("{:.1}", t.images_per_s()));
+        }
         row(
             "FLOP/step",
             format!(

@@ -3,7 +3,10 @@
 pub mod bench_step;
 pub mod eval;
 pub mod group;
+pub mod launch;
 pub mod metrics;
+#[cfg(feature = "cuda")]
+pub mod nccl_lib;
 pub mod predict;
 pub mod prepare;
 pub mod train;

@@ -8,7 +8,9 @@ use std::time::Duration;
 use clap::{ArgGroup, Args};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-use super::{Device, Precision};
+use anyhow::{bail, ensure};
+
+use super::{launch, Device, Precision};
 use mlvpt::data::{DataConfig, ImageDataConfig, Norm};
 use mlvpt::grouping::GroupingMode;
 use mlvpt::model::{GateMode, Method, PromptDepth};
@@ -123,6 +125,15 @@ pub struct TrainArgs {
     /// crops (device: a kernel on CUDA, with the next batch's copy overlapping the step).
     #[arg(long, value_enum, default_value_t = AugmentOn::Host)]
     pub augment_on: AugmentOn,
+    /// Data-parallel training on this machine's GPUs: a count N (GPUs 0..N) or a list of
+    /// device numbers (0,2); one process per GPU, gradients summed with NCCL. `--batch-size`
+    /// stays the global batch. Under torchrun or SLURM leave it out: each process is one rank.
+    #[arg(long, value_name = "N|LIST")]
+    pub gpus: Option<String>,
+    /// Seconds a data-parallel rank waits for the others, at start-up and in each exchange,
+    /// before it gives up with an error.
+    #[arg(long, value_name = "SECONDS", default_value_t = 300)]
+    pub dist_timeout: u64,
     /// No progress bar or per-epoch lines (the final summary is still printed).
     #[arg(long)]
     pub quiet: bool,
@@ -195,7 +206,38 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
     if let Some(0) = args.stop_after {
         anyhow::bail!("--stop-after must be at least 1, got 0");
     }
-    let mut progress = Progress::new(args.quiet);
+    ensure!(args.dist_timeout > 0, "--dist-timeout must be at least 1 second");
+    let timeout = Duration::from_secs(args.dist_timeout);
+    if let Some(g) = &args.gpus {
+        let gpus = launch::parse_gpus(g)?;
+        if let Some(env) = mlvpt::dist::LaunchEnv::from_env()? {
+            bail!(
+                "--gpus starts its own ranks, but this process is already rank {} of {} ({}): leave --gpus out",
+                env.rank,
+                env.world,
+                env.launcher
+            );
+        }
+        if args.resume.is_none() {
+            // Every setting is checked once, before any process starts.
+            args.full_spec()?.validate()?;
+        }
+        return launch::launch(&gpus, args.device);
+    }
+    let job = launch::join_job(args.device, timeout)?;
+    let result = train_as(args, job.clone());
+    if let Some(j) = &job {
+        match &result {
+            Ok(()) => j.control.finish(),
+            Err(e) => j.control.abort(&format!("{e:#}")),
+        }
+    }
+    result
+}
+
+fn train_as(args: &TrainArgs, job: Option<std::sync::Arc<mlvpt::dist::Job>>) -> anyhow::Result<()> {
+    let root = job.as_ref().is_none_or(|j| j.is_root());
+    let mut progress = Progress::new(args.quiet || !root);
     let summary = match &args.resume {
         Some(from) => {
             let out = match &args.out {
@@ -209,6 +251,7 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
                 device: args.device,
                 precision: args.precision,
                 augment_on: args.augment_on,
+                dist: job.clone(),
             };
             run::resume(from, &opts, &mut progress)?
         }
@@ -224,11 +267,14 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
                 device: args.device,
                 precision: args.precision,
                 augment_on: args.augment_on,
+                dist: job.clone(),
             };
             run::train(&spec, &opts, &mut progress)?
         }
     };
-    print_summary(&summary);
+    if root {
+        print_summary(&summary);
+    }
     Ok(())
 }
 

@@ -3,7 +3,7 @@
 
 use crate::backend::{AslConfig, Backend};
 use crate::model::{Backbone, ModelConfig, Params};
-use crate::train::{AdamWConfig, Trainer};
+use crate::train::{AdamWConfig, GradSync, Shard, Trainer};
 use anyhow::{Context, Result};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -110,15 +110,33 @@ pub fn time_steps<B: Backend>(
     steps: usize,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<StepTimes> {
+    time_steps_with(tr, problem, warmup, steps, None, progress)
+}
+
+/// [`time_steps`]; with `sync`, each step is one rank's share of a data-parallel step
+/// ([`Trainer::step_shard`]: the problem's images are this rank's, the gradients exchanged with
+/// the other ranks' before AdamW), so the time includes the exchange.
+pub fn time_steps_with<B: Backend>(
+    tr: &mut Trainer<B>,
+    problem: &RandomProblem,
+    warmup: usize,
+    steps: usize,
+    mut sync: Option<&mut dyn GradSync<B>>,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<StepTimes> {
     anyhow::ensure!(steps >= 1, "timed steps must be at least 1, got 0");
     let total = warmup + steps;
     let mut seconds = Vec::with_capacity(steps);
     let mut last_loss = f32::NAN;
     for i in 0..total {
         let t = Instant::now();
-        last_loss = tr
-            .step(&problem.images, &problem.targets, BENCH_LR)
-            .with_context(|| format!("step {} of {total} ({})", i + 1, if i < warmup { "warm-up" } else { "timed" }))?;
+        let stepped = match sync.as_deref_mut() {
+            Some(sync) => tr
+                .step_shard(Shard::Images(&problem.images), &problem.targets, BENCH_LR, sync)
+                .map(|l| l.unwrap_or(f32::NAN)),
+            None => tr.step(&problem.images, &problem.targets, BENCH_LR),
+        };
+        last_loss = stepped.with_context(|| format!("step {} of {total} ({})", i + 1, if i < warmup { "warm-up" } else { "timed" }))?;
         let dt = t.elapsed().as_secs_f64();
         if i >= warmup {
             seconds.push(dt);

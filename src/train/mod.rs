@@ -13,4 +13,4 @@ pub mod schedule;
 pub mod step;
 mod tensors;
 
-pub use step::{AdamWConfig, Crops, Staged, Trainer};
+pub use step::{AdamWConfig, Crops, GradSync, Shard, Staged, Trainer};

@@ -18,6 +18,7 @@ use std::sync::Arc;
 use crate::data::crops::CropBatch;
 use crate::data::loader::{EpochStream, TestLoader, TrainLoader};
 use crate::data::{self, derive_seed, DataConfig, Dataset};
+use crate::dist::{shard, Job};
 use crate::grouping::{self, Cooccurrence, GroupingConfig, GroupingMode};
 use crate::metrics::{self, Metrics};
 use crate::model::{Backbone, Method, ModelConfig, Params};
@@ -25,7 +26,7 @@ use crate::ops::asl::AslConfig;
 use crate::train::checkpoint::{tables, RunState};
 use crate::train::ema::Ema;
 use crate::train::schedule::OneCycle;
-use crate::train::step::{AdamWConfig, Crops, Staged, Trainer};
+use crate::train::step::{AdamWConfig, Crops, GradSync, Shard, Staged, Trainer};
 
 /// File names inside a run's output folder.
 pub const CHECKPOINT_FILE: &str = "checkpoint.safetensors";
@@ -255,6 +256,9 @@ pub struct RunOptions {
     pub precision: Option<Precision>,
     /// Where streamed training images are resized, flipped and normalized.
     pub augment_on: AugmentOn,
+    /// This process's rank of a data-parallel job (`None`: a single process). Every rank runs
+    /// the same settings; rank 0 alone writes the output folder.
+    pub dist: Option<Arc<Job>>,
 }
 
 /// Where the training augmentation of streamed images (a cache or image files) runs.
@@ -411,6 +415,61 @@ pub fn evaluate<B: Backend>(
     Ok((m, pe.map(|pe| metrics::evaluate(&pe, test.targets(), n, k, threshold))))
 }
 
+/// [`evaluate`] split over the ranks of `job`: each scores its share of the test set (in
+/// batches of at most its trainer's `max_batch`), the scores are gathered in rank order (the
+/// test set's order) and every rank computes the same metrics from them.
+pub fn evaluate_sharded<B: Backend>(
+    trainer: &mut Trainer<B>,
+    test: &TestData,
+    ema: Option<&Params>,
+    job: &Job,
+    threshold: f32,
+) -> anyhow::Result<(Metrics, Option<Metrics>)> {
+    let (n, k) = (test.len(), test.k());
+    let mine: Vec<usize> = shard::split(n, job.rank(), job.world()).collect();
+    let max_batch = trainer.max_batch();
+    let (p, pe) = test_probabilities(trainer, test, &mine, max_batch, ema)?;
+    let gather = |v: &[f32]| -> anyhow::Result<Vec<f32>> {
+        let parts = job.control.all_gather(bytemuck::cast_slice(v))?;
+        let all: Vec<f32> = parts
+            .iter()
+            .flat_map(|b| b.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes"))))
+            .collect();
+        ensure!(all.len() == n * k, "gathered {} scores for {n} test images x {k} labels", all.len());
+        Ok(all)
+    };
+    let p = gather(&p)?;
+    let m = metrics::evaluate(&p, test.targets(), n, k, threshold);
+    let em = match pe {
+        Some(pe) => Some(metrics::evaluate(&gather(&pe)?, test.targets(), n, k, threshold)),
+        None => None,
+    };
+    Ok((m, em))
+}
+
+/// An error unless every rank of `job` holds the same trainable parameters, bit for bit (a
+/// SHA-256 of them, gathered); rank 0 notes the check on stderr.
+fn check_identical<B: Backend>(trainer: &Trainer<B>, job: &Job, epoch: usize) -> anyhow::Result<()> {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    for t in &trainer.params().tensors {
+        h.update(bytemuck::cast_slice::<f32, u8>(&t.data));
+    }
+    let mine = h.finalize().to_vec();
+    let all = job.control.all_gather(&mine)?;
+    if let Some(r) = all.iter().position(|d| d != &all[0]) {
+        bail!(
+            "after epoch {epoch} the parameters of rank {r} differ from rank 0's: the ranks diverged (a bug, or a \
+             nondeterministic device)"
+        );
+    }
+    if job.is_root() {
+        let hex: String = mine[..8].iter().map(|b| format!("{b:02x}")).collect();
+        eprintln!("epoch {epoch}: parameters identical on all {} ranks (sha256 {hex}...)", job.world());
+    }
+    Ok(())
+}
+
 /// Groups from the training split's co-occurrence (empty for plain VPT, which has none).
 pub fn make_groups(spec: &RunSpec, lists: &[Vec<usize>]) -> anyhow::Result<Vec<Vec<Vec<usize>>>> {
     if spec.model.method == Method::Vpt {
@@ -434,7 +493,7 @@ pub fn train(spec: &RunSpec, opts: &RunOptions, obs: &mut dyn Observer) -> anyho
     let started = Instant::now();
     spec.validate()?;
     std::fs::create_dir_all(&opts.out).with_context(|| format!("cannot create output folder {}", opts.out.display()))?;
-    let train_data = load_train(&spec.data, spec.train.seed, &opts.out)?;
+    let train_data = load_train(&spec.data, spec.train.seed, &opts.out, is_root(opts))?;
     let partitions = make_groups(spec, &train_data.label_lists())?;
     let params = Params::init(&spec.model, partitions.len(), derive_seed(spec.train.seed, PARAMS_STREAM));
     let state = RunState {
@@ -464,7 +523,7 @@ pub fn resume(path: &Path, opts: &RunOptions, obs: &mut dyn Observer) -> anyhow:
     let file = checkpoint_path(path);
     let state = RunState::load(&file)?;
     std::fs::create_dir_all(&opts.out).with_context(|| format!("cannot create output folder {}", opts.out.display()))?;
-    let train_data = load_train(&state.data, state.train.seed, &opts.out)?;
+    let train_data = load_train(&state.data, state.train.seed, &opts.out, is_root(opts))?;
     run_from(state, train_data, opts, obs, started)
 }
 
@@ -573,12 +632,14 @@ impl TestData {
 }
 
 /// The training split; for image files the load report starts `out/data_report.txt`.
-fn load_train(data: &DataConfig, seed: u64, out: &Path) -> anyhow::Result<TrainData> {
+fn load_train(data: &DataConfig, seed: u64, out: &Path, root: bool) -> anyhow::Result<TrainData> {
     std::fs::create_dir_all(out).with_context(|| format!("cannot create output folder {}", out.display()))?;
     match data {
         DataConfig::Images(c) => {
             let (loader, report) = c.train_loader(derive_seed(seed, AUGMENT_STREAM))?;
-            write_report(out, &report, false)?;
+            if root {
+                write_report(out, &report, false)?;
+            }
             Ok(TrainData::Stream(Arc::new(loader)))
         }
         _ => Ok(TrainData::Memory(data.train_split()?)),
@@ -609,6 +670,11 @@ fn write_report(out: &Path, r: &data::LoadReport, append: bool) -> anyhow::Resul
     Ok(())
 }
 
+/// Whether this process writes the output folder (a single process, or rank 0).
+fn is_root(opts: &RunOptions) -> bool {
+    opts.dist.as_ref().is_none_or(|j| j.is_root())
+}
+
 /// `path` itself if it is a file, else `path/checkpoint.safetensors`.
 pub fn checkpoint_path(path: &Path) -> PathBuf {
     if path.is_dir() {
@@ -626,12 +692,39 @@ fn run_from(
     obs: &mut dyn Observer,
     started: Instant,
 ) -> anyhow::Result<Summary> {
-    match crate::backend::select_with(opts.device, opts.precision, &mut |line| eprintln!("{line}"))? {
-        Selected::Cpu(be) => run_on(be, state, train_data, opts, obs, started),
+    let ordinal = opts.dist.as_ref().map_or(0, |j| j.env.device);
+    let root = is_root(opts);
+    let selected = crate::backend::select_on(opts.device, opts.precision, ordinal, &mut |line| {
+        if root {
+            eprintln!("{line}")
+        }
+    })?;
+    let Some(job) = opts.dist.clone() else {
+        return match selected {
+            Selected::Cpu(be) => run_on(be, state, train_data, opts, obs, started, None),
+            #[cfg(feature = "cuda")]
+            Selected::Cuda(be) => run_on(*be, state, train_data, opts, obs, started, None),
+        };
+    };
+    match selected {
+        Selected::Cpu(be) => {
+            let mut sync = crate::dist::sync::HostSync { control: &job.control };
+            run_on(be, state, train_data, opts, obs, started, Some((&mut sync, &job)))
+        }
         #[cfg(feature = "cuda")]
-        Selected::Cuda(be) => run_on(*be, state, train_data, opts, obs, started),
+        Selected::Cuda(be) => {
+            let id = job
+                .nccl_id
+                .context("this rank runs on CUDA but rank 0 does not (every rank must be given the same --device)")?;
+            let nccl = crate::dist::sync::Nccl::init(be.gpu(), &id, job.rank(), job.world())?;
+            let mut sync = crate::dist::sync::NcclSync::new(nccl, &job.control, job.timeout);
+            run_on(*be, state, train_data, opts, obs, started, Some((&mut sync, &job)))
+        }
     }
 }
+
+/// A data-parallel run's gradient exchange and job.
+type Dist<'a, B> = Option<(&'a mut dyn GradSync<B>, &'a Job)>;
 
 /// [`run_from`] on an opened backend.
 fn run_on<B: Backend>(
@@ -641,12 +734,20 @@ fn run_on<B: Backend>(
     opts: &RunOptions,
     obs: &mut dyn Observer,
     started: Instant,
+    mut dist: Dist<'_, B>,
 ) -> anyhow::Result<Summary> {
+    let root = dist.as_ref().is_none_or(|(_, j)| j.is_root());
+    let (rank, world) = dist.as_ref().map_or((0, 1), |(_, j)| (j.rank(), j.world()));
     let (test_data, report) = TestData::open(&state.data)?;
-    if let Some(r) = report {
+    if let (Some(r), true) = (report, root) {
         write_report(&opts.out, &r, true)?;
     }
     let cfg = state.train.clone();
+    // Each rank steps on its share of every global batch of `batch_size` images.
+    let local_cfg = TrainConfig {
+        batch_size: shard::per_rank(cfg.batch_size, world),
+        ..cfg.clone()
+    };
     let ck_path = opts.out.join(CHECKPOINT_FILE);
     let log_path = opts.out.join(METRICS_FILE);
 
@@ -656,7 +757,7 @@ fn run_on<B: Backend>(
         &state.partitions,
         &state.backbone,
         state.params.clone(),
-        &cfg,
+        &local_cfg,
     )?;
     trainer.set_optimizer_state(&state.adam_m, &state.adam_v, state.adam_step)?;
     let mut ema = match &state.ema {
@@ -669,12 +770,14 @@ fn run_on<B: Backend>(
     };
 
     // metrics.jsonl always equals the checkpoint's history (plus what this process adds).
-    rewrite_log(&log_path, &state.history)?;
-    if state.epoch == 0 && state.step == 0 {
-        state.save(&ck_path)?;
+    if root {
+        rewrite_log(&log_path, &state.history)?;
+        if state.epoch == 0 && state.step == 0 {
+            state.save(&ck_path)?;
+        }
     }
 
-    if opts.augment_on == AugmentOn::Device && matches!(train_data, TrainData::Memory(_)) {
+    if root && opts.augment_on == AugmentOn::Device && matches!(train_data, TrainData::Memory(_)) {
         eprintln!("note: --augment-on device applies to streamed images (--data); these are in memory, already normalized");
     }
     let n = train_data.len();
@@ -698,14 +801,16 @@ fn run_on<B: Backend>(
             let order = data::epoch_order(n, cfg.seed, epoch as u64);
             let epoch_start = Instant::now();
             let mut loss_sum = 0.0f64;
-            let batches: Vec<Vec<usize>> = order.chunks(bs).map(<[usize]>::to_vec).collect();
+            // This rank's share of every global batch.
+            let local = |batch: &[usize]| batch[shard::split(batch.len(), rank, world)].to_vec();
+            let batches: Vec<Vec<usize>> = order.chunks(bs).map(local).collect();
             let mut feed = match &train_data {
                 TrainData::Stream(l) if opts.augment_on == AugmentOn::Device => Feed::Crops {
-                    rx: l.crop_epoch(batches, epoch as u64),
+                    rx: l.crop_epoch(batches.clone(), epoch as u64),
                     next: None,
                     norm: l.norm.mean_std(),
                 },
-                TrainData::Stream(l) => Feed::Images(l.epoch(batches, epoch as u64)),
+                TrainData::Stream(l) => Feed::Images(l.epoch(batches.clone(), epoch as u64)),
                 TrainData::Memory(_) => Feed::Memory,
             };
             let mut report_skipped = |skipped: Vec<(String, String)>| -> anyhow::Result<()> {
@@ -718,8 +823,9 @@ fn run_on<B: Backend>(
                 Ok(())
             };
             let nbatches = order.chunks(bs).len();
-            for (b, batch) in order.chunks(bs).enumerate() {
+            for (b, global) in order.chunks(bs).enumerate() {
                 let step = state.step;
+                let batch = &batches[b][..];
                 let mut batch_n = batch.len();
                 let waiting = Instant::now();
                 let mut staged = None;
@@ -747,7 +853,7 @@ fn run_on<B: Backend>(
                     (TrainData::Memory(d), _) => d.gather(batch, &mut images, &mut targets),
                     (TrainData::Stream(_), _) => unreachable!("a streamed split always has a loader"),
                 }
-                if batch_n == 0 {
+                if batch_n == 0 && dist.is_none() {
                     // Every image of this batch is unreadable: the step is skipped but
                     // counted, so the schedule and resumption stay aligned.
                     state.step += 1;
@@ -755,7 +861,7 @@ fn run_on<B: Backend>(
                 }
                 time.data_s += waiting.elapsed().as_secs_f64();
                 let stepping = Instant::now();
-                if opts.nan_at_step == Some(step) {
+                if opts.nan_at_step == Some(step) && batch_n > 0 {
                     match staged {
                         // uint8 pixels cannot be NaN: a NaN target makes the loss NaN alike.
                         Some(_) => targets[0] = f32::NAN,
@@ -763,23 +869,55 @@ fn run_on<B: Backend>(
                     }
                 }
                 let lr = schedule.lr(step);
-                let stopped = || {
-                    format!(
+                let stopped = || match root {
+                    true => format!(
                         "training stopped at step {step} (epoch {}, batch {}); the last good checkpoint, {} \
                          (epoch {}), is kept (a smaller --lr may help)",
                         epoch + 1,
                         b + 1,
                         ck_path.display(),
                         state.epoch
-                    )
+                    ),
+                    // Rank 0 writes the checkpoints; this rank has none to keep.
+                    false => format!(
+                        "rank {rank}: training stopped at step {step} (epoch {}, batch {}) (a smaller --lr may help)",
+                        epoch + 1,
+                        b + 1
+                    ),
                 };
                 // The trainer refuses a non-finite loss itself; the check below keeps the
                 // promise whatever the backend does.
-                let loss = match staged {
-                    Some(s) => trainer.step_staged(s, &targets, lr as f32),
-                    None => trainer.step(&images, &targets, lr as f32),
-                }
-                .with_context(stopped)?;
+                let loss = match dist.as_mut() {
+                    Some((sync, _)) => {
+                        let shard = match staged {
+                            Some(s) => Shard::Staged(s),
+                            None if batch_n == 0 => Shard::Empty,
+                            None => Shard::Images(&images),
+                        };
+                        let t = if batch_n == 0 { &[][..] } else { &targets[..] };
+                        let stepped = trainer.step_shard(shard, t, lr as f32, &mut **sync).map_err(|e| {
+                            // The --lr hint fits a non-finite loss, not a failed peer.
+                            let why = stopped();
+                            match format!("{e:#}").contains("not finite") {
+                                true => e.context(why),
+                                false => e.context(why.replace(" (a smaller --lr may help)", "")),
+                            }
+                        })?;
+                        match stepped {
+                            Some(loss) => loss,
+                            None => {
+                                // No rank had a readable image: skipped but counted, as above.
+                                state.step += 1;
+                                continue;
+                            }
+                        }
+                    }
+                    None => match staged {
+                        Some(s) => trainer.step_staged(s, &targets, lr as f32),
+                        None => trainer.step(&images, &targets, lr as f32),
+                    }
+                    .with_context(stopped)?,
+                };
                 if !loss.is_finite() {
                     bail!("{}: the loss is {loss}", stopped());
                 }
@@ -789,14 +927,28 @@ fn run_on<B: Backend>(
                 time.step_s += stepping.elapsed().as_secs_f64();
                 state.step += 1;
                 loss_sum += loss as f64;
-                images_done += batch_n;
+                images_done += if dist.is_some() { global.len() } else { batch_n };
                 let elapsed = train_seconds + epoch_start.elapsed().as_secs_f64();
                 obs.on_step(state.step, loss, images_done as f64 / elapsed.max(1e-9), &time);
             }
             train_seconds += epoch_start.elapsed().as_secs_f64();
             final_loss = loss_sum / order.chunks(bs).len() as f64;
 
-            let (m, em) = evaluate(&mut trainer, &test_data, ema.as_ref().map(|e| &e.shadow), bs, cfg.threshold)?;
+            let (m, em) = match &dist {
+                Some((_, job)) => {
+                    let after = || match root {
+                        true => format!(
+                            "after epoch {} (the last good checkpoint, epoch {}, is kept)",
+                            epoch + 1,
+                            state.epoch
+                        ),
+                        false => format!("rank {rank}: after epoch {}", epoch + 1),
+                    };
+                    check_identical(&trainer, job, epoch + 1).with_context(after)?;
+                    evaluate_sharded(&mut trainer, &test_data, ema.as_ref().map(|e| &e.shadow), job, cfg.threshold).with_context(after)?
+                }
+                None => evaluate(&mut trainer, &test_data, ema.as_ref().map(|e| &e.shadow), bs, cfg.threshold)?,
+            };
             let record = metrics_record(
                 epoch + 1,
                 state.step,
@@ -816,9 +968,11 @@ fn run_on<B: Backend>(
             state.ema = ema.as_ref().map(|e| (e.shadow.clone(), e.updates));
             let line = serde_json::to_string(&record)?;
             state.history.push(line.clone());
-            state.save(&ck_path)?;
-            append_log(&log_path, &line)?;
-            obs.on_eval(&record);
+            if root {
+                state.save(&ck_path)?;
+                append_log(&log_path, &line)?;
+                obs.on_eval(&record);
+            }
             last_eval = Some((m, em));
         }
         Ok(())
@@ -827,9 +981,10 @@ fn run_on<B: Backend>(
     result?;
 
     // A run resumed after its last epoch trained nothing here but still reports its metrics.
-    let (metrics, ema_metrics) = match last_eval {
-        Some(both) => both,
-        None => evaluate(&mut trainer, &test_data, ema.as_ref().map(|e| &e.shadow), bs, cfg.threshold)?,
+    let (metrics, ema_metrics) = match (last_eval, &dist) {
+        (Some(both), _) => both,
+        (None, Some((_, job))) => evaluate_sharded(&mut trainer, &test_data, ema.as_ref().map(|e| &e.shadow), job, cfg.threshold)?,
+        (None, None) => evaluate(&mut trainer, &test_data, ema.as_ref().map(|e| &e.shadow), bs, cfg.threshold)?,
     };
     if final_loss.is_nan() {
         final_loss = state

@@ -55,6 +55,28 @@ enum Input<'a> {
     Images(&'a [f32]),
     /// Crops staged earlier, augmented straight into the patch rows.
     Staged(Staged),
+    /// No image: zero gradients and loss (a rank of a data-parallel job whose share of the
+    /// batch is empty still takes part in the exchange).
+    Nothing,
+}
+
+/// This rank's share of a data-parallel step, for [`Trainer::step_shard`].
+#[derive(Debug)]
+pub enum Shard<'a> {
+    /// f32 images `[B, C, H, W]`.
+    Images(&'a [f32]),
+    /// A batch [`Trainer::stage`] put on the backend.
+    Staged(Staged),
+    /// None of the batch's images.
+    Empty,
+}
+
+/// Combines the ranks' gradients between the backward and AdamW (`crate::dist`).
+pub trait GradSync<B: Backend> {
+    /// `grads` (the trainable tensors, `lens` values each) and `loss` (`loss[0]`) hold the mean
+    /// over this rank's `images` images (zeros for none); replaces them on every rank by the
+    /// mean over all ranks' images, identical bits everywhere. Returns the images of all ranks.
+    fn sync(&mut self, be: &mut B, grads: &mut [B::Buf], lens: &[usize], loss: &mut B::Buf, images: usize) -> Result<usize>;
 }
 
 /// Forward, loss, backward and AdamW for one model on one backend.
@@ -246,13 +268,40 @@ impl<B: Backend> Trainer<B> {
         self.step_on(Input::Staged(staged), targets, lr)
     }
 
+    /// One data-parallel step: this rank's share of the batch (`targets` holds its images' x
+    /// K), the gradients combined with the other ranks' by `sync`, then AdamW, identical on
+    /// every rank. Returns the loss of the whole batch, or `None` when no rank had an image
+    /// (nothing changes, as a batch of unreadable images in one process).
+    pub fn step_shard(&mut self, shard: Shard<'_>, targets: &[f32], lr: f32, sync: &mut dyn GradSync<B>) -> Result<Option<f32>> {
+        let input = match shard {
+            Shard::Images(x) => Input::Images(x),
+            Shard::Staged(s) => Input::Staged(s),
+            Shard::Empty => Input::Nothing,
+        };
+        match self.step_with(input, targets, lr, Some(sync)) {
+            Ok(loss) => Ok(Some(loss)),
+            Err(e) if e.is::<NoImages>() => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
     fn step_on(&mut self, input: Input<'_>, targets: &[f32], lr: f32) -> Result<f32> {
+        self.step_with(input, targets, lr, None)
+    }
+
+    fn step_with(&mut self, input: Input<'_>, targets: &[f32], lr: f32, sync: Option<&mut dyn GradSync<B>>) -> Result<f32> {
         if let Input::Staged(s) = &input {
             // The area is free again whatever happens below: a staged batch is used once.
             self.busy[s.slot] = false;
         }
         ensure!(lr.is_finite() && lr >= 0.0, "learning rate must be a finite number >= 0, got {lr}");
-        self.compute_grads(input, targets)?;
+        let images = self.compute_grads(input, targets)?;
+        if let Some(sync) = sync {
+            let lens: Vec<usize> = self.specs.iter().map(|(_, s)| s.iter().product()).collect();
+            if sync.sync(&mut self.be, &mut self.grads, &lens, &mut self.acts.loss, images)? == 0 {
+                return Err(NoImages.into());
+            }
+        }
         // AdamW runs unless the loss, still on the device, is non-finite (the kernel reads it),
         // so the host waits once per step: for the loss, after the update is queued.
         let step = self.step + 1;
@@ -396,9 +445,16 @@ impl<B: Backend> Trainer<B> {
 
     /// Forward + loss + backward for one batch; leaves the gradients in `self.grads` and the
     /// loss in `acts.loss` (read by [`Self::read_loss`]). Nothing here
-    /// waits for the device: its errors surface at the next check.
-    fn compute_grads(&mut self, input: Input<'_>, targets: &[f32]) -> Result<()> {
+    /// waits for the device: its errors surface at the next check. Returns the batch size.
+    fn compute_grads(&mut self, input: Input<'_>, targets: &[f32]) -> Result<usize> {
         let (b, patches) = match input {
+            Input::Nothing => {
+                for (g, (_, shape)) in self.grads.iter_mut().zip(&self.specs) {
+                    self.be.fill(g, shape.iter().product(), 0.0);
+                }
+                self.be.fill(&mut self.acts.loss, 1, 0.0);
+                return Ok(0);
+            }
             Input::Images(images) => {
                 let b = self.batch_of(images, Some(targets))?;
                 self.be.upload(images, &mut self.acts.images);
@@ -430,7 +486,7 @@ impl<B: Backend> Trainer<B> {
         self.forward(b, patches, &mut |_, _, _, _| {});
         self.loss(b);
         self.backward(b);
-        Ok(())
+        Ok(b)
     }
 
     /// The loss of the last [`Self::compute_grads`], after any device error is reported; an
@@ -446,6 +502,11 @@ impl<B: Backend> Trainer<B> {
         Ok(loss)
     }
 }
+
+/// No rank of a data-parallel step had an image.
+#[derive(Debug, thiserror::Error)]
+#[error("no rank had an image in this batch")]
+struct NoImages;
 
 /// Names and shapes of `p` must be `specs`, in order.
 fn check_params(specs: &[(String, Vec<usize>)], p: &Params) -> Result<()> {
