@@ -50,6 +50,16 @@ fn ranks() -> Option<usize> {
     Some(device_count().min(2))
 }
 
+/// The demo itself (`mlvpt train`'s own model and data, 64 images) on two ranks: the same
+/// checks as [`cuda_ranks_track_one_process`] at the size people run.
+#[test]
+#[ignore = "requires a CUDA device"]
+fn cuda_the_demo_on_ranks_tracks_one_process() {
+    if let Some(n) = ranks() {
+        ranks_track_one_process_on(DEMO, "cuda", n, 1e-3, 3.0);
+    }
+}
+
 #[test]
 #[ignore = "requires a CUDA device"]
 fn cuda_ranks_track_one_process() {

@@ -52,9 +52,18 @@ pub fn mlvpt(args: &[&str], env: &[(&str, &str)]) -> Output {
     c.output().expect("run mlvpt")
 }
 
+/// The demo as `mlvpt train` runs it (its model, dataset and default batch), on 64 training
+/// and 64 test images (as tests/gpu_train_cli.rs trains it on one device).
+pub const DEMO: &[&str] = &["--train-images", "64", "--test-images", "64"];
+
 pub fn train(device: &str, out: &Path, extra: &[&str]) -> String {
+    train_on(TINY, device, out, extra)
+}
+
+/// [`train`] with `base` in place of [`TINY`].
+pub fn train_on(base: &[&str], device: &str, out: &Path, extra: &[&str]) -> String {
     let mut a = vec!["train", "--quiet", "--device", device, "--out", out.to_str().unwrap()];
-    a.extend_from_slice(TINY);
+    a.extend_from_slice(base);
     a.extend_from_slice(extra);
     let o = mlvpt(&a, &[]);
     let err = String::from_utf8_lossy(&o.stderr).into_owned();
@@ -90,11 +99,16 @@ pub fn close(a: &[[f64; 4]], b: &[[f64; 4]], loss_tol: f64, metric_tol: f64) {
 /// are identical on every rank after every epoch (the run checks a SHA-256 of them and says
 /// so), and the run tracks the single process's (the same steps, summed in another order).
 pub fn ranks_track_one_process(device: &str, ranks: usize, loss_tol: f64, metric_tol: f64) {
+    ranks_track_one_process_on(TINY, device, ranks, loss_tol, metric_tol)
+}
+
+/// [`ranks_track_one_process`] with `base` in place of [`TINY`].
+pub fn ranks_track_one_process_on(base: &[&str], device: &str, ranks: usize, loss_tol: f64, metric_tol: f64) {
     let n = ranks.to_string();
     let dir = tempfile::tempdir().unwrap();
     let (one, two) = (dir.path().join("one"), dir.path().join("two"));
-    train(device, &one, &["--epochs", "2"]);
-    let err = train(device, &two, &["--epochs", "2", "--gpus", &n]);
+    train_on(base, device, &one, &["--epochs", "2"]);
+    let err = train_on(base, device, &two, &["--epochs", "2", "--gpus", &n]);
     for e in 1..=2 {
         assert!(
             err.contains(&format!("[rank 0] epoch {e}: parameters identical on all {n} ranks")),
