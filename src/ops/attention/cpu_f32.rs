@@ -105,6 +105,24 @@ fn mm(
     }
 }
 
+/// Runs `task(i, scratch)` for the `total` (image, head) tasks, in rounds of as many as keep
+/// every thread busy, each task with its own `per_task` floats of `scratch` (grown once).
+fn in_rounds(total: usize, per_task: usize, scratch: &mut Vec<f32>, task: impl Fn(usize, &mut [f32]) + Sync) {
+    let per = tasks_per_round(total);
+    if scratch.len() < per * per_task {
+        scratch.resize(per * per_task, 0.0);
+    }
+    let mut first = 0;
+    while first < total {
+        let count = per.min(total - first);
+        scratch[..count * per_task]
+            .par_chunks_mut(per_task)
+            .enumerate()
+            .for_each(|(t, buf)| task(first + t, buf));
+        first += count;
+    }
+}
+
 /// Forward (see `cpu::forward`); `isas` from [`isas`].
 pub(super) fn forward(qkv: &[f32], out: &mut [f32], lse: &mut [f32], sh: &AttnShape, scratch: &mut Vec<f32>, isas: (Isa, Isa)) {
     let (b, n, h, dh) = (sh.batch, sh.tokens, sh.heads, sh.head_dim);
@@ -113,47 +131,33 @@ pub(super) fn forward(qkv: &[f32], out: &mut [f32], lse: &mut [f32], sh: &AttnSh
     let (keys_isa, cols_isa) = isas;
     let ld = padded(n);
     let per_task = (dh + nq) * ld + n * dh;
-    let total = b * h;
-    let per = tasks_per_round(total);
-    if scratch.len() < per * per_task {
-        scratch.resize(per * per_task, 0.0);
-    }
     let scale = 1.0 / (dh as f32).sqrt();
     let out_p = SyncPtr(out.as_mut_ptr());
     let lse_p = SyncPtr(lse.as_mut_ptr());
-    let mut first = 0;
-    while first < total {
-        let count = per.min(total - first);
-        scratch[..count * per_task]
-            .par_chunks_mut(per_task)
-            .enumerate()
-            .for_each(|(t, buf)| {
-                let task = first + t;
-                let (bi, hi) = (task / h, task % h);
-                let (kt, rest) = buf.split_at_mut(dh * ld);
-                let (vp, s) = rest.split_at_mut(n * dh);
-                let base = qkv[bi * n * 3 * d + hi * dh..].as_ptr();
-                // SAFETY: every index stays inside qkv/out/lse (the caller asserted their sizes);
-                // each task writes only its own head's columns of `out`, its own `lse` row and its
-                // own scratch; the ISAs come from `isas` (supported, widths dividing the columns).
-                unsafe {
-                    let q = base.add(q0 * 3 * d);
-                    let k = base.add(d);
-                    let v = base.add(2 * d);
-                    transpose_into(kt, k, 3 * d, n, dh, ld);
-                    pack_rows(vp, v, 3 * d, n, dh);
-                    simd32::matmul(keys_isa, &mm(nq, ld, dh, q, 3 * d, 1, kt.as_ptr(), ld, s.as_mut_ptr(), ld, scale));
-                    let lse_row = std::slice::from_raw_parts_mut(lse_p.get().add(task * nq), nq);
-                    for (r, row) in s.chunks_exact_mut(ld).enumerate() {
-                        mask_scores(row, q0 + r, n, sh);
-                        lse_row[r] = simd32::softmax_row(keys_isa, row);
-                    }
-                    let o = out_p.get().add(bi * nq * d + hi * dh);
-                    simd32::matmul(cols_isa, &mm(nq, dh, n, s.as_ptr(), ld, 1, vp.as_ptr(), dh, o, d, 1.0));
-                }
-            });
-        first += count;
-    }
+    in_rounds(b * h, per_task, scratch, |task, buf| {
+        let (bi, hi) = (task / h, task % h);
+        let (kt, rest) = buf.split_at_mut(dh * ld);
+        let (vp, s) = rest.split_at_mut(n * dh);
+        let base = qkv[bi * n * 3 * d + hi * dh..].as_ptr();
+        // SAFETY: every index stays inside qkv/out/lse (the caller asserted their sizes);
+        // each task writes only its own head's columns of `out`, its own `lse` row and its
+        // own scratch; the ISAs come from `isas` (supported, widths dividing the columns).
+        unsafe {
+            let q = base.add(q0 * 3 * d);
+            let k = base.add(d);
+            let v = base.add(2 * d);
+            transpose_into(kt, k, 3 * d, n, dh, ld);
+            pack_rows(vp, v, 3 * d, n, dh);
+            simd32::matmul(keys_isa, &mm(nq, ld, dh, q, 3 * d, 1, kt.as_ptr(), ld, s.as_mut_ptr(), ld, scale));
+            let lse_row = std::slice::from_raw_parts_mut(lse_p.get().add(task * nq), nq);
+            for (r, row) in s.chunks_exact_mut(ld).enumerate() {
+                mask_scores(row, q0 + r, n, sh);
+                lse_row[r] = simd32::softmax_row(keys_isa, row);
+            }
+            let o = out_p.get().add(bi * nq * d + hi * dh);
+            simd32::matmul(cols_isa, &mm(nq, dh, n, s.as_ptr(), ld, 1, vp.as_ptr(), dh, o, d, 1.0));
+        }
+    });
 }
 
 /// Backward (see `cpu::backward`) into `dqkv`, whose Q rows outside the query range the
@@ -175,68 +179,54 @@ pub(super) fn backward(
     let (keys_isa, cols_isa) = isas;
     let ld = padded(n);
     let per_task = 2 * (dh + nq) * ld + (n + 2 * nq) * dh;
-    let total = b * h;
-    let per = tasks_per_round(total);
-    if scratch.len() < per * per_task {
-        scratch.resize(per * per_task, 0.0);
-    }
     let scale = 1.0 / (dh as f32).sqrt();
     let dqkv_p = SyncPtr(dqkv.as_mut_ptr());
-    let mut first = 0;
-    while first < total {
-        let count = per.min(total - first);
-        scratch[..count * per_task]
-            .par_chunks_mut(per_task)
-            .enumerate()
-            .for_each(|(t, buf)| {
-                let task = first + t;
-                let (bi, hi) = (task / h, task % h);
-                let (kt, rest) = buf.split_at_mut(dh * ld);
-                let (vt, rest) = rest.split_at_mut(dh * ld);
-                let (p, rest) = rest.split_at_mut(nq * ld);
-                let (dp, rest) = rest.split_at_mut(nq * ld);
-                let (kp, rest) = rest.split_at_mut(n * dh);
-                let (qp, gp) = rest.split_at_mut(nq * dh);
-                let base = bi * n * 3 * d + hi * dh;
-                let o_off = bi * nq * d + hi * dh;
-                let lse_row = &lse[task * nq..(task + 1) * nq];
-                // SAFETY: as in `forward`; each task writes only its own head's Q, K, V columns of
-                // dqkv.
-                unsafe {
-                    let all = qkv[base..].as_ptr();
-                    let q = all.add(q0 * 3 * d);
-                    let k = all.add(d);
-                    let v = all.add(2 * d);
-                    let go = dout[o_off..].as_ptr();
-                    transpose_into(kt, k, 3 * d, n, dh, ld);
-                    transpose_into(vt, v, 3 * d, n, dh, ld);
-                    pack_rows(kp, k, 3 * d, n, dh);
-                    pack_rows(qp, q, 3 * d, nq, dh);
-                    pack_rows(gp, go, d, nq, dh);
-                    // P = exp(scale Q K^T - lse), masked entries 0; dP = dO V^T.
-                    simd32::matmul(keys_isa, &mm(nq, ld, dh, q, 3 * d, 1, kt.as_ptr(), ld, p.as_mut_ptr(), ld, scale));
-                    simd32::matmul(keys_isa, &mm(nq, ld, dh, go, d, 1, vt.as_ptr(), ld, dp.as_mut_ptr(), ld, 1.0));
-                    // P (masked and padded entries 0), then dS = P * (dP - rowsum(dO * O)) in
-                    // place of dP.
-                    for (r, (prow, dprow)) in p.chunks_exact_mut(ld).zip(dp.chunks_exact_mut(ld)).enumerate() {
-                        mask_scores(prow, q0 + r, n, sh);
-                        let orow = &out[o_off + r * d..o_off + r * d + dh];
-                        let grow = &gp[r * dh..(r + 1) * dh];
-                        let di: f32 = orow.iter().zip(grow).map(|(&a, &g)| a * g).sum();
-                        simd32::softmax_grad_row(keys_isa, prow, dprow, lse_row[r], di);
-                    }
-                    let dall = dqkv_p.get().add(base);
-                    let dq = dall.add(q0 * 3 * d);
-                    let dk = dall.add(d);
-                    let dv = dall.add(2 * d);
-                    // dQ = scale dS K ; dK = scale dS^T Q ; dV = P^T dO
-                    simd32::matmul(cols_isa, &mm(nq, dh, n, dp.as_ptr(), ld, 1, kp.as_ptr(), dh, dq, 3 * d, scale));
-                    simd32::matmul(cols_isa, &mm(n, dh, nq, dp.as_ptr(), 1, ld, qp.as_ptr(), dh, dk, 3 * d, scale));
-                    simd32::matmul(cols_isa, &mm(n, dh, nq, p.as_ptr(), 1, ld, gp.as_ptr(), dh, dv, 3 * d, 1.0));
-                }
-            });
-        first += count;
-    }
+    in_rounds(b * h, per_task, scratch, |task, buf| {
+        let (bi, hi) = (task / h, task % h);
+        let (kt, rest) = buf.split_at_mut(dh * ld);
+        let (vt, rest) = rest.split_at_mut(dh * ld);
+        let (p, rest) = rest.split_at_mut(nq * ld);
+        let (dp, rest) = rest.split_at_mut(nq * ld);
+        let (kp, rest) = rest.split_at_mut(n * dh);
+        let (qp, gp) = rest.split_at_mut(nq * dh);
+        let base = bi * n * 3 * d + hi * dh;
+        let o_off = bi * nq * d + hi * dh;
+        let lse_row = &lse[task * nq..(task + 1) * nq];
+        // SAFETY: as in `forward`; each task writes only its own head's Q, K, V columns of
+        // dqkv.
+        unsafe {
+            let all = qkv[base..].as_ptr();
+            let q = all.add(q0 * 3 * d);
+            let k = all.add(d);
+            let v = all.add(2 * d);
+            let go = dout[o_off..].as_ptr();
+            transpose_into(kt, k, 3 * d, n, dh, ld);
+            transpose_into(vt, v, 3 * d, n, dh, ld);
+            pack_rows(kp, k, 3 * d, n, dh);
+            pack_rows(qp, q, 3 * d, nq, dh);
+            pack_rows(gp, go, d, nq, dh);
+            // P = exp(scale Q K^T - lse), masked entries 0; dP = dO V^T.
+            simd32::matmul(keys_isa, &mm(nq, ld, dh, q, 3 * d, 1, kt.as_ptr(), ld, p.as_mut_ptr(), ld, scale));
+            simd32::matmul(keys_isa, &mm(nq, ld, dh, go, d, 1, vt.as_ptr(), ld, dp.as_mut_ptr(), ld, 1.0));
+            // P (masked and padded entries 0), then dS = P * (dP - rowsum(dO * O)) in
+            // place of dP.
+            for (r, (prow, dprow)) in p.chunks_exact_mut(ld).zip(dp.chunks_exact_mut(ld)).enumerate() {
+                mask_scores(prow, q0 + r, n, sh);
+                let orow = &out[o_off + r * d..o_off + r * d + dh];
+                let grow = &gp[r * dh..(r + 1) * dh];
+                let di: f32 = orow.iter().zip(grow).map(|(&a, &g)| a * g).sum();
+                simd32::softmax_grad_row(keys_isa, prow, dprow, lse_row[r], di);
+            }
+            let dall = dqkv_p.get().add(base);
+            let dq = dall.add(q0 * 3 * d);
+            let dk = dall.add(d);
+            let dv = dall.add(2 * d);
+            // dQ = scale dS K ; dK = scale dS^T Q ; dV = P^T dO
+            simd32::matmul(cols_isa, &mm(nq, dh, n, dp.as_ptr(), ld, 1, kp.as_ptr(), dh, dq, 3 * d, scale));
+            simd32::matmul(cols_isa, &mm(n, dh, nq, dp.as_ptr(), 1, ld, qp.as_ptr(), dh, dk, 3 * d, scale));
+            simd32::matmul(cols_isa, &mm(n, dh, nq, p.as_ptr(), 1, ld, gp.as_ptr(), dh, dv, 3 * d, 1.0));
+        }
+    });
 }
 
 #[cfg(test)]
