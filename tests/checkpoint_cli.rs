@@ -125,3 +125,53 @@ fn broken_checkpoints_are_errors() {
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 }
+
+/// `eval` and `predict` with `--batch-size` smaller than the training batch (a data-parallel
+/// run's global batch may not fit one device) give the same scores, up to float rounding.
+#[test]
+fn eval_and_predict_take_a_smaller_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    let mut a = vec!["train", "--quiet", "--out", run.to_str().unwrap()];
+    a.extend_from_slice(TINY);
+    let o = Command::new(env!("CARGO_BIN_EXE_mlvpt")).args(&a).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let f = run.to_str().unwrap();
+    let json = |args: &[&str]| -> serde_json::Value {
+        let o = Command::new(env!("CARGO_BIN_EXE_mlvpt")).args(args).output().unwrap();
+        assert!(o.status.success(), "{args:?}: {}", String::from_utf8_lossy(&o.stderr));
+        serde_json::from_slice(&o.stdout).unwrap()
+    };
+    let map = |v: &serde_json::Value| v["metrics"]["mAP"].as_f64().unwrap();
+    let (full, small) = (
+        json(&["eval", "--checkpoint", f, "--json"]),
+        json(&["eval", "--checkpoint", f, "--json", "--batch-size", "3"]),
+    );
+    assert!((map(&full) - map(&small)).abs() < 1e-6, "{full}\n{small}");
+    let scores = |v: &serde_json::Value| -> Vec<f64> {
+        let mut s = Vec::new();
+        for img in v.as_array().unwrap() {
+            for x in img["probabilities"].as_object().unwrap().values() {
+                s.push(x.as_f64().unwrap());
+            }
+        }
+        s
+    };
+    let idx = ["predict", "--checkpoint", f, "--json", "--index", "0", "1", "2", "3", "4"];
+    let (p_full, p_small) = (json(&idx), json(&[&idx[..], &["--batch-size", "2"]].concat()));
+    let (x, y) = (scores(&p_full), scores(&p_small));
+    assert_eq!(x.len(), 5 * 6, "{p_full}");
+    assert!(x.iter().zip(&y).all(|(a, b)| (a - b).abs() < 1e-6), "{p_full}\n{p_small}");
+    for args in [vec!["eval", "--checkpoint", f], vec!["predict", "--checkpoint", f, "--index", "0"]] {
+        let o = Command::new(env!("CARGO_BIN_EXE_mlvpt"))
+            .args(&args)
+            .args(["--batch-size", "0"])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            !o.status.success() && err.contains("--batch-size"),
+            "{args:?} --batch-size 0:\n{err}"
+        );
+    }
+}

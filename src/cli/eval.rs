@@ -22,11 +22,19 @@ pub struct EvalArgs {
     pub allow_backbone_mismatch: bool,
     #[arg(long, value_enum, default_value_t = Device::Auto)]
     pub device: Device,
+    /// Images per forward pass [default: the batch the checkpoint was trained with, for a
+    /// data-parallel run the global one]: smaller fits a smaller device; the scores do not
+    /// depend on it beyond float rounding.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub batch_size: Option<u32>,
 }
 
 pub fn run(args: &EvalArgs) -> anyhow::Result<()> {
     // The checkpoint is read first, so a bad file is reported before any device is opened.
-    let (path, state) = Opened::load(&args.checkpoint, args.allow_backbone_mismatch)?;
+    let (path, mut state) = Opened::load(&args.checkpoint, args.allow_backbone_mismatch)?;
+    if let Some(b) = args.batch_size {
+        state.train.batch_size = b as usize;
+    }
     match mlvpt::backend::select(args.device, &mut |line| eprintln!("{line}"))? {
         Selected::Cpu(be) => run_on(args, Opened::on(be, path, state)?),
         #[cfg(feature = "cuda")]
