@@ -54,14 +54,20 @@ fn all_reject(file: &Path, want: &str) {
     }
 }
 
-#[test]
-fn broken_checkpoints_are_errors() {
-    let dir = tempfile::tempdir().unwrap();
-    let run = dir.path().join("run");
+/// Trains [`TINY`] into `dir/run` and returns that folder.
+fn train_tiny(dir: &Path) -> std::path::PathBuf {
+    let run = dir.join("run");
     let mut a = vec!["train", "--quiet", "--out", run.to_str().unwrap()];
     a.extend_from_slice(TINY);
     let o = Command::new(env!("CARGO_BIN_EXE_mlvpt")).args(&a).output().unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    run
+}
+
+#[test]
+fn broken_checkpoints_are_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = train_tiny(dir.path());
     let good = run.join("checkpoint.safetensors");
     let bytes = std::fs::read(&good).unwrap();
     let put = |name: &str, b: &[u8]| {
@@ -131,11 +137,7 @@ fn broken_checkpoints_are_errors() {
 #[test]
 fn eval_and_predict_take_a_smaller_batch() {
     let dir = tempfile::tempdir().unwrap();
-    let run = dir.path().join("run");
-    let mut a = vec!["train", "--quiet", "--out", run.to_str().unwrap()];
-    a.extend_from_slice(TINY);
-    let o = Command::new(env!("CARGO_BIN_EXE_mlvpt")).args(&a).output().unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let run = train_tiny(dir.path());
     let f = run.to_str().unwrap();
     let json = |args: &[&str]| -> serde_json::Value {
         let o = Command::new(env!("CARGO_BIN_EXE_mlvpt")).args(args).output().unwrap();
