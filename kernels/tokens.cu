@@ -37,7 +37,8 @@ __device__ __forceinline__ void tok_patchify_t(const T* __restrict__ img, T* __r
 #define PATCHIFY_PARAMS(T) (const T* __restrict__ img, T* __restrict__ out, uint64_t n, uint32_t c, uint32_t h, uint32_t w, uint32_t p)
 TOK_BOTH(tok_patchify, PATCHIFY_PARAMS(float), PATCHIFY_PARAMS(bf16), (img, out, n, c, h, w, p))
 
-// x[b, 0] = cls + pos[0]; x[b, 1+P+i] = patches[b, i] + pos[1+i]; prompt rows untouched.
+// x[b, 0] = cls + pos[0]; x[b, 1+i] = patches[b, i] + pos[1+i]; the prompt rows (the last P of
+// each image, src/ops/tokens/mod.rs) untouched.
 // T: patches (the patch-embedding GEMM's output); x, cls, pos are fp32.
 template <typename T>
 __device__ __forceinline__ void tok_embed_t(const T* __restrict__ patches, const float* __restrict__ cls,
@@ -49,11 +50,8 @@ __device__ __forceinline__ void tok_embed_t(const T* __restrict__ patches, const
         uint32_t r = (uint32_t)(i % ((uint64_t)(1 + np) * d));
         uint32_t t = r / d, j = r % d;
         uint64_t tokens = 1 + prompts + np;
-        if (t == 0) {
-            x[b * tokens * d + j] = cls[j] + pos[j];
-        } else {
-            x[(b * tokens + prompts + t) * d + j] = ldf(patches, (b * np + t - 1) * d + j) + pos[(uint64_t)t * d + j];
-        }
+        float v = t == 0 ? cls[j] : ldf(patches, (b * np + t - 1) * d + j);
+        x[(b * tokens + t) * d + j] = v + pos[(uint64_t)t * d + j];
     }
 }
 #define EMBED_PARAMS(T)                                                                                        \
@@ -61,35 +59,35 @@ __device__ __forceinline__ void tok_embed_t(const T* __restrict__ patches, const
      float* __restrict__ x, uint64_t n, uint32_t np, uint32_t prompts, uint32_t d)
 TOK_BOTH(tok_embed, EMBED_PARAMS(float), EMBED_PARAMS(bf16), (patches, cls, pos, x, n, np, prompts, d))
 
-// x[b, 1+j] = prompts[j] (prompts already offset to the layer) for n = B*P*D elements.
+// x[b, N-P+j] = prompts[j] (prompts already offset to the layer) for n = B*P*D elements.
 // fp32 only: prompts are trainable parameters, x the residual stream.
 extern "C" __global__ void tok_set_prompts(const float* __restrict__ prompts, float* __restrict__ x, uint64_t n,
                                            uint32_t tokens, uint32_t count, uint32_t d) {
     const uint64_t per = (uint64_t)count * d;
     for (uint64_t i = global_thread(); i < n; i += grid_threads()) {
         uint64_t b = i / per, r = i % per;
-        x[(b * tokens + 1) * d + r] = prompts[r];
+        x[(b * tokens + tokens - count) * d + r] = prompts[r];
     }
 }
 
-// dprompts[r] = sum_b dx[b, 1 + r/D, r%D] in image order, for r < P*D (deterministic).
+// dprompts[r] = sum_b dx[b, N-P + r/D, r%D] in image order, for r < n = P*D (deterministic).
 // fp32 only: dx is the residual stream's gradient, dprompts a parameter gradient.
 extern "C" __global__ void tok_prompt_grad(const float* __restrict__ dx, float* __restrict__ dp, uint64_t n,
                                            uint32_t batch, uint32_t tokens, uint32_t d) {
     for (uint64_t r = global_thread(); r < n; r += grid_threads()) {
         float s = 0.f;
-        for (uint32_t b = 0; b < batch; ++b) s += dx[((uint64_t)b * tokens + 1) * d + r];
+        for (uint32_t b = 0; b < batch; ++b) s += dx[((uint64_t)b * tokens + tokens - n / d) * d + r];
         dp[r] = s;
     }
 }
 
-// dx[b, 1+j] = 0 for n = B*P*D elements.
+// dx[b, N-P+j] = 0 for n = B*P*D elements.
 extern "C" __global__ void tok_zero_prompts(float* __restrict__ dx, uint64_t n, uint32_t tokens, uint32_t count,
                                             uint32_t d) {
     const uint64_t per = (uint64_t)count * d;
     for (uint64_t i = global_thread(); i < n; i += grid_threads()) {
         uint64_t b = i / per, r = i % per;
-        dx[(b * tokens + 1) * d + r] = 0.f;
+        dx[(b * tokens + tokens - count) * d + r] = 0.f;
     }
 }
 

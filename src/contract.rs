@@ -378,8 +378,8 @@ pub mod tokens {
         ///
         /// ```
         /// use mlvpt::contract::tokens::CopyTokensParams;
-        /// // The 10 prompt rows 1..11 of [B = 2, 60, 64] tokens into rows 0..10 of [2, 10, 64].
-        /// let p = CopyTokensParams { n: 2 * 10 * 64, src_tokens: 60, src_start: 1, dst_tokens: 10, dst_start: 0, count: 10, d: 64, ..Default::default() };
+        /// // The 10 prompt rows 50..60 of [B = 2, 60, 64] tokens into rows 0..10 of [2, 10, 64].
+        /// let p = CopyTokensParams { n: 2 * 10 * 64, src_tokens: 60, src_start: 50, dst_tokens: 10, dst_start: 0, count: 10, d: 64, ..Default::default() };
         /// assert_eq!(p.n, 2 * p.count as u64 * p.d as u64);
         /// ```
         pub struct CopyTokensParams {

@@ -6,8 +6,8 @@
 //! Conventions for every op:
 //! - Buffers are opaque (`Backend::Buf`, device memory on a GPU); the step never assumes host
 //!   slices. A buffer may be longer than an op's shape needs; ops use the prefix.
-//! - Tensors are row-major; tokens are `[B, N, D]` with `N = 1 + P + Np` in the order
-//!   `[CLS, prompts, patches]`. See `docs/ARCHITECTURE.md`, "Storage layout".
+//! - Tensors are row-major; tokens are `[B, N, D]` with `N = 1 + Np + P` stored in the order
+//!   `[CLS, patches, prompts]`. See `docs/ARCHITECTURE.md`, "Storage layout".
 //! - "writes" overwrites the destination; "accumulates" adds to it. Input and output buffers of
 //!   one call are distinct (Rust's borrows guarantee it).
 //! - Scalars (eps, lr, scales) are passed as f64 and used in the backend's float type.
@@ -124,14 +124,14 @@ pub trait Backend {
     /// Flattens `p x p` patches of images `[B, C, H, W]` into `out [B, Np, C*p*p]` in the order
     /// of a conv weight `[D, C, p, p]` (c, ky, kx), patches row by row.
     fn patchify(&mut self, images: &Self::Buf, out: &mut Self::Buf, shape: &PatchShape);
-    /// Writes `x [B, N, D]`: row 0 = `cls + pos[0]`, rows `1+P+i` = `patches[b, i] + pos[1+i]`
+    /// Writes `x [B, N, D]`: row 0 = `cls + pos[0]`, rows `1+i` = `patches[b, i] + pos[1+i]`
     /// (`patches [B, Np, D]`, `pos [1+Np, D]`). Prompt rows are left alone (see
     /// [`Backend::set_prompts`]).
     fn embed_tokens(&mut self, patches: &Self::Buf, cls: &Self::Buf, pos: &Self::Buf, x: &mut Self::Buf, shape: &TokenShape);
-    /// `x[b, 1+j] = prompts[layer, j]` for every image `b` and `j < P` (`prompts [L, P, D]`).
+    /// `x[b, 1+Np+j] = prompts[layer, j]` for every image `b` and `j < P` (`prompts [L, P, D]`).
     fn set_prompts(&mut self, prompts: &Self::Buf, layer: usize, x: &mut Self::Buf, shape: &TokenShape);
-    /// `dprompts[layer, j] = sum_b dx[b, 1+j]` (images summed in order); then, if `zero_rows`,
-    /// `dx[b, 1+j] = 0` (the deep-prompt replacement cuts the gradient to the previous block).
+    /// `dprompts[layer, j] = sum_b dx[b, 1+Np+j]` (images summed in order); then, if `zero_rows`,
+    /// `dx[b, 1+Np+j] = 0` (the deep-prompt replacement cuts the gradient to the previous block).
     fn prompt_grad(&mut self, dx: &mut Self::Buf, dprompts: &mut Self::Buf, layer: usize, shape: &TokenShape, zero_rows: bool);
     /// `dst[b, dst.start + j] = src[b, src.start + j]` for `j < count` (see [`TokenCopy`]).
     fn copy_tokens(&mut self, src: &Self::Buf, dst: &mut Self::Buf, copy: &TokenCopy);
@@ -192,8 +192,9 @@ pub trait Backend {
 
     // ---- attention ------------------------------------------------------------------------
     /// Masked attention forward from `qkv [B, N, 3, h, dh]` into `out [B, Nq, D]` for the
-    /// query range `shape.q_start .. + shape.q_len` (`Nq`; all N tokens except in the model's last
-    /// block, which uses the prompts `[1, 1+P)`), saving `lse [B, h, Nq]` (see `ops::attention`).
+    /// query range `shape.q_start .. + shape.q_len` (`Nq`; in the model, the rows a block's
+    /// output is read at: docs/MODEL.md#token-layout), saving `lse [B, h, Nq]` (see
+    /// `ops::attention`).
     fn attention_forward(&mut self, qkv: &Self::Buf, out: &mut Self::Buf, lse: &mut Self::Buf, shape: &AttnShape);
     /// Masked attention backward: writes `dqkv [B, N, 3D]` from `dout [B, Nq, D]` (Q rows
     /// outside the query range are written as zero).

@@ -8,7 +8,8 @@ use crate::backend::{
 };
 use crate::ops::layernorm::VIT_EPS;
 
-/// The sizes a block runs at, for a batch of `batch` images.
+/// The sizes a block runs at, for a batch of `batch` images. Rows are stored `[CLS, patches,
+/// prompts]` ([`crate::ops::tokens::TokenShape`]).
 #[derive(Clone, Copy, Debug)]
 pub struct BlockShape {
     pub batch: usize,
@@ -20,33 +21,47 @@ pub struct BlockShape {
 }
 
 /// Which rows of a block go past its attention (keys and values always cover all N tokens).
+/// Rows past attention are compacted to `[B, Nq, D]`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Queries {
-    /// Every token: every block but the last.
+    /// Every token: VPT-shallow's blocks (their prompt outputs flow on) and the inspection
+    /// forward, which shows the prompt outputs.
     All,
-    /// The P prompt rows, compacted to `[B, P, D]`: the last block, whose other outputs
-    /// nothing reads (the head sees the group tokens only).
+    /// CLS and the patches, rows `[0, 1+Np)`: deep prompts' blocks but the last, whose prompt
+    /// outputs the next block's prompts replace (SPEC §2), so nothing reads them.
+    Image,
+    /// The P prompt rows: the last block, whose other outputs nothing reads (the head sees the
+    /// group tokens only).
     Prompts,
 }
 
 impl BlockShape {
+    /// The query rows of each image: first row and count.
+    fn query_range(&self, q: Queries) -> (usize, usize) {
+        let image = self.tokens - self.prompts;
+        match q {
+            Queries::All => (0, self.tokens),
+            Queries::Image => (0, image),
+            Queries::Prompts => (image, self.prompts),
+        }
+    }
     /// Rows past attention, over the batch.
     pub fn rows(&self, q: Queries) -> usize {
-        self.batch
-            * match q {
-                Queries::All => self.tokens,
-                Queries::Prompts => self.prompts,
-            }
+        self.batch * self.query_range(q).1
     }
     pub fn attention(&self, q: Queries) -> AttnShape {
-        let full = AttnShape::full(self.batch, self.tokens, self.heads, self.dim / self.heads, 1, 1 + self.prompts);
-        match q {
-            Queries::All => full,
-            Queries::Prompts => AttnShape {
-                q_start: 1,
-                q_len: self.prompts,
-                ..full
-            },
+        let (q_start, q_len) = self.query_range(q);
+        AttnShape {
+            q_start,
+            q_len,
+            ..AttnShape::full(
+                self.batch,
+                self.tokens,
+                self.heads,
+                self.dim / self.heads,
+                self.tokens - self.prompts,
+                self.tokens,
+            )
         }
     }
     pub fn norm(&self, rows: usize) -> LayerNormShape {
@@ -59,23 +74,21 @@ impl BlockShape {
     pub fn width(&self, rows: usize) -> Rows {
         Rows { rows, dim: self.dim }
     }
-    /// The prompt rows `[1, 1+P)` of `[B, N, D]` to `[B, P, D]` (`to_compact`) or back.
-    pub fn prompt_rows(&self, to_compact: bool) -> TokenCopy {
+    /// The query rows of `[B, N, D]` to `[B, Nq, D]` (`to_compact`) or back.
+    pub fn query_rows(&self, q: Queries, to_compact: bool) -> TokenCopy {
+        let (start, count) = self.query_range(q);
         let (full, compact) = (
             TokenRange {
                 tokens: self.tokens,
-                start: 1,
+                start,
             },
-            TokenRange {
-                tokens: self.prompts,
-                start: 0,
-            },
+            TokenRange { tokens: count, start: 0 },
         );
         let (src, dst) = if to_compact { (full, compact) } else { (compact, full) };
         TokenCopy {
             batch: self.batch,
             dim: self.dim,
-            count: self.prompts,
+            count,
             src,
             dst,
         }
@@ -95,14 +108,16 @@ pub struct FinalNorm<'a, T> {
 
 /// Where a block's output goes.
 pub enum BlockOut<'a, T> {
-    /// The next block's input, `[B, N, D]`.
-    Tokens(&'a mut T),
+    /// The next block's input `[B, N, D]`, at the rows `q` names (`All` or `Image`; with
+    /// `Image` the prompt rows are left for the next block's prompts).
+    Tokens { next: &'a mut T, q: Queries },
     /// The last block's prompt rows `zin [B, P, D]`, and their final norm if the model has one.
     Prompts { zin: &'a mut T, norm: Option<FinalNorm<'a, T>> },
 }
 
 /// One pre-norm transformer block (timm's `Block`, docs/MODEL.md#blocks):
-/// `x_mid = x + ls1 * proj(attn(qkv(LN1(x))))`, `out = x_mid + ls2 * fc2(gelu(fc1(LN2(x_mid))))`.
+/// `x_mid = x + ls1 * proj(attn(qkv(LN1(x))))`, `out = x_mid + ls2 * fc2(gelu(fc1(LN2(x_mid))))`,
+/// with `x_mid` and `out` computed at the query rows only.
 pub fn block_forward<B: Backend>(
     be: &mut B,
     w: &BlockWeights<B::Buf>,
@@ -113,7 +128,7 @@ pub fn block_forward<B: Backend>(
     sh: &BlockShape,
 ) {
     let q = match out {
-        BlockOut::Tokens(_) => Queries::All,
+        BlockOut::Tokens { q, .. } => q,
         BlockOut::Prompts { .. } => Queries::Prompts,
     };
     let (all, r, d) = (sh.rows(Queries::All), sh.rows(q), sh.dim);
@@ -121,16 +136,12 @@ pub fn block_forward<B: Backend>(
     be.linear_forward(&work.normed, &w.qkv.w, Some(&w.qkv.b), &mut s.qkv, &linear(all, d, 3 * d));
     be.attention_forward(&s.qkv, &mut s.att, &mut s.lse, &sh.attention(q));
     // The residual stream at the query rows.
-    let xq = match q {
-        Queries::All => x,
-        Queries::Prompts => {
-            be.copy_tokens(x, &mut work.xtail, &sh.prompt_rows(true));
-            &work.xtail
-        }
-    };
+    if q != Queries::All {
+        be.copy_tokens(x, &mut work.xq, &sh.query_rows(q, true));
+    }
     be.linear_forward(&s.att, &w.proj.w, Some(&w.proj.b), &mut work.branch_out, &linear(r, d, d));
     let res = Residual {
-        x: xq,
+        x: if q == Queries::All { x } else { &work.xq },
         f: &work.branch_out,
         ls: w.ls1.as_ref(),
     };
@@ -144,15 +155,21 @@ pub fn block_forward<B: Backend>(
         ls: w.ls2.as_ref(),
     };
     match out {
-        BlockOut::Tokens(o) | BlockOut::Prompts { zin: o, norm: None } => be.residual(res, o, sh.width(r)),
+        BlockOut::Tokens { next, q: Queries::All } => be.residual(res, next, sh.width(r)),
+        BlockOut::Tokens { next, q } => {
+            be.residual(res, &mut work.xq, sh.width(r));
+            be.copy_tokens(&work.xq, next, &sh.query_rows(q, false));
+        }
+        BlockOut::Prompts { zin, norm: None } => be.residual(res, zin, sh.width(r)),
         BlockOut::Prompts { zin, norm: Some(f) } => be.residual_layernorm_forward(res, zin, f.norm, f.z, f.stats, &sh.norm(r)),
     }
 }
 
 /// Where the gradient of a block's output is, and where its input's goes.
 pub enum BlockGrad<'a, T> {
-    /// `dx [B, N, D]` holds dL/d(out) and receives dL/d(x) in place (the residual path).
-    Tokens(&'a mut T),
+    /// `dx [B, N, D]` holds dL/d(out) at the rows `q` names (`All` or `Image`, the block's
+    /// forward) and receives dL/d(x) in place (the residual path).
+    Tokens { dx: &'a mut T, q: Queries },
     /// The last block: dL/d(out) at the prompt rows `dzin [B, P, D]`; writes `dx [B, N, D]`.
     Prompts { dzin: &'a mut T, dx: &'a mut T },
 }
@@ -167,51 +184,58 @@ pub fn block_backward<B: Backend>(
     grad: BlockGrad<'_, B::Buf>,
     sh: &BlockShape,
 ) {
+    let Work {
+        xq,
+        dtmp,
+        dtmp2,
+        dhidden,
+        dqkv,
+        ..
+    } = work;
+    // dres: dL/d(out) at the query rows, compacted; it takes the residual path's gradient.
     let (q, dres, dx_full) = match grad {
-        BlockGrad::Tokens(dx) => (Queries::All, dx, None),
+        BlockGrad::Tokens { dx, q: Queries::All } => (Queries::All, dx, None),
+        BlockGrad::Tokens { dx, q } => {
+            be.copy_tokens(dx, xq, &sh.query_rows(q, true));
+            (q, xq, Some(dx))
+        }
         BlockGrad::Prompts { dzin, dx } => (Queries::Prompts, dzin, Some(dx)),
     };
     let (all, r, d) = (sh.rows(Queries::All), sh.rows(q), sh.dim);
     // out = x_mid + ls2 * fc2(gelu(fc1(LN2(x_mid))))
     let src = match &w.ls2 {
         Some(ls) => {
-            be.mul_cols(dres, ls, &mut work.dtmp, sh.width(r));
-            &work.dtmp
+            be.mul_cols(dres, ls, dtmp, sh.width(r));
+            &*dtmp
         }
         None => &*dres,
     };
-    be.linear_backward_input(src, &w.fc2.w, Grad::Write(&mut work.dhidden), &linear(r, sh.mlp, d));
-    be.gelu_backward(&s.pre_gelu, &mut work.dhidden, r * sh.mlp);
-    be.linear_backward_input(&work.dhidden, &w.fc1.w, Grad::Write(&mut work.dtmp2), &linear(r, d, sh.mlp));
-    be.layernorm_backward(
-        &work.dtmp2,
-        &s.xmid,
-        w.norm2.as_ref(),
-        s.ln2.as_ref(),
-        Grad::Add(&mut *dres),
-        &sh.norm(r),
-    );
+    be.linear_backward_input(src, &w.fc2.w, Grad::Write(dhidden), &linear(r, sh.mlp, d));
+    be.gelu_backward(&s.pre_gelu, dhidden, r * sh.mlp);
+    be.linear_backward_input(dhidden, &w.fc1.w, Grad::Write(dtmp2), &linear(r, d, sh.mlp));
+    be.layernorm_backward(dtmp2, &s.xmid, w.norm2.as_ref(), s.ln2.as_ref(), Grad::Add(&mut *dres), &sh.norm(r));
     // x_mid = x + ls1 * proj(attn(qkv(LN1(x))))
     let src = match &w.ls1 {
         Some(ls) => {
-            be.mul_cols(dres, ls, &mut work.dtmp, sh.width(r));
-            &work.dtmp
+            be.mul_cols(dres, ls, dtmp, sh.width(r));
+            &*dtmp
         }
         None => &*dres,
     };
-    be.linear_backward_input(src, &w.proj.w, Grad::Write(&mut work.dtmp2), &linear(r, d, d));
-    be.attention_backward(&s.qkv, &s.att, &s.lse, &work.dtmp2, &mut work.dqkv, &sh.attention(q));
-    be.linear_backward_input(&work.dqkv, &w.qkv.w, Grad::Write(&mut work.dtmp2), &linear(all, d, 3 * d));
+    be.linear_backward_input(src, &w.proj.w, Grad::Write(dtmp2), &linear(r, d, d));
+    be.attention_backward(&s.qkv, &s.att, &s.lse, dtmp2, dqkv, &sh.attention(q));
+    be.linear_backward_input(dqkv, &w.qkv.w, Grad::Write(dtmp2), &linear(all, d, 3 * d));
     let dx = match dx_full {
         None => dres,
         Some(dx) => {
-            // The prompt rows' residual path into the full layout.
+            // The query rows' residual path into the full layout; the other rows' outputs
+            // were not computed, so nothing flows back through them.
             be.fill(dx, all * d, 0.0);
-            be.copy_tokens(dres, dx, &sh.prompt_rows(false));
+            be.copy_tokens(dres, dx, &sh.query_rows(q, false));
             dx
         }
     };
-    be.layernorm_backward(&work.dtmp2, x, w.norm1.as_ref(), s.ln1.as_ref(), Grad::Add(dx), &sh.norm(all));
+    be.layernorm_backward(dtmp2, x, w.norm1.as_ref(), s.ln1.as_ref(), Grad::Add(dx), &sh.norm(all));
 }
 
 /// The head on the group tokens `z` (docs/MODEL.md#the-label-aware-mixture-of-experts-head):

@@ -5,7 +5,7 @@
 //! Activation buffers are allocated once for `max_batch` images in [`Trainer::new`]; a step
 //! with any batch `B <= max_batch` uses their prefixes.
 
-use super::layers::{block_backward, block_forward, head_backward, head_forward, linear, BlockGrad, BlockOut, FinalNorm};
+use super::layers::{block_backward, block_forward, head_backward, head_forward, linear, BlockGrad, BlockOut, FinalNorm, Queries};
 use super::tensors::{gate_tables, upload_new, Acts, Dims, Trainable, Weights};
 use crate::backend::{AslConfig, AugmentLayout, AugmentShape, Backend, BranchLogits, BufRole, Crop, GateTables, Grad};
 use crate::model::backbone::Backbone;
@@ -358,7 +358,7 @@ impl<B: Backend> Trainer<B> {
     pub fn predict(&mut self, images: &[f32]) -> Result<Vec<f32>> {
         let b = self.batch_of(images, None)?;
         self.be.upload(images, &mut self.acts.images);
-        self.forward(b, false, &mut |_, _, _, _| {});
+        self.forward(b, false, None);
         let mut out = vec![0.0f32; b * self.dims.labels];
         self.be.download(&self.acts.logits, &mut out);
         self.be.check()?;
@@ -371,13 +371,21 @@ impl<B: Backend> Trainer<B> {
     pub fn hidden_states(&mut self, images: &[f32]) -> Result<Vec<Vec<f32>>> {
         let b = self.batch_of(images, None)?;
         self.be.upload(images, &mut self.acts.images);
-        let dim = self.dims.dim;
+        let (dim, p) = (self.dims.dim, self.dims.prompts);
         let mut states = Vec::new();
-        self.forward(b, false, &mut |be: &mut B, _l, x: &B::Buf, tokens| {
+        let mut hook = |be: &mut B, _l, x: &B::Buf, tokens| {
             let mut h = vec![0.0f32; b * tokens * dim];
             be.download(x, &mut h);
+            if tokens > p {
+                // Stored [CLS, patches, prompts]; shown in the model's order [CLS, prompts,
+                // patches].
+                for img in h.chunks_mut(tokens * dim) {
+                    img[dim..].rotate_right(p * dim);
+                }
+            }
             states.push(h);
-        });
+        };
+        self.forward(b, false, Some(&mut hook));
         self.be.check()?;
         Ok(states)
     }
@@ -483,7 +491,7 @@ impl<B: Backend> Trainer<B> {
             }
         };
         self.be.upload(targets, &mut self.acts.targets);
-        self.forward(b, patches, &mut |_, _, _, _| {});
+        self.forward(b, patches, None);
         self.loss(b);
         self.backward(b);
         Ok(b)
@@ -532,9 +540,10 @@ fn check_params(specs: &[(String, Vec<usize>)], p: &Params) -> Result<()> {
 impl<B: Backend> Trainer<B> {
     /// Forward for `b` images already uploaded to `acts.images` (or, if `patches`, already in
     /// `acts.patches` as patch rows); leaves logits in `acts.logits`. `hook(backend, layer,
-    /// output, tokens)` sees every block's output (`[B, tokens, D]`: all N tokens, except the
-    /// last block's P prompt rows).
-    fn forward(&mut self, b: usize, patches: bool, hook: &mut BlockHook<B>) {
+    /// output, tokens)`, if any, sees every block's output (`[B, tokens, D]`: all N tokens,
+    /// except the last block's P prompt rows); with a hook, every block but the last computes
+    /// its prompt rows' outputs too, which [`Dims::queries`] otherwise skips.
+    fn forward(&mut self, b: usize, patches: bool, mut hook: Option<&mut BlockHook<B>>) {
         let d = self.dims;
         let Self {
             be,
@@ -546,7 +555,7 @@ impl<B: Backend> Trainer<B> {
         } = self;
         let theta = Trainable::name(params.iter(), d.method);
         let (tokens, block) = (d.token_shape(b), d.block_shape(b));
-        // Patch embedding, then the tokens [CLS, prompts, patches] with position embeddings.
+        // Patch embedding, then the tokens [CLS, patches, prompts] with position embeddings.
         if !patches {
             be.patchify(&a.images, &mut a.patches, &d.patch_shape(b));
         }
@@ -554,14 +563,17 @@ impl<B: Backend> Trainer<B> {
         be.linear_forward(&a.patches, &w.patch.w, Some(&w.patch.b), &mut a.patch_emb, &embed);
         be.embed_tokens(&a.patch_emb, &w.cls, &w.pos, &mut a.xs[0], &tokens);
         for l in 0..d.depth {
-            // Deep prompts replace rows [1, 1+P) at every block's input; shallow ones enter once.
+            // Deep prompts replace the prompt rows at every block's input; shallow ones enter once.
             if d.deep || l == 0 {
                 be.set_prompts(theta.prompts, if d.deep { l } else { 0 }, &mut a.xs[l], &tokens);
             }
             let (x, next) = a.xs[l..].split_first_mut().expect("a block input per block");
             let h = &mut a.head;
             let out = match next.first_mut() {
-                Some(o) => BlockOut::Tokens(o),
+                Some(next) => BlockOut::Tokens {
+                    next,
+                    q: if hook.is_some() { Queries::All } else { d.queries() },
+                },
                 None => BlockOut::Prompts {
                     zin: &mut h.zin,
                     norm: w.norm.as_ref().map(|n| FinalNorm {
@@ -572,9 +584,11 @@ impl<B: Backend> Trainer<B> {
                 },
             };
             block_forward(be, &w.blocks[l], &mut a.layers[l], &mut a.work, x, out, &block);
-            match next.first() {
-                Some(o) => hook(be, l, o, d.tokens),
-                None => hook(be, l, &h.zin, d.prompts),
+            if let Some(hook) = hook.as_mut() {
+                match next.first() {
+                    Some(o) => hook(be, l, o, d.tokens),
+                    None => hook(be, l, &h.zin, d.prompts),
+                }
             }
         }
         if w.norm.is_none() {
@@ -640,7 +654,10 @@ impl<B: Backend> Trainer<B> {
                     dx: &mut a.dx,
                 }
             } else {
-                BlockGrad::Tokens(&mut a.dx)
+                BlockGrad::Tokens {
+                    dx: &mut a.dx,
+                    q: d.queries(),
+                }
             };
             block_backward(be, &w.blocks[l], &a.layers[l], &mut a.work, &a.xs[l], grad, &block);
             if d.deep {

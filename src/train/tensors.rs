@@ -2,7 +2,7 @@
 //! structs): the frozen backbone's weights, the trainable tensors, the sizes, and every
 //! activation the backward needs, each with its shape. A private module of `train`.
 
-use super::layers::BlockShape;
+use super::layers::{BlockShape, Queries};
 use crate::backend::{
     AdapterParams, AdapterShape, Backend, BranchLogits, BranchParams, BufRole, GateTables, MoeSaved, MoeShape, Norm, NormStats, PatchShape,
     TokenShape, VptHeadShape, VptParams,
@@ -201,6 +201,16 @@ impl Dims {
             dim: self.dim,
         }
     }
+    /// The rows every block but the last computes past attention in training and prediction:
+    /// deep prompts' outputs are replaced by the next block's prompts, so only CLS and the
+    /// patches; shallow prompts' outputs flow on, so every row.
+    pub fn queries(&self) -> Queries {
+        if self.deep {
+            Queries::Image
+        } else {
+            Queries::All
+        }
+    }
     pub fn block_shape(&self, batch: usize) -> BlockShape {
         BlockShape {
             batch,
@@ -239,8 +249,8 @@ impl Dims {
     }
 }
 
-/// What one block saves for its backward, sized for `max_batch`. `Nq` is `N`, or `P` in the
-/// last block (its rows past attention are the prompts only).
+/// What one block saves for its backward, sized for `max_batch`. `Nq` is the block's query
+/// rows (`layers::Queries`): `N`, `1 + Np`, or `P` in the last block.
 pub struct LayerActs<T> {
     /// LN1 statistics, `[B*N]` each.
     pub ln1: NormStats<T>,
@@ -264,8 +274,9 @@ pub struct Work<T> {
     pub branch_out: T,
     /// GELU output, `[B, N, Dm]`.
     pub hidden: T,
-    /// The last block's input at the prompt rows, `[B, P, D]`.
-    pub xtail: T,
+    /// The residual stream (forward) or its gradient (backward) at a block's query rows,
+    /// compacted: `[B, Nq, D]`, up to `[B, N, D]`.
+    pub xq: T,
     /// Backward: `[B, N, D]`, `[B, N, D]`, `[B, N, Dm]`, `[B, N, 3D]`.
     pub dtmp: T,
     pub dtmp2: T,
@@ -418,7 +429,7 @@ impl<T> Acts<T> {
                 normed: act(be, nd),
                 branch_out: act(be, nd),
                 hidden: act(be, rows * d.mlp),
-                xtail: be.alloc(pd),
+                xq: be.alloc(nd),
                 dtmp: act(be, nd),
                 dtmp2: act(be, nd),
                 dhidden: act(be, rows * d.mlp),

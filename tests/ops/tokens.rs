@@ -64,10 +64,12 @@ fn embed_and_prompts_match_the_definition() {
     for b in 0..s.batch {
         for t in 0..n {
             for j in 0..d {
+                // Stored [CLS, patches, prompts].
+                let np = s.num_patches;
                 let want = match t {
                     0 => cls[j] + pos[j],
-                    t if t <= p => prompts[(2 * p + t - 1) * d + j],
-                    t => patches[(b * s.num_patches + t - 1 - p) * d + j] + pos[(t - p) * d + j],
+                    t if t <= np => patches[(b * np + t - 1) * d + j] + pos[t * d + j],
+                    t => prompts[(2 * p + t - 1 - np) * d + j],
                 };
                 assert_eq!(x[(b * n + t) * d + j], want, "image {b} token {t} column {j}");
             }
@@ -94,7 +96,7 @@ fn prompt_grad_is_the_gradient_of_set_prompts() {
         assert!(dprompts[..p * d].iter().all(|&g| g == 0.0), "layer 0 untouched");
         fd_check("prompt_grad", &prompts, &dprompts, loss);
         for (i, (&got, &was)) in dx.iter().zip(&r).enumerate() {
-            let prompt_row = (1..=p).contains(&((i / d) % s.tokens()));
+            let prompt_row = (s.tokens() - p..s.tokens()).contains(&((i / d) % s.tokens()));
             let want = if zero_rows && prompt_row { 0.0 } else { was };
             assert_eq!(got, want, "dx[{i}] with zero_rows {zero_rows}");
         }
@@ -189,12 +191,13 @@ fn patchify_then_embed_places_every_pixel_and_prompt_row() {
         dim: d,
     };
     cpu::embed_tokens(&patches, &cls, &pos, &mut x, &tokens);
-    assert_eq!(x, [10.5, 10.5, 10.5, -1.0, -1.0, -1.0, 1.5, 2.5, 3.5, 4.5, 5.5, 6.5]);
+    // Stored [CLS, patches, prompts].
+    assert_eq!(x, [10.5, 10.5, 10.5, 1.5, 2.5, 3.5, 4.5, 5.5, 6.5, -1.0, -1.0, -1.0]);
     cpu::set_prompts(&[7.0, 8.0, 9.0], 0, &mut x, &tokens);
-    assert_eq!(&x[3..6], &[7.0, 8.0, 9.0]);
+    assert_eq!(&x[9..12], &[7.0, 8.0, 9.0]);
     let mut dp = vec![0.0; 3];
     cpu::prompt_grad(&mut x, &mut dp, 0, &tokens, true);
-    assert_eq!((dp.as_slice(), &x[3..6]), (&[7.0, 8.0, 9.0][..], &[0.0, 0.0, 0.0][..]));
+    assert_eq!((dp.as_slice(), &x[9..12]), (&[7.0, 8.0, 9.0][..], &[0.0, 0.0, 0.0][..]));
 }
 
 #[test]

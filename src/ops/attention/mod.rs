@@ -10,10 +10,11 @@
 //! - `dqkv [B, N, 3D]`: same layout as `qkv` (Q rows outside the query range are zero).
 //!
 //! Queries: tokens `q_start .. q_start + Nq` (`Nq = q_len`); keys and values are always all
-//! `N` tokens. The model's last block only needs its prompt outputs, so it runs with the
-//! query range `[1, 1+P)`; every other block uses all tokens (`q_start 0, q_len N`).
+//! `N` tokens. The model stores its tokens `[CLS, patches, prompts]` and runs each block with
+//! the query rows something reads (docs/MODEL.md#token-layout): its last block the prompts
+//! `[1+Np, N)`, the others CLS and the patches `[0, 1+Np)` (deep prompts) or all tokens.
 //!
-//! Mask: tokens `prompt_start .. prompt_end` (the prompts, `[1, 1+P)`) are prompts. A prompt
+//! Mask: tokens `prompt_start .. prompt_end` (the model's prompts, `[1+Np, N)`) are prompts. A prompt
 //! query does not attend to other prompt keys (it sees CLS, itself and the patches); every
 //! other query attends to all tokens. `prompt_start == prompt_end` means no mask.
 

@@ -42,14 +42,11 @@ pub fn patchify<T: Real>(images: &[T], out: &mut [T], sh: &PatchShape) {
     });
 }
 
-/// The token sequence `x [B, 1 + P + Np, D]`: `CLS + pos[0]`, the prompt rows left as they are
-/// (`set_prompts` fills them), then each patch embedding `+ pos[1 + i]`.
+/// The token sequence `x [B, 1 + Np + P, D]`: `CLS + pos[0]`, then each patch embedding
+/// `+ pos[1 + i]`; the prompt rows (the last P) are left as they are (`set_prompts` fills them).
 pub fn embed_tokens<T: Real>(patches: &[T], cls: &[T], pos: &[T], x: &mut [T], sh: &TokenShape) {
     let &TokenShape {
-        batch,
-        prompts,
-        num_patches,
-        dim,
+        batch, num_patches, dim, ..
     } = sh;
     let n = sh.tokens();
     assert!(patches.len() >= batch * num_patches * dim && x.len() >= batch * n * dim);
@@ -60,7 +57,7 @@ pub fn embed_tokens<T: Real>(patches: &[T], cls: &[T], pos: &[T], x: &mut [T], s
                 xb[j] = cls[j] + pos[j];
             }
             for i in 0..num_patches {
-                let dst = &mut xb[(1 + prompts + i) * dim..(2 + prompts + i) * dim];
+                let dst = &mut xb[(1 + i) * dim..(2 + i) * dim];
                 let src = &patches[(b * num_patches + i) * dim..(b * num_patches + i + 1) * dim];
                 let pe = &pos[(1 + i) * dim..(2 + i) * dim];
                 for j in 0..dim {
@@ -71,19 +68,19 @@ pub fn embed_tokens<T: Real>(patches: &[T], cls: &[T], pos: &[T], x: &mut [T], s
     });
 }
 
-/// Writes block `layer`'s prompts (`prompts [L, P, D]`) into token rows `1 .. 1 + P` of every
-/// image of `x [B, N, D]`.
+/// Writes block `layer`'s prompts (`prompts [L, P, D]`) into the prompt rows `N - P .. N` of
+/// every image of `x [B, N, D]`.
 pub fn set_prompts<T: Real>(prompts: &[T], layer: usize, x: &mut [T], sh: &TokenShape) {
     let (batch, tokens, count, dim) = (sh.batch, sh.tokens(), sh.prompts, sh.dim);
     let src = &prompts[layer * count * dim..(layer + 1) * count * dim];
     assert!(x.len() >= batch * tokens * dim && count < tokens);
     for b in 0..batch {
-        let o = (b * tokens + 1) * dim;
+        let o = (b * tokens + sh.prompt_start()) * dim;
         x[o..o + count * dim].copy_from_slice(src);
     }
 }
 
-/// Gradient of [`set_prompts`]: `dprompts[layer] = sum_b dx[b, 1 .. 1 + P]` (images summed in
+/// Gradient of [`set_prompts`]: `dprompts[layer] = sum_b dx[b, N - P .. N]` (images summed in
 /// order: deterministic); with `zero_rows`, those rows of `dx` are zeroed afterwards (the prompts
 /// replace the previous block's outputs there, which get no gradient).
 pub fn prompt_grad<T: Real>(dx: &mut [T], dprompts: &mut [T], layer: usize, sh: &TokenShape, zero_rows: bool) {
@@ -96,7 +93,7 @@ pub fn prompt_grad<T: Real>(dx: &mut [T], dprompts: &mut [T], layer: usize, sh: 
         simd(|| {
             row.fill(T::zero());
             for b in 0..batch {
-                let o = (b * tokens + 1 + j) * dim;
+                let o = (b * tokens + sh.prompt_start() + j) * dim;
                 for (r, &g) in row.iter_mut().zip(&dx_ro[o..o + dim]) {
                     *r = *r + g;
                 }
@@ -105,7 +102,7 @@ pub fn prompt_grad<T: Real>(dx: &mut [T], dprompts: &mut [T], layer: usize, sh: 
     });
     if zero_rows {
         for b in 0..batch {
-            let o = (b * tokens + 1) * dim;
+            let o = (b * tokens + sh.prompt_start()) * dim;
             dx[o..o + count * dim].fill(T::zero());
         }
     }

@@ -118,7 +118,7 @@ pub fn patchify<T: Storage>(
 /// # fn main() -> Result<(), mlvpt::gpu::GpuError> {
 /// # if !mlvpt::gpu::GpuContext::driver_present() { return Ok(()); } // needs a device (a GPU or tools/vgpu)
 /// let gpu = GpuContext::new(0)?;
-/// let (b, np, prompts, d) = (2, 3, 2, 8); // x [B, 1 + P + Np, D]
+/// let (b, np, prompts, d) = (2, 3, 2, 8); // x [B, 1 + Np + P, D]
 /// let patches: Vec<f32> = (0..b * np * d).map(|i| i as f32 * 0.5).collect(); // exact in bf16
 /// let (cls, pos): (Vec<f32>, Vec<f32>) = ((0..d).map(|j| -(j as f32)).collect(), (0..(1 + np) * d).map(|i| i as f32 * 0.25).collect());
 /// let patches16: Vec<bf16> = patches.iter().map(|&v| bf16::from_f32(v)).collect(); // the patch GEMM's bf16 output
@@ -130,7 +130,7 @@ pub fn patchify<T: Storage>(
 /// tokens::cpu::embed_tokens(&patches, &cls, &pos, &mut want, &shape); // the CPU twin
 /// let x = gpu.download(&x)?;
 /// assert_eq!(x, want);
-/// assert_eq!(x[d..3 * d], [7.0; 16]); // prompt rows untouched
+/// assert_eq!(x[(1 + np) * d..n * d], [7.0; 16]); // prompt rows (the last P) untouched
 /// # Ok(()) }
 /// ```
 pub fn embed_tokens<T: Storage>(
@@ -187,14 +187,14 @@ pub fn embed_tokens<T: Storage>(
 /// # fn main() -> Result<(), mlvpt::gpu::GpuError> {
 /// # if !mlvpt::gpu::GpuContext::driver_present() { return Ok(()); } // needs a device (a GPU or tools/vgpu)
 /// let gpu = GpuContext::new(0)?;
-/// let (b, n, p, d) = (2, 5, 2, 4); // prompts [L = 3, P, D]; rows 1..1+P of each image
+/// let (b, n, p, d) = (2, 5, 2, 4); // prompts [L = 3, P, D]; rows N-P..N of each image
 /// let shape = tokens::TokenShape { batch: b, prompts: p, num_patches: n - 1 - p, dim: d };
 /// let prompts: Vec<f32> = (0..3 * p * d).map(|i| i as f32).collect();
 /// let mut x = gpu.zeros::<f32>(b * n * d)?;
 /// tokens::cuda::set_prompts(&gpu, gpu.stream(), &gpu.upload(&prompts)?, 1, &mut x, &shape)?;
 /// let x = gpu.download(&x)?;
 /// for img in 0..b {
-///     let rows = &x[(img * n + 1) * d..(img * n + 1 + p) * d];
+///     let rows = &x[(img * n + n - p) * d..(img + 1) * n * d];
 ///     assert_eq!(rows, &prompts[p * d..2 * p * d]); // layer 1's prompts
 /// }
 /// assert_eq!(x[..d], [0.0; 4]); // the CLS row untouched
@@ -220,7 +220,7 @@ pub fn set_prompts(
     launch!(gpu, stream, tokens::TOK_SET_PROMPTS, n, &pp, &xp, &n, &t, &c, &d)
 }
 
-/// Twin of [`super::cpu::prompt_grad`]: `dprompts[layer] = sum_b dx[b, 1..1+P]` (image order),
+/// Twin of [`super::cpu::prompt_grad`]: `dprompts[layer] = sum_b dx[b, N-P..N]` (image order),
 /// then with `zero_rows` those rows of `dx` are zeroed.
 ///
 /// ```
@@ -237,10 +237,10 @@ pub fn set_prompts(
 /// tokens::cuda::prompt_grad(&gpu, gpu.stream(), &mut dx, &mut dprompts, 0, &shape, true)?;
 /// let (dx, dp) = (gpu.download(&dx)?, gpu.download(&dprompts)?);
 /// for r in 0..p * d {
-///     assert_eq!(dp[r], dx0[d + r] + dx0[n * d + d + r]); // sum over images of rows 1..1+P
+///     assert_eq!(dp[r], dx0[(n - p) * d + r] + dx0[(2 * n - p) * d + r]); // sum over images of rows N-P..N
 /// }
 /// assert_eq!(dp[p * d..], [0.0; 6]); // layer 1 untouched
-/// assert!(dx[d..3 * d].iter().chain(&dx[n * d + d..n * d + 3 * d]).all(|&v| v == 0.0)); // zero_rows
+/// assert!(dx[(n - p) * d..n * d].iter().chain(&dx[(2 * n - p) * d..]).all(|&v| v == 0.0)); // zero_rows
 /// # Ok(()) }
 /// ```
 pub fn prompt_grad(

@@ -23,12 +23,16 @@ impl PatchShape {
     }
 }
 
-/// The token layout of a batch: `[B, N, D]`, `N = 1 + P + Np`, rows in the order `[CLS,
-/// prompts, patches]`.
+/// The token layout of a batch: `[B, N, D]`, `N = 1 + Np + P`, rows stored in the order `[CLS,
+/// patches, prompts]`. The model's sequence is `[CLS, prompts, patches]` (SPEC §2); attention
+/// sees every token whatever the order, so storing the prompts last leaves the image rows
+/// (`0 .. 1+Np`) and the prompt rows each contiguous: a block whose prompt outputs are discarded
+/// runs its queries, projection and MLP over the image rows alone, and the last block over the
+/// prompt rows alone (docs/MODEL.md#token-layout).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TokenShape {
     pub batch: usize,
-    /// Prompt rows per image (P), rows `1 .. 1+P`.
+    /// Prompt rows per image (P), rows `1+Np .. N`.
     pub prompts: usize,
     /// Patch rows per image (Np).
     pub num_patches: usize,
@@ -38,7 +42,11 @@ pub struct TokenShape {
 impl TokenShape {
     /// Rows per image, `N = 1 + P + Np`.
     pub fn tokens(&self) -> usize {
-        1 + self.prompts + self.num_patches
+        1 + self.num_patches + self.prompts
+    }
+    /// The first prompt row, `1 + Np`: rows before it are CLS and the patches.
+    pub fn prompt_start(&self) -> usize {
+        1 + self.num_patches
     }
     /// Values in the batch, `B * N * D`.
     pub fn len(&self) -> usize {
