@@ -95,8 +95,10 @@ pub fn cast<T: Real>(x: f64) -> T {
 
 /// Runs `f` compiled for AVX2 + FMA when the CPU has them, so the elementwise loops inside
 /// vectorize 8 wide (the crate is built for baseline x86-64, i.e. SSE2); elsewhere runs `f`.
-/// Only code inlined into `f` benefits; results are the same either way (no fast-math: the
-/// compiler may not reorder or contract float operations).
+/// Only code inlined into `f` benefits, so callers mark the closure `#[inline(always)]`: a
+/// closure the inliner leaves out of line is its own function, compiled for the baseline (SSE2,
+/// 4 lanes, no FMA). Results are the same either way (no fast-math: the compiler may not
+/// reorder or contract float operations).
 #[inline(always)]
 pub(crate) fn simd<R>(f: impl FnOnce() -> R) -> R {
     #[cfg(target_arch = "x86_64")]

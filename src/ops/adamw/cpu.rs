@@ -23,15 +23,18 @@ pub fn step<T: Real>(p: &mut [T], g: &[T], m: &mut [T], v: &mut [T], step: u64, 
         .zip(v[..n].par_chunks_mut(CHUNK))
         .zip(g[..n].par_chunks(CHUNK))
         .for_each(|(((pc, mc), vc), gc)| {
-            simd(|| {
-                for i in 0..pc.len() {
-                    let gi = gc[i];
-                    mc[i] = b1 * mc[i] + (T::one() - b1) * gi;
-                    vc[i] = b2 * vc[i] + (T::one() - b2) * gi * gi;
-                    let mhat = mc[i] * c1;
-                    let vhat = vc[i] * c2;
-                    pc[i] = pc[i] - lr * (mhat / (vhat.sqrt() + eps) + wd * pc[i]);
-                }
-            });
+            simd(
+                #[inline(always)]
+                || {
+                    for i in 0..pc.len() {
+                        let gi = gc[i];
+                        mc[i] = b1 * mc[i] + (T::one() - b1) * gi;
+                        vc[i] = b2 * vc[i] + (T::one() - b2) * gi * gi;
+                        let mhat = mc[i] * c1;
+                        let vhat = vc[i] * c2;
+                        pc[i] = pc[i] - lr * (mhat / (vhat.sqrt() + eps) + wd * pc[i]);
+                    }
+                },
+            );
         });
 }

@@ -136,23 +136,26 @@ pub fn forward<T: Real>(qkv: &[T], out: &mut [T], lse: &mut [T], sh: &AttnShape,
     while first < total {
         let count = per.min(total - first);
         scratch[..count * nq * n].par_chunks_mut(nq * n).enumerate().for_each(|(t, s)| {
-            simd(|| {
-                let task = first + t;
-                let (bi, hi) = (task / h, task % h);
-                let base = qkv[bi * n * 3 * d + hi * dh..].as_ptr();
-                // SAFETY: every index below stays inside qkv/out/lse (asserted sizes); each task
-                // writes only its own head's columns of `out` and its own `lse` row.
-                unsafe {
-                    let q = base.add(q0 * 3 * d);
-                    let k = base.add(d);
-                    let v = base.add(2 * d);
-                    matmul(nq, n, dh, s.as_mut_ptr(), n, 1, false, q, 3 * d, 1, k, 1, 3 * d, scale, false);
-                    let lse_row = std::slice::from_raw_parts_mut(lse_p.get().add(task * nq), nq);
-                    softmax_rows(s, lse_row, sh);
-                    let o = out_p.get().add(bi * nq * d + hi * dh);
-                    matmul(nq, dh, n, o, d, 1, false, s.as_ptr(), n, 1, v, 3 * d, 1, T::one(), false);
-                }
-            });
+            simd(
+                #[inline(always)]
+                || {
+                    let task = first + t;
+                    let (bi, hi) = (task / h, task % h);
+                    let base = qkv[bi * n * 3 * d + hi * dh..].as_ptr();
+                    // SAFETY: every index below stays inside qkv/out/lse (asserted sizes); each task
+                    // writes only its own head's columns of `out` and its own `lse` row.
+                    unsafe {
+                        let q = base.add(q0 * 3 * d);
+                        let k = base.add(d);
+                        let v = base.add(2 * d);
+                        matmul(nq, n, dh, s.as_mut_ptr(), n, 1, false, q, 3 * d, 1, k, 1, 3 * d, scale, false);
+                        let lse_row = std::slice::from_raw_parts_mut(lse_p.get().add(task * nq), nq);
+                        softmax_rows(s, lse_row, sh);
+                        let o = out_p.get().add(bi * nq * d + hi * dh);
+                        matmul(nq, dh, n, o, d, 1, false, s.as_ptr(), n, 1, v, 3 * d, 1, T::one(), false);
+                    }
+                },
+            );
         });
         first += count;
     }
@@ -212,52 +215,55 @@ pub fn backward<T: Real>(qkv: &[T], out: &[T], lse: &[T], dout: &[T], dqkv: &mut
             .par_chunks_mut(2 * nq * n)
             .enumerate()
             .for_each(|(t, buf)| {
-                simd(|| {
-                    let task = first + t;
-                    let (bi, hi) = (task / h, task % h);
-                    let (p, dp) = buf.split_at_mut(nq * n);
-                    let base = bi * n * 3 * d + hi * dh;
-                    let o_off = bi * nq * d + hi * dh;
-                    let lse_row = &lse[task * nq..(task + 1) * nq];
-                    // SAFETY: indices inside the asserted sizes; each task writes only its own head's
-                    // Q, K, V columns of dqkv.
-                    unsafe {
-                        let all = qkv[base..].as_ptr();
-                        let q = all.add(q0 * 3 * d);
-                        let k = all.add(d);
-                        let v = all.add(2 * d);
-                        let go = dout[o_off..].as_ptr();
-                        // P = exp(scale Q K^T - lse), masked entries 0.
-                        matmul(nq, n, dh, p.as_mut_ptr(), n, 1, false, q, 3 * d, 1, k, 1, 3 * d, scale, false);
-                        for (r, row) in p.chunks_exact_mut(n).enumerate() {
-                            let l = lse_row[r];
-                            for x in row.iter_mut() {
-                                *x = (*x - l).fast_exp();
+                simd(
+                    #[inline(always)]
+                    || {
+                        let task = first + t;
+                        let (bi, hi) = (task / h, task % h);
+                        let (p, dp) = buf.split_at_mut(nq * n);
+                        let base = bi * n * 3 * d + hi * dh;
+                        let o_off = bi * nq * d + hi * dh;
+                        let lse_row = &lse[task * nq..(task + 1) * nq];
+                        // SAFETY: indices inside the asserted sizes; each task writes only its own head's
+                        // Q, K, V columns of dqkv.
+                        unsafe {
+                            let all = qkv[base..].as_ptr();
+                            let q = all.add(q0 * 3 * d);
+                            let k = all.add(d);
+                            let v = all.add(2 * d);
+                            let go = dout[o_off..].as_ptr();
+                            // P = exp(scale Q K^T - lse), masked entries 0.
+                            matmul(nq, n, dh, p.as_mut_ptr(), n, 1, false, q, 3 * d, 1, k, 1, 3 * d, scale, false);
+                            for (r, row) in p.chunks_exact_mut(n).enumerate() {
+                                let l = lse_row[r];
+                                for x in row.iter_mut() {
+                                    *x = (*x - l).fast_exp();
+                                }
+                                mask_row(row, q0 + r, sh, T::zero());
                             }
-                            mask_row(row, q0 + r, sh, T::zero());
-                        }
-                        // dP = dO V^T
-                        matmul(nq, n, dh, dp.as_mut_ptr(), n, 1, false, go, d, 1, v, 1, 3 * d, T::one(), false);
-                        // dS = P * (dP - rowsum(dO * O))
-                        for i in 0..nq {
-                            let orow = &out[o_off + i * d..o_off + i * d + dh];
-                            let grow = &dout[o_off + i * d..o_off + i * d + dh];
-                            let di: T = orow.iter().zip(grow).map(|(&a, &g)| a * g).sum();
-                            let pr = &p[i * n..(i + 1) * n];
-                            for (x, &pv) in dp[i * n..(i + 1) * n].iter_mut().zip(pr) {
-                                *x = pv * (*x - di);
+                            // dP = dO V^T
+                            matmul(nq, n, dh, dp.as_mut_ptr(), n, 1, false, go, d, 1, v, 1, 3 * d, T::one(), false);
+                            // dS = P * (dP - rowsum(dO * O))
+                            for i in 0..nq {
+                                let orow = &out[o_off + i * d..o_off + i * d + dh];
+                                let grow = &dout[o_off + i * d..o_off + i * d + dh];
+                                let di: T = orow.iter().zip(grow).map(|(&a, &g)| a * g).sum();
+                                let pr = &p[i * n..(i + 1) * n];
+                                for (x, &pv) in dp[i * n..(i + 1) * n].iter_mut().zip(pr) {
+                                    *x = pv * (*x - di);
+                                }
                             }
+                            let dall = dqkv_p.get().add(base);
+                            let dq = dall.add(q0 * 3 * d);
+                            let dk = dall.add(d);
+                            let dv = dall.add(2 * d);
+                            // dQ = scale dS K ; dK = scale dS^T Q ; dV = P^T dO
+                            matmul(nq, dh, n, dq, 3 * d, 1, false, dp.as_ptr(), n, 1, k, 3 * d, 1, scale, false);
+                            matmul(n, dh, nq, dk, 3 * d, 1, false, dp.as_ptr(), 1, n, q, 3 * d, 1, scale, false);
+                            matmul(n, dh, nq, dv, 3 * d, 1, false, p.as_ptr(), 1, n, go, d, 1, T::one(), false);
                         }
-                        let dall = dqkv_p.get().add(base);
-                        let dq = dall.add(q0 * 3 * d);
-                        let dk = dall.add(d);
-                        let dv = dall.add(2 * d);
-                        // dQ = scale dS K ; dK = scale dS^T Q ; dV = P^T dO
-                        matmul(nq, dh, n, dq, 3 * d, 1, false, dp.as_ptr(), n, 1, k, 3 * d, 1, scale, false);
-                        matmul(n, dh, nq, dk, 3 * d, 1, false, dp.as_ptr(), 1, n, q, 3 * d, 1, scale, false);
-                        matmul(n, dh, nq, dv, 3 * d, 1, false, p.as_ptr(), 1, n, go, d, 1, T::one(), false);
-                    }
-                });
+                    },
+                );
             });
         first += count;
     }

@@ -50,11 +50,14 @@ pub fn forward<T: Real>(x: &[T], y: &mut [T], len: usize) {
     assert!(x.len() >= len && y.len() >= len);
     let c = Consts::<T>::new();
     y[..len].par_chunks_mut(CHUNK).zip(x[..len].par_chunks(CHUNK)).for_each(|(yc, xc)| {
-        simd(|| {
-            for (o, &v) in yc.iter_mut().zip(xc) {
-                *o = c.gelu(v);
-            }
-        })
+        simd(
+            #[inline(always)]
+            || {
+                for (o, &v) in yc.iter_mut().zip(xc) {
+                    *o = c.gelu(v);
+                }
+            },
+        )
     });
 }
 
@@ -63,10 +66,13 @@ pub fn backward<T: Real>(x: &[T], d: &mut [T], len: usize) {
     assert!(x.len() >= len && d.len() >= len);
     let c = Consts::<T>::new();
     d[..len].par_chunks_mut(CHUNK).zip(x[..len].par_chunks(CHUNK)).for_each(|(dc, xc)| {
-        simd(|| {
-            for (o, &v) in dc.iter_mut().zip(xc) {
-                *o = *o * c.grad(v);
-            }
-        })
+        simd(
+            #[inline(always)]
+            || {
+                for (o, &v) in dc.iter_mut().zip(xc) {
+                    *o = *o * c.grad(v);
+                }
+            },
+        )
     });
 }

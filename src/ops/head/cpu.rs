@@ -62,58 +62,61 @@ pub fn adapter_forward<T: Real>(
         .take(p)
         .enumerate()
         .for_each(|(t, gu)| {
-            simd(|| {
-                // SAFETY: token t's rows of u/out ([b, t, :]) are written by this task only.
-                unsafe {
-                    let ut = up.get().add(t * r);
-                    let ot = op.get().add(t * d);
-                    for b in 0..bn {
-                        std::ptr::copy_nonoverlapping(b1[t * r..].as_ptr(), ut.add(b * p * r), r);
-                        for j in 0..d {
-                            *ot.add(b * p * d + j) = z[b * p * d + t * d + j] + b2[t * d + j];
+            simd(
+                #[inline(always)]
+                || {
+                    // SAFETY: token t's rows of u/out ([b, t, :]) are written by this task only.
+                    unsafe {
+                        let ut = up.get().add(t * r);
+                        let ot = op.get().add(t * d);
+                        for b in 0..bn {
+                            std::ptr::copy_nonoverlapping(b1[t * r..].as_ptr(), ut.add(b * p * r), r);
+                            for j in 0..d {
+                                *ot.add(b * p * d + j) = z[b * p * d + t * d + j] + b2[t * d + j];
+                            }
                         }
-                    }
-                    matmul(
-                        bn,
-                        r,
-                        d,
-                        ut,
-                        p * r,
-                        1,
-                        true,
-                        z[t * d..].as_ptr(),
-                        p * d,
-                        1,
-                        w1[t * r * d..].as_ptr(),
-                        1,
-                        d,
-                        T::one(),
-                        false,
-                    );
-                    for b in 0..bn {
-                        for j in 0..r {
-                            gu[b * r + j] = gelu(*ut.add(b * p * r + j));
+                        matmul(
+                            bn,
+                            r,
+                            d,
+                            ut,
+                            p * r,
+                            1,
+                            true,
+                            z[t * d..].as_ptr(),
+                            p * d,
+                            1,
+                            w1[t * r * d..].as_ptr(),
+                            1,
+                            d,
+                            T::one(),
+                            false,
+                        );
+                        for b in 0..bn {
+                            for j in 0..r {
+                                gu[b * r + j] = gelu(*ut.add(b * p * r + j));
+                            }
                         }
+                        matmul(
+                            bn,
+                            d,
+                            r,
+                            ot,
+                            p * d,
+                            1,
+                            true,
+                            gu.as_ptr(),
+                            r,
+                            1,
+                            w2[t * d * r..].as_ptr(),
+                            1,
+                            r,
+                            T::one(),
+                            false,
+                        );
                     }
-                    matmul(
-                        bn,
-                        d,
-                        r,
-                        ot,
-                        p * d,
-                        1,
-                        true,
-                        gu.as_ptr(),
-                        r,
-                        1,
-                        w2[t * d * r..].as_ptr(),
-                        1,
-                        r,
-                        T::one(),
-                        false,
-                    );
-                }
-            });
+                },
+            );
         });
 }
 
@@ -151,108 +154,111 @@ pub fn adapter_backward<T: Real>(
         .take(p)
         .enumerate()
         .for_each(|(t, buf)| {
-            simd(|| {
-                let (gu, du) = buf.split_at_mut(bn * r);
-                // SAFETY: token t's parameter-gradient rows and its rows of dz belong to this task.
-                unsafe {
-                    let dout_t = dout[t * d..].as_ptr();
-                    // db2_t = sum_b dout[b, t]
-                    let db2t = std::slice::from_raw_parts_mut(db2p.get().add(t * d), d);
-                    db2t.fill(T::zero());
-                    for b in 0..bn {
-                        axpy(T::one(), &dout[b * p * d + t * d..b * p * d + (t + 1) * d], db2t);
-                    }
-                    for b in 0..bn {
-                        for j in 0..r {
-                            gu[b * r + j] = gelu(u[b * p * r + t * r + j]);
+            simd(
+                #[inline(always)]
+                || {
+                    let (gu, du) = buf.split_at_mut(bn * r);
+                    // SAFETY: token t's parameter-gradient rows and its rows of dz belong to this task.
+                    unsafe {
+                        let dout_t = dout[t * d..].as_ptr();
+                        // db2_t = sum_b dout[b, t]
+                        let db2t = std::slice::from_raw_parts_mut(db2p.get().add(t * d), d);
+                        db2t.fill(T::zero());
+                        for b in 0..bn {
+                            axpy(T::one(), &dout[b * p * d + t * d..b * p * d + (t + 1) * d], db2t);
                         }
-                    }
-                    // dgu = dout_t W2_t  [B, r]  (into du), then du *= gelu'(u)
-                    matmul(
-                        bn,
-                        r,
-                        d,
-                        du.as_mut_ptr(),
-                        r,
-                        1,
-                        false,
-                        dout_t,
-                        p * d,
-                        1,
-                        w2[t * d * r..].as_ptr(),
-                        r,
-                        1,
-                        T::one(),
-                        false,
-                    );
-                    for b in 0..bn {
-                        for j in 0..r {
-                            du[b * r + j] = du[b * r + j] * gelu_grad(u[b * p * r + t * r + j]);
+                        for b in 0..bn {
+                            for j in 0..r {
+                                gu[b * r + j] = gelu(u[b * p * r + t * r + j]);
+                            }
                         }
+                        // dgu = dout_t W2_t  [B, r]  (into du), then du *= gelu'(u)
+                        matmul(
+                            bn,
+                            r,
+                            d,
+                            du.as_mut_ptr(),
+                            r,
+                            1,
+                            false,
+                            dout_t,
+                            p * d,
+                            1,
+                            w2[t * d * r..].as_ptr(),
+                            r,
+                            1,
+                            T::one(),
+                            false,
+                        );
+                        for b in 0..bn {
+                            for j in 0..r {
+                                du[b * r + j] = du[b * r + j] * gelu_grad(u[b * p * r + t * r + j]);
+                            }
+                        }
+                        // dW2_t [D, r] = dout_t^T gu ; dW1_t [r, D] = du^T z_t
+                        matmul(
+                            d,
+                            r,
+                            bn,
+                            dw2p.get().add(t * d * r),
+                            r,
+                            1,
+                            false,
+                            dout_t,
+                            1,
+                            p * d,
+                            gu.as_ptr(),
+                            r,
+                            1,
+                            T::one(),
+                            false,
+                        );
+                        matmul(
+                            r,
+                            d,
+                            bn,
+                            dw1p.get().add(t * r * d),
+                            d,
+                            1,
+                            false,
+                            du.as_ptr(),
+                            1,
+                            r,
+                            z[t * d..].as_ptr(),
+                            p * d,
+                            1,
+                            T::one(),
+                            false,
+                        );
+                        let db1t = std::slice::from_raw_parts_mut(db1p.get().add(t * r), r);
+                        for j in 0..r {
+                            db1t[j] = (0..bn).map(|b| du[b * r + j]).fold(T::zero(), |a, v| a + v);
+                        }
+                        // dz_t += dout_t + du W1_t
+                        for b in 0..bn {
+                            let row = std::slice::from_raw_parts_mut(dzp.get().add(b * p * d + t * d), d);
+                            axpy(T::one(), &dout[b * p * d + t * d..b * p * d + (t + 1) * d], row);
+                        }
+                        matmul(
+                            bn,
+                            d,
+                            r,
+                            dzp.get().add(t * d),
+                            p * d,
+                            1,
+                            true,
+                            du.as_ptr(),
+                            r,
+                            1,
+                            w1[t * r * d..].as_ptr(),
+                            d,
+                            1,
+                            T::one(),
+                            false,
+                        );
                     }
-                    // dW2_t [D, r] = dout_t^T gu ; dW1_t [r, D] = du^T z_t
-                    matmul(
-                        d,
-                        r,
-                        bn,
-                        dw2p.get().add(t * d * r),
-                        r,
-                        1,
-                        false,
-                        dout_t,
-                        1,
-                        p * d,
-                        gu.as_ptr(),
-                        r,
-                        1,
-                        T::one(),
-                        false,
-                    );
-                    matmul(
-                        r,
-                        d,
-                        bn,
-                        dw1p.get().add(t * r * d),
-                        d,
-                        1,
-                        false,
-                        du.as_ptr(),
-                        1,
-                        r,
-                        z[t * d..].as_ptr(),
-                        p * d,
-                        1,
-                        T::one(),
-                        false,
-                    );
-                    let db1t = std::slice::from_raw_parts_mut(db1p.get().add(t * r), r);
-                    for j in 0..r {
-                        db1t[j] = (0..bn).map(|b| du[b * r + j]).fold(T::zero(), |a, v| a + v);
-                    }
-                    // dz_t += dout_t + du W1_t
-                    for b in 0..bn {
-                        let row = std::slice::from_raw_parts_mut(dzp.get().add(b * p * d + t * d), d);
-                        axpy(T::one(), &dout[b * p * d + t * d..b * p * d + (t + 1) * d], row);
-                    }
-                    matmul(
-                        bn,
-                        d,
-                        r,
-                        dzp.get().add(t * d),
-                        p * d,
-                        1,
-                        true,
-                        du.as_ptr(),
-                        r,
-                        1,
-                        w1[t * r * d..].as_ptr(),
-                        d,
-                        1,
-                        T::one(),
-                        false,
-                    );
-                }
-            });
+                },
+            );
         });
 }
 
@@ -284,31 +290,34 @@ pub fn moe_forward<T: Real>(
         .zip(r[..bn * e * k].par_chunks_mut(e * k))
         .enumerate()
         .for_each(|(b, (((yb, mb), qb), rb))| {
-            simd(|| {
-                let zb = &z[b * p * d..(b + 1) * p * d];
-                let ab = &adapted[b * p * d..(b + 1) * p * d];
-                for ei in 0..e {
-                    for ki in 0..k {
-                        let t = tok[ei * k + ki] as usize;
-                        let g = grow[ei * k + ki] as usize;
-                        qb[ei * k + ki] = dot(&gate[g * d..(g + 1) * d], &zb[t * d..(t + 1) * d]);
-                        rb[ei * k + ki] = dot(&w[ki * d..(ki + 1) * d], &ab[t * d..(t + 1) * d]);
-                    }
-                }
-                for ki in 0..k {
-                    let mx = (0..e).map(|ei| qb[ei * k + ki]).fold(T::neg_infinity(), T::max);
-                    let mut den = T::zero();
-                    let (mut num_m, mut num_y) = (T::zero(), T::zero());
+            simd(
+                #[inline(always)]
+                || {
+                    let zb = &z[b * p * d..(b + 1) * p * d];
+                    let ab = &adapted[b * p * d..(b + 1) * p * d];
                     for ei in 0..e {
-                        let a = (qb[ei * k + ki] - mx).exp();
-                        den = den + a;
-                        num_m = num_m + a * qb[ei * k + ki];
-                        num_y = num_y + a * rb[ei * k + ki];
+                        for ki in 0..k {
+                            let t = tok[ei * k + ki] as usize;
+                            let g = grow[ei * k + ki] as usize;
+                            qb[ei * k + ki] = dot(&gate[g * d..(g + 1) * d], &zb[t * d..(t + 1) * d]);
+                            rb[ei * k + ki] = dot(&w[ki * d..(ki + 1) * d], &ab[t * d..(t + 1) * d]);
+                        }
                     }
-                    mb[ki] = num_m / den;
-                    yb[ki] = num_y / den + c[ki];
-                }
-            });
+                    for ki in 0..k {
+                        let mx = (0..e).map(|ei| qb[ei * k + ki]).fold(T::neg_infinity(), T::max);
+                        let mut den = T::zero();
+                        let (mut num_m, mut num_y) = (T::zero(), T::zero());
+                        for ei in 0..e {
+                            let a = (qb[ei * k + ki] - mx).exp();
+                            den = den + a;
+                            num_m = num_m + a * qb[ei * k + ki];
+                            num_y = num_y + a * rb[ei * k + ki];
+                        }
+                        mb[ki] = num_m / den;
+                        yb[ki] = num_y / den + c[ki];
+                    }
+                },
+            );
         });
 }
 
@@ -352,43 +361,49 @@ pub fn moe_backward<T: Real>(
         .zip(dadapted[..bn * p * d].par_chunks_mut(p * d))
         .enumerate()
         .for_each(|(b, (((dqb, drb), dzb), dab))| {
-            simd(|| {
-                let qb = &q[b * e * k..(b + 1) * e * k];
-                let rb = &r[b * e * k..(b + 1) * e * k];
-                for ki in 0..k {
-                    let mx = (0..e).map(|ei| qb[ei * k + ki]).fold(T::neg_infinity(), T::max);
-                    let den: T = (0..e).map(|ei| (qb[ei * k + ki] - mx).exp()).fold(T::zero(), |a, v| a + v);
-                    let (gy, gm) = (dy[b * k + ki], dm[b * k + ki]);
-                    // dL/dA_e = gy r_e + gm q_e ; abar = sum_e A_e dL/dA_e
-                    let mut abar = T::zero();
-                    for ei in 0..e {
-                        let a = (qb[ei * k + ki] - mx).exp() / den;
-                        abar = abar + a * (gy * rb[ei * k + ki] + gm * qb[ei * k + ki]);
+            simd(
+                #[inline(always)]
+                || {
+                    let qb = &q[b * e * k..(b + 1) * e * k];
+                    let rb = &r[b * e * k..(b + 1) * e * k];
+                    for ki in 0..k {
+                        let mx = (0..e).map(|ei| qb[ei * k + ki]).fold(T::neg_infinity(), T::max);
+                        let den: T = (0..e).map(|ei| (qb[ei * k + ki] - mx).exp()).fold(T::zero(), |a, v| a + v);
+                        let (gy, gm) = (dy[b * k + ki], dm[b * k + ki]);
+                        // dL/dA_e = gy r_e + gm q_e ; abar = sum_e A_e dL/dA_e
+                        let mut abar = T::zero();
+                        for ei in 0..e {
+                            let a = (qb[ei * k + ki] - mx).exp() / den;
+                            abar = abar + a * (gy * rb[ei * k + ki] + gm * qb[ei * k + ki]);
+                        }
+                        for ei in 0..e {
+                            let idx = ei * k + ki;
+                            let a = (qb[idx] - mx).exp() / den;
+                            let ga = gy * rb[idx] + gm * qb[idx];
+                            dqb[idx] = a * (ga - abar + gm);
+                            drb[idx] = gy * a;
+                            let t = tok[idx] as usize;
+                            let g = grow[idx] as usize;
+                            axpy(dqb[idx], &gate[g * d..(g + 1) * d], &mut dzb[t * d..(t + 1) * d]);
+                            axpy(drb[idx], &w[ki * d..(ki + 1) * d], &mut dab[t * d..(t + 1) * d]);
+                        }
                     }
-                    for ei in 0..e {
-                        let idx = ei * k + ki;
-                        let a = (qb[idx] - mx).exp() / den;
-                        let ga = gy * rb[idx] + gm * qb[idx];
-                        dqb[idx] = a * (ga - abar + gm);
-                        drb[idx] = gy * a;
-                        let t = tok[idx] as usize;
-                        let g = grow[idx] as usize;
-                        axpy(dqb[idx], &gate[g * d..(g + 1) * d], &mut dzb[t * d..(t + 1) * d]);
-                        axpy(drb[idx], &w[ki * d..(ki + 1) * d], &mut dab[t * d..(t + 1) * d]);
-                    }
-                }
-            });
+                },
+            );
         });
     let (dq, dr) = (&*dq, &*dr);
     // Pass 2, per (e, k): the gate gradient of that pair, summed over images in order.
     tmpg.par_chunks_mut(d).enumerate().for_each(|(idx, row)| {
-        simd(|| {
-            row.fill(T::zero());
-            let t = tok[idx] as usize;
-            for b in 0..bn {
-                axpy(dq[b * e * k + idx], &z[b * p * d + t * d..b * p * d + (t + 1) * d], row);
-            }
-        });
+        simd(
+            #[inline(always)]
+            || {
+                row.fill(T::zero());
+                let t = tok[idx] as usize;
+                for b in 0..bn {
+                    axpy(dq[b * e * k + idx], &z[b * p * d + t * d..b * p * d + (t + 1) * d], row);
+                }
+            },
+        );
     });
     // Per label: classifier weight and bias gradients.
     dw[..k * d]
@@ -396,19 +411,22 @@ pub fn moe_backward<T: Real>(
         .zip(dc[..k].par_iter_mut())
         .enumerate()
         .for_each(|(ki, (row, dcv))| {
-            simd(|| {
-                row.fill(T::zero());
-                let mut sc = T::zero();
-                for b in 0..bn {
-                    sc = sc + dy[b * k + ki];
-                    for ei in 0..e {
-                        let idx = ei * k + ki;
-                        let t = tok[idx] as usize;
-                        axpy(dr[b * e * k + idx], &adapted[b * p * d + t * d..b * p * d + (t + 1) * d], row);
+            simd(
+                #[inline(always)]
+                || {
+                    row.fill(T::zero());
+                    let mut sc = T::zero();
+                    for b in 0..bn {
+                        sc = sc + dy[b * k + ki];
+                        for ei in 0..e {
+                            let idx = ei * k + ki;
+                            let t = tok[idx] as usize;
+                            axpy(dr[b * e * k + idx], &adapted[b * p * d + t * d..b * p * d + (t + 1) * d], row);
+                        }
                     }
-                }
-                *dcv = sc;
-            });
+                    *dcv = sc;
+                },
+            );
         });
     // Pass 3: (e, k) pairs into gate rows, in (e, k) order (several labels share a row under
     // group gating).

@@ -22,20 +22,23 @@ pub fn forward<T: Real>(x: &[T], norm: Norm<&[T]>, y: &mut [T], stats: NormStats
         .zip(rstd[..rows].par_chunks_mut(ROWS_PER_TASK))
         .enumerate()
         .for_each(|(task, ((yc, mc), rc))| {
-            simd(|| {
-                let r0 = task * ROWS_PER_TASK;
-                for (i, yr) in yc.chunks_exact_mut(d).enumerate() {
-                    let xr = &x[(r0 + i) * d..(r0 + i + 1) * d];
-                    let mu = xr.iter().copied().sum::<T>() * inv_d;
-                    let var = xr.iter().map(|&v| (v - mu) * (v - mu)).sum::<T>() * inv_d;
-                    let rs = T::one() / (var + eps).sqrt();
-                    for j in 0..d {
-                        yr[j] = (xr[j] - mu) * rs * gamma[j] + beta[j];
+            simd(
+                #[inline(always)]
+                || {
+                    let r0 = task * ROWS_PER_TASK;
+                    for (i, yr) in yc.chunks_exact_mut(d).enumerate() {
+                        let xr = &x[(r0 + i) * d..(r0 + i + 1) * d];
+                        let mu = xr.iter().copied().sum::<T>() * inv_d;
+                        let var = xr.iter().map(|&v| (v - mu) * (v - mu)).sum::<T>() * inv_d;
+                        let rs = T::one() / (var + eps).sqrt();
+                        for j in 0..d {
+                            yr[j] = (xr[j] - mu) * rs * gamma[j] + beta[j];
+                        }
+                        mc[i] = mu;
+                        rc[i] = rs;
                     }
-                    mc[i] = mu;
-                    rc[i] = rs;
-                }
-            });
+                },
+            );
         });
 }
 
@@ -51,28 +54,31 @@ pub fn backward<T: Real>(dy: &[T], x: &[T], gamma: &[T], stats: NormStats<&[T]>,
         .par_chunks_mut(d * ROWS_PER_TASK)
         .enumerate()
         .for_each(|(task, dxc)| {
-            simd(|| {
-                let r0 = task * ROWS_PER_TASK;
-                for (i, dxr) in dxc.chunks_exact_mut(d).enumerate() {
-                    let r = r0 + i;
-                    let (mu, rs) = (mean[r], rstd[r]);
-                    let xr = &x[r * d..(r + 1) * d];
-                    let dyr = &dy[r * d..(r + 1) * d];
-                    let mut sum_g = T::zero();
-                    let mut sum_gx = T::zero();
-                    for j in 0..d {
-                        let g = dyr[j] * gamma[j];
-                        sum_g = sum_g + g;
-                        sum_gx = sum_gx + g * (xr[j] - mu) * rs;
+            simd(
+                #[inline(always)]
+                || {
+                    let r0 = task * ROWS_PER_TASK;
+                    for (i, dxr) in dxc.chunks_exact_mut(d).enumerate() {
+                        let r = r0 + i;
+                        let (mu, rs) = (mean[r], rstd[r]);
+                        let xr = &x[r * d..(r + 1) * d];
+                        let dyr = &dy[r * d..(r + 1) * d];
+                        let mut sum_g = T::zero();
+                        let mut sum_gx = T::zero();
+                        for j in 0..d {
+                            let g = dyr[j] * gamma[j];
+                            sum_g = sum_g + g;
+                            sum_gx = sum_gx + g * (xr[j] - mu) * rs;
+                        }
+                        let mg = sum_g * inv_d;
+                        let mgx = sum_gx * inv_d;
+                        for j in 0..d {
+                            let xhat = (xr[j] - mu) * rs;
+                            let v = rs * (dyr[j] * gamma[j] - mg - xhat * mgx);
+                            dxr[j] = if accumulate { dxr[j] + v } else { v };
+                        }
                     }
-                    let mg = sum_g * inv_d;
-                    let mgx = sum_gx * inv_d;
-                    for j in 0..d {
-                        let xhat = (xr[j] - mu) * rs;
-                        let v = rs * (dyr[j] * gamma[j] - mg - xhat * mgx);
-                        dxr[j] = if accumulate { dxr[j] + v } else { v };
-                    }
-                }
-            });
+                },
+            );
         });
 }

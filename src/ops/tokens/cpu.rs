@@ -24,21 +24,24 @@ pub fn patchify<T: Real>(images: &[T], out: &mut [T], sh: &PatchShape) {
     let img = channels * height * width;
     assert!(images.len() >= batch * img && out.len() >= batch * np * row);
     out[..batch * np * row].par_chunks_mut(np * row).enumerate().for_each(|(b, ob)| {
-        simd(|| {
-            let ib = &images[b * img..(b + 1) * img];
-            for py in 0..gh {
-                for px in 0..gw {
-                    let o = &mut ob[(py * gw + px) * row..(py * gw + px + 1) * row];
-                    for c in 0..channels {
-                        for ky in 0..patch {
-                            let src = c * height * width + (py * patch + ky) * width + px * patch;
-                            let dst = (c * patch + ky) * patch;
-                            o[dst..dst + patch].copy_from_slice(&ib[src..src + patch]);
+        simd(
+            #[inline(always)]
+            || {
+                let ib = &images[b * img..(b + 1) * img];
+                for py in 0..gh {
+                    for px in 0..gw {
+                        let o = &mut ob[(py * gw + px) * row..(py * gw + px + 1) * row];
+                        for c in 0..channels {
+                            for ky in 0..patch {
+                                let src = c * height * width + (py * patch + ky) * width + px * patch;
+                                let dst = (c * patch + ky) * patch;
+                                o[dst..dst + patch].copy_from_slice(&ib[src..src + patch]);
+                            }
                         }
                     }
                 }
-            }
-        });
+            },
+        );
     });
 }
 
@@ -52,19 +55,22 @@ pub fn embed_tokens<T: Real>(patches: &[T], cls: &[T], pos: &[T], x: &mut [T], s
     assert!(patches.len() >= batch * num_patches * dim && x.len() >= batch * n * dim);
     assert!(cls.len() >= dim && pos.len() >= (1 + num_patches) * dim);
     x[..batch * n * dim].par_chunks_mut(n * dim).enumerate().for_each(|(b, xb)| {
-        simd(|| {
-            for j in 0..dim {
-                xb[j] = cls[j] + pos[j];
-            }
-            for i in 0..num_patches {
-                let dst = &mut xb[(1 + i) * dim..(2 + i) * dim];
-                let src = &patches[(b * num_patches + i) * dim..(b * num_patches + i + 1) * dim];
-                let pe = &pos[(1 + i) * dim..(2 + i) * dim];
+        simd(
+            #[inline(always)]
+            || {
                 for j in 0..dim {
-                    dst[j] = src[j] + pe[j];
+                    xb[j] = cls[j] + pos[j];
                 }
-            }
-        });
+                for i in 0..num_patches {
+                    let dst = &mut xb[(1 + i) * dim..(2 + i) * dim];
+                    let src = &patches[(b * num_patches + i) * dim..(b * num_patches + i + 1) * dim];
+                    let pe = &pos[(1 + i) * dim..(2 + i) * dim];
+                    for j in 0..dim {
+                        dst[j] = src[j] + pe[j];
+                    }
+                }
+            },
+        );
     });
 }
 
@@ -90,15 +96,18 @@ pub fn prompt_grad<T: Real>(dx: &mut [T], dprompts: &mut [T], layer: usize, sh: 
     // Parallel over prompt elements, images summed in order inside (deterministic).
     let dx_ro: &[T] = dx;
     dst.par_chunks_mut(dim).enumerate().for_each(|(j, row)| {
-        simd(|| {
-            row.fill(T::zero());
-            for b in 0..batch {
-                let o = (b * tokens + sh.prompt_start() + j) * dim;
-                for (r, &g) in row.iter_mut().zip(&dx_ro[o..o + dim]) {
-                    *r = *r + g;
+        simd(
+            #[inline(always)]
+            || {
+                row.fill(T::zero());
+                for b in 0..batch {
+                    let o = (b * tokens + sh.prompt_start() + j) * dim;
+                    for (r, &g) in row.iter_mut().zip(&dx_ro[o..o + dim]) {
+                        *r = *r + g;
+                    }
                 }
-            }
-        });
+            },
+        );
     });
     if zero_rows {
         for b in 0..batch {
@@ -142,18 +151,21 @@ pub fn residual<T: Real>(x: &[T], f: &[T], ls: Option<&[T]>, out: &mut [T], sh: 
         .zip(f[..len].par_chunks(dim))
         .with_min_len(16)
         .for_each(|((o, xr), fr)| {
-            simd(|| match ls {
-                Some(l) => {
-                    for j in 0..dim {
-                        o[j] = xr[j] + l[j] * fr[j];
+            simd(
+                #[inline(always)]
+                || match ls {
+                    Some(l) => {
+                        for j in 0..dim {
+                            o[j] = xr[j] + l[j] * fr[j];
+                        }
                     }
-                }
-                None => {
-                    for j in 0..dim {
-                        o[j] = xr[j] + fr[j];
+                    None => {
+                        for j in 0..dim {
+                            o[j] = xr[j] + fr[j];
+                        }
                     }
-                }
-            })
+                },
+            )
         });
 }
 
@@ -165,10 +177,13 @@ pub fn mul_cols<T: Real>(src: &[T], v: &[T], out: &mut [T], sh: Rows) {
         .zip(src[..rows * dim].par_chunks(dim))
         .with_min_len(16)
         .for_each(|(o, s)| {
-            simd(|| {
-                for j in 0..dim {
-                    o[j] = s[j] * v[j];
-                }
-            });
+            simd(
+                #[inline(always)]
+                || {
+                    for j in 0..dim {
+                        o[j] = s[j] * v[j];
+                    }
+                },
+            );
         });
 }
