@@ -172,10 +172,11 @@ fn bench_plain(c: &mut Criterion, gpu: &GpuContext) {
     const P: usize = 30;
     const N: usize = 1 + P + 196;
     let s = gpu.stream();
-    let full = AttnShape::full(B, N, HEADS, D / HEADS, 1, 1 + P);
+    // Stored as the model stores its tokens: [CLS, patches, prompts].
+    let full = AttnShape::full(B, N, HEADS, D / HEADS, N - P, N);
     // The last block: queries at the prompt rows only.
     let tail = AttnShape {
-        q_start: 1,
+        q_start: N - P,
         q_len: P,
         ..full
     };

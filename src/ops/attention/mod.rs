@@ -31,9 +31,9 @@ pub struct AttnShape {
     pub tokens: usize,
     pub heads: usize,
     pub head_dim: usize,
-    /// First prompt token (1 in the model).
+    /// First prompt token (`1 + Np` in the model, which stores its prompts last).
     pub prompt_start: usize,
-    /// One past the last prompt token (1 + P).
+    /// One past the last prompt token (`N` in the model).
     pub prompt_end: usize,
     /// First query token.
     pub q_start: usize,
