@@ -324,30 +324,10 @@ mod tests {
     use crate::backend::CpuBackend;
     use crate::dist::control::tests::group;
     use crate::dist::shard;
-    use crate::model::{ModelConfig, VitConfig};
+    use crate::train::bench::tests::tiny;
     use crate::train::bench::RandomProblem;
     use crate::train::Shard;
     use std::time::Duration;
-
-    fn tiny() -> ModelConfig {
-        let cfg = ModelConfig {
-            labels: 6,
-            groups: 3,
-            experts: 2,
-            ..ModelConfig::demo()
-        };
-        ModelConfig {
-            vit: VitConfig {
-                image_size: 16,
-                depth: 1,
-                dim: 16,
-                heads: 2,
-                mlp_dim: 32,
-                ..cfg.vit.clone()
-            },
-            ..cfg
-        }
-    }
 
     /// Three ranks stepping on their parts of a batch (`n` images, two steps) end with the
     /// parameters of one trainer stepping on the whole batch, identical on every rank; with

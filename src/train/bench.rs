@@ -151,19 +151,20 @@ pub fn time_steps_with<B: Backend>(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::backend::CpuBackend;
 
-    #[test]
-    fn random_problem_steps_on_the_cpu() {
+    /// The demo head (K 6, T 3, E 2) on a one-block 16-px backbone of width 16: a step in
+    /// milliseconds, for the unit tests that step a trainer (also `dist::sync`'s).
+    pub(crate) fn tiny() -> ModelConfig {
         let cfg = ModelConfig {
             labels: 6,
             groups: 3,
             experts: 2,
             ..ModelConfig::demo()
         };
-        let cfg = ModelConfig {
+        ModelConfig {
             vit: crate::model::VitConfig {
                 image_size: 16,
                 depth: 1,
@@ -173,7 +174,12 @@ mod tests {
                 ..cfg.vit.clone()
             },
             ..cfg
-        };
+        }
+    }
+
+    #[test]
+    fn random_problem_steps_on_the_cpu() {
+        let cfg = tiny();
         let p = RandomProblem::new(&cfg, 3, 7);
         assert_eq!(p.images.len(), 3 * cfg.vit.image_len());
         assert_eq!(p.targets.len(), 3 * 6);
