@@ -114,11 +114,10 @@ trait Vf: Copy {
     unsafe fn add(self, b: Self) -> Self;
     unsafe fn sub(self, b: Self) -> Self;
     unsafe fn max(self, b: Self) -> Self;
-    unsafe fn min(self, b: Self) -> Self;
-    /// `2^n` for `t = 1.5 * 2^23 + n` (integer `n` in -127..=128 held in `t`'s low bits).
-    unsafe fn pow2(t: Self) -> Self;
-    /// Lanes where `self >= lim` kept, the others 0.
-    unsafe fn zero_below(self, x: Self, lim: Self) -> Self;
+    /// `self * 2^n` where `x >= lim`, 0 elsewhere: `n` an integer in -127..=128, also held
+    /// as `t = 1.5 * 2^23 + n` in `t`'s low mantissa bits (AVX2 builds `2^n` from those bits;
+    /// AVX-512 scales by `n` in one instruction, with the mask folded in).
+    unsafe fn scale2_where(self, n: Self, t: Self, x: Self, lim: Self) -> Self;
     /// The lanes' maximum, reduced in a fixed order.
     unsafe fn hmax(self) -> f32;
     /// The lanes' sum, reduced in a fixed order.
@@ -174,29 +173,23 @@ impl Vf for Y {
         Y(_mm256_max_ps(self.0, b.0))
     }
     #[inline(always)]
-    unsafe fn min(self, b: Self) -> Self {
-        Y(_mm256_min_ps(self.0, b.0))
-    }
-    #[inline(always)]
-    unsafe fn pow2(t: Self) -> Self {
+    unsafe fn scale2_where(self, _n: Self, t: Self, x: Self, lim: Self) -> Self {
         let bits = _mm256_sub_epi32(_mm256_castps_si256(t.0), _mm256_set1_epi32(ROUND.to_bits() as i32 - 127));
-        Y(_mm256_castsi256_ps(_mm256_slli_epi32::<23>(bits)))
-    }
-    #[inline(always)]
-    unsafe fn zero_below(self, x: Self, lim: Self) -> Self {
-        Y(_mm256_and_ps(self.0, _mm256_cmp_ps::<_CMP_GE_OQ>(x.0, lim.0)))
+        let pow2 = _mm256_castsi256_ps(_mm256_slli_epi32::<23>(bits));
+        Y(_mm256_and_ps(_mm256_mul_ps(self.0, pow2), _mm256_cmp_ps::<_CMP_GE_OQ>(x.0, lim.0)))
     }
     #[inline(always)]
     unsafe fn hmax(self) -> f32 {
-        let mut l = [0.0f32; 8];
-        _mm256_storeu_ps(l.as_mut_ptr(), self.0);
-        l.iter().copied().fold(f32::NEG_INFINITY, f32::max)
+        let m = _mm_max_ps(_mm256_castps256_ps128(self.0), _mm256_extractf128_ps::<1>(self.0));
+        let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+        _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)))
     }
     #[inline(always)]
     unsafe fn hsum(self) -> f32 {
-        let mut l = [0.0f32; 8];
-        _mm256_storeu_ps(l.as_mut_ptr(), self.0);
-        ((l[0] + l[1]) + (l[2] + l[3])) + ((l[4] + l[5]) + (l[6] + l[7]))
+        // Lanes (i, i + 4), then (i, i + 2), then (0, 1): a fixed tree.
+        let s = _mm_add_ps(_mm256_castps256_ps128(self.0), _mm256_extractf128_ps::<1>(self.0));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
     }
 }
 
@@ -249,30 +242,17 @@ impl Vf for Z {
         Z(_mm512_max_ps(self.0, b.0))
     }
     #[inline(always)]
-    unsafe fn min(self, b: Self) -> Self {
-        Z(_mm512_min_ps(self.0, b.0))
-    }
-    #[inline(always)]
-    unsafe fn pow2(t: Self) -> Self {
-        let bits = _mm512_sub_epi32(_mm512_castps_si512(t.0), _mm512_set1_epi32(ROUND.to_bits() as i32 - 127));
-        Z(_mm512_castsi512_ps(_mm512_slli_epi32::<23>(bits)))
-    }
-    #[inline(always)]
-    unsafe fn zero_below(self, x: Self, lim: Self) -> Self {
-        Z(_mm512_maskz_mov_ps(_mm512_cmp_ps_mask::<_CMP_GE_OQ>(x.0, lim.0), self.0))
+    unsafe fn scale2_where(self, n: Self, _t: Self, x: Self, lim: Self) -> Self {
+        Z(_mm512_maskz_scalef_ps(_mm512_cmp_ps_mask::<_CMP_GE_OQ>(x.0, lim.0), self.0, n.0))
     }
     #[inline(always)]
     unsafe fn hmax(self) -> f32 {
-        let mut l = [0.0f32; 16];
-        _mm512_storeu_ps(l.as_mut_ptr(), self.0);
-        l.iter().copied().fold(f32::NEG_INFINITY, f32::max)
+        _mm512_reduce_max_ps(self.0)
     }
     #[inline(always)]
     unsafe fn hsum(self) -> f32 {
-        let mut l = [0.0f32; 16];
-        _mm512_storeu_ps(l.as_mut_ptr(), self.0);
-        let q = |i: usize| (l[i] + l[i + 1]) + (l[i + 2] + l[i + 3]);
-        (q(0) + q(4)) + (q(8) + q(12))
+        // A fixed tree of halvings.
+        _mm512_reduce_add_ps(self.0)
     }
 }
 
@@ -351,13 +331,14 @@ unsafe fn run<V: Vf, const R: usize, const NV: usize>(mm: &Mm) {
 #[cfg(target_arch = "x86_64")]
 const ROUND: f32 = 12_582_912.0;
 
-/// `exp` per lane: `ops::real::exp_f32`'s reduction and polynomial with fused multiply-adds
-/// (so a few ulp apart from it); 0 below -87.
+/// `exp` per lane for `x <= 0` (the shifted scores of a softmax, above 0 only by rounding,
+/// so no overflow clamp): `ops::real::exp_f32`'s reduction and polynomial with fused
+/// multiply-adds (so a few ulp apart from it); 0 below -87 and for `-inf`.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 unsafe fn exp<V: Vf>(x: V) -> V {
     let lo = V::set1(-87.0);
-    let xc = x.max(lo).min(V::set1(88.5));
+    let xc = x.max(lo);
     let t = V::set1(ROUND).fma(xc, V::set1(std::f32::consts::LOG2_E));
     let n = t.sub(V::set1(ROUND));
     let r = xc.fma(n, V::set1(-0.693_359_4));
@@ -368,7 +349,7 @@ unsafe fn exp<V: Vf>(x: V) -> V {
     p = V::set1(1.666_666_5e-1).fma(p, r);
     p = V::set1(0.5).fma(p, r);
     let e = r.add(V::set1(1.0)).fma(p, r.mul(r));
-    e.mul(V::pow2(t)).zero_below(x, lo)
+    e.scale2_where(n, t, x, lo)
 }
 
 /// Softmax of a row in place, `row.len()` a multiple of the lanes (pad with `-inf`); returns
@@ -377,10 +358,20 @@ unsafe fn exp<V: Vf>(x: V) -> V {
 #[inline(always)]
 unsafe fn softmax<V: Vf>(row: &mut [f32]) -> f32 {
     let p = row.as_mut_ptr();
-    let mut mx = V::set1(f32::NEG_INFINITY);
-    for i in (0..row.len()).step_by(V::L) {
-        mx = mx.max(V::load(p.add(i)));
+    // Four independent maxima: one chain would wait out the latency of every `max`.
+    let mut mx = [V::set1(f32::NEG_INFINITY); 4];
+    let mut i = 0;
+    while i + 4 * V::L <= row.len() {
+        for (a, m) in mx.iter_mut().enumerate() {
+            *m = m.max(V::load(p.add(i + a * V::L)));
+        }
+        i += 4 * V::L;
     }
+    while i < row.len() {
+        mx[0] = mx[0].max(V::load(p.add(i)));
+        i += V::L;
+    }
+    let mx = mx[0].max(mx[1]).max(mx[2].max(mx[3]));
     let m = mx.hmax();
     let mv = V::set1(m);
     let mut sum = V::zero();
@@ -469,6 +460,110 @@ pub(crate) unsafe fn softmax_grad_row(isa: Isa, p: &mut [f32], dp: &mut [f32], l
     }
 }
 
+/// `a . b` at `isa` (equal lengths, a multiple of its lanes): one vector accumulator over the
+/// elements in order, then [`Vf::hsum`]'s fixed tree (a scalar loop would wait out one add's
+/// latency per element).
+///
+/// # Safety
+/// `isa` must be supported by the CPU.
+pub(crate) unsafe fn dot(isa: Isa, a: &[f32], b: &[f32]) -> f32 {
+    debug_assert!(a.len() == b.len() && a.len().is_multiple_of(isa.lanes()));
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[inline(always)]
+        unsafe fn run<V: Vf>(a: &[f32], b: &[f32]) -> f32 {
+            let mut acc = V::zero();
+            for i in (0..a.len()).step_by(V::L) {
+                acc = acc.fma(V::load(a.as_ptr().add(i)), V::load(b.as_ptr().add(i)));
+            }
+            acc.hsum()
+        }
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn y(a: &[f32], b: &[f32]) -> f32 {
+            run::<Y>(a, b)
+        }
+        #[target_feature(enable = "avx512f")]
+        unsafe fn z(a: &[f32], b: &[f32]) -> f32 {
+            run::<Z>(a, b)
+        }
+        match isa {
+            Isa::Avx2 => y(a, b),
+            Isa::Avx512 => z(a, b),
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (a, b);
+        unreachable!("simd32: no SIMD on this architecture");
+    }
+}
+
+/// `dst[p * ld + j] = src[j * rs + p]` for `j < n`, `p < dh`, and 0 for `n <= j < ld`: `dh`
+/// columns of `n` rows transposed into a zero-padded `[dh, ld]`. Blocks of 8 x 8 go through
+/// AVX2 registers (unpack, shuffle, lane permute); the last `n % 8` rows one element at a
+/// time.
+///
+/// # Safety
+/// The CPU must have AVX2 (any [`Isa`] it supports); `dh` a multiple of 8; `src` must address
+/// `n` rows of `dh` elements at stride `rs`; `dst` at least `dh * ld` long with `ld >= n`.
+pub(crate) unsafe fn transpose(dst: &mut [f32], ld: usize, src: *const f32, rs: usize, n: usize, dh: usize) {
+    debug_assert!(dh.is_multiple_of(8) && ld >= n && dst.len() >= dh * ld);
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx2")]
+        unsafe fn run(dst: *mut f32, ld: usize, src: *const f32, rs: usize, n: usize, dh: usize) {
+            let full = n / 8 * 8;
+            for j in (0..full).step_by(8) {
+                for p in (0..dh).step_by(8) {
+                    let r: [__m256; 8] = std::array::from_fn(|i| _mm256_loadu_ps(src.add((j + i) * rs + p)));
+                    let t0 = _mm256_unpacklo_ps(r[0], r[1]);
+                    let t1 = _mm256_unpackhi_ps(r[0], r[1]);
+                    let t2 = _mm256_unpacklo_ps(r[2], r[3]);
+                    let t3 = _mm256_unpackhi_ps(r[2], r[3]);
+                    let t4 = _mm256_unpacklo_ps(r[4], r[5]);
+                    let t5 = _mm256_unpackhi_ps(r[4], r[5]);
+                    let t6 = _mm256_unpacklo_ps(r[6], r[7]);
+                    let t7 = _mm256_unpackhi_ps(r[6], r[7]);
+                    let u0 = _mm256_shuffle_ps::<0x44>(t0, t2);
+                    let u1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
+                    let u2 = _mm256_shuffle_ps::<0x44>(t1, t3);
+                    let u3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
+                    let u4 = _mm256_shuffle_ps::<0x44>(t4, t6);
+                    let u5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
+                    let u6 = _mm256_shuffle_ps::<0x44>(t5, t7);
+                    let u7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
+                    let out = [
+                        _mm256_permute2f128_ps::<0x20>(u0, u4),
+                        _mm256_permute2f128_ps::<0x20>(u1, u5),
+                        _mm256_permute2f128_ps::<0x20>(u2, u6),
+                        _mm256_permute2f128_ps::<0x20>(u3, u7),
+                        _mm256_permute2f128_ps::<0x31>(u0, u4),
+                        _mm256_permute2f128_ps::<0x31>(u1, u5),
+                        _mm256_permute2f128_ps::<0x31>(u2, u6),
+                        _mm256_permute2f128_ps::<0x31>(u3, u7),
+                    ];
+                    for (i, v) in out.iter().enumerate() {
+                        _mm256_storeu_ps(dst.add((p + i) * ld + j), *v);
+                    }
+                }
+            }
+            for p in 0..dh {
+                let row = dst.add(p * ld);
+                for j in full..n {
+                    *row.add(j) = *src.add(j * rs + p);
+                }
+                std::ptr::write_bytes(row.add(n), 0, ld - n);
+            }
+        }
+        run(dst.as_mut_ptr(), ld, src, rs, n, dh)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (dst, ld, src, rs, n, dh);
+        unreachable!("simd32: no SIMD on this architecture");
+    }
+}
+
 #[cfg(all(test, target_arch = "x86_64"))]
 mod tests {
     use super::*;
@@ -529,6 +624,81 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    /// Every block and tail of the transpose, with the padding zeroed, against the definition.
+    #[test]
+    fn transpose_matches_the_definition() {
+        if Isa::best().is_none() {
+            return;
+        }
+        for (n, dh, rs, ld) in [
+            (1, 8, 8, 16),
+            (7, 8, 11, 7),
+            (8, 16, 16, 16),
+            (17, 24, 29, 32),
+            (227, 64, 1152, 240),
+        ] {
+            let src: Vec<f32> = (0..n * rs).map(|i| i as f32).collect();
+            let mut dst = vec![f32::NAN; dh * ld];
+            // SAFETY: AVX2 present (Isa::best); sizes as allocated.
+            unsafe { transpose(&mut dst, ld, src.as_ptr(), rs, n, dh) };
+            for p in 0..dh {
+                for j in 0..ld {
+                    let want = if j < n { src[j * rs + p] } else { 0.0 };
+                    assert_eq!(dst[p * ld + j], want, "n {n} dh {dh}: ({p}, {j})");
+                }
+            }
+        }
+    }
+
+    /// The softmax's `exp` on every width against libm over the range a softmax feeds it
+    /// (x <= 0), with `-inf` and anything below -87 exactly 0.
+    #[test]
+    fn exp_matches_libm_where_softmax_uses_it() {
+        let Some(best) = Isa::best() else { return };
+        let isas: &[Isa] = if best == Isa::Avx512 {
+            &[Isa::Avx2, Isa::Avx512]
+        } else {
+            &[Isa::Avx2]
+        };
+        let mut xs: Vec<f32> = (0..4096).map(|i| -(i as f32) * 0.0213).collect();
+        xs.extend([f32::NEG_INFINITY, -87.5, -100.0, -1e30, 0.0, -0.0, 1e-7]);
+        xs.resize(xs.len().div_ceil(16) * 16, -1.0);
+        for &isa in isas {
+            // lse 0, dp 1, di 0: `p` becomes exp(p) and `dp` the same.
+            let (mut p, mut dp) = (xs.clone(), vec![1.0f32; xs.len()]);
+            // SAFETY: isa is supported.
+            unsafe { softmax_grad_row(isa, &mut p, &mut dp, 0.0, 0.0) };
+            for ((&x, &e), &g) in xs.iter().zip(&p).zip(&dp) {
+                assert_eq!(e, g, "{isa:?}: dp at {x}");
+                if x < -87.0 {
+                    assert_eq!(e, 0.0, "{isa:?}: exp({x})");
+                } else {
+                    let want = (x as f64).exp();
+                    assert!(((e as f64) - want).abs() <= 4e-7 * want, "{isa:?}: exp({x}) = {e}, libm {want}");
+                }
+            }
+        }
+    }
+
+    /// The dot product against the definition at both widths.
+    #[test]
+    fn dot_matches_the_definition() {
+        let Some(best) = Isa::best() else { return };
+        let isas: &[Isa] = if best == Isa::Avx512 {
+            &[Isa::Avx2, Isa::Avx512]
+        } else {
+            &[Isa::Avx2]
+        };
+        let a: Vec<f32> = (0..96).map(|i| (i as f32 * 0.37).sin()).collect();
+        let b: Vec<f32> = (0..96).map(|i| (i as f32 * 0.11).cos()).collect();
+        let want: f64 = a.iter().zip(&b).map(|(&x, &y)| x as f64 * y as f64).sum();
+        for &isa in isas {
+            // SAFETY: isa is supported; 96 is a multiple of both widths.
+            let got = unsafe { dot(isa, &a, &b) };
+            assert!((got as f64 - want).abs() <= 1e-5, "{isa:?}: {got} vs {want}");
         }
     }
 }

@@ -6,11 +6,12 @@
 //! order inside one task, so results do not depend on the thread count, nor a query row on the
 //! query range it is computed in.
 
-use super::cpu::{mask_row, tasks_per_round};
+use super::cpu::mask_row;
 use super::AttnShape;
 use crate::ops::par::*;
 use crate::ops::real::SyncPtr;
 use crate::ops::simd32::{self, Isa, Mm};
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// The products' vector widths for a head width: keys (padded to 16) at the widest, head
 /// columns at the widest that divides `head_dim`; `None` where this path does not apply.
@@ -29,30 +30,6 @@ pub(super) fn isas(head_dim: usize) -> Option<(Isa, Isa)> {
 /// Keys rounded up to 16 lanes: the row stride of the padded scratch.
 fn padded(n: usize) -> usize {
     n.div_ceil(16) * 16
-}
-
-/// `dst[p, j] = src[j, p]` for `j < n`, 0 up to `ld`: a head's `K` or `V` (row stride `rs`)
-/// as `[dh, ld]`.
-///
-/// # Safety
-/// `src` must address `n` rows of `dh` elements at stride `rs`.
-unsafe fn transpose_into(dst: &mut [f32], src: *const f32, rs: usize, n: usize, dh: usize, ld: usize) {
-    // In 16 x 16 blocks, so the block's source and destination lines stay in L1 (a whole
-    // column sweep touches `dh` destination rows of `ld` floats, more than L1 holds).
-    const BLK: usize = 16;
-    for j0 in (0..n).step_by(BLK) {
-        for p0 in (0..dh).step_by(BLK) {
-            for j in j0..(j0 + BLK).min(n) {
-                let row = src.add(j * rs);
-                for p in p0..(p0 + BLK).min(dh) {
-                    *dst.get_unchecked_mut(p * ld + j) = *row.add(p);
-                }
-            }
-        }
-    }
-    for row in dst.chunks_exact_mut(ld).take(dh) {
-        row[n..].fill(0.0);
-    }
 }
 
 /// Sets a row of scaled scores up for the vector softmax: the keys query `i` may not see,
@@ -105,22 +82,24 @@ fn mm(
     }
 }
 
-/// Runs `task(i, scratch)` for the `total` (image, head) tasks, in rounds of as many as keep
-/// every thread busy, each task with its own `per_task` floats of `scratch` (grown once).
-fn in_rounds(total: usize, per_task: usize, scratch: &mut Vec<f32>, task: impl Fn(usize, &mut [f32]) + Sync) {
-    let per = tasks_per_round(total);
-    if scratch.len() < per * per_task {
-        scratch.resize(per * per_task, 0.0);
+/// Runs `task(i, scratch)` for the `total` (image, head) tasks on one `per_task`-float slot of
+/// `scratch` (grown once) per thread: each slot's worker takes the next task until none is
+/// left, so a task's scratch is the one its core just used, still in its L2 (a slot per task
+/// cycled megabytes through memory). Every task overwrites what it reads of its slot, so its
+/// results do not depend on the slot or on which tasks ran there before.
+fn in_tasks(total: usize, per_task: usize, scratch: &mut Vec<f32>, task: impl Fn(usize, &mut [f32]) + Sync) {
+    let slots = current_num_threads().clamp(1, total.max(1));
+    if scratch.len() < slots * per_task {
+        scratch.resize(slots * per_task, 0.0);
     }
-    let mut first = 0;
-    while first < total {
-        let count = per.min(total - first);
-        scratch[..count * per_task]
-            .par_chunks_mut(per_task)
-            .enumerate()
-            .for_each(|(t, buf)| task(first + t, buf));
-        first += count;
-    }
+    let next = AtomicUsize::new(0);
+    scratch[..slots * per_task].par_chunks_mut(per_task).for_each(|buf| loop {
+        let t = next.fetch_add(1, Ordering::Relaxed);
+        if t >= total {
+            break;
+        }
+        task(t, buf);
+    });
 }
 
 /// Forward (see `cpu::forward`); `isas` from [`isas`].
@@ -130,14 +109,15 @@ pub(super) fn forward(qkv: &[f32], out: &mut [f32], lse: &mut [f32], sh: &AttnSh
     let d = sh.dim();
     let (keys_isa, cols_isa) = isas;
     let ld = padded(n);
-    let per_task = (dh + nq) * ld + n * dh;
+    let per_task = (dh + nq) * ld + (n + nq) * dh;
     let scale = 1.0 / (dh as f32).sqrt();
     let out_p = SyncPtr(out.as_mut_ptr());
     let lse_p = SyncPtr(lse.as_mut_ptr());
-    in_rounds(b * h, per_task, scratch, |task, buf| {
+    in_tasks(b * h, per_task, scratch, |task, buf| {
         let (bi, hi) = (task / h, task % h);
         let (kt, rest) = buf.split_at_mut(dh * ld);
-        let (vp, s) = rest.split_at_mut(n * dh);
+        let (vp, rest) = rest.split_at_mut(n * dh);
+        let (qp, s) = rest.split_at_mut(nq * dh);
         let base = qkv[bi * n * 3 * d + hi * dh..].as_ptr();
         // SAFETY: every index stays inside qkv/out/lse (the caller asserted their sizes);
         // each task writes only its own head's columns of `out`, its own `lse` row and its
@@ -146,9 +126,13 @@ pub(super) fn forward(qkv: &[f32], out: &mut [f32], lse: &mut [f32], sh: &AttnSh
             let q = base.add(q0 * 3 * d);
             let k = base.add(d);
             let v = base.add(2 * d);
-            transpose_into(kt, k, 3 * d, n, dh, ld);
+            simd32::transpose(kt, ld, k, 3 * d, n, dh);
             pack_rows(vp, v, 3 * d, n, dh);
-            simd32::matmul(keys_isa, &mm(nq, ld, dh, q, 3 * d, 1, kt.as_ptr(), ld, s.as_mut_ptr(), ld, scale));
+            pack_rows(qp, q, 3 * d, nq, dh);
+            simd32::matmul(
+                keys_isa,
+                &mm(nq, ld, dh, qp.as_ptr(), dh, 1, kt.as_ptr(), ld, s.as_mut_ptr(), ld, scale),
+            );
             let lse_row = std::slice::from_raw_parts_mut(lse_p.get().add(task * nq), nq);
             for (r, row) in s.chunks_exact_mut(ld).enumerate() {
                 mask_scores(row, q0 + r, n, sh);
@@ -181,7 +165,7 @@ pub(super) fn backward(
     let per_task = 2 * (dh + nq) * ld + (n + 2 * nq) * dh;
     let scale = 1.0 / (dh as f32).sqrt();
     let dqkv_p = SyncPtr(dqkv.as_mut_ptr());
-    in_rounds(b * h, per_task, scratch, |task, buf| {
+    in_tasks(b * h, per_task, scratch, |task, buf| {
         let (bi, hi) = (task / h, task % h);
         let (kt, rest) = buf.split_at_mut(dh * ld);
         let (vt, rest) = rest.split_at_mut(dh * ld);
@@ -200,21 +184,27 @@ pub(super) fn backward(
             let k = all.add(d);
             let v = all.add(2 * d);
             let go = dout[o_off..].as_ptr();
-            transpose_into(kt, k, 3 * d, n, dh, ld);
-            transpose_into(vt, v, 3 * d, n, dh, ld);
+            simd32::transpose(kt, ld, k, 3 * d, n, dh);
+            simd32::transpose(vt, ld, v, 3 * d, n, dh);
             pack_rows(kp, k, 3 * d, n, dh);
             pack_rows(qp, q, 3 * d, nq, dh);
             pack_rows(gp, go, d, nq, dh);
             // P = exp(scale Q K^T - lse), masked entries 0; dP = dO V^T.
-            simd32::matmul(keys_isa, &mm(nq, ld, dh, q, 3 * d, 1, kt.as_ptr(), ld, p.as_mut_ptr(), ld, scale));
-            simd32::matmul(keys_isa, &mm(nq, ld, dh, go, d, 1, vt.as_ptr(), ld, dp.as_mut_ptr(), ld, 1.0));
+            simd32::matmul(
+                keys_isa,
+                &mm(nq, ld, dh, qp.as_ptr(), dh, 1, kt.as_ptr(), ld, p.as_mut_ptr(), ld, scale),
+            );
+            simd32::matmul(
+                keys_isa,
+                &mm(nq, ld, dh, gp.as_ptr(), dh, 1, vt.as_ptr(), ld, dp.as_mut_ptr(), ld, 1.0),
+            );
             // P (masked and padded entries 0), then dS = P * (dP - rowsum(dO * O)) in
             // place of dP.
             for (r, (prow, dprow)) in p.chunks_exact_mut(ld).zip(dp.chunks_exact_mut(ld)).enumerate() {
                 mask_scores(prow, q0 + r, n, sh);
                 let orow = &out[o_off + r * d..o_off + r * d + dh];
                 let grow = &gp[r * dh..(r + 1) * dh];
-                let di: f32 = orow.iter().zip(grow).map(|(&a, &g)| a * g).sum();
+                let di = simd32::dot(cols_isa, orow, grow);
                 simd32::softmax_grad_row(keys_isa, prow, dprow, lse_row[r], di);
             }
             let dall = dqkv_p.get().add(base);
