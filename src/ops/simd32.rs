@@ -3,9 +3,9 @@
 //! dispatch cost as much as the arithmetic (a 227 x 227 x 64 product is 6.6 MFLOP, about 30 us
 //! on one core), and the softmax rows with a vector `exp`.
 //!
-//! `C[m, w] (+)= alpha * A[m, k] B[k, w]`: `B` row-major with any row stride, `w` a multiple of
-//! the vector width (callers pad), `A` read one element at a time (broadcast) by any row and
-//! column strides, so `A^T` costs nothing. A tile of `R` rows by `NV` vectors of `C` sits in
+//! `C[m, w] (+)= alpha * A[m, k] B[k, w]`: `B` row-major with any row stride, any `w` (a last
+//! vector narrower than the lanes is loaded and stored under a mask), `A` read one element at a
+//! time (broadcast) by any row and column strides, so `A^T` costs nothing. A tile of `R` rows by `NV` vectors of `C` sits in
 //! registers for the whole `k` loop; each element's sum runs over `p = 0..k` in order, so a row
 //! of `C` does not depend on the other rows or on how the work is split. AVX-512F (16 lanes,
 //! with the crate's `avx512` feature) or AVX2 + FMA (8 lanes), picked at run time.
@@ -50,7 +50,7 @@ impl Isa {
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Mm {
     pub m: usize,
-    /// Columns of `B` and `C`: a multiple of the lanes.
+    /// Columns of `B` and `C`.
     pub w: usize,
     pub k: usize,
     /// `A[i, p]` at `a + i * a_rs + p * a_cs`.
@@ -71,10 +71,9 @@ pub(crate) struct Mm {
 /// Runs the product at `isa`.
 ///
 /// # Safety
-/// `isa` must be supported by the CPU ([`Isa::best`] or narrower); `mm.w` a multiple of its
-/// lanes; every addressed element in bounds; `C` must not overlap `A` or `B`.
+/// `isa` must be supported by the CPU ([`Isa::best`] or narrower); every addressed element in
+/// bounds; `C` must not overlap `A` or `B`.
 pub(crate) unsafe fn matmul(isa: Isa, mm: &Mm) {
-    debug_assert_eq!(mm.w % isa.lanes(), 0);
     #[cfg(target_arch = "x86_64")]
     match isa {
         Isa::Avx2 => avx2(mm),
@@ -90,19 +89,28 @@ pub(crate) unsafe fn matmul(isa: Isa, mm: &Mm) {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn avx2(mm: &Mm) {
-    run::<Y, 6, 2>(mm)
+    run::<Y>(mm)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn avx512(mm: &Mm) {
-    run::<Z, 6, 4>(mm)
+    run::<Z>(mm)
 }
 
 /// A vector of f32 lanes.
 #[cfg(target_arch = "x86_64")]
 trait Vf: Copy {
     const L: usize;
+    /// Widest column panel, in vectors, and the tile rows for a panel of `vecs` vectors: the
+    /// accumulators, a panel's loads and a broadcast must fit the register file.
+    const NV: usize;
+    fn rows_for(vecs: usize) -> usize;
+    /// The first `lanes` lanes of a vector.
+    type Mask: Copy;
+    unsafe fn mask(lanes: usize) -> Self::Mask;
+    unsafe fn load_m(p: *const f32, m: Self::Mask) -> Self;
+    unsafe fn store_m(self, p: *mut f32, m: Self::Mask);
     unsafe fn zero() -> Self;
     unsafe fn splat(p: *const f32) -> Self;
     unsafe fn set1(x: f32) -> Self;
@@ -132,6 +140,26 @@ struct Y(__m256);
 #[cfg(target_arch = "x86_64")]
 impl Vf for Y {
     const L: usize = 8;
+    // 16 registers: 6 x 2 (12 accumulators, 2 loads, a broadcast). A 4 x 3 tile for a
+    // panel of 3 vectors (24 columns) measured slower than 6 x 2 then 6 x 1.
+    const NV: usize = 2;
+    fn rows_for(_vecs: usize) -> usize {
+        6
+    }
+    type Mask = __m256i;
+    #[inline(always)]
+    unsafe fn mask(lanes: usize) -> __m256i {
+        let idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+        _mm256_cmpgt_epi32(_mm256_set1_epi32(lanes as i32), idx)
+    }
+    #[inline(always)]
+    unsafe fn load_m(p: *const f32, m: __m256i) -> Self {
+        Y(_mm256_maskload_ps(p, m))
+    }
+    #[inline(always)]
+    unsafe fn store_m(self, p: *mut f32, m: __m256i) {
+        _mm256_maskstore_ps(p, m, self.0)
+    }
     #[inline(always)]
     unsafe fn zero() -> Self {
         Y(_mm256_setzero_ps())
@@ -201,6 +229,24 @@ struct Z(__m512);
 #[cfg(target_arch = "x86_64")]
 impl Vf for Z {
     const L: usize = 16;
+    // 32 registers: 6 x 4 (24 accumulators, 4 loads, a broadcast: 24 FMAs per 10 loads).
+    const NV: usize = 4;
+    fn rows_for(_vecs: usize) -> usize {
+        6
+    }
+    type Mask = __mmask16;
+    #[inline(always)]
+    unsafe fn mask(lanes: usize) -> __mmask16 {
+        ((1u32 << lanes) - 1) as __mmask16
+    }
+    #[inline(always)]
+    unsafe fn load_m(p: *const f32, m: __mmask16) -> Self {
+        Z(_mm512_maskz_loadu_ps(m, p))
+    }
+    #[inline(always)]
+    unsafe fn store_m(self, p: *mut f32, m: __mmask16) {
+        _mm512_mask_storeu_ps(p, m, self.0)
+    }
     #[inline(always)]
     unsafe fn zero() -> Self {
         Z(_mm512_setzero_ps())
@@ -256,10 +302,22 @@ impl Vf for Z {
     }
 }
 
-/// One `ROWS x VECS` tile at `C[i0.., j0..]`.
+/// Vector `v` of a tile's `VECS`: the last one under `tail` when `MASKED`.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-unsafe fn tile<V: Vf, const ROWS: usize, const VECS: usize>(mm: &Mm, i0: usize, j0: usize) {
+unsafe fn load<V: Vf, const VECS: usize, const MASKED: bool>(p: *const f32, v: usize, tail: V::Mask) -> V {
+    if MASKED && v == VECS - 1 {
+        V::load_m(p, tail)
+    } else {
+        V::load(p)
+    }
+}
+
+/// One `ROWS x VECS` tile at `C[i0.., j0..]`; with `MASKED` its last vector covers only the
+/// lanes in `tail` (the product's last columns), loaded and stored under that mask.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn tile<V: Vf, const ROWS: usize, const VECS: usize, const MASKED: bool>(mm: &Mm, i0: usize, j0: usize, tail: V::Mask) {
     let mut acc = [[V::zero(); VECS]; ROWS];
     let a0 = mm.a.add(i0 * mm.a_rs);
     let b0 = mm.b.add(j0);
@@ -267,7 +325,7 @@ unsafe fn tile<V: Vf, const ROWS: usize, const VECS: usize>(mm: &Mm, i0: usize, 
         let bp = b0.add(p * mm.ldb);
         let mut bv = [V::zero(); VECS];
         for (v, b) in bv.iter_mut().enumerate() {
-            *b = V::load(bp.add(v * V::L));
+            *b = load::<V, VECS, MASKED>(bp.add(v * V::L), v, tail);
         }
         let ap = a0.add(p * mm.a_cs);
         for (r, row) in acc.iter_mut().enumerate() {
@@ -283,43 +341,59 @@ unsafe fn tile<V: Vf, const ROWS: usize, const VECS: usize>(mm: &Mm, i0: usize, 
         for (v, c) in row.iter().enumerate() {
             let mut out = c.mul(alpha);
             if mm.accumulate {
-                out = out.add(V::load(cp.add(v * V::L)));
+                out = out.add(load::<V, VECS, MASKED>(cp.add(v * V::L), v, tail));
             }
-            out.store(cp.add(v * V::L));
+            if MASKED && v == VECS - 1 {
+                out.store_m(cp.add(v * V::L), tail);
+            } else {
+                out.store(cp.add(v * V::L));
+            }
         }
     }
 }
 
-/// Column panels of up to `NV` vectors outside, tiles of up to `R` rows inside, so a panel of
-/// `B` stays in L1 while every row tile streams past it. `R x NV` accumulators plus `NV` loads
-/// and a broadcast must fit the register file: 6 x 2 for AVX2's 16 registers, 6 x 4 for
-/// AVX-512's 32 (24 FMAs per 10 loads).
+/// Column panels of up to `V::NV` vectors outside, tiles of up to `V::rows_for` rows inside,
+/// so a panel of `B` stays in L1 while every row tile streams past it; a last vector narrower
+/// than the lanes goes masked.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-unsafe fn run<V: Vf, const R: usize, const NV: usize>(mm: &Mm) {
+unsafe fn run<V: Vf>(mm: &Mm) {
     macro_rules! rows {
-        ($vecs:literal, $i0:expr, $rows:expr, $j0:expr) => {
+        ($vecs:literal, $masked:literal, $i0:expr, $rows:expr, $j0:expr, $tail:expr) => {
             match $rows {
-                6 => tile::<V, 6, $vecs>(mm, $i0, $j0),
-                5 => tile::<V, 5, $vecs>(mm, $i0, $j0),
-                4 => tile::<V, 4, $vecs>(mm, $i0, $j0),
-                3 => tile::<V, 3, $vecs>(mm, $i0, $j0),
-                2 => tile::<V, 2, $vecs>(mm, $i0, $j0),
-                _ => tile::<V, 1, $vecs>(mm, $i0, $j0),
+                6 => tile::<V, 6, $vecs, $masked>(mm, $i0, $j0, $tail),
+                5 => tile::<V, 5, $vecs, $masked>(mm, $i0, $j0, $tail),
+                4 => tile::<V, 4, $vecs, $masked>(mm, $i0, $j0, $tail),
+                3 => tile::<V, 3, $vecs, $masked>(mm, $i0, $j0, $tail),
+                2 => tile::<V, 2, $vecs, $masked>(mm, $i0, $j0, $tail),
+                _ => tile::<V, 1, $vecs, $masked>(mm, $i0, $j0, $tail),
             }
         };
     }
+    macro_rules! panel {
+        ($masked:literal, $vecs:expr, $i0:expr, $rows:expr, $j0:expr, $tail:expr) => {
+            match $vecs {
+                4 => rows!(4, $masked, $i0, $rows, $j0, $tail),
+                3 => rows!(3, $masked, $i0, $rows, $j0, $tail),
+                2 => rows!(2, $masked, $i0, $rows, $j0, $tail),
+                _ => rows!(1, $masked, $i0, $rows, $j0, $tail),
+            }
+        };
+    }
+    let tail_lanes = mm.w % V::L;
+    let tail = V::mask(tail_lanes);
     let mut j0 = 0;
     while j0 < mm.w {
-        let vecs = ((mm.w - j0) / V::L).min(NV);
+        let vecs = (mm.w - j0).div_ceil(V::L).min(V::NV);
+        let masked = tail_lanes != 0 && j0 + vecs * V::L > mm.w;
+        let r_max = V::rows_for(vecs);
         let mut i0 = 0;
         while i0 < mm.m {
-            let rows = (mm.m - i0).min(R);
-            match vecs {
-                4 => rows!(4, i0, rows, j0),
-                3 => rows!(3, i0, rows, j0),
-                2 => rows!(2, i0, rows, j0),
-                _ => rows!(1, i0, rows, j0),
+            let rows = (mm.m - i0).min(r_max);
+            if masked {
+                panel!(true, vecs, i0, rows, j0, tail);
+            } else {
+                panel!(false, vecs, i0, rows, j0, tail);
             }
             i0 += rows;
         }
@@ -460,21 +534,27 @@ pub(crate) unsafe fn softmax_grad_row(isa: Isa, p: &mut [f32], dp: &mut [f32], l
     }
 }
 
-/// `a . b` at `isa` (equal lengths, a multiple of its lanes): one vector accumulator over the
-/// elements in order, then [`Vf::hsum`]'s fixed tree (a scalar loop would wait out one add's
-/// latency per element).
+/// `a . b` at `isa` (equal lengths): one vector accumulator over the elements in order (a
+/// last partial vector masked), then [`Vf::hsum`]'s fixed tree (a scalar loop would wait out
+/// one add's latency per element).
 ///
 /// # Safety
 /// `isa` must be supported by the CPU.
 pub(crate) unsafe fn dot(isa: Isa, a: &[f32], b: &[f32]) -> f32 {
-    debug_assert!(a.len() == b.len() && a.len().is_multiple_of(isa.lanes()));
+    assert_eq!(a.len(), b.len());
     #[cfg(target_arch = "x86_64")]
     {
         #[inline(always)]
         unsafe fn run<V: Vf>(a: &[f32], b: &[f32]) -> f32 {
+            let (pa, pb) = (a.as_ptr(), b.as_ptr());
+            let full = a.len() / V::L * V::L;
             let mut acc = V::zero();
-            for i in (0..a.len()).step_by(V::L) {
-                acc = acc.fma(V::load(a.as_ptr().add(i)), V::load(b.as_ptr().add(i)));
+            for i in (0..full).step_by(V::L) {
+                acc = acc.fma(V::load(pa.add(i)), V::load(pb.add(i)));
+            }
+            if full < a.len() {
+                let m = V::mask(a.len() - full);
+                acc = acc.fma(V::load_m(pa.add(full), m), V::load_m(pb.add(full), m));
             }
             acc.hsum()
         }
@@ -580,8 +660,18 @@ mod tests {
         let val = |i: usize, s: usize| ((i * 2_654_435_761 + s * 97) % 1000) as f32 / 500.0 - 1.0;
         for &isa in isas {
             let l = isa.lanes();
-            for (m, vecs, k) in [(1, 1, 1), (7, 3, 5), (13, 2, 64), (6, 4, 17), (29, 5, 3)] {
-                let w = vecs * l;
+            // Widths in whole vectors and with a masked last vector (a head width of 24).
+            for (m, w, k) in [
+                (1, l, 1),
+                (7, 3 * l, 5),
+                (13, 2 * l, 64),
+                (6, 4 * l, 17),
+                (29, 5 * l, 3),
+                (9, 24, 7),
+                (5, l + 3, 4),
+                (11, 3, 2),
+                (8, 5 * l - 5, 6),
+            ] {
                 for (transposed, accumulate) in [(false, false), (true, true)] {
                     let a: Vec<f32> = (0..m * k).map(|i| val(i, 1)).collect();
                     let ldb = w + 3;
@@ -683,7 +773,8 @@ mod tests {
         }
     }
 
-    /// The dot product against the definition at both widths.
+    /// The dot product against the definition at both widths, with and without a partial
+    /// last vector.
     #[test]
     fn dot_matches_the_definition() {
         let Some(best) = Isa::best() else { return };
@@ -692,13 +783,15 @@ mod tests {
         } else {
             &[Isa::Avx2]
         };
-        let a: Vec<f32> = (0..96).map(|i| (i as f32 * 0.37).sin()).collect();
-        let b: Vec<f32> = (0..96).map(|i| (i as f32 * 0.11).cos()).collect();
-        let want: f64 = a.iter().zip(&b).map(|(&x, &y)| x as f64 * y as f64).sum();
-        for &isa in isas {
-            // SAFETY: isa is supported; 96 is a multiple of both widths.
-            let got = unsafe { dot(isa, &a, &b) };
-            assert!((got as f64 - want).abs() <= 1e-5, "{isa:?}: {got} vs {want}");
+        for len in [0, 3, 8, 24, 96, 101] {
+            let a: Vec<f32> = (0..len).map(|i| (i as f32 * 0.37).sin()).collect();
+            let b: Vec<f32> = (0..len).map(|i| (i as f32 * 0.11).cos()).collect();
+            let want: f64 = a.iter().zip(&b).map(|(&x, &y)| x as f64 * y as f64).sum();
+            for &isa in isas {
+                // SAFETY: isa is supported.
+                let got = unsafe { dot(isa, &a, &b) };
+                assert!((got as f64 - want).abs() <= 1e-5, "{isa:?} length {len}: {got} vs {want}");
+            }
         }
     }
 }

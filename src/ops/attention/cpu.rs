@@ -27,11 +27,11 @@ fn as_f32_mut<T: Real>(x: &mut [T]) -> Option<&mut [f32]> {
 /// The f32 path's ISAs for this call, if it applies (f32, the `fast-cpu` feature, AVX2 or
 /// AVX-512, a head width that is a multiple of 8).
 #[cfg(feature = "fast-cpu")]
-fn f32_path<T: Real>(sh: &AttnShape) -> Option<(crate::ops::simd32::Isa, crate::ops::simd32::Isa)> {
+fn f32_path<T: Real>(sh: &AttnShape) -> Option<crate::ops::simd32::Isa> {
     if TypeId::of::<T>() != TypeId::of::<f32>() {
         return None;
     }
-    super::cpu_f32::isas(sh.head_dim)
+    super::cpu_f32::isa(sh.head_dim)
 }
 
 /// How many (image, head) tasks share the scratch at once: enough to keep every thread busy,
@@ -120,10 +120,10 @@ pub fn forward<T: Real>(qkv: &[T], out: &mut [T], lse: &mut [T], sh: &AttnShape,
         return;
     }
     #[cfg(feature = "fast-cpu")]
-    if let Some(isas) = f32_path::<T>(sh) {
+    if let Some(isa) = f32_path::<T>(sh) {
         let sc = (scratch as &mut dyn Any).downcast_mut::<Vec<f32>>().expect("T is f32");
         let (qkv, out, lse) = (as_f32(qkv).unwrap(), as_f32_mut(out).unwrap(), as_f32_mut(lse).unwrap());
-        return super::cpu_f32::forward(qkv, out, lse, sh, sc, isas);
+        return super::cpu_f32::forward(qkv, out, lse, sh, sc, isa);
     }
     let per = tasks_per_round(total);
     if scratch.len() < per * nq * n {
@@ -192,7 +192,7 @@ pub fn backward<T: Real>(qkv: &[T], out: &[T], lse: &[T], dout: &[T], dqkv: &mut
         return;
     }
     #[cfg(feature = "fast-cpu")]
-    if let Some(isas) = f32_path::<T>(sh) {
+    if let Some(isa) = f32_path::<T>(sh) {
         let sc = (scratch as &mut dyn Any).downcast_mut::<Vec<f32>>().expect("T is f32");
         let (qkv, out, lse, dout) = (
             as_f32(qkv).unwrap(),
@@ -200,7 +200,7 @@ pub fn backward<T: Real>(qkv: &[T], out: &[T], lse: &[T], dout: &[T], dqkv: &mut
             as_f32(lse).unwrap(),
             as_f32(dout).unwrap(),
         );
-        return super::cpu_f32::backward(qkv, out, lse, dout, as_f32_mut(dqkv).unwrap(), sh, sc, isas);
+        return super::cpu_f32::backward(qkv, out, lse, dout, as_f32_mut(dqkv).unwrap(), sh, sc, isa);
     }
     let per = tasks_per_round(total);
     if scratch.len() < 2 * per * nq * n {

@@ -13,18 +13,14 @@ use crate::ops::real::SyncPtr;
 use crate::ops::simd32::{self, Isa, Mm};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-/// The products' vector widths for a head width: keys (padded to 16) at the widest, head
-/// columns at the widest that divides `head_dim`; `None` where this path does not apply.
-pub(super) fn isas(head_dim: usize) -> Option<(Isa, Isa)> {
-    let best = Isa::best()?;
-    let cols = if head_dim.is_multiple_of(16) && best == Isa::Avx512 {
-        Isa::Avx512
-    } else if head_dim.is_multiple_of(8) {
-        Isa::Avx2
-    } else {
+/// The vector width of every product and row loop, where this path applies: the widest this
+/// CPU runs, for a head width that is a multiple of 8 (the transposes' blocks; a product's
+/// last vector narrower than the lanes goes masked).
+pub(super) fn isa(head_dim: usize) -> Option<Isa> {
+    if !head_dim.is_multiple_of(8) {
         return None;
-    };
-    Some((best, cols))
+    }
+    Isa::best()
 }
 
 /// Keys rounded up to 16 lanes: the row stride of the padded scratch.
@@ -102,12 +98,11 @@ fn in_tasks(total: usize, per_task: usize, scratch: &mut Vec<f32>, task: impl Fn
     });
 }
 
-/// Forward (see `cpu::forward`); `isas` from [`isas`].
-pub(super) fn forward(qkv: &[f32], out: &mut [f32], lse: &mut [f32], sh: &AttnShape, scratch: &mut Vec<f32>, isas: (Isa, Isa)) {
+/// Forward (see `cpu::forward`); `isa` from [`isa`].
+pub(super) fn forward(qkv: &[f32], out: &mut [f32], lse: &mut [f32], sh: &AttnShape, scratch: &mut Vec<f32>, isa: Isa) {
     let (b, n, h, dh) = (sh.batch, sh.tokens, sh.heads, sh.head_dim);
     let (q0, nq) = (sh.q_start, sh.q_len);
     let d = sh.dim();
-    let (keys_isa, cols_isa) = isas;
     let ld = padded(n);
     let per_task = (dh + nq) * ld + (n + nq) * dh;
     let scale = 1.0 / (dh as f32).sqrt();
@@ -121,7 +116,7 @@ pub(super) fn forward(qkv: &[f32], out: &mut [f32], lse: &mut [f32], sh: &AttnSh
         let base = qkv[bi * n * 3 * d + hi * dh..].as_ptr();
         // SAFETY: every index stays inside qkv/out/lse (the caller asserted their sizes);
         // each task writes only its own head's columns of `out`, its own `lse` row and its
-        // own scratch; the ISAs come from `isas` (supported, widths dividing the columns).
+        // own scratch; the ISA comes from `isa` (supported; the head width a multiple of 8).
         unsafe {
             let q = base.add(q0 * 3 * d);
             let k = base.add(d);
@@ -129,23 +124,20 @@ pub(super) fn forward(qkv: &[f32], out: &mut [f32], lse: &mut [f32], sh: &AttnSh
             simd32::transpose(kt, ld, k, 3 * d, n, dh);
             pack_rows(vp, v, 3 * d, n, dh);
             pack_rows(qp, q, 3 * d, nq, dh);
-            simd32::matmul(
-                keys_isa,
-                &mm(nq, ld, dh, qp.as_ptr(), dh, 1, kt.as_ptr(), ld, s.as_mut_ptr(), ld, scale),
-            );
+            simd32::matmul(isa, &mm(nq, ld, dh, qp.as_ptr(), dh, 1, kt.as_ptr(), ld, s.as_mut_ptr(), ld, scale));
             let lse_row = std::slice::from_raw_parts_mut(lse_p.get().add(task * nq), nq);
             for (r, row) in s.chunks_exact_mut(ld).enumerate() {
                 mask_scores(row, q0 + r, n, sh);
-                lse_row[r] = simd32::softmax_row(keys_isa, row);
+                lse_row[r] = simd32::softmax_row(isa, row);
             }
             let o = out_p.get().add(bi * nq * d + hi * dh);
-            simd32::matmul(cols_isa, &mm(nq, dh, n, s.as_ptr(), ld, 1, vp.as_ptr(), dh, o, d, 1.0));
+            simd32::matmul(isa, &mm(nq, dh, n, s.as_ptr(), ld, 1, vp.as_ptr(), dh, o, d, 1.0));
         }
     });
 }
 
 /// Backward (see `cpu::backward`) into `dqkv`, whose Q rows outside the query range the
-/// caller zeroed; `isas` from [`isas`].
+/// caller zeroed; `isa` from [`isa`].
 #[allow(clippy::too_many_arguments)]
 pub(super) fn backward(
     qkv: &[f32],
@@ -155,12 +147,11 @@ pub(super) fn backward(
     dqkv: &mut [f32],
     sh: &AttnShape,
     scratch: &mut Vec<f32>,
-    isas: (Isa, Isa),
+    isa: Isa,
 ) {
     let (b, n, h, dh) = (sh.batch, sh.tokens, sh.heads, sh.head_dim);
     let (q0, nq) = (sh.q_start, sh.q_len);
     let d = sh.dim();
-    let (keys_isa, cols_isa) = isas;
     let ld = padded(n);
     let per_task = 2 * (dh + nq) * ld + (n + 2 * nq) * dh;
     let scale = 1.0 / (dh as f32).sqrt();
@@ -190,31 +181,25 @@ pub(super) fn backward(
             pack_rows(qp, q, 3 * d, nq, dh);
             pack_rows(gp, go, d, nq, dh);
             // P = exp(scale Q K^T - lse), masked entries 0; dP = dO V^T.
-            simd32::matmul(
-                keys_isa,
-                &mm(nq, ld, dh, qp.as_ptr(), dh, 1, kt.as_ptr(), ld, p.as_mut_ptr(), ld, scale),
-            );
-            simd32::matmul(
-                keys_isa,
-                &mm(nq, ld, dh, gp.as_ptr(), dh, 1, vt.as_ptr(), ld, dp.as_mut_ptr(), ld, 1.0),
-            );
+            simd32::matmul(isa, &mm(nq, ld, dh, qp.as_ptr(), dh, 1, kt.as_ptr(), ld, p.as_mut_ptr(), ld, scale));
+            simd32::matmul(isa, &mm(nq, ld, dh, gp.as_ptr(), dh, 1, vt.as_ptr(), ld, dp.as_mut_ptr(), ld, 1.0));
             // P (masked and padded entries 0), then dS = P * (dP - rowsum(dO * O)) in
             // place of dP.
             for (r, (prow, dprow)) in p.chunks_exact_mut(ld).zip(dp.chunks_exact_mut(ld)).enumerate() {
                 mask_scores(prow, q0 + r, n, sh);
                 let orow = &out[o_off + r * d..o_off + r * d + dh];
                 let grow = &gp[r * dh..(r + 1) * dh];
-                let di = simd32::dot(cols_isa, orow, grow);
-                simd32::softmax_grad_row(keys_isa, prow, dprow, lse_row[r], di);
+                let di = simd32::dot(isa, orow, grow);
+                simd32::softmax_grad_row(isa, prow, dprow, lse_row[r], di);
             }
             let dall = dqkv_p.get().add(base);
             let dq = dall.add(q0 * 3 * d);
             let dk = dall.add(d);
             let dv = dall.add(2 * d);
             // dQ = scale dS K ; dK = scale dS^T Q ; dV = P^T dO
-            simd32::matmul(cols_isa, &mm(nq, dh, n, dp.as_ptr(), ld, 1, kp.as_ptr(), dh, dq, 3 * d, scale));
-            simd32::matmul(cols_isa, &mm(n, dh, nq, dp.as_ptr(), 1, ld, qp.as_ptr(), dh, dk, 3 * d, scale));
-            simd32::matmul(cols_isa, &mm(n, dh, nq, p.as_ptr(), 1, ld, gp.as_ptr(), dh, dv, 3 * d, 1.0));
+            simd32::matmul(isa, &mm(nq, dh, n, dp.as_ptr(), ld, 1, kp.as_ptr(), dh, dq, 3 * d, scale));
+            simd32::matmul(isa, &mm(n, dh, nq, dp.as_ptr(), 1, ld, qp.as_ptr(), dh, dk, 3 * d, scale));
+            simd32::matmul(isa, &mm(n, dh, nq, p.as_ptr(), 1, ld, gp.as_ptr(), dh, dv, 3 * d, 1.0));
         }
     });
 }
@@ -239,7 +224,7 @@ mod tests {
         if best == Isa::Avx512 {
             widths.push(Isa::Avx512);
         }
-        for &keys_isa in &widths {
+        for &isa in &widths {
             for (dh, n, prompts, range) in [
                 (8usize, 5usize, 0usize, None),
                 (16, 17, 3, None),
@@ -247,7 +232,6 @@ mod tests {
                 (64, 33, 5, Some((1, 5))),
                 (32, 40, 7, Some((9, 31))),
             ] {
-                let cols_isa = if dh.is_multiple_of(16) { keys_isa } else { Isa::Avx2 };
                 let full = AttnShape::full(2, n, 3, dh, 1, 1 + prompts);
                 let sh = range.map_or(full, |(q_start, q_len)| AttnShape { q_start, q_len, ..full });
                 let (d, nq) = (sh.dim(), sh.q_len);
@@ -271,8 +255,8 @@ mod tests {
                 {
                     row[..d].fill(0.0);
                 }
-                forward(&q32, &mut o32, &mut l32, &sh, &mut sc32, (keys_isa, cols_isa));
-                backward(&q32, &o32, &l32, &g32, &mut d32, &sh, &mut sc32, (keys_isa, cols_isa));
+                forward(&q32, &mut o32, &mut l32, &sh, &mut sc32, isa);
+                backward(&q32, &o32, &l32, &g32, &mut d32, &sh, &mut sc32, isa);
                 for (what, got, want) in [("out", &o32, &out), ("lse", &l32, &lse), ("dqkv", &d32, &dqkv)] {
                     let scale = want.iter().fold(1.0f64, |m, v| m.max(v.abs()));
                     let err = got
@@ -282,7 +266,7 @@ mod tests {
                         .fold(0.0f64, |m, e| if e.is_nan() || m.is_nan() { f64::NAN } else { m.max(e) });
                     assert!(
                         err <= 1e-5 * scale,
-                        "{keys_isa:?} dh {dh} N {n} P {prompts} {range:?}: {what} off by {err:e} (scale {scale})"
+                        "{isa:?} dh {dh} N {n} P {prompts} {range:?}: {what} off by {err:e} (scale {scale})"
                     );
                 }
             }
@@ -294,8 +278,8 @@ mod tests {
     #[test]
     fn a_query_row_is_the_same_in_any_range() {
         let Some(best) = Isa::best() else { return };
-        let (n, dh, p) = (41, 16, 6);
-        let cols = if best == Isa::Avx512 { Isa::Avx512 } else { Isa::Avx2 };
+        // A head width off the 16 lanes: the products' last vector masked on AVX-512.
+        let (n, dh, p) = (41, 24, 6);
         let full = AttnShape::full(2, n, 2, dh, 1, 1 + p);
         let part = AttnShape {
             q_start: 1,
@@ -306,9 +290,9 @@ mod tests {
         let qkv: Vec<f32> = values(2 * n * 3 * d, 3, 2.0).iter().map(|&x| x as f32).collect();
         let mut sc = Vec::new();
         let (mut o_full, mut l_full) = (vec![0.0f32; 2 * n * d], vec![0.0f32; 2 * 2 * n]);
-        forward(&qkv, &mut o_full, &mut l_full, &full, &mut sc, (best, cols));
+        forward(&qkv, &mut o_full, &mut l_full, &full, &mut sc, best);
         let (mut o_part, mut l_part) = (vec![0.0f32; 2 * p * d], vec![0.0f32; 2 * 2 * p]);
-        forward(&qkv, &mut o_part, &mut l_part, &part, &mut sc, (best, cols));
+        forward(&qkv, &mut o_part, &mut l_part, &part, &mut sc, best);
         for b in 0..2 {
             for i in 0..p {
                 let f = &o_full[(b * n + 1 + i) * d..(b * n + 2 + i) * d];
