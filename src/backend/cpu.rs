@@ -1,5 +1,11 @@
 //! The CPU reference backend: host vectors, the ops of `crate::ops::*::cpu`, generic over the
 //! float type (`CpuBackend<f32>` trains, `CpuBackend<f64>` runs the gradient checks).
+//!
+//! With the `fast-cpu` feature every op is a fork-join on rayon's global pool. A program that
+//! drives the backend from a thread outside the pool pays two thread wake-ups per op (the
+//! pool's, then its own); the `mlvpt` binary makes its main thread worker 0 of the pool instead
+//! (`rayon::ThreadPoolBuilder::new().use_current_thread().build_global()`, before any other
+//! rayon call), which an embedding program can do the same way.
 
 use super::{
     AdamWConfig, AdapterParams, AdapterShape, AslConfig, AttnShape, AugmentShape, Backend, BranchLogits, BranchParams, Crop, GateTables,
