@@ -24,8 +24,9 @@
 //!   ViT-B's attention at P = 30);
 //! - backward through the backbone: input gradients only (`dX = dY W`, one product per frozen
 //!   linear layer, the same multiply-adds as its forward; no weight gradients), all L blocks
-//!   (the prompts of block 0 need their gradient), none through the patch embedding (the images
-//!   need none). Attention backward is five products per allowed pair (scores recomputed from
+//!   (the prompts of block 0 need their gradient; block 0's QKV product only at its P prompt
+//!   rows, its other input rows being the frozen embeddings), none through the patch embedding
+//!   (the images need none). Attention backward is five products per allowed pair (scores recomputed from
 //!   the saved log-sum-exp, `dP = dO V^T`, `dV = P^T dO`, `dQ = dS K`, `dK = dS^T Q`), i.e.
 //!   2.5x its forward, FlashAttention's convention;
 //! - the head (trainable): forward, and backward with weight and input gradients (2x forward).
@@ -122,7 +123,9 @@ pub fn step_flops(cfg: &ModelConfig, branches: usize, batch: usize) -> StepFlops
     let inner = vit.depth.saturating_sub(1) as u64;
 
     let forward = patch_embed_macs(vit) + inner * block_forward_macs(vit, n, inner_pairs, rows) + block_forward_macs(vit, n, tail_pairs, p);
-    let backward = inner * block_backward_macs(vit, n, inner_pairs, rows) + block_backward_macs(vit, n, tail_pairs, p);
+    // Block 0's input gradient is needed at its prompt rows only (train::layers::InputGrad).
+    let block0_qkv_skipped = (n - p) * 3 * (vit.dim as u64).pow(2);
+    let backward = inner * block_backward_macs(vit, n, inner_pairs, rows) + block_backward_macs(vit, n, tail_pairs, p) - block0_qkv_skipped;
 
     let (d, k, e) = (vit.dim as u64, cfg.labels as u64, cfg.experts as u64);
     let head = match cfg.method {
@@ -185,8 +188,9 @@ mod tests {
         // Block 1 forward: QKV 336, scores 12x4 = 48, PV 48, proj 2x16 = 32, MLP 2 x 2x32 = 128: 592.
         let forward = 768 + 1016 + 592;
         // Backward: block 1: MLP 128 + proj 32 + attention 5 x 48 + QKV 336 = 736;
-        // block 0: 320 + 80 + 5 x 140 + 336 = 1436; nothing through the patch embedding.
-        let backward = 736 + 1436;
+        // block 0: 320 + 80 + 5 x 140 + QKV at its 2 prompt rows 2x4x12 = 96: 1196; nothing
+        // through the patch embedding.
+        let backward = 736 + 1196;
         // Head: adapters 2 tokens x (4x1 + 1x4) = 16; per branch 2 labels x 4 x (2x1 + 1) = 24, two
         // branches: 48. Total 64; backward twice that.
         let head = 16 + 48;
@@ -208,7 +212,8 @@ mod tests {
             ..tiny()
         };
         let forward = 768 + (8 * 48 + 2 * 40 * 4 + 5 * (16 + 64)) + (8 * 48 + 2 * 18 * 4 + 3 * (16 + 64));
-        let backward = (8 * 48 + 5 * 40 * 4 + 5 * 80) + (8 * 48 + 5 * 18 * 4 + 3 * 80);
+        // Block 0's QKV backward at its 3 prompt rows: 3 x 48.
+        let backward = (3 * 48 + 5 * 40 * 4 + 5 * 80) + (8 * 48 + 5 * 18 * 4 + 3 * 80);
         // Mean of 3 prompt rows (3 x 4) and the 2 x 4 classifier.
         let head = 12 + 8;
         let f = step_flops(&cfg, 2, 1);
@@ -220,7 +225,7 @@ mod tests {
             ..cfg
         };
         let forward = 768 + (8 * 48 + 2 * 58 * 4 + 8 * (16 + 64)) + (8 * 48 + 2 * 18 * 4 + 3 * (16 + 64));
-        let backward = (8 * 48 + 5 * 58 * 4 + 8 * 80) + (8 * 48 + 5 * 18 * 4 + 3 * 80);
+        let backward = (3 * 48 + 5 * 58 * 4 + 8 * 80) + (8 * 48 + 5 * 18 * 4 + 3 * 80);
         let f = step_flops(&shallow, 2, 1);
         assert_eq!((f.backbone_forward, f.backbone_backward), (2 * forward, 2 * backward));
     }

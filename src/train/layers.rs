@@ -76,6 +76,10 @@ impl BlockShape {
     }
     /// The query rows of `[B, N, D]` to `[B, Nq, D]` (`to_compact`) or back.
     pub fn query_rows(&self, q: Queries, to_compact: bool) -> TokenCopy {
+        self.rows_of_width(q, to_compact, self.dim)
+    }
+    /// [`Self::query_rows`] for rows of `dim` elements (the qkv rows: `3D`).
+    pub fn rows_of_width(&self, q: Queries, to_compact: bool, dim: usize) -> TokenCopy {
         let (start, count) = self.query_range(q);
         let (full, compact) = (
             TokenRange {
@@ -87,7 +91,7 @@ impl BlockShape {
         let (src, dst) = if to_compact { (full, compact) } else { (compact, full) };
         TokenCopy {
             batch: self.batch,
-            dim: self.dim,
+            dim,
             count,
             src,
             dst,
@@ -174,7 +178,20 @@ pub enum BlockGrad<'a, T> {
     Prompts { dzin: &'a mut T, dx: &'a mut T },
 }
 
-/// The input gradient of [`block_forward`] (the backbone is frozen: no weight gradients).
+/// Which rows of a block's input gradient the caller reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum InputGrad {
+    /// Every row (the previous block's output).
+    All,
+    /// The prompt rows only: block 0, whose other rows are the frozen patch and class
+    /// embeddings. Its qkv input product then runs on the `B x P` prompt rows alone; the other
+    /// rows of `dx` are left as if no gradient flowed through the block's attention branch.
+    Prompts,
+}
+
+/// The input gradient of [`block_forward`] (the backbone is frozen: no weight gradients), at
+/// the rows `need` names.
+#[allow(clippy::too_many_arguments)]
 pub fn block_backward<B: Backend>(
     be: &mut B,
     w: &BlockWeights<B::Buf>,
@@ -182,6 +199,7 @@ pub fn block_backward<B: Backend>(
     work: &mut Work<B::Buf>,
     x: &B::Buf,
     grad: BlockGrad<'_, B::Buf>,
+    need: InputGrad,
     sh: &BlockShape,
 ) {
     let Work {
@@ -224,7 +242,18 @@ pub fn block_backward<B: Backend>(
     };
     be.linear_backward_input(src, &w.proj.w, Grad::Write(dtmp2), &linear(r, d, d));
     be.attention_backward(&s.qkv, &s.att, &s.lse, dtmp2, dqkv, &sh.attention(q));
-    be.linear_backward_input(dqkv, &w.qkv.w, Grad::Write(dtmp2), &linear(all, d, 3 * d));
+    match need {
+        InputGrad::All => be.linear_backward_input(dqkv, &w.qkv.w, Grad::Write(dtmp2), &linear(all, d, 3 * d)),
+        InputGrad::Prompts => {
+            // The qkv product at the prompt rows (P of N per image), compacted and back; the
+            // other rows of LN1's input gradient are zero.
+            let pr = sh.rows(Queries::Prompts);
+            be.copy_tokens(dqkv, dhidden, &sh.rows_of_width(Queries::Prompts, true, 3 * d));
+            be.linear_backward_input(dhidden, &w.qkv.w, Grad::Write(dtmp), &linear(pr, d, 3 * d));
+            be.fill(dtmp2, all * d, 0.0);
+            be.copy_tokens(dtmp, dtmp2, &sh.query_rows(Queries::Prompts, false));
+        }
+    }
     let dx = match dx_full {
         None => dres,
         Some(dx) => {

@@ -5,7 +5,9 @@
 //! Activation buffers are allocated once for `max_batch` images in [`Trainer::new`]; a step
 //! with any batch `B <= max_batch` uses their prefixes.
 
-use super::layers::{block_backward, block_forward, head_backward, head_forward, linear, BlockGrad, BlockOut, FinalNorm, Queries};
+use super::layers::{
+    block_backward, block_forward, head_backward, head_forward, linear, BlockGrad, BlockOut, FinalNorm, InputGrad, Queries,
+};
 use super::tensors::{gate_tables, upload_new, Acts, Dims, Trainable, Weights};
 use crate::backend::{AslConfig, AugmentLayout, AugmentShape, Backend, BranchLogits, BufRole, Crop, GateTables, Grad};
 use crate::model::backbone::Backbone;
@@ -659,7 +661,9 @@ impl<B: Backend> Trainer<B> {
                     q: d.queries(),
                 }
             };
-            block_backward(be, &w.blocks[l], &a.layers[l], &mut a.work, &a.xs[l], grad, &block);
+            // Block 0's input gradient is read only at the prompts (prompt_grad below).
+            let need = if l == 0 { InputGrad::Prompts } else { InputGrad::All };
+            block_backward(be, &w.blocks[l], &a.layers[l], &mut a.work, &a.xs[l], grad, need, &block);
             if d.deep {
                 // Block l's input prompts are prompts[l]; the previous block's prompt outputs
                 // were discarded, so their gradient is cut.

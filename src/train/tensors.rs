@@ -277,7 +277,7 @@ pub struct Work<T> {
     /// The residual stream (forward) or its gradient (backward) at a block's query rows,
     /// compacted: `[B, Nq, D]`, up to `[B, N, D]`.
     pub xq: T,
-    /// Backward: `[B, N, D]`, `[B, N, D]`, `[B, N, Dm]`, `[B, N, 3D]`.
+    /// Backward: `[B, N, D]`, `[B, N, D]`, `[B, N, Dm]` (at least `[B, P, 3D]`), `[B, N, 3D]`.
     pub dtmp: T,
     pub dtmp2: T,
     pub dhidden: T,
@@ -432,7 +432,8 @@ impl<T> Acts<T> {
                 xq: be.alloc(nd),
                 dtmp: act(be, nd),
                 dtmp2: act(be, nd),
-                dhidden: act(be, rows * d.mlp),
+                // Also block 0's compacted qkv gradient at the prompts, `[B, P, 3D]`.
+                dhidden: act(be, (rows * d.mlp).max(3 * pd)),
                 dqkv: act(be, 3 * nd),
             },
             head,
