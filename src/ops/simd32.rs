@@ -5,10 +5,11 @@
 //!
 //! `C[m, w] (+)= alpha * A[m, k] B[k, w]`: `B` row-major with any row stride, any `w` (a last
 //! vector narrower than the lanes is loaded and stored under a mask), `A` read one element at a
-//! time (broadcast) by any row and column strides, so `A^T` costs nothing. A tile of `R` rows by `NV` vectors of `C` sits in
-//! registers for the whole `k` loop; each element's sum runs over `p = 0..k` in order, so a row
-//! of `C` does not depend on the other rows or on how the work is split. AVX-512F (16 lanes,
-//! with the crate's `avx512` feature) or AVX2 + FMA (8 lanes), picked at run time.
+//! time (broadcast) by any row and column strides, so `A^T` costs nothing. A tile of 6 rows by
+//! up to `NV` vectors of `C` sits in registers for the whole `k` loop; each element's sum runs
+//! over `p = 0..k` in order, so a row of `C` does not depend on the other rows or on how the
+//! work is split. AVX-512F (16 lanes, with the crate's `avx512` feature) or AVX2 + FMA (8
+//! lanes), picked at run time.
 
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
@@ -102,10 +103,9 @@ unsafe fn avx512(mm: &Mm) {
 #[cfg(target_arch = "x86_64")]
 trait Vf: Copy {
     const L: usize;
-    /// Widest column panel, in vectors, and the tile rows for a panel of `vecs` vectors: the
-    /// accumulators, a panel's loads and a broadcast must fit the register file.
+    /// Widest column panel, in vectors: its `TILE_ROWS x NV` accumulators, `NV` loads and a
+    /// broadcast must fit the register file.
     const NV: usize;
-    fn rows_for(vecs: usize) -> usize;
     /// The first `lanes` lanes of a vector.
     type Mask: Copy;
     unsafe fn mask(lanes: usize) -> Self::Mask;
@@ -143,9 +143,6 @@ impl Vf for Y {
     // 16 registers: 6 x 2 (12 accumulators, 2 loads, a broadcast). A 4 x 3 tile for a
     // panel of 3 vectors (24 columns) measured slower than 6 x 2 then 6 x 1.
     const NV: usize = 2;
-    fn rows_for(_vecs: usize) -> usize {
-        6
-    }
     type Mask = __m256i;
     #[inline(always)]
     unsafe fn mask(lanes: usize) -> __m256i {
@@ -231,9 +228,6 @@ impl Vf for Z {
     const L: usize = 16;
     // 32 registers: 6 x 4 (24 accumulators, 4 loads, a broadcast: 24 FMAs per 10 loads).
     const NV: usize = 4;
-    fn rows_for(_vecs: usize) -> usize {
-        6
-    }
     type Mask = __mmask16;
     #[inline(always)]
     unsafe fn mask(lanes: usize) -> __mmask16 {
@@ -297,8 +291,10 @@ impl Vf for Z {
     }
     #[inline(always)]
     unsafe fn hsum(self) -> f32 {
-        // A fixed tree of halvings.
-        _mm512_reduce_add_ps(self.0)
+        // Lanes (i, i + 8), then AVX2's tree: fixed, written out rather than left to the
+        // compiler's reduction.
+        let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(self.0)));
+        Y(_mm256_add_ps(_mm512_castps512_ps256(self.0), hi)).hsum()
     }
 }
 
@@ -352,7 +348,11 @@ unsafe fn tile<V: Vf, const ROWS: usize, const VECS: usize, const MASKED: bool>(
     }
 }
 
-/// Column panels of up to `V::NV` vectors outside, tiles of up to `V::rows_for` rows inside,
+/// Rows of a product's tile (see [`Vf::NV`]).
+#[cfg(target_arch = "x86_64")]
+const TILE_ROWS: usize = 6;
+
+/// Column panels of up to `V::NV` vectors outside, tiles of up to `TILE_ROWS` rows inside,
 /// so a panel of `B` stays in L1 while every row tile streams past it; a last vector narrower
 /// than the lanes goes masked.
 #[cfg(target_arch = "x86_64")]
@@ -386,10 +386,9 @@ unsafe fn run<V: Vf>(mm: &Mm) {
     while j0 < mm.w {
         let vecs = (mm.w - j0).div_ceil(V::L).min(V::NV);
         let masked = tail_lanes != 0 && j0 + vecs * V::L > mm.w;
-        let r_max = V::rows_for(vecs);
         let mut i0 = 0;
         while i0 < mm.m {
-            let rows = (mm.m - i0).min(r_max);
+            let rows = (mm.m - i0).min(TILE_ROWS);
             if masked {
                 panel!(true, vecs, i0, rows, j0, tail);
             } else {
