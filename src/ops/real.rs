@@ -87,6 +87,22 @@ pub fn exp_f32(x: f32) -> f32 {
     f32::from_bits((e * scale).to_bits() & keep)
 }
 
+/// `x` as an f32 slice when `T` is f32 (the f32 fast paths of the CPU ops).
+#[cfg(feature = "fast-cpu")]
+pub(crate) fn as_f32<T: Real>(x: &[T]) -> Option<&[f32]> {
+    use std::any::TypeId;
+    // SAFETY: T is f32 (same type, same layout).
+    (TypeId::of::<T>() == TypeId::of::<f32>()).then(|| unsafe { std::slice::from_raw_parts(x.as_ptr().cast(), x.len()) })
+}
+
+/// `x` as a mutable f32 slice when `T` is f32.
+#[cfg(feature = "fast-cpu")]
+pub(crate) fn as_f32_mut<T: Real>(x: &mut [T]) -> Option<&mut [f32]> {
+    use std::any::TypeId;
+    // SAFETY: T is f32 (same type, same layout).
+    (TypeId::of::<T>() == TypeId::of::<f32>()).then(|| unsafe { std::slice::from_raw_parts_mut(x.as_mut_ptr().cast(), x.len()) })
+}
+
 /// `x` as `T` (every f64 is representable, possibly rounded).
 #[inline]
 pub fn cast<T: Real>(x: f64) -> T {

@@ -122,6 +122,8 @@ trait Vf: Copy {
     unsafe fn add(self, b: Self) -> Self;
     unsafe fn sub(self, b: Self) -> Self;
     unsafe fn max(self, b: Self) -> Self;
+    unsafe fn min(self, b: Self) -> Self;
+    unsafe fn div(self, b: Self) -> Self;
     /// `self * 2^n` where `x >= lim`, 0 elsewhere: `n` an integer in -127..=128, also held
     /// as `t = 1.5 * 2^23 + n` in `t`'s low mantissa bits (AVX2 builds `2^n` from those bits;
     /// AVX-512 scales by `n` in one instruction, with the mask folded in).
@@ -196,6 +198,14 @@ impl Vf for Y {
     #[inline(always)]
     unsafe fn max(self, b: Self) -> Self {
         Y(_mm256_max_ps(self.0, b.0))
+    }
+    #[inline(always)]
+    unsafe fn min(self, b: Self) -> Self {
+        Y(_mm256_min_ps(self.0, b.0))
+    }
+    #[inline(always)]
+    unsafe fn div(self, b: Self) -> Self {
+        Y(_mm256_div_ps(self.0, b.0))
     }
     #[inline(always)]
     unsafe fn scale2_where(self, _n: Self, t: Self, x: Self, lim: Self) -> Self {
@@ -280,6 +290,14 @@ impl Vf for Z {
     #[inline(always)]
     unsafe fn max(self, b: Self) -> Self {
         Z(_mm512_max_ps(self.0, b.0))
+    }
+    #[inline(always)]
+    unsafe fn min(self, b: Self) -> Self {
+        Z(_mm512_min_ps(self.0, b.0))
+    }
+    #[inline(always)]
+    unsafe fn div(self, b: Self) -> Self {
+        Z(_mm512_div_ps(self.0, b.0))
     }
     #[inline(always)]
     unsafe fn scale2_where(self, n: Self, _t: Self, x: Self, lim: Self) -> Self {
@@ -423,6 +441,87 @@ unsafe fn exp<V: Vf>(x: V) -> V {
     p = V::set1(0.5).fma(p, r);
     let e = r.add(V::set1(1.0)).fma(p, r.mul(r));
     e.scale2_where(n, t, x, lo)
+}
+
+/// `erf` per lane: `ops::real::erf_f32`'s rational approximation (clamped to [-4, 4]) with
+/// fused multiply-adds, so a few ulp apart from it.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn erf<V: Vf>(x: V) -> V {
+    let x = x.max(V::set1(-4.0)).min(V::set1(4.0));
+    let x2 = x.mul(x);
+    let mut p = V::set1(2.770_681_4e-8).fma(V::set1(-2.726_142_3e-10), x2);
+    for c in [-2.101_024e-6, -5.692_506_5e-5, -7.349_906_3e-4, -2.954_600_1e-3, -1.609_603_3e-2] {
+        p = V::set1(c).fma(p, x2);
+    }
+    let mut q = V::set1(-2.133_740_6e-4).fma(V::set1(-1.456_607_2e-5), x2);
+    for c in [-1.682_827e-3, -7.373_329e-3, -1.426_474e-2] {
+        q = V::set1(c).fma(q, x2);
+    }
+    p.mul(x).div(q)
+}
+
+/// `y = gelu(x)` (`grad` false) or `y *= gelu'(x)` (`grad` true) over equal lengths, the
+/// exact GELU of `ops::gelu` (`0.5 x (1 + erf(x / sqrt 2))`, derivative `Phi(x) + x phi(x)`);
+/// a last partial vector masked.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn gelu<V: Vf>(x: &[f32], y: &mut [f32], grad: bool) {
+    let (px, py) = (x.as_ptr(), y.as_mut_ptr());
+    let full = x.len() / V::L * V::L;
+    for i in (0..full).step_by(V::L) {
+        let g = gelu_vec(V::load(px.add(i)), grad);
+        if grad { V::load(py.add(i)).mul(g) } else { g }.store(py.add(i));
+    }
+    if full < x.len() {
+        let m = V::mask(x.len() - full);
+        let g = gelu_vec(V::load_m(px.add(full), m), grad);
+        if grad { V::load_m(py.add(full), m).mul(g) } else { g }.store_m(py.add(full), m);
+    }
+}
+
+/// `gelu(x)`, or `gelu'(x)` with `grad`, per lane.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn gelu_vec<V: Vf>(x: V, grad: bool) -> V {
+    let half = V::set1(0.5);
+    let e = erf(x.mul(V::set1(std::f32::consts::FRAC_1_SQRT_2)));
+    if grad {
+        let pdf = exp(x.mul(x).mul(V::set1(-0.5))).mul(V::set1(0.398_942_3));
+        half.fma(half, e).fma(x, pdf)
+    } else {
+        let h = x.mul(half);
+        h.fma(h, e)
+    }
+}
+
+/// `y = gelu(x)`, or with `grad` `y *= gelu'(x)` (a gradient through GELU), at `isa`; equal
+/// lengths.
+///
+/// # Safety
+/// `isa` must be supported by the CPU.
+pub(crate) unsafe fn gelu_map(isa: Isa, x: &[f32], y: &mut [f32], grad: bool) {
+    assert_eq!(x.len(), y.len());
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn y8(x: &[f32], y: &mut [f32], grad: bool) {
+            gelu::<Y>(x, y, grad)
+        }
+        #[target_feature(enable = "avx512f")]
+        unsafe fn z16(x: &[f32], y: &mut [f32], grad: bool) {
+            gelu::<Z>(x, y, grad)
+        }
+        match isa {
+            Isa::Avx2 => y8(x, y, grad),
+            Isa::Avx512 => z16(x, y, grad),
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (x, y, grad);
+        unreachable!("simd32: no SIMD on this architecture");
+    }
 }
 
 /// Softmax of a row in place, `row.len()` a multiple of the lanes (pad with `-inf`); returns
@@ -768,6 +867,51 @@ mod tests {
                     let want = (x as f64).exp();
                     assert!(((e as f64) - want).abs() <= 4e-7 * want, "{isa:?}: exp({x}) = {e}, libm {want}");
                 }
+            }
+        }
+    }
+
+    /// GELU and its derivative on every width against the f64 definition (`ops::gelu`), at
+    /// lengths off the lanes (a masked last vector, which must leave the elements past it
+    /// alone), over the clamp of `erf` and past it.
+    #[test]
+    fn gelu_matches_the_f64_definition() {
+        use crate::ops::gelu::cpu::{gelu, gelu_grad};
+        let Some(best) = Isa::best() else { return };
+        let isas: &[Isa] = if best == Isa::Avx512 {
+            &[Isa::Avx2, Isa::Avx512]
+        } else {
+            &[Isa::Avx2]
+        };
+        for &isa in isas {
+            for len in [1usize, 7, 16, 37, 1000] {
+                let xs: Vec<f32> = (0..len).map(|i| ((i * 7919) % 1201) as f32 / 100.0 - 6.0).collect();
+                let d0: Vec<f32> = (0..len + 3).map(|i| 1.0 - (i % 5) as f32 * 0.3).collect();
+                let mut y = vec![f32::NAN; len + 3];
+                let mut d = d0.clone();
+                // SAFETY: isa is supported.
+                unsafe {
+                    gelu_map(isa, &xs, &mut y[..len], false);
+                    gelu_map(isa, &xs, &mut d[..len], true);
+                }
+                for (i, &x) in xs.iter().enumerate() {
+                    let (x64, d64) = (x as f64, d0[i] as f64);
+                    let (want_y, want_d) = (gelu(x64), d64 * gelu_grad(x64));
+                    let tol = |w: f64| 1e-6 * (1.0 + w.abs());
+                    assert!(
+                        ((y[i] as f64) - want_y).abs() <= tol(want_y),
+                        "{isa:?} len {len}: gelu({x}) = {}, want {want_y}",
+                        y[i]
+                    );
+                    assert!(
+                        ((d[i] as f64) - want_d).abs() <= tol(want_d),
+                        "{isa:?} len {len}: {} gelu'({x}) = {}, want {want_d}",
+                        d0[i],
+                        d[i]
+                    );
+                }
+                assert!(y[len..].iter().all(|v| v.is_nan()), "{isa:?} len {len}: wrote past the end");
+                assert_eq!(d[len..], d0[len..], "{isa:?} len {len}: wrote past the end");
             }
         }
     }

@@ -6,23 +6,11 @@
 use super::AttnShape;
 use crate::ops::linear::cpu::matmul;
 use crate::ops::par::*;
+#[cfg(feature = "fast-cpu")]
+use crate::ops::real::{as_f32, as_f32_mut};
 use crate::ops::real::{cast, simd, Real, SyncPtr};
 #[cfg(feature = "fast-cpu")]
 use std::any::{Any, TypeId};
-
-/// `x` as f32 slices when `T` is f32.
-#[cfg(feature = "fast-cpu")]
-fn as_f32<T: Real>(x: &[T]) -> Option<&[f32]> {
-    // SAFETY: T is f32 (same type, same layout).
-    (TypeId::of::<T>() == TypeId::of::<f32>()).then(|| unsafe { std::slice::from_raw_parts(x.as_ptr().cast(), x.len()) })
-}
-
-/// `x` as a mutable f32 slice when `T` is f32.
-#[cfg(feature = "fast-cpu")]
-fn as_f32_mut<T: Real>(x: &mut [T]) -> Option<&mut [f32]> {
-    // SAFETY: T is f32 (same type, same layout).
-    (TypeId::of::<T>() == TypeId::of::<f32>()).then(|| unsafe { std::slice::from_raw_parts_mut(x.as_mut_ptr().cast(), x.len()) })
-}
 
 /// The f32 path's ISAs for this call, if it applies (f32, the `fast-cpu` feature, AVX2 or
 /// AVX-512, a head width that is a multiple of 8).

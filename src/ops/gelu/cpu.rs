@@ -1,7 +1,13 @@
-//! CPU reference of the exact GELU, elementwise in parallel chunks.
+//! CPU reference of the exact GELU, elementwise in parallel chunks. In f32 on AVX2 or AVX-512
+//! the chunks run `ops::simd32::gelu_map` (the same function with fused multiply-adds: a few
+//! ulp apart).
 
 use crate::ops::par::*;
+#[cfg(feature = "fast-cpu")]
+use crate::ops::real::{as_f32, as_f32_mut};
 use crate::ops::real::{cast, simd, Real};
+#[cfg(feature = "fast-cpu")]
+use crate::ops::simd32::{self, Isa};
 
 const CHUNK: usize = 4096;
 
@@ -48,6 +54,9 @@ pub fn gelu_grad<T: Real>(x: T) -> T {
 /// `y[i] = gelu(x[i])` for the first `len` elements.
 pub fn forward<T: Real>(x: &[T], y: &mut [T], len: usize) {
     assert!(x.len() >= len && y.len() >= len);
+    if f32_map(x, y, len, false) {
+        return;
+    }
     let c = Consts::<T>::new();
     y[..len].par_chunks_mut(CHUNK).zip(x[..len].par_chunks(CHUNK)).for_each(|(yc, xc)| {
         simd(
@@ -64,6 +73,9 @@ pub fn forward<T: Real>(x: &[T], y: &mut [T], len: usize) {
 /// In place: `d[i] *= gelu'(x[i])` (turns dL/dgelu into dL/dx).
 pub fn backward<T: Real>(x: &[T], d: &mut [T], len: usize) {
     assert!(x.len() >= len && d.len() >= len);
+    if f32_map(x, d, len, true) {
+        return;
+    }
     let c = Consts::<T>::new();
     d[..len].par_chunks_mut(CHUNK).zip(x[..len].par_chunks(CHUNK)).for_each(|(dc, xc)| {
         simd(
@@ -75,4 +87,19 @@ pub fn backward<T: Real>(x: &[T], d: &mut [T], len: usize) {
             },
         )
     });
+}
+
+/// The f32 vector path of [`forward`] (`grad` false) and [`backward`] (`grad` true), where it
+/// applies (f32 on AVX2 or AVX-512): true when it ran.
+fn f32_map<T: Real>(x: &[T], y: &mut [T], len: usize, grad: bool) -> bool {
+    #[cfg(feature = "fast-cpu")]
+    if let (Some(x), Some(y), Some(isa)) = (as_f32(&x[..len]), as_f32_mut(&mut y[..len]), Isa::best()) {
+        y.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(|(yc, xc)| {
+            // SAFETY: `Isa::best` is supported by this CPU.
+            unsafe { simd32::gelu_map(isa, xc, yc, grad) }
+        });
+        return true;
+    }
+    let _ = (x, y, len, grad);
+    false
 }
