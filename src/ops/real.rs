@@ -103,6 +103,38 @@ pub(crate) fn as_f32_mut<T: Real>(x: &mut [T]) -> Option<&mut [f32]> {
     (TypeId::of::<T>() == TypeId::of::<f32>()).then(|| unsafe { std::slice::from_raw_parts_mut(x.as_mut_ptr().cast(), x.len()) })
 }
 
+/// `K` sums over `j` of `f([rows[0][j], rows[1][j], ..])[k]` (the rows of equal length), in a
+/// fixed order that vectorizes: eight running sums per `k` (element `j` into sum `j mod 8`),
+/// then a fixed tree (`s + s[4..]`, `+ s[2..]`, `+ s[1]`). One running sum in `j` order is a
+/// chain of dependent adds the compiler may not reorder (no fast-math); this order is as
+/// fixed, so results still do not depend on the threads.
+#[inline(always)]
+pub(crate) fn lane_sums<T: Real, const M: usize, const K: usize>(rows: [&[T]; M], f: impl Fn([T; M]) -> [T; K]) -> [T; K] {
+    let n = rows.first().map_or(0, |r| r.len());
+    // Equal lengths, checked once: the loops below then index without bounds checks.
+    assert!(rows.iter().all(|r| r.len() == n));
+    let mut acc = [[T::zero(); 8]; K];
+    let full = n / 8 * 8;
+    for j in (0..full).step_by(8) {
+        for l in 0..8 {
+            let v = f(std::array::from_fn(|m| rows[m][j + l]));
+            for k in 0..K {
+                acc[k][l] = acc[k][l] + v[k];
+            }
+        }
+    }
+    for j in full..n {
+        let v = f(std::array::from_fn(|m| rows[m][j]));
+        for k in 0..K {
+            acc[k][j - full] = acc[k][j - full] + v[k];
+        }
+    }
+    acc.map(|a| {
+        let b: [T; 4] = std::array::from_fn(|l| a[l] + a[l + 4]);
+        (b[0] + b[2]) + (b[1] + b[3])
+    })
+}
+
 /// `x` as `T` (every f64 is representable, possibly rounded).
 #[inline]
 pub fn cast<T: Real>(x: f64) -> T {

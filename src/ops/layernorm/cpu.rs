@@ -2,7 +2,7 @@
 
 use super::{LayerNormShape, Norm, NormStats};
 use crate::ops::par::*;
-use crate::ops::real::{cast, simd, Real};
+use crate::ops::real::{cast, lane_sums, simd, Real};
 use crate::ops::Grad;
 
 /// Rows per rayon task.
@@ -15,6 +15,7 @@ pub fn forward<T: Real>(x: &[T], norm: Norm<&[T]>, y: &mut [T], stats: NormStats
     assert!(x.len() >= rows * d && y.len() >= rows * d && mean.len() >= rows && rstd.len() >= rows);
     assert!(gamma.len() >= d && beta.len() >= d && d > 0);
     let eps: T = cast(eps);
+    let (gamma, beta) = (&gamma[..d], &beta[..d]);
     let inv_d: T = cast(1.0 / d as f64);
     y[..rows * d]
         .par_chunks_mut(d * ROWS_PER_TASK)
@@ -28,8 +29,8 @@ pub fn forward<T: Real>(x: &[T], norm: Norm<&[T]>, y: &mut [T], stats: NormStats
                     let r0 = task * ROWS_PER_TASK;
                     for (i, yr) in yc.chunks_exact_mut(d).enumerate() {
                         let xr = &x[(r0 + i) * d..(r0 + i + 1) * d];
-                        let mu = xr.iter().copied().sum::<T>() * inv_d;
-                        let var = xr.iter().map(|&v| (v - mu) * (v - mu)).sum::<T>() * inv_d;
+                        let [mu] = lane_sums([xr], |[v]| [v]).map(|s| s * inv_d);
+                        let [var] = lane_sums([xr], |[v]| [(v - mu) * (v - mu)]).map(|s| s * inv_d);
                         let rs = T::one() / (var + eps).sqrt();
                         for j in 0..d {
                             yr[j] = (xr[j] - mu) * rs * gamma[j] + beta[j];
@@ -50,6 +51,7 @@ pub fn backward<T: Real>(dy: &[T], x: &[T], gamma: &[T], stats: NormStats<&[T]>,
     assert!(dy.len() >= rows * d && x.len() >= rows * d && dx.len() >= rows * d);
     assert!(mean.len() >= rows && rstd.len() >= rows && gamma.len() >= d);
     let inv_d: T = cast(1.0 / d as f64);
+    let gamma = &gamma[..d];
     dx[..rows * d]
         .par_chunks_mut(d * ROWS_PER_TASK)
         .enumerate()
@@ -63,15 +65,11 @@ pub fn backward<T: Real>(dy: &[T], x: &[T], gamma: &[T], stats: NormStats<&[T]>,
                         let (mu, rs) = (mean[r], rstd[r]);
                         let xr = &x[r * d..(r + 1) * d];
                         let dyr = &dy[r * d..(r + 1) * d];
-                        let mut sum_g = T::zero();
-                        let mut sum_gx = T::zero();
-                        for j in 0..d {
-                            let g = dyr[j] * gamma[j];
-                            sum_g = sum_g + g;
-                            sum_gx = sum_gx + g * (xr[j] - mu) * rs;
-                        }
-                        let mg = sum_g * inv_d;
-                        let mgx = sum_gx * inv_d;
+                        let [mg, mgx] = lane_sums([dyr, gamma, xr], |[dy, ga, v]| {
+                            let g = dy * ga;
+                            [g, g * (v - mu)]
+                        });
+                        let (mg, mgx) = (mg * inv_d, mgx * rs * inv_d);
                         for j in 0..d {
                             let xhat = (xr[j] - mu) * rs;
                             let v = rs * (dyr[j] * gamma[j] - mg - xhat * mgx);
