@@ -7,7 +7,7 @@ use mlvpt::ops::attention::{cpu as attn, AttnShape};
 use mlvpt::ops::augment::{self, AugmentShape, Layout};
 use mlvpt::ops::layernorm::{LayerNormShape, Norm, NormStats};
 use mlvpt::ops::linear::LinearShape;
-use mlvpt::ops::{gelu, layernorm, linear, Grad};
+use mlvpt::ops::{gelu, layernorm, linear, Grad, Rows};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::time::Duration;
@@ -111,12 +111,26 @@ fn bench(c: &mut Criterion) {
         let d0 = rv(&mut rng, n);
         let (mut y, mut d) = (vec![0.0f32; n], d0.clone());
         g.throughput(Throughput::Bytes((n * 4) as u64));
-        g.bench_function("gelu fwd demo 64x77x384", |bch| bch.iter(|| gelu::cpu::forward(&x, &mut y, n)));
+        let sh = Rows { rows: 64 * 77, dim: 384 };
+        g.bench_function("gelu fwd demo 64x77x384", |bch| {
+            bch.iter(|| gelu::cpu::forward(&x, None, &mut y, sh))
+        });
         g.bench_function("gelu bwd demo 64x77x384", |bch| {
             bch.iter(|| {
                 // fresh gradient each time (repeated in-place products would decay to denormals)
                 d.copy_from_slice(&d0);
-                gelu::cpu::backward(&x, &mut d, n)
+                gelu::cpu::backward(&x, None, &mut d, sh)
+            })
+        });
+        // As the model runs it: fc1's bias added inside (forward and backward).
+        let b = rv(&mut rng, 384);
+        g.bench_function("gelu+bias fwd demo 64x77x384", |bch| {
+            bch.iter(|| gelu::cpu::forward(&x, Some(&b), &mut y, sh))
+        });
+        g.bench_function("gelu+bias bwd demo 64x77x384", |bch| {
+            bch.iter(|| {
+                d.copy_from_slice(&d0);
+                gelu::cpu::backward(&x, Some(&b), &mut d, sh)
             })
         });
     }

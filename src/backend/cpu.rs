@@ -142,11 +142,11 @@ impl<T: Real> Backend for CpuBackend<T> {
     ) {
         layernorm::cpu::backward(dy, x, norm.gamma, stats.map(|v| v.as_slice()), dx.map(|v| v.as_mut_slice()), sh);
     }
-    fn gelu_forward(&mut self, x: &Vec<T>, y: &mut Vec<T>, len: usize) {
-        gelu::cpu::forward(x, y, len);
+    fn gelu_forward(&mut self, x: &Vec<T>, bias: Option<&Vec<T>>, y: &mut Vec<T>, shape: Rows) {
+        gelu::cpu::forward(x, bias.map(|b| &b[..]), y, shape);
     }
-    fn gelu_backward(&mut self, x: &Vec<T>, d: &mut Vec<T>, len: usize) {
-        gelu::cpu::backward(x, d, len);
+    fn gelu_backward(&mut self, x: &Vec<T>, bias: Option<&Vec<T>>, d: &mut Vec<T>, shape: Rows) {
+        gelu::cpu::backward(x, bias.map(|b| &b[..]), d, shape);
     }
     fn attention_forward(&mut self, qkv: &Vec<T>, out: &mut Vec<T>, lse: &mut Vec<T>, shape: &AttnShape) {
         attention::cpu::forward(qkv, out, lse, shape, &mut self.scratch);

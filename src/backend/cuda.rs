@@ -968,21 +968,25 @@ impl Backend for CudaBackend {
             })
         });
     }
-    fn gelu_forward(&mut self, x: &DevBuf, y: &mut DevBuf, len: usize) {
+    fn gelu_forward(&mut self, x: &DevBuf, bias: Option<&DevBuf>, y: &mut DevBuf, sh: Rows) {
         self.run(|be| {
-            let (g, [s0, s1, ..]) = (&be.gpu, &mut be.scratch);
+            let (g, [s0, s1, s2, ..]) = (&be.gpu, &mut be.scratch);
+            let len = sh.rows * sh.dim;
             let xb = input::<bf16>(g, x, s0, len)?;
+            let b = bias.map(|b| input::<f32>(g, b, s2, sh.dim)).transpose()?;
             let o = output::<bf16>(g, y, s1, len, Mode::Write)?;
-            gelu::cuda::forward(g, g.stream(), xb, None, &mut *o.buf, Rows { rows: 1, dim: len })?;
+            gelu::cuda::forward(g, g.stream(), xb, b.map(|b| b as &dyn DevicePtr<f32>), &mut *o.buf, sh)?;
             o.done(g)
         });
     }
-    fn gelu_backward(&mut self, x: &DevBuf, d: &mut DevBuf, len: usize) {
+    fn gelu_backward(&mut self, x: &DevBuf, bias: Option<&DevBuf>, d: &mut DevBuf, sh: Rows) {
         self.run(|be| {
-            let (g, [s0, s1, ..]) = (&be.gpu, &mut be.scratch);
+            let (g, [s0, s1, s2, ..]) = (&be.gpu, &mut be.scratch);
+            let len = sh.rows * sh.dim;
             let xb = input::<bf16>(g, x, s0, len)?;
+            let b = bias.map(|b| input::<f32>(g, b, s2, sh.dim)).transpose()?;
             let o = output::<bf16>(g, d, s1, len, Mode::Update)?;
-            gelu::cuda::backward_in_place(g, g.stream(), xb, None, &mut *o.buf, Rows { rows: 1, dim: len })?;
+            gelu::cuda::backward_in_place(g, g.stream(), xb, b.map(|b| b as &dyn DevicePtr<f32>), &mut *o.buf, sh)?;
             o.done(g)
         });
     }

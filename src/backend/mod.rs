@@ -185,10 +185,12 @@ pub trait Backend {
         dx: Grad<&mut Self::Buf>,
         shape: &LayerNormShape,
     );
-    /// `y[..len] = gelu(x[..len])` (exact erf GELU).
-    fn gelu_forward(&mut self, x: &Self::Buf, y: &mut Self::Buf, len: usize);
-    /// In place `d[..len] *= gelu'(x[..len])`.
-    fn gelu_backward(&mut self, x: &Self::Buf, d: &mut Self::Buf, len: usize);
+    /// `y = gelu(x + b)` over `[rows, dim]` (exact erf GELU; `b [dim]` broadcast over the
+    /// rows, or none): a linear layer's bias applied where its output is read, so the product
+    /// writes its output without a bias pass before it.
+    fn gelu_forward(&mut self, x: &Self::Buf, bias: Option<&Self::Buf>, y: &mut Self::Buf, shape: Rows);
+    /// In place `d *= gelu'(x + b)` over `[rows, dim]` (`x`, `b` as in the forward).
+    fn gelu_backward(&mut self, x: &Self::Buf, bias: Option<&Self::Buf>, d: &mut Self::Buf, shape: Rows);
 
     // ---- attention ------------------------------------------------------------------------
     /// Masked attention forward from `qkv [B, N, 3, h, dh]` into `out [B, Nq, D]` for the

@@ -461,21 +461,24 @@ unsafe fn erf<V: Vf>(x: V) -> V {
     p.mul(x).div(q)
 }
 
-/// `y = gelu(x)` (`grad` false) or `y *= gelu'(x)` (`grad` true) over equal lengths, the
-/// exact GELU of `ops::gelu` (`0.5 x (1 + erf(x / sqrt 2))`, derivative `Phi(x) + x phi(x)`);
-/// a last partial vector masked.
+/// `y = gelu(x + b)` (`grad` false) or `y *= gelu'(x + b)` (`grad` true) over equal lengths
+/// (`b` none, or as long as `x`), the exact GELU of `ops::gelu` (`0.5 x (1 + erf(x / sqrt 2))`,
+/// derivative `Phi(x) + x phi(x)`); a last partial vector masked.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-unsafe fn gelu<V: Vf>(x: &[f32], y: &mut [f32], grad: bool) {
+unsafe fn gelu<V: Vf>(x: &[f32], b: Option<&[f32]>, y: &mut [f32], grad: bool) {
     let (px, py) = (x.as_ptr(), y.as_mut_ptr());
+    let pb = b.map(|b| b.as_ptr());
     let full = x.len() / V::L * V::L;
     for i in (0..full).step_by(V::L) {
-        let g = gelu_vec(V::load(px.add(i)), grad);
+        let v = V::load(px.add(i));
+        let g = gelu_vec(pb.map_or(v, |pb| v.add(V::load(pb.add(i)))), grad);
         if grad { V::load(py.add(i)).mul(g) } else { g }.store(py.add(i));
     }
     if full < x.len() {
         let m = V::mask(x.len() - full);
-        let g = gelu_vec(V::load_m(px.add(full), m), grad);
+        let v = V::load_m(px.add(full), m);
+        let g = gelu_vec(pb.map_or(v, |pb| v.add(V::load_m(pb.add(full), m))), grad);
         if grad { V::load_m(py.add(full), m).mul(g) } else { g }.store_m(py.add(full), m);
     }
 }
@@ -495,31 +498,31 @@ unsafe fn gelu_vec<V: Vf>(x: V, grad: bool) -> V {
     }
 }
 
-/// `y = gelu(x)`, or with `grad` `y *= gelu'(x)` (a gradient through GELU), at `isa`; equal
-/// lengths.
+/// `y = gelu(x + b)`, or with `grad` `y *= gelu'(x + b)` (a gradient through GELU), at
+/// `isa`; equal lengths (`b` none, or as long as `x`).
 ///
 /// # Safety
 /// `isa` must be supported by the CPU.
-pub(crate) unsafe fn gelu_map(isa: Isa, x: &[f32], y: &mut [f32], grad: bool) {
-    assert_eq!(x.len(), y.len());
+pub(crate) unsafe fn gelu_map(isa: Isa, x: &[f32], b: Option<&[f32]>, y: &mut [f32], grad: bool) {
+    assert!(x.len() == y.len() && b.is_none_or(|b| b.len() == x.len()));
     #[cfg(target_arch = "x86_64")]
     {
         #[target_feature(enable = "avx2,fma")]
-        unsafe fn y8(x: &[f32], y: &mut [f32], grad: bool) {
-            gelu::<Y>(x, y, grad)
+        unsafe fn y8(x: &[f32], b: Option<&[f32]>, y: &mut [f32], grad: bool) {
+            gelu::<Y>(x, b, y, grad)
         }
         #[target_feature(enable = "avx512f")]
-        unsafe fn z16(x: &[f32], y: &mut [f32], grad: bool) {
-            gelu::<Z>(x, y, grad)
+        unsafe fn z16(x: &[f32], b: Option<&[f32]>, y: &mut [f32], grad: bool) {
+            gelu::<Z>(x, b, y, grad)
         }
         match isa {
-            Isa::Avx2 => y8(x, y, grad),
-            Isa::Avx512 => z16(x, y, grad),
+            Isa::Avx2 => y8(x, b, y, grad),
+            Isa::Avx512 => z16(x, b, y, grad),
         }
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        let _ = (x, y, grad);
+        let _ = (x, b, y, grad);
         unreachable!("simd32: no SIMD on this architecture");
     }
 }
@@ -871,9 +874,9 @@ mod tests {
         }
     }
 
-    /// GELU and its derivative on every width against the f64 definition (`ops::gelu`), at
-    /// lengths off the lanes (a masked last vector, which must leave the elements past it
-    /// alone), over the clamp of `erf` and past it.
+    /// GELU and its derivative on every width against the f64 definition (`ops::gelu`), with
+    /// and without a bias, at lengths off the lanes (a masked last vector, which must leave
+    /// the elements past it alone), over the clamp of `erf` and past it.
     #[test]
     fn gelu_matches_the_f64_definition() {
         use crate::ops::gelu::cpu::{gelu, gelu_grad};
@@ -886,32 +889,35 @@ mod tests {
         for &isa in isas {
             for len in [1usize, 7, 16, 37, 1000] {
                 let xs: Vec<f32> = (0..len).map(|i| ((i * 7919) % 1201) as f32 / 100.0 - 6.0).collect();
+                let bs: Vec<f32> = (0..len).map(|i| ((i * 31) % 17) as f32 / 8.0 - 1.0).collect();
                 let d0: Vec<f32> = (0..len + 3).map(|i| 1.0 - (i % 5) as f32 * 0.3).collect();
-                let mut y = vec![f32::NAN; len + 3];
-                let mut d = d0.clone();
-                // SAFETY: isa is supported.
-                unsafe {
-                    gelu_map(isa, &xs, &mut y[..len], false);
-                    gelu_map(isa, &xs, &mut d[..len], true);
+                for bias in [None, Some(&bs[..])] {
+                    let mut y = vec![f32::NAN; len + 3];
+                    let mut d = d0.clone();
+                    // SAFETY: isa is supported.
+                    unsafe {
+                        gelu_map(isa, &xs, bias, &mut y[..len], false);
+                        gelu_map(isa, &xs, bias, &mut d[..len], true);
+                    }
+                    for (i, &x) in xs.iter().enumerate() {
+                        let h = x as f64 + bias.map_or(0.0, |b| b[i] as f64);
+                        let (want_y, want_d) = (gelu(h), d0[i] as f64 * gelu_grad(h));
+                        let tol = |w: f64| 1e-6 * (1.0 + w.abs());
+                        let what = format!("{isa:?} len {len} bias {}: at {h}", bias.is_some());
+                        assert!(
+                            ((y[i] as f64) - want_y).abs() <= tol(want_y),
+                            "{what}: gelu {}, want {want_y}",
+                            y[i]
+                        );
+                        assert!(
+                            ((d[i] as f64) - want_d).abs() <= tol(want_d),
+                            "{what}: d gelu' {}, want {want_d}",
+                            d[i]
+                        );
+                    }
+                    assert!(y[len..].iter().all(|v| v.is_nan()), "{isa:?} len {len}: wrote past the end");
+                    assert_eq!(d[len..], d0[len..], "{isa:?} len {len}: wrote past the end");
                 }
-                for (i, &x) in xs.iter().enumerate() {
-                    let (x64, d64) = (x as f64, d0[i] as f64);
-                    let (want_y, want_d) = (gelu(x64), d64 * gelu_grad(x64));
-                    let tol = |w: f64| 1e-6 * (1.0 + w.abs());
-                    assert!(
-                        ((y[i] as f64) - want_y).abs() <= tol(want_y),
-                        "{isa:?} len {len}: gelu({x}) = {}, want {want_y}",
-                        y[i]
-                    );
-                    assert!(
-                        ((d[i] as f64) - want_d).abs() <= tol(want_d),
-                        "{isa:?} len {len}: {} gelu'({x}) = {}, want {want_d}",
-                        d0[i],
-                        d[i]
-                    );
-                }
-                assert!(y[len..].iter().all(|v| v.is_nan()), "{isa:?} len {len}: wrote past the end");
-                assert_eq!(d[len..], d0[len..], "{isa:?} len {len}: wrote past the end");
             }
         }
     }

@@ -74,6 +74,10 @@ impl BlockShape {
     pub fn width(&self, rows: usize) -> Rows {
         Rows { rows, dim: self.dim }
     }
+    /// The MLP's hidden rows.
+    pub fn hidden(&self, rows: usize) -> Rows {
+        Rows { rows, dim: self.mlp }
+    }
     /// The query rows of `[B, N, D]` to `[B, Nq, D]` (`to_compact`) or back.
     pub fn query_rows(&self, q: Queries, to_compact: bool) -> TokenCopy {
         self.rows_of_width(q, to_compact, self.dim)
@@ -150,8 +154,10 @@ pub fn block_forward<B: Backend>(
         ls: w.ls1.as_ref(),
     };
     be.residual_layernorm_forward(res, &mut s.xmid, w.norm2.as_ref(), &mut work.normed, s.ln2.as_mut(), &sh.norm(r));
-    be.linear_forward(&work.normed, &w.fc1.w, Some(&w.fc1.b), &mut s.pre_gelu, &linear(r, d, sh.mlp));
-    be.gelu_forward(&s.pre_gelu, &mut work.hidden, r * sh.mlp);
+    // fc1's bias is added inside GELU (forward and backward): `pre_gelu` holds the product
+    // alone, and no pass writes the bias into it first.
+    be.linear_forward(&work.normed, &w.fc1.w, None, &mut s.pre_gelu, &linear(r, d, sh.mlp));
+    be.gelu_forward(&s.pre_gelu, Some(&w.fc1.b), &mut work.hidden, sh.hidden(r));
     be.linear_forward(&work.hidden, &w.fc2.w, Some(&w.fc2.b), &mut work.branch_out, &linear(r, sh.mlp, d));
     let res = Residual {
         x: &s.xmid,
@@ -229,7 +235,7 @@ pub fn block_backward<B: Backend>(
         None => &*dres,
     };
     be.linear_backward_input(src, &w.fc2.w, Grad::Write(dhidden), &linear(r, sh.mlp, d));
-    be.gelu_backward(&s.pre_gelu, dhidden, r * sh.mlp);
+    be.gelu_backward(&s.pre_gelu, Some(&w.fc1.b), dhidden, sh.hidden(r));
     be.linear_backward_input(dhidden, &w.fc1.w, Grad::Write(dtmp2), &linear(r, d, sh.mlp));
     be.layernorm_backward(dtmp2, &s.xmid, w.norm2.as_ref(), s.ln2.as_ref(), Grad::Add(&mut *dres), &sh.norm(r));
     // x_mid = x + ls1 * proj(attn(qkv(LN1(x))))

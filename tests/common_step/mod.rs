@@ -207,12 +207,12 @@ impl Backend for Bf16Emu {
             .layernorm_backward(&dy, &x, norm.map(|b| &b.v), stats.map(|b| &b.v), Grad::new(add, &mut dx.v), shape);
         dx.round();
     }
-    fn gelu_forward(&mut self, x: &Buf, y: &mut Buf, len: usize) {
-        self.inner.gelu_forward(&x.v, &mut y.v, len);
+    fn gelu_forward(&mut self, x: &Buf, bias: Option<&Buf>, y: &mut Buf, shape: Rows) {
+        self.inner.gelu_forward(&x.v, bias.map(|b| &b.v), &mut y.v, shape);
         y.round();
     }
-    fn gelu_backward(&mut self, x: &Buf, d: &mut Buf, len: usize) {
-        self.inner.gelu_backward(&x.v, &mut d.v, len);
+    fn gelu_backward(&mut self, x: &Buf, bias: Option<&Buf>, d: &mut Buf, shape: Rows) {
+        self.inner.gelu_backward(&x.v, bias.map(|b| &b.v), &mut d.v, shape);
         d.round();
     }
     fn attention_forward(&mut self, qkv: &Buf, out: &mut Buf, lse: &mut Buf, shape: &AttnShape) {

@@ -2,7 +2,7 @@
 //! CPU twin); on a device, the bias + GELU kernels against the twin.
 
 use crate::common::*;
-use mlvpt::ops::gelu;
+use mlvpt::ops::{gelu, Rows};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
@@ -24,12 +24,60 @@ fn gelu_values_and_gradient() {
     let r = rand_vec(&mut rng, n, 1.0);
     let fwd = |x: &[f64]| {
         let mut y = vec![0.0; n];
-        gelu::cpu::forward(x, &mut y, n);
+        gelu::cpu::forward(x, None, &mut y, Rows { rows: 1, dim: n });
         y
     };
     let mut d = r.clone();
-    gelu::cpu::backward(&x, &mut d, n);
+    gelu::cpu::backward(&x, None, &mut d, Rows { rows: 1, dim: n });
     fd_check("gelu", &x, &d, |x| dot(&fwd(x), &r));
+}
+
+/// The bias form, `gelu(x + b)` over rows, against the plain form on `x + b` (f64 and f32;
+/// f32 runs the vector path where the CPU has one), and its gradient against finite
+/// differences in f64.
+#[test]
+fn gelu_with_a_bias_is_gelu_of_the_sum() {
+    let mut rng = ChaCha8Rng::seed_from_u64(5);
+    let (rows, dim) = (5, 37);
+    let n = rows * dim;
+    let sh = Rows { rows, dim };
+    let x = rand_vec(&mut rng, n, 3.0);
+    let b = rand_vec(&mut rng, dim, 1.0);
+    let r = rand_vec(&mut rng, n, 1.0);
+    let h: Vec<f64> = (0..n).map(|i| x[i] + b[i % dim]).collect();
+    let flat = Rows { rows: 1, dim: n };
+    let (mut want_y, mut want_d) = (vec![0.0; n], r.clone());
+    gelu::cpu::forward(&h, None, &mut want_y, flat);
+    gelu::cpu::backward(&h, None, &mut want_d, flat);
+    let (mut y, mut d) = (vec![0.0; n], r.clone());
+    gelu::cpu::forward(&x, Some(&b), &mut y, sh);
+    gelu::cpu::backward(&x, Some(&b), &mut d, sh);
+    assert_eq!((&y, &d), (&want_y, &want_d), "f64: bias form against gelu(x + b)");
+    let f32s = |v: &[f64]| v.iter().map(|&v| v as f32).collect::<Vec<f32>>();
+    let (x32, b32, r32) = (f32s(&x), f32s(&b), f32s(&r));
+    let (mut y32, mut d32) = (vec![0.0f32; n], r32.clone());
+    gelu::cpu::forward(&x32, Some(&b32), &mut y32, sh);
+    gelu::cpu::backward(&x32, Some(&b32), &mut d32, sh);
+    for i in 0..n {
+        let h = x32[i] as f64 + b32[i % dim] as f64;
+        let (wy, wd) = (gelu::cpu::gelu(h), r32[i] as f64 * gelu::cpu::gelu_grad(h));
+        assert!(
+            (y32[i] as f64 - wy).abs() <= 1e-6 * (1.0 + wy.abs()),
+            "f32 gelu at {i}: {} vs {wy}",
+            y32[i]
+        );
+        assert!(
+            (d32[i] as f64 - wd).abs() <= 1e-6 * (1.0 + wd.abs()),
+            "f32 gelu' at {i}: {} vs {wd}",
+            d32[i]
+        );
+    }
+    let fwd = |x: &[f64]| {
+        let mut y = vec![0.0; n];
+        gelu::cpu::forward(x, Some(&b), &mut y, sh);
+        y
+    };
+    fd_check("gelu with bias", &x, &d, |x| dot(&fwd(x), &r));
 }
 
 // ---------------------------------------------------------------- bias + GELU (device)
@@ -67,9 +115,9 @@ mod gpu {
                 .map(|i| xr[off + i] as f64 + if with_bias { b[i % cols] as f64 } else { 0.0 })
                 .collect();
             let mut y64 = vec![0.0; n];
-            gelu::cpu::forward(&h, &mut y64, n);
+            gelu::cpu::forward(&h, None, &mut y64, Rows { rows: 1, dim: n });
             let mut dx64: Vec<f64> = to_f64(&dyr[off..]);
-            gelu::cpu::backward(&h, &mut dx64, n);
+            gelu::cpu::backward(&h, None, &mut dx64, Rows { rows: 1, dim: n });
 
             let (xd, dyd, bd) = (gpu.upload(&xb).unwrap(), gpu.upload(&dyb).unwrap(), gpu.upload(&b).unwrap());
             let bias: Option<&dyn mlvpt::gpu::DevicePtr<f32>> = if with_bias { Some(&bd) } else { None };

@@ -8,6 +8,7 @@ use crate::ops::real::{as_f32, as_f32_mut};
 use crate::ops::real::{cast, simd, Real};
 #[cfg(feature = "fast-cpu")]
 use crate::ops::simd32::{self, Isa};
+use crate::ops::Rows;
 
 const CHUNK: usize = 4096;
 
@@ -51,55 +52,61 @@ pub fn gelu_grad<T: Real>(x: T) -> T {
     Consts::new().grad(x)
 }
 
-/// `y[i] = gelu(x[i])` for the first `len` elements.
-pub fn forward<T: Real>(x: &[T], y: &mut [T], len: usize) {
+/// `y = gelu(x + b)` over `[rows, dim]` (`b [dim]` broadcast over the rows, or none).
+pub fn forward<T: Real>(x: &[T], bias: Option<&[T]>, y: &mut [T], sh: Rows) {
+    map(x, bias, y, sh, false);
+}
+
+/// In place: `d *= gelu'(x + b)` over `[rows, dim]` (turns dL/dgelu into dL/dx).
+pub fn backward<T: Real>(x: &[T], bias: Option<&[T]>, d: &mut [T], sh: Rows) {
+    map(x, bias, d, sh, true);
+}
+
+/// [`forward`] (`grad` false) or [`backward`] (`grad` true): tasks of about [`CHUNK`]
+/// elements, whole rows where there is a bias (so each row lines up with it).
+fn map<T: Real>(x: &[T], bias: Option<&[T]>, y: &mut [T], sh: Rows, grad: bool) {
+    let Rows { rows, dim } = sh;
+    let len = rows * dim;
     assert!(x.len() >= len && y.len() >= len);
-    if f32_map(x, y, len, false) {
+    if len == 0 {
         return;
     }
-    let c = Consts::<T>::new();
-    y[..len].par_chunks_mut(CHUNK).zip(x[..len].par_chunks(CHUNK)).for_each(|(yc, xc)| {
-        simd(
-            #[inline(always)]
-            || {
-                for (o, &v) in yc.iter_mut().zip(xc) {
-                    *o = c.gelu(v);
-                }
-            },
-        )
-    });
-}
-
-/// In place: `d[i] *= gelu'(x[i])` (turns dL/dgelu into dL/dx).
-pub fn backward<T: Real>(x: &[T], d: &mut [T], len: usize) {
-    assert!(x.len() >= len && d.len() >= len);
-    if f32_map(x, d, len, true) {
-        return;
-    }
-    let c = Consts::<T>::new();
-    d[..len].par_chunks_mut(CHUNK).zip(x[..len].par_chunks(CHUNK)).for_each(|(dc, xc)| {
-        simd(
-            #[inline(always)]
-            || {
-                for (o, &v) in dc.iter_mut().zip(xc) {
-                    *o = *o * c.grad(v);
-                }
-            },
-        )
-    });
-}
-
-/// The f32 vector path of [`forward`] (`grad` false) and [`backward`] (`grad` true), where it
-/// applies (f32 on AVX2 or AVX-512): true when it ran.
-fn f32_map<T: Real>(x: &[T], y: &mut [T], len: usize, grad: bool) -> bool {
+    let bias = bias.map(|b| &b[..dim]);
+    let (x, y) = (&x[..len], &mut y[..len]);
+    let task = if bias.is_some() { dim * (CHUNK / dim).max(1) } else { CHUNK };
     #[cfg(feature = "fast-cpu")]
-    if let (Some(x), Some(y), Some(isa)) = (as_f32(&x[..len]), as_f32_mut(&mut y[..len]), Isa::best()) {
-        y.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(|(yc, xc)| {
-            // SAFETY: `Isa::best` is supported by this CPU.
-            unsafe { simd32::gelu_map(isa, xc, yc, grad) }
+    if let (Some(x), Some(y), Some(isa)) = (as_f32(x), as_f32_mut(y), Isa::best()) {
+        let bias = bias.map(|b| as_f32(b).expect("T is f32"));
+        y.par_chunks_mut(task).zip(x.par_chunks(task)).for_each(|(yc, xc)| match bias {
+            // SAFETY (both): `Isa::best` is supported by this CPU.
+            None => unsafe { simd32::gelu_map(isa, xc, None, yc, grad) },
+            Some(b) => {
+                for (yr, xr) in yc.chunks_exact_mut(dim).zip(xc.chunks_exact(dim)) {
+                    unsafe { simd32::gelu_map(isa, xr, Some(b), yr, grad) }
+                }
+            }
         });
-        return true;
+        return;
     }
-    let _ = (x, y, len, grad);
-    false
+    let c = Consts::<T>::new();
+    y.par_chunks_mut(task).zip(x.par_chunks(task)).for_each(|(yc, xc)| {
+        simd(
+            #[inline(always)]
+            || match bias {
+                None => {
+                    for (o, &v) in yc.iter_mut().zip(xc) {
+                        *o = if grad { *o * c.grad(v) } else { c.gelu(v) };
+                    }
+                }
+                Some(b) => {
+                    for (yr, xr) in yc.chunks_exact_mut(dim).zip(xc.chunks_exact(dim)) {
+                        for ((o, &v), &bj) in yr.iter_mut().zip(xr).zip(b) {
+                            let v = v + bj;
+                            *o = if grad { *o * c.grad(v) } else { c.gelu(v) };
+                        }
+                    }
+                }
+            },
+        )
+    });
 }
