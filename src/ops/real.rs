@@ -111,22 +111,24 @@ pub(crate) fn as_f32_mut<T: Real>(x: &mut [T]) -> Option<&mut [f32]> {
 #[inline(always)]
 pub(crate) fn lane_sums<T: Real, const M: usize, const K: usize>(rows: [&[T]; M], f: impl Fn([T; M]) -> [T; K]) -> [T; K] {
     let n = rows.first().map_or(0, |r| r.len());
-    // Equal lengths, checked once: the loops below then index without bounds checks.
     assert!(rows.iter().all(|r| r.len() == n));
+    // Blocks of eight as arrays, so each step is eight independent adds the compiler turns
+    // into vector ones.
+    let blocks = rows.map(|r| r.as_chunks::<8>());
     let mut acc = [[T::zero(); 8]; K];
-    let full = n / 8 * 8;
-    for j in (0..full).step_by(8) {
+    for i in 0..n / 8 {
+        let vals: [&[T; 8]; M] = std::array::from_fn(|m| &blocks[m].0[i]);
         for l in 0..8 {
-            let v = f(std::array::from_fn(|m| rows[m][j + l]));
+            let v = f(std::array::from_fn(|m| vals[m][l]));
             for k in 0..K {
                 acc[k][l] = acc[k][l] + v[k];
             }
         }
     }
-    for j in full..n {
-        let v = f(std::array::from_fn(|m| rows[m][j]));
+    for l in 0..n % 8 {
+        let v = f(std::array::from_fn(|m| blocks[m].1[l]));
         for k in 0..K {
-            acc[k][j - full] = acc[k][j - full] + v[k];
+            acc[k][l] = acc[k][l] + v[k];
         }
     }
     acc.map(|a| {
@@ -175,5 +177,31 @@ impl<T> SyncPtr<T> {
     #[inline]
     pub(crate) fn get(self) -> *mut T {
         self.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::lane_sums;
+
+    /// `lane_sums` adds in exactly the order its doc gives (bit for bit, in f32 where order
+    /// shows), at lengths below, at and off multiples of eight, for two sums over two rows.
+    #[test]
+    fn lane_sums_add_in_the_documented_order() {
+        for n in [0usize, 1, 5, 8, 13, 64, 101] {
+            let a: Vec<f32> = (0..n).map(|i| ((i * 7919) % 101) as f32 * 0.37 - 17.0).collect();
+            let b: Vec<f32> = (0..n).map(|i| 1.0 / (1.0 + i as f32)).collect();
+            let got = lane_sums([&a[..], &b[..]], |[x, y]| [x * y, x + y]);
+            let mut want = [[0.0f32; 8]; 2];
+            for j in 0..n {
+                want[0][j % 8] += a[j] * b[j];
+                want[1][j % 8] += a[j] + b[j];
+            }
+            let want = want.map(|s| {
+                let t: [f32; 4] = std::array::from_fn(|l| s[l] + s[l + 4]);
+                (t[0] + t[2]) + (t[1] + t[3])
+            });
+            assert_eq!(got.map(f32::to_bits), want.map(f32::to_bits), "n {n}: {got:?} vs {want:?}");
+        }
     }
 }
