@@ -8,7 +8,7 @@ use crate::ops::linear::cpu::matmul;
 use crate::ops::par::*;
 #[cfg(feature = "fast-cpu")]
 use crate::ops::real::{as_f32, as_f32_mut};
-use crate::ops::real::{cast, simd, Real, SyncPtr};
+use crate::ops::real::{cast, lane_sums, simd, Real, SyncPtr};
 #[cfg(feature = "fast-cpu")]
 use std::any::{Any, TypeId};
 
@@ -26,24 +26,6 @@ fn f32_path<T: Real>(sh: &AttnShape) -> Option<crate::ops::simd32::Isa> {
 /// few enough that the `N x N` scratch stays small at large batch.
 pub(super) fn tasks_per_round(total: usize) -> usize {
     total.min(8 * current_num_threads().max(1))
-}
-
-/// Sum with eight accumulators (vectorizes; fixed order).
-#[inline(always)]
-pub(super) fn sum8<T: Real>(v: &[T]) -> T {
-    let mut acc = [T::zero(); 8];
-    let chunks = v.chunks_exact(8);
-    let rest = chunks.remainder();
-    for c in chunks {
-        for l in 0..8 {
-            acc[l] = acc[l] + c[l];
-        }
-    }
-    let mut s = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
-    for &x in rest {
-        s = s + x;
-    }
-    s
 }
 
 /// Maximum with eight lanes (vectorizes; the order of a max does not change the result).
@@ -86,7 +68,7 @@ fn softmax_rows<T: Real>(s: &mut [T], lse: &mut [T], sh: &AttnShape) {
         for v in row.iter_mut() {
             *v = (*v - mx).fast_exp();
         }
-        let sum = sum8(row);
+        let [sum] = lane_sums([&row[..]], |[x]| [x]);
         let inv = T::one() / sum;
         for v in row.iter_mut() {
             *v = *v * inv;

@@ -6,24 +6,14 @@ use crate::ops::gelu::cpu::{gelu, gelu_grad};
 use crate::ops::linear::cpu::matmul;
 use crate::ops::linear::LinearShape;
 use crate::ops::par::*;
-use crate::ops::real::{cast, simd, Real, SyncPtr};
+use crate::ops::real::{cast, lane_sums, simd, Real, SyncPtr};
 use crate::ops::Grad;
 
-/// Dot product with eight independent accumulators (lets the compiler vectorize; fixed order).
+/// Dot product over the shorter length, in `lane_sums`' fixed order (vectorizes).
 #[inline(always)]
 pub(crate) fn dot<T: Real>(a: &[T], b: &[T]) -> T {
     let n = a.len().min(b.len());
-    let mut acc = [T::zero(); 8];
-    let chunks = n / 8;
-    for c in 0..chunks {
-        for l in 0..8 {
-            acc[l] = acc[l] + a[c * 8 + l] * b[c * 8 + l];
-        }
-    }
-    let mut s = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
-    for i in chunks * 8..n {
-        s = s + a[i] * b[i];
-    }
+    let [s] = lane_sums([&a[..n], &b[..n]], |[x, y]| [x * y]);
     s
 }
 
