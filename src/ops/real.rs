@@ -38,48 +38,58 @@ impl Real for f64 {
     }
 }
 
+/// Coefficients of [`erf_f32`]'s numerator in `x^2`, highest degree first (times `x`).
+pub(crate) const ERF_P: [f32; 7] = [
+    -2.726_142_3e-10,
+    2.770_681_4e-8,
+    -2.101_024e-6,
+    -5.692_506_5e-5,
+    -7.349_906_3e-4,
+    -2.954_600_1e-3,
+    -1.609_603_3e-2,
+];
+/// Coefficients of [`erf_f32`]'s denominator in `x^2`, highest degree first.
+pub(crate) const ERF_Q: [f32; 5] = [-1.456_607_2e-5, -2.133_740_6e-4, -1.682_827e-3, -7.373_329e-3, -1.426_474e-2];
+
 /// erf in f32: the rational approximation Eigen and XLA use (odd degree-13 numerator over
 /// even degree-8 denominator on [-4, 4], where erf is +-1 in f32 beyond).
 #[inline(always)]
 pub fn erf_f32(x: f32) -> f32 {
     let x = x.clamp(-4.0, 4.0);
     let x2 = x * x;
-    let mut p = -2.726_142_3e-10_f32;
-    p = p * x2 + 2.770_681_4e-8;
-    p = p * x2 - 2.101_024e-6;
-    p = p * x2 - 5.692_506_5e-5;
-    p = p * x2 - 7.349_906_3e-4;
-    p = p * x2 - 2.954_600_1e-3;
-    p = p * x2 - 1.609_603_3e-2;
-    p *= x;
-    let mut q = -1.456_607_2e-5_f32;
-    q = q * x2 - 2.133_740_6e-4;
-    q = q * x2 - 1.682_827e-3;
-    q = q * x2 - 7.373_329e-3;
-    q = q * x2 - 1.426_474e-2;
-    p / q
+    // Loops rather than folds: a closure the inliner leaves out is compiled for the baseline.
+    let (mut p, mut q) = (ERF_P[0], ERF_Q[0]);
+    for c in &ERF_P[1..] {
+        p = p * x2 + c;
+    }
+    for c in &ERF_Q[1..] {
+        q = q * x2 + c;
+    }
+    p * x / q
 }
+
+/// `ln 2` split in two for [`exp_f32`]'s reduction (`LN2_HI` exact in few bits).
+pub(crate) const LN2_HI: f32 = 0.693_359_4;
+pub(crate) const LN2_LO: f32 = -2.121_944_4e-4;
+/// `1.5 * 2^23`: adding it rounds to an integer held in the low mantissa bits.
+pub(crate) const ROUND: f32 = 12_582_912.0;
+/// Cephes' polynomial of [`exp_f32`] on the reduced argument, highest degree first.
+pub(crate) const EXP_P: [f32; 6] = [1.987_569_1e-4, 1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 0.5];
 
 /// exp in f32 (Cephes' polynomial after reduction by ln 2; round to nearest by the 1.5 * 2^23
 /// trick so no rounding instruction is needed). Inputs below -87 give 0.
 #[inline(always)]
 pub fn exp_f32(x: f32) -> f32 {
-    const LOG2E: f32 = std::f32::consts::LOG2_E;
-    const LN2_HI: f32 = 0.693_359_4;
-    const LN2_LO: f32 = -2.121_944_4e-4;
-    const ROUND: f32 = 12_582_912.0;
     let xc = x.clamp(-87.0, 88.5);
     // t = ROUND + n exactly, so n sits in the low mantissa bits of t (no float-to-int cast,
     // which would keep the loop from vectorizing).
-    let t = xc * LOG2E + ROUND;
+    let t = xc * std::f32::consts::LOG2_E + ROUND;
     let n = t - ROUND;
     let r = xc - n * LN2_HI - n * LN2_LO;
-    let mut p = 1.987_569_1e-4_f32;
-    p = p * r + 1.398_199_9e-3;
-    p = p * r + 8.333_452e-3;
-    p = p * r + 4.166_579_6e-2;
-    p = p * r + 1.666_666_5e-1;
-    p = p * r + 0.5;
+    let mut p = EXP_P[0];
+    for c in &EXP_P[1..] {
+        p = p * r + c;
+    }
     let e = p * r * r + r + 1.0;
     let scale = f32::from_bits((t.to_bits().wrapping_sub(ROUND.to_bits()).wrapping_add(127)) << 23);
     // Zero below the range by a bit mask rather than a branch (keeps the loop vectorized).

@@ -1,7 +1,8 @@
-//! f32 vector kernels of the CPU attention (`ops::attention::cpu_f32`) on AVX2 + FMA or
-//! AVX-512F: register-blocked products for small operands, where a general GEMM's packing and
-//! dispatch cost as much as the arithmetic (a 227 x 227 x 64 product is 6.6 MFLOP, about 30 us
-//! on one core), and the softmax rows with a vector `exp`.
+//! f32 vector kernels of the CPU ops on AVX2 + FMA or AVX-512F: for the attention
+//! (`ops::attention::cpu_f32`), register-blocked products for small operands, where a general
+//! GEMM's packing and dispatch cost as much as the arithmetic (a 227 x 227 x 64 product is 6.6
+//! MFLOP, about 30 us on one core), and the softmax rows with a vector `exp`; for GELU
+//! (`ops::gelu::cpu`), `erf` and `exp` per lane with fused multiply-adds.
 //!
 //! `C[m, w] (+)= alpha * A[m, k] B[k, w]`: `B` row-major with any row stride, any `w` (a last
 //! vector narrower than the lanes is loaded and stored under a mask), `A` read one element at a
@@ -11,6 +12,8 @@
 //! work is split. AVX-512F (16 lanes, with the crate's `avx512` feature) or AVX2 + FMA (8
 //! lanes), picked at run time.
 
+#[cfg(target_arch = "x86_64")]
+use crate::ops::real::{ERF_P, ERF_Q, EXP_P, LN2_HI, LN2_LO, ROUND};
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
 
@@ -418,10 +421,6 @@ unsafe fn run<V: Vf>(mm: &Mm) {
     }
 }
 
-/// `1.5 * 2^23`: adding it rounds to an integer held in the low mantissa bits.
-#[cfg(target_arch = "x86_64")]
-const ROUND: f32 = 12_582_912.0;
-
 /// `exp` per lane for `x <= 0` (the shifted scores of a softmax, above 0 only by rounding,
 /// so no overflow clamp): `ops::real::exp_f32`'s reduction and polynomial with fused
 /// multiply-adds (so a few ulp apart from it); 0 below -87 and for `-inf`.
@@ -432,13 +431,13 @@ unsafe fn exp<V: Vf>(x: V) -> V {
     let xc = x.max(lo);
     let t = V::set1(ROUND).fma(xc, V::set1(std::f32::consts::LOG2_E));
     let n = t.sub(V::set1(ROUND));
-    let r = xc.fma(n, V::set1(-0.693_359_4));
-    let r = r.fma(n, V::set1(2.121_944_4e-4));
-    let mut p = V::set1(1.398_199_9e-3).fma(V::set1(1.987_569_1e-4), r);
-    p = V::set1(8.333_452e-3).fma(p, r);
-    p = V::set1(4.166_579_6e-2).fma(p, r);
-    p = V::set1(1.666_666_5e-1).fma(p, r);
-    p = V::set1(0.5).fma(p, r);
+    let r = xc.fma(n, V::set1(-LN2_HI));
+    let r = r.fma(n, V::set1(-LN2_LO));
+    // Loops rather than folds: a closure is compiled outside the target feature.
+    let mut p = V::set1(EXP_P[0]);
+    for c in &EXP_P[1..] {
+        p = V::set1(*c).fma(p, r);
+    }
     let e = r.add(V::set1(1.0)).fma(p, r.mul(r));
     e.scale2_where(n, t, x, lo)
 }
@@ -450,13 +449,12 @@ unsafe fn exp<V: Vf>(x: V) -> V {
 unsafe fn erf<V: Vf>(x: V) -> V {
     let x = x.max(V::set1(-4.0)).min(V::set1(4.0));
     let x2 = x.mul(x);
-    let mut p = V::set1(2.770_681_4e-8).fma(V::set1(-2.726_142_3e-10), x2);
-    for c in [-2.101_024e-6, -5.692_506_5e-5, -7.349_906_3e-4, -2.954_600_1e-3, -1.609_603_3e-2] {
-        p = V::set1(c).fma(p, x2);
+    let (mut p, mut q) = (V::set1(ERF_P[0]), V::set1(ERF_Q[0]));
+    for c in &ERF_P[1..] {
+        p = V::set1(*c).fma(p, x2);
     }
-    let mut q = V::set1(-2.133_740_6e-4).fma(V::set1(-1.456_607_2e-5), x2);
-    for c in [-1.682_827e-3, -7.373_329e-3, -1.426_474e-2] {
-        q = V::set1(c).fma(q, x2);
+    for c in &ERF_Q[1..] {
+        q = V::set1(*c).fma(q, x2);
     }
     p.mul(x).div(q)
 }
