@@ -154,6 +154,19 @@ impl<T: Real> Backend for CpuBackend<T> {
     fn attention_backward(&mut self, qkv: &Vec<T>, out: &Vec<T>, lse: &Vec<T>, dout: &Vec<T>, dqkv: &mut Vec<T>, shape: &AttnShape) {
         attention::cpu::backward(qkv, out, lse, dout, dqkv, shape, &mut self.scratch);
     }
+    #[allow(clippy::too_many_arguments)]
+    fn attention_backward_keys(
+        &mut self,
+        qkv: &Vec<T>,
+        out: &Vec<T>,
+        lse: &Vec<T>,
+        dout: &Vec<T>,
+        dqkv: &mut Vec<T>,
+        shape: &AttnShape,
+        keys: std::ops::Range<usize>,
+    ) {
+        attention::cpu::backward_keys(qkv, out, lse, dout, dqkv, shape, keys, &mut self.scratch);
+    }
     fn adapter_forward(&mut self, z: &Vec<T>, p: AdapterParams<&Vec<T>>, u: &mut Vec<T>, out: &mut Vec<T>, shape: &AdapterShape) {
         head::cpu::adapter_forward(z, p.w1, p.b1, p.w2, p.b2, u, out, shape, &mut self.scratch);
     }

@@ -209,6 +209,25 @@ pub trait Backend {
         dqkv: &mut Self::Buf,
         shape: &AttnShape,
     );
+    /// [`attention_backward`](Backend::attention_backward) for a caller that reads `dqkv` only
+    /// at the key rows `keys`, none of them a query (block 0 with deep prompts: the prompt
+    /// rows; see `ops::attention::cpu::backward_keys`): those rows must come out as in the full
+    /// backward (their Q columns zero), the others are unspecified. The default runs the full
+    /// backward; the CPU backend computes dK and dV at `keys` alone.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_backward_keys(
+        &mut self,
+        qkv: &Self::Buf,
+        out: &Self::Buf,
+        lse: &Self::Buf,
+        dout: &Self::Buf,
+        dqkv: &mut Self::Buf,
+        shape: &AttnShape,
+        keys: std::ops::Range<usize>,
+    ) {
+        let _ = keys;
+        self.attention_backward(qkv, out, lse, dout, dqkv, shape);
+    }
 
     // ---- head -----------------------------------------------------------------------------
     /// Adapters on the group tokens `z [B, P, D]` into `out` (see `ops::head`); saves the

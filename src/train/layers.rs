@@ -247,7 +247,16 @@ pub fn block_backward<B: Backend>(
         None => &*dres,
     };
     be.linear_backward_input(src, &w.proj.w, Grad::Write(dtmp2), &linear(r, d, d));
-    be.attention_backward(&s.qkv, &s.att, &s.lse, dtmp2, dqkv, &sh.attention(q));
+    let ash = sh.attention(q);
+    let prompts = ash.prompt_start..ash.prompt_end;
+    let prompts_query = ash.q_start < prompts.end && prompts.start < ash.q_start + ash.q_len;
+    if need == InputGrad::Prompts && !prompts_query {
+        // Only the prompt rows' dK and dV reach the caller, and the prompts are not queries
+        // (deep prompts): the rest of the attention backward is work nothing reads.
+        be.attention_backward_keys(&s.qkv, &s.att, &s.lse, dtmp2, dqkv, &ash, prompts);
+    } else {
+        be.attention_backward(&s.qkv, &s.att, &s.lse, dtmp2, dqkv, &ash);
+    }
     match need {
         InputGrad::All => be.linear_backward_input(dqkv, &w.qkv.w, Grad::Write(dtmp2), &linear(all, d, 3 * d)),
         InputGrad::Prompts => {

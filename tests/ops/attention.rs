@@ -147,6 +147,62 @@ fn f32_attention_matches_the_f64_definition() {
     }
 }
 
+/// `backward_keys` (block 0 with deep prompts: dK and dV at the prompt rows, which are not
+/// queries) against the full backward at those rows, in f64 (the generic twin) and in f32 (the
+/// fast path at head widths on and off its vectors, and the generic one at a head width it does
+/// not take): Q columns of the key rows zero, every other row untouched.
+#[test]
+fn the_backward_at_key_rows_is_the_full_backward_there() {
+    // (batch, tokens, heads, head width, prompts at the end, key rows, query rows)
+    for (b, n, h, dh, p, keys, q) in [
+        (2usize, 23usize, 3usize, 8usize, 6usize, 17..23, (0usize, 17usize)),
+        (3, 41, 2, 24, 9, 32..41, (0, 32)),
+        (2, 37, 2, 64, 5, 32..37, (0, 32)),
+        (2, 19, 2, 6, 4, 15..19, (0, 15)),
+        // Keys before the queries; prompt keys that prompt queries may not see (the mask at
+        // a key offset).
+        (2, 29, 2, 16, 7, 0..10, (10, 19)),
+        (2, 29, 2, 16, 7, 25..29, (10, 15)),
+    ] {
+        let mut rng = ChaCha8Rng::seed_from_u64(70 + n as u64);
+        let sh = AttnShape {
+            q_start: q.0,
+            q_len: q.1,
+            ..AttnShape::full(b, n, h, dh, n - p, n)
+        };
+        let (d, nq) = (sh.dim(), sh.q_len);
+        let qkv = rand_vec(&mut rng, b * n * 3 * d, 1.5);
+        let dout = rand_vec(&mut rng, b * nq * d, 1.0);
+        let f32s = |v: &[f64]| v.iter().map(|&x| x as f32).collect::<Vec<f32>>();
+        let wide = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<f64>>();
+        let (mut out, mut lse, mut sc) = (vec![0.0; b * nq * d], vec![0.0; b * h * nq], Vec::new());
+        attn::forward(&qkv, &mut out, &mut lse, &sh, &mut sc);
+        let (q32, o32, l32, g32) = (f32s(&qkv), f32s(&out), f32s(&lse), f32s(&dout));
+        let mut want = vec![0.0; b * n * 3 * d];
+        attn::backward(&qkv, &out, &lse, &dout, &mut want, &sh, &mut sc);
+        let mut want32 = vec![0.0f32; want.len()];
+        attn::backward(&q32, &o32, &l32, &g32, &mut want32, &sh, &mut Vec::new());
+        const UNTOUCHED: f64 = 12345.0;
+        let mut got = vec![UNTOUCHED; want.len()];
+        attn::backward_keys(&qkv, &out, &lse, &dout, &mut got, &sh, keys.clone(), &mut sc);
+        let mut got32 = vec![UNTOUCHED as f32; want.len()];
+        attn::backward_keys(&q32, &o32, &l32, &g32, &mut got32, &sh, keys.clone(), &mut Vec::new());
+        for (what, got, want, tol) in [("f64", got, want, 1e-12), ("f32", wide(&got32), wide(&want32), 1e-5)] {
+            let scale = want.iter().fold(1.0f64, |m, v| m.max(v.abs()));
+            for (t, (g, w)) in got.chunks_exact(3 * d).zip(want.chunks_exact(3 * d)).enumerate() {
+                let at = format!("{what} N {n} dh {dh} keys {keys:?}: token {} of image {}", t % n, t / n);
+                if keys.contains(&(t % n)) {
+                    assert!(g[..d].iter().all(|&x| x == 0.0), "{at}: dQ not zero");
+                    let err = max_abs_diff(&g[d..], &w[d..]);
+                    assert!(err <= tol * scale, "{at}: dK/dV off by {err:e} (scale {scale})");
+                } else {
+                    assert!(g.iter().all(|&x| x == UNTOUCHED), "{at}: written outside the key rows");
+                }
+            }
+        }
+    }
+}
+
 #[test]
 fn prompt_queries_ignore_other_prompt_keys() {
     let mut rng = ChaCha8Rng::seed_from_u64(9);

@@ -49,11 +49,16 @@ pub(super) fn max8<T: Real>(v: &[T]) -> T {
 /// In a row of query token `i`, sets the keys it may not see to `value`.
 #[inline(always)]
 pub(super) fn mask_row<T: Real>(row: &mut [T], i: usize, sh: &AttnShape, value: T) {
+    mask_keys(row, i, 0, sh, value);
+}
+
+/// [`mask_row`] on a row that holds the keys `k0 .. k0 + row.len()`.
+#[inline(always)]
+pub(super) fn mask_keys<T: Real>(row: &mut [T], i: usize, k0: usize, sh: &AttnShape, value: T) {
     if i >= sh.prompt_start && i < sh.prompt_end {
-        for (j, v) in row[sh.prompt_start..sh.prompt_end].iter_mut().enumerate() {
-            if sh.prompt_start + j != i {
-                *v = value;
-            }
+        let (from, to) = (sh.prompt_start.max(k0), sh.prompt_end.min(k0 + row.len()));
+        for j in (from..to).filter(|&j| j != i) {
+            row[j - k0] = value;
         }
     }
 }
@@ -134,6 +139,51 @@ pub fn forward<T: Real>(qkv: &[T], out: &mut [T], lse: &mut [T], sh: &AttnShape,
 /// Backward: from `dout [B, Nq, D]` writes `dqkv [B, N, 3D]` (overwritten; Q rows outside the
 /// query range are zero).
 pub fn backward<T: Real>(qkv: &[T], out: &[T], lse: &[T], dout: &[T], dqkv: &mut [T], sh: &AttnShape, scratch: &mut Vec<T>) {
+    backward_rows(qkv, out, lse, dout, dqkv, sh, 0..sh.tokens, scratch);
+}
+
+/// [`backward`]'s gradient at the key rows `keys` alone, which must not be queries: their K and
+/// V columns of `dqkv` get dK and dV, their Q columns zero (no query, no dQ), and the other rows
+/// are left as they are. For a caller that reads nothing else (block 0 with deep prompts, whose
+/// other input rows are the frozen embeddings and whose queries are the other rows): the
+/// products run on `keys.len()` of the `N` keys and dQ not at all.
+#[allow(clippy::too_many_arguments)]
+pub fn backward_keys<T: Real>(
+    qkv: &[T],
+    out: &[T],
+    lse: &[T],
+    dout: &[T],
+    dqkv: &mut [T],
+    sh: &AttnShape,
+    keys: std::ops::Range<usize>,
+    scratch: &mut Vec<T>,
+) {
+    assert!(
+        keys.start <= keys.end && keys.end <= sh.tokens,
+        "key rows {keys:?} outside {} tokens",
+        sh.tokens
+    );
+    assert!(
+        keys.end <= sh.q_start || keys.start >= sh.q_start + sh.q_len || keys.is_empty(),
+        "key rows {keys:?} overlap the query rows {}+{}",
+        sh.q_start,
+        sh.q_len
+    );
+    backward_rows(qkv, out, lse, dout, dqkv, sh, keys, scratch);
+}
+
+/// [`backward`] (`keys` every token) or [`backward_keys`].
+#[allow(clippy::too_many_arguments)]
+fn backward_rows<T: Real>(
+    qkv: &[T],
+    out: &[T],
+    lse: &[T],
+    dout: &[T],
+    dqkv: &mut [T],
+    sh: &AttnShape,
+    keys: std::ops::Range<usize>,
+    scratch: &mut Vec<T>,
+) {
     let (b, n, h, dh) = (sh.batch, sh.tokens, sh.heads, sh.head_dim);
     let (q0, nq) = (sh.q_start, sh.q_len);
     let d = sh.dim();
@@ -141,23 +191,29 @@ pub fn backward<T: Real>(qkv: &[T], out: &[T], lse: &[T], dout: &[T], dqkv: &mut
     assert!(qkv.len() >= b * n * 3 * d && out.len() >= b * nq * d && dout.len() >= b * nq * d);
     assert!(lse.len() >= b * h * nq && dqkv.len() >= b * n * 3 * d);
     let total = b * h;
-    if total == 0 || n == 0 {
+    // Every key: dQ at the queries, dK and dV everywhere. Else only the rows `keys`.
+    let all_keys = keys == (0..n);
+    let (k0, nk) = (keys.start, keys.len());
+    if total == 0 || nk == 0 {
         return;
     }
-    if nq < n {
-        // Q rows outside the query range get no gradient.
+    let is_query = |t: usize| t >= q0 && t < q0 + nq;
+    // Q rows outside the query range (of those written) get no gradient.
+    for row in dqkv[..b * n * 3 * d]
+        .chunks_exact_mut(3 * d)
+        .enumerate()
+        .filter(|&(t, _)| keys.contains(&(t % n)) && !is_query(t % n))
+        .map(|(_, r)| r)
+    {
+        row[..d].fill(T::zero());
+    }
+    if nq == 0 {
         for row in dqkv[..b * n * 3 * d]
             .chunks_exact_mut(3 * d)
             .enumerate()
-            .filter(|(t, _)| t % n < q0 || t % n >= q0 + nq)
-            .map(|(_, r)| r)
+            .filter(|(t, _)| keys.contains(&(t % n)))
         {
-            row[..d].fill(T::zero());
-        }
-    }
-    if nq == 0 {
-        for row in dqkv[..b * n * 3 * d].chunks_exact_mut(3 * d) {
-            row[d..].fill(T::zero());
+            row.1[d..].fill(T::zero());
         }
         return;
     }
@@ -170,19 +226,19 @@ pub fn backward<T: Real>(qkv: &[T], out: &[T], lse: &[T], dout: &[T], dqkv: &mut
             as_f32(lse).unwrap(),
             as_f32(dout).unwrap(),
         );
-        return super::cpu_f32::backward(qkv, out, lse, dout, as_f32_mut(dqkv).unwrap(), sh, sc, isa);
+        return super::cpu_f32::backward(qkv, out, lse, dout, as_f32_mut(dqkv).unwrap(), sh, keys, sc, isa);
     }
     let per = tasks_per_round(total);
-    if scratch.len() < 2 * per * nq * n {
-        scratch.resize(2 * per * nq * n, T::zero());
+    if scratch.len() < 2 * per * nq * nk {
+        scratch.resize(2 * per * nq * nk, T::zero());
     }
     let scale: T = cast(1.0 / (dh as f64).sqrt());
     let dqkv_p = SyncPtr(dqkv.as_mut_ptr());
     let mut first = 0;
     while first < total {
         let count = per.min(total - first);
-        scratch[..2 * count * nq * n]
-            .par_chunks_mut(2 * nq * n)
+        scratch[..2 * count * nq * nk]
+            .par_chunks_mut(2 * nq * nk)
             .enumerate()
             .for_each(|(t, buf)| {
                 simd(
@@ -190,7 +246,7 @@ pub fn backward<T: Real>(qkv: &[T], out: &[T], lse: &[T], dout: &[T], dqkv: &mut
                     || {
                         let task = first + t;
                         let (bi, hi) = (task / h, task % h);
-                        let (p, dp) = buf.split_at_mut(nq * n);
+                        let (p, dp) = buf.split_at_mut(nq * nk);
                         let base = bi * n * 3 * d + hi * dh;
                         let o_off = bi * nq * d + hi * dh;
                         let lse_row = &lse[task * nq..(task + 1) * nq];
@@ -199,38 +255,42 @@ pub fn backward<T: Real>(qkv: &[T], out: &[T], lse: &[T], dout: &[T], dqkv: &mut
                         unsafe {
                             let all = qkv[base..].as_ptr();
                             let q = all.add(q0 * 3 * d);
-                            let k = all.add(d);
-                            let v = all.add(2 * d);
+                            let k = all.add(d + k0 * 3 * d);
+                            let v = all.add(2 * d + k0 * 3 * d);
                             let go = dout[o_off..].as_ptr();
-                            // P = exp(scale Q K^T - lse), masked entries 0.
-                            matmul(nq, n, dh, p.as_mut_ptr(), n, 1, false, q, 3 * d, 1, k, 1, 3 * d, scale, false);
-                            for (r, row) in p.chunks_exact_mut(n).enumerate() {
+                            // P = exp(scale Q K^T - lse) at the keys `k0..`, masked entries 0: the
+                            // saved lse normalizes over every key, so any subset of P's columns
+                            // comes out the same.
+                            matmul(nq, nk, dh, p.as_mut_ptr(), nk, 1, false, q, 3 * d, 1, k, 1, 3 * d, scale, false);
+                            for (r, row) in p.chunks_exact_mut(nk).enumerate() {
                                 let l = lse_row[r];
                                 for x in row.iter_mut() {
                                     *x = (*x - l).fast_exp();
                                 }
-                                mask_row(row, q0 + r, sh, T::zero());
+                                mask_keys(row, q0 + r, k0, sh, T::zero());
                             }
                             // dP = dO V^T
-                            matmul(nq, n, dh, dp.as_mut_ptr(), n, 1, false, go, d, 1, v, 1, 3 * d, T::one(), false);
+                            matmul(nq, nk, dh, dp.as_mut_ptr(), nk, 1, false, go, d, 1, v, 1, 3 * d, T::one(), false);
                             // dS = P * (dP - rowsum(dO * O))
                             for i in 0..nq {
                                 let orow = &out[o_off + i * d..o_off + i * d + dh];
                                 let grow = &dout[o_off + i * d..o_off + i * d + dh];
                                 let di: T = orow.iter().zip(grow).map(|(&a, &g)| a * g).sum();
-                                let pr = &p[i * n..(i + 1) * n];
-                                for (x, &pv) in dp[i * n..(i + 1) * n].iter_mut().zip(pr) {
+                                let pr = &p[i * nk..(i + 1) * nk];
+                                for (x, &pv) in dp[i * nk..(i + 1) * nk].iter_mut().zip(pr) {
                                     *x = pv * (*x - di);
                                 }
                             }
                             let dall = dqkv_p.get().add(base);
-                            let dq = dall.add(q0 * 3 * d);
-                            let dk = dall.add(d);
-                            let dv = dall.add(2 * d);
-                            // dQ = scale dS K ; dK = scale dS^T Q ; dV = P^T dO
-                            matmul(nq, dh, n, dq, 3 * d, 1, false, dp.as_ptr(), n, 1, k, 3 * d, 1, scale, false);
-                            matmul(n, dh, nq, dk, 3 * d, 1, false, dp.as_ptr(), 1, n, q, 3 * d, 1, scale, false);
-                            matmul(n, dh, nq, dv, 3 * d, 1, false, p.as_ptr(), 1, n, go, d, 1, T::one(), false);
+                            let dk = dall.add(d + k0 * 3 * d);
+                            let dv = dall.add(2 * d + k0 * 3 * d);
+                            // dQ = scale dS K (every key needed) ; dK = scale dS^T Q ; dV = P^T dO
+                            if all_keys {
+                                let dq = dall.add(q0 * 3 * d);
+                                matmul(nq, dh, n, dq, 3 * d, 1, false, dp.as_ptr(), n, 1, k, 3 * d, 1, scale, false);
+                            }
+                            matmul(nk, dh, nq, dk, 3 * d, 1, false, dp.as_ptr(), 1, nk, q, 3 * d, 1, scale, false);
+                            matmul(nk, dh, nq, dv, 3 * d, 1, false, p.as_ptr(), 1, nk, go, d, 1, T::one(), false);
                         }
                     },
                 );

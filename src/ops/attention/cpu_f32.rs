@@ -6,7 +6,7 @@
 //! order inside one task, so results do not depend on the thread count, nor a query row on the
 //! query range it is computed in.
 
-use super::cpu::mask_row;
+use super::cpu::mask_keys;
 use super::AttnShape;
 use crate::ops::par::*;
 use crate::ops::real::SyncPtr;
@@ -28,11 +28,11 @@ fn padded(n: usize) -> usize {
     n.div_ceil(16) * 16
 }
 
-/// Sets a row of scaled scores up for the vector softmax: the keys query `i` may not see,
-/// and the padding past the `n` keys, to `-inf`.
-fn mask_scores(row: &mut [f32], i: usize, n: usize, sh: &AttnShape) {
-    mask_row(&mut row[..n], i, sh, f32::NEG_INFINITY);
-    row[n..].fill(f32::NEG_INFINITY);
+/// Sets a row of scaled scores at the keys `k0 .. k0 + nk` up for the vector softmax: the keys
+/// query `i` may not see, and the padding past them, to `-inf`.
+fn mask_scores(row: &mut [f32], i: usize, k0: usize, nk: usize, sh: &AttnShape) {
+    mask_keys(&mut row[..nk], i, k0, sh, f32::NEG_INFINITY);
+    row[nk..].fill(f32::NEG_INFINITY);
 }
 
 /// `dst[i, :] = src[i, :dh]` for `rows` rows at stride `rs`: a head's columns packed, so the
@@ -127,7 +127,7 @@ pub(super) fn forward(qkv: &[f32], out: &mut [f32], lse: &mut [f32], sh: &AttnSh
             simd32::matmul(isa, &mm(nq, ld, dh, qp.as_ptr(), dh, 1, kt.as_ptr(), ld, s.as_mut_ptr(), ld, scale));
             let lse_row = std::slice::from_raw_parts_mut(lse_p.get().add(task * nq), nq);
             for (r, row) in s.chunks_exact_mut(ld).enumerate() {
-                mask_scores(row, q0 + r, n, sh);
+                mask_scores(row, q0 + r, 0, n, sh);
                 lse_row[r] = simd32::softmax_row(isa, row);
             }
             let o = out_p.get().add(bi * nq * d + hi * dh);
@@ -136,8 +136,9 @@ pub(super) fn forward(qkv: &[f32], out: &mut [f32], lse: &mut [f32], sh: &AttnSh
     });
 }
 
-/// Backward (see `cpu::backward`) into `dqkv`, whose Q rows outside the query range the
-/// caller zeroed; `isa` from [`isa`].
+/// Backward (see `cpu::backward_rows`) into `dqkv` at the key rows `keys` (every token: dQ at
+/// the queries too), whose Q rows outside the query range the caller zeroed; `isa` from
+/// [`isa`].
 #[allow(clippy::too_many_arguments)]
 pub(super) fn backward(
     qkv: &[f32],
@@ -146,13 +147,16 @@ pub(super) fn backward(
     dout: &[f32],
     dqkv: &mut [f32],
     sh: &AttnShape,
+    keys: std::ops::Range<usize>,
     scratch: &mut Vec<f32>,
     isa: Isa,
 ) {
     let (b, n, h, dh) = (sh.batch, sh.tokens, sh.heads, sh.head_dim);
     let (q0, nq) = (sh.q_start, sh.q_len);
     let d = sh.dim();
-    let ld = padded(n);
+    let all_keys = keys == (0..n);
+    let (k0, nk) = (keys.start, keys.len());
+    let ld = padded(nk);
     let per_task = 2 * (dh + nq) * ld + (n + 2 * nq) * dh;
     let scale = 1.0 / (dh as f32).sqrt();
     let dqkv_p = SyncPtr(dqkv.as_mut_ptr());
@@ -172,34 +176,37 @@ pub(super) fn backward(
         unsafe {
             let all = qkv[base..].as_ptr();
             let q = all.add(q0 * 3 * d);
-            let k = all.add(d);
-            let v = all.add(2 * d);
+            let k = all.add(d + k0 * 3 * d);
+            let v = all.add(2 * d + k0 * 3 * d);
             let go = dout[o_off..].as_ptr();
-            simd32::transpose(kt, ld, k, 3 * d, n, dh);
-            simd32::transpose(vt, ld, v, 3 * d, n, dh);
-            pack_rows(kp, k, 3 * d, n, dh);
+            simd32::transpose(kt, ld, k, 3 * d, nk, dh);
+            simd32::transpose(vt, ld, v, 3 * d, nk, dh);
             pack_rows(qp, q, 3 * d, nq, dh);
             pack_rows(gp, go, d, nq, dh);
-            // P = exp(scale Q K^T - lse), masked entries 0; dP = dO V^T.
+            // P = exp(scale Q K^T - lse), masked entries 0; dP = dO V^T (the saved lse
+            // normalizes over every key, so the columns of any key range come out the same).
             simd32::matmul(isa, &mm(nq, ld, dh, qp.as_ptr(), dh, 1, kt.as_ptr(), ld, p.as_mut_ptr(), ld, scale));
             simd32::matmul(isa, &mm(nq, ld, dh, gp.as_ptr(), dh, 1, vt.as_ptr(), ld, dp.as_mut_ptr(), ld, 1.0));
             // P (masked and padded entries 0), then dS = P * (dP - rowsum(dO * O)) in
             // place of dP.
             for (r, (prow, dprow)) in p.chunks_exact_mut(ld).zip(dp.chunks_exact_mut(ld)).enumerate() {
-                mask_scores(prow, q0 + r, n, sh);
+                mask_scores(prow, q0 + r, k0, nk, sh);
                 let orow = &out[o_off + r * d..o_off + r * d + dh];
                 let grow = &gp[r * dh..(r + 1) * dh];
                 let di = simd32::dot(isa, orow, grow);
                 simd32::softmax_grad_row(isa, prow, dprow, lse_row[r], di);
             }
             let dall = dqkv_p.get().add(base);
-            let dq = dall.add(q0 * 3 * d);
-            let dk = dall.add(d);
-            let dv = dall.add(2 * d);
-            // dQ = scale dS K ; dK = scale dS^T Q ; dV = P^T dO
-            simd32::matmul(isa, &mm(nq, dh, n, dp.as_ptr(), ld, 1, kp.as_ptr(), dh, dq, 3 * d, scale));
-            simd32::matmul(isa, &mm(n, dh, nq, dp.as_ptr(), 1, ld, qp.as_ptr(), dh, dk, 3 * d, scale));
-            simd32::matmul(isa, &mm(n, dh, nq, p.as_ptr(), 1, ld, gp.as_ptr(), dh, dv, 3 * d, 1.0));
+            let dk = dall.add(d + k0 * 3 * d);
+            let dv = dall.add(2 * d + k0 * 3 * d);
+            // dQ = scale dS K (every key needed) ; dK = scale dS^T Q ; dV = P^T dO
+            if all_keys {
+                pack_rows(kp, k, 3 * d, n, dh);
+                let dq = dall.add(q0 * 3 * d);
+                simd32::matmul(isa, &mm(nq, dh, n, dp.as_ptr(), ld, 1, kp.as_ptr(), dh, dq, 3 * d, scale));
+            }
+            simd32::matmul(isa, &mm(nk, dh, nq, dp.as_ptr(), 1, ld, qp.as_ptr(), dh, dk, 3 * d, scale));
+            simd32::matmul(isa, &mm(nk, dh, nq, p.as_ptr(), 1, ld, gp.as_ptr(), dh, dv, 3 * d, 1.0));
         }
     });
 }
@@ -256,7 +263,7 @@ mod tests {
                     row[..d].fill(0.0);
                 }
                 forward(&q32, &mut o32, &mut l32, &sh, &mut sc32, isa);
-                backward(&q32, &o32, &l32, &g32, &mut d32, &sh, &mut sc32, isa);
+                backward(&q32, &o32, &l32, &g32, &mut d32, &sh, 0..n, &mut sc32, isa);
                 for (what, got, want) in [("out", &o32, &out), ("lse", &l32, &lse), ("dqkv", &d32, &dqkv)] {
                     let scale = want.iter().fold(1.0f64, |m, v| m.max(v.abs()));
                     let err = got
