@@ -79,23 +79,35 @@ fn mm(
 }
 
 /// Runs `task(i, scratch)` for the `total` (image, head) tasks on one `per_task`-float slot of
-/// `scratch` (grown once) per thread: each slot's worker takes the next task until none is
+/// `slots` (from [`reserve`]) per thread: each slot's worker takes the next task until none is
 /// left, so a task's scratch is the one its core just used, still in its L2 (a slot per task
 /// cycled megabytes through memory). Every task overwrites what it reads of its slot, so its
 /// results do not depend on the slot or on which tasks ran there before.
-fn in_tasks(total: usize, per_task: usize, scratch: &mut Vec<f32>, task: impl Fn(usize, &mut [f32]) + Sync) {
-    let slots = current_num_threads().clamp(1, total.max(1));
-    if scratch.len() < slots * per_task {
-        scratch.resize(slots * per_task, 0.0);
-    }
+fn in_tasks(total: usize, per_task: usize, slots: &mut [f32], task: impl Fn(usize, &mut [f32]) + Sync) {
+    let n = task_slots(total);
     let next = AtomicUsize::new(0);
-    scratch[..slots * per_task].par_chunks_mut(per_task).for_each(|buf| loop {
+    slots[..n * per_task].par_chunks_mut(per_task).for_each(|buf| loop {
         let t = next.fetch_add(1, Ordering::Relaxed);
         if t >= total {
             break;
         }
         task(t, buf);
     });
+}
+
+/// Threads that run tasks at once (one scratch slot each).
+fn task_slots(total: usize) -> usize {
+    current_num_threads().clamp(1, total.max(1))
+}
+
+/// Grows `scratch` for `reserved` floats of the call's own and [`in_tasks`]'s slots, and splits
+/// it there.
+fn reserve(scratch: &mut Vec<f32>, reserved: usize, total: usize, per_task: usize) -> (&mut [f32], &mut [f32]) {
+    let len = reserved + task_slots(total) * per_task;
+    if scratch.len() < len {
+        scratch.resize(len, 0.0);
+    }
+    scratch.split_at_mut(reserved)
 }
 
 /// Forward (see `cpu::forward`); `isa` from [`isa`].
@@ -108,7 +120,8 @@ pub(super) fn forward(qkv: &[f32], out: &mut [f32], lse: &mut [f32], sh: &AttnSh
     let scale = 1.0 / (dh as f32).sqrt();
     let out_p = SyncPtr(out.as_mut_ptr());
     let lse_p = SyncPtr(lse.as_mut_ptr());
-    in_tasks(b * h, per_task, scratch, |task, buf| {
+    let (_, slots) = reserve(scratch, 0, b * h, per_task);
+    in_tasks(b * h, per_task, slots, |task, buf| {
         let (bi, hi) = (task / h, task % h);
         let (kt, rest) = buf.split_at_mut(dh * ld);
         let (vp, rest) = rest.split_at_mut(n * dh);
@@ -160,7 +173,22 @@ pub(super) fn backward(
     let per_task = 2 * (dh + nq) * ld + (n + 2 * nq) * dh;
     let scale = 1.0 / (dh as f32).sqrt();
     let dqkv_p = SyncPtr(dqkv.as_mut_ptr());
-    in_tasks(b * h, per_task, scratch, |task, buf| {
+    // rowsum(dO * O) of every (image, head, query) in one pass over both in memory order, an
+    // image per task: inside the (image, head) tasks each row of O is a gather at stride D
+    // that the dot product waited on.
+    let (dis, slots) = reserve(scratch, b * h * nq, b * h, per_task);
+    dis.par_chunks_mut(h * nq).enumerate().for_each(|(bi, di)| {
+        for r in 0..nq {
+            let row = (bi * nq + r) * d;
+            for hi in 0..h {
+                let (o, g) = (&out[row + hi * dh..][..dh], &dout[row + hi * dh..][..dh]);
+                // SAFETY: the ISA comes from `isa` (supported).
+                di[hi * nq + r] = unsafe { simd32::dot(isa, o, g) };
+            }
+        }
+    });
+    let dis = &*dis;
+    in_tasks(b * h, per_task, slots, |task, buf| {
         let (bi, hi) = (task / h, task % h);
         let (kt, rest) = buf.split_at_mut(dh * ld);
         let (vt, rest) = rest.split_at_mut(dh * ld);
@@ -189,12 +217,10 @@ pub(super) fn backward(
             simd32::matmul(isa, &mm(nq, ld, dh, gp.as_ptr(), dh, 1, vt.as_ptr(), ld, dp.as_mut_ptr(), ld, 1.0));
             // P (masked and padded entries 0), then dS = P * (dP - rowsum(dO * O)) in
             // place of dP.
+            let di = &dis[task * nq..(task + 1) * nq];
             for (r, (prow, dprow)) in p.chunks_exact_mut(ld).zip(dp.chunks_exact_mut(ld)).enumerate() {
                 mask_scores(prow, q0 + r, k0, nk, sh);
-                let orow = &out[o_off + r * d..o_off + r * d + dh];
-                let grow = &gp[r * dh..(r + 1) * dh];
-                let di = simd32::dot(isa, orow, grow);
-                simd32::softmax_grad_row(isa, prow, dprow, lse_row[r], di);
+                simd32::softmax_grad_row(isa, prow, dprow, lse_row[r], di[r]);
             }
             let dall = dqkv_p.get().add(base);
             let dk = dall.add(d + k0 * 3 * d);
