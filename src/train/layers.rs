@@ -190,8 +190,10 @@ pub enum InputGrad {
     /// Every row (the previous block's output).
     All,
     /// The prompt rows only: block 0, whose other rows are the frozen patch and class
-    /// embeddings. Its qkv input product then runs on the `B x P` prompt rows alone; the other
-    /// rows of `dx` are left as if no gradient flowed through the block's attention branch.
+    /// embeddings. Its qkv input product then runs on the `B x P` prompt rows alone, and where
+    /// the prompts are not queries (deep prompts) its attention backward computes their dK and
+    /// dV alone; the other rows of `dx` are left as if no gradient flowed through the block's
+    /// attention branch.
     Prompts,
 }
 
