@@ -68,7 +68,7 @@ const CHUNK: u64 = 1 << 16;
 const WINDOWS: u32 = 60;
 
 /// FLOP/s of `threads` threads each running FMAs of `isa` for about `time` (`None` when the CPU
-/// lacks it). Two FLOPs per lane per FMA. Each thread's rate is its fastest of [`WINDOWS`]
+/// lacks it). Two FLOPs per lane per FMA. Each thread's rate is its fastest of 60
 /// windows: a shared or virtual machine may take a core away for part of the time (another
 /// process, the hypervisor), and an average would then report a peak below what the step
 /// itself reaches.
