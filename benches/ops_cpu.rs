@@ -168,6 +168,19 @@ fn bench(c: &mut Criterion) {
         g.bench_function(format!("attention bwd {name} B{b} N{n} h{h}"), |bch| {
             bch.iter(|| attn::backward(&qkv, &out, &lse, &dout, &mut dq, &sh, &mut scratch))
         });
+        // Block 0 with deep prompts (the model's layout: prompts last, queries CLS and the
+        // patches): dK and dV at the prompt keys alone, four products of nq x P x dh.
+        let nq = n - p;
+        let block0 = AttnShape {
+            q_start: 0,
+            q_len: nq,
+            ..AttnShape::full(b, n, h, dh, nq, n)
+        };
+        attn::forward(&qkv, &mut out, &mut lse, &block0, &mut scratch);
+        g.throughput(Throughput::Elements((8 * b * h * nq * p * dh) as u64));
+        g.bench_function(format!("attention bwd at the prompt keys {name} B{b} N{n} h{h} P{p}"), |bch| {
+            bch.iter(|| attn::backward_keys(&qkv, &out, &lse, &dout, &mut dq, &block0, nq..n, &mut scratch))
+        });
     }
     g.finish();
 }
